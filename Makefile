@@ -1,0 +1,29 @@
+# tcpmesh — two commands do everything on a fresh Debian 12 machine, as root:
+#   make demo   install what is needed, run the agent on a built-in 2-node lab, show mTLS flows
+#   make test   install the same, run every test tier (unit, bpf, e2e)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit test-bpf test-e2e cleanup clean
+
+setup:
+	@deploy/bootstrap-debian.sh $(VENV) test
+
+demo: setup
+	$(VENV)/bin/tcpmesh demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-bpf: setup
+	$(PY) -m pytest tests/bpf $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,202 @@
+"""The agent's configuration: typed, frozen, loaded once (file, then environment), validated in one place.
+
+Every default is a named constant below. Every error names the field, the value and the fix.
+Reads one file and the environment; imports nothing else from the outside world.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from agent.errors import ConfigError
+from agent.identity.spiffe import SpiffeIdError, validate_trust_domain
+
+DEFAULT_CONFIG_PATH = "/etc/tcpmesh/config.yaml"
+DEFAULT_OUTBOUND_PORT = 15001
+DEFAULT_INBOUND_PORT = 15008
+DEFAULT_ADMIN_PORT = 15020
+DEFAULT_ADMIN_ADDRESS = "127.0.0.1"
+DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup/unified"
+DEFAULT_STATE_DIR = "/run/tcpmesh"
+DEFAULT_SVID_TTL_SECONDS = 3600
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
+DEFAULT_DRAIN_SECONDS = 5.0
+CAPTURE_MODES = ("ebpf-connect", "none")
+ENV_PREFIX = "TCPMESH_"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = ""
+    address: str = ""  # this node's address on the inter-node network (where peers dial 15008)
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    ca_dir: str = "/etc/tcpmesh/ca"
+    svid_ttl_seconds: int = DEFAULT_SVID_TTL_SECONDS
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    file: str = "/etc/tcpmesh/workloads.yaml"
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    # "ebpf-connect": cgroup connect4 + sockops + getsockopt + getpeername4 (DESIGN.md).
+    # "none": no capture at all (a laptop switch: the proxies run, nothing is steered to them).
+    mode: str = "ebpf-connect"
+    # Address the connect4 hook rewrites captured destinations to: local to the node and reachable
+    # from every pod (the pods' gateway address, or the node address).
+    redirect_address: str = ""
+    cgroup_root: str = DEFAULT_CGROUP_ROOT
+    # Cgroup v2 directory the proxy's own sockets live in (the getsockopt hook goes there).
+    # Empty: the agent's own cgroup, read from /proc/self/cgroup.
+    proxy_cgroup: str = ""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    bind_address: str = "0.0.0.0"
+    outbound_port: int = DEFAULT_OUTBOUND_PORT
+    inbound_port: int = DEFAULT_INBOUND_PORT
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    address: str = DEFAULT_ADMIN_ADDRESS
+    port: int = DEFAULT_ADMIN_PORT
+
+
+@dataclass(frozen=True)
+class Config:
+    trust_domain: str = "cluster.local"
+    state_dir: str = DEFAULT_STATE_DIR
+    log_level: str = "info"
+    node: NodeConfig = field(default_factory=NodeConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (YAML), apply ``TCPMESH_<SECTION>_<FIELD>`` environment overrides, validate."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError("--config", str(path), f"cannot read the config file: {exc.strerror}",
+                          "pass --config with the path of an existing YAML file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", str(path), f"not valid YAML: {exc}") from exc
+    config = config_from_mapping(doc, source=str(path))
+    return validate(apply_environment(config, os.environ if environ is None else environ))
+
+
+def config_from_mapping(doc: Any, source: str = "config") -> Config:
+    if not isinstance(doc, dict):
+        raise ConfigError(source, type(doc).__name__, "the config must be a YAML mapping")
+    return _build(Config, doc, prefix="")
+
+
+def _build(cls: type, doc: Mapping[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(name, value, "unknown setting", f"known settings here: {', '.join(sorted(known))}")
+        default = getattr(cls(), key)
+        if is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(name, value, "must be a mapping")
+            values[key] = _build(type(default), value, prefix=f"{name}.")
+        else:
+            values[key] = _coerce(name, value, type(default))
+    return cls(**values)
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(name, value, f"must be of type {kind.__name__}")
+    return value
+
+
+def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
+    """``TCPMESH_NODE_NAME=node1`` sets node.name; ``TCPMESH_TRUST_DOMAIN`` sets trust_domain."""
+    for top in fields(Config):
+        current = getattr(config, top.name)
+        if is_dataclass(current):
+            updates = {}
+            for sub in fields(current):
+                env_name = f"{ENV_PREFIX}{top.name}_{sub.name}".upper()
+                if env_name in environ:
+                    updates[sub.name] = _coerce(env_name, environ[env_name], type(getattr(current, sub.name)))
+            if updates:
+                config = replace(config, **{top.name: replace(current, **updates)})
+        else:
+            env_name = f"{ENV_PREFIX}{top.name}".upper()
+            if env_name in environ:
+                config = replace(config, **{top.name: _coerce(env_name, environ[env_name], type(current))})
+    return config
+
+
+def validate(config: Config) -> Config:
+    try:
+        validate_trust_domain(config.trust_domain)
+    except SpiffeIdError as exc:
+        raise ConfigError("trust_domain", config.trust_domain, str(exc)) from exc
+    if not config.node.name:
+        raise ConfigError("node.name", config.node.name, "is required", "set it to this node's name in the registry")
+    _ipv4("node.address", config.node.address, required=True)
+    _ipv4("proxy.bind_address", config.proxy.bind_address, required=True)
+    _ipv4("admin.address", config.admin.address, required=True)
+    for name, port in (("proxy.outbound_port", config.proxy.outbound_port),
+                       ("proxy.inbound_port", config.proxy.inbound_port), ("admin.port", config.admin.port)):
+        if not 1 <= port <= 65535:
+            raise ConfigError(name, port, "must be a TCP port between 1 and 65535")
+    if len({config.proxy.outbound_port, config.proxy.inbound_port, config.admin.port}) != 3:
+        raise ConfigError("proxy.outbound_port", config.proxy.outbound_port,
+                          "outbound, inbound and admin ports must differ")
+    if config.capture.mode not in CAPTURE_MODES:
+        raise ConfigError("capture.mode", config.capture.mode, "unknown capture mode",
+                          f"choose one of {', '.join(CAPTURE_MODES)}")
+    if config.capture.mode != "none":
+        _ipv4("capture.redirect_address", config.capture.redirect_address, required=True)
+    if config.identity.svid_ttl_seconds < 60:
+        raise ConfigError("identity.svid_ttl_seconds", config.identity.svid_ttl_seconds,
+                          "is too short", "use at least 60 seconds")
+    if config.proxy.connect_timeout_seconds <= 0:
+        raise ConfigError("proxy.connect_timeout_seconds", config.proxy.connect_timeout_seconds, "must be positive")
+    if config.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level", config.log_level, "unknown level", "use debug, info, warning or error")
+    return config
+
+
+def _ipv4(name: str, value: str, required: bool) -> None:
+    if not value and not required:
+        return
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError as exc:
+        raise ConfigError(name, value, "must be an IPv4 address", "for example 10.0.0.1") from exc

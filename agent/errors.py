@@ -1,0 +1,44 @@
+"""Error types shared across tcpmesh. Each carries what failed, on which object, and how to fix it.
+
+Module-specific errors subclass these; the CLI prints ``str(error)`` and exits non-zero without a
+traceback for any ``TcpmeshError``.
+"""
+
+
+class TcpmeshError(Exception):
+    """Base class for errors an operator can act on."""
+
+
+class ConfigError(TcpmeshError):
+    """A configuration or input file is invalid. The message names the field, the value and the fix."""
+
+    def __init__(self, field: str, value: object, problem: str, fix: str = "") -> None:
+        self.field = field
+        self.value = value
+        self.problem = problem
+        self.fix = fix
+        text = f"{field}: {problem} (got {value!r})"
+        if fix:
+            text += f"; {fix}"
+        super().__init__(text)
+
+
+class EnvironmentProblem(TcpmeshError):
+    """The host lacks something tcpmesh needs (root, cgroup v2, bcc, a kernel feature)."""
+
+
+class KernelError(TcpmeshError):
+    """A kernel call failed: names the operation, the object and the errno."""
+
+    def __init__(self, operation: str, target: str, errno_: int | None = None, detail: str = "") -> None:
+        self.operation = operation
+        self.target = target
+        self.errno = errno_
+        text = f"{operation} on {target} failed"
+        if errno_ is not None:
+            import os
+
+            text += f": [Errno {errno_}] {os.strerror(errno_)}"
+        if detail:
+            text += f" ({detail})"
+        super().__init__(text)

@@ -1,0 +1,76 @@
+"""Probes of the host that decide whether tcpmesh can run, each returning a reason an operator can act on.
+
+Used by the agent at start (clear errors instead of tracebacks) and by the test suite to decide
+skips. Reads /proc and /sys; changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from agent.errors import EnvironmentProblem
+
+CGROUP2_MOUNT_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+
+
+def find_cgroup2_mount(mounts_file: str = "/proc/self/mounts") -> str | None:
+    """The cgroup v2 mount point (hybrid hosts mount it at /sys/fs/cgroup/unified)."""
+    try:
+        lines = Path(mounts_file).read_text().splitlines()
+    except OSError:
+        return None
+    points = [line.split()[1] for line in lines if len(line.split()) > 2 and line.split()[2] == "cgroup2"]
+    for candidate in CGROUP2_MOUNT_CANDIDATES:
+        if candidate in points:
+            return candidate
+    return points[0] if points else None
+
+
+def own_cgroup_path(cgroup_root: str, proc_file: str = "/proc/self/cgroup") -> str:
+    """This process's cgroup v2 directory, read from the ``0::`` line of /proc/self/cgroup."""
+    for line in Path(proc_file).read_text().splitlines():
+        if line.startswith("0::"):
+            return os.path.join(cgroup_root, line[3:].lstrip("/")).rstrip("/") or cgroup_root
+    raise EnvironmentProblem(f"{proc_file} has no cgroup v2 entry: is cgroup v2 mounted at {cgroup_root}?")
+
+
+def root_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "not root: tcpmesh loads BPF programs and creates namespaces; run it as root (sudo)"
+    return None
+
+
+def cgroup2_problem(cgroup_root: str | None = None) -> str | None:
+    mount = find_cgroup2_mount()
+    if mount is None:
+        return "cgroup v2 is not mounted: mount it (mount -t cgroup2 none /sys/fs/cgroup/unified)"
+    if cgroup_root and os.path.realpath(cgroup_root) != os.path.realpath(mount):
+        return f"cgroup v2 is mounted at {mount}, not at {cgroup_root}: set capture.cgroup_root to {mount}"
+    if not os.access(mount, os.W_OK):
+        return f"cgroup v2 at {mount} is not writable: run as root with a writable cgroup v2 mount"
+    return None
+
+
+def bcc_problem() -> str | None:
+    try:
+        import bcc  # noqa: F401
+    except Exception as exc:  # ImportError, or OSError when libbcc.so is missing
+        return (f"bcc is not importable ({exc}): install Debian's python3-bpfcc and link it into the venv; "
+                "`make setup` does both")
+    return None
+
+
+def netns_problem() -> str | None:
+    if root_problem():
+        return root_problem()
+    if not os.path.exists("/proc/self/ns/net"):
+        return "network namespaces are not supported by this kernel"
+    return None
+
+
+def require(*problems: str | None) -> None:
+    """Raise EnvironmentProblem for the first problem found."""
+    for problem in problems:
+        if problem:
+            raise EnvironmentProblem(problem)

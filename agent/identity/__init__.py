@@ -1,0 +1,1 @@
+"""Workload identity: SPIFFE IDs, the CA, X.509-SVIDs and the TLS contexts built from them."""

@@ -1,0 +1,98 @@
+"""SPIFFE IDs of the form ``spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>``.
+
+Pure: parsing, formatting, and the SNI name a tunnel uses to ask for an identity's certificate.
+Imports nothing from the outside world.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from agent.errors import TcpmeshError
+
+SCHEME = "spiffe://"
+MAX_ID_LENGTH = 2048
+# A trust domain is a lower-case DNS-like name (SPIFFE spec: letters, digits, '.', '-', '_').
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+# Kubernetes namespaces are DNS labels; service accounts are DNS subdomains.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+SNI_SUFFIX_LABEL = "id"
+
+
+class SpiffeIdError(TcpmeshError, ValueError):
+    """A string is not a tcpmesh SPIFFE ID; the message says which part is wrong."""
+
+
+def validate_trust_domain(trust_domain: str) -> str:
+    if not _TRUST_DOMAIN.match(trust_domain or "") or trust_domain.startswith(".") or ".." in trust_domain:
+        raise SpiffeIdError(
+            f"trust domain {trust_domain!r} is not valid: use lower-case letters, digits, '.', '-', '_' "
+            "(for example 'cluster.local')"
+        )
+    return trust_domain
+
+
+def validate_namespace(namespace: str) -> str:
+    if not _DNS_LABEL.match(namespace or ""):
+        raise SpiffeIdError(
+            f"namespace {namespace!r} is not a DNS label (lower-case letters, digits and '-', at most 63)"
+        )
+    return namespace
+
+
+def validate_service_account(service_account: str) -> str:
+    if not _DNS_SUBDOMAIN.match(service_account or ""):
+        raise SpiffeIdError(
+            f"service account {service_account!r} is not a DNS subdomain "
+            "(lower-case letters, digits, '-' and '.', at most 253)"
+        )
+    return service_account
+
+
+@dataclass(frozen=True, order=True)
+class SpiffeId:
+    trust_domain: str
+    namespace: str
+    service_account: str
+
+    def __post_init__(self) -> None:
+        validate_trust_domain(self.trust_domain)
+        validate_namespace(self.namespace)
+        validate_service_account(self.service_account)
+
+    @classmethod
+    def parse(cls, text: str) -> "SpiffeId":
+        if not isinstance(text, str):
+            raise SpiffeIdError(f"SPIFFE ID must be a string, got {type(text).__name__}")
+        if len(text) > MAX_ID_LENGTH:
+            raise SpiffeIdError(f"SPIFFE ID is {len(text)} characters long, the limit is {MAX_ID_LENGTH}")
+        if not text.startswith(SCHEME):
+            raise SpiffeIdError(f"{text!r} is not a SPIFFE ID: it must start with {SCHEME!r}")
+        rest = text[len(SCHEME):]
+        if "?" in rest or "#" in rest:
+            raise SpiffeIdError(f"{text!r}: a SPIFFE ID has no query or fragment")
+        trust_domain, _, path = rest.partition("/")
+        parts = path.split("/")
+        if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa":
+            raise SpiffeIdError(
+                f"{text!r}: expected the path /ns/<namespace>/sa/<service-account>"
+            )
+        return cls(trust_domain, parts[1], parts[3])
+
+    @property
+    def uri(self) -> str:
+        return f"{SCHEME}{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def sni(self) -> str:
+        """The TLS server name a client sends to ask a node's inbound proxy for this identity.
+
+        ``<service-account>.<namespace>.id.<trust-domain>``: namespaces are single DNS labels, so the
+        name is unambiguous when read from the right.
+        """
+        return f"{self.service_account}.{self.namespace}.{SNI_SUFFIX_LABEL}.{self.trust_domain}"
+
+    def __str__(self) -> str:
+        return self.uri

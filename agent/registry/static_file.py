@@ -1,0 +1,118 @@
+"""Load a static workload registry file (YAML or JSON) into a ``Registry`` snapshot.
+
+Format (docs/registry.md)::
+
+    trust_domain: lab.tcpmesh            # optional; defaults to the agent's trust domain
+    nodes:
+      - {name: node1, address: 10.76.0.1}
+    workloads:
+      - {name: web-1, namespace: shop, service_account: web, ip: 10.77.1.10, node: node1,
+         cgroup: /sys/fs/cgroup/unified/tcpmesh/shop/web-1}
+
+Every error names the file, the entry and the field. Reads a file; no other I/O.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.errors import ConfigError
+from agent.identity.spiffe import SpiffeIdError, validate_namespace, validate_service_account, validate_trust_domain
+from agent.registry.model import Node, Registry, Workload, is_ipv4
+
+_NAME_FIELDS = ("name", "namespace", "service_account", "ip", "node")
+
+
+def load_registry_file(path: str | Path, default_trust_domain: str) -> Registry:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("registry.file", str(path), f"cannot read the registry file: {exc.strerror}",
+                          "point registry.file at an existing YAML file") from exc
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), "<file>", f"not valid YAML: {exc}") from exc
+    return parse_registry(doc, default_trust_domain, source=str(path))
+
+
+def parse_registry(doc: Any, default_trust_domain: str, source: str = "registry") -> Registry:
+    if not isinstance(doc, dict):
+        raise ConfigError(source, type(doc).__name__, "the registry must be a mapping with 'nodes' and 'workloads'")
+    unknown = set(doc) - {"trust_domain", "nodes", "workloads"}
+    if unknown:
+        raise ConfigError(f"{source}: {sorted(unknown)[0]}", doc[sorted(unknown)[0]], "unknown top-level key",
+                          "allowed keys are trust_domain, nodes, workloads")
+    trust_domain = doc.get("trust_domain") or default_trust_domain
+    try:
+        validate_trust_domain(trust_domain)
+    except SpiffeIdError as exc:
+        raise ConfigError(f"{source}: trust_domain", trust_domain, str(exc)) from exc
+    nodes = [_parse_node(entry, f"{source}: nodes[{i}]") for i, entry in enumerate(_list(doc, "nodes", source))]
+    node_names = [n.name for n in nodes]
+    _no_duplicates(node_names, f"{source}: nodes", "name")
+    workloads = [
+        _parse_workload(entry, f"{source}: workloads[{i}]", trust_domain, set(node_names))
+        for i, entry in enumerate(_list(doc, "workloads", source))
+    ]
+    _no_duplicates([w.ip for w in workloads], f"{source}: workloads", "ip")
+    _no_duplicates([w.key for w in workloads], f"{source}: workloads", "namespace/name")
+    return Registry.build(trust_domain, nodes, workloads)
+
+
+def _list(doc: dict, key: str, source: str) -> list:
+    value = doc.get(key) or []
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: {key}", value, "must be a list")
+    return value
+
+
+def _parse_node(entry: Any, where: str) -> Node:
+    if not isinstance(entry, dict):
+        raise ConfigError(where, entry, "a node must be a mapping with name and address")
+    for key in ("name", "address"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise ConfigError(f"{where}.{key}", entry.get(key), "is required and must be a string")
+    if not is_ipv4(entry["address"]):
+        raise ConfigError(f"{where}.address", entry["address"], "must be an IPv4 address")
+    return Node(entry["name"], entry["address"])
+
+
+def _parse_workload(entry: Any, where: str, trust_domain: str, node_names: set[str]) -> Workload:
+    if not isinstance(entry, dict):
+        raise ConfigError(where, entry, "a workload must be a mapping")
+    unknown = set(entry) - set(_NAME_FIELDS) - {"cgroup"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(f"{where}.{key}", entry[key], "unknown field",
+                          f"allowed fields are {', '.join(_NAME_FIELDS)}, cgroup")
+    for key in _NAME_FIELDS:
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise ConfigError(f"{where}.{key}", entry.get(key), "is required and must be a string")
+    if not is_ipv4(entry["ip"]):
+        raise ConfigError(f"{where}.ip", entry["ip"], "must be an IPv4 address")
+    if entry["node"] not in node_names:
+        raise ConfigError(f"{where}.node", entry["node"], "names no node of the registry",
+                          f"known nodes: {', '.join(sorted(node_names)) or 'none'}")
+    for key, check in (("namespace", validate_namespace), ("service_account", validate_service_account)):
+        try:
+            check(entry[key])
+        except SpiffeIdError as exc:
+            raise ConfigError(f"{where}.{key}", entry[key], str(exc)) from exc
+    cgroup = entry.get("cgroup")
+    if cgroup is not None and (not isinstance(cgroup, str) or not cgroup.startswith("/")):
+        raise ConfigError(f"{where}.cgroup", cgroup, "must be an absolute path to a cgroup v2 directory")
+    return Workload(entry["name"], entry["namespace"], entry["service_account"], entry["ip"], entry["node"],
+                    cgroup, trust_domain)
+
+
+def _no_duplicates(values: list[str], where: str, what: str) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ConfigError(where, value, f"duplicate {what}", f"each {what} may appear only once")
+        seen.add(value)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what tcpmesh needs on Debian 12, idempotently: Debian packages (bcc, iproute2, netfilter
+# tools, tcpdump, openssl) and a venv at $VENV with tcpmesh and its PyPI dependencies, with Debian's
+# bcc linked in (bcc is not on PyPI; the PyPI package named "bcc" is unrelated).
+# Usage: deploy/bootstrap-debian.sh [VENV] [EXTRAS]      (as root)
+set -euo pipefail
+VENV=${1:-.venv}
+EXTRAS=${2:-test}
+PYTHON=${PYTHON:-python3}
+APT_PACKAGES=(libbpfcc python3-bpfcc iproute2 iptables nftables tcpdump bpftool openssl python3-venv)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "bootstrap: must run as root (it installs Debian packages); try: sudo make $*" >&2
+  exit 1
+fi
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=900 update -qq
+  apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "bootstrap: creating venv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -e "$site/bcc" ]; then
+  ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+fi
+stamp="$VENV/.tcpmesh-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "bootstrap: installing tcpmesh[$EXTRAS] into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[$EXTRAS]"
+  touch "$stamp"
+fi
+"$VENV/bin/python" -c 'import bcc, pyroute2, cryptography, prometheus_client, click' \
+  || { echo "bootstrap: the venv at $VENV cannot import its dependencies" >&2; exit 1; }
