@@ -1,0 +1,89 @@
+"""The ``tcpmesh`` command line. Thin: parses arguments, calls into the package, prints errors
+without tracebacks for anything an operator can fix (``TcpmeshError``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+from agent import __version__
+from agent.errors import TcpmeshError
+
+
+class Cli(click.Group):
+    """Turns TcpmeshError into a one-line message and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TcpmeshError as exc:
+            click.echo(f"tcpmesh: error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tcpmesh")
+def main() -> None:
+    """tcpmesh: mutual TLS, workload identity and L4 telemetry for raw TCP — no sidecars.
+
+    One agent per node captures its pods' outbound TCP connections with eBPF and tunnels them
+    with mTLS to the destination node's agent. Start with `tcpmesh demo`.
+    """
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access = logging.getLogger("tcpmesh.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
+
+
+@main.command()
+@click.option("--config", "config_path", default="/etc/tcpmesh/config.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Agent config file (YAML).")
+def run(config_path: str) -> None:
+    """Run the node agent: load capture, start the proxies and the admin endpoint.
+
+    Stops on SIGTERM or SIGINT: capture is detached, open connections drain, exit code 0.
+    """
+    from agent.app import Agent
+    from agent.config import load_config
+
+    config = load_config(config_path)
+    _setup_logging(config.log_level)
+    asyncio.run(Agent(config).run())
+
+
+@main.group()
+def ca() -> None:
+    """Manage the mesh certificate authority."""
+
+
+@ca.command("init")
+@click.option("--trust-domain", required=True, help="SPIFFE trust domain, e.g. cluster.local.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory to write ca.crt and ca.key (0600) into.")
+@click.option("--force", is_flag=True, help="Overwrite an existing CA in --out.")
+def ca_init(trust_domain: str, out_dir: str, force: bool) -> None:
+    """Create a root CA for TRUST_DOMAIN in --out."""
+    from agent.identity.ca import init_ca
+
+    files = init_ca(trust_domain, out_dir, overwrite=force)
+    click.echo(f"created root CA for spiffe://{trust_domain}: {files.cert_path} (key {files.key_path}, mode 0600)")
+
+
+def _register_optional_groups() -> None:
+    from agent.demo import demo
+    from agent.lab.cli import lab
+
+    main.add_command(lab)
+    main.add_command(demo)
+
+
+_register_optional_groups()

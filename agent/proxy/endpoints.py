@@ -1,0 +1,311 @@
+"""The two kinds of relay leg: plain TCP and TLS over TCP, as asyncio Protocols.
+
+A leg hands what it reads to its ``receiver`` (a header reader during setup, then the relay) and
+accepts ``write`` / ``write_eof`` / flow-control calls. The TLS leg runs TLS itself over memory BIOs
+(``ssl.SSLObject``) because asyncio's own SSL transport cannot half-close: here ``write_eof`` sends
+close_notify and the leg keeps reading until the peer's close_notify (TLS 1.3 half-close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+from typing import Protocol
+
+READ_CHUNK = 256 * 1024
+MAX_BUFFERED_BEFORE_RECEIVER = 256 * 1024
+
+
+class Receiver(Protocol):
+    def leg_data(self, leg: "Leg", data: bytes) -> None: ...
+    def leg_eof(self, leg: "Leg") -> None: ...
+    def leg_closed(self, leg: "Leg", exc: BaseException | None) -> None: ...
+    def leg_pause_writing(self, leg: "Leg") -> None: ...
+    def leg_resume_writing(self, leg: "Leg") -> None: ...
+
+
+class Leg(asyncio.Protocol):
+    """Common state: transport, receiver (with buffering until one is set), byte counts."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.receiver: Receiver | None = None
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.peer_eof = False
+        self.eof_sent = False
+        self.lost = False
+        self.close_exc: BaseException | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._pending_eof = False
+        self._pending_closed: tuple[BaseException | None] | None = None
+
+    # -- asyncio side -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.close_exc = exc
+        if self.receiver is not None:
+            self.receiver.leg_closed(self, exc)
+        else:
+            self._pending_closed = (exc,)
+
+    def pause_writing(self) -> None:
+        if self.receiver is not None:
+            self.receiver.leg_pause_writing(self)
+
+    def resume_writing(self) -> None:
+        if self.receiver is not None:
+            self.receiver.leg_resume_writing(self)
+
+    # -- delivery to the receiver -------------------------------------------------------------
+    def _deliver(self, data: bytes) -> None:
+        self.bytes_read += len(data)
+        if self.receiver is not None:
+            self.receiver.leg_data(self, data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > MAX_BUFFERED_BEFORE_RECEIVER and self.transport is not None:
+            self.transport.pause_reading()
+
+    def _deliver_eof(self) -> None:
+        if self.peer_eof:
+            return
+        self.peer_eof = True
+        if self.receiver is not None:
+            self.receiver.leg_eof(self)
+        else:
+            self._pending_eof = True
+
+    def set_receiver(self, receiver: Receiver) -> None:
+        """Attach a receiver and replay what arrived before it (data, then EOF, then close).
+
+        A receiver may detach itself while data is replayed (a header reader that got its message);
+        what it has not consumed stays buffered for the next receiver.
+        """
+        self.receiver = receiver
+        while self._pending and self.receiver is receiver:
+            chunk = self._pending.pop(0)
+            self._pending_size -= len(chunk)
+            receiver.leg_data(self, chunk)
+        if self.receiver is not receiver or self._pending:
+            return
+        if self._pending_eof:
+            self._pending_eof = False
+            receiver.leg_eof(self)
+        if self._pending_closed is not None and self.receiver is receiver:
+            (exc,) = self._pending_closed
+            self._pending_closed = None
+            receiver.leg_closed(self, exc)
+
+    def detach_receiver(self) -> None:
+        """Stop delivering; events are buffered until the next ``set_receiver``."""
+        self.receiver = None
+
+    # -- control ------------------------------------------------------------------------------
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def reset(self) -> None:
+        """Abort with a TCP RST, so the peer sees a prompt ECONNRESET instead of a clean close."""
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def write_eof(self) -> None:
+        raise NotImplementedError
+
+    def socket(self) -> socket.socket | None:
+        return self.transport.get_extra_info("socket") if self.transport else None
+
+    def peername(self) -> tuple[str, int] | None:
+        return self.transport.get_extra_info("peername") if self.transport else None
+
+
+class PlainLeg(Leg):
+    """A plain TCP connection: the application's socket, or an upstream workload."""
+
+    def __init__(self, start_paused: bool = False) -> None:
+        super().__init__()
+        self._start_paused = start_paused
+        self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._start_paused:
+            transport.pause_reading()  # type: ignore[attr-defined]
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._deliver(data)
+
+    def eof_received(self) -> bool:
+        self._deliver_eof()
+        return True  # keep our sending side open: half-close
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.bytes_written += len(data)
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.eof_sent or self.transport is None or self.transport.is_closing():
+            return
+        self.eof_sent = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+
+class TlsLeg(Leg):
+    """TLS 1.3 over a TCP transport, run on memory BIOs so that half-close works."""
+
+    def __init__(self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None) -> None:
+        super().__init__()
+        self._context = context
+        self._server_side = server_side
+        self._server_hostname = server_hostname
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl_object: ssl.SSLObject | None = None
+        self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        try:
+            self.ssl_object = self._context.wrap_bio(self._incoming, self._outgoing,
+                                                     server_side=self._server_side,
+                                                     server_hostname=self._server_hostname)
+        except (ssl.SSLError, ValueError) as exc:
+            self._fail_handshake(exc)
+            return
+        self._handshake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(exc or ConnectionResetError("connection closed during TLS handshake"))
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._incoming.write(data)
+        if not self.handshake_done.done():
+            self._handshake()
+            if not self.handshake_done.done() or self.handshake_done.exception() is not None:
+                return
+        self._read_plaintext()
+
+    def eof_received(self) -> bool:
+        self._incoming.write_eof()
+        if not self.handshake_done.done():
+            self._fail_handshake(ConnectionResetError("peer closed the connection during the TLS handshake"))
+            return False
+        self._read_plaintext()
+        self._deliver_eof()  # a TCP FIN without close_notify is treated as end of stream
+        return not self.eof_sent
+
+    def _handshake(self) -> None:
+        assert self.ssl_object is not None
+        try:
+            self.ssl_object.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._flush()  # send the alert, if any
+            self._fail_handshake(exc)
+            return
+        self._flush()
+        self.handshake_done.set_result(None)
+
+    def _fail_handshake(self, exc: BaseException) -> None:
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _read_plaintext(self) -> None:
+        assert self.ssl_object is not None
+        chunks: list[bytes] = []
+        eof = False
+        while True:
+            try:
+                chunk = self.ssl_object.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                eof = True
+                break
+            except ssl.SSLError as exc:
+                self._flush()
+                self.close_exc = exc
+                self.reset()
+                return
+            if not chunk:
+                eof = True
+                break
+            chunks.append(chunk)
+        self._flush()  # post-handshake messages (key updates) may need an answer
+        if chunks:
+            self._deliver(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if eof:
+            self._deliver_eof()
+
+    def _flush(self) -> None:
+        if self._outgoing.pending and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self._outgoing.read())
+
+    def write(self, data: bytes) -> None:
+        if self.ssl_object is None or self.transport is None or self.transport.is_closing() or self.eof_sent:
+            return
+        self.bytes_written += len(data)
+        self.ssl_object.write(data)
+        self._flush()
+
+    def write_eof(self) -> None:
+        """Send close_notify (and a TCP FIN); keep reading what the peer still sends."""
+        if self.eof_sent or self.ssl_object is None or self.transport is None or self.transport.is_closing():
+            return
+        self.eof_sent = True
+        try:
+            self.ssl_object.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError:
+            pass
+        self._flush()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    @property
+    def alpn(self) -> str | None:
+        return self.ssl_object.selected_alpn_protocol() if self.ssl_object else None

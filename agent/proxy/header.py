@@ -1,0 +1,154 @@
+"""The tcpmesh/1 tunnel header: a bounded CONNECT request and a STATUS reply, before any payload.
+
+Sans-io: ``encode_*`` return bytes, ``HeaderReader.feed`` consumes bytes and returns a message once
+complete, with any bytes after it. Errors distinguish the peer's fault (``PeerProtocolError``) from
+ours (``ValueError`` on encode). See docs/protocol.md for the wire format.
+
+    request  = "TM" version:u8 kind:u8(1=CONNECT) body_len:u16 body
+    body     = TLV*  (type:u8, len:u8, value)   TLV 1 DEST (af:u8=4, ipv4:4, port:u16), TLV 2 FLOW_ID (8 bytes)
+    reply    = "TM" version:u8 kind:u8(2=STATUS) body_len:u16 body
+    body     = status:u8 reason (utf-8, ≤ 255 bytes)
+
+A TLV type with bit 0x80 set is critical: a receiver that does not know it rejects the request;
+unknown non-critical TLVs are skipped.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"TM"
+VERSION = 1
+KIND_CONNECT = 1
+KIND_STATUS = 2
+PREFIX = struct.Struct("!2sBBH")  # magic, version, kind, body length
+MAX_BODY = 512
+MAX_REASON = 255
+TLV_DEST = 1
+TLV_FLOW_ID = 2
+TLV_CRITICAL = 0x80
+FLOW_ID_LEN = 8
+AF_INET4 = 4
+
+
+class PeerProtocolError(Exception):
+    """The peer sent bytes that are not a valid tcpmesh/1 header."""
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    DENIED = 1
+    UNREACHABLE = 2  # the destination refused or could not be routed to
+    TIMEOUT = 3
+    BAD_REQUEST = 4
+    UNKNOWN_DESTINATION = 5  # the destination is not a workload on this node
+    INTERNAL = 6
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    dest_ip: str
+    dest_port: int
+    flow_id: bytes = b""
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    status: Status
+    reason: str = ""
+
+
+def encode_connect(request: ConnectRequest) -> bytes:
+    addr = ipaddress.IPv4Address(request.dest_ip).packed
+    if not 0 < request.dest_port < 65536:
+        raise ValueError(f"destination port {request.dest_port} out of range")
+    body = bytes([TLV_DEST, 7, AF_INET4]) + addr + struct.pack("!H", request.dest_port)
+    if request.flow_id:
+        if len(request.flow_id) != FLOW_ID_LEN:
+            raise ValueError(f"flow id must be {FLOW_ID_LEN} bytes")
+        body += bytes([TLV_FLOW_ID, FLOW_ID_LEN]) + request.flow_id
+    return PREFIX.pack(MAGIC, VERSION, KIND_CONNECT, len(body)) + body
+
+
+def encode_status(reply: StatusReply) -> bytes:
+    reason = reply.reason.encode("utf-8", "replace")[:MAX_REASON]
+    body = bytes([int(reply.status)]) + reason
+    return PREFIX.pack(MAGIC, VERSION, KIND_STATUS, len(body)) + body
+
+
+class HeaderReader:
+    """Accumulates bytes until one message of ``kind`` is complete; bounded by MAX_BODY."""
+
+    def __init__(self, kind: int) -> None:
+        self._kind = kind
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> tuple[ConnectRequest | StatusReply | None, bytes]:
+        """Returns (message, rest) once complete, (None, b"") while more bytes are needed."""
+        self._buffer += data
+        if len(self._buffer) < PREFIX.size:
+            if not MAGIC.startswith(bytes(self._buffer[:2])):
+                raise PeerProtocolError(f"not a tcpmesh/1 header: starts with {bytes(self._buffer[:2])!r}")
+            return None, b""
+        magic, version, kind, length = PREFIX.unpack_from(self._buffer)
+        if magic != MAGIC:
+            raise PeerProtocolError(f"not a tcpmesh/1 header: starts with {magic!r}")
+        if version != VERSION:
+            raise PeerProtocolError(f"unsupported tunnel header version {version} (this side speaks {VERSION})")
+        if kind != self._kind:
+            raise PeerProtocolError(f"unexpected message kind {kind}, wanted {self._kind}")
+        if length > MAX_BODY:
+            raise PeerProtocolError(f"header body of {length} bytes exceeds the limit of {MAX_BODY}")
+        end = PREFIX.size + length
+        if len(self._buffer) < end:
+            return None, b""
+        body = bytes(self._buffer[PREFIX.size:end])
+        rest = bytes(self._buffer[end:])
+        self._buffer.clear()
+        message = _decode_connect(body) if kind == KIND_CONNECT else _decode_status(body)
+        return message, rest
+
+
+def _decode_connect(body: bytes) -> ConnectRequest:
+    dest: tuple[str, int] | None = None
+    flow_id = b""
+    offset = 0
+    while offset < len(body):
+        if offset + 2 > len(body):
+            raise PeerProtocolError("truncated TLV in CONNECT")
+        tlv_type, tlv_len = body[offset], body[offset + 1]
+        value = body[offset + 2:offset + 2 + tlv_len]
+        if len(value) != tlv_len:
+            raise PeerProtocolError(f"TLV {tlv_type} claims {tlv_len} bytes, {len(value)} present")
+        offset += 2 + tlv_len
+        if tlv_type == TLV_DEST:
+            if tlv_len != 7 or value[0] != AF_INET4:
+                raise PeerProtocolError("DEST TLV must be af=4, 4 address bytes, 2 port bytes")
+            port = struct.unpack("!H", value[5:7])[0]
+            if port == 0:
+                raise PeerProtocolError("DEST TLV carries port 0")
+            dest = (str(ipaddress.IPv4Address(value[1:5])), port)
+        elif tlv_type == TLV_FLOW_ID:
+            if tlv_len != FLOW_ID_LEN:
+                raise PeerProtocolError(f"FLOW_ID TLV must be {FLOW_ID_LEN} bytes")
+            flow_id = value
+        elif tlv_type & TLV_CRITICAL:
+            raise PeerProtocolError(f"unknown critical TLV type {tlv_type}")
+    if dest is None:
+        raise PeerProtocolError("CONNECT without a DEST TLV")
+    return ConnectRequest(dest[0], dest[1], flow_id)
+
+
+def _decode_status(body: bytes) -> StatusReply:
+    if not body:
+        raise PeerProtocolError("empty STATUS body")
+    try:
+        status = Status(body[0])
+    except ValueError as exc:
+        raise PeerProtocolError(f"unknown status code {body[0]}") from exc
+    if len(body) - 1 > MAX_REASON:
+        raise PeerProtocolError("STATUS reason too long")
+    return StatusReply(status, body[1:].decode("utf-8", "replace"))

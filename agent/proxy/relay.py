@@ -1,0 +1,93 @@
+"""Copies bytes between two legs in both directions, carrying half-close and back-pressure.
+
+Callback-driven (no per-chunk coroutine): data read on one leg is written to the other at once;
+when a leg's write buffer fills, reading on the opposite leg pauses until it drains. EOF on one
+side becomes a half-close on the other; the relay ends when both directions have ended, or at once
+when either connection is lost abruptly (then the other is reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from agent.proxy.endpoints import Leg
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    a_to_b: int  # bytes read from a and written to b
+    b_to_a: int
+    error: str = ""  # empty when both directions ended with a clean EOF
+
+
+class Relay:
+    def __init__(self, a: Leg, b: Leg) -> None:
+        self.a = a
+        self.b = b
+        self._eof = {id(a): False, id(b): False}
+        self._a_to_b = 0
+        self._b_to_a = 0
+        self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
+
+    def start(self, a_leftover: bytes = b"", b_leftover: bytes = b"") -> "asyncio.Future[RelayResult]":
+        """Begin relaying; ``*_leftover`` are bytes a leg read past its header before the relay took over."""
+        if a_leftover:
+            self.leg_data(self.a, a_leftover)
+        if b_leftover:
+            self.leg_data(self.b, b_leftover)
+        self.a.set_receiver(self)
+        self.b.set_receiver(self)
+        self.a.resume_reading()
+        self.b.resume_reading()
+        return self.done
+
+    def _other(self, leg: Leg) -> Leg:
+        return self.b if leg is self.a else self.a
+
+    def leg_data(self, leg: Leg, data: bytes) -> None:
+        if leg is self.a:
+            self._a_to_b += len(data)
+        else:
+            self._b_to_a += len(data)
+        self._other(leg).write(data)
+
+    def leg_eof(self, leg: Leg) -> None:
+        if self._eof[id(leg)]:
+            return
+        self._eof[id(leg)] = True
+        self._other(leg).write_eof()
+        if all(self._eof.values()):
+            self._finish("")
+
+    def leg_closed(self, leg: Leg, exc: BaseException | None) -> None:
+        if self.done.done():
+            return
+        if exc is None and self._eof[id(leg)] and self._other(leg).peer_eof:
+            self._finish("")
+            return
+        reason = f"{'client' if leg is self.a else 'upstream'} connection lost: {exc or 'closed before end of stream'}"
+        self._other(leg).reset()
+        self._finish(reason)
+
+    def leg_pause_writing(self, leg: Leg) -> None:
+        self._other(leg).pause_reading()
+
+    def leg_resume_writing(self, leg: Leg) -> None:
+        self._other(leg).resume_reading()
+
+    def _finish(self, error: str) -> None:
+        if self.done.done():
+            return
+        if not error:
+            self.a.close()
+            self.b.close()
+        self.done.set_result(RelayResult(self._a_to_b, self._b_to_a, error))
+
+    def abort(self, reason: str) -> None:
+        """Stop now (agent shutdown past its drain time): reset both legs."""
+        if self.done.done():
+            return
+        self.a.reset()
+        self.b.reset()
+        self._finish(reason)

@@ -1,0 +1,62 @@
+"""Where a captured connection goes: pure decisions over a registry snapshot.
+
+Outbound: from the client's address and its original destination, decide mesh tunnel (to which
+node, expecting which identity), plain passthrough (destination outside the mesh), or refusal.
+Inbound: whether a CONNECT names a workload of this node served under the identity the client asked
+for by SNI.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from agent.proxy import flow as F
+from agent.registry.model import Registry, Workload
+
+
+class RouteKind(enum.Enum):
+    MESH = "mesh"
+    PASSTHROUGH = "passthrough"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True)
+class OutboundRoute:
+    kind: RouteKind
+    source: Workload | None
+    destination: Workload | None = None
+    tunnel_address: tuple[str, int] | None = None  # the destination node's inbound proxy
+    flag: str = F.FLAG_NONE
+    reason: str = ""
+
+
+def route_outbound(registry: Registry, node_name: str, client_ip: str, dest_ip: str, dest_port: int,
+                   inbound_port: int) -> OutboundRoute:
+    source = registry.by_ip(client_ip)
+    if source is None or source.node != node_name:
+        return OutboundRoute(RouteKind.REJECT, source, flag=F.FLAG_NO_IDENTITY,
+                             reason=f"client {client_ip} is not a workload of node {node_name} in the registry")
+    destination = registry.by_ip(dest_ip)
+    if destination is None:
+        return OutboundRoute(RouteKind.PASSTHROUGH, source)
+    node = registry.node_of(destination)
+    if node is None:
+        return OutboundRoute(RouteKind.REJECT, source, destination, flag=F.FLAG_NO_ROUTE,
+                             reason=f"destination {destination.key} runs on unknown node {destination.node!r}")
+    return OutboundRoute(RouteKind.MESH, source, destination, (node.address, inbound_port))
+
+
+@dataclass(frozen=True)
+class InboundTarget:
+    workload: Workload | None
+    reason: str = ""
+
+
+def route_inbound(registry: Registry, node_name: str, dest_ip: str, requested_sni: str | None) -> InboundTarget:
+    workload = registry.by_ip(dest_ip)
+    if workload is None or workload.node != node_name:
+        return InboundTarget(None, f"{dest_ip} is not a workload of node {node_name}")
+    if requested_sni is not None and workload.spiffe_id.sni != requested_sni:
+        return InboundTarget(None, f"{dest_ip} is {workload.spiffe_id.uri}, but the client asked for {requested_sni}")
+    return InboundTarget(workload)

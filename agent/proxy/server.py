@@ -1,0 +1,77 @@
+"""What both proxies share: their dependencies, the connection tasks they spawn, and the relays
+they run — so shutdown can stop accepting, drain open relays for a while, then reset the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Coroutine
+
+from agent.proxy import flow as F
+from agent.proxy.relay import Relay
+from agent.registry.model import Registry
+from agent.telemetry.flows import FlowTable
+from agent.telemetry.metrics import Metrics
+
+log = logging.getLogger("tcpmesh.proxy")
+
+
+@dataclass
+class ProxyContext:
+    loop: asyncio.AbstractEventLoop
+    node_name: str
+    registry: Callable[[], Registry]  # returns the current immutable snapshot
+    identities: Any  # agent.identity.store.IdentityStore
+    metrics: Metrics
+    flows: FlowTable
+    inbound_port: int
+    connect_timeout: float
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    relays: set[Relay] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(self._guard(coro))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    @staticmethod
+    async def _guard(coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a task root: one connection's bug must not take the agent down
+            log.exception("connection task failed")
+
+    async def relay(self, relay: Relay, flow: F.Flow, a_leftover: bytes = b"", b_leftover: bytes = b"") -> None:
+        """Run ``relay`` (a = client side) to its end and put the byte counts on the flow."""
+        self.relays.add(relay)
+        try:
+            result = await relay.start(a_leftover, b_leftover)
+        finally:
+            self.relays.discard(relay)
+        flow.bytes_received += result.a_to_b
+        flow.bytes_sent += result.b_to_a
+        if result.error:
+            flow.fail(F.FLAG_CONNECTION_TERMINATED, result.error)
+
+    def flow_opened(self, flow: F.Flow) -> None:
+        self.flows.opened(flow)
+        self.metrics.flow_opened(flow)
+
+    def flow_closed(self, flow: F.Flow) -> None:
+        flow.close()
+        self.flows.closed(flow)
+        self.metrics.flow_closed(flow)
+
+    async def drain(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for open relays to finish, then reset the rest."""
+        deadline = self.loop.time() + seconds
+        while self.relays and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for relay in list(self.relays):
+            relay.abort("agent shutting down")
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=1.0)

@@ -1,0 +1,39 @@
+"""Every tcpmesh metric, defined in one place against an injected ``CollectorRegistry``.
+
+Labels are identities, ports and results — never addresses (those go to flow records). Imports only
+prometheus_client.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from agent.proxy.flow import METRIC_LABELS, Flow
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.connections_opened = Counter(
+            "tcpmesh_tcp_connections_opened", "TCP connections opened through the mesh", METRIC_LABELS,
+            registry=registry)
+        self.connections_closed = Counter(
+            "tcpmesh_tcp_connections_closed", "TCP connections closed through the mesh", METRIC_LABELS,
+            registry=registry)
+        self.sent_bytes = Counter(
+            "tcpmesh_tcp_sent_bytes", "Bytes sent toward the client (response direction)", METRIC_LABELS,
+            registry=registry)
+        self.received_bytes = Counter(
+            "tcpmesh_tcp_received_bytes", "Bytes received from the client (request direction)", METRIC_LABELS,
+            registry=registry)
+        self.ready = Gauge("tcpmesh_agent_ready", "1 when capture and listeners are in place", registry=registry)
+        self.workloads = Gauge("tcpmesh_local_workloads", "Workloads captured on this node", registry=registry)
+
+    def flow_opened(self, flow: Flow) -> None:
+        self.connections_opened.labels(**flow.metric_labels()).inc()
+
+    def flow_closed(self, flow: Flow) -> None:
+        labels = flow.metric_labels()
+        self.connections_closed.labels(**labels).inc()
+        self.sent_bytes.labels(**labels).inc(flow.bytes_sent)
+        self.received_bytes.labels(**labels).inc(flow.bytes_received)

@@ -1,0 +1,71 @@
+"""Config loading and validation: every error names the field, the value and the fix."""
+
+import pytest
+
+from agent.config import apply_environment, config_from_mapping, load_config, validate
+from agent.errors import ConfigError
+
+VALID = {"node": {"name": "node1", "address": "10.76.0.1"}, "capture": {"redirect_address": "169.254.1.1"}}
+
+
+def test_valid_minimal_config_gets_documented_defaults():
+    config = validate(config_from_mapping(VALID))
+    assert config.proxy.outbound_port == 15001
+    assert config.proxy.inbound_port == 15008
+    assert config.admin.port == 15020
+    assert config.capture.mode == "ebpf-connect"
+
+
+@pytest.mark.parametrize("doc, field, words", [
+    ({"node": {"name": "n", "adress": "x"}}, "node.adress", "unknown setting"),
+    ({"proxy": {"outbound_port": "many"}}, "proxy.outbound_port", "must be of type int"),
+    ({"proxy": {"outbound_port": True}}, "proxy.outbound_port", "must be of type int"),
+    ({"node": "node1"}, "node", "must be a mapping"),
+])
+def test_shape_errors_name_the_field(doc, field, words):
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(doc)
+    assert info.value.field == field
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"node": {"name": "", "address": "10.76.0.1"}}, "node.name"),
+    ({"node": {"name": "n1", "address": "10.76.0.300"}}, "node.address"),
+    ({"trust_domain": "Bad Domain"}, "trust_domain"),
+    ({"capture": {"mode": "magic", "redirect_address": "169.254.1.1"}}, "capture.mode"),
+    ({"capture": {"redirect_address": ""}}, "capture.redirect_address"),
+    ({"proxy": {"inbound_port": 70000}}, "proxy.inbound_port"),
+    ({"proxy": {"inbound_port": 15001}}, "proxy.outbound_port"),
+    ({"identity": {"svid_ttl_seconds": 5}}, "identity.svid_ttl_seconds"),
+    ({"log_level": "loud"}, "log_level"),
+])
+def test_semantic_errors_name_the_field(patch, field):
+    doc = {**VALID, **patch}
+    with pytest.raises(ConfigError) as info:
+        validate(config_from_mapping(doc))
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_environment_overrides_file_values():
+    config = apply_environment(config_from_mapping(VALID), {"TCPMESH_NODE_NAME": "node9", "TCPMESH_ADMIN_PORT": "9999",
+                                                            "TCPMESH_LOG_LEVEL": "debug"})
+    assert (config.node.name, config.admin.port, config.log_level) == ("node9", 9999, "debug")
+
+
+def test_environment_value_of_wrong_type_names_the_variable():
+    with pytest.raises(ConfigError, match="TCPMESH_ADMIN_PORT"):
+        apply_environment(config_from_mapping(VALID), {"TCPMESH_ADMIN_PORT": "lots"})
+
+
+def test_missing_file_says_which_and_how_to_fix(tmp_path):
+    with pytest.raises(ConfigError, match="--config"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_invalid_yaml_is_reported(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("node: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
