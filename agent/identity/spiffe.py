@@ -18,18 +18,26 @@ _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
 # Kubernetes namespaces are DNS labels; service accounts are DNS subdomains.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_DNS_LABEL_MAX = 63
 SNI_SUFFIX_LABEL = "id"
+# TLS clients refuse server names longer than a DNS name (253) or with labels over 63 characters.
+MAX_SNI_LENGTH = 253
 
 
 class SpiffeIdError(TcpmeshError, ValueError):
     """A string is not a tcpmesh SPIFFE ID; the message says which part is wrong."""
 
 
+def _labels_ok(name: str) -> bool:
+    """Every dot-separated label is 1..63 characters (so the name can appear in a TLS server name)."""
+    return all(0 < len(label) <= _DNS_LABEL_MAX for label in name.split("."))
+
+
 def validate_trust_domain(trust_domain: str) -> str:
-    if not _TRUST_DOMAIN.match(trust_domain or "") or trust_domain.startswith(".") or ".." in trust_domain:
+    if not _TRUST_DOMAIN.match(trust_domain or "") or not _labels_ok(trust_domain):
         raise SpiffeIdError(
             f"trust domain {trust_domain!r} is not valid: use lower-case letters, digits, '.', '-', '_' "
-            "(for example 'cluster.local')"
+            "in dot-separated labels of 1 to 63 characters (for example 'cluster.local')"
         )
     return trust_domain
 
@@ -43,10 +51,10 @@ def validate_namespace(namespace: str) -> str:
 
 
 def validate_service_account(service_account: str) -> str:
-    if not _DNS_SUBDOMAIN.match(service_account or ""):
+    if not _DNS_SUBDOMAIN.match(service_account or "") or not _labels_ok(service_account):
         raise SpiffeIdError(
             f"service account {service_account!r} is not a DNS subdomain "
-            "(lower-case letters, digits, '-' and '.', at most 253)"
+            "(lower-case letters, digits, '-' and '.', labels of at most 63, at most 253 in all)"
         )
     return service_account
 
@@ -61,6 +69,11 @@ class SpiffeId:
         validate_trust_domain(self.trust_domain)
         validate_namespace(self.namespace)
         validate_service_account(self.service_account)
+        if len(self.sni) > MAX_SNI_LENGTH:
+            raise SpiffeIdError(
+                f"{self.uri}: its TLS server name {self.sni!r} is {len(self.sni)} characters long, "
+                f"the limit is {MAX_SNI_LENGTH}; use a shorter service account or trust domain"
+            )
 
     @classmethod
     def parse(cls, text: str) -> "SpiffeId":
@@ -89,8 +102,11 @@ class SpiffeId:
     def sni(self) -> str:
         """The TLS server name a client sends to ask a node's inbound proxy for this identity.
 
-        ``<service-account>.<namespace>.id.<trust-domain>``: namespaces are single DNS labels, so the
-        name is unambiguous when read from the right.
+        ``<service-account>.<namespace>.id.<trust-domain>``: namespaces are single DNS labels, so
+        within one trust domain the name is unambiguous when read from the right (strip
+        ``.id.<trust-domain>``, the last label left is the namespace). Across trust domains it is
+        not (``a.b.id.id.x`` is both ``(td=id.x, ns=b, sa=a)`` and ``(td=x, ns=id, sa=a.b)``), so
+        SNI names are only ever looked up among identities of one trust domain.
         """
         return f"{self.service_account}.{self.namespace}.{SNI_SUFFIX_LABEL}.{self.trust_domain}"
 

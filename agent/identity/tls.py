@@ -1,0 +1,199 @@
+"""TLS contexts built from SVIDs: the client side, the per-identity server side, and the SNI front.
+
+Every context is TLS 1.3 only, mutual (a peer certificate chaining to the trust bundle is
+required), strict X.509 checking, ALPN ``tcpmesh/1``, and no session tickets (every connection
+does a full handshake, so a peer's certificate is checked on every connection). Host name checking
+is off: SPIFFE IDs are checked explicitly with ``peer_spiffe_id`` / ``check_peer``.
+
+OpenSSL loads keys only from paths, so key material is handed over through an anonymous memory file
+(``memfd_create``, read back through ``/proc/self/fd``) that never touches a disk; where that is not
+available, through a 0600 file in a caller-given private (tmpfs) directory, unlinked at once.
+Owns no sockets. Builds contexts; the proxies use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import ssl
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from agent.identity import peer
+from agent.identity.errors import PeerIdentityError, PeerProtocolError, TlsSetupError
+from agent.identity.spiffe import SpiffeId
+from agent.identity.svid import Svid
+
+ALPN = "tcpmesh/1"
+KEY_FILE_MODE = 0o600
+
+__all__ = [
+    "ALPN", "PeerIdentityError", "PeerProtocolError", "SniServerContexts", "TlsSetupError", "check_alpn",
+    "check_peer", "client_context", "peer_spiffe_id", "server_context",
+]
+
+
+def client_context(svid: Svid, trust_bundle_pem: str | bytes, *, key_dir: str | Path | None = None) -> ssl.SSLContext:
+    """Dial side: presents ``svid``, requires a server chain to the bundle. Pass ``server_hostname=id.sni``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # SPIFFE IDs are checked by check_peer, not by DNS names
+    _harden(ctx, trust_bundle_pem)
+    _load_svid(ctx, svid, key_dir)
+    return ctx
+
+
+def server_context(svid: Svid, trust_bundle_pem: str | bytes, *, key_dir: str | Path | None = None) -> ssl.SSLContext:
+    """Accept side for one identity: presents ``svid``, requires a client chain to the bundle."""
+    ctx = _bare_server_context(trust_bundle_pem)
+    _load_svid(ctx, svid, key_dir)
+    return ctx
+
+
+class SniServerContexts:
+    """One front server context whose SNI callback switches to the context of the identity named.
+
+    ``context`` is what the inbound listener wraps sockets with. ``replace`` swaps the whole
+    identity → context mapping at once (rotation, workloads added or removed) without rebuilding the
+    front. An unknown or missing server name ends the handshake with an unrecognized_name alert.
+    All identities must share one trust domain (``SpiffeId.sni`` is unambiguous only within one).
+    """
+
+    def __init__(self, trust_bundle_pem: str | bytes, contexts: Mapping[SpiffeId, ssl.SSLContext] | None = None) -> None:
+        # Verification mode, protocol versions and X.509 flags are taken from the context a
+        # connection starts with, not the one the callback switches to: the front has them all.
+        self.context = _bare_server_context(trust_bundle_pem)
+        self._by_sni: dict[str, ssl.SSLContext] = {}
+        self.replace(contexts or {})
+        self.context.sni_callback = self._on_sni
+
+    def replace(self, contexts: Mapping[SpiffeId, ssl.SSLContext]) -> None:
+        trust_domains = {spiffe_id.trust_domain for spiffe_id in contexts}
+        if len(trust_domains) > 1:
+            raise TlsSetupError(f"local identities span several trust domains ({', '.join(sorted(trust_domains))}); "
+                                "one agent serves one trust domain")
+        self._by_sni = {spiffe_id.sni: ctx for spiffe_id, ctx in contexts.items()}  # one assignment: atomic
+
+    def _on_sni(self, ssl_object: ssl.SSLObject, server_name: str | None, _front: ssl.SSLContext) -> int | None:
+        chosen = self._by_sni.get(server_name.lower()) if server_name else None  # reads the current mapping
+        if chosen is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        ssl_object.context = chosen
+        return None
+
+    @property
+    def server_names(self) -> frozenset[str]:
+        return frozenset(self._by_sni)
+
+    def __repr__(self) -> str:
+        return f"SniServerContexts({sorted(self._by_sni)})"
+
+
+def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
+    """The SPIFFE ID in the verified peer certificate's single URI SAN."""
+    cert = ssl_object.getpeercert()
+    if cert is None:
+        raise PeerIdentityError("peer presented no certificate, expected an X.509-SVID")
+    if not cert:
+        raise PeerIdentityError("peer certificate was not verified; use a context from agent.identity.tls")
+    return peer.spiffe_id_from_sans(cert.get("subjectAltName", ()))
+
+
+def check_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: SpiffeId) -> SpiffeId:
+    """The peer's SPIFFE ID if it is ``expected``; ``PeerIdentityError`` naming both otherwise."""
+    return peer.check_expected(peer_spiffe_id(ssl_object), expected)
+
+
+def check_alpn(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:
+    """``ALPN`` if it was negotiated. A server whose client offered no common protocol still completes
+    the handshake (OpenSSL's 'no ack'), so both sides must check before speaking."""
+    chosen = ssl_object.selected_alpn_protocol()
+    if chosen != ALPN:
+        raise PeerProtocolError(f"peer negotiated ALPN {chosen!r}, expected {ALPN!r}; "
+                                "is the peer a tcpmesh agent of a compatible version?")
+    return chosen
+
+
+def _bare_server_context(trust_bundle_pem: str | bytes) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx, trust_bundle_pem)
+    ctx.num_tickets = 0
+    return ctx
+
+
+def _harden(ctx: ssl.SSLContext, trust_bundle_pem: str | bytes) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION
+    ctx.set_alpn_protocols([ALPN])
+    bundle = trust_bundle_pem.decode("ascii") if isinstance(trust_bundle_pem, bytes) else trust_bundle_pem
+    try:
+        ctx.load_verify_locations(cadata=bundle)  # str: PEM (bytes would be read as DER)
+    except (ssl.SSLError, ValueError) as exc:
+        raise TlsSetupError(f"the trust bundle is not usable PEM ({exc}); pass the CA's ca.crt contents") from exc
+
+
+def _load_svid(ctx: ssl.SSLContext, svid: Svid, key_dir: str | Path | None) -> None:
+    try:
+        with _private_file(svid.full_chain_pem, key_dir) as chain_path, \
+                _private_file(svid.key_pem, key_dir) as key_path:
+            ctx.load_cert_chain(chain_path, key_path)
+    except ssl.SSLError as exc:
+        # OpenSSL's reason names what failed (for example a key that does not match), never key bytes.
+        raise TlsSetupError(f"cannot load the SVID of {svid.spiffe_id.uri} into a TLS context: "
+                            f"{exc.reason or exc}") from None
+
+
+@contextlib.contextmanager
+def _private_file(text: str, key_dir: str | Path | None) -> Iterator[str]:
+    """A path OpenSSL can read ``text`` from, readable only by this process, gone on exit."""
+    fd = _memfd()
+    if fd is not None:
+        try:
+            _write_all(fd, text.encode("ascii"))
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    if key_dir is None:
+        raise TlsSetupError("cannot hand key material to OpenSSL: memfd_create or /proc is unavailable and no "
+                            "private key directory was given; pass key_dir, a 0700 tmpfs directory such as "
+                            "/run/tcpmesh/keys")
+    path = Path(key_dir) / f".svid-{secrets.token_hex(8)}.pem"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, KEY_FILE_MODE)
+    except OSError as exc:
+        raise TlsSetupError(f"cannot create a private key file in {key_dir}: {exc.strerror}; "
+                            "key_dir must be an existing directory the agent can write") from None
+    try:
+        try:
+            os.fchmod(fd, KEY_FILE_MODE)
+            _write_all(fd, text.encode("ascii"))
+        finally:
+            os.close(fd)
+        yield str(path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _memfd() -> int | None:
+    """An anonymous in-memory file reachable through /proc/self/fd, or None where that does not work."""
+    create = getattr(os, "memfd_create", None)
+    if create is None:
+        return None
+    try:
+        fd = create("tcpmesh-svid", getattr(os, "MFD_CLOEXEC", 0))
+    except OSError:
+        return None
+    if not os.path.exists(f"/proc/self/fd/{fd}"):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
