@@ -90,7 +90,7 @@ class Agent:
                                f"known nodes: {', '.join(sorted(registry.nodes)) or 'none'}")
         self.state = AgentState(registry)
         ca = load_ca(config.identity.ca_dir)
-        identities = IdentityStore(ca, ttl_seconds=config.identity.svid_ttl_seconds, key_dir=config.state_dir)
+        identities = IdentityStore(ca, ca.cert_pem, config.identity.svid_ttl_seconds, key_dir=config.state_dir)
         identities.ensure(registry.identities_on(config.node.name))
 
         loop = asyncio.get_running_loop()
@@ -131,7 +131,6 @@ class Agent:
             self._detach_capture()
             if self.admin is not None:
                 self.admin.stop()
-            identities.close()
         log.info("agent stopped")
 
     def _attach_local_pods(self, registry: Registry) -> int:

@@ -1,0 +1,205 @@
+"""The proxies in-process on loopback: two nodes' outbound and inbound proxies, real TLS 1.3 mTLS,
+real sockets, no BPF. The capture's answer (the original destination) is supplied by the test, which
+is what the bpf tier proves the kernel does; everything after it is the product's own code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from agent.capture.origin import Origin
+from agent.identity.ca import init_ca, load_ca
+from agent.identity.store import IdentityStore
+from agent.proxy import flow as F
+from agent.proxy.header import KIND_STATUS, HeaderReader, Status
+from agent.proxy.inbound import InboundProxy
+from agent.proxy.outbound import OutboundProxy
+from agent.proxy.server import ProxyContext
+from agent.registry.static_file import parse_registry
+from agent.telemetry.flows import FlowTable
+from agent.telemetry.metrics import Metrics
+
+TD = "it.tcpmesh"
+NODE1, NODE2 = "127.0.0.11", "127.0.0.12"
+CLIENT_IP, SERVER_IP, OTHER_IP = "127.0.1.1", "127.0.2.1", "127.0.2.2"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Mesh:
+    """Two in-process nodes; node1 hosts the client workload, node2 the servers."""
+
+    def __init__(self, tmp_path, inbound_port: int, origin: dict) -> None:
+        init_ca(TD, tmp_path / "ca")
+        self.ca = load_ca(tmp_path / "ca")
+        self.registry = parse_registry({
+            "nodes": [{"name": "node1", "address": NODE1}, {"name": "node2", "address": NODE2}],
+            "workloads": [
+                {"name": "web", "namespace": "shop", "service_account": "web", "ip": CLIENT_IP, "node": "node1"},
+                {"name": "db", "namespace": "data", "service_account": "postgres", "ip": SERVER_IP, "node": "node2"},
+                {"name": "cache", "namespace": "data", "service_account": "redis", "ip": OTHER_IP, "node": "node2"},
+            ]}, TD)
+        self.inbound_port = inbound_port
+        self.origin = origin  # what the capture would answer for the next connection
+        self.contexts: dict[str, ProxyContext] = {}
+
+    def context(self, node: str, loop) -> ProxyContext:
+        store = IdentityStore(self.ca, self.ca.cert_pem, 600)
+        store.ensure(self.registry.identities_on(node))
+        ctx = ProxyContext(loop=loop, node_name=node, registry=lambda: self.registry, identities=store,
+                           metrics=Metrics(CollectorRegistry()), flows=FlowTable(), inbound_port=self.inbound_port,
+                           connect_timeout=2.0)
+        self.contexts[node] = ctx
+        return ctx
+
+    def read_origin(self, sock):
+        return Origin(self.origin["ip"], self.origin["port"], os.getpid(), os.getuid(), 1, 1, "pytest")
+
+
+@pytest.fixture
+def run_mesh(tmp_path):
+    """Starts both nodes' proxies and a half-close-aware backend; yields an async runner."""
+
+    async def backend(reader, writer):
+        digest = hashlib.sha256()
+        while chunk := await reader.read(65536):
+            digest.update(chunk)
+        writer.write(digest.hexdigest().encode())  # reply after the client's half-close
+        await writer.drain()
+        writer.close()
+
+    async def scenario(body):
+        loop = asyncio.get_running_loop()
+        inbound_port = free_port(NODE2)
+        backend_port = free_port(SERVER_IP)
+        mesh = Mesh(tmp_path, inbound_port, {"ip": SERVER_IP, "port": backend_port})
+        outbound = OutboundProxy(mesh.context("node1", loop), mesh.read_origin)
+        inbound = InboundProxy(mesh.context("node2", loop))
+        servers = [
+            await asyncio.start_server(backend, SERVER_IP, backend_port),
+            await loop.create_server(outbound.protocol_factory, NODE1, 0),
+            await loop.create_server(inbound.protocol_factory, NODE2, inbound_port),
+        ]
+        mesh.outbound_address = servers[1].sockets[0].getsockname()[:2]
+        try:
+            await body(mesh)
+        finally:
+            for server in servers:
+                server.close()
+            for ctx in mesh.contexts.values():
+                await ctx.drain(0.5)
+
+    return lambda body: asyncio.run(asyncio.wait_for(scenario(body), 30))
+
+
+async def client_exchange(mesh, payload: bytes) -> bytes:
+    sock = socket.socket()
+    sock.bind((CLIENT_IP, 0))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, mesh.outbound_address)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(payload)
+    await writer.drain()
+    writer.write_eof()  # half-close: the backend replies only after seeing our EOF
+    reply = await reader.read()
+    writer.close()
+    return reply
+
+
+async def wait_closed_flows(ctx: ProxyContext, count: int) -> list[dict]:
+    for _ in range(100):
+        flows = [f for f in ctx.flows.snapshot() if f["end_time"] is not None]
+        if len(flows) >= count:
+            return flows
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"expected {count} closed flows, have {ctx.flows.snapshot()}")
+
+
+def test_bytes_cross_the_tunnel_intact_with_half_close_and_identities(run_mesh):
+    payload = os.urandom(4 * 1024 * 1024 + 17)
+
+    async def body(mesh):
+        reply = await client_exchange(mesh, payload)
+        assert reply == hashlib.sha256(payload).hexdigest().encode()
+        (src,) = await wait_closed_flows(mesh.contexts["node1"], 1)
+        (dst,) = await wait_closed_flows(mesh.contexts["node2"], 1)
+        for record, reporter in ((src, "source"), (dst, "destination")):
+            assert record["reporter"] == reporter
+            assert record["response_flags"] == "-", record["detail"]
+            assert record["security"] == "mutual_tls"
+            assert record["source_principal"] == f"spiffe://{TD}/ns/shop/sa/web"
+            assert record["destination_principal"] == f"spiffe://{TD}/ns/data/sa/postgres"
+            assert record["bytes_received"] == len(payload)
+            assert record["bytes_sent"] == 64
+        assert src["pid"] == os.getpid() and src["comm"] == "pytest"
+        assert src["flow_id"] == dst["flow_id"] != ""
+
+    run_mesh(body)
+
+
+def test_unreachable_destination_is_reported_before_any_payload(run_mesh):
+    async def body(mesh):
+        mesh.origin = {"ip": OTHER_IP, "port": free_port(OTHER_IP)}  # nothing listens there
+        with pytest.raises(ConnectionResetError):
+            reply = await client_exchange(mesh, b"hello")
+            if not reply:
+                raise ConnectionResetError("closed without reply")
+        (src,) = await wait_closed_flows(mesh.contexts["node1"], 1)
+        (dst,) = await wait_closed_flows(mesh.contexts["node2"], 1)
+        assert src["response_flags"] == F.FLAG_UPSTREAM_FAILURE and "UNREACHABLE" in src["detail"]
+        assert dst["response_flags"] == F.FLAG_UPSTREAM_FAILURE
+        assert dst["destination_principal"] == f"spiffe://{TD}/ns/data/sa/redis"
+
+    run_mesh(body)
+
+
+def test_inbound_rejects_a_client_without_a_mesh_certificate(run_mesh):
+    import ssl
+
+    async def body(mesh):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols(["tcpmesh/1"])
+        sni = mesh.registry.by_ip(SERVER_IP).spiffe_id.sni
+        reader, writer = await asyncio.open_connection(NODE2, mesh.inbound_port, ssl=ctx, server_hostname=sni)
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+            await reader.read()  # TLS 1.3: the server's alert arrives after the client's handshake ends
+        writer.close()
+        (dst,) = await wait_closed_flows(mesh.contexts["node2"], 1)
+        assert dst["response_flags"] == F.FLAG_TLS_FAILURE
+
+    run_mesh(body)
+
+
+def test_inbound_answers_garbage_with_bad_request(run_mesh):
+    import ssl
+
+    async def body(mesh):
+        store = IdentityStore(mesh.ca, mesh.ca.cert_pem, 600)
+        web = mesh.registry.by_ip(CLIENT_IP).spiffe_id
+        store.ensure([web])
+        sni = mesh.registry.by_ip(SERVER_IP).spiffe_id.sni
+        reader, writer = await asyncio.open_connection(NODE2, mesh.inbound_port,
+                                                       ssl=store.client_context_for(web), server_hostname=sni)
+        writer.write(b"TM\x01\x01\x00\x02\x81\x00")  # a critical TLV nobody knows
+        await writer.drain()
+        message, _ = HeaderReader(KIND_STATUS).feed(await reader.read(512))
+        assert message.status is Status.BAD_REQUEST and "critical" in message.reason
+        writer.close()
+        (dst,) = await wait_closed_flows(mesh.contexts["node2"], 1)
+        assert dst["response_flags"] == F.FLAG_PROTOCOL_ERROR
+        assert dst["source_principal"] == web.uri
+
+    run_mesh(body)
