@@ -1,0 +1,101 @@
+"""Create and remove the lab's cgroup v2 tree: ``<mount>/tcpmesh-lab-<name>/<node>/{agent,<pod>…}``.
+
+Removal is rmdir bottom-up and never moves or kills a process: a cgroup that still holds processes
+stays, and ``remove_tree`` reports it with its PIDs so the operator (or ``lab down``, for the PIDs the
+lab recorded) can stop them first. Touches only directories under the lab's own cgroup.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import KernelError
+
+
+@dataclass(frozen=True)
+class BusyCgroup:
+    path: str
+    pids: tuple[int, ...]
+
+
+def ensure_cgroup(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise KernelError("create cgroup", path, exc.errno, "is cgroup v2 mounted and writable?") from exc
+
+
+def cgroup_pids(path: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(pid) for pid in Path(path, "cgroup.procs").read_text().split())
+    except FileNotFoundError:
+        return ()
+
+
+def tree_pids(root: str) -> dict[str, tuple[int, ...]]:
+    """PIDs of every non-empty cgroup under (and including) ``root``."""
+    found = {}
+    for directory in _dirs_bottom_up(root):
+        pids = cgroup_pids(directory)
+        if pids:
+            found[directory] = pids
+    return found
+
+
+def remove_tree(root: str, settle_seconds: float = 2.0) -> list[BusyCgroup]:
+    """rmdir ``root`` and its children bottom-up. Returns the cgroups left behind because they hold processes.
+
+    A cgroup whose processes have just exited can refuse rmdir (EBUSY) for a moment; such an empty
+    cgroup is retried for up to ``settle_seconds``.
+    """
+    busy: list[BusyCgroup] = []
+    for directory in _dirs_bottom_up(root):
+        deadline = time.monotonic() + settle_seconds
+        while True:
+            try:
+                os.rmdir(directory)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                    raise KernelError("remove cgroup", directory, exc.errno) from exc
+                pids = cgroup_pids(directory)
+                if pids:
+                    busy.append(BusyCgroup(directory, pids))
+                    break
+                if _has_subdirs(directory):
+                    break  # a busy child is reported on its own
+                if time.monotonic() >= deadline:
+                    busy.append(BusyCgroup(directory, ()))
+                    break
+                time.sleep(0.05)
+    return busy
+
+
+def _has_subdirs(path: str) -> bool:
+    try:
+        return any(entry.is_dir() for entry in os.scandir(path))
+    except FileNotFoundError:
+        return False
+
+
+def _dirs_bottom_up(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    dirs = [root]
+    for current, subdirs, _files in os.walk(root):
+        dirs.extend(os.path.join(current, name) for name in subdirs)
+    return sorted(dirs, key=lambda p: p.count("/"), reverse=True)
+
+
+def process_cgroup(pid: int | str = "self") -> str:
+    """The cgroup v2 path (relative to the mount, starting with '/') of a process."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return ""

@@ -1,0 +1,162 @@
+"""``tcpmesh lab``: the click group for local namespace clusters. Thin: parses options, calls agent.lab.lab,
+prints. Every ``TcpmeshError`` becomes a one-line click error (exit code 1) without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from agent.errors import TcpmeshError
+from agent.lab.topology import DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STATE_ROOT, DEFAULT_TRUST_DOMAIN
+
+NAME_HELP = "Lab name; several labs can run at once under different names."
+STATE_ROOT_HELP = "Directory that holds one state dir per lab."
+
+
+def _operator_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TcpmeshError as exc:
+            raise click.ClickException(str(exc)) from exc
+    return wrapper
+
+
+def _name_option(fn):
+    fn = click.option("--state-root", default=DEFAULT_STATE_ROOT, show_default=True, hidden=True,
+                      help=STATE_ROOT_HELP)(fn)
+    return click.option("--name", default=DEFAULT_LAB_NAME, show_default=True, help=NAME_HELP)(fn)
+
+
+@click.group()
+def lab() -> None:
+    """A local multi-node cluster made of network namespaces (needs root).
+
+    \b
+    Node i lives in netns tcpmesh-<name>-node<i> at 10.76.0.<i> on a shared bridge
+    (admin port 15020 there); pod n<i>p<j> lives in netns tcpmesh-<name>-n<i>p<j> and in cgroup
+    <cgroup2>/tcpmesh-lab-<name>/node<i>/n<i>p<j>, with IP 10.77.<i>.<10+j>.
+
+    \b
+      tcpmesh lab up --nodes 2 --pods-per-node 2
+      tcpmesh lab exec n1p1 -- python3 -c 'print("hello from a pod")'
+      tcpmesh lab status
+      tcpmesh lab down
+    """
+
+
+@lab.command()
+@click.option("--nodes", type=click.IntRange(1, 254), default=2, show_default=True, help="Number of nodes.")
+@click.option("--pods-per-node", type=click.IntRange(0, 244), default=2, show_default=True,
+              help="Pods on every node.")
+@_name_option
+@click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True,
+              help="SPIFFE trust domain of the lab's CA and identities.")
+@click.option("--namespace", default=DEFAULT_NAMESPACE, show_default=True, help="Namespace of every pod.")
+@click.option("--service-account", "service_accounts", multiple=True, metavar="POD=SA",
+              help="Give a pod a service account other than its name (repeatable), e.g. n1p1=client.")
+@click.option("--no-agents", is_flag=True, help="Build the network and files only; start no agents.")
+@click.option("--capture-mode", default="ebpf-connect", show_default=True,
+              help="capture.mode written into every agent config (ebpf-connect or none).")
+@click.option("--ready-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for every agent's /readyz.")
+@_operator_errors
+def up(nodes: int, pods_per_node: int, name: str, state_root: str, trust_domain: str, namespace: str,
+       service_accounts: tuple[str, ...], no_agents: bool, capture_mode: str, ready_timeout: float) -> None:
+    """Create the namespaces, veths, routes, cgroups, CA, configs and registry; start one agent per node.
+
+    Each agent runs as `python -m agent run --config <state dir>/nodes/<node>/config.yaml` inside its
+    node's netns and cgroup; its output goes to <state dir>/logs/<node>.log. On any failure the lab
+    is torn down again (logs are kept).
+    """
+    from agent.lab.lab import lab_up
+
+    accounts = {}
+    for item in service_accounts:
+        pod, sep, account = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not POD=SA", param_hint="--service-account")
+        accounts[pod] = account
+    plan = lab_up(name, nodes, pods_per_node, trust_domain, agents_enabled=not no_agents, namespace=namespace,
+                  service_accounts=accounts, capture_mode=capture_mode, ready_timeout=ready_timeout,
+                  state_root=state_root)
+    agents = "no agents" if no_agents else f"{len(plan.nodes)} agents ready"
+    click.echo(f"lab {name!r} is up: {len(plan.nodes)} nodes, {len(plan.pods)} pods, {agents}; "
+               f"state in {plan.state_dir}")
+    click.echo(f"try: tcpmesh lab status --name {name}")
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("pod")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_name_option
+@_operator_errors
+def exec_(pod: str, command: tuple[str, ...], name: str, state_root: str) -> None:
+    """Run COMMAND inside POD's netns and cgroup (or a node's netns, e.g. node1).
+
+    Stdio, signals and the exit code are the command's own: this process becomes the command.
+
+    \b
+      tcpmesh lab exec n2p1 -- python3 -m http.server 8080
+      tcpmesh lab exec n1p1 -- python3 -c 'import urllib.request as u; print(u.urlopen("http://10.77.2.11:8080").status)'
+    """
+    from agent.lab.lab import exec_replacing_process
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        exec_replacing_process(name, pod, command, state_root=state_root)
+    except TcpmeshError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(127 if "cannot run" in str(exc) else 1)
+
+
+@lab.command()
+@_name_option
+@click.option("--json", "as_json", is_flag=True, help="Print the stable JSON form (schema in docs/lab.md).")
+@_operator_errors
+def status(name: str, state_root: str, as_json: bool) -> None:
+    """Show the lab's nodes (netns, addresses, agent pid and liveness) and pods (IP, identity, cgroup)."""
+    from agent.lab.lab import lab_status
+
+    doc = lab_status(name, state_root=state_root)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(f"lab {doc['name']} ({doc['phase']}), trust domain {doc['trust_domain']}, state {doc['state_dir']}")
+    click.echo(f"{'NODE':8} {'NETNS':28} {'WIRE':11} {'ADMIN':17} AGENT")
+    for node in doc["nodes"]:
+        agent = node["agent"]
+        state = "-" if agent["pid"] is None else f"{agent['pid']} ({'alive' if agent['alive'] else 'dead'})"
+        click.echo(f"{node['name']:8} {node['netns']:28} {node['wire_address']:11} {node['admin_address']:17} {state}")
+    click.echo(f"{'POD':8} {'NODE':8} {'IP':12} SPIFFE ID")
+    for pod in doc["pods"]:
+        click.echo(f"{pod['name']:8} {pod['node']:8} {pod['ip']:12} {pod['spiffe_id']}")
+    for problem in doc["problems"]:
+        click.echo(f"problem: {problem}", err=True)
+
+
+@lab.command()
+@_name_option
+@_operator_errors
+def down(name: str, state_root: str) -> None:
+    """Stop the lab's agents and remove its namespaces, cgroups and state dir.
+
+    Also cleans up after a crashed `lab up` (no state file) by finding tcpmesh-<name>-* namespaces
+    and the lab's cgroup directory. Only PIDs the lab recorded are signalled. Safe to run twice.
+    """
+    from agent.lab.lab import lab_down
+
+    report = lab_down(name, state_root=state_root)
+    if not (report["stopped_pids"] or report["removed_netns"] or report["state_file"]):
+        click.echo(f"lab {name!r}: nothing left to remove")
+    else:
+        click.echo(f"lab {name!r} is down: stopped {len(report['stopped_pids'])} agents, "
+                   f"removed {len(report['removed_netns'])} namespaces")
+    for problem in report["problems"]:
+        click.echo(f"note: {problem}", err=True)

@@ -1,0 +1,78 @@
+"""The documents a lab writes: one agent config per node, the registry file, and state.json.
+
+Pure: each function turns a ``LabPlan`` into a plain mapping (YAML/JSON-ready) in the formats of
+agent/config.py and agent/registry/static_file.py; ``lab`` writes them. ``plan_from_state`` is the
+inverse used by ``lab down``/``status``/``exec``: the plan is recomputed from the recorded inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from agent.lab.errors import LabError
+from agent.lab.topology import ADMIN_PORT, LabPlan, NodePlan, plan_lab
+
+STATE_VERSION = 1
+DEFAULT_CAPTURE_MODE = "ebpf-connect"
+
+
+def agent_config(plan: LabPlan, node: NodePlan, capture_mode: str = DEFAULT_CAPTURE_MODE,
+                 log_level: str = "info") -> dict[str, Any]:
+    """The agent config of ``node`` (loadable by agent.config.load_config)."""
+    return {
+        "trust_domain": plan.trust_domain,
+        "state_dir": node.state_dir,
+        "log_level": log_level,
+        "node": {"name": node.name, "address": node.wire_address},
+        "identity": {"ca_dir": plan.ca_dir},
+        "registry": {"file": plan.registry_file},
+        "capture": {"mode": capture_mode, "redirect_address": plan.pod_gateway, "cgroup_root": plan.cgroup_root},
+        "admin": {"address": node.wire_address, "port": ADMIN_PORT},
+    }
+
+
+def registry_document(plan: LabPlan) -> dict[str, Any]:
+    """Every node and pod of the lab (loadable by agent.registry.static_file.parse_registry)."""
+    return {
+        "trust_domain": plan.trust_domain,
+        "nodes": [{"name": node.name, "address": node.wire_address} for node in plan.nodes],
+        "workloads": [
+            {"name": pod.name, "namespace": pod.namespace, "service_account": pod.service_account,
+             "ip": pod.ip, "node": pod.node, "cgroup": pod.cgroup}
+            for pod in plan.pods
+        ],
+    }
+
+
+def state_document(plan: LabPlan, *, nodes: int, pods_per_node: int, service_accounts: Mapping[str, str],
+                   state_root: str, agents_requested: bool, capture_mode: str, ca_dir: str | None,
+                   phase: str, agents: Mapping[str, Mapping[str, Any]], created: str) -> dict[str, Any]:
+    """state.json: the inputs of the plan (to recompute it) plus what lab up started."""
+    return {
+        "version": STATE_VERSION,
+        "name": plan.name,
+        "created": created,
+        "phase": phase,   # "network", "agents", "up" (the last step lab up finished)
+        "inputs": {
+            "nodes": nodes, "pods_per_node": pods_per_node, "trust_domain": plan.trust_domain,
+            "namespace": plan.namespace, "service_accounts": dict(service_accounts),
+            "cgroup_root": plan.cgroup_root, "state_root": state_root,
+        },
+        "agents_requested": agents_requested,
+        "capture_mode": capture_mode,
+        "ca_dir": ca_dir,
+        "agents": {name: dict(record) for name, record in agents.items()},  # node → {pid, argv, starttime}
+    }
+
+
+def plan_from_state(state: Mapping[str, Any], source: str) -> LabPlan:
+    if state.get("version") != STATE_VERSION:
+        raise LabError(f"{source}: state version {state.get('version')!r} is not {STATE_VERSION}: "
+                       "it was written by another tcpmesh version; run `tcpmesh lab down` with that version")
+    try:
+        inputs = state["inputs"]
+        return plan_lab(state["name"], inputs["nodes"], inputs["pods_per_node"], inputs["trust_domain"],
+                        namespace=inputs["namespace"], service_accounts=inputs["service_accounts"],
+                        cgroup_root=inputs["cgroup_root"], state_root=inputs["state_root"])
+    except (KeyError, TypeError) as exc:
+        raise LabError(f"{source} is incomplete (missing {exc}): run `tcpmesh lab down` to clean up") from exc

@@ -1,0 +1,305 @@
+"""The lab's operations: ``lab_up``, ``lab_down``, ``lab_status``, ``lab_exec``. The one place that wires
+topology (the plan), network, cgroups, files and agents together.
+
+State lives under ``<state root>/<name>/`` (default /run/tcpmesh-lab/<name>, layout in docs/lab.md).
+state.json is rewritten after every step of ``lab_up``, so a crash leaves a record of what was
+started; ``lab_down`` also finds leftovers without it, by listing prefixed namespaces and the lab's
+cgroup directory. ``lab_down`` only ever signals PIDs recorded in state.json, after checking them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import subprocess
+from typing import Any, Mapping, NoReturn, Sequence
+
+import yaml
+
+from agent import hostcheck
+from agent.errors import TcpmeshError
+from agent.lab import agents, cgroups, files, network, nsenter
+from agent.lab.errors import LabError, LabNotFound
+from agent.lab.topology import (DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STATE_ROOT, DEFAULT_TRUST_DOMAIN,
+                                LabPlan, lab_cgroup, lab_state_dir, plan_lab, validate_lab_name)
+
+STATUS_VERSION = 1
+LOGS_DIR = "logs"
+
+
+# ---------------------------------------------------------------------------------------------- up
+
+def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
+           trust_domain: str = DEFAULT_TRUST_DOMAIN, *, agents_enabled: bool = True,
+           namespace: str = DEFAULT_NAMESPACE, service_accounts: Mapping[str, str] | None = None,
+           capture_mode: str = files.DEFAULT_CAPTURE_MODE, agent_argv: Sequence[str] | None = None,
+           ready_timeout: float = agents.DEFAULT_READY_TIMEOUT, state_root: str = DEFAULT_STATE_ROOT,
+           cgroup_root: str | None = None) -> LabPlan:
+    """Build the lab, write its files, start (unless ``agents_enabled=False``) and wait for one agent per node.
+
+    On any failure everything is torn down again (agent logs are kept) and the error is re-raised.
+    """
+    hostcheck.require(hostcheck.netns_problem(), hostcheck.cgroup2_problem(cgroup_root))
+    cgroup_root = cgroup_root or hostcheck.find_cgroup2_mount() or ""
+    plan = plan_lab(name, nodes, pods_per_node, trust_domain, namespace=namespace,
+                    service_accounts=service_accounts, cgroup_root=cgroup_root, state_root=state_root)
+    _refuse_existing(plan)
+    ca_init = _ca_initialiser(required=agents_enabled)
+    record = dict(nodes=nodes, pods_per_node=pods_per_node, service_accounts=dict(service_accounts or {}),
+                  state_root=state_root, agents_requested=agents_enabled, capture_mode=capture_mode,
+                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    started: dict[str, agents.AgentRecord] = {}
+    try:
+        _prepare_state_dir(plan)
+        _write_state(plan, record, phase="network", ca_dir=None, started=started)
+        network.build_network(plan)
+        for node in plan.nodes:
+            cgroups.ensure_cgroup(node.agent_cgroup)
+            for pod in node.pods:
+                cgroups.ensure_cgroup(pod.cgroup)
+        ca_dir = None
+        if ca_init is not None:
+            ca_init(plan.trust_domain, plan.ca_dir)
+            ca_dir = plan.ca_dir
+        _write_files(plan, capture_mode)
+        _write_state(plan, record, phase="agents", ca_dir=ca_dir, started=started)
+        if agents_enabled:
+            procs = {}
+            for node in plan.nodes:
+                proc, started[node.name] = agents.start_agent(node, agent_argv)
+                procs[node.name] = (node, proc)
+                _write_state(plan, record, phase="agents", ca_dir=ca_dir, started=started)
+            agents.wait_ready(procs, ready_timeout)
+        _write_state(plan, record, phase="up", ca_dir=ca_dir, started=started)
+    except BaseException as exc:
+        try:
+            lab_down(name, state_root=state_root, cgroup_root=cgroup_root, keep_logs=agents_enabled)
+        except TcpmeshError as cleanup_error:
+            raise LabError(f"{exc}\n(and cleaning up after it failed too: {cleanup_error})") from exc
+        if isinstance(exc, TcpmeshError) and agents_enabled:
+            raise LabError(f"{exc}\nlab {name!r} was torn down; agent logs were kept under "
+                           f"{plan.state_dir}/{LOGS_DIR}/ (`tcpmesh lab down --name {name}` removes them)") from exc
+        raise
+    return plan
+
+
+def _refuse_existing(plan: LabPlan) -> None:
+    leftovers = _leftovers(plan.name, plan.state_dir, plan.cgroup)
+    if leftovers:
+        raise LabError(f"lab {plan.name!r} already exists ({'; '.join(leftovers)}): "
+                       f"run `tcpmesh lab down --name {plan.name}` first, or pick another --name")
+
+
+def _leftovers(name: str, state_dir: str, cgroup: str) -> list[str]:
+    found = []
+    if os.path.exists(os.path.join(state_dir, "state.json")):
+        found.append(f"state file {state_dir}/state.json")
+    netns = network.lab_netns_present(name)
+    if netns:
+        found.append(f"network namespaces {', '.join(netns)}")
+    if os.path.isdir(cgroup):
+        found.append(f"cgroup {cgroup}")
+    return found
+
+
+def _ca_initialiser(required: bool):
+    try:
+        from agent.identity.ca import init_ca
+    except ImportError as exc:
+        if required:
+            raise LabError(f"cannot create the lab's CA: agent.identity.ca is not importable ({exc}); "
+                           "use --no-agents to build the network only") from exc
+        return None
+    return init_ca
+
+
+def _prepare_state_dir(plan: LabPlan) -> None:
+    os.makedirs(plan.state_dir, mode=0o700, exist_ok=True)
+    shutil.rmtree(os.path.join(plan.state_dir, LOGS_DIR), ignore_errors=True)  # logs of an earlier failed up
+    for node in plan.nodes:
+        os.makedirs(node.state_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(node.log_file), exist_ok=True)
+
+
+def _write_files(plan: LabPlan, capture_mode: str) -> None:
+    _atomic_write(plan.registry_file, yaml.safe_dump(files.registry_document(plan), sort_keys=False))
+    for node in plan.nodes:
+        _atomic_write(node.config_file, yaml.safe_dump(files.agent_config(plan, node, capture_mode), sort_keys=False))
+
+
+def _write_state(plan: LabPlan, record: Mapping[str, Any], *, phase: str, ca_dir: str | None,
+                 started: Mapping[str, agents.AgentRecord]) -> None:
+    doc = files.state_document(plan, phase=phase, ca_dir=ca_dir,
+                               agents={n: r.to_json() for n, r in started.items()}, **record)
+    _atomic_write(plan.state_file, json.dumps(doc, indent=2) + "\n")
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------- down
+
+def lab_down(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_ROOT, cgroup_root: str | None = None,
+             keep_logs: bool = False, stop_timeout: float = agents.DEFAULT_STOP_TIMEOUT) -> dict[str, Any]:
+    """Stop the recorded agents, remove the namespaces, the cgroup tree and the state dir. Safe to repeat.
+
+    Works without state.json (after a crash) by listing. Raises LabError if something had to stay,
+    e.g. a cgroup still holding processes the lab did not start (their PIDs are in the message).
+    """
+    validate_lab_name(name)
+    hostcheck.require(hostcheck.root_problem())
+    state_dir = lab_state_dir(state_root, name)
+    state, problem = _read_state(state_dir)
+    if state is not None:
+        cgroup_root = state.get("inputs", {}).get("cgroup_root") or cgroup_root
+    cgroup_root = cgroup_root or hostcheck.find_cgroup2_mount() or ""
+    records = {}
+    if state is not None:
+        try:
+            records = {n: agents.AgentRecord.from_json(r) for n, r in (state.get("agents") or {}).items()}
+        except (KeyError, TypeError, ValueError):
+            problem = f"{state_dir}/state.json has unreadable agent records; no process was signalled"
+    stopped = agents.stop_agents(records, stop_timeout)
+    removed_netns = network.remove_network(name)
+    busy = cgroups.remove_tree(lab_cgroup(cgroup_root, name)) if cgroup_root else []
+    report: dict[str, Any] = {"name": name, "stopped_pids": stopped, "removed_netns": removed_netns,
+                              "busy_cgroups": [{"path": b.path, "pids": list(b.pids)} for b in busy],
+                              "state_file": state is not None, "problems": [problem] if problem else []}
+    if busy:
+        raise LabError(_busy_message(name, busy))
+    if os.path.isdir(state_dir):
+        _remove_state_dir(state_dir, keep_logs)
+    return report
+
+
+def _busy_message(name: str, busy: list[cgroups.BusyCgroup]) -> str:
+    lines = [f"lab {name!r}: these cgroups still hold processes the lab did not start, so they were kept:"]
+    for b in busy:
+        who = ", ".join(f"{pid} ({_comm(pid)})" for pid in b.pids) or "processes that are still exiting"
+        lines.append(f"  {b.path}: {who}")
+    lines.append(f"stop them (e.g. `kill {' '.join(str(p) for b in busy for p in b.pids)}`) and run "
+                 f"`tcpmesh lab down --name {name}` again")
+    return "\n".join(lines)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/comm").read().strip()
+    except OSError:
+        return "gone"
+
+
+def _remove_state_dir(state_dir: str, keep_logs: bool) -> None:
+    if not keep_logs:
+        shutil.rmtree(state_dir)
+        return
+    for entry in os.listdir(state_dir):
+        if entry != LOGS_DIR:
+            path = os.path.join(state_dir, entry)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+
+
+def _read_state(state_dir: str) -> tuple[dict | None, str | None]:
+    path = os.path.join(state_dir, "state.json")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as exc:
+        return None, f"{path} is unreadable ({exc}); cleaned up by listing instead"
+    if not isinstance(doc, dict):
+        return None, f"{path} is not a JSON object; cleaned up by listing instead"
+    return doc, None
+
+
+# ------------------------------------------------------------------------------------------ status
+
+def load_lab(name: str = DEFAULT_LAB_NAME, state_root: str = DEFAULT_STATE_ROOT) -> tuple[LabPlan, dict]:
+    """The plan and state.json of a lab that is up; LabNotFound (naming any leftovers) otherwise."""
+    validate_lab_name(name)
+    state_dir = lab_state_dir(state_root, name)
+    state, problem = _read_state(state_dir)
+    if state is None:
+        cgroup_root = hostcheck.find_cgroup2_mount() or ""
+        leftovers = _leftovers(name, state_dir, lab_cgroup(cgroup_root, name))
+        if leftovers or problem:
+            raise LabError(f"lab {name!r} has no usable state file ({problem or 'missing'}) but leftovers exist "
+                           f"({'; '.join(leftovers)}): run `tcpmesh lab down --name {name}`")
+        raise LabNotFound(f"no lab named {name!r} ({state_dir}/state.json does not exist): "
+                          f"start one with `tcpmesh lab up --name {name}`")
+    return files.plan_from_state(state, f"{state_dir}/state.json"), state
+
+
+def lab_status(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_ROOT) -> dict[str, Any]:
+    """The lab as a JSON-ready dict (schema version ``STATUS_VERSION``, documented in docs/lab.md)."""
+    plan, state = load_lab(name, state_root)
+    records = {n: agents.AgentRecord.from_json(r) for n, r in (state.get("agents") or {}).items()}
+    present = set(network.lab_netns_present(name))
+    problems = [f"network namespace {ns} is missing" for ns in plan.netns_names if ns not in present]
+    problems += [f"cgroup {cg} is missing" for cg in
+                 [n.agent_cgroup for n in plan.nodes] + [p.cgroup for p in plan.pods] if not os.path.isdir(cg)]
+    nodes = []
+    for node in plan.nodes:
+        record = records.get(node.name)
+        alive = record is not None and agents.is_recorded_process(record)
+        if state.get("agents_requested") and state.get("phase") == "up" and not alive:
+            problems.append(f"the agent of {node.name} is not running; see {node.log_file}")
+        nodes.append({
+            "name": node.name, "netns": node.netns, "wire_address": node.wire_address,
+            "admin_address": node.admin_address, "pod_cidr": node.pod_cidr, "cgroup": node.agent_cgroup,
+            "config": node.config_file, "log": node.log_file,
+            "agent": {"pid": record.pid if record else None, "alive": alive},
+        })
+    pods = [{"name": p.name, "node": p.node, "netns": p.netns, "ip": p.ip, "namespace": p.namespace,
+             "service_account": p.service_account, "spiffe_id": p.spiffe_id, "cgroup": p.cgroup}
+            for p in plan.pods]
+    return {
+        "version": STATUS_VERSION, "name": plan.name, "phase": state.get("phase"),
+        "trust_domain": plan.trust_domain, "agents": bool(state.get("agents_requested")),
+        "capture_mode": state.get("capture_mode"), "state_dir": plan.state_dir,
+        "registry_file": plan.registry_file, "ca_dir": state.get("ca_dir"),
+        "wire": {"netns": plan.wire_netns, "bridge": plan.bridge, "subnet": plan.wire_subnet},
+        "pod_gateway": plan.pod_gateway, "cgroup": plan.cgroup,
+        "nodes": nodes, "pods": pods, "problems": problems,
+    }
+
+
+# -------------------------------------------------------------------------------------------- exec
+
+def resolve_target(plan: LabPlan, target: str) -> tuple[str, str | None]:
+    """(netns, cgroup) of a pod, or (netns, None) of a node (node commands stay in the caller's cgroup)."""
+    for pod in plan.pods:
+        if pod.name == target:
+            return pod.netns, pod.cgroup
+    for node in plan.nodes:
+        if node.name == target:
+            return node.netns, None
+    known = ", ".join([p.name for p in plan.pods] + [n.name for n in plan.nodes])
+    raise LabError(f"lab {plan.name!r} has no pod or node named {target!r}; known: {known}")
+
+
+def lab_exec(name: str, pod: str, argv: Sequence[str], *, state_root: str = DEFAULT_STATE_ROOT,
+             **popen_kwargs: Any) -> subprocess.Popen:
+    """Start ``argv`` inside pod ``pod`` (its netns and cgroup) — or a node's netns — and return the Popen."""
+    plan, _ = load_lab(name, state_root)
+    netns, cgroup = resolve_target(plan, pod)
+    return nsenter.popen_in(list(argv), netns=netns, cgroup=cgroup, **popen_kwargs)
+
+
+def exec_replacing_process(name: str, pod: str, argv: Sequence[str], *,
+                           state_root: str = DEFAULT_STATE_ROOT) -> NoReturn:
+    """Move this (single-threaded) process into the pod and exec ``argv``: stdio, signals and exit code pass through."""
+    plan, _ = load_lab(name, state_root)
+    netns, cgroup = resolve_target(plan, pod)
+    nsenter.enter_in_process(netns, cgroup)
+    try:
+        os.execvp(argv[0], list(argv))
+    except OSError as exc:
+        raise LabError(f"cannot run {argv[0]!r} in {pod}: {exc.strerror}") from exc
