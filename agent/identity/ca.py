@@ -150,8 +150,8 @@ def init_ca(trust_domain: str, out_dir: str | Path, *, valid_days: int = DEFAULT
     if existing and not overwrite:
         raise CaError(
             f"{out} already holds a CA ({', '.join(existing)}); refusing to overwrite it because every "
-            "certificate it issued would stop verifying. Use another directory, or pass --overwrite "
-            "(overwrite=True) to replace it on purpose"
+            "certificate it issued would stop verifying. Use another directory, or pass --force to "
+            "`tcpmesh ca init` (overwrite=True) to replace it on purpose"
         )
     ca = generate_ca(trust_domain, valid_days=valid_days)
     try:
@@ -175,7 +175,7 @@ def load_ca(ca_dir: str | Path, *, now: datetime | None = None,
     """
     ca_dir = Path(ca_dir)
     cert_path, key_path = ca_dir / CA_CERT_FILE, ca_dir / CA_KEY_FILE
-    recreate = f"re-create the CA with `{INIT_HINT} --overwrite` (every issued SVID then stops verifying)"
+    recreate = f"re-create the CA with `{INIT_HINT} --force` (every issued SVID then stops verifying)"
     cert_bytes = _read_file(cert_path, ca_dir)
     try:
         certificate = x509.load_pem_x509_certificate(cert_bytes)

@@ -85,7 +85,7 @@ def test_init_ca_creates_the_key_file_with_0600(tmp_path: Path, monkeypatch) -> 
 def test_init_ca_refuses_to_overwrite(tmp_path: Path) -> None:
     init_ca("cluster.local", tmp_path)
     before = (tmp_path / CA_CERT_FILE).read_bytes(), (tmp_path / CA_KEY_FILE).read_bytes()
-    with pytest.raises(CaError, match=r"already holds a CA \(ca.crt, ca.key\).*--overwrite"):
+    with pytest.raises(CaError, match=r"already holds a CA \(ca.crt, ca.key\).*--force"):
         init_ca("cluster.local", tmp_path)
     assert ((tmp_path / CA_CERT_FILE).read_bytes(), (tmp_path / CA_KEY_FILE).read_bytes()) == before
 

@@ -1,0 +1,112 @@
+"""IdentityStore: reconciling the node's local identities into atomically swapped snapshots."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from agent.identity.ca import generate_ca
+from agent.identity.errors import SvidError, UnknownIdentityError
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityStore, plan
+from agent.identity.svid import issue_svid, renewal_time
+
+A = SpiffeId.parse("spiffe://td/ns/a/sa/b")
+DB = SpiffeId.parse("spiffe://td/ns/db/sa/postgres")
+CACHE = SpiffeId.parse("spiffe://td/ns/cache/sa/redis")
+T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return generate_ca("td", now=T0 - timedelta(days=1))
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(T0)
+
+
+@pytest.fixture
+def store(ca, clock) -> IdentityStore:
+    return IdentityStore(ca, ca.cert_pem, 3600, clock=clock)
+
+
+def test_plan_is_a_pure_diff(ca) -> None:
+    fresh = issue_svid(ca, A, 3600, now=T0)
+    stale = issue_svid(ca, DB, 3600, now=T0 - timedelta(minutes=50))
+    result = plan({A: fresh, DB: stale, CACHE: fresh}, [A, DB, SpiffeId.parse("spiffe://td/ns/n/sa/new")], T0)
+    assert result.issue == (SpiffeId.parse("spiffe://td/ns/n/sa/new"),)
+    assert result.renew == (DB,)
+    assert result.keep == (A,)
+    assert result.remove == (CACHE,)
+    assert result.changed
+    assert not plan({A: fresh}, [A], T0).changed
+
+
+def test_ensure_issues_for_listed_identities_only(store) -> None:
+    result = store.ensure([A, DB])
+    assert result.issue == (A, DB)
+    assert store.identities == {A, DB}
+    assert store.svid(A).spiffe_id == A
+    assert store.client_context_for(A) is not store.client_context_for(DB)
+    with pytest.raises(UnknownIdentityError, match=r"spiffe://td/ns/cache/sa/redis is not a local identity.*"
+                                                   r"local: spiffe://td/ns/a/sa/b, spiffe://td/ns/db/sa/postgres"):
+        store.client_context_for(CACHE)
+
+
+def test_ensure_is_idempotent_and_keeps_svids(store) -> None:
+    store.ensure([A, DB])
+    svid, ctx = store.svid(A), store.client_context_for(A)
+    result = store.ensure([DB, A])
+    assert not result.changed
+    assert store.svid(A) is svid and store.client_context_for(A) is ctx
+
+
+def test_ensure_removes_identities_no_longer_listed(store) -> None:
+    store.ensure([A, DB])
+    front = store.server_context
+    result = store.ensure([DB])
+    assert result.remove == (A,) and store.identities == {DB} and A not in store
+    with pytest.raises(UnknownIdentityError):
+        store.svid(A)
+    assert store.server_context is front  # the listener's context survives every change
+
+
+def test_ensure_renews_at_half_life(store, clock) -> None:
+    store.ensure([A])
+    first = store.svid(A)
+    clock.now = renewal_time(first)
+    assert store.ensure([A]).renew == (A,)
+    assert store.svid(A).serial != first.serial and store.svid(A).not_before > first.not_before
+
+
+def test_snapshots_are_replaced_not_mutated(store) -> None:
+    store.ensure([A])
+    before = store._entries
+    store.ensure([A, DB])
+    assert store._entries is not before and set(before) == {A}  # a reader holding the old one is undisturbed
+
+
+def test_foreign_trust_domain_changes_nothing(store) -> None:
+    store.ensure([A])
+    with pytest.raises(SvidError, match="spiffe://other/ns/x/sa/y: this node's CA serves trust domain 'td'"):
+        store.ensure([A, DB, SpiffeId.parse("spiffe://other/ns/x/sa/y")])
+    assert store.identities == {A}
+
+
+def test_repr_shows_identities_not_keys(store) -> None:
+    store.ensure([A, DB])
+    for text in (repr(store), str(store), repr(store._entries)):
+        assert "PRIVATE KEY" not in text
+        assert "".join(store.svid(A).key_pem.splitlines()[1:2])[:16] not in text
+    assert A.uri in repr(store)
