@@ -10,7 +10,9 @@ import sys
 import click
 
 from agent import __version__
+from agent.demo import demo
 from agent.errors import TcpmeshError
+from agent.lab.cli import lab
 
 
 class Cli(click.Group):
@@ -78,12 +80,5 @@ def ca_init(trust_domain: str, out_dir: str, force: bool) -> None:
     click.echo(f"created root CA for spiffe://{trust_domain}: {files.cert_path} (key {files.key_path}, mode 0600)")
 
 
-def _register_optional_groups() -> None:
-    from agent.demo import demo
-    from agent.lab.cli import lab
-
-    main.add_command(lab)
-    main.add_command(demo)
-
-
-_register_optional_groups()
+main.add_command(lab)
+main.add_command(demo)
