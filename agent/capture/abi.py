@@ -1,0 +1,154 @@
+"""The ctypes mirror of bpf/include/tcpmesh_abi.h: every shared struct, constant and reason code.
+
+tests/bpf/test_abi_layout.py compiles the C header with gcc and loads it with bcc, and checks
+both against this module, so a change on one side without the other fails the build.
+Pure: imports ctypes and the standard library only (no bcc, no sockets).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+import struct
+
+ABI_VERSION = 1
+
+SOL_IP = 0
+SO_ORIGINAL_DST = 80
+# tcpmesh's own getsockopt option at level SOL_IP (0x746d, "tm"): answer is struct tcpmesh_origin.
+SO_ORIGIN = 0x746D
+
+COMM_LEN = 16
+AF_INET = 2
+
+CIDR_BYPASS = 0
+CIDR_CAPTURE = 1
+
+# enum tcpmesh_reason, in code order. Append only: a code is never renumbered or reused.
+REASONS: tuple[str, ...] = (
+    "captured",            # connect4: destination rewritten to the redirect address
+    "not_captured",        # connect4: IPv4 TCP, destination outside the capture CIDRs
+    "not_tcp",             # connect4: not a TCP stream socket
+    "loopback",            # connect4: 127.0.0.0/8 or 0.0.0.0/8, never captured
+    "to_redirect",         # connect4: destination is the redirect address itself
+    "map_update_failed",   # any hook: a map update failed (connect4 then refuses the connect)
+    "rekeyed",             # sockops: record re-keyed by the client's local ip/port
+    "stale_peer_cleared",  # sockops: uncaptured socket dialled the redirect address; old record dropped
+    "origin_answered",     # getsockopt: TCPMESH_SO_ORIGIN answered
+    "origdst_answered",    # getsockopt: SO_ORIGINAL_DST answered
+    "origin_missing",      # getsockopt: no record for the peer
+    "optlen_short",        # getsockopt: caller's buffer too small
+    "peername_rewritten",  # getpeername4: app shown its original destination
+)
+REASON_CODES: dict[str, int] = {name: code for code, name in enumerate(REASONS)}
+REASON_MAX = len(REASONS)
+
+# C names of the constants above, for the layout test (name in C -> value here).
+C_CONSTANTS: dict[str, int] = {
+    "TCPMESH_ABI_VERSION": ABI_VERSION,
+    "TCPMESH_SOL_IP": SOL_IP,
+    "TCPMESH_SO_ORIGINAL_DST": SO_ORIGINAL_DST,
+    "TCPMESH_SO_ORIGIN": SO_ORIGIN,
+    "TCPMESH_COMM_LEN": COMM_LEN,
+    "TCPMESH_CIDR_BYPASS": CIDR_BYPASS,
+    "TCPMESH_CIDR_CAPTURE": CIDR_CAPTURE,
+    "TCPMESH_R_MAX": REASON_MAX,
+    **{f"TCPMESH_R_{name.upper()}": code for code, name in enumerate(REASONS)},
+}
+
+
+class SockaddrIn(ctypes.Structure):
+    """struct tcpmesh_sockaddr_in: the SO_ORIGINAL_DST answer."""
+
+    _fields_ = [
+        ("family", ctypes.c_uint16),   # host order
+        ("port", ctypes.c_uint16),     # network order
+        ("addr", ctypes.c_uint32),     # network order
+        ("zero", ctypes.c_uint8 * 8),
+    ]
+
+
+class OriginStruct(ctypes.Structure):
+    """struct tcpmesh_origin: the TCPMESH_SO_ORIGIN answer and the per-connection map value."""
+
+    _fields_ = [
+        ("dst_ip4", ctypes.c_uint32),    # network order
+        ("dst_port", ctypes.c_uint16),   # network order
+        ("version", ctypes.c_uint16),
+        ("pid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("cgroup_id", ctypes.c_uint64),
+        ("cookie", ctypes.c_uint64),
+        ("comm", ctypes.c_char * COMM_LEN),
+    ]
+
+
+class PeerKey(ctypes.Structure):
+    """struct tcpmesh_peer_key: key of tcpmesh_origin_by_peer."""
+
+    _fields_ = [
+        ("ip4", ctypes.c_uint32),    # network order
+        ("port", ctypes.c_uint16),   # network order
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class CidrKey(ctypes.Structure):
+    """struct tcpmesh_cidr_key: key of the LPM trie tcpmesh_capture_cidrs."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("ip4", ctypes.c_uint32),    # network order
+    ]
+
+
+class CidrValue(ctypes.Structure):
+    """struct tcpmesh_cidr_value: value of tcpmesh_capture_cidrs."""
+
+    _fields_ = [("action", ctypes.c_uint32)]
+
+
+# C struct name -> mirror, for the layout tests.
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "tcpmesh_sockaddr_in": SockaddrIn,
+    "tcpmesh_origin": OriginStruct,
+    "tcpmesh_peer_key": PeerKey,
+    "tcpmesh_cidr_key": CidrKey,
+    "tcpmesh_cidr_value": CidrValue,
+}
+
+# Map name -> (key mirror, value mirror); the value of a per-CPU array is one CPU's slot.
+MAPS: dict[str, tuple[type, type]] = {
+    "tcpmesh_origin_by_cookie": (ctypes.c_uint64, OriginStruct),
+    "tcpmesh_origin_by_peer": (PeerKey, OriginStruct),
+    "tcpmesh_capture_cidrs": (CidrKey, CidrValue),
+    "tcpmesh_counters": (ctypes.c_int, ctypes.c_uint64),
+}
+
+
+def ip4_to_net_u32(ip: str) -> int:
+    """An IPv4 address as the u32 the kernel stores in network order, read on this host."""
+    return struct.unpack("=I", socket.inet_aton(str(ipaddress.IPv4Address(ip))))[0]
+
+
+def net_u32_to_ip4(value: int) -> str:
+    return socket.inet_ntoa(struct.pack("=I", value))
+
+
+def port_to_net_u16(port: int) -> int:
+    return struct.unpack("=H", struct.pack("!H", port))[0]
+
+
+def net_u16_to_port(value: int) -> int:
+    return struct.unpack("!H", struct.pack("=H", value))[0]
+
+
+def peer_key(ip: str, port: int) -> PeerKey:
+    """The tcpmesh_origin_by_peer key for a proxy-side peer address."""
+    return PeerKey(ip4=ip4_to_net_u32(ip), port=port_to_net_u16(port), pad=0)
+
+
+def cidr_key(network: ipaddress.IPv4Network) -> CidrKey:
+    """The LPM key of an IPv4 network (host bits must be clear; see agent.capture.cidrs)."""
+    return CidrKey(prefixlen=network.prefixlen, ip4=ip4_to_net_u32(str(network.network_address)))

@@ -1,0 +1,181 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * capture_connect.c — the ebpf-connect capture mode (docs/capture.md).
+ *
+ *   cgroup/connect4     (pod cgroups)   captured IPv4 TCP connect() -> REDIR_IP:REDIR_PORT; the
+ *                                       original destination + pid/uid/cgroup/comm recorded by cookie
+ *   sockops             (pod cgroups)   at ACTIVE_ESTABLISHED the record is re-keyed by the
+ *                                       client's (local ip, local port) = the proxy's peer
+ *   cgroup/getsockopt   (proxy cgroup)  answers SOL_IP/SO_ORIGINAL_DST and SOL_IP/TCPMESH_SO_ORIGIN
+ *   cgroup/getpeername4 (pod cgroups)   the app sees the destination it asked for
+ *
+ * Build: BPF(src_file=..., cflags=["-I<repo>/bpf", "-I<repo>/bpf/include",
+ *                                   "-DREDIR_IP=<host-order u32>u", "-DREDIR_PORT=<port>"]).
+ *
+ * Layout: hooks at the bottom are thin (guard, one helper, return). Helpers that only read a
+ * context or fill a struct live in lib/; helpers that touch a map live in this file, because bcc
+ * rewrites map operations (map.lookup() and friends) only in the main source file — in an
+ * included header they compile to an indirect call the verifier rejects ("unknown opcode 8d").
+ * Return values: sock_addr/sockopt hooks return 1 to let the syscall proceed and 0 to fail it
+ * with EPERM; the kernel ignores sockops' return value for the ESTABLISHED callbacks.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/errno.h>
+#include "tcpmesh_abi.h"
+#include "lib/maps.h"
+#include "lib/capture_policy.h"
+#include "lib/origin.h"
+#include "lib/sockopt.h"
+
+#define TCPMESH_ALLOW 1
+#define TCPMESH_DENY 0
+
+/* ---- helpers that touch maps ----------------------------------------------------------------- */
+
+static __always_inline void tcpmesh_count(int reason)
+{
+	__u64 *value = tcpmesh_counters.lookup(&reason);
+
+	if (value)
+		*value += 1; /* this CPU's slot: no other writer, no atomics needed */
+}
+
+static __always_inline int tcpmesh_capture_verdict(struct bpf_sock_addr *ctx)
+{
+	struct tcpmesh_cidr_key key = {};
+	struct tcpmesh_cidr_value *cidr;
+	int verdict = tcpmesh_fixed_verdict(ctx);
+
+	if (verdict != TCPMESH_R_CAPTURED)
+		return verdict;
+	tcpmesh_cidr_key_of(ctx, &key);
+	cidr = tcpmesh_capture_cidrs.lookup(&key);
+	if (!cidr || cidr->action != TCPMESH_CIDR_CAPTURE)
+		return TCPMESH_R_NOT_CAPTURED;
+	return TCPMESH_R_CAPTURED;
+}
+
+static __always_inline int tcpmesh_record_origin(struct bpf_sock_addr *ctx)
+{
+	struct tcpmesh_origin origin = {};
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+
+	tcpmesh_fill_origin(ctx, cookie, &origin);
+	if (tcpmesh_origin_by_cookie.update(&cookie, &origin) != 0) {
+		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+static __always_inline int tcpmesh_rekey_established(struct bpf_sock_ops *skops)
+{
+	struct tcpmesh_peer_key key = {};
+	struct tcpmesh_origin *origin;
+	__u64 cookie;
+
+	if (skops->family != TCPMESH_AF_INET)
+		return 0;
+	tcpmesh_peer_key_of_client(skops, &key);
+	cookie = bpf_get_socket_cookie(skops);
+	origin = tcpmesh_origin_by_cookie.lookup(&cookie);
+	if (!origin) {
+		/* Not captured. If it dials the redirect address directly, the proxy will look this
+		 * local ip/port up: make sure no earlier captured connection answers for it. */
+		if (tcpmesh_dials_redirect(skops) && tcpmesh_origin_by_peer.delete(&key) == 0)
+			tcpmesh_count(TCPMESH_R_STALE_PEER_CLEARED);
+		return 0;
+	}
+	if (tcpmesh_origin_by_peer.update(&key, origin) != 0) {
+		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
+		return -ENOMEM;
+	}
+	tcpmesh_count(TCPMESH_R_REKEYED);
+	return 0;
+}
+
+static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
+{
+	struct tcpmesh_peer_key key = {};
+	struct tcpmesh_origin *origin;
+
+	if (tcpmesh_peer_key_of_accepted(ctx->sk, &key) != 0) {
+		tcpmesh_count(TCPMESH_R_ORIGIN_MISSING);
+		return;
+	}
+	origin = tcpmesh_origin_by_peer.lookup(&key);
+	if (!origin) {
+		tcpmesh_count(TCPMESH_R_ORIGIN_MISSING);
+		return;
+	}
+	tcpmesh_count(tcpmesh_answer(ctx, origin));
+}
+
+static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct tcpmesh_origin *origin = tcpmesh_origin_by_cookie.lookup(&cookie);
+
+	if (!origin)
+		return;
+	ctx->user_ip4 = origin->dst_ip4;
+	ctx->user_port = origin->dst_port;
+	tcpmesh_count(TCPMESH_R_PEERNAME_REWRITTEN);
+}
+
+/* ---- hooks ------------------------------------------------------------------------------------ */
+
+/*
+ * cgroup/connect4 — FAIL-CLOSED. Destinations outside the capture CIDRs pass untouched (by
+ * design). A destination that must be captured but whose origin cannot be recorded is refused
+ * (connect() fails with EPERM) rather than sent on without an origin or in plaintext.
+ */
+int tcpmesh_conn4(struct bpf_sock_addr *ctx)
+{
+	int verdict = tcpmesh_capture_verdict(ctx);
+
+	if (verdict != TCPMESH_R_CAPTURED) {
+		tcpmesh_count(verdict);
+		return TCPMESH_ALLOW;
+	}
+	if (tcpmesh_record_origin(ctx) != 0)
+		return TCPMESH_DENY;
+	tcpmesh_redirect(ctx);
+	tcpmesh_count(TCPMESH_R_CAPTURED);
+	return TCPMESH_ALLOW;
+}
+
+/*
+ * sockops — FAIL-CLOSED (through the proxy). If the re-key fails the connection still reaches the
+ * proxy, whose origin lookup then fails, and the proxy closes it: nothing leaks in plaintext.
+ */
+int tcpmesh_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	tcpmesh_rekey_established(skops);
+	return 1;
+}
+
+/*
+ * cgroup/getsockopt — FAIL-CLOSED (through the proxy). Never blocks a getsockopt: other options,
+ * and queries without a record, keep the kernel's own answer (ENOPROTOOPT, or ENOENT from
+ * conntrack), on which the proxy refuses the connection.
+ */
+int tcpmesh_sockopt(struct bpf_sockopt *ctx)
+{
+	if (!tcpmesh_is_origin_query(ctx))
+		return TCPMESH_ALLOW;
+	tcpmesh_answer_sockopt(ctx);
+	return TCPMESH_ALLOW;
+}
+
+/*
+ * cgroup/getpeername4 — FAIL-OPEN (cosmetic). Without a record the app sees the redirect address
+ * as its peer; the traffic itself is unaffected.
+ */
+int tcpmesh_getpeer(struct bpf_sock_addr *ctx)
+{
+	tcpmesh_show_original_peer(ctx);
+	return TCPMESH_ALLOW;
+}

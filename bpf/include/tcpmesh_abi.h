@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * tcpmesh_abi.h — the one kernel/user ABI of tcpmesh's eBPF capture.
+ *
+ * Everything that crosses the kernel/user boundary is defined here and nowhere else: the record a
+ * proxy reads with getsockopt(SOL_IP, TCPMESH_SO_ORIGIN), the keys and values of every map user
+ * space reads or writes, and the reason-counter codes. agent/capture/abi.py mirrors it with ctypes;
+ * tests/bpf/test_abi_layout.py compiles this header with the host C compiler and with bcc and
+ * checks both against the mirror. Rules:
+ *   - fixed-width types only, every padding byte named (and zeroed by the writer);
+ *   - byte order stated on every address/port field;
+ *   - bump TCPMESH_ABI_VERSION on any layout or meaning change; reason codes are never reused.
+ *
+ * Compiles both as BPF (bcc, kernel stub tree) and as host C (gcc, linux-libc-dev).
+ */
+#ifndef TCPMESH_ABI_H
+#define TCPMESH_ABI_H
+
+#include <linux/types.h>
+
+#define TCPMESH_ABI_VERSION 1
+
+/* ---- getsockopt ABI (answered by the cgroup/getsockopt hook on the proxy's cgroup) ---------- */
+
+#define TCPMESH_SOL_IP 0 /* SOL_IP == IPPROTO_IP */
+
+/* Netfilter's SO_ORIGINAL_DST (linux/netfilter_ipv4.h). Answer: struct tcpmesh_sockaddr_in. */
+#define TCPMESH_SO_ORIGINAL_DST 80
+
+/*
+ * tcpmesh's own option at level SOL_IP. Answer: struct tcpmesh_origin.
+ * 0x746d ("tm") = 29805 is far outside every range the kernel uses at SOL_IP: IP_* options
+ * (1..52 as of 6.18), the ip/arp/eb-tables and bpfilter controls (64..69, 80, 96..99, 128..),
+ * and IPVS (1024+64 ..). The kernel itself answers ENOPROTOOPT for it, so a socket without a
+ * record (or a host without the hook) gets ENOPROTOOPT, never garbage.
+ * The caller must pass optlen >= sizeof(struct tcpmesh_origin): the hook can only shrink optlen.
+ */
+#define TCPMESH_SO_ORIGIN 0x746d
+
+/* struct sockaddr_in as SO_ORIGINAL_DST returns it (16 bytes). */
+struct tcpmesh_sockaddr_in {
+	__u16 family;   /* AF_INET (2), host order */
+	__u16 port;     /* network order */
+	__u32 addr;     /* network order */
+	__u8 zero[8];
+};
+
+#define TCPMESH_COMM_LEN 16
+
+/*
+ * The original destination of a captured connection and who opened it.
+ * Written by cgroup/connect4 at connect() time, in the context of the connecting task.
+ */
+struct tcpmesh_origin {
+	__u32 dst_ip4;      /*  0: original destination address, network order */
+	__u16 dst_port;     /*  4: original destination port, network order */
+	__u16 version;      /*  6: TCPMESH_ABI_VERSION of the writer */
+	__u32 pid;          /*  8: tgid of the connecting task (init pid namespace) */
+	__u32 uid;          /* 12: uid of the connecting task (init user namespace) */
+	__u64 cgroup_id;    /* 16: cgroup v2 id of the connecting task (= inode of its cgroup dir) */
+	__u64 cookie;       /* 24: socket cookie of the client socket */
+	char comm[TCPMESH_COMM_LEN]; /* 32: task comm, NUL-padded */
+};                      /* 48 bytes */
+
+/* ---- map keys and values ------------------------------------------------------------------ */
+
+/* Key of tcpmesh_origin_by_peer: the client socket's local address, as the proxy sees its peer. */
+struct tcpmesh_peer_key {
+	__u32 ip4;          /* 0: client local address, network order */
+	__u16 port;         /* 4: client local port, network order */
+	__u16 pad;          /* 6: always 0 */
+};                      /* 8 bytes */
+
+/* Key of the LPM trie tcpmesh_capture_cidrs (the layout struct bpf_lpm_trie_key requires). */
+struct tcpmesh_cidr_key {
+	__u32 prefixlen;    /* 0: 0..32 */
+	__u32 ip4;          /* 4: network address, network order */
+};                      /* 8 bytes */
+
+/* Value of tcpmesh_capture_cidrs: longest prefix wins, so a BYPASS /32 can punch a hole in a
+ * CAPTURE /8. A destination that matches no prefix is not captured. */
+struct tcpmesh_cidr_value {
+	__u32 action;       /* 0: enum tcpmesh_cidr_action */
+};                      /* 4 bytes */
+
+enum tcpmesh_cidr_action {
+	TCPMESH_CIDR_BYPASS = 0,
+	TCPMESH_CIDR_CAPTURE = 1,
+};
+
+/* ---- reason counters (index into the per-CPU array tcpmesh_counters) ----------------------- */
+/* Append only; never renumber or reuse a code. agent/capture/abi.py mirrors the names. */
+enum tcpmesh_reason {
+	TCPMESH_R_CAPTURED = 0,            /* connect4: destination rewritten to the redirect address */
+	TCPMESH_R_NOT_CAPTURED = 1,        /* connect4: IPv4 TCP, destination outside the capture CIDRs */
+	TCPMESH_R_NOT_TCP = 2,             /* connect4: not a TCP stream socket (UDP connect, ...) */
+	TCPMESH_R_LOOPBACK = 3,            /* connect4: 127.0.0.0/8, never captured */
+	TCPMESH_R_TO_REDIRECT = 4,         /* connect4: destination is the redirect address itself */
+	TCPMESH_R_MAP_UPDATE_FAILED = 5,   /* any hook: a map update failed (connect4 then refuses) */
+	TCPMESH_R_REKEYED = 6,             /* sockops: record re-keyed by the client's local ip/port */
+	TCPMESH_R_STALE_PEER_CLEARED = 7,  /* sockops: direct (uncaptured) connection to the redirect
+	                                      address; any old record for its local ip/port dropped */
+	TCPMESH_R_ORIGIN_ANSWERED = 8,     /* getsockopt: TCPMESH_SO_ORIGIN answered */
+	TCPMESH_R_ORIGDST_ANSWERED = 9,    /* getsockopt: SO_ORIGINAL_DST answered */
+	TCPMESH_R_ORIGIN_MISSING = 10,     /* getsockopt: no record for the peer (caller sees errno) */
+	TCPMESH_R_OPTLEN_SHORT = 11,       /* getsockopt: caller's buffer too small (caller sees errno) */
+	TCPMESH_R_PEERNAME_REWRITTEN = 12, /* getpeername4: app shown its original destination */
+	TCPMESH_R_MAX = 13,
+};
+
+#endif /* TCPMESH_ABI_H */

@@ -1,0 +1,1 @@
+/* tcpmesh kernel-header stub: intentionally empty (bcc includes it, nothing in it is used). */

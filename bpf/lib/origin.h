@@ -1,0 +1,61 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * origin.h — building a struct tcpmesh_origin and the keys it is stored under, from each hook's
+ * context. No map access here (see capture_connect.c for why).
+ */
+#ifndef TCPMESH_LIB_ORIGIN_H
+#define TCPMESH_LIB_ORIGIN_H
+
+#include "tcpmesh_abi.h"
+
+#define TCPMESH_AF_INET 2
+
+/* connect4 context: where the app wanted to go and who it is. */
+static __always_inline void tcpmesh_fill_origin(struct bpf_sock_addr *ctx, __u64 cookie,
+						struct tcpmesh_origin *origin)
+{
+	origin->dst_ip4 = ctx->user_ip4;
+	origin->dst_port = (__u16)ctx->user_port; /* user_port: network order in the low 16 bits */
+	origin->version = TCPMESH_ABI_VERSION;
+	origin->pid = bpf_get_current_pid_tgid() >> 32;
+	origin->uid = (__u32)bpf_get_current_uid_gid();
+	origin->cgroup_id = bpf_get_current_cgroup_id();
+	origin->cookie = cookie;
+	bpf_get_current_comm(&origin->comm, sizeof(origin->comm));
+}
+
+/* connect4 context: send the connection to the node's outbound proxy instead. */
+static __always_inline void tcpmesh_redirect(struct bpf_sock_addr *ctx)
+{
+	ctx->user_ip4 = bpf_htonl(REDIR_IP);
+	ctx->user_port = bpf_htons(REDIR_PORT);
+}
+
+/* sockops context: the client's (local ip, local port), the key the proxy will look up. */
+static __always_inline void tcpmesh_peer_key_of_client(const struct bpf_sock_ops *skops,
+						       struct tcpmesh_peer_key *key)
+{
+	key->ip4 = skops->local_ip4;
+	key->port = bpf_htons((__u16)skops->local_port); /* local_port is host order */
+	key->pad = 0;
+}
+
+/* sockops context: does this socket talk to the redirect address directly? remote_port holds
+ * the network-order port in its high half on little endian: bpf_ntohl() gives it on both. */
+static __always_inline int tcpmesh_dials_redirect(const struct bpf_sock_ops *skops)
+{
+	return skops->remote_ip4 == bpf_htonl(REDIR_IP) && bpf_ntohl(skops->remote_port) == REDIR_PORT;
+}
+
+/* getsockopt context: the accepted socket's peer = the client's (local ip, local port). */
+static __always_inline int tcpmesh_peer_key_of_accepted(struct bpf_sock *sk, struct tcpmesh_peer_key *key)
+{
+	if (!sk || sk->family != TCPMESH_AF_INET)
+		return -1;
+	key->ip4 = sk->dst_ip4;
+	key->port = sk->dst_port; /* network order */
+	key->pad = 0;
+	return 0;
+}
+
+#endif /* TCPMESH_LIB_ORIGIN_H */
