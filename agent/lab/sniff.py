@@ -1,7 +1,8 @@
 """Capture frames on an interface inside a lab namespace (AF_PACKET), and parse IPv4/TCP out of them.
 
 Used by tests to prove what crosses the wire (e.g. that a tunnel carries TLS, not plaintext) without
-tcpdump. ``PacketCapture`` opens its socket inside the netns via ``nsenter.socket_in_netns`` and reads
+tcpdump. Capture on a bridge *port* (``tm<node>`` in the wire netns), not on the bridge itself:
+frames forwarded between ports never reach the bridge device. ``PacketCapture`` opens its socket inside the netns via ``nsenter.socket_in_netns`` and reads
 on a background thread until stopped. ``parse_tcp`` is pure.
 """
 
@@ -51,7 +52,7 @@ def parse_tcp(frame: bytes) -> TcpSegment | None:
 class PacketCapture:
     """Frames seen on ``ifname`` in ``netns`` (both directions). Use as a context manager::
 
-        with PacketCapture("tcpmesh-demo-wire", "tmbr0") as cap:
+        with PacketCapture("tcpmesh-demo-wire", "tmnode1") as cap:   # node1's port on the wire bridge
             ...
         payload = b"".join(s.payload for s in cap.tcp_segments() if s.dport == 15008)
     """
@@ -78,10 +79,12 @@ class PacketCapture:
 
     def _read(self) -> None:
         assert self._sock is not None
-        while not self._stop.is_set():
+        while True:
             try:
                 frame = self._sock.recv(65535)
             except socket.timeout:
+                if self._stop.is_set():  # stop only once the socket buffer is drained
+                    return
                 continue
             except OSError:
                 return
