@@ -104,6 +104,10 @@ class IdentityStore:
         """The inbound listener's context: presents the local identity the client's SNI names."""
         return self._front.context
 
+    def served_identity(self, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId | None:
+        """Which local identity an inbound handshake on ``server_context`` presented (named by SNI)."""
+        return self._front.served_identity(ssl_object)
+
     def svid(self, spiffe_id: SpiffeId) -> Svid:
         return self._entry(spiffe_id).svid
 

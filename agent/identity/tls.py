@@ -17,6 +17,7 @@ import contextlib
 import os
 import secrets
 import ssl
+import weakref
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -64,6 +65,8 @@ class SniServerContexts:
         # connection starts with, not the one the callback switches to: the front has them all.
         self.context = _bare_server_context(trust_bundle_pem)
         self._by_sni: dict[str, ssl.SSLContext] = {}
+        # Every context ever installed → its identity; weak, so retired contexts go with their last connection.
+        self._served: weakref.WeakKeyDictionary[ssl.SSLContext, SpiffeId] = weakref.WeakKeyDictionary()
         self.replace(contexts or {})
         self.context.sni_callback = self._on_sni
 
@@ -72,7 +75,16 @@ class SniServerContexts:
         if len(trust_domains) > 1:
             raise TlsSetupError(f"local identities span several trust domains ({', '.join(sorted(trust_domains))}); "
                                 "one agent serves one trust domain")
+        for spiffe_id, ctx in contexts.items():
+            self._served[ctx] = spiffe_id
         self._by_sni = {spiffe_id.sni: ctx for spiffe_id, ctx in contexts.items()}  # one assignment: atomic
+
+    def served_identity(self, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId | None:
+        """The local identity a handshake on the front presented (the one the client's SNI named).
+
+        Still answers after that identity was replaced or removed; None before the SNI callback ran.
+        """
+        return self._served.get(ssl_object.context)
 
     def _on_sni(self, ssl_object: ssl.SSLObject, server_name: str | None, _front: ssl.SSLContext) -> int | None:
         chosen = self._by_sni.get(server_name.lower()) if server_name else None  # reads the current mapping

@@ -112,6 +112,7 @@ def test_sni_picks_the_identity_and_both_sides_learn_each_other(front, client_ct
         assert peer_spiffe_id(result.client) == wanted  # the server presented the SVID the SNI named
         assert check_peer(result.client, wanted) == wanted
         assert peer_spiffe_id(result.server) == CLIENT
+        assert front.served_identity(result.server) == wanted
 
 
 def test_check_peer_rejects_a_mismatched_identity(front, client_ctx) -> None:
@@ -262,6 +263,7 @@ def test_store_contexts_handshake_end_to_end(ca, bundle) -> None:
     front_ctx = node2.server_context
     node2.ensure([DB])  # CACHE's workload left the node
     assert node2.server_context is front_ctx
+    assert node2.served_identity(result.server) == CACHE  # still known after CACHE was removed
     assert "UNRECOGNIZED_NAME" in str(handshake(node1.client_context_for(CLIENT), front_ctx, CACHE.sni)
                                       .errors.get("client"))
     assert handshake(node1.client_context_for(CLIENT), front_ctx, DB.sni).established
