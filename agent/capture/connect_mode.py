@@ -211,8 +211,8 @@ class ConnectCapture:
         return out
 
     def _attach(self, cgroup_dir: str | os.PathLike, role: str) -> None:
+        target = cgroup_target(cgroup_dir, role, read_mounts())  # refuses the root cgroup first
         self._require_loaded()
-        target = cgroup_target(cgroup_dir, role, read_mounts())
         if (target.path, role) in self._attached:
             return
         done: list[Hook] = []

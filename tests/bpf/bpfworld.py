@@ -1,0 +1,104 @@
+"""Helpers of the bpf tier: sockets and processes that live in a given netns and cgroup.
+
+Imported by tests/bpf/conftest.py and the tests (pytest puts tests/bpf on sys.path).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+NODE_IP = "10.200.1.1"
+POD_IP = "10.200.1.2"
+REDIRECT_PORT = 15001
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = "/run/netns"
+
+
+# ---- sockets and processes inside a netns (and a cgroup) ----------------------------------------
+
+_MAKE_SOCKET = r"""
+import socket, sys
+parent = socket.socket(fileno=int(sys.argv[1]))
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+socket.send_fds(parent, [b"s"], [sock.fileno()])
+"""
+
+
+def _enter(netns_file: str | None, cgroup: Path | None):
+    """A preexec_fn: join the cgroup first (hooks bind to a socket at creation), then the netns."""
+    def enter() -> None:
+        if cgroup is not None:
+            with open(cgroup / "cgroup.procs", "w") as f:
+                f.write("0")
+        if netns_file is not None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(netns_file, os.O_RDONLY)
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                os._exit(120)
+            os.close(fd)
+    return enter
+
+
+def socket_in(netns_file: str, cgroup: Path | None) -> socket.socket:
+    """A TCP socket created in ``netns_file`` by a process in ``cgroup``, handed back over SCM_RIGHTS.
+
+    The socket keeps both its netns and its cgroup, whoever uses it afterwards — so the test
+    process can act as the proxy without ever joining the proxy's cgroup itself.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        proc = subprocess.run([sys.executable, "-c", _MAKE_SOCKET, str(theirs.fileno())],
+                              preexec_fn=_enter(netns_file, cgroup), pass_fds=(theirs.fileno(),),
+                              timeout=10, capture_output=True)
+        assert proc.returncode == 0, proc.stderr.decode()
+        ours.settimeout(5)
+        _, fds, _, _ = socket.recv_fds(ours, 16, 1)
+    return socket.socket(fileno=fds[0])
+
+
+_CLIENT = r"""
+import ctypes, json, os, socket, sys
+ctypes.CDLL(None).prctl(15, b"tm-client", 0, 0, 0)  # PR_SET_NAME: a comm the test can check
+ip, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+out = {"pid": os.getpid(), "comm": open("/proc/self/comm").read().strip()}
+s = socket.socket()
+s.settimeout(timeout)
+try:
+    s.connect((ip, port))
+    out.update(ok=True, peer=list(s.getpeername()), local=list(s.getsockname()))
+except OSError as exc:
+    out.update(ok=False, errno=exc.errno, error=str(exc))
+print(json.dumps(out), flush=True)
+sys.stdin.read()  # hold the connection until the test closes stdin
+"""
+
+
+class Client:
+    """A process that connects once from inside a netns/cgroup and reports what it saw."""
+
+    def __init__(self, netns_file: str, cgroup: Path | None, ip: str, port: int, timeout: float = 1.5) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _CLIENT, ip, str(port), str(timeout)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     preexec_fn=_enter(netns_file, cgroup))
+        line = self.proc.stdout.readline()
+        if not line:
+            self.close()
+            raise AssertionError(f"client died: {self.proc.stderr.read().decode()}")
+        self.result = json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()  # our own child
+                self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()

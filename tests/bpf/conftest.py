@@ -1,0 +1,93 @@
+"""Fixtures of the bpf tier: one loaded ConnectCapture per module, a node/pod netns pair per test,
+and ways to make sockets and processes that live in a given netns and cgroup.
+
+The world each test builds: a "node" netns and a "pod" netns joined by a veth (10.200.1.1 on the
+node side, 10.200.1.2 in the pod, pod default route via the node), and child cgroups of the
+per-test cgroup from tests/conftest.py. Every 10.x address exists only inside those namespaces;
+nothing touches the root netns or the root cgroup; everything is removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from bpfworld import NETNS_DIR, NODE_IP, POD_IP, REDIRECT_PORT, Client
+
+
+@dataclass(frozen=True)
+class Topology:
+    node_ns: str
+    pod_ns: str
+
+    def ns_path(self, name: str) -> str:
+        return f"{NETNS_DIR}/{name}"
+
+
+@pytest.fixture
+def topology(privileged):
+    from pyroute2 import IPRoute, netns
+
+    tag = uuid.uuid4().hex[:6]
+    node_ns, pod_ns = f"tmbpf-n-{tag}", f"tmbpf-p-{tag}"
+    host_if, pod_if = f"tmh{tag}", f"tmp{tag}"
+    netns.create(node_ns)
+    try:
+        netns.create(pod_ns)
+        with IPRoute(netns=node_ns) as node, IPRoute(netns=pod_ns) as pod:
+            node.link("add", ifname=host_if, kind="veth", peer={"ifname": pod_if, "net_ns_fd": pod_ns})
+            h = node.link_lookup(ifname=host_if)[0]
+            p = pod.link_lookup(ifname=pod_if)[0]
+            node.addr("add", index=h, address=NODE_IP, prefixlen=24)
+            pod.addr("add", index=p, address=POD_IP, prefixlen=24)
+            for ipr, idx in ((node, h), (pod, p)):
+                ipr.link("set", index=idx, state="up")
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            pod.route("add", dst="0.0.0.0/0", gateway=NODE_IP)
+        yield Topology(node_ns, pod_ns)
+    finally:
+        for name in (pod_ns, node_ns):  # the veth pair goes with the netns
+            try:
+                netns.remove(name)
+            except OSError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def capture(bpf_capable, tmp_path_factory):
+    """One compiled + loaded program set for the module; tests reset its CIDRs and use deltas."""
+    from agent.capture import ConnectCapture
+
+    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path_factory.mktemp("state"))
+    cap.load()
+    try:
+        yield cap
+    finally:
+        cap.close()
+
+
+@pytest.fixture
+def cgroups(test_cgroup):
+    """pod/, proxy/ and other/ children of the per-test cgroup."""
+    dirs = {name: test_cgroup / name for name in ("pod", "proxy", "other")}
+    for path in dirs.values():
+        path.mkdir()
+    return dirs
+
+
+@pytest.fixture
+def clients():
+    """Start clients with ``clients(netns_file, cgroup, ip, port)``; all are ended afterwards."""
+    started: list[Client] = []
+
+    def start(*args, **kwargs) -> Client:
+        client = Client(*args, **kwargs)
+        started.append(client)
+        return client
+
+    try:
+        yield start
+    finally:
+        for client in started:
+            client.close()

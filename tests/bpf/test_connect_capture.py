@@ -1,0 +1,246 @@
+"""The ebpf-connect mode end to end on a node/pod netns pair: redirect, origin, attribution, scope.
+
+A listener plays the proxy: it lives in the node netns on 10.200.1.1:15001 and in its own
+"proxy" cgroup (never the pod's). Clients are separate processes started inside the pod netns,
+and inside or outside the pod cgroup.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.capture import ConnectCapture, read_origin, read_original_dst
+from agent.capture.errors import BpfLoadError
+from agent.errors import ConfigError
+from bpfworld import NODE_IP, REDIRECT_PORT, socket_in
+
+REMOTE = ("10.77.2.10", 5432)
+NOT_CAPTURED_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ETIMEDOUT, None}
+
+
+@pytest.fixture
+def proxy_listener(topology, cgroups):
+    sock = socket_in(topology.ns_path(topology.node_ns), cgroups["proxy"])
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", REDIRECT_PORT))
+        sock.listen(16)
+        sock.setblocking(False)
+        yield sock
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def attached(capture, cgroups, proxy_listener):
+    """The capture on the pod cgroup and the origin hook on the proxy cgroup; CIDRs reset."""
+    capture.set_capture_cidrs(["10.77.0.0/16"])
+    capture.attach_proxy(cgroups["proxy"])
+    capture.attach_pod(cgroups["pod"])
+    try:
+        yield capture
+    finally:
+        capture.detach_pod(cgroups["pod"])
+        capture.detach_proxy(cgroups["proxy"])
+
+
+def accept(listener: socket.socket, timeout: float = 3.0) -> socket.socket | None:
+    ready, _, _ = select.select([listener], [], [], timeout)
+    if not ready:
+        return None
+    conn, _ = listener.accept()
+    conn.setblocking(True)
+    return conn
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def bpftool_cgroup(path: Path) -> str:
+    out = subprocess.run(["bpftool", "cgroup", "show", str(path)], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_stub_tree_compiles_and_loads(capture, tmp_path):
+    kstub = tmp_path / "bcc-kstub"
+    from agent.capture import kstub as ks
+
+    ks.materialise(kstub)
+    assert (kstub / "include/linux/kconfig.h").is_file()
+    assert (kstub / "include/uapi/linux").is_symlink()
+    assert "BCC_KERNEL_SOURCE" not in os.environ  # only set around the compile
+    assert capture.load_seconds is not None and capture.load_seconds < 10
+    assert set(capture.counters()) >= {"captured", "not_captured", "origin_missing", "map_update_failed"}
+
+
+def test_pod_connect_is_redirected_with_origin(attached, topology, cgroups, proxy_listener, clients):
+    before = attached.counters()
+    client = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], *REMOTE)
+    assert client.result["ok"], client.result
+    conn = accept(proxy_listener)
+    assert conn is not None, "the captured connection did not reach the listener"
+    with conn:
+        origin = read_origin(conn)
+        assert origin is not None
+        assert (origin.dst_ip, origin.dst_port) == REMOTE
+        assert origin.pid == client.result["pid"]
+        assert origin.comm == client.result["comm"] == "tm-client"
+        assert origin.uid == 0
+        assert origin.cgroup_id == os.stat(cgroups["pod"]).st_ino
+        assert origin.cookie != 0
+        assert read_original_dst(conn) == REMOTE
+        # the proxy sees the client's real address; the client sees the peer it asked for
+        assert list(conn.getpeername()) == client.result["local"]
+        assert tuple(client.result["peer"]) == REMOTE
+    changes = delta(before, attached.counters())
+    assert changes.get("captured") == 1
+    assert changes.get("rekeyed") == 1
+    assert changes.get("origin_answered") == 1 and changes.get("origdst_answered") == 1
+    assert changes.get("peername_rewritten", 0) >= 1
+
+
+def test_same_netns_outside_pod_cgroup_is_not_redirected(attached, topology, cgroups, proxy_listener, clients):
+    before = attached.counters()
+    client = clients(topology.ns_path(topology.pod_ns), cgroups["other"], *REMOTE, timeout=1.0)
+    assert not client.result["ok"], client.result
+    assert client.result.get("errno") in NOT_CAPTURED_ERRNOS, client.result
+    assert accept(proxy_listener, timeout=0.2) is None
+    assert attached.counters()["captured"] == before["captured"]
+
+
+def test_destination_outside_capture_cidrs_is_not_captured(attached, topology, cgroups, proxy_listener, clients):
+    attached.set_capture_cidrs(["10.77.0.0/16"], bypass_cidrs=["10.77.9.0/24"])
+    before = attached.counters()
+    for ip in ("10.88.1.1", "10.77.9.9"):  # outside every prefix; inside a bypass hole
+        client = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], ip, 5432, timeout=1.0)
+        assert not client.result["ok"], client.result
+        assert client.result.get("errno") in NOT_CAPTURED_ERRNOS, client.result
+    assert accept(proxy_listener, timeout=0.2) is None
+    changes = delta(before, attached.counters())
+    assert changes.get("not_captured") == 2
+    assert "captured" not in changes
+
+
+def test_loopback_and_redirect_address_are_never_captured(attached, topology, cgroups, proxy_listener, clients):
+    attached.set_capture_cidrs(["0.0.0.0/0"])
+    before = attached.counters()
+    loop = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], "127.0.0.1", 5432, timeout=1.0)
+    assert loop.result.get("errno") == errno.ECONNREFUSED, loop.result
+    direct = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], NODE_IP, REDIRECT_PORT)
+    assert direct.result["ok"], direct.result
+    conn = accept(proxy_listener)
+    assert conn is not None
+    with conn:
+        assert read_origin(conn) is None  # not captured: no record, the proxy must refuse it
+        assert read_original_dst(conn) is None
+    changes = delta(before, attached.counters())
+    assert changes.get("loopback") == 1 and changes.get("to_redirect") == 1
+    assert "captured" not in changes
+    assert changes.get("origin_missing") == 2
+
+
+def test_stale_record_is_not_served_to_a_direct_connection(attached, topology, cgroups, proxy_listener, clients):
+    """A captured connection's record must not answer for a later direct dial from the same port."""
+    captured = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], *REMOTE)
+    conn = accept(proxy_listener)
+    assert conn is not None and read_origin(conn) is not None
+    local = captured.result["local"]
+    conn.close()
+    captured.close()
+    before = attached.counters()
+    # same local ip/port, straight to the redirect address, from the pod cgroup
+    direct = socket_in(topology.ns_path(topology.pod_ns), cgroups["pod"])
+    with direct:
+        direct.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        direct.bind(tuple(local))
+        direct.settimeout(3)
+        try:
+            direct.connect((NODE_IP, REDIRECT_PORT))
+        except OSError as exc:  # the 4-tuple may still be in TIME_WAIT on the listener side
+            pytest.skip(f"could not reuse {local}: {exc}")
+        conn = accept(proxy_listener)
+        assert conn is not None
+        with conn:
+            assert read_origin(conn) is None
+    assert delta(before, attached.counters()).get("stale_peer_cleared") == 1
+
+
+def test_attach_is_idempotent_and_close_detaches_everything(bpf_capable, topology, cgroups, tmp_path):
+    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)
+    cap.load()
+    try:
+        cap.attach_pod(cgroups["pod"])
+        cap.attach_pod(cgroups["pod"])
+        cap.attach_proxy(cgroups["proxy"])
+        shown = bpftool_cgroup(cgroups["pod"])
+        for name in ("tcpmesh_conn4", "tcpmesh_sockops", "tcpmesh_getpeer"):
+            assert shown.count(name) == 1, shown
+        assert "tcpmesh_sockopt" in bpftool_cgroup(cgroups["proxy"])
+        assert cap.attachments() == {str(cgroups["pod"]): ("pod",), str(cgroups["proxy"]): ("proxy",)}
+    finally:
+        cap.close()
+    for path in (cgroups["pod"], cgroups["proxy"]):
+        assert "tcpmesh" not in bpftool_cgroup(path)
+        assert bpftool_cgroup(path).strip().splitlines()[1:] == []
+    cap.close()  # idempotent
+
+
+def test_restart_replaces_a_crashed_runs_programs(bpf_capable, cgroups, tmp_path):
+    """Programs left attached by a previous run are detached before the new run attaches."""
+    old = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)
+    new = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)
+    old.load()
+    try:
+        old.attach_pod(cgroups["pod"])
+        old._attached.clear()  # "crash": the attachments outlive the run that made them
+        new.load()
+        new.attach_pod(cgroups["pod"])
+        shown = bpftool_cgroup(cgroups["pod"])
+        assert shown.count("tcpmesh_conn4") == 1, shown
+        assert shown.count("tcpmesh_sockops") == 1, shown
+    finally:
+        new.close()
+        old.close()
+    assert "tcpmesh" not in bpftool_cgroup(cgroups["pod"])
+
+
+def test_removed_cgroup_counts_as_detached(bpf_capable, cgroups, tmp_path):
+    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)
+    cap.load()
+    try:
+        cap.attach_pod(cgroups["pod"])
+        cgroups["pod"].rmdir()
+        cap.detach_pod(cgroups["pod"])
+        assert cap.attachments() == {}
+    finally:
+        cap.close()
+
+
+def test_root_cgroup_is_refused(cgroup2_mount, tmp_path):
+    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)  # not loaded: nothing can attach
+    with pytest.raises(ConfigError, match="root cgroup"):
+        cap.attach_proxy(cgroup2_mount)
+    with pytest.raises(ConfigError, match="root cgroup"):
+        cap.attach_pod(cgroup2_mount)
+
+
+def test_load_error_names_the_program_and_the_compiler_message(bpf_capable, tmp_path):
+    src = tmp_path / "bpf"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "bpf", src)
+    (src / "capture_connect.c").write_text((src / "capture_connect.c").read_text()
+                                           .replace("return TCPMESH_ALLOW;\n}\n", "return nonsense;\n}\n", 1))
+    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path / "state", source_dir=src)
+    with pytest.raises(BpfLoadError) as info:
+        cap.load()
+    assert info.value.stage == "compile"
+    assert "nonsense" in str(info.value)
