@@ -12,7 +12,9 @@ import errno
 import logging
 import ssl
 
-from agent.identity.tls import PeerIdentityError, peer_spiffe_id
+from agent.identity.errors import PeerIdentityError
+from agent.identity.errors import PeerProtocolError as AlpnMismatch
+from agent.identity.tls import check_alpn, peer_spiffe_id
 from agent.proxy import flow as F
 from agent.proxy.endpoints import PlainLeg, TlsLeg
 from agent.proxy.handshake import read_header
@@ -62,6 +64,7 @@ class InboundProxy:
         try:
             await asyncio.wait_for(asyncio.shield(tunnel.handshake_done), timeout)
             assert tunnel.ssl_object is not None
+            check_alpn(tunnel.ssl_object)
             flow.set_source(None, peer_spiffe_id(tunnel.ssl_object).uri)
             peer = tunnel.peername() or ("", 0)
             flow.source_ip, flow.source_port = peer[0], peer[1]
@@ -70,6 +73,8 @@ class InboundProxy:
             flow.fail(F.FLAG_PROTOCOL_ERROR, "tunnel did not complete its handshake and header in time")
         except PeerIdentityError as exc:
             flow.fail(F.FLAG_IDENTITY_ERROR, str(exc))
+        except AlpnMismatch as exc:
+            flow.fail(F.FLAG_PROTOCOL_ERROR, str(exc))
         except ssl.SSLError as exc:
             flow.fail(F.FLAG_TLS_FAILURE, f"TLS handshake failed: {exc.reason or exc}")
         except PeerProtocolError as exc:
@@ -87,7 +92,7 @@ class InboundProxy:
     async def _connect_workload(self, tunnel: TlsLeg, flow: F.Flow) -> PlainLeg | None:
         assert tunnel.ssl_object is not None
         target = route_inbound(self._ctx.registry(), self._ctx.node_name, flow.destination_ip,
-                               getattr(tunnel.ssl_object, "server_name_indication", None))
+                               self._ctx.identities.served_identity(tunnel.ssl_object))
         if target.workload is None:
             self._refuse(tunnel, flow, Status.UNKNOWN_DESTINATION, F.FLAG_NO_ROUTE, target.reason)
             return None

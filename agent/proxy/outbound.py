@@ -15,7 +15,9 @@ import socket
 import ssl
 from typing import Callable
 
-from agent.identity.tls import PeerIdentityError, check_peer
+from agent.identity.errors import PeerIdentityError
+from agent.identity.errors import PeerProtocolError as AlpnMismatch
+from agent.identity.tls import check_alpn, check_peer
 from agent.proxy import flow as F
 from agent.proxy.endpoints import Leg, PlainLeg, TlsLeg
 from agent.proxy.handshake import read_header
@@ -116,6 +118,7 @@ class OutboundProxy:
                 self._ctx.connect_timeout)
             await asyncio.wait_for(leg.handshake_done, self._ctx.connect_timeout)
             assert leg.ssl_object is not None
+            check_alpn(leg.ssl_object)
             check_peer(leg.ssl_object, expected)
             leg.write(encode_connect(ConnectRequest(flow.destination_ip, flow.destination_port,
                                                     bytes.fromhex(flow.flow_id))))
@@ -124,6 +127,8 @@ class OutboundProxy:
             flow.fail(F.FLAG_UPSTREAM_TIMEOUT, f"timed out setting up the tunnel to {host}:{port}")
         except PeerIdentityError as exc:
             flow.fail(F.FLAG_IDENTITY_ERROR, str(exc))
+        except AlpnMismatch as exc:
+            flow.fail(F.FLAG_PROTOCOL_ERROR, str(exc))
         except ssl.SSLError as exc:
             flow.fail(F.FLAG_TLS_FAILURE, f"TLS with {host}:{port} failed: {exc.reason or exc}")
         except PeerProtocolError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from agent.identity.spiffe import SpiffeId
 from agent.proxy import flow as F
 from agent.registry.model import Registry, Workload
 
@@ -53,10 +54,12 @@ class InboundTarget:
     reason: str = ""
 
 
-def route_inbound(registry: Registry, node_name: str, dest_ip: str, requested_sni: str | None) -> InboundTarget:
+def route_inbound(registry: Registry, node_name: str, dest_ip: str, served: SpiffeId | None) -> InboundTarget:
+    """``served`` is the identity whose certificate the tunnel's TLS handshake presented (chosen by SNI)."""
     workload = registry.by_ip(dest_ip)
     if workload is None or workload.node != node_name:
         return InboundTarget(None, f"{dest_ip} is not a workload of node {node_name}")
-    if requested_sni is not None and workload.spiffe_id.sni != requested_sni:
-        return InboundTarget(None, f"{dest_ip} is {workload.spiffe_id.uri}, but the client asked for {requested_sni}")
+    if workload.spiffe_id != served:
+        return InboundTarget(None, f"{dest_ip} is {workload.spiffe_id.uri}, but the client asked for "
+                                   f"{served.uri if served else 'no identity'}")
     return InboundTarget(workload)

@@ -203,3 +203,41 @@ def test_inbound_answers_garbage_with_bad_request(run_mesh):
         assert dst["source_principal"] == web.uri
 
     run_mesh(body)
+
+
+def test_outbound_refuses_a_server_presenting_another_identity(tmp_path):
+    """Secure naming: a node that answers for the destination with a different (valid) SVID is refused."""
+    from agent.identity.svid import issue_svid
+    from agent.identity.tls import server_context
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        inbound_port = free_port(NODE2)
+        mesh = Mesh(tmp_path, inbound_port, {"ip": SERVER_IP, "port": 7})
+        impostor = issue_svid(mesh.ca, mesh.registry.by_ip(OTHER_IP).spiffe_id, 600)
+        received = []
+
+        async def rogue(reader, writer):
+            received.append(await reader.read(100))
+            writer.close()
+
+        rogue_server = await asyncio.start_server(rogue, NODE2, inbound_port,
+                                                  ssl=server_context(impostor, mesh.ca.cert_pem))
+        outbound = OutboundProxy(mesh.context("node1", loop), mesh.read_origin)
+        server = await loop.create_server(outbound.protocol_factory, NODE1, 0)
+        mesh.outbound_address = server.sockets[0].getsockname()[:2]
+        try:
+            with pytest.raises(ConnectionResetError):
+                if not await client_exchange(mesh, b"secret"):
+                    raise ConnectionResetError("closed without reply")
+            (src,) = await wait_closed_flows(mesh.contexts["node1"], 1)
+            assert src["response_flags"] == F.FLAG_IDENTITY_ERROR
+            assert src["detail"] == (f"peer presented spiffe://{TD}/ns/data/sa/redis, "
+                                     f"expected spiffe://{TD}/ns/data/sa/postgres")
+            assert received in ([], [b""]), "the outbound proxy sent bytes to an unverified peer"
+        finally:
+            server.close()
+            rogue_server.close()
+            await mesh.contexts["node1"].drain(0.5)
+
+    asyncio.run(asyncio.wait_for(body(), 30))
