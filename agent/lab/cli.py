@@ -1,10 +1,11 @@
 """``tcpmesh lab``: the click group for local namespace clusters. Thin: parses options, calls agent.lab.lab,
-prints. Every ``TcpmeshError`` becomes a one-line click error (exit code 1) without a traceback.
+prints. A ``TcpmeshError`` propagates to the root CLI (agent/cli.py), which prints it without a
+traceback; ``python -m agent.lab`` does the same. ``exec`` is the exception: it reports its own
+errors with exit code 125 (lab problem) or 127 (command not found), as env(1) does.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
@@ -15,16 +16,6 @@ from agent.lab.topology import DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STAT
 
 NAME_HELP = "Lab name; several labs can run at once under different names."
 STATE_ROOT_HELP = "Directory that holds one state dir per lab."
-
-
-def _operator_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except TcpmeshError as exc:
-            raise click.ClickException(str(exc)) from exc
-    return wrapper
 
 
 def _name_option(fn):
@@ -65,7 +56,6 @@ def lab() -> None:
               help="capture.mode written into every agent config (ebpf-connect or none).")
 @click.option("--ready-timeout", type=float, default=60.0, show_default=True,
               help="Seconds to wait for every agent's /readyz.")
-@_operator_errors
 def up(nodes: int, pods_per_node: int, name: str, state_root: str, trust_domain: str, namespace: str,
        service_accounts: tuple[str, ...], no_agents: bool, capture_mode: str, ready_timeout: float) -> None:
     """Create the namespaces, veths, routes, cgroups, CA, configs and registry; start one agent per node.
@@ -95,17 +85,17 @@ def up(nodes: int, pods_per_node: int, name: str, state_root: str, trust_domain:
 @click.argument("pod")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @_name_option
-@_operator_errors
 def exec_(pod: str, command: tuple[str, ...], name: str, state_root: str) -> None:
     """Run COMMAND inside POD's netns and cgroup (or a node's netns, e.g. node1).
 
-    Stdio, signals and the exit code are the command's own: this process becomes the command.
+    Put `--` before COMMAND. Stdio, signals and the exit code are the command's own: this process
+    becomes the command. Exit code 125 means the lab or pod was not found, 127 that COMMAND was not.
 
     \b
       tcpmesh lab exec n2p1 -- python3 -m http.server 8080
       tcpmesh lab exec n1p1 -- python3 -c 'import urllib.request as u; print(u.urlopen("http://10.77.2.11:8080").status)'
     """
-    from agent.lab.lab import exec_replacing_process
+    from agent.lab.lab import CommandNotFound, exec_replacing_process
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -113,13 +103,12 @@ def exec_(pod: str, command: tuple[str, ...], name: str, state_root: str) -> Non
         exec_replacing_process(name, pod, command, state_root=state_root)
     except TcpmeshError as exc:
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(127 if "cannot run" in str(exc) else 1)
+        sys.exit(127 if isinstance(exc, CommandNotFound) else 125)
 
 
 @lab.command()
 @_name_option
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON form (schema in docs/lab.md).")
-@_operator_errors
 def status(name: str, state_root: str, as_json: bool) -> None:
     """Show the lab's nodes (netns, addresses, agent pid and liveness) and pods (IP, identity, cgroup)."""
     from agent.lab.lab import lab_status
@@ -143,7 +132,6 @@ def status(name: str, state_root: str, as_json: bool) -> None:
 
 @lab.command()
 @_name_option
-@_operator_errors
 def down(name: str, state_root: str) -> None:
     """Stop the lab's agents and remove its namespaces, cgroups and state dir.
 

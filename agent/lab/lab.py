@@ -26,6 +26,10 @@ from agent.lab.topology import (DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STA
                                 LabPlan, lab_cgroup, lab_state_dir, plan_lab, validate_lab_name)
 
 STATUS_VERSION = 1
+
+
+class CommandNotFound(LabError):
+    """``lab exec`` could not exec the command (not found or not executable)."""
 LOGS_DIR = "logs"
 
 
@@ -302,4 +306,4 @@ def exec_replacing_process(name: str, pod: str, argv: Sequence[str], *,
     try:
         os.execvp(argv[0], list(argv))
     except OSError as exc:
-        raise LabError(f"cannot run {argv[0]!r} in {pod}: {exc.strerror}") from exc
+        raise CommandNotFound(f"cannot run {argv[0]!r} in {pod}: {exc.strerror}") from exc

@@ -21,7 +21,8 @@ from click.testing import CliRunner
 from agent.lab import nsenter
 from agent.lab.cli import lab as lab_cli
 from agent.lab.errors import LabError, LabNotFound
-from agent.lab.lab import lab_down, lab_exec, lab_status, lab_up
+from agent.lab import network
+from agent.lab.lab import lab_down, lab_exec, lab_status, lab_up, load_lab
 from agent.lab.sniff import PacketCapture
 from agent.lab.topology import interface_names, is_lab_netns
 
@@ -120,6 +121,23 @@ def test_exec_runs_in_pod_netns_and_cgroup_and_passes_exit_code(cgroup2_mount, l
         assert subprocess.run(base + ["sh", "-c", "exit 7"], timeout=30).returncode == 7
         missing = subprocess.run(base + ["no-such-command"], capture_output=True, text=True, timeout=30)
         assert missing.returncode == 127 and "no-such-command" in missing.stderr
+        no_pod = subprocess.run(base[:4] + ["n9p9"] + base[5:] + ["true"], capture_output=True, text=True, timeout=30)
+        assert no_pod.returncode == 125 and "no pod or node named 'n9p9'" in no_pod.stderr
+        node = lab_exec(lab_name, "node1", ["ip", "-o", "-4", "addr", "show", "dev", "tmwire"], state_root=state_root,
+                        stdout=subprocess.PIPE, text=True)
+        assert "10.76.0.1/24" in node.communicate(timeout=30)[0]
+        with pytest.raises(LabError, match="no pod or node named 'n9p9'"):
+            lab_exec(lab_name, "n9p9", ["true"], state_root=state_root)
+
+
+def test_building_the_network_again_is_a_no_op(cgroup2_mount, lab_name, state_root):
+    with running_lab(lab_name, state_root, nodes=2, pods_per_node=1) as plan:
+        network.build_network(plan)  # every object exists: ensure-style calls must accept that
+        listener = nsenter.listen_in_netns(plan.pod("n1p1").netns, ("0.0.0.0", 7003))
+        try:
+            nsenter.connect_in_netns(plan.pod("n2p1").netns, (plan.pod("n1p1").ip, 7003)).close()
+        finally:
+            listener.close()
 
 
 def test_status_json_schema(cgroup2_mount, lab_name, state_root):
@@ -159,8 +177,11 @@ def test_down_removes_everything_and_is_safe_twice(cgroup2_mount, lab_name, stat
 
 
 def test_down_after_a_crash_finds_leftovers_by_listing(cgroup2_mount, lab_name, state_root):
-    plan = lab_up(lab_name, 2, 1, agents_enabled=False, state_root=state_root)
+    up = CliRunner().invoke(lab_cli, ["up", "--name", lab_name, "--state-root", state_root, "--nodes", "2",
+                                      "--pods-per-node", "1", "--no-agents"])
     try:
+        assert up.exit_code == 0, up.output
+        plan, _ = load_lab(lab_name, state_root)
         os.unlink(plan.state_file)  # as if lab up had died before writing anything
         with pytest.raises(LabError, match="leftovers"):
             lab_status(lab_name, state_root=state_root)
