@@ -1,0 +1,46 @@
+"""The ctypes mirror's own invariants and byte-order helpers (the C comparison is in tests/bpf)."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.capture import abi
+
+
+def test_struct_sizes_have_no_implicit_padding():
+    for mirror in abi.STRUCTS.values():
+        covered = sum(ctypes.sizeof(ftype) for _, ftype in mirror._fields_)
+        assert covered == ctypes.sizeof(mirror), mirror
+
+
+def test_reason_codes_are_dense_and_unique():
+    assert len(set(abi.REASONS)) == len(abi.REASONS) == abi.REASON_MAX
+    assert abi.REASON_CODES["captured"] == 0
+    assert abi.C_CONSTANTS["TCPMESH_R_ORIGIN_MISSING"] == abi.REASON_CODES["origin_missing"]
+
+
+def test_optname_is_outside_kernel_ranges():
+    assert abi.SO_ORIGIN == 29805
+    assert abi.SO_ORIGIN > 2048
+
+
+@given(st.ip_addresses(v=4).map(str))
+def test_ip_roundtrip(ip):
+    assert abi.net_u32_to_ip4(abi.ip4_to_net_u32(ip)) == ip
+
+
+@given(st.integers(0, 65535))
+def test_port_roundtrip(port):
+    assert abi.net_u16_to_port(abi.port_to_net_u16(port)) == port
+
+
+def test_keys_are_in_network_order():
+    key = abi.peer_key("10.200.1.2", 40000)
+    assert bytes(key) == bytes([10, 200, 1, 2]) + (40000).to_bytes(2, "big") + b"\0\0"
+    ck = abi.cidr_key(ipaddress.IPv4Network("10.77.0.0/16"))
+    assert ck.prefixlen == 16  # host order, as struct bpf_lpm_trie_key wants
+    assert bytes(ck)[4:] == bytes([10, 77, 0, 0])

@@ -1,0 +1,79 @@
+"""ConnectCapture's pure parts: cflags, validation, hook table, cgroup targets, error text."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.capture import ConnectCapture, NotLoaded
+from agent.capture.cgroups import cgroup_target
+from agent.capture.connect_mode import HOOKS, ROLE_POD, ROLE_PROXY, compile_flags, hooks_for
+from agent.capture.errors import BpfLoadError
+from agent.errors import ConfigError
+
+MOUNTS = """\
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+"""
+
+
+def test_compile_flags_pass_host_order_redirect(tmp_path):
+    flags = compile_flags(tmp_path, "10.200.1.1", 15001)
+    assert f"-I{tmp_path}" in flags and f"-I{tmp_path / 'include'}" in flags
+    assert "-DREDIR_IP=180879617u" in flags  # 10<<24 | 200<<16 | 1<<8 | 1
+    assert "-DREDIR_PORT=15001" in flags
+
+
+@pytest.mark.parametrize("ip, port, field", [("nope", 15001, "capture.redirect_address"),
+                                             ("0.0.0.0", 15001, "capture.redirect_address"),
+                                             ("10.0.0.1", 0, "proxy.outbound_port")])
+def test_constructor_validates(ip, port, field, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        ConnectCapture(ip, port, ["0.0.0.0/0"], tmp_path)
+    assert info.value.field == field
+
+
+def test_constructor_validates_cidrs_before_load(tmp_path):
+    with pytest.raises(ConfigError, match="capture_cidrs"):
+        ConnectCapture("10.0.0.1", 15001, ["10.0.0.1/8"], tmp_path)
+
+
+def test_hooks_and_names():
+    assert [h.program for h in hooks_for(ROLE_POD)][-1] == "tcpmesh_conn4"  # connect4 goes on last
+    assert [h.program for h in hooks_for(ROLE_PROXY)] == ["tcpmesh_sockopt"]
+    assert all(len(h.program) <= 15 and h.program.startswith("tcpmesh_") for h in HOOKS)
+
+
+def test_methods_need_load(tmp_path):
+    cap = ConnectCapture("10.0.0.1", 15001, ["0.0.0.0/0"], tmp_path)
+    with pytest.raises(NotLoaded):
+        cap.counters()
+    cap.close()  # nothing attached, nothing loaded: fine
+
+
+@pytest.mark.parametrize("path", ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/unified/"])
+def test_root_cgroup_refused(path):
+    with pytest.raises(ConfigError, match="root cgroup"):
+        cgroup_target(path, "proxy", MOUNTS)
+
+
+def test_outside_cgroup2_refused():
+    with pytest.raises(ConfigError, match="not inside a cgroup v2 mount"):
+        cgroup_target("/tmp/x", "pod", MOUNTS)
+    with pytest.raises(ConfigError, match="not inside"):
+        cgroup_target("/sys/fs/cgroup/cpu/x", "pod", MOUNTS)
+    with pytest.raises(ConfigError, match="not inside"):
+        cgroup_target("/sys/fs/cgroup/unifiedx/y", "pod", MOUNTS)
+
+
+def test_child_cgroup_accepted():
+    target = cgroup_target("/sys/fs/cgroup/unified/tcpmesh/pod1", "pod", MOUNTS)
+    assert target.mount == "/sys/fs/cgroup/unified"
+    assert target.path == "/sys/fs/cgroup/unified/tcpmesh/pod1"
+
+
+def test_load_error_text_names_program_and_keeps_log_tail():
+    log = "\n".join(f"line {i}" for i in range(100)) + "\ninvalid bpf_context access off=32 size=8\n"
+    err = BpfLoadError("load", "/x/capture_connect.c", "tcpmesh_sockopt", "Permission denied", log)
+    text = str(err)
+    assert "program tcpmesh_sockopt" in text and "Permission denied" in text
+    assert "invalid bpf_context access" in text and "line 0\n" not in text
