@@ -61,7 +61,7 @@ static __always_inline int tcpmesh_record_origin(struct bpf_sock_addr *ctx)
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	tcpmesh_fill_origin(ctx, cookie, &origin);
-	if (tcpmesh_origin_by_cookie.update(&cookie, &origin) != 0) {
+	if (tcpmesh_cookie_origin.update(&cookie, &origin) != 0) {
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 		return -ENOMEM;
 	}
@@ -78,15 +78,15 @@ static __always_inline int tcpmesh_rekey_established(struct bpf_sock_ops *skops)
 		return 0;
 	tcpmesh_peer_key_of_client(skops, &key);
 	cookie = bpf_get_socket_cookie(skops);
-	origin = tcpmesh_origin_by_cookie.lookup(&cookie);
+	origin = tcpmesh_cookie_origin.lookup(&cookie);
 	if (!origin) {
 		/* Not captured. If it dials the redirect address directly, the proxy will look this
 		 * local ip/port up: make sure no earlier captured connection answers for it. */
-		if (tcpmesh_dials_redirect(skops) && tcpmesh_origin_by_peer.delete(&key) == 0)
+		if (tcpmesh_dials_redirect(skops) && tcpmesh_peer_origin.delete(&key) == 0)
 			tcpmesh_count(TCPMESH_R_STALE_PEER_CLEARED);
 		return 0;
 	}
-	if (tcpmesh_origin_by_peer.update(&key, origin) != 0) {
+	if (tcpmesh_peer_origin.update(&key, origin) != 0) {
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 		return -ENOMEM;
 	}
@@ -103,7 +103,7 @@ static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
 		tcpmesh_count(TCPMESH_R_ORIGIN_MISSING);
 		return;
 	}
-	origin = tcpmesh_origin_by_peer.lookup(&key);
+	origin = tcpmesh_peer_origin.lookup(&key);
 	if (!origin) {
 		tcpmesh_count(TCPMESH_R_ORIGIN_MISSING);
 		return;
@@ -114,7 +114,7 @@ static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
 static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct tcpmesh_origin *origin = tcpmesh_origin_by_cookie.lookup(&cookie);
+	struct tcpmesh_origin *origin = tcpmesh_cookie_origin.lookup(&cookie);
 
 	if (!origin)
 		return;

@@ -85,7 +85,7 @@ class OriginStruct(ctypes.Structure):
 
 
 class PeerKey(ctypes.Structure):
-    """struct tcpmesh_peer_key: key of tcpmesh_origin_by_peer."""
+    """struct tcpmesh_peer_key: key of tcpmesh_peer_origin."""
 
     _fields_ = [
         ("ip4", ctypes.c_uint32),    # network order
@@ -120,8 +120,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 
 # Map name -> (key mirror, value mirror); the value of a per-CPU array is one CPU's slot.
 MAPS: dict[str, tuple[type, type]] = {
-    "tcpmesh_origin_by_cookie": (ctypes.c_uint64, OriginStruct),
-    "tcpmesh_origin_by_peer": (PeerKey, OriginStruct),
+    "tcpmesh_cookie_origin": (ctypes.c_uint64, OriginStruct),
+    "tcpmesh_peer_origin": (PeerKey, OriginStruct),
     "tcpmesh_capture_cidrs": (CidrKey, CidrValue),
     "tcpmesh_counters": (ctypes.c_int, ctypes.c_uint64),
 }
@@ -145,7 +145,7 @@ def net_u16_to_port(value: int) -> int:
 
 
 def peer_key(ip: str, port: int) -> PeerKey:
-    """The tcpmesh_origin_by_peer key for a proxy-side peer address."""
+    """The tcpmesh_peer_origin key for a proxy-side peer address."""
     return PeerKey(ip4=ip4_to_net_u32(ip), port=port_to_net_u16(port), pad=0)
 
 

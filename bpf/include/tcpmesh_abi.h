@@ -64,7 +64,7 @@ struct tcpmesh_origin {
 
 /* ---- map keys and values ------------------------------------------------------------------ */
 
-/* Key of tcpmesh_origin_by_peer: the client socket's local address, as the proxy sees its peer. */
+/* Key of tcpmesh_peer_origin: the client socket's local address, as the proxy sees its peer. */
 struct tcpmesh_peer_key {
 	__u32 ip4;          /* 0: client local address, network order */
 	__u16 port;         /* 4: client local port, network order */

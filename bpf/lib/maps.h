@@ -18,16 +18,16 @@
 #endif
 
 /*
- * tcpmesh_origin_by_cookie: socket cookie -> struct tcpmesh_origin.
+ * tcpmesh_cookie_origin: socket cookie -> struct tcpmesh_origin.
  *   writer:   cgroup/connect4, when it captures a connect().
  *   readers:  sockops (re-key at ACTIVE_ESTABLISHED), cgroup/getpeername4 (show the original peer).
  *   eviction: LRU. Entries outlive the connection on purpose (getpeername() works until close);
  *             the size bounds how many live captured sockets keep a transparent getpeername().
  */
-BPF_TABLE("lru_hash", __u64, struct tcpmesh_origin, tcpmesh_origin_by_cookie, TCPMESH_MAX_CONNS);
+BPF_TABLE("lru_hash", __u64, struct tcpmesh_origin, tcpmesh_cookie_origin, TCPMESH_MAX_CONNS);
 
 /*
- * tcpmesh_origin_by_peer: client (local ip, local port) -> struct tcpmesh_origin.
+ * tcpmesh_peer_origin: client (local ip, local port) -> struct tcpmesh_origin.
  *   writer:   sockops at ACTIVE_ESTABLISHED (insert/overwrite: a reused client port overwrites);
  *             sockops also deletes the entry when an uncaptured socket with the same local
  *             ip/port connects straight to the redirect address (no stale answer for it).
@@ -35,7 +35,7 @@ BPF_TABLE("lru_hash", __u64, struct tcpmesh_origin, tcpmesh_origin_by_cookie, TC
  *   eviction: LRU; the proxy reads the record right after accept(), so the size only has to
  *             cover connections established but not yet accepted.
  */
-BPF_TABLE("lru_hash", struct tcpmesh_peer_key, struct tcpmesh_origin, tcpmesh_origin_by_peer,
+BPF_TABLE("lru_hash", struct tcpmesh_peer_key, struct tcpmesh_origin, tcpmesh_peer_origin,
 	  TCPMESH_MAX_CONNS);
 
 /*

@@ -44,3 +44,9 @@ def test_keys_are_in_network_order():
     ck = abi.cidr_key(ipaddress.IPv4Network("10.77.0.0/16"))
     assert ck.prefixlen == 16  # host order, as struct bpf_lpm_trie_key wants
     assert bytes(ck)[4:] == bytes([10, 77, 0, 0])
+
+
+def test_map_names_stay_distinct_in_the_kernel():
+    """The kernel keeps 15 characters of a map name; bpftool must still tell ours apart."""
+    assert all(name.startswith("tcpmesh_") for name in abi.MAPS)
+    assert len({name[:15] for name in abi.MAPS}) == len(abi.MAPS)
