@@ -65,6 +65,7 @@ def run_client(address: str, size: int, mode: str, marker: str, timeout: float) 
     host, _, port = address.rpartition(":")
     payload = (marker.encode() + os.urandom(max(0, size - len(marker))))[:size] if size else marker.encode()
     sock = socket.create_connection((host, int(port)), timeout=timeout)
+    peer, local = sock.getpeername(), sock.getsockname()  # while connected: ENOTCONN once both sides closed
     received = hashlib.sha256()
     counts = {"received": 0}
     reply = bytearray()
@@ -83,8 +84,8 @@ def run_client(address: str, size: int, mode: str, marker: str, timeout: float) 
     thread.join(timeout)
     result = {
         "pid": os.getpid(),
-        "peer": list(sock.getpeername()),
-        "local": list(sock.getsockname()),
+        "peer": list(peer),
+        "local": list(local),
         "sent": len(payload),
         "sent_sha256": hashlib.sha256(payload).hexdigest(),
         "received": counts["received"],

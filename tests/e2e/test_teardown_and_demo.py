@@ -42,7 +42,7 @@ def test_lab_down_removes_every_object_including_attached_bpf_programs(bpf_capab
         assert len(pids) == 2
         attached = subprocess.run(["bpftool", "cgroup", "show", plan.pods[0].cgroup],
                                   capture_output=True, text=True).stdout
-        assert "connect4" in attached, f"capture is not attached to {plan.pods[0].cgroup}: {attached!r}"
+        assert "cgroup_inet4_connect" in attached and "tcpmesh" in attached, f"capture is not attached to {plan.pods[0].cgroup}: {attached!r}"
     finally:
         labops.lab_down(name)
     assert leftovers(name, plan) == []
