@@ -155,6 +155,8 @@ def stop_agents(records: Mapping[str, AgentRecord], timeout: float = DEFAULT_STO
             break
         for record in remaining:
             _signal(record.pid, sig)
+    for record in live:
+        _reap(record.pid)  # an unreaped zombie keeps its cgroup populated: rmdir would fail with EBUSY
     return [r.pid for r in live]
 
 

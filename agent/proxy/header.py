@@ -5,7 +5,8 @@ complete, with any bytes after it. Errors distinguish the peer's fault (``PeerPr
 ours (``ValueError`` on encode). See docs/protocol.md for the wire format.
 
     request  = "TM" version:u8 kind:u8(1=CONNECT) body_len:u16 body
-    body     = TLV*  (type:u8, len:u8, value)   TLV 1 DEST (af:u8=4, ipv4:4, port:u16), TLV 2 FLOW_ID (8 bytes)
+    body     = TLV*  (type:u8, len:u8, value)   TLV 1 DEST (af:u8=4, ipv4:4, port:u16), TLV 2 FLOW_ID (8 bytes),
+                                                 TLV 3 SOURCE (af:u8=4, ipv4:4, port:u16)
     reply    = "TM" version:u8 kind:u8(2=STATUS) body_len:u16 body
     body     = status:u8 reason (utf-8, ≤ 255 bytes)
 
@@ -29,6 +30,7 @@ MAX_BODY = 512
 MAX_REASON = 255
 TLV_DEST = 1
 TLV_FLOW_ID = 2
+TLV_SOURCE = 3
 TLV_CRITICAL = 0x80
 FLOW_ID_LEN = 8
 AF_INET4 = 4
@@ -53,6 +55,8 @@ class ConnectRequest:
     dest_ip: str
     dest_port: int
     flow_id: bytes = b""
+    source_ip: str = ""  # the client pod's address, as the source node saw it (attribution only)
+    source_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,11 +65,25 @@ class StatusReply:
     reason: str = ""
 
 
+def _address_tlv(tlv_type: int, ip: str, port: int) -> bytes:
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return bytes([tlv_type, 7, AF_INET4]) + ipaddress.IPv4Address(ip).packed + struct.pack("!H", port)
+
+
+def _decode_address(name: str, value: bytes) -> tuple[str, int]:
+    if len(value) != 7 or value[0] != AF_INET4:
+        raise PeerProtocolError(f"{name} TLV must be af=4, 4 address bytes, 2 port bytes")
+    port = struct.unpack("!H", value[5:7])[0]
+    if port == 0:
+        raise PeerProtocolError(f"{name} TLV carries port 0")
+    return str(ipaddress.IPv4Address(value[1:5])), port
+
+
 def encode_connect(request: ConnectRequest) -> bytes:
-    addr = ipaddress.IPv4Address(request.dest_ip).packed
-    if not 0 < request.dest_port < 65536:
-        raise ValueError(f"destination port {request.dest_port} out of range")
-    body = bytes([TLV_DEST, 7, AF_INET4]) + addr + struct.pack("!H", request.dest_port)
+    body = _address_tlv(TLV_DEST, request.dest_ip, request.dest_port)
+    if request.source_ip:
+        body += _address_tlv(TLV_SOURCE, request.source_ip, request.source_port)
     if request.flow_id:
         if len(request.flow_id) != FLOW_ID_LEN:
             raise ValueError(f"flow id must be {FLOW_ID_LEN} bytes")
@@ -114,6 +132,7 @@ class HeaderReader:
 
 def _decode_connect(body: bytes) -> ConnectRequest:
     dest: tuple[str, int] | None = None
+    source: tuple[str, int] = ("", 0)
     flow_id = b""
     offset = 0
     while offset < len(body):
@@ -125,12 +144,9 @@ def _decode_connect(body: bytes) -> ConnectRequest:
             raise PeerProtocolError(f"TLV {tlv_type} claims {tlv_len} bytes, {len(value)} present")
         offset += 2 + tlv_len
         if tlv_type == TLV_DEST:
-            if tlv_len != 7 or value[0] != AF_INET4:
-                raise PeerProtocolError("DEST TLV must be af=4, 4 address bytes, 2 port bytes")
-            port = struct.unpack("!H", value[5:7])[0]
-            if port == 0:
-                raise PeerProtocolError("DEST TLV carries port 0")
-            dest = (str(ipaddress.IPv4Address(value[1:5])), port)
+            dest = _decode_address("DEST", value)
+        elif tlv_type == TLV_SOURCE:
+            source = _decode_address("SOURCE", value)
         elif tlv_type == TLV_FLOW_ID:
             if tlv_len != FLOW_ID_LEN:
                 raise PeerProtocolError(f"FLOW_ID TLV must be {FLOW_ID_LEN} bytes")
@@ -139,7 +155,7 @@ def _decode_connect(body: bytes) -> ConnectRequest:
             raise PeerProtocolError(f"unknown critical TLV type {tlv_type}")
     if dest is None:
         raise PeerProtocolError("CONNECT without a DEST TLV")
-    return ConnectRequest(dest[0], dest[1], flow_id)
+    return ConnectRequest(dest[0], dest[1], flow_id, source[0], source[1])
 
 
 def _decode_status(body: bytes) -> StatusReply:

@@ -18,7 +18,8 @@ from agent.identity.tls import check_alpn, peer_spiffe_id
 from agent.proxy import flow as F
 from agent.proxy.endpoints import PlainLeg, TlsLeg
 from agent.proxy.handshake import read_header
-from agent.proxy.header import KIND_CONNECT, PeerProtocolError, Status, StatusReply, encode_status
+from agent.identity.spiffe import SpiffeId
+from agent.proxy.header import KIND_CONNECT, ConnectRequest, PeerProtocolError, Status, StatusReply, encode_status
 from agent.proxy.relay import Relay
 from agent.proxy.routing import route_inbound
 from agent.proxy.server import ProxyContext
@@ -65,7 +66,8 @@ class InboundProxy:
             await asyncio.wait_for(asyncio.shield(tunnel.handshake_done), timeout)
             assert tunnel.ssl_object is not None
             check_alpn(tunnel.ssl_object)
-            flow.set_source(None, peer_spiffe_id(tunnel.ssl_object).uri)
+            peer_id = peer_spiffe_id(tunnel.ssl_object)
+            flow.set_source(None, peer_id.uri)
             peer = tunnel.peername() or ("", 0)
             flow.source_ip, flow.source_port = peer[0], peer[1]
             request, rest = await read_header(tunnel, KIND_CONNECT, timeout)
@@ -84,10 +86,21 @@ class InboundProxy:
             flow.fail(F.FLAG_CONNECTION_TERMINATED, f"tunnel closed during setup: {exc}")
         else:
             flow.flow_id = request.flow_id.hex()  # type: ignore[union-attr]
+            self._attribute_source(flow, request, peer_id)  # type: ignore[arg-type]
             flow.destination_ip, flow.destination_port = request.dest_ip, request.dest_port  # type: ignore[union-attr]
             return rest
         log.warning("inbound tunnel from %s rejected: %s", flow.source_ip or "?", flow.detail)
         return None
+
+    def _attribute_source(self, flow: F.Flow, request: ConnectRequest, peer_id: SpiffeId) -> None:
+        """Name the source workload from the address the client node reported — only if the registry
+        says that workload holds the identity the client proved; the certificate stays authoritative."""
+        if not request.source_ip:
+            return
+        flow.source_ip, flow.source_port = request.source_ip, request.source_port
+        workload = self._ctx.registry().by_ip(request.source_ip)
+        if workload is not None and workload.spiffe_id == peer_id:
+            flow.set_source(workload)
 
     async def _connect_workload(self, tunnel: TlsLeg, flow: F.Flow) -> PlainLeg | None:
         assert tunnel.ssl_object is not None

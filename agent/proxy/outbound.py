@@ -58,6 +58,7 @@ class OutboundProxy:
                 log.warning("refusing captured connection: %s", route.reason)
                 app.reset()
                 return
+            flow.security = F.SECURITY_MTLS if route.kind is RouteKind.MESH else F.SECURITY_NONE
             self._ctx.flow_opened(flow)
             if route.kind is RouteKind.PASSTHROUGH:
                 dialed = await self._dial_plain(flow)
@@ -91,7 +92,6 @@ class OutboundProxy:
         return route
 
     async def _dial_plain(self, flow: F.Flow) -> tuple[PlainLeg, bytes] | None:
-        flow.security = F.SECURITY_NONE
         try:
             _, leg = await asyncio.wait_for(
                 self._ctx.loop.create_connection(lambda: PlainLeg(start_paused=True),
@@ -107,7 +107,6 @@ class OutboundProxy:
     async def _dial_tunnel(self, route: OutboundRoute, flow: F.Flow) -> tuple[TlsLeg, bytes] | None:
         """The tunnel leg after a STATUS OK, with any payload bytes that followed the reply."""
         assert route.source is not None and route.destination is not None and route.tunnel_address
-        flow.security = F.SECURITY_MTLS
         expected = route.destination.spiffe_id
         context = self._ctx.identities.client_context_for(route.source.spiffe_id)
         host, port = route.tunnel_address
@@ -121,7 +120,7 @@ class OutboundProxy:
             check_alpn(leg.ssl_object)
             check_peer(leg.ssl_object, expected)
             leg.write(encode_connect(ConnectRequest(flow.destination_ip, flow.destination_port,
-                                                    bytes.fromhex(flow.flow_id))))
+                                                    bytes.fromhex(flow.flow_id), flow.source_ip, flow.source_port)))
             reply, rest = await read_header(leg, KIND_STATUS, self._ctx.connect_timeout)
         except asyncio.TimeoutError:
             flow.fail(F.FLAG_UPSTREAM_TIMEOUT, f"timed out setting up the tunnel to {host}:{port}")

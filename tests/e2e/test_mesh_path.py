@@ -3,8 +3,9 @@ wire, intact bytes both ways, half-close, attribution and metrics on both nodes.
 
 from __future__ import annotations
 
-import re
 import uuid
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.lab.sniff import PacketCapture
 
@@ -66,16 +67,17 @@ def test_both_nodes_attribute_the_flow_and_count_it(mesh_lab):
     assert src["bytes_received"] == dst["bytes_received"] == 12345
     assert src["response_flags"] == dst["response_flags"] == "-"
 
+    expected = {"source_workload": "n1p1", "source_workload_namespace": "lab",
+                "source_principal": principal(mesh_lab, "n1p1"), "destination_workload": "n2p1",
+                "destination_workload_namespace": "lab", "destination_principal": principal(mesh_lab, "n2p1"),
+                "connection_security_policy": "mutual_tls", "response_flags": "-"}
     for node, reporter in ((1, "source"), (2, "destination")):
         text = mesh_lab.admin_get(node, "/metrics").decode()
-        labels = (f'reporter="{reporter}",source_workload="n1p1",source_workload_namespace="lab",'
-                  f'source_principal="{principal(mesh_lab, "n1p1")}",destination_workload="n2p1",'
-                  f'destination_workload_namespace="lab",destination_principal="{principal(mesh_lab, "n2p1")}",'
-                  f'connection_security_policy="mutual_tls",response_flags="-"')
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        labels = tuple(sorted({**expected, "reporter": reporter}.items()))
         for metric in ("tcpmesh_tcp_connections_opened_total", "tcpmesh_tcp_connections_closed_total",
                        "tcpmesh_tcp_received_bytes_total", "tcpmesh_tcp_sent_bytes_total"):
-            match = re.search(re.escape(f"{metric}{{{labels}}}") + r" ([0-9.e+]+)", text)
-            assert match, f"node{node} has no {metric} with {labels}"
-            assert float(match.group(1)) > 0
+            assert samples.get((metric, labels), 0) > 0, f"node{node} has no {metric} with {dict(labels)}"
         assert "10.77." not in "".join(l for l in text.splitlines() if l.startswith("tcpmesh_tcp_")), \
             "metric labels must not carry addresses"

@@ -12,9 +12,13 @@ ports = st.integers(1, 65535)
 flow_ids = st.one_of(st.just(b""), st.binary(min_size=8, max_size=8))
 
 
-@given(ipv4, ports, flow_ids, st.binary(max_size=64), st.integers(1, 9))
-def test_connect_round_trips_in_any_fragmentation(ip, port, flow_id, payload, chunk):
-    wire = H.encode_connect(H.ConnectRequest(ip, port, flow_id)) + payload
+sources = st.one_of(st.just(("", 0)), st.tuples(ipv4, ports))
+
+
+@given(ipv4, ports, flow_ids, sources, st.binary(max_size=64), st.integers(1, 9))
+def test_connect_round_trips_in_any_fragmentation(ip, port, flow_id, source, payload, chunk):
+    request = H.ConnectRequest(ip, port, flow_id, *source)
+    wire = H.encode_connect(request) + payload
     reader = H.HeaderReader(H.KIND_CONNECT)
     message = None
     rest = b""
@@ -23,7 +27,7 @@ def test_connect_round_trips_in_any_fragmentation(ip, port, flow_id, payload, ch
             message, rest = reader.feed(wire[i:i + chunk])
         else:
             rest += wire[i:i + chunk]
-    assert message == H.ConnectRequest(ip, port, flow_id)
+    assert message == request
     assert rest == payload
 
 
