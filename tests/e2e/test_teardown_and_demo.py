@@ -64,3 +64,24 @@ def test_demo_runs_end_to_end_and_cleans_up(bpf_capable):
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "tcpmesh-demo-" not in netns
     assert not os.path.exists("/run/tcpmesh-lab/demo")
+
+
+def test_sigterm_detaches_capture_and_exits_zero(bpf_capable):
+    import signal
+
+    name = f"st{uuid.uuid4().hex[:6]}"
+    plan = labops.lab_up(name, 1, 1, "st.tcpmesh")
+    try:
+        pid = labops.lab_status(name)["nodes"][0]["agent"]["pid"]
+        pod_cgroup = plan.pods[0].cgroup
+        show = lambda: subprocess.run(["bpftool", "cgroup", "show", pod_cgroup],  # noqa: E731
+                                      capture_output=True, text=True).stdout
+        assert "cgroup_inet4_connect" in show()
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)  # lab_up started the agent from this process
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"agent exit status {status:#x}"
+        assert "tcpmesh" not in show(), "capture programs still attached after an orderly stop"
+        log = open(plan.nodes[0].log_file).read()
+        assert "agent stopped" in log
+    finally:
+        labops.lab_down(name)
