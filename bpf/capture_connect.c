@@ -4,10 +4,12 @@
  *
  *   cgroup/connect4     (pod cgroups)   captured IPv4 TCP connect() -> REDIR_IP:REDIR_PORT; the
  *                                       original destination + pid/uid/cgroup/comm recorded by cookie
+ *   cgroup/connect6     (pod cgroups)   the same for v4-mapped destinations of dual-stack AF_INET6
+ *                                       sockets (JVM, Go, ...): ::ffff:REDIR_IP:REDIR_PORT
  *   sockops             (pod cgroups)   at ACTIVE_ESTABLISHED the record is re-keyed by the
  *                                       client's (local ip, local port) = the proxy's peer
  *   cgroup/getsockopt   (proxy cgroup)  answers SOL_IP/SO_ORIGINAL_DST and SOL_IP/TCPMESH_SO_ORIGIN
- *   cgroup/getpeername4 (pod cgroups)   the app sees the destination it asked for
+ *   cgroup/getpeername4/6 (pod cgroups) the app sees the destination it asked for
  *
  * Build: BPF(src_file=..., cflags=["-I<repo>/bpf", "-I<repo>/bpf/include",
  *                                   "-DREDIR_IP=<host-order u32>u", "-DREDIR_PORT=<port>"]).
@@ -40,32 +42,49 @@ static __always_inline void tcpmesh_count(int reason)
 		*value += 1; /* this CPU's slot: no other writer, no atomics needed */
 }
 
-static __always_inline int tcpmesh_capture_verdict(struct bpf_sock_addr *ctx)
+static __always_inline int tcpmesh_cidr_verdict(__u32 dst)
 {
 	struct tcpmesh_cidr_key key = {};
 	struct tcpmesh_cidr_value *cidr;
-	int verdict = tcpmesh_fixed_verdict(ctx);
 
-	if (verdict != TCPMESH_R_CAPTURED)
-		return verdict;
-	tcpmesh_cidr_key_of(ctx, &key);
+	key.prefixlen = 32;
+	key.ip4 = dst;
 	cidr = tcpmesh_capture_cidrs.lookup(&key);
 	if (!cidr || cidr->action != TCPMESH_CIDR_CAPTURE)
 		return TCPMESH_R_NOT_CAPTURED;
 	return TCPMESH_R_CAPTURED;
 }
 
-static __always_inline int tcpmesh_record_origin(struct bpf_sock_addr *ctx)
+static __always_inline int tcpmesh_record_origin(struct bpf_sock_addr *ctx, __u32 dst)
 {
 	struct tcpmesh_origin origin = {};
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 
-	tcpmesh_fill_origin(ctx, cookie, &origin);
+	tcpmesh_fill_origin(ctx, dst, cookie, &origin);
 	if (tcpmesh_cookie_origin.update(&cookie, &origin) != 0) {
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 		return -ENOMEM;
 	}
 	return 0;
+}
+
+/* The whole connect decision for an IPv4 destination ``dst`` (network order) whose fixed checks
+ * gave ``verdict``; ``mapped`` = the socket is AF_INET6 and dst came from ::ffff:dst. */
+static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, int verdict, __u32 dst, int mapped)
+{
+	if (verdict == TCPMESH_R_CAPTURED)
+		verdict = tcpmesh_cidr_verdict(dst);
+	if (verdict != TCPMESH_R_CAPTURED) {
+		tcpmesh_count(verdict);
+		return TCPMESH_ALLOW;
+	}
+	if (tcpmesh_record_origin(ctx, dst) != 0)
+		return TCPMESH_DENY;
+	tcpmesh_redirect(ctx, mapped);
+	tcpmesh_count(TCPMESH_R_CAPTURED);
+	if (mapped)
+		tcpmesh_count(TCPMESH_R_V4MAPPED);
+	return TCPMESH_ALLOW;
 }
 
 static __always_inline int tcpmesh_rekey_established(struct bpf_sock_ops *skops)
@@ -74,8 +93,8 @@ static __always_inline int tcpmesh_rekey_established(struct bpf_sock_ops *skops)
 	struct tcpmesh_origin *origin;
 	__u64 cookie;
 
-	if (skops->family != TCPMESH_AF_INET)
-		return 0;
+	/* No family check: a captured AF_INET6 socket (v4-mapped) has its IPv4 addresses in
+	 * local_ip4/remote_ip4 too, and uncaptured sockets have no record. */
 	tcpmesh_peer_key_of_client(skops, &key);
 	cookie = bpf_get_socket_cookie(skops);
 	origin = tcpmesh_cookie_origin.lookup(&cookie);
@@ -111,15 +130,14 @@ static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
 	tcpmesh_count(tcpmesh_answer(ctx, origin));
 }
 
-static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx)
+static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx, int mapped)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct tcpmesh_origin *origin = tcpmesh_cookie_origin.lookup(&cookie);
 
 	if (!origin)
 		return;
-	ctx->user_ip4 = origin->dst_ip4;
-	ctx->user_port = origin->dst_port;
+	tcpmesh_set_peer(ctx, mapped, origin->dst_ip4, origin->dst_port);
 	tcpmesh_count(TCPMESH_R_PEERNAME_REWRITTEN);
 }
 
@@ -132,17 +150,24 @@ static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx
  */
 int tcpmesh_conn4(struct bpf_sock_addr *ctx)
 {
-	int verdict = tcpmesh_capture_verdict(ctx);
+	__u32 dst = ctx->user_ip4;
 
-	if (verdict != TCPMESH_R_CAPTURED) {
-		tcpmesh_count(verdict);
+	return tcpmesh_capture_connect(ctx, tcpmesh_fixed_verdict(ctx->type, ctx->protocol, dst), dst, 0);
+}
+
+/*
+ * cgroup/connect6 — FAIL-CLOSED, as connect4, for v4-mapped destinations. Native IPv6 passes
+ * untouched: the mesh is IPv4 (docs/capture.md).
+ */
+int tcpmesh_conn6(struct bpf_sock_addr *ctx)
+{
+	__u32 dst = 0;
+
+	if (tcpmesh_v4_mapped(ctx, &dst) != 0) {
+		tcpmesh_count(TCPMESH_R_IPV6);
 		return TCPMESH_ALLOW;
 	}
-	if (tcpmesh_record_origin(ctx) != 0)
-		return TCPMESH_DENY;
-	tcpmesh_redirect(ctx);
-	tcpmesh_count(TCPMESH_R_CAPTURED);
-	return TCPMESH_ALLOW;
+	return tcpmesh_capture_connect(ctx, tcpmesh_fixed_verdict(ctx->type, ctx->protocol, dst), dst, 1);
 }
 
 /*
@@ -174,8 +199,15 @@ int tcpmesh_sockopt(struct bpf_sockopt *ctx)
  * cgroup/getpeername4 — FAIL-OPEN (cosmetic). Without a record the app sees the redirect address
  * as its peer; the traffic itself is unaffected.
  */
-int tcpmesh_getpeer(struct bpf_sock_addr *ctx)
+int tcpmesh_peer4(struct bpf_sock_addr *ctx)
 {
-	tcpmesh_show_original_peer(ctx);
+	tcpmesh_show_original_peer(ctx, 0);
+	return TCPMESH_ALLOW;
+}
+
+/* cgroup/getpeername6 — FAIL-OPEN (cosmetic), as getpeername4, for captured AF_INET6 sockets. */
+int tcpmesh_peer6(struct bpf_sock_addr *ctx)
+{
+	tcpmesh_show_original_peer(ctx, 1);
 	return TCPMESH_ALLOW;
 }

@@ -39,7 +39,9 @@ REASONS: tuple[str, ...] = (
     "origdst_answered",    # getsockopt: SO_ORIGINAL_DST answered
     "origin_missing",      # getsockopt: no record for the peer
     "optlen_short",        # getsockopt: caller's buffer too small
-    "peername_rewritten",  # getpeername4: app shown its original destination
+    "peername_rewritten",  # getpeername4/6: app shown its original destination
+    "ipv6",                # connect6: native IPv6 destination, not captured (the mesh is IPv4)
+    "v4mapped",            # connect6: captured a v4-mapped destination (also counted as captured)
 )
 REASON_CODES: dict[str, int] = {name: code for code, name in enumerate(REASONS)}
 REASON_MAX = len(REASONS)

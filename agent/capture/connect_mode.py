@@ -1,7 +1,7 @@
 """The ebpf-connect capture mode: compile bpf/capture_connect.c with bcc, load it, attach it to cgroups.
 
 ``ConnectCapture`` owns one compiled program set and everything it attached:
-  - ``attach_pod(dir)``: connect4 + sockops + getpeername4 on a workload's cgroup;
+  - ``attach_pod(dir)``: connect4/6 + sockops + getpeername4/6 on a workload's cgroup;
   - ``attach_proxy(dir)``: getsockopt on the cgroup the proxy's sockets live in;
   - ``close()``: detaches exactly what this object attached.
 Attachment is legacy BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI (the call bcc's ``attach_func`` makes,
@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from agent.capture import abi, kstub
 from agent.capture.cgroups import CgroupTarget, Libbpf, cgroup_target, read_mounts
@@ -42,9 +42,11 @@ PROG_CGROUP_SOCK_ADDR = 18
 PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCKOPT = 25
 ATTACH_INET4_CONNECT = 10
+ATTACH_INET6_CONNECT = 11
 ATTACH_SOCK_OPS = 3
 ATTACH_GETSOCKOPT = 21
 ATTACH_INET4_GETPEERNAME = 29
+ATTACH_INET6_GETPEERNAME = 30
 
 ROLE_POD = "pod"
 ROLE_PROXY = "proxy"
@@ -58,11 +60,15 @@ class Hook:
     role: str
 
 
-# Attach order: connect4 last on a pod, so a connection is only ever captured once the programs
-# that complete its record (sockops) and hide the redirect (getpeername4) are in place.
+# Attach order: the connect hooks last on a pod, so a connection is only ever captured once the
+# programs that complete its record (sockops) and hide the redirect (getpeername) are in place.
+# connect6/getpeername6 cover dual-stack AF_INET6 sockets dialling v4-mapped addresses (JVM, Go):
+# without them such connects would bypass capture in plaintext.
 HOOKS: tuple[Hook, ...] = (
     Hook("tcpmesh_sockops", PROG_SOCK_OPS, ATTACH_SOCK_OPS, ROLE_POD),
-    Hook("tcpmesh_getpeer", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME, ROLE_POD),
+    Hook("tcpmesh_peer4", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME, ROLE_POD),
+    Hook("tcpmesh_peer6", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_GETPEERNAME, ROLE_POD),
+    Hook("tcpmesh_conn6", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT, ROLE_POD),
     Hook("tcpmesh_conn4", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, ROLE_POD),
     Hook("tcpmesh_sockopt", PROG_CGROUP_SOCKOPT, ATTACH_GETSOCKOPT, ROLE_PROXY),
 )
@@ -189,7 +195,7 @@ class ConnectCapture:
     # ---- attachment ----------------------------------------------------------------------------
 
     def attach_pod(self, cgroup_dir: str | os.PathLike) -> None:
-        """connect4 + sockops + getpeername4 on a workload's cgroup. Idempotent."""
+        """connect4/6 + sockops + getpeername4/6 on a workload's cgroup. Idempotent."""
         self._attach(cgroup_dir, ROLE_POD)
 
     def detach_pod(self, cgroup_dir: str | os.PathLike) -> None:
@@ -248,18 +254,7 @@ class ConnectCapture:
 
     def _detach_stale(self, cgroup_fd: int, hook: Hook, path: str) -> None:
         """Detach tcpmesh programs of this hook that are not ours (left by a crashed run)."""
-        for prog_id in self._libbpf.prog_query(cgroup_fd, hook.attach_type, path):
-            if prog_id in self._own_ids:
-                continue
-            prog_fd = self._libbpf.prog_fd_by_id(prog_id)
-            if prog_fd is None:
-                continue
-            try:
-                _, name = self._libbpf.prog_info(prog_fd)
-                if name == hook.program:
-                    self._libbpf.prog_detach(prog_fd, cgroup_fd, hook.attach_type, f"stale {name} on {path}")
-            finally:
-                os.close(prog_fd)
+        _detach_named(self._libbpf, cgroup_fd, hook, path, keep_ids=self._own_ids)
 
     # ---- maps ----------------------------------------------------------------------------------
 
@@ -299,6 +294,39 @@ class ConnectCapture:
     def _require_loaded(self) -> None:
         if self._bpf is None:
             raise NotLoaded("ConnectCapture.load() has not run (or close() already did)")
+
+
+def detach_leftovers(cgroup_dir: str | os.PathLike) -> list[str]:
+    """Detach every tcpmesh capture program attached directly to ``cgroup_dir`` (by name).
+
+    For `tcpmesh cleanup` after a crash: needs root and libbpf, not bcc. Returns what it detached,
+    as "name on path". Programs of other tools on the cgroup are left alone.
+    """
+    path = os.path.realpath(cgroup_dir)
+    libbpf = Libbpf()
+    removed: list[str] = []
+    with _open_dir(path, "leftover") as fd:
+        for hook in HOOKS:
+            removed += _detach_named(libbpf, fd, hook, path, keep_ids=frozenset())
+    return removed
+
+
+def _detach_named(libbpf: Libbpf, cgroup_fd: int, hook: Hook, path: str, keep_ids: Iterable[int]) -> list[str]:
+    removed = []
+    for prog_id in libbpf.prog_query(cgroup_fd, hook.attach_type, path):
+        if prog_id in keep_ids:
+            continue
+        prog_fd = libbpf.prog_fd_by_id(prog_id)
+        if prog_fd is None:
+            continue
+        try:
+            _, name = libbpf.prog_info(prog_fd)
+            if name == hook.program and libbpf.prog_detach(prog_fd, cgroup_fd, hook.attach_type,
+                                                           f"leftover {name} on {path}"):
+                removed.append(f"{name} on {path}")
+        finally:
+            os.close(prog_fd)
+    return removed
 
 
 @contextlib.contextmanager

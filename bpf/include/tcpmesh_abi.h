@@ -104,8 +104,11 @@ enum tcpmesh_reason {
 	TCPMESH_R_ORIGDST_ANSWERED = 9,    /* getsockopt: SO_ORIGINAL_DST answered */
 	TCPMESH_R_ORIGIN_MISSING = 10,     /* getsockopt: no record for the peer (caller sees errno) */
 	TCPMESH_R_OPTLEN_SHORT = 11,       /* getsockopt: caller's buffer too small (caller sees errno) */
-	TCPMESH_R_PEERNAME_REWRITTEN = 12, /* getpeername4: app shown its original destination */
-	TCPMESH_R_MAX = 13,
+	TCPMESH_R_PEERNAME_REWRITTEN = 12, /* getpeername4/6: app shown its original destination */
+	TCPMESH_R_IPV6 = 13,               /* connect6: native IPv6 destination, not captured (IPv4 mesh) */
+	TCPMESH_R_V4MAPPED = 14,           /* connect6: captured a v4-mapped destination (also counted
+	                                      as captured) */
+	TCPMESH_R_MAX = 15,
 };
 
 #endif /* TCPMESH_ABI_H */

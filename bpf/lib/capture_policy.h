@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * capture_policy.h — the fixed part of "is this connect() captured?": no map access.
- * Returns TCPMESH_R_CAPTURED when the destination is a candidate (the capture-CIDR lookup in
- * capture_connect.c then decides), or the reason it is left alone.
+ * IPv4 destinations, whether from an AF_INET socket (connect4) or as a v4-mapped address on a
+ * dual-stack AF_INET6 socket (connect6); native IPv6 is never captured.
  */
 #ifndef TCPMESH_LIB_CAPTURE_POLICY_H
 #define TCPMESH_LIB_CAPTURE_POLICY_H
@@ -19,12 +19,13 @@
 
 #define TCPMESH_SOCK_STREAM 1
 
-static __always_inline int tcpmesh_fixed_verdict(const struct bpf_sock_addr *ctx)
+/* Socket type/protocol and destination (network order) -> CAPTURED (= a candidate: the CIDR
+ * lookup decides) or the reason it is left alone. */
+static __always_inline int tcpmesh_fixed_verdict(__u32 type, __u32 protocol, __u32 dst)
 {
-	__u32 dst = ctx->user_ip4; /* network order */
 	__u32 first_octet = bpf_ntohl(dst) >> 24;
 
-	if (ctx->type != TCPMESH_SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+	if (type != TCPMESH_SOCK_STREAM || protocol != IPPROTO_TCP)
 		return TCPMESH_R_NOT_TCP;
 	if (first_octet == 127 || first_octet == 0) /* loopback, and 0.0.0.0/8 ("this host") */
 		return TCPMESH_R_LOOPBACK;
@@ -33,11 +34,14 @@ static __always_inline int tcpmesh_fixed_verdict(const struct bpf_sock_addr *ctx
 	return TCPMESH_R_CAPTURED;
 }
 
-/* The LPM key that finds the longest capture/bypass prefix holding ctx's destination. */
-static __always_inline void tcpmesh_cidr_key_of(const struct bpf_sock_addr *ctx, struct tcpmesh_cidr_key *key)
+/* connect6/getpeername6 context: the IPv4 address inside a v4-mapped destination
+ * (::ffff:a.b.c.d, what dual-stack AF_INET6 sockets use for IPv4 peers), or -1. */
+static __always_inline int tcpmesh_v4_mapped(const struct bpf_sock_addr *ctx, __u32 *dst)
 {
-	key->prefixlen = 32;
-	key->ip4 = ctx->user_ip4;
+	if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 || ctx->user_ip6[2] != bpf_htonl(0xffff))
+		return -1;
+	*dst = ctx->user_ip6[3];
+	return 0;
 }
 
 #endif /* TCPMESH_LIB_CAPTURE_POLICY_H */

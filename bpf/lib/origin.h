@@ -11,10 +11,10 @@
 #define TCPMESH_AF_INET 2
 
 /* connect4 context: where the app wanted to go and who it is. */
-static __always_inline void tcpmesh_fill_origin(struct bpf_sock_addr *ctx, __u64 cookie,
+static __always_inline void tcpmesh_fill_origin(struct bpf_sock_addr *ctx, __u32 dst, __u64 cookie,
 						struct tcpmesh_origin *origin)
 {
-	origin->dst_ip4 = ctx->user_ip4;
+	origin->dst_ip4 = dst;
 	origin->dst_port = (__u16)ctx->user_port; /* user_port: network order in the low 16 bits */
 	origin->version = TCPMESH_ABI_VERSION;
 	origin->pid = bpf_get_current_pid_tgid() >> 32;
@@ -24,11 +24,25 @@ static __always_inline void tcpmesh_fill_origin(struct bpf_sock_addr *ctx, __u64
 	bpf_get_current_comm(&origin->comm, sizeof(origin->comm));
 }
 
-/* connect4 context: send the connection to the node's outbound proxy instead. */
-static __always_inline void tcpmesh_redirect(struct bpf_sock_addr *ctx)
+/* connect4/connect6 context: set the peer address. ``mapped`` (a constant after inlining, so the
+ * other family's ctx fields are never touched) selects ::ffff:a.b.c.d for AF_INET6 sockets. */
+static __always_inline void tcpmesh_set_peer(struct bpf_sock_addr *ctx, int mapped, __u32 ip4, __u32 port_be)
 {
-	ctx->user_ip4 = bpf_htonl(REDIR_IP);
-	ctx->user_port = bpf_htons(REDIR_PORT);
+	if (mapped) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = ip4;
+	} else {
+		ctx->user_ip4 = ip4;
+	}
+	ctx->user_port = port_be;
+}
+
+/* connect4/connect6 context: send the connection to the node's outbound proxy instead. */
+static __always_inline void tcpmesh_redirect(struct bpf_sock_addr *ctx, int mapped)
+{
+	tcpmesh_set_peer(ctx, mapped, bpf_htonl(REDIR_IP), bpf_htons(REDIR_PORT));
 }
 
 /* sockops context: the client's (local ip, local port), the key the proxy will look up. */
@@ -50,7 +64,7 @@ static __always_inline int tcpmesh_dials_redirect(const struct bpf_sock_ops *sko
 /* getsockopt context: the accepted socket's peer = the client's (local ip, local port). */
 static __always_inline int tcpmesh_peer_key_of_accepted(struct bpf_sock *sk, struct tcpmesh_peer_key *key)
 {
-	if (!sk || sk->family != TCPMESH_AF_INET)
+	if (!sk || sk->family != TCPMESH_AF_INET) /* the proxy listens on AF_INET */
 		return -1;
 	key->ip4 = sk->dst_ip4;
 	key->port = sk->dst_port; /* network order */

@@ -67,11 +67,11 @@ import ctypes, json, os, socket, sys
 ctypes.CDLL(None).prctl(15, b"tm-client", 0, 0, 0)  # PR_SET_NAME: a comm the test can check
 ip, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 out = {"pid": os.getpid(), "comm": open("/proc/self/comm").read().strip()}
-s = socket.socket()
+s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
 s.settimeout(timeout)
 try:
     s.connect((ip, port))
-    out.update(ok=True, peer=list(s.getpeername()), local=list(s.getsockname()))
+    out.update(ok=True, peer=list(s.getpeername())[:2], local=list(s.getsockname())[:2])
 except OSError as exc:
     out.update(ok=False, errno=exc.errno, error=str(exc))
 print(json.dumps(out), flush=True)

@@ -109,6 +109,31 @@ def test_pod_connect_is_redirected_with_origin(attached, topology, cgroups, prox
     assert changes.get("peername_rewritten", 0) >= 1
 
 
+def test_dual_stack_socket_to_v4_mapped_address_is_captured(attached, topology, cgroups, proxy_listener, clients):
+    """AF_INET6 sockets reach IPv4 peers as ::ffff:a.b.c.d (JVM, Go): connect6 must capture them."""
+    before = attached.counters()
+    client = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], f"::ffff:{REMOTE[0]}", REMOTE[1])
+    assert client.result["ok"], client.result
+    assert tuple(client.result["peer"]) == (f"::ffff:{REMOTE[0]}", REMOTE[1])
+    conn = accept(proxy_listener)
+    assert conn is not None, "the captured v4-mapped connection did not reach the listener"
+    with conn:
+        origin = read_origin(conn)
+        assert origin is not None and (origin.dst_ip, origin.dst_port) == REMOTE
+        assert origin.pid == client.result["pid"]
+        assert conn.getpeername()[0] == client.result["local"][0].removeprefix("::ffff:")
+    changes = delta(before, attached.counters())
+    assert changes.get("captured") == 1 and changes.get("v4mapped") == 1
+    assert changes.get("rekeyed") == 1 and changes.get("origin_answered") == 1
+
+
+def test_native_ipv6_is_not_captured(attached, topology, cgroups, clients):
+    before = attached.counters()
+    client = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], "fd00:77::10", 5432, timeout=1.0)
+    assert not client.result["ok"], client.result
+    assert delta(before, attached.counters()).get("ipv6") == 1
+
+
 def test_same_netns_outside_pod_cgroup_is_not_redirected(attached, topology, cgroups, proxy_listener, clients):
     before = attached.counters()
     client = clients(topology.ns_path(topology.pod_ns), cgroups["other"], *REMOTE, timeout=1.0)
@@ -183,7 +208,7 @@ def test_attach_is_idempotent_and_close_detaches_everything(bpf_capable, topolog
         cap.attach_pod(cgroups["pod"])
         cap.attach_proxy(cgroups["proxy"])
         shown = bpftool_cgroup(cgroups["pod"])
-        for name in ("tcpmesh_conn4", "tcpmesh_sockops", "tcpmesh_getpeer"):
+        for name in ("tcpmesh_conn4", "tcpmesh_conn6", "tcpmesh_sockops", "tcpmesh_peer4", "tcpmesh_peer6"):
             assert shown.count(name) == 1, shown
         assert "tcpmesh_sockopt" in bpftool_cgroup(cgroups["proxy"])
         assert cap.attachments() == {str(cgroups["pod"]): ("pod",), str(cgroups["proxy"]): ("proxy",)}
@@ -212,6 +237,23 @@ def test_restart_replaces_a_crashed_runs_programs(bpf_capable, cgroups, tmp_path
         new.close()
         old.close()
     assert "tcpmesh" not in bpftool_cgroup(cgroups["pod"])
+
+
+def test_detach_leftovers_for_cleanup(bpf_capable, cgroups, tmp_path):
+    from agent.capture.connect_mode import detach_leftovers
+
+    crashed = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)
+    crashed.load()
+    try:
+        crashed.attach_pod(cgroups["pod"])
+        crashed._attached.clear()  # "crash"
+        removed = detach_leftovers(cgroups["pod"])
+        assert sorted(r.split()[0] for r in removed) == sorted(
+            ["tcpmesh_conn4", "tcpmesh_conn6", "tcpmesh_sockops", "tcpmesh_peer4", "tcpmesh_peer6"])
+        assert "tcpmesh" not in bpftool_cgroup(cgroups["pod"])
+        assert detach_leftovers(cgroups["pod"]) == []
+    finally:
+        crashed.close()
 
 
 def test_removed_cgroup_counts_as_detached(bpf_capable, cgroups, tmp_path):
