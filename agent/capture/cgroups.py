@@ -2,7 +2,7 @@
 
 ``cgroup_target`` is pure over the text of /proc/self/mounts. The syscall helpers (``prog_query``,
 ``prog_info``, ``prog_detach``) go through libbpf (libbpf.so.1, which libbcc itself links) and
-raise AttachError with the errno.
+raise AttachError with the errno. Must not import bcc: `tcpmesh cleanup` uses it without.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,13 +60,18 @@ class Libbpf:
 
     def prog_query(self, cgroup_fd: int, attach_type: int, target: str) -> list[int]:
         """Ids of the programs attached to the cgroup for ``attach_type`` (not the inherited ones)."""
-        ids = (ctypes.c_uint32 * 64)()
-        count = ctypes.c_uint32(len(ids))
-        flags = ctypes.c_uint32(0)
-        rc = self._lib.bpf_prog_query(cgroup_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count))
-        if rc != 0:
-            raise AttachError("BPF_PROG_QUERY", target, _errno(rc))
-        return list(ids[: count.value])
+        size = 64
+        for _ in range(3):
+            ids = (ctypes.c_uint32 * size)()
+            count = ctypes.c_uint32(size)
+            flags = ctypes.c_uint32(0)
+            rc = self._lib.bpf_prog_query(cgroup_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count))
+            if rc == 0:
+                return list(ids[: count.value])
+            if _errno(rc) != errno.ENOSPC:
+                break
+            size = max(count.value, size * 2)  # more programs than room: the kernel says how many
+        raise AttachError("BPF_PROG_QUERY", target, _errno(rc))
 
     def prog_fd_by_id(self, prog_id: int) -> int | None:
         fd = self._lib.bpf_prog_get_fd_by_id(prog_id)
@@ -83,7 +89,7 @@ class Libbpf:
         if rc != 0:
             raise AttachError("BPF_OBJ_GET_INFO_BY_FD", f"program fd {prog_fd}", _errno(rc))
         raw = buf.raw
-        prog_id = int.from_bytes(raw[PROG_ID_OFFSET:PROG_ID_OFFSET + 4], "little" if _little() else "big")
+        prog_id = int.from_bytes(raw[PROG_ID_OFFSET:PROG_ID_OFFSET + 4], sys.byteorder)
         name = raw[PROG_NAME_OFFSET:PROG_NAME_OFFSET + 16].split(b"\0", 1)[0].decode(errors="replace")
         return prog_id, name
 
@@ -105,9 +111,3 @@ class Libbpf:
 def _errno(rc: int) -> int:
     # libbpf 1.x returns -errno and also sets errno.
     return -rc if rc < 0 else (ctypes.get_errno() or errno.EIO)
-
-
-def _little() -> bool:
-    import sys
-
-    return sys.byteorder == "little"
