@@ -25,7 +25,7 @@ NETNS_DIR = "/run/netns"
 _MAKE_SOCKET = r"""
 import socket, sys
 parent = socket.socket(fileno=int(sys.argv[1]))
-sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+sock = socket.socket(socket.AF_INET, int(sys.argv[2]))
 socket.send_fds(parent, [b"s"], [sock.fileno()])
 """
 
@@ -45,15 +45,15 @@ def _enter(netns_file: str | None, cgroup: Path | None):
     return enter
 
 
-def socket_in(netns_file: str, cgroup: Path | None) -> socket.socket:
-    """A TCP socket created in ``netns_file`` by a process in ``cgroup``, handed back over SCM_RIGHTS.
+def socket_in(netns_file: str, cgroup: Path | None, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """An IPv4 socket created in ``netns_file`` by a process in ``cgroup``, handed back over SCM_RIGHTS.
 
     The socket keeps both its netns and its cgroup, whoever uses it afterwards — so the test
     process can act as the proxy without ever joining the proxy's cgroup itself.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours, theirs:
-        proc = subprocess.run([sys.executable, "-c", _MAKE_SOCKET, str(theirs.fileno())],
+        proc = subprocess.run([sys.executable, "-c", _MAKE_SOCKET, str(theirs.fileno()), str(int(kind))],
                               preexec_fn=_enter(netns_file, cgroup), pass_fds=(theirs.fileno(),),
                               timeout=10, capture_output=True)
         assert proc.returncode == 0, proc.stderr.decode()

@@ -99,6 +99,8 @@ def test_pod_connect_is_redirected_with_origin(attached, topology, cgroups, prox
         assert origin.cgroup_id == os.stat(cgroups["pod"]).st_ino
         assert origin.cookie != 0
         assert read_original_dst(conn) == REMOTE
+        with pytest.raises(OSError):  # buffer too small for the record: no answer, kernel's errno
+            conn.getsockopt(socket.SOL_IP, 0x746D, 16)
         # the proxy sees the client's real address; the client sees the peer it asked for
         assert list(conn.getpeername()) == client.result["local"]
         assert tuple(client.result["peer"]) == REMOTE
@@ -107,6 +109,7 @@ def test_pod_connect_is_redirected_with_origin(attached, topology, cgroups, prox
     assert changes.get("rekeyed") == 1
     assert changes.get("origin_answered") == 1 and changes.get("origdst_answered") == 1
     assert changes.get("peername_rewritten", 0) >= 1
+    assert changes.get("optlen_short") == 1
 
 
 def test_dual_stack_socket_to_v4_mapped_address_is_captured(attached, topology, cgroups, proxy_listener, clients):
@@ -132,6 +135,15 @@ def test_native_ipv6_is_not_captured(attached, topology, cgroups, clients):
     client = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], "fd00:77::10", 5432, timeout=1.0)
     assert not client.result["ok"], client.result
     assert delta(before, attached.counters()).get("ipv6") == 1
+
+
+def test_udp_connect_is_not_captured(attached, topology, cgroups):
+    before = attached.counters()
+    with socket_in(topology.ns_path(topology.pod_ns), cgroups["pod"], socket.SOCK_DGRAM) as udp:
+        udp.connect(REMOTE)
+        assert udp.getpeername() == REMOTE
+    changes = delta(before, attached.counters())
+    assert changes.get("not_tcp") == 1 and "captured" not in changes
 
 
 def test_same_netns_outside_pod_cgroup_is_not_redirected(attached, topology, cgroups, proxy_listener, clients):
