@@ -19,8 +19,8 @@
 
 /*
  * tcpmesh_cookie_origin: socket cookie -> struct tcpmesh_origin.
- *   writer:   cgroup/connect4, when it captures a connect().
- *   readers:  sockops (re-key at ACTIVE_ESTABLISHED), cgroup/getpeername4 (show the original peer).
+ *   writer:   cgroup/connect4 and connect6, when they capture a connect().
+ *   readers:  sockops (re-key at ACTIVE_ESTABLISHED), cgroup/getpeername4/6 (the original peer).
  *   eviction: LRU. Entries outlive the connection on purpose (getpeername() works until close);
  *             the size bounds how many live captured sockets keep a transparent getpeername().
  */
@@ -41,8 +41,9 @@ BPF_TABLE("lru_hash", struct tcpmesh_peer_key, struct tcpmesh_origin, tcpmesh_pe
 /*
  * tcpmesh_capture_cidrs: LPM trie, destination prefix -> struct tcpmesh_cidr_value.
  *   writer:   user space only (agent/capture/connect_mode.py, from the config; default 0.0.0.0/0).
- *   reader:   cgroup/connect4 (longest prefix decides capture or bypass; no match = bypass).
- *   eviction: none; user space owns the content. Full trie = user space gets E2BIG at load.
+ *   reader:   cgroup/connect4 and connect6 (longest prefix decides capture or bypass; no match =
+ *             not captured).
+ *   eviction: none; user space owns the content (agent/capture/cidrs.py refuses more than fit).
  */
 BPF_LPM_TRIE(tcpmesh_capture_cidrs, struct tcpmesh_cidr_key, struct tcpmesh_cidr_value,
 	     TCPMESH_MAX_CIDRS);
