@@ -137,6 +137,9 @@ def _reap(pid: int) -> None:
         pass  # not our child (lab up ran in another process): init reaps it
 
 
+EXIT_SETTLE_SECONDS = 5.0
+
+
 def stop_agents(records: Mapping[str, AgentRecord], timeout: float = DEFAULT_STOP_TIMEOUT) -> list[int]:
     """SIGTERM every recorded agent that is still the same process, wait, then SIGKILL. Returns PIDs signalled."""
     live = [r for r in records.values() if is_recorded_process(r)]
@@ -156,8 +159,25 @@ def stop_agents(records: Mapping[str, AgentRecord], timeout: float = DEFAULT_STO
         for record in remaining:
             _signal(record.pid, sig)
     for record in live:
-        _reap(record.pid)  # an unreaped zombie keeps its cgroup populated: rmdir would fail with EBUSY
+        _wait_gone(record.pid, EXIT_SETTLE_SECONDS)
     return [r.pid for r in live]
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait until ``pid`` has fully exited and been reaped.
+
+    Its main thread shows as a zombie while other threads are still exiting, and an unreaped or
+    half-exited process keeps its cgroup populated, so the cgroup's rmdir would fail with EBUSY.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return  # our child, reaped: the whole thread group is gone
+        except ChildProcessError:
+            if not os.path.exists(f"/proc/{pid}"):
+                return  # not our child; init reaped it
+        time.sleep(0.02)
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -59,8 +59,9 @@ def test_demo_runs_end_to_end_and_cleans_up(bpf_capable):
     assert "mutual_tls" in text
     assert "spiffe://demo.tcpmesh/ns/lab/sa/web" in text and "spiffe://demo.tcpmesh/ns/lab/sa/db" in text
     assert "web-frontend" in text and "nightly-batch" in text  # client commands from the BPF hook
-    assert 'tcpmesh_tcp_connections_opened_total{reporter="source"' in text
-    assert 'tcpmesh_tcp_connections_opened_total{reporter="destination"' in text
+    opened = [line for line in text.splitlines() if line.startswith("tcpmesh_tcp_connections_opened_total{")]
+    assert any('reporter="source"' in line and 'source_workload="n1p1"' in line for line in opened)
+    assert any('reporter="destination"' in line and 'source_workload="n1p1"' in line for line in opened)
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "tcpmesh-demo-" not in netns
     assert not os.path.exists("/run/tcpmesh-lab/demo")
