@@ -18,13 +18,14 @@ from agent.lab.nsenter import http_get_in_netns
 @pytest.fixture(scope="module")
 def mesh_lab(bpf_capable):
     name = f"e2e{uuid.uuid4().hex[:6]}"
-    plan = labops.lab_up(name, 2, 2, "e2e.tcpmesh")
-    lab = Lab(name, plan)
+    lab = None
     try:
+        lab = Lab(name, labops.lab_up(name, 2, 2, "e2e.tcpmesh"))
         yield lab
     finally:
-        lab.stop_apps()
-        labops.lab_down(name)
+        if lab is not None:
+            lab.stop_apps()
+        labops.lab_down(name)  # also removes the logs a failed lab_up keeps
 
 
 class Lab:

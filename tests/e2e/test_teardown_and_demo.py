@@ -35,8 +35,8 @@ def agent_pids_alive(status: dict) -> list[int]:
 
 def test_lab_down_removes_every_object_including_attached_bpf_programs(bpf_capable):
     name = f"td{uuid.uuid4().hex[:6]}"
-    plan = labops.lab_up(name, 2, 1, "td.tcpmesh")
     try:
+        plan = labops.lab_up(name, 2, 1, "td.tcpmesh")
         status = labops.lab_status(name)
         pids = agent_pids_alive(status)
         assert len(pids) == 2
@@ -71,8 +71,8 @@ def test_sigterm_detaches_capture_and_exits_zero(bpf_capable):
     import signal
 
     name = f"st{uuid.uuid4().hex[:6]}"
-    plan = labops.lab_up(name, 1, 1, "st.tcpmesh")
     try:
+        plan = labops.lab_up(name, 1, 1, "st.tcpmesh")
         pid = labops.lab_status(name)["nodes"][0]["agent"]["pid"]
         pod_cgroup = plan.pods[0].cgroup
         show = lambda: subprocess.run(["bpftool", "cgroup", "show", pod_cgroup],  # noqa: E731
