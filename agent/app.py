@@ -11,13 +11,14 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from agent import hostcheck
+from agent.capture.modes import MissingCgroup, build_capture
 from agent.config import Config
-from agent.errors import TcpmeshError
+from agent.errors import KernelError, TcpmeshError
 from agent.identity.ca import load_ca
 from agent.identity.store import IdentityStore
 from agent.proxy.inbound import InboundProxy
@@ -30,6 +31,7 @@ from agent.telemetry.flows import FlowTable
 from agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("tcpmesh.agent")
+IP_TRANSPARENT = 19
 
 
 @dataclass
@@ -50,39 +52,9 @@ class Agent:
         self.state: AgentState | None = None
         self._stop = asyncio.Event()
 
-    # -- building -----------------------------------------------------------------------------
-    def _check_host(self) -> None:
-        if self.config.capture.mode == "ebpf-connect":
-            hostcheck.require(hostcheck.root_problem(), hostcheck.cgroup2_problem(self.config.capture.cgroup_root),
-                              hostcheck.bcc_problem())
-
-    def _build_capture(self):
-        if self.config.capture.mode == "none":
-            return None
-        from agent.capture.connect_mode import ConnectCapture  # imports bcc: only when capturing
-
-        capture = ConnectCapture(
-            redirect_ip=self.config.capture.redirect_address,
-            redirect_port=self.config.proxy.outbound_port,
-            capture_cidrs=["0.0.0.0/0"],
-            state_dir=self.config.state_dir,
-        )
-        capture.load()
-        proxy_cgroup = self.config.capture.proxy_cgroup or hostcheck.own_cgroup_path(self.config.capture.cgroup_root)
-        capture.attach_proxy(proxy_cgroup)
-        return capture
-
-    def _origin_reader(self):
-        if self.config.capture.mode == "none":
-            return lambda sock: None
-        from agent.capture.origin import read_origin
-
-        return read_origin
-
     # -- running ------------------------------------------------------------------------------
     async def run(self) -> None:
         config = self.config
-        self._check_host()
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         registry = load_registry_file(config.registry.file, config.trust_domain)
         if config.node.name not in registry.nodes:
@@ -102,14 +74,16 @@ class Agent:
                                  is_ready=lambda: bool(self.state and self.state.ready), flows=self.flows.snapshot)
         self.admin.start()
         try:
-            self.capture = self._build_capture()
-            outbound = OutboundProxy(ctx, self._origin_reader())
+            self.capture = build_capture(config)
+            self.capture.start()
+            outbound = OutboundProxy(ctx, self.capture.origin)
             inbound = InboundProxy(ctx)
+            outbound_sock = listening_socket(config.proxy.bind_address, config.proxy.outbound_port,
+                                             transparent=self.capture.listener.transparent)
+            inbound_sock = listening_socket(config.proxy.bind_address, config.proxy.inbound_port)
             self.state.servers = [
-                await loop.create_server(outbound.protocol_factory, config.proxy.bind_address,
-                                         config.proxy.outbound_port, reuse_address=True),
-                await loop.create_server(inbound.protocol_factory, config.proxy.bind_address,
-                                         config.proxy.inbound_port, reuse_address=True),
+                await loop.create_server(outbound.protocol_factory, sock=outbound_sock),
+                await loop.create_server(inbound.protocol_factory, sock=inbound_sock),
             ]
             attached = self._attach_local_pods(registry)
             self.metrics.workloads.set(attached)
@@ -136,19 +110,17 @@ class Agent:
     def _attach_local_pods(self, registry: Registry) -> int:
         count = 0
         for workload in registry.local(self.config.node.name):
-            if self.capture is None:
+            try:
+                self.capture.attach(workload)
+            except MissingCgroup as exc:
+                log.warning("%s; its connections are not captured", exc)
                 continue
-            if not workload.cgroup:
-                log.warning("workload %s has no cgroup in the registry: its connections are not captured",
-                            workload.key)
-                continue
-            self.capture.attach_pod(workload.cgroup)
             count += 1
         return count
 
     def _detach_capture(self) -> None:
         if self.capture is not None:
-            self.capture.close()
+            self.capture.stop()
             self.capture = None
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -157,3 +129,23 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+LISTEN_BACKLOG = 4096
+
+
+def listening_socket(address: str, port: int, transparent: bool = False) -> socket.socket:
+    """A bound, listening TCP socket; IP_TRANSPARENT when the capture mode delivers foreign destinations."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((address, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise KernelError("listen", f"{address}:{port}", exc.errno,
+                          "is another agent or program using this port?") from exc
+    return sock

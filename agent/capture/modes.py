@@ -1,0 +1,133 @@
+"""The interface every capture mode offers the agent, and the factory that builds the configured one.
+
+A capture mode steers the TCP connections of this node's pods to the outbound proxy and tells the
+proxy where each captured connection was going (``origin``). The agent drives it:
+``start()`` once, ``attach(w)``/``detach(w)`` as workloads come and go (idempotent), ``origin(sock)``
+per accepted connection (the data path: must be cheap), ``stop()`` at the end.
+
+Modes: ``ebpf-connect`` (cgroup hooks; agent.capture.connect_mode), and — added by the interception
+issue — ``ebpf-tc`` and ``iptables``. ``none`` is the laptop switch: nothing is captured.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent.capture.origin import Origin
+from agent.registry.model import Workload
+
+
+@dataclass(frozen=True)
+class ListenerRequirements:
+    """How the outbound listener must be opened for this mode."""
+
+    transparent: bool = False  # IP_TRANSPARENT: tc sk_assign and TPROXY deliver foreign destinations
+
+
+class Capture(Protocol):
+    name: str
+    listener: ListenerRequirements
+
+    def start(self) -> None:
+        """Load programs / install node-level rules. Raises a TcpmeshError naming what failed."""
+
+    def attach(self, workload: Workload) -> None:
+        """Capture ``workload``'s outbound TCP. Idempotent."""
+
+    def detach(self, workload: Workload) -> None:
+        """Stop capturing ``workload``. Idempotent; a workload whose cgroup/netns is gone counts as detached."""
+
+    def origin(self, sock: socket.socket) -> Origin | None:
+        """The original destination (and client process, where the mode knows it) of an accepted socket."""
+
+    def stop(self) -> None:
+        """Orderly stop: undo everything ``start`` and ``attach`` did."""
+
+    def counters(self) -> dict[str, int]:
+        """Per-reason counters of the kernel side (empty when unknown)."""
+
+
+class NoCapture:
+    """``capture.mode: none``: the proxies run, nothing is steered to them (a laptop switch)."""
+
+    name = "none"
+    listener = ListenerRequirements()
+
+    def start(self) -> None:
+        pass
+
+    def attach(self, workload: Workload) -> None:
+        pass
+
+    def detach(self, workload: Workload) -> None:
+        pass
+
+    def origin(self, sock: socket.socket) -> Origin | None:
+        return None
+
+    def stop(self) -> None:
+        pass
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+
+class ConnectMode:
+    """``ebpf-connect``: cgroup connect4/6 + sockops + getpeername + getsockopt (agent.capture.connect_mode)."""
+
+    name = "ebpf-connect"
+    listener = ListenerRequirements()
+
+    def __init__(self, redirect_ip: str, redirect_port: int, state_dir: str, proxy_cgroup: str) -> None:
+        from agent.capture.connect_mode import ConnectCapture  # imports bcc: only when this mode is used
+
+        self._capture = ConnectCapture(redirect_ip=redirect_ip, redirect_port=redirect_port, state_dir=state_dir)
+        self._proxy_cgroup = proxy_cgroup
+
+    def start(self) -> None:
+        self._capture.load()
+        self._capture.attach_proxy(self._proxy_cgroup)
+
+    def attach(self, workload: Workload) -> None:
+        if not workload.cgroup:
+            raise MissingCgroup(workload)
+        self._capture.attach_pod(workload.cgroup)
+
+    def detach(self, workload: Workload) -> None:
+        if workload.cgroup:
+            self._capture.detach_pod(workload.cgroup)
+
+    def origin(self, sock: socket.socket) -> Origin | None:
+        from agent.capture.origin import read_origin
+
+        return read_origin(sock)
+
+    def stop(self) -> None:
+        self._capture.close()
+
+    def counters(self) -> dict[str, int]:
+        return self._capture.counters()
+
+
+class MissingCgroup(Exception):
+    def __init__(self, workload: Workload) -> None:
+        super().__init__(f"workload {workload.key} has no cgroup in the registry: the ebpf-connect mode captures "
+                         "by cgroup; add its cgroup v2 directory to the registry entry")
+
+
+def build_capture(config) -> Capture:
+    """The capture mode ``config.capture.mode`` names (validated by agent.config)."""
+    from agent import hostcheck
+
+    mode = config.capture.mode
+    if mode == "none":
+        return NoCapture()
+    if mode == "ebpf-connect":
+        hostcheck.require(hostcheck.root_problem(), hostcheck.cgroup2_problem(config.capture.cgroup_root),
+                          hostcheck.bcc_problem())
+        proxy_cgroup = config.capture.proxy_cgroup or hostcheck.own_cgroup_path(config.capture.cgroup_root)
+        return ConnectMode(config.capture.redirect_address, config.proxy.outbound_port, config.state_dir,
+                           proxy_cgroup)
+    raise ValueError(f"capture mode {mode!r} is not implemented")
