@@ -12,12 +12,13 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from agent.capture.modes import MissingCgroup, build_capture
+from agent.capture.modes import Capture, build_capture
 from agent.config import Config
+from agent.control.admin_socket import AdminSocket
+from agent.control.workloads import WorkloadController
 from agent.errors import KernelError, TcpmeshError
 from agent.identity.ca import load_ca
 from agent.identity.store import IdentityStore
@@ -31,14 +32,8 @@ from agent.telemetry.flows import FlowTable
 from agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("tcpmesh.agent")
+RUNTIME_WORKLOADS_FILE = "runtime-workloads.json"
 IP_TRANSPARENT = 19
-
-
-@dataclass
-class AgentState:
-    registry: Registry
-    ready: bool = False
-    servers: list[asyncio.base_events.Server] = field(default_factory=list)
 
 
 class Agent:
@@ -47,32 +42,45 @@ class Agent:
         self.prometheus = CollectorRegistry()
         self.metrics = Metrics(self.prometheus)
         self.flows = FlowTable()
-        self.capture = None
+        self.capture: Capture | None = None
+        self.workloads: WorkloadController | None = None
         self.admin: AdminServer | None = None
-        self.state: AgentState | None = None
+        self.ready = False
         self._stop = asyncio.Event()
+
+    def registry(self) -> Registry:
+        """The current registry snapshot (the data path's view)."""
+        assert self.workloads is not None and self.workloads.snapshot is not None
+        return self.workloads.snapshot
+
+    # -- building -----------------------------------------------------------------------------
+    def _build_identities(self) -> IdentityStore:
+        ca = load_ca(self.config.identity.ca_dir)
+        return IdentityStore(ca, ca.cert_pem, self.config.identity.svid_ttl_seconds, key_dir=self.config.state_dir)
+
+    def _check_node(self) -> None:
+        registry = load_registry_file(self.config.registry.file, self.config.trust_domain)
+        if self.config.node.name not in registry.nodes:
+            raise TcpmeshError(f"node.name {self.config.node.name!r} is not a node of the registry "
+                               f"{self.config.registry.file}; known nodes: {', '.join(sorted(registry.nodes)) or 'none'}")
 
     # -- running ------------------------------------------------------------------------------
     async def run(self) -> None:
         config = self.config
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
-        registry = load_registry_file(config.registry.file, config.trust_domain)
-        if config.node.name not in registry.nodes:
-            raise TcpmeshError(f"node.name {config.node.name!r} is not a node of the registry {config.registry.file}; "
-                               f"known nodes: {', '.join(sorted(registry.nodes)) or 'none'}")
-        self.state = AgentState(registry)
-        ca = load_ca(config.identity.ca_dir)
-        identities = IdentityStore(ca, ca.cert_pem, config.identity.svid_ttl_seconds, key_dir=config.state_dir)
-        identities.ensure(registry.identities_on(config.node.name))
-
+        self._check_node()
+        identities = self._build_identities()
         loop = asyncio.get_running_loop()
-        ctx = ProxyContext(loop=loop, node_name=config.node.name, registry=lambda: self.state.registry,
+        ctx = ProxyContext(loop=loop, node_name=config.node.name, registry=self.registry,
                            identities=identities, metrics=self.metrics, flows=self.flows,
                            inbound_port=config.proxy.inbound_port,
                            connect_timeout=config.proxy.connect_timeout_seconds)
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
-                                 is_ready=lambda: bool(self.state and self.state.ready), flows=self.flows.snapshot)
+                                 is_ready=lambda: self.ready, flows=self.flows.snapshot)
         self.admin.start()
+        servers: list[asyncio.base_events.Server] = []
+        admin_socket: AdminSocket | None = None
+        watcher: asyncio.Task | None = None
         try:
             self.capture = build_capture(config)
             self.capture.start()
@@ -81,42 +89,56 @@ class Agent:
             outbound_sock = listening_socket(config.proxy.bind_address, config.proxy.outbound_port,
                                              transparent=self.capture.listener.transparent)
             inbound_sock = listening_socket(config.proxy.bind_address, config.proxy.inbound_port)
-            self.state.servers = [
-                await loop.create_server(outbound.protocol_factory, sock=outbound_sock),
-                await loop.create_server(inbound.protocol_factory, sock=inbound_sock),
-            ]
-            attached = self._attach_local_pods(registry)
-            self.metrics.workloads.set(attached)
-            self.state.ready = True
+            servers = [await loop.create_server(outbound.protocol_factory, sock=outbound_sock),
+                       await loop.create_server(inbound.protocol_factory, sock=inbound_sock)]
+            self.workloads = WorkloadController(
+                config.node.name, config.trust_domain, config.registry.file,
+                os.path.join(config.state_dir, RUNTIME_WORKLOADS_FILE), self.capture, identities,
+                on_change=self._workloads_changed)
+            self.workloads.load()
+            admin_socket = AdminSocket(config.admin.socket, self.workloads)
+            await admin_socket.start()
+            watcher = loop.create_task(self._watch_registry_file())
+            self.ready = True
             self.metrics.ready.set(1)
-            log.info("agent ready on node %s: %d local workloads captured (%s), outbound :%d, inbound :%d, admin %s:%d",
-                     config.node.name, attached, config.capture.mode, config.proxy.outbound_port,
-                     config.proxy.inbound_port, config.admin.address, config.admin.port)
+            log.info("agent ready on node %s: %d local workloads captured (%s), outbound :%d, inbound :%d, "
+                     "admin %s:%d and %s", config.node.name, self._captured_count(), self.capture.name,
+                     config.proxy.outbound_port, config.proxy.inbound_port, config.admin.address, config.admin.port,
+                     config.admin.socket)
             self._install_signal_handlers(loop)
             await self._stop.wait()
             log.info("stopping: detaching capture, draining connections for up to %.1fs", config.proxy.drain_seconds)
-            self.state.ready = False
+            self.ready = False
             self.metrics.ready.set(0)
             self._detach_capture()
-            for server in self.state.servers:
+            for server in servers:
                 server.close()
             await ctx.drain(config.proxy.drain_seconds)
         finally:
+            if watcher is not None:
+                watcher.cancel()
+            if admin_socket is not None:
+                await admin_socket.stop()
             self._detach_capture()
-            if self.admin is not None:
-                self.admin.stop()
+            self.admin.stop()
         log.info("agent stopped")
 
-    def _attach_local_pods(self, registry: Registry) -> int:
-        count = 0
-        for workload in registry.local(self.config.node.name):
+    async def _watch_registry_file(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.registry.poll_seconds)
             try:
-                self.capture.attach(workload)
-            except MissingCgroup as exc:
-                log.warning("%s; its connections are not captured", exc)
-                continue
-            count += 1
-        return count
+                self.workloads.reload_file()
+            except Exception:  # a task root: keep watching whatever one reload did
+                log.exception("registry reload failed")
+            self.metrics.registry_errors.set(self.workloads.file_errors)
+
+    def _workloads_changed(self, registry: Registry) -> None:
+        self.metrics.workloads.set(self._captured_count(registry))
+
+    def _captured_count(self, registry: Registry | None = None) -> int:
+        registry = registry or self.registry()
+        failures = self.workloads.attach_failures if self.workloads else {}
+        return sum(1 for w in registry.local(self.config.node.name) if w.key not in failures)
 
     def _detach_capture(self) -> None:
         if self.capture is not None:

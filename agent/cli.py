@@ -10,6 +10,7 @@ import sys
 import click
 
 from agent import __version__
+from agent.control.cli import workload
 from agent.demo import demo
 from agent.errors import TcpmeshError
 from agent.lab.cli import lab
@@ -81,4 +82,5 @@ def ca_init(trust_domain: str, out_dir: str, force: bool) -> None:
 
 
 main.add_command(lab)
+main.add_command(workload)
 main.add_command(demo)

@@ -27,6 +27,8 @@ DEFAULT_STATE_DIR = "/run/tcpmesh"
 DEFAULT_SVID_TTL_SECONDS = 3600
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_DRAIN_SECONDS = 5.0
+DEFAULT_REGISTRY_POLL_SECONDS = 2.0
+DEFAULT_ADMIN_SOCKET = "/run/tcpmesh/agent.sock"
 CAPTURE_MODES = ("ebpf-connect", "none")
 ENV_PREFIX = "TCPMESH_"
 
@@ -46,6 +48,7 @@ class IdentityConfig:
 @dataclass(frozen=True)
 class RegistryConfig:
     file: str = "/etc/tcpmesh/workloads.yaml"
+    poll_seconds: float = DEFAULT_REGISTRY_POLL_SECONDS  # how often the file is checked for changes
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class ProxyConfig:
 class AdminConfig:
     address: str = DEFAULT_ADMIN_ADDRESS
     port: int = DEFAULT_ADMIN_PORT
+    socket: str = DEFAULT_ADMIN_SOCKET  # unix socket for `tcpmesh workload add|del|list`
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,12 @@ def validate(config: Config) -> Config:
     if config.identity.svid_ttl_seconds < 60:
         raise ConfigError("identity.svid_ttl_seconds", config.identity.svid_ttl_seconds,
                           "is too short", "use at least 60 seconds")
+    if not 0.1 <= config.registry.poll_seconds <= 3600:
+        raise ConfigError("registry.poll_seconds", config.registry.poll_seconds, "out of range",
+                          "use a value between 0.1 and 3600 seconds")
+    if not config.admin.socket.startswith("/"):
+        raise ConfigError("admin.socket", config.admin.socket, "must be an absolute path",
+                          f"for example {DEFAULT_ADMIN_SOCKET}")
     if config.proxy.connect_timeout_seconds <= 0:
         raise ConfigError("proxy.connect_timeout_seconds", config.proxy.connect_timeout_seconds, "must be positive")
     if config.log_level not in ("debug", "info", "warning", "error"):

@@ -56,7 +56,7 @@ def parse_registry(doc: Any, default_trust_domain: str, source: str = "registry"
     node_names = [n.name for n in nodes]
     _no_duplicates(node_names, f"{source}: nodes", "name")
     workloads = [
-        _parse_workload(entry, f"{source}: workloads[{i}]", trust_domain, set(node_names))
+        parse_workload(entry, f"{source}: workloads[{i}]", trust_domain, set(node_names))
         for i, entry in enumerate(_list(doc, "workloads", source))
     ]
     _no_duplicates([w.ip for w in workloads], f"{source}: workloads", "ip")
@@ -82,7 +82,7 @@ def _parse_node(entry: Any, where: str) -> Node:
     return Node(entry["name"], entry["address"])
 
 
-def _parse_workload(entry: Any, where: str, trust_domain: str, node_names: set[str]) -> Workload:
+def parse_workload(entry: Any, where: str, trust_domain: str, node_names: set[str]) -> Workload:
     if not isinstance(entry, dict):
         raise ConfigError(where, entry, "a workload must be a mapping")
     unknown = set(entry) - set(_NAME_FIELDS) - {"cgroup"}

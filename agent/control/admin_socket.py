@@ -1,0 +1,120 @@
+"""The admin socket (/run/tcpmesh/agent.sock by default, mode 0600): one JSON request per line, one
+JSON answer per line. Operations: ``workload.add``, ``workload.del``, ``workload.list``.
+
+    {"op": "workload.add", "workload": {"name": .., "namespace": .., "service_account": .., "ip": ..,
+                                        "node": .., "cgroup": ..}}
+    {"op": "workload.del", "key": "namespace/name"}
+    → {"ok": true, ...} | {"ok": false, "error": "what was wrong and how to fix it"}
+
+Requests are bounded (64 KiB) and answered one at a time per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from typing import Any
+
+from agent.control.workloads import WorkloadController
+from agent.errors import TcpmeshError
+
+log = logging.getLogger("tcpmesh.admin")
+MAX_REQUEST = 64 * 1024
+
+
+class AdminSocket:
+    def __init__(self, path: str, workloads: WorkloadController) -> None:
+        self.path = path
+        self._workloads = workloads
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        if os.path.exists(self.path):
+            _remove_stale(self.path)
+        old_umask = os.umask(0o177)  # the socket is created 0600: root only
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                writer.write(json.dumps(self.handle_line(line)).encode() + b"\n")
+                await writer.drain()
+        except (ValueError, ConnectionError) as exc:  # over-long line, peer gone
+            log.warning("admin socket client dropped: %s", exc)
+        finally:
+            writer.close()
+
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            return {"ok": False, "error": f"request is not JSON: {exc}"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "request must be a JSON object with an 'op'"}
+        op = request.get("op")
+        try:
+            if op == "workload.add":
+                if not isinstance(request.get("workload"), dict):
+                    return {"ok": False, "error": "workload.add needs a 'workload' object"}
+                workload = self._workloads.add(request["workload"])
+                log.info("workload %s added through the admin socket", workload.key)
+                return {"ok": True, "workload": workload.key, "spiffe_id": workload.spiffe_id.uri}
+            if op == "workload.del":
+                workload = self._workloads.remove(str(request.get("key", "")))
+                log.info("workload %s removed through the admin socket", workload.key)
+                return {"ok": True, "workload": workload.key}
+            if op == "workload.list":
+                return {"ok": True, "workloads": self._workloads.describe()}
+        except TcpmeshError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": False, "error": f"unknown op {op!r}: use workload.add, workload.del or workload.list"}
+
+
+def _remove_stale(path: str) -> None:
+    """Remove a socket file left by a dead agent; refuse if an agent still answers on it."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise TcpmeshError(f"another agent is listening on {path}: stop it first, or set admin.socket to another path")
+
+
+def request(path: str, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request to the agent's admin socket and return its answer (used by the CLI)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise TcpmeshError(f"cannot reach the agent at {path}: {exc.strerror} (is `tcpmesh run` running? "
+                           "pass --socket or --config to point at its admin socket)") from exc
+    with sock:
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)

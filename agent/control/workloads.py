@@ -1,0 +1,173 @@
+"""The workload controller: owns the registry snapshot the data path reads, and applies every change
+to this node's capture and identities — from the registry file (polled) or the admin socket.
+
+Changes are applied as a plan (agent.registry.overlay.plan_local): identities are issued first, so
+the first captured connection finds its certificate; then removed workloads are detached and new
+ones attached; then the new snapshot is swapped in with one assignment. A change that cannot be
+applied as a whole from the admin socket is rolled back and reported; a broken registry file leaves
+the previous snapshot in force and is logged and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from agent.errors import ConfigError, TcpmeshError
+from agent.registry.model import Registry, Workload
+from agent.registry.overlay import LocalPlan, merge, plan_local
+from agent.registry.static_file import load_registry_file, parse_workload
+
+log = logging.getLogger("tcpmesh.workloads")
+
+
+class WorkloadController:
+    def __init__(self, node_name: str, trust_domain: str, registry_file: str, dynamic_file: str,
+                 capture: Any, identities: Any, on_change: Callable[[Registry], None] = lambda r: None) -> None:
+        self.node_name = node_name
+        self.trust_domain = trust_domain
+        self.registry_file = registry_file
+        self.dynamic_file = Path(dynamic_file)
+        self.capture = capture
+        self.identities = identities
+        self.on_change = on_change
+        self.snapshot: Registry | None = None  # read by the data path; replaced, never mutated
+        self.file_errors = 0
+        self.attach_failures: dict[str, str] = {}  # workload key → why it is not captured
+        self._file_registry: Registry | None = None
+        self._file_digest = ""
+        self._dynamic: dict[str, Workload] = {}
+
+    # -- sources --------------------------------------------------------------------------------
+    def load(self) -> LocalPlan:
+        """First load: the file (errors are fatal here) plus the persisted run-time workloads."""
+        self._file_registry, self._file_digest = self._read_file()
+        self._dynamic = self._load_dynamic()
+        return self._apply(merge(self._file_registry, self._dynamic.values()), strict=False)
+
+    def reload_file(self) -> LocalPlan | None:
+        """Re-read the registry file if its content changed. A broken file keeps the old snapshot."""
+        try:
+            digest = _digest(self.registry_file)
+            if digest == self._file_digest:
+                return None
+            registry, digest = self._read_file()
+            merged = merge(registry, self._dynamic.values())
+        except TcpmeshError as exc:
+            self.file_errors += 1
+            log.error("registry file not applied, previous workloads stay in force: %s", exc)
+            self._file_digest = _digest_or_empty(self.registry_file)  # report each broken version once
+            return None
+        self._file_registry, self._file_digest = registry, digest
+        plan = self._apply(merged, strict=False)
+        log.info("registry file reloaded: %d attached, %d detached", len(plan.attach), len(plan.detach))
+        return plan
+
+    def add(self, entry: dict) -> Workload:
+        """Add (or replace) a run-time workload; rolled back whole if it cannot be captured."""
+        assert self._file_registry is not None and self.snapshot is not None
+        workload = parse_workload(entry, "workload", self.trust_domain, set(self._file_registry.nodes))
+        dynamic = {**self._dynamic, workload.key: workload}
+        self._apply(merge(self._file_registry, dynamic.values()), strict=True)
+        self._dynamic = dynamic
+        self._save_dynamic()
+        return workload
+
+    def remove(self, key: str) -> Workload:
+        if key not in self._dynamic:
+            known = ", ".join(sorted(self._dynamic)) or "none"
+            where = " (it comes from the registry file: edit the file instead)" if self._in_file(key) else ""
+            raise ConfigError("workload", key, f"is not a run-time workload{where}", f"run-time workloads: {known}")
+        dynamic = {k: w for k, w in self._dynamic.items() if k != key}
+        self._apply(merge(self._file_registry, dynamic.values()), strict=True)
+        removed = self._dynamic[key]
+        self._dynamic = dynamic
+        self._save_dynamic()
+        return removed
+
+    def describe(self) -> list[dict]:
+        snapshot = self.snapshot
+        if snapshot is None:
+            return []
+        return [{"name": w.name, "namespace": w.namespace, "service_account": w.service_account, "ip": w.ip,
+                 "node": w.node, "cgroup": w.cgroup, "spiffe_id": w.spiffe_id.uri,
+                 "source": "runtime" if w.key in self._dynamic else "file",
+                 "local": w.node == self.node_name,
+                 "captured": w.node == self.node_name and w.key not in self.attach_failures,
+                 "problem": self.attach_failures.get(w.key, "")}
+                for w in snapshot.workloads]
+
+    # -- applying -------------------------------------------------------------------------------
+    def _apply(self, new: Registry, strict: bool) -> LocalPlan:
+        old = self.snapshot
+        plan = plan_local(old, new, self.node_name)
+        if old is None or old.identities_on(self.node_name) != new.identities_on(self.node_name):
+            self.identities.ensure(new.identities_on(self.node_name))
+        for workload in plan.detach:
+            self.capture.detach(workload)
+            self.attach_failures.pop(workload.key, None)
+        done: list[Workload] = []
+        for workload in plan.attach:
+            try:
+                self.capture.attach(workload)
+            except Exception as exc:  # noqa: BLE001 — kernel/cgroup errors of one workload, reported per workload
+                if strict:
+                    self._roll_back(done, plan.detach, old)
+                    raise TcpmeshError(f"cannot capture {workload.key}: {exc}") from exc
+                self.attach_failures[workload.key] = str(exc)
+                log.error("workload %s is not captured: %s", workload.key, exc)
+                continue
+            self.attach_failures.pop(workload.key, None)
+            done.append(workload)
+        self.snapshot = new
+        self.on_change(new)
+        return plan
+
+    def _roll_back(self, attached: list[Workload], detached: tuple[Workload, ...], old: Registry | None) -> None:
+        for workload in attached:
+            self.capture.detach(workload)
+        for workload in detached:
+            self.capture.attach(workload)
+        if old is not None:
+            self.identities.ensure(old.identities_on(self.node_name))
+
+    # -- files ----------------------------------------------------------------------------------
+    def _read_file(self) -> tuple[Registry, str]:
+        return load_registry_file(self.registry_file, self.trust_domain), _digest(self.registry_file)
+
+    def _in_file(self, key: str) -> bool:
+        return self._file_registry is not None and any(w.key == key for w in self._file_registry.workloads)
+
+    def _load_dynamic(self) -> dict[str, Workload]:
+        if not self.dynamic_file.exists():
+            return {}
+        assert self._file_registry is not None
+        entries = json.loads(self.dynamic_file.read_text())
+        workloads = [parse_workload(e, f"{self.dynamic_file}[{i}]", self.trust_domain, set(self._file_registry.nodes))
+                     for i, e in enumerate(entries)]
+        return {w.key: w for w in workloads}
+
+    def _save_dynamic(self) -> None:
+        entries = [{"name": w.name, "namespace": w.namespace, "service_account": w.service_account, "ip": w.ip,
+                    "node": w.node, **({"cgroup": w.cgroup} if w.cgroup else {})} for w in self._dynamic.values()]
+        tmp = self.dynamic_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, self.dynamic_file)
+
+
+def _digest(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ConfigError("registry.file", path, f"cannot read the registry file: {exc.strerror}") from exc
+
+
+def _digest_or_empty(path: str) -> str:
+    try:
+        return _digest(path)
+    except ConfigError:
+        return ""
