@@ -22,6 +22,7 @@ from agent.control.workloads import WorkloadController
 from agent.errors import KernelError, TcpmeshError
 from agent.identity.ca import load_ca
 from agent.identity.store import IdentityStore
+from agent.policy.source import PolicySource
 from agent.proxy.inbound import InboundProxy
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
@@ -44,6 +45,7 @@ class Agent:
         self.flows = FlowTable()
         self.capture: Capture | None = None
         self.workloads: WorkloadController | None = None
+        self.policy: PolicySource | None = None
         self.admin: AdminServer | None = None
         self.ready = False
         self._stop = asyncio.Event()
@@ -71,10 +73,14 @@ class Agent:
         self._check_node()
         identities = self._build_identities()
         loop = asyncio.get_running_loop()
+        self.policy = PolicySource(config.policy.dir, config.policy.default_action == "ALLOW",
+                                   config.policy.root_namespace)
+        self._reload_policy()
         ctx = ProxyContext(loop=loop, node_name=config.node.name, registry=self.registry,
                            identities=identities, metrics=self.metrics, flows=self.flows,
                            inbound_port=config.proxy.inbound_port,
-                           connect_timeout=config.proxy.connect_timeout_seconds)
+                           connect_timeout=config.proxy.connect_timeout_seconds, policy=self.policy,
+                           passthrough_allowed=config.policy.outbound_passthrough == "ALLOW")
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot)
         self.admin.start()
@@ -98,7 +104,7 @@ class Agent:
             self.workloads.load()
             admin_socket = AdminSocket(config.admin.socket, self.workloads)
             await admin_socket.start()
-            watcher = loop.create_task(self._watch_registry_file())
+            watcher = loop.create_task(self._watch_sources())
             self.ready = True
             self.metrics.ready.set(1)
             log.info("agent ready on node %s: %d local workloads captured (%s), outbound :%d, inbound :%d, "
@@ -123,14 +129,23 @@ class Agent:
             self.admin.stop()
         log.info("agent stopped")
 
-    async def _watch_registry_file(self) -> None:
+    async def _watch_sources(self) -> None:
+        """Poll the registry file and the policy directory; each change is applied as a whole or not at all."""
+        interval = min(self.config.registry.poll_seconds, self.config.policy.poll_seconds)
         while True:
-            await asyncio.sleep(self.config.registry.poll_seconds)
+            await asyncio.sleep(interval)
             try:
                 self.workloads.reload_file()
+                self._reload_policy()
             except Exception:  # a task root: keep watching whatever one reload did
-                log.exception("registry reload failed")
+                log.exception("reloading the registry or the policies failed")
             self.metrics.registry_errors.set(self.workloads.file_errors)
+
+    def _reload_policy(self) -> None:
+        errors_before = self.policy.load_errors
+        self.policy.reload()
+        if self.policy.load_errors > errors_before:
+            self.metrics.policy_load_errors.inc(self.policy.load_errors - errors_before)
 
     def _workloads_changed(self, registry: Registry) -> None:
         self.metrics.workloads.set(self._captured_count(registry))

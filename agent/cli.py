@@ -14,6 +14,7 @@ from agent.control.cli import workload
 from agent.demo import demo
 from agent.errors import TcpmeshError
 from agent.lab.cli import lab
+from agent.policy.cli import policy
 
 
 class Cli(click.Group):
@@ -83,4 +84,5 @@ def ca_init(trust_domain: str, out_dir: str, force: bool) -> None:
 
 main.add_command(lab)
 main.add_command(workload)
+main.add_command(policy)
 main.add_command(demo)

@@ -28,6 +28,7 @@ DEFAULT_SVID_TTL_SECONDS = 3600
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_DRAIN_SECONDS = 5.0
 DEFAULT_REGISTRY_POLL_SECONDS = 2.0
+DEFAULT_POLICY_POLL_SECONDS = 2.0
 DEFAULT_ADMIN_SOCKET = "/run/tcpmesh/agent.sock"
 CAPTURE_MODES = ("ebpf-connect", "none")
 ENV_PREFIX = "TCPMESH_"
@@ -75,6 +76,15 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    dir: str = "/etc/tcpmesh/policies"  # AuthorizationPolicy / PeerAuthentication YAML files
+    default_action: str = "ALLOW"  # for destinations no AuthorizationPolicy selects: ALLOW | DENY
+    root_namespace: str = "tcpmesh-system"  # policies in this namespace apply to every workload
+    poll_seconds: float = DEFAULT_POLICY_POLL_SECONDS
+    outbound_passthrough: str = "ALLOW"  # destinations outside the mesh: ALLOW (plaintext) | DENY
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     address: str = DEFAULT_ADMIN_ADDRESS
     port: int = DEFAULT_ADMIN_PORT
@@ -92,6 +102,7 @@ class Config:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -192,6 +203,13 @@ def validate(config: Config) -> Config:
                           "is too short", "use at least 60 seconds")
     if not 0.1 <= config.registry.poll_seconds <= 3600:
         raise ConfigError("registry.poll_seconds", config.registry.poll_seconds, "out of range",
+                          "use a value between 0.1 and 3600 seconds")
+    for name, value in (("policy.default_action", config.policy.default_action),
+                        ("policy.outbound_passthrough", config.policy.outbound_passthrough)):
+        if value not in ("ALLOW", "DENY"):
+            raise ConfigError(name, value, "must be ALLOW or DENY")
+    if not 0.1 <= config.policy.poll_seconds <= 3600:
+        raise ConfigError("policy.poll_seconds", config.policy.poll_seconds, "out of range",
                           "use a value between 0.1 and 3600 seconds")
     if not config.admin.socket.startswith("/"):
         raise ConfigError("admin.socket", config.admin.socket, "must be an absolute path",

@@ -70,18 +70,28 @@ def run_client(address: str, size: int, mode: str, marker: str, timeout: float) 
     counts = {"received": 0}
     reply = bytearray()
 
+    failure: list[OSError] = []
+
     def reader() -> None:
-        while chunk := sock.recv(CHUNK):
-            received.update(chunk)
-            counts["received"] += len(chunk)
-            if mode == "digest" and len(reply) < 4096:
-                reply.extend(chunk)
+        try:
+            while chunk := sock.recv(CHUNK):
+                received.update(chunk)
+                counts["received"] += len(chunk)
+                if mode == "digest" and len(reply) < 4096:
+                    reply.extend(chunk)
+        except OSError as exc:  # e.g. reset by the mesh when a policy denies the connection
+            failure.append(exc)
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
-    sock.sendall(payload)
-    sock.shutdown(socket.SHUT_WR)  # half-close: we are done sending, the reply still comes
+    try:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)  # half-close: we are done sending, the reply still comes
+    except OSError as exc:
+        failure.append(exc)
     thread.join(timeout)
+    if failure:
+        raise failure[0]
     result = {
         "pid": os.getpid(),
         "peer": list(peer),

@@ -26,6 +26,7 @@ def agent_config(plan: LabPlan, node: NodePlan, capture_mode: str = DEFAULT_CAPT
         "node": {"name": node.name, "address": node.wire_address},
         "identity": {"ca_dir": plan.ca_dir},
         "registry": {"file": plan.registry_file},
+        "policy": {"dir": f"{plan.state_dir}/policies"},  # one policy store for the whole lab
         "capture": {"mode": capture_mode, "redirect_address": plan.pod_gateway, "cgroup_root": plan.cgroup_root},
         "admin": {"address": node.wire_address, "port": ADMIN_PORT, "socket": f"{node.state_dir}/agent.sock"},
     }

@@ -73,6 +73,8 @@ class Flow:
     bytes_received: int = 0  # client → server (request direction), Istio's received_bytes
     bytes_sent: int = 0  # server → client (response direction), Istio's sent_bytes
     detail: str = ""
+    policy: str = ""  # the policy that decided (namespace/name), empty for the default action
+    dry_run: str = ""  # what dry-run policies would have decided
 
     def set_source(self, workload: Workload | None, principal: str | None = None) -> None:
         if workload is not None:

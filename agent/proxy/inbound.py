@@ -19,12 +19,15 @@ from agent.proxy import flow as F
 from agent.proxy.endpoints import PlainLeg, TlsLeg
 from agent.proxy.handshake import read_header
 from agent.identity.spiffe import SpiffeId
+from agent.policy.engine import Request
 from agent.proxy.header import KIND_CONNECT, ConnectRequest, PeerProtocolError, Status, StatusReply, encode_status
 from agent.proxy.relay import Relay
 from agent.proxy.routing import route_inbound
 from agent.proxy.server import ProxyContext
+from agent.registry.model import Workload
 
 log = logging.getLogger("tcpmesh.inbound")
+DENIED_POLICY_PREFIX = "policy "  # a DENIED reason starts "policy <namespace>/<name>: " (docs/protocol.md)
 
 
 class InboundProxy:
@@ -110,6 +113,9 @@ class InboundProxy:
             self._refuse(tunnel, flow, Status.UNKNOWN_DESTINATION, F.FLAG_NO_ROUTE, target.reason)
             return None
         flow.set_destination(target.workload)
+        if not self._authorized(flow, target.workload):
+            self._refuse(tunnel, flow, Status.DENIED, F.FLAG_DENY, flow.detail)
+            return None
         try:
             _, leg = await asyncio.wait_for(
                 self._ctx.loop.create_connection(lambda: PlainLeg(start_paused=True),
@@ -125,6 +131,22 @@ class InboundProxy:
             self._refuse(tunnel, flow, status, F.FLAG_UPSTREAM_FAILURE,
                          f"connect to {target.workload.key} port {flow.destination_port}: {exc.strerror or exc}")
         return None
+
+    def _authorized(self, flow: F.Flow, workload: Workload) -> bool:
+        """Ask the policy engine; record the deciding policy (and any dry-run verdict) on the flow."""
+        if self._ctx.policy is None:
+            return True
+        principal = flow.source_principal if flow.source_principal != F.UNKNOWN else None
+        namespace = SpiffeId.parse(principal).namespace if principal else None
+        decision = self._ctx.policy.decide(Request(principal, namespace, workload.name, workload.namespace,
+                                                   flow.destination_port))
+        flow.policy = decision.policy or ""
+        flow.dry_run = decision.dry_run or ""
+        if decision.dry_run:
+            log.info("flow %s dry-run: would %s", flow.flow_id, decision.dry_run)
+        if not decision.allowed:
+            flow.detail = (f"{DENIED_POLICY_PREFIX}{decision.policy}: " if decision.policy else "") + decision.reason
+        return decision.allowed
 
     @staticmethod
     def _refuse(tunnel: TlsLeg, flow: F.Flow, status: Status, flag: str, reason: str) -> None:

@@ -38,6 +38,13 @@ STATUS_FLAGS = {
 }
 
 
+def _policy_named_in(reason: str) -> str:
+    """The ``namespace/name`` a DENIED reason starts with ("policy <ns>/<name>: ..."), or ""."""
+    if not reason.startswith("policy "):
+        return ""
+    return reason[len("policy "):].split(":", 1)[0]
+
+
 class OutboundProxy:
     def __init__(self, ctx: ProxyContext, origin_reader: Callable[[socket.socket], object | None]) -> None:
         self._ctx = ctx
@@ -53,6 +60,10 @@ class OutboundProxy:
         upstream: Leg | None = None
         try:
             route = self._route(app, flow)
+            if route.kind is RouteKind.PASSTHROUGH and not self._ctx.passthrough_allowed:
+                route = OutboundRoute(RouteKind.REJECT, route.source, flag=F.FLAG_DENY,
+                                      reason=f"{flow.destination_ip}:{flow.destination_port} is outside the mesh "
+                                             "and policy.outbound_passthrough is DENY")
             if route.kind is RouteKind.REJECT:
                 flow.fail(route.flag, route.reason)
                 log.warning("refusing captured connection: %s", route.reason)
@@ -141,6 +152,8 @@ class OutboundProxy:
                 return leg, rest
             flow.fail(STATUS_FLAGS.get(reply.status, F.FLAG_UPSTREAM_FAILURE),  # type: ignore[union-attr]
                       f"destination node answered {reply.status.name}: {reply.reason}")  # type: ignore[union-attr]
+            if reply.status is Status.DENIED:  # type: ignore[union-attr]
+                flow.policy = _policy_named_in(reply.reason)  # type: ignore[union-attr]
         if flow.response_flags != F.FLAG_NONE:
             log.warning("flow %s from %s to %s:%d failed: %s", flow.flow_id, flow.source_principal,
                         flow.destination_ip, flow.destination_port, flow.detail)

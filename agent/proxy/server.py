@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine
 
+from agent.policy.source import PolicySource
 from agent.proxy import flow as F
 from agent.proxy.relay import Relay
 from agent.registry.model import Registry
@@ -28,6 +29,8 @@ class ProxyContext:
     flows: FlowTable
     inbound_port: int
     connect_timeout: float
+    policy: PolicySource | None = None  # None: every mesh connection is allowed
+    passthrough_allowed: bool = True  # destinations outside the mesh (egress policy)
     tasks: set[asyncio.Task] = field(default_factory=set)
     relays: set[Relay] = field(default_factory=set)
 

@@ -28,6 +28,9 @@ class Metrics:
             registry=registry)
         self.ready = Gauge("tcpmesh_agent_ready", "1 when capture and listeners are in place", registry=registry)
         self.workloads = Gauge("tcpmesh_local_workloads", "Workloads captured on this node", registry=registry)
+        self.policy_load_errors = Counter("tcpmesh_policy_load_errors",
+                                          "Policy directory changes refused because a file was invalid",
+                                          registry=registry)
         self.registry_errors = Gauge("tcpmesh_registry_file_errors",
                                      "Versions of the registry file that could not be applied", registry=registry)
 

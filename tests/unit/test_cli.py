@@ -37,3 +37,43 @@ def test_ca_init_creates_a_root_and_refuses_to_overwrite(tmp_path):
     assert (tmp_path / "ca" / "ca.key").stat().st_mode & 0o077 == 0
     second = runner.invoke(main, ["ca", "init", "--trust-domain", "example.org", "--out", str(tmp_path / "ca")])
     assert second.exit_code == 2 and "--force" in second.output
+
+
+POLICY = """\
+kind: AuthorizationPolicy
+metadata: {name: orders-db, namespace: data}
+spec:
+  selector: {workload: postgres}
+  rules:
+    - from: [{principals: ["spiffe://td/ns/shop/sa/orders"]}]
+      to: [{ports: [5432]}]
+"""
+
+
+def test_policy_check_accepts_good_files_and_names_the_broken_field(tmp_path):
+    (tmp_path / "good.yaml").write_text(POLICY)
+    ok = CliRunner().invoke(main, ["policy", "check", str(tmp_path / "good.yaml")])
+    assert ok.exit_code == 0 and "data/orders-db" in ok.output
+    (tmp_path / "bad.yaml").write_text(POLICY.replace("5432", "70000"))
+    bad = CliRunner().invoke(main, ["policy", "check", str(tmp_path / "bad.yaml")])
+    assert bad.exit_code == 2
+    assert f"{tmp_path / 'bad.yaml'}:7: spec.rules[0].to[0].ports" in bad.output
+
+
+def test_policy_explain_names_the_deciding_policy_and_rule(tmp_path):
+    (tmp_path / "p.yaml").write_text(POLICY)
+    args = ["policy", "explain", "--dir", str(tmp_path), "--to", "data/postgres", "--port", "5432"]
+    allowed = CliRunner().invoke(main, args + ["--from", "spiffe://td/ns/shop/sa/orders"])
+    assert allowed.exit_code == 0 and allowed.output.startswith("ALLOW") and "rule 0" in allowed.output
+    denied = CliRunner().invoke(main, args + ["--from", "spiffe://td/ns/dev/sa/laptop"])
+    assert denied.output.startswith("DENY") and "data/orders-db" in denied.output
+    other = CliRunner().invoke(main, ["policy", "explain", "--dir", str(tmp_path), "--to", "data/redis", "--port", "6379",
+                                      "--from", "plaintext", "--default-action", "DENY"])
+    assert other.output.startswith("DENY") and "default_action" in other.output
+
+
+def test_denied_reason_carries_the_policy_name():
+    from agent.proxy.outbound import _policy_named_in
+
+    assert _policy_named_in("policy data/orders-db: no rule of the ALLOW policies ... matches") == "data/orders-db"
+    assert _policy_named_in("denied by default_action: no policy selects data/x") == ""

@@ -1,0 +1,123 @@
+"""Authorization on the lab: the same destination allows one identity and denies another; a denied
+client fails fast; both reporters and the access log agree; policies hot-reload; a broken file
+leaves the previous decision in force and is counted."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from agent.lab import lab as labops
+from tests.e2e.conftest import Lab
+
+RELOAD = 2.0 + 3.0  # the agent's poll interval plus slack
+
+
+@pytest.fixture(scope="module")
+def policy_lab(bpf_capable):
+    name = f"po{uuid.uuid4().hex[:6]}"
+    lab = None
+    try:
+        lab = Lab(name, labops.lab_up(name, 2, 2, "po.tcpmesh"))
+        os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
+        lab.start_server("n2p1", 7200, "digest")
+        yield lab
+    finally:
+        if lab is not None:
+            lab.stop_apps()
+        labops.lab_down(name)
+
+
+def write_policy(lab, name: str, text: str) -> None:
+    path = f"{lab.plan.state_dir}/policies/{name}"
+    with open(path + ".tmp", "w") as f:
+        f.write(textwrap.dedent(text))
+    os.replace(path + ".tmp", path)
+
+
+def only_n1p1(lab) -> str:
+    return f"""\
+        kind: AuthorizationPolicy
+        metadata: {{name: only-n1p1, namespace: lab}}
+        spec:
+          selector: {{workload: n2p1}}
+          action: ALLOW
+          rules:
+            - from: [{{principals: ["{lab.pod('n1p1').spiffe_id}"]}}]
+              to: [{{ports: [7200]}}]
+        """
+
+
+def attempt(lab, pod: str, tag: str) -> tuple[dict, float]:
+    started = time.monotonic()
+    result = lab.run_client(pod, f"{lab.pod('n2p1').ip}:7200", 2000, "digest", name=tag)
+    return result, time.monotonic() - started
+
+
+def wait_decision(lab, pod: str, allowed: bool, timeout: float = RELOAD) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        result, _ = attempt(lab, pod, "po-probe")
+        if ("error" not in result and bool(result["reply"])) == allowed:
+            return result
+        assert time.monotonic() < deadline, f"decision for {pod} did not become allowed={allowed}: {result}"
+        time.sleep(0.3)
+
+
+def test_allowed_and_denied_identities_and_agreeing_records(policy_lab):
+    lab = policy_lab
+    write_policy(lab, "only-n1p1.yaml", only_n1p1(lab))
+    wait_decision(lab, "n1p2", allowed=False)
+
+    ok, _ = attempt(lab, "n1p1", "po-allowed")
+    assert "error" not in ok and ok["reply"].split()[0] == ok["sent_sha256"]
+    denied, elapsed = attempt(lab, "n1p2", "po-denied")
+    assert "ConnectionResetError" in denied.get("error", ""), denied
+    assert elapsed < 1.0 + 0.5, f"denied client took {elapsed:.2f}s (includes ~0.3s of process start)"
+
+    src = lab.wait_flow(1, lambda f: f.get("comm") == "po-denied")
+    dst = lab.wait_flow(2, lambda f: f["flow_id"] == src["flow_id"])
+    assert src["response_flags"] == dst["response_flags"] == "DENY"
+    assert src["policy"] == dst["policy"] == "lab/only-n1p1"
+    assert dst["source_principal"] == lab.pod("n1p2").spiffe_id
+    for node, reporter in ((1, "source"), (2, "destination")):
+        metrics = lab.admin_get(node, "/metrics").decode()
+        assert any(line.startswith("tcpmesh_tcp_connections_closed_total{") and 'response_flags="DENY"' in line
+                   and f'reporter="{reporter}"' in line and 'source_workload="n1p2"' in line
+                   for line in metrics.splitlines()), f"node{node} did not count the denial"
+    log = open(lab.node(2).log_file).read()
+    assert src["flow_id"] in log and "lab/only-n1p1" in log  # the access log names the policy
+
+
+def test_hot_reload_flips_and_broken_files_are_refused(policy_lab):
+    lab = policy_lab
+    write_policy(lab, "only-n1p1.yaml", only_n1p1(lab))
+    wait_decision(lab, "n1p2", allowed=False)
+    errors_before = _load_errors(lab)
+
+    write_policy(lab, "only-n1p1.yaml", only_n1p1(lab).replace("workload: n2p1", "workload: n2p2"))
+    wait_decision(lab, "n1p2", allowed=True)  # the policy no longer selects n2p1
+
+    write_policy(lab, "only-n1p1.yaml", only_n1p1(lab))
+    wait_decision(lab, "n1p2", allowed=False)
+    write_policy(lab, "broken.yaml", "kind: AuthorizationPolicy\nmetadata: {name: broken, namespace: lab}\n"
+                                     "spec: {action: PERMIT}\n")
+    time.sleep(RELOAD)
+    assert _load_errors(lab) > errors_before
+    assert "broken.yaml:3: spec.action" in open(lab.node(2).log_file).read()
+    denied, _ = attempt(lab, "n1p2", "po-still-denied")
+    assert "ConnectionResetError" in denied.get("error", ""), "the previous policy set must stay in force"
+    os.unlink(f"{lab.plan.state_dir}/policies/broken.yaml")
+    os.unlink(f"{lab.plan.state_dir}/policies/only-n1p1.yaml")
+    wait_decision(lab, "n1p2", allowed=True)
+
+
+def _load_errors(lab) -> float:
+    for line in lab.admin_get(2, "/metrics").decode().splitlines():
+        if line.startswith("tcpmesh_policy_load_errors_total "):
+            return float(line.split()[1])
+    raise AssertionError("tcpmesh_policy_load_errors_total missing")
