@@ -12,6 +12,7 @@ import asyncio
 import socket
 import ssl
 import struct
+import time
 from typing import Protocol
 
 READ_CHUNK = 256 * 1024
@@ -199,9 +200,12 @@ class TlsLeg(Leg):
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object: ssl.SSLObject | None = None
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.handshake_seconds: float | None = None  # TCP connected → TLS handshake complete
+        self._connected_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._connected_at = time.monotonic()
         try:
             self.ssl_object = self._context.wrap_bio(self._incoming, self._outgoing,
                                                      server_side=self._server_side,
@@ -245,6 +249,7 @@ class TlsLeg(Leg):
             self._fail_handshake(exc)
             return
         self._flush()
+        self.handshake_seconds = time.monotonic() - self._connected_at
         self.handshake_done.set_result(None)
 
     def _fail_handshake(self, exc: BaseException) -> None:
@@ -289,6 +294,15 @@ class TlsLeg(Leg):
             return
         self.bytes_written += len(data)
         self.ssl_object.write(data)
+        self._flush()
+
+    def write_parts(self, *parts: bytes) -> None:
+        """Write several buffers as consecutive TLS records, flushing once (no concatenation copy)."""
+        if self.ssl_object is None or self.transport is None or self.transport.is_closing() or self.eof_sent:
+            return
+        for part in parts:
+            self.bytes_written += len(part)
+            self.ssl_object.write(part)
         self._flush()
 
     def write_eof(self) -> None:

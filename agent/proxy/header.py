@@ -81,6 +81,12 @@ def _decode_address(name: str, value: bytes) -> tuple[str, int]:
 
 
 def encode_connect(request: ConnectRequest) -> bytes:
+    body = encode_connect_body(request)
+    return PREFIX.pack(MAGIC, VERSION, KIND_CONNECT, len(body)) + body
+
+
+def encode_connect_body(request: ConnectRequest) -> bytes:
+    """The TLV body of a CONNECT (also the payload of a tcpmesh/2 OPEN frame)."""
     body = _address_tlv(TLV_DEST, request.dest_ip, request.dest_port)
     if request.source_ip:
         body += _address_tlv(TLV_SOURCE, request.source_ip, request.source_port)
@@ -88,13 +94,29 @@ def encode_connect(request: ConnectRequest) -> bytes:
         if len(request.flow_id) != FLOW_ID_LEN:
             raise ValueError(f"flow id must be {FLOW_ID_LEN} bytes")
         body += bytes([TLV_FLOW_ID, FLOW_ID_LEN]) + request.flow_id
-    return PREFIX.pack(MAGIC, VERSION, KIND_CONNECT, len(body)) + body
+    if len(body) > MAX_BODY:
+        raise ValueError(f"CONNECT body of {len(body)} bytes exceeds {MAX_BODY}")
+    return body
 
 
 def encode_status(reply: StatusReply) -> bytes:
-    reason = reply.reason.encode("utf-8", "replace")[:MAX_REASON]
-    body = bytes([int(reply.status)]) + reason
+    body = encode_status_body(reply)
     return PREFIX.pack(MAGIC, VERSION, KIND_STATUS, len(body)) + body
+
+
+def encode_status_body(reply: StatusReply) -> bytes:
+    """status:u8 + reason (also the payload of a tcpmesh/2 STATUS frame)."""
+    return bytes([int(reply.status)]) + reply.reason.encode("utf-8", "replace")[:MAX_REASON]
+
+
+def decode_connect_body(body: bytes) -> ConnectRequest:
+    if len(body) > MAX_BODY:
+        raise PeerProtocolError(f"CONNECT body of {len(body)} bytes exceeds the limit of {MAX_BODY}")
+    return _decode_connect(body)
+
+
+def decode_status_body(body: bytes) -> StatusReply:
+    return _decode_status(body)
 
 
 class HeaderReader:

@@ -1,0 +1,126 @@
+"""tcpmesh/2 framing: many application connections (streams) over one mTLS tunnel. Pure, sans-io.
+
+    frame = type:u8 flags:u8 reserved:u16 stream:u32 length:u32 payload[length]      (12-byte header)
+
+| type | name   | payload                                   | direction |
+|------|--------|-------------------------------------------|-----------|
+| 1    | OPEN   | CONNECT TLV body (tcpmesh/1 §2)           | client → server, new odd stream id |
+| 2    | STATUS | status:u8 reason                          | server → client, once per stream, before DATA |
+| 3    | DATA   | application bytes                         | both |
+| 4    | FIN    | —  (sender will send no more DATA)        | both |
+| 5    | RST    | reason (utf-8)                            | both; the stream is gone |
+| 6    | WINDOW | credit:u32 (bytes the sender may add)     | both |
+| 7    | GOAWAY | reason (utf-8); no new streams            | both |
+
+Each stream starts with ``INITIAL_WINDOW`` bytes of credit in each direction; a receiver returns
+credit (WINDOW) as it delivers data onward, so one slow application cannot stall the tunnel.
+``FrameDecoder`` bounds every frame (``MAX_FRAME``) and rejects unknown types.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+HEADER = struct.Struct("!BBHII")
+HEADER_SIZE = HEADER.size
+MAX_FRAME = 1024 * 1024
+MAX_CONTROL_PAYLOAD = 1024
+INITIAL_WINDOW = 4 * 1024 * 1024
+MAX_STREAM_ID = 0xFFFFFFFF
+
+
+class FrameType(enum.IntEnum):
+    OPEN = 1
+    STATUS = 2
+    DATA = 3
+    FIN = 4
+    RST = 5
+    WINDOW = 6
+    GOAWAY = 7
+
+
+class MuxProtocolError(Exception):
+    """The peer sent a frame that breaks tcpmesh/2 (the whole tunnel is closed)."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: FrameType
+    stream: int
+    payload: bytes = b""
+
+
+def encode_header(frame_type: FrameType, stream: int, length: int) -> bytes:
+    return HEADER.pack(frame_type, 0, 0, stream, length)
+
+
+def encode(frame_type: FrameType, stream: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(frame_type, 0, 0, stream, len(payload)) + payload
+
+
+def encode_window(stream: int, credit: int) -> bytes:
+    return encode(FrameType.WINDOW, stream, struct.pack("!I", credit))
+
+
+def window_credit(frame: Frame) -> int:
+    if len(frame.payload) != 4:
+        raise MuxProtocolError(f"WINDOW frame on stream {frame.stream} has {len(frame.payload)} payload bytes, not 4")
+    credit = struct.unpack("!I", frame.payload)[0]
+    if credit == 0:
+        raise MuxProtocolError(f"WINDOW frame on stream {frame.stream} grants no credit")
+    return credit
+
+
+class FrameDecoder:
+    """Accumulates bytes and returns complete frames; bounded by MAX_FRAME per frame."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        buffer = self._buffer
+        if not buffer and len(data) >= HEADER_SIZE:
+            return self._feed_fast(data)
+        buffer += data
+        frames, consumed = _parse(buffer)
+        del buffer[:consumed]
+        return frames
+
+    def _feed_fast(self, data: bytes) -> list[Frame]:
+        """Common case: parse straight from ``data`` and keep only the incomplete tail."""
+        frames, consumed = _parse(data)
+        if consumed < len(data):
+            self._buffer += data[consumed:]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+
+def _parse(data: bytes | bytearray) -> tuple[list[Frame], int]:
+    frames: list[Frame] = []
+    offset = 0
+    end = len(data)
+    view = memoryview(data)
+    while end - offset >= HEADER_SIZE:
+        frame_type, _flags, _reserved, stream, length = HEADER.unpack_from(data, offset)
+        if length > MAX_FRAME:
+            raise MuxProtocolError(f"frame of {length} bytes on stream {stream} exceeds the limit of {MAX_FRAME}")
+        try:
+            kind = FrameType(frame_type)
+        except ValueError as exc:
+            raise MuxProtocolError(f"unknown frame type {frame_type} on stream {stream}") from exc
+        if kind is not FrameType.DATA and length > MAX_CONTROL_PAYLOAD:
+            raise MuxProtocolError(f"{kind.name} frame of {length} bytes exceeds {MAX_CONTROL_PAYLOAD}")
+        if stream == 0 and kind is not FrameType.GOAWAY:
+            raise MuxProtocolError(f"{kind.name} frame on stream 0")
+        start = offset + HEADER_SIZE
+        if end - start < length:
+            break
+        frames.append(Frame(kind, stream, bytes(view[start:start + length])))
+        offset = start + length
+    view.release()
+    return frames, offset

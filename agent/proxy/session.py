@@ -1,0 +1,315 @@
+"""tcpmesh/2 over one mTLS tunnel: ``MuxSession`` demultiplexes frames (agent.proxy.mux) into
+``Stream``s, and each ``Stream`` is a relay leg like a socket, so ``Relay`` copies between an
+application's TCP connection and a stream exactly as it does between two sockets.
+
+Back-pressure, per stream: a stream may send only as many DATA bytes as its peer granted (WINDOW);
+when its window is used up, or the tunnel's own write buffer is full, the relay is told to stop
+reading the application. The receiving side returns credit as it hands data onward, and holds it
+back while the relay says the application's socket is full. One slow application therefore never
+stalls the other streams of the tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Callable
+
+from agent.proxy import mux as M
+from agent.proxy.endpoints import Leg, TlsLeg
+from agent.proxy.header import (ConnectRequest, PeerProtocolError, StatusReply, decode_connect_body,
+                                decode_status_body, encode_connect_body, encode_status_body)
+
+log = logging.getLogger("tcpmesh.session")
+SMALL_WRITE = 16 * 1024  # below this a frame header and its payload go out in one TLS write
+CREDIT_THRESHOLD = M.INITIAL_WINDOW // 4
+MAX_STREAMS_PER_SESSION = 4096
+
+
+class Stream(Leg):
+    """One application connection inside a tunnel, seen as a relay leg."""
+
+    def __init__(self, session: "MuxSession", stream_id: int) -> None:
+        super().__init__()
+        self.session = session
+        self.id = stream_id
+        self.send_window = M.INITIAL_WINDOW
+        self.status: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
+        self._queued: collections.deque[bytes] = collections.deque()
+        self._fin_queued = False
+        self._writer_blocked = False  # what the receiver was last told (pause/resume_writing)
+        self._reading_paused = False
+        self._unreturned = 0
+        self._finished = False
+
+    # -- as a leg (called by the relay) ---------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.eof_sent or self._finished:
+            return
+        self.bytes_written += len(data)
+        if self._queued or self.send_window <= 0:
+            self._queued.append(data)
+        else:
+            take = min(len(data), self.send_window)
+            self.send_window -= take
+            self.session.send_data(self.id, data if take == len(data) else data[:take])
+            if take < len(data):
+                self._queued.append(data[take:])
+        self.update_writer_blocked()
+
+    def write_eof(self) -> None:
+        if self.eof_sent or self._finished:
+            return
+        self.eof_sent = True
+        if self._queued:
+            self._fin_queued = True
+        else:
+            self.session.send(M.encode(M.FrameType.FIN, self.id))
+        self._finish_if_done()
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+        self._return_credit(force=True)
+
+    def set_receiver(self, receiver) -> None:
+        super().set_receiver(receiver)
+        self._return_credit(force=True)
+
+    def reset(self, reason: str = "reset") -> None:
+        if self._finished:
+            return
+        self.session.send(M.encode(M.FrameType.RST, self.id, reason.encode()[:M.MAX_CONTROL_PAYLOAD]))
+        self._end()
+
+    def close(self) -> None:
+        """The relay finished cleanly: both FINs were exchanged (or will be, once queued data is sent)."""
+        self._finish_if_done()
+
+    def socket(self):
+        return None
+
+    def peername(self):
+        return None
+
+    # -- from the session ----------------------------------------------------------------------
+    def on_data(self, payload: bytes) -> None:
+        if self.peer_eof:
+            raise M.MuxProtocolError(f"DATA after FIN on stream {self.id}")
+        self._unreturned += len(payload)
+        if self._unreturned > M.INITIAL_WINDOW + CREDIT_THRESHOLD:
+            raise M.MuxProtocolError(f"stream {self.id} sent beyond its window")
+        self._deliver(payload)
+        self._return_credit()
+
+    def on_fin(self) -> None:
+        self._deliver_eof()
+        self._finish_if_done()
+
+    def on_window(self, credit: int) -> None:
+        self.send_window += credit
+        while self._queued and self.send_window > 0:
+            chunk = self._queued.popleft()
+            take = min(len(chunk), self.send_window)
+            self.send_window -= take
+            self.session.send_data(self.id, chunk if take == len(chunk) else chunk[:take])
+            if take < len(chunk):
+                self._queued.appendleft(chunk[take:])
+        if not self._queued and self._fin_queued:
+            self._fin_queued = False
+            self.session.send(M.encode(M.FrameType.FIN, self.id))
+            self._finish_if_done()
+        self.update_writer_blocked()
+
+    def on_reset(self, exc: BaseException) -> None:
+        if self._finished:
+            return
+        if self.session.client and not self.status.done():
+            self.status.set_exception(exc)
+        self._end()
+        self.lost = True
+        if self.receiver is not None:
+            self.receiver.leg_closed(self, exc)
+        else:
+            self._pending_closed = (exc,)
+
+    def update_writer_blocked(self) -> None:
+        blocked = bool(self._queued) or self.session.tunnel_blocked
+        if blocked != self._writer_blocked and self.receiver is not None:
+            self._writer_blocked = blocked
+            if blocked:
+                self.receiver.leg_pause_writing(self)
+            else:
+                self.receiver.leg_resume_writing(self)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _return_credit(self, force: bool = False) -> None:
+        if self._reading_paused or self.receiver is None or self.peer_eof or not self._unreturned:
+            return
+        if force or self._unreturned >= CREDIT_THRESHOLD:
+            self.session.send(M.encode_window(self.id, self._unreturned))
+            self._unreturned = 0
+
+    def _finish_if_done(self) -> None:
+        if self.eof_sent and not self._fin_queued and self.peer_eof:
+            self._end()
+
+    def _end(self) -> None:
+        self._finished = True
+        self.session.forget(self)
+
+
+class MuxSession:
+    """Frames in and out of one TLS leg; the client opens odd stream ids, the server answers them."""
+
+    def __init__(self, tls: TlsLeg, client: bool, on_open: Callable[[Stream, ConnectRequest], None] | None = None,
+                 on_bad_open: Callable[[Stream, str], None] | None = None) -> None:
+        self.tls = tls
+        self.client = client
+        self.on_open = on_open
+        self.on_bad_open = on_bad_open
+        self.streams: dict[int, Stream] = {}
+        self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.tunnel_blocked = False
+        self.goaway = False
+        self.opened_streams = 0
+        self._decoder = M.FrameDecoder()
+        self._next_id = 1 if client else 2
+
+    def start(self) -> "MuxSession":
+        """Take the TLS leg over; frames that arrived with the handshake are processed now, so the
+        callbacks may run before this returns (they get the stream; ``stream.session`` is this)."""
+        self.tls.set_receiver(self)
+        self.tls.resume_reading()
+        return self
+
+    # -- client side ----------------------------------------------------------------------------
+    @property
+    def usable(self) -> bool:
+        return not self.closed.done() and not self.goaway and len(self.streams) < MAX_STREAMS_PER_SESSION \
+            and self._next_id < M.MAX_STREAM_ID - 2
+
+    async def open(self, request: ConnectRequest, timeout: float) -> tuple[Stream, StatusReply]:
+        """Open a stream for ``request`` and wait for the server's STATUS (which may refuse it)."""
+        stream = Stream(self, self._next_id)
+        self._next_id += 2
+        self.streams[stream.id] = stream
+        self.opened_streams += 1
+        self.send(M.encode(M.FrameType.OPEN, stream.id, encode_connect_body(request)))
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(stream.status), timeout)
+        except BaseException:
+            stream.reset("no STATUS in time")
+            raise
+        return stream, reply
+
+    # -- server side ----------------------------------------------------------------------------
+    def send_status(self, stream: Stream, reply: StatusReply) -> None:
+        self.send(M.encode(M.FrameType.STATUS, stream.id, encode_status_body(reply)))
+
+    # -- sending --------------------------------------------------------------------------------
+    def send(self, frame: bytes) -> None:
+        self.tls.write(frame)
+
+    def send_data(self, stream_id: int, data: bytes) -> None:
+        for start in range(0, len(data), M.MAX_FRAME):
+            part = data[start:start + M.MAX_FRAME] if len(data) > M.MAX_FRAME else data
+            header = M.encode_header(M.FrameType.DATA, stream_id, len(part))
+            if len(part) < SMALL_WRITE:
+                self.tls.write(header + part)
+            else:
+                self.tls.write_parts(header, part)
+
+    def forget(self, stream: Stream) -> None:
+        self.streams.pop(stream.id, None)
+
+    def close(self, reason: str) -> None:
+        """Stop the whole tunnel: every stream is reset."""
+        if self.closed.done():
+            return
+        self._fail_all(ConnectionResetError(f"tunnel closed: {reason}"))
+        self.tls.write_eof()
+        self.tls.close()
+        self.closed.set_result(reason)
+
+    # -- receiving (the TLS leg's receiver) -------------------------------------------------------
+    def leg_data(self, leg: Leg, data: bytes) -> None:
+        try:
+            for frame in self._decoder.feed(data):
+                self._dispatch(frame)
+        except (M.MuxProtocolError, PeerProtocolError) as exc:
+            log.warning("closing tunnel from %s: %s", self.tls.peername(), exc)
+            self.send(M.encode(M.FrameType.GOAWAY, 0, str(exc).encode()[:M.MAX_CONTROL_PAYLOAD]))
+            self.close(f"protocol error: {exc}")
+
+    def _dispatch(self, frame: M.Frame) -> None:
+        kind = frame.type
+        if kind is M.FrameType.DATA:
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                stream.on_data(frame.payload)
+            return  # data for a stream just reset: dropped
+        if kind is M.FrameType.WINDOW:
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                stream.on_window(M.window_credit(frame))
+            return
+        if kind is M.FrameType.OPEN:
+            self._on_open(frame)
+        elif kind is M.FrameType.STATUS:
+            stream = self.streams.get(frame.stream)
+            if stream is not None and not stream.status.done():
+                stream.status.set_result(decode_status_body(frame.payload))
+        elif kind is M.FrameType.FIN:
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                stream.on_fin()
+        elif kind is M.FrameType.RST:
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                stream.on_reset(ConnectionResetError(f"stream reset by peer: "
+                                                     f"{frame.payload.decode(errors='replace')}"))
+        elif kind is M.FrameType.GOAWAY:
+            self.goaway = True
+
+    def _on_open(self, frame: M.Frame) -> None:
+        if self.client or frame.stream % 2 == 0 or frame.stream in self.streams:
+            raise M.MuxProtocolError(f"unexpected OPEN for stream {frame.stream}")
+        stream = Stream(self, frame.stream)
+        self.streams[stream.id] = stream
+        self.opened_streams += 1
+        try:
+            request = decode_connect_body(frame.payload)
+        except PeerProtocolError as exc:
+            if self.on_bad_open is not None:
+                self.on_bad_open(stream, str(exc))
+            return
+        if self.on_open is not None:
+            self.on_open(stream, request)
+
+    def leg_eof(self, leg: Leg) -> None:
+        self.close("peer closed the tunnel")
+
+    def leg_closed(self, leg: Leg, exc: BaseException | None) -> None:
+        if self.closed.done():
+            return
+        self._fail_all(ConnectionResetError(f"tunnel lost: {exc or 'closed'}"))
+        self.closed.set_result(str(exc or "closed"))
+
+    def leg_pause_writing(self, leg: Leg) -> None:
+        self.tunnel_blocked = True
+        for stream in list(self.streams.values()):
+            stream.update_writer_blocked()
+
+    def leg_resume_writing(self, leg: Leg) -> None:
+        self.tunnel_blocked = False
+        for stream in list(self.streams.values()):
+            stream.update_writer_blocked()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for stream in list(self.streams.values()):
+            stream.on_reset(exc)
+        self.streams.clear()

@@ -1,0 +1,57 @@
+"""tcpmesh/2 frames: round trips in any fragmentation, and rejection of what breaks the protocol."""
+
+import pytest
+from hypothesis import given, strategies as st
+
+from agent.proxy import mux as M
+
+frames = st.builds(
+    lambda t, s, p: M.Frame(t, s, p if t is M.FrameType.DATA else p[:64]),
+    st.sampled_from([t for t in M.FrameType if t is not M.FrameType.GOAWAY]),
+    st.integers(1, M.MAX_STREAM_ID), st.binary(max_size=300))
+
+
+@given(st.lists(frames, max_size=8), st.integers(1, 50))
+def test_frames_round_trip_in_any_fragmentation(expected, chunk):
+    wire = b"".join(M.encode(f.type, f.stream, f.payload) for f in expected)
+    decoder = M.FrameDecoder()
+    got = []
+    for i in range(0, len(wire), chunk):
+        got += decoder.feed(wire[i:i + chunk])
+    assert got == expected and decoder.pending == 0
+
+
+def test_whole_buffers_take_the_fast_path_and_keep_the_tail():
+    wire = M.encode(M.FrameType.DATA, 1, b"x" * 100) + M.encode(M.FrameType.FIN, 1)
+    decoder = M.FrameDecoder()
+    assert decoder.feed(wire[:-3]) == [M.Frame(M.FrameType.DATA, 1, b"x" * 100)]
+    assert decoder.pending == M.HEADER_SIZE - 3
+    assert decoder.feed(wire[-3:]) == [M.Frame(M.FrameType.FIN, 1)]
+
+
+@pytest.mark.parametrize("wire, words", [
+    (M.HEADER.pack(99, 0, 0, 1, 0), "unknown frame type 99"),
+    (M.HEADER.pack(M.FrameType.DATA, 0, 0, 1, M.MAX_FRAME + 1), "exceeds the limit"),
+    (M.HEADER.pack(M.FrameType.OPEN, 0, 0, 1, M.MAX_CONTROL_PAYLOAD + 1), "exceeds"),
+    (M.HEADER.pack(M.FrameType.DATA, 0, 0, 0, 0), "on stream 0"),
+])
+def test_protocol_violations_are_rejected(wire, words):
+    with pytest.raises(M.MuxProtocolError, match=words):
+        M.FrameDecoder().feed(wire)
+
+
+def test_window_frames_carry_credit_and_refuse_nonsense():
+    (frame,) = M.FrameDecoder().feed(M.encode_window(3, 65536))
+    assert M.window_credit(frame) == 65536
+    with pytest.raises(M.MuxProtocolError):
+        M.window_credit(M.Frame(M.FrameType.WINDOW, 3, b"\x00\x00\x00\x00"))
+    with pytest.raises(M.MuxProtocolError):
+        M.window_credit(M.Frame(M.FrameType.WINDOW, 3, b"\x01"))
+
+
+@given(st.binary(max_size=200))
+def test_garbage_never_crashes_the_decoder(data):
+    try:
+        M.FrameDecoder().feed(data)
+    except M.MuxProtocolError:
+        pass
