@@ -12,6 +12,7 @@ import click
 from agent import __version__
 from agent.control.cli import workload
 from agent.demo import demo
+from agent.doctor import doctor
 from agent.errors import TcpmeshError
 from agent.lab.cli import lab
 from agent.policy.cli import policy
@@ -86,3 +87,4 @@ main.add_command(lab)
 main.add_command(workload)
 main.add_command(policy)
 main.add_command(demo)
+main.add_command(doctor)

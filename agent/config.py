@@ -30,7 +30,7 @@ DEFAULT_DRAIN_SECONDS = 5.0
 DEFAULT_REGISTRY_POLL_SECONDS = 2.0
 DEFAULT_POLICY_POLL_SECONDS = 2.0
 DEFAULT_ADMIN_SOCKET = "/run/tcpmesh/agent.sock"
-CAPTURE_MODES = ("ebpf-connect", "none")
+CAPTURE_MODES = ("auto", "ebpf-connect", "ebpf-tc", "iptables", "none")
 ENV_PREFIX = "TCPMESH_"
 
 
@@ -54,9 +54,13 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class CaptureConfig:
+    # "auto": the best mode this host supports, by probe (ebpf-connect > ebpf-tc > iptables;
+    #   `tcpmesh doctor` shows which and why).
     # "ebpf-connect": cgroup connect4 + sockops + getsockopt + getpeername4 (DESIGN.md).
+    # "ebpf-tc": tc sk_assign on the pods' node-side veths onto an IP_TRANSPARENT listener.
+    # "iptables": netfilter TPROXY (nft, iptables-nft or iptables-legacy) in the node netns.
     # "none": no capture at all (a laptop switch: the proxies run, nothing is steered to them).
-    mode: str = "ebpf-connect"
+    mode: str = "auto"
     # Address the connect4 hook rewrites captured destinations to: local to the node and reachable
     # from every pod (the pods' gateway address, or the node address).
     redirect_address: str = ""
@@ -196,7 +200,7 @@ def validate(config: Config) -> Config:
     if config.capture.mode not in CAPTURE_MODES:
         raise ConfigError("capture.mode", config.capture.mode, "unknown capture mode",
                           f"choose one of {', '.join(CAPTURE_MODES)}")
-    if config.capture.mode != "none":
+    if config.capture.mode in ("auto", "ebpf-connect"):  # ebpf-tc and iptables deliver in place
         _ipv4("capture.redirect_address", config.capture.redirect_address, required=True)
     if config.identity.svid_ttl_seconds < 60:
         raise ConfigError("identity.svid_ttl_seconds", config.identity.svid_ttl_seconds,

@@ -11,10 +11,13 @@ from typing import Mapping, Sequence
 from agent.capture import abi
 
 
-def sum_per_cpu(per_reason: Mapping[int, Sequence[int] | None]) -> dict[str, int] | None:
-    """{reason code: per-CPU values} -> {reason name: total}, or None on a partial read."""
+def sum_per_cpu(per_reason: Mapping[int, Sequence[int] | None],
+                names: Sequence[str] = abi.REASONS) -> dict[str, int] | None:
+    """{reason code: per-CPU values} -> {reason name: total}, or None on a partial read.
+
+    ``names``: the reason names in code order (abi.REASONS; abi.TC_REASONS for the tc program)."""
     totals: dict[str, int] = {}
-    for code, name in enumerate(abi.REASONS):
+    for code, name in enumerate(names):
         values = per_reason.get(code)
         if values is None or len(values) == 0:
             return None

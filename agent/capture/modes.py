@@ -122,6 +122,10 @@ def build_capture(config) -> Capture:
     from agent import hostcheck
 
     mode = config.capture.mode
+    if mode == "auto":
+        from agent.doctor import choose_capture_mode
+
+        mode = choose_capture_mode(config)  # runs `tcpmesh doctor`, logs which mode and why
     if mode == "none":
         return NoCapture()
     if mode == "ebpf-connect":
@@ -130,4 +134,14 @@ def build_capture(config) -> Capture:
         proxy_cgroup = config.capture.proxy_cgroup or hostcheck.own_cgroup_path(config.capture.cgroup_root)
         return ConnectMode(config.capture.redirect_address, config.proxy.outbound_port, config.state_dir,
                            proxy_cgroup)
+    if mode == "ebpf-tc":
+        from agent.capture.tc_mode import TcCapture  # imports bcc at start() only
+
+        hostcheck.require(hostcheck.root_problem(), hostcheck.bcc_problem())
+        return TcCapture(config.proxy.bind_address, config.proxy.outbound_port, config.state_dir)
+    if mode == "iptables":
+        from agent.capture.tproxy_mode import TproxyCapture
+
+        hostcheck.require(hostcheck.root_problem())
+        return TproxyCapture(config.proxy.bind_address, config.proxy.outbound_port)
     raise ValueError(f"capture mode {mode!r} is not implemented")

@@ -111,4 +111,33 @@ enum tcpmesh_reason {
 	TCPMESH_R_MAX = 15,
 };
 
+/* ---- ebpf-tc mode (bpf/capture_tc.c) ------------------------------------------------------- */
+
+/*
+ * The skb mark bit capture_tc.c ORs into a packet it assigned to a proxy socket (and the iptables
+ * mode's TPROXY rules set). The node has `ip rule fwmark TCPMESH_STEER_MARK/TCPMESH_STEER_MARK
+ * lookup <table>` with `local 0.0.0.0/0 dev lo` in that table, so marked packets are delivered
+ * locally instead of forwarded (agent/capture/steering.py). One bit: other marks are kept.
+ */
+#define TCPMESH_STEER_MARK 0x10000000
+
+/* Reason counters of the tc program (index into its own per-CPU array tcpmesh_tc_counters).
+ * Append only; never renumber or reuse a code. agent/capture/abi.py mirrors the names. */
+enum tcpmesh_tc_reason {
+	TCPMESH_TC_R_SYN_ASSIGNED = 0,     /* SYN of a captured connection assigned to the proxy listener */
+	TCPMESH_TC_R_EST_ASSIGNED = 1,     /* packet of a connection the proxy owns assigned to its socket */
+	TCPMESH_TC_R_NOT_TCP = 2,          /* not IPv4 TCP (or a non-first fragment): passed */
+	TCPMESH_TC_R_LOOPBACK = 3,         /* destination 127.0.0.0/8 or 0.0.0.0/8: passed */
+	TCPMESH_TC_R_NOT_CAPTURED = 4,     /* destination outside the capture CIDRs or a node address: passed */
+	TCPMESH_TC_R_NOT_OURS = 5,         /* non-SYN, no proxy socket, never captured (e.g. the pod
+	                                      answering as a server): passed */
+	TCPMESH_TC_R_ORPHAN_DROPPED = 6,   /* non-SYN of a captured connection whose proxy socket is
+	                                      gone (agent restarted): dropped, never forwarded */
+	TCPMESH_TC_R_NO_LISTENER = 7,      /* SYN to capture but no proxy listener: dropped (fail-closed) */
+	TCPMESH_TC_R_ASSIGN_FAILED = 8,    /* bpf_sk_assign failed: dropped */
+	TCPMESH_TC_R_MAP_UPDATE_FAILED = 9, /* capture record not stored (the SYN is still assigned) */
+	TCPMESH_TC_R_SHORT = 10,           /* headers not readable even after a pull: passed */
+	TCPMESH_TC_R_MAX = 11,
+};
+
 #endif /* TCPMESH_ABI_H */

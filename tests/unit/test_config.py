@@ -13,7 +13,7 @@ def test_valid_minimal_config_gets_documented_defaults():
     assert config.proxy.outbound_port == 15001
     assert config.proxy.inbound_port == 15008
     assert config.admin.port == 15020
-    assert config.capture.mode == "ebpf-connect"
+    assert config.capture.mode == "auto"
 
 
 @pytest.mark.parametrize("doc, field, words", [

@@ -1,0 +1,327 @@
+"""The ebpf-tc capture mode: bpf/capture_tc.c on tc ingress of each local pod's node-side veth.
+
+``TcCapture`` implements the ``Capture`` interface (agent.capture.modes):
+  - ``start()``: compile and load the program (bcc, kernel stub), fill tcpmesh_tc_cidrs (capture
+    CIDRs, bypass CIDRs, the node's own addresses as bypass /32s), install the fwmark rule and
+    local table (agent.capture.steering);
+  - ``attach(w)``: the interface the node routes ``w.ip`` through (`ip route get` → oif) gets a
+    clsact qdisc and our cls_bpf filter on ingress (direct-action, IPv4, priority/handle below,
+    name ``tcpmesh_tc_in``), with ``replace`` so a leftover of a crashed run is swapped in place;
+    several workloads behind one interface share one filter;
+  - ``origin(sock)``: getsockname() of the accepted socket (agent.capture.transparent);
+  - ``stop()``: removes every filter it attached (and the clsact when nothing else is left on it),
+    the steering objects, and releases the program.
+The proxy's outbound listener must be IP_TRANSPARENT (``listener``): the assigned SYN carries the
+original destination, and the SYN-ACK leaves from that foreign address.
+
+``find_leftovers`` / ``cleanup_leftovers`` find and remove, by name and constants, whatever a
+crashed run left in a namespace; they need no bcc. Must not import the proxy or telemetry packages.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from agent.capture import abi, steering
+from agent.capture.bccload import base_cflags, bpf_source_dir, compile_source, load_program
+from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
+from agent.capture.counters import sum_per_cpu
+from agent.capture.errors import NotLoaded
+from agent.capture.modes import ListenerRequirements
+from agent.capture.netns import describe, ipr, netlink_call
+from agent.capture.origin import Origin
+from agent.capture.transparent import TransparentOrigins, lookup_address
+from agent.errors import KernelError
+from agent.registry.model import Workload
+
+SOURCE_NAME = "capture_tc.c"
+PROGRAM = "tcpmesh_tc_in"
+FILTER_NAME_PREFIX = "tcpmesh"     # every tc filter tcpmesh makes is named tcpmesh_*
+TC_PRIORITY = 0x746D               # 29805: filters with a lower number run first
+TC_HANDLE = 1
+CLSACT_INGRESS = 0xFFFFFFF2        # ffff:fff2
+CLSACT_EGRESS = 0xFFFFFFF3
+ETH_P_IP = 0x0800
+PROG_SCHED_CLS = 3                 # BPF_PROG_TYPE_SCHED_CLS
+DEFAULT_MAX_CONNECTIONS = 65536
+
+
+def compile_flags(source_dir: Path, listen_address: str, listen_port: int,
+                  max_connections: int = DEFAULT_MAX_CONNECTIONS) -> list[str]:
+    """The -I/-D flags for capture_tc.c (pure). PROXY_IP is the host-order integer."""
+    return [
+        *base_cflags(source_dir),
+        f"-DPROXY_IP={int(ipaddress.IPv4Address(lookup_address(listen_address)))}u",
+        f"-DPROXY_PORT={int(listen_port)}",
+        f"-DTCPMESH_MAX_CONNS={int(max_connections)}",
+    ]
+
+
+def cidr_entries(capture: Sequence[str], bypass: Sequence[str], local: frozenset[str]) -> dict[tuple[int, int], int]:
+    """The LPM entries: the configured CIDRs, then every node address as a BYPASS /32 (pure)."""
+    entries = lpm_entries(capture, bypass)
+    for ip in sorted(local):
+        entries[(32, abi.ip4_to_net_u32(ip))] = abi.CIDR_BYPASS
+    return entries
+
+
+class TcCapture:
+    """One loaded copy of capture_tc.c and the interfaces it is attached to."""
+
+    name = "ebpf-tc"
+    listener = ListenerRequirements(transparent=True)
+
+    def __init__(self, listen_address: str, listen_port: int, state_dir: str, *, netns: str | None = None,
+                 capture_cidrs: Sequence[str] = DEFAULT_CAPTURE_CIDRS, bypass_cidrs: Sequence[str] = (),
+                 source_dir: str | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.listen_address = listen_address
+        self.listen_port = int(listen_port)
+        self.state_dir = state_dir
+        self.netns = netns
+        self._capture_cidrs = tuple(capture_cidrs)
+        self._bypass_cidrs = tuple(bypass_cidrs)
+        lpm_entries(self._capture_cidrs, self._bypass_cidrs)  # validate now, not at start()
+        self.source_dir = Path(source_dir) if source_dir else bpf_source_dir()
+        self.max_connections = max_connections
+        self._origins = TransparentOrigins()
+        self._bpf = None
+        self._fn = None
+        self._attached: dict[str, tuple[int, str]] = {}  # workload key -> (ifindex, ifname)
+        self.load_seconds: float | None = None
+
+    # ---- Capture interface ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._bpf is not None:
+            return
+        started = time.monotonic()
+        source = self.source_dir / SOURCE_NAME
+        bpf = compile_source(source, compile_flags(self.source_dir, self.listen_address, self.listen_port,
+                                                   self.max_connections), self.state_dir)
+        try:
+            self._fn = load_program(bpf, source, PROGRAM, PROG_SCHED_CLS)
+            self._bpf = bpf
+            self.refresh_local_addresses()
+            steering.ensure(self.netns)
+        except BaseException:
+            self._bpf = self._fn = None
+            bpf.cleanup()
+            raise
+        self.load_seconds = time.monotonic() - started
+
+    def attach(self, workload: Workload) -> None:
+        """Our filter on ingress of the interface ``workload.ip`` routes through. Idempotent."""
+        self._require_started()
+        index, ifname = steering.route_interface(workload.ip, self.netns)
+        if self._attached.get(workload.key) == (index, ifname):
+            return
+        self.refresh_local_addresses()
+        if (index, ifname) not in self._attached.values():
+            _install_filter(self.netns, index, ifname, self._fn.fd)
+        previous = self._attached.get(workload.key)
+        self._attached[workload.key] = (index, ifname)
+        if previous is not None:
+            self._release(previous)
+
+    def detach(self, workload: Workload) -> None:
+        """Stop capturing ``workload``; the filter goes when no attached workload uses its interface."""
+        link = self._attached.pop(workload.key, None)
+        if link is not None:
+            self._release(link)
+
+    def origin(self, sock: socket.socket) -> Origin | None:
+        return self._origins.origin(sock)
+
+    def stop(self) -> None:
+        errors: list[Exception] = []
+        for key in list(self._attached):
+            try:
+                self._release(self._attached.pop(key))
+            except KernelError as exc:
+                errors.append(exc)
+        try:
+            steering.remove(self.netns)
+        except KernelError as exc:
+            errors.append(exc)
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = self._fn = None
+        if errors:
+            raise errors[0]
+
+    def counters(self) -> dict[str, int]:
+        """{reason: total over CPUs}; empty on a partial read or before start()."""
+        if self._bpf is None:
+            return {}
+        table = self._bpf[b"tcpmesh_tc_counters"]
+        per_reason: dict[int, list[int] | None] = {}
+        for code in range(abi.TC_REASON_MAX):
+            try:
+                per_reason[code] = list(table.getvalue(table.Key(code)))
+            except (KeyError, OSError):
+                per_reason[code] = None
+        return sum_per_cpu(per_reason, abi.TC_REASONS) or {}
+
+    # ---- more ----------------------------------------------------------------------------------
+
+    def attachments(self) -> dict[str, str]:
+        """{workload key: interface}, a snapshot for `doctor` and tests."""
+        return {key: ifname for key, (_, ifname) in sorted(self._attached.items())}
+
+    def refresh_local_addresses(self) -> None:
+        """Re-read the node's addresses: never captured, and not an origin (swapped whole)."""
+        self._require_started()
+        local = steering.local_addresses(self.netns)
+        self._write_cidrs(cidr_entries(self._capture_cidrs, self._bypass_cidrs, local))
+        self._origins.local = local
+
+    def _release(self, link: tuple[int, str]) -> None:
+        if link not in self._attached.values():
+            _remove_filters(self.netns, link[0], link[1])
+
+    def _write_cidrs(self, entries: dict[tuple[int, int], int]) -> None:
+        table = self._bpf[b"tcpmesh_tc_cidrs"]
+        for (prefixlen, ip4), action in entries.items():
+            key = table.Key.from_buffer_copy(bytes(abi.CidrKey(prefixlen=prefixlen, ip4=ip4)))
+            table[key] = table.Leaf.from_buffer_copy(bytes(abi.CidrValue(action=action)))
+        for key in list(table.keys()):
+            if (key.prefixlen, key.ip4) not in entries:
+                del table[key]
+
+    def _require_started(self) -> None:
+        if self._bpf is None:
+            raise NotLoaded("TcCapture.start() has not run (or stop() already did)")
+
+
+# ---- tc objects, found by name (no bcc needed) ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Filter:
+    ifindex: int
+    ifname: str
+    parent: int
+    priority: int
+    protocol: int
+    handle: int
+    name: str
+
+    def describe(self, where: str) -> str:
+        side = "ingress" if self.parent == CLSACT_INGRESS else "egress"
+        return f"tc filter {self.name} on {self.ifname} {side} (pref {self.priority}) in {where}"
+
+
+def _filters(handle, index: int, ifname: str) -> list[Filter]:
+    found = []
+    for parent in (CLSACT_INGRESS, CLSACT_EGRESS):
+        try:
+            msgs = handle.get_filters(index=index, parent=parent)
+        except NetlinkError as exc:
+            if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                continue  # no clsact here, or the interface is gone
+            raise
+        for msg in msgs:
+            options = msg.get_attr("TCA_OPTIONS")
+            if msg.get_attr("TCA_KIND") != "bpf" or options is None:
+                continue
+            found.append(Filter(index, ifname, parent, msg["info"] >> 16, socket.ntohs(msg["info"] & 0xFFFF),
+                                msg["handle"], options.get_attr("TCA_BPF_NAME") or ""))
+    return found
+
+
+def _has_clsact(handle, index: int) -> bool:
+    return any(q.get_attr("TCA_KIND") == "clsact" for q in handle.get_qdiscs(index))
+
+
+@netlink_call
+def _install_filter(netns: str | None, index: int, ifname: str, prog_fd: int) -> None:
+    where = describe(netns)
+    with ipr(netns) as handle:
+        if not _has_clsact(handle, index):
+            try:
+                handle.tc("add", "clsact", index)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise KernelError("add clsact qdisc", f"{ifname} in {where}", exc.code,
+                                      "is another ingress qdisc installed on it?") from exc
+        try:
+            handle.tc("replace-filter", "bpf", index, TC_HANDLE, fd=prog_fd, name=PROGRAM, parent=CLSACT_INGRESS,
+                      prio=TC_PRIORITY, protocol=ETH_P_IP, direct_action=True)
+        except NetlinkError as exc:
+            raise KernelError("add tc filter", f"{PROGRAM} on {ifname} ingress in {where}", exc.code) from exc
+        for stale in _filters(handle, index, ifname):  # older tcpmesh filters at other places
+            if stale.name.startswith(FILTER_NAME_PREFIX) and (stale.parent, stale.priority, stale.handle) != \
+                    (CLSACT_INGRESS, TC_PRIORITY, TC_HANDLE):
+                _delete_filter(handle, stale, where)
+
+
+def _delete_filter(handle, f: Filter, where: str) -> bool:
+    try:
+        handle.tc("del-filter", "bpf", f.ifindex, f.handle, parent=f.parent, prio=f.priority, protocol=f.protocol)
+    except NetlinkError as exc:
+        if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+            return False
+        raise KernelError("delete tc filter", f.describe(where), exc.code) from exc
+    return True
+
+
+@netlink_call
+def _remove_filters(netns: str | None, index: int, ifname: str) -> list[str]:
+    """Delete tcpmesh filters on one interface, then its clsact if nothing is left on it."""
+    where = describe(netns)
+    removed = []
+    with ipr(netns) as handle:
+        if not _link_exists(handle, index):
+            return []  # interface gone: its filters went with it
+        for f in _filters(handle, index, ifname):
+            if f.name.startswith(FILTER_NAME_PREFIX) and _delete_filter(handle, f, where):
+                removed.append(f.describe(where))
+        if removed and not _filters(handle, index, ifname) and _has_clsact(handle, index):
+            try:
+                handle.tc("del", "clsact", index)
+                removed.append(f"clsact qdisc on {ifname} in {where}")
+            except NetlinkError as exc:
+                if exc.code not in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                    raise KernelError("delete clsact qdisc", f"{ifname} in {where}", exc.code) from exc
+    return removed
+
+
+def _link_exists(handle, index: int) -> bool:
+    try:
+        return bool(handle.get_links(index))
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return False
+        raise
+
+
+@netlink_call
+def find_leftovers(netns: str | None = None) -> list[str]:
+    """Every tc filter named tcpmesh* and the steering objects in ``netns`` (None: this one)."""
+    where = describe(netns)
+    found = []
+    with ipr(netns) as handle:
+        for link in handle.get_links():
+            index, ifname = link["index"], link.get_attr("IFLA_IFNAME")
+            found += [f.describe(where) for f in _filters(handle, index, ifname)
+                      if f.name.startswith(FILTER_NAME_PREFIX)]
+    return found + [f"{item} in {where}" for item in steering.present(netns)]
+
+
+@netlink_call
+def cleanup_leftovers(netns: str | None = None) -> list[str]:
+    """Remove every tc filter tcpmesh made (and a clsact left empty by that), the fwmark rule and
+    the local table in ``netns`` (None: this one). Returns what was removed; safe to run twice."""
+    removed = []
+    with ipr(netns) as handle:
+        links = [(link["index"], link.get_attr("IFLA_IFNAME")) for link in handle.get_links()]
+    for index, ifname in links:
+        removed += _remove_filters(netns, index, ifname)
+    return removed + steering.remove(netns)

@@ -1,0 +1,150 @@
+"""The iptables capture mode: netfilter TPROXY in the node netns for TCP entering from pod interfaces.
+
+``TproxyCapture`` implements the ``Capture`` interface (agent.capture.modes):
+  - ``start()``: installs the rules (agent.capture.netfilter) with the first backend that works —
+    native nft, then iptables-nft, then iptables-legacy — remembering why the others failed
+    (``backend_errors``); removes whatever the other backends hold of ours (a previous run's);
+    installs the fwmark rule and local table (agent.capture.steering);
+  - ``attach(w)``: the interface the node routes ``w.ip`` through joins the captured set;
+  - ``origin(sock)``: getsockname() of the accepted socket (agent.capture.transparent);
+  - ``stop()``: removes the rules of every backend and the steering objects.
+The outbound listener must be IP_TRANSPARENT (``listener``).
+
+``find_leftovers`` / ``cleanup_leftovers`` find and remove, by name, what a crashed run left in a
+namespace (every backend). Must not import bcc, the proxy or telemetry packages.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Sequence
+
+from agent.capture import abi, steering
+from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS
+from agent.capture.modes import ListenerRequirements
+from agent.capture.netfilter import BACKEND_ORDER, Backend, NetfilterError, backend, spec_for
+from agent.capture.netns import describe
+from agent.capture.origin import Origin
+from agent.capture.transparent import TransparentOrigins
+from agent.errors import EnvironmentProblem
+from agent.registry.model import Workload
+
+log = logging.getLogger("tcpmesh.capture")
+
+
+class TproxyCapture:
+    name = "iptables"
+    listener = ListenerRequirements(transparent=True)
+
+    def __init__(self, listen_address: str, listen_port: int, *, netns: str | None = None,
+                 backends: Sequence[str] = BACKEND_ORDER, capture_cidrs: Sequence[str] = DEFAULT_CAPTURE_CIDRS,
+                 bypass_cidrs: Sequence[str] = ()) -> None:
+        self.netns = netns
+        self.spec = spec_for(listen_address, listen_port, abi.STEER_MARK, capture_cidrs, bypass_cidrs)
+        self.backend_order = tuple(backends)
+        for name in self.backend_order:
+            backend(name)  # unknown names fail here, not at start()
+        self.backend: Backend | None = None
+        self.backend_errors: dict[str, str] = {}
+        self._origins = TransparentOrigins()
+        self._attached: dict[str, str] = {}  # workload key -> interface
+
+    # ---- Capture interface ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.backend is not None:
+            return
+        self.backend_errors = {}
+        for name in self.backend_order:
+            candidate = backend(name, self.netns)
+            try:
+                candidate.install(self.spec)
+            except NetfilterError as exc:
+                self.backend_errors[name] = str(exc)
+                _quietly_remove(candidate)
+                continue
+            self.backend = candidate
+            break
+        if self.backend is None:
+            raise EnvironmentProblem("capture mode iptables: no netfilter backend could install the TPROXY rules "
+                                     f"in {describe(self.netns)}:\n" +
+                                     "\n".join(f"  {n}: {e}" for n, e in self.backend_errors.items()))
+        for name in BACKEND_ORDER:  # a previous run's rules in another backend
+            if name != self.backend.name:
+                for item in backend(name, self.netns).remove():
+                    log.info("removed leftover %s", item)
+        steering.ensure(self.netns)
+        self._origins.local = steering.local_addresses(self.netns)
+        if self.backend_errors:
+            log.info("iptables mode uses %s (%s)", self.backend.name,
+                     "; ".join(f"{n} failed: {e}" for n, e in self.backend_errors.items()))
+
+    def attach(self, workload: Workload) -> None:
+        backend_ = self._require_started()
+        _, ifname = steering.route_interface(workload.ip, self.netns)
+        if self._attached.get(workload.key) == ifname:
+            return
+        self._origins.local = steering.local_addresses(self.netns)
+        backend_.add_interface(ifname)
+        previous = self._attached.get(workload.key)
+        self._attached[workload.key] = ifname
+        if previous is not None:
+            self._release(previous)
+
+    def detach(self, workload: Workload) -> None:
+        ifname = self._attached.pop(workload.key, None)
+        if ifname is not None:
+            self._release(ifname)
+
+    def origin(self, sock: socket.socket) -> Origin | None:
+        return self._origins.origin(sock)
+
+    def stop(self) -> None:
+        """Remove our rules (the chosen backend's; start() already cleared the others) and steering."""
+        self._attached.clear()
+        if self.backend is not None:
+            self.backend.remove()
+            self.backend = None
+        steering.remove(self.netns)
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    # ---- more ----------------------------------------------------------------------------------
+
+    def attachments(self) -> dict[str, str]:
+        return dict(sorted(self._attached.items()))
+
+    def _release(self, ifname: str) -> None:
+        if ifname not in self._attached.values() and self.backend is not None:
+            self.backend.remove_interface(ifname)
+
+    def _require_started(self) -> Backend:
+        if self.backend is None:
+            raise EnvironmentProblem("TproxyCapture.start() has not run (or stop() already did)")
+        return self.backend
+
+
+def _quietly_remove(candidate: Backend) -> None:
+    try:
+        candidate.remove()
+    except NetfilterError:
+        pass  # it failed to install; what it could not remove, find_leftovers still reports
+
+
+def find_leftovers(netns: str | None = None) -> list[str]:
+    """Every nft table / iptables chain and jump of tcpmesh, and the steering objects, in ``netns``."""
+    found: list[str] = []
+    for name in BACKEND_ORDER:
+        found += backend(name, netns).present()
+    return found + [f"{item} in {describe(netns)}" for item in steering.present(netns)]
+
+
+def cleanup_leftovers(netns: str | None = None) -> list[str]:
+    """Remove every nft table, iptables chain and jump tcpmesh made (all backends), the fwmark rule
+    and the local table in ``netns`` (None: this one). Returns what was removed; safe to run twice."""
+    removed: list[str] = []
+    for name in BACKEND_ORDER:
+        removed += backend(name, netns).remove()
+    return removed + steering.remove(netns)

@@ -1,0 +1,300 @@
+"""The kernel and host probes behind `tcpmesh doctor` (and so behind ``capture.mode: auto``).
+
+Each probe is a small function returning a ``Probe`` (result, detail, exact error). Probes that
+need a network namespace make their own throwaway one (``tcpmesh-probe-<pid>-<random>``) and
+remove it; nothing is attached to the root cgroup or to any interface or netfilter table of the
+caller's namespace. BPF programs are only loaded, never attached, except one trivial tc filter on
+the throwaway namespace's loopback. Imports bcc only inside ``probe_bcc`` / ``probe_programs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import os
+import platform
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+OK, FAIL, WARN, SKIPPED = "ok", "fail", "warn", "skipped"
+
+# capability bits (uapi/linux/capability.h)
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+BPF_SYSCALL_NR = {"x86_64": 321, "aarch64": 280, "arm64": 280}
+BPF_MAP_CREATE, BPF_PROG_LOAD = 0, 5
+BPF_MAP_TYPE_ARRAY = 2
+BPF_PROG_TYPE_SCHED_CLS = 3
+ATTR_SIZE = 128
+TIME_ERROR = 5
+CLOCK_SANE_YEARS = (2024, 2100)
+
+# check name -> (function in bpf/probe.c, BPF_PROG_TYPE_*, expected attach type or -1)
+PROGRAM_PROBES: dict[str, tuple[str, int, int]] = {
+    "prog_connect4": ("probe_connect4", 18, 10),        # cgroup_sock_addr / CGROUP_INET4_CONNECT
+    "prog_connect6": ("probe_connect6", 18, 11),        # cgroup_sock_addr / CGROUP_INET6_CONNECT
+    "prog_getpeername4": ("probe_peer4", 18, 29),       # cgroup_sock_addr / CGROUP_INET4_GETPEERNAME
+    "prog_getpeername6": ("probe_peer6", 18, 30),       # cgroup_sock_addr / CGROUP_INET6_GETPEERNAME
+    "prog_sockops": ("probe_sockops", 13, 3),           # sock_ops / CGROUP_SOCK_OPS
+    "prog_getsockopt": ("probe_sockopt", 25, 21),       # cgroup_sockopt / CGROUP_GETSOCKOPT
+    "prog_sched_cls": ("probe_sched_cls", 3, -1),       # sched_cls (tc)
+    "helper_skc_lookup_tcp": ("probe_skc_lookup", 3, -1),
+    "helper_sk_assign": ("probe_sk_assign", 3, -1),
+}
+TPROXY_PROBES = {"tproxy_nft": "nft", "tproxy_iptables_nft": "iptables-nft",
+                 "tproxy_iptables_legacy": "iptables-legacy"}
+
+
+@dataclass(frozen=True)
+class Probe:
+    result: str          # ok | fail | warn | skipped
+    detail: str = ""     # what was found (version, path, ...)
+    error: str = ""      # the exact error when not ok
+
+    @property
+    def usable(self) -> bool:
+        return self.result in (OK, WARN)
+
+
+def ok(detail: str = "") -> Probe:
+    return Probe(OK, detail)
+
+
+def fail(error: str, detail: str = "") -> Probe:
+    return Probe(FAIL, detail, error)
+
+
+def guarded(fn: Callable[[], Probe]) -> Probe:
+    """Run one probe; an unexpected exception is that probe's failure, never the doctor's."""
+    try:
+        return fn()
+    except Exception as exc:  # a probe's fault is its own row
+        return fail(f"{type(exc).__name__}: {exc}")
+
+
+# ---- host -------------------------------------------------------------------------------------------
+
+def probe_root() -> Probe:
+    euid = os.geteuid()
+    return ok("euid 0") if euid == 0 else fail(f"running as euid {euid}: tcpmesh must run as root")
+
+
+def effective_caps(status_text: str) -> int:
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def probe_permissions(status_file: str = "/proc/self/status") -> Probe:
+    caps = effective_caps(Path(status_file).read_text())
+    missing = [name for name, bit in (("CAP_NET_ADMIN", CAP_NET_ADMIN), ("CAP_SYS_ADMIN", CAP_SYS_ADMIN))
+               if not caps >> bit & 1]
+    if missing:
+        return fail(f"missing capabilities {', '.join(missing)} (CapEff {caps:#x})")
+    bpf = "CAP_BPF" if caps >> CAP_BPF & 1 else "CAP_SYS_ADMIN for bpf()"
+    return ok(f"CAP_NET_ADMIN, CAP_SYS_ADMIN, {bpf} (CapEff {caps:#x})")
+
+
+def probe_clock(now: float | None = None) -> Probe:
+    now = time.time() if now is None else now
+    stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    low, high = CLOCK_SANE_YEARS
+    if not low <= stamp.year < high:
+        return fail(f"the wall clock says {stamp.isoformat(timespec='seconds')}: certificates would be rejected; "
+                    "set the time (NTP) before starting the agent")
+    detail = f"{stamp.isoformat(timespec='seconds')}, monotonic {time.monotonic():.0f}s"
+    state = _adjtimex_state()
+    if state == TIME_ERROR:
+        return Probe(WARN, detail, "the kernel reports the clock as not synchronised (adjtimex TIME_ERROR)")
+    return ok(detail)
+
+
+def _adjtimex_state() -> int | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(512)  # struct timex, modes = 0: read only
+        return libc.adjtimex(buf)
+    except (OSError, AttributeError):
+        return None
+
+
+# ---- bpf(2) without bcc ---------------------------------------------------------------------------
+
+def _bpf(cmd: int, attr: ctypes.Array) -> int:
+    nr = BPF_SYSCALL_NR.get(platform.machine())
+    if nr is None:
+        raise OSError(0, f"no bpf syscall number known for {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(ATTR_SIZE))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+def map_create_array() -> int:
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    ctypes.memmove(attr, (ctypes.c_uint32 * 4)(BPF_MAP_TYPE_ARRAY, 4, 4, 1), 16)
+    return _bpf(BPF_MAP_CREATE, attr)
+
+
+def prog_load_trivial(prog_type: int = BPF_PROG_TYPE_SCHED_CLS) -> int:
+    """A 2-instruction program (r0 = -1; exit): for tc, TC_ACT_UNSPEC."""
+    insns = (ctypes.c_uint8 * 16)(0xB7, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x95, 0, 0, 0, 0, 0, 0, 0)
+    license_ = ctypes.create_string_buffer(b"GPL")
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    ctypes.memmove(ctypes.addressof(attr), (ctypes.c_uint32 * 2)(prog_type, 2), 8)
+    ctypes.memmove(ctypes.addressof(attr) + 8, (ctypes.c_uint64 * 2)(ctypes.addressof(insns),
+                                                                      ctypes.addressof(license_)), 16)
+    ctypes.memmove(ctypes.addressof(attr) + 48, b"tcpmesh_probe\0", 14)
+    return _bpf(BPF_PROG_LOAD, attr)
+
+
+def probe_bpf_syscall() -> Probe:
+    try:
+        fd = map_create_array()
+    except OSError as exc:
+        return fail(f"bpf(BPF_MAP_CREATE) failed: [Errno {exc.errno}] {exc.strerror}")
+    os.close(fd)
+    return ok("bpf(BPF_MAP_CREATE) of a 1-entry array")
+
+
+def probe_cgroup2(cgroup_root: str | None) -> Probe:
+    from agent import hostcheck
+
+    problem = hostcheck.cgroup2_problem(cgroup_root)
+    return fail(problem) if problem else ok(f"cgroup v2 at {hostcheck.find_cgroup2_mount()}")
+
+
+def probe_bpffs(filesystems: str = "/proc/filesystems") -> Probe:
+    names = [line.split()[-1] for line in Path(filesystems).read_text().splitlines() if line.strip()]
+    if "bpf" not in names:
+        return fail("the bpf filesystem type is not available (not in /proc/filesystems): the ebpf-connect "
+                    "mode pins its programs in bpffs")
+    return ok("bpf filesystem available")
+
+
+# ---- bcc and program loads ------------------------------------------------------------------------
+
+def probe_bcc() -> Probe:
+    try:
+        import bcc
+    except Exception as exc:  # ImportError, or OSError when libbcc.so is missing
+        return fail(f"import bcc: {exc}; install python3-bpfcc and link it into the venv (`make setup`)")
+    return ok(f"bcc {getattr(bcc, '__version__', '?')}")
+
+
+def probe_programs(state_dir: str | None, wanted: set[str]) -> dict[str, Probe]:
+    """Compile bpf/probe.c once (check ``bpf_compile``) and load each wanted program."""
+    from agent.capture.bccload import base_cflags, bpf_source_dir, compile_source, load_program
+    from agent.capture.errors import BpfLoadError
+
+    out: dict[str, Probe] = {}
+    source = bpf_source_dir() / "probe.c"
+    with _state_dir(state_dir) as where:
+        started = time.monotonic()
+        try:
+            bpf = compile_source(source, base_cflags(bpf_source_dir()), where)
+        except Exception as exc:
+            out["bpf_compile"] = fail(_first_lines(str(exc)))
+            return out
+        try:
+            out["bpf_compile"] = ok(f"bpf/probe.c with the kernel stub in {time.monotonic() - started:.2f}s")
+            for check, (function, prog_type, attach_type) in PROGRAM_PROBES.items():
+                if check not in wanted:
+                    continue
+                try:
+                    load_program(bpf, source, function, prog_type, attach_type)
+                    out[check] = ok(f"loaded {function} (type {prog_type}, attach type {attach_type})")
+                except BpfLoadError as exc:
+                    out[check] = fail(_first_lines(str(exc), 6))
+        finally:
+            bpf.cleanup()
+    return out
+
+
+@contextlib.contextmanager
+def _state_dir(state_dir: str | None) -> Iterator[str]:
+    if state_dir:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        yield state_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="tcpmesh-doctor-") as tmp:
+        yield tmp
+
+
+def _first_lines(text: str, lines: int = 4) -> str:
+    rows = [row for row in text.strip().splitlines() if row.strip()]
+    return " | ".join(rows[:1] + rows[-(lines - 1):] if len(rows) > lines else rows)
+
+
+# ---- throwaway network namespace ------------------------------------------------------------------
+
+@contextlib.contextmanager
+def throwaway_netns() -> Iterator[str]:
+    from pyroute2 import netns
+
+    name = f"tcpmesh-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    netns.create(name)
+    try:
+        yield name
+    finally:
+        netns.remove(name)
+
+
+def probe_tc_clsact(netns: str) -> Probe:
+    """clsact on the throwaway namespace's lo, a trivial direct-action bpf filter, then removed."""
+    from agent.capture.netns import ipr
+
+    fd = prog_load_trivial()
+    try:
+        with ipr(netns) as handle:
+            lo = handle.link_lookup(ifname="lo")[0]
+            handle.tc("add", "clsact", lo)
+            try:
+                handle.tc("add-filter", "bpf", lo, 1, fd=fd, name="tcpmesh_probe", parent=0xFFFFFFF2, prio=1,
+                          protocol=0x0800, direct_action=True)
+                names = [f.get_attr("TCA_OPTIONS").get_attr("TCA_BPF_NAME")
+                         for f in handle.get_filters(index=lo, parent=0xFFFFFFF2) if f.get_attr("TCA_OPTIONS")]
+            finally:
+                handle.tc("del", "clsact", lo)
+    finally:
+        os.close(fd)
+    if "tcpmesh_probe" not in names:
+        return fail(f"the filter did not show up on ingress (found {names})")
+    return ok("clsact qdisc + direct-action bpf filter on ingress")
+
+
+def probe_policy_routing(netns: str) -> Probe:
+    from agent.capture import steering
+
+    steering.ensure(netns)
+    found = steering.present(netns)
+    steering.remove(netns)
+    if len(found) != 2:
+        return fail(f"after installing, found {found}")
+    return ok(f"fwmark {steering.MARK:#x} rule + local table {steering.TABLE}")
+
+
+def probe_tproxy(netns: str, backend_name: str) -> Probe:
+    from agent.capture import abi
+    from agent.capture.netfilter import NetfilterError, backend, spec_for
+
+    chosen = backend(backend_name, netns)
+    try:
+        chosen.install(spec_for("0.0.0.0", 15001, abi.STEER_MARK, ["0.0.0.0/0"]))
+        chosen.add_interface("tmprobe0")
+    except NetfilterError as exc:
+        return fail(str(exc))
+    finally:
+        try:
+            chosen.remove()
+        except NetfilterError:
+            pass  # the namespace goes away anyway
+    return ok(f"TPROXY rules installed and removed with {backend_name}")
