@@ -20,7 +20,7 @@ from agent.config import Config
 from agent.control.admin_socket import AdminSocket
 from agent.control.workloads import WorkloadController
 from agent.errors import KernelError, TcpmeshError
-from agent.identity.ca import load_ca
+from agent.identity.rotator import IdentityRotator, rotator_from_config
 from agent.identity.store import IdentityStore
 from agent.policy.source import PolicySource
 from agent.proxy.inbound import InboundProxy
@@ -47,6 +47,7 @@ class Agent:
         self.workloads: WorkloadController | None = None
         self.policy: PolicySource | None = None
         self.admin: AdminServer | None = None
+        self.rotator: IdentityRotator | None = None  # owns the IdentityStore; renews SVIDs, follows the node CA
         self.ready = False
         self._stop = asyncio.Event()
 
@@ -57,8 +58,16 @@ class Agent:
 
     # -- building -----------------------------------------------------------------------------
     def _build_identities(self) -> IdentityStore:
-        ca = load_ca(self.config.identity.ca_dir)
-        return IdentityStore(ca, ca.cert_pem, self.config.identity.svid_ttl_seconds, key_dir=self.config.state_dir)
+        self.rotator = rotator_from_config(self.config, self.metrics)
+        return self.rotator.store
+
+    def _certs_report(self) -> dict:
+        """/debug/certs (admin thread): the rotator's report, naming the local workloads of each identity."""
+        names: dict = {}
+        if self.workloads is not None and self.workloads.snapshot is not None:
+            for workload in self.registry().local(self.config.node.name):
+                names.setdefault(workload.spiffe_id, []).append(workload.name)
+        return self.rotator.report(names)
 
     def _check_node(self) -> None:
         registry = load_registry_file(self.config.registry.file, self.config.trust_domain)
@@ -82,11 +91,13 @@ class Agent:
                            connect_timeout=config.proxy.connect_timeout_seconds, policy=self.policy,
                            passthrough_allowed=config.policy.outbound_passthrough == "ALLOW")
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
-                                 is_ready=lambda: self.ready, flows=self.flows.snapshot)
+                                 is_ready=lambda: self.ready, flows=self.flows.snapshot,
+                                 certs=self._certs_report)
         self.admin.start()
         servers: list[asyncio.base_events.Server] = []
         admin_socket: AdminSocket | None = None
         watcher: asyncio.Task | None = None
+        rotation: asyncio.Task | None = None
         try:
             self.capture = build_capture(config)
             self.capture.start()
@@ -105,6 +116,7 @@ class Agent:
             admin_socket = AdminSocket(config.admin.socket, self.workloads)
             await admin_socket.start()
             watcher = loop.create_task(self._watch_sources())
+            rotation = loop.create_task(self.rotator.run())
             self.ready = True
             self.metrics.ready.set(1)
             log.info("agent ready on node %s: %d local workloads captured (%s), outbound :%d, inbound :%d, "
@@ -123,6 +135,8 @@ class Agent:
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if rotation is not None:
+                rotation.cancel()
             if admin_socket is not None:
                 await admin_socket.stop()
             self._detach_capture()

@@ -14,6 +14,7 @@ from agent.control.cli import workload
 from agent.demo import demo
 from agent.doctor import doctor
 from agent.errors import TcpmeshError
+from agent.identity.cli import ca, cert
 from agent.lab.cli import lab
 from agent.policy.cli import policy
 
@@ -65,24 +66,8 @@ def run(config_path: str) -> None:
     asyncio.run(Agent(config).run())
 
 
-@main.group()
-def ca() -> None:
-    """Manage the mesh certificate authority."""
-
-
-@ca.command("init")
-@click.option("--trust-domain", required=True, help="SPIFFE trust domain, e.g. cluster.local.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory to write ca.crt and ca.key (0600) into.")
-@click.option("--force", is_flag=True, help="Overwrite an existing CA in --out.")
-def ca_init(trust_domain: str, out_dir: str, force: bool) -> None:
-    """Create a root CA for TRUST_DOMAIN in --out."""
-    from agent.identity.ca import init_ca
-
-    files = init_ca(trust_domain, out_dir, overwrite=force)
-    click.echo(f"created root CA for spiffe://{trust_domain}: {files.cert_path} (key {files.key_path}, mode 0600)")
-
-
+main.add_command(ca)
+main.add_command(cert)
 main.add_command(lab)
 main.add_command(workload)
 main.add_command(policy)

@@ -16,6 +16,7 @@ import yaml
 
 from agent.errors import ConfigError
 from agent.identity.spiffe import SpiffeIdError, validate_trust_domain
+from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
 
 DEFAULT_CONFIG_PATH = "/etc/tcpmesh/config.yaml"
 DEFAULT_OUTBOUND_PORT = 15001
@@ -25,6 +26,8 @@ DEFAULT_ADMIN_ADDRESS = "127.0.0.1"
 DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup/unified"
 DEFAULT_STATE_DIR = "/run/tcpmesh"
 DEFAULT_SVID_TTL_SECONDS = 3600
+DEFAULT_NODE_CA_DIR = "/etc/tcpmesh/node-ca"
+DEFAULT_IDENTITY_POLL_SECONDS = 5.0
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_DRAIN_SECONDS = 5.0
 DEFAULT_REGISTRY_POLL_SECONDS = 2.0
@@ -42,8 +45,18 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class IdentityConfig:
-    ca_dir: str = "/etc/tcpmesh/ca"
+    # The node CA directory of `tcpmesh ca issue-node` (node.crt, node.key, bundle.pem): the agent
+    # signs its own workloads' SVIDs with this node intermediate and never holds the root key.
+    node_ca_dir: str = DEFAULT_NODE_CA_DIR
+    # Development only: sign SVIDs with the root CA in this directory (`tcpmesh ca init`) instead of a
+    # node intermediate; the agent then holds the root key and says so in its log. Empty: not used.
+    ca_dir: str = ""
     svid_ttl_seconds: int = DEFAULT_SVID_TTL_SECONDS
+    # Tests and development only: allow svid_ttl_seconds down to 2 s (instead of 60), to watch SVIDs
+    # renew within seconds. Each renewal costs a key pair, a signature and two TLS contexts.
+    dev_short_ttl: bool = False
+    # How often node_ca_dir is checked for replaced files (a re-issued intermediate, a rotated root).
+    poll_seconds: float = DEFAULT_IDENTITY_POLL_SECONDS
 
 
 @dataclass(frozen=True)
@@ -202,9 +215,7 @@ def validate(config: Config) -> Config:
                           f"choose one of {', '.join(CAPTURE_MODES)}")
     if config.capture.mode in ("auto", "ebpf-connect"):  # ebpf-tc and iptables deliver in place
         _ipv4("capture.redirect_address", config.capture.redirect_address, required=True)
-    if config.identity.svid_ttl_seconds < 60:
-        raise ConfigError("identity.svid_ttl_seconds", config.identity.svid_ttl_seconds,
-                          "is too short", "use at least 60 seconds")
+    _identity(config.identity)
     if not 0.1 <= config.registry.poll_seconds <= 3600:
         raise ConfigError("registry.poll_seconds", config.registry.poll_seconds, "out of range",
                           "use a value between 0.1 and 3600 seconds")
@@ -223,6 +234,21 @@ def validate(config: Config) -> Config:
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level", config.log_level, "unknown level", "use debug, info, warning or error")
     return config
+
+
+def _identity(identity: IdentityConfig) -> None:
+    minimum = DEV_MIN_TTL_SECONDS if identity.dev_short_ttl else MIN_TTL_SECONDS
+    if identity.svid_ttl_seconds < minimum:
+        hint = "" if identity.dev_short_ttl else (" (tests and development may set identity.dev_short_ttl: true "
+                                                   f"to go down to {DEV_MIN_TTL_SECONDS} seconds)")
+        raise ConfigError("identity.svid_ttl_seconds", identity.svid_ttl_seconds, "is too short",
+                          f"use at least {minimum} seconds{hint}")
+    if not identity.node_ca_dir and not identity.ca_dir:
+        raise ConfigError("identity.node_ca_dir", identity.node_ca_dir, "is required",
+                          "point it at this node's directory from `tcpmesh ca issue-node <node> --ca <root> --out <dir>`")
+    if not 0.1 <= identity.poll_seconds <= 3600:
+        raise ConfigError("identity.poll_seconds", identity.poll_seconds, "out of range",
+                          "use a value between 0.1 and 3600 seconds")
 
 
 def _ipv4(name: str, value: str, required: bool) -> None:

@@ -37,6 +37,20 @@ SIGNATURE_HASH = hashes.SHA256()
 INIT_HINT = "tcpmesh ca init --trust-domain <trust-domain> --out <dir>"
 
 
+def ca_name(trust_domain: str, label: str, public_key: ec.EllipticCurvePublicKey) -> x509.Name:
+    """``O=tcpmesh, OU=<trust-domain>, CN=<label> <8 hex digits of the key id>``.
+
+    The key-id suffix keeps the names of two roots of one trust domain apart (during a root rotation
+    both are in every bundle), so chain building, ``openssl`` output and ``cert inspect`` tell them apart.
+    """
+    key_id = x509.SubjectKeyIdentifier.from_public_key(public_key).digest.hex()[:8]
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tcpmesh"),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"{label} {key_id}"),
+    ])
+
+
 def trust_domain_uri(trust_domain: str) -> str:
     """``spiffe://<trust-domain>``: the CA's URI SAN and, as a host, its URI name constraint."""
     return f"{SCHEME}{trust_domain}"
@@ -61,12 +75,12 @@ class CertificateAuthority:
 
     def __init__(self, certificate: x509.Certificate, private_key: ec.EllipticCurvePrivateKey,
                  chain_pem: tuple[str, ...] = ()) -> None:
-        if _public_bytes(certificate.public_key()) != _public_bytes(private_key.public_key()):
+        if public_bytes(certificate.public_key()) != public_bytes(private_key.public_key()):
             raise CaError("the CA private key does not belong to the CA certificate "
                           "(their public keys differ)")
         self._certificate = certificate
         self._key = private_key
-        self.trust_domain = _trust_domain_of(certificate, where="the CA certificate")
+        self.trust_domain = trust_domain_of(certificate, where="the CA certificate")
         self.cert_pem = certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
         self.chain_pem = chain_pem
 
@@ -109,11 +123,7 @@ def generate_ca(trust_domain: str, *, valid_days: int = DEFAULT_CA_VALID_DAYS,
         raise CaError(f"valid_days is {valid_days}; a CA must be valid for at least 1 day")
     now = now or datetime.now(timezone.utc)
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tcpmesh"),
-        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain),
-        x509.NameAttribute(NameOID.COMMON_NAME, "tcpmesh root CA"),
-    ])
+    name = ca_name(trust_domain, "tcpmesh root CA", key.public_key())
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -159,11 +169,16 @@ def init_ca(trust_domain: str, out_dir: str | Path, *, valid_days: int = DEFAULT
     except OSError as exc:
         raise CaError(f"cannot create the CA directory {out}: {exc.strerror}; "
                       "choose a directory you can write to") from exc
+    write_ca_files(ca, cert_path, key_path)
+    return CaFiles(cert_path=cert_path, key_path=key_path, trust_domain=ca.trust_domain, not_after=ca.not_after)
+
+
+def write_ca_files(ca: CertificateAuthority, cert_path: Path, key_path: Path) -> None:
+    """Write a CA's key (0600, first) and certificate (0644), each created with its mode and renamed."""
     key_pem = ca._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-    _write_file(key_path, key_pem, CA_KEY_MODE)
-    _write_file(cert_path, ca.cert_pem.encode("ascii"), CA_CERT_MODE)
-    return CaFiles(cert_path=cert_path, key_path=key_path, trust_domain=ca.trust_domain, not_after=ca.not_after)
+    write_file_atomic(key_path, key_pem, CA_KEY_MODE)
+    write_file_atomic(cert_path, ca.cert_pem.encode("ascii"), CA_CERT_MODE)
 
 
 def load_ca(ca_dir: str | Path, *, now: datetime | None = None,
@@ -176,26 +191,15 @@ def load_ca(ca_dir: str | Path, *, now: datetime | None = None,
     ca_dir = Path(ca_dir)
     cert_path, key_path = ca_dir / CA_CERT_FILE, ca_dir / CA_KEY_FILE
     recreate = f"re-create the CA with `{INIT_HINT} --force` (every issued SVID then stops verifying)"
-    cert_bytes = _read_file(cert_path, ca_dir)
+    cert_bytes = read_file(cert_path, ca_dir)
     try:
         certificate = x509.load_pem_x509_certificate(cert_bytes)
     except ValueError as exc:
         raise CaError(f"{cert_path} is not a PEM certificate ({exc}); restore it from a backup or {recreate}") from exc
     if require_private_key_mode:
-        _check_private_mode(key_path)
-    key_bytes = _read_file(key_path, ca_dir)
-    try:
-        key = serialization.load_pem_private_key(key_bytes, password=None)
-    except TypeError:
-        raise CaError(f"{key_path} is encrypted with a passphrase; tcpmesh needs an unencrypted key for now: "
-                      f"decrypt it with `openssl pkey -in {key_path} -out {key_path}.plain` and move it into place"
-                      ) from None
-    except (ValueError, UnsupportedAlgorithm) as exc:  # raised `from None`: never echo key parsing details
-        raise CaError(f"{key_path} is not a PEM private key ({type(exc).__name__}); restore it from a backup "
-                      f"or {recreate}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CaError(f"{key_path} holds a {type(key).__name__.lstrip('_')}, tcpmesh CAs use ECDSA P-256 keys; {recreate}")
-    if _public_bytes(key.public_key()) != _public_bytes(certificate.public_key()):
+        check_private_mode(key_path)
+    key = load_private_key(key_path, read_file(key_path, ca_dir), recreate)
+    if public_bytes(key.public_key()) != public_bytes(certificate.public_key()):
         raise CaError(
             f"{key_path} does not belong to {cert_path}: the key's public half differs from the certificate's. "
             f"Put back the ca.key that was created together with this ca.crt, or {recreate}"
@@ -210,6 +214,22 @@ def load_ca(ca_dir: str | Path, *, now: datetime | None = None,
         raise CaError(f"{cert_path}: {exc}; {recreate}") from exc
 
 
+def load_private_key(key_path: Path, key_bytes: bytes, recreate: str) -> ec.EllipticCurvePrivateKey:
+    """Parse an unencrypted PEM EC key. Errors name the file, never anything of its content."""
+    try:
+        key = serialization.load_pem_private_key(key_bytes, password=None)
+    except TypeError:
+        raise CaError(f"{key_path} is encrypted with a passphrase; tcpmesh needs an unencrypted key for now: "
+                      f"decrypt it with `openssl pkey -in {key_path} -out {key_path}.plain` and move it into place"
+                      ) from None
+    except (ValueError, UnsupportedAlgorithm) as exc:  # raised `from None`: never echo key parsing details
+        raise CaError(f"{key_path} is not a PEM private key ({type(exc).__name__}); restore it from a backup "
+                      f"or {recreate}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CaError(f"{key_path} holds a {type(key).__name__.lstrip('_')}, tcpmesh CAs use ECDSA P-256 keys; {recreate}")
+    return key
+
+
 def _check_is_ca(certificate: x509.Certificate, cert_path: Path, recreate: str) -> None:
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -221,7 +241,7 @@ def _check_is_ca(certificate: x509.Certificate, cert_path: Path, recreate: str) 
                       f"required); point identity.ca_dir at the CA's directory or {recreate}")
 
 
-def _trust_domain_of(certificate: x509.Certificate, where: str) -> str:
+def trust_domain_of(certificate: x509.Certificate, where: str) -> str:
     try:
         sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -237,12 +257,12 @@ def _trust_domain_of(certificate: x509.Certificate, where: str) -> str:
         raise CaError(f"{where}: {exc}") from exc
 
 
-def _public_bytes(public_key: object) -> bytes:
+def public_bytes(public_key: object) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _read_file(path: Path, ca_dir: Path) -> bytes:
+def read_file(path: Path, ca_dir: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -252,17 +272,17 @@ def _read_file(path: Path, ca_dir: Path) -> bytes:
         raise CaError(f"cannot read {path}: {exc.strerror}; run the agent as a user that may read it") from None
 
 
-def _check_private_mode(key_path: Path) -> None:
+def check_private_mode(key_path: Path) -> None:
     try:
         mode = stat.S_IMODE(key_path.stat().st_mode)
     except OSError:
-        return  # _read_file reports a missing or unreadable file with its own message
+        return  # read_file reports a missing or unreadable file with its own message
     if mode & 0o077:
         raise CaError(f"{key_path} has mode {mode:04o}: group or others may read the CA key; "
                       f"run `chmod 600 {key_path}` (and rotate the CA if others could have copied it)")
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
+def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` via a temporary file that is created with ``mode`` and renamed."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:

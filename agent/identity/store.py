@@ -4,6 +4,11 @@
 half-life, drops those no longer listed, then publishes a new snapshot with one assignment (the data
 path reads whatever snapshot is current and never sees a half-built one). ``plan`` is the pure diff.
 
+``renew(ids)`` re-issues chosen identities (the rotator's schedule decides which and when);
+``replace_ca`` switches to a new signing CA and trust bundle and re-issues every identity under it
+(a node intermediate re-issued, a root added to or removed from the bundle). Every SVID issued is
+reported to an optional ``StoreListener`` (metrics, logs).
+
 Only this node's local workloads get SVIDs here. Calls into ``svid`` / ``tls``; owns no sockets.
 """
 
@@ -14,13 +19,22 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Protocol
 
 from agent.identity.ca import CertificateAuthority
-from agent.identity.errors import SvidError, UnknownIdentityError
+from agent.identity.errors import IdentityError, PeerIdentityError, SvidError, UnknownIdentityError
 from agent.identity.spiffe import SpiffeId
-from agent.identity.svid import Svid, issue_svid, needs_renewal
-from agent.identity.tls import SniServerContexts, client_context, server_context
+from agent.identity.svid import MIN_TTL_SECONDS, Svid, issue_svid, needs_renewal
+from agent.identity.tls import SniServerContexts, client_context, peer_spiffe_id, server_context
+
+ISSUED_FIRST = "first"
+ISSUED_RENEWAL = "renewal"
+ISSUED_CA_CHANGE = "ca-change"
+
+
+class StoreListener(Protocol):
+    def svid_issued(self, svid: Svid, reason: str) -> None: ...
+    def identity_removed(self, spiffe_id: SpiffeId) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -62,12 +76,15 @@ class IdentityStore:
 
     def __init__(self, ca: CertificateAuthority, trust_bundle_pem: str | bytes, ttl_seconds: int, *,
                  key_dir: str | Path | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 min_ttl_seconds: int = MIN_TTL_SECONDS, listener: StoreListener | None = None) -> None:
         self._ca = ca
         self._bundle = trust_bundle_pem
         self._ttl = ttl_seconds
+        self._min_ttl = min_ttl_seconds
         self._key_dir = key_dir
         self._clock = clock
+        self._listener = listener
         self._lock = threading.Lock()
         self._entries: Mapping[SpiffeId, _Entry] = {}
         self._front = SniServerContexts(trust_bundle_pem)
@@ -91,9 +108,92 @@ class IdentityStore:
             entries = {i: current[i] for i in todo.keep}
             for spiffe_id in (*todo.issue, *todo.renew):
                 entries[spiffe_id] = self._build(spiffe_id, now)
-            self._front.replace({i: e.server for i, e in entries.items()})
-            self._entries = entries  # a new dict replaces the old one; never mutated afterwards
-            return todo
+            self._publish(entries)
+        for spiffe_id in todo.issue:
+            self._notify_issued(entries[spiffe_id].svid, ISSUED_FIRST)
+        for spiffe_id in todo.renew:
+            self._notify_issued(entries[spiffe_id].svid, ISSUED_RENEWAL)
+        for spiffe_id in todo.remove:
+            if self._listener is not None:
+                self._listener.identity_removed(spiffe_id)
+        return todo
+
+    def renew(self, spiffe_ids: Iterable[SpiffeId]) -> dict[SpiffeId, Svid | IdentityError]:
+        """Re-issue each of ``spiffe_ids`` that is still held; the rest of the snapshot is kept.
+
+        Each identity succeeds or fails on its own; a failed one keeps its current SVID. Returns the
+        new SVID or the error, per identity (identities no longer held are skipped).
+        """
+        results: dict[SpiffeId, Svid | IdentityError] = {}
+        with self._lock:
+            now = self._clock()
+            entries = dict(self._entries)
+            for spiffe_id in sorted(set(spiffe_ids) & set(entries)):
+                try:
+                    entries[spiffe_id] = self._build(spiffe_id, now)
+                except IdentityError as exc:
+                    results[spiffe_id] = exc
+                else:
+                    results[spiffe_id] = entries[spiffe_id].svid
+            if any(isinstance(r, Svid) for r in results.values()):
+                self._publish(entries)
+        for result in results.values():
+            if isinstance(result, Svid):
+                self._notify_issued(result, ISSUED_RENEWAL)
+        return results
+
+    def replace_ca(self, ca: CertificateAuthority, trust_bundle_pem: str | bytes) -> None:
+        """Sign with ``ca`` and trust ``trust_bundle_pem`` from now on; re-issue every identity under them.
+
+        All or nothing: if any identity cannot be issued, the old CA, bundle and SVIDs stay. Open
+        connections keep the contexts they were made with.
+        """
+        if ca.trust_domain != self._ca.trust_domain:
+            raise SvidError(f"the new CA serves trust domain {ca.trust_domain!r}, this node {self._ca.trust_domain!r}; "
+                            "a root rotation keeps the trust domain")
+        with self._lock:
+            old = self._ca, self._bundle
+            self._ca, self._bundle = ca, trust_bundle_pem
+            try:
+                now = self._clock()
+                entries = {spiffe_id: self._build(spiffe_id, now) for spiffe_id in self._entries}
+            except BaseException:
+                self._ca, self._bundle = old
+                raise
+            self._publish(entries)
+        for entry in entries.values():
+            self._notify_issued(entry.svid, ISSUED_CA_CHANGE)
+
+    def peer_identity(self, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
+        """The verified peer's SPIFFE ID, which must be of this node's trust domain.
+
+        The bundle's name constraints already keep other trust domains out; this is the second guard.
+        """
+        peer = peer_spiffe_id(ssl_object)
+        if peer.trust_domain != self._ca.trust_domain:
+            raise PeerIdentityError(f"peer presented {peer.uri}, from trust domain {peer.trust_domain!r}; "
+                                    f"this node accepts trust domain {self._ca.trust_domain!r} only")
+        return peer
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        return self._ca
+
+    @property
+    def trust_bundle_pem(self) -> str | bytes:
+        return self._bundle
+
+    def svids(self) -> Mapping[SpiffeId, Svid]:
+        """The current SVID of every local identity (a copy of the snapshot; public material only)."""
+        return {spiffe_id: entry.svid for spiffe_id, entry in self._entries.items()}
+
+    def _publish(self, entries: dict[SpiffeId, _Entry]) -> None:
+        self._front.replace({i: e.server for i, e in entries.items()})
+        self._entries = entries  # a new dict replaces the old one; never mutated afterwards
+
+    def _notify_issued(self, svid: Svid, reason: str) -> None:
+        if self._listener is not None:
+            self._listener.svid_issued(svid, reason)
 
     def client_context_for(self, spiffe_id: SpiffeId) -> ssl.SSLContext:
         """The context to dial with on behalf of local workload ``spiffe_id``."""
@@ -131,7 +231,7 @@ class IdentityStore:
                                        "is its workload registered on this node?") from None
 
     def _build(self, spiffe_id: SpiffeId, now: datetime) -> _Entry:
-        svid = issue_svid(self._ca, spiffe_id, self._ttl, now=now)
+        svid = issue_svid(self._ca, spiffe_id, self._ttl, now=now, min_ttl_seconds=self._min_ttl)
         return _Entry(svid=svid,
                       client=client_context(svid, self._bundle, key_dir=self._key_dir),
                       server=server_context(svid, self._bundle, key_dir=self._key_dir))

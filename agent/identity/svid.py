@@ -2,7 +2,8 @@
 
 An SVID is a short-lived ECDSA P-256 leaf whose only name is one URI SAN, the SPIFFE ID (no subject
 CN, no DNS names), usable as both TLS server and client certificate. ``Svid`` holds the PEMs; its
-repr never shows the private key. ``renewal_time`` is pure.
+repr never shows the private key. ``renewal_time`` is pure; the renewal schedule (jitter, retries)
+is ``schedule.py``'s.
 
 Must not import ssl, sockets or anything of the data path; signing is the CA's (``ca.py``).
 """
@@ -24,6 +25,8 @@ from agent.identity.spiffe import SpiffeId
 # not_before lies this far in the past so that a peer whose clock lags still accepts a fresh SVID.
 CLOCK_SKEW_ALLOWANCE = timedelta(minutes=2)
 MIN_TTL_SECONDS = 60
+# The floor when a test or development setup asks for short TTLs on purpose (identity.dev_short_ttl).
+DEV_MIN_TTL_SECONDS = 2
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,13 @@ class Svid:
     serial: int
     not_before: datetime
     not_after: datetime
+    # When it was issued: not_before lies CLOCK_SKEW_ALLOWANCE earlier, so lifetimes count from here.
+    issued_at: datetime
+
+    @property
+    def lifetime(self) -> timedelta:
+        """How long it was issued for (from ``issued_at``; the skew allowance is not part of it)."""
+        return self.not_after - self.issued_at
 
     @property
     def full_chain_pem(self) -> str:
@@ -51,13 +61,18 @@ class Svid:
 
 
 def issue_svid(ca: CertificateAuthority, spiffe_id: SpiffeId, ttl_seconds: int,
-               now: datetime | None = None) -> Svid:
-    """Mint a fresh key and an SVID for ``spiffe_id`` valid ``ttl_seconds`` (capped at the CA's expiry)."""
+               now: datetime | None = None, *, min_ttl_seconds: int = MIN_TTL_SECONDS) -> Svid:
+    """Mint a fresh key and an SVID for ``spiffe_id`` valid ``ttl_seconds`` (capped at the CA's expiry).
+
+    ``min_ttl_seconds`` may be lowered (not below ``DEV_MIN_TTL_SECONDS``) by tests and development
+    setups that want to watch several renewals in seconds.
+    """
     if spiffe_id.trust_domain != ca.trust_domain:
         raise SvidError(f"cannot issue {spiffe_id.uri}: this CA serves trust domain {ca.trust_domain!r}, "
                         f"not {spiffe_id.trust_domain!r}; fix the workload's identity or the agent's trust_domain")
-    if ttl_seconds < MIN_TTL_SECONDS:
-        raise SvidError(f"SVID TTL {ttl_seconds}s is too short; use at least {MIN_TTL_SECONDS} seconds")
+    floor = max(min_ttl_seconds, DEV_MIN_TTL_SECONDS)
+    if ttl_seconds < floor:
+        raise SvidError(f"SVID TTL {ttl_seconds}s is too short; use at least {floor} seconds")
     now = now or datetime.now(timezone.utc)
     not_before = now - CLOCK_SKEW_ALLOWANCE
     not_after = min(now + timedelta(seconds=ttl_seconds), ca.not_after)
@@ -93,12 +108,15 @@ def issue_svid(ca: CertificateAuthority, spiffe_id: SpiffeId, ttl_seconds: int,
         serial=serial,
         not_before=certificate.not_valid_before_utc,
         not_after=certificate.not_valid_after_utc,
+        issued_at=now,
     )
 
 
 def renewal_time(svid: Svid) -> datetime:
-    """When to replace ``svid``: half-way through its validity, so a failed renewal has time to retry."""
-    return svid.not_before + (svid.not_after - svid.not_before) / 2
+    """When to replace ``svid`` at the latest without jitter: half-way through its lifetime, so a failed
+    renewal has the other half to retry. Counted from ``issued_at``, not the back-dated ``not_before``
+    (with a TTL of seconds, the two-minute skew allowance would otherwise put it in the past)."""
+    return svid.issued_at + svid.lifetime / 2
 
 
 def needs_renewal(svid: Svid, now: datetime) -> bool:

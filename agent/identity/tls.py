@@ -1,7 +1,7 @@
 """TLS contexts built from SVIDs: the client side, the per-identity server side, and the SNI front.
 
 Every context is TLS 1.3 only, mutual (a peer certificate chaining to the trust bundle is
-required), strict X.509 checking, ALPN ``tcpmesh/1``, and no session tickets (every connection
+required), strict X.509 checking, ALPN ``tcpmesh/2``, and no session tickets (every connection
 does a full handshake, so a peer's certificate is checked on every connection). Host name checking
 is off: SPIFFE IDs are checked explicitly with ``peer_spiffe_id`` / ``check_peer``.
 
@@ -26,12 +26,12 @@ from agent.identity.errors import PeerIdentityError, PeerProtocolError, TlsSetup
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import Svid
 
-ALPN = "tcpmesh/1"
+ALPN = "tcpmesh/2"  # docs/protocol.md; tcpmesh/1 (one tunnel per connection) was retired before release
 KEY_FILE_MODE = 0o600
 
 __all__ = [
     "ALPN", "PeerIdentityError", "PeerProtocolError", "SniServerContexts", "TlsSetupError", "check_alpn",
-    "check_peer", "client_context", "peer_spiffe_id", "server_context",
+    "check_peer", "client_context", "describe_tls_error", "peer_spiffe_id", "server_context",
 ]
 
 
@@ -114,6 +114,49 @@ def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
 def check_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: SpiffeId) -> SpiffeId:
     """The peer's SPIFFE ID if it is ``expected``; ``PeerIdentityError`` naming both otherwise."""
     return peer.check_expected(peer_spiffe_id(ssl_object), expected)
+
+
+# OpenSSL's X509_V_ERR_* codes for the ways a peer's chain fails, in the operator's words.
+_VERIFY_REASONS = {
+    9: "peer certificate is not yet valid (its not-before is in the future: a clock is wrong, or it was issued ahead)",
+    10: "peer certificate has expired",
+    2: "peer certificate was issued by an unknown CA (its issuer is not in this node's trust bundle)",
+    18: "peer certificate is self-signed, not issued by a CA of this node's trust bundle (unknown CA)",
+    19: "peer certificate chains to a root that is not in this node's trust bundle (unknown CA)",
+    20: "peer certificate was issued by an unknown CA (its chain does not lead to a root of this node's trust bundle)",
+    7: "peer certificate signature does not verify (forged, or issued by an unknown CA of the same name)",
+    47: "peer certificate names an identity outside this trust domain (the CA's name constraint forbids it)",
+    12: "a CA in the peer's chain is not yet valid",
+    13: "a CA in the peer's chain has expired",
+    25: "the peer's chain is longer than the CAs allow (pathlen)",
+}
+# TLS alerts that mean the *peer* refused *our* certificate.
+_ALERT_REASONS = {
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the peer rejected this node's certificate as expired",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer rejected this node's certificate (bad certificate: not yet valid, or malformed)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust the CA of this node's certificate (unknown CA: is the root in its bundle?)",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "the peer rejected this node's certificate (unsupported certificate)",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the peer rejected this node's certificate (certificate unknown)",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate and got none",
+    "TLSV1_UNRECOGNIZED_NAME": "the peer serves no identity under the requested name (SNI): is the workload registered on its node?",
+    "TLSV1_ALERT_UNRECOGNIZED_NAME": "the peer serves no identity under the requested name (SNI): is the workload registered on its node?",
+}
+
+
+def describe_tls_error(exc: ssl.SSLError) -> str:
+    """Why a handshake failed, for logs and flow records: which certificate check failed, in words.
+
+    Verification failures on this side name the X.509 reason (expired, not yet valid, unknown CA,
+    outside the trust domain) with OpenSSL's own message; alerts name what the peer refused.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        words = _VERIFY_REASONS.get(code, "peer certificate failed verification")
+        return f"{words} [{exc.verify_message or exc.reason}]"
+    reason = exc.reason or ""
+    if reason in _ALERT_REASONS:
+        return f"{_ALERT_REASONS[reason]} [{reason}]"
+    return reason or str(exc)
 
 
 def check_alpn(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:

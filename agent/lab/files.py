@@ -14,6 +14,13 @@ from agent.lab.topology import ADMIN_PORT, LabPlan, NodePlan, plan_lab
 
 STATE_VERSION = 1
 DEFAULT_CAPTURE_MODE = "ebpf-connect"
+# Lab agents look at their node CA directory every second, so `tcpmesh ca rotate` steps apply quickly.
+LAB_IDENTITY_POLL_SECONDS = 1.0
+
+
+def node_ca_dir(node: NodePlan) -> str:
+    """The node's CA directory (its node intermediate and trust bundle, from `tcpmesh ca issue-node`)."""
+    return f"{node.state_dir}/node-ca"
 
 
 def agent_config(plan: LabPlan, node: NodePlan, capture_mode: str = DEFAULT_CAPTURE_MODE,
@@ -24,7 +31,7 @@ def agent_config(plan: LabPlan, node: NodePlan, capture_mode: str = DEFAULT_CAPT
         "state_dir": node.state_dir,
         "log_level": log_level,
         "node": {"name": node.name, "address": node.wire_address},
-        "identity": {"ca_dir": plan.ca_dir},
+        "identity": {"node_ca_dir": node_ca_dir(node), "poll_seconds": LAB_IDENTITY_POLL_SECONDS},
         "registry": {"file": plan.registry_file},
         "policy": {"dir": f"{plan.state_dir}/policies"},  # one policy store for the whole lab
         "capture": {"mode": capture_mode, "redirect_address": plan.pod_gateway, "cgroup_root": plan.cgroup_root},

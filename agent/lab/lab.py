@@ -65,7 +65,7 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
                 cgroups.ensure_cgroup(pod.cgroup)
         ca_dir = None
         if ca_init is not None:
-            ca_init(plan.trust_domain, plan.ca_dir)
+            ca_init(plan.trust_domain, plan.ca_dir, [(n.name, files.node_ca_dir(n)) for n in plan.nodes])
             ca_dir = plan.ca_dir
         _write_files(plan, capture_mode)
         _write_state(plan, record, phase="agents", ca_dir=ca_dir, started=started)
@@ -109,14 +109,22 @@ def _leftovers(name: str, state_dir: str, cgroup: str) -> list[str]:
 
 
 def _ca_initialiser(required: bool):
+    """The lab's `tcpmesh ca init` plus one `tcpmesh ca issue-node` per node (each agent holds only its own)."""
     try:
         from agent.identity.ca import init_ca
+        from agent.identity.node_ca import issue_node_files
     except ImportError as exc:
         if required:
-            raise LabError(f"cannot create the lab's CA: agent.identity.ca is not importable ({exc}); "
+            raise LabError(f"cannot create the lab's CA: agent.identity is not importable ({exc}); "
                            "use --no-agents to build the network only") from exc
         return None
-    return init_ca
+
+    def init(trust_domain: str, root_dir: str, nodes: list[tuple[str, str]]) -> None:
+        init_ca(trust_domain, root_dir)
+        for node, out_dir in nodes:
+            issue_node_files(root_dir, node, out_dir)
+
+    return init
 
 
 def _prepare_state_dir(plan: LabPlan) -> None:

@@ -14,7 +14,7 @@ import ssl
 
 from agent.identity.errors import PeerIdentityError
 from agent.identity.errors import PeerProtocolError as AlpnMismatch
-from agent.identity.tls import check_alpn, peer_spiffe_id
+from agent.identity.tls import check_alpn, describe_tls_error
 from agent.proxy import flow as F
 from agent.proxy.endpoints import PlainLeg, TlsLeg
 from agent.proxy.handshake import read_header
@@ -65,11 +65,13 @@ class InboundProxy:
     async def _accept_tunnel(self, tunnel: TlsLeg, flow: F.Flow) -> bytes | None:
         """Handshake, identify the peer, read CONNECT; returns payload bytes that followed it."""
         timeout = self._ctx.connect_timeout
+        peer = tunnel.peername() or ("", 0)
+        flow.source_ip, flow.source_port = peer[0], peer[1]  # known before the handshake: rejections name it
         try:
             await asyncio.wait_for(asyncio.shield(tunnel.handshake_done), timeout)
             assert tunnel.ssl_object is not None
             check_alpn(tunnel.ssl_object)
-            peer_id = peer_spiffe_id(tunnel.ssl_object)
+            peer_id = self._ctx.identities.peer_identity(tunnel.ssl_object)  # verified, of our trust domain
             flow.set_source(None, peer_id.uri)
             peer = tunnel.peername() or ("", 0)
             flow.source_ip, flow.source_port = peer[0], peer[1]
@@ -81,7 +83,7 @@ class InboundProxy:
         except AlpnMismatch as exc:
             flow.fail(F.FLAG_PROTOCOL_ERROR, str(exc))
         except ssl.SSLError as exc:
-            flow.fail(F.FLAG_TLS_FAILURE, f"TLS handshake failed: {exc.reason or exc}")
+            flow.fail(F.FLAG_TLS_FAILURE, f"TLS handshake failed: {describe_tls_error(exc)}")
         except PeerProtocolError as exc:
             flow.fail(F.FLAG_PROTOCOL_ERROR, f"invalid tunnel header: {exc}")
             tunnel.write(encode_status(StatusReply(Status.BAD_REQUEST, str(exc))))

@@ -17,7 +17,7 @@ from typing import Callable
 
 from agent.identity.errors import PeerIdentityError
 from agent.identity.errors import PeerProtocolError as AlpnMismatch
-from agent.identity.tls import check_alpn, check_peer
+from agent.identity.tls import check_alpn, check_peer, describe_tls_error
 from agent.proxy import flow as F
 from agent.proxy.endpoints import Leg, PlainLeg, TlsLeg
 from agent.proxy.handshake import read_header
@@ -140,7 +140,7 @@ class OutboundProxy:
         except AlpnMismatch as exc:
             flow.fail(F.FLAG_PROTOCOL_ERROR, str(exc))
         except ssl.SSLError as exc:
-            flow.fail(F.FLAG_TLS_FAILURE, f"TLS with {host}:{port} failed: {exc.reason or exc}")
+            flow.fail(F.FLAG_TLS_FAILURE, f"TLS with {host}:{port} failed: {describe_tls_error(exc)}")
         except PeerProtocolError as exc:
             flow.fail(F.FLAG_PROTOCOL_ERROR, f"{host}:{port} answered with an invalid header: {exc}")
         except OSError as exc:

@@ -15,7 +15,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 class AdminServer:
     def __init__(self, address: str, port: int, registry: CollectorRegistry,
-                 is_ready: Callable[[], bool], flows: Callable[[], list[dict]]) -> None:
+                 is_ready: Callable[[], bool], flows: Callable[[], list[dict]],
+                 certs: Callable[[], dict] | None = None) -> None:
+        self._certs = certs  # /debug/certs: agent.identity's report (public material only, never keys)
         self._registry = registry
         self._is_ready = is_ready
         self._flows = flows
@@ -54,8 +56,12 @@ class AdminServer:
                 elif path == "/debug/flows":
                     body = json.dumps({"flows": admin._flows()}, indent=1).encode()
                     self._send(200, body, "application/json")
+                elif path == "/debug/certs" and admin._certs is not None:
+                    body = json.dumps(admin._certs(), indent=1).encode()
+                    self._send(200, body, "application/json")
                 else:
-                    self._send(404, b"not found: try /metrics, /healthz, /readyz, /debug/flows\n", "text/plain")
+                    self._send(404, b"not found: try /metrics, /healthz, /readyz, /debug/flows, /debug/certs\n",
+                               "text/plain")
 
             def _send(self, code: int, body: bytes, content_type: str) -> None:
                 self.send_response(code)

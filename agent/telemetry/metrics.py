@@ -33,6 +33,20 @@ class Metrics:
                                           registry=registry)
         self.registry_errors = Gauge("tcpmesh_registry_file_errors",
                                      "Versions of the registry file that could not be applied", registry=registry)
+        # Identity (agent.identity.rotator): one series per local identity, removed when it goes.
+        # `workload` is the SPIFFE ID: SVIDs are per identity, and replicas of one workload share it.
+        self.certificate_expiry = Gauge(
+            "tcpmesh_certificate_expiry_timestamp_seconds", "Expiry (unix time) of the SVID served for a local identity",
+            ("workload",), registry=registry)
+        self.certificate_renewals = Counter(
+            "tcpmesh_certificate_renewals", "SVIDs re-issued (on schedule, or under a new node CA / trust bundle)",
+            ("workload",), registry=registry)
+        self.certificate_renewal_failures = Counter(
+            "tcpmesh_certificate_renewal_failures", "SVID renewals that failed (the old certificate stays in use "
+            "while valid; retried with backoff)", ("workload",), registry=registry)
+        self.node_ca_expiry = Gauge(
+            "tcpmesh_node_ca_expiry_timestamp_seconds", "Expiry (unix time) of the CA this agent signs SVIDs with "
+            "(its node intermediate): re-issue it with `tcpmesh ca issue-node` before then", registry=registry)
 
     def flow_opened(self, flow: Flow) -> None:
         self.connections_opened.labels(**flow.metric_labels()).inc()

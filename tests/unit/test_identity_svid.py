@@ -16,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.identity.ca import generate_ca
 from agent.identity.errors import SvidError
 from agent.identity.spiffe import SpiffeId
-from agent.identity.svid import CLOCK_SKEW_ALLOWANCE, issue_svid, needs_renewal, renewal_time
+from agent.identity.svid import CLOCK_SKEW_ALLOWANCE, DEV_MIN_TTL_SECONDS, issue_svid, needs_renewal, renewal_time
 
 TD = "cluster.local"
 ALICE = SpiffeId.parse("spiffe://cluster.local/ns/a/sa/alice")
@@ -118,11 +118,22 @@ def test_ttl_is_capped_at_the_ca_expiry() -> None:
 def test_renewal_at_half_life(ca) -> None:
     now = datetime(2030, 1, 1, tzinfo=timezone.utc)
     svid = issue_svid(generate_ca(TD, now=now - timedelta(days=1)), ALICE, 3600, now=now)
-    middle = svid.not_before + (svid.not_after - svid.not_before) / 2
+    middle = now + timedelta(minutes=30)  # half the lifetime, counted from issuance (not the back-dated not_before)
+    assert svid.issued_at == now and svid.lifetime == timedelta(hours=1)
     assert renewal_time(svid) == middle
-    assert svid.not_before < middle < svid.not_after
     assert not needs_renewal(svid, middle - timedelta(seconds=1))
     assert needs_renewal(svid, middle)
+
+
+def test_short_ttls_need_the_explicit_floor(ca) -> None:
+    """Tests and development can ask for TTLs of seconds; the skew allowance does not eat them."""
+    now = datetime.now(timezone.utc)
+    with pytest.raises(SvidError, match="at least 60 seconds"):
+        issue_svid(ca, ALICE, 4, now=now)
+    svid = issue_svid(ca, ALICE, 4, now=now, min_ttl_seconds=DEV_MIN_TTL_SECONDS)
+    assert renewal_time(svid) > now and svid.not_before < now  # still back-dated for skew
+    with pytest.raises(SvidError, match=f"at least {DEV_MIN_TTL_SECONDS} seconds"):
+        issue_svid(ca, ALICE, 1, min_ttl_seconds=0)  # the floor cannot be lowered further
 
 
 def test_repr_and_str_hide_the_key(ca) -> None:

@@ -205,7 +205,7 @@ def test_alpn_mismatch_is_detected(ca, bundle, front) -> None:
     result = handshake(other_protocol, front.context, DB.sni)
     assert result.established  # OpenSSL servers complete the handshake without ALPN ("no ack")...
     for end in (result.server, result.client):  # ...so each side must check before speaking
-        with pytest.raises(PeerProtocolError, match="negotiated ALPN None, expected 'tcpmesh/1'"):
+        with pytest.raises(PeerProtocolError, match="negotiated ALPN None, expected 'tcpmesh/2'"):
             check_alpn(end)
 
 

@@ -18,7 +18,7 @@ def test_agent_config_is_a_valid_agent_config():
     assert config.admin.address == "10.76.0.2" and config.admin.port == 15020
     assert config.capture.redirect_address == "169.254.1.1"
     assert config.capture.cgroup_root == "/sys/fs/cgroup/unified"
-    assert config.identity.ca_dir == "/run/tcpmesh-lab/demo/ca"
+    assert config.identity.node_ca_dir == "/run/tcpmesh-lab/demo/nodes/node2/node-ca" and config.identity.ca_dir == ""
     assert config.registry.file == "/run/tcpmesh-lab/demo/workloads.yaml"
     assert config.state_dir == "/run/tcpmesh-lab/demo/nodes/node2"
 

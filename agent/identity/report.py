@@ -1,0 +1,137 @@
+"""What ``/debug/certs`` answers and ``tcpmesh cert inspect`` prints: the identities this node serves,
+their serials, validity, time to renewal, state, and the chain up to which root of the bundle.
+
+``certs_report`` builds a JSON-ready dict from public material only (certificates, serials,
+fingerprints, schedule state) — never a key and never a PEM block, so the output can be pasted into
+a ticket. ``format_report`` renders it for a terminal. Pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Iterable, Mapping
+
+from cryptography import x509
+
+from agent.identity.bundle import fingerprint, short_fingerprint
+from agent.identity.node_ca import SigningCa
+from agent.identity.schedule import Failure, RenewalPolicy, renew_at, status
+from agent.identity.spiffe import SpiffeId
+from agent.identity.svid import Svid
+
+REPORT_VERSION = 1
+
+
+def certificate_summary(certificate: x509.Certificate) -> dict[str, Any]:
+    return {
+        "subject": certificate.subject.rfc4514_string(),
+        "serial": f"{certificate.serial_number:x}",
+        "not_before": certificate.not_valid_before_utc.isoformat(),
+        "not_after": certificate.not_valid_after_utc.isoformat(),
+        "fingerprint": fingerprint(certificate),
+    }
+
+
+def certs_report(signing: SigningCa, svids: Mapping[SpiffeId, Svid], failures: Mapping[SpiffeId, Failure],
+                 renewals: Mapping[SpiffeId, int], now: datetime, policy: RenewalPolicy,
+                 workloads: Mapping[SpiffeId, Iterable[str]] | None = None) -> dict[str, Any]:
+    root = signing.root
+    root_summary = certificate_summary(root) if root is not None else None
+    identities = []
+    for spiffe_id in sorted(svids):
+        svid = svids[spiffe_id]
+        failure = failures.get(spiffe_id)
+        failure = failure if failure is not None and failure.serial == svid.serial else None
+        next_renewal = failure.retry_at if failure is not None else renew_at(svid, policy)
+        identities.append({
+            "spiffe_id": spiffe_id.uri,
+            "workloads": sorted((workloads or {}).get(spiffe_id, ())),
+            "serial": f"{svid.serial:x}",
+            "not_before": svid.not_before.isoformat(),
+            "not_after": svid.not_after.isoformat(),
+            "issued_at": svid.issued_at.isoformat(),
+            "renew_at": next_renewal.isoformat(),
+            "seconds_to_renewal": round((next_renewal - now).total_seconds(), 3),
+            "seconds_to_expiry": round((svid.not_after - now).total_seconds(), 3),
+            "state": status(svid, failure, now, policy),
+            "renewals": renewals.get(spiffe_id, 0),
+            "failures": failure.count if failure is not None else 0,
+            "last_error": failure.error if failure is not None else None,
+            **_chain(svid, signing),
+        })
+    return {
+        "version": REPORT_VERSION,
+        "now": now.isoformat(),
+        "trust_domain": signing.ca.trust_domain,
+        "node_ca": {
+            "kind": signing.kind,
+            "node": signing.node,
+            "source": signing.source,
+            **certificate_summary(signing.ca.certificate),
+            "root": root_summary and {"subject": root_summary["subject"], "fingerprint": root_summary["fingerprint"]},
+        },
+        "trust_bundle": [certificate_summary(r) for r in signing.bundle.roots],
+        "renewal": {"jitter": policy.jitter, "retry_initial_seconds": policy.retry_initial.total_seconds(),
+                    "retry_max_seconds": policy.retry_max.total_seconds()},
+        "identities": identities,
+    }
+
+
+def _chain(svid: Svid, signing: SigningCa) -> dict[str, Any]:
+    """The intermediates the SVID is presented with, and the root of the bundle they lead to."""
+    chain = [x509.load_pem_x509_certificate(pem.encode("ascii")) for pem in svid.chain_pem]
+    top = chain[-1] if chain else x509.load_pem_x509_certificate(svid.cert_pem.encode("ascii"))
+    root = signing.bundle.issuer_of(top)
+    return {
+        "chain": [{"subject": c.subject.rfc4514_string(), "serial": f"{c.serial_number:x}"} for c in chain],
+        "root": {"subject": root.subject.rfc4514_string(), "fingerprint": fingerprint(root)} if root else None,
+    }
+
+
+def select(report: Mapping[str, Any], workload: str | None) -> list[dict[str, Any]]:
+    """The identities matching ``workload``: a SPIFFE ID, a workload name, or ``ns/sa``; all if None."""
+    identities = list(report.get("identities", []))
+    if workload is None:
+        return identities
+    return [i for i in identities
+            if workload in (i["spiffe_id"], i["spiffe_id"].split("/", 3)[-1])
+            or workload in i.get("workloads", ())
+            or i["spiffe_id"].endswith(f"/ns/{workload.replace('/', '/sa/', 1)}")]
+
+
+def _duration(seconds: float) -> str:
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(int(seconds))
+    if seconds >= 3600:
+        return f"{sign}{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{sign}{seconds // 60}m{seconds % 60:02d}s"
+    return f"{sign}{seconds}s"
+
+
+def _root_label(root: Mapping[str, Any] | None) -> str:
+    if not root:
+        return "no root in the bundle"
+    return f"{root['subject'].split(',')[0].removeprefix('CN=')} ({short_fingerprint(root['fingerprint'])})"
+
+
+def format_report(report: Mapping[str, Any], identities: list[dict[str, Any]]) -> str:
+    node_ca = report["node_ca"]
+    lines = [
+        f"trust domain   {report['trust_domain']}",
+        f"node CA        {node_ca['subject'].split(',')[0].removeprefix('CN=')} [{node_ca['kind']}] serial "
+        f"{node_ca['serial'][:16]} valid until {node_ca['not_after']} -> root {_root_label(node_ca.get('root'))}",
+        f"trust bundle   {len(report['trust_bundle'])} root(s): " + ", ".join(
+            f"{_root_label(r)} until {r['not_after'][:10]}" for r in report["trust_bundle"]),
+        "",
+        f"{'IDENTITY':44} {'SERIAL':16} {'NOT BEFORE':20} {'NOT AFTER':20} {'RENEW IN':9} {'STATE':9} ROOT",
+    ]
+    for i in identities:
+        name = i["spiffe_id"] + (f" ({', '.join(i['workloads'])})" if i["workloads"] else "")
+        lines.append(f"{name:44} {i['serial'][:16]:16} {i['not_before'][:19]:20} {i['not_after'][:19]:20} "
+                     f"{_duration(i['seconds_to_renewal']):9} {i['state']:9} {_root_label(i['root'])}")
+        if i["last_error"]:
+            lines.append(f"    renewal failed {i['failures']}x: {i['last_error']}")
+    if not identities:
+        lines.append("(no identities)")
+    return "\n".join(lines)

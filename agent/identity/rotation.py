@@ -1,0 +1,227 @@
+"""Root CA rotation with overlap: the three steps, their preconditions, and how to tell that every
+agent has applied one.
+
+    1. add-root    a new root is created (same trust domain) and appended to every node's bundle.pem;
+                   agents reload and trust old and new. Certificates still chain to the old root.
+    2. reissue     every node gets a new intermediate from the new root; agents reload and re-issue
+                   their SVIDs. Both chains verify everywhere, because every bundle holds both roots.
+    3. remove-old  every bundle.pem becomes the new root alone; agents reload. Nothing chains to the
+                   old root any more, so nothing breaks. The old root can be retired.
+
+A step must have reached *every agent* before the next begins — a node that drops the old root while
+a peer still presents an old chain, or presents a new chain before its peers trust the new root,
+breaks traffic between them. Each step therefore checks the files of every node directory first
+(refusing to run out of order), and ``wait_for_agents`` polls each agent's ``/debug/certs`` until it
+reports the step applied. Open connections are never touched: each keeps the certificates it was
+established with. File operations use ``node_ca``; ``converged`` and ``plan_text`` are pure.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from cryptography import x509
+
+from agent.errors import TcpmeshError
+from agent.identity.bundle import TrustBundle, fingerprint, make_bundle, parse_bundle, short_fingerprint
+from agent.identity.ca import CA_CERT_FILE, init_ca, load_ca
+from agent.identity.errors import CaError
+from agent.identity.node_ca import (BUNDLE_FILE, DEFAULT_NODE_CA_VALID_DAYS, NODE_CERT_FILE, issue_node_ca,
+                                    node_name_of, write_bundle, write_node_dir)
+
+ADD_ROOT, REISSUE, REMOVE_OLD = "add-root", "reissue", "remove-old"
+STEPS = (ADD_ROOT, REISSUE, REMOVE_OLD)
+
+
+def plan_text(new_ca: str = "NEW_CA_DIR", node_dirs: str = "--node-dir DIR ...") -> str:
+    return (
+        "Root rotation with overlap (every step keeps traffic flowing):\n"
+        f"  1. tcpmesh ca rotate add-root   --new-ca {new_ca} {node_dirs}\n"
+        "       creates the new root (same trust domain) and adds it to every node's bundle.pem\n"
+        f"  2. tcpmesh ca rotate reissue    --new-ca {new_ca} {node_dirs}\n"
+        "       issues every node a new intermediate from the new root; SVIDs are re-issued under it\n"
+        f"  3. tcpmesh ca rotate remove-old --new-ca {new_ca} {node_dirs}\n"
+        "       leaves only the new root in every bundle.pem; retire the old root afterwards\n"
+        "Before each next step, every agent must have applied the previous one: pass --wait-admin URL\n"
+        "for each agent (its admin endpoint) and the command waits for it, or check `tcpmesh cert inspect`\n"
+        "on each node (agents look at their node CA directory every identity.poll_seconds).\n"
+        f"`tcpmesh ca rotate status --new-ca {new_ca} {node_dirs}` shows where each node stands."
+    )
+
+
+@dataclass(frozen=True)
+class NodeDirState:
+    """One node CA directory as the rotation sees it."""
+
+    directory: Path
+    node: str | None
+    bundle: tuple[str, ...]  # root fingerprints, in file order
+    issuer: str | None  # fingerprint of the bundle root that signed node.crt (None: none of them)
+
+    def describe(self, new: str | None) -> str:
+        roots = ", ".join(short_fingerprint(fp) + (" (new)" if fp == new else "") for fp in self.bundle)
+        issuer = short_fingerprint(self.issuer) + (" (new)" if self.issuer == new else "") if self.issuer else "?"
+        return f"{self.node or '?'} {self.directory}: bundle [{roots}], intermediate from root {issuer}"
+
+
+def read_node_dir(directory: str | Path) -> tuple[NodeDirState, TrustBundle, x509.Certificate]:
+    directory = Path(directory)
+    bundle_path, cert_path = directory / BUNDLE_FILE, directory / NODE_CERT_FILE
+    try:
+        bundle = parse_bundle(bundle_path.read_bytes(), str(bundle_path))
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except FileNotFoundError as exc:
+        raise CaError(f"{exc.filename} does not exist: is {directory} a node CA directory "
+                      "(from `tcpmesh ca issue-node`)?") from None
+    except ValueError as exc:
+        raise CaError(f"{cert_path} is not a PEM certificate ({exc})") from None
+    issuer = bundle.issuer_of(certificate)
+    state = NodeDirState(directory, node_name_of(certificate), bundle.fingerprints,
+                         fingerprint(issuer) if issuer is not None else None)
+    return state, bundle, certificate
+
+
+def step_done(step: str, state: NodeDirState, new: str) -> bool:
+    """Whether ``state``'s files already reflect ``step`` (pure)."""
+    if step == ADD_ROOT:
+        return new in state.bundle
+    if step == REISSUE:
+        return state.issuer == new
+    return state.bundle == (new,)
+
+
+def add_root(new_ca_dir: str | Path, node_dirs: Sequence[str | Path], *,
+             valid_days: int | None = None) -> list[str]:
+    """Step 1. Creates the new root in ``new_ca_dir`` if it holds none (trust domain of the bundles)."""
+    states = [read_node_dir(d) for d in _require(node_dirs)]
+    domains = {bundle.trust_domain for _, bundle, _ in states}
+    if len(domains) != 1:
+        raise CaError(f"the node directories trust different trust domains ({', '.join(sorted(domains))}); "
+                      "rotate one trust domain at a time")
+    trust_domain = domains.pop()
+    new_dir = Path(new_ca_dir)
+    lines = []
+    if not (new_dir / CA_CERT_FILE).exists():
+        kwargs = {"valid_days": valid_days} if valid_days else {}
+        init_ca(trust_domain, new_dir, **kwargs)
+        lines.append(f"created the new root CA for {trust_domain} in {new_dir} (keep it offline, like the old one)")
+    new_root = _new_root(new_dir, trust_domain)
+    for state, bundle, _ in states:
+        if new_root in bundle:
+            lines.append(f"{state.node}: bundle already holds the new root")
+            continue
+        write_bundle(state.directory, bundle.with_root(new_root))
+        lines.append(f"{state.node}: added the new root to {state.directory / BUNDLE_FILE} "
+                     f"({len(bundle.roots) + 1} roots)")
+    return lines
+
+
+def reissue(new_ca_dir: str | Path, node_dirs: Sequence[str | Path], *,
+            valid_days: int = DEFAULT_NODE_CA_VALID_DAYS) -> list[str]:
+    """Step 2. Refused until every bundle holds the new root."""
+    root = load_ca(new_ca_dir)
+    new = fingerprint(root.certificate)
+    states = [read_node_dir(d) for d in _require(node_dirs)]
+    missing = [s.node or str(s.directory) for s, _, _ in states if not step_done(ADD_ROOT, s, new)]
+    if missing:
+        raise CaError(f"the bundles of {', '.join(missing)} do not hold the new root yet: their agents would reject "
+                      f"the new certificates. Run `tcpmesh ca rotate add-root` for them first")
+    lines = []
+    for state, bundle, certificate in states:
+        if state.node is None:
+            raise CaError(f"{state.directory / NODE_CERT_FILE} does not name its node (not issued by tcpmesh?); "
+                          "re-issue it with `tcpmesh ca issue-node NODE --ca <new root> --out "
+                          f"{state.directory} --force`")
+        if step_done(REISSUE, state, new):
+            lines.append(f"{state.node}: intermediate already from the new root")
+            continue
+        write_node_dir(state.directory, issue_node_ca(root, state.node, valid_days=valid_days), bundle)
+        lines.append(f"{state.node}: new intermediate from the new root in {state.directory}")
+    return lines
+
+
+def remove_old(new_ca_dir: str | Path, node_dirs: Sequence[str | Path]) -> list[str]:
+    """Step 3. Refused until every intermediate comes from the new root."""
+    root = load_ca(new_ca_dir)
+    new = fingerprint(root.certificate)
+    states = [read_node_dir(d) for d in _require(node_dirs)]
+    behind = [s.node or str(s.directory) for s, _, _ in states if not step_done(REISSUE, s, new)]
+    if behind:
+        raise CaError(f"the intermediates of {', '.join(behind)} do not come from the new root yet: removing the old "
+                      "root would cut them off. Run `tcpmesh ca rotate reissue` for them first")
+    lines = []
+    only_new = make_bundle([root.certificate], where=str(Path(new_ca_dir) / CA_CERT_FILE))
+    for state, bundle, _ in states:
+        if state.bundle == only_new.fingerprints:
+            lines.append(f"{state.node}: bundle already holds the new root only")
+            continue
+        write_bundle(state.directory, only_new)
+        lines.append(f"{state.node}: bundle.pem now holds the new root only (removed "
+                     f"{len(bundle.roots) - (1 if root.certificate in bundle else 0)} root(s))")
+    lines.append(f"rotation complete: {Path(new_ca_dir)} is the root CA now; keep it offline and retire the old one")
+    return lines
+
+
+def status(new_ca_dir: str | Path | None, node_dirs: Sequence[str | Path]) -> tuple[str | None, list[NodeDirState]]:
+    new = None
+    if new_ca_dir is not None and (Path(new_ca_dir) / CA_CERT_FILE).exists():
+        new = fingerprint(x509.load_pem_x509_certificate((Path(new_ca_dir) / CA_CERT_FILE).read_bytes()))
+    return new, [read_node_dir(d)[0] for d in _require(node_dirs)]
+
+
+# -- agents -------------------------------------------------------------------------------------
+
+def converged(step: str, report: Mapping[str, Any], new: str) -> str | None:
+    """None if the agent whose ``/debug/certs`` is ``report`` has applied ``step``; else what it still shows."""
+    bundle = [root["fingerprint"] for root in report.get("trust_bundle", [])]
+    if step == ADD_ROOT:
+        return None if new in bundle else f"its bundle is [{', '.join(map(short_fingerprint, bundle))}]"
+    if step == REISSUE:
+        node_root = (report.get("node_ca", {}).get("root") or {}).get("fingerprint")
+        if node_root != new:
+            return f"its node CA chains to {short_fingerprint(node_root) if node_root else 'no root'}"
+        stale = [i["spiffe_id"] for i in report.get("identities", []) if (i.get("root") or {}).get("fingerprint") != new]
+        return f"SVIDs of {', '.join(stale)} still chain to the old root" if stale else None
+    return None if bundle == [new] else f"its bundle is [{', '.join(map(short_fingerprint, bundle))}]"
+
+
+def wait_for_agents(step: str, new: str, urls: Iterable[str], fetch: Callable[[str], Mapping[str, Any]], *,
+                    timeout: float, interval: float = 0.25, sleep: Callable[[float], None] = time.sleep,
+                    monotonic: Callable[[], float] = time.monotonic) -> None:
+    """Poll every agent until it reports ``step`` applied; CaError naming the laggards after ``timeout``."""
+    pending = {url: "no answer yet" for url in urls}
+    deadline = monotonic() + timeout
+    while pending:
+        for url in list(pending):
+            try:
+                why = converged(step, fetch(url), new)
+            except (OSError, ValueError, KeyError, TcpmeshError) as exc:
+                why = f"cannot read its /debug/certs: {exc}"
+            if why is None:
+                del pending[url]
+            else:
+                pending[url] = why
+        if not pending:
+            return
+        if monotonic() >= deadline:
+            raise CaError(f"after {timeout:.0f}s these agents have not applied {step}: "
+                          + "; ".join(f"{url}: {why}" for url, why in pending.items())
+                          + ". Check their logs (a node CA that does not load is reported there) before going on")
+        sleep(interval)
+
+
+def _new_root(new_dir: Path, trust_domain: str) -> x509.Certificate:
+    root = load_ca(new_dir)
+    if root.trust_domain != trust_domain:
+        raise CaError(f"the root in {new_dir} is for trust domain {root.trust_domain!r}, the nodes trust "
+                      f"{trust_domain!r}; a rotation keeps the trust domain")
+    return root.certificate
+
+
+def _require(node_dirs: Sequence[str | Path]) -> Sequence[str | Path]:
+    if not node_dirs:
+        raise CaError("name every node's CA directory with --node-dir (repeat it); a rotation step must reach all nodes")
+    return node_dirs

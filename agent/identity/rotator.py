@@ -1,0 +1,253 @@
+"""The identity control loop of an agent: renews SVIDs on schedule and follows its node CA directory.
+
+``IdentityRotator`` owns the node's ``IdentityStore``. Its ``run()`` is one asyncio task (started by
+the composition root) that repeatedly
+  * ``check_ca()``: every ``poll_seconds``, notices replaced files in the node CA directory (a node
+    intermediate re-issued, a root added to or removed from bundle.pem during a rotation), loads
+    them and re-issues every SVID under the new CA and bundle; files that do not load are reported
+    and the current CA stays;
+  * ``renew_due()``: renews the SVIDs whose time has come (``schedule.decide``) and records failures
+    with backoff — a failed renewal keeps the old, still valid certificate in service;
+and sleeps until the next of those moments (or until a new identity arrives). Both steps run on a
+dedicated worker thread, so key generation and signing never stall the data-path loop; the store
+swaps snapshots atomically, so new connections pick up new certificates and open ones keep theirs.
+
+It reports every issued SVID to metrics and the log (serials and dates, never key material), and
+answers ``report()`` for ``/debug/certs``. Its steps are synchronous methods with an injected clock,
+so tests drive them without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from agent.identity.bundle import fingerprint, short_fingerprint
+from agent.identity.ca import CA_CERT_FILE, CA_KEY_FILE
+from agent.identity.errors import IdentityError
+from agent.identity.node_ca import SigningCa, files_signature, load_node_ca, load_root_as_signing_ca
+from agent.identity.report import certs_report
+from agent.identity.schedule import Failure, RenewalPolicy, after_failure, decide
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import ISSUED_CA_CHANGE, ISSUED_FIRST, IdentityStore
+from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS, Svid
+
+log = logging.getLogger("tcpmesh.identity")
+
+DEFAULT_POLL_SECONDS = 5.0
+MIN_SLEEP_SECONDS = 0.01
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class CaSource:
+    """Where the agent's signing CA comes from: its node CA directory, or (development) a root CA directory."""
+
+    node_ca_dir: str
+    ca_dir: str = ""  # non-empty: sign with this root directly (the agent then holds the root key)
+    node: str | None = None
+
+    @property
+    def directory(self) -> str:
+        return self.ca_dir or self.node_ca_dir
+
+    def load(self, now: datetime | None = None) -> SigningCa:
+        if self.ca_dir:
+            return load_root_as_signing_ca(self.ca_dir, now=now)
+        return load_node_ca(self.node_ca_dir, now=now, node=self.node)
+
+    def signature(self) -> tuple:
+        if self.ca_dir:
+            return files_signature(self.ca_dir, (CA_CERT_FILE, CA_KEY_FILE))
+        return files_signature(self.node_ca_dir)
+
+
+class IdentityRotator:
+    """Keeps the node's SVIDs fresh and its CA current. See the module docstring."""
+
+    def __init__(self, source: CaSource, *, ttl_seconds: int, min_ttl_seconds: int = MIN_TTL_SECONDS,
+                 key_dir: str | Path | None = None, metrics: Any = None, policy: RenewalPolicy = RenewalPolicy(),
+                 clock: Callable[[], datetime] = utcnow, poll_seconds: float = DEFAULT_POLL_SECONDS) -> None:
+        self._source = source
+        self._metrics = metrics
+        self._policy = policy
+        self._clock = clock
+        self._poll = poll_seconds
+        self._signature = source.signature()
+        self.signing = source.load(now=clock())
+        self._failed_signature: tuple | None = None
+        self._failures: Mapping[SpiffeId, Failure] = {}
+        self._renewals: dict[SpiffeId, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self.store = IdentityStore(self.signing.ca, self.signing.bundle.pem, ttl_seconds, key_dir=key_dir,
+                                   clock=clock, min_ttl_seconds=min_ttl_seconds, listener=self)
+        self._ca_loaded(self.signing, "loaded")
+
+    # -- the task ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until cancelled. Each step's unexpected error is logged and the loop goes on."""
+        loop = asyncio.get_running_loop()
+        self._loop, self._wakeup = loop, asyncio.Event()
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tcpmesh-identity")
+        next_poll = loop.time() + self._poll
+        try:
+            while True:
+                self._wakeup.clear()
+                wake_at = None
+                try:
+                    if loop.time() >= next_poll:
+                        next_poll = loop.time() + self._poll
+                        await loop.run_in_executor(worker, self.check_ca)
+                    wake_at = await loop.run_in_executor(worker, self.renew_due)
+                except Exception:  # a task root: a bug in one step must not end rotation
+                    log.exception("certificate rotation step failed; trying again")
+                delay = next_poll - loop.time()
+                if wake_at is not None:
+                    delay = min(delay, (wake_at - self._clock()).total_seconds())
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), max(delay, MIN_SLEEP_SECONDS))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._loop = None
+            worker.shutdown(wait=False, cancel_futures=True)
+
+    def wake(self) -> None:
+        """Recompute the schedule now (thread-safe): a new identity may be due before the current sleep ends."""
+        loop, event = self._loop, self._wakeup
+        if loop is not None and event is not None:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the loop is closing
+                pass
+
+    # -- the steps -----------------------------------------------------------------------------
+    def check_ca(self) -> bool:
+        """Reload the signing CA if its files changed; True if the store now uses a new CA or bundle."""
+        signature = self._source.signature()
+        if signature == self._signature:
+            return False
+        try:
+            signing = self._source.load(now=self._clock())
+        except IdentityError as exc:
+            if signature != self._failed_signature:  # once per version of the files, not on every poll
+                log.warning("the CA files in %s changed but cannot be used: %s; keeping %s and retrying when "
+                            "they change again", self._source.directory, exc, self._describe(self.signing))
+            self._failed_signature = signature
+            return False
+        self._signature = signature
+        if (fingerprint(signing.ca.certificate), signing.bundle.fingerprints) == (
+                fingerprint(self.signing.ca.certificate), self.signing.bundle.fingerprints):
+            return False  # rewritten with the same content
+        try:
+            self.store.replace_ca(signing.ca, signing.bundle.pem)
+        except IdentityError as exc:
+            log.error("cannot re-issue this node's SVIDs under the new CA in %s: %s; keeping %s",
+                      self._source.directory, exc, self._describe(self.signing))
+            return False
+        self.signing = signing
+        self._ca_loaded(signing, "reloaded")
+        return True
+
+    def renew_due(self) -> datetime | None:
+        """Renew what is due now; return when to look again (None: no identities)."""
+        now = self._clock()
+        svids = self.store.svids()
+        failures = {k: f for k, f in self._failures.items() if k in svids and f.serial == svids[k].serial}
+        decision = decide(svids, failures, now, self._policy)
+        if decision.due:
+            results = self.store.renew(decision.due)
+            now = self._clock()
+            for spiffe_id, result in results.items():
+                if isinstance(result, Svid):
+                    failures.pop(spiffe_id, None)
+                    continue
+                failure = after_failure(svids[spiffe_id], failures.get(spiffe_id), now, str(result), self._policy)
+                failures[spiffe_id] = failure
+                self._renewal_failed(svids[spiffe_id], failure, now)
+            decision = decide(self.store.svids(), failures, now, self._policy)
+        self._failures = failures  # replaced, never mutated: report() reads it from another thread
+        return decision.wake_at
+
+    # -- StoreListener -------------------------------------------------------------------------
+    def svid_issued(self, svid: Svid, reason: str) -> None:
+        uri = svid.spiffe_id.uri
+        if self._metrics is not None:
+            self._metrics.certificate_expiry.labels(workload=uri).set(svid.not_after.timestamp())
+            if reason != ISSUED_FIRST:
+                self._metrics.certificate_renewals.labels(workload=uri).inc()
+        if reason != ISSUED_FIRST:
+            self._renewals[svid.spiffe_id] = self._renewals.get(svid.spiffe_id, 0) + 1
+        log.info("issued SVID for %s (%s): serial %x, valid until %s, chain to root %s", uri,
+                 "new CA" if reason == ISSUED_CA_CHANGE else reason, svid.serial, svid.not_after.isoformat(),
+                 self._root_label())
+        if reason == ISSUED_FIRST:
+            self.wake()
+
+    def identity_removed(self, spiffe_id: SpiffeId) -> None:
+        self._renewals.pop(spiffe_id, None)
+        if self._metrics is not None:
+            for metric in (self._metrics.certificate_expiry, self._metrics.certificate_renewals,
+                           self._metrics.certificate_renewal_failures):
+                try:
+                    metric.remove(spiffe_id.uri)
+                except KeyError:
+                    pass
+        log.info("dropped the SVID of %s: no workload on this node holds it any more", spiffe_id.uri)
+
+    # -- reporting -----------------------------------------------------------------------------
+    def report(self, workloads: Mapping[SpiffeId, Iterable[str]] | None = None) -> dict[str, Any]:
+        """The ``/debug/certs`` document (public material only)."""
+        return certs_report(self.signing, self.store.svids(), self._failures, dict(self._renewals),
+                            self._clock(), self._policy, workloads)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _renewal_failed(self, svid: Svid, failure: Failure, now: datetime) -> None:
+        if self._metrics is not None:
+            self._metrics.certificate_renewal_failures.labels(workload=svid.spiffe_id.uri).inc()
+        wait = (failure.retry_at - now).total_seconds()
+        if now >= svid.not_after:
+            log.error("renewing the SVID of %s failed (%d in a row): %s; it EXPIRED at %s, so peers reject this "
+                      "identity until a renewal succeeds; retrying in %.1fs", svid.spiffe_id.uri, failure.count,
+                      failure.error, svid.not_after.isoformat(), wait)
+        else:
+            log.warning("renewing the SVID of %s failed (%d in a row): %s; still serving serial %x, valid until %s; "
+                        "retrying in %.1fs", svid.spiffe_id.uri, failure.count, failure.error, svid.serial,
+                        svid.not_after.isoformat(), wait)
+
+    def _ca_loaded(self, signing: SigningCa, verb: str) -> None:
+        if self._metrics is not None:
+            self._metrics.node_ca_expiry.set(signing.ca.not_after.timestamp())
+        log_fn = log.warning if signing.ca.is_root else log.info
+        log_fn("%s %s from %s; trust bundle: %s", verb, self._describe(signing), signing.source,
+               ", ".join(f"{r.subject.rfc4514_string()} ({short_fingerprint(fingerprint(r))})"
+                         for r in signing.bundle.roots))
+
+    def _root_label(self) -> str:
+        root = self.signing.root
+        return short_fingerprint(fingerprint(root)) if root is not None else "none"
+
+    @staticmethod
+    def _describe(signing: SigningCa) -> str:
+        cert = signing.ca.certificate
+        return (f"{signing.kind} {cert.subject.rfc4514_string()} (serial {cert.serial_number:x}, valid until "
+                f"{cert.not_valid_after_utc.isoformat()})")
+
+
+def rotator_from_config(config: Any, metrics: Any = None) -> IdentityRotator:
+    """Build the rotator (and its store) from an ``agent.config.Config``."""
+    identity = config.identity
+    return IdentityRotator(
+        CaSource(node_ca_dir=identity.node_ca_dir, ca_dir=identity.ca_dir, node=config.node.name),
+        ttl_seconds=identity.svid_ttl_seconds,
+        min_ttl_seconds=DEV_MIN_TTL_SECONDS if identity.dev_short_ttl else MIN_TTL_SECONDS,
+        key_dir=config.state_dir, metrics=metrics, poll_seconds=identity.poll_seconds)
