@@ -17,6 +17,7 @@ import yaml
 from agent.errors import ConfigError
 from agent.identity.spiffe import SpiffeIdError, validate_trust_domain
 from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
+from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
 
 DEFAULT_CONFIG_PATH = "/etc/tcpmesh/config.yaml"
 DEFAULT_OUTBOUND_PORT = 15001
@@ -26,6 +27,8 @@ DEFAULT_ADMIN_ADDRESS = "127.0.0.1"
 DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup/unified"
 DEFAULT_STATE_DIR = "/run/tcpmesh"
 DEFAULT_SVID_TTL_SECONDS = 3600
+DEFAULT_NODE_CA_DIR = "/etc/tcpmesh/node-ca"
+DEFAULT_IDENTITY_POLL_SECONDS = 5.0
 DEFAULT_NODE_CA_DIR = "/etc/tcpmesh/node-ca"
 DEFAULT_IDENTITY_POLL_SECONDS = 5.0
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
@@ -234,6 +237,21 @@ def validate(config: Config) -> Config:
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level", config.log_level, "unknown level", "use debug, info, warning or error")
     return config
+
+
+def _identity(identity: IdentityConfig) -> None:
+    minimum = DEV_MIN_TTL_SECONDS if identity.dev_short_ttl else MIN_TTL_SECONDS
+    if identity.svid_ttl_seconds < minimum:
+        hint = "" if identity.dev_short_ttl else (" (tests and development may set identity.dev_short_ttl: true "
+                                                   f"to go down to {DEV_MIN_TTL_SECONDS} seconds)")
+        raise ConfigError("identity.svid_ttl_seconds", identity.svid_ttl_seconds, "is too short",
+                          f"use at least {minimum} seconds{hint}")
+    if not identity.node_ca_dir and not identity.ca_dir:
+        raise ConfigError("identity.node_ca_dir", identity.node_ca_dir, "is required",
+                          "point it at this node's directory from `tcpmesh ca issue-node <node> --ca <root> --out <dir>`")
+    if not 0.1 <= identity.poll_seconds <= 3600:
+        raise ConfigError("identity.poll_seconds", identity.poll_seconds, "out of range",
+                          "use a value between 0.1 and 3600 seconds")
 
 
 def _identity(identity: IdentityConfig) -> None:

@@ -7,7 +7,8 @@ set -euo pipefail
 VENV=${1:-.venv}
 EXTRAS=${2:-test}
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES=(libbpfcc python3-bpfcc iproute2 iptables nftables tcpdump bpftool openssl python3-venv)
+APT_PACKAGES=(libbpfcc python3-bpfcc iproute2 iptables nftables tcpdump bpftool openssl python3-venv
+              postgresql-15 redis-server redis-tools)  # the last three: tests/e2e/test_real_workloads.py
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "bootstrap: must run as root (it installs Debian packages); try: sudo make $*" >&2
