@@ -2,7 +2,8 @@
 
 ``Agent.run()`` loads the registry, the CA and the capture programs, starts the proxies and the
 admin endpoint, attaches capture to the local pods, then waits for SIGTERM/SIGINT: it stops
-capturing, stops accepting, drains open connections, detaches and returns. Nothing is global.
+accepting, drains open connections and returns. Capture stays attached (ebpf-connect: pinned), so
+pods fail closed until the next start adopts it; `tcpmesh cleanup` removes it. Nothing is global.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class Agent:
                      config.admin.socket)
             self._install_signal_handlers(loop)
             await self._stop.wait()
-            log.info("stopping: detaching capture, draining connections for up to %.1fs", config.proxy.drain_seconds)
+            log.info("stopping: capture stays in place (fail closed), draining connections for up to %.1fs",
+                     config.proxy.drain_seconds)
             self.ready = False
             self.metrics.ready.set(0)
             self._detach_capture()

@@ -56,7 +56,8 @@ def _setup_logging(level: str) -> None:
 def run(config_path: str) -> None:
     """Run the node agent: load capture, start the proxies and the admin endpoint.
 
-    Stops on SIGTERM or SIGINT: capture is detached, open connections drain, exit code 0.
+    Stops on SIGTERM or SIGINT: open connections drain, exit code 0. Capture stays in place, so
+    pods fail closed (refused) until the agent runs again; `tcpmesh cleanup` removes it.
     """
     from agent.app import Agent
     from agent.config import load_config
@@ -64,6 +65,33 @@ def run(config_path: str) -> None:
     config = load_config(config_path)
     _setup_logging(config.log_level)
     asyncio.run(Agent(config).run())
+
+
+@main.command()
+@click.option("--config", "config_path", default="/etc/tcpmesh/config.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Agent config file (YAML).")
+@click.option("--dry-run", is_flag=True, help="List what would be removed; change nothing.")
+def cleanup(config_path: str, dry_run: bool) -> None:
+    """Remove everything tcpmesh made on this node, in any capture mode.
+
+    Detaches every tcpmesh program from the cgroups under capture.cgroup_scope (default: the
+    whole cgroup_root), unpins capture.bpffs_dir, and removes the tc filters, rules and TPROXY
+    rules of the other modes in this network namespace. Stop the agent first. Safe to run twice.
+    """
+    from agent.cleanup import run_cleanup
+    from agent.config import load_config
+
+    report = run_cleanup(load_config(config_path), dry_run=dry_run)
+    for line in report.removed:
+        click.echo(line)
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    if not report.removed:
+        click.echo("nothing of tcpmesh left to remove")
+    for problem in report.problems:
+        click.echo(f"problem: {problem}", err=True)
+    if report.problems:
+        sys.exit(1)
 
 
 main.add_command(ca)

@@ -84,6 +84,15 @@ class CaptureConfig:
     # Cgroup v2 directory the proxy's own sockets live in (the getsockopt hook goes there).
     # Empty: the agent's own cgroup, read from /proc/self/cgroup.
     proxy_cgroup: str = ""
+    # ebpf-connect: the cgroup v2 directory that contains every pod (kubepods.slice on Kubernetes).
+    # The node guard goes there: TCP connects of pods below it that are not captured (yet) are
+    # refused. Must not contain the agent's own cgroup. Empty: no guard (docs/capture.md).
+    pods_cgroup: str = ""
+    # ebpf-connect: where programs and maps are pinned in bpffs. Empty: /sys/fs/bpf/tcpmesh/<node.name>.
+    bpffs_dir: str = ""
+    # The part of the cgroup tree `tcpmesh cleanup` searches for tcpmesh programs. Empty: cgroup_root
+    # (the whole node); the lab sets its node's subtree so labs on one host stay apart.
+    cgroup_scope: str = ""
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,7 @@ def validate(config: Config) -> Config:
                           f"choose one of {', '.join(CAPTURE_MODES)}")
     if config.capture.mode in ("auto", "ebpf-connect"):  # ebpf-tc and iptables deliver in place
         _ipv4("capture.redirect_address", config.capture.redirect_address, required=True)
+    _capture_paths(config.capture)
     _identity(config.identity)
     if not 0.1 <= config.registry.poll_seconds <= 3600:
         raise ConfigError("registry.poll_seconds", config.registry.poll_seconds, "out of range",
@@ -276,3 +286,22 @@ def _ipv4(name: str, value: str, required: bool) -> None:
         ipaddress.IPv4Address(value)
     except ValueError as exc:
         raise ConfigError(name, value, "must be an IPv4 address", "for example 10.0.0.1") from exc
+
+
+def _capture_paths(capture: CaptureConfig) -> None:
+    """pods_cgroup and cgroup_scope live below cgroup_root (never the root itself); bpffs_dir is absolute."""
+    root = os.path.normpath(capture.cgroup_root)
+    for name in ("pods_cgroup", "cgroup_scope"):
+        value = getattr(capture, name)
+        if not value:
+            continue
+        path = os.path.normpath(value)
+        if not os.path.isabs(value) or not (path == root or path.startswith(root.rstrip("/") + "/")):
+            raise ConfigError(f"capture.{name}", value, f"must be a directory inside capture.cgroup_root ({root})",
+                              "give the absolute path of a cgroup v2 directory")
+        if name == "pods_cgroup" and path == root:
+            raise ConfigError("capture.pods_cgroup", value, "is the root cgroup: the guard would refuse the agent's "
+                              "own connections too", "give the cgroup that holds the pods, e.g. .../kubepods.slice")
+    if capture.bpffs_dir and not os.path.isabs(capture.bpffs_dir):
+        raise ConfigError("capture.bpffs_dir", capture.bpffs_dir, "must be an absolute path",
+                          "e.g. /sys/fs/bpf/tcpmesh/<node name>")

@@ -10,9 +10,14 @@
  *                                       client's (local ip, local port) = the proxy's peer
  *   cgroup/getsockopt   (proxy cgroup)  answers SOL_IP/SO_ORIGINAL_DST and SOL_IP/TCPMESH_SO_ORIGIN
  *   cgroup/getpeername4/6 (pod cgroups) the app sees the destination it asked for
+ *   cgroup/connect4/6   (pods cgroup,   the node guard: a TCP connect from a pod cgroup below it
+ *    tcpmesh_guard4/6    the ancestor    that no pod hook handled (not captured yet) is refused,
+ *                        of every pod)   except to loopback and the redirect address
  *
- * Build: BPF(src_file=..., cflags=["-I<repo>/bpf", "-I<repo>/bpf/include",
- *                                   "-DREDIR_IP=<host-order u32>u", "-DREDIR_PORT=<port>"]).
+ * Build: agent/capture/loader.py, in a short-lived process: BPF(src_file=..., cflags=[
+ *   "-I<repo>/bpf", "-I<repo>/bpf/include", "-DREDIR_IP=<host-order u32>u", "-DREDIR_PORT=<port>",
+ *   "-DTCPMESH_MAX_CONNS=<n>", "-DTCPMESH_MAPS_DIR=\"<bpffs dir>/maps-...\""]), then every program
+ *   is pinned in bpffs and the agent attaches the pinned programs without bcc.
  *
  * Layout: hooks at the bottom are thin (guard, one helper, return). Helpers that only read a
  * context or fill a struct live in lib/; helpers that touch a map live in this file, because bcc
@@ -40,6 +45,43 @@ static __always_inline void tcpmesh_count(int reason)
 
 	if (value)
 		*value += 1; /* this CPU's slot: no other writer, no atomics needed */
+}
+
+/* Pod hooks: leave the token the guard looks for on this socket (see tcpmesh_seen in maps.h).
+ * A socket whose token cannot be stored gets none, and the guard refuses it: fail-closed. */
+static __always_inline void tcpmesh_mark_seen(struct bpf_sock_addr *ctx)
+{
+	__u32 *token = tcpmesh_seen.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+
+	if (token)
+		*token = 1;
+	else
+		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
+}
+
+/* Guard: did a pod hook handle this connect? Consumes the token, so a socket whose pod hooks
+ * are detached before a later connect() (a TCP socket may retry after a failure) needs a new one. */
+static __always_inline int tcpmesh_take_seen(struct bpf_sock_addr *ctx)
+{
+	__u32 *token = tcpmesh_seen.sk_storage_get(ctx->sk, 0, 0);
+
+	if (!token || *token != 1)
+		return 0;
+	*token = 0;
+	return 1;
+}
+
+/* The node guard's decision for a connect that no pod hook marked. */
+static __always_inline int tcpmesh_guard_verdict(struct bpf_sock_addr *ctx, int exempt)
+{
+	if (!tcpmesh_is_tcp(ctx->type, ctx->protocol))
+		return TCPMESH_ALLOW; /* the mesh is TCP; UDP (DNS) is never captured either */
+	if (exempt) {
+		tcpmesh_count(TCPMESH_R_GUARD_EXEMPT);
+		return TCPMESH_ALLOW;
+	}
+	tcpmesh_count(TCPMESH_R_GUARD_DENIED);
+	return TCPMESH_DENY;
 }
 
 static __always_inline int tcpmesh_cidr_verdict(__u32 dst)
@@ -152,6 +194,7 @@ int tcpmesh_conn4(struct bpf_sock_addr *ctx)
 {
 	__u32 dst = ctx->user_ip4;
 
+	tcpmesh_mark_seen(ctx);
 	return tcpmesh_capture_connect(ctx, tcpmesh_fixed_verdict(ctx->type, ctx->protocol, dst), dst, 0);
 }
 
@@ -163,6 +206,7 @@ int tcpmesh_conn6(struct bpf_sock_addr *ctx)
 {
 	__u32 dst = 0;
 
+	tcpmesh_mark_seen(ctx);
 	if (tcpmesh_v4_mapped(ctx, &dst) != 0) {
 		tcpmesh_count(TCPMESH_R_IPV6);
 		return TCPMESH_ALLOW;
@@ -210,4 +254,25 @@ int tcpmesh_peer6(struct bpf_sock_addr *ctx)
 {
 	tcpmesh_show_original_peer(ctx, 1);
 	return TCPMESH_ALLOW;
+}
+
+/*
+ * cgroup/connect4 on the pods cgroup (the node guard) — FAIL-CLOSED. Runs after the hooks of the
+ * pod's own cgroup (descendants first). A TCP connect that no pod hook marked comes from a pod
+ * the agent has not attached (yet): refused with EPERM, except to loopback and the redirect
+ * address. Captured pods pass untouched (their destination is already rewritten).
+ */
+int tcpmesh_guard4(struct bpf_sock_addr *ctx)
+{
+	if (tcpmesh_take_seen(ctx))
+		return TCPMESH_ALLOW;
+	return tcpmesh_guard_verdict(ctx, tcpmesh_guard_exempt4(ctx->user_ip4));
+}
+
+/* cgroup/connect6 on the pods cgroup — FAIL-CLOSED, as guard4; native IPv6 is refused too. */
+int tcpmesh_guard6(struct bpf_sock_addr *ctx)
+{
+	if (tcpmesh_take_seen(ctx))
+		return TCPMESH_ALLOW;
+	return tcpmesh_guard_verdict(ctx, tcpmesh_guard_exempt6(ctx));
 }

@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import struct
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 SOL_IP = 0
 SO_ORIGINAL_DST = 80
@@ -42,9 +42,12 @@ REASONS: tuple[str, ...] = (
     "peername_rewritten",  # getpeername4/6: app shown its original destination
     "ipv6",                # connect6: native IPv6 destination, not captured (the mesh is IPv4)
     "v4mapped",            # connect6: captured a v4-mapped destination (also counted as captured)
+    "guard_denied",        # guard: TCP connect from a pod cgroup that is not captured (yet): EPERM
+    "guard_exempt",        # guard: such a connect to loopback or the redirect address, let through
 )
 REASON_CODES: dict[str, int] = {name: code for code, name in enumerate(REASONS)}
 REASON_MAX = len(REASONS)
+REASON_SLOTS = 64  # entries of tcpmesh_counters (TCPMESH_R_SLOTS): room to append reasons
 
 # C names of the constants above, for the layout test (name in C -> value here).
 C_CONSTANTS: dict[str, int] = {
@@ -56,6 +59,7 @@ C_CONSTANTS: dict[str, int] = {
     "TCPMESH_CIDR_BYPASS": CIDR_BYPASS,
     "TCPMESH_CIDR_CAPTURE": CIDR_CAPTURE,
     "TCPMESH_R_MAX": REASON_MAX,
+    "TCPMESH_R_SLOTS": REASON_SLOTS,
     **{f"TCPMESH_R_{name.upper()}": code for code, name in enumerate(REASONS)},
 }
 
@@ -154,6 +158,7 @@ def peer_key(ip: str, port: int) -> PeerKey:
 def cidr_key(network: ipaddress.IPv4Network) -> CidrKey:
     """The LPM key of an IPv4 network (host bits must be clear; see agent.capture.cidrs)."""
     return CidrKey(prefixlen=network.prefixlen, ip4=ip4_to_net_u32(str(network.network_address)))
+
 
 # ---- ebpf-tc mode (bpf/capture_tc.c) -------------------------------------------------------------
 

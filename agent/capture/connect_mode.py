@@ -1,17 +1,20 @@
-"""The ebpf-connect capture mode: compile bpf/capture_connect.c with bcc, load it, attach it to cgroups.
+"""The ebpf-connect capture mode: a pinned program set attached to cgroups, driven without bcc.
 
-``ConnectCapture`` owns one compiled program set and everything it attached:
-  - ``attach_pod(dir)``: connect4/6 + sockops + getpeername4/6 on a workload's cgroup;
-  - ``attach_proxy(dir)``: getsockopt on the cgroup the proxy's sockets live in;
-  - ``close()``: detaches exactly what this object attached.
-Attachment is legacy BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI (the call bcc's ``attach_func`` makes,
-issued through libbpf to keep the errno): others' programs on the same cgroup stay, and ours stay
-attached if the agent crashes, so captured connections then fail closed (nothing listens on the
-redirect port) instead of leaking in plaintext. Programs named ``tcpmesh_*`` that a previous run
-left on a cgroup are detached before ours go on, so a restart never stacks two program sets.
-
-Imports bcc only inside ``load()``; the pure parts (cflags, CIDR entries, counter sums) are in
-functions that need no root. Must not import the proxy, plumbing or telemetry packages.
+``ConnectCapture`` is the agent's handle on one program set of bpf/capture_connect.c:
+  - ``load()``: adopt the set pinned under ``bpffs_dir`` whose name matches this source tree and
+    these flags (agent.capture.pins), or have the loader process compile and pin it first
+    (agent.capture.loader); then open the pins (agent.capture.pinned) and fill the capture CIDRs;
+  - ``takeover(pods_cgroup, proxy_cgroup)``: every cgroup that carries a tcpmesh set (a previous
+    run's, perhaps of another version) gets ours with no gap: ours are attached everywhere first,
+    then the others detached, the guard's first;
+  - ``attach_pod``/``attach_guard``/``attach_proxy``: ours on, then any other tcpmesh program of
+    the same hooks off; ``detach_*`` remove every tcpmesh program of that role from the cgroup;
+  - ``close()``: releases our file descriptors and leaves attachments and pins in place, so the
+    pods stay captured while no agent runs: their connects go to the redirect port, where nothing
+    listens, and are refused (fail closed). ``detach_all()`` undoes this object's attachments.
+Attachment is legacy BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI: others' programs on a cgroup stay,
+and ours outlive the agent. Imports no bcc (the loader process does). Must not import the proxy,
+plumbing or telemetry packages.
 """
 
 from __future__ import annotations
@@ -19,23 +22,25 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from agent.capture import abi, kstub
-from agent.capture.cgroups import CgroupTarget, Libbpf, cgroup_target, read_mounts
+from agent.capture import abi, pins
+from agent.capture.cgroups import Libbpf, cgroup_target, read_mounts, walk
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
-from agent.capture.counters import sum_per_cpu
-from agent.capture.errors import AttachError, BccMissing, BpfLoadError, NotLoaded
+from agent.capture.errors import AttachError, NotLoaded
+from agent.capture.loader import DEFAULT_TIMEOUT, LoadRequest, LoadResult, run_loader
+from agent.capture.pinned import PinnedSet
 from agent.errors import ConfigError
+
 
 SOURCE_NAME = "capture_connect.c"
 PROG_NAME_PREFIX = "tcpmesh_"
 BPF_F_ALLOW_MULTI = 2
 DEFAULT_MAX_CONNECTIONS = 65536
+DEFAULT_BPFFS_DIR = f"{pins.DEFAULT_ROOT}/default"
 
 # BPF_PROG_TYPE_* / BPF_ATTACH_TYPE_* (uapi/linux/bpf.h; bcc's BPFProgType/BPFAttachType agree).
 PROG_CGROUP_SOCK_ADDR = 18
@@ -50,6 +55,7 @@ ATTACH_INET6_GETPEERNAME = 30
 
 ROLE_POD = "pod"
 ROLE_PROXY = "proxy"
+ROLE_GUARD = "guard"
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,8 @@ class Hook:
 # Attach order: the connect hooks last on a pod, so a connection is only ever captured once the
 # programs that complete its record (sockops) and hide the redirect (getpeername) are in place.
 # connect6/getpeername6 cover dual-stack AF_INET6 sockets dialling v4-mapped addresses (JVM, Go):
-# without them such connects would bypass capture in plaintext.
+# without them such connects would bypass capture in plaintext. The guard goes on the cgroup that
+# holds every pod (capture.pods_cgroup) and refuses TCP connects no pod hook handled.
 HOOKS: tuple[Hook, ...] = (
     Hook("tcpmesh_sockops", PROG_SOCK_OPS, ATTACH_SOCK_OPS, ROLE_POD),
     Hook("tcpmesh_peer4", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME, ROLE_POD),
@@ -71,7 +78,10 @@ HOOKS: tuple[Hook, ...] = (
     Hook("tcpmesh_conn6", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT, ROLE_POD),
     Hook("tcpmesh_conn4", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, ROLE_POD),
     Hook("tcpmesh_sockopt", PROG_CGROUP_SOCKOPT, ATTACH_GETSOCKOPT, ROLE_PROXY),
+    Hook("tcpmesh_guard6", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT, ROLE_GUARD),
+    Hook("tcpmesh_guard4", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, ROLE_GUARD),
 )
+PROGRAMS: tuple[str, ...] = tuple(h.program for h in HOOKS)
 
 
 def hooks_for(role: str) -> tuple[Hook, ...]:
@@ -83,16 +93,23 @@ def bpf_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "bpf"
 
 
-def compile_flags(source_dir: Path, redirect_ip: str, redirect_port: int,
-                  max_connections: int = DEFAULT_MAX_CONNECTIONS) -> list[str]:
-    """The -I/-D flags for capture_connect.c (pure). REDIR_IP is the host-order integer."""
+def program_flags(redirect_ip: str, redirect_port: int, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> list[str]:
+    """The -D flags that change the programs (pure). REDIR_IP is the host-order integer."""
     return [
-        f"-I{source_dir}",
-        f"-I{source_dir / 'include'}",
         f"-DREDIR_IP={int(ipaddress.IPv4Address(redirect_ip))}u",
         f"-DREDIR_PORT={int(redirect_port)}",
         f"-DTCPMESH_MAX_CONNS={int(max_connections)}",
     ]
+
+
+def compile_flags(source_dir: Path, redirect_ip: str, redirect_port: int,
+                  max_connections: int = DEFAULT_MAX_CONNECTIONS, maps_dir: str | os.PathLike | None = None) -> list[str]:
+    """Every flag of the compile (pure): include paths, program flags, and where the maps are pinned."""
+    flags = [f"-I{source_dir}", f"-I{source_dir / 'include'}",
+             *program_flags(redirect_ip, redirect_port, max_connections)]
+    if maps_dir is not None:
+        flags.append(f'-DTCPMESH_MAPS_DIR="{maps_dir}"')
+    return flags
 
 
 def validate_redirect(redirect_ip: str, redirect_port: int) -> None:
@@ -109,12 +126,13 @@ def validate_redirect(redirect_ip: str, redirect_port: int) -> None:
 
 
 class ConnectCapture:
-    """One loaded copy of capture_connect.c and the cgroups it is attached to."""
+    """The agent's handle on one pinned program set of capture_connect.c and the cgroups it attached."""
 
     def __init__(self, redirect_ip: str, redirect_port: int,
                  capture_cidrs: Sequence[str] = DEFAULT_CAPTURE_CIDRS, state_dir: str | os.PathLike = "/run/tcpmesh",
                  *, bypass_cidrs: Sequence[str] = (), source_dir: str | os.PathLike | None = None,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, bpffs_dir: str | os.PathLike = DEFAULT_BPFFS_DIR,
+                 loader_timeout: float = DEFAULT_TIMEOUT) -> None:
         validate_redirect(redirect_ip, redirect_port)
         self.redirect_ip = redirect_ip
         self.redirect_port = int(redirect_port)
@@ -122,68 +140,82 @@ class ConnectCapture:
         self.state_dir = Path(state_dir)
         self.source_dir = Path(source_dir) if source_dir else bpf_dir()
         self.max_connections = max_connections
-        self._bpf = None
-        self._fns: dict[str, object] = {}
+        self.bpffs_dir = Path(os.path.abspath(bpffs_dir))
+        self.loader_timeout = loader_timeout
+        self._set: PinnedSet | None = None
         self._libbpf: Libbpf | None = None
-        self._own_ids: set[int] = set()
-        self._attached: dict[tuple[str, str], CgroupTarget] = {}  # (path, role) -> target
+        self._attached: set[tuple[str, str]] = set()  # (path, role)
+        self.names: pins.SetNames | None = None
+        self.adopted: bool | None = None          # True: a pinned set was reused, nothing compiled
+        self.loader_result: LoadResult | None = None
         self.load_seconds: float | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
+    def pin_names(self) -> pins.SetNames:
+        """The set and maps directory names for this source tree and these flags."""
+        return pins.set_names(self.source_dir, SOURCE_NAME, abi.ABI_VERSION, self.max_connections,
+                              program_flags(self.redirect_ip, self.redirect_port, self.max_connections), PROGRAMS)
+
+    @property
+    def set_dir(self) -> Path:
+        return self.bpffs_dir / self.pin_names().set
+
     def load(self) -> None:
-        """Compile and load every program; fill the capture CIDRs. Raises BpfLoadError/BccMissing."""
-        if self._bpf is not None:
+        """Adopt the matching pinned set or load one via the loader process; open it; fill the CIDRs."""
+        if self._set is not None:
             return
-        try:
-            from bcc import BPF
-        except Exception as exc:  # ImportError, or OSError when libbcc.so is missing
-            raise BccMissing(f"bcc not importable ({exc}): install Debian's python3-bpfcc and link it into "
-                             "the venv; run `make setup`") from exc
         started = time.monotonic()
-        source = self.source_dir / SOURCE_NAME
-        if not source.is_file():
-            raise BpfLoadError("compile", str(source), "", "source file not found: the tcpmesh tree is incomplete")
-        tree = kstub.materialise(self.state_dir / "bcc-kstub")
-        cflags = compile_flags(self.source_dir, self.redirect_ip, self.redirect_port, self.max_connections)
-        with kstub.kernel_source(tree), _captured_stderr() as log:
-            try:
-                bpf = BPF(src_file=str(source).encode(), cflags=cflags)
-            except Exception as exc:
-                raise BpfLoadError("compile", str(source), "", str(exc), log.read()) from exc
+        pins.ensure_bpffs(str(self.bpffs_dir))
+        names = self.pin_names()
+        set_dir, maps_dir = self.bpffs_dir / names.set, self.bpffs_dir / names.maps
+        adopted = pins.complete(set_dir, PROGRAMS) and pins.complete(maps_dir, abi.MAPS)
+        if not adopted:
+            if pins.complete(set_dir, PROGRAMS):  # programs pinned, a map pin gone: never half-adopt
+                pins.remove_tree(set_dir)
+            source = self.source_dir / SOURCE_NAME
+            request = LoadRequest(
+                source=str(source), bpffs_dir=str(self.bpffs_dir), set_name=names.set, maps_name=names.maps,
+                cflags=tuple(compile_flags(self.source_dir, self.redirect_ip, self.redirect_port,
+                                           self.max_connections, maps_dir)),
+                state_dir=str(self.state_dir), programs=tuple((h.program, h.prog_type, h.attach_type) for h in HOOKS))
+            self.loader_result = run_loader(request, self.loader_timeout)
+        libbpf = self._libbpf or Libbpf()
+        pinned = PinnedSet.open(libbpf, set_dir, maps_dir, PROGRAMS)
         try:
-            for hook in HOOKS:
-                with _captured_stderr() as log:
-                    try:
-                        self._fns[hook.program] = bpf.load_func(hook.program.encode(), hook.prog_type,
-                                                                attach_type=hook.attach_type)
-                    except Exception as exc:
-                        raise BpfLoadError("load", str(source), hook.program, str(exc), log.read()) from exc
-            self._libbpf = Libbpf()
-            self._own_ids = {self._libbpf.prog_info(fn.fd)[0] for fn in self._fns.values()}
-            self._bpf = bpf
-            self._write_cidrs(self._cidr_entries)
+            pinned.write_cidrs(self._cidr_entries)
         except BaseException:
-            self._fns.clear()
-            self._bpf = None
-            bpf.cleanup()
+            pinned.close()
             raise
+        self._libbpf, self._set, self.names, self.adopted = libbpf, pinned, names, adopted
         self.load_seconds = time.monotonic() - started
 
     def close(self) -> None:
-        """Detach everything this object attached, then release the programs and maps."""
-        errors: list[Exception] = []
-        for path, role in list(self._attached):
-            try:
-                self._detach(path, role)
-            except AttachError as exc:
-                errors.append(exc)
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
-            self._fns.clear()
-        if errors:
-            raise errors[0]
+        """Release our fds; every attachment and pin stays (capture keeps failing closed). Idempotent."""
+        if self._set is not None:
+            self._set.close()
+            self._set = None
+        self._attached.clear()
+
+    def detach_all(self) -> list[str]:
+        """Detach every tcpmesh program from the cgroups this object attached (guard first)."""
+        removed: list[str] = []
+        order = {ROLE_GUARD: 0, ROLE_POD: 1, ROLE_PROXY: 2}
+        for path, role in sorted(self._attached, key=lambda pr: (order[pr[1]], pr[0])):
+            removed += self._detach(path, role)
+        return removed
+
+    def prune_pins(self) -> list[str]:
+        """Unpin every other program set and maps directory under bpffs_dir (call after takeover)."""
+        self._require_loaded()
+        assert self.names is not None
+        keep = {self.names.set, self.names.maps}
+        removed: list[str] = []
+        for entry in pins.entries(self.bpffs_dir):
+            if entry.name not in keep and entry.name.startswith((pins.SET_PREFIX, pins.MAPS_PREFIX,
+                                                                 pins.STAGING_PREFIX)):
+                removed += pins.remove_tree(entry)
+        return removed
 
     def __enter__(self) -> ConnectCapture:
         self.load()
@@ -194,20 +226,53 @@ class ConnectCapture:
 
     # ---- attachment ----------------------------------------------------------------------------
 
+    def takeover(self, pods_cgroup: str | os.PathLike | None = None,
+                 proxy_cgroup: str | os.PathLike | None = None) -> list[str]:
+        """Put our set wherever a tcpmesh set is attached, with no gap; returns what was replaced.
+
+        Phase 1 attaches ours next to the old programs: on every cgroup below ``pods_cgroup`` that
+        carries tcpmesh pod programs, then the guard on ``pods_cgroup``, then the getsockopt hook on
+        ``proxy_cgroup``. Phase 2 detaches the others, the old guard before the old pod programs: a
+        guard only honours the tokens of its own set, so an old guard must never outlive them.
+        """
+        self._require_loaded()
+        pods = os.path.realpath(pods_cgroup) if pods_cgroup else None
+        proxy = os.path.realpath(proxy_cgroup) if proxy_cgroup else None
+        plan: list[tuple[str, str]] = []
+        if pods is not None:
+            plan += [(path, ROLE_POD) for path in walk(pods) if path != pods and self._carries(path, ROLE_POD)]
+            plan.append((pods, ROLE_GUARD))
+        if proxy is not None:
+            plan.append((proxy, ROLE_PROXY))
+        for path, role in plan:
+            self._attach(path, role, replace=False)
+        order = {ROLE_GUARD: 0, ROLE_POD: 1, ROLE_PROXY: 2}
+        replaced: list[str] = []
+        for path, role in sorted(plan, key=lambda pr: order[pr[1]]):
+            replaced += self._detach_others(path, role)
+        return replaced
+
     def attach_pod(self, cgroup_dir: str | os.PathLike) -> None:
         """connect4/6 + sockops + getpeername4/6 on a workload's cgroup. Idempotent."""
         self._attach(cgroup_dir, ROLE_POD)
 
-    def detach_pod(self, cgroup_dir: str | os.PathLike) -> None:
-        """Undo attach_pod. Idempotent; a cgroup that is already gone counts as detached."""
-        self._detach(os.path.realpath(cgroup_dir), ROLE_POD)
+    def detach_pod(self, cgroup_dir: str | os.PathLike) -> list[str]:
+        """Remove every tcpmesh pod program from the cgroup. Idempotent; a removed cgroup counts as detached."""
+        return self._detach(os.path.realpath(cgroup_dir), ROLE_POD)
+
+    def attach_guard(self, pods_cgroup: str | os.PathLike) -> None:
+        """The node guard on the cgroup that holds every pod (never the agent's own ancestor)."""
+        self._attach(pods_cgroup, ROLE_GUARD)
+
+    def detach_guard(self, pods_cgroup: str | os.PathLike) -> list[str]:
+        return self._detach(os.path.realpath(pods_cgroup), ROLE_GUARD)
 
     def attach_proxy(self, cgroup_dir: str | os.PathLike) -> None:
         """The getsockopt hook on the cgroup the proxy's sockets live in (never the root cgroup)."""
         self._attach(cgroup_dir, ROLE_PROXY)
 
-    def detach_proxy(self, cgroup_dir: str | os.PathLike) -> None:
-        self._detach(os.path.realpath(cgroup_dir), ROLE_PROXY)
+    def detach_proxy(self, cgroup_dir: str | os.PathLike) -> list[str]:
+        return self._detach(os.path.realpath(cgroup_dir), ROLE_PROXY)
 
     def attachments(self) -> dict[str, tuple[str, ...]]:
         """{cgroup path: roles attached there}, a snapshot for `doctor` and tests."""
@@ -216,45 +281,72 @@ class ConnectCapture:
             out[path] = out.get(path, ()) + (role,)
         return out
 
-    def _attach(self, cgroup_dir: str | os.PathLike, role: str) -> None:
+    def _attach(self, cgroup_dir: str | os.PathLike, role: str, replace: bool = True) -> None:
         target = cgroup_target(cgroup_dir, role, read_mounts())  # refuses the root cgroup first
         self._require_loaded()
+        assert self._set is not None and self._libbpf is not None
         if (target.path, role) in self._attached:
             return
-        done: list[Hook] = []
+        added: list[Hook] = []
         with _open_dir(target.path, role) as fd:
             try:
-                for hook in hooks_for(role):
-                    self._detach_stale(fd, hook, target.path)
-                    self._libbpf.prog_attach(self._fns[hook.program].fd, fd, hook.attach_type,
-                                             BPF_F_ALLOW_MULTI, f"{hook.program} on {target.path}")
-                    done.append(hook)
+                for hook in hooks_for(role):  # ours first ...
+                    if self._libbpf.prog_attach(self._set.prog_fd(hook.program), fd, hook.attach_type,
+                                                BPF_F_ALLOW_MULTI, f"{hook.program} on {target.path}"):
+                        added.append(hook)
             except BaseException:
-                for hook in reversed(done):  # leave the cgroup as we found it
-                    self._libbpf.prog_detach(self._fns[hook.program].fd, fd, hook.attach_type, target.path)
+                for hook in reversed(added):  # leave the cgroup as we found it
+                    with contextlib.suppress(AttachError):
+                        self._libbpf.prog_detach(self._set.prog_fd(hook.program), fd, hook.attach_type, target.path)
                 raise
-        self._attached[(target.path, role)] = target
+            if replace:  # ... then the others of the same hooks off: never a moment without capture
+                for hook in hooks_for(role):
+                    _detach_named(self._libbpf, fd, hook, target.path, keep_ids=self._set.own_ids)
+        self._attached.add((target.path, role))
 
-    def _detach(self, path: str, role: str) -> None:
-        if (path, role) not in self._attached:
-            return
-        if self._bpf is not None:
+    def _detach(self, path: str, role: str) -> list[str]:
+        removed: list[str] = []
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            fd = None  # cgroup removed: the kernel released its programs with it
+        if fd is not None:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            except FileNotFoundError:
-                fd = None  # cgroup removed: the kernel released its programs with it
-            if fd is not None:
-                try:
-                    for hook in reversed(hooks_for(role)):
-                        self._libbpf.prog_detach(self._fns[hook.program].fd, fd, hook.attach_type,
-                                                 f"{hook.program} on {path}")
-                finally:
-                    os.close(fd)
-        del self._attached[(path, role)]
+                for hook in reversed(hooks_for(role)):
+                    removed += _detach_named(self.libbpf, fd, hook, path, keep_ids=frozenset())
+            finally:
+                os.close(fd)
+        self._attached.discard((path, role))
+        return removed
 
-    def _detach_stale(self, cgroup_fd: int, hook: Hook, path: str) -> None:
-        """Detach tcpmesh programs of this hook that are not ours (left by a crashed run)."""
-        _detach_named(self._libbpf, cgroup_fd, hook, path, keep_ids=self._own_ids)
+    def _detach_others(self, path: str, role: str) -> list[str]:
+        assert self._set is not None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return []
+        try:
+            return [r for hook in hooks_for(role)
+                    for r in _detach_named(self.libbpf, fd, hook, path, keep_ids=self._set.own_ids)]
+        finally:
+            os.close(fd)
+
+    def _carries(self, path: str, role: str) -> bool:
+        """Does ``path`` have any tcpmesh program of ``role`` attached directly?"""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return False
+        try:
+            return any(_named(self.libbpf, fd, hook, path) for hook in hooks_for(role))
+        finally:
+            os.close(fd)
+
+    @property
+    def libbpf(self) -> Libbpf:
+        if self._libbpf is None:
+            self._libbpf = Libbpf()
+        return self._libbpf
 
     # ---- maps ----------------------------------------------------------------------------------
 
@@ -262,45 +354,31 @@ class ConnectCapture:
         """Replace the capture CIDRs: new entries go in before stale ones come out."""
         entries = lpm_entries(capture_cidrs, bypass_cidrs)
         self._cidr_entries = entries
-        if self._bpf is not None:
-            self._write_cidrs(entries)
+        if self._set is not None:
+            self._set.write_cidrs(entries)
 
     def counters(self) -> dict[str, int]:
         """{reason: total over CPUs}; empty when any reason could not be read (partial read)."""
         self._require_loaded()
-        table = self._bpf[b"tcpmesh_counters"]
-        per_reason: dict[int, list[int] | None] = {}
-        for code in range(abi.REASON_MAX):
-            try:
-                per_reason[code] = list(table.getvalue(table.Key(code)))
-            except (KeyError, OSError):
-                per_reason[code] = None
-        return sum_per_cpu(per_reason) or {}
+        assert self._set is not None
+        return self._set.counters()
 
-    def table(self, name: str):
-        """A bcc table by name (tests and `doctor`)."""
+    def pinned(self) -> PinnedSet:
+        """The open pinned set (tests and `doctor`: map fds, program ids)."""
         self._require_loaded()
-        return self._bpf[name.encode()]
-
-    def _write_cidrs(self, entries: dict[tuple[int, int], int]) -> None:
-        table = self._bpf[b"tcpmesh_capture_cidrs"]
-        for (prefixlen, ip4), action in entries.items():
-            key = table.Key.from_buffer_copy(bytes(abi.CidrKey(prefixlen=prefixlen, ip4=ip4)))
-            table[key] = table.Leaf.from_buffer_copy(bytes(abi.CidrValue(action=action)))
-        for key in list(table.keys()):
-            if (key.prefixlen, key.ip4) not in entries:
-                del table[key]
+        assert self._set is not None
+        return self._set
 
     def _require_loaded(self) -> None:
-        if self._bpf is None:
+        if self._set is None:
             raise NotLoaded("ConnectCapture.load() has not run (or close() already did)")
 
 
 def detach_leftovers(cgroup_dir: str | os.PathLike) -> list[str]:
     """Detach every tcpmesh capture program attached directly to ``cgroup_dir`` (by name).
 
-    For `tcpmesh cleanup` after a crash: needs root and libbpf, not bcc. Returns what it detached,
-    as "name on path". Programs of other tools on the cgroup are left alone.
+    Needs root and libbpf, not bcc. Returns what it detached, as "name on path". Programs of other
+    tools on the cgroup are left alone. (`tcpmesh cleanup` goes wider: agent.cleanup.)
     """
     path = os.path.realpath(cgroup_dir)
     libbpf = Libbpf()
@@ -311,10 +389,26 @@ def detach_leftovers(cgroup_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
+def _named(libbpf: Libbpf, cgroup_fd: int, hook: Hook, path: str) -> list[int]:
+    """Ids of the programs named ``hook.program`` attached to the cgroup for ``hook.attach_type``."""
+    found = []
+    for prog_id in libbpf.prog_query(cgroup_fd, hook.attach_type, path):
+        prog_fd = libbpf.prog_fd_by_id(prog_id)
+        if prog_fd is None:
+            continue
+        try:
+            if libbpf.prog_info(prog_fd)[1] == hook.program:
+                found.append(prog_id)
+        finally:
+            os.close(prog_fd)
+    return found
+
+
 def _detach_named(libbpf: Libbpf, cgroup_fd: int, hook: Hook, path: str, keep_ids: Iterable[int]) -> list[str]:
     removed = []
+    keep = frozenset(keep_ids)
     for prog_id in libbpf.prog_query(cgroup_fd, hook.attach_type, path):
-        if prog_id in keep_ids:
+        if prog_id in keep:
             continue
         prog_fd = libbpf.prog_fd_by_id(prog_id)
         if prog_fd is None:
@@ -322,8 +416,8 @@ def _detach_named(libbpf: Libbpf, cgroup_fd: int, hook: Hook, path: str, keep_id
         try:
             _, name = libbpf.prog_info(prog_fd)
             if name == hook.program and libbpf.prog_detach(prog_fd, cgroup_fd, hook.attach_type,
-                                                           f"leftover {name} on {path}"):
-                removed.append(f"{name} on {path}")
+                                                           f"{name} on {path}"):
+                removed.append(f"{name} (id {prog_id}) on {path}")
         finally:
             os.close(prog_fd)
     return removed
@@ -339,35 +433,3 @@ def _open_dir(path: str, role: str) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
-
-
-class _Log:
-    def __init__(self, file) -> None:
-        self._file = file
-
-    def read(self) -> str:
-        self._file.flush()
-        self._file.seek(0)
-        return self._file.read().decode(errors="replace")
-
-
-@contextlib.contextmanager
-def _captured_stderr() -> Iterator[_Log]:
-    """Capture fd 2 (where libbcc prints clang errors and the verifier log) for the block.
-
-    Process-wide while it lasts; used only around compile/load, before the agent serves traffic.
-    Whatever was captured is replayed to the real stderr afterwards, so nothing is hidden.
-    """
-    with tempfile.TemporaryFile() as tmp:
-        saved = os.dup(2)
-        try:
-            os.dup2(tmp.fileno(), 2)
-            yield _Log(tmp)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            data = tmp.read()
-            if data:
-                os.write(2, data)
-

@@ -16,6 +16,7 @@ class BpfLoadError(TcpmeshError):
         self.stage = stage
         self.source = source
         self.program = program
+        self.message = message
         self.log = log
         what = f"program {program} from {source}" if program else source
         text = f"BPF {stage} of {what} failed: {message}"
@@ -30,11 +31,15 @@ class AttachError(KernelError):
 
 
 class BccMissing(EnvironmentProblem):
-    """bcc cannot be imported."""
+    """bcc cannot be imported (by the loader process: the agent itself never imports it)."""
+
+
+class LoaderFailed(TcpmeshError):
+    """The loader process (python -m agent.capture.loader) died or answered nonsense."""
 
 
 class NotLoaded(TcpmeshError):
-    """A ConnectCapture method that needs the programs was called before load()."""
+    """A ConnectCapture method that needs the programs was called before load() (or after close())."""
 
 
 def _tail(log: str, lines: int = 25) -> str:

@@ -43,7 +43,9 @@ class Capture(Protocol):
         """The original destination (and client process, where the mode knows it) of an accepted socket."""
 
     def stop(self) -> None:
-        """Orderly stop: undo everything ``start`` and ``attach`` did."""
+        """Orderly stop: release the agent's handles. A mode that can fail closed (ebpf-connect) leaves
+        its kernel state in place, so pods stay captured while no agent runs; `tcpmesh cleanup`
+        removes it. Others undo what ``start`` and ``attach`` did."""
 
     def counters(self) -> dict[str, int]:
         """Per-reason counters of the kernel side (empty when unknown)."""
@@ -75,20 +77,36 @@ class NoCapture:
 
 
 class ConnectMode:
-    """``ebpf-connect``: cgroup connect4/6 + sockops + getpeername + getsockopt (agent.capture.connect_mode)."""
+    """``ebpf-connect``: cgroup connect4/6 + sockops + getpeername + getsockopt + the node guard
+    (agent.capture.connect_mode). Restart-safe and fail-closed: ``stop()`` leaves every program
+    attached and pinned; the next start adopts or swaps them with no gap (docs/capture.md)."""
 
     name = "ebpf-connect"
     listener = ListenerRequirements()
 
-    def __init__(self, redirect_ip: str, redirect_port: int, state_dir: str, proxy_cgroup: str) -> None:
-        from agent.capture.connect_mode import ConnectCapture  # imports bcc: only when this mode is used
+    def __init__(self, redirect_ip: str, redirect_port: int, state_dir: str, proxy_cgroup: str,
+                 pods_cgroup: str = "", bpffs_dir: str | None = None) -> None:
+        from agent.capture.connect_mode import DEFAULT_BPFFS_DIR, ConnectCapture  # no bcc: the loader has it
 
-        self._capture = ConnectCapture(redirect_ip=redirect_ip, redirect_port=redirect_port, state_dir=state_dir)
+        self._capture = ConnectCapture(redirect_ip=redirect_ip, redirect_port=redirect_port, state_dir=state_dir,
+                                       bpffs_dir=bpffs_dir or DEFAULT_BPFFS_DIR)
         self._proxy_cgroup = proxy_cgroup
+        self._pods_cgroup = pods_cgroup
 
     def start(self) -> None:
+        import logging
+
+        log = logging.getLogger("tcpmesh.capture")
         self._capture.load()
-        self._capture.attach_proxy(self._proxy_cgroup)
+        replaced = self._capture.takeover(self._pods_cgroup or None, self._proxy_cgroup)
+        pruned = self._capture.prune_pins()
+        loaded = self._capture.loader_result
+        how = "adopted the pinned set" if self._capture.adopted else (
+            f"loaded a new set (loader process: compile {loaded.compile_seconds:.2f}s, "
+            f"peak RSS {loaded.max_rss_kb // 1024} MB)" if loaded else "loaded a new set")
+        log.info("ebpf-connect: %s %s in %.3fs; replaced %d attachments of older sets, unpinned %d objects; guard %s",
+                 how, self._capture.set_dir, self._capture.load_seconds or 0.0, len(replaced), len(pruned),
+                 f"on {self._pods_cgroup}" if self._pods_cgroup else "off (capture.pods_cgroup is empty)")
 
     def attach(self, workload: Workload) -> None:
         if not workload.cgroup:
@@ -105,6 +123,7 @@ class ConnectMode:
         return read_origin(sock)
 
     def stop(self) -> None:
+        """Release the agent's handles only: pods stay captured and guarded (fail closed)."""
         self._capture.close()
 
     def counters(self) -> dict[str, int]:
@@ -120,6 +139,7 @@ class MissingCgroup(Exception):
 def build_capture(config) -> Capture:
     """The capture mode ``config.capture.mode`` names (validated by agent.config)."""
     from agent import hostcheck
+    from agent.capture.pins import default_bpffs_dir
 
     mode = config.capture.mode
     if mode == "auto":
@@ -129,11 +149,12 @@ def build_capture(config) -> Capture:
     if mode == "none":
         return NoCapture()
     if mode == "ebpf-connect":
-        hostcheck.require(hostcheck.root_problem(), hostcheck.cgroup2_problem(config.capture.cgroup_root),
-                          hostcheck.bcc_problem())
+        hostcheck.require(hostcheck.root_problem(), hostcheck.cgroup2_problem(config.capture.cgroup_root))
         proxy_cgroup = config.capture.proxy_cgroup or hostcheck.own_cgroup_path(config.capture.cgroup_root)
+        _check_pods_cgroup(config.capture.pods_cgroup, proxy_cgroup)
         return ConnectMode(config.capture.redirect_address, config.proxy.outbound_port, config.state_dir,
-                           proxy_cgroup)
+                           proxy_cgroup, config.capture.pods_cgroup,
+                           config.capture.bpffs_dir or default_bpffs_dir(config.node.name))
     if mode == "ebpf-tc":
         from agent.capture.tc_mode import TcCapture  # imports bcc at start() only
 
@@ -145,3 +166,21 @@ def build_capture(config) -> Capture:
         hostcheck.require(hostcheck.root_problem())
         return TproxyCapture(config.proxy.bind_address, config.proxy.outbound_port)
     raise ValueError(f"capture mode {mode!r} is not implemented")
+
+
+def _check_pods_cgroup(pods_cgroup: str, proxy_cgroup: str) -> None:
+    """The guard on pods_cgroup would refuse the proxy's own connects if the agent lived below it."""
+    import os
+
+    from agent.errors import ConfigError
+
+    if not pods_cgroup:
+        return
+    if not os.path.isdir(pods_cgroup):
+        raise ConfigError("capture.pods_cgroup", pods_cgroup, "does not exist",
+                          "give the cgroup v2 directory that contains the pods (create it first)")
+    pods, proxy = os.path.realpath(pods_cgroup), os.path.realpath(proxy_cgroup)
+    if proxy == pods or proxy.startswith(pods.rstrip("/") + "/"):
+        raise ConfigError("capture.pods_cgroup", pods_cgroup, f"contains the agent's cgroup {proxy_cgroup}: the "
+                          "guard there would refuse the proxy's own upstream connections",
+                          "run the agent outside the pods' cgroup (its own systemd unit or container cgroup)")

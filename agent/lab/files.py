@@ -34,7 +34,8 @@ def agent_config(plan: LabPlan, node: NodePlan, capture_mode: str = DEFAULT_CAPT
         "identity": {"node_ca_dir": node_ca_dir(node), "poll_seconds": LAB_IDENTITY_POLL_SECONDS},
         "registry": {"file": plan.registry_file},
         "policy": {"dir": f"{plan.state_dir}/policies"},  # one policy store for the whole lab
-        "capture": {"mode": capture_mode, "redirect_address": plan.pod_gateway, "cgroup_root": plan.cgroup_root},
+        "capture": {"mode": capture_mode, "redirect_address": plan.pod_gateway, "cgroup_root": plan.cgroup_root,
+                    "pods_cgroup": node.pods_cgroup, "bpffs_dir": node.bpffs_dir, "cgroup_scope": node.cgroup},
         "admin": {"address": node.wire_address, "port": ADMIN_PORT, "socket": f"{node.state_dir}/agent.sock"},
     }
 

@@ -23,7 +23,7 @@ from agent.errors import TcpmeshError
 from agent.lab import agents, cgroups, files, network, nsenter
 from agent.lab.errors import LabError, LabNotFound
 from agent.lab.topology import (DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STATE_ROOT, DEFAULT_TRUST_DOMAIN,
-                                LabPlan, lab_cgroup, lab_state_dir, plan_lab, validate_lab_name)
+                                LabPlan, lab_bpffs_dir, lab_cgroup, lab_state_dir, plan_lab, validate_lab_name)
 
 STATUS_VERSION = 1
 
@@ -105,6 +105,9 @@ def _leftovers(name: str, state_dir: str, cgroup: str) -> list[str]:
         found.append(f"network namespaces {', '.join(netns)}")
     if os.path.isdir(cgroup):
         found.append(f"cgroup {cgroup}")
+    pins_dir = lab_bpffs_dir(name)
+    if os.path.isdir(pins_dir):
+        found.append(f"pinned BPF objects {pins_dir}")
     return found
 
 
@@ -180,7 +183,9 @@ def lab_down(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_RO
     stopped = agents.stop_agents(records, stop_timeout)
     removed_netns = network.remove_network(name)
     busy = cgroups.remove_tree(lab_cgroup(cgroup_root, name)) if cgroup_root else []
+    removed_pins = _remove_pins(name)  # after the cgroups: their removal released every attachment
     report: dict[str, Any] = {"name": name, "stopped_pids": stopped, "removed_netns": removed_netns,
+                              "removed_pins": removed_pins,
                               "busy_cgroups": [{"path": b.path, "pids": list(b.pids)} for b in busy],
                               "state_file": state is not None, "problems": [problem] if problem else []}
     if busy:
@@ -188,6 +193,15 @@ def lab_down(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_RO
     if os.path.isdir(state_dir):
         _remove_state_dir(state_dir, keep_logs)
     return report
+
+
+def _remove_pins(name: str) -> list[str]:
+    """Unpin every node's programs and maps (/sys/fs/bpf/tcpmesh-lab-<name>); nothing if bpffs is absent."""
+    from pathlib import Path
+
+    from agent.capture import pins
+
+    return pins.remove_tree(Path(lab_bpffs_dir(name)))
 
 
 def _busy_message(name: str, busy: list[cgroups.BusyCgroup]) -> str:
@@ -229,6 +243,31 @@ def _read_state(state_dir: str) -> tuple[dict | None, str | None]:
     if not isinstance(doc, dict):
         return None, f"{path} is not a JSON object; cleaned up by listing instead"
     return doc, None
+
+
+# ----------------------------------------------------------------------------------------- restart
+
+def lab_restart_agent(name: str, node_name: str, *, state_root: str = DEFAULT_STATE_ROOT,
+                      agent_argv: Sequence[str] | None = None, ready_timeout: float = agents.DEFAULT_READY_TIMEOUT,
+                      stop_timeout: float = agents.DEFAULT_STOP_TIMEOUT) -> agents.AgentRecord:
+    """(Re)start one node's agent: stop the recorded one if it still runs (SIGTERM), start a new one in
+    the node's netns and agent cgroup, wait until it is ready, and record it in state.json."""
+    plan, state = load_lab(name, state_root)
+    try:
+        node = plan.node(node_name)
+    except KeyError:
+        raise LabError(f"lab {name!r} has no node named {node_name!r}; known: "
+                       f"{', '.join(n.name for n in plan.nodes)}") from None
+    records = dict(state.get("agents") or {})
+    if node_name in records:
+        agents.stop_agents({node_name: agents.AgentRecord.from_json(records[node_name])}, stop_timeout)
+    argv = agent_argv or (tuple(records[node_name]["argv"][:-2]) if node_name in records else None)
+    proc, record = agents.start_agent(node, argv)
+    records[node_name] = record.to_json()
+    state = {**state, "agents": records}
+    _atomic_write(plan.state_file, json.dumps(state, indent=2) + "\n")
+    agents.wait_ready({node_name: (node, proc)}, ready_timeout)
+    return record
 
 
 # ------------------------------------------------------------------------------------------ status

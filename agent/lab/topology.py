@@ -11,6 +11,11 @@ The layout is documented in docs/lab.md.
                                         route 10.77.<k>.0/24 via 10.76.0.<k> per other node
     pod netns   tcpmesh-<lab>-n<i>p<j>  eth0 10.77.<i>.<10+j>/32, 169.254.1.1 scope link, default via it
 
+    cgroups     <cgroup root>/tcpmesh-lab-<lab>/node<i>/agent          the agent (outside the pods cgroup)
+                <cgroup root>/tcpmesh-lab-<lab>/node<i>/pods           the node guard's cgroup
+                <cgroup root>/tcpmesh-lab-<lab>/node<i>/pods/n<i>p<j>  one per pod
+    pins        /sys/fs/bpf/tcpmesh-lab-<lab>/node<i>                  the agent's capture.bpffs_dir
+
 Must not import pyroute2, socket, subprocess or anything else that does I/O.
 """
 
@@ -31,7 +36,8 @@ DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup/unified"
 DEFAULT_STATE_ROOT = "/run/tcpmesh-lab"
 ADMIN_PORT = 15020
 NETNS_PREFIX = "tcpmesh-"          # netns: tcpmesh-<lab>-<role>
-CGROUP_PREFIX = "tcpmesh-lab-"     # cgroup: <cgroup root>/tcpmesh-lab-<lab>/<node>/<pod|agent>
+CGROUP_PREFIX = "tcpmesh-lab-"     # cgroup: <cgroup root>/tcpmesh-lab-<lab>/<node>/{agent,pods/<pod>}
+BPFFS_ROOT = "/sys/fs/bpf"         # pins: <bpffs root>/tcpmesh-lab-<lab>/<node>
 VETH_PREFIX = "tm"                 # every veth/bridge the lab creates (pod side is always eth0)
 WIRE_SUBNET_PREFIX = "10.76.0"     # node i: 10.76.0.<i>/24
 WIRE_PREFIXLEN = 24
@@ -42,6 +48,7 @@ BRIDGE_IFNAME = "tmbr0"
 NODE_WIRE_IFNAME = "tmwire"
 POD_IFNAME = "eth0"
 AGENT_CGROUP_LEAF = "agent"
+PODS_CGROUP_LEAF = "pods"
 IFNAME_MAX = 15
 MAX_NODES = 254
 MAX_PODS_PER_NODE = 254 - POD_FIRST_HOST
@@ -75,7 +82,9 @@ class NodePlan:
     pod_cidr: str         # 10.77.<i>.0/24
     admin_address: str    # <wire_address>:15020
     cgroup: str           # <lab cgroup>/<node>
-    agent_cgroup: str     # <lab cgroup>/<node>/agent; never inside a pod cgroup
+    agent_cgroup: str     # <lab cgroup>/<node>/agent; never inside the pods cgroup
+    pods_cgroup: str      # <lab cgroup>/<node>/pods: parent of the node's pod cgroups, the guard's place
+    bpffs_dir: str        # <lab bpffs dir>/<node>: where the node's agent pins its programs and maps
     state_dir: str        # the agent's state_dir
     config_file: str
     log_file: str
@@ -94,6 +103,7 @@ class LabPlan:
     pod_gateway: str
     cgroup_root: str      # the cgroup v2 mount
     cgroup: str           # <cgroup root>/tcpmesh-lab-<name>
+    bpffs_dir: str        # /sys/fs/bpf/tcpmesh-lab-<name>: every node's pins below it
     state_dir: str        # <state root>/<name>
     ca_dir: str
     registry_file: str
@@ -150,6 +160,10 @@ def lab_cgroup(cgroup_root: str, lab: str) -> str:
     return f"{cgroup_root.rstrip('/')}/{CGROUP_PREFIX}{lab}"
 
 
+def lab_bpffs_dir(lab: str, bpffs_root: str = BPFFS_ROOT) -> str:
+    return f"{bpffs_root.rstrip('/')}/{CGROUP_PREFIX}{lab}"
+
+
 def lab_state_dir(state_root: str, lab: str) -> str:
     return f"{state_root.rstrip('/')}/{lab}"
 
@@ -174,22 +188,24 @@ def plan_lab(name: str, nodes: int, pods_per_node: int, trust_domain: str = DEFA
         raise ConfigError("cgroup_root", cgroup_root, "must be an absolute path", "pass the cgroup v2 mount")
     state_dir = lab_state_dir(state_root, name)
     cgroup = lab_cgroup(cgroup_root, name)
+    bpffs_dir = lab_bpffs_dir(name)
     node_plans = tuple(
-        _plan_node(name, i, nodes, pods_per_node, trust_domain, namespace, service_accounts, cgroup, state_dir)
+        _plan_node(name, i, nodes, pods_per_node, trust_domain, namespace, service_accounts, cgroup, state_dir,
+                   bpffs_dir)
         for i in range(1, nodes + 1)
     )
     return LabPlan(
         name=name, trust_domain=trust_domain, namespace=namespace,
         wire_netns=lab_netns_name(name, "wire"), bridge=BRIDGE_IFNAME,
         wire_subnet=f"{WIRE_SUBNET_PREFIX}.0/{WIRE_PREFIXLEN}", pod_gateway=POD_GATEWAY,
-        cgroup_root=cgroup_root.rstrip("/") or "/", cgroup=cgroup, state_dir=state_dir,
+        cgroup_root=cgroup_root.rstrip("/") or "/", cgroup=cgroup, bpffs_dir=bpffs_dir, state_dir=state_dir,
         ca_dir=f"{state_dir}/ca", registry_file=f"{state_dir}/workloads.yaml",
         state_file=f"{state_dir}/state.json", nodes=node_plans,
     )
 
 
 def _plan_node(lab: str, i: int, nodes: int, pods_per_node: int, trust_domain: str, namespace: str,
-               service_accounts: Mapping[str, str], lab_cg: str, state_dir: str) -> NodePlan:
+               service_accounts: Mapping[str, str], lab_cg: str, state_dir: str, lab_bpffs: str) -> NodePlan:
     node = f"node{i}"
     wire_address = f"{WIRE_SUBNET_PREFIX}.{i}"
     pods = []
@@ -198,7 +214,7 @@ def _plan_node(lab: str, i: int, nodes: int, pods_per_node: int, trust_domain: s
         account = service_accounts.get(pod, pod)
         pods.append(PodPlan(
             name=pod, node=node, netns=lab_netns_name(lab, pod), ip=f"{POD_SUBNET_PREFIX}.{i}.{POD_FIRST_HOST + j}",
-            ifname=POD_IFNAME, node_ifname=f"{VETH_PREFIX}{pod}", cgroup=f"{lab_cg}/{node}/{pod}",
+            ifname=POD_IFNAME, node_ifname=f"{VETH_PREFIX}{pod}", cgroup=f"{lab_cg}/{node}/{PODS_CGROUP_LEAF}/{pod}",
             namespace=namespace, service_account=account,
             spiffe_id=SpiffeId(trust_domain, namespace, account).uri,
         ))
@@ -209,6 +225,7 @@ def _plan_node(lab: str, i: int, nodes: int, pods_per_node: int, trust_domain: s
         wire_ifname=NODE_WIRE_IFNAME, bridge_port=f"{VETH_PREFIX}{node}",
         pod_cidr=f"{POD_SUBNET_PREFIX}.{i}.0/24", admin_address=f"{wire_address}:{ADMIN_PORT}",
         cgroup=f"{lab_cg}/{node}", agent_cgroup=f"{lab_cg}/{node}/{AGENT_CGROUP_LEAF}",
+        pods_cgroup=f"{lab_cg}/{node}/{PODS_CGROUP_LEAF}", bpffs_dir=f"{lab_bpffs}/{node}",
         state_dir=f"{state_dir}/nodes/{node}", config_file=f"{state_dir}/nodes/{node}/config.yaml",
         log_file=f"{state_dir}/logs/{node}.log", pods=tuple(pods), routes=routes,
     )

@@ -18,7 +18,8 @@
 
 #include <linux/types.h>
 
-#define TCPMESH_ABI_VERSION 1
+/* 2: guard programs, reasons 15-16, a fixed-size counters map (the slots below), pinned maps. */
+#define TCPMESH_ABI_VERSION 2
 
 /* ---- getsockopt ABI (answered by the cgroup/getsockopt hook on the proxy's cgroup) ---------- */
 
@@ -108,8 +109,15 @@ enum tcpmesh_reason {
 	TCPMESH_R_IPV6 = 13,               /* connect6: native IPv6 destination, not captured (IPv4 mesh) */
 	TCPMESH_R_V4MAPPED = 14,           /* connect6: captured a v4-mapped destination (also counted
 	                                      as captured) */
-	TCPMESH_R_MAX = 15,
+	TCPMESH_R_GUARD_DENIED = 15,       /* guard: TCP connect from a pod cgroup that is not captured
+	                                      (yet): refused with EPERM */
+	TCPMESH_R_GUARD_EXEMPT = 16,       /* guard: such a connect to loopback or the redirect address,
+	                                      let through */
+	TCPMESH_R_MAX = 17,
 };
+
+/* Entries of the tcpmesh_counters map: room for appended reasons without changing the map. */
+#define TCPMESH_R_SLOTS 64
 
 /* ---- ebpf-tc mode (bpf/capture_tc.c) ------------------------------------------------------- */
 

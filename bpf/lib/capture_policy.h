@@ -44,4 +44,29 @@ static __always_inline int tcpmesh_v4_mapped(const struct bpf_sock_addr *ctx, __
 	return 0;
 }
 
+/* The node guard's exemptions for a pod that is not captured (yet), IPv4 destination ``dst``
+ * (network order): loopback and the redirect address (any port) stay reachable. */
+static __always_inline int tcpmesh_guard_exempt4(__u32 dst)
+{
+	__u32 first_octet = bpf_ntohl(dst) >> 24;
+
+	return first_octet == 127 || first_octet == 0 || dst == bpf_htonl(REDIR_IP);
+}
+
+/* The same for an AF_INET6 socket: ::1, or a v4-mapped address the IPv4 rule exempts. */
+static __always_inline int tcpmesh_guard_exempt6(const struct bpf_sock_addr *ctx)
+{
+	__u32 dst = 0;
+
+	if (ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 && ctx->user_ip6[2] == 0 &&
+	    ctx->user_ip6[3] == bpf_htonl(1))
+		return 1;
+	return tcpmesh_v4_mapped(ctx, &dst) == 0 && tcpmesh_guard_exempt4(dst);
+}
+
+static __always_inline int tcpmesh_is_tcp(__u32 type, __u32 protocol)
+{
+	return type == TCPMESH_SOCK_STREAM && protocol == IPPROTO_TCP;
+}
+
 #endif /* TCPMESH_LIB_CAPTURE_POLICY_H */

@@ -18,13 +18,29 @@
 #endif
 
 /*
+ * Pinning (docs/capture.md, "Pinned objects"): the loader passes -DTCPMESH_MAPS_DIR="<bpffs dir>/
+ * maps-v<ABI>-<hash>". bcc then opens each map pinned there, or creates and pins it, so a new
+ * program set loaded by a restarted agent shares the maps (and their state) of the one it replaces.
+ * bcc reuses a pinned map WITHOUT comparing its definition: the directory name carries a hash of
+ * this header, tcpmesh_abi.h and TCPMESH_MAX_CONNS, so any change of a definition gets new maps.
+ * Without TCPMESH_MAPS_DIR the maps are private to the loading process (unpinned).
+ */
+#ifdef TCPMESH_MAPS_DIR
+#define TCPMESH_MAP(type, key, leaf, name, entries, flags) \
+	BPF_TABLE_PINNED7(type, key, leaf, name, entries, TCPMESH_MAPS_DIR "/" #name, flags)
+#else
+#define TCPMESH_MAP(type, key, leaf, name, entries, flags) BPF_F_TABLE(type, key, leaf, name, entries, flags)
+#endif
+#define TCPMESH_NO_PREALLOC 1 /* BPF_F_NO_PREALLOC, required by LPM tries */
+
+/*
  * tcpmesh_cookie_origin: socket cookie -> struct tcpmesh_origin.
  *   writer:   cgroup/connect4 and connect6, when they capture a connect().
  *   readers:  sockops (re-key at ACTIVE_ESTABLISHED), cgroup/getpeername4/6 (the original peer).
  *   eviction: LRU. Entries outlive the connection on purpose (getpeername() works until close);
  *             the size bounds how many live captured sockets keep a transparent getpeername().
  */
-BPF_TABLE("lru_hash", __u64, struct tcpmesh_origin, tcpmesh_cookie_origin, TCPMESH_MAX_CONNS);
+TCPMESH_MAP("lru_hash", __u64, struct tcpmesh_origin, tcpmesh_cookie_origin, TCPMESH_MAX_CONNS, 0);
 
 /*
  * tcpmesh_peer_origin: client (local ip, local port) -> struct tcpmesh_origin.
@@ -35,8 +51,8 @@ BPF_TABLE("lru_hash", __u64, struct tcpmesh_origin, tcpmesh_cookie_origin, TCPME
  *   eviction: LRU; the proxy reads the record right after accept(), so the size only has to
  *             cover connections established but not yet accepted.
  */
-BPF_TABLE("lru_hash", struct tcpmesh_peer_key, struct tcpmesh_origin, tcpmesh_peer_origin,
-	  TCPMESH_MAX_CONNS);
+TCPMESH_MAP("lru_hash", struct tcpmesh_peer_key, struct tcpmesh_origin, tcpmesh_peer_origin,
+	    TCPMESH_MAX_CONNS, 0);
 
 /*
  * tcpmesh_capture_cidrs: LPM trie, destination prefix -> struct tcpmesh_cidr_value.
@@ -45,15 +61,28 @@ BPF_TABLE("lru_hash", struct tcpmesh_peer_key, struct tcpmesh_origin, tcpmesh_pe
  *             not captured).
  *   eviction: none; user space owns the content (agent/capture/cidrs.py refuses more than fit).
  */
-BPF_LPM_TRIE(tcpmesh_capture_cidrs, struct tcpmesh_cidr_key, struct tcpmesh_cidr_value,
-	     TCPMESH_MAX_CIDRS);
+TCPMESH_MAP("lpm_trie", struct tcpmesh_cidr_key, struct tcpmesh_cidr_value, tcpmesh_capture_cidrs,
+	    TCPMESH_MAX_CIDRS, TCPMESH_NO_PREALLOC);
 
 /*
  * tcpmesh_counters: per-CPU array indexed by enum tcpmesh_reason.
  *   writers:  every hook (tcpmesh_count()).
  *   reader:   user space, summed over CPUs at scrape time (ConnectCapture.counters()).
- *   eviction: none; fixed size TCPMESH_R_MAX.
+ *   eviction: none; TCPMESH_R_SLOTS entries, more than there are reasons, so appending a reason
+ *             code does not change the map and a restarted agent keeps counting where it was.
  */
-BPF_PERCPU_ARRAY(tcpmesh_counters, __u64, TCPMESH_R_MAX);
+TCPMESH_MAP("percpu_array", int, __u64, tcpmesh_counters, TCPMESH_R_SLOTS, 0);
+
+/*
+ * tcpmesh_seen: per-socket storage, one __u32 token.
+ *   writer:   cgroup/connect4 and connect6 on a pod cgroup set it to 1 on every connect() they see
+ *             (captured or not): "a tcpmesh pod hook decided this connect".
+ *   reader:   the node guard (cgroup/connect4/6 on the pods cgroup, an ancestor of every pod
+ *             cgroup). Programs of a descendant cgroup run before those of its ancestors, so the
+ *             guard runs after the pod hooks; it consumes the token (sets it to 0) and refuses a TCP
+ *             connect that carries none: the pod is under the pods cgroup but not captured (yet).
+ *   eviction: freed with the socket. Not pinned: it only links the programs of one set.
+ */
+BPF_SK_STORAGE(tcpmesh_seen, __u32);
 
 #endif /* TCPMESH_LIB_MAPS_H */

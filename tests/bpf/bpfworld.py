@@ -102,3 +102,45 @@ class Client:
                 self.proc.wait()
         for stream in (self.proc.stdout, self.proc.stderr):
             stream.close()
+
+
+_LOOP = r"""
+import json, select, socket, sys, time
+ip, port, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+results = []
+while not select.select([0], [], [], 0)[0]:  # until the test writes to (or closes) stdin
+    s = socket.socket()
+    s.settimeout(2)
+    started = time.time()
+    try:
+        s.connect((ip, port))
+        results.append([started, 0])
+    except OSError as exc:
+        results.append([started, exc.errno or -1])
+    finally:
+        s.close()
+    time.sleep(pause)
+print(json.dumps(results), flush=True)
+"""
+
+
+class LoopClient:
+    """A process in a netns/cgroup that connects to ip:port over and over until stopped.
+
+    ``stop()`` returns [(start time, errno or 0)] per attempt (time.time() clock).
+    """
+
+    def __init__(self, netns_file: str, cgroup: Path | None, ip: str, port: int, pause: float = 0.002) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _LOOP, ip, str(port), str(pause)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     preexec_fn=_enter(netns_file, cgroup))
+
+    def stop(self) -> list[tuple[float, int]]:
+        try:
+            out, err = self.proc.communicate(b"x", timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # our own child
+            self.proc.communicate()
+            raise AssertionError("the loop client did not stop")
+        assert self.proc.returncode == 0, err.decode()
+        return [(t, e) for t, e in json.loads(out)]

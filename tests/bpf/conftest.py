@@ -1,4 +1,4 @@
-"""Fixtures of the bpf tier: one loaded ConnectCapture per module, a node/pod netns pair per test,
+"""Fixtures of the bpf tier: one pinned ConnectCapture per module, a node/pod netns pair per test,
 and ways to make sockets and processes that live in a given netns and cgroup.
 
 The world each test builds: a "node" netns and a "pod" netns joined by a veth (10.200.1.1 on the
@@ -9,8 +9,10 @@ nothing touches the root netns or the root cgroup; everything is removed in ``fi
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from bpfworld import NETNS_DIR, NODE_IP, POD_IP, REDIRECT_PORT, Client
@@ -55,24 +57,42 @@ def topology(privileged):
 
 
 @pytest.fixture(scope="module")
-def capture(bpf_capable, tmp_path_factory):
-    """One compiled + loaded program set for the module; tests reset its CIDRs and use deltas."""
+def bpffs_dir(bpf_capable):
+    """A pin directory of the module's own under /sys/fs/bpf (mounted if needed), removed afterwards."""
+    from agent.capture import pins
+
+    path = Path(pins.BPFFS_MOUNT) / f"tcpmesh-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    pins.ensure_bpffs(str(path))
+    try:
+        yield path
+    finally:
+        pins.remove_tree(path)
+
+
+@pytest.fixture(scope="module")
+def capture(bpffs_dir, tmp_path_factory):
+    """One program set for the module, loaded by the loader process and pinned in ``bpffs_dir``;
+    tests reset its CIDRs and use counter deltas. Whatever it attached is detached afterwards."""
     from agent.capture import ConnectCapture
 
-    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path_factory.mktemp("state"))
+    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path_factory.mktemp("state"),
+                         bpffs_dir=bpffs_dir)
     cap.load()
     try:
         yield cap
     finally:
+        cap.detach_all()
         cap.close()
 
 
 @pytest.fixture
 def cgroups(test_cgroup):
-    """pod/, proxy/ and other/ children of the per-test cgroup."""
+    """pod/, proxy/ and other/ children of the per-test cgroup; pods/ holds pods/a and pods/b (the
+    guard's tests: the node guard goes on pods/, the agent's proxy stays outside it)."""
     dirs = {name: test_cgroup / name for name in ("pod", "proxy", "other")}
+    dirs.update({"pods": test_cgroup / "pods", "pod_a": test_cgroup / "pods" / "a", "pod_b": test_cgroup / "pods" / "b"})
     for path in dirs.values():
-        path.mkdir()
+        path.mkdir(exist_ok=True)
     return dirs
 
 

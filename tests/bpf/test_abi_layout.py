@@ -76,11 +76,40 @@ def _named_fields(ctype) -> dict[str, tuple[int, int]]:
             for name, ftype, *_ in ctype._fields_ if not name.startswith("__pad")}
 
 
+@pytest.fixture(scope="module")
+def bcc_module(bpf_capable, tmp_path_factory):
+    """capture_connect.c compiled in this (test) process with unpinned maps, for bcc's own types.
+    (The agent never does this: its loader process compiles and pins.)"""
+    from bcc import BPF
+
+    from agent.capture import kstub
+    from agent.capture.connect_mode import bpf_dir, compile_flags
+
+    tree = kstub.materialise(tmp_path_factory.mktemp("kstub"))
+    with kstub.kernel_source(tree):
+        bpf = BPF(src_file=str(bpf_dir() / "capture_connect.c").encode(),
+                  cflags=compile_flags(bpf_dir(), "10.200.1.1", 15001))
+    try:
+        yield bpf
+    finally:
+        bpf.cleanup()
+
+
 @pytest.mark.parametrize("map_name", sorted(abi.MAPS))
-def test_bcc_map_types_match_ctypes_mirror(capture, map_name):
-    table = capture.table(map_name)
+def test_bcc_map_types_match_ctypes_mirror(bcc_module, map_name):
+    table = bcc_module[map_name.encode()]
     key_mirror, leaf_mirror = abi.MAPS[map_name]
     leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: one CPU's slot
     for generated, mirror in ((table.Key, key_mirror), (leaf, leaf_mirror)):
         assert ctypes.sizeof(generated) == ctypes.sizeof(mirror), (map_name, generated, mirror)
         assert _named_fields(generated) == _named_fields(mirror), (map_name, generated, mirror)
+
+
+def test_pinned_maps_have_the_mirror_layout(capture):
+    """What the agent opens (bpf_obj_get, no bcc): key/value sizes and entries of every pinned map."""
+    pinned = capture.pinned()
+    for name, (key, value) in abi.MAPS.items():
+        info = pinned.libbpf.map_info(pinned.map_fd(name), name)
+        assert (info.key_size, info.value_size) == (ctypes.sizeof(key), ctypes.sizeof(value)), name
+        assert name.startswith(info.name)  # the kernel keeps 15 characters
+    assert pinned.libbpf.map_info(pinned.map_fd("tcpmesh_counters"), "").max_entries == abi.REASON_SLOTS

@@ -71,7 +71,7 @@ def bpftool_cgroup(path: Path) -> str:
     return out.stdout
 
 
-def test_stub_tree_compiles_and_loads(capture, tmp_path):
+def test_stub_tree_compiles_and_loads_in_the_loader_process(capture, tmp_path):
     kstub = tmp_path / "bcc-kstub"
     from agent.capture import kstub as ks
 
@@ -80,6 +80,7 @@ def test_stub_tree_compiles_and_loads(capture, tmp_path):
     assert (kstub / "include/uapi/linux").is_symlink()
     assert "BCC_KERNEL_SOURCE" not in os.environ  # only set around the compile
     assert capture.load_seconds is not None and capture.load_seconds < 10
+    assert capture.adopted is False and capture.loader_result.compiled
     assert set(capture.counters()) >= {"captured", "not_captured", "origin_missing", "map_update_failed"}
 
 
@@ -212,72 +213,54 @@ def test_stale_record_is_not_served_to_a_direct_connection(attached, topology, c
     assert delta(before, attached.counters()).get("stale_peer_cleared") == 1
 
 
-def test_attach_is_idempotent_and_close_detaches_everything(bpf_capable, topology, cgroups, tmp_path):
-    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)
+def test_attach_is_idempotent_close_keeps_it_and_detach_removes_it(capture, bpffs_dir, cgroups, tmp_path):
+    """close() (the agent's orderly stop) leaves everything attached: fail closed, not open."""
+    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir)
     cap.load()
-    try:
-        cap.attach_pod(cgroups["pod"])
-        cap.attach_pod(cgroups["pod"])
-        cap.attach_proxy(cgroups["proxy"])
-        shown = bpftool_cgroup(cgroups["pod"])
-        for name in ("tcpmesh_conn4", "tcpmesh_conn6", "tcpmesh_sockops", "tcpmesh_peer4", "tcpmesh_peer6"):
-            assert shown.count(name) == 1, shown
-        assert "tcpmesh_sockopt" in bpftool_cgroup(cgroups["proxy"])
-        assert cap.attachments() == {str(cgroups["pod"]): ("pod",), str(cgroups["proxy"]): ("proxy",)}
-    finally:
-        cap.close()
-    for path in (cgroups["pod"], cgroups["proxy"]):
-        assert "tcpmesh" not in bpftool_cgroup(path)
-        assert bpftool_cgroup(path).strip().splitlines()[1:] == []
+    assert cap.adopted, "the module's pinned set has the same sources and flags: adopt it, compile nothing"
+    cap.attach_pod(cgroups["pod"])
+    cap.attach_pod(cgroups["pod"])
+    cap.attach_proxy(cgroups["proxy"])
+    shown = bpftool_cgroup(cgroups["pod"])
+    for name in ("tcpmesh_conn4", "tcpmesh_conn6", "tcpmesh_sockops", "tcpmesh_peer4", "tcpmesh_peer6"):
+        assert shown.count(name) == 1, shown
+    assert "tcpmesh_sockopt" in bpftool_cgroup(cgroups["proxy"])
+    assert cap.attachments() == {str(cgroups["pod"]): ("pod",), str(cgroups["proxy"]): ("proxy",)}
+    cap.close()
     cap.close()  # idempotent
-
-
-def test_restart_replaces_a_crashed_runs_programs(bpf_capable, cgroups, tmp_path):
-    """Programs left attached by a previous run are detached before the new run attaches."""
-    old = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)
-    new = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)
-    old.load()
+    assert bpftool_cgroup(cgroups["pod"]).count("tcpmesh_conn4") == 1, "close() must not detach"
+    assert "tcpmesh_sockopt" in bpftool_cgroup(cgroups["proxy"])
+    again = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir)
+    again.load()
     try:
-        old.attach_pod(cgroups["pod"])
-        old._attached.clear()  # "crash": the attachments outlive the run that made them
-        new.load()
-        new.attach_pod(cgroups["pod"])
-        shown = bpftool_cgroup(cgroups["pod"])
-        assert shown.count("tcpmesh_conn4") == 1, shown
-        assert shown.count("tcpmesh_sockops") == 1, shown
+        again.attach_pod(cgroups["pod"])  # the same programs: EEXIST, nothing stacks
+        assert bpftool_cgroup(cgroups["pod"]).count("tcpmesh_conn4") == 1
+        assert len(again.detach_pod(cgroups["pod"])) == 5
+        assert len(again.detach_proxy(cgroups["proxy"])) == 1
+        assert again.detach_pod(cgroups["pod"]) == []
     finally:
-        new.close()
-        old.close()
-    assert "tcpmesh" not in bpftool_cgroup(cgroups["pod"])
+        again.close()
+    for path in (cgroups["pod"], cgroups["proxy"]):
+        assert bpftool_cgroup(path).strip().splitlines()[1:] == []
 
 
-def test_detach_leftovers_for_cleanup(bpf_capable, cgroups, tmp_path):
+def test_detach_leftovers_for_cleanup(capture, cgroups):
     from agent.capture.connect_mode import detach_leftovers
 
-    crashed = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)
-    crashed.load()
-    try:
-        crashed.attach_pod(cgroups["pod"])
-        crashed._attached.clear()  # "crash"
-        removed = detach_leftovers(cgroups["pod"])
-        assert sorted(r.split()[0] for r in removed) == sorted(
-            ["tcpmesh_conn4", "tcpmesh_conn6", "tcpmesh_sockops", "tcpmesh_peer4", "tcpmesh_peer6"])
-        assert "tcpmesh" not in bpftool_cgroup(cgroups["pod"])
-        assert detach_leftovers(cgroups["pod"]) == []
-    finally:
-        crashed.close()
+    capture.attach_pod(cgroups["pod"])
+    removed = detach_leftovers(cgroups["pod"])
+    assert sorted(r.split()[0] for r in removed) == sorted(
+        ["tcpmesh_conn4", "tcpmesh_conn6", "tcpmesh_sockops", "tcpmesh_peer4", "tcpmesh_peer6"])
+    assert "tcpmesh" not in bpftool_cgroup(cgroups["pod"])
+    assert detach_leftovers(cgroups["pod"]) == []
+    capture.detach_pod(cgroups["pod"])
 
 
-def test_removed_cgroup_counts_as_detached(bpf_capable, cgroups, tmp_path):
-    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)
-    cap.load()
-    try:
-        cap.attach_pod(cgroups["pod"])
-        cgroups["pod"].rmdir()
-        cap.detach_pod(cgroups["pod"])
-        assert cap.attachments() == {}
-    finally:
-        cap.close()
+def test_removed_cgroup_counts_as_detached(capture, cgroups):
+    capture.attach_pod(cgroups["pod"])
+    cgroups["pod"].rmdir()
+    assert capture.detach_pod(cgroups["pod"]) == []
+    assert str(cgroups["pod"]) not in capture.attachments()
 
 
 def test_root_cgroup_is_refused(cgroup2_mount, tmp_path):
@@ -288,13 +271,15 @@ def test_root_cgroup_is_refused(cgroup2_mount, tmp_path):
         cap.attach_pod(cgroup2_mount)
 
 
-def test_load_error_names_the_program_and_the_compiler_message(bpf_capable, tmp_path):
+def test_load_error_names_the_program_and_the_compiler_message(bpffs_dir, tmp_path):
     src = tmp_path / "bpf"
     shutil.copytree(Path(__file__).resolve().parents[2] / "bpf", src)
     (src / "capture_connect.c").write_text((src / "capture_connect.c").read_text()
                                            .replace("return TCPMESH_ALLOW;\n}\n", "return nonsense;\n}\n", 1))
-    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path / "state", source_dir=src)
-    with pytest.raises(BpfLoadError) as info:
+    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path / "state", source_dir=src,
+                         bpffs_dir=bpffs_dir)
+    with pytest.raises(BpfLoadError) as info:  # raised in the loader process, rebuilt in ours
         cap.load()
     assert info.value.stage == "compile"
     assert "nonsense" in str(info.value)
+    assert not (bpffs_dir / cap.pin_names().set).exists()

@@ -1,5 +1,5 @@
-"""`lab down` and `tcpmesh demo` leave nothing behind: no namespace, veth, cgroup, attached BPF
-program, agent process or state directory — checked by listing each of them."""
+"""`lab down`, `tcpmesh cleanup` and `tcpmesh demo` leave nothing behind: no namespace, veth, cgroup,
+attached BPF program, pinned object, agent process or state directory — checked by listing each."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import uuid
 from agent.lab import lab as labops
 
 
-def bpf_cgroup_attachments(path: str) -> str:
-    out = subprocess.run(["bpftool", "cgroup", "tree", os.path.dirname(path)], capture_output=True, text=True)
+def bpf_cgroup_attachments(path: str, recursive: bool = False) -> str:
+    """`bpftool cgroup tree` lines of ``path`` (and, ``recursive``, of every cgroup below it)."""
+    out = subprocess.run(["bpftool", "cgroup", "tree", path if recursive else os.path.dirname(path)],
+                         capture_output=True, text=True)
+    if recursive:
+        return "\n".join(line for line in out.stdout.splitlines()[1:] if "tcpmesh" in line)
     return "\n".join(line for line in out.stdout.splitlines() if os.path.basename(path) in line)
 
 
@@ -26,6 +30,8 @@ def leftovers(name: str, plan) -> list[str]:
         found.append(f"bpf attachments {bpf_cgroup_attachments(plan.cgroup)}")
     if os.path.exists(plan.state_dir):
         found.append(f"state dir {plan.state_dir}")
+    if os.path.exists(plan.bpffs_dir):
+        found.append(f"pins {sorted(os.listdir(plan.bpffs_dir))} in {plan.bpffs_dir}")
     return found
 
 
@@ -43,6 +49,8 @@ def test_lab_down_removes_every_object_including_attached_bpf_programs(bpf_capab
         attached = subprocess.run(["bpftool", "cgroup", "show", plan.pods[0].cgroup],
                                   capture_output=True, text=True).stdout
         assert "cgroup_inet4_connect" in attached and "tcpmesh" in attached, f"capture is not attached to {plan.pods[0].cgroup}: {attached!r}"
+        assert "tcpmesh_guard4" in bpf_cgroup_attachments(plan.nodes[0].cgroup, recursive=True)
+        assert os.listdir(plan.nodes[0].bpffs_dir), "the agent pinned nothing"
     finally:
         labops.lab_down(name)
     assert leftovers(name, plan) == []
@@ -67,22 +75,46 @@ def test_demo_runs_end_to_end_and_cleans_up(bpf_capable):
     assert not os.path.exists("/run/tcpmesh-lab/demo")
 
 
-def test_sigterm_detaches_capture_and_exits_zero(bpf_capable):
+def test_sigterm_exits_zero_leaves_capture_closed_and_cleanup_removes_it(bpf_capable):
+    """Orderly stop no longer detaches (fail closed): the pod's connects are refused, never sent in
+    plaintext, until `tcpmesh cleanup` removes every program and pin of the node. Twice is fine."""
+    import errno
     import signal
 
     name = f"st{uuid.uuid4().hex[:6]}"
     try:
         plan = labops.lab_up(name, 1, 1, "st.tcpmesh")
+        node, pod = plan.nodes[0], plan.pods[0]
         pid = labops.lab_status(name)["nodes"][0]["agent"]["pid"]
-        pod_cgroup = plan.pods[0].cgroup
-        show = lambda: subprocess.run(["bpftool", "cgroup", "show", pod_cgroup],  # noqa: E731
+        show = lambda: subprocess.run(["bpftool", "cgroup", "show", pod.cgroup],  # noqa: E731
                                       capture_output=True, text=True).stdout
         assert "cgroup_inet4_connect" in show()
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)  # lab_up started the agent from this process
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"agent exit status {status:#x}"
-        assert "tcpmesh" not in show(), "capture programs still attached after an orderly stop"
-        log = open(plan.nodes[0].log_file).read()
-        assert "agent stopped" in log
+        assert "tcpmesh_conn4" in show(), "an orderly stop must leave capture in place (fail closed)"
+        assert "agent stopped" in open(node.log_file).read()
+        probe = ("import socket, sys\ns = socket.socket(); s.settimeout(3)\n"
+                 "try:\n    s.connect(('10.77.1.99', 7000)); print('connected')\n"
+                 "except OSError as e:\n    print(e.errno)")
+        out = labops.lab_exec(name, pod.name, [sys.executable, "-c", probe], stdout=subprocess.PIPE,
+                              text=True).communicate(timeout=10)[0].strip()
+        assert out == str(errno.ECONNREFUSED), f"a captured connect with no agent must be refused, got {out!r}"
+
+        cleanup = [sys.executable, "-m", "agent", "cleanup", "--config", node.config_file]
+        dry = labops.lab_exec(name, node.name, cleanup + ["--dry-run"], stdout=subprocess.PIPE, text=True)
+        assert "would detach tcpmesh_conn4" in dry.communicate(timeout=60)[0]
+        assert "tcpmesh_conn4" in show(), "--dry-run changed something"
+        first = labops.lab_exec(name, node.name, cleanup, stdout=subprocess.PIPE, text=True)
+        out = first.communicate(timeout=60)[0]
+        assert first.returncode == 0, out
+        for expected in ("detached tcpmesh_conn4", "detached tcpmesh_guard4", "detached tcpmesh_sockopt",
+                         f"unpinned {node.bpffs_dir}/"):
+            assert expected in out, out
+        assert bpf_cgroup_attachments(node.cgroup, recursive=True) == ""
+        assert not os.path.exists(node.bpffs_dir)
+        second = labops.lab_exec(name, node.name, cleanup, stdout=subprocess.PIPE, text=True)
+        out = second.communicate(timeout=60)[0]
+        assert second.returncode == 0 and "nothing of tcpmesh left to remove" in out, out
     finally:
         labops.lab_down(name)

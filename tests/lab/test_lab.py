@@ -158,7 +158,7 @@ def test_status_json_schema(cgroup2_mount, lab_name, state_root):
     pod = next(p for p in doc["pods"] if p["name"] == "n2p1")
     assert pod == {"name": "n2p1", "node": "node2", "netns": f"tcpmesh-{lab_name}-n2p1", "ip": "10.77.2.11",
                    "namespace": "lab", "service_account": "db", "spiffe_id": "spiffe://lab.tcpmesh/ns/lab/sa/db",
-                   "cgroup": f"{cgroup2_mount}/tcpmesh-lab-{lab_name}/node2/n2p1"}
+                   "cgroup": f"{cgroup2_mount}/tcpmesh-lab-{lab_name}/node2/pods/n2p1"}
 
 
 def test_down_removes_everything_and_is_safe_twice(cgroup2_mount, lab_name, state_root):

@@ -18,6 +18,9 @@ def test_agent_config_is_a_valid_agent_config():
     assert config.admin.address == "10.76.0.2" and config.admin.port == 15020
     assert config.capture.redirect_address == "169.254.1.1"
     assert config.capture.cgroup_root == "/sys/fs/cgroup/unified"
+    assert config.capture.pods_cgroup == "/sys/fs/cgroup/unified/tcpmesh-lab-demo/node2/pods"
+    assert config.capture.cgroup_scope == "/sys/fs/cgroup/unified/tcpmesh-lab-demo/node2"
+    assert config.capture.bpffs_dir == "/sys/fs/bpf/tcpmesh-lab-demo/node2"
     assert config.identity.node_ca_dir == "/run/tcpmesh-lab/demo/nodes/node2/node-ca" and config.identity.ca_dir == ""
     assert config.registry.file == "/run/tcpmesh-lab/demo/workloads.yaml"
     assert config.state_dir == "/run/tcpmesh-lab/demo/nodes/node2"
@@ -30,7 +33,7 @@ def test_registry_lists_every_node_and_pod():
     assert {n.name: n.address for n in registry.nodes.values()} == {"node1": "10.76.0.1", "node2": "10.76.0.2"}
     workload = registry.by_ip("10.77.1.12")
     assert (workload.name, workload.node, workload.service_account) == ("n1p2", "node1", "client")
-    assert workload.cgroup == "/sys/fs/cgroup/unified/tcpmesh-lab-demo/node1/n1p2"
+    assert workload.cgroup == "/sys/fs/cgroup/unified/tcpmesh-lab-demo/node1/pods/n1p2"
     assert str(workload.spiffe_id) == plan.pod("n1p2").spiffe_id
     assert len(registry.local("node2")) == 2
 

@@ -18,11 +18,13 @@ def test_two_by_two_addresses_and_names():
     assert node2.wire_address == "10.76.0.2" and node2.admin_address == "10.76.0.2:15020"
     assert node2.routes == (("10.77.1.0/24", "10.76.0.1"),)
     assert node2.agent_cgroup == "/sys/fs/cgroup/unified/tcpmesh-lab-demo/node2/agent"
+    assert node2.pods_cgroup == "/sys/fs/cgroup/unified/tcpmesh-lab-demo/node2/pods"
+    assert node2.bpffs_dir == "/sys/fs/bpf/tcpmesh-lab-demo/node2" and plan.bpffs_dir == "/sys/fs/bpf/tcpmesh-lab-demo"
     assert node2.config_file == "/run/tcpmesh-lab/demo/nodes/node2/config.yaml"
     pod = plan.pod("n2p1")
     assert (pod.ip, pod.node, pod.netns) == ("10.77.2.11", "node2", "tcpmesh-demo-n2p1")
     assert (pod.ifname, pod.node_ifname) == ("eth0", "tmn2p1")
-    assert pod.cgroup == "/sys/fs/cgroup/unified/tcpmesh-lab-demo/node2/n2p1"
+    assert pod.cgroup == "/sys/fs/cgroup/unified/tcpmesh-lab-demo/node2/pods/n2p1"
     assert pod.spiffe_id == "spiffe://lab.tcpmesh/ns/lab/sa/n2p1"
     assert plan.netns_names[-1] == plan.wire_netns
 
@@ -35,6 +37,8 @@ def test_pod_ips_sit_in_their_node_cidr_and_agent_cgroup_is_outside_pods():
             assert ipaddress.ip_address(pod.ip) in cidr
             assert not node.agent_cgroup.startswith(pod.cgroup + "/")
             assert not pod.cgroup.startswith(node.agent_cgroup + "/")
+            assert pod.cgroup.startswith(node.pods_cgroup + "/")  # the node guard covers every pod
+        assert not node.agent_cgroup.startswith(node.pods_cgroup + "/")  # ... but never the agent
         assert {cidr for cidr, _ in node.routes} == {n.pod_cidr for n in plan.nodes if n is not node}
 
 

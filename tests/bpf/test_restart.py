@@ -1,0 +1,233 @@
+"""Restarts: a new agent adopts the pinned set, or swaps in a new one with no gap.
+
+A pod in pods/a connects over and over (LoopClient) while a second ConnectCapture — what a
+restarted agent builds — takes over. Every attempt must be captured: reach the proxy listener
+(which records the origin it reads for each accepted connection), never fail, never get EPERM.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.capture import ConnectCapture, read_origin
+from agent.capture.connect_mode import HOOKS
+from bpfworld import NODE_IP, REDIRECT_PORT, LoopClient, socket_in
+from test_connect_capture import REMOTE, bpftool_cgroup
+
+POD_HOOKS = ("tcpmesh_conn4", "tcpmesh_conn6", "tcpmesh_sockops", "tcpmesh_peer4", "tcpmesh_peer6")
+
+
+class Acceptor:
+    """The proxy stand-in: accepts on the redirect port in the node netns, reads each origin."""
+
+    def __init__(self, topology, proxy_cgroup: Path) -> None:
+        self.sock = socket_in(topology.ns_path(topology.node_ns), proxy_cgroup)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", REDIRECT_PORT))
+        self.sock.listen(1024)
+        self.sock.settimeout(0.1)
+        self.origins: list[tuple[str, int] | None] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                origin = read_origin(conn)
+                self.origins.append(None if origin is None else (origin.dst_ip, origin.dst_port))
+
+    def close(self) -> list:
+        time.sleep(0.2)  # let the last accepted ones be read
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+        return self.origins
+
+
+@pytest.fixture
+def running(capture, topology, cgroups):
+    """The 'old agent': the module's set on pods/a, the guard on pods/, getsockopt on proxy/."""
+    capture.set_capture_cidrs(["10.77.0.0/16"])
+    capture.takeover(cgroups["pods"], cgroups["proxy"])
+    capture.attach_pod(cgroups["pod_a"])
+    acceptor = Acceptor(topology, cgroups["proxy"])
+    try:
+        yield capture, acceptor
+    finally:
+        acceptor.close()
+
+
+def attached_ids(libbpf, path: Path) -> dict[str, list[int]]:
+    import os
+
+    from agent.capture.connect_mode import HOOKS
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        out: dict[str, list[int]] = {}
+        for attach_type in sorted({h.attach_type for h in HOOKS}):
+            for prog_id in libbpf.prog_query(fd, attach_type, str(path)):
+                prog_fd = libbpf.prog_fd_by_id(prog_id)
+                try:
+                    out.setdefault(libbpf.prog_info(prog_fd)[1], []).append(prog_id)
+                finally:
+                    os.close(prog_fd)
+        return out
+    finally:
+        os.close(fd)
+
+
+class Recorder:
+    """Wraps a Libbpf: logs every attach/detach as (op, cgroup path, attach type, program id)."""
+
+    def __init__(self, libbpf) -> None:
+        self._libbpf = libbpf
+        self.ops: list[tuple[str, str, int, int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._libbpf, name)
+
+    def _log(self, op, prog_fd, cgroup_fd, attach_type):
+        import os
+
+        path = os.readlink(f"/proc/self/fd/{cgroup_fd}")
+        self.ops.append((op, path, attach_type, self._libbpf.prog_info(prog_fd)[0]))
+
+    def prog_attach(self, prog_fd, cgroup_fd, attach_type, flags, target):
+        done = self._libbpf.prog_attach(prog_fd, cgroup_fd, attach_type, flags, target)
+        if done:
+            self._log("attach", prog_fd, cgroup_fd, attach_type)
+        return done
+
+    def prog_detach(self, prog_fd, cgroup_fd, attach_type, target):
+        self._log("detach", prog_fd, cgroup_fd, attach_type)
+        return self._libbpf.prog_detach(prog_fd, cgroup_fd, attach_type, target)
+
+
+def assert_never_uncovered(ops, start: dict[tuple[str, int], set[int]], pod_a: str, pods: str,
+                           set_of: dict[int, str]) -> None:
+    """Replay ``ops`` from ``start``: every hook of pod_a always has a program, and every guard on
+    pods/ always has its own set's connect4 on pod_a (a guard honours only its own set's tokens)."""
+    from agent.capture.connect_mode import ATTACH_INET4_CONNECT, HOOKS, ROLE_POD
+
+    state = {key: set(ids) for key, ids in start.items()}
+    pod_types = {h.attach_type for h in HOOKS if h.role == ROLE_POD}
+    for op in ops:
+        kind, path, attach_type, prog_id = op
+        ids = state.setdefault((path, attach_type), set())
+        ids.add(prog_id) if kind == "attach" else ids.discard(prog_id)
+        for attach in pod_types:
+            assert state.get((pod_a, attach)), f"pod hook {attach} uncovered after {op}"
+        pod_sets = {set_of[i] for i in state.get((pod_a, ATTACH_INET4_CONNECT), ())}
+        guard_sets = {set_of[i] for t in (10, 11) for i in state.get((pods, t), ())}
+        assert guard_sets and guard_sets <= pod_sets, f"after {op}: guards of {guard_sets}, pod has {pod_sets}"
+
+
+def swap_under_load(topology, cgroups, acceptor, new: ConnectCapture) -> tuple[list, list, float, float]:
+    loop = LoopClient(topology.ns_path(topology.pod_ns), cgroups["pod_a"], *REMOTE, pause=0.0)
+    time.sleep(0.3)
+    started = time.time()
+    replaced = new.takeover(cgroups["pods"], cgroups["proxy"])
+    ended = time.time()
+    time.sleep(0.3)
+    attempts = loop.stop()
+    return attempts, replaced, started, ended
+
+
+def test_restart_with_the_same_sources_adopts_the_pinned_set(running, bpffs_dir, cgroups, topology, tmp_path):
+    old, acceptor = running
+    again = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir)
+    again.load()
+    try:
+        assert again.adopted and again.loader_result is None
+        assert again.load_seconds < 0.5, again.load_seconds
+        assert again.pinned().prog_ids == old.pinned().prog_ids
+        attempts, replaced, _, _ = swap_under_load(topology, cgroups, acceptor, again)
+        assert replaced == []
+        assert attempts and all(err == 0 for _, err in attempts), [a for a in attempts if a[1]]
+        assert again.attachments()[str(cgroups["pod_a"])] == ("pod",)
+        for name in POD_HOOKS:
+            assert bpftool_cgroup(cgroups["pod_a"]).count(name) == 1
+    finally:
+        again.close()
+    origins = acceptor.close()
+    assert len(origins) >= len(attempts) and all(o == REMOTE for o in origins)
+
+
+def test_new_program_code_swaps_in_with_no_gap_and_shares_the_maps(running, bpffs_dir, cgroups, topology, tmp_path):
+    """An upgrade that changes only program code: the new set reuses the pinned maps, so even a
+    connection captured by the old programs and accepted after the swap finds its origin."""
+    old, acceptor = running
+    src = tmp_path / "bpf"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "bpf", src)
+    main = src / "capture_connect.c"
+    main.write_text(main.read_text() + "\n/* a new version of the programs */\n")
+    new = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path / "state", source_dir=src,
+                         bpffs_dir=bpffs_dir)
+    new.load()
+    try:
+        assert not new.adopted and new.loader_result.compiled
+        assert new.pin_names().maps == old.pin_names().maps and new.pin_names().set != old.pin_names().set
+        counted = new.counters()["captured"]
+        assert counted == old.counters()["captured"] > 0, "the counters map is shared: counts survive"
+        attempts, replaced, started, ended = swap_under_load(topology, cgroups, acceptor, new)
+        failures = [a for a in attempts if a[1]]
+        assert attempts and not failures, failures
+        assert len(replaced) == len(POD_HOOKS) + 2 + 1, replaced  # pod hooks, guard4/6, getsockopt
+        ids = attached_ids(new.libbpf, cgroups["pod_a"])
+        for name in POD_HOOKS:
+            assert ids[name] == [new.pinned().prog_ids[name]], ids
+        guard = attached_ids(new.libbpf, cgroups["pods"])
+        assert guard == {n: [new.pinned().prog_ids[n]] for n in ("tcpmesh_guard4", "tcpmesh_guard6")}
+        pruned = new.prune_pins()
+        assert any(old.pin_names().set in p for p in pruned)
+        assert not any(old.pin_names().maps in p for p in pruned), "shared maps must stay pinned"
+    finally:
+        new.detach_all()
+        new.close()
+    origins = acceptor.close()
+    assert len(origins) >= len(attempts) and all(o == REMOTE for o in origins), origins
+
+
+def test_new_maps_swap_keeps_every_pod_captured_and_guarded(running, bpffs_dir, cgroups, topology, tmp_path):
+    """A change of map layout (here: their size) gets new maps; the two-phase swap still leaves no
+    moment where the pod is uncaptured or refused by a guard that does not know its new token."""
+    old, acceptor = running
+    new = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir,
+                         max_connections=4096)
+    new.load()
+    try:
+        assert new.pin_names().maps != old.pin_names().maps
+        start = {}
+        for path in (cgroups["pod_a"], cgroups["pods"]):
+            for name, ids in attached_ids(new.libbpf, path).items():
+                hook = next(h for h in HOOKS if h.program == name)
+                start.setdefault((str(path), hook.attach_type), set()).update(ids)
+        recorder = Recorder(new.libbpf)
+        new._libbpf = recorder
+        attempts, replaced, _, _ = swap_under_load(topology, cgroups, acceptor, new)
+        set_of = {**{i: "old" for i in old.pinned().prog_ids.values()},
+                  **{i: "new" for i in new.pinned().prog_ids.values()}}
+        assert_never_uncovered(recorder.ops, start, str(cgroups["pod_a"]), str(cgroups["pods"]), set_of)
+        failures = [a for a in attempts if a[1]]
+        assert attempts and not failures, failures
+        assert len(replaced) == len(POD_HOOKS) + 3
+        assert new.counters()["guard_denied"] == 0
+        pruned = new.prune_pins()
+        assert any(old.pin_names().maps in p for p in pruned)
+        assert sorted(p.name for p in bpffs_dir.iterdir()) == sorted([new.pin_names().maps, new.pin_names().set])
+    finally:
+        new.detach_all()
+        new.close()
+    acceptor.close()
