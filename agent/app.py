@@ -30,6 +30,8 @@ from agent.proxy.server import ProxyContext
 from agent.registry.model import Registry
 from agent.registry.static_file import load_registry_file
 from agent.telemetry.admin import AdminServer
+from agent.audit.writer import AccessLog, access_log_from_config
+from agent.telemetry.cgroups import CgroupNames
 from agent.telemetry.flows import FlowTable
 from agent.telemetry.metrics import Metrics
 
@@ -43,7 +45,9 @@ class Agent:
         self.config = config
         self.prometheus = CollectorRegistry()
         self.metrics = Metrics(self.prometheus)
-        self.flows = FlowTable()
+        self.cgroups = CgroupNames()  # cgroup id → path, for the access log's `cgroup`
+        self.access_log: AccessLog | None = access_log_from_config(config, self.metrics, enrich=self.cgroups.enrich)
+        self.flows = FlowTable(access_log=self.access_log, log_open=config.access_log.log_open)
         self.capture: Capture | None = None
         self.workloads: WorkloadController | None = None
         self.policy: PolicySource | None = None
@@ -95,6 +99,8 @@ class Agent:
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,
                                  certs=self._certs_report)
         self.admin.start()
+        if self.access_log is not None:
+            self.access_log.start()
         servers: list[asyncio.base_events.Server] = []
         admin_socket: AdminSocket | None = None
         watcher: asyncio.Task | None = None
@@ -114,7 +120,7 @@ class Agent:
                 os.path.join(config.state_dir, RUNTIME_WORKLOADS_FILE), self.capture, identities,
                 on_change=self._workloads_changed)
             self.workloads.load()
-            admin_socket = AdminSocket(config.admin.socket, self.workloads)
+            admin_socket = AdminSocket(config.admin.socket, self.workloads, flows=lambda req: self._flows(ctx, req))
             await admin_socket.start()
             watcher = loop.create_task(self._watch_sources())
             rotation = loop.create_task(self.rotator.run())
@@ -143,6 +149,8 @@ class Agent:
                 await admin_socket.stop()
             self._detach_capture()
             self.admin.stop()
+            if self.access_log is not None:
+                self.access_log.stop()
         log.info("agent stopped")
 
     async def _watch_sources(self) -> None:
@@ -165,6 +173,18 @@ class Agent:
 
     def _workloads_changed(self, registry: Registry) -> None:
         self.metrics.workloads.set(self._captured_count(registry))
+        self.metrics.retain((w.namespace, w.name) for w in registry.workloads)  # departed workloads' series go
+        self.cgroups.set_roots([w.cgroup for w in registry.local(self.config.node.name) if w.cgroup])
+
+    def _flows(self, ctx: ProxyContext, request: dict) -> dict:
+        """The admin socket's flows.list: live bytes first, then open and recently closed flows."""
+        try:
+            port = int(request["port"]) if request.get("port") else None
+            after = int(request.get("after") or 0)
+        except (TypeError, ValueError) as exc:
+            raise TcpmeshError(f"flows.list: port and after must be whole numbers ({exc})") from exc
+        ctx.report_progress()
+        return self.flows.query(workload=request.get("workload") or None, port=port, after=after)
 
     def _captured_count(self, registry: Registry | None = None) -> int:
         registry = registry or self.registry()

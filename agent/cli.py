@@ -10,6 +10,7 @@ import sys
 import click
 
 from agent import __version__
+from agent.audit.cli import audit
 from agent.control.cli import workload
 from agent.demo import demo
 from agent.doctor import doctor
@@ -17,6 +18,7 @@ from agent.errors import TcpmeshError
 from agent.identity.cli import ca, cert
 from agent.lab.cli import lab
 from agent.policy.cli import policy
+from agent.telemetry.cli import flows
 
 
 class Cli(click.Group):
@@ -43,11 +45,7 @@ def main() -> None:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    access = logging.getLogger("tcpmesh.access")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.propagate = False
+    # Access records do not go through logging: agent.audit.writer writes them (access_log.path).
 
 
 @main.command()
@@ -101,3 +99,5 @@ main.add_command(workload)
 main.add_command(policy)
 main.add_command(demo)
 main.add_command(doctor)
+main.add_command(flows)
+main.add_command(audit)

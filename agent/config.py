@@ -36,6 +36,10 @@ DEFAULT_DRAIN_SECONDS = 5.0
 DEFAULT_REGISTRY_POLL_SECONDS = 2.0
 DEFAULT_POLICY_POLL_SECONDS = 2.0
 DEFAULT_ADMIN_SOCKET = "/run/tcpmesh/agent.sock"
+DEFAULT_REPORT_INTERVAL_SECONDS = 2.0
+DEFAULT_ACCESS_LOG = "-"  # stdout
+DEFAULT_ACCESS_LOG_MAX_BYTES = 100 * 1024 * 1024
+DEFAULT_ACCESS_LOG_BACKUPS = 5
 CAPTURE_MODES = ("auto", "ebpf-connect", "ebpf-tc", "iptables", "none")
 ENV_PREFIX = "TCPMESH_"
 
@@ -121,6 +125,21 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    # How often open connections' bytes reach the counters, /debug/flows and `tcpmesh flows`.
+    report_interval_seconds: float = DEFAULT_REPORT_INTERVAL_SECONDS
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    # "-": stdout; an absolute path: a file rotated by size (path.1 … path.<backups>); "off": none.
+    path: str = DEFAULT_ACCESS_LOG
+    max_bytes: int = DEFAULT_ACCESS_LOG_MAX_BYTES
+    backups: int = DEFAULT_ACCESS_LOG_BACKUPS
+    log_open: bool = False  # also write a record when a connection opens (always one at close)
+
+
+@dataclass(frozen=True)
 class Config:
     trust_domain: str = "cluster.local"
     state_dir: str = DEFAULT_STATE_DIR
@@ -132,6 +151,8 @@ class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -172,6 +193,8 @@ def _build(cls: type, doc: Mapping[str, Any], prefix: str) -> Any:
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
@@ -244,6 +267,16 @@ def validate(config: Config) -> Config:
                           f"for example {DEFAULT_ADMIN_SOCKET}")
     if config.proxy.connect_timeout_seconds <= 0:
         raise ConfigError("proxy.connect_timeout_seconds", config.proxy.connect_timeout_seconds, "must be positive")
+    if not 0.1 <= config.telemetry.report_interval_seconds <= 60:
+        raise ConfigError("telemetry.report_interval_seconds", config.telemetry.report_interval_seconds,
+                          "out of range", "use a value between 0.1 and 60 seconds")
+    if config.access_log.path not in ("-", "off") and not config.access_log.path.startswith("/"):
+        raise ConfigError("access_log.path", config.access_log.path, "must be '-' (stdout), 'off' or an absolute "
+                          "path", "for example /var/log/tcpmesh/access.log")
+    if config.access_log.max_bytes < 4096:
+        raise ConfigError("access_log.max_bytes", config.access_log.max_bytes, "is too small", "use at least 4096")
+    if not 0 <= config.access_log.backups <= 1000:
+        raise ConfigError("access_log.backups", config.access_log.backups, "out of range", "use 0 to 1000")
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level", config.log_level, "unknown level", "use debug, info, warning or error")
     return config

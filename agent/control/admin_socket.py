@@ -1,9 +1,10 @@
 """The admin socket (/run/tcpmesh/agent.sock by default, mode 0600): one JSON request per line, one
-JSON answer per line. Operations: ``workload.add``, ``workload.del``, ``workload.list``.
+JSON answer per line. Operations: ``workload.add``, ``workload.del``, ``workload.list``, ``flows.list``.
 
     {"op": "workload.add", "workload": {"name": .., "namespace": .., "service_account": .., "ip": ..,
                                         "node": .., "cgroup": ..}}
     {"op": "workload.del", "key": "namespace/name"}
+    {"op": "flows.list", "workload": "ns/name"?, "port": 5432?, "after": <cursor>?}  (agent.telemetry.flows)
     → {"ok": true, ...} | {"ok": false, "error": "what was wrong and how to fix it"}
 
 Requests are bounded (64 KiB) and answered one at a time per connection.
@@ -16,7 +17,7 @@ import json
 import logging
 import os
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from agent.control.workloads import WorkloadController
 from agent.errors import TcpmeshError
@@ -26,9 +27,11 @@ MAX_REQUEST = 64 * 1024
 
 
 class AdminSocket:
-    def __init__(self, path: str, workloads: WorkloadController) -> None:
+    def __init__(self, path: str, workloads: WorkloadController,
+                 flows: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.path = path
         self._workloads = workloads
+        self._flows = flows  # flows.list: open and recently closed flows (FlowTable.query)
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -81,9 +84,12 @@ class AdminSocket:
                 return {"ok": True, "workload": workload.key}
             if op == "workload.list":
                 return {"ok": True, "workloads": self._workloads.describe()}
+            if op == "flows.list" and self._flows is not None:
+                return {"ok": True, **self._flows(request)}
         except TcpmeshError as exc:
             return {"ok": False, "error": str(exc)}
-        return {"ok": False, "error": f"unknown op {op!r}: use workload.add, workload.del or workload.list"}
+        return {"ok": False, "error": f"unknown op {op!r}: use workload.add, workload.del, workload.list "
+                                     "or flows.list"}
 
 
 def _remove_stale(path: str) -> None:

@@ -75,6 +75,7 @@ class Flow:
     detail: str = ""
     policy: str = ""  # the policy that decided (namespace/name), empty for the default action
     dry_run: str = ""  # what dry-run policies would have decided
+    handshake_seconds: float | None = None  # the tunnel's TLS handshake (TlsLeg.handshake_seconds)
 
     def set_source(self, workload: Workload | None, principal: str | None = None) -> None:
         if workload is not None:
@@ -101,6 +102,11 @@ class Flow:
     @property
     def open(self) -> bool:
         return self.end_time is None
+
+    @property
+    def decision(self) -> str:
+        """``deny`` when a policy (or the egress switch) refused the connection, else ``allow``."""
+        return "deny" if self.response_flags == FLAG_DENY else "allow"
 
     def metric_labels(self) -> dict[str, str]:
         return {

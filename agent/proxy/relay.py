@@ -42,6 +42,15 @@ class Relay:
         self.b.resume_reading()
         return self.done
 
+    @property
+    def a_to_b(self) -> int:
+        """Bytes relayed from a to b so far (read by live telemetry while the relay runs)."""
+        return self._a_to_b
+
+    @property
+    def b_to_a(self) -> int:
+        return self._b_to_a
+
     def _other(self, leg: Leg) -> Leg:
         return self.b if leg is self.a else self.a
 

@@ -32,7 +32,7 @@ class ProxyContext:
     policy: PolicySource | None = None  # None: every mesh connection is allowed
     passthrough_allowed: bool = True  # destinations outside the mesh (egress policy)
     tasks: set[asyncio.Task] = field(default_factory=set)
-    relays: set[Relay] = field(default_factory=set)
+    relays: dict[Relay, F.Flow] = field(default_factory=dict)  # running relays and their flows
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(self._guard(coro))
@@ -50,13 +50,13 @@ class ProxyContext:
 
     async def relay(self, relay: Relay, flow: F.Flow, a_leftover: bytes = b"", b_leftover: bytes = b"") -> None:
         """Run ``relay`` (a = client side) to its end and put the byte counts on the flow."""
-        self.relays.add(relay)
+        self.relays[relay] = flow
+        self.metrics.handshake(flow)
         try:
             result = await relay.start(a_leftover, b_leftover)
         finally:
-            self.relays.discard(relay)
-        flow.bytes_received += result.a_to_b
-        flow.bytes_sent += result.b_to_a
+            self.relays.pop(relay, None)
+        flow.bytes_received, flow.bytes_sent = result.a_to_b, result.b_to_a
         if result.error:
             flow.fail(F.FLAG_CONNECTION_TERMINATED, result.error)
 
@@ -68,6 +68,21 @@ class ProxyContext:
         flow.close()
         self.flows.closed(flow)
         self.metrics.flow_closed(flow)
+
+    def report_progress(self) -> None:
+        """Copy the running relays' byte counts onto their flows and the counters (live telemetry)."""
+        for relay, flow in list(self.relays.items()):
+            flow.bytes_received, flow.bytes_sent = relay.a_to_b, relay.b_to_a
+            self.metrics.flow_progress(flow)
+
+    async def report_forever(self, interval: float) -> None:
+        """Live reporting: open flows' bytes reach the metrics and flow records every ``interval`` s."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.report_progress()
+            except Exception:  # a task root: one bad report must not end live reporting
+                log.exception("live flow report failed")
 
     async def drain(self, seconds: float) -> None:
         """Wait up to ``seconds`` for open relays to finish, then reset the rest."""

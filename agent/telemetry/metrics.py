@@ -1,14 +1,30 @@
 """Every tcpmesh metric, defined in one place against an injected ``CollectorRegistry``.
 
 Labels are identities, ports and results — never addresses (those go to flow records). Imports only
-prometheus_client.
+prometheus_client. Called from the data-path loop only (``flow_*``, ``retain``); the admin thread
+only reads through ``generate_latest``.
+
+Cardinality: every flow series is keyed by (reporter, source workload, destination workload,
+security, response_flags); the identity labels are functions of the workloads. ``retain`` removes
+the series of workloads that left the registry, so the bound is set by the workloads that exist,
+not by the ones that ever existed (docs/telemetry.md gives the numbers).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from typing import Iterable
 
-from agent.proxy.flow import METRIC_LABELS, Flow
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from agent.proxy.flow import FLAG_NONE, METRIC_LABELS, UNKNOWN, Flow
+
+# The labels of series that must not change while a flow is open (response_flags may).
+OPEN_LABELS = tuple(name for name in METRIC_LABELS if name != "response_flags")
+PAIR_LABELS = ("reporter", "source_workload", "source_workload_namespace", "source_principal",
+               "destination_workload", "destination_workload_namespace", "destination_principal")
+HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+WorkloadKey = tuple[str, str]  # (namespace, name)
 
 
 class Metrics:
@@ -18,14 +34,25 @@ class Metrics:
             "tcpmesh_tcp_connections_opened", "TCP connections opened through the mesh", METRIC_LABELS,
             registry=registry)
         self.connections_closed = Counter(
-            "tcpmesh_tcp_connections_closed", "TCP connections closed through the mesh", METRIC_LABELS,
+            "tcpmesh_tcp_connections_closed", "TCP connections closed through the mesh (counted once opened)",
+            METRIC_LABELS, registry=registry)
+        self.connections_failed = Counter(
+            "tcpmesh_tcp_connections_failed",
+            "TCP connections that ended with a response flag other than '-' (refused, denied, reset, ...)",
+            METRIC_LABELS, registry=registry)
+        self.open_connections = Gauge(
+            "tcpmesh_tcp_open_connections", "TCP connections open through the mesh now", OPEN_LABELS,
             registry=registry)
         self.sent_bytes = Counter(
-            "tcpmesh_tcp_sent_bytes", "Bytes sent toward the client (response direction)", METRIC_LABELS,
-            registry=registry)
+            "tcpmesh_tcp_sent_bytes", "Bytes sent toward the client (response direction); reported while "
+            "the connection is open", METRIC_LABELS, registry=registry)
         self.received_bytes = Counter(
-            "tcpmesh_tcp_received_bytes", "Bytes received from the client (request direction)", METRIC_LABELS,
-            registry=registry)
+            "tcpmesh_tcp_received_bytes", "Bytes received from the client (request direction); reported "
+            "while the connection is open", METRIC_LABELS, registry=registry)
+        self.handshake_duration = Histogram(
+            "tcpmesh_tunnel_handshake_duration_seconds",
+            "mTLS handshake of the tunnel between nodes, from TCP connected to TLS established", PAIR_LABELS,
+            buckets=HANDSHAKE_BUCKETS, registry=registry)
         self.ready = Gauge("tcpmesh_agent_ready", "1 when capture and listeners are in place", registry=registry)
         self.workloads = Gauge("tcpmesh_local_workloads", "Workloads captured on this node", registry=registry)
         self.policy_load_errors = Counter("tcpmesh_policy_load_errors",
@@ -47,12 +74,115 @@ class Metrics:
         self.node_ca_expiry = Gauge(
             "tcpmesh_node_ca_expiry_timestamp_seconds", "Expiry (unix time) of the CA this agent signs SVIDs with "
             "(its node intermediate): re-issue it with `tcpmesh ca issue-node` before then", registry=registry)
+        self.access_log_records = Counter(
+            "tcpmesh_access_log_records", "Access/audit records written", registry=registry)
+        self.access_log_dropped = Counter(
+            "tcpmesh_access_log_dropped_records", "Access/audit records lost (a gap record in the log says so)",
+            ("reason",), registry=registry)
+        self.access_log_write_errors = Counter(
+            "tcpmesh_access_log_write_errors", "Failed writes to the access/audit log (disk full, I/O error)",
+            registry=registry)
+        self.access_log_sequence = Gauge(
+            "tcpmesh_access_log_sequence", "Sequence number of the last record written to the access/audit log "
+            "(compare with the log's last record: records removed from its end show up here)", registry=registry)
+        # Series bookkeeping, so that a departed workload's series can be removed.
+        self._flow_metrics = (self.connections_opened, self.connections_closed, self.connections_failed,
+                              self.open_connections, self.sent_bytes, self.received_bytes, self.handshake_duration)
+        self._names = {m: METRIC_LABELS for m in self._flow_metrics}
+        self._names[self.open_connections] = OPEN_LABELS
+        self._names[self.handshake_duration] = PAIR_LABELS
+        self._series: dict[object, set[tuple[str, ...]]] = {m: set() for m in self._flow_metrics}
+        self._open: dict[int, tuple[str, ...]] = {}  # id(flow) → its open_connections label values
+        self._reported: dict[int, tuple[int, int]] = {}  # id(flow) → (received, sent) already counted
+        self._handshakes: set[int] = set()  # id(flow) of flows whose handshake was observed
+        self._known: frozenset[WorkloadKey] | None = None  # None until the first retain()
 
+    # -- flows (data-path loop) -------------------------------------------------------------------
     def flow_opened(self, flow: Flow) -> None:
-        self.connections_opened.labels(**flow.metric_labels()).inc()
+        labels = flow.metric_labels()
+        self._child(self.connections_opened, labels).inc()
+        values = tuple(labels[name] for name in OPEN_LABELS)
+        self._track(self.open_connections, values).inc()
+        self._open[id(flow)] = values
+        self._reported[id(flow)] = (0, 0)
+
+    def flow_progress(self, flow: Flow) -> None:
+        """Count the bytes an open flow moved since the last report (live reporting)."""
+        done = self._reported.get(id(flow))
+        if done is None:
+            return
+        received, sent = flow.bytes_received - done[0], flow.bytes_sent - done[1]
+        if received or sent:
+            labels = flow.metric_labels()
+            self._child(self.received_bytes, labels).inc(received)
+            self._child(self.sent_bytes, labels).inc(sent)
+            self._reported[id(flow)] = (flow.bytes_received, flow.bytes_sent)
+
+    def handshake(self, flow: Flow) -> None:
+        """Observe the flow's tunnel handshake once, with the flow's labels as complete as they get."""
+        if flow.handshake_seconds is None or id(flow) in self._handshakes:
+            return
+        self._handshakes.add(id(flow))
+        self._child(self.handshake_duration, flow.metric_labels()).observe(flow.handshake_seconds)
 
     def flow_closed(self, flow: Flow) -> None:
+        key = id(flow)
         labels = flow.metric_labels()
-        self.connections_closed.labels(**labels).inc()
-        self.sent_bytes.labels(**labels).inc(flow.bytes_sent)
-        self.received_bytes.labels(**labels).inc(flow.bytes_received)
+        self.handshake(flow)
+        self._handshakes.discard(key)
+        if key in self._reported:
+            self.flow_progress(flow)
+            self._child(self.received_bytes, labels)  # the series exists even for an empty connection
+            self._child(self.sent_bytes, labels)
+            del self._reported[key]
+        values = self._open.pop(key, None)
+        if values is not None:
+            self._child(self.connections_closed, labels).inc()
+            self.open_connections.labels(*values).dec()
+        if flow.response_flags != FLAG_NONE:
+            self._child(self.connections_failed, labels).inc()
+        if self._known is not None and not _workloads_of(labels) <= self._known:
+            self.prune()  # a flow of a workload that already left: its series go now
+
+    # -- cardinality --------------------------------------------------------------------------------
+    def retain(self, workloads: Iterable[WorkloadKey]) -> None:
+        """Keep only the series of ``workloads`` (namespace, name); call whenever the registry changes."""
+        self._known = frozenset(workloads)
+        self.prune()
+
+    def prune(self) -> int:
+        """Remove series naming a workload outside the registry, unless an open flow still uses it."""
+        if self._known is None:
+            return 0
+        busy = {w for values in self._open.values()
+                for w in _workloads_of(dict(zip(OPEN_LABELS, values)))}
+        keep = self._known | busy
+        removed = 0
+        for metric, series in self._series.items():
+            names = self._names[metric]
+            for values in list(series):
+                if not _workloads_of(dict(zip(names, values))) <= keep:
+                    metric.remove(*values)
+                    series.discard(values)
+                    removed += 1
+        return removed
+
+    def series_count(self) -> int:
+        return sum(len(s) for s in self._series.values())
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _child(self, metric, labels: dict[str, str]):
+        return self._track(metric, tuple(labels[name] for name in self._names[metric]))
+
+    def _track(self, metric, values: tuple[str, ...]):
+        self._series[metric].add(values)
+        return metric.labels(*values)
+
+
+def _workloads_of(labels: dict[str, str]) -> set[WorkloadKey]:
+    found = set()
+    for side in ("source", "destination"):
+        name = labels.get(f"{side}_workload", UNKNOWN)
+        if name != UNKNOWN:
+            found.add((labels.get(f"{side}_workload_namespace", UNKNOWN), name))
+    return found

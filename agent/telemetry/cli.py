@@ -1,0 +1,116 @@
+"""``tcpmesh flows``: the node's open and recently closed flows, from the agent's admin socket.
+
+Like ``hubble observe`` for L4: one line per flow (or per event with ``--follow``), with the client's
+process (pid/comm/uid) as the BPF hook saw it at connect time. ``--json`` prints one JSON object per
+line instead. Reads through the admin socket (root only, 0600): flow records carry addresses and
+process names, which the admin HTTP port (reachable by Prometheus) is not the place to serve.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from agent.config import DEFAULT_ADMIN_SOCKET
+from agent.control.admin_socket import request
+from agent.errors import TcpmeshError
+
+FOLLOW_INTERVAL = 1.0
+HEADER = (f"{'STATE':<6} {'REPORTER':<11} {'SOURCE':<24} {'PROCESS':<22} {'DESTINATION':<30} "
+          f"{'SENT→':>10} {'←RECV':>10} {'AGE':>7} FLAGS")
+
+
+def _socket_path(socket_path: str | None, config_path: str | None) -> str:
+    if socket_path:
+        return socket_path
+    if config_path:
+        from agent.config import load_config
+
+        return load_config(config_path).admin.socket
+    return DEFAULT_ADMIN_SOCKET
+
+
+def fetch(path: str, workload: str | None, port: int | None, after: int = 0) -> dict:
+    answer = request(path, {"op": "flows.list", "workload": workload, "port": port, "after": after})
+    if not answer.get("ok"):
+        raise TcpmeshError(answer.get("error", "the agent refused the request"))
+    return answer
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _age(record: dict, now: float) -> str:
+    seconds = (record.get("end_time") or now) - record["start_time"]
+    return f"{seconds:.1f}s" if seconds < 100 else f"{seconds / 60:.0f}m"
+
+
+def format_line(record: dict, now: float, state: str | None = None) -> str:
+    source = f"{record['source_namespace']}/{record['source_workload']}"
+    if record["source_workload"] == "unknown":
+        source = f"{record['source_ip']}:{record['source_port']}"
+    process = f"{record['pid']}/{record['comm']} uid={record['uid']}" if record.get("pid") else "-"
+    destination = f"{record['destination_namespace']}/{record['destination_workload']}:{record['destination_port']}"
+    if record["destination_workload"] == "unknown":
+        destination = f"{record['destination_ip']}:{record['destination_port']}"
+    flags = record["response_flags"]
+    if record.get("policy"):
+        flags += f" policy={record['policy']}"
+    return (f"{(state or record.get('state', '')).upper():<6} {record['reporter']:<11} {source:<24} {process:<22} "
+            f"{destination:<30} {_human_bytes(record['bytes_received']):>10} {_human_bytes(record['bytes_sent']):>10} "
+            f"{_age(record, now):>7} {flags}")
+
+
+def _key(record: dict) -> tuple:
+    return record.get("flow_id"), record["reporter"], record["start_time"]
+
+
+@click.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing flows as they open and close (Ctrl-C stops).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per flow (per event with --follow).")
+@click.option("--workload", help="Only flows from or to this workload (NAME or NAMESPACE/NAME).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Only flows to this destination port.")
+@click.option("--socket", "socket_path", help=f"Admin socket of the agent (default {DEFAULT_ADMIN_SOCKET}).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Agent config file; its admin.socket is used.")
+def flows(follow, as_json, workload, port, socket_path, config_path) -> None:
+    """Open and recently closed TCP flows on this node, with the client process of each."""
+    path = _socket_path(socket_path, config_path)
+    answer = fetch(path, workload, port)
+    if not follow:
+        records = answer["flows"]
+        if as_json:
+            for record in records:
+                click.echo(json.dumps(record, sort_keys=True))
+            return
+        now = time.time()
+        click.echo(HEADER)
+        for record in records:
+            click.echo(format_line(record, now))
+        return
+    seen_open: set = set()
+    if not as_json:
+        click.echo(HEADER)
+    try:
+        while True:
+            now = time.time()
+            for record in answer["flows"]:
+                key = _key(record)
+                if record["state"] == "open" and key in seen_open:
+                    continue
+                if record["state"] == "open":
+                    seen_open.add(key)
+                else:
+                    seen_open.discard(key)
+                click.echo(json.dumps(record, sort_keys=True) if as_json else format_line(record, now))
+            time.sleep(FOLLOW_INTERVAL)
+            answer = fetch(path, workload, port, after=answer["cursor"])
+    except KeyboardInterrupt:
+        return
