@@ -69,18 +69,23 @@ class ProxyContext:
         self.flows.closed(flow)
         self.metrics.flow_closed(flow)
 
-    def report_progress(self) -> None:
+    def report_progress(self, relays: list[tuple[Relay, F.Flow]] | None = None) -> None:
         """Copy the running relays' byte counts onto their flows and the counters (live telemetry)."""
         for relay, flow in list(self.relays.items()):
             flow.bytes_received, flow.bytes_sent = relay.a_to_b, relay.b_to_a
             self.metrics.flow_progress(flow)
 
-    async def report_forever(self, interval: float) -> None:
-        """Live reporting: open flows' bytes reach the metrics and flow records every ``interval`` s."""
+    async def report_forever(self, interval: float, slice_size: int = 256) -> None:
+        """Live reporting: open flows' bytes reach the metrics and flow records every ``interval`` s,
+        in slices, so that many open flows never hold the loop for long."""
         while True:
             await asyncio.sleep(interval)
             try:
-                self.report_progress()
+                running = list(self.relays.items())
+                for start in range(0, len(running), slice_size):
+                    if start:
+                        await asyncio.sleep(0)
+                    self.report_progress([(r, f) for r, f in running[start:start + slice_size] if r in self.relays])
             except Exception:  # a task root: one bad report must not end live reporting
                 log.exception("live flow report failed")
 

@@ -93,7 +93,7 @@ class Metrics:
         self._names[self.handshake_duration] = PAIR_LABELS
         self._series: dict[object, set[tuple[str, ...]]] = {m: set() for m in self._flow_metrics}
         self._open: dict[int, tuple[str, ...]] = {}  # id(flow) → its open_connections label values
-        self._reported: dict[int, tuple[int, int]] = {}  # id(flow) → (received, sent) already counted
+        self._reported: dict[int, list] = {}  # id(flow) → [received, sent counted, flags, received/sent children]
         self._handshakes: set[int] = set()  # id(flow) of flows whose handshake was observed
         self._known: frozenset[WorkloadKey] | None = None  # None until the first retain()
 
@@ -104,7 +104,7 @@ class Metrics:
         values = tuple(labels[name] for name in OPEN_LABELS)
         self._track(self.open_connections, values).inc()
         self._open[id(flow)] = values
-        self._reported[id(flow)] = (0, 0)
+        self._reported[id(flow)] = [0, 0, None, None, None]
 
     def flow_progress(self, flow: Flow) -> None:
         """Count the bytes an open flow moved since the last report (live reporting)."""
@@ -113,10 +113,13 @@ class Metrics:
             return
         received, sent = flow.bytes_received - done[0], flow.bytes_sent - done[1]
         if received or sent:
-            labels = flow.metric_labels()
-            self._child(self.received_bytes, labels).inc(received)
-            self._child(self.sent_bytes, labels).inc(sent)
-            self._reported[id(flow)] = (flow.bytes_received, flow.bytes_sent)
+            if done[2] != flow.response_flags:  # the children are cached: labels change only with the flags
+                labels = flow.metric_labels()
+                done[2:] = flow.response_flags, self._child(self.received_bytes, labels), \
+                    self._child(self.sent_bytes, labels)
+            done[3].inc(received)
+            done[4].inc(sent)
+            done[0], done[1] = flow.bytes_received, flow.bytes_sent
 
     def handshake(self, flow: Flow) -> None:
         """Observe the flow's tunnel handshake once, with the flow's labels as complete as they get."""
