@@ -71,7 +71,7 @@ class ProxyContext:
 
     def report_progress(self, relays: list[tuple[Relay, F.Flow]] | None = None) -> None:
         """Copy the running relays' byte counts onto their flows and the counters (live telemetry)."""
-        for relay, flow in list(self.relays.items()):
+        for relay, flow in (list(self.relays.items()) if relays is None else relays):
             flow.bytes_received, flow.bytes_sent = relay.a_to_b, relay.b_to_a
             self.metrics.flow_progress(flow)
 
