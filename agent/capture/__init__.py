@@ -1,8 +1,10 @@
 """Capture: steering pods' outbound TCP to the node proxy and telling the proxy where it was going.
 
 Public surface (everything else in this package is internal):
-  - ``ConnectCapture`` (connect_mode): compiles/loads bpf/capture_connect.c, attaches it to pod
-    cgroups and to the proxy's cgroup, reads the reason counters, detaches on close().
+  - ``ConnectCapture`` (connect_mode): adopts the program set of bpf/capture_connect.c pinned in
+    bpffs, or has the loader process (agent.capture.loader, the only user of bcc) compile and pin
+    it; attaches it to pod cgroups, the pods cgroup (guard) and the proxy's cgroup; reads the
+    reason counters; close() leaves everything attached (fail closed).
   - ``Origin``, ``parse_origin``, ``read_origin``, ``read_original_dst`` (origin): what the proxy
     calls on an accepted socket; no bcc needed.
 The kernel/user ABI lives in bpf/include/tcpmesh_abi.h and is mirrored in ``abi``.
