@@ -1,5 +1,6 @@
-"""The e2e tier: one lab (2 nodes x 2 pods, one real agent per node, real BPF capture) shared by the
-tests of a module, torn down afterwards even when a test fails."""
+"""The e2e tier: one lab (2 nodes x 2 pods, one real agent per node, real capture) shared by the
+tests of a module, torn down afterwards even when a test fails. ``mesh_lab`` runs each module once
+per capture mode (ebpf-connect, ebpf-tc, iptables); ``lab.capture_mode`` says which."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ from agent.lab import lab as labops
 from agent.lab.nsenter import http_get_in_netns
 
 
-@pytest.fixture(scope="module")
-def mesh_lab(bpf_capable):
+CAPTURE_MODES = ("ebpf-connect", "ebpf-tc", "iptables")
+
+
+@pytest.fixture(scope="module", params=CAPTURE_MODES)
+def mesh_lab(request, bpf_capable):
     name = f"e2e{uuid.uuid4().hex[:6]}"
     lab = None
     try:
-        lab = Lab(name, labops.lab_up(name, 2, 2, "e2e.tcpmesh"))
+        lab = Lab(name, labops.lab_up(name, 2, 2, "e2e.tcpmesh", capture_mode=request.param), request.param)
         yield lab
     finally:
         if lab is not None:
@@ -29,9 +33,10 @@ def mesh_lab(bpf_capable):
 
 
 class Lab:
-    def __init__(self, name, plan) -> None:
+    def __init__(self, name, plan, capture_mode: str = "ebpf-connect") -> None:
         self.name = name
         self.plan = plan
+        self.capture_mode = capture_mode
         self.apps: list[subprocess.Popen] = []
 
     def pod(self, name):

@@ -1,0 +1,66 @@
+"""`tcpmesh doctor` on this machine: every probe runs for real (throwaway namespaces), all three
+capture modes are usable here, and a hidden capability shows its failure row and the fallback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from agent.doctor import DISABLE_ENV, doctor
+
+
+def probe_netns() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.startswith("tcpmesh-probe-")]
+
+
+def rows(report: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in report["checks"]}
+
+
+def test_doctor_json_reports_all_three_modes_usable_here(bpf_capable):
+    out = subprocess.run([sys.executable, "-m", "agent", "doctor", "--json"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["version"] == 1 and report["can_run"]
+    assert {m["name"]: m["usable"] for m in report["modes"]} == \
+        {"ebpf-connect": True, "ebpf-tc": True, "iptables": True}, report["modes"]
+    assert report["selected_mode"] == "ebpf-connect"
+    bad = {n: c for n, c in rows(report).items() if c["result"] not in ("ok", "warn")}
+    assert bad == {}
+    assert probe_netns() == []  # the throwaway namespace is gone
+
+
+@pytest.fixture
+def runner(bpf_capable):
+    return CliRunner()
+
+
+def test_a_hidden_program_type_shows_its_row_and_the_fallback(runner):
+    result = runner.invoke(doctor, ["--json"], env={DISABLE_ENV: "prog_getsockopt"})
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert rows(report)["prog_getsockopt"]["result"] == "disabled"
+    assert "assumed missing" in rows(report)["prog_getsockopt"]["error"]
+    assert report["selected_mode"] == "ebpf-tc"
+    assert "ebpf-connect unusable (missing prog_getsockopt)" in report["reason"]
+
+
+def test_no_netfilter_tools_in_path_and_no_ebpf_leave_nothing_to_run(runner, tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    result = runner.invoke(doctor, ["--assume-missing", "prog_connect4", "--assume-missing", "helper_sk_assign"],
+                           env={"PATH": str(empty)})  # no nft, no iptables-*
+    assert result.exit_code == 1, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line and not line.startswith(" ")}
+    assert lines["tproxy_nft"].split()[1] == "fail" and "nft is not installed (not found in PATH)" in lines["tproxy_nft"]
+    assert lines["tproxy_iptables_legacy"].split()[1] == "fail"
+    assert lines["prog_connect4"].split()[1] == "disabled"
+    assert "the agent cannot run" in result.output
+    assert "iptables unusable (missing tproxy_nft|tproxy_iptables_nft|tproxy_iptables_legacy)" in result.output
+    assert probe_netns() == []

@@ -1,0 +1,107 @@
+"""`tcpmesh doctor`'s pure parts: which mode each set of check results allows, the JSON schema, the table."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from agent import doctor, probes
+from agent.doctor import CheckResult, build_report, evaluate_modes, parse_disabled, render_table, select_mode
+
+
+def all_ok(**overrides: str) -> list[CheckResult]:
+    return [CheckResult(name, overrides.get(name, probes.OK), error="boom" if name in overrides else "")
+            for name in doctor.CHECKS]
+
+
+def verdicts(results):
+    return {v.name: v for v in evaluate_modes({r.name: r for r in results})}
+
+
+def test_everything_ok_makes_every_mode_usable_and_auto_picks_ebpf_connect():
+    report = build_report(all_ok(), "auto")
+    assert [m["name"] for m in report["modes"]] == ["ebpf-connect", "ebpf-tc", "iptables"]
+    assert all(m["usable"] for m in report["modes"])
+    assert report["selected_mode"] == "ebpf-connect" and report["can_run"]
+    assert report["modes"][2]["detail"] == "netfilter backend nft"
+
+
+def test_a_missing_sockopt_program_falls_back_to_ebpf_tc_and_says_why():
+    results = all_ok(prog_getsockopt=doctor.DISABLED)
+    selected, why = select_mode("auto", evaluate_modes({r.name: r for r in results}))
+    assert selected == "ebpf-tc"
+    assert "ebpf-connect unusable (missing prog_getsockopt)" in why
+
+
+def test_iptables_needs_any_one_backend():
+    results = all_ok(tproxy_nft=probes.FAIL, tproxy_iptables_nft=probes.FAIL)
+    assert verdicts(results)["iptables"].usable
+    assert verdicts(results)["iptables"].detail == "netfilter backend iptables-legacy"
+    results = all_ok(tproxy_nft=probes.FAIL, tproxy_iptables_nft=probes.FAIL, tproxy_iptables_legacy=probes.FAIL)
+    assert verdicts(results)["iptables"].missing == ("tproxy_nft|tproxy_iptables_nft|tproxy_iptables_legacy",)
+
+
+def test_warnings_do_not_block_but_missing_root_blocks_everything():
+    assert build_report(all_ok(clock=probes.WARN), "auto")["can_run"]
+    report = build_report(all_ok(root=probes.FAIL), "auto")
+    assert not report["can_run"] and report["selected_mode"] is None
+    assert all("root" in m["missing"] for m in report["modes"])
+
+
+def test_an_explicit_mode_is_judged_alone():
+    results = all_ok(helper_sk_assign=probes.FAIL)
+    assert select_mode("ebpf-tc", evaluate_modes({r.name: r for r in results})) == \
+        (None, "capture.mode is ebpf-tc but this host lacks: helper_sk_assign")
+    assert select_mode("iptables", evaluate_modes({r.name: r for r in results}))[0] == "iptables"
+    assert select_mode("none", [])[0] == "none"
+
+
+def test_report_schema_is_stable():
+    report = build_report(all_ok(bcc=probes.FAIL), "auto")
+    assert set(report) == {"version", "checks", "modes", "configured_mode", "selected_mode", "reason", "can_run"}
+    assert report["version"] == doctor.REPORT_VERSION == 1
+    assert set(report["checks"][0]) == {"name", "result", "detail", "error", "seconds"}
+    assert set(report["modes"][0]) == {"name", "usable", "missing", "detail"}
+    assert [c["name"] for c in report["checks"]] == list(doctor.CHECKS)
+    bcc = next(c for c in report["checks"] if c["name"] == "bcc")
+    assert bcc["result"] == "fail" and bcc["error"] == "boom"
+    assert report["selected_mode"] == "iptables"
+
+
+def test_table_shows_each_check_its_result_and_error_then_the_choice():
+    text = render_table(build_report(all_ok(tproxy_nft=probes.FAIL), "auto"))
+    lines = text.splitlines()
+    assert lines[0].split() == ["CHECK", "RESULT", "DETAIL", "/", "ERROR"]
+    row = next(line for line in lines if line.startswith("tproxy_nft "))
+    assert row.split() == ["tproxy_nft", "fail", "boom"]
+    assert "the agent would use: ebpf-connect" in text
+    assert "mode iptables: usable (netfilter backend iptables-nft)" in text
+
+
+def test_disabled_checks_are_parsed_from_options_and_environment():
+    assert parse_disabled(["bcc", "tc_clsact,tproxy_nft", ""]) == {"bcc", "tc_clsact", "tproxy_nft"}
+    with pytest.raises(click.BadParameter, match="unknown check"):
+        parse_disabled(["bcc,nope"])
+
+
+def test_every_mode_requirement_is_a_known_check():
+    for needs in doctor.MODE_REQUIREMENTS.values():
+        for need in needs:
+            for name in need if isinstance(need, tuple) else (need,):
+                assert name in doctor.CHECKS
+    assert set(probes.PROGRAM_PROBES) | set(probes.TPROXY_PROBES) <= set(doctor.CHECKS)
+
+
+def test_host_probes_read_what_they_are_given(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapEff:\t0000000000201000\n")  # NET_ADMIN (12) + SYS_ADMIN (21)
+    assert probes.probe_permissions(str(status)).result == probes.OK
+    status.write_text("CapEff:\t0000000000001000\n")
+    assert "CAP_SYS_ADMIN" in probes.probe_permissions(str(status)).error
+    assert probes.probe_clock(now=0).result == probes.FAIL  # 1970
+    assert probes.probe_clock(now=1_800_000_000).result in (probes.OK, probes.WARN)
+    fs = tmp_path / "filesystems"
+    fs.write_text("nodev\tsysfs\nnodev\tbpf\n\text4\n")
+    assert probes.probe_bpffs(str(fs)).result == probes.OK
+    fs.write_text("nodev\tsysfs\n")
+    assert probes.probe_bpffs(str(fs)).result == probes.FAIL
