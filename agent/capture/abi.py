@@ -159,34 +159,6 @@ def cidr_key(network: ipaddress.IPv4Network) -> CidrKey:
     """The LPM key of an IPv4 network (host bits must be clear; see agent.capture.cidrs)."""
     return CidrKey(prefixlen=network.prefixlen, ip4=ip4_to_net_u32(str(network.network_address)))
 
-# ---- ebpf-tc mode (bpf/capture_tc.c) -------------------------------------------------------------
-
-# TCPMESH_STEER_MARK: the mark bit of packets handed to a proxy socket (tc sk_assign or TPROXY);
-# the node's fwmark rule delivers them locally (agent/capture/steering.py).
-STEER_MARK = 0x10000000
-
-# enum tcpmesh_tc_reason, in code order. Append only: a code is never renumbered or reused.
-TC_REASONS: tuple[str, ...] = (
-    "syn_assigned",        # SYN of a captured connection assigned to the proxy listener
-    "est_assigned",        # packet of a connection the proxy owns assigned to its socket
-    "not_tcp",             # not IPv4 TCP (or a non-first fragment): passed
-    "loopback",            # destination 127.0.0.0/8 or 0.0.0.0/8: passed
-    "not_captured",        # destination outside the capture CIDRs, or a node address: passed
-    "not_ours",            # non-SYN, no proxy socket, never captured (pod answering as a server): passed
-    "orphan_dropped",      # non-SYN of a captured connection whose proxy socket is gone: dropped
-    "no_listener",         # SYN to capture but no proxy listener: dropped (fail-closed)
-    "assign_failed",       # bpf_sk_assign failed: dropped
-    "map_update_failed",   # capture record not stored (the SYN is still assigned)
-    "short",               # headers not readable even after a pull: passed
-)
-TC_REASON_MAX = len(TC_REASONS)
-
-C_CONSTANTS.update({
-    "TCPMESH_STEER_MARK": STEER_MARK,
-    "TCPMESH_TC_R_MAX": TC_REASON_MAX,
-    **{f"TCPMESH_TC_R_{name.upper()}": code for code, name in enumerate(TC_REASONS)},
-})
-
 
 # ---- ebpf-tc mode (bpf/capture_tc.c) -------------------------------------------------------------
 
