@@ -94,6 +94,9 @@ class InboundProxy:
             self._attribute_source(flow, request, peer_id)  # type: ignore[arg-type]
             flow.destination_ip, flow.destination_port = request.dest_ip, request.dest_port  # type: ignore[union-attr]
             return rest
+        if not flow.source_ip:  # the tunnel task may start before its transport is connected
+            peer = tunnel.peername() or ("", 0)
+            flow.source_ip, flow.source_port = peer[0], peer[1]
         log.warning("inbound tunnel from %s rejected: %s", flow.source_ip or "?", flow.detail)
         return None
 
