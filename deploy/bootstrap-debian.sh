@@ -8,7 +8,9 @@ VENV=${1:-.venv}
 EXTRAS=${2:-test}
 PYTHON=${PYTHON:-python3}
 APT_PACKAGES=(libbpfcc python3-bpfcc iproute2 iptables nftables tcpdump bpftool openssl python3-venv
-              postgresql-15 redis-server redis-tools)  # the last three: tests/e2e/test_real_workloads.py
+              postgresql-15 redis-server redis-tools  # these three: tests/e2e/test_real_workloads.py
+              prometheus)  # tests/e2e/test_telemetry_lab.py scrapes the lab's agents with a real Prometheus
+APT_PACKAGES+=(gcc stunnel4 haproxy iperf3 sockperf)  # make bench: bench/loadgen.c, the two peers, bulk and reference load
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "bootstrap: must run as root (it installs Debian packages); try: sudo make $*" >&2
@@ -23,6 +25,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get -o DPkg::Lock::Timeout=900 update -qq
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    # Packages with services (prometheus, postgresql, redis) must not start them: tests run their own.
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 

@@ -37,7 +37,13 @@ def agent_config(plan: LabPlan, node: NodePlan, capture_mode: str = DEFAULT_CAPT
         "capture": {"mode": capture_mode, "redirect_address": plan.pod_gateway, "cgroup_root": plan.cgroup_root,
                     "pods_cgroup": node.pods_cgroup, "bpffs_dir": node.bpffs_dir, "cgroup_scope": node.cgroup},
         "admin": {"address": node.wire_address, "port": ADMIN_PORT, "socket": f"{node.state_dir}/agent.sock"},
+        "access_log": {"path": access_log_path(node)},
     }
+
+
+def access_log_path(node: NodePlan) -> str:
+    """The node agent's hash-chained access/audit log (`tcpmesh audit verify` checks it)."""
+    return f"{node.state_dir}/access.log"
 
 
 def registry_document(plan: LabPlan) -> dict[str, Any]:

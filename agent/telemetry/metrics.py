@@ -49,10 +49,14 @@ class Metrics:
         self.received_bytes = Counter(
             "tcpmesh_tcp_received_bytes", "Bytes received from the client (request direction); reported "
             "while the connection is open", METRIC_LABELS, registry=registry)
+        # Labelled by reporter only: a handshake is a property of the node pair and its CPUs more than
+        # of the workloads (a pooled tunnel serves many), and histograms multiply series by buckets.
         self.handshake_duration = Histogram(
             "tcpmesh_tunnel_handshake_duration_seconds",
-            "mTLS handshake of the tunnel between nodes, from TCP connected to TLS established", PAIR_LABELS,
+            "mTLS handshake of a new tunnel between nodes, from TCP connected to TLS established", ("reporter",),
             buckets=HANDSHAKE_BUCKETS, registry=registry)
+        for reporter in ("source", "destination"):  # present from the start: rates see the first handshake
+            self.handshake_duration.labels(reporter)
         self.ready = Gauge("tcpmesh_agent_ready", "1 when capture and listeners are in place", registry=registry)
         self.workloads = Gauge("tcpmesh_local_workloads", "Workloads captured on this node", registry=registry)
         self.policy_load_errors = Counter("tcpmesh_policy_load_errors",
@@ -79,6 +83,8 @@ class Metrics:
         self.access_log_dropped = Counter(
             "tcpmesh_access_log_dropped_records", "Access/audit records lost (a gap record in the log says so)",
             ("reason",), registry=registry)
+        for reason in ("queue_full", "write_error"):  # present at 0 from the start, so rates and alerts work
+            self.access_log_dropped.labels(reason)
         self.access_log_write_errors = Counter(
             "tcpmesh_access_log_write_errors", "Failed writes to the access/audit log (disk full, I/O error)",
             registry=registry)
@@ -87,10 +93,9 @@ class Metrics:
             "(compare with the log's last record: records removed from its end show up here)", registry=registry)
         # Series bookkeeping, so that a departed workload's series can be removed.
         self._flow_metrics = (self.connections_opened, self.connections_closed, self.connections_failed,
-                              self.open_connections, self.sent_bytes, self.received_bytes, self.handshake_duration)
+                              self.open_connections, self.sent_bytes, self.received_bytes)
         self._names = {m: METRIC_LABELS for m in self._flow_metrics}
         self._names[self.open_connections] = OPEN_LABELS
-        self._names[self.handshake_duration] = PAIR_LABELS
         self._series: dict[object, set[tuple[str, ...]]] = {m: set() for m in self._flow_metrics}
         self._open: dict[int, tuple[str, ...]] = {}  # id(flow) → its open_connections label values
         self._reported: dict[int, list] = {}  # id(flow) → [received, sent counted, flags, received/sent children]
@@ -126,7 +131,7 @@ class Metrics:
         if flow.handshake_seconds is None or id(flow) in self._handshakes:
             return
         self._handshakes.add(id(flow))
-        self._child(self.handshake_duration, flow.metric_labels()).observe(flow.handshake_seconds)
+        self.handshake_duration.labels(flow.reporter).observe(flow.handshake_seconds)
 
     def flow_closed(self, flow: Flow) -> None:
         key = id(flow)

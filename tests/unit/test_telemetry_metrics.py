@@ -80,12 +80,12 @@ def test_the_handshake_is_observed_once_per_flow():
     metrics.handshake(flow)
     metrics.handshake(flow)
     metrics.flow_closed(flow)
-    labels = {k: v for k, v in flow.metric_labels().items()
-              if k not in ("connection_security_policy", "response_flags")}
+    labels = {"reporter": "source"}
     get = metrics.registry.get_sample_value
     assert get("tcpmesh_tunnel_handshake_duration_seconds_count", labels) == 1
     assert get("tcpmesh_tunnel_handshake_duration_seconds_bucket", {**labels, "le": "0.005"}) == 1
     assert get("tcpmesh_tunnel_handshake_duration_seconds_bucket", {**labels, "le": "0.0025"}) == 0
+    assert get("tcpmesh_tunnel_handshake_duration_seconds_count", {"reporter": "destination"}) == 0  # present
 
 
 def test_a_departed_workloads_series_are_removed_but_not_while_its_flow_is_open():
