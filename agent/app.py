@@ -103,12 +103,12 @@ class Agent:
             self.access_log.start()
         servers: list[asyncio.base_events.Server] = []
         admin_socket: AdminSocket | None = None
-        watcher: asyncio.Task | None = None
-        rotation: asyncio.Task | None = None
+        background: list[asyncio.Task] = []  # control-plane loops, cancelled at shutdown
+        outbound: OutboundProxy | None = None
         try:
             self.capture = build_capture(config)
             self.capture.start()
-            outbound = OutboundProxy(ctx, self.capture.origin)
+            outbound = OutboundProxy(ctx, self.capture.origin, config.proxy.tunnel_idle_seconds)
             inbound = InboundProxy(ctx)
             outbound_sock = listening_socket(config.proxy.bind_address, config.proxy.outbound_port,
                                              transparent=self.capture.listener.transparent)
@@ -122,8 +122,10 @@ class Agent:
             self.workloads.load()
             admin_socket = AdminSocket(config.admin.socket, self.workloads, flows=lambda req: self._flows(ctx, req))
             await admin_socket.start()
-            watcher = loop.create_task(self._watch_sources())
-            rotation = loop.create_task(self.rotator.run())
+            background = [loop.create_task(self._watch_sources()),
+                          loop.create_task(ctx.report_forever(config.telemetry.report_interval_seconds)),
+                          loop.create_task(self.rotator.run()),
+                          loop.create_task(outbound.pool.reap_forever())]
             self.ready = True
             self.metrics.ready.set(1)
             log.info("agent ready on node %s: %d local workloads captured (%s), outbound :%d, inbound :%d, "
@@ -141,10 +143,10 @@ class Agent:
                 server.close()
             await ctx.drain(config.proxy.drain_seconds)
         finally:
-            if watcher is not None:
-                watcher.cancel()
-            if rotation is not None:
-                rotation.cancel()
+            for task in background:
+                task.cancel()
+            if outbound is not None:
+                outbound.pool.close_all("agent stopping")
             if admin_socket is not None:
                 await admin_socket.stop()
             self._detach_capture()

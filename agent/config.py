@@ -17,7 +17,6 @@ import yaml
 from agent.errors import ConfigError
 from agent.identity.spiffe import SpiffeIdError, validate_trust_domain
 from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
-from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
 
 DEFAULT_CONFIG_PATH = "/etc/tcpmesh/config.yaml"
 DEFAULT_OUTBOUND_PORT = 15001
@@ -29,10 +28,9 @@ DEFAULT_STATE_DIR = "/run/tcpmesh"
 DEFAULT_SVID_TTL_SECONDS = 3600
 DEFAULT_NODE_CA_DIR = "/etc/tcpmesh/node-ca"
 DEFAULT_IDENTITY_POLL_SECONDS = 5.0
-DEFAULT_NODE_CA_DIR = "/etc/tcpmesh/node-ca"
-DEFAULT_IDENTITY_POLL_SECONDS = 5.0
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_DRAIN_SECONDS = 5.0
+DEFAULT_TUNNEL_IDLE_SECONDS = 60.0
 DEFAULT_REGISTRY_POLL_SECONDS = 2.0
 DEFAULT_POLICY_POLL_SECONDS = 2.0
 DEFAULT_ADMIN_SOCKET = "/run/tcpmesh/agent.sock"
@@ -106,6 +104,7 @@ class ProxyConfig:
     inbound_port: int = DEFAULT_INBOUND_PORT
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    tunnel_idle_seconds: float = DEFAULT_TUNNEL_IDLE_SECONDS  # an idle pooled tunnel is closed after this
 
 
 @dataclass(frozen=True)
@@ -280,21 +279,6 @@ def validate(config: Config) -> Config:
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level", config.log_level, "unknown level", "use debug, info, warning or error")
     return config
-
-
-def _identity(identity: IdentityConfig) -> None:
-    minimum = DEV_MIN_TTL_SECONDS if identity.dev_short_ttl else MIN_TTL_SECONDS
-    if identity.svid_ttl_seconds < minimum:
-        hint = "" if identity.dev_short_ttl else (" (tests and development may set identity.dev_short_ttl: true "
-                                                   f"to go down to {DEV_MIN_TTL_SECONDS} seconds)")
-        raise ConfigError("identity.svid_ttl_seconds", identity.svid_ttl_seconds, "is too short",
-                          f"use at least {minimum} seconds{hint}")
-    if not identity.node_ca_dir and not identity.ca_dir:
-        raise ConfigError("identity.node_ca_dir", identity.node_ca_dir, "is required",
-                          "point it at this node's directory from `tcpmesh ca issue-node <node> --ca <root> --out <dir>`")
-    if not 0.1 <= identity.poll_seconds <= 3600:
-        raise ConfigError("identity.poll_seconds", identity.poll_seconds, "out of range",
-                          "use a value between 0.1 and 3600 seconds")
 
 
 def _identity(identity: IdentityConfig) -> None:

@@ -1,14 +1,11 @@
-"""The tcpmesh/1 tunnel header: a bounded CONNECT request and a STATUS reply, before any payload.
+"""The stream header of tcpmesh/2: the CONNECT request an OPEN frame carries, and the STATUS reply.
 
-Sans-io: ``encode_*`` return bytes, ``HeaderReader.feed`` consumes bytes and returns a message once
-complete, with any bytes after it. Errors distinguish the peer's fault (``PeerProtocolError``) from
-ours (``ValueError`` on encode). See docs/protocol.md for the wire format.
+Sans-io: ``encode_*_body`` return bytes; ``decode_*_body`` parse them. Errors distinguish the peer's
+fault (``PeerProtocolError``) from ours (``ValueError`` on encode). docs/protocol.md has the format:
 
-    request  = "TM" version:u8 kind:u8(1=CONNECT) body_len:u16 body
-    body     = TLV*  (type:u8, len:u8, value)   TLV 1 DEST (af:u8=4, ipv4:4, port:u16), TLV 2 FLOW_ID (8 bytes),
-                                                 TLV 3 SOURCE (af:u8=4, ipv4:4, port:u16)
-    reply    = "TM" version:u8 kind:u8(2=STATUS) body_len:u16 body
-    body     = status:u8 reason (utf-8, ≤ 255 bytes)
+    CONNECT body = TLV*  (type:u8, len:u8, value)   TLV 1 DEST (af:u8=4, ipv4:4, port:u16),
+                   TLV 2 FLOW_ID (8 bytes), TLV 3 SOURCE (af:u8=4, ipv4:4, port:u16)
+    STATUS body  = status:u8 reason (utf-8, ≤ 255 bytes)
 
 A TLV type with bit 0x80 set is critical: a receiver that does not know it rejects the request;
 unknown non-critical TLVs are skipped.
@@ -21,11 +18,6 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-MAGIC = b"TM"
-VERSION = 1
-KIND_CONNECT = 1
-KIND_STATUS = 2
-PREFIX = struct.Struct("!2sBBH")  # magic, version, kind, body length
 MAX_BODY = 512
 MAX_REASON = 255
 TLV_DEST = 1
@@ -80,11 +72,6 @@ def _decode_address(name: str, value: bytes) -> tuple[str, int]:
     return str(ipaddress.IPv4Address(value[1:5])), port
 
 
-def encode_connect(request: ConnectRequest) -> bytes:
-    body = encode_connect_body(request)
-    return PREFIX.pack(MAGIC, VERSION, KIND_CONNECT, len(body)) + body
-
-
 def encode_connect_body(request: ConnectRequest) -> bytes:
     """The TLV body of a CONNECT (also the payload of a tcpmesh/2 OPEN frame)."""
     body = _address_tlv(TLV_DEST, request.dest_ip, request.dest_port)
@@ -97,11 +84,6 @@ def encode_connect_body(request: ConnectRequest) -> bytes:
     if len(body) > MAX_BODY:
         raise ValueError(f"CONNECT body of {len(body)} bytes exceeds {MAX_BODY}")
     return body
-
-
-def encode_status(reply: StatusReply) -> bytes:
-    body = encode_status_body(reply)
-    return PREFIX.pack(MAGIC, VERSION, KIND_STATUS, len(body)) + body
 
 
 def encode_status_body(reply: StatusReply) -> bytes:
@@ -117,39 +99,6 @@ def decode_connect_body(body: bytes) -> ConnectRequest:
 
 def decode_status_body(body: bytes) -> StatusReply:
     return _decode_status(body)
-
-
-class HeaderReader:
-    """Accumulates bytes until one message of ``kind`` is complete; bounded by MAX_BODY."""
-
-    def __init__(self, kind: int) -> None:
-        self._kind = kind
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> tuple[ConnectRequest | StatusReply | None, bytes]:
-        """Returns (message, rest) once complete, (None, b"") while more bytes are needed."""
-        self._buffer += data
-        if len(self._buffer) < PREFIX.size:
-            if not MAGIC.startswith(bytes(self._buffer[:2])):
-                raise PeerProtocolError(f"not a tcpmesh/1 header: starts with {bytes(self._buffer[:2])!r}")
-            return None, b""
-        magic, version, kind, length = PREFIX.unpack_from(self._buffer)
-        if magic != MAGIC:
-            raise PeerProtocolError(f"not a tcpmesh/1 header: starts with {magic!r}")
-        if version != VERSION:
-            raise PeerProtocolError(f"unsupported tunnel header version {version} (this side speaks {VERSION})")
-        if kind != self._kind:
-            raise PeerProtocolError(f"unexpected message kind {kind}, wanted {self._kind}")
-        if length > MAX_BODY:
-            raise PeerProtocolError(f"header body of {length} bytes exceeds the limit of {MAX_BODY}")
-        end = PREFIX.size + length
-        if len(self._buffer) < end:
-            return None, b""
-        body = bytes(self._buffer[PREFIX.size:end])
-        rest = bytes(self._buffer[end:])
-        self._buffer.clear()
-        message = _decode_connect(body) if kind == KIND_CONNECT else _decode_status(body)
-        return message, rest
 
 
 def _decode_connect(body: bytes) -> ConnectRequest:

@@ -1,8 +1,9 @@
-"""The inbound proxy: terminates tunnels from other nodes' outbound proxies and connects to the pod.
+"""The inbound proxy: terminates tunnels from other nodes' outbound proxies and connects to pods.
 
-Per connection: TLS 1.3 handshake with the destination identity's SVID (picked by SNI) and a
-required client certificate; read the client's SPIFFE ID; read CONNECT; check that it names a
-workload of this node under the requested identity; connect to it; answer STATUS; relay.
+Per tunnel: TLS 1.3 handshake with the destination identity's SVID (picked by SNI), a required
+client certificate, ALPN tcpmesh/2; the client's SPIFFE ID is read once. Per stream of the tunnel:
+read OPEN; check that it names a workload of this node under the identity the tunnel was opened for;
+ask the policy; connect to the workload; answer STATUS; relay. One flow record per stream.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import ssl
 
 from agent.identity.errors import PeerIdentityError
 from agent.identity.errors import PeerProtocolError as AlpnMismatch
+from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import check_alpn, describe_tls_error
+from agent.policy.engine import Request
 from agent.proxy import flow as F
 from agent.proxy.endpoints import PlainLeg, TlsLeg
-from agent.proxy.handshake import read_header
-from agent.identity.spiffe import SpiffeId
-from agent.policy.engine import Request
-from agent.proxy.header import KIND_CONNECT, ConnectRequest, PeerProtocolError, Status, StatusReply, encode_status
+from agent.proxy.header import ConnectRequest, Status, StatusReply
 from agent.proxy.relay import Relay
 from agent.proxy.routing import route_inbound
 from agent.proxy.server import ProxyContext
+from agent.proxy.session import MuxSession, Stream
 from agent.registry.model import Workload
 
 log = logging.getLogger("tcpmesh.inbound")
@@ -36,69 +37,84 @@ class InboundProxy:
 
     def protocol_factory(self) -> TlsLeg:
         leg = TlsLeg(self._ctx.identities.server_context, server_side=True)
-        self._ctx.spawn(self._serve(leg))
+        self._ctx.spawn(self._serve_tunnel(leg))
         return leg
 
-    async def _serve(self, tunnel: TlsLeg) -> None:
-        flow = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS)
-        upstream: PlainLeg | None = None
-        opened = False
-        try:
-            request = await self._accept_tunnel(tunnel, flow)
-            if request is None:
-                return
-            upstream = await self._connect_workload(tunnel, flow)
-            if upstream is None:
-                return
-            self._ctx.flow_opened(flow)
-            opened = True
-            tunnel.write(encode_status(StatusReply(Status.OK)))
-            await self._ctx.relay(Relay(tunnel, upstream), flow, a_leftover=request)
-        finally:
-            if flow.response_flags != F.FLAG_NONE:
-                tunnel.close()  # flushes a STATUS refusal before closing
-                if upstream is not None:
-                    upstream.reset()
-            if opened or flow.response_flags != F.FLAG_NONE:
-                self._ctx.flow_closed(flow)
+    async def _serve_tunnel(self, tunnel: TlsLeg) -> None:
+        setup = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS)  # recorded only if the tunnel fails
+        peer_id = await self._accept_tunnel(tunnel, setup)
+        if peer_id is None:
+            tunnel.close()
+            self._ctx.flow_closed(setup)
+            return
+        session = MuxSession(
+            tunnel, client=False,
+            on_open=lambda stream, request: self._ctx.spawn(self._serve_stream(stream, request, peer_id, setup)),
+            on_bad_open=lambda stream, reason: self._bad_open(stream, reason, setup))
+        session.start()
+        reason = await session.closed
+        if reason.startswith("protocol error"):
+            setup.fail(F.FLAG_PROTOCOL_ERROR, reason)
+            self._ctx.flow_closed(setup)
 
-    async def _accept_tunnel(self, tunnel: TlsLeg, flow: F.Flow) -> bytes | None:
-        """Handshake, identify the peer, read CONNECT; returns payload bytes that followed it."""
-        timeout = self._ctx.connect_timeout
+    async def _accept_tunnel(self, tunnel: TlsLeg, flow: F.Flow) -> SpiffeId | None:
+        """Handshake and identify the peer; None (with the reason on ``flow``) when refused."""
         peer = tunnel.peername() or ("", 0)
         flow.source_ip, flow.source_port = peer[0], peer[1]  # known before the handshake: rejections name it
         try:
-            await asyncio.wait_for(asyncio.shield(tunnel.handshake_done), timeout)
+            await asyncio.wait_for(asyncio.shield(tunnel.handshake_done), self._ctx.connect_timeout)
             assert tunnel.ssl_object is not None
             check_alpn(tunnel.ssl_object)
             peer_id = self._ctx.identities.peer_identity(tunnel.ssl_object)  # verified, of our trust domain
-            flow.set_source(None, peer_id.uri)
-            peer = tunnel.peername() or ("", 0)
-            flow.source_ip, flow.source_port = peer[0], peer[1]
-            request, rest = await read_header(tunnel, KIND_CONNECT, timeout)
         except asyncio.TimeoutError:
-            flow.fail(F.FLAG_PROTOCOL_ERROR, "tunnel did not complete its handshake and header in time")
+            flow.fail(F.FLAG_PROTOCOL_ERROR, "tunnel did not complete its TLS handshake in time")
         except PeerIdentityError as exc:
             flow.fail(F.FLAG_IDENTITY_ERROR, str(exc))
         except AlpnMismatch as exc:
             flow.fail(F.FLAG_PROTOCOL_ERROR, str(exc))
         except ssl.SSLError as exc:
             flow.fail(F.FLAG_TLS_FAILURE, f"TLS handshake failed: {describe_tls_error(exc)}")
-        except PeerProtocolError as exc:
-            flow.fail(F.FLAG_PROTOCOL_ERROR, f"invalid tunnel header: {exc}")
-            tunnel.write(encode_status(StatusReply(Status.BAD_REQUEST, str(exc))))
         except OSError as exc:
             flow.fail(F.FLAG_CONNECTION_TERMINATED, f"tunnel closed during setup: {exc}")
         else:
-            flow.flow_id = request.flow_id.hex()  # type: ignore[union-attr]
-            self._attribute_source(flow, request, peer_id)  # type: ignore[arg-type]
-            flow.destination_ip, flow.destination_port = request.dest_ip, request.dest_port  # type: ignore[union-attr]
-            return rest
+            flow.handshake_seconds = tunnel.handshake_seconds
+            flow.set_source(None, peer_id.uri)
+            return peer_id
         if not flow.source_ip:  # the tunnel task may start before its transport is connected
             peer = tunnel.peername() or ("", 0)
             flow.source_ip, flow.source_port = peer[0], peer[1]
         log.warning("inbound tunnel from %s rejected: %s", flow.source_ip or "?", flow.detail)
         return None
+
+    async def _serve_stream(self, stream: Stream, request: ConnectRequest, peer_id: SpiffeId, setup: F.Flow) -> None:
+        flow = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS, flow_id=request.flow_id.hex())
+        flow.set_source(None, peer_id.uri)
+        flow.source_ip, flow.source_port = setup.source_ip, setup.source_port
+        if setup.handshake_seconds is not None:  # the first stream of a tunnel reports its handshake
+            flow.handshake_seconds, setup.handshake_seconds = setup.handshake_seconds, None
+        self._attribute_source(flow, request, peer_id)
+        flow.destination_ip, flow.destination_port = request.dest_ip, request.dest_port
+        upstream: PlainLeg | None = None
+        opened = False
+        try:
+            upstream = await self._connect_workload(stream, flow)
+            if upstream is None:
+                return
+            self._ctx.flow_opened(flow)
+            opened = True
+            stream.session.send_status(stream, StatusReply(Status.OK))
+            await self._ctx.relay(Relay(stream, upstream), flow)
+        finally:
+            if flow.response_flags != F.FLAG_NONE and upstream is not None:
+                upstream.reset()
+            if opened or flow.response_flags != F.FLAG_NONE:
+                self._ctx.flow_closed(flow)
+
+    def _bad_open(self, stream: Stream, reason: str, setup: F.Flow) -> None:
+        flow = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS, source_principal=setup.source_principal,
+                      source_ip=setup.source_ip, source_port=setup.source_port)
+        self._refuse(stream, flow, Status.BAD_REQUEST, F.FLAG_PROTOCOL_ERROR, f"invalid OPEN: {reason}")
+        self._ctx.flow_closed(flow)
 
     def _attribute_source(self, flow: F.Flow, request: ConnectRequest, peer_id: SpiffeId) -> None:
         """Name the source workload from the address the client node reported — only if the registry
@@ -110,16 +126,17 @@ class InboundProxy:
         if workload is not None and workload.spiffe_id == peer_id:
             flow.set_source(workload)
 
-    async def _connect_workload(self, tunnel: TlsLeg, flow: F.Flow) -> PlainLeg | None:
+    async def _connect_workload(self, stream: Stream, flow: F.Flow) -> PlainLeg | None:
+        tunnel = stream.session.tls
         assert tunnel.ssl_object is not None
         target = route_inbound(self._ctx.registry(), self._ctx.node_name, flow.destination_ip,
                                self._ctx.identities.served_identity(tunnel.ssl_object))
         if target.workload is None:
-            self._refuse(tunnel, flow, Status.UNKNOWN_DESTINATION, F.FLAG_NO_ROUTE, target.reason)
+            self._refuse(stream, flow, Status.UNKNOWN_DESTINATION, F.FLAG_NO_ROUTE, target.reason)
             return None
         flow.set_destination(target.workload)
         if not self._authorized(flow, target.workload):
-            self._refuse(tunnel, flow, Status.DENIED, F.FLAG_DENY, flow.detail)
+            self._refuse(stream, flow, Status.DENIED, F.FLAG_DENY, flow.detail)
             return None
         try:
             _, leg = await asyncio.wait_for(
@@ -128,12 +145,12 @@ class InboundProxy:
                 self._ctx.connect_timeout)
             return leg
         except asyncio.TimeoutError:
-            self._refuse(tunnel, flow, Status.TIMEOUT, F.FLAG_UPSTREAM_TIMEOUT,
+            self._refuse(stream, flow, Status.TIMEOUT, F.FLAG_UPSTREAM_TIMEOUT,
                          f"timed out connecting to {target.workload.key}")
         except OSError as exc:
             status = Status.UNREACHABLE if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH,
                                                          errno.ENETUNREACH) else Status.INTERNAL
-            self._refuse(tunnel, flow, status, F.FLAG_UPSTREAM_FAILURE,
+            self._refuse(stream, flow, status, F.FLAG_UPSTREAM_FAILURE,
                          f"connect to {target.workload.key} port {flow.destination_port}: {exc.strerror or exc}")
         return None
 
@@ -154,8 +171,9 @@ class InboundProxy:
         return decision.allowed
 
     @staticmethod
-    def _refuse(tunnel: TlsLeg, flow: F.Flow, status: Status, flag: str, reason: str) -> None:
+    def _refuse(stream: Stream, flow: F.Flow, status: Status, flag: str, reason: str) -> None:
+        """Answer the stream's OPEN with a refusal (before any payload) and end our side of it."""
         flow.fail(flag, reason)
-        tunnel.write(encode_status(StatusReply(status, reason)))
-        tunnel.write_eof()
+        stream.session.send_status(stream, StatusReply(status, reason))
+        stream.write_eof()
         log.info("inbound flow %s refused (%s): %s", flow.flow_id, status.name, reason)

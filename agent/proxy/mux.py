@@ -4,7 +4,7 @@
 
 | type | name   | payload                                   | direction |
 |------|--------|-------------------------------------------|-----------|
-| 1    | OPEN   | CONNECT TLV body (tcpmesh/1 §2)           | client → server, new odd stream id |
+| 1    | OPEN   | CONNECT TLV body (agent.proxy.header)     | client → server, new odd stream id |
 | 2    | STATUS | status:u8 reason                          | server → client, once per stream, before DATA |
 | 3    | DATA   | application bytes                         | both |
 | 4    | FIN    | —  (sender will send no more DATA)        | both |

@@ -1,10 +1,10 @@
 """The outbound proxy: accepts connections the capture steered here, tunnels them with mTLS.
 
 Per connection: recover the original destination and the client process (from the capture),
-route it (agent.proxy.routing), dial the destination node's inbound proxy with the source
-workload's SVID, check the server's SPIFFE ID (secure naming), send CONNECT, wait for STATUS,
-then relay. Destinations outside the mesh pass through in plaintext. Every outcome is recorded
-on the flow, counted, and logged once.
+route it (agent.proxy.routing), take a tcpmesh/2 tunnel to the destination node from the pool —
+dialled with the source workload's SVID and checked against the destination's SPIFFE ID (secure
+naming) when it was opened — open a stream on it, wait for STATUS, then relay. Destinations outside
+the mesh pass through in plaintext. Every outcome is recorded on the flow, counted, and logged once.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from agent.identity.errors import PeerProtocolError as AlpnMismatch
 from agent.identity.tls import check_alpn, check_peer, describe_tls_error
 from agent.proxy import flow as F
 from agent.proxy.endpoints import Leg, PlainLeg, TlsLeg
-from agent.proxy.handshake import read_header
-from agent.proxy.header import KIND_STATUS, ConnectRequest, PeerProtocolError, Status, encode_connect
+from agent.proxy.header import ConnectRequest, PeerProtocolError, Status
+from agent.proxy.pool import PoolKey, TunnelPool
 from agent.proxy.relay import Relay
+from agent.proxy.session import MuxSession, Stream
 from agent.proxy.routing import OutboundRoute, RouteKind, route_outbound
 from agent.proxy.server import ProxyContext
 
@@ -46,9 +47,11 @@ def _policy_named_in(reason: str) -> str:
 
 
 class OutboundProxy:
-    def __init__(self, ctx: ProxyContext, origin_reader: Callable[[socket.socket], object | None]) -> None:
+    def __init__(self, ctx: ProxyContext, origin_reader: Callable[[socket.socket], object | None],
+                 tunnel_idle_seconds: float = 60.0) -> None:
         self._ctx = ctx
         self._read_origin = origin_reader
+        self.pool = TunnelPool(self.dial_session, idle_seconds=tunnel_idle_seconds)
 
     def protocol_factory(self) -> PlainLeg:
         leg = PlainLeg(start_paused=True)
@@ -74,7 +77,7 @@ class OutboundProxy:
             if route.kind is RouteKind.PASSTHROUGH:
                 dialed = await self._dial_plain(flow)
             else:
-                dialed = await self._dial_tunnel(route, flow)
+                dialed = await self._open_stream(route, flow)
             if dialed is None:
                 app.reset()
                 return
@@ -115,24 +118,22 @@ class OutboundProxy:
             flow.fail(F.FLAG_UPSTREAM_FAILURE, f"passthrough connect failed: {exc.strerror or exc}")
         return None
 
-    async def _dial_tunnel(self, route: OutboundRoute, flow: F.Flow) -> tuple[TlsLeg, bytes] | None:
-        """The tunnel leg after a STATUS OK, with any payload bytes that followed the reply."""
+    async def _open_stream(self, route: OutboundRoute, flow: F.Flow) -> tuple[Stream, bytes] | None:
+        """A stream to the destination after its STATUS OK, on a pooled tunnel; None (reason on the flow) if refused."""
         assert route.source is not None and route.destination is not None and route.tunnel_address
-        expected = route.destination.spiffe_id
-        context = self._ctx.identities.client_context_for(route.source.spiffe_id)
         host, port = route.tunnel_address
-        leg: TlsLeg | None = None
+        context = self._ctx.identities.client_context_for(route.source.spiffe_id)
+        # the context is part of the key: after a certificate rotation new streams take new tunnels
+        key = PoolKey(route.source.spiffe_id, route.tunnel_address, route.destination.spiffe_id, id(context))
+        stream: Stream | None = None
         try:
-            _, leg = await asyncio.wait_for(
-                self._ctx.loop.create_connection(lambda: TlsLeg(context, False, expected.sni), host, port),
-                self._ctx.connect_timeout)
-            await asyncio.wait_for(leg.handshake_done, self._ctx.connect_timeout)
-            assert leg.ssl_object is not None
-            check_alpn(leg.ssl_object)
-            check_peer(leg.ssl_object, expected)
-            leg.write(encode_connect(ConnectRequest(flow.destination_ip, flow.destination_port,
-                                                    bytes.fromhex(flow.flow_id), flow.source_ip, flow.source_port)))
-            reply, rest = await read_header(leg, KIND_STATUS, self._ctx.connect_timeout)
+            session = await self.pool.session(key)
+            if not session.handshake_reported:  # the first flow on a tunnel reports its handshake
+                session.handshake_reported = True
+                flow.handshake_seconds = session.tls.handshake_seconds
+            stream, reply = await session.open(
+                ConnectRequest(flow.destination_ip, flow.destination_port, bytes.fromhex(flow.flow_id),
+                               flow.source_ip, flow.source_port), self._ctx.connect_timeout)
         except asyncio.TimeoutError:
             flow.fail(F.FLAG_UPSTREAM_TIMEOUT, f"timed out setting up the tunnel to {host}:{port}")
         except PeerIdentityError as exc:
@@ -142,21 +143,37 @@ class OutboundProxy:
         except ssl.SSLError as exc:
             flow.fail(F.FLAG_TLS_FAILURE, f"TLS with {host}:{port} failed: {describe_tls_error(exc)}")
         except PeerProtocolError as exc:
-            flow.fail(F.FLAG_PROTOCOL_ERROR, f"{host}:{port} answered with an invalid header: {exc}")
+            flow.fail(F.FLAG_PROTOCOL_ERROR, f"{host}:{port} answered with an invalid STATUS: {exc}")
         except OSError as exc:
             flow.fail(F.FLAG_UPSTREAM_FAILURE, f"cannot reach the inbound proxy at {host}:{port}: "
                                                f"{exc.strerror or exc} (is the agent on node {route.destination.node} "
                                                f"running, and is port {port} open between nodes?)")
         else:
-            if reply.status is Status.OK:  # type: ignore[union-attr]
-                return leg, rest
-            flow.fail(STATUS_FLAGS.get(reply.status, F.FLAG_UPSTREAM_FAILURE),  # type: ignore[union-attr]
-                      f"destination node answered {reply.status.name}: {reply.reason}")  # type: ignore[union-attr]
-            if reply.status is Status.DENIED:  # type: ignore[union-attr]
-                flow.policy = _policy_named_in(reply.reason)  # type: ignore[union-attr]
-        if flow.response_flags != F.FLAG_NONE:
-            log.warning("flow %s from %s to %s:%d failed: %s", flow.flow_id, flow.source_principal,
-                        flow.destination_ip, flow.destination_port, flow.detail)
-        if leg is not None:
-            leg.reset()
+            if reply.status is Status.OK:
+                return stream, b""
+            flow.fail(STATUS_FLAGS.get(reply.status, F.FLAG_UPSTREAM_FAILURE),
+                      f"destination node answered {reply.status.name}: {reply.reason}")
+            if reply.status is Status.DENIED:
+                flow.policy = _policy_named_in(reply.reason)
+        log.warning("flow %s from %s to %s:%d failed: %s", flow.flow_id, flow.source_principal,
+                    flow.destination_ip, flow.destination_port, flow.detail)
+        if stream is not None:
+            stream.reset("refused")
         return None
+
+    async def dial_session(self, key: PoolKey) -> MuxSession:
+        """A new tunnel for ``key``: TLS 1.3 with the source's SVID, ALPN and the server's identity checked."""
+        host, port = key.address
+        context = self._ctx.identities.client_context_for(key.source)
+        _, leg = await asyncio.wait_for(
+            self._ctx.loop.create_connection(lambda: TlsLeg(context, False, key.destination.sni), host, port),
+            self._ctx.connect_timeout)
+        try:
+            await asyncio.wait_for(asyncio.shield(leg.handshake_done), self._ctx.connect_timeout)
+            assert leg.ssl_object is not None
+            check_alpn(leg.ssl_object)
+            check_peer(leg.ssl_object, key.destination)
+        except BaseException:
+            leg.reset()
+            raise
+        return MuxSession(leg, client=True).start()

@@ -26,6 +26,7 @@ class PoolKey:
     source: SpiffeId
     address: tuple[str, int]
     destination: SpiffeId
+    credentials: int = 0  # identifies the client TLS context (changes when the source's SVID rotates)
 
 
 class TunnelPool:

@@ -176,6 +176,7 @@ class MuxSession:
         self.tunnel_blocked = False
         self.goaway = False
         self.opened_streams = 0
+        self.handshake_reported = False  # the outbound reports a tunnel's handshake on its first flow
         self._decoder = M.FrameDecoder()
         self._next_id = 1 if client else 2
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from bpfworld import NETNS_DIR, NODE_IP, POD_IP, REDIRECT_PORT, Client
+from tests.bpf.bpfworld import NETNS_DIR, NODE_IP, POD_IP, REDIRECT_PORT, Client
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import pytest
 from agent.capture import ConnectCapture, read_origin, read_original_dst
 from agent.capture.errors import BpfLoadError
 from agent.errors import ConfigError
-from bpfworld import NODE_IP, REDIRECT_PORT, socket_in
+from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, socket_in
 
 REMOTE = ("10.77.2.10", 5432)
 NOT_CAPTURED_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ETIMEDOUT, None}

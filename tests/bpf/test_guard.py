@@ -13,8 +13,8 @@ import socket
 
 import pytest
 
-from bpfworld import NODE_IP, REDIRECT_PORT, socket_in
-from test_connect_capture import NOT_CAPTURED_ERRNOS, REMOTE, accept, bpftool_cgroup, delta
+from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, socket_in
+from tests.bpf.test_connect_capture import NOT_CAPTURED_ERRNOS, REMOTE, accept, bpftool_cgroup, delta
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import pytest
 
 from agent.capture import ConnectCapture, read_origin
 from agent.capture.connect_mode import HOOKS
-from bpfworld import NODE_IP, REDIRECT_PORT, LoopClient, socket_in
-from test_connect_capture import REMOTE, bpftool_cgroup
+from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, LoopClient, socket_in
+from tests.bpf.test_connect_capture import REMOTE, bpftool_cgroup
 
 POD_HOOKS = ("tcpmesh_conn4", "tcpmesh_conn6", "tcpmesh_sockops", "tcpmesh_peer4", "tcpmesh_peer6")
 

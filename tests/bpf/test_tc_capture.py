@@ -163,6 +163,7 @@ def test_stop_alone_removes_everything_and_a_crash_leftover_is_replaced_then_cle
         crashed.start()
         crashed.attach(world.workload("p1"))
         crashed._bpf.cleanup()
+        assert cleanup_leftovers(world.node, dry_run=True) == find_leftovers(world.node) != []  # removes nothing
         removed = cleanup_leftovers(world.node)
         assert any(PROGRAM in item for item in removed) and any("clsact" in item for item in removed)
         assert any("ip rule" in item for item in removed) and any("ip route local" in item for item in removed)

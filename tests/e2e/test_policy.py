@@ -86,7 +86,7 @@ def test_allowed_and_denied_identities_and_agreeing_records(policy_lab):
     assert dst["source_principal"] == lab.pod("n1p2").spiffe_id
     for node, reporter in ((1, "source"), (2, "destination")):
         metrics = lab.admin_get(node, "/metrics").decode()
-        assert any(line.startswith("tcpmesh_tcp_connections_closed_total{") and 'response_flags="DENY"' in line
+        assert any(line.startswith("tcpmesh_tcp_connections_failed_total{") and 'response_flags="DENY"' in line
                    and f'reporter="{reporter}"' in line and 'source_workload="n1p2"' in line
                    for line in metrics.splitlines()), f"node{node} did not count the denial"
     log = open(lab.node(2).log_file).read()

@@ -17,7 +17,9 @@ from agent.capture.origin import Origin
 from agent.identity.ca import init_ca, load_ca
 from agent.identity.store import IdentityStore
 from agent.proxy import flow as F
-from agent.proxy.header import KIND_STATUS, HeaderReader, Status
+from agent.identity.tls import ALPN
+from agent.proxy import mux as M
+from agent.proxy.header import Status, decode_status_body
 from agent.proxy.inbound import InboundProxy
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
@@ -84,6 +86,7 @@ def run_mesh(tmp_path):
         backend_port = free_port(SERVER_IP)
         mesh = Mesh(tmp_path, inbound_port, {"ip": SERVER_IP, "port": backend_port})
         outbound = OutboundProxy(mesh.context("node1", loop), mesh.read_origin)
+        mesh.outbound = outbound
         inbound = InboundProxy(mesh.context("node2", loop))
         servers = [
             await asyncio.start_server(backend, SERVER_IP, backend_port),
@@ -98,6 +101,7 @@ def run_mesh(tmp_path):
                 server.close()
             for ctx in mesh.contexts.values():
                 await ctx.drain(0.5)
+            outbound.pool.close_all("test over")
 
     return lambda body: asyncio.run(asyncio.wait_for(scenario(body), 30))
 
@@ -173,7 +177,7 @@ def test_inbound_rejects_a_client_without_a_mesh_certificate(run_mesh):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_alpn_protocols(["tcpmesh/1"])
+        ctx.set_alpn_protocols([ALPN])
         sni = mesh.registry.by_ip(SERVER_IP).spiffe_id.sni
         reader, writer = await asyncio.open_connection(NODE2, mesh.inbound_port, ssl=ctx, server_hostname=sni)
         with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
@@ -185,7 +189,7 @@ def test_inbound_rejects_a_client_without_a_mesh_certificate(run_mesh):
     run_mesh(body)
 
 
-def test_inbound_answers_garbage_with_bad_request(run_mesh):
+def test_inbound_answers_a_bad_open_with_bad_request_and_garbage_with_goaway(run_mesh):
     import ssl
 
     async def body(mesh):
@@ -195,14 +199,26 @@ def test_inbound_answers_garbage_with_bad_request(run_mesh):
         sni = mesh.registry.by_ip(SERVER_IP).spiffe_id.sni
         reader, writer = await asyncio.open_connection(NODE2, mesh.inbound_port,
                                                        ssl=store.client_context_for(web), server_hostname=sni)
-        writer.write(b"TM\x01\x01\x00\x02\x81\x00")  # a critical TLV nobody knows
+        writer.write(M.encode(M.FrameType.OPEN, 1, b"\x81\x00"))  # a critical TLV nobody knows
         await writer.drain()
-        message, _ = HeaderReader(KIND_STATUS).feed(await reader.read(512))
-        assert message.status is Status.BAD_REQUEST and "critical" in message.reason
-        writer.close()
+        decoder = M.FrameDecoder()
+        frames: list[M.Frame] = []
+        while len(frames) < 2:  # STATUS, then our stream's FIN
+            frames += decoder.feed(await reader.read(4096))
+        assert [f.type for f in frames] == [M.FrameType.STATUS, M.FrameType.FIN]
+        reply = decode_status_body(frames[0].payload)
+        assert reply.status is Status.BAD_REQUEST and "critical" in reply.reason
         (dst,) = await wait_closed_flows(mesh.contexts["node2"], 1)
-        assert dst["response_flags"] == F.FLAG_PROTOCOL_ERROR
-        assert dst["source_principal"] == web.uri
+        assert dst["response_flags"] == F.FLAG_PROTOCOL_ERROR and dst["source_principal"] == web.uri
+
+        writer.write(b"GET / HTTP/1.1\r\n\r\n")  # not frames at all: the whole tunnel goes
+        await writer.drain()
+        frames = decoder.feed(await reader.read(4096))
+        assert [f.type for f in frames] == [M.FrameType.GOAWAY]
+        assert await reader.read() == b""
+        writer.close()
+        flows = await wait_closed_flows(mesh.contexts["node2"], 2)
+        assert "protocol error" in flows[-1]["detail"] and flows[-1]["response_flags"] == F.FLAG_PROTOCOL_ERROR
 
     run_mesh(body)
 
@@ -241,5 +257,6 @@ def test_outbound_refuses_a_server_presenting_another_identity(tmp_path):
             server.close()
             rogue_server.close()
             await mesh.contexts["node1"].drain(0.5)
+            outbound.pool.close_all("test over")
 
     asyncio.run(asyncio.wait_for(body(), 30))
