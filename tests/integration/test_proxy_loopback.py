@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.capture.origin import Origin
+from agent.cli import run_event_loop
 from agent.identity.ca import init_ca, load_ca
 from agent.identity.store import IdentityStore
 from agent.proxy import flow as F
@@ -68,8 +69,8 @@ class Mesh:
         return Origin(self.origin["ip"], self.origin["port"], os.getpid(), os.getuid(), 1, 1, "pytest")
 
 
-@pytest.fixture
-def run_mesh(tmp_path):
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run_mesh(tmp_path, request):
     """Starts both nodes' proxies and a half-close-aware backend; yields an async runner."""
 
     async def backend(reader, writer):
@@ -103,7 +104,10 @@ def run_mesh(tmp_path):
                 await ctx.drain(0.5)
             outbound.pool.close_all("test over")
 
-    return lambda body: asyncio.run(asyncio.wait_for(scenario(body), 30))
+    def run(body):
+        run_event_loop(asyncio.wait_for(scenario(body), 30), request.param)
+
+    return run
 
 
 async def client_exchange(mesh, payload: bytes) -> bytes:
