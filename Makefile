@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-bpf test-e2e cleanup clean
+.PHONY: setup demo test test-unit test-bpf test-e2e bench cleanup clean
 
 setup:
 	@deploy/bootstrap-debian.sh $(VENV) test
@@ -24,6 +24,14 @@ test-bpf: setup
 
 test-e2e: setup
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# make bench: direct vs tcpmesh vs stunnel vs HAProxy on a 2-node lab (~10 min), appends to docs/benchmarks.md.
+# make bench BENCH_QUICK=1: ~1-2 min, results under bench/out/ only. BENCH_ARGS: more flags (python -m bench -h).
+BENCH_QUICK ?=
+BENCH_ARGS ?=
+bench: setup
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[bench]'
+	$(PY) -m bench $(if $(BENCH_QUICK),--quick) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

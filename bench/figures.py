@@ -1,0 +1,162 @@
+"""The figures of the benchmark, their medians with min–max, ratios, and issue #8's targets.
+
+Pure: plain dicts and lists in, plain dicts out (JSON-ready); no I/O. A figure's samples are one
+value per repetition; a missing sample (the path failed that test) is simply absent.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    vs_direct: bool = True     # False where the direct path has no such figure (memory, proxy CPU, added latency)
+    digits: int = 2
+
+
+FIGURES: tuple[Figure, ...] = (
+    Figure("bulk1_gbps", "bulk throughput, 1 stream", "Gbit/s", True),
+    Figure("bulk8_gbps", "bulk throughput, 8 streams", "Gbit/s", True),
+    Figure("rr_p50_us", "1-byte ping-pong RTT p50", "µs", False, digits=1),
+    Figure("rr_p99_us", "1-byte ping-pong RTT p99", "µs", False, digits=1),
+    Figure("rr_added_p50_us", "p50 added over direct", "µs", False, vs_direct=False, digits=1),
+    Figure("crr_per_s", "new connections/s (32 in flight)", "conn/s", True, digits=0),
+    Figure("crr_p50_ms", "new connection + exchange, p50", "ms", False, digits=2),
+    Figure("rss_idle_mib", "data-path RSS at idle, both nodes", "MiB", False, vs_direct=False, digits=1),
+    Figure("rss_held_mib", "data-path RSS, idle connections held", "MiB", False, vs_direct=False, digits=1),
+    Figure("cpu_s_per_gb", "CPU s/GB, whole path (generators + data path)", "s/GB", False),
+    Figure("datapath_cpu_s_per_gb", "CPU s/GB, data-path processes only", "s/GB", False, vs_direct=False),
+    Figure("datapath_cpu_ms_per_conn", "data-path CPU per new connection", "ms", False, vs_direct=False),
+)
+FIGURE_BY_KEY = {f.key: f for f in FIGURES}
+
+
+def summarize(values: Sequence[float]) -> dict | None:
+    """Median, min, max and n of the samples, or None when there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summaries(samples: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, dict[str, dict | None]]:
+    """path → figure → summary, for every figure of FIGURES."""
+    return {path: {f.key: summarize(per_figure.get(f.key, ())) for f in FIGURES} for path, per_figure in samples.items()}
+
+
+def best_peer(summary: Mapping[str, Mapping[str, dict | None]], figure: Figure, peers: Iterable[str]) -> str | None:
+    """The peer with the best median of ``figure`` (highest or lowest, as the figure says)."""
+    candidates = [(summary[p][figure.key]["median"], p) for p in peers
+                  if p in summary and summary[p].get(figure.key)]
+    if not candidates:
+        return None
+    return (max if figure.higher_is_better else min)(candidates)[1]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def ratios(summary: Mapping[str, Mapping[str, dict | None]], peers: Sequence[str],
+           direct: str = "direct") -> dict[str, dict[str, dict]]:
+    """path → figure → {vs_direct, vs_best_peer, best_peer}: ratios of medians (None where meaningless)."""
+    out: dict[str, dict[str, dict]] = {}
+    for path, figures in summary.items():
+        out[path] = {}
+        for figure in FIGURES:
+            mine = (figures.get(figure.key) or {}).get("median")
+            base = (summary.get(direct, {}).get(figure.key) or {}).get("median") if figure.vs_direct else None
+            peer = best_peer(summary, figure, peers)
+            peer_median = summary[peer][figure.key]["median"] if peer else None
+            out[path][figure.key] = {"vs_direct": _ratio(mine, base), "vs_best_peer": _ratio(mine, peer_median),
+                                     "best_peer": peer}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    text: str
+    figure: str
+    kind: str          # "ratio_min": tcpmesh / best peer >= limit; "ratio_max": <= limit; "abs_max": value <= limit
+    limit: float
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("bulk1", "bulk, 1 stream ≥ 1.2 × best peer", "bulk1_gbps", "ratio_min", 1.2),
+    Target("bulk8", "bulk, 8 streams ≥ 1.2 × best peer", "bulk8_gbps", "ratio_min", 1.2),
+    Target("latency", "added p50 latency ≤ 1.5 × best peer's", "rr_added_p50_us", "ratio_max", 1.5),
+    Target("connrate", "new connections/s ≥ 2 × best peer", "crr_per_s", "ratio_min", 2.0),
+    Target("memory", "RSS with 1,000 idle connections ≤ 100 MiB, both nodes", "rss_held_mib", "abs_max", 100.0),
+    Target("capture", "eBPF capture adds ≤ 5 % to connection setup", "capture_overhead_pct", "abs_max", 5.0),
+)
+
+
+def check_targets(summary: Mapping[str, Mapping[str, dict | None]], ratio_table: Mapping[str, Mapping[str, dict]],
+                  capture: Mapping | None, held_connections: int, subject: str = "tcpmesh") -> list[dict]:
+    """Each target of issue #8 with tcpmesh's value and whether this run met it (None: not measured)."""
+    results = []
+    for target in TARGETS:
+        value: float | None
+        note = ""
+        if target.figure == "capture_overhead_pct":
+            value = (capture or {}).get("overhead_pct", {}).get("median") if capture else None
+        elif target.kind == "abs_max":
+            value = ((summary.get(subject) or {}).get(target.figure) or {}).get("median")
+            if target.key == "memory" and held_connections != 1000:
+                note = f"measured with {held_connections} connections, not 1,000"
+        else:
+            value = ((ratio_table.get(subject) or {}).get(target.figure) or {}).get("vs_best_peer")
+        if value is None:
+            met = None
+        elif target.kind == "ratio_min":
+            met = value >= target.limit
+        else:
+            met = value <= target.limit
+        results.append({"key": target.key, "text": target.text, "value": value, "limit": target.limit,
+                        "kind": target.kind, "met": met, "note": note})
+    return results
+
+
+# ------------------------------------------------------------------------------------------ derive
+
+def derive(raw: Mapping[str, Mapping], direct_rr_p50: float | None, has_datapath: bool) -> dict[str, float]:
+    """The figures of one path in one repetition from its raw results (tests that failed are absent)."""
+    out: dict[str, float] = {}
+    if "bulk1" in raw:
+        out["bulk1_gbps"] = raw["bulk1"]["gbps"]
+    if "bulk8" in raw:
+        out["bulk8_gbps"] = raw["bulk8"]["gbps"]
+    if "rr" in raw:
+        out["rr_p50_us"] = raw["rr"]["rtt_us"]["p50"]
+        out["rr_p99_us"] = raw["rr"]["rtt_us"]["p99"]
+        if direct_rr_p50 is not None:
+            out["rr_added_p50_us"] = out["rr_p50_us"] - direct_rr_p50
+    if "crr" in raw:
+        out["crr_per_s"] = raw["crr"]["per_second"]
+        out["crr_p50_ms"] = raw["crr"]["latency_us"]["p50"] / 1000
+        if has_datapath and raw["crr"].get("completed_all"):
+            out["datapath_cpu_ms_per_conn"] = raw["crr"]["datapath_cpu_s"] * 1000 / raw["crr"]["completed_all"]
+    if has_datapath and "idle" in raw:
+        out["rss_idle_mib"] = raw["idle"]["rss_kib"] / 1024
+    if has_datapath and "hold" in raw:
+        out["rss_held_mib"] = raw["hold"]["memory"]["rss_kib"] / 1024
+    bulks = [raw[k] for k in ("bulk1", "bulk8") if k in raw]
+    gigabytes = sum(b["bytes"] for b in bulks) / 1e9
+    if gigabytes > 0:
+        datapath_cpu = sum(b["datapath_cpu_s"] for b in bulks)
+        out["cpu_s_per_gb"] = (datapath_cpu + sum(b["generator_cpu_s"] for b in bulks)) / gigabytes
+        if has_datapath:
+            out["datapath_cpu_s_per_gb"] = datapath_cpu / gigabytes
+    return out

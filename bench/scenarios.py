@@ -1,0 +1,179 @@
+"""One measurement of one path: bulk, ping-pong, connection rate, memory, and the capture test.
+
+Each function runs the load generator(s) inside the lab, reads CPU from the cgroups of the roles
+(client, server, data path) around the run, and returns a plain dict of raw results. Turning raw
+results into figures is ``figures.derive``'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import statistics
+import subprocess
+import time
+
+from bench import host, loadgen
+from bench.settings import Settings
+from bench.world import OUTBOUND_PORT, Path_, World
+
+
+def _generator_cgroups(world: World, path: Path_) -> list[str]:
+    return [path.client_cgroup, world.server_cgroup]
+
+
+def bulk(world: World, path: Path_, streams: int, seconds: float) -> dict:
+    server = world.start(loadgen.iperf3_server_argv(), world.server_pod.netns, world.server_cgroup,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        host.wait_listening(server, [loadgen.BULK_PORT], what="iperf3 -s")
+        generators = host.cpu_snapshot(_generator_cgroups(world, path))
+        datapath = host.cpu_snapshot(path.datapath_cgroups)
+        started = time.monotonic()
+        out = world.run(loadgen.iperf3_client_argv(path.bulk[0], path.bulk[1], seconds, streams),
+                        path.client_netns, path.client_cgroup, timeout=loadgen.iperf3_seconds(seconds) + 30)
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        wall = time.monotonic() - started
+        result = loadgen.parse_iperf3(out)
+        result.update(streams=streams, wall_s=wall, generator_cpu_s=host.cpu_seconds_since(generators),
+                      datapath_cpu_s=host.cpu_seconds_since(datapath))
+        return result
+    finally:
+        world.stop(server)
+
+
+def rr(world: World, path: Path_, settings: Settings, size: int | None = None) -> dict:
+    server = host.cpu_snapshot([world.server_cgroup])
+    datapath = host.cpu_snapshot(path.datapath_cgroups)
+    out = world.run(loadgen.rr_argv(world.binary, path.echo[0], path.echo[1], settings.rr_seconds,
+                                    size or settings.rr_size),
+                    path.client_netns, path.client_cgroup, timeout=settings.rr_seconds + 30)
+    result = loadgen.parse_json_line(out, "loadgen rr")
+    result.update(server_cpu_s=host.cpu_seconds_since(server), datapath_cpu_s=host.cpu_seconds_since(datapath),
+                  client_cpu_share=(result["cpu_user"] + result["cpu_sys"]) / max(result["seconds"], 1e-9))
+    return result
+
+
+def crr(world: World, path: Path_, settings: Settings) -> dict:
+    server = host.cpu_snapshot([world.server_cgroup])
+    datapath = host.cpu_snapshot(path.datapath_cgroups)
+    out = world.run(loadgen.crr_argv(world.binary, path.echo[0], path.echo[1], settings.crr_seconds,
+                                     settings.crr_concurrency, settings.crr_size, settings.crr_warmup),
+                    path.client_netns, path.client_cgroup, timeout=settings.crr_seconds + settings.crr_warmup + 30)
+    result = loadgen.parse_json_line(out, "loadgen crr")
+    if result["completed"] == 0:
+        raise RuntimeError(f"no connection completed through {path.name} ({result['failed']} failed, "
+                           f"{result['connect_errors']} connect errors)")
+    result.update(server_cpu_s=host.cpu_seconds_since(server), datapath_cpu_s=host.cpu_seconds_since(datapath),
+                  client_cpu_share=(result["cpu_user"] + result["cpu_sys"]) / max(result["seconds_all"], 1e-9))
+    return result
+
+
+def idle_memory(path: Path_) -> dict:
+    return host.memory_kib(path.datapath_cgroups)
+
+
+def hold(world: World, path: Path_, settings: Settings) -> dict:
+    """Open ``idle_connections`` through the path, each with one exchange; sample memory; close them."""
+    proc = world.start(loadgen.hold_argv(world.binary, path.echo[0], path.echo[1], settings.idle_connections),
+                       path.client_netns, path.client_cgroup, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+    try:
+        line = _read_line(proc, timeout=150)
+        result = json.loads(line)
+        if result["held"] == 0:
+            raise RuntimeError(f"no connection could be held open through {path.name}")
+        time.sleep(settings.settle_seconds)
+        result["memory"] = host.memory_kib(path.datapath_cgroups)
+        result["generator_memory"] = host.memory_kib([path.client_cgroup])
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        return result
+    finally:
+        world.stop(proc)
+        time.sleep(settings.settle_seconds)  # let the tunnels finish closing before the next test
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"{proc.args[1]} printed nothing within {timeout:.0f} s")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise RuntimeError(f"{proc.args[1]} exited ({proc.wait()}) before it was ready: {err.strip()[-400:]}")
+            buf += chunk
+    return buf.split(b"\n", 1)[0].decode()
+
+
+def capture(world: World, settings: Settings, tcpmesh: Path_, direct: Path_, first: str, chunks: int = 5) -> dict:
+    """connect() latency through the eBPF connect path vs straight to the outbound proxy port.
+
+    Captured: the client in the pod cgroup connects to the server pod (rewritten to the proxy on
+    node1), exchanges one byte through the tunnel and closes. Straight: a client outside the pod
+    cgroups connects to <pod gateway>:15001 itself; the proxy, finding no original destination,
+    closes it. Both reach the same listener; only connect() is timed, one connection at a time,
+    so the difference is what the BPF programs add to setting up a connection. The two variants
+    alternate in ``chunks`` rounds after a warm-up, and each is summarised by the median of its
+    rounds' medians, so a burst of load from elsewhere on the machine hits both alike.
+    """
+    per_chunk = max(1, settings.capture_connects // chunks)
+    budget = settings.capture_max_seconds / chunks
+
+    def run(variant: str, count: int) -> dict:
+        if variant == "captured":
+            argv = loadgen.connect_argv(world.binary, tcpmesh.echo[0], tcpmesh.echo[1], count, "exchange", budget)
+            out = world.run(argv, tcpmesh.client_netns, tcpmesh.client_cgroup, timeout=budget + 30)
+        else:
+            argv = loadgen.connect_argv(world.binary, world.plan.pod_gateway, OUTBOUND_PORT, count, "eof", budget)
+            out = world.run(argv, direct.client_netns, direct.client_cgroup, timeout=budget + 30)
+        result = loadgen.parse_json_line(out, f"loadgen connect ({variant})")
+        if result["connect_us"]["count"] == 0:
+            raise RuntimeError(f"no {variant} connect succeeded ({result['failed']} failed)")
+        return result
+
+    order = ["captured", "straight"] if first == "captured" else ["straight", "captured"]
+    for variant in order:  # warm-up: caches, the proxy's first-use paths
+        run(variant, max(1, per_chunk // 4))
+    rounds: dict[str, list[dict]] = {"captured": [], "straight": []}
+    for i in range(chunks):
+        for variant in (order if i % 2 == 0 else order[::-1]):
+            rounds[variant].append(run(variant, per_chunk))
+    result: dict = {"chunks": chunks, "per_chunk": per_chunk}
+    for variant, runs in rounds.items():
+        result[variant] = {
+            "connect_us": {key: statistics.median(r["connect_us"][key] for r in runs) for key in ("p50", "p90", "p99")},
+            "count": sum(r["connect_us"]["count"] for r in runs),
+            "failed": sum(r["failed"] for r in runs),
+            "round_p50s": [r["connect_us"]["p50"] for r in runs],
+        }
+    captured, straight = result["captured"]["connect_us"], result["straight"]["connect_us"]
+    result["overhead_pct"] = (captured["p50"] / straight["p50"] - 1) * 100
+    result["overhead_p99_pct"] = (captured["p99"] / straight["p99"] - 1) * 100
+    return result
+
+
+def reference_rr(world: World, direct: Path_, settings: Settings, size: int = 14) -> dict:
+    """sockperf (a known-good tool) against loadgen on the direct path, same message size."""
+    server = world.start(loadgen.sockperf_server_argv(), world.server_pod.netns, world.server_cgroup,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        host.wait_listening(server, [loadgen.SOCKPERF_PORT], what="sockperf server")
+        out = world.run(loadgen.sockperf_client_argv(direct.echo[0], loadgen.SOCKPERF_PORT, settings.sockperf_seconds,
+                                                     size),
+                        direct.client_netns, direct.client_cgroup, timeout=settings.sockperf_seconds + 30)
+        sockperf = loadgen.parse_sockperf(out)
+    finally:
+        world.stop(server)
+    mine = rr(world, direct, settings, size=size)
+    return {"size": size, "sockperf": sockperf, "loadgen": {"p50": mine["rtt_us"]["p50"], "p99": mine["rtt_us"]["p99"]}}
