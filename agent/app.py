@@ -32,6 +32,7 @@ from agent.registry.static_file import load_registry_file
 from agent.telemetry.admin import AdminServer
 from agent.audit.writer import AccessLog, access_log_from_config
 from agent.telemetry.cgroups import CgroupNames
+from agent.telemetry.tcpstats import KernelTcpStats, tcp_stats_from_config
 from agent.telemetry.flows import FlowTable
 from agent.telemetry.metrics import Metrics
 
@@ -48,6 +49,7 @@ class Agent:
         self.cgroups = CgroupNames()  # cgroup id → path, for the access log's `cgroup`
         self.access_log: AccessLog | None = access_log_from_config(config, self.metrics, enrich=self.cgroups.enrich)
         self.flows = FlowTable(access_log=self.access_log, log_open=config.access_log.log_open)
+        self.tcp_stats: KernelTcpStats | None = None
         self.capture: Capture | None = None
         self.workloads: WorkloadController | None = None
         self.policy: PolicySource | None = None
@@ -108,6 +110,7 @@ class Agent:
         try:
             self.capture = build_capture(config)
             self.capture.start()
+            self._start_tcp_stats(ctx)
             outbound = OutboundProxy(ctx, self.capture.origin, config.proxy.tunnel_idle_seconds)
             inbound = InboundProxy(ctx)
             outbound_sock = listening_socket(config.proxy.bind_address, config.proxy.outbound_port,
@@ -153,6 +156,8 @@ class Agent:
             self.admin.stop()
             if self.access_log is not None:
                 self.access_log.stop()
+            if self.tcp_stats is not None:
+                self.tcp_stats.close()
         log.info("agent stopped")
 
     async def _watch_sources(self) -> None:
@@ -176,7 +181,16 @@ class Agent:
     def _workloads_changed(self, registry: Registry) -> None:
         self.metrics.workloads.set(self._captured_count(registry))
         self.metrics.retain((w.namespace, w.name) for w in registry.workloads)  # departed workloads' series go
+        if self.tcp_stats is not None:
+            self.tcp_stats.retain((w.namespace, w.name) for w in registry.workloads)
         self.cgroups.set_roots([w.cgroup for w in registry.local(self.config.node.name) if w.cgroup])
+
+    def _start_tcp_stats(self, ctx: ProxyContext) -> None:
+        """Kernel TCP stats of the proxy's sockets (telemetry.tcp_stats), scraped with /metrics."""
+        self.tcp_stats = tcp_stats_from_config(self.config)
+        if self.tcp_stats is not None:
+            ctx.tcp_stats = self.tcp_stats
+            self.prometheus.register(self.tcp_stats)
 
     def _flows(self, ctx: ProxyContext, request: dict) -> dict:
         """The admin socket's flows.list: live bytes first, then open and recently closed flows."""

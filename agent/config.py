@@ -128,6 +128,9 @@ class AdminConfig:
 class TelemetryConfig:
     # How often open connections' bytes reach the counters, /debug/flows and `tcpmesh flows`.
     report_interval_seconds: float = DEFAULT_REPORT_INTERVAL_SECONDS
+    # Kernel TCP stats (RTT, retransmits) of the proxy's connections from sockops (bpf/tcp_stats.c):
+    # "auto": on with an eBPF-capable capture mode, a failure only logged; "on": required; "off".
+    tcp_stats: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,8 @@ def validate(config: Config) -> Config:
     if not 0.1 <= config.telemetry.report_interval_seconds <= 60:
         raise ConfigError("telemetry.report_interval_seconds", config.telemetry.report_interval_seconds,
                           "out of range", "use a value between 0.1 and 60 seconds")
+    if config.telemetry.tcp_stats not in ("auto", "on", "off"):
+        raise ConfigError("telemetry.tcp_stats", config.telemetry.tcp_stats, "unknown setting", "use auto, on or off")
     if config.access_log.path not in ("-", "off") and not config.access_log.path.startswith("/"):
         raise ConfigError("access_log.path", config.access_log.path, "must be '-' (stdout), 'off' or an absolute "
                           "path", "for example /var/log/tcpmesh/access.log")

@@ -33,6 +33,7 @@ class ProxyContext:
     passthrough_allowed: bool = True  # destinations outside the mesh (egress policy)
     tasks: set[asyncio.Task] = field(default_factory=set)
     relays: dict[Relay, F.Flow] = field(default_factory=dict)  # running relays and their flows
+    tcp_stats: Any = None  # agent.telemetry.tcpstats.KernelTcpStats: registers each flow's sockets
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(self._guard(coro))
@@ -52,6 +53,8 @@ class ProxyContext:
         """Run ``relay`` (a = client side) to its end and put the byte counts on the flow."""
         self.relays[relay] = flow
         self.metrics.handshake(flow)
+        if self.tcp_stats is not None:
+            self.tcp_stats.flow_started(flow, relay.a, relay.b)
         try:
             result = await relay.start(a_leftover, b_leftover)
         finally:
