@@ -103,15 +103,16 @@ def wait_listening(proc: subprocess.Popen, ports: Iterable[int], timeout: float 
 
 # --------------------------------------------------------------------------------------- machine facts
 
-def _first_line(argv: list[str]) -> str:
+def _first_line(argv: list[str], starts: str = "") -> str:
+    """The first line of ``argv``'s output (stdout, then stderr) that starts with ``starts``."""
     if shutil.which(argv[0]) is None:
         return "not installed"
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unknown ({exc})"
-    text = (done.stdout or done.stderr).strip().splitlines()
-    return text[0].strip() if text else "unknown"
+    lines = [line.strip() for line in (done.stdout + "\n" + done.stderr).splitlines() if line.strip()]
+    return next((line for line in lines if line.lower().startswith(starts.lower())), "unknown")
 
 
 def _cpu_model() -> str:
@@ -158,10 +159,10 @@ def machine_facts(repo: Path) -> dict:
         "python": platform.python_version(),
         "openssl": ssl.OPENSSL_VERSION,
         "uvloop": _module_version("uvloop"),
-        "stunnel": _first_line(["stunnel", "-version"]),
-        "haproxy": _first_line(["haproxy", "-v"]),
-        "iperf3": _first_line(["iperf3", "--version"]),
-        "sockperf": _first_line(["sockperf", "--version"]),
+        "stunnel": _first_line(["stunnel", "-version"], "stunnel "),
+        "haproxy": _first_line(["haproxy", "-v"], "haproxy version").split(" - ")[0],
+        "iperf3": _first_line(["iperf3", "--version"], "iperf "),
+        "sockperf": _first_line(["sockperf", "--version"], "sockperf"),
         "commit": commit + ("+uncommitted changes in agent/ or bpf/" if dirty else ""),
         "loadavg_start": os.getloadavg(),
     }

@@ -72,7 +72,7 @@ def markdown(results: dict, *, json_path: Path, chart_path: str | None, docs_pat
         f"- Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}, "
         f"Python {m['python']}, {m['openssl']}{', uvloop ' + m['uvloop'] if m.get('uvloop') else ''}; "
         f"{m['stunnel']}; {m['haproxy']}; {m['iperf3']}.",
-        f"- Command: `{results['command']}` — {s['repetitions']} repetitions, {results.get('elapsed_s', 0) / 60:.1f} "
+        f"- Command: `{results['command']}` — {s['repetitions']} repetition{'s' if s['repetitions'] != 1 else ''}, {results.get('elapsed_s', 0) / 60:.1f} "
         f"min; load average {m['loadavg_start'][0]:.2f} at the start, {m.get('loadavg_end', [0])[0]:.2f} at the end.",
         f"- Results: [{json_path.name}]({_rel(json_path, docs_path)}). Cells: median (min–max) of the repetitions.",
         "",
@@ -112,6 +112,14 @@ def markdown(results: dict, *, json_path: Path, chart_path: str | None, docs_pat
                   f"{_cell(cap['captured_p50_us'], Figure('', '', '', False, digits=1))} | "
                   f"{_cell(cap['captured_p99_us'], Figure('', '', '', False, digits=1))} |",
                   "", f"Capture overhead at p50: {_cell(cap['overhead_pct'], Figure('', '', '', False, digits=1))} %."]
+        if cap.get("bpf_ns_per_connection"):
+            progs = sorted(cap.get("bpf_programs", {}).items(), key=lambda kv: -(kv[1]["ns_per_run"] or 0)
+                           * (kv[1]["runs_per_connection"] or 0))
+            detail = ", ".join(f"{name} {p['ns_per_run']:.0f} ns × {p['runs_per_connection']:g}" for name, p in progs
+                               if p["runs_per_connection"])
+            lines.append(f"The kernel's own run time of the tcpmesh BPF programs (pod cgroup and node1's proxy cgroup) "
+                         f"per captured connection: {_cell(cap['bpf_ns_per_connection'], Figure('', '', '', False, digits=0))}"
+                         f" ns ({detail}).")
     lines += ["", "Load generators:"]
     ref = results.get("reference")
     if ref:

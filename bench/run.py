@@ -287,10 +287,25 @@ def analyse(results: dict, settings: S.Settings) -> None:
             "straight_p99_us": figures.summarize([c["straight"]["connect_us"]["p99"] for c in results["capture_raw"]]),
             "overhead_pct": figures.summarize([c["overhead_pct"] for c in results["capture_raw"]]),
             "connects": settings.capture_connects,
+            "bpf_ns_per_connection": figures.summarize([c["bpf"]["ns_per_connection"] for c in results["capture_raw"]
+                                                        if c.get("bpf")]),
+            "bpf_programs": _bpf_programs(results["capture_raw"]),
         }
     results["capture"] = capture
     results["targets"] = figures.check_targets(summary, results["ratios"], capture, settings.idle_connections)
     results["generator_check"] = generator_check(results)
+
+
+def _bpf_programs(captures: list[dict]) -> dict[str, dict]:
+    """Per program: median ns per run and runs per captured connection over the repetitions."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for cap in captures:
+        for name, entry in ((cap.get("bpf") or {}).get("programs") or {}).items():
+            if entry.get("ns_per_run") is not None:
+                per.setdefault(name, {"ns_per_run": [], "runs_per_connection": []})
+                per[name]["ns_per_run"].append(entry["ns_per_run"])
+                per[name]["runs_per_connection"].append(entry["runs_per_connection"])
+    return {name: {k: figures.summarize(v)["median"] for k, v in lists.items()} for name, lists in per.items()}
 
 
 def generator_check(results: dict) -> dict:

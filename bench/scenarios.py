@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import time
 
-from bench import host, loadgen
+from bench import bpfstats, host, loadgen
 from bench.settings import Settings
 from bench.world import OUTBOUND_PORT, Path_, World
 
@@ -146,10 +146,16 @@ def capture(world: World, settings: Settings, tcpmesh: Path_, direct: Path_, fir
     for variant in order:  # warm-up: caches, the proxy's first-use paths
         run(variant, max(1, per_chunk // 4))
     rounds: dict[str, list[dict]] = {"captured": [], "straight": []}
-    for i in range(chunks):
-        for variant in (order if i % 2 == 0 else order[::-1]):
-            rounds[variant].append(run(variant, per_chunk))
-    result: dict = {"chunks": chunks, "per_chunk": per_chunk}
+    names = _capture_programs(world, tcpmesh)
+    bpf_runs: list[dict] = []
+    with bpfstats.enabled() as stats_on:
+        for i in range(chunks):
+            for variant in (order if i % 2 == 0 else order[::-1]):
+                before = bpfstats.snapshot(names) if stats_on and names and variant == "captured" else None
+                rounds[variant].append(run(variant, per_chunk))
+                if before is not None:
+                    bpf_runs.append(bpfstats.delta(names, before, bpfstats.snapshot(names)))
+    result: dict = {"chunks": chunks, "per_chunk": per_chunk, "bpf": _bpf_summary(bpf_runs, rounds["captured"])}
     for variant, runs in rounds.items():
         result[variant] = {
             "connect_us": {key: statistics.median(r["connect_us"][key] for r in runs) for key in ("p50", "p90", "p99")},
@@ -161,6 +167,36 @@ def capture(world: World, settings: Settings, tcpmesh: Path_, direct: Path_, fir
     result["overhead_pct"] = (captured["p50"] / straight["p50"] - 1) * 100
     result["overhead_p99_pct"] = (captured["p99"] / straight["p99"] - 1) * 100
     return result
+
+
+def _capture_programs(world: World, tcpmesh: Path_) -> dict[int, str]:
+    """The tcpmesh programs a captured connection meets: the pod cgroup's (and the guard it inherits)
+    and the getsockopt hook on node1's agent cgroup, which answers the proxy's origin lookup."""
+    if not bpfstats.available():
+        return {}
+    try:
+        return bpfstats.programs([tcpmesh.client_cgroup, world.node1.agent_cgroup])
+    except (RuntimeError, OSError, ValueError):
+        return {}
+
+
+def _bpf_summary(runs: list[dict], captured_rounds: list[dict]) -> dict | None:
+    """BPF run time per captured connection, summed over the measured rounds (None without stats)."""
+    if not runs:
+        return None
+    programs: dict[str, dict] = {}
+    for run in runs:
+        for name, entry in run.items():
+            total = programs.setdefault(name, {"ns": 0, "runs": 0})
+            total["ns"] += entry["ns"]
+            total["runs"] += entry["runs"]
+    connections = sum(r["connect_us"]["count"] for r in captured_rounds)
+    for entry in programs.values():
+        entry["ns_per_run"] = round(entry["ns"] / entry["runs"], 1) if entry["runs"] else None
+        entry["runs_per_connection"] = round(entry["runs"] / connections, 2) if connections else None
+    total_ns = sum(e["ns"] for e in programs.values())
+    return {"programs": programs, "connections": connections,
+            "ns_per_connection": round(total_ns / connections, 1) if connections else None}
 
 
 def reference_rr(world: World, direct: Path_, settings: Settings, size: int = 14) -> dict:
