@@ -1,0 +1,113 @@
+"""The benchmark's pure parts: medians, ratios, best peer, targets, derived figures, peer configs, the
+Markdown section. No timing, no privileges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import figures, peers, report
+
+
+def test_summarize_is_median_min_max_and_skips_missing():
+    assert figures.summarize([3.0, None, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert figures.summarize([]) is None
+
+
+def _summary(**medians):
+    return {path: {key: ({"median": v, "min": v, "max": v, "n": 1} if v is not None else None)
+                   for key, v in values.items()} for path, values in medians.items()}
+
+
+def test_best_peer_follows_the_direction_of_the_figure():
+    summary = _summary(direct={"bulk1_gbps": 10.0, "rr_p50_us": 20.0},
+                       tcpmesh={"bulk1_gbps": 3.0, "rr_p50_us": 90.0},
+                       stunnel={"bulk1_gbps": 2.0, "rr_p50_us": 70.0},
+                       haproxy={"bulk1_gbps": 2.5, "rr_p50_us": 80.0})
+    ratios = figures.ratios(summary, ["stunnel", "haproxy"])
+    assert ratios["tcpmesh"]["bulk1_gbps"]["best_peer"] == "haproxy"
+    assert ratios["tcpmesh"]["bulk1_gbps"]["vs_best_peer"] == 3.0 / 2.5
+    assert ratios["tcpmesh"]["bulk1_gbps"]["vs_direct"] == 0.3
+    assert ratios["tcpmesh"]["rr_p50_us"]["best_peer"] == "stunnel"
+    assert ratios["tcpmesh"]["rr_p50_us"]["vs_best_peer"] == 90.0 / 70.0
+
+
+def test_figures_without_a_direct_counterpart_have_no_direct_ratio():
+    summary = _summary(direct={"rss_held_mib": None}, tcpmesh={"rss_held_mib": 50.0},
+                       stunnel={"rss_held_mib": 40.0}, haproxy={"rss_held_mib": 45.0})
+    ratio = figures.ratios(summary, ["stunnel", "haproxy"])["tcpmesh"]["rss_held_mib"]
+    assert ratio["vs_direct"] is None and ratio["vs_best_peer"] == 50.0 / 40.0
+
+
+def test_targets_read_ratios_absolute_values_and_capture():
+    summary = _summary(tcpmesh={"rss_held_mib": 90.0, "bulk1_gbps": 3.0}, stunnel={"bulk1_gbps": 2.0},
+                       haproxy={"bulk1_gbps": 2.5})
+    ratios = figures.ratios(summary, ["stunnel", "haproxy"])
+    capture = {"overhead_pct": {"median": 7.0, "min": 7.0, "max": 7.0, "n": 1}}
+    by_key = {t["key"]: t for t in figures.check_targets(summary, ratios, capture, 1000)}
+    assert by_key["bulk1"]["met"] is True          # 3.0 / 2.5 = 1.2
+    assert by_key["memory"]["met"] is True and by_key["memory"]["note"] == ""
+    assert by_key["capture"]["met"] is False
+    assert by_key["connrate"]["met"] is None        # not measured
+    assert figures.check_targets(summary, ratios, None, 20)[4]["note"]
+
+
+def test_derive_computes_added_latency_and_cpu_per_gigabyte():
+    raw = {"rr": {"rtt_us": {"p50": 100.0, "p99": 300.0}},
+           "crr": {"per_second": 500.0, "latency_us": {"p50": 2000.0}, "completed_all": 1000, "datapath_cpu_s": 0.5},
+           "bulk1": {"gbps": 2.0, "bytes": 1e9, "generator_cpu_s": 0.5, "datapath_cpu_s": 1.5},
+           "bulk8": {"gbps": 2.0, "bytes": 1e9, "generator_cpu_s": 0.5, "datapath_cpu_s": 1.5},
+           "idle": {"rss_kib": 10240}, "hold": {"memory": {"rss_kib": 20480}}}
+    out = figures.derive(raw, direct_rr_p50=40.0, has_datapath=True)
+    assert out["rr_added_p50_us"] == 60.0
+    assert out["cpu_s_per_gb"] == 2.0 and out["datapath_cpu_s_per_gb"] == 1.5
+    assert out["datapath_cpu_ms_per_conn"] == 0.5 and out["crr_p50_ms"] == 2.0
+    assert out["rss_idle_mib"] == 10.0 and out["rss_held_mib"] == 20.0
+    assert "rss_idle_mib" not in figures.derive(raw, 40.0, has_datapath=False)
+
+
+def _layout():
+    services = peers.layout_services("haproxy", "10.77.2.11", 7001, 5201)
+    files = {n: f"/x/{n}" for n in ("node1", "node2")}
+    return peers.PeerLayout("10.76.0.2", services, "/x/ca.crt", files, files, files, files)
+
+
+def test_peer_configs_require_tls13_and_client_certificates_on_both_hops():
+    layout = _layout()
+    node1, node2 = peers.haproxy_config(layout, "node1"), peers.haproxy_config(layout, "node2")
+    assert "server node2 10.76.0.2:22011 ssl crt" in node1 and "verify required" in node1
+    assert "bind 10.76.0.2:22011 ssl crt" in node2 and "verify required ssl-min-ver TLSv1.3" in node2
+    assert "server app 10.77.2.11:7001" in node2
+    stunnel = peers.stunnel_config(layout, "node2")
+    assert "requireCert = yes" in stunnel and "sslVersionMin = TLSv1.3" in stunnel
+    assert "connect = 10.77.2.11:5201" in stunnel
+    assert "client = yes" in peers.stunnel_config(layout, "node1")
+
+
+def test_append_adds_the_method_intro_once_and_keeps_other_sections(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n## Real workloads\n\nkept\n")
+    report.append_to(docs, "### Run A\n")
+    report.append_to(docs, "### Run B\n")
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\n## Real workloads\n\nkept\n")
+    assert text.count(report.INTRO_MARKER) == 1
+    assert text.index("### Run A") < text.index("### Run B")
+
+
+def test_markdown_names_machine_command_and_every_path():
+    paths = ["direct", "tcpmesh", "stunnel", "haproxy"]
+    summary = {p: {f.key: {"median": 1.0, "min": 1.0, "max": 2.0, "n": 3} for f in figures.FIGURES} for p in paths}
+    results = {
+        "paths": paths, "peers": ["stunnel", "haproxy"], "summary": summary,
+        "ratios": figures.ratios(summary, ["stunnel", "haproxy"]), "date": "2026-01-01T00:00:00+00:00",
+        "settings": {"repetitions": 3, "idle_connections": 1000}, "command": "make bench", "elapsed_s": 60,
+        "machine": {"commit": "abc", "nproc": 2, "cpu": "cpu", "memory_gib": 4, "kernel": "6.1", "python": "3.11",
+                    "openssl": "OpenSSL 3", "stunnel": "stunnel 5", "haproxy": "HAProxy 2.6", "iperf3": "iperf 3",
+                    "loadavg_start": [1.0], "loadavg_end": [1.0]},
+        "targets": figures.check_targets(summary, figures.ratios(summary, ["stunnel", "haproxy"]), None, 1000),
+    }
+    text = report.markdown(results, json_path=Path("/r/bench/results/x.json"), chart_path="/r/docs/x.png",
+                           docs_path=Path("/r/docs/benchmarks.md"))
+    assert "`make bench`" in text and "2 cores" in text and "kernel 6.1" in text
+    assert "| figure | direct | tcpmesh | stunnel | haproxy |" in text
+    assert "1.00 (1.00–2.00)" in text and "](x.png)" in text and "](../bench/results/x.json)" in text
