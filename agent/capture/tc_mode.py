@@ -316,9 +316,12 @@ def find_leftovers(netns: str | None = None) -> list[str]:
 
 
 @netlink_call
-def cleanup_leftovers(netns: str | None = None) -> list[str]:
+def cleanup_leftovers(netns: str | None = None, dry_run: bool = False) -> list[str]:
     """Remove every tc filter tcpmesh made (and a clsact left empty by that), the fwmark rule and
-    the local table in ``netns`` (None: this one). Returns what was removed; safe to run twice."""
+    the local table in ``netns`` (None: this one). Returns what was removed (``dry_run``: what
+    would be, removing nothing); safe to run twice."""
+    if dry_run:
+        return find_leftovers(netns)
     removed = []
     with ipr(netns) as handle:
         links = [(link["index"], link.get_attr("IFLA_IFNAME")) for link in handle.get_links()]

@@ -76,9 +76,8 @@ class TproxyCapture:
                     log.info("removed leftover %s", item)
         steering.ensure(self.netns)
         self._origins.local = steering.local_addresses(self.netns)
-        if self.backend_errors:
-            log.info("iptables mode uses %s (%s)", self.backend.name,
-                     "; ".join(f"{n} failed: {e}" for n, e in self.backend_errors.items()))
+        log.info("iptables mode: TPROXY rules installed with %s%s", self.backend.name,
+                 "".join(f"; {n} failed: {e}" for n, e in self.backend_errors.items()))
 
     def attach(self, workload: Workload) -> None:
         backend_ = self._require_started()
@@ -141,9 +140,12 @@ def find_leftovers(netns: str | None = None) -> list[str]:
     return found + [f"{item} in {describe(netns)}" for item in steering.present(netns)]
 
 
-def cleanup_leftovers(netns: str | None = None) -> list[str]:
+def cleanup_leftovers(netns: str | None = None, dry_run: bool = False) -> list[str]:
     """Remove every nft table, iptables chain and jump tcpmesh made (all backends), the fwmark rule
-    and the local table in ``netns`` (None: this one). Returns what was removed; safe to run twice."""
+    and the local table in ``netns`` (None: this one). Returns what was removed (``dry_run``: what
+    would be, removing nothing); safe to run twice."""
+    if dry_run:
+        return find_leftovers(netns)
     removed: list[str] = []
     for name in BACKEND_ORDER:
         removed += backend(name, netns).remove()
