@@ -23,6 +23,7 @@ from agent.control.workloads import WorkloadController
 from agent.errors import KernelError, TcpmeshError
 from agent.identity.rotator import IdentityRotator, rotator_from_config
 from agent.identity.store import IdentityStore
+from agent.policy.model import MtlsMode
 from agent.policy.source import PolicySource
 from agent.proxy.inbound import InboundProxy
 from agent.proxy.outbound import OutboundProxy
@@ -30,6 +31,7 @@ from agent.proxy.server import ProxyContext
 from agent.registry.model import Registry
 from agent.registry.static_file import load_registry_file
 from agent.telemetry.admin import AdminServer
+from agent.telemetry.plaintext import PlaintextCollector
 from agent.audit.writer import AccessLog, access_log_from_config
 from agent.telemetry.cgroups import CgroupNames
 from agent.telemetry.tcpstats import KernelTcpStats, tcp_stats_from_config
@@ -53,10 +55,14 @@ class Agent:
         self.capture: Capture | None = None
         self.workloads: WorkloadController | None = None
         self.policy: PolicySource | None = None
+        self._inbound_modes: dict[str, bool] = {}  # workload key -> STRICT, as last written to the kernel
         self.admin: AdminServer | None = None
         self.rotator: IdentityRotator | None = None  # owns the IdentityStore; renews SVIDs, follows the node CA
         self.ready = False
         self._stop = asyncio.Event()
+
+    def _snapshot_or_none(self) -> Registry | None:
+        return self.workloads.snapshot if self.workloads is not None else None
 
     def registry(self) -> Registry:
         """The current registry snapshot (the data path's view)."""
@@ -110,6 +116,9 @@ class Agent:
         try:
             self.capture = build_capture(config)
             self.capture.start()
+            if hasattr(self.capture, "plaintext"):
+                self.prometheus.register(PlaintextCollector(self.capture.plaintext, self._snapshot_or_none,
+                                                            config.node.name))
             self._start_tcp_stats(ctx)
             outbound = OutboundProxy(ctx, self.capture.origin, config.proxy.tunnel_idle_seconds)
             inbound = InboundProxy(ctx)
@@ -174,12 +183,39 @@ class Agent:
 
     def _reload_policy(self) -> None:
         errors_before = self.policy.load_errors
-        self.policy.reload()
+        if self.policy.reload() and self.workloads is not None and self.workloads.snapshot is not None:
+            self._apply_inbound_modes(self.workloads.snapshot)
         if self.policy.load_errors > errors_before:
             self.metrics.policy_load_errors.inc(self.policy.load_errors - errors_before)
 
+    def _apply_inbound_modes(self, registry: Registry) -> None:
+        """PeerAuthentication → the kernel: each local workload STRICT or PERMISSIVE (docs/policy.md)."""
+        if self.policy is None or self.capture is None:
+            return
+        setter = getattr(self.capture, "set_inbound_mode", None)
+        modes = {}
+        for workload in registry.local(self.config.node.name):
+            strict = self.policy.mtls_mode(workload.namespace, workload.name) is MtlsMode.STRICT
+            modes[workload.key] = strict
+            if self._inbound_modes.get(workload.key) == strict:
+                continue
+            if setter is None:
+                if strict:
+                    log.error("workload %s is STRICT but capture mode %s cannot enforce it in the kernel; "
+                              "use capture.mode ebpf-connect", workload.key, self.capture.name)
+                continue
+            try:
+                setter(workload, strict)
+            except Exception:  # noqa: BLE001 — one workload's kernel update must not stop the others
+                log.exception("cannot set the inbound mode of %s", workload.key)
+                modes.pop(workload.key)
+                continue
+            log.info("workload %s inbound mode: %s", workload.key, "STRICT" if strict else "PERMISSIVE")
+        self._inbound_modes = modes
+
     def _workloads_changed(self, registry: Registry) -> None:
         self.metrics.workloads.set(self._captured_count(registry))
+        self._apply_inbound_modes(registry)
         self.metrics.retain((w.namespace, w.name) for w in registry.workloads)  # departed workloads' series go
         if self.tcp_stats is not None:
             self.tcp_stats.retain((w.namespace, w.name) for w in registry.workloads)

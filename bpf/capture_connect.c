@@ -10,6 +10,9 @@
  *                                       client's (local ip, local port) = the proxy's peer
  *   cgroup/getsockopt   (proxy cgroup)  answers SOL_IP/SO_ORIGINAL_DST and SOL_IP/TCPMESH_SO_ORIGIN
  *   cgroup/getpeername4/6 (pod cgroups) the app sees the destination it asked for
+ *   sockops             (proxy cgroup)  tcpmesh_pxops: records the inbound proxy's connections to pods
+ *   cgroup_skb/ingress  (pod cgroups)   tcpmesh_inb4: a SYN into the pod that is not from the inbound
+ *                                       proxy is dropped (STRICT pod) or let in (PERMISSIVE), counted
  *   cgroup/connect4/6   (pods cgroup,   the node guard: a TCP connect from a pod cgroup below it
  *    tcpmesh_guard4/6    the ancestor    that no pod hook handled (not captured yet) is refused,
  *                        of every pod)   except to loopback and the redirect address
@@ -28,6 +31,8 @@
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/errno.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
 #include "tcpmesh_abi.h"
 #include "lib/maps.h"
 #include "lib/capture_policy.h"
@@ -183,6 +188,70 @@ static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx
 	tcpmesh_count(TCPMESH_R_PEERNAME_REWRITTEN);
 }
 
+static __always_inline void tcpmesh_record_proxy_conn(struct bpf_sock_ops *skops)
+{
+	struct tcpmesh_flow4 key = {};
+	__u32 one = 1;
+
+	key.saddr = skops->local_ip4;
+	key.daddr = skops->remote_ip4;
+	key.sport = bpf_htons((__u16)skops->local_port); /* local_port is host order */
+	key.dport = bpf_htons((__u16)bpf_ntohl(skops->remote_port)); /* remote_port: see origin.h */
+	if (tcpmesh_proxy_conns.update(&key, &one) != 0) {
+		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
+		return;
+	}
+	tcpmesh_count(TCPMESH_R_PROXY_CONN);
+}
+
+/* TCP SYN (not SYN-ACK) into a pod from outside the mesh: count it, and say whether to drop it. */
+static __always_inline int tcpmesh_inbound_verdict(struct __sk_buff *skb)
+{
+	struct iphdr iph;
+	__u8 tcp[14];
+	struct tcpmesh_flow4 key = {};
+	struct tcpmesh_plaintext zero = {};
+	struct tcpmesh_plaintext *counts;
+	struct bpf_sock *sk;
+	__u32 *mode;
+	__u64 cgroup;
+
+	if (skb->protocol != bpf_htons(0x0800) || bpf_skb_load_bytes(skb, 0, &iph, sizeof(iph)) != 0)
+		return TCPMESH_ALLOW;
+	if (iph.protocol != IPPROTO_TCP || iph.ihl < 5 ||
+	    bpf_skb_load_bytes(skb, iph.ihl * 4, tcp, sizeof(tcp)) != 0)
+		return TCPMESH_ALLOW;
+	if ((tcp[13] & 0x12) != 0x02) /* SYN without ACK: a new connection into the pod */
+		return TCPMESH_ALLOW;
+	if (iph.saddr == iph.daddr || (bpf_ntohl(iph.saddr) >> 24) == 127)
+		return TCPMESH_ALLOW; /* the pod talking to itself */
+	key.saddr = iph.saddr;
+	key.daddr = iph.daddr;
+	__builtin_memcpy(&key.sport, &tcp[0], 2);
+	__builtin_memcpy(&key.dport, &tcp[2], 2);
+	if (tcpmesh_proxy_conns.lookup(&key))
+		return TCPMESH_ALLOW; /* through the inbound proxy: mTLS on the wire */
+	sk = skb->sk;
+	if (!sk)
+		return TCPMESH_ALLOW;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return TCPMESH_ALLOW;
+	cgroup = bpf_sk_cgroup_id(sk);
+	mode = tcpmesh_inbound_mode.lookup(&cgroup);
+	counts = tcpmesh_plaintext.lookup_or_try_init(&cgroup, &zero);
+	if (mode && *mode == TCPMESH_INBOUND_STRICT) {
+		if (counts)
+			counts->rejected += 1;
+		tcpmesh_count(TCPMESH_R_PLAINTEXT_REJECTED);
+		return TCPMESH_DENY;
+	}
+	if (counts)
+		counts->accepted += 1;
+	tcpmesh_count(TCPMESH_R_PLAINTEXT_ACCEPTED);
+	return TCPMESH_ALLOW;
+}
+
 /* ---- hooks ------------------------------------------------------------------------------------ */
 
 /*
@@ -275,4 +344,26 @@ int tcpmesh_guard6(struct bpf_sock_addr *ctx)
 	if (tcpmesh_take_seen(ctx))
 		return TCPMESH_ALLOW;
 	return tcpmesh_guard_verdict(ctx, tcpmesh_guard_exempt6(ctx));
+}
+
+/*
+ * sockops on the proxy's cgroup — FAIL-CLOSED for STRICT pods: if the inbound proxy's connection
+ * cannot be recorded, its SYN is treated as plaintext and a STRICT pod refuses it (the client sees
+ * STATUS UNREACHABLE); PERMISSIVE pods are unaffected.
+ */
+int tcpmesh_pxops(struct bpf_sock_ops *skops)
+{
+	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB && skops->family == 2 /* AF_INET */)
+		tcpmesh_record_proxy_conn(skops);
+	return 1;
+}
+
+/*
+ * cgroup_skb/ingress on pod cgroups — FAIL-CLOSED for STRICT pods (a SYN from outside the mesh is
+ * dropped: the sender times out), FAIL-OPEN for everything else (packets that are not a new TCP
+ * connection, PERMISSIVE pods, packets that cannot be parsed).
+ */
+int tcpmesh_inb4(struct __sk_buff *skb)
+{
+	return tcpmesh_inbound_verdict(skb);
 }

@@ -44,7 +44,12 @@ REASONS: tuple[str, ...] = (
     "v4mapped",            # connect6: captured a v4-mapped destination (also counted as captured)
     "guard_denied",        # guard: TCP connect from a pod cgroup that is not captured (yet): EPERM
     "guard_exempt",        # guard: such a connect to loopback or the redirect address, let through
+    "proxy_conn",          # proxy sockops: an inbound-proxy connection to a pod recorded
+    "plaintext_rejected",  # inbound: a SYN from outside the mesh dropped (STRICT pod)
+    "plaintext_accepted",  # inbound: a SYN from outside the mesh let in (PERMISSIVE pod)
 )
+INBOUND_PERMISSIVE = 1
+INBOUND_STRICT = 2
 REASON_CODES: dict[str, int] = {name: code for code, name in enumerate(REASONS)}
 REASON_MAX = len(REASONS)
 REASON_SLOTS = 64  # entries of tcpmesh_counters (TCPMESH_R_SLOTS): room to append reasons
@@ -58,6 +63,8 @@ C_CONSTANTS: dict[str, int] = {
     "TCPMESH_COMM_LEN": COMM_LEN,
     "TCPMESH_CIDR_BYPASS": CIDR_BYPASS,
     "TCPMESH_CIDR_CAPTURE": CIDR_CAPTURE,
+    "TCPMESH_INBOUND_PERMISSIVE": INBOUND_PERMISSIVE,
+    "TCPMESH_INBOUND_STRICT": INBOUND_STRICT,
     "TCPMESH_R_MAX": REASON_MAX,
     "TCPMESH_R_SLOTS": REASON_SLOTS,
     **{f"TCPMESH_R_{name.upper()}": code for code, name in enumerate(REASONS)},
@@ -115,6 +122,23 @@ class CidrValue(ctypes.Structure):
     _fields_ = [("action", ctypes.c_uint32)]
 
 
+class Flow4(ctypes.Structure):
+    """struct tcpmesh_flow4: key of tcpmesh_proxy_conns (a SYN's 4-tuple, network order)."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),
+        ("daddr", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+    ]
+
+
+class Plaintext(ctypes.Structure):
+    """struct tcpmesh_plaintext: one CPU's value of tcpmesh_plaintext."""
+
+    _fields_ = [("rejected", ctypes.c_uint64), ("accepted", ctypes.c_uint64)]
+
+
 # C struct name -> mirror, for the layout tests.
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "tcpmesh_sockaddr_in": SockaddrIn,
@@ -122,6 +146,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "tcpmesh_peer_key": PeerKey,
     "tcpmesh_cidr_key": CidrKey,
     "tcpmesh_cidr_value": CidrValue,
+    "tcpmesh_flow4": Flow4,
+    "tcpmesh_plaintext": Plaintext,
 }
 
 # Map name -> (key mirror, value mirror); the value of a per-CPU array is one CPU's slot.
@@ -130,6 +156,9 @@ MAPS: dict[str, tuple[type, type]] = {
     "tcpmesh_peer_origin": (PeerKey, OriginStruct),
     "tcpmesh_capture_cidrs": (CidrKey, CidrValue),
     "tcpmesh_counters": (ctypes.c_int, ctypes.c_uint64),
+    "tcpmesh_proxy_conns": (Flow4, ctypes.c_uint32),
+    "tcpmesh_inbound_mode": (ctypes.c_uint64, ctypes.c_uint32),
+    "tcpmesh_plaintext": (ctypes.c_uint64, Plaintext),
 }
 
 

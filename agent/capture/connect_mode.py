@@ -46,6 +46,8 @@ DEFAULT_BPFFS_DIR = f"{pins.DEFAULT_ROOT}/default"
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCKOPT = 25
+PROG_CGROUP_SKB = 8
+ATTACH_INET_INGRESS = 0
 ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
 ATTACH_SOCK_OPS = 3
@@ -72,12 +74,14 @@ class Hook:
 # without them such connects would bypass capture in plaintext. The guard goes on the cgroup that
 # holds every pod (capture.pods_cgroup) and refuses TCP connects no pod hook handled.
 HOOKS: tuple[Hook, ...] = (
+    Hook("tcpmesh_inb4", PROG_CGROUP_SKB, ATTACH_INET_INGRESS, ROLE_POD),
     Hook("tcpmesh_sockops", PROG_SOCK_OPS, ATTACH_SOCK_OPS, ROLE_POD),
     Hook("tcpmesh_peer4", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME, ROLE_POD),
     Hook("tcpmesh_peer6", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_GETPEERNAME, ROLE_POD),
     Hook("tcpmesh_conn6", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT, ROLE_POD),
     Hook("tcpmesh_conn4", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, ROLE_POD),
     Hook("tcpmesh_sockopt", PROG_CGROUP_SOCKOPT, ATTACH_GETSOCKOPT, ROLE_PROXY),
+    Hook("tcpmesh_pxops", PROG_SOCK_OPS, ATTACH_SOCK_OPS, ROLE_PROXY),
     Hook("tcpmesh_guard6", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT, ROLE_GUARD),
     Hook("tcpmesh_guard4", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, ROLE_GUARD),
 )
@@ -356,6 +360,24 @@ class ConnectCapture:
         self._cidr_entries = entries
         if self._set is not None:
             self._set.write_cidrs(entries)
+
+    def set_inbound_mode(self, cgroup_dir: str | os.PathLike, strict: bool) -> None:
+        """STRICT: the pod's kernel drops TCP SYNs that do not come from the inbound proxy."""
+        self._require_loaded()
+        assert self._set is not None
+        self._set.set_inbound_mode(os.stat(cgroup_dir).st_ino,
+                                   abi.INBOUND_STRICT if strict else abi.INBOUND_PERMISSIVE)
+
+    def forget_pod(self, cgroup_id: int) -> None:
+        self._require_loaded()
+        assert self._set is not None
+        self._set.forget_pod(cgroup_id)
+
+    def plaintext(self) -> dict[int, tuple[int, int]]:
+        """{pod cgroup id: (plaintext SYNs rejected, accepted)}."""
+        self._require_loaded()
+        assert self._set is not None
+        return self._set.plaintext()
 
     def counters(self) -> dict[str, int]:
         """{reason: total over CPUs}; empty when any reason could not be read (partial read)."""

@@ -11,6 +11,7 @@ issue — ``ebpf-tc`` and ``iptables``. ``none`` is the laptop switch: nothing i
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,6 +51,9 @@ class Capture(Protocol):
     def counters(self) -> dict[str, int]:
         """Per-reason counters of the kernel side (empty when unknown)."""
 
+    # Optional (ebpf-connect only): inbound mTLS mode enforcement in the kernel, see ConnectMode.
+    # set_inbound_mode(workload, strict) -> None; plaintext() -> {cgroup path: (rejected, accepted)}
+
 
 class NoCapture:
     """``capture.mode: none``: the proxies run, nothing is steered to them (a laptop switch)."""
@@ -88,6 +92,8 @@ class ConnectMode:
                  pods_cgroup: str = "", bpffs_dir: str | None = None) -> None:
         from agent.capture.connect_mode import DEFAULT_BPFFS_DIR, ConnectCapture  # no bcc: the loader has it
 
+        self._cgroup_ids: dict[str, int] = {}  # attached pod cgroup path -> cgroup id (inode)
+
         self._capture = ConnectCapture(redirect_ip=redirect_ip, redirect_port=redirect_port, state_dir=state_dir,
                                        bpffs_dir=bpffs_dir or DEFAULT_BPFFS_DIR)
         self._proxy_cgroup = proxy_cgroup
@@ -112,10 +118,24 @@ class ConnectMode:
         if not workload.cgroup:
             raise MissingCgroup(workload)
         self._capture.attach_pod(workload.cgroup)
+        self._cgroup_ids[workload.cgroup] = os.stat(workload.cgroup).st_ino
 
     def detach(self, workload: Workload) -> None:
         if workload.cgroup:
             self._capture.detach_pod(workload.cgroup)
+            cgroup_id = self._cgroup_ids.pop(workload.cgroup, None)
+            if cgroup_id is not None:
+                self._capture.forget_pod(cgroup_id)
+
+    def set_inbound_mode(self, workload: Workload, strict: bool) -> None:
+        """PeerAuthentication in the kernel: STRICT drops plaintext SYNs into the pod (docs/policy.md)."""
+        if workload.cgroup:
+            self._capture.set_inbound_mode(workload.cgroup, strict)
+
+    def plaintext(self) -> dict[str, tuple[int, int]]:
+        """{pod cgroup path: (plaintext SYNs rejected, accepted)} of the attached pods."""
+        counts = self._capture.plaintext()
+        return {path: counts[cgroup_id] for path, cgroup_id in self._cgroup_ids.items() if cgroup_id in counts}
 
     def origin(self, sock: socket.socket) -> Origin | None:
         from agent.capture.origin import read_origin

@@ -21,6 +21,8 @@ from agent.errors import TcpmeshError
 
 COUNTERS = "tcpmesh_counters"
 CIDRS = "tcpmesh_capture_cidrs"
+INBOUND_MODE = "tcpmesh_inbound_mode"
+PLAINTEXT = "tcpmesh_plaintext"
 
 
 class PinLayoutMismatch(TcpmeshError):
@@ -107,6 +109,32 @@ class PinnedSet:
             key = abi.CidrKey.from_buffer_copy(raw)
             if (key.prefixlen, key.ip4) not in entries:
                 self.libbpf.map_delete(fd, raw, CIDRS)
+
+    def set_inbound_mode(self, cgroup_id: int, mode: int) -> None:
+        """STRICT or PERMISSIVE for the pod whose cgroup has ``cgroup_id`` (the directory's inode)."""
+        self.libbpf.map_update(self.map_fd(INBOUND_MODE), bytes(ctypes.c_uint64(cgroup_id)),
+                               bytes(ctypes.c_uint32(mode)), INBOUND_MODE)
+
+    def forget_pod(self, cgroup_id: int) -> None:
+        """Drop a departed pod's inbound mode and plaintext counters."""
+        key = bytes(ctypes.c_uint64(cgroup_id))
+        self.libbpf.map_delete(self.map_fd(INBOUND_MODE), key, INBOUND_MODE)
+        self.libbpf.map_delete(self.map_fd(PLAINTEXT), key, PLAINTEXT)
+
+    def plaintext(self) -> dict[int, tuple[int, int]]:
+        """{pod cgroup id: (SYNs rejected, SYNs accepted)} from outside the mesh, summed over CPUs."""
+        fd = self.map_fd(PLAINTEXT)
+        cpus = self.libbpf.possible_cpus()
+        size = ctypes.sizeof(abi.Plaintext)
+        out: dict[int, tuple[int, int]] = {}
+        for raw_key in self.libbpf.map_keys(fd, 8, PLAINTEXT):
+            raw = self.libbpf.map_lookup(fd, raw_key, cpus * size, PLAINTEXT)
+            if raw is None:
+                continue
+            slots = [abi.Plaintext.from_buffer_copy(raw, i * size) for i in range(cpus)]
+            out[int.from_bytes(raw_key, sys.byteorder)] = (sum(c.rejected for c in slots),
+                                                            sum(c.accepted for c in slots))
+        return out
 
     def cidrs(self) -> dict[tuple[int, int], int]:
         fd = self.map_fd(CIDRS)

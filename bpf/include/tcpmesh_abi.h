@@ -89,6 +89,27 @@ enum tcpmesh_cidr_action {
 	TCPMESH_CIDR_CAPTURE = 1,
 };
 
+/* ---- inbound mTLS mode (PeerAuthentication, docs/policy.md) -------------------------------- */
+
+/* Value of tcpmesh_inbound_mode (key: the pod's cgroup id). A pod without an entry is PERMISSIVE. */
+#define TCPMESH_INBOUND_PERMISSIVE 1
+#define TCPMESH_INBOUND_STRICT 2
+
+/* An IPv4 TCP connection as its SYN carries it: the initiator's address and port, then the
+ * responder's; all in network byte order. Key of tcpmesh_proxy_conns. */
+struct tcpmesh_flow4 {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+};
+
+/* Per-CPU value of tcpmesh_plaintext (key: the pod's cgroup id): SYNs from outside the mesh. */
+struct tcpmesh_plaintext {
+	__u64 rejected; /* dropped: the pod is STRICT */
+	__u64 accepted; /* let in: the pod is PERMISSIVE */
+};
+
 /* ---- reason counters (index into the per-CPU array tcpmesh_counters) ----------------------- */
 /* Append only; never renumber or reuse a code. agent/capture/abi.py mirrors the names. */
 enum tcpmesh_reason {
@@ -113,7 +134,11 @@ enum tcpmesh_reason {
 	                                      (yet): refused with EPERM */
 	TCPMESH_R_GUARD_EXEMPT = 16,       /* guard: such a connect to loopback or the redirect address,
 	                                      let through */
-	TCPMESH_R_MAX = 17,
+	TCPMESH_R_PROXY_CONN = 17,         /* proxy sockops: the inbound proxy's connection to a pod
+	                                      recorded (its SYN may enter a strict pod) */
+	TCPMESH_R_PLAINTEXT_REJECTED = 18, /* inbound: a SYN from outside the mesh dropped (STRICT pod) */
+	TCPMESH_R_PLAINTEXT_ACCEPTED = 19, /* inbound: a SYN from outside the mesh let in (PERMISSIVE) */
+	TCPMESH_R_MAX = 20,
 };
 
 /* Entries of the tcpmesh_counters map: room for appended reasons without changing the map. */

@@ -13,6 +13,9 @@
 #ifndef TCPMESH_MAX_CONNS
 #define TCPMESH_MAX_CONNS 65536
 #endif
+#ifndef TCPMESH_MAX_PODS
+#define TCPMESH_MAX_PODS 4096
+#endif
 #ifndef TCPMESH_MAX_CIDRS
 #define TCPMESH_MAX_CIDRS 1024
 #endif
@@ -72,6 +75,30 @@ TCPMESH_MAP("lpm_trie", struct tcpmesh_cidr_key, struct tcpmesh_cidr_value, tcpm
  *             code does not change the map and a restarted agent keeps counting where it was.
  */
 TCPMESH_MAP("percpu_array", int, __u64, tcpmesh_counters, TCPMESH_R_SLOTS, 0);
+
+/*
+ * tcpmesh_proxy_conns: struct tcpmesh_flow4 -> __u32 (1), the connections the inbound proxy opened.
+ *   writer:   sockops on the proxy's cgroup at TCP_CONNECT_CB (just before its SYN leaves).
+ *   reader:   cgroup_skb/ingress on pod cgroups: a SYN whose 4-tuple is here comes from the mesh.
+ *   eviction: LRU; a record is only needed until its SYN has been let in.
+ */
+TCPMESH_MAP("lru_hash", struct tcpmesh_flow4, __u32, tcpmesh_proxy_conns, TCPMESH_MAX_CONNS, 0);
+
+/*
+ * tcpmesh_inbound_mode: pod cgroup id -> TCPMESH_INBOUND_STRICT | TCPMESH_INBOUND_PERMISSIVE.
+ *   writer:   user space (the agent, from PeerAuthentication policies; docs/policy.md).
+ *   reader:   cgroup_skb/ingress on pod cgroups. No entry: PERMISSIVE.
+ *   eviction: user space deletes the entry when the pod leaves the node.
+ */
+TCPMESH_MAP("hash", __u64, __u32, tcpmesh_inbound_mode, TCPMESH_MAX_PODS, 0);
+
+/*
+ * tcpmesh_plaintext: pod cgroup id -> struct tcpmesh_plaintext, per CPU.
+ *   writer:   cgroup_skb/ingress on pod cgroups, for every SYN from outside the mesh.
+ *   reader:   user space, summed over CPUs at scrape time (tcpmesh_plaintext_*_total).
+ *   eviction: user space deletes the entry when the pod leaves the node.
+ */
+TCPMESH_MAP("percpu_hash", __u64, struct tcpmesh_plaintext, tcpmesh_plaintext, TCPMESH_MAX_PODS, 0);
 
 /*
  * tcpmesh_seen: per-socket storage, one __u32 token.

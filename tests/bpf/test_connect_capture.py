@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.capture import ConnectCapture, read_origin, read_original_dst
+from agent.capture.connect_mode import ROLE_POD, ROLE_PROXY, hooks_for
 from agent.capture.errors import BpfLoadError
 from agent.errors import ConfigError
 from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, socket_in
@@ -235,8 +236,8 @@ def test_attach_is_idempotent_close_keeps_it_and_detach_removes_it(capture, bpff
     try:
         again.attach_pod(cgroups["pod"])  # the same programs: EEXIST, nothing stacks
         assert bpftool_cgroup(cgroups["pod"]).count("tcpmesh_conn4") == 1
-        assert len(again.detach_pod(cgroups["pod"])) == 5
-        assert len(again.detach_proxy(cgroups["proxy"])) == 1
+        assert len(again.detach_pod(cgroups["pod"])) == len(hooks_for(ROLE_POD))
+        assert len(again.detach_proxy(cgroups["proxy"])) == len(hooks_for(ROLE_PROXY))
         assert again.detach_pod(cgroups["pod"]) == []
     finally:
         again.close()
@@ -249,8 +250,7 @@ def test_detach_leftovers_for_cleanup(capture, cgroups):
 
     capture.attach_pod(cgroups["pod"])
     removed = detach_leftovers(cgroups["pod"])
-    assert sorted(r.split()[0] for r in removed) == sorted(
-        ["tcpmesh_conn4", "tcpmesh_conn6", "tcpmesh_sockops", "tcpmesh_peer4", "tcpmesh_peer6"])
+    assert sorted(r.split()[0] for r in removed) == sorted(h.program for h in hooks_for(ROLE_POD))
     assert "tcpmesh" not in bpftool_cgroup(cgroups["pod"])
     assert detach_leftovers(cgroups["pod"]) == []
     capture.detach_pod(cgroups["pod"])

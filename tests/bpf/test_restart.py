@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from agent.capture.connect_mode import ROLE_GUARD, ROLE_POD, ROLE_PROXY, hooks_for
+
 from agent.capture import ConnectCapture, read_origin
 from agent.capture.connect_mode import HOOKS
 from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, LoopClient, socket_in
 from tests.bpf.test_connect_capture import REMOTE, bpftool_cgroup
 
-POD_HOOKS = ("tcpmesh_conn4", "tcpmesh_conn6", "tcpmesh_sockops", "tcpmesh_peer4", "tcpmesh_peer6")
+POD_HOOKS = tuple(h.program for h in hooks_for(ROLE_POD))
 
 
 class Acceptor:
@@ -184,7 +186,7 @@ def test_new_program_code_swaps_in_with_no_gap_and_shares_the_maps(running, bpff
         attempts, replaced, started, ended = swap_under_load(topology, cgroups, acceptor, new)
         failures = [a for a in attempts if a[1]]
         assert attempts and not failures, failures
-        assert len(replaced) == len(POD_HOOKS) + 2 + 1, replaced  # pod hooks, guard4/6, getsockopt
+        assert len(replaced) == len(POD_HOOKS) + len(hooks_for(ROLE_GUARD)) + len(hooks_for(ROLE_PROXY)), replaced
         ids = attached_ids(new.libbpf, cgroups["pod_a"])
         for name in POD_HOOKS:
             assert ids[name] == [new.pinned().prog_ids[name]], ids
@@ -222,7 +224,7 @@ def test_new_maps_swap_keeps_every_pod_captured_and_guarded(running, bpffs_dir, 
         assert_never_uncovered(recorder.ops, start, str(cgroups["pod_a"]), str(cgroups["pods"]), set_of)
         failures = [a for a in attempts if a[1]]
         assert attempts and not failures, failures
-        assert len(replaced) == len(POD_HOOKS) + 3
+        assert len(replaced) == len(POD_HOOKS) + len(hooks_for(ROLE_GUARD)) + len(hooks_for(ROLE_PROXY))
         assert new.counters()["guard_denied"] == 0
         pruned = new.prune_pins()
         assert any(old.pin_names().maps in p for p in pruned)

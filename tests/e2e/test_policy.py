@@ -121,3 +121,57 @@ def _load_errors(lab) -> float:
         if line.startswith("tcpmesh_policy_load_errors_total "):
             return float(line.split()[1])
     raise AssertionError("tcpmesh_policy_load_errors_total missing")
+
+
+PEER_AUTH = """\
+    kind: PeerAuthentication
+    metadata: {{name: n2p1-inbound, namespace: lab}}
+    spec:
+      selector: {{workload: n2p1}}
+      mtls: {{mode: {mode}}}
+    """
+
+
+def plaintext_connect(netns: str, address: tuple[str, int]) -> str:
+    """Connect from ``netns`` outside every pod cgroup (not meshed): 'connected' or the error."""
+    from agent.lab.nsenter import connect_in_netns
+
+    try:
+        connect_in_netns(netns, address, timeout=1.0).close()
+        return "connected"
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def plaintext_counter(lab, name: str) -> float:
+    for line in lab.admin_get(2, "/metrics").decode().splitlines():
+        if line.startswith(f"tcpmesh_plaintext_{name}_total{{") and 'workload="n2p1"' in line:
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_strict_inbound_drops_plaintext_in_the_kernel_and_permissive_counts_it(policy_lab):
+    lab = policy_lab
+    target = (lab.pod("n2p1").ip, 7200)
+    write_policy(lab, "peer-auth.yaml", PEER_AUTH.format(mode="STRICT"))
+    deadline = time.monotonic() + RELOAD
+    while plaintext_connect(lab.node(2).netns, target) == "connected":
+        assert time.monotonic() < deadline, "STRICT did not take effect"
+        time.sleep(0.3)
+    rejected_before = plaintext_counter(lab, "rejected")
+    # from the node itself and from a process in another pod's network namespace outside its cgroup
+    assert plaintext_connect(lab.node(2).netns, target) in ("TimeoutError", "timeout")
+    assert plaintext_connect(lab.pod("n1p2").netns, target) in ("TimeoutError", "timeout")
+    assert plaintext_counter(lab, "rejected") >= rejected_before + 2
+    meshed, _ = attempt(lab, "n1p1", "po-strict-meshed")  # through the mesh it still works
+    assert "error" not in meshed and meshed["reply"].split()[0] == meshed["sent_sha256"]
+
+    write_policy(lab, "peer-auth.yaml", PEER_AUTH.format(mode="PERMISSIVE"))
+    deadline = time.monotonic() + RELOAD
+    while plaintext_connect(lab.node(2).netns, target) != "connected":
+        assert time.monotonic() < deadline, "PERMISSIVE did not take effect"
+        time.sleep(0.3)
+    accepted = plaintext_counter(lab, "accepted")
+    assert plaintext_connect(lab.pod("n1p2").netns, target) == "connected"
+    assert plaintext_counter(lab, "accepted") >= accepted + 1
+    os.unlink(f"{lab.plan.state_dir}/policies/peer-auth.yaml")

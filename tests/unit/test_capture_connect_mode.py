@@ -39,7 +39,7 @@ def test_constructor_validates_cidrs_before_load(tmp_path):
 
 def test_hooks_and_names():
     assert [h.program for h in hooks_for(ROLE_POD)][-1] == "tcpmesh_conn4"  # connect4 goes on last
-    assert [h.program for h in hooks_for(ROLE_PROXY)] == ["tcpmesh_sockopt"]
+    assert [h.program for h in hooks_for(ROLE_PROXY)] == ["tcpmesh_sockopt", "tcpmesh_pxops"]
     assert all(len(h.program) <= 15 and h.program.startswith("tcpmesh_") for h in HOOKS)
 
 
