@@ -176,9 +176,9 @@ def build_capture(config) -> Capture:
                            proxy_cgroup, config.capture.pods_cgroup,
                            config.capture.bpffs_dir or default_bpffs_dir(config.node.name))
     if mode == "ebpf-tc":
-        from agent.capture.tc_mode import TcCapture  # imports bcc at start() only
+        from agent.capture.tc_mode import TcCapture  # compiles in a child process: no bcc here
 
-        hostcheck.require(hostcheck.root_problem(), hostcheck.bcc_problem())
+        hostcheck.require(hostcheck.root_problem())
         return TcCapture(config.proxy.bind_address, config.proxy.outbound_port, config.state_dir)
     if mode == "iptables":
         from agent.capture.tproxy_mode import TproxyCapture

@@ -1,9 +1,10 @@
 """The ebpf-tc capture mode: bpf/capture_tc.c on tc ingress of each local pod's node-side veth.
 
 ``TcCapture`` implements the ``Capture`` interface (agent.capture.modes):
-  - ``start()``: compile and load the program (bcc, kernel stub), fill tcpmesh_tc_cidrs (capture
-    CIDRs, bypass CIDRs, the node's own addresses as bypass /32s), install the fwmark rule and
-    local table (agent.capture.steering);
+  - ``start()``: compile and load the program in a short-lived child (agent.capture.fdloader: bcc
+    and libLLVM never enter the agent), keep its program and map fds, fill tcpmesh_tc_cidrs
+    (capture CIDRs, bypass CIDRs, the node's own addresses as bypass /32s), install the fwmark
+    rule and local table (agent.capture.steering);
   - ``attach(w)``: the interface the node routes ``w.ip`` through (`ip route get` → oif) gets a
     clsact qdisc and our cls_bpf filter on ingress (direct-action, IPv4, priority/handle below,
     name ``tcpmesh_tc_in``), with ``replace`` so a leftover of a crashed run is swapped in place;
@@ -20,10 +21,11 @@ crashed run left in a namespace; they need no bcc. Must not import the proxy or 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import ipaddress
 import socket
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -31,10 +33,12 @@ from typing import Sequence
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.capture import abi, steering
-from agent.capture.bccload import base_cflags, bpf_source_dir, compile_source, load_program
+from agent.capture.bccload import base_cflags, bpf_source_dir
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
 from agent.capture.counters import sum_per_cpu
 from agent.capture.errors import NotLoaded
+from agent.capture.fdloader import FdLoadRequest, LoadedFds, load_fds
+from agent.capture.libbpf import Libbpf
 from agent.capture.modes import ListenerRequirements
 from agent.capture.netns import describe, ipr, netlink_call
 from agent.capture.origin import Origin
@@ -51,6 +55,8 @@ CLSACT_INGRESS = 0xFFFFFFF2        # ffff:fff2
 CLSACT_EGRESS = 0xFFFFFFF3
 ETH_P_IP = 0x0800
 PROG_SCHED_CLS = 3                 # BPF_PROG_TYPE_SCHED_CLS
+CIDRS_MAP = "tcpmesh_tc_cidrs"
+COUNTERS_MAP = "tcpmesh_tc_counters"
 DEFAULT_MAX_CONNECTIONS = 65536
 
 
@@ -92,30 +98,33 @@ class TcCapture:
         self.source_dir = Path(source_dir) if source_dir else bpf_source_dir()
         self.max_connections = max_connections
         self._origins = TransparentOrigins()
-        self._bpf = None
-        self._fn = None
+        self._loaded: LoadedFds | None = None
+        self._libbpf: Libbpf | None = None
         self._attached: dict[str, tuple[int, str]] = {}  # workload key -> (ifindex, ifname)
         self.load_seconds: float | None = None
 
     # ---- Capture interface ---------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._bpf is not None:
+        if self._loaded is not None:
             return
-        started = time.monotonic()
-        source = self.source_dir / SOURCE_NAME
-        bpf = compile_source(source, compile_flags(self.source_dir, self.listen_address, self.listen_port,
-                                                   self.max_connections), self.state_dir)
+        request = FdLoadRequest(str(self.source_dir / SOURCE_NAME),
+                                tuple(compile_flags(self.source_dir, self.listen_address, self.listen_port,
+                                                    self.max_connections)),
+                                self.state_dir, ((PROGRAM, PROG_SCHED_CLS, -1),), (CIDRS_MAP, COUNTERS_MAP))
+        loaded = load_fds(request)
         try:
-            self._fn = load_program(bpf, source, PROGRAM, PROG_SCHED_CLS)
-            self._bpf = bpf
+            self._libbpf = Libbpf()
+            _check_map(self._libbpf, loaded.maps[CIDRS_MAP], CIDRS_MAP, abi.CidrKey, abi.CidrValue)
+            _check_map(self._libbpf, loaded.maps[COUNTERS_MAP], COUNTERS_MAP, ctypes.c_int, ctypes.c_uint64)
+            self._loaded = loaded
             self.refresh_local_addresses()
             steering.ensure(self.netns)
         except BaseException:
-            self._bpf = self._fn = None
-            bpf.cleanup()
+            self._loaded = None
+            loaded.close()
             raise
-        self.load_seconds = time.monotonic() - started
+        self.load_seconds = loaded.seconds
 
     def attach(self, workload: Workload) -> None:
         """Our filter on ingress of the interface ``workload.ip`` routes through. Idempotent."""
@@ -125,7 +134,7 @@ class TcCapture:
             return
         self.refresh_local_addresses()
         if (index, ifname) not in self._attached.values():
-            _install_filter(self.netns, index, ifname, self._fn.fd)
+            _install_filter(self.netns, index, ifname, self._loaded.programs[PROGRAM])
         previous = self._attached.get(workload.key)
         self._attached[workload.key] = (index, ifname)
         if previous is not None:
@@ -151,26 +160,34 @@ class TcCapture:
             steering.remove(self.netns)
         except KernelError as exc:
             errors.append(exc)
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = self._fn = None
+        self.abandon()
         if errors:
             raise errors[0]
 
     def counters(self) -> dict[str, int]:
         """{reason: total over CPUs}; empty on a partial read or before start()."""
-        if self._bpf is None:
+        if self._loaded is None:
             return {}
-        table = self._bpf[b"tcpmesh_tc_counters"]
+        fd, cpus = self._loaded.maps[COUNTERS_MAP], self._libbpf.possible_cpus()
         per_reason: dict[int, list[int] | None] = {}
         for code in range(abi.TC_REASON_MAX):
             try:
-                per_reason[code] = list(table.getvalue(table.Key(code)))
-            except (KeyError, OSError):
-                per_reason[code] = None
+                raw = self._libbpf.map_lookup(fd, bytes(ctypes.c_int(code)), 8 * cpus, COUNTERS_MAP)
+            except KernelError:
+                raw = None
+            per_reason[code] = None if raw is None else \
+                [int.from_bytes(raw[i * 8:i * 8 + 8], sys.byteorder) for i in range(cpus)]
         return sum_per_cpu(per_reason, abi.TC_REASONS) or {}
 
     # ---- more ----------------------------------------------------------------------------------
+
+    def abandon(self) -> None:
+        """Close the agent's descriptors and forget attachments without touching kernel objects —
+        what a crash does (attached filters keep the program and its maps alive). stop() ends here."""
+        self._attached.clear()
+        if self._loaded is not None:
+            self._loaded.close()
+            self._loaded = None
 
     def attachments(self) -> dict[str, str]:
         """{workload key: interface}, a snapshot for `doctor` and tests."""
@@ -188,17 +205,26 @@ class TcCapture:
             _remove_filters(self.netns, link[0], link[1])
 
     def _write_cidrs(self, entries: dict[tuple[int, int], int]) -> None:
-        table = self._bpf[b"tcpmesh_tc_cidrs"]
-        for (prefixlen, ip4), action in entries.items():
-            key = table.Key.from_buffer_copy(bytes(abi.CidrKey(prefixlen=prefixlen, ip4=ip4)))
-            table[key] = table.Leaf.from_buffer_copy(bytes(abi.CidrValue(action=action)))
-        for key in list(table.keys()):
-            if (key.prefixlen, key.ip4) not in entries:
-                del table[key]
+        """New entries go in before stale ones come out."""
+        fd = self._loaded.maps[CIDRS_MAP]
+        wanted = {bytes(abi.CidrKey(prefixlen=p, ip4=ip4)): action for (p, ip4), action in entries.items()}
+        for key, action in wanted.items():
+            self._libbpf.map_update(fd, key, bytes(abi.CidrValue(action=action)), CIDRS_MAP)
+        for key in self._libbpf.map_keys(fd, ctypes.sizeof(abi.CidrKey), CIDRS_MAP):
+            if key not in wanted:
+                self._libbpf.map_delete(fd, key, CIDRS_MAP)
 
     def _require_started(self) -> None:
-        if self._bpf is None:
+        if self._loaded is None:
             raise NotLoaded("TcCapture.start() has not run (or stop() already did)")
+
+
+def _check_map(libbpf: Libbpf, fd: int, name: str, key, value) -> None:
+    """The loaded map has the layout of the ctypes mirror (never write into another layout)."""
+    info = libbpf.map_info(fd, name)
+    if (info.key_size, info.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
+        raise NotLoaded(f"map {name} has key/value sizes {info.key_size}/{info.value_size}, the agent's mirror "
+                        f"{ctypes.sizeof(key)}/{ctypes.sizeof(value)}: bpf/ and agent/ are from different versions")
 
 
 # ---- tc objects, found by name (no bcc needed) ----------------------------------------------------

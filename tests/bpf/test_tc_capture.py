@@ -143,7 +143,7 @@ def test_stop_alone_removes_everything_and_a_crash_leftover_is_replaced_then_cle
         crashed = TcCapture("0.0.0.0", 15001, str(tmp_path), netns=world.node)
         crashed.start()
         crashed.attach(world.workload("p1"))
-        crashed._bpf.cleanup()  # the process "dies": no stop(); the filter keeps the program alive
+        crashed.abandon()  # the process "dies": no stop(); the filter keeps the program alive
         left = find_leftovers(world.node)
         assert len(left) == 3, left  # filter, rule, route
         # fail-closed while no agent runs: a captured SYN finds no listener and is dropped
@@ -162,7 +162,7 @@ def test_stop_alone_removes_everything_and_a_crash_leftover_is_replaced_then_cle
         crashed = TcCapture("0.0.0.0", 15001, str(tmp_path), netns=world.node)
         crashed.start()
         crashed.attach(world.workload("p1"))
-        crashed._bpf.cleanup()
+        crashed.abandon()
         assert cleanup_leftovers(world.node, dry_run=True) == find_leftovers(world.node) != []  # removes nothing
         removed = cleanup_leftovers(world.node)
         assert any(PROGRAM in item for item in removed) and any("clsact" in item for item in removed)

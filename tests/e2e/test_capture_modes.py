@@ -46,6 +46,8 @@ def test_mode_is_chosen_traffic_flows_and_sigterm_leaves_nothing(bpf_capable, mo
         assert flow["pid"] is None  # packet-level capture: the process is unknown
 
         pid = labops.lab_status(name)["nodes"][0]["agent"]["pid"]
+        mapped = open(f"/proc/{pid}/maps").read()
+        assert "libLLVM" not in mapped and "libbcc" not in mapped  # ebpf-tc compiles in a child process
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)  # lab_up started the agent from this process
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"agent exit status {status:#x}"
