@@ -8,6 +8,10 @@
  *                                              bytes, read the echo, close; completions per second
  *   loadgen hold HOST PORT N                   open N connections (one 1-byte exchange each), print
  *                                              a JSON line, keep them until stdin closes, then close
+ *   loadgen connect2 HOST_A PORT_A CGROUP_PROCS_A AFTER_A HOST_B PORT_B CGROUP_PROCS_B AFTER_B COUNT MAX_SECONDS
+ *                                              the same, alternating two variants connect by connect,
+ *                                              each socket created from its own cgroup (the process
+ *                                              moves itself between the two cgroup.procs files)
  *   loadgen connect HOST PORT COUNT AFTER MAX_SECONDS
  *                                              up to COUNT sequential blocking connects (stopping
  *                                              after MAX_SECONDS), timing connect() only; AFTER=
@@ -457,6 +461,82 @@ static int connect_lat(const char *host, const char *port, int count, const char
     return 0;
 }
 
+/* ---------------------------------------------------------------- connect2: two variants, interleaved */
+
+static void join_cgroup(const char *procs_path) {
+    int fd = open(procs_path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, "0", 1) != 1) die(procs_path); /* "0": the writing process itself */
+    close(fd);
+}
+
+typedef struct {
+    struct sockaddr_in sa;
+    const char *procs; /* cgroup.procs the socket is created from */
+    int exchange;
+    samples_t s;
+    long failed, lingered;
+} variant_t;
+
+static void one_connect(variant_t *v) {
+    struct timeval tv = {.tv_sec = 2};
+    char c = 'c';
+    join_cgroup(v->procs); /* a socket belongs to the cgroup of the process that creates it */
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) die("socket");
+    nodelay(fd);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    uint64_t a = now_ns();
+    int rc = connect(fd, (struct sockaddr *)&v->sa, sizeof v->sa);
+    uint64_t b = now_ns();
+    if (rc < 0) {
+        v->failed++;
+        close(fd);
+        return;
+    }
+    push(&v->s, b - a);
+    if (v->exchange) {
+        if (write_full(fd, &c, 1) || read_full(fd, &c, 1)) v->failed++;
+    } else {
+        char sink[256];
+        ssize_t r;
+        while ((r = read(fd, sink, sizeof sink)) > 0)
+            ;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) v->lingered++;
+    }
+    close(fd);
+}
+
+static void print_variant(const char *name, variant_t *v) {
+    printf("\"%s\": {\"failed\": %ld, \"lingered\": %ld, ", name, v->failed, v->lingered);
+    print_dist("connect_us", &v->s);
+    printf("}");
+}
+
+/* Alternates one connect of variant A (from cgroup A) with one of variant B (from cgroup B), so any
+ * drift in the machine's load hits both alike. */
+static int connect2(char **argv, int count, double max_seconds) {
+    variant_t v[2];
+    memset(v, 0, sizeof v);
+    for (int k = 0; k < 2; k++) {
+        v[k].sa = parse_addr(argv[k * 4], argv[k * 4 + 1]);
+        v[k].procs = argv[k * 4 + 2];
+        v[k].exchange = strcmp(argv[k * 4 + 3], "exchange") == 0;
+    }
+    double t0 = now_s();
+    for (int i = 0; i < count && now_s() - t0 < max_seconds; i++) {
+        one_connect(&v[i & 1]);
+        one_connect(&v[!(i & 1)]);
+    }
+    printf("{\"mode\": \"connect2\", \"seconds\": %.3f, ", now_s() - t0);
+    print_variant("a", &v[0]);
+    printf(", ");
+    print_variant("b", &v[1]);
+    printf(", ");
+    print_cpu();
+    printf("}\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     setvbuf(stdout, NULL, _IOFBF, 1 << 16);
@@ -465,9 +545,11 @@ int main(int argc, char **argv) {
     if (argc >= 8 && !strcmp(argv[1], "crr"))
         return crr(argv[2], argv[3], atof(argv[4]), atoi(argv[5]), (size_t)atol(argv[6]), atof(argv[7]));
     if (argc >= 5 && !strcmp(argv[1], "hold")) return hold(argv[2], argv[3], atoi(argv[4]));
+    if (argc >= 12 && !strcmp(argv[1], "connect2")) return connect2(argv + 2, atoi(argv[10]), atof(argv[11]));
     if (argc >= 7 && !strcmp(argv[1], "connect"))
         return connect_lat(argv[2], argv[3], atoi(argv[4]), argv[5], atof(argv[6]));
     fprintf(stderr, "usage: loadgen serve PORT | rr HOST PORT SECONDS SIZE | crr HOST PORT SECONDS CONC SIZE WARMUP"
-                    " | hold HOST PORT N | connect HOST PORT COUNT exchange|eof MAX_SECONDS\n");
+                    " | hold HOST PORT N | connect HOST PORT COUNT exchange|eof MAX_SECONDS"
+                    " | connect2 A_HOST A_PORT A_PROCS A_AFTER B_HOST B_PORT B_PROCS B_AFTER COUNT MAX_SECONDS\n");
     return 2;
 }

@@ -62,6 +62,15 @@ def connect_argv(binary: Path, host: str, port: int, count: int, after: str, max
     return [str(binary), "connect", host, str(port), str(count), after, f"{max_seconds:g}"]
 
 
+def connect2_argv(binary: Path, a: tuple[str, int, str, str], b: tuple[str, int, str, str], count: int,
+                  max_seconds: float) -> list[str]:
+    """Alternate connects of variant a and b; each is (host, port, cgroup directory, "exchange" | "eof")."""
+    words = [str(binary), "connect2"]
+    for host, port, cgroup, after in (a, b):
+        words += [host, str(port), f"{cgroup.rstrip('/')}/cgroup.procs", after]
+    return words + [str(count), f"{max_seconds:g}"]
+
+
 def iperf3_server_argv(port: int = BULK_PORT) -> list[str]:
     return ["iperf3", "-s", "-1", "-p", str(port)]
 

@@ -102,8 +102,8 @@ def markdown(results: dict, *, json_path: Path, chart_path: str | None, docs_pat
         lines.append(f"| {t['text']} | {shown}{' (' + t['note'] + ')' if t['note'] else ''} | {met} |")
     cap = results.get("capture")
     if cap:
-        lines += ["", f"Capture ({cap['connects']} sequential connects per variant and repetition; only connect() is "
-                  "timed, both variants reach the same proxy listener on node1):", "",
+        lines += ["", f"Capture ({cap['connects']} connects per variant and repetition, the two variants alternating "
+                  "connect by connect; only connect() is timed; both reach the same proxy listener on node1):", "",
                   "| connect() to the outbound proxy | p50 (µs) | p99 (µs) |", "|---|---|---|",
                   f"| straight to {results.get('pod_gateway', '169.254.1.1')}:15001 (not captured) | "
                   f"{_cell(cap['straight_p50_us'], Figure('', '', '', False, digits=1))} | "

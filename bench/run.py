@@ -164,8 +164,7 @@ def measure(world: World, settings: S.Settings, paths: tuple[str, ...], results:
             results["raw"][p].append(reps[p])
         if "tcpmesh" in live:
             try:
-                cap = scenarios.capture(world, settings, routes["tcpmesh"], routes["direct"],
-                                        first="captured" if rep % 2 == 0 else "straight")
+                cap = scenarios.capture(world, settings, routes["tcpmesh"], routes["direct"])
                 results["capture_raw"].append(cap)
                 log(f"rep {rep + 1}/{settings.repetitions} capture: connect() p50 captured "
                     f"{cap['captured']['connect_us']['p50']:.1f} µs, straight {cap['straight']['connect_us']['p50']:.1f} µs "

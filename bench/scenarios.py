@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import statistics
 import subprocess
 import time
 
@@ -116,53 +115,37 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     return buf.split(b"\n", 1)[0].decode()
 
 
-def capture(world: World, settings: Settings, tcpmesh: Path_, direct: Path_, first: str, chunks: int = 5) -> dict:
+def capture(world: World, settings: Settings, tcpmesh: Path_, direct: Path_) -> dict:
     """connect() latency through the eBPF connect path vs straight to the outbound proxy port.
 
-    Captured: the client in the pod cgroup connects to the server pod (rewritten to the proxy on
-    node1), exchanges one byte through the tunnel and closes. Straight: a client outside the pod
-    cgroups connects to <pod gateway>:15001 itself; the proxy, finding no original destination,
-    closes it. Both reach the same listener; only connect() is timed, one connection at a time,
-    so the difference is what the BPF programs add to setting up a connection. The two variants
-    alternate in ``chunks`` rounds after a warm-up, and each is summarised by the median of its
-    rounds' medians, so a burst of load from elsewhere on the machine hits both alike.
+    Captured: a socket created in the pod cgroup connects to the server pod (rewritten to the proxy
+    on node1), exchanges one byte through the tunnel and closes. Straight: a socket created in a
+    cgroup without hooks connects to <pod gateway>:15001 itself; the proxy, finding no original
+    destination, closes it. Both reach the same listener, and only connect() is timed. One
+    ``loadgen connect2`` process alternates the two connect by connect (moving itself between the
+    two cgroups, untimed), so whatever else loads the machine hits both alike.
     """
-    per_chunk = max(1, settings.capture_connects // chunks)
-    budget = settings.capture_max_seconds / chunks
-
-    def run(variant: str, count: int) -> dict:
-        if variant == "captured":
-            argv = loadgen.connect_argv(world.binary, tcpmesh.echo[0], tcpmesh.echo[1], count, "exchange", budget)
-            out = world.run(argv, tcpmesh.client_netns, tcpmesh.client_cgroup, timeout=budget + 30)
-        else:
-            argv = loadgen.connect_argv(world.binary, world.plan.pod_gateway, OUTBOUND_PORT, count, "eof", budget)
-            out = world.run(argv, direct.client_netns, direct.client_cgroup, timeout=budget + 30)
-        result = loadgen.parse_json_line(out, f"loadgen connect ({variant})")
-        if result["connect_us"]["count"] == 0:
-            raise RuntimeError(f"no {variant} connect succeeded ({result['failed']} failed)")
+    def run(count: int) -> dict:
+        argv = loadgen.connect2_argv(
+            world.binary,
+            (tcpmesh.echo[0], tcpmesh.echo[1], tcpmesh.client_cgroup, "exchange"),
+            (world.plan.pod_gateway, OUTBOUND_PORT, direct.client_cgroup, "eof"),
+            count, settings.capture_max_seconds)
+        out = world.run(argv, tcpmesh.client_netns, tcpmesh.client_cgroup, timeout=settings.capture_max_seconds + 30)
+        result = loadgen.parse_json_line(out, "loadgen connect2")
+        for key, variant in (("a", "captured"), ("b", "straight")):
+            if result[key]["connect_us"]["count"] == 0:
+                raise RuntimeError(f"no {variant} connect succeeded ({result[key]['failed']} failed)")
         return result
 
-    order = ["captured", "straight"] if first == "captured" else ["straight", "captured"]
-    for variant in order:  # warm-up: caches, the proxy's first-use paths
-        run(variant, max(1, per_chunk // 4))
-    rounds: dict[str, list[dict]] = {"captured": [], "straight": []}
+    run(max(10, settings.capture_connects // 10))  # warm-up: caches, the proxy's first-use paths
     names = _capture_programs(world, tcpmesh)
-    bpf_runs: list[dict] = []
     with bpfstats.enabled() as stats_on:
-        for i in range(chunks):
-            for variant in (order if i % 2 == 0 else order[::-1]):
-                before = bpfstats.snapshot(names) if stats_on and names and variant == "captured" else None
-                rounds[variant].append(run(variant, per_chunk))
-                if before is not None:
-                    bpf_runs.append(bpfstats.delta(names, before, bpfstats.snapshot(names)))
-    result: dict = {"chunks": chunks, "per_chunk": per_chunk, "bpf": _bpf_summary(bpf_runs, rounds["captured"])}
-    for variant, runs in rounds.items():
-        result[variant] = {
-            "connect_us": {key: statistics.median(r["connect_us"][key] for r in runs) for key in ("p50", "p90", "p99")},
-            "count": sum(r["connect_us"]["count"] for r in runs),
-            "failed": sum(r["failed"] for r in runs),
-            "round_p50s": [r["connect_us"]["p50"] for r in runs],
-        }
+        before = bpfstats.snapshot(names) if stats_on and names else None
+        measured = run(settings.capture_connects)
+        bpf_run = bpfstats.delta(names, before, bpfstats.snapshot(names)) if before is not None else None
+    result: dict = {"captured": measured["a"], "straight": measured["b"], "seconds": measured["seconds"]}
+    result["bpf"] = _bpf_summary([bpf_run] if bpf_run else [], [measured["a"]])
     captured, straight = result["captured"]["connect_us"], result["straight"]["connect_us"]
     result["overhead_pct"] = (captured["p50"] / straight["p50"] - 1) * 100
     result["overhead_p99_pct"] = (captured["p99"] / straight["p99"] - 1) * 100
