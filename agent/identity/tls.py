@@ -31,7 +31,7 @@ KEY_FILE_MODE = 0o600
 
 __all__ = [
     "ALPN", "PeerIdentityError", "PeerProtocolError", "SniServerContexts", "TlsSetupError", "check_alpn",
-    "check_peer", "client_context", "describe_tls_error", "peer_spiffe_id", "server_context",
+    "check_peer", "client_context", "describe_tls_error", "peer_not_after", "peer_spiffe_id", "server_context",
 ]
 
 
@@ -109,6 +109,18 @@ def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
     if not cert:
         raise PeerIdentityError("peer certificate was not verified; use a context from agent.identity.tls")
     return peer.spiffe_id_from_sans(cert.get("subjectAltName", ()))
+
+
+def peer_not_after(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> float:
+    """When the verified peer certificate of an established connection expires (unix time).
+
+    TLS checks validity once, at the handshake; a long-lived tunnel that carries new streams should
+    stop doing so after this moment.
+    """
+    cert = ssl_object.getpeercert()
+    if not cert or "notAfter" not in cert:
+        raise PeerIdentityError("peer certificate was not verified; use a context from agent.identity.tls")
+    return ssl.cert_time_to_seconds(cert["notAfter"])
 
 
 def check_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: SpiffeId) -> SpiffeId:

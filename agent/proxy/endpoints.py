@@ -136,7 +136,7 @@ class Leg(asyncio.Protocol):
         if sock is not None:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
+            except (OSError, ValueError):  # uvloop raises ValueError once the socket is already closed
                 pass
         self.transport.abort()
 

@@ -258,7 +258,7 @@ def test_an_impostor_inbound_proxy_is_refused_with_the_reason(id_lab, impostors,
         rogue.terminate()
         rogue.wait(timeout=5)
     flow = id_lab.wait_flow(1, lambda f: f["destination_port"] == port)
-    assert flow["response_flags"] == flag and words in flow["detail"], flow
+    assert flow["response_flags"] == flag and words in flow["detail"], (json.dumps(flow), result)
     assert flow["destination_principal"] == id_lab.pod("n3p1").spiffe_id
     assert words in agent_log(id_lab, 1)
 

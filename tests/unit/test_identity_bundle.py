@@ -148,3 +148,14 @@ def test_store_refuses_a_peer_of_another_trust_domain(old_root) -> None:
     assert result.established
     with pytest.raises(PeerIdentityError, match="from trust domain 'other'; this node accepts trust domain 'td' only"):
         store.peer_identity(result.server)
+
+
+def test_peer_not_after_tells_when_an_established_tunnel_outlives_the_peer_certificate(old_root) -> None:
+    from agent.identity.tls import peer_not_after
+
+    client = issue_svid(old_root, CLIENT, 600)
+    server = issue_svid(old_root, DB, 3600)
+    front = SniServerContexts(old_root.cert_pem, {DB: server_context(server, old_root.cert_pem)})
+    result = handshake(client_context(client, old_root.cert_pem), front.context, DB.sni)
+    assert peer_not_after(result.client) == server.not_after.timestamp()
+    assert peer_not_after(result.server) == client.not_after.timestamp()
