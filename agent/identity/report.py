@@ -124,11 +124,12 @@ def format_report(report: Mapping[str, Any], identities: list[dict[str, Any]]) -
         f"trust bundle   {len(report['trust_bundle'])} root(s): " + ", ".join(
             f"{_root_label(r)} until {r['not_after'][:10]}" for r in report["trust_bundle"]),
         "",
-        f"{'IDENTITY':44} {'SERIAL':16} {'NOT BEFORE':20} {'NOT AFTER':20} {'RENEW IN':9} {'STATE':9} ROOT",
     ]
-    for i in identities:
-        name = i["spiffe_id"] + (f" ({', '.join(i['workloads'])})" if i["workloads"] else "")
-        lines.append(f"{name:44} {i['serial'][:16]:16} {i['not_before'][:19]:20} {i['not_after'][:19]:20} "
+    names = [i["spiffe_id"] + (f" ({', '.join(i['workloads'])})" if i["workloads"] else "") for i in identities]
+    width = max([len("IDENTITY"), *map(len, names)])
+    lines.append(f"{'IDENTITY':{width}} {'SERIAL':16} {'NOT BEFORE':20} {'NOT AFTER':20} {'RENEW IN':9} {'STATE':9} ROOT")
+    for name, i in zip(names, identities):
+        lines.append(f"{name:{width}} {i['serial'][:16]:16} {i['not_before'][:19]:20} {i['not_after'][:19]:20} "
                      f"{_duration(i['seconds_to_renewal']):9} {i['state']:9} {_root_label(i['root'])}")
         if i["last_error"]:
             lines.append(f"    renewal failed {i['failures']}x: {i['last_error']}")

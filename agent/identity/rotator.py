@@ -246,6 +246,9 @@ class IdentityRotator:
 def rotator_from_config(config: Any, metrics: Any = None) -> IdentityRotator:
     """Build the rotator (and its store) from an ``agent.config.Config``."""
     identity = config.identity
+    if identity.svid_ttl_seconds < MIN_TTL_SECONDS:
+        log.warning("identity.dev_short_ttl is on: SVIDs live %ds and renew about every %.0fs — for tests and "
+                    "development only", identity.svid_ttl_seconds, identity.svid_ttl_seconds / 2)
     return IdentityRotator(
         CaSource(node_ca_dir=identity.node_ca_dir, ca_dir=identity.ca_dir, node=config.node.name),
         ttl_seconds=identity.svid_ttl_seconds,

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from agent.capture.origin import Origin
 from agent.cli import main
