@@ -64,14 +64,17 @@ def remove(netns: str | None = None) -> list[str]:
     where = describe(netns)
     with ipr(netns) as handle:
         for rule in _our_rules(handle):
-            if _tolerate_missing("delete rule", f"{_describe_rule(rule)} in {where}", handle.rule, "del", family=socket.AF_INET,
+            what = f"{_describe_rule(rule)} in {where}"
+            if _tolerate_missing("delete rule", what, handle.rule, "del", family=socket.AF_INET,
                                  priority=rule.get_attr("FRA_PRIORITY"), table=TABLE,
                                  fwmark=rule.get_attr("FRA_FWMARK"), fwmask=rule.get_attr("FRA_FWMASK")):
-                removed.append(f"{_describe_rule(rule)} in {where}")
+                removed.append(what)
         for route in _our_routes(handle):
-            if _tolerate_missing("delete route", f"{_describe_route(route)} in {where}", handle.route, "del", dst="0.0.0.0/0",
-                                 type="local", scope="host", table=TABLE, oif=route.get_attr("RTA_OIF")):
-                removed.append(f"{_describe_route(route)} in {where}")
+            what = f"{_describe_route(route)} in {where}"
+            # scope must match: the kernel's delete compares it (ESRCH otherwise)
+            if _tolerate_missing("delete route", what, handle.route, "del", dst="0.0.0.0/0", type="local",
+                                 scope="host", table=TABLE, oif=route.get_attr("RTA_OIF")):
+                removed.append(what)
     return removed
 
 

@@ -58,7 +58,8 @@ def test_no_netfilter_tools_in_path_and_no_ebpf_leave_nothing_to_run(runner, tmp
                            env={"PATH": str(empty)})  # no nft, no iptables-*
     assert result.exit_code == 1, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines() if line and not line.startswith(" ")}
-    assert lines["tproxy_nft"].split()[1] == "fail" and "nft is not installed (not found in PATH)" in lines["tproxy_nft"]
+    assert lines["tproxy_nft"].split()[1] == "fail"
+    assert "nft is not installed (not found in PATH)" in lines["tproxy_nft"]
     assert lines["tproxy_iptables_legacy"].split()[1] == "fail"
     assert lines["prog_connect4"].split()[1] == "disabled"
     assert "the agent cannot run" in result.output

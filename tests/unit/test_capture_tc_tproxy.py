@@ -30,7 +30,8 @@ def test_nft_ruleset_keeps_the_pod_set_and_rebuilds_the_chains_in_one_transactio
     assert lines[0] == "table inet tcpmesh {}"
     assert not any(line.startswith(("flush set", "delete")) for line in lines)  # captured pods survive
     assert "flush chain inet tcpmesh capture" in lines
-    assert "add rule inet tcpmesh prerouting meta nfproto ipv4 meta l4proto tcp iifname @pod_ifaces jump capture" in lines
+    assert ("add rule inet tcpmesh prerouting meta nfproto ipv4 meta l4proto tcp iifname @pod_ifaces "
+            "jump capture") in lines
     order = [line.split(" capture ", 1)[1] for line in lines if line.startswith("add rule inet tcpmesh capture")]
     assert order == ["ct direction reply return", "fib daddr type local return", "ip daddr 0.0.0.0/8 return",
                      "ip daddr 10.9.0.0/16 return", "ip daddr 0.0.0.0/0 jump divert"]
