@@ -30,6 +30,7 @@ from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
 from agent.registry.model import Registry
 from agent.registry.static_file import load_registry_file
+from agent import sdnotify
 from agent.telemetry.admin import AdminServer
 from agent.telemetry.plaintext import PlaintextCollector
 from agent.audit.writer import AccessLog, access_log_from_config
@@ -144,12 +145,14 @@ class Agent:
                      "admin %s:%d and %s", config.node.name, self._captured_count(), self.capture.name,
                      config.proxy.outbound_port, config.proxy.inbound_port, config.admin.address, config.admin.port,
                      config.admin.socket)
+            sdnotify.ready(f"ready: {self._captured_count()} local workloads captured ({self.capture.name})")
             self._install_signal_handlers(loop)
             await self._stop.wait()
             log.info("stopping: capture stays in place (fail closed), draining connections for up to %.1fs",
                      config.proxy.drain_seconds)
             self.ready = False
             self.metrics.ready.set(0)
+            sdnotify.stopping("draining connections; capture stays in place (fail closed)")
             self._detach_capture()
             for server in servers:
                 server.close()
