@@ -76,13 +76,17 @@ def test_rtt_and_retransmits_land_in_the_registered_series_only(stats, topology,
     clean_listener = listen_in_netns(topology.node_ns, (NODE_IP, PORT_CLEAN))
     lossy_listener = listen_in_netns(topology.node_ns, (NODE_IP, PORT_LOSSY))
     threads = [sink(clean_listener), sink(lossy_listener)]
-    payload = b"x" * (2 << 20)
+    payload = b"x" * (1 << 20)
     for port, (src, dst) in ((PORT_CLEAN, ("clean", "db")), (PORT_LOSSY, ("lossy", "db"))):
         client = socket_in(topology.ns_path(topology.pod_ns), test_cgroup)
         client.settimeout(30)
         client.connect((NODE_IP, port))
         stats.flow_started(a_flow(src, dst), FakeLeg(client), FakeLeg(None))
-        client.sendall(payload)
+        for _ in range(32):  # losses are random: send until one was retransmitted (1 MiB at a time)
+            client.sendall(payload)
+            time.sleep(0.02)
+            if port == PORT_CLEAN or series(stats, src, dst).retransmits:
+                break
         client.close()
     for thread in threads:
         thread.join(30)

@@ -102,6 +102,43 @@ def test_tcpmesh_flows_reads_the_admin_socket(tmp_path):
         loop.close()
 
 
+def test_tcpmesh_flows_follow_prints_each_flow_when_it_opens_and_when_it_closes(tmp_path, monkeypatch):
+    from agent.telemetry import cli as flows_cli
+
+    table = FlowTable()
+    live = flow("web", "db", 5432, pid=4242)
+    table.opened(live)
+    path = str(tmp_path / "agent.sock")
+    loop = asyncio.new_event_loop()
+    server = AdminSocket(path, FakeWorkloads(), flows=lambda req: table.query(req.get("workload"), req.get("port"),
+                                                                              int(req.get("after") or 0)))
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    ticks = []
+
+    def tick(seconds):
+        ticks.append(seconds)
+        if len(ticks) == 1:
+            table.opened(other := flow("web", "cache", 6379, pid=7))
+            table.closed(live)
+            table.closed(other)
+        elif len(ticks) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows_cli.time, "sleep", tick)
+    try:
+        result = CliRunner().invoke(main, ["flows", "--follow", "--json", "--socket", path])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(server.stop())
+        loop.close()
+    assert result.exit_code == 0, result.output
+    events = [(r["destination_workload"], r["state"]) for r in map(json.loads, result.output.splitlines())]
+    assert events == [("db", "open"), ("db", "closed"), ("cache", "closed")]  # nothing printed twice
+
+
 def test_flows_without_an_agent_says_how_to_fix_it(tmp_path):
     result = CliRunner().invoke(main, ["flows", "--socket", str(tmp_path / "none.sock")])
     assert result.exit_code == 2 and "cannot reach the agent" in result.output
