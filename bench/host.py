@@ -40,6 +40,31 @@ def cpu_seconds_since(snapshot: dict[str, int]) -> float:
     return sum(cpu_usec(cg) - before for cg, before in snapshot.items()) / 1e6
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent not idle since boot (/proc/stat: everything but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignLoad:
+    """How many cores processes outside ``own_cgroups`` kept busy between ``start`` and ``stop``: the
+    other tenants of a shared machine. Kernel work done in interrupt context for our own traffic is
+    not charged to any cgroup, so this slightly overstates foreign load during network-heavy tests."""
+
+    def __init__(self, own_cgroups: Iterable[str]) -> None:
+        self.own = list(own_cgroups)
+
+    def start(self) -> tuple[float, float, int]:
+        return time.monotonic(), machine_busy_seconds(), sum(cpu_usec(cg) for cg in self.own)
+
+    def stop(self, started: tuple[float, float, int]) -> float:
+        t0, busy0, own0 = started
+        wall = time.monotonic() - t0
+        foreign = (machine_busy_seconds() - busy0) - (sum(cpu_usec(cg) for cg in self.own) - own0) / 1e6
+        return max(0.0, foreign / wall) if wall > 0 else 0.0
+
+
 def cgroup_pids(cgroup: str) -> list[int]:
     try:
         return [int(p) for p in Path(cgroup, "cgroup.procs").read_text().split()]

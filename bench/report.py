@@ -73,7 +73,9 @@ def markdown(results: dict, *, json_path: Path, chart_path: str | None, docs_pat
         f"Python {m['python']}, {m['openssl']}{', uvloop ' + m['uvloop'] if m.get('uvloop') else ''}; "
         f"{m['stunnel']}; {m['haproxy']}; {m['iperf3']}.",
         f"- Command: `{results['command']}` — {s['repetitions']} repetition{'s' if s['repetitions'] != 1 else ''}, {results.get('elapsed_s', 0) / 60:.1f} "
-        f"min; load average {m['loadavg_start'][0]:.2f} at the start, {m.get('loadavg_end', [0])[0]:.2f} at the end.",
+        f"min; load average {m['loadavg_start'][0]:.2f} at the start, {m.get('loadavg_end', [0])[0]:.2f} at the end"
+        + (f"; other processes on the machine kept {_cell(results['foreign_cores'], Figure('', '', '', False))} of "
+           f"its {m['nproc']} cores busy during the tests (median, min–max)." if results.get("foreign_cores") else "."),
         f"- Results: [{json_path.name}]({_rel(json_path, docs_path)}). Cells: median (min–max) of the repetitions.",
         "",
     ]

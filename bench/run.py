@@ -146,6 +146,7 @@ def measure(world: World, settings: S.Settings, paths: tuple[str, ...], results:
             log(f"reference: 14-byte RTT p50 sockperf {ref['sockperf']['p50']:.1f} µs, loadgen {ref['loadgen']['p50']:.1f} µs")
         except Exception as exc:
             error(results, "reference", "direct", exc)
+    meter = host.ForeignLoad([world.cgroup_root, world.plan.cgroup])
     for rep in range(settings.repetitions):
         order = live[rep % len(live):] + live[:rep % len(live)]
         reps = {p: {} for p in live}
@@ -155,8 +156,10 @@ def measure(world: World, settings: S.Settings, paths: tuple[str, ...], results:
             for p in order:
                 label = f"rep {rep + 1}/{settings.repetitions} {test:5} {p:8}"
                 try:
+                    started = meter.start()
                     reps[p][test] = run_test(world, routes[p], test, settings)
-                    log(f"{label} {describe(test, reps[p][test])}")
+                    reps[p][test]["foreign_cores"] = round(meter.stop(started), 2)
+                    log(f"{label} {describe(test, reps[p][test])} [others: {reps[p][test]['foreign_cores']:.1f} cores]")
                 except Exception as exc:
                     error(results, f"rep {rep + 1} {test}", p, exc, world)
                     log(f"{label} FAILED: {exc}")
@@ -293,6 +296,9 @@ def analyse(results: dict, settings: S.Settings) -> None:
     results["capture"] = capture
     results["targets"] = figures.check_targets(summary, results["ratios"], capture, settings.idle_connections)
     results["generator_check"] = generator_check(results)
+    foreign = [t["foreign_cores"] for reps in results["raw"].values() for rep in reps for t in rep.values()
+               if isinstance(t, dict) and "foreign_cores" in t]
+    results["foreign_cores"] = figures.summarize(foreign)
 
 
 def _bpf_programs(captures: list[dict]) -> dict[str, dict]:

@@ -125,24 +125,24 @@ def capture(world: World, settings: Settings, tcpmesh: Path_, direct: Path_) -> 
     ``loadgen connect2`` process alternates the two connect by connect (moving itself between the
     two cgroups, untimed), so whatever else loads the machine hits both alike.
     """
-    def run(count: int) -> dict:
+    def run(count: int, max_seconds: float) -> dict:
         argv = loadgen.connect2_argv(
             world.binary,
             (tcpmesh.echo[0], tcpmesh.echo[1], tcpmesh.client_cgroup, "exchange"),
             (world.plan.pod_gateway, OUTBOUND_PORT, direct.client_cgroup, "eof"),
-            count, settings.capture_max_seconds)
-        out = world.run(argv, tcpmesh.client_netns, tcpmesh.client_cgroup, timeout=settings.capture_max_seconds + 30)
+            count, max_seconds)
+        out = world.run(argv, tcpmesh.client_netns, tcpmesh.client_cgroup, timeout=max_seconds + 30)
         result = loadgen.parse_json_line(out, "loadgen connect2")
         for key, variant in (("a", "captured"), ("b", "straight")):
             if result[key]["connect_us"]["count"] == 0:
                 raise RuntimeError(f"no {variant} connect succeeded ({result[key]['failed']} failed)")
         return result
 
-    run(max(10, settings.capture_connects // 10))  # warm-up: caches, the proxy's first-use paths
+    run(max(10, settings.capture_connects // 10), max_seconds=3.0)  # warm-up: caches, first-use paths
     names = _capture_programs(world, tcpmesh)
     with bpfstats.enabled() as stats_on:
         before = bpfstats.snapshot(names) if stats_on and names else None
-        measured = run(settings.capture_connects)
+        measured = run(settings.capture_connects, settings.capture_max_seconds)
         bpf_run = bpfstats.delta(names, before, bpfstats.snapshot(names)) if before is not None else None
     result: dict = {"captured": measured["a"], "straight": measured["b"], "seconds": measured["seconds"]}
     result["bpf"] = _bpf_summary([bpf_run] if bpf_run else [], [measured["a"]])

@@ -25,7 +25,7 @@ class Settings:
     crr_size: int = 64                 # bytes each way per connection
     idle_connections: int = 1000       # held open for the memory figure
     capture_connects: int = 1000       # sequential connects per capture variant
-    capture_max_seconds: float = 30.0  # cap on the capture test (both variants together)
+    capture_max_seconds: float = 20.0  # cap on the measured capture run (both variants together)
     sockperf_seconds: float = 2.0      # the known-good reference on the direct path (0: skip)
     settle_seconds: float = 1.0        # pause before sampling memory
 
