@@ -79,7 +79,10 @@ def run_event_loop(main_coroutine, event_loop: str) -> None:
 @click.option("--config", "config_path", default="/etc/tcpmesh/config.yaml", show_default=True,
               type=click.Path(dir_okay=False), help="Agent config file (YAML).")
 @click.option("--dry-run", is_flag=True, help="List what would be removed; change nothing.")
-def cleanup(config_path: str, dry_run: bool) -> None:
+@click.option("--systemd-stop-post", "stop_post_unit", default="", metavar="UNIT",
+              help="As ExecStopPost of UNIT: clean up only for a stop job, never on a restart, a failure or a "
+                   "shutdown (docs/install-systemd.md).")
+def cleanup(config_path: str, dry_run: bool, stop_post_unit: str) -> None:
     """Remove everything tcpmesh made on this node, in any capture mode.
 
     Detaches every tcpmesh program from the cgroups under capture.cgroup_scope (default: the
@@ -89,6 +92,13 @@ def cleanup(config_path: str, dry_run: bool) -> None:
     from agent.cleanup import run_cleanup
     from agent.config import load_config
 
+    if stop_post_unit:
+        from agent.servicestop import ask_systemd, decide
+
+        decision = decide(stop_post_unit, ask_systemd(stop_post_unit))
+        click.echo(decision.reason)
+        if not decision.cleanup:
+            return
     report = run_cleanup(load_config(config_path), dry_run=dry_run)
     for line in report.removed:
         click.echo(line)
