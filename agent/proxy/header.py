@@ -4,7 +4,8 @@ Sans-io: ``encode_*_body`` return bytes; ``decode_*_body`` parse them. Errors di
 fault (``PeerProtocolError``) from ours (``ValueError`` on encode). docs/protocol.md has the format:
 
     CONNECT body = TLV*  (type:u8, len:u8, value)   TLV 1 DEST (af:u8=4, ipv4:4, port:u16),
-                   TLV 2 FLOW_ID (8 bytes), TLV 3 SOURCE (af:u8=4, ipv4:4, port:u16)
+                   TLV 2 FLOW_ID (8 bytes), TLV 3 SOURCE (af:u8=4, ipv4:4, port:u16),
+                   TLV 4 CLIENT_PROCESS (pid:u32, uid:u32, comm: ≤ 16 bytes utf-8)
     STATUS body  = status:u8 reason (utf-8, ≤ 255 bytes)
 
 A TLV type with bit 0x80 set is critical: a receiver that does not know it rejects the request;
@@ -23,6 +24,8 @@ MAX_REASON = 255
 TLV_DEST = 1
 TLV_FLOW_ID = 2
 TLV_SOURCE = 3
+TLV_CLIENT_PROCESS = 4
+COMM_MAX = 16
 TLV_CRITICAL = 0x80
 FLOW_ID_LEN = 8
 AF_INET4 = 4
@@ -40,6 +43,7 @@ class Status(enum.IntEnum):
     BAD_REQUEST = 4
     UNKNOWN_DESTINATION = 5  # the destination is not a workload on this node
     INTERNAL = 6
+    OVERLOADED = 7  # a connection limit of the destination node was reached (agent.proxy.limits)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class ConnectRequest:
     flow_id: bytes = b""
     source_ip: str = ""  # the client pod's address, as the source node saw it (attribution only)
     source_port: int = 0
+    pid: int | None = None  # the client process as the source node's capture saw it (attribution only)
+    uid: int | None = None
+    comm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,9 @@ def encode_connect_body(request: ConnectRequest) -> bytes:
     body = _address_tlv(TLV_DEST, request.dest_ip, request.dest_port)
     if request.source_ip:
         body += _address_tlv(TLV_SOURCE, request.source_ip, request.source_port)
+    if request.pid is not None:
+        comm = (request.comm or "").encode("utf-8", "replace")[:COMM_MAX]
+        body += bytes([TLV_CLIENT_PROCESS, 8 + len(comm)]) + struct.pack("!II", request.pid, request.uid or 0) + comm
     if request.flow_id:
         if len(request.flow_id) != FLOW_ID_LEN:
             raise ValueError(f"flow id must be {FLOW_ID_LEN} bytes")
@@ -104,6 +114,7 @@ def decode_status_body(body: bytes) -> StatusReply:
 def _decode_connect(body: bytes) -> ConnectRequest:
     dest: tuple[str, int] | None = None
     source: tuple[str, int] = ("", 0)
+    process: tuple[int | None, int | None, str | None] = (None, None, None)
     flow_id = b""
     offset = 0
     while offset < len(body):
@@ -118,6 +129,11 @@ def _decode_connect(body: bytes) -> ConnectRequest:
             dest = _decode_address("DEST", value)
         elif tlv_type == TLV_SOURCE:
             source = _decode_address("SOURCE", value)
+        elif tlv_type == TLV_CLIENT_PROCESS:
+            if not 8 <= tlv_len <= 8 + COMM_MAX:
+                raise PeerProtocolError(f"CLIENT_PROCESS TLV of {tlv_len} bytes (8 to {8 + COMM_MAX})")
+            pid, uid = struct.unpack("!II", value[:8])
+            process = (pid, uid, value[8:].decode("utf-8", "replace"))
         elif tlv_type == TLV_FLOW_ID:
             if tlv_len != FLOW_ID_LEN:
                 raise PeerProtocolError(f"FLOW_ID TLV must be {FLOW_ID_LEN} bytes")
@@ -126,7 +142,7 @@ def _decode_connect(body: bytes) -> ConnectRequest:
             raise PeerProtocolError(f"unknown critical TLV type {tlv_type}")
     if dest is None:
         raise PeerProtocolError("CONNECT without a DEST TLV")
-    return ConnectRequest(dest[0], dest[1], flow_id, source[0], source[1])
+    return ConnectRequest(dest[0], dest[1], flow_id, source[0], source[1], *process)
 
 
 def _decode_status(body: bytes) -> StatusReply:

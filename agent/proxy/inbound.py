@@ -12,6 +12,7 @@ import asyncio
 import errno
 import logging
 import ssl
+import time
 
 from agent.identity.errors import PeerIdentityError
 from agent.identity.errors import PeerProtocolError as AlpnMismatch
@@ -19,6 +20,8 @@ from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import check_alpn, describe_tls_error
 from agent.policy.engine import Request
 from agent.proxy import flow as F
+from agent.proxy import mux as M
+from agent.proxy.deadlines import enforce_tunnel_deadlines, tune_tunnel_socket
 from agent.proxy.endpoints import PlainLeg, TlsLeg
 from agent.proxy.header import ConnectRequest, Status, StatusReply
 from agent.proxy.relay import Relay
@@ -42,6 +45,7 @@ class InboundProxy:
 
     async def _serve_tunnel(self, tunnel: TlsLeg) -> None:
         setup = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS)  # recorded only if the tunnel fails
+        started = time.monotonic()
         peer_id = await self._accept_tunnel(tunnel, setup)
         if peer_id is None:
             tunnel.close()
@@ -52,6 +56,12 @@ class InboundProxy:
             on_open=lambda stream, request: self._ctx.spawn(self._serve_stream(stream, request, peer_id, setup)),
             on_bad_open=lambda stream, reason: self._bad_open(stream, reason, setup))
         session.start()
+        tune_tunnel_socket(tunnel.socket(), self._ctx.tunnel_timeout)
+        expired = await enforce_tunnel_deadlines(session, self._ctx.handshake_timeout,
+                                                 self._ctx.inbound_idle_timeout, started)
+        if expired is not None:
+            self._close_expired(session, setup, expired)
+            return
         reason = await session.closed
         if reason.startswith("protocol error"):
             setup.fail(F.FLAG_PROTOCOL_ERROR, reason)
@@ -62,12 +72,13 @@ class InboundProxy:
         peer = tunnel.peername() or ("", 0)
         flow.source_ip, flow.source_port = peer[0], peer[1]  # known before the handshake: rejections name it
         try:
-            await asyncio.wait_for(asyncio.shield(tunnel.handshake_done), self._ctx.connect_timeout)
+            await asyncio.wait_for(asyncio.shield(tunnel.handshake_done), self._ctx.handshake_timeout)
             assert tunnel.ssl_object is not None
             check_alpn(tunnel.ssl_object)
             peer_id = self._ctx.identities.peer_identity(tunnel.ssl_object)  # verified, of our trust domain
         except asyncio.TimeoutError:
-            flow.fail(F.FLAG_PROTOCOL_ERROR, "tunnel did not complete its TLS handshake in time")
+            flow.fail(F.FLAG_HANDSHAKE_TIMEOUT, f"tunnel did not complete its TLS handshake within "
+                                                f"{self._ctx.handshake_timeout:g}s (proxy.handshake_timeout_seconds)")
         except PeerIdentityError as exc:
             flow.fail(F.FLAG_IDENTITY_ERROR, str(exc))
         except AlpnMismatch as exc:
@@ -96,7 +107,16 @@ class InboundProxy:
         flow.destination_ip, flow.destination_port = request.dest_ip, request.dest_port
         upstream: PlainLeg | None = None
         opened = False
+        limits = self._ctx.limits.get(F.REPORTER_DESTINATION)
+        counted = False
         try:
+            if limits is not None:
+                hit = limits.try_acquire(peer_id.uri)
+                if hit is not None:
+                    self._refuse(stream, flow, Status.OVERLOADED, F.FLAG_CONNECTION_LIMIT,
+                                 limits.describe(hit, peer_id.uri))
+                    return
+                counted = True
             upstream = await self._connect_workload(stream, flow)
             if upstream is None:
                 return
@@ -105,10 +125,27 @@ class InboundProxy:
             stream.session.send_status(stream, StatusReply(Status.OK))
             await self._ctx.relay(Relay(stream, upstream), flow)
         finally:
+            if counted:
+                limits.release(peer_id.uri)
             if flow.response_flags != F.FLAG_NONE and upstream is not None:
                 upstream.reset()
             if opened or flow.response_flags != F.FLAG_NONE:
                 self._ctx.flow_closed(flow)
+
+    def _close_expired(self, session: MuxSession, setup: F.Flow, expired: str) -> None:
+        """A deadline of agent.proxy.deadlines ended the tunnel: GOAWAY, close; a missing OPEN is recorded."""
+        if expired == "open":
+            reason = (f"no complete OPEN within {self._ctx.handshake_timeout:g}s of the connection "
+                      "(proxy.handshake_timeout_seconds)")
+            setup.fail(F.FLAG_OPEN_TIMEOUT, reason)
+            log.warning("inbound tunnel from %s (%s) closed: %s", setup.source_ip or "?", setup.source_principal,
+                        reason)
+        else:
+            reason = f"idle for {self._ctx.inbound_idle_timeout:g}s (proxy.inbound_tunnel_idle_seconds)"
+        session.send(M.encode(M.FrameType.GOAWAY, 0, reason.encode()[:M.MAX_CONTROL_PAYLOAD]))
+        session.close(reason)
+        if expired == "open":
+            self._ctx.flow_closed(setup)
 
     def _bad_open(self, stream: Stream, reason: str, setup: F.Flow) -> None:
         flow = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS, source_principal=setup.source_principal,
@@ -125,6 +162,7 @@ class InboundProxy:
         workload = self._ctx.registry().by_ip(request.source_ip)
         if workload is not None and workload.spiffe_id == peer_id:
             flow.set_source(workload)
+            flow.pid, flow.uid, flow.comm = request.pid, request.uid, request.comm  # as the source node saw it
 
     async def _connect_workload(self, stream: Stream, flow: F.Flow) -> PlainLeg | None:
         tunnel = stream.session.tls

@@ -19,6 +19,7 @@ from agent.identity.errors import PeerIdentityError
 from agent.identity.errors import PeerProtocolError as AlpnMismatch
 from agent.identity.tls import check_alpn, check_peer, describe_tls_error
 from agent.proxy import flow as F
+from agent.proxy.deadlines import tune_tunnel_socket
 from agent.proxy.endpoints import Leg, PlainLeg, TlsLeg
 from agent.proxy.header import ConnectRequest, PeerProtocolError, Status
 from agent.proxy.pool import PoolKey, TunnelPool
@@ -36,6 +37,7 @@ STATUS_FLAGS = {
     Status.UNKNOWN_DESTINATION: F.FLAG_NO_ROUTE,
     Status.BAD_REQUEST: F.FLAG_PROTOCOL_ERROR,
     Status.INTERNAL: F.FLAG_UPSTREAM_FAILURE,
+    Status.OVERLOADED: F.FLAG_CONNECTION_LIMIT,
 }
 
 
@@ -61,6 +63,7 @@ class OutboundProxy:
     async def _serve(self, app: PlainLeg) -> None:
         flow = F.Flow(F.REPORTER_SOURCE, flow_id=F.new_flow_id().hex())
         upstream: Leg | None = None
+        counted = None  # (limits, identity) while this connection counts against agent.proxy.limits
         try:
             route = self._route(app, flow)
             if route.kind is RouteKind.PASSTHROUGH and not self._ctx.passthrough_allowed:
@@ -73,6 +76,14 @@ class OutboundProxy:
                 app.reset()
                 return
             flow.security = F.SECURITY_MTLS if route.kind is RouteKind.MESH else F.SECURITY_NONE
+            limits = self._ctx.limits.get(F.REPORTER_SOURCE)
+            if limits is not None:
+                hit = limits.try_acquire(flow.source_principal)
+                if hit is not None:
+                    flow.fail(F.FLAG_CONNECTION_LIMIT, limits.describe(hit, flow.source_principal))
+                    app.reset()
+                    return
+                counted = (limits, flow.source_principal)
             self._ctx.flow_opened(flow)
             if route.kind is RouteKind.PASSTHROUGH:
                 dialed = await self._dial_plain(flow)
@@ -84,6 +95,8 @@ class OutboundProxy:
             upstream, leftover = dialed
             await self._ctx.relay(Relay(app, upstream), flow, b_leftover=leftover)
         finally:
+            if counted is not None:
+                counted[0].release(counted[1])
             if upstream is not None and flow.response_flags != F.FLAG_NONE:
                 upstream.reset()
             self._ctx.flow_closed(flow)
@@ -133,7 +146,8 @@ class OutboundProxy:
                 flow.handshake_seconds = session.tls.handshake_seconds
             stream, reply = await session.open(
                 ConnectRequest(flow.destination_ip, flow.destination_port, bytes.fromhex(flow.flow_id),
-                               flow.source_ip, flow.source_port), self._ctx.connect_timeout)
+                               flow.source_ip, flow.source_port, flow.pid, flow.uid, flow.comm),
+                self._ctx.connect_timeout)
         except asyncio.TimeoutError:
             flow.fail(F.FLAG_UPSTREAM_TIMEOUT, f"timed out setting up the tunnel to {host}:{port}")
         except PeerIdentityError as exc:
@@ -176,4 +190,5 @@ class OutboundProxy:
         except BaseException:
             leg.reset()
             raise
+        tune_tunnel_socket(leg.socket(), self._ctx.tunnel_timeout)
         return MuxSession(leg, client=True).start()

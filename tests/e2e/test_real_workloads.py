@@ -349,8 +349,6 @@ def test_a_deny_policy_makes_the_clients_fail_fast_and_lifting_it_restores_them(
     assert run(client, psql(lab, "SELECT 41 + 1"), timeout=30).output.strip() == "42"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the tunnel does not carry the client's pid/comm, so the destination node "
-                                       "cannot name the client process (reported on issue #9)")
 def test_the_destination_node_names_the_client_process(rw_lab):
     lab = rw_lab
     since = time.time()

@@ -152,6 +152,7 @@ def test_bytes_cross_the_tunnel_intact_with_half_close_and_identities(run_mesh):
             assert record["bytes_sent"] == 64
         assert src["pid"] == os.getpid() and src["comm"] == "pytest"
         assert dst["source_workload"] == src["source_workload"] == "web"
+        assert (dst["pid"], dst["comm"]) == (src["pid"], src["comm"])  # the destination names the client process
         assert dst["source_ip"] == CLIENT_IP
         assert src["flow_id"] == dst["flow_id"] != ""
 

@@ -12,11 +12,14 @@ ipv4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t))
 ports = st.integers(1, 65535)
 flow_ids = st.one_of(st.just(b""), st.binary(min_size=8, max_size=8))
 sources = st.one_of(st.just(("", 0)), st.tuples(ipv4, ports))
+processes = st.one_of(st.just((None, None, None)),
+                      st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+                                st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=16)))
 
 
-@given(ipv4, ports, flow_ids, sources)
-def test_connect_round_trips(ip, port, flow_id, source):
-    request = H.ConnectRequest(ip, port, flow_id, *source)
+@given(ipv4, ports, flow_ids, sources, processes)
+def test_connect_round_trips(ip, port, flow_id, source, process):
+    request = H.ConnectRequest(ip, port, flow_id, *source, *process)
     assert H.decode_connect_body(H.encode_connect_body(request)) == request
 
 
@@ -54,6 +57,7 @@ DEST = b"\x01\x07\x04" + bytes([10, 0, 0, 1]) + struct.pack("!H", 80)
     (b"\x01\x07\x04\x0a\x00\x00\x01\x00\x00", "port 0"),
     (b"\x01\x05\x06\x00\x00\x00\x00", "DEST TLV must be af=4"),
     (b"\x02\x03abc" + DEST, "FLOW_ID TLV must be 8 bytes"),
+    (b"\x04\x03abc" + DEST, "CLIENT_PROCESS TLV of 3 bytes"),
     (DEST + b"\x00" * (H.MAX_BODY + 1), "exceeds the limit"),
 ])
 def test_invalid_connect_bodies_name_the_problem(body, words):
