@@ -39,6 +39,7 @@ DEFAULT_ACCESS_LOG = "-"  # stdout
 DEFAULT_ACCESS_LOG_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_ACCESS_LOG_BACKUPS = 5
 CAPTURE_MODES = ("auto", "ebpf-connect", "ebpf-tc", "iptables", "none")
+REGISTRY_SOURCES = ("file", "kubernetes")
 ENV_PREFIX = "TCPMESH_"
 
 
@@ -66,8 +67,13 @@ class IdentityConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
+    # "file": the static file below (systemd, Vagrant); "kubernetes": pods and nodes from the API
+    # server (list + watch; agent/registry/kubernetes.py, docs/install-kubernetes.md).
+    source: str = "file"
     file: str = "/etc/tcpmesh/workloads.yaml"
     poll_seconds: float = DEFAULT_REGISTRY_POLL_SECONDS  # how often the file is checked for changes
+    # source kubernetes: a kubeconfig file; empty: the pod's service account (in-cluster config).
+    kubeconfig: str = ""
 
 
 @dataclass(frozen=True)
@@ -255,6 +261,9 @@ def validate(config: Config) -> Config:
         _ipv4("capture.redirect_address", config.capture.redirect_address, required=True)
     _capture_paths(config.capture)
     _identity(config.identity)
+    if config.registry.source not in REGISTRY_SOURCES:
+        raise ConfigError("registry.source", config.registry.source, "unknown registry source",
+                          f"choose one of {', '.join(REGISTRY_SOURCES)}")
     if not 0.1 <= config.registry.poll_seconds <= 3600:
         raise ConfigError("registry.poll_seconds", config.registry.poll_seconds, "out of range",
                           "use a value between 0.1 and 3600 seconds")
