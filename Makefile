@@ -5,10 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-bpf test-e2e bench cleanup clean
+.PHONY: setup demo test test-unit test-bpf test-e2e bench cleanup clean install
 
 setup:
-	@deploy/bootstrap-debian.sh $(VENV) test
+	@deploy/bootstrap-debian.sh $(VENV) test,kubernetes
 
 demo: setup
 	$(VENV)/bin/tcpmesh demo
@@ -32,6 +32,11 @@ BENCH_ARGS ?=
 bench: setup
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) -m bench $(if $(BENCH_QUICK),--quick) $(BENCH_ARGS)
+
+# make install: tcpmesh in a venv at /opt/tcpmesh, the systemd unit, a default config (never
+# overwritten); as root. DESTDIR, PREFIX, EXTRAS=kubernetes: see systemd/install.sh, docs/install-systemd.md.
+install:
+	systemd/install.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import Callable
 
 from agent.proxy import mux as M
@@ -177,6 +178,7 @@ class MuxSession:
         self.goaway = False
         self.opened_streams = 0
         self.handshake_reported = False  # the outbound reports a tunnel's handshake on its first flow
+        self.peer_valid_until = float("inf")  # unix time the peer's certificate expires (set by the dialer)
         self._decoder = M.FrameDecoder()
         self._next_id = 1 if client else 2
 
@@ -190,8 +192,10 @@ class MuxSession:
     # -- client side ----------------------------------------------------------------------------
     @property
     def usable(self) -> bool:
+        """May carry a new stream: open, not going away, room for streams, and the peer's certificate
+        still valid (TLS checked it once, at the handshake; new streams must not outlive it)."""
         return not self.closed.done() and not self.goaway and len(self.streams) < MAX_STREAMS_PER_SESSION \
-            and self._next_id < M.MAX_STREAM_ID - 2
+            and self._next_id < M.MAX_STREAM_ID - 2 and time.time() < self.peer_valid_until
 
     async def open(self, request: ConnectRequest, timeout: float) -> tuple[Stream, StatusReply]:
         """Open a stream for ``request`` and wait for the server's STATUS (which may refuse it)."""
@@ -279,6 +283,8 @@ class MuxSession:
     def _on_open(self, frame: M.Frame) -> None:
         if self.client or frame.stream % 2 == 0 or frame.stream in self.streams:
             raise M.MuxProtocolError(f"unexpected OPEN for stream {frame.stream}")
+        if len(self.streams) >= MAX_STREAMS_PER_SESSION:  # a client never opens more (MuxSession.usable)
+            raise M.MuxProtocolError(f"OPEN beyond {MAX_STREAMS_PER_SESSION} open streams on one tunnel")
         stream = Stream(self, frame.stream)
         self.streams[stream.id] = stream
         self.opened_streams += 1

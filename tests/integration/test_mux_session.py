@@ -233,3 +233,22 @@ def test_refused_streams_and_a_lost_tunnel_reset_their_connections(tls_contexts)
             await h.stop()
 
     run(body())
+
+
+def test_a_tunnel_whose_server_certificate_expired_takes_no_new_streams(tls_contexts):
+    async def body():
+        server, port = await backend("echo")
+        h = Harness(tls_contexts, port)
+        await h.start()
+        try:
+            assert await exchange(h.app_port, b"one") == b"one"
+            (first,) = [s for sessions in h.pool._sessions.values() for s in sessions]
+            first.peer_valid_until = 0.0  # as if the server's certificate had expired
+            assert not first.usable
+            assert await exchange(h.app_port, b"two") == b"two"
+            assert h.pool.dials == 2, "a new tunnel (new handshake, fresh certificate check) was expected"
+        finally:
+            await h.stop()
+            server.close()
+
+    run(body())
