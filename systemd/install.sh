@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# `make install`: tcpmesh from this checkout into a venv, the systemd unit, a default config.
+# Idempotent; never overwrites a config that exists; never starts or enables the unit.
+# As root on Debian 12 (docs/install-systemd.md). Settings, from the environment:
+#   DESTDIR      staging root; everything goes below it, systemd is not told (default: empty)
+#   PREFIX       the venv, with bcc from Debian linked in (default /opt/tcpmesh)
+#   VENV         an existing venv (with tcpmesh installed) to link instead of building PREFIX
+#   EXTRAS       pip extras, e.g. "kubernetes" (default: none)
+#   INSTALL_APT  0: do not install the Debian packages the agent needs (default 1)
+set -euo pipefail
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+DESTDIR=${DESTDIR:-}
+PREFIX=${PREFIX:-/opt/tcpmesh}
+VENV=${VENV:-}
+EXTRAS=${EXTRAS:-}
+INSTALL_APT=${INSTALL_APT:-1}
+PYTHON=${PYTHON:-python3}
+BINDIR=/usr/local/bin
+UNITDIR=/etc/systemd/system
+# What the agent runs with: bcc (loader), libbpf (attach), iproute2/nftables/iptables (ebpf-tc and
+# iptables modes), bpftool (tcpmesh doctor); python3-venv for the venv.
+RUNTIME_PACKAGES=(libbpfcc python3-bpfcc iproute2 nftables iptables bpftool python3-venv)
+
+say() { echo "install: $*"; }
+
+if [ -z "$DESTDIR" ] && [ "$(id -u)" -ne 0 ]; then
+  echo "install: must run as root (or set DESTDIR to stage the files)" >&2
+  exit 1
+fi
+
+if [ "$INSTALL_APT" = 1 ]; then
+  missing=()
+  for pkg in "${RUNTIME_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=900 update -qq
+    apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+if [ -n "$VENV" ]; then
+  venv=$(cd "$VENV" && pwd)
+  [ -x "$venv/bin/tcpmesh" ] || { echo "install: VENV=$VENV has no bin/tcpmesh" >&2; exit 1; }
+  say "using the existing venv $venv"
+else
+  venv=$PREFIX
+  target="$DESTDIR$PREFIX"
+  if [ ! -x "$target/bin/python" ]; then
+    say "venv $target"
+    "$PYTHON" -m venv "$target"
+  fi
+  site=$("$target/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  # bcc is not on PyPI (the PyPI package named "bcc" is unrelated): link Debian's python3-bpfcc.
+  [ -e "$site/bcc" ] || ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+  say "pip install $SRC${EXTRAS:+[$EXTRAS]} into $target"
+  "$target/bin/pip" install -q --disable-pip-version-check ${PIP_ARGS:-} "$SRC${EXTRAS:+[$EXTRAS]}"
+fi
+
+install -d -m 0755 "$DESTDIR$BINDIR" "$DESTDIR$UNITDIR" "$DESTDIR/etc/tcpmesh" "$DESTDIR/etc/tcpmesh/policies" \
+  "$DESTDIR/etc/default" "$DESTDIR$PREFIX/share/doc"
+ln -sfn "$venv/bin/tcpmesh" "$DESTDIR$BINDIR/tcpmesh"
+install -m 0644 "$SRC/systemd/tcpmesh-agent.service" "$DESTDIR$UNITDIR/tcpmesh-agent.service"
+install -m 0644 "$SRC/docs/install-systemd.md" "$DESTDIR$PREFIX/share/doc/install-systemd.md"
+for pair in "config.yaml:/etc/tcpmesh/config.yaml" "tcpmesh.default:/etc/default/tcpmesh"; do
+  src=${pair%%:*} dst=$DESTDIR${pair#*:}
+  if [ -e "$dst" ]; then
+    say "kept $dst (exists)"
+  else
+    install -m 0644 "$SRC/systemd/$src" "$dst"
+    say "wrote $dst"
+  fi
+done
+say "$DESTDIR$BINDIR/tcpmesh -> $venv/bin/tcpmesh, unit $DESTDIR$UNITDIR/tcpmesh-agent.service"
+if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+  say "next: set node.name, node.address and capture.redirect_address in /etc/tcpmesh/config.yaml, put the"
+  say "node CA in /etc/tcpmesh/node-ca, the registry in /etc/tcpmesh/workloads.yaml, then:"
+  say "  systemctl enable --now tcpmesh-agent"
+fi
