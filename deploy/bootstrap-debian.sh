@@ -11,6 +11,8 @@ APT_PACKAGES=(libbpfcc python3-bpfcc iproute2 iptables nftables tcpdump bpftool 
               postgresql-15 redis-server redis-tools  # these three: tests/e2e/test_real_workloads.py
               prometheus)  # tests/e2e/test_telemetry_lab.py scrapes the lab's agents with a real Prometheus
 APT_PACKAGES+=(gcc stunnel4 haproxy iperf3 sockperf)  # make bench: bench/loadgen.c, the two peers, bulk and reference load
+# tests/*/test_install_*: systemd-analyze verify on the unit, ruby -c on vagrant/Vagrantfile
+APT_PACKAGES+=(systemd ruby)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "bootstrap: must run as root (it installs Debian packages); try: sudo make $*" >&2
@@ -46,6 +48,18 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "bootstrap: installing tcpmesh[$EXTRAS] into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[$EXTRAS]"
   touch "$stamp"
+fi
+# tests/unit/test_kubernetes_manifests.py runs Debian's kubectl (package kubernetes-client). It is unpacked
+# into the venv, not installed: /usr/bin/kubectl may belong to another kubectl package on this machine.
+kubectl_dir="$VENV/opt/kubernetes-client"
+if [ ! -x "$kubectl_dir/usr/bin/kubectl" ]; then
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && apt-get download -qq kubernetes-client 2>/dev/null && dpkg-deb -x kubernetes-client_*.deb "$kubectl_dir"); then
+    echo "bootstrap: Debian's kubectl unpacked to $kubectl_dir/usr/bin/kubectl"
+  else
+    echo "bootstrap: could not fetch Debian's kubernetes-client; the manifest test will say so" >&2
+  fi
+  rm -rf "$tmp"
 fi
 "$VENV/bin/python" -c 'import bcc, pyroute2, cryptography, prometheus_client, click' \
   || { echo "bootstrap: the venv at $VENV cannot import its dependencies" >&2; exit 1; }
