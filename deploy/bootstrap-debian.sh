@@ -51,10 +51,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 # tests/unit/test_kubernetes_manifests.py runs Debian's kubectl (package kubernetes-client). It is unpacked
 # into the venv, not installed: /usr/bin/kubectl may belong to another kubectl package on this machine.
-kubectl_dir="$VENV/opt/kubernetes-client"
+kubectl_dir="$(cd "$VENV" && pwd)/opt/kubernetes-client"
 if [ ! -x "$kubectl_dir/usr/bin/kubectl" ]; then
   tmp=$(mktemp -d)
-  if (cd "$tmp" && apt-get download -qq kubernetes-client 2>/dev/null && dpkg-deb -x kubernetes-client_*.deb "$kubectl_dir"); then
+  if mkdir -p "$kubectl_dir" && (cd "$tmp" && apt-get download -qq kubernetes-client 2>/dev/null && dpkg-deb -x kubernetes-client_*.deb "$kubectl_dir"); then
     echo "bootstrap: Debian's kubectl unpacked to $kubectl_dir/usr/bin/kubectl"
   else
     echo "bootstrap: could not fetch Debian's kubernetes-client; the manifest test will say so" >&2
