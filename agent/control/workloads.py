@@ -41,6 +41,7 @@ class WorkloadController:
         self._file_registry: Registry | None = None
         self._file_digest = ""
         self._dynamic: dict[str, Workload] = {}
+        self.base_source = "file"  # where the base registry comes from: file | kubernetes
 
     # -- sources --------------------------------------------------------------------------------
     def load(self) -> LocalPlan:
@@ -49,8 +50,33 @@ class WorkloadController:
         self._dynamic = self._load_dynamic()
         return self._apply(merge(self._file_registry, self._dynamic.values()), strict=False)
 
+    def load_base(self, registry: Registry, source: str = "kubernetes") -> LocalPlan:
+        """First load from a source other than the file (``source`` names it in `workload list`)."""
+        self.base_source = source
+        self._file_registry = registry
+        self._dynamic = self._load_dynamic()
+        return self._apply(merge(registry, self._dynamic.values()), strict=False)
+
+    def replace_base(self, registry: Registry) -> LocalPlan | None:
+        """Swap in a new base snapshot (Kubernetes): applied as a whole, or not at all (a snapshot that
+        conflicts with a run-time workload keeps the previous one in force, logged and counted)."""
+        try:
+            merged = merge(registry, self._dynamic.values())
+        except TcpmeshError as exc:
+            self.file_errors += 1
+            log.error("%s snapshot not applied, previous workloads stay in force: %s", self.base_source, exc)
+            return None
+        self._file_registry = registry
+        plan = self._apply(merged, strict=False)
+        if not plan.empty:
+            log.info("%s snapshot applied: %d attached, %d detached", self.base_source, len(plan.attach),
+                     len(plan.detach))
+        return plan
+
     def reload_file(self) -> LocalPlan | None:
         """Re-read the registry file if its content changed. A broken file keeps the old snapshot."""
+        if not self.registry_file:
+            return None  # the base registry comes from another source (replace_base)
         try:
             digest = _digest(self.registry_file)
             if digest == self._file_digest:
@@ -95,7 +121,7 @@ class WorkloadController:
             return []
         return [{"name": w.name, "namespace": w.namespace, "service_account": w.service_account, "ip": w.ip,
                  "node": w.node, "cgroup": w.cgroup, "spiffe_id": w.spiffe_id.uri,
-                 "source": "runtime" if w.key in self._dynamic else "file",
+                 "source": "runtime" if w.key in self._dynamic else self.base_source,
                  "local": w.node == self.node_name,
                  "captured": w.node == self.node_name and w.key not in self.attach_failures,
                  "problem": self.attach_failures.get(w.key, "")}
