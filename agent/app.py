@@ -29,6 +29,7 @@ from agent.proxy.inbound import InboundProxy
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
 from agent.registry.model import Registry
+from agent.registry.kubernetes import KubernetesSource, start_kubernetes_source
 from agent.registry.static_file import load_registry_file
 from agent import sdnotify
 from agent.telemetry.admin import AdminServer
@@ -84,6 +85,8 @@ class Agent:
         return self.rotator.report(names)
 
     def _check_node(self) -> None:
+        if self.config.registry.source != "file":
+            return  # checked against the first snapshot (agent/registry/kubernetes.py)
         registry = load_registry_file(self.config.registry.file, self.config.trust_domain)
         if self.config.node.name not in registry.nodes:
             raise TcpmeshError(f"node.name {self.config.node.name!r} is not a node of the registry "
@@ -114,6 +117,7 @@ class Agent:
         admin_socket: AdminSocket | None = None
         background: list[asyncio.Task] = []  # control-plane loops, cancelled at shutdown
         outbound: OutboundProxy | None = None
+        kubernetes: KubernetesSource | None = None  # registry.source: kubernetes
         try:
             self.capture = build_capture(config)
             self.capture.start()
@@ -129,16 +133,21 @@ class Agent:
             servers = [await loop.create_server(outbound.protocol_factory, sock=outbound_sock),
                        await loop.create_server(inbound.protocol_factory, sock=inbound_sock)]
             self.workloads = WorkloadController(
-                config.node.name, config.trust_domain, config.registry.file,
+                config.node.name, config.trust_domain, config.registry.file if config.registry.source == "file" else "",
                 os.path.join(config.state_dir, RUNTIME_WORKLOADS_FILE), self.capture, identities,
                 on_change=self._workloads_changed)
-            self.workloads.load()
+            if config.registry.source == "kubernetes":
+                kubernetes = await start_kubernetes_source(config, self.workloads)  # first snapshot applied
+            else:
+                self.workloads.load()
             admin_socket = AdminSocket(config.admin.socket, self.workloads, flows=lambda req: self._flows(ctx, req))
             await admin_socket.start()
             background = [loop.create_task(self._watch_sources()),
                           loop.create_task(ctx.report_forever(config.telemetry.report_interval_seconds)),
                           loop.create_task(self.rotator.run()),
                           loop.create_task(outbound.pool.reap_forever())]
+            if kubernetes is not None:
+                background.append(loop.create_task(kubernetes.run()))
             self.ready = True
             self.metrics.ready.set(1)
             log.info("agent ready on node %s: %d local workloads captured (%s), outbound :%d, inbound :%d, "
@@ -162,6 +171,8 @@ class Agent:
                 task.cancel()
             if outbound is not None:
                 outbound.pool.close_all("agent stopping")
+            if kubernetes is not None:
+                kubernetes.stop()
             if admin_socket is not None:
                 await admin_socket.stop()
             self._detach_capture()
