@@ -25,7 +25,9 @@ from agent.identity.rotator import IdentityRotator, rotator_from_config
 from agent.identity.store import IdentityStore
 from agent.policy.model import MtlsMode
 from agent.policy.source import PolicySource
+from agent.proxy.deadlines import reset_idle, sweep_idle_relays
 from agent.proxy.inbound import InboundProxy
+from agent.proxy.limits import ConnectionLimits, open_files_needed, raise_open_files_limit
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
 from agent.registry.model import Registry
@@ -39,6 +41,7 @@ from agent.telemetry.cgroups import CgroupNames
 from agent.telemetry.tcpstats import KernelTcpStats, tcp_stats_from_config
 from agent.telemetry.flows import FlowTable
 from agent.telemetry.metrics import Metrics
+from agent.telemetry.runtime import RuntimeStats
 
 log = logging.getLogger("tcpmesh.agent")
 RUNTIME_WORKLOADS_FILE = "runtime-workloads.json"
@@ -62,6 +65,13 @@ class Agent:
         self.rotator: IdentityRotator | None = None  # owns the IdentityStore; renews SVIDs, follows the node CA
         self.ready = False
         self._stop = asyncio.Event()
+
+    def _connection_limits(self) -> dict[str, ConnectionLimits]:
+        """One set of caps per side (agent.proxy.limits); refusals are counted by side and cap."""
+        proxy = self.config.proxy
+        hit = lambda reporter, limit: self.metrics.connection_limit_hits.labels(reporter, limit).inc()  # noqa: E731
+        return {reporter: ConnectionLimits(reporter, proxy.max_connections, proxy.max_connections_per_identity, hit)
+                for reporter in ("source", "destination")}
 
     def _snapshot_or_none(self) -> Registry | None:
         return self.workloads.snapshot if self.workloads is not None else None
@@ -106,7 +116,14 @@ class Agent:
                            identities=identities, metrics=self.metrics, flows=self.flows,
                            inbound_port=config.proxy.inbound_port,
                            connect_timeout=config.proxy.connect_timeout_seconds, policy=self.policy,
-                           passthrough_allowed=config.policy.outbound_passthrough == "ALLOW")
+                           passthrough_allowed=config.policy.outbound_passthrough == "ALLOW",
+                           handshake_timeout=config.proxy.handshake_timeout_seconds,
+                           tunnel_timeout=config.proxy.tunnel_timeout_seconds,
+                           inbound_idle_timeout=config.proxy.inbound_tunnel_idle_seconds,
+                           limits=self._connection_limits())
+        soft, _ = raise_open_files_limit(open_files_needed(config.proxy.max_connections))
+        log.info("open-files limit %d; connection caps per side %s, per identity %s", soft,
+                 config.proxy.max_connections or "none", config.proxy.max_connections_per_identity or "none")
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,
                                  certs=self._certs_report)
@@ -142,10 +159,17 @@ class Agent:
                 self.workloads.load()
             admin_socket = AdminSocket(config.admin.socket, self.workloads, flows=lambda req: self._flows(ctx, req))
             await admin_socket.start()
-            background = [loop.create_task(self._watch_sources()),
+            runtime = RuntimeStats(ctx, lambda: outbound.pool.open_sessions)
+            self.prometheus.register(runtime)
+            background = [loop.create_task(runtime.sample_forever(config.telemetry.report_interval_seconds)),
+                          loop.create_task(self._watch_sources()),
                           loop.create_task(ctx.report_forever(config.telemetry.report_interval_seconds)),
                           loop.create_task(self.rotator.run()),
                           loop.create_task(outbound.pool.reap_forever())]
+            idle = config.proxy.stream_idle_timeout_seconds
+            if idle:
+                background.append(loop.create_task(sweep_idle_relays(
+                    ctx.relays, idle, lambda relay, flow: reset_idle(relay, flow, idle))))
             if kubernetes is not None:
                 background.append(loop.create_task(kubernetes.run()))
             self.ready = True

@@ -31,6 +31,14 @@ DEFAULT_IDENTITY_POLL_SECONDS = 5.0
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_DRAIN_SECONDS = 5.0
 DEFAULT_TUNNEL_IDLE_SECONDS = 60.0
+# docs/reliability.md: deadlines and caps against silent, vanished or hostile peers
+DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 5.0
+DEFAULT_TUNNEL_TIMEOUT_SECONDS = 30.0
+DEFAULT_INBOUND_TUNNEL_IDLE_SECONDS = 2 * DEFAULT_TUNNEL_IDLE_SECONDS
+INBOUND_IDLE_MARGIN_SECONDS = 10.0  # over tunnel_idle_seconds: the outbound pool reaps every 5 s
+DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS = 3600.0  # Envoy's tcp_proxy default
+DEFAULT_MAX_CONNECTIONS = 32768
+DEFAULT_MAX_CONNECTIONS_PER_IDENTITY = 16384
 DEFAULT_REGISTRY_POLL_SECONDS = 2.0
 DEFAULT_POLICY_POLL_SECONDS = 2.0
 DEFAULT_ADMIN_SOCKET = "/run/tcpmesh/agent.sock"
@@ -111,6 +119,20 @@ class ProxyConfig:
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     tunnel_idle_seconds: float = DEFAULT_TUNNEL_IDLE_SECONDS  # an idle pooled tunnel is closed after this
+    # Inbound: TCP accept → TLS established → first complete OPEN, or the tunnel is refused.
+    handshake_timeout_seconds: float = DEFAULT_HANDSHAKE_TIMEOUT_SECONDS
+    # A tunnel whose peer acknowledges nothing (data or keepalive probes) this long is lost and its
+    # streams are reset (TCP keepalive + TCP_USER_TIMEOUT on both ends). 0: the kernel's defaults.
+    tunnel_timeout_seconds: float = DEFAULT_TUNNEL_TIMEOUT_SECONDS
+    # An inbound tunnel that carried no stream this long is closed (GOAWAY); above tunnel_idle_seconds,
+    # so the dialling side always closes an idle tunnel first.
+    inbound_tunnel_idle_seconds: float = DEFAULT_INBOUND_TUNNEL_IDLE_SECONDS
+    # A connection that moved no byte either way this long is reset on both sides (flag SI). 0: never.
+    stream_idle_timeout_seconds: float = DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS
+    # Concurrent connections per side (outbound: from local pods; inbound: streams from other nodes),
+    # overall and per source identity; refusals count in tcpmesh_connection_limit_hits_total. 0: no cap.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_identity: int = DEFAULT_MAX_CONNECTIONS_PER_IDENTITY
     event_loop: str = "uvloop"  # uvloop (faster data path) | asyncio (the standard library's loop)
 
 
@@ -281,6 +303,7 @@ def validate(config: Config) -> Config:
                           f"for example {DEFAULT_ADMIN_SOCKET}")
     if config.proxy.connect_timeout_seconds <= 0:
         raise ConfigError("proxy.connect_timeout_seconds", config.proxy.connect_timeout_seconds, "must be positive")
+    _deadlines_and_caps(config.proxy)
     if not 0.1 <= config.telemetry.report_interval_seconds <= 60:
         raise ConfigError("telemetry.report_interval_seconds", config.telemetry.report_interval_seconds,
                           "out of range", "use a value between 0.1 and 60 seconds")
@@ -296,6 +319,32 @@ def validate(config: Config) -> Config:
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level", config.log_level, "unknown level", "use debug, info, warning or error")
     return config
+
+
+def _deadlines_and_caps(proxy: ProxyConfig) -> None:
+    if not 0.1 <= proxy.handshake_timeout_seconds <= 300:
+        raise ConfigError("proxy.handshake_timeout_seconds", proxy.handshake_timeout_seconds, "out of range",
+                          "use a value between 0.1 and 300 seconds")
+    if proxy.tunnel_timeout_seconds != 0 and not 2 <= proxy.tunnel_timeout_seconds <= 3600:
+        raise ConfigError("proxy.tunnel_timeout_seconds", proxy.tunnel_timeout_seconds, "out of range",
+                          "use 0 (the kernel's defaults) or a value between 2 and 3600 seconds")
+    if proxy.inbound_tunnel_idle_seconds < proxy.tunnel_idle_seconds + INBOUND_IDLE_MARGIN_SECONDS:
+        raise ConfigError("proxy.inbound_tunnel_idle_seconds", proxy.inbound_tunnel_idle_seconds,
+                          f"must be at least proxy.tunnel_idle_seconds + {INBOUND_IDLE_MARGIN_SECONDS:g} "
+                          f"({proxy.tunnel_idle_seconds + INBOUND_IDLE_MARGIN_SECONDS:g}), or the receiving side "
+                          "may close a tunnel the dialling side is about to use",
+                          f"for example {2 * proxy.tunnel_idle_seconds:g}")
+    if proxy.stream_idle_timeout_seconds < 0:
+        raise ConfigError("proxy.stream_idle_timeout_seconds", proxy.stream_idle_timeout_seconds,
+                          "must not be negative", "use 0 to never reset idle connections")
+    for name, value in (("proxy.max_connections", proxy.max_connections),
+                        ("proxy.max_connections_per_identity", proxy.max_connections_per_identity)):
+        if value < 0:
+            raise ConfigError(name, value, "must not be negative", "use 0 for no cap")
+    if proxy.max_connections and proxy.max_connections_per_identity > proxy.max_connections:
+        raise ConfigError("proxy.max_connections_per_identity", proxy.max_connections_per_identity,
+                          f"exceeds proxy.max_connections ({proxy.max_connections})",
+                          "lower it, or raise proxy.max_connections")
 
 
 def _identity(identity: IdentityConfig) -> None:

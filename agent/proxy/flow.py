@@ -30,6 +30,10 @@ FLAG_IDENTITY_ERROR = "IDENTITY_ERROR"
 FLAG_PROTOCOL_ERROR = "PROTOCOL_ERROR"
 FLAG_CONNECTION_TERMINATED = "DC"  # a side reset or vanished mid-stream
 FLAG_NO_IDENTITY = "NO_IDENTITY"  # the source pod is not in the registry: fail closed
+FLAG_HANDSHAKE_TIMEOUT = "HANDSHAKE_TIMEOUT"  # a tunnel's TLS handshake did not finish in time (slowloris)
+FLAG_OPEN_TIMEOUT = "OPEN_TIMEOUT"  # an authenticated tunnel sent no complete OPEN in time
+FLAG_STREAM_IDLE_TIMEOUT = "SI"  # Envoy's stream idle timeout: no byte either way for proxy.stream_idle_timeout_seconds
+FLAG_CONNECTION_LIMIT = "CONNECTION_LIMIT"  # proxy.max_connections or max_connections_per_identity reached
 
 METRIC_LABELS = (
     "reporter",

@@ -90,6 +90,8 @@ class InboundProxy:
         else:
             flow.handshake_seconds = tunnel.handshake_seconds
             flow.set_source(None, peer_id.uri)
+            if not flow.source_ip:  # the tunnel task may start before its transport is connected
+                flow.source_ip, flow.source_port = tunnel.peername() or ("", 0)
             return peer_id
         if not flow.source_ip:  # the tunnel task may start before its transport is connected
             peer = tunnel.peername() or ("", 0)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Coroutine
 
 from agent.policy.source import PolicySource
 from agent.proxy import flow as F
+from agent.proxy.limits import ConnectionLimits
 from agent.proxy.relay import Relay
 from agent.registry.model import Registry
 from agent.telemetry.flows import FlowTable
@@ -34,6 +35,11 @@ class ProxyContext:
     tasks: set[asyncio.Task] = field(default_factory=set)
     relays: dict[Relay, F.Flow] = field(default_factory=dict)  # running relays and their flows
     tcp_stats: Any = None  # agent.telemetry.tcpstats.KernelTcpStats: registers each flow's sockets
+    # agent.proxy.deadlines and agent.proxy.limits (docs/reliability.md); the defaults change nothing
+    handshake_timeout: float = 5.0  # inbound: TCP accept → TLS established → first complete OPEN
+    tunnel_timeout: float = 0.0  # a tunnel's peer silent this long is lost (keepalive, TCP_USER_TIMEOUT); 0: kernel's
+    inbound_idle_timeout: float = 0.0  # an inbound tunnel with no stream this long is closed; 0: never
+    limits: dict[str, ConnectionLimits] = field(default_factory=dict)  # reporter → caps; absent: unlimited
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(self._guard(coro))

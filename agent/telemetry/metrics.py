@@ -91,6 +91,14 @@ class Metrics:
         self.access_log_sequence = Gauge(
             "tcpmesh_access_log_sequence", "Sequence number of the last record written to the access/audit log "
             "(compare with the log's last record: records removed from its end show up here)", registry=registry)
+        # agent.proxy.limits: refusals by side and cap; all four series present at 0 from the start
+        self.connection_limit_hits = Counter(
+            "tcpmesh_connection_limit_hits", "Connections refused because a concurrent-connection cap was reached "
+            "(proxy.max_connections: limit=total; proxy.max_connections_per_identity: limit=per_identity)",
+            ("reporter", "limit"), registry=registry)
+        for reporter in ("source", "destination"):
+            for limit in ("total", "per_identity"):
+                self.connection_limit_hits.labels(reporter, limit)
         # Series bookkeeping, so that a departed workload's series can be removed.
         self._flow_metrics = (self.connections_opened, self.connections_closed, self.connections_failed,
                               self.open_connections, self.sent_bytes, self.received_bytes)

@@ -1,0 +1,114 @@
+"""Caps on concurrent connections — overall and per source identity — and the agent's open-files limit.
+
+Each proxy side (reporter) has one ``ConnectionLimits``: the outbound side counts application
+connections per source workload identity, the inbound side counts streams per client identity (the
+SPIFFE ID its tunnel's certificate proved). A connection is counted from ``try_acquire`` (before
+anything is dialled) to ``release``; a refusal is reported to ``on_hit`` (a metric) and logged at
+most once per ``LOG_INTERVAL`` per limit, so a flood cannot flood the log too.
+
+Pure counting: no asyncio, no sockets. ``raise_open_files_limit`` is the one call into the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from typing import Callable
+
+log = logging.getLogger("tcpmesh.limits")
+LIMIT_TOTAL = "total"
+LIMIT_PER_IDENTITY = "per_identity"
+LIMITS = (LIMIT_TOTAL, LIMIT_PER_IDENTITY)
+LOG_INTERVAL = 10.0
+FDS_PER_CONNECTION = 2  # worst case on one agent: a same-node connection holds the app's and the workload's socket
+FDS_RESERVED = 1024  # listeners, tunnels, logs, BPF maps, the admin endpoint
+
+
+class ConnectionLimits:
+    """Counts open connections per identity; 0 means unlimited."""
+
+    def __init__(self, reporter: str, total: int = 0, per_identity: int = 0,
+                 on_hit: Callable[[str, str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.reporter = reporter
+        self.total = total
+        self.per_identity = per_identity
+        self._on_hit = on_hit  # (reporter, limit)
+        self._clock = clock
+        self._by_identity: dict[str, int] = {}
+        self.active = 0
+        self.refused = {limit: 0 for limit in LIMITS}
+        self._unlogged = {limit: 0 for limit in LIMITS}
+        self._logged_at = {limit: float("-inf") for limit in LIMITS}
+
+    def try_acquire(self, identity: str) -> str | None:
+        """Count a new connection of ``identity``; or refuse it and return the limit it hit."""
+        count = self._by_identity.get(identity, 0)
+        if self.total and self.active >= self.total:
+            return self._refuse(LIMIT_TOTAL, identity)
+        if self.per_identity and count >= self.per_identity:
+            return self._refuse(LIMIT_PER_IDENTITY, identity)
+        self._by_identity[identity] = count + 1
+        self.active += 1
+        return None
+
+    def release(self, identity: str) -> None:
+        count = self._by_identity.get(identity, 0)
+        if count <= 0:
+            return
+        if count == 1:
+            del self._by_identity[identity]
+        else:
+            self._by_identity[identity] = count - 1
+        self.active -= 1
+
+    def open_for(self, identity: str) -> int:
+        return self._by_identity.get(identity, 0)
+
+    @property
+    def identities(self) -> int:
+        """How many identities hold at least one connection (bounded: entries go with their last one)."""
+        return len(self._by_identity)
+
+    def describe(self, limit: str, identity: str) -> str:
+        if limit == LIMIT_TOTAL:
+            return f"{self.active} connections open on the {self.reporter} side (proxy.max_connections={self.total})"
+        return (f"{identity} has {self.open_for(identity)} connections open on the {self.reporter} side "
+                f"(proxy.max_connections_per_identity={self.per_identity})")
+
+    def _refuse(self, limit: str, identity: str) -> str:
+        self.refused[limit] += 1
+        self._unlogged[limit] += 1
+        if self._on_hit is not None:
+            self._on_hit(self.reporter, limit)
+        now = self._clock()
+        if now - self._logged_at[limit] >= LOG_INTERVAL:
+            log.warning("connection limit reached: %s; refused %d connection(s) since the last message",
+                        self.describe(limit, identity), self._unlogged[limit])
+            self._logged_at[limit] = now
+            self._unlogged[limit] = 0
+        return limit
+
+
+def open_files_needed(max_connections: int) -> int:
+    """File descriptors one agent needs for ``max_connections`` per side (0: unlimited → no target)."""
+    return FDS_PER_CONNECTION * max_connections + FDS_RESERVED if max_connections else 0
+
+
+def raise_open_files_limit(wanted: int) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit (never lower it), as systemd advises for
+    services that use epoll; returns (soft, hard). Warns when the hard limit is below ``wanted``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, exc)
+    if wanted and soft < wanted:
+        log.warning("the open-files limit is %d but proxy.max_connections needs about %d: connections beyond "
+                    "it fail with EMFILE; raise the hard limit (systemd: LimitNOFILE=) or lower "
+                    "proxy.max_connections", soft, wanted)
+    return soft, hard
