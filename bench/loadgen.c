@@ -223,6 +223,29 @@ static int write_full(int fd, const char *buf, size_t len) {
     return 0;
 }
 
+/* The capture test binds its source ports explicitly, below the netns's ephemeral range (the harness
+ * sets it to start at 10000): uncaptured sockets from [2000, 6000), captured ones from [6000, 10000).
+ * Both variants then pick ports the same way, and an uncaptured socket never reuses the (address,
+ * port) of an earlier captured connection: the capture's records outlive connections, and a reused
+ * pair would find a stale one (see bench/README.md). */
+#define STRAIGHT_PORTS 2000
+#define CAPTURED_PORTS 6000
+#define PORTS_PER_RANGE 4000
+
+static void bind_private_port(int fd, int base) {
+    static int next[2];
+    int *n = &next[base == CAPTURED_PORTS];
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    for (int tries = 0; tries < 64; tries++) {
+        struct sockaddr_in local = {.sin_family = AF_INET};
+        local.sin_port = htons((uint16_t)(base + *n));
+        *n = (*n + 1) % PORTS_PER_RANGE;
+        if (bind(fd, (struct sockaddr *)&local, sizeof local) == 0) return;
+    }
+    die("bind to a private source port");
+}
+
 static int blocking_connect(struct sockaddr_in *sa) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) die("socket");
@@ -432,6 +455,7 @@ static int connect_lat(const char *host, const char *port, int count, const char
         if (fd < 0) die("socket");
         nodelay(fd);
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        if (!exchange) bind_private_port(fd, STRAIGHT_PORTS);
         uint64_t a = now_ns();
         int rc = connect(fd, (struct sockaddr *)&sa, sizeof sa);
         uint64_t b = now_ns();
@@ -485,6 +509,7 @@ static void one_connect(variant_t *v) {
     if (fd < 0) die("socket");
     nodelay(fd);
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    bind_private_port(fd, v->exchange ? CAPTURED_PORTS : STRAIGHT_PORTS);
     uint64_t a = now_ns();
     int rc = connect(fd, (struct sockaddr *)&v->sa, sizeof v->sa);
     uint64_t b = now_ns();

@@ -104,7 +104,7 @@ def markdown(results: dict, *, json_path: Path, chart_path: str | None, docs_pat
         lines.append(f"| {t['text']} | {shown}{' (' + t['note'] + ')' if t['note'] else ''} | {met} |")
     cap = results.get("capture")
     if cap:
-        lines += ["", f"Capture ({cap['connects']} connects per variant and repetition, the two variants alternating "
+        lines += ["", f"Capture ({cap.get('measured_pairs', cap['connects'])}+ connects per variant and repetition, the two variants alternating "
                   "connect by connect; only connect() is timed; both reach the same proxy listener on node1):", "",
                   "| connect() to the outbound proxy | p50 (µs) | p99 (µs) |", "|---|---|---|",
                   f"| straight to {results.get('pod_gateway', '169.254.1.1')}:15001 (not captured) | "
@@ -114,6 +114,9 @@ def markdown(results: dict, *, json_path: Path, chart_path: str | None, docs_pat
                   f"{_cell(cap['captured_p50_us'], Figure('', '', '', False, digits=1))} | "
                   f"{_cell(cap['captured_p99_us'], Figure('', '', '', False, digits=1))} |",
                   "", f"Capture overhead at p50: {_cell(cap['overhead_pct'], Figure('', '', '', False, digits=1))} %."]
+        if cap.get("lingered"):
+            lines.append(f"{cap['lingered']} straight connection(s) were neither refused nor closed by the proxy within "
+                         "2 s (see errors and the JSON).")
         if cap.get("bpf_ns_per_connection"):
             progs = sorted(cap.get("bpf_programs", {}).items(), key=lambda kv: -(kv[1]["ns_per_run"] or 0)
                            * (kv[1]["runs_per_connection"] or 0))

@@ -292,6 +292,9 @@ def analyse(results: dict, settings: S.Settings) -> None:
             "bpf_ns_per_connection": figures.summarize([c["bpf"]["ns_per_connection"] for c in results["capture_raw"]
                                                         if c.get("bpf")]),
             "bpf_programs": _bpf_programs(results["capture_raw"]),
+            "lingered": sum(c["straight"]["lingered"] for c in results["capture_raw"]),
+            "measured_pairs": min(min(c["captured"]["connect_us"]["count"], c["straight"]["connect_us"]["count"])
+                                  for c in results["capture_raw"]),
         }
     results["capture"] = capture
     results["targets"] = figures.check_targets(summary, results["ratios"], capture, settings.idle_connections)

@@ -40,8 +40,9 @@ OWNER_DIR = Path("/run/tcpmesh-bench")  # <lab>.json: which process owns which b
 PR_SET_PDEATHSIG = 1
 NETNS_SYSCTLS = {
     # The connection-rate test makes tens of thousands of short connections: reuse TIME_WAIT ports.
+    # Ephemeral ports start at 10000: the capture test's uncaptured sockets bind below (bench/loadgen.c).
     "net.ipv4.tcp_tw_reuse": "1",
-    "net.ipv4.ip_local_port_range": "1024 65535",
+    "net.ipv4.ip_local_port_range": "10000 65535",
 }
 
 
