@@ -7,7 +7,9 @@ Reads one file and the environment; imports nothing else from the outside world.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,6 +51,7 @@ DEFAULT_ACCESS_LOG_BACKUPS = 5
 CAPTURE_MODES = ("auto", "ebpf-connect", "ebpf-tc", "iptables", "none")
 REGISTRY_SOURCES = ("file", "kubernetes")
 ENV_PREFIX = "TCPMESH_"
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ def _build(cls: type, doc: Mapping[str, Any], prefix: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in doc.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{key}" if isinstance(key, str) and key else f"{prefix}{key!r}"  # '' or 1 as a key: say so
         if key not in known:
             raise ConfigError(name, value, "unknown setting", f"known settings here: {', '.join(sorted(known))}")
         default = getattr(cls(), key)
@@ -227,14 +230,16 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     if kind is bool and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
         return value.lower() in ("true", "1", "yes")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
+        value = float(value) if abs(value) < 2 ** 1023 else float("inf")  # float() raises OverflowError beyond
+    if kind is int and isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        return int(value)  # ASCII digits only: "--5" or "²" passed isdigit() and crashed int() (fuzzing found it)
     if kind is float and isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(name, value, "must be a finite number")  # NaN slipped through every range check
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(name, value, f"must be of type {kind.__name__}")
     return value

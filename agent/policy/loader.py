@@ -6,6 +6,7 @@ the whole load fail (the caller keeps the previous set: nothing is half-applied)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from agent.policy.model import (Action, AuthorizationPolicy, MtlsMode, Operation
                                 PolicySet, Rule, Source)
 
 KINDS = ("AuthorizationPolicy", "PeerAuthentication")
+_OBJECT_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # a DNS-1123 subdomain
 POLICY_SUFFIXES = (".yaml", ".yml")
 
 
@@ -162,6 +164,10 @@ def parse_document(doc: Any, file: str) -> AuthorizationPolicy | PeerAuthenticat
     metadata = r.mapping(doc, "metadata", "metadata", required=True)
     r.only_keys(metadata, ("name", "namespace"), "metadata")
     name = r.string(metadata, "name", "metadata.name", required=True)
+    if not _OBJECT_NAME.fullmatch(name):  # keys are "<namespace>/<name>" and reasons "policy <key>: ..."
+        raise r.fail(metadata, "metadata.name", f"{name!r} is not an object name: lowercase letters, digits, '-' "
+                                                "and '.', starting and ending with a letter or digit, at most 253 "
+                                                "characters (as in Kubernetes)", "name")
     namespace = r.string(metadata, "namespace", "metadata.namespace", required=True)
     try:
         validate_namespace(namespace)
