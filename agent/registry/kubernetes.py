@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -255,10 +256,12 @@ class WatchLoop:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         response = self._response
-        if response is not None:
+        sock = getattr(getattr(response, "connection", None), "sock", None)
+        if sock is not None:
             try:
-                response.close()           # wakes a read blocked on the stream
-            except Exception:  # noqa: BLE001 — closing a stream another thread reads; any outcome is fine
+                # wakes the read blocked on the stream; close() from here would wait for that read's lock
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
                 pass
         if self._thread is not None:
             self._thread.join(timeout)
@@ -329,6 +332,7 @@ class WatchLoop:
                     return
                 if line.strip():
                     self._apply(json.loads(line))
+                    self.backoff.reset()           # the stream works (a bare connect does not count)
         finally:
             self._response = None
             response.close()
@@ -508,11 +512,12 @@ def _differs(a: Registry, b: Registry) -> bool:
     return a.workloads != b.workloads or dict(a.nodes) != dict(b.nodes) or a.trust_domain != b.trust_domain
 
 
-async def start_kubernetes_source(config: Any, workloads: Any, api_client: Any = None) -> KubernetesSource:
+async def start_kubernetes_source(config: Any, workloads: Any, api_client: Any = None,
+                                  **options: Any) -> KubernetesSource:
     """Build the source from the agent's config, wait for the first lists and load that snapshot into
     the WorkloadController (before the agent reports ready); the caller runs ``source.run()``."""
     source = KubernetesSource(api_client or make_api_client(config.registry.kubeconfig), config.node.name,
-                              config.trust_domain, config.capture.cgroup_root, workloads.replace_base)
+                              config.trust_domain, config.capture.cgroup_root, workloads.replace_base, **options)
     source.start()
     try:
         registry = await source.first_snapshot()
