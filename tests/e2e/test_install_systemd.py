@@ -1,0 +1,183 @@
+"""systemd/tcpmesh-agent.service and `make install`.
+
+- `systemd-analyze verify` accepts the unit (with /usr/local/bin/tcpmesh present, as after `make
+  install`), and `systemd-analyze security --offline` rates it no worse than 5.0 ("OK");
+- the unit's exact ExecStart line, run in the unit's own sandbox (test_install_support.py says what
+  is emulated and what is not) inside a lab node, sends READY=1 from the main PID only once the
+  pod's BPF programs are attached, the listeners accept and /readyz answers 200; a pod's connection
+  is meshed (mutual_tls) under that sandbox; SIGTERM gives STOPPING=1 and exit 0; the unit's exact
+  ExecStopPost line then keeps capture in place (no systemd to ask for the job: fail closed);
+- `make install` (systemd/install.sh, staged with DESTDIR) lays out the link, the unit, the config
+  and /etc/default/tcpmesh, and keeps an edited config on a second run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from agent.lab import lab as labops
+from agent.lab.nsenter import connect_in_netns, http_get_in_netns
+from tests.e2e import test_install_support as unitrun
+
+READY_TIMEOUT = 60.0
+
+
+def bpftool_programs(cgroup: str) -> str:
+    return subprocess.run(["bpftool", "cgroup", "show", cgroup], capture_output=True, text=True, check=True).stdout
+
+
+def verify_with_installed_bin(unit_path: str, *extra: str) -> subprocess.CompletedProcess:
+    """`systemd-analyze <extra or verify> UNIT` where /usr/local/bin/tcpmesh exists (private mount namespace)."""
+    script = (f"mount -t tmpfs tmpfs /usr/local/bin && ln -s {unitrun.CHECKOUT_BIN} /usr/local/bin/tcpmesh && "
+              f"exec systemd-analyze {' '.join(extra) or 'verify'} {unit_path}")
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def analyze(privileged):
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing: deploy/bootstrap-debian.sh installs the systemd package")
+
+
+def test_systemd_analyze_verify_accepts_the_unit(analyze):
+    done = verify_with_installed_bin(str(unitrun.UNIT_FILE))
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr + done.stdout
+
+
+def test_systemd_analyze_security_rates_the_unit_ok(analyze):
+    done = verify_with_installed_bin(str(unitrun.UNIT_FILE), "security", "--offline=yes", "--no-pager")
+    match = re.search(r"Overall exposure level for tcpmesh-agent.service: ([0-9.]+)", done.stdout)
+    assert match, done.stdout + done.stderr
+    assert float(match.group(1)) <= 5.0, done.stdout
+
+
+def test_the_unit_says_what_the_issue_asks():
+    service = unitrun.read_unit()["Service"]
+    assert service["Type"] == ["notify"] and service["Restart"] == ["on-failure"]
+    assert service["NoNewPrivileges"] == ["yes"] and service["ProtectSystem"] == ["strict"]
+    assert set(service["ReadWritePaths"][0].split()) == {"/sys/fs/bpf", "/sys/fs/cgroup"}
+    assert service["RuntimeDirectory"] == ["tcpmesh"]          # /run/tcpmesh, writable under ProtectSystem
+    assert set(service["CapabilityBoundingSet"][0].split()) <= {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN",
+                                                                "CAP_SYS_ADMIN", "CAP_NET_RAW", "CAP_DAC_OVERRIDE"}
+    assert service["ExecStopPost"][0].split()[:2] == ["/usr/local/bin/tcpmesh", "cleanup"]
+
+
+@pytest.fixture
+def node_lab(bpf_capable):
+    name = f"sd{uuid.uuid4().hex[:6]}"
+    plan = None
+    try:
+        plan = labops.lab_up(name, 1, 2, "sd.tcpmesh", agents_enabled=False, capture_mode="ebpf-connect")
+        yield plan
+    finally:
+        labops.lab_down(name)
+
+
+def test_exec_start_in_the_units_sandbox_notifies_ready_only_when_capture_and_listeners_are_up(node_lab):
+    plan = node_lab
+    node = plan.nodes[0]
+    unit = unitrun.read_unit()
+    env = unitrun.unit_environment(unit, {"TCPMESH_CONFIG_FILE": node.config_file})
+    argv = unitrun.command_argv(unit, "ExecStart", env)
+    assert argv == ["/usr/local/bin/tcpmesh", "run", "--config", node.config_file]
+    notify = unitrun.NotifySocket(f"{plan.state_dir}/notify.sock")
+    log_path = f"{plan.state_dir}/agent-under-unit.log"
+    proc = None
+    apps = []
+    try:
+        # RuntimeDirectory= and LogsDirectory= stand-in: the lab node's state dir (config, log, socket)
+        proc = unitrun.start_in_node(unitrun.sandboxed(unit, argv, [node.state_dir]), node.netns, node.agent_cgroup,
+                                     {**env, "NOTIFY_SOCKET": notify.path}, log_path)
+        try:
+            message, sender = notify.receive(READY_TIMEOUT, alive=lambda: proc.poll() is None)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its log:\n{open(log_path).read()[-4000:]}") from None
+        log = open(log_path).read()
+        # at READY: programs on the pod cgroups, listeners accepting, /readyz 200 — checked before anything else
+        for pod in node.pods:
+            assert "tcpmesh_conn4" in bpftool_programs(pod.cgroup), f"{pod.name} not captured at READY\n{log}"
+        listening = subprocess.run(["ip", "netns", "exec", node.netns, "ss", "-Hltn"], capture_output=True,
+                                   text=True, check=True).stdout
+        assert ":15001 " in listening and ":15008 " in listening, listening
+        connect_in_netns(node.netns, (node.wire_address, 15008), timeout=2).close()
+        status, _ = http_get_in_netns(node.netns, f"http://{node.admin_address}/readyz")
+        assert status == 200
+        assert message.split(b"\n")[0] == b"READY=1" and b"STATUS=ready: 2 local workloads captured" in message
+        assert sender == proc.pid, "systemd (NotifyAccess=main) accepts READY from the main PID only"
+
+        # the sandbox really was the unit's
+        status = unitrun.process_status(proc.pid)
+        assert int(status["CapBnd"], 16) == unitrun.capability_mask(unit) == int(status["CapEff"], 16)
+        assert status["NoNewPrivs"].strip() == "1"
+        assert "ro" in unitrun.mount_options(proc.pid, "/").split(",")
+        assert "rw" in unitrun.mount_options(proc.pid, "/sys/fs/bpf").split(",")
+        assert os.readlink(f"/proc/{proc.pid}/exe") == os.path.realpath(sys.executable)
+
+        # and the mesh works under it: pod → pod through the agent, mutual TLS
+        server, client = node.pods[1], node.pods[0]
+        apps.append(labops.lab_exec(plan.name, server.name, [sys.executable, "-m", "agent.sampleapps", "server",
+                                                             "--port", "7301", "--mode", "digest"],
+                                    stdout=subprocess.PIPE, text=True))
+        assert "listening" in apps[0].stdout.readline()
+        done = labops.lab_exec(plan.name, client.name, [sys.executable, "-m", "agent.sampleapps", "client", "--connect",
+                                                         f"{server.ip}:7301", "--bytes", "4096", "--mode", "digest"],
+                               stdout=subprocess.PIPE, text=True)
+        result = json.loads(done.communicate(timeout=30)[0].strip().splitlines()[-1])
+        assert result["complete"], result
+        flows = json.loads(http_get_in_netns(node.netns, f"http://{node.admin_address}/debug/flows")[1])["flows"]
+        assert any(f["destination_port"] == 7301 and f["security"] == "mutual_tls" for f in flows)
+
+        # SIGTERM (systemctl stop): STOPPING=1, exit 0
+        proc.terminate()
+        message, _ = notify.receive(20)
+        assert message.startswith(b"STOPPING=1")
+        assert proc.wait(30) == 0, open(log_path).read()
+
+        # the unit's ExecStopPost line, same sandbox: without systemd to ask, capture stays (fail closed)
+        stop_post = unitrun.command_argv(unit, "ExecStopPost", env)
+        assert stop_post == ["/usr/local/bin/tcpmesh", "cleanup", "--config", node.config_file,
+                             "--systemd-stop-post", "tcpmesh-agent.service"]
+        post = unitrun.start_in_node(unitrun.sandboxed(unit, stop_post, [node.state_dir]), node.netns,
+                                     node.agent_cgroup, env, log_path)
+        assert post.wait(30) == 0
+        assert "capture stays attached" in open(log_path).read()
+        assert "tcpmesh_conn4" in bpftool_programs(node.pods[0].cgroup)
+    finally:
+        for app in apps:
+            unitrun.stop(app, 5)
+        if proc is not None:
+            unitrun.stop(proc)
+        notify.close()
+
+
+def test_make_install_stages_link_unit_and_config_and_keeps_an_edited_config(tmp_path, analyze):
+    root = tmp_path / "root"
+    env = {**os.environ, "DESTDIR": str(root), "VENV": os.path.dirname(os.path.dirname(unitrun.CHECKOUT_BIN)),
+           "INSTALL_APT": "0"}
+    done = subprocess.run(["make", "-s", "install"], cwd=unitrun.REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert os.readlink(root / "usr/local/bin/tcpmesh") == unitrun.CHECKOUT_BIN
+    unit = root / "etc/systemd/system/tcpmesh-agent.service"
+    assert unit.read_text() == unitrun.UNIT_FILE.read_text()
+    assert (root / "etc/tcpmesh/config.yaml").read_text() == (unitrun.REPO / "systemd/config.yaml").read_text()
+    assert (root / "etc/default/tcpmesh").exists() and (root / "etc/tcpmesh/policies").is_dir()
+    assert (root / "opt/tcpmesh/share/doc/install-systemd.md").exists()
+    version = subprocess.run([str(root / "usr/local/bin/tcpmesh"), "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and "tcpmesh" in version.stdout
+    assert verify_with_installed_bin(str(unit)).returncode == 0
+
+    (root / "etc/tcpmesh/config.yaml").write_text("# edited\n")
+    again = subprocess.run(["make", "-s", "install"], cwd=unitrun.REPO, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0 and "kept" in again.stdout
+    assert (root / "etc/tcpmesh/config.yaml").read_text() == "# edited\n"
