@@ -27,7 +27,7 @@ from agent.policy.model import MtlsMode
 from agent.policy.source import PolicySource
 from agent.proxy.deadlines import reset_idle, sweep_idle_relays
 from agent.proxy.inbound import InboundProxy
-from agent.proxy.limits import ConnectionLimits, open_files_needed, raise_open_files_limit
+from agent.proxy.limits import ConnectionLimits, fitting_cap, raise_open_files_limit
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
 from agent.registry.model import Registry
@@ -69,9 +69,13 @@ class Agent:
     def _connection_limits(self) -> dict[str, ConnectionLimits]:
         """One set of caps per side (agent.proxy.limits); refusals are counted by side and cap."""
         proxy = self.config.proxy
+        open_files, _ = raise_open_files_limit()
+        total = fitting_cap(proxy.max_connections, open_files)
+        per_identity = min(proxy.max_connections_per_identity or total, total)
+        log.info("open-files limit %d; connection caps per side: %d, per source identity: %d", open_files, total,
+                 per_identity)
         hit = lambda reporter, limit: self.metrics.connection_limit_hits.labels(reporter, limit).inc()  # noqa: E731
-        return {reporter: ConnectionLimits(reporter, proxy.max_connections, proxy.max_connections_per_identity, hit)
-                for reporter in ("source", "destination")}
+        return {reporter: ConnectionLimits(reporter, total, per_identity, hit) for reporter in ("source", "destination")}
 
     def _snapshot_or_none(self) -> Registry | None:
         return self.workloads.snapshot if self.workloads is not None else None
@@ -121,9 +125,6 @@ class Agent:
                            tunnel_timeout=config.proxy.tunnel_timeout_seconds,
                            inbound_idle_timeout=config.proxy.inbound_tunnel_idle_seconds,
                            limits=self._connection_limits())
-        soft, _ = raise_open_files_limit(open_files_needed(config.proxy.max_connections))
-        log.info("open-files limit %d; connection caps per side %s, per identity %s", soft,
-                 config.proxy.max_connections or "none", config.proxy.max_connections_per_identity or "none")
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,
                                  certs=self._certs_report)

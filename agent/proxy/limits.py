@@ -91,24 +91,27 @@ class ConnectionLimits:
         return limit
 
 
-def open_files_needed(max_connections: int) -> int:
-    """File descriptors one agent needs for ``max_connections`` per side (0: unlimited → no target)."""
-    return FDS_PER_CONNECTION * max_connections + FDS_RESERVED if max_connections else 0
-
-
-def raise_open_files_limit(wanted: int) -> tuple[int, int]:
+def raise_open_files_limit() -> tuple[int, int]:
     """Raise RLIMIT_NOFILE's soft limit to the hard limit (never lower it), as systemd advises for
-    services that use epoll; returns (soft, hard). Warns when the hard limit is below ``wanted``."""
+    services that use epoll; returns (soft, hard)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted, 1 << 20)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
     if target > soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, exc)
-    if wanted and soft < wanted:
-        log.warning("the open-files limit is %d but proxy.max_connections needs about %d: connections beyond "
-                    "it fail with EMFILE; raise the hard limit (systemd: LimitNOFILE=) or lower "
-                    "proxy.max_connections", soft, wanted)
     return soft, hard
+
+
+def fitting_cap(max_connections: int, open_files: int) -> int:
+    """``proxy.max_connections``, lowered to what ``open_files`` descriptors can hold (0: no cap, unless the
+    limit forces one): a clean CONNECTION_LIMIT refusal beats EMFILE in the middle of a handshake."""
+    fits = max(1, (open_files - FDS_RESERVED) // FDS_PER_CONNECTION)
+    if max_connections and max_connections <= fits:
+        return max_connections
+    log.warning("the open-files limit (%d) holds about %d connections per side, so the cap is %d instead of "
+                "proxy.max_connections=%s; raise the hard limit (systemd: LimitNOFILE=) to lift it",
+                open_files, fits, fits, max_connections or "0 (none)")
+    return fits

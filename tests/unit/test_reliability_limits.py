@@ -64,12 +64,19 @@ def test_open_files_limit_is_raised_to_the_hard_limit_and_never_lowered():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
-        new_soft, new_hard = L.raise_open_files_limit(L.open_files_needed(100))
+        new_soft, new_hard = L.raise_open_files_limit()
         assert new_hard == hard and new_soft == (hard if hard != resource.RLIM_INFINITY else new_soft)
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == new_soft >= 256
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert L.open_files_needed(0) == 0 and L.open_files_needed(1000) == 2 * 1000 + L.FDS_RESERVED
+
+
+def test_the_cap_is_lowered_to_what_the_open_files_limit_holds(caplog):
+    assert L.fitting_cap(1000, 1_048_576) == 1000
+    with caplog.at_level(logging.WARNING, "tcpmesh.limits"):
+        assert L.fitting_cap(32768, 20000) == (20000 - L.FDS_RESERVED) // 2
+        assert L.fitting_cap(0, 4096) == (4096 - L.FDS_RESERVED) // 2  # "no cap" still cannot exceed the fds
+    assert "LimitNOFILE" in caplog.records[0].getMessage()
 
 
 @pytest.mark.parametrize("timeout", [2, 3, 5, 30, 600])
