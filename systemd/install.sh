@@ -3,7 +3,9 @@
 # Idempotent; never overwrites a config that exists; never starts or enables the unit.
 # As root on Debian 12 (docs/install-systemd.md). Settings, from the environment:
 #   DESTDIR      staging root; everything goes below it, systemd is not told (default: empty)
-#   PREFIX       the venv, with bcc from Debian linked in (default /opt/tcpmesh)
+#   PREFIX       the venv, with bcc from Debian linked in, and tcpmesh's own copy of the sources
+#                under PREFIX/src (default /opt/tcpmesh); upgrade: make install, systemctl restart
+#   PIP_ARGS     extra pip arguments (e.g. --no-index --no-deps --no-build-isolation offline)
 #   VENV         an existing venv (with tcpmesh installed) to link instead of building PREFIX
 #   EXTRAS       pip extras, e.g. "kubernetes" (default: none)
 #   INSTALL_APT  0: do not install the Debian packages the agent needs (default 1)
@@ -55,8 +57,17 @@ else
   site=$("$target/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   # bcc is not on PyPI (the PyPI package named "bcc" is unrelated): link Debian's python3-bpfcc.
   [ -e "$site/bcc" ] || ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
-  say "pip install $SRC${EXTRAS:+[$EXTRAS]} into $target"
-  "$target/bin/pip" install -q --disable-pip-version-check ${PIP_ARGS:-} "$SRC${EXTRAS:+[$EXTRAS]}"
+  # The agent finds bpf/ (C sources, kernel header stub) next to agent/, so the install keeps a source
+  # tree of its own under PREFIX/src (not the checkout) and installs that one in editable mode.
+  src="$target/src"
+  rm -rf "$src.new"
+  mkdir -p "$src.new"
+  cp -a "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/agent" "$SRC/bpf" "$src.new/"
+  find "$src.new" -name __pycache__ -prune -exec rm -rf {} +
+  rm -rf "$src"
+  mv "$src.new" "$src"
+  say "pip install -e $src${EXTRAS:+[$EXTRAS]} into $target"
+  "$target/bin/pip" install -q --disable-pip-version-check ${PIP_ARGS:-} -e "$src${EXTRAS:+[$EXTRAS]}"
 fi
 
 install -d -m 0755 "$DESTDIR$BINDIR" "$DESTDIR$UNITDIR" "$DESTDIR/etc/tcpmesh" "$DESTDIR/etc/tcpmesh/policies" \

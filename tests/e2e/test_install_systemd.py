@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +182,25 @@ def test_make_install_stages_link_unit_and_config_and_keeps_an_edited_config(tmp
                            timeout=60)
     assert again.returncode == 0 and "kept" in again.stdout
     assert (root / "etc/tcpmesh/config.yaml").read_text() == "# edited\n"
+
+
+def test_make_install_builds_a_venv_that_finds_its_bpf_sources_and_bcc(tmp_path, analyze):
+    """The real PREFIX path (venv, bcc link, own source copy, editable install) with --no-deps,
+    so only tcpmesh itself is installed; its dependencies are a network install on a real host."""
+    root = tmp_path / "root"
+    env = {**os.environ, "DESTDIR": str(root), "INSTALL_APT": "0", "PYTHON": sys.executable,
+           "PIP_ARGS": "--no-deps"}
+    env.pop("VENV", None)
+    done = subprocess.run(["make", "-s", "install"], cwd=unitrun.REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr + done.stdout
+    python = root / "opt/tcpmesh/bin/python"
+    probe = ("import agent.capture.bccload as b, agent.capture.kstub as k, bcc; "
+             "print(b.bpf_source_dir()); print(k.shipped_dir()); print(bcc.__file__)")
+    out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    bpf_dir, kstub_dir, bcc_file = out.stdout.split()
+    assert bpf_dir == str(root / "opt/tcpmesh/src/bpf") and any(Path(bpf_dir).glob("*.c"))
+    assert Path(kstub_dir).is_dir() and os.path.realpath(bcc_file).startswith("/usr/lib/python3/dist-packages/bcc")
+    assert os.readlink(root / "usr/local/bin/tcpmesh") == "/opt/tcpmesh/bin/tcpmesh"
+    assert (root / "opt/tcpmesh/bin/tcpmesh").exists()
