@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -530,3 +531,25 @@ async def start_kubernetes_source(config: Any, workloads: Any, api_client: Any =
         source.stop()
         raise
     return source
+
+
+def own_pod_cgroup(argv: list[str]) -> int:
+    """``python -m agent.registry.kubernetes pod-cgroup CGROUP_ROOT POD_UID``: print the pod's cgroup.
+
+    The DaemonSet's container runs in a private cgroup namespace, so /proc/self/cgroup says "/";
+    it asks this for its own pod's cgroup on the host's mount and passes it as
+    TCPMESH_CAPTURE_PROXY_CGROUP (where the getsockopt hook goes; docs/install-kubernetes.md).
+    """
+    if len(argv) != 3 or argv[0] != "pod-cgroup":
+        print("usage: python -m agent.registry.kubernetes pod-cgroup CGROUP_ROOT POD_UID", file=sys.stderr)
+        return 2
+    found = find_pod_cgroup(argv[1], argv[2])
+    if found is None:
+        print(f"no cgroup of pod {argv[2]} below {argv[1]} (kubepods.slice/… or kubepods/…)", file=sys.stderr)
+        return 1
+    print(found)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(own_pod_cgroup(sys.argv[1:]))

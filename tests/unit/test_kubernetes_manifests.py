@@ -1,0 +1,234 @@
+"""deploy/kubernetes/ and deploy/container/Dockerfile, checked as far as a machine without a cluster
+and without a container engine allows.
+
+- Debian's kubectl (kubernetes-client, unpacked into the venv by deploy/bootstrap-debian.sh; any
+  kubectl on PATH otherwise, named in the output) runs `kubectl create --dry-run=client
+  --validate=false -f deploy/kubernetes/`. A client-side dry run still asks the server which
+  resource each kind is (API discovery); kubectl is given its discovery cache instead — the
+  documents /api and /apis answer for the kinds used — and a server address where nothing listens,
+  so any request it makes fails the test. That cache is recorded data in place of a server.
+- Every object is decoded into the official client's typed model (kubernetes.client.models), with
+  every field name checked against the model (what --validate would catch: a misspelt field) and the
+  models' own required-field checks.
+- What the agent reads: the ConfigMap's config.yaml loads and validates with the DaemonSet's
+  environment; the example policy passes the policy loader; RBAC, mounts, labels and ports are the
+  ones docs and the Prometheus config rely on.
+- The Dockerfile: what it copies exists, its extras exist, its Debian packages exist in Debian 12.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "deploy" / "kubernetes"
+DOCKERFILE = REPO / "deploy" / "container" / "Dockerfile"
+DEBIAN_KUBECTL = Path(sys.prefix) / "opt" / "kubernetes-client" / "usr" / "bin" / "kubectl"
+NOWHERE = "127.0.0.1:1"   # the kubeconfig's server: nothing listens on port 1
+# API discovery for the kinds in deploy/kubernetes/ (group/version → [(resource, kind, namespaced)])
+DISCOVERY = {
+    "v1": [("namespaces", "Namespace", False), ("serviceaccounts", "ServiceAccount", True),
+           ("configmaps", "ConfigMap", True)],
+    "apps/v1": [("daemonsets", "DaemonSet", True)],
+    "rbac.authorization.k8s.io/v1": [("clusterroles", "ClusterRole", False),
+                                     ("clusterrolebindings", "ClusterRoleBinding", False)],
+}
+
+
+def documents() -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(MANIFESTS.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                docs.append((path.name, doc))
+    return docs
+
+
+def find(kind: str, name: str | None = None) -> dict:
+    matches = [d for _, d in documents() if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"{kind} {name}: {len(matches)} objects"
+    return matches[0]
+
+
+def kubectl() -> tuple[str, str]:
+    if DEBIAN_KUBECTL.exists():
+        return str(DEBIAN_KUBECTL), "Debian's kubernetes-client"
+    other = shutil.which("kubectl")
+    if other:
+        return other, f"{other} (Debian's kubernetes-client was not unpacked into the venv)"
+    pytest.fail("no kubectl: deploy/bootstrap-debian.sh unpacks Debian's kubernetes-client into the venv")
+
+
+def write_discovery_cache(home: Path) -> tuple[Path, Path]:
+    cache = home / "cache"
+    base = cache / "discovery" / NOWHERE.replace(":", "_")
+    groups = []
+    for group_version, resources in DISCOVERY.items():
+        group, _, version = group_version.rpartition("/")
+        entry = {"groupVersion": group_version, "version": version}
+        groups.append({"name": group, "versions": [entry], "preferredVersion": entry})
+        (base / group_version).mkdir(parents=True, exist_ok=True)
+        (base / group_version / "serverresources.json").write_text(json.dumps({
+            "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
+            "resources": [{"name": r, "singularName": "", "namespaced": ns, "kind": k,
+                           "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}
+                          for r, k, ns in resources]}))
+    (base / "servergroups.json").write_text(json.dumps({"kind": "APIGroupList", "apiVersion": "v1",
+                                                        "groups": groups}))
+    kubeconfig = home / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "offline",
+        "clusters": [{"name": "offline", "cluster": {"server": f"https://{NOWHERE}", "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "nobody", "user": {"token": "none"}}],
+        "contexts": [{"name": "offline", "context": {"cluster": "offline", "user": "nobody"}}]}))
+    return kubeconfig, cache
+
+
+def run_kubectl(tmp_path: Path, target: Path) -> subprocess.CompletedProcess:
+    binary, _ = kubectl()
+    kubeconfig, cache = write_discovery_cache(tmp_path)
+    env = {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "")}
+    return subprocess.run([binary, "--kubeconfig", str(kubeconfig), "--cache-dir", str(cache), "create",
+                           "--dry-run=client", "--validate=false", "-f", str(target)],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_kubectl_create_dry_run_accepts_every_manifest(tmp_path):
+    done = run_kubectl(tmp_path, MANIFESTS)
+    print(f"kubectl: {kubectl()[1]}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "namespace/tcpmesh-system created (dry run)",
+        "serviceaccount/tcpmesh-agent created (dry run)",
+        "clusterrole.rbac.authorization.k8s.io/tcpmesh-agent created (dry run)",
+        "clusterrolebinding.rbac.authorization.k8s.io/tcpmesh-agent created (dry run)",
+        "configmap/tcpmesh-config created (dry run)",
+        "configmap/tcpmesh-policies created (dry run)",
+        "daemonset.apps/tcpmesh-agent created (dry run)",
+    ]
+
+
+def test_kubectl_rejects_a_kind_that_does_not_exist(tmp_path):
+    """The dry run is not a rubber stamp: an unknown kind fails (kubectl tries the server and finds nothing)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: apps/v1\nkind: DaemonSett\nmetadata: {name: x, namespace: tcpmesh-system}\n")
+    done = run_kubectl(tmp_path, bad)
+    assert done.returncode != 0
+
+
+def unknown_fields(data, model_name: str, where: str) -> list[str]:
+    """Field names in ``data`` that the official client's model does not have (recursively)."""
+    from kubernetes import client
+
+    model = getattr(client.models, model_name, None)
+    if model is None or not isinstance(data, dict):
+        return []
+    by_json = {json_name: attr for attr, json_name in model.attribute_map.items()}
+    problems = []
+    for key, value in data.items():
+        if key not in by_json:
+            problems.append(f"{where}.{key} (no such field in {model_name})")
+            continue
+        kind = model.openapi_types[by_json[key]]
+        if kind.lower().startswith("list[") and isinstance(value, list):
+            problems += [p for i, item in enumerate(value) for p in unknown_fields(item, kind[5:-1], f"{where}.{key}[{i}]")]
+        elif kind.lower().startswith("dict(") or kind == "object":
+            continue
+        else:
+            problems += unknown_fields(value, kind, f"{where}.{key}")
+    return problems
+
+
+def test_every_object_fits_the_official_clients_models():
+    pytest.importorskip("kubernetes")
+    from kubernetes import client
+
+    api = client.ApiClient()
+    for source, doc in documents():
+        model = ("V1" + doc["kind"])
+        assert doc["apiVersion"] in ("v1", "apps/v1", "rbac.authorization.k8s.io/v1"), source
+        assert unknown_fields(doc, model, f"{source}:{doc['kind']}") == []
+        typed = api._ApiClient__deserialize(doc, model)   # the models' own required-field checks run here
+        assert typed.metadata.name == doc["metadata"]["name"]
+    # and the check would see a misspelt field
+    daemonset = find("DaemonSet")
+    daemonset["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]["mountPropogation"] = "None"
+    assert unknown_fields(daemonset, "V1DaemonSet", "x") == [
+        "x.spec.template.spec.containers[0].volumeMounts[0].mountPropogation (no such field in V1VolumeMount)"]
+
+
+def test_rbac_is_read_only_on_pods_and_nodes_for_the_agents_service_account():
+    role = find("ClusterRole")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]}]
+    binding = find("ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    sa = find("ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
+    assert find("DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_the_daemonset_has_host_network_privilege_and_the_host_mounts():
+    pod = find("DaemonSet")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["hostNetwork"] is True and container["securityContext"]["privileged"] is True
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in ("/sys/fs/cgroup", "/sys/fs/bpf", "/run/tcpmesh"):
+        assert volumes[mounts[path]["name"]]["hostPath"]["path"] == path
+    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "Bidirectional"
+    # what deploy/prometheus/prometheus-kubernetes.yml discovers
+    assert pod.get("hostNetwork") and find("DaemonSet")["spec"]["template"]["metadata"]["labels"][
+        "app.kubernetes.io/name"] == "tcpmesh-agent"
+    assert {"name": "admin", "containerPort": 15020, "protocol": "TCP"} in container["ports"]
+
+
+def test_the_configmap_config_loads_with_the_daemonsets_environment(tmp_path):
+    from agent.config import load_config
+
+    config_text = find("ConfigMap", "tcpmesh-config")["data"]["config.yaml"]
+    (tmp_path / "config.yaml").write_text(config_text)
+    (container,) = find("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    field_values = {"spec.nodeName": "worker-1", "status.hostIP": "10.0.0.11", "metadata.uid": "u"}
+    env = {e["name"]: field_values[e["valueFrom"]["fieldRef"]["fieldPath"]] for e in container["env"]}
+    config = load_config(tmp_path / "config.yaml", environ=env)
+    assert config.registry.source == "kubernetes" and config.node.name == "worker-1"
+    assert config.admin.address == config.node.address == config.capture.redirect_address == "10.0.0.11"
+    assert config.capture.pods_cgroup == ""
+    assert "exec /usr/local/bin/tcpmesh run --config /etc/tcpmesh/config.yaml" in container["args"][0]
+
+
+def test_the_example_policy_loads(tmp_path):
+    from agent.policy.loader import load_paths
+
+    for name, text in find("ConfigMap", "tcpmesh-policies")["data"].items():
+        (tmp_path / name).write_text(text)
+    policies = load_paths([tmp_path])
+    assert [p.key for p in policies.authorization] == ["data/orders-db"]
+
+
+def test_the_dockerfile_copies_what_exists_and_installs_packages_debian_12_has():
+    text = DOCKERFILE.read_text()
+    assert text.splitlines()[[i for i, l in enumerate(text.splitlines()) if l.startswith("FROM")][0]] == \
+        "FROM debian:12-slim"
+    copies = [line.split()[1:-1] for line in text.splitlines() if line.startswith("COPY")]
+    for sources in copies:
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert "kubernetes = [" in pyproject and 'src[kubernetes]"' in text
+    install = text.split("apt-get install -y --no-install-recommends", 1)[1].split("&&", 1)[0]
+    packages = install.replace("\\", " ").split()
+    if not list(Path("/var/lib/apt/lists").glob("*Packages*")):
+        pytest.skip("no apt package lists on this machine (apt-get update)")
+    if subprocess.run(["apt-cache", "show", "--no-all-versions", *packages], capture_output=True).returncode != 0:
+        missing = [p for p in packages if subprocess.run(["apt-cache", "show", p], capture_output=True).returncode]
+        assert missing == [], f"not packages of this Debian: {missing}"
