@@ -143,15 +143,30 @@ class AccessLog:
     def _write(self, line: bytes, digest: str) -> None:
         assert self._fd is not None
         view = memoryview(line)
-        while view:
-            written = self._os_write(self._fd, view)
-            self._size += written
-            view = view[written:]
+        start = self._size
+        try:
+            while view:
+                written = self._os_write(self._fd, view)
+                self._size += written
+                view = view[written:]
+        except OSError:
+            self._undo_partial(start)
+            raise
         self._seq += 1
         self._prev = digest
         if self._metrics is not None:
             self._metrics.access_log_records.inc()
             self._metrics.access_log_sequence.set(self._seq - 1)
+
+    def _undo_partial(self, start: int) -> None:
+        """A full disk takes part of a line, then fails: cut the file back to where the record began,
+        so no torn line is left in the middle of the log (verify would stop there)."""
+        if self._regular and self._fd is not None and self._size > start:
+            try:
+                os.ftruncate(self._fd, start)
+                self._size = start
+            except OSError:
+                pass  # left torn: _suspect_tail ends the line before the next record
 
     def _prepare(self) -> None:
         if self._fd is not None and not self._suspect_tail:

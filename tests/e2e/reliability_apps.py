@@ -14,6 +14,8 @@ no tcpmesh code: they play applications. Every client prints one JSON line at th
     stream --connect IP:P --interval S
            one connection echoing a 1 KiB message every S seconds until stdin closes or the
            connection fails; reports when it failed and how (the fault tests time resets with it).
+    probe  --connect IP:P --timeout T
+           one connection: send 16 bytes, read the echo; reports "ok" or the error, and how long it took.
 
 Raises its own RLIMIT_NOFILE soft limit to the hard limit first (thousands of sockets).
 """
@@ -28,6 +30,7 @@ import os
 import random
 import resource
 import sys
+import threading
 import time
 
 MESSAGE = 16
@@ -51,8 +54,16 @@ def error_name(exc: BaseException) -> str:
 
 
 async def stdin_closed() -> None:
+    """Returns once stdin is closed. A daemon thread reads it: asyncio.run would wait for an executor's."""
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, sys.stdin.read)
+    done = loop.create_future()
+
+    def read() -> None:
+        sys.stdin.read()
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    threading.Thread(target=read, daemon=True).start()
+    await done
 
 
 # ------------------------------------------------------------------------------------------ server
@@ -131,7 +142,7 @@ async def hold(target: tuple[str, int], count: int, interval: float) -> dict:
                     await asyncio.wait_for(stop.wait(), interval)
                 except asyncio.TimeoutError:
                     pass
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, RuntimeError) as exc:
             totals["lost"] += 1
             errors[error_name(exc)] = errors.get(error_name(exc), 0) + 1
         finally:
@@ -277,10 +288,26 @@ async def stream(target: tuple[str, int], interval: float) -> dict:
             exchanges += 1
             last_ok = time.time()
             await asyncio.sleep(interval)
-    except (OSError, asyncio.IncompleteReadError) as exc:
+    except (OSError, asyncio.IncompleteReadError, RuntimeError) as exc:  # uvloop: RuntimeError writing to a closed one
         return {"error": error_name(exc), "failed_at": time.time(), "last_ok": last_ok, "exchanges": exchanges}
     writer.close()
     return {"error": None, "exchanges": exchanges, "last_ok": last_ok}
+
+
+async def probe(target: tuple[str, int], timeout: float) -> dict:
+    started = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*target), timeout)
+        writer.write(b"p" * MESSAGE)
+        await writer.drain()
+        echoed = await asyncio.wait_for(reader.readexactly(MESSAGE), timeout)
+        writer.close()
+        result = "ok" if echoed == b"p" * MESSAGE else "mismatch"
+    except asyncio.TimeoutError:
+        result = "hung"
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        result = error_name(exc)
+    return {"result": result, "seconds": round(time.monotonic() - started, 3)}
 
 
 def main() -> int:
@@ -305,6 +332,9 @@ def main() -> int:
     p = sub.add_parser("stream")
     p.add_argument("--connect", required=True)
     p.add_argument("--interval", type=float, default=0.05)
+    p = sub.add_parser("probe")
+    p.add_argument("--connect", required=True)
+    p.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args()
     try:
         import uvloop
@@ -323,6 +353,8 @@ def main() -> int:
         result = asyncio.run(crr(target, args.count, args.parallel))
     elif args.role == "bulk":
         result = asyncio.run(bulk(target, args.flows, args.bytes))
+    elif args.role == "probe":
+        result = asyncio.run(probe(target, args.timeout))
     else:
         result = asyncio.run(stream(target, args.interval))
     print(json.dumps(result), flush=True)
