@@ -155,6 +155,16 @@ class RelLab:
         return counts
 
 
+def figures(test: str, **values) -> None:
+    """Print a test's measured figures; TCPMESH_RELIABILITY_FIGURES=<file> also appends them there as
+    JSON lines (how docs/reliability.md was filled in)."""
+    print(json.dumps({"test": test, **values}))
+    path = os.environ.get("TCPMESH_RELIABILITY_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, "time": time.time(), **values}) + "\n")
+
+
 def set_sysctls(netns: str, values: Mapping[str, str] = SYSCTLS) -> None:
     for key, value in values.items():
         subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", f"{key}={value}"], check=True)

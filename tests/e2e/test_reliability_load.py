@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from tests.e2e.reliability_lab import DIGEST_PORT, reliability_lab, wait_until
+from tests.e2e.reliability_lab import DIGEST_PORT, figures, reliability_lab, wait_until
 
 pytestmark = pytest.mark.load
 
@@ -36,14 +36,6 @@ SEQUENTIAL_COUNT = 100_000 if os.environ.get("TCPMESH_LOAD_FULL") == "1" else 50
 SETTLE_SECONDS = 30
 # Allowed difference after a run: an idle pooled tunnel may be open or not (one socket, one task each side).
 FD_SLACK, TASK_SLACK = 2, 2
-
-
-def figures(test: str, **values) -> None:
-    print(json.dumps({"test": test, **values}))
-    path = os.environ.get("TCPMESH_RELIABILITY_FIGURES")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"test": test, "time": time.time(), **values}) + "\n")
 
 
 @pytest.fixture(scope="module")

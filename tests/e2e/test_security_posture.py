@@ -32,7 +32,7 @@ from agent.lab import agents as lab_agents
 from agent.lab import files as lab_files
 from agent.lab import lab as labops
 from agent.lab.nsenter import http_get_in_netns, popen_in
-from tests.e2e.reliability_lab import reliability_lab, wait_until
+from tests.e2e.reliability_lab import figures, reliability_lab, wait_until
 
 HANDSHAKE_TIMEOUT = 1.0
 ENV = {"TCPMESH_PROXY_HANDSHAKE_TIMEOUT_SECONDS": str(HANDSHAKE_TIMEOUT)}
@@ -163,6 +163,8 @@ def test_hostile_input_from_another_node_is_refused_counted_and_others_are_serve
     after = {flag: wait_until(lambda: lab.metric_sum(2, "tcpmesh_tcp_connections_failed_total",
                                                      response_flags=flag) - before[flag], 5)
              for flag in before}
+    figures("hostile input from another node", cut_off_after_s=times, counted=after,
+            legitimate_flow_exchanges=result["exchanges"])
     assert after["TLS_FAILURE"] >= 4 and after["HANDSHAKE_TIMEOUT"] >= 1, (after, times)
 
 
