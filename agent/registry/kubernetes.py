@@ -50,6 +50,7 @@ BACKOFF_JITTER = 0.2
 FIRST_SYNC_TIMEOUT_SECONDS = 60.0
 MIN_PUBLISH_INTERVAL_SECONDS = 0.2   # bursts of events (a rollout) become one snapshot
 CGROUP_RETRY_SECONDS = 1.0           # a local pod whose cgroup is not there yet is looked up again
+REFUSED_RETRY_SECONDS = 10.0         # a snapshot the controller refused is offered again (a conflict may clear)
 FINISHED_PHASES = ("Succeeded", "Failed")
 HTTP_GONE = 410
 
@@ -415,7 +416,8 @@ class KubernetesSource:
     def __init__(self, api_client: Any, node_name: str, trust_domain: str, cgroup_root: str,
                  on_snapshot: Callable[[Registry], Any], *, watch_timeout: int = WATCH_TIMEOUT_SECONDS,
                  backoff_factory: Callable[[], Backoff] = Backoff,
-                 min_interval: float = MIN_PUBLISH_INTERVAL_SECONDS) -> None:
+                 min_interval: float = MIN_PUBLISH_INTERVAL_SECONDS,
+                 refused_retry: float = REFUSED_RETRY_SECONDS) -> None:
         from kubernetes import client
 
         self.node_name = node_name
@@ -423,6 +425,7 @@ class KubernetesSource:
         self.cgroup_root = cgroup_root
         self.on_snapshot = on_snapshot
         self.min_interval = min_interval
+        self.refused_retry = refused_retry
         core = client.CoreV1Api(api_client)
         self.pods = WatchLoop("pods", core.list_pod_for_all_namespaces, lambda o: o["metadata"]["uid"],
                               self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
@@ -482,22 +485,30 @@ class KubernetesSource:
         """Publish a snapshot after every change (coalesced), and look again for missing pod cgroups."""
         assert self._event is not None
         loop = asyncio.get_running_loop()
+        refused = False
         while True:
-            retry = CGROUP_RETRY_SECONDS if self.last is not None and self.last.missing_cgroups else None
+            retry = None
+            if refused:
+                retry = self.refused_retry
+            elif self.last is not None and self.last.missing_cgroups:
+                retry = CGROUP_RETRY_SECONDS
             try:
                 await asyncio.wait_for(self._event.wait(), timeout=retry)
             except asyncio.TimeoutError:
                 pass
             self._event.clear()
             result = await loop.run_in_executor(None, self.build)
-            if self.last is None or _differs(self.last.registry, result.registry):
+            if self.last is None or refused or _differs(self.last.registry, result.registry):
                 self._report(result)
                 try:
-                    self.on_snapshot(result.registry)
-                    self.published += 1
+                    # None: refused whole (it conflicts with a run-time workload); tried again until it applies
+                    refused = self.on_snapshot(result.registry) is None
+                    self.published += 0 if refused else 1
                 except Exception:  # noqa: BLE001 — a task root: the next change tries again
                     log.exception("applying the Kubernetes snapshot failed")
-            self.last = result
+                    refused = True
+            if not refused:
+                self.last = result
             await asyncio.sleep(self.min_interval)
 
     def _report(self, result: BuildResult) -> None:
