@@ -70,6 +70,8 @@ def test_a_destination_that_does_not_listen_is_refused_at_once_with_uf_on_both_s
     assert result["result"].startswith("ConnectionResetError") and result["seconds"] < 1.0, result
     src = lab.wait_flow(1, lambda f: f["destination_port"] == closed_port)
     dst = lab.wait_flow(2, lambda f: f["destination_port"] == closed_port)
+    figures("not listening, records", source=(src["response_flags"], src["detail"]),
+            destination=(dst["response_flags"], dst["detail"]))
     assert src["response_flags"] == dst["response_flags"] == "UF", (src, dst)
     assert "UNREACHABLE" in src["detail"] and "refused" in dst["detail"].lower(), (src["detail"], dst["detail"])
     assert lab.metric_sum(1, "tcpmesh_tcp_connections_failed_total", response_flags="UF") >= 1
@@ -112,19 +114,21 @@ def test_a_cut_wire_times_flows_out_as_configured_and_the_mesh_recovers_without_
     took = result["failed_at"] - cut
     restored = time.time()
     back = wait_until(lambda: lab.run("probe", "--timeout", "10")["result"] == "ok", 20)
-    figures("wire cut", reset_after_s=round(took, 3), client=result["error"], new_connection_during_cut=during,
-            first_ok_after_restore_s=round(time.time() - restored, 3), tunnel_timeout_s=TUNNEL_TIMEOUT)
+    first_ok = round(time.time() - restored, 3)
     assert result["error"] and TUNNEL_TIMEOUT - 1 <= took <= TUNNEL_TIMEOUT + SLACK, (took, result)
     assert during["result"] != "ok" and during["result"] != "hung" and during["seconds"] <= CONNECT_TIMEOUT + SLACK, \
         during
     src = lab.wait_flow(1, lambda f: f["destination_port"] == ECHO_PORT and f["response_flags"] == "DC"
                         and began < f["start_time"] < cut)
     assert "tunnel lost" in src["detail"], src
+    figures("wire cut", reset_after_s=round(took, 3), client=result["error"], new_connection_during_cut=during,
+            first_ok_after_restore_s=first_ok, tunnel_timeout_s=TUNNEL_TIMEOUT, source_detail=src["detail"])
     # node2 saw nothing either: its side of the tunnel times out too, and it resets the server's connection
     assert wait_until(lambda: lab.metric_sum(2, "tcpmesh_tcp_connections_failed_total", response_flags="DC")
                       > failed_before, TUNNEL_TIMEOUT + SLACK + 5)
     refused = lab.wait_flow(1, lambda f: f["start_time"] > cut and f["response_flags"] in ("UT", "UF"))
     assert "10.76.0.2:15008" in refused["detail"], refused
+    figures("wire cut, new connection", flag=refused["response_flags"], detail=refused["detail"])
     assert back, "no connection worked within 20 s of restoring the wire"
     assert (lab.agent_pid(1), lab.agent_pid(2)) == pids  # the same agents: nothing was restarted
 

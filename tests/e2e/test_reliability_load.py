@@ -52,7 +52,7 @@ def readings(lab) -> dict:
     out = {}
     for index in (1, 2):
         metrics = lab.metrics(index)
-        out[index] = {"fds": lab.fds(index), "tasks": metrics["tcpmesh_agent_asyncio_tasks"],
+        out[index] = {"fds": lab.fds(index), "rss_kib": lab.rss_kib(index), "tasks": metrics["tcpmesh_agent_asyncio_tasks"],
                       "connection_tasks": metrics["tcpmesh_agent_connection_tasks"],
                       "relays": metrics["tcpmesh_agent_relays"], "maps": lab.map_counts(index)}
     return out
