@@ -23,6 +23,7 @@ import time
 from typing import Callable, Iterable, Mapping
 
 from agent.proxy.flow import FLAG_STREAM_IDLE_TIMEOUT
+from agent.proxy.session import Stream
 
 log = logging.getLogger("tcpmesh.deadlines")
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
@@ -119,4 +120,7 @@ def reset_idle(relay, flow, idle_timeout: float) -> None:
     reason = (f"no byte in either direction for {idle_timeout:g}s (proxy.stream_idle_timeout_seconds): "
               "reset both sides")
     flow.fail(FLAG_STREAM_IDLE_TIMEOUT, reason)
+    for leg in (relay.a, relay.b):
+        if isinstance(leg, Stream):  # the RST carries the reason: the other node's record names it too
+            leg.reset(reason)
     relay.abort(reason)

@@ -16,6 +16,8 @@ no tcpmesh code: they play applications. Every client prints one JSON line at th
            connection fails; reports when it failed and how (the fault tests time resets with it).
     probe  --connect IP:P --timeout T
            one connection: send 16 bytes, read the echo; reports "ok" or the error, and how long it took.
+    idle   --connect IP:P --timeout T
+           one connection that sends nothing; reports how and when the other side ended it.
 
 Raises its own RLIMIT_NOFILE soft limit to the hard limit first (thousands of sockets).
 """
@@ -310,6 +312,20 @@ async def probe(target: tuple[str, int], timeout: float) -> dict:
     return {"result": result, "seconds": round(time.monotonic() - started, 3)}
 
 
+async def idle(target: tuple[str, int], timeout: float) -> dict:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(*target), 30)
+    started = time.monotonic()
+    try:
+        data = await asyncio.wait_for(reader.read(1), timeout)
+        result = "eof" if not data else "data"
+    except asyncio.TimeoutError:
+        result = "still open"
+    except OSError as exc:
+        result = error_name(exc)
+    writer.close()
+    return {"result": result, "seconds": round(time.monotonic() - started, 3)}
+
+
 def main() -> int:
     raise_nofile()
     parser = argparse.ArgumentParser()
@@ -332,9 +348,10 @@ def main() -> int:
     p = sub.add_parser("stream")
     p.add_argument("--connect", required=True)
     p.add_argument("--interval", type=float, default=0.05)
-    p = sub.add_parser("probe")
-    p.add_argument("--connect", required=True)
-    p.add_argument("--timeout", type=float, default=30.0)
+    for role in ("probe", "idle"):
+        p = sub.add_parser(role)
+        p.add_argument("--connect", required=True)
+        p.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args()
     try:
         import uvloop
@@ -355,6 +372,8 @@ def main() -> int:
         result = asyncio.run(bulk(target, args.flows, args.bytes))
     elif args.role == "probe":
         result = asyncio.run(probe(target, args.timeout))
+    elif args.role == "idle":
+        result = asyncio.run(idle(target, args.timeout))
     else:
         result = asyncio.run(stream(target, args.interval))
     print(json.dumps(result), flush=True)

@@ -5,7 +5,8 @@
 - the admin socket is mode 0600 and refuses an unprivileged user;
 - hostile input at the inbound port from another node (plaintext, random bytes, TLS 1.2 only, no
   client certificate, a handshake that never finishes) is refused, counted by response_flags, and a
-  legitimate flow on the same agent carries on untouched;
+  legitimate flow on the same agent carries on untouched; a connection that never sends is reset on
+  both sides after proxy.stream_idle_timeout_seconds (SI);
 - no key material anywhere an operator or a scraper can read: agent logs (including the output of a
   failed start and of a failed key reload), access logs, /metrics, /debug/flows, /debug/certs,
   `tcpmesh flows` — no PEM markers and no piece of the node intermediate's or the root's key.
@@ -35,7 +36,9 @@ from agent.lab.nsenter import http_get_in_netns, popen_in
 from tests.e2e.reliability_lab import figures, reliability_lab, wait_until
 
 HANDSHAKE_TIMEOUT = 1.0
-ENV = {"TCPMESH_PROXY_HANDSHAKE_TIMEOUT_SECONDS": str(HANDSHAKE_TIMEOUT)}
+STREAM_IDLE = 3.0
+ENV = {"TCPMESH_PROXY_HANDSHAKE_TIMEOUT_SECONDS": str(HANDSHAKE_TIMEOUT),
+       "TCPMESH_PROXY_STREAM_IDLE_TIMEOUT_SECONDS": str(STREAM_IDLE)}
 SYSTEMD_CONFIG = Path(__file__).parents[2] / "systemd" / "config.yaml"
 
 HOSTILE = r"""
@@ -166,6 +169,19 @@ def test_hostile_input_from_another_node_is_refused_counted_and_others_are_serve
     figures("hostile input from another node", cut_off_after_s=times, counted=after,
             legitimate_flow_exchanges=result["exchanges"])
     assert after["TLS_FAILURE"] >= 4 and after["HANDSHAKE_TIMEOUT"] >= 1, (after, times)
+
+
+def test_a_connection_that_never_sends_is_reset_after_the_stream_idle_timeout(lab):
+    started = time.time()
+    result = lab.run("idle", "--timeout", str(STREAM_IDLE + 10))
+    figures("idle stream", ended=result, stream_idle_timeout_s=STREAM_IDLE)
+    assert result["result"] in ("eof", "ConnectionResetError(104)"), result
+    assert STREAM_IDLE - 0.1 <= result["seconds"] <= STREAM_IDLE * 1.25 + 2, result  # swept every timeout/4
+    # whichever node's sweep comes first records SI; the other gets its RST, reason included (DC)
+    flows = [lab.wait_flow(index, lambda f: f["start_time"] > started and f["response_flags"] in ("SI", "DC"))
+             for index in (1, 2)]
+    assert "SI" in {f["response_flags"] for f in flows}, flows
+    assert all("proxy.stream_idle_timeout_seconds" in f["detail"] for f in flows), flows
 
 
 def _secrets(lab) -> list[str]:
