@@ -13,11 +13,12 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from typing import Callable
 
 from agent.identity.errors import PeerIdentityError
 from agent.identity.errors import PeerProtocolError as AlpnMismatch
-from agent.identity.tls import check_alpn, check_peer, describe_tls_error
+from agent.identity.tls import check_alpn, check_peer, describe_tls_error, peer_not_after
 from agent.proxy import flow as F
 from agent.proxy.deadlines import tune_tunnel_socket
 from agent.proxy.endpoints import Leg, PlainLeg, TlsLeg
@@ -29,6 +30,7 @@ from agent.proxy.routing import OutboundRoute, RouteKind, route_outbound
 from agent.proxy.server import ProxyContext
 
 log = logging.getLogger("tcpmesh.outbound")
+SERVER_CERT_MARGIN_SECONDS = 5.0  # stop opening streams on a tunnel this long before its server cert expires
 
 STATUS_FLAGS = {
     Status.DENIED: F.FLAG_DENY,
@@ -187,8 +189,12 @@ class OutboundProxy:
             assert leg.ssl_object is not None
             check_alpn(leg.ssl_object)
             check_peer(leg.ssl_object, key.destination)
+            valid_until = peer_not_after(leg.ssl_object)
         except BaseException:
             leg.reset()
             raise
         tune_tunnel_socket(leg.socket(), self._ctx.tunnel_timeout)
-        return MuxSession(leg, client=True).start()
+        session = MuxSession(leg, client=True)
+        remaining = valid_until - time.time()
+        session.peer_valid_until = valid_until - min(SERVER_CERT_MARGIN_SECONDS, max(remaining, 0) / 4)
+        return session.start()
