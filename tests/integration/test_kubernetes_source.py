@@ -271,10 +271,13 @@ def test_lists_follow_continue_tokens(api, tmp_path, cgroup_root):
             world.source.pods.page_size = 2
             api.delete("pods", WEB_UID, silent=True)
             api.script("pods", "gone")
-            await world.until(lambda: world.source.pods.stats.lists == 2)
+            expected = ["data/postgres-0", "shop/cart-5c8d7b9f4-qq7lm"]
+            # the list counter moves before the snapshot is applied: wait for what the user sees
+            await world.until(lambda: world.source.pods.stats.lists == 2
+                              and sorted(w.key for w in world.registry.workloads) == expected,
+                              what="the paged relist applied")
             pages = api.list_requests("pods")[1:]
             assert [p.get("continue") for p in pages] == [None, "2", "4"] and all(p["limit"] == "2" for p in pages)
-            assert sorted(w.key for w in world.registry.workloads) == ["data/postgres-0", "shop/cart-5c8d7b9f4-qq7lm"]
     run(main())
 
 
