@@ -90,7 +90,7 @@ def sandboxed(unit: dict, argv: list[str], extra_rw: list[str]) -> list[str]:
     rw = [p for line in service.get("ReadWritePaths", []) for p in line.split()] + list(extra_rw)
     caps = ",".join("+" + name.lower().removeprefix("cap_") for name in service["CapabilityBoundingSet"][0].split())
     spec = {"rw": rw, "bin": {INSTALLED_BIN: CHECKOUT_BIN}, "host_mnt_ns": os.readlink("/proc/self/ns/mnt"),
-            "keep": [sys.base_prefix, sys.prefix],
+            "keep": [sys.base_prefix, sys.prefix, str(REPO)],
             "private_tmp": service.get("PrivateTmp") == ["yes"], "protect_home": service.get("ProtectHome") == ["yes"],
             "strict": service.get("ProtectSystem") == ["strict"],
             "tunables": service.get("ProtectKernelTunables") == ["yes"],
@@ -129,7 +129,13 @@ for target, link in spec["bin"].items():
     mount("tmpfs", os.path.dirname(target), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     os.symlink(link, target)
 if spec["private_tmp"]:
+    # a checkout or venv under /tmp (a CI clone) stays visible, as BindReadOnlyPaths= would keep it
+    held = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in sorted(set(spec["keep"]), key=len) if under(p, ["/tmp"])]
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for path, fd in held:
+        os.makedirs(path, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        os.close(fd)
 if spec["protect_home"]:
     # this machine's Python lives under /root (pyenv): bind it back, as BindReadOnlyPaths= would
     keep = [p for p in spec["keep"] if under(p, ["/home", "/root"])]
