@@ -1,28 +1,48 @@
 """The ``tcpmesh`` command line. Thin: parses arguments, calls into the package, prints errors
-without tracebacks for anything an operator can fix (``TcpmeshError``)."""
+without tracebacks for anything an operator can fix (``TcpmeshError``).
+
+The subcommand groups are imported only when invoked (``LAZY_COMMANDS``): ``tcpmesh run`` is the
+long-running agent, and importing every tool (lab, demo, doctor: pyroute2 and more) would cost it
+about 12 MiB of resident memory for nothing (docs/performance-notes.md).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import sys
 
 import click
 
 from agent import __version__
-from agent.audit.cli import audit
-from agent.control.cli import workload
-from agent.demo import demo
-from agent.doctor import doctor
 from agent.errors import TcpmeshError
-from agent.identity.cli import ca, cert
-from agent.lab.cli import lab
-from agent.policy.cli import policy
-from agent.telemetry.cli import flows
+
+# command name → "module:attribute" of the subcommands imported on first use
+LAZY_COMMANDS = {
+    "ca": "agent.identity.cli:ca",
+    "cert": "agent.identity.cli:cert",
+    "lab": "agent.lab.cli:lab",
+    "workload": "agent.control.cli:workload",
+    "policy": "agent.policy.cli:policy",
+    "demo": "agent.demo:demo",
+    "doctor": "agent.doctor:doctor",
+    "flows": "agent.telemetry.cli:flows",
+    "audit": "agent.audit.cli:audit",
+}
 
 
 class Cli(click.Group):
-    """Turns TcpmeshError into a one-line message and exit code 2."""
+    """Turns TcpmeshError into a one-line message and exit code 2; loads LAZY_COMMANDS on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in LAZY_COMMANDS:
+            module, attribute = LAZY_COMMANDS[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return self.commands.get(name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -110,14 +130,3 @@ def cleanup(config_path: str, dry_run: bool, stop_post_unit: str) -> None:
         click.echo(f"problem: {problem}", err=True)
     if report.problems:
         sys.exit(1)
-
-
-main.add_command(ca)
-main.add_command(cert)
-main.add_command(lab)
-main.add_command(workload)
-main.add_command(policy)
-main.add_command(demo)
-main.add_command(doctor)
-main.add_command(flows)
-main.add_command(audit)
