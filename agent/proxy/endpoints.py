@@ -76,7 +76,7 @@ class Leg(asyncio.Protocol):
         if self.receiver is not None:
             self.receiver.leg_data(self, data)
             return
-        self._pending.append(data)
+        self._pending.append(bytes(data))  # a view of a reused buffer must not be kept
         self._pending_size += len(data)
         if self._pending_size > MAX_BUFFERED_BEFORE_RECEIVER and self.transport is not None:
             self.transport.pause_reading()
@@ -202,6 +202,8 @@ class TlsLeg(Leg):
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.handshake_seconds: float | None = None  # TCP connected → TLS handshake complete
         self._connected_at = 0.0
+        self._plain: bytearray | None = None  # decrypted bytes land here (allocated at first data)
+        self._plain_view: memoryview | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -259,12 +261,20 @@ class TlsLeg(Leg):
             self.transport.close()
 
     def _read_plaintext(self) -> None:
+        """Decrypt everything received into one reused buffer and hand it over (one view per full
+        buffer): no allocation per TLS record and no joining copy. A receiver with ``takes_views``
+        gets the view itself and must copy what it keeps; any other receiver gets bytes."""
         assert self.ssl_object is not None
-        chunks: list[bytes] = []
+        if self._plain is None:
+            self._plain = bytearray(READ_CHUNK)
+            self._plain_view = memoryview(self._plain)
+        view = self._plain_view
+        read = self.ssl_object.read
+        filled = 0
         eof = False
         while True:
             try:
-                chunk = self.ssl_object.read(READ_CHUNK)
+                n = read(READ_CHUNK - filled, view[filled:])
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -275,15 +285,26 @@ class TlsLeg(Leg):
                 self.close_exc = exc
                 self.reset()
                 return
-            if not chunk:
+            if not n:
                 eof = True
                 break
-            chunks.append(chunk)
+            filled += n
+            if filled == READ_CHUNK:
+                self._deliver_plain(view, filled)
+                filled = 0
+                if self.transport is None or self.transport.is_closing():
+                    return  # the receiver closed the tunnel
         self._flush()  # post-handshake messages (key updates) may need an answer
-        if chunks:
-            self._deliver(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if filled:
+            self._deliver_plain(view, filled)
         if eof:
             self._deliver_eof()
+
+    def _deliver_plain(self, view: memoryview, size: int) -> None:
+        if getattr(self.receiver, "takes_views", False):
+            self._deliver(view[:size])
+        else:
+            self._deliver(bytes(view[:size]))
 
     def _flush(self) -> None:
         if self._outgoing.pending and self.transport is not None and not self.transport.is_closing():

@@ -74,10 +74,18 @@ def window_credit(frame: Frame) -> int:
 
 
 class FrameDecoder:
-    """Accumulates bytes and returns complete frames; bounded by MAX_FRAME per frame."""
+    """Accumulates bytes and returns complete frames; bounded by MAX_FRAME per frame.
+
+    ``feed`` returns whole frames. ``feed_parts`` (the tunnel's receive path) returns a DATA frame's
+    payload in parts, as its bytes arrive — consecutive ``Frame``s of the same stream, together the
+    payload — so DATA is copied once, straight out of ``data`` (which may be a reused buffer's view),
+    and never accumulated. Control frames come whole either way. Use one method per decoder.
+    """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._data_stream = 0
+        self._data_left = 0  # feed_parts: payload bytes of the current DATA frame still to come
 
     def feed(self, data: bytes) -> list[Frame]:
         buffer = self._buffer
@@ -95,9 +103,85 @@ class FrameDecoder:
             self._buffer += data[consumed:]
         return frames
 
+    def feed_parts(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        frames: list[Frame] = []
+        view = memoryview(data)
+        buffer = self._buffer
+        pos, end = 0, len(view)
+        while True:
+            if self._data_left:
+                if pos == end:
+                    break
+                take = min(self._data_left, end - pos)
+                frames.append(Frame(FrameType.DATA, self._data_stream, bytes(view[pos:pos + take])))
+                self._data_left -= take
+                pos += take
+                continue
+            if buffer:  # a header (or a control frame) begun in an earlier call
+                if len(buffer) < HEADER_SIZE:
+                    take = min(HEADER_SIZE - len(buffer), end - pos)
+                    buffer += view[pos:pos + take]
+                    pos += take
+                    if len(buffer) < HEADER_SIZE:
+                        break
+                kind, stream, length = _check_header(buffer, 0)
+                if kind is FrameType.DATA:
+                    buffer.clear()
+                    self._start_data(stream, length, frames)
+                    continue
+                take = min(HEADER_SIZE + length - len(buffer), end - pos)
+                buffer += view[pos:pos + take]
+                pos += take
+                if len(buffer) < HEADER_SIZE + length:
+                    break
+                frames.append(Frame(kind, stream, bytes(buffer[HEADER_SIZE:])))
+                buffer.clear()
+                continue
+            if end - pos < HEADER_SIZE:
+                buffer += view[pos:end]
+                break
+            kind, stream, length = _check_header(view, pos)
+            start = pos + HEADER_SIZE
+            if kind is FrameType.DATA:
+                pos = start
+                self._start_data(stream, length, frames)
+                continue
+            if end - start < length:
+                buffer += view[pos:end]
+                break
+            frames.append(Frame(kind, stream, bytes(view[start:start + length])))
+            pos = start + length
+        return frames
+
+    def _start_data(self, stream: int, length: int, frames: list[Frame]) -> None:
+        self._data_stream, self._data_left = stream, length
+        if length == 0:
+            frames.append(Frame(FrameType.DATA, stream, b""))
+
     @property
     def pending(self) -> int:
+        """Bytes received but not yet returned (for ``feed_parts``: also the rest of a DATA frame to come)."""
         return len(self._buffer)
+
+    @property
+    def in_data(self) -> bool:
+        """``feed_parts``: in the middle of a DATA frame's payload."""
+        return self._data_left > 0
+
+
+def _check_header(data, offset: int) -> tuple[FrameType, int, int]:
+    frame_type, _flags, _reserved, stream, length = HEADER.unpack_from(data, offset)
+    if length > MAX_FRAME:
+        raise MuxProtocolError(f"frame of {length} bytes on stream {stream} exceeds the limit of {MAX_FRAME}")
+    try:
+        kind = FrameType(frame_type)
+    except ValueError as exc:
+        raise MuxProtocolError(f"unknown frame type {frame_type} on stream {stream}") from exc
+    if kind is not FrameType.DATA and length > MAX_CONTROL_PAYLOAD:
+        raise MuxProtocolError(f"{kind.name} frame of {length} bytes exceeds {MAX_CONTROL_PAYLOAD}")
+    if stream == 0 and kind is not FrameType.GOAWAY:
+        raise MuxProtocolError(f"{kind.name} frame on stream 0")
+    return kind, stream, length
 
 
 def _parse(data: bytes | bytearray) -> tuple[list[Frame], int]:
@@ -106,17 +190,7 @@ def _parse(data: bytes | bytearray) -> tuple[list[Frame], int]:
     end = len(data)
     view = memoryview(data)
     while end - offset >= HEADER_SIZE:
-        frame_type, _flags, _reserved, stream, length = HEADER.unpack_from(data, offset)
-        if length > MAX_FRAME:
-            raise MuxProtocolError(f"frame of {length} bytes on stream {stream} exceeds the limit of {MAX_FRAME}")
-        try:
-            kind = FrameType(frame_type)
-        except ValueError as exc:
-            raise MuxProtocolError(f"unknown frame type {frame_type} on stream {stream}") from exc
-        if kind is not FrameType.DATA and length > MAX_CONTROL_PAYLOAD:
-            raise MuxProtocolError(f"{kind.name} frame of {length} bytes exceeds {MAX_CONTROL_PAYLOAD}")
-        if stream == 0 and kind is not FrameType.GOAWAY:
-            raise MuxProtocolError(f"{kind.name} frame on stream 0")
+        kind, stream, length = _check_header(data, offset)
         start = offset + HEADER_SIZE
         if end - start < length:
             break

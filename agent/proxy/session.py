@@ -241,9 +241,11 @@ class MuxSession:
         self.closed.set_result(reason)
 
     # -- receiving (the TLS leg's receiver) -------------------------------------------------------
-    def leg_data(self, leg: Leg, data: bytes) -> None:
+    takes_views = True  # leg_data copies what it keeps (FrameDecoder.feed_parts): the TLS leg may reuse its buffer
+
+    def leg_data(self, leg: Leg, data: bytes | memoryview) -> None:
         try:
-            for frame in self._decoder.feed(data):
+            for frame in self._decoder.feed_parts(data):
                 self._dispatch(frame)
         except (M.MuxProtocolError, PeerProtocolError) as exc:
             log.warning("closing tunnel from %s: %s", self.tls.peername(), exc)

@@ -113,6 +113,34 @@ def test_frame_decoder_agrees_with_the_reference_whole_and_in_pieces(data, cuts)
     if not refused:
         assert got == expected and decoder.pending == left
 
+    decoder, parts, raised = M.FrameDecoder(), [], False  # the tunnel's path: DATA in parts, as it arrives
+    try:
+        for piece in pieces(data, cuts):
+            parts += decoder.feed_parts(memoryview(piece))
+            assert decoder.pending < M.HEADER_SIZE + M.MAX_CONTROL_PAYLOAD
+    except M.MuxProtocolError:
+        raised = True
+    assert raised == refused
+    if not refused:
+        if decoder.in_data:  # an incomplete DATA frame at the end: what came of it was handed out already
+            stream = M.HEADER.unpack_from(data, len(data) - left)[3]
+            arrived = data[len(data) - left + M.HEADER_SIZE:]
+            expected = expected + ([M.Frame(M.FrameType.DATA, stream, arrived)] if arrived else [])
+        else:
+            assert decoder.pending == left
+        assert merged(parts) == merged(expected)
+
+
+def merged(frames):
+    """Consecutive DATA frames of one stream as one (what the stream's reader sees)."""
+    out = []
+    for f in frames:
+        if out and f.type is M.FrameType.DATA and out[-1].type is M.FrameType.DATA and out[-1].stream == f.stream:
+            out[-1] = M.Frame(f.type, f.stream, out[-1].payload + f.payload)
+        else:
+            out.append(f)
+    return out
+
 
 class FakeTls:
     """The TLS leg of a tunnel, as far as MuxSession uses it: records what the session sends."""
