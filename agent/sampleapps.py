@@ -98,7 +98,8 @@ def run_client(address: str, size: int, mode: str, marker: str, timeout: float) 
         failure.append(exc)
     thread.join(timeout)
     if failure:
-        raise failure[0]
+        # a reset seen by one thread leaves the other with ENOTCONN/EPIPE: report the reset
+        raise next((exc for exc in failure if isinstance(exc, ConnectionResetError)), failure[0])
     result = {
         "pid": os.getpid(),
         "peer": list(peer),
