@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from agent.registry.model import Workload
 
@@ -52,7 +52,7 @@ def new_flow_id() -> bytes:
     return os.urandom(8)
 
 
-@dataclass
+@dataclass(slots=True)  # slots: about 1 KiB less per open or recently closed flow
 class Flow:
     reporter: str
     flow_id: str = ""
@@ -125,7 +125,18 @@ class Flow:
             "response_flags": self.response_flags,
         }
 
+    def metric_values(self) -> tuple[str, ...]:
+        """The values of ``metric_labels()``, in the order of METRIC_LABELS (what prometheus' labels() takes)."""
+        return (self.reporter, self.source_workload, self.source_namespace, self.source_principal,
+                self.destination_workload, self.destination_namespace, self.destination_principal, self.security,
+                self.response_flags)
+
     def record(self) -> dict:
-        data = asdict(self)
+        """Every field (all plain values) plus ``duration_seconds``; what ``dataclasses.asdict`` gave, at a
+        fraction of its cost (it copies recursively, and this runs for each access record)."""
+        data = {name: getattr(self, name) for name in FLOW_FIELDS}
         data["duration_seconds"] = None if self.end_time is None else round(self.end_time - self.start_time, 6)
         return data
+
+
+FLOW_FIELDS = tuple(f.name for f in fields(Flow))  # in declaration order, like asdict

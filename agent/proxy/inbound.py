@@ -119,7 +119,7 @@ class InboundProxy:
                                  limits.describe(hit, peer_id.uri))
                     return
                 counted = True
-            upstream = await self._connect_workload(stream, flow)
+            upstream = await self._connect_workload(stream, flow, peer_id)
             if upstream is None:
                 return
             self._ctx.flow_opened(flow)
@@ -166,7 +166,7 @@ class InboundProxy:
             flow.set_source(workload)
             flow.pid, flow.uid, flow.comm = request.pid, request.uid, request.comm  # as the source node saw it
 
-    async def _connect_workload(self, stream: Stream, flow: F.Flow) -> PlainLeg | None:
+    async def _connect_workload(self, stream: Stream, flow: F.Flow, peer_id: SpiffeId) -> PlainLeg | None:
         tunnel = stream.session.tls
         assert tunnel.ssl_object is not None
         target = route_inbound(self._ctx.registry(), self._ctx.node_name, flow.destination_ip,
@@ -175,16 +175,15 @@ class InboundProxy:
             self._refuse(stream, flow, Status.UNKNOWN_DESTINATION, F.FLAG_NO_ROUTE, target.reason)
             return None
         flow.set_destination(target.workload)
-        if not self._authorized(flow, target.workload):
+        if not self._authorized(flow, target.workload, peer_id):
             self._refuse(stream, flow, Status.DENIED, F.FLAG_DENY, flow.detail)
             return None
         try:
-            _, leg = await asyncio.wait_for(
-                self._ctx.loop.create_connection(lambda: PlainLeg(start_paused=True),
-                                                 flow.destination_ip, flow.destination_port),
-                self._ctx.connect_timeout)
+            async with asyncio.timeout(self._ctx.connect_timeout):  # no extra task, unlike wait_for
+                _, leg = await self._ctx.loop.create_connection(lambda: PlainLeg(start_paused=True),
+                                                                flow.destination_ip, flow.destination_port)
             return leg
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._refuse(stream, flow, Status.TIMEOUT, F.FLAG_UPSTREAM_TIMEOUT,
                          f"timed out connecting to {target.workload.key}")
         except OSError as exc:
@@ -194,12 +193,14 @@ class InboundProxy:
                          f"connect to {target.workload.key} port {flow.destination_port}: {exc.strerror or exc}")
         return None
 
-    def _authorized(self, flow: F.Flow, workload: Workload) -> bool:
-        """Ask the policy engine; record the deciding policy (and any dry-run verdict) on the flow."""
+    def _authorized(self, flow: F.Flow, workload: Workload, peer_id: SpiffeId) -> bool:
+        """Ask the policy engine for the tunnel's proven identity ``peer_id`` (the flow's source principal);
+        record the deciding policy (and any dry-run verdict) on the flow."""
         if self._ctx.policy is None:
             return True
         principal = flow.source_principal if flow.source_principal != F.UNKNOWN else None
-        namespace = SpiffeId.parse(principal).namespace if principal else None
+        namespace = (peer_id.namespace if principal == peer_id.uri else SpiffeId.parse(principal).namespace) \
+            if principal else None
         decision = self._ctx.policy.decide(Request(principal, namespace, workload.name, workload.namespace,
                                                    flow.destination_port))
         flow.policy = decision.policy or ""

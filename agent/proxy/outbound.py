@@ -63,7 +63,8 @@ class OutboundProxy:
         return leg
 
     async def _serve(self, app: PlainLeg) -> None:
-        flow = F.Flow(F.REPORTER_SOURCE, flow_id=F.new_flow_id().hex())
+        flow_id = F.new_flow_id()
+        flow = F.Flow(F.REPORTER_SOURCE, flow_id=flow_id.hex())
         upstream: Leg | None = None
         counted = None  # (limits, identity) while this connection counts against agent.proxy.limits
         try:
@@ -90,7 +91,7 @@ class OutboundProxy:
             if route.kind is RouteKind.PASSTHROUGH:
                 dialed = await self._dial_plain(flow)
             else:
-                dialed = await self._open_stream(route, flow)
+                dialed = await self._open_stream(route, flow, flow_id)
             if dialed is None:
                 app.reset()
                 return
@@ -122,18 +123,17 @@ class OutboundProxy:
 
     async def _dial_plain(self, flow: F.Flow) -> tuple[PlainLeg, bytes] | None:
         try:
-            _, leg = await asyncio.wait_for(
-                self._ctx.loop.create_connection(lambda: PlainLeg(start_paused=True),
-                                                 flow.destination_ip, flow.destination_port),
-                self._ctx.connect_timeout)
+            async with asyncio.timeout(self._ctx.connect_timeout):  # no extra task, unlike wait_for
+                _, leg = await self._ctx.loop.create_connection(lambda: PlainLeg(start_paused=True),
+                                                                flow.destination_ip, flow.destination_port)
             return leg, b""
-        except asyncio.TimeoutError:
+        except TimeoutError:
             flow.fail(F.FLAG_UPSTREAM_TIMEOUT, "timed out connecting to a destination outside the mesh")
         except OSError as exc:
             flow.fail(F.FLAG_UPSTREAM_FAILURE, f"passthrough connect failed: {exc.strerror or exc}")
         return None
 
-    async def _open_stream(self, route: OutboundRoute, flow: F.Flow) -> tuple[Stream, bytes] | None:
+    async def _open_stream(self, route: OutboundRoute, flow: F.Flow, flow_id: bytes) -> tuple[Stream, bytes] | None:
         """A stream to the destination after its STATUS OK, on a pooled tunnel; None (reason on the flow) if refused."""
         assert route.source is not None and route.destination is not None and route.tunnel_address
         host, port = route.tunnel_address
@@ -147,7 +147,7 @@ class OutboundProxy:
                 session.handshake_reported = True
                 flow.handshake_seconds = session.tls.handshake_seconds
             stream, reply = await session.open(
-                ConnectRequest(flow.destination_ip, flow.destination_port, bytes.fromhex(flow.flow_id),
+                ConnectRequest(flow.destination_ip, flow.destination_port, flow_id,
                                flow.source_ip, flow.source_port, flow.pid, flow.uid, flow.comm),
                 self._ctx.connect_timeout)
         except asyncio.TimeoutError:

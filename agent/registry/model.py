@@ -6,6 +6,7 @@ new one atomically. Imports nothing from the outside world.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -30,7 +31,7 @@ class Workload:
     cgroup: str | None = None  # cgroup v2 directory of the pod; needed only on its own node
     trust_domain: str = ""
 
-    @property
+    @functools.cached_property  # validated once, not on each of the data path's several reads per connection
     def spiffe_id(self) -> SpiffeId:
         return SpiffeId(self.trust_domain, self.namespace, self.service_account)
 

@@ -18,8 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent.proxy.flow import FLAG_NONE, METRIC_LABELS, UNKNOWN, Flow
 
-# The labels of series that must not change while a flow is open (response_flags may).
+# The labels of series that must not change while a flow is open (response_flags may): all but the last.
 OPEN_LABELS = tuple(name for name in METRIC_LABELS if name != "response_flags")
+OPEN_LABEL_COUNT = len(OPEN_LABELS)  # METRIC_LABELS ends with response_flags: open values are a prefix
 PAIR_LABELS = ("reporter", "source_workload", "source_workload_namespace", "source_principal",
                "destination_workload", "destination_workload_namespace", "destination_principal")
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -99,24 +100,27 @@ class Metrics:
         for reporter in ("source", "destination"):
             for limit in ("total", "per_identity"):
                 self.connection_limit_hits.labels(reporter, limit)
-        # Series bookkeeping, so that a departed workload's series can be removed.
+        # Series bookkeeping, so that a departed workload's series can be removed; it doubles as a cache of
+        # the labelled children (prometheus_client's labels() validates and locks on every call).
         self._flow_metrics = (self.connections_opened, self.connections_closed, self.connections_failed,
                               self.open_connections, self.sent_bytes, self.received_bytes)
         self._names = {m: METRIC_LABELS for m in self._flow_metrics}
         self._names[self.open_connections] = OPEN_LABELS
-        self._series: dict[object, set[tuple[str, ...]]] = {m: set() for m in self._flow_metrics}
+        self._series: dict[object, dict[tuple[str, ...], object]] = {m: {} for m in self._flow_metrics}
         self._open: dict[int, tuple[str, ...]] = {}  # id(flow) → its open_connections label values
         self._reported: dict[int, list] = {}  # id(flow) → [received, sent counted, flags, received/sent children]
         self._handshakes: set[int] = set()  # id(flow) of flows whose handshake was observed
+        self._handshake_children = {reporter: self.handshake_duration.labels(reporter)
+                                    for reporter in ("source", "destination")}
         self._known: frozenset[WorkloadKey] | None = None  # None until the first retain()
 
     # -- flows (data-path loop) -------------------------------------------------------------------
     def flow_opened(self, flow: Flow) -> None:
-        labels = flow.metric_labels()
-        self._child(self.connections_opened, labels).inc()
-        values = tuple(labels[name] for name in OPEN_LABELS)
-        self._track(self.open_connections, values).inc()
-        self._open[id(flow)] = values
+        values = flow.metric_values()
+        self._track(self.connections_opened, values).inc()
+        open_values = values[:OPEN_LABEL_COUNT]
+        self._track(self.open_connections, open_values).inc()
+        self._open[id(flow)] = open_values
         self._reported[id(flow)] = [0, 0, None, None, None]
 
     def flow_progress(self, flow: Flow) -> None:
@@ -126,10 +130,10 @@ class Metrics:
             return
         received, sent = flow.bytes_received - done[0], flow.bytes_sent - done[1]
         if received or sent:
-            if done[2] != flow.response_flags:  # the children are cached: labels change only with the flags
-                labels = flow.metric_labels()
-                done[2:] = flow.response_flags, self._child(self.received_bytes, labels), \
-                    self._child(self.sent_bytes, labels)
+            if done[2] != flow.response_flags:  # the children are kept: labels change only with the flags
+                values = flow.metric_values()
+                done[2:] = flow.response_flags, self._track(self.received_bytes, values), \
+                    self._track(self.sent_bytes, values)
             done[3].inc(received)
             done[4].inc(sent)
             done[0], done[1] = flow.bytes_received, flow.bytes_sent
@@ -139,25 +143,26 @@ class Metrics:
         if flow.handshake_seconds is None or id(flow) in self._handshakes:
             return
         self._handshakes.add(id(flow))
-        self.handshake_duration.labels(flow.reporter).observe(flow.handshake_seconds)
+        child = self._handshake_children.get(flow.reporter) or self.handshake_duration.labels(flow.reporter)
+        child.observe(flow.handshake_seconds)
 
     def flow_closed(self, flow: Flow) -> None:
         key = id(flow)
-        labels = flow.metric_labels()
         self.handshake(flow)
         self._handshakes.discard(key)
+        values = flow.metric_values()
         if key in self._reported:
             self.flow_progress(flow)
-            self._child(self.received_bytes, labels)  # the series exists even for an empty connection
-            self._child(self.sent_bytes, labels)
+            self._track(self.received_bytes, values)  # the series exists even for an empty connection
+            self._track(self.sent_bytes, values)
             del self._reported[key]
-        values = self._open.pop(key, None)
-        if values is not None:
-            self._child(self.connections_closed, labels).inc()
-            self.open_connections.labels(*values).dec()
+        open_values = self._open.pop(key, None)
+        if open_values is not None:
+            self._track(self.connections_closed, values).inc()
+            self._track(self.open_connections, open_values).dec()
         if flow.response_flags != FLAG_NONE:
-            self._child(self.connections_failed, labels).inc()
-        if self._known is not None and not _workloads_of(labels) <= self._known:
+            self._track(self.connections_failed, values).inc()
+        if self._known is not None and not _flow_workloads(flow) <= self._known:
             self.prune()  # a flow of a workload that already left: its series go now
 
     # -- cardinality --------------------------------------------------------------------------------
@@ -179,7 +184,7 @@ class Metrics:
             for values in list(series):
                 if not _workloads_of(dict(zip(names, values))) <= keep:
                     metric.remove(*values)
-                    series.discard(values)
+                    del series[values]
                     removed += 1
         return removed
 
@@ -187,12 +192,23 @@ class Metrics:
         return sum(len(s) for s in self._series.values())
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _child(self, metric, labels: dict[str, str]):
-        return self._track(metric, tuple(labels[name] for name in self._names[metric]))
-
     def _track(self, metric, values: tuple[str, ...]):
-        self._series[metric].add(values)
-        return metric.labels(*values)
+        """The child of ``metric`` for ``values`` (in the order of its label names), created once."""
+        children = self._series[metric]
+        child = children.get(values)
+        if child is None:
+            child = children[values] = metric.labels(*values)
+        return child
+
+
+def _flow_workloads(flow: Flow) -> set[WorkloadKey]:
+    """What ``_workloads_of(flow.metric_labels())`` says, without building the labels."""
+    found = set()
+    if flow.source_workload != UNKNOWN:
+        found.add((flow.source_namespace, flow.source_workload))
+    if flow.destination_workload != UNKNOWN:
+        found.add((flow.destination_namespace, flow.destination_workload))
+    return found
 
 
 def _workloads_of(labels: dict[str, str]) -> set[WorkloadKey]:

@@ -159,3 +159,14 @@ def test_audit_verify_exit_codes_name_the_record(tmp_path):
     assert bad.exit_code == 1 and "FAILED (removed): seq 2 removed" in bad.output
     missing = runner.invoke(main, ["audit", "verify", str(tmp_path / "nope.log")])
     assert missing.exit_code == 2 and "cannot read" in missing.output
+
+
+def test_a_flow_record_is_every_field_plus_its_duration():
+    import dataclasses
+
+    flow = F.Flow(F.REPORTER_DESTINATION, flow_id="cd" * 8, source_ip="10.0.0.1", pid=7, comm="psql")
+    assert flow.record()["duration_seconds"] is None
+    flow.close(flow.start_time + 1.5)
+    record = flow.record()
+    assert list(record) == [f.name for f in dataclasses.fields(F.Flow)] + ["duration_seconds"]
+    assert record == {**{f.name: getattr(flow, f.name) for f in dataclasses.fields(F.Flow)}, "duration_seconds": 1.5}

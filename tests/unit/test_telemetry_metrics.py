@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.proxy import flow as F
-from agent.telemetry.metrics import Metrics
+from agent.telemetry.metrics import OPEN_LABEL_COUNT, OPEN_LABELS, Metrics
 
 
 def a_flow(src="web", dst="db", reporter=F.REPORTER_SOURCE) -> F.Flow:
@@ -118,3 +118,27 @@ def test_metric_labels_never_carry_addresses_or_processes():
     metrics.flow_closed(flow)
     text = generate_latest(metrics.registry).decode()
     assert "10.77." not in text and "psql" not in text and "4242" not in text
+
+
+def test_metric_values_are_the_labels_in_order_and_open_series_drop_only_the_flags():
+    flow = a_flow()
+    flow.response_flags = F.FLAG_DENY
+    assert flow.metric_values() == tuple(flow.metric_labels()[name] for name in F.METRIC_LABELS)
+    assert OPEN_LABELS == F.METRIC_LABELS[:OPEN_LABEL_COUNT] and F.METRIC_LABELS[-1] == "response_flags"
+
+
+def test_a_removed_series_comes_back_when_its_workload_returns():
+    """The labelled children are kept between flows; removing a series must drop the kept child too."""
+    metrics = Metrics(CollectorRegistry())
+    first = a_flow(src="cart")
+    metrics.flow_opened(first)
+    metrics.flow_closed(first)
+    metrics.retain([("data", "db")])  # cart left: its series go
+    assert 'source_workload="cart"' not in generate_latest(metrics.registry).decode()
+    metrics.retain([("data", "db"), ("shop", "cart")])  # and came back
+    again = a_flow(src="cart")
+    metrics.flow_opened(again)
+    metrics.flow_closed(again)
+    assert value(metrics, "tcpmesh_tcp_connections_opened_total", again) == 1
+    assert value(metrics, "tcpmesh_tcp_connections_closed_total", again) == 1
+    assert value(metrics, "tcpmesh_tcp_open_connections", again) == 0
