@@ -3,12 +3,16 @@
  * capture_connect.c — the ebpf-connect capture mode (docs/capture.md).
  *
  *   cgroup/connect4     (pod cgroups)   captured IPv4 TCP connect() -> REDIR_IP:REDIR_PORT; the
- *                                       original destination + pid/uid/cgroup/comm recorded by cookie
+ *                                       original destination + pid/uid/cgroup/comm recorded in the
+ *                                       socket's storage
  *   cgroup/connect6     (pod cgroups)   the same for v4-mapped destinations of dual-stack AF_INET6
  *                                       sockets (JVM, Go, ...): ::ffff:REDIR_IP:REDIR_PORT
- *   sockops             (pod cgroups)   at ACTIVE_ESTABLISHED the record is re-keyed by the
- *                                       client's (local ip, local port) = the proxy's peer
+ *   sockops             (pod cgroups)   at ACTIVE_ESTABLISHED the record is published under the
+ *                                       connection's peer key (client ip/port + both ISNs)
+ *   sockops             (proxy cgroup)  tcpmesh_pxops at PASSIVE_ESTABLISHED: the accepted socket
+ *                                       claims that record into its own storage
  *   cgroup/getsockopt   (proxy cgroup)  answers SOL_IP/SO_ORIGINAL_DST and SOL_IP/TCPMESH_SO_ORIGIN
+ *                                       from the accepted socket's storage
  *   cgroup/getpeername4/6 (pod cgroups) the app sees the destination it asked for
  *   sockops             (proxy cgroup)  tcpmesh_pxops: records the inbound proxy's connections to pods
  *   cgroup_skb/ingress  (pod cgroups)   tcpmesh_inb4: a SYN into the pod that is not from the inbound
@@ -102,17 +106,32 @@ static __always_inline int tcpmesh_cidr_verdict(__u32 dst)
 	return TCPMESH_R_CAPTURED;
 }
 
+/* connect4/6: the origin goes into the client socket's own storage (freed with the socket). */
 static __always_inline int tcpmesh_record_origin(struct bpf_sock_addr *ctx, __u32 dst)
 {
-	struct tcpmesh_origin origin = {};
-	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct tcpmesh_origin *origin = tcpmesh_sock_origin.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
-	tcpmesh_fill_origin(ctx, dst, cookie, &origin);
-	if (tcpmesh_cookie_origin.update(&cookie, &origin) != 0) {
+	if (!origin) {
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 		return -ENOMEM;
 	}
+	tcpmesh_fill_origin(ctx, dst, bpf_get_socket_cookie(ctx), origin);
 	return 0;
+}
+
+/* connect4/6, not captured: a record from an earlier connect() of this socket (a TCP socket may
+ * connect again after a failure) must not describe this one. No storage is created. A connect to
+ * the redirect address keeps it: during a takeover another set's connect hook runs first, and
+ * that is the destination it has just written (the record is the one it made for this connect). */
+static __always_inline void tcpmesh_forget_origin(struct bpf_sock_addr *ctx, int verdict)
+{
+	struct tcpmesh_origin *origin;
+
+	if (verdict == TCPMESH_R_TO_REDIRECT)
+		return;
+	origin = tcpmesh_sock_origin.sk_storage_get(ctx->sk, 0, 0);
+	if (origin)
+		origin->version = 0;
 }
 
 /* The whole connect decision for an IPv4 destination ``dst`` (network order) whose fixed checks
@@ -122,6 +141,7 @@ static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, in
 	if (verdict == TCPMESH_R_CAPTURED)
 		verdict = tcpmesh_cidr_verdict(dst);
 	if (verdict != TCPMESH_R_CAPTURED) {
+		tcpmesh_forget_origin(ctx, verdict);
 		tcpmesh_count(verdict);
 		return TCPMESH_ALLOW;
 	}
@@ -134,24 +154,22 @@ static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, in
 	return TCPMESH_ALLOW;
 }
 
-static __always_inline int tcpmesh_rekey_established(struct bpf_sock_ops *skops)
+/* Pod sockops at ACTIVE_ESTABLISHED: publish a captured socket's record for the proxy's side. */
+static __always_inline int tcpmesh_publish_established(struct bpf_sock_ops *skops)
 {
 	struct tcpmesh_peer_key key = {};
 	struct tcpmesh_origin *origin;
-	__u64 cookie;
+	struct bpf_sock *sk = skops->sk;
 
 	/* No family check: a captured AF_INET6 socket (v4-mapped) has its IPv4 addresses in
-	 * local_ip4/remote_ip4 too, and uncaptured sockets have no record. */
-	tcpmesh_peer_key_of_client(skops, &key);
-	cookie = bpf_get_socket_cookie(skops);
-	origin = tcpmesh_cookie_origin.lookup(&cookie);
-	if (!origin) {
-		/* Not captured. If it dials the redirect address directly, the proxy will look this
-		 * local ip/port up: make sure no earlier captured connection answers for it. */
-		if (tcpmesh_dials_redirect(skops) && tcpmesh_peer_origin.delete(&key) == 0)
-			tcpmesh_count(TCPMESH_R_STALE_PEER_CLEARED);
+	 * local_ip4/remote_ip4 too. A socket that is not connected to the redirect address was
+	 * not captured this time, whatever its storage holds from an earlier connect(). */
+	if (!sk || !tcpmesh_dials_redirect(skops))
 		return 0;
-	}
+	origin = tcpmesh_sock_origin.sk_storage_get(sk, 0, 0);
+	if (!origin || origin->version == 0)
+		return 0; /* dialled the redirect address itself: no record, the proxy refuses it */
+	tcpmesh_peer_key_of_client(skops, &key);
 	if (tcpmesh_peer_origin.update(&key, origin) != 0) {
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 		return -ENOMEM;
@@ -160,17 +178,41 @@ static __always_inline int tcpmesh_rekey_established(struct bpf_sock_ops *skops)
 	return 0;
 }
 
-static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
+/* Proxy sockops at PASSIVE_ESTABLISHED: the accepted socket takes its connection's record. The
+ * key holds both handshake sequence numbers, so only the connection the record was made for
+ * finds it; the entry is deleted once moved, so it cannot answer twice either. */
+static __always_inline void tcpmesh_claim_origin(struct bpf_sock_ops *skops)
 {
 	struct tcpmesh_peer_key key = {};
-	struct tcpmesh_origin *origin;
+	struct tcpmesh_origin *record;
+	struct tcpmesh_origin *mine;
+	struct bpf_sock *sk = skops->sk;
 
-	if (tcpmesh_peer_key_of_accepted(ctx->sk, &key) != 0) {
-		tcpmesh_count(TCPMESH_R_ORIGIN_MISSING);
+	if (!sk || !tcpmesh_accepted_on_redirect(skops))
 		return;
+	tcpmesh_peer_key_of_accepted(skops, &key);
+	record = tcpmesh_peer_origin.lookup(&key);
+	if (!record)
+		return; /* not captured: getsockopt finds no record and the proxy refuses it */
+	mine = tcpmesh_sock_origin.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (mine) {
+		__builtin_memcpy(mine, record, sizeof(*mine));
+		tcpmesh_count(TCPMESH_R_ORIGIN_CLAIMED);
+	} else {
+		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 	}
-	origin = tcpmesh_peer_origin.lookup(&key);
-	if (!origin) {
+	tcpmesh_peer_origin.delete(&key);
+}
+
+/* getsockopt on the proxy's accepted socket: its own record, claimed at PASSIVE_ESTABLISHED. */
+static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
+{
+	struct tcpmesh_origin *origin = 0;
+	struct bpf_sock *sk = ctx->sk;
+
+	if (sk)
+		origin = tcpmesh_sock_origin.sk_storage_get(sk, 0, 0);
+	if (!origin || origin->version == 0) {
 		tcpmesh_count(TCPMESH_R_ORIGIN_MISSING);
 		return;
 	}
@@ -179,10 +221,12 @@ static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
 
 static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx, int mapped)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct tcpmesh_origin *origin = tcpmesh_cookie_origin.lookup(&cookie);
+	struct tcpmesh_origin *origin;
 
-	if (!origin)
+	if (!tcpmesh_peer_is_redirect(ctx, mapped))
+		return;
+	origin = tcpmesh_sock_origin.sk_storage_get(ctx->sk, 0, 0);
+	if (!origin || origin->version == 0)
 		return;
 	tcpmesh_set_peer(ctx, mapped, origin->dst_ip4, origin->dst_port);
 	tcpmesh_count(TCPMESH_R_PEERNAME_REWRITTEN);
@@ -196,7 +240,7 @@ static __always_inline void tcpmesh_record_proxy_conn(struct bpf_sock_ops *skops
 	key.saddr = skops->local_ip4;
 	key.daddr = skops->remote_ip4;
 	key.sport = bpf_htons((__u16)skops->local_port); /* local_port is host order */
-	key.dport = bpf_htons((__u16)bpf_ntohl(skops->remote_port)); /* remote_port: see origin.h */
+	key.dport = bpf_htons(tcpmesh_remote_port(skops));
 	if (tcpmesh_proxy_conns.update(&key, &one) != 0) {
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 		return;
@@ -284,14 +328,15 @@ int tcpmesh_conn6(struct bpf_sock_addr *ctx)
 }
 
 /*
- * sockops — FAIL-CLOSED (through the proxy). If the re-key fails the connection still reaches the
- * proxy, whose origin lookup then fails, and the proxy closes it: nothing leaks in plaintext.
+ * sockops — FAIL-CLOSED (through the proxy). If the record cannot be published the connection
+ * still reaches the proxy, whose origin lookup then fails, and the proxy closes it: nothing leaks
+ * in plaintext.
  */
 int tcpmesh_sockops(struct bpf_sock_ops *skops)
 {
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
 		return 1;
-	tcpmesh_rekey_established(skops);
+	tcpmesh_publish_established(skops);
 	return 1;
 }
 
@@ -349,11 +394,16 @@ int tcpmesh_guard6(struct bpf_sock_addr *ctx)
 /*
  * sockops on the proxy's cgroup — FAIL-CLOSED for STRICT pods: if the inbound proxy's connection
  * cannot be recorded, its SYN is treated as plaintext and a STRICT pod refuses it (the client sees
- * STATUS UNREACHABLE); PERMISSIVE pods are unaffected.
+ * STATUS UNREACHABLE); PERMISSIVE pods are unaffected. FAIL-CLOSED (through the proxy) for the
+ * outbound side: an accepted socket that cannot claim its record gets no origin and is refused.
  */
 int tcpmesh_pxops(struct bpf_sock_ops *skops)
 {
-	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB && skops->family == 2 /* AF_INET */)
+	if (skops->family != 2 /* AF_INET */)
+		return 1;
+	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		tcpmesh_claim_origin(skops);
+	else if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB)
 		tcpmesh_record_proxy_conn(skops);
 	return 1;
 }

@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import struct
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 SOL_IP = 0
 SO_ORIGINAL_DST = 80
@@ -33,8 +33,8 @@ REASONS: tuple[str, ...] = (
     "loopback",            # connect4: 127.0.0.0/8 or 0.0.0.0/8, never captured
     "to_redirect",         # connect4: destination is the redirect address itself
     "map_update_failed",   # any hook: a map update failed (connect4 then refuses the connect)
-    "rekeyed",             # sockops: record re-keyed by the client's local ip/port
-    "stale_peer_cleared",  # sockops: uncaptured socket dialled the redirect address; old record dropped
+    "rekeyed",             # sockops: record published under the connection's peer key
+    "stale_peer_cleared",  # retired in ABI 3 (records are bound to their handshake): never counted
     "origin_answered",     # getsockopt: TCPMESH_SO_ORIGIN answered
     "origdst_answered",    # getsockopt: SO_ORIGINAL_DST answered
     "origin_missing",      # getsockopt: no record for the peer
@@ -47,6 +47,7 @@ REASONS: tuple[str, ...] = (
     "proxy_conn",          # proxy sockops: an inbound-proxy connection to a pod recorded
     "plaintext_rejected",  # inbound: a SYN from outside the mesh dropped (STRICT pod)
     "plaintext_accepted",  # inbound: a SYN from outside the mesh let in (PERMISSIVE pod)
+    "origin_claimed",      # proxy sockops: the accepted socket took its connection's record
 )
 INBOUND_PERMISSIVE = 1
 INBOUND_STRICT = 2
@@ -98,12 +99,14 @@ class OriginStruct(ctypes.Structure):
 
 
 class PeerKey(ctypes.Structure):
-    """struct tcpmesh_peer_key: key of tcpmesh_peer_origin."""
+    """struct tcpmesh_peer_key: key of tcpmesh_peer_origin (one connection: client ip/port + both ISNs)."""
 
     _fields_ = [
-        ("ip4", ctypes.c_uint32),    # network order
-        ("port", ctypes.c_uint16),   # network order
+        ("ip4", ctypes.c_uint32),         # network order
+        ("port", ctypes.c_uint16),        # network order
         ("pad", ctypes.c_uint16),
+        ("client_seq", ctypes.c_uint32),  # client's initial sequence number + 1, host order
+        ("server_seq", ctypes.c_uint32),  # proxy's initial sequence number + 1, host order
     ]
 
 
@@ -151,8 +154,9 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 }
 
 # Map name -> (key mirror, value mirror); the value of a per-CPU array is one CPU's slot.
+# Every map here is pinned in the maps directory.
 MAPS: dict[str, tuple[type, type]] = {
-    "tcpmesh_cookie_origin": (ctypes.c_uint64, OriginStruct),
+    "tcpmesh_sock_origin": (ctypes.c_int, OriginStruct),
     "tcpmesh_peer_origin": (PeerKey, OriginStruct),
     "tcpmesh_capture_cidrs": (CidrKey, CidrValue),
     "tcpmesh_counters": (ctypes.c_int, ctypes.c_uint64),
@@ -160,6 +164,8 @@ MAPS: dict[str, tuple[type, type]] = {
     "tcpmesh_inbound_mode": (ctypes.c_uint64, ctypes.c_uint32),
     "tcpmesh_plaintext": (ctypes.c_uint64, Plaintext),
 }
+# Socket-storage maps (BPF_MAP_TYPE_SK_STORAGE): no keys to list, bcc has no table class for them.
+SOCKET_STORAGE_MAPS = frozenset({"tcpmesh_sock_origin"})
 
 
 def ip4_to_net_u32(ip: str) -> int:
@@ -179,9 +185,10 @@ def net_u16_to_port(value: int) -> int:
     return struct.unpack("!H", struct.pack("=H", value))[0]
 
 
-def peer_key(ip: str, port: int) -> PeerKey:
-    """The tcpmesh_peer_origin key for a proxy-side peer address."""
-    return PeerKey(ip4=ip4_to_net_u32(ip), port=port_to_net_u16(port), pad=0)
+def peer_key(ip: str, port: int, client_seq: int, server_seq: int) -> PeerKey:
+    """The tcpmesh_peer_origin key of one connection: the client's address and both handshake ISNs + 1."""
+    return PeerKey(ip4=ip4_to_net_u32(ip), port=port_to_net_u16(port), pad=0, client_seq=client_seq,
+                   server_seq=server_seq)
 
 
 def cidr_key(network: ipaddress.IPv4Network) -> CidrKey:

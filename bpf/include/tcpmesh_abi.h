@@ -18,8 +18,11 @@
 
 #include <linux/types.h>
 
-/* 2: guard programs, reasons 15-16, a fixed-size counters map (the slots below), pinned maps. */
-#define TCPMESH_ABI_VERSION 2
+/* 2: guard programs, reasons 15-16, a fixed-size counters map (the slots below), pinned maps.
+ * 3: origins in socket storage (tcpmesh_sock_origin); tcpmesh_peer_key carries both sequence
+ *    numbers of the handshake, so a record answers only for the connection it was made for;
+ *    reason 20; reason 7 no longer counted. */
+#define TCPMESH_ABI_VERSION 3
 
 /* ---- getsockopt ABI (answered by the cgroup/getsockopt hook on the proxy's cgroup) ---------- */
 
@@ -50,7 +53,9 @@ struct tcpmesh_sockaddr_in {
 
 /*
  * The original destination of a captured connection and who opened it.
- * Written by cgroup/connect4 at connect() time, in the context of the connecting task.
+ * Written by cgroup/connect4 at connect() time, in the context of the connecting task, into the
+ * client socket's storage; the value of tcpmesh_sock_origin (client and proxy sockets) and of
+ * tcpmesh_peer_origin. version == 0 means "no record" (a zeroed storage).
  */
 struct tcpmesh_origin {
 	__u32 dst_ip4;      /*  0: original destination address, network order */
@@ -65,12 +70,21 @@ struct tcpmesh_origin {
 
 /* ---- map keys and values ------------------------------------------------------------------ */
 
-/* Key of tcpmesh_peer_origin: the client socket's local address, as the proxy sees its peer. */
+/*
+ * Key of tcpmesh_peer_origin: one TCP connection from a pod to the redirect address, as both ends
+ * see it once the handshake is done. The client's sockops (ACTIVE_ESTABLISHED) writes the record
+ * under its (local ip, local port, snd_nxt, rcv_nxt); the proxy's sockops (PASSIVE_ESTABLISHED on
+ * the accepted socket) looks it up under (remote ip, remote port, rcv_nxt, snd_nxt) — the same
+ * values: nothing has been sent past the SYNs yet. The two initial sequence numbers are random per
+ * connection, so a later connection that reuses the client's ip/port never matches an old record.
+ */
 struct tcpmesh_peer_key {
-	__u32 ip4;          /* 0: client local address, network order */
-	__u16 port;         /* 4: client local port, network order */
-	__u16 pad;          /* 6: always 0 */
-};                      /* 8 bytes */
+	__u32 ip4;          /*  0: client local address, network order */
+	__u16 port;         /*  4: client local port, network order */
+	__u16 pad;          /*  6: always 0 */
+	__u32 client_seq;   /*  8: client's initial sequence number + 1, host order */
+	__u32 server_seq;   /* 12: proxy's initial sequence number + 1, host order */
+};                      /* 16 bytes */
 
 /* Key of the LPM trie tcpmesh_capture_cidrs (the layout struct bpf_lpm_trie_key requires). */
 struct tcpmesh_cidr_key {
@@ -119,9 +133,9 @@ enum tcpmesh_reason {
 	TCPMESH_R_LOOPBACK = 3,            /* connect4: 127.0.0.0/8, never captured */
 	TCPMESH_R_TO_REDIRECT = 4,         /* connect4: destination is the redirect address itself */
 	TCPMESH_R_MAP_UPDATE_FAILED = 5,   /* any hook: a map update failed (connect4 then refuses) */
-	TCPMESH_R_REKEYED = 6,             /* sockops: record re-keyed by the client's local ip/port */
-	TCPMESH_R_STALE_PEER_CLEARED = 7,  /* sockops: direct (uncaptured) connection to the redirect
-	                                      address; any old record for its local ip/port dropped */
+	TCPMESH_R_REKEYED = 6,             /* sockops: record published under the connection's peer key */
+	TCPMESH_R_STALE_PEER_CLEARED = 7,  /* retired in ABI 3 (records are bound to their handshake):
+	                                      never counted */
 	TCPMESH_R_ORIGIN_ANSWERED = 8,     /* getsockopt: TCPMESH_SO_ORIGIN answered */
 	TCPMESH_R_ORIGDST_ANSWERED = 9,    /* getsockopt: SO_ORIGINAL_DST answered */
 	TCPMESH_R_ORIGIN_MISSING = 10,     /* getsockopt: no record for the peer (caller sees errno) */
@@ -138,7 +152,9 @@ enum tcpmesh_reason {
 	                                      recorded (its SYN may enter a strict pod) */
 	TCPMESH_R_PLAINTEXT_REJECTED = 18, /* inbound: a SYN from outside the mesh dropped (STRICT pod) */
 	TCPMESH_R_PLAINTEXT_ACCEPTED = 19, /* inbound: a SYN from outside the mesh let in (PERMISSIVE) */
-	TCPMESH_R_MAX = 20,
+	TCPMESH_R_ORIGIN_CLAIMED = 20,     /* proxy sockops: the accepted socket took its connection's
+	                                      record (tcpmesh_peer_origin -> its socket storage) */
+	TCPMESH_R_MAX = 21,
 };
 
 /* Entries of the tcpmesh_counters map: room for appended reasons without changing the map. */

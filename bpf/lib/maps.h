@@ -34,25 +34,31 @@
 #else
 #define TCPMESH_MAP(type, key, leaf, name, entries, flags) BPF_F_TABLE(type, key, leaf, name, entries, flags)
 #endif
-#define TCPMESH_NO_PREALLOC 1 /* BPF_F_NO_PREALLOC, required by LPM tries */
+#define TCPMESH_NO_PREALLOC 1 /* BPF_F_NO_PREALLOC, required by LPM tries and socket storage */
 
 /*
- * tcpmesh_cookie_origin: socket cookie -> struct tcpmesh_origin.
- *   writer:   cgroup/connect4 and connect6, when they capture a connect().
- *   readers:  sockops (re-key at ACTIVE_ESTABLISHED), cgroup/getpeername4/6 (the original peer).
- *   eviction: LRU. Entries outlive the connection on purpose (getpeername() works until close);
- *             the size bounds how many live captured sockets keep a transparent getpeername().
+ * tcpmesh_sock_origin: per-socket storage, struct tcpmesh_origin (version 0 = no record).
+ *   writers:  cgroup/connect4 and connect6 on a pod cgroup, into the client socket, when they
+ *             capture a connect(); sockops on the proxy cgroup (tcpmesh_pxops), into the proxy's
+ *             accepted socket, when it claims the connection's record from tcpmesh_peer_origin.
+ *   readers:  pod sockops (publishes the client's record at ACTIVE_ESTABLISHED), getpeername4/6
+ *             (the original peer, while the socket is connected to the redirect address),
+ *             cgroup/getsockopt on the proxy's accepted socket (the answer).
+ *   eviction: freed with the socket: nothing outlives its connection, nothing to evict. Pinned,
+ *             so a connection captured by one program set and completed under the next (an
+ *             agent restart or upgrade) keeps its record.
  */
-TCPMESH_MAP("lru_hash", __u64, struct tcpmesh_origin, tcpmesh_cookie_origin, TCPMESH_MAX_CONNS, 0);
+TCPMESH_MAP("sk_storage", int, struct tcpmesh_origin, tcpmesh_sock_origin, 0, TCPMESH_NO_PREALLOC);
 
 /*
- * tcpmesh_peer_origin: client (local ip, local port) -> struct tcpmesh_origin.
- *   writer:   sockops at ACTIVE_ESTABLISHED (insert/overwrite: a reused client port overwrites);
- *             sockops also deletes the entry when an uncaptured socket with the same local
- *             ip/port connects straight to the redirect address (no stale answer for it).
- *   reader:   cgroup/getsockopt on the proxy's accepted socket (key = the socket's peer).
- *   eviction: LRU; the proxy reads the record right after accept(), so the size only has to
- *             cover connections established but not yet accepted.
+ * tcpmesh_peer_origin: struct tcpmesh_peer_key (client ip, port and both handshake sequence
+ * numbers) -> struct tcpmesh_origin: hands a record from the client socket to the proxy's.
+ *   writer:   pod sockops at ACTIVE_ESTABLISHED (the client got the SYN-ACK; its ACK is not sent
+ *             yet), for a captured socket connected to the redirect address.
+ *   deleter:  proxy sockops at PASSIVE_ESTABLISHED (that ACK arrived) moves the record into the
+ *             accepted socket's tcpmesh_sock_origin. A connection that never completes on the
+ *             proxy side leaves its record behind; its key cannot match any other connection.
+ *   eviction: LRU, for those leftovers only; a live entry exists for one round trip.
  */
 TCPMESH_MAP("lru_hash", struct tcpmesh_peer_key, struct tcpmesh_origin, tcpmesh_peer_origin,
 	    TCPMESH_MAX_CONNS, 0);
@@ -108,7 +114,10 @@ TCPMESH_MAP("percpu_hash", __u64, struct tcpmesh_plaintext, tcpmesh_plaintext, T
  *             cgroup). Programs of a descendant cgroup run before those of its ancestors, so the
  *             guard runs after the pod hooks; it consumes the token (sets it to 0) and refuses a TCP
  *             connect that carries none: the pod is under the pods cgroup but not captured (yet).
- *   eviction: freed with the socket. Not pinned: it only links the programs of one set.
+ *   eviction: freed with the socket. Not pinned: it only links the programs of one set. It stays
+ *             apart from tcpmesh_sock_origin (which is pinned, shared by the sets that use the
+ *             same maps) because the guard consumes the token: during a takeover two guards run,
+ *             and a shared token consumed by the first would make the second refuse the connect.
  */
 BPF_SK_STORAGE(tcpmesh_seen, __u32);
 

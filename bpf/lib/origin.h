@@ -45,31 +45,61 @@ static __always_inline void tcpmesh_redirect(struct bpf_sock_addr *ctx, int mapp
 	tcpmesh_set_peer(ctx, mapped, bpf_htonl(REDIR_IP), bpf_htons(REDIR_PORT));
 }
 
-/* sockops context: the client's (local ip, local port), the key the proxy will look up. */
+/* sockops context: remote_port holds the network-order port in its high half on little endian;
+ * bpf_ntohl() gives the host-order port on both byte orders. local_port is host order. */
+static __always_inline __u16 tcpmesh_remote_port(const struct bpf_sock_ops *skops)
+{
+	return (__u16)bpf_ntohl(skops->remote_port);
+}
+
+/* pod sockops context: does this socket talk to the redirect address (captured, or dialled)? */
+static __always_inline int tcpmesh_dials_redirect(const struct bpf_sock_ops *skops)
+{
+	return skops->remote_ip4 == bpf_htonl(REDIR_IP) && tcpmesh_remote_port(skops) == REDIR_PORT;
+}
+
+/* proxy sockops context: was this socket accepted on the redirect address? */
+static __always_inline int tcpmesh_accepted_on_redirect(const struct bpf_sock_ops *skops)
+{
+	return skops->local_ip4 == bpf_htonl(REDIR_IP) && skops->local_port == REDIR_PORT;
+}
+
+/* pod sockops at ACTIVE_ESTABLISHED: the client's view of its connection (see tcpmesh_peer_key). */
 static __always_inline void tcpmesh_peer_key_of_client(const struct bpf_sock_ops *skops,
 						       struct tcpmesh_peer_key *key)
 {
 	key->ip4 = skops->local_ip4;
-	key->port = bpf_htons((__u16)skops->local_port); /* local_port is host order */
+	key->port = bpf_htons((__u16)skops->local_port);
 	key->pad = 0;
+	key->client_seq = skops->snd_nxt;
+	key->server_seq = skops->rcv_nxt;
 }
 
-/* sockops context: does this socket talk to the redirect address directly? remote_port holds
- * the network-order port in its high half on little endian: bpf_ntohl() gives it on both. */
-static __always_inline int tcpmesh_dials_redirect(const struct bpf_sock_ops *skops)
+/* proxy sockops at PASSIVE_ESTABLISHED: the same connection seen from the accepted socket. */
+static __always_inline void tcpmesh_peer_key_of_accepted(const struct bpf_sock_ops *skops,
+							 struct tcpmesh_peer_key *key)
 {
-	return skops->remote_ip4 == bpf_htonl(REDIR_IP) && bpf_ntohl(skops->remote_port) == REDIR_PORT;
+	key->ip4 = skops->remote_ip4;
+	key->port = bpf_htons(tcpmesh_remote_port(skops));
+	key->pad = 0;
+	key->client_seq = skops->rcv_nxt;
+	key->server_seq = skops->snd_nxt;
 }
 
-/* getsockopt context: the accepted socket's peer = the client's (local ip, local port). */
-static __always_inline int tcpmesh_peer_key_of_accepted(struct bpf_sock *sk, struct tcpmesh_peer_key *key)
+/* getpeername4/6 context: is the peer the kernel reports the redirect address? Only then is the
+ * socket's record about this connection (a socket may connect() again after a failure). */
+static __always_inline int tcpmesh_peer_is_redirect(const struct bpf_sock_addr *ctx, int mapped)
 {
-	if (!sk || sk->family != TCPMESH_AF_INET) /* the proxy listens on AF_INET */
-		return -1;
-	key->ip4 = sk->dst_ip4;
-	key->port = sk->dst_port; /* network order */
-	key->pad = 0;
-	return 0;
+	__u32 ip4;
+
+	if (mapped) {
+		if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 || ctx->user_ip6[2] != bpf_htonl(0xffff))
+			return 0;
+		ip4 = ctx->user_ip6[3];
+	} else {
+		ip4 = ctx->user_ip4;
+	}
+	return ip4 == bpf_htonl(REDIR_IP) && ctx->user_port == bpf_htons(REDIR_PORT);
 }
 
 #endif /* TCPMESH_LIB_ORIGIN_H */

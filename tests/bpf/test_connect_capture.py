@@ -7,17 +7,19 @@ and inside or outside the pod cgroup.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import select
 import shutil
 import socket
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from agent.capture import ConnectCapture, read_origin, read_original_dst
+from agent.capture import ConnectCapture, abi, read_origin, read_original_dst
 from agent.capture.connect_mode import ROLE_POD, ROLE_PROXY, hooks_for
 from agent.capture.errors import BpfLoadError
 from agent.errors import ConfigError
@@ -188,30 +190,89 @@ def test_loopback_and_redirect_address_are_never_captured(attached, topology, cg
     assert changes.get("origin_missing") == 2
 
 
-def test_stale_record_is_not_served_to_a_direct_connection(attached, topology, cgroups, proxy_listener, clients):
-    """A captured connection's record must not answer for a later direct dial from the same port."""
-    captured = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], *REMOTE)
-    conn = accept(proxy_listener)
-    assert conn is not None and read_origin(conn) is not None
-    local = captured.result["local"]
-    conn.close()
-    captured.close()
-    before = attached.counters()
-    # same local ip/port, straight to the redirect address, from the pod cgroup
-    direct = socket_in(topology.ns_path(topology.pod_ns), cgroups["pod"])
-    with direct:
-        direct.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        direct.bind(tuple(local))
-        direct.settimeout(3)
-        try:
-            direct.connect((NODE_IP, REDIRECT_PORT))
-        except OSError as exc:  # the 4-tuple may still be in TIME_WAIT on the listener side
-            pytest.skip(f"could not reuse {local}: {exc}")
+def connect_from(topology, cgroup: Path, destination: tuple[str, int],
+                 local: tuple[str, int] | None = None) -> socket.socket:
+    """A socket created in the pod netns by a process in ``cgroup``, optionally bound, connected."""
+    sock = socket_in(topology.ns_path(topology.pod_ns), cgroup)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if local is not None:
+        sock.bind(local)
+    sock.settimeout(3)
+    sock.connect(destination)
+    return sock
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0): no TIME_WAIT on either side, the 4-tuple is free again."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def captured_then_reused(topology, cgroups, proxy_listener, reuse_cgroup: Path) -> socket.socket:
+    """A captured connection (origin read, then reset), then a socket from ``reuse_cgroup`` bound to
+    the same pod ip/port dialling the redirect address itself; returns the proxy's accepted socket."""
+    with connect_from(topology, cgroups["pod"], REMOTE) as captured:
+        local = captured.getsockname()
         conn = accept(proxy_listener)
         assert conn is not None
-        with conn:
-            assert read_origin(conn) is None
-    assert delta(before, attached.counters()).get("stale_peer_cleared") == 1
+        origin = read_origin(conn)
+        assert origin is not None and (origin.dst_ip, origin.dst_port) == REMOTE
+        reset(conn)
+    try:
+        stranger = connect_from(topology, reuse_cgroup, (NODE_IP, REDIRECT_PORT), local=local)
+    except OSError as exc:
+        pytest.fail(f"could not reuse {local} after an RST: {exc}")
+    conn = accept(proxy_listener)
+    assert conn is not None
+    assert conn.getpeername() == local  # the proxy sees the very same peer address
+    stranger.close()
+    return conn
+
+
+def test_reused_client_address_outside_the_pod_cgroup_gets_no_origin(attached, topology, cgroups, proxy_listener):
+    """The bug of issue #8: a record keyed by (pod ip, port) only, never removed, answered for a
+    later uncaptured connection from that ip/port (a process in the pod's netns but outside its
+    cgroup: no tcpmesh hook runs for it), which the proxy then tunnelled as the captured pod."""
+    before = attached.counters()
+    with captured_then_reused(topology, cgroups, proxy_listener, cgroups["other"]) as conn:
+        assert read_origin(conn) is None
+        assert read_original_dst(conn) is None
+    changes = delta(before, attached.counters())
+    assert changes.get("captured") == 1 and changes.get("rekeyed") == 1
+    assert changes.get("origin_claimed") == 1  # the first connection's, by its own accepted socket
+    assert changes.get("origin_answered") == 1 and changes.get("origin_missing") == 2
+
+
+def test_reused_client_address_inside_the_pod_cgroup_gets_no_origin(attached, topology, cgroups, proxy_listener):
+    """The same from the pod cgroup: a direct dial of the redirect address is not captured."""
+    before = attached.counters()
+    with captured_then_reused(topology, cgroups, proxy_listener, cgroups["pod"]) as conn:
+        assert read_origin(conn) is None
+    changes = delta(before, attached.counters())
+    assert changes.get("to_redirect") == 1 and changes.get("origin_claimed") == 1
+    assert changes.get("rekeyed") == 1  # only the captured connection published a record
+
+
+def test_records_do_not_outlive_their_connections(attached, topology, cgroups, proxy_listener):
+    """Every captured connection's hand-over record is claimed by the proxy's socket and deleted:
+    tcpmesh_peer_origin does not grow with short connections (the per-socket records go with
+    their sockets)."""
+    pinned = attached.pinned()
+
+    def peer_records() -> int:
+        return len(pinned.libbpf.map_keys(pinned.map_fd("tcpmesh_peer_origin"), ctypes.sizeof(abi.PeerKey),
+                                          "tcpmesh_peer_origin"))
+
+    before, counters = peer_records(), attached.counters()
+    for _ in range(50):
+        with connect_from(topology, cgroups["pod"], REMOTE):
+            conn = accept(proxy_listener)
+            assert conn is not None
+            with conn:
+                assert read_original_dst(conn) == REMOTE
+    assert peer_records() <= before
+    changes = delta(counters, attached.counters())
+    assert changes.get("captured") == changes.get("origin_claimed") == changes.get("origdst_answered") == 50
 
 
 def test_attach_is_idempotent_close_keeps_it_and_detach_removes_it(capture, bpffs_dir, cgroups, tmp_path):

@@ -39,8 +39,9 @@ def test_port_roundtrip(port):
 
 
 def test_keys_are_in_network_order():
-    key = abi.peer_key("10.200.1.2", 40000)
-    assert bytes(key) == bytes([10, 200, 1, 2]) + (40000).to_bytes(2, "big") + b"\0\0"
+    key = abi.peer_key("10.200.1.2", 40000, client_seq=0x01020304, server_seq=7)
+    assert bytes(key)[:8] == bytes([10, 200, 1, 2]) + (40000).to_bytes(2, "big") + b"\0\0"
+    assert key.client_seq == 0x01020304 and key.server_seq == 7  # sequence numbers: host order
     ck = abi.cidr_key(ipaddress.IPv4Network("10.77.0.0/16"))
     assert ck.prefixlen == 16  # host order, as struct bpf_lpm_trie_key wants
     assert bytes(ck)[4:] == bytes([10, 77, 0, 0])
