@@ -6,6 +6,7 @@ Imports nothing from the outside world.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ class SpiffeId:
             )
         return cls(trust_domain, parts[1], parts[3])
 
-    @property
+    @functools.cached_property  # one string per identity, not one per flow that names it
     def uri(self) -> str:
         return f"{SCHEME}{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 

@@ -226,9 +226,10 @@ class KernelTcpStats:
                 entry = abi.StatsSock(slot=slot, retrans_seen=total_retransmits(sock))
                 self.libbpf.map_update(self._maps[SOCKS], cookie.to_bytes(8, sys.byteorder), bytes(entry),
                                        SOCKS)  # type: ignore[union-attr]
-                self._registered[cookie] = slot
-                if len(self._registered) > self.sockets:
-                    self._registered.popitem(last=False)
+                if leg_name == LEG_TUNNEL:  # only a tunnel's socket comes back (an app socket's cookie never
+                    self._registered[cookie] = slot  # does): remembering those would hold 65,536 dead entries
+                    if len(self._registered) > self.sockets:
+                        self._registered.popitem(last=False)
             except (OSError, AttachError) as exc:
                 self.errors += 1
                 if self.errors == 1:
