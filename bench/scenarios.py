@@ -118,38 +118,65 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
 def capture(world: World, settings: Settings, tcpmesh: Path_, direct: Path_) -> dict:
     """connect() latency through the eBPF connect path vs straight to the outbound proxy port.
 
-    Captured: a socket created in the pod cgroup connects to the server pod (rewritten to the proxy
-    on node1), exchanges one byte through the tunnel and closes. Straight: a socket created in a
-    cgroup without hooks connects to <pod gateway>:15001 itself; the proxy, finding no original
-    destination, closes it. Both reach the same listener, and only connect() is timed. One
-    ``loadgen connect2`` process alternates the two connect by connect (moving itself between the
-    two cgroups, untimed), so whatever else loads the machine hits both alike.
+    Like with like: both variants create their sockets in the client pod's cgroup, so both meet the
+    same programs (the pod's connect4, sockops, cgroup_skb and the guard it inherits) and reach the
+    same listener over the same veth; the only difference is the capture work. Captured: connect to
+    the server pod, which connect4 records and rewrites to the proxy on node1; then one byte
+    through the tunnel, and close. Straight: connect to <pod gateway>:15001 itself, which connect4
+    leaves alone (the redirect address is never captured); the proxy, finding no original
+    destination, closes it. Only connect() is timed, with BPF run-time statistics off. One
+    ``loadgen connect2`` process alternates the two connect by connect, so whatever else loads
+    the machine hits both alike. (``direct`` is unused since both variants run from the pod.)
+
+    Then, with run-time statistics on, a short run of each variant alone gives the kernel's own
+    run time of the tcpmesh programs per captured and per straight connection; their difference
+    is what the capture itself costs in BPF.
     """
-    def run(count: int, max_seconds: float) -> dict:
-        argv = loadgen.connect2_argv(
-            world.binary,
-            (tcpmesh.echo[0], tcpmesh.echo[1], tcpmesh.client_cgroup, "exchange"),
-            (world.plan.pod_gateway, OUTBOUND_PORT, direct.client_cgroup, "eof"),
-            count, max_seconds)
+    captured_v = (tcpmesh.echo[0], tcpmesh.echo[1], tcpmesh.client_cgroup, "exchange")
+    straight_v = (world.plan.pod_gateway, OUTBOUND_PORT, tcpmesh.client_cgroup, "eof")
+
+    def run(a: tuple, b: tuple, count: int, max_seconds: float) -> dict:
+        argv = loadgen.connect2_argv(world.binary, a, b, count, max_seconds)
         out = world.run(argv, tcpmesh.client_netns, tcpmesh.client_cgroup, timeout=max_seconds + 30)
         result = loadgen.parse_json_line(out, "loadgen connect2")
-        for key, variant in (("a", "captured"), ("b", "straight")):
+        for key in ("a", "b"):
             if result[key]["connect_us"]["count"] == 0:
-                raise RuntimeError(f"no {variant} connect succeeded ({result[key]['failed']} failed)")
+                raise RuntimeError(f"no connect of variant {a[3] if key == 'a' else b[3]} succeeded "
+                                   f"({result[key]['failed']} failed)")
         return result
 
-    run(max(10, settings.capture_connects // 10), max_seconds=3.0)  # warm-up: caches, first-use paths
-    names = _capture_programs(world, tcpmesh)
-    with bpfstats.enabled() as stats_on:
-        before = bpfstats.snapshot(names) if stats_on and names else None
-        measured = run(settings.capture_connects, settings.capture_max_seconds)
-        bpf_run = bpfstats.delta(names, before, bpfstats.snapshot(names)) if before is not None else None
-    result: dict = {"captured": measured["a"], "straight": measured["b"], "seconds": measured["seconds"]}
-    result["bpf"] = _bpf_summary([bpf_run] if bpf_run else [], [measured["a"]])
+    run(captured_v, straight_v, max(10, settings.capture_connects // 10), max_seconds=3.0)  # warm-up
+    measured = run(captured_v, straight_v, settings.capture_connects, settings.capture_max_seconds)
+    result: dict = {"captured": measured["a"], "straight": measured["b"], "seconds": measured["seconds"],
+                    "same_cgroup": True}
+    result.update(_bpf_per_variant(world, tcpmesh, settings, run, captured_v, straight_v))
     captured, straight = result["captured"]["connect_us"], result["straight"]["connect_us"]
     result["overhead_pct"] = (captured["p50"] / straight["p50"] - 1) * 100
     result["overhead_p99_pct"] = (captured["p99"] / straight["p99"] - 1) * 100
     return result
+
+
+def _bpf_per_variant(world: World, tcpmesh: Path_, settings: Settings, run, captured_v: tuple,
+                     straight_v: tuple) -> dict:
+    """BPF run time per connection of each variant alone (``bpf``: captured, ``bpf_straight``), and
+    ``bpf_capture_ns_per_connection``, the difference. Empty values where statistics are unavailable."""
+    out: dict = {"bpf": None, "bpf_straight": None, "bpf_capture_ns_per_connection": None}
+    names = _capture_programs(world, tcpmesh)
+    if not names:
+        return out
+    pairs = max(25, settings.capture_connects // 4)  # connect2 makes two connects per pair
+    with bpfstats.enabled() as stats_on:
+        if not stats_on:
+            return out
+        for key, variant in (("bpf", captured_v), ("bpf_straight", straight_v)):
+            before = bpfstats.snapshot(names)
+            rounds = run(variant, variant, pairs, max_seconds=5.0)
+            out[key] = _bpf_summary([bpfstats.delta(names, before, bpfstats.snapshot(names))],
+                                    [rounds["a"], rounds["b"]])
+    if out["bpf"] and out["bpf_straight"]:
+        out["bpf_capture_ns_per_connection"] = round(out["bpf"]["ns_per_connection"]
+                                                     - out["bpf_straight"]["ns_per_connection"], 1)
+    return out
 
 
 def _capture_programs(world: World, tcpmesh: Path_) -> dict[int, str]:
@@ -164,7 +191,7 @@ def _capture_programs(world: World, tcpmesh: Path_) -> dict[int, str]:
 
 
 def _bpf_summary(runs: list[dict], captured_rounds: list[dict]) -> dict | None:
-    """BPF run time per captured connection, summed over the measured rounds (None without stats)."""
+    """BPF run time per connection of ``captured_rounds`` (one variant), summed over the runs (None without stats)."""
     if not runs:
         return None
     programs: dict[str, dict] = {}

@@ -399,11 +399,15 @@ int tcpmesh_guard6(struct bpf_sock_addr *ctx)
  */
 int tcpmesh_pxops(struct bpf_sock_ops *skops)
 {
+	__u32 op = skops->op;
+
+	if (op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+		return 1; /* most callbacks (tcp_stats turns on RTT/state ones for every proxy socket) */
 	if (skops->family != 2 /* AF_INET */)
 		return 1;
-	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+	if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		tcpmesh_claim_origin(skops);
-	else if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB)
+	else
 		tcpmesh_record_proxy_conn(skops);
 	return 1;
 }
