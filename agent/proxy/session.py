@@ -225,8 +225,9 @@ class MuxSession:
             header = M.encode_header(M.FrameType.DATA, stream_id, len(part))
             if len(part) < SMALL_WRITE:
                 self.tls.write(header + part)
-            else:
-                self.tls.write_parts(header, part)
+            else:  # the header shares the first TLS record with the payload's start: no 12-byte record
+                head = SMALL_WRITE - M.HEADER_SIZE
+                self.tls.write_parts(header + part[:head], memoryview(part)[head:])
 
     def forget(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
