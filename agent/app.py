@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -21,6 +22,7 @@ from agent.config import Config
 from agent.control.admin_socket import AdminSocket
 from agent.control.workloads import WorkloadController
 from agent.errors import KernelError, TcpmeshError
+from agent.heap import heap_trimmer, trim_heap_forever
 from agent.identity.rotator import IdentityRotator, rotator_from_config
 from agent.identity.store import IdentityStore
 from agent.policy.model import MtlsMode
@@ -32,7 +34,6 @@ from agent.proxy.limits import ConnectionLimits, fitting_cap, raise_open_files_l
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
 from agent.registry.model import Registry
-from agent.registry.kubernetes import KubernetesSource, start_kubernetes_source
 from agent.registry.static_file import load_registry_file
 from agent import sdnotify
 from agent.telemetry.admin import AdminServer
@@ -43,6 +44,9 @@ from agent.telemetry.tcpstats import KernelTcpStats, tcp_stats_from_config
 from agent.telemetry.flows import FlowTable
 from agent.telemetry.metrics import Metrics
 from agent.telemetry.runtime import RuntimeStats
+
+if TYPE_CHECKING:
+    from agent.registry.kubernetes import KubernetesSource
 
 log = logging.getLogger("tcpmesh.agent")
 RUNTIME_WORKLOADS_FILE = "runtime-workloads.json"
@@ -157,6 +161,8 @@ class Agent:
                 os.path.join(config.state_dir, RUNTIME_WORKLOADS_FILE), self.capture, identities,
                 on_change=self._workloads_changed)
             if config.registry.source == "kubernetes":
+                from agent.registry.kubernetes import start_kubernetes_source  # only then: ~0.6 MiB
+
                 kubernetes = await start_kubernetes_source(config, self.workloads)  # first snapshot applied
             else:
                 self.workloads.load()
@@ -175,6 +181,9 @@ class Agent:
                     ctx.relays, idle, lambda relay, flow: reset_idle(relay, flow, idle))))
             if kubernetes is not None:
                 background.append(loop.create_task(kubernetes.run()))
+            trim = heap_trimmer()
+            if trim is not None:
+                background.append(loop.create_task(trim_heap_forever(trim)))
             self.ready = True
             self.metrics.ready.set(1)
             log.info("agent ready on node %s: %d local workloads captured (%s), outbound :%d, inbound :%d, "
