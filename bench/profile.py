@@ -86,6 +86,32 @@ def thread_cpu(pids: list[tuple[str, int]]) -> dict[str, dict[int, float]]:
     return out
 
 
+def user_system_cpu(pids: list[tuple[str, int]]) -> dict[str, tuple[float, float]]:
+    """CPU seconds so far of each whole process, split into user and kernel time: {"<node>-<pid>": (user, system)}.
+
+    The split says where a bulk byte's cost lies: in the kernel (TCP, the copies in and out of
+    sockets, wake-ups) or in user space (TLS, Python, copies between buffers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for node, pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out[f"{node}-{pid}"] = (int(fields[11]) / tick, int(fields[12]) / tick)
+    return out
+
+
+def user_system_per_gb(before: dict, after: dict, gigabytes: float) -> dict[str, dict[str, float]]:
+    """Per process: user and kernel CPU seconds per GB relayed between two ``user_system_cpu`` readings."""
+    out = {}
+    for proc, (user, system) in after.items():
+        user0, system0 = before.get(proc, (user, system))
+        out[proc] = {"user_s_per_gb": round((user - user0) / max(gigabytes, 1e-9), 3),
+                     "system_s_per_gb": round((system - system0) / max(gigabytes, 1e-9), 3)}
+    return out
+
+
 def thread_split(before: dict, after: dict) -> dict[str, dict[str, float]]:
     """Per process: CPU seconds of the main (event-loop) thread and of all other threads together."""
     split = {}
@@ -135,11 +161,12 @@ def profile_agents(world, route, settings: Settings, out_dir: Path, log) -> dict
     result["bpf"] = bpf_cost(world, route, settings, seconds)
     log(f"profile: py-spy on {len(pids)} agent process(es) during bulk (8 streams) and connection-rate load")
     procs = _record(pids, seconds, out_dir, "bulk8")
-    cpu_before = thread_cpu(pids)
+    cpu_before, split_before = thread_cpu(pids), user_system_cpu(pids)
     bulk = scenarios.bulk(world, route, 8, seconds)
     threads = thread_split(cpu_before, thread_cpu(pids))
+    per_gb = user_system_per_gb(split_before, user_system_cpu(pids), bulk["bytes"] / 1e9)
     result["scenarios"]["bulk8"] = {"load": {"gbps": round(bulk["gbps"], 2)}, "threads": threads,
-                                    "stacks": _collect(procs, seconds + 30)}
+                                    "user_system_per_gb": per_gb, "stacks": _collect(procs, seconds + 30)}
     crr_settings = dataclasses.replace(settings, crr_seconds=seconds, crr_warmup=0.0)
     procs = _record(pids, seconds, out_dir, "crr")
     cpu_before = thread_cpu(pids)
@@ -191,6 +218,9 @@ def render(result: dict) -> str:
         for proc, split in data.get("threads", {}).items():
             lines.append(f"   CPU {proc}: event-loop thread {split['loop_thread_s']} s, {split['threads'] - 1} other "
                          f"thread(s) {split['other_threads_s']} s")
+        for proc, cost in data.get("user_system_per_gb", {}).items():
+            lines.append(f"   CPU per GB {proc} (sampler running): user {cost['user_s_per_gb']} s, "
+                         f"kernel {cost['system_s_per_gb']} s")
         for name, summary in data["stacks"].items():
             if "error" in summary:
                 lines.append(f"-- {name}: {summary['error']}")
@@ -198,7 +228,7 @@ def render(result: dict) -> str:
             lines.append(f"-- {name}: {summary['samples']} samples at {result['rate']}/s")
             lines.append("   own time:")
             lines += [f"   {row['pct']:5.1f} %  {row['function']}" for row in summary["own"]]
-            lines.append("   inclusive:")
-            lines += [f"   {row['pct']:5.1f} %  {row['function']}" for row in summary["inclusive"]]
+            lines.append("   inclusive (frames on every stack left out):")
+            lines += [f"   {row['pct']:5.1f} %  {row['function']}" for row in summary["inclusive"] if row["pct"] < 99.0]
         lines.append("")
     return "\n".join(lines)
