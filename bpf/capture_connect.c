@@ -9,10 +9,8 @@
  *                                       sockets (JVM, Go, ...): ::ffff:REDIR_IP:REDIR_PORT
  *   sockops             (pod cgroups)   at ACTIVE_ESTABLISHED the record is published under the
  *                                       connection's peer key (client ip/port + both ISNs)
- *   sockops             (proxy cgroup)  tcpmesh_pxops at PASSIVE_ESTABLISHED: the accepted socket
- *                                       claims that record into its own storage
- *   cgroup/getsockopt   (proxy cgroup)  answers SOL_IP/SO_ORIGINAL_DST and SOL_IP/TCPMESH_SO_ORIGIN
- *                                       from the accepted socket's storage
+ *   cgroup/getsockopt   (proxy cgroup)  answers SOL_IP/SO_ORIGINAL_DST or SOL_IP/TCPMESH_SO_ORIGIN
+ *                                       once, from the record under the accepted socket's key
  *   cgroup/getpeername4/6 (pod cgroups) the app sees the destination it asked for
  *   sockops             (proxy cgroup)  tcpmesh_pxops: records the inbound proxy's connections to pods
  *   cgroup_skb/ingress  (pod cgroups)   tcpmesh_inb4: a SYN into the pod that is not from the inbound
@@ -178,45 +176,28 @@ static __always_inline int tcpmesh_publish_established(struct bpf_sock_ops *skop
 	return 0;
 }
 
-/* Proxy sockops at PASSIVE_ESTABLISHED: the accepted socket takes its connection's record. The
- * key holds both handshake sequence numbers, so only the connection the record was made for
- * finds it; the entry is deleted once moved, so it cannot answer twice either. */
-static __always_inline void tcpmesh_claim_origin(struct bpf_sock_ops *skops)
-{
-	struct tcpmesh_peer_key key = {};
-	struct tcpmesh_origin *record;
-	struct tcpmesh_origin *mine;
-	struct bpf_sock *sk = skops->sk;
-
-	if (!sk || !tcpmesh_accepted_on_redirect(skops))
-		return;
-	tcpmesh_peer_key_of_accepted(skops, &key);
-	record = tcpmesh_peer_origin.lookup(&key);
-	if (!record)
-		return; /* not captured: getsockopt finds no record and the proxy refuses it */
-	mine = tcpmesh_sock_origin.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (mine) {
-		__builtin_memcpy(mine, record, sizeof(*mine));
-		tcpmesh_count(TCPMESH_R_ORIGIN_CLAIMED);
-	} else {
-		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
-	}
-	tcpmesh_peer_origin.delete(&key);
-}
-
-/* getsockopt on the proxy's accepted socket: its own record, claimed at PASSIVE_ESTABLISHED. */
+/* getsockopt on the proxy's accepted socket: the record of exactly this connection (the key holds
+ * both handshake sequence numbers), answered once: the entry is deleted with the answer, so it can
+ * neither answer for another connection nor stay behind. A short buffer consumes nothing. */
 static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
 {
-	struct tcpmesh_origin *origin = 0;
-	struct bpf_sock *sk = ctx->sk;
+	struct tcpmesh_peer_key key = {};
+	struct tcpmesh_origin *origin;
+	int reason;
 
-	if (sk)
-		origin = tcpmesh_sock_origin.sk_storage_get(sk, 0, 0);
-	if (!origin || origin->version == 0) {
+	if (tcpmesh_peer_key_of_accepted(ctx->sk, &key) != 0) {
 		tcpmesh_count(TCPMESH_R_ORIGIN_MISSING);
 		return;
 	}
-	tcpmesh_count(tcpmesh_answer(ctx, origin));
+	origin = tcpmesh_peer_origin.lookup(&key);
+	if (!origin) {
+		tcpmesh_count(TCPMESH_R_ORIGIN_MISSING);
+		return;
+	}
+	reason = tcpmesh_answer(ctx, origin);
+	tcpmesh_count(reason);
+	if (reason != TCPMESH_R_OPTLEN_SHORT && tcpmesh_peer_origin.delete(&key) == 0)
+		tcpmesh_count(TCPMESH_R_ORIGIN_CLAIMED);
 }
 
 static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx, int mapped)
@@ -394,20 +375,11 @@ int tcpmesh_guard6(struct bpf_sock_addr *ctx)
 /*
  * sockops on the proxy's cgroup — FAIL-CLOSED for STRICT pods: if the inbound proxy's connection
  * cannot be recorded, its SYN is treated as plaintext and a STRICT pod refuses it (the client sees
- * STATUS UNREACHABLE); PERMISSIVE pods are unaffected. FAIL-CLOSED (through the proxy) for the
- * outbound side: an accepted socket that cannot claim its record gets no origin and is refused.
+ * STATUS UNREACHABLE); PERMISSIVE pods are unaffected.
  */
 int tcpmesh_pxops(struct bpf_sock_ops *skops)
 {
-	__u32 op = skops->op;
-
-	if (op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_TCP_CONNECT_CB)
-		return 1; /* most callbacks (tcp_stats turns on RTT/state ones for every proxy socket) */
-	if (skops->family != 2 /* AF_INET */)
-		return 1;
-	if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-		tcpmesh_claim_origin(skops);
-	else
+	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB && skops->family == 2 /* AF_INET */)
 		tcpmesh_record_proxy_conn(skops);
 	return 1;
 }

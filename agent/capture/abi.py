@@ -47,7 +47,7 @@ REASONS: tuple[str, ...] = (
     "proxy_conn",          # proxy sockops: an inbound-proxy connection to a pod recorded
     "plaintext_rejected",  # inbound: a SYN from outside the mesh dropped (STRICT pod)
     "plaintext_accepted",  # inbound: a SYN from outside the mesh let in (PERMISSIVE pod)
-    "origin_claimed",      # proxy sockops: the accepted socket took its connection's record
+    "origin_claimed",      # getsockopt: the record was answered and deleted (one answer per connection)
 )
 INBOUND_PERMISSIVE = 1
 INBOUND_STRICT = 2

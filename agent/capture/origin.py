@@ -2,7 +2,9 @@
 
 ``parse_origin`` and ``parse_original_dst`` are pure (bytes in, values out). ``read_origin`` and
 ``read_original_dst`` make exactly one getsockopt call each; the answer comes from the
-cgroup/getsockopt hook that ConnectCapture.attach_proxy() put on the proxy's cgroup.
+cgroup/getsockopt hook that ConnectCapture.attach_proxy() put on the proxy's cgroup. A captured
+connection's record answers once (the hook deletes it with its answer): call one of them, once,
+per accepted socket — ``read_origin`` has everything.
 Imports no bcc: the proxy needs only a socket.
 """
 

@@ -20,7 +20,7 @@
 
 /* 2: guard programs, reasons 15-16, a fixed-size counters map (the slots below), pinned maps.
  * 3: origins in socket storage (tcpmesh_sock_origin); tcpmesh_peer_key carries both sequence
- *    numbers of the handshake, so a record answers only for the connection it was made for;
+ *    numbers of the handshake, so a record answers only for the connection it was made for, once;
  *    reason 20; reason 7 no longer counted. */
 #define TCPMESH_ABI_VERSION 3
 
@@ -38,6 +38,8 @@
  * and IPVS (1024+64 ..). The kernel itself answers ENOPROTOOPT for it, so a socket without a
  * record (or a host without the hook) gets ENOPROTOOPT, never garbage.
  * The caller must pass optlen >= sizeof(struct tcpmesh_origin): the hook can only shrink optlen.
+ * A connection's record answers once (this option or SO_ORIGINAL_DST, whichever comes first):
+ * ask for the whole record in one call.
  */
 #define TCPMESH_SO_ORIGIN 0x746d
 
@@ -54,8 +56,8 @@ struct tcpmesh_sockaddr_in {
 /*
  * The original destination of a captured connection and who opened it.
  * Written by cgroup/connect4 at connect() time, in the context of the connecting task, into the
- * client socket's storage; the value of tcpmesh_sock_origin (client and proxy sockets) and of
- * tcpmesh_peer_origin. version == 0 means "no record" (a zeroed storage).
+ * client socket's storage; the value of tcpmesh_sock_origin and of tcpmesh_peer_origin.
+ * version == 0 means "no record" (a cleared storage).
  */
 struct tcpmesh_origin {
 	__u32 dst_ip4;      /*  0: original destination address, network order */
@@ -71,12 +73,12 @@ struct tcpmesh_origin {
 /* ---- map keys and values ------------------------------------------------------------------ */
 
 /*
- * Key of tcpmesh_peer_origin: one TCP connection from a pod to the redirect address, as both ends
- * see it once the handshake is done. The client's sockops (ACTIVE_ESTABLISHED) writes the record
- * under its (local ip, local port, snd_nxt, rcv_nxt); the proxy's sockops (PASSIVE_ESTABLISHED on
- * the accepted socket) looks it up under (remote ip, remote port, rcv_nxt, snd_nxt) — the same
- * values: nothing has been sent past the SYNs yet. The two initial sequence numbers are random per
- * connection, so a later connection that reuses the client's ip/port never matches an old record.
+ * Key of tcpmesh_peer_origin: one TCP connection from a pod to the redirect address. The client's
+ * sockops (ACTIVE_ESTABLISHED) writes the record under its (local ip, local port, snd_nxt,
+ * rcv_nxt); the getsockopt hook on the proxy's accepted socket rebuilds the same key from that
+ * socket: (peer ip, peer port, rcv_nxt - bytes_received, snd_una - bytes_acked). The two initial
+ * sequence numbers are random per connection, so a later connection that reuses the client's
+ * ip/port never matches an old record.
  */
 struct tcpmesh_peer_key {
 	__u32 ip4;          /*  0: client local address, network order */
@@ -152,8 +154,8 @@ enum tcpmesh_reason {
 	                                      recorded (its SYN may enter a strict pod) */
 	TCPMESH_R_PLAINTEXT_REJECTED = 18, /* inbound: a SYN from outside the mesh dropped (STRICT pod) */
 	TCPMESH_R_PLAINTEXT_ACCEPTED = 19, /* inbound: a SYN from outside the mesh let in (PERMISSIVE) */
-	TCPMESH_R_ORIGIN_CLAIMED = 20,     /* proxy sockops: the accepted socket took its connection's
-	                                      record (tcpmesh_peer_origin -> its socket storage) */
+	TCPMESH_R_ORIGIN_CLAIMED = 20,     /* getsockopt: the record was answered and deleted (one answer
+	                                      per connection) */
 	TCPMESH_R_MAX = 21,
 };
 

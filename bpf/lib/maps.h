@@ -37,28 +37,28 @@
 #define TCPMESH_NO_PREALLOC 1 /* BPF_F_NO_PREALLOC, required by LPM tries and socket storage */
 
 /*
- * tcpmesh_sock_origin: per-socket storage, struct tcpmesh_origin (version 0 = no record).
- *   writers:  cgroup/connect4 and connect6 on a pod cgroup, into the client socket, when they
- *             capture a connect(); sockops on the proxy cgroup (tcpmesh_pxops), into the proxy's
- *             accepted socket, when it claims the connection's record from tcpmesh_peer_origin.
- *   readers:  pod sockops (publishes the client's record at ACTIVE_ESTABLISHED), getpeername4/6
- *             (the original peer, while the socket is connected to the redirect address),
- *             cgroup/getsockopt on the proxy's accepted socket (the answer).
+ * tcpmesh_sock_origin: per-socket storage of client sockets, struct tcpmesh_origin (version 0 =
+ * no record).
+ *   writer:   cgroup/connect4 and connect6 on a pod cgroup, when they capture a connect() (an
+ *             uncaptured connect() of the same socket clears it).
+ *   readers:  pod sockops (publishes it at ACTIVE_ESTABLISHED), getpeername4/6 (the original peer,
+ *             while the socket is connected to the redirect address).
  *   eviction: freed with the socket: nothing outlives its connection, nothing to evict. Pinned,
- *             so a connection captured by one program set and completed under the next (an
+ *             so a connection captured by one program set and established under the next (an
  *             agent restart or upgrade) keeps its record.
  */
 TCPMESH_MAP("sk_storage", int, struct tcpmesh_origin, tcpmesh_sock_origin, 0, TCPMESH_NO_PREALLOC);
 
 /*
  * tcpmesh_peer_origin: struct tcpmesh_peer_key (client ip, port and both handshake sequence
- * numbers) -> struct tcpmesh_origin: hands a record from the client socket to the proxy's.
- *   writer:   pod sockops at ACTIVE_ESTABLISHED (the client got the SYN-ACK; its ACK is not sent
- *             yet), for a captured socket connected to the redirect address.
- *   deleter:  proxy sockops at PASSIVE_ESTABLISHED (that ACK arrived) moves the record into the
- *             accepted socket's tcpmesh_sock_origin. A connection that never completes on the
- *             proxy side leaves its record behind; its key cannot match any other connection.
- *   eviction: LRU, for those leftovers only; a live entry exists for one round trip.
+ * numbers) -> struct tcpmesh_origin: hands a record from the client socket to the proxy.
+ *   writer:   pod sockops at ACTIVE_ESTABLISHED (the client got the SYN-ACK), for a captured
+ *             socket connected to the redirect address.
+ *   reader:   cgroup/getsockopt on the proxy's accepted socket, which rebuilds the same key from
+ *             that socket and deletes the entry with its answer (one answer per connection).
+ *   eviction: deleted when answered; LRU only for connections the proxy never asked about (a
+ *             handshake that did not complete on the proxy side, a proxy that died first). Such
+ *             a leftover cannot match any other connection: its key has both ISNs.
  */
 TCPMESH_MAP("lru_hash", struct tcpmesh_peer_key, struct tcpmesh_origin, tcpmesh_peer_origin,
 	    TCPMESH_MAX_CONNS, 0);

@@ -58,12 +58,6 @@ static __always_inline int tcpmesh_dials_redirect(const struct bpf_sock_ops *sko
 	return skops->remote_ip4 == bpf_htonl(REDIR_IP) && tcpmesh_remote_port(skops) == REDIR_PORT;
 }
 
-/* proxy sockops context: was this socket accepted on the redirect address? */
-static __always_inline int tcpmesh_accepted_on_redirect(const struct bpf_sock_ops *skops)
-{
-	return skops->local_ip4 == bpf_htonl(REDIR_IP) && skops->local_port == REDIR_PORT;
-}
-
 /* pod sockops at ACTIVE_ESTABLISHED: the client's view of its connection (see tcpmesh_peer_key). */
 static __always_inline void tcpmesh_peer_key_of_client(const struct bpf_sock_ops *skops,
 						       struct tcpmesh_peer_key *key)
@@ -75,15 +69,25 @@ static __always_inline void tcpmesh_peer_key_of_client(const struct bpf_sock_ops
 	key->server_seq = skops->rcv_nxt;
 }
 
-/* proxy sockops at PASSIVE_ESTABLISHED: the same connection seen from the accepted socket. */
-static __always_inline void tcpmesh_peer_key_of_accepted(const struct bpf_sock_ops *skops,
-							 struct tcpmesh_peer_key *key)
+/* getsockopt context: the same connection seen from the proxy's accepted socket, whatever it has
+ * received or sent since: rcv_nxt - bytes_received and snd_una - bytes_acked are the two initial
+ * sequence numbers + 1 (both byte counts include a FIN's sequence number, as rcv_nxt and snd_una
+ * do). bpf_tcp_sock() reads the socket, no map: allowed in a header. */
+static __always_inline int tcpmesh_peer_key_of_accepted(struct bpf_sock *sk, struct tcpmesh_peer_key *key)
 {
-	key->ip4 = skops->remote_ip4;
-	key->port = bpf_htons(tcpmesh_remote_port(skops));
+	struct bpf_tcp_sock *tp;
+
+	if (!sk || sk->family != TCPMESH_AF_INET) /* the proxy listens on AF_INET */
+		return -1;
+	tp = bpf_tcp_sock(sk);
+	if (!tp)
+		return -1;
+	key->ip4 = sk->dst_ip4;
+	key->port = sk->dst_port; /* network order */
 	key->pad = 0;
-	key->client_seq = skops->rcv_nxt;
-	key->server_seq = skops->snd_nxt;
+	key->client_seq = tp->rcv_nxt - (__u32)tp->bytes_received;
+	key->server_seq = tp->snd_una - (__u32)tp->bytes_acked;
+	return 0;
 }
 
 /* getpeername4/6 context: is the peer the kernel reports the redirect address? Only then is the

@@ -15,6 +15,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from agent.errors import ConfigError
 from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, socket_in
 
 REMOTE = ("10.77.2.10", 5432)
+TCP_CLOSE_WAIT = 8
 NOT_CAPTURED_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ETIMEDOUT, None}
 
 
@@ -94,7 +96,9 @@ def test_pod_connect_is_redirected_with_origin(attached, topology, cgroups, prox
     conn = accept(proxy_listener)
     assert conn is not None, "the captured connection did not reach the listener"
     with conn:
-        origin = read_origin(conn)
+        with pytest.raises(OSError):  # buffer too small for the record: no answer, kernel's errno
+            conn.getsockopt(socket.SOL_IP, 0x746D, 16)
+        origin = read_origin(conn)  # a short buffer consumed nothing
         assert origin is not None
         assert (origin.dst_ip, origin.dst_port) == REMOTE
         assert origin.pid == client.result["pid"]
@@ -102,18 +106,51 @@ def test_pod_connect_is_redirected_with_origin(attached, topology, cgroups, prox
         assert origin.uid == 0
         assert origin.cgroup_id == os.stat(cgroups["pod"]).st_ino
         assert origin.cookie != 0
-        assert read_original_dst(conn) == REMOTE
-        with pytest.raises(OSError):  # buffer too small for the record: no answer, kernel's errno
-            conn.getsockopt(socket.SOL_IP, 0x746D, 16)
+        assert read_original_dst(conn) is None  # one answer per connection: it was consumed
         # the proxy sees the client's real address; the client sees the peer it asked for
         assert list(conn.getpeername()) == client.result["local"]
         assert tuple(client.result["peer"]) == REMOTE
     changes = delta(before, attached.counters())
     assert changes.get("captured") == 1
     assert changes.get("rekeyed") == 1
-    assert changes.get("origin_answered") == 1 and changes.get("origdst_answered") == 1
+    assert changes.get("origin_answered") == 1 and changes.get("origin_claimed") == 1
+    assert "origdst_answered" not in changes and changes.get("origin_missing") == 1
     assert changes.get("peername_rewritten", 0) >= 1
     assert changes.get("optlen_short") == 1
+
+
+def test_original_dst_alone_is_answered_too(attached, topology, cgroups, proxy_listener, clients):
+    """SO_ORIGINAL_DST (netfilter's option, for code written for iptables REDIRECT) as the one question."""
+    client = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], *REMOTE)
+    assert client.result["ok"], client.result
+    conn = accept(proxy_listener)
+    assert conn is not None
+    with conn:
+        assert read_original_dst(conn) == REMOTE
+        assert read_origin(conn) is None
+
+
+def test_origin_is_found_after_the_client_sent_data_and_fin(attached, topology, cgroups, proxy_listener):
+    """The proxy asks after accept(), when the client may have sent its request and even half-closed:
+    the key is rebuilt from the accepted socket whatever it has received since the handshake."""
+    with connect_from(topology, cgroups["pod"], REMOTE) as client:
+        client.sendall(b"x" * 70_000)  # more than one segment, and a window update or two
+        client.shutdown(socket.SHUT_WR)
+        conn = accept(proxy_listener)
+        assert conn is not None
+        with conn:
+            for _ in range(100):  # until the FIN is in: tcpi_state (first byte of TCP_INFO) CLOSE_WAIT
+                if conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE_WAIT:
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail("the client's FIN did not arrive")
+            origin = read_origin(conn)
+            assert origin is not None and (origin.dst_ip, origin.dst_port) == REMOTE
+            received = b""
+            while chunk := conn.recv(65536):
+                received += chunk
+            assert received == b"x" * 70_000
 
 
 def test_dual_stack_socket_to_v4_mapped_address_is_captured(attached, topology, cgroups, proxy_listener, clients):
@@ -239,7 +276,7 @@ def test_reused_client_address_outside_the_pod_cgroup_gets_no_origin(attached, t
         assert read_original_dst(conn) is None
     changes = delta(before, attached.counters())
     assert changes.get("captured") == 1 and changes.get("rekeyed") == 1
-    assert changes.get("origin_claimed") == 1  # the first connection's, by its own accepted socket
+    assert changes.get("origin_claimed") == 1  # the first connection's, answered to its own accepted socket
     assert changes.get("origin_answered") == 1 and changes.get("origin_missing") == 2
 
 
@@ -254,7 +291,7 @@ def test_reused_client_address_inside_the_pod_cgroup_gets_no_origin(attached, to
 
 
 def test_records_do_not_outlive_their_connections(attached, topology, cgroups, proxy_listener):
-    """Every captured connection's hand-over record is claimed by the proxy's socket and deleted:
+    """Every captured connection's hand-over record is deleted with the proxy's one answer:
     tcpmesh_peer_origin does not grow with short connections (the per-socket records go with
     their sockets)."""
     pinned = attached.pinned()
