@@ -54,28 +54,41 @@ static __always_inline void tcpmesh_count(int reason)
 		*value += 1; /* this CPU's slot: no other writer, no atomics needed */
 }
 
-/* Pod hooks: leave the token the guard looks for on this socket (see tcpmesh_seen in maps.h).
- * A socket whose token cannot be stored gets none, and the guard refuses it: fail-closed. */
+/* Pod hooks: leave the mark the guard looks for (this socket's cookie in this CPU's ring, see
+ * tcpmesh_seen in maps.h). A CPU without its ring slot leaves none, and the guard refuses the
+ * connect: fail-closed. */
 static __always_inline void tcpmesh_mark_seen(struct bpf_sock_addr *ctx)
 {
-	__u32 *token = tcpmesh_seen.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	int zero = 0;
+	struct tcpmesh_seen_ring *ring = tcpmesh_seen.lookup(&zero);
 
-	if (token)
-		*token = 1;
-	else
+	if (!ring) {
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
+		return;
+	}
+	ring->cookie[ring->next & (TCPMESH_SEEN_SLOTS - 1)] = bpf_get_socket_cookie(ctx);
+	ring->next += 1;
 }
 
-/* Guard: did a pod hook handle this connect? Consumes the token, so a socket whose pod hooks
- * are detached before a later connect() (a TCP socket may retry after a failure) needs a new one. */
+/* Guard: did a pod hook handle this connect? Consumes the mark, so a socket whose pod hooks are
+ * detached before a later connect() (a TCP socket may retry after a failure) needs a new one. */
 static __always_inline int tcpmesh_take_seen(struct bpf_sock_addr *ctx)
 {
-	__u32 *token = tcpmesh_seen.sk_storage_get(ctx->sk, 0, 0);
+	int zero = 0;
+	struct tcpmesh_seen_ring *ring = tcpmesh_seen.lookup(&zero);
+	__u64 cookie;
 
-	if (!token || *token != 1)
+	if (!ring)
 		return 0;
-	*token = 0;
-	return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+#pragma unroll
+	for (int i = 0; i < TCPMESH_SEEN_SLOTS; i++) {
+		if (ring->cookie[i] == cookie) {
+			ring->cookie[i] = 0;
+			return 1;
+		}
+	}
+	return 0;
 }
 
 /* The node guard's decision for a connect that no pod hook marked. */

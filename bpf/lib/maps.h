@@ -107,18 +107,29 @@ TCPMESH_MAP("hash", __u64, __u32, tcpmesh_inbound_mode, TCPMESH_MAX_PODS, 0);
 TCPMESH_MAP("percpu_hash", __u64, struct tcpmesh_plaintext, tcpmesh_plaintext, TCPMESH_MAX_PODS, 0);
 
 /*
- * tcpmesh_seen: per-socket storage, one __u32 token.
- *   writer:   cgroup/connect4 and connect6 on a pod cgroup set it to 1 on every connect() they see
- *             (captured or not): "a tcpmesh pod hook decided this connect".
+ * tcpmesh_seen: per-CPU array, one struct tcpmesh_seen_ring: the cookies of the last sockets whose
+ * connect() a pod hook of this set decided.
+ *   writer:   cgroup/connect4 and connect6 on a pod cgroup, on every connect() they see (captured
+ *             or not): "a tcpmesh pod hook decided this connect".
  *   reader:   the node guard (cgroup/connect4/6 on the pods cgroup, an ancestor of every pod
- *             cgroup). Programs of a descendant cgroup run before those of its ancestors, so the
- *             guard runs after the pod hooks; it consumes the token (sets it to 0) and refuses a TCP
- *             connect that carries none: the pod is under the pods cgroup but not captured (yet).
- *   eviction: freed with the socket. Not pinned: it only links the programs of one set. It stays
- *             apart from tcpmesh_sock_origin (which is pinned, shared by the sets that use the
- *             same maps) because the guard consumes the token: during a takeover two guards run,
- *             and a shared token consumed by the first would make the second refuse the connect.
+ *             cgroup). Programs of a descendant cgroup run before those of its ancestors, and the
+ *             kernel runs a cgroup's whole program array with migration disabled, so the guard
+ *             runs after the pod hooks on the same CPU. It looks for the socket's cookie, clears
+ *             the slot (consumes it) and refuses a TCP connect whose cookie is not there: the pod
+ *             is under the pods cgroup but not captured (yet). Another task preempting the walk
+ *             could only push a cookie out of the ring after more than TCPMESH_SEEN_SLOTS connects
+ *             of its own: a refusal, never a pass.
+ *   eviction: slots are overwritten in turn. Not pinned: it links the programs of one set only
+ *             (during a takeover two guards run, each consuming its own set's mark).
+ * Replaces a per-socket storage token: creating socket storage on every pod connect cost more
+ * than the rest of connect4 (docs/capture.md, "What the capture costs").
  */
-BPF_SK_STORAGE(tcpmesh_seen, __u32);
+#define TCPMESH_SEEN_SLOTS 8 /* a power of two */
+struct tcpmesh_seen_ring {
+	__u64 cookie[TCPMESH_SEEN_SLOTS]; /* socket cookies; 0 = free */
+	__u32 next;                       /* next slot to write, modulo TCPMESH_SEEN_SLOTS */
+	__u32 pad;
+};
+BPF_PERCPU_ARRAY(tcpmesh_seen, struct tcpmesh_seen_ring, 1);
 
 #endif /* TCPMESH_LIB_MAPS_H */

@@ -121,3 +121,16 @@ def test_guard_is_one_program_per_hook_and_detaches_cleanly(capture, cgroups):
     assert shown.count("tcpmesh_guard4") == 1 and shown.count("tcpmesh_guard6") == 1, shown
     assert len(capture.detach_guard(cgroups["pods"])) == 2
     assert "tcpmesh" not in bpftool_cgroup(cgroups["pods"])
+
+
+def test_a_socket_retrying_after_its_pod_was_detached_gets_no_stale_pass(guarded, topology, cgroups):
+    """The pod hooks' mark is consumed by the guard at each connect(): a socket that connected once
+    while its pod was captured, and retries after the pod's hooks are gone, is refused."""
+    with socket_in(topology.ns_path(topology.pod_ns), cgroups["pod_a"]) as sock:
+        with pytest.raises(ConnectionRefusedError):  # marked by the pod hooks, passed by the guard
+            sock.connect(("127.0.0.1", 9))
+        guarded.detach_pod(cgroups["pod_a"])
+        before = guarded.counters()
+        with pytest.raises(PermissionError):
+            sock.connect(REMOTE)
+    assert delta(before, guarded.counters()).get("guard_denied") == 1
