@@ -27,6 +27,7 @@ STDOUT = "-"
 DEFAULT_QUEUE = 65536
 ERROR_LOG_INTERVAL = 60.0
 TAIL_BYTES = 1 << 20  # how far back the chain is looked for in an existing file
+BATCH_PAUSE = 0.005  # seconds the writer waits after emptying the queue, so records reach it in batches
 _STOP = object()
 
 
@@ -104,6 +105,8 @@ class AccessLog:
                 self._lose("internal_error")
             finally:
                 self._queue.task_done()
+            if self._queue.empty():  # let records gather: while this thread is not waiting in get(), the data
+                time.sleep(BATCH_PAUSE)  # path's put() wakes no one (a wake-up per record cost ~6 % of its CPU)
 
     def _handle(self, record: dict[str, Any]) -> None:
         dropped = self._queue_dropped
