@@ -7,6 +7,10 @@ measured on the bulk path, 13,600 ``brk`` calls in 4 s and system time of the pr
 (docs/performance-bulk.md). Fixed thresholds stop that: buffers up to ``MMAP_THRESHOLD`` come
 from the heap, and up to ``TRIM_THRESHOLD`` of free heap top is kept for the next one.
 
+Complements agent/heap.py, which calls ``malloc_trim`` every few seconds: these thresholds stop the
+per-chunk churn, the periodic trim still gives memory back after a burst (both run in the agent;
+the bench figures in docs/performance-bulk.md from 08:30 on are with both).
+
 The one call into the C library; a no-op where malloc is not glibc's.
 """
 
@@ -16,7 +20,7 @@ import ctypes
 import ctypes.util
 import logging
 
-log = logging.getLogger("tcpmesh.heap")
+log = logging.getLogger("tcpmesh.proxy.heap")
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
 TRIM_THRESHOLD = 8 * 1024 * 1024
