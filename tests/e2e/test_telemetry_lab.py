@@ -310,12 +310,17 @@ def test_prometheus_scrapes_the_agents_and_every_dashboard_query_returns_data(tl
     assert prom.wait_value(promql, float(expected)) == expected
     dashboard = json.load(open(DASHBOARD))
     failures = []
+    deadline = time.monotonic() + 15.0  # rate() and increase() need two scrapes of a series that may be new
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
             expr = (target["expr"].replace("$__rate_interval", "1m").replace("$__range", "10m")
                     .replace('"$instance"', '".*"'))
-            result = prom.query(expr)
-            values = [float(s["value"][1]) for s in result]
+            while True:
+                result = prom.query(expr)
+                values = [float(s["value"][1]) for s in result]
+                if (values and not all(math.isnan(v) for v in values)) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
             if not values or all(math.isnan(v) for v in values):
                 failures.append(f"{panel['title']} [{target['refId']}]: {expr} -> {result}")
     assert not failures, "dashboard queries without data:\n" + "\n".join(failures)
