@@ -5,7 +5,6 @@ they run — so shutdown can stop accepting, drain open relays for a while, then
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine
@@ -57,29 +56,16 @@ class ProxyContext:
         if isinstance(exc, Exception):  # a task root: one connection's bug must not take the agent down
             log.error("connection task failed", exc_info=exc)
 
-    def relay(self, relay: Relay, flow: F.Flow, a_leftover: bytes = b"", b_leftover: bytes = b"") -> asyncio.Future:
-        """Start ``relay`` (a = client side); await the result: it is done when the relay ended and its byte
-        counts are on the flow. Not a coroutine: no frame held for each open connection."""
+    async def relay(self, relay: Relay, flow: F.Flow, a_leftover: bytes = b"", b_leftover: bytes = b"") -> None:
+        """Run ``relay`` (a = client side) to its end and put the byte counts on the flow."""
         self.relays[relay] = flow
         self.metrics.handshake(flow)
         if self.tcp_stats is not None:
             self.tcp_stats.flow_started(flow, relay.a, relay.b)
         try:
-            done = relay.start(a_leftover, b_leftover)
-        except BaseException:
+            result = await relay.start(a_leftover, b_leftover)
+        finally:
             self.relays.pop(relay, None)
-            raise
-        if done.done():  # ended inside start() (a leg had already finished): awaiting it will not yield
-            self._relay_done(relay, flow, done)
-        else:  # callbacks run in order: this one before the awaiting task resumes
-            done.add_done_callback(functools.partial(self._relay_done, relay, flow))
-        return done
-
-    def _relay_done(self, relay: Relay, flow: F.Flow, done: asyncio.Future) -> None:
-        self.relays.pop(relay, None)
-        if done.cancelled():  # the connection task was cancelled (shutdown)
-            return
-        result = done.result()
         flow.bytes_received, flow.bytes_sent = result.a_to_b, result.b_to_a
         if result.error:
             flow.fail(F.FLAG_CONNECTION_TERMINATED, result.error)
