@@ -13,7 +13,7 @@ import socket
 import ssl
 import struct
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 READ_CHUNK = 256 * 1024
 MAX_BUFFERED_BEFORE_RECEIVER = 256 * 1024
@@ -39,20 +39,15 @@ class Leg(asyncio.Protocol):
         self.eof_sent = False
         self.lost = False
         self.close_exc: BaseException | None = None
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] | None = None  # what arrived before a receiver was set (created at first use)
         self._pending_size = 0
         self._pending_eof = False
         self._pending_closed: tuple[BaseException | None] | None = None
 
     # -- asyncio side -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # TCP_NODELAY is already set: asyncio's and uvloop's TCP transports both set it on every socket
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -76,6 +71,8 @@ class Leg(asyncio.Protocol):
         if self.receiver is not None:
             self.receiver.leg_data(self, data)
             return
+        if self._pending is None:
+            self._pending = []
         self._pending.append(bytes(data))  # a view of a reused buffer must not be kept
         self._pending_size += len(data)
         if self._pending_size > MAX_BUFFERED_BEFORE_RECEIVER and self.transport is not None:
@@ -97,12 +94,14 @@ class Leg(asyncio.Protocol):
         what it has not consumed stays buffered for the next receiver.
         """
         self.receiver = receiver
-        while self._pending and self.receiver is receiver:
-            chunk = self._pending.pop(0)
+        pending = self._pending
+        while pending and self.receiver is receiver:
+            chunk = pending.pop(0)
             self._pending_size -= len(chunk)
             receiver.leg_data(self, chunk)
-        if self.receiver is not receiver or self._pending:
+        if self.receiver is not receiver or pending:
             return
+        self._pending = None
         if self._pending_eof:
             self._pending_eof = False
             receiver.leg_eof(self)
@@ -154,19 +153,24 @@ class Leg(asyncio.Protocol):
 
 
 class PlainLeg(Leg):
-    """A plain TCP connection: the application's socket, or an upstream workload."""
+    """A plain TCP connection: the application's socket, or an upstream workload.
 
-    def __init__(self, start_paused: bool = False) -> None:
+    ``on_connected(leg)`` runs once the transport is there (an accepting server's hook: one shared
+    callable instead of a future and a closure per connection)."""
+
+    def __init__(self, start_paused: bool = False,
+                 on_connected: "Callable[[PlainLeg], None] | None" = None) -> None:
         super().__init__()
         self._start_paused = start_paused
-        self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._on_connected = on_connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self._start_paused:
             transport.pause_reading()  # type: ignore[attr-defined]
-        if not self.connected.done():
-            self.connected.set_result(None)
+        if self._on_connected is not None:
+            on_connected, self._on_connected = self._on_connected, None
+            on_connected(self)
 
     def data_received(self, data: bytes) -> None:
         self._deliver(data)

@@ -125,7 +125,11 @@ class InboundProxy:
             self._ctx.flow_opened(flow)
             opened = True
             stream.session.send_status(stream, StatusReply(Status.OK))
-            await self._ctx.relay(Relay(stream, upstream), flow)
+            relay = Relay(stream, upstream)
+            try:
+                await self._ctx.start_relay(relay, flow)
+            finally:
+                self._ctx.end_relay(relay, flow)
         finally:
             if counted:
                 limits.release(peer_id.uri)

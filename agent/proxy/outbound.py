@@ -56,11 +56,13 @@ class OutboundProxy:
         self._ctx = ctx
         self._read_origin = origin_reader
         self.pool = TunnelPool(self.dial_session, idle_seconds=tunnel_idle_seconds)
+        self._accepted = self._on_accepted  # one bound method shared by every accepted leg
 
     def protocol_factory(self) -> PlainLeg:
-        leg = PlainLeg(start_paused=True)
-        leg.connected.add_done_callback(lambda _: self._ctx.spawn(self._serve(leg)))
-        return leg
+        return PlainLeg(start_paused=True, on_connected=self._accepted)
+
+    def _on_accepted(self, app: PlainLeg) -> None:
+        self._ctx.spawn(self._serve(app))
 
     async def _serve(self, app: PlainLeg) -> None:
         flow_id = F.new_flow_id()
@@ -96,7 +98,11 @@ class OutboundProxy:
                 app.reset()
                 return
             upstream, leftover = dialed
-            await self._ctx.relay(Relay(app, upstream), flow, b_leftover=leftover)
+            relay = Relay(app, upstream)
+            try:
+                await self._ctx.start_relay(relay, flow, b_leftover=leftover)
+            finally:
+                self._ctx.end_relay(relay, flow)
         finally:
             if counted is not None:
                 counted[0].release(counted[1])

@@ -25,7 +25,8 @@ class Relay:
     def __init__(self, a: Leg, b: Leg) -> None:
         self.a = a
         self.b = b
-        self._eof = {id(a): False, id(b): False}
+        self._a_eof = False  # EOF read from a (and passed on to b)
+        self._b_eof = False
         self._a_to_b = 0
         self._b_to_a = 0
         self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
@@ -62,17 +63,22 @@ class Relay:
         self._other(leg).write(data)
 
     def leg_eof(self, leg: Leg) -> None:
-        if self._eof[id(leg)]:
-            return
-        self._eof[id(leg)] = True
+        if leg is self.a:
+            if self._a_eof:
+                return
+            self._a_eof = True
+        else:
+            if self._b_eof:
+                return
+            self._b_eof = True
         self._other(leg).write_eof()
-        if all(self._eof.values()):
+        if self._a_eof and self._b_eof:
             self._finish("")
 
     def leg_closed(self, leg: Leg, exc: BaseException | None) -> None:
         if self.done.done():
             return
-        if exc is None and self._eof[id(leg)] and self._other(leg).peer_eof:
+        if exc is None and (self._a_eof if leg is self.a else self._b_eof) and self._other(leg).peer_eof:
             self._finish("")
             return
         reason = f"{'client' if leg is self.a else 'upstream'} connection lost: {exc or 'closed before end of stream'}"

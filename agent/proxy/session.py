@@ -36,8 +36,10 @@ class Stream(Leg):
         self.session = session
         self.id = stream_id
         self.send_window = M.INITIAL_WINDOW
-        self.status: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
-        self._queued: collections.deque[bytes] = collections.deque()
+        # the client's wait for STATUS (MuxSession.open); a server-side stream has none
+        self.status: asyncio.Future[StatusReply] | None = None
+        # DATA waiting for window credit; created at first use (an empty deque holds a 64-slot block)
+        self._queued: collections.deque[bytes] | None = None
         self._fin_queued = False
         self._writer_blocked = False  # what the receiver was last told (pause/resume_writing)
         self._reading_paused = False
@@ -50,13 +52,13 @@ class Stream(Leg):
             return
         self.bytes_written += len(data)
         if self._queued or self.send_window <= 0:
-            self._queued.append(data)
+            self._queue(data)
         else:
             take = min(len(data), self.send_window)
             self.send_window -= take
             self.session.send_data(self.id, data if take == len(data) else data[:take])
             if take < len(data):
-                self._queued.append(data[take:])
+                self._queue(data[take:])
         self.update_writer_blocked()
 
     def write_eof(self) -> None:
@@ -112,14 +114,17 @@ class Stream(Leg):
 
     def on_window(self, credit: int) -> None:
         self.send_window += credit
-        while self._queued and self.send_window > 0:
-            chunk = self._queued.popleft()
+        queued = self._queued
+        while queued and self.send_window > 0:
+            chunk = queued.popleft()
             take = min(len(chunk), self.send_window)
             self.send_window -= take
             self.session.send_data(self.id, chunk if take == len(chunk) else chunk[:take])
             if take < len(chunk):
-                self._queued.appendleft(chunk[take:])
-        if not self._queued and self._fin_queued:
+                queued.appendleft(chunk[take:])
+        if not queued:
+            self._queued = None  # an idle stream holds no deque
+        if not queued and self._fin_queued:
             self._fin_queued = False
             self.session.send(M.encode(M.FrameType.FIN, self.id))
             self._finish_if_done()
@@ -128,7 +133,7 @@ class Stream(Leg):
     def on_reset(self, exc: BaseException) -> None:
         if self._finished:
             return
-        if self.session.client and not self.status.done():
+        if self.status is not None and not self.status.done():
             self.status.set_exception(exc)
         self._end()
         self.lost = True
@@ -147,6 +152,11 @@ class Stream(Leg):
                 self.receiver.leg_resume_writing(self)
 
     # -- internals ------------------------------------------------------------------------------
+    def _queue(self, chunk: bytes) -> None:
+        if self._queued is None:
+            self._queued = collections.deque()
+        self._queued.append(chunk)
+
     def _return_credit(self, force: bool = False) -> None:
         if self._reading_paused or self.receiver is None or self.peer_eof or not self._unreturned:
             return
@@ -200,12 +210,13 @@ class MuxSession:
     async def open(self, request: ConnectRequest, timeout: float) -> tuple[Stream, StatusReply]:
         """Open a stream for ``request`` and wait for the server's STATUS (which may refuse it)."""
         stream = Stream(self, self._next_id)
+        stream.status = status = asyncio.get_running_loop().create_future()
         self._next_id += 2
         self.streams[stream.id] = stream
         self.opened_streams += 1
         self.send(M.encode(M.FrameType.OPEN, stream.id, encode_connect_body(request)))
         try:
-            reply = await asyncio.wait_for(asyncio.shield(stream.status), timeout)
+            reply = await asyncio.wait_for(asyncio.shield(status), timeout)
         except BaseException:
             stream.reset("no STATUS in time")
             raise
@@ -269,7 +280,7 @@ class MuxSession:
             self._on_open(frame)
         elif kind is M.FrameType.STATUS:
             stream = self.streams.get(frame.stream)
-            if stream is not None and not stream.status.done():
+            if stream is not None and stream.status is not None and not stream.status.done():
                 stream.status.set_result(decode_status_body(frame.payload))
         elif kind is M.FrameType.FIN:
             stream = self.streams.get(frame.stream)

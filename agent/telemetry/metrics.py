@@ -107,8 +107,9 @@ class Metrics:
         self._names = {m: METRIC_LABELS for m in self._flow_metrics}
         self._names[self.open_connections] = OPEN_LABELS
         self._series: dict[object, dict[tuple[str, ...], object]] = {m: {} for m in self._flow_metrics}
-        self._open: dict[int, tuple[str, ...]] = {}  # id(flow) → its open_connections label values
-        self._reported: dict[int, list] = {}  # id(flow) → [received, sent counted, flags, received/sent children]
+        # id(flow) of an open flow → [received, sent counted, flags, received/sent children, its
+        # open_connections label values]: one entry per open flow (a dict entry and an int key cost ~80 B)
+        self._live: dict[int, list] = {}
         self._handshakes: set[int] = set()  # id(flow) of flows whose handshake was observed
         self._handshake_children = {reporter: self.handshake_duration.labels(reporter)
                                     for reporter in ("source", "destination")}
@@ -120,19 +121,18 @@ class Metrics:
         self._track(self.connections_opened, values).inc()
         open_values = values[:OPEN_LABEL_COUNT]
         self._track(self.open_connections, open_values).inc()
-        self._open[id(flow)] = open_values
-        self._reported[id(flow)] = [0, 0, None, None, None]
+        self._live[id(flow)] = [0, 0, None, None, None, open_values]
 
     def flow_progress(self, flow: Flow) -> None:
         """Count the bytes an open flow moved since the last report (live reporting)."""
-        done = self._reported.get(id(flow))
+        done = self._live.get(id(flow))
         if done is None:
             return
         received, sent = flow.bytes_received - done[0], flow.bytes_sent - done[1]
         if received or sent:
             if done[2] != flow.response_flags:  # the children are kept: labels change only with the flags
                 values = flow.metric_values()
-                done[2:] = flow.response_flags, self._track(self.received_bytes, values), \
+                done[2:5] = flow.response_flags, self._track(self.received_bytes, values), \
                     self._track(self.sent_bytes, values)
             done[3].inc(received)
             done[4].inc(sent)
@@ -151,13 +151,11 @@ class Metrics:
         self.handshake(flow)
         self._handshakes.discard(key)
         values = flow.metric_values()
-        if key in self._reported:
+        if key in self._live:
             self.flow_progress(flow)
             self._track(self.received_bytes, values)  # the series exists even for an empty connection
             self._track(self.sent_bytes, values)
-            del self._reported[key]
-        open_values = self._open.pop(key, None)
-        if open_values is not None:
+            open_values = self._live.pop(key)[5]
             self._track(self.connections_closed, values).inc()
             self._track(self.open_connections, open_values).dec()
         if flow.response_flags != FLAG_NONE:
@@ -175,8 +173,8 @@ class Metrics:
         """Remove series naming a workload outside the registry, unless an open flow still uses it."""
         if self._known is None:
             return 0
-        busy = {w for values in self._open.values()
-                for w in _workloads_of(dict(zip(OPEN_LABELS, values)))}
+        busy = {w for state in self._live.values()
+                for w in _workloads_of(dict(zip(OPEN_LABELS, state[5])))}
         keep = self._known | busy
         removed = 0
         for metric, series in self._series.items():

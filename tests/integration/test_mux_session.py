@@ -93,9 +93,7 @@ class Harness:
         return MuxSession(leg, client=True).start()
 
     def _accept_app(self) -> PlainLeg:
-        leg = PlainLeg(start_paused=True)
-        leg.connected.add_done_callback(lambda _: self._spawn(self._serve_app(leg)))
-        return leg
+        return PlainLeg(start_paused=True, on_connected=lambda leg: self._spawn(self._serve_app(leg)))
 
     async def _serve_app(self, app: PlainLeg) -> None:
         session = await self.pool.session(self.key)
