@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.identity.ca import trust_domain_of
 from agent.identity.errors import CaError
+from agent.identity.report import short_fingerprint
 
 
 def fingerprint(certificate: x509.Certificate) -> str:
@@ -24,9 +25,6 @@ def fingerprint(certificate: x509.Certificate) -> str:
     return "sha256:" + hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def short_fingerprint(fp: str) -> str:
-    """The first 12 hex digits: enough to tell the roots of one deployment apart on a terminal."""
-    return fp.split(":", 1)[-1][:12]
 
 
 def to_pem(certificate: x509.Certificate) -> str:

@@ -16,6 +16,7 @@ import stat
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Iterable
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -23,11 +24,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.identity.errors import CaError
-from agent.identity.spiffe import SCHEME, SpiffeIdError, validate_trust_domain
+from agent.identity.errors import CaError, IdentityError
+from agent.identity.files import CA_CERT_FILE, CA_KEY_FILE
+from agent.identity.spiffe import SCHEME, SpiffeId, SpiffeIdError, validate_trust_domain
+from agent.identity.svid import MIN_TTL_SECONDS, Svid
 
-CA_CERT_FILE = "ca.crt"
-CA_KEY_FILE = "ca.key"
 CA_CERT_MODE = 0o644
 CA_KEY_MODE = 0o600
 DEFAULT_CA_VALID_DAYS = 365
@@ -107,6 +108,19 @@ class CertificateAuthority:
         builder = builder.issuer_name(self._certificate.subject).add_extension(aki, critical=False)
         return builder.sign(self._key, SIGNATURE_HASH)
 
+    def issue_svids(self, spiffe_ids: Iterable[SpiffeId], ttl_seconds: int, *, now: datetime,
+                    min_ttl_seconds: int = MIN_TTL_SECONDS) -> dict[SpiffeId, Svid | IdentityError]:
+        """Mint an SVID for each of ``spiffe_ids`` in this process (the ``store.Signer`` protocol);
+        each succeeds or fails on its own. The agent signs through ``minting.RemoteSigner`` instead."""
+        from agent.identity.issue import issue_svid  # issue.py imports this module's type only
+        results: dict[SpiffeId, Svid | IdentityError] = {}
+        for spiffe_id in spiffe_ids:
+            try:
+                results[spiffe_id] = issue_svid(self, spiffe_id, ttl_seconds, now=now, min_ttl_seconds=min_ttl_seconds)
+            except IdentityError as exc:
+                results[spiffe_id] = exc
+        return results
+
     def __repr__(self) -> str:
         return (f"CertificateAuthority(trust_domain={self.trust_domain!r}, "
                 f"subject={self._certificate.subject.rfc4514_string()!r}, not_after={self.not_after.isoformat()})")
@@ -175,10 +189,14 @@ def init_ca(trust_domain: str, out_dir: str | Path, *, valid_days: int = DEFAULT
 
 def write_ca_files(ca: CertificateAuthority, cert_path: Path, key_path: Path) -> None:
     """Write a CA's key (0600, first) and certificate (0644), each created with its mode and renamed."""
-    key_pem = ca._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-    write_file_atomic(key_path, key_pem, CA_KEY_MODE)
+    write_file_atomic(key_path, private_key_pem(ca), CA_KEY_MODE)
     write_file_atomic(cert_path, ca.cert_pem.encode("ascii"), CA_CERT_MODE)
+
+
+def private_key_pem(ca: CertificateAuthority) -> bytes:
+    """The CA key as unencrypted PKCS#8 PEM: for its 0600 file, or the pipe to the minting worker only."""
+    return ca._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
 
 
 def load_ca(ca_dir: str | Path, *, now: datetime | None = None,

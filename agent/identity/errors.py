@@ -34,3 +34,7 @@ class PeerIdentityError(IdentityError):
 
 class PeerProtocolError(IdentityError):
     """The peer did not negotiate the tunnel protocol (ALPN) this agent speaks (the peer's fault)."""
+
+
+class MinterError(IdentityError):
+    """The SVID minting worker process could not be started, crashed, timed out or answered garbage."""

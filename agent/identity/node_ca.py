@@ -16,7 +16,6 @@ signs with the root itself. Touches only the files named here.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -30,11 +29,8 @@ from agent.identity.ca import (CA_BACKDATE, CA_CERT_MODE, CertificateAuthority, 
                                load_ca, load_private_key, public_bytes, trust_domain_of, trust_domain_uri,
                                write_ca_files, write_file_atomic)
 from agent.identity.errors import CaError
+from agent.identity.files import BUNDLE_FILE, NODE_CA_FILES, NODE_CERT_FILE, NODE_KEY_FILE, files_signature
 
-NODE_CERT_FILE = "node.crt"
-NODE_KEY_FILE = "node.key"
-BUNDLE_FILE = "bundle.pem"
-NODE_CA_FILES = (NODE_CERT_FILE, NODE_KEY_FILE, BUNDLE_FILE)
 NODE_CA_LABEL = "tcpmesh node CA"
 DEFAULT_NODE_CA_VALID_DAYS = 30
 ISSUE_HINT = "tcpmesh ca issue-node <node> --ca <root CA dir> --out <dir>"
@@ -242,19 +238,6 @@ def load_root_as_signing_ca(ca_dir: str | Path, *, now: datetime | None = None) 
     return SigningCa(root, make_bundle([root.certificate], where=str(Path(ca_dir) / "ca.crt")), str(ca_dir), None)
 
 
-def files_signature(directory: str | Path, names: tuple[str, ...] = NODE_CA_FILES) -> tuple:
-    """(inode, size, mode, mtime, ctime) of each CA file: changes whenever one is replaced or its mode
-    changed. Cheap enough to poll."""
-    result = []
-    for name in names:
-        try:
-            st = os.stat(Path(directory) / name)
-            result.append((st.st_ino, st.st_size, st.st_mode, st.st_mtime_ns, st.st_ctime_ns))
-        except OSError:
-            result.append(None)
-    return tuple(result)
-
-
 def _load_cert(path: Path, directory: Path, reissue: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(_read(path, directory))
@@ -279,5 +262,6 @@ def _extension(certificate: x509.Certificate, kind: type):
         return None
 
 
-__all__ = ["BUNDLE_FILE", "NODE_CERT_FILE", "NODE_KEY_FILE", "SigningCa", "issue_node_ca",
+__all__ = ["BUNDLE_FILE", "NODE_CA_FILES", "NODE_CERT_FILE", "NODE_KEY_FILE", "SigningCa", "files_signature",
+           "issue_node_ca",
            "issue_node_files", "load_node_ca", "load_root_as_signing_ca", "node_name_of"]

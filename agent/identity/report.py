@@ -3,7 +3,8 @@ their serials, validity, time to renewal, state, and the chain up to which root 
 
 ``certs_report`` builds a JSON-ready dict from public material only (certificates, serials,
 fingerprints, schedule state) — never a key and never a PEM block, so the output can be pasted into
-a ticket. ``format_report`` renders it for a terminal. Pure: no clock, no I/O.
+a ticket. ``format_report`` renders it for a terminal. Pure: no clock, no I/O, no cryptography
+(the certificates' facts come from the minting worker, ``minting.SigningInfo``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
-from cryptography import x509
-
-from agent.identity.bundle import fingerprint, short_fingerprint
-from agent.identity.node_ca import SigningCa
+from agent.identity.minting import SigningInfo
 from agent.identity.schedule import Failure, RenewalPolicy, renew_at, status
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import Svid
@@ -22,21 +20,10 @@ from agent.identity.svid import Svid
 REPORT_VERSION = 1
 
 
-def certificate_summary(certificate: x509.Certificate) -> dict[str, Any]:
-    return {
-        "subject": certificate.subject.rfc4514_string(),
-        "serial": f"{certificate.serial_number:x}",
-        "not_before": certificate.not_valid_before_utc.isoformat(),
-        "not_after": certificate.not_valid_after_utc.isoformat(),
-        "fingerprint": fingerprint(certificate),
-    }
-
-
-def certs_report(signing: SigningCa, svids: Mapping[SpiffeId, Svid], failures: Mapping[SpiffeId, Failure],
+def certs_report(signing: SigningInfo, svids: Mapping[SpiffeId, Svid], failures: Mapping[SpiffeId, Failure],
                  renewals: Mapping[SpiffeId, int], now: datetime, policy: RenewalPolicy,
                  workloads: Mapping[SpiffeId, Iterable[str]] | None = None) -> dict[str, Any]:
-    root = signing.root
-    root_summary = certificate_summary(root) if root is not None else None
+    root_summary = signing.root.summary() if signing.root is not None else None
     identities = []
     for spiffe_id in sorted(svids):
         svid = svids[spiffe_id]
@@ -62,29 +49,30 @@ def certs_report(signing: SigningCa, svids: Mapping[SpiffeId, Svid], failures: M
     return {
         "version": REPORT_VERSION,
         "now": now.isoformat(),
-        "trust_domain": signing.ca.trust_domain,
+        "trust_domain": signing.trust_domain,
         "node_ca": {
             "kind": signing.kind,
             "node": signing.node,
             "source": signing.source,
-            **certificate_summary(signing.ca.certificate),
+            **signing.certificate.summary(),
             "root": root_summary and {"subject": root_summary["subject"], "fingerprint": root_summary["fingerprint"]},
         },
-        "trust_bundle": [certificate_summary(r) for r in signing.bundle.roots],
+        "trust_bundle": [r.summary() for r in signing.bundle],
         "renewal": {"jitter": policy.jitter, "retry_initial_seconds": policy.retry_initial.total_seconds(),
                     "retry_max_seconds": policy.retry_max.total_seconds()},
         "identities": identities,
     }
 
 
-def _chain(svid: Svid, signing: SigningCa) -> dict[str, Any]:
-    """The intermediates the SVID is presented with, and the root of the bundle they lead to."""
-    chain = [x509.load_pem_x509_certificate(pem.encode("ascii")) for pem in svid.chain_pem]
-    top = chain[-1] if chain else x509.load_pem_x509_certificate(svid.cert_pem.encode("ascii"))
-    root = signing.bundle.issuer_of(top)
+def _chain(svid: Svid, signing: SigningInfo) -> dict[str, Any]:
+    """The intermediates the SVID is presented with, and the root of the bundle they lead to.
+
+    Every SVID the store holds was issued by ``signing`` (a CA change re-issues all of them, or none).
+    """
+    root = signing.root
     return {
-        "chain": [{"subject": c.subject.rfc4514_string(), "serial": f"{c.serial_number:x}"} for c in chain],
-        "root": {"subject": root.subject.rfc4514_string(), "fingerprint": fingerprint(root)} if root else None,
+        "chain": [{"subject": subject, "serial": f"{serial:x}"} for subject, serial in signing.chain],
+        "root": {"subject": root.subject, "fingerprint": root.fingerprint} if root else None,
     }
 
 
@@ -107,6 +95,11 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{sign}{seconds // 60}m{seconds % 60:02d}s"
     return f"{sign}{seconds}s"
+
+
+def short_fingerprint(fp: str) -> str:
+    """The first 12 hex digits: enough to tell the roots of one deployment apart on a terminal."""
+    return fp.split(":", 1)[-1][:12]
 
 
 def _root_label(root: Mapping[str, Any] | None) -> str:

@@ -9,8 +9,13 @@ the composition root) that repeatedly
   * ``renew_due()``: renews the SVIDs whose time has come (``schedule.decide``) and records failures
     with backoff — a failed renewal keeps the old, still valid certificate in service;
 and sleeps until the next of those moments (or until a new identity arrives). Both steps run on a
-dedicated worker thread, so key generation and signing never stall the data-path loop; the store
-swaps snapshots atomically, so new connections pick up new certificates and open ones keep theirs.
+dedicated worker thread, so waiting for the minting worker never stalls the data-path loop; the
+store swaps snapshots atomically, so new connections pick up new certificates and open ones keep theirs.
+
+The agent never imports cryptography: loading and checking the CA files and minting SVIDs happen in
+a short-lived worker process (``minter.py``, started by ``minting.py``) — one for the CA at start and
+after each change of its files, one per batch of renewals. This module and everything it imports are
+pure or stdlib only (a test builds the agent and proves it).
 
 It reports every issued SVID to metrics and the log (serials and dates, never key material), and
 answers ``report()`` for ``/debug/certs``. Its steps are synchronous methods with an injected clock,
@@ -22,16 +27,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from agent.identity.bundle import fingerprint, short_fingerprint
-from agent.identity.ca import CA_CERT_FILE, CA_KEY_FILE
 from agent.identity.errors import IdentityError
-from agent.identity.node_ca import SigningCa, files_signature, load_node_ca, load_root_as_signing_ca
-from agent.identity.report import certs_report
+from agent.identity.files import ROOT_CA_FILES, files_signature
+from agent.identity.minting import SigningInfo, Transport, load_signing, spawn_minter
+from agent.identity.report import certs_report, short_fingerprint
 from agent.identity.schedule import Failure, RenewalPolicy, after_failure, decide
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import ISSUED_CA_CHANGE, ISSUED_FIRST, IdentityStore
@@ -54,19 +58,19 @@ class CaSource:
     node_ca_dir: str
     ca_dir: str = ""  # non-empty: sign with this root directly (the agent then holds the root key)
     node: str | None = None
+    transport: Transport = field(default=spawn_minter, repr=False, compare=False)  # how the minting worker is asked
 
     @property
     def directory(self) -> str:
         return self.ca_dir or self.node_ca_dir
 
-    def load(self, now: datetime | None = None) -> SigningCa:
-        if self.ca_dir:
-            return load_root_as_signing_ca(self.ca_dir, now=now)
-        return load_node_ca(self.node_ca_dir, now=now, node=self.node)
+    def load(self, now: datetime) -> SigningInfo:
+        """Load and check the CA files (in a minting worker); ``IdentityError`` naming the file and fix."""
+        return load_signing(self.node_ca_dir, ca_dir=self.ca_dir, node=self.node, now=now, transport=self.transport)
 
     def signature(self) -> tuple:
         if self.ca_dir:
-            return files_signature(self.ca_dir, (CA_CERT_FILE, CA_KEY_FILE))
+            return files_signature(self.ca_dir, ROOT_CA_FILES)
         return files_signature(self.node_ca_dir)
 
 
@@ -88,7 +92,7 @@ class IdentityRotator:
         self._renewals: dict[SpiffeId, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
-        self.store = IdentityStore(self.signing.ca, self.signing.bundle.pem, ttl_seconds, key_dir=key_dir,
+        self.store = IdentityStore(self.signing.signer, self.signing.bundle_pem, ttl_seconds, key_dir=key_dir,
                                    clock=clock, min_ttl_seconds=min_ttl_seconds, listener=self)
         self._ca_loaded(self.signing, "loaded")
 
@@ -145,11 +149,11 @@ class IdentityRotator:
             self._failed_signature = signature
             return False
         self._signature = signature
-        if (fingerprint(signing.ca.certificate), signing.bundle.fingerprints) == (
-                fingerprint(self.signing.ca.certificate), self.signing.bundle.fingerprints):
+        if (signing.certificate.fingerprint, signing.bundle_fingerprints) == (
+                self.signing.certificate.fingerprint, self.signing.bundle_fingerprints):
             return False  # rewritten with the same content
         try:
-            self.store.replace_ca(signing.ca, signing.bundle.pem)
+            self.store.replace_ca(signing.signer, signing.bundle_pem)
         except IdentityError as exc:
             log.error("cannot re-issue this node's SVIDs under the new CA in %s: %s; keeping %s",
                       self._source.directory, exc, self._describe(self.signing))
@@ -224,23 +228,21 @@ class IdentityRotator:
                         "retrying in %.1fs", svid.spiffe_id.uri, failure.count, failure.error, svid.serial,
                         svid.not_after.isoformat(), wait)
 
-    def _ca_loaded(self, signing: SigningCa, verb: str) -> None:
+    def _ca_loaded(self, signing: SigningInfo, verb: str) -> None:
         if self._metrics is not None:
-            self._metrics.node_ca_expiry.set(signing.ca.not_after.timestamp())
-        log_fn = log.warning if signing.ca.is_root else log.info
+            self._metrics.node_ca_expiry.set(signing.not_after.timestamp())
+        log_fn = log.warning if signing.is_root else log.info
         log_fn("%s %s from %s; trust bundle: %s", verb, self._describe(signing), signing.source,
-               ", ".join(f"{r.subject.rfc4514_string()} ({short_fingerprint(fingerprint(r))})"
-                         for r in signing.bundle.roots))
+               ", ".join(f"{r.subject} ({short_fingerprint(r.fingerprint)})" for r in signing.bundle))
 
     def _root_label(self) -> str:
         root = self.signing.root
-        return short_fingerprint(fingerprint(root)) if root is not None else "none"
+        return short_fingerprint(root.fingerprint) if root is not None else "none"
 
     @staticmethod
-    def _describe(signing: SigningCa) -> str:
-        cert = signing.ca.certificate
-        return (f"{signing.kind} {cert.subject.rfc4514_string()} (serial {cert.serial_number:x}, valid until "
-                f"{cert.not_valid_after_utc.isoformat()})")
+    def _describe(signing: SigningInfo) -> str:
+        cert = signing.certificate
+        return f"{signing.kind} {cert.subject} (serial {cert.serial:x}, valid until {cert.not_after.isoformat()})"
 
 
 def rotator_from_config(config: Any, metrics: Any = None) -> IdentityRotator:

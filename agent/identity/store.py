@@ -9,7 +9,12 @@ path reads whatever snapshot is current and never sees a half-built one). ``plan
 (a node intermediate re-issued, a root added to or removed from the bundle). Every SVID issued is
 reported to an optional ``StoreListener`` (metrics, logs).
 
+SVIDs are minted by a ``Signer``: in the agent a ``minting.RemoteSigner``, which mints in a
+short-lived worker process so the agent never imports cryptography; in tools and tests a
+``ca.CertificateAuthority`` signing in-process. All identities due together are minted in one call.
+
 Only this node's local workloads get SVIDs here. Calls into ``svid`` / ``tls``; owns no sockets.
+Must not import cryptography.
 """
 
 from __future__ import annotations
@@ -19,17 +24,28 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
-from agent.identity.ca import CertificateAuthority
 from agent.identity.errors import IdentityError, PeerIdentityError, SvidError, UnknownIdentityError
 from agent.identity.spiffe import SpiffeId
-from agent.identity.svid import MIN_TTL_SECONDS, Svid, issue_svid, needs_renewal
+from agent.identity.svid import MIN_TTL_SECONDS, Svid, needs_renewal
 from agent.identity.tls import SniServerContexts, client_context, peer_spiffe_id, server_context
 
 ISSUED_FIRST = "first"
 ISSUED_RENEWAL = "renewal"
 ISSUED_CA_CHANGE = "ca-change"
+
+
+class Signer(Protocol):
+    """What the store mints SVIDs with (``minting.RemoteSigner``, ``ca.CertificateAuthority``)."""
+
+    trust_domain: str
+
+    def issue_svids(self, spiffe_ids: Sequence[SpiffeId], ttl_seconds: int, *, now: datetime,
+                    min_ttl_seconds: int = MIN_TTL_SECONDS) -> Mapping[SpiffeId, Svid | IdentityError]:
+        """One SVID or the error that prevented it per identity; raises ``IdentityError`` if nothing
+        could be minted at all (the worker did not start or answer)."""
+        ...
 
 
 class StoreListener(Protocol):
@@ -74,7 +90,7 @@ class IdentityStore:
     thread; ``ensure`` is the only writer and is serialized.
     """
 
-    def __init__(self, ca: CertificateAuthority, trust_bundle_pem: str | bytes, ttl_seconds: int, *,
+    def __init__(self, ca: Signer, trust_bundle_pem: str | bytes, ttl_seconds: int, *,
                  key_dir: str | Path | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
                  min_ttl_seconds: int = MIN_TTL_SECONDS, listener: StoreListener | None = None) -> None:
@@ -106,8 +122,11 @@ class IdentityStore:
             if not todo.changed:
                 return todo
             entries = {i: current[i] for i in todo.keep}
-            for spiffe_id in (*todo.issue, *todo.renew):
-                entries[spiffe_id] = self._build(spiffe_id, now)
+            built = self._build((*todo.issue, *todo.renew), now)
+            for spiffe_id, result in built.items():
+                if not isinstance(result, _Entry):
+                    raise result
+                entries[spiffe_id] = result
             self._publish(entries)
         for spiffe_id in todo.issue:
             self._notify_issued(entries[spiffe_id].svid, ISSUED_FIRST)
@@ -128,13 +147,12 @@ class IdentityStore:
         with self._lock:
             now = self._clock()
             entries = dict(self._entries)
-            for spiffe_id in sorted(set(spiffe_ids) & set(entries)):
-                try:
-                    entries[spiffe_id] = self._build(spiffe_id, now)
-                except IdentityError as exc:
-                    results[spiffe_id] = exc
+            for spiffe_id, result in self._build(sorted(set(spiffe_ids) & set(entries)), now).items():
+                if isinstance(result, _Entry):
+                    entries[spiffe_id] = result
+                    results[spiffe_id] = result.svid
                 else:
-                    results[spiffe_id] = entries[spiffe_id].svid
+                    results[spiffe_id] = result
             if any(isinstance(r, Svid) for r in results.values()):
                 self._publish(entries)
         for result in results.values():
@@ -142,7 +160,7 @@ class IdentityStore:
                 self._notify_issued(result, ISSUED_RENEWAL)
         return results
 
-    def replace_ca(self, ca: CertificateAuthority, trust_bundle_pem: str | bytes) -> None:
+    def replace_ca(self, ca: Signer, trust_bundle_pem: str | bytes) -> None:
         """Sign with ``ca`` and trust ``trust_bundle_pem`` from now on; re-issue every identity under them.
 
         All or nothing: if any identity cannot be issued, the old CA, bundle and SVIDs stay. Open
@@ -156,7 +174,11 @@ class IdentityStore:
             self._ca, self._bundle = ca, trust_bundle_pem
             try:
                 now = self._clock()
-                entries = {spiffe_id: self._build(spiffe_id, now) for spiffe_id in self._entries}
+                entries = {}
+                for spiffe_id, result in self._build(sorted(self._entries), now).items():
+                    if not isinstance(result, _Entry):
+                        raise result
+                    entries[spiffe_id] = result
             except BaseException:
                 self._ca, self._bundle = old
                 raise
@@ -176,7 +198,7 @@ class IdentityStore:
         return peer
 
     @property
-    def ca(self) -> CertificateAuthority:
+    def ca(self) -> Signer:
         return self._ca
 
     @property
@@ -230,8 +252,25 @@ class IdentityStore:
             raise UnknownIdentityError(f"{spiffe_id} is not a local identity of this node (local: {local}); "
                                        "is its workload registered on this node?") from None
 
-    def _build(self, spiffe_id: SpiffeId, now: datetime) -> _Entry:
-        svid = issue_svid(self._ca, spiffe_id, self._ttl, now=now, min_ttl_seconds=self._min_ttl)
-        return _Entry(svid=svid,
-                      client=client_context(svid, self._bundle, key_dir=self._key_dir),
-                      server=server_context(svid, self._bundle, key_dir=self._key_dir))
+    def _build(self, spiffe_ids: Sequence[SpiffeId], now: datetime) -> dict[SpiffeId, _Entry | IdentityError]:
+        """Mint SVIDs for ``spiffe_ids`` in one signer call and build their contexts; per identity,
+        the entry or the error. A signer that fails as a whole fails every identity with its error."""
+        if not spiffe_ids:
+            return {}
+        try:
+            minted = self._ca.issue_svids(spiffe_ids, self._ttl, now=now, min_ttl_seconds=self._min_ttl)
+        except IdentityError as exc:
+            return {spiffe_id: exc for spiffe_id in spiffe_ids}
+        built: dict[SpiffeId, _Entry | IdentityError] = {}
+        for spiffe_id in spiffe_ids:
+            svid = minted.get(spiffe_id) or SvidError(f"the signer returned no SVID for {spiffe_id.uri}")
+            if isinstance(svid, IdentityError):
+                built[spiffe_id] = svid
+                continue
+            try:
+                built[spiffe_id] = _Entry(svid=svid,
+                                          client=client_context(svid, self._bundle, key_dir=self._key_dir),
+                                          server=server_context(svid, self._bundle, key_dir=self._key_dir))
+            except IdentityError as exc:
+                built[spiffe_id] = exc
+        return built

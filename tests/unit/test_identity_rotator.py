@@ -1,6 +1,7 @@
 """The rotator's steps with an injected clock: renewals on schedule, failures kept and retried, the
 node CA directory followed (re-issued intermediate, broken files), metrics and the report — which
-must never carry key material."""
+must never carry key material. The rotator loads its CA and mints through real minting worker
+processes here (``minting.spawn_minter``), as the agent does."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.identity import store as store_module
 from agent.identity.bundle import fingerprint
 from agent.identity.ca import init_ca, load_ca
 from agent.identity.errors import SvidError
 from agent.identity.node_ca import NODE_KEY_FILE, issue_node_files
+from agent.identity.minting import RemoteSigner
 from agent.identity.report import format_report, select
 from agent.identity.rotator import CaSource, IdentityRotator
 from agent.identity.spiffe import SpiffeId
@@ -70,7 +71,7 @@ def test_first_issue_sets_expiry_metrics_but_is_not_a_renewal(rotator, metrics) 
     svid = rotator.store.svid(WEB)
     assert sample(metrics, "tcpmesh_certificate_expiry_timestamp_seconds", workload=WEB.uri) == svid.not_after.timestamp()
     assert sample(metrics, "tcpmesh_certificate_renewals_total", workload=WEB.uri) is None
-    assert sample(metrics, "tcpmesh_node_ca_expiry_timestamp_seconds") == rotator.signing.ca.not_after.timestamp()
+    assert sample(metrics, "tcpmesh_node_ca_expiry_timestamp_seconds") == rotator.signing.not_after.timestamp()
 
 
 def test_renews_each_identity_when_its_time_comes(rotator, metrics, clock) -> None:
@@ -98,7 +99,7 @@ def test_failed_renewal_keeps_the_old_certificate_and_backs_off(rotator, metrics
     def broken(*args, **kwargs):
         raise SvidError("the signer is unavailable")
 
-    monkeypatch.setattr(store_module, "issue_svid", broken)
+    monkeypatch.setattr(RemoteSigner, "issue_svids", broken)
     clock.advance(minutes=40)
     with caplog.at_level(logging.WARNING, logger="tcpmesh.identity"):
         wake = rotator.renew_due()
@@ -120,7 +121,7 @@ def test_failed_renewal_keeps_the_old_certificate_and_backs_off(rotator, metrics
 
 
 def test_expired_certificate_whose_renewal_fails_is_logged_as_an_error(rotator, clock, monkeypatch, caplog) -> None:
-    monkeypatch.setattr(store_module, "issue_svid", lambda *a, **k: (_ for _ in ()).throw(SvidError("down")))
+    monkeypatch.setattr(RemoteSigner, "issue_svids", lambda *a, **k: (_ for _ in ()).throw(SvidError("down")))
     clock.advance(hours=2)
     with caplog.at_level(logging.ERROR, logger="tcpmesh.identity"):
         rotator.renew_due()
@@ -130,15 +131,15 @@ def test_expired_certificate_whose_renewal_fails_is_logged_as_an_error(rotator, 
 
 def test_reissued_intermediate_is_picked_up_and_every_svid_reissued(rotator, node_dir, metrics, caplog) -> None:
     before = {i: rotator.store.svid(i).serial for i in (WEB, DB)}
-    old_ca = fingerprint(rotator.signing.ca.certificate)
+    old_ca = rotator.signing.certificate.fingerprint
     assert not rotator.check_ca()  # nothing changed
     issue_node_files(node_dir.parent / "root", "node1", node_dir)
     with caplog.at_level(logging.INFO, logger="tcpmesh.identity"):
         assert rotator.check_ca()
-    assert fingerprint(rotator.signing.ca.certificate) != old_ca
+    assert rotator.signing.certificate.fingerprint != old_ca
     for i in (WEB, DB):
         svid = rotator.store.svid(i)
-        assert svid.serial != before[i] and svid.chain_pem == (rotator.signing.ca.cert_pem,)
+        assert svid.serial != before[i] and svid.chain_pem == ((node_dir / "node.crt").read_text(),)
         assert sample(metrics, "tcpmesh_certificate_renewals_total", workload=i.uri) == 1
     assert "reloaded node intermediate" in caplog.text
     assert not rotator.check_ca()

@@ -1,0 +1,32 @@
+"""The file names of CA directories, and the cheap change check the agent polls them with.
+
+Pure stdlib (``os.stat``): the long-running agent imports this to notice a re-issued node
+intermediate or a changed trust bundle; reading and checking the files themselves is the minting
+worker's (``minter.py``), which may import cryptography. Must not import cryptography or ssl.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CA_CERT_FILE = "ca.crt"
+CA_KEY_FILE = "ca.key"
+NODE_CERT_FILE = "node.crt"
+NODE_KEY_FILE = "node.key"
+BUNDLE_FILE = "bundle.pem"
+NODE_CA_FILES = (NODE_CERT_FILE, NODE_KEY_FILE, BUNDLE_FILE)
+ROOT_CA_FILES = (CA_CERT_FILE, CA_KEY_FILE)
+
+
+def files_signature(directory: str | Path, names: tuple[str, ...] = NODE_CA_FILES) -> tuple:
+    """(inode, size, mode, mtime, ctime) of each CA file: changes whenever one is replaced or its mode
+    changed. Cheap enough to poll."""
+    result = []
+    for name in names:
+        try:
+            st = os.stat(Path(directory) / name)
+            result.append((st.st_ino, st.st_size, st.st_mode, st.st_mtime_ns, st.st_ctime_ns))
+        except OSError:
+            result.append(None)
+    return tuple(result)

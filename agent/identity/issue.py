@@ -1,0 +1,74 @@
+"""Minting one X.509-SVID: a fresh key and the leaf certificate profile, signed by a CA.
+
+Runs where cryptography may be imported: the minting worker process (``minter.py``), the CLI, and
+tests — never the long-running agent (``CertificateAuthority.issue_svids`` and the worker call it).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from agent.identity.errors import SvidError
+from agent.identity.spiffe import SpiffeId
+from agent.identity.svid import CLOCK_SKEW_ALLOWANCE, DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS, Svid
+
+if TYPE_CHECKING:
+    from agent.identity.ca import CertificateAuthority
+
+
+def issue_svid(ca: "CertificateAuthority", spiffe_id: SpiffeId, ttl_seconds: int,
+               now: datetime | None = None, *, min_ttl_seconds: int = MIN_TTL_SECONDS) -> Svid:
+    """Mint a fresh key and an SVID for ``spiffe_id`` valid ``ttl_seconds`` (capped at the CA's expiry).
+
+    ``min_ttl_seconds`` may be lowered (not below ``DEV_MIN_TTL_SECONDS``) by tests and development
+    setups that want to watch several renewals in seconds.
+    """
+    if spiffe_id.trust_domain != ca.trust_domain:
+        raise SvidError(f"cannot issue {spiffe_id.uri}: this CA serves trust domain {ca.trust_domain!r}, "
+                        f"not {spiffe_id.trust_domain!r}; fix the workload's identity or the agent's trust_domain")
+    floor = max(min_ttl_seconds, DEV_MIN_TTL_SECONDS)
+    if ttl_seconds < floor:
+        raise SvidError(f"SVID TTL {ttl_seconds}s is too short; use at least {floor} seconds")
+    now = now or datetime.now(timezone.utc)
+    not_before = now - CLOCK_SKEW_ALLOWANCE
+    not_after = min(now + timedelta(seconds=ttl_seconds), ca.not_after)
+    if not_after <= now:
+        raise SvidError(f"cannot issue {spiffe_id.uri}: the CA expired on {ca.not_after.isoformat()}; "
+                        "re-create or rotate the CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    serial = x509.random_serial_number()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        # The subject is empty, so the SAN must be critical (RFC 5280 4.2.1.6).
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id.uri)]), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    certificate = ca.sign(builder)
+    return Svid(
+        spiffe_id=spiffe_id,
+        cert_pem=certificate.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        key_pem=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()).decode("ascii"),
+        chain_pem=ca.leaf_chain_pem,
+        serial=serial,
+        not_before=certificate.not_valid_before_utc,
+        not_after=certificate.not_valid_after_utc,
+        issued_at=now,
+    )

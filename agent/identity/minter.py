@@ -1,0 +1,155 @@
+"""The minting worker: ``python -m agent.identity.minter`` loads CA material and mints SVIDs, then exits.
+
+The long-running agent never imports cryptography (its Rust extension alone is ~8 MiB of resident
+file-backed memory per agent, plus ~3 MiB of objects; Python cannot unload a module). Everything
+that needs it runs here, in a process that lives for one request: ``minting.py`` (the agent's
+side, stdlib only) writes one JSON request on stdin and reads one JSON answer from stdout.
+
+Requests (``now`` is an ISO 8601 time with offset; the agent's clock, so tests can inject one):
+  * ``{"op": "load", "source": {"node_ca_dir", "ca_dir", "node"}, "now"}`` — read and check the node CA
+    directory (or, development, the root directory) exactly as ``node_ca.load_node_ca`` does; answer
+    ``{"ok": true, "ca": {...}}``: the public description the agent logs, reports and compares
+    (subjects, serials, dates, fingerprints, the bundle PEM) and ``material`` (certificate and key
+    PEM) that the agent hands back with each ``issue`` request.
+  * ``{"op": "issue", "material", "spiffe_ids", "ttl_seconds", "min_ttl_seconds", "now"}`` — mint one
+    SVID per identity; answer ``{"ok": true, "svids": [Svid.to_wire()...], "errors": {uri: error}}``.
+
+Errors come back as ``{"ok": false, "error": {"type": "CaError", "message": "..."}}`` (the
+``agent.identity.errors`` class names), never with key material. Keys travel through the pipes
+only: nothing is written to a file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from agent.identity.bundle import fingerprint
+from agent.identity.ca import CertificateAuthority, private_key_pem
+from agent.identity.errors import CaError, IdentityError
+from agent.identity.node_ca import SigningCa, load_node_ca, load_root_as_signing_ca
+from agent.identity.spiffe import SpiffeId, SpiffeIdError
+
+MAX_REQUEST_BYTES = 1 << 20
+
+
+class ProtocolError(Exception):
+    """The request is not one this worker understands (a version mismatch or a bug in the agent)."""
+
+
+def certificate_info(certificate: x509.Certificate) -> dict[str, Any]:
+    """The wire form of ``minting.CertInfo``."""
+    return {
+        "subject": certificate.subject.rfc4514_string(),
+        "serial": certificate.serial_number,
+        "not_before": certificate.not_valid_before_utc.isoformat(),
+        "not_after": certificate.not_valid_after_utc.isoformat(),
+        "fingerprint": fingerprint(certificate),
+    }
+
+
+def describe(signing: SigningCa) -> dict[str, Any]:
+    """The wire form of ``minting.SigningInfo``: public description plus the material to sign with."""
+    ca = signing.ca
+    root = signing.root
+    chain = [x509.load_pem_x509_certificate(pem.encode("ascii")) for pem in ca.leaf_chain_pem]
+    return {
+        "trust_domain": ca.trust_domain,
+        "kind": signing.kind,
+        "is_root": ca.is_root,
+        "node": signing.node,
+        "source": signing.source,
+        "certificate": certificate_info(ca.certificate),
+        "root": certificate_info(root) if root is not None else None,
+        "bundle": [certificate_info(r) for r in signing.bundle.roots],
+        "bundle_pem": signing.bundle.pem,
+        "chain": [{"subject": c.subject.rfc4514_string(), "serial": c.serial_number} for c in chain],
+        "material": {"cert_pem": ca.cert_pem, "key_pem": private_key_pem(ca).decode("ascii"),
+                     "chain_pem": list(ca.chain_pem)},
+    }
+
+
+def load(request: dict[str, Any], now: datetime) -> dict[str, Any]:
+    source = request["source"]
+    if source.get("ca_dir"):
+        signing = load_root_as_signing_ca(source["ca_dir"], now=now)
+    else:
+        signing = load_node_ca(source["node_ca_dir"], now=now, node=source.get("node"))
+    return {"ok": True, "ca": describe(signing)}
+
+
+def authority(material: dict[str, Any]) -> CertificateAuthority:
+    """The CA of an ``issue`` request, from the material a ``load`` answer handed out."""
+    try:
+        certificate = x509.load_pem_x509_certificate(material["cert_pem"].encode("ascii"))
+        key = serialization.load_pem_private_key(material["key_pem"].encode("ascii"), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise CaError("the CA material handed to the minting worker does not parse; this is a bug in the "
+                      "agent (it passes what a load answer returned)") from None
+    return CertificateAuthority(certificate, key, chain_pem=tuple(material.get("chain_pem", ())))  # type: ignore[arg-type]
+
+
+def issue(request: dict[str, Any], now: datetime) -> dict[str, Any]:
+    ca = authority(request["material"])
+    try:
+        spiffe_ids = [SpiffeId.parse(uri) for uri in request["spiffe_ids"]]
+    except SpiffeIdError as exc:
+        raise IdentityError(str(exc)) from None
+    results = ca.issue_svids(spiffe_ids, int(request["ttl_seconds"]), now=now,
+                             min_ttl_seconds=int(request["min_ttl_seconds"]))
+    svids, errors = [], {}
+    for spiffe_id, result in results.items():
+        if isinstance(result, IdentityError):
+            errors[spiffe_id.uri] = error_doc(result)
+        else:
+            svids.append(result.to_wire())
+    return {"ok": True, "svids": svids, "errors": errors}
+
+
+OPERATIONS = {"load": load, "issue": issue}
+
+
+def error_doc(exc: BaseException) -> dict[str, str]:
+    if isinstance(exc, IdentityError):
+        return {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, ProtocolError):
+        return {"type": "internal", "message": str(exc)}
+    # Not one of ours: name the type only (a library's message could quote its input).
+    return {"type": "internal", "message": f"{type(exc).__name__} in the minting worker"}
+
+
+def handle(request: dict[str, Any]) -> dict[str, Any]:
+    """Answer one request (the whole protocol; ``main`` only adds the pipes)."""
+    try:
+        operation = OPERATIONS.get(request.get("op"))
+        if operation is None:
+            raise ProtocolError(f"the minting worker knows no operation {request.get('op')!r}; "
+                                f"it knows {', '.join(sorted(OPERATIONS))}")
+        return operation(request, datetime.fromisoformat(request["now"]))
+    except Exception as exc:  # the process root: every failure becomes a typed answer
+        return {"ok": False, "error": error_doc(exc)}
+
+
+def main() -> int:
+    data = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
+    try:
+        request = json.loads(data) if len(data) <= MAX_REQUEST_BYTES else None
+    except ValueError:
+        request = None
+    if not isinstance(request, dict):
+        answer = {"ok": False, "error": {"type": "internal", "message": "the request is not one JSON object"}}
+    else:
+        answer = handle(request)
+    sys.stdout.write(json.dumps(answer))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
