@@ -184,6 +184,18 @@ def test_root_rotation_with_overlap_keeps_traffic_flowing_at_every_step(id_lab, 
     assert "reloaded node intermediate" in log and "issued SVID for" in log
 
 
+def test_running_agents_never_map_cryptography(id_lab) -> None:
+    """After start, SVID issuance, renewals and the three rotation steps (CA reloads), no agent has
+    cryptography's native module mapped: CA loading and minting ran in short-lived workers."""
+    agents = json.loads(Path(id_lab.plan.state_file).read_text())["agents"]
+    for index in (1, 2, 3):
+        pid = agents[f"node{index}"]["pid"]
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "/cryptography/" not in maps, f"node{index}'s agent (pid {pid}) mapped cryptography"
+        assert "/_ssl." in maps  # the check reads the right process: the agent's TLS is loaded
+        assert "minting worker" not in agent_log(id_lab, index)  # no worker failure was logged
+
+
 # ------------------------------------------------------------------------------------------ rejections
 
 def _forged(ca, uri: str) -> Svid:
