@@ -115,16 +115,13 @@ class RemoteSigner:
         self._material = dict(material)
         self._transport = transport
         self._label = label
-        self.last_seconds: float | None = None  # how long the last batch took (worker start + minting)
 
     def issue_svids(self, spiffe_ids: Iterable[SpiffeId], ttl_seconds: int, *, now: datetime,
                     min_ttl_seconds: int = MIN_TTL_SECONDS) -> dict[SpiffeId, Svid | IdentityError]:
         ids = list(spiffe_ids)
-        started = time.monotonic()
         answer = call(self._transport, {"op": "issue", "material": self._material,
                                         "spiffe_ids": [i.uri for i in ids], "ttl_seconds": ttl_seconds,
                                         "min_ttl_seconds": min_ttl_seconds, "now": now.isoformat()})
-        self.last_seconds = time.monotonic() - started
         results: dict[SpiffeId, Svid | IdentityError] = {}
         for doc in answer.get("svids", ()):
             svid = Svid.from_wire(doc)

@@ -30,7 +30,8 @@ from agent.identity.bundle import fingerprint
 from agent.identity.ca import generate_ca, load_ca
 from agent.identity.node_ca import NODE_KEY_FILE, issue_node_ca, load_node_ca
 from agent.identity.spiffe import SpiffeId
-from agent.identity.svid import Svid, issue_svid
+from agent.identity.issue import issue_svid
+from agent.identity.svid import Svid
 from agent.lab import agents as lab_agents
 from agent.lab import files as lab_files
 from agent.lab import lab as labops

@@ -18,7 +18,8 @@ from agent.identity.errors import CaError, PeerIdentityError
 from agent.identity.node_ca import issue_node_ca
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import IdentityStore
-from agent.identity.svid import Svid, issue_svid
+from agent.identity.issue import issue_svid
+from agent.identity.svid import Svid
 from agent.identity.tls import SniServerContexts, client_context, describe_tls_error, server_context
 from tests.unit.test_identity_tls import handshake
 

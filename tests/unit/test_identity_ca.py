@@ -169,7 +169,7 @@ def test_load_refuses_an_expired_ca(tmp_path: Path) -> None:
 
 def test_load_refuses_a_leaf_as_ca(tmp_path: Path) -> None:
     from agent.identity.spiffe import SpiffeId
-    from agent.identity.svid import issue_svid
+    from agent.identity.issue import issue_svid
 
     svid = issue_svid(generate_ca("cluster.local"), SpiffeId.parse("spiffe://cluster.local/ns/a/sa/b"), 3600)
     (tmp_path / CA_CERT_FILE).write_text(svid.cert_pem)

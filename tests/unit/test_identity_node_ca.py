@@ -21,7 +21,7 @@ from agent.identity.errors import CaError, SvidError
 from agent.identity.node_ca import (BUNDLE_FILE, NODE_CERT_FILE, NODE_KEY_FILE, issue_node_ca, issue_node_files,
                                     load_node_ca, load_root_as_signing_ca, node_name_of)
 from agent.identity.spiffe import SpiffeId
-from agent.identity.svid import issue_svid
+from agent.identity.issue import issue_svid
 
 TD = "cluster.local"
 WEB = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")

@@ -12,7 +12,7 @@ from agent.identity.ca import generate_ca
 from agent.identity.schedule import (Failure, RenewalPolicy, after_failure, decide, jitter_unit, renew_at,
                                      retry_delay, status)
 from agent.identity.spiffe import SpiffeId
-from agent.identity.svid import issue_svid
+from agent.identity.issue import issue_svid
 
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 A = SpiffeId.parse("spiffe://td/ns/a/sa/a")

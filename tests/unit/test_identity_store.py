@@ -7,10 +7,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from agent.identity.ca import generate_ca
-from agent.identity.errors import SvidError, UnknownIdentityError
+from agent.identity.errors import MinterError, SvidError, UnknownIdentityError
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import IdentityStore, plan
-from agent.identity.svid import issue_svid, renewal_time
+from agent.identity.issue import issue_svid
+from agent.identity.svid import renewal_time
 
 A = SpiffeId.parse("spiffe://td/ns/a/sa/b")
 DB = SpiffeId.parse("spiffe://td/ns/db/sa/postgres")
@@ -110,3 +111,59 @@ def test_repr_shows_identities_not_keys(store) -> None:
         assert "PRIVATE KEY" not in text
         assert "".join(store.svid(A).key_pem.splitlines()[1:2])[:16] not in text
     assert A.uri in repr(store)
+
+
+class CountingSigner:
+    """A ``Signer`` around a CA that records its batches and can fail one identity or every call."""
+
+    def __init__(self, ca) -> None:
+        self.ca, self.trust_domain, self.batches = ca, ca.trust_domain, []
+        self.refuse: SpiffeId | None = None
+        self.down = False
+
+    def issue_svids(self, spiffe_ids, ttl_seconds, *, now, min_ttl_seconds=60):
+        self.batches.append(tuple(spiffe_ids))
+        if self.down:
+            raise MinterError("the SVID minting worker exited with code 1 without an answer")
+        results = self.ca.issue_svids(spiffe_ids, ttl_seconds, now=now, min_ttl_seconds=min_ttl_seconds)
+        if self.refuse in results:
+            results[self.refuse] = SvidError(f"cannot issue {self.refuse.uri}")
+        return results
+
+
+def test_identities_due_together_are_minted_in_one_signer_call(ca, clock) -> None:
+    signer = CountingSigner(ca)
+    store = IdentityStore(signer, ca.cert_pem, 3600, clock=clock)
+    store.ensure([A, DB, CACHE])
+    assert signer.batches == [(A, CACHE, DB)]  # one minting worker for the whole reconcile, sorted
+    store.renew([A, DB])
+    assert signer.batches[-1] == (A, DB)
+
+
+def test_a_signer_that_fails_as_a_whole_changes_nothing(ca, clock) -> None:
+    signer = CountingSigner(ca)
+    store = IdentityStore(signer, ca.cert_pem, 3600, clock=clock)
+    store.ensure([A, DB])
+    before = store.svids()
+    signer.down = True
+    results = store.renew([A, DB])
+    assert all(isinstance(r, MinterError) for r in results.values()) and set(results) == {A, DB}
+    assert store.svids() == before
+    with pytest.raises(MinterError, match="without an answer"):
+        store.ensure([A, DB, CACHE])
+    assert store.identities == {A, DB}
+
+
+def test_one_refused_identity_fails_the_reconcile_but_only_itself_on_renewal(ca, clock) -> None:
+    signer = CountingSigner(ca)
+    store = IdentityStore(signer, ca.cert_pem, 3600, clock=clock)
+    store.ensure([A, DB])
+    old = store.svid(DB)
+    signer.refuse = DB
+    results = store.renew([A, DB])
+    assert isinstance(results[DB], SvidError) and store.svid(DB) is old
+    assert results[A] == store.svid(A) and store.svid(A).serial != old.serial
+    signer.refuse = CACHE
+    with pytest.raises(SvidError, match="cannot issue spiffe://td/ns/cache/sa/redis"):
+        store.ensure([DB, CACHE])  # all or nothing: A stays, CACHE is not added
+    assert store.identities == {A, DB}

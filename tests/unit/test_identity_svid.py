@@ -16,7 +16,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.identity.ca import generate_ca
 from agent.identity.errors import SvidError
 from agent.identity.spiffe import SpiffeId
-from agent.identity.svid import CLOCK_SKEW_ALLOWANCE, DEV_MIN_TTL_SECONDS, issue_svid, needs_renewal, renewal_time
+from agent.identity.issue import issue_svid
+from agent.identity.svid import CLOCK_SKEW_ALLOWANCE, DEV_MIN_TTL_SECONDS, needs_renewal, renewal_time
 
 TD = "cluster.local"
 ALICE = SpiffeId.parse("spiffe://cluster.local/ns/a/sa/alice")

@@ -15,7 +15,7 @@ from agent.identity.ca import generate_ca
 from agent.identity.errors import PeerIdentityError, PeerProtocolError, TlsSetupError
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import IdentityStore
-from agent.identity.svid import issue_svid
+from agent.identity.issue import issue_svid
 from agent.identity.tls import ALPN, SniServerContexts, check_alpn, check_peer, client_context, peer_spiffe_id, \
     server_context
 
