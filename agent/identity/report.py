@@ -10,12 +10,14 @@ a ticket. ``format_report`` renders it for a terminal. Pure: no clock, no I/O, n
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from agent.identity.minting import SigningInfo
 from agent.identity.schedule import Failure, RenewalPolicy, renew_at, status
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import Svid
+
+if TYPE_CHECKING:
+    from agent.identity.minting import SigningInfo
 
 REPORT_VERSION = 1
 
