@@ -1,22 +1,38 @@
-"""The two kinds of relay leg: plain TCP and TLS over TCP, as asyncio Protocols.
+"""The two kinds of relay leg: plain TCP and TLS over TCP, as asyncio (buffered) Protocols.
 
 A leg hands what it reads to its ``receiver`` (a header reader during setup, then the relay) and
 accepts ``write`` / ``write_eof`` / flow-control calls. The TLS leg runs TLS itself over memory BIOs
 (``ssl.SSLObject``) because asyncio's own SSL transport cannot half-close: here ``write_eof`` sends
 close_notify and the leg keeps reading until the peer's close_notify (TLS 1.3 half-close).
+
+Zero-copy discipline of the data path: sockets are read into one buffer shared by every leg of the
+thread (``READ_BUFFER``, consumed before the next read), and a receiver with ``takes_views`` gets a
+view of it — so every ``write`` must copy what it keeps past its return: ``PlainLeg.write`` hands a
+view straight to the kernel when nothing is queued and copies only what the socket did not take.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import struct
+import threading
 import time
 from typing import Callable, Protocol
 
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 256 * 1024  # the TLS leg's plaintext buffer
+READ_BUFFER = 1024 * 1024  # one read from a socket (shared, see the module docstring)
 MAX_BUFFERED_BEFORE_RECEIVER = 256 * 1024
+_read_buffers = threading.local()  # one READ_BUFFER per thread that runs an event loop
+
+
+def _read_buffer() -> memoryview:
+    view = getattr(_read_buffers, "view", None)
+    if view is None:
+        view = _read_buffers.view = memoryview(bytearray(READ_BUFFER))
+    return view
 
 
 class Receiver(Protocol):
@@ -27,7 +43,7 @@ class Receiver(Protocol):
     def leg_resume_writing(self, leg: "Leg") -> None: ...
 
 
-class Leg(asyncio.Protocol):
+class Leg(asyncio.BufferedProtocol):
     """Common state: transport, receiver (with buffering until one is set), byte counts."""
 
     def __init__(self) -> None:
@@ -65,8 +81,27 @@ class Leg(asyncio.Protocol):
         if self.receiver is not None:
             self.receiver.leg_resume_writing(self)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.view_received(_read_buffer()[:nbytes])
+
+    def view_received(self, view: memoryview) -> None:
+        """``nbytes`` read into the shared buffer; the view is valid until this returns."""
+        raise NotImplementedError
+
     # -- delivery to the receiver -------------------------------------------------------------
-    def _deliver(self, data: bytes) -> None:
+    def _deliver_view(self, view: memoryview) -> None:
+        """Deliver a view of a reused buffer: as it is to a receiver that ``takes_views`` (it copies what
+        it keeps), as bytes to any other."""
+        receiver = self.receiver
+        if receiver is not None and not getattr(receiver, "takes_views", False):
+            self._deliver(bytes(view))
+        else:
+            self._deliver(view)
+
+    def _deliver(self, data: bytes | memoryview) -> None:
         self.bytes_read += len(data)
         if self.receiver is not None:
             self.receiver.leg_data(self, data)
@@ -163,6 +198,7 @@ class PlainLeg(Leg):
         super().__init__()
         self._start_paused = start_paused
         self._on_connected = on_connected
+        self._fd = -1  # the socket's descriptor, looked up at the first write of a view
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -172,6 +208,9 @@ class PlainLeg(Leg):
             on_connected, self._on_connected = self._on_connected, None
             on_connected(self)
 
+    def view_received(self, view: memoryview) -> None:
+        self._deliver_view(view)
+
     def data_received(self, data: bytes) -> None:
         self._deliver(data)
 
@@ -179,10 +218,34 @@ class PlainLeg(Leg):
         self._deliver_eof()
         return True  # keep our sending side open: half-close
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.bytes_written += len(data)
-            self.transport.write(data)
+    def write(self, data: bytes | memoryview) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.bytes_written += len(data)
+        if type(data) is memoryview:  # a reused buffer: the transport must not keep it
+            data = self._send_view(transport, data)
+            if not data:
+                return
+        transport.write(data)
+
+    def _send_view(self, transport: asyncio.Transport, view: memoryview) -> bytes:
+        """Write ``view`` to the socket now if nothing is queued; return a copy of what is left for the
+        transport (all of it while the transport still holds earlier data, or on any error, which the
+        transport then meets and reports itself)."""
+        if transport.get_write_buffer_size() == 0:
+            if self._fd < 0:
+                sock = transport.get_extra_info("socket")
+                self._fd = sock.fileno() if sock is not None else -1
+            if self._fd >= 0:
+                try:
+                    sent = os.write(self._fd, view)
+                except OSError:  # EAGAIN, or an error the transport will report
+                    sent = 0
+                if sent == len(view):
+                    return b""
+                view = view[sent:]
+        return bytes(view)
 
     def write_eof(self) -> None:
         if self.eof_sent or self.transport is None or self.transport.is_closing():
@@ -226,7 +289,10 @@ class TlsLeg(Leg):
             self.handshake_done.set_exception(exc or ConnectionResetError("connection closed during TLS handshake"))
         super().connection_lost(exc)
 
-    def data_received(self, data: bytes) -> None:
+    def view_received(self, view: memoryview) -> None:
+        self.data_received(view)  # the memory BIO copies it
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self._incoming.write(data)
         if not self.handshake_done.done():
             self._handshake()
@@ -305,16 +371,13 @@ class TlsLeg(Leg):
             self._deliver_eof()
 
     def _deliver_plain(self, view: memoryview, size: int) -> None:
-        if getattr(self.receiver, "takes_views", False):
-            self._deliver(view[:size])
-        else:
-            self._deliver(bytes(view[:size]))
+        self._deliver_view(view[:size])
 
     def _flush(self) -> None:
         if self._outgoing.pending and self.transport is not None and not self.transport.is_closing():
             self.transport.write(self._outgoing.read())
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.ssl_object is None or self.transport is None or self.transport.is_closing() or self.eof_sent:
             return
         self.bytes_written += len(data)

@@ -78,8 +78,9 @@ class FrameDecoder:
 
     ``feed`` returns whole frames. ``feed_parts`` (the tunnel's receive path) returns a DATA frame's
     payload in parts, as its bytes arrive — consecutive ``Frame``s of the same stream, together the
-    payload — so DATA is copied once, straight out of ``data`` (which may be a reused buffer's view),
-    and never accumulated. Control frames come whole either way. Use one method per decoder.
+    payload — each a ``memoryview`` of ``data`` (which may be a reused buffer's view: valid only until
+    the caller's buffer is reused, so whoever keeps a part copies it), never copied nor accumulated
+    here. Control frames come whole, as bytes, either way. Use one method per decoder.
     """
 
     def __init__(self) -> None:
@@ -113,7 +114,7 @@ class FrameDecoder:
                 if pos == end:
                     break
                 take = min(self._data_left, end - pos)
-                frames.append(Frame(FrameType.DATA, self._data_stream, bytes(view[pos:pos + take])))
+                frames.append(Frame(FrameType.DATA, self._data_stream, view[pos:pos + take]))
                 self._data_left -= take
                 pos += take
                 continue

@@ -22,6 +22,8 @@ class RelayResult:
 
 
 class Relay:
+    takes_views = True  # a leg's write copies what it keeps (agent.proxy.endpoints): views pass straight through
+
     def __init__(self, a: Leg, b: Leg) -> None:
         self.a = a
         self.b = b
@@ -55,7 +57,7 @@ class Relay:
     def _other(self, leg: Leg) -> Leg:
         return self.b if leg is self.a else self.a
 
-    def leg_data(self, leg: Leg, data: bytes) -> None:
+    def leg_data(self, leg: Leg, data: bytes | memoryview) -> None:
         if leg is self.a:
             self._a_to_b += len(data)
         else:

@@ -47,7 +47,7 @@ class Stream(Leg):
         self._finished = False
 
     # -- as a leg (called by the relay) ---------------------------------------------------------
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.eof_sent or self._finished:
             return
         self.bytes_written += len(data)
@@ -99,13 +99,17 @@ class Stream(Leg):
         return None
 
     # -- from the session ----------------------------------------------------------------------
-    def on_data(self, payload: bytes) -> None:
+    def on_data(self, payload: bytes | memoryview) -> None:
+        """A DATA part; a view of the tunnel's reused buffer when it comes from ``feed_parts``."""
         if self.peer_eof:
             raise M.MuxProtocolError(f"DATA after FIN on stream {self.id}")
         self._unreturned += len(payload)
         if self._unreturned > M.INITIAL_WINDOW + CREDIT_THRESHOLD:
             raise M.MuxProtocolError(f"stream {self.id} sent beyond its window")
-        self._deliver(payload)
+        if type(payload) is memoryview:
+            self._deliver_view(payload)
+        else:
+            self._deliver(payload)
         self._return_credit()
 
     def on_fin(self) -> None:
@@ -152,10 +156,10 @@ class Stream(Leg):
                 self.receiver.leg_resume_writing(self)
 
     # -- internals ------------------------------------------------------------------------------
-    def _queue(self, chunk: bytes) -> None:
+    def _queue(self, chunk: bytes | memoryview) -> None:
         if self._queued is None:
             self._queued = collections.deque()
-        self._queued.append(chunk)
+        self._queued.append(bytes(chunk) if type(chunk) is memoryview else chunk)  # a view's buffer is reused
 
     def _return_credit(self, force: bool = False) -> None:
         if self._reading_paused or self.receiver is None or self.peer_eof or not self._unreturned:
