@@ -3,12 +3,13 @@
  * capture_connect.c — the ebpf-connect capture mode (docs/capture.md).
  *
  *   cgroup/connect4     (pod cgroups)   captured IPv4 TCP connect() -> REDIR_IP:REDIR_PORT; the
- *                                       original destination + pid/uid/cgroup/comm recorded in the
- *                                       socket's storage
+ *                                       original destination + pid/uid/cgroup/comm recorded under
+ *                                       the socket's cookie
  *   cgroup/connect6     (pod cgroups)   the same for v4-mapped destinations of dual-stack AF_INET6
  *                                       sockets (JVM, Go, ...): ::ffff:REDIR_IP:REDIR_PORT
  *   sockops             (pod cgroups)   at ACTIVE_ESTABLISHED the record is published under the
- *                                       connection's peer key (client ip/port + both ISNs)
+ *                                       connection's peer key (client ip/port + both ISNs); at
+ *                                       TCP_CLOSE of a captured socket it is deleted
  *   cgroup/getsockopt   (proxy cgroup)  answers SOL_IP/SO_ORIGINAL_DST or SOL_IP/TCPMESH_SO_ORIGIN
  *                                       once, from the record under the accepted socket's key
  *   cgroup/getpeername4/6 (pod cgroups) the app sees the destination it asked for
@@ -43,6 +44,11 @@
 
 #define TCPMESH_ALLOW 1
 #define TCPMESH_DENY 0
+#define TCPMESH_SOL_TCP 6
+#define TCPMESH_TCP_BPF_SOCK_OPS_CB_FLAGS 1008 /* uapi/linux/bpf.h since 6.12 (not in the stub's 6.1 UAPI) */
+#ifndef TCPMESH_CONNECT_CB_FLAGS
+#define TCPMESH_CONNECT_CB_FLAGS 0 /* 1: connect4/6 can set sockops flags (Linux >= 6.12; -D by the loader) */
+#endif
 
 /* ---- helpers that touch maps ----------------------------------------------------------------- */
 
@@ -57,7 +63,7 @@ static __always_inline void tcpmesh_count(int reason)
 /* Pod hooks: leave the mark the guard looks for (this socket's cookie in this CPU's ring, see
  * tcpmesh_seen in maps.h). A CPU without its ring slot leaves none, and the guard refuses the
  * connect: fail-closed. */
-static __always_inline void tcpmesh_mark_seen(struct bpf_sock_addr *ctx)
+static __always_inline void tcpmesh_mark_seen(__u64 cookie)
 {
 	int zero = 0;
 	struct tcpmesh_seen_ring *ring = tcpmesh_seen.lookup(&zero);
@@ -66,7 +72,7 @@ static __always_inline void tcpmesh_mark_seen(struct bpf_sock_addr *ctx)
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 		return;
 	}
-	ring->cookie[ring->next & (TCPMESH_SEEN_SLOTS - 1)] = bpf_get_socket_cookie(ctx);
+	ring->cookie[ring->next & (TCPMESH_SEEN_SLOTS - 1)] = cookie;
 	ring->next += 1;
 }
 
@@ -117,46 +123,60 @@ static __always_inline int tcpmesh_cidr_verdict(__u32 dst)
 	return TCPMESH_R_CAPTURED;
 }
 
-/* connect4/6: the origin goes into the client socket's own storage (freed with the socket). */
-static __always_inline int tcpmesh_record_origin(struct bpf_sock_addr *ctx, __u32 dst)
+/* connect4/6 on capture: the socket gets the sockops state callback, so pod sockops deletes its
+ * record when it closes (TCP_CLOSE: a refused or failed handshake too), and that flag is how pod
+ * sockops tells a captured socket at ESTABLISHED without a map lookup. Only captured sockets pay
+ * for the extra callbacks. bpf_setsockopt(TCP_BPF_SOCK_OPS_CB_FLAGS) from a connect hook needs
+ * Linux 6.12: the loader defines TCPMESH_CONNECT_CB_FLAGS there (agent/capture/connect_mode.py),
+ * and a failure then refuses the connect (fail-closed, counted). Without it the calls are still
+ * tried, and sockops looks the record up and turns the flag on at ACTIVE_ESTABLISHED instead (a
+ * handshake that fails then leaves its record to the LRU). */
+static __always_inline int tcpmesh_watch_state(struct bpf_sock_addr *ctx)
 {
-	struct tcpmesh_origin *origin = tcpmesh_sock_origin.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	int flags = 0;
 
-	if (!origin) {
+	if (bpf_getsockopt(ctx, TCPMESH_SOL_TCP, TCPMESH_TCP_BPF_SOCK_OPS_CB_FLAGS, &flags, sizeof(flags)) != 0)
+		return -EINVAL;
+	flags |= BPF_SOCK_OPS_STATE_CB_FLAG;
+	return bpf_setsockopt(ctx, TCPMESH_SOL_TCP, TCPMESH_TCP_BPF_SOCK_OPS_CB_FLAGS, &flags, sizeof(flags));
+}
+
+/* connect4/6: the origin goes under the socket's cookie, into a preallocated map (no allocation
+ * on the connect path). A later captured connect() of the same socket overwrites it. */
+static __always_inline int tcpmesh_record_origin(struct bpf_sock_addr *ctx, __u32 dst, __u64 cookie)
+{
+	struct tcpmesh_origin origin = {};
+
+	tcpmesh_fill_origin(ctx, dst, cookie, &origin);
+	if (tcpmesh_cookie_origin.update(&cookie, &origin) != 0) {
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 		return -ENOMEM;
 	}
-	tcpmesh_fill_origin(ctx, dst, bpf_get_socket_cookie(ctx), origin);
+	if (tcpmesh_watch_state(ctx) != 0 && TCPMESH_CONNECT_CB_FLAGS) {
+		tcpmesh_cookie_origin.delete(&cookie);
+		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
+		return -EINVAL;
+	}
 	return 0;
 }
 
-/* connect4/6, not captured: a record from an earlier connect() of this socket (a TCP socket may
- * connect again after a failure) must not describe this one. No storage is created. A connect to
- * the redirect address keeps it: during a takeover another set's connect hook runs first, and
- * that is the destination it has just written (the record is the one it made for this connect). */
-static __always_inline void tcpmesh_forget_origin(struct bpf_sock_addr *ctx, int verdict)
-{
-	struct tcpmesh_origin *origin;
-
-	if (verdict == TCPMESH_R_TO_REDIRECT)
-		return;
-	origin = tcpmesh_sock_origin.sk_storage_get(ctx->sk, 0, 0);
-	if (origin)
-		origin->version = 0;
-}
-
 /* The whole connect decision for an IPv4 destination ``dst`` (network order) whose fixed checks
- * gave ``verdict``; ``mapped`` = the socket is AF_INET6 and dst came from ::ffff:dst. */
-static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, int verdict, __u32 dst, int mapped)
+ * gave ``verdict``; ``mapped`` = the socket is AF_INET6 and dst came from ::ffff:dst.
+ * An uncaptured connect() leaves a record of an earlier captured connect() of the socket (a TCP
+ * socket may connect again after a failure) in place: every reader checks that the socket is
+ * connected to the redirect address, and a failed handshake deleted it at TCP_CLOSE anyway. A
+ * connect to the redirect address itself must keep it: during a takeover another set's connect
+ * hook runs first, and that is the destination it has just written. */
+static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, int verdict, __u32 dst, int mapped,
+						   __u64 cookie)
 {
 	if (verdict == TCPMESH_R_CAPTURED)
 		verdict = tcpmesh_cidr_verdict(dst);
 	if (verdict != TCPMESH_R_CAPTURED) {
-		tcpmesh_forget_origin(ctx, verdict);
 		tcpmesh_count(verdict);
 		return TCPMESH_ALLOW;
 	}
-	if (tcpmesh_record_origin(ctx, dst) != 0)
+	if (tcpmesh_record_origin(ctx, dst, cookie) != 0)
 		return TCPMESH_DENY;
 	tcpmesh_redirect(ctx, mapped);
 	tcpmesh_count(TCPMESH_R_CAPTURED);
@@ -170,16 +190,21 @@ static __always_inline int tcpmesh_publish_established(struct bpf_sock_ops *skop
 {
 	struct tcpmesh_peer_key key = {};
 	struct tcpmesh_origin *origin;
-	struct bpf_sock *sk = skops->sk;
+	__u64 cookie;
 
 	/* No family check: a captured AF_INET6 socket (v4-mapped) has its IPv4 addresses in
 	 * local_ip4/remote_ip4 too. A socket that is not connected to the redirect address was
-	 * not captured this time, whatever its storage holds from an earlier connect(). */
-	if (!sk || !tcpmesh_dials_redirect(skops))
+	 * not captured this time, whatever record it has from an earlier connect(). */
+	if (!tcpmesh_dials_redirect(skops))
 		return 0;
-	origin = tcpmesh_sock_origin.sk_storage_get(sk, 0, 0);
-	if (!origin || origin->version == 0)
+	if (TCPMESH_CONNECT_CB_FLAGS && !(skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
+		return 0; /* connect4/6 flag every socket they capture: dialled the redirect address itself */
+	cookie = bpf_get_socket_cookie(skops);
+	origin = tcpmesh_cookie_origin.lookup(&cookie);
+	if (!origin)
 		return 0; /* dialled the redirect address itself: no record, the proxy refuses it */
+	if (!TCPMESH_CONNECT_CB_FLAGS && !(skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	tcpmesh_peer_key_of_client(skops, &key);
 	if (tcpmesh_peer_origin.update(&key, origin) != 0) {
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
@@ -187,6 +212,15 @@ static __always_inline int tcpmesh_publish_established(struct bpf_sock_ops *skop
 	}
 	tcpmesh_count(TCPMESH_R_REKEYED);
 	return 0;
+}
+
+/* Pod sockops STATE_CB (captured sockets only) at TCP_CLOSE: the socket's record goes with it. */
+static __always_inline void tcpmesh_forget_closed(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+
+	if (tcpmesh_cookie_origin.delete(&cookie) == 0)
+		tcpmesh_count(TCPMESH_R_ORIGIN_CLOSED);
 }
 
 /* getsockopt on the proxy's accepted socket: the record of exactly this connection (the key holds
@@ -216,11 +250,13 @@ static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
 static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx, int mapped)
 {
 	struct tcpmesh_origin *origin;
+	__u64 cookie;
 
 	if (!tcpmesh_peer_is_redirect(ctx, mapped))
 		return;
-	origin = tcpmesh_sock_origin.sk_storage_get(ctx->sk, 0, 0);
-	if (!origin || origin->version == 0)
+	cookie = bpf_get_socket_cookie(ctx);
+	origin = tcpmesh_cookie_origin.lookup(&cookie);
+	if (!origin)
 		return;
 	tcpmesh_set_peer(ctx, mapped, origin->dst_ip4, origin->dst_port);
 	tcpmesh_count(TCPMESH_R_PEERNAME_REWRITTEN);
@@ -300,9 +336,10 @@ static __always_inline int tcpmesh_inbound_verdict(struct __sk_buff *skb)
 int tcpmesh_conn4(struct bpf_sock_addr *ctx)
 {
 	__u32 dst = ctx->user_ip4;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
 
-	tcpmesh_mark_seen(ctx);
-	return tcpmesh_capture_connect(ctx, tcpmesh_fixed_verdict(ctx->type, ctx->protocol, dst), dst, 0);
+	tcpmesh_mark_seen(cookie);
+	return tcpmesh_capture_connect(ctx, tcpmesh_fixed_verdict(ctx->type, ctx->protocol, dst), dst, 0, cookie);
 }
 
 /*
@@ -312,25 +349,33 @@ int tcpmesh_conn4(struct bpf_sock_addr *ctx)
 int tcpmesh_conn6(struct bpf_sock_addr *ctx)
 {
 	__u32 dst = 0;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
 
-	tcpmesh_mark_seen(ctx);
+	tcpmesh_mark_seen(cookie);
 	if (tcpmesh_v4_mapped(ctx, &dst) != 0) {
 		tcpmesh_count(TCPMESH_R_IPV6);
 		return TCPMESH_ALLOW;
 	}
-	return tcpmesh_capture_connect(ctx, tcpmesh_fixed_verdict(ctx->type, ctx->protocol, dst), dst, 1);
+	return tcpmesh_capture_connect(ctx, tcpmesh_fixed_verdict(ctx->type, ctx->protocol, dst), dst, 1, cookie);
 }
 
 /*
  * sockops — FAIL-CLOSED (through the proxy). If the record cannot be published the connection
  * still reaches the proxy, whose origin lookup then fails, and the proxy closes it: nothing leaks
- * in plaintext.
+ * in plaintext. Every other op (the SYN's TIMEOUT_INIT, RWND_INIT, NEEDS_ECN, the state changes
+ * before close) returns at once.
  */
 int tcpmesh_sockops(struct bpf_sock_ops *skops)
 {
-	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
-		return 1;
-	tcpmesh_publish_established(skops);
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		tcpmesh_publish_established(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			tcpmesh_forget_closed(skops);
+		break;
+	}
 	return 1;
 }
 

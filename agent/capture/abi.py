@@ -12,7 +12,10 @@ import ipaddress
 import socket
 import struct
 
-ABI_VERSION = 3
+ABI_VERSION = 4
+# The first ABI version whose struct tcpmesh_origin has OriginStruct's layout: records of versions
+# ORIGIN_LAYOUT_SINCE..ABI_VERSION are read alike (an upgrade's previous set may still answer).
+ORIGIN_LAYOUT_SINCE = 3
 
 SOL_IP = 0
 SO_ORIGINAL_DST = 80
@@ -48,6 +51,7 @@ REASONS: tuple[str, ...] = (
     "plaintext_rejected",  # inbound: a SYN from outside the mesh dropped (STRICT pod)
     "plaintext_accepted",  # inbound: a SYN from outside the mesh let in (PERMISSIVE pod)
     "origin_claimed",      # getsockopt: the record was answered and deleted (one answer per connection)
+    "origin_closed",       # sockops: a captured socket closed, its record deleted
 )
 INBOUND_PERMISSIVE = 1
 INBOUND_STRICT = 2
@@ -58,6 +62,7 @@ REASON_SLOTS = 64  # entries of tcpmesh_counters (TCPMESH_R_SLOTS): room to appe
 # C names of the constants above, for the layout test (name in C -> value here).
 C_CONSTANTS: dict[str, int] = {
     "TCPMESH_ABI_VERSION": ABI_VERSION,
+    "TCPMESH_ORIGIN_LAYOUT_SINCE": ORIGIN_LAYOUT_SINCE,
     "TCPMESH_SOL_IP": SOL_IP,
     "TCPMESH_SO_ORIGINAL_DST": SO_ORIGINAL_DST,
     "TCPMESH_SO_ORIGIN": SO_ORIGIN,
@@ -156,7 +161,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 # Map name -> (key mirror, value mirror); the value of a per-CPU array is one CPU's slot.
 # Every map here is pinned in the maps directory.
 MAPS: dict[str, tuple[type, type]] = {
-    "tcpmesh_sock_origin": (ctypes.c_int, OriginStruct),
+    "tcpmesh_cookie_origin": (ctypes.c_uint64, OriginStruct),
     "tcpmesh_peer_origin": (PeerKey, OriginStruct),
     "tcpmesh_capture_cidrs": (CidrKey, CidrValue),
     "tcpmesh_counters": (ctypes.c_int, ctypes.c_uint64),
@@ -165,7 +170,8 @@ MAPS: dict[str, tuple[type, type]] = {
     "tcpmesh_plaintext": (ctypes.c_uint64, Plaintext),
 }
 # Socket-storage maps (BPF_MAP_TYPE_SK_STORAGE): no keys to list, bcc has no table class for them.
-SOCKET_STORAGE_MAPS = frozenset({"tcpmesh_sock_origin"})
+# None since ABI 4 (tcpmesh_cookie_origin replaced ABI 3's tcpmesh_sock_origin).
+SOCKET_STORAGE_MAPS: frozenset[str] = frozenset()
 
 
 def ip4_to_net_u32(ip: str) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,13 +98,32 @@ def bpf_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "bpf"
 
 
-def program_flags(redirect_ip: str, redirect_port: int, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> list[str]:
-    """The -D flags that change the programs (pure). REDIR_IP is the host-order integer."""
-    return [
+# bpf_setsockopt(SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) from a connect hook: Linux 6.12 and later.
+CONNECT_CB_FLAGS_SINCE = (6, 12)
+
+
+def connect_sets_cb_flags(kernel_release: str) -> bool:
+    """Can connect4/6 turn on the sockops state callback themselves on this kernel (pure)?
+
+    ``kernel_release`` is ``uname -r``. Unparsable or older: False, and the programs take the
+    pre-6.12 path (sockops turns the callback on at ESTABLISHED; docs/capture.md).
+    """
+    found = re.match(r"(\d+)\.(\d+)", kernel_release)
+    return bool(found) and (int(found.group(1)), int(found.group(2))) >= CONNECT_CB_FLAGS_SINCE
+
+
+def program_flags(redirect_ip: str, redirect_port: int, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                  kernel_release: str | None = None) -> list[str]:
+    """The -D flags that change the programs (pure given ``kernel_release``, default ``uname -r``).
+    REDIR_IP is the host-order integer."""
+    flags = [
         f"-DREDIR_IP={int(ipaddress.IPv4Address(redirect_ip))}u",
         f"-DREDIR_PORT={int(redirect_port)}",
         f"-DTCPMESH_MAX_CONNS={int(max_connections)}",
     ]
+    if connect_sets_cb_flags(os.uname().release if kernel_release is None else kernel_release):
+        flags.append("-DTCPMESH_CONNECT_CB_FLAGS=1")
+    return flags
 
 
 def compile_flags(source_dir: Path, redirect_ip: str, redirect_port: int,

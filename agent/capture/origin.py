@@ -41,13 +41,17 @@ class Origin:
 
 
 def parse_origin(raw: bytes) -> Origin:
-    """Decode a struct tcpmesh_origin (TCPMESH_SO_ORIGIN answer or tcpmesh_origin_by_* map value)."""
+    """Decode a struct tcpmesh_origin (TCPMESH_SO_ORIGIN answer or a tcpmesh_*_origin map value).
+
+    Records of every ABI version with this layout are accepted (abi.ORIGIN_LAYOUT_SINCE on): during
+    an upgrade the previous program set's getsockopt hook may answer for a connection it captured."""
     if len(raw) != ORIGIN_SIZE:
         raise OriginFormatError(f"origin record is {len(raw)} bytes, expected {ORIGIN_SIZE}")
     rec = abi.OriginStruct.from_buffer_copy(raw)
-    if rec.version != abi.ABI_VERSION:
+    if not abi.ORIGIN_LAYOUT_SINCE <= rec.version <= abi.ABI_VERSION:
         raise OriginFormatError(f"origin record has ABI version {rec.version}, this agent speaks "
-                                f"{abi.ABI_VERSION}: the loaded BPF programs and the agent differ")
+                                f"{abi.ABI_VERSION} (records of {abi.ORIGIN_LAYOUT_SINCE}..{abi.ABI_VERSION}): "
+                                "the loaded BPF programs and the agent differ")
     return Origin(
         dst_ip=abi.net_u32_to_ip4(rec.dst_ip4),
         dst_port=abi.net_u16_to_port(rec.dst_port),

@@ -2,7 +2,7 @@
 
 Layout under ``capture.bpffs_dir`` (default /sys/fs/bpf/tcpmesh/<node name>; docs/capture.md):
 
-    maps-v<ABI>-<maps hash>/tcpmesh_sock_origin, tcpmesh_peer_origin, tcpmesh_capture_cidrs,
+    maps-v<ABI>-<maps hash>/tcpmesh_cookie_origin, tcpmesh_peer_origin, tcpmesh_capture_cidrs,
                             tcpmesh_counters, ...       (created or reused by bcc at compile time)
     set-v<ABI>-<set hash>/tcpmesh_conn4, ..., tcpmesh_guard6      (pinned by the loader)
 

@@ -21,8 +21,16 @@
 /* 2: guard programs, reasons 15-16, a fixed-size counters map (the slots below), pinned maps.
  * 3: origins in socket storage (tcpmesh_sock_origin); tcpmesh_peer_key carries both sequence
  *    numbers of the handshake, so a record answers only for the connection it was made for, once;
- *    reason 20; reason 7 no longer counted. */
-#define TCPMESH_ABI_VERSION 3
+ *    reason 20; reason 7 no longer counted.
+ * 4: origins in a preallocated LRU keyed by socket cookie (tcpmesh_cookie_origin; no allocation at
+ *    connect), deleted when the socket closes (sockops STATE_CB, on for captured sockets only);
+ *    tcpmesh_sock_origin gone; reason 21. struct tcpmesh_origin is unchanged: records of ABI 3 and 4
+ *    have the same layout (TCPMESH_ORIGIN_LAYOUT_SINCE). */
+#define TCPMESH_ABI_VERSION 4
+/* The first ABI version whose struct tcpmesh_origin has the layout below: a reader accepts records
+ * from TCPMESH_ORIGIN_LAYOUT_SINCE to TCPMESH_ABI_VERSION (during an upgrade the previous set's
+ * getsockopt hook may still answer). */
+#define TCPMESH_ORIGIN_LAYOUT_SINCE 3
 
 /* ---- getsockopt ABI (answered by the cgroup/getsockopt hook on the proxy's cgroup) ---------- */
 
@@ -55,9 +63,8 @@ struct tcpmesh_sockaddr_in {
 
 /*
  * The original destination of a captured connection and who opened it.
- * Written by cgroup/connect4 at connect() time, in the context of the connecting task, into the
- * client socket's storage; the value of tcpmesh_sock_origin and of tcpmesh_peer_origin.
- * version == 0 means "no record" (a cleared storage).
+ * Written by cgroup/connect4 at connect() time, in the context of the connecting task, under the
+ * client socket's cookie; the value of tcpmesh_cookie_origin and of tcpmesh_peer_origin.
  */
 struct tcpmesh_origin {
 	__u32 dst_ip4;      /*  0: original destination address, network order */
@@ -156,7 +163,8 @@ enum tcpmesh_reason {
 	TCPMESH_R_PLAINTEXT_ACCEPTED = 19, /* inbound: a SYN from outside the mesh let in (PERMISSIVE) */
 	TCPMESH_R_ORIGIN_CLAIMED = 20,     /* getsockopt: the record was answered and deleted (one answer
 	                                      per connection) */
-	TCPMESH_R_MAX = 21,
+	TCPMESH_R_ORIGIN_CLOSED = 21,      /* sockops: a captured socket closed, its record deleted */
+	TCPMESH_R_MAX = 22,
 };
 
 /* Entries of the tcpmesh_counters map: room for appended reasons without changing the map. */

@@ -34,26 +34,31 @@
 #else
 #define TCPMESH_MAP(type, key, leaf, name, entries, flags) BPF_F_TABLE(type, key, leaf, name, entries, flags)
 #endif
-#define TCPMESH_NO_PREALLOC 1 /* BPF_F_NO_PREALLOC, required by LPM tries and socket storage */
+#define TCPMESH_NO_PREALLOC 1 /* BPF_F_NO_PREALLOC, required by LPM tries */
 
 /*
- * tcpmesh_sock_origin: per-socket storage of client sockets, struct tcpmesh_origin (version 0 =
- * no record).
+ * tcpmesh_cookie_origin: socket cookie -> struct tcpmesh_origin, for captured client sockets.
  *   writer:   cgroup/connect4 and connect6 on a pod cgroup, when they capture a connect() (an
- *             uncaptured connect() of the same socket clears it).
- *   readers:  pod sockops (publishes it at ACTIVE_ESTABLISHED), getpeername4/6 (the original peer,
- *             while the socket is connected to the redirect address).
- *   eviction: freed with the socket: nothing outlives its connection, nothing to evict. Pinned,
- *             so a connection captured by one program set and established under the next (an
- *             agent restart or upgrade) keeps its record.
+ *             update into a preallocated map: no allocation on the connect path).
+ *   readers:  pod sockops (at TCP_CONNECT_CB: turn on the state callback for this socket; at
+ *             ACTIVE_ESTABLISHED: publish the record under the connection's peer key),
+ *             getpeername4/6 (the original peer). Both check the socket's actual peer first: a
+ *             record describes the socket's last captured connect(), and counts only while the
+ *             socket is connected to the redirect address.
+ *   eviction: deleted by pod sockops when the socket reaches TCP_CLOSE (STATE_CB: a failed or
+ *             refused handshake, a close, a reset). LRU only for what that cannot see: a connect()
+ *             that failed before its SYN (no sockops ran). Pinned, so a connection captured by one
+ *             program set and established under the next (a restart or upgrade) keeps its record.
+ * Replaces ABI 3's socket storage: creating storage on a socket allocated on every captured
+ * connect (docs/capture.md, "What the capture costs").
  */
-TCPMESH_MAP("sk_storage", int, struct tcpmesh_origin, tcpmesh_sock_origin, 0, TCPMESH_NO_PREALLOC);
+TCPMESH_MAP("lru_hash", __u64, struct tcpmesh_origin, tcpmesh_cookie_origin, TCPMESH_MAX_CONNS, 0);
 
 /*
  * tcpmesh_peer_origin: struct tcpmesh_peer_key (client ip, port and both handshake sequence
  * numbers) -> struct tcpmesh_origin: hands a record from the client socket to the proxy.
  *   writer:   pod sockops at ACTIVE_ESTABLISHED (the client got the SYN-ACK), for a captured
- *             socket connected to the redirect address.
+ *             socket connected to the redirect address (a copy of its tcpmesh_cookie_origin entry).
  *   reader:   cgroup/getsockopt on the proxy's accepted socket, which rebuilds the same key from
  *             that socket and deletes the entry with its answer (one answer per connection).
  *   eviction: deleted when answered; LRU only for connections the proxy never asked about (a

@@ -290,26 +290,67 @@ def test_reused_client_address_inside_the_pod_cgroup_gets_no_origin(attached, to
     assert changes.get("rekeyed") == 1  # only the captured connection published a record
 
 
+def records(capture, name: str) -> int:
+    pinned = capture.pinned()
+    key = abi.MAPS[name][0]
+    return len(pinned.libbpf.map_keys(pinned.map_fd(name), ctypes.sizeof(key), name))
+
+
+def wait_for(predicate, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_records_do_not_outlive_their_connections(attached, topology, cgroups, proxy_listener):
-    """Every captured connection's hand-over record is deleted with the proxy's one answer:
-    tcpmesh_peer_origin does not grow with short connections (the per-socket records go with
-    their sockets)."""
-    pinned = attached.pinned()
-
-    def peer_records() -> int:
-        return len(pinned.libbpf.map_keys(pinned.map_fd("tcpmesh_peer_origin"), ctypes.sizeof(abi.PeerKey),
-                                          "tcpmesh_peer_origin"))
-
-    before, counters = peer_records(), attached.counters()
+    """Every captured connection's hand-over record is deleted with the proxy's one answer, and its
+    per-socket record when the socket closes: neither map grows with short connections."""
+    before, counters = {n: records(attached, n) for n in ("tcpmesh_peer_origin", "tcpmesh_cookie_origin")}, \
+        attached.counters()
     for _ in range(50):
         with connect_from(topology, cgroups["pod"], REMOTE):
             conn = accept(proxy_listener)
             assert conn is not None
             with conn:
                 assert read_original_dst(conn) == REMOTE
-    assert peer_records() <= before
+    assert records(attached, "tcpmesh_peer_origin") <= before["tcpmesh_peer_origin"]
+    # the client closed first: its socket reaches TCP_CLOSE when it enters TIME_WAIT
+    assert wait_for(lambda: records(attached, "tcpmesh_cookie_origin") <= before["tcpmesh_cookie_origin"]), \
+        records(attached, "tcpmesh_cookie_origin")
     changes = delta(counters, attached.counters())
     assert changes.get("captured") == changes.get("origin_claimed") == changes.get("origdst_answered") == 50
+    assert changes.get("origin_closed") == 50
+
+
+def test_a_refused_handshake_leaves_no_record(attached, topology, cgroups, proxy_listener):
+    """No proxy listening (an agent restarting): the captured connect is refused, and the socket's
+    record goes with the failed handshake (SYN_SENT -> CLOSE), not at some later eviction."""
+    proxy_listener.close()
+    before, counters = records(attached, "tcpmesh_cookie_origin"), attached.counters()
+    for _ in range(5):
+        with pytest.raises(ConnectionRefusedError):
+            connect_from(topology, cgroups["pod"], REMOTE)
+    assert records(attached, "tcpmesh_cookie_origin") <= before
+    changes = delta(counters, attached.counters())
+    assert changes.get("captured") == changes.get("origin_closed") == 5
+    assert "rekeyed" not in changes
+
+
+def test_the_original_peer_is_shown_for_the_whole_connection(attached, topology, cgroups, proxy_listener):
+    """getpeername() reads the per-socket record, which lives until the socket closes: also after
+    the proxy consumed the hand-over record and data went both ways."""
+    with connect_from(topology, cgroups["pod"], REMOTE) as client:
+        conn = accept(proxy_listener)
+        assert conn is not None
+        with conn:
+            assert read_origin(conn) is not None
+            conn.sendall(b"pong")
+            client.sendall(b"ping")
+            assert conn.recv(4) == b"ping" and client.recv(4) == b"pong"
+            assert client.getpeername() == REMOTE
 
 
 def test_attach_is_idempotent_close_keeps_it_and_detach_removes_it(capture, bpffs_dir, cgroups, tmp_path):

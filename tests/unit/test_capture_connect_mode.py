@@ -6,7 +6,8 @@ import pytest
 
 from agent.capture import ConnectCapture, NotLoaded
 from agent.capture.cgroups import cgroup_target
-from agent.capture.connect_mode import HOOKS, ROLE_POD, ROLE_PROXY, compile_flags, hooks_for
+from agent.capture.connect_mode import (HOOKS, ROLE_POD, ROLE_PROXY, compile_flags, connect_sets_cb_flags, hooks_for,
+                                         program_flags)
 from agent.capture.errors import BpfLoadError
 from agent.errors import ConfigError
 
@@ -77,3 +78,14 @@ def test_load_error_text_names_program_and_keeps_log_tail():
     text = str(err)
     assert "program tcpmesh_sockopt" in text and "Permission denied" in text
     assert "invalid bpf_context access" in text and "line 0\n" not in text
+
+
+@pytest.mark.parametrize("release, expected", [("6.18.44-fc-v595", True), ("6.12.0", True), ("7.0.1-rc2", True),
+                                               ("6.11.9-200.fc40.x86_64", False), ("5.15.0-91-generic", False),
+                                               ("", False), ("weird", False)])
+def test_connect_hooks_set_sockops_flags_from_linux_6_12(release, expected):
+    """From 6.12 connect4/6 turn on the state callback themselves, and sockops trusts that flag to
+    tell a captured socket without a map lookup; older kernels take the lookup path."""
+    assert connect_sets_cb_flags(release) is expected
+    flags = program_flags("10.0.0.1", 15001, 65536, kernel_release=release)
+    assert ("-DTCPMESH_CONNECT_CB_FLAGS=1" in flags) is expected

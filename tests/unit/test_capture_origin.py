@@ -49,10 +49,18 @@ def test_wrong_size_is_rejected(raw):
         parse_origin(raw)
 
 
-def test_other_abi_version_is_rejected_with_a_hint():
-    other = abi.ABI_VERSION + 1
-    with pytest.raises(OriginFormatError, match=f"ABI version {other}"):
+@pytest.mark.parametrize("other", [abi.ABI_VERSION + 1, abi.ORIGIN_LAYOUT_SINCE - 1, 0])
+def test_other_abi_version_is_rejected_with_a_hint(other):
+    with pytest.raises(OriginFormatError, match=f"ABI version {other},"):
         parse_origin(record(version=other))
+
+
+def test_a_record_of_the_previous_abi_with_the_same_layout_is_read():
+    """During an upgrade from ABI 3 the previous set's getsockopt hook may answer for a connection
+    it captured: its record has the same layout and must not cost the connection."""
+    assert abi.ORIGIN_LAYOUT_SINCE < abi.ABI_VERSION
+    origin = parse_origin(record(version=abi.ORIGIN_LAYOUT_SINCE, port=6379))
+    assert (origin.dst_ip, origin.dst_port) == ("10.77.2.10", 6379)
 
 
 def test_parse_original_dst():
