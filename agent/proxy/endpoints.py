@@ -6,9 +6,10 @@ accepts ``write`` / ``write_eof`` / flow-control calls. The TLS leg runs TLS its
 close_notify and the leg keeps reading until the peer's close_notify (TLS 1.3 half-close).
 
 Zero-copy discipline of the data path: sockets are read into one buffer shared by every leg of the
-thread (``READ_BUFFER``, consumed before the next read), and a receiver with ``takes_views`` gets a
-view of it — so every ``write`` must copy what it keeps past its return: ``PlainLeg.write`` hands a
-view straight to the kernel when nothing is queued and copies only what the socket did not take.
+thread (``READ_BUFFER``, consumed before the next read), TLS legs decrypt into another
+(``READ_CHUNK``), and a receiver with ``takes_views`` gets views of them — so every ``write`` must
+copy what it keeps past its return: ``PlainLeg.write`` hands a view straight to the kernel when
+nothing is queued and copies only what the socket did not take.
 """
 
 from __future__ import annotations
@@ -22,14 +23,39 @@ import threading
 import time
 from typing import Callable, Protocol
 
-READ_CHUNK = 256 * 1024  # the TLS leg's plaintext buffer
-READ_BUFFER = 1024 * 1024  # one read from a socket (shared, see the module docstring)
+READ_CHUNK = 256 * 1024  # plaintext decrypted by a TLS leg per delivery (shared, see the module docstring)
+READ_BUFFER = 1024 * 1024  # one read from a socket (shared)
 MAX_BUFFERED_BEFORE_RECEIVER = 256 * 1024
-_read_buffers = threading.local()  # one READ_BUFFER per thread that runs an event loop
+
+
+class _SharedBuffer(threading.local):
+    """One buffer per thread that runs an event loop, allocated at first use. ``take`` hands out a
+    private one if the shared one is still in use further up the stack (a re-entrant delivery)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.view: memoryview | None = None
+        self.busy = False
+
+    def take(self) -> memoryview:
+        if self.busy:
+            return memoryview(bytearray(self.size))
+        if self.view is None:
+            self.view = memoryview(bytearray(self.size))
+        self.busy = True
+        return self.view
+
+    def give_back(self, view: memoryview) -> None:
+        if view is self.view:
+            self.busy = False
+
+
+_read_buffers = _SharedBuffer(READ_BUFFER)  # socket reads: consumed before the loop reads again
+_plain_buffers = _SharedBuffer(READ_CHUNK)  # TLS legs' plaintext: consumed within one delivery
 
 
 def _read_buffer() -> memoryview:
-    view = getattr(_read_buffers, "view", None)
+    view = _read_buffers.view
     if view is None:
         view = _read_buffers.view = memoryview(bytearray(READ_BUFFER))
     return view
@@ -269,8 +295,6 @@ class TlsLeg(Leg):
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.handshake_seconds: float | None = None  # TCP connected → TLS handshake complete
         self._connected_at = 0.0
-        self._plain: bytearray | None = None  # decrypted bytes land here (allocated at first data)
-        self._plain_view: memoryview | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -331,20 +355,24 @@ class TlsLeg(Leg):
             self.transport.close()
 
     def _read_plaintext(self) -> None:
-        """Decrypt everything received into one reused buffer and hand it over (one view per full
-        buffer): no allocation per TLS record and no joining copy. A receiver with ``takes_views``
+        """Decrypt everything received into the shared plaintext buffer and hand it over (one view per
+        full buffer): no allocation per TLS record and no joining copy. A receiver with ``takes_views``
         gets the view itself and must copy what it keeps; any other receiver gets bytes."""
         assert self.ssl_object is not None
-        if self._plain is None:
-            self._plain = bytearray(READ_CHUNK)
-            self._plain_view = memoryview(self._plain)
-        view = self._plain_view
-        read = self.ssl_object.read
+        view = _plain_buffers.take()
+        try:
+            self._decrypt_into(view)
+        finally:
+            _plain_buffers.give_back(view)
+
+    def _decrypt_into(self, view: memoryview) -> None:
+        read = self.ssl_object.read  # type: ignore[union-attr]
+        size = len(view)
         filled = 0
         eof = False
         while True:
             try:
-                n = read(READ_CHUNK - filled, view[filled:])
+                n = read(size - filled, view[filled:])
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -359,7 +387,7 @@ class TlsLeg(Leg):
                 eof = True
                 break
             filled += n
-            if filled == READ_CHUNK:
+            if filled == size:
                 self._deliver_plain(view, filled)
                 filled = 0
                 if self.transport is None or self.transport.is_closing():

@@ -147,7 +147,8 @@ class Stream(Leg):
             self._pending_closed = (exc,)
 
     def update_writer_blocked(self) -> None:
-        blocked = bool(self._queued) or self.session.tunnel_blocked
+        # window used up: stop the application before it hands over data that would have to wait (and be copied)
+        blocked = bool(self._queued) or self.send_window <= 0 or self.session.tunnel_blocked
         if blocked != self._writer_blocked and self.receiver is not None:
             self._writer_blocked = blocked
             if blocked:
