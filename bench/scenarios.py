@@ -159,11 +159,17 @@ def capture(world: World, settings: Settings, tcpmesh: Path_, direct: Path_) -> 
 def _bpf_per_variant(world: World, tcpmesh: Path_, settings: Settings, run, captured_v: tuple,
                      straight_v: tuple) -> dict:
     """BPF run time per connection of each variant alone (``bpf``: captured, ``bpf_straight``), and
-    ``bpf_capture_ns_per_connection``, the difference. Empty values where statistics are unavailable."""
-    out: dict = {"bpf": None, "bpf_straight": None, "bpf_capture_ns_per_connection": None}
+    ``bpf_capture_ns_per_connection``, the difference. ``bpf_pod_capture_ns_per_connection`` is that
+    difference for the pod's own programs only (connect4, the guard, sockops, cgroup_skb,
+    getpeername): the capture work proper, without the proxy-side programs (telemetry, the
+    getsockopt hook) that run more often for the captured variant only because its connection
+    carries an exchange through the tunnel. Empty values where statistics are unavailable."""
+    out: dict = {"bpf": None, "bpf_straight": None, "bpf_capture_ns_per_connection": None,
+                 "bpf_pod_capture_ns_per_connection": None}
     names = _capture_programs(world, tcpmesh)
     if not names:
         return out
+    pod_names = set(_capture_programs(world, tcpmesh, proxy=False).values())
     pairs = max(25, settings.capture_connects // 4)  # connect2 makes two connects per pair
     with bpfstats.enabled() as stats_on:
         if not stats_on:
@@ -176,16 +182,21 @@ def _bpf_per_variant(world: World, tcpmesh: Path_, settings: Settings, run, capt
     if out["bpf"] and out["bpf_straight"]:
         out["bpf_capture_ns_per_connection"] = round(out["bpf"]["ns_per_connection"]
                                                      - out["bpf_straight"]["ns_per_connection"], 1)
+        pod = [sum(e["ns"] for n, e in out[k]["programs"].items() if n in pod_names) / out[k]["connections"]
+               for k in ("bpf", "bpf_straight") if out[k]["connections"]]
+        if len(pod) == 2:
+            out["bpf_pod_capture_ns_per_connection"] = round(pod[0] - pod[1], 1)
     return out
 
 
-def _capture_programs(world: World, tcpmesh: Path_) -> dict[int, str]:
+def _capture_programs(world: World, tcpmesh: Path_, proxy: bool = True) -> dict[int, str]:
     """The tcpmesh programs a captured connection meets: the pod cgroup's (and the guard it inherits)
-    and the getsockopt hook on node1's agent cgroup, which answers the proxy's origin lookup."""
+    and, with ``proxy``, those on node1's agent cgroup (the getsockopt hook, which answers the
+    proxy's origin lookup, and the proxy's sockops)."""
     if not bpfstats.available():
         return {}
     try:
-        return bpfstats.programs([tcpmesh.client_cgroup, world.node1.agent_cgroup])
+        return bpfstats.programs([tcpmesh.client_cgroup] + ([world.node1.agent_cgroup] if proxy else []))
     except (RuntimeError, OSError, ValueError):
         return {}
 
