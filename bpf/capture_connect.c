@@ -141,19 +141,81 @@ static __always_inline int tcpmesh_watch_state(struct bpf_sock_addr *ctx)
 	return bpf_setsockopt(ctx, TCPMESH_SOL_TCP, TCPMESH_TCP_BPF_SOCK_OPS_CB_FLAGS, &flags, sizeof(flags));
 }
 
-/* connect4/6: the origin goes under the socket's cookie, into a preallocated map (no allocation
- * on the connect path). A later captured connect() of the same socket overwrites it. */
+/* The socket's slot in tcpmesh_sock_slots if it owns it, else NULL. Only the owner writes a slot,
+ * and the owner's hooks run under its socket's lock: what it reads there is its own record. */
+static __always_inline struct tcpmesh_sock_slot *tcpmesh_own_slot(__u64 cookie)
+{
+	int index = cookie & (TCPMESH_SOCK_SLOTS - 1);
+	struct tcpmesh_sock_slot *slot;
+
+	if (!TCPMESH_CONNECT_CB_FLAGS)
+		return 0;
+	slot = tcpmesh_sock_slots.lookup(&index);
+	if (!slot || slot->owner != cookie)
+		return 0;
+	return slot;
+}
+
+/* The socket's slot, taken now if it is free (compare-and-swap 0 -> cookie: two sockets whose
+ * cookies share a slot cannot both win), or NULL: another live socket owns it. */
+static __always_inline struct tcpmesh_sock_slot *tcpmesh_take_slot(__u64 cookie)
+{
+	int index = cookie & (TCPMESH_SOCK_SLOTS - 1);
+	struct tcpmesh_sock_slot *slot;
+
+	if (!TCPMESH_CONNECT_CB_FLAGS)
+		return 0;
+	slot = tcpmesh_sock_slots.lookup(&index);
+	if (!slot)
+		return 0;
+	if (slot->owner != cookie && __sync_val_compare_and_swap(&slot->owner, 0, cookie) != 0) {
+		tcpmesh_count(TCPMESH_R_SLOT_TAKEN);
+		return 0;
+	}
+	return slot;
+}
+
+/* Give the socket's record up: its slot back (the compare-and-swap orders it after every write of
+ * the record), or its LRU entry. Returns 0 if there was one. */
+static __always_inline int tcpmesh_forget(__u64 cookie)
+{
+	struct tcpmesh_sock_slot *slot = tcpmesh_own_slot(cookie);
+
+	if (slot) {
+		__sync_val_compare_and_swap(&slot->owner, cookie, 0);
+		return 0;
+	}
+	return tcpmesh_cookie_origin.delete(&cookie);
+}
+
+/* The socket's record: its slot, or (slot taken, or before Linux 6.12) its tcpmesh_cookie_origin entry. */
+static __always_inline struct tcpmesh_origin *tcpmesh_origin_of(__u64 cookie)
+{
+	struct tcpmesh_sock_slot *slot = tcpmesh_own_slot(cookie);
+
+	if (slot)
+		return &slot->origin;
+	return tcpmesh_cookie_origin.lookup(&cookie);
+}
+
+/* connect4/6: the origin goes into the socket's slot (no hashing, no allocation), or under its
+ * cookie into a preallocated LRU. A later captured connect() of the same socket overwrites it. */
 static __always_inline int tcpmesh_record_origin(struct bpf_sock_addr *ctx, __u32 dst, __u64 cookie)
 {
+	struct tcpmesh_sock_slot *slot = tcpmesh_take_slot(cookie);
 	struct tcpmesh_origin origin = {};
 
-	tcpmesh_fill_origin(ctx, dst, cookie, &origin);
-	if (tcpmesh_cookie_origin.update(&cookie, &origin) != 0) {
-		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
-		return -ENOMEM;
+	if (slot) {
+		tcpmesh_fill_origin(ctx, dst, cookie, &slot->origin);
+	} else {
+		tcpmesh_fill_origin(ctx, dst, cookie, &origin);
+		if (tcpmesh_cookie_origin.update(&cookie, &origin) != 0) {
+			tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
+			return -ENOMEM;
+		}
 	}
 	if (tcpmesh_watch_state(ctx) != 0 && TCPMESH_CONNECT_CB_FLAGS) {
-		tcpmesh_cookie_origin.delete(&cookie);
+		tcpmesh_forget(cookie);
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 		return -EINVAL;
 	}
@@ -200,7 +262,7 @@ static __always_inline int tcpmesh_publish_established(struct bpf_sock_ops *skop
 	if (TCPMESH_CONNECT_CB_FLAGS && !(skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
 		return 0; /* connect4/6 flag every socket they capture: dialled the redirect address itself */
 	cookie = bpf_get_socket_cookie(skops);
-	origin = tcpmesh_cookie_origin.lookup(&cookie);
+	origin = tcpmesh_origin_of(cookie);
 	if (!origin)
 		return 0; /* dialled the redirect address itself: no record, the proxy refuses it */
 	if (!TCPMESH_CONNECT_CB_FLAGS && !(skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
@@ -217,9 +279,7 @@ static __always_inline int tcpmesh_publish_established(struct bpf_sock_ops *skop
 /* Pod sockops STATE_CB (captured sockets only) at TCP_CLOSE: the socket's record goes with it. */
 static __always_inline void tcpmesh_forget_closed(struct bpf_sock_ops *skops)
 {
-	__u64 cookie = bpf_get_socket_cookie(skops);
-
-	if (tcpmesh_cookie_origin.delete(&cookie) == 0)
+	if (tcpmesh_forget(bpf_get_socket_cookie(skops)) == 0)
 		tcpmesh_count(TCPMESH_R_ORIGIN_CLOSED);
 }
 
@@ -255,7 +315,7 @@ static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx
 	if (!tcpmesh_peer_is_redirect(ctx, mapped))
 		return;
 	cookie = bpf_get_socket_cookie(ctx);
-	origin = tcpmesh_cookie_origin.lookup(&cookie);
+	origin = tcpmesh_origin_of(cookie);
 	if (!origin)
 		return;
 	tcpmesh_set_peer(ctx, mapped, origin->dst_ip4, origin->dst_port);

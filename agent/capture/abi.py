@@ -52,6 +52,7 @@ REASONS: tuple[str, ...] = (
     "plaintext_accepted",  # inbound: a SYN from outside the mesh let in (PERMISSIVE pod)
     "origin_claimed",      # getsockopt: the record was answered and deleted (one answer per connection)
     "origin_closed",       # sockops: a captured socket closed, its record deleted
+    "slot_taken",          # connect4/6: the socket's slot belongs to a live socket: record in the LRU instead
 )
 INBOUND_PERMISSIVE = 1
 INBOUND_STRICT = 2
@@ -103,6 +104,16 @@ class OriginStruct(ctypes.Structure):
     ]
 
 
+class SockSlot(ctypes.Structure):
+    """struct tcpmesh_sock_slot: value of tcpmesh_sock_slots (slot = cookie & (SOCK_SLOTS - 1))."""
+
+    _fields_ = [
+        ("owner", ctypes.c_uint64),      # socket cookie of the owner, 0 = free
+        ("origin", OriginStruct),
+        ("pad", ctypes.c_uint64),
+    ]
+
+
 class PeerKey(ctypes.Structure):
     """struct tcpmesh_peer_key: key of tcpmesh_peer_origin (one connection: client ip/port + both ISNs)."""
 
@@ -151,6 +162,7 @@ class Plaintext(ctypes.Structure):
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "tcpmesh_sockaddr_in": SockaddrIn,
     "tcpmesh_origin": OriginStruct,
+    "tcpmesh_sock_slot": SockSlot,
     "tcpmesh_peer_key": PeerKey,
     "tcpmesh_cidr_key": CidrKey,
     "tcpmesh_cidr_value": CidrValue,
@@ -161,6 +173,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 # Map name -> (key mirror, value mirror); the value of a per-CPU array is one CPU's slot.
 # Every map here is pinned in the maps directory.
 MAPS: dict[str, tuple[type, type]] = {
+    "tcpmesh_sock_slots": (ctypes.c_int, SockSlot),
     "tcpmesh_cookie_origin": (ctypes.c_uint64, OriginStruct),
     "tcpmesh_peer_origin": (PeerKey, OriginStruct),
     "tcpmesh_capture_cidrs": (CidrKey, CidrValue),

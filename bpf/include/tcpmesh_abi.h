@@ -22,9 +22,10 @@
  * 3: origins in socket storage (tcpmesh_sock_origin); tcpmesh_peer_key carries both sequence
  *    numbers of the handshake, so a record answers only for the connection it was made for, once;
  *    reason 20; reason 7 no longer counted.
- * 4: origins in a preallocated LRU keyed by socket cookie (tcpmesh_cookie_origin; no allocation at
- *    connect), deleted when the socket closes (sockops STATE_CB, on for captured sockets only);
- *    tcpmesh_sock_origin gone; reason 21. struct tcpmesh_origin is unchanged: records of ABI 3 and 4
+ * 4: origins in a slot array indexed by socket cookie (tcpmesh_sock_slots), or where a slot is taken
+ *    in a preallocated LRU keyed by socket cookie (tcpmesh_cookie_origin): no allocation and no
+ *    hashing at connect; released when the socket closes (sockops STATE_CB, on for captured
+ *    sockets only); tcpmesh_sock_origin gone; reason 21, 22. struct tcpmesh_origin is unchanged: records of ABI 3 and 4
  *    have the same layout (TCPMESH_ORIGIN_LAYOUT_SINCE). */
 #define TCPMESH_ABI_VERSION 4
 /* The first ABI version whose struct tcpmesh_origin has the layout below: a reader accepts records
@@ -78,6 +79,19 @@ struct tcpmesh_origin {
 };                      /* 48 bytes */
 
 /* ---- map keys and values ------------------------------------------------------------------ */
+
+/*
+ * Value of tcpmesh_sock_slots, the per-socket record of a captured client socket: slot
+ * (cookie & (TCPMESH_SOCK_SLOTS - 1)), owned by the socket whose cookie is in ``owner``. A socket
+ * takes a free slot with an atomic compare-and-swap (0 -> its cookie) and gives it back at its
+ * TCP_CLOSE; only the owner writes it, and every access by the owner runs under its socket's
+ * lock, so a reader that finds its own cookie in ``owner`` reads a record nobody else changes.
+ */
+struct tcpmesh_sock_slot {
+	__u64 owner;                  /*  0: socket cookie of the owner, 0 = free */
+	struct tcpmesh_origin origin; /*  8 */
+	__u64 pad;                    /* 56: always 0 (one 64-byte line per slot) */
+};                                /* 64 bytes */
 
 /*
  * Key of tcpmesh_peer_origin: one TCP connection from a pod to the redirect address. The client's
@@ -164,7 +178,9 @@ enum tcpmesh_reason {
 	TCPMESH_R_ORIGIN_CLAIMED = 20,     /* getsockopt: the record was answered and deleted (one answer
 	                                      per connection) */
 	TCPMESH_R_ORIGIN_CLOSED = 21,      /* sockops: a captured socket closed, its record deleted */
-	TCPMESH_R_MAX = 22,
+	TCPMESH_R_SLOT_TAKEN = 22,         /* connect4/6: the socket's slot belongs to a live socket: its
+	                                      record went to the LRU instead */
+	TCPMESH_R_MAX = 23,
 };
 
 /* Entries of the tcpmesh_counters map: room for appended reasons without changing the map. */

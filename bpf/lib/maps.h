@@ -36,8 +36,28 @@
 #endif
 #define TCPMESH_NO_PREALLOC 1 /* BPF_F_NO_PREALLOC, required by LPM tries */
 
+#ifndef TCPMESH_SOCK_SLOTS
+#define TCPMESH_SOCK_SLOTS 65536 /* a power of two: a slot is cookie & (TCPMESH_SOCK_SLOTS - 1) */
+#endif
+
 /*
- * tcpmesh_cookie_origin: socket cookie -> struct tcpmesh_origin, for captured client sockets.
+ * tcpmesh_sock_slots: array of struct tcpmesh_sock_slot, the per-socket record of captured client
+ * sockets, slot = cookie & (TCPMESH_SOCK_SLOTS - 1): no hashing, no lock, no allocation, and the
+ * sockets a CPU creates one after another get neighbouring cookies, so neighbouring slots.
+ *   writer:   cgroup/connect4 and connect6 on a pod cgroup, when they capture a connect(): the
+ *             socket takes its slot (compare-and-swap 0 -> cookie) or already owns it; a slot owned
+ *             by another live socket sends the record to tcpmesh_cookie_origin (slot_taken).
+ *   readers:  as tcpmesh_cookie_origin; a reader trusts a slot only if ``owner`` is its cookie.
+ *   eviction: the owner gives it back at TCP_CLOSE (pod sockops, state callback). A socket whose
+ *             connect() failed before its SYN keeps it until it connects again and closes.
+ *             Used only where connect4/6 can turn the state callback on (TCPMESH_CONNECT_CB_FLAGS,
+ *             Linux >= 6.12): without it a refused handshake would never give its slot back.
+ */
+TCPMESH_MAP("array", int, struct tcpmesh_sock_slot, tcpmesh_sock_slots, TCPMESH_SOCK_SLOTS, 0);
+
+/*
+ * tcpmesh_cookie_origin: socket cookie -> struct tcpmesh_origin, for captured client sockets whose
+ * slot in tcpmesh_sock_slots is taken (or every captured socket before Linux 6.12).
  *   writer:   cgroup/connect4 and connect6 on a pod cgroup, when they capture a connect() (an
  *             update into a preallocated map: no allocation on the connect path).
  *   readers:  pod sockops (at TCP_CONNECT_CB: turn on the state callback for this socket; at

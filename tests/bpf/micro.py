@@ -151,7 +151,9 @@ def measure(connects: int, blocks: int, max_connections: int = 65536) -> dict:
                     for entry in programs.values():
                         entry["runs_per_connection"] = entry["runs"] / max(loop["ok"], 1)
                     samples[variant].append({"loop": loop, "programs": programs})
-        return _summary(samples, acceptor.origins)
+        result = _summary(samples, acceptor.origins)
+        result["counters"] = {k: v for k, v in capture.counters().items() if v}
+        return result
     finally:
         if acceptor is not None:
             acceptor.close()
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"  {name:16s} {r['median']:8.1f} ns/run ({r['min']}-{r['max']}) x {p['runs_per_connection']}")
     print(f"capture work, pod side: {result['capture_pod_side_ns_per_connection']} ns per connection; "
-          f"origins read by the listener: {result['origins_read']}")
+          f"origins read by the listener: {result['origins_read']}; counters: {result['counters']}")
     return 0
 
 

@@ -15,6 +15,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from agent.errors import ConfigError
 from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, socket_in
 
 REMOTE = ("10.77.2.10", 5432)
+SO_COOKIE = 57
 TCP_CLOSE_WAIT = 8
 NOT_CAPTURED_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ETIMEDOUT, None}
 
@@ -305,24 +307,72 @@ def wait_for(predicate, timeout: float = 3.0) -> bool:
     return True
 
 
+SLOTS = "tcpmesh_sock_slots"
+SLOT_COUNT = 65536  # TCPMESH_SOCK_SLOTS
+
+
+def slot_owner(capture, cookie: int) -> int:
+    pinned = capture.pinned()
+    raw = pinned.libbpf.map_lookup(pinned.map_fd(SLOTS), bytes(ctypes.c_int(cookie % SLOT_COUNT)),
+                                   ctypes.sizeof(abi.SockSlot), SLOTS)
+    return abi.SockSlot.from_buffer_copy(raw).owner
+
+
+def set_every_slot_owner(capture, owner: int) -> None:
+    pinned = capture.pinned()
+    value = bytes(abi.SockSlot(owner=owner))
+    for index in range(SLOT_COUNT):
+        pinned.libbpf.map_update(pinned.map_fd(SLOTS), bytes(ctypes.c_int(index)), value, SLOTS)
+
+
 def test_records_do_not_outlive_their_connections(attached, topology, cgroups, proxy_listener):
     """Every captured connection's hand-over record is deleted with the proxy's one answer, and its
-    per-socket record when the socket closes: neither map grows with short connections."""
+    per-socket record (its slot, or its LRU entry) is given up when the socket closes: nothing
+    grows with short connections."""
     before, counters = {n: records(attached, n) for n in ("tcpmesh_peer_origin", "tcpmesh_cookie_origin")}, \
         attached.counters()
+    cookies = []
     for _ in range(50):
         with connect_from(topology, cgroups["pod"], REMOTE):
             conn = accept(proxy_listener)
             assert conn is not None
             with conn:
-                assert read_original_dst(conn) == REMOTE
+                origin = read_origin(conn)
+                assert origin is not None and (origin.dst_ip, origin.dst_port) == REMOTE
+                cookies.append(origin.cookie)
+                assert slot_owner(attached, origin.cookie) == origin.cookie  # the record is in its slot
     assert records(attached, "tcpmesh_peer_origin") <= before["tcpmesh_peer_origin"]
     # the client closed first: its socket reaches TCP_CLOSE when it enters TIME_WAIT
-    assert wait_for(lambda: records(attached, "tcpmesh_cookie_origin") <= before["tcpmesh_cookie_origin"]), \
-        records(attached, "tcpmesh_cookie_origin")
+    assert wait_for(lambda: all(slot_owner(attached, c) == 0 for c in cookies)), \
+        [c for c in cookies if slot_owner(attached, c)]
+    assert records(attached, "tcpmesh_cookie_origin") <= before["tcpmesh_cookie_origin"]
     changes = delta(counters, attached.counters())
-    assert changes.get("captured") == changes.get("origin_claimed") == changes.get("origdst_answered") == 50
-    assert changes.get("origin_closed") == 50
+    assert changes.get("captured") == changes.get("origin_claimed") == changes.get("origin_answered") == 50
+    assert changes.get("origin_closed") == 50 and "slot_taken" not in changes
+
+
+def test_a_socket_whose_slot_is_taken_keeps_its_record_in_the_lru(attached, topology, cgroups, proxy_listener):
+    """Two live sockets whose cookies share a slot: the second one's record goes to
+    tcpmesh_cookie_origin and serves the proxy, getpeername and the delete at close alike. (Every
+    slot is made to look taken by a socket that is not there.)"""
+    before, counters = records(attached, "tcpmesh_cookie_origin"), attached.counters()
+    set_every_slot_owner(attached, 1)
+    try:
+        with connect_from(topology, cgroups["pod"], REMOTE) as client:
+            assert records(attached, "tcpmesh_cookie_origin") == before + 1
+            assert client.getpeername() == REMOTE
+            conn = accept(proxy_listener)
+            assert conn is not None
+            with conn:
+                origin = read_origin(conn)
+                assert origin is not None and (origin.dst_ip, origin.dst_port) == REMOTE
+                assert slot_owner(attached, origin.cookie) == 1  # untouched
+        assert wait_for(lambda: records(attached, "tcpmesh_cookie_origin") <= before)
+    finally:
+        set_every_slot_owner(attached, 0)
+    changes = delta(counters, attached.counters())
+    assert changes.get("slot_taken") == 1 and changes.get("origin_closed") == 1
+    assert changes.get("origin_answered") == 1
 
 
 def test_a_refused_handshake_leaves_no_record(attached, topology, cgroups, proxy_listener):
@@ -331,8 +381,12 @@ def test_a_refused_handshake_leaves_no_record(attached, topology, cgroups, proxy
     proxy_listener.close()
     before, counters = records(attached, "tcpmesh_cookie_origin"), attached.counters()
     for _ in range(5):
-        with pytest.raises(ConnectionRefusedError):
-            connect_from(topology, cgroups["pod"], REMOTE)
+        sock = socket_in(topology.ns_path(topology.pod_ns), cgroups["pod"])
+        with sock:
+            with pytest.raises(ConnectionRefusedError):
+                sock.connect(REMOTE)
+            cookie = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), sys.byteorder)
+            assert slot_owner(attached, cookie) == 0  # given back with the failed handshake
     assert records(attached, "tcpmesh_cookie_origin") <= before
     changes = delta(counters, attached.counters())
     assert changes.get("captured") == changes.get("origin_closed") == 5
