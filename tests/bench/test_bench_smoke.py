@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,15 +27,15 @@ DATAPATH_ONLY = {f.key for f in FIGURES if not f.vs_direct}
 LIMIT_SECONDS = 150  # a generous bound for a busy shared machine; it takes well under a minute when idle
 
 
-def _lab_namespaces() -> set[str]:
-    return {n for n in os.listdir("/run/netns") if n.startswith("tcpmesh-bench-")} if os.path.isdir("/run/netns") else set()
+def _namespaces_of(lab: str) -> set[str]:
+    """The network namespaces of one lab (other benches may run on the machine at the same time)."""
+    return {n for n in os.listdir("/run/netns") if n.startswith(f"{lab}-")} if os.path.isdir("/run/netns") else set()
 
 
 def test_quick_bench_produces_every_figure_for_every_path(bpf_capable, tmp_path):
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         skip_or_fail(f"the benchmark needs {', '.join(missing)}: `make setup` installs them")
-    before = _lab_namespaces()
     chart = [] if importlib.util.find_spec("matplotlib") else ["--no-chart"]
     proc = subprocess.Popen([sys.executable, "-m", "bench", *TINY, *chart, "--out-dir", str(tmp_path)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -68,4 +69,6 @@ def test_quick_bench_produces_every_figure_for_every_path(bpf_capable, tmp_path)
     assert "| figure | direct | tcpmesh | stunnel | haproxy |" in markdown
     if chart == []:
         assert Path(results["chart"]).stat().st_size > 0
-    assert _lab_namespaces() <= before, "the benchmark left lab namespaces behind"
+    lab = re.search(r"lab (\S+): up", stderr)
+    assert lab, f"the bench did not name its lab; stderr:\n{stderr[-3000:]}"
+    assert _namespaces_of(lab.group(1)) == set(), "the benchmark left its lab namespaces behind"
