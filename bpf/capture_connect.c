@@ -247,6 +247,68 @@ static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, in
 	return TCPMESH_ALLOW;
 }
 
+static __always_inline int tcpmesh_handover_index(const struct tcpmesh_peer_key *key)
+{
+	return (key->client_seq ^ key->server_seq) & (TCPMESH_HANDOVER_SLOTS - 1);
+}
+
+static __always_inline int tcpmesh_same_key(const struct tcpmesh_peer_key *a, const struct tcpmesh_peer_key *b)
+{
+	return a->ip4 == b->ip4 && a->port == b->port && a->client_seq == b->client_seq &&
+	       a->server_seq == b->server_seq;
+}
+
+/* Pod sockops: the record into the connection's hand-over slot (FREE -> WRITING -> READY), or -1
+ * when the slot is in use. The compare-and-swaps order every write of the slot before READY. */
+static __always_inline int tcpmesh_publish_slot(const struct tcpmesh_peer_key *key, const struct tcpmesh_origin *origin)
+{
+	int index = tcpmesh_handover_index(key);
+	struct tcpmesh_handover_slot *slot;
+	__u64 now;
+
+	if (!TCPMESH_CONNECT_CB_FLAGS)
+		return -1;
+	slot = tcpmesh_handover_slots.lookup(&index);
+	if (!slot)
+		return -1;
+	now = bpf_ktime_get_ns();
+	if (__sync_val_compare_and_swap(&slot->state, TCPMESH_HO_FREE, TCPMESH_HO_WRITING) != TCPMESH_HO_FREE) {
+		if (slot->state != TCPMESH_HO_READY || now - slot->stamp < TCPMESH_HANDOVER_TTL_NS ||
+		    __sync_val_compare_and_swap(&slot->state, TCPMESH_HO_READY, TCPMESH_HO_WRITING) != TCPMESH_HO_READY) {
+			tcpmesh_count(TCPMESH_R_HANDOVER_SLOT_TAKEN);
+			return -1;
+		}
+		tcpmesh_count(TCPMESH_R_HANDOVER_RECLAIMED);
+	}
+	slot->stamp = now;
+	slot->key = *key;
+	__builtin_memcpy(&slot->origin, origin, sizeof(slot->origin));
+	__sync_val_compare_and_swap(&slot->state, TCPMESH_HO_WRITING, TCPMESH_HO_READY);
+	return 0;
+}
+
+/* getsockopt: the slot holding this connection's record, now ANSWERING (ours alone), or NULL. The
+ * key is checked again once the slot is ours: before, another connection's reader or writer may
+ * have been changing it. */
+static __always_inline struct tcpmesh_handover_slot *tcpmesh_claim_slot(const struct tcpmesh_peer_key *key)
+{
+	int index = tcpmesh_handover_index(key);
+	struct tcpmesh_handover_slot *slot;
+
+	if (!TCPMESH_CONNECT_CB_FLAGS)
+		return 0;
+	slot = tcpmesh_handover_slots.lookup(&index);
+	if (!slot || slot->state != TCPMESH_HO_READY || !tcpmesh_same_key(&slot->key, key))
+		return 0;
+	if (__sync_val_compare_and_swap(&slot->state, TCPMESH_HO_READY, TCPMESH_HO_ANSWERING) != TCPMESH_HO_READY)
+		return 0;
+	if (!tcpmesh_same_key(&slot->key, key)) {
+		__sync_val_compare_and_swap(&slot->state, TCPMESH_HO_ANSWERING, TCPMESH_HO_READY);
+		return 0;
+	}
+	return slot;
+}
+
 /* Pod sockops at ACTIVE_ESTABLISHED: publish a captured socket's record for the proxy's side. */
 static __always_inline int tcpmesh_publish_established(struct bpf_sock_ops *skops)
 {
@@ -268,6 +330,10 @@ static __always_inline int tcpmesh_publish_established(struct bpf_sock_ops *skop
 	if (!TCPMESH_CONNECT_CB_FLAGS && !(skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	tcpmesh_peer_key_of_client(skops, &key);
+	if (tcpmesh_publish_slot(&key, origin) == 0) {
+		tcpmesh_count(TCPMESH_R_REKEYED);
+		return 0;
+	}
 	if (tcpmesh_peer_origin.update(&key, origin) != 0) {
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 		return -ENOMEM;
@@ -289,11 +355,23 @@ static __always_inline void tcpmesh_forget_closed(struct bpf_sock_ops *skops)
 static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
 {
 	struct tcpmesh_peer_key key = {};
+	struct tcpmesh_handover_slot *slot;
 	struct tcpmesh_origin *origin;
 	int reason;
 
 	if (tcpmesh_peer_key_of_accepted(ctx->sk, &key) != 0) {
 		tcpmesh_count(TCPMESH_R_ORIGIN_MISSING);
+		return;
+	}
+	slot = tcpmesh_claim_slot(&key);
+	if (slot) {
+		reason = tcpmesh_answer(ctx, &slot->origin);
+		tcpmesh_count(reason);
+		/* a short buffer consumes nothing: READY again for the next question */
+		__sync_val_compare_and_swap(&slot->state, TCPMESH_HO_ANSWERING,
+					    reason == TCPMESH_R_OPTLEN_SHORT ? TCPMESH_HO_READY : TCPMESH_HO_FREE);
+		if (reason != TCPMESH_R_OPTLEN_SHORT)
+			tcpmesh_count(TCPMESH_R_ORIGIN_CLAIMED);
 		return;
 	}
 	origin = tcpmesh_peer_origin.lookup(&key);

@@ -53,7 +53,10 @@ REASONS: tuple[str, ...] = (
     "origin_claimed",      # getsockopt: the record was answered and deleted (one answer per connection)
     "origin_closed",       # sockops: a captured socket closed, its record deleted
     "slot_taken",          # connect4/6: the socket's slot belongs to a live socket: record in the LRU instead
+    "handover_slot_taken",  # sockops: the connection's hand-over slot was in use: record in tcpmesh_peer_origin
+    "handover_reclaimed",  # sockops: a hand-over slot unanswered for TCPMESH_HANDOVER_TTL_NS was reused
 )
+HO_FREE, HO_WRITING, HO_READY, HO_ANSWERING = 0, 1, 2, 3  # enum tcpmesh_handover_state
 INBOUND_PERMISSIVE = 1
 INBOUND_STRICT = 2
 REASON_CODES: dict[str, int] = {name: code for code, name in enumerate(REASONS)}
@@ -71,6 +74,10 @@ C_CONSTANTS: dict[str, int] = {
     "TCPMESH_CIDR_BYPASS": CIDR_BYPASS,
     "TCPMESH_CIDR_CAPTURE": CIDR_CAPTURE,
     "TCPMESH_INBOUND_PERMISSIVE": INBOUND_PERMISSIVE,
+    "TCPMESH_HO_FREE": HO_FREE,
+    "TCPMESH_HO_WRITING": HO_WRITING,
+    "TCPMESH_HO_READY": HO_READY,
+    "TCPMESH_HO_ANSWERING": HO_ANSWERING,
     "TCPMESH_INBOUND_STRICT": INBOUND_STRICT,
     "TCPMESH_R_MAX": REASON_MAX,
     "TCPMESH_R_SLOTS": REASON_SLOTS,
@@ -126,6 +133,17 @@ class PeerKey(ctypes.Structure):
     ]
 
 
+class HandoverSlot(ctypes.Structure):
+    """struct tcpmesh_handover_slot: value of tcpmesh_handover_slots (slot = (client_seq ^ server_seq) & mask)."""
+
+    _fields_ = [
+        ("state", ctypes.c_uint64),      # HO_FREE / HO_WRITING / HO_READY / HO_ANSWERING
+        ("stamp", ctypes.c_uint64),      # bpf_ktime_get_ns() when it became READY
+        ("key", PeerKey),
+        ("origin", OriginStruct),
+    ]
+
+
 class CidrKey(ctypes.Structure):
     """struct tcpmesh_cidr_key: key of the LPM trie tcpmesh_capture_cidrs."""
 
@@ -164,6 +182,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "tcpmesh_origin": OriginStruct,
     "tcpmesh_sock_slot": SockSlot,
     "tcpmesh_peer_key": PeerKey,
+    "tcpmesh_handover_slot": HandoverSlot,
     "tcpmesh_cidr_key": CidrKey,
     "tcpmesh_cidr_value": CidrValue,
     "tcpmesh_flow4": Flow4,
@@ -175,6 +194,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 MAPS: dict[str, tuple[type, type]] = {
     "tcpmesh_sock_slots": (ctypes.c_int, SockSlot),
     "tcpmesh_cookie_origin": (ctypes.c_uint64, OriginStruct),
+    "tcpmesh_handover_slots": (ctypes.c_int, HandoverSlot),
     "tcpmesh_peer_origin": (PeerKey, OriginStruct),
     "tcpmesh_capture_cidrs": (CidrKey, CidrValue),
     "tcpmesh_counters": (ctypes.c_int, ctypes.c_uint64),

@@ -25,7 +25,8 @@
  * 4: origins in a slot array indexed by socket cookie (tcpmesh_sock_slots), or where a slot is taken
  *    in a preallocated LRU keyed by socket cookie (tcpmesh_cookie_origin): no allocation and no
  *    hashing at connect; released when the socket closes (sockops STATE_CB, on for captured
- *    sockets only); tcpmesh_sock_origin gone; reason 21, 22. struct tcpmesh_origin is unchanged: records of ABI 3 and 4
+ *    sockets only); the hand-over in a slot array too (tcpmesh_handover_slots), tcpmesh_peer_origin
+ *    where a slot is in use; tcpmesh_sock_origin gone; reasons 21-24. struct tcpmesh_origin is unchanged: records of ABI 3 and 4
  *    have the same layout (TCPMESH_ORIGIN_LAYOUT_SINCE). */
 #define TCPMESH_ABI_VERSION 4
 /* The first ABI version whose struct tcpmesh_origin has the layout below: a reader accepts records
@@ -109,6 +110,27 @@ struct tcpmesh_peer_key {
 	__u32 server_seq;   /* 12: proxy's initial sequence number + 1, host order */
 };                      /* 16 bytes */
 
+/*
+ * Value of tcpmesh_handover_slots: the hand-over record of one connection in slot
+ * (client_seq ^ server_seq) & (TCPMESH_HANDOVER_SLOTS - 1). ``state`` moves FREE -> WRITING ->
+ * READY (pod sockops at ACTIVE_ESTABLISHED) -> ANSWERING -> FREE (the getsockopt hook of the
+ * accepted socket whose rebuilt key equals ``key``), each step a compare-and-swap, so exactly one
+ * writer fills a slot and exactly one reader answers from it, once.
+ */
+enum tcpmesh_handover_state {
+	TCPMESH_HO_FREE = 0,
+	TCPMESH_HO_WRITING = 1,
+	TCPMESH_HO_READY = 2,
+	TCPMESH_HO_ANSWERING = 3,
+};
+
+struct tcpmesh_handover_slot {
+	__u64 state;                  /*  0: enum tcpmesh_handover_state (64 bits: BPF compare-and-swap) */
+	__u64 stamp;                  /*  8: bpf_ktime_get_ns() when it became READY */
+	struct tcpmesh_peer_key key;  /* 16 */
+	struct tcpmesh_origin origin; /* 32 */
+};                                /* 80 bytes */
+
 /* Key of the LPM trie tcpmesh_capture_cidrs (the layout struct bpf_lpm_trie_key requires). */
 struct tcpmesh_cidr_key {
 	__u32 prefixlen;    /* 0: 0..32 */
@@ -180,7 +202,11 @@ enum tcpmesh_reason {
 	TCPMESH_R_ORIGIN_CLOSED = 21,      /* sockops: a captured socket closed, its record deleted */
 	TCPMESH_R_SLOT_TAKEN = 22,         /* connect4/6: the socket's slot belongs to a live socket: its
 	                                      record went to the LRU instead */
-	TCPMESH_R_MAX = 23,
+	TCPMESH_R_HANDOVER_SLOT_TAKEN = 23, /* sockops: the connection's hand-over slot was in use: the
+	                                      record went to tcpmesh_peer_origin instead */
+	TCPMESH_R_HANDOVER_RECLAIMED = 24, /* sockops: a hand-over slot nobody answered within
+	                                      TCPMESH_HANDOVER_TTL_NS was reused (its proxy was gone) */
+	TCPMESH_R_MAX = 25,
 };
 
 /* Entries of the tcpmesh_counters map: room for appended reasons without changing the map. */

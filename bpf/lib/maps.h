@@ -74,11 +74,32 @@ TCPMESH_MAP("array", int, struct tcpmesh_sock_slot, tcpmesh_sock_slots, TCPMESH_
  */
 TCPMESH_MAP("lru_hash", __u64, struct tcpmesh_origin, tcpmesh_cookie_origin, TCPMESH_MAX_CONNS, 0);
 
+#ifndef TCPMESH_HANDOVER_SLOTS
+#define TCPMESH_HANDOVER_SLOTS 16384 /* a power of two; holds connections the proxy has not asked about yet */
+#endif
+#define TCPMESH_HANDOVER_TTL_NS (30ull * 1000000000ull) /* READY longer than this: its proxy is gone */
+
+/*
+ * tcpmesh_handover_slots: array of struct tcpmesh_handover_slot, the hand-over of a captured
+ * connection's record from the client socket to the proxy's accepted socket, slot =
+ * (client_seq ^ server_seq) & (TCPMESH_HANDOVER_SLOTS - 1): both ISNs are random, so slots are
+ * spread evenly, found without hashing or locks.
+ *   writer:   pod sockops at ACTIVE_ESTABLISHED (FREE -> WRITING -> READY); a slot in use sends
+ *             the record to tcpmesh_peer_origin (handover_slot_taken).
+ *   reader:   cgroup/getsockopt on the proxy's accepted socket: READY with its own key ->
+ *             ANSWERING -> FREE with the answer (one answer per connection).
+ *   eviction: given back with the answer. A READY slot older than TCPMESH_HANDOVER_TTL_NS (the
+ *             proxy that should have asked is gone, e.g. killed with connections in its accept
+ *             queue) is reused by the next writer that needs it (handover_reclaimed).
+ */
+TCPMESH_MAP("array", int, struct tcpmesh_handover_slot, tcpmesh_handover_slots, TCPMESH_HANDOVER_SLOTS, 0);
+
 /*
  * tcpmesh_peer_origin: struct tcpmesh_peer_key (client ip, port and both handshake sequence
  * numbers) -> struct tcpmesh_origin: hands a record from the client socket to the proxy.
  *   writer:   pod sockops at ACTIVE_ESTABLISHED (the client got the SYN-ACK), for a captured
- *             socket connected to the redirect address (a copy of its tcpmesh_cookie_origin entry).
+ *             socket connected to the redirect address, when its tcpmesh_handover_slots slot is
+ *             in use (or before Linux 6.12).
  *   reader:   cgroup/getsockopt on the proxy's accepted socket, which rebuilds the same key from
  *             that socket and deletes the entry with its answer (one answer per connection).
  *   eviction: deleted when answered; LRU only for connections the proxy never asked about (a

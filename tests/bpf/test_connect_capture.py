@@ -325,6 +325,66 @@ def set_every_slot_owner(capture, owner: int) -> None:
         pinned.libbpf.map_update(pinned.map_fd(SLOTS), bytes(ctypes.c_int(index)), value, SLOTS)
 
 
+HANDOVER = "tcpmesh_handover_slots"
+HANDOVER_COUNT = 16384  # TCPMESH_HANDOVER_SLOTS
+
+
+def handover_states(capture) -> list[int]:
+    pinned = capture.pinned()
+    size = ctypes.sizeof(abi.HandoverSlot)
+    return [abi.HandoverSlot.from_buffer_copy(
+        pinned.libbpf.map_lookup(pinned.map_fd(HANDOVER), bytes(ctypes.c_int(i)), size, HANDOVER)).state
+        for i in range(HANDOVER_COUNT)]
+
+
+def set_every_handover_slot(capture, state: int, stamp: int) -> None:
+    pinned = capture.pinned()
+    value = bytes(abi.HandoverSlot(state=state, stamp=stamp))
+    for index in range(HANDOVER_COUNT):
+        pinned.libbpf.map_update(pinned.map_fd(HANDOVER), bytes(ctypes.c_int(index)), value, HANDOVER)
+
+
+def one_captured_connection(topology, cgroups, proxy_listener) -> None:
+    with connect_from(topology, cgroups["pod"], REMOTE) as client:
+        assert client.getpeername() == REMOTE
+        conn = accept(proxy_listener)
+        assert conn is not None
+        with conn:
+            origin = read_origin(conn)
+            assert origin is not None and (origin.dst_ip, origin.dst_port) == REMOTE
+            assert read_origin(conn) is None  # once
+
+
+def test_a_busy_handover_slot_sends_the_record_to_the_lru(attached, topology, cgroups, proxy_listener):
+    """Every hand-over slot READY for another connection, just now: the record goes to
+    tcpmesh_peer_origin, answers once from there, and the busy slots stay as they were."""
+    before, counters = records(attached, "tcpmesh_peer_origin"), attached.counters()
+    set_every_handover_slot(attached, abi.HO_READY, time.monotonic_ns())
+    try:
+        one_captured_connection(topology, cgroups, proxy_listener)
+        assert set(handover_states(attached)) == {abi.HO_READY}
+    finally:
+        set_every_handover_slot(attached, abi.HO_FREE, 0)
+    assert records(attached, "tcpmesh_peer_origin") <= before
+    changes = delta(counters, attached.counters())
+    assert changes.get("handover_slot_taken") == 1 and changes.get("origin_claimed") == 1
+    assert "handover_reclaimed" not in changes
+
+
+def test_a_handover_slot_nobody_answered_for_long_is_reused(attached, topology, cgroups, proxy_listener):
+    """READY since boot (its proxy died with the connection queued): the next writer takes it over."""
+    counters = attached.counters()
+    set_every_handover_slot(attached, abi.HO_READY, 1)
+    try:
+        one_captured_connection(topology, cgroups, proxy_listener)
+        assert handover_states(attached).count(abi.HO_READY) == HANDOVER_COUNT - 1  # ours answered: FREE
+    finally:
+        set_every_handover_slot(attached, abi.HO_FREE, 0)
+    changes = delta(counters, attached.counters())
+    assert changes.get("handover_reclaimed") == 1 and changes.get("origin_claimed") == 1
+    assert "handover_slot_taken" not in changes
+
+
 def test_records_do_not_outlive_their_connections(attached, topology, cgroups, proxy_listener):
     """Every captured connection's hand-over record is deleted with the proxy's one answer, and its
     per-socket record (its slot, or its LRU entry) is given up when the socket closes: nothing
@@ -342,6 +402,7 @@ def test_records_do_not_outlive_their_connections(attached, topology, cgroups, p
                 cookies.append(origin.cookie)
                 assert slot_owner(attached, origin.cookie) == origin.cookie  # the record is in its slot
     assert records(attached, "tcpmesh_peer_origin") <= before["tcpmesh_peer_origin"]
+    assert set(handover_states(attached)) == {abi.HO_FREE}  # every hand-over given back with its answer
     # the client closed first: its socket reaches TCP_CLOSE when it enters TIME_WAIT
     assert wait_for(lambda: all(slot_owner(attached, c) == 0 for c in cookies)), \
         [c for c in cookies if slot_owner(attached, c)]
