@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 READ_CHUNK = 256 * 1024  # plaintext decrypted by a TLS leg per delivery (shared, see the module docstring)
 READ_BUFFER = 1024 * 1024  # one read from a socket (shared)
 MAX_BUFFERED_BEFORE_RECEIVER = 256 * 1024
+SMALL_VIEW = 64 * 1024  # PlainLeg.write copies a view this small instead of writing it to the socket itself
 
 
 class _SharedBuffer(threading.local):
@@ -250,7 +251,9 @@ class PlainLeg(Leg):
             return
         self.bytes_written += len(data)
         if type(data) is memoryview:  # a reused buffer: the transport must not keep it
-            data = self._send_view(transport, data)
+            # a small one is copied: as cheap as the extra call, and a connection that only ever
+            # exchanges small messages never needs its socket object (~70 B per connection)
+            data = bytes(data) if len(data) < SMALL_VIEW else self._send_view(transport, data)
             if not data:
                 return
         transport.write(data)
