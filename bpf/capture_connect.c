@@ -3,15 +3,16 @@
  * capture_connect.c — the ebpf-connect capture mode (docs/capture.md).
  *
  *   cgroup/connect4     (pod cgroups)   captured IPv4 TCP connect() -> REDIR_IP:REDIR_PORT; the
- *                                       original destination + pid/uid/cgroup/comm recorded under
- *                                       the socket's cookie
+ *                                       original destination + pid/uid/cgroup/comm recorded in the
+ *                                       socket's slot (tcpmesh_sock_slots, by cookie)
  *   cgroup/connect6     (pod cgroups)   the same for v4-mapped destinations of dual-stack AF_INET6
  *                                       sockets (JVM, Go, ...): ::ffff:REDIR_IP:REDIR_PORT
- *   sockops             (pod cgroups)   at ACTIVE_ESTABLISHED the record is published under the
- *                                       connection's peer key (client ip/port + both ISNs); at
- *                                       TCP_CLOSE of a captured socket it is deleted
+ *   sockops             (pod cgroups)   at ACTIVE_ESTABLISHED the record is published with the
+ *                                       connection's peer key (client ip/port + both ISNs) in its
+ *                                       hand-over slot; at TCP_CLOSE of a captured socket the
+ *                                       socket's slot is given back
  *   cgroup/getsockopt   (proxy cgroup)  answers SOL_IP/SO_ORIGINAL_DST or SOL_IP/TCPMESH_SO_ORIGIN
- *                                       once, from the record under the accepted socket's key
+ *                                       once, from the record with the accepted socket's key
  *   cgroup/getpeername4/6 (pod cgroups) the app sees the destination it asked for
  *   sockops             (proxy cgroup)  tcpmesh_pxops: records the inbound proxy's connections to pods
  *   cgroup_skb/ingress  (pod cgroups)   tcpmesh_inb4: a SYN into the pod that is not from the inbound

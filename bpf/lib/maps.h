@@ -49,7 +49,9 @@
  *             by another live socket sends the record to tcpmesh_cookie_origin (slot_taken).
  *   readers:  as tcpmesh_cookie_origin; a reader trusts a slot only if ``owner`` is its cookie.
  *   eviction: the owner gives it back at TCP_CLOSE (pod sockops, state callback). A socket whose
- *             connect() failed before its SYN keeps it until it connects again and closes.
+ *             connect() failed before its SYN keeps it until it connects again and closes. (A
+ *             socket that moves from the LRU to a freed slot on a later connect() leaves its LRU
+ *             entry to the LRU: readers look at the slot first.)
  *             Used only where connect4/6 can turn the state callback on (TCPMESH_CONNECT_CB_FLAGS,
  *             Linux >= 6.12): without it a refused handshake would never give its slot back.
  */
