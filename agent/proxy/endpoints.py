@@ -369,11 +369,18 @@ class TlsLeg(Leg):
             _plain_buffers.give_back(view)
 
     def _decrypt_into(self, view: memoryview) -> None:
-        read = self.ssl_object.read  # type: ignore[union-attr]
+        ssl_object = self.ssl_object
+        read = ssl_object.read  # type: ignore[union-attr]
+        incoming = self._incoming
         size = len(view)
         filled = 0
         eof = False
         while True:
+            if filled and not incoming.pending and not ssl_object.pending():  # type: ignore[union-attr]
+                # nothing left to decrypt: a further read would only raise SSLWantReadError, and
+                # building that exception (its message, library and reason) is the costliest step of
+                # a small message's receive path
+                break
             try:
                 n = read(size - filled, view[filled:])
             except ssl.SSLWantReadError:
