@@ -20,6 +20,40 @@ CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
 
 
+# ---- the node/pod pair -------------------------------------------------------------------------
+
+def plumb_node_and_pod(node_ns: str, pod_ns: str, host_if: str, pod_if: str) -> None:
+    """Create ``node_ns`` and ``pod_ns`` joined by a veth: NODE_IP on the node side, POD_IP in the pod,
+    the pod's default route via the node, lo up in both. The caller removes both namespaces (the veth
+    goes with them), also when this raises halfway."""
+    from pyroute2 import IPRoute, netns
+
+    netns.create(node_ns)
+    netns.create(pod_ns)
+    with IPRoute(netns=node_ns) as node, IPRoute(netns=pod_ns) as pod:
+        node.link("add", ifname=host_if, kind="veth", peer={"ifname": pod_if, "net_ns_fd": pod_ns})
+        h = node.link_lookup(ifname=host_if)[0]
+        p = pod.link_lookup(ifname=pod_if)[0]
+        node.addr("add", index=h, address=NODE_IP, prefixlen=24)
+        pod.addr("add", index=p, address=POD_IP, prefixlen=24)
+        for ipr, idx in ((node, h), (pod, p)):
+            ipr.link("set", index=idx, state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        pod.route("add", dst="0.0.0.0/0", gateway=NODE_IP)
+
+
+def remove_namespaces(*names: str | None) -> None:
+    """Remove each named netns that exists (its veths go with it)."""
+    from pyroute2 import netns
+
+    for name in names:
+        if name and os.path.exists(f"{NETNS_DIR}/{name}"):
+            try:
+                netns.remove(name)
+            except OSError:
+                pass
+
+
 # ---- sockets and processes inside a netns (and a cgroup) ----------------------------------------
 
 _MAKE_SOCKET = r"""

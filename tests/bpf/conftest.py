@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.bpf.bpfworld import NETNS_DIR, NODE_IP, POD_IP, REDIRECT_PORT, Client
+from tests.bpf.bpfworld import NETNS_DIR, NODE_IP, REDIRECT_PORT, Client, plumb_node_and_pod, remove_namespaces
 
 
 @dataclass(frozen=True)
@@ -29,31 +29,13 @@ class Topology:
 
 @pytest.fixture
 def topology(privileged):
-    from pyroute2 import IPRoute, netns
-
     tag = uuid.uuid4().hex[:6]
     node_ns, pod_ns = f"tmbpf-n-{tag}", f"tmbpf-p-{tag}"
-    host_if, pod_if = f"tmh{tag}", f"tmp{tag}"
-    netns.create(node_ns)
     try:
-        netns.create(pod_ns)
-        with IPRoute(netns=node_ns) as node, IPRoute(netns=pod_ns) as pod:
-            node.link("add", ifname=host_if, kind="veth", peer={"ifname": pod_if, "net_ns_fd": pod_ns})
-            h = node.link_lookup(ifname=host_if)[0]
-            p = pod.link_lookup(ifname=pod_if)[0]
-            node.addr("add", index=h, address=NODE_IP, prefixlen=24)
-            pod.addr("add", index=p, address=POD_IP, prefixlen=24)
-            for ipr, idx in ((node, h), (pod, p)):
-                ipr.link("set", index=idx, state="up")
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            pod.route("add", dst="0.0.0.0/0", gateway=NODE_IP)
+        plumb_node_and_pod(node_ns, pod_ns, f"tmh{tag}", f"tmp{tag}")
         yield Topology(node_ns, pod_ns)
     finally:
-        for name in (pod_ns, node_ns):  # the veth pair goes with the netns
-            try:
-                netns.remove(name)
-            except OSError:
-                pass
+        remove_namespaces(pod_ns, node_ns)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from tests.bpf.bpfworld import NODE_IP, POD_IP, REDIRECT_PORT, _enter, socket_in
+from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, _enter, plumb_node_and_pod, remove_namespaces, socket_in
 
 CAPTURED = ("10.77.2.10", 5432)
 STRAIGHT = (NODE_IP, REDIRECT_PORT)
@@ -85,24 +85,6 @@ class Acceptor:
         self.sock.close()
 
 
-def _topology(tag: str) -> tuple[str, str]:
-    from pyroute2 import IPRoute, netns
-
-    node_ns, pod_ns = f"tmmic-n-{tag}", f"tmmic-p-{tag}"
-    netns.create(node_ns)
-    netns.create(pod_ns)
-    with IPRoute(netns=node_ns) as node, IPRoute(netns=pod_ns) as pod:
-        node.link("add", ifname=f"tmmh{tag}", kind="veth", peer={"ifname": f"tmmp{tag}", "net_ns_fd": pod_ns})
-        h, p = node.link_lookup(ifname=f"tmmh{tag}")[0], pod.link_lookup(ifname=f"tmmp{tag}")[0]
-        node.addr("add", index=h, address=NODE_IP, prefixlen=24)
-        pod.addr("add", index=p, address=POD_IP, prefixlen=24)
-        for ipr, idx in ((node, h), (pod, p)):
-            ipr.link("set", index=idx, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        pod.route("add", dst="0.0.0.0/0", gateway=NODE_IP)
-    return node_ns, pod_ns
-
-
 def _loop(pod_ns: str, cgroup: Path, target: tuple[str, int], count: int) -> dict:
     out = subprocess.run([sys.executable, "-c", _LOOP, target[0], str(target[1]), str(count)],
                          preexec_fn=_enter(f"/run/netns/{pod_ns}", cgroup), capture_output=True, text=True,
@@ -113,8 +95,6 @@ def _loop(pod_ns: str, cgroup: Path, target: tuple[str, int], count: int) -> dic
 
 
 def measure(connects: int, blocks: int, max_connections: int = 65536) -> dict:
-    from pyroute2 import netns
-
     from agent.capture import ConnectCapture, pins
     from agent.hostcheck import find_cgroup2_mount
     from bench import bpfstats
@@ -128,7 +108,8 @@ def measure(connects: int, blocks: int, max_connections: int = 65536) -> dict:
     try:
         for sub in ("pods/a", "proxy"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        node_ns, pod_ns = _topology(tag)
+        node_ns, pod_ns = f"tmmic-n-{tag}", f"tmmic-p-{tag}"
+        plumb_node_and_pod(node_ns, pod_ns, f"tmmh{tag}", f"tmmp{tag}")
         capture = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], f"/tmp/tcpmesh-micro-{tag}",
                                  bpffs_dir=bpffs, max_connections=max_connections)
         capture.load()
@@ -160,12 +141,7 @@ def measure(connects: int, blocks: int, max_connections: int = 65536) -> dict:
         if capture is not None:
             capture.detach_all()
             capture.close()
-        for name in (pod_ns, node_ns):
-            if name:
-                try:
-                    netns.remove(name)
-                except OSError:
-                    pass
+        remove_namespaces(pod_ns, node_ns)
         if root.exists():
             remove_cgroup_tree(root)
         pins.remove_tree(bpffs)
