@@ -41,6 +41,9 @@ class FrameType(enum.IntEnum):
     GOAWAY = 7
 
 
+_FRAME_TYPES = {t.value: t for t in FrameType}  # a dict lookup: FrameType(n) costs ~0.5 us per frame
+
+
 class MuxProtocolError(Exception):
     """The peer sent a frame that breaks tcpmesh/2 (the whole tunnel is closed)."""
 
@@ -174,10 +177,9 @@ def _check_header(data, offset: int) -> tuple[FrameType, int, int]:
     frame_type, _flags, _reserved, stream, length = HEADER.unpack_from(data, offset)
     if length > MAX_FRAME:
         raise MuxProtocolError(f"frame of {length} bytes on stream {stream} exceeds the limit of {MAX_FRAME}")
-    try:
-        kind = FrameType(frame_type)
-    except ValueError as exc:
-        raise MuxProtocolError(f"unknown frame type {frame_type} on stream {stream}") from exc
+    kind = _FRAME_TYPES.get(frame_type)
+    if kind is None:
+        raise MuxProtocolError(f"unknown frame type {frame_type} on stream {stream}")
     if kind is not FrameType.DATA and length > MAX_CONTROL_PAYLOAD:
         raise MuxProtocolError(f"{kind.name} frame of {length} bytes exceeds {MAX_CONTROL_PAYLOAD}")
     if stream == 0 and kind is not FrameType.GOAWAY:
