@@ -38,13 +38,19 @@ class _SharedBuffer(threading.local):
         self.view: memoryview | None = None
         self.busy = False
 
+    def shared(self) -> memoryview:
+        """The thread's buffer, for a user that consumes it before anyone asks again (socket reads)."""
+        view = self.view
+        if view is None:
+            view = self.view = memoryview(bytearray(self.size))
+        return view
+
     def take(self) -> memoryview:
+        """The thread's buffer, marked in use until ``give_back`` (a private one while it is)."""
         if self.busy:
             return memoryview(bytearray(self.size))
-        if self.view is None:
-            self.view = memoryview(bytearray(self.size))
         self.busy = True
-        return self.view
+        return self.shared()
 
     def give_back(self, view: memoryview) -> None:
         if view is self.view:
@@ -53,13 +59,6 @@ class _SharedBuffer(threading.local):
 
 _read_buffers = _SharedBuffer(READ_BUFFER)  # socket reads: consumed before the loop reads again
 _plain_buffers = _SharedBuffer(READ_CHUNK)  # TLS legs' plaintext: consumed within one delivery
-
-
-def _read_buffer() -> memoryview:
-    view = _read_buffers.view
-    if view is None:
-        view = _read_buffers.view = memoryview(bytearray(READ_BUFFER))
-    return view
 
 
 class Receiver(Protocol):
@@ -109,10 +108,10 @@ class Leg(asyncio.BufferedProtocol):
             self.receiver.leg_resume_writing(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffer()
+        return _read_buffers.shared()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.view_received(_read_buffer()[:nbytes])
+        self.view_received(_read_buffers.shared()[:nbytes])
 
     def view_received(self, view: memoryview) -> None:
         """``nbytes`` read into the shared buffer; the view is valid until this returns."""
