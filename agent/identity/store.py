@@ -122,11 +122,7 @@ class IdentityStore:
             if not todo.changed:
                 return todo
             entries = {i: current[i] for i in todo.keep}
-            built = self._build((*todo.issue, *todo.renew), now)
-            for spiffe_id, result in built.items():
-                if not isinstance(result, _Entry):
-                    raise result
-                entries[spiffe_id] = result
+            entries.update(_every_entry(self._build((*todo.issue, *todo.renew), now)))
             self._publish(entries)
         for spiffe_id in todo.issue:
             self._notify_issued(entries[spiffe_id].svid, ISSUED_FIRST)
@@ -174,11 +170,7 @@ class IdentityStore:
             self._ca, self._bundle = ca, trust_bundle_pem
             try:
                 now = self._clock()
-                entries = {}
-                for spiffe_id, result in self._build(sorted(self._entries), now).items():
-                    if not isinstance(result, _Entry):
-                        raise result
-                    entries[spiffe_id] = result
+                entries = _every_entry(self._build(sorted(self._entries), now))
             except BaseException:
                 self._ca, self._bundle = old
                 raise
@@ -274,3 +266,11 @@ class IdentityStore:
             except IdentityError as exc:
                 built[spiffe_id] = exc
         return built
+
+
+def _every_entry(built: Mapping[SpiffeId, _Entry | IdentityError]) -> dict[SpiffeId, _Entry]:
+    """All or nothing: the entries, or the first identity's error raised."""
+    for result in built.values():
+        if not isinstance(result, _Entry):
+            raise result
+    return dict(built)  # type: ignore[arg-type]
