@@ -142,16 +142,23 @@ static __always_inline int tcpmesh_watch_state(struct bpf_sock_addr *ctx)
 	return bpf_setsockopt(ctx, TCPMESH_SOL_TCP, TCPMESH_TCP_BPF_SOCK_OPS_CB_FLAGS, &flags, sizeof(flags));
 }
 
+/* The slot of the socket with ``cookie`` in tcpmesh_sock_slots (NULL before Linux 6.12: no
+ * close callback from connect4/6 to give it back, so the LRU alone serves). */
+static __always_inline struct tcpmesh_sock_slot *tcpmesh_sock_slot_of(__u64 cookie)
+{
+	int index = cookie & (TCPMESH_SOCK_SLOTS - 1);
+
+	if (!TCPMESH_CONNECT_CB_FLAGS)
+		return 0;
+	return tcpmesh_sock_slots.lookup(&index);
+}
+
 /* The socket's slot in tcpmesh_sock_slots if it owns it, else NULL. Only the owner writes a slot,
  * and the owner's hooks run under its socket's lock: what it reads there is its own record. */
 static __always_inline struct tcpmesh_sock_slot *tcpmesh_own_slot(__u64 cookie)
 {
-	int index = cookie & (TCPMESH_SOCK_SLOTS - 1);
-	struct tcpmesh_sock_slot *slot;
+	struct tcpmesh_sock_slot *slot = tcpmesh_sock_slot_of(cookie);
 
-	if (!TCPMESH_CONNECT_CB_FLAGS)
-		return 0;
-	slot = tcpmesh_sock_slots.lookup(&index);
 	if (!slot || slot->owner != cookie)
 		return 0;
 	return slot;
@@ -161,12 +168,8 @@ static __always_inline struct tcpmesh_sock_slot *tcpmesh_own_slot(__u64 cookie)
  * cookies share a slot cannot both win), or NULL: another live socket owns it. */
 static __always_inline struct tcpmesh_sock_slot *tcpmesh_take_slot(__u64 cookie)
 {
-	int index = cookie & (TCPMESH_SOCK_SLOTS - 1);
-	struct tcpmesh_sock_slot *slot;
+	struct tcpmesh_sock_slot *slot = tcpmesh_sock_slot_of(cookie);
 
-	if (!TCPMESH_CONNECT_CB_FLAGS)
-		return 0;
-	slot = tcpmesh_sock_slots.lookup(&index);
 	if (!slot)
 		return 0;
 	if (slot->owner != cookie && __sync_val_compare_and_swap(&slot->owner, 0, cookie) != 0) {
@@ -248,9 +251,15 @@ static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, in
 	return TCPMESH_ALLOW;
 }
 
-static __always_inline int tcpmesh_handover_index(const struct tcpmesh_peer_key *key)
+/* The connection's hand-over slot in tcpmesh_handover_slots (NULL before Linux 6.12, as for the
+ * socket slots: tcpmesh_peer_origin alone serves). */
+static __always_inline struct tcpmesh_handover_slot *tcpmesh_handover_slot_of(const struct tcpmesh_peer_key *key)
 {
-	return (key->client_seq ^ key->server_seq) & (TCPMESH_HANDOVER_SLOTS - 1);
+	int index = (key->client_seq ^ key->server_seq) & (TCPMESH_HANDOVER_SLOTS - 1);
+
+	if (!TCPMESH_CONNECT_CB_FLAGS)
+		return 0;
+	return tcpmesh_handover_slots.lookup(&index);
 }
 
 static __always_inline int tcpmesh_same_key(const struct tcpmesh_peer_key *a, const struct tcpmesh_peer_key *b)
@@ -263,13 +272,9 @@ static __always_inline int tcpmesh_same_key(const struct tcpmesh_peer_key *a, co
  * when the slot is in use. The compare-and-swaps order every write of the slot before READY. */
 static __always_inline int tcpmesh_publish_slot(const struct tcpmesh_peer_key *key, const struct tcpmesh_origin *origin)
 {
-	int index = tcpmesh_handover_index(key);
-	struct tcpmesh_handover_slot *slot;
+	struct tcpmesh_handover_slot *slot = tcpmesh_handover_slot_of(key);
 	__u64 now;
 
-	if (!TCPMESH_CONNECT_CB_FLAGS)
-		return -1;
-	slot = tcpmesh_handover_slots.lookup(&index);
 	if (!slot)
 		return -1;
 	now = bpf_ktime_get_ns();
@@ -293,12 +298,8 @@ static __always_inline int tcpmesh_publish_slot(const struct tcpmesh_peer_key *k
  * have been changing it. */
 static __always_inline struct tcpmesh_handover_slot *tcpmesh_claim_slot(const struct tcpmesh_peer_key *key)
 {
-	int index = tcpmesh_handover_index(key);
-	struct tcpmesh_handover_slot *slot;
+	struct tcpmesh_handover_slot *slot = tcpmesh_handover_slot_of(key);
 
-	if (!TCPMESH_CONNECT_CB_FLAGS)
-		return 0;
-	slot = tcpmesh_handover_slots.lookup(&index);
 	if (!slot || slot->state != TCPMESH_HO_READY || !tcpmesh_same_key(&slot->key, key))
 		return 0;
 	if (__sync_val_compare_and_swap(&slot->state, TCPMESH_HO_READY, TCPMESH_HO_ANSWERING) != TCPMESH_HO_READY)
