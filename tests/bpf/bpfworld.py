@@ -11,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 NODE_IP = "10.200.1.1"
@@ -52,6 +54,45 @@ def remove_namespaces(*names: str | None) -> None:
                 netns.remove(name)
             except OSError:
                 pass
+
+
+# ---- the proxy stand-in ------------------------------------------------------------------------
+
+class OriginAcceptor:
+    """Accepts on the redirect port in a node netns, from the proxy's cgroup, asks each connection for
+    its origin once (the one getsockopt the proxy makes), records ``(dst ip, dst port)`` or None, and
+    closes it."""
+
+    def __init__(self, netns_file: str, proxy_cgroup: Path, backlog: int = 1024) -> None:
+        from agent.capture import read_origin
+
+        self._read_origin = read_origin
+        self.sock = socket_in(netns_file, proxy_cgroup)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", REDIRECT_PORT))
+        self.sock.listen(backlog)
+        self.sock.settimeout(0.1)
+        self.origins: list[tuple[str, int] | None] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                origin = self._read_origin(conn)
+                self.origins.append(None if origin is None else (origin.dst_ip, origin.dst_port))
+
+    def close(self) -> list[tuple[str, int] | None]:
+        time.sleep(0.2)  # let the last accepted ones be read
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+        return self.origins
 
 
 # ---- sockets and processes inside a netns (and a cgroup) ----------------------------------------

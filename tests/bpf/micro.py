@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
-from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, _enter, plumb_node_and_pod, remove_namespaces, socket_in
+from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, OriginAcceptor, _enter, plumb_node_and_pod, remove_namespaces
 
 CAPTURED = ("10.77.2.10", 5432)
 STRAIGHT = (NODE_IP, REDIRECT_PORT)
@@ -50,39 +48,6 @@ for _ in range(count):
 times.sort()
 print(json.dumps({"ok": len(times), "p50_us": times[len(times) // 2] / 1000 if times else None}), flush=True)
 """
-
-
-class Acceptor:
-    """The proxy stand-in: accept, read the origin once (the one getsockopt the proxy makes), close."""
-
-    def __init__(self, node_ns: str, proxy_cgroup: Path) -> None:
-        from agent.capture import read_origin
-
-        self._read_origin = read_origin
-        self.sock = socket_in(node_ns, proxy_cgroup)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", REDIRECT_PORT))
-        self.sock.listen(4096)
-        self.sock.settimeout(0.2)
-        self.origins = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn:
-                if self._read_origin(conn) is not None:
-                    self.origins += 1
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
 
 
 def _loop(pod_ns: str, cgroup: Path, target: tuple[str, int], count: int) -> dict:
@@ -116,7 +81,7 @@ def measure(connects: int, blocks: int, max_connections: int = 65536) -> dict:
         capture.attach_proxy(root / "proxy")
         capture.attach_guard(root / "pods")
         capture.attach_pod(root / "pods" / "a")
-        acceptor = Acceptor(f"/run/netns/{node_ns}", root / "proxy")
+        acceptor = OriginAcceptor(f"/run/netns/{node_ns}", root / "proxy", backlog=4096)
         names = bpfstats.programs([root / "pods" / "a", root / "proxy"])
         _loop(pod_ns, root / "pods" / "a", CAPTURED, 200)  # warm-up
         _loop(pod_ns, root / "pods" / "a", STRAIGHT, 200)
@@ -132,7 +97,7 @@ def measure(connects: int, blocks: int, max_connections: int = 65536) -> dict:
                     for entry in programs.values():
                         entry["runs_per_connection"] = entry["runs"] / max(loop["ok"], 1)
                     samples[variant].append({"loop": loop, "programs": programs})
-        result = _summary(samples, acceptor.origins)
+        result = _summary(samples, sum(origin is not None for origin in acceptor.origins))
         result["counters"] = {k: v for k, v in capture.counters().items() if v}
         return result
     finally:

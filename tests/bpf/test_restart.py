@@ -8,8 +8,6 @@ restarted agent builds — takes over. Every attempt must be captured: reach the
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -17,44 +15,12 @@ import pytest
 
 from agent.capture.connect_mode import ROLE_GUARD, ROLE_POD, ROLE_PROXY, hooks_for
 
-from agent.capture import ConnectCapture, read_origin
+from agent.capture import ConnectCapture
 from agent.capture.connect_mode import HOOKS
-from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, LoopClient, socket_in
+from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, LoopClient, OriginAcceptor
 from tests.bpf.test_connect_capture import REMOTE, bpftool_cgroup
 
 POD_HOOKS = tuple(h.program for h in hooks_for(ROLE_POD))
-
-
-class Acceptor:
-    """The proxy stand-in: accepts on the redirect port in the node netns, reads each origin."""
-
-    def __init__(self, topology, proxy_cgroup: Path) -> None:
-        self.sock = socket_in(topology.ns_path(topology.node_ns), proxy_cgroup)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", REDIRECT_PORT))
-        self.sock.listen(1024)
-        self.sock.settimeout(0.1)
-        self.origins: list[tuple[str, int] | None] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            with conn:
-                origin = read_origin(conn)
-                self.origins.append(None if origin is None else (origin.dst_ip, origin.dst_port))
-
-    def close(self) -> list:
-        time.sleep(0.2)  # let the last accepted ones be read
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
-        return self.origins
 
 
 @pytest.fixture
@@ -63,7 +29,7 @@ def running(capture, topology, cgroups):
     capture.set_capture_cidrs(["10.77.0.0/16"])
     capture.takeover(cgroups["pods"], cgroups["proxy"])
     capture.attach_pod(cgroups["pod_a"])
-    acceptor = Acceptor(topology, cgroups["proxy"])
+    acceptor = OriginAcceptor(topology.ns_path(topology.node_ns), cgroups["proxy"])
     try:
         yield capture, acceptor
     finally:
