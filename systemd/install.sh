@@ -57,8 +57,9 @@ else
   site=$("$target/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   # bcc is not on PyPI (the PyPI package named "bcc" is unrelated): link Debian's python3-bpfcc.
   [ -e "$site/bcc" ] || ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
-  # The agent finds bpf/ (C sources, kernel header stub) next to agent/, so the install keeps a source
-  # tree of its own under PREFIX/src (not the checkout) and installs that one in editable mode.
+  # The agent reads bpf/ (C sources, kernel header stub) through agent/bpf_sources, a symlink to ../bpf in
+  # a source tree (a wheel carries a copy instead): the install keeps a source tree of its own under
+  # PREFIX/src (not the checkout) and installs that one in editable mode.
   src="$target/src"
   rm -rf "$src.new"
   mkdir -p "$src.new"

@@ -13,13 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from agent.capture import kstub
+from agent.capture import kstub, sources
 from agent.capture.errors import BccMissing, BpfLoadError
 
 
 def bpf_source_dir() -> Path:
-    """bpf/ in the source tree this package lives in."""
-    return Path(__file__).resolve().parents[2] / "bpf"
+    """bpf/, as shipped with this package (agent/capture/sources.py)."""
+    return sources.bpf_dir()
 
 
 def base_cflags(source_dir: Path) -> list[str]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from agent.capture import abi, pins
+from agent.capture import abi, pins, sources
 from agent.capture.cgroups import Libbpf, cgroup_target, read_mounts, walk
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
 from agent.capture.errors import AttachError, NotLoaded
@@ -94,8 +94,8 @@ def hooks_for(role: str) -> tuple[Hook, ...]:
 
 
 def bpf_dir() -> Path:
-    """bpf/ in the source tree this package lives in."""
-    return Path(__file__).resolve().parents[2] / "bpf"
+    """bpf/, as shipped with this package (agent/capture/sources.py)."""
+    return sources.bpf_dir()
 
 
 # bpf_setsockopt(SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) from a connect hook: Linux 6.12 and later.

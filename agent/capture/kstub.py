@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from agent.capture import sources
 from agent.errors import EnvironmentProblem
 
 ENV_VAR = "BCC_KERNEL_SOURCE"
@@ -43,8 +44,8 @@ ARCHES = {
 
 
 def shipped_dir() -> Path:
-    """bpf/kstub in the source tree this package lives in."""
-    return Path(__file__).resolve().parents[2] / "bpf" / "kstub"
+    """bpf/kstub, as shipped with this package (agent/capture/sources.py)."""
+    return sources.bpf_dir() / "kstub"
 
 
 def materialise(dest: str | Path, machine: str | None = None, usr_include: str | Path = "/usr/include",

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from agent.capture import pins
+from agent.capture import pins, sources
 from agent.capture.errors import AttachError
 from agent.capture.libbpf import Libbpf
 from agent.capture.loader import DEFAULT_TIMEOUT, LoadRequest, run_loader
@@ -62,7 +62,8 @@ SOCKS, PAIRS, COUNTERS = "tcpmesh_stats_socks", "tcpmesh_stats_pairs", "tcpmesh_
 
 
 def bpf_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "bpf"
+    """bpf/, as shipped with this package (agent/capture/sources.py)."""
+    return sources.bpf_dir()
 
 
 def pin_names(source_dir: Path, slots: int, sockets: int) -> tuple[str, str]:
