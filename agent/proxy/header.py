@@ -32,7 +32,7 @@ AF_INET4 = 4
 
 
 class PeerProtocolError(Exception):
-    """The peer sent bytes that are not a valid tcpmesh/1 header."""
+    """The peer sent bytes that are not a valid tcpmesh/2 stream header."""
 
 
 class Status(enum.IntEnum):

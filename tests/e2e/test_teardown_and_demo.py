@@ -67,9 +67,16 @@ def test_demo_runs_end_to_end_and_cleans_up(bpf_capable):
     assert "mutual_tls" in text
     assert "spiffe://demo.tcpmesh/ns/lab/sa/web" in text and "spiffe://demo.tcpmesh/ns/lab/sa/db" in text
     assert "web-frontend" in text and "nightly-batch" in text  # client commands from the BPF hook
-    opened = [line for line in text.splitlines() if line.startswith("tcpmesh_tcp_connections_opened_total{")]
-    assert any('reporter="source"' in line and 'source_workload="n1p1"' in line for line in opened)
-    assert any('reporter="destination"' in line and 'source_workload="n1p1"' in line for line in opened)
+    # one screen: flows, a row per identity pair, where to look next; no raw Prometheus lines without --metrics
+    lines = text.splitlines()
+    assert len(lines) <= 40, text
+    assert not [line for line in lines if line.startswith("tcpmesh_")], text
+    pairs = {line.split()[0]: line.split() for line in lines if line.startswith("ns/lab/sa/")}
+    assert set(pairs) == {"ns/lab/sa/web", "ns/lab/sa/batch"}, text
+    web = pairs["ns/lab/sa/web"]
+    assert web[1:4] == ["ns/lab/sa/db", "1", "0"] and web[4:6] == ["256", "KiB"] and web[-1] == "mutual_tls", web
+    assert web[9] == "ms" and float(web[8]) > 0, web      # the tunnel's RTT p50, from the kernel's sockops
+    assert "tcpmesh flows --socket" in text and "/metrics" in text and "deploy/grafana/tcpmesh.json" in text
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "tcpmesh-demo-" not in netns
     assert not os.path.exists("/run/tcpmesh-lab/demo")
