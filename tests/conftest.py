@@ -1,16 +1,22 @@
-"""Shared test fixtures and the privilege policy.
+"""Shared test fixtures and the skip policy.
 
-Tests that need root, namespaces, cgroup v2 or BPF ask for a capability fixture. When the capability
-is missing they skip with the precise reason — unless TCPMESH_REQUIRE_PRIVILEGED=1 (set by .ci/run),
-which turns every such skip into a failure, so nothing privileged "just appears to pass" in CI.
+Every environmental skip goes through one helper, ``skip_or_fail`` (or its wrappers
+``require_binary`` / ``require_module`` and the capability fixtures ``privileged``, ``bpf_capable``,
+``cgroup2_mount``): without the tool, module or capability a test skips with the precise reason and
+the fix — unless TCPMESH_REQUIRE_PRIVILEGED=1 (set by .ci/run), which turns every such skip into a
+failure, so nothing "just appears to pass" in CI. As a backstop, a run with that switch set fails
+when any test was skipped at all (a bare ``pytest.skip`` included) and lists what was skipped
+(``SkipLedger``; tests/unit/test_skip_policy.py proves both).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import uuid
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -19,10 +25,65 @@ from agent import hostcheck
 REQUIRE_PRIVILEGED = os.environ.get("TCPMESH_REQUIRE_PRIVILEGED") == "1"
 
 
-def skip_or_fail(reason: str) -> None:
+def skip_or_fail(reason: str, *, module_level: bool = False) -> None:
+    """Skip with ``reason`` (say what is missing and how to get it), or fail under CI."""
     if REQUIRE_PRIVILEGED:
         pytest.fail(f"TCPMESH_REQUIRE_PRIVILEGED=1 but: {reason}", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=module_level)
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of the program ``name`` (from the Debian package ``package``), else skip_or_fail."""
+    path = shutil.which(name)
+    if path is None:
+        skip_or_fail(f"{name} is not installed (Debian package `{package}`; deploy/bootstrap-debian.sh installs it)")
+    return path
+
+
+def require_module(name: str, fix: str, *, module_level: bool = False) -> ModuleType:
+    """The imported module ``name``, else skip_or_fail saying ``fix``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        skip_or_fail(f"cannot import {name} ({exc}); {fix}", module_level=module_level)
+        raise  # not reached: skip_or_fail raises
+
+
+class SkipLedger:
+    """Records every skipped test and module; with TCPMESH_REQUIRE_PRIVILEGED=1 a run that skipped
+    anything fails, and the summary lists what was skipped and why."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.skipped: list[str] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.skipped and not hasattr(report, "wasxfail"):
+            self.skipped.append(f"{report.nodeid}: {_skip_reason(report)}")
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.skipped:
+            self.skipped.append(f"{report.nodeid} (whole module): {_skip_reason(report)}")
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.strict and self.skipped and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.strict and self.skipped:
+            terminalreporter.section("TCPMESH_REQUIRE_PRIVILEGED=1: skips fail this run", red=True)
+            for line in self.skipped:
+                terminalreporter.line(line, red=True)
+
+
+def _skip_reason(report) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SkipLedger(REQUIRE_PRIVILEGED), "tcpmesh-skip-ledger")
 
 
 @pytest.fixture(scope="session")

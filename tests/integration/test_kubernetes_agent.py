@@ -11,9 +11,10 @@ import socket
 import time
 import urllib.request
 
-import pytest
+from tests.conftest import require_module
 
-pytest.importorskip("kubernetes", reason="the kubernetes extra is not installed (make test installs it)")
+require_module("kubernetes", "install the kubernetes extra (make setup does: pip install -e '.[test,kubernetes]')",
+               module_level=True)
 
 from agent.app import Agent  # noqa: E402
 from agent.config import config_from_mapping, validate  # noqa: E402

@@ -21,7 +21,10 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("kubernetes", reason="the kubernetes extra is not installed (make test installs it)")
+from tests.conftest import require_module
+
+require_module("kubernetes", "install the kubernetes extra (make setup does: pip install -e '.[test,kubernetes]')",
+               module_level=True)
 
 from agent.control.workloads import WorkloadController  # noqa: E402
 from agent.registry.kubernetes import Backoff, start_kubernetes_source  # noqa: E402

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity import ca as ca_module
 from agent.identity.ca import CA_CERT_FILE, CA_KEY_FILE, CaError, generate_ca, init_ca, load_ca
+from tests.conftest import require_binary
 
 
 def _mode(path: Path) -> int:
@@ -186,9 +187,7 @@ def test_repr_hides_the_key() -> None:
 
 
 def test_openssl_accepts_the_root(tmp_path: Path) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl CLI is not installed")
+    openssl = require_binary("openssl", "openssl")
     init_ca("cluster.local", tmp_path)
     out = subprocess.run([openssl, "verify", "-x509_strict", "-CAfile", tmp_path / CA_CERT_FILE,
                           tmp_path / CA_CERT_FILE], capture_output=True, text=True)

@@ -22,6 +22,7 @@ from agent.identity.node_ca import (BUNDLE_FILE, NODE_CERT_FILE, NODE_KEY_FILE, 
                                     load_node_ca, load_root_as_signing_ca, node_name_of)
 from agent.identity.spiffe import SpiffeId
 from agent.identity.issue import issue_svid
+from tests.conftest import require_binary
 
 TD = "cluster.local"
 WEB = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")
@@ -44,10 +45,7 @@ def dirs(tmp_path):
 
 
 def _openssl() -> str:
-    path = shutil.which("openssl")
-    if path is None:
-        pytest.skip("the openssl CLI is not installed")
-    return path
+    return require_binary("openssl", "openssl")
 
 
 def openssl_verify(tmp_path: Path, root_pem: str, chain_pems: tuple[str, ...], leaf_pem: str,

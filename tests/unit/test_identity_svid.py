@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -18,6 +17,7 @@ from agent.identity.errors import SvidError
 from agent.identity.spiffe import SpiffeId
 from agent.identity.issue import issue_svid
 from agent.identity.svid import CLOCK_SKEW_ALLOWANCE, DEV_MIN_TTL_SECONDS, needs_renewal, renewal_time
+from tests.conftest import require_binary
 
 TD = "cluster.local"
 ALICE = SpiffeId.parse("spiffe://cluster.local/ns/a/sa/alice")
@@ -29,10 +29,7 @@ def ca():
 
 
 def _openssl() -> str:
-    path = shutil.which("openssl")
-    if path is None:
-        pytest.skip("the openssl CLI is not installed")
-    return path
+    return require_binary("openssl", "openssl")
 
 
 def _verify(tmp_path: Path, ca_pem: str, leaf_pem: str, *extra: str) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ from agent.identity.store import IdentityStore
 from agent.identity.issue import issue_svid
 from agent.identity.tls import ALPN, SniServerContexts, check_alpn, check_peer, client_context, peer_spiffe_id, \
     server_context
+from tests.conftest import skip_or_fail
 
 CLIENT = SpiffeId.parse("spiffe://td/ns/a/sa/b")
 DB = SpiffeId.parse("spiffe://td/ns/db/sa/postgres")
@@ -209,11 +210,41 @@ def test_alpn_mismatch_is_detected(ca, bundle, front) -> None:
             check_alpn(end)
 
 
-def test_key_material_never_touches_the_key_dir_when_memfd_works(ca, bundle, tmp_path: Path) -> None:
-    if tls._memfd() is None:
-        pytest.skip("memfd_create with /proc/self/fd is unavailable here")
-    client_context(issue_svid(ca, CLIENT, 3600), bundle, key_dir=tmp_path)
+def memfd_problem() -> str | None:
+    """Whether this kernel offers what the in-memory key path needs, probed without the code under test."""
+    if not hasattr(os, "memfd_create"):
+        return "os.memfd_create is missing (Python built without it, or not Linux)"
+    try:
+        fd = os.memfd_create("tcpmesh-test-probe", os.MFD_CLOEXEC)
+    except OSError as exc:
+        return f"memfd_create failed: {exc}"
+    try:
+        os.write(fd, b"probe")
+        with open(f"/proc/self/fd/{fd}", "rb") as f:
+            return None if f.read() == b"probe" else "/proc/self/fd does not read back a memfd"
+    except OSError as exc:
+        return f"/proc/self/fd is unusable: {exc}"
+    finally:
+        os.close(fd)
+
+
+def test_key_material_never_touches_the_disk_when_memfd_works(ca, bundle, tmp_path: Path, monkeypatch) -> None:
+    problem = memfd_problem()
+    if problem:
+        skip_or_fail(f"the in-memory key path cannot work here: {problem}")
+    loaded_from: list[str] = []
+    real_load = ssl.SSLContext.load_cert_chain
+
+    def spying_load(self, certfile, keyfile=None, password=None):
+        loaded_from.extend((str(certfile), str(keyfile)))
+        return real_load(self, certfile, keyfile, password)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", spying_load)
+    # A key_dir that does not exist: falling back to a file there would raise TlsSetupError.
+    ctx = client_context(issue_svid(ca, CLIENT, 3600), bundle, key_dir=tmp_path / "absent")
+    assert loaded_from and all(p.startswith("/proc/self/fd/") for p in loaded_from), loaded_from
     assert list(tmp_path.iterdir()) == []
+    assert ctx.cert_store_stats()["x509_ca"] >= 1
 
 
 def test_key_dir_fallback_uses_a_private_file_and_removes_it(ca, bundle, front, tmp_path: Path, monkeypatch) -> None:

@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import require_module, skip_or_fail
+
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "deploy" / "kubernetes"
 DOCKERFILE = REPO / "deploy" / "container" / "Dockerfile"
@@ -148,8 +150,7 @@ def unknown_fields(data, model_name: str, where: str) -> list[str]:
 
 
 def test_every_object_fits_the_official_clients_models():
-    pytest.importorskip("kubernetes")
-    from kubernetes import client
+    client = require_module("kubernetes.client", "install the kubernetes extra (make setup does)")
 
     api = client.ApiClient()
     for source, doc in documents():
@@ -228,7 +229,7 @@ def test_the_dockerfile_copies_what_exists_and_installs_packages_debian_12_has()
     install = text.split("apt-get install -y --no-install-recommends", 1)[1].split("&&", 1)[0]
     packages = install.replace("\\", " ").split()
     if not list(Path("/var/lib/apt/lists").glob("*Packages*")):
-        pytest.skip("no apt package lists on this machine (apt-get update)")
+        skip_or_fail("no apt package lists on this machine: run apt-get update")
     if subprocess.run(["apt-cache", "show", "--no-all-versions", *packages], capture_output=True).returncode != 0:
         missing = [p for p in packages if subprocess.run(["apt-cache", "show", p], capture_output=True).returncode]
         assert missing == [], f"not packages of this Debian: {missing}"

@@ -5,7 +5,6 @@ over a fake libbpf."""
 from __future__ import annotations
 
 import ctypes
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from agent.proxy import flow as F
 from agent.telemetry import tcpstats
 from agent.telemetry import tcpstats_abi as abi
+from tests.conftest import require_binary
 
 BPF = Path(__file__).resolve().parents[2] / "bpf"
 RTT_VALUES = [0, 1, 15, 16, 17, 31, 32, 33, 100, 1000, 65536, 8388608, 8388609, 4294967295]
@@ -47,8 +47,7 @@ int main(void) {
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory) -> dict[str, list[int]]:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed (deploy/bootstrap-debian.sh installs it)")
+    require_binary("gcc", "gcc")
     work = tmp_path_factory.mktemp("abi")
     (work / "probe.c").write_text(PROBE % ", ".join(f"{v}u" for v in RTT_VALUES))
     subprocess.run(["gcc", "-Wall", "-Werror", f"-I{BPF}", "-o", str(work / "probe"), str(work / "probe.c")],
