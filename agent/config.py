@@ -91,7 +91,7 @@ class RegistryConfig:
 class CaptureConfig:
     # "auto": the best mode this host supports, by probe (ebpf-connect > ebpf-tc > iptables;
     #   `tcpmesh doctor` shows which and why).
-    # "ebpf-connect": cgroup connect4 + sockops + getsockopt + getpeername4 (DESIGN.md).
+    # "ebpf-connect": cgroup connect4 + sockops + getsockopt + getpeername4 (docs/capture-connect.md).
     # "ebpf-tc": tc sk_assign on the pods' node-side veths onto an IP_TRANSPARENT listener.
     # "iptables": netfilter TPROXY (nft, iptables-nft or iptables-legacy) in the node netns.
     # "none": no capture at all (a laptop switch: the proxies run, nothing is steered to them).
@@ -105,7 +105,7 @@ class CaptureConfig:
     proxy_cgroup: str = ""
     # ebpf-connect: the cgroup v2 directory that contains every pod (kubepods.slice on Kubernetes).
     # The node guard goes there: TCP connects of pods below it that are not captured (yet) are
-    # refused. Must not contain the agent's own cgroup. Empty: no guard (docs/capture.md).
+    # refused. Must not contain the agent's own cgroup. Empty: no guard (docs/capture-restart.md).
     pods_cgroup: str = ""
     # ebpf-connect: where programs and maps are pinned in bpffs. Empty: /sys/fs/bpf/tcpmesh/<node.name>.
     bpffs_dir: str = ""

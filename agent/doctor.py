@@ -3,7 +3,7 @@
 Three layers:
   - pure: the checks and what each capture mode needs (``CHECKS``, ``MODE_REQUIREMENTS``),
     ``evaluate_modes``, ``select_mode``, ``build_report`` (the JSON document, schema
-    ``REPORT_VERSION``, documented in docs/capture.md) and ``render_table``;
+    ``REPORT_VERSION``, documented in docs/capture-doctor.md) and ``render_table``;
   - ``run_checks``: runs the probes of agent.probes (throwaway namespaces; nothing attached to
     the caller's) and records the hidden ones as disabled;
   - the click command, and ``choose_capture_mode`` which the agent calls for ``capture.mode: auto``
@@ -286,7 +286,7 @@ def choose_capture_mode(config, log: logging.Logger | None = None) -> str:
 # ---- CLI ------------------------------------------------------------------------------------------------
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in docs/capture.md).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in docs/capture-doctor.md).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
               help="Agent config: judge its capture.mode, cgroup root and state dir.")
 @click.option("--assume-missing", "assume_missing", multiple=True, metavar="CHECK",

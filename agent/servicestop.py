@@ -1,7 +1,7 @@
 """What the systemd unit's ExecStopPost does: remove capture on a real stop, keep it otherwise.
 
 Capture stays attached whenever the agent exits, so pods fail closed (ECONNREFUSED) while no agent
-runs (docs/capture.md). ``tcpmesh cleanup`` between two runs of the agent would turn that into a
+runs (docs/capture-restart.md). ``tcpmesh cleanup`` between two runs of the agent would turn that into a
 plaintext gap: pods talk directly until the next agent attaches again. So the unit's
 ``ExecStopPost=tcpmesh cleanup … --systemd-stop-post %n`` cleans up only when someone asked systemd
 to stop the unit for good:

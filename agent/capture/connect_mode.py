@@ -106,7 +106,7 @@ def connect_sets_cb_flags(kernel_release: str) -> bool:
     """Can connect4/6 turn on the sockops state callback themselves on this kernel (pure)?
 
     ``kernel_release`` is ``uname -r``. Unparsable or older: False, and the programs take the
-    pre-6.12 path (sockops turns the callback on at ESTABLISHED; docs/capture.md).
+    pre-6.12 path (sockops turns the callback on at ESTABLISHED; docs/capture-connect.md).
     """
     found = re.match(r"(\d+)\.(\d+)", kernel_release)
     return bool(found) and (int(found.group(1)), int(found.group(2))) >= CONNECT_CB_FLAGS_SINCE

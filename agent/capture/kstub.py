@@ -2,7 +2,7 @@
 
 bcc 0.26 wants ``$BCC_KERNEL_SOURCE/include/linux/kconfig.h`` and a kbuild-like layout. The four
 files shipped in bpf/kstub/ plus three symlinks into linux-libc-dev's UAPI headers are enough for
-every UAPI-only program type tcpmesh uses (shared/notes/ebpf-on-this-kernel.md, section 2).
+every UAPI-only program type tcpmesh uses (docs/kernel-notes.md, "Kernel headers").
 
 ``materialise`` (re)builds the tree in a directory, idempotently; ``kernel_source`` sets
 BCC_KERNEL_SOURCE only around a compile. Touches only the directory it is given.

@@ -1,7 +1,7 @@
 """The loader: compile bpf/capture_connect.c with bcc, load it, pin it in bpffs — in its own process.
 
 The agent never imports bcc: libbcc maps libLLVM and clang (~75 MB resident before a compile, ~125 MB
-after, shared/notes/ebpf-on-this-kernel.md). ``run_loader`` (parent side, no bcc) starts
+after; docs/kernel-notes.md). ``run_loader`` (parent side, no bcc) starts
 ``python -m agent.capture.loader REQUEST`` with a JSON request, waits, and turns the one JSON line it
 prints into a result or the typed error the child met (BpfLoadError, BccMissing, ...). The child
 (``main`` → ``load_and_pin``) holds the pin directory's lock, compiles against the kernel stub,

@@ -83,7 +83,7 @@ class NoCapture:
 class ConnectMode:
     """``ebpf-connect``: cgroup connect4/6 + sockops + getpeername + getsockopt + the node guard
     (agent.capture.connect_mode). Restart-safe and fail-closed: ``stop()`` leaves every program
-    attached and pinned; the next start adopts or swaps them with no gap (docs/capture.md)."""
+    attached and pinned; the next start adopts or swaps them with no gap (docs/capture-restart.md)."""
 
     name = "ebpf-connect"
     listener = ListenerRequirements()

@@ -1,6 +1,6 @@
 """Where the ebpf-connect programs and maps are pinned in bpffs, and how a pinned set is recognised.
 
-Layout under ``capture.bpffs_dir`` (default /sys/fs/bpf/tcpmesh/<node name>; docs/capture.md):
+Layout under ``capture.bpffs_dir`` (default /sys/fs/bpf/tcpmesh/<node name>; docs/capture-restart.md):
 
     maps-v<ABI>-<maps hash>/tcpmesh_cookie_origin, tcpmesh_peer_origin, tcpmesh_capture_cidrs,
                             tcpmesh_counters, ...       (created or reused by bcc at compile time)

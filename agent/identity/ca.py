@@ -70,8 +70,8 @@ class CaFiles:
 class CertificateAuthority:
     """A CA certificate with its private key. Signs certificates; does not show its key to anyone.
 
-    A root for now. When node intermediates arrive (DESIGN.md), ``chain_pem`` carries the
-    certificates between this CA and the root that a leaf must present after itself.
+    A root, or a node intermediate (docs/identity.md): then ``chain_pem`` carries the certificates
+    between this CA and the root that a leaf must present after itself.
     """
 
     def __init__(self, certificate: x509.Certificate, private_key: ec.EllipticCurvePrivateKey,

@@ -1,6 +1,6 @@
 """Load a static workload registry file (YAML or JSON) into a ``Registry`` snapshot.
 
-Format (docs/registry.md)::
+Format (docs/registry.md says what each field means)::
 
     trust_domain: lab.tcpmesh            # optional; defaults to the agent's trust domain
     nodes:

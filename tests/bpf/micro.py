@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python -m tests.bpf.micro [--connects 2000] [--blocks 3] [--json]
 
-Not a test (no assertion, never collected): a quieter figure than the bench for docs/capture.md
+Not a test (no assertion, never collected): a quieter figure than the bench for docs/capture-costs.md
 ("What the capture costs"). It builds the bpf tier's world — a node netns and a pod netns joined by
 a veth, a per-run cgroup under the cgroup v2 mount with pods/a (the pod, below the guard's pods/)
 and proxy/ —, loads the program set of this source tree into a private pin directory, attaches the

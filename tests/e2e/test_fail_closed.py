@@ -26,7 +26,7 @@ from agent.lab.nsenter import popen_in
 from agent.lab.sniff import PacketCapture
 
 ECHO_PORT = 7301
-AGENT_RSS_BOUND_KB = 90 * 1024  # measured ~60 MB (docs/capture.md); bcc + LLVM alone would be ~125 MB
+AGENT_RSS_BOUND_KB = 90 * 1024  # measured ~60 MB (docs/capture-connect.md, "Measured"); bcc + LLVM alone would be ~125 MB
 
 LOOP_CLIENT = r"""
 import json, select, socket, sys, time

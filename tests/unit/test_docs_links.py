@@ -1,0 +1,46 @@
+"""Every docs/ page the repository names exists, and nothing points outside the repository.
+
+A newcomer has only this repository: a design fact cited from ../shared/ or from a page that was
+renamed or split is a fact they cannot read. Scans the README, docs/, the code, the BPF sources, the
+tests and the deployment files.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCANNED = ("README.md", "Makefile", "pyproject.toml", "docs", "agent", "bpf", "tests", "bench", "deploy", "systemd",
+           "vagrant")
+SUFFIXES = {".md", ".py", ".c", ".h", ".sh", ".service", ".yml", ".yaml", ".json", ".toml", ""}
+DOC_REF = re.compile(r"\bdocs/([A-Za-z0-9_.-]+\.md)")
+OUTSIDE = re.compile(r"\.\./shared|shared/notes/|\bDESIGN\.md|\bSTYLE\.md")
+
+
+def repository_files():
+    for name in SCANNED:
+        path = REPO / name
+        candidates = [path] if path.is_file() else sorted(path.rglob("*"))
+        for file in candidates:
+            if (file.is_file() and not file.is_symlink() and file.suffix in SUFFIXES and "__pycache__" not in file.parts
+                    and "out" not in file.relative_to(REPO).parts[:2]):
+                yield file
+
+
+def test_every_named_docs_page_exists():
+    missing = []
+    for file in repository_files():
+        if file == Path(__file__):
+            continue
+        for match in DOC_REF.finditer(file.read_text(errors="replace")):
+            if not (REPO / "docs" / match.group(1)).is_file():
+                missing.append(f"{file.relative_to(REPO)}: docs/{match.group(1)}")
+    assert not missing, "pages named but not in docs/:\n" + "\n".join(missing)
+
+
+def test_nothing_points_outside_the_repository():
+    outside = [f"{file.relative_to(REPO)}:{n}: {line.strip()}"
+               for file in repository_files() if file != Path(__file__)
+               for n, line in enumerate(file.read_text(errors="replace").splitlines(), 1) if OUTSIDE.search(line)]
+    assert not outside, "links to files outside this repository (carry the fact into docs/):\n" + "\n".join(outside)
