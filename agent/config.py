@@ -48,6 +48,7 @@ DEFAULT_REPORT_INTERVAL_SECONDS = 2.0
 DEFAULT_ACCESS_LOG = "-"  # stdout
 DEFAULT_ACCESS_LOG_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_ACCESS_LOG_BACKUPS = 5
+DEFAULT_ACCESS_LOG_KEY = "/var/lib/tcpmesh/audit.key"  # outside the log's directory, root only
 CAPTURE_MODES = ("auto", "ebpf-connect", "ebpf-tc", "iptables", "none")
 REGISTRY_SOURCES = ("file", "kubernetes")
 ENV_PREFIX = "TCPMESH_"
@@ -171,6 +172,9 @@ class AccessLogConfig:
     max_bytes: int = DEFAULT_ACCESS_LOG_MAX_BYTES
     backups: int = DEFAULT_ACCESS_LOG_BACKUPS
     log_open: bool = False  # also write a record when a connection opens (always one at close)
+    # The HMAC keys the records are chained with (agent/audit/keys.py): created 0600 at first start,
+    # rotated with `tcpmesh audit rotate-key`. Must not be inside the log's directory.
+    key: str = DEFAULT_ACCESS_LOG_KEY
 
 
 @dataclass(frozen=True)
@@ -317,6 +321,7 @@ def validate(config: Config) -> Config:
     if config.access_log.path not in ("-", "off") and not config.access_log.path.startswith("/"):
         raise ConfigError("access_log.path", config.access_log.path, "must be '-' (stdout), 'off' or an absolute "
                           "path", "for example /var/log/tcpmesh/access.log")
+    _access_log_key(config.access_log)
     if config.access_log.max_bytes < 4096:
         raise ConfigError("access_log.max_bytes", config.access_log.max_bytes, "is too small", "use at least 4096")
     if not 0 <= config.access_log.backups <= 1000:
@@ -324,6 +329,19 @@ def validate(config: Config) -> Config:
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level", config.log_level, "unknown level", "use debug, info, warning or error")
     return config
+
+
+def _access_log_key(settings: AccessLogConfig) -> None:
+    if not settings.key.startswith("/"):
+        raise ConfigError("access_log.key", settings.key, "must be an absolute path",
+                          f"for example {DEFAULT_ACCESS_LOG_KEY}")
+    if settings.path.startswith("/"):
+        log_dir = os.path.dirname(os.path.normpath(settings.path))
+        key = os.path.normpath(settings.key)
+        if key == log_dir or key.startswith(log_dir.rstrip("/") + "/"):
+            raise ConfigError("access_log.key", settings.key, f"is inside the access log's directory ({log_dir}): "
+                              "whoever can write the log could replace the key",
+                              f"put it in a root-only directory elsewhere, for example {DEFAULT_ACCESS_LOG_KEY}")
 
 
 def _deadlines_and_caps(proxy: ProxyConfig) -> None:

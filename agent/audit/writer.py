@@ -1,12 +1,19 @@
 """The access/audit log writer: a bounded queue filled by the data path, drained by one thread.
 
 ``submit`` never blocks and never raises: a full queue drops the record and counts it. The writer
-thread seals each record into the hash chain (agent.audit.chain) and appends it to the file (size-
-based rotation: FILE → FILE.1 → … → FILE.<backups>) or to stdout. A failed write (disk full, I/O
-error) is logged (at most once a minute), counted, and the record is lost; the next record that can
-be written is preceded by a ``gap`` record saying how many were lost and why, so the chain stays
-verifiable and the loss stays visible. On start the chain resumes from the last record of the file
-(or of FILE.1), so restarts do not break it.
+thread seals each record into the keyed chain (agent.audit.chain, keys from agent.audit.keys) and
+appends it to the file (size-based rotation: FILE → FILE.1 → … → FILE.<backups>) or to stdout. A
+failed write (disk full, I/O error) is logged (at most once a minute), counted, and the record is
+lost; the next record that can be written is preceded by a ``gap`` record saying how many were lost
+and why, so the chain stays verifiable and the loss stays visible.
+
+On start (``start``, in the caller's thread) the key file is read, or created 0600 at first start; a
+key file that cannot be used stops the start with an error naming it. Before the first append the
+writer verifies the tail of the file (or of FILE.1) with the keys: an intact tail is continued; a
+broken or forged one is never continued silently — it is logged, counted in
+``tcpmesh_access_log_chain_breaks_total`` and named by a ``break`` record, which links to the last
+record that verified. A key added to the key file (``tcpmesh audit rotate-key``) is picked up within
+``KEY_POLL_SECONDS``: a ``key`` record sealed with the old key announces it, then the new one seals.
 """
 
 from __future__ import annotations
@@ -19,23 +26,28 @@ import threading
 import time
 from typing import Any, Callable
 
-from agent.audit.chain import FILE_EVENT, GENESIS, parse_line, seal
+from agent.audit.chain import BREAK_EVENT, FILE_EVENT, GENESIS, KEY_EVENT, Verification, parse_line, seal, \
+    verify_entries
+from agent.audit.keys import AuditKey, AuditKeyError, Keyring, ensure_keys, inside, read_keys, signature
 from agent.audit.record import RECORD_VERSION, rfc3339
 
 log = logging.getLogger("tcpmesh.audit")
 STDOUT = "-"
 DEFAULT_QUEUE = 65536
 ERROR_LOG_INTERVAL = 60.0
-TAIL_BYTES = 1 << 20  # how far back the chain is looked for in an existing file
+TAIL_BYTES = 1 << 20  # how far back the chain is verified in an existing file on start
+KEY_POLL_SECONDS = 1.0  # how often the key file is checked for an added key
+MAX_BREAK_FINDINGS = 20  # findings named in one break record (the rest: counted in it)
 BATCH_PAUSE = 0.005  # seconds the writer waits after emptying the queue, so records reach it in batches
 _STOP = object()
 
 
 class AccessLog:
-    def __init__(self, target: str, *, node: str = "", max_bytes: int = 100 << 20, backups: int = 5,
-                 metrics: Any = None, queue_size: int = DEFAULT_QUEUE,
+    def __init__(self, target: str, *, key_path: str, node: str = "", max_bytes: int = 100 << 20,
+                 backups: int = 5, metrics: Any = None, queue_size: int = DEFAULT_QUEUE,
                  enrich: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.target = target
+        self.key_path = key_path
         self.node = node
         self.max_bytes = max_bytes
         self.backups = backups
@@ -47,6 +59,11 @@ class AccessLog:
         self._size = 0
         self._seq = 0
         self._prev = GENESIS
+        self._keys: Keyring | None = None  # read by start()
+        self._chain_key: AuditKey | None = None  # the key that sealed the last record (or seals the first)
+        self._key_signature: tuple | None = None
+        self._key_checked = 0.0
+        self._pending_break: dict[str, Any] | None = None
         self._resumed = False
         self._regular = False
         self._suspect_tail = False  # a write failed: the file may end in a torn line
@@ -67,6 +84,24 @@ class AccessLog:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
+        """Read (or at first start create) the key file, then start the writer thread.
+        Raises AuditKeyError naming the file when the key cannot be used."""
+        if self.target != STDOUT and inside(self.key_path, os.path.dirname(os.path.abspath(self.target))):
+            raise AuditKeyError(f"the audit key {self.key_path} is inside the access log's directory "
+                                f"{os.path.dirname(os.path.abspath(self.target))}: whoever can write the log could "
+                                "replace it; set access_log.key to a root-only directory, e.g. "
+                                "/var/lib/tcpmesh/audit.key")
+        try:
+            self._keys, created = ensure_keys(self.key_path)
+        except OSError as exc:
+            raise AuditKeyError(f"cannot create the audit key file {self.key_path}: {exc.strerror or exc}; "
+                                "check access_log.key and that its directory is writable by the agent") from None
+        if created:
+            log.info("access log: created the audit key %s (mode 0600, key %s); keep it off the log's disk "
+                     "backups and use it with `tcpmesh audit verify --key`", self.key_path, self._keys.current.id)
+        self._key_signature = signature(self.key_path)
+        self._key_checked = time.monotonic()
+        self._chain_key = self._keys.current
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -93,6 +128,12 @@ class AccessLog:
 
     # -- writer thread --------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:  # verify and resume the chain now, not at the first connection: a break is reported at start
+            self._prepare()
+        except OSError as exc:
+            self._write_failed(exc)
+        except Exception:  # a thread root: the records that follow still get their chance
+            log.exception("access log: resuming the chain failed")
         while True:
             item = self._queue.get()
             try:
@@ -109,6 +150,7 @@ class AccessLog:
                 time.sleep(BATCH_PAUSE)  # path's put() wakes no one (a wake-up per record cost ~6 % of its CPU)
 
     def _handle(self, record: dict[str, Any]) -> None:
+        self._poll_keys()
         dropped = self._queue_dropped
         if dropped != self._queue_dropped_seen:
             self._lost["queue_full"] = self._lost.get("queue_full", 0) + dropped - self._queue_dropped_seen
@@ -133,17 +175,52 @@ class AccessLog:
         """Seal and write one record; False (logged and counted) when the write failed."""
         try:
             self._prepare()
-            line, digest = seal(record, self._seq, self._prev)
-            if self._needs_rotation(len(line)):
-                self._rotate()
-                line, digest = seal(record, self._seq, self._prev)
-            self._write(line, digest)
+            assert self._keys is not None and self._chain_key is not None
+            if self._chain_key.id != self._keys.current.id:
+                self._append({"v": RECORD_VERSION, "event": KEY_EVENT, "time": rfc3339(time.time()),
+                              "node": self.node, "next_key": self._keys.current.id})
+                log.info("access log: key %s seals from seq %d on (key record at seq %d, sealed with key %s)",
+                         self._keys.current.id, self._seq, self._seq - 1, self._chain_key.id)
+                self._chain_key = self._keys.current
+            self._append(record)
             return True
         except OSError as exc:
             self._write_failed(exc)
             return False
 
-    def _write(self, line: bytes, digest: str) -> None:
+    def _append(self, record: dict[str, Any]) -> None:
+        assert self._chain_key is not None
+        line, mac = seal(record, self._seq, self._prev, self._chain_key)
+        if self._needs_rotation(len(line)):
+            self._rotate()
+            line, mac = seal(record, self._seq, self._prev, self._chain_key)
+        self._write(line, mac)
+
+    def _poll_keys(self) -> None:
+        """Pick up a key added to the key file (rotation); a key file that became unusable is logged and
+        the keys in use stay."""
+        now = time.monotonic()
+        if now - self._key_checked < KEY_POLL_SECONDS:
+            return
+        self._key_checked = now
+        current = signature(self.key_path)
+        if current == self._key_signature:
+            return
+        self._key_signature = current
+        try:
+            keys = read_keys(self.key_path)
+        except AuditKeyError as exc:
+            log.error("access log: the key file changed and cannot be used (%s); records stay sealed with key %s",
+                      exc, self._chain_key.id if self._chain_key else "?")
+            return
+        if self._chain_key is not None and keys.get(self._chain_key.id) is None:
+            log.error("access log: the key file no longer holds key %s, which sealed the last record; keys are "
+                      "rotated by adding one (`tcpmesh audit rotate-key`), not by replacing the file — records stay "
+                      "sealed with key %s", self._chain_key.id, self._chain_key.id)
+            return
+        self._keys = keys
+
+    def _write(self, line: bytes, mac: str) -> None:
         assert self._fd is not None
         view = memoryview(line)
         start = self._size
@@ -156,7 +233,7 @@ class AccessLog:
             self._undo_partial(start)
             raise
         self._seq += 1
-        self._prev = digest
+        self._prev = mac
         if self._metrics is not None:
             self._metrics.access_log_records.inc()
             self._metrics.access_log_sequence.set(self._seq - 1)
@@ -190,6 +267,9 @@ class AccessLog:
         self._suspect_tail = False
         if first and self._size == 0:
             self._write_file_record()
+        if self._pending_break is not None:
+            self._append(self._pending_break)
+            self._pending_break = None
 
     def _open_file(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.target)), exist_ok=True)
@@ -199,20 +279,52 @@ class AccessLog:
         self._size = status.st_size
 
     def _resume_chain(self) -> None:
-        """Continue the chain of an existing log (this file, or the rotated FILE.1 when this one is empty)."""
-        for path in (self.target, f"{self.target}.1"):
-            last = _last_record(path)
-            if last is not None:
-                self._seq, self._prev = last.seq + 1, last.digest  # type: ignore[operator]
-                log.info("access log: continuing the chain of %s at seq %d", path, self._seq)
-                if path == self.target:
-                    self._end_torn_line()
-                return
-            if path == self.target and self._size > 0:
-                log.warning("access log: %s holds no readable record near its end; it is rotated away and a "
-                            "new chain starts", path)
-                self._rotate_files()
-                return
+        """Verify the tail of the existing log (this file, or FILE.1 when this one is empty) and continue
+        its chain — or, when it is broken, report the break and resume after the last intact record."""
+        path = self.target if self._size > 0 else f"{self.target}.1"
+        result, lines = _verify_tail(path, self._keys)  # type: ignore[arg-type]
+        if lines == 0:
+            return
+        if path == self.target:
+            self._end_torn_line()
+        if result.records == 0:
+            self._report_break(path, result, None)
+            if path == self.target:
+                self._rotate_files()  # kept as FILE.1 for the operator; a new chain starts here
+            return
+        self._seq, self._prev = result.last_seq + 1, result.head  # type: ignore[operator]
+        self._chain_key = self._keys.get(result.head_key)  # type: ignore[union-attr]
+        if result.breaks:  # what comes before the writer's last break record was reported then
+            reported = result.breaks[-1].line
+            result.findings = [f for f in result.findings if f.entry.line > reported]
+        if result.findings:
+            self._report_break(path, result, result.last_seq)
+        else:
+            log.info("access log: the last %d record(s) of %s verify; continuing the chain at seq %d", result.records,
+                     path, self._seq)
+
+    def _report_break(self, path: str, result: Verification, resumed_after: int | None) -> None:
+        findings = result.findings or []
+        for finding in findings:
+            if self._metrics is not None:
+                self._metrics.access_log_chain_breaks.labels(finding.kind).inc()
+        named = [{"kind": f.kind, "at": f.entry.where, "seq": f.entry.seq, "message": f.message}
+                 for f in findings[:MAX_BREAK_FINDINGS]]
+        if resumed_after is None:
+            message = (f"{path} holds no record sealed by a key of {self.key_path} near its end (first problem: "
+                       f"{findings[0].message if findings else 'none readable'}); it is kept as {self.target}.1 and "
+                       "a new chain starts")
+            if self._metrics is not None and not findings:
+                self._metrics.access_log_chain_breaks.labels("invalid").inc()
+        else:
+            message = (f"the chain of {path} is broken: {'; '.join(f.message for f in findings[:3])}"
+                       f"{f' (and {len(findings) - 3} more)' if len(findings) > 3 else ''}; it resumes after seq "
+                       f"{resumed_after}, the last record that verified")
+        log.error("access log: %s — a break record names it; check the whole log with `tcpmesh audit verify --key "
+                  "%s`", message, self.key_path)
+        self._pending_break = {"v": RECORD_VERSION, "event": BREAK_EVENT, "time": rfc3339(time.time()),
+                               "node": self.node, "file": os.path.basename(path), "resumed_after": resumed_after,
+                               "findings": named, "findings_total": len(findings), "message": message}
 
     def _end_torn_line(self) -> None:
         """After a crash or failed write the file may end mid-line: end it, so the next record stands alone."""
@@ -229,8 +341,8 @@ class AccessLog:
     def _write_file_record(self) -> None:
         record = {"v": RECORD_VERSION, "event": FILE_EVENT, "time": rfc3339(time.time()), "node": self.node,
                   "file": os.path.basename(self.target) if self.target != STDOUT else "stdout"}
-        line, digest = seal(record, self._seq, self._prev)
-        self._write(line, digest)
+        line, mac = seal(record, self._seq, self._prev, self._chain_key)  # type: ignore[arg-type]
+        self._write(line, mac)
 
     def _needs_rotation(self, length: int) -> bool:
         return self._regular and self._size > 0 and self._size + length > self.max_bytes
@@ -290,24 +402,31 @@ class AccessLog:
             self._fd = None
 
 
-def _last_record(path: str):
-    """The last valid record near the end of ``path`` (an Entry), or None."""
+def _verify_tail(path: str, keys: Keyring) -> tuple[Verification, int]:
+    """Verify the last ``TAIL_BYTES`` of ``path`` (whole lines, named by their real line numbers); returns
+    the verification and how many lines it read (0: no file or an empty one)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            f.seek(max(0, size - TAIL_BYTES))
+            start = max(0, size - TAIL_BYTES)
+            f.seek(0)
+            line = 1
+            while f.tell() < start:  # count the lines before the window, for line numbers an operator can find
+                line += f.read(min(1 << 20, start - f.tell())).count(b"\n")
             tail = f.read()
     except OSError:
-        return None
-    lines = tail.split(b"\n")
-    for raw in reversed(lines[:-1]):  # the last piece is empty, or a torn line
-        if not raw:
-            continue
-        entry = parse_line(raw + b"\n", path, 0)
-        if not entry.error:
-            return entry
-    return None
+        return Verification(), 0
+    pieces = tail.split(b"\n")
+    if start > 0:  # the window starts mid-line: that piece belongs to a line before it
+        line += 1
+        pieces = pieces[1:]
+    if pieces and pieces[-1]:
+        raws = [p + b"\n" for p in pieces[:-1]] + [pieces[-1]]  # a torn last line stays torn
+    else:
+        raws = [p + b"\n" for p in pieces[:-1]]
+    entries = [parse_line(raw, path, line + i, keys) for i, raw in enumerate(raws)]
+    return verify_entries(entries, mid_file=start > 0), len(entries)
 
 
 def access_log_from_config(config: Any, metrics: Any = None,
@@ -316,5 +435,5 @@ def access_log_from_config(config: Any, metrics: Any = None,
     settings = config.access_log
     if settings.path == "off":
         return None
-    return AccessLog(settings.path, node=config.node.name, max_bytes=settings.max_bytes, backups=settings.backups,
-                     metrics=metrics, enrich=enrich)
+    return AccessLog(settings.path, key_path=settings.key, node=config.node.name, max_bytes=settings.max_bytes,
+                     backups=settings.backups, metrics=metrics, enrich=enrich)

@@ -37,13 +37,19 @@ def agent_config(plan: LabPlan, node: NodePlan, capture_mode: str = DEFAULT_CAPT
         "capture": {"mode": capture_mode, "redirect_address": plan.pod_gateway, "cgroup_root": plan.cgroup_root,
                     "pods_cgroup": node.pods_cgroup, "bpffs_dir": node.bpffs_dir, "cgroup_scope": node.cgroup},
         "admin": {"address": node.wire_address, "port": ADMIN_PORT, "socket": f"{node.state_dir}/agent.sock"},
-        "access_log": {"path": access_log_path(node)},
+        "access_log": {"path": access_log_path(node), "key": audit_key_path(node)},
     }
 
 
 def access_log_path(node: NodePlan) -> str:
-    """The node agent's hash-chained access/audit log (`tcpmesh audit verify` checks it)."""
-    return f"{node.state_dir}/access.log"
+    """The node agent's keyed access/audit log (`tcpmesh audit verify --key` checks it), in a directory
+    of its own: the key must live outside it."""
+    return f"{node.state_dir}/log/access.log"
+
+
+def audit_key_path(node: NodePlan) -> str:
+    """The node agent's audit key file (created 0600 by the agent at its first start)."""
+    return f"{node.state_dir}/audit.key"
 
 
 def registry_document(plan: LabPlan) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from agent.audit.chain import FINDING_KINDS as CHAIN_BREAK_KINDS
 from agent.proxy.flow import FLAG_NONE, METRIC_LABELS, UNKNOWN, Flow
 
 # The labels of series that must not change while a flow is open (response_flags may): all but the last.
@@ -89,6 +90,12 @@ class Metrics:
         self.access_log_write_errors = Counter(
             "tcpmesh_access_log_write_errors", "Failed writes to the access/audit log (disk full, I/O error)",
             registry=registry)
+        self.access_log_chain_breaks = Counter(
+            "tcpmesh_access_log_chain_breaks", "Problems the access log writer found in the existing log's chain on "
+            "start (a changed, forged, removed or torn record; a break record in the log names each)", ("kind",),
+            registry=registry)
+        for kind in CHAIN_BREAK_KINDS:  # present at 0 from the start, so alerts work
+            self.access_log_chain_breaks.labels(kind)
         self.access_log_sequence = Gauge(
             "tcpmesh_access_log_sequence", "Sequence number of the last record written to the access/audit log "
             "(compare with the log's last record: records removed from its end show up here)", registry=registry)

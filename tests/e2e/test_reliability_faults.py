@@ -27,7 +27,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.audit.keys import read_keys
 from agent.audit.verify import verify_files
+from agent.lab.files import audit_key_path
 from tests.e2e.reliability_lab import ECHO_PORT, figures, reliability_lab, wait_until
 
 TUNNEL_TIMEOUT = 4.0
@@ -177,7 +179,7 @@ def test_a_full_or_read_only_access_log_disk_never_blocks_the_data_path(lab, sma
         gap = wait_until(lambda: [json.loads(line) for line in log_path.read_text().splitlines()
                                   if '"event":"gap"' in line.replace(" ", "")], 5)
         assert gap and gap[-1]["dropped"] >= 300, gap
-        report = verify_files([str(log_path)])
+        report = verify_files([str(log_path)], read_keys(audit_key_path(lab.node(2))))
         assert report.ok, report
     finally:
         del lab.env["TCPMESH_ACCESS_LOG_PATH"]

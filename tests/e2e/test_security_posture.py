@@ -185,13 +185,20 @@ def test_a_connection_that_never_sends_is_reset_after_the_stream_idle_timeout(la
 
 
 def _secrets(lab) -> list[str]:
-    """Pieces of every private key the lab holds on disk: the node intermediates' and the root's."""
+    """Pieces of every private key the lab holds on disk: the node intermediates', the root's and the
+    audit chain's."""
     keys = [Path(lab_files.node_ca_dir(node), NODE_KEY_FILE) for node in lab.plan.nodes]
     keys += list(Path(lab.plan.ca_dir).glob("*.key"))
     pieces = []
     for key in keys:
         body = "".join(key.read_text().splitlines()[1:-1])
         pieces += [body[i:i + 24] for i in range(0, len(body) - 24, 24)]
+    for node in lab.plan.nodes:  # the audit chain's HMAC keys: "<id> <64 hex digits>" lines, created 0600
+        audit_key = Path(lab_files.audit_key_path(node))
+        assert stat.S_IMODE(audit_key.stat().st_mode) == 0o600, audit_key
+        for line in audit_key.read_text().splitlines():
+            secret = line.split()[1]
+            pieces += [secret[i:i + 24] for i in range(0, len(secret) - 24, 20)]
     assert len(pieces) > 10
     return pieces
 

@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.lab import lab as labops
-from agent.lab.files import access_log_path
+from agent.lab.files import access_log_path, audit_key_path
 from agent.lab.nsenter import http_get_in_netns
 from tests.conftest import skip_or_fail
 from tests.e2e.conftest import Lab
@@ -231,7 +231,8 @@ def test_the_audit_log_of_the_run_verifies_and_tampering_is_named(tlab, tmp_path
     while not any(r.get("comm") == "tm-denied" for r in read_records(path)):
         assert time.monotonic() < deadline, "the denied flow never reached the access log"
         time.sleep(0.1)
-    ok = cli("audit", "verify", path)
+    key = audit_key_path(lab.node(1))
+    ok = cli("audit", "verify", "--key", key, path)
     assert ok.returncode == 0 and ok.stdout.startswith("OK: "), ok.stdout + ok.stderr
     records = read_records(path)
     long_flow = next(r for r in records if r.get("comm") == "tm-longflow")
@@ -240,7 +241,8 @@ def test_the_audit_log_of_the_run_verifies_and_tampering_is_named(tlab, tmp_path
     assert long_flow["source_ip"] == lab.pod("n1p1").ip and long_flow["destination_port"] == ECHO_PORT
     denied = next(r for r in records if r.get("comm") == "tm-denied")
     assert denied["decision"] == "deny" and denied["policy"] == "lab/no-7399" and denied["response_flags"] == "DENY"
-    verify_audit_log_on_node2 = cli("audit", "verify", access_log_path(lab.node(2)))
+    verify_audit_log_on_node2 = cli("audit", "verify", "--key", audit_key_path(lab.node(2)),
+                                    access_log_path(lab.node(2)))
     assert verify_audit_log_on_node2.returncode == 0, verify_audit_log_on_node2.stdout
 
     lines = open(path, "rb").read().splitlines(keepends=True)
@@ -257,7 +259,7 @@ def test_the_audit_log_of_the_run_verifies_and_tampering_is_named(tlab, tmp_path
     for kind, (tampered, named) in cases.items():
         copy = tmp_path / f"{kind}.log"
         copy.write_bytes(b"".join(tampered))
-        out = cli("audit", "verify", str(copy))
+        out = cli("audit", "verify", "--key", key, str(copy))
         assert out.returncode == 1, f"{kind}: {out.stdout}"
         assert f"FAILED ({kind})" in out.stdout and named in out.stdout, f"{kind}: {out.stdout}"
 

@@ -9,6 +9,7 @@ import socket
 
 from prometheus_client import CollectorRegistry
 
+from agent.audit.keys import read_keys
 from agent.audit.verify import verify_files
 from agent.audit.writer import AccessLog
 from agent.capture.origin import Origin
@@ -39,7 +40,8 @@ class Node:
         store = IdentityStore(ca, ca.cert_pem, 600)
         store.ensure(registry.identities_on(name))
         self.metrics = Metrics(CollectorRegistry())
-        self.access_log = AccessLog(str(log_path), node=name, metrics=self.metrics)
+        self.access_log = AccessLog(str(log_path), key_path=str(log_path.parent.parent / "keys" / "audit.key"),
+                                    node=name, metrics=self.metrics)
         self.access_log.start()
         self.ctx = ProxyContext(loop=loop, node_name=name, registry=lambda: registry, identities=store,
                                 metrics=self.metrics, flows=FlowTable(access_log=self.access_log, log_open=True),
@@ -71,8 +73,8 @@ async def run_live(tmp_path) -> None:
             {"name": "web", "namespace": "shop", "service_account": "web", "ip": CLIENT_IP, "node": "node1"},
             {"name": "db", "namespace": "data", "service_account": "postgres", "ip": SERVER_IP, "node": "node2"}]}, TD)
     inbound_port, backend_port = free_port(NODE2), free_port(SERVER_IP)
-    node1 = Node("node1", ca, registry, inbound_port, loop, tmp_path / "node1.log")
-    node2 = Node("node2", ca, registry, inbound_port, loop, tmp_path / "node2.log")
+    node1 = Node("node1", ca, registry, inbound_port, loop, tmp_path / "log" / "node1.log")
+    node2 = Node("node2", ca, registry, inbound_port, loop, tmp_path / "log" / "node2.log")
     origin = Origin(SERVER_IP, backend_port, os.getpid(), os.getuid(), 4242, 1, "live-client")
     outbound = OutboundProxy(node1.ctx, lambda sock: origin)
     servers = [await asyncio.start_server(echo, SERVER_IP, backend_port),
@@ -129,14 +131,14 @@ def test_an_open_connection_reports_growing_bytes_and_the_access_logs_verify(tmp
     import json
 
     for name in ("node1", "node2"):
-        path = str(tmp_path / f"{name}.log")
-        result = verify_files([path])
+        path = str(tmp_path / "log" / f"{name}.log")
+        result = verify_files([path], read_keys(str(tmp_path / "keys" / "audit.key")))
         assert result.ok, result.finding
         records = [json.loads(line) for line in open(path)]
         assert [r["event"] for r in records] == ["file", "open", "close"]
         close = records[-1]
         assert close["node"] == name and close["bytes_received"] == 307200 and close["decision"] == "allow"
         assert close["source_principal"] == SOURCE and close["destination_principal"] == DESTINATION
-    source_close = json.loads(open(tmp_path / "node1.log").readlines()[-1])
+    source_close = json.loads(open(tmp_path / "log" / "node1.log").readlines()[-1])
     assert source_close["pid"] == os.getpid() and source_close["comm"] == "live-client"
     assert source_close["uid"] == os.getuid() and source_close["cgroup_id"] == 4242

@@ -9,9 +9,19 @@ import os
 
 from prometheus_client import CollectorRegistry
 
-from agent.audit.verify import verify_files
+from agent.audit.keys import read_keys
+from agent.audit.verify import verify_files as verify_with_keys
 from agent.audit.writer import AccessLog
 from agent.telemetry.metrics import Metrics
+
+
+def key_of(path: str) -> str:
+    """The key file for a log at ``path``: outside the log's directory, as the writer insists."""
+    return os.path.join(os.path.dirname(os.path.dirname(path)), "keys", "audit.key")
+
+
+def verify_files(paths):
+    return verify_with_keys(paths, read_keys(key_of(paths[-1])))
 
 
 def record(i: int) -> dict:
@@ -35,7 +45,7 @@ def sample(metrics: Metrics, name: str, labels: dict | None = None) -> float:
 def test_records_are_chained_in_the_file_and_verify(tmp_path):
     path = str(tmp_path / "log" / "access.log")
     metrics = Metrics(CollectorRegistry())
-    log = AccessLog(path, node="node1", metrics=metrics)
+    log = AccessLog(path, key_path=key_of(path), node="node1", metrics=metrics)
     log.start()
     write(log, 5)
     log.stop()
@@ -49,35 +59,38 @@ def test_records_are_chained_in_the_file_and_verify(tmp_path):
 
 
 def test_a_restarted_writer_continues_the_chain(tmp_path):
-    path = str(tmp_path / "access.log")
-    first = AccessLog(path)
+    path = str(tmp_path / "log" / "access.log")
+    first = AccessLog(path, key_path=key_of(path))
     first.start()
     write(first, 3)
     first.stop()
-    second = AccessLog(path)
+    second = AccessLog(path, key_path=key_of(path))
     second.start()
     write(second, 2, start=3)
     second.stop()
     docs = lines(path)
-    assert [d["seq"] for d in docs] == list(range(6)) and docs[4]["prev"] == docs[3]["digest"]
+    assert [d["seq"] for d in docs] == list(range(6)) and docs[4]["prev"] == docs[3]["mac"]
     assert verify_files([path]).ok
 
 
-def test_a_crash_mid_line_leaves_a_torn_line_that_verify_names_and_the_chain_goes_on(tmp_path):
-    path = str(tmp_path / "access.log")
-    first = AccessLog(path)
+def test_a_crash_mid_line_leaves_a_torn_line_that_the_writer_and_verify_name_and_the_chain_goes_on(tmp_path):
+    path = str(tmp_path / "log" / "access.log")
+    first = AccessLog(path, key_path=key_of(path))
     first.start()
     write(first, 2)
     first.stop()
     with open(path, "ab") as f:
         f.write(b'{"event":"close","flow_id":"to')  # the agent died while writing
-    second = AccessLog(path)
+    second = AccessLog(path, key_path=key_of(path))
     second.start()
     write(second, 1, start=2)
     second.stop()
     result = verify_files([path])
     assert result.finding.kind == "invalid" and result.finding.entry.line == 4
-    assert lines_after(path, 4)[0]["seq"] == 3  # the chain continued from the last complete record
+    assert len(result.findings) == 1  # the break record and the record after it link to seq 2
+    after = lines_after(path, 4)
+    assert after[0]["event"] == "break" and after[0]["seq"] == 3 and after[0]["resumed_after"] == 2
+    assert after[0]["findings"][0]["at"] == f"{path}:4" and after[1]["seq"] == 4
 
 
 def lines_after(path, line_no):
@@ -85,8 +98,8 @@ def lines_after(path, line_no):
 
 
 def test_rotation_by_size_keeps_one_chain_across_files(tmp_path):
-    path = str(tmp_path / "access.log")
-    log = AccessLog(path, max_bytes=4096, backups=3)
+    path = str(tmp_path / "log" / "access.log")
+    log = AccessLog(path, key_path=key_of(path), max_bytes=4096, backups=3)
     log.start()
     write(log, 60)
     log.stop()
@@ -101,9 +114,9 @@ def test_rotation_by_size_keeps_one_chain_across_files(tmp_path):
 
 
 def test_disk_errors_never_reach_the_caller_and_leave_a_gap_record(tmp_path, caplog):
-    path = str(tmp_path / "access.log")
+    path = str(tmp_path / "log" / "access.log")
     metrics = Metrics(CollectorRegistry())
-    log = AccessLog(path, metrics=metrics)
+    log = AccessLog(path, key_path=key_of(path), metrics=metrics)
     real_write = os.write
     failing = {"on": False}
 
@@ -132,7 +145,7 @@ def test_disk_errors_never_reach_the_caller_and_leave_a_gap_record(tmp_path, cap
 
 def test_a_full_disk_device_is_survived(tmp_path):
     metrics = Metrics(CollectorRegistry())
-    log = AccessLog("/dev/full", metrics=metrics)
+    log = AccessLog("/dev/full", key_path=str(tmp_path / "audit.key"), metrics=metrics)
     log.start()
     write(log, 3)
     log.stop()
@@ -140,9 +153,9 @@ def test_a_full_disk_device_is_survived(tmp_path):
 
 
 def test_a_full_queue_drops_without_blocking_and_the_log_says_how_many(tmp_path):
-    path = str(tmp_path / "access.log")
+    path = str(tmp_path / "log" / "access.log")
     metrics = Metrics(CollectorRegistry())
-    log = AccessLog(path, metrics=metrics, queue_size=4)
+    log = AccessLog(path, key_path=key_of(path), metrics=metrics, queue_size=4)
     for i in range(10):  # the writer thread is not started: the queue fills
         log.submit(record(i))
     assert sample(metrics, "tcpmesh_access_log_dropped_records_total", {"reason": "queue_full"}) == 6
@@ -157,10 +170,32 @@ def test_a_full_queue_drops_without_blocking_and_the_log_says_how_many(tmp_path)
     assert verify_files([path]).ok
 
 
-def test_stdout_target_writes_chained_lines(capfd):
-    log = AccessLog("-", node="n")
+def test_stdout_target_writes_chained_lines(capfd, tmp_path):
+    log = AccessLog("-", key_path=str(tmp_path / "audit.key"), node="n")
     log.start()
     write(log, 2)
     log.stop()
     out = capfd.readouterr().out.splitlines()
     assert [json.loads(line)["seq"] for line in out] == [0, 1, 2]
+
+
+def run_writer(path: str, key: str, records: range, metrics: Metrics | None = None) -> None:
+    log = AccessLog(path, key_path=key, metrics=metrics)
+    log.start()
+    write(log, len(records), start=records.start)
+    log.stop()
+
+
+def test_a_break_is_reported_once_not_at_every_restart(tmp_path):
+    path = str(tmp_path / "log" / "access.log")
+    key = key_of(path)
+    run_writer(path, key, range(5))
+    lines = open(path, "rb").read().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"comm":"redis-cli"', b'"comm":"redis-cl1"')
+    open(path, "wb").write(b"".join(lines))
+    run_writer(path, key, range(5, 6))
+    metrics = Metrics(CollectorRegistry())
+    run_writer(path, key, range(6, 7), metrics)
+    docs = [json.loads(raw) for raw in open(path, "rb")]
+    assert [d["event"] for d in docs].count("break") == 1
+    assert metrics.registry.get_sample_value("tcpmesh_access_log_chain_breaks_total", {"kind": "changed"}) == 0

@@ -39,6 +39,9 @@ def test_shape_errors_name_the_field(doc, field, words):
     ({"proxy": {"inbound_port": 15001}}, "proxy.outbound_port"),
     ({"identity": {"svid_ttl_seconds": 5}}, "identity.svid_ttl_seconds"),
     ({"log_level": "loud"}, "log_level"),
+    ({"access_log": {"path": "/var/log/tcpmesh/access.log", "key": "/var/log/tcpmesh/keys/audit.key"}},
+     "access_log.key"),
+    ({"access_log": {"key": "audit.key"}}, "access_log.key"),
 ])
 def test_semantic_errors_name_the_field(patch, field):
     doc = {**VALID, **patch}

@@ -10,14 +10,15 @@ import os
 
 from prometheus_client import CollectorRegistry
 
+from agent.audit.keys import read_keys
 from agent.audit.verify import verify_files
 from agent.audit.writer import AccessLog
 from agent.telemetry.metrics import Metrics
 
 
 def test_a_record_cut_short_by_a_full_disk_is_taken_back_and_the_chain_verifies(tmp_path):
-    path = str(tmp_path / "access.log")
-    log = AccessLog(path, metrics=Metrics(CollectorRegistry()))
+    path, key = str(tmp_path / "log" / "access.log"), str(tmp_path / "audit.key")
+    log = AccessLog(path, key_path=key, metrics=Metrics(CollectorRegistry()))
     real_write = os.write
     state = {"full": False, "short": 0}
 
@@ -46,4 +47,4 @@ def test_a_record_cut_short_by_a_full_disk_is_taken_back_and_the_chain_verifies(
     docs = [json.loads(line) for line in text.splitlines()]
     assert [d["event"] for d in docs] == ["file", "close", "close", "close", "gap", "close"]
     assert docs[4]["dropped"] == 3 and docs[5]["flow_id"] == f"{6:016x}"
-    assert verify_files([path]).ok
+    assert verify_files([path], read_keys(key)).ok

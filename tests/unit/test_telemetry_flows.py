@@ -10,6 +10,7 @@ import threading
 from click.testing import CliRunner
 
 from agent.audit.chain import GENESIS, seal
+from agent.audit.keys import ensure_keys
 from agent.cli import main
 from agent.control.admin_socket import AdminSocket
 from agent.proxy import flow as F
@@ -145,20 +146,25 @@ def test_flows_without_an_agent_says_how_to_fix_it(tmp_path):
 
 
 def test_audit_verify_exit_codes_name_the_record(tmp_path):
-    path = tmp_path / "access.log"
+    path, key_file = tmp_path / "access.log", str(tmp_path / "keys" / "audit.key")
+    keys, _ = ensure_keys(key_file)
     lines, prev = [], GENESIS
     for seq, event in enumerate(["file", "close", "close", "close"]):
-        line, prev = seal({"event": event, "flow_id": f"f{seq}"}, seq, prev)
+        line, prev = seal({"event": event, "flow_id": f"f{seq}"}, seq, prev, keys.current)
         lines.append(line)
     path.write_bytes(b"".join(lines))
     runner = CliRunner()
-    ok = runner.invoke(main, ["audit", "verify", str(path)])
+    ok = runner.invoke(main, ["audit", "verify", "--key", key_file, str(path)])
     assert ok.exit_code == 0 and "OK: 4 records, seq 0..3" in ok.output
     path.write_bytes(b"".join(lines[:2] + lines[3:]))
-    bad = runner.invoke(main, ["audit", "verify", str(path)])
+    bad = runner.invoke(main, ["audit", "verify", "--key", key_file, str(path)])
     assert bad.exit_code == 1 and "FAILED (removed): seq 2 removed" in bad.output
-    missing = runner.invoke(main, ["audit", "verify", str(tmp_path / "nope.log")])
+    missing = runner.invoke(main, ["audit", "verify", "--key", key_file, str(tmp_path / "nope.log")])
     assert missing.exit_code == 2 and "cannot read" in missing.output
+    no_key = runner.invoke(main, ["audit", "verify", "--key", str(tmp_path / "none.key"), str(path)])
+    assert no_key.exit_code == 2 and "none.key does not exist" in no_key.output
+    without = runner.invoke(main, ["audit", "verify", str(path)])
+    assert without.exit_code == 2 and "--key" in without.output
 
 
 def test_a_flow_record_is_every_field_plus_its_duration():
