@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from agent.capture.modes import Capture, build_capture
+from agent.capture.interface import Capture
+from agent.capture.modes import build_capture
 from agent.config import Config
 from agent.control.admin_socket import AdminSocket
 from agent.control.workloads import WorkloadController
 from agent.errors import KernelError, TcpmeshError
 from agent.heap import heap_trimmer, trim_heap_forever
+from agent.host import checks
 from agent.identity.rotator import IdentityRotator, rotator_from_config
 from agent.identity.store import IdentityStore
 from agent.policy.model import MtlsMode
@@ -103,6 +105,23 @@ class Agent:
                 names.setdefault(workload.spiffe_id, []).append(workload.name)
         return self.rotator.report(names)
 
+    def _proxy_cgroup(self) -> str:
+        """The agent's own cgroup v2 directory: capture.proxy_cgroup, else the one this process runs in."""
+        return self.config.capture.proxy_cgroup or checks.own_cgroup_path(self.config.capture.cgroup_root)
+
+    def _build_capture(self) -> Capture:
+        """The configured capture mode, ``auto`` resolved with the host probes; the host checked first."""
+        mode = self.config.capture.mode
+        if mode == "auto":
+            from agent.host.doctor import choose_capture_mode
+
+            mode = choose_capture_mode(self.config)  # logs which mode and why
+        if mode == "none":
+            return build_capture(self.config, mode, "")
+        checks.require(checks.root_problem(),
+                       checks.cgroup2_problem(self.config.capture.cgroup_root) if mode == "ebpf-connect" else None)
+        return build_capture(self.config, mode, self._proxy_cgroup() if mode == "ebpf-connect" else "")
+
     def _check_node(self) -> None:
         if self.config.registry.source != "file":
             return  # checked against the first snapshot (agent/registry/kubernetes.py)
@@ -143,10 +162,10 @@ class Agent:
         outbound: OutboundProxy | None = None
         kubernetes: KubernetesSource | None = None  # registry.source: kubernetes
         try:
-            self.capture = build_capture(config)
+            self.capture = self._build_capture()
             self.capture.start()
-            if hasattr(self.capture, "plaintext"):
-                self.prometheus.register(PlaintextCollector(self.capture.plaintext, self._snapshot_or_none,
+            if self.capture.inbound is not None:
+                self.prometheus.register(PlaintextCollector(self.capture.inbound.plaintext, self._snapshot_or_none,
                                                             config.node.name))
             self._start_tcp_stats(ctx)
             outbound = OutboundProxy(ctx, self.capture.origin, config.proxy.tunnel_idle_seconds)
@@ -242,20 +261,20 @@ class Agent:
         """PeerAuthentication → the kernel: each local workload STRICT or PERMISSIVE (docs/policy.md)."""
         if self.policy is None or self.capture is None:
             return
-        setter = getattr(self.capture, "set_inbound_mode", None)
+        enforcement = self.capture.inbound
         modes = {}
         for workload in registry.local(self.config.node.name):
             strict = self.policy.mtls_mode(workload.namespace, workload.name) is MtlsMode.STRICT
             modes[workload.key] = strict
             if self._inbound_modes.get(workload.key) == strict:
                 continue
-            if setter is None:
+            if enforcement is None:
                 if strict:
                     log.error("workload %s is STRICT but capture mode %s cannot enforce it in the kernel; "
                               "use capture.mode ebpf-connect", workload.key, self.capture.name)
                 continue
             try:
-                setter(workload, strict)
+                enforcement.set_inbound_mode(workload, strict)
             except Exception:  # noqa: BLE001 — one workload's kernel update must not stop the others
                 log.exception("cannot set the inbound mode of %s", workload.key)
                 modes.pop(workload.key)
@@ -273,7 +292,7 @@ class Agent:
 
     def _start_tcp_stats(self, ctx: ProxyContext) -> None:
         """Kernel TCP stats of the proxy's sockets (telemetry.tcp_stats), scraped with /metrics."""
-        self.tcp_stats = tcp_stats_from_config(self.config)
+        self.tcp_stats = tcp_stats_from_config(self.config, self._proxy_cgroup)
         if self.tcp_stats is not None:
             ctx.tcp_stats = self.tcp_stats
             self.prometheus.register(self.tcp_stats)

@@ -26,7 +26,7 @@ LAZY_COMMANDS = {
     "workload": "agent.control.cli:workload",
     "policy": "agent.policy.cli:policy",
     "demo": "agent.demo:demo",
-    "doctor": "agent.doctor:doctor",
+    "doctor": "agent.host.doctor:doctor",
     "flows": "agent.telemetry.cli:flows",
     "audit": "agent.audit.cli:audit",
 }
@@ -109,7 +109,7 @@ def cleanup(config_path: str, dry_run: bool, stop_post_unit: str) -> None:
     whole cgroup_root), unpins capture.bpffs_dir, and removes the tc filters, rules and TPROXY
     rules of the other modes in this network namespace. Stop the agent first. Safe to run twice.
     """
-    from agent.cleanup import run_cleanup
+    from agent.host.cleanup import run_cleanup
     from agent.config import load_config
 
     if stop_post_unit:

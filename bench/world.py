@@ -80,7 +80,7 @@ class World:
         self.close()
 
     def _setup(self) -> None:
-        from agent import hostcheck
+        from agent.host import checks
         from agent.lab import lab as labops
 
         self.workdir = Path(tempfile.mkdtemp(prefix="tcpmesh-bench-", dir=self.workdir_parent))
@@ -91,7 +91,7 @@ class World:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # agents and tunnels inherit it: 1,000+ fds
         self.binary = loadgen.build(self.workdir)
-        mount = hostcheck.find_cgroup2_mount()
+        mount = checks.find_cgroup2_mount()
         if mount is None:
             raise RuntimeError("cgroup v2 is not mounted")
         self.cgroup_root = os.path.join(mount, f"tcpmesh-bench-{self.name}")

@@ -21,7 +21,7 @@
  *    tcpmesh_guard4/6    the ancestor    that no pod hook handled (not captured yet) is refused,
  *                        of every pod)   except to loopback and the redirect address
  *
- * Build: agent/capture/loader.py, in a short-lived process: BPF(src_file=..., cflags=[
+ * Build: agent/bpf/loader.py, in a short-lived process: BPF(src_file=..., cflags=[
  *   "-I<repo>/bpf", "-I<repo>/bpf/include", "-DREDIR_IP=<host-order u32>u", "-DREDIR_PORT=<port>",
  *   "-DTCPMESH_MAX_CONNS=<n>", "-DTCPMESH_MAPS_DIR=\"<bpffs dir>/maps-...\""]), then every program
  *   is pinned in bpffs and the agent attaches the pinned programs without bcc.

@@ -2,7 +2,7 @@
 /*
  * probe.c — tiny programs `tcpmesh doctor` loads (never attaches) to find out whether this kernel
  * accepts each program type, expected attach type and helper the capture modes use. Each function
- * exercises one capability with the smallest body the verifier accepts; agent/probes.py maps
+ * exercises one capability with the smallest body the verifier accepts; agent/host/probes.py maps
  * function -> check name. Nothing here is part of the data path.
  */
 #include <uapi/linux/bpf.h>

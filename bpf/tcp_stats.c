@@ -15,7 +15,7 @@
  * pair). Sockets it never registered (admin HTTP, ...) are only counted as untracked.
  *
  * Fail-open: statistics only. The program never changes a connection and always returns 1.
- * Build: agent/telemetry/tcpstats.py asks the capture's loader process (agent/capture/loader.py)
+ * Build: agent/telemetry/tcpstats.py asks the capture's loader process (agent/bpf/loader.py)
  * to compile this file with bcc and pin the program and maps; the agent never imports bcc.
  * Map operations stay in this file (bcc rewrites them only in the main source file).
  */

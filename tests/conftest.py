@@ -20,7 +20,7 @@ from types import ModuleType
 
 import pytest
 
-from agent import hostcheck
+from agent.host import checks
 
 REQUIRE_PRIVILEGED = os.environ.get("TCPMESH_REQUIRE_PRIVILEGED") == "1"
 
@@ -89,7 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def privileged() -> None:
     """Root and network namespaces."""
-    problem = hostcheck.netns_problem()
+    problem = checks.netns_problem()
     if problem:
         skip_or_fail(problem)
 
@@ -97,15 +97,15 @@ def privileged() -> None:
 @pytest.fixture(scope="session")
 def bpf_capable(privileged) -> None:
     """Root, cgroup v2 and an importable bcc."""
-    problem = hostcheck.cgroup2_problem() or hostcheck.bcc_problem()
+    problem = checks.cgroup2_problem() or checks.bcc_problem()
     if problem:
         skip_or_fail(problem)
 
 
 @pytest.fixture(scope="session")
 def cgroup2_mount(privileged) -> str:
-    mount = hostcheck.find_cgroup2_mount()
-    problem = hostcheck.cgroup2_problem()
+    mount = checks.find_cgroup2_mount()
+    problem = checks.cgroup2_problem()
     if problem or mount is None:
         skip_or_fail(problem or "cgroup v2 not mounted")
     return mount

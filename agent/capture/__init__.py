@@ -2,7 +2,7 @@
 
 Public surface (everything else in this package is internal):
   - ``ConnectCapture`` (connect_mode): adopts the program set of bpf/capture_connect.c pinned in
-    bpffs, or has the loader process (agent.capture.loader, the only user of bcc) compile and pin
+    bpffs, or has the loader process (agent.bpf.loader, the only user of bcc) compile and pin
     it; attaches it to pod cgroups, the pods cgroup (guard) and the proxy's cgroup; reads the
     reason counters; close() leaves everything attached (fail closed).
   - ``Origin``, ``parse_origin``, ``read_origin``, ``read_original_dst`` (origin): what the proxy
@@ -13,7 +13,8 @@ must stay importable without bcc.
 """
 
 from agent.capture.connect_mode import ConnectCapture
-from agent.capture.errors import AttachError, BccMissing, BpfLoadError, NotLoaded
+from agent.bpf.errors import AttachError, BccMissing, BpfLoadError
+from agent.capture.errors import NotLoaded
 from agent.capture.origin import Origin, OriginFormatError, parse_origin, read_origin, read_original_dst
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Cgroup v2 directories as attach targets: finding the mount, refusing the root, querying programs.
 
 ``cgroup_target`` is pure over the text of /proc/self/mounts; ``walk`` lists a subtree. The
-syscalls live in agent.capture.libbpf (``Libbpf`` is re-exported here for existing callers).
+syscalls live in agent.bpf.libbpf.
 Must not import bcc: the agent and `tcpmesh cleanup` use it without.
 """
 
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from agent.capture.libbpf import Libbpf  # noqa: F401  (re-export)
 from agent.errors import ConfigError
 
 

@@ -2,8 +2,8 @@
 
 ``ConnectCapture`` is the agent's handle on one program set of bpf/capture_connect.c:
   - ``load()``: adopt the set pinned under ``bpffs_dir`` whose name matches this source tree and
-    these flags (agent.capture.pins), or have the loader process compile and pin it first
-    (agent.capture.loader); then open the pins (agent.capture.pinned) and fill the capture CIDRs;
+    these flags (agent.bpf.pins), or have the loader process compile and pin it first
+    (agent.bpf.loader); then open the pins (agent.capture.pinned) and fill the capture CIDRs;
   - ``takeover(pods_cgroup, proxy_cgroup)``: every cgroup that carries a tcpmesh set (a previous
     run's, perhaps of another version) gets ours with no gap: ours are attached everywhere first,
     then the others detached, the guard's first;
@@ -28,11 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from agent.capture import abi, pins, sources
-from agent.capture.cgroups import Libbpf, cgroup_target, read_mounts, walk
+from agent.bpf import pins, sources
+from agent.bpf.libbpf import Libbpf
+from agent.capture import abi
+from agent.capture.cgroups import cgroup_target, read_mounts, walk
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
-from agent.capture.errors import AttachError, NotLoaded
-from agent.capture.loader import DEFAULT_TIMEOUT, LoadRequest, LoadResult, run_loader
+from agent.bpf.errors import AttachError
+from agent.capture.errors import NotLoaded
+from agent.bpf.loader import DEFAULT_TIMEOUT, LoadRequest, LoadResult, run_loader
 from agent.capture.pinned import PinnedSet
 from agent.errors import ConfigError
 
@@ -94,7 +97,7 @@ def hooks_for(role: str) -> tuple[Hook, ...]:
 
 
 def bpf_dir() -> Path:
-    """bpf/, as shipped with this package (agent/capture/sources.py)."""
+    """bpf/, as shipped with this package (agent/bpf/sources.py)."""
     return sources.bpf_dir()
 
 
@@ -420,7 +423,7 @@ def detach_leftovers(cgroup_dir: str | os.PathLike) -> list[str]:
     """Detach every tcpmesh capture program attached directly to ``cgroup_dir`` (by name).
 
     Needs root and libbpf, not bcc. Returns what it detached, as "name on path". Programs of other
-    tools on the cgroup are left alone. (`tcpmesh cleanup` goes wider: agent.cleanup.)
+    tools on the cgroup are left alone. (`tcpmesh cleanup` goes wider: agent.host.cleanup.)
     """
     path = os.path.realpath(cgroup_dir)
     libbpf = Libbpf()

@@ -1,58 +1,20 @@
-"""The interface every capture mode offers the agent, and the factory that builds the configured one.
+"""The capture modes' factory, the ``none`` mode and the agent-facing wrapper of ``ebpf-connect``.
 
-A capture mode steers the TCP connections of this node's pods to the outbound proxy and tells the
-proxy where each captured connection was going (``origin``). The agent drives it:
-``start()`` once, ``attach(w)``/``detach(w)`` as workloads come and go (idempotent), ``origin(sock)``
-per accepted connection (the data path: must be cheap), ``stop()`` at the end.
-
-Modes: ``ebpf-connect`` (cgroup hooks; agent.capture.connect_mode), and — added by the interception
-issue — ``ebpf-tc`` and ``iptables``. ``none`` is the laptop switch: nothing is captured.
+``build_capture(config, mode, proxy_cgroup)`` builds the mode the composition root chose (agent.app
+resolves ``auto`` with the host probes and checks the host first; this package never imports
+agent.host). Modes: ``ebpf-connect`` (cgroup hooks; agent.capture.connect_mode), ``ebpf-tc``
+(agent.capture.tc_mode) and ``iptables`` (agent.capture.tproxy_mode). ``none`` is the laptop switch:
+nothing is captured. The interface they all offer is agent.capture.interface.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
-from typing import Protocol
 
+from agent.capture.interface import Capture, InboundEnforcement, ListenerRequirements
 from agent.capture.origin import Origin
 from agent.registry.model import Workload
-
-
-@dataclass(frozen=True)
-class ListenerRequirements:
-    """How the outbound listener must be opened for this mode."""
-
-    transparent: bool = False  # IP_TRANSPARENT: tc sk_assign and TPROXY deliver foreign destinations
-
-
-class Capture(Protocol):
-    name: str
-    listener: ListenerRequirements
-
-    def start(self) -> None:
-        """Load programs / install node-level rules. Raises a TcpmeshError naming what failed."""
-
-    def attach(self, workload: Workload) -> None:
-        """Capture ``workload``'s outbound TCP. Idempotent."""
-
-    def detach(self, workload: Workload) -> None:
-        """Stop capturing ``workload``. Idempotent; a workload whose cgroup/netns is gone counts as detached."""
-
-    def origin(self, sock: socket.socket) -> Origin | None:
-        """The original destination (and client process, where the mode knows it) of an accepted socket."""
-
-    def stop(self) -> None:
-        """Orderly stop: release the agent's handles. A mode that can fail closed (ebpf-connect) leaves
-        its kernel state in place, so pods stay captured while no agent runs; `tcpmesh cleanup`
-        removes it. Others undo what ``start`` and ``attach`` did."""
-
-    def counters(self) -> dict[str, int]:
-        """Per-reason counters of the kernel side (empty when unknown)."""
-
-    # Optional (ebpf-connect only): inbound mTLS mode enforcement in the kernel, see ConnectMode.
-    # set_inbound_mode(workload, strict) -> None; plaintext() -> {cgroup path: (rejected, accepted)}
 
 
 class NoCapture:
@@ -60,6 +22,7 @@ class NoCapture:
 
     name = "none"
     listener = ListenerRequirements()
+    inbound = None
 
     def start(self) -> None:
         pass
@@ -98,6 +61,11 @@ class ConnectMode:
                                        bpffs_dir=bpffs_dir or DEFAULT_BPFFS_DIR)
         self._proxy_cgroup = proxy_cgroup
         self._pods_cgroup = pods_cgroup
+
+    @property
+    def inbound(self) -> InboundEnforcement:
+        """This mode enforces each pod's inbound mTLS mode in the kernel (set_inbound_mode, plaintext)."""
+        return self
 
     def start(self) -> None:
         import logging
@@ -156,21 +124,15 @@ class MissingCgroup(Exception):
                          "by cgroup; add its cgroup v2 directory to the registry entry")
 
 
-def build_capture(config) -> Capture:
-    """The capture mode ``config.capture.mode`` names (validated by agent.config)."""
-    from agent import hostcheck
-    from agent.capture.pins import default_bpffs_dir
+def build_capture(config, mode: str, proxy_cgroup: str) -> Capture:
+    """The capture mode ``mode`` (``config.capture.mode``, with ``auto`` already resolved by the caller).
 
-    mode = config.capture.mode
-    if mode == "auto":
-        from agent.doctor import choose_capture_mode
+    ``proxy_cgroup``: the agent's own cgroup v2 directory (the ebpf-connect proxy hook goes there)."""
+    from agent.bpf.pins import default_bpffs_dir
 
-        mode = choose_capture_mode(config)  # runs `tcpmesh doctor`, logs which mode and why
     if mode == "none":
         return NoCapture()
     if mode == "ebpf-connect":
-        hostcheck.require(hostcheck.root_problem(), hostcheck.cgroup2_problem(config.capture.cgroup_root))
-        proxy_cgroup = config.capture.proxy_cgroup or hostcheck.own_cgroup_path(config.capture.cgroup_root)
         _check_pods_cgroup(config.capture.pods_cgroup, proxy_cgroup)
         return ConnectMode(config.capture.redirect_address, config.proxy.outbound_port, config.state_dir,
                            proxy_cgroup, config.capture.pods_cgroup,
@@ -178,20 +140,16 @@ def build_capture(config) -> Capture:
     if mode == "ebpf-tc":
         from agent.capture.tc_mode import TcCapture  # compiles in a child process: no bcc here
 
-        hostcheck.require(hostcheck.root_problem())
         return TcCapture(config.proxy.bind_address, config.proxy.outbound_port, config.state_dir)
     if mode == "iptables":
         from agent.capture.tproxy_mode import TproxyCapture
 
-        hostcheck.require(hostcheck.root_problem())
         return TproxyCapture(config.proxy.bind_address, config.proxy.outbound_port)
     raise ValueError(f"capture mode {mode!r} is not implemented")
 
 
 def _check_pods_cgroup(pods_cgroup: str, proxy_cgroup: str) -> None:
     """The guard on pods_cgroup would refuse the proxy's own connects if the agent lived below it."""
-    import os
-
     from agent.errors import ConfigError
 
     if not pods_cgroup:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Iterable
 
 from agent.capture import abi
-from agent.capture.counters import sum_per_cpu
-from agent.capture.errors import AttachError, NotLoaded
-from agent.capture.libbpf import Libbpf
+from agent.bpf.counters import sum_per_cpu
+from agent.bpf.errors import AttachError
+from agent.capture.errors import NotLoaded
+from agent.bpf.libbpf import Libbpf
 from agent.errors import TcpmeshError
 
 COUNTERS = "tcpmesh_counters"
@@ -97,7 +98,7 @@ class PinnedSet:
                 raw = None
             per_reason[code] = None if raw is None else \
                 [int.from_bytes(raw[i * 8:(i + 1) * 8], sys.byteorder) for i in range(cpus)]
-        return sum_per_cpu(per_reason) or {}
+        return sum_per_cpu(per_reason, abi.REASONS) or {}
 
     def write_cidrs(self, entries: dict[tuple[int, int], int]) -> None:
         """Make the LPM trie hold exactly ``entries``: new entries go in before stale ones come out."""
@@ -157,7 +158,7 @@ def _check_layout(info, path: str, key_size: int, value_size: int) -> None:
 def read_counters(bpffs_dir: str | os.PathLike, libbpf: Libbpf | None = None) -> dict[str, int]:
     """The reason counters of the maps pinned under ``bpffs_dir`` (for `doctor` and tests), summed over
     every maps directory there (normally one). {} when nothing is pinned."""
-    from agent.capture import pins
+    from agent.bpf import pins
 
     libbpf = libbpf or Libbpf()
     totals: dict[str, int] = {}

@@ -1,7 +1,7 @@
 """The ebpf-tc capture mode: bpf/capture_tc.c on tc ingress of each local pod's node-side veth.
 
-``TcCapture`` implements the ``Capture`` interface (agent.capture.modes):
-  - ``start()``: compile and load the program in a short-lived child (agent.capture.fdloader: bcc
+``TcCapture`` implements the ``Capture`` interface (agent.capture.interface):
+  - ``start()``: compile and load the program in a short-lived child (agent.bpf.fdloader: bcc
     and libLLVM never enter the agent), keep its program and map fds, fill tcpmesh_tc_cidrs
     (capture CIDRs, bypass CIDRs, the node's own addresses as bypass /32s), install the fwmark
     rule and local table (agent.capture.steering);
@@ -33,13 +33,13 @@ from typing import Sequence
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.capture import abi, steering
-from agent.capture.bccload import base_cflags, bpf_source_dir
+from agent.bpf.compile import base_cflags, bpf_source_dir
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
-from agent.capture.counters import sum_per_cpu
+from agent.bpf.counters import sum_per_cpu
 from agent.capture.errors import NotLoaded
-from agent.capture.fdloader import FdLoadRequest, LoadedFds, load_fds
-from agent.capture.libbpf import Libbpf
-from agent.capture.modes import ListenerRequirements
+from agent.bpf.fdloader import FdLoadRequest, LoadedFds, load_fds
+from agent.bpf.libbpf import Libbpf
+from agent.capture.interface import ListenerRequirements
 from agent.capture.netns import describe, ipr, netlink_call
 from agent.capture.origin import Origin
 from agent.capture.transparent import TransparentOrigins, lookup_address
@@ -84,6 +84,7 @@ class TcCapture:
 
     name = "ebpf-tc"
     listener = ListenerRequirements(transparent=True)
+    inbound = None  # no kernel enforcement of STRICT in this mode
 
     def __init__(self, listen_address: str, listen_port: int, state_dir: str, *, netns: str | None = None,
                  capture_cidrs: Sequence[str] = DEFAULT_CAPTURE_CIDRS, bypass_cidrs: Sequence[str] = (),

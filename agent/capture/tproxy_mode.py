@@ -1,6 +1,6 @@
 """The iptables capture mode: netfilter TPROXY in the node netns for TCP entering from pod interfaces.
 
-``TproxyCapture`` implements the ``Capture`` interface (agent.capture.modes):
+``TproxyCapture`` implements the ``Capture`` interface (agent.capture.interface):
   - ``start()``: installs the rules (agent.capture.netfilter) with the first backend that works —
     native nft, then iptables-nft, then iptables-legacy — remembering why the others failed
     (``backend_errors``); removes whatever the other backends hold of ours (a previous run's);
@@ -22,7 +22,7 @@ from typing import Sequence
 
 from agent.capture import abi, steering
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS
-from agent.capture.modes import ListenerRequirements
+from agent.capture.interface import ListenerRequirements
 from agent.capture.netfilter import BACKEND_ORDER, Backend, NetfilterError, backend, spec_for
 from agent.capture.netns import describe
 from agent.capture.origin import Origin
@@ -36,6 +36,7 @@ log = logging.getLogger("tcpmesh.capture")
 class TproxyCapture:
     name = "iptables"
     listener = ListenerRequirements(transparent=True)
+    inbound = None  # no kernel enforcement of STRICT in this mode
 
     def __init__(self, listen_address: str, listen_port: int, *, netns: str | None = None,
                  backends: Sequence[str] = BACKEND_ORDER, capture_cidrs: Sequence[str] = DEFAULT_CAPTURE_CIDRS,

@@ -18,7 +18,7 @@ from typing import Any, Mapping, NoReturn, Sequence
 
 import yaml
 
-from agent import hostcheck
+from agent.host import checks
 from agent.errors import TcpmeshError
 from agent.lab import agents, cgroups, files, network, nsenter
 from agent.lab.errors import LabError, LabNotFound
@@ -45,8 +45,8 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
 
     On any failure everything is torn down again (agent logs are kept) and the error is re-raised.
     """
-    hostcheck.require(hostcheck.netns_problem(), hostcheck.cgroup2_problem(cgroup_root))
-    cgroup_root = cgroup_root or hostcheck.find_cgroup2_mount() or ""
+    checks.require(checks.netns_problem(), checks.cgroup2_problem(cgroup_root))
+    cgroup_root = cgroup_root or checks.find_cgroup2_mount() or ""
     plan = plan_lab(name, nodes, pods_per_node, trust_domain, namespace=namespace,
                     service_accounts=service_accounts, cgroup_root=cgroup_root, state_root=state_root)
     _refuse_existing(plan)
@@ -168,12 +168,12 @@ def lab_down(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_RO
     e.g. a cgroup still holding processes the lab did not start (their PIDs are in the message).
     """
     validate_lab_name(name)
-    hostcheck.require(hostcheck.root_problem())
+    checks.require(checks.root_problem())
     state_dir = lab_state_dir(state_root, name)
     state, problem = _read_state(state_dir)
     if state is not None:
         cgroup_root = state.get("inputs", {}).get("cgroup_root") or cgroup_root
-    cgroup_root = cgroup_root or hostcheck.find_cgroup2_mount() or ""
+    cgroup_root = cgroup_root or checks.find_cgroup2_mount() or ""
     records = {}
     if state is not None:
         try:
@@ -199,7 +199,7 @@ def _remove_pins(name: str) -> list[str]:
     """Unpin every node's programs and maps (/sys/fs/bpf/tcpmesh-lab-<name>); nothing if bpffs is absent."""
     from pathlib import Path
 
-    from agent.capture import pins
+    from agent.bpf import pins
 
     return pins.remove_tree(Path(lab_bpffs_dir(name)))
 
@@ -278,7 +278,7 @@ def load_lab(name: str = DEFAULT_LAB_NAME, state_root: str = DEFAULT_STATE_ROOT)
     state_dir = lab_state_dir(state_root, name)
     state, problem = _read_state(state_dir)
     if state is None:
-        cgroup_root = hostcheck.find_cgroup2_mount() or ""
+        cgroup_root = checks.find_cgroup2_mount() or ""
         leftovers = _leftovers(name, state_dir, lab_cgroup(cgroup_root, name))
         if leftovers or problem:
             raise LabError(f"lab {name!r} has no usable state file ({problem or 'missing'}) but leftovers exist "

@@ -4,7 +4,7 @@ of the application's leg and of the tunnel leg, read from per-CPU BPF maps and s
 ``KernelTcpStats`` is the agent's handle on it:
   - ``load()``: adopt the program and maps pinned under the capture's ``bpffs_dir`` (``tcpstats-*``
     directories, apart from the capture's own) or have the capture's loader process compile and pin
-    them first (agent.capture.loader: the agent never imports bcc); attach the program to the
+    them first (agent.bpf.loader: the agent never imports bcc); attach the program to the
     proxy's cgroup (BPF_F_ALLOW_MULTI), and detach older versions of it there;
   - ``flow_started(flow, client_leg, upstream_leg)`` (data-path loop, once per mesh flow): register
     the proxy's two sockets of the flow — cookie → slot, one bpf(2) update each; a slot stands for
@@ -29,14 +29,14 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from agent.capture import pins, sources
-from agent.capture.errors import AttachError
-from agent.capture.libbpf import Libbpf
-from agent.capture.loader import DEFAULT_TIMEOUT, LoadRequest, run_loader
+from agent.bpf import pins, sources
+from agent.bpf.errors import AttachError
+from agent.bpf.libbpf import Libbpf
+from agent.bpf.loader import DEFAULT_TIMEOUT, LoadRequest, run_loader
 from agent.errors import TcpmeshError
 from agent.proxy.flow import REPORTER_SOURCE, SECURITY_MTLS, UNKNOWN, Flow
 from agent.telemetry import tcpstats_abi as abi
@@ -62,7 +62,7 @@ SOCKS, PAIRS, COUNTERS = "tcpmesh_stats_socks", "tcpmesh_stats_pairs", "tcpmesh_
 
 
 def bpf_dir() -> Path:
-    """bpf/, as shipped with this package (agent/capture/sources.py)."""
+    """bpf/, as shipped with this package (agent/bpf/sources.py)."""
     return sources.bpf_dir()
 
 
@@ -354,20 +354,18 @@ class KernelTcpStats:
         return []
 
 
-def tcp_stats_from_config(config: Any) -> KernelTcpStats | None:
+def tcp_stats_from_config(config: Any, proxy_cgroup: Callable[[], str]) -> KernelTcpStats | None:
     """The kernel TCP stats ``telemetry.tcp_stats`` asks for, loaded and attached; None when off.
 
     ``auto`` (default): on when the capture mode uses eBPF; a failure is logged and the agent runs
-    without them. ``on``: a failure stops the agent. ``off``: never.
+    without them. ``on``: a failure stops the agent. ``off``: never. ``proxy_cgroup()`` names the agent's
+    cgroup (where the program is attached); the composition root passes it.
     """
-    from agent import hostcheck
-
     mode = config.telemetry.tcp_stats
     if mode == "off" or (mode == "auto" and config.capture.mode == "none"):
         return None
     try:
-        cgroup = config.capture.proxy_cgroup or hostcheck.own_cgroup_path(config.capture.cgroup_root)
-        stats = KernelTcpStats(config.capture.bpffs_dir or pins.default_bpffs_dir(config.node.name), cgroup,
+        stats = KernelTcpStats(config.capture.bpffs_dir or pins.default_bpffs_dir(config.node.name), proxy_cgroup(),
                                config.state_dir)
         stats.load()
         return stats

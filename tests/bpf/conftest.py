@@ -41,7 +41,7 @@ def topology(privileged):
 @pytest.fixture(scope="module")
 def bpffs_dir(bpf_capable):
     """A pin directory of the module's own under /sys/fs/bpf (mounted if needed), removed afterwards."""
-    from agent.capture import pins
+    from agent.bpf import pins
 
     path = Path(pins.BPFFS_MOUNT) / f"tcpmesh-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     pins.ensure_bpffs(str(path))

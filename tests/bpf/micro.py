@@ -60,8 +60,9 @@ def _loop(pod_ns: str, cgroup: Path, target: tuple[str, int], count: int) -> dic
 
 
 def measure(connects: int, blocks: int, max_connections: int = 65536) -> dict:
-    from agent.capture import ConnectCapture, pins
-    from agent.hostcheck import find_cgroup2_mount
+    from agent.bpf import pins
+    from agent.capture import ConnectCapture
+    from agent.host.checks import find_cgroup2_mount
     from bench import bpfstats
     from tests.conftest import remove_cgroup_tree
 

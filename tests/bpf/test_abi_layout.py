@@ -82,7 +82,7 @@ def bcc_module(bpf_capable, tmp_path_factory):
     (The agent never does this: its loader process compiles and pins.)"""
     from bcc import BPF
 
-    from agent.capture import kstub
+    from agent.bpf import kstub
     from agent.capture.connect_mode import bpf_dir, compile_flags
 
     tree = kstub.materialise(tmp_path_factory.mktemp("kstub"))

@@ -23,7 +23,7 @@ import pytest
 
 from agent.capture import ConnectCapture, abi, read_origin, read_original_dst
 from agent.capture.connect_mode import ROLE_POD, ROLE_PROXY, hooks_for
-from agent.capture.errors import BpfLoadError
+from agent.bpf.errors import BpfLoadError
 from agent.errors import ConfigError
 from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, socket_in
 
@@ -80,7 +80,7 @@ def bpftool_cgroup(path: Path) -> str:
 
 def test_stub_tree_compiles_and_loads_in_the_loader_process(capture, tmp_path):
     kstub = tmp_path / "bcc-kstub"
-    from agent.capture import kstub as ks
+    from agent.bpf import kstub as ks
 
     ks.materialise(kstub)
     assert (kstub / "include/linux/kconfig.h").is_file()

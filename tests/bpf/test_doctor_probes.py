@@ -10,7 +10,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from agent.doctor import DISABLE_ENV, doctor
+from agent.host.doctor import DISABLE_ENV, doctor
 
 
 def probe_netns() -> list[str]:

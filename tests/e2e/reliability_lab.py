@@ -136,7 +136,7 @@ class RelLab:
 
     def map_counts(self, index: int) -> dict[str, dict]:
         """Entries in each pinned hash-like map of the node (arrays have fixed size and are skipped)."""
-        from agent.capture.libbpf import Libbpf
+        from agent.bpf.libbpf import Libbpf
 
         libbpf, counts = Libbpf(), {}
         for directory in Path(self.node(index).bpffs_dir).rglob("*"):

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from agent.capture import tc_mode, tproxy_mode
-from agent.doctor import DISABLE_ENV
+from agent.host.doctor import DISABLE_ENV
 from agent.lab import lab as labops
 from tests.e2e.conftest import Lab
 

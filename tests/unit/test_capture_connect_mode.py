@@ -8,7 +8,7 @@ from agent.capture import ConnectCapture, NotLoaded
 from agent.capture.cgroups import cgroup_target
 from agent.capture.connect_mode import (HOOKS, ROLE_POD, ROLE_PROXY, compile_flags, connect_sets_cb_flags, hooks_for,
                                          program_flags)
-from agent.capture.errors import BpfLoadError
+from agent.bpf.errors import BpfLoadError
 from agent.errors import ConfigError
 
 MOUNTS = """\

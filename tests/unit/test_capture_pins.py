@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import pins
+from agent.bpf import pins
 from agent.capture.connect_mode import HOOKS, PROGRAMS, ROLE_GUARD, compile_flags, hooks_for, program_flags
 from agent.config import config_from_mapping, validate
 from agent.errors import ConfigError

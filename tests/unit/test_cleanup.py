@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import types
 
-from agent.cleanup import CleanupReport, other_mode_leftovers, remove_pins
+from agent.host.cleanup import CleanupReport, other_mode_leftovers, remove_pins
 
 
 def fake_mode(monkeypatch, name, fn):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 import pytest
 
-from agent import doctor, probes
-from agent.doctor import CheckResult, build_report, evaluate_modes, parse_disabled, render_table, select_mode
+from agent.host import doctor, probes
+from agent.host.doctor import CheckResult, build_report, evaluate_modes, parse_disabled, render_table, select_mode
 
 
 def all_ok(**overrides: str) -> list[CheckResult]:

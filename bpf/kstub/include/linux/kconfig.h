@@ -1,6 +1,6 @@
 /* tcpmesh kernel-header stub: bcc requires <kpath>/include/linux/kconfig.h to exist.
  * Only what bcc's own helpers.h checks is defined; everything else comes from UAPI headers
- * (linux-libc-dev) reached through the include/uapi symlinks that agent/capture/kstub.py creates. */
+ * (linux-libc-dev) reached through the include/uapi symlinks that agent/bpf/kstub.py creates. */
 #define CONFIG_BPF 1
 #define CONFIG_BPF_SYSCALL 1
 #define CONFIG_64BIT 1

@@ -18,10 +18,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.capture import pins
+from agent.bpf import pins
 from agent.capture.cgroups import walk
-from agent.capture.errors import AttachError
-from agent.capture.libbpf import Libbpf
+from agent.bpf.errors import AttachError
+from agent.bpf.libbpf import Libbpf
 from agent.config import Config
 
 PROGRAM_PREFIX = "tcpmesh"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from agent.capture import sources
+from agent.bpf import sources
 from agent.errors import EnvironmentProblem
 
 ENV_VAR = "BCC_KERNEL_SOURCE"
@@ -44,7 +44,7 @@ ARCHES = {
 
 
 def shipped_dir() -> Path:
-    """bpf/kstub, as shipped with this package (agent/capture/sources.py)."""
+    """bpf/kstub, as shipped with this package (agent/bpf/sources.py)."""
     return sources.bpf_dir() / "kstub"
 
 

@@ -1,11 +1,11 @@
 """Compile and load BPF in a short-lived child process and hand the file descriptors back.
 
 The agent must not map libbcc/libLLVM (~110 MB it would carry for its whole life; see the
-ebpf-connect loader, agent.capture.loader). The ebpf-tc mode needs no pinning — a tc filter keeps
+ebpf-connect loader, agent.bpf.loader). The ebpf-tc mode needs no pinning — a tc filter keeps
 its program, and the program its maps, alive — so its child simply sends the program and map fds
 over a socketpair (SCM_RIGHTS) and exits:
 
-    parent: load_fds(request)  ──  python -m agent.capture.fdloader REQUEST_JSON FD  (bcc here)
+    parent: load_fds(request)  ──  python -m agent.bpf.fdloader REQUEST_JSON FD  (bcc here)
             ◄── one message: JSON {"ok": ..., "programs": [...], "maps": [...], ...} + fds
 
 Errors come back typed (BpfLoadError with the compiler/verifier log, BccMissing, ...). The parent
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from agent.capture.errors import BccMissing, BpfLoadError, LoaderFailed
+from agent.bpf.errors import BccMissing, BpfLoadError, LoaderFailed
 from agent.errors import EnvironmentProblem, TcpmeshError
 
 DEFAULT_TIMEOUT = 120.0
@@ -74,7 +74,7 @@ def load_fds(request: FdLoadRequest, timeout: float = DEFAULT_TIMEOUT) -> Loaded
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     with ours:
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "agent.capture.fdloader", request.to_json(),
+            proc = subprocess.Popen([sys.executable, "-m", "agent.bpf.fdloader", request.to_json(),
                                      str(theirs.fileno())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         finally:
@@ -127,7 +127,7 @@ def _load(request: FdLoadRequest) -> tuple[dict, list[int]]:
     import resource
     import time
 
-    from agent.capture.bccload import compile_source, load_program
+    from agent.bpf.compile import compile_source, load_program
 
     started = time.monotonic()
     source = Path(request.source)
@@ -144,7 +144,7 @@ def _load(request: FdLoadRequest) -> tuple[dict, list[int]]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2:
-        print("usage: python -m agent.capture.fdloader REQUEST_JSON SOCKET_FD (started by the agent)", file=sys.stderr)
+        print("usage: python -m agent.bpf.fdloader REQUEST_JSON SOCKET_FD (started by the agent)", file=sys.stderr)
         return 2
     sock = socket.socket(fileno=int(args[1]))
     fds: list[int] = []

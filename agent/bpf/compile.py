@@ -13,12 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from agent.capture import kstub, sources
-from agent.capture.errors import BccMissing, BpfLoadError
+from agent.bpf import kstub, sources
+from agent.bpf.errors import BccMissing, BpfLoadError
 
 
 def bpf_source_dir() -> Path:
-    """bpf/, as shipped with this package (agent/capture/sources.py)."""
+    """bpf/, as shipped with this package (agent/bpf/sources.py)."""
     return sources.bpf_dir()
 
 

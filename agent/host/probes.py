@@ -166,10 +166,10 @@ def probe_bpf_syscall() -> Probe:
 
 
 def probe_cgroup2(cgroup_root: str | None) -> Probe:
-    from agent import hostcheck
+    from agent.host import checks
 
-    problem = hostcheck.cgroup2_problem(cgroup_root)
-    return fail(problem) if problem else ok(f"cgroup v2 at {hostcheck.find_cgroup2_mount()}")
+    problem = checks.cgroup2_problem(cgroup_root)
+    return fail(problem) if problem else ok(f"cgroup v2 at {checks.find_cgroup2_mount()}")
 
 
 def probe_bpffs(filesystems: str = "/proc/filesystems") -> Probe:
@@ -192,8 +192,8 @@ def probe_bcc() -> Probe:
 
 def probe_programs(state_dir: str | None, wanted: set[str]) -> dict[str, Probe]:
     """Compile bpf/probe.c once (check ``bpf_compile``) and load each wanted program."""
-    from agent.capture.bccload import base_cflags, bpf_source_dir, compile_source, load_program
-    from agent.capture.errors import BpfLoadError
+    from agent.bpf.compile import base_cflags, bpf_source_dir, compile_source, load_program
+    from agent.bpf.errors import BpfLoadError
 
     out: dict[str, Probe] = {}
     source = bpf_source_dir() / "probe.c"

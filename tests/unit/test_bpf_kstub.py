@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from agent.capture import kstub
+from agent.bpf import kstub
 from agent.errors import EnvironmentProblem
 
 

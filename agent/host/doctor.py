@@ -4,7 +4,7 @@ Three layers:
   - pure: the checks and what each capture mode needs (``CHECKS``, ``MODE_REQUIREMENTS``),
     ``evaluate_modes``, ``select_mode``, ``build_report`` (the JSON document, schema
     ``REPORT_VERSION``, documented in docs/capture-doctor.md) and ``render_table``;
-  - ``run_checks``: runs the probes of agent.probes (throwaway namespaces; nothing attached to
+  - ``run_checks``: runs the probes of agent.host.probes (throwaway namespaces; nothing attached to
     the caller's) and records the hidden ones as disabled;
   - the click command, and ``choose_capture_mode`` which the agent calls for ``capture.mode: auto``
     (it runs `tcpmesh doctor --json` in a child process, so the agent never imports bcc for it).
@@ -25,7 +25,7 @@ from typing import Iterable, Mapping, Sequence
 
 import click
 
-from agent import probes
+from agent.host import probes
 from agent.errors import EnvironmentProblem
 
 REPORT_VERSION = 1

@@ -2,7 +2,7 @@
 
 The agent never imports bcc: libbcc maps libLLVM and clang (~75 MB resident before a compile, ~125 MB
 after; docs/kernel-notes.md). ``run_loader`` (parent side, no bcc) starts
-``python -m agent.capture.loader REQUEST`` with a JSON request, waits, and turns the one JSON line it
+``python -m agent.bpf.loader REQUEST`` with a JSON request, waits, and turns the one JSON line it
 prints into a result or the typed error the child met (BpfLoadError, BccMissing, ...). The child
 (``main`` → ``load_and_pin``) holds the pin directory's lock, compiles against the kernel stub,
 loads every program (the maps are created or reused at their pinned paths by bcc itself), pins
@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from agent.capture import kstub, pins
-from agent.capture.errors import BccMissing, BpfLoadError, LoaderFailed
+from agent.bpf import kstub, pins
+from agent.bpf.errors import BccMissing, BpfLoadError, LoaderFailed
 from agent.errors import EnvironmentProblem, TcpmeshError
 
 DEFAULT_TIMEOUT = 120.0
@@ -67,7 +67,7 @@ def run_loader(request: LoadRequest, timeout: float = DEFAULT_TIMEOUT) -> LoadRe
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     try:
-        proc = subprocess.run([sys.executable, "-m", "agent.capture.loader", request.to_json()],
+        proc = subprocess.run([sys.executable, "-m", "agent.bpf.loader", request.to_json()],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
         raise LoaderFailed(f"the BPF loader did not finish within {timeout:.0f}s") from exc
@@ -109,7 +109,7 @@ def _tail(text: str, lines: int = 20) -> str:
 # ---- child side (imports bcc) ----------------------------------------------------------------------
 
 def load_and_pin(request: LoadRequest) -> LoadResult:
-    from agent.capture.libbpf import Libbpf
+    from agent.bpf.libbpf import Libbpf
 
     bpffs_dir = Path(request.bpffs_dir)
     set_dir = bpffs_dir / request.set_name
@@ -203,7 +203,7 @@ def captured_stderr() -> Iterator[_Log]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m agent.capture.loader REQUEST_JSON (started by the agent)", file=sys.stderr)
+        print("usage: python -m agent.bpf.loader REQUEST_JSON (started by the agent)", file=sys.stderr)
         return 2
     try:
         result = load_and_pin(LoadRequest.from_json(args[0]))

@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from agent.capture.errors import AttachError
+from agent.bpf.errors import AttachError
 
 PROG_NAME_OFFSET = 64  # offsetof(struct bpf_prog_info, name), stable UAPI
 PROG_ID_OFFSET = 4     # offsetof(struct bpf_prog_info, id)

@@ -1,0 +1,63 @@
+"""The interface every capture mode offers the agent (``Capture``), with its optional features declared.
+
+A capture mode steers the TCP connections of this node's pods to the outbound proxy and tells the
+proxy where each captured connection was going (``origin``). The agent drives it:
+``start()`` once, ``attach(w)``/``detach(w)`` as workloads come and go (idempotent), ``origin(sock)``
+per accepted connection (the data path: must be cheap), ``stop()`` at the end.
+
+Optional features are attributes that are ``None`` when a mode lacks them, never methods probed
+with hasattr: ``inbound`` (ebpf-connect only) enforces each pod's inbound mTLS mode in the kernel.
+Imports only the registry model and capture.origin; the modes import this module, never modes.py.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent.capture.origin import Origin
+from agent.registry.model import Workload
+
+
+@dataclass(frozen=True)
+class ListenerRequirements:
+    """How the outbound listener must be opened for this mode."""
+
+    transparent: bool = False  # IP_TRANSPARENT: tc sk_assign and TPROXY deliver foreign destinations
+
+
+class InboundEnforcement(Protocol):
+    """PeerAuthentication in the kernel: STRICT drops plaintext SYNs into a pod (docs/policy.md)."""
+
+    def set_inbound_mode(self, workload: Workload, strict: bool) -> None:
+        """STRICT or PERMISSIVE for ``workload`` (an attached pod)."""
+
+    def plaintext(self) -> dict[str, tuple[int, int]]:
+        """{pod cgroup path: (plaintext SYNs rejected, accepted)} of the attached pods."""
+
+
+class Capture(Protocol):
+    name: str
+    listener: ListenerRequirements
+    inbound: InboundEnforcement | None  # None: this mode cannot enforce STRICT in the kernel
+
+    def start(self) -> None:
+        """Load programs / install node-level rules. Raises a TcpmeshError naming what failed."""
+
+    def attach(self, workload: Workload) -> None:
+        """Capture ``workload``'s outbound TCP. Idempotent."""
+
+    def detach(self, workload: Workload) -> None:
+        """Stop capturing ``workload``. Idempotent; a workload whose cgroup/netns is gone counts as detached."""
+
+    def origin(self, sock: socket.socket) -> Origin | None:
+        """The original destination (and client process, where the mode knows it) of an accepted socket."""
+
+    def stop(self) -> None:
+        """Orderly stop: release the agent's handles. A mode that can fail closed (ebpf-connect) leaves
+        its kernel state in place, so pods stay captured while no agent runs; `tcpmesh cleanup`
+        removes it. Others undo what ``start`` and ``attach`` did."""
+
+    def counters(self) -> dict[str, int]:
+        """Per-reason counters of the kernel side (empty when unknown)."""
