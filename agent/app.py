@@ -23,9 +23,9 @@ from agent.config import Config
 from agent.control.admin_socket import AdminSocket
 from agent.control.workloads import WorkloadController
 from agent.errors import KernelError, TcpmeshError
-from agent.heap import heap_trimmer, trim_heap_forever
+from agent.service.heap import heap_trimmer, trim_heap_forever
 from agent.host import checks
-from agent.identity.rotator import IdentityRotator, rotator_from_config
+from agent.identity.svid_rotator import IdentityRotator, rotator_from_config
 from agent.identity.store import IdentityStore
 from agent.policy.model import MtlsMode
 from agent.policy.source import PolicySource
@@ -37,7 +37,7 @@ from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
 from agent.registry.model import Registry
 from agent.registry.static_file import load_registry_file
-from agent import sdnotify
+from agent.service import sdnotify
 from agent.telemetry.admin import AdminServer
 from agent.telemetry.plaintext import PlaintextCollector
 from agent.audit.writer import AccessLog, access_log_from_config

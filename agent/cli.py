@@ -25,7 +25,7 @@ LAZY_COMMANDS = {
     "lab": "agent.lab.cli:lab",
     "workload": "agent.control.cli:workload",
     "policy": "agent.policy.cli:policy",
-    "demo": "agent.demo:demo",
+    "demo": "agent.demo.run:demo",
     "doctor": "agent.host.doctor:doctor",
     "flows": "agent.telemetry.cli:flows",
     "audit": "agent.audit.cli:audit",
@@ -113,7 +113,7 @@ def cleanup(config_path: str, dry_run: bool, stop_post_unit: str) -> None:
     from agent.config import load_config
 
     if stop_post_unit:
-        from agent.servicestop import ask_systemd, decide
+        from agent.service.stop_post import ask_systemd, decide
 
         decision = decide(stop_post_unit, ask_systemd(stop_post_unit))
         click.echo(decision.reason)

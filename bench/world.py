@@ -205,7 +205,7 @@ class World:
 
     def _start_peer(self, peer: str, ca, certs: Path, ca_file: Path) -> None:
         from agent.identity.spiffe import SpiffeId
-        from agent.identity.svid import issue_svid
+        from agent.identity.issue import issue_svid
 
         cert_file, key_file, combined, logs = {}, {}, {}, {}
         for node in ("node1", "node2"):

@@ -61,7 +61,7 @@ class Node:
 
 
 def sampleapp(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent.sampleapps", *args]
+    return [sys.executable, "-m", "agent.demo.sampleapps", *args]
 
 
 def client(node: Node, pod: str, ip: str, port: str, size: int, mode: str, marker: str = "",

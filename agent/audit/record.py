@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from agent.proxy.flow import Flow
+from agent.connection.flow import Flow
 
 RECORD_VERSION = 1
 

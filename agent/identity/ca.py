@@ -2,7 +2,7 @@
 
 Owns ``ca.crt`` / ``ca.key`` on disk and the CA private key in memory: the key never leaves a
 ``CertificateAuthority`` (callers hand it a certificate builder to sign) and never appears in a repr,
-log line or error message. The certificate profile of workload SVIDs lives in ``svid.py``.
+log line or error message. The certificate profile of workload SVIDs lives in ``issue.py``.
 
 Touches the filesystem only in ``init_ca`` and ``load_ca``; ``generate_ca`` is in-memory.
 Must not import ssl, sockets or anything of the data path.
@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.identity.errors import CaError, IdentityError
 from agent.identity.files import CA_CERT_FILE, CA_KEY_FILE
+from agent.identity.issue import issue_svid
 from agent.identity.spiffe import SCHEME, SpiffeId, SpiffeIdError, validate_trust_domain
 from agent.identity.svid import MIN_TTL_SECONDS, Svid
 
@@ -111,8 +112,7 @@ class CertificateAuthority:
     def issue_svids(self, spiffe_ids: Iterable[SpiffeId], ttl_seconds: int, *, now: datetime,
                     min_ttl_seconds: int = MIN_TTL_SECONDS) -> dict[SpiffeId, Svid | IdentityError]:
         """Mint an SVID for each of ``spiffe_ids`` in this process (the ``store.Signer`` protocol);
-        each succeeds or fails on its own. The agent signs through ``minting.RemoteSigner`` instead."""
-        from agent.identity.issue import issue_svid  # issue.py imports this module's type only
+        each succeeds or fails on its own. The agent signs through ``minting_client.RemoteSigner`` instead."""
         results: dict[SpiffeId, Svid | IdentityError] = {}
         for spiffe_id in spiffe_ids:
             try:

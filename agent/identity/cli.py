@@ -1,6 +1,9 @@
-"""``tcpmesh ca`` (root, node intermediates, root rotation) and ``tcpmesh cert`` (what a running agent
-serves). Thin: parses options, calls ``ca`` / ``node_ca`` / ``rotation``, reads ``/debug/certs``
-over HTTP, prints. A ``TcpmeshError`` propagates to the root CLI, which prints it in one line.
+"""``tcpmesh ca`` (root, node intermediates, root rotation). Thin: parses options, calls ``ca`` /
+``node_ca`` / ``root_rotation``, reads agents' ``/debug/certs`` over HTTP (``fetch_certs``), prints.
+A ``TcpmeshError`` propagates to the root CLI, which prints it in one line.
+
+Must not import ``agent.config`` (it sits above identity): ``tcpmesh cert inspect``, which finds the
+running agent from its config file, is ``agent.telemetry.cli``'s.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def ca_rotate(ctx: click.Context) -> None:
     node stands. Steps refuse to run out of order and are safe to repeat.
     """
     if ctx.invoked_subcommand is None:
-        from agent.identity.rotation import plan_text
+        from agent.identity.root_rotation import plan_text
 
         click.echo(plan_text())
 
@@ -105,29 +108,29 @@ def _rotation_options(fn):
 
 def _run_step(step: str, new_ca: str, node_dirs: tuple[str, ...], admin_urls: tuple[str, ...], timeout: float,
               **kwargs: Any) -> None:
-    from agent.identity import rotation
+    from agent.identity import root_rotation
     from agent.identity.bundle import fingerprint
     from agent.identity.ca import load_ca
 
-    index = rotation.STEPS.index(step)
+    index = root_rotation.STEPS.index(step)
     if admin_urls and index > 0:
-        previous = rotation.STEPS[index - 1]
+        previous = root_rotation.STEPS[index - 1]
         new = fingerprint(load_ca(new_ca).certificate)
-        rotation.wait_for_agents(previous, new, admin_urls, fetch_certs, timeout=0)  # a precondition, no waiting
-    action = {rotation.ADD_ROOT: rotation.add_root, rotation.REISSUE: rotation.reissue,
-              rotation.REMOVE_OLD: rotation.remove_old}[step]
+        root_rotation.wait_for_agents(previous, new, admin_urls, fetch_certs, timeout=0)  # a precondition, no waiting
+    action = {root_rotation.ADD_ROOT: root_rotation.add_root, root_rotation.REISSUE: root_rotation.reissue,
+              root_rotation.REMOVE_OLD: root_rotation.remove_old}[step]
     for line in action(new_ca, list(node_dirs), **kwargs):
         click.echo(line)
     new = fingerprint(load_ca(new_ca).certificate)
     if admin_urls:
         click.echo(f"waiting up to {timeout:.0f}s for {len(admin_urls)} agents to apply {step} ...")
-        rotation.wait_for_agents(step, new, admin_urls, fetch_certs, timeout=timeout)
+        root_rotation.wait_for_agents(step, new, admin_urls, fetch_certs, timeout=timeout)
         click.echo(f"every agent has applied {step}")
     else:
         click.echo(f"before the next step, make sure every agent has applied {step} (`tcpmesh cert inspect` on each "
                    "node, or pass --wait-admin)")
-    if index + 1 < len(rotation.STEPS):
-        click.echo(f"next: tcpmesh ca rotate {rotation.STEPS[index + 1]} --new-ca {new_ca} "
+    if index + 1 < len(root_rotation.STEPS):
+        click.echo(f"next: tcpmesh ca rotate {root_rotation.STEPS[index + 1]} --new-ca {new_ca} "
                    + " ".join(f"--node-dir {d}" for d in node_dirs))
 
 
@@ -161,48 +164,12 @@ def rotate_remove_old(new_ca: str, node_dirs: tuple[str, ...], admin_urls: tuple
 @click.option("--node-dir", "node_dirs", multiple=True, required=True, type=click.Path(file_okay=False))
 def rotate_status(new_ca: str | None, node_dirs: tuple[str, ...]) -> None:
     """Show each node directory's bundle and the root its intermediate comes from."""
-    from agent.identity import rotation
+    from agent.identity import root_rotation
 
-    new, states = rotation.status(new_ca, list(node_dirs))
+    new, states = root_rotation.status(new_ca, list(node_dirs))
     for state in states:
-        done = [step for step in rotation.STEPS if new and rotation.step_done(step, state, new)]
+        done = [step for step in root_rotation.STEPS if new and root_rotation.step_done(step, state, new)]
         click.echo(f"{state.describe(new)}; steps done: {', '.join(done) or 'none'}")
-
-
-@click.group()
-def cert() -> None:
-    """Inspect the certificates a running agent serves."""
-
-
-@cert.command("inspect")
-@click.option("--workload", help="Only this identity: a workload name, a SPIFFE ID, or NAMESPACE/SA.")
-@click.option("--config", "config_path", default="/etc/tcpmesh/config.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="Agent config, to find its admin endpoint.")
-@click.option("--admin", "admin_url", help="The agent's admin endpoint (instead of reading --config), "
-                                          "e.g. http://127.0.0.1:15020.")
-@click.option("--json", "as_json", is_flag=True, help="Print the agent's /debug/certs document.")
-def cert_inspect(workload: str | None, config_path: str, admin_url: str | None, as_json: bool) -> None:
-    """The identities this node serves: serials, validity, time to renewal, chain to which root.
-
-    Asks the running agent (its admin endpoint's /debug/certs). No key material is ever shown.
-    """
-    from agent.identity.report import format_report, select
-
-    if admin_url is None:
-        from agent.config import load_config
-
-        config = load_config(config_path)
-        admin_url = f"http://{config.admin.address}:{config.admin.port}"
-    report = fetch_certs(admin_url)
-    identities = select(report, workload)
-    if workload is not None and not identities:
-        known = ", ".join(i["spiffe_id"] for i in report.get("identities", [])) or "none"
-        raise TcpmeshError(f"this node serves no identity matching {workload!r} (it serves: {known}); "
-                           "is the workload registered on this node?")
-    if as_json:
-        click.echo(json.dumps({**report, "identities": identities}, indent=2))
-    else:
-        click.echo(format_report(report, identities))
 
 
 def fetch_certs(admin_url: str) -> dict:

@@ -2,7 +2,7 @@
 
 Pure stdlib (``os.stat``): the long-running agent imports this to notice a re-issued node
 intermediate or a changed trust bundle; reading and checking the files themselves is the minting
-worker's (``minter.py``), which may import cryptography. Must not import cryptography or ssl.
+worker's (``minting_worker.py``), which may import cryptography. Must not import cryptography or ssl.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Minting one X.509-SVID: a fresh key and the leaf certificate profile, signed by a CA.
 
-Runs where cryptography may be imported: the minting worker process (``minter.py``), the CLI, and
+Runs where cryptography may be imported: the minting worker process (``minting_worker.py``), the CLI, and
 tests — never the long-running agent (``CertificateAuthority.issue_svids`` and the worker call it).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -18,11 +18,24 @@ from agent.identity.errors import SvidError
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import CLOCK_SKEW_ALLOWANCE, DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS, Svid
 
-if TYPE_CHECKING:
-    from agent.identity.ca import CertificateAuthority
 
 
-def issue_svid(ca: "CertificateAuthority", spiffe_id: SpiffeId, ttl_seconds: int,
+class Issuer(Protocol):
+    """What minting needs of a CA (``ca.CertificateAuthority`` is one): its trust domain and expiry, the
+    chain a leaf presents after itself, and a signature. Declared here so this module does not import ``ca``."""
+
+    trust_domain: str
+
+    @property
+    def not_after(self) -> datetime: ...
+
+    @property
+    def leaf_chain_pem(self) -> tuple[str, ...]: ...
+
+    def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate: ...
+
+
+def issue_svid(ca: Issuer, spiffe_id: SpiffeId, ttl_seconds: int,
                now: datetime | None = None, *, min_ttl_seconds: int = MIN_TTL_SECONDS) -> Svid:
     """Mint a fresh key and an SVID for ``spiffe_id`` valid ``ttl_seconds`` (capped at the CA's expiry).
 

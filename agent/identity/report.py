@@ -17,7 +17,7 @@ from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import Svid
 
 if TYPE_CHECKING:
-    from agent.identity.minting import SigningInfo
+    from agent.identity.minting_client import SigningInfo
 
 REPORT_VERSION = 1
 

@@ -6,7 +6,7 @@ workload of a node at start, or after a CA change — spread out instead of rene
 the time is stable for one certificate (no state to keep, the same answer on every call). If a
 renewal fails, the old certificate stays in use while it is valid and the attempt is repeated with
 exponential backoff (``retry_initial`` doubling up to ``retry_max``), never later than a margin
-before expiry. The rotator (``rotator.py``) owns the clock and the failures; this module decides.
+before expiry. The rotator (``svid_rotator.py``) owns the clock and the failures; this module decides.
 """
 
 from __future__ import annotations

@@ -5,11 +5,10 @@ An SVID is a short-lived ECDSA P-256 leaf whose only name is one URI SAN, the SP
 CN, no DNS names), usable as both TLS server and client certificate. ``Svid`` holds the PEMs; its
 repr never shows the private key. ``renewal_time`` is pure; the renewal schedule (jitter, retries)
 is ``schedule.py``'s. Minting one (key generation, the certificate profile, signing) is
-``issue.py``'s and runs in the minting worker process (``minter.py``), never in the agent.
+``issue.py``'s and runs in the minting worker process (``minting_worker.py``), never in the agent.
 
 Pure: must not import cryptography, ssl, sockets or anything of the data path — the long-running
-agent imports it. ``issue_svid`` is still importable from here for the short-lived tools and tests
-that mint in-process; it is loaded from ``issue.py`` on first use only.
+agent imports it. Whoever mints in-process (tools, tests) imports ``issue.issue_svid`` directly.
 """
 
 from __future__ import annotations
@@ -82,11 +81,3 @@ def renewal_time(svid: Svid) -> datetime:
 def needs_renewal(svid: Svid, now: datetime) -> bool:
     return now >= renewal_time(svid)
 
-
-def __getattr__(name: str) -> Any:
-    """``issue_svid`` for in-process callers (CLI tools, tests): imported from ``issue.py`` on first use,
-    so that importing this module never loads cryptography."""
-    if name == "issue_svid":
-        from agent.identity.issue import issue_svid
-        return issue_svid
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,7 @@ import socket
 import time
 from typing import Callable, Iterable, Mapping
 
-from agent.proxy.flow import FLAG_STREAM_IDLE_TIMEOUT
+from agent.connection.flow import FLAG_STREAM_IDLE_TIMEOUT
 from agent.proxy.session import Stream
 
 log = logging.getLogger("tcpmesh.deadlines")

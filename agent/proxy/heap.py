@@ -7,7 +7,7 @@ measured on the bulk path, 13,600 ``brk`` calls in 4 s and system time of the pr
 (docs/performance-bulk.md). Fixed thresholds stop that: buffers up to ``MMAP_THRESHOLD`` come
 from the heap, and up to ``TRIM_THRESHOLD`` of free heap top is kept for the next one.
 
-Complements agent/heap.py, which calls ``malloc_trim`` every few seconds: these thresholds stop the
+Complements agent/service/heap.py, which calls ``malloc_trim`` every few seconds: these thresholds stop the
 per-chunk churn, the periodic trim still gives memory back after a burst (both run in the agent;
 the bench figures in docs/performance-bulk.md from 08:30 on are with both).
 

@@ -19,7 +19,7 @@ from agent.identity.errors import PeerProtocolError as AlpnMismatch
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import check_alpn, describe_tls_error
 from agent.policy.engine import Request
-from agent.proxy import flow as F
+from agent.connection import flow as F
 from agent.proxy import mux as M
 from agent.proxy.deadlines import enforce_tunnel_deadlines, tune_tunnel_socket
 from agent.proxy.endpoints import PlainLeg, TlsLeg

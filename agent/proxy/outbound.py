@@ -19,7 +19,7 @@ from typing import Callable
 from agent.identity.errors import PeerIdentityError
 from agent.identity.errors import PeerProtocolError as AlpnMismatch
 from agent.identity.tls import check_alpn, check_peer, describe_tls_error, peer_not_after
-from agent.proxy import flow as F
+from agent.connection import flow as F
 from agent.proxy.deadlines import tune_tunnel_socket
 from agent.proxy.endpoints import Leg, PlainLeg, TlsLeg
 from agent.proxy.header import ConnectRequest, PeerProtocolError, Status

@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 
 from agent.identity.spiffe import SpiffeId
-from agent.proxy import flow as F
+from agent.connection import flow as F
 from agent.registry.model import Registry, Workload
 
 

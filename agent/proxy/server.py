@@ -1,5 +1,10 @@
 """What both proxies share: their dependencies, the connection tasks they spawn, and the relays
 they run — so shutdown can stop accepting, drain open relays for a while, then reset the rest.
+
+The data path reports each flow to what ``FlowMetrics``, ``FlowLog`` and ``SocketStats`` declare;
+telemetry implements them (``telemetry.metrics.Metrics``, ``telemetry.flows.FlowTable``,
+``telemetry.tcpstats.KernelTcpStats``) and the composition root hands them in. Must not import
+``agent.telemetry`` or the CLI: imports point down (the flow record is ``agent.connection``'s).
 """
 
 from __future__ import annotations
@@ -7,17 +12,43 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine, Protocol
 
+from agent.connection import flow as F
+from agent.identity.store import IdentityStore
 from agent.policy.source import PolicySource
-from agent.proxy import flow as F
+from agent.proxy.endpoints import Leg
 from agent.proxy.limits import ConnectionLimits
 from agent.proxy.relay import Relay, RelayResult
 from agent.registry.model import Registry
-from agent.telemetry.flows import FlowTable
-from agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("tcpmesh.proxy")
+
+
+class FlowMetrics(Protocol):
+    """The counters a flow moves (``telemetry.metrics.Metrics``)."""
+
+    def handshake(self, flow: F.Flow) -> None: ...
+
+    def flow_opened(self, flow: F.Flow) -> None: ...
+
+    def flow_progress(self, flow: F.Flow) -> None: ...
+
+    def flow_closed(self, flow: F.Flow) -> None: ...
+
+
+class FlowLog(Protocol):
+    """Where open and closed flows are recorded (``telemetry.flows.FlowTable``: /debug/flows, access log)."""
+
+    def opened(self, flow: F.Flow) -> None: ...
+
+    def closed(self, flow: F.Flow) -> None: ...
+
+
+class SocketStats(Protocol):
+    """Kernel TCP statistics of a relay's two sockets (``telemetry.tcpstats.KernelTcpStats``)."""
+
+    def flow_started(self, flow: F.Flow, client_leg: Leg, upstream_leg: Leg) -> None: ...
 
 
 @dataclass
@@ -25,16 +56,16 @@ class ProxyContext:
     loop: asyncio.AbstractEventLoop
     node_name: str
     registry: Callable[[], Registry]  # returns the current immutable snapshot
-    identities: Any  # agent.identity.store.IdentityStore
-    metrics: Metrics
-    flows: FlowTable
+    identities: IdentityStore
+    metrics: FlowMetrics
+    flows: FlowLog
     inbound_port: int
     connect_timeout: float
     policy: PolicySource | None = None  # None: every mesh connection is allowed
     passthrough_allowed: bool = True  # destinations outside the mesh (egress policy)
     tasks: set[asyncio.Task] = field(default_factory=set)
     relays: dict[Relay, F.Flow] = field(default_factory=dict)  # running relays and their flows
-    tcp_stats: Any = None  # agent.telemetry.tcpstats.KernelTcpStats: registers each flow's sockets
+    tcp_stats: SocketStats | None = None  # registers each flow's sockets
     # agent.proxy.deadlines and agent.proxy.limits (docs/reliability.md); the defaults change nothing
     handshake_timeout: float = 5.0  # inbound: TCP accept → TLS established → first complete OPEN
     tunnel_timeout: float = 0.0  # a tunnel's peer silent this long is lost (keepalive, TCP_USER_TIMEOUT); 0: kernel's

@@ -1,6 +1,8 @@
-"""``tcpmesh flows``: the node's open and recently closed flows, from the agent's admin socket.
+"""What a running agent reports, asked from the command line: ``tcpmesh flows`` (the node's open and
+recently closed flows, from the agent's admin socket) and ``tcpmesh cert inspect`` (the certificates
+it serves, from its admin endpoint's /debug/certs).
 
-Like ``hubble observe`` for L4: one line per flow (or per event with ``--follow``), with the client's
+``flows`` is like ``hubble observe`` for L4: one line per flow (or per event with ``--follow``), with the client's
 process (pid/comm/uid) as the BPF hook saw it at connect time. ``--json`` prints one JSON object per
 line instead. Reads through the admin socket (root only, 0600): flow records carry addresses and
 process names, which the admin HTTP port (reachable by Prometheus) is not the place to serve.
@@ -114,3 +116,40 @@ def flows(follow, as_json, workload, port, socket_path, config_path) -> None:
             answer = fetch(path, workload, port, after=answer["cursor"])
     except KeyboardInterrupt:
         return
+
+
+@click.group()
+def cert() -> None:
+    """Inspect the certificates a running agent serves."""
+
+
+@cert.command("inspect")
+@click.option("--workload", help="Only this identity: a workload name, a SPIFFE ID, or NAMESPACE/SA.")
+@click.option("--config", "config_path", default="/etc/tcpmesh/config.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Agent config, to find its admin endpoint.")
+@click.option("--admin", "admin_url", help="The agent's admin endpoint (instead of reading --config), "
+                                          "e.g. http://127.0.0.1:15020.")
+@click.option("--json", "as_json", is_flag=True, help="Print the agent's /debug/certs document.")
+def cert_inspect(workload: str | None, config_path: str, admin_url: str | None, as_json: bool) -> None:
+    """The identities this node serves: serials, validity, time to renewal, chain to which root.
+
+    Asks the running agent (its admin endpoint's /debug/certs). No key material is ever shown.
+    """
+    from agent.identity.cli import fetch_certs
+    from agent.identity.report import format_report, select
+
+    if admin_url is None:
+        from agent.config import load_config
+
+        config = load_config(config_path)
+        admin_url = f"http://{config.admin.address}:{config.admin.port}"
+    report = fetch_certs(admin_url)
+    identities = select(report, workload)
+    if workload is not None and not identities:
+        known = ", ".join(i["spiffe_id"] for i in report.get("identities", [])) or "none"
+        raise TcpmeshError(f"this node serves no identity matching {workload!r} (it serves: {known}); "
+                           "is the workload registered on this node?")
+    if as_json:
+        click.echo(json.dumps({**report, "identities": identities}, indent=2))
+    else:
+        click.echo(format_report(report, identities))

@@ -13,7 +13,7 @@ import itertools
 from typing import Any, Protocol
 
 from agent.audit.record import access_record
-from agent.proxy.flow import Flow
+from agent.connection.flow import Flow
 
 RECENT_FLOWS = 1024
 

@@ -17,7 +17,7 @@ from typing import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent.audit.chain import FINDING_KINDS as CHAIN_BREAK_KINDS
-from agent.proxy.flow import FLAG_NONE, METRIC_LABELS, UNKNOWN, Flow
+from agent.connection.flow import FLAG_NONE, METRIC_LABELS, UNKNOWN, Flow
 
 # The labels of series that must not change while a flow is open (response_flags may): all but the last.
 OPEN_LABELS = tuple(name for name in METRIC_LABELS if name != "response_flags")
@@ -66,7 +66,7 @@ class Metrics:
                                           registry=registry)
         self.registry_errors = Gauge("tcpmesh_registry_file_errors",
                                      "Versions of the registry file that could not be applied", registry=registry)
-        # Identity (agent.identity.rotator): one series per local identity, removed when it goes.
+        # Identity (agent.identity.svid_rotator): one series per local identity, removed when it goes.
         # `workload` is the SPIFFE ID: SVIDs are per identity, and replicas of one workload share it.
         self.certificate_expiry = Gauge(
             "tcpmesh_certificate_expiry_timestamp_seconds", "Expiry (unix time) of the SVID served for a local identity",

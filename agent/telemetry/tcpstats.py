@@ -38,7 +38,7 @@ from agent.bpf.errors import AttachError
 from agent.bpf.libbpf import Libbpf
 from agent.bpf.loader import DEFAULT_TIMEOUT, LoadRequest, run_loader
 from agent.errors import TcpmeshError
-from agent.proxy.flow import REPORTER_SOURCE, SECURITY_MTLS, UNKNOWN, Flow
+from agent.connection.flow import REPORTER_SOURCE, SECURITY_MTLS, UNKNOWN, Flow
 from agent.telemetry import tcpstats_abi as abi
 
 log = logging.getLogger("tcpmesh.tcpstats")

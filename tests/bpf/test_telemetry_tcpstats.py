@@ -12,7 +12,7 @@ import time
 import pytest
 
 from agent.lab.nsenter import listen_in_netns
-from agent.proxy import flow as F
+from agent.connection import flow as F
 from tests.bpf.bpfworld import NODE_IP, socket_in
 
 PORT_CLEAN, PORT_LOSSY = 7301, 7302

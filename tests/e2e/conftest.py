@@ -46,7 +46,7 @@ class Lab:
         return self.plan.nodes[index - 1]
 
     def start_server(self, pod: str, port: int, mode: str) -> subprocess.Popen:
-        proc = labops.lab_exec(self.name, pod, [sys.executable, "-m", "agent.sampleapps", "server", "--port", str(port),
+        proc = labops.lab_exec(self.name, pod, [sys.executable, "-m", "agent.demo.sampleapps", "server", "--port", str(port),
                                                 "--mode", mode], stdout=subprocess.PIPE, text=True)
         self.apps.append(proc)
         assert "listening" in proc.stdout.readline()
@@ -54,7 +54,7 @@ class Lab:
 
     def run_client(self, pod: str, address: str, size: int, mode: str, marker: str = "",
                    name: str = "e2e-client") -> dict:
-        proc = labops.lab_exec(self.name, pod, [sys.executable, "-m", "agent.sampleapps", "client", "--connect",
+        proc = labops.lab_exec(self.name, pod, [sys.executable, "-m", "agent.demo.sampleapps", "client", "--connect",
                                                 address, "--bytes", str(size), "--mode", mode, "--marker", marker,
                                                 "--name", name], stdout=subprocess.PIPE, text=True)
         out, _ = proc.communicate(timeout=60)

@@ -62,7 +62,7 @@ def lab(bpf_capable):
     apps: list[subprocess.Popen] = []
     try:
         plan = labops.lab_up(name, 2, 1, "fc.tcpmesh")
-        server = labops.lab_exec(name, "n2p1", [sys.executable, "-m", "agent.sampleapps", "server", "--port",
+        server = labops.lab_exec(name, "n2p1", [sys.executable, "-m", "agent.demo.sampleapps", "server", "--port",
                                                 str(ECHO_PORT), "--mode", "echo"], stdout=subprocess.PIPE, text=True)
         apps.append(server)
         assert "listening" in server.stdout.readline()

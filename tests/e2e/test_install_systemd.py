@@ -125,11 +125,11 @@ def test_exec_start_in_the_units_sandbox_notifies_ready_only_when_capture_and_li
 
         # and the mesh works under it: pod → pod through the agent, mutual TLS
         server, client = node.pods[1], node.pods[0]
-        apps.append(labops.lab_exec(plan.name, server.name, [sys.executable, "-m", "agent.sampleapps", "server",
+        apps.append(labops.lab_exec(plan.name, server.name, [sys.executable, "-m", "agent.demo.sampleapps", "server",
                                                              "--port", "7301", "--mode", "digest"],
                                     stdout=subprocess.PIPE, text=True))
         assert "listening" in apps[0].stdout.readline()
-        done = labops.lab_exec(plan.name, client.name, [sys.executable, "-m", "agent.sampleapps", "client", "--connect",
+        done = labops.lab_exec(plan.name, client.name, [sys.executable, "-m", "agent.demo.sampleapps", "client", "--connect",
                                                          f"{server.ip}:7301", "--bytes", "4096", "--mode", "digest"],
                                stdout=subprocess.PIPE, text=True)
         result = json.loads(done.communicate(timeout=30)[0].strip().splitlines()[-1])

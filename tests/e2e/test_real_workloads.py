@@ -70,7 +70,7 @@ def rw_lab(bpf_capable):
         servers[-1].start()
         servers.append(Redis(lab, REDIS_POD))
         servers[-1].start()
-        banner = labops.lab_exec(name, MAIL_POD, [sys.executable, "-m", "agent.sampleapps", "server", "--port",
+        banner = labops.lab_exec(name, MAIL_POD, [sys.executable, "-m", "agent.demo.sampleapps", "server", "--port",
                                                   str(BANNER_PORT), "--mode", "banner", "--greeting", GREETING,
                                                   "--name", "mail-server"],
                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
@@ -121,7 +121,7 @@ def redis_cli(lab, *args: str) -> list[str]:
 
 
 def banner_client(lab, marker: str = "", name: str = "mail-client") -> list[str]:
-    return [sys.executable, "-m", "agent.sampleapps", "client", "--connect", f"{ip(lab, MAIL_POD)}:{BANNER_PORT}",
+    return [sys.executable, "-m", "agent.demo.sampleapps", "client", "--connect", f"{ip(lab, MAIL_POD)}:{BANNER_PORT}",
             "--mode", "banner", "--bytes", "4096", "--marker", marker, "--timeout", "5", "--name", name]
 
 

@@ -25,7 +25,7 @@ from agent.capture.origin import Origin
 from agent.cli import main
 from agent.identity.ca import init_ca
 from agent.identity.node_ca import issue_node_files
-from agent.identity.rotator import CaSource, IdentityRotator
+from agent.identity.svid_rotator import CaSource, IdentityRotator
 from agent.identity.svid import DEV_MIN_TTL_SECONDS
 from agent.proxy.inbound import InboundProxy
 from agent.proxy.outbound import OutboundProxy

@@ -17,7 +17,7 @@ from agent.capture.origin import Origin
 from agent.cli import run_event_loop
 from agent.identity.ca import init_ca, load_ca
 from agent.identity.store import IdentityStore
-from agent.proxy import flow as F
+from agent.connection import flow as F
 from agent.identity.tls import ALPN
 from agent.proxy import mux as M
 from agent.proxy.header import Status, decode_status_body
@@ -230,7 +230,7 @@ def test_inbound_answers_a_bad_open_with_bad_request_and_garbage_with_goaway(run
 
 def test_outbound_refuses_a_server_presenting_another_identity(tmp_path):
     """Secure naming: a node that answers for the destination with a different (valid) SVID is refused."""
-    from agent.identity.svid import issue_svid
+    from agent.identity.issue import issue_svid
     from agent.identity.tls import server_context
 
     async def body():

@@ -21,7 +21,7 @@ from agent.cli import run_event_loop
 from agent.identity.ca import init_ca, load_ca
 from agent.identity.store import IdentityStore
 from agent.identity.tls import ALPN
-from agent.proxy import flow as F
+from agent.connection import flow as F
 from agent.proxy import mux as M
 from agent.proxy.deadlines import reset_idle, sweep_idle_relays
 from agent.proxy.header import ConnectRequest, Status, decode_status_body, encode_connect_body

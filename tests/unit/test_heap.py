@@ -1,4 +1,4 @@
-"""agent.heap: the periodic malloc_trim gives freed heap pages back (resident memory drops), is absent\nwithout glibc, and survives a failing call."""
+"""agent.service.heap: the periodic malloc_trim gives freed heap pages back (resident memory drops), is absent\nwithout glibc, and survives a failing call."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import platform
 import subprocess
 import sys
 
-from agent.heap import heap_trimmer, trim_heap_forever
+from agent.service.heap import heap_trimmer, trim_heap_forever
 from tests.conftest import skip_or_fail
 
 
@@ -21,7 +21,7 @@ def require_glibc() -> None:
 # Prints the resident set before and after the trim.
 PROBE = r"""
 import ctypes
-from agent.heap import heap_trimmer
+from agent.service.heap import heap_trimmer
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]

@@ -1,4 +1,4 @@
-"""The minting worker (``python -m agent.identity.minter``) and the agent's side of it: the running
+"""The minting worker (``python -m agent.identity.minting_worker``) and the agent's side of it: the running
 agent never imports cryptography, yet loads and checks its node CA, mints and renews SVIDs and
 follows a re-issued intermediate; the worker's errors come back as the typed errors the agent had
 before, and a worker that does not answer is a MinterError."""
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.identity import minter, minting
+from agent.identity import minting_client, minting_worker
 from agent.identity.ca import init_ca
 from agent.identity.errors import CaError, MinterError, SvidError
-from agent.identity.minting import load_signing
+from agent.identity.minting_client import load_signing
 from agent.identity.node_ca import NODE_KEY_FILE, issue_node_files, load_node_ca
 from agent.identity.spiffe import SpiffeId
 from agent.identity.bundle import fingerprint
@@ -76,7 +76,7 @@ def test_the_agent_never_imports_cryptography_through_start_renewal_and_a_ca_cha
                            str(tmp_path / "state")], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["modules"] == [], f"the agent imported {result['modules'][:5]}: keep cryptography in agent.identity.minter"
+    assert result["modules"] == [], f"the agent imported {result['modules'][:5]}: keep cryptography in agent.identity.minting_worker"
     assert len(set(result["serials"])) == 3 and result["ca_changed"]  # issued, renewed, re-issued under the new CA
     assert result["report_identity"] == WEB.uri
 
@@ -90,7 +90,7 @@ def test_the_worker_loads_what_load_node_ca_loads(node_dir) -> None:
     assert info.root is not None and info.root.fingerprint == fingerprint(signing.root)
     assert info.bundle_fingerprints == signing.bundle.fingerprints and info.bundle_pem == signing.bundle.pem
     assert info.chain == ((signing.ca.certificate.subject.rfc4514_string(), signing.ca.certificate.serial_number),)
-    in_process = load_signing(str(node_dir), node="node1", now=now(), transport=minter.handle)
+    in_process = load_signing(str(node_dir), node="node1", now=now(), transport=minting_worker.handle)
     assert in_process == info  # the same answer without the pipe (the signer is not compared)
 
 
@@ -123,21 +123,21 @@ def test_the_workers_errors_come_back_typed_and_named(node_dir, breakage, messag
         load_signing(str(node_dir), node="node1", now=now())
     assert message in str(info.value)
     with pytest.raises(CaError) as other:
-        load_signing(str(node_dir), node="node1", now=now(), transport=minter.handle)
+        load_signing(str(node_dir), node="node1", now=now(), transport=minting_worker.handle)
     assert str(other.value) == str(info.value)
 
 
 def test_a_worker_that_does_not_answer_is_a_minter_error(node_dir, monkeypatch) -> None:
     info = load_signing(str(node_dir), node="node1", now=now())
-    monkeypatch.setattr(minting, "MINTER_MODULE", "agent.identity.no_such_minter")
+    monkeypatch.setattr(minting_client, "MINTER_MODULE", "agent.identity.no_such_minter")
     with pytest.raises(MinterError, match=r"exited with code 1 .*without an answer: .*No module named"):
         info.signer.issue_svids([WEB], 600, now=now())
 
 
 def test_a_worker_failure_that_is_not_ours_is_named_without_its_input(node_dir) -> None:
-    answer = minter.handle({"op": "issue", "material": {"cert_pem": "x", "key_pem": "secret"}, "spiffe_ids": [],
+    answer = minting_worker.handle({"op": "issue", "material": {"cert_pem": "x", "key_pem": "secret"}, "spiffe_ids": [],
                             "ttl_seconds": 60, "min_ttl_seconds": 60, "now": now().isoformat()})
     assert answer == {"ok": False, "error": {"type": "CaError", "message": answer["error"]["message"]}}
     assert "secret" not in json.dumps(answer)
     with pytest.raises(MinterError, match="knows no operation 'sign'"):
-        minting.call(minter.handle, {"op": "sign", "now": now().isoformat()})
+        minting_client.call(minting_worker.handle, {"op": "sign", "now": now().isoformat()})

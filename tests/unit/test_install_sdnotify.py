@@ -1,4 +1,4 @@
-"""agent/sdnotify.py: the sd_notify datagram protocol, against a real unix datagram socket."""
+"""agent/service/sdnotify.py: the sd_notify datagram protocol, against a real unix datagram socket."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from agent import sdnotify
+from agent.service import sdnotify
 
 
 def receiver(path: str) -> socket.socket:

@@ -1,4 +1,4 @@
-"""The unit's ExecStopPost decision (agent/servicestop.py): cleanup for a stop job only.
+"""The unit's ExecStopPost decision (agent/service/stop_post.py): cleanup for a stop job only.
 
 The decision is pure and tested here for every case; the last test asks this host's systemd for real:
 on a systemd host (the Vagrant VMs) the unit has no job, elsewhere (PID 1 is not systemd, as on the CI
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.servicestop import SystemdView, ask_systemd, decide, parse_list_jobs
+from agent.service.stop_post import SystemdView, ask_systemd, decide, parse_list_jobs
 
 UNIT = "tcpmesh-agent.service"
 

@@ -3,7 +3,7 @@
 import pytest
 
 from agent.errors import ConfigError
-from agent.proxy import flow as F
+from agent.connection import flow as F
 from agent.proxy.routing import RouteKind, route_inbound, route_outbound
 from agent.registry.static_file import load_registry_file, parse_registry
 

@@ -13,7 +13,7 @@ from agent.audit.chain import GENESIS, seal
 from agent.audit.keys import ensure_keys
 from agent.cli import main
 from agent.control.admin_socket import AdminSocket
-from agent.proxy import flow as F
+from agent.connection import flow as F
 from agent.telemetry.flows import FlowTable
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.proxy import flow as F
+from agent.connection import flow as F
 from agent.telemetry.metrics import OPEN_LABEL_COUNT, OPEN_LABELS, Metrics
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.proxy import flow as F
+from agent.connection import flow as F
 from agent.telemetry import tcpstats
 from agent.telemetry import tcpstats_abi as abi
 from tests.conftest import require_binary

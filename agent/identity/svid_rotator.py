@@ -13,7 +13,7 @@ dedicated worker thread, so waiting for the minting worker never stalls the data
 store swaps snapshots atomically, so new connections pick up new certificates and open ones keep theirs.
 
 The agent never imports cryptography: loading and checking the CA files and minting SVIDs happen in
-a short-lived worker process (``minter.py``, started by ``minting.py``) — one for the CA at start and
+a short-lived worker process (``minting_worker.py``, started by ``minting_client.py``) — one for the CA at start and
 after each change of its files, one per batch of renewals. This module and everything it imports are
 pure or stdlib only (a test builds the agent and proves it).
 
@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from agent.identity.errors import IdentityError
 from agent.identity.files import ROOT_CA_FILES, files_signature
-from agent.identity.minting import SigningInfo, Transport, load_signing, spawn_minter
+from agent.identity.minting_client import SigningInfo, Transport, load_signing, spawn_minter
 from agent.identity.report import certs_report, short_fingerprint
 from agent.identity.schedule import Failure, RenewalPolicy, after_failure, decide
 from agent.identity.spiffe import SpiffeId

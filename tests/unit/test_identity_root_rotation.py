@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from agent.cli import main
-from agent.identity import rotation
+from agent.identity import root_rotation
 from agent.identity.bundle import fingerprint
 from agent.identity.ca import init_ca, load_ca
 from agent.identity.errors import CaError
@@ -50,13 +50,13 @@ def test_every_step_keeps_every_pair_of_nodes_talking(cluster) -> None:
     """After each step on one node (the mixed state) and then on both, both directions handshake."""
     old, new, (n1, n2) = cluster
     assert talks(n1, n2) and talks(n2, n1)
-    for step in (rotation.add_root, rotation.reissue, rotation.remove_old):
+    for step in (root_rotation.add_root, root_rotation.reissue, root_rotation.remove_old):
         step(new, [n1])
         assert talks(n1, n2) and talks(n2, n1), f"{step.__name__} applied on node1 only"
         step(new, [n1, n2])
         assert talks(n1, n2) and talks(n2, n1), f"{step.__name__} applied on both nodes"
     new_fp = fingerprint(load_ca(new).certificate)
-    _, states = rotation.status(new, [n1, n2])
+    _, states = root_rotation.status(new, [n1, n2])
     assert all(s.bundle == (new_fp,) and s.issuer == new_fp for s in states)
     # the old root is now useless: a node still on it is refused
     issue_node_files(old, "node3", n1.parent / "node3")
@@ -65,9 +65,9 @@ def test_every_step_keeps_every_pair_of_nodes_talking(cluster) -> None:
 
 def test_add_root_creates_the_new_root_once_and_is_idempotent(cluster) -> None:
     old, new, dirs = cluster
-    lines = rotation.add_root(new, dirs)
+    lines = root_rotation.add_root(new, dirs)
     assert any("created the new root CA for rot.test" in line for line in lines)
-    again = rotation.add_root(new, dirs)
+    again = root_rotation.add_root(new, dirs)
     assert all("already holds the new root" in line for line in again)
     assert load_ca(new).trust_domain == TD
     for d in dirs:
@@ -78,22 +78,22 @@ def test_steps_refuse_to_run_out_of_order(cluster) -> None:
     old, new, dirs = cluster
     init_ca(TD, new)
     with pytest.raises(CaError, match="do not hold the new root yet.*add-root"):
-        rotation.reissue(new, dirs)
-    rotation.add_root(new, dirs[:1])
+        root_rotation.reissue(new, dirs)
+    root_rotation.add_root(new, dirs[:1])
     with pytest.raises(CaError, match="bundles of node2 do not hold the new root"):
-        rotation.reissue(new, dirs)
-    rotation.add_root(new, dirs)
+        root_rotation.reissue(new, dirs)
+    root_rotation.add_root(new, dirs)
     with pytest.raises(CaError, match="intermediates of node1, node2 do not come from the new root.*reissue"):
-        rotation.remove_old(new, dirs)
+        root_rotation.remove_old(new, dirs)
     with pytest.raises(CaError, match="--node-dir"):
-        rotation.add_root(new, [])
+        root_rotation.add_root(new, [])
 
 
 def test_add_root_refuses_a_new_root_of_another_trust_domain(cluster) -> None:
     old, new, dirs = cluster
     init_ca("elsewhere", new)
     with pytest.raises(CaError, match="trust domain 'elsewhere'.*keeps the trust domain"):
-        rotation.add_root(new, dirs)
+        root_rotation.add_root(new, dirs)
 
 
 def _report(bundle, node_root, identity_roots):
@@ -105,13 +105,13 @@ def _report(bundle, node_root, identity_roots):
 
 def test_converged_reads_each_steps_evidence_from_the_agent_report() -> None:
     old, new = "sha256:" + "a" * 64, "sha256:" + "b" * 64
-    assert rotation.converged("add-root", _report([old], old, [old]), new) == "its bundle is [aaaaaaaaaaaa]"
-    assert rotation.converged("add-root", _report([old, new], old, [old]), new) is None
-    assert "chains to aaaaaaaaaaaa" in rotation.converged("reissue", _report([old, new], old, [old]), new)
-    assert "spiffe://x/ns/a/sa/1 still chain" in rotation.converged("reissue", _report([old, new], new, [new, old]), new)
-    assert rotation.converged("reissue", _report([old, new], new, [new, new]), new) is None
-    assert rotation.converged("remove-old", _report([old, new], new, [new]), new) is not None
-    assert rotation.converged("remove-old", _report([new], new, [new]), new) is None
+    assert root_rotation.converged("add-root", _report([old], old, [old]), new) == "its bundle is [aaaaaaaaaaaa]"
+    assert root_rotation.converged("add-root", _report([old, new], old, [old]), new) is None
+    assert "chains to aaaaaaaaaaaa" in root_rotation.converged("reissue", _report([old, new], old, [old]), new)
+    assert "spiffe://x/ns/a/sa/1 still chain" in root_rotation.converged("reissue", _report([old, new], new, [new, old]), new)
+    assert root_rotation.converged("reissue", _report([old, new], new, [new, new]), new) is None
+    assert root_rotation.converged("remove-old", _report([old, new], new, [new]), new) is not None
+    assert root_rotation.converged("remove-old", _report([new], new, [new]), new) is None
 
 
 def test_wait_for_agents_polls_until_all_converge_and_names_laggards() -> None:
@@ -119,7 +119,7 @@ def test_wait_for_agents_polls_until_all_converge_and_names_laggards() -> None:
     answers = {"http://a": itertools.chain([_report([], None, [])], itertools.repeat(_report([new], new, []))),
                "http://b": itertools.repeat(_report([new], new, []))}
     calls = []
-    rotation.wait_for_agents("add-root", new, answers, lambda url: calls.append(url) or next(answers[url]),
+    root_rotation.wait_for_agents("add-root", new, answers, lambda url: calls.append(url) or next(answers[url]),
                              timeout=5, sleep=lambda s: None)
     assert calls.count("http://a") == 2
     clock = itertools.count()
@@ -128,7 +128,7 @@ def test_wait_for_agents_polls_until_all_converge_and_names_laggards() -> None:
         raise OSError("connection refused")
 
     with pytest.raises(CaError, match=r"http://a: cannot read its /debug/certs: connection refused"):
-        rotation.wait_for_agents("add-root", new, ["http://a"], unreachable, timeout=3, sleep=lambda s: None,
+        root_rotation.wait_for_agents("add-root", new, ["http://a"], unreachable, timeout=3, sleep=lambda s: None,
                                  monotonic=lambda: next(clock))
 
 

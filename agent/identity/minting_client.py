@@ -1,6 +1,6 @@
 """The agent's side of the minting worker: CA material and SVIDs without importing cryptography.
 
-``load_signing`` asks a worker (``python -m agent.identity.minter``, one process per request) to
+``load_signing`` asks a worker (``python -m agent.identity.minting_worker``, one process per request) to
 read and check the node CA directory and returns a ``SigningInfo``: what the agent logs, reports
 on ``/debug/certs`` and compares to notice a changed CA (subjects, serials, dates, fingerprints),
 the trust bundle PEM its TLS contexts load with ``ssl``, and a ``RemoteSigner``. The signer is the
@@ -11,7 +11,7 @@ worker's stdin/stdout pipes only, never through a file.
 The worker's failures come back as the ``agent.identity.errors`` class they were raised as (a
 ``CaError`` naming the file and the fix, an ``SvidError``, ...); a worker that cannot start,
 crashes, times out or answers garbage is a ``MinterError``. ``Transport`` is injectable: tests
-may answer in-process with ``minter.handle`` (which imports cryptography).
+may answer in-process with ``minting_worker.handle`` (which imports cryptography).
 
 Stdlib only (subprocess, json): must not import cryptography — the point of this module.
 """
@@ -33,7 +33,7 @@ from agent.identity.errors import IdentityError, MinterError
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import MIN_TTL_SECONDS, Svid
 
-MINTER_MODULE = "agent.identity.minter"
+MINTER_MODULE = "agent.identity.minting_worker"
 DEFAULT_TIMEOUT = 30.0
 Transport = Callable[[dict], dict]
 _ERRORS = {cls.__name__: cls for cls in (errors.IdentityError, errors.CaError, errors.SvidError,

@@ -1,8 +1,8 @@
 """Tiny TCP applications that play the workloads in the demo and the end-to-end tests.
 
 They know nothing of tcpmesh: plain sockets, as an unchanged application would use them.
-    python -m agent.sampleapps server --port 7000 --mode echo|digest|banner
-    python -m agent.sampleapps client --connect 10.77.2.10:7000 --bytes 1048576 --mode echo|digest|banner
+    python -m agent.demo.sampleapps server --port 7000 --mode echo|digest|banner
+    python -m agent.demo.sampleapps client --connect 10.77.2.10:7000 --bytes 1048576 --mode echo|digest|banner
 ``echo`` returns every byte; ``digest`` reads until the client half-closes, then answers with the
 sha256 and length of what it read (which proves half-close works end to end). ``banner`` is a
 server-speaks-first protocol (like SMTP or MySQL): the server sends one greeting line on accept,
@@ -132,7 +132,7 @@ def _read_greeting(sock: socket.socket, received, counts: dict, reply: bytearray
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.sampleapps")
+    parser = argparse.ArgumentParser(prog="python -m agent.demo.sampleapps")
     sub = parser.add_subparsers(dest="role", required=True)
     server = sub.add_parser("server")
     server.add_argument("--port", type=int, required=True)

@@ -1,8 +1,8 @@
-"""The minting worker: ``python -m agent.identity.minter`` loads CA material and mints SVIDs, then exits.
+"""The minting worker: ``python -m agent.identity.minting_worker`` loads CA material and mints SVIDs, then exits.
 
 The long-running agent never imports cryptography (its Rust extension alone is ~8 MiB of resident
 file-backed memory per agent, plus ~3 MiB of objects; Python cannot unload a module). Everything
-that needs it runs here, in a process that lives for one request: ``minting.py`` (the agent's
+that needs it runs here, in a process that lives for one request: ``minting_client.py`` (the agent's
 side, stdlib only) writes one JSON request on stdin and reads one JSON answer from stdout.
 
 Requests (``now`` is an ISO 8601 time with offset; the agent's clock, so tests can inject one):

@@ -185,7 +185,7 @@ def run_demo(keep: bool, show_metrics: bool = False, echo=click.echo) -> None:
     started: list[subprocess.Popen] = []
     try:
         server_ip = plan.pod(SERVER_POD).ip
-        server = labops.lab_exec(DEMO_LAB, SERVER_POD, [sys.executable, "-m", "agent.sampleapps", "server",
+        server = labops.lab_exec(DEMO_LAB, SERVER_POD, [sys.executable, "-m", "agent.demo.sampleapps", "server",
                                                         "--port", str(SERVER_PORT), "--mode", "digest",
                                                         "--name", "demo-db"],
                                  stdout=subprocess.PIPE, text=True)
@@ -194,7 +194,7 @@ def run_demo(keep: bool, show_metrics: bool = False, echo=click.echo) -> None:
         echo(f"server: pod {SERVER_POD} on node2 ({server_ip}:{SERVER_PORT}), "
              f"identity {plan.pod(SERVER_POD).spiffe_id}")
         for pod, comm, size in CLIENTS:
-            result = labops.lab_exec(DEMO_LAB, pod, [sys.executable, "-m", "agent.sampleapps", "client",
+            result = labops.lab_exec(DEMO_LAB, pod, [sys.executable, "-m", "agent.demo.sampleapps", "client",
                                                      "--connect", f"{server_ip}:{SERVER_PORT}", "--bytes", str(size),
                                                      "--mode", "digest", "--name", comm],
                                      stdout=subprocess.PIPE, text=True)
@@ -230,7 +230,7 @@ def run_demo(keep: bool, show_metrics: bool = False, echo=click.echo) -> None:
             proc.wait(timeout=5)
         if keep:
             echo(f"\nThe lab is still running; to open a connection yourself, start a server first, then:\n"
-                 f"  tcpmesh lab exec --name {DEMO_LAB} n1p1 -- python3 -m agent.sampleapps client "
+                 f"  tcpmesh lab exec --name {DEMO_LAB} n1p1 -- python3 -m agent.demo.sampleapps client "
                  f"--connect {plan.pod(SERVER_POD).ip}:{SERVER_PORT}")
         else:
             labops.lab_down(DEMO_LAB)

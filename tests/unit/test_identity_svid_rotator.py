@@ -17,9 +17,9 @@ from agent.identity.bundle import fingerprint
 from agent.identity.ca import init_ca, load_ca
 from agent.identity.errors import SvidError
 from agent.identity.node_ca import NODE_KEY_FILE, issue_node_files
-from agent.identity.minting import RemoteSigner
+from agent.identity.minting_client import RemoteSigner
 from agent.identity.report import format_report, select
-from agent.identity.rotator import CaSource, IdentityRotator
+from agent.identity.svid_rotator import CaSource, IdentityRotator
 from agent.identity.spiffe import SpiffeId
 from agent.telemetry.metrics import Metrics
 

@@ -1,0 +1,6 @@
+"""What the agent knows about one connection: the record the data path fills in and telemetry reports.
+
+Below both ``agent.proxy`` (which writes it) and ``agent.telemetry`` / ``agent.audit`` (which read it),
+so neither imports the other for it. Pure: imports only ``agent.registry.model``; must not import
+the proxy, telemetry, the CLI, asyncio, sockets or ssl.
+"""
