@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from agent.demo import format_pair_table, histogram_quantile, next_steps, pair_summary
+from agent.demo.run import format_pair_table, histogram_quantile, next_steps, pair_summary
 
 REPO = Path(__file__).resolve().parents[1].parent
 WEB, BATCH, DB = ("spiffe://demo.tcpmesh/ns/lab/sa/web", "spiffe://demo.tcpmesh/ns/lab/sa/batch",
