@@ -21,7 +21,7 @@ from agent.errors import TcpmeshError
 # command name → "module:attribute" of the subcommands imported on first use
 LAZY_COMMANDS = {
     "ca": "agent.identity.cli:ca",
-    "cert": "agent.identity.cli:cert",
+    "cert": "agent.telemetry.cli:cert",
     "lab": "agent.lab.cli:lab",
     "workload": "agent.control.cli:workload",
     "policy": "agent.policy.cli:policy",
