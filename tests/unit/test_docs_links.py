@@ -1,8 +1,10 @@
-"""Every docs/ page the repository names exists, and nothing points outside the repository.
+"""Every docs/ page the repository names exists, every file and module the docs name exists, and
+nothing points outside the repository.
 
-A newcomer has only this repository: a design fact cited from ../shared/ or from a page that was
-renamed or split is a fact they cannot read. Scans the README, docs/, the code, the BPF sources, the
-tests and the deployment files.
+A newcomer has only this repository: a design fact cited from ../shared/, from a page that was
+renamed or split, or pinned to a module that moved is a fact they cannot follow. Scans the README,
+docs/, the code, the BPF sources, the tests and the deployment files for page names; the README,
+docs/ and tests/README.md for file paths and ``python -m`` modules.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ SCANNED = ("README.md", "Makefile", "pyproject.toml", "docs", "agent", "bpf", "t
 SUFFIXES = {".md", ".py", ".c", ".h", ".sh", ".service", ".yml", ".yaml", ".json", ".toml", ""}
 DOC_REF = re.compile(r"\bdocs/([A-Za-z0-9_.-]+\.md)")
 OUTSIDE = re.compile(r"\.\./shared|shared/notes/|\bDESIGN\.md|\bSTYLE\.md")
+# a repository path with a file extension, not a glob (``tests/unit/test_fuzz_*.py``) or a template (``<pod>``)
+FILE_REF = re.compile(r"(?<![\w/.-])((?:agent|bpf|tests|deploy|systemd|vagrant|bench)/[\w/.-]*\.(?:py|c|h|md|sh|json|yml|yaml|"
+                      r"service|toml|rb))(?![\w*<{])")
+MODULE_REF = re.compile(r"python3? -m (agent(?:\.\w+)*)")
+PROSE = ("README.md", "docs", "tests/README.md")
 
 
 def repository_files():
@@ -44,3 +51,24 @@ def test_nothing_points_outside_the_repository():
                for file in repository_files() if file != Path(__file__)
                for n, line in enumerate(file.read_text(errors="replace").splitlines(), 1) if OUTSIDE.search(line)]
     assert not outside, "links to files outside this repository (carry the fact into docs/):\n" + "\n".join(outside)
+
+
+def prose_files():
+    for name in PROSE:
+        path = REPO / name
+        yield from [path] if path.is_file() else sorted(path.glob("*.md"))
+
+
+def test_every_file_and_module_the_docs_name_exists():
+    missing = []
+    for file in prose_files():
+        text = file.read_text()
+        for match in FILE_REF.finditer(text):
+            if not (REPO / match.group(1)).exists():
+                missing.append(f"{file.relative_to(REPO)}: {match.group(1)}")
+        for match in MODULE_REF.finditer(text):
+            module = REPO / match.group(1).replace(".", "/")
+            if not (module.with_suffix(".py").is_file() or (module / "__main__.py").is_file()):
+                missing.append(f"{file.relative_to(REPO)}: python -m {match.group(1)}")
+    assert not missing, "named in the docs but not in the repository (moved? say where it is now):\n" + \
+        "\n".join(missing)
