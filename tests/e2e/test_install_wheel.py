@@ -1,12 +1,14 @@
 """`pip install .` as a wheel: the installed agent carries bpf/ and needs no checkout.
 
-A wheel is built from this checkout and installed into a fresh venv (bcc linked in as
-deploy/bootstrap-debian.sh does; tcpmesh's PyPI dependencies are borrowed from the test venv, so no
-network is needed, but tcpmesh itself comes only from the wheel). Then, from a directory outside the
-checkout and with no PYTHONPATH:
+A wheel is built from a copy of this checkout as `pip install .` builds it (an isolated build
+environment: setuptools from the configured package index) and installed into a fresh venv (bcc
+linked in as deploy/bootstrap-debian.sh does; tcpmesh's PyPI dependencies are borrowed from the test
+venv, but tcpmesh itself comes only from the wheel). Then, from a directory outside the checkout and
+with no PYTHONPATH:
 - the wheel holds every file of bpf/ (C programs, headers, the kernel-header stub);
 - the installed package finds them inside itself, not in the checkout;
-- `tcpmesh doctor --json` compiles bpf/probe.c with the shipped stub and loads the probe programs.
+- `tcpmesh doctor --json` compiles bpf/probe.c with the shipped stub and loads the probe programs;
+- the installed package compiles capture_connect.c (the ebpf-connect programs) from its own copy.
 """
 
 from __future__ import annotations
@@ -97,3 +99,16 @@ def test_installed_tcpmesh_doctor_compiles_and_loads_the_probe_programs(installe
     loaded = [name for name, c in checks.items() if name.startswith("prog_") and c["result"] == "ok"]
     assert "prog_connect4" in loaded and "prog_sockops" in loaded, checks
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_installed_package_compiles_the_capture_programs_from_its_own_sources(installed, tmp_path, bpf_capable):
+    """capture_connect.c (the programs `ebpf-connect` pins) compiles from the wheel's copy, headers and stub
+    included; nothing is loaded or attached."""
+    script = ("import sys; from agent.bpf.compile import compile_source; "
+              "from agent.capture.connect_mode import bpf_dir, compile_flags; "
+              "src = bpf_dir() / 'capture_connect.c'; "
+              "b = compile_source(src, compile_flags(bpf_dir(), '10.200.1.1', 15001), sys.argv[1]); "
+              "print(src); b.cleanup()")
+    out = outside_checkout([str(installed / "python"), "-c", script, str(tmp_path / "state")], tmp_path, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "site-packages/agent/bpf_sources/capture_connect.c" in out.stdout, out.stdout
