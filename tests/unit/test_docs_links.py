@@ -21,6 +21,7 @@ OUTSIDE = re.compile(r"\.\./shared|shared/notes/|\bDESIGN\.md|\bSTYLE\.md")
 # a repository path with a file extension, not a glob (``tests/unit/test_fuzz_*.py``) or a template (``<pod>``)
 FILE_REF = re.compile(r"(?<![\w/.-])((?:agent|bpf|tests|deploy|systemd|vagrant|bench)/[\w/.-]*\.(?:py|c|h|md|sh|json|yml|yaml|"
                       r"service|toml|rb))(?![\w*<{])")
+BRACE_REF = re.compile(r"(?<![\w/.-])((?:agent|bpf|tests)/[\w/]*)\{([\w,]+)\}(\.(?:py|c|h))")  # agent/{a,b}.py
 MODULE_REF = re.compile(r"python3? -m (agent(?:\.\w+)*)")
 PROSE = ("README.md", "docs", "tests/README.md")
 
@@ -66,6 +67,10 @@ def test_every_file_and_module_the_docs_name_exists():
         for match in FILE_REF.finditer(text):
             if not (REPO / match.group(1)).exists():
                 missing.append(f"{file.relative_to(REPO)}: {match.group(1)}")
+        for match in BRACE_REF.finditer(text):
+            head, names, suffix = match.groups()
+            missing += [f"{file.relative_to(REPO)}: {head}{name}{suffix}" for name in names.split(",")
+                        if not (REPO / f"{head}{name}{suffix}").exists()]
         for match in MODULE_REF.finditer(text):
             module = REPO / match.group(1).replace(".", "/")
             if not (module.with_suffix(".py").is_file() or (module / "__main__.py").is_file()):
