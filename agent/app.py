@@ -48,7 +48,7 @@ from agent.telemetry.metrics import Metrics
 from agent.telemetry.runtime import RuntimeStats
 
 if TYPE_CHECKING:
-    from agent.registry.kubernetes import KubernetesSource
+    from agent.registry.kubernetes.source import KubernetesSource
 
 log = logging.getLogger("tcpmesh.agent")
 RUNTIME_WORKLOADS_FILE = "runtime-workloads.json"
@@ -124,7 +124,7 @@ class Agent:
 
     def _check_node(self) -> None:
         if self.config.registry.source != "file":
-            return  # checked against the first snapshot (agent/registry/kubernetes.py)
+            return  # checked against the first snapshot (agent/registry/kubernetes/source.py)
         registry = load_registry_file(self.config.registry.file, self.config.trust_domain)
         if self.config.node.name not in registry.nodes:
             raise TcpmeshError(f"node.name {self.config.node.name!r} is not a node of the registry "
@@ -180,7 +180,7 @@ class Agent:
                 os.path.join(config.state_dir, RUNTIME_WORKLOADS_FILE), self.capture, identities,
                 on_change=self._workloads_changed)
             if config.registry.source == "kubernetes":
-                from agent.registry.kubernetes import start_kubernetes_source  # only then: ~0.6 MiB
+                from agent.registry.kubernetes.source import start_kubernetes_source  # only then: ~0.6 MiB
 
                 kubernetes = await start_kubernetes_source(config, self.workloads)  # first snapshot applied
             else:

@@ -80,7 +80,7 @@ class IdentityConfig:
 @dataclass(frozen=True)
 class RegistryConfig:
     # "file": the static file below (systemd, Vagrant); "kubernetes": pods and nodes from the API
-    # server (list + watch; agent/registry/kubernetes.py, docs/install-kubernetes.md).
+    # server (list + watch; agent/registry/kubernetes/, docs/install-kubernetes.md).
     source: str = "file"
     file: str = "/etc/tcpmesh/workloads.yaml"
     poll_seconds: float = DEFAULT_REGISTRY_POLL_SECONDS  # how often the file is checked for changes

@@ -27,7 +27,8 @@ require_module("kubernetes", "install the kubernetes extra (make setup does: pip
                module_level=True)
 
 from agent.control.workloads import WorkloadController  # noqa: E402
-from agent.registry.kubernetes import Backoff, start_kubernetes_source  # noqa: E402
+from agent.registry.kubernetes.source import start_kubernetes_source  # noqa: E402
+from agent.registry.kubernetes.watch import Backoff  # noqa: E402
 from tests.integration.test_kubernetes_apiserver import FakeApiServer  # noqa: E402
 
 TD = "cluster.local"
@@ -91,7 +92,7 @@ class World:
         self._task = None
 
     async def __aenter__(self) -> "World":
-        from agent.registry.kubernetes import make_api_client
+        from agent.registry.kubernetes.source import make_api_client
 
         self.source = await start_kubernetes_source(
             self.config, self.controller, make_api_client(self.config.registry.kubeconfig),

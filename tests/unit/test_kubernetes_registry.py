@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.registry.kubernetes import (Backoff, build_registry, find_pod_cgroup, node_internal_ip,
-                                       pod_cgroup_candidates)
+from agent.registry.kubernetes.cgroups import find_pod_cgroup, pod_cgroup_candidates
+from agent.registry.kubernetes.mapping import build_registry, node_internal_ip
+from agent.registry.kubernetes.watch import Backoff
 
 OBJECTS = json.loads((Path(__file__).parents[1] / "integration" / "test_kubernetes_objects.json").read_text())
 UID = "5f0c6b1e-2a3d-4c5e-8f70-1a2b3c4d5e6f"

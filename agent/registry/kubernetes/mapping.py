@@ -1,0 +1,101 @@
+"""Pod and Node objects (dicts as the API server returns them) → one ``Registry`` snapshot. Pure.
+
+Every pod with an IPv4 ``status.podIP`` that is not ``hostNetwork`` and not finished becomes a
+workload: name, namespace, ``spec.serviceAccountName`` (identity ``ns/<ns>/sa/<sa>``), IP, and node
+``spec.nodeName`` — a resolvable destination whose tunnel address is its node's ``InternalIP``. Pods of
+this node get their pod cgroup from the ``cgroup_of`` the caller passes (``cgroups.find_pod_cgroup``),
+so they are captured. Two pods with one IP: the newer wins, the older is reported as left out.
+Imports no client library, no thread, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from agent.identity.spiffe import SpiffeIdError, validate_namespace, validate_service_account
+from agent.registry.model import Node, Registry, Workload, is_ipv4
+
+FINISHED_PHASES = ("Succeeded", "Failed")
+
+
+def node_internal_ip(node: Mapping[str, Any]) -> str | None:
+    """The node's first IPv4 ``InternalIP`` (where its agent's :15008 is reached), or None."""
+    for address in (node.get("status") or {}).get("addresses") or ():
+        if address.get("type") == "InternalIP" and is_ipv4(address.get("address", "")):
+            return address["address"]
+    return None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    registry: Registry
+    skipped: tuple[tuple[str, str], ...] = ()       # (namespace/name, why) of pods left out
+    missing_cgroups: tuple[str, ...] = ()            # local pods whose cgroup is not there yet
+
+
+def build_registry(trust_domain: str, local_node: str, pods: Iterable[Mapping[str, Any]],
+                   nodes: Iterable[Mapping[str, Any]],
+                   cgroup_of: Callable[[Mapping[str, Any]], str | None]) -> BuildResult:
+    """One registry snapshot from Pod and Node objects (dicts as the API returns them)."""
+    node_list = []
+    for node in nodes:
+        name = (node.get("metadata") or {}).get("name", "")
+        address = node_internal_ip(node)
+        if name and address:
+            node_list.append(Node(name, address))
+    known = {n.name for n in node_list}
+    chosen: dict[str, tuple[Workload, str]] = {}   # ip → (workload, creationTimestamp)
+    skipped: list[tuple[str, str]] = []
+    missing: list[str] = []
+    for pod in pods:
+        meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
+        key = f"{meta.get('namespace', '?')}/{meta.get('name', '?')}"
+        why = _skip_reason(meta, spec, status, known)
+        if why:
+            skipped.append((key, why))
+            continue
+        cgroup = None
+        if spec["nodeName"] == local_node:
+            cgroup = cgroup_of(pod)
+            if cgroup is None:
+                missing.append(key)
+        workload = Workload(meta["name"], meta["namespace"], spec.get("serviceAccountName") or "default",
+                            status["podIP"], spec["nodeName"], cgroup, trust_domain)
+        created = meta.get("creationTimestamp") or ""
+        other = chosen.get(workload.ip)
+        if other is not None:
+            older, newer = sorted([other, (workload, created)], key=lambda wc: (wc[1], wc[0].key))
+            skipped.append((older[0].key, f"IP {workload.ip} is also the IP of the newer pod {newer[0].key}"))
+            chosen[workload.ip] = newer
+        else:
+            chosen[workload.ip] = (workload, created)
+    workloads = sorted((w for w, _ in chosen.values()), key=lambda w: w.key)
+    registry = Registry.build(trust_domain, sorted(node_list, key=lambda n: n.name), workloads)
+    return BuildResult(registry, tuple(skipped), tuple(missing))
+
+
+def _skip_reason(meta: Mapping[str, Any], spec: Mapping[str, Any], status: Mapping[str, Any],
+                 known_nodes: set[str]) -> str:
+    if not meta.get("name") or not meta.get("namespace"):
+        return "no name or namespace"
+    if spec.get("hostNetwork"):
+        return "hostNetwork: it shares its node's IP"
+    if status.get("phase") in FINISHED_PHASES:
+        return f"phase {status['phase']}"
+    ip = status.get("podIP") or ""
+    if not ip:
+        return "no pod IP yet"
+    if not is_ipv4(ip):
+        return f"pod IP {ip} is not IPv4"
+    node = spec.get("nodeName") or ""
+    if not node:
+        return "not scheduled"
+    if node not in known_nodes:
+        return f"node {node} is unknown or has no InternalIP"
+    try:
+        validate_namespace(meta["namespace"])
+        validate_service_account(spec.get("serviceAccountName") or "default")
+    except SpiffeIdError as exc:
+        return str(exc)
+    return ""
