@@ -71,6 +71,8 @@ class Agent:
         self.admin: AdminServer | None = None
         self.rotator: IdentityRotator | None = None  # owns the IdentityStore; renews SVIDs, follows the node CA
         self.ready = False
+        self.not_ready_reason = "starting"  # /readyz and systemd STATUS= say this while not ready
+        self._policy_in_force = asyncio.Event()  # the start gate: no listener opens before a policy set loads
         self._stop = asyncio.Event()
 
     def _connection_limits(self) -> dict[str, ConnectionLimits]:
@@ -152,7 +154,7 @@ class Agent:
                            limits=self._connection_limits())
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,
-                                 certs=self._certs_report)
+                                 certs=self._certs_report, not_ready_reason=lambda: self.not_ready_reason)
         self.admin.start()
         if self.access_log is not None:
             self.access_log.start()
@@ -170,11 +172,6 @@ class Agent:
             self._start_tcp_stats(ctx)
             outbound = OutboundProxy(ctx, self.capture.origin, config.proxy.tunnel_idle_seconds)
             inbound = InboundProxy(ctx)
-            outbound_sock = listening_socket(config.proxy.bind_address, config.proxy.outbound_port,
-                                             transparent=self.capture.listener.transparent)
-            inbound_sock = listening_socket(config.proxy.bind_address, config.proxy.inbound_port)
-            servers = [await loop.create_server(outbound.protocol_factory, sock=outbound_sock),
-                       await loop.create_server(inbound.protocol_factory, sock=inbound_sock)]
             self.workloads = WorkloadController(
                 config.node.name, config.trust_domain, config.registry.file if config.registry.source == "file" else "",
                 os.path.join(config.state_dir, RUNTIME_WORKLOADS_FILE), self.capture, identities,
@@ -203,18 +200,27 @@ class Agent:
             trim = heap_trimmer()
             if trim is not None:
                 background.append(loop.create_task(trim_heap_forever(trim)))
+            self._install_signal_handlers(loop)
+            if not await self._policy_gate():
+                return  # stopped before a policy set loaded: no listener was ever opened
+            outbound_sock = listening_socket(config.proxy.bind_address, config.proxy.outbound_port,
+                                             transparent=self.capture.listener.transparent)
+            inbound_sock = listening_socket(config.proxy.bind_address, config.proxy.inbound_port)
+            servers = [await loop.create_server(outbound.protocol_factory, sock=outbound_sock),
+                       await loop.create_server(inbound.protocol_factory, sock=inbound_sock)]
             self.ready = True
+            self.not_ready_reason = ""
             self.metrics.ready.set(1)
             log.info("agent ready on node %s: %d local workloads captured (%s), outbound :%d, inbound :%d, "
                      "admin %s:%d and %s", config.node.name, self._captured_count(), self.capture.name,
                      config.proxy.outbound_port, config.proxy.inbound_port, config.admin.address, config.admin.port,
                      config.admin.socket)
             sdnotify.ready(f"ready: {self._captured_count()} local workloads captured ({self.capture.name})")
-            self._install_signal_handlers(loop)
             await self._stop.wait()
             log.info("stopping: capture stays in place (fail closed), draining connections for up to %.1fs",
                      config.proxy.drain_seconds)
             self.ready = False
+            self.not_ready_reason = "stopping"
             self.metrics.ready.set(0)
             sdnotify.stopping("draining connections; capture stays in place (fail closed)")
             self._detach_capture()
@@ -236,7 +242,7 @@ class Agent:
                 self.access_log.stop()
             if self.tcp_stats is not None:
                 self.tcp_stats.close()
-        log.info("agent stopped")
+            log.info("agent stopped")
 
     async def _watch_sources(self) -> None:
         """Poll the registry file and the policy directory; each change is applied as a whole or not at all."""
@@ -256,6 +262,36 @@ class Agent:
             self._apply_inbound_modes(self.workloads.snapshot)
         if self.policy.load_errors > errors_before:
             self.metrics.policy_load_errors.inc(self.policy.load_errors - errors_before)
+        if self.policy.in_force:
+            self._policy_in_force.set()
+        elif not self.ready:
+            self.not_ready_reason = f"no policy set is in force: {self.policy.last_error}"
+
+    async def _policy_gate(self) -> bool:
+        """Wait (listeners closed, capture attached: pods' connects are refused) until a policy set loads.
+
+        A policy set that cannot be loaded at start never means "no policies" (docs/policy.md "At
+        start"): the agent stays not ready and says why on /readyz, in systemd's STATUS= and in its
+        log, while ``_watch_sources`` retries every poll. False when the agent was stopped meanwhile.
+        """
+        if self._policy_in_force.is_set():
+            return True
+        log.error("NOT READY: %s. Capture stays attached and no connection is proxied, so the local pods' "
+                  "connections are refused and every local workload is STRICT, until the policy files load "
+                  "(fix them; `tcpmesh policy check %s` shows every problem)", self.not_ready_reason,
+                  self.config.policy.dir)
+        sdnotify.status(f"NOT READY (pods' connections refused): {self.not_ready_reason}")
+        stop = asyncio.ensure_future(self._stop.wait())
+        loaded = asyncio.ensure_future(self._policy_in_force.wait())
+        try:
+            await asyncio.wait((stop, loaded), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            loaded.cancel()
+        if not self._policy_in_force.is_set():
+            return False
+        log.info("the policy set loaded: turning ready")
+        return True
 
     def _apply_inbound_modes(self, registry: Registry) -> None:
         """PeerAuthentication → the kernel: each local workload STRICT or PERMISSIVE (docs/policy.md)."""

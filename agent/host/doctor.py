@@ -298,8 +298,9 @@ def choose_capture_mode(config, log: logging.Logger | None = None) -> str:
 def doctor(as_json: bool, config_path: str | None, assume_missing: tuple[str, ...], mode: str | None,
            cgroup_root: str | None, state_dir: str | None) -> None:
     """Check this host: every kernel feature each capture mode needs, and which mode the agent would use.
+    With --config also whether its policy.dir loads and what a running agent's /readyz says.
 
-    Exit code 0 if the agent can run (its capture mode is usable), 1 otherwise.
+    Exit code 0 if the agent can run (its capture mode is usable, its policy set loads), 1 otherwise.
     """
     configured = mode or "auto"
     if config_path:
@@ -310,5 +311,14 @@ def doctor(as_json: bool, config_path: str | None, assume_missing: tuple[str, ..
         cgroup_root = cgroup_root or config.capture.cgroup_root
         state_dir = state_dir or config.state_dir
     report = doctor_report(configured, assume_missing, cgroup_root, state_dir)
-    click.echo(json.dumps(report, indent=2) if as_json else render_table(report))
+    text = None if as_json else render_table(report)
+    if config_path:  # will this configured agent turn ready (agent/host/readiness.py)?
+        from agent.host import readiness
+
+        report["policy"] = readiness.policy_status(config.policy.dir)
+        report["running_agent"] = readiness.running_agent(config.admin.address, config.admin.port)
+        report["can_run"] = report["can_run"] and report["policy"]["loads"]
+        if text is not None:
+            text = "\n".join([text, "", *readiness.render(report["policy"], report["running_agent"])])
+    click.echo(json.dumps(report, indent=2) if as_json else text)
     sys.exit(0 if report["can_run"] else 1)

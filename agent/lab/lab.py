@@ -133,6 +133,7 @@ def _ca_initialiser(required: bool):
 def _prepare_state_dir(plan: LabPlan) -> None:
     os.makedirs(plan.state_dir, mode=0o700, exist_ok=True)
     shutil.rmtree(os.path.join(plan.state_dir, LOGS_DIR), ignore_errors=True)  # logs of an earlier failed up
+    os.makedirs(f"{plan.state_dir}/policies", exist_ok=True)  # policy.dir of every node: it must exist
     for node in plan.nodes:
         os.makedirs(node.state_dir, exist_ok=True)
         os.makedirs(os.path.dirname(node.log_file), exist_ok=True)
@@ -249,9 +250,10 @@ def _read_state(state_dir: str) -> tuple[dict | None, str | None]:
 
 def lab_restart_agent(name: str, node_name: str, *, state_root: str = DEFAULT_STATE_ROOT,
                       agent_argv: Sequence[str] | None = None, ready_timeout: float = agents.DEFAULT_READY_TIMEOUT,
-                      stop_timeout: float = agents.DEFAULT_STOP_TIMEOUT) -> agents.AgentRecord:
+                      stop_timeout: float = agents.DEFAULT_STOP_TIMEOUT, wait: bool = True) -> agents.AgentRecord:
     """(Re)start one node's agent: stop the recorded one if it still runs (SIGTERM), start a new one in
-    the node's netns and agent cgroup, wait until it is ready, and record it in state.json."""
+    the node's netns and agent cgroup, record it in state.json and (unless ``wait=False``, for an agent
+    that is expected to stay unready) wait until it is ready."""
     plan, state = load_lab(name, state_root)
     try:
         node = plan.node(node_name)
@@ -266,7 +268,8 @@ def lab_restart_agent(name: str, node_name: str, *, state_root: str = DEFAULT_ST
     records[node_name] = record.to_json()
     state = {**state, "agents": records}
     _atomic_write(plan.state_file, json.dumps(state, indent=2) + "\n")
-    agents.wait_ready({node_name: (node, proc)}, ready_timeout)
+    if wait:
+        agents.wait_ready({node_name: (node, proc)}, ready_timeout)
     return record
 
 

@@ -115,7 +115,10 @@ def load_paths(paths: list[str | Path]) -> PolicySet:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix in POLICY_SUFFIXES and p.is_file())
+            try:
+                files += sorted(p for p in path.iterdir() if p.suffix in POLICY_SUFFIXES and p.is_file())
+            except OSError as exc:
+                raise PolicyError(str(path), 0, "<directory>", f"cannot read: {exc.strerror}") from exc
         else:
             files.append(path)
     authz: list[AuthorizationPolicy] = []

@@ -2,6 +2,12 @@
 
 ``reload()`` re-reads the directory when any file's content changed; a load error keeps the previous
 policy set in force (nothing half-applied), is logged with file, line and field, and counted.
+
+Until a set has loaded once (``in_force``), there is nothing to keep: a directory that is missing,
+unreadable or holds one invalid file at start never means "no policies". Then ``decide`` denies
+every connection and ``mtls_mode`` answers STRICT for every workload (never weaker than any set the
+files could intend), and the agent stays not ready (docs/policy.md "At start"). Imports the pure
+policy modules only.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from agent.policy.loader import POLICY_SUFFIXES, PolicyError, load_paths
 from agent.policy.model import MtlsMode, PolicySet
 
 log = logging.getLogger("tcpmesh.policy")
+MISSING_DIR_FIX = ("does not exist: create it (an empty directory means no policies, and "
+                   "policy.default_action decides)")
 
 
 class PolicySource:
@@ -23,6 +31,7 @@ class PolicySource:
         self.default_allow = default_allow
         self.root_namespace = root_namespace
         self.policies = PolicySet()  # replaced as a whole, never mutated
+        self.in_force = False  # a set has loaded since start; until then every decision fails closed
         self.load_errors = 0
         self.last_error = ""
         self._digest: str | None = None
@@ -34,31 +43,51 @@ class PolicySource:
             return False
         self._digest = digest
         try:
-            policies = load_paths([self.directory]) if self.directory.is_dir() else PolicySet()
+            policies = self.load()
         except PolicyError as exc:
             self.load_errors += 1
             self.last_error = str(exc)
-            log.error("policy change refused, the previous %d policies stay in force: %s",
-                      len(self.policies.authorization) + len(self.policies.peer_authentication), exc)
+            if self.in_force:
+                log.error("policy change refused, the previous %d policies stay in force: %s",
+                          len(self.policies.authorization) + len(self.policies.peer_authentication), exc)
+            else:
+                log.error("no policy set is in force: %s; until it loads every connection is refused and every "
+                          "workload is STRICT (check with `tcpmesh policy check %s`)", exc, self.directory)
             return False
         self.policies = policies
+        self.in_force = True
         self.last_error = ""
         log.info("policies in force: %d AuthorizationPolicy, %d PeerAuthentication from %s",
                  len(policies.authorization), len(policies.peer_authentication), self.directory)
         return True
 
+    def load(self) -> PolicySet:
+        """The directory's policy set; PolicyError when it is missing, unreadable or holds an invalid file."""
+        if not self.directory.exists():
+            raise PolicyError(str(self.directory), 0, "policy.dir", MISSING_DIR_FIX)
+        if not self.directory.is_dir():
+            raise PolicyError(str(self.directory), 0, "policy.dir", "is not a directory: point policy.dir at one")
+        return load_paths([self.directory])
+
     def decide(self, request: Request) -> Decision:
+        if not self.in_force:
+            return Decision(False, f"no policy set is in force ({self.last_error})")
         return decide(self.policies, request, default_allow=self.default_allow, root_namespace=self.root_namespace)
 
     def mtls_mode(self, namespace: str, workload: str) -> MtlsMode:
+        if not self.in_force:
+            return MtlsMode.STRICT
         return mtls_mode(self.policies, namespace, workload, root_namespace=self.root_namespace)
 
     def _dir_digest(self) -> str:
         digest = hashlib.sha256()
-        if self.directory.is_dir():
-            for path in sorted(p for p in self.directory.iterdir() if p.suffix in POLICY_SUFFIXES):
-                try:
-                    digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-                except OSError:
-                    digest.update(path.name.encode() + b"\0<unreadable>\0")
+        try:
+            names = sorted(p for p in self.directory.iterdir() if p.suffix in POLICY_SUFFIXES)
+        except OSError as exc:  # missing, not a directory, unreadable: a state of its own
+            return f"<{type(exc).__name__} {exc.errno}>"
+        for path in names:
+            try:
+                digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+            except OSError:
+                digest.update(path.name.encode() + b"\0<unreadable>\0")
         return digest.hexdigest()

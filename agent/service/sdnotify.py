@@ -6,7 +6,8 @@ socket (a path, or ``@name`` for the abstract namespace); the process sends newl
 started when it reads ``READY=1``. Outside systemd the variable is unset and every call is a no-op.
 
 The agent sends ``READY=1`` from ``app.Agent.run()`` exactly where it turns ready: programs loaded
-and attached to the local pods, listeners bound, admin endpoint up (docs/install-systemd.md).
+and attached to the local pods, listeners bound, admin endpoint up (docs/install-systemd.md). While
+something keeps it from turning ready (a policy set that cannot be loaded), it sends only ``STATUS=``.
 
 Owns only this protocol. Imports nothing of the agent; touches one socket per message.
 """
@@ -77,6 +78,11 @@ def ready(status: str = "", environ: Mapping[str, str] | None = None) -> bool:
     if status:
         fields["STATUS"] = status.replace("\n", " ")
     return notify(format_message(**fields), environ)
+
+
+def status(text: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Only ``STATUS=``: what `systemctl status` shows, e.g. why the agent is not ready yet."""
+    return notify(format_message(STATUS=text.replace("\n", " ")), environ)
 
 
 def stopping(status: str = "", environ: Mapping[str, str] | None = None) -> bool:

@@ -16,7 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 class AdminServer:
     def __init__(self, address: str, port: int, registry: CollectorRegistry,
                  is_ready: Callable[[], bool], flows: Callable[[], list[dict]],
-                 certs: Callable[[], dict] | None = None) -> None:
+                 certs: Callable[[], dict] | None = None, not_ready_reason: Callable[[], str] | None = None) -> None:
+        self._not_ready_reason = not_ready_reason  # /readyz 503 says why (e.g. the policy file and line)
         self._certs = certs  # /debug/certs: agent.identity's report (public material only, never keys)
         self._registry = registry
         self._is_ready = is_ready
@@ -51,8 +52,11 @@ class AdminServer:
                 elif path == "/healthz":
                     self._send(200, b"ok\n", "text/plain")
                 elif path == "/readyz":
-                    ready = admin._is_ready()
-                    self._send(200 if ready else 503, b"ready\n" if ready else b"not ready\n", "text/plain")
+                    if admin._is_ready():
+                        self._send(200, b"ready\n", "text/plain")
+                    else:
+                        reason = admin._not_ready_reason() if admin._not_ready_reason else ""
+                        self._send(503, f"not ready{': ' + reason if reason else ''}\n".encode(), "text/plain")
                 elif path == "/debug/flows":
                     body = json.dumps({"flows": admin._flows()}, indent=1).encode()
                     self._send(200, body, "application/json")

@@ -41,6 +41,7 @@ def test_agent_runs_from_kubernetes_and_reports_ready_after_the_first_snapshot(t
     try:
         init_ca("cluster.local", tmp_path / "root")
         issue_node_files(tmp_path / "root", "worker-1", tmp_path / "node-ca")
+        (tmp_path / "policies").mkdir()  # an agent without a policy directory does not turn ready
         outbound, inbound, admin = free_ports(3)
         config = validate(config_from_mapping({
             "trust_domain": "cluster.local", "state_dir": str(tmp_path / "state"),
