@@ -1,8 +1,9 @@
-"""Compile one bpf/*.c file with bcc against the kernel-header stub and load named programs.
+"""The bcc calls of the loader child (agent.bpf.child): compile one bpf/*.c file against the kernel-header
+stub, load one named program of it.
 
-Used by the ebpf-tc mode and by `tcpmesh doctor`'s program probes. bcc is imported inside
-``compile_and_load`` only. What clang or the verifier printed (libbcc writes it to fd 2) is
-captured around the compile and each load, attached to the BpfLoadError, and replayed to stderr.
+bcc is imported inside ``compile_source`` only, and only the child calls it: the agent never maps
+libbcc. What clang or the verifier printed (libbcc writes it to fd 2) is captured around the compile
+and each load, attached to the BpfLoadError, and replayed to stderr.
 """
 
 from __future__ import annotations
@@ -13,17 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from agent.bpf import kstub, sources
+from agent.bpf import kstub
 from agent.bpf.errors import BccMissing, BpfLoadError
-
-
-def bpf_source_dir() -> Path:
-    """bpf/, as shipped with this package (agent/bpf/sources.py)."""
-    return sources.bpf_dir()
-
-
-def base_cflags(source_dir: Path) -> list[str]:
-    return [f"-I{source_dir}", f"-I{source_dir / 'include'}"]
 
 
 def import_bcc():

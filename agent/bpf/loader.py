@@ -1,13 +1,19 @@
-"""The loader: compile bpf/capture_connect.c with bcc, load it, pin it in bpffs — in its own process.
+"""Loading BPF, parent side: one request to a short-lived child process, one answer back. No bcc here.
 
 The agent never imports bcc: libbcc maps libLLVM and clang (~75 MB resident before a compile, ~125 MB
-after; docs/kernel-notes.md). ``run_loader`` (parent side, no bcc) starts
-``python -m agent.bpf.loader REQUEST`` with a JSON request, waits, and turns the one JSON line it
-prints into a result or the typed error the child met (BpfLoadError, BccMissing, ...). The child
-(``main`` → ``load_and_pin``) holds the pin directory's lock, compiles against the kernel stub,
-loads every program (the maps are created or reused at their pinned paths by bcc itself), pins
-the programs into a staging directory and renames it to the set's name, so a set directory is
-either complete or absent. Then it exits; the pins keep programs and maps alive.
+after; docs/kernel-notes.md). ``load(request)`` starts ``python -m agent.bpf.child REQUEST_JSON FD``
+with one end of a socketpair and reads its one answer from the other end:
+
+    parent: load(LoadRequest)  ──  python -m agent.bpf.child REQUEST_JSON FD   (bcc only there)
+            ◄── one message: JSON {"ok": true, "result": {...}} or {"ok": false, "error": {...}},
+                with the loaded programs' and maps' fds attached (SCM_RIGHTS)
+
+A request either asks for the fds (ebpf-tc: a tc filter keeps its program, and the program its maps,
+alive) or, with ``pin_to``, for the programs pinned as one set in bpffs (ebpf-connect, the kernel TCP
+stats: the pins keep them alive across agent restarts; then no fd comes back). ``probe=True`` (doctor)
+reports a program the verifier refuses in ``Loaded.failed`` instead of failing the whole request.
+Errors come back typed: BpfLoadError with the compiler/verifier log, BccMissing, EnvironmentProblem;
+anything else is LoaderFailed.
 """
 
 from __future__ import annotations
@@ -15,211 +21,161 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, NamedTuple
 
-from agent.bpf import kstub, pins
+from agent.bpf import sources
 from agent.bpf.errors import BccMissing, BpfLoadError, LoaderFailed
 from agent.errors import EnvironmentProblem, TcpmeshError
 
 DEFAULT_TIMEOUT = 120.0
+MAX_MESSAGE = 1 << 20
+MAX_FDS = 64
+MAX_LOG = 64 * 1024  # the child sends at most this much compiler/verifier log (all of it goes to its stderr)
+
+
+class Program(NamedTuple):
+    name: str            # the C function
+    prog_type: int       # BPF_PROG_TYPE_*
+    attach_type: int = -1  # expected attach type (BPF_CGROUP_*), -1 for none
+
+
+@dataclass(frozen=True)
+class PinTo:
+    """Pin the programs as one set: ``<bpffs_dir>/<set_name>/<program>``, complete or absent."""
+
+    bpffs_dir: str
+    set_name: str
+    maps_name: str  # the maps directory the C pins its maps in (-DTCPMESH_MAPS_DIR); created if missing
 
 
 @dataclass(frozen=True)
 class LoadRequest:
-    source: str                 # the main C file
-    cflags: tuple[str, ...]     # including -DTCPMESH_MAPS_DIR
-    bpffs_dir: str
-    set_name: str
-    maps_name: str
-    state_dir: str              # where the kernel stub tree is materialised
-    programs: tuple[tuple[str, int, int], ...] = field(default=())  # (name, prog type, expected attach type)
+    source: str                          # the main C file
+    cflags: tuple[str, ...]
+    state_dir: str                       # where the kernel stub tree is materialised
+    programs: tuple[Program, ...]
+    maps: tuple[str, ...] = ()           # hand these maps' fds back too (not with pin_to)
+    pin_to: PinTo | None = None
+    probe: bool = False                  # a program that fails to load goes to Loaded.failed, not raised
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "LoadRequest":
+    def from_json(cls, text: str) -> LoadRequest:
         doc = json.loads(text)
-        doc["cflags"] = tuple(doc["cflags"])
-        doc["programs"] = tuple(tuple(p) for p in doc["programs"])
-        return cls(**doc)
+        return cls(doc["source"], tuple(doc["cflags"]), doc["state_dir"], tuple(Program(*p) for p in doc["programs"]),
+                   tuple(doc["maps"]), PinTo(**doc["pin_to"]) if doc.get("pin_to") else None, bool(doc["probe"]))
 
 
-@dataclass(frozen=True)
-class LoadResult:
-    compiled: bool           # False: another loader had pinned this set meanwhile
+@dataclass
+class Loaded:
+    """What the child did. ``programs``/``maps`` are fds owned by the caller (empty with pin_to): close()."""
+
+    compiled: bool             # False: pin_to found the set complete (another loader pinned it meanwhile)
     compile_seconds: float
     load_seconds: float
-    max_rss_kb: int          # the loader's peak RSS (what the agent no longer carries)
+    max_rss_kb: int            # the child's peak RSS (what the agent does not carry)
+    programs: dict[str, int] = field(default_factory=dict)
+    maps: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # probe: program -> what the verifier said
+
+    def close(self) -> None:
+        for fd in [*self.programs.values(), *self.maps.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.programs, self.maps = {}, {}
+
+    def __enter__(self) -> Loaded:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
-# ---- parent side (no bcc) --------------------------------------------------------------------------
+def load(request: LoadRequest, timeout: float = DEFAULT_TIMEOUT) -> Loaded:
+    """Run the child for ``request``; raise the error it reports."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "agent.bpf.child", request.to_json(), str(theirs.fileno())],
+                                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, env=_child_env())
+        finally:
+            theirs.close()
+        try:
+            output, _ = proc.communicate(timeout=timeout)  # the answer waits in the socket meanwhile
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()  # our own child
+            proc.wait()
+            raise LoaderFailed(f"the BPF loader child did not finish within {timeout:.0f}s") from exc
+        ours.setblocking(False)
+        try:
+            data, fds, _, _ = socket.recv_fds(ours, MAX_MESSAGE, MAX_FDS)
+        except BlockingIOError:
+            data, fds = b"", []
+    text = output.decode(errors="replace")
+    if not data:
+        raise LoaderFailed(f"the BPF loader child exited with code {proc.returncode} without an answer; "
+                           f"its output:\n{_tail(text)}")
+    return _loaded(json.loads(data), fds, text)
 
-def run_loader(request: LoadRequest, timeout: float = DEFAULT_TIMEOUT) -> LoadResult:
-    """Run the loader process for ``request``; raise the error it reports."""
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "agent.bpf.loader", request.to_json()],
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as exc:
-        raise LoaderFailed(f"the BPF loader did not finish within {timeout:.0f}s") from exc
-    answer = _last_json_line(proc.stdout)
-    if answer is None:
-        raise LoaderFailed(f"the BPF loader exited with code {proc.returncode} without an answer; "
-                           f"its output:\n{_tail(proc.stderr or proc.stdout)}")
+
+def _loaded(answer: dict[str, Any], fds: list[int], output: str) -> Loaded:
     if not answer.get("ok"):
-        raise _error_from(answer.get("error") or {}, proc.stderr)
-    return LoadResult(**answer["result"])
+        _close(fds)
+        raise _error_from(answer.get("error") or {}, output)
+    result = answer["result"]
+    names = list(result["programs"]) + list(result["maps"])
+    if len(fds) != len(names):
+        _close(fds)
+        raise LoaderFailed(f"the BPF loader child sent {len(fds)} descriptors for {len(names)} objects")
+    by_name = dict(zip(names, fds))
+    return Loaded(result["compiled"], result["compile_seconds"], result["load_seconds"], result["max_rss_kb"],
+                  {n: by_name[n] for n in result["programs"]}, {n: by_name[n] for n in result["maps"]},
+                  dict(result["failed"]))
 
 
-def _last_json_line(text: str) -> dict | None:
-    for line in reversed(text.strip().splitlines()):
-        with contextlib.suppress(ValueError):
-            doc = json.loads(line)
-            if isinstance(doc, dict):
-                return doc
-    return None
+def _child_env() -> dict[str, str]:
+    """The child imports this very agent package, wherever it is installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (sources.package_root(), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
-def _error_from(doc: dict[str, Any], stderr: str) -> TcpmeshError:
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def error_document(exc: BaseException) -> dict[str, Any]:
+    """The child's side of ``_error_from``: what travels for each error type."""
+    if isinstance(exc, BpfLoadError):
+        return {"type": "BpfLoadError", "stage": exc.stage, "source": exc.source, "program": exc.program,
+                "message": exc.message, "log": exc.log[-MAX_LOG:]}
+    if isinstance(exc, BccMissing):
+        return {"type": "BccMissing", "message": str(exc)}
+    if isinstance(exc, EnvironmentProblem):
+        return {"type": "EnvironmentProblem", "message": str(exc)}
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def _error_from(doc: dict[str, Any], output: str) -> TcpmeshError:
     kind = doc.get("type")
     message = doc.get("message", "unknown error")
     if kind == "BpfLoadError":
         return BpfLoadError(doc.get("stage", "load"), doc.get("source", ""), doc.get("program", ""), message,
-                            doc.get("log", "") or stderr)
+                            doc.get("log", "") or output)
     if kind == "BccMissing":
         return BccMissing(message)
     if kind == "EnvironmentProblem":
         return EnvironmentProblem(message)
-    return LoaderFailed(f"the BPF loader failed: {message}")
+    return LoaderFailed(f"the BPF loader child failed: {kind}: {message}")
 
 
 def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.strip().splitlines()[-lines:]) or "(nothing)"
-
-
-# ---- child side (imports bcc) ----------------------------------------------------------------------
-
-def load_and_pin(request: LoadRequest) -> LoadResult:
-    from agent.bpf.libbpf import Libbpf
-
-    bpffs_dir = Path(request.bpffs_dir)
-    set_dir = bpffs_dir / request.set_name
-    names = [name for name, _, _ in request.programs]
-    with pins.locked(str(bpffs_dir)):
-        if pins.complete(set_dir, names):
-            return LoadResult(False, 0.0, 0.0, _max_rss_kb())
-        pins.remove_tree(set_dir)  # an incomplete set cannot come from a rename; never adopt one
-        (bpffs_dir / request.maps_name).mkdir(mode=0o700, exist_ok=True)
-        started = time.monotonic()
-        bpf = _compile(request)
-        compiled = time.monotonic()
-        try:
-            fds = _load_programs(bpf, request)
-            staging = bpffs_dir / f"{pins.STAGING_PREFIX}{request.set_name}-{os.getpid()}"
-            pins.remove_tree(staging)
-            staging.mkdir(mode=0o700)
-            libbpf = Libbpf()
-            for name, fd in fds.items():
-                libbpf.obj_pin(fd, str(staging / name))
-            os.rename(staging, set_dir)
-        finally:
-            bpf.cleanup()
-        return LoadResult(True, compiled - started, time.monotonic() - compiled, _max_rss_kb())
-
-
-def _compile(request: LoadRequest):
-    try:
-        from bcc import BPF
-    except Exception as exc:  # ImportError, or OSError when libbcc.so is missing
-        raise BccMissing(f"bcc not importable ({exc}): install Debian's python3-bpfcc and link it into "
-                         "the venv; run `make setup`") from exc
-    source = Path(request.source)
-    if not source.is_file():
-        raise BpfLoadError("compile", str(source), "", "source file not found: the tcpmesh tree is incomplete")
-    tree = kstub.materialise(Path(request.state_dir) / "bcc-kstub")
-    with kstub.kernel_source(tree), captured_stderr() as log:
-        try:
-            return BPF(src_file=str(source).encode(), cflags=list(request.cflags))
-        except Exception as exc:
-            raise BpfLoadError("compile", str(source), "", str(exc), log.read()) from exc
-
-
-def _load_programs(bpf, request: LoadRequest) -> dict[str, int]:
-    fds = {}
-    for name, prog_type, attach_type in request.programs:
-        with captured_stderr() as log:
-            try:
-                fds[name] = bpf.load_func(name.encode(), prog_type, attach_type=attach_type).fd
-            except Exception as exc:
-                raise BpfLoadError("load", request.source, name, str(exc), log.read()) from exc
-    return fds
-
-
-def _max_rss_kb() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-class _Log:
-    def __init__(self, file) -> None:
-        self._file = file
-
-    def read(self) -> str:
-        self._file.flush()
-        self._file.seek(0)
-        return self._file.read().decode(errors="replace")
-
-
-@contextlib.contextmanager
-def captured_stderr() -> Iterator[_Log]:
-    """Capture fd 2 (where libbcc prints clang errors and the verifier log) for the block.
-
-    Whatever was captured is replayed to the real stderr afterwards, so nothing is hidden.
-    """
-    with tempfile.TemporaryFile() as tmp:
-        saved = os.dup(2)
-        try:
-            os.dup2(tmp.fileno(), 2)
-            yield _Log(tmp)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            data = tmp.read()
-            if data:
-                os.write(2, data)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m agent.bpf.loader REQUEST_JSON (started by the agent)", file=sys.stderr)
-        return 2
-    try:
-        result = load_and_pin(LoadRequest.from_json(args[0]))
-    except BpfLoadError as exc:
-        answer = {"ok": False, "error": {"type": "BpfLoadError", "stage": exc.stage, "source": exc.source,
-                                         "program": exc.program, "message": exc.message, "log": exc.log}}
-    except (BccMissing, EnvironmentProblem) as exc:
-        answer = {"ok": False, "error": {"type": type(exc).__name__ if isinstance(exc, BccMissing)
-                                         else "EnvironmentProblem", "message": str(exc)}}
-    except Exception as exc:  # the process root: report, never a traceback only
-        answer = {"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}}
-    else:
-        answer = {"ok": True, "result": asdict(result)}
-    print(json.dumps(answer), flush=True)
-    return 0 if answer["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

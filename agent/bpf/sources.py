@@ -17,3 +17,14 @@ PACKAGE_DIR = "bpf_sources"
 def bpf_dir() -> Path:
     """The directory holding bpf/*.c, include/, lib/, tcpstats/ and kstub/ (symlinks resolved)."""
     return Path(str(resources.files("agent") / PACKAGE_DIR)).resolve()
+
+
+def package_root() -> str:
+    """The directory the ``agent`` package is imported from (a checkout, or site-packages): a child
+    process started with ``python -m agent....`` puts it on its path to import this same agent."""
+    return str(Path(str(resources.files("agent"))).resolve().parent)
+
+
+def base_cflags(source_dir: Path) -> list[str]:
+    """The include paths every program of ``source_dir`` compiles with (its lib/ and include/ headers)."""
+    return [f"-I{source_dir}", f"-I{source_dir / 'include'}"]

@@ -35,7 +35,7 @@ from agent.capture.cgroups import cgroup_target, read_mounts, walk
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
 from agent.bpf.errors import AttachError
 from agent.capture.errors import NotLoaded
-from agent.bpf.loader import DEFAULT_TIMEOUT, LoadRequest, LoadResult, run_loader
+from agent.bpf.loader import DEFAULT_TIMEOUT, Loaded, LoadRequest, PinTo, Program, load
 from agent.capture.pinned import PinnedSet
 from agent.errors import ConfigError
 
@@ -132,8 +132,7 @@ def program_flags(redirect_ip: str, redirect_port: int, max_connections: int = D
 def compile_flags(source_dir: Path, redirect_ip: str, redirect_port: int,
                   max_connections: int = DEFAULT_MAX_CONNECTIONS, maps_dir: str | os.PathLike | None = None) -> list[str]:
     """Every flag of the compile (pure): include paths, program flags, and where the maps are pinned."""
-    flags = [f"-I{source_dir}", f"-I{source_dir / 'include'}",
-             *program_flags(redirect_ip, redirect_port, max_connections)]
+    flags = [*sources.base_cflags(source_dir), *program_flags(redirect_ip, redirect_port, max_connections)]
     if maps_dir is not None:
         flags.append(f'-DTCPMESH_MAPS_DIR="{maps_dir}"')
     return flags
@@ -174,7 +173,7 @@ class ConnectCapture:
         self._attached: set[tuple[str, str]] = set()  # (path, role)
         self.names: pins.SetNames | None = None
         self.adopted: bool | None = None          # True: a pinned set was reused, nothing compiled
-        self.loader_result: LoadResult | None = None
+        self.loader_result: Loaded | None = None
         self.load_seconds: float | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -202,11 +201,12 @@ class ConnectCapture:
                 pins.remove_tree(set_dir)
             source = self.source_dir / SOURCE_NAME
             request = LoadRequest(
-                source=str(source), bpffs_dir=str(self.bpffs_dir), set_name=names.set, maps_name=names.maps,
-                cflags=tuple(compile_flags(self.source_dir, self.redirect_ip, self.redirect_port,
-                                           self.max_connections, maps_dir)),
-                state_dir=str(self.state_dir), programs=tuple((h.program, h.prog_type, h.attach_type) for h in HOOKS))
-            self.loader_result = run_loader(request, self.loader_timeout)
+                source=str(source), cflags=tuple(compile_flags(self.source_dir, self.redirect_ip, self.redirect_port,
+                                                               self.max_connections, maps_dir)),
+                state_dir=str(self.state_dir), programs=tuple(Program(h.program, h.prog_type, h.attach_type)
+                                                              for h in HOOKS),
+                pin_to=PinTo(str(self.bpffs_dir), names.set, names.maps))
+            self.loader_result = load(request, self.loader_timeout)
         libbpf = self._libbpf or Libbpf()
         pinned = PinnedSet.open(libbpf, set_dir, maps_dir, PROGRAMS)
         try:

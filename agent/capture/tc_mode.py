@@ -1,7 +1,7 @@
 """The ebpf-tc capture mode: bpf/capture_tc.c on tc ingress of each local pod's node-side veth.
 
 ``TcCapture`` implements the ``Capture`` interface (agent.capture.interface):
-  - ``start()``: compile and load the program in a short-lived child (agent.bpf.fdloader: bcc
+  - ``start()``: compile and load the program in a short-lived child (agent.bpf.loader: bcc
     and libLLVM never enter the agent), keep its program and map fds, fill tcpmesh_tc_cidrs
     (capture CIDRs, bypass CIDRs, the node's own addresses as bypass /32s), install the fwmark
     rule and local table (agent.capture.steering);
@@ -32,13 +32,13 @@ from typing import Sequence
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from agent.capture import abi, steering
-from agent.bpf.compile import base_cflags, bpf_source_dir
-from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
+from agent.bpf import sources
 from agent.bpf.counters import sum_per_cpu
-from agent.capture.errors import NotLoaded
-from agent.bpf.fdloader import FdLoadRequest, LoadedFds, load_fds
 from agent.bpf.libbpf import Libbpf
+from agent.bpf.loader import Loaded, LoadRequest, Program, load
+from agent.capture import abi, steering
+from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
+from agent.capture.errors import NotLoaded
 from agent.capture.interface import ListenerRequirements
 from agent.capture.netns import describe, ipr, netlink_call
 from agent.capture.origin import Origin
@@ -64,7 +64,7 @@ def compile_flags(source_dir: Path, listen_address: str, listen_port: int,
                   max_connections: int = DEFAULT_MAX_CONNECTIONS) -> list[str]:
     """The -I/-D flags for capture_tc.c (pure). PROXY_IP is the host-order integer."""
     return [
-        *base_cflags(source_dir),
+        *sources.base_cflags(source_dir),
         f"-DPROXY_IP={int(ipaddress.IPv4Address(lookup_address(listen_address)))}u",
         f"-DPROXY_PORT={int(listen_port)}",
         f"-DTCPMESH_MAX_CONNS={int(max_connections)}",
@@ -96,10 +96,10 @@ class TcCapture:
         self._capture_cidrs = tuple(capture_cidrs)
         self._bypass_cidrs = tuple(bypass_cidrs)
         lpm_entries(self._capture_cidrs, self._bypass_cidrs)  # validate now, not at start()
-        self.source_dir = Path(source_dir) if source_dir else bpf_source_dir()
+        self.source_dir = Path(source_dir) if source_dir else sources.bpf_dir()
         self.max_connections = max_connections
         self._origins = TransparentOrigins()
-        self._loaded: LoadedFds | None = None
+        self._loaded: Loaded | None = None
         self._libbpf: Libbpf | None = None
         self._attached: dict[str, tuple[int, str]] = {}  # workload key -> (ifindex, ifname)
         self.load_seconds: float | None = None
@@ -109,11 +109,11 @@ class TcCapture:
     def start(self) -> None:
         if self._loaded is not None:
             return
-        request = FdLoadRequest(str(self.source_dir / SOURCE_NAME),
-                                tuple(compile_flags(self.source_dir, self.listen_address, self.listen_port,
-                                                    self.max_connections)),
-                                self.state_dir, ((PROGRAM, PROG_SCHED_CLS, -1),), (CIDRS_MAP, COUNTERS_MAP))
-        loaded = load_fds(request)
+        request = LoadRequest(str(self.source_dir / SOURCE_NAME),
+                              tuple(compile_flags(self.source_dir, self.listen_address, self.listen_port,
+                                                  self.max_connections)),
+                              str(self.state_dir), (Program(PROGRAM, PROG_SCHED_CLS),), (CIDRS_MAP, COUNTERS_MAP))
+        loaded = load(request)
         try:
             self._libbpf = Libbpf()
             _check_map(self._libbpf, loaded.maps[CIDRS_MAP], CIDRS_MAP, abi.CidrKey, abi.CidrValue)
@@ -125,7 +125,7 @@ class TcCapture:
             self._loaded = None
             loaded.close()
             raise
-        self.load_seconds = loaded.seconds
+        self.load_seconds = loaded.compile_seconds + loaded.load_seconds
 
     def attach(self, workload: Workload) -> None:
         """Our filter on ingress of the interface ``workload.ip`` routes through. Idempotent."""

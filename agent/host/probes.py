@@ -4,7 +4,8 @@ Each probe is a small function returning a ``Probe`` (result, detail, exact erro
 need a network namespace make their own throwaway one (``tcpmesh-probe-<pid>-<random>``) and
 remove it; nothing is attached to the root cgroup or to any interface or netfilter table of the
 caller's namespace. BPF programs are only loaded, never attached, except one trivial tc filter on
-the throwaway namespace's loopback. Imports bcc only inside ``probe_bcc`` / ``probe_programs``.
+the throwaway namespace's loopback. Imports bcc only inside ``probe_bcc``; ``probe_programs`` compiles and
+loads in the BPF loader's child process (agent.bpf.loader).
 """
 
 from __future__ import annotations
@@ -191,31 +192,29 @@ def probe_bcc() -> Probe:
 
 
 def probe_programs(state_dir: str | None, wanted: set[str]) -> dict[str, Probe]:
-    """Compile bpf/probe.c once (check ``bpf_compile``) and load each wanted program."""
-    from agent.bpf.compile import base_cflags, bpf_source_dir, compile_source, load_program
-    from agent.bpf.errors import BpfLoadError
+    """Compile bpf/probe.c once (check ``bpf_compile``) and load each wanted program, in the BPF
+    loader's child process (agent.bpf.loader, ``probe=True``: a refused program is a row, not an error)."""
+    from agent.bpf import sources
+    from agent.bpf.loader import LoadRequest, Program, load
 
     out: dict[str, Probe] = {}
-    source = bpf_source_dir() / "probe.c"
+    chosen = {check: spec for check, spec in PROGRAM_PROBES.items() if check in wanted}
+    source_dir = sources.bpf_dir()
     with _state_dir(state_dir) as where:
-        started = time.monotonic()
+        request = LoadRequest(str(source_dir / "probe.c"), tuple(sources.base_cflags(source_dir)), where,
+                              tuple(Program(*spec) for spec in chosen.values()), probe=True)
         try:
-            bpf = compile_source(source, base_cflags(bpf_source_dir()), where)
+            loaded = load(request)
         except Exception as exc:
             out["bpf_compile"] = fail(_first_lines(str(exc)))
             return out
-        try:
-            out["bpf_compile"] = ok(f"bpf/probe.c with the kernel stub in {time.monotonic() - started:.2f}s")
-            for check, (function, prog_type, attach_type) in PROGRAM_PROBES.items():
-                if check not in wanted:
-                    continue
-                try:
-                    load_program(bpf, source, function, prog_type, attach_type)
+        with loaded:  # the probe programs' fds: closed, never attached
+            out["bpf_compile"] = ok(f"bpf/probe.c with the kernel stub in {loaded.compile_seconds:.2f}s")
+            for check, (function, prog_type, attach_type) in chosen.items():
+                if function in loaded.failed:
+                    out[check] = fail(_first_lines(loaded.failed[function], 6))
+                else:
                     out[check] = ok(f"loaded {function} (type {prog_type}, attach type {attach_type})")
-                except BpfLoadError as exc:
-                    out[check] = fail(_first_lines(str(exc), 6))
-        finally:
-            bpf.cleanup()
     return out
 
 

@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from agent.bpf import pins, sources
 from agent.bpf.errors import AttachError
 from agent.bpf.libbpf import Libbpf
-from agent.bpf.loader import DEFAULT_TIMEOUT, LoadRequest, run_loader
+from agent.bpf.loader import DEFAULT_TIMEOUT, LoadRequest, PinTo, Program, load
 from agent.errors import TcpmeshError
 from agent.connection.flow import REPORTER_SOURCE, SECURITY_MTLS, UNKNOWN, Flow
 from agent.telemetry import tcpstats_abi as abi
@@ -134,10 +134,9 @@ class KernelTcpStats:
                 pins.remove_tree(set_dir)  # a map pin went missing: never half-adopt
             flags = (f"-I{self.source_dir}", f"-DTCPMESH_STATS_SLOTS={self.slots}",
                      f"-DTCPMESH_STATS_SOCKETS={self.sockets}", f'-DTCPMESH_MAPS_DIR="{maps_dir}"')
-            run_loader(LoadRequest(source=str(self.source_dir / SOURCE_NAME), cflags=flags,
-                                   bpffs_dir=str(self.bpffs_dir), set_name=set_name, maps_name=maps_name,
-                                   state_dir=str(self.state_dir),
-                                   programs=((PROGRAM, PROG_SOCK_OPS, ATTACH_SOCK_OPS),)), self.loader_timeout)
+            load(LoadRequest(source=str(self.source_dir / SOURCE_NAME), cflags=flags, state_dir=str(self.state_dir),
+                             programs=(Program(PROGRAM, PROG_SOCK_OPS, ATTACH_SOCK_OPS),),
+                             pin_to=PinTo(str(self.bpffs_dir), set_name, maps_name)), self.loader_timeout)
             self.compiled = True
         libbpf = self.libbpf = self.libbpf or Libbpf()
         try:

@@ -195,8 +195,8 @@ def test_make_install_builds_a_venv_that_finds_its_bpf_sources_and_bcc(tmp_path,
                           timeout=120)
     assert done.returncode == 0, done.stderr + done.stdout
     python = root / "opt/tcpmesh/bin/python"
-    probe = ("import agent.bpf.compile as b, agent.bpf.kstub as k, bcc; "
-             "print(b.bpf_source_dir()); print(k.shipped_dir()); print(bcc.__file__)")
+    probe = ("import agent.bpf.sources as b, agent.bpf.kstub as k, bcc; "
+             "print(b.bpf_dir()); print(k.shipped_dir()); print(bcc.__file__)")
     out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
     bpf_dir, kstub_dir, bcc_file = out.stdout.split()

@@ -79,8 +79,8 @@ def test_wheel_holds_bpf_sources_headers_and_kstub(wheel):
 
 
 def test_installed_package_finds_its_bpf_sources_inside_itself(installed, tmp_path):
-    probe = ("import agent, agent.bpf.compile as b, agent.bpf.kstub as k; "
-             "print(agent.__file__); print(b.bpf_source_dir()); print(k.shipped_dir())")
+    probe = ("import agent, agent.bpf.sources as b, agent.bpf.kstub as k; "
+             "print(agent.__file__); print(b.bpf_dir()); print(k.shipped_dir())")
     out = outside_checkout([str(installed / "python"), "-c", probe], tmp_path)
     assert out.returncode == 0, out.stderr
     agent_file, bpf_dir, kstub_dir = out.stdout.split()
