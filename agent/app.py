@@ -32,7 +32,7 @@ from agent.policy.source import PolicySource
 from agent.proxy.deadlines import reset_idle, sweep_idle_relays
 from agent.proxy.heap import keep_heap_for_relaying
 from agent.proxy.inbound import InboundProxy
-from agent.proxy.limits import ConnectionLimits, fitting_cap, raise_open_files_limit
+from agent.proxy.limits import ConnectionLimits, fitting_cap, handshake_limits, raise_open_files_limit
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
 from agent.registry.model import Registry
@@ -85,6 +85,11 @@ class Agent:
                  per_identity)
         hit = lambda reporter, limit: self.metrics.connection_limit_hits.labels(reporter, limit).inc()  # noqa: E731
         return {reporter: ConnectionLimits(reporter, total, per_identity, hit) for reporter in ("source", "destination")}
+
+    def _handshake_limits(self) -> ConnectionLimits:
+        proxy = self.config.proxy
+        hit = lambda reporter, limit: self.metrics.handshakes_refused.labels(limit).inc()  # noqa: E731
+        return handshake_limits(proxy.max_handshakes, proxy.max_handshakes_per_source, hit)
 
     def _snapshot_or_none(self) -> Registry | None:
         return self.workloads.snapshot if self.workloads is not None else None
@@ -151,7 +156,7 @@ class Agent:
                            handshake_timeout=config.proxy.handshake_timeout_seconds,
                            tunnel_timeout=config.proxy.tunnel_timeout_seconds,
                            inbound_idle_timeout=config.proxy.inbound_tunnel_idle_seconds,
-                           limits=self._connection_limits())
+                           limits=self._connection_limits(), handshakes=self._handshake_limits())
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,
                                  certs=self._certs_report, not_ready_reason=lambda: self.not_ready_reason)

@@ -41,6 +41,8 @@ INBOUND_IDLE_MARGIN_SECONDS = 10.0  # over tunnel_idle_seconds: the outbound poo
 DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS = 3600.0  # Envoy's tcp_proxy default
 DEFAULT_MAX_CONNECTIONS = 32768
 DEFAULT_MAX_CONNECTIONS_PER_IDENTITY = 16384
+DEFAULT_MAX_HANDSHAKES = 2048  # unauthenticated TLS handshakes on the inbound port, at once
+DEFAULT_MAX_HANDSHAKES_PER_SOURCE = 256  # the same, per source address
 DEFAULT_REGISTRY_POLL_SECONDS = 2.0
 DEFAULT_POLICY_POLL_SECONDS = 2.0
 DEFAULT_ADMIN_SOCKET = "/run/tcpmesh/agent.sock"
@@ -137,6 +139,11 @@ class ProxyConfig:
     # overall and per source identity; refusals count in tcpmesh_connection_limit_hits_total. 0: no cap.
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_connections_per_identity: int = DEFAULT_MAX_CONNECTIONS_PER_IDENTITY
+    # Inbound TLS handshakes not yet authenticated (accept → verified client certificate), at once,
+    # overall and per source address; the excess is reset at accept and counted in
+    # tcpmesh_inbound_handshakes_refused_total. 0: no cap.
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    max_handshakes_per_source: int = DEFAULT_MAX_HANDSHAKES_PER_SOURCE
     event_loop: str = "uvloop"  # uvloop (faster data path) | asyncio (the standard library's loop)
 
 
@@ -360,14 +367,14 @@ def _deadlines_and_caps(proxy: ProxyConfig) -> None:
     if proxy.stream_idle_timeout_seconds < 0:
         raise ConfigError("proxy.stream_idle_timeout_seconds", proxy.stream_idle_timeout_seconds,
                           "must not be negative", "use 0 to never reset idle connections")
-    for name, value in (("proxy.max_connections", proxy.max_connections),
-                        ("proxy.max_connections_per_identity", proxy.max_connections_per_identity)):
-        if value < 0:
-            raise ConfigError(name, value, "must not be negative", "use 0 for no cap")
-    if proxy.max_connections and proxy.max_connections_per_identity > proxy.max_connections:
-        raise ConfigError("proxy.max_connections_per_identity", proxy.max_connections_per_identity,
-                          f"exceeds proxy.max_connections ({proxy.max_connections})",
-                          "lower it, or raise proxy.max_connections")
+    for total, per in (("max_connections", "max_connections_per_identity"),
+                       ("max_handshakes", "max_handshakes_per_source")):
+        for name in (total, per):
+            if getattr(proxy, name) < 0:
+                raise ConfigError(f"proxy.{name}", getattr(proxy, name), "must not be negative", "use 0 for no cap")
+        if getattr(proxy, total) and getattr(proxy, per) > getattr(proxy, total):
+            raise ConfigError(f"proxy.{per}", getattr(proxy, per), f"exceeds proxy.{total} ({getattr(proxy, total)})",
+                              f"lower it, or raise proxy.{total}")
 
 
 def _identity(identity: IdentityConfig) -> None:

@@ -284,13 +284,18 @@ class PlainLeg(Leg):
 
 
 class TlsLeg(Leg):
-    """TLS 1.3 over a TCP transport, run on memory BIOs so that half-close works."""
+    """TLS 1.3 over a TCP transport, run on memory BIOs so that half-close works.
 
-    def __init__(self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None) -> None:
+    ``admit(leg)`` (an accepting server's hook) runs once the transport is there, before any TLS state
+    is made: False means the connection was refused (reset) and the leg does nothing more."""
+
+    def __init__(self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None,
+                 admit: "Callable[[TlsLeg], bool] | None" = None) -> None:
         super().__init__()
         self._context = context
         self._server_side = server_side
         self._server_hostname = server_hostname
+        self._admit = admit
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object: ssl.SSLObject | None = None
@@ -300,6 +305,9 @@ class TlsLeg(Leg):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._admit is not None and not self._admit(self):
+            self.handshake_done.cancel()  # nobody waits for it: no "exception never retrieved" per refusal
+            return
         self._connected_at = time.monotonic()
         try:
             self.ssl_object = self._context.wrap_bio(self._incoming, self._outgoing,

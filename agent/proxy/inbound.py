@@ -39,14 +39,27 @@ class InboundProxy:
         self._ctx = ctx
 
     def protocol_factory(self) -> TlsLeg:
-        leg = TlsLeg(self._ctx.identities.server_context, server_side=True)
-        self._ctx.spawn(self._serve_tunnel(leg))
-        return leg
+        return TlsLeg(self._ctx.identities.server_context, server_side=True, admit=self._admit)
 
-    async def _serve_tunnel(self, tunnel: TlsLeg) -> None:
+    def _admit(self, tunnel: TlsLeg) -> bool:
+        """At accept: within the handshake caps (proxy.max_handshakes[_per_source]) the tunnel's task starts;
+        beyond them the connection is reset at once — counted by the caps, no record, no task, no TLS state."""
+        source = (tunnel.peername() or ("",))[0]
+        gate = self._ctx.handshakes
+        if gate is not None and gate.try_acquire(source) is not None:
+            tunnel.reset()
+            return False
+        self._ctx.spawn(self._serve_tunnel(tunnel, source))
+        return True
+
+    async def _serve_tunnel(self, tunnel: TlsLeg, source: str) -> None:
         setup = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS)  # recorded only if the tunnel fails
         started = time.monotonic()
-        peer_id = await self._accept_tunnel(tunnel, setup)
+        try:
+            peer_id = await self._accept_tunnel(tunnel, setup)
+        finally:
+            if self._ctx.handshakes is not None:
+                self._ctx.handshakes.release(source)
         if peer_id is None:
             tunnel.close()
             self._ctx.flow_closed(setup)

@@ -99,6 +99,13 @@ class Metrics:
         self.access_log_sequence = Gauge(
             "tcpmesh_access_log_sequence", "Sequence number of the last record written to the access/audit log "
             "(compare with the log's last record: records removed from its end show up here)", registry=registry)
+        # agent.proxy.inbound: connections reset at accept by the handshake caps (agent.proxy.limits)
+        self.handshakes_refused = Counter(
+            "tcpmesh_inbound_handshakes_refused", "Inbound connections reset at accept because too many TLS "
+            "handshakes were unauthenticated at once (limit=total: proxy.max_handshakes; per_source: "
+            "proxy.max_handshakes_per_source)", ("limit",), registry=registry)
+        for limit in ("total", "per_source"):
+            self.handshakes_refused.labels(limit)
         # agent.proxy.limits: refusals by side and cap; all four series present at 0 from the start
         self.connection_limit_hits = Counter(
             "tcpmesh_connection_limit_hits", "Connections refused because a concurrent-connection cap was reached "

@@ -7,6 +7,7 @@
     tcpmesh_agent_relays                 application connections relaying now } the admin thread reads the
     tcpmesh_agent_outbound_tunnels       pooled outbound tunnels              } last sample
     tcpmesh_agent_limited_connections    connections counted by agent.proxy.limits, by reporter
+    tcpmesh_agent_pending_handshakes     inbound TLS handshakes not yet authenticated (proxy.max_handshakes)
 
 Loop-side state is only ever read on the loop (``sample``); the collector, on the admin thread,
 reads the plain numbers of the last sample, never a live dict.
@@ -40,6 +41,7 @@ class RuntimeStats(Collector):
             "relays": len(self._ctx.relays),
             "outbound_tunnels": self._outbound_tunnels(),
             "limited": {reporter: limits.active for reporter, limits in self._ctx.limits.items()},
+            "pending_handshakes": self._ctx.handshakes.active if self._ctx.handshakes is not None else 0,
         }
         return self.last
 
@@ -66,7 +68,9 @@ class RuntimeStats(Collector):
         for key, text in (("asyncio_tasks", "Tasks on the data-path event loop"),
                           ("connection_tasks", "Connection tasks of the outbound and inbound proxies"),
                           ("relays", "Application connections relaying now"),
-                          ("outbound_tunnels", "Pooled outbound tunnels (tcpmesh/2)")):
+                          ("outbound_tunnels", "Pooled outbound tunnels (tcpmesh/2)"),
+                          ("pending_handshakes", "Inbound TLS handshakes not yet authenticated (capped by "
+                                                 "proxy.max_handshakes)")):
             yield GaugeMetricFamily(f"tcpmesh_agent_{key}", text, value=last[key])
         limited = GaugeMetricFamily("tcpmesh_agent_limited_connections", "Connections counted against "
                                     "proxy.max_connections now", labels=["reporter"])

@@ -226,3 +226,18 @@ def test_zero_turns_the_deadlines_and_caps_off():
                     proxy=ProxyConfig(tunnel_timeout_seconds=0, stream_idle_timeout_seconds=0, max_connections=0,
                                       max_connections_per_identity=0))
     assert validate(config) is config
+
+
+def test_handshake_caps_count_per_source_address_and_name_their_settings():
+    hits = []
+    gate = L.handshake_limits(3, 2, lambda reporter, limit: hits.append((reporter, limit)))
+    assert gate.try_acquire("10.0.0.9") is None and gate.try_acquire("10.0.0.9") is None
+    assert gate.try_acquire("10.0.0.9") == "per_source"
+    assert gate.try_acquire("10.0.0.1") is None
+    assert gate.try_acquire("10.0.0.2") == "total"
+    assert hits == [("handshake", "per_source"), ("handshake", "total")]
+    assert "proxy.max_handshakes_per_source=2" in gate.describe("per_source", "10.0.0.9")
+    assert "unauthenticated handshakes" in gate.describe("total", "10.0.0.9")
+    for source in ("10.0.0.9", "10.0.0.9", "10.0.0.1"):
+        gate.release(source)
+    assert gate.active == 0 and gate.identities == 0

@@ -23,7 +23,7 @@ def exported_names() -> set[str]:
     registry = CollectorRegistry()
     Metrics(registry)
     runtime = RuntimeStats(ctx=None)
-    runtime.last = {"asyncio_tasks": 0, "connection_tasks": 0, "relays": 0, "outbound_tunnels": 0,
+    runtime.last = {"asyncio_tasks": 0, "connection_tasks": 0, "relays": 0, "outbound_tunnels": 0, "pending_handshakes": 0,
                     "limited": {"source": 0}}
     registry.register(runtime)
     registry.register(PlaintextCollector(lambda: {}, lambda: None, "node1"))
