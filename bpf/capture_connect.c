@@ -402,20 +402,37 @@ static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx
 	tcpmesh_count(TCPMESH_R_PEERNAME_REWRITTEN);
 }
 
+static __always_inline void tcpmesh_proxy_conn_key(struct bpf_sock_ops *skops, struct tcpmesh_flow4 *key)
+{
+	key->saddr = skops->local_ip4;
+	key->daddr = skops->remote_ip4;
+	key->sport = bpf_htons((__u16)skops->local_port); /* local_port is host order */
+	key->dport = bpf_htons(tcpmesh_remote_port(skops));
+}
+
+/* TCP_CONNECT_CB: the record, and the state callback that removes it when the socket closes. */
 static __always_inline void tcpmesh_record_proxy_conn(struct bpf_sock_ops *skops)
 {
 	struct tcpmesh_flow4 key = {};
 	__u32 one = 1;
 
-	key.saddr = skops->local_ip4;
-	key.daddr = skops->remote_ip4;
-	key.sport = bpf_htons((__u16)skops->local_port); /* local_port is host order */
-	key.dport = bpf_htons(tcpmesh_remote_port(skops));
+	tcpmesh_proxy_conn_key(skops, &key);
 	if (tcpmesh_proxy_conns.update(&key, &one) != 0) {
 		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 		return;
 	}
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	tcpmesh_count(TCPMESH_R_PROXY_CONN);
+}
+
+/* STATE_CB at TCP_CLOSE: the connection is gone (its SYN long let in, or never answered), and so is
+ * its record; the map holds only the inbound proxy's live connections. */
+static __always_inline void tcpmesh_forget_proxy_conn(struct bpf_sock_ops *skops)
+{
+	struct tcpmesh_flow4 key = {};
+
+	tcpmesh_proxy_conn_key(skops, &key);
+	tcpmesh_proxy_conns.delete(&key);
 }
 
 /* TCP SYN (not SYN-ACK) into a pod from outside the mesh: count it, and say whether to drop it. */
@@ -577,8 +594,17 @@ int tcpmesh_guard6(struct bpf_sock_addr *ctx)
  */
 int tcpmesh_pxops(struct bpf_sock_ops *skops)
 {
-	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB && skops->family == 2 /* AF_INET */)
+	if (skops->family != 2 /* AF_INET */)
+		return 1;
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		tcpmesh_record_proxy_conn(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			tcpmesh_forget_proxy_conn(skops);
+		break;
+	}
 	return 1;
 }
 

@@ -277,9 +277,10 @@ class MuxSession:
                 stream.on_data(frame.payload)
             return  # data for a stream just reset: dropped
         if kind is M.FrameType.WINDOW:
+            credit = M.window_credit(frame)  # a malformed or zero WINDOW is a protocol error for any stream
             stream = self.streams.get(frame.stream)
             if stream is not None:
-                stream.on_window(M.window_credit(frame))
+                stream.on_window(credit)
             return
         if kind is M.FrameType.OPEN:
             self._on_open(frame)

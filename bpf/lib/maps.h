@@ -132,9 +132,10 @@ TCPMESH_MAP("percpu_array", int, __u64, tcpmesh_counters, TCPMESH_R_SLOTS, 0);
 
 /*
  * tcpmesh_proxy_conns: struct tcpmesh_flow4 -> __u32 (1), the connections the inbound proxy opened.
- *   writer:   sockops on the proxy's cgroup at TCP_CONNECT_CB (just before its SYN leaves).
+ *   writer:   sockops on the proxy's cgroup at TCP_CONNECT_CB (just before its SYN leaves); the
+ *             same program deletes it at the socket's TCP_CLOSE (state callback).
  *   reader:   cgroup_skb/ingress on pod cgroups: a SYN whose 4-tuple is here comes from the mesh.
- *   eviction: LRU; a record is only needed until its SYN has been let in.
+ *   eviction: deleted at close, so the map holds live connections only; LRU as a backstop.
  */
 TCPMESH_MAP("lru_hash", struct tcpmesh_flow4, __u32, tcpmesh_proxy_conns, TCPMESH_MAX_CONNS, 0);
 

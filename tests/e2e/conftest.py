@@ -68,6 +68,9 @@ class Lab:
         assert status == 200, f"{node.name} {path}: HTTP {status}"
         return body
 
+    def metrics_text(self, node_index: int) -> str:
+        return self.admin_get(node_index, "/metrics").decode()
+
     def flows(self, node_index: int) -> list[dict]:
         return json.loads(self.admin_get(node_index, "/debug/flows"))["flows"]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from agent.lab import lab as labops
+from agent.lab.files import DEFAULT_CAPTURE_MODE
 from agent.lab.nsenter import http_get_in_netns
 
 APPS = str(Path(__file__).with_name("reliability_apps.py"))
@@ -44,6 +45,7 @@ def environment(values: Mapping[str, str]) -> Iterator[None]:
 class RelLab:
     def __init__(self, name: str, plan, env: Mapping[str, str]) -> None:
         self.name, self.plan, self.env = name, plan, dict(env)
+        self.capture_mode = DEFAULT_CAPTURE_MODE  # what lab_up (below) starts the agents with
         self.apps: list[subprocess.Popen] = []
 
     # -- workloads ---------------------------------------------------------------------------------
@@ -78,6 +80,9 @@ class RelLab:
         self.apps.clear()
 
     # -- agents ------------------------------------------------------------------------------------
+    def pod(self, name: str):
+        return self.plan.pod(name)
+
     def node(self, index: int):
         return self.plan.nodes[index - 1]
 
@@ -109,6 +114,9 @@ class RelLab:
                 key, _, value = line.rpartition(" ")
                 samples[key] = float(value)
         return samples
+
+    def metrics_text(self, index: int) -> str:
+        return self.get(index, "/metrics")
 
     def metric_sum(self, index: int, name: str, **labels: str) -> float:
         total = 0.0
