@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-bpf test-e2e test-hostile bench cleanup clean install
+.PHONY: setup demo test test-unit test-bpf test-e2e test-hostile fuzz bench cleanup clean install
 
 setup:
 	@deploy/bootstrap-debian.sh $(VENV) test,kubernetes
@@ -27,6 +27,10 @@ test-e2e: setup
 
 test-hostile: setup
 	$(PY) -m pytest tests/hostile $(PYTEST_ARGS)
+
+# make fuzz: the Hypothesis fuzzers with fresh randomness (CI runs them derandomized, reproducible).
+fuzz: setup
+	HYPOTHESIS_PROFILE=fresh $(PY) -m pytest tests/unit/test_fuzz_*.py $(PYTEST_ARGS)
 
 # make bench: direct vs tcpmesh vs stunnel vs HAProxy on a 2-node lab (~10 min), appends to docs/benchmarks.md.
 # make bench BENCH_QUICK=1: ~1-2 min, results under bench/out/ only. BENCH_ARGS: more flags (python -m bench -h).

@@ -84,6 +84,23 @@ def _skip_reason(report) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(SkipLedger(REQUIRE_PRIVILEGED), "tcpmesh-skip-ledger")
+    load_hypothesis_profile(os.environ)
+
+
+# Hypothesis (the fuzzers in tests/unit/test_fuzz_*.py): CI runs them derandomized, so a run is
+# reproducible and a red CI is red again on a re-run; `make fuzz` runs them with fresh randomness
+# (HYPOTHESIS_PROFILE=fresh) to look for new failures. Outside CI the default is fresh too.
+HYPOTHESIS_PROFILES = {"ci": dict(derandomize=True, database=None), "fresh": dict(derandomize=False)}
+
+
+def load_hypothesis_profile(environ) -> str:
+    from hypothesis import settings
+
+    for name, values in HYPOTHESIS_PROFILES.items():
+        settings.register_profile(name, **values)
+    name = environ.get("HYPOTHESIS_PROFILE") or ("ci" if environ.get("TCPMESH_REQUIRE_PRIVILEGED") == "1" else "fresh")
+    settings.load_profile(name)
+    return name
 
 
 @pytest.fixture(scope="session")

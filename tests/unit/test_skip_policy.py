@@ -69,3 +69,18 @@ def test_outside_ci_the_same_suite_skips_with_the_reasons(tmp_path):
 def test_a_clean_ci_run_passes(tmp_path):
     done = run_suite(tmp_path, ["test_fine.py"], strict=True)
     assert done.returncode == pytest.ExitCode.OK, done.stdout + done.stderr
+
+
+def test_ci_runs_the_fuzzers_derandomized_and_make_fuzz_with_fresh_randomness():
+    from hypothesis import settings
+
+    from tests.conftest import load_hypothesis_profile
+
+    try:
+        assert load_hypothesis_profile({"TCPMESH_REQUIRE_PRIVILEGED": "1"}) == "ci"
+        assert settings().derandomize and settings().database is None
+        assert load_hypothesis_profile({"TCPMESH_REQUIRE_PRIVILEGED": "1", "HYPOTHESIS_PROFILE": "fresh"}) == "fresh"
+        assert not settings().derandomize
+        assert load_hypothesis_profile({}) == "fresh"
+    finally:
+        load_hypothesis_profile(os.environ)

@@ -4,7 +4,7 @@ garbage and oversize input."""
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from agent.proxy import header as H
 
@@ -31,19 +31,6 @@ def test_status_round_trips(status, reason):
 def test_status_reason_is_truncated_to_the_limit():
     reply = H.decode_status_body(H.encode_status_body(H.StatusReply(H.Status.DENIED, "x" * 1000)))
     assert reply.reason == "x" * H.MAX_REASON
-
-
-@settings(max_examples=2000)
-@given(st.binary(max_size=600))
-def test_garbage_is_rejected_or_decoded_never_crashes(data):
-    try:
-        H.decode_connect_body(data)
-    except H.PeerProtocolError:
-        pass
-    try:
-        H.decode_status_body(data)
-    except H.PeerProtocolError:
-        pass
 
 
 DEST = b"\x01\x07\x04" + bytes([10, 0, 0, 1]) + struct.pack("!H", 80)
