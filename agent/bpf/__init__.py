@@ -10,9 +10,12 @@ else starts its child process or imports bcc.
   - ``sources``: where the shipped C sources are, and the include flags every program compiles with;
   - ``kstub``: the kernel-header stub tree bcc compiles against;
   - ``libbpf``: the bpf(2) commands the agent issues itself, through libbpf.so.1 and ctypes;
-  - ``pins``: where pinned sets live in bpffs, how they are named, locked and removed;
-  - ``counters``: summing per-CPU reason counters (every reason or nothing);
-  - ``errors``: BpfLoadError, AttachError, BccMissing, LoaderFailed.
+  - ``pins``: where pinned sets live in bpffs, how they are named, locked, pruned and removed;
+  - ``pinned``: adopt a pinned set or have the child pin it (``adopt_or_pin``), and hold its fds
+    (``PinnedSet``); ``maps``: a map checked against its owner's layout;
+  - ``attach``: programs attached to a cgroup, found (and detached) by name;
+  - ``counters``: reading and summing per-CPU reason counters (every reason or nothing);
+  - ``errors``: BpfLoadError, AttachError, BccMissing, LoaderFailed, NotLoaded, MapLayoutMismatch.
 Only ``child`` and ``compile`` may import bcc, and only the child process imports them.
 
 Must not import agent.capture, agent.telemetry or anything above them: the layouts of a program's

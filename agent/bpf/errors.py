@@ -36,6 +36,14 @@ class BccMissing(EnvironmentProblem):
     """bcc cannot be imported (by the loader process: the agent itself never imports it)."""
 
 
+class NotLoaded(TcpmeshError):
+    """A method that needs the programs was called before they were loaded (or after close())."""
+
+
+class MapLayoutMismatch(TcpmeshError):
+    """A map does not have the key/value sizes of the owner's ABI mirror (bpf/ and agent/ of other versions)."""
+
+
 class LoaderFailed(TcpmeshError):
     """The loader process (python -m agent.bpf.loader) died or answered nonsense."""
 

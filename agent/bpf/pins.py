@@ -164,3 +164,14 @@ def locked(directory: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def prune(directory: Path, keep: Iterable[str], prefixes: tuple[str, ...]) -> list[str]:
+    """Remove every entry of ``directory`` whose name starts with one of ``prefixes`` and is not in
+    ``keep`` (older sets and maps directories of one owner). Returns what went."""
+    kept = set(keep)
+    removed: list[str] = []
+    for entry in entries(directory):
+        if entry.name not in kept and entry.name.startswith(prefixes):
+            removed += remove_tree(entry)
+    return removed

@@ -13,8 +13,7 @@ must stay importable without bcc.
 """
 
 from agent.capture.connect_mode import ConnectCapture
-from agent.bpf.errors import AttachError, BccMissing, BpfLoadError
-from agent.capture.errors import NotLoaded
+from agent.bpf.errors import AttachError, BccMissing, BpfLoadError, NotLoaded
 from agent.capture.origin import Origin, OriginFormatError, parse_origin, read_origin, read_original_dst
 
 __all__ = [

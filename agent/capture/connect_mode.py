@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from agent.bpf import pins, sources
+from agent.bpf import attach, pins, sources
+from agent.bpf.errors import AttachError, NotLoaded
 from agent.bpf.libbpf import Libbpf
+from agent.bpf.loader import DEFAULT_TIMEOUT, Loaded, LoadRequest, PinTo, Program
+from agent.bpf.pinned import adopt_or_pin
 from agent.capture import abi
 from agent.capture.cgroups import cgroup_target, read_mounts, walk
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
-from agent.bpf.errors import AttachError
-from agent.capture.errors import NotLoaded
-from agent.bpf.loader import DEFAULT_TIMEOUT, Loaded, LoadRequest, PinTo, Program, load
-from agent.capture.pinned import PinnedSet
+from agent.capture.pinned import ConnectSet
 from agent.errors import ConfigError
 
 
@@ -168,7 +168,7 @@ class ConnectCapture:
         self.max_connections = max_connections
         self.bpffs_dir = Path(os.path.abspath(bpffs_dir))
         self.loader_timeout = loader_timeout
-        self._set: PinnedSet | None = None
+        self._set: ConnectSet | None = None
         self._libbpf: Libbpf | None = None
         self._attached: set[tuple[str, str]] = set()  # (path, role)
         self.names: pins.SetNames | None = None
@@ -195,20 +195,16 @@ class ConnectCapture:
         pins.ensure_bpffs(str(self.bpffs_dir))
         names = self.pin_names()
         set_dir, maps_dir = self.bpffs_dir / names.set, self.bpffs_dir / names.maps
-        adopted = pins.complete(set_dir, PROGRAMS) and pins.complete(maps_dir, abi.MAPS)
-        if not adopted:
-            if pins.complete(set_dir, PROGRAMS):  # programs pinned, a map pin gone: never half-adopt
-                pins.remove_tree(set_dir)
-            source = self.source_dir / SOURCE_NAME
-            request = LoadRequest(
-                source=str(source), cflags=tuple(compile_flags(self.source_dir, self.redirect_ip, self.redirect_port,
-                                                               self.max_connections, maps_dir)),
-                state_dir=str(self.state_dir), programs=tuple(Program(h.program, h.prog_type, h.attach_type)
-                                                              for h in HOOKS),
-                pin_to=PinTo(str(self.bpffs_dir), names.set, names.maps))
-            self.loader_result = load(request, self.loader_timeout)
+        request = LoadRequest(
+            source=str(self.source_dir / SOURCE_NAME),
+            cflags=tuple(compile_flags(self.source_dir, self.redirect_ip, self.redirect_port, self.max_connections,
+                                       maps_dir)),
+            state_dir=str(self.state_dir), programs=tuple(Program(h.program, h.prog_type, h.attach_type) for h in HOOKS),
+            pin_to=PinTo(str(self.bpffs_dir), names.set, names.maps))
+        self.loader_result = adopt_or_pin(request, abi.MAPS, self.loader_timeout)
+        adopted = self.loader_result is None
         libbpf = self._libbpf or Libbpf()
-        pinned = PinnedSet.open(libbpf, set_dir, maps_dir, PROGRAMS)
+        pinned = ConnectSet.open_connect(libbpf, set_dir, maps_dir, PROGRAMS)
         try:
             pinned.write_cidrs(self._cidr_entries)
         except BaseException:
@@ -236,13 +232,8 @@ class ConnectCapture:
         """Unpin every other program set and maps directory under bpffs_dir (call after takeover)."""
         self._require_loaded()
         assert self.names is not None
-        keep = {self.names.set, self.names.maps}
-        removed: list[str] = []
-        for entry in pins.entries(self.bpffs_dir):
-            if entry.name not in keep and entry.name.startswith((pins.SET_PREFIX, pins.MAPS_PREFIX,
-                                                                 pins.STAGING_PREFIX)):
-                removed += pins.remove_tree(entry)
-        return removed
+        return pins.prune(self.bpffs_dir, {self.names.set, self.names.maps},
+                          (pins.SET_PREFIX, pins.MAPS_PREFIX, pins.STAGING_PREFIX))
 
     def __enter__(self) -> ConnectCapture:
         self.load()
@@ -408,7 +399,7 @@ class ConnectCapture:
         assert self._set is not None
         return self._set.counters()
 
-    def pinned(self) -> PinnedSet:
+    def pinned(self) -> ConnectSet:
         """The open pinned set (tests and `doctor`: map fds, program ids)."""
         self._require_loaded()
         assert self._set is not None
@@ -436,36 +427,11 @@ def detach_leftovers(cgroup_dir: str | os.PathLike) -> list[str]:
 
 def _named(libbpf: Libbpf, cgroup_fd: int, hook: Hook, path: str) -> list[int]:
     """Ids of the programs named ``hook.program`` attached to the cgroup for ``hook.attach_type``."""
-    found = []
-    for prog_id in libbpf.prog_query(cgroup_fd, hook.attach_type, path):
-        prog_fd = libbpf.prog_fd_by_id(prog_id)
-        if prog_fd is None:
-            continue
-        try:
-            if libbpf.prog_info(prog_fd)[1] == hook.program:
-                found.append(prog_id)
-        finally:
-            os.close(prog_fd)
-    return found
+    return attach.named(libbpf, cgroup_fd, hook.attach_type, hook.program, path)
 
 
 def _detach_named(libbpf: Libbpf, cgroup_fd: int, hook: Hook, path: str, keep_ids: Iterable[int]) -> list[str]:
-    removed = []
-    keep = frozenset(keep_ids)
-    for prog_id in libbpf.prog_query(cgroup_fd, hook.attach_type, path):
-        if prog_id in keep:
-            continue
-        prog_fd = libbpf.prog_fd_by_id(prog_id)
-        if prog_fd is None:
-            continue
-        try:
-            _, name = libbpf.prog_info(prog_fd)
-            if name == hook.program and libbpf.prog_detach(prog_fd, cgroup_fd, hook.attach_type,
-                                                           f"{name} on {path}"):
-                removed.append(f"{name} (id {prog_id}) on {path}")
-        finally:
-            os.close(prog_fd)
-    return removed
+    return attach.detach_named(libbpf, cgroup_fd, hook.attach_type, hook.program, path, keep_ids)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,7 @@
-"""A pinned program set opened by the agent: program fds and ids, map fds, counters and CIDR writes.
+"""The ebpf-connect program set as the agent holds it: a pinned set (agent.bpf.pinned) plus what its
+maps mean — reason counters, capture CIDRs, each pod's inbound mode and plaintext counts.
 
-``PinnedSet.open`` takes file descriptors for every program of the set directory and every map of
-the maps directory (bpf_obj_get), and checks each map's key and value size against the ctypes
-mirror (agent.capture.abi), so an agent never writes into a map of another layout. Imports no bcc.
+``ConnectSet.open`` checks each map against capture's ctypes mirror (agent.capture.abi). Imports no bcc.
 """
 
 from __future__ import annotations
@@ -13,92 +12,29 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from agent.capture import abi
-from agent.bpf.counters import sum_per_cpu
-from agent.bpf.errors import AttachError
-from agent.capture.errors import NotLoaded
+from agent.bpf import pins
+from agent.bpf.counters import read_reason_counters
 from agent.bpf.libbpf import Libbpf
-from agent.errors import TcpmeshError
+from agent.bpf.pinned import PinnedSet
+from agent.capture import abi
 
 COUNTERS = "tcpmesh_counters"
 CIDRS = "tcpmesh_capture_cidrs"
 INBOUND_MODE = "tcpmesh_inbound_mode"
 PLAINTEXT = "tcpmesh_plaintext"
+LAYOUTS = {name: (ctypes.sizeof(key), ctypes.sizeof(value)) for name, (key, value) in abi.MAPS.items()}
 
 
-class PinLayoutMismatch(TcpmeshError):
-    """A pinned map does not have the layout this agent's ABI mirror expects."""
-
-
-class PinnedSet:
-    def __init__(self, libbpf: Libbpf, set_dir: Path, maps_dir: Path, prog_fds: dict[str, int],
-                 prog_ids: dict[str, int], map_fds: dict[str, int]) -> None:
-        self.libbpf = libbpf
-        self.set_dir = set_dir
-        self.maps_dir = maps_dir
-        self._prog_fds = prog_fds
-        self.prog_ids = prog_ids
-        self._map_fds = map_fds
-
+class ConnectSet(PinnedSet):
     @classmethod
-    def open(cls, libbpf: Libbpf, set_dir: Path, maps_dir: Path, programs: Iterable[str]) -> "PinnedSet":
-        fds: list[int] = []
-        try:
-            prog_fds, prog_ids = {}, {}
-            for name in programs:
-                fd = libbpf.obj_get(str(set_dir / name))
-                fds.append(fd)
-                prog_ids[name], _ = libbpf.prog_info(fd)
-                prog_fds[name] = fd
-            map_fds = {}
-            for name, (key, value) in abi.MAPS.items():
-                path = str(maps_dir / name)
-                fd = libbpf.obj_get(path)
-                fds.append(fd)
-                _check_layout(libbpf.map_info(fd, path), path, ctypes.sizeof(key), ctypes.sizeof(value))
-                map_fds[name] = fd
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return cls(libbpf, set_dir, maps_dir, prog_fds, prog_ids, map_fds)
-
-    def prog_fd(self, name: str) -> int:
-        if not self._prog_fds:
-            raise NotLoaded("the pinned program set is closed")
-        return self._prog_fds[name]
-
-    def map_fd(self, name: str) -> int:
-        if not self._map_fds:
-            raise NotLoaded("the pinned program set is closed")
-        return self._map_fds[name]
-
-    @property
-    def own_ids(self) -> frozenset[int]:
-        return frozenset(self.prog_ids.values())
-
-    def close(self) -> None:
-        """Close our fds. The pins (and every attachment) stay: that is what keeps capture closed."""
-        for fd in list(self._prog_fds.values()) + list(self._map_fds.values()):
-            os.close(fd)
-        self._prog_fds = {}
-        self._map_fds = {}
+    def open_connect(cls, libbpf: Libbpf, set_dir: Path, maps_dir: Path, programs: Iterable[str]) -> ConnectSet:
+        return cls.open(libbpf, set_dir, maps_dir, programs, LAYOUTS)
 
     # ---- maps ------------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
         """{reason: total over CPUs}; empty when any reason could not be read (a partial read)."""
-        fd = self.map_fd(COUNTERS)
-        cpus = self.libbpf.possible_cpus()
-        per_reason: dict[int, list[int] | None] = {}
-        for code in range(abi.REASON_MAX):
-            try:
-                raw = self.libbpf.map_lookup(fd, bytes(ctypes.c_int(code)), cpus * 8, COUNTERS)
-            except AttachError:
-                raw = None
-            per_reason[code] = None if raw is None else \
-                [int.from_bytes(raw[i * 8:(i + 1) * 8], sys.byteorder) for i in range(cpus)]
-        return sum_per_cpu(per_reason, abi.REASONS) or {}
+        return read_reason_counters(self.libbpf, self.map_fd(COUNTERS), abi.REASONS, COUNTERS) or {}
 
     def write_cidrs(self, entries: dict[tuple[int, int], int]) -> None:
         """Make the LPM trie hold exactly ``entries``: new entries go in before stale ones come out."""
@@ -148,18 +84,9 @@ class PinnedSet:
         return out
 
 
-def _check_layout(info, path: str, key_size: int, value_size: int) -> None:
-    if (info.key_size, info.value_size) != (key_size, value_size):
-        raise PinLayoutMismatch(f"pinned map {path} has key/value sizes {info.key_size}/{info.value_size}, this agent "
-                                f"expects {key_size}/{value_size}: it was made by another tcpmesh version; run "
-                                "`tcpmesh cleanup` (stop the agent first) and start again")
-
-
 def read_counters(bpffs_dir: str | os.PathLike, libbpf: Libbpf | None = None) -> dict[str, int]:
     """The reason counters of the maps pinned under ``bpffs_dir`` (for `doctor` and tests), summed over
     every maps directory there (normally one). {} when nothing is pinned."""
-    from agent.bpf import pins
-
     libbpf = libbpf or Libbpf()
     totals: dict[str, int] = {}
     for maps_dir in pins.entries(Path(bpffs_dir)):
@@ -167,7 +94,7 @@ def read_counters(bpffs_dir: str | os.PathLike, libbpf: Libbpf | None = None) ->
             continue
         fd = libbpf.obj_get(str(maps_dir / COUNTERS))
         try:
-            one = PinnedSet(libbpf, Path(), maps_dir, {}, {}, {COUNTERS: fd}).counters()
+            one = read_reason_counters(libbpf, fd, abi.REASONS, COUNTERS) or {}
         finally:
             os.close(fd)
         for name, value in one.items():

@@ -25,7 +25,6 @@ import ctypes
 import errno
 import ipaddress
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,12 +32,13 @@ from typing import Sequence
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.bpf import sources
-from agent.bpf.counters import sum_per_cpu
+from agent.bpf.counters import read_reason_counters
+from agent.bpf.errors import NotLoaded
 from agent.bpf.libbpf import Libbpf
 from agent.bpf.loader import Loaded, LoadRequest, Program, load
+from agent.bpf.maps import check_layout
 from agent.capture import abi, steering
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
-from agent.capture.errors import NotLoaded
 from agent.capture.interface import ListenerRequirements
 from agent.capture.netns import describe, ipr, netlink_call
 from agent.capture.origin import Origin
@@ -57,6 +57,7 @@ ETH_P_IP = 0x0800
 PROG_SCHED_CLS = 3                 # BPF_PROG_TYPE_SCHED_CLS
 CIDRS_MAP = "tcpmesh_tc_cidrs"
 COUNTERS_MAP = "tcpmesh_tc_counters"
+MAP_LAYOUTS = {CIDRS_MAP: (abi.CidrKey, abi.CidrValue), COUNTERS_MAP: (ctypes.c_int, ctypes.c_uint64)}
 DEFAULT_MAX_CONNECTIONS = 65536
 
 
@@ -116,8 +117,8 @@ class TcCapture:
         loaded = load(request)
         try:
             self._libbpf = Libbpf()
-            _check_map(self._libbpf, loaded.maps[CIDRS_MAP], CIDRS_MAP, abi.CidrKey, abi.CidrValue)
-            _check_map(self._libbpf, loaded.maps[COUNTERS_MAP], COUNTERS_MAP, ctypes.c_int, ctypes.c_uint64)
+            for name, (key, value) in MAP_LAYOUTS.items():
+                check_layout(self._libbpf, loaded.maps[name], name, ctypes.sizeof(key), ctypes.sizeof(value))
             self._loaded = loaded
             self.refresh_local_addresses()
             steering.ensure(self.netns)
@@ -169,16 +170,7 @@ class TcCapture:
         """{reason: total over CPUs}; empty on a partial read or before start()."""
         if self._loaded is None:
             return {}
-        fd, cpus = self._loaded.maps[COUNTERS_MAP], self._libbpf.possible_cpus()
-        per_reason: dict[int, list[int] | None] = {}
-        for code in range(abi.TC_REASON_MAX):
-            try:
-                raw = self._libbpf.map_lookup(fd, bytes(ctypes.c_int(code)), 8 * cpus, COUNTERS_MAP)
-            except KernelError:
-                raw = None
-            per_reason[code] = None if raw is None else \
-                [int.from_bytes(raw[i * 8:i * 8 + 8], sys.byteorder) for i in range(cpus)]
-        return sum_per_cpu(per_reason, abi.TC_REASONS) or {}
+        return read_reason_counters(self._libbpf, self._loaded.maps[COUNTERS_MAP], abi.TC_REASONS, COUNTERS_MAP) or {}
 
     # ---- more ----------------------------------------------------------------------------------
 
@@ -218,14 +210,6 @@ class TcCapture:
     def _require_started(self) -> None:
         if self._loaded is None:
             raise NotLoaded("TcCapture.start() has not run (or stop() already did)")
-
-
-def _check_map(libbpf: Libbpf, fd: int, name: str, key, value) -> None:
-    """The loaded map has the layout of the ctypes mirror (never write into another layout)."""
-    info = libbpf.map_info(fd, name)
-    if (info.key_size, info.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
-        raise NotLoaded(f"map {name} has key/value sizes {info.key_size}/{info.value_size}, the agent's mirror "
-                        f"{ctypes.sizeof(key)}/{ctypes.sizeof(value)}: bpf/ and agent/ are from different versions")
 
 
 # ---- tc objects, found by name (no bcc needed) ----------------------------------------------------

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.bpf import pins
-from agent.capture.cgroups import walk
 from agent.bpf.errors import AttachError
 from agent.bpf.libbpf import Libbpf
+from agent.capture.cgroups import walk
 from agent.config import Config
 
 PROGRAM_PREFIX = "tcpmesh"

@@ -4,17 +4,20 @@ Each probe is a small function returning a ``Probe`` (result, detail, exact erro
 need a network namespace make their own throwaway one (``tcpmesh-probe-<pid>-<random>``) and
 remove it; nothing is attached to the root cgroup or to any interface or netfilter table of the
 caller's namespace. BPF programs are only loaded, never attached, except one trivial tc filter on
-the throwaway namespace's loopback. Imports bcc only inside ``probe_bcc``; ``probe_programs`` compiles and
-loads in the BPF loader's child process (agent.bpf.loader).
+the throwaway namespace's loopback. Never imports bcc (the agent runs these probes for ``capture.mode:
+auto``): ``probe_programs`` compiles and loads in the BPF loader's child process (agent.bpf.loader).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import datetime
+import importlib.util
 import os
 import platform
+import re
 import tempfile
 import time
 import uuid
@@ -184,11 +187,26 @@ def probe_bpffs(filesystems: str = "/proc/filesystems") -> Probe:
 # ---- bcc and program loads ------------------------------------------------------------------------
 
 def probe_bcc() -> Probe:
+    """bcc is installed where the BPF loader's child imports it: its Python package and libbcc.so.0.
+
+    Found, not imported — ``import bcc`` maps libLLVM (~74 MB) into the process that asks, and the
+    agent asks this for ``capture.mode: auto``. ``probe_programs`` then imports it for real, in the child.
+    """
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or spec.origin is None:
+        return fail("no Python package bcc for this interpreter: install python3-bpfcc and link it into the venv "
+                    "(`make setup`)")
+    if ctypes.util.find_library("bcc") is None:
+        return fail("libbcc.so.0 is not installed (python3-bpfcc needs it): install libbpfcc")
+    found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", _read(Path(spec.origin).with_name("version.py")))
+    return ok(f"bcc {found.group(1) if found else '?'} at {Path(spec.origin).parent}")
+
+
+def _read(path: Path) -> str:
     try:
-        import bcc
-    except Exception as exc:  # ImportError, or OSError when libbcc.so is missing
-        return fail(f"import bcc: {exc}; install python3-bpfcc and link it into the venv (`make setup`)")
-    return ok(f"bcc {getattr(bcc, '__version__', '?')}")
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def probe_programs(state_dir: str | None, wanted: set[str]) -> dict[str, Probe]:

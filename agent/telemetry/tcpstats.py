@@ -33,11 +33,12 @@ from typing import Any, Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from agent.bpf import pins, sources
+from agent.bpf import attach, pins, sources
+from agent.bpf.counters import read_reason_counters
 from agent.bpf.errors import AttachError
 from agent.bpf.libbpf import Libbpf
-from agent.bpf.loader import DEFAULT_TIMEOUT, LoadRequest, PinTo, Program, load
-from agent.errors import TcpmeshError
+from agent.bpf.loader import DEFAULT_TIMEOUT, LoadRequest, PinTo, Program
+from agent.bpf.pinned import PinnedSet, adopt_or_pin
 from agent.connection.flow import REPORTER_SOURCE, SECURITY_MTLS, UNKNOWN, Flow
 from agent.telemetry import tcpstats_abi as abi
 
@@ -59,6 +60,7 @@ LEG_APP, LEG_TUNNEL = "app", "tunnel"
 STATS_LABELS = ("reporter", "leg", "source_workload", "source_workload_namespace", "source_principal",
                 "destination_workload", "destination_workload_namespace", "destination_principal")
 SOCKS, PAIRS, COUNTERS = "tcpmesh_stats_socks", "tcpmesh_stats_pairs", "tcpmesh_stats_counters"
+REASON_NAMES = tuple(abi.REASONS[code] for code in range(len(abi.REASONS)))  # in code order
 
 
 def bpf_dir() -> Path:
@@ -112,6 +114,7 @@ class KernelTcpStats:
         self.loader_timeout = loader_timeout
         self.libbpf = libbpf
         self.compiled = False
+        self._set: PinnedSet | None = None
         self._prog_fd: int | None = None
         self._prog_id = 0
         self._maps: dict[str, int] = {}
@@ -129,32 +132,23 @@ class KernelTcpStats:
         pins.ensure_bpffs(str(self.bpffs_dir))
         maps_name, set_name = pin_names(self.source_dir, self.slots, self.sockets)
         set_dir, maps_dir = self.bpffs_dir / set_name, self.bpffs_dir / maps_name
-        if not (pins.complete(set_dir, [PROGRAM]) and pins.complete(maps_dir, abi.MAPS)):
-            if pins.complete(set_dir, [PROGRAM]):
-                pins.remove_tree(set_dir)  # a map pin went missing: never half-adopt
-            flags = (f"-I{self.source_dir}", f"-DTCPMESH_STATS_SLOTS={self.slots}",
-                     f"-DTCPMESH_STATS_SOCKETS={self.sockets}", f'-DTCPMESH_MAPS_DIR="{maps_dir}"')
-            load(LoadRequest(source=str(self.source_dir / SOURCE_NAME), cflags=flags, state_dir=str(self.state_dir),
-                             programs=(Program(PROGRAM, PROG_SOCK_OPS, ATTACH_SOCK_OPS),),
-                             pin_to=PinTo(str(self.bpffs_dir), set_name, maps_name)), self.loader_timeout)
-            self.compiled = True
+        flags = (f"-I{self.source_dir}", f"-DTCPMESH_STATS_SLOTS={self.slots}",
+                 f"-DTCPMESH_STATS_SOCKETS={self.sockets}", f'-DTCPMESH_MAPS_DIR="{maps_dir}"')
+        request = LoadRequest(source=str(self.source_dir / SOURCE_NAME), cflags=flags, state_dir=str(self.state_dir),
+                              programs=(Program(PROGRAM, PROG_SOCK_OPS, ATTACH_SOCK_OPS),),
+                              pin_to=PinTo(str(self.bpffs_dir), set_name, maps_name))
+        self.compiled = adopt_or_pin(request, abi.MAPS, self.loader_timeout) is not None
         libbpf = self.libbpf = self.libbpf or Libbpf()
+        self._set = PinnedSet.open(libbpf, set_dir, maps_dir, [PROGRAM], abi.MAPS)
         try:
-            self._prog_fd = libbpf.obj_get(str(set_dir / PROGRAM))
-            self._prog_id, _ = libbpf.prog_info(self._prog_fd)
-            for name, (key_size, value_size) in abi.MAPS.items():
-                path = str(maps_dir / name)
-                fd = self._maps[name] = libbpf.obj_get(path)
-                info = libbpf.map_info(fd, path)
-                if (info.key_size, info.value_size) != (key_size, value_size):
-                    raise TcpmeshError(f"pinned map {path} has key/value sizes {info.key_size}/{info.value_size}, "
-                                       f"this agent expects {key_size}/{value_size}: run `tcpmesh cleanup`")
+            self._prog_fd, self._prog_id = self._set.prog_fd(PROGRAM), self._set.prog_ids[PROGRAM]
+            self._maps = {name: self._set.map_fd(name) for name in abi.MAPS}  # a plain dict: the data path reads it
             self._cpus = libbpf.possible_cpus()
             self._attach()
         except BaseException:
             self.close()
             raise
-        self._prune_pins({set_name, maps_name})
+        pins.prune(self.bpffs_dir, {set_name, maps_name}, (PIN_PREFIX,))
 
     def _attach(self) -> None:
         assert self.libbpf is not None and self._prog_fd is not None
@@ -162,24 +156,9 @@ class KernelTcpStats:
         try:
             self.libbpf.prog_attach(self._prog_fd, fd, ATTACH_SOCK_OPS, BPF_F_ALLOW_MULTI, f"{PROGRAM} on {self.cgroup}")
             self._attached = True
-            for prog_id in self.libbpf.prog_query(fd, ATTACH_SOCK_OPS, self.cgroup):  # older versions of ours
-                if prog_id == self._prog_id:
-                    continue
-                other = self.libbpf.prog_fd_by_id(prog_id)
-                if other is None:
-                    continue
-                try:
-                    if self.libbpf.prog_info(other)[1] == PROGRAM:
-                        self.libbpf.prog_detach(other, fd, ATTACH_SOCK_OPS, f"old {PROGRAM} on {self.cgroup}")
-                finally:
-                    os.close(other)
+            attach.detach_named(self.libbpf, fd, ATTACH_SOCK_OPS, PROGRAM, self.cgroup, keep_ids=(self._prog_id,))
         finally:
             os.close(fd)
-
-    def _prune_pins(self, keep: set[str]) -> None:
-        for entry in pins.entries(self.bpffs_dir):
-            if entry.name.startswith(PIN_PREFIX) and entry.name not in keep:
-                pins.remove_tree(entry)
 
     def close(self) -> None:
         """Detach from the proxy's cgroup and close our fds; the pins stay. Idempotent."""
@@ -193,9 +172,9 @@ class KernelTcpStats:
             except (OSError, AttachError) as exc:
                 log.warning("kernel TCP stats: could not detach from %s: %s", self.cgroup, exc)
             self._attached = False
-        for fd in ([self._prog_fd] if self._prog_fd is not None else []) + list(self._maps.values()):
-            os.close(fd)
-        self._prog_fd, self._maps = None, {}
+        if self._set is not None:
+            self._set.close()
+        self._set, self._prog_fd, self._maps = None, None, {}
 
     @property
     def loaded(self) -> bool:
@@ -312,17 +291,7 @@ class KernelTcpStats:
         maps = self._maps
         if not maps:
             return {}
-        out = {}
-        for code, name in abi.REASONS.items():
-            try:
-                raw = self.libbpf.map_lookup(maps[COUNTERS], code.to_bytes(4, sys.byteorder, signed=True),
-                                             8 * self._cpus, COUNTERS)  # type: ignore[union-attr]
-            except AttachError:
-                return None
-            if raw is None:
-                return None
-            out[name] = sum(int.from_bytes(raw[i * 8:(i + 1) * 8], sys.byteorder) for i in range(self._cpus))
-        return out
+        return read_reason_counters(self.libbpf, maps[COUNTERS], REASON_NAMES, COUNTERS)  # type: ignore[arg-type]
 
     def collect(self):
         series = self.read()

@@ -84,6 +84,9 @@ class FakeLibbpf:
         self.cpus = cpus
         self.maps: dict[int, dict[bytes, bytes]] = {1: {}, 2: {}, 3: {}}
 
+    def possible_cpus(self):
+        return self.cpus
+
     def map_update(self, fd, key, value, target):
         self.maps[fd][key] = value
 
