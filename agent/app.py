@@ -156,6 +156,7 @@ class Agent:
                            handshake_timeout=config.proxy.handshake_timeout_seconds,
                            tunnel_timeout=config.proxy.tunnel_timeout_seconds,
                            inbound_idle_timeout=config.proxy.inbound_tunnel_idle_seconds,
+                           revoked_grace=config.proxy.revoked_tunnel_grace_seconds,
                            limits=self._connection_limits(), handshakes=self._handshake_limits())
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,

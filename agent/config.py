@@ -41,6 +41,7 @@ INBOUND_IDLE_MARGIN_SECONDS = 10.0  # over tunnel_idle_seconds: the outbound poo
 DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS = 3600.0  # Envoy's tcp_proxy default
 DEFAULT_MAX_CONNECTIONS = 32768
 DEFAULT_MAX_CONNECTIONS_PER_IDENTITY = 16384
+DEFAULT_REVOKED_TUNNEL_GRACE_SECONDS = 600.0
 DEFAULT_MAX_HANDSHAKES = 2048  # unauthenticated TLS handshakes on the inbound port, at once
 DEFAULT_MAX_HANDSHAKES_PER_SOURCE = 256  # the same, per source address
 DEFAULT_REGISTRY_POLL_SECONDS = 2.0
@@ -133,6 +134,10 @@ class ProxyConfig:
     # An inbound tunnel that carried no stream this long is closed (GOAWAY); above tunnel_idle_seconds,
     # so the dialling side always closes an idle tunnel first.
     inbound_tunnel_idle_seconds: float = DEFAULT_INBOUND_TUNNEL_IDLE_SECONDS
+    # Inbound: once a tunnel's client chain expired or its root left the trust bundle, new streams are
+    # refused (IDENTITY_ERROR) and the tunnel closes when its last stream ends — or this long after,
+    # resetting the streams still open. 0: at once.
+    revoked_tunnel_grace_seconds: float = DEFAULT_REVOKED_TUNNEL_GRACE_SECONDS
     # A connection that moved no byte either way this long is reset on both sides (flag SI). 0: never.
     stream_idle_timeout_seconds: float = DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS
     # Concurrent connections per side (outbound: from local pods; inbound: streams from other nodes),
@@ -364,6 +369,9 @@ def _deadlines_and_caps(proxy: ProxyConfig) -> None:
                           f"({proxy.tunnel_idle_seconds + INBOUND_IDLE_MARGIN_SECONDS:g}), or the receiving side "
                           "may close a tunnel the dialling side is about to use",
                           f"for example {2 * proxy.tunnel_idle_seconds:g}")
+    if proxy.revoked_tunnel_grace_seconds < 0:
+        raise ConfigError("proxy.revoked_tunnel_grace_seconds", proxy.revoked_tunnel_grace_seconds,
+                          "must not be negative", "use 0 to close such tunnels at once")
     if proxy.stream_idle_timeout_seconds < 0:
         raise ConfigError("proxy.stream_idle_timeout_seconds", proxy.stream_idle_timeout_seconds,
                           "must not be negative", "use 0 to never reset idle connections")

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence
 from agent.identity.errors import IdentityError, PeerIdentityError, SvidError, UnknownIdentityError
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import MIN_TTL_SECONDS, Svid, needs_renewal
-from agent.identity.tls import SniServerContexts, client_context, peer_spiffe_id, server_context
+from agent.identity.tls import SniServerContexts, client_context, peer_spiffe_id, server_context, trust_anchors
 
 ISSUED_FIRST = "first"
 ISSUED_RENEWAL = "renewal"
@@ -104,6 +104,7 @@ class IdentityStore:
         self._lock = threading.Lock()
         self._entries: Mapping[SpiffeId, _Entry] = {}
         self._front = SniServerContexts(trust_bundle_pem)
+        self._anchors: tuple[str | bytes, frozenset[str]] | None = None
 
     def ensure(self, spiffe_ids: Iterable[SpiffeId]) -> Plan:
         """Make the local identities exactly ``spiffe_ids``; return what changed.
@@ -196,6 +197,15 @@ class IdentityStore:
     @property
     def trust_bundle_pem(self) -> str | bytes:
         return self._bundle
+
+    @property
+    def trust_anchors(self) -> frozenset[str]:
+        """Fingerprints of the bundle's certificates (agent.identity.tls.trust_anchors), cached per bundle."""
+        bundle = self._bundle
+        cached = self._anchors
+        if cached is None or cached[0] is not bundle:
+            cached = self._anchors = (bundle, trust_anchors(bundle))
+        return cached[1]
 
     def svids(self) -> Mapping[SpiffeId, Svid]:
         """The current SVID of every local identity (a copy of the snapshot; public material only)."""

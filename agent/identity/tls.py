@@ -14,7 +14,9 @@ Owns no sockets. Builds contexts; the proxies use them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import secrets
 import ssl
 import weakref
@@ -27,13 +29,15 @@ from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import Svid
 
 ALPN = "tcpmesh/2"  # docs/protocol.md; tcpmesh/1 (one tunnel per connection) was retired before release
-KEY_EXCHANGE_GROUP = "X25519"  # TLS 1.3 (EC)DHE group: ECDHE only, never finite-field DH (docs/security.md)
 KEY_FILE_MODE = 0o600
 
 __all__ = [
     "ALPN", "PeerIdentityError", "PeerProtocolError", "SniServerContexts", "TlsSetupError", "check_alpn",
-    "check_peer", "client_context", "describe_tls_error", "peer_not_after", "peer_spiffe_id", "server_context",
+    "check_peer", "client_context", "describe_tls_error", "peer_credential", "peer_not_after", "peer_spiffe_id",
+    "server_context", "trust_anchors",
 ]
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+_DER = 2  # _ssl.ENCODING_DER, for Certificate.public_bytes
 
 
 def client_context(svid: Svid, trust_bundle_pem: str | bytes, *, key_dir: str | Path | None = None) -> ssl.SSLContext:
@@ -124,6 +128,26 @@ def peer_not_after(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> float:
     return ssl.cert_time_to_seconds(cert["notAfter"])
 
 
+def peer_credential(ssl_object: ssl.SSLObject) -> peer.PeerCredential:
+    """The verified chain of an established connection, reduced to when it stops being valid and the
+    root it led to (``peer.PeerCredential``). Uses the verified chain OpenSSL built at the handshake."""
+    chain = ssl_object._sslobj.get_verified_chain()  # public as SSLObject.get_verified_chain from Python 3.13
+    if not chain:
+        raise PeerIdentityError("peer certificate was not verified; use a context from agent.identity.tls")
+    not_after = min(ssl.cert_time_to_seconds(cert.get_info()["notAfter"]) for cert in chain)
+    return peer.PeerCredential(not_after, _fingerprint(chain[-1].public_bytes(_DER)))
+
+
+def trust_anchors(trust_bundle_pem: str | bytes) -> frozenset[str]:
+    """The fingerprints of every certificate in a PEM trust bundle, as agent.identity.bundle names roots."""
+    text = trust_bundle_pem.decode() if isinstance(trust_bundle_pem, bytes) else trust_bundle_pem
+    return frozenset(_fingerprint(ssl.PEM_cert_to_DER_cert(block)) for block in _PEM_CERT.findall(text))
+
+
+def _fingerprint(der: bytes) -> str:
+    return "sha256:" + hashlib.sha256(der).hexdigest()  # the form of agent.identity.bundle.fingerprint
+
+
 def check_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: SpiffeId) -> SpiffeId:
     """The peer's SPIFFE ID if it is ``expected``; ``PeerIdentityError`` naming both otherwise."""
     return peer.check_expected(peer_spiffe_id(ssl_object), expected)
@@ -195,11 +219,6 @@ def _harden(ctx: ssl.SSLContext, trust_bundle_pem: str | bytes) -> None:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION
-    # Key exchange on an elliptic curve only: OpenSSL 3 also offers and accepts the finite-field
-    # groups (ffdhe2048 ...) in TLS 1.3. With OpenSSL 3, set_ecdh_curve sets the group list to this
-    # one curve (Python 3.11's ssl has no call for several); X25519 is every OpenSSL client's first
-    # key share, so no extra round trip.
-    ctx.set_ecdh_curve(KEY_EXCHANGE_GROUP)
     ctx.set_alpn_protocols([ALPN])
     bundle = trust_bundle_pem.decode("ascii") if isinstance(trust_bundle_pem, bytes) else trust_bundle_pem
     try:

@@ -7,7 +7,9 @@
   Kernel-level on purpose: no frame type is added to tcpmesh/2, and both ends protect themselves.
 - ``enforce_tunnel_deadlines``: an inbound tunnel must send a complete OPEN within
   ``proxy.handshake_timeout_seconds`` of its TCP accept, and is closed (GOAWAY) once it has
-  carried no stream for ``proxy.inbound_tunnel_idle_seconds``.
+  carried no stream for ``proxy.inbound_tunnel_idle_seconds``; once the credential it was opened
+  with no longer holds (``revoked``: an expired client chain, a root gone from the bundle) it is
+  closed when its last stream ends, and at the latest ``proxy.revoked_tunnel_grace_seconds`` later.
 - ``sweep_idle_relays``: a connection that moved no byte either way for
   ``proxy.stream_idle_timeout_seconds`` is reset on both sides (``response_flags="SI"``).
 
@@ -59,17 +61,34 @@ def tune_tunnel_socket(sock, timeout: float) -> bool:
 
 
 async def enforce_tunnel_deadlines(session, open_timeout: float, idle_timeout: float, started: float,
-                                   clock: Callable[[], float] = time.monotonic) -> str | None:
+                                   clock: Callable[[], float] = time.monotonic, *,
+                                   revoked: Callable[[], str | None] | None = None, grace: float = 0.0,
+                                   on_revoked: Callable[[str], None] | None = None) -> str | None:
     """Watch an inbound ``MuxSession`` until it closes. Returns None when it closed on its own, or
-    ``"open"`` / ``"idle"`` after closing it because no OPEN came in time or it stayed unused."""
+    ``"open"`` / ``"idle"`` after closing it because no OPEN came in time or it stayed unused, or
+    ``"revoked"`` (its last stream ended) / ``"revoked_grace"`` (``grace`` ran out with streams open)
+    once ``revoked()`` named a reason — reported once to ``on_revoked``."""
     seen = session.opened_streams
     idle_since = clock()
+    revoked_since: float | None = None
     step = min(MAX_POLL_SECONDS, open_timeout, idle_timeout or MAX_POLL_SECONDS)
     while not session.closed.done():
         await asyncio.wait([session.closed], timeout=step)
         if session.closed.done():
             return None
         now = clock()
+        if revoked is not None and revoked_since is None:
+            reason = revoked()
+            if reason is not None:
+                revoked_since = now
+                if on_revoked is not None:
+                    on_revoked(reason)
+        if revoked_since is not None:
+            if not session.streams:
+                return "revoked"
+            if now - revoked_since >= grace:
+                return "revoked_grace"
+            continue
         if session.opened_streams == 0:
             if now - started >= open_timeout:
                 return "open"

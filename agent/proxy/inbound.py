@@ -17,7 +17,8 @@ import time
 from agent.identity.errors import PeerIdentityError
 from agent.identity.errors import PeerProtocolError as AlpnMismatch
 from agent.identity.spiffe import SpiffeId
-from agent.identity.tls import check_alpn, describe_tls_error
+from agent.identity.peer import PeerCredential
+from agent.identity.tls import check_alpn, describe_tls_error, peer_credential
 from agent.policy.engine import Request
 from agent.connection import flow as F
 from agent.proxy import mux as M
@@ -56,22 +57,26 @@ class InboundProxy:
         setup = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS)  # recorded only if the tunnel fails
         started = time.monotonic()
         try:
-            peer_id = await self._accept_tunnel(tunnel, setup)
+            accepted = await self._accept_tunnel(tunnel, setup)
         finally:
             if self._ctx.handshakes is not None:
                 self._ctx.handshakes.release(source)
-        if peer_id is None:
+        if accepted is None:
             tunnel.close()
             self._ctx.flow_closed(setup)
             return
+        peer_id, credential = accepted
         session = MuxSession(
             tunnel, client=False,
-            on_open=lambda stream, request: self._ctx.spawn(self._serve_stream(stream, request, peer_id, setup)),
+            on_open=lambda stream, request: self._ctx.spawn(
+                self._serve_stream(stream, request, peer_id, setup, credential)),
             on_bad_open=lambda stream, reason: self._bad_open(stream, reason, setup))
         session.start()
         tune_tunnel_socket(tunnel.socket(), self._ctx.tunnel_timeout)
-        expired = await enforce_tunnel_deadlines(session, self._ctx.handshake_timeout,
-                                                 self._ctx.inbound_idle_timeout, started)
+        expired = await enforce_tunnel_deadlines(
+            session, self._ctx.handshake_timeout, self._ctx.inbound_idle_timeout, started,
+            revoked=lambda: self._revoked(credential), grace=self._ctx.revoked_grace,
+            on_revoked=lambda reason: self._going_away(session, setup, reason))
         if expired is not None:
             self._close_expired(session, setup, expired)
             return
@@ -80,8 +85,9 @@ class InboundProxy:
             setup.fail(F.FLAG_PROTOCOL_ERROR, reason)
             self._ctx.flow_closed(setup)
 
-    async def _accept_tunnel(self, tunnel: TlsLeg, flow: F.Flow) -> SpiffeId | None:
-        """Handshake and identify the peer; None (with the reason on ``flow``) when refused."""
+    async def _accept_tunnel(self, tunnel: TlsLeg, flow: F.Flow) -> tuple[SpiffeId, PeerCredential] | None:
+        """Handshake and identify the peer (and what its chain proved, for later checks); None (with the
+        reason on ``flow``) when refused."""
         peer = tunnel.peername() or ("", 0)
         flow.source_ip, flow.source_port = peer[0], peer[1]  # known before the handshake: rejections name it
         try:
@@ -89,6 +95,7 @@ class InboundProxy:
             assert tunnel.ssl_object is not None
             check_alpn(tunnel.ssl_object)
             peer_id = self._ctx.identities.peer_identity(tunnel.ssl_object)  # verified, of our trust domain
+            credential = peer_credential(tunnel.ssl_object)
         except asyncio.TimeoutError:
             flow.fail(F.FLAG_HANDSHAKE_TIMEOUT, f"tunnel did not complete its TLS handshake within "
                                                 f"{self._ctx.handshake_timeout:g}s (proxy.handshake_timeout_seconds)")
@@ -105,14 +112,15 @@ class InboundProxy:
             flow.set_source(None, peer_id.uri)
             if not flow.source_ip:  # the tunnel task may start before its transport is connected
                 flow.source_ip, flow.source_port = tunnel.peername() or ("", 0)
-            return peer_id
+            return peer_id, credential
         if not flow.source_ip:  # the tunnel task may start before its transport is connected
             peer = tunnel.peername() or ("", 0)
             flow.source_ip, flow.source_port = peer[0], peer[1]
         log.warning("inbound tunnel from %s rejected: %s", flow.source_ip or "?", flow.detail)
         return None
 
-    async def _serve_stream(self, stream: Stream, request: ConnectRequest, peer_id: SpiffeId, setup: F.Flow) -> None:
+    async def _serve_stream(self, stream: Stream, request: ConnectRequest, peer_id: SpiffeId, setup: F.Flow,
+                            credential: PeerCredential) -> None:
         flow = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS, flow_id=request.flow_id.hex())
         flow.set_source(None, peer_id.uri)
         flow.source_ip, flow.source_port = setup.source_ip, setup.source_port
@@ -125,6 +133,12 @@ class InboundProxy:
         limits = self._ctx.limits.get(F.REPORTER_DESTINATION)
         counted = False
         try:
+            revoked = self._revoked(credential)
+            if revoked is not None:  # TLS checked the chain once, at the handshake: every OPEN checks it again
+                self._refuse(stream, flow, Status.DENIED, F.FLAG_IDENTITY_ERROR, revoked)
+                stream.reset(revoked)  # after its STATUS: a refused stream must not keep the tunnel alive
+                self._going_away(stream.session, setup, revoked)
+                return
             if limits is not None:
                 hit = limits.try_acquire(peer_id.uri)
                 if hit is not None:
@@ -151,12 +165,34 @@ class InboundProxy:
             if opened or flow.response_flags != F.FLAG_NONE:
                 self._ctx.flow_closed(flow)
 
+    def _revoked(self, credential: PeerCredential) -> str | None:
+        """Why the tunnel's credential no longer holds (expired chain, root gone from the bundle), or None."""
+        return credential.problem(time.time(), self._ctx.identities.trust_anchors)
+
+    def _going_away(self, session: MuxSession, setup: F.Flow, reason: str) -> None:
+        """Once per tunnel: tell the client (GOAWAY: no new streams here) and the operator. The tunnel
+        closes when its last stream ends, or after proxy.revoked_tunnel_grace_seconds."""
+        if session.goaway_sent:
+            return
+        session.goaway_sent = True
+        session.send(M.encode(M.FrameType.GOAWAY, 0, reason.encode()[:M.MAX_CONTROL_PAYLOAD]))
+        log.warning("inbound tunnel from %s (%s) takes no new streams: %s; it closes when its %d stream(s) end, "
+                    "at the latest in %gs (proxy.revoked_tunnel_grace_seconds)", setup.source_ip or "?",
+                    setup.source_principal, reason, len(session.streams), self._ctx.revoked_grace)
+
     def _close_expired(self, session: MuxSession, setup: F.Flow, expired: str) -> None:
         """A deadline of agent.proxy.deadlines ended the tunnel: GOAWAY, close; a missing OPEN is recorded."""
         if expired == "open":
             reason = (f"no complete OPEN within {self._ctx.handshake_timeout:g}s of the connection "
                       "(proxy.handshake_timeout_seconds)")
             setup.fail(F.FLAG_OPEN_TIMEOUT, reason)
+            log.warning("inbound tunnel from %s (%s) closed: %s", setup.source_ip or "?", setup.source_principal,
+                        reason)
+        elif expired == "revoked":
+            reason = "its credential no longer holds and its last stream ended"
+        elif expired == "revoked_grace":
+            reason = (f"its credential no longer holds and proxy.revoked_tunnel_grace_seconds "
+                      f"({self._ctx.revoked_grace:g}s) ran out: open streams are reset")
             log.warning("inbound tunnel from %s (%s) closed: %s", setup.source_ip or "?", setup.source_principal,
                         reason)
         else:

@@ -71,6 +71,7 @@ class ProxyContext:
     tunnel_timeout: float = 0.0  # a tunnel's peer silent this long is lost (keepalive, TCP_USER_TIMEOUT); 0: kernel's
     inbound_idle_timeout: float = 0.0  # an inbound tunnel with no stream this long is closed; 0: never
     limits: dict[str, ConnectionLimits] = field(default_factory=dict)  # reporter → caps; absent: unlimited
+    revoked_grace: float = 600.0  # inbound: open streams' time on a tunnel whose credential no longer holds
     handshakes: ConnectionLimits | None = None  # inbound: unauthenticated handshakes by source address; None: no cap
 
     def __post_init__(self) -> None:

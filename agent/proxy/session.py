@@ -190,7 +190,8 @@ class MuxSession:
         self.streams: dict[int, Stream] = {}
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.tunnel_blocked = False
-        self.goaway = False
+        self.goaway = False  # the peer sent GOAWAY: open no new stream here
+        self.goaway_sent = False  # we sent one (agent.proxy.inbound: a tunnel whose credential stopped holding)
         self.opened_streams = 0
         self.handshake_reported = False  # the outbound reports a tunnel's handshake on its first flow
         self.peer_valid_until = float("inf")  # unix time the peer's certificate expires (set by the dialer)

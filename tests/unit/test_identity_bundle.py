@@ -160,3 +160,21 @@ def test_peer_not_after_tells_when_an_established_tunnel_outlives_the_peer_certi
     result = handshake(client_context(client, old_root.cert_pem), front.context, DB.sni)
     assert peer_not_after(result.client) == server.not_after.timestamp()
     assert peer_not_after(result.server) == client.not_after.timestamp()
+
+
+def test_peer_credential_names_the_chains_end_and_root_and_stops_holding_when_either_goes(old_root, new_root) -> None:
+    from agent.identity.bundle import fingerprint
+    from agent.identity.tls import peer_credential, trust_anchors
+
+    client = issue_svid(old_root, CLIENT, 600)
+    server = issue_svid(old_root, DB, 3600)
+    front = SniServerContexts(old_root.cert_pem, {DB: server_context(server, old_root.cert_pem)})
+    result = handshake(client_context(client, old_root.cert_pem), front.context, DB.sni)
+    credential = peer_credential(result.server)
+    assert credential.not_after == client.not_after.timestamp()  # the earliest notAfter of the chain
+    assert credential.anchor == fingerprint(old_root.certificate)
+    anchors = trust_anchors(old_root.cert_pem + new_root.cert_pem)
+    assert anchors == {fingerprint(old_root.certificate), fingerprint(new_root.certificate)}
+    assert credential.problem(credential.not_after - 1, anchors) is None
+    assert "expired" in credential.problem(credential.not_after + 5, anchors)
+    assert "no longer in this node's trust bundle" in credential.problem(0, trust_anchors(new_root.cert_pem))
