@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from agent.bpf import pins
 from agent.bpf.compile import compile_source, load_program
 from agent.bpf.errors import BpfLoadError
+from agent.bpf.libbpf import Libbpf
 from agent.bpf.loader import LoadRequest, PinTo, error_document
 
 
@@ -41,8 +42,6 @@ def serve(request: LoadRequest) -> tuple[dict[str, Any], list[int]]:
 
 
 def _pin(request: LoadRequest, pin_to: PinTo) -> dict[str, Any]:
-    from agent.bpf.libbpf import Libbpf
-
     bpffs_dir = Path(pin_to.bpffs_dir)
     set_dir = bpffs_dir / pin_to.set_name
     names = [program.name for program in request.programs]

@@ -1,12 +1,14 @@
-"""Where the ebpf-connect programs and maps are pinned in bpffs, and how a pinned set is recognised.
+"""Where pinned program sets and their maps live in bpffs, and how a pinned set is recognised.
 
-Layout under ``capture.bpffs_dir`` (default /sys/fs/bpf/tcpmesh/<node name>; docs/capture-restart.md):
+Layout under ``capture.bpffs_dir`` (default /sys/fs/bpf/tcpmesh/<node name>; docs/capture-restart.md),
+for the ebpf-connect set (the kernel TCP stats name theirs ``tcpstats-…`` the same way):
 
     maps-v<ABI>-<maps hash>/tcpmesh_cookie_origin, tcpmesh_peer_origin, tcpmesh_capture_cidrs,
                             tcpmesh_counters, ...       (created or reused by bcc at compile time)
     set-v<ABI>-<set hash>/tcpmesh_conn4, ..., tcpmesh_guard6      (pinned by the loader)
 
-The maps hash covers everything that defines a map (tcpmesh_abi.h, lib/maps.h, the map size); the
+The maps hash covers everything that defines a map (the owner's ``map_sources``, for ebpf-connect
+tcpmesh_abi.h and lib/maps.h; the map size); the
 set hash covers every BPF source file, every compile flag and the maps directory the programs use.
 A restarted agent whose names match adopts the pinned set without compiling; otherwise the loader
 makes a new set (sharing the maps when their hash is unchanged) and the agent swaps to it.
@@ -37,7 +39,6 @@ STAGING_PREFIX = "staging-"  # bpffs refuses dots in names (EPERM)
 HASH_CHARS = 16
 # Bump when the loader pins differently (names, layout): a pinned set from before is then not adopted.
 LAYOUT_VERSION = 1
-MAP_SOURCES = ("include/tcpmesh_abi.h", "lib/maps.h")
 
 
 def default_bpffs_dir(node_name: str) -> str:
@@ -51,10 +52,11 @@ class SetNames:
 
 
 def set_names(source_dir: Path, source_name: str, abi_version: int, max_connections: int,
-              program_flags: Sequence[str], programs: Iterable[str]) -> SetNames:
-    """The pin directory names for this source tree and these flags (pure apart from reading sources)."""
+              program_flags: Sequence[str], programs: Iterable[str], *, map_sources: Sequence[str]) -> SetNames:
+    """The pin directory names for this source tree and these flags (pure apart from reading sources).
+    ``map_sources``: the files under ``source_dir`` that define the maps (their layout and size)."""
     maps = hashlib.sha256(f"layout {LAYOUT_VERSION} abi {abi_version} conns {max_connections}\n".encode())
-    for rel in MAP_SOURCES:
+    for rel in map_sources:
         maps.update(_file_digest(source_dir / rel, rel))
     maps_name = f"{MAPS_PREFIX}v{abi_version}-{maps.hexdigest()[:HASH_CHARS]}"
     prog = hashlib.sha256(f"layout {LAYOUT_VERSION} maps {maps_name}\n".encode())

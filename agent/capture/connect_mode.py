@@ -41,6 +41,7 @@ from agent.errors import ConfigError
 
 
 SOURCE_NAME = "capture_connect.c"
+MAP_SOURCES = ("include/tcpmesh_abi.h", "lib/maps.h")  # what defines the maps: their pin directory's hash
 PROG_NAME_PREFIX = "tcpmesh_"
 BPF_F_ALLOW_MULTI = 2
 DEFAULT_MAX_CONNECTIONS = 65536
@@ -181,7 +182,8 @@ class ConnectCapture:
     def pin_names(self) -> pins.SetNames:
         """The set and maps directory names for this source tree and these flags."""
         return pins.set_names(self.source_dir, SOURCE_NAME, abi.ABI_VERSION, self.max_connections,
-                              program_flags(self.redirect_ip, self.redirect_port, self.max_connections), PROGRAMS)
+                              program_flags(self.redirect_ip, self.redirect_port, self.max_connections), PROGRAMS,
+                              map_sources=MAP_SOURCES)
 
     @property
     def set_dir(self) -> Path:

@@ -29,6 +29,7 @@ from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import Svid
 
 ALPN = "tcpmesh/2"  # docs/protocol.md; tcpmesh/1 (one tunnel per connection) was retired before release
+KEY_EXCHANGE_GROUP = "X25519"  # TLS 1.3 (EC)DHE group: ECDHE only, never finite-field DH (docs/security.md)
 KEY_FILE_MODE = 0o600
 
 __all__ = [
@@ -219,6 +220,11 @@ def _harden(ctx: ssl.SSLContext, trust_bundle_pem: str | bytes) -> None:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION
+    # Key exchange on an elliptic curve only: OpenSSL 3 also offers and accepts the finite-field
+    # groups (ffdhe2048 ...) in TLS 1.3. With OpenSSL 3, set_ecdh_curve sets the group list to this
+    # one curve (Python 3.11's ssl has no call for several); X25519 is every OpenSSL client's first
+    # key share, so no extra round trip.
+    ctx.set_ecdh_curve(KEY_EXCHANGE_GROUP)
     ctx.set_alpn_protocols([ALPN])
     bundle = trust_bundle_pem.decode("ascii") if isinstance(trust_bundle_pem, bytes) else trust_bundle_pem
     try:

@@ -4,7 +4,10 @@
 - a pod connecting over and over while its agent is SIGKILLed: nothing to the destination leaves
   node1 in plaintext, connects are refused during the gap, and work again once the agent is back
   (the restarted agent adopts the pinned set: nothing is compiled);
-- a pod cgroup the agent does not know, below the node's pods cgroup, gets EPERM and is counted.
+- a pod cgroup the agent does not know, below the node's pods cgroup, gets EPERM and is counted;
+- what a client sees when the proxy refuses (docs/security.md "What fails closed"): a reset, not a
+  clean close — NR for a direct connection to the outbound port (no original destination),
+  NO_IDENTITY for a captured connection from an address that is no workload of the node.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import pytest
 
 from agent.capture.pinned import read_counters
 from agent.lab import lab as labops
+from agent.lab.netns_plumbing import ensure_address, ensure_route, ipr
 from agent.lab.nsenter import popen_in
 from agent.lab.sniff import PacketCapture
 
@@ -54,6 +58,52 @@ while not select.select([0], [], [], 0)[0]:
     time.sleep(0.02)
 print(json.dumps(results), flush=True)
 """
+
+
+# One connect (from an optional source address) and one read: "answered", "eof", "timeout" or the
+# errno's name — a reset must surface as ECONNRESET, never as "eof". It sends nothing: with unread
+# bytes in its buffer the kernel would turn even a clean close into a reset, hiding the difference.
+PROBE = r"""
+import errno, json, socket, sys
+ip, port, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket()
+s.settimeout(5)
+try:
+    if source:
+        s.bind((source, 0))
+    s.connect((ip, port))
+    print(json.dumps({"result": "answered" if s.recv(100) else "eof"}))
+except socket.timeout:
+    print(json.dumps({"result": "timeout"}))
+except OSError as exc:
+    print(json.dumps({"result": errno.errorcode.get(exc.errno, str(exc))}))
+"""
+
+
+def probe(name: str, pod: str, ip: str, port: int, source: str = "") -> str:
+    proc = labops.lab_exec(name, pod, [sys.executable, "-c", PROBE, ip, str(port), source], stdout=subprocess.PIPE,
+                           text=True)
+    out, _ = proc.communicate(timeout=30)
+    return json.loads(out.strip().splitlines()[-1])["result"]
+
+
+def node_flows(plan, node: str) -> list[dict]:
+    from agent.lab.nsenter import http_get_in_netns
+
+    n = plan.node(node)
+    status, body = http_get_in_netns(n.netns, f"http://{n.admin_address}/debug/flows")
+    assert status == 200
+    return json.loads(body)["flows"]
+
+
+def wait_refusal(plan, flag: str, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [f for f in node_flows(plan, "node1") if f["response_flags"] == flag and f["end_time"]]
+        if found:
+            return found[-1]
+        assert time.monotonic() < deadline, f"no {flag} flow on node1: {node_flows(plan, 'node1')[-5:]}"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +196,33 @@ def test_a_pod_cgroup_the_agent_does_not_know_is_refused_and_counted(lab):
         assert read_counters(node1.bpffs_dir)["guard_denied"] == before + 1
     finally:
         os.rmdir(intruder)
+
+
+def test_a_direct_connection_to_the_outbound_port_is_reset_nr(lab):
+    name, plan = lab
+    assert probe(name, "n1p1", plan.pod_gateway, 15001) == "ECONNRESET"
+    flow = wait_refusal(plan, "NR")
+    assert "do not connect to the outbound port directly" in flow["detail"]
+    assert flow["source_ip"] == plan.pod("n1p1").ip
+
+
+def test_a_captured_connection_from_an_unknown_address_is_reset_no_identity(lab):
+    """The pod's cgroup is captured, but it connects from an address the registry does not give it: the
+    agent cannot say who this is, so it refuses (reset), never dials on its behalf."""
+    name, plan = lab
+    pod, node1, server = plan.pod("n1p1"), plan.node("node1"), plan.pod("n2p1")
+    stranger = pod.ip.rsplit(".", 1)[0] + ".99"
+    ensure_address(pod.netns, pod.ifname, stranger, 32)
+    ensure_route(node1.netns, f"{stranger}/32", ifname=pod.node_ifname)  # the way back to it
+    try:
+        with PacketCapture(node1.netns, node1.wire_ifname) as wire:
+            outcome = probe(name, "n1p1", server.ip, ECHO_PORT, source=stranger)
+        assert outcome == "ECONNRESET", outcome
+        flow = wait_refusal(plan, "NO_IDENTITY")
+        assert flow["source_ip"] == stranger and f"client {stranger} is not a workload" in flow["detail"]
+        assert not any(ECHO_PORT in (s.sport, s.dport) for s in wire.tcp_segments()), "it left node1 anyway"
+    finally:
+        with ipr(node1.netns) as handle:
+            handle.route("del", dst=f"{stranger}/32", oif=handle.link_lookup(ifname=pod.node_ifname)[0])
+        with ipr(pod.netns) as handle:
+            handle.addr("del", index=handle.link_lookup(ifname=pod.ifname)[0], address=stranger, prefixlen=32)

@@ -1,10 +1,12 @@
 """Authorization on the lab: the same destination allows one identity and denies another; a denied
-client fails fast; both reporters and the access log agree; policies hot-reload; a broken file
-leaves the previous decision in force and is counted."""
+client fails fast; both reporters and the access log agree; a denied connection never reaches the
+workload (no packet on its veth, no accept in the server); policies hot-reload; a broken file leaves
+the previous decision in force and is counted."""
 
 from __future__ import annotations
 
 import os
+import select
 import textwrap
 import time
 import uuid
@@ -12,6 +14,7 @@ import uuid
 import pytest
 
 from agent.lab import lab as labops
+from agent.lab.sniff import PacketCapture
 from tests.e2e.conftest import Lab
 
 RELOAD = 2.0 + 3.0  # the agent's poll interval plus slack
@@ -91,6 +94,31 @@ def test_allowed_and_denied_identities_and_agreeing_records(policy_lab):
                    for line in metrics.splitlines()), f"node{node} did not count the denial"
     log = open(lab.node(2).log_file).read()
     assert src["flow_id"] in log and "lab/only-n1p1" in log  # the access log names the policy
+
+
+def test_a_denied_connection_never_reaches_the_workload(policy_lab):
+    """docs/security.md: DENY resets "before the workload sees a byte". The workload's side: a capture
+    on its veth sees no packet of the denied connection, and its server accepts nothing; an allowed
+    connection in the same capture shows both observers work."""
+    lab = policy_lab
+    write_policy(lab, "only-n1p1.yaml", only_n1p1(lab))  # n1p1 to port 7200 only: 7201 is denied to all
+    wait_decision(lab, "n1p2", allowed=False)
+    server = lab.start_server("n2p1", 7201, "digest")  # prints one line per connection it served
+    target, node2 = lab.pod("n2p1"), lab.node(2)
+    marker = f"DENIED-MARKER-{uuid.uuid4().hex}"
+    with PacketCapture(node2.netns, target.node_ifname) as at_workload:
+        allowed, _ = attempt(lab, "n1p1", "po-control")
+        denied = lab.run_client("n1p2", f"{target.ip}:7201", 2000, "digest", name="po-never", marker=marker)
+        src = lab.wait_flow(1, lambda f: f.get("comm") == "po-never")
+        dst = lab.wait_flow(2, lambda f: f["flow_id"] == src["flow_id"])  # node2 decided and closed it
+    assert "error" not in allowed and allowed["reply"].split()[0] == allowed["sent_sha256"], allowed
+    assert "ConnectionResetError" in denied.get("error", ""), denied
+    assert dst["response_flags"] == "DENY" and dst["bytes_received"] == 0, dst
+    segments = at_workload.tcp_segments()
+    assert any(s.dport == 7200 and s.payload for s in segments), "the capture did not see the allowed connection"
+    assert not any(7201 in (s.sport, s.dport) for s in segments), "a denied connection reached the workload's veth"
+    assert not any(marker.encode() in s.payload for s in segments), "denied bytes reached the workload"
+    assert select.select([server.stdout], [], [], 0)[0] == [], f"the server served: {server.stdout.readline()}"
 
 
 def test_hot_reload_flips_and_broken_files_are_refused(policy_lab):

@@ -7,6 +7,9 @@
   client certificate, a handshake that never finishes) is refused, counted by response_flags, and a
   legitimate flow on the same agent carries on untouched; a connection that never sends is reset on
   both sides after proxy.stream_idle_timeout_seconds (SI);
+- the tunnel's TLS posture as a real client sees it (`openssl s_client` at node2's inbound port):
+  TLS 1.3 only, an AEAD suite, an elliptic-curve key exchange (finite-field groups refused), no
+  session ticket (every tunnel a full handshake with a certificate check);
 - no key material anywhere an operator or a scraper can read: agent logs (including the output of a
   failed start and of a failed key reload), access logs, /metrics, /debug/flows, /debug/certs,
   `tcpmesh flows` — no PEM markers and no piece of the node intermediate's or the root's key.
@@ -262,3 +265,43 @@ def _admin_socket(path: Path, request: dict) -> str:
                 break
             data += chunk
     return data.decode()
+
+
+AEAD_SUITES = {"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256"}
+
+
+def s_client(lab, tmp_path: Path, *args: str) -> str:
+    """`openssl s_client` from node1's netns at node2's inbound port, as the mesh identity of n1p1
+    (a leaf from the lab's root); its whole output. It stays until the agent closes the idle tunnel."""
+    from agent.identity.ca import load_ca
+    from agent.identity.issue import issue_svid
+    from agent.identity.spiffe import SpiffeId
+    from tests.conftest import require_binary
+
+    openssl = require_binary("openssl", "openssl")
+    root = load_ca(lab.plan.ca_dir)
+    svid = issue_svid(root, SpiffeId.parse(lab.pod("n1p1").spiffe_id), 600)
+    (tmp_path / "leaf.pem").write_text(svid.cert_pem + "".join(svid.chain_pem))
+    (tmp_path / "leaf.key").write_text(svid.key_pem)
+    (tmp_path / "root.pem").write_text(root.cert_pem)
+    node2 = lab.node(2)
+    argv = ["ip", "netns", "exec", lab.node(1).netns, openssl, "s_client", "-connect",
+            f"{node2.wire_address}:15008", "-servername", SpiffeId.parse(lab.pod("n2p1").spiffe_id).sni,
+            "-alpn", "tcpmesh/2", "-cert", str(tmp_path / "leaf.pem"), "-key", str(tmp_path / "leaf.key"),
+            "-CAfile", str(tmp_path / "root.pem"), "-ign_eof", *args]
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    return done.stdout + done.stderr
+
+
+def test_the_tunnel_tls_posture_seen_by_openssl_s_client(lab, tmp_path):
+    full = s_client(lab, tmp_path)
+    assert "New, TLSv1.3, Cipher is " in full and "Verify return code: 0 (ok)" in full, full
+    suite = full.split("Cipher is ", 1)[1].split()[0]
+    assert suite in AEAD_SUITES, suite
+    key = full.split("Server Temp Key: ", 1)[1].splitlines()[0]
+    assert key.startswith(("X25519", "X448", "ECDH")), key
+    assert "New Session Ticket" not in full and "TLS session ticket" not in full, "the agent issued a session ticket"
+    for refused, args in (("TLS 1.2", ("-tls1_2",)), ("a finite-field group", ("-groups", "ffdhe2048:ffdhe3072")),
+                          ("a non-default suite", ("-ciphersuites", "TLS_AES_128_CCM_8_SHA256"))):
+        out = s_client(lab, tmp_path, *args)
+        assert "Cipher is (NONE)" in out and "alert" in out, f"{refused} accepted:\n{out}"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent.bpf import pins
-from agent.capture.connect_mode import HOOKS, PROGRAMS, ROLE_GUARD, compile_flags, hooks_for, program_flags
+from agent.capture.connect_mode import (HOOKS, MAP_SOURCES, PROGRAMS, ROLE_GUARD, compile_flags, hooks_for,
+                                        program_flags)
 from agent.config import config_from_mapping, validate
 from agent.errors import ConfigError
 
@@ -28,7 +29,8 @@ def tree(tmp_path: Path) -> Path:
 
 
 def names(src: Path, conns: int = 65536, port: int = 15001) -> pins.SetNames:
-    return pins.set_names(src, "capture_connect.c", 2, conns, program_flags("10.0.0.1", port, conns), PROGRAMS)
+    return pins.set_names(src, "capture_connect.c", 2, conns, program_flags("10.0.0.1", port, conns), PROGRAMS,
+                          map_sources=MAP_SOURCES)
 
 
 def test_names_are_stable_and_carry_the_abi_version(tmp_path):

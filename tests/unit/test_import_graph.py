@@ -185,3 +185,13 @@ def test_the_graph_sees_a_cycle_and_a_function_level_import():
               "def f():\n    from agent.bpf import pins\n")
     names = _imported_names(ast.parse(source), "agent.x", False)
     assert "agent.bpf.pins" in names and "agent.app" not in names
+
+
+def test_only_the_loader_child_imports_bcc(graph):
+    """bcc maps libLLVM for the life of a process: only agent.bpf.compile imports it, and only the loader
+    child (agent.bpf.child) imports that. host.checks.bcc_problem is the test suite's skip probe."""
+    importers = sorted(name for name, path in modules().items()
+                       if any(n == "bcc" or n.startswith("bcc.") for n in _imported_names(ast.parse(path.read_text()),
+                                                                                          name, False)))
+    assert importers == ["agent.bpf.compile", "agent.host.checks"]
+    assert sorted(name for name, targets in graph.items() if "agent.bpf.compile" in targets) == ["agent.bpf.child"]
