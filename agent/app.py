@@ -42,6 +42,7 @@ from agent.telemetry.admin import AdminServer
 from agent.telemetry.plaintext import PlaintextCollector
 from agent.audit.writer import AccessLog, access_log_from_config
 from agent.telemetry.cgroups import CgroupNames
+from agent.telemetry.egress import EgressReport
 from agent.telemetry.tcpstats import KernelTcpStats, tcp_stats_from_config
 from agent.telemetry.flows import FlowTable
 from agent.telemetry.metrics import Metrics
@@ -152,7 +153,6 @@ class Agent:
                            identities=identities, metrics=self.metrics, flows=self.flows,
                            inbound_port=config.proxy.inbound_port,
                            connect_timeout=config.proxy.connect_timeout_seconds, policy=self.policy,
-                           passthrough_allowed=config.policy.outbound_passthrough == "ALLOW",
                            handshake_timeout=config.proxy.handshake_timeout_seconds,
                            tunnel_timeout=config.proxy.tunnel_timeout_seconds,
                            inbound_idle_timeout=config.proxy.inbound_tunnel_idle_seconds,
@@ -169,6 +169,7 @@ class Agent:
         background: list[asyncio.Task] = []  # control-plane loops, cancelled at shutdown
         outbound: OutboundProxy | None = None
         kubernetes: KubernetesSource | None = None  # registry.source: kubernetes
+        egress = None  # the kernel's events of connects outside the mesh (ebpf-connect)
         try:
             self.capture = self._build_capture()
             self.capture.start()
@@ -176,6 +177,7 @@ class Agent:
                 self.prometheus.register(PlaintextCollector(self.capture.inbound.plaintext, self._snapshot_or_none,
                                                             config.node.name))
             self._start_tcp_stats(ctx)
+            egress = self._start_egress_events(loop)
             outbound = OutboundProxy(ctx, self.capture.origin, config.proxy.tunnel_idle_seconds)
             inbound = InboundProxy(ctx)
             self.workloads = WorkloadController(
@@ -242,6 +244,9 @@ class Agent:
                 kubernetes.stop()
             if admin_socket is not None:
                 await admin_socket.stop()
+            if egress is not None:
+                loop.remove_reader(egress.fileno())
+                egress.close()
             self._detach_capture()
             self.admin.stop()
             if self.access_log is not None:
@@ -331,6 +336,15 @@ class Agent:
         if self.tcp_stats is not None:
             self.tcp_stats.retain((w.namespace, w.name) for w in registry.workloads)
         self.cgroups.set_roots([w.cgroup for w in registry.local(self.config.node.name) if w.cgroup])
+
+    def _start_egress_events(self, loop: asyncio.AbstractEventLoop):
+        """Connects outside the mesh, reported by the kernel, into metrics and the access log."""
+        if self.capture is None or self.capture.egress is None:
+            return None
+        report = EgressReport(self.config.node.name, self._snapshot_or_none, self.cgroups, self.flows, self.metrics)
+        reader = self.capture.egress.egress_reader(report.on_event)
+        loop.add_reader(reader.fileno(), reader.drain)
+        return reader
 
     def _start_tcp_stats(self, ctx: ProxyContext) -> None:
         """Kernel TCP stats of the proxy's sockets (telemetry.tcp_stats), scraped with /metrics."""

@@ -158,7 +158,7 @@ class PolicyConfig:
     default_action: str = "ALLOW"  # for destinations no AuthorizationPolicy selects: ALLOW | DENY
     root_namespace: str = "tcpmesh-system"  # policies in this namespace apply to every workload
     poll_seconds: float = DEFAULT_POLICY_POLL_SECONDS
-    outbound_passthrough: str = "ALLOW"  # destinations outside the mesh: ALLOW (plaintext) | DENY
+    outbound_passthrough: str = "ALLOW"  # outside the mesh: ALLOW (leaves from the pod itself) | DENY (EPERM)
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,58 @@ static __always_inline int tcpmesh_cidr_verdict(__u32 dst)
 	return TCPMESH_R_CAPTURED;
 }
 
+/* Is the destination (``addr``: network order, IPv4 in addr[0]; ``port_be``: network order) in the
+ * mesh? One LPM lookup with the full key: an address+port entry beats an address entry beats a
+ * prefix. CAPTURED, or OUTSIDE_MESH_ALLOWED for "decide as a destination outside the mesh". */
+static __always_inline int tcpmesh_mesh_verdict(__u8 family, const __u32 *addr, __u16 port_be)
+{
+	struct tcpmesh_dst_key key = {};
+	struct tcpmesh_dst_value *dst;
+
+	key.prefixlen = TCPMESH_DST_KEY_BITS;
+	key.family = family;
+	key.addr[0] = addr[0];
+	key.addr[1] = addr[1];
+	key.addr[2] = addr[2];
+	key.addr[3] = addr[3];
+	key.port = port_be;
+	dst = tcpmesh_mesh_dsts.lookup(&key);
+	if (!dst || dst->kind == TCPMESH_DST_OUTSIDE)
+		return TCPMESH_R_OUTSIDE_MESH_ALLOWED;
+	return TCPMESH_R_CAPTURED;
+}
+
+/* policy.outbound_passthrough, as the agent wrote it into tcpmesh_settings. */
+static __always_inline int tcpmesh_passthrough_denied(void)
+{
+	int zero = 0;
+	struct tcpmesh_settings *settings = tcpmesh_settings.lookup(&zero);
+
+	return settings && (settings->flags & TCPMESH_SETTING_PASSTHROUGH_DENY);
+}
+
+/* A TCP connect to a destination outside the mesh: never redirected, so it leaves from the pod
+ * with the pod's own address (the agent never dials it). Refused here when passthrough is DENY.
+ * Either way one event goes to the agent's ring buffer (telemetry only) and a reason is counted. */
+static __always_inline int tcpmesh_outside_mesh(struct bpf_sock_addr *ctx, __u8 family, const __u32 *addr)
+{
+	int denied = tcpmesh_passthrough_denied();
+	struct tcpmesh_egress_event *event = tcpmesh_egress.ringbuf_reserve(sizeof(struct tcpmesh_egress_event));
+
+	if (event) {
+		tcpmesh_fill_egress_event(ctx, family, addr, denied, event);
+		tcpmesh_egress.ringbuf_submit(event, 0);
+	} else {
+		tcpmesh_count(TCPMESH_R_EGRESS_EVENT_LOST);
+	}
+	if (denied) {
+		tcpmesh_count(TCPMESH_R_OUTSIDE_MESH_DENIED);
+		return TCPMESH_DENY;
+	}
+	tcpmesh_count(TCPMESH_R_OUTSIDE_MESH_ALLOWED);
+	return TCPMESH_ALLOW;
+}
+
 /* connect4/6 on capture: the socket gets the sockops state callback, so pod sockops deletes its
  * record when it closes (TCP_CLOSE: a refused or failed handshake too), and that flag is how pod
  * sockops tells a captured socket at ESTABLISHED without a map lookup. Only captured sockets pay
@@ -236,8 +288,14 @@ static __always_inline int tcpmesh_record_origin(struct bpf_sock_addr *ctx, __u3
 static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, int verdict, __u32 dst, int mapped,
 						   __u64 cookie)
 {
+	__u32 addr[4] = {dst, 0, 0, 0};
+
 	if (verdict == TCPMESH_R_CAPTURED)
 		verdict = tcpmesh_cidr_verdict(dst);
+	if (verdict == TCPMESH_R_CAPTURED)
+		verdict = tcpmesh_mesh_verdict(TCPMESH_DST_INET, addr, (__u16)ctx->user_port);
+	if (verdict == TCPMESH_R_OUTSIDE_MESH_ALLOWED)
+		return tcpmesh_outside_mesh(ctx, TCPMESH_DST_INET, addr);
 	if (verdict != TCPMESH_R_CAPTURED) {
 		tcpmesh_count(verdict);
 		return TCPMESH_ALLOW;

@@ -1,8 +1,9 @@
 """The access record of one connection event, built from a ``Flow`` (pure).
 
 Flat keys (easy to grep and jq): the flow's own record (identities, addresses, pid/comm/uid/cgroup_id,
-bytes each way, times, response flags, policy) plus ``event`` (open | close), ``time`` (RFC 3339,
-UTC) and ``decision``. The writer adds ``node``, ``cgroup`` (the cgroup path, where it can name it)
+bytes each way, times, response flags, policy) plus ``event`` (open | close | egress — a connect
+outside the mesh that the kernel reported and the agent never proxied), ``time`` (RFC 3339, UTC)
+and ``decision``. The writer adds ``node``, ``cgroup`` (the cgroup path, where it can name it)
 and the chain fields ``seq``, ``prev`` and ``digest``.
 """
 

@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import struct
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 # The first ABI version whose struct tcpmesh_origin has OriginStruct's layout: records of versions
 # ORIGIN_LAYOUT_SINCE..ABI_VERSION are read alike (an upgrade's previous set may still answer).
 ORIGIN_LAYOUT_SINCE = 3
@@ -55,10 +55,18 @@ REASONS: tuple[str, ...] = (
     "slot_taken",          # connect4/6: the socket's slot belongs to a live socket: record in the LRU instead
     "handover_slot_taken",  # sockops: the connection's hand-over slot was in use: record in tcpmesh_peer_origin
     "handover_reclaimed",  # sockops: a hand-over slot unanswered for TCPMESH_HANDOVER_TTL_NS was reused
+    "outside_mesh_allowed",  # connect4/6: TCP to a destination outside the mesh, left alone (leaves from the pod)
+    "outside_mesh_denied",   # connect4/6: the same refused with EPERM (policy.outbound_passthrough DENY)
+    "egress_event_lost",     # connect4/6: tcpmesh_egress full: no event for a connect outside the mesh
 )
 HO_FREE, HO_WRITING, HO_READY, HO_ANSWERING = 0, 1, 2, 3  # enum tcpmesh_handover_state
 INBOUND_PERMISSIVE = 1
 INBOUND_STRICT = 2
+DST_INET, DST_INET6 = 4, 6            # struct tcpmesh_dst_key.family
+DST_ADDR_BITS = 32 + 128              # prefixlen of "one address, any port"
+DST_KEY_BITS = 32 + 128 + 16          # prefixlen of "one address and port" (what the hooks look up)
+DST_OUTSIDE, DST_WORKLOAD, DST_SERVICE = 0, 1, 2  # enum tcpmesh_dst_kind
+SETTING_PASSTHROUGH_DENY = 1          # struct tcpmesh_settings.flags
 REASON_CODES: dict[str, int] = {name: code for code, name in enumerate(REASONS)}
 REASON_MAX = len(REASONS)
 REASON_SLOTS = 64  # entries of tcpmesh_counters (TCPMESH_R_SLOTS): room to append reasons
@@ -79,6 +87,14 @@ C_CONSTANTS: dict[str, int] = {
     "TCPMESH_HO_READY": HO_READY,
     "TCPMESH_HO_ANSWERING": HO_ANSWERING,
     "TCPMESH_INBOUND_STRICT": INBOUND_STRICT,
+    "TCPMESH_DST_INET": DST_INET,
+    "TCPMESH_DST_INET6": DST_INET6,
+    "TCPMESH_DST_ADDR_BITS": DST_ADDR_BITS,
+    "TCPMESH_DST_KEY_BITS": DST_KEY_BITS,
+    "TCPMESH_DST_OUTSIDE": DST_OUTSIDE,
+    "TCPMESH_DST_WORKLOAD": DST_WORKLOAD,
+    "TCPMESH_DST_SERVICE": DST_SERVICE,
+    "TCPMESH_SETTING_PASSTHROUGH_DENY": SETTING_PASSTHROUGH_DENY,
     "TCPMESH_R_MAX": REASON_MAX,
     "TCPMESH_R_SLOTS": REASON_SLOTS,
     **{f"TCPMESH_R_{name.upper()}": code for code, name in enumerate(REASONS)},
@@ -159,6 +175,47 @@ class CidrValue(ctypes.Structure):
     _fields_ = [("action", ctypes.c_uint32)]
 
 
+class DstKey(ctypes.Structure):
+    """struct tcpmesh_dst_key: key of the LPM trie tcpmesh_mesh_dsts (both families; see the header)."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("family", ctypes.c_uint8),       # DST_INET / DST_INET6
+        ("pad", ctypes.c_uint8 * 3),
+        ("addr", ctypes.c_uint32 * 4),    # network order; IPv4 in addr[0]
+        ("port", ctypes.c_uint16),        # network order
+        ("pad2", ctypes.c_uint16),
+    ]
+
+
+class DstValue(ctypes.Structure):
+    """struct tcpmesh_dst_value: value of tcpmesh_mesh_dsts."""
+
+    _fields_ = [("kind", ctypes.c_uint32)]
+
+
+class Settings(ctypes.Structure):
+    """struct tcpmesh_settings: the one entry of tcpmesh_settings."""
+
+    _fields_ = [("flags", ctypes.c_uint32)]
+
+
+class EgressEvent(ctypes.Structure):
+    """struct tcpmesh_egress_event: one record of the ring buffer tcpmesh_egress."""
+
+    _fields_ = [
+        ("cgroup_id", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("addr", ctypes.c_uint32 * 4),    # network order; IPv4 in addr[0]
+        ("port", ctypes.c_uint16),        # network order
+        ("family", ctypes.c_uint8),       # DST_INET / DST_INET6
+        ("denied", ctypes.c_uint8),
+        ("pad", ctypes.c_uint32),
+        ("comm", ctypes.c_char * COMM_LEN),
+    ]
+
+
 class Flow4(ctypes.Structure):
     """struct tcpmesh_flow4: key of tcpmesh_proxy_conns (a SYN's 4-tuple, network order)."""
 
@@ -187,6 +244,10 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "tcpmesh_cidr_value": CidrValue,
     "tcpmesh_flow4": Flow4,
     "tcpmesh_plaintext": Plaintext,
+    "tcpmesh_dst_key": DstKey,
+    "tcpmesh_dst_value": DstValue,
+    "tcpmesh_settings": Settings,
+    "tcpmesh_egress_event": EgressEvent,
 }
 
 # Map name -> (key mirror, value mirror); the value of a per-CPU array is one CPU's slot.
@@ -201,7 +262,12 @@ MAPS: dict[str, tuple[type, type]] = {
     "tcpmesh_proxy_conns": (Flow4, ctypes.c_uint32),
     "tcpmesh_inbound_mode": (ctypes.c_uint64, ctypes.c_uint32),
     "tcpmesh_plaintext": (ctypes.c_uint64, Plaintext),
+    "tcpmesh_mesh_dsts": (DstKey, DstValue),
+    "tcpmesh_settings": (ctypes.c_int, Settings),
 }
+# Ring buffers (no key or value: records of RINGBUF_MAPS[name] each), pinned in the maps directory too.
+RINGBUF_MAPS: dict[str, type[ctypes.Structure]] = {"tcpmesh_egress": EgressEvent}
+PINNED_MAPS: tuple[str, ...] = (*MAPS, *RINGBUF_MAPS)
 # Socket-storage maps (BPF_MAP_TYPE_SK_STORAGE): no keys to list, bcc has no table class for them.
 # None since ABI 4 (tcpmesh_cookie_origin replaced ABI 3's tcpmesh_sock_origin).
 SOCKET_STORAGE_MAPS: frozenset[str] = frozenset()
@@ -228,6 +294,29 @@ def peer_key(ip: str, port: int, client_seq: int, server_seq: int) -> PeerKey:
     """The tcpmesh_peer_origin key of one connection: the client's address and both handshake ISNs + 1."""
     return PeerKey(ip4=ip4_to_net_u32(ip), port=port_to_net_u16(port), pad=0, client_seq=client_seq,
                    server_seq=server_seq)
+
+
+def dst_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network, port: int | None = None) -> DstKey:
+    """The tcpmesh_mesh_dsts key of a prefix or address (``port``: only that port; needs a whole address)."""
+    packed = network.network_address.packed.ljust(16, b"\0")
+    family = DST_INET if network.version == 4 else DST_INET6
+    if port is None:
+        prefixlen = 32 + (128 if network.prefixlen == network.max_prefixlen else network.prefixlen)
+        net_port = 0
+    else:
+        if network.prefixlen != network.max_prefixlen:
+            raise ValueError(f"a port needs one address, not the prefix {network}")
+        prefixlen, net_port = DST_KEY_BITS, port_to_net_u16(port)
+    key = DstKey(prefixlen=prefixlen, family=family, port=net_port)
+    key.addr[:] = list(struct.unpack("=4I", packed))
+    return key
+
+
+def egress_destination(event: EgressEvent) -> tuple[str, int]:
+    """(address, port) of an egress event."""
+    packed = struct.pack("=4I", *event.addr)
+    ip = str(ipaddress.IPv4Address(packed[:4]) if event.family == DST_INET else ipaddress.IPv6Address(packed))
+    return ip, net_u16_to_port(event.port)
 
 
 def cidr_key(network: ipaddress.IPv4Network) -> CidrKey:

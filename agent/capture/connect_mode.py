@@ -3,7 +3,9 @@
 ``ConnectCapture`` is the agent's handle on one program set of bpf/capture_connect.c:
   - ``load()``: adopt the set pinned under ``bpffs_dir`` whose name matches this source tree and
     these flags (agent.bpf.pins), or have the loader process compile and pin it first
-    (agent.bpf.loader); then open the pins (agent.capture.pinned) and fill the capture CIDRs;
+    (agent.bpf.loader); then open the pins (agent.capture.pinned) and fill the settings
+    (passthrough DENY), the capture CIDRs and the destinations in the mesh (the only ones captured;
+    ``set_mesh_destinations`` replaces them from each registry snapshot);
   - ``takeover(pods_cgroup, proxy_cgroup)``: every cgroup that carries a tcpmesh set (a previous
     run's, perhaps of another version) gets ours with no gap: ours are attached everywhere first,
     then the others detached, the guard's first;
@@ -36,6 +38,7 @@ from agent.bpf.pinned import adopt_or_pin
 from agent.capture import abi
 from agent.capture.cgroups import cgroup_target, read_mounts, walk
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
+from agent.capture.meshdsts import CAPTURE_EVERYTHING, MeshDestination, mesh_entries
 from agent.capture.pinned import ConnectSet
 from agent.errors import ConfigError
 
@@ -159,11 +162,16 @@ class ConnectCapture:
                  capture_cidrs: Sequence[str] = DEFAULT_CAPTURE_CIDRS, state_dir: str | os.PathLike = "/run/tcpmesh",
                  *, bypass_cidrs: Sequence[str] = (), source_dir: str | os.PathLike | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, bpffs_dir: str | os.PathLike = DEFAULT_BPFFS_DIR,
-                 loader_timeout: float = DEFAULT_TIMEOUT) -> None:
+                 loader_timeout: float = DEFAULT_TIMEOUT, mesh_destinations: Sequence[MeshDestination] | None = (),
+                 passthrough_deny: bool = False) -> None:
         validate_redirect(redirect_ip, redirect_port)
         self.redirect_ip = redirect_ip
         self.redirect_port = int(redirect_port)
         self._cidr_entries = lpm_entries(capture_cidrs, bypass_cidrs)  # validates now, not at load()
+        # None: keep the pinned map's entries; if it has none (new maps), capture everything until
+        # set_mesh_destinations() names the mesh — never a moment where a mesh destination is missing
+        self._mesh_entries = None if mesh_destinations is None else mesh_entries(mesh_destinations)
+        self._settings = abi.SETTING_PASSTHROUGH_DENY if passthrough_deny else 0
         self.state_dir = Path(state_dir)
         self.source_dir = Path(source_dir) if source_dir else bpf_dir()
         self.max_connections = max_connections
@@ -203,12 +211,17 @@ class ConnectCapture:
                                        maps_dir)),
             state_dir=str(self.state_dir), programs=tuple(Program(h.program, h.prog_type, h.attach_type) for h in HOOKS),
             pin_to=PinTo(str(self.bpffs_dir), names.set, names.maps))
-        self.loader_result = adopt_or_pin(request, abi.MAPS, self.loader_timeout)
+        self.loader_result = adopt_or_pin(request, abi.PINNED_MAPS, self.loader_timeout)
         adopted = self.loader_result is None
         libbpf = self._libbpf or Libbpf()
         pinned = ConnectSet.open_connect(libbpf, set_dir, maps_dir, PROGRAMS)
-        try:
+        try:  # before anything is attached: the first connect already meets the configured decision
+            pinned.write_settings(self._settings)
             pinned.write_cidrs(self._cidr_entries)
+            if self._mesh_entries is not None:
+                pinned.write_mesh_dsts(self._mesh_entries)
+            elif not pinned.mesh_dsts():
+                pinned.write_mesh_dsts(mesh_entries(CAPTURE_EVERYTHING))
         except BaseException:
             pinned.close()
             raise
@@ -376,6 +389,27 @@ class ConnectCapture:
         self._cidr_entries = entries
         if self._set is not None:
             self._set.write_cidrs(entries)
+
+    def set_mesh_destinations(self, destinations: Sequence[MeshDestination]) -> None:
+        """Replace the destinations in the mesh (the only ones captured): new in before stale out."""
+        entries = mesh_entries(destinations)
+        self._mesh_entries = entries
+        if self._set is not None:
+            self._set.write_mesh_dsts(entries)
+
+    def set_passthrough_deny(self, deny: bool) -> None:
+        """policy.outbound_passthrough: DENY refuses TCP connects outside the mesh at connect()."""
+        self._settings = abi.SETTING_PASSTHROUGH_DENY if deny else 0
+        if self._set is not None:
+            self._set.write_settings(self._settings)
+
+    def egress_reader(self, on_event):
+        """An agent.capture.egress.EgressReader of this set's tcpmesh_egress ring buffer (close it)."""
+        from agent.capture.egress import open_reader
+
+        self._require_loaded()
+        assert self._set is not None
+        return open_reader(self._set.map_fd("tcpmesh_egress"), on_event)
 
     def set_inbound_mode(self, cgroup_dir: str | os.PathLike, strict: bool) -> None:
         """STRICT: the pod's kernel drops TCP SYNs that do not come from the inbound proxy."""

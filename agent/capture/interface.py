@@ -6,7 +6,9 @@ proxy where each captured connection was going (``origin``). The agent drives it
 per accepted connection (the data path: must be cheap), ``stop()`` at the end.
 
 Optional features are attributes that are ``None`` when a mode lacks them, never methods probed
-with hasattr: ``inbound`` (ebpf-connect only) enforces each pod's inbound mTLS mode in the kernel.
+with hasattr: ``inbound`` (ebpf-connect only) enforces each pod's inbound mTLS mode in the kernel;
+``egress`` (ebpf-connect only) reports pods' connects outside the mesh. Every mode captures only
+the mesh: ``set_mesh_destinations`` names it from each registry snapshot (docs/security.md).
 Imports only the registry model and capture.origin; the modes import this module, never modes.py.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from agent.capture.origin import Origin
 from agent.registry.model import Workload
@@ -37,10 +39,22 @@ class InboundEnforcement(Protocol):
         """{pod cgroup path: (plaintext SYNs rejected, accepted)} of the attached pods."""
 
 
+class EgressEvents(Protocol):
+    """The kernel's report of every pod TCP connect outside the mesh (never proxied)."""
+
+    def egress_reader(self, on_event: Callable[[Any], None]) -> Any:
+        """An agent.capture.egress.EgressReader handing each event to ``on_event`` (the caller closes it)."""
+
+
 class Capture(Protocol):
     name: str
     listener: ListenerRequirements
     inbound: InboundEnforcement | None  # None: this mode cannot enforce STRICT in the kernel
+    egress: EgressEvents | None  # None: no kernel events for connects outside the mesh
+
+    def set_mesh_destinations(self, workloads: Iterable[Workload]) -> None:
+        """Only these workloads' addresses are captured; every other destination is left alone (it
+        leaves from the pod itself). Called before a snapshot's pods are attached."""
 
     def start(self) -> None:
         """Load programs / install node-level rules. Raises a TcpmeshError naming what failed."""

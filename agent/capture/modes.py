@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Iterable
 
-from agent.capture.interface import Capture, InboundEnforcement, ListenerRequirements
+from agent.capture.interface import Capture, EgressEvents, InboundEnforcement, ListenerRequirements
 from agent.capture.origin import Origin
 from agent.registry.model import Workload
 
@@ -23,6 +24,10 @@ class NoCapture:
     name = "none"
     listener = ListenerRequirements()
     inbound = None
+    egress = None
+
+    def set_mesh_destinations(self, workloads: Iterable[Workload]) -> None:
+        pass
 
     def start(self) -> None:
         pass
@@ -52,13 +57,16 @@ class ConnectMode:
     listener = ListenerRequirements()
 
     def __init__(self, redirect_ip: str, redirect_port: int, state_dir: str, proxy_cgroup: str,
-                 pods_cgroup: str = "", bpffs_dir: str | None = None) -> None:
+                 pods_cgroup: str = "", bpffs_dir: str | None = None, passthrough_deny: bool = False) -> None:
         from agent.capture.connect_mode import DEFAULT_BPFFS_DIR, ConnectCapture  # no bcc: the loader has it
 
         self._cgroup_ids: dict[str, int] = {}  # attached pod cgroup path -> cgroup id (inode)
 
+        # mesh_destinations=None: the pinned map keeps what the previous run wrote, or (new maps)
+        # captures everything until the first registry snapshot names the mesh (fail closed)
         self._capture = ConnectCapture(redirect_ip=redirect_ip, redirect_port=redirect_port, state_dir=state_dir,
-                                       bpffs_dir=bpffs_dir or DEFAULT_BPFFS_DIR)
+                                       bpffs_dir=bpffs_dir or DEFAULT_BPFFS_DIR, mesh_destinations=None,
+                                       passthrough_deny=passthrough_deny)
         self._proxy_cgroup = proxy_cgroup
         self._pods_cgroup = pods_cgroup
 
@@ -94,6 +102,22 @@ class ConnectMode:
             cgroup_id = self._cgroup_ids.pop(workload.cgroup, None)
             if cgroup_id is not None:
                 self._capture.forget_pod(cgroup_id)
+
+    def set_mesh_destinations(self, workloads: Iterable[Workload]) -> None:
+        """The registry's workload addresses are the mesh: only connects to them are captured; every
+        other connect leaves from the pod itself (or is refused: policy.outbound_passthrough DENY)."""
+        from agent.capture.meshdsts import workload_destinations
+
+        self._capture.set_mesh_destinations(workload_destinations(w.ip for w in workloads))
+
+    @property
+    def egress(self) -> EgressEvents:
+        """This mode reports connects outside the mesh from the kernel (egress_reader)."""
+        return self
+
+    def egress_reader(self, on_event):
+        """The kernel's events of connects outside the mesh (agent.capture.egress.EgressReader)."""
+        return self._capture.egress_reader(on_event)
 
     def set_inbound_mode(self, workload: Workload, strict: bool) -> None:
         """PeerAuthentication in the kernel: STRICT drops plaintext SYNs into the pod (docs/policy.md)."""
@@ -136,15 +160,18 @@ def build_capture(config, mode: str, proxy_cgroup: str) -> Capture:
         _check_pods_cgroup(config.capture.pods_cgroup, proxy_cgroup)
         return ConnectMode(config.capture.redirect_address, config.proxy.outbound_port, config.state_dir,
                            proxy_cgroup, config.capture.pods_cgroup,
-                           config.capture.bpffs_dir or default_bpffs_dir(config.node.name))
+                           config.capture.bpffs_dir or default_bpffs_dir(config.node.name),
+                           passthrough_deny=config.policy.outbound_passthrough == "DENY")
     if mode == "ebpf-tc":
         from agent.capture.tc_mode import TcCapture  # compiles in a child process: no bcc here
 
-        return TcCapture(config.proxy.bind_address, config.proxy.outbound_port, config.state_dir)
+        return TcCapture(config.proxy.bind_address, config.proxy.outbound_port, config.state_dir,
+                         passthrough_deny=config.policy.outbound_passthrough == "DENY")
     if mode == "iptables":
         from agent.capture.tproxy_mode import TproxyCapture
 
-        return TproxyCapture(config.proxy.bind_address, config.proxy.outbound_port)
+        return TproxyCapture(config.proxy.bind_address, config.proxy.outbound_port,
+                             passthrough_deny=config.policy.outbound_passthrough == "DENY")
     raise ValueError(f"capture mode {mode!r} is not implemented")
 
 

@@ -1,5 +1,6 @@
 """The ebpf-connect program set as the agent holds it: a pinned set (agent.bpf.pinned) plus what its
-maps mean — reason counters, capture CIDRs, each pod's inbound mode and plaintext counts.
+maps mean — reason counters, capture CIDRs, the mesh's destinations, node settings, each pod's inbound
+mode and plaintext counts.
 
 ``ConnectSet.open`` checks each map against capture's ctypes mirror (agent.capture.abi). Imports no bcc.
 """
@@ -22,7 +23,12 @@ COUNTERS = "tcpmesh_counters"
 CIDRS = "tcpmesh_capture_cidrs"
 INBOUND_MODE = "tcpmesh_inbound_mode"
 PLAINTEXT = "tcpmesh_plaintext"
-LAYOUTS = {name: (ctypes.sizeof(key), ctypes.sizeof(value)) for name, (key, value) in abi.MAPS.items()}
+MESH_DSTS = "tcpmesh_mesh_dsts"
+SETTINGS = "tcpmesh_settings"
+EGRESS = "tcpmesh_egress"
+# every pinned map's (key, value) size; ring buffers have neither
+LAYOUTS = {**{name: (ctypes.sizeof(key), ctypes.sizeof(value)) for name, (key, value) in abi.MAPS.items()},
+           **{name: (0, 0) for name in abi.RINGBUF_MAPS}}
 
 
 class ConnectSet(PinnedSet):
@@ -46,6 +52,31 @@ class ConnectSet(PinnedSet):
             key = abi.CidrKey.from_buffer_copy(raw)
             if (key.prefixlen, key.ip4) not in entries:
                 self.libbpf.map_delete(fd, raw, CIDRS)
+
+    def write_mesh_dsts(self, entries: dict[bytes, int]) -> None:
+        """Make tcpmesh_mesh_dsts hold exactly ``entries`` ({bytes(DstKey): kind}): new entries go in
+        before stale ones come out, so a destination that stays in the mesh is never missing."""
+        fd = self.map_fd(MESH_DSTS)
+        for key, kind in entries.items():
+            self.libbpf.map_update(fd, key, bytes(abi.DstValue(kind=kind)), MESH_DSTS)
+        for raw in self.libbpf.map_keys(fd, ctypes.sizeof(abi.DstKey), MESH_DSTS):
+            if raw not in entries:
+                self.libbpf.map_delete(fd, raw, MESH_DSTS)
+
+    def mesh_dsts(self) -> dict[bytes, int]:
+        """{bytes(DstKey): kind}, what tcpmesh_mesh_dsts holds (doctor and tests)."""
+        fd = self.map_fd(MESH_DSTS)
+        out = {}
+        for raw in self.libbpf.map_keys(fd, ctypes.sizeof(abi.DstKey), MESH_DSTS):
+            value = self.libbpf.map_lookup(fd, raw, ctypes.sizeof(abi.DstValue), MESH_DSTS)
+            if value is not None:
+                out[raw] = abi.DstValue.from_buffer_copy(value).kind
+        return out
+
+    def write_settings(self, flags: int) -> None:
+        """The node-wide switches of tcpmesh_settings (abi.SETTING_*)."""
+        self.libbpf.map_update(self.map_fd(SETTINGS), bytes(ctypes.c_int(0)), bytes(abi.Settings(flags=flags)),
+                               SETTINGS)
 
     def set_inbound_mode(self, cgroup_id: int, mode: int) -> None:
         """STRICT or PERMISSIVE for the pod whose cgroup has ``cgroup_id`` (the directory's inode)."""

@@ -27,7 +27,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -40,6 +40,7 @@ from agent.bpf.maps import check_layout
 from agent.capture import abi, steering
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
 from agent.capture.interface import ListenerRequirements
+from agent.capture.meshdsts import ipv4_mesh_cidrs
 from agent.capture.netns import describe, ipr, netlink_call
 from agent.capture.origin import Origin
 from agent.capture.transparent import TransparentOrigins, lookup_address
@@ -86,10 +87,12 @@ class TcCapture:
     name = "ebpf-tc"
     listener = ListenerRequirements(transparent=True)
     inbound = None  # no kernel enforcement of STRICT in this mode
+    egress = None  # no kernel events of connects outside the mesh
 
     def __init__(self, listen_address: str, listen_port: int, state_dir: str, *, netns: str | None = None,
                  capture_cidrs: Sequence[str] = DEFAULT_CAPTURE_CIDRS, bypass_cidrs: Sequence[str] = (),
-                 source_dir: str | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 source_dir: str | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 passthrough_deny: bool = False) -> None:
         self.listen_address = listen_address
         self.listen_port = int(listen_port)
         self.state_dir = state_dir
@@ -97,6 +100,12 @@ class TcCapture:
         self._capture_cidrs = tuple(capture_cidrs)
         self._bypass_cidrs = tuple(bypass_cidrs)
         lpm_entries(self._capture_cidrs, self._bypass_cidrs)  # validate now, not at start()
+        # the mesh's /32s once a registry snapshot named them; until then every capture CIDR (the
+        # proxy refuses what is not in the mesh: fail closed)
+        self._mesh: tuple[str, ...] | None = None
+        # policy.outbound_passthrough DENY: a packet-level mode cannot refuse at connect(), so it keeps
+        # steering the whole scope and the proxy refuses what is not in the mesh (reset, NR)
+        self._passthrough_deny = passthrough_deny
         self.source_dir = Path(source_dir) if source_dir else sources.bpf_dir()
         self.max_connections = max_connections
         self._origins = TransparentOrigins()
@@ -186,11 +195,22 @@ class TcCapture:
         """{workload key: interface}, a snapshot for `doctor` and tests."""
         return {key: ifname for key, (_, ifname) in sorted(self._attached.items())}
 
+    def set_mesh_destinations(self, workloads: Iterable[Workload]) -> None:
+        """Only the mesh is captured: the IPv4 workload addresses inside the capture CIDRs, each a /32.
+        Every other destination is left alone (it leaves from the pod; the proxy never dials it) —
+        unless passthrough is DENY: then the whole scope stays steered and the proxy refuses it."""
+        if self._passthrough_deny:
+            return
+        self._mesh = tuple(ipv4_mesh_cidrs((w.ip for w in workloads), self._capture_cidrs, self._bypass_cidrs))
+        if self._loaded is not None:
+            self.refresh_local_addresses()
+
     def refresh_local_addresses(self) -> None:
         """Re-read the node's addresses: never captured, and not an origin (swapped whole)."""
         self._require_started()
         local = steering.local_addresses(self.netns)
-        self._write_cidrs(cidr_entries(self._capture_cidrs, self._bypass_cidrs, local))
+        capture, bypass = (self._capture_cidrs, self._bypass_cidrs) if self._mesh is None else (self._mesh, ())
+        self._write_cidrs(cidr_entries(capture, bypass, local))
         self._origins.local = local
 
     def _release(self, link: tuple[int, str]) -> None:

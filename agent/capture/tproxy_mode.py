@@ -16,14 +16,16 @@ namespace (every backend). Must not import bcc, the proxy or telemetry packages.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from agent.capture import abi, steering
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS
 from agent.capture.interface import ListenerRequirements
-from agent.capture.netfilter import BACKEND_ORDER, Backend, NetfilterError, backend, spec_for
+from agent.capture.meshdsts import ipv4_mesh_cidrs
+from agent.capture.netfilter import BACKEND_ORDER, Backend, NetfilterError, backend, cidr_rules, spec_for
 from agent.capture.netns import describe
 from agent.capture.origin import Origin
 from agent.capture.transparent import TransparentOrigins
@@ -37,12 +39,15 @@ class TproxyCapture:
     name = "iptables"
     listener = ListenerRequirements(transparent=True)
     inbound = None  # no kernel enforcement of STRICT in this mode
+    egress = None  # no kernel events of connects outside the mesh
 
     def __init__(self, listen_address: str, listen_port: int, *, netns: str | None = None,
                  backends: Sequence[str] = BACKEND_ORDER, capture_cidrs: Sequence[str] = DEFAULT_CAPTURE_CIDRS,
-                 bypass_cidrs: Sequence[str] = ()) -> None:
+                 bypass_cidrs: Sequence[str] = (), passthrough_deny: bool = False) -> None:
         self.netns = netns
         self.spec = spec_for(listen_address, listen_port, abi.STEER_MARK, capture_cidrs, bypass_cidrs)
+        self._scope = (tuple(capture_cidrs), tuple(bypass_cidrs))  # what set_mesh_destinations narrows
+        self._passthrough_deny = passthrough_deny  # then the whole scope stays steered (see TcCapture)
         self.backend_order = tuple(backends)
         for name in self.backend_order:
             backend(name)  # unknown names fail here, not at start()
@@ -79,6 +84,18 @@ class TproxyCapture:
         self._origins.local = steering.local_addresses(self.netns)
         log.info("iptables mode: TPROXY rules installed with %s%s", self.backend.name,
                  "".join(f"; {n} failed: {e}" for n, e in self.backend_errors.items()))
+
+    def set_mesh_destinations(self, workloads: Iterable[Workload]) -> None:
+        """Only the mesh is captured: one rule per IPv4 workload address inside the capture CIDRs
+        (the capture chain is rebuilt in one transaction; the interface set is kept). Every other
+        destination is left alone: it leaves from the pod, the proxy never dials it — unless
+        passthrough is DENY: then the whole scope stays steered and the proxy refuses it."""
+        if self._passthrough_deny:
+            return
+        mesh = ipv4_mesh_cidrs((w.ip for w in workloads), *self._scope)
+        self.spec = dataclasses.replace(self.spec, cidr_rules=cidr_rules(mesh))
+        if self.backend is not None:
+            self.backend.install(self.spec)
 
     def attach(self, workload: Workload) -> None:
         backend_ = self._require_started()

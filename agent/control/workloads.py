@@ -2,8 +2,9 @@
 to this node's capture and identities — from the registry file (polled) or the admin socket.
 
 Changes are applied as a plan (agent.registry.overlay.plan_local): identities are issued first, so
-the first captured connection finds its certificate; then removed workloads are detached and new
-ones attached; then the new snapshot is swapped in with one assignment. A change that cannot be
+the first captured connection finds its certificate; then the capture learns the mesh's
+destinations (every workload address: only connects to them are captured); then removed workloads
+are detached and new ones attached; then the new snapshot is swapped in with one assignment. A change that cannot be
 applied as a whole from the admin socket is rolled back and reported; a broken registry file leaves
 the previous snapshot in force and is logged and counted.
 """
@@ -133,6 +134,7 @@ class WorkloadController:
         plan = plan_local(old, new, self.node_name)
         if old is None or old.identities_on(self.node_name) != new.identities_on(self.node_name):
             self.identities.ensure(new.identities_on(self.node_name))
+        self.capture.set_mesh_destinations(new.workloads)  # before attaching: a pod's first connect knows the mesh
         for workload in plan.detach:
             self.capture.detach(workload)
             self.attach_failures.pop(workload.key, None)
@@ -159,6 +161,7 @@ class WorkloadController:
         for workload in detached:
             self.capture.attach(workload)
         if old is not None:
+            self.capture.set_mesh_destinations(old.workloads)
             self.identities.ensure(old.identities_on(self.node_name))
 
     # -- files ----------------------------------------------------------------------------------

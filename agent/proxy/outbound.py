@@ -3,8 +3,10 @@
 Per connection: recover the original destination and the client process (from the capture),
 route it (agent.proxy.routing), take a tcpmesh/2 tunnel to the destination node from the pool —
 dialled with the source workload's SVID and checked against the destination's SPIFFE ID (secure
-naming) when it was opened — open a stream on it, wait for STATUS, then relay. Destinations outside
-the mesh pass through in plaintext. Every outcome is recorded on the flow, counted, and logged once.
+naming) when it was opened — open a stream on it, wait for STATUS, then relay. The outbound proxy
+never dials a destination outside the mesh: the capture does not send it such connections (they
+leave from the pod itself), and one that arrives anyway is refused. Every outcome is recorded on
+the flow, counted, and logged once.
 """
 
 from __future__ import annotations
@@ -71,16 +73,12 @@ class OutboundProxy:
         counted = None  # (limits, identity) while this connection counts against agent.proxy.limits
         try:
             route = self._route(app, flow)
-            if route.kind is RouteKind.PASSTHROUGH and not self._ctx.passthrough_allowed:
-                route = OutboundRoute(RouteKind.REJECT, route.source, flag=F.FLAG_DENY,
-                                      reason=f"{flow.destination_ip}:{flow.destination_port} is outside the mesh "
-                                             "and policy.outbound_passthrough is DENY")
             if route.kind is RouteKind.REJECT:
                 flow.fail(route.flag, route.reason)
                 log.warning("refusing captured connection: %s", route.reason)
                 app.reset()
                 return
-            flow.security = F.SECURITY_MTLS if route.kind is RouteKind.MESH else F.SECURITY_NONE
+            flow.security = F.SECURITY_MTLS
             limits = self._ctx.limits.get(F.REPORTER_SOURCE)
             if limits is not None:
                 hit = limits.try_acquire(flow.source_principal)
@@ -90,10 +88,7 @@ class OutboundProxy:
                     return
                 counted = (limits, flow.source_principal)
             self._ctx.flow_opened(flow)
-            if route.kind is RouteKind.PASSTHROUGH:
-                dialed = await self._dial_plain(flow)
-            else:
-                dialed = await self._open_stream(route, flow, flow_id)
+            dialed = await self._open_stream(route, flow, flow_id)
             if dialed is None:
                 app.reset()
                 return
@@ -126,18 +121,6 @@ class OutboundProxy:
         flow.set_source(route.source)
         flow.set_destination(route.destination)
         return route
-
-    async def _dial_plain(self, flow: F.Flow) -> tuple[PlainLeg, bytes] | None:
-        try:
-            async with asyncio.timeout(self._ctx.connect_timeout):  # no extra task, unlike wait_for
-                _, leg = await self._ctx.loop.create_connection(lambda: PlainLeg(start_paused=True),
-                                                                flow.destination_ip, flow.destination_port)
-            return leg, b""
-        except TimeoutError:
-            flow.fail(F.FLAG_UPSTREAM_TIMEOUT, "timed out connecting to a destination outside the mesh")
-        except OSError as exc:
-            flow.fail(F.FLAG_UPSTREAM_FAILURE, f"passthrough connect failed: {exc.strerror or exc}")
-        return None
 
     async def _open_stream(self, route: OutboundRoute, flow: F.Flow, flow_id: bytes) -> tuple[Stream, bytes] | None:
         """A stream to the destination after its STATUS OK, on a pooled tunnel; None (reason on the flow) if refused."""

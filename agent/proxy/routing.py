@@ -1,7 +1,11 @@
 """Where a captured connection goes: pure decisions over a registry snapshot.
 
 Outbound: from the client's address and its original destination, decide mesh tunnel (to which
-node, expecting which identity), plain passthrough (destination outside the mesh), or refusal.
+node, expecting which identity) or refusal. There is no passthrough: the agent never dials a
+destination outside the mesh on a pod's behalf (the capture leaves such connects alone, so they
+leave from the pod itself; docs/security.md). A captured connection to a destination that is not a
+workload of the registry — the kernel's mesh map and the registry disagreeing for a moment, or a
+new maps directory before the first snapshot — is refused.
 Inbound: whether a CONNECT names a workload of this node served under the identity the client asked
 for by SNI.
 """
@@ -18,7 +22,6 @@ from agent.registry.model import Registry, Workload
 
 class RouteKind(enum.Enum):
     MESH = "mesh"
-    PASSTHROUGH = "passthrough"
     REJECT = "reject"
 
 
@@ -40,7 +43,10 @@ def route_outbound(registry: Registry, node_name: str, client_ip: str, dest_ip: 
                              reason=f"client {client_ip} is not a workload of node {node_name} in the registry")
     destination = registry.by_ip(dest_ip)
     if destination is None:
-        return OutboundRoute(RouteKind.PASSTHROUGH, source)
+        return OutboundRoute(RouteKind.REJECT, source, flag=F.FLAG_NO_ROUTE,
+                             reason=f"{dest_ip}:{dest_port} is not in the mesh; tcpmesh never dials a destination "
+                                    "outside the mesh for a pod (the capture lets such connects leave from the pod "
+                                    "itself once it knows the registry)")
     node = registry.node_of(destination)
     if node is None:
         return OutboundRoute(RouteKind.REJECT, source, destination, flag=F.FLAG_NO_ROUTE,

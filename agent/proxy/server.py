@@ -62,7 +62,6 @@ class ProxyContext:
     inbound_port: int
     connect_timeout: float
     policy: PolicySource | None = None  # None: every mesh connection is allowed
-    passthrough_allowed: bool = True  # destinations outside the mesh (egress policy)
     tasks: set[asyncio.Task] = field(default_factory=set)
     relays: dict[Relay, F.Flow] = field(default_factory=dict)  # running relays and their flows
     tcp_stats: SocketStats | None = None  # registers each flow's sockets

@@ -42,6 +42,12 @@ class FlowTable:
         if self.access_log is not None:
             self.access_log.submit(access_record("close", flow))
 
+    def egress(self, flow: Flow) -> None:
+        """A connect outside the mesh the kernel reported: listed with the closed flows, one ``egress`` record."""
+        self._closed.append((next(self._close_seq), flow))
+        if self.access_log is not None:
+            self.access_log.submit(access_record("egress", flow))
+
     def snapshot(self) -> list[dict]:
         """Open flows first, then closed ones, newest last."""
         return [f.record() for f in list(self._open.values())] + [f.record() for _, f in list(self._closed)]

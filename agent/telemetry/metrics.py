@@ -22,6 +22,8 @@ from agent.connection.flow import FLAG_NONE, METRIC_LABELS, UNKNOWN, Flow
 # The labels of series that must not change while a flow is open (response_flags may): all but the last.
 OPEN_LABELS = tuple(name for name in METRIC_LABELS if name != "response_flags")
 OPEN_LABEL_COUNT = len(OPEN_LABELS)  # METRIC_LABELS ends with response_flags: open values are a prefix
+# tcpmesh_egress_outside_mesh: who connected, and the kernel's decision (no destination: never a 5-tuple)
+EGRESS_LABELS = ("source_workload", "source_workload_namespace", "source_principal", "decision")
 PAIR_LABELS = ("reporter", "source_workload", "source_workload_namespace", "source_principal",
                "destination_workload", "destination_workload_namespace", "destination_principal")
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -114,13 +116,18 @@ class Metrics:
         for reporter in ("source", "destination"):
             for limit in ("total", "per_identity"):
                 self.connection_limit_hits.labels(reporter, limit)
+        self.egress_outside_mesh = Counter(
+            "tcpmesh_egress_outside_mesh", "TCP connects from pods to destinations outside the mesh, seen by the "
+            "kernel's connect hook and never proxied: decision allow = left from the pod itself, deny = refused "
+            "at connect() (policy.outbound_passthrough DENY)", EGRESS_LABELS, registry=registry)
         # Series bookkeeping, so that a departed workload's series can be removed; it doubles as a cache of
         # the labelled children (prometheus_client's labels() validates and locks on every call).
         self._flow_metrics = (self.connections_opened, self.connections_closed, self.connections_failed,
                               self.open_connections, self.sent_bytes, self.received_bytes)
         self._names = {m: METRIC_LABELS for m in self._flow_metrics}
         self._names[self.open_connections] = OPEN_LABELS
-        self._series: dict[object, dict[tuple[str, ...], object]] = {m: {} for m in self._flow_metrics}
+        self._names[self.egress_outside_mesh] = EGRESS_LABELS
+        self._series: dict[object, dict[tuple[str, ...], object]] = {m: {} for m in self._names}
         # id(flow) of an open flow → [received, sent counted, flags, received/sent children, its
         # open_connections label values]: one entry per open flow (a dict entry and an int key cost ~80 B)
         self._live: dict[int, list] = {}
@@ -176,6 +183,11 @@ class Metrics:
             self._track(self.connections_failed, values).inc()
         if self._known is not None and not _flow_workloads(flow) <= self._known:
             self.prune()  # a flow of a workload that already left: its series go now
+
+    def egress(self, flow: Flow) -> None:
+        """A connect outside the mesh the kernel reported (agent.telemetry.egress): counted, never proxied."""
+        self._track(self.egress_outside_mesh, (flow.source_workload, flow.source_namespace, flow.source_principal,
+                                               flow.decision)).inc()
 
     # -- cardinality --------------------------------------------------------------------------------
     def retain(self, workloads: Iterable[WorkloadKey]) -> None:

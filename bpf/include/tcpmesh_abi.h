@@ -27,8 +27,12 @@
  *    hashing at connect; released when the socket closes (sockops STATE_CB, on for captured
  *    sockets only); the hand-over in a slot array too (tcpmesh_handover_slots), tcpmesh_peer_origin
  *    where a slot is in use; tcpmesh_sock_origin gone; reasons 21-24. struct tcpmesh_origin is unchanged: records of ABI 3 and 4
- *    have the same layout (TCPMESH_ORIGIN_LAYOUT_SINCE). */
-#define TCPMESH_ABI_VERSION 4
+ *    have the same layout (TCPMESH_ORIGIN_LAYOUT_SINCE).
+ * 5: only destinations in the mesh are captured (tcpmesh_mesh_dsts, struct tcpmesh_dst_key of
+ *    both families); every other TCP connect leaves from the pod itself, refused at connect() when
+ *    tcpmesh_settings says TCPMESH_SETTING_PASSTHROUGH_DENY, and reported as one struct
+ *    tcpmesh_egress_event in the ring buffer tcpmesh_egress; reasons 25-27. */
+#define TCPMESH_ABI_VERSION 5
 /* The first ABI version whose struct tcpmesh_origin has the layout below: a reader accepts records
  * from TCPMESH_ORIGIN_LAYOUT_SINCE to TCPMESH_ABI_VERSION (during an upgrade the previous set's
  * getsockopt hook may still answer). */
@@ -148,6 +152,67 @@ enum tcpmesh_cidr_action {
 	TCPMESH_CIDR_CAPTURE = 1,
 };
 
+/* ---- the mesh's destinations and egress outside it (docs/capture.md, "Only the mesh") -------- */
+
+/*
+ * Key of the LPM trie tcpmesh_mesh_dsts: which destinations are in the mesh. One layout for both
+ * families and for three kinds of entry; ``prefixlen`` counts the bits after it that must match:
+ *   a prefix of either family          32 + prefix length     (family, pad, then address bits)
+ *   one address, any port              32 + 128 (IPv4 too: its addr[1..3] are always 0)
+ *   one address and one port           32 + 128 + 16          (Service addresses, later)
+ * The connect hooks look up the full key (address and port of the connect), so the longest entry
+ * wins: address+port before address before prefix.
+ */
+struct tcpmesh_dst_key {
+	__u32 prefixlen;    /*  0: see above */
+	__u8 family;        /*  4: TCPMESH_DST_INET or TCPMESH_DST_INET6 */
+	__u8 pad[3];        /*  5: always 0 */
+	__u32 addr[4];      /*  8: network order; IPv4 in addr[0], addr[1..3] = 0 */
+	__u16 port;         /* 24: network order */
+	__u16 pad2;         /* 26: always 0 (never matched: prefixlen <= TCPMESH_DST_KEY_BITS) */
+};                      /* 28 bytes */
+
+#define TCPMESH_DST_INET 4
+#define TCPMESH_DST_INET6 6
+#define TCPMESH_DST_ADDR_BITS (32 + 128)      /* prefixlen of "one address, any port" */
+#define TCPMESH_DST_KEY_BITS (32 + 128 + 16)  /* prefixlen of "one address and port"; lookups use it */
+
+/* Value of tcpmesh_mesh_dsts. */
+struct tcpmesh_dst_value {
+	__u32 kind;         /* 0: enum tcpmesh_dst_kind */
+};                      /* 4 bytes */
+
+enum tcpmesh_dst_kind {
+	TCPMESH_DST_OUTSIDE = 0,   /* a hole in a longer-prefixed entry: outside the mesh */
+	TCPMESH_DST_WORKLOAD = 1,  /* a workload address of the registry: captured */
+	TCPMESH_DST_SERVICE = 2,   /* a Service address (+port): captured */
+};
+
+/* Value of tcpmesh_settings (an array with one entry, key 0): node-wide switches the agent sets
+ * from its config before it attaches anything. */
+struct tcpmesh_settings {
+	__u32 flags;        /* 0: TCPMESH_SETTING_* */
+};                      /* 4 bytes */
+
+/* policy.outbound_passthrough: DENY — a TCP connect to a destination outside the mesh fails with
+ * EPERM in the connect hook (otherwise it leaves from the pod, untouched). */
+#define TCPMESH_SETTING_PASSTHROUGH_DENY 1
+
+/* One TCP connect from a pod to a destination outside the mesh, allowed or denied, as the connect
+ * hook saw it; records of the ring buffer tcpmesh_egress, read by the agent (telemetry only: the
+ * connection itself never touches the agent). */
+struct tcpmesh_egress_event {
+	__u64 cgroup_id;    /*  0: cgroup v2 id of the connecting task */
+	__u32 pid;          /*  8: tgid (init pid namespace) */
+	__u32 uid;          /* 12: init user namespace */
+	__u32 addr[4];      /* 16: destination, network order; IPv4 in addr[0] */
+	__u16 port;         /* 32: destination port, network order */
+	__u8 family;        /* 34: TCPMESH_DST_INET or TCPMESH_DST_INET6 */
+	__u8 denied;        /* 35: 1 = refused at connect() (passthrough DENY), 0 = let through */
+	__u32 pad;          /* 36: always 0 */
+	char comm[TCPMESH_COMM_LEN]; /* 40: task comm, NUL-padded */
+};                      /* 56 bytes */
+
 /* ---- inbound mTLS mode (PeerAuthentication, docs/policy.md) -------------------------------- */
 
 /* Value of tcpmesh_inbound_mode (key: the pod's cgroup id). A pod without an entry is PERMISSIVE. */
@@ -173,7 +238,8 @@ struct tcpmesh_plaintext {
 /* Append only; never renumber or reuse a code. agent/capture/abi.py mirrors the names. */
 enum tcpmesh_reason {
 	TCPMESH_R_CAPTURED = 0,            /* connect4: destination rewritten to the redirect address */
-	TCPMESH_R_NOT_CAPTURED = 1,        /* connect4: IPv4 TCP, destination outside the capture CIDRs */
+	TCPMESH_R_NOT_CAPTURED = 1,        /* connect4: IPv4 TCP, destination outside the capture CIDRs
+	                                      (capture.bypass: never captured, no event) */
 	TCPMESH_R_NOT_TCP = 2,             /* connect4: not a TCP stream socket (UDP connect, ...) */
 	TCPMESH_R_LOOPBACK = 3,            /* connect4: 127.0.0.0/8, never captured */
 	TCPMESH_R_TO_REDIRECT = 4,         /* connect4: destination is the redirect address itself */
@@ -206,7 +272,12 @@ enum tcpmesh_reason {
 	                                      record went to tcpmesh_peer_origin instead */
 	TCPMESH_R_HANDOVER_RECLAIMED = 24, /* sockops: a hand-over slot nobody answered within
 	                                      TCPMESH_HANDOVER_TTL_NS was reused (its proxy was gone) */
-	TCPMESH_R_MAX = 25,
+	TCPMESH_R_OUTSIDE_MESH_ALLOWED = 25, /* connect4/6: TCP to a destination outside the mesh, left
+	                                      alone: it leaves from the pod itself */
+	TCPMESH_R_OUTSIDE_MESH_DENIED = 26, /* connect4/6: the same refused with EPERM (passthrough DENY) */
+	TCPMESH_R_EGRESS_EVENT_LOST = 27,  /* connect4/6: tcpmesh_egress was full: no event for a connect
+	                                      outside the mesh (the decision was still made and counted) */
+	TCPMESH_R_MAX = 28,
 };
 
 /* Entries of the tcpmesh_counters map: room for appended reasons without changing the map. */

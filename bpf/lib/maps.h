@@ -19,6 +19,10 @@
 #ifndef TCPMESH_MAX_CIDRS
 #define TCPMESH_MAX_CIDRS 1024
 #endif
+#ifndef TCPMESH_MAX_MESH_DSTS
+#define TCPMESH_MAX_MESH_DSTS 65536
+#endif
+#define TCPMESH_EGRESS_RING_BYTES (256 * 1024) /* a power of two pages: ~4,600 events of 56 (+8) bytes */
 
 /*
  * Pinning (docs/capture.md, "Pinned objects"): the loader passes -DTCPMESH_MAPS_DIR="<bpffs dir>/
@@ -120,6 +124,53 @@ TCPMESH_MAP("lru_hash", struct tcpmesh_peer_key, struct tcpmesh_origin, tcpmesh_
  */
 TCPMESH_MAP("lpm_trie", struct tcpmesh_cidr_key, struct tcpmesh_cidr_value, tcpmesh_capture_cidrs,
 	    TCPMESH_MAX_CIDRS, TCPMESH_NO_PREALLOC);
+
+/*
+ * tcpmesh_mesh_dsts: LPM trie, struct tcpmesh_dst_key -> struct tcpmesh_dst_value: the destinations
+ * in the mesh (the registry's workload addresses; later Service addresses and ports).
+ *   writer:   user space only (ConnectCapture.set_mesh_destinations, from every registry snapshot,
+ *             before the workloads of that snapshot are attached; new entries in before stale out).
+ *   reader:   cgroup/connect4 and connect6 on pod cgroups: a TCP destination inside the capture
+ *             CIDRs is captured only when it matches an entry of a kind other than OUTSIDE; every
+ *             other connect leaves from the pod untouched (or is refused: tcpmesh_settings).
+ *   eviction: none; user space owns the content (it refuses more than fit).
+ */
+TCPMESH_MAP("lpm_trie", struct tcpmesh_dst_key, struct tcpmesh_dst_value, tcpmesh_mesh_dsts,
+	    TCPMESH_MAX_MESH_DSTS, TCPMESH_NO_PREALLOC);
+
+/*
+ * tcpmesh_settings: array, one struct tcpmesh_settings at key 0: node-wide switches.
+ *   writer:   user space (ConnectCapture.load(), from the config, before anything is attached).
+ *   reader:   cgroup/connect4 and connect6 for a destination outside the mesh. A missing entry
+ *             cannot happen (an array); a zeroed one means passthrough ALLOW.
+ */
+TCPMESH_MAP("array", int, struct tcpmesh_settings, tcpmesh_settings, 1, 0);
+
+/*
+ * tcpmesh_egress: ring buffer of struct tcpmesh_egress_event, one per TCP connect to a destination
+ * outside the mesh (allowed or denied).
+ *   writer:   cgroup/connect4 and connect6 (bpf_ringbuf_reserve/submit; full: the connect is
+ *             decided anyway and counted as egress_event_lost).
+ *   reader:   the agent (agent/capture/egress.py, libbpf's ring_buffer over the pinned map),
+ *             feeding tcpmesh_egress_outside_mesh_total and the access log.
+ * Declared by hand: bcc's BPF_RINGBUF_OUTPUT cannot be pinned, but its frontend reads the pin
+ * path after the ':' of any "maps/<type>" section, as BPF_TABLE_PINNED does.
+ */
+struct tcpmesh_egress_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+#ifdef TCPMESH_MAPS_DIR
+__attribute__((section("maps/ringbuf:" TCPMESH_MAPS_DIR "/tcpmesh_egress")))
+#else
+__attribute__((section("maps/ringbuf")))
+#endif
+struct tcpmesh_egress_table_t tcpmesh_egress = { .max_entries = TCPMESH_EGRESS_RING_BYTES };
 
 /*
  * tcpmesh_counters: per-CPU array indexed by enum tcpmesh_reason.

@@ -24,6 +24,24 @@ static __always_inline void tcpmesh_fill_origin(struct bpf_sock_addr *ctx, __u32
 	bpf_get_current_comm(&origin->comm, sizeof(origin->comm));
 }
 
+/* connect4/6 context: the event of a connect to a destination outside the mesh. */
+static __always_inline void tcpmesh_fill_egress_event(struct bpf_sock_addr *ctx, __u8 family, const __u32 *addr,
+						      int denied, struct tcpmesh_egress_event *event)
+{
+	event->cgroup_id = bpf_get_current_cgroup_id();
+	event->pid = bpf_get_current_pid_tgid() >> 32;
+	event->uid = (__u32)bpf_get_current_uid_gid();
+	event->addr[0] = addr[0];
+	event->addr[1] = addr[1];
+	event->addr[2] = addr[2];
+	event->addr[3] = addr[3];
+	event->port = (__u16)ctx->user_port;
+	event->family = family;
+	event->denied = denied ? 1 : 0;
+	event->pad = 0;
+	bpf_get_current_comm(&event->comm, sizeof(event->comm));
+}
+
 /* connect4/connect6 context: set the peer address. ``mapped`` (a constant after inlining, so the
  * other family's ctx fields are never touched) selects ::ffff:a.b.c.d for AF_INET6 sockets. */
 static __always_inline void tcpmesh_set_peer(struct bpf_sock_addr *ctx, int mapped, __u32 ip4, __u32 port_be)

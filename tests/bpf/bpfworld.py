@@ -20,6 +20,18 @@ POD_IP = "10.200.1.2"
 REDIRECT_PORT = 15001
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
+# The tier's mesh: every destination in 10.77.0.0/16 is a workload (tcpmesh_mesh_dsts); anything
+# else a test dials is outside the mesh, never redirected.
+MESH_PREFIX = "10.77.0.0/16"
+
+
+def mesh_capture(*args, **kwargs):
+    """A ConnectCapture whose mesh is MESH_PREFIX (the tier's usual world)."""
+    from agent.capture import ConnectCapture
+    from agent.capture.meshdsts import destination
+
+    kwargs.setdefault("mesh_destinations", [destination(MESH_PREFIX)])
+    return ConnectCapture(*args, **kwargs)
 
 
 # ---- the node/pod pair -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.bpf.bpfworld import NETNS_DIR, NODE_IP, REDIRECT_PORT, Client, plumb_node_and_pod, remove_namespaces
+from tests.bpf.bpfworld import NETNS_DIR, NODE_IP, REDIRECT_PORT, Client, mesh_capture, plumb_node_and_pod, remove_namespaces
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,9 @@ def bpffs_dir(bpf_capable):
 def capture(bpffs_dir, tmp_path_factory):
     """One program set for the module, loaded by the loader process and pinned in ``bpffs_dir``;
     tests reset its CIDRs and use counter deltas. Whatever it attached is detached afterwards."""
-    from agent.capture import ConnectCapture
 
-    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path_factory.mktemp("state"),
-                         bpffs_dir=bpffs_dir)
+    cap = mesh_capture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path_factory.mktemp("state"),
+                       bpffs_dir=bpffs_dir)
     cap.load()
     try:
         yield cap

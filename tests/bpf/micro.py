@@ -26,7 +26,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, OriginAcceptor, _enter, plumb_node_and_pod, remove_namespaces
+from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, OriginAcceptor, _enter, mesh_capture, plumb_node_and_pod, remove_namespaces
 
 CAPTURED = ("10.77.2.10", 5432)
 STRAIGHT = (NODE_IP, REDIRECT_PORT)
@@ -61,7 +61,6 @@ def _loop(pod_ns: str, cgroup: Path, target: tuple[str, int], count: int) -> dic
 
 def measure(connects: int, blocks: int, max_connections: int = 65536) -> dict:
     from agent.bpf import pins
-    from agent.capture import ConnectCapture
     from agent.host.checks import find_cgroup2_mount
     from bench import bpfstats
     from tests.conftest import remove_cgroup_tree
@@ -76,8 +75,8 @@ def measure(connects: int, blocks: int, max_connections: int = 65536) -> dict:
             (root / sub).mkdir(parents=True, exist_ok=True)
         node_ns, pod_ns = f"tmmic-n-{tag}", f"tmmic-p-{tag}"
         plumb_node_and_pod(node_ns, pod_ns, f"tmmh{tag}", f"tmmp{tag}")
-        capture = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], f"/tmp/tcpmesh-micro-{tag}",
-                                 bpffs_dir=bpffs, max_connections=max_connections)
+        capture = mesh_capture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], f"/tmp/tcpmesh-micro-{tag}",
+                               bpffs_dir=bpffs, max_connections=max_connections)
         capture.load()
         capture.attach_proxy(root / "proxy")
         capture.attach_guard(root / "pods")

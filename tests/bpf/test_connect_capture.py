@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import ConnectCapture, abi, read_origin, read_original_dst
+from agent.capture import abi, read_origin, read_original_dst
 from agent.capture.connect_mode import ROLE_POD, ROLE_PROXY, hooks_for
 from agent.bpf.errors import BpfLoadError
 from agent.errors import ConfigError
-from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, socket_in
+from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, mesh_capture, socket_in
 
 REMOTE = ("10.77.2.10", 5432)
 SO_COOKIE = 57
@@ -470,7 +470,7 @@ def test_the_original_peer_is_shown_for_the_whole_connection(attached, topology,
 
 def test_attach_is_idempotent_close_keeps_it_and_detach_removes_it(capture, bpffs_dir, cgroups, tmp_path):
     """close() (the agent's orderly stop) leaves everything attached: fail closed, not open."""
-    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir)
+    cap = mesh_capture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir)
     cap.load()
     assert cap.adopted, "the module's pinned set has the same sources and flags: adopt it, compile nothing"
     cap.attach_pod(cgroups["pod"])
@@ -485,7 +485,7 @@ def test_attach_is_idempotent_close_keeps_it_and_detach_removes_it(capture, bpff
     cap.close()  # idempotent
     assert bpftool_cgroup(cgroups["pod"]).count("tcpmesh_conn4") == 1, "close() must not detach"
     assert "tcpmesh_sockopt" in bpftool_cgroup(cgroups["proxy"])
-    again = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir)
+    again = mesh_capture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir)
     again.load()
     try:
         again.attach_pod(cgroups["pod"])  # the same programs: EEXIST, nothing stacks
@@ -518,7 +518,7 @@ def test_removed_cgroup_counts_as_detached(capture, cgroups):
 
 
 def test_root_cgroup_is_refused(cgroup2_mount, tmp_path):
-    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)  # not loaded: nothing can attach
+    cap = mesh_capture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path)  # not loaded: nothing can attach
     with pytest.raises(ConfigError, match="root cgroup"):
         cap.attach_proxy(cgroup2_mount)
     with pytest.raises(ConfigError, match="root cgroup"):
@@ -530,8 +530,8 @@ def test_load_error_names_the_program_and_the_compiler_message(bpffs_dir, tmp_pa
     shutil.copytree(Path(__file__).resolve().parents[2] / "bpf", src)
     (src / "capture_connect.c").write_text((src / "capture_connect.c").read_text()
                                            .replace("return TCPMESH_ALLOW;\n}\n", "return nonsense;\n}\n", 1))
-    cap = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path / "state", source_dir=src,
-                         bpffs_dir=bpffs_dir)
+    cap = mesh_capture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path / "state", source_dir=src,
+                       bpffs_dir=bpffs_dir)
     with pytest.raises(BpfLoadError) as info:  # raised in the loader process, rebuilt in ours
         cap.load()
     assert info.value.stage == "compile"

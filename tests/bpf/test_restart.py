@@ -25,7 +25,7 @@ from agent.capture.connect_mode import ROLE_GUARD, ROLE_POD, ROLE_PROXY, hooks_f
 
 from agent.capture import ConnectCapture
 from agent.capture.connect_mode import HOOKS
-from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, LoopClient, OriginAcceptor, socket_in
+from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, LoopClient, OriginAcceptor, mesh_capture, socket_in
 from tests.bpf.test_connect_capture import REMOTE, bpftool_cgroup
 
 POD_HOOKS = tuple(h.program for h in hooks_for(ROLE_POD))
@@ -212,7 +212,7 @@ def assert_window_used(attempts: list, started: float, ended: float) -> None:
 
 def test_restart_with_the_same_sources_adopts_the_pinned_set(running, bpffs_dir, cgroups, topology, tmp_path):
     old, acceptor = running
-    again = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir)
+    again = mesh_capture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir)
     again.load()
     try:
         assert again.adopted and again.loader_result is None
@@ -236,8 +236,8 @@ def test_new_program_code_swaps_in_with_no_gap_and_shares_the_maps(running, bpff
     shutil.copytree(Path(__file__).resolve().parents[2] / "bpf", src)
     main = src / "capture_connect.c"
     main.write_text(main.read_text() + "\n/* a new version of the programs */\n")
-    new = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path / "state", source_dir=src,
-                         bpffs_dir=bpffs_dir)
+    new = mesh_capture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path / "state", source_dir=src,
+                       bpffs_dir=bpffs_dir)
     new.load()
     try:
         assert not new.adopted and new.loader_result.compiled
@@ -266,8 +266,8 @@ def test_new_maps_swap_keeps_every_pod_captured_and_guarded(running, bpffs_dir, 
     """A change of map layout (here: their size) gets new maps; the two-phase swap still leaves no
     moment where the pod is uncaptured or refused by a guard that does not know its new token."""
     old, acceptor = running
-    new = ConnectCapture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir,
-                         max_connections=4096)
+    new = mesh_capture(NODE_IP, REDIRECT_PORT, ["10.77.0.0/16"], tmp_path, bpffs_dir=bpffs_dir,
+                       max_connections=4096)
     new.load()
     try:
         assert new.pin_names().maps != old.pin_names().maps

@@ -186,3 +186,27 @@ def test_passthrough_deny_refuses_at_connect_and_says_who_tried(egress_lab):
         assert "error" not in meshed, meshed
     finally:
         set_passthrough(lab, "ALLOW")
+
+
+@pytest.mark.parametrize("mode", ["ebpf-tc", "iptables"])
+def test_the_packet_level_modes_leave_destinations_outside_the_mesh_alone_too(bpf_capable, mode):
+    """ebpf-tc and iptables steer by destination prefix: only the registry's workload addresses."""
+    name = f"eg{uuid.uuid4().hex[:6]}"
+    lab = recorder = None
+    try:
+        lab = Lab(name, labops.lab_up(name, 2, 1, "eg.tcpmesh", capture_mode=mode), mode)
+        node2 = lab.node(2)
+        recorder = PeerRecorder(node2.netns, (node2.wire_address, PEER_PORT))
+        result = connect_from(lab, "n1p1", node2.wire_address, PEER_PORT)
+        assert result.get("seen_as") == lab.pod("n1p1").ip, result
+        lab.start_server("n2p1", 7413, "echo")  # the mesh is still captured
+        meshed = lab.run_client("n1p1", f"{lab.pod('n2p1').ip}:7413", 1000, "echo")
+        assert "error" not in meshed, meshed
+        assert any(f.get("destination_workload") == "n2p1" and f.get("security") == "mutual_tls"
+                   for f in lab.flows(1)), lab.flows(1)
+    finally:
+        if recorder is not None:
+            recorder.close()
+        if lab is not None:
+            lab.stop_apps()
+        labops.lab_down(name)

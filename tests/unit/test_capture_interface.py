@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 
-from agent.capture.interface import Capture, InboundEnforcement
+from agent.capture.interface import Capture, EgressEvents, InboundEnforcement
 from agent.capture.modes import ConnectMode, NoCapture
 from agent.capture.tc_mode import TcCapture
 from agent.capture.tproxy_mode import TproxyCapture
@@ -25,7 +25,7 @@ def declared(protocol: type) -> tuple[set[str], set[str]]:
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.__name__)
 def test_every_mode_has_every_attribute_and_method_of_the_interface(mode):
     attributes, methods = declared(Capture)
-    assert attributes == {"name", "listener", "inbound"}
+    assert attributes == {"name", "listener", "inbound", "egress"}
     missing = [a for a in attributes | methods if not hasattr(mode, a)]
     assert missing == [], f"{mode.__name__} lacks {missing}"
     for method in methods:
@@ -39,3 +39,10 @@ def test_only_ebpf_connect_enforces_inbound_mode_in_the_kernel():
     assert all(callable(getattr(ConnectMode, m, None)) for m in methods)
     assert isinstance(inspect.getattr_static(ConnectMode, "inbound"), property)
     assert [m.__name__ for m in MODES if m.inbound is None] == ["NoCapture", "TcCapture", "TproxyCapture"]
+
+
+def test_only_ebpf_connect_reports_connects_outside_the_mesh_from_the_kernel():
+    _, methods = declared(EgressEvents)
+    assert methods == {"egress_reader"}
+    assert isinstance(inspect.getattr_static(ConnectMode, "egress"), property)
+    assert [m.__name__ for m in MODES if m.egress is None] == ["NoCapture", "TcCapture", "TproxyCapture"]

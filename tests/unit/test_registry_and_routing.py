@@ -61,8 +61,10 @@ def test_outbound_routes_mesh_destination_to_its_node():
     assert route.destination.name == "db"
 
 
-def test_outbound_passes_through_destinations_outside_the_mesh():
-    assert route_outbound(registry(), "node1", "10.77.1.10", "192.0.2.1", 443, 15008).kind is RouteKind.PASSTHROUGH
+def test_outbound_never_dials_destinations_outside_the_mesh():
+    route = route_outbound(registry(), "node1", "10.77.1.10", "192.0.2.1", 443, 15008)
+    assert route.kind is RouteKind.REJECT and route.flag == F.FLAG_NO_ROUTE
+    assert "192.0.2.1:443 is not in the mesh" in route.reason
 
 
 def test_outbound_refuses_clients_it_cannot_identify():
