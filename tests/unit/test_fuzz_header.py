@@ -1,48 +1,119 @@
 """Fuzzing the tcpmesh/2 stream header decoder (agent/proxy/header.py) with Hypothesis: 10,000 cases
-each for the CONNECT body and the STATUS body, half raw bytes, half TLV sequences built from the
-real types with wrong lengths, truncation and bit flips. The decoder may refuse (PeerProtocolError,
-the peer's fault) but never raise anything else, and what it accepts is always well-formed.
+each for the CONNECT body and the STATUS body.
+
+CONNECT bodies are built by ``body_from`` from the real TLVs (DEST, FLOW_ID, SOURCE, CLIENT_PROCESS,
+unknown non-critical types, in any order), and one in three is broken in exactly one place (a
+lying length, a wrong family, port 0, a missing DEST, an unknown critical type, a FLOW_ID or
+CLIENT_PROCESS of the wrong size, a body over the limit). Properties: a valid body decodes to exactly
+the values it was built from (an oracle independent of the decoder), a broken one is refused with a
+PeerProtocolError naming the fault; raw bytes are refused or decode to a well-formed request that
+re-encodes to the same values. A seeded test requires >= 60 % of the built bodies to be valid, so a
+decoder that refused everything fails.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import random
+import struct
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agent.proxy import header as H
 
 FUZZ = settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-KNOWN = [H.TLV_DEST, H.TLV_FLOW_ID, H.TLV_SOURCE, H.TLV_CLIENT_PROCESS]
-TLV_TYPES = KNOWN * 4 + [0, 5, 0x7F, 0x80, 0x81, 0xFF]  # mostly real types; critical unknown ones refuse
 
 
-NATURAL_LENGTH = {H.TLV_DEST: 7, H.TLV_SOURCE: 7, H.TLV_FLOW_ID: 8}
+class Genome:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def byte(self) -> int:
+        self.at += 1
+        return self.data[self.at - 1] if self.at <= len(self.data) else 1
+
+    def take(self, n: int) -> bytes:
+        return bytes(self.byte() for _ in range(n))
 
 
-def tlv_body(genome: bytes) -> bytes:
-    """A TLV sequence read off ``genome`` (Hypothesis draws plain bytes, which is fast): per TLV a type
-    selector byte and a mode byte, then the value. The mode mostly gives each real type its proper
-    length and address family, and sometimes a lying length or a wrong family."""
-    body = bytearray()
-    i = 0
-    if genome and genome[0] % 4:  # most sequences start with a proper DEST
-        body += bytes([H.TLV_DEST, 7, H.AF_INET4]) + genome[1:7].ljust(6, b"\x01")
-        i = 7
-    while i + 2 <= len(genome):
-        kind, mode = TLV_TYPES[genome[i] % len(TLV_TYPES)], genome[i + 1]
-        natural = NATURAL_LENGTH.get(kind, 8 + mode % (H.COMM_MAX + 3) if kind == H.TLV_CLIENT_PROCESS else mode % 24)
-        value = bytearray(genome[i + 2:i + 2 + natural])
-        i += 2 + natural
-        if kind in (H.TLV_DEST, H.TLV_SOURCE) and value and mode % 5:
-            value[0] = H.AF_INET4
-        length = len(value) if mode % 7 else mode  # one in seven lies about its length
-        body += bytes([kind, length]) + value
-    return bytes(body)
+def _address(g: Genome) -> tuple[str, int]:
+    return str(ipaddress.IPv4Address(g.take(4))), 1 + (g.byte() << 8 | g.byte()) % 65535
 
 
-# half raw bytes, half TLV sequences of the real types
-connect_bodies = st.one_of(st.binary(max_size=H.MAX_BODY + 40), st.binary(max_size=160).map(tlv_body))
+def _address_tlv(kind: int, address: tuple[str, int]) -> bytes:
+    return bytes([kind, 7, H.AF_INET4]) + ipaddress.IPv4Address(address[0]).packed + struct.pack("!H", address[1])
+
+
+# fault: (words in the refusal, how to break the list of (kind, TLV bytes) in place)
+def _lie(tlvs, g):
+    i = g.byte() % len(tlvs)
+    kind, raw = tlvs[i]
+    tlvs[i] = (kind, raw[:1] + bytes([raw[1] + 1 + g.byte() % 4]) + raw[2:])  # claims more than follows...
+    del tlvs[i + 1:]  # ...at the end of the body
+
+
+FAULTS = {
+    "lying length": (" present", _lie),
+    "wrong family": ("must be af=4", lambda t, g: t.__setitem__(0, (H.TLV_DEST, t[0][1][:2] + b"\x06" + t[0][1][3:]))),
+    "port 0": ("port 0", lambda t, g: t.__setitem__(0, (H.TLV_DEST, t[0][1][:-2] + b"\0\0"))),
+    "no DEST": ("without a DEST", lambda t, g: t.pop(0)),
+    "critical unknown": ("unknown critical TLV", lambda t, g: t.insert(g.byte() % (len(t) + 1),
+                                                                      (0x80, bytes([0x80 | g.byte() % 0x80, 0])))),
+    "FLOW_ID size": ("FLOW_ID TLV must be", lambda t, g: t.append((H.TLV_FLOW_ID, bytes([H.TLV_FLOW_ID, 7]) + g.take(7)))),
+    "CLIENT_PROCESS size": ("CLIENT_PROCESS TLV of", lambda t, g: t.append((H.TLV_CLIENT_PROCESS,
+                                                                           bytes([H.TLV_CLIENT_PROCESS, 5]) + g.take(5)))),
+    "over the limit": ("exceeds the limit", lambda t, g: t.extend([(0x7F, bytes([0x7F, 255]) + bytes(255))] * 2)),
+}
+FAULT_NAMES = sorted(FAULTS)
+
+
+def body_from(data: bytes) -> tuple[bytes, dict | None, str | None]:
+    """(body, the values a valid body carries or None, the fault or None)."""
+    g = Genome(data)
+    dest = _address(g)
+    expected = {"dest": dest, "flow_id": b"", "source": ("", 0), "process": (None, None, None)}
+    tlvs = [(H.TLV_DEST, _address_tlv(H.TLV_DEST, dest))]
+    for _ in range(g.byte() % 5):
+        kind = g.byte() % 5
+        if kind == 0:
+            expected["flow_id"] = g.take(8)
+            tlvs.append((H.TLV_FLOW_ID, bytes([H.TLV_FLOW_ID, 8]) + expected["flow_id"]))
+        elif kind == 1:
+            expected["source"] = _address(g)
+            tlvs.append((H.TLV_SOURCE, _address_tlv(H.TLV_SOURCE, expected["source"])))
+        elif kind == 2:
+            pid, uid = struct.unpack("!II", g.take(8))
+            comm = bytes(0x61 + b % 26 for b in g.take(g.byte() % (H.COMM_MAX + 1)))
+            expected["process"] = (pid, uid, comm.decode())
+            tlvs.append((H.TLV_CLIENT_PROCESS, bytes([H.TLV_CLIENT_PROCESS, 8 + len(comm)]) +
+                         struct.pack("!II", pid, uid) + comm))
+        else:  # an unknown non-critical TLV: skipped
+            value = g.take(g.byte() % 12)
+            tlvs.append((5 + g.byte() % 0x7A, bytes([5 + g.byte() % 0x7A, len(value)]) + value))
+    if g.byte() % 8 == 0:  # DEST need not come first
+        tlvs.append(tlvs.pop(0))
+    fault = FAULT_NAMES[g.byte() % len(FAULT_NAMES)] if g.byte() % 3 == 0 else None
+    if fault is not None:
+        if tlvs[0][0] != H.TLV_DEST:
+            tlvs.insert(0, tlvs.pop())  # the faults that change DEST expect it first
+        FAULTS[fault][1](tlvs, g)
+        expected = None
+    return b"".join(raw for _, raw in tlvs), expected, fault
+
+
+def decode(body: bytes, expected: dict | None, fault: str | None) -> bool:
+    """Check one built body against what it was built from; True if it was accepted."""
+    try:
+        request = H.decode_connect_body(body)
+    except H.PeerProtocolError as exc:
+        assert fault is not None, f"a valid body was refused: {exc} ({body.hex()})"
+        assert FAULTS[fault][0] in str(exc), (fault, str(exc))
+        return False
+    assert fault is None, f"a body with a {fault} was accepted: {body.hex()}"
+    got = {"dest": (request.dest_ip, request.dest_port), "flow_id": request.flow_id,
+           "source": (request.source_ip, request.source_port), "process": (request.pid, request.uid, request.comm)}
+    assert got == expected, (got, expected)
+    return True
 
 
 def assert_well_formed(request: H.ConnectRequest) -> None:
@@ -60,8 +131,14 @@ def assert_well_formed(request: H.ConnectRequest) -> None:
 
 
 @FUZZ
-@given(connect_bodies)
-def test_connect_decoder_refuses_or_returns_a_well_formed_request(body):
+@given(st.binary(min_size=4, max_size=120))
+def test_built_connect_bodies_decode_to_what_they_carry_or_are_refused_naming_the_fault(data):
+    decode(*body_from(data))
+
+
+@settings(max_examples=2_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=H.MAX_BODY + 40))
+def test_raw_bytes_are_refused_or_decode_to_a_well_formed_request(body):
     try:
         request = H.decode_connect_body(body)
     except H.PeerProtocolError as exc:
@@ -73,6 +150,17 @@ def test_connect_decoder_refuses_or_returns_a_well_formed_request(body):
     assert (again.dest_ip, again.dest_port, again.flow_id, again.source_ip, again.source_port, again.pid,
             again.uid) == (request.dest_ip, request.dest_port, request.flow_id, request.source_ip,
                            request.source_port, request.pid, request.uid)
+
+
+def test_the_generator_mostly_builds_valid_bodies_and_reaches_every_fault():
+    rng = random.Random(21)
+    accepted, faults = 0, set()
+    for _ in range(3_000):
+        body, expected, fault = body_from(rng.randbytes(rng.randint(4, 120)))
+        accepted += decode(body, expected, fault)
+        faults.add(fault)
+    assert accepted >= 0.6 * 3_000, accepted
+    assert faults == set(FAULTS) | {None}, set(FAULTS) - faults
 
 
 @FUZZ
