@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.capture.interface import Capture
 from agent.capture.modes import build_capture
-from agent.config import Config
+from agent.config import Config, admin_allowed_sources
 from agent.control.admin_socket import AdminSocket
 from agent.control.workloads import WorkloadController
 from agent.errors import KernelError, TcpmeshError
@@ -160,7 +160,9 @@ class Agent:
                            limits=self._connection_limits(), handshakes=self._handshake_limits())
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,
-                                 certs=self._certs_report, not_ready_reason=lambda: self.not_ready_reason)
+                                 certs=self._certs_report, not_ready_reason=lambda: self.not_ready_reason,
+                                 allowed=admin_allowed_sources(config.admin),
+                                 refused=lambda reason: self.metrics.admin_refused.labels(reason).inc())
         self.admin.start()
         if self.access_log is not None:
             self.access_log.start()

@@ -166,6 +166,10 @@ class AdminConfig:
     address: str = DEFAULT_ADMIN_ADDRESS
     port: int = DEFAULT_ADMIN_PORT
     socket: str = DEFAULT_ADMIN_SOCKET  # unix socket for `tcpmesh workload add|del|list`
+    # Comma-separated networks (CIDR) besides the node itself that may connect to the admin port —
+    # your Prometheus. Everyone else (pods included) is refused at accept and counted. Never list the
+    # pods' networks: /metrics names every identity pair of the node.
+    allowed_sources: str = ""
 
 
 @dataclass(frozen=True)
@@ -319,6 +323,7 @@ def validate(config: Config) -> Config:
                           "use a value between 0.1 and 3600 seconds")
     if config.proxy.event_loop not in ("uvloop", "asyncio"):
         raise ConfigError("proxy.event_loop", config.proxy.event_loop, "unknown event loop", "use uvloop or asyncio")
+    admin_allowed_sources(config.admin)
     if not config.admin.socket.startswith("/"):
         raise ConfigError("admin.socket", config.admin.socket, "must be an absolute path",
                           f"for example {DEFAULT_ADMIN_SOCKET}")
@@ -341,6 +346,20 @@ def validate(config: Config) -> Config:
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level", config.log_level, "unknown level", "use debug, info, warning or error")
     return config
+
+
+def admin_allowed_sources(admin: AdminConfig) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """The networks of ``admin.allowed_sources``; ConfigError naming the entry that is not one."""
+    networks = []
+    for entry in (part.strip() for part in admin.allowed_sources.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError("admin.allowed_sources", entry, "is not a network",
+                              "give comma-separated CIDRs, e.g. 10.0.5.0/24,10.0.9.17/32") from None
+    return tuple(networks)
 
 
 def _access_log_key(settings: AccessLogConfig) -> None:

@@ -36,7 +36,9 @@ def agent_config(plan: LabPlan, node: NodePlan, capture_mode: str = DEFAULT_CAPT
         "policy": {"dir": f"{plan.state_dir}/policies"},  # one policy store for the whole lab
         "capture": {"mode": capture_mode, "redirect_address": plan.pod_gateway, "cgroup_root": plan.cgroup_root,
                     "pods_cgroup": node.pods_cgroup, "bpffs_dir": node.bpffs_dir, "cgroup_scope": node.cgroup},
-        "admin": {"address": node.wire_address, "port": ADMIN_PORT, "socket": f"{node.state_dir}/agent.sock"},
+        # the lab's node network may scrape (Prometheus in node1's netns) and poll /debug/certs
+        "admin": {"address": node.wire_address, "port": ADMIN_PORT, "socket": f"{node.state_dir}/agent.sock",
+                  "allowed_sources": plan.wire_subnet},
         "access_log": {"path": access_log_path(node), "key": audit_key_path(node)},
     }
 

@@ -1,30 +1,125 @@
-"""The admin HTTP endpoint: /metrics, /healthz, /readyz, /debug/flows.
+"""The admin HTTP endpoint: /metrics, /healthz, /readyz, /debug/flows, /debug/certs.
 
-Runs a ThreadingHTTPServer on its own thread so that scrapes never run on the data-path loop.
+Runs on its own threads so that scrapes never run on the data-path loop: one acceptor thread and a
+bounded pool of workers (``WORKERS``); a connection beyond ``BACKLOG`` waiting or being served is
+closed at once and counted (``busy``), and a client gets ``REQUEST_TIMEOUT`` seconds to send its
+request — idle connections cost a descriptor for a bounded time, never a thread each.
+
+Who may connect: the node itself (loopback, or a peer address that is the address it connected to —
+what kubelet probes and a node-local scraper look like) and the networks of ``allowed`` (the
+operator's Prometheus). Anyone else — a pod of this node or of another, any other host — is refused
+at accept, before a byte is read (reset, counted as ``source``). /debug/flows (pids, commands,
+addresses of every flow) answers the node itself only; /debug/certs (public material: certificates,
+fingerprints, dates) also answers allowed sources, since `tcpmesh ca rotate --wait-admin` reads it
+from the operator's machine. Pure policy is ``client_kind``; the rest is http.server plumbing.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
+import struct
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Callable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+WORKERS = 4
+BACKLOG = 64  # connections waiting for or held by a worker; more are closed at once
+REQUEST_TIMEOUT = 5.0  # seconds a client has for each read and write
+NODE, ALLOWED, FOREIGN = "node", "allowed", "foreign"
+LOCAL_ONLY_PATHS = ("/debug/flows",)
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def client_kind(peer: str, local: str, allowed: Sequence[Network]) -> str:
+    """``node`` (the node itself), ``allowed`` (in ``allowed``) or ``foreign`` (anyone else)."""
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return FOREIGN
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback or peer == local:
+        return NODE
+    if any(address in network for network in allowed):
+        return ALLOWED
+    return FOREIGN
+
+
+class _Server(HTTPServer):
+    """HTTPServer whose requests go to a bounded pool; the source check runs at accept."""
+
+    request_queue_size = 128  # listen backlog: refusals must be ours (counted), not SYNs the kernel drops
+
+    def __init__(self, address: tuple[str, int], handler: type, allowed: Sequence[Network],
+                 refused: Callable[[str], None]) -> None:
+        super().__init__(address, handler)
+        self.allowed = tuple(allowed)
+        self._refused = refused
+        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="tcpmesh-admin")
+        self._lock = threading.Lock()
+        self._held = 0
+
+    def verify_request(self, request, client_address) -> bool:  # noqa: ANN001 (socketserver API)
+        local = request.getsockname()[0]
+        if client_kind(client_address[0], local, self.allowed) == FOREIGN:
+            self._reject(request, "source")
+            return False
+        return True
+
+    def process_request(self, request, client_address) -> None:  # noqa: ANN001
+        with self._lock:
+            if self._held >= BACKLOG:
+                full = True
+            else:
+                full = False
+                self._held += 1
+        if full:
+            self._reject(request, "busy")
+            self.shutdown_request(request)
+            return
+        self._pool.submit(self._work, request, client_address)
+
+    def _work(self, request, client_address) -> None:  # noqa: ANN001
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 — a worker's root: one client must not end the pool
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            with self._lock:
+                self._held -= 1
+
+    def _reject(self, request: socket.socket, reason: str) -> None:
+        try:  # a reset, not an orderly close: nothing was read and nothing will be answered
+            request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self._refused(reason)
+
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001 — no traceback per bad client
+        return
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class AdminServer:
     def __init__(self, address: str, port: int, registry: CollectorRegistry,
                  is_ready: Callable[[], bool], flows: Callable[[], list[dict]],
-                 certs: Callable[[], dict] | None = None, not_ready_reason: Callable[[], str] | None = None) -> None:
+                 certs: Callable[[], dict] | None = None, not_ready_reason: Callable[[], str] | None = None, *,
+                 allowed: Sequence[Network] = (), refused: Callable[[str], None] = lambda reason: None) -> None:
         self._not_ready_reason = not_ready_reason  # /readyz 503 says why (e.g. the policy file and line)
         self._certs = certs  # /debug/certs: agent.identity's report (public material only, never keys)
         self._registry = registry
         self._is_ready = is_ready
         self._flows = flows
-        handler = self._handler_class()
-        self._server = ThreadingHTTPServer((address, port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server((address, port), self._handler_class(), allowed, refused)
         self._thread = threading.Thread(target=self._server.serve_forever, name="tcpmesh-admin", daemon=True)
 
     @property
@@ -44,10 +139,16 @@ class AdminServer:
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "tcpmesh-admin"
+            timeout = REQUEST_TIMEOUT
 
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
-                if path == "/metrics":
+                kind = client_kind(self.client_address[0], self.connection.getsockname()[0], self.server.allowed)
+                if path in LOCAL_ONLY_PATHS and kind != NODE:
+                    self._send(403, f"{path} answers the node itself only (it names processes and addresses): "
+                                    f"on the node, curl http://127.0.0.1:<admin port>{path}, or run "
+                                    "`tcpmesh flows`\n".encode(), "text/plain")
+                elif path == "/metrics":
                     self._send(200, generate_latest(admin._registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     self._send(200, b"ok\n", "text/plain")

@@ -108,6 +108,13 @@ class Metrics:
             "proxy.max_handshakes_per_source)", ("limit",), registry=registry)
         for limit in ("total", "per_source"):
             self.handshakes_refused.labels(limit)
+        # agent.telemetry.admin (its own threads; prometheus_client counters are thread-safe)
+        self.admin_refused = Counter(
+            "tcpmesh_admin_refused", "Connections to the admin HTTP port closed at accept: source = not the node "
+            "itself nor admin.allowed_sources (a pod, another host); busy = every admin worker taken",
+            ("reason",), registry=registry)
+        for reason in ("source", "busy"):
+            self.admin_refused.labels(reason)
         # agent.proxy.limits: refusals by side and cap; all four series present at 0 from the start
         self.connection_limit_hits = Counter(
             "tcpmesh_connection_limit_hits", "Connections refused because a concurrent-connection cap was reached "
