@@ -5,8 +5,11 @@ the previous decision in force and is counted."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -141,6 +144,49 @@ def test_hot_reload_flips_and_broken_files_are_refused(policy_lab):
     assert "ConnectionResetError" in denied.get("error", ""), "the previous policy set must stay in force"
     os.unlink(f"{lab.plan.state_dir}/policies/broken.yaml")
     os.unlink(f"{lab.plan.state_dir}/policies/only-n1p1.yaml")
+    wait_decision(lab, "n1p2", allowed=True)
+
+
+HELD_CLIENT = r"""
+import json, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+def echo(word):
+    s.sendall(word)
+    got = b""
+    while len(got) < len(word):
+        chunk = s.recv(len(word) - len(got))
+        if not chunk:
+            return "eof"
+        got += chunk
+    return "echoed" if got == word else "garbled"
+print(json.dumps({"before": echo(b"one")}), flush=True)
+sys.stdin.readline()  # the test loads a DENY meanwhile
+try:
+    print(json.dumps({"after": echo(b"two")}), flush=True)
+except OSError as exc:
+    print(json.dumps({"after": type(exc).__name__}), flush=True)
+"""
+
+
+def test_a_deny_loaded_while_a_connection_is_open_refuses_new_ones_and_keeps_the_open_one(policy_lab):
+    """docs/policy.md "Hot reload": a policy decides when a connection opens; one already open when a
+    DENY is loaded stays open until it ends (as of this writing — a test, so that changing it is a
+    decision), while every new connection of that client is refused at once."""
+    lab = policy_lab
+    wait_decision(lab, "n1p2", allowed=True)
+    lab.start_server("n2p1", 7202, "echo")
+    held = labops.lab_exec(lab.name, "n1p2", [sys.executable, "-c", HELD_CLIENT, lab.pod("n2p1").ip, "7202"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lab.apps.append(held)
+    try:
+        assert json.loads(held.stdout.readline()) == {"before": "echoed"}
+        write_policy(lab, "only-n1p1.yaml", only_n1p1(lab))
+        wait_decision(lab, "n1p2", allowed=False)  # new connections of n1p2 are denied now
+        held.stdin.write("go\n")
+        held.stdin.flush()
+        assert json.loads(held.stdout.readline()) == {"after": "echoed"}, "the open connection was cut"
+    finally:
+        os.unlink(f"{lab.plan.state_dir}/policies/only-n1p1.yaml")
     wait_decision(lab, "n1p2", allowed=True)
 
 
