@@ -7,11 +7,15 @@ admin endpoint read without asserting on its status (an attack often wants to se
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
+import uuid
 
+from agent.lab import lab as labops
 from agent.lab.nsenter import connect_in_netns, http_get_in_netns, popen_in
+from tests.e2e.conftest import Lab
 
 PLAIN_CONNECT = r"""
 import socket, sys
@@ -43,3 +47,18 @@ def admin_get(node, path: str, timeout: float = 2.0) -> tuple[int, str]:
     """(HTTP status, body) of the node agent's admin endpoint, from inside the node's netns."""
     status, body = http_get_in_netns(node.netns, f"http://{node.admin_address}{path}", timeout=timeout)
     return status, body.decode(errors="replace")
+
+
+@contextlib.contextmanager
+def running_lab(prefix: str, trust_domain: str, nodes: int = 2, pods_per_node: int = 1):
+    """A lab of its own for one attack module (a unique name from ``prefix``), torn down afterwards even
+    when a test fails; the caller's fixture asks for ``bpf_capable`` first."""
+    name = f"{prefix}{uuid.uuid4().hex[:6]}"
+    lab = None
+    try:
+        lab = Lab(name, labops.lab_up(name, nodes, pods_per_node, trust_domain))
+        yield lab
+    finally:
+        if lab is not None:
+            lab.stop_apps()
+        labops.lab_down(name)

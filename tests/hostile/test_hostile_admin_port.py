@@ -16,7 +16,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.lab import lab as labops
 from agent.lab.topology import ADMIN_PORT
 from tests.e2e.conftest import Lab
+from tests.hostile.conftest import running_lab
 
 # Run inside a pod or a node: one HTTP/1.0 GET with a raw socket; one JSON line.
 GET = r"""
@@ -68,15 +68,8 @@ sys.stdin.read()
 
 @pytest.fixture(scope="module")
 def admin_lab(bpf_capable):
-    name = f"ad{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 1, "ad.tcpmesh"))
+    with running_lab("ad", "ad.tcpmesh") as lab:
         yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)
 
 
 def get_from(lab: Lab, where: str, node_index: int, path: str) -> dict:

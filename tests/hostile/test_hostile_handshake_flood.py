@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ import pytest
 from agent.lab import lab as labops
 from agent.lab.nsenter import popen_in
 from tests.e2e.conftest import Lab
+from tests.hostile.conftest import running_lab
 
 ECHO_PORT = 7431
 ATTACKER_ADDRESS = "10.76.0.250"  # a host on the node network, outside the mesh (not a node, not a pod)
@@ -131,17 +131,10 @@ print(json.dumps({"ok": ok, "failed": failed, "p50_ms": pick(0.5), "p99_ms": pic
 
 @pytest.fixture(scope="module")
 def flood_lab(bpf_capable):
-    name = f"hf{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 1, "hf.tcpmesh"))
+    with running_lab("hf", "hf.tcpmesh") as lab:  # the attacker's address goes with the wire netns
         subprocess.run(["ip", "-n", lab.plan.wire_netns, "addr", "add", f"{ATTACKER_ADDRESS}/24", "dev",
                         lab.plan.bridge], check=True)
         yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)  # the attacker's address goes with the wire netns
 
 
 def agent_pid(lab: Lab, index: int) -> int:

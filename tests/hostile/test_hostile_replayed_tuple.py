@@ -19,13 +19,13 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from agent.lab import lab as labops
 from tests.e2e.conftest import Lab
+from tests.hostile.conftest import running_lab
 
 PORT = 7441
 RELOAD = 15.0
@@ -76,15 +76,8 @@ except OSError as e:
 
 @pytest.fixture(scope="module")
 def strict_lab(bpf_capable):
-    name = f"rt{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 1, "rt.tcpmesh"))
+    with running_lab("rt", "rt.tcpmesh") as lab:
         yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)
 
 
 def rejected(lab: Lab) -> float:
