@@ -1,16 +1,19 @@
-"""What the proxies know about one connection, and the telemetry labels derived from it.
+"""What one node records of one connection, and the telemetry labels derived from it.
 
-Pure: a ``Flow`` is filled in by the outbound or inbound proxy as the connection progresses, then
-turned into Istio-vocabulary metric labels (bounded: identities, never addresses) and a JSON-ready
-record (which does carry addresses, pid and comm — for the access log and /debug/flows).
+Pure: a ``Flow`` refers to the connection's ``ConnectionFacts`` (frozen, ``facts.py``: addresses,
+flow id, client process) and holds the working state the outbound or inbound proxy fills in as the
+connection progresses (identities, security, outcome, bytes, times). It is turned into
+Istio-vocabulary metric labels (bounded: identities, never addresses) and a JSON-ready record (which
+does carry addresses, pid and comm — for the access log and /debug/flows).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
+from agent.connection.facts import NO_FACTS, ConnectionFacts
 from agent.registry.model import Workload
 
 REPORTER_SOURCE = "source"
@@ -55,23 +58,15 @@ def new_flow_id() -> bytes:
 @dataclass(slots=True)  # slots: about 1 KiB less per open or recently closed flow
 class Flow:
     reporter: str
-    flow_id: str = ""
+    facts: ConnectionFacts = NO_FACTS  # set once, when known; never edited (replace it whole, if ever)
     start_time: float = field(default_factory=time.time)
     end_time: float | None = None
     source_workload: str = UNKNOWN
     source_namespace: str = UNKNOWN
     source_principal: str = UNKNOWN
-    source_ip: str = ""
-    source_port: int = 0
-    pid: int | None = None
-    comm: str | None = None
-    uid: int | None = None
-    cgroup_id: int | None = None
     destination_workload: str = UNKNOWN
     destination_namespace: str = UNKNOWN
     destination_principal: str = UNKNOWN
-    destination_ip: str = ""
-    destination_port: int = 0
     security: str = SECURITY_NONE
     response_flags: str = FLAG_NONE
     bytes_received: int = 0  # client → server (request direction), Istio's received_bytes
@@ -80,6 +75,46 @@ class Flow:
     policy: str = ""  # the policy that decided (namespace/name), empty for the default action
     dry_run: str = ""  # what dry-run policies would have decided
     handshake_seconds: float | None = None  # the tunnel's TLS handshake (TlsLeg.handshake_seconds)
+
+    # the facts, read through the flow (what the record, the metrics and the logs name)
+    @property
+    def flow_id(self) -> str:
+        return self.facts.flow_id.hex()
+
+    @property
+    def source_ip(self) -> str:
+        return self.facts.source_ip
+
+    @property
+    def source_port(self) -> int:
+        return self.facts.source_port
+
+    @property
+    def destination_ip(self) -> str:
+        return self.facts.destination_ip
+
+    @property
+    def destination_port(self) -> int:
+        return self.facts.destination_port
+
+    @property
+    def pid(self) -> int | None:
+        process = self.facts.process
+        return None if process is None else process.pid
+
+    @property
+    def uid(self) -> int | None:
+        process = self.facts.process
+        return None if process is None else process.uid
+
+    @property
+    def comm(self) -> str | None:
+        process = self.facts.process
+        return None if process is None else process.comm
+
+    @property
+    def cgroup_id(self) -> int | None:
+        return self.facts.cgroup_id
 
     def set_source(self, workload: Workload | None, principal: str | None = None) -> None:
         if workload is not None:
@@ -132,11 +167,43 @@ class Flow:
                 self.response_flags)
 
     def record(self) -> dict:
-        """Every field (all plain values) plus ``duration_seconds``; what ``dataclasses.asdict`` gave, at a
-        fraction of its cost (it copies recursively, and this runs for each access record)."""
-        data = {name: getattr(self, name) for name in FLOW_FIELDS}
-        data["duration_seconds"] = None if self.end_time is None else round(self.end_time - self.start_time, 6)
-        return data
+        """Flat and JSON-ready: the facts and the working state (``RECORD_KEYS``, in that order) plus
+        ``duration_seconds``. Written out, not ``dataclasses.asdict`` (which copies recursively, at many
+        times the cost; this runs for each access record)."""
+        facts, process = self.facts, self.facts.process
+        return {
+            "reporter": self.reporter,
+            "flow_id": facts.flow_id.hex(),
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "source_workload": self.source_workload,
+            "source_namespace": self.source_namespace,
+            "source_principal": self.source_principal,
+            "source_ip": facts.source_ip,
+            "source_port": facts.source_port,
+            "pid": None if process is None else process.pid,
+            "comm": None if process is None else process.comm,
+            "uid": None if process is None else process.uid,
+            "cgroup_id": facts.cgroup_id,
+            "destination_workload": self.destination_workload,
+            "destination_namespace": self.destination_namespace,
+            "destination_principal": self.destination_principal,
+            "destination_ip": facts.destination_ip,
+            "destination_port": facts.destination_port,
+            "security": self.security,
+            "response_flags": self.response_flags,
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+            "detail": self.detail,
+            "policy": self.policy,
+            "dry_run": self.dry_run,
+            "handshake_seconds": self.handshake_seconds,
+            "duration_seconds": None if self.end_time is None else round(self.end_time - self.start_time, 6),
+        }
 
 
-FLOW_FIELDS = tuple(f.name for f in fields(Flow))  # in declaration order, like asdict
+RECORD_KEYS = ("reporter", "flow_id", "start_time", "end_time", "source_workload", "source_namespace",
+               "source_principal", "source_ip", "source_port", "pid", "comm", "uid", "cgroup_id",
+               "destination_workload", "destination_namespace", "destination_principal", "destination_ip",
+               "destination_port", "security", "response_flags", "bytes_received", "bytes_sent", "detail",
+               "policy", "dry_run", "handshake_seconds", "duration_seconds")

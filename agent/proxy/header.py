@@ -1,12 +1,19 @@
 """The stream header of tcpmesh/2: the CONNECT request an OPEN frame carries, and the STATUS reply.
 
+A CONNECT body is the wire form of the connection's ``ConnectionFacts`` (agent.connection.facts): the
+source node encodes the value its proxy built from the capture, the destination node decodes the same
+value (without ``cgroup_id``, which stays on the source node). A DENIED STATUS names the deciding
+policy as the documented prefix of its reason ("policy <namespace>/<name>: "); ``StatusReply`` holds
+it as its own field, and only this codec writes or reads that prefix.
+
 Sans-io: ``encode_*_body`` return bytes; ``decode_*_body`` parse them. Errors distinguish the peer's
 fault (``PeerProtocolError``) from ours (``ValueError`` on encode). docs/protocol.md has the format:
 
     CONNECT body = TLV*  (type:u8, len:u8, value)   TLV 1 DEST (af:u8=4, ipv4:4, port:u16),
                    TLV 2 FLOW_ID (8 bytes), TLV 3 SOURCE (af:u8=4, ipv4:4, port:u16),
                    TLV 4 CLIENT_PROCESS (pid:u32, uid:u32, comm: ≤ 16 bytes utf-8)
-    STATUS body  = status:u8 reason (utf-8, ≤ 255 bytes)
+    STATUS body  = status:u8 reason (utf-8, ≤ 255 bytes; DENIED: "policy <ns>/<name>: " + reason when a
+                   policy decided)
 
 A TLV type with bit 0x80 set is critical: a receiver that does not know it rejects the request;
 unknown non-critical TLVs are skipped.
@@ -19,6 +26,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from agent.connection.facts import ClientProcess, ConnectionFacts
+
 MAX_BODY = 512
 MAX_REASON = 255
 TLV_DEST = 1
@@ -29,6 +38,7 @@ COMM_MAX = 16
 TLV_CRITICAL = 0x80
 FLOW_ID_LEN = 8
 AF_INET4 = 4
+DENIED_POLICY_PREFIX = "policy "  # a DENIED reason starts "policy <namespace>/<name>: " (docs/protocol.md)
 
 
 class PeerProtocolError(Exception):
@@ -47,21 +57,15 @@ class Status(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class ConnectRequest:
-    dest_ip: str
-    dest_port: int
-    flow_id: bytes = b""
-    source_ip: str = ""  # the client pod's address, as the source node saw it (attribution only)
-    source_port: int = 0
-    pid: int | None = None  # the client process as the source node's capture saw it (attribution only)
-    uid: int | None = None
-    comm: str | None = None
-
-
-@dataclass(frozen=True)
 class StatusReply:
     status: Status
     reason: str = ""
+    policy: str = ""  # DENIED: the policy that decided (namespace/name); empty for the default action
+
+    @property
+    def text(self) -> str:
+        """The reason as the operator reads it (and as it goes on the wire): the policy first, if any."""
+        return f"{DENIED_POLICY_PREFIX}{self.policy}: {self.reason}" if self.policy else self.reason
 
 
 def _address_tlv(tlv_type: int, ip: str, port: int) -> bytes:
@@ -79,14 +83,15 @@ def _decode_address(name: str, value: bytes) -> tuple[str, int]:
     return str(ipaddress.IPv4Address(value[1:5])), port
 
 
-def encode_connect_body(request: ConnectRequest) -> bytes:
+def encode_connect_body(request: ConnectionFacts) -> bytes:
     """The TLV body of a CONNECT (also the payload of a tcpmesh/2 OPEN frame)."""
-    body = _address_tlv(TLV_DEST, request.dest_ip, request.dest_port)
+    body = _address_tlv(TLV_DEST, request.destination_ip, request.destination_port)
     if request.source_ip:
         body += _address_tlv(TLV_SOURCE, request.source_ip, request.source_port)
-    if request.pid is not None:
-        comm = (request.comm or "").encode("utf-8", "replace")[:COMM_MAX]
-        body += bytes([TLV_CLIENT_PROCESS, 8 + len(comm)]) + struct.pack("!II", request.pid, request.uid or 0) + comm
+    process = request.process
+    if process is not None:
+        comm = process.comm.encode("utf-8", "replace")[:COMM_MAX]
+        body += bytes([TLV_CLIENT_PROCESS, 8 + len(comm)]) + struct.pack("!II", process.pid, process.uid) + comm
     if request.flow_id:
         if len(request.flow_id) != FLOW_ID_LEN:
             raise ValueError(f"flow id must be {FLOW_ID_LEN} bytes")
@@ -98,10 +103,10 @@ def encode_connect_body(request: ConnectRequest) -> bytes:
 
 def encode_status_body(reply: StatusReply) -> bytes:
     """status:u8 + reason (also the payload of a tcpmesh/2 STATUS frame)."""
-    return bytes([int(reply.status)]) + reply.reason.encode("utf-8", "replace")[:MAX_REASON]
+    return bytes([int(reply.status)]) + reply.text.encode("utf-8", "replace")[:MAX_REASON]
 
 
-def decode_connect_body(body: bytes) -> ConnectRequest:
+def decode_connect_body(body: bytes) -> ConnectionFacts:
     if len(body) > MAX_BODY:
         raise PeerProtocolError(f"CONNECT body of {len(body)} bytes exceeds the limit of {MAX_BODY}")
     return _decode_connect(body)
@@ -111,10 +116,10 @@ def decode_status_body(body: bytes) -> StatusReply:
     return _decode_status(body)
 
 
-def _decode_connect(body: bytes) -> ConnectRequest:
+def _decode_connect(body: bytes) -> ConnectionFacts:
     dest: tuple[str, int] | None = None
     source: tuple[str, int] = ("", 0)
-    process: tuple[int | None, int | None, str | None] = (None, None, None)
+    process: ClientProcess | None = None
     flow_id = b""
     offset = 0
     while offset < len(body):
@@ -133,7 +138,7 @@ def _decode_connect(body: bytes) -> ConnectRequest:
             if not 8 <= tlv_len <= 8 + COMM_MAX:
                 raise PeerProtocolError(f"CLIENT_PROCESS TLV of {tlv_len} bytes (8 to {8 + COMM_MAX})")
             pid, uid = struct.unpack("!II", value[:8])
-            process = (pid, uid, value[8:].decode("utf-8", "replace"))
+            process = ClientProcess(pid, uid, value[8:].decode("utf-8", "replace"))
         elif tlv_type == TLV_FLOW_ID:
             if tlv_len != FLOW_ID_LEN:
                 raise PeerProtocolError(f"FLOW_ID TLV must be {FLOW_ID_LEN} bytes")
@@ -142,7 +147,7 @@ def _decode_connect(body: bytes) -> ConnectRequest:
             raise PeerProtocolError(f"unknown critical TLV type {tlv_type}")
     if dest is None:
         raise PeerProtocolError("CONNECT without a DEST TLV")
-    return ConnectRequest(dest[0], dest[1], flow_id, source[0], source[1], *process)
+    return ConnectionFacts(dest[0], dest[1], flow_id, source[0], source[1], process)
 
 
 def _decode_status(body: bytes) -> StatusReply:
@@ -154,4 +159,9 @@ def _decode_status(body: bytes) -> StatusReply:
         raise PeerProtocolError(f"unknown status code {body[0]}") from exc
     if len(body) - 1 > MAX_REASON:
         raise PeerProtocolError("STATUS reason too long")
-    return StatusReply(status, body[1:].decode("utf-8", "replace"))
+    reason = body[1:].decode("utf-8", "replace")
+    if status is Status.DENIED and reason.startswith(DENIED_POLICY_PREFIX) and ": " in reason:
+        policy, rest = reason[len(DENIED_POLICY_PREFIX):].split(": ", 1)
+        if policy and " " not in policy:
+            return StatusReply(status, rest, policy)
+    return StatusReply(status, reason)

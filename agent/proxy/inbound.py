@@ -9,6 +9,7 @@ ask the policy; connect to the workload; answer STATUS; relay. One flow record p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import ssl
@@ -21,10 +22,11 @@ from agent.identity.peer import PeerCredential
 from agent.identity.tls import check_alpn, describe_tls_error, peer_credential
 from agent.policy.engine import Request
 from agent.connection import flow as F
+from agent.connection.facts import ConnectionFacts
 from agent.proxy import mux as M
 from agent.proxy.deadlines import enforce_tunnel_deadlines, tune_tunnel_socket
 from agent.proxy.endpoints import PlainLeg, TlsLeg
-from agent.proxy.header import ConnectRequest, Status, StatusReply
+from agent.proxy.header import Status, StatusReply
 from agent.proxy.relay import Relay
 from agent.proxy.routing import route_inbound
 from agent.proxy.server import ProxyContext
@@ -32,7 +34,6 @@ from agent.proxy.session import MuxSession, Stream
 from agent.registry.model import Workload
 
 log = logging.getLogger("tcpmesh.inbound")
-DENIED_POLICY_PREFIX = "policy "  # a DENIED reason starts "policy <namespace>/<name>: " (docs/protocol.md)
 
 
 class InboundProxy:
@@ -87,9 +88,9 @@ class InboundProxy:
 
     async def _accept_tunnel(self, tunnel: TlsLeg, flow: F.Flow) -> tuple[SpiffeId, PeerCredential] | None:
         """Handshake and identify the peer (and what its chain proved, for later checks); None (with the
-        reason on ``flow``) when refused."""
+        reason on ``flow``) when refused. The flow's facts are the tunnel's peer address (known before the
+        handshake, or once the transport is up)."""
         peer = tunnel.peername() or ("", 0)
-        flow.source_ip, flow.source_port = peer[0], peer[1]  # known before the handshake: rejections name it
         try:
             await asyncio.wait_for(asyncio.shield(tunnel.handshake_done), self._ctx.handshake_timeout)
             assert tunnel.ssl_object is not None
@@ -110,24 +111,25 @@ class InboundProxy:
         else:
             flow.handshake_seconds = tunnel.handshake_seconds
             flow.set_source(None, peer_id.uri)
-            if not flow.source_ip:  # the tunnel task may start before its transport is connected
-                flow.source_ip, flow.source_port = tunnel.peername() or ("", 0)
+            flow.facts = self._peer_facts(tunnel, peer)
             return peer_id, credential
-        if not flow.source_ip:  # the tunnel task may start before its transport is connected
-            peer = tunnel.peername() or ("", 0)
-            flow.source_ip, flow.source_port = peer[0], peer[1]
+        flow.facts = self._peer_facts(tunnel, peer)
         log.warning("inbound tunnel from %s rejected: %s", flow.source_ip or "?", flow.detail)
         return None
 
-    async def _serve_stream(self, stream: Stream, request: ConnectRequest, peer_id: SpiffeId, setup: F.Flow,
+    @staticmethod
+    def _peer_facts(tunnel: TlsLeg, peer: tuple) -> ConnectionFacts:
+        if not peer[0]:  # the tunnel task may start before its transport is connected
+            peer = tunnel.peername() or ("", 0)
+        return ConnectionFacts(source_ip=peer[0], source_port=peer[1])
+
+    async def _serve_stream(self, stream: Stream, request: ConnectionFacts, peer_id: SpiffeId, setup: F.Flow,
                             credential: PeerCredential) -> None:
-        flow = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS, flow_id=request.flow_id.hex())
+        flow = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS)
         flow.set_source(None, peer_id.uri)
-        flow.source_ip, flow.source_port = setup.source_ip, setup.source_port
         if setup.handshake_seconds is not None:  # the first stream of a tunnel reports its handshake
             flow.handshake_seconds, setup.handshake_seconds = setup.handshake_seconds, None
-        self._attribute_source(flow, request, peer_id)
-        flow.destination_ip, flow.destination_port = request.dest_ip, request.dest_port
+        flow.facts = self._attribute_source(flow, request, peer_id, setup.facts)
         upstream: PlainLeg | None = None
         opened = False
         limits = self._ctx.limits.get(F.REPORTER_DESTINATION)
@@ -203,21 +205,25 @@ class InboundProxy:
             self._ctx.flow_closed(setup)
 
     def _bad_open(self, stream: Stream, reason: str, setup: F.Flow) -> None:
-        flow = F.Flow(F.REPORTER_DESTINATION, security=F.SECURITY_MTLS, source_principal=setup.source_principal,
-                      source_ip=setup.source_ip, source_port=setup.source_port)
+        flow = F.Flow(F.REPORTER_DESTINATION, setup.facts, security=F.SECURITY_MTLS,
+                      source_principal=setup.source_principal)
         self._refuse(stream, flow, Status.BAD_REQUEST, F.FLAG_PROTOCOL_ERROR, f"invalid OPEN: {reason}")
         self._ctx.flow_closed(flow)
 
-    def _attribute_source(self, flow: F.Flow, request: ConnectRequest, peer_id: SpiffeId) -> None:
-        """Name the source workload from the address the client node reported — only if the registry
-        says that workload holds the identity the client proved; the certificate stays authoritative."""
-        if not request.source_ip:
-            return
-        flow.source_ip, flow.source_port = request.source_ip, request.source_port
-        workload = self._ctx.registry().by_ip(request.source_ip)
-        if workload is not None and workload.spiffe_id == peer_id:
-            flow.set_source(workload)
-            flow.pid, flow.uid, flow.comm = request.pid, request.uid, request.comm  # as the source node saw it
+    def _attribute_source(self, flow: F.Flow, request: ConnectionFacts, peer_id: SpiffeId,
+                          tunnel: ConnectionFacts) -> ConnectionFacts:
+        """The facts this node records: the client node's, as sent — if the registry says the workload at
+        the reported source address holds the identity the client proved (then it names the source
+        workload; the certificate stays authoritative). Otherwise the client process is not taken, and
+        without a reported source address the tunnel's peer address stands in."""
+        if request.source_ip:
+            workload = self._ctx.registry().by_ip(request.source_ip)
+            if workload is not None and workload.spiffe_id == peer_id:
+                flow.set_source(workload)
+                return request  # as the source node saw it
+        return dataclasses.replace(request, source_ip=request.source_ip or tunnel.source_ip,
+                                   source_port=request.source_port if request.source_ip else tunnel.source_port,
+                                   process=None)
 
     async def _connect_workload(self, stream: Stream, flow: F.Flow, peer_id: SpiffeId) -> PlainLeg | None:
         tunnel = stream.session.tls
@@ -229,7 +235,7 @@ class InboundProxy:
             return None
         flow.set_destination(target.workload)
         if not self._authorized(flow, target.workload, peer_id):
-            self._refuse(stream, flow, Status.DENIED, F.FLAG_DENY, flow.detail)
+            self._refuse(stream, flow, Status.DENIED, F.FLAG_DENY, flow.detail, flow.policy)
             return None
         try:
             async with asyncio.timeout(self._ctx.connect_timeout):  # no extra task, unlike wait_for
@@ -261,13 +267,15 @@ class InboundProxy:
         if decision.dry_run:
             log.info("flow %s dry-run: would %s", flow.flow_id, decision.dry_run)
         if not decision.allowed:
-            flow.detail = (f"{DENIED_POLICY_PREFIX}{decision.policy}: " if decision.policy else "") + decision.reason
+            flow.detail = decision.reason
         return decision.allowed
 
     @staticmethod
-    def _refuse(stream: Stream, flow: F.Flow, status: Status, flag: str, reason: str) -> None:
-        """Answer the stream's OPEN with a refusal (before any payload) and end our side of it."""
-        flow.fail(flag, reason)
-        stream.session.send_status(stream, StatusReply(status, reason))
+    def _refuse(stream: Stream, flow: F.Flow, status: Status, flag: str, reason: str, policy: str = "") -> None:
+        """Answer the stream's OPEN with a refusal (before any payload) and end our side of it; a DENIED
+        names the deciding ``policy`` in its own field."""
+        reply = StatusReply(status, reason, policy)
+        flow.fail(flag, reply.text)
+        stream.session.send_status(stream, reply)
         stream.write_eof()
-        log.info("inbound flow %s refused (%s): %s", flow.flow_id, status.name, reason)
+        log.info("inbound flow %s refused (%s): %s", flow.flow_id, status.name, reply.text)

@@ -22,9 +22,10 @@ from agent.identity.errors import PeerIdentityError
 from agent.identity.errors import PeerProtocolError as AlpnMismatch
 from agent.identity.tls import check_alpn, check_peer, describe_tls_error, peer_not_after
 from agent.connection import flow as F
+from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.proxy.deadlines import tune_tunnel_socket
 from agent.proxy.endpoints import Leg, PlainLeg, TlsLeg
-from agent.proxy.header import ConnectRequest, PeerProtocolError, Status
+from agent.proxy.header import PeerProtocolError, Status
 from agent.proxy.pool import PoolKey, TunnelPool
 from agent.proxy.relay import Relay
 from agent.proxy.session import MuxSession, Stream
@@ -45,13 +46,6 @@ STATUS_FLAGS = {
 }
 
 
-def _policy_named_in(reason: str) -> str:
-    """The ``namespace/name`` a DENIED reason starts with ("policy <ns>/<name>: ..."), or ""."""
-    if not reason.startswith("policy "):
-        return ""
-    return reason[len("policy "):].split(":", 1)[0]
-
-
 class OutboundProxy:
     def __init__(self, ctx: ProxyContext, origin_reader: Callable[[socket.socket], object | None],
                  tunnel_idle_seconds: float = 60.0) -> None:
@@ -67,12 +61,11 @@ class OutboundProxy:
         self._ctx.spawn(self._serve(app))
 
     async def _serve(self, app: PlainLeg) -> None:
-        flow_id = F.new_flow_id()
-        flow = F.Flow(F.REPORTER_SOURCE, flow_id=flow_id.hex())
+        flow = F.Flow(F.REPORTER_SOURCE)
         upstream: Leg | None = None
         counted = None  # (limits, identity) while this connection counts against agent.proxy.limits
         try:
-            route = self._route(app, flow)
+            route = self._route(app, flow, F.new_flow_id())
             if route.kind is RouteKind.REJECT:
                 flow.fail(route.flag, route.reason)
                 log.warning("refusing captured connection: %s", route.reason)
@@ -88,7 +81,7 @@ class OutboundProxy:
                     return
                 counted = (limits, flow.source_principal)
             self._ctx.flow_opened(flow)
-            dialed = await self._open_stream(route, flow, flow_id)
+            dialed = await self._open_stream(route, flow)
             if dialed is None:
                 app.reset()
                 return
@@ -105,24 +98,30 @@ class OutboundProxy:
                 upstream.reset()
             self._ctx.flow_closed(flow)
 
-    def _route(self, app: PlainLeg, flow: F.Flow) -> OutboundRoute:
+    def _route(self, app: PlainLeg, flow: F.Flow, flow_id: bytes) -> OutboundRoute:
+        """The connection's facts, from the capture's origin record and the accepted socket (built once,
+        here, and carried unchanged to the other node), then where it goes."""
         peer = app.peername() or ("", 0)
-        flow.source_ip, flow.source_port = peer[0], peer[1]
         sock = app.socket()
-        origin = self._read_origin(sock) if sock is not None else None
+        origin = None
+        try:
+            origin = self._read_origin(sock) if sock is not None else None
+        finally:
+            if origin is None:  # the flow record still names the client
+                flow.facts = ConnectionFacts(flow_id=flow_id, source_ip=peer[0], source_port=peer[1])
         if origin is None:
             return OutboundRoute(RouteKind.REJECT, None, flag=F.FLAG_NO_ROUTE,
                                  reason=f"connection from {peer[0]}:{peer[1]} has no original destination "
                                         "(it was not captured by tcpmesh; do not connect to the outbound port directly)")
-        flow.destination_ip, flow.destination_port = origin.dst_ip, origin.dst_port
-        flow.pid, flow.comm, flow.uid, flow.cgroup_id = origin.pid, origin.comm, origin.uid, origin.cgroup_id
+        process = None if origin.pid is None else ClientProcess(origin.pid, origin.uid, origin.comm)  # None: tc, iptables
+        flow.facts = ConnectionFacts(origin.dst_ip, origin.dst_port, flow_id, peer[0], peer[1], process, origin.cgroup_id)
         route = route_outbound(self._ctx.registry(), self._ctx.node_name, peer[0], origin.dst_ip, origin.dst_port,
                                self._ctx.inbound_port)
         flow.set_source(route.source)
         flow.set_destination(route.destination)
         return route
 
-    async def _open_stream(self, route: OutboundRoute, flow: F.Flow, flow_id: bytes) -> tuple[Stream, bytes] | None:
+    async def _open_stream(self, route: OutboundRoute, flow: F.Flow) -> tuple[Stream, bytes] | None:
         """A stream to the destination after its STATUS OK, on a pooled tunnel; None (reason on the flow) if refused."""
         assert route.source is not None and route.destination is not None and route.tunnel_address
         host, port = route.tunnel_address
@@ -135,10 +134,7 @@ class OutboundProxy:
             if not session.handshake_reported:  # the first flow on a tunnel reports its handshake
                 session.handshake_reported = True
                 flow.handshake_seconds = session.tls.handshake_seconds
-            stream, reply = await session.open(
-                ConnectRequest(flow.destination_ip, flow.destination_port, flow_id,
-                               flow.source_ip, flow.source_port, flow.pid, flow.uid, flow.comm),
-                self._ctx.connect_timeout)
+            stream, reply = await session.open(flow.facts, self._ctx.connect_timeout)
         except asyncio.TimeoutError:
             flow.fail(F.FLAG_UPSTREAM_TIMEOUT, f"timed out setting up the tunnel to {host}:{port}")
         except PeerIdentityError as exc:
@@ -157,9 +153,8 @@ class OutboundProxy:
             if reply.status is Status.OK:
                 return stream, b""
             flow.fail(STATUS_FLAGS.get(reply.status, F.FLAG_UPSTREAM_FAILURE),
-                      f"destination node answered {reply.status.name}: {reply.reason}")
-            if reply.status is Status.DENIED:
-                flow.policy = _policy_named_in(reply.reason)
+                      f"destination node answered {reply.status.name}: {reply.text}")
+            flow.policy = reply.policy
         log.warning("flow %s from %s to %s:%d failed: %s", flow.flow_id, flow.source_principal,
                     flow.destination_ip, flow.destination_port, flow.detail)
         if stream is not None:

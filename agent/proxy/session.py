@@ -17,9 +17,10 @@ import logging
 import time
 from typing import Callable
 
+from agent.connection.facts import ConnectionFacts
 from agent.proxy import mux as M
 from agent.proxy.endpoints import Leg, TlsLeg
-from agent.proxy.header import (ConnectRequest, PeerProtocolError, StatusReply, decode_connect_body,
+from agent.proxy.header import (PeerProtocolError, StatusReply, decode_connect_body,
                                 decode_status_body, encode_connect_body, encode_status_body)
 
 log = logging.getLogger("tcpmesh.session")
@@ -181,7 +182,7 @@ class Stream(Leg):
 class MuxSession:
     """Frames in and out of one TLS leg; the client opens odd stream ids, the server answers them."""
 
-    def __init__(self, tls: TlsLeg, client: bool, on_open: Callable[[Stream, ConnectRequest], None] | None = None,
+    def __init__(self, tls: TlsLeg, client: bool, on_open: Callable[[Stream, ConnectionFacts], None] | None = None,
                  on_bad_open: Callable[[Stream, str], None] | None = None) -> None:
         self.tls = tls
         self.client = client
@@ -213,7 +214,7 @@ class MuxSession:
         return not self.closed.done() and not self.goaway and len(self.streams) < MAX_STREAMS_PER_SESSION \
             and self._next_id < M.MAX_STREAM_ID - 2 and time.time() < self.peer_valid_until
 
-    async def open(self, request: ConnectRequest, timeout: float) -> tuple[Stream, StatusReply]:
+    async def open(self, request: ConnectionFacts, timeout: float) -> tuple[Stream, StatusReply]:
         """Open a stream for ``request`` and wait for the server's STATUS (which may refuse it)."""
         stream = Stream(self, self._next_id)
         stream.status = status = asyncio.get_running_loop().create_future()

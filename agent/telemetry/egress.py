@@ -15,6 +15,7 @@ import os
 from typing import Any, Callable, Protocol
 
 from agent.connection import flow as F
+from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.registry.model import Registry, Workload
 
 ALLOWED_DETAIL = "outside the mesh: left from the pod itself, not proxied"
@@ -49,10 +50,10 @@ class EgressReport:
 
     def on_event(self, event: Any) -> None:
         """One agent.capture.egress.EgressEvent."""
-        flow = F.Flow(F.REPORTER_SOURCE, flow_id=F.new_flow_id().hex())
+        flow = F.Flow(F.REPORTER_SOURCE, ConnectionFacts(event.destination_ip, event.destination_port, F.new_flow_id(),
+                                                         process=ClientProcess(event.pid, event.uid, event.comm),
+                                                         cgroup_id=event.cgroup_id))
         flow.set_source(owner_of(self._registry(), self._node, self._cgroups.name(event.cgroup_id)))
-        flow.destination_ip, flow.destination_port = event.destination_ip, event.destination_port
-        flow.pid, flow.comm, flow.uid, flow.cgroup_id = event.pid, event.comm, event.uid, event.cgroup_id
         flow.security = F.SECURITY_NONE
         if event.denied:
             flow.fail(F.FLAG_DENY, DENIED_DETAIL)

@@ -14,7 +14,8 @@ import subprocess
 import pytest
 
 from agent.proxy.endpoints import PlainLeg, TlsLeg
-from agent.proxy.header import ConnectRequest, Status, StatusReply
+from agent.connection.facts import ConnectionFacts
+from agent.proxy.header import Status, StatusReply
 from agent.proxy.pool import PoolKey, TunnelPool
 from agent.proxy.relay import Relay
 from agent.proxy.session import MuxSession
@@ -77,7 +78,7 @@ class Harness:
     async def _serve_stream(self, session, stream, request) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, upstream = await loop.create_connection(lambda: PlainLeg(start_paused=True), HOST, request.dest_port)
+            _, upstream = await loop.create_connection(lambda: PlainLeg(start_paused=True), HOST, request.destination_port)
         except OSError as exc:
             session.send_status(stream, StatusReply(Status.UNREACHABLE, str(exc)))
             stream.write_eof()
@@ -97,7 +98,7 @@ class Harness:
 
     async def _serve_app(self, app: PlainLeg) -> None:
         session = await self.pool.session(self.key)
-        stream, reply = await session.open(ConnectRequest(HOST, self.backend_port), 5)
+        stream, reply = await session.open(ConnectionFacts(HOST, self.backend_port), 5)
         if reply.status is not Status.OK:
             app.reset()
             return

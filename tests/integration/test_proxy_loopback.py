@@ -67,6 +67,8 @@ class Mesh:
         return ctx
 
     def read_origin(self, sock):
+        if self.origin.get("packets_only"):  # ebpf-tc and iptables: the destination, but no process
+            return Origin(self.origin["ip"], self.origin["port"], None, None, None, None, None)
         return Origin(self.origin["ip"], self.origin["port"], os.getpid(), os.getuid(), 1, 1, "pytest")
 
 
@@ -156,6 +158,24 @@ def test_bytes_cross_the_tunnel_intact_with_half_close_and_identities(run_mesh):
         assert (dst["pid"], dst["comm"]) == (src["pid"], src["comm"])  # the destination names the client process
         assert dst["source_ip"] == CLIENT_IP
         assert src["flow_id"] == dst["flow_id"] != ""
+        # the connection's facts crossed the tunnel as one value: both nodes record the same ones
+        facts = ("flow_id", "source_ip", "source_port", "pid", "uid", "comm", "destination_ip", "destination_port")
+        assert {k: dst[k] for k in facts} == {k: src[k] for k in facts}
+        assert (src["cgroup_id"], dst["cgroup_id"]) == (1, None)  # the cgroup id stays on the source node
+
+    run_mesh(body)
+
+
+def test_a_capture_that_sees_packets_not_processes_tunnels_without_a_client_process(run_mesh):
+    async def body(mesh):
+        mesh.origin["packets_only"] = True
+        assert await client_exchange(mesh, b"x" * 1000) == hashlib.sha256(b"x" * 1000).hexdigest().encode()
+        (src,) = await wait_closed_flows(mesh.contexts["node1"], 1)
+        (dst,) = await wait_closed_flows(mesh.contexts["node2"], 1)
+        for record in (src, dst):
+            assert record["response_flags"] == "-", record["detail"]
+            assert (record["pid"], record["uid"], record["comm"], record["cgroup_id"]) == (None, None, None, None)
+        assert dst["source_workload"] == "web" and dst["flow_id"] == src["flow_id"]
 
     run_mesh(body)
 

@@ -25,7 +25,8 @@ from agent.identity.tls import ALPN
 from agent.connection import flow as F
 from agent.proxy import mux as M
 from agent.proxy.deadlines import reset_idle, sweep_idle_relays
-from agent.proxy.header import ConnectRequest, Status, decode_status_body, encode_connect_body
+from agent.connection.facts import ConnectionFacts
+from agent.proxy.header import Status, decode_status_body, encode_connect_body
 from agent.proxy.inbound import InboundProxy
 from agent.proxy.limits import ConnectionLimits
 from agent.proxy.outbound import OutboundProxy
@@ -218,7 +219,7 @@ async def no_open(world):
 
 async def partial_open(world):
     reader, writer = await tls(world, world.client_store().client_context_for(world.web))
-    frame = M.encode(M.FrameType.OPEN, 1, encode_connect_body(ConnectRequest(SERVER_IP, world.echo_port)))
+    frame = M.encode(M.FrameType.OPEN, 1, encode_connect_body(ConnectionFacts(SERVER_IP, world.echo_port)))
     writer.write(frame[:7])  # half a frame header, never the rest
     return reader, writer
 
@@ -293,7 +294,7 @@ def test_garbage_frames_after_the_handshake_end_the_tunnel_with_goaway(tmp_path,
     async def body(world):
         before = world.failed(world.dst, F.FLAG_PROTOCOL_ERROR)
         reader, writer = await tls(world, world.client_store().client_context_for(world.web))
-        writer.write(M.encode(M.FrameType.OPEN, 1, encode_connect_body(ConnectRequest(SERVER_IP, world.echo_port))))
+        writer.write(M.encode(M.FrameType.OPEN, 1, encode_connect_body(ConnectionFacts(SERVER_IP, world.echo_port))))
         decoder = M.FrameDecoder()
         frames = decoder.feed(await asyncio.wait_for(reader.read(4096), 5))
         assert frames[0].type is M.FrameType.STATUS and decode_status_body(frames[0].payload).status is Status.OK
@@ -324,7 +325,7 @@ def test_a_stream_that_never_sends_is_reset_on_both_sides_after_the_idle_timeout
             world.dst.relays, STREAM_IDLE, lambda relay, flow: reset_idle(relay, flow, STREAM_IDLE)))
         try:
             reader, writer = await tls(world, world.client_store().client_context_for(world.web))
-            writer.write(M.encode(M.FrameType.OPEN, 1, encode_connect_body(ConnectRequest(SERVER_IP, world.echo_port))))
+            writer.write(M.encode(M.FrameType.OPEN, 1, encode_connect_body(ConnectionFacts(SERVER_IP, world.echo_port))))
             frames: list[M.Frame] = []
             decoder = M.FrameDecoder()
             started = time.monotonic()
@@ -351,7 +352,7 @@ def test_an_idle_inbound_tunnel_is_closed_with_goaway(tmp_path):
 
     async def body(world):
         reader, writer = await tls(world, world.client_store().client_context_for(world.web))
-        writer.write(M.encode(M.FrameType.OPEN, 1, encode_connect_body(ConnectRequest(SERVER_IP, world.echo_port))))
+        writer.write(M.encode(M.FrameType.OPEN, 1, encode_connect_body(ConnectionFacts(SERVER_IP, world.echo_port))))
         writer.write(M.encode(M.FrameType.RST, 1, b"done"))  # the only stream ends at once
         decoder = M.FrameDecoder()
         frames: list[M.Frame] = []

@@ -73,7 +73,8 @@ def test_policy_explain_names_the_deciding_policy_and_rule(tmp_path):
 
 
 def test_denied_reason_carries_the_policy_name():
-    from agent.proxy.outbound import _policy_named_in
+    from agent.proxy.header import Status, decode_status_body
 
-    assert _policy_named_in("policy data/orders-db: no rule of the ALLOW policies ... matches") == "data/orders-db"
-    assert _policy_named_in("denied by default_action: no policy selects data/x") == ""
+    named = decode_status_body(bytes([Status.DENIED]) + b"policy data/orders-db: no rule of the ALLOW policies ... matches")
+    assert (named.policy, named.reason) == ("data/orders-db", "no rule of the ALLOW policies ... matches")
+    assert decode_status_body(bytes([Status.DENIED]) + b"denied by default_action: no policy selects data/x").policy == ""

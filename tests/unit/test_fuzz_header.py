@@ -19,6 +19,7 @@ import struct
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from agent.connection.facts import ConnectionFacts
 from agent.proxy import header as H
 
 FUZZ = settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -116,18 +117,19 @@ def decode(body: bytes, expected: dict | None, fault: str | None) -> bool:
     return True
 
 
-def assert_well_formed(request: H.ConnectRequest) -> None:
-    ipaddress.IPv4Address(request.dest_ip)
-    assert 1 <= request.dest_port <= 65535
+def assert_well_formed(request: ConnectionFacts) -> None:
+    ipaddress.IPv4Address(request.destination_ip)
+    assert 1 <= request.destination_port <= 65535
     assert request.flow_id == b"" or len(request.flow_id) == H.FLOW_ID_LEN
     if request.source_ip:
         ipaddress.IPv4Address(request.source_ip)
         assert 1 <= request.source_port <= 65535
     else:
         assert request.source_port == 0
-    if request.pid is not None:
-        assert 0 <= request.pid < 2 ** 32 and 0 <= request.uid < 2 ** 32
-        assert isinstance(request.comm, str) and len(request.comm) <= H.COMM_MAX
+    if request.process is not None:
+        assert 0 <= request.process.pid < 2 ** 32 and 0 <= request.process.uid < 2 ** 32
+        assert isinstance(request.process.comm, str) and len(request.process.comm) <= H.COMM_MAX
+    assert request.cgroup_id is None  # never on the wire
 
 
 @FUZZ
@@ -147,9 +149,9 @@ def test_raw_bytes_are_refused_or_decode_to_a_well_formed_request(body):
     assert_well_formed(request)
     # what was accepted re-encodes to a body that decodes to the same destination and attribution
     again = H.decode_connect_body(H.encode_connect_body(request))
-    assert (again.dest_ip, again.dest_port, again.flow_id, again.source_ip, again.source_port, again.pid,
-            again.uid) == (request.dest_ip, request.dest_port, request.flow_id, request.source_ip,
-                           request.source_port, request.pid, request.uid)
+    same = (lambda r: (r.destination_ip, r.destination_port, r.flow_id, r.source_ip, r.source_port,
+                       None if r.process is None else (r.process.pid, r.process.uid)))
+    assert same(again) == same(request)
 
 
 def test_the_generator_mostly_builds_valid_bodies_and_reaches_every_fault():

@@ -21,11 +21,12 @@ import struct
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agent.proxy import mux as M
-from agent.proxy.header import ConnectRequest, StatusReply, Status, encode_connect_body
+from agent.connection.facts import ClientProcess, ConnectionFacts
+from agent.proxy.header import StatusReply, Status, encode_connect_body
 from agent.proxy.session import MAX_STREAMS_PER_SESSION, MuxSession
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-OPEN_BODY = encode_connect_body(ConnectRequest("10.0.0.1", 80, b"12345678", "10.0.0.2", 4000, 7, 0, "app"))
+OPEN_BODY = encode_connect_body(ConnectionFacts("10.0.0.1", 80, b"12345678", "10.0.0.2", 4000, ClientProcess(7, 0, "app")))
 
 
 KINDS = [1, 1, 3, 3, 3, 4, 5, 6, 6, 2, 7]  # the real types, weighted like a tunnel

@@ -14,7 +14,8 @@ from agent.errors import ConfigError
 from agent.proxy import deadlines as D
 from agent.proxy import limits as L
 from agent.proxy import mux as M
-from agent.proxy.header import ConnectRequest, encode_connect_body
+from agent.connection.facts import ConnectionFacts
+from agent.proxy.header import encode_connect_body
 from agent.proxy.session import MAX_STREAMS_PER_SESSION, MuxSession
 
 A, B = "spiffe://td/ns/a/sa/a", "spiffe://td/ns/b/sa/b"
@@ -152,7 +153,7 @@ def test_a_tunnel_opening_more_streams_than_a_client_ever_does_is_closed():
         opened = []
         session = MuxSession(FakeTls(), client=False, on_open=lambda stream, request: opened.append(stream))
         session.start()
-        body_ = encode_connect_body(ConnectRequest("10.0.0.1", 80))
+        body_ = encode_connect_body(ConnectionFacts("10.0.0.1", 80))
         data = b"".join(M.encode(M.FrameType.OPEN, 2 * i + 1, body_) for i in range(MAX_STREAMS_PER_SESSION + 1))
         session.leg_data(session.tls, data)
         assert len(opened) == MAX_STREAMS_PER_SESSION

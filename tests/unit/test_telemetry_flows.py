@@ -14,6 +14,7 @@ from agent.audit.keys import ensure_keys
 from agent.cli import main
 from agent.control.admin_socket import AdminSocket
 from agent.connection import flow as F
+from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.telemetry.flows import FlowTable
 
 
@@ -26,9 +27,9 @@ class Sink:
 
 
 def flow(src: str, dst: str, port: int, pid: int = 0) -> F.Flow:
-    f = F.Flow(F.REPORTER_SOURCE, flow_id=F.new_flow_id().hex())
+    process = ClientProcess(pid, 0, "psql") if pid else None
+    f = F.Flow(F.REPORTER_SOURCE, ConnectionFacts("", port, F.new_flow_id(), process=process, cgroup_id=77))
     f.source_workload, f.source_namespace, f.destination_workload, f.destination_namespace = src, "shop", dst, "data"
-    f.destination_port, f.pid, f.comm, f.uid, f.cgroup_id = port, pid or None, "psql" if pid else None, 0, 77
     return f
 
 
@@ -167,12 +168,16 @@ def test_audit_verify_exit_codes_name_the_record(tmp_path):
     assert without.exit_code == 2 and "--key" in without.output
 
 
-def test_a_flow_record_is_every_field_plus_its_duration():
-    import dataclasses
-
-    flow = F.Flow(F.REPORTER_DESTINATION, flow_id="cd" * 8, source_ip="10.0.0.1", pid=7, comm="psql")
+def test_a_flow_record_is_the_facts_and_the_working_state_flat_plus_its_duration():
+    facts = ConnectionFacts("10.0.0.2", 5432, bytes.fromhex("cd" * 8), "10.0.0.1", 40000, ClientProcess(7, 0, "psql"), 9)
+    flow = F.Flow(F.REPORTER_DESTINATION, facts)
     assert flow.record()["duration_seconds"] is None
     flow.close(flow.start_time + 1.5)
     record = flow.record()
-    assert list(record) == [f.name for f in dataclasses.fields(F.Flow)] + ["duration_seconds"]
-    assert record == {**{f.name: getattr(flow, f.name) for f in dataclasses.fields(F.Flow)}, "duration_seconds": 1.5}
+    assert tuple(record) == F.RECORD_KEYS
+    assert record == {**{key: getattr(flow, key) for key in F.RECORD_KEYS[:-1]}, "duration_seconds": 1.5}
+    assert (record["flow_id"], record["source_ip"], record["pid"], record["comm"], record["uid"], record["cgroup_id"],
+            record["destination_port"]) == ("cd" * 8, "10.0.0.1", 7, "psql", 0, 9, 5432)
+    bare = F.Flow(F.REPORTER_DESTINATION).record()  # nothing known yet: the values an unknown field always had
+    assert (bare["flow_id"], bare["source_ip"], bare["source_port"], bare["pid"], bare["comm"], bare["uid"],
+            bare["cgroup_id"]) == ("", "", 0, None, None, None, None)

@@ -6,11 +6,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.connection import flow as F
+from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.telemetry.metrics import OPEN_LABEL_COUNT, OPEN_LABELS, Metrics
 
 
 def a_flow(src="web", dst="db", reporter=F.REPORTER_SOURCE) -> F.Flow:
-    flow = F.Flow(reporter, flow_id="ab" * 8, security=F.SECURITY_MTLS)
+    flow = F.Flow(reporter, ConnectionFacts(flow_id=bytes.fromhex("ab" * 8)), security=F.SECURITY_MTLS)
     flow.source_workload, flow.source_namespace = src, "shop"
     flow.source_principal = f"spiffe://td/ns/shop/sa/{src}"
     flow.destination_workload, flow.destination_namespace = dst, "data"
@@ -113,7 +114,7 @@ def test_a_departed_workloads_series_are_removed_but_not_while_its_flow_is_open(
 def test_metric_labels_never_carry_addresses_or_processes():
     metrics = Metrics(CollectorRegistry())
     flow = a_flow()
-    flow.source_ip, flow.destination_ip, flow.pid, flow.comm = "10.77.1.11", "10.77.2.11", 4242, "psql"
+    flow.facts = ConnectionFacts("10.77.2.11", 5432, flow.facts.flow_id, "10.77.1.11", 40000, ClientProcess(4242, 0, "psql"))
     metrics.flow_opened(flow)
     metrics.flow_closed(flow)
     text = generate_latest(metrics.registry).decode()

@@ -6,26 +6,43 @@ import struct
 import pytest
 from hypothesis import given, strategies as st
 
+from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.proxy import header as H
 
 ipv4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t)))
 ports = st.integers(1, 65535)
 flow_ids = st.one_of(st.just(b""), st.binary(min_size=8, max_size=8))
 sources = st.one_of(st.just(("", 0)), st.tuples(ipv4, ports))
-processes = st.one_of(st.just((None, None, None)),
-                      st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+processes = st.one_of(st.none(),
+                      st.builds(ClientProcess, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
                                 st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=16)))
+policies = st.one_of(st.just(""), st.from_regex(r"[a-z0-9-]{1,20}/[a-z0-9-]{1,20}", fullmatch=True))
+reasons = st.text(max_size=80).filter(lambda r: not r.startswith(H.DENIED_POLICY_PREFIX))
 
 
 @given(ipv4, ports, flow_ids, sources, processes)
 def test_connect_round_trips(ip, port, flow_id, source, process):
-    request = H.ConnectRequest(ip, port, flow_id, *source, *process)
+    request = ConnectionFacts(ip, port, flow_id, *source, process)
     assert H.decode_connect_body(H.encode_connect_body(request)) == request
 
 
-@given(st.sampled_from(list(H.Status)), st.text(max_size=80))
+@given(st.sampled_from(list(H.Status)), reasons)
 def test_status_round_trips(status, reason):
     assert H.decode_status_body(H.encode_status_body(H.StatusReply(status, reason))) == H.StatusReply(status, reason)
+
+
+@given(policies, reasons)
+def test_a_denied_status_carries_the_deciding_policy_as_its_own_field(policy, reason):
+    reply = H.StatusReply(H.Status.DENIED, reason, policy)
+    body = H.encode_status_body(reply)
+    assert H.decode_status_body(body) == reply
+    # on the wire, as docs/protocol.md says and every tcpmesh/2 peer reads it: the policy prefixes the reason
+    assert body[1:].decode() == (f"policy {policy}: {reason}" if policy else reason)
+
+
+def test_only_a_denied_status_names_a_policy():
+    reply = H.decode_status_body(H.encode_status_body(H.StatusReply(H.Status.UNREACHABLE, "policy a/b: no")))
+    assert reply == H.StatusReply(H.Status.UNREACHABLE, "policy a/b: no") and reply.policy == ""
 
 
 def test_status_reason_is_truncated_to_the_limit():
@@ -59,11 +76,11 @@ def test_invalid_status_bodies_name_the_problem(body, words):
 
 
 def test_unknown_non_critical_tlv_is_skipped():
-    assert H.decode_connect_body(b"\x33\x02ab" + DEST) == H.ConnectRequest("10.0.0.1", 80)
+    assert H.decode_connect_body(b"\x33\x02ab" + DEST) == ConnectionFacts("10.0.0.1", 80)
 
 
 def test_encoder_refuses_our_own_misuse():
     with pytest.raises(ValueError):
-        H.encode_connect_body(H.ConnectRequest("10.0.0.1", 0))
+        H.encode_connect_body(ConnectionFacts("10.0.0.1", 0))
     with pytest.raises(ValueError):
-        H.encode_connect_body(H.ConnectRequest("10.0.0.1", 80, b"short"))
+        H.encode_connect_body(ConnectionFacts("10.0.0.1", 80, b"short"))
