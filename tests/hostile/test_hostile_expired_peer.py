@@ -23,7 +23,8 @@ from agent.identity.ca import init_ca, load_ca
 from agent.identity.store import IdentityStore
 from agent.identity.svid import DEV_MIN_TTL_SECONDS
 from agent.proxy import mux as M
-from agent.proxy.header import ConnectRequest, Status, decode_status_body, encode_connect_body
+from agent.connection.facts import ConnectionFacts
+from agent.proxy.header import Status, decode_status_body, encode_connect_body
 from tests.integration.test_proxy_loopback import TD
 from tests.integration.test_reliability_hostile import SERVER_IP, World, flows_with, run_world, tls
 
@@ -42,7 +43,7 @@ class Tunnel:
     async def open(self, port: int) -> tuple[int, Status, str]:
         stream = self.next_id
         self.next_id += 2
-        self.writer.write(M.encode(M.FrameType.OPEN, stream, encode_connect_body(ConnectRequest(SERVER_IP, port))))
+        self.writer.write(M.encode(M.FrameType.OPEN, stream, encode_connect_body(ConnectionFacts(SERVER_IP, port))))
         while True:
             for frame in self.frames:
                 if frame.type is M.FrameType.STATUS and frame.stream == stream:
