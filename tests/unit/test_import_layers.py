@@ -2,7 +2,7 @@
 
 The data path (``agent.proxy``) must never import telemetry or a command line; the shared flow record lives
 below both (``agent.connection``); identity sits below the config; and there is no import cycle among the
-modules of the packages listed in ``ACYCLIC``, nor between those packages. Every import counts, also one
+modules of any package, nor between packages (``ACYCLIC``: every package and top-level module). Every import counts, also one
 inside a function (a lazy import is still a dependency); only ``if TYPE_CHECKING:`` blocks are skipped.
 """
 
@@ -27,9 +27,9 @@ FORBIDDEN = (
     ("agent.registry", "agent.proxy", "the registry lies below the data path"),
     ("agent.service", "agent.app", "service helpers are used by the composition root"),
 )
-# packages (and the modules in them) that must form no import cycle, alone or with each other
-ACYCLIC = ("agent.connection", "agent.proxy", "agent.telemetry", "agent.identity", "agent.registry",
-           "agent.service", "agent.demo", "agent.audit", "agent.policy", "agent.config", "agent.errors")
+# every package and top-level module of the agent: none may form an import cycle, alone or with another
+ACYCLIC = tuple(sorted({".".join(p.relative_to(ROOT).with_suffix("").parts[:2]) for p in AGENT.rglob("*.py")}
+                       - {"agent.__init__"}))
 
 
 def module_name(path: Path) -> str:
@@ -54,8 +54,10 @@ def _imported(node: ast.AST, package: str) -> set[str]:
         base = node.module or ""
         if node.level:
             base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
-        names.add(base)
-        names.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES)
+        submodules = {f"{base}.{alias.name}" for alias in node.names} & MODULES.keys()
+        names.update(submodules)
+        if len(submodules) < len(node.names):  # a name defined in ``base`` itself (its __init__, or a module)
+            names.add(base)
     return {n for n in names if n in MODULES}
 
 
