@@ -48,6 +48,9 @@ class RecordingCapture:
     def detach(self, workload) -> None:
         self.calls.append(("detach", workload.key, workload.cgroup))
 
+    def set_mesh_destinations(self, workloads) -> None:  # the capture interface (agent.capture.interface)
+        self.mesh = [w.key for w in workloads]
+
 
 class RecordingIdentities:
     def __init__(self) -> None:
