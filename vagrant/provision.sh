@@ -40,6 +40,7 @@ PYTHON=${PYTHON:-/opt/tcpmesh/bin/python}
 ETC=$ROOT/etc/tcpmesh
 STATE_DIR=$ROOT/run/tcpmesh
 LOG_DIR=$ROOT/var/log/tcpmesh
+AUDIT_KEY_DIR=$ROOT/var/lib/tcpmesh     # the audit chain's HMAC key: kept across reboots, off the log's directory
 ADMIN_DIR=$ROOT/var/lib/tcpmesh-admin     # node 1 only: root CA and every node's intermediate
 NODE_NAME=node$NODE_INDEX
 declare -A ADDRESS
@@ -123,6 +124,7 @@ step_ca() {
 
 step_config() {
   install -d -m 0755 "$ETC" "$ETC/policies" "$ROOT/usr/local/sbin"
+  install -d -m 0700 "$AUDIT_KEY_DIR"
   local ifname
   ifname=$(wire_ifname)
   [ -n "$ifname" ] || { echo "provision: no interface holds $NODE_ADDRESS" >&2; exit 1; }
@@ -142,7 +144,7 @@ capture:
   bpffs_dir: "$BPFFS_DIR"
   cgroup_scope: $CGROUP_BASE
 admin: {address: $NODE_ADDRESS, port: 15020, socket: $STATE_DIR/agent.sock}
-access_log: {path: $LOG_DIR/access.log}
+access_log: {path: $LOG_DIR/access.log, key: $AUDIT_KEY_DIR/audit.key}
 EOF
   {
     echo "trust_domain: $TRUST_DOMAIN"

@@ -88,13 +88,14 @@ def test_provisioning_steps_on_lab_nodes_then_e2e_sh_passes(two_node_lab):
             root = roots / node.name
             unit = unitrun.read_unit(root / "etc/systemd/system/tcpmesh-agent.service")
             env = unitrun.unit_environment(unit, {"TCPMESH_CONFIG_FILE": str(root / "etc/tcpmesh/config.yaml")})
-            for directory in ("run/tcpmesh", "var/log/tcpmesh"):   # RuntimeDirectory=, LogsDirectory=
+            writable = ("run/tcpmesh", "var/log/tcpmesh", "var/lib/tcpmesh")   # Runtime-, Logs-, StateDirectory=
+            for directory in writable:
                 (root / directory).mkdir(parents=True, exist_ok=True)
             sock = unitrun.NotifySocket(str(root / "run/notify.sock"))
             notify.append(sock)
             proc = unitrun.start_in_node(
                 unitrun.sandboxed(unit, unitrun.command_argv(unit, "ExecStart", env),
-                                  [str(root / "run/tcpmesh"), str(root / "var/log/tcpmesh")]),
+                                  [str(root / directory) for directory in writable]),
                 node.netns, node.agent_cgroup, {**env, "NOTIFY_SOCKET": sock.path}, str(log))
             agents.append(proc)
         for proc, sock in zip(agents, notify):
