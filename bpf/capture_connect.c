@@ -47,6 +47,10 @@
 #define TCPMESH_DENY 0
 #define TCPMESH_SOL_TCP 6
 #define TCPMESH_TCP_BPF_SOCK_OPS_CB_FLAGS 1008 /* uapi/linux/bpf.h since 6.12 (not in the stub's 6.1 UAPI) */
+/* How deep below the cgroup v2 root a workload's cgroup may sit (the kubelet's are at 2-4, the lab's
+ * at 4, nested runtimes deeper); a socket deeper than this below a STRICT pod is still found, as
+ * long as the pod cgroup itself is within the bound. */
+#define TCPMESH_MAX_CGROUP_LEVEL 16
 #ifndef TCPMESH_CONNECT_CB_FLAGS
 #define TCPMESH_CONNECT_CB_FLAGS 0 /* 1: connect4/6 can set sockops flags (Linux >= 6.12; -D by the loader) */
 #endif
@@ -493,6 +497,28 @@ static __always_inline void tcpmesh_forget_proxy_conn(struct bpf_sock_ops *skops
 	tcpmesh_proxy_conns.delete(&key);
 }
 
+/* The workload a socket belongs to: the cgroup id of the pod cgroup the agent registered (its entry
+ * in tcpmesh_inbound_mode) when the socket's cgroup is that cgroup or any cgroup below it — the
+ * kubelet puts every container in a child of the pod cgroup, so the socket's own cgroup is rarely
+ * the pod's. Walks the socket's ancestors from the root down (workloads do not nest: the first hit
+ * is the pod); the socket's own cgroup id, and *mode NULL, when none is registered.
+ * bpf_sk_ancestor_cgroup_id: Linux 5.7 (cgroup_skb). */
+static __always_inline __u64 tcpmesh_sk_workload(struct bpf_sock *sk, __u32 **mode)
+{
+#pragma unroll
+	for (int level = 1; level <= TCPMESH_MAX_CGROUP_LEVEL; level++) {
+		__u64 id = bpf_sk_ancestor_cgroup_id(sk, level);
+
+		if (!id)
+			break; /* above the socket's own level: no registered ancestor */
+		*mode = tcpmesh_inbound_mode.lookup(&id);
+		if (*mode)
+			return id;
+	}
+	*mode = 0;
+	return bpf_sk_cgroup_id(sk);
+}
+
 /* TCP SYN (not SYN-ACK) into a pod from outside the mesh: count it, and say whether to drop it. */
 static __always_inline int tcpmesh_inbound_verdict(struct __sk_buff *skb)
 {
@@ -526,8 +552,7 @@ static __always_inline int tcpmesh_inbound_verdict(struct __sk_buff *skb)
 	sk = bpf_sk_fullsock(sk);
 	if (!sk)
 		return TCPMESH_ALLOW;
-	cgroup = bpf_sk_cgroup_id(sk);
-	mode = tcpmesh_inbound_mode.lookup(&cgroup);
+	cgroup = tcpmesh_sk_workload(sk, &mode);
 	counts = tcpmesh_plaintext.lookup_or_try_init(&cgroup, &zero);
 	if (mode && *mode == TCPMESH_INBOUND_STRICT) {
 		if (counts)

@@ -69,7 +69,8 @@ def registry_document(plan: LabPlan) -> dict[str, Any]:
 
 def state_document(plan: LabPlan, *, nodes: int, pods_per_node: int, service_accounts: Mapping[str, str],
                    state_root: str, agents_requested: bool, capture_mode: str, ca_dir: str | None,
-                   phase: str, agents: Mapping[str, Mapping[str, Any]], created: str) -> dict[str, Any]:
+                   phase: str, agents: Mapping[str, Mapping[str, Any]], created: str,
+                   flat_pods: bool = False) -> dict[str, Any]:
     """state.json: the inputs of the plan (to recompute it) plus what lab up started."""
     return {
         "version": STATE_VERSION,
@@ -79,7 +80,7 @@ def state_document(plan: LabPlan, *, nodes: int, pods_per_node: int, service_acc
         "inputs": {
             "nodes": nodes, "pods_per_node": pods_per_node, "trust_domain": plan.trust_domain,
             "namespace": plan.namespace, "service_accounts": dict(service_accounts),
-            "cgroup_root": plan.cgroup_root, "state_root": state_root,
+            "cgroup_root": plan.cgroup_root, "state_root": state_root, "flat_pods": flat_pods,
         },
         "agents_requested": agents_requested,
         "capture_mode": capture_mode,
@@ -96,6 +97,7 @@ def plan_from_state(state: Mapping[str, Any], source: str) -> LabPlan:
         inputs = state["inputs"]
         return plan_lab(state["name"], inputs["nodes"], inputs["pods_per_node"], inputs["trust_domain"],
                         namespace=inputs["namespace"], service_accounts=inputs["service_accounts"],
-                        cgroup_root=inputs["cgroup_root"], state_root=inputs["state_root"])
+                        cgroup_root=inputs["cgroup_root"], state_root=inputs["state_root"],
+                        flat_pods=bool(inputs.get("flat_pods", False)))
     except (KeyError, TypeError) as exc:
         raise LabError(f"{source} is incomplete (missing {exc}): run `tcpmesh lab down` to clean up") from exc

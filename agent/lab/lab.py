@@ -40,19 +40,24 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
            namespace: str = DEFAULT_NAMESPACE, service_accounts: Mapping[str, str] | None = None,
            capture_mode: str = files.DEFAULT_CAPTURE_MODE, agent_argv: Sequence[str] | None = None,
            ready_timeout: float = agents.DEFAULT_READY_TIMEOUT, state_root: str = DEFAULT_STATE_ROOT,
-           cgroup_root: str | None = None) -> LabPlan:
+           cgroup_root: str | None = None, flat_pods: bool = False) -> LabPlan:
     """Build the lab, write its files, start (unless ``agents_enabled=False``) and wait for one agent per node.
+
+    Pods are kubelet-shaped (a pod cgroup with one child per container, processes only in the
+    children) unless ``flat_pods`` (processes in the pod cgroup itself).
 
     On any failure everything is torn down again (agent logs are kept) and the error is re-raised.
     """
     checks.require(checks.netns_problem(), checks.cgroup2_problem(cgroup_root))
     cgroup_root = cgroup_root or checks.find_cgroup2_mount() or ""
     plan = plan_lab(name, nodes, pods_per_node, trust_domain, namespace=namespace,
-                    service_accounts=service_accounts, cgroup_root=cgroup_root, state_root=state_root)
+                    service_accounts=service_accounts, cgroup_root=cgroup_root, state_root=state_root,
+                    flat_pods=flat_pods)
     _refuse_existing(plan)
     ca_init = _ca_initialiser(required=agents_enabled)
     record = dict(nodes=nodes, pods_per_node=pods_per_node, service_accounts=dict(service_accounts or {}),
                   state_root=state_root, agents_requested=agents_enabled, capture_mode=capture_mode,
+                  flat_pods=flat_pods,
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     started: dict[str, agents.AgentRecord] = {}
     try:
@@ -63,6 +68,8 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
             cgroups.ensure_cgroup(node.agent_cgroup)
             for pod in node.pods:
                 cgroups.ensure_cgroup(pod.cgroup)
+                for container in pod.containers:
+                    cgroups.ensure_cgroup(container)
         ca_dir = None
         if ca_init is not None:
             ca_init(plan.trust_domain, plan.ca_dir, [(n.name, files.node_ca_dir(n)) for n in plan.nodes])
@@ -298,7 +305,8 @@ def lab_status(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_
     present = set(network.lab_netns_present(name))
     problems = [f"network namespace {ns} is missing" for ns in plan.netns_names if ns not in present]
     problems += [f"cgroup {cg} is missing" for cg in
-                 [n.agent_cgroup for n in plan.nodes] + [p.cgroup for p in plan.pods] if not os.path.isdir(cg)]
+                 [n.agent_cgroup for n in plan.nodes] + [c for p in plan.pods for c in (p.cgroup, *p.containers)]
+                 if not os.path.isdir(cg)]
     nodes = []
     for node in plan.nodes:
         record = records.get(node.name)
@@ -312,7 +320,8 @@ def lab_status(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_
             "agent": {"pid": record.pid if record else None, "alive": alive},
         })
     pods = [{"name": p.name, "node": p.node, "netns": p.netns, "ip": p.ip, "namespace": p.namespace,
-             "service_account": p.service_account, "spiffe_id": p.spiffe_id, "cgroup": p.cgroup}
+             "service_account": p.service_account, "spiffe_id": p.spiffe_id, "cgroup": p.cgroup,
+             "containers": list(p.containers), "exec_cgroup": p.exec_cgroup}
             for p in plan.pods]
     return {
         "version": STATUS_VERSION, "name": plan.name, "phase": state.get("phase"),
@@ -328,10 +337,11 @@ def lab_status(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_
 # -------------------------------------------------------------------------------------------- exec
 
 def resolve_target(plan: LabPlan, target: str) -> tuple[str, str | None]:
-    """(netns, cgroup) of a pod, or (netns, None) of a node (node commands stay in the caller's cgroup)."""
+    """(netns, cgroup) of a pod — its app container's cgroup, where a pod's processes live — or
+    (netns, None) of a node (node commands stay in the caller's cgroup)."""
     for pod in plan.pods:
         if pod.name == target:
-            return pod.netns, pod.cgroup
+            return pod.netns, pod.exec_cgroup
     for node in plan.nodes:
         if node.name == target:
             return node.netns, None

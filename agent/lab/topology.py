@@ -13,7 +13,10 @@ The layout is documented in docs/lab.md.
 
     cgroups     <cgroup root>/tcpmesh-lab-<lab>/node<i>/agent          the agent (outside the pods cgroup)
                 <cgroup root>/tcpmesh-lab-<lab>/node<i>/pods           the node guard's cgroup
-                <cgroup root>/tcpmesh-lab-<lab>/node<i>/pods/n<i>p<j>  one per pod
+                <cgroup root>/tcpmesh-lab-<lab>/node<i>/pods/n<i>p<j>  one per pod (the registry's cgroup)
+                .../pods/n<i>p<j>/{pause,app}  its containers, as the kubelet makes them: the pod's
+                                               processes run in app/, none in the pod cgroup itself
+                                               (--flat-pods: no containers, processes in the pod cgroup)
     pins        /sys/fs/bpf/tcpmesh-lab-<lab>/node<i>                  the agent's capture.bpffs_dir
 
 Must not import pyroute2, socket, subprocess or anything else that does I/O.
@@ -49,6 +52,7 @@ NODE_WIRE_IFNAME = "tmwire"
 POD_IFNAME = "eth0"
 AGENT_CGROUP_LEAF = "agent"
 PODS_CGROUP_LEAF = "pods"
+CONTAINER_LEAVES = ("pause", "app")  # one child cgroup per container; lab exec runs in the last
 IFNAME_MAX = 15
 MAX_NODES = 254
 MAX_PODS_PER_NODE = 254 - POD_FIRST_HOST
@@ -65,10 +69,16 @@ class PodPlan:
     ip: str              # 10.77.<i>.<10+j>, a /32 on eth0 in the pod netns
     ifname: str          # pod side of the veth (eth0)
     node_ifname: str     # node side of the veth (tm<pod>), carries POD_GATEWAY/32
-    cgroup: str          # absolute cgroup v2 directory
+    cgroup: str          # absolute cgroup v2 directory of the pod (the registry's; capture attaches here)
     namespace: str
     service_account: str
     spiffe_id: str
+    containers: tuple[str, ...] = ()  # child cgroups, one per container (empty: a flat pod)
+
+    @property
+    def exec_cgroup(self) -> str:
+        """Where the pod's processes run: its last container's cgroup, or the pod cgroup when flat."""
+        return self.containers[-1] if self.containers else self.cgroup
 
 
 @dataclass(frozen=True)
@@ -170,8 +180,10 @@ def lab_state_dir(state_root: str, lab: str) -> str:
 
 def plan_lab(name: str, nodes: int, pods_per_node: int, trust_domain: str = DEFAULT_TRUST_DOMAIN, *,
              namespace: str = DEFAULT_NAMESPACE, service_accounts: Mapping[str, str] | None = None,
-             cgroup_root: str = DEFAULT_CGROUP_ROOT, state_root: str = DEFAULT_STATE_ROOT) -> LabPlan:
-    """Compute the whole lab. ``service_accounts`` maps pod name → service account (default: the pod name)."""
+             cgroup_root: str = DEFAULT_CGROUP_ROOT, state_root: str = DEFAULT_STATE_ROOT,
+             flat_pods: bool = False) -> LabPlan:
+    """Compute the whole lab. ``service_accounts`` maps pod name → service account (default: the pod name).
+    Pods have one child cgroup per container (``CONTAINER_LEAVES``) unless ``flat_pods``."""
     validate_lab_name(name)
     _check_count("--nodes", nodes, 1, MAX_NODES)
     _check_count("--pods-per-node", pods_per_node, 0, MAX_PODS_PER_NODE)
@@ -191,7 +203,7 @@ def plan_lab(name: str, nodes: int, pods_per_node: int, trust_domain: str = DEFA
     bpffs_dir = lab_bpffs_dir(name)
     node_plans = tuple(
         _plan_node(name, i, nodes, pods_per_node, trust_domain, namespace, service_accounts, cgroup, state_dir,
-                   bpffs_dir)
+                   bpffs_dir, () if flat_pods else CONTAINER_LEAVES)
         for i in range(1, nodes + 1)
     )
     return LabPlan(
@@ -205,18 +217,21 @@ def plan_lab(name: str, nodes: int, pods_per_node: int, trust_domain: str = DEFA
 
 
 def _plan_node(lab: str, i: int, nodes: int, pods_per_node: int, trust_domain: str, namespace: str,
-               service_accounts: Mapping[str, str], lab_cg: str, state_dir: str, lab_bpffs: str) -> NodePlan:
+               service_accounts: Mapping[str, str], lab_cg: str, state_dir: str, lab_bpffs: str,
+               container_leaves: tuple[str, ...]) -> NodePlan:
     node = f"node{i}"
     wire_address = f"{WIRE_SUBNET_PREFIX}.{i}"
     pods = []
     for j in range(1, pods_per_node + 1):
         pod = f"n{i}p{j}"
         account = service_accounts.get(pod, pod)
+        pod_cgroup = f"{lab_cg}/{node}/{PODS_CGROUP_LEAF}/{pod}"
         pods.append(PodPlan(
             name=pod, node=node, netns=lab_netns_name(lab, pod), ip=f"{POD_SUBNET_PREFIX}.{i}.{POD_FIRST_HOST + j}",
-            ifname=POD_IFNAME, node_ifname=f"{VETH_PREFIX}{pod}", cgroup=f"{lab_cg}/{node}/{PODS_CGROUP_LEAF}/{pod}",
+            ifname=POD_IFNAME, node_ifname=f"{VETH_PREFIX}{pod}", cgroup=pod_cgroup,
             namespace=namespace, service_account=account,
             spiffe_id=SpiffeId(trust_domain, namespace, account).uri,
+            containers=tuple(f"{pod_cgroup}/{leaf}" for leaf in container_leaves),
         ))
     routes = tuple((f"{POD_SUBNET_PREFIX}.{k}.0/24", f"{WIRE_SUBNET_PREFIX}.{k}")
                    for k in range(1, nodes + 1) if k != i)

@@ -16,7 +16,8 @@ from agent.registry.model import Registry, Workload
 def merge(base: Registry, added: Iterable[Workload]) -> Registry:
     """``base`` with ``added`` workloads; an added workload replaces a base one with the same key.
 
-    Raises ConfigError when an added workload names an unknown node or takes another workload's IP.
+    Raises ConfigError when an added workload names an unknown node, takes another workload's IP, or
+    has a cgroup at or below another workload's cgroup on its node.
     """
     added = tuple(added)
     replaced = {w.key for w in added}
@@ -31,7 +32,30 @@ def merge(base: Registry, added: Iterable[Workload]) -> Registry:
             raise ConfigError(f"workload {workload.key}.ip", workload.ip, f"is already the IP of {other.key}",
                               "each workload needs its own IP; delete the other one first")
         by_ip[workload.ip] = workload
+    _no_nested_cgroups(workloads)
     return Registry.build(base.trust_domain, base.nodes.values(), workloads)
+
+
+def _no_nested_cgroups(workloads: list[Workload]) -> None:
+    """A workload is its cgroup and every cgroup below it (the kernel finds a socket's workload as the
+    first registered cgroup among its ancestors), so two workloads of one node never share a cgroup
+    subtree."""
+    owners: dict[tuple[str, str], Workload] = {}
+    for workload in (w for w in workloads if w.cgroup):
+        other = owners.setdefault((workload.node, workload.cgroup.rstrip("/")), workload)
+        if other is not workload:
+            raise ConfigError(f"workload {workload.key}.cgroup", workload.cgroup, f"is also the cgroup of {other.key}",
+                              "each workload needs its own cgroup")
+    for (node, path), workload in owners.items():
+        parent = path.rpartition("/")[0]
+        while parent:
+            other = owners.get((node, parent))
+            if other is not None:
+                raise ConfigError(f"workload {workload.key}.cgroup", workload.cgroup,
+                                  f"is inside the cgroup of {other.key} ({other.cgroup})",
+                                  "a workload is its cgroup and every cgroup below it: give each workload a cgroup "
+                                  "outside the others' (the pod cgroup, never a container's)")
+            parent = parent.rpartition("/")[0]
 
 
 @dataclass(frozen=True)

@@ -193,13 +193,15 @@ TCPMESH_MAP("lru_hash", struct tcpmesh_flow4, __u32, tcpmesh_proxy_conns, TCPMES
 /*
  * tcpmesh_inbound_mode: pod cgroup id -> TCPMESH_INBOUND_STRICT | TCPMESH_INBOUND_PERMISSIVE.
  *   writer:   user space (the agent, from PeerAuthentication policies; docs/policy.md).
- *   reader:   cgroup_skb/ingress on pod cgroups. No entry: PERMISSIVE.
+ *   reader:   cgroup_skb/ingress on pod cgroups, for the socket's cgroup and every ancestor of it
+ *             (a container cgroup below the pod: tcpmesh_sk_workload). No entry: PERMISSIVE.
  *   eviction: user space deletes the entry when the pod leaves the node.
  */
 TCPMESH_MAP("hash", __u64, __u32, tcpmesh_inbound_mode, TCPMESH_MAX_PODS, 0);
 
 /*
- * tcpmesh_plaintext: pod cgroup id -> struct tcpmesh_plaintext, per CPU.
+ * tcpmesh_plaintext: pod cgroup id (the registered ancestor, else the socket's own cgroup id)
+ *   -> struct tcpmesh_plaintext, per CPU.
  *   writer:   cgroup_skb/ingress on pod cgroups, for every SYN from outside the mesh.
  *   reader:   user space, summed over CPUs at scrape time (tcpmesh_plaintext_*_total).
  *   eviction: user space deletes the entry when the pod leaves the node.

@@ -9,10 +9,12 @@ captured nor refused fails with an unreachable/timeout errno, never EPERM.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 import pytest
 
+from agent.capture import read_origin
 from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, socket_in
 from tests.bpf.test_connect_capture import NOT_CAPTURED_ERRNOS, REMOTE, accept, bpftool_cgroup, delta
 
@@ -105,7 +107,10 @@ def test_a_pod_the_agent_does_not_know_is_refused_and_attaching_it_opens_it(guar
         assert refused.result.get("errno") == errno.EPERM, refused.result
         inner = clients(pod_ns, nested, *REMOTE)
         assert inner.result["ok"], inner.result
-        accept(proxy_listener).close()
+        with accept(proxy_listener) as conn:  # attributed to the exact (container) cgroup, found below the pod's
+            origin = read_origin(conn)
+            assert origin is not None and origin.cgroup_id == os.stat(nested).st_ino
+            assert origin.pid == inner.result["pid"]
         guarded.attach_pod(newcomer)  # the agent learns of it: captured from now on
         admitted = clients(pod_ns, newcomer, *REMOTE)
         assert admitted.result["ok"], admitted.result

@@ -190,7 +190,7 @@ def test_a_long_flow_reports_growing_bytes_and_tcpmesh_flows_names_its_process(t
     assert 0 < destination[0] < destination[1] < destination[2], f"node2 bytes did not grow: {destination}"
     (live,) = [f for f in listed if f["state"] == "open"]
     assert live["pid"] == pid and live["comm"] == "tm-longflow" and live["uid"] == os.getuid()
-    assert live["cgroup_id"] == os.stat(lab.pod("n1p1").cgroup).st_ino
+    assert live["cgroup_id"] == os.stat(lab.pod("n1p1").exec_cgroup).st_ino  # the container's, below the pod's
     assert live["source_principal"] == lab.pod("n1p1").spiffe_id and live["bytes_received"] > 0
     table = cli("flows", "--workload", "lab/n1p1", "--socket", f"{lab.node(1).state_dir}/agent.sock")
     assert f"{pid}/tm-longflow" in table.stdout and "lab/n2p1:7201" in table.stdout
@@ -237,7 +237,7 @@ def test_the_audit_log_of_the_run_verifies_and_tampering_is_named(tlab, tmp_path
     records = read_records(path)
     long_flow = next(r for r in records if r.get("comm") == "tm-longflow")
     assert long_flow["event"] == "close" and long_flow["node"] == "node1" and long_flow["decision"] == "allow"
-    assert long_flow["cgroup"] == lab.pod("n1p1").cgroup and long_flow["uid"] == os.getuid()
+    assert long_flow["cgroup"] == lab.pod("n1p1").exec_cgroup and long_flow["uid"] == os.getuid()
     assert long_flow["source_ip"] == lab.pod("n1p1").ip and long_flow["destination_port"] == ECHO_PORT
     denied = next(r for r in records if r.get("comm") == "tm-denied")
     assert denied["decision"] == "deny" and denied["policy"] == "lab/no-7399" and denied["response_flags"] == "DENY"

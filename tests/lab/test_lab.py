@@ -116,7 +116,8 @@ def test_exec_runs_in_pod_netns_and_cgroup_and_passes_exit_code(cgroup2_mount, l
         assert out.returncode == 0, out.stderr
         cgroup_line, source_ip = out.stdout.split()
         pod = plan.pod("n1p2")
-        assert cgroup_line == "0::" + pod.cgroup[len(cgroup2_mount):]
+        assert cgroup_line == "0::" + pod.exec_cgroup[len(cgroup2_mount):]  # the app container, as kubelet does
+        assert pod.exec_cgroup == pod.cgroup + "/app" and os.path.isdir(pod.cgroup + "/pause")
         assert source_ip == pod.ip
         assert subprocess.run(base + ["sh", "-c", "exit 7"], timeout=30).returncode == 7
         missing = subprocess.run(base + ["no-such-command"], capture_output=True, text=True, timeout=30)
@@ -158,7 +159,10 @@ def test_status_json_schema(cgroup2_mount, lab_name, state_root):
     pod = next(p for p in doc["pods"] if p["name"] == "n2p1")
     assert pod == {"name": "n2p1", "node": "node2", "netns": f"tcpmesh-{lab_name}-n2p1", "ip": "10.77.2.11",
                    "namespace": "lab", "service_account": "db", "spiffe_id": "spiffe://lab.tcpmesh/ns/lab/sa/db",
-                   "cgroup": f"{cgroup2_mount}/tcpmesh-lab-{lab_name}/node2/pods/n2p1"}
+                   "cgroup": f"{cgroup2_mount}/tcpmesh-lab-{lab_name}/node2/pods/n2p1",
+                   "containers": [f"{cgroup2_mount}/tcpmesh-lab-{lab_name}/node2/pods/n2p1/pause",
+                                  f"{cgroup2_mount}/tcpmesh-lab-{lab_name}/node2/pods/n2p1/app"],
+                   "exec_cgroup": f"{cgroup2_mount}/tcpmesh-lab-{lab_name}/node2/pods/n2p1/app"}
 
 
 def test_down_removes_everything_and_is_safe_twice(cgroup2_mount, lab_name, state_root):

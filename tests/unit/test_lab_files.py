@@ -45,3 +45,8 @@ def test_state_round_trips_to_the_same_plan():
                          ca_dir=None, phase="up", agents={}, created="2026-01-01T00:00:00+00:00")
     assert doc["version"] == 1
     assert plan_from_state(doc, "state.json") == plan
+    flat = plan_lab("demo", 2, 2, cgroup_root="/sys/fs/cgroup/unified", flat_pods=True)
+    doc = state_document(flat, nodes=2, pods_per_node=2, service_accounts={}, state_root="/run/tcpmesh-lab",
+                         agents_requested=False, capture_mode="none", ca_dir=None, phase="up", agents={},
+                         created="2026-01-01T00:00:00+00:00", flat_pods=True)
+    assert plan_from_state(doc, "state.json") == flat and flat.pod("n1p1").containers == ()

@@ -25,6 +25,7 @@ def test_two_by_two_addresses_and_names():
     assert (pod.ip, pod.node, pod.netns) == ("10.77.2.11", "node2", "tcpmesh-demo-n2p1")
     assert (pod.ifname, pod.node_ifname) == ("eth0", "tmn2p1")
     assert pod.cgroup == "/sys/fs/cgroup/unified/tcpmesh-lab-demo/node2/pods/n2p1"
+    assert pod.containers == (f"{pod.cgroup}/pause", f"{pod.cgroup}/app") and pod.exec_cgroup == f"{pod.cgroup}/app"
     assert pod.spiffe_id == "spiffe://lab.tcpmesh/ns/lab/sa/n2p1"
     assert plan.netns_names[-1] == plan.wire_netns
 
@@ -53,6 +54,11 @@ def test_everything_unique_and_interface_names_fit(nodes, pods):
         assert len(values) == len(set(values))
     assert len(plan.netns_names) == len(set(plan.netns_names)) == 1 + nodes + nodes * pods
     assert all(is_lab_netns(plan.name, ns) for ns in plan.netns_names)
+
+
+def test_flat_pods_run_their_processes_in_the_pod_cgroup():
+    pod = plan_lab("demo", 1, 1, flat_pods=True).pod("n1p1")
+    assert pod.containers == () and pod.exec_cgroup == pod.cgroup
 
 
 def test_service_account_override_and_namespace():

@@ -28,10 +28,17 @@ def test_merge_adds_and_replaces_by_key():
 @pytest.mark.parametrize("added, words", [
     (wl("x", "10.2.0.1"), "already the IP of shop/db"),
     (wl("x", "10.1.0.7", node="node9"), "names no node"),
+    (wl("x", "10.1.0.7", cgroup="/cg/web/app"), r"x.cgroup.*is inside the cgroup of shop/web \(/cg/web\)"),
+    (wl("x", "10.1.0.7", cgroup="/cg/web/"), "is also the cgroup of shop/web"),
 ])
 def test_merge_rejects_conflicts_with_a_named_field(added, words):
     with pytest.raises(ConfigError, match=words):
         merge(BASE, [added])
+
+
+def test_workloads_on_other_nodes_or_in_sibling_cgroups_do_not_conflict():
+    merged = merge(BASE, [wl("x", "10.1.0.7", cgroup="/cg/web-2"), wl("y", "10.2.0.7", node="node2", cgroup="/cg/web/a")])
+    assert {w.name for w in merged.workloads} == {"web", "db", "x", "y"}
 
 
 def test_plan_from_nothing_attaches_every_local_workload():
