@@ -238,7 +238,7 @@ def _record_netns_checks(results: dict, record) -> None:
         context = probes.throwaway_netns()
         netns = context.__enter__()
     except Exception as exc:
-        record("netns", lambda: probes.fail(f"cannot create a network namespace: {exc}"))
+        record("netns", lambda exc=exc: probes.fail(f"cannot create a network namespace: {exc}"))
         for name in names:
             record(name, lambda: probes.fail("not run"))
         return

@@ -4,6 +4,7 @@ capture modes are usable here, and a hidden capability shows its failure row and
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,9 +14,12 @@ from click.testing import CliRunner
 from agent.host.doctor import DISABLE_ENV, doctor
 
 
-def probe_netns() -> list[str]:
+def probe_netns(pid: int) -> list[str]:
+    """The throwaway probe namespaces of doctor process ``pid`` that still exist;
+    other doctors on the machine (a running agent's `auto`, another test run) have their own."""
+    prefix = f"tcpmesh-probe-{pid}-"
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.startswith("tcpmesh-probe-")]
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
 
 
 def rows(report: dict) -> dict[str, dict]:
@@ -23,8 +27,10 @@ def rows(report: dict) -> dict[str, dict]:
 
 
 def test_doctor_json_reports_all_three_modes_usable_here(bpf_capable):
-    out = subprocess.run([sys.executable, "-m", "agent", "doctor", "--json"], capture_output=True, text=True,
-                         timeout=60)
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "doctor", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=60)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["version"] == 1 and report["can_run"]
@@ -33,7 +39,7 @@ def test_doctor_json_reports_all_three_modes_usable_here(bpf_capable):
     assert report["selected_mode"] == "ebpf-connect"
     bad = {n: c for n, c in rows(report).items() if c["result"] not in ("ok", "warn")}
     assert bad == {}
-    assert probe_netns() == []  # the throwaway namespace is gone
+    assert probe_netns(proc.pid) == []  # its throwaway namespace is gone
 
 
 @pytest.fixture
@@ -64,4 +70,4 @@ def test_no_netfilter_tools_in_path_and_no_ebpf_leave_nothing_to_run(runner, tmp
     assert lines["prog_connect4"].split()[1] == "disabled"
     assert "the agent cannot run" in result.output
     assert "iptables unusable (missing tproxy_nft|tproxy_iptables_nft|tproxy_iptables_legacy)" in result.output
-    assert probe_netns() == []
+    assert probe_netns(os.getpid()) == []  # doctor ran in this process
