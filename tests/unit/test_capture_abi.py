@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
+import socket
+
+import pytest
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -23,9 +27,15 @@ def test_reason_codes_are_dense_and_unique():
     assert abi.C_CONSTANTS["TCPMESH_R_ORIGIN_MISSING"] == abi.REASON_CODES["origin_missing"]
 
 
-def test_optname_is_outside_kernel_ranges():
-    assert abi.SO_ORIGIN == 29805
-    assert abi.SO_ORIGIN > 2048
+def test_the_kernel_itself_knows_no_such_option():
+    """Only the getsockopt hook may answer SO_ORIGIN: asked on a socket no hook sees, the kernel must
+    refuse it as an option it does not have (ENOPROTOOPT) — not answer it, not ENOENT as for
+    SO_ORIGINAL_DST — so a clash with a kernel option would show here. The same bytes of the C header
+    are checked against this mirror in tests/bpf/test_abi_layout.py."""
+    with socket.socket() as sock:
+        with pytest.raises(OSError) as refused:
+            sock.getsockopt(socket.IPPROTO_IP, abi.SO_ORIGIN, ctypes.sizeof(abi.STRUCTS["tcpmesh_origin"]))
+    assert refused.value.errno == errno.ENOPROTOOPT, refused.value
 
 
 @given(st.ip_addresses(v=4).map(str))
