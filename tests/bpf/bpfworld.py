@@ -70,24 +70,22 @@ def remove_namespaces(*names: str | None) -> None:
 
 # ---- the proxy stand-in ------------------------------------------------------------------------
 
-class OriginAcceptor:
-    """Accepts on the redirect port in a node netns, from the proxy's cgroup, asks each connection for
-    its origin once (the one getsockopt the proxy makes), records ``(dst ip, dst port)`` or None, and
-    closes it."""
+class Acceptor:
+    """Accepts on ``address`` in a netns (its socket made by a process in ``cgroup``, or in the test's
+    own), hands each connection to ``handle`` on a thread, and closes it."""
 
-    def __init__(self, netns_file: str, proxy_cgroup: Path, backlog: int = 1024) -> None:
-        from agent.capture import read_origin
-
-        self._read_origin = read_origin
-        self.sock = socket_in(netns_file, proxy_cgroup)
+    def __init__(self, netns_file: str, cgroup: Path | None, address: tuple[str, int], backlog: int = 1024) -> None:
+        self.sock = socket_in(netns_file, cgroup)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", REDIRECT_PORT))
+        self.sock.bind(address)
         self.sock.listen(backlog)
         self.sock.settimeout(0.1)
-        self.origins: list[tuple[str, int] | None] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -96,14 +94,33 @@ class OriginAcceptor:
             except socket.timeout:
                 continue
             with conn:
-                origin = self._read_origin(conn)
-                self.origins.append(None if origin is None else (origin.dst_ip, origin.dst_port))
+                self.handle(conn)
 
-    def close(self) -> list[tuple[str, int] | None]:
-        time.sleep(0.2)  # let the last accepted ones be read
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
         self.sock.close()
+
+
+class OriginAcceptor(Acceptor):
+    """Accepts on the redirect port in a node netns, from the proxy's cgroup, asks each connection for
+    its origin once (the one getsockopt the proxy makes), records ``(dst ip, dst port)`` or None, and
+    closes it."""
+
+    def __init__(self, netns_file: str, proxy_cgroup: Path, backlog: int = 1024) -> None:
+        from agent.capture import read_origin
+
+        self._read_origin = read_origin
+        self.origins: list[tuple[str, int] | None] = []
+        super().__init__(netns_file, proxy_cgroup, ("0.0.0.0", REDIRECT_PORT), backlog)
+
+    def handle(self, conn: socket.socket) -> None:
+        origin = self._read_origin(conn)
+        self.origins.append(None if origin is None else (origin.dst_ip, origin.dst_port))
+
+    def close(self) -> list[tuple[str, int] | None]:
+        time.sleep(0.2)  # let the last accepted ones be read
+        self.stop()
         return self.origins
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from agent.capture.connect_mode import ROLE_GUARD, ROLE_POD, ROLE_PROXY, hooks_f
 
 from agent.capture import ConnectCapture
 from agent.capture.connect_mode import HOOKS
-from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, LoopClient, OriginAcceptor, mesh_capture, socket_in
+from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, Acceptor, LoopClient, OriginAcceptor, mesh_capture
 from tests.bpf.test_connect_capture import REMOTE, bpftool_cgroup
 
 POD_HOOKS = tuple(h.program for h in hooks_for(ROLE_POD))
@@ -34,7 +33,7 @@ MIN_ATTEMPTS_IN_WINDOW = 20
 LATE_ACCEPT_SLACK = 0.1  # the acceptor thread may accept a connection this long after it was made
 
 
-class PlaintextSink:
+class PlaintextSink(Acceptor):
     """REMOTE on the node's loopback with a listener: an uncaptured connect from the pod reaches it
     directly, in plaintext. Counts what it accepts."""
 
@@ -43,29 +42,14 @@ class PlaintextSink:
 
         with IPRoute(netns=topology.node_ns) as ipr:
             ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=REMOTE[0], prefixlen=32)
-        self.sock = socket_in(topology.ns_path(topology.node_ns), None)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(REMOTE)
-        self.sock.listen(1024)
-        self.sock.settimeout(0.1)
         self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(topology.ns_path(topology.node_ns), None, REMOTE)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            conn.close()
-            self.accepted += 1
+    def handle(self, conn: socket.socket) -> None:
+        self.accepted += 1
 
     def close(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
+        self.stop()
         return self.accepted
 
 
