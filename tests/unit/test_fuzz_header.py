@@ -111,8 +111,10 @@ def decode(body: bytes, expected: dict | None, fault: str | None) -> bool:
         assert FAULTS[fault][0] in str(exc), (fault, str(exc))
         return False
     assert fault is None, f"a body with a {fault} was accepted: {body.hex()}"
-    got = {"dest": (request.dest_ip, request.dest_port), "flow_id": request.flow_id,
-           "source": (request.source_ip, request.source_port), "process": (request.pid, request.uid, request.comm)}
+    process = request.process
+    got = {"dest": (request.destination_ip, request.destination_port), "flow_id": request.flow_id,
+           "source": (request.source_ip, request.source_port),
+           "process": (None, None, None) if process is None else (process.pid, process.uid, process.comm)}
     assert got == expected, (got, expected)
     return True
 
