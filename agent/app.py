@@ -19,10 +19,11 @@ from prometheus_client import CollectorRegistry
 
 from agent.capture.interface import Capture
 from agent.capture.modes import build_capture
+from agent.capture.source_return import SourceReturn, WithSourceReturn
 from agent.config import Config, admin_allowed_sources
 from agent.control.admin_socket import AdminSocket
 from agent.control.workloads import WorkloadController
-from agent.errors import KernelError, TcpmeshError
+from agent.errors import EnvironmentProblem, KernelError, TcpmeshError
 from agent.service.heap import heap_trimmer, trim_heap_forever
 from agent.host import checks
 from agent.identity.svid_rotator import IdentityRotator, rotator_from_config
@@ -35,6 +36,7 @@ from agent.proxy.inbound import InboundProxy
 from agent.proxy.limits import ConnectionLimits, fitting_cap, handshake_limits, raise_open_files_limit
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
+from agent.proxy.upstream import transparent_allowed
 from agent.registry.model import Registry
 from agent.registry.static_file import load_registry_file
 from agent.service import sdnotify
@@ -66,6 +68,7 @@ class Agent:
         self.flows = FlowTable(access_log=self.access_log, log_open=config.access_log.log_open)
         self.tcp_stats: KernelTcpStats | None = None
         self.capture: Capture | None = None
+        self.source_return: WithSourceReturn | None = None  # proxy.source_address pod/auto (wraps capture)
         self.workloads: WorkloadController | None = None
         self.policy: PolicySource | None = None
         self._inbound_modes: dict[str, bool] = {}  # workload key -> STRICT, as last written to the kernel
@@ -128,7 +131,24 @@ class Agent:
             return build_capture(self.config, mode, "")
         checks.require(checks.root_problem(),
                        checks.cgroup2_problem(self.config.capture.cgroup_root) if mode == "ebpf-connect" else None)
-        return build_capture(self.config, mode, self._proxy_cgroup() if mode == "ebpf-connect" else "")
+        return self._with_source_return(
+            build_capture(self.config, mode, self._proxy_cgroup() if mode == "ebpf-connect" else ""))
+
+    def _with_source_return(self, capture: Capture) -> Capture:
+        """proxy.source_address pod/auto: the capture mode plus the return path for inbound legs that
+        leave from the client pod's address (agent.capture.source_return); node: the mode alone."""
+        choice = self.config.proxy.source_address
+        if choice == "node":
+            return capture
+        problem = transparent_allowed()
+        if problem and choice == "pod":
+            raise EnvironmentProblem(f"proxy.source_address is pod but {problem}; "
+                                     "set proxy.source_address to node (servers then see the node's address)")
+        if problem:
+            log.warning("proxy.source_address auto: servers will see the node's address: %s", problem)
+            return capture
+        self.source_return = WithSourceReturn(capture, SourceReturn(self.config.state_dir), required=choice == "pod")
+        return self.source_return
 
     def _check_node(self) -> None:
         if self.config.registry.source != "file":
@@ -175,6 +195,10 @@ class Agent:
         try:
             self.capture = self._build_capture()
             self.capture.start()
+            ctx.source_mark = self.source_return.source_mark if self.source_return is not None else 0
+            log.info("servers see meshed connections from %s (proxy.source_address %s)",
+                     "the client pod's own address" if ctx.source_mark else "this node's address",
+                     config.proxy.source_address)
             if self.capture.inbound is not None:
                 self.prometheus.register(PlaintextCollector(self.capture.inbound.plaintext, self._snapshot_or_none,
                                                             config.node.name))

@@ -118,6 +118,9 @@ class CaptureConfig:
     cgroup_scope: str = ""
 
 
+SOURCE_ADDRESS_CHOICES = ("auto", "pod", "node")
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     bind_address: str = "0.0.0.0"
@@ -150,6 +153,11 @@ class ProxyConfig:
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES
     max_handshakes_per_source: int = DEFAULT_MAX_HANDSHAKES_PER_SOURCE
     event_loop: str = "uvloop"  # uvloop (faster data path) | asyncio (the standard library's loop)
+    # The source address a pod sees on meshed connections (docs/capture-source-address.md):
+    # pod — the client pod's own address (IP_TRANSPARENT leg + tc return path), the agent refuses to
+    # start without it; node — the node's own address (the fallback: no transparent socket, no tc
+    # program); auto — pod where the kernel allows it, else node with a warning (`tcpmesh doctor`).
+    source_address: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -321,6 +329,9 @@ def validate(config: Config) -> Config:
     if not 0.1 <= config.policy.poll_seconds <= 3600:
         raise ConfigError("policy.poll_seconds", config.policy.poll_seconds, "out of range",
                           "use a value between 0.1 and 3600 seconds")
+    if config.proxy.source_address not in SOURCE_ADDRESS_CHOICES:
+        raise ConfigError("proxy.source_address", config.proxy.source_address, "unknown source address mode",
+                          "use auto, pod (servers see the client pod's address) or node (the node's address)")
     if config.proxy.event_loop not in ("uvloop", "asyncio"):
         raise ConfigError("proxy.event_loop", config.proxy.event_loop, "unknown event loop", "use uvloop or asyncio")
     admin_allowed_sources(config.admin)

@@ -329,6 +329,9 @@ def cidr_key(network: ipaddress.IPv4Network) -> CidrKey:
 # TCPMESH_STEER_MARK: the mark bit of packets handed to a proxy socket (tc sk_assign or TPROXY);
 # the node's fwmark rule delivers them locally (agent/capture/steering.py).
 STEER_MARK = 0x10000000
+# TCPMESH_SOURCE_MARK: SO_MARK of the inbound proxy's legs that leave from the client pod's address;
+# bpf/source_return.c steers the replies to sockets carrying it (agent/capture/source_return.py).
+SOURCE_MARK = 0x20000000
 
 # enum tcpmesh_tc_reason, in code order. Append only: a code is never renumbered or reused.
 TC_REASONS: tuple[str, ...] = (
@@ -348,6 +351,7 @@ TC_REASON_MAX = len(TC_REASONS)
 
 C_CONSTANTS.update({
     "TCPMESH_STEER_MARK": STEER_MARK,
+    "TCPMESH_SOURCE_MARK": SOURCE_MARK,
     "TCPMESH_TC_R_MAX": TC_REASON_MAX,
     **{f"TCPMESH_TC_R_{name.upper()}": code for code, name in enumerate(TC_REASONS)},
 })

@@ -145,7 +145,7 @@ class TcCapture:
             return
         self.refresh_local_addresses()
         if (index, ifname) not in self._attached.values():
-            _install_filter(self.netns, index, ifname, self._loaded.programs[PROGRAM])
+            install_filter(self.netns, index, ifname, self._loaded.programs[PROGRAM])
         previous = self._attached.get(workload.key)
         self._attached[workload.key] = (index, ifname)
         if previous is not None:
@@ -215,7 +215,7 @@ class TcCapture:
 
     def _release(self, link: tuple[int, str]) -> None:
         if link not in self._attached.values():
-            _remove_filters(self.netns, link[0], link[1])
+            remove_filters(self.netns, link[0], link[1], PROGRAM)
 
     def _write_cidrs(self, entries: dict[tuple[int, int], int]) -> None:
         """New entries go in before stale ones come out."""
@@ -272,7 +272,10 @@ def _has_clsact(handle, index: int) -> bool:
 
 
 @netlink_call
-def _install_filter(netns: str | None, index: int, ifname: str, prog_fd: int) -> None:
+def install_filter(netns: str | None, index: int, ifname: str, prog_fd: int, name: str = PROGRAM,
+                    prio: int = TC_PRIORITY, protocol: int = ETH_P_IP) -> None:
+    """``name`` at (ingress, ``prio``, TC_HANDLE) on one interface, replacing what sits there; other
+    filters of the same name at other places (an older version's) are removed."""
     where = describe(netns)
     with ipr(netns) as handle:
         if not _has_clsact(handle, index):
@@ -283,13 +286,13 @@ def _install_filter(netns: str | None, index: int, ifname: str, prog_fd: int) ->
                     raise KernelError("add clsact qdisc", f"{ifname} in {where}", exc.code,
                                       "is another ingress qdisc installed on it?") from exc
         try:
-            handle.tc("replace-filter", "bpf", index, TC_HANDLE, fd=prog_fd, name=PROGRAM, parent=CLSACT_INGRESS,
-                      prio=TC_PRIORITY, protocol=ETH_P_IP, direct_action=True)
+            handle.tc("replace-filter", "bpf", index, TC_HANDLE, fd=prog_fd, name=name, parent=CLSACT_INGRESS,
+                      prio=prio, protocol=protocol, direct_action=True)
         except NetlinkError as exc:
-            raise KernelError("add tc filter", f"{PROGRAM} on {ifname} ingress in {where}", exc.code) from exc
-        for stale in _filters(handle, index, ifname):  # older tcpmesh filters at other places
-            if stale.name.startswith(FILTER_NAME_PREFIX) and (stale.parent, stale.priority, stale.handle) != \
-                    (CLSACT_INGRESS, TC_PRIORITY, TC_HANDLE):
+            raise KernelError("add tc filter", f"{name} on {ifname} ingress in {where}", exc.code) from exc
+        for stale in _filters(handle, index, ifname):  # the same filter of an older run at another place
+            if stale.name == name and (stale.parent, stale.priority, stale.handle) != \
+                    (CLSACT_INGRESS, prio, TC_HANDLE):
                 _delete_filter(handle, stale, where)
 
 
@@ -304,15 +307,16 @@ def _delete_filter(handle, f: Filter, where: str) -> bool:
 
 
 @netlink_call
-def _remove_filters(netns: str | None, index: int, ifname: str) -> list[str]:
-    """Delete tcpmesh filters on one interface, then its clsact if nothing is left on it."""
+def remove_filters(netns: str | None, index: int, ifname: str, name: str | None = None) -> list[str]:
+    """Delete tcpmesh filters (only those called ``name``, if given) on one interface, then its
+    clsact if nothing is left on it."""
     where = describe(netns)
     removed = []
     with ipr(netns) as handle:
         if not _link_exists(handle, index):
             return []  # interface gone: its filters went with it
         for f in _filters(handle, index, ifname):
-            if f.name.startswith(FILTER_NAME_PREFIX) and _delete_filter(handle, f, where):
+            if (f.name == name if name else f.name.startswith(FILTER_NAME_PREFIX)) and _delete_filter(handle, f, where):
                 removed.append(f.describe(where))
         if removed and not _filters(handle, index, ifname) and _has_clsact(handle, index):
             try:
@@ -357,5 +361,5 @@ def cleanup_leftovers(netns: str | None = None, dry_run: bool = False) -> list[s
     with ipr(netns) as handle:
         links = [(link["index"], link.get_attr("IFLA_IFNAME")) for link in handle.get_links()]
     for index, ifname in links:
-        removed += _remove_filters(netns, index, ifname)
+        removed += remove_filters(netns, index, ifname)
     return removed + steering.remove(netns)

@@ -69,6 +69,10 @@ MODE_REQUIREMENTS: dict[str, tuple] = {
                 "netns", "tc_clsact", "policy_routing"),
     "iptables": ("netns", "policy_routing", ("tproxy_nft", "tproxy_iptables_nft", "tproxy_iptables_legacy")),
 }
+# proxy.source_address pod: the inbound leg's IP_TRANSPARENT socket (CAP_NET_ADMIN) and the tc return
+# program (bpf/source_return.c: sched_cls, a socket lookup) with the fwmark rule and local table
+SOURCE_ADDRESS_REQUIREMENTS = ("permissions", "bcc", "bpf_compile", "prog_sched_cls", "helper_skc_lookup_tcp",
+                               "tc_clsact", "policy_routing")
 # a check that cannot run without another one
 DEPENDS_ON = {
     **{name: "bcc" for name in ("bpf_compile", *probes.PROGRAM_PROBES)},
@@ -154,10 +158,28 @@ def select_mode(configured: str, verdicts: Sequence[ModeVerdict]) -> tuple[str |
     return None, "capture.mode auto: no capture mode is usable: " + "; ".join(skipped)
 
 
-def build_report(results: Sequence[CheckResult], configured: str) -> dict:
+def source_address_verdict(results: Mapping[str, CheckResult], configured: str = "auto") -> dict:
+    """Which source address pods see on meshed connections (proxy.source_address), and why (pure)."""
+    missing = [name for name in SOURCE_ADDRESS_REQUIREMENTS if not _usable(results, name)]
+    if configured == "node":
+        return {"configured": configured, "selected": "node", "can_run": True, "missing": missing,
+                "reason": "proxy.source_address is node: servers see the node's address"}
+    if not missing:
+        return {"configured": configured, "selected": "pod", "can_run": True, "missing": [],
+                "reason": "servers see the client pod's own address (IP_TRANSPARENT leg, tc return path)"}
+    why = f"this host lacks: {', '.join(missing)}"
+    if configured == "pod":
+        return {"configured": configured, "selected": None, "can_run": False, "missing": missing,
+                "reason": f"proxy.source_address is pod but {why}; set it to auto or node"}
+    return {"configured": configured, "selected": "node", "can_run": True, "missing": missing,
+            "reason": f"proxy.source_address auto falls back to node (servers see the node's address): {why}"}
+
+
+def build_report(results: Sequence[CheckResult], configured: str, source_address: str = "auto") -> dict:
     by_name = {r.name: r for r in results}
     verdicts = evaluate_modes(by_name)
     selected, reason = select_mode(configured, verdicts)
+    source = source_address_verdict(by_name, source_address)
     return {
         "version": REPORT_VERSION,
         "checks": [{"name": r.name, "result": r.result, "detail": r.detail, "error": r.error or None,
@@ -167,7 +189,8 @@ def build_report(results: Sequence[CheckResult], configured: str) -> dict:
         "configured_mode": configured,
         "selected_mode": selected,
         "reason": reason,
-        "can_run": selected is not None,
+        "source_address": source,
+        "can_run": selected is not None and source["can_run"],
     }
 
 
@@ -184,6 +207,10 @@ def render_table(report: Mapping) -> str:
     selected = report["selected_mode"]
     lines.append(f"the agent would use: {selected}" if selected else "the agent cannot run")
     lines.append(f"why: {report['reason']}")
+    source = report.get("source_address")
+    if source is not None:
+        lines.append(f"source address servers see: {source['selected'] or 'none (the agent cannot run)'}")
+        lines.append(f"why: {source['reason']}")
     return "\n".join(lines)
 
 
@@ -253,10 +280,11 @@ def _record_netns_checks(results: dict, record) -> None:
 
 
 def doctor_report(configured: str = "auto", disabled: Iterable[str] = (), cgroup_root: str | None = None,
-                  state_dir: str | None = None, environ: Mapping[str, str] | None = None) -> dict:
+                  state_dir: str | None = None, environ: Mapping[str, str] | None = None,
+                  source_address: str = "auto") -> dict:
     environ = os.environ if environ is None else environ
     hidden = parse_disabled([*disabled, environ.get(DISABLE_ENV, "")])
-    return build_report(run_checks(hidden, cgroup_root, state_dir), configured)
+    return build_report(run_checks(hidden, cgroup_root, state_dir), configured, source_address)
 
 
 # ---- for the agent: capture.mode auto -------------------------------------------------------------
@@ -304,6 +332,7 @@ def doctor(as_json: bool, config_path: str | None, assume_missing: tuple[str, ..
     Exit code 0 if the agent can run (its capture mode is usable, its policy set loads), 1 otherwise.
     """
     configured = mode or "auto"
+    source_address = "auto"
     if config_path:
         from agent.config import load_config
 
@@ -311,7 +340,8 @@ def doctor(as_json: bool, config_path: str | None, assume_missing: tuple[str, ..
         configured = mode or config.capture.mode
         cgroup_root = cgroup_root or config.capture.cgroup_root
         state_dir = state_dir or config.state_dir
-    report = doctor_report(configured, assume_missing, cgroup_root, state_dir)
+        source_address = config.proxy.source_address
+    report = doctor_report(configured, assume_missing, cgroup_root, state_dir, source_address=source_address)
     text = None if as_json else render_table(report)
     if config_path:  # will this configured agent turn ready (agent/host/readiness.py)?
         from agent.host import readiness

@@ -31,9 +31,14 @@ from agent.proxy.relay import Relay
 from agent.proxy.routing import route_inbound
 from agent.proxy.server import ProxyContext
 from agent.proxy.session import MuxSession, Stream
+from agent.proxy.upstream import SourceRefused, connect, source_for
 from agent.registry.model import Workload
 
 log = logging.getLogger("tcpmesh.inbound")
+
+
+def _paused_leg() -> PlainLeg:
+    return PlainLeg(start_paused=True)
 
 
 class InboundProxy:
@@ -148,7 +153,7 @@ class InboundProxy:
                                  limits.describe(hit, peer_id.uri))
                     return
                 counted = True
-            upstream = await self._connect_workload(stream, flow, peer_id)
+            upstream = await self._connect_workload(stream, flow, peer_id, request.source_ip)
             if upstream is None:
                 return
             self._ctx.flow_opened(flow)
@@ -225,7 +230,9 @@ class InboundProxy:
                                    source_port=request.source_port if request.source_ip else tunnel.source_port,
                                    process=None)
 
-    async def _connect_workload(self, stream: Stream, flow: F.Flow, peer_id: SpiffeId) -> PlainLeg | None:
+    async def _connect_workload(self, stream: Stream, flow: F.Flow, peer_id: SpiffeId,
+                                claimed_ip: str) -> PlainLeg | None:
+        """``claimed_ip``: the source address the client node reported in the OPEN (may be empty)."""
         tunnel = stream.session.tls
         assert tunnel.ssl_object is not None
         target = route_inbound(self._ctx.registry(), self._ctx.node_name, flow.destination_ip,
@@ -237,11 +244,20 @@ class InboundProxy:
         if not self._authorized(flow, target.workload, peer_id):
             self._refuse(stream, flow, Status.DENIED, F.FLAG_DENY, flow.detail, flow.policy)
             return None
+        source_ip = None
+        if self._ctx.source_mark:  # the client pod's own address, if the registry binds it to the proven identity
+            try:
+                claimed = self._ctx.registry().by_ip(claimed_ip) if claimed_ip else None
+                source_ip = source_for(claimed_ip, claimed, peer_id, flow.destination_ip)
+            except SourceRefused as exc:
+                self._refuse(stream, flow, Status.DENIED, F.FLAG_IDENTITY_ERROR, str(exc))
+                log.warning("inbound flow %s from %s refused: %s", flow.flow_id,
+                            (stream.session.tls.peername() or ("?",))[0], exc)
+                return None
         try:
             async with asyncio.timeout(self._ctx.connect_timeout):  # no extra task, unlike wait_for
-                _, leg = await self._ctx.loop.create_connection(lambda: PlainLeg(start_paused=True),
-                                                                flow.destination_ip, flow.destination_port)
-            return leg
+                return await connect(self._ctx.loop, _paused_leg, flow.destination_ip, flow.destination_port,
+                                     source_ip, self._ctx.source_mark)
         except TimeoutError:
             self._refuse(stream, flow, Status.TIMEOUT, F.FLAG_UPSTREAM_TIMEOUT,
                          f"timed out connecting to {target.workload.key}")

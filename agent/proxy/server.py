@@ -72,6 +72,9 @@ class ProxyContext:
     limits: dict[str, ConnectionLimits] = field(default_factory=dict)  # reporter → caps; absent: unlimited
     revoked_grace: float = 600.0  # inbound: open streams' time on a tunnel whose credential no longer holds
     handshakes: ConnectionLimits | None = None  # inbound: unauthenticated handshakes by source address; None: no cap
+    # nonzero: inbound legs leave from the client pod's own address with this SO_MARK (the return path
+    # of agent.capture.source_return is in place); 0: from the node's address (proxy.source_address)
+    source_mark: int = 0
 
     def __post_init__(self) -> None:
         self._on_task_done = self._task_done  # one bound method for every task's done callback

@@ -293,6 +293,15 @@ enum tcpmesh_reason {
  */
 #define TCPMESH_STEER_MARK 0x10000000
 
+/*
+ * The socket mark (SO_MARK) of the inbound proxy's connections to local pods that leave from the
+ * client pod's own address (IP_TRANSPARENT). bpf/source_return.c, on tc ingress of each pod's
+ * node-side veth, ORs TCPMESH_STEER_MARK into a packet whose 4-tuple belongs to a socket carrying
+ * this mark, so the fwmark rule delivers the pod's replies to the proxy instead of forwarding them
+ * to the client's node (agent/capture/source_return.py). Never set on a packet: only on sockets.
+ */
+#define TCPMESH_SOURCE_MARK 0x20000000
+
 /* Reason counters of the tc program (index into its own per-CPU array tcpmesh_tc_counters).
  * Append only; never renumber or reuse a code. agent/capture/abi.py mirrors the names. */
 enum tcpmesh_tc_reason {

@@ -126,12 +126,19 @@ class _Server:
 class Postgres(_Server):
     """PostgreSQL 15 in a pod, listening on the pod IP, trusting the lab's addresses.
 
-    Through the mesh the server sees connections from the node's inbound proxy, whose source address
-    is the pods' gateway (169.254.1.1); the baseline connects from the client pod's own IP.
+    Through the mesh the server sees the client pod's own address (proxy.source_address, the default
+    auto), or the pods' gateway 169.254.1.1 with proxy.source_address node; the baseline connects from
+    the client pod's own IP.
     fsync is off: the benchmark is about the network path, not the disk.
     """
 
     ready_line = "database system is ready to accept connections"
+
+    def __init__(self, lab, pod: str, hba: tuple[str, ...] | None = None) -> None:
+        super().__init__(lab, pod)
+        # pg_hba.conf lines appended after initdb's; default: trust the pods' gateway and every lab pod
+        self.hba = hba if hba is not None else (f"host all all {lab.plan.pod_gateway}/32 trust",
+                                                 "host all all 10.77.0.0/16 trust")
 
     def start(self) -> "Postgres":
         user = pwd.getpwnam("postgres")
@@ -142,8 +149,7 @@ class Postgres(_Server):
                                       "-E", "UTF8", "--locale=C"],
                        check=True, capture_output=True, timeout=60)
         with open(os.path.join(data, "pg_hba.conf"), "a") as hba:
-            hba.write(f"host all all {self.lab.plan.pod_gateway}/32 trust\n"
-                      "host all all 10.77.0.0/16 trust\n")
+            hba.write("".join(f"{line}\n" for line in self.hba))
         self._launch(as_postgres + [f"{PG_BIN}/postgres", "-D", data, "-p", str(PG_PORT),
                                     "-c", f"listen_addresses={self.pod.ip}", "-c", f"unix_socket_directories={self.dir}",
                                     "-c", "fsync=off", "-c", "max_connections=64"])

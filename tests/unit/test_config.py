@@ -14,6 +14,7 @@ def test_valid_minimal_config_gets_documented_defaults():
     assert config.proxy.inbound_port == 15008
     assert config.admin.port == 15020
     assert config.capture.mode == "auto"
+    assert config.proxy.source_address == "auto"
 
 
 @pytest.mark.parametrize("doc, field, words", [
@@ -39,6 +40,7 @@ def test_shape_errors_name_the_field(doc, field, words):
     ({"proxy": {"inbound_port": 15001}}, "proxy.outbound_port"),
     ({"identity": {"svid_ttl_seconds": 5}}, "identity.svid_ttl_seconds"),
     ({"log_level": "loud"}, "log_level"),
+    ({"proxy": {"source_address": "spoof"}}, "proxy.source_address"),
     ({"access_log": {"path": "/var/log/tcpmesh/access.log", "key": "/var/log/tcpmesh/keys/audit.key"}},
      "access_log.key"),
     ({"access_log": {"key": "audit.key"}}, "access_log.key"),
@@ -72,3 +74,4 @@ def test_invalid_yaml_is_reported(tmp_path):
     path.write_text("node: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+

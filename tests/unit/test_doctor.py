@@ -58,7 +58,9 @@ def test_an_explicit_mode_is_judged_alone():
 
 def test_report_schema_is_stable():
     report = build_report(all_ok(bcc=probes.FAIL), "auto")
-    assert set(report) == {"version", "checks", "modes", "configured_mode", "selected_mode", "reason", "can_run"}
+    assert set(report) == {"version", "checks", "modes", "configured_mode", "selected_mode", "reason",
+                           "source_address", "can_run"}
+    assert set(report["source_address"]) == {"configured", "selected", "can_run", "missing", "reason"}
     assert report["version"] == doctor.REPORT_VERSION == 1
     assert set(report["checks"][0]) == {"name", "result", "detail", "error", "seconds"}
     assert set(report["modes"][0]) == {"name", "usable", "missing", "detail"}
@@ -105,3 +107,28 @@ def test_host_probes_read_what_they_are_given(tmp_path):
     assert probes.probe_bpffs(str(fs)).result == probes.OK
     fs.write_text("nodev\tsysfs\n")
     assert probes.probe_bpffs(str(fs)).result == probes.FAIL
+
+
+def test_the_source_address_is_the_pods_where_the_host_allows_it():
+    verdict = doctor.source_address_verdict({r.name: r for r in all_ok()}, "auto")
+    assert (verdict["selected"], verdict["can_run"], verdict["missing"]) == ("pod", True, [])
+
+
+def test_auto_falls_back_to_the_node_address_and_says_what_is_missing():
+    results = {r.name: r for r in all_ok(prog_sched_cls=probes.FAIL)}
+    verdict = doctor.source_address_verdict(results, "auto")
+    assert (verdict["selected"], verdict["can_run"], verdict["missing"]) == ("node", True, ["prog_sched_cls"])
+    assert "prog_sched_cls" in verdict["reason"] and "node's address" in verdict["reason"]
+
+
+def test_source_address_pod_on_a_host_that_lacks_it_cannot_run():
+    report = build_report(all_ok(tc_clsact=probes.FAIL), "ebpf-connect", source_address="pod")
+    assert report["selected_mode"] == "ebpf-connect" and not report["can_run"]
+    assert report["source_address"]["selected"] is None
+    assert "set it to auto or node" in report["source_address"]["reason"]
+    assert "source address servers see: none" in render_table(report)
+
+
+def test_source_address_node_is_the_configured_fallback():
+    verdict = doctor.source_address_verdict({r.name: r for r in all_ok()}, "node")
+    assert verdict["selected"] == "node" and verdict["can_run"]
