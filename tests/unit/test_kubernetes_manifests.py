@@ -233,3 +233,36 @@ def test_the_dockerfile_copies_what_exists_and_installs_packages_debian_12_has()
     if subprocess.run(["apt-cache", "show", "--no-all-versions", *packages], capture_output=True).returncode != 0:
         missing = [p for p in packages if subprocess.run(["apt-cache", "show", p], capture_output=True).returncode]
         assert missing == [], f"not packages of this Debian: {missing}"
+
+
+# ---- the Kubernetes schemas, offline (kubernetes-validate carries them) -----------------------------
+# The Kubernetes minors tcpmesh supports: the official client's floor (pyproject: kubernetes>=29)
+# through the newest schemas kubernetes-validate ships. docs/install-kubernetes.md names the same.
+OLDEST_MINOR, NEWEST_MINOR = "1.29.0", "1.37.0"
+
+
+@pytest.mark.parametrize("version", [OLDEST_MINOR, NEWEST_MINOR])
+def test_every_manifest_validates_against_the_kubernetes_schemas_strictly(version):
+    """Each document of deploy/kubernetes/ against that minor's OpenAPI schema, strict: an unknown or
+    misspelt field, a wrong type or a missing required field fails, naming the file and the path."""
+    kv = require_module("kubernetes_validate", "pip install -e '.[test]' (kubernetes-validate)")
+    problems = []
+    for path in sorted(MANIFESTS.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            try:
+                kv.validate(doc, version, strict=True)
+            except kv.ValidationError as exc:
+                problems.append(f"{path.name} {doc['kind']}/{doc['metadata']['name']}: "
+                                f"{'.'.join(str(p) for p in exc.path)}: {exc.message}")
+    assert not problems, f"Kubernetes {version} schema:\n" + "\n".join(problems)
+
+
+def test_the_schema_check_catches_a_misspelt_field():
+    kv = require_module("kubernetes_validate", "pip install -e '.[test]' (kubernetes-validate)")
+    daemonset = next(d for d in yaml.safe_load_all((MANIFESTS / "03-daemonset.yaml").read_text())
+                     if d and d["kind"] == "DaemonSet")
+    daemonset["spec"]["template"]["spec"]["hostNetwrk"] = True
+    with pytest.raises(kv.ValidationError):
+        kv.validate(daemonset, NEWEST_MINOR, strict=True)
