@@ -13,6 +13,8 @@ APT_PACKAGES=(libbpfcc python3-bpfcc iproute2 iptables nftables tcpdump bpftool 
 APT_PACKAGES+=(gcc stunnel4 haproxy iperf3 sockperf)  # make bench: bench/loadgen.c, the two peers, bulk and reference load
 # tests/*/test_install_*: systemd-analyze verify on the unit, ruby -c on vagrant/Vagrantfile
 APT_PACKAGES+=(systemd ruby)
+# tests/vm (make test-vm; its vm_ci part in make test): builds Debian images and boots them
+APT_PACKAGES+=(qemu-system-x86 qemu-utils debootstrap e2fsprogs)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "bootstrap: must run as root (it installs Debian packages); try: sudo make $*" >&2

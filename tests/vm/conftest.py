@@ -1,0 +1,109 @@
+"""Fixtures of the vm tier: whether this host can run VMs (probed; ``skip_or_fail`` so CI fails
+instead of skipping), the cached image (built once per key, tests/vm/images.py), guests with
+tcpmesh from this checkout installed, and a timing record printed at the end of the session.
+
+Every VM a fixture boots is powered off and its run directory removed in ``finally`` — also when
+a test fails or the run is interrupted (Ctrl-C reaches pytest, not qemu: see machine.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import skip_or_fail
+from tests.vm.images import ImageError, ensure_image
+from tests.vm.machine import Machine, make_checkout_disk, new_run_dir
+
+KERNELS = ("5.10", "6.1", "6.12")   # Debian 11, 12, 13
+CI_KERNEL = "6.1"                   # the part of the matrix `make test` (.ci/run) runs
+HOST_TOOLS = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "chroot", "git")
+GUEST_VENV = "/opt/tcpmesh-test"
+GUEST_SRC = "/root/tcpmesh"
+TIMINGS: list[tuple[str, float]] = []
+
+
+def kernel_params(kernels=KERNELS):
+    """pytest params for the matrix: every kernel is marked ``vm``; the CI kernel also ``vm_ci``."""
+    return [pytest.param(k, id=k, marks=[pytest.mark.vm_ci] if k == CI_KERNEL else []) for k in kernels]
+
+
+def record(what: str, seconds: float) -> None:
+    TIMINGS.append((what, seconds))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.write_sep("-", "vm tier timings (seconds)")
+        for what, seconds in TIMINGS:
+            terminalreporter.write_line(f"{seconds:8.1f}  {what}")
+
+
+@pytest.fixture(scope="session")
+def vm_host() -> None:
+    """Root and the tools that build and boot images (deploy/bootstrap-debian.sh installs them)."""
+    if os.geteuid() != 0:
+        skip_or_fail("the vm tier needs root (debootstrap, chroot, mkfs.ext4 -d of a root file system)")
+    missing = [tool for tool in HOST_TOOLS if shutil.which(tool) is None]
+    if missing:
+        skip_or_fail(f"the vm tier needs {', '.join(missing)}: run `make setup` (deploy/bootstrap-debian.sh "
+                     f"installs qemu-system-x86, qemu-utils and debootstrap)")
+
+
+@pytest.fixture(scope="session")
+def vm_image(vm_host):
+    try:
+        image, built = ensure_image(log=print)
+    except ImageError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    if built is not None:
+        record(f"image build {image.path.name} (cold cache)", built)
+        for step, seconds in image.manifest["seconds"].items():
+            record(f"  of which {step}", seconds)
+    return image
+
+
+@pytest.fixture(scope="session")
+def checkout_disk(vm_host, tmp_path_factory) -> Path:
+    """This checkout as an ext4 disk image; each guest boots with a copy-on-write overlay of it."""
+    return make_checkout_disk(tmp_path_factory.mktemp("vm-checkout") / "src.img")
+
+
+def prepare_guest(machine: Machine, checkout: Path) -> None:
+    """Mount the checkout disk and install tcpmesh from it (editable, no network) into the test venv."""
+    started = time.monotonic()
+    machine.run(f"mkdir -p {GUEST_SRC} && mount /dev/vdb {GUEST_SRC} && "
+                f"{GUEST_VENV}/bin/pip install -q --disable-pip-version-check --no-deps --no-index "
+                f"--no-build-isolation -e {GUEST_SRC} && ln -sfn {GUEST_VENV}/bin/tcpmesh /usr/local/bin/tcpmesh",
+                timeout=600)
+    record(f"{machine.name}: install the checkout", time.monotonic() - started)
+
+
+def checkout_overlay(checkout: Path, run_dir: Path, name: str) -> Path:
+    """A private qcow2 overlay of the checkout disk (the guest writes .egg-info, __pycache__)."""
+    import subprocess
+
+    overlay = run_dir / f"{name}-src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(checkout), str(overlay)],
+                   check=True)
+    return overlay
+
+
+@pytest.fixture(scope="module")
+def guest(request, vm_image, checkout_disk):
+    """One VM per kernel (the module's param), booted once for the module's tests, tcpmesh installed."""
+    series = request.param
+    run_dir = new_run_dir()
+    try:
+        machine = Machine(f"k{series.replace('.', '')}", vm_image, series, run_dir,
+                          checkout_disk=checkout_overlay(checkout_disk, run_dir, "src"))
+        with machine:
+            record(f"{machine.name} ({machine.release}, {machine.accel}): boot to channel", machine.boot_seconds)
+            prepare_guest(machine, checkout_disk)
+            yield machine
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,64 @@
+"""The kernel matrix: Debian 11 (5.10), 12 (6.1) and 13 (6.12) kernels, each in a VM with systemd as
+PID 1 and this checkout installed (tests/vm/conftest.py). In each guest, for real:
+
+- `tcpmesh doctor --json` picks the mode docs/kernels.md says for that kernel, and the loader takes
+  the kernel's ebpf-connect path (pre-6.12: records keyed by socket cookie; 6.12+: slot arrays);
+- the bpf tier (tests/bpf) passes with privileged skips turned into failures, so every capture
+  mode's programs load, attach and steer on that kernel;
+- a two-node lab (the same code as `tcpmesh lab up`) meshes a connection, and after SIGKILL of an
+  agent its pod's connections are refused, never sent in plaintext (tests/e2e/test_fail_closed.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from tests.vm.conftest import GUEST_SRC, GUEST_VENV, kernel_params, record
+
+pytestmark = pytest.mark.vm
+
+# kernel series -> what `tcpmesh doctor` must pick there, and whether ebpf-connect takes the 6.12 path
+EXPECTED_MODE = {"5.10": "ebpf-connect", "6.1": "ebpf-connect", "6.12": "ebpf-connect"}
+CONNECT_SETS_CB_FLAGS = {"5.10": False, "6.1": False, "6.12": True}
+
+
+def guest_pytest(guest, paths: str, timeout: float) -> tuple[str, float]:
+    started = time.monotonic()
+    result = guest.run(f"cd {GUEST_SRC} && {GUEST_VENV}/bin/python -m pytest {paths} -q -p no:cacheprovider -ra",
+                       env={"TCPMESH_REQUIRE_PRIVILEGED": "1"}, timeout=timeout, check=False)
+    seconds = time.monotonic() - started
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "(no output)"
+    record(f"{guest.name} ({guest.release}): pytest {paths}: {summary}", seconds)
+    assert result.rc == 0, f"in the {guest.release} guest, pytest {paths} failed:\n{result.stdout[-8000:]}\n{result.stderr[-2000:]}"
+    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, summary
+    return summary, seconds
+
+
+@pytest.mark.parametrize("guest", kernel_params(), indirect=True)
+def test_doctor_picks_the_documented_mode_for_the_kernel(guest):
+    series = next(k for k in EXPECTED_MODE if guest.release.startswith(k + ".") or guest.release.startswith(k + "-"))
+    started = time.monotonic()
+    done = guest.run("tcpmesh doctor --json", timeout=300, check=False)
+    record(f"{guest.name} ({guest.release}): tcpmesh doctor --json", time.monotonic() - started)
+    report = json.loads(done.stdout)
+    assert done.rc == 0, done.stderr
+    assert report["selected_mode"] == EXPECTED_MODE[series], report["reason"]
+    failed = [c for c in report["checks"] if c["result"] not in ("ok", "warn")]
+    assert not failed, f"{guest.release}: checks not ok: {failed}"
+    path = guest.run(f"{GUEST_VENV}/bin/python -c 'import os; from agent.capture.connect_mode import "
+                     f"connect_sets_cb_flags as f; print(f(os.uname().release))'").stdout.strip()
+    assert path == str(CONNECT_SETS_CB_FLAGS[series]), f"{guest.release}: connect_sets_cb_flags -> {path}"
+
+
+@pytest.mark.parametrize("guest", kernel_params(), indirect=True)
+def test_bpf_tier_passes_in_the_guest(guest):
+    guest_pytest(guest, "tests/bpf", timeout=2400)
+
+
+@pytest.mark.parametrize("guest", kernel_params(), indirect=True)
+def test_lab_meshes_and_fails_closed_after_sigkill_in_the_guest(guest):
+    guest_pytest(guest, "tests/e2e/test_fail_closed.py", timeout=1800)

@@ -1,0 +1,209 @@
+"""Two Debian 12 VMs with systemd as PID 1, one private link between them, provisioned by the
+Vagrantfile's own script (vagrant/provision.sh, run verbatim with the Vagrantfile's environment;
+the checkout is at /vagrant as Vagrant's synced folder puts it). What systemd itself is checked for:
+
+- `systemctl enable --now tcpmesh-agent` (provision.sh's last step) returns only when the agent is
+  ready: at that moment /readyz answers 200 on the first try and the status text says so;
+- vagrant/e2e.sh's checks, run on the VMs: bytes intact, TLS on the wire, identities in the metrics,
+  a DENY policy;
+- PostgreSQL in a pod of VM 2, pgbench from a pod of VM 1 through the mesh while
+  `systemctl restart tcpmesh-agent` runs on VM 1: the frames on the link between the VMs (captured on
+  the host side, qemu's filter-dump) never carry the SQL in plaintext, and pgbench works again after
+  the restart (connections open during the restart end, new ones wait for the new agent);
+- `systemctl stop` runs `tcpmesh cleanup` (docs/install-systemd.md's table), a restart does not;
+  `journalctl -u tcpmesh-agent` shows the documented lines; the unit's hardening directives are
+  applied by systemd (the agent runs with exactly its capability bounding set).
+
+The VMs are powered off and removed in ``finally`` (tests/vm/conftest.py, machine.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import time
+import uuid
+
+import pytest
+
+from tests.vm.conftest import CI_KERNEL, checkout_overlay, record
+from tests.vm.machine import Link, Machine, new_run_dir
+
+pytestmark = [pytest.mark.vm, pytest.mark.vm_ci]
+
+NODES = {"node1": "192.168.56.11", "node2": "192.168.56.12"}
+NODES_ENV = " ".join(f"{name}={address}" for name, address in NODES.items())
+WHEELS = "/opt/tcpmesh-wheels"
+PG_BIN = "/usr/lib/postgresql/15/bin"
+PG_POD, PG_IP, PG_DATA = "n2p1", "10.77.2.11", "/var/lib/tcpmesh-vm-pg"
+CLIENT_POD = "n1p1"
+SQL_MARKERS = (b"pgbench_accounts", b"UPDATE pgbench", b"SELECT abalance")
+# the unit's CapabilityBoundingSet, by bit number (linux/capability.h)
+CAP_BOUNDING = {"CAP_DAC_OVERRIDE": 1, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21,
+                "CAP_PERFMON": 38, "CAP_BPF": 39}
+# docs/install-systemd.md, "What the journal shows"
+JOURNAL_START = "agent ready on node "
+JOURNAL_RESTART = ("stopping: capture stays in place (fail closed)", "restarting (restart job); capture stays attached")
+JOURNAL_STOP = ("stopped by a stop job", "removing capture: this node's pods now bypass the mesh")
+
+
+def provision(machine: Machine, index: int, token: str) -> float:
+    """vagrant/provision.sh as the Vagrantfile runs it (SRC=/vagrant, NODE_INDEX, NODES, CA_TOKEN);
+    PIP_ARGS points `make install`'s pip at the image's wheelhouse: the VMs have no network."""
+    started = time.monotonic()
+    machine.run(f"SRC=/vagrant NODE_INDEX={index} NODES='{NODES_ENV}' CA_TOKEN={token} "
+                f"PIP_ARGS='--no-index --find-links {WHEELS}' bash /vagrant/vagrant/provision.sh", timeout=1200)
+    seconds = time.monotonic() - started
+    record(f"{machine.name}: vagrant/provision.sh (make install ... systemctl enable --now)", seconds)
+    return seconds
+
+
+def readyz_now(machine: Machine) -> str:
+    """One GET of /readyz, no retry: it must already be 200 when `systemctl enable --now` returned."""
+    return machine.run(["/opt/tcpmesh/bin/python", "-c",
+                        "import urllib.request,sys; r=urllib.request.urlopen(sys.argv[1], timeout=5); "
+                        "print(r.status)", f"http://{NODES[machine.name]}:15020/readyz"], check=False).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def nodes(vm_image, checkout_disk):
+    run_dir = new_run_dir()
+    machines: list[Machine] = []
+    link = run_dir / "wire.sock"
+    pcap = run_dir / "wire.pcap"
+    try:
+        for index, (name, address) in enumerate(NODES.items(), start=1):
+            machine = Machine(name, vm_image, CI_KERNEL, run_dir, memory_mb=1536,
+                              checkout_disk=checkout_overlay(checkout_disk, run_dir, name),
+                              link=Link(link, server=index == 1, mac=f"52:54:00:6d:00:0{index}",
+                                        pcap=pcap if index == 1 else None))
+            machines.append(machine)
+            machine.start()
+            record(f"{name} ({machine.release}, {machine.accel}): boot to channel", machine.boot_seconds)
+            machine.run(f"hostnamectl set-hostname {name} 2>/dev/null || hostname {name}; "
+                        f"ip addr add {address}/24 dev eth0 && ip link set eth0 up && "
+                        f"mkdir -p /vagrant && mount /dev/vdb /vagrant")
+        token = secrets.token_hex(16)
+        ready_after = {m.name: provision(m, i, token) for i, m in enumerate(machines, start=1)}
+        yield {m.name: m for m in machines}, pcap, ready_after
+    finally:
+        for machine in machines:
+            machine.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_enable_now_returns_only_when_the_agent_is_ready(nodes):
+    machines, _, _ = nodes
+    for machine in machines.values():
+        status = machine.run("systemctl show -p ActiveState,SubState,StatusText,Type --value tcpmesh-agent").stdout
+        assert status.split("\n")[:2] == ["active", "running"], status
+        assert "ready:" in status and "ebpf-connect" in status, status
+        assert readyz_now(machine) == "200"
+
+
+def test_systemd_applies_the_units_hardening(nodes):
+    machines, _, _ = nodes
+    node = machines["node1"]
+    pid = node.run("systemctl show -p MainPID --value tcpmesh-agent").stdout.strip()
+    caps = node.run(f"grep ^CapBnd /proc/{pid}/status").stdout.split()[-1]
+    assert int(caps, 16) == sum(1 << bit for bit in CAP_BOUNDING.values()), f"CapBnd {caps}, want {CAP_BOUNDING}"
+    root = [line for line in node.run(f"cat /proc/{pid}/mountinfo").stdout.splitlines() if line.split()[4] == "/"]
+    assert root and root[-1].split()[5].startswith("ro"), f"ProtectSystem=strict: / is not read-only: {root}"
+    nnp = node.run(f"grep ^NoNewPrivs /proc/{pid}/status").stdout.split()
+    assert nnp[-1] == "1", nnp
+
+
+def test_the_vagrant_e2e_checks_pass_across_the_vms(nodes):
+    machines, _, _ = nodes
+    node1, node2 = machines["node1"], machines["node2"]
+    node2.run("tcpmesh-demo serve n2p1 7001 echo && tcpmesh-demo serve n2p2 7004 digest")
+    try:
+        started = time.monotonic()
+        out = [node1.run(f"tcpmesh-demo echo-check n1p1 10.77.2.11 7001 {4 << 20}").stdout,
+               node1.run("tcpmesh-demo wire-check n1p1 10.77.2.11 7001").stdout,
+               node1.run("tcpmesh-demo metrics-check source n1p1 n2p1").stdout,
+               node2.run("tcpmesh-demo metrics-check destination n1p1 n2p1").stdout,
+               node1.run("tcpmesh-demo deny-check n1p2 10.77.2.12 7004").stdout]
+        record("two VMs: vagrant/e2e.sh's five checks", time.monotonic() - started)
+    finally:
+        node2.run("tcpmesh-demo stop-servers", check=False)
+    assert all(line.startswith("ok") for line in "".join(out).strip().splitlines()), out
+
+
+def start_postgres(node2: Machine) -> None:
+    node2.run(f"install -d -o postgres -m 0700 {PG_DATA} && "
+              f"su postgres -s /bin/sh -c '{PG_BIN}/initdb -q -D {PG_DATA}/data -U postgres -A trust' && "
+              f"echo 'host all all 10.77.0.0/16 trust' >> {PG_DATA}/data/pg_hba.conf", timeout=300)
+    node2.run(f"tcpmesh-demo pod {PG_POD} su postgres -s /bin/sh -c \"{PG_BIN}/pg_ctl -D {PG_DATA}/data -w -t 120 "
+              f"-l {PG_DATA}/log -o '-c listen_addresses={PG_IP} -k /tmp' start\" >/dev/null", timeout=300)
+
+
+def pgbench(node1: Machine, args: str, timeout: float = 300):
+    return node1.run(f"tcpmesh-demo pod {CLIENT_POD} {PG_BIN}/pgbench -h {PG_IP} -U postgres {args} postgres",
+                     timeout=timeout, check=False)
+
+
+def test_pgbench_through_the_mesh_across_a_restart_never_shows_plaintext_on_the_link(nodes):
+    machines, pcap, _ = nodes
+    node1, node2 = machines["node1"], machines["node2"]
+    start_postgres(node2)
+    init = pgbench(node1, "-i -s 1 -q")
+    assert init.rc == 0, init.stderr
+    before = pgbench(node1, "-c 2 -T 10")
+    assert before.rc == 0 and "number of failed transactions: 0" in before.stdout, before.stdout + before.stderr
+
+    # load in the background: short pgbench runs back to back, each one's exit code and summary logged
+    node1.run(f"setsid sh -c 'for i in $(seq 1 200); do "
+              f"tcpmesh-demo pod {CLIENT_POD} {PG_BIN}/pgbench -h {PG_IP} -U postgres -c 2 -T 3 postgres "
+              f">>/root/load.log 2>&1; echo \"run $i rc $?\" >>/root/load.log; "
+              f"[ -e /root/load.stop ] && break; done; touch /root/load.done' </dev/null >/dev/null 2>&1 &")
+    time.sleep(8)
+    started = time.monotonic()
+    node1.run("systemctl restart tcpmesh-agent", timeout=300)     # returns once the new agent is ready
+    restart_seconds = time.monotonic() - started
+    record("node1: systemctl restart tcpmesh-agent during pgbench (until ready)", restart_seconds)
+    time.sleep(10)
+    node1.run("touch /root/load.stop; for i in $(seq 1 120); do [ -e /root/load.done ] && exit 0; sleep 1; done; "
+              "exit 1", timeout=200)
+    log = node1.run("cat /root/load.log").stdout
+    runs = [line.split() for line in log.splitlines() if line.startswith("run ")]
+    assert len(runs) >= 3, log[-3000:]
+    assert runs[-1][-1] == "0" and runs[-2][-1] == "0", f"pgbench did not work again after the restart:\n{log[-4000:]}"
+
+    after = pgbench(node1, "-c 2 -T 5")
+    assert after.rc == 0 and "number of failed transactions: 0" in after.stdout, after.stdout + after.stderr
+    # the positive control: a plaintext marker sent node to node outside the mesh must show in the capture
+    marker = f"PLAINTEXT-CONTROL-{uuid.uuid4().hex}"
+    node2.run(f"setsid timeout 60 /usr/bin/python3 -c 'import socket; s=socket.create_server((\"{NODES['node2']}\", 7999)); "
+              f"c,_=s.accept(); c.recv(100)' </dev/null >/dev/null 2>&1 &")
+    node1.run(f"/usr/bin/python3 -c 'import socket,time\nfor i in range(50):\n try:\n  "
+              f"socket.create_connection((\"{NODES['node2']}\", 7999), 2).sendall(b\"{marker}\"); break\n "
+              f"except OSError: time.sleep(0.2)'", timeout=60)
+    time.sleep(1)
+    wire = pcap.read_bytes()
+    assert marker.encode() in wire, "the host-side capture does not see payloads: the plaintext check below would prove nothing"
+    assert b"\x17\x03\x03" in wire, "no TLS application data on the link"
+    leaked = [m for m in SQL_MARKERS if m in wire]
+    assert not leaked, f"SQL in plaintext on the link between the VMs: {leaked}"
+    record(f"two VMs: link capture {len(wire) / 1e6:.1f} MB, pgbench runs {len(runs)}", 0.0)
+
+    journal = node1.run("journalctl -u tcpmesh-agent --no-pager -o cat").stdout
+    for line in (JOURNAL_START, *JOURNAL_RESTART):
+        assert line in journal, f"{line!r} not in journalctl -u tcpmesh-agent:\n{journal[-3000:]}"
+
+
+def test_stop_runs_cleanup_and_the_journal_says_so(nodes):
+    machines, _, _ = nodes
+    node1 = machines["node1"]
+    pods_cgroup = "/sys/fs/cgroup/tcpmesh-demo/pods"
+    attached = node1.run(f"bpftool cgroup tree {pods_cgroup}").stdout
+    assert "connect4" in attached, attached
+    started = time.monotonic()
+    node1.run("systemctl stop tcpmesh-agent", timeout=300)
+    record("node1: systemctl stop tcpmesh-agent (with cleanup)", time.monotonic() - started)
+    after = node1.run(f"bpftool cgroup tree {pods_cgroup}").stdout
+    assert "connect4" not in after and "sock_ops" not in after, after
+    journal = node1.run("journalctl -u tcpmesh-agent --no-pager -o cat").stdout
+    for line in (JOURNAL_START, *JOURNAL_STOP):
+        assert line in journal, f"{line!r} not in journalctl -u tcpmesh-agent:\n{journal[-4000:]}"
+    assert node1.run("systemctl is-active tcpmesh-agent", check=False).stdout.strip() == "inactive"
