@@ -38,6 +38,7 @@ MIRROR_ENV = "TCPMESH_VM_MIRROR"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 IMAGE_SIZE = "8G"          # sparse; the root file system is ~2 GB
 PROVISION_FILES = ("image-provision.sh", "guest_agent.py", "tcpmesh-vm-guest.service")
+UNUSED_DAYS = 7            # a cached image no run used for this long is removed after the next build
 BUILD_FORMAT = 1           # bump when the layout of a cache entry changes
 
 BASE_INCLUDE = ("systemd-sysv", "udev", "linux-image-amd64", "iproute2", "python3", "kmod", "initramfs-tools")
@@ -128,7 +129,18 @@ def ensure_image(spec: ImageSpec | None = None, log=print) -> tuple[Image, float
             return Image(final), None
         started = time.monotonic()
         build_image(spec, final, log)
+        _prune(final.parent, keep=final, log=log)
         return Image(final), time.monotonic() - started
+
+
+def _prune(images: Path, keep: Path, log=print) -> None:
+    """Remove images no run has used for UNUSED_DAYS (their manifest's mtime is touched on each use)."""
+    cutoff = time.time() - UNUSED_DAYS * 86400
+    for entry in images.iterdir():
+        manifest = entry / "manifest.json"
+        if entry != keep and manifest.exists() and manifest.stat().st_mtime < cutoff:
+            log(f"vm image {entry.name}: unused for {UNUSED_DAYS} days, removed")
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def build_image(spec: ImageSpec, final: Path, log=print) -> None:

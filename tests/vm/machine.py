@@ -106,11 +106,13 @@ def make_checkout_disk(dest: Path, source: Path = REPO) -> Path:
     staging = dest.with_suffix(".d")
     for name in filter(None, listing):
         path = source / os.fsdecode(name)
-        if not path.is_file():
-            continue        # deleted in the work tree but still in the index
         target = staging / os.fsdecode(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
+        if path.is_symlink():           # e.g. agent/bpf_sources -> ../bpf: a link in the guest too
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(path), target)
+        elif path.is_file():            # (a file deleted in the work tree but still in the index: skipped)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
     subprocess.run(["truncate", "-s", "256M", str(dest)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "tcpmesh-src", "-d", str(staging), str(dest)], check=True)
     shutil.rmtree(staging)
