@@ -59,7 +59,10 @@ CHECKS: dict[str, str] = {
     "tproxy_nft": "TPROXY with native nft (throwaway netns)",
     "tproxy_iptables_nft": "TPROXY with iptables-nft (throwaway netns)",
     "tproxy_iptables_legacy": "TPROXY with iptables-legacy (throwaway netns)",
+    "ktls": "kernel TLS: tls ULP and TLS 1.3 keys (optional, no mode needs it)",
 }
+# checks no capture mode requires: their rows inform (docs/kernels.md), never decide can_run
+OPTIONAL_CHECKS = ("ktls",)
 BASE_REQUIREMENTS = ("root", "permissions", "clock")
 # mode -> requirements; a tuple inside is "any one of these"
 MODE_REQUIREMENTS: dict[str, tuple] = {
@@ -241,6 +244,7 @@ def run_checks(disabled: frozenset[str] = frozenset(), cgroup_root: str | None =
     record("bcc", probes.probe_bcc)
     _record_programs(results, record, disabled, state_dir)
     _record_netns_checks(results, record)
+    record("ktls", probes.probe_ktls)
     return [results[name] for name in CHECKS]
 
 

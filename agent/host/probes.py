@@ -18,6 +18,8 @@ import importlib.util
 import os
 import platform
 import re
+import socket
+import struct
 import tempfile
 import time
 import uuid
@@ -49,6 +51,9 @@ PROGRAM_PROBES: dict[str, tuple[str, int, int]] = {
     "helper_skc_lookup_tcp": ("probe_skc_lookup", 3, -1),
     "helper_sk_assign": ("probe_sk_assign", 3, -1),
 }
+# kernel TLS (uapi/linux/tls.h): the "tls" upper-layer protocol and its key options
+SOL_TCP, TCP_ULP, SOL_TLS, TLS_TX, TLS_RX = 6, 31, 282, 1, 2
+TLS_1_3_VERSION, TLS_CIPHER_AES_GCM_128 = 0x0304, 51
 TPROXY_PROBES = {"tproxy_nft": "nft", "tproxy_iptables_nft": "iptables-nft",
                  "tproxy_iptables_legacy": "iptables-legacy"}
 
@@ -125,6 +130,31 @@ def _adjtimex_state() -> int | None:
         return libc.adjtimex(buf)
     except (OSError, AttributeError):
         return None
+
+
+def probe_ktls() -> Probe:
+    """Kernel TLS (CONFIG_TLS, Debian: the `tls` module, loaded on demand): the "tls" ULP on a
+    loopback TCP connection of this namespace, then a TLS 1.3 AES-GCM-128 key for each direction
+    (an all-zero throwaway key; nothing is sent). No capture mode needs it: informational, for the
+    kernel TLS offload (docs/kernels.md)."""
+    crypto_info = struct.pack("=HH8s16s4s8s", TLS_1_3_VERSION, TLS_CIPHER_AES_GCM_128, bytes(8), bytes(16),
+                              bytes(4), bytes(8))   # struct tls12_crypto_info_aes_gcm_128
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            socket.create_connection(server.getsockname()[:2], timeout=2) as client:
+        peer, _ = server.accept()
+        peer.close()
+        try:
+            client.setsockopt(SOL_TCP, TCP_ULP, b"tls")
+        except OSError as exc:
+            return fail(f"setsockopt(TCP_ULP, \"tls\"): {exc.strerror}: this kernel offers no kernel TLS "
+                        "(CONFIG_TLS off, or the tls module cannot be loaded); optional, no capture mode needs it")
+        for direction, option in (("TX", TLS_TX), ("RX", TLS_RX)):
+            try:
+                client.setsockopt(SOL_TLS, option, crypto_info)
+            except OSError as exc:
+                return fail(f"setsockopt(SOL_TLS, TLS_{direction}) with a TLS 1.3 AES-GCM-128 key: {exc.strerror}",
+                            "the tls ULP exists")
+    return ok("kernel TLS: tls ULP, TLS 1.3 AES-GCM-128 keys accepted for TX and RX")
 
 
 # ---- bpf(2) without bcc ---------------------------------------------------------------------------

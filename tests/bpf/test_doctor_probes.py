@@ -11,7 +11,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from agent.host.doctor import DISABLE_ENV, doctor
+from agent.host.doctor import DISABLE_ENV, OPTIONAL_CHECKS, doctor
 
 
 def probe_netns(pid: int) -> list[str]:
@@ -37,8 +37,10 @@ def test_doctor_json_reports_all_three_modes_usable_here(bpf_capable):
     assert {m["name"]: m["usable"] for m in report["modes"]} == \
         {"ebpf-connect": True, "ebpf-tc": True, "iptables": True}, report["modes"]
     assert report["selected_mode"] == "ebpf-connect"
-    bad = {n: c for n, c in rows(report).items() if c["result"] not in ("ok", "warn")}
+    bad = {n: c for n, c in rows(report).items() if c["result"] not in ("ok", "warn") and n not in OPTIONAL_CHECKS}
     assert bad == {}
+    ktls = rows(report)["ktls"]   # this machine's kernel has CONFIG_TLS off; Debian's have it (tests/vm)
+    assert ktls["result"] == "ok" or "offers no kernel TLS" in ktls["error"], ktls
     assert probe_netns(proc.pid) == []  # its throwaway namespace is gone
 
 

@@ -1,8 +1,9 @@
 """The kernel matrix: Debian 11 (5.10), 12 (6.1) and 13 (6.12) kernels, each in a VM with systemd as
 PID 1 and this checkout installed (tests/vm/conftest.py). In each guest, for real:
 
-- `tcpmesh doctor --json` picks the mode docs/kernels.md says for that kernel, and the loader takes
-  the kernel's ebpf-connect path (pre-6.12: records keyed by socket cookie; 6.12+: slot arrays);
+- `tcpmesh doctor --json` picks the mode docs/kernels.md says for that kernel, reports kernel TLS
+  where the kernel has it, and the loader takes the kernel's ebpf-connect path (pre-6.12: records
+  keyed by socket cookie; 6.12+: slot arrays);
 - the bpf tier (tests/bpf) passes with privileged skips turned into failures, so every capture
   mode's programs load, attach and steer on that kernel;
 - a two-node lab (the same code as `tcpmesh lab up`) meshes a connection, and after SIGKILL of an
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.vm
 # kernel series -> what `tcpmesh doctor` must pick there, and whether ebpf-connect takes the 6.12 path
 EXPECTED_MODE = {"5.10": "ebpf-connect", "6.1": "ebpf-connect", "6.12": "ebpf-connect"}
 CONNECT_SETS_CB_FLAGS = {"5.10": False, "6.1": False, "6.12": True}
+# doctor's ktls row: Debian builds CONFIG_TLS=m from 6.1 on; Debian 11's 5.10 has it off
+KTLS = {"5.10": False, "6.1": True, "6.12": True}
 
 
 def guest_pytest(guest, paths: str, timeout: float) -> tuple[str, float]:
@@ -47,8 +50,10 @@ def test_doctor_picks_the_documented_mode_for_the_kernel(guest):
     report = json.loads(done.stdout)
     assert done.rc == 0, done.stderr
     assert report["selected_mode"] == EXPECTED_MODE[series], report["reason"]
-    failed = [c for c in report["checks"] if c["result"] not in ("ok", "warn")]
+    rows = {c["name"]: c for c in report["checks"]}
+    failed = [c for n, c in rows.items() if c["result"] not in ("ok", "warn") and n != "ktls"]
     assert not failed, f"{guest.release}: checks not ok: {failed}"
+    assert (rows["ktls"]["result"] == "ok") == KTLS[series], rows["ktls"]
     path = guest.run(f"{GUEST_VENV}/bin/python -c 'import os; from agent.capture.connect_mode import "
                      f"connect_sets_cb_flags as f; print(f(os.uname().release))'").stdout.strip()
     assert path == str(CONNECT_SETS_CB_FLAGS[series]), f"{guest.release}: connect_sets_cb_flags -> {path}"
