@@ -23,6 +23,9 @@ import pytest
 from agent.host import checks
 
 REQUIRE_PRIVILEGED = os.environ.get("TCPMESH_REQUIRE_PRIVILEGED") == "1"
+# A test that bounds how long something takes (a compile, an adoption) multiplies its bound by this:
+# the vm tier's software-emulated guests (tests/vm) set it; real machines keep 1.
+TIME_SCALE = float(os.environ.get("TCPMESH_TEST_TIME_SCALE") or 1)
 
 
 def skip_or_fail(reason: str, *, module_level: bool = False) -> None:

@@ -141,19 +141,23 @@ def probe_ktls() -> Probe:
                               bytes(4), bytes(8))   # struct tls12_crypto_info_aes_gcm_128
     with socket.create_server(("127.0.0.1", 0)) as server, \
             socket.create_connection(server.getsockname()[:2], timeout=2) as client:
-        peer, _ = server.accept()
-        peer.close()
+        peer, _ = server.accept()   # kept open: the tls ULP needs an ESTABLISHED socket
+        with peer:
+            return _ktls_on(client, crypto_info)
+
+
+def _ktls_on(client: socket.socket, crypto_info: bytes) -> Probe:
+    try:
+        client.setsockopt(SOL_TCP, TCP_ULP, b"tls")
+    except OSError as exc:
+        return fail(f"setsockopt(TCP_ULP, \"tls\"): {exc.strerror}: this kernel offers no kernel TLS "
+                    "(CONFIG_TLS off, or the tls module cannot be loaded); optional, no capture mode needs it")
+    for direction, option in (("TX", TLS_TX), ("RX", TLS_RX)):
         try:
-            client.setsockopt(SOL_TCP, TCP_ULP, b"tls")
+            client.setsockopt(SOL_TLS, option, crypto_info)
         except OSError as exc:
-            return fail(f"setsockopt(TCP_ULP, \"tls\"): {exc.strerror}: this kernel offers no kernel TLS "
-                        "(CONFIG_TLS off, or the tls module cannot be loaded); optional, no capture mode needs it")
-        for direction, option in (("TX", TLS_TX), ("RX", TLS_RX)):
-            try:
-                client.setsockopt(SOL_TLS, option, crypto_info)
-            except OSError as exc:
-                return fail(f"setsockopt(SOL_TLS, TLS_{direction}) with a TLS 1.3 AES-GCM-128 key: {exc.strerror}",
-                            "the tls ULP exists")
+            return fail(f"setsockopt(SOL_TLS, TLS_{direction}) with a TLS 1.3 AES-GCM-128 key: {exc.strerror}",
+                        "the tls ULP exists")
     return ok("kernel TLS: tls ULP, TLS 1.3 AES-GCM-128 keys accepted for TX and RX")
 
 

@@ -28,6 +28,7 @@ from agent.lab import lab as labops
 from agent.lab.netns_plumbing import ensure_address, ensure_route, ipr
 from agent.lab.nsenter import popen_in
 from agent.lab.sniff import PacketCapture
+from tests.conftest import TIME_SCALE
 
 ECHO_PORT = 7301
 AGENT_RSS_BOUND_KB = 90 * 1024  # measured ~60 MB (docs/capture-connect.md, "Measured"); bcc + LLVM alone would be ~125 MB
@@ -111,7 +112,7 @@ def lab(bpf_capable):
     name = f"fc{uuid.uuid4().hex[:6]}"
     apps: list[subprocess.Popen] = []
     try:
-        plan = labops.lab_up(name, 2, 1, "fc.tcpmesh")
+        plan = labops.lab_up(name, 2, 1, "fc.tcpmesh", ready_timeout=60 * TIME_SCALE)
         server = labops.lab_exec(name, "n2p1", [sys.executable, "-m", "agent.demo.sampleapps", "server", "--port",
                                                 str(ECHO_PORT), "--mode", "echo"], stdout=subprocess.PIPE, text=True)
         apps.append(server)

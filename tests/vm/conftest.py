@@ -27,13 +27,32 @@ GUEST_SRC = "/root/tcpmesh"
 TIMINGS: list[tuple[str, float]] = []
 
 
-def kernel_params(kernels=KERNELS):
-    """pytest params for the matrix: every kernel is marked ``vm``; the CI kernel also ``vm_ci``."""
-    return [pytest.param(k, id=k, marks=[pytest.mark.vm_ci] if k == CI_KERNEL else []) for k in kernels]
+def kernel_params(kernels=KERNELS, ci: bool = True):
+    """pytest params for the matrix (the module marks every test ``vm``); with ``ci`` the CI kernel's
+    param is also ``vm_ci``, so `make test` runs it."""
+    return [pytest.param(k, id=k, marks=[pytest.mark.vm_ci] if ci and k == CI_KERNEL else []) for k in kernels]
 
 
 def record(what: str, seconds: float) -> None:
     TIMINGS.append((what, seconds))
+
+
+def logs_dir() -> Path:
+    """Where the guests' full outputs go (kept after the run; the VMs' own directories are not)."""
+    path = Path(os.environ.get("TCPMESH_VM_LOGS") or f"/tmp/tcpmesh-vm-logs/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+_LOGS: list[Path] = []
+
+
+def save_log(name: str, text: str) -> Path:
+    if not _LOGS:
+        _LOGS.append(logs_dir())
+    path = _LOGS[0] / name
+    path.write_text(text)
+    return path
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -41,6 +60,8 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "vm tier timings (seconds)")
         for what, seconds in TIMINGS:
             terminalreporter.write_line(f"{seconds:8.1f}  {what}")
+    if _LOGS:
+        terminalreporter.write_line(f"the guests' full outputs: {_LOGS[0]}")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.vm.conftest import GUEST_SRC, GUEST_VENV, kernel_params, record
+from tests.vm.conftest import GUEST_SRC, GUEST_VENV, kernel_params, record, save_log
 
 pytestmark = pytest.mark.vm
 
@@ -26,13 +26,17 @@ pytestmark = pytest.mark.vm
 EXPECTED_MODE = {"5.10": "ebpf-connect", "6.1": "ebpf-connect", "6.12": "ebpf-connect"}
 CONNECT_SETS_CB_FLAGS = {"5.10": False, "6.1": False, "6.12": True}
 # doctor's ktls row: Debian builds CONFIG_TLS=m from 6.1 on; Debian 11's 5.10 has it off
+# bounds on how long a compile or an adoption takes (tests/conftest.py): software emulation is ~10-20x slower
+TIME_SCALE = {"tcg": "20", "kvm": "1"}
 KTLS = {"5.10": False, "6.1": True, "6.12": True}
 
 
 def guest_pytest(guest, paths: str, timeout: float) -> tuple[str, float]:
     started = time.monotonic()
     result = guest.run(f"cd {GUEST_SRC} && {GUEST_VENV}/bin/python -m pytest {paths} -q -p no:cacheprovider -ra",
-                       env={"TCPMESH_REQUIRE_PRIVILEGED": "1"}, timeout=timeout, check=False)
+                       env={"TCPMESH_REQUIRE_PRIVILEGED": "1", "TCPMESH_TEST_TIME_SCALE": TIME_SCALE[guest.accel]},
+                       timeout=timeout, check=False)
+    save_log(f"{guest.name}-pytest-{paths.replace('/', '_')}.log", result.stdout + result.stderr)
     seconds = time.monotonic() - started
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "(no output)"
     record(f"{guest.name} ({guest.release}): pytest {paths}: {summary}", seconds)
@@ -59,11 +63,11 @@ def test_doctor_picks_the_documented_mode_for_the_kernel(guest):
     assert path == str(CONNECT_SETS_CB_FLAGS[series]), f"{guest.release}: connect_sets_cb_flags -> {path}"
 
 
-@pytest.mark.parametrize("guest", kernel_params(), indirect=True)
+@pytest.mark.parametrize("guest", kernel_params(ci=False), indirect=True)
 def test_bpf_tier_passes_in_the_guest(guest):
     guest_pytest(guest, "tests/bpf", timeout=2400)
 
 
-@pytest.mark.parametrize("guest", kernel_params(), indirect=True)
+@pytest.mark.parametrize("guest", kernel_params(ci=False), indirect=True)
 def test_lab_meshes_and_fails_closed_after_sigkill_in_the_guest(guest):
     guest_pytest(guest, "tests/e2e/test_fail_closed.py", timeout=1800)
