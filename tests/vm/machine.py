@@ -13,6 +13,7 @@ Must not import tcpmesh (``agent``).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 from tests.vm.images import Image, cache_dir
 
 CHANNEL_PORT = "org.tcpmesh.vm.0"
+PR_SET_PDEATHSIG = 1
 ACCEL_ENV = "TCPMESH_VM_ACCEL"          # tcg | kvm: skip the probe
 BOOT_TIMEOUT = 300                     # TCG with two VMs and other suites on two cores: ~15-60 s measured
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -59,6 +61,10 @@ class Link:
     server: bool
     mac: str
     pcap: Path | None = None
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def new_run_dir(prefix: str = "tcpmesh-vm-") -> Path:
@@ -140,6 +146,7 @@ class Machine:
         self._buffer = b""
         self._next_id = 0
         self.boot_seconds: float | None = None
+        self._started = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -184,17 +191,32 @@ class Machine:
         return argv
 
     def start(self, timeout: float = BOOT_TIMEOUT) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start qemu (returns at once; ``wait_ready`` waits for the guest): two VMs boot side by side."""
         self.dir.mkdir(parents=True, exist_ok=False)
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self.image.root),
                         str(self.dir / "overlay.qcow2")], check=True)
-        started = time.monotonic()
+        self._started = time.monotonic()
         with open(self.dir / "qemu.log", "wb") as log:
             # own session: a Ctrl-C in the terminal reaches pytest, whose cleanup powers this VM off
+            # and PR_SET_PDEATHSIG: if pytest itself is killed (no cleanup runs), qemu dies with it
             self.proc = subprocess.Popen(self.qemu_argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True)
-        self._connect(started + 30)
-        self._wait_for_guest(started + timeout)
-        self.boot_seconds = time.monotonic() - started
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        if self.link is not None and self.link.server:
+            deadline = time.monotonic() + 30     # the other end connects to this socket: it must exist first
+            while not self.link.socket_path.exists():
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise MachineError(f"{self.name}: qemu never created the link socket {self.link.socket_path}")
+                time.sleep(0.05)
+
+    def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> None:
+        self._connect(self._started + 30)
+        self._wait_for_guest(self._started + timeout)
+        self.boot_seconds = time.monotonic() - self._started
 
     def _connect(self, deadline: float) -> None:
         path = str(self.dir / "channel.sock")

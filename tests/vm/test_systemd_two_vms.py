@@ -35,6 +35,7 @@ NODES = {"node1": "192.168.56.11", "node2": "192.168.56.12"}
 NODES_ENV = " ".join(f"{name}={address}" for name, address in NODES.items())
 WHEELS = "/opt/tcpmesh-wheels"
 PG_BIN = "/usr/lib/postgresql/15/bin"
+DROPIN = "/etc/systemd/system/tcpmesh-agent.service.d/vm-tier.conf"
 PG_POD, PG_IP, PG_DATA = "n2p1", "10.77.2.11", "/var/lib/tcpmesh-vm-pg"
 CLIENT_POD = "n1p1"
 SQL_MARKERS = (b"pgbench_accounts", b"UPDATE pgbench", b"SELECT abalance")
@@ -78,11 +79,16 @@ def nodes(vm_image, checkout_disk):
                               link=Link(link, server=index == 1, mac=f"52:54:00:6d:00:0{index}",
                                         pcap=pcap if index == 1 else None))
             machines.append(machine)
-            machine.start()
-            record(f"{name} ({machine.release}, {machine.accel}): boot to channel", machine.boot_seconds)
-            machine.run(f"hostnamectl set-hostname {name} 2>/dev/null || hostname {name}; "
+            machine.launch()
+        for machine, address in zip(machines, NODES.values()):
+            machine.wait_ready()
+            record(f"{machine.name} ({machine.release}, {machine.accel}): boot to channel", machine.boot_seconds)
+            machine.run(f"hostnamectl set-hostname {machine.name} 2>/dev/null || hostname {machine.name}; "
                         f"ip addr add {address}/24 dev eth0 && ip link set eth0 up && "
-                        f"mkdir -p /vagrant && mount /dev/vdb /vagrant")
+                        f"mkdir -p /vagrant && mount /dev/vdb /vagrant && "
+                        # the one change to the unit, the documented way (a drop-in): software emulation
+                        # compiles the programs at first start in 30-90 s, near the unit's 120 s
+                        f"mkdir -p {DROPIN.rsplit('/', 1)[0]} && printf '[Service]\\nTimeoutStartSec=900\\n' > {DROPIN}")
         token = secrets.token_hex(16)
         ready_after = {m.name: provision(m, i, token) for i, m in enumerate(machines, start=1)}
         yield {m.name: m for m in machines}, pcap, ready_after
@@ -133,7 +139,8 @@ def test_the_vagrant_e2e_checks_pass_across_the_vms(nodes):
 def start_postgres(node2: Machine) -> None:
     node2.run(f"install -d -o postgres -m 0700 {PG_DATA} && "
               f"su postgres -s /bin/sh -c '{PG_BIN}/initdb -q -D {PG_DATA}/data -U postgres -A trust' && "
-              f"echo 'host all all 10.77.0.0/16 trust' >> {PG_DATA}/data/pg_hba.conf", timeout=300)
+              # a test world: the mesh authenticates; the inbound proxy's source address is not the pod's
+              f"echo 'host all all 0.0.0.0/0 trust' >> {PG_DATA}/data/pg_hba.conf", timeout=300)
     node2.run(f"tcpmesh-demo pod {PG_POD} su postgres -s /bin/sh -c \"{PG_BIN}/pg_ctl -D {PG_DATA}/data -w -t 120 "
               f"-l {PG_DATA}/log -o '-c listen_addresses={PG_IP} -k /tmp' start\" >/dev/null", timeout=300)
 
