@@ -29,7 +29,7 @@ from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, mesh_capture, socket_in
 from tests.conftest import TIME_SCALE
 
 REMOTE = ("10.77.2.10", 5432)
-SLOTS = connect_sets_cb_flags(os.uname().release)   # Linux >= 6.12: the slot arrays are used
+USES_SLOTS = connect_sets_cb_flags(os.uname().release)   # Linux >= 6.12: the slot arrays are used
 SO_COOKIE = 57
 TCP_CLOSE_WAIT = 8
 NOT_CAPTURED_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ETIMEDOUT, None}
@@ -404,7 +404,7 @@ def test_records_do_not_outlive_their_connections(attached, topology, cgroups, p
                 origin = read_origin(conn)
                 assert origin is not None and (origin.dst_ip, origin.dst_port) == REMOTE
                 cookies.append(origin.cookie)
-                if SLOTS:   # before 6.12 no slot is used: the record is in tcpmesh_cookie_origin
+                if USES_SLOTS:   # before 6.12 no slot is used: the record is in tcpmesh_cookie_origin
                     assert slot_owner(attached, origin.cookie) == origin.cookie  # the record is in its slot
     assert records(attached, "tcpmesh_peer_origin") <= before["tcpmesh_peer_origin"]
     assert set(handover_states(attached)) == {abi.HO_FREE}  # every hand-over given back with its answer
