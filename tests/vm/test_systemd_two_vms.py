@@ -29,7 +29,7 @@ import pytest
 from tests.vm.conftest import CI_KERNEL, checkout_overlay, record
 from tests.vm.machine import Link, Machine, new_run_dir
 
-pytestmark = [pytest.mark.vm, pytest.mark.vm_ci]
+pytestmark = [pytest.mark.vm]   # vm_ci once it has passed here (see docs/kernels.md)
 
 NODES = {"node1": "192.168.56.11", "node2": "192.168.56.12"}
 NODES_ENV = " ".join(f"{name}={address}" for name, address in NODES.items())
