@@ -73,13 +73,17 @@ class ImageSpec:
         return f"{self.suite}-{digest.hexdigest()[:16]}"
 
 
+# What the guests run tests with: not the whole `test` extra (its other tools serve tiers that never run
+# in a guest, and each addition there would rebuild the image)
+GUEST_TEST_TOOLS = ("pytest>=7", "hypothesis>=6")
+
+
 def pip_requirements(pyproject: Path) -> list[str]:
-    """tcpmesh's dependencies, its test and kubernetes extras, and the build backend (`make install`
-    runs pip with --no-index inside the guests, so setuptools must come from the wheelhouse too)."""
+    """tcpmesh's dependencies, the guests' test tools and the build backend (`make install` runs pip
+    with --no-index inside the guests, so setuptools must come from the wheelhouse too)."""
     project = tomllib.loads(pyproject.read_text())
     build = project["build-system"]["requires"]
-    extras = project["project"].get("optional-dependencies", {})
-    return [*project["project"]["dependencies"], *extras.get("test", []), *build, "wheel"]
+    return [*project["project"]["dependencies"], *GUEST_TEST_TOOLS, *build, "wheel"]
 
 
 @dataclass(frozen=True)
