@@ -52,9 +52,11 @@ class Capture(Protocol):
     inbound: InboundEnforcement | None  # None: this mode cannot enforce STRICT in the kernel
     egress: EgressEvents | None  # None: no kernel events for connects outside the mesh
 
-    def set_mesh_destinations(self, workloads: Iterable[Workload]) -> None:
-        """Only these workloads' addresses are captured; every other destination is left alone (it
-        leaves from the pod itself). Called before a snapshot's pods are attached."""
+    def set_mesh_destinations(self, workloads: Iterable[Workload],
+                              services: Iterable[tuple[str, int]] = ()) -> None:
+        """Only these workloads' addresses and these Service (virtual address, port) pairs are
+        captured; every other destination is left alone (it leaves from the pod itself). Called
+        before a snapshot's pods are attached."""
 
     def start(self) -> None:
         """Load programs / install node-level rules. Raises a TcpmeshError naming what failed."""

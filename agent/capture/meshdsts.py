@@ -47,6 +47,11 @@ def workload_destinations(addresses: Iterable[str]) -> list[MeshDestination]:
     return [destination(address) for address in addresses]
 
 
+def service_destinations(frontends: Iterable[tuple[str, int]]) -> list[MeshDestination]:
+    """Every Service virtual address with its port (only that port is the Service's)."""
+    return [destination(address, port, abi.DST_SERVICE) for address, port in frontends]
+
+
 def ipv4_mesh_cidrs(addresses: Iterable[str], capture: Iterable[str], bypass: Iterable[str] = ()) -> list[str]:
     """For the packet-level modes (ebpf-tc, iptables), which steer by CIDR: every IPv4 workload
     address inside the configured capture CIDRs, as a /32 (sorted, unique). IPv6 is ebpf-connect's."""

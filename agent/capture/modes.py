@@ -26,7 +26,8 @@ class NoCapture:
     inbound = None
     egress = None
 
-    def set_mesh_destinations(self, workloads: Iterable[Workload]) -> None:
+    def set_mesh_destinations(self, workloads: Iterable[Workload],
+                              services: Iterable[tuple[str, int]] = ()) -> None:
         pass
 
     def start(self) -> None:
@@ -103,12 +104,15 @@ class ConnectMode:
             if cgroup_id is not None:
                 self._capture.forget_pod(cgroup_id)
 
-    def set_mesh_destinations(self, workloads: Iterable[Workload]) -> None:
-        """The registry's workload addresses are the mesh: only connects to them are captured; every
-        other connect leaves from the pod itself (or is refused: policy.outbound_passthrough DENY)."""
-        from agent.capture.meshdsts import workload_destinations
+    def set_mesh_destinations(self, workloads: Iterable[Workload],
+                              services: Iterable[tuple[str, int]] = ()) -> None:
+        """The registry's workload addresses and Services' (address, port) pairs are the mesh: only
+        connects to them are captured; every other connect leaves from the pod itself (or is
+        refused: policy.outbound_passthrough DENY)."""
+        from agent.capture.meshdsts import service_destinations, workload_destinations
 
-        self._capture.set_mesh_destinations(workload_destinations(w.ip for w in workloads))
+        self._capture.set_mesh_destinations(workload_destinations(w.ip for w in workloads)
+                                            + service_destinations(services))
 
     @property
     def egress(self) -> EgressEvents:

@@ -195,13 +195,15 @@ class TcCapture:
         """{workload key: interface}, a snapshot for `doctor` and tests."""
         return {key: ifname for key, (_, ifname) in sorted(self._attached.items())}
 
-    def set_mesh_destinations(self, workloads: Iterable[Workload]) -> None:
+    def set_mesh_destinations(self, workloads: Iterable[Workload],
+                              services: Iterable[tuple[str, int]] = ()) -> None:
         """Only the mesh is captured: the IPv4 workload addresses inside the capture CIDRs, each a /32.
         Every other destination is left alone (it leaves from the pod; the proxy never dials it) —
         unless passthrough is DENY: then the whole scope stays steered and the proxy refuses it."""
         if self._passthrough_deny:
             return
-        self._mesh = tuple(ipv4_mesh_cidrs((w.ip for w in workloads), self._capture_cidrs, self._bypass_cidrs))
+        addresses = [w.ip for w in workloads] + [address for address, _ in services]  # a Service: every port
+        self._mesh = tuple(ipv4_mesh_cidrs(addresses, self._capture_cidrs, self._bypass_cidrs))
         if self._loaded is not None:
             self.refresh_local_addresses()
 

@@ -85,14 +85,15 @@ class TproxyCapture:
         log.info("iptables mode: TPROXY rules installed with %s%s", self.backend.name,
                  "".join(f"; {n} failed: {e}" for n, e in self.backend_errors.items()))
 
-    def set_mesh_destinations(self, workloads: Iterable[Workload]) -> None:
+    def set_mesh_destinations(self, workloads: Iterable[Workload],
+                              services: Iterable[tuple[str, int]] = ()) -> None:
         """Only the mesh is captured: one rule per IPv4 workload address inside the capture CIDRs
         (the capture chain is rebuilt in one transaction; the interface set is kept). Every other
         destination is left alone: it leaves from the pod, the proxy never dials it — unless
         passthrough is DENY: then the whole scope stays steered and the proxy refuses it."""
         if self._passthrough_deny:
             return
-        mesh = ipv4_mesh_cidrs((w.ip for w in workloads), *self._scope)
+        mesh = ipv4_mesh_cidrs([w.ip for w in workloads] + [address for address, _ in services], *self._scope)
         self.spec = dataclasses.replace(self.spec, cidr_rules=cidr_rules(mesh))
         if self.backend is not None:
             self.backend.install(self.spec)

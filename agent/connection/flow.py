@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from agent.connection.facts import NO_FACTS, ConnectionFacts
-from agent.registry.model import Workload
+from agent.registry.model import Service, Workload
 
 REPORTER_SOURCE = "source"
 REPORTER_DESTINATION = "destination"
@@ -37,6 +37,7 @@ FLAG_HANDSHAKE_TIMEOUT = "HANDSHAKE_TIMEOUT"  # a tunnel's TLS handshake did not
 FLAG_OPEN_TIMEOUT = "OPEN_TIMEOUT"  # an authenticated tunnel sent no complete OPEN in time
 FLAG_STREAM_IDLE_TIMEOUT = "SI"  # Envoy's stream idle timeout: no byte either way for proxy.stream_idle_timeout_seconds
 FLAG_CONNECTION_LIMIT = "CONNECTION_LIMIT"  # proxy.max_connections or max_connections_per_identity reached
+FLAG_NO_HEALTHY_UPSTREAM = "UH"  # Envoy's: a Service was dialled and none of its endpoints is ready
 
 METRIC_LABELS = (
     "reporter",
@@ -46,6 +47,9 @@ METRIC_LABELS = (
     "destination_workload",
     "destination_workload_namespace",
     "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
     "connection_security_policy",
     "response_flags",
 )
@@ -67,6 +71,9 @@ class Flow:
     destination_workload: str = UNKNOWN
     destination_namespace: str = UNKNOWN
     destination_principal: str = UNKNOWN
+    destination_service: str = UNKNOWN  # Istio's: the dialled Service's host, name.namespace.svc.cluster.local
+    destination_service_name: str = UNKNOWN
+    destination_service_namespace: str = UNKNOWN
     security: str = SECURITY_NONE
     response_flags: str = FLAG_NONE
     bytes_received: int = 0  # client → server (request direction), Istio's received_bytes
@@ -130,6 +137,12 @@ class Flow:
             self.destination_namespace = workload.namespace
             self.destination_principal = workload.spiffe_id.uri
 
+    def set_service(self, service: Service | None) -> None:
+        if service is not None:
+            self.destination_service = service.host
+            self.destination_service_name = service.name
+            self.destination_service_namespace = service.namespace
+
     def fail(self, flag: str, detail: str) -> None:
         if self.response_flags == FLAG_NONE:
             self.response_flags = flag
@@ -156,6 +169,9 @@ class Flow:
             "destination_workload": self.destination_workload,
             "destination_workload_namespace": self.destination_namespace,
             "destination_principal": self.destination_principal,
+            "destination_service": self.destination_service,
+            "destination_service_name": self.destination_service_name,
+            "destination_service_namespace": self.destination_service_namespace,
             "connection_security_policy": self.security,
             "response_flags": self.response_flags,
         }
@@ -163,7 +179,8 @@ class Flow:
     def metric_values(self) -> tuple[str, ...]:
         """The values of ``metric_labels()``, in the order of METRIC_LABELS (what prometheus' labels() takes)."""
         return (self.reporter, self.source_workload, self.source_namespace, self.source_principal,
-                self.destination_workload, self.destination_namespace, self.destination_principal, self.security,
+                self.destination_workload, self.destination_namespace, self.destination_principal,
+                self.destination_service, self.destination_service_name, self.destination_service_namespace, self.security,
                 self.response_flags)
 
     def record(self) -> dict:
@@ -190,6 +207,9 @@ class Flow:
             "destination_principal": self.destination_principal,
             "destination_ip": facts.destination_ip,
             "destination_port": facts.destination_port,
+            "destination_service": self.destination_service,
+            "destination_service_name": self.destination_service_name,
+            "destination_service_namespace": self.destination_service_namespace,
             "security": self.security,
             "response_flags": self.response_flags,
             "bytes_received": self.bytes_received,
@@ -205,5 +225,6 @@ class Flow:
 RECORD_KEYS = ("reporter", "flow_id", "start_time", "end_time", "source_workload", "source_namespace",
                "source_principal", "source_ip", "source_port", "pid", "comm", "uid", "cgroup_id",
                "destination_workload", "destination_namespace", "destination_principal", "destination_ip",
-               "destination_port", "security", "response_flags", "bytes_received", "bytes_sent", "detail",
+               "destination_port", "destination_service", "destination_service_name", "destination_service_namespace",
+               "security", "response_flags", "bytes_received", "bytes_sent", "detail",
                "policy", "dry_run", "handshake_seconds", "duration_seconds")

@@ -152,3 +152,64 @@ def down(name: str, state_root: str) -> None:
                    f"removed {len(report['removed_netns'])} namespaces")
     for problem in report["problems"]:
         click.echo(f"note: {problem}", err=True)
+
+
+@lab.group("service")
+def service() -> None:
+    """Services of the lab: virtual addresses in front of pods (registry `services:` + nftables DNAT on every node)."""
+
+
+def _port_pair(text: str) -> tuple[int, int]:
+    port, _, target = text.partition(":")
+    try:
+        return int(port), int(target or port)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give PORT or PORT:TARGET_PORT, e.g. 6379 or 80:8080") from None
+
+
+@service.command("add")
+@_name_option
+@click.argument("service_name")
+@click.option("--address", "addresses", multiple=True, required=True, help="Virtual address (repeat for more).")
+@click.option("--port", "ports", multiple=True, required=True, help="PORT or PORT:TARGET_PORT (repeat for more).")
+@click.option("--endpoint", "endpoints", multiple=True, help="A pod (n1p2); POD=notready keeps it but sends it "
+                                                             "no new connections. Repeat for more.")
+@click.option("--namespace", default=None, help="The Service's namespace (default: the lab's).")
+def service_add(name: str, state_root: str, service_name: str, addresses: tuple[str, ...], ports: tuple[str, ...],
+                endpoints: tuple[str, ...], namespace: str | None) -> None:
+    """Add a Service, or replace the one of that name (e.g. to mark an endpoint not ready)."""
+    from agent.lab.lab import load_lab
+    from agent.lab.services import lab_service_set, service_document
+
+    plan, _ = load_lab(name, state_root)
+    parsed = [(e.split("=")[0], not e.endswith("=notready")) for e in endpoints]
+    lab_service_set(plan, service_document(plan, service_name, addresses, [_port_pair(p) for p in ports], parsed,
+                                           namespace))
+    click.echo(f"service {namespace or plan.namespace}/{service_name} set")
+
+
+@service.command("del")
+@_name_option
+@click.argument("service_name")
+@click.option("--namespace", default=None, help="The Service's namespace (default: the lab's).")
+def service_del(name: str, state_root: str, service_name: str, namespace: str | None) -> None:
+    """Delete a Service (its nftables rules and its registry entry)."""
+    from agent.lab.lab import load_lab
+    from agent.lab.services import lab_service_del
+
+    plan, _ = load_lab(name, state_root)
+    lab_service_del(plan, service_name, namespace)
+
+
+@service.command("list")
+@_name_option
+def service_list(name: str, state_root: str) -> None:
+    """The lab's Services: addresses, ports and endpoints (ready or not)."""
+    from agent.lab.lab import load_lab
+    from agent.lab.services import read_services
+
+    plan, _ = load_lab(name, state_root)
+    for s in read_services(plan):
+        ports = ",".join(f"{p['port']}:{p['target_port']}" for p in s["ports"])
+        eps = ",".join(e["workload"] + ("" if e.get("ready", True) else "(not ready)") for e in s["endpoints"])
+        click.echo(f"{s['namespace']}/{s['name']:20} {','.join(s['addresses']):16} {ports:12} {eps or '-'}")

@@ -20,6 +20,7 @@ from typing import Callable
 
 from agent.identity.errors import PeerIdentityError
 from agent.identity.errors import PeerProtocolError as AlpnMismatch
+from agent.proxy.balancer import RoundRobin
 from agent.identity.tls import check_alpn, check_peer, describe_tls_error, peer_not_after
 from agent.connection import flow as F
 from agent.connection.facts import ClientProcess, ConnectionFacts
@@ -53,6 +54,7 @@ class OutboundProxy:
         self._read_origin = origin_reader
         self.pool = TunnelPool(self.dial_session, idle_seconds=tunnel_idle_seconds)
         self._accepted = self._on_accepted  # one bound method shared by every accepted leg
+        self._balancer = RoundRobin()  # which ready endpoint of a dialled Service (agent.proxy.balancer)
 
     def protocol_factory(self) -> PlainLeg:
         return PlainLeg(start_paused=True, on_connected=self._accepted)
@@ -114,9 +116,14 @@ class OutboundProxy:
                                  reason=f"connection from {peer[0]}:{peer[1]} has no original destination "
                                         "(it was not captured by tcpmesh; do not connect to the outbound port directly)")
         process = None if origin.pid is None else ClientProcess(origin.pid, origin.uid, origin.comm)  # None: tc, iptables
-        flow.facts = ConnectionFacts(origin.dst_ip, origin.dst_port, flow_id, peer[0], peer[1], process, origin.cgroup_id)
         route = route_outbound(self._ctx.registry(), self._ctx.node_name, peer[0], origin.dst_ip, origin.dst_port,
-                               self._ctx.inbound_port)
+                               self._ctx.inbound_port, self._balancer)
+        dst_ip, dst_port = origin.dst_ip, origin.dst_port
+        if route.service is not None:  # a Service address: the stream goes to the chosen endpoint's target port
+            flow.set_service(route.service)
+            if route.destination is not None:
+                dst_ip, dst_port = route.destination.ip, route.target_port
+        flow.facts = ConnectionFacts(dst_ip, dst_port, flow_id, peer[0], peer[1], process, origin.cgroup_id)
         flow.set_source(route.source)
         flow.set_destination(route.destination)
         return route

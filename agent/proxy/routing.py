@@ -6,6 +6,8 @@ destination outside the mesh on a pod's behalf (the capture leaves such connects
 leave from the pod itself; docs/security.md). A captured connection to a destination that is not a
 workload of the registry — the kernel's mesh map and the registry disagreeing for a moment, or a
 new maps directory before the first snapshot — is refused.
+A Service virtual address and port resolves to one ready endpoint (agent.proxy.balancer) dialled
+on the Service's target port; no ready endpoint is a refusal with UH.
 Inbound: whether a CONNECT names a workload of this node served under the identity the client asked
 for by SNI.
 """
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 
 from agent.identity.spiffe import SpiffeId
 from agent.connection import flow as F
-from agent.registry.model import Registry, Workload
+from agent.proxy.balancer import RoundRobin
+from agent.registry.model import Registry, Service, Workload
 
 
 class RouteKind(enum.Enum):
@@ -33,15 +36,29 @@ class OutboundRoute:
     tunnel_address: tuple[str, int] | None = None  # the destination node's inbound proxy
     flag: str = F.FLAG_NONE
     reason: str = ""
+    service: Service | None = None  # the Service whose virtual address was dialled
+    target_port: int = 0  # the port the destination workload is dialled on (the Service's target port)
 
 
 def route_outbound(registry: Registry, node_name: str, client_ip: str, dest_ip: str, dest_port: int,
-                   inbound_port: int) -> OutboundRoute:
+                   inbound_port: int, balancer: RoundRobin | None = None) -> OutboundRoute:
+    """A Service address and port resolves to one ready endpoint (``balancer``), dialled on the
+    target port; policy and secure naming then apply to that endpoint's identity."""
     source = registry.by_ip(client_ip)
     if source is None or source.node != node_name:
         return OutboundRoute(RouteKind.REJECT, source, flag=F.FLAG_NO_IDENTITY,
                              reason=f"client {client_ip} is not a workload of node {node_name} in the registry")
     destination = registry.by_ip(dest_ip)
+    service = None
+    target_port = dest_port
+    if destination is None:
+        frontend = registry.service_at(dest_ip, dest_port)
+        if frontend is not None:
+            service, target_port, ready = frontend
+            destination = (balancer or RoundRobin()).pick(service.key, ready)
+            if destination is None:
+                return OutboundRoute(RouteKind.REJECT, source, flag=F.FLAG_NO_HEALTHY_UPSTREAM, service=service,
+                                     reason=f"service {service.key} ({dest_ip}:{dest_port}) has no ready endpoint")
     if destination is None:
         return OutboundRoute(RouteKind.REJECT, source, flag=F.FLAG_NO_ROUTE,
                              reason=f"{dest_ip}:{dest_port} is not in the mesh; tcpmesh never dials a destination "
@@ -49,9 +66,10 @@ def route_outbound(registry: Registry, node_name: str, client_ip: str, dest_ip: 
                                     "itself once it knows the registry)")
     node = registry.node_of(destination)
     if node is None:
-        return OutboundRoute(RouteKind.REJECT, source, destination, flag=F.FLAG_NO_ROUTE,
+        return OutboundRoute(RouteKind.REJECT, source, destination, flag=F.FLAG_NO_ROUTE, service=service,
                              reason=f"destination {destination.key} runs on unknown node {destination.node!r}")
-    return OutboundRoute(RouteKind.MESH, source, destination, (node.address, inbound_port))
+    return OutboundRoute(RouteKind.MESH, source, destination, (node.address, inbound_port), service=service,
+                         target_port=target_port)
 
 
 @dataclass(frozen=True)

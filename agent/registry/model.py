@@ -1,4 +1,8 @@
-"""Immutable registry snapshots: workloads (pods) and the nodes that host them.
+"""Immutable registry snapshots: workloads (pods), the nodes that host them, and Services.
+
+A Service (Kubernetes' meaning) is virtual addresses and ports in front of endpoints: workloads,
+each ready or not. Connects to a Service address and port are captured like pod addresses; the
+outbound proxy picks a ready endpoint (agent.proxy.balancer) and tunnels to it.
 
 Pure data and lookups; the data path reads one snapshot at a time and the control plane swaps in a
 new one atomically. Imports nothing from the outside world.
@@ -41,22 +45,81 @@ class Workload:
         return f"{self.namespace}/{self.name}"
 
 
+CLUSTER_DOMAIN = "cluster.local"  # Kubernetes' default; the host part of destination_service
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int         # what clients dial on the virtual address
+    target_port: int  # what the chosen endpoint serves on
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    workload: str      # namespace/name of a workload of the registry
+    ready: bool = True  # only ready endpoints receive new connections; open ones are never cut
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    namespace: str
+    addresses: tuple[str, ...]  # virtual addresses (ClusterIPs), IPv4 and/or IPv6
+    ports: tuple[ServicePort, ...]
+    endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def host(self) -> str:
+        """Istio's ``destination_service``: ``name.namespace.svc.cluster.local``."""
+        return f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
+
+    def target_port(self, port: int) -> int | None:
+        for p in self.ports:
+            if p.port == port:
+                return p.target_port
+        return None
+
+
 @dataclass(frozen=True)
 class Registry:
     trust_domain: str
     nodes: Mapping[str, Node] = field(default_factory=dict)
     workloads: tuple[Workload, ...] = ()
+    services: tuple[Service, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", MappingProxyType(dict(self.nodes)))
-        object.__setattr__(self, "_by_ip", MappingProxyType({w.ip: w for w in self.workloads}))
+        by_ip = {w.ip: w for w in self.workloads}
+        object.__setattr__(self, "_by_ip", MappingProxyType(by_ip))
+        by_key = {w.key: w for w in self.workloads}
+        # (address, port) -> (service, target port, ready endpoint workloads): resolved once per snapshot
+        frontends: dict[tuple[str, int], tuple[Service, int, tuple[Workload, ...]]] = {}
+        for service in self.services:
+            ready = tuple(by_key[e.workload] for e in service.endpoints if e.ready and e.workload in by_key)
+            for address in service.addresses:
+                for port in service.ports:
+                    frontends[(address, port.port)] = (service, port.target_port, ready)
+        object.__setattr__(self, "_frontends", MappingProxyType(frontends))
 
     @classmethod
-    def build(cls, trust_domain: str, nodes: Iterable[Node], workloads: Iterable[Workload]) -> "Registry":
-        return cls(trust_domain, {n.name: n for n in nodes}, tuple(workloads))
+    def build(cls, trust_domain: str, nodes: Iterable[Node], workloads: Iterable[Workload],
+              services: Iterable[Service] = ()) -> "Registry":
+        return cls(trust_domain, {n.name: n for n in nodes}, tuple(workloads), tuple(services))
 
     def by_ip(self, ip: str) -> Workload | None:
         return self._by_ip.get(ip)  # type: ignore[attr-defined]
+
+    def service_at(self, ip: str, port: int) -> tuple[Service, int, tuple[Workload, ...]] | None:
+        """The Service whose virtual address and port this is: (service, target port, ready endpoints)."""
+        return self._frontends.get((ip, port))  # type: ignore[attr-defined]
+
+    def service_frontends(self) -> tuple[tuple[str, int], ...]:
+        """Every (virtual address, port) of every Service: what the capture must treat as the mesh."""
+        return tuple(self._frontends)  # type: ignore[attr-defined]
 
     def local(self, node_name: str) -> tuple[Workload, ...]:
         return tuple(w for w in self.workloads if w.node == node_name)

@@ -33,7 +33,7 @@ def merge(base: Registry, added: Iterable[Workload]) -> Registry:
                               "each workload needs its own IP; delete the other one first")
         by_ip[workload.ip] = workload
     _no_nested_cgroups(workloads)
-    return Registry.build(base.trust_domain, base.nodes.values(), workloads)
+    return Registry.build(base.trust_domain, base.nodes.values(), workloads, base.services)
 
 
 def _no_nested_cgroups(workloads: list[Workload]) -> None:

@@ -8,12 +8,16 @@ Format (docs/registry.md says what each field means)::
     workloads:
       - {name: web-1, namespace: shop, service_account: web, ip: 10.77.1.10, node: node1,
          cgroup: /sys/fs/cgroup/unified/tcpmesh/shop/web-1}
+    services:                            # optional; virtual addresses in front of workloads
+      - {name: web, namespace: shop, addresses: [10.96.0.10], ports: [{port: 80, target_port: 8080}],
+         endpoints: [{workload: shop/web-1, ready: true}]}
 
 Every error names the file, the entry and the field. Reads a file; no other I/O.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ import yaml
 
 from agent.errors import ConfigError
 from agent.identity.spiffe import SpiffeIdError, validate_namespace, validate_service_account, validate_trust_domain
-from agent.registry.model import Node, Registry, Workload, is_ipv4
+from agent.registry.model import Endpoint, Node, Registry, Service, ServicePort, Workload, is_ipv4
 
 _NAME_FIELDS = ("name", "namespace", "service_account", "ip", "node")
 
@@ -43,10 +47,10 @@ def load_registry_file(path: str | Path, default_trust_domain: str) -> Registry:
 def parse_registry(doc: Any, default_trust_domain: str, source: str = "registry") -> Registry:
     if not isinstance(doc, dict):
         raise ConfigError(source, type(doc).__name__, "the registry must be a mapping with 'nodes' and 'workloads'")
-    unknown = set(doc) - {"trust_domain", "nodes", "workloads"}
+    unknown = set(doc) - {"trust_domain", "nodes", "workloads", "services"}
     if unknown:
         raise ConfigError(f"{source}: {sorted(unknown)[0]}", doc[sorted(unknown)[0]], "unknown top-level key",
-                          "allowed keys are trust_domain, nodes, workloads")
+                          "allowed keys are trust_domain, nodes, workloads, services")
     trust_domain = doc.get("trust_domain") or default_trust_domain
     try:
         validate_trust_domain(trust_domain)
@@ -61,7 +65,12 @@ def parse_registry(doc: Any, default_trust_domain: str, source: str = "registry"
     ]
     _no_duplicates([w.ip for w in workloads], f"{source}: workloads", "ip")
     _no_duplicates([w.key for w in workloads], f"{source}: workloads", "namespace/name")
-    return Registry.build(trust_domain, nodes, workloads)
+    workload_keys = {w.key for w in workloads}
+    services = [parse_service(entry, f"{source}: services[{i}]", workload_keys, {w.ip for w in workloads})
+                for i, entry in enumerate(_list(doc, "services", source))]
+    _no_duplicates([s.key for s in services], f"{source}: services", "namespace/name")
+    _no_duplicates([a for s in services for a in s.addresses], f"{source}: services", "address")
+    return Registry.build(trust_domain, nodes, workloads, services)
 
 
 def _list(doc: dict, key: str, source: str) -> list:
@@ -108,6 +117,79 @@ def parse_workload(entry: Any, where: str, trust_domain: str, node_names: set[st
         raise ConfigError(f"{where}.cgroup", cgroup, "must be an absolute path to a cgroup v2 directory")
     return Workload(entry["name"], entry["namespace"], entry["service_account"], entry["ip"], entry["node"],
                     cgroup, trust_domain)
+
+
+_SERVICE_FIELDS = ("name", "namespace", "addresses", "ports", "endpoints")
+
+
+def parse_service(entry: Any, where: str, workload_keys: set[str], workload_ips: set[str]) -> Service:
+    """One Service: virtual addresses (IPv4 or IPv6, none a workload's), ports with target ports,
+    endpoints naming workloads of the same registry. Errors name the field and the fix."""
+    if not isinstance(entry, dict):
+        raise ConfigError(where, entry, "a service must be a mapping",
+                          f"give {', '.join(_SERVICE_FIELDS)}")
+    unknown = set(entry) - set(_SERVICE_FIELDS)
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(f"{where}.{key}", entry[key], "unknown field", f"allowed fields are {', '.join(_SERVICE_FIELDS)}")
+    for key in ("name", "namespace"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise ConfigError(f"{where}.{key}", entry.get(key), "is required and must be a string")
+    try:
+        validate_namespace(entry["namespace"])
+        validate_namespace(entry["name"])  # the same DNS-label rules as a namespace
+    except SpiffeIdError as exc:
+        raise ConfigError(f"{where}.name", f"{entry['namespace']}/{entry['name']}", str(exc)) from exc
+    addresses = entry.get("addresses")
+    if not isinstance(addresses, list) or not addresses:
+        raise ConfigError(f"{where}.addresses", addresses, "is required: a list of virtual IP addresses",
+                          "e.g. addresses: [10.96.0.10] (IPv4 and/or IPv6)")
+    parsed_addresses = []
+    for i, address in enumerate(addresses):
+        try:
+            parsed = ipaddress.ip_address(address)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{where}.addresses[{i}]", address, "is not an IP address",
+                              "give one IPv4 or IPv6 address per entry, no prefix") from None
+        if str(parsed) in workload_ips:
+            raise ConfigError(f"{where}.addresses[{i}]", address, "is a workload's IP",
+                              "a Service needs its own virtual address (a ClusterIP), never a pod's")
+        parsed_addresses.append(str(parsed))
+    ports = entry.get("ports")
+    if not isinstance(ports, list) or not ports:
+        raise ConfigError(f"{where}.ports", ports, "is required: a list of {port, target_port}",
+                          "e.g. ports: [{port: 5432, target_port: 5432}]")
+    parsed_ports = []
+    for i, port in enumerate(ports):
+        here = f"{where}.ports[{i}]"
+        if not isinstance(port, dict) or set(port) - {"port", "target_port"}:
+            raise ConfigError(here, port, "must be a mapping with port and target_port",
+                              "e.g. {port: 80, target_port: 8080}")
+        for key in ("port", "target_port"):
+            value = port.get(key, port.get("port") if key == "target_port" else None)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+                raise ConfigError(f"{here}.{key}", value, "must be a port number 1-65535",
+                                  "target_port defaults to port")
+        parsed_ports.append(ServicePort(port["port"], port.get("target_port", port["port"])))
+    _no_duplicates([str(p.port) for p in parsed_ports], f"{where}.ports", "port")
+    parsed_endpoints = []
+    for i, endpoint in enumerate(entry.get("endpoints") or []):
+        here = f"{where}.endpoints[{i}]"
+        if isinstance(endpoint, str):
+            endpoint = {"workload": endpoint}
+        if not isinstance(endpoint, dict) or set(endpoint) - {"workload", "ready"}:
+            raise ConfigError(here, endpoint, "must be a workload's namespace/name or {workload, ready}",
+                              "e.g. {workload: shop/web-1, ready: true}")
+        if endpoint.get("workload") not in workload_keys:
+            raise ConfigError(f"{here}.workload", endpoint.get("workload"), "names no workload of the registry",
+                              "give namespace/name of a workload listed under workloads")
+        ready = endpoint.get("ready", True)
+        if not isinstance(ready, bool):
+            raise ConfigError(f"{here}.ready", ready, "must be true or false")
+        parsed_endpoints.append(Endpoint(endpoint["workload"], ready))
+    _no_duplicates([e.workload for e in parsed_endpoints], f"{where}.endpoints", "workload")
+    return Service(entry["name"], entry["namespace"], tuple(parsed_addresses), tuple(parsed_ports),
+                   tuple(parsed_endpoints))
 
 
 def _no_duplicates(values: list[str], where: str, what: str) -> None:

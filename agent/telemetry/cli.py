@@ -62,6 +62,9 @@ def format_line(record: dict, now: float, state: str | None = None) -> str:
     destination = f"{record['destination_namespace']}/{record['destination_workload']}:{record['destination_port']}"
     if record["destination_workload"] == "unknown":
         destination = f"{record['destination_ip']}:{record['destination_port']}"
+    service = record.get("destination_service_name", "unknown")
+    if service != "unknown":  # dialled a Service: show it before the endpoint the proxy chose
+        destination = f"svc/{record['destination_service_namespace']}/{service}→{destination}"
     flags = record["response_flags"]
     if record.get("policy"):
         flags += f" policy={record['policy']}"

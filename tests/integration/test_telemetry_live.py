@@ -27,6 +27,8 @@ NODE1, NODE2 = "127.0.0.21", "127.0.0.22"
 CLIENT_IP, SERVER_IP = "127.0.3.1", "127.0.4.1"
 SOURCE = f"spiffe://{TD}/ns/shop/sa/web"
 DESTINATION = f"spiffe://{TD}/ns/data/sa/postgres"
+NO_SERVICE = {"destination_service": "unknown", "destination_service_name": "unknown",
+              "destination_service_namespace": "unknown"}  # a pod address, not a Service
 
 
 def free_port(host: str) -> int:
@@ -52,7 +54,7 @@ class Node:
                   "source_workload": "web", "source_workload_namespace": "shop", "source_principal": SOURCE,
                   "destination_workload": "db", "destination_workload_namespace": "data",
                   "destination_principal": DESTINATION, "connection_security_policy": "mutual_tls",
-                  "response_flags": "-"}
+                  "response_flags": "-", **NO_SERVICE}
         return self.metrics.registry.get_sample_value(f"tcpmesh_tcp_{direction}_bytes_total", labels) or 0.0
 
 
@@ -103,7 +105,7 @@ async def run_live(tmp_path) -> None:
             "tcpmesh_tcp_open_connections", {"reporter": "source", "source_workload": "web",
                                              "source_workload_namespace": "shop", "source_principal": SOURCE,
                                              "destination_workload": "db", "destination_workload_namespace": "data",
-                                             "destination_principal": DESTINATION,
+                                             "destination_principal": DESTINATION, **NO_SERVICE,
                                              "connection_security_policy": "mutual_tls"}) == 1
         writer.write_eof()
         assert await reader.read() == b""

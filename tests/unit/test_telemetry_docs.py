@@ -47,3 +47,11 @@ def test_every_exported_metric_is_documented_in_telemetry_md():
     doc = DOC.read_text()
     missing = sorted(name for name in exported_names() if f"`{name}`" not in doc)
     assert not missing, f"docs/telemetry.md does not document (as `name`): {', '.join(missing)}"
+
+
+def test_every_flow_label_is_documented_in_telemetry_md():
+    from agent.connection.flow import METRIC_LABELS
+
+    doc = DOC.read_text()
+    missing = [label for label in METRIC_LABELS if f"`{label}`" not in doc]
+    assert not missing, f"docs/telemetry.md does not document the flow label(s) {', '.join(missing)}"

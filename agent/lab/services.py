@@ -1,0 +1,120 @@
+"""The lab's Services: virtual addresses in front of lab pods, as in a cluster.
+
+``lab_service_set`` / ``lab_service_del`` / ``lab_services`` keep the lab's Services in
+``<state_dir>/services.json`` and write them into the registry file's ``services:`` section (the
+agents poll it), after checking the whole new registry with the agent's own parser (a bad Service is
+refused naming the field; nothing is half-applied). Every node netns also gets kube-proxy-like
+nftables rules (table ``ip tcpmesh_services``, replaced whole): DNAT from each virtual address and
+port to the ready endpoints, so pods that are not meshed still reach a Service; a Service with no
+ready endpoint is answered with a TCP reset. Meshed pods never hit these rules: their connect is
+captured before a packet leaves. IPv4 only (the lab's address plan is IPv4).
+
+Imports the lab's plan and files, the registry parser and nsenter; runs `nft` in node netns only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Any, Sequence
+
+import yaml
+
+from agent.lab import files
+from agent.lab.errors import LabError
+from agent.lab.topology import LabPlan
+from agent.registry.static_file import parse_registry
+
+SERVICES_FILE = "services.json"
+NFT_TABLE = "tcpmesh_services"
+
+
+def services_path(plan: LabPlan) -> str:
+    return os.path.join(plan.state_dir, SERVICES_FILE)
+
+
+def read_services(plan: LabPlan) -> list[dict[str, Any]]:
+    try:
+        with open(services_path(plan)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return []
+
+
+def service_document(plan: LabPlan, name: str, addresses: Sequence[str], ports: Sequence[tuple[int, int]],
+                     endpoints: Sequence[tuple[str, bool]], namespace: str | None = None) -> dict[str, Any]:
+    """A registry ``services:`` entry from lab pod names (n1p2) and (port, target port) pairs."""
+    workloads = []
+    for pod_name, ready in endpoints:
+        try:
+            pod = plan.pod(pod_name)
+        except (KeyError, LabError) as exc:
+            raise LabError(f"service {name}: endpoint {pod_name!r} is not a pod of lab {plan.name} "
+                           f"(pods: {', '.join(p.name for p in plan.pods)})") from exc
+        workloads.append({"workload": f"{pod.namespace}/{pod.name}", "ready": ready})
+    return {"name": name, "namespace": namespace or plan.namespace, "addresses": list(addresses),
+            "ports": [{"port": p, "target_port": t} for p, t in ports], "endpoints": workloads}
+
+
+def lab_service_set(plan: LabPlan, service: dict[str, Any]) -> None:
+    """Add ``service`` or replace the one of the same namespace/name (e.g. to turn an endpoint not ready)."""
+    key = (service["namespace"], service["name"])
+    others = [s for s in read_services(plan) if (s["namespace"], s["name"]) != key]
+    _apply(plan, others + [service])
+
+
+def lab_service_del(plan: LabPlan, name: str, namespace: str | None = None) -> None:
+    key = (namespace or plan.namespace, name)
+    current = read_services(plan)
+    kept = [s for s in current if (s["namespace"], s["name"]) != key]
+    if len(kept) == len(current):
+        raise LabError(f"lab {plan.name} has no service {key[0]}/{key[1]} (see `tcpmesh lab service list`)")
+    _apply(plan, kept)
+
+
+def registry_with_services(plan: LabPlan, services: list[dict[str, Any]]) -> dict[str, Any]:
+    doc = files.registry_document(plan)
+    if services:
+        doc["services"] = services
+    return doc
+
+
+def nft_ruleset(plan: LabPlan, services: list[dict[str, Any]]) -> str:
+    """The node netns' kube-proxy stand-in, replacing the previous one in one nft transaction (pure)."""
+    ips = {f"{p.namespace}/{p.name}": p.ip for p in plan.pods}
+    rules = []
+    for service in services:
+        ready = [ips[e["workload"]] for e in service["endpoints"] if e.get("ready", True)]
+        for address in service["addresses"]:
+            for port in service["ports"]:
+                match = f"ip daddr {address} tcp dport {port['port']}"
+                if not ready:
+                    rules.append(f"    {match} reject with tcp reset")
+                    continue
+                targets = ", ".join(f"{i} : {ip}" for i, ip in enumerate(ready))
+                rules.append(f"    {match} dnat to numgen inc mod {len(ready)} map {{ {targets} }} : "
+                             f"{port['target_port']}")
+    return (f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
+            f"table ip {NFT_TABLE} {{\n  chain prerouting {{\n"
+            f"    type nat hook prerouting priority dstnat; policy accept;\n" + "\n".join(rules) + "\n  }\n}\n")
+
+
+def _apply(plan: LabPlan, services: list[dict[str, Any]]) -> None:
+    doc = registry_with_services(plan, services)
+    parse_registry(doc, plan.trust_domain, source=f"lab {plan.name} services")  # ConfigError names the field
+    ruleset = nft_ruleset(plan, services)
+    for node in plan.nodes:
+        done = subprocess.run(["ip", "netns", "exec", node.netns, "nft", "-f", "-"], input=ruleset, text=True,
+                              capture_output=True, timeout=30)
+        if done.returncode != 0:
+            raise LabError(f"nft in {node.netns} refused the service rules: {done.stderr.strip()}")
+    _write(services_path(plan), json.dumps(services, indent=2) + "\n")
+    _write(plan.registry_file, yaml.safe_dump(doc, sort_keys=False))
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
