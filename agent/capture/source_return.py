@@ -13,7 +13,7 @@ forward to the client's own node. Two kernel objects bring the answers back to t
 ``SourceReturn`` is driven like a capture mode, independently of which one runs: ``start()`` has
 the loader child compile the program and hand its fd back, then installs the steering objects;
 ``attach(w)``/``detach(w)`` follow the node's workloads; ``stop()`` removes its filters and the
-steering objects, ``close()`` (what the agent does at exit) leaves them: they are inert without the
+steering objects (what an orderly stop of the agent does), ``close()`` leaves them: they are inert without the
 proxy's marked sockets, the next start replaces them, and `tcpmesh cleanup` finds them (every tc
 filter named tcpmesh* and the steering objects, agent.capture.tc_mode.cleanup_leftovers). The netlink calls run in a
 short-lived child (agent.capture.source_return_child, the program fd inherited), so the agent never
@@ -185,13 +185,16 @@ class WithSourceReturn:
             self.capture.detach(workload)
 
     def stop(self) -> None:
-        """The mode's own stop; the return path stays in place (inert without the agent's marked
-        sockets, replaced at the next start, removed by `tcpmesh cleanup`) — no netlink child at exit."""
+        """The mode's own stop, then the return path's filters and steering objects are removed (one
+        netlink child): an orderly stop leaves nothing of it, whatever the mode keeps for failing closed
+        (ebpf-connect's capture stays; ebpf-tc and iptables leave no filter or rule at all). A killed
+        agent leaves them, inert without its marked sockets; the next start replaces them and
+        `tcpmesh cleanup` removes them."""
         try:
             self.capture.stop()
         finally:
             if self.source is not None:
-                self.source.close()
+                self.source.stop()
 
     def counters(self) -> dict[str, int]:
         return self.capture.counters()
