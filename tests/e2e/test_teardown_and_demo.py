@@ -101,10 +101,14 @@ def test_sigterm_exits_zero_leaves_capture_closed_and_cleanup_removes_it(bpf_cap
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"agent exit status {status:#x}"
         assert "tcpmesh_conn4" in show(), "an orderly stop must leave capture in place (fail closed)"
         assert "agent stopped" in open(node.log_file).read()
-        probe = ("import socket, sys\ns = socket.socket(); s.settimeout(3)\n"
-                 "try:\n    s.connect(('10.77.1.99', 7000)); print('connected')\n"
+        # A mesh destination (only those are captured): the pod's own address, where the probe itself
+        # listens, so a connect that escaped capture would say 'connected'.
+        probe = ("import socket, sys\nip = sys.argv[1]\n"
+                 "l = socket.socket(); l.bind((ip, 7000)); l.listen()\n"
+                 "s = socket.socket(); s.settimeout(3)\n"
+                 "try:\n    s.connect((ip, 7000)); print('connected')\n"
                  "except OSError as e:\n    print(e.errno)")
-        out = labops.lab_exec(name, pod.name, [sys.executable, "-c", probe], stdout=subprocess.PIPE,
+        out = labops.lab_exec(name, pod.name, [sys.executable, "-c", probe, pod.ip], stdout=subprocess.PIPE,
                               text=True).communicate(timeout=10)[0].strip()
         assert out == str(errno.ECONNREFUSED), f"a captured connect with no agent must be refused, got {out!r}"
 
