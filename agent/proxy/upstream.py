@@ -13,6 +13,7 @@ Imports no capture or telemetry module: the composition root hands the mark in.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import Callable, TypeVar
 
@@ -75,6 +76,11 @@ async def connect(loop: asyncio.AbstractEventLoop, factory: Callable[[], P], des
     try:
         await loop.sock_connect(sock, (dest_ip, dest_port))
         _, leg = await loop.create_connection(factory, sock=sock)
+    except OSError as exc:
+        sock.close()
+        if exc.errno:  # say why, as create_connection does ("Connection refused"), not "Connect call failed"
+            raise OSError(exc.errno, os.strerror(exc.errno)) from None
+        raise
     except BaseException:
         sock.close()
         raise
