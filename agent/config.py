@@ -116,6 +116,9 @@ class CaptureConfig:
     # The part of the cgroup tree `tcpmesh cleanup` searches for tcpmesh programs. Empty: cgroup_root
     # (the whole node); the lab sets its node's subtree so labs on one host stay apart.
     cgroup_scope: str = ""
+    # ebpf-connect: mesh IPv6 (dual stack). false: a TCP connect to a workload's IPv6 address fails
+    # with EPERM at connect() — never plaintext (docs/capture-connect.md, "Dual stack").
+    ipv6: bool = True
 
 
 SOURCE_ADDRESS_CHOICES = ("auto", "pod", "node")

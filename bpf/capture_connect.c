@@ -6,7 +6,8 @@
  *                                       original destination + pid/uid/cgroup/comm recorded in the
  *                                       socket's slot (tcpmesh_sock_slots, by cookie)
  *   cgroup/connect6     (pod cgroups)   the same for v4-mapped destinations of dual-stack AF_INET6
- *                                       sockets (JVM, Go, ...): ::ffff:REDIR_IP:REDIR_PORT
+ *                                       sockets (JVM, Go, ...) and for native IPv6 destinations in
+ *                                       the mesh: both go to ::ffff:REDIR_IP:REDIR_PORT
  *   sockops             (pod cgroups)   at ACTIVE_ESTABLISHED the record is published with the
  *                                       connection's peer key (client ip/port + both ISNs) in its
  *                                       hand-over slot; at TCP_CLOSE of a captured socket the
@@ -15,8 +16,9 @@
  *                                       once, from the record with the accepted socket's key
  *   cgroup/getpeername4/6 (pod cgroups) the app sees the destination it asked for
  *   sockops             (proxy cgroup)  tcpmesh_pxops: records the inbound proxy's connections to pods
- *   cgroup_skb/ingress  (pod cgroups)   tcpmesh_inb4: a SYN into the pod that is not from the inbound
- *                                       proxy is dropped (STRICT pod) or let in (PERMISSIVE), counted
+ *   cgroup_skb/ingress  (pod cgroups)   tcpmesh_inb4 / tcpmesh_inb6: a SYN into the pod (IPv4 / IPv6)
+ *                                       that is not from the inbound proxy is dropped (STRICT pod) or
+ *                                       let in (PERMISSIVE), counted
  *   cgroup/connect4/6   (pods cgroup,   the node guard: a TCP connect from a pod cgroup below it
  *    tcpmesh_guard4/6    the ancestor    that no pod hook handled (not captured yet) is refused,
  *                        of every pod)   except to loopback and the redirect address
@@ -37,6 +39,7 @@
 #include <uapi/linux/errno.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include "tcpmesh_abi.h"
 #include "lib/maps.h"
 #include "lib/capture_policy.h"
@@ -260,15 +263,16 @@ static __always_inline struct tcpmesh_origin *tcpmesh_origin_of(__u64 cookie)
 
 /* connect4/6: the origin goes into the socket's slot (no hashing, no allocation), or under its
  * cookie into a preallocated LRU. A later captured connect() of the same socket overwrites it. */
-static __always_inline int tcpmesh_record_origin(struct bpf_sock_addr *ctx, __u32 dst, __u64 cookie)
+static __always_inline int tcpmesh_record_origin(struct bpf_sock_addr *ctx, __u32 dst, const __u32 *dst6,
+						 __u64 cookie)
 {
 	struct tcpmesh_sock_slot *slot = tcpmesh_take_slot(cookie);
 	struct tcpmesh_origin origin = {};
 
 	if (slot) {
-		tcpmesh_fill_origin(ctx, dst, cookie, &slot->origin);
+		tcpmesh_fill_origin(ctx, dst, dst6, cookie, &slot->origin);
 	} else {
-		tcpmesh_fill_origin(ctx, dst, cookie, &origin);
+		tcpmesh_fill_origin(ctx, dst, dst6, cookie, &origin);
 		if (tcpmesh_cookie_origin.update(&cookie, &origin) != 0) {
 			tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
 			return -ENOMEM;
@@ -293,6 +297,7 @@ static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, in
 						   __u64 cookie)
 {
 	__u32 addr[4] = {dst, 0, 0, 0};
+	__u32 no_ip6[4] = {};
 
 	if (verdict == TCPMESH_R_CAPTURED)
 		verdict = tcpmesh_cidr_verdict(dst);
@@ -304,12 +309,47 @@ static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, in
 		tcpmesh_count(verdict);
 		return TCPMESH_ALLOW;
 	}
-	if (tcpmesh_record_origin(ctx, dst, cookie) != 0)
+	if (tcpmesh_record_origin(ctx, dst, no_ip6, cookie) != 0)
 		return TCPMESH_DENY;
 	tcpmesh_redirect(ctx, mapped);
 	tcpmesh_count(TCPMESH_R_CAPTURED);
 	if (mapped)
 		tcpmesh_count(TCPMESH_R_V4MAPPED);
+	return TCPMESH_ALLOW;
+}
+
+/* connect6, a native IPv6 destination: the same decision as tcpmesh_capture_connect, by the mesh
+ * map alone (the capture CIDRs are IPv4). Captured, it goes to ::ffff:REDIR_IP:REDIR_PORT like a
+ * v4-mapped one (the proxy listens on IPv4; an IPV6_V6ONLY socket then fails at connect(): closed,
+ * never plaintext) with the IPv6 destination in its record; with IPv6 meshing off (the node's
+ * tcpmesh_settings) a destination in the mesh is refused. */
+static __always_inline int tcpmesh_capture_connect6(struct bpf_sock_addr *ctx, __u64 cookie)
+{
+	__u32 addr[4] = {*(volatile __u32 *)&ctx->user_ip6[0], *(volatile __u32 *)&ctx->user_ip6[1],
+			 *(volatile __u32 *)&ctx->user_ip6[2], *(volatile __u32 *)&ctx->user_ip6[3]};
+	int zero = 0;
+	struct tcpmesh_settings *settings;
+
+	if (!tcpmesh_is_tcp(ctx->type, ctx->protocol)) {
+		tcpmesh_count(TCPMESH_R_NOT_TCP);
+		return TCPMESH_ALLOW;
+	}
+	if (tcpmesh_ip6_local(addr)) {
+		tcpmesh_count(TCPMESH_R_LOOPBACK);
+		return TCPMESH_ALLOW;
+	}
+	if (tcpmesh_mesh_verdict(TCPMESH_DST_INET6, addr, (__u16)ctx->user_port) != TCPMESH_R_CAPTURED)
+		return tcpmesh_outside_mesh(ctx, TCPMESH_DST_INET6, addr);
+	settings = tcpmesh_settings.lookup(&zero);
+	if (!settings || (settings->flags & TCPMESH_SETTING_IPV6_OFF)) {
+		tcpmesh_count(TCPMESH_R_IPV6_REFUSED);
+		return TCPMESH_DENY;
+	}
+	if (tcpmesh_record_origin(ctx, 0, addr, cookie) != 0)
+		return TCPMESH_DENY;
+	tcpmesh_redirect(ctx, 1);
+	tcpmesh_count(TCPMESH_R_CAPTURED);
+	tcpmesh_count(TCPMESH_R_CAPTURED6);
 	return TCPMESH_ALLOW;
 }
 
@@ -416,6 +456,11 @@ static __always_inline void tcpmesh_forget_closed(struct bpf_sock_ops *skops)
 /* getsockopt on the proxy's accepted socket: the record of exactly this connection (the key holds
  * both handshake sequence numbers), answered once: the entry is deleted with the answer, so it can
  * neither answer for another connection nor stay behind. A short buffer consumes nothing. */
+static __always_inline int tcpmesh_answered(int reason)
+{
+	return reason != TCPMESH_R_OPTLEN_SHORT && reason != TCPMESH_R_FAMILY_MISMATCH;
+}
+
 static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
 {
 	struct tcpmesh_peer_key key = {};
@@ -431,10 +476,10 @@ static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
 	if (slot) {
 		reason = tcpmesh_answer(ctx, &slot->origin);
 		tcpmesh_count(reason);
-		/* a short buffer consumes nothing: READY again for the next question */
+		/* a short buffer or the wrong family consumes nothing: READY again for the next question */
 		__sync_val_compare_and_swap(&slot->state, TCPMESH_HO_ANSWERING,
-					    reason == TCPMESH_R_OPTLEN_SHORT ? TCPMESH_HO_READY : TCPMESH_HO_FREE);
-		if (reason != TCPMESH_R_OPTLEN_SHORT)
+					    tcpmesh_answered(reason) ? TCPMESH_HO_FREE : TCPMESH_HO_READY);
+		if (tcpmesh_answered(reason))
 			tcpmesh_count(TCPMESH_R_ORIGIN_CLAIMED);
 		return;
 	}
@@ -445,7 +490,7 @@ static __always_inline void tcpmesh_answer_sockopt(struct bpf_sockopt *ctx)
 	}
 	reason = tcpmesh_answer(ctx, origin);
 	tcpmesh_count(reason);
-	if (reason != TCPMESH_R_OPTLEN_SHORT && tcpmesh_peer_origin.delete(&key) == 0)
+	if (tcpmesh_answered(reason) && tcpmesh_peer_origin.delete(&key) == 0)
 		tcpmesh_count(TCPMESH_R_ORIGIN_CLAIMED);
 }
 
@@ -460,7 +505,10 @@ static __always_inline void tcpmesh_show_original_peer(struct bpf_sock_addr *ctx
 	origin = tcpmesh_origin_of(cookie);
 	if (!origin)
 		return;
-	tcpmesh_set_peer(ctx, mapped, origin->dst_ip4, origin->dst_port);
+	if (mapped && tcpmesh_origin_is_ip6(origin))
+		tcpmesh_set_peer6(ctx, origin->dst_ip6, origin->dst_port);
+	else
+		tcpmesh_set_peer(ctx, mapped, origin->dst_ip4, origin->dst_port);
 	tcpmesh_count(TCPMESH_R_PEERNAME_REWRITTEN);
 }
 
@@ -519,33 +567,53 @@ static __always_inline __u64 tcpmesh_sk_workload(struct bpf_sock *sk, __u32 **mo
 	return bpf_sk_cgroup_id(sk);
 }
 
-/* TCP SYN (not SYN-ACK) into a pod from outside the mesh: count it, and say whether to drop it. */
-static __always_inline int tcpmesh_inbound_verdict(struct __sk_buff *skb)
+static __always_inline void tcpmesh_proxy_conn_key6(struct bpf_sock_ops *skops, struct tcpmesh_flow6 *key)
 {
-	struct iphdr iph;
-	__u8 tcp[14];
-	struct tcpmesh_flow4 key = {};
+	key->saddr[0] = *(volatile __u32 *)&skops->local_ip6[0]; /* 4-byte ctx loads: clang would merge two */
+	key->saddr[1] = *(volatile __u32 *)&skops->local_ip6[1];
+	key->saddr[2] = *(volatile __u32 *)&skops->local_ip6[2];
+	key->saddr[3] = *(volatile __u32 *)&skops->local_ip6[3];
+	key->daddr[0] = *(volatile __u32 *)&skops->remote_ip6[0];
+	key->daddr[1] = *(volatile __u32 *)&skops->remote_ip6[1];
+	key->daddr[2] = *(volatile __u32 *)&skops->remote_ip6[2];
+	key->daddr[3] = *(volatile __u32 *)&skops->remote_ip6[3];
+	key->sport = bpf_htons((__u16)skops->local_port);
+	key->dport = bpf_htons(tcpmesh_remote_port(skops));
+}
+
+/* The same for the inbound proxy's IPv6 connections (tcpmesh_pxconn6). */
+static __always_inline void tcpmesh_record_proxy_conn6(struct bpf_sock_ops *skops)
+{
+	struct tcpmesh_flow6 key = {};
+	__u32 one = 1;
+
+	tcpmesh_proxy_conn_key6(skops, &key);
+	if (tcpmesh_pxconn6.update(&key, &one) != 0) {
+		tcpmesh_count(TCPMESH_R_MAP_UPDATE_FAILED);
+		return;
+	}
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	tcpmesh_count(TCPMESH_R_PROXY_CONN);
+}
+
+static __always_inline void tcpmesh_forget_proxy_conn6(struct bpf_sock_ops *skops)
+{
+	struct tcpmesh_flow6 key = {};
+
+	tcpmesh_proxy_conn_key6(skops, &key);
+	tcpmesh_pxconn6.delete(&key);
+}
+
+/* A SYN into a pod that did not come through the inbound proxy (either family): count it, and say
+ * whether to drop it (the receiving socket's workload is STRICT). */
+static __always_inline int tcpmesh_plaintext_syn(struct __sk_buff *skb)
+{
 	struct tcpmesh_plaintext zero = {};
 	struct tcpmesh_plaintext *counts;
 	struct bpf_sock *sk;
 	__u32 *mode;
 	__u64 cgroup;
 
-	if (skb->protocol != bpf_htons(0x0800) || bpf_skb_load_bytes(skb, 0, &iph, sizeof(iph)) != 0)
-		return TCPMESH_ALLOW;
-	if (iph.protocol != IPPROTO_TCP || iph.ihl < 5 ||
-	    bpf_skb_load_bytes(skb, iph.ihl * 4, tcp, sizeof(tcp)) != 0)
-		return TCPMESH_ALLOW;
-	if ((tcp[13] & 0x12) != 0x02) /* SYN without ACK: a new connection into the pod */
-		return TCPMESH_ALLOW;
-	if (iph.saddr == iph.daddr || (bpf_ntohl(iph.saddr) >> 24) == 127)
-		return TCPMESH_ALLOW; /* the pod talking to itself */
-	key.saddr = iph.saddr;
-	key.daddr = iph.daddr;
-	__builtin_memcpy(&key.sport, &tcp[0], 2);
-	__builtin_memcpy(&key.dport, &tcp[2], 2);
-	if (tcpmesh_proxy_conns.lookup(&key))
-		return TCPMESH_ALLOW; /* through the inbound proxy: mTLS on the wire */
 	sk = skb->sk;
 	if (!sk)
 		return TCPMESH_ALLOW;
@@ -566,6 +634,78 @@ static __always_inline int tcpmesh_inbound_verdict(struct __sk_buff *skb)
 	return TCPMESH_ALLOW;
 }
 
+/* TCP SYN (not SYN-ACK) into a pod from outside the mesh: count it, and say whether to drop it. */
+static __always_inline int tcpmesh_inbound_verdict(struct __sk_buff *skb)
+{
+	struct iphdr iph;
+	__u8 tcp[14];
+	struct tcpmesh_flow4 key = {};
+
+	if (skb->protocol != bpf_htons(0x0800) || bpf_skb_load_bytes(skb, 0, &iph, sizeof(iph)) != 0)
+		return TCPMESH_ALLOW;
+	if (iph.protocol != IPPROTO_TCP || iph.ihl < 5 ||
+	    bpf_skb_load_bytes(skb, iph.ihl * 4, tcp, sizeof(tcp)) != 0)
+		return TCPMESH_ALLOW;
+	if ((tcp[13] & 0x12) != 0x02) /* SYN without ACK: a new connection into the pod */
+		return TCPMESH_ALLOW;
+	if (iph.saddr == iph.daddr || (bpf_ntohl(iph.saddr) >> 24) == 127)
+		return TCPMESH_ALLOW; /* the pod talking to itself */
+	key.saddr = iph.saddr;
+	key.daddr = iph.daddr;
+	__builtin_memcpy(&key.sport, &tcp[0], 2);
+	__builtin_memcpy(&key.dport, &tcp[2], 2);
+	if (tcpmesh_proxy_conns.lookup(&key))
+		return TCPMESH_ALLOW; /* through the inbound proxy: mTLS on the wire */
+	return tcpmesh_plaintext_syn(skb);
+}
+
+/* The same for IPv6. Extension headers (hop-by-hop, routing, destination options; a reassembled
+ * packet has no fragment header left) are walked, up to TCPMESH_IP6_EXT_MAX of them; a packet whose
+ * TCP header lies beyond them cannot be read, so for a STRICT pod it is treated as a plaintext SYN
+ * (dropped): an extension header must never be a way in. */
+#define TCPMESH_IP6_EXT_MAX 4
+static __always_inline int tcpmesh_inbound_verdict6(struct __sk_buff *skb)
+{
+	struct ipv6hdr ip6;
+	__u8 ext[2];
+	__u8 tcp[14];
+	__u32 off = sizeof(ip6);
+	__u8 next;
+	struct tcpmesh_flow6 key = {};
+
+	if (skb->protocol != bpf_htons(0x86DD) || bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) != 0)
+		return TCPMESH_ALLOW;
+	next = ip6.nexthdr;
+#pragma unroll
+	for (int i = 0; i < TCPMESH_IP6_EXT_MAX; i++) {
+		if (next != 0 && next != 43 && next != 60 && next != 44)
+			break;
+		if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)) != 0)
+			return tcpmesh_plaintext_syn(skb); /* unreadable: never let it pass a STRICT pod */
+		off += next == 44 ? 8 : ((__u32)ext[1] + 1) * 8;
+		next = ext[0];
+	}
+	if (next == 0 || next == 43 || next == 60 || next == 44)
+		return tcpmesh_plaintext_syn(skb); /* more extension headers than we walk */
+	if (next != IPPROTO_TCP)
+		return TCPMESH_ALLOW;
+	if (bpf_skb_load_bytes(skb, off, tcp, sizeof(tcp)) != 0)
+		return tcpmesh_plaintext_syn(skb);
+	if ((tcp[13] & 0x12) != 0x02) /* SYN without ACK: a new connection into the pod */
+		return TCPMESH_ALLOW;
+	__builtin_memcpy(key.saddr, &ip6.saddr, 16);
+	__builtin_memcpy(key.daddr, &ip6.daddr, 16);
+	if ((key.saddr[0] == key.daddr[0] && key.saddr[1] == key.daddr[1] && key.saddr[2] == key.daddr[2] &&
+	     key.saddr[3] == key.daddr[3]) ||
+	    (key.saddr[0] == 0 && key.saddr[1] == 0 && key.saddr[2] == 0 && key.saddr[3] == bpf_htonl(1)))
+		return TCPMESH_ALLOW; /* the pod talking to itself */
+	__builtin_memcpy(&key.sport, &tcp[0], 2);
+	__builtin_memcpy(&key.dport, &tcp[2], 2);
+	if (tcpmesh_pxconn6.lookup(&key))
+		return TCPMESH_ALLOW; /* through the inbound proxy: mTLS on the wire */
+	return tcpmesh_plaintext_syn(skb);
+}
+
 /* ---- hooks ------------------------------------------------------------------------------------ */
 
 /*
@@ -583,8 +723,8 @@ int tcpmesh_conn4(struct bpf_sock_addr *ctx)
 }
 
 /*
- * cgroup/connect6 — FAIL-CLOSED, as connect4, for v4-mapped destinations. Native IPv6 passes
- * untouched: the mesh is IPv4 (docs/capture.md).
+ * cgroup/connect6 — FAIL-CLOSED, as connect4, for v4-mapped destinations and for native IPv6 ones
+ * in the mesh (captured, or refused when IPv6 meshing is off: never plaintext).
  */
 int tcpmesh_conn6(struct bpf_sock_addr *ctx)
 {
@@ -592,10 +732,8 @@ int tcpmesh_conn6(struct bpf_sock_addr *ctx)
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	tcpmesh_mark_seen(cookie);
-	if (tcpmesh_v4_mapped(ctx, &dst) != 0) {
-		tcpmesh_count(TCPMESH_R_IPV6);
-		return TCPMESH_ALLOW;
-	}
+	if (tcpmesh_v4_mapped(ctx, &dst) != 0)
+		return tcpmesh_capture_connect6(ctx, cookie);
 	return tcpmesh_capture_connect(ctx, tcpmesh_fixed_verdict(ctx->type, ctx->protocol, dst), dst, 1, cookie);
 }
 
@@ -677,15 +815,24 @@ int tcpmesh_guard6(struct bpf_sock_addr *ctx)
  */
 int tcpmesh_pxops(struct bpf_sock_ops *skops)
 {
-	if (skops->family != 2 /* AF_INET */)
+	__u32 family = skops->family;
+
+	if (family != 2 /* AF_INET */ && family != 10 /* AF_INET6 */)
 		return 1;
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		tcpmesh_record_proxy_conn(skops);
+		if (family == 2)
+			tcpmesh_record_proxy_conn(skops);
+		else
+			tcpmesh_record_proxy_conn6(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE)
+		if (skops->args[1] != BPF_TCP_CLOSE)
+			break;
+		if (family == 2)
 			tcpmesh_forget_proxy_conn(skops);
+		else
+			tcpmesh_forget_proxy_conn6(skops);
 		break;
 	}
 	return 1;
@@ -699,4 +846,12 @@ int tcpmesh_pxops(struct bpf_sock_ops *skops)
 int tcpmesh_inb4(struct __sk_buff *skb)
 {
 	return tcpmesh_inbound_verdict(skb);
+}
+
+/* cgroup_skb/ingress on pod cgroups — the same for IPv6 SYNs (beside tcpmesh_inb4: each passes the
+ * other family's packets untouched); FAIL-CLOSED for a STRICT pod also when the TCP header cannot
+ * be found behind extension headers. */
+int tcpmesh_inb6(struct __sk_buff *skb)
+{
+	return tcpmesh_inbound_verdict6(skb);
 }

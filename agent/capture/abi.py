@@ -12,13 +12,19 @@ import ipaddress
 import socket
 import struct
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 # The first ABI version whose struct tcpmesh_origin has OriginStruct's layout: records of versions
 # ORIGIN_LAYOUT_SINCE..ABI_VERSION are read alike (an upgrade's previous set may still answer).
-ORIGIN_LAYOUT_SINCE = 3
+ORIGIN_LAYOUT_SINCE = 6
+# Records of ORIGIN_LEGACY_SINCE..ORIGIN_LAYOUT_SINCE-1 are the first ORIGIN_LEGACY_SIZE bytes of
+# OriginStruct (no dst_ip6): read alike, as IPv4 records.
+ORIGIN_LEGACY_SINCE = 3
+ORIGIN_LEGACY_SIZE = 48
 
 SOL_IP = 0
+SOL_IPV6 = 41
 SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80  # at SOL_IPV6
 # tcpmesh's own getsockopt option at level SOL_IP (0x746d, "tm"): answer is struct tcpmesh_origin.
 SO_ORIGIN = 0x746D
 
@@ -43,7 +49,7 @@ REASONS: tuple[str, ...] = (
     "origin_missing",      # getsockopt: no record for the peer
     "optlen_short",        # getsockopt: caller's buffer too small
     "peername_rewritten",  # getpeername4/6: app shown its original destination
-    "ipv6",                # connect6: native IPv6 destination, not captured (the mesh is IPv4)
+    "ipv6",                # retired in ABI 6 (native IPv6 goes through the mesh lookup): never counted
     "v4mapped",            # connect6: captured a v4-mapped destination (also counted as captured)
     "guard_denied",        # guard: TCP connect from a pod cgroup that is not captured (yet): EPERM
     "guard_exempt",        # guard: such a connect to loopback or the redirect address, let through
@@ -58,6 +64,9 @@ REASONS: tuple[str, ...] = (
     "outside_mesh_allowed",  # connect4/6: TCP to a destination outside the mesh, left alone (leaves from the pod)
     "outside_mesh_denied",   # connect4/6: the same refused with EPERM (policy.outbound_passthrough DENY)
     "egress_event_lost",     # connect4/6: tcpmesh_egress full: no event for a connect outside the mesh
+    "captured6",             # connect6: captured a native IPv6 destination in the mesh (also counted as captured)
+    "ipv6_refused",          # connect6: IPv6 destination in the mesh while IPv6 meshing is off: EPERM
+    "family_mismatch",       # getsockopt: SOL_IP/SO_ORIGINAL_DST for an IPv6 destination (nothing consumed)
 )
 HO_FREE, HO_WRITING, HO_READY, HO_ANSWERING = 0, 1, 2, 3  # enum tcpmesh_handover_state
 INBOUND_PERMISSIVE = 1
@@ -67,6 +76,7 @@ DST_ADDR_BITS = 32 + 128              # prefixlen of "one address, any port"
 DST_KEY_BITS = 32 + 128 + 16          # prefixlen of "one address and port" (what the hooks look up)
 DST_OUTSIDE, DST_WORKLOAD, DST_SERVICE = 0, 1, 2  # enum tcpmesh_dst_kind
 SETTING_PASSTHROUGH_DENY = 1          # struct tcpmesh_settings.flags
+SETTING_IPV6_OFF = 2
 REASON_CODES: dict[str, int] = {name: code for code, name in enumerate(REASONS)}
 REASON_MAX = len(REASONS)
 REASON_SLOTS = 64  # entries of tcpmesh_counters (TCPMESH_R_SLOTS): room to append reasons
@@ -95,6 +105,11 @@ C_CONSTANTS: dict[str, int] = {
     "TCPMESH_DST_WORKLOAD": DST_WORKLOAD,
     "TCPMESH_DST_SERVICE": DST_SERVICE,
     "TCPMESH_SETTING_PASSTHROUGH_DENY": SETTING_PASSTHROUGH_DENY,
+    "TCPMESH_SETTING_IPV6_OFF": SETTING_IPV6_OFF,
+    "TCPMESH_SOL_IPV6": SOL_IPV6,
+    "TCPMESH_IP6T_SO_ORIGINAL_DST": IP6T_SO_ORIGINAL_DST,
+    "TCPMESH_ORIGIN_LEGACY_SINCE": ORIGIN_LEGACY_SINCE,
+    "TCPMESH_ORIGIN_LEGACY_SIZE": ORIGIN_LEGACY_SIZE,
     "TCPMESH_R_MAX": REASON_MAX,
     "TCPMESH_R_SLOTS": REASON_SLOTS,
     **{f"TCPMESH_R_{name.upper()}": code for code, name in enumerate(REASONS)},
@@ -124,6 +139,19 @@ class OriginStruct(ctypes.Structure):
         ("cgroup_id", ctypes.c_uint64),
         ("cookie", ctypes.c_uint64),
         ("comm", ctypes.c_char * COMM_LEN),
+        ("dst_ip6", ctypes.c_uint32 * 4),  # network order; all 0 for an IPv4 destination (ABI 6)
+    ]
+
+
+class SockaddrIn6(ctypes.Structure):
+    """struct tcpmesh_sockaddr_in6: the IP6T_SO_ORIGINAL_DST answer."""
+
+    _fields_ = [
+        ("family", ctypes.c_uint16),
+        ("port", ctypes.c_uint16),       # network order
+        ("flowinfo", ctypes.c_uint32),
+        ("addr", ctypes.c_uint32 * 4),   # network order
+        ("scope_id", ctypes.c_uint32),
     ]
 
 
@@ -133,7 +161,6 @@ class SockSlot(ctypes.Structure):
     _fields_ = [
         ("owner", ctypes.c_uint64),      # socket cookie of the owner, 0 = free
         ("origin", OriginStruct),
-        ("pad", ctypes.c_uint64),
     ]
 
 
@@ -227,6 +254,17 @@ class Flow4(ctypes.Structure):
     ]
 
 
+class Flow6(ctypes.Structure):
+    """struct tcpmesh_flow6: key of tcpmesh_pxconn6."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint32 * 4),
+        ("daddr", ctypes.c_uint32 * 4),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+    ]
+
+
 class Plaintext(ctypes.Structure):
     """struct tcpmesh_plaintext: one CPU's value of tcpmesh_plaintext."""
 
@@ -243,6 +281,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "tcpmesh_cidr_key": CidrKey,
     "tcpmesh_cidr_value": CidrValue,
     "tcpmesh_flow4": Flow4,
+    "tcpmesh_flow6": Flow6,
+    "tcpmesh_sockaddr_in6": SockaddrIn6,
     "tcpmesh_plaintext": Plaintext,
     "tcpmesh_dst_key": DstKey,
     "tcpmesh_dst_value": DstValue,
@@ -260,6 +300,7 @@ MAPS: dict[str, tuple[type, type]] = {
     "tcpmesh_capture_cidrs": (CidrKey, CidrValue),
     "tcpmesh_counters": (ctypes.c_int, ctypes.c_uint64),
     "tcpmesh_proxy_conns": (Flow4, ctypes.c_uint32),
+    "tcpmesh_pxconn6": (Flow6, ctypes.c_uint32),
     "tcpmesh_inbound_mode": (ctypes.c_uint64, ctypes.c_uint32),
     "tcpmesh_plaintext": (ctypes.c_uint64, Plaintext),
     "tcpmesh_mesh_dsts": (DstKey, DstValue),
@@ -310,6 +351,13 @@ def dst_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network, port: int | 
     key = DstKey(prefixlen=prefixlen, family=family, port=net_port)
     key.addr[:] = list(struct.unpack("=4I", packed))
     return key
+
+
+def origin_destination(rec: OriginStruct) -> str:
+    """The destination address of a record: dst_ip6 when set (ABI 6), else dst_ip4."""
+    if any(rec.dst_ip6):
+        return str(ipaddress.IPv6Address(struct.pack("=4I", *rec.dst_ip6)))
+    return net_u32_to_ip4(rec.dst_ip4)
 
 
 def egress_destination(event: EgressEvent) -> tuple[str, int]:

@@ -83,6 +83,7 @@ class Hook:
 # holds every pod (capture.pods_cgroup) and refuses TCP connects no pod hook handled.
 HOOKS: tuple[Hook, ...] = (
     Hook("tcpmesh_inb4", PROG_CGROUP_SKB, ATTACH_INET_INGRESS, ROLE_POD),
+    Hook("tcpmesh_inb6", PROG_CGROUP_SKB, ATTACH_INET_INGRESS, ROLE_POD),
     Hook("tcpmesh_sockops", PROG_SOCK_OPS, ATTACH_SOCK_OPS, ROLE_POD),
     Hook("tcpmesh_peer4", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME, ROLE_POD),
     Hook("tcpmesh_peer6", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_GETPEERNAME, ROLE_POD),
@@ -163,7 +164,7 @@ class ConnectCapture:
                  *, bypass_cidrs: Sequence[str] = (), source_dir: str | os.PathLike | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, bpffs_dir: str | os.PathLike = DEFAULT_BPFFS_DIR,
                  loader_timeout: float = DEFAULT_TIMEOUT, mesh_destinations: Sequence[MeshDestination] | None = (),
-                 passthrough_deny: bool = False) -> None:
+                 passthrough_deny: bool = False, ipv6: bool = True) -> None:
         validate_redirect(redirect_ip, redirect_port)
         self.redirect_ip = redirect_ip
         self.redirect_port = int(redirect_port)
@@ -171,7 +172,8 @@ class ConnectCapture:
         # None: keep the pinned map's entries; if it has none (new maps), capture everything until
         # set_mesh_destinations() names the mesh — never a moment where a mesh destination is missing
         self._mesh_entries = None if mesh_destinations is None else mesh_entries(mesh_destinations)
-        self._settings = abi.SETTING_PASSTHROUGH_DENY if passthrough_deny else 0
+        self._settings = (abi.SETTING_PASSTHROUGH_DENY if passthrough_deny else 0) | \
+            (0 if ipv6 else abi.SETTING_IPV6_OFF)
         self.state_dir = Path(state_dir)
         self.source_dir = Path(source_dir) if source_dir else bpf_dir()
         self.max_connections = max_connections
@@ -399,7 +401,13 @@ class ConnectCapture:
 
     def set_passthrough_deny(self, deny: bool) -> None:
         """policy.outbound_passthrough: DENY refuses TCP connects outside the mesh at connect()."""
-        self._settings = abi.SETTING_PASSTHROUGH_DENY if deny else 0
+        self._settings = (self._settings & ~abi.SETTING_PASSTHROUGH_DENY) | (abi.SETTING_PASSTHROUGH_DENY if deny else 0)
+        if self._set is not None:
+            self._set.write_settings(self._settings)
+
+    def set_ipv6(self, enabled: bool) -> None:
+        """capture.ipv6: false refuses (EPERM) every TCP connect to an IPv6 destination in the mesh."""
+        self._settings = (self._settings & ~abi.SETTING_IPV6_OFF) | (0 if enabled else abi.SETTING_IPV6_OFF)
         if self._set is not None:
             self._set.write_settings(self._settings)
 

@@ -58,7 +58,8 @@ class ConnectMode:
     listener = ListenerRequirements()
 
     def __init__(self, redirect_ip: str, redirect_port: int, state_dir: str, proxy_cgroup: str,
-                 pods_cgroup: str = "", bpffs_dir: str | None = None, passthrough_deny: bool = False) -> None:
+                 pods_cgroup: str = "", bpffs_dir: str | None = None, passthrough_deny: bool = False,
+                 ipv6: bool = True) -> None:
         from agent.capture.connect_mode import DEFAULT_BPFFS_DIR, ConnectCapture  # no bcc: the loader has it
 
         self._cgroup_ids: dict[str, int] = {}  # attached pod cgroup path -> cgroup id (inode)
@@ -67,7 +68,7 @@ class ConnectMode:
         # captures everything until the first registry snapshot names the mesh (fail closed)
         self._capture = ConnectCapture(redirect_ip=redirect_ip, redirect_port=redirect_port, state_dir=state_dir,
                                        bpffs_dir=bpffs_dir or DEFAULT_BPFFS_DIR, mesh_destinations=None,
-                                       passthrough_deny=passthrough_deny)
+                                       passthrough_deny=passthrough_deny, ipv6=ipv6)
         self._proxy_cgroup = proxy_cgroup
         self._pods_cgroup = pods_cgroup
 
@@ -111,7 +112,7 @@ class ConnectMode:
         refused: policy.outbound_passthrough DENY)."""
         from agent.capture.meshdsts import service_destinations, workload_destinations
 
-        self._capture.set_mesh_destinations(workload_destinations(w.ip for w in workloads)
+        self._capture.set_mesh_destinations(workload_destinations(ip for w in workloads for ip in w.addresses)
                                             + service_destinations(services))
 
     @property
@@ -165,7 +166,8 @@ def build_capture(config, mode: str, proxy_cgroup: str) -> Capture:
         return ConnectMode(config.capture.redirect_address, config.proxy.outbound_port, config.state_dir,
                            proxy_cgroup, config.capture.pods_cgroup,
                            config.capture.bpffs_dir or default_bpffs_dir(config.node.name),
-                           passthrough_deny=config.policy.outbound_passthrough == "DENY")
+                           passthrough_deny=config.policy.outbound_passthrough == "DENY",
+                           ipv6=config.capture.ipv6)
     if mode == "ebpf-tc":
         from agent.capture.tc_mode import TcCapture  # compiles in a child process: no bcc here
 

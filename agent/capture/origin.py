@@ -43,17 +43,23 @@ class Origin:
 def parse_origin(raw: bytes) -> Origin:
     """Decode a struct tcpmesh_origin (TCPMESH_SO_ORIGIN answer or a tcpmesh_*_origin map value).
 
-    Records of every ABI version with this layout are accepted (abi.ORIGIN_LAYOUT_SINCE on): during
-    an upgrade the previous program set's getsockopt hook may answer for a connection it captured."""
-    if len(raw) != ORIGIN_SIZE:
-        raise OriginFormatError(f"origin record is {len(raw)} bytes, expected {ORIGIN_SIZE}")
+    Records of every ABI version with this layout are accepted (abi.ORIGIN_LAYOUT_SINCE on), and the
+    48-byte IPv4-only records of the versions before it (abi.ORIGIN_LEGACY_SINCE on): during an
+    upgrade the previous program set's getsockopt hook may answer for a connection it captured."""
+    if len(raw) == abi.ORIGIN_LEGACY_SIZE:
+        raw, versions = raw + bytes(ORIGIN_SIZE - len(raw)), (abi.ORIGIN_LEGACY_SINCE, abi.ORIGIN_LAYOUT_SINCE - 1)
+    elif len(raw) == ORIGIN_SIZE:
+        versions = (abi.ORIGIN_LAYOUT_SINCE, abi.ABI_VERSION)
+    else:
+        raise OriginFormatError(f"origin record is {len(raw)} bytes, expected {ORIGIN_SIZE} "
+                                f"(or {abi.ORIGIN_LEGACY_SIZE} before ABI {abi.ORIGIN_LAYOUT_SINCE})")
     rec = abi.OriginStruct.from_buffer_copy(raw)
-    if not abi.ORIGIN_LAYOUT_SINCE <= rec.version <= abi.ABI_VERSION:
-        raise OriginFormatError(f"origin record has ABI version {rec.version}, this agent speaks "
-                                f"{abi.ABI_VERSION} (records of {abi.ORIGIN_LAYOUT_SINCE}..{abi.ABI_VERSION}): "
+    if not versions[0] <= rec.version <= versions[1]:
+        raise OriginFormatError(f"origin record of {len(raw)} bytes has ABI version {rec.version}, this agent "
+                                f"speaks {abi.ABI_VERSION} (records of {abi.ORIGIN_LEGACY_SINCE}..{abi.ABI_VERSION}): "
                                 "the loaded BPF programs and the agent differ")
     return Origin(
-        dst_ip=abi.net_u32_to_ip4(rec.dst_ip4),
+        dst_ip=abi.origin_destination(rec),
         dst_port=abi.net_u16_to_port(rec.dst_port),
         pid=rec.pid,
         uid=rec.uid,

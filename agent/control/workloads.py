@@ -121,7 +121,7 @@ class WorkloadController:
         if snapshot is None:
             return []
         return [{"name": w.name, "namespace": w.namespace, "service_account": w.service_account, "ip": w.ip,
-                 "node": w.node, "cgroup": w.cgroup, "spiffe_id": w.spiffe_id.uri,
+                 "ip6": w.ip6, "node": w.node, "cgroup": w.cgroup, "spiffe_id": w.spiffe_id.uri,
                  "source": "runtime" if w.key in self._dynamic else self.base_source,
                  "local": w.node == self.node_name,
                  "captured": w.node == self.node_name and w.key not in self.attach_failures,
@@ -182,7 +182,7 @@ class WorkloadController:
 
     def _save_dynamic(self) -> None:
         entries = [{"name": w.name, "namespace": w.namespace, "service_account": w.service_account, "ip": w.ip,
-                    "node": w.node, **({"cgroup": w.cgroup} if w.cgroup else {})} for w in self._dynamic.values()]
+                    "node": w.node, **({"cgroup": w.cgroup} if w.cgroup else {}), **({"ip6": w.ip6} if w.ip6 else {})} for w in self._dynamic.values()]
         tmp = self.dynamic_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(entries, indent=1))
         os.replace(tmp, self.dynamic_file)

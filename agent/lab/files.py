@@ -61,7 +61,7 @@ def registry_document(plan: LabPlan) -> dict[str, Any]:
         "nodes": [{"name": node.name, "address": node.wire_address} for node in plan.nodes],
         "workloads": [
             {"name": pod.name, "namespace": pod.namespace, "service_account": pod.service_account,
-             "ip": pod.ip, "node": pod.node, "cgroup": pod.cgroup}
+             "ip": pod.ip, "ip6": pod.ip6, "node": pod.node, "cgroup": pod.cgroup}
             for pod in plan.pods
         ],
     }

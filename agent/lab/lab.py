@@ -315,11 +315,12 @@ def lab_status(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_
             problems.append(f"the agent of {node.name} is not running; see {node.log_file}")
         nodes.append({
             "name": node.name, "netns": node.netns, "wire_address": node.wire_address,
+            "wire_address6": node.wire_address6,
             "admin_address": node.admin_address, "pod_cidr": node.pod_cidr, "cgroup": node.agent_cgroup,
             "config": node.config_file, "log": node.log_file,
             "agent": {"pid": record.pid if record else None, "alive": alive},
         })
-    pods = [{"name": p.name, "node": p.node, "netns": p.netns, "ip": p.ip, "namespace": p.namespace,
+    pods = [{"name": p.name, "node": p.node, "netns": p.netns, "ip": p.ip, "ip6": p.ip6, "namespace": p.namespace,
              "service_account": p.service_account, "spiffe_id": p.spiffe_id, "cgroup": p.cgroup,
              "containers": list(p.containers), "exec_cgroup": p.exec_cgroup}
             for p in plan.pods]

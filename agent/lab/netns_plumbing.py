@@ -126,9 +126,11 @@ def ensure_address(netns: str, ifname: str, address: str, prefixlen: int) -> Non
 
 def ensure_route(netns: str, dst: str, *, gateway: str | None = None, ifname: str | None = None,
                  scope: str | None = None) -> None:
-    """``dst`` is a CIDR or "default". With ``ifname`` and no gateway the route is a link route."""
+    """``dst`` is a CIDR, "default" or "default6" (IPv6). With ``ifname`` and no gateway the route is a link route."""
     with ipr(netns) as handle:
-        spec: dict = {"dst": "0.0.0.0/0" if dst == "default" else dst}
+        spec: dict = {"dst": {"default": "0.0.0.0/0", "default6": "::/0"}.get(dst, dst)}
+        if ":" in spec["dst"]:
+            spec["family"] = 10  # AF_INET6
         if gateway:
             spec["gateway"] = gateway
         if ifname:

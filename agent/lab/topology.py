@@ -6,10 +6,15 @@ validates the input; nothing here touches the kernel or the file system. ``netns
 The layout is documented in docs/lab.md.
 
     wire netns  tcpmesh-<lab>-wire   bridge tmbr0, one port tm<node> per node
-    node netns  tcpmesh-<lab>-node<i>  tmwire 10.76.0.<i>/24 (admin :15020), ip_forward=1,
-                                        tm<pod> 169.254.1.1/32 + route <pod ip>/32 per pod,
-                                        route 10.77.<k>.0/24 via 10.76.0.<k> per other node
-    pod netns   tcpmesh-<lab>-n<i>p<j>  eth0 10.77.<i>.<10+j>/32, 169.254.1.1 scope link, default via it
+    node netns  tcpmesh-<lab>-node<i>  tmwire 10.76.0.<i>/24 and fd00:76::<i>/64 (admin :15020),
+                                        forwarding on for both families,
+                                        tm<pod> 169.254.1.1/32 and fe80::1/64 + routes to the pod's
+                                        <ip>/32 and <ip6>/128 per pod,
+                                        routes 10.77.<k>.0/24 via 10.76.0.<k> and fd00:77:<k>::/64
+                                        via fd00:76::<k> per other node
+    pod netns   tcpmesh-<lab>-n<i>p<j>  eth0 10.77.<i>.<10+j>/32 and fd00:77:<i>::<10+j>/128 (dual
+                                        stack, ULA), 169.254.1.1 scope link, default via it;
+                                        default6 via fe80::1
 
     cgroups     <cgroup root>/tcpmesh-lab-<lab>/node<i>/agent          the agent (outside the pods cgroup)
                 <cgroup root>/tcpmesh-lab-<lab>/node<i>/pods           the node guard's cgroup
@@ -47,6 +52,10 @@ WIRE_PREFIXLEN = 24
 POD_SUBNET_PREFIX = "10.77"        # pods of node i: 10.77.<i>.0/24, pod j: 10.77.<i>.<10+j>
 POD_FIRST_HOST = 10
 POD_GATEWAY = "169.254.1.1"        # Calico-style link-local gateway on every node-side pod veth
+POD_GATEWAY6 = "fe80::1"           # its IPv6 counterpart (link-local, on every node-side pod veth)
+WIRE6_PREFIX = "fd00:76::"         # node i: fd00:76::<i>/64 (ULA)
+WIRE6_PREFIXLEN = 64
+POD6_PREFIX = "fd00:77"            # pods of node i: fd00:77:<i>::/64, pod j: fd00:77:<i>::<10+j>
 BRIDGE_IFNAME = "tmbr0"
 NODE_WIRE_IFNAME = "tmwire"
 POD_IFNAME = "eth0"
@@ -67,6 +76,7 @@ class PodPlan:
     node: str            # node<i>
     netns: str
     ip: str              # 10.77.<i>.<10+j>, a /32 on eth0 in the pod netns
+    ip6: str             # fd00:77:<i>::<10+j>, a /128 on eth0 (dual stack)
     ifname: str          # pod side of the veth (eth0)
     node_ifname: str     # node side of the veth (tm<pod>), carries POD_GATEWAY/32
     cgroup: str          # absolute cgroup v2 directory of the pod (the registry's; capture attaches here)
@@ -87,6 +97,7 @@ class NodePlan:
     name: str             # node<i>
     netns: str
     wire_address: str     # 10.76.0.<i>
+    wire_address6: str    # fd00:76::<i>
     wire_ifname: str      # in the node netns
     bridge_port: str      # peer of wire_ifname, in the wire netns, enslaved to the bridge
     pod_cidr: str         # 10.77.<i>.0/24
@@ -100,6 +111,7 @@ class NodePlan:
     log_file: str
     pods: tuple[PodPlan, ...]
     routes: tuple[tuple[str, str], ...]   # (other node's pod cidr, its wire address)
+    routes6: tuple[tuple[str, str], ...] = ()  # (other node's IPv6 pod prefix, its IPv6 wire address)
 
 
 @dataclass(frozen=True)
@@ -228,6 +240,7 @@ def _plan_node(lab: str, i: int, nodes: int, pods_per_node: int, trust_domain: s
         pod_cgroup = f"{lab_cg}/{node}/{PODS_CGROUP_LEAF}/{pod}"
         pods.append(PodPlan(
             name=pod, node=node, netns=lab_netns_name(lab, pod), ip=f"{POD_SUBNET_PREFIX}.{i}.{POD_FIRST_HOST + j}",
+            ip6=f"{POD6_PREFIX}:{i}::{POD_FIRST_HOST + j}",  # decimal digits read as hex: mirrors the IPv4 address
             ifname=POD_IFNAME, node_ifname=f"{VETH_PREFIX}{pod}", cgroup=pod_cgroup,
             namespace=namespace, service_account=account,
             spiffe_id=SpiffeId(trust_domain, namespace, account).uri,
@@ -235,14 +248,16 @@ def _plan_node(lab: str, i: int, nodes: int, pods_per_node: int, trust_domain: s
         ))
     routes = tuple((f"{POD_SUBNET_PREFIX}.{k}.0/24", f"{WIRE_SUBNET_PREFIX}.{k}")
                    for k in range(1, nodes + 1) if k != i)
+    routes6 = tuple((f"{POD6_PREFIX}:{k}::/64", f"{WIRE6_PREFIX}{k}") for k in range(1, nodes + 1) if k != i)
     return NodePlan(
         index=i, name=node, netns=lab_netns_name(lab, node), wire_address=wire_address,
+        wire_address6=f"{WIRE6_PREFIX}{i}",
         wire_ifname=NODE_WIRE_IFNAME, bridge_port=f"{VETH_PREFIX}{node}",
         pod_cidr=f"{POD_SUBNET_PREFIX}.{i}.0/24", admin_address=f"{wire_address}:{ADMIN_PORT}",
         cgroup=f"{lab_cg}/{node}", agent_cgroup=f"{lab_cg}/{node}/{AGENT_CGROUP_LEAF}",
         pods_cgroup=f"{lab_cg}/{node}/{PODS_CGROUP_LEAF}", bpffs_dir=f"{lab_bpffs}/{node}",
         state_dir=f"{state_dir}/nodes/{node}", config_file=f"{state_dir}/nodes/{node}/config.yaml",
-        log_file=f"{state_dir}/logs/{node}.log", pods=tuple(pods), routes=routes,
+        log_file=f"{state_dir}/logs/{node}.log", pods=tuple(pods), routes=routes, routes6=routes6,
     )
 
 

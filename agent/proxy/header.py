@@ -9,8 +9,8 @@ it as its own field, and only this codec writes or reads that prefix.
 Sans-io: ``encode_*_body`` return bytes; ``decode_*_body`` parse them. Errors distinguish the peer's
 fault (``PeerProtocolError``) from ours (``ValueError`` on encode). docs/protocol.md has the format:
 
-    CONNECT body = TLV*  (type:u8, len:u8, value)   TLV 1 DEST (af:u8=4, ipv4:4, port:u16),
-                   TLV 2 FLOW_ID (8 bytes), TLV 3 SOURCE (af:u8=4, ipv4:4, port:u16),
+    CONNECT body = TLV*  (type:u8, len:u8, value)   TLV 1 DEST (af:u8=4, ipv4:4 | af=6, ipv6:16; port:u16),
+                   TLV 2 FLOW_ID (8 bytes), TLV 3 SOURCE (af:u8=4|6, address, port:u16),
                    TLV 4 CLIENT_PROCESS (pid:u32, uid:u32, comm: ≤ 16 bytes utf-8)
     STATUS body  = status:u8 reason (utf-8, ≤ 255 bytes; DENIED: "policy <ns>/<name>: " + reason when a
                    policy decided)
@@ -38,6 +38,7 @@ COMM_MAX = 16
 TLV_CRITICAL = 0x80
 FLOW_ID_LEN = 8
 AF_INET4 = 4
+AF_INET6 = 6
 DENIED_POLICY_PREFIX = "policy "  # a DENIED reason starts "policy <namespace>/<name>: " (docs/protocol.md)
 
 
@@ -71,16 +72,21 @@ class StatusReply:
 def _address_tlv(tlv_type: int, ip: str, port: int) -> bytes:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
-    return bytes([tlv_type, 7, AF_INET4]) + ipaddress.IPv4Address(ip).packed + struct.pack("!H", port)
+    address = ipaddress.ip_address(ip)
+    af = AF_INET4 if address.version == 4 else AF_INET6
+    packed = address.packed
+    return bytes([tlv_type, 1 + len(packed) + 2, af]) + packed + struct.pack("!H", port)
 
 
 def _decode_address(name: str, value: bytes) -> tuple[str, int]:
-    if len(value) != 7 or value[0] != AF_INET4:
-        raise PeerProtocolError(f"{name} TLV must be af=4, 4 address bytes, 2 port bytes")
-    port = struct.unpack("!H", value[5:7])[0]
+    size = {AF_INET4: 4, AF_INET6: 16}.get(value[0] if value else -1)
+    if size is None or len(value) != 1 + size + 2:
+        raise PeerProtocolError(f"{name} TLV must be af=4 with 4 address bytes or af=6 with 16, then 2 port bytes")
+    port = struct.unpack("!H", value[1 + size:])[0]
     if port == 0:
         raise PeerProtocolError(f"{name} TLV carries port 0")
-    return str(ipaddress.IPv4Address(value[1:5])), port
+    raw = value[1:1 + size]
+    return str(ipaddress.IPv4Address(raw) if size == 4 else ipaddress.IPv6Address(raw)), port
 
 
 def encode_connect_body(request: ConnectionFacts) -> bytes:

@@ -34,6 +34,12 @@ class Workload:
     node: str
     cgroup: str | None = None  # cgroup v2 directory of the pod; needed only on its own node
     trust_domain: str = ""
+    ip6: str | None = None     # its IPv6 address (dual stack), canonical text; None: IPv4 only
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address the workload is reached at: ip, then ip6 if it has one."""
+        return (self.ip, self.ip6) if self.ip6 else (self.ip,)
 
     @functools.cached_property  # validated once, not on each of the data path's several reads per connection
     def spiffe_id(self) -> SpiffeId:
@@ -93,8 +99,7 @@ class Registry:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", MappingProxyType(dict(self.nodes)))
-        by_ip = {w.ip: w for w in self.workloads}
-        object.__setattr__(self, "_by_ip", MappingProxyType(by_ip))
+        object.__setattr__(self, "_by_ip", MappingProxyType({ip: w for w in self.workloads for ip in w.addresses}))
         by_key = {w.key: w for w in self.workloads}
         # (address, port) -> (service, target port, ready endpoint workloads): resolved once per snapshot
         frontends: dict[tuple[str, int], tuple[Service, int, tuple[Workload, ...]]] = {}
@@ -129,6 +134,15 @@ class Registry:
 
     def identities_on(self, node_name: str) -> frozenset[SpiffeId]:
         return frozenset(w.spiffe_id for w in self.local(node_name))
+
+
+def ipv6_text(text: object) -> str | None:
+    """The canonical text of an IPv6 address (what the kernel's records parse to), or None."""
+    try:
+        address = ipaddress.ip_address(str(text))
+    except ValueError:
+        return None
+    return str(address) if isinstance(address, ipaddress.IPv6Address) else None
 
 
 def is_ipv4(text: str) -> bool:

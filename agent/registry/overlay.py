@@ -27,11 +27,12 @@ def merge(base: Registry, added: Iterable[Workload]) -> Registry:
         if workload.node not in base.nodes:
             raise ConfigError(f"workload {workload.key}.node", workload.node, "names no node of the registry",
                               f"known nodes: {', '.join(sorted(base.nodes)) or 'none'}")
-        other = by_ip.get(workload.ip)
-        if other is not None:
-            raise ConfigError(f"workload {workload.key}.ip", workload.ip, f"is already the IP of {other.key}",
-                              "each workload needs its own IP; delete the other one first")
-        by_ip[workload.ip] = workload
+        for ip in workload.addresses:
+            other = by_ip.get(ip)
+            if other is not None:
+                raise ConfigError(f"workload {workload.key}.ip", ip, f"is already the IP of {other.key}",
+                                  "each workload needs its own IP; delete the other one first")
+            by_ip[ip] = workload
     _no_nested_cgroups(workloads)
     return Registry.build(base.trust_domain, base.nodes.values(), workloads, base.services)
 

@@ -7,6 +7,7 @@ Format (docs/registry.md says what each field means)::
       - {name: node1, address: 10.76.0.1}
     workloads:
       - {name: web-1, namespace: shop, service_account: web, ip: 10.77.1.10, node: node1,
+         ip6: "fd00:77:1::10",                  # optional: the workload's IPv6 address (dual stack)
          cgroup: /sys/fs/cgroup/unified/tcpmesh/shop/web-1}
     services:                            # optional; virtual addresses in front of workloads
       - {name: web, namespace: shop, addresses: [10.96.0.10], ports: [{port: 80, target_port: 8080}],
@@ -25,7 +26,7 @@ import yaml
 
 from agent.errors import ConfigError
 from agent.identity.spiffe import SpiffeIdError, validate_namespace, validate_service_account, validate_trust_domain
-from agent.registry.model import Endpoint, Node, Registry, Service, ServicePort, Workload, is_ipv4
+from agent.registry.model import Endpoint, Node, Registry, Service, ServicePort, Workload, ipv6_text, is_ipv4
 
 _NAME_FIELDS = ("name", "namespace", "service_account", "ip", "node")
 
@@ -63,7 +64,7 @@ def parse_registry(doc: Any, default_trust_domain: str, source: str = "registry"
         parse_workload(entry, f"{source}: workloads[{i}]", trust_domain, set(node_names))
         for i, entry in enumerate(_list(doc, "workloads", source))
     ]
-    _no_duplicates([w.ip for w in workloads], f"{source}: workloads", "ip")
+    _no_duplicates([ip for w in workloads for ip in w.addresses], f"{source}: workloads", "ip/ip6")
     _no_duplicates([w.key for w in workloads], f"{source}: workloads", "namespace/name")
     workload_keys = {w.key for w in workloads}
     services = [parse_service(entry, f"{source}: services[{i}]", workload_keys, {w.ip for w in workloads})
@@ -94,11 +95,11 @@ def _parse_node(entry: Any, where: str) -> Node:
 def parse_workload(entry: Any, where: str, trust_domain: str, node_names: set[str]) -> Workload:
     if not isinstance(entry, dict):
         raise ConfigError(where, entry, "a workload must be a mapping")
-    unknown = set(entry) - set(_NAME_FIELDS) - {"cgroup"}
+    unknown = set(entry) - set(_NAME_FIELDS) - {"cgroup", "ip6"}
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(f"{where}.{key}", entry[key], "unknown field",
-                          f"allowed fields are {', '.join(_NAME_FIELDS)}, cgroup")
+                          f"allowed fields are {', '.join(_NAME_FIELDS)}, ip6, cgroup")
     for key in _NAME_FIELDS:
         if not isinstance(entry.get(key), str) or not entry[key]:
             raise ConfigError(f"{where}.{key}", entry.get(key), "is required and must be a string")
@@ -112,11 +113,17 @@ def parse_workload(entry: Any, where: str, trust_domain: str, node_names: set[st
             check(entry[key])
         except SpiffeIdError as exc:
             raise ConfigError(f"{where}.{key}", entry[key], str(exc)) from exc
+    ip6 = entry.get("ip6")
+    if ip6 is not None:
+        ip6 = ipv6_text(ip6)
+        if ip6 is None:
+            raise ConfigError(f"{where}.ip6", entry["ip6"], "must be an IPv6 address",
+                              "give the workload's IPv6 address (e.g. fd00:77:1::10), or leave ip6 out")
     cgroup = entry.get("cgroup")
     if cgroup is not None and (not isinstance(cgroup, str) or not cgroup.startswith("/")):
         raise ConfigError(f"{where}.cgroup", cgroup, "must be an absolute path to a cgroup v2 directory")
     return Workload(entry["name"], entry["namespace"], entry["service_account"], entry["ip"], entry["node"],
-                    cgroup, trust_domain)
+                    cgroup, trust_domain, ip6)
 
 
 _SERVICE_FIELDS = ("name", "namespace", "addresses", "ports", "endpoints")

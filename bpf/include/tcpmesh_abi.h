@@ -31,19 +31,32 @@
  * 5: only destinations in the mesh are captured (tcpmesh_mesh_dsts, struct tcpmesh_dst_key of
  *    both families); every other TCP connect leaves from the pod itself, refused at connect() when
  *    tcpmesh_settings says TCPMESH_SETTING_PASSTHROUGH_DENY, and reported as one struct
- *    tcpmesh_egress_event in the ring buffer tcpmesh_egress; reasons 25-27. */
-#define TCPMESH_ABI_VERSION 5
+ *    tcpmesh_egress_event in the ring buffer tcpmesh_egress; reasons 25-27.
+ * 6: dual stack: connect6 captures native IPv6 destinations in the mesh; struct tcpmesh_origin
+ *    carries dst_ip6 (64 bytes; the slot and hand-over structs grow with it); SOL_IPV6/
+ *    IP6T_SO_ORIGINAL_DST answered; tcpmesh_pxconn6 and tcpmesh_inb6 (STRICT for IPv6);
+ *    TCPMESH_SETTING_IPV6_OFF; reasons 28-30; reason 13 retired. */
+#define TCPMESH_ABI_VERSION 6
 /* The first ABI version whose struct tcpmesh_origin has the layout below: a reader accepts records
  * from TCPMESH_ORIGIN_LAYOUT_SINCE to TCPMESH_ABI_VERSION (during an upgrade the previous set's
  * getsockopt hook may still answer). */
-#define TCPMESH_ORIGIN_LAYOUT_SINCE 3
+#define TCPMESH_ORIGIN_LAYOUT_SINCE 6
+/* Records of versions TCPMESH_ORIGIN_LEGACY_SINCE .. TCPMESH_ORIGIN_LAYOUT_SINCE - 1 are the first
+ * 48 bytes of struct tcpmesh_origin (no dst_ip6): a reader accepts them too. */
+#define TCPMESH_ORIGIN_LEGACY_SINCE 3
+#define TCPMESH_ORIGIN_LEGACY_SIZE 48
 
 /* ---- getsockopt ABI (answered by the cgroup/getsockopt hook on the proxy's cgroup) ---------- */
 
 #define TCPMESH_SOL_IP 0 /* SOL_IP == IPPROTO_IP */
+#define TCPMESH_SOL_IPV6 41 /* SOL_IPV6 == IPPROTO_IPV6 */
 
-/* Netfilter's SO_ORIGINAL_DST (linux/netfilter_ipv4.h). Answer: struct tcpmesh_sockaddr_in. */
+/* Netfilter's SO_ORIGINAL_DST (linux/netfilter_ipv4.h). Answer: struct tcpmesh_sockaddr_in; only
+ * for an IPv4 destination. */
 #define TCPMESH_SO_ORIGINAL_DST 80
+/* Netfilter's IP6T_SO_ORIGINAL_DST (linux/netfilter_ipv6/ip6_tables.h), asked at SOL_IPV6. Answer:
+ * struct tcpmesh_sockaddr_in6; an IPv4 destination as ::ffff:a.b.c.d. */
+#define TCPMESH_IP6T_SO_ORIGINAL_DST 80
 
 /*
  * tcpmesh's own option at level SOL_IP. Answer: struct tcpmesh_origin.
@@ -65,6 +78,15 @@ struct tcpmesh_sockaddr_in {
 	__u8 zero[8];
 };
 
+/* struct sockaddr_in6 as IP6T_SO_ORIGINAL_DST returns it (28 bytes). */
+struct tcpmesh_sockaddr_in6 {
+	__u16 family;       /* AF_INET6 (10), host order */
+	__u16 port;         /* network order */
+	__u32 flowinfo;     /* 0 */
+	__u32 addr[4];      /* network order */
+	__u32 scope_id;     /* 0 */
+};
+
 #define TCPMESH_COMM_LEN 16
 
 /*
@@ -81,7 +103,9 @@ struct tcpmesh_origin {
 	__u64 cgroup_id;    /* 16: cgroup v2 id of the connecting task (= inode of its cgroup dir) */
 	__u64 cookie;       /* 24: socket cookie of the client socket */
 	char comm[TCPMESH_COMM_LEN]; /* 32: task comm, NUL-padded */
-};                      /* 48 bytes */
+	__u32 dst_ip6[4];   /* 48: IPv6 destination, network order; all 0 for an IPv4 one (in dst_ip4;
+	                           then dst_ip4 is 0 for an IPv6 one). Not in records before ABI 6. */
+};                      /* 64 bytes */
 
 /* ---- map keys and values ------------------------------------------------------------------ */
 
@@ -95,8 +119,7 @@ struct tcpmesh_origin {
 struct tcpmesh_sock_slot {
 	__u64 owner;                  /*  0: socket cookie of the owner, 0 = free */
 	struct tcpmesh_origin origin; /*  8 */
-	__u64 pad;                    /* 56: always 0 (one 64-byte line per slot) */
-};                                /* 64 bytes */
+};                                /* 72 bytes */
 
 /*
  * Key of tcpmesh_peer_origin: one TCP connection from a pod to the redirect address. The client's
@@ -133,7 +156,7 @@ struct tcpmesh_handover_slot {
 	__u64 stamp;                  /*  8: bpf_ktime_get_ns() when it became READY */
 	struct tcpmesh_peer_key key;  /* 16 */
 	struct tcpmesh_origin origin; /* 32 */
-};                                /* 80 bytes */
+};                                /* 96 bytes */
 
 /* Key of the LPM trie tcpmesh_capture_cidrs (the layout struct bpf_lpm_trie_key requires). */
 struct tcpmesh_cidr_key {
@@ -197,6 +220,9 @@ struct tcpmesh_settings {
 /* policy.outbound_passthrough: DENY — a TCP connect to a destination outside the mesh fails with
  * EPERM in the connect hook (otherwise it leaves from the pod, untouched). */
 #define TCPMESH_SETTING_PASSTHROUGH_DENY 1
+/* capture.ipv6: false — IPv6 is not meshed on this node: a TCP connect to an IPv6 destination in
+ * the mesh fails with EPERM (never plaintext); IPv6 outside the mesh is decided as above. */
+#define TCPMESH_SETTING_IPV6_OFF 2
 
 /* One TCP connect from a pod to a destination outside the mesh, allowed or denied, as the connect
  * hook saw it; records of the ring buffer tcpmesh_egress, read by the agent (telemetry only: the
@@ -228,6 +254,14 @@ struct tcpmesh_flow4 {
 	__u16 dport;
 };
 
+/* The same for IPv6: key of tcpmesh_pxconn6. */
+struct tcpmesh_flow6 {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+};                      /* 36 bytes */
+
 /* Per-CPU value of tcpmesh_plaintext (key: the pod's cgroup id): SYNs from outside the mesh. */
 struct tcpmesh_plaintext {
 	__u64 rejected; /* dropped: the pod is STRICT */
@@ -252,7 +286,8 @@ enum tcpmesh_reason {
 	TCPMESH_R_ORIGIN_MISSING = 10,     /* getsockopt: no record for the peer (caller sees errno) */
 	TCPMESH_R_OPTLEN_SHORT = 11,       /* getsockopt: caller's buffer too small (caller sees errno) */
 	TCPMESH_R_PEERNAME_REWRITTEN = 12, /* getpeername4/6: app shown its original destination */
-	TCPMESH_R_IPV6 = 13,               /* connect6: native IPv6 destination, not captured (IPv4 mesh) */
+	TCPMESH_R_IPV6 = 13,               /* retired in ABI 6 (native IPv6 goes through the mesh lookup:
+	                                      captured6, outside_mesh_*): never counted */
 	TCPMESH_R_V4MAPPED = 14,           /* connect6: captured a v4-mapped destination (also counted
 	                                      as captured) */
 	TCPMESH_R_GUARD_DENIED = 15,       /* guard: TCP connect from a pod cgroup that is not captured
@@ -277,7 +312,13 @@ enum tcpmesh_reason {
 	TCPMESH_R_OUTSIDE_MESH_DENIED = 26, /* connect4/6: the same refused with EPERM (passthrough DENY) */
 	TCPMESH_R_EGRESS_EVENT_LOST = 27,  /* connect4/6: tcpmesh_egress was full: no event for a connect
 	                                      outside the mesh (the decision was still made and counted) */
-	TCPMESH_R_MAX = 28,
+	TCPMESH_R_CAPTURED6 = 28,          /* connect6: captured a native IPv6 destination in the mesh (also
+	                                      counted as captured) */
+	TCPMESH_R_IPV6_REFUSED = 29,       /* connect6: an IPv6 destination in the mesh while IPv6 meshing
+	                                      is off (TCPMESH_SETTING_IPV6_OFF): EPERM */
+	TCPMESH_R_FAMILY_MISMATCH = 30,    /* getsockopt: SOL_IP/SO_ORIGINAL_DST for an IPv6 destination
+	                                      (nothing consumed; ask TCPMESH_SO_ORIGIN or SOL_IPV6) */
+	TCPMESH_R_MAX = 31,
 };
 
 /* Entries of the tcpmesh_counters map: room for appended reasons without changing the map. */

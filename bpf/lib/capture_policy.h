@@ -2,7 +2,8 @@
 /*
  * capture_policy.h — the fixed part of "is this connect() captured?": no map access.
  * IPv4 destinations, whether from an AF_INET socket (connect4) or as a v4-mapped address on a
- * dual-stack AF_INET6 socket (connect6); native IPv6 is never captured.
+ * dual-stack AF_INET6 socket (connect6); native IPv6 is decided in capture_connect.c
+ * (tcpmesh_capture_connect6: the mesh map alone).
  */
 #ifndef TCPMESH_LIB_CAPTURE_POLICY_H
 #define TCPMESH_LIB_CAPTURE_POLICY_H

@@ -190,6 +190,10 @@ TCPMESH_MAP("percpu_array", int, __u64, tcpmesh_counters, TCPMESH_R_SLOTS, 0);
  */
 TCPMESH_MAP("lru_hash", struct tcpmesh_flow4, __u32, tcpmesh_proxy_conns, TCPMESH_MAX_CONNS, 0);
 
+/* tcpmesh_pxconn6: the same for the inbound proxy's IPv6 connections (struct tcpmesh_flow6);
+ * read by tcpmesh_inb6. */
+TCPMESH_MAP("lru_hash", struct tcpmesh_flow6, __u32, tcpmesh_pxconn6, TCPMESH_MAX_CONNS, 0);
+
 /*
  * tcpmesh_inbound_mode: pod cgroup id -> TCPMESH_INBOUND_STRICT | TCPMESH_INBOUND_PERMISSIVE.
  *   writer:   user space (the agent, from PeerAuthentication policies; docs/policy.md).

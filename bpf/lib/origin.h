@@ -10,11 +10,16 @@
 
 #define TCPMESH_AF_INET 2
 
-/* connect4 context: where the app wanted to go and who it is. */
-static __always_inline void tcpmesh_fill_origin(struct bpf_sock_addr *ctx, __u32 dst, __u64 cookie,
-						struct tcpmesh_origin *origin)
+/* connect4/6 context: where the app wanted to go and who it is. ``dst6``: an IPv6 destination
+ * (then ``dst`` is 0), or all zero for an IPv4 one. Every field is written: a slot is reused. */
+static __always_inline void tcpmesh_fill_origin(struct bpf_sock_addr *ctx, __u32 dst, const __u32 *dst6,
+						__u64 cookie, struct tcpmesh_origin *origin)
 {
 	origin->dst_ip4 = dst;
+	origin->dst_ip6[0] = dst6[0];
+	origin->dst_ip6[1] = dst6[1];
+	origin->dst_ip6[2] = dst6[2];
+	origin->dst_ip6[3] = dst6[3];
 	origin->dst_port = (__u16)ctx->user_port; /* user_port: network order in the low 16 bits */
 	origin->version = TCPMESH_ABI_VERSION;
 	origin->pid = bpf_get_current_pid_tgid() >> 32;
@@ -55,6 +60,27 @@ static __always_inline void tcpmesh_set_peer(struct bpf_sock_addr *ctx, int mapp
 		ctx->user_ip4 = ip4;
 	}
 	ctx->user_port = port_be;
+}
+
+/* getpeername6 context: show a native IPv6 destination. */
+static __always_inline void tcpmesh_set_peer6(struct bpf_sock_addr *ctx, const __u32 *ip6, __u32 port_be)
+{
+	*(volatile __u32 *)&ctx->user_ip6[0] = ip6[0]; /* 4-byte ctx stores: clang would merge two */
+	*(volatile __u32 *)&ctx->user_ip6[1] = ip6[1];
+	*(volatile __u32 *)&ctx->user_ip6[2] = ip6[2];
+	*(volatile __u32 *)&ctx->user_ip6[3] = ip6[3];
+	ctx->user_port = port_be;
+}
+
+static __always_inline int tcpmesh_origin_is_ip6(const struct tcpmesh_origin *origin)
+{
+	return (origin->dst_ip6[0] | origin->dst_ip6[1] | origin->dst_ip6[2] | origin->dst_ip6[3]) != 0;
+}
+
+/* connect6 context: ::1 or :: (this host), never captured. */
+static __always_inline int tcpmesh_ip6_local(const __u32 *ip6)
+{
+	return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && (ip6[3] == 0 || ip6[3] == bpf_htonl(1));
 }
 
 /* connect4/connect6 context: send the connection to the node's outbound proxy instead. */

@@ -23,6 +23,7 @@ NETNS_DIR = "/run/netns"
 # The tier's mesh: every destination in 10.77.0.0/16 is a workload (tcpmesh_mesh_dsts); anything
 # else a test dials is outside the mesh, never redirected.
 MESH_PREFIX = "10.77.0.0/16"
+MESH_PREFIX6 = "fd00:77::/48"  # the same for IPv6 (dual stack)
 
 
 def mesh_capture(*args, **kwargs):
@@ -30,7 +31,7 @@ def mesh_capture(*args, **kwargs):
     from agent.capture import ConnectCapture
     from agent.capture.meshdsts import destination
 
-    kwargs.setdefault("mesh_destinations", [destination(MESH_PREFIX)])
+    kwargs.setdefault("mesh_destinations", [destination(MESH_PREFIX), destination(MESH_PREFIX6)])
     return ConnectCapture(*args, **kwargs)
 
 

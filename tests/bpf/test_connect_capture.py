@@ -175,11 +175,62 @@ def test_dual_stack_socket_to_v4_mapped_address_is_captured(attached, topology, 
     assert changes.get("rekeyed") == 1 and changes.get("origin_answered") == 1
 
 
-def test_native_ipv6_is_not_captured(attached, topology, cgroups, clients):
+REMOTE6 = ("fd00:77::10", 5432)  # in the tier's mesh (bpfworld.MESH_PREFIX6)
+
+
+def test_native_ipv6_in_the_mesh_is_captured_with_its_ipv6_origin(attached, topology, cgroups, proxy_listener,
+                                                                  clients):
+    """Issue #14 item 4: before ABI 6 connect6 let native IPv6 through untouched (plaintext)."""
     before = attached.counters()
-    client = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], "fd00:77::10", 5432, timeout=1.0)
-    assert not client.result["ok"], client.result
-    assert delta(before, attached.counters()).get("ipv6") == 1
+    client = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], *REMOTE6)
+    assert client.result["ok"], client.result
+    assert tuple(client.result["peer"]) == REMOTE6  # getpeername6 shows what the app asked for
+    conn = accept(proxy_listener)
+    assert conn is not None, "the captured IPv6 connection did not reach the listener"
+    with conn:
+        with pytest.raises(OSError):  # SOL_IP/SO_ORIGINAL_DST cannot hold it: refused, nothing consumed
+            conn.getsockopt(abi.SOL_IP, abi.SO_ORIGINAL_DST, 16)
+        raw = conn.getsockopt(abi.SOL_IPV6, abi.IP6T_SO_ORIGINAL_DST, ctypes.sizeof(abi.SockaddrIn6))
+        sa = abi.SockaddrIn6.from_buffer_copy(raw)
+        assert sa.family == socket.AF_INET6 and abi.net_u16_to_port(sa.port) == REMOTE6[1]
+        assert socket.inet_ntop(socket.AF_INET6, bytes(sa)[8:24]) == REMOTE6[0]
+    changes = delta(before, attached.counters())
+    assert changes.get("captured") == 1 and changes.get("captured6") == 1, changes
+    assert changes.get("family_mismatch") == 1 and changes.get("origdst_answered") == 1, changes
+
+
+def test_the_proxy_reads_an_ipv6_origin(attached, topology, cgroups, proxy_listener, clients):
+    client = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], *REMOTE6)
+    assert client.result["ok"], client.result
+    conn = accept(proxy_listener)
+    assert conn is not None
+    with conn:
+        origin = read_origin(conn)
+    assert origin is not None and (origin.dst_ip, origin.dst_port) == REMOTE6
+    assert origin.pid == client.result["pid"]
+
+
+def test_native_ipv6_outside_the_mesh_is_left_alone(attached, topology, cgroups, proxy_listener, clients):
+    before = attached.counters()
+    client = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], "2001:db8::1", 5432, timeout=1.0)
+    assert not client.result["ok"], client.result  # no IPv6 route in this world: not via the proxy either
+    assert accept(proxy_listener, timeout=0.2) is None
+    assert delta(before, attached.counters()).get("outside_mesh_allowed") == 1
+
+
+def test_ipv6_meshing_off_refuses_ipv6_mesh_destinations_at_connect(attached, topology, cgroups, proxy_listener,
+                                                                    clients):
+    attached.set_ipv6(False)
+    try:
+        before = attached.counters()
+        client = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], *REMOTE6)
+        assert client.result.get("errno") == errno.EPERM, client.result
+        assert accept(proxy_listener, timeout=0.2) is None
+        assert delta(before, attached.counters()).get("ipv6_refused") == 1
+        ipv4 = clients(topology.ns_path(topology.pod_ns), cgroups["pod"], *REMOTE)  # IPv4 is still meshed
+        assert ipv4.result["ok"], ipv4.result
+    finally:
+        attached.set_ipv6(True)
 
 
 def test_udp_connect_is_not_captured(attached, topology, cgroups):

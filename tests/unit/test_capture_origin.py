@@ -30,7 +30,14 @@ def test_wire_layout_is_network_order_for_address_and_port():
     raw = record()
     assert raw[0:4] == socket.inet_aton("10.77.2.10")
     assert raw[4:6] == struct.pack("!H", 5432)
-    assert len(raw) == ORIGIN_SIZE == 48
+    assert len(raw) == ORIGIN_SIZE == 64
+    assert raw[48:64] == bytes(16)  # dst_ip6: all zero for an IPv4 destination
+
+
+def test_an_ipv6_record_names_its_ipv6_destination():
+    rec = abi.OriginStruct(dst_ip4=0, dst_port=abi.port_to_net_u16(6379), version=abi.ABI_VERSION, pid=1, comm=b"x")
+    rec.dst_ip6[:] = list(struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, "fd00:77:2::11")))
+    assert (parse_origin(bytes(rec)).dst_ip, parse_origin(bytes(rec)).dst_port) == ("fd00:77:2::11", 6379)
 
 
 @given(ip=ipv4, port=st.integers(0, 65535), pid=u32, uid=u32, cgroup_id=u64, cookie=u64, name=comm)
@@ -55,12 +62,17 @@ def test_other_abi_version_is_rejected_with_a_hint(other):
         parse_origin(record(version=other))
 
 
-def test_a_record_of_the_previous_abi_with_the_same_layout_is_read():
-    """During an upgrade from ABI 3 the previous set's getsockopt hook may answer for a connection
-    it captured: its record has the same layout and must not cost the connection."""
-    assert abi.ORIGIN_LAYOUT_SINCE < abi.ABI_VERSION
-    origin = parse_origin(record(version=abi.ORIGIN_LAYOUT_SINCE, port=6379))
-    assert (origin.dst_ip, origin.dst_port) == ("10.77.2.10", 6379)
+def test_a_record_of_a_previous_abi_is_read():
+    """During an upgrade from ABI 3-5 the previous set's getsockopt hook may answer for a connection
+    it captured: its 48-byte IPv4 record must not cost the connection; a 64-byte one of those
+    versions, or a 48-byte one of this version, is refused."""
+    for version in range(abi.ORIGIN_LEGACY_SINCE, abi.ORIGIN_LAYOUT_SINCE):
+        origin = parse_origin(record(version=version, port=6379)[:abi.ORIGIN_LEGACY_SIZE])
+        assert (origin.dst_ip, origin.dst_port) == ("10.77.2.10", 6379)
+    with pytest.raises(OriginFormatError, match="version"):
+        parse_origin(record(version=abi.ORIGIN_LAYOUT_SINCE - 1))
+    with pytest.raises(OriginFormatError, match="version"):
+        parse_origin(record()[:abi.ORIGIN_LEGACY_SIZE])
 
 
 def test_parse_original_dst():
@@ -86,7 +98,7 @@ class FakeSocket:
 def test_read_origin_makes_one_call_with_the_abi_option():
     sock = FakeSocket(answer=record())
     assert read_origin(sock).dst_port == 5432
-    assert sock.calls == [(0, 0x746D, 48)]
+    assert sock.calls == [(0, 0x746D, 64)]
 
 
 @pytest.mark.parametrize("err", [errno.ENOPROTOOPT, errno.ENOENT])

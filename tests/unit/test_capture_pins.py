@@ -88,7 +88,7 @@ def test_compile_flags_name_the_maps_dir_and_guard_hooks_exist(tmp_path):
     flags = compile_flags(tmp_path, "10.0.0.1", 15001, 4096, "/sys/fs/bpf/x/maps-v2-ab")
     assert '-DTCPMESH_MAPS_DIR="/sys/fs/bpf/x/maps-v2-ab"' in flags and "-DTCPMESH_MAX_CONNS=4096" in flags
     assert [h.program for h in hooks_for(ROLE_GUARD)] == ["tcpmesh_guard6", "tcpmesh_guard4"]
-    assert len(PROGRAMS) == len(set(PROGRAMS)) == len(HOOKS) == 10
+    assert len(PROGRAMS) == len(set(PROGRAMS)) == len(HOOKS) == 11
 
 
 BASE = {"node": {"name": "n1", "address": "10.0.0.1"}, "capture": {"redirect_address": "10.0.0.1"}}

@@ -2,7 +2,8 @@
 
 Every pod with an IPv4 ``status.podIP`` that is not ``hostNetwork`` and not finished becomes a
 workload: name, namespace, ``spec.serviceAccountName`` (identity ``ns/<ns>/sa/<sa>``), IP, and node
-``spec.nodeName`` — a resolvable destination whose tunnel address is its node's ``InternalIP``. Pods of
+``spec.nodeName`` — a resolvable destination whose tunnel address is its node's ``InternalIP``; on a
+dual-stack cluster the IPv6 entry of ``status.podIPs`` becomes the workload's ``ip6``. Pods of
 this node get their pod cgroup from the ``cgroup_of`` the caller passes (``cgroups.find_pod_cgroup``),
 so they are captured. Two pods with one IP: the newer wins, the older is reported as left out.
 Imports no client library, no thread, no I/O.
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from agent.identity.spiffe import SpiffeIdError, validate_namespace, validate_service_account
-from agent.registry.model import Node, Registry, Workload, is_ipv4
+from agent.registry.model import Node, Registry, Workload, ipv6_text, is_ipv4
 
 FINISHED_PHASES = ("Succeeded", "Failed")
 
@@ -61,7 +62,7 @@ def build_registry(trust_domain: str, local_node: str, pods: Iterable[Mapping[st
             if cgroup is None:
                 missing.append(key)
         workload = Workload(meta["name"], meta["namespace"], spec.get("serviceAccountName") or "default",
-                            status["podIP"], spec["nodeName"], cgroup, trust_domain)
+                            status["podIP"], spec["nodeName"], cgroup, trust_domain, _pod_ip6(status))
         created = meta.get("creationTimestamp") or ""
         other = chosen.get(workload.ip)
         if other is not None:
@@ -73,6 +74,15 @@ def build_registry(trust_domain: str, local_node: str, pods: Iterable[Mapping[st
     workloads = sorted((w for w, _ in chosen.values()), key=lambda w: w.key)
     registry = Registry.build(trust_domain, sorted(node_list, key=lambda n: n.name), workloads)
     return BuildResult(registry, tuple(skipped), tuple(missing))
+
+
+def _pod_ip6(status: Mapping[str, Any]) -> str | None:
+    """The pod's IPv6 address on a dual-stack cluster (status.podIPs), canonical text, or None."""
+    for entry in status.get("podIPs") or ():
+        found = ipv6_text(entry.get("ip", "")) if isinstance(entry, Mapping) else None
+        if found:
+            return found
+    return None
 
 
 def _skip_reason(meta: Mapping[str, Any], spec: Mapping[str, Any], status: Mapping[str, Any],
