@@ -152,13 +152,13 @@ def test_status_json_schema(cgroup2_mount, lab_name, state_root):
     assert doc["problems"] == [] and doc["agents"] is False
     assert [n["name"] for n in doc["nodes"]] == ["node1", "node2"]
     node = doc["nodes"][1]
-    assert set(node) == {"name", "netns", "wire_address", "admin_address", "pod_cidr", "cgroup", "config", "log",
-                         "agent"}
-    assert (node["wire_address"], node["admin_address"], node["agent"]) == \
-        ("10.76.0.2", "10.76.0.2:15020", {"pid": None, "alive": False})
+    assert set(node) == {"name", "netns", "wire_address", "wire_address6", "admin_address", "pod_cidr", "cgroup",
+                         "config", "log", "agent"}
+    assert (node["wire_address"], node["wire_address6"], node["admin_address"], node["agent"]) == \
+        ("10.76.0.2", "fd00:76::2", "10.76.0.2:15020", {"pid": None, "alive": False})
     pod = next(p for p in doc["pods"] if p["name"] == "n2p1")
     assert pod == {"name": "n2p1", "node": "node2", "netns": f"tcpmesh-{lab_name}-n2p1", "ip": "10.77.2.11",
-                   "namespace": "lab", "service_account": "db", "spiffe_id": "spiffe://lab.tcpmesh/ns/lab/sa/db",
+                   "ip6": "fd00:77:2::11", "namespace": "lab", "service_account": "db", "spiffe_id": "spiffe://lab.tcpmesh/ns/lab/sa/db",
                    "cgroup": f"{cgroup2_mount}/tcpmesh-lab-{lab_name}/node2/pods/n2p1",
                    "containers": [f"{cgroup2_mount}/tcpmesh-lab-{lab_name}/node2/pods/n2p1/pause",
                                   f"{cgroup2_mount}/tcpmesh-lab-{lab_name}/node2/pods/n2p1/app"],
