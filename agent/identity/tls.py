@@ -29,7 +29,11 @@ from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import Svid
 
 ALPN = "tcpmesh/2"  # docs/protocol.md; tcpmesh/1 (one tunnel per connection) was retired before release
-KEY_EXCHANGE_GROUP = "X25519"  # TLS 1.3 (EC)DHE group: ECDHE only, never finite-field DH (docs/security.md)
+# The TLS 1.3 key exchange group: ECDHE only, never finite-field DH (docs/security.md). P-256, not
+# X25519: Python 3.11.2 (Debian 12's python3, what `make install` uses) knows only EC curves in
+# set_ecdh_curve ("unknown group" for X25519, which 3.11.7 accepts), and every agent must pin the same
+# group whatever Python it runs on, or two nodes would share no group (found by the VM tier).
+KEY_EXCHANGE_GROUPS = ("prime256v1",)
 KEY_FILE_MODE = 0o600
 
 __all__ = [
@@ -214,6 +218,18 @@ def _bare_server_context(trust_bundle_pem: str | bytes) -> ssl.SSLContext:
     return ctx
 
 
+def _pin_key_exchange(ctx: ssl.SSLContext) -> None:
+    """The first of KEY_EXCHANGE_GROUPS this Python's ssl can pin as the only group."""
+    for group in KEY_EXCHANGE_GROUPS:
+        try:
+            ctx.set_ecdh_curve(group)
+            return
+        except (ssl.SSLError, ValueError):
+            continue
+    raise TlsSetupError(f"this Python's ssl module cannot restrict TLS key exchange to {' or '.join(KEY_EXCHANGE_GROUPS)}; "
+                        "run the agent with a Python linked against OpenSSL 3 (Debian 12's python3 works)")
+
+
 def _harden(ctx: ssl.SSLContext, trust_bundle_pem: str | bytes) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -222,9 +238,8 @@ def _harden(ctx: ssl.SSLContext, trust_bundle_pem: str | bytes) -> None:
     ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION
     # Key exchange on an elliptic curve only: OpenSSL 3 also offers and accepts the finite-field
     # groups (ffdhe2048 ...) in TLS 1.3. With OpenSSL 3, set_ecdh_curve sets the group list to this
-    # one curve (Python 3.11's ssl has no call for several); X25519 is every OpenSSL client's first
-    # key share, so no extra round trip.
-    ctx.set_ecdh_curve(KEY_EXCHANGE_GROUP)
+    # one curve (Python 3.11's ssl has no call for several); agents offer it as their first key share.
+    _pin_key_exchange(ctx)
     ctx.set_alpn_protocols([ALPN])
     bundle = trust_bundle_pem.decode("ascii") if isinstance(trust_bundle_pem, bytes) else trust_bundle_pem
     try:
