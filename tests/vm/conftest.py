@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import skip_or_fail
 from tests.vm.images import ImageError, ensure_image
-from tests.vm.machine import Machine, make_checkout_disk, new_run_dir
+from tests.vm.machine import Machine, close_all, make_checkout_disk, new_run_dir
 
 KERNELS = ("5.10", "6.1", "6.12")   # Debian 11, 12, 13
 CI_KERNEL = "6.1"                   # the part of the matrix `make test` (.ci/run) runs
@@ -119,12 +119,14 @@ def guest(request, vm_image, checkout_disk):
     """One VM per kernel (the module's param), booted once for the module's tests, tcpmesh installed."""
     series = request.param
     run_dir = new_run_dir()
+    machines: list[Machine] = []
     try:
         machine = Machine(f"k{series.replace('.', '')}", vm_image, series, run_dir,
                           checkout_disk=checkout_overlay(checkout_disk, run_dir, "src"))
-        with machine:
-            record(f"{machine.name} ({machine.release}, {machine.accel}): boot to channel", machine.boot_seconds)
-            prepare_guest(machine, checkout_disk)
-            yield machine
+        machines.append(machine)
+        machine.start()
+        record(f"{machine.name} ({machine.release}, {machine.accel}): boot to channel", machine.boot_seconds)
+        prepare_guest(machine, checkout_disk)
+        yield machine
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        close_all(machines, run_dir)

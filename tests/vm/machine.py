@@ -104,6 +104,20 @@ def choose_accel(image: Image) -> str:
     return accel
 
 
+def close_all(machines, run_dir: Path) -> None:
+    """Power off every machine and remove ``run_dir``, even when a close is interrupted (a second
+    Ctrl-C) or fails: each close still kills its qemu; the first error is raised after all of it."""
+    error: BaseException | None = None
+    for machine in machines:
+        try:
+            machine.close()
+        except BaseException as exc:   # KeyboardInterrupt included: the others must still go
+            error = error or exc
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if error is not None:
+        raise error
+
+
 def make_checkout_disk(dest: Path, source: Path = REPO) -> Path:
     """An ext4 disk image holding this checkout's files (tracked and untracked, not ignored ones:
     no .venv, no .git), for a guest to mount at /root/tcpmesh. ~3 MB; each VM gets its own copy."""

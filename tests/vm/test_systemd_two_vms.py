@@ -20,14 +20,13 @@ The VMs are powered off and removed in ``finally`` (tests/vm/conftest.py, machin
 from __future__ import annotations
 
 import secrets
-import shutil
 import time
 import uuid
 
 import pytest
 
-from tests.vm.conftest import CI_KERNEL, checkout_overlay, record
-from tests.vm.machine import Link, Machine, new_run_dir
+from tests.vm.conftest import CI_KERNEL, checkout_overlay, record, save_log
+from tests.vm.machine import Link, Machine, close_all, new_run_dir
 
 pytestmark = [pytest.mark.vm]   # vm_ci once it has passed here (see docs/kernels.md)
 
@@ -52,8 +51,14 @@ def provision(machine: Machine, index: int, token: str) -> float:
     """vagrant/provision.sh as the Vagrantfile runs it (SRC=/vagrant, NODE_INDEX, NODES, CA_TOKEN);
     PIP_ARGS points `make install`'s pip at the image's wheelhouse: the VMs have no network."""
     started = time.monotonic()
-    machine.run(f"SRC=/vagrant NODE_INDEX={index} NODES='{NODES_ENV}' CA_TOKEN={token} "
-                f"PIP_ARGS='--no-index --find-links {WHEELS}' bash /vagrant/vagrant/provision.sh", timeout=1200)
+    done = machine.run(f"SRC=/vagrant NODE_INDEX={index} NODES='{NODES_ENV}' CA_TOKEN={token} "
+                       f"PIP_ARGS='--no-index --find-links {WHEELS}' bash /vagrant/vagrant/provision.sh",
+                       timeout=1200, check=False)
+    if done.rc != 0:
+        journal = machine.run("systemctl status --no-pager -l tcpmesh-agent; journalctl --no-pager -b -o short-monotonic "
+                              "-u tcpmesh-agent | tail -n 80", check=False).stdout
+        save_log(f"{machine.name}-provision.log", done.stdout + done.stderr + "\n--- journal\n" + journal)
+        done.check()
     seconds = time.monotonic() - started
     record(f"{machine.name}: vagrant/provision.sh (make install ... systemctl enable --now)", seconds)
     return seconds
@@ -93,9 +98,7 @@ def nodes(vm_image, checkout_disk):
         ready_after = {m.name: provision(m, i, token) for i, m in enumerate(machines, start=1)}
         yield {m.name: m for m in machines}, pcap, ready_after
     finally:
-        for machine in machines:
-            machine.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        close_all(machines, run_dir)
 
 
 def test_enable_now_returns_only_when_the_agent_is_ready(nodes):
