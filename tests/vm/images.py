@@ -48,7 +48,7 @@ BASE_INCLUDE = ("systemd-sysv", "udev", "linux-image-amd64", "iproute2", "python
 APT_PACKAGES = (
     "libbpfcc", "python3-bpfcc", "linux-libc-dev", "iproute2", "nftables", "iptables", "bpftool",
     "python3-venv", "tcpdump", "openssl", "make", "procps", "util-linux", "postgresql-15", "postgresql-client-15",
-    "ca-certificates", "dbus", "gcc",   # gcc: tests/bpf/test_abi_layout.py compiles the ABI header
+    "ca-certificates", "dbus", "gcc", "libc6-dev",   # tests/bpf/test_abi_layout.py compiles the ABI header
 )
 KERNEL_SUITES = ("bullseye", "trixie")   # Debian 11's 5.10, Debian 13's 6.12; bookworm brings 6.1
 
