@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -182,6 +183,16 @@ except OSError as exc:
 print(json.dumps(out), flush=True)
 sys.stdin.read()  # hold the connection until the test closes stdin
 """
+
+
+def accept(listener: socket.socket, timeout: float = 3.0) -> socket.socket | None:
+    """One connection from a non-blocking listener within ``timeout``, made blocking; None if none came."""
+    ready, _, _ = select.select([listener], [], [], timeout)
+    if not ready:
+        return None
+    conn, _ = listener.accept()
+    conn.setblocking(True)
+    return conn
 
 
 class Client:

@@ -10,12 +10,13 @@ nothing touches the root netns or the root cgroup; everything is removed in ``fi
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.bpf.bpfworld import NETNS_DIR, NODE_IP, REDIRECT_PORT, Client, mesh_capture, plumb_node_and_pod, remove_namespaces
+from tests.bpf.bpfworld import NETNS_DIR, NODE_IP, REDIRECT_PORT, Client, mesh_capture, plumb_node_and_pod, remove_namespaces, socket_in
 
 
 def pytest_collection_modifyitems(config, items):
@@ -92,6 +93,20 @@ def cgroups(test_cgroup):
     for path in dirs.values():
         path.mkdir(exist_ok=True)
     return dirs
+
+
+@pytest.fixture
+def proxy_listener(topology, cgroups):
+    """The stand-in proxy's listener: REDIRECT_PORT on the node netns, in the proxy cgroup, non-blocking."""
+    sock = socket_in(topology.ns_path(topology.node_ns), cgroups["proxy"])
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", REDIRECT_PORT))
+        sock.listen(64)
+        sock.setblocking(False)
+        yield sock
+    finally:
+        sock.close()
 
 
 @pytest.fixture

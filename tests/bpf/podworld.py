@@ -114,15 +114,6 @@ def build_world(pods: int = 2) -> PodWorld:
     return world
 
 
-def accept(listener: socket.socket, timeout: float = 3.0) -> socket.socket | None:
-    ready, _, _ = select.select([listener], [], [], timeout)
-    if not ready:
-        return None
-    conn, _ = listener.accept()
-    conn.setblocking(True)
-    return conn
-
-
 def nothing_pending(listener: socket.socket) -> bool:
     return not select.select([listener], [], [], 0.05)[0]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import select
 import shutil
 import socket
 import struct
@@ -25,7 +24,7 @@ from agent.capture import abi, read_origin, read_original_dst
 from agent.capture.connect_mode import ROLE_POD, ROLE_PROXY, connect_sets_cb_flags, hooks_for
 from agent.bpf.errors import BpfLoadError
 from agent.errors import ConfigError
-from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, mesh_capture, socket_in
+from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, accept, mesh_capture, socket_in
 from tests.conftest import TIME_SCALE
 
 REMOTE = ("10.77.2.10", 5432)
@@ -33,19 +32,6 @@ USES_SLOTS = connect_sets_cb_flags(os.uname().release)   # Linux >= 6.12: the sl
 SO_COOKIE = 57
 TCP_CLOSE_WAIT = 8
 NOT_CAPTURED_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ETIMEDOUT, None}
-
-
-@pytest.fixture
-def proxy_listener(topology, cgroups):
-    sock = socket_in(topology.ns_path(topology.node_ns), cgroups["proxy"])
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", REDIRECT_PORT))
-        sock.listen(16)
-        sock.setblocking(False)
-        yield sock
-    finally:
-        sock.close()
 
 
 @pytest.fixture
@@ -59,15 +45,6 @@ def attached(capture, cgroups, proxy_listener):
     finally:
         capture.detach_pod(cgroups["pod"])
         capture.detach_proxy(cgroups["proxy"])
-
-
-def accept(listener: socket.socket, timeout: float = 3.0) -> socket.socket | None:
-    ready, _, _ = select.select([listener], [], [], timeout)
-    if not ready:
-        return None
-    conn, _ = listener.accept()
-    conn.setblocking(True)
-    return conn
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

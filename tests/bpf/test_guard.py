@@ -16,7 +16,8 @@ import pytest
 
 from agent.capture import read_origin
 from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, socket_in
-from tests.bpf.test_connect_capture import NOT_CAPTURED_ERRNOS, REMOTE, accept, bpftool_cgroup, delta
+from tests.bpf.bpfworld import accept
+from tests.bpf.test_connect_capture import NOT_CAPTURED_ERRNOS, REMOTE, bpftool_cgroup, delta
 
 
 @pytest.fixture
@@ -32,19 +33,6 @@ def guarded(capture, cgroups, proxy_listener):
         capture.detach_pod(cgroups["pod_b"])
         capture.detach_guard(cgroups["pods"])
         capture.detach_proxy(cgroups["proxy"])
-
-
-@pytest.fixture
-def proxy_listener(topology, cgroups):
-    sock = socket_in(topology.ns_path(topology.node_ns), cgroups["proxy"])
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", REDIRECT_PORT))
-        sock.listen(64)
-        sock.setblocking(False)
-        yield sock
-    finally:
-        sock.close()
 
 
 def test_captured_pod_passes_the_guard_because_its_own_hooks_run_first(guarded, topology, cgroups, proxy_listener,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import errno
 
 import pytest
-from tests.bpf.bpfworld import Client
-from tests.bpf.podworld import GATEWAY, accept, build_world, delta, nothing_pending
+from tests.bpf.bpfworld import Client, accept
+from tests.bpf.podworld import GATEWAY, build_world, delta, nothing_pending
 
 from agent.capture.tc_mode import PROGRAM, TC_PRIORITY, TcCapture, cleanup_leftovers, find_leftovers
 from tests.conftest import TIME_SCALE
