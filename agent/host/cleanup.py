@@ -51,7 +51,20 @@ def run_cleanup(config: Config, dry_run: bool = False) -> CleanupReport:
     remove_pins(bpffs_dir, report, dry_run)
     for module in OTHER_MODES:
         other_mode_leftovers(module, report, dry_run)
+    probe_namespace_leftovers(report, dry_run)
     return report
+
+
+def probe_namespace_leftovers(report: CleanupReport, dry_run: bool = False) -> None:
+    """Throwaway namespaces of a doctor run that was killed mid-probe (its pid is gone)."""
+    from pyroute2 import netns
+
+    from agent.host.probes import pid_alive, remove_stale_probe_namespaces, stale_probe_namespaces
+
+    if dry_run:
+        report.removed += [f"would remove netns {name}" for name in stale_probe_namespaces(netns.listnetns(), pid_alive)]
+        return
+    report.removed += [f"removed netns {name}" for name in remove_stale_probe_namespaces()]
 
 
 def detach_cgroup_programs(scope: str, report: CleanupReport, dry_run: bool = False) -> None:

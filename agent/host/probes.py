@@ -287,11 +287,43 @@ def _first_lines(text: str, lines: int = 4) -> str:
 
 # ---- throwaway network namespace ------------------------------------------------------------------
 
+PROBE_NETNS_PREFIX = "tcpmesh-probe-"
+_PROBE_NETNS = re.compile(rf"^{PROBE_NETNS_PREFIX}(\d+)-[0-9a-f]+$")
+
+
+def stale_probe_namespaces(names: list[str], pid_alive: Callable[[int], bool]) -> list[str]:
+    """The throwaway namespaces in ``names`` whose creating process is gone (a doctor killed mid-probe
+    never ran its ``finally``). A name whose pid is alive is kept: it may be another doctor's."""
+    stale = []
+    for name in names:
+        match = _PROBE_NETNS.match(name)
+        if match and not pid_alive(int(match.group(1))):
+            stale.append(name)
+    return stale
+
+
+def pid_alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def remove_stale_probe_namespaces() -> list[str]:
+    """Remove leftovers of killed doctor runs; returns the names removed."""
+    from pyroute2 import netns
+
+    removed = []
+    for name in stale_probe_namespaces(netns.listnetns(), pid_alive):
+        with contextlib.suppress(OSError):
+            netns.remove(name)
+            removed.append(name)
+    return removed
+
+
 @contextlib.contextmanager
 def throwaway_netns() -> Iterator[str]:
     from pyroute2 import netns
 
-    name = f"tcpmesh-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    remove_stale_probe_namespaces()
+    name = f"{PROBE_NETNS_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:6]}"
     netns.create(name)
     try:
         yield name

@@ -73,3 +73,43 @@ def test_no_netfilter_tools_in_path_and_no_ebpf_leave_nothing_to_run(runner, tmp
     assert "the agent cannot run" in result.output
     assert "iptables unusable (missing tproxy_nft|tproxy_iptables_nft|tproxy_iptables_legacy)" in result.output
     assert probe_netns(os.getpid()) == []  # doctor ran in this process
+
+
+def test_a_killed_doctor_s_namespace_is_removed_by_the_next_doctor_and_by_cleanup(bpf_capable):
+    """A doctor killed mid-probe never runs its ``finally``: its throwaway namespace stays. The next
+    doctor removes every probe namespace whose creator is gone (and only those); so does `cleanup`."""
+    from pyroute2 import netns
+
+    from agent.host.cleanup import CleanupReport, probe_namespace_leftovers
+    from agent.host.probes import throwaway_netns
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    names = {"stale": f"tcpmesh-probe-{gone.pid}-dead01", "live": f"tcpmesh-probe-{alive.pid}-beef01",
+             "stale2": f"tcpmesh-probe-{gone.pid}-dead02"}
+    try:
+        for name in names.values():
+            netns.create(name)
+        with throwaway_netns():
+            pass
+        left = set(netns.listnetns())
+        assert names["stale"] not in left and names["stale2"] not in left, "the next doctor left a dead doctor's namespace"
+        assert names["live"] in left, "a namespace of a living doctor must be left alone"
+        netns.create(names["stale"])
+        alive.kill()
+        alive.wait()
+        report = CleanupReport()
+        probe_namespace_leftovers(report, dry_run=True)
+        assert f"would remove netns {names['stale']}" in report.removed and names["stale"] in netns.listnetns()
+        report = CleanupReport()
+        probe_namespace_leftovers(report)
+        assert {f"removed netns {names['stale']}", f"removed netns {names['live']}"} <= set(report.removed)
+        assert not {names["stale"], names["live"]} & set(netns.listnetns())
+    finally:
+        if alive.poll() is None:
+            alive.kill()
+            alive.wait()
+        for name in names.values():
+            if name in netns.listnetns():
+                netns.remove(name)

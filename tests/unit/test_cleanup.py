@@ -63,3 +63,11 @@ def test_remove_pins_reports_each_object_and_is_idempotent(tmp_path):
     again = CleanupReport()
     remove_pins(str(pin_dir), again)
     assert again.removed == []
+
+
+def test_only_probe_namespaces_of_gone_processes_are_stale():
+    from agent.host.probes import stale_probe_namespaces
+
+    names = ["tcpmesh-probe-100-ab12cd", "tcpmesh-probe-200-ef34ab", "tcpmesh-lab-n1", "tcpmesh-probe-x-1",
+             "tcpmesh-probe-300-zz", "mytcpmesh-probe-100-ab"]
+    assert stale_probe_namespaces(names, lambda pid: pid == 200) == ["tcpmesh-probe-100-ab12cd"]
