@@ -71,6 +71,7 @@ class Agent:
         self.source_return: WithSourceReturn | None = None  # proxy.source_address pod/auto (wraps capture)
         self.workloads: WorkloadController | None = None
         self.policy: PolicySource | None = None
+        self.kubernetes: KubernetesSource | None = None  # registry.source: kubernetes (its health: /readyz detail)
         self._inbound_modes: dict[str, bool] = {}  # workload key -> STRICT, as last written to the kernel
         self.admin: AdminServer | None = None
         self.rotator: IdentityRotator | None = None  # owns the IdentityStore; renews SVIDs, follows the node CA
@@ -182,7 +183,8 @@ class Agent:
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,
                                  certs=self._certs_report, not_ready_reason=lambda: self.not_ready_reason,
                                  allowed=admin_allowed_sources(config.admin),
-                                 refused=lambda reason: self.metrics.admin_refused.labels(reason).inc())
+                                 refused=lambda reason: self.metrics.admin_refused.labels(reason).inc(),
+                                 ready_detail=lambda: self.kubernetes.unreachable() if self.kubernetes else "")
         self.admin.start()
         if self.access_log is not None:
             self.access_log.start()
@@ -214,8 +216,11 @@ class Agent:
                 from agent.registry.kubernetes.source import start_kubernetes_source  # only then: ~0.6 MiB
 
                 kubernetes = await start_kubernetes_source(config, self.workloads)  # first snapshot applied
+                self.kubernetes = kubernetes
+                self.metrics.registry_source_up.set_function(lambda: 0.0 if kubernetes.unreachable() else 1.0)
             else:
                 self.workloads.load()
+                self.metrics.registry_source_up.set(1)
             admin_socket = AdminSocket(config.admin.socket, self.workloads, flows=lambda req: self._flows(ctx, req))
             await admin_socket.start()
             runtime = RuntimeStats(ctx, lambda: outbound.pool.open_sessions)

@@ -113,7 +113,9 @@ class AdminServer:
     def __init__(self, address: str, port: int, registry: CollectorRegistry,
                  is_ready: Callable[[], bool], flows: Callable[[], list[dict]],
                  certs: Callable[[], dict] | None = None, not_ready_reason: Callable[[], str] | None = None, *,
-                 allowed: Sequence[Network] = (), refused: Callable[[str], None] = lambda reason: None) -> None:
+                 allowed: Sequence[Network] = (), refused: Callable[[str], None] = lambda reason: None,
+                 ready_detail: Callable[[], str] = lambda: "") -> None:
+        self._ready_detail = ready_detail  # /readyz 200 adds what a ready agent runs degraded on (API unreachable)
         self._not_ready_reason = not_ready_reason  # /readyz 503 says why (e.g. the policy file and line)
         self._certs = certs  # /debug/certs: agent.identity's report (public material only, never keys)
         self._registry = registry
@@ -154,7 +156,8 @@ class AdminServer:
                     self._send(200, b"ok\n", "text/plain")
                 elif path == "/readyz":
                     if admin._is_ready():
-                        self._send(200, b"ready\n", "text/plain")
+                        detail = admin._ready_detail()
+                        self._send(200, f"ready{chr(10) + detail if detail else ''}\n".encode(), "text/plain")
                     else:
                         reason = admin._not_ready_reason() if admin._not_ready_reason else ""
                         self._send(503, f"not ready{': ' + reason if reason else ''}\n".encode(), "text/plain")

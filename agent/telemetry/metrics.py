@@ -68,6 +68,9 @@ class Metrics:
                                           registry=registry)
         self.registry_errors = Gauge("tcpmesh_registry_file_errors",
                                      "Versions of the registry file that could not be applied", registry=registry)
+        self.registry_source_up = Gauge("tcpmesh_registry_source_up",
+                                        "1 while the registry source answers (kubernetes: list/watch of the API "
+                                        "server works; 0: the agent serves the last known state)", registry=registry)
         # Identity (agent.identity.svid_rotator): one series per local identity, removed when it goes.
         # `workload` is the SPIFFE ID: SVIDs are per identity, and replicas of one workload share it.
         self.certificate_expiry = Gauge(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from tests.conftest import require_module
@@ -55,6 +56,60 @@ def test_agent_runs_from_kubernetes_and_reports_ready_after_the_first_snapshot(i
                 await until(lambda: not any(w.name.startswith("web-") for w in agent.registry().workloads),
                             "the deletion never reached the agent")
             assert (await proc.next_message()).startswith(b"STOPPING=1")
+
+        asyncio.run(main())
+    finally:
+        api.stop()
+
+
+def source_up(metrics: str) -> float:
+    values = [float(line.split()[1]) for line in metrics.splitlines() if line.startswith("tcpmesh_registry_source_up ")]
+    assert values, "no tcpmesh_registry_source_up on /metrics"
+    return values[0]
+
+
+def test_the_api_going_away_keeps_the_last_state_says_so_and_converges_on_its_return(in_process_agent, tmp_path,
+                                                                                      caplog):
+    """docs/registry.md "When the API server goes away": the agent stays ready and keeps the last
+    snapshot; /readyz (still 200) and tcpmesh_registry_source_up say it is stale; the watches retry
+    with jittered exponential backoff; on return the agent catches up — here with a pod deleted
+    meanwhile that no watch event reports (the server's history no longer reaches back: 410, re-list)."""
+    caplog.set_level(logging.INFO, logger="tcpmesh.registry.kubernetes")
+    api = FakeApiServer().start()
+    try:
+        proc = kubernetes_agent(in_process_agent, api, tmp_path)
+        agent = proc.agent
+
+        async def main():
+            async with proc.running():
+                assert (await proc.next_message()).startswith(b"READY=1\n")
+                known = {w.key for w in agent.registry().workloads}
+                assert source_up((await proc.http_get("/metrics"))[1]) == 1
+                assert await proc.readyz() == (200, "ready\n")
+
+                api.go_away()
+                pods = agent.kubernetes.pods.stats
+                await until(lambda: len(pods.backoff_delays) >= 3, "the pods watch never retried")
+                status, body = await proc.readyz()
+                assert status == 200, "an agent serving the last known state stays ready"
+                assert "the Kubernetes API has not answered since" in body, body
+                assert "serving the last known state (3 pods, 2 nodes)" in body, body
+                assert source_up((await proc.http_get("/metrics"))[1]) == 0
+                delays = pods.backoff_delays[:3]
+                assert delays[0] < delays[1] < delays[2], delays           # exponential
+                assert [round(d / 0.5, 6) for d in delays] != [1, 2, 4], delays  # jittered
+                assert {w.key for w in agent.registry().workloads} == known, "the last known state must stay"
+
+                api.delete("pods", WEB_UID, silent=True)   # while it is away; no event will ever say so
+                api.fail("pods", 410)                       # the resumed watch is too old: list again
+                api.come_back()
+                await until(lambda: not any(w.name.startswith("web-") for w in agent.registry().workloads),
+                            "the pod deleted while the API was away is still in the registry")
+                await until(lambda: not agent.kubernetes.unreachable(), "the source never recovered")
+                assert await proc.readyz() == (200, "ready\n")
+                assert source_up((await proc.http_get("/metrics"))[1]) == 1
+                assert pods.relists_gone >= 1
+                assert any("the Kubernetes API answers again" in r.getMessage() for r in caplog.records)
 
         asyncio.run(main())
     finally:

@@ -11,7 +11,9 @@ the source relies on and nothing more:
   (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR); events queued while no watch is open are delivered to
   the next one, as a real server replays everything after N;
 - scripted faults: an ERROR event with code 410 (Expired), an HTTP 410 or 5xx answer to the next
-  request, a stream cut in the middle of a chunk, a normal end of the stream.
+  request, a stream cut in the middle of a chunk, a normal end of the stream;
+- going away and coming back (``go_away`` / ``come_back``): every open connection is cut and the port
+  refuses connections until it listens again, with the same objects.
 
 The objects come from test_kubernetes_objects.json: Pod and Node objects in the shape the API
 server returns them (written after the API reference; this machine has no cluster to record from).
@@ -52,8 +54,12 @@ class FakeApiServer:
         self.fail_next: dict[str, list[int]] = {k: [] for k in KINDS}   # HTTP statuses for the next requests
         self.watching: dict[str, int] = {k: 0 for k in KINDS}           # open watch streams
         self.requests: list[tuple[str, dict[str, str]]] = []            # (kind, query) of every request
+        self.connections: set = set()                                   # open client connections
         self._stopping = False
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._listen(0)
+
+    def _listen(self, port: int) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="fake-apiserver", daemon=True)
 
@@ -71,6 +77,24 @@ class FakeApiServer:
             self.cond.notify_all()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def go_away(self) -> None:
+        """The API server is gone: open watches and kept-alive connections are cut, connects refused."""
+        self.stop()
+        with self.cond:
+            for conn in list(self.connections):
+                try:
+                    conn.shutdown(2)
+                except OSError:
+                    pass
+
+    def come_back(self) -> None:
+        """Listen again on the same port, with the objects as they are now."""
+        port = self.httpd.server_address[1]
+        with self.cond:
+            self._stopping = False
+        self._listen(port)
+        self.start()
 
     def kubeconfig(self, path: Path) -> Path:
         path.write_text(json.dumps({
@@ -134,6 +158,16 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, *args) -> None:  # quiet
             pass
+
+        def setup(self) -> None:
+            super().setup()
+            with server.cond:
+                server.connections.add(self.connection)
+
+        def finish(self) -> None:
+            with server.cond:
+                server.connections.discard(self.connection)
+            super().finish()
 
         def do_GET(self) -> None:  # noqa: N802 — http.server's name
             url = urllib.parse.urlsplit(self.path)

@@ -85,6 +85,19 @@ class KubernetesSource:
         self.pods.stop()
         self.nodes.stop()
 
+    def unreachable(self) -> str:
+        """Empty while both watches answer; else what the agent serves meanwhile (for /readyz and logs)."""
+        failing = [(w.stats.failing_since, w) for w in (self.pods, self.nodes) if w.stats.failing_since]
+        if not failing:
+            return ""
+        since, watch = min(failing, key=lambda pair: pair[0])
+        registry = self.last.registry if self.last is not None else None
+        state = (f"{len(registry.workloads)} pods, {len(registry.nodes)} nodes" if registry is not None
+                 else "nothing yet")
+        return (f"registry: the Kubernetes API has not answered since "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))} ({watch.kind}: "
+                f"{watch.stats.last_error}); serving the last known state ({state}) and retrying with backoff")
+
     def _changed(self) -> None:   # watcher threads
         loop, event = self._loop, self._event
         if loop is not None and event is not None and not loop.is_closed():

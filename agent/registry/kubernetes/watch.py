@@ -15,6 +15,7 @@ import logging
 import random
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -62,6 +63,7 @@ class WatchStats:
     events: int = 0           # ADDED / MODIFIED / DELETED applied
     errors: int = 0           # failures followed by a backoff
     last_error: str = ""
+    failing_since: float = 0.0  # wall-clock time of the first failure of the current streak; 0: answering
     backoff_delays: list[float] = field(default_factory=list)
 
 
@@ -128,6 +130,7 @@ class WatchLoop:
                     break
                 self.stats.errors += 1
                 self.stats.last_error = _describe(exc)
+                self.stats.failing_since = self.stats.failing_since or time.time()
                 delay = self.backoff.next()
                 self.stats.backoff_delays.append(delay)
                 log.warning("%s %s failed: %s; retrying in %.1fs", self.kind, "list" if need_list else "watch",
@@ -153,6 +156,7 @@ class WatchLoop:
             self.objects = objects
         self.resource_version = metadata.get("resourceVersion") or ""
         self.stats.lists += 1
+        self._answered()
         self.synced.set()
         self._on_change()
 
@@ -164,6 +168,7 @@ class WatchLoop:
                               timeout_seconds=self.watch_timeout, _preload_content=False,
                               _request_timeout=(CONNECT_TIMEOUT_SECONDS, self.watch_timeout + READ_SLACK_SECONDS))
         self._response = response
+        self._answered()
         try:
             for line in iter_resp_lines(response):
                 if self._stop.is_set():
@@ -175,6 +180,13 @@ class WatchLoop:
             self._response = None
             response.close()
             response.release_conn()
+
+    def _answered(self) -> None:
+        """A list completed or a watch stream opened: the API server answers again (logged once)."""
+        if self.stats.failing_since:
+            log.info("%s: the Kubernetes API answers again after %.0fs of failures (%s)", self.kind,
+                        time.time() - self.stats.failing_since, self.stats.last_error)
+            self.stats.failing_since = 0.0
 
     def _apply(self, event: Mapping[str, Any]) -> None:
         kind, obj = event.get("type"), event.get("object") or {}
