@@ -1,12 +1,14 @@
-"""A small local HTTP server that speaks the Kubernetes list/watch protocol for pods and nodes.
+"""A small local HTTP server that speaks the Kubernetes list/watch protocol for pods, nodes, Services
+and EndpointSlices.
 
 This is the one stand-in of the test suite: no API server can run on these machines (no etcd, no
 kube-apiserver package, no container engine), so the Kubernetes registry source is tested against
 this instead, through the official `kubernetes` client and its real HTTP stack. It implements what
 the source relies on and nothing more:
 
-- ``GET /api/v1/pods`` and ``/api/v1/nodes``: a list (``limit`` / ``continue`` paging) with the
-  current ``metadata.resourceVersion``;
+- ``GET /api/v1/pods``, ``/api/v1/nodes``, ``/api/v1/services`` and
+  ``/apis/discovery.k8s.io/v1/endpointslices``: a list (``limit`` / ``continue`` paging) with the
+  current ``metadata.resourceVersion``, ``kind`` ``<Kind>List`` and the group's ``apiVersion``;
 - the same with ``watch=true&resourceVersion=N``: a chunked stream of ``{"type", "object"}`` lines
   (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR); events queued while no watch is open are delivered to
   the next one, as a real server replays everything after N;
@@ -15,8 +17,9 @@ the source relies on and nothing more:
 - going away and coming back (``go_away`` / ``come_back``): every open connection is cut and the port
   refuses connections until it listens again, with the same objects.
 
-The objects come from test_kubernetes_objects.json: Pod and Node objects in the shape the API
-server returns them (written after the API reference; this machine has no cluster to record from).
+The objects come from test_kubernetes_objects.json: Pod, Node, Service and EndpointSlice objects
+(discovery.k8s.io/v1) in the shape the API server returns them (written after the API reference;
+this machine has no cluster to record from).
 No test lives here; pytest collects this file only for its name.
 """
 
@@ -30,7 +33,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 OBJECTS_FILE = Path(__file__).with_name("test_kubernetes_objects.json")
-KINDS = {"pods": "PodList", "nodes": "NodeList"}
+KINDS = {"pods": "PodList", "nodes": "NodeList", "services": "ServiceList", "endpointslices": "EndpointSliceList"}
+PATHS = {"/api/v1/pods": "pods", "/api/v1/nodes": "nodes", "/api/v1/services": "services",
+         "/apis/discovery.k8s.io/v1/endpointslices": "endpointslices"}
+API_VERSIONS = {"endpointslices": "discovery.k8s.io/v1"}   # the rest are core ("v1")
 
 
 def recorded_objects() -> dict[str, list[dict]]:
@@ -38,7 +44,7 @@ def recorded_objects() -> dict[str, list[dict]]:
 
 
 def object_key(kind: str, obj: dict) -> str:
-    return obj["metadata"]["uid"] if kind == "pods" else obj["metadata"]["name"]
+    return obj["metadata"]["name"] if kind == "nodes" else obj["metadata"]["uid"]
 
 
 class FakeApiServer:
@@ -171,7 +177,7 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802 — http.server's name
             url = urllib.parse.urlsplit(self.path)
-            kind = {"/api/v1/pods": "pods", "/api/v1/nodes": "nodes"}.get(url.path)
+            kind = PATHS.get(url.path)
             if kind is None:
                 return self._status(404, "NotFound", f"the server could not find {url.path}")
             query = dict(urllib.parse.parse_qsl(url.query))
@@ -196,7 +202,8 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             metadata = {"resourceVersion": rv}
             if start + limit < len(items):
                 metadata["continue"] = str(start + limit)
-            self._json(200, {"kind": KINDS[kind], "apiVersion": "v1", "metadata": metadata, "items": page})
+            self._json(200, {"kind": KINDS[kind], "apiVersion": API_VERSIONS.get(kind, "v1"), "metadata": metadata,
+                             "items": page})
 
         def _watch(self, kind: str) -> None:
             self.send_response(200)
@@ -220,8 +227,8 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                     if action[0] == "event":
                         self._chunk({"type": action[1], "object": action[2]})
                     elif action[0] == "bookmark":
-                        self._chunk({"type": "BOOKMARK", "object": {"kind": "Pod" if kind == "pods" else "Node",
-                                                                    "apiVersion": "v1",
+                        self._chunk({"type": "BOOKMARK", "object": {"kind": KINDS[kind][:-len("List")],
+                                                                    "apiVersion": API_VERSIONS.get(kind, "v1"),
                                                                     "metadata": {"resourceVersion": str(rv)}}})
                     elif action[0] == "gone":
                         self._chunk({"type": "ERROR", "object": {

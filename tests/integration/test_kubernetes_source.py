@@ -8,7 +8,10 @@ pods and nodes reach the controller as attach / detach / identity changes; a 410
 HTTP status) makes the source list again and pick up what it missed; a dropped stream resumes from
 the last resourceVersion without a list; errors back off and recover; list pages are followed; a
 snapshot that conflicts with a run-time workload is refused whole, and applied once the conflict is
-gone; a local pod whose cgroup appears late is captured once it does.
+gone; a local pod whose cgroup appears late is captured once it does. Services and EndpointSlices:
+the first lists make the mesh's Services (both ClusterIP families, named target ports) and their
+frontends reach the capture; an endpoint turning not ready, a new endpoint, a Service deleted reach
+the registry through the watch; the same 410 / dropped-stream handling for both kinds.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class RecordingCapture:
 
     def set_mesh_destinations(self, workloads, services=()) -> None:  # the capture interface (agent.capture.interface)
         self.mesh = [w.key for w in workloads]
+        self.frontends = sorted(services)
 
 
 class RecordingIdentities:
@@ -101,7 +105,7 @@ class World:
             self.config, self.controller, make_api_client(self.config.registry.kubeconfig),
             backoff_factory=lambda: Backoff(initial=0.05, maximum=0.4), min_interval=0.01, refused_retry=0.2)
         self._task = asyncio.get_running_loop().create_task(self.source.run())
-        await self.until(lambda: self.api.watching["pods"] == 1 and self.api.watching["nodes"] == 1)
+        await self.until(lambda: all(self.api.watching[kind] == 1 for kind in self.api.watching))
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -326,4 +330,89 @@ def test_a_local_pod_whose_cgroup_appears_late_is_captured_when_it_does(api, tmp
             cgroup.mkdir(parents=True)
             await world.until(lambda: world.workload("shop/late").cgroup == str(cgroup), what="the late cgroup")
             assert world.capture.calls[-1] == ("attach", "shop/late", str(cgroup))
+    run(main())
+
+
+WEB_SERVICE_UID = "0c0c0c0c-0000-4000-8000-000000000002"
+WEB_SLICE_UID = "0d0d0d0d-0000-4000-8000-000000000002"
+PG_SLICE_UID = "0d0d0d0d-0000-4000-8000-000000000003"
+
+
+def service_of(world, key: str):
+    return next((s for s in world.registry.services if s.key == key), None)
+
+
+def ready_endpoints(world, address: str, port: int) -> list[str]:
+    frontend = world.registry.service_at(address, port)
+    return [] if frontend is None else [w.key for w in frontend[2]]
+
+
+def test_first_lists_make_services_whose_frontends_reach_the_capture(api, tmp_path, cgroup_root):
+    async def main():
+        async with World(api, tmp_path, cgroup_root) as world:
+            assert [s.key for s in world.registry.services] == ["data/postgres", "shop/web"]
+            web = service_of(world, "shop/web")
+            assert web.addresses == ("10.96.12.30", "fd00:10:96::1e") and web.ports[0].target_port == 8080
+            assert world.capture.frontends == [("10.96.12.30", 80), ("10.96.40.7", 5432), ("fd00:10:96::1e", 80)]
+            assert ready_endpoints(world, "10.96.40.7", 5432) == ["data/postgres-0"]
+            skipped = dict(world.source.last.services_skipped)
+            assert "default/kubernetes" in skipped and "headless" in skipped["data/postgres-headless"]
+            assert all(w.stats.lists == 1 and w.stats.errors == 0 for w in world.source.watches)
+    run(main())
+
+
+def test_endpoint_and_service_changes_reach_the_registry_through_the_watch(api, tmp_path, cgroup_root):
+    async def main():
+        async with World(api, tmp_path, cgroup_root) as world:
+            # MODIFIED EndpointSlice: postgres-0 turns not ready (terminating) → no endpoint for new connections
+            pg = api.get("endpointslices", PG_SLICE_UID)
+            pg["endpoints"][0]["conditions"] = {"ready": False, "serving": False, "terminating": True}
+            api.put("endpointslices", pg)
+            await world.until(lambda: ready_endpoints(world, "10.96.40.7", 5432) == [], what="not ready")
+            assert service_of(world, "data/postgres").endpoints[0].ready is False   # kept: open ones continue
+            # a second endpoint (cart, by address only) joins the web Service, ready
+            web = api.get("endpointslices", WEB_SLICE_UID)
+            web["endpoints"].append({"addresses": ["10.244.1.9"], "conditions": {"ready": True}})
+            api.put("endpointslices", web)
+            await world.until(lambda: len(ready_endpoints(world, "10.96.12.30", 80)) == 2, what="new endpoint")
+            # MODIFIED Service: a new port; then DELETED: its frontends leave the capture
+            svc = api.get("services", WEB_SERVICE_UID)
+            svc["spec"]["ports"].append({"name": "admin", "protocol": "TCP", "port": 9000, "targetPort": 9000})
+            api.put("services", svc)
+            await world.until(lambda: ("10.96.12.30", 9000) in world.capture.frontends, what="new port")
+            api.delete("services", WEB_SERVICE_UID)
+            await world.until(lambda: service_of(world, "shop/web") is None, what="deleted service")
+            assert world.capture.frontends == [("10.96.40.7", 5432)]
+            assert world.source.services.stats.lists == 1 and world.source.endpoint_slices.stats.lists == 1
+    run(main())
+
+
+@pytest.mark.parametrize("kind", ["services", "endpointslices"])
+def test_410_gone_and_dropped_streams_of_services_and_endpoint_slices(api, tmp_path, cgroup_root, kind):
+    async def main():
+        async with World(api, tmp_path, cgroup_root) as world:
+            watch = {"services": world.source.services, "endpointslices": world.source.endpoint_slices}[kind]
+            if kind == "services":
+                api.delete("services", WEB_SERVICE_UID, silent=True)      # missed: only a re-list sees it
+            else:
+                api.delete("endpointslices", WEB_SLICE_UID, silent=True)
+            api.script(kind, "gone")
+            await world.until(lambda: service_of(world, "shop/web") is None, what="re-list after 410")
+            assert watch.stats.relists_gone == 1 and watch.stats.lists == 2 and watch.stats.errors == 0
+            await world.until(lambda: api.watching[kind] == 1, what="watching again")
+            # a stream cut mid-chunk resumes from the last resourceVersion, without a list
+            api.script(kind, "drop")
+            await world.until(lambda: watch.stats.errors == 1, what="the dropped stream")
+            if kind == "services":
+                pg = api.get("services", "0c0c0c0c-0000-4000-8000-000000000003")
+                pg["spec"]["ports"][0]["port"] = 5433
+                api.put("services", pg)
+                await world.until(lambda: world.registry.service_at("10.96.40.7", 5433) is not None,
+                                  what="event after resume")
+            else:
+                pg = api.get("endpointslices", PG_SLICE_UID)
+                pg["endpoints"][0]["conditions"]["ready"] = False
+                api.put("endpointslices", pg)
+                await world.until(lambda: ready_endpoints(world, "10.96.40.7", 5432) == [], what="event after resume")
+            assert watch.stats.lists == 2, "a dropped stream must resume, not list again"
     run(main())

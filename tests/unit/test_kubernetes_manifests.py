@@ -166,9 +166,19 @@ def test_every_object_fits_the_official_clients_models():
         "x.spec.template.spec.containers[0].volumeMounts[0].mountPropogation (no such field in V1VolumeMount)"]
 
 
-def test_rbac_is_read_only_on_pods_and_nodes_for_the_agents_service_account():
+def test_rbac_is_read_only_on_what_the_source_watches_for_the_agents_service_account():
     role = find("ClusterRole")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods", "nodes", "services"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}]
+    # every resource the Kubernetes source lists and watches is granted (a missing one: 403 at start)
+    require_module("kubernetes", "install the kubernetes extra (make setup does)")
+    from kubernetes.client import ApiClient
+
+    from agent.registry.kubernetes.source import KubernetesSource
+
+    source = KubernetesSource(ApiClient(), "worker-1", "cluster.local", "/sys/fs/cgroup", lambda registry: None)
+    assert {w.kind for w in source.watches} == {r for rule in role["rules"] for r in rule["resources"]}
     binding = find("ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     sa = find("ServiceAccount")

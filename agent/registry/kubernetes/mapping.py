@@ -6,6 +6,7 @@ workload: name, namespace, ``spec.serviceAccountName`` (identity ``ns/<ns>/sa/<s
 dual-stack cluster the IPv6 entry of ``status.podIPs`` becomes the workload's ``ip6``. Pods of
 this node get their pod cgroup from the ``cgroup_of`` the caller passes (``cgroups.find_pod_cgroup``),
 so they are captured. Two pods with one IP: the newer wins, the older is reported as left out.
+Services and their EndpointSlices become the registry's Services (``services.build_services``).
 Imports no client library, no thread, no I/O.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from agent.identity.spiffe import SpiffeIdError, validate_namespace, validate_service_account
+from agent.registry.kubernetes.services import build_services
 from agent.registry.model import Node, Registry, Workload, ipv6_text, is_ipv4
 
 FINISHED_PHASES = ("Succeeded", "Failed")
@@ -33,12 +35,16 @@ class BuildResult:
     registry: Registry
     skipped: tuple[tuple[str, str], ...] = ()       # (namespace/name, why) of pods left out
     missing_cgroups: tuple[str, ...] = ()            # local pods whose cgroup is not there yet
+    services_skipped: tuple[tuple[str, str], ...] = ()  # (namespace/name, why) of Services or their parts left out
 
 
 def build_registry(trust_domain: str, local_node: str, pods: Iterable[Mapping[str, Any]],
                    nodes: Iterable[Mapping[str, Any]],
-                   cgroup_of: Callable[[Mapping[str, Any]], str | None]) -> BuildResult:
-    """One registry snapshot from Pod and Node objects (dicts as the API returns them)."""
+                   cgroup_of: Callable[[Mapping[str, Any]], str | None],
+                   services: Iterable[Mapping[str, Any]] = (),
+                   endpoint_slices: Iterable[Mapping[str, Any]] = ()) -> BuildResult:
+    """One registry snapshot from Pod, Node, Service and EndpointSlice objects (dicts as the API
+    returns them); Services are mapped by ``services.build_services``."""
     node_list = []
     for node in nodes:
         name = (node.get("metadata") or {}).get("name", "")
@@ -72,8 +78,9 @@ def build_registry(trust_domain: str, local_node: str, pods: Iterable[Mapping[st
         else:
             chosen[workload.ip] = (workload, created)
     workloads = sorted((w for w, _ in chosen.values()), key=lambda w: w.key)
-    registry = Registry.build(trust_domain, sorted(node_list, key=lambda n: n.name), workloads)
-    return BuildResult(registry, tuple(skipped), tuple(missing))
+    mesh_services, services_skipped = build_services(services, endpoint_slices, workloads)
+    registry = Registry.build(trust_domain, sorted(node_list, key=lambda n: n.name), workloads, mesh_services)
+    return BuildResult(registry, tuple(skipped), tuple(missing), services_skipped)
 
 
 def _pod_ip6(status: Mapping[str, Any]) -> str | None:

@@ -1,7 +1,7 @@
-"""The Kubernetes registry source (``registry.source: kubernetes``): two watch loops (pods in every
-namespace, nodes) → registry snapshots for the agent's WorkloadController.
+"""The Kubernetes registry source (``registry.source: kubernetes``): four watch loops (pods, Services
+and EndpointSlices in every namespace, nodes) → registry snapshots for the agent's WorkloadController.
 
-``KubernetesSource`` runs ``watch.WatchLoop`` for pods and nodes, builds a snapshot with
+``KubernetesSource`` runs ``watch.WatchLoop`` for each of them, builds a snapshot with
 ``mapping.build_registry`` after every change (coalesced, at most one per ``min_interval``), finds
 local pods' cgroups with ``cgroups.find_pod_cgroup`` (looked up again while missing), and hands each
 changed snapshot to ``on_snapshot`` (``WorkloadController.replace_base``, all or nothing; a refused
@@ -49,7 +49,7 @@ def make_api_client(kubeconfig: str = "") -> Any:
 
 
 class KubernetesSource:
-    """Pods and nodes → registry snapshots for the WorkloadController (``on_snapshot``)."""
+    """Pods, nodes, Services, EndpointSlices → registry snapshots for the WorkloadController (``on_snapshot``)."""
 
     def __init__(self, api_client: Any, node_name: str, trust_domain: str, cgroup_root: str,
                  on_snapshot: Callable[[Registry], Any], *, watch_timeout: int = WATCH_TIMEOUT_SECONDS,
@@ -69,6 +69,12 @@ class KubernetesSource:
                               self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
         self.nodes = WatchLoop("nodes", core.list_node, lambda o: o["metadata"]["name"],
                                self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
+        self.services = WatchLoop("services", core.list_service_for_all_namespaces, lambda o: o["metadata"]["uid"],
+                                  self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
+        self.endpoint_slices = WatchLoop(
+            "endpointslices", client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces,
+            lambda o: o["metadata"]["uid"], self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
+        self.watches = (self.pods, self.nodes, self.services, self.endpoint_slices)
         self.published = 0
         self.last: BuildResult | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -78,16 +84,16 @@ class KubernetesSource:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
-        self.pods.start()
-        self.nodes.start()
+        for watch in self.watches:
+            watch.start()
 
     def stop(self) -> None:
-        self.pods.stop()
-        self.nodes.stop()
+        for watch in self.watches:
+            watch.stop()
 
     def unreachable(self) -> str:
-        """Empty while both watches answer; else what the agent serves meanwhile (for /readyz and logs)."""
-        failing = [(w.stats.failing_since, w) for w in (self.pods, self.nodes) if w.stats.failing_since]
+        """Empty while every watch answers; else what the agent serves meanwhile (for /readyz and logs)."""
+        failing = [(w.stats.failing_since, w) for w in self.watches if w.stats.failing_since]
         if not failing:
             return ""
         since, watch = min(failing, key=lambda pair: pair[0])
@@ -107,7 +113,8 @@ class KubernetesSource:
         pods = self.pods.snapshot()
         live = {(p.get("metadata") or {}).get("uid") for p in pods}
         self._cgroups = {uid: path for uid, path in self._cgroups.items() if uid in live}
-        return build_registry(self.trust_domain, self.node_name, pods, self.nodes.snapshot(), self._cgroup_of)
+        return build_registry(self.trust_domain, self.node_name, pods, self.nodes.snapshot(), self._cgroup_of,
+                              self.services.snapshot(), self.endpoint_slices.snapshot())
 
     def _cgroup_of(self, pod: Mapping[str, Any]) -> str | None:
         uid = (pod.get("metadata") or {}).get("uid") or ""
@@ -119,9 +126,9 @@ class KubernetesSource:
         return self._cgroups[uid]
 
     async def first_snapshot(self, timeout: float = FIRST_SYNC_TIMEOUT_SECONDS) -> Registry:
-        """Wait for both first lists; the registry they make (raises TcpmeshError after ``timeout``)."""
+        """Wait for every first list; the registry they make (raises TcpmeshError after ``timeout``)."""
         deadline = time.monotonic() + timeout
-        for watch in (self.pods, self.nodes):
+        for watch in self.watches:
             while not watch.synced.is_set():
                 if time.monotonic() > deadline:
                     raise TcpmeshError(f"no list of {watch.kind} from the Kubernetes API within {timeout:.0f}s: "
@@ -164,15 +171,19 @@ class KubernetesSource:
 
     def _report(self, result: BuildResult) -> None:
         registry = result.registry
-        log.info("kubernetes: %d nodes, %d pods in the mesh (%d on %s), %d left out%s", len(registry.nodes),
-                 len(registry.workloads), len(registry.local(self.node_name)), self.node_name, len(result.skipped),
+        log.info("kubernetes: %d nodes, %d pods in the mesh (%d on %s), %d left out, %d services%s",
+                 len(registry.nodes), len(registry.workloads), len(registry.local(self.node_name)), self.node_name,
+                 len(result.skipped), len(registry.services),
                  f"; no cgroup yet for {', '.join(result.missing_cgroups)}" if result.missing_cgroups else "")
         for key, why in result.skipped:
             log.debug("kubernetes: pod %s left out: %s", key, why)
+        for key, why in result.services_skipped:
+            log.debug("kubernetes: service %s: %s", key, why)
 
 
 def _differs(a: Registry, b: Registry) -> bool:
-    return a.workloads != b.workloads or dict(a.nodes) != dict(b.nodes) or a.trust_domain != b.trust_domain
+    return (a.workloads != b.workloads or dict(a.nodes) != dict(b.nodes) or a.services != b.services
+            or a.trust_domain != b.trust_domain)
 
 
 async def start_kubernetes_source(config: Any, workloads: Any, api_client: Any = None,

@@ -232,6 +232,6 @@ def _describe(exc: BaseException) -> str:
     from kubernetes.client.exceptions import ApiException
 
     if isinstance(exc, ApiException):
-        hint = " (RBAC: the service account needs get/list/watch on pods and nodes)" if exc.status == 403 else ""
+        hint = " (RBAC: the service account needs get/list/watch on pods, nodes, services and discovery.k8s.io endpointslices; deploy/kubernetes/01-rbac.yaml)" if exc.status == 403 else ""
         return f"HTTP {exc.status} {exc.reason}{hint}"
     return f"{type(exc).__name__}: {exc}"
