@@ -29,6 +29,7 @@ LAZY_COMMANDS = {
     "doctor": "agent.host.doctor:doctor",
     "flows": "agent.telemetry.cli:flows",
     "audit": "agent.audit.cli:audit",
+    "issuer": "agent.issuer.cli:issuer",
 }
 
 

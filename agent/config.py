@@ -459,3 +459,6 @@ def _capture_paths(capture: CaptureConfig) -> None:
     if capture.bpffs_dir and not os.path.isabs(capture.bpffs_dir):
         raise ConfigError("capture.bpffs_dir", capture.bpffs_dir, "must be an absolute path",
                           "e.g. /sys/fs/bpf/tcpmesh/<node name>")
+
+
+build_dataclass = _build  # the issuer's config (agent/issuer/config.py) is read the same way

@@ -76,6 +76,44 @@ def ca_issue_node(node: str, ca_dir: str, out_dir: str, valid_days: int, force: 
                f"{', '.join(short_fingerprint(fp) for fp in files.bundle.fingerprints)}")
 
 
+@ca.command("issue-issuer")
+@click.option("--ca", "ca_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="The root CA directory (from `tcpmesh ca init`).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The issuer's directory (its ca_dir): issuer.crt, issuer.key (0600), bundle.pem.")
+@click.option("--valid-days", type=click.IntRange(1), default=30, show_default=True)
+def ca_issue_issuer(ca_dir: str, out_dir: str, valid_days: int) -> None:
+    """Issue the issuer's issuing intermediate (pathlen 0, confined to the trust domain) into --out.
+
+    Every issuer replica loads the same directory; no node holds it (docs/identity.md "The issuer").
+    """
+    from agent.identity.issuer_ca import issue_issuer_files
+
+    written = issue_issuer_files(ca_dir, out_dir, valid_days=valid_days)
+    click.echo(f"issued the issuing CA for spiffe://{written.trust_domain} in {written.directory}, "
+               f"valid until {written.not_after.isoformat()}")
+
+
+@ca.command("issue-node-credential")
+@click.argument("node")
+@click.option("--ca", "ca_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="The root CA directory (from `tcpmesh ca init`).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The node's credential directory (identity.issuer.credential_dir).")
+@click.option("--valid-days", type=click.IntRange(1), default=7, show_default=True)
+def ca_issue_node_credential(node: str, ca_dir: str, out_dir: str, valid_days: int) -> None:
+    """Issue NODE's node credential (spiffe://<td>/node/NODE, client only, cannot sign) into --out.
+
+    The alternative to a one-time bootstrap token: the agent presents it to the issuer once and then
+    renews a short-lived node SVID in the same directory.
+    """
+    from agent.identity.issuer_ca import issue_node_credential
+
+    written = issue_node_credential(ca_dir, node, out_dir, valid_days=valid_days)
+    click.echo(f"issued the node credential spiffe://{written.trust_domain}/node/{node} in {written.directory}, "
+               f"valid until {written.not_after.isoformat()}")
+
+
 @ca.group("rotate", invoke_without_command=True)
 @click.pass_context
 def ca_rotate(ctx: click.Context) -> None:

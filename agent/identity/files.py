@@ -17,6 +17,13 @@ NODE_KEY_FILE = "node.key"
 BUNDLE_FILE = "bundle.pem"
 NODE_CA_FILES = (NODE_CERT_FILE, NODE_KEY_FILE, BUNDLE_FILE)
 ROOT_CA_FILES = (CA_CERT_FILE, CA_KEY_FILE)
+# The issuer's directory (`tcpmesh ca issue-issuer`): its issuing intermediate, key, and the trust bundle.
+ISSUER_CA_FILES = ("issuer.crt", "issuer.key", BUNDLE_FILE)
+# A node credential directory (`tcpmesh ca issue-node-credential`, then renewed by the agent): a client
+# certificate spiffe://<td>/node/<name> (CA:false), its key, and the trust bundle. Holds no signing key.
+CREDENTIAL_CERT_FILE = "credential.crt"
+CREDENTIAL_KEY_FILE = "credential.key"
+CREDENTIAL_FILES = (CREDENTIAL_CERT_FILE, CREDENTIAL_KEY_FILE, BUNDLE_FILE)
 
 
 def files_signature(directory: str | Path, names: tuple[str, ...] = NODE_CA_FILES) -> tuple:

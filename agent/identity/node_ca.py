@@ -45,8 +45,10 @@ def validate_node_name(node: str) -> str:
 
 
 def issue_node_ca(root: CertificateAuthority, node: str, *, valid_days: int = DEFAULT_NODE_CA_VALID_DAYS,
-                  now: datetime | None = None) -> CertificateAuthority:
-    """A new intermediate for ``node`` signed by ``root``, in memory. Valid ``valid_days``, capped at the root's expiry."""
+                  now: datetime | None = None, label: str = NODE_CA_LABEL) -> CertificateAuthority:
+    """A new intermediate for ``node`` signed by ``root``, in memory. Valid ``valid_days``, capped at the root's expiry.
+
+    ``label`` starts its CN: the issuer's issuing intermediate (``issuer_ca.py``) has the same profile."""
     validate_node_name(node)
     if not root.is_root:
         raise CaError("node intermediates are issued by the root CA (the directory of `tcpmesh ca init`), "
@@ -61,7 +63,7 @@ def issue_node_ca(root: CertificateAuthority, node: str, *, valid_days: int = DE
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
         x509.CertificateBuilder()
-        .subject_name(ca_name(td, f"{NODE_CA_LABEL} {node}", key.public_key()))
+        .subject_name(ca_name(td, f"{label} {node}", key.public_key()))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(max(now - CA_BACKDATE, root.certificate.not_valid_before_utc))
@@ -188,18 +190,21 @@ class SigningCa:
         return f"SigningCa({self.kind}, {self.ca!r}, {self.bundle!r})"
 
 
-def load_node_ca(node_ca_dir: str | Path, *, now: datetime | None = None, node: str | None = None) -> SigningCa:
-    """Load and check a node CA directory. ``node``, if given, must be the node it was issued for."""
+def load_node_ca(node_ca_dir: str | Path, *, now: datetime | None = None, node: str | None = None,
+                 files: tuple[str, str, str] = NODE_CA_FILES, hint: str = ISSUE_HINT) -> SigningCa:
+    """Load and check a node CA directory. ``node``, if given, must be the node it was issued for.
+
+    ``files`` and ``hint`` let the issuer's directory (``issuer_ca.py``: the same profile) use this check."""
     directory = Path(node_ca_dir)
-    cert_path, key_path, bundle_path = (directory / name for name in NODE_CA_FILES)
-    reissue = f"re-issue it with `{ISSUE_HINT.replace('<dir>', str(directory))}`"
-    certificate = _load_cert(cert_path, directory, reissue)
+    cert_path, key_path, bundle_path = (directory / name for name in files)
+    reissue = f"re-issue it with `{hint.replace('<dir>', str(directory))}`"
+    certificate = _load_cert(cert_path, directory, reissue, hint)
     check_private_mode(key_path)
-    key = load_private_key(key_path, _read(key_path, directory), reissue)
+    key = load_private_key(key_path, _read(key_path, directory, hint), reissue)
     if public_bytes(key.public_key()) != public_bytes(certificate.public_key()):
         raise CaError(f"{key_path} does not belong to {cert_path} (their public keys differ): the pair was probably "
                       f"replaced half-way; {reissue}")
-    bundle = parse_bundle(_read(bundle_path, directory), str(bundle_path))
+    bundle = parse_bundle(_read(bundle_path, directory, hint), str(bundle_path))
     constraints = _extension(certificate, x509.BasicConstraints)
     usage = _extension(certificate, x509.KeyUsage)
     if constraints is None or not constraints.ca or usage is None or not usage.key_cert_sign:
@@ -238,19 +243,20 @@ def load_root_as_signing_ca(ca_dir: str | Path, *, now: datetime | None = None) 
     return SigningCa(root, make_bundle([root.certificate], where=str(Path(ca_dir) / "ca.crt")), str(ca_dir), None)
 
 
-def _load_cert(path: Path, directory: Path, reissue: str) -> x509.Certificate:
+def _load_cert(path: Path, directory: Path, reissue: str, hint: str = ISSUE_HINT) -> x509.Certificate:
     try:
-        return x509.load_pem_x509_certificate(_read(path, directory))
+        return x509.load_pem_x509_certificate(_read(path, directory, hint))
     except ValueError as exc:
         raise CaError(f"{path} is not a PEM certificate ({exc}); {reissue}") from None
 
 
-def _read(path: Path, directory: Path) -> bytes:
+def _read(path: Path, directory: Path, hint: str = ISSUE_HINT) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise CaError(f"{path} does not exist; issue this node's CA with `{ISSUE_HINT.replace('<dir>', str(directory))}` "
-                      f"(identity.node_ca_dir is {directory})") from None
+        what = "issue this node's CA" if hint == ISSUE_HINT else "create it"
+        raise CaError(f"{path} does not exist; {what} with `{hint.replace('<dir>', str(directory))}` "
+                      f"(the directory given is {directory})") from None
     except OSError as exc:
         raise CaError(f"cannot read {path}: {exc.strerror}; run the agent as a user that may read it") from None
 

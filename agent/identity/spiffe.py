@@ -113,3 +113,40 @@ class SpiffeId:
 
     def __str__(self) -> str:
         return self.uri
+
+
+# Node credentials (docs/identity.md "The issuer"): ``spiffe://<td>/node/<name>``, used as a TLS client
+# certificate towards the issuer only. The path has two segments, so ``SpiffeId.parse`` (workloads) never
+# accepts one: a node SVID can never stand for a workload on a tunnel.
+NODE_SEGMENT = "node"
+# The issuer's server certificate names this, so an agent can check it reached the issuer, not a node.
+ISSUER_PATH = "/tcpmesh/issuer"
+_NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+
+
+def validate_node_name(node: str) -> str:
+    if not isinstance(node, str) or not _NODE_NAME.match(node):
+        raise SpiffeIdError(f"node name {node!r} is not valid: use 1-63 lower-case letters, digits, '.', '-' or '_', "
+                            "starting and ending with a letter or digit (the node's name in the registry)")
+    return node
+
+
+def node_id_uri(trust_domain: str, node: str) -> str:
+    """``spiffe://<td>/node/<node>``: the SPIFFE ID of a node credential."""
+    return f"{SCHEME}{validate_trust_domain(trust_domain)}/{NODE_SEGMENT}/{validate_node_name(node)}"
+
+
+def parse_node_id(text: str) -> tuple[str, str]:
+    """(trust domain, node) of a node credential's SPIFFE ID; ``SpiffeIdError`` for anything else."""
+    if not isinstance(text, str) or not text.startswith(SCHEME) or len(text) > MAX_ID_LENGTH:
+        raise SpiffeIdError(f"{text!r} is not a node SPIFFE ID (spiffe://<trust-domain>/node/<name>)")
+    trust_domain, _, path = text[len(SCHEME):].partition("/")
+    parts = path.split("/")
+    if len(parts) != 2 or parts[0] != NODE_SEGMENT:
+        raise SpiffeIdError(f"{text!r} is not a node SPIFFE ID (spiffe://<trust-domain>/node/<name>)")
+    return validate_trust_domain(trust_domain), validate_node_name(parts[1])
+
+
+def issuer_id_uri(trust_domain: str) -> str:
+    """``spiffe://<td>/tcpmesh/issuer``: the SPIFFE ID in the issuer's server certificate."""
+    return f"{SCHEME}{validate_trust_domain(trust_domain)}{ISSUER_PATH}"

@@ -310,3 +310,42 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def issuer_context(server: bool, trust_bundle_pem: str | bytes, chain_pem: str | None, key_pem: str | None, *,
+                   alpn: str, key_dir: str | Path | None = None) -> ssl.SSLContext:
+    """A context for the issuer protocol: TLS 1.3, P-256 key exchange only, strict X.509, ``alpn``.
+
+    Server side: the client certificate is optional (a joining node has none yet; the issuer decides per
+    request) but verified against the bundle when sent. Client side: the issuer's certificate is required;
+    its name (``spiffe://<td>/tcpmesh/issuer``) is checked by the caller. ``chain_pem``/``key_pem`` (the
+    issuer's server credential, or the node credential) reach OpenSSL through a memfd as for SVIDs."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx, trust_bundle_pem)
+    ctx.set_alpn_protocols([alpn])
+    if server:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.num_tickets = 0
+    else:
+        ctx.check_hostname = False
+    if chain_pem is not None and key_pem is not None:
+        load_credential(ctx, chain_pem, key_pem, key_dir=key_dir)
+    return ctx
+
+
+def load_credential(ctx: ssl.SSLContext, chain_pem: str, key_pem: str, *, key_dir: str | Path | None = None) -> None:
+    """Load (or replace: new handshakes only) a certificate chain and key into ``ctx`` through a memfd."""
+    try:
+        with _private_file(chain_pem, key_dir) as chain_path, _private_file(key_pem, key_dir) as key_path:
+            ctx.load_cert_chain(chain_path, key_path)
+    except ssl.SSLError as exc:
+        raise TlsSetupError(f"cannot load the issuer-protocol certificate: {exc.reason or exc}") from None
+
+
+def peer_uri(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
+    """The single URI SAN of the verified peer certificate, or None (no certificate, or not one URI)."""
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return None
+    uris = [value for kind, value in cert.get("subjectAltName", ()) if kind == "URI"]
+    return uris[0] if len(uris) == 1 else None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from agent.issuer.metrics import IssuerMetrics
 from agent.telemetry.metrics import Metrics
 from agent.telemetry.plaintext import PlaintextCollector
 from agent.telemetry.runtime import RuntimeStats
@@ -22,6 +23,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "telemetry.md"
 def exported_names() -> set[str]:
     registry = CollectorRegistry()
     Metrics(registry)
+    IssuerMetrics(registry)  # the issuer's (tcpmesh issuer run): documented in the same file
     runtime = RuntimeStats(ctx=None)
     runtime.last = {"asyncio_tasks": 0, "connection_tasks": 0, "relays": 0, "outbound_tunnels": 0, "pending_handshakes": 0,
                     "limited": {"source": 0}}

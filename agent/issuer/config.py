@@ -1,0 +1,99 @@
+"""The issuer's config file (YAML; docs/identity.md "Running the issuer"), validated with errors naming
+the field and the fix. Pure, apart from reading the file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.config import build_dataclass
+from agent.errors import ConfigError
+from agent.identity.spiffe import SpiffeIdError, validate_trust_domain
+from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
+from agent.issuer.protocol import DEFAULT_PORT
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    address: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+
+
+@dataclass(frozen=True)
+class IssuerRegistryConfig:
+    source: str = "file"                      # "file" or "kubernetes": what placement is checked against
+    file: str = "/etc/tcpmesh/workloads.yaml"
+    poll_seconds: float = 2.0
+    kubeconfig: str = ""
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    key_file: str = ""     # `tcpmesh issuer token-key --out FILE`; empty: no bootstrap tokens accepted
+    spent_dir: str = "/var/lib/tcpmesh-issuer/spent"  # shared by every replica (tokens.py)
+
+
+@dataclass(frozen=True)
+class RateConfig:
+    per_second: float = 5.0   # per node: certificates a node may be issued per second, sustained
+    burst: int = 200          # per node: at once (a node start with many identities)
+    joins_per_minute: float = 10.0  # per source address: bootstrap token attempts
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    address: str = "127.0.0.1"
+    port: int = 15022     # /metrics (Prometheus); 0: off
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    trust_domain: str = "cluster.local"
+    name: str = "issuer"                          # this replica's name in logs and hello answers
+    ca_dir: str = "/etc/tcpmesh/issuer"           # `tcpmesh ca issue-issuer --out`
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    registry: IssuerRegistryConfig = field(default_factory=IssuerRegistryConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    rate: RateConfig = field(default_factory=RateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    max_svid_ttl_seconds: int = 3600
+    node_svid_ttl_seconds: int = 3600
+    dev_short_ttl: bool = False                   # tests only: TTLs down to 2 s
+
+
+def load_issuer_config(path: str | Path) -> IssuerConfig:
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError("--config", str(path), f"cannot read the issuer config: {exc.strerror}",
+                          "pass --config with the path of an existing YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", str(path), f"not valid YAML: {exc}") from None
+    return issuer_config_from_mapping(doc)
+
+
+def issuer_config_from_mapping(doc: Any) -> IssuerConfig:
+    if not isinstance(doc, dict):
+        raise ConfigError("issuer config", type(doc).__name__, "must be a YAML mapping")
+    config = build_dataclass(IssuerConfig, doc, prefix="")
+    try:
+        validate_trust_domain(config.trust_domain)
+    except SpiffeIdError as exc:
+        raise ConfigError("trust_domain", config.trust_domain, str(exc)) from None
+    if config.registry.source not in ("file", "kubernetes"):
+        raise ConfigError("registry.source", config.registry.source, "unknown source", "use file or kubernetes")
+    floor = DEV_MIN_TTL_SECONDS if config.dev_short_ttl else MIN_TTL_SECONDS
+    for name in ("max_svid_ttl_seconds", "node_svid_ttl_seconds"):
+        if getattr(config, name) < floor:
+            raise ConfigError(name, getattr(config, name), "is too short", f"use at least {floor} seconds")
+    if not 0 < config.listen.port < 65536:
+        raise ConfigError("listen.port", config.listen.port, "out of range", "use 1-65535")
+    if config.rate.per_second <= 0 or config.rate.burst < 1 or config.rate.joins_per_minute <= 0:
+        raise ConfigError("rate", config.rate, "every rate must be positive", "for example per_second: 5, burst: 200")
+    if not config.ca_dir:
+        raise ConfigError("ca_dir", config.ca_dir, "is required",
+                          "point it at the directory of `tcpmesh ca issue-issuer --ca <root> --out <dir>`")
+    return config

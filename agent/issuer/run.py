@@ -1,0 +1,164 @@
+"""The issuer process: wires config → CA, registry, tokens, limits, metrics, service, server; keeps them current.
+
+Every ``registry.poll_seconds`` it re-reads a changed registry file (a bad one is logged and the last
+good one stays — placement never falls back to "allow"), reloads a changed CA directory (a re-issued
+intermediate: new server certificate, new signatures), and renews its server certificate at half
+life. Kubernetes: the registry's own watch source (``registry.kubernetes.source``) feeds the snapshot.
+Stops on SIGTERM/SIGINT. Systemd ``READY=1`` once listening (NOTIFY_SOCKET, when set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from datetime import datetime, timezone
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from agent.errors import TcpmeshError
+from agent.identity.errors import IdentityError
+from agent.identity.files import ISSUER_CA_FILES, files_signature
+from agent.issuer.config import IssuerConfig
+from agent.issuer.metrics import IssuerMetrics
+from agent.issuer.ratelimit import RateLimiter
+from agent.issuer.server import IssuerServer
+from agent.issuer.service import IssuerService, Limits
+from agent.issuer.signing import IssuingCa
+from agent.issuer.tokens import SpentLedger, load_token_key
+from agent.registry.model import Registry
+
+log = logging.getLogger("tcpmesh.issuer")
+
+
+class RegistryHolder:
+    """The newest registry snapshot the placement check reads (one assignment per change)."""
+
+    def __init__(self) -> None:
+        self.current: Registry | None = None
+        self.signature: Any = None
+
+    def get(self) -> Registry | None:
+        return self.current
+
+    def set(self, registry: Registry) -> bool:
+        self.current = registry
+        return True
+
+
+def _file_signature(path: str) -> Any:
+    try:
+        st = os.stat(path)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return None
+
+
+def reload_registry_file(config: IssuerConfig, holder: RegistryHolder, metrics: Any) -> None:
+    from agent.registry.static_file import load_registry_file
+
+    signature = _file_signature(config.registry.file)
+    if signature == holder.signature:
+        return
+    holder.signature = signature
+    try:
+        registry = load_registry_file(config.registry.file, config.trust_domain)
+    except TcpmeshError as exc:
+        log.error("issuer: the registry %s cannot be used: %s; keeping the previous one (%s)", config.registry.file,
+                  exc, "none yet: every request is refused" if holder.current is None else "loaded before")
+        return
+    holder.set(registry)
+    metrics.registry_workloads.set(len(registry.workloads))
+    log.info("issuer: registry %s: %d nodes, %d workloads", config.registry.file, len(registry.nodes),
+             len(registry.workloads))
+
+
+def build_service(config: IssuerConfig, metrics: IssuerMetrics, holder: RegistryHolder) -> IssuerService:
+    now = datetime.now(timezone.utc)
+    ca = IssuingCa(config.ca_dir, now)
+    if ca.trust_domain != config.trust_domain:
+        raise TcpmeshError(f"ca_dir {config.ca_dir} is for trust domain {ca.trust_domain!r}, trust_domain is "
+                           f"{config.trust_domain!r}; fix one of them")
+    metrics.ca_expiry.set(ca.not_after.timestamp())
+    token_key = load_token_key(config.tokens.key_file) if config.tokens.key_file else None
+    ledger = SpentLedger(config.tokens.spent_dir) if token_key is not None else None
+    min_ttl = 2 if config.dev_short_ttl else 60
+    return IssuerService(ca, holder.get, token_key=token_key, ledger=ledger,
+                         node_limiter=RateLimiter(config.rate.per_second, config.rate.burst),
+                         join_limiter=RateLimiter(config.rate.joins_per_minute / 60.0, max(1, config.rate.joins_per_minute)),
+                         metrics=metrics, name=config.name,
+                         limits=Limits(config.max_svid_ttl_seconds, min_ttl, config.node_svid_ttl_seconds))
+
+
+async def run_issuer(config: IssuerConfig, *, registry: CollectorRegistry | None = None) -> None:
+    registry = registry or CollectorRegistry()
+    metrics = IssuerMetrics(registry)
+    holder = RegistryHolder()
+    source = None
+    if config.registry.source == "file":
+        reload_registry_file(config, holder, metrics)
+    else:
+        from agent.registry.kubernetes.source import KubernetesSource, make_api_client
+
+        source = KubernetesSource(make_api_client(config.registry.kubeconfig), "", config.trust_domain, "",
+                                  lambda r: (holder.set(r), metrics.registry_workloads.set(len(r.workloads))))
+        source.start()
+        holder.set(await source.first_snapshot())
+    service = build_service(config, metrics, holder)
+    if config.metrics.port:
+        start_http_server(config.metrics.port, config.metrics.address, registry=registry)
+    server = IssuerServer(service, config.listen.address, config.listen.port, metrics=metrics)
+    await server.start()
+    _notify_ready()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(source.run())] if source is not None else []
+    ca_signature = files_signature(config.ca_dir, ISSUER_CA_FILES)
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), config.registry.poll_seconds)
+            except asyncio.TimeoutError:
+                pass
+            if config.registry.source == "file":
+                reload_registry_file(config, holder, metrics)
+            signature = files_signature(config.ca_dir, ISSUER_CA_FILES)
+            now = datetime.now(timezone.utc)
+            if signature != ca_signature:
+                ca_signature = signature
+                try:
+                    service.ca = IssuingCa(config.ca_dir, now)
+                except IdentityError as exc:
+                    log.error("issuer: the CA files in %s changed but cannot be used: %s; keeping %r",
+                              config.ca_dir, exc, service.ca)
+                    continue
+                metrics.ca_expiry.set(service.ca.not_after.timestamp())
+                log.info("issuer: reloaded %r", service.ca)
+                server.refresh_server_certificate()
+            elif (server.server_not_after - now).total_seconds() < 12 * 3600:
+                server.refresh_server_certificate()
+    finally:
+        for task in tasks:
+            task.cancel()
+        if source is not None:
+            source.stop()
+        await server.close()
+        log.info("issuer %s stopped", config.name)
+
+
+def _notify_ready() -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(b"READY=1\nSTATUS=issuing", address)
+        except OSError:
+            pass

@@ -1,0 +1,91 @@
+"""The issuer's TLS listener: lines in, ``IssuerService.handle_line`` answers out. Owns sockets only.
+
+TLS 1.3 with P-256 key exchange (``identity.tls.issuer_context``), ALPN ``tcpmesh-issuer/1``, the
+client certificate optional but verified when sent. At most ``max_connections`` at once (the rest are
+closed at accept), 10 s for a handshake, ``idle_seconds`` between requests. The server certificate
+(``spiffe://<td>/tcpmesh/issuer``, minted from the issuing CA) is renewed at half its lifetime by
+loading a new chain into the same context: new handshakes get it, open connections keep theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from datetime import datetime, timezone
+from typing import Any
+
+from agent.identity.tls import issuer_context, load_credential, peer_uri
+from agent.issuer import protocol
+from agent.issuer.service import IssuerService, Peer
+
+log = logging.getLogger("tcpmesh.issuer")
+
+ALPN = "tcpmesh-issuer/1"
+HANDSHAKE_TIMEOUT_SECONDS = 10.0
+SERVER_CERT_TTL_SECONDS = 24 * 3600
+
+
+class IssuerServer:
+    def __init__(self, service: IssuerService, address: str, port: int, *, max_connections: int = 1024,
+                 idle_seconds: float = 60.0, metrics: Any = None) -> None:
+        self.service = service
+        self.address, self.port = address, port
+        self.max_connections, self.idle_seconds = max_connections, idle_seconds
+        self._metrics = metrics
+        self._open = 0
+        self._server: asyncio.AbstractServer | None = None
+        self.context = self._make_context()
+
+    def _make_context(self) -> ssl.SSLContext:
+        credential = self.service.ca.server_credential(SERVER_CERT_TTL_SECONDS, datetime.now(timezone.utc))
+        self.server_not_after = credential.not_after
+        return issuer_context(True, self.service.ca.bundle_pem, credential.chain_pem, credential.key_pem, alpn=ALPN)
+
+    def refresh_server_certificate(self) -> None:
+        """A new server certificate for new handshakes; open connections keep theirs."""
+        credential = self.service.ca.server_credential(SERVER_CERT_TTL_SECONDS, datetime.now(timezone.utc))
+        load_credential(self.context, credential.chain_pem, credential.key_pem)
+        self.server_not_after = credential.not_after
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, self.address, self.port, ssl=self.context,
+                                                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS,
+                                                  limit=protocol.MAX_LINE_BYTES + 1)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("issuer %s listening on %s:%d (TLS 1.3, ALPN %s) for trust domain %s", self.service.name,
+                 self.address, self.port, ALPN, self.service.ca.trust_domain)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername") or ("?", 0)
+        ssl_object = writer.get_extra_info("ssl_object")
+        if self._open >= self.max_connections or ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
+            writer.close()
+            return
+        peer = Peer(str(peername[0]), peer_uri(ssl_object))
+        self._open += 1
+        if self._metrics is not None:
+            self._metrics.connections.set(self._open)
+        try:
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), self.idle_seconds)
+                except (asyncio.TimeoutError, asyncio.LimitOverrunError, ValueError, ConnectionError, ssl.SSLError):
+                    break
+                if not line:
+                    break
+                answer = self.service.handle_line(line, peer)
+                writer.write(protocol.encode(answer))
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            self._open -= 1
+            if self._metrics is not None:
+                self._metrics.connections.set(self._open)
+            writer.close()
