@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,7 @@ from agent.capture.modes import build_capture
 from agent.capture.source_return import SourceReturn, WithSourceReturn
 from agent.config import Config, admin_allowed_sources
 from agent.control.admin_socket import AdminSocket
+from agent.control.status import node_status
 from agent.control.workloads import WorkloadController
 from agent.errors import EnvironmentProblem, KernelError, TcpmeshError
 from agent.service.heap import heap_trimmer, trim_heap_forever
@@ -117,6 +119,45 @@ class Agent:
                 names.setdefault(workload.spiffe_id, []).append(workload.name)
         return self.rotator.report(names)
 
+    def status(self) -> dict:
+        """`tcpmesh status` for this node (agent.control.status): the admin socket's ``status``, /debug/status."""
+        policy = self.policy
+        refused = policy.refused if policy is not None else None
+        policy_doc = {"dir": self.config.policy.dir, "in_force": bool(policy and policy.in_force),
+                      "loaded_at": policy.loaded_at if policy else None,
+                      "authorization": len(policy.policies.authorization) if policy else 0,
+                      "peer_authentication": len(policy.policies.peer_authentication) if policy else 0,
+                      "files": len(policy.policies.files) if policy else 0,
+                      "default_action": self.config.policy.default_action,
+                      "refused": refused.to_json() if refused is not None else None}
+        identities = self.rotator.report().get("identities", []) if self.rotator is not None else []
+        return node_status(node=self.config.node.name, now=time.time(), ready=self.ready,
+                           not_ready_reason=self.not_ready_reason,
+                           capture_mode=self.capture.name if self.capture is not None else "none (stopped)",
+                           workloads=self.workloads.describe() if self.workloads is not None else [],
+                           identities=identities, policy=policy_doc, registry=self._registry_status(),
+                           issuer=None)
+
+    def _registry_status(self) -> dict:
+        workloads = self.workloads
+        doc = {"source": self.config.registry.source, "errors": workloads.file_errors if workloads else 0,
+               "last_error": workloads.last_error if workloads else "", "healthy": not (workloads and workloads.last_error)}
+        if self.config.registry.source == "file":
+            doc["file"] = self.config.registry.file
+        if self.kubernetes is not None:
+            watches = {w.kind: {"synced": w.synced.is_set(), "errors": w.stats.errors, "last_error": w.stats.last_error}
+                       for w in (self.kubernetes.pods, self.kubernetes.nodes)}
+            doc["watches"] = watches
+            unreachable = self.kubernetes.unreachable()
+            doc["healthy"] = doc["healthy"] and not unreachable and all(w["synced"] for w in watches.values())
+            doc["last_error"] = unreachable or doc["last_error"]
+        return doc
+
+    def _warning(self) -> str:
+        """Said after ok/ready on /healthz and /readyz: what works but needs the operator (a refused change)."""
+        refused = self.policy.refused if self.policy is not None and self.policy.in_force else None
+        return f"policy change refused, the previous set stays in force: {refused.error}" if refused else ""
+
     def _proxy_cgroup(self) -> str:
         """The agent's own cgroup v2 directory: capture.proxy_cgroup, else the one this process runs in."""
         return self.config.capture.proxy_cgroup or checks.own_cgroup_path(self.config.capture.cgroup_root)
@@ -182,6 +223,7 @@ class Agent:
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,
                                  certs=self._certs_report, not_ready_reason=lambda: self.not_ready_reason,
+                                 status=self.status, warning=self._warning,
                                  allowed=admin_allowed_sources(config.admin),
                                  refused=lambda reason: self.metrics.admin_refused.labels(reason).inc(),
                                  ready_detail=lambda: self.kubernetes.unreachable() if self.kubernetes else "")
@@ -221,7 +263,9 @@ class Agent:
             else:
                 self.workloads.load()
                 self.metrics.registry_source_up.set(1)
-            admin_socket = AdminSocket(config.admin.socket, self.workloads, flows=lambda req: self._flows(ctx, req))
+            admin_socket = AdminSocket(config.admin.socket, self.workloads, flows=lambda req: self._flows(ctx, req),
+                                       ops={"status": lambda req: {"status": self.status()},
+                                            "certs": lambda req: {"certs": self._certs_report()}})
             await admin_socket.start()
             runtime = RuntimeStats(ctx, lambda: outbound.pool.open_sessions)
             self.prometheus.register(runtime)
@@ -304,6 +348,7 @@ class Agent:
             self._apply_inbound_modes(self.workloads.snapshot)
         if self.policy.load_errors > errors_before:
             self.metrics.policy_load_errors.inc(self.policy.load_errors - errors_before)
+        self.metrics.policy_change_refused.set(1 if self.policy.in_force and self.policy.refused else 0)
         if self.policy.in_force:
             self._policy_in_force.set()
         elif not self.ready:

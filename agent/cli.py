@@ -24,6 +24,7 @@ LAZY_COMMANDS = {
     "cert": "agent.telemetry.cli:cert",
     "lab": "agent.lab.cli:lab",
     "workload": "agent.control.cli:workload",
+    "status": "agent.control.cli:status",
     "policy": "agent.policy.cli:policy",
     "demo": "agent.demo.run:demo",
     "doctor": "agent.host.doctor:doctor",

@@ -1,13 +1,18 @@
 """The admin socket (/run/tcpmesh/agent.sock by default, mode 0600): one JSON request per line, one
-JSON answer per line. Operations: ``workload.add``, ``workload.del``, ``workload.list``, ``flows.list``.
+JSON answer per line. Operations: ``workload.add``, ``workload.del``, ``workload.list``, ``flows.list``,
+and those the composition root adds (``status``, ``certs``, ``policy.explain``: see ``ops``).
 
     {"op": "workload.add", "workload": {"name": .., "namespace": .., "service_account": .., "ip": ..,
                                         "node": .., "cgroup": ..}}
     {"op": "workload.del", "key": "namespace/name"}
     {"op": "flows.list", "workload": "ns/name"?, "port": 5432?, "after": <cursor>?}  (agent.telemetry.flows)
+    {"op": "status"}                       → the node's facts (agent.control.status, `tcpmesh status`)
+    {"op": "certs"}                        → the /debug/certs report (`tcpmesh cert inspect`)
+    {"op": "policy.explain", "from": .., "to": "ns/name", "port": n}  (`tcpmesh policy explain`)
     → {"ok": true, ...} | {"ok": false, "error": "what was wrong and how to fix it"}
 
-Requests are bounded (64 KiB) and answered one at a time per connection.
+Requests are bounded (64 KiB) and answered one at a time per connection. The client side is
+agent.admin_client.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import json
 import logging
 import os
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from agent.control.workloads import WorkloadController
 from agent.errors import TcpmeshError
@@ -28,10 +33,12 @@ MAX_REQUEST = 64 * 1024
 
 class AdminSocket:
     def __init__(self, path: str, workloads: WorkloadController,
-                 flows: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 flows: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 ops: Mapping[str, Callable[[dict[str, Any]], dict[str, Any]]] | None = None) -> None:
         self.path = path
         self._workloads = workloads
         self._flows = flows  # flows.list: open and recently closed flows (FlowTable.query)
+        self._ops = dict(ops or {})  # op name → handler(request) → answer fields (a TcpmeshError refuses)
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -86,10 +93,12 @@ class AdminSocket:
                 return {"ok": True, "workloads": self._workloads.describe()}
             if op == "flows.list" and self._flows is not None:
                 return {"ok": True, **self._flows(request)}
+            if isinstance(op, str) and op in self._ops:
+                return {"ok": True, **self._ops[op](request)}
         except TcpmeshError as exc:
             return {"ok": False, "error": str(exc)}
-        return {"ok": False, "error": f"unknown op {op!r}: use workload.add, workload.del, workload.list "
-                                     "or flows.list"}
+        known = ["workload.add", "workload.del", "workload.list", "flows.list", *self._ops]
+        return {"ok": False, "error": f"unknown op {op!r}: use {', '.join(known)}"}
 
 
 def _remove_stale(path: str) -> None:
@@ -103,24 +112,3 @@ def _remove_stale(path: str) -> None:
     finally:
         probe.close()
     raise TcpmeshError(f"another agent is listening on {path}: stop it first, or set admin.socket to another path")
-
-
-def request(path: str, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request to the agent's admin socket and return its answer (used by the CLI)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        raise TcpmeshError(f"cannot reach the agent at {path}: {exc.strerror} (is `tcpmesh run` running? "
-                           "pass --socket or --config to point at its admin socket)") from exc
-    with sock:
-        sock.sendall(json.dumps(payload).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)

@@ -1,37 +1,23 @@
-"""``tcpmesh workload add|del|list``: change the running agent's workloads through its admin socket."""
+"""``tcpmesh workload add|del|list`` (change the running agent's workloads) and ``tcpmesh status`` (the
+node's state, agent.control.status), through the agent's admin socket (which agent: agent.control.target)."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
-from agent.config import DEFAULT_ADMIN_SOCKET
-from agent.control.admin_socket import request
-from agent.errors import TcpmeshError
+from agent.admin_client import ask
+from agent.control.target import resolve_socket, target_options
 
 
-def _socket_path(socket_path: str | None, config_path: str | None) -> str:
-    if socket_path:
-        return socket_path
-    if config_path:
-        from agent.config import load_config
-
-        return load_config(config_path).admin.socket
-    return DEFAULT_ADMIN_SOCKET
+def _call(target: dict, payload: dict) -> dict:
+    return ask(resolve_socket(**target), payload)
 
 
-def _target_options(fn):
-    fn = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                      help="Agent config file; its admin.socket is used.")(fn)
-    return click.option("--socket", "socket_path", help=f"Admin socket of the agent (default {DEFAULT_ADMIN_SOCKET}).")(fn)
-
-
-def _call(socket_path: str | None, config_path: str | None, payload: dict) -> dict:
-    answer = request(_socket_path(socket_path, config_path), payload)
-    if not answer.get("ok"):
-        raise TcpmeshError(answer.get("error", "the agent refused the request"))
-    return answer
+def _target(socket_path, config_path, target_lab, target_node) -> dict:
+    return {"socket_path": socket_path, "config_path": config_path, "lab": target_lab, "node": target_node}
 
 
 @click.group()
@@ -46,31 +32,31 @@ def workload() -> None:
 @click.option("--ip", required=True, help="The workload's IPv4 address.")
 @click.option("--node", required=True, help="The node the workload runs on.")
 @click.option("--cgroup", help="The workload's cgroup v2 directory (needed on its own node for ebpf-connect).")
-@_target_options
-def add(name, namespace, service_account, ip, node, cgroup, socket_path, config_path) -> None:
+@lambda fn: target_options(fn, node_flag="--lab-node")
+def add(name, namespace, service_account, ip, node, cgroup, socket_path, config_path, target_lab, target_node) -> None:
     """Register a workload with the agent; on its own node it is captured at once."""
     entry = {"name": name, "namespace": namespace, "service_account": service_account, "ip": ip, "node": node}
     if cgroup:
         entry["cgroup"] = cgroup
-    answer = _call(socket_path, config_path, {"op": "workload.add", "workload": entry})
+    answer = _call(_target(socket_path, config_path, target_lab, target_node), {"op": "workload.add", "workload": entry})
     click.echo(f"added {answer['workload']} ({answer['spiffe_id']})")
 
 
 @workload.command("del")
 @click.argument("key", metavar="NAMESPACE/NAME")
-@_target_options
-def delete(key, socket_path, config_path) -> None:
+@target_options
+def delete(key, socket_path, config_path, target_lab, target_node) -> None:
     """Remove a workload added with `workload add`; it is no longer captured."""
-    answer = _call(socket_path, config_path, {"op": "workload.del", "key": key})
+    answer = _call(_target(socket_path, config_path, target_lab, target_node), {"op": "workload.del", "key": key})
     click.echo(f"removed {answer['workload']}")
 
 
 @workload.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_target_options
-def list_(as_json, socket_path, config_path) -> None:
+@target_options
+def list_(as_json, socket_path, config_path, target_lab, target_node) -> None:
     """The agent's workloads: where each comes from, and whether this node captures it."""
-    workloads = _call(socket_path, config_path, {"op": "workload.list"})["workloads"]
+    workloads = _call(_target(socket_path, config_path, target_lab, target_node), {"op": "workload.list"})["workloads"]
     if as_json:
         click.echo(json.dumps(workloads, indent=1))
         return
@@ -78,3 +64,18 @@ def list_(as_json, socket_path, config_path) -> None:
         state = ("captured" if w["captured"] else f"NOT CAPTURED: {w['problem']}") if w["local"] else "remote"
         click.echo(f"{w['namespace']}/{w['name']:<16} {w['ip']:<15} {w['node']:<8} {w['source']:<8} {state}  "
                    f"{w['spiffe_id']}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="The agent's status document (schema: docs/telemetry.md).")
+@target_options
+def status(as_json, socket_path, config_path, target_lab, target_node) -> None:
+    """One node's state: ready, capture mode, workloads, identities and expiry, the policy set in force
+    and the last refused change (file:line: field: problem, and the valid edits it holds back),
+    registry health, issuer reachability. Exit code 1 when there is a problem to act on."""
+    from agent.control.status import format_status
+
+    doc = _call(_target(socket_path, config_path, target_lab, target_node), {"op": "status"})["status"]
+    click.echo(json.dumps(doc, indent=1) if as_json else format_status(doc))
+    if doc["problems"]:
+        sys.exit(1)

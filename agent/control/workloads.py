@@ -38,6 +38,7 @@ class WorkloadController:
         self.on_change = on_change
         self.snapshot: Registry | None = None  # read by the data path; replaced, never mutated
         self.file_errors = 0
+        self.last_error = ""  # why the latest version of the base registry was not applied; "" once one is
         self.attach_failures: dict[str, str] = {}  # workload key → why it is not captured
         self._file_registry: Registry | None = None
         self._file_digest = ""
@@ -65,9 +66,11 @@ class WorkloadController:
             merged = merge(registry, self._dynamic.values())
         except TcpmeshError as exc:
             self.file_errors += 1
+            self.last_error = str(exc)
             log.error("%s snapshot not applied, previous workloads stay in force: %s", self.base_source, exc)
             return None
         self._file_registry = registry
+        self.last_error = ""
         plan = self._apply(merged, strict=False)
         if not plan.empty:
             log.info("%s snapshot applied: %d attached, %d detached", self.base_source, len(plan.attach),
@@ -86,10 +89,12 @@ class WorkloadController:
             merged = merge(registry, self._dynamic.values())
         except TcpmeshError as exc:
             self.file_errors += 1
+            self.last_error = str(exc)
             log.error("registry file not applied, previous workloads stay in force: %s", exc)
             self._file_digest = _digest_or_empty(self.registry_file)  # report each broken version once
             return None
         self._file_registry, self._file_digest = registry, digest
+        self.last_error = ""
         plan = self._apply(merged, strict=False)
         log.info("registry file reloaded: %d attached, %d detached", len(plan.attach), len(plan.detach))
         return plan

@@ -210,16 +210,29 @@ def rotate_status(new_ca: str | None, node_dirs: tuple[str, ...]) -> None:
         click.echo(f"{state.describe(new)}; steps done: {', '.join(done) or 'none'}")
 
 
+AGENT_SERVER = "tcpmesh-admin"  # the Server header of agent.telemetry.admin
+
+
 def fetch_certs(admin_url: str) -> dict:
+    """/debug/certs of the agent at ``admin_url``; a server that is not a tcpmesh agent is named as such."""
     url = admin_url.rstrip("/") + CERTS_PATH
     try:
         with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_SECONDS) as response:  # noqa: S310 (operator URL)
+            _require_agent(url, response.status, response.headers.get("Server", ""))
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise TcpmeshError(f"{url} answered HTTP {exc.code}: is this a tcpmesh agent with identity reporting?") from None
+        _require_agent(url, exc.code, exc.headers.get("Server", "") if exc.headers else "")
+        raise TcpmeshError(f"the tcpmesh agent at {url} answered HTTP {exc.code} (an agent older than "
+                           "/debug/certs?)") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TcpmeshError(f"cannot reach the agent at {url}: {reason}; is it running, and is admin.address "
-                           "reachable from here (`tcpmesh lab exec nodeN -- ...` in the lab)?") from None
+                           "reachable from here? (without --admin, commands use the agent's admin socket)") from None
     except ValueError as exc:
         raise TcpmeshError(f"{url} did not answer JSON ({exc})") from None
+
+
+def _require_agent(url: str, code: int, server: str) -> None:
+    if not server.startswith(AGENT_SERVER):
+        raise TcpmeshError(f"{url} is not a tcpmesh agent: it answered HTTP {code} as server {server or 'unnamed'!r}; "
+                           "check the address and port (admin.address and admin.port of the agent's config)")

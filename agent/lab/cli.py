@@ -114,7 +114,8 @@ def exec_(pod: str, command: tuple[str, ...], name: str, state_root: str) -> Non
 @_name_option
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON form (schema in docs/lab.md).")
 def status(name: str, state_root: str, as_json: bool) -> None:
-    """Show the lab's nodes (netns, addresses, agent pid and liveness) and pods (IP, identity, cgroup)."""
+    """Show the lab's nodes (netns, addresses, agent pid and liveness, each agent's `tcpmesh status`
+    summary) and pods (IP, identity, cgroup), and how to point other commands at a node's agent."""
     from agent.lab.lab import lab_status
 
     doc = lab_status(name, state_root=state_root)
@@ -127,11 +128,32 @@ def status(name: str, state_root: str, as_json: bool) -> None:
         agent = node["agent"]
         state = "-" if agent["pid"] is None else f"{agent['pid']} ({'alive' if agent['alive'] else 'dead'})"
         click.echo(f"{node['name']:8} {node['netns']:28} {node['wire_address']:11} {node['admin_address']:17} {state}")
+    for node in doc["nodes"]:
+        status = node["agent"]["status"]
+        if status and "policy" in status:
+            click.echo(f"  {node['name']}: {_status_summary(status)}")
     click.echo(f"{'POD':8} {'NODE':8} {'IP':12} SPIFFE ID")
     for pod in doc["pods"]:
         click.echo(f"{pod['name']:8} {pod['node']:8} {pod['ip']:12} {pod['spiffe_id']}")
+    click.echo("a node's agent, from this shell (`tcpmesh status`, `flows`, `workload list`, `cert inspect`, "
+               "`policy explain`):")
+    for node in doc["nodes"]:
+        click.echo(f"  export TCPMESH_SOCKET={node['admin_socket']}   # {node['name']}, "
+                   f"or: --lab {doc['name']} --node {node['name']}")
     for problem in doc["problems"]:
         click.echo(f"problem: {problem}", err=True)
+
+
+def _status_summary(status: dict) -> str:
+    policy = status["policy"]
+    words = ["ready" if status["ready"] else "NOT READY", status["capture_mode"],
+             f"{sum(w['captured'] for w in status['workloads'])}/{len(status['workloads'])} workloads captured",
+             f"{len(status['identities'])} identities",
+             f"policy {policy['authorization'] + policy['peer_authentication']} objects in force"
+             if policy["in_force"] else "NO POLICY SET IN FORCE"]
+    if policy.get("refused"):
+        words.append(f"CHANGE REFUSED: {policy['refused']['error']}")
+    return ", ".join(words)
 
 
 @lab.command()

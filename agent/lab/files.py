@@ -37,10 +37,16 @@ def agent_config(plan: LabPlan, node: NodePlan, capture_mode: str = DEFAULT_CAPT
         "capture": {"mode": capture_mode, "redirect_address": plan.pod_gateway, "cgroup_root": plan.cgroup_root,
                     "pods_cgroup": node.pods_cgroup, "bpffs_dir": node.bpffs_dir, "cgroup_scope": node.cgroup},
         # the lab's node network may scrape (Prometheus in node1's netns) and poll /debug/certs
-        "admin": {"address": node.wire_address, "port": ADMIN_PORT, "socket": f"{node.state_dir}/agent.sock",
+        "admin": {"address": node.wire_address, "port": ADMIN_PORT, "socket": admin_socket_path(node),
                   "allowed_sources": plan.wire_subnet},
         "access_log": {"path": access_log_path(node), "key": audit_key_path(node)},
     }
+
+
+def admin_socket_path(node: NodePlan) -> str:
+    """The node agent's admin socket: reachable from the host as a file (`tcpmesh status --lab NAME --node
+    NODE`, TCPMESH_SOCKET), no `lab exec` needed."""
+    return f"{node.state_dir}/agent.sock"
 
 
 def access_log_path(node: NodePlan) -> str:

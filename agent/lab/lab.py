@@ -23,9 +23,10 @@ from agent.errors import TcpmeshError
 from agent.lab import agents, cgroups, files, network, nsenter
 from agent.lab.errors import LabError, LabNotFound
 from agent.lab.topology import (DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STATE_ROOT, DEFAULT_TRUST_DOMAIN,
-                                LabPlan, lab_bpffs_dir, lab_cgroup, lab_state_dir, plan_lab, validate_lab_name)
+                                LabPlan, NodePlan, lab_bpffs_dir, lab_cgroup, lab_state_dir, plan_lab, validate_lab_name)
 
 STATUS_VERSION = 1
+STATUS_ASK_SECONDS = 3.0  # `lab status` asks each live agent for its status; a stuck one costs this much
 
 
 class CommandNotFound(LabError):
@@ -313,12 +314,16 @@ def lab_status(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_
         alive = record is not None and agents.is_recorded_process(record)
         if state.get("agents_requested") and state.get("phase") == "up" and not alive:
             problems.append(f"the agent of {node.name} is not running; see {node.log_file}")
+        agent_status = _agent_status(node) if alive else None
+        if agent_status is not None:
+            problems += [f"{node.name}: {p}" for p in agent_status.get("problems", [])]
         nodes.append({
             "name": node.name, "netns": node.netns, "wire_address": node.wire_address,
             "wire_address6": node.wire_address6,
-            "admin_address": node.admin_address, "pod_cidr": node.pod_cidr, "cgroup": node.agent_cgroup,
+            "admin_address": node.admin_address, "admin_socket": files.admin_socket_path(node),
+            "pod_cidr": node.pod_cidr, "cgroup": node.agent_cgroup,
             "config": node.config_file, "log": node.log_file,
-            "agent": {"pid": record.pid if record else None, "alive": alive},
+            "agent": {"pid": record.pid if record else None, "alive": alive, "status": agent_status},
         })
     pods = [{"name": p.name, "node": p.node, "netns": p.netns, "ip": p.ip, "ip6": p.ip6, "namespace": p.namespace,
              "service_account": p.service_account, "spiffe_id": p.spiffe_id, "cgroup": p.cgroup,
@@ -333,6 +338,17 @@ def lab_status(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_
         "pod_gateway": plan.pod_gateway, "cgroup": plan.cgroup,
         "nodes": nodes, "pods": pods, "problems": problems,
     }
+
+
+def _agent_status(node: NodePlan) -> dict[str, Any]:
+    """The node agent's `tcpmesh status` document (agent.control.status), or {"problems": [why not]}."""
+    from agent.admin_client import ask
+
+    path = files.admin_socket_path(node)
+    try:
+        return ask(path, {"op": "status"}, timeout=STATUS_ASK_SECONDS)["status"]
+    except TcpmeshError as exc:
+        return {"problems": [f"no status from the agent: {exc}"]}
 
 
 # -------------------------------------------------------------------------------------------- exec

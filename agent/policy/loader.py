@@ -24,7 +24,7 @@ POLICY_SUFFIXES = (".yaml", ".yml")
 
 class PolicyError(TcpmeshError):
     def __init__(self, file: str, line: int, field: str, problem: str) -> None:
-        self.file, self.line, self.field = file, line, field
+        self.file, self.line, self.field, self.problem = file, line, field, problem
         super().__init__(f"{file}:{line}: {field}: {problem}")
 
 

@@ -6,18 +6,26 @@ policy set in force (nothing half-applied), is logged with file, line and field,
 Until a set has loaded once (``in_force``), there is nothing to keep: a directory that is missing,
 unreadable or holds one invalid file at start never means "no policies". Then ``decide`` denies
 every connection and ``mtls_mode`` answers STRICT for every workload (never weaker than any set the
-files could intend), and the agent stays not ready (docs/policy.md "At start"). Imports the pure
-policy modules only.
+files could intend), and the agent stays not ready (docs/policy.md "At start").
+
+A refused change is kept as ``refused`` (``RefusedChange``) until a later change loads: the error
+(``file:line: field: problem``), when, and each file the change touched — with, for every file that
+is valid on its own, the fact that its edit is held back too (the set is applied whole or not at
+all). `tcpmesh status`, `lab status`, the admin endpoint and the metric
+``tcpmesh_policy_change_refused`` show it. Imports the pure policy modules only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from agent.policy.engine import Decision, Request, decide, mtls_mode
-from agent.policy.loader import POLICY_SUFFIXES, PolicyError, load_paths
+from agent.policy.loader import POLICY_SUFFIXES, PolicyError, load_file, load_paths
 from agent.policy.model import MtlsMode, PolicySet
 
 log = logging.getLogger("tcpmesh.policy")
@@ -25,16 +33,51 @@ MISSING_DIR_FIX = ("does not exist: create it (an empty directory means no polic
                    "policy.default_action decides)")
 
 
+@dataclass(frozen=True)
+class FileChange:
+    """One file of a refused change, compared with the set in force."""
+
+    file: str
+    change: str  # added | changed | removed
+    error: str = ""  # this file's own first error; "" when the file is valid on its own (its edit is held back)
+
+
+@dataclass(frozen=True)
+class RefusedChange:
+    error: str  # file:line: field: problem
+    file: str
+    line: int
+    field: str
+    problem: str
+    at: float  # wall clock, seconds
+    files: tuple[FileChange, ...] = field(default=())
+
+    @property
+    def held_back(self) -> tuple[str, ...]:
+        """The valid edits of this change that are not in force because another file is broken."""
+        return tuple(f.file for f in self.files if not f.error)
+
+    def to_json(self) -> dict:
+        return {"error": self.error, "file": self.file, "line": self.line, "field": self.field,
+                "problem": self.problem, "at": self.at, "held_back": list(self.held_back),
+                "files": [{"file": f.file, "change": f.change, "error": f.error} for f in self.files]}
+
+
 class PolicySource:
-    def __init__(self, directory: str, default_allow: bool = True, root_namespace: str = "tcpmesh-system") -> None:
+    def __init__(self, directory: str, default_allow: bool = True, root_namespace: str = "tcpmesh-system",
+                 clock: Callable[[], float] = time.time) -> None:
         self.directory = Path(directory)
         self.default_allow = default_allow
         self.root_namespace = root_namespace
         self.policies = PolicySet()  # replaced as a whole, never mutated
         self.in_force = False  # a set has loaded since start; until then every decision fails closed
+        self.loaded_at: float | None = None  # when the set in force loaded (wall clock)
         self.load_errors = 0
         self.last_error = ""
+        self.refused: RefusedChange | None = None  # the change not in force now, if any
+        self._clock = clock
         self._digest: str | None = None
+        self._in_force_files: dict[str, str] = {}  # file name → sha256 of the set in force
 
     def reload(self) -> bool:
         """Load the directory if it changed; True when a new set came into force."""
@@ -47,6 +90,8 @@ class PolicySource:
         except PolicyError as exc:
             self.load_errors += 1
             self.last_error = str(exc)
+            self.refused = RefusedChange(str(exc), exc.file, exc.line, exc.field, exc.problem, self._clock(),
+                                         self._changed_files())
             if self.in_force:
                 log.error("policy change refused, the previous %d policies stay in force: %s",
                           len(self.policies.authorization) + len(self.policies.peer_authentication), exc)
@@ -56,7 +101,10 @@ class PolicySource:
             return False
         self.policies = policies
         self.in_force = True
+        self.loaded_at = self._clock()
         self.last_error = ""
+        self.refused = None
+        self._in_force_files = self._file_digests()
         log.info("policies in force: %d AuthorizationPolicy, %d PeerAuthentication from %s",
                  len(policies.authorization), len(policies.peer_authentication), self.directory)
         return True
@@ -78,6 +126,38 @@ class PolicySource:
         if not self.in_force:
             return MtlsMode.STRICT
         return mtls_mode(self.policies, namespace, workload, root_namespace=self.root_namespace)
+
+    def _changed_files(self) -> tuple[FileChange, ...]:
+        """The directory's files that differ from the set in force, each with its own first error."""
+        now = self._file_digests()
+        changes = []
+        for name in sorted(set(now) | set(self._in_force_files)):
+            if now.get(name) == self._in_force_files.get(name):
+                continue
+            path = self.directory / name
+            if name not in now:
+                changes.append(FileChange(str(path), "removed"))
+                continue
+            try:
+                load_file(path)
+                error = ""
+            except PolicyError as exc:
+                error = str(exc)
+            changes.append(FileChange(str(path), "changed" if name in self._in_force_files else "added", error))
+        return tuple(changes)
+
+    def _file_digests(self) -> dict[str, str]:
+        try:
+            paths = sorted(p for p in self.directory.iterdir() if p.suffix in POLICY_SUFFIXES)
+        except OSError:
+            return {}
+        digests = {}
+        for path in paths:
+            try:
+                digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                digests[path.name] = "<unreadable>"
+        return digests
 
     def _dir_digest(self) -> str:
         digest = hashlib.sha256()

@@ -1,4 +1,4 @@
-"""The admin HTTP endpoint: /metrics, /healthz, /readyz, /debug/flows, /debug/certs.
+"""The admin HTTP endpoint: /metrics, /healthz, /readyz, /debug/flows, /debug/certs, /debug/status.
 
 Runs on its own threads so that scrapes never run on the data-path loop: one acceptor thread and a
 bounded pool of workers (``WORKERS``); a connection beyond ``BACKLOG`` waiting or being served is
@@ -11,7 +11,11 @@ operator's Prometheus). Anyone else — a pod of this node or of another, any ot
 at accept, before a byte is read (reset, counted as ``source``). /debug/flows (pids, commands,
 addresses of every flow) answers the node itself only; /debug/certs (public material: certificates,
 fingerprints, dates) also answers allowed sources, since `tcpmesh ca rotate --wait-admin` reads it
-from the operator's machine. Pure policy is ``client_kind``; the rest is http.server plumbing.
+from the operator's machine. /debug/status (`tcpmesh status`'s document, agent.control.status:
+workloads, policy files and their errors) answers the node itself only. /healthz and /readyz keep
+their codes while a policy change is refused (the agent still enforces the previous set: restarting
+it or taking it out of service would not help) but say so after "ok"/"ready". Pure policy is
+``client_kind``; the rest is http.server plumbing.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ WORKERS = 4
 BACKLOG = 64  # connections waiting for or held by a worker; more are closed at once
 REQUEST_TIMEOUT = 5.0  # seconds a client has for each read and write
 NODE, ALLOWED, FOREIGN = "node", "allowed", "foreign"
-LOCAL_ONLY_PATHS = ("/debug/flows",)
+LOCAL_ONLY_PATHS = ("/debug/flows", "/debug/status")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -114,8 +118,11 @@ class AdminServer:
                  is_ready: Callable[[], bool], flows: Callable[[], list[dict]],
                  certs: Callable[[], dict] | None = None, not_ready_reason: Callable[[], str] | None = None, *,
                  allowed: Sequence[Network] = (), refused: Callable[[str], None] = lambda reason: None,
-                 ready_detail: Callable[[], str] = lambda: "") -> None:
+                 ready_detail: Callable[[], str] = lambda: "",
+                 status: Callable[[], dict] | None = None, warning: Callable[[], str] = lambda: "") -> None:
         self._ready_detail = ready_detail  # /readyz 200 adds what a ready agent runs degraded on (API unreachable)
+        self._status = status  # /debug/status: agent.control.status's document
+        self._warning = warning  # appended to /healthz and /readyz bodies (e.g. a refused policy change)
         self._not_ready_reason = not_ready_reason  # /readyz 503 says why (e.g. the policy file and line)
         self._certs = certs  # /debug/certs: agent.identity's report (public material only, never keys)
         self._registry = registry
@@ -136,6 +143,10 @@ class AdminServer:
         self._server.server_close()
         self._thread.join(timeout=5)
 
+    def _with_warning(self, word: str) -> bytes:
+        warning = self._warning()
+        return f"{word}{'; warning: ' + warning if warning else ''}\n".encode()
+
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         admin = self
 
@@ -153,11 +164,12 @@ class AdminServer:
                 elif path == "/metrics":
                     self._send(200, generate_latest(admin._registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain")
+                    self._send(200, admin._with_warning("ok"), "text/plain")
                 elif path == "/readyz":
                     if admin._is_ready():
                         detail = admin._ready_detail()
-                        self._send(200, f"ready{chr(10) + detail if detail else ''}\n".encode(), "text/plain")
+                        body = admin._with_warning("ready")
+                        self._send(200, body + (detail + "\n").encode() if detail else body, "text/plain")
                     else:
                         reason = admin._not_ready_reason() if admin._not_ready_reason else ""
                         self._send(503, f"not ready{': ' + reason if reason else ''}\n".encode(), "text/plain")
@@ -167,9 +179,11 @@ class AdminServer:
                 elif path == "/debug/certs" and admin._certs is not None:
                     body = json.dumps(admin._certs(), indent=1).encode()
                     self._send(200, body, "application/json")
+                elif path == "/debug/status" and admin._status is not None:
+                    self._send(200, json.dumps(admin._status(), indent=1).encode(), "application/json")
                 else:
-                    self._send(404, b"not found: try /metrics, /healthz, /readyz, /debug/flows, /debug/certs\n",
-                               "text/plain")
+                    self._send(404, b"not found: try /metrics, /healthz, /readyz, /debug/flows, /debug/certs, "
+                                    b"/debug/status\n", "text/plain")
 
             def _send(self, code: int, body: bytes, content_type: str) -> None:
                 self.send_response(code)

@@ -1,6 +1,7 @@
 """What a running agent reports, asked from the command line: ``tcpmesh flows`` (the node's open and
-recently closed flows, from the agent's admin socket) and ``tcpmesh cert inspect`` (the certificates
-it serves, from its admin endpoint's /debug/certs).
+recently closed flows) and ``tcpmesh cert inspect`` (the certificates it serves, or those of a PEM
+file). Both ask the agent's admin socket (which agent: agent.control.target); `cert inspect --admin
+URL` asks the admin HTTP endpoint's /debug/certs instead, only when given.
 
 ``flows`` is like ``hubble observe`` for L4: one line per flow (or per event with ``--follow``), with the client's
 process (pid/comm/uid) as the BPF hook saw it at connect time. ``--json`` prints one JSON object per
@@ -15,8 +16,8 @@ import time
 
 import click
 
-from agent.config import DEFAULT_ADMIN_SOCKET
-from agent.control.admin_socket import request
+from agent.admin_client import ask
+from agent.control.target import resolve_socket, target_options
 from agent.errors import TcpmeshError
 
 FOLLOW_INTERVAL = 1.0
@@ -24,21 +25,8 @@ HEADER = (f"{'STATE':<6} {'REPORTER':<11} {'SOURCE':<24} {'PROCESS':<22} {'DESTI
           f"{'SENT→':>10} {'←RECV':>10} {'AGE':>7} FLAGS")
 
 
-def _socket_path(socket_path: str | None, config_path: str | None) -> str:
-    if socket_path:
-        return socket_path
-    if config_path:
-        from agent.config import load_config
-
-        return load_config(config_path).admin.socket
-    return DEFAULT_ADMIN_SOCKET
-
-
 def fetch(path: str, workload: str | None, port: int | None, after: int = 0) -> dict:
-    answer = request(path, {"op": "flows.list", "workload": workload, "port": port, "after": after})
-    if not answer.get("ok"):
-        raise TcpmeshError(answer.get("error", "the agent refused the request"))
-    return answer
+    return ask(path, {"op": "flows.list", "workload": workload, "port": port, "after": after})
 
 
 def _human_bytes(n: int) -> str:
@@ -82,12 +70,10 @@ def _key(record: dict) -> tuple:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per flow (per event with --follow).")
 @click.option("--workload", help="Only flows from or to this workload (NAME or NAMESPACE/NAME).")
 @click.option("--port", type=click.IntRange(1, 65535), help="Only flows to this destination port.")
-@click.option("--socket", "socket_path", help=f"Admin socket of the agent (default {DEFAULT_ADMIN_SOCKET}).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="Agent config file; its admin.socket is used.")
-def flows(follow, as_json, workload, port, socket_path, config_path) -> None:
+@target_options
+def flows(follow, as_json, workload, port, socket_path, config_path, target_lab, target_node) -> None:
     """Open and recently closed TCP flows on this node, with the client process of each."""
-    path = _socket_path(socket_path, config_path)
+    path = resolve_socket(socket_path, config_path, target_lab, target_node)
     answer = fetch(path, workload, port)
     if not follow:
         records = answer["flows"]
@@ -127,26 +113,35 @@ def cert() -> None:
 
 
 @cert.command("inspect")
+@click.argument("cert_file", metavar="[FILE]", required=False, type=click.Path(dir_okay=False, exists=True))
 @click.option("--workload", help="Only this identity: a workload name, a SPIFFE ID, or NAMESPACE/SA.")
-@click.option("--config", "config_path", default="/etc/tcpmesh/config.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="Agent config, to find its admin endpoint.")
-@click.option("--admin", "admin_url", help="The agent's admin endpoint (instead of reading --config), "
-                                          "e.g. http://127.0.0.1:15020.")
-@click.option("--json", "as_json", is_flag=True, help="Print the agent's /debug/certs document.")
-def cert_inspect(workload: str | None, config_path: str, admin_url: str | None, as_json: bool) -> None:
+@target_options
+@click.option("--admin", "admin_url", help="Ask this admin HTTP endpoint's /debug/certs instead of the admin "
+                                          "socket, e.g. http://127.0.0.1:15020.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def cert_inspect(cert_file: str | None, workload: str | None, socket_path: str | None, config_path: str | None,
+                 target_lab: str | None, target_node: str | None, admin_url: str | None, as_json: bool) -> None:
     """The identities this node serves: serials, validity, time to renewal, chain to which root.
 
-    Asks the running agent (its admin endpoint's /debug/certs). No key material is ever shown.
+    Asks the running agent through its admin socket (or --admin URL over HTTP). With FILE, describes
+    the PEM certificates in that file instead (subject, SPIFFE ID, issuer, validity) and asks no agent.
+    No key material is ever shown.
     """
-    from agent.identity.cli import fetch_certs
     from agent.identity.report import format_report, select
 
-    if admin_url is None:
-        from agent.config import load_config
+    if cert_file is not None:
+        from agent.identity.certfile import describe_pem, format_certificates
 
-        config = load_config(config_path)
-        admin_url = f"http://{config.admin.address}:{config.admin.port}"
-    report = fetch_certs(admin_url)
+        with open(cert_file, "rb") as f:
+            described = describe_pem(f.read(), cert_file)
+        click.echo(json.dumps(described, indent=2) if as_json else format_certificates(described, cert_file))
+        return
+    if admin_url is not None:
+        from agent.identity.cli import fetch_certs
+
+        report = fetch_certs(admin_url)
+    else:
+        report = ask(resolve_socket(socket_path, config_path, target_lab, target_node), {"op": "certs"})["certs"]
     identities = select(report, workload)
     if workload is not None and not identities:
         known = ", ".join(i["spiffe_id"] for i in report.get("identities", [])) or "none"

@@ -66,6 +66,10 @@ class Metrics:
         self.policy_load_errors = Counter("tcpmesh_policy_load_errors",
                                           "Policy directory changes refused because a file was invalid",
                                           registry=registry)
+        self.policy_change_refused = Gauge(
+            "tcpmesh_policy_change_refused", "1 while the policy directory holds a change the agent refused (an "
+            "invalid file; the previous set stays in force and the change's valid edits are held back)",
+            registry=registry)
         self.registry_errors = Gauge("tcpmesh_registry_file_errors",
                                      "Versions of the registry file that could not be applied", registry=registry)
         self.registry_source_up = Gauge("tcpmesh_registry_source_up",

@@ -152,10 +152,11 @@ def test_status_json_schema(cgroup2_mount, lab_name, state_root):
     assert doc["problems"] == [] and doc["agents"] is False
     assert [n["name"] for n in doc["nodes"]] == ["node1", "node2"]
     node = doc["nodes"][1]
-    assert set(node) == {"name", "netns", "wire_address", "wire_address6", "admin_address", "pod_cidr", "cgroup",
-                         "config", "log", "agent"}
+    assert set(node) == {"name", "netns", "wire_address", "wire_address6", "admin_address", "admin_socket", "pod_cidr",
+                         "cgroup", "config", "log", "agent"}
     assert (node["wire_address"], node["wire_address6"], node["admin_address"], node["agent"]) == \
-        ("10.76.0.2", "fd00:76::2", "10.76.0.2:15020", {"pid": None, "alive": False})
+        ("10.76.0.2", "fd00:76::2", "10.76.0.2:15020", {"pid": None, "alive": False, "status": None})
+    assert node["admin_socket"] == f"{doc['state_dir']}/nodes/node2/agent.sock"
     pod = next(p for p in doc["pods"] if p["name"] == "n2p1")
     assert pod == {"name": "n2p1", "node": "node2", "netns": f"tcpmesh-{lab_name}-n2p1", "ip": "10.77.2.11",
                    "ip6": "fd00:77:2::11", "namespace": "lab", "service_account": "db", "spiffe_id": "spiffe://lab.tcpmesh/ns/lab/sa/db",
@@ -232,7 +233,12 @@ def test_agents_start_in_node_netns_and_cgroup_and_stop_on_down(cgroup2_mount, l
                   ready_timeout=30)
     try:
         status = lab_status(lab_name, state_root=state_root)
-        assert status["problems"] == [] and status["ca_dir"] == plan.ca_dir
+        # the stand-in serves /readyz only: each node's missing `tcpmesh status` is a problem, naming the socket
+        assert status["problems"] == [f"{n.name}: no status from the agent: cannot reach the agent at {n.state_dir}/"
+                                      "agent.sock: No such file or directory (is `tcpmesh run` running? point at its "
+                                      "admin socket with --socket, --config, --lab/--node or TCPMESH_SOCKET)"
+                                      for n in plan.nodes]
+        assert status["ca_dir"] == plan.ca_dir
         assert Path(plan.ca_dir, "ca.crt").exists()
         pids = [n["agent"]["pid"] for n in status["nodes"]]
         assert all(n["agent"]["alive"] for n in status["nodes"])

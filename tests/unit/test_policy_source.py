@@ -68,3 +68,24 @@ def test_once_in_force_a_broken_change_or_a_vanished_directory_keeps_the_set(tmp
     assert source.reload() is False and source.load_errors == 2
     assert "does not exist" in source.last_error
     assert not source.decide(OTHER).allowed, "a vanished directory is not an empty set"
+
+
+def test_a_refused_change_names_its_error_and_the_valid_edits_it_holds_back(tmp_path):
+    (tmp_path / "allow.yaml").write_text(ALLOW_WEB)
+    (tmp_path / "gone.yaml").write_text(ALLOW_WEB.replace("only-web", "gone"))
+    clock = iter([100.0, 200.0, 300.0]).__next__
+    source = PolicySource(str(tmp_path), clock=clock)
+    assert source.reload() is True and source.loaded_at == 100.0 and source.refused is None
+    (tmp_path / "allow.yaml").write_text(ALLOW_WEB.replace("shop/sa/web", "shop/sa/other"))  # valid edit
+    (tmp_path / "gone.yaml").unlink()                                                         # valid removal
+    (tmp_path / "typo.yaml").write_text(TYPO)
+    assert source.reload() is False
+    refused = source.refused
+    assert (refused.file, refused.line, refused.field, refused.at) == (f"{tmp_path}/typo.yaml", 4, "spec.action", 200.0)
+    assert refused.problem == "'DENNY' is not ALLOW, DENY or AUDIT"
+    assert refused.held_back == (f"{tmp_path}/allow.yaml", f"{tmp_path}/gone.yaml")
+    assert [(f.change, bool(f.error)) for f in refused.files] == [("changed", False), ("removed", False), ("added", True)]
+    assert source.decide(WEB).allowed, "the held-back edit is not in force"
+    (tmp_path / "typo.yaml").unlink()
+    assert source.reload() is True and source.refused is None and source.loaded_at == 300.0
+    assert not source.decide(WEB).allowed

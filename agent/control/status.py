@@ -1,0 +1,120 @@
+"""What `tcpmesh status` shows for one node, as one JSON-ready document: ready or not (and why),
+capture mode, local workloads, identities and their expiry, the policy set in force (since when) and
+the last refused policy change (``file:line: field: problem``, and which valid edits it holds back),
+the registry source's health and the issuer's reachability ("not configured" until the agent has one).
+
+``node_status`` assembles the document from plain values the composition root hands in;
+``problems`` lists what an operator must act on; ``format_status`` renders it. The agent serves the
+document on its admin socket (``status``) and its admin endpoint (/debug/status); `lab status`
+shows it per node. Pure: no clock, no I/O; imports nothing of the agent.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Mapping, Sequence
+
+STATUS_VERSION = 1
+EXPIRY_WARNING_SECONDS = 600  # as the alert TcpmeshCertificateExpiresSoon
+
+
+def node_status(*, node: str, now: float, ready: bool, not_ready_reason: str, capture_mode: str,
+                workloads: Sequence[Mapping[str, Any]], identities: Sequence[Mapping[str, Any]],
+                policy: Mapping[str, Any], registry: Mapping[str, Any],
+                issuer: Mapping[str, Any] | None) -> dict[str, Any]:
+    local = [w for w in workloads if w.get("local")]
+    doc = {
+        "version": STATUS_VERSION, "node": node, "now": now, "ready": ready,
+        "not_ready_reason": "" if ready else not_ready_reason, "capture_mode": capture_mode,
+        "workloads": [{"key": f"{w['namespace']}/{w['name']}", "spiffe_id": w["spiffe_id"], "ip": w.get("ip"),
+                       "captured": bool(w.get("captured")), "problem": w.get("problem", "")} for w in local],
+        "remote_workloads": len(workloads) - len(local),
+        "identities": [{"spiffe_id": i["spiffe_id"], "not_after": i["not_after"],
+                        "seconds_to_expiry": i["seconds_to_expiry"], "state": i["state"],
+                        "last_error": i.get("last_error")} for i in identities],
+        "policy": dict(policy), "registry": dict(registry),
+        "issuer": dict(issuer) if issuer is not None else {"configured": False},
+    }
+    doc["problems"] = problems(doc)
+    return doc
+
+
+def problems(doc: Mapping[str, Any]) -> list[str]:
+    """One line per thing to act on, most urgent first; empty when all is well."""
+    found = []
+    if not doc["ready"]:
+        found.append(f"not ready: {doc['not_ready_reason'] or 'no reason given'}")
+    refused = doc["policy"].get("refused")
+    if refused:
+        held = refused.get("held_back") or []
+        found.append(f"policy change refused, the previous set stays in force: {refused['error']}"
+                     + (f" (also held back, valid on their own: {', '.join(held)})" if held else ""))
+    registry = doc["registry"]
+    if not registry.get("healthy", True):
+        found.append(f"registry source {registry.get('source')}: {registry.get('last_error') or 'unhealthy'}")
+    for w in doc["workloads"]:
+        if not w["captured"]:
+            found.append(f"workload {w['key']} is NOT captured: {w['problem']}")
+    for i in doc["identities"]:
+        if i["state"] != "valid":
+            found.append(f"identity {i['spiffe_id']} is {i['state']}" + (f": {i['last_error']}" if i["last_error"] else ""))
+        elif i["seconds_to_expiry"] < EXPIRY_WARNING_SECONDS:
+            found.append(f"identity {i['spiffe_id']} expires in {i['seconds_to_expiry']:.0f}s (renewal failing?)")
+    issuer = doc["issuer"]
+    if issuer.get("configured") and not issuer.get("reachable", False):
+        found.append(f"issuer {issuer.get('address', '')} unreachable: {issuer.get('last_error') or 'no answer'}")
+    return found
+
+
+def _when(seconds: float | None, now: float) -> str:
+    if seconds is None:
+        return "never"
+    stamp = datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+    return f"{stamp} ({_ago(now - seconds)} ago)"
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def format_status(doc: Mapping[str, Any]) -> str:
+    now = doc["now"]
+    policy, registry, issuer = doc["policy"], doc["registry"], doc["issuer"]
+    lines = [f"node {doc['node']}: {'READY' if doc['ready'] else 'NOT READY: ' + doc['not_ready_reason']}",
+             f"  capture      {doc['capture_mode']}",
+             f"  workloads    {len(doc['workloads'])} local "
+             f"({sum(w['captured'] for w in doc['workloads'])} captured), {doc['remote_workloads']} on other nodes"]
+    for w in doc["workloads"]:
+        lines.append(f"    {w['key']:<24} {w['spiffe_id']}" + ("" if w["captured"] else f"  NOT CAPTURED: {w['problem']}"))
+    lines.append(f"  identities   {len(doc['identities'])}")
+    for i in doc["identities"]:
+        lines.append(f"    {i['spiffe_id']:<48} {i['state']:<9} expires {i['not_after'][:19]} "
+                     f"(in {_ago(i['seconds_to_expiry'])})")
+    if policy.get("in_force"):
+        lines.append(f"  policy       {policy['authorization']} AuthorizationPolicy, {policy['peer_authentication']} "
+                     f"PeerAuthentication from {policy['dir']}, loaded {_when(policy.get('loaded_at'), now)}")
+    else:
+        lines.append(f"  policy       NO SET IN FORCE (every connection refused) from {policy.get('dir')}")
+    refused = policy.get("refused")
+    if refused:
+        lines.append(f"  REFUSED      policy change at {_when(refused['at'], now)}: {refused['error']}")
+        for f in refused["files"]:
+            state = f"broken: {f['error']}" if f["error"] else "valid, held back (not in force)"
+            lines.append(f"    {f['change']:<8} {f['file']}: {state}")
+        lines.append("               the previous set stays in force; fix the file (`tcpmesh policy check "
+                     f"{policy.get('dir')}`) and every held-back edit applies with it")
+    else:
+        lines.append("  last change  applied (no refused change)")
+    lines.append(f"  registry     {registry.get('source')}: "
+                 + ("healthy" if registry.get("healthy", True) else f"UNHEALTHY: {registry.get('last_error')}")
+                 + (f" ({registry['errors']} refused version(s) since start)" if registry.get("errors") else ""))
+    if issuer.get("configured"):
+        lines.append(f"  issuer       {issuer.get('address', '')}: "
+                     + ("reachable" if issuer.get("reachable") else f"UNREACHABLE: {issuer.get('last_error')}"))
+    else:
+        lines.append("  issuer       not configured (this node signs with its own node CA)")
+    lines += [f"  problem: {p}" for p in doc["problems"]]
+    return "\n".join(lines)

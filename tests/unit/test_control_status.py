@@ -1,0 +1,65 @@
+"""`tcpmesh status`'s document and text: every fact a newcomer needs, and a refused policy change
+named with file:line: field: problem plus the valid edits it holds back."""
+
+from __future__ import annotations
+
+from agent.control.status import format_status, node_status
+
+NOW = 1_800_000_000.0
+REFUSED = {"error": "/p/typo.yaml:4: spec.action: 'DENNY' is not ALLOW, DENY or AUDIT", "file": "/p/typo.yaml",
+           "line": 4, "field": "spec.action", "problem": "'DENNY' is not ALLOW, DENY or AUDIT", "at": NOW - 120,
+           "held_back": ["/p/kept.yaml"],
+           "files": [{"file": "/p/kept.yaml", "change": "changed", "error": ""},
+                     {"file": "/p/typo.yaml", "change": "added", "error": "/p/typo.yaml:4: spec.action: 'DENNY' ..."}]}
+
+
+def status(**overrides):
+    values = dict(node="node1", now=NOW, ready=True, not_ready_reason="", capture_mode="ebpf-connect",
+                  workloads=[{"name": "web", "namespace": "shop", "spiffe_id": "spiffe://td/ns/shop/sa/web",
+                              "local": True, "captured": True, "problem": "", "ip": "10.0.0.5"},
+                             {"name": "db", "namespace": "data", "spiffe_id": "spiffe://td/ns/data/sa/db",
+                              "local": False, "captured": False, "problem": ""}],
+                  identities=[{"spiffe_id": "spiffe://td/ns/shop/sa/web", "not_after": "2027-01-15T08:00:00+00:00",
+                               "seconds_to_expiry": 3000.0, "state": "valid", "last_error": None}],
+                  policy={"dir": "/p", "in_force": True, "loaded_at": NOW - 3600, "authorization": 2,
+                          "peer_authentication": 1, "files": 2, "default_action": "ALLOW", "refused": None},
+                  registry={"source": "file", "healthy": True, "errors": 0, "last_error": "", "file": "/r.yaml"},
+                  issuer=None)
+    values.update(overrides)
+    return node_status(**values)
+
+
+def test_a_healthy_node_has_no_problems_and_says_what_it_runs():
+    doc = status()
+    assert doc["problems"] == [] and doc["remote_workloads"] == 1
+    text = format_status(doc)
+    assert text.startswith("node node1: READY")
+    assert "1 local (1 captured), 1 on other nodes" in text
+    assert "2 AuthorizationPolicy, 1 PeerAuthentication from /p, loaded 2027-01-15T07:00:00+00:00 (1h ago)" in text
+    assert "spiffe://td/ns/shop/sa/web" in text and "expires 2027-01-15T08:00:00 (in 50m)" in text
+    assert "issuer       not configured" in text and "registry     file: healthy" in text
+
+
+def test_a_refused_change_is_a_problem_with_its_file_line_field_and_held_back_edits():
+    doc = status(policy={"dir": "/p", "in_force": True, "loaded_at": NOW - 3600, "authorization": 2,
+                         "peer_authentication": 1, "files": 2, "default_action": "ALLOW", "refused": REFUSED})
+    assert doc["problems"] == ["policy change refused, the previous set stays in force: /p/typo.yaml:4: spec.action: "
+                               "'DENNY' is not ALLOW, DENY or AUDIT (also held back, valid on their own: /p/kept.yaml)"]
+    text = format_status(doc)
+    assert "REFUSED      policy change at 2027-01-15T07:58:00+00:00 (2m ago): /p/typo.yaml:4: spec.action:" in text
+    assert "changed  /p/kept.yaml: valid, held back (not in force)" in text
+    assert "added    /p/typo.yaml: broken:" in text
+
+
+def test_not_ready_uncaptured_expiring_and_registry_errors_are_problems():
+    doc = status(ready=False, not_ready_reason="no policy set is in force: /p/x.yaml:1: kind: is required",
+                 workloads=[{"name": "web", "namespace": "shop", "spiffe_id": "s", "local": True, "captured": False,
+                             "problem": "cgroup /x does not exist"}],
+                 identities=[{"spiffe_id": "s", "not_after": "2027-01-15T08:05:00+00:00", "seconds_to_expiry": 300.0,
+                              "state": "valid", "last_error": None}],
+                 registry={"source": "file", "healthy": False, "errors": 2, "last_error": "/r.yaml:3: ip: bad"})
+    assert doc["problems"] == ["not ready: no policy set is in force: /p/x.yaml:1: kind: is required",
+                               "registry source file: /r.yaml:3: ip: bad",
+                               "workload shop/web is NOT captured: cgroup /x does not exist",
+                               "identity s expires in 300s (renewal failing?)"]
+    assert "UNHEALTHY: /r.yaml:3: ip: bad (2 refused version(s) since start)" in format_status(doc)
