@@ -4,7 +4,7 @@ Flat keys (easy to grep and jq): the flow's own record (identities, addresses, p
 bytes each way, times, response flags, policy) plus ``event`` (open | close | egress — a connect
 outside the mesh that the kernel reported and the agent never proxied), ``time`` (RFC 3339, UTC)
 and ``decision``. The writer adds ``node``, ``cgroup`` (the cgroup path, where it can name it)
-and the chain fields ``seq``, ``prev`` and ``digest``.
+and the chain fields ``seq``, ``prev``, ``key`` and ``mac`` (agent/audit/chain.py).
 """
 
 from __future__ import annotations

@@ -14,14 +14,17 @@ import click
 from agent.errors import TcpmeshError
 from agent.lab.topology import DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STATE_ROOT, DEFAULT_TRUST_DOMAIN
 
-NAME_HELP = "Lab name; several labs can run at once under different names."
+NAME_HELP = ("Lab name; several labs can run at once under different names. "
+             "Export TCPMESH_LAB=NAME to name it once for every `tcpmesh lab` command.")
+LAB_ENV = "TCPMESH_LAB"
 STATE_ROOT_HELP = "Directory that holds one state dir per lab."
 
 
 def _name_option(fn):
     fn = click.option("--state-root", default=DEFAULT_STATE_ROOT, show_default=True, hidden=True,
                       help=STATE_ROOT_HELP)(fn)
-    return click.option("--name", default=DEFAULT_LAB_NAME, show_default=True, help=NAME_HELP)(fn)
+    return click.option("--name", default=DEFAULT_LAB_NAME, show_default=True, envvar=LAB_ENV, show_envvar=True,
+                        help=NAME_HELP)(fn)
 
 
 @click.group()
@@ -31,7 +34,9 @@ def lab() -> None:
     \b
     Node i lives in netns tcpmesh-<name>-node<i> at 10.76.0.<i> on a shared bridge
     (admin port 15020 there); pod n<i>p<j> lives in netns tcpmesh-<name>-n<i>p<j> and in cgroup
-    <cgroup2>/tcpmesh-lab-<name>/node<i>/n<i>p<j>, with IP 10.77.<i>.<10+j>.
+    <cgroup2>/tcpmesh-lab-<name>/node<i>/pods/n<i>p<j> (its processes in the container
+    cgroup .../n<i>p<j>/app), with IP 10.77.<i>.<10+j>. State, configs and logs are under
+    /run/tcpmesh-lab/<name>/ (docs/lab.md).
 
     \b
       tcpmesh lab up --nodes 2 --pods-per-node 2
