@@ -30,6 +30,7 @@ from agent.service.heap import heap_trimmer, trim_heap_forever
 from agent.host import checks
 from agent.identity.svid_rotator import IdentityRotator, rotator_from_config
 from agent.identity.store import IdentityStore
+from agent.policy.explain import explain, request_for
 from agent.policy.model import MtlsMode
 from agent.policy.source import PolicySource
 from agent.proxy.deadlines import reset_idle, sweep_idle_relays
@@ -137,6 +138,30 @@ class Agent:
                            workloads=self.workloads.describe() if self.workloads is not None else [],
                            identities=identities, policy=policy_doc, registry=self._registry_status(),
                            issuer=None)
+
+    def _policy_explain(self, request: dict) -> dict:
+        """The admin socket's policy.explain: the set in force (never the files on disk), and a refused change."""
+        try:
+            port = int(request.get("port"))
+        except (TypeError, ValueError):
+            raise TcpmeshError(f"policy.explain: port must be a whole number, got {request.get('port')!r}") from None
+        wanted = request_for(str(request.get("from") or ""), str(request.get("to") or ""), port)
+        destination = f"{wanted.destination_namespace}/{wanted.destination_workload}"
+        workloads = self.registry().workloads
+        if destination not in {w.key for w in workloads}:
+            same = sorted(w.key for w in workloads if w.namespace == wanted.destination_namespace)
+            raise TcpmeshError(f"--to {destination}: no such workload in the registry of node {self.config.node.name} "
+                               f"(workloads of namespace {wanted.destination_namespace}: {', '.join(same) or 'none'}); "
+                               "check the name with `tcpmesh workload list`")
+        policy = self.policy
+        doc = {"node": self.config.node.name, "dir": self.config.policy.dir, "in_force": policy.in_force,
+               "refused": policy.refused.to_json() if policy.refused is not None else None,
+               "source": wanted.source_principal or "plaintext", "destination": destination, "port": port,
+               "objects": len(policy.policies.authorization) + len(policy.policies.peer_authentication)}
+        if policy.in_force:
+            doc["explanation"] = explain(policy.policies, wanted, default_allow=policy.default_allow,
+                                         root_namespace=policy.root_namespace)
+        return doc
 
     def _registry_status(self) -> dict:
         workloads = self.workloads
@@ -265,7 +290,8 @@ class Agent:
                 self.metrics.registry_source_up.set(1)
             admin_socket = AdminSocket(config.admin.socket, self.workloads, flows=lambda req: self._flows(ctx, req),
                                        ops={"status": lambda req: {"status": self.status()},
-                                            "certs": lambda req: {"certs": self._certs_report()}})
+                                            "certs": lambda req: {"certs": self._certs_report()},
+                                            "policy.explain": self._policy_explain})
             await admin_socket.start()
             runtime = RuntimeStats(ctx, lambda: outbound.pool.open_sessions)
             self.prometheus.register(runtime)

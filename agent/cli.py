@@ -25,7 +25,7 @@ LAZY_COMMANDS = {
     "lab": "agent.lab.cli:lab",
     "workload": "agent.control.cli:workload",
     "status": "agent.control.cli:status",
-    "policy": "agent.policy.cli:policy",
+    "policy": "agent.control.policy_cli:policy",
     "demo": "agent.demo.run:demo",
     "doctor": "agent.host.doctor:doctor",
     "flows": "agent.telemetry.cli:flows",

@@ -85,7 +85,9 @@ def first_match(policy: AuthorizationPolicy, request: Request) -> Match | None:
     return None
 
 
-def _evaluate(policies: list[AuthorizationPolicy], request: Request, default_allow: bool) -> Decision:
+def _evaluate(policies: list[AuthorizationPolicy], request: Request, default_allow: bool,
+              side_only: bool = False) -> Decision:
+    """``side_only``: dry-run or AUDIT policies select the destination, but none that is enforced."""
     for policy in (p for p in policies if p.action is Action.DENY):
         match = first_match(policy, request)
         if match:
@@ -102,15 +104,19 @@ def _evaluate(policies: list[AuthorizationPolicy], request: Request, default_all
                                f"{request.destination_workload} matches ({', '.join(p.key for p in allow)})",
                         allow[0].key)
     verdict = "allowed" if default_allow else "denied"
-    return Decision(default_allow, f"{verdict} by default_action: no policy selects "
-                                   f"{request.destination_namespace}/{request.destination_workload}")
+    destination = f"{request.destination_namespace}/{request.destination_workload}"
+    if policies:  # DENY policies selected the destination, none matched, and no ALLOW policy selects it
+        return Decision(default_allow, f"{verdict} by default_action: no ALLOW policy selects {destination} and "
+                                       f"no DENY policy selecting it matches ({', '.join(p.key for p in policies)})")
+    return Decision(default_allow, f"{verdict} by default_action: no {'enforced ' if side_only else ''}policy "
+                                   f"selects {destination}")
 
 
 def decide(policies: PolicySet, request: Request, *, default_allow: bool = True,
            root_namespace: str = "tcpmesh-system") -> Decision:
     selecting = [p for p in policies.authorization if selects(p, request, root_namespace)]
     enforced = [p for p in selecting if not p.dry_run and p.action is not Action.AUDIT]
-    decision = _evaluate(enforced, request, default_allow)
+    decision = _evaluate(enforced, request, default_allow, side_only=len(enforced) < len(selecting))
     dry = [p for p in selecting if p.dry_run and p.action is not Action.AUDIT]
     dry_note = None
     if dry:

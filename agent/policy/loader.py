@@ -1,7 +1,9 @@
 """Policy files (YAML, several documents per file) → a validated ``PolicySet``.
 
 Every error names the file, the line and the field, and says how to fix it; one bad document makes
-the whole load fail (the caller keeps the previous set: nothing is half-applied). Reads files only.
+the whole load fail (the caller keeps the previous set: nothing is half-applied). ``check_paths``
+(`tcpmesh policy check`) goes on after an error and returns every one: each file, each document,
+each rule and each of its sources and operations is checked on its own. Reads files only.
 """
 
 from __future__ import annotations
@@ -47,10 +49,28 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Lin
 
 
 class _Reader:
-    """Typed field access on one document, raising PolicyError with file/line/field."""
+    """Typed field access on one document, raising PolicyError with file/line/field. With an error
+    list, ``each`` checks independent parts (rules, sources, operations) one by one."""
 
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, errors: list[PolicyError] | None = None) -> None:
         self.file = file
+        self.errors = errors
+
+    def report(self, error: PolicyError) -> None:
+        """Raise ``error``, or collect it and let the caller go on with a placeholder value."""
+        if self.errors is None:
+            raise error
+        self.errors.append(error)
+
+    def each(self, parse):
+        """``parse()``, or None with its error collected (raised when not collecting)."""
+        if self.errors is None:
+            return parse()
+        try:
+            return parse()
+        except PolicyError as exc:
+            self.errors.append(exc)
+            return None
 
     def fail(self, mapping: Any, field: str, problem: str, key: str | None = None) -> PolicyError:
         line = getattr(mapping, "key_lines", {}).get(key, getattr(mapping, "line", 0)) if key else getattr(mapping, "line", 0)
@@ -111,7 +131,15 @@ class _Reader:
 
 
 def load_paths(paths: list[str | Path]) -> PolicySet:
-    """Load files and directories (their *.yaml/*.yml, sorted) into one PolicySet."""
+    """Load files and directories (their *.yaml/*.yml, sorted) into one PolicySet; the first error raised."""
+    policies, errors = check_paths(paths)
+    if errors:
+        raise errors[0]
+    return policies
+
+
+def check_paths(paths: list[str | Path]) -> tuple[PolicySet, list[PolicyError]]:
+    """Every valid object of the files and directories, and every error (in file and line order)."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -123,41 +151,73 @@ def load_paths(paths: list[str | Path]) -> PolicySet:
             files.append(path)
     authz: list[AuthorizationPolicy] = []
     peer: list[PeerAuthentication] = []
+    errors: list[PolicyError] = []
     for file in files:
-        for obj in load_file(file):
+        for obj in _load_file(file, errors):
             (authz if isinstance(obj, AuthorizationPolicy) else peer).append(obj)
-    _unique([p.key for p in authz], "AuthorizationPolicy", authz)
-    _unique([p.key for p in peer], "PeerAuthentication", peer)
-    return PolicySet(tuple(authz), tuple(peer), tuple(str(f) for f in files))
+    errors += _unique([p.key for p in authz], "AuthorizationPolicy", authz)
+    errors += _unique([p.key for p in peer], "PeerAuthentication", peer)
+    return PolicySet(tuple(authz), tuple(peer), tuple(str(f) for f in files)), errors
 
 
-def _unique(keys: list[str], kind: str, objects: list) -> None:
+def _unique(keys: list[str], kind: str, objects: list) -> list[PolicyError]:
     seen: dict[str, Any] = {}
+    errors = []
     for key, obj in zip(keys, objects):
         if key in seen:
             first = seen[key].origin
-            raise PolicyError(obj.origin.file, obj.origin.line, "metadata.name",
-                              f"{kind} {key} is also defined at {first.file}:{first.line}; names must be unique")
-        seen[key] = obj
+            errors.append(PolicyError(obj.origin.file, obj.origin.line, "metadata.name",
+                                      f"{kind} {key} is also defined at {first.file}:{first.line}; names must be unique"))
+        else:
+            seen[key] = obj
+    return errors
 
 
 def load_file(file: str | Path) -> list[AuthorizationPolicy | PeerAuthentication]:
+    """One file's objects; its first error raised."""
+    errors: list[PolicyError] = []
+    objects = _load_file(file, errors)
+    if errors:
+        raise errors[0]
+    return objects
+
+
+def _load_file(file: str | Path, errors: list[PolicyError]) -> list[AuthorizationPolicy | PeerAuthentication]:
+    """The file's valid objects; each invalid document's errors appended to ``errors``."""
     name = str(file)
     try:
         text = Path(file).read_text()
     except OSError as exc:
-        raise PolicyError(name, 0, "<file>", f"cannot read: {exc.strerror}") from exc
+        errors.append(PolicyError(name, 0, "<file>", f"cannot read: {exc.strerror}"))
+        return []
     try:
         documents = list(yaml.load_all(text, Loader=_LineLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise PolicyError(name, (mark.line + 1) if mark else 0, "<yaml>",
-                          f"not valid YAML: {getattr(exc, 'problem', exc)}") from exc
-    return [parse_document(doc, name) for doc in documents if doc is not None]
+        errors.append(PolicyError(name, (mark.line + 1) if mark else 0, "<yaml>",
+                                  f"not valid YAML: {getattr(exc, 'problem', exc)}"))
+        return []
+    objects = []
+    for doc in documents:
+        if doc is None:
+            continue
+        found: list[PolicyError] = []
+        try:
+            obj = parse_document(doc, name, found)
+        except PolicyError as exc:
+            found.append(exc)
+        if found:
+            errors += sorted(found, key=lambda e: e.line)
+        else:
+            objects.append(obj)
+    return objects
 
 
-def parse_document(doc: Any, file: str) -> AuthorizationPolicy | PeerAuthentication:
-    r = _Reader(file)
+def parse_document(doc: Any, file: str, errors: list[PolicyError] | None = None) -> AuthorizationPolicy | PeerAuthentication:
+    """One document as a policy object. With ``errors``, an invalid rule (or source, or operation) is
+    appended there and the rest is still checked; the object returned is then incomplete — use it
+    only when ``errors`` stayed empty."""
+    r = _Reader(file, errors)
     if not isinstance(doc, dict):
         raise PolicyError(file, 0, "<document>", "a policy document must be a mapping with kind, metadata, spec")
     r.only_keys(doc, ("apiVersion", "kind", "metadata", "spec"), "")
@@ -190,14 +250,16 @@ def parse_document(doc: Any, file: str) -> AuthorizationPolicy | PeerAuthenticat
     r.only_keys(spec, ("selector", "action", "dryRun", "rules"), "spec")
     action = spec.get("action", "ALLOW")
     if action not in Action.__members__:
-        raise r.fail(spec, "spec.action", f"{action!r} is not ALLOW, DENY or AUDIT", "action")
+        r.report(r.fail(spec, "spec.action", f"{action!r} is not ALLOW, DENY or AUDIT", "action"))
+        action = "ALLOW"  # a placeholder: the object is dropped, its rules are still checked
     dry_run = spec.get("dryRun", False)
     if not isinstance(dry_run, bool):
-        raise r.fail(spec, "spec.dryRun", f"must be true or false, got {dry_run!r}", "dryRun")
+        r.report(r.fail(spec, "spec.dryRun", f"must be true or false, got {dry_run!r}", "dryRun"))
     rules_raw = spec.get("rules", [])
     if not isinstance(rules_raw, list):
         raise r.fail(spec, "spec.rules", "must be a list of rules", "rules")
-    rules = tuple(_rule(r, rule, f"spec.rules[{i}]", spec) for i, rule in enumerate(rules_raw))
+    rules = tuple(rule for rule in (r.each(lambda: _rule(r, rule, f"spec.rules[{i}]", spec))
+                                    for i, rule in enumerate(rules_raw)) if rule is not None)
     return AuthorizationPolicy(name, namespace, Action[action], workload, rules, dry_run, origin)
 
 
@@ -234,7 +296,9 @@ def _list_of(r: _Reader, rule: Any, key: str, where: str, parse) -> tuple | None
         inner_key = "source" if key == "from" else "operation"
         if set(item) == {inner_key}:
             item = r.mapping(item, inner_key, f"{where}[{i}].{inner_key}", required=True)
-        out.append(parse(item, f"{where}[{i}]"))
+        parsed = r.each(lambda: parse(item, f"{where}[{i}]"))
+        if parsed is not None:
+            out.append(parsed)
     return tuple(out)
 
 

@@ -128,3 +128,33 @@ def test_a_refused_policy_change_shows_everywhere_with_its_held_back_edits(op_la
     assert not fixed["problems"], fixed["problems"]
     assert "tcpmesh_policy_change_refused 0.0" in lab.metrics_text(2)
     os.unlink(kept)
+
+
+def test_explain_asks_the_agent_and_explains_the_set_in_force_while_a_change_is_refused(op_lab):
+    lab = op_lab
+    shop = lab.pod("n1p1").spiffe_id
+    path = write_policy(lab, "deny-shop.yaml", deny("deny-shop", "n2p2", shop))
+    wait_status(lab, "node2", lambda d: d["policy"]["authorization"] == 1)
+    at = ["--lab", lab.name, "--node", "node2"]
+    try:
+        plain = tcpmesh("policy", "explain", *at, "--from", "plaintext", "--to", "lab/n2p2", "--port", "6379").stdout
+        assert plain.startswith("ALLOW  plaintext -> lab/n2p2:6379")
+        assert "no ALLOW policy selects lab/n2p2 and no DENY policy selecting it matches (lab/deny-shop)" in plain
+        assert (f"lab/deny-shop (DENY, {path}:1): did not deny: no rule matches: rule 0: from[0]: principals [{shop}] "
+                "name identities, which a plaintext client (no mTLS) has none of") in plain
+        write_policy(lab, "typo.yaml", TYPO)
+        wait_status(lab, "node2", lambda d: d["policy"]["refused"])
+        during = tcpmesh("policy", "explain", *at, "--from", shop, "--to", "lab/n2p2", "--port", "6379")
+        assert during.stdout.startswith(f"DENY  {shop} -> lab/n2p2:6379")
+        assert "because: denied by DENY policy lab/deny-shop rule 0" in during.stdout
+        assert "NOTE: the files on disk are not what is enforced: a change was refused (" in during.stdout
+        assert "typo.yaml:4: spec.action: 'DENNY' is not ALLOW, DENY or AUDIT" in during.stdout
+        missing = tcpmesh("policy", "explain", *at, "--from", shop, "--to", "lab/n2p9", "--port", "6379", check=False)
+        assert missing.returncode == 2
+        assert ("--to lab/n2p9: no such workload in the registry of node node2 (workloads of namespace lab: "
+                "lab/n1p1, lab/n1p2, lab/n2p1, lab/n2p2)") in missing.stderr
+    finally:
+        for name in ("typo.yaml", "deny-shop.yaml"):
+            if os.path.exists(f"{lab.plan.state_dir}/policies/{name}"):
+                os.unlink(f"{lab.plan.state_dir}/policies/{name}")
+    wait_status(lab, "node2", lambda d: not d["policy"]["refused"] and d["policy"]["authorization"] == 0)

@@ -78,3 +78,23 @@ def test_denied_reason_carries_the_policy_name():
     named = decode_status_body(bytes([Status.DENIED]) + b"policy data/orders-db: no rule of the ALLOW policies ... matches")
     assert (named.policy, named.reason) == ("data/orders-db", "no rule of the ALLOW policies ... matches")
     assert decode_status_body(bytes([Status.DENIED]) + b"denied by default_action: no policy selects data/x").policy == ""
+
+
+def test_policy_check_reports_every_error_not_only_the_first(tmp_path):
+    (tmp_path / "a.yaml").write_text(POLICY.replace("5432", "70000").replace(
+        'principals: ["spiffe://td/ns/shop/sa/orders"]', 'principals: ["orders"]') + "---\n" + POLICY.replace(
+        "orders-db", "second").replace("action", "x") + "  action: DENNY\n")
+    (tmp_path / "b.yaml").write_text("kind: AuthorizationPolicy\nmetadata: {name: orders-db, namespace: data}\n"
+                                     "spec: {rules: [{to: [{ports: [0]}]}, {frm: []}]}\n")
+    (tmp_path / "c.yaml").write_text(POLICY.replace("orders-db", "fine"))
+    result = CliRunner().invoke(main, ["policy", "check", str(tmp_path)])
+    assert result.exit_code == 2
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for line in (f"{a}:6: spec.rules[0].from[0].principals: 'orders' is not a SPIFFE ID pattern",
+                 f"{a}:7: spec.rules[0].to[0].ports: 70000 is not a TCP port (1-65535)",
+                 f"{a}:16: spec.action: 'DENNY' is not ALLOW, DENY or AUDIT",
+                 f"{b}:3: spec.rules[0].to[0].ports: 0 is not a TCP port (1-65535)",
+                 f"{b}:3: spec.rules[1].frm: unknown field; allowed: from, to",
+                 "5 error(s) in 2 file(s)"):
+        assert line in result.output, result.output
+    assert "ok  AuthorizationPolicy data/fine" in result.output
