@@ -109,8 +109,14 @@ class CaptureConfig:
     proxy_cgroup: str = ""
     # ebpf-connect: the cgroup v2 directory that contains every pod (kubepods.slice on Kubernetes).
     # The node guard goes there: TCP connects of pods below it that are not captured (yet) are
-    # refused. Must not contain the agent's own cgroup. Empty: no guard (docs/capture-restart.md).
+    # refused. Must not contain the agent's own cgroup, unless guard_exempt_host_network. Empty: no
+    # guard (docs/capture-restart.md).
     pods_cgroup: str = ""
+    # ebpf-connect: the guard lets TCP connects from sockets of the agent's own network namespace
+    # through — on Kubernetes the hostNetwork pods (the agent itself, kube-proxy, the CNI) sit below
+    # kubepods too and are never meshed. Only where no workload shares the agent's netns (the
+    # DaemonSet turns it on; docs/install-kubernetes.md). Linux 5.14+ (SO_NETNS_COOKIE).
+    guard_exempt_host_network: bool = False
     # ebpf-connect: where programs and maps are pinned in bpffs. Empty: /sys/fs/bpf/tcpmesh/<node.name>.
     bpffs_dir: str = ""
     # The part of the cgroup tree `tcpmesh cleanup` searches for tcpmesh programs. Empty: cgroup_root

@@ -21,11 +21,13 @@
  *                                       let in (PERMISSIVE), counted
  *   cgroup/connect4/6   (pods cgroup,   the node guard: a TCP connect from a pod cgroup below it
  *    tcpmesh_guard4/6    the ancestor    that no pod hook handled (not captured yet) is refused,
- *                        of every pod)   except to loopback and the redirect address
+ *                        of every pod)   except to loopback and the redirect address, and (with
+ *                                        -DTCPMESH_GUARD_NETNS_COOKIE) from the agent's own netns
  *
  * Build: agent/bpf/loader.py, in a short-lived process: BPF(src_file=..., cflags=[
  *   "-I<repo>/bpf", "-I<repo>/bpf/include", "-DREDIR_IP=<host-order u32>u", "-DREDIR_PORT=<port>",
- *   "-DTCPMESH_MAX_CONNS=<n>", "-DTCPMESH_MAPS_DIR=\"<bpffs dir>/maps-...\""]), then every program
+ *   "-DTCPMESH_MAX_CONNS=<n>", "-DTCPMESH_MAPS_DIR=\"<bpffs dir>/maps-...\"", optionally
+ *   "-DTCPMESH_GUARD_NETNS_COOKIE=<u64>ull"]), then every program
  *   is pinned in bpffs and the agent attaches the pinned programs without bcc.
  *
  * Layout: hooks at the bottom are thin (guard, one helper, return). Helpers that only read a
@@ -105,11 +107,21 @@ static __always_inline int tcpmesh_take_seen(struct bpf_sock_addr *ctx)
 	return 0;
 }
 
-/* The node guard's decision for a connect that no pod hook marked. */
+/* The node guard's decision for a connect that no pod hook marked. With
+ * -DTCPMESH_GUARD_NETNS_COOKIE=<the agent's netns cookie> (capture.guard_exempt_host_network, the
+ * DaemonSet), a socket of the agent's own network namespace is not a pod's: hostNetwork pods — the
+ * agent among them, kube-proxy, the CNI — sit below kubepods too, are never meshed (they share the
+ * node's address) and must keep working while the guard refuses every pod it has not captured. */
 static __always_inline int tcpmesh_guard_verdict(struct bpf_sock_addr *ctx, int exempt)
 {
 	if (!tcpmesh_is_tcp(ctx->type, ctx->protocol))
 		return TCPMESH_ALLOW; /* the mesh is TCP; UDP (DNS) is never captured either */
+#ifdef TCPMESH_GUARD_NETNS_COOKIE
+	if (bpf_get_netns_cookie(ctx) == (__u64)TCPMESH_GUARD_NETNS_COOKIE) {
+		tcpmesh_count(TCPMESH_R_GUARD_HOST_NETWORK);
+		return TCPMESH_ALLOW;
+	}
+#endif
 	if (exempt) {
 		tcpmesh_count(TCPMESH_R_GUARD_EXEMPT);
 		return TCPMESH_ALLOW;

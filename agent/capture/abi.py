@@ -67,6 +67,7 @@ REASONS: tuple[str, ...] = (
     "captured6",             # connect6: captured a native IPv6 destination in the mesh (also counted as captured)
     "ipv6_refused",          # connect6: IPv6 destination in the mesh while IPv6 meshing is off: EPERM
     "family_mismatch",       # getsockopt: SOL_IP/SO_ORIGINAL_DST for an IPv6 destination (nothing consumed)
+    "guard_host_network",    # guard: TCP connect from the agent's own netns (hostNetwork pods, the agent): let through
 )
 HO_FREE, HO_WRITING, HO_READY, HO_ANSWERING = 0, 1, 2, 3  # enum tcpmesh_handover_state
 INBOUND_PERMISSIVE = 1

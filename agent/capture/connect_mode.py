@@ -40,7 +40,7 @@ from agent.capture.cgroups import cgroup_target, read_mounts, walk
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
 from agent.capture.meshdsts import CAPTURE_EVERYTHING, MeshDestination, mesh_entries
 from agent.capture.pinned import ConnectSet
-from agent.errors import ConfigError
+from agent.errors import ConfigError, EnvironmentProblem
 
 
 SOURCE_NAME = "capture_connect.c"
@@ -121,9 +121,10 @@ def connect_sets_cb_flags(kernel_release: str) -> bool:
 
 
 def program_flags(redirect_ip: str, redirect_port: int, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                  kernel_release: str | None = None) -> list[str]:
+                  kernel_release: str | None = None, guard_netns_cookie: int | None = None) -> list[str]:
     """The -D flags that change the programs (pure given ``kernel_release``, default ``uname -r``).
-    REDIR_IP is the host-order integer."""
+    REDIR_IP is the host-order integer. ``guard_netns_cookie``: the node guard lets TCP connects
+    from sockets of this network namespace through (``own_netns_cookie``; the DaemonSet's)."""
     flags = [
         f"-DREDIR_IP={int(ipaddress.IPv4Address(redirect_ip))}u",
         f"-DREDIR_PORT={int(redirect_port)}",
@@ -131,13 +132,35 @@ def program_flags(redirect_ip: str, redirect_port: int, max_connections: int = D
     ]
     if connect_sets_cb_flags(os.uname().release if kernel_release is None else kernel_release):
         flags.append("-DTCPMESH_CONNECT_CB_FLAGS=1")
+    if guard_netns_cookie is not None:
+        flags.append(f"-DTCPMESH_GUARD_NETNS_COOKIE={int(guard_netns_cookie)}ull")
     return flags
 
 
+SO_NETNS_COOKIE = 71  # asm-generic/socket.h, Linux 5.14
+
+
+def own_netns_cookie() -> int:
+    """The cookie of the network namespace this process runs in (what bpf_get_netns_cookie returns
+    for its sockets). Raises EnvironmentProblem where the kernel cannot say (before Linux 5.14)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+        except OSError as exc:
+            raise EnvironmentProblem(
+                f"this kernel cannot tell the agent its network namespace cookie (SO_NETNS_COOKIE: {exc.strerror}; "
+                "Linux 5.14 or later): capture.guard_exempt_host_network needs it — use a newer kernel, or turn "
+                "it off and run the agent outside capture.pods_cgroup") from exc
+
+
 def compile_flags(source_dir: Path, redirect_ip: str, redirect_port: int,
-                  max_connections: int = DEFAULT_MAX_CONNECTIONS, maps_dir: str | os.PathLike | None = None) -> list[str]:
+                  max_connections: int = DEFAULT_MAX_CONNECTIONS, maps_dir: str | os.PathLike | None = None,
+                  guard_netns_cookie: int | None = None) -> list[str]:
     """Every flag of the compile (pure): include paths, program flags, and where the maps are pinned."""
-    flags = [*sources.base_cflags(source_dir), *program_flags(redirect_ip, redirect_port, max_connections)]
+    flags = [*sources.base_cflags(source_dir),
+             *program_flags(redirect_ip, redirect_port, max_connections, guard_netns_cookie=guard_netns_cookie)]
     if maps_dir is not None:
         flags.append(f'-DTCPMESH_MAPS_DIR="{maps_dir}"')
     return flags
@@ -164,8 +187,9 @@ class ConnectCapture:
                  *, bypass_cidrs: Sequence[str] = (), source_dir: str | os.PathLike | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, bpffs_dir: str | os.PathLike = DEFAULT_BPFFS_DIR,
                  loader_timeout: float = DEFAULT_TIMEOUT, mesh_destinations: Sequence[MeshDestination] | None = (),
-                 passthrough_deny: bool = False, ipv6: bool = True) -> None:
+                 passthrough_deny: bool = False, ipv6: bool = True, guard_netns_cookie: int | None = None) -> None:
         validate_redirect(redirect_ip, redirect_port)
+        self.guard_netns_cookie = guard_netns_cookie
         self.redirect_ip = redirect_ip
         self.redirect_port = int(redirect_port)
         self._cidr_entries = lpm_entries(capture_cidrs, bypass_cidrs)  # validates now, not at load()
@@ -192,7 +216,8 @@ class ConnectCapture:
     def pin_names(self) -> pins.SetNames:
         """The set and maps directory names for this source tree and these flags."""
         return pins.set_names(self.source_dir, SOURCE_NAME, abi.ABI_VERSION, self.max_connections,
-                              program_flags(self.redirect_ip, self.redirect_port, self.max_connections), PROGRAMS,
+                              program_flags(self.redirect_ip, self.redirect_port, self.max_connections,
+                                            guard_netns_cookie=self.guard_netns_cookie), PROGRAMS,
                               map_sources=MAP_SOURCES)
 
     @property
@@ -210,7 +235,7 @@ class ConnectCapture:
         request = LoadRequest(
             source=str(self.source_dir / SOURCE_NAME),
             cflags=tuple(compile_flags(self.source_dir, self.redirect_ip, self.redirect_port, self.max_connections,
-                                       maps_dir)),
+                                       maps_dir, self.guard_netns_cookie)),
             state_dir=str(self.state_dir), programs=tuple(Program(h.program, h.prog_type, h.attach_type) for h in HOOKS),
             pin_to=PinTo(str(self.bpffs_dir), names.set, names.maps))
         self.loader_result = adopt_or_pin(request, abi.PINNED_MAPS, self.loader_timeout)

@@ -59,7 +59,7 @@ class ConnectMode:
 
     def __init__(self, redirect_ip: str, redirect_port: int, state_dir: str, proxy_cgroup: str,
                  pods_cgroup: str = "", bpffs_dir: str | None = None, passthrough_deny: bool = False,
-                 ipv6: bool = True) -> None:
+                 ipv6: bool = True, guard_netns_cookie: int | None = None) -> None:
         from agent.capture.connect_mode import DEFAULT_BPFFS_DIR, ConnectCapture  # no bcc: the loader has it
 
         self._cgroup_ids: dict[str, int] = {}  # attached pod cgroup path -> cgroup id (inode)
@@ -68,7 +68,8 @@ class ConnectMode:
         # captures everything until the first registry snapshot names the mesh (fail closed)
         self._capture = ConnectCapture(redirect_ip=redirect_ip, redirect_port=redirect_port, state_dir=state_dir,
                                        bpffs_dir=bpffs_dir or DEFAULT_BPFFS_DIR, mesh_destinations=None,
-                                       passthrough_deny=passthrough_deny, ipv6=ipv6)
+                                       passthrough_deny=passthrough_deny, ipv6=ipv6,
+                                       guard_netns_cookie=guard_netns_cookie)
         self._proxy_cgroup = proxy_cgroup
         self._pods_cgroup = pods_cgroup
 
@@ -162,12 +163,15 @@ def build_capture(config, mode: str, proxy_cgroup: str) -> Capture:
     if mode == "none":
         return NoCapture()
     if mode == "ebpf-connect":
-        _check_pods_cgroup(config.capture.pods_cgroup, proxy_cgroup)
+        from agent.capture.connect_mode import own_netns_cookie
+
+        exempt = config.capture.guard_exempt_host_network
+        _check_pods_cgroup(config.capture.pods_cgroup, proxy_cgroup, exempt)
         return ConnectMode(config.capture.redirect_address, config.proxy.outbound_port, config.state_dir,
                            proxy_cgroup, config.capture.pods_cgroup,
                            config.capture.bpffs_dir or default_bpffs_dir(config.node.name),
                            passthrough_deny=config.policy.outbound_passthrough == "DENY",
-                           ipv6=config.capture.ipv6)
+                           ipv6=config.capture.ipv6, guard_netns_cookie=own_netns_cookie() if exempt else None)
     if mode == "ebpf-tc":
         from agent.capture.tc_mode import TcCapture  # compiles in a child process: no bcc here
 
@@ -181,8 +185,9 @@ def build_capture(config, mode: str, proxy_cgroup: str) -> Capture:
     raise ValueError(f"capture mode {mode!r} is not implemented")
 
 
-def _check_pods_cgroup(pods_cgroup: str, proxy_cgroup: str) -> None:
-    """The guard on pods_cgroup would refuse the proxy's own connects if the agent lived below it."""
+def _check_pods_cgroup(pods_cgroup: str, proxy_cgroup: str, exempt_host_network: bool = False) -> None:
+    """The guard on pods_cgroup would refuse the proxy's own connects if the agent lived below it —
+    unless it exempts the agent's network namespace (capture.guard_exempt_host_network)."""
     from agent.errors import ConfigError
 
     if not pods_cgroup:
@@ -191,7 +196,9 @@ def _check_pods_cgroup(pods_cgroup: str, proxy_cgroup: str) -> None:
         raise ConfigError("capture.pods_cgroup", pods_cgroup, "does not exist",
                           "give the cgroup v2 directory that contains the pods (create it first)")
     pods, proxy = os.path.realpath(pods_cgroup), os.path.realpath(proxy_cgroup)
-    if proxy == pods or proxy.startswith(pods.rstrip("/") + "/"):
+    if (proxy == pods or proxy.startswith(pods.rstrip("/") + "/")) and not exempt_host_network:
         raise ConfigError("capture.pods_cgroup", pods_cgroup, f"contains the agent's cgroup {proxy_cgroup}: the "
                           "guard there would refuse the proxy's own upstream connections",
-                          "run the agent outside the pods' cgroup (its own systemd unit or container cgroup)")
+                          "run the agent outside the pods' cgroup (its own systemd unit or container cgroup), or — "
+                          "when it runs in the node's network namespace and no workload does (the DaemonSet) — set "
+                          "capture.guard_exempt_host_network: true")

@@ -318,7 +318,10 @@ enum tcpmesh_reason {
 	                                      is off (TCPMESH_SETTING_IPV6_OFF): EPERM */
 	TCPMESH_R_FAMILY_MISMATCH = 30,    /* getsockopt: SOL_IP/SO_ORIGINAL_DST for an IPv6 destination
 	                                      (nothing consumed; ask TCPMESH_SO_ORIGIN or SOL_IPV6) */
-	TCPMESH_R_MAX = 31,
+	TCPMESH_R_GUARD_HOST_NETWORK = 31, /* guard: a TCP connect from a socket of the agent's own network
+	                                      namespace (hostNetwork pods, the agent itself) let through
+	                                      (only with -DTCPMESH_GUARD_NETNS_COOKIE) */
+	TCPMESH_R_MAX = 32,
 };
 
 /* Entries of the tcpmesh_counters map: room for appended reasons without changing the map. */

@@ -12,7 +12,8 @@ import shutil
 
 import pytest
 from tests.bpf.bpfworld import Client
-from tests.bpf.podworld import GATEWAY, accept, build_world, nothing_pending
+from tests.bpf.bpfworld import accept
+from tests.bpf.podworld import GATEWAY, build_world, nothing_pending
 
 from agent.capture import netfilter
 from agent.capture.tproxy_mode import TproxyCapture, cleanup_leftovers, find_leftovers

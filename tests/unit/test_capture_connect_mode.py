@@ -89,3 +89,12 @@ def test_connect_hooks_set_sockops_flags_from_linux_6_12(release, expected):
     assert connect_sets_cb_flags(release) is expected
     flags = program_flags("10.0.0.1", 15001, 65536, kernel_release=release)
     assert ("-DTCPMESH_CONNECT_CB_FLAGS=1" in flags) is expected
+
+
+def test_the_guards_host_network_exemption_is_a_program_flag_so_the_set_name_follows_it():
+    """capture.guard_exempt_host_network compiles the agent's netns cookie in; without it the check
+    is not in the programs at all, and a set built for another namespace is never adopted."""
+    plain = program_flags("10.0.0.1", 15001, 65536, kernel_release="6.18.0")
+    assert not any("GUARD_NETNS" in f for f in plain)
+    flags = program_flags("10.0.0.1", 15001, 65536, kernel_release="6.18.0", guard_netns_cookie=4097)
+    assert flags == plain + ["-DTCPMESH_GUARD_NETNS_COOKIE=4097ull"]

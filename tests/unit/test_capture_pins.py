@@ -126,3 +126,5 @@ def test_agent_below_the_pods_cgroup_is_refused(tmp_path):
         _check_pods_cgroup(str(tmp_path / "missing"), str(tmp_path))
     _check_pods_cgroup(str(pods), str(tmp_path / "agent"))
     _check_pods_cgroup("", str(pods / "agent"))  # no guard configured: nothing to check
+    # the DaemonSet: the agent below kubepods, its network namespace exempt from the guard
+    _check_pods_cgroup(str(pods), str(pods / "agent"), exempt_host_network=True)

@@ -213,7 +213,9 @@ def test_the_configmap_config_loads_with_the_daemonsets_environment(tmp_path):
     config = load_config(tmp_path / "config.yaml", environ=env)
     assert config.registry.source == "kubernetes" and config.node.name == "worker-1"
     assert config.admin.address == config.node.address == config.capture.redirect_address == "10.0.0.11"
-    assert config.capture.pods_cgroup == ""
+    # the node guard is on: kubepods comes from the start line, the agent's netns is exempt
+    assert config.capture.guard_exempt_host_network is True
+    assert "TCPMESH_CAPTURE_PODS_CGROUP=" in container["args"][0] and "kubepods-cgroup" in container["args"][0]
     assert "exec /usr/local/bin/tcpmesh run --config /etc/tcpmesh/config.yaml" in container["args"][0]
 
 

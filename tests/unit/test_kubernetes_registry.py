@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.registry.kubernetes.cgroups import find_pod_cgroup, pod_cgroup_candidates
+from agent.registry.kubernetes.cgroups import find_pod_cgroup, own_pod_cgroup, pod_cgroup_candidates
 from agent.registry.kubernetes.mapping import build_registry, node_internal_ip
 from agent.registry.kubernetes.watch import Backoff
 
@@ -116,3 +116,20 @@ def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets():
         assert base * 0.8 <= delay <= base * 1.2
     backoff.reset()
     assert 0.4 <= backoff.next() <= 0.6
+
+
+@pytest.mark.parametrize("layout, kubepods", [
+    ("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice", "kubepods.slice"),
+    ("kubepods/burstable/pod{uid}", "kubepods"),
+    ("kubelet.slice/kubepods.slice/kubepods-pod{u}.slice", "kubelet.slice/kubepods.slice")])
+def test_the_daemonsets_start_line_finds_its_pod_cgroup_and_the_kubepods_cgroup_above_it(tmp_path, capsys, layout,
+                                                                                        kubepods):
+    uid = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+    pod = tmp_path / layout.format(uid=uid, u=uid.replace("-", "_"))
+    pod.mkdir(parents=True)
+    assert own_pod_cgroup(["pod-cgroup", str(tmp_path), uid]) == 0
+    assert capsys.readouterr().out.strip() == str(pod)
+    assert own_pod_cgroup(["kubepods-cgroup", str(tmp_path), uid]) == 0   # TCPMESH_CAPTURE_PODS_CGROUP
+    assert capsys.readouterr().out.strip() == str(tmp_path / kubepods)
+    assert own_pod_cgroup(["kubepods-cgroup", str(tmp_path), "no-such-pod"]) == 1
+    assert "no cgroup of pod no-such-pod" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""``python -m agent.registry.kubernetes pod-cgroup CGROUP_ROOT POD_UID`` (the DaemonSet's start line)."""
+"""``python -m agent.registry.kubernetes pod-cgroup|kubepods-cgroup CGROUP_ROOT POD_UID`` (the
+DaemonSet's start line)."""
 
 import sys
 

@@ -2,8 +2,9 @@
 
 Both kubelet layouts (systemd and cgroupfs drivers) first, then a bounded search of ``kubepods*``
 directories. ``pod_cgroup_candidates`` is pure; ``find_pod_cgroup`` reads directories only.
-``own_pod_cgroup`` is ``python -m agent.registry.kubernetes pod-cgroup CGROUP_ROOT POD_UID``, which
-the DaemonSet runs before the agent (docs/install-kubernetes.md). Imports nothing of the agent.
+``own_pod_cgroup`` is ``python -m agent.registry.kubernetes pod-cgroup|kubepods-cgroup CGROUP_ROOT
+POD_UID``, which the DaemonSet runs before the agent (docs/install-kubernetes.md). Imports nothing of
+the agent.
 """
 
 from __future__ import annotations
@@ -67,19 +68,38 @@ def _search(directory: str, names: tuple[str, ...], depth: int) -> str | None:
     return None
 
 
+def kubepods_of(pod_cgroup: str, cgroup_root: str) -> str | None:
+    """The kubelet's top cgroup above ``pod_cgroup`` (the topmost ancestor named ``kubepods`` or
+    ``kubepods.slice``: every pod of the node is below it), or None. Pure."""
+    relative = os.path.relpath(pod_cgroup, cgroup_root).split(os.sep)
+    for i, name in enumerate(relative[:-1]):
+        if name in ("kubepods", "kubepods.slice"):
+            return os.path.join(cgroup_root, *relative[:i + 1])
+    return None
+
+
 def own_pod_cgroup(argv: list[str]) -> int:
-    """``python -m agent.registry.kubernetes pod-cgroup CGROUP_ROOT POD_UID``: print the pod's cgroup.
+    """``python -m agent.registry.kubernetes pod-cgroup|kubepods-cgroup CGROUP_ROOT POD_UID``: print
+    the pod's cgroup, or the kubelet's kubepods cgroup above it.
 
     The DaemonSet's container runs in a private cgroup namespace, so /proc/self/cgroup says "/";
     it asks this for its own pod's cgroup on the host's mount and passes it as
-    TCPMESH_CAPTURE_PROXY_CGROUP (where the getsockopt hook goes; docs/install-kubernetes.md).
+    TCPMESH_CAPTURE_PROXY_CGROUP (where the getsockopt hook goes), and for the kubepods cgroup above
+    it as TCPMESH_CAPTURE_PODS_CGROUP (the node guard's place; docs/install-kubernetes.md).
     """
-    if len(argv) != 3 or argv[0] != "pod-cgroup":
-        print("usage: python -m agent.registry.kubernetes pod-cgroup CGROUP_ROOT POD_UID", file=sys.stderr)
+    if len(argv) != 3 or argv[0] not in ("pod-cgroup", "kubepods-cgroup"):
+        print("usage: python -m agent.registry.kubernetes pod-cgroup|kubepods-cgroup CGROUP_ROOT POD_UID",
+              file=sys.stderr)
         return 2
     found = find_pod_cgroup(argv[1], argv[2])
     if found is None:
         print(f"no cgroup of pod {argv[2]} below {argv[1]} (kubepods.slice/… or kubepods/…)", file=sys.stderr)
         return 1
+    if argv[0] == "kubepods-cgroup":
+        found = kubepods_of(found, argv[1])
+        if found is None:
+            print(f"the cgroup of pod {argv[2]} is below no kubepods or kubepods.slice directory of {argv[1]}",
+                  file=sys.stderr)
+            return 1
     print(found)
     return 0
