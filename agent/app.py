@@ -109,7 +109,12 @@ class Agent:
 
     # -- building -----------------------------------------------------------------------------
     def _build_identities(self) -> IdentityStore:
-        self.rotator = rotator_from_config(self.config, self.metrics)
+        if self.config.identity.mode == "issuer":
+            from agent.issuer.node_side import issuer_rotator
+
+            self.rotator = issuer_rotator(self.config, self.metrics)
+        else:
+            self.rotator = rotator_from_config(self.config, self.metrics)
         return self.rotator.store
 
     def _certs_report(self) -> dict:

@@ -54,6 +54,7 @@ DEFAULT_ACCESS_LOG_BACKUPS = 5
 DEFAULT_ACCESS_LOG_KEY = "/var/lib/tcpmesh/audit.key"  # outside the log's directory, root only
 CAPTURE_MODES = ("auto", "ebpf-connect", "ebpf-tc", "iptables", "none")
 REGISTRY_SOURCES = ("file", "kubernetes")
+IDENTITY_MODES = ("node_ca", "issuer")
 ENV_PREFIX = "TCPMESH_"
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
@@ -65,7 +66,24 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class IdentityIssuerConfig:
+    # identity.mode issuer (docs/identity.md "The agent and the issuer"): where the issuer listens
+    # (host:port, tried in turn), and this node's credential directory (credential.crt, credential.key,
+    # bundle.pem: `tcpmesh ca issue-node-credential`, or written at join with the bootstrap token).
+    addresses: list = field(default_factory=list)
+    credential_dir: str = "/var/lib/tcpmesh/node-credential"
+    ca_bundle: str = ""              # the trust bundle (root ca.crt); empty: <credential_dir>/bundle.pem
+    bootstrap_token_file: str = ""   # a one-time token (`tcpmesh issuer token <node>`), used when no credential
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class IdentityConfig:
+    # "node_ca" (legacy: this node holds a node intermediate that can sign any identity of the trust
+    # domain) or "issuer" (this node holds a node credential only; the issuer signs its workloads'
+    # SVIDs for the identities the registry places here). docs/identity.md "Migrating to the issuer".
+    mode: str = "node_ca"
+    issuer: IdentityIssuerConfig = field(default_factory=IdentityIssuerConfig)
     # The node CA directory of `tcpmesh ca issue-node` (node.crt, node.key, bundle.pem): the agent
     # signs its own workloads' SVIDs with this node intermediate and never holds the root key.
     node_ca_dir: str = DEFAULT_NODE_CA_DIR
@@ -431,12 +449,35 @@ def _identity(identity: IdentityConfig) -> None:
                                                    f"to go down to {DEV_MIN_TTL_SECONDS} seconds)")
         raise ConfigError("identity.svid_ttl_seconds", identity.svid_ttl_seconds, "is too short",
                           f"use at least {minimum} seconds{hint}")
+    if identity.mode not in IDENTITY_MODES:
+        raise ConfigError("identity.mode", identity.mode, "unknown mode",
+                          "use issuer (the node holds no signing key) or node_ca (legacy node intermediate)")
+    if identity.mode == "issuer":
+        _identity_issuer(identity.issuer)
+        return
     if not identity.node_ca_dir and not identity.ca_dir:
         raise ConfigError("identity.node_ca_dir", identity.node_ca_dir, "is required",
                           "point it at this node's directory from `tcpmesh ca issue-node <node> --ca <root> --out <dir>`")
     if not 0.1 <= identity.poll_seconds <= 3600:
         raise ConfigError("identity.poll_seconds", identity.poll_seconds, "out of range",
                           "use a value between 0.1 and 3600 seconds")
+
+
+def _identity_issuer(issuer: IdentityIssuerConfig) -> None:
+    if not issuer.addresses:
+        raise ConfigError("identity.issuer.addresses", issuer.addresses, "is required with identity.mode: issuer",
+                          "list the issuer's host:port, e.g. [issuer.tcpmesh.svc:15012] or [10.0.0.5:15012]")
+    for i, address in enumerate(issuer.addresses):
+        host, _, port = str(address).rpartition(":")
+        if not isinstance(address, str) or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"identity.issuer.addresses[{i}]", address, "is not host:port",
+                              "write it as host:port, e.g. 10.0.0.5:15012")
+    if not issuer.credential_dir:
+        raise ConfigError("identity.issuer.credential_dir", issuer.credential_dir, "is required",
+                          "point it at a directory the agent may write (0700), e.g. /var/lib/tcpmesh/node-credential")
+    if not 0.5 <= issuer.timeout_seconds <= 120:
+        raise ConfigError("identity.issuer.timeout_seconds", issuer.timeout_seconds, "out of range",
+                          "use 0.5 to 120 seconds")
 
 
 def _ipv4(name: str, value: str, required: bool) -> None:

@@ -13,6 +13,9 @@ Requests (``now`` is an ISO 8601 time with offset; the agent's clock, so tests c
     PEM) that the agent hands back with each ``issue`` request.
   * ``{"op": "issue", "material", "spiffe_ids", "ttl_seconds", "min_ttl_seconds", "now"}`` — mint one
     SVID per identity; answer ``{"ok": true, "svids": [Svid.to_wire()...], "errors": {uri: error}}``.
+  * issuer mode (docs/identity.md "The agent and the issuer"): ``keys`` {count} — fresh keys and their
+    CSRs; ``credential`` {credential_dir, node} — read and check the node credential directory;
+    ``describe_chain`` {pems} — the public facts of certificates.
 
 Errors come back as ``{"ok": false, "error": {"type": "CaError", "message": "..."}}`` (the
 ``agent.identity.errors`` class names), never with key material. Keys travel through the pipes
@@ -30,11 +33,17 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from agent.identity.bundle import fingerprint
-from agent.identity.ca import CertificateAuthority, private_key_pem
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.identity.bundle import fingerprint, parse_bundle
+from agent.identity.ca import CertificateAuthority, check_private_mode, load_private_key, private_key_pem, public_bytes
 from agent.identity.errors import CaError, IdentityError
+from agent.identity.files import CREDENTIAL_FILES
+from agent.identity.issue import make_csr
 from agent.identity.node_ca import SigningCa, load_node_ca, load_root_as_signing_ca
-from agent.identity.spiffe import SpiffeId, SpiffeIdError
+from agent.identity.spiffe import SpiffeId, SpiffeIdError, node_id_uri, parse_node_id
 
 MAX_REQUEST_BYTES = 1 << 20
 
@@ -112,7 +121,75 @@ def issue(request: dict[str, Any], now: datetime) -> dict[str, Any]:
     return {"ok": True, "svids": svids, "errors": errors}
 
 
-OPERATIONS = {"load": load, "issue": issue}
+def keys(request: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """Fresh P-256 keys and a CSR for each (issuer mode: the key stays on the node, the CSR goes to the issuer)."""
+    count = int(request["count"])
+    if not 1 <= count <= 64:
+        raise IdentityError(f"asked for {count} keys; 1 to 64 per request")
+    answer = []
+    for _ in range(count):
+        key = ec.generate_private_key(ec.SECP256R1())
+        answer.append({"key_pem": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()).decode("ascii"),
+                       "csr_pem": make_csr(key)})
+    return {"ok": True, "keys": answer}
+
+
+def credential(request: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """Read and check a node credential directory (issuer mode): the public facts, and the PEMs to present.
+
+    A missing certificate is ``{"present": false}`` (the agent joins with its bootstrap token); a key
+    readable by others, a key of another certificate, a certificate of another node are errors naming
+    the file and the fix. An expired one is reported (``expired``), not refused: the agent then joins again."""
+    directory = Path(request["credential_dir"])
+    cert_path, key_path, bundle_path = (directory / name for name in CREDENTIAL_FILES)
+    fix = ("create it with `tcpmesh ca issue-node-credential <node> --ca <root> --out "
+           f"{directory}`, or set identity.issuer.bootstrap_token_file")
+    bundle = parse_bundle(_read_bytes(bundle_path, fix), str(bundle_path)) if bundle_path.exists() else None
+    if not cert_path.exists():
+        return {"ok": True, "present": False, "bundle_pem": bundle.pem if bundle else None,
+                "bundle": [certificate_info(r) for r in bundle.roots] if bundle else []}
+    certificate = x509.load_pem_x509_certificate(_read_bytes(cert_path, fix))
+    check_private_mode(key_path)
+    key = load_private_key(key_path, _read_bytes(key_path, fix), fix)
+    if public_bytes(key.public_key()) != public_bytes(certificate.public_key()):
+        raise CaError(f"{key_path} does not belong to {cert_path} (their public keys differ); {fix}")
+    sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    expected = node_id_uri(certificate_trust_domain(uris), request["node"])
+    if uris != [expected]:
+        raise CaError(f"{cert_path} names {uris}, this is node {request['node']!r} ({expected}); point "
+                      f"identity.issuer.credential_dir at this node's own credential, or {fix}")
+    return {"ok": True, "present": True, "uri": expected, "info": certificate_info(certificate),
+            "cert_pem": _read_bytes(cert_path, fix).decode("ascii"), "key_pem": _read_bytes(key_path, fix).decode("ascii"),
+            "expired": certificate.not_valid_after_utc <= now,
+            "bundle_pem": bundle.pem if bundle else None,
+            "bundle": [certificate_info(r) for r in bundle.roots] if bundle else []}
+
+
+def describe_chain(request: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The public facts of PEM certificates (the issuer's CA chain, as the agent reports it)."""
+    return {"ok": True, "certificates": [certificate_info(x509.load_pem_x509_certificate(p.encode("ascii")))
+                                         for p in request["pems"]]}
+
+
+def certificate_trust_domain(uris: list[str]) -> str:
+    for uri in uris:
+        try:
+            return parse_node_id(uri)[0]
+        except SpiffeIdError:
+            continue
+    raise CaError(f"the node credential names {uris}, not a node (spiffe://<td>/node/<name>)")
+
+
+def _read_bytes(path: Path, fix: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CaError(f"cannot read {path}: {exc.strerror}; {fix}") from None
+
+
+OPERATIONS = {"load": load, "issue": issue, "keys": keys, "credential": credential, "describe_chain": describe_chain}
 
 
 def error_doc(exc: BaseException) -> dict[str, str]:

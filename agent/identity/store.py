@@ -93,8 +93,14 @@ class IdentityStore:
     def __init__(self, ca: Signer, trust_bundle_pem: str | bytes, ttl_seconds: int, *,
                  key_dir: str | Path | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 min_ttl_seconds: int = MIN_TTL_SECONDS, listener: StoreListener | None = None) -> None:
+                 min_ttl_seconds: int = MIN_TTL_SECONDS, listener: StoreListener | None = None,
+                 defer_first_issue: bool = False) -> None:
         self._ca = ca
+        # Issuer mode: ``ensure`` never asks the signer (a network call) on the caller's thread; a new
+        # identity is *pending* — its connects are refused (UnknownIdentityError) — until the rotator's
+        # ``issue_pending`` gets its first SVID.
+        self._defer = defer_first_issue
+        self._pending: frozenset[SpiffeId] = frozenset()
         self._bundle = trust_bundle_pem
         self._ttl = ttl_seconds
         self._min_ttl = min_ttl_seconds
@@ -120,6 +126,12 @@ class IdentityStore:
             now = self._clock()
             current = self._entries
             todo = plan({i: e.svid for i, e in current.items()}, desired, now)
+            if self._defer:
+                self._pending = frozenset(todo.issue)
+                todo = Plan(issue=(), renew=(), keep=tuple(sorted((*todo.keep, *todo.renew))), remove=todo.remove)
+                wake = getattr(self._listener, "wake", None)
+                if self._pending and wake is not None:
+                    wake()  # the rotator's thread asks the issuer
             if not todo.changed:
                 return todo
             entries = {i: current[i] for i in todo.keep}
@@ -155,6 +167,33 @@ class IdentityStore:
         for result in results.values():
             if isinstance(result, Svid):
                 self._notify_issued(result, ISSUED_RENEWAL)
+        return results
+
+    def pending(self) -> frozenset[SpiffeId]:
+        """Identities waiting for their first SVID (issuer mode); their connects are refused meanwhile."""
+        return self._pending
+
+    def issue_pending(self) -> dict[SpiffeId, Svid | IdentityError]:
+        """Try to get a first SVID for every pending identity; each succeeds or stays pending on its own."""
+        results: dict[SpiffeId, Svid | IdentityError] = {}
+        with self._lock:
+            todo = sorted(self._pending)
+            if not todo:
+                return results
+            entries = dict(self._entries)
+            for spiffe_id, result in self._build(todo, self._clock()).items():
+                if isinstance(result, _Entry):
+                    entries[spiffe_id] = result
+                    results[spiffe_id] = result.svid
+                else:
+                    results[spiffe_id] = result
+            issued = {i for i, r in results.items() if isinstance(r, Svid)}
+            self._pending = self._pending - issued
+            if issued:
+                self._publish(entries)
+        for result in results.values():
+            if isinstance(result, Svid):
+                self._notify_issued(result, ISSUED_FIRST)
         return results
 
     def replace_ca(self, ca: Signer, trust_bundle_pem: str | bytes) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -92,8 +93,10 @@ class IdentityRotator:
         self._renewals: dict[SpiffeId, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
+        self._pending_failures: dict[SpiffeId, tuple[int, datetime]] = {}  # (failures in a row, retry at)
         self.store = IdentityStore(self.signing.signer, self.signing.bundle_pem, ttl_seconds, key_dir=key_dir,
-                                   clock=clock, min_ttl_seconds=min_ttl_seconds, listener=self)
+                                   clock=clock, min_ttl_seconds=min_ttl_seconds, listener=self,
+                                   defer_first_issue=getattr(source, "defer_first_issue", False))
         self._ca_loaded(self.signing, "loaded")
 
     # -- the task ------------------------------------------------------------------------------
@@ -136,7 +139,12 @@ class IdentityRotator:
 
     # -- the steps -----------------------------------------------------------------------------
     def check_ca(self) -> bool:
-        """Reload the signing CA if its files changed; True if the store now uses a new CA or bundle."""
+        """Reload the signing CA if its files changed; True if the store now uses a new CA or bundle.
+
+        Issuer mode: first lets the source renew the node credential when due (``maintain``)."""
+        maintain = getattr(self._source, "maintain", None)
+        if maintain is not None:
+            maintain(self._clock())
         signature = self._source.signature()
         if signature == self._signature:
             return False
@@ -162,8 +170,37 @@ class IdentityRotator:
         self._ca_loaded(signing, "reloaded")
         return True
 
+    def issue_pending(self) -> datetime | None:
+        """Issuer mode: first SVIDs for identities that wait for one (backoff per identity); when to retry."""
+        now = self._clock()
+        pending = self.store.pending()
+        self._pending_failures = {k: v for k, v in self._pending_failures.items() if k in pending}
+        if any(self._pending_failures.get(i, (0, now))[1] <= now for i in pending):
+            for spiffe_id, result in self.store.issue_pending().items():
+                if isinstance(result, Svid):
+                    self._pending_failures.pop(spiffe_id, None)
+                    continue
+                count = self._pending_failures.get(spiffe_id, (0, now))[0] + 1
+                wait = min(self._policy.retry_initial * (2 ** (count - 1)), self._policy.retry_max)
+                wait = wait * (0.8 + 0.4 * random.random())  # jittered: nodes do not retry in step
+                self._pending_failures[spiffe_id] = (count, now + wait)
+                if self._metrics is not None:
+                    self._metrics.certificate_renewal_failures.labels(workload=spiffe_id.uri).inc()
+                log.warning("cannot get the first SVID of %s (%d in a row): %s; its workloads' connections are "
+                            "refused until it arrives; retrying in %.1fs", spiffe_id.uri, count, result,
+                            wait.total_seconds())
+        retry = [at for i, (_, at) in self._pending_failures.items() if i in self.store.pending()]
+        return min(retry) if retry else None
+
     def renew_due(self) -> datetime | None:
         """Renew what is due now; return when to look again (None: no identities)."""
+        pending_retry = self.issue_pending() if self.store.pending() else None
+        wake_at = self._renew_due()
+        if pending_retry is not None:
+            return pending_retry if wake_at is None else min(wake_at, pending_retry)
+        return wake_at
+
+    def _renew_due(self) -> datetime | None:
         now = self._clock()
         svids = self.store.svids()
         failures = {k: f for k, f in self._failures.items() if k in svids and f.serial == svids[k].serial}
@@ -211,8 +248,13 @@ class IdentityRotator:
     # -- reporting -----------------------------------------------------------------------------
     def report(self, workloads: Mapping[SpiffeId, Iterable[str]] | None = None) -> dict[str, Any]:
         """The ``/debug/certs`` document (public material only)."""
-        return certs_report(self.signing, self.store.svids(), self._failures, dict(self._renewals),
-                            self._clock(), self._policy, workloads)
+        now = self._clock()
+        report = certs_report(self.signing, self.store.svids(), self._failures, dict(self._renewals),
+                              now, self._policy, workloads)
+        source_report = getattr(self._source, "report", None)
+        if source_report is not None:  # issuer mode: reachability, last renewal, node credential time left
+            report["issuer"] = {**source_report(now), "pending": sorted(i.uri for i in self.store.pending())}
+        return report
 
     # -- helpers -------------------------------------------------------------------------------
     def _renewal_failed(self, svid: Svid, failure: Failure, now: datetime) -> None:
@@ -224,9 +266,9 @@ class IdentityRotator:
                       "identity until a renewal succeeds; retrying in %.1fs", svid.spiffe_id.uri, failure.count,
                       failure.error, svid.not_after.isoformat(), wait)
         else:
-            log.warning("renewing the SVID of %s failed (%d in a row): %s; still serving serial %x, valid until %s; "
-                        "retrying in %.1fs", svid.spiffe_id.uri, failure.count, failure.error, svid.serial,
-                        svid.not_after.isoformat(), wait)
+            log.warning("renewing the SVID of %s failed (%d in a row): %s; still serving serial %x, valid until %s "
+                        "(%.0fs left); retrying in %.1fs", svid.spiffe_id.uri, failure.count, failure.error, svid.serial,
+                        svid.not_after.isoformat(), (svid.not_after - now).total_seconds(), wait)
 
     def _ca_loaded(self, signing: SigningInfo, verb: str) -> None:
         if self._metrics is not None:
@@ -251,6 +293,8 @@ def rotator_from_config(config: Any, metrics: Any = None) -> IdentityRotator:
     if identity.svid_ttl_seconds < MIN_TTL_SECONDS:
         log.warning("identity.dev_short_ttl is on: SVIDs live %ds and renew about every %.0fs — for tests and "
                     "development only", identity.svid_ttl_seconds, identity.svid_ttl_seconds / 2)
+    log.info("identity.mode node_ca (legacy): this node signs its SVIDs with a node intermediate that can sign "
+             "any identity of the trust domain; move to identity.mode: issuer (docs/identity.md)")
     return IdentityRotator(
         CaSource(node_ca_dir=identity.node_ca_dir, ca_dir=identity.ca_dir, node=config.node.name),
         ttl_seconds=identity.svid_ttl_seconds,

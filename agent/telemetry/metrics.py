@@ -89,6 +89,13 @@ class Metrics:
         self.node_ca_expiry = Gauge(
             "tcpmesh_node_ca_expiry_timestamp_seconds", "Expiry (unix time) of the CA this agent signs SVIDs with "
             "(its node intermediate): re-issue it with `tcpmesh ca issue-node` before then", registry=registry)
+        # identity.mode issuer (docs/identity.md "The agent and the issuer")
+        self.issuer_up = Gauge(
+            "tcpmesh_identity_issuer_up", "1 if the last request to the issuer was answered, 0 if no issuer "
+            "address answered (current SVIDs stay in service until they expire)", registry=registry)
+        self.node_credential_expiry = Gauge(
+            "tcpmesh_node_credential_expiry_timestamp_seconds", "Expiry (unix time) of this node's credential at "
+            "the issuer (renewed at half its lifetime)", registry=registry)
         self.access_log_records = Counter(
             "tcpmesh_access_log_records", "Access/audit records written", registry=registry)
         self.access_log_dropped = Counter(

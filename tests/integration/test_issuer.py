@@ -8,8 +8,6 @@ everything (node1 got node2's identity) and with ``SpentLedger.claim`` always tr
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,10 +24,9 @@ from agent.identity.issuer_ca import issue_issuer_files, issue_node_credential
 from agent.issuer import protocol
 from agent.issuer.client import Credential, IssuerClient, IssuerUnavailable
 from agent.issuer.config import issuer_config_from_mapping
-from agent.issuer.metrics import IssuerMetrics
-from agent.issuer.run import RegistryHolder, build_service, reload_registry_file
-from agent.issuer.server import IssuerServer
 from agent.issuer.tokens import create_token_key, load_token_key, make_token
+
+from tests.integration.issuer_world import Replica
 
 TD = "issuer.test"
 REGISTRY = f"""
@@ -43,35 +40,6 @@ workloads:
 """
 A = f"spiffe://{TD}/ns/shop/sa/a"
 B = f"spiffe://{TD}/ns/shop/sa/b"
-
-
-class Replica:
-    """One issuer replica serving on loopback from its own event loop thread."""
-
-    def __init__(self, config, name: str) -> None:
-        self.metrics = IssuerMetrics(CollectorRegistry())
-        self.holder = RegistryHolder()
-        reload_registry_file(config, self.holder, self.metrics)
-        self.service = build_service(config, self.metrics, self.holder)
-        self.service.name = name
-        self.loop = asyncio.new_event_loop()
-        self.server = IssuerServer(self.service, "127.0.0.1", 0, metrics=self.metrics)
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-    def refusals(self, reason: str) -> float:
-        return self.metrics.refusals.labels(reason=reason)._value.get()
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture

@@ -85,3 +85,31 @@ def test_config_errors_name_the_field(doc, field):
     with pytest.raises(ConfigError) as info:
         issuer_config_from_mapping(doc)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("identity,field", [
+    ({"mode": "issuerr"}, "identity.mode"),
+    ({"mode": "issuer"}, "identity.issuer.addresses"),
+    ({"mode": "issuer", "issuer": {"addresses": ["10.0.0.5:15012", "10.0.0.6"]}}, "identity.issuer.addresses[1]"),
+    ({"mode": "issuer", "issuer": {"addresses": ["a:1"], "credential_dir": ""}}, "identity.issuer.credential_dir"),
+    ({"mode": "issuer", "issuer": {"addresses": "a:1"}}, "identity.issuer.addresses"),
+    ({"mode": "issuer", "issuer": {"adresses": ["a:1"]}}, "identity.issuer.adresses"),
+])
+def test_the_agents_issuer_settings_are_validated_naming_the_field(identity, field):
+    from agent.config import config_from_mapping, validate
+
+    with pytest.raises(ConfigError) as info:
+        validate(config_from_mapping({"node": {"name": "node1", "address": "10.76.0.1"},
+                                      "capture": {"redirect_address": "169.254.1.1"}, "identity": identity}))
+    assert info.value.field == field
+    assert str(info.value).startswith(field)
+
+
+def test_issuer_mode_validates_without_a_node_ca_dir():
+    from agent.config import config_from_mapping, validate
+
+    config = validate(config_from_mapping({"node": {"name": "node1", "address": "10.76.0.1"},
+                                           "capture": {"redirect_address": "169.254.1.1"},
+                                           "identity": {"mode": "issuer", "node_ca_dir": "",
+                                                        "issuer": {"addresses": ["10.0.0.5:15012"]}}}))
+    assert config.identity.issuer.addresses == ["10.0.0.5:15012"]

@@ -1,0 +1,345 @@
+"""The agent's side of the issuer (``identity.mode: issuer``): node credential, CSRs, signed SVIDs.
+
+``NodeCredential`` keeps this node's credential in ``identity.issuer.credential_dir``
+(``credential.crt``, ``credential.key`` 0600, ``bundle.pem``): at start it reads and checks it (in a
+minting worker); with none (or an expired one) it joins — a fresh key and CSR, the one-time bootstrap
+token of ``bootstrap_token_file``, ``node`` at the issuer — and writes what it got; from then on it
+renews the node SVID with itself once half its lifetime has passed (``maintain``, every poll of the
+rotator). A failed renewal keeps the current credential while it is valid.
+
+``IssuerSigner`` is the ``store.Signer`` of issuer mode: one minting worker makes a key and a CSR per
+identity (keys never leave the node), one ``sign`` request carries the CSRs, the answers become
+``Svid``s. A refusal is that identity's ``SvidError`` (reason and the issuer's words); an unreachable
+issuer fails the batch (``IssuerUnreachable``) and the rotator keeps the current SVIDs and backs off.
+
+``IssuerSource`` is what the rotator loads at start and polls (the trust bundle file); it reports the
+facts ``tcpmesh status`` needs (issuer reachable, last contact, last renewal, credential time left).
+
+Stdlib only: must not import cryptography (the agent does not; the worker does the X.509 work).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from agent.identity.errors import CaError, IdentityError, SvidError
+from agent.identity.files import BUNDLE_FILE, CREDENTIAL_CERT_FILE, CREDENTIAL_KEY_FILE, files_signature
+from agent.identity.minting_client import CertInfo, SigningInfo, Transport, call, spawn_minter
+from agent.identity.spiffe import SpiffeId
+from agent.identity.svid import MIN_TTL_SECONDS, Svid
+from agent.issuer.client import Credential, IssuerClient, IssuerUnavailable
+
+log = logging.getLogger("tcpmesh.identity")
+
+RETRY_INITIAL_SECONDS = 1.0   # a failed node credential renewal is retried after 1 s, doubling up to 60 s
+RETRY_MAX_SECONDS = 60.0
+
+
+class IssuerUnreachable(IdentityError):
+    """No issuer address answered; current SVIDs stay in service until they expire."""
+
+
+@dataclass(frozen=True)
+class IssuerSettings:
+    addresses: tuple[str, ...]
+    credential_dir: str
+    ca_bundle: str = ""            # empty: <credential_dir>/bundle.pem
+    bootstrap_token_file: str = ""
+    timeout_seconds: float = 10.0
+
+    @property
+    def bundle_path(self) -> Path:
+        return Path(self.ca_bundle) if self.ca_bundle else Path(self.credential_dir) / BUNDLE_FILE
+
+
+class IssuerState:
+    """What the agent knows about the issuer, for /debug/certs and `tcpmesh status` (thread-safe reads)."""
+
+    def __init__(self, addresses: Iterable[str]) -> None:
+        self.addresses = tuple(addresses)
+        self.reachable: bool | None = None      # None: not asked yet
+        self.last_contact: datetime | None = None
+        self.last_address: str | None = None
+        self.last_error: str | None = None
+        self.last_renewal: datetime | None = None
+        self.credential_not_after: datetime | None = None
+        self.credential_uri: str | None = None
+
+    def contacted(self, now: datetime, address: str | None) -> None:
+        self.reachable, self.last_contact, self.last_address, self.last_error = True, now, address, None
+
+    def failed(self, error: str) -> None:
+        self.reachable, self.last_error = False, error
+
+    def report(self, now: datetime) -> dict[str, Any]:
+        left = (self.credential_not_after - now).total_seconds() if self.credential_not_after else None
+        return {"addresses": list(self.addresses), "reachable": self.reachable,
+                "last_contact": self.last_contact.isoformat() if self.last_contact else None,
+                "last_address": self.last_address, "last_error": self.last_error,
+                "last_renewal": self.last_renewal.isoformat() if self.last_renewal else None,
+                "node_credential": {"spiffe_id": self.credential_uri,
+                                    "not_after": self.credential_not_after.isoformat()
+                                    if self.credential_not_after else None,
+                                    "seconds_to_expiry": round(left, 3) if left is not None else None}}
+
+
+class NodeCredential:
+    def __init__(self, settings: IssuerSettings, node: str, client: IssuerClient, state: IssuerState,
+                 transport: Transport = spawn_minter, metrics: Any = None) -> None:
+        self.settings, self.node, self.client, self.state = settings, node, client, state
+        self._transport = transport
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._credential: Credential | None = None
+        self._not_before: datetime | None = None
+        self._not_after: datetime | None = None
+        self._failures = 0
+        self._retry_at: datetime | None = None
+        self.info: CertInfo | None = None
+
+    def load(self, now: datetime) -> dict[str, Any]:
+        """Read and check the credential directory; join if there is no usable credential. The worker's doc."""
+        doc = call(self._transport, {"op": "credential", "credential_dir": self.settings.credential_dir,
+                                     "node": self.node, "now": now.isoformat()})
+        if not doc["present"] or doc["expired"]:
+            self._join(now, "expired" if doc["present"] else "none")
+            doc = call(self._transport, {"op": "credential", "credential_dir": self.settings.credential_dir,
+                                         "node": self.node, "now": now.isoformat()})
+        self._adopt(doc)
+        return doc
+
+    def current(self) -> Credential:
+        if self._credential is None:
+            raise CaError(f"this node has no node credential in {self.settings.credential_dir}")
+        return self._credential
+
+    def maintain(self, now: datetime) -> None:
+        """Renew the node SVID once half its lifetime has passed (kept on failure while valid)."""
+        if self._not_after is None or self._not_before is None:
+            return
+        half = self._not_before + (self._not_after - self._not_before) / 2
+        if now < half or (self._retry_at is not None and now < self._retry_at):
+            return
+        with self._lock:
+            try:
+                self._request_node_svid(now, token=None)
+                self._failures, self._retry_at = 0, None
+            except IdentityError as exc:
+                self._failures += 1
+                wait = min(RETRY_INITIAL_SECONDS * 2 ** (self._failures - 1), RETRY_MAX_SECONDS)
+                self._retry_at = now + timedelta(seconds=wait * (0.8 + 0.4 * random.random()))  # jittered
+                left = (self._not_after - now).total_seconds()
+                if left <= 0:
+                    log.error("this node's credential EXPIRED at %s and could not be renewed (%s): the issuer will "
+                              "not sign for this node until it joins again — put a new one-time token "
+                              "(`tcpmesh issuer token %s`) in identity.issuer.bootstrap_token_file and restart the "
+                              "agent", self._not_after.isoformat(), exc, self.node)
+                else:
+                    log.warning("renewing this node's credential at the issuer failed: %s; still valid for %.0fs "
+                                "(until %s); retrying", exc, left, self._not_after.isoformat())
+
+    def _join(self, now: datetime, why: str) -> None:
+        path = self.settings.bootstrap_token_file
+        fix = ("create a one-time token with `tcpmesh issuer token <node>` into identity.issuer.bootstrap_token_file, "
+               f"or a credential with `tcpmesh ca issue-node-credential {self.node} --ca <root> --out "
+               f"{self.settings.credential_dir}`")
+        if not path:
+            raise CaError(f"no usable node credential in {self.settings.credential_dir} ({why}); {fix}")
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise CaError(f"identity.issuer.bootstrap_token_file {path}: cannot read it ({exc.strerror}); {fix}") from None
+        self._request_node_svid(now, token=token)
+        log.info("joined the issuer as node %s with the bootstrap token in %s", self.node, path)
+
+    def _request_node_svid(self, now: datetime, token: str | None) -> None:
+        key = call(self._transport, {"op": "keys", "count": 1, "now": now.isoformat()})["keys"][0]
+        request = {"v": 1, "op": "node", "node": self.node, "csr": key["csr_pem"]}
+        if token is not None:
+            request["token"] = token
+        answer = ask(self.client, self.state, request, None if token is not None else self.current(), now)
+        if not answer.get("ok"):
+            error = answer.get("error") or {}
+            raise CaError(f"the issuer refused this node's credential ({error.get('reason')}): {error.get('message')}")
+        svid = answer["svid"]
+        chain = svid["cert_pem"] + "".join(svid["chain_pem"])
+        directory = Path(self.settings.credential_dir)
+        _write_atomic(directory / CREDENTIAL_KEY_FILE, key["key_pem"].encode("ascii"), 0o600)
+        _write_atomic(directory / CREDENTIAL_CERT_FILE, chain.encode("ascii"), 0o644)
+        if not self.settings.ca_bundle and answer.get("bundle_pem"):
+            _write_atomic(directory / BUNDLE_FILE, answer["bundle_pem"].encode("ascii"), 0o644)
+        self._credential = Credential(chain, key["key_pem"])
+        self._not_before = datetime.fromisoformat(svid["not_before"])
+        self._not_after = datetime.fromisoformat(svid["not_after"])
+        self.state.credential_not_after, self.state.credential_uri = self._not_after, svid["spiffe_id"]
+        if self._metrics is not None:
+            self._metrics.node_credential_expiry.set(self._not_after.timestamp())
+        log.info("node credential %s: serial %x, valid until %s", svid["spiffe_id"], svid["serial"], svid["not_after"])
+
+    def _adopt(self, doc: Mapping[str, Any]) -> None:
+        self._credential = Credential(doc["cert_pem"], doc["key_pem"])
+        self.info = CertInfo.from_wire(doc["info"])
+        self._not_before, self._not_after = self.info.not_before, self.info.not_after
+        self.state.credential_not_after, self.state.credential_uri = self._not_after, doc["uri"]
+        if self._metrics is not None:
+            self._metrics.node_credential_expiry.set(self._not_after.timestamp())
+
+
+def ask(client: IssuerClient, state: IssuerState, request: dict, credential: Credential | None,
+        now: datetime) -> dict[str, Any]:
+    try:
+        answer = client.call(request, credential)
+    except IssuerUnavailable as exc:
+        state.failed(str(exc))
+        raise IssuerUnreachable(f"{exc}; current SVIDs stay in service until they expire") from None
+    state.contacted(now, client.last_address)
+    return answer
+
+
+class IssuerSigner:
+    """``store.Signer`` through the issuer (see the module docstring)."""
+
+    def __init__(self, trust_domain: str, credential: NodeCredential, transport: Transport = spawn_minter) -> None:
+        self.trust_domain = trust_domain
+        self._credential = credential
+        self._transport = transport
+
+    def issue_svids(self, spiffe_ids: Iterable[SpiffeId], ttl_seconds: int, *, now: datetime,
+                    min_ttl_seconds: int = MIN_TTL_SECONDS) -> dict[SpiffeId, Svid | IdentityError]:
+        ids = list(spiffe_ids)
+        keys = call(self._transport, {"op": "keys", "count": len(ids), "now": now.isoformat()})["keys"]
+        request = {"v": 1, "op": "sign", "ttl_seconds": ttl_seconds,
+                   "csrs": [{"spiffe_id": i.uri, "csr": k["csr_pem"]} for i, k in zip(ids, keys)]}
+        state = self._credential.state
+        answer = ask(self._credential.client, state, request, self._credential.current(), now)
+        if not answer.get("ok"):
+            error = answer.get("error") or {}
+            raise SvidError(f"the issuer refused ({error.get('reason')}): {error.get('message')}")
+        key_of = {i.uri: k["key_pem"] for i, k in zip(ids, keys)}
+        results: dict[SpiffeId, Svid | IdentityError] = {}
+        for doc in answer.get("svids", ()):
+            svid = Svid.from_wire({**doc, "key_pem": key_of[doc["spiffe_id"]]})
+            results[svid.spiffe_id] = svid
+        for uri, why in (answer.get("refused") or {}).items():
+            results[SpiffeId.parse(uri)] = SvidError(f"the issuer refused {uri} ({why.get('reason')}): "
+                                                     f"{why.get('message')}")
+        if any(isinstance(r, Svid) for r in results.values()):
+            state.last_renewal = now
+        return results
+
+    def __repr__(self) -> str:
+        return f"IssuerSigner({', '.join(f'{h}:{p}' for h, p in self._credential.client.addresses)})"
+
+
+class IssuerSource:
+    """The rotator's source in issuer mode: the trust bundle (polled) and the node credential."""
+
+    defer_first_issue = True  # a new identity waits (connects refused) until the rotator's thread gets its SVID
+
+    def __init__(self, settings: IssuerSettings, node: str, trust_domain: str, *, transport: Transport = spawn_minter,
+                 metrics: Any = None) -> None:
+        self.settings = settings
+        self.node = node
+        self.trust_domain = trust_domain
+        self.transport = transport
+        self.state = IssuerState(settings.addresses)
+        self._metrics = metrics
+        self.credential: NodeCredential | None = None
+
+    @property
+    def directory(self) -> str:
+        return self.settings.credential_dir
+
+    def signature(self) -> tuple:
+        return files_signature(self.settings.bundle_path.parent, (self.settings.bundle_path.name,))
+
+    def load(self, now: datetime) -> SigningInfo:
+        bundle_pem = _read_bundle(self.settings.bundle_path)
+        client = IssuerClient(self.settings.addresses, bundle_pem, self.trust_domain,
+                              timeout=self.settings.timeout_seconds)
+        credential = NodeCredential(self.settings, self.node, client, self.state, self.transport, self._metrics)
+        if self.credential is not None and self.credential._credential is not None:  # a bundle change: keep it
+            credential._credential, credential.info = self.credential._credential, self.credential.info
+            credential._not_before, credential._not_after = self.credential._not_before, self.credential._not_after
+        else:
+            credential.load(now)
+        self.credential = credential
+        roots = call(self.transport, {"op": "describe_chain", "pems": _pem_blocks(bundle_pem),
+                                      "now": now.isoformat()})["certificates"]
+        bundle = tuple(CertInfo.from_wire(r) for r in roots)
+        info = credential.info or bundle[0]
+        return SigningInfo(trust_domain=self.trust_domain, kind="issuer (this node holds a node credential only)",
+                           is_root=False, node=self.node, source=self.settings.credential_dir, certificate=info,
+                           root=bundle[0] if bundle else None, bundle=bundle, bundle_pem=bundle_pem, chain=(),
+                           signer=IssuerSigner(self.trust_domain, credential, self.transport))  # type: ignore[arg-type]
+
+    def maintain(self, now: datetime) -> None:
+        if self.credential is not None:
+            self.credential.maintain(now)
+        if self._metrics is not None and self.state.reachable is not None:
+            self._metrics.issuer_up.set(1 if self.state.reachable else 0)
+
+    def report(self, now: datetime) -> dict[str, Any]:
+        return self.state.report(now)
+
+
+def _read_bundle(path: Path) -> str:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CaError(f"the trust bundle {path} cannot be read ({exc.strerror}); put the root's ca.crt there "
+                      "(identity.issuer.ca_bundle, or bundle.pem in identity.issuer.credential_dir)") from None
+    if "BEGIN CERTIFICATE" not in text:
+        raise CaError(f"the trust bundle {path} holds no PEM certificate; put the root's ca.crt there")
+    return text
+
+
+def _pem_blocks(text: str) -> list[str]:
+    end = "-----END CERTIFICATE-----"
+    return [block.strip() + "\n" + end + "\n" for block in text.split(end) if "BEGIN CERTIFICATE" in block]
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CaError(f"cannot write {path}: {exc.strerror}; the agent must be able to write "
+                      "identity.issuer.credential_dir") from None
+
+
+def issuer_rotator(config: Any, metrics: Any = None) -> Any:
+    """The identity rotator of ``identity.mode: issuer`` (the composition root calls this instead of
+    ``svid_rotator.rotator_from_config``)."""
+    from agent.identity.svid import DEV_MIN_TTL_SECONDS
+    from agent.identity.svid_rotator import IdentityRotator
+
+    identity = config.identity
+    settings = IssuerSettings(tuple(identity.issuer.addresses), identity.issuer.credential_dir,
+                              identity.issuer.ca_bundle, identity.issuer.bootstrap_token_file,
+                              identity.issuer.timeout_seconds)
+    source = IssuerSource(settings, config.node.name, config.trust_domain, metrics=metrics)
+    log.info("identity.mode issuer: SVIDs come from %s; this node holds a node credential only (%s)",
+             ", ".join(settings.addresses), settings.credential_dir)
+    return IdentityRotator(source, ttl_seconds=identity.svid_ttl_seconds,  # type: ignore[arg-type]
+                           min_ttl_seconds=DEV_MIN_TTL_SECONDS if identity.dev_short_ttl else MIN_TTL_SECONDS,
+                           key_dir=config.state_dir, metrics=metrics, poll_seconds=identity.poll_seconds)

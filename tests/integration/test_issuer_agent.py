@@ -1,0 +1,222 @@
+"""The agent in ``identity.mode: issuer`` against real issuer replicas over TLS on loopback.
+
+The agent's rotator is built as ``tcpmesh run`` builds it (``Agent._build_identities``); keys and CSRs
+come from real minting workers. Proves: join with a one-time token writes a node credential that
+cannot sign; the node gets the identities it hosts and a workload it does not host stays pending
+(its connects refused); with the issuer stopped longer than a renewal period the SVID stays in
+service, the failure is logged with the time left and counted, and renewals resume when it returns;
+with two replicas, one killed, renewals go on through the other; a restart reuses the credential; the
+node credential renews itself; the agent process never imports cryptography.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent.app import Agent
+from agent.config import config_from_mapping, validate
+from agent.identity.ca import init_ca
+from agent.identity.errors import UnknownIdentityError
+from agent.identity.issuer_ca import issue_issuer_files
+from agent.identity.spiffe import SpiffeId
+from agent.issuer.config import issuer_config_from_mapping
+from agent.issuer.tokens import create_token_key, load_token_key, make_token
+
+from tests.integration.issuer_world import Replica
+
+TD = "issuer.test"
+REPO = Path(__file__).resolve().parents[2]
+REGISTRY = f"""
+trust_domain: {TD}
+nodes:
+  - {{name: node1, address: 10.0.0.1}}
+  - {{name: node2, address: 10.0.0.2}}
+workloads:
+  - {{name: a-1, namespace: shop, service_account: a, ip: 10.1.0.1, node: node1}}
+  - {{name: b-1, namespace: shop, service_account: b, ip: 10.2.0.1, node: node2}}
+"""
+A = SpiffeId.parse(f"spiffe://{TD}/ns/shop/sa/a")
+B = SpiffeId.parse(f"spiffe://{TD}/ns/shop/sa/b")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    init_ca(TD, tmp_path / "root")
+    issue_issuer_files(tmp_path / "root", tmp_path / "issuer")
+    (tmp_path / "workloads.yaml").write_text(REGISTRY)
+    create_token_key(tmp_path / "token.key")
+    config = issuer_config_from_mapping({
+        "trust_domain": TD, "ca_dir": str(tmp_path / "issuer"), "dev_short_ttl": True,
+        "max_svid_ttl_seconds": 8, "node_svid_ttl_seconds": 20,
+        "registry": {"file": str(tmp_path / "workloads.yaml")},
+        "tokens": {"key_file": str(tmp_path / "token.key"), "spent_dir": str(tmp_path / "spent")},
+        "metrics": {"port": 0}})
+    ports = [free_port(), free_port()]
+    replicas: dict[int, Replica] = {}
+
+    def start(i: int) -> Replica:
+        replicas[i] = Replica(config, f"issuer-{i}", ports[i])
+        return replicas[i]
+
+    def stop(i: int) -> None:
+        replicas.pop(i).stop()
+
+    cred = tmp_path / "cred"
+    cred.mkdir(mode=0o700)
+    (cred / "bundle.pem").write_text((tmp_path / "root" / "ca.crt").read_text())
+    (tmp_path / "token").write_text(make_token(load_token_key(tmp_path / "token.key"), "node1", time.time(), 300))
+    agent_config = {
+        "node": {"name": "node1", "address": "10.76.0.1"}, "capture": {"redirect_address": "169.254.1.1"},
+        "trust_domain": TD, "state_dir": str(tmp_path / "state"), "access_log": {"path": "off"},
+        "identity": {"mode": "issuer", "svid_ttl_seconds": 8, "dev_short_ttl": True, "poll_seconds": 0.2,
+                     "issuer": {"addresses": [f"127.0.0.1:{p}" for p in ports], "credential_dir": str(cred),
+                                "bootstrap_token_file": str(tmp_path / "token"), "timeout_seconds": 2}}}
+    try:
+        yield tmp_path, start, stop, agent_config
+    finally:
+        for i in list(replicas):
+            stop(i)
+
+
+def build_agent(agent_config: dict) -> Agent:
+    agent = Agent(validate(config_from_mapping(agent_config)))
+    agent._build_identities()
+    return agent
+
+
+def drive_until(agent: Agent, predicate, timeout: float = 30.0) -> None:
+    """Run the rotator's steps (as its task does) until ``predicate()``; polls, no fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        agent.rotator.check_ca()
+        agent.rotator.renew_due()
+        time.sleep(0.1)
+
+
+def test_join_gets_hosted_identities_only_and_the_node_holds_no_signing_key(world):
+    tmp_path, start, stop, agent_config = world
+    start(0)
+    agent = build_agent(agent_config)
+    store = agent.rotator.store
+    store.ensure([A, B])
+    assert store.pending() == {A, B}
+    with pytest.raises(UnknownIdentityError):
+        store.client_context_for(A)           # a new workload waits: its connects are refused
+    drive_until(agent, lambda: A in store)
+    store.client_context_for(A)
+    assert store.pending() == {B}             # node2's identity is never issued to node1
+    with pytest.raises(UnknownIdentityError):
+        store.client_context_for(B)
+    report = agent.rotator.report()
+    assert report["issuer"]["reachable"] is True and report["issuer"]["pending"] == [B.uri]
+    assert report["issuer"]["node_credential"]["spiffe_id"] == f"spiffe://{TD}/node/node1"
+    # the credential directory: its one key is 0600 and belongs to a CA:false, clientAuth-only leaf — it
+    # signs nothing (the issuer's intermediate travels in the chain, its key does not)
+    cred = tmp_path / "cred"
+    key_file = cred / "credential.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert [p.name for p in cred.iterdir() if "PRIVATE KEY" in p.read_text()] == ["credential.key"]
+    key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    leaf = x509.load_pem_x509_certificate((cred / "credential.crt").read_bytes())   # the first block
+    assert leaf.public_key().public_numbers() == key.public_key().public_numbers()
+    assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    assert not leaf.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    assert list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def test_issuer_down_longer_than_a_renewal_period_keeps_the_svid_then_renewals_resume(world, caplog):
+    tmp_path, start, stop, agent_config = world
+    start(0)
+    start(1)
+    agent = build_agent(agent_config)
+    store = agent.rotator.store
+    store.ensure([A])
+    drive_until(agent, lambda: A in store)
+    first = store.svid(A)
+    stop(0)                                    # one replica killed: renewals go on through the other
+    drive_until(agent, lambda: store.svid(A).serial != first.serial)
+    second = store.svid(A)
+    stop(1)                                    # no issuer at all, for longer than the renewal period (~4 s)
+    caplog.set_level(logging.WARNING, "tcpmesh.identity")
+    failed = lambda: any("failed" in r.getMessage() and "left" in r.getMessage() for r in caplog.records)  # noqa: E731
+    deadline = time.monotonic() + 20
+    while not (failed() and (datetime.now(timezone.utc) - second.issued_at).total_seconds() > 4.5):
+        assert time.monotonic() < deadline, "no renewal failure was logged"
+        agent.rotator.check_ca()
+        agent.rotator.renew_due()
+        assert store.svid(A).serial == second.serial   # still served (valid 8 s from issuance)
+        time.sleep(0.1)
+    assert agent.rotator.report()["issuer"]["reachable"] is False
+    assert agent.metrics.issuer_up._value.get() == 0
+    start(1)
+    drive_until(agent, lambda: store.svid(A).serial != second.serial)
+    assert agent.rotator.report()["issuer"]["reachable"] is True
+
+
+def test_a_restart_reuses_the_credential_and_the_node_credential_renews_itself(world):
+    tmp_path, start, stop, agent_config = world
+    start(0)
+    agent = build_agent(agent_config)
+    cred_file = tmp_path / "cred" / "credential.crt"
+    first = cred_file.read_text()
+    (tmp_path / "token").unlink()             # spent anyway; a restart must not need it
+    again = build_agent(agent_config)
+    again.rotator.store.ensure([A])
+    drive_until(again, lambda: A in again.rotator.store)
+    drive_until(again, lambda: cred_file.read_text() != first)   # node SVID (20 s) renewed at half life
+    assert agent.rotator.report()["issuer"]["node_credential"]["seconds_to_expiry"] is not None
+
+
+AGENT_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    import agent.cli, agent.app
+    from agent.app import Agent
+    from agent.config import config_from_mapping, validate
+    from agent.identity.spiffe import SpiffeId
+
+    agent_ = Agent(validate(config_from_mapping(json.loads(sys.argv[1]))))
+    store = agent_._build_identities()
+    a = SpiffeId.parse(sys.argv[2])
+    store.ensure([a])
+    deadline = time.monotonic() + 60
+    while a not in store and time.monotonic() < deadline:
+        agent_.rotator.renew_due()
+        time.sleep(0.1)
+    serial = store.svid(a).serial
+    store.renew([a])
+    print(json.dumps({"modules": sorted(m for m in sys.modules if m.split(".")[0] == "cryptography"),
+                      "renewed": store.svid(a).serial != serial}))
+""")
+
+
+def test_the_agent_in_issuer_mode_never_imports_cryptography(world):
+    tmp_path, start, stop, agent_config = world
+    start(0)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", AGENT_SCRIPT, json.dumps(agent_config), A.uri],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"modules": [], "renewed": True}
