@@ -331,15 +331,16 @@ class Agent:
                      config.admin.socket)
             sdnotify.ready(f"ready: {self._captured_count()} local workloads captured ({self.capture.name})")
             await self._stop.wait()
+            for server in servers:  # first: from here a pod's new connect is refused, never accepted and dropped
+                server.close()
             log.info("stopping: capture stays in place (fail closed), draining connections for up to %.1fs",
                      config.proxy.drain_seconds)
             self.ready = False
             self.not_ready_reason = "stopping"
             self.metrics.ready.set(0)
             sdnotify.stopping("draining connections; capture stays in place (fail closed)")
-            self._detach_capture()
-            for server in servers:
-                server.close()
+            # capture (and the return path of proxy.source_address pod) stays until the drain ends: the
+            # connections being drained still need it; `finally` detaches it
             await ctx.drain(config.proxy.drain_seconds)
         finally:
             for task in background:
