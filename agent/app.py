@@ -40,7 +40,7 @@ from agent.proxy.limits import ConnectionLimits, fitting_cap, handshake_limits, 
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
 from agent.proxy.upstream import transparent_allowed
-from agent.registry.model import Registry
+from agent.registry.model import Registry, Workload
 from agent.registry.static_file import load_registry_file
 from agent.service import sdnotify
 from agent.telemetry.admin import AdminServer
@@ -75,6 +75,8 @@ class Agent:
         self.workloads: WorkloadController | None = None
         self.policy: PolicySource | None = None
         self.kubernetes: KubernetesSource | None = None  # registry.source: kubernetes (its health: /readyz detail)
+        self.ctx: ProxyContext | None = None
+        self._local: dict[str, Workload] = {}  # local workloads as last applied (removed ones: connections cut)
         self._inbound_modes: dict[str, bool] = {}  # workload key -> STRICT, as last written to the kernel
         self.admin: AdminServer | None = None
         self.rotator: IdentityRotator | None = None  # owns the IdentityStore; renews SVIDs, follows the node CA
@@ -250,6 +252,7 @@ class Agent:
                            inbound_idle_timeout=config.proxy.inbound_tunnel_idle_seconds,
                            revoked_grace=config.proxy.revoked_tunnel_grace_seconds,
                            limits=self._connection_limits(), handshakes=self._handshake_limits())
+        self.ctx = ctx
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,
                                  certs=self._certs_report, not_ready_reason=lambda: self.not_ready_reason,
@@ -438,12 +441,28 @@ class Agent:
         self._inbound_modes = modes
 
     def _workloads_changed(self, registry: Registry) -> None:
+        self._cut_departed(registry)
         self.metrics.workloads.set(self._captured_count(registry))
         self._apply_inbound_modes(registry)
         self.metrics.retain((w.namespace, w.name) for w in registry.workloads)  # departed workloads' series go
         if self.tcp_stats is not None:
             self.tcp_stats.retain((w.namespace, w.name) for w in registry.workloads)
         self.cgroups.set_roots([w.cgroup for w in registry.local(self.config.node.name) if w.cgroup])
+
+    def _cut_departed(self, registry: Registry) -> None:
+        """A local workload that left the registry — or whose identity or address changed — is gone:
+        its open connections are reset at once, each recorded DC (docs/registry.md "Removing a workload").
+        Its pod cannot use them well any more (a deleted pod's netns is going; a reused address
+        belongs to someone else), and none may keep the old identity's authorization."""
+        local = {w.key: w for w in registry.local(self.config.node.name)}
+        departed = {(old.namespace, old.name): old for key, old in self._local.items()
+                    if key not in local or (local[key].spiffe_id, local[key].ip) != (old.spiffe_id, old.ip)}
+        self._local = local
+        if departed and self.ctx is not None:
+            names = ", ".join(sorted(w.key for w in departed.values()))
+            cut = self.ctx.cut(set(departed), f"workload {names} left the registry")
+            if cut:
+                log.warning("workload %s left the registry: %d open connection(s) reset", names, cut)
 
     def _start_egress_events(self, loop: asyncio.AbstractEventLoop):
         """Connects outside the mesh, reported by the kernel, into metrics and the access log."""

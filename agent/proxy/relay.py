@@ -102,7 +102,7 @@ class Relay:
         self.done.set_result(RelayResult(self._a_to_b, self._b_to_a, error))
 
     def abort(self, reason: str) -> None:
-        """Stop now (agent shutdown past its drain time): reset both legs."""
+        """Stop now (agent shutdown past its drain time, a workload removed): reset both legs."""
         if self.done.done():
             return
         self.a.reset()

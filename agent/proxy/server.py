@@ -145,6 +145,18 @@ class ProxyContext:
             except Exception:  # a task root: one bad report must not end live reporting
                 log.exception("live flow report failed")
 
+    def cut(self, workloads: set[tuple[str, str]], reason: str) -> int:
+        """Reset at once every open relay whose source or destination is one of ``workloads``
+        ((namespace, name) of local workloads that left the registry); each is recorded DC with
+        ``reason``. Returns how many were cut."""
+        cut = 0
+        for relay, flow in list(self.relays.items()):
+            if (flow.source_namespace, flow.source_workload) in workloads or \
+                    (flow.destination_namespace, flow.destination_workload) in workloads:
+                relay.abort(reason)
+                cut += 1
+        return cut
+
     async def drain(self, seconds: float) -> None:
         """Wait up to ``seconds`` for open relays to finish, then reset the rest."""
         deadline = self.loop.time() + seconds

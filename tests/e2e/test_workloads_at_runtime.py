@@ -19,8 +19,11 @@ import yaml
 
 from agent.capture.pinned import read_counters
 from agent.lab import lab as labops
+from agent.lab.files import access_log_path
 from agent.lab.sniff import PacketCapture
 from tests.e2e.conftest import Lab
+from tests.e2e.reliability_apps import MESSAGE
+from tests.e2e.reliability_lab import APPS, DIGEST_PORT, ECHO_PORT
 
 POLL = 2.0 + 3.0  # the agent's poll interval plus slack
 
@@ -148,3 +151,81 @@ def test_socket_rejects_bad_requests_with_the_reason(runtime_lab):
     assert "ghost" not in listed(runtime_lab, 1)  # nothing half-applied
     out = cli("workload", "del", "lab/n1p1", "--socket", socket_of(runtime_lab, 1))
     assert out.returncode == 2 and "registry file" in out.stderr
+
+
+def start_echo_server(lab) -> None:
+    proc = labops.lab_exec(lab.name, "n2p1", [sys.executable, APPS, "server", "--port", str(ECHO_PORT),
+                                               "--digest-port", str(DIGEST_PORT)], stdout=subprocess.PIPE, text=True)
+    lab.apps.append(proc)
+    assert "listening" in proc.stdout.readline()
+
+
+def open_connections(lab, pod: str) -> tuple[subprocess.Popen, subprocess.Popen, set[str]]:
+    """From ``pod`` to n2p1's echo server: 2 echoing connections and an idle one (blocked in read(),
+    so it tells a reset from a close); returns both clients and the 3 flow ids on node1."""
+    def client(role: str, *args: str) -> subprocess.Popen:
+        proc = labops.lab_exec(lab.name, pod, [sys.executable, APPS, role, "--connect",
+                                               f"{lab.pod('n2p1').ip}:{ECHO_PORT}", *args],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        lab.apps.append(proc)
+        return proc
+
+    holder = client("hold", "--count", "2", "--interval", "0.2")
+    assert json.loads(holder.stdout.readline())["failed"] == 0
+    idle = client("idle", "--timeout", "60")
+
+    def ids() -> set[str]:
+        return {f["flow_id"] for f in lab.flows(1) if f["source_workload"] == pod and f["end_time"] is None}
+
+    wait_until(lambda: len(ids()) == 3)
+    return holder, idle, ids()
+
+
+def cut_with_one_record_each(lab, holder, idle, flow_ids: set[str], pod: str) -> None:
+    """The removed workload's open connections were reset at once — the idle client reads ECONNRESET,
+    the echoing ones are lost — and each has exactly one close record on node1 (DC, why, its bytes),
+    and node2 closed each of them too."""
+    assert json.loads(idle.communicate(timeout=30)[0])["result"] == "ConnectionResetError(104)", \
+        "a removed workload's open connection must be reset"
+    held = json.loads(holder.communicate("", timeout=30)[0])
+    assert held["lost"] == 2 and held["bad_exchanges"] == 0, held
+    records = [r for r in map(json.loads, open(access_log_path(lab.node(1)), "rb").read().splitlines())
+               if r.get("event") == "close"]
+    for flow_id in flow_ids:
+        mine = [r for r in records if r["flow_id"] == flow_id]
+        assert len(mine) == 1, f"{flow_id}: {len(mine)} close records, not 1: {mine}"
+        assert mine[0]["response_flags"] == "DC" and f"lab/{pod} left the registry" in mine[0]["detail"], mine[0]
+        # bytes as far as they went: an echo may have been in flight when the cut came
+        assert 0 <= mine[0]["bytes_received"] - mine[0]["bytes_sent"] <= MESSAGE, mine[0]
+        assert mine[0]["bytes_received"] % MESSAGE == mine[0]["bytes_sent"] % MESSAGE == 0, mine[0]
+    wait_until(lambda: all(f["end_time"] is not None for f in lab.flows(2) if f["flow_id"] in flow_ids))
+
+
+def test_a_removed_workloads_open_connections_are_cut_and_recorded(runtime_lab):
+    """docs/registry.md "Removing a workload": removed through the registry file, then (added back
+    through the admin socket) through `tcpmesh workload del`, a workload's open connections are reset
+    at once and recorded, and its new connects are refused at connect."""
+    lab = runtime_lab
+    pod = lab.pod("n1p2")
+    start_echo_server(lab)
+    subprocess.run(["cp", lab.plan.registry_file, lab.plan.registry_file + ".orig"], check=True)
+    try:
+        holder, idle, flow_ids = open_connections(lab, "n1p2")
+        write_registry(lab, without="n1p2")
+        wait_until(lambda: "n1p2" not in listed(lab, 1))
+        cut_with_one_record_each(lab, holder, idle, flow_ids, "n1p2")
+        refused_at_connect(lab, "n1p2", 7100, "rt-cut-file")
+
+        for node in (1, 2):
+            out = cli("workload", "add", "--name", "n1p2", "--namespace", pod.namespace, "--service-account",
+                      pod.service_account, "--ip", pod.ip, "--node", "node1", "--cgroup", pod.cgroup,
+                      "--socket", socket_of(lab, node))
+            assert out.returncode == 0, out.stderr
+        holder, idle, flow_ids = open_connections(lab, "n1p2")
+        assert cli("workload", "del", f"{pod.namespace}/n1p2", "--socket", socket_of(lab, 1)).returncode == 0
+        cut_with_one_record_each(lab, holder, idle, flow_ids, "n1p2")
+        refused_at_connect(lab, "n1p2", 7100, "rt-cut-socket")
+    finally:
+        cli("workload", "del", f"{pod.namespace}/n1p2", "--socket", socket_of(lab, 2))
+        write_registry(lab, without="nobody")
+        wait_until(lambda: "n1p2" in listed(lab, 1))
