@@ -76,6 +76,9 @@ install -d -m 0755 "$DESTDIR$BINDIR" "$DESTDIR$UNITDIR" "$DESTDIR/etc/tcpmesh" "
 ln -sfn "$venv/bin/tcpmesh" "$DESTDIR$BINDIR/tcpmesh"
 install -m 0644 "$SRC/systemd/tcpmesh-agent.service" "$DESTDIR$UNITDIR/tcpmesh-agent.service"
 install -m 0644 "$SRC/docs/install-systemd.md" "$DESTDIR$PREFIX/share/doc/install-systemd.md"
+# The issuer's unit (docs/identity.md "The issuer"): installed, never enabled here — it runs on the issuer's hosts.
+install -m 0644 "$SRC/systemd/tcpmesh-issuer.service" "$DESTDIR$UNITDIR/tcpmesh-issuer.service"
+install -m 0644 "$SRC/docs/identity.md" "$DESTDIR$PREFIX/share/doc/identity.md"
 for pair in "config.yaml:/etc/tcpmesh/config.yaml" "tcpmesh.default:/etc/default/tcpmesh"; do
   src=${pair%%:*} dst=$DESTDIR${pair#*:}
   if [ -e "$dst" ]; then

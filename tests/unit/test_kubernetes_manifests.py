@@ -38,8 +38,8 @@ NOWHERE = "127.0.0.1:1"   # the kubeconfig's server: nothing listens on port 1
 # API discovery for the kinds in deploy/kubernetes/ (group/version → [(resource, kind, namespaced)])
 DISCOVERY = {
     "v1": [("namespaces", "Namespace", False), ("serviceaccounts", "ServiceAccount", True),
-           ("configmaps", "ConfigMap", True)],
-    "apps/v1": [("daemonsets", "DaemonSet", True)],
+           ("configmaps", "ConfigMap", True), ("services", "Service", True)],
+    "apps/v1": [("daemonsets", "DaemonSet", True), ("deployments", "Deployment", True)],
     "rbac.authorization.k8s.io/v1": [("clusterroles", "ClusterRole", False),
                                      ("clusterrolebindings", "ClusterRoleBinding", False)],
 }
@@ -115,6 +115,12 @@ def test_kubectl_create_dry_run_accepts_every_manifest(tmp_path):
         "configmap/tcpmesh-config created (dry run)",
         "configmap/tcpmesh-policies created (dry run)",
         "daemonset.apps/tcpmesh-agent created (dry run)",
+        "serviceaccount/tcpmesh-issuer created (dry run)",
+        "clusterrole.rbac.authorization.k8s.io/tcpmesh-issuer created (dry run)",
+        "clusterrolebinding.rbac.authorization.k8s.io/tcpmesh-issuer created (dry run)",
+        "configmap/tcpmesh-issuer-config created (dry run)",
+        "deployment.apps/tcpmesh-issuer created (dry run)",
+        "service/tcpmesh-issuer created (dry run)",
     ]
 
 
@@ -167,7 +173,7 @@ def test_every_object_fits_the_official_clients_models():
 
 
 def test_rbac_is_read_only_on_what_the_source_watches_for_the_agents_service_account():
-    role = find("ClusterRole")
+    role = find("ClusterRole", "tcpmesh-agent")
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["pods", "nodes", "services"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}]
@@ -179,9 +185,9 @@ def test_rbac_is_read_only_on_what_the_source_watches_for_the_agents_service_acc
 
     source = KubernetesSource(ApiClient(), "worker-1", "cluster.local", "/sys/fs/cgroup", lambda registry: None)
     assert {w.kind for w in source.watches} == {r for rule in role["rules"] for r in rule["resources"]}
-    binding = find("ClusterRoleBinding")
+    binding = find("ClusterRoleBinding", "tcpmesh-agent")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    sa = find("ServiceAccount")
+    sa = find("ServiceAccount", "tcpmesh-agent")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                     "namespace": sa["metadata"]["namespace"]}]
     assert find("DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
@@ -278,3 +284,31 @@ def test_the_schema_check_catches_a_misspelt_field():
     daemonset["spec"]["template"]["spec"]["hostNetwrk"] = True
     with pytest.raises(kv.ValidationError):
         kv.validate(daemonset, NEWEST_MINOR, strict=True)
+
+
+def test_the_issuer_runs_two_replicas_behind_a_service_with_a_config_that_loads(tmp_path):
+    """deploy/kubernetes/04-issuer.yaml: 2 replicas, the Service reaches the issuer port, the ConfigMap's
+    issuer.yaml loads with the issuer's own validation, the CA comes from a Secret mounted read only with
+    mode 0400 (the issuer refuses a key group or others may read), RBAC is read only on pods and nodes."""
+    from agent.issuer.config import issuer_config_from_mapping
+
+    deployment = find("Deployment", "tcpmesh-issuer")
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"][:3] == ["tcpmesh", "issuer", "run"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    config = issuer_config_from_mapping(yaml.safe_load(find("ConfigMap", "tcpmesh-issuer-config")["data"]["issuer.yaml"]))
+    assert ports["issuer"] == config.listen.port and config.registry.source == "kubernetes"
+    assert config.tokens.key_file == ""   # no ledger shared by the replicas: no one-time tokens here
+    ca_volume = next(v for v in pod["volumes"] if v["name"] == "ca")
+    assert ca_volume["secret"]["defaultMode"] == 0o400
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "ca")
+    assert mount["readOnly"] and mount["mountPath"] == config.ca_dir
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    service = find("Service", "tcpmesh-issuer")
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["ports"][0]["port"] == config.listen.port
+    rules = find("ClusterRole", "tcpmesh-issuer")["rules"]
+    assert rules == [{"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]}]
