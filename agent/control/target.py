@@ -2,8 +2,8 @@
 (`tcpmesh status`, `flows`, `workload`, `cert inspect`, `policy explain`).
 
 In order: ``--socket PATH``; ``--lab NAME --node NODE`` (a lab node's agent, straight from the host:
-the admin socket is a file, so no `lab exec` is needed); ``--config FILE`` (its admin.socket);
-the environment variable ``TCPMESH_SOCKET`` (`tcpmesh lab status` prints it for each node); else
+the admin socket is a file, so no `lab exec` is needed; without --lab, $TCPMESH_LAB names the lab);
+``--config FILE`` (its admin.socket); the environment variable ``TCPMESH_SOCKET`` (`tcpmesh lab status` prints it for each node); else
 /run/tcpmesh/agent.sock. Always the admin socket (root only, 0600); HTTP only where a command offers
 ``--admin URL`` and it is given. Imports the lab lazily, and only for ``--lab``.
 """
@@ -28,7 +28,7 @@ def resolve_socket(socket_path: str | None = None, config_path: str | None = Non
     if socket_path:
         return socket_path
     if lab or node:
-        return lab_node_socket(lab, node)
+        return lab_node_socket(lab, node, environ=environ)
     if config_path:
         from agent.config import load_config
 
@@ -36,13 +36,16 @@ def resolve_socket(socket_path: str | None = None, config_path: str | None = Non
     return environ.get(SOCKET_ENV) or DEFAULT_ADMIN_SOCKET
 
 
-def lab_node_socket(lab: str | None, node: str | None, state_root: str | None = None) -> str:
-    """The admin socket of ``node`` of lab ``lab`` (the default lab when None); names the nodes if unknown."""
+def lab_node_socket(lab: str | None, node: str | None, state_root: str | None = None,
+                    environ: dict[str, str] | None = None) -> str:
+    """The admin socket of ``node`` of lab ``lab`` (when None: $TCPMESH_LAB, as for `tcpmesh lab`, else the
+    default lab); names the nodes if unknown."""
     from agent.lab.files import admin_socket_path
     from agent.lab.lab import load_lab
-    from agent.lab.topology import DEFAULT_LAB_NAME, DEFAULT_STATE_ROOT
+    from agent.lab.topology import DEFAULT_LAB_NAME, DEFAULT_STATE_ROOT, LAB_NAME_ENV
 
-    plan, _ = load_lab(lab or DEFAULT_LAB_NAME, state_root or DEFAULT_STATE_ROOT)
+    environ = os.environ if environ is None else environ
+    plan, _ = load_lab(lab or environ.get(LAB_NAME_ENV) or DEFAULT_LAB_NAME, state_root or DEFAULT_STATE_ROOT)
     names = [n.name for n in plan.nodes]
     if node is None:
         if len(names) != 1:
@@ -59,7 +62,8 @@ def target_options(fn: Callable, node_flag: str = "--node") -> Callable:
     fn = click.option(node_flag, "target_node", metavar="NODE",
                       help="With --lab: that node's agent (e.g. node1).")(fn)
     fn = click.option("--lab", "target_lab", metavar="NAME",
-                      help="The agent of a `tcpmesh lab` node, from the host (with --node).")(fn)
+                      help="The agent of a `tcpmesh lab` node, from the host (with --node; default $TCPMESH_LAB, "
+                            "else the lab named lab).")(fn)
     fn = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                       help="Agent config file; its admin.socket is used.")(fn)
     return click.option("--socket", "socket_path", metavar="PATH",

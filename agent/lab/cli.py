@@ -12,18 +12,17 @@ import sys
 import click
 
 from agent.errors import TcpmeshError
-from agent.lab.topology import DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STATE_ROOT, DEFAULT_TRUST_DOMAIN
+from agent.lab.topology import DEFAULT_LAB_NAME, LAB_NAME_ENV, DEFAULT_NAMESPACE, DEFAULT_STATE_ROOT, DEFAULT_TRUST_DOMAIN
 
 NAME_HELP = ("Lab name; several labs can run at once under different names. "
              "Export TCPMESH_LAB=NAME to name it once for every `tcpmesh lab` command.")
-LAB_ENV = "TCPMESH_LAB"
 STATE_ROOT_HELP = "Directory that holds one state dir per lab."
 
 
 def _name_option(fn):
     fn = click.option("--state-root", default=DEFAULT_STATE_ROOT, show_default=True, hidden=True,
                       help=STATE_ROOT_HELP)(fn)
-    return click.option("--name", default=DEFAULT_LAB_NAME, show_default=True, envvar=LAB_ENV, show_envvar=True,
+    return click.option("--name", default=DEFAULT_LAB_NAME, show_default=True, envvar=LAB_NAME_ENV, show_envvar=True,
                         help=NAME_HELP)(fn)
 
 

@@ -40,6 +40,9 @@ from agent.identity.spiffe import SpiffeId, SpiffeIdError, validate_namespace, v
 DEFAULT_TRUST_DOMAIN = "lab.tcpmesh"
 DEFAULT_NAMESPACE = "lab"
 DEFAULT_LAB_NAME = "lab"
+# `export TCPMESH_LAB=NAME` names the lab once: `tcpmesh lab --name` and `--node` of the commands that
+# ask an agent (agent/control/target.py) default to it.
+LAB_NAME_ENV = "TCPMESH_LAB"
 DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup/unified"
 DEFAULT_STATE_ROOT = "/run/tcpmesh-lab"
 ADMIN_PORT = 15020
