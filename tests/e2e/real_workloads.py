@@ -1,4 +1,5 @@
-"""Real servers in lab pods and their own load tools as clients, for tests/e2e/test_real_workloads.py.
+"""Real servers in lab pods and their own load tools as clients, for tests/e2e/test_real_workloads.py
+and test_services.py, and the lab they share (``real_workloads_lab``).
 
 PostgreSQL 15 and Redis are the Debian packages (deploy/bootstrap-debian.sh installs them). Servers
 run inside a pod (its netns and cgroup) listening on the pod IP; each gets a fresh temp dir that is
@@ -9,6 +10,7 @@ what pgbench and redis-benchmark print into numbers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,13 +21,16 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import yaml
 
 from agent.lab import lab as labops
 from agent.lab.nsenter import popen_in
+from tests.conftest import skip_or_fail
+from tests.e2e.conftest import Lab
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 PG_PORT = 5432
@@ -33,6 +38,31 @@ REDIS_PORT = 6379
 START_TIMEOUT = 30.0
 
 Launcher = Callable[..., subprocess.Popen]
+
+
+@contextlib.contextmanager
+def real_workloads_lab(prefix: str, pods_per_node: int, trust_domain: str,
+                       accounts: Mapping[str, str]) -> Iterator[tuple[Lab, list]]:
+    """A 2-node lab in ebpf-connect mode (the baselines rely on a process outside a pod cgroup not being
+    captured) with a policy directory, for real servers; yields the lab and a list the caller appends
+    its servers to. Afterwards — also after a failure — the lab's apps stop, then the servers, then the
+    lab goes. Skips (or, under CI, fails) when PostgreSQL, Redis or their tools are missing."""
+    problem = missing_tools()
+    if problem:
+        skip_or_fail(problem)
+    name = f"{prefix}{uuid.uuid4().hex[:6]}"
+    lab, servers = None, []
+    try:
+        lab = Lab(name, labops.lab_up(name, 2, pods_per_node, trust_domain, service_accounts=dict(accounts),
+                                      capture_mode="ebpf-connect"))
+        os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
+        yield lab, servers
+    finally:
+        if lab is not None:
+            lab.stop_apps()
+        for server in servers:
+            server.stop()
+        labops.lab_down(name)
 
 
 def missing_tools() -> str | None:

@@ -26,10 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.lab import lab as labops
 from agent.lab.sniff import PacketCapture
-from tests.conftest import skip_or_fail
-from tests.e2e.conftest import Lab
 from tests.e2e.real_workloads import (PG_BIN, PG_PORT, REDIS_PORT, Postgres, Redis, access_records, beside_pod,
-                                      geometric_mean, in_pod, missing_tools, parse_pgbench, parse_redis_benchmark, run)
+                                      geometric_mean, in_pod, parse_pgbench, parse_redis_benchmark, real_workloads_lab,
+                                      run)
 
 pytestmark = pytest.mark.real_workloads
 
@@ -57,36 +56,22 @@ while True:
 
 @pytest.fixture(scope="module")
 def rw_lab(bpf_capable):
-    problem = missing_tools()
-    if problem:
-        skip_or_fail(problem)
-    name = f"rw{uuid.uuid4().hex[:6]}"
-    lab, servers = None, []
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 3, "rw.tcpmesh", service_accounts=ACCOUNTS,
-                                      capture_mode="ebpf-connect"))
-        os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
+    with real_workloads_lab("rw", 3, "rw.tcpmesh", ACCOUNTS) as (lab, servers):
         servers.append(Postgres(lab, PG_POD))
         servers[-1].start()
         servers.append(Redis(lab, REDIS_POD))
         servers[-1].start()
-        banner = labops.lab_exec(name, MAIL_POD, [sys.executable, "-m", "agent.demo.sampleapps", "server", "--port",
-                                                  str(BANNER_PORT), "--mode", "banner", "--greeting", GREETING,
-                                                  "--name", "mail-server"],
+        banner = labops.lab_exec(lab.name, MAIL_POD, [sys.executable, "-m", "agent.demo.sampleapps", "server",
+                                                      "--port", str(BANNER_PORT), "--mode", "banner", "--greeting",
+                                                      GREETING, "--name", "mail-server"],
                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         lab.apps.append(banner)
         assert "listening" in banner.stdout.readline()
-        reject = labops.lab_exec(name, MAIL_POD, [sys.executable, "-c", REJECT_SERVER], stdout=subprocess.PIPE,
+        reject = labops.lab_exec(lab.name, MAIL_POD, [sys.executable, "-c", REJECT_SERVER], stdout=subprocess.PIPE,
                                  stdin=subprocess.DEVNULL, text=True)
         lab.apps.append(reject)
         assert "listening" in reject.stdout.readline()
         yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        for server in servers:
-            server.stop()
-        labops.lab_down(name)
 
 
 @pytest.fixture(scope="module")

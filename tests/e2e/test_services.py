@@ -11,7 +11,6 @@ command in clear.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import uuid
@@ -21,10 +20,8 @@ import pytest
 from agent.lab import lab as labops
 from agent.lab.services import lab_service_set, service_document
 from agent.lab.sniff import PacketCapture
-from tests.conftest import skip_or_fail
-from tests.e2e.conftest import Lab
 from tests.e2e.real_workloads import (PG_BIN, PG_PORT, REDIS_PORT, Postgres, Redis, beside_pod, in_pod,
-                                      missing_tools, parse_pgbench, parse_redis_benchmark, run)
+                                      parse_pgbench, parse_redis_benchmark, real_workloads_lab, run)
 
 pytestmark = pytest.mark.real_workloads
 
@@ -38,17 +35,12 @@ FAIL_FAST = 2.0
 
 @pytest.fixture(scope="module")
 def svc_lab(bpf_capable):
-    problem = missing_tools()
-    if problem:
-        skip_or_fail(problem)
-    name = f"sv{uuid.uuid4().hex[:6]}"
-    lab, servers = None, []
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 2, "svc.tcpmesh", service_accounts=ACCOUNTS,
-                                      capture_mode="ebpf-connect"))
+    with real_workloads_lab("sv", 2, "svc.tcpmesh", ACCOUNTS) as (lab, servers):
         for pod in (EP1, EP2):
-            servers.append(Redis(lab, pod).start())
-            servers.append(Postgres(lab, pod).start())
+            servers.append(Redis(lab, pod))
+            servers[-1].start()
+            servers.append(Postgres(lab, pod))
+            servers[-1].start()
         set_endpoints(lab, "redis", REDIS_VIP, REDIS_PORT, {EP1: True, EP2: True})
         set_endpoints(lab, "pg", PG_VIP, PG_PORT, {EP1: True, EP2: True})
         for pod in (EP1, EP2):  # each PostgreSQL gets pgbench's tables, by its pod address
@@ -57,12 +49,6 @@ def svc_lab(bpf_capable):
             assert init.returncode == 0, init.output[-2000:]
         wait_service_routed(lab, REDIS_VIP, REDIS_PORT)
         yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        for server in servers:
-            server.stop()
-        labops.lab_down(name)
 
 
 def set_endpoints(lab, service: str, vip: str, port: int, ready: dict[str, bool]) -> None:
