@@ -4,7 +4,8 @@
  *
  *   cgroup/connect4     (pod cgroups)   captured IPv4 TCP connect() -> REDIR_IP:REDIR_PORT; the
  *                                       original destination + pid/uid/cgroup/comm recorded in the
- *                                       socket's slot (tcpmesh_sock_slots, by cookie)
+ *                                       socket's slot (tcpmesh_sock_slots, by cookie); a connect to
+ *                                       the node's admin port (-DTCPMESH_ADMIN_PORT) is refused
  *   cgroup/connect6     (pod cgroups)   the same for v4-mapped destinations of dual-stack AF_INET6
  *                                       sockets (JVM, Go, ...) and for native IPv6 destinations in
  *                                       the mesh: both go to ::ffff:REDIR_IP:REDIR_PORT
@@ -27,7 +28,8 @@
  * Build: agent/bpf/loader.py, in a short-lived process: BPF(src_file=..., cflags=[
  *   "-I<repo>/bpf", "-I<repo>/bpf/include", "-DREDIR_IP=<host-order u32>u", "-DREDIR_PORT=<port>",
  *   "-DTCPMESH_MAX_CONNS=<n>", "-DTCPMESH_MAPS_DIR=\"<bpffs dir>/maps-...\"", optionally
- *   "-DTCPMESH_GUARD_NETNS_COOKIE=<u64>ull"]), then every program
+ *   "-DTCPMESH_GUARD_NETNS_COOKIE=<u64>ull", "-DTCPMESH_ADMIN_IP=<host-order u32>u"
+ *   "-DTCPMESH_ADMIN_PORT=<port>"]), then every program
  *   is pinned in bpffs and the agent attaches the pinned programs without bcc.
  *
  * Layout: hooks at the bottom are thin (guard, one helper, return). Helpers that only read a
@@ -311,6 +313,15 @@ static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, in
 	__u32 addr[4] = {dst, 0, 0, 0};
 	__u32 no_ip6[4] = {};
 
+#ifdef TCPMESH_ADMIN_PORT
+	/* before the redirect-address and CIDR rules: in the DaemonSet the admin address is the
+	 * redirect address (the host IP), and it need not be inside capture.cidrs */
+	if ((verdict == TCPMESH_R_CAPTURED || verdict == TCPMESH_R_TO_REDIRECT) &&
+	    tcpmesh_is_admin_port(dst, (__u16)ctx->user_port)) {
+		tcpmesh_count(TCPMESH_R_ADMIN_PORT_DENIED);
+		return TCPMESH_DENY;
+	}
+#endif
 	if (verdict == TCPMESH_R_CAPTURED)
 		verdict = tcpmesh_cidr_verdict(dst);
 	if (verdict == TCPMESH_R_CAPTURED)

@@ -68,6 +68,7 @@ REASONS: tuple[str, ...] = (
     "ipv6_refused",          # connect6: IPv6 destination in the mesh while IPv6 meshing is off: EPERM
     "family_mismatch",       # getsockopt: SOL_IP/SO_ORIGINAL_DST for an IPv6 destination (nothing consumed)
     "guard_host_network",    # guard: TCP connect from the agent's own netns (hostNetwork pods, the agent): let through
+    "admin_port_denied",     # connect4/6: a pod's TCP connect to its node's admin address and port: EPERM
 )
 HO_FREE, HO_WRITING, HO_READY, HO_ANSWERING = 0, 1, 2, 3  # enum tcpmesh_handover_state
 INBOUND_PERMISSIVE = 1

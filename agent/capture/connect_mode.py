@@ -121,10 +121,13 @@ def connect_sets_cb_flags(kernel_release: str) -> bool:
 
 
 def program_flags(redirect_ip: str, redirect_port: int, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                  kernel_release: str | None = None, guard_netns_cookie: int | None = None) -> list[str]:
+                  kernel_release: str | None = None, guard_netns_cookie: int | None = None,
+                  admin_endpoint: tuple[str, int] | None = None) -> list[str]:
     """The -D flags that change the programs (pure given ``kernel_release``, default ``uname -r``).
     REDIR_IP is the host-order integer. ``guard_netns_cookie``: the node guard lets TCP connects
-    from sockets of this network namespace through (``own_netns_cookie``; the DaemonSet's)."""
+    from sockets of this network namespace through (``own_netns_cookie``; the DaemonSet's).
+    ``admin_endpoint``: the agent's admin address and port, which a pod's connect is refused
+    (``admin_port_flags``)."""
     flags = [
         f"-DREDIR_IP={int(ipaddress.IPv4Address(redirect_ip))}u",
         f"-DREDIR_PORT={int(redirect_port)}",
@@ -134,7 +137,22 @@ def program_flags(redirect_ip: str, redirect_port: int, max_connections: int = D
         flags.append("-DTCPMESH_CONNECT_CB_FLAGS=1")
     if guard_netns_cookie is not None:
         flags.append(f"-DTCPMESH_GUARD_NETNS_COOKIE={int(guard_netns_cookie)}ull")
+    if admin_endpoint is not None:
+        flags += admin_port_flags(*admin_endpoint)
     return flags
+
+
+def admin_port_flags(address: str, port: int) -> list[str]:
+    """The -D flags that make a pod's connect to the admin port fail with EPERM (pure): none for a
+    loopback or IPv6 address (a pod's 127.0.0.1 is its own netns; IPv6 admin is not refused in the
+    kernel), ADMIN_IP 0 for 0.0.0.0 (every address of the node: the admin port anywhere)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return []
+    if not isinstance(ip, ipaddress.IPv4Address) or ip.is_loopback or not 0 < int(port) < 65536:
+        return []
+    return [f"-DTCPMESH_ADMIN_IP={int(ip)}u", f"-DTCPMESH_ADMIN_PORT={int(port)}"]
 
 
 SO_NETNS_COOKIE = 71  # asm-generic/socket.h, Linux 5.14
@@ -157,10 +175,11 @@ def own_netns_cookie() -> int:
 
 def compile_flags(source_dir: Path, redirect_ip: str, redirect_port: int,
                   max_connections: int = DEFAULT_MAX_CONNECTIONS, maps_dir: str | os.PathLike | None = None,
-                  guard_netns_cookie: int | None = None) -> list[str]:
+                  guard_netns_cookie: int | None = None, admin_endpoint: tuple[str, int] | None = None) -> list[str]:
     """Every flag of the compile (pure): include paths, program flags, and where the maps are pinned."""
     flags = [*sources.base_cflags(source_dir),
-             *program_flags(redirect_ip, redirect_port, max_connections, guard_netns_cookie=guard_netns_cookie)]
+             *program_flags(redirect_ip, redirect_port, max_connections, guard_netns_cookie=guard_netns_cookie,
+                            admin_endpoint=admin_endpoint)]
     if maps_dir is not None:
         flags.append(f'-DTCPMESH_MAPS_DIR="{maps_dir}"')
     return flags
@@ -187,9 +206,11 @@ class ConnectCapture:
                  *, bypass_cidrs: Sequence[str] = (), source_dir: str | os.PathLike | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, bpffs_dir: str | os.PathLike = DEFAULT_BPFFS_DIR,
                  loader_timeout: float = DEFAULT_TIMEOUT, mesh_destinations: Sequence[MeshDestination] | None = (),
-                 passthrough_deny: bool = False, ipv6: bool = True, guard_netns_cookie: int | None = None) -> None:
+                 passthrough_deny: bool = False, ipv6: bool = True, guard_netns_cookie: int | None = None,
+                 admin_endpoint: tuple[str, int] | None = None) -> None:
         validate_redirect(redirect_ip, redirect_port)
         self.guard_netns_cookie = guard_netns_cookie
+        self.admin_endpoint = admin_endpoint
         self.redirect_ip = redirect_ip
         self.redirect_port = int(redirect_port)
         self._cidr_entries = lpm_entries(capture_cidrs, bypass_cidrs)  # validates now, not at load()
@@ -217,7 +238,8 @@ class ConnectCapture:
         """The set and maps directory names for this source tree and these flags."""
         return pins.set_names(self.source_dir, SOURCE_NAME, abi.ABI_VERSION, self.max_connections,
                               program_flags(self.redirect_ip, self.redirect_port, self.max_connections,
-                                            guard_netns_cookie=self.guard_netns_cookie), PROGRAMS,
+                                            guard_netns_cookie=self.guard_netns_cookie,
+                                            admin_endpoint=self.admin_endpoint), PROGRAMS,
                               map_sources=MAP_SOURCES)
 
     @property
@@ -235,7 +257,7 @@ class ConnectCapture:
         request = LoadRequest(
             source=str(self.source_dir / SOURCE_NAME),
             cflags=tuple(compile_flags(self.source_dir, self.redirect_ip, self.redirect_port, self.max_connections,
-                                       maps_dir, self.guard_netns_cookie)),
+                                       maps_dir, self.guard_netns_cookie, self.admin_endpoint)),
             state_dir=str(self.state_dir), programs=tuple(Program(h.program, h.prog_type, h.attach_type) for h in HOOKS),
             pin_to=PinTo(str(self.bpffs_dir), names.set, names.maps))
         self.loader_result = adopt_or_pin(request, abi.PINNED_MAPS, self.loader_timeout)

@@ -59,7 +59,8 @@ class ConnectMode:
 
     def __init__(self, redirect_ip: str, redirect_port: int, state_dir: str, proxy_cgroup: str,
                  pods_cgroup: str = "", bpffs_dir: str | None = None, passthrough_deny: bool = False,
-                 ipv6: bool = True, guard_netns_cookie: int | None = None) -> None:
+                 ipv6: bool = True, guard_netns_cookie: int | None = None,
+                 admin_endpoint: tuple[str, int] | None = None) -> None:
         from agent.capture.connect_mode import DEFAULT_BPFFS_DIR, ConnectCapture  # no bcc: the loader has it
 
         self._cgroup_ids: dict[str, int] = {}  # attached pod cgroup path -> cgroup id (inode)
@@ -69,7 +70,7 @@ class ConnectMode:
         self._capture = ConnectCapture(redirect_ip=redirect_ip, redirect_port=redirect_port, state_dir=state_dir,
                                        bpffs_dir=bpffs_dir or DEFAULT_BPFFS_DIR, mesh_destinations=None,
                                        passthrough_deny=passthrough_deny, ipv6=ipv6,
-                                       guard_netns_cookie=guard_netns_cookie)
+                                       guard_netns_cookie=guard_netns_cookie, admin_endpoint=admin_endpoint)
         self._proxy_cgroup = proxy_cgroup
         self._pods_cgroup = pods_cgroup
 
@@ -171,7 +172,8 @@ def build_capture(config, mode: str, proxy_cgroup: str) -> Capture:
                            proxy_cgroup, config.capture.pods_cgroup,
                            config.capture.bpffs_dir or default_bpffs_dir(config.node.name),
                            passthrough_deny=config.policy.outbound_passthrough == "DENY",
-                           ipv6=config.capture.ipv6, guard_netns_cookie=own_netns_cookie() if exempt else None)
+                           ipv6=config.capture.ipv6, guard_netns_cookie=own_netns_cookie() if exempt else None,
+                           admin_endpoint=(config.admin.address, config.admin.port))
     if mode == "ebpf-tc":
         from agent.capture.tc_mode import TcCapture  # compiles in a child process: no bcc here
 

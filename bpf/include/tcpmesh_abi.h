@@ -321,7 +321,9 @@ enum tcpmesh_reason {
 	TCPMESH_R_GUARD_HOST_NETWORK = 31, /* guard: a TCP connect from a socket of the agent's own network
 	                                      namespace (hostNetwork pods, the agent itself) let through
 	                                      (only with -DTCPMESH_GUARD_NETNS_COOKIE) */
-	TCPMESH_R_MAX = 32,
+	TCPMESH_R_ADMIN_PORT_DENIED = 32,  /* connect4/6: a pod's TCP connect to its node's admin address
+	                                      and port refused with EPERM (only with -DTCPMESH_ADMIN_PORT) */
+	TCPMESH_R_MAX = 33,
 };
 
 /* Entries of the tcpmesh_counters map: room for appended reasons without changing the map. */

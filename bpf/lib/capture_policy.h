@@ -65,6 +65,17 @@ static __always_inline int tcpmesh_guard_exempt6(const struct bpf_sock_addr *ctx
 	return tcpmesh_v4_mapped(ctx, &dst) == 0 && tcpmesh_guard_exempt4(dst);
 }
 
+/* The node's admin port (-DTCPMESH_ADMIN_IP=<host-order u32>u -DTCPMESH_ADMIN_PORT=<port>, from
+ * admin.address and admin.port; ADMIN_IP 0: admin.address 0.0.0.0, every address): is IPv4
+ * ``dst``:``port_be`` (network order) it? Pods never get there: the agent serves probes and scrapes
+ * from the node itself (docs/install-kubernetes.md). */
+#ifdef TCPMESH_ADMIN_PORT
+static __always_inline int tcpmesh_is_admin_port(__u32 dst, __u16 port_be)
+{
+	return port_be == bpf_htons(TCPMESH_ADMIN_PORT) && (TCPMESH_ADMIN_IP == 0 || dst == bpf_htonl(TCPMESH_ADMIN_IP));
+}
+#endif
+
 static __always_inline int tcpmesh_is_tcp(__u32 type, __u32 protocol)
 {
 	return type == TCPMESH_SOCK_STREAM && protocol == IPPROTO_TCP;

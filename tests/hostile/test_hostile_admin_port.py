@@ -3,9 +3,10 @@
 The admin HTTP server listens on the node's address (the DaemonSet binds the host IP so kubelet
 probes and Prometheus reach it), which every pod of the node can reach, and capture never touches
 it: a pod could read /metrics, /debug/flows (pids, commands, addresses of every flow) and
-/debug/certs, and open connections that each got a thread of their own. Now a connection from
-anywhere but the node itself and the configured ``admin.allowed_sources`` is refused before a byte
-is read and counted; /debug/flows answers only the node itself; a bounded pool of workers serves
+/debug/certs, and open connections that each got a thread of their own. Now a pod's connect to its
+node's admin address and port fails with EPERM in its connect hook, counted (``admin_port_denied``);
+a connection from anywhere but the node itself and the configured ``admin.allowed_sources`` (another
+node's pod, say) is refused before a byte is read and counted; /debug/flows answers only the node itself; a bounded pool of workers serves
 the rest. Kubernetes probes (kubelet, on the node) and Prometheus scrapes (from the node, or from
 an allowed source) keep working.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.capture.pinned import read_counters
 from agent.lab import lab as labops
 from agent.lab.topology import ADMIN_PORT
 from tests.e2e.conftest import Lab
@@ -102,16 +104,19 @@ def agent_threads(lab: Lab, index: int) -> int:
 
 
 def test_a_pod_cannot_read_its_nodes_admin_port_and_the_refusals_are_counted(admin_lab):
+    """Refused in the kernel: the pod's connect hook fails connect() with EPERM and counts it; the
+    connection never reaches the agent (its user-space refusal is the second line)."""
     lab = admin_lab
     before = refused(scrape(lab, "node1", 1), "source")
+    kernel_before = read_counters(lab.node(1).bpffs_dir)
     for path in ("/metrics", "/debug/flows", "/debug/certs", "/readyz"):
         answer = get_from(lab, "n1p1", 1, path)
-        # before the fix: HTTP 200 with every flow's pid, command and addresses
+        # before the fix: HTTP 200 with every flow's pid, command and addresses; then a reset at accept
         assert answer["status"] is None and not answer.get("body"), f"a pod read {path}: {answer}"
-    deadline = time.monotonic() + 5
-    while refused(scrape(lab, "node1", 1), "source") < before + 4:
-        assert time.monotonic() < deadline, "tcpmesh_admin_refused_total{reason=source} did not count the pod"
-        time.sleep(0.2)
+        assert "Operation not permitted" in answer.get("error", ""), f"not refused in the kernel: {answer}"
+    kernel_after = read_counters(lab.node(1).bpffs_dir)
+    assert kernel_after["admin_port_denied"] - kernel_before["admin_port_denied"] == 4, (kernel_before, kernel_after)
+    assert refused(scrape(lab, "node1", 1), "source") == before, "a pod's connect reached the agent"
 
 
 def test_a_pod_cannot_read_another_nodes_admin_port_either(admin_lab):

@@ -98,3 +98,17 @@ def test_the_guards_host_network_exemption_is_a_program_flag_so_the_set_name_fol
     assert not any("GUARD_NETNS" in f for f in plain)
     flags = program_flags("10.0.0.1", 15001, 65536, kernel_release="6.18.0", guard_netns_cookie=4097)
     assert flags == plain + ["-DTCPMESH_GUARD_NETNS_COOKIE=4097ull"]
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("10.0.0.11", ["-DTCPMESH_ADMIN_IP=167772171u", "-DTCPMESH_ADMIN_PORT=15020"]),
+    ("0.0.0.0", ["-DTCPMESH_ADMIN_IP=0u", "-DTCPMESH_ADMIN_PORT=15020"]),   # every address of the node
+    ("127.0.0.1", []),          # a pod's 127.0.0.1 is its own network namespace: nothing to refuse
+    ("fd00::11", [])])          # IPv6 admin addresses are refused at accept only
+def test_a_pods_connect_to_the_admin_port_is_refused_by_program_flags(address, expected):
+    from agent.capture.connect_mode import admin_port_flags
+
+    assert admin_port_flags(address, 15020) == expected
+    plain = program_flags("10.0.0.1", 15001, 65536, kernel_release="6.18.0")
+    assert program_flags("10.0.0.1", 15001, 65536, kernel_release="6.18.0",
+                         admin_endpoint=(address, 15020)) == plain + expected
