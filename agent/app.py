@@ -37,6 +37,7 @@ from agent.proxy.deadlines import reset_idle, sweep_idle_relays
 from agent.proxy.heap import keep_heap_for_relaying
 from agent.proxy.inbound import InboundProxy
 from agent.proxy.limits import ConnectionLimits, fitting_cap, handshake_limits, raise_open_files_limit
+from agent.proxy.local import SameNodePath
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
 from agent.proxy.upstream import transparent_allowed
@@ -281,7 +282,11 @@ class Agent:
                                                             config.node.name))
             self._start_tcp_stats(ctx)
             egress = self._start_egress_events(loop)
-            outbound = OutboundProxy(ctx, self.capture.origin, config.proxy.tunnel_idle_seconds)
+            same_node = SameNodePath(ctx) if config.proxy.same_node == "local" else None
+            log.info("same-node connections: %s (proxy.same_node %s)", "authorized and relayed in process, no "
+                     "tunnel to this node" if same_node else "through the mTLS tunnel and the inbound proxy",
+                     config.proxy.same_node)
+            outbound = OutboundProxy(ctx, self.capture.origin, config.proxy.tunnel_idle_seconds, same_node)
             inbound = InboundProxy(ctx)
             self.workloads = WorkloadController(
                 config.node.name, config.trust_domain, config.registry.file if config.registry.source == "file" else "",

@@ -146,6 +146,7 @@ class CaptureConfig:
 
 
 SOURCE_ADDRESS_CHOICES = ("auto", "pod", "node")
+SAME_NODE_CHOICES = ("local", "tunnel")  # agent.proxy.local; docs/performance-latency.md "Same-node connections"
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,11 @@ class ProxyConfig:
     # start without it; node — the node's own address (the fallback: no transparent socket, no tc
     # program); auto — pod where the kernel allows it, else node with a warning (`tcpmesh doctor`).
     source_address: str = "auto"
+    # A connection between two pods of this node (docs/performance-latency.md "Same-node connections"):
+    # local — authorized and recorded in process, exactly as through the tunnel, then relayed straight to
+    # the workload (its bytes never leave the host, so no TLS); tunnel — the mTLS tunnel to the node itself
+    # and the inbound proxy, as between nodes (the fallback).
+    same_node: str = "local"
 
 
 @dataclass(frozen=True)
@@ -359,6 +365,9 @@ def validate(config: Config) -> Config:
     if config.proxy.source_address not in SOURCE_ADDRESS_CHOICES:
         raise ConfigError("proxy.source_address", config.proxy.source_address, "unknown source address mode",
                           "use auto, pod (servers see the client pod's address) or node (the node's address)")
+    if config.proxy.same_node not in SAME_NODE_CHOICES:
+        raise ConfigError("proxy.same_node", config.proxy.same_node, "unknown same-node path",
+                          "use local (in process, no tunnel to the node itself) or tunnel (through the inbound proxy)")
     if config.proxy.event_loop not in ("uvloop", "asyncio"):
         raise ConfigError("proxy.event_loop", config.proxy.event_loop, "unknown event loop", "use uvloop or asyncio")
     admin_allowed_sources(config.admin)

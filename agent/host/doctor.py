@@ -178,7 +178,18 @@ def source_address_verdict(results: Mapping[str, CheckResult], configured: str =
             "reason": f"proxy.source_address auto falls back to node (servers see the node's address): {why}"}
 
 
-def build_report(results: Sequence[CheckResult], configured: str, source_address: str = "auto") -> dict:
+def same_node_verdict(configured: str = "local") -> dict:
+    """How connections between two pods of this node go (proxy.same_node; agent.proxy.local), pure."""
+    if configured == "tunnel":
+        return {"configured": configured, "path": "tunnel",
+                "reason": "proxy.same_node is tunnel: through the mTLS tunnel to this node and its inbound proxy"}
+    return {"configured": configured, "path": "local",
+            "reason": "authorized and recorded in process as through the tunnel, then relayed straight to the "
+                      "workload (no TLS: the bytes never leave this host); set proxy.same_node to tunnel to turn it off"}
+
+
+def build_report(results: Sequence[CheckResult], configured: str, source_address: str = "auto",
+                 same_node: str = "local") -> dict:
     by_name = {r.name: r for r in results}
     verdicts = evaluate_modes(by_name)
     selected, reason = select_mode(configured, verdicts)
@@ -193,6 +204,7 @@ def build_report(results: Sequence[CheckResult], configured: str, source_address
         "selected_mode": selected,
         "reason": reason,
         "source_address": source,
+        "same_node": same_node_verdict(same_node),
         "can_run": selected is not None and source["can_run"],
     }
 
@@ -214,6 +226,9 @@ def render_table(report: Mapping) -> str:
     if source is not None:
         lines.append(f"source address servers see: {source['selected'] or 'none (the agent cannot run)'}")
         lines.append(f"why: {source['reason']}")
+    same = report.get("same_node")
+    if same is not None:
+        lines.append(f"same-node connections: {same['path']} ({same['reason']})")
     return "\n".join(lines)
 
 
@@ -285,10 +300,10 @@ def _record_netns_checks(results: dict, record) -> None:
 
 def doctor_report(configured: str = "auto", disabled: Iterable[str] = (), cgroup_root: str | None = None,
                   state_dir: str | None = None, environ: Mapping[str, str] | None = None,
-                  source_address: str = "auto") -> dict:
+                  source_address: str = "auto", same_node: str = "local") -> dict:
     environ = os.environ if environ is None else environ
     hidden = parse_disabled([*disabled, environ.get(DISABLE_ENV, "")])
-    return build_report(run_checks(hidden, cgroup_root, state_dir), configured, source_address)
+    return build_report(run_checks(hidden, cgroup_root, state_dir), configured, source_address, same_node)
 
 
 # ---- for the agent: capture.mode auto -------------------------------------------------------------
@@ -336,7 +351,7 @@ def doctor(as_json: bool, config_path: str | None, assume_missing: tuple[str, ..
     Exit code 0 if the agent can run (its capture mode is usable, its policy set loads), 1 otherwise.
     """
     configured = mode or "auto"
-    source_address = "auto"
+    source_address, same_node = "auto", "local"
     if config_path:
         from agent.config import load_config
 
@@ -344,8 +359,9 @@ def doctor(as_json: bool, config_path: str | None, assume_missing: tuple[str, ..
         configured = mode or config.capture.mode
         cgroup_root = cgroup_root or config.capture.cgroup_root
         state_dir = state_dir or config.state_dir
-        source_address = config.proxy.source_address
-    report = doctor_report(configured, assume_missing, cgroup_root, state_dir, source_address=source_address)
+        source_address, same_node = config.proxy.source_address, config.proxy.same_node
+    report = doctor_report(configured, assume_missing, cgroup_root, state_dir, source_address=source_address,
+                           same_node=same_node)
     text = None if as_json else render_table(report)
     if config_path:  # will this configured agent turn ready (agent/host/readiness.py)?
         from agent.host import readiness

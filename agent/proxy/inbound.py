@@ -20,10 +20,10 @@ from agent.identity.errors import PeerProtocolError as AlpnMismatch
 from agent.identity.spiffe import SpiffeId
 from agent.identity.peer import PeerCredential
 from agent.identity.tls import check_alpn, describe_tls_error, peer_credential
-from agent.policy.engine import Request
 from agent.connection import flow as F
 from agent.connection.facts import ConnectionFacts
 from agent.proxy import mux as M
+from agent.proxy.authorize import authorized
 from agent.proxy.deadlines import enforce_tunnel_deadlines, tune_tunnel_socket
 from agent.proxy.endpoints import PlainLeg, TlsLeg
 from agent.proxy.header import Status, StatusReply
@@ -269,22 +269,8 @@ class InboundProxy:
         return None
 
     def _authorized(self, flow: F.Flow, workload: Workload, peer_id: SpiffeId) -> bool:
-        """Ask the policy engine for the tunnel's proven identity ``peer_id`` (the flow's source principal);
-        record the deciding policy (and any dry-run verdict) on the flow."""
-        if self._ctx.policy is None:
-            return True
-        principal = flow.source_principal if flow.source_principal != F.UNKNOWN else None
-        namespace = (peer_id.namespace if principal == peer_id.uri else SpiffeId.parse(principal).namespace) \
-            if principal else None
-        decision = self._ctx.policy.decide(Request(principal, namespace, workload.name, workload.namespace,
-                                                   flow.destination_port))
-        flow.policy = decision.policy or ""
-        flow.dry_run = decision.dry_run or ""
-        if decision.dry_run:
-            log.info("flow %s dry-run: would %s", flow.flow_id, decision.dry_run)
-        if not decision.allowed:
-            flow.detail = decision.reason
-        return decision.allowed
+        """The policy's answer for the tunnel's proven identity ``peer_id`` (agent.proxy.authorize)."""
+        return authorized(self._ctx.policy, flow, workload, peer_id)
 
     @staticmethod
     def _refuse(stream: Stream, flow: F.Flow, status: Status, flag: str, reason: str, policy: str = "") -> None:

@@ -27,6 +27,7 @@ from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.proxy.deadlines import tune_tunnel_socket
 from agent.proxy.endpoints import Leg, PlainLeg, TlsLeg
 from agent.proxy.header import PeerProtocolError, Status
+from agent.proxy.local import SameNodePath
 from agent.proxy.pool import PoolKey, TunnelPool
 from agent.proxy.relay import Relay
 from agent.proxy.session import MuxSession, Stream
@@ -49,8 +50,9 @@ STATUS_FLAGS = {
 
 class OutboundProxy:
     def __init__(self, ctx: ProxyContext, origin_reader: Callable[[socket.socket], object | None],
-                 tunnel_idle_seconds: float = 60.0) -> None:
+                 tunnel_idle_seconds: float = 60.0, same_node: SameNodePath | None = None) -> None:
         self._ctx = ctx
+        self._same_node = same_node  # None (proxy.same_node: tunnel): same-node pairs take the tunnel too
         self._read_origin = origin_reader
         self.pool = TunnelPool(self.dial_session, idle_seconds=tunnel_idle_seconds)
         self._accepted = self._on_accepted  # one bound method shared by every accepted leg
@@ -82,6 +84,9 @@ class OutboundProxy:
                     app.reset()
                     return
                 counted = (limits, flow.source_principal)
+            if self._same_node is not None and self._same_node.applies(route):
+                await self._same_node.serve(app, route, flow)  # agent.proxy.local: no tunnel to ourselves
+                return
             self._ctx.flow_opened(flow)
             dialed = await self._open_stream(route, flow)
             if dialed is None:

@@ -15,6 +15,7 @@ def test_valid_minimal_config_gets_documented_defaults():
     assert config.admin.port == 15020
     assert config.capture.mode == "auto"
     assert config.proxy.source_address == "auto"
+    assert config.proxy.same_node == "local"
 
 
 @pytest.mark.parametrize("doc, field, words", [
@@ -41,6 +42,7 @@ def test_shape_errors_name_the_field(doc, field, words):
     ({"identity": {"svid_ttl_seconds": 5}}, "identity.svid_ttl_seconds"),
     ({"log_level": "loud"}, "log_level"),
     ({"proxy": {"source_address": "spoof"}}, "proxy.source_address"),
+    ({"proxy": {"same_node": "plaintext"}}, "proxy.same_node"),
     ({"access_log": {"path": "/var/log/tcpmesh/access.log", "key": "/var/log/tcpmesh/keys/audit.key"}},
      "access_log.key"),
     ({"access_log": {"key": "audit.key"}}, "access_log.key"),

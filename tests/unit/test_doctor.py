@@ -59,7 +59,7 @@ def test_an_explicit_mode_is_judged_alone():
 def test_report_schema_is_stable():
     report = build_report(all_ok(bcc=probes.FAIL), "auto")
     assert set(report) == {"version", "checks", "modes", "configured_mode", "selected_mode", "reason",
-                           "source_address", "can_run"}
+                           "source_address", "same_node", "can_run"}
     assert set(report["source_address"]) == {"configured", "selected", "can_run", "missing", "reason"}
     assert report["version"] == doctor.REPORT_VERSION == 1
     assert set(report["checks"][0]) == {"name", "result", "detail", "error", "seconds"}
@@ -132,3 +132,12 @@ def test_source_address_pod_on_a_host_that_lacks_it_cannot_run():
 def test_source_address_node_is_the_configured_fallback():
     verdict = doctor.source_address_verdict({r.name: r for r in all_ok()}, "node")
     assert verdict["selected"] == "node" and verdict["can_run"]
+
+
+def test_same_node_path_is_reported_and_the_switch_named():
+    local = build_report(all_ok(), "auto")
+    assert local["same_node"]["path"] == "local" and "proxy.same_node" in local["same_node"]["reason"]
+    assert "same-node connections: local" in render_table(local)
+    tunnel = build_report(all_ok(), "auto", same_node="tunnel")
+    assert tunnel["same_node"]["path"] == "tunnel"
+    assert "same-node connections: tunnel" in render_table(tunnel)
