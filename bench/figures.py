@@ -160,3 +160,38 @@ def derive(raw: Mapping[str, Mapping], direct_rr_p50: float | None, has_datapath
         if has_datapath:
             out["datapath_cpu_s_per_gb"] = datapath_cpu / gigabytes
     return out
+
+
+# ------------------------------------------------------------------------------------------ same node
+
+SAME_NODE_TESTS = ("rr", "bulk1", "bulk8")
+SAME_NODE_TARGETS = (  # issue #19: (key, text, figure, kind, limit); kind as Target's
+    ("same_node_bulk1", "same-node bulk, 1 stream ≥ 0.8 × direct", "bulk1_gbps", "ratio_min", 0.8),
+    ("same_node_bulk8", "same-node bulk, 8 streams ≥ 0.8 × direct", "bulk8_gbps", "ratio_min", 0.8),
+    ("same_node_latency", "same-node added p50 ≤ 10 µs", "rr_added_p50_us", "abs_max", 10.0),
+)
+
+
+def same_node(raw: Sequence[Mapping[str, Mapping]]) -> dict:
+    """The same-node scenario's figures: ``raw`` holds one {"direct": tests, "tcpmesh": tests} per
+    repetition. Returns summaries per path, tcpmesh's ratios to direct (same repetitions) and the targets."""
+    samples: dict[str, dict[str, list[float]]] = {"direct": {}, "tcpmesh": {}}
+    for rep in raw:
+        direct_rr = (rep.get("direct") or {}).get("rr")
+        direct_p50 = direct_rr["rtt_us"]["p50"] if direct_rr else None
+        for path in samples:
+            for key, value in derive(rep.get(path) or {}, direct_p50, has_datapath=path != "direct").items():
+                samples[path].setdefault(key, []).append(value)
+    summary = summaries(samples)
+    ratio = {}
+    for figure in FIGURES:
+        mine = (summary["tcpmesh"].get(figure.key) or {}).get("median")
+        base = (summary["direct"].get(figure.key) or {}).get("median") if figure.vs_direct else None
+        ratio[figure.key] = _ratio(mine, base)
+    targets = []
+    for key, text, figure, kind, limit in SAME_NODE_TARGETS:
+        value = ratio.get(figure) if kind == "ratio_min" else (summary["tcpmesh"].get(figure) or {}).get("median")
+        met = None if value is None else (value >= limit if kind == "ratio_min" else value <= limit)
+        targets.append({"key": key, "text": text, "value": value, "limit": limit, "kind": kind, "met": met, "note": ""})
+    return {"samples": samples, "summary": summary, "vs_direct": ratio, "targets": targets}
+

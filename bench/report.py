@@ -102,6 +102,22 @@ def markdown(results: dict, *, json_path: Path, chart_path: str | None, docs_pat
         shown = "n/a" if value is None else (f"×{value:.2f}" if t["kind"].startswith("ratio") else f"{value:.1f}")
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         lines.append(f"| {t['text']} | {shown}{' (' + t['note'] + ')' if t['note'] else ''} | {met} |")
+    same = results.get("same_node")
+    if same:
+        lines += ["", "Same node (issue #19): client pod n2p2 and server pod n2p1 on node2, straight through node2's "
+                  "bridge and through node2's agent (`proxy.same_node`):", "",
+                  "| figure | direct (same node) | tcpmesh (same node) | tcpmesh × direct |", "|---|---|---|---|"]
+        for figure in FIGURES:
+            mine = same["summary"]["tcpmesh"].get(figure.key)
+            if not mine:
+                continue
+            lines.append(f"| {_label(figure, results)} | {_cell(same['summary']['direct'].get(figure.key), figure)} | "
+                         f"{_cell(mine, figure)} | {_ratio(same['vs_direct'].get(figure.key))} |")
+        lines += ["", "| target | this run | met |", "|---|---|---|"]
+        for t in same["targets"]:
+            value = t["value"]
+            shown = "n/a" if value is None else (f"×{value:.2f}" if t["kind"].startswith("ratio") else f"{value:.1f}")
+            lines.append(f"| {t['text']} | {shown} | {({True: 'yes', False: '**no**', None: 'not measured'})[t['met']]} |")
     cap = results.get("capture")
     if cap:
         lines += ["", f"Capture ({cap.get('measured_pairs', cap['connects'])}+ connects per variant and repetition, the two variants alternating "
@@ -173,7 +189,17 @@ def console_table(results: dict) -> str:
                 text += f" ×{r['vs_best_peer']:.2f}bp"
             cells.append(f"{text:>22}")
         out.append(f"{figure.label + ' (' + figure.unit + ')':{width}}" + "".join(cells))
-    for t in results.get("targets", []):
+    same = results.get("same_node")
+    if same:
+        for figure in FIGURES:
+            d, t = same["summary"]["direct"].get(figure.key), same["summary"]["tcpmesh"].get(figure.key)
+            if not t:
+                continue
+            ratio = same["vs_direct"].get(figure.key)
+            text = _fmt(t["median"], figure.digits) + (f" ×{ratio:.2f} direct" if ratio is not None else "")
+            out.append(f"{'same node: ' + figure.label + ' (' + figure.unit + ')':{width}}"
+                       f"{'n/a' if not d else _fmt(d['median'], figure.digits):>22}{text:>22}")
+    for t in results.get("targets", []) + (same["targets"] if same else []):
         out.append(f"target {t['text']}: {t['value'] if t['value'] is None else round(t['value'], 2)} "
                    f"-> {'met' if t['met'] else ('not measured' if t['met'] is None else 'NOT met')}")
     if results.get("errors"):

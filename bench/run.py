@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--capture-connects", type=int)
     p.add_argument("--sockperf-seconds", type=float, help="0 skips the sockperf reference check")
     p.add_argument("--settle-seconds", type=float)
+    p.add_argument("--no-same-node", dest="same_node", action="store_false", default=None,
+                   help="skip the same-node scenario (client and server pods on one node)")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="where the JSON results and the chart go (default: bench/results and docs/ for a recorded "
                         "run, bench/out otherwise)")
@@ -61,7 +63,8 @@ def settings_from(args: argparse.Namespace) -> S.Settings:
     return S.with_overrides(base, repetitions=args.repetitions, bulk_seconds=args.bulk_seconds,
                             rr_seconds=args.rr_seconds, crr_seconds=args.crr_seconds, crr_warmup=args.crr_warmup,
                             idle_connections=args.idle_connections, capture_connects=args.capture_connects,
-                            sockperf_seconds=args.sockperf_seconds, settle_seconds=args.settle_seconds)
+                            sockperf_seconds=args.sockperf_seconds, settle_seconds=args.settle_seconds,
+                            same_node=args.same_node)
 
 
 def log(message: str) -> None:
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line(argv), "quick": args.quick, "settings": settings.to_json(),
         "machine": host.machine_facts(REPO), "paths": list(paths), "peers": [p for p in paths if p in S.PEERS],
         "raw": {p: [] for p in paths}, "capture_raw": [], "reference": None, "errors": [], "profile": None,
+        "same_node_raw": [],
     }
     t0 = time.monotonic()
     try:
@@ -174,12 +178,36 @@ def measure(world: World, settings: S.Settings, paths: tuple[str, ...], results:
                     f"({cap['overhead_pct']:+.1f} %)")
             except Exception as exc:
                 error(results, f"rep {rep + 1} capture", "tcpmesh", exc, world)
+        if settings.same_node and "tcpmesh" in live:
+            results["same_node_raw"].append(measure_same_node(world, settings, rep, results))
     if args.profile is not None and "tcpmesh" in live:
         from bench import profile
         try:
             results["profile"] = profile.profile_agents(world, routes["tcpmesh"], settings, args.profile, log)
         except Exception as exc:
             error(results, "profile", "tcpmesh", exc, world)
+
+
+def measure_same_node(world: World, settings: S.Settings, rep: int, results: dict) -> dict:
+    """One repetition of the same-node scenario: ping-pong and bulk, straight and through the agent."""
+    routes = world.same_node_paths()
+    names = list(routes)
+    order = names[rep % 2:] + names[:rep % 2]
+    out: dict[str, dict] = {name: {} for name in names}
+    meter = host.ForeignLoad([world.cgroup_root, world.plan.cgroup])
+    for test in figures.SAME_NODE_TESTS:
+        for name in order:
+            route = routes[name]
+            label = f"rep {rep + 1}/{settings.repetitions} {test:5} {route.name}"
+            try:
+                started = meter.start()
+                out[name][test] = run_test(world, route, test, settings)
+                out[name][test]["foreign_cores"] = round(meter.stop(started), 2)
+                log(f"{label} {describe(test, out[name][test])} [others: {out[name][test]['foreign_cores']:.1f} cores]")
+            except Exception as exc:
+                error(results, f"rep {rep + 1} same-node {test}", route.name, exc, world)
+                log(f"{label} FAILED: {exc}")
+    return out
 
 
 def preflight(world: World, settings: S.Settings, routes: dict, results: dict) -> None:
@@ -298,6 +326,7 @@ def analyse(results: dict, settings: S.Settings) -> None:
         }
     results["capture"] = capture
     results["targets"] = figures.check_targets(summary, results["ratios"], capture, settings.idle_connections)
+    results["same_node"] = figures.same_node(results["same_node_raw"]) if results.get("same_node_raw") else None
     results["generator_check"] = generator_check(results)
     foreign = [t["foreign_cores"] for reps in results["raw"].values() for rep in reps for t in rep.values()
                if isinstance(t, dict) and "foreign_cores" in t]

@@ -35,6 +35,7 @@ LAB_PREFIX = "bench"
 TRUST_DOMAIN = "bench.tcpmesh"
 CLIENT_POD = "n1p1"
 SERVER_POD = "n2p1"
+LOCAL_CLIENT_POD = "n2p2"  # the same-node scenario's client: on node2, with the server
 OUTBOUND_PORT = 15001
 OWNER_DIR = Path("/run/tcpmesh-bench")  # <lab>.json: which process owns which bench lab
 PR_SET_PDEATHSIG = 1
@@ -97,13 +98,15 @@ class World:
         self.cgroup_root = os.path.join(mount, f"tcpmesh-bench-{self.name}")
         clean_stale_runs(self.log)
         self.owner_marker = _write_owner(self.name, self.cgroup_root)
-        self.log(f"lab {self.name}: up (2 nodes, 1 pod each, agents with ebpf-connect capture)")
+        self.log(f"lab {self.name}: up (2 nodes, 2 pods each, agents with ebpf-connect capture)")
         self.lab_started = True
-        self.plan = labops.lab_up(self.name, 2, 1, TRUST_DOMAIN)
+        self.plan = labops.lab_up(self.name, 2, 2, TRUST_DOMAIN)
         self.client_pod = self.plan.pod(CLIENT_POD)
         self.server_pod = self.plan.pod(SERVER_POD)
+        self.local_client_pod = self.plan.pod(LOCAL_CLIENT_POD)
         self.node1, self.node2 = self.plan.nodes[0], self.plan.nodes[1]
-        for netns in (self.client_pod.netns, self.server_pod.netns, self.node1.netns, self.node2.netns):
+        for netns in (self.client_pod.netns, self.server_pod.netns, self.local_client_pod.netns, self.node1.netns,
+                      self.node2.netns):
             host.set_netns_sysctls(netns, NETNS_SYSCTLS)
         for leaf in ("client", "server", *(f"{p}-{n}" for p in self.peers_wanted for n in ("node1", "node2"))):
             os.makedirs(self.cgroup(leaf), exist_ok=True)
@@ -267,6 +270,15 @@ class World:
                                   (gateway, services["echo"].client_port), (gateway, services["bulk"].client_port),
                                   (self.cgroup(f"{name}-node1"), self.cgroup(f"{name}-node2")))
         return out
+
+    def same_node_paths(self) -> dict[str, Path_]:
+        """Client pod n2p2 to the server pod n2p1, both on node2: straight (plaintext through node2's
+        bridge) and through node2's agent alone (agent.proxy.local, or its tunnel to itself)."""
+        client, server = self.local_client_pod, self.server_pod.ip
+        echo, bulk = (server, loadgen.ECHO_PORT), (server, loadgen.BULK_PORT)
+        return {"direct": Path_("direct-same-node", client.netns, self.cgroup("client"), echo, bulk, ()),
+                "tcpmesh": Path_("tcpmesh-same-node", client.netns, client.cgroup, echo, bulk,
+                                 (self.node2.agent_cgroup,))}
 
     @property
     def server_cgroup(self) -> str:

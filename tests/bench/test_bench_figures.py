@@ -111,3 +111,19 @@ def test_markdown_names_machine_command_and_every_path():
     assert "`make bench`" in text and "2 cores" in text and "kernel 6.1" in text
     assert "| figure | direct | tcpmesh | stunnel | haproxy |" in text
     assert "1.00 (1.00–2.00)" in text and "](x.png)" in text and "](../bench/results/x.json)" in text
+
+
+def test_same_node_figures_are_ratios_to_the_same_node_direct_path_of_each_repetition():
+    def rep(direct_p50, mesh_p50, direct_gbps, mesh_gbps):
+        def tests(p50, gbps):
+            bulk = {"gbps": gbps, "bytes": 1e9, "datapath_cpu_s": 1.0, "generator_cpu_s": 1.0}
+            return {"rr": {"rtt_us": {"p50": p50, "p99": p50 * 2}}, "bulk1": bulk, "bulk8": bulk}
+        return {"direct": tests(direct_p50, direct_gbps), "tcpmesh": tests(mesh_p50, mesh_gbps)}
+
+    same = figures.same_node([rep(30.0, 38.0, 10.0, 9.0), rep(50.0, 70.0, 8.0, 4.0), rep(40.0, 49.0, 9.0, 7.2)])
+    # added latency per repetition against that repetition's direct p50: 8, 20, 9 -> median 9
+    assert same["summary"]["tcpmesh"]["rr_added_p50_us"]["median"] == 9.0
+    assert same["vs_direct"]["bulk1_gbps"] == 7.2 / 9.0
+    targets = {t["key"]: t for t in same["targets"]}
+    assert targets["same_node_latency"]["met"] is True and targets["same_node_bulk1"]["met"] is True
+    assert figures.same_node([rep(30.0, 45.0, 10.0, 5.0)])["targets"][0]["met"] is False
