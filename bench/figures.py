@@ -27,6 +27,9 @@ FIGURES: tuple[Figure, ...] = (
     Figure("rr_p50_us", "1-byte ping-pong RTT p50", "µs", False, digits=1),
     Figure("rr_p99_us", "1-byte ping-pong RTT p99", "µs", False, digits=1),
     Figure("rr_added_p50_us", "p50 added over direct", "µs", False, vs_direct=False, digits=1),
+    Figure("load_max_per_s", "ping-pong exchanges/s, 8 connections, closed loop", "1/s", True, digits=0),
+    Figure("load_p50_us", "RTT p50 at half the slowest tunnel's max rate", "µs", False, digits=1),
+    Figure("load_p99_us", "RTT p99 at half the slowest tunnel's max rate", "µs", False, digits=1),
     Figure("crr_per_s", "new connections/s (32 in flight)", "conn/s", True, digits=0),
     Figure("crr_p50_ms", "new connection + exchange, p50", "ms", False, digits=2),
     Figure("rss_idle_mib", "data-path RSS at idle, both nodes", "MiB", False, vs_direct=False, digits=1),
@@ -143,6 +146,11 @@ def derive(raw: Mapping[str, Mapping], direct_rr_p50: float | None, has_datapath
         out["rr_p99_us"] = raw["rr"]["rtt_us"]["p99"]
         if direct_rr_p50 is not None:
             out["rr_added_p50_us"] = out["rr_p50_us"] - direct_rr_p50
+    if "loadmax" in raw:
+        out["load_max_per_s"] = raw["loadmax"]["per_second"]
+    if "loadhalf" in raw:
+        out["load_p50_us"] = raw["loadhalf"]["rtt_us"]["p50"]
+        out["load_p99_us"] = raw["loadhalf"]["rtt_us"]["p99"]
     if "crr" in raw:
         out["crr_per_s"] = raw["crr"]["per_second"]
         out["crr_p50_ms"] = raw["crr"]["latency_us"]["p50"] / 1000
@@ -160,6 +168,15 @@ def derive(raw: Mapping[str, Mapping], direct_rr_p50: float | None, has_datapath
         if has_datapath:
             out["datapath_cpu_s_per_gb"] = datapath_cpu / gigabytes
     return out
+
+
+def half_rate(rep: Mapping[str, Mapping], direct: str = "direct") -> float | None:
+    """The offered load of the latency-under-load test in one repetition: half the lowest closed-loop
+    rate any tunnel reached (``loadmax``), so every path carries the same load and none is past half
+    its capacity; None when no tunnel was measured."""
+    rates = [tests["loadmax"]["per_second"] for path, tests in rep.items()
+             if path != direct and "loadmax" in tests and tests["loadmax"]["per_second"] > 0]
+    return min(rates) / 2 if rates else None
 
 
 # ------------------------------------------------------------------------------------------ same node

@@ -1,8 +1,12 @@
 /* loadgen: the small, efficient TCP load generator of the tcpmesh benchmark (bench/).
  *
- * One binary, five roles; every client prints exactly one JSON object on stdout:
+ * One binary, six roles; every client prints exactly one JSON object on stdout:
  *   loadgen serve PORT                         echo server (epoll, one thread), runs until killed
  *   loadgen rr HOST PORT SECONDS SIZE          one connection, SIZE-byte ping-pong; round-trip times
+ *   loadgen load HOST PORT SECONDS SIZE CONNS RATE
+ *                                              CONNS connections of SIZE-byte ping-pong: RATE 0 closed
+ *                                              loop (the most the path carries), else RATE requests/s
+ *                                              open loop, RTT counted from when each was due
  *   loadgen crr HOST PORT SECONDS CONC SIZE WARMUP
  *                                              CONC connections in flight, each: connect, send SIZE
  *                                              bytes, read the echo, close; completions per second
@@ -38,6 +42,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -274,6 +279,129 @@ static int rr(const char *host, const char *port, double seconds, size_t size) {
     double elapsed = now_s() - t0;
     close(fd);
     printf("{\"mode\": \"rr\", \"seconds\": %.3f, \"size\": %zu, ", elapsed, size);
+    print_dist("rtt_us", &s);
+    printf(", ");
+    print_cpu();
+    printf("}\n");
+    return 0;
+}
+
+/* ---------------------------------------------------------------- load: ping-pong on many connections at a rate
+ *
+ * `conns` connections, each carrying one `size`-byte request at a time, echoed back. rate 0: closed
+ * loop (each connection sends again as soon as its answer is in): the most the path carries. rate R:
+ * open loop: requests are due every 1/R s (timerfd, absolute times), handed round-robin to the
+ * connections; a request due on a busy connection waits in its queue, and its latency counts from
+ * when it was due, not when it could be sent (no coordinated omission). */
+
+#define LOAD_QUEUE 4096
+
+typedef struct {
+    int fd;
+    size_t got;
+    int busy;
+    uint64_t sent_due; /* due time of the request in flight */
+    uint64_t queue[LOAD_QUEUE];
+    size_t head, n;
+} lconn_t;
+
+static int load_send(lconn_t *c, const char *msg, size_t size, uint64_t due) {
+    if (write(c->fd, msg, size) != (ssize_t)size) return -1; /* small: fits the send buffer */
+    c->busy = 1;
+    c->got = 0;
+    c->sent_due = due;
+    return 0;
+}
+
+static int load(const char *host, const char *port, double seconds, size_t size, int conns, double rate) {
+    struct sockaddr_in sa = parse_addr(host, port);
+    static char msg[MAX_MSG], buf[MAX_MSG];
+    if (size < 1 || size > MAX_MSG) size = 1;
+    memset(msg, 'l', size);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    lconn_t *c = calloc((size_t)conns, sizeof *c);
+    for (int i = 0; i < conns; i++) {
+        c[i].fd = blocking_connect(&sa);
+        for (int k = 0; k < 50; k++) /* warm-up */
+            if (write_full(c[i].fd, msg, size) || read_full(c[i].fd, buf, size)) die("warm-up exchange");
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)i};
+        epoll_ctl(ep, EPOLL_CTL_ADD, c[i].fd, &ev);
+    }
+    int tfd = -1;
+    uint64_t interval = 0, next_due = 0;
+    long overflow = 0, next_conn = 0;
+    if (rate > 0) {
+        tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (tfd < 0) die("timerfd_create");
+        interval = (uint64_t)(1e9 / rate);
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)-1};
+        epoll_ctl(ep, EPOLL_CTL_ADD, tfd, &ev);
+    }
+    samples_t s = {0};
+    uint64_t t0 = now_ns(), end = t0 + (uint64_t)(seconds * 1e9);
+    if (rate > 0) {
+        next_due = t0 + interval;
+        struct itimerspec its = {.it_value = {.tv_sec = (time_t)(next_due / 1000000000ull),
+                                               .tv_nsec = (long)(next_due % 1000000000ull)}};
+        timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
+    } else {
+        for (int i = 0; i < conns; i++)
+            if (load_send(&c[i], msg, size, now_ns())) die("send");
+    }
+    struct epoll_event events[MAX_EVENTS];
+    uint64_t t = now_ns();
+    while (t < end) {
+        int n = epoll_wait(ep, events, MAX_EVENTS, 100);
+        t = now_ns();
+        for (int e = 0; e < n; e++) {
+            if (events[e].data.u64 == (uint64_t)-1) { /* requests came due */
+                uint64_t ticks;
+                if (read(tfd, &ticks, sizeof ticks) < 0) continue;
+                while (next_due <= t) {
+                    lconn_t *q = &c[next_conn];
+                    next_conn = (next_conn + 1) % conns;
+                    if (!q->busy) {
+                        if (load_send(q, msg, size, next_due)) die("send");
+                    } else if (q->n < LOAD_QUEUE) {
+                        q->queue[(q->head + q->n++) % LOAD_QUEUE] = next_due;
+                    } else {
+                        overflow++;
+                    }
+                    next_due += interval;
+                }
+                struct itimerspec its = {.it_value = {.tv_sec = (time_t)(next_due / 1000000000ull),
+                                                       .tv_nsec = (long)(next_due % 1000000000ull)}};
+                timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
+                continue;
+            }
+            lconn_t *q = &c[events[e].data.u64];
+            ssize_t r = read(q->fd, buf, sizeof buf);
+            if (r < 0 && errno == EAGAIN) continue;
+            if (r <= 0) die("exchange");
+            q->got += (size_t)r;
+            if (q->got < size) continue;
+            uint64_t done = now_ns();
+            push(&s, done - q->sent_due);
+            q->busy = 0;
+            if (rate <= 0) {
+                if (done < end && load_send(q, msg, size, done)) die("send");
+            } else if (q->n) {
+                uint64_t due = q->queue[q->head];
+                q->head = (q->head + 1) % LOAD_QUEUE;
+                q->n--;
+                if (load_send(q, msg, size, due)) die("send");
+            }
+        }
+    }
+    double elapsed = (double)(now_ns() - t0) / 1e9;
+    long queued = 0;
+    for (int i = 0; i < conns; i++) {
+        queued += (long)c[i].n + c[i].busy;
+        close(c[i].fd);
+    }
+    printf("{\"mode\": \"load\", \"seconds\": %.3f, \"size\": %zu, \"connections\": %d, \"rate\": %.1f, "
+           "\"completed\": %zu, \"per_second\": %.1f, \"unfinished\": %ld, \"overflow\": %ld, ",
+           elapsed, size, conns, rate, s.n, elapsed > 0 ? (double)s.n / elapsed : 0, queued, overflow);
     print_dist("rtt_us", &s);
     printf(", ");
     print_cpu();
@@ -567,6 +695,8 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOFBF, 1 << 16);
     if (argc >= 3 && !strcmp(argv[1], "serve")) return serve(argv[2]);
     if (argc >= 6 && !strcmp(argv[1], "rr")) return rr(argv[2], argv[3], atof(argv[4]), (size_t)atol(argv[5]));
+    if (argc >= 8 && !strcmp(argv[1], "load"))
+        return load(argv[2], argv[3], atof(argv[4]), (size_t)atol(argv[5]), atoi(argv[6]), atof(argv[7]));
     if (argc >= 8 && !strcmp(argv[1], "crr"))
         return crr(argv[2], argv[3], atof(argv[4]), atoi(argv[5]), (size_t)atol(argv[6]), atof(argv[7]));
     if (argc >= 5 && !strcmp(argv[1], "hold")) return hold(argv[2], argv[3], atoi(argv[4]));

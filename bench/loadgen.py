@@ -50,6 +50,13 @@ def rr_argv(binary: Path, host: str, port: int, seconds: float, size: int) -> li
     return [str(binary), "rr", host, str(port), f"{seconds:g}", str(size)]
 
 
+def load_argv(binary: Path, host: str, port: int, seconds: float, size: int, connections: int,
+              rate: float) -> list[str]:
+    """Ping-pong on ``connections`` connections: rate 0 closed loop (the most the path carries), else
+    open loop at ``rate`` requests/s, latency counted from when each request was due."""
+    return [str(binary), "load", host, str(port), f"{seconds:g}", str(size), str(connections), f"{rate:.1f}"]
+
+
 def crr_argv(binary: Path, host: str, port: int, seconds: float, concurrency: int, size: int, warmup: float) -> list[str]:
     return [str(binary), "crr", host, str(port), f"{seconds:g}", str(concurrency), str(size), f"{warmup:g}"]
 

@@ -26,7 +26,7 @@ from bench.world import World
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_VERSION = 1
-TESTS = ("rr", "crr", "bulk1", "bulk8", "hold")
+TESTS = ("rr", "loadmax", "loadhalf", "crr", "bulk1", "bulk8", "hold")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,7 +161,10 @@ def measure(world: World, settings: S.Settings, paths: tuple[str, ...], results:
                 label = f"rep {rep + 1}/{settings.repetitions} {test:5} {p:8}"
                 try:
                     started = meter.start()
-                    reps[p][test] = run_test(world, routes[p], test, settings)
+                    rate = figures.half_rate(reps) if test == "loadhalf" else None
+                    if test == "loadhalf" and rate is None:
+                        raise RuntimeError("no tunnel's maximum rate was measured in this repetition")
+                    reps[p][test] = run_test(world, routes[p], test, settings, rate)
                     reps[p][test]["foreign_cores"] = round(meter.stop(started), 2)
                     log(f"{label} {describe(test, reps[p][test])} [others: {reps[p][test]['foreign_cores']:.1f} cores]")
                 except Exception as exc:
@@ -222,9 +225,13 @@ def preflight(world: World, settings: S.Settings, routes: dict, results: dict) -
             log(f"preflight {name} FAILED, dropped: {exc}")
 
 
-def run_test(world: World, route, test: str, settings: S.Settings) -> dict:
+def run_test(world: World, route, test: str, settings: S.Settings, rate: float | None = None) -> dict:
     if test == "rr":
         return scenarios.rr(world, route, settings)
+    if test == "loadmax":
+        return scenarios.load(world, route, settings, 0)
+    if test == "loadhalf":
+        return scenarios.load(world, route, settings, rate or 0)
     if test == "crr":
         return scenarios.crr(world, route, settings)
     if test.startswith("bulk"):
@@ -235,6 +242,11 @@ def run_test(world: World, route, test: str, settings: S.Settings) -> dict:
 
 
 def describe(test: str, raw: dict) -> str:
+    if test == "loadmax":
+        return f"{raw['per_second']:.0f} exchanges/s on {raw['connections']} connections"
+    if test == "loadhalf":
+        return (f"at {raw['rate']:.0f}/s: p50 {raw['rtt_us']['p50']:.1f} µs p99 {raw['rtt_us']['p99']:.1f} µs "
+                f"({raw['unfinished']} unfinished)")
     if test == "rr":
         return f"p50 {raw['rtt_us']['p50']:.1f} µs p99 {raw['rtt_us']['p99']:.1f} µs"
     if test == "crr":

@@ -57,6 +57,21 @@ def rr(world: World, path: Path_, settings: Settings, size: int | None = None) -
     return result
 
 
+def load(world: World, path: Path_, settings: Settings, rate: float) -> dict:
+    """Latency under load: ``rate`` 0 measures the most the path carries (closed loop), a rate > 0
+    the round-trip times at that offered load (open loop)."""
+    datapath = host.cpu_snapshot(path.datapath_cgroups)
+    out = world.run(loadgen.load_argv(world.binary, path.echo[0], path.echo[1], settings.rr_seconds, settings.rr_size,
+                                      settings.load_connections, rate),
+                    path.client_netns, path.client_cgroup, timeout=settings.rr_seconds + 30)
+    result = loadgen.parse_json_line(out, "loadgen load")
+    if result["completed"] == 0:
+        raise RuntimeError(f"no exchange completed through {path.name} at rate {rate:g}")
+    result.update(datapath_cpu_s=host.cpu_seconds_since(datapath),
+                  client_cpu_share=(result["cpu_user"] + result["cpu_sys"]) / max(result["seconds"], 1e-9))
+    return result
+
+
 def crr(world: World, path: Path_, settings: Settings) -> dict:
     server = host.cpu_snapshot([world.server_cgroup])
     datapath = host.cpu_snapshot(path.datapath_cgroups)

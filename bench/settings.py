@@ -28,6 +28,7 @@ class Settings:
     capture_max_seconds: float = 20.0  # cap on the measured capture run (both variants together)
     sockperf_seconds: float = 2.0      # the known-good reference on the direct path (0: skip)
     settle_seconds: float = 1.0        # pause before sampling memory
+    load_connections: int = 8          # latency under load: ping-pong on this many connections (rr_seconds each run)
     same_node: bool = True             # also client and server pods on one node (direct vs tcpmesh): rr, bulk
 
     def validate(self) -> "Settings":

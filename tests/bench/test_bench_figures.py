@@ -127,3 +127,14 @@ def test_same_node_figures_are_ratios_to_the_same_node_direct_path_of_each_repet
     targets = {t["key"]: t for t in same["targets"]}
     assert targets["same_node_latency"]["met"] is True and targets["same_node_bulk1"]["met"] is True
     assert figures.same_node([rep(30.0, 45.0, 10.0, 5.0)])["targets"][0]["met"] is False
+
+
+def test_latency_under_load_is_offered_half_the_slowest_tunnels_rate_to_every_path():
+    def loadmax(rate):
+        return {"loadmax": {"per_second": rate}}
+
+    rep = {"direct": loadmax(20000.0), "tcpmesh": loadmax(3000.0), "stunnel": loadmax(5000.0), "haproxy": {}}
+    assert figures.half_rate(rep) == 1500.0  # the direct path never sets the load
+    assert figures.half_rate({"direct": loadmax(20000.0)}) is None
+    derived = figures.derive({**loadmax(3000.0), "loadhalf": {"rtt_us": {"p50": 120.0, "p99": 900.0}}}, None, True)
+    assert (derived["load_max_per_s"], derived["load_p50_us"], derived["load_p99_us"]) == (3000.0, 120.0, 900.0)
