@@ -199,6 +199,39 @@ def test_deny_still_denies_a_same_node_pair_with_both_records(local_lab):
             time.sleep(0.3)
 
 
+def test_a_strict_pod_takes_same_node_mesh_connections_and_drops_plaintext(local_lab):
+    """The local path's leg to the workload is opened by the agent (its cgroup), so STRICT's SYN check
+    admits it exactly as the inbound proxy's leg; plaintext from the node itself stays dropped."""
+    from agent.lab.nsenter import connect_in_netns
+
+    def plaintext(netns: str) -> str:
+        try:
+            connect_in_netns(netns, (lab.pod("n1p1").ip, 7407), timeout=1.0).close()
+            return "connected"
+        except OSError as exc:
+            return type(exc).__name__
+
+    lab = local_lab
+    lab.start_server("n1p1", 7407, "digest")
+    path = f"{lab.plan.state_dir}/policies/strict-n1p1.yaml"
+    with open(path + ".tmp", "w") as f:
+        f.write("kind: PeerAuthentication\nmetadata: {name: strict-n1p1, namespace: lab}\n"
+                "spec:\n  selector: {workload: n1p1}\n  mtls: {mode: STRICT}\n")
+    os.replace(path + ".tmp", path)
+    try:
+        deadline = time.monotonic() + RELOAD
+        while plaintext(lab.node(1).netns) == "connected":
+            assert time.monotonic() < deadline, "STRICT did not take effect"
+            time.sleep(0.3)
+        result = lab.run_client("n1p2", f"{lab.pod('n1p1').ip}:7407", 5000, "digest", name="sn-strict")
+        assert "error" not in result and result["reply"].split()[0] == result["sent_sha256"], result
+    finally:
+        os.unlink(path)
+        deadline = time.monotonic() + RELOAD
+        while plaintext(lab.node(1).netns) != "connected" and time.monotonic() < deadline:
+            time.sleep(0.3)
+
+
 def test_same_node_records_and_metrics_have_the_cross_node_shape(local_lab):
     lab = local_lab
     lab.start_server("n1p1", 7405, "echo")
