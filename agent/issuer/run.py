@@ -108,10 +108,10 @@ async def run_issuer(config: IssuerConfig, *, registry: CollectorRegistry | None
         source.start()
         holder.set(await source.first_snapshot())
     service = build_service(config, metrics, holder)
-    if config.metrics.port:
-        start_http_server(config.metrics.port, config.metrics.address, registry=registry)
     server = IssuerServer(service, config.listen.address, config.listen.port, metrics=metrics)
     await server.start()
+    if config.metrics.port:  # after the listener: /metrics answering means agents can be served
+        start_http_server(config.metrics.port, config.metrics.address, registry=registry)
     _notify_ready()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

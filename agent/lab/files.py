@@ -24,14 +24,16 @@ def node_ca_dir(node: NodePlan) -> str:
 
 
 def agent_config(plan: LabPlan, node: NodePlan, capture_mode: str = DEFAULT_CAPTURE_MODE,
-                 log_level: str = "info") -> dict[str, Any]:
-    """The agent config of ``node`` (loadable by agent.config.load_config)."""
+                 log_level: str = "info", identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The agent config of ``node`` (loadable by agent.config.load_config). ``identity`` replaces the
+    node-intermediate identity section (``lab up --identity issuer``: agent/lab/issuer.py)."""
     return {
         "trust_domain": plan.trust_domain,
         "state_dir": node.state_dir,
         "log_level": log_level,
         "node": {"name": node.name, "address": node.wire_address},
-        "identity": {"node_ca_dir": node_ca_dir(node), "poll_seconds": LAB_IDENTITY_POLL_SECONDS},
+        "identity": dict(identity) if identity is not None else {"node_ca_dir": node_ca_dir(node),
+                                                                 "poll_seconds": LAB_IDENTITY_POLL_SECONDS},
         "registry": {"file": plan.registry_file},
         "policy": {"dir": f"{plan.state_dir}/policies"},  # one policy store for the whole lab
         "capture": {"mode": capture_mode, "redirect_address": plan.pod_gateway, "cgroup_root": plan.cgroup_root,
@@ -76,7 +78,8 @@ def registry_document(plan: LabPlan) -> dict[str, Any]:
 def state_document(plan: LabPlan, *, nodes: int, pods_per_node: int, service_accounts: Mapping[str, str],
                    state_root: str, agents_requested: bool, capture_mode: str, ca_dir: str | None,
                    phase: str, agents: Mapping[str, Mapping[str, Any]], created: str,
-                   flat_pods: bool = False) -> dict[str, Any]:
+                   flat_pods: bool = False, identity: str = "node_ca", svid_ttl_seconds: int | None = None,
+                   issuers: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """state.json: the inputs of the plan (to recompute it) plus what lab up started."""
     return {
         "version": STATE_VERSION,
@@ -92,6 +95,9 @@ def state_document(plan: LabPlan, *, nodes: int, pods_per_node: int, service_acc
         "capture_mode": capture_mode,
         "ca_dir": ca_dir,
         "agents": {name: dict(record) for name, record in agents.items()},  # node → {pid, argv, starttime}
+        "identity": identity,            # "node_ca", or "issuer" (agent/lab/issuer.py)
+        "svid_ttl_seconds": svid_ttl_seconds,
+        "issuers": {name: dict(record) for name, record in (issuers or {}).items()},  # replica → {pid, ...}
     }
 
 

@@ -21,6 +21,7 @@ import yaml
 from agent.host import checks
 from agent.errors import TcpmeshError
 from agent.lab import agents, cgroups, files, network, nsenter
+from agent.lab import issuer as issuer_lab
 from agent.lab.errors import LabError, LabNotFound
 from agent.lab.topology import (DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STATE_ROOT, DEFAULT_TRUST_DOMAIN,
                                 LabPlan, NodePlan, lab_bpffs_dir, lab_cgroup, lab_state_dir, plan_lab, validate_lab_name)
@@ -41,8 +42,12 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
            namespace: str = DEFAULT_NAMESPACE, service_accounts: Mapping[str, str] | None = None,
            capture_mode: str = files.DEFAULT_CAPTURE_MODE, agent_argv: Sequence[str] | None = None,
            ready_timeout: float = agents.DEFAULT_READY_TIMEOUT, state_root: str = DEFAULT_STATE_ROOT,
-           cgroup_root: str | None = None, flat_pods: bool = False) -> LabPlan:
+           cgroup_root: str | None = None, flat_pods: bool = False, identity: str = "node_ca",
+           svid_ttl_seconds: int | None = None) -> LabPlan:
     """Build the lab, write its files, start (unless ``agents_enabled=False``) and wait for one agent per node.
+
+    ``identity="issuer"``: the issuer runs (two replicas) in a namespace of its own and no node holds a
+    signing key (agent/lab/issuer.py); ``svid_ttl_seconds`` shortens SVIDs (tests).
 
     Pods are kubelet-shaped (a pod cgroup with one child per container, processes only in the
     children) unless ``flat_pods`` (processes in the pod cgroup itself).
@@ -55,10 +60,13 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
                     service_accounts=service_accounts, cgroup_root=cgroup_root, state_root=state_root,
                     flat_pods=flat_pods)
     _refuse_existing(plan)
+    if identity not in ("node_ca", "issuer"):
+        raise LabError(f"--identity {identity!r}: use issuer (nodes hold no signing key) or node_ca")
     ca_init = _ca_initialiser(required=agents_enabled)
+    issuers: dict[str, agents.AgentRecord] = {}
     record = dict(nodes=nodes, pods_per_node=pods_per_node, service_accounts=dict(service_accounts or {}),
                   state_root=state_root, agents_requested=agents_enabled, capture_mode=capture_mode,
-                  flat_pods=flat_pods,
+                  flat_pods=flat_pods, identity=identity, svid_ttl_seconds=svid_ttl_seconds, issuers=issuers,
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     started: dict[str, agents.AgentRecord] = {}
     try:
@@ -72,11 +80,21 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
                 for container in pod.containers:
                     cgroups.ensure_cgroup(container)
         ca_dir = None
-        if ca_init is not None:
+        if identity == "issuer":
+            issuer_lab.build_network(plan)
+            issuer_lab.provision(plan, svid_ttl_seconds)
+            ca_dir = plan.ca_dir
+        elif ca_init is not None:
             ca_init(plan.trust_domain, plan.ca_dir, [(n.name, files.node_ca_dir(n)) for n in plan.nodes])
             ca_dir = plan.ca_dir
-        _write_files(plan, capture_mode)
+        _write_files(plan, capture_mode, identity, svid_ttl_seconds)
         _write_state(plan, record, phase="agents", ca_dir=ca_dir, started=started)
+        if identity == "issuer":
+            procs_i = {}
+            for replica in issuer_lab.replicas(plan):
+                procs_i[replica.name], issuers[replica.name] = issuer_lab.start_replica(plan, replica)
+                _write_state(plan, record, phase="agents", ca_dir=ca_dir, started=started)
+            issuer_lab.wait_ready(plan, procs_i)
         if agents_enabled:
             procs = {}
             for node in plan.nodes:
@@ -147,16 +165,22 @@ def _prepare_state_dir(plan: LabPlan) -> None:
         os.makedirs(os.path.dirname(node.log_file), exist_ok=True)
 
 
-def _write_files(plan: LabPlan, capture_mode: str) -> None:
+def _write_files(plan: LabPlan, capture_mode: str, identity: str = "node_ca",
+                 svid_ttl_seconds: int | None = None) -> None:
     _atomic_write(plan.registry_file, yaml.safe_dump(files.registry_document(plan), sort_keys=False))
     for node in plan.nodes:
-        _atomic_write(node.config_file, yaml.safe_dump(files.agent_config(plan, node, capture_mode), sort_keys=False))
+        section = (issuer_lab.agent_identity(plan, node, files.LAB_IDENTITY_POLL_SECONDS, svid_ttl_seconds)
+                   if identity == "issuer" else None)
+        _atomic_write(node.config_file, yaml.safe_dump(files.agent_config(plan, node, capture_mode, identity=section),
+                                                       sort_keys=False))
 
 
 def _write_state(plan: LabPlan, record: Mapping[str, Any], *, phase: str, ca_dir: str | None,
                  started: Mapping[str, agents.AgentRecord]) -> None:
+    fields = {k: v for k, v in record.items() if k != "issuers"}
     doc = files.state_document(plan, phase=phase, ca_dir=ca_dir,
-                               agents={n: r.to_json() for n, r in started.items()}, **record)
+                               agents={n: r.to_json() for n, r in started.items()},
+                               issuers={n: r.to_json() for n, r in record.get("issuers", {}).items()}, **fields)
     _atomic_write(plan.state_file, json.dumps(doc, indent=2) + "\n")
 
 
@@ -190,6 +214,13 @@ def lab_down(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_RO
         except (KeyError, TypeError, ValueError):
             problem = f"{state_dir}/state.json has unreadable agent records; no process was signalled"
     stopped = agents.stop_agents(records, stop_timeout)
+    if state is not None:
+        try:
+            issuer_records = {n: agents.AgentRecord.from_json(r) for n, r in (state.get("issuers") or {}).items()}
+        except (KeyError, TypeError, ValueError):
+            issuer_records = {}
+            problem = f"{state_dir}/state.json has unreadable issuer records; no issuer was signalled"
+        stopped += agents.stop_agents(issuer_records, stop_timeout)
     removed_netns = network.remove_network(name)
     busy = cgroups.remove_tree(lab_cgroup(cgroup_root, name)) if cgroup_root else []
     removed_pins = _remove_pins(name)  # after the cgroups: their removal released every attachment
@@ -278,6 +309,31 @@ def lab_restart_agent(name: str, node_name: str, *, state_root: str = DEFAULT_ST
     _atomic_write(plan.state_file, json.dumps(state, indent=2) + "\n")
     if wait:
         agents.wait_ready({node_name: (node, proc)}, ready_timeout)
+    return record
+
+
+def lab_stop_issuer(name: str, replica: str, *, state_root: str = DEFAULT_STATE_ROOT) -> list[int]:
+    """Stop one issuer replica of a ``--identity issuer`` lab (SIGTERM, its recorded PID checked first)."""
+    plan, state = load_lab(name, state_root)
+    records = dict(state.get("issuers") or {})
+    if replica not in records:
+        raise LabError(f"lab {name!r} runs no issuer replica {replica!r}; known: {', '.join(records) or 'none'}")
+    return agents.stop_agents({replica: agents.AgentRecord.from_json(records[replica])})
+
+
+def lab_start_issuer(name: str, replica: str, *, state_root: str = DEFAULT_STATE_ROOT) -> agents.AgentRecord:
+    """(Re)start one issuer replica and wait until it serves."""
+    plan, state = load_lab(name, state_root)
+    chosen = next((r for r in issuer_lab.replicas(plan) if r.name == replica), None)
+    if chosen is None or state.get("identity") != "issuer":
+        raise LabError(f"lab {name!r} has no issuer replica {replica!r} (was it started with --identity issuer?)")
+    records = dict(state.get("issuers") or {})
+    if replica in records:
+        agents.stop_agents({replica: agents.AgentRecord.from_json(records[replica])})
+    proc, record = issuer_lab.start_replica(plan, chosen)
+    records[replica] = record.to_json()
+    _atomic_write(plan.state_file, json.dumps({**state, "issuers": records}, indent=2) + "\n")
+    issuer_lab.wait_ready(plan, {replica: proc})
     return record
 
 

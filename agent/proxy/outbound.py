@@ -18,7 +18,7 @@ import ssl
 import time
 from typing import Callable
 
-from agent.identity.errors import PeerIdentityError
+from agent.identity.errors import PeerIdentityError, UnknownIdentityError
 from agent.identity.errors import PeerProtocolError as AlpnMismatch
 from agent.proxy.balancer import RoundRobin
 from agent.identity.tls import check_alpn, check_peer, describe_tls_error, peer_not_after
@@ -137,7 +137,12 @@ class OutboundProxy:
         """A stream to the destination after its STATUS OK, on a pooled tunnel; None (reason on the flow) if refused."""
         assert route.source is not None and route.destination is not None and route.tunnel_address
         host, port = route.tunnel_address
-        context = self._ctx.identities.client_context_for(route.source.spiffe_id)
+        try:
+            context = self._ctx.identities.client_context_for(route.source.spiffe_id)
+        except UnknownIdentityError as exc:  # identity.mode issuer: its first SVID has not arrived yet
+            flow.fail(F.FLAG_NO_IDENTITY, f"no SVID for {route.source.spiffe_id.uri} on this node yet: {exc}")
+            log.warning("flow %s from %s refused: %s", flow.flow_id, flow.source_principal, flow.detail)
+            return None
         # the context is part of the key: after a certificate rotation new streams take new tunnels
         key = PoolKey(route.source.spiffe_id, route.tunnel_address, route.destination.spiffe_id, id(context))
         stream: Stream | None = None

@@ -1,0 +1,129 @@
+"""The lab with ``--identity issuer``: two issuer replicas in a namespace of their own, real agents that
+hold no signing key, real capture and real TLS between the nodes.
+
+- no file under any node's directory holds a key that can sign (every private key belongs to a CA:false
+  certificate; no node.key);
+- a long-lived echo stream and new connections keep working while SVIDs (20 s) renew, while one replica
+  is killed, and while both are stopped for longer than a renewal period; renewals resume when one
+  returns, and the agents report the issuer unreachable meanwhile (``/debug/certs`` ``issuer``).
+Seen failing against the lab without ``--identity issuer`` (the first test finds node.key, a CA key).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent.lab import lab as labops
+from tests.e2e.conftest import Lab
+
+PEERS = str(Path(__file__).with_name("identity_peers.py"))
+TTL = 20
+
+
+@pytest.fixture(scope="module")
+def issuer_lab(bpf_capable):
+    name = f"iss{uuid.uuid4().hex[:6]}"
+    lab = None
+    try:
+        lab = Lab(name, labops.lab_up(name, 2, 1, "e2e.tcpmesh", capture_mode="ebpf-connect", identity="issuer",
+                                      svid_ttl_seconds=TTL))
+        yield lab
+    finally:
+        if lab is not None:
+            lab.stop_apps()
+        labops.lab_down(name)
+
+
+def certs(lab: Lab, node: int) -> dict:
+    return json.loads(lab.admin_get(node, "/debug/certs"))
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _pem_blocks(text: str, kind: str) -> list[bytes]:
+    end = f"-----END {kind}-----"
+    return [(b.strip() + "\n" + end + "\n").encode() for b in text.split(end) if f"BEGIN {kind}" in b]
+
+
+def test_no_node_holds_a_key_that_can_sign(issuer_lab):
+    lab = issuer_lab
+    for node in lab.plan.nodes:
+        certificates, keys = [], []
+        for path in Path(node.state_dir).rglob("*"):
+            if not path.is_file() or path.name.endswith(".sock"):
+                continue
+            try:
+                text = path.read_text()
+            except (UnicodeDecodeError, OSError):
+                continue
+            certificates += [x509.load_pem_x509_certificate(b) for b in _pem_blocks(text, "CERTIFICATE")]
+            keys += [(path, b) for b in _pem_blocks(text, "PRIVATE KEY")]
+        assert keys, f"{node.name}: no node credential key found"
+        for path, block in keys:
+            public = serialization.load_pem_private_key(block, None).public_key().public_numbers()
+            mine = [c for c in certificates if c.public_key().public_numbers() == public]
+            assert mine, f"{path}: a key of no certificate on the node"
+            for cert in mine:
+                assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca, \
+                    f"{path} is the key of a CA: {cert.subject.rfc4514_string()}"
+        assert not list(Path(node.state_dir).rglob("node.key"))
+        report = certs(lab, node.index)
+        assert report["issuer"]["reachable"] is True
+        assert report["issuer"]["node_credential"]["spiffe_id"] == f"spiffe://e2e.tcpmesh/node/{node.name}"
+
+
+def test_flows_survive_a_killed_replica_and_an_issuer_outage_longer_than_a_renewal(issuer_lab):
+    lab = issuer_lab
+    for node in (1, 2):  # a workload's connects are refused until its first SVID arrives: wait for both
+        wait_until(lambda: certs(lab, node)["identities"], 30, f"node{node}'s first SVID")
+    lab.start_server("n2p1", 7201, "echo")
+    stream = labops.lab_exec(lab.name, "n1p1", [sys.executable, PEERS, "stream", "--connect",
+                                                f"{lab.pod('n2p1').ip}:7201", "--interval", "0.05"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lab.apps.append(stream)
+    serial = lambda: next((i["serial"] for i in certs(lab, 1)["identities"]), None)  # noqa: E731
+    try:
+        first = wait_until(serial, 30, "node1's first SVID")
+        labops.lab_stop_issuer(lab.name, "issuer-0")                       # one replica killed mid-run
+        wait_until(lambda: serial() != first, 30, "a renewal through the other replica")
+        result = lab.run_client("n1p1", f"{lab.pod('n2p1').ip}:7201", 65536, "echo")
+        assert result.get("received") == 65536 and result["received_sha256"] == result["sent_sha256"], result
+        # Stop the last issuer when both nodes renewed recently (at least 0.7 of their lifetime left), so an
+        # outage longer than a renewal period (TTL/2) ends before any SVID expires — as it would with
+        # production lifetimes (an hour) and an outage of minutes.
+        left = lambda: min(i["seconds_to_expiry"] for n in (1, 2) for i in certs(lab, n)["identities"])  # noqa: E731
+        wait_until(lambda: left() > 0.7 * TTL, 60, "both nodes freshly renewed")
+        labops.lab_stop_issuer(lab.name, "issuer-1")                       # no issuer at all
+        held = serial()
+        outage_started = time.monotonic()
+        wait_until(lambda: certs(lab, 1)["issuer"]["reachable"] is False, 30, "the agent noticing the outage")
+        while time.monotonic() - outage_started < TTL * 0.52:              # longer than a renewal period (TTL/2)
+            assert serial() == held
+            time.sleep(0.2)
+        result = lab.run_client("n1p1", f"{lab.pod('n2p1').ip}:7201", 65536, "echo")
+        assert result.get("received") == 65536 and result["received_sha256"] == result["sent_sha256"], result
+        labops.lab_start_issuer(lab.name, "issuer-1")
+        wait_until(lambda: certs(lab, 1)["issuer"]["reachable"] is True and serial() != held, 30,
+                   "renewals resuming")
+    finally:
+        stream.stdin.close()
+    out = json.loads(stream.stdout.readline())
+    assert out["error"] is None and out["received"] == out["sent"] > 0, out
+    assert out["received_sha256"] == out["sent_sha256"]
