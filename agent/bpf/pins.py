@@ -109,7 +109,16 @@ def ensure_bpffs(directory: str, mounts_file: str = "/proc/self/mounts") -> str:
                                      f"under {BPFFS_MOUNT} (mounted automatically) or mount bpffs there first")
         _mount_bpffs(BPFFS_MOUNT)
         point = BPFFS_MOUNT
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise EnvironmentProblem(
+            f"capture.bpffs_dir {directory}: cannot create it ({os.strerror(exc.errno)}): tcpmesh pins its "
+            f"programs there. Under systemd the unit makes only {DEFAULT_ROOT} writable in bpffs "
+            f"(ReadWritePaths=); use a directory below it, or add a drop-in (`systemctl edit tcpmesh-agent`) "
+            f"with ReadWritePaths=-{directory} and create it before the start") from exc
     return point
 
 
@@ -146,8 +155,16 @@ def remove_tree(path: Path, dry_run: bool = False) -> list[str]:
         for child in entries(path):
             removed += remove_tree(child, dry_run)
         if not dry_run:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 path.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                # EBUSY: a mount point — under systemd a ReadWritePaths= bind mount of this very
+                # directory (docs/install-systemd.md); emptied, it is harmless and goes with the sandbox
+                if exc.errno != errno.EBUSY:
+                    raise
+                return removed
         removed.append(f"{path}/")
         return removed
     if not dry_run:

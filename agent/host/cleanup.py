@@ -13,6 +13,7 @@ first: a running agent's pods would be left uncaptured. Needs root and libbpf, n
 from __future__ import annotations
 
 import importlib
+import errno
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -120,7 +121,13 @@ def remove_pins(bpffs_dir: str, report: CleanupReport, dry_run: bool = False) ->
         report.removed.append(f"{verb} {item}")
     root = Path(pins.DEFAULT_ROOT)
     if not dry_run and path.parent == root and root.is_dir() and not pins.entries(root):
-        root.rmdir()
+        try:
+            root.rmdir()
+        except OSError as exc:
+            # EBUSY: under systemd the root is the unit's ReadWritePaths bind mount; empty, it is harmless
+            if exc.errno != errno.EBUSY:
+                raise
+            return
         report.removed.append(f"{verb} {root}/")
 
 

@@ -7,7 +7,8 @@ namespace, a tmpfs over /usr/local/bin holds that link to this checkout's consol
 ``NOTIFY_SOCKET`` protocol, and the unit's sandbox, built from its own directives: the
 CapabilityBoundingSet (setpriv; no inheritable or ambient capabilities), NoNewPrivileges,
 ProtectSystem=strict + ProtectKernelTunables (every mount read-only except /dev, /proc and
-ReadWritePaths=; /sys and /proc/sys read-only), PrivateTmp, ProtectHome (except that a Python
+ReadWritePaths=; /sys and /proc/sys read-only, and so a mount below /sys such as /sys/fs/bpf even
+when ReadWritePaths= names it, as systemd does), PrivateTmp, ProtectHome (except that a Python
 installed under /root or /home — pyenv on this machine — is bound back read-only, or nothing could
 run; a `make install` venv uses Debian's /usr/bin/python3). What is not: systemd
 itself — the remaining directives (RestrictNamespaces, RestrictAddressFamilies, …) are checked by
@@ -87,7 +88,9 @@ def capability_mask(unit: dict) -> int:
 def sandboxed(unit: dict, argv: list[str], extra_rw: list[str]) -> list[str]:
     """``argv`` wrapped: new mount namespace → the unit's sandbox → setpriv → exec (same PID throughout)."""
     service = unit["Service"]
-    rw = [p for line in service.get("ReadWritePaths", []) for p in line.split()] + list(extra_rw)
+    # "-PATH": systemd ignores a missing PATH; a missing one is left out here too
+    rw = [p.removeprefix("-") for line in service.get("ReadWritePaths", []) for p in line.split()]
+    rw = [p for p in rw if os.path.exists(p)] + list(extra_rw)
     caps = ",".join("+" + name.lower().removeprefix("cap_") for name in service["CapabilityBoundingSet"][0].split())
     spec = {"rw": rw, "bin": {INSTALLED_BIN: CHECKOUT_BIN}, "host_mnt_ns": os.readlink("/proc/self/ns/mnt"),
             "keep": [sys.base_prefix, sys.prefix, str(REPO)],
@@ -156,6 +159,10 @@ if spec["protect_home"]:
         libc.umount2(f"/tmp/.keep{i}".encode(), 0)
         os.rmdir(f"/tmp/.keep{i}")
 points = {p for p, _, _ in mounts()}
+if spec["tunables"]:
+    # systemd (252, measured in the vm tier) keeps a mount below /sys read-only under ProtectKernelTunables
+    # even when ReadWritePaths= names it (/sys/fs/bpf); a plain directory below one is made writable
+    spec["rw"] = [p for p in spec["rw"] if not (p in points and under(p, ["/sys"]) and p != "/sys/fs/cgroup")]
 for path in spec["rw"] + (["/proc/sys"] if spec["tunables"] else []):
     if path not in points:
         mount(path, path, None, MS_BIND | MS_REC)

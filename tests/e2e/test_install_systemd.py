@@ -65,7 +65,8 @@ def test_the_unit_says_what_the_issue_asks():
     service = unitrun.read_unit()["Service"]
     assert service["Type"] == ["notify"] and service["Restart"] == ["on-failure"]
     assert service["NoNewPrivileges"] == ["yes"] and service["ProtectSystem"] == ["strict"]
-    assert set(service["ReadWritePaths"][0].split()) == {"/sys/fs/bpf", "/sys/fs/cgroup"}
+    # bpffs: only tcpmesh's own directory (the default capture.bpffs_dir's parent), never the whole mount
+    assert set(service["ReadWritePaths"][0].split()) == {"-/sys/fs/bpf/tcpmesh", "/sys/fs/cgroup"}
     assert service["RuntimeDirectory"] == ["tcpmesh"]          # /run/tcpmesh, writable under ProtectSystem
     assert set(service["CapabilityBoundingSet"][0].split()) <= {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN",
                                                                 "CAP_SYS_ADMIN", "CAP_NET_RAW", "CAP_DAC_OVERRIDE"}
@@ -96,7 +97,10 @@ def test_exec_start_in_the_units_sandbox_notifies_ready_only_when_capture_and_li
     apps = []
     try:
         # RuntimeDirectory= and LogsDirectory= stand-in: the lab node's state dir (config, log, socket)
-        proc = unitrun.start_in_node(unitrun.sandboxed(unit, argv, [node.state_dir]), node.netns, node.agent_cgroup,
+        # capture.bpffs_dir is the lab's, outside /sys/fs/bpf/tcpmesh: writable as the documented drop-in makes it
+        os.makedirs(node.bpffs_dir, exist_ok=True)
+        proc = unitrun.start_in_node(unitrun.sandboxed(unit, argv, [node.state_dir, node.bpffs_dir]), node.netns,
+                                     node.agent_cgroup,
                                      {**env, "NOTIFY_SOCKET": notify.path}, log_path)
         try:
             message, sender = notify.receive(READY_TIMEOUT, alive=lambda: proc.poll() is None)
@@ -120,7 +124,9 @@ def test_exec_start_in_the_units_sandbox_notifies_ready_only_when_capture_and_li
         assert int(status["CapBnd"], 16) == unitrun.capability_mask(unit) == int(status["CapEff"], 16)
         assert status["NoNewPrivs"].strip() == "1"
         assert "ro" in unitrun.mount_options(proc.pid, "/").split(",")
-        assert "rw" in unitrun.mount_options(proc.pid, "/sys/fs/bpf").split(",")
+        # as systemd does it (seen in the vm tier): the bpffs mount read-only, only the pin directory writable
+        assert "ro" in unitrun.mount_options(proc.pid, "/sys/fs/bpf").split(",")
+        assert "rw" in unitrun.mount_options(proc.pid, node.bpffs_dir).split(",")
         assert os.readlink(f"/proc/{proc.pid}/exe") == os.path.realpath(sys.executable)
 
         # and the mesh works under it: pod → pod through the agent, mutual TLS
@@ -147,7 +153,7 @@ def test_exec_start_in_the_units_sandbox_notifies_ready_only_when_capture_and_li
         stop_post = unitrun.command_argv(unit, "ExecStopPost", env)
         assert stop_post == ["/usr/local/bin/tcpmesh", "cleanup", "--config", node.config_file,
                              "--systemd-stop-post", "tcpmesh-agent.service"]
-        post = unitrun.start_in_node(unitrun.sandboxed(unit, stop_post, [node.state_dir]), node.netns,
+        post = unitrun.start_in_node(unitrun.sandboxed(unit, stop_post, [node.state_dir, node.bpffs_dir]), node.netns,
                                      node.agent_cgroup, env, log_path)
         assert post.wait(30) == 0
         assert "capture stays attached" in open(log_path).read()

@@ -91,11 +91,14 @@ def test_provisioning_steps_on_lab_nodes_then_e2e_sh_passes(two_node_lab):
             writable = ("run/tcpmesh", "var/log/tcpmesh", "var/lib/tcpmesh")   # Runtime-, Logs-, StateDirectory=
             for directory in writable:
                 (root / directory).mkdir(parents=True, exist_ok=True)
+            # BPFFS_DIR is the lab's, outside /sys/fs/bpf/tcpmesh: writable as the documented drop-in makes it
+            bpffs = f"{lab_bpffs_dir(plan.name)}/{node.name}"
+            os.makedirs(bpffs, exist_ok=True)
             sock = unitrun.NotifySocket(str(root / "run/notify.sock"))
             notify.append(sock)
             proc = unitrun.start_in_node(
                 unitrun.sandboxed(unit, unitrun.command_argv(unit, "ExecStart", env),
-                                  [str(root / directory) for directory in writable]),
+                                  [*(str(root / directory) for directory in writable), bpffs]),
                 node.netns, node.agent_cgroup, {**env, "NOTIFY_SOCKET": sock.path}, str(log))
             agents.append(proc)
         for proc, sock in zip(agents, notify):

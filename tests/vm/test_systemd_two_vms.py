@@ -19,6 +19,7 @@ The VMs are powered off and removed in ``finally`` (tests/vm/conftest.py, machin
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 import uuid
@@ -41,7 +42,11 @@ SQL_MARKERS = (b"pgbench_accounts", b"UPDATE pgbench", b"SELECT abalance")
 # the unit's CapabilityBoundingSet, by bit number (linux/capability.h)
 CAP_BOUNDING = {"CAP_DAC_OVERRIDE": 1, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21,
                 "CAP_PERFMON": 38, "CAP_BPF": 39}
-# docs/install-systemd.md, "What the journal shows"
+# the unit's hardening directives systemd-analyze security rates (docs/install-systemd.md, "Hardening")
+HARDENING = ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "ProtectKernelTunables",
+             "ProtectKernelLogs", "ProtectClock", "ProtectHostname", "RestrictNamespaces", "RestrictRealtime",
+             "RestrictSUIDSGID", "LockPersonality", "SystemCallArchitectures")
+# docs/install-systemd.md, "Logs"
 JOURNAL_START = "agent ready on node "
 JOURNAL_RESTART = ("stopping: capture stays in place (fail closed)", "restarting (restart job); capture stays attached")
 JOURNAL_STOP = ("stopped by a stop job", "removing capture: this node's pods now bypass the mesh")
@@ -111,15 +116,33 @@ def test_enable_now_returns_only_when_the_agent_is_ready(nodes):
 
 
 def test_systemd_applies_the_units_hardening(nodes):
+    """What systemd itself made of the unit's hardening: the live process's capability bounding set,
+    NoNewPrivs, seccomp filters (RestrictAddressFamilies, RestrictNamespaces, SystemCallArchitectures,
+    … are seccomp programs), its mount namespace (/ read-only, bpffs read-only but for tcpmesh's own
+    directory), and `systemd-analyze security` on the running unit."""
     machines, _, _ = nodes
     node = machines["node1"]
     pid = node.run("systemctl show -p MainPID --value tcpmesh-agent").stdout.strip()
-    caps = node.run(f"grep ^CapBnd /proc/{pid}/status").stdout.split()[-1]
-    assert int(caps, 16) == sum(1 << bit for bit in CAP_BOUNDING.values()), f"CapBnd {caps}, want {CAP_BOUNDING}"
-    root = [line for line in node.run(f"cat /proc/{pid}/mountinfo").stdout.splitlines() if line.split()[4] == "/"]
-    assert root and root[-1].split()[5].startswith("ro"), f"ProtectSystem=strict: / is not read-only: {root}"
-    nnp = node.run(f"grep ^NoNewPrivs /proc/{pid}/status").stdout.split()
-    assert nnp[-1] == "1", nnp
+    status = dict(line.split(":", 1) for line in node.run(f"cat /proc/{pid}/status").stdout.splitlines() if ":" in line)
+    assert int(status["CapBnd"], 16) == sum(1 << bit for bit in CAP_BOUNDING.values()), f"CapBnd {status['CapBnd']}, want {CAP_BOUNDING}"
+    assert status["NoNewPrivs"].strip() == "1", status["NoNewPrivs"]
+    assert status["Seccomp"].strip() == "2" and int(status.get("Seccomp_filters", "0")) >= 1, \
+        f"no seccomp filter: RestrictAddressFamilies/RestrictNamespaces not applied ({status.get('Seccomp')})"
+    mounts = {fields[4]: fields[5] for fields in
+              (line.split() for line in node.run(f"cat /proc/{pid}/mountinfo").stdout.splitlines())}
+    assert mounts["/"].startswith("ro"), f"ProtectSystem=strict: / is not read-only: {mounts['/']}"
+    assert mounts["/sys/fs/bpf"].startswith("ro"), f"/sys/fs/bpf writable for the agent: {mounts['/sys/fs/bpf']}"
+    assert mounts["/sys/fs/bpf/tcpmesh"].startswith("rw"), f"tcpmesh's bpffs directory: {mounts.get('/sys/fs/bpf/tcpmesh')}"
+    assert mounts["/sys/fs/cgroup"].startswith("rw") and mounts["/sys"].startswith("ro"), mounts
+
+    analyze = node.run("systemd-analyze security --no-pager tcpmesh-agent.service", check=False)
+    save_log("node1-systemd-analyze-security.txt", analyze.stdout + analyze.stderr)
+    match = re.search(r"Overall exposure level for tcpmesh-agent.service: ([0-9.]+)", analyze.stdout)
+    assert match and float(match.group(1)) <= 5.0, analyze.stdout[-3000:]
+    record(f"node1: systemd-analyze security (live unit): exposure {match.group(1)}", 0.0)
+    unset = [line.strip() for line in analyze.stdout.splitlines()
+             if line.strip().startswith("✗") and line.strip()[1:].split()[0].split("=")[0] in HARDENING]
+    assert not unset, f"systemd does not apply these hardening directives of the unit: {unset}"
 
 
 def test_the_vagrant_e2e_checks_pass_across_the_vms(nodes):
