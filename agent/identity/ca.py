@@ -10,8 +10,6 @@ Must not import ssl, sockets or anything of the data path.
 
 from __future__ import annotations
 
-import os
-import secrets
 import stat
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -25,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.identity.errors import CaError, IdentityError
-from agent.identity.files import CA_CERT_FILE, CA_KEY_FILE
+from agent.identity.files import CA_CERT_FILE, CA_KEY_FILE, write_file_atomic
 from agent.identity.issue import issue_svid
 from agent.identity.spiffe import SCHEME, SpiffeId, SpiffeIdError, validate_trust_domain
 from agent.identity.svid import MIN_TTL_SECONDS, Svid
@@ -298,25 +296,3 @@ def check_private_mode(key_path: Path) -> None:
     if mode & 0o077:
         raise CaError(f"{key_path} has mode {mode:04o}: group or others may read the CA key; "
                       f"run `chmod 600 {key_path}` (and rotate the CA if others could have copied it)")
-
-
-def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file that is created with ``mode`` and renamed."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    except OSError as exc:
-        raise CaError(f"cannot create {tmp}: {exc.strerror}; choose a directory you can write to") from None
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have removed bits; it can never have added any
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CaError(f"cannot write {path}: {exc.strerror}") from None

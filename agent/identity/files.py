@@ -1,14 +1,18 @@
 """The file names of CA directories, and the cheap change check the agent polls them with.
 
 Pure stdlib (``os.stat``): the long-running agent imports this to notice a re-issued node
-intermediate or a changed trust bundle; reading and checking the files themselves is the minting
+intermediate or a changed trust bundle, and ``write_file_atomic`` to write its node credential (issuer
+mode; the CA commands write theirs with it too); reading and checking the files themselves is the minting
 worker's (``minting_worker.py``), which may import cryptography. Must not import cryptography or ssl.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
+
+from agent.identity.errors import CaError
 
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
@@ -37,3 +41,25 @@ def files_signature(directory: str | Path, names: tuple[str, ...] = NODE_CA_FILE
         except OSError:
             result.append(None)
     return tuple(result)
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` via a temporary file that is created with ``mode`` and renamed."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        raise CaError(f"cannot create {tmp}: {exc.strerror}; choose a directory you can write to") from None
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have removed bits; it can never have added any
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CaError(f"cannot write {path}: {exc.strerror}") from None

@@ -16,7 +16,6 @@ signs with the root itself. Touches only the files named here.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -29,19 +28,20 @@ from agent.identity.ca import (CA_BACKDATE, CA_CERT_MODE, CertificateAuthority, 
                                load_ca, load_private_key, public_bytes, trust_domain_of, trust_domain_uri,
                                write_ca_files, write_file_atomic)
 from agent.identity.errors import CaError
+from agent.identity.spiffe import SpiffeIdError
+from agent.identity.spiffe import validate_node_name as spiffe_validate_node_name
 from agent.identity.files import BUNDLE_FILE, NODE_CA_FILES, NODE_CERT_FILE, NODE_KEY_FILE, files_signature
 
 NODE_CA_LABEL = "tcpmesh node CA"
 DEFAULT_NODE_CA_VALID_DAYS = 30
 ISSUE_HINT = "tcpmesh ca issue-node <node> --ca <root CA dir> --out <dir>"
-_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")
 
 
 def validate_node_name(node: str) -> str:
-    if not isinstance(node, str) or not _NODE_NAME.fullmatch(node):
-        raise CaError(f"node name {node!r} is not valid: use 1-63 lower-case letters, digits, '.', '-' or '_', "
-                      "starting and ending with a letter or digit (the node's name in the registry)")
-    return node
+    try:
+        return spiffe_validate_node_name(node)
+    except SpiffeIdError as exc:
+        raise CaError(str(exc)) from None
 
 
 def issue_node_ca(root: CertificateAuthority, node: str, *, valid_days: int = DEFAULT_NODE_CA_VALID_DAYS,

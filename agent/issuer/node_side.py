@@ -21,9 +21,7 @@ Stdlib only: must not import cryptography (the agent does not; the worker does t
 from __future__ import annotations
 
 import logging
-import os
 import random
-import secrets
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,7 +29,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from agent.identity.errors import CaError, IdentityError, SvidError
-from agent.identity.files import BUNDLE_FILE, CREDENTIAL_CERT_FILE, CREDENTIAL_KEY_FILE, files_signature
+from agent.identity.files import (BUNDLE_FILE, CREDENTIAL_CERT_FILE, CREDENTIAL_KEY_FILE, files_signature,
+                                  write_file_atomic)
 from agent.identity.minting_client import CertInfo, SigningInfo, Transport, call, spawn_minter
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import MIN_TTL_SECONDS, Svid
@@ -172,10 +171,10 @@ class NodeCredential:
         svid = answer["svid"]
         chain = svid["cert_pem"] + "".join(svid["chain_pem"])
         directory = Path(self.settings.credential_dir)
-        _write_atomic(directory / CREDENTIAL_KEY_FILE, key["key_pem"].encode("ascii"), 0o600)
-        _write_atomic(directory / CREDENTIAL_CERT_FILE, chain.encode("ascii"), 0o644)
+        write_file_atomic(directory / CREDENTIAL_KEY_FILE, key["key_pem"].encode("ascii"), 0o600)
+        write_file_atomic(directory / CREDENTIAL_CERT_FILE, chain.encode("ascii"), 0o644)
         if not self.settings.ca_bundle and answer.get("bundle_pem"):
-            _write_atomic(directory / BUNDLE_FILE, answer["bundle_pem"].encode("ascii"), 0o644)
+            write_file_atomic(directory / BUNDLE_FILE, answer["bundle_pem"].encode("ascii"), 0o644)
         self._credential = Credential(chain, key["key_pem"])
         self._not_before = datetime.fromisoformat(svid["not_before"])
         self._not_after = datetime.fromisoformat(svid["not_after"])
@@ -305,26 +304,6 @@ def _read_bundle(path: Path) -> str:
 def _pem_blocks(text: str) -> list[str]:
     end = "-----END CERTIFICATE-----"
     return [block.strip() + "\n" + end + "\n" for block in text.split(end) if "BEGIN CERTIFICATE" in block]
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CaError(f"cannot write {path}: {exc.strerror}; the agent must be able to write "
-                      "identity.issuer.credential_dir") from None
 
 
 def issuer_rotator(config: Any, metrics: Any = None) -> Any:

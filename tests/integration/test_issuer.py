@@ -9,19 +9,16 @@ everything (node1 got node2's identity) and with ``SpentLedger.claim`` always tr
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from prometheus_client import CollectorRegistry
 
 from agent.identity.ca import init_ca
 from agent.identity.issue import make_csr
 from agent.identity.issuer_ca import issue_issuer_files, issue_node_credential
-from agent.issuer import protocol
 from agent.issuer.client import Credential, IssuerClient, IssuerUnavailable
 from agent.issuer.config import issuer_config_from_mapping
 from agent.issuer.tokens import create_token_key, load_token_key, make_token
