@@ -181,15 +181,15 @@ def open_connections(lab, pod: str) -> tuple[subprocess.Popen, subprocess.Popen,
     return holder, idle, ids()
 
 
-def cut_with_one_record_each(lab, holder, idle, flow_ids: set[str], pod: str) -> None:
+def cut_with_one_record_each(lab, holder, idle, flow_ids: set[str], pod: str, node: int = 1) -> None:
     """The removed workload's open connections were reset at once — the idle client reads ECONNRESET,
-    the echoing ones are lost — and each has exactly one close record on node1 (DC, why, its bytes),
-    and node2 closed each of them too."""
+    the echoing ones are lost — and each has exactly one close record on the workload's ``node`` (DC,
+    why, its bytes), and the other node closed each of them too."""
     assert json.loads(idle.communicate(timeout=30)[0])["result"] == "ConnectionResetError(104)", \
         "a removed workload's open connection must be reset"
     held = json.loads(holder.communicate("", timeout=30)[0])
     assert held["lost"] == 2 and held["bad_exchanges"] == 0, held
-    records = [r for r in map(json.loads, open(access_log_path(lab.node(1)), "rb").read().splitlines())
+    records = [r for r in map(json.loads, open(access_log_path(lab.node(node)), "rb").read().splitlines())
                if r.get("event") == "close"]
     for flow_id in flow_ids:
         mine = [r for r in records if r["flow_id"] == flow_id]
@@ -198,13 +198,14 @@ def cut_with_one_record_each(lab, holder, idle, flow_ids: set[str], pod: str) ->
         # bytes as far as they went: an echo may have been in flight when the cut came
         assert 0 <= mine[0]["bytes_received"] - mine[0]["bytes_sent"] <= MESSAGE, mine[0]
         assert mine[0]["bytes_received"] % MESSAGE == mine[0]["bytes_sent"] % MESSAGE == 0, mine[0]
-    wait_until(lambda: all(f["end_time"] is not None for f in lab.flows(2) if f["flow_id"] in flow_ids))
+    wait_until(lambda: all(f["end_time"] is not None for f in lab.flows(3 - node) if f["flow_id"] in flow_ids))
 
 
 def test_a_removed_workloads_open_connections_are_cut_and_recorded(runtime_lab):
     """docs/registry.md "Removing a workload": removed through the registry file, then (added back
     through the admin socket) through `tcpmesh workload del`, a workload's open connections are reset
-    at once and recorded, and its new connects are refused at connect."""
+    at once and recorded, and its new connects are refused at connect; a server's pod removed: its
+    node cuts the connections to it, and the clients on the other node are reset too."""
     lab = runtime_lab
     pod = lab.pod("n1p2")
     start_echo_server(lab)
@@ -225,6 +226,15 @@ def test_a_removed_workloads_open_connections_are_cut_and_recorded(runtime_lab):
         assert cli("workload", "del", f"{pod.namespace}/n1p2", "--socket", socket_of(lab, 1)).returncode == 0
         cut_with_one_record_each(lab, holder, idle, flow_ids, "n1p2")
         refused_at_connect(lab, "n1p2", 7100, "rt-cut-socket")
+
+        # the server's pod removed (the file again): node2 cuts its side, node1's clients are reset too
+        cli("workload", "del", f"{pod.namespace}/n1p2", "--socket", socket_of(lab, 2))
+        write_registry(lab, without="nobody")
+        wait_until(lambda: "n1p2" in listed(lab, 1))
+        holder, idle, flow_ids = open_connections(lab, "n1p1")
+        write_registry(lab, without="n2p1")
+        wait_until(lambda: "n2p1" not in listed(lab, 2))
+        cut_with_one_record_each(lab, holder, idle, flow_ids, "n2p1", node=2)
     finally:
         cli("workload", "del", f"{pod.namespace}/n1p2", "--socket", socket_of(lab, 2))
         write_registry(lab, without="nobody")
