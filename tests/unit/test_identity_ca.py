@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.identity import ca as ca_module
+from agent.identity import files as files_module
 from agent.identity.ca import CA_CERT_FILE, CA_KEY_FILE, CaError, generate_ca, init_ca, load_ca
 from tests.conftest import require_binary
 
@@ -77,7 +77,7 @@ def test_init_ca_creates_the_key_file_with_0600(tmp_path: Path, monkeypatch) -> 
             created.append((os.fspath(path), mode))
         return real_open(path, flags, mode, **kwargs)
 
-    monkeypatch.setattr(ca_module.os, "open", recording_open)
+    monkeypatch.setattr(files_module.os, "open", recording_open)  # write_file_atomic lives in files.py
     init_ca("cluster.local", tmp_path)
     key_creations = [mode for path, mode in created if ".ca.key." in path]
     assert key_creations == [0o600]
