@@ -79,7 +79,7 @@ def test_sigterm_drains_then_resets_and_every_connection_gets_one_record(lab, st
     ending.stdin.close()
     ended = json.loads(ending.stdout.readline())
     assert ended["lost"] == 0 and ended["bad_exchanges"] == 0, ended
-    assert set(open_flows(lab, stopped, "n1p1")) == kept_ids, "the drain cut connections before its end"
+    assert kept_ids <= set(open_flows(lab, stopped, "n1p1")), "the drain cut connections before its end"
 
     # the drain's end: the rest are reset, the agent exits 0
     _, status = os.waitpid(pid, 0)  # lab up started it from this process
@@ -94,7 +94,9 @@ def test_sigterm_drains_then_resets_and_every_connection_gets_one_record(lab, st
         mine = [r for r in records if r["flow_id"] == flow_id]
         assert len(mine) == 1, f"flow {flow_id}: {len(mine)} close records in node{stopped}'s log, not 1: {mine}"
         record = mine[0]
-        assert record["bytes_received"] == record["bytes_sent"] and record["bytes_sent"] % MESSAGE == 0, record
+        # bytes as far as they went: an echo may have been in flight when the reset came
+        assert 0 <= record["bytes_received"] - record["bytes_sent"] <= MESSAGE, record
+        assert record["bytes_received"] % MESSAGE == record["bytes_sent"] % MESSAGE == 0, record
         if flow_id in ending_ids:
             assert record["response_flags"] == "-", record
         else:
