@@ -10,6 +10,7 @@ PYTHON=${PYTHON:-python3}
 APT_PACKAGES=(libbpfcc python3-bpfcc iproute2 iptables nftables tcpdump bpftool openssl python3-venv
               postgresql-15 redis-server redis-tools  # these three: tests/e2e/test_real_workloads.py
               prometheus)  # tests/e2e/test_telemetry_lab.py scrapes the lab's agents with a real Prometheus
+APT_PACKAGES+=(curl jq)  # the tutorial's commands (tests/e2e/test_docs_executed.py runs them)
 APT_PACKAGES+=(gcc stunnel4 haproxy iperf3 sockperf)  # make bench: bench/loadgen.c, the two peers, bulk and reference load
 # tests/*/test_install_*: systemd-analyze verify on the unit, ruby -c on vagrant/Vagrantfile
 APT_PACKAGES+=(systemd ruby)
