@@ -32,6 +32,7 @@ class ConnectionFacts:
     source_port: int = 0
     process: ClientProcess | None = None
     cgroup_id: int | None = None  # the client's cgroup; known on the source node only (not sent)
+    service: str = ""  # namespace/name of the Service the client dialled ("": a workload address)
 
 
 NO_FACTS = ConnectionFacts()  # a flow before anything is known (a tunnel that failed its handshake early)

@@ -11,7 +11,8 @@ fault (``PeerProtocolError``) from ours (``ValueError`` on encode). docs/protoco
 
     CONNECT body = TLV*  (type:u8, len:u8, value)   TLV 1 DEST (af:u8=4, ipv4:4 | af=6, ipv6:16; port:u16),
                    TLV 2 FLOW_ID (8 bytes), TLV 3 SOURCE (af:u8=4|6, address, port:u16),
-                   TLV 4 CLIENT_PROCESS (pid:u32, uid:u32, comm: ≤ 16 bytes utf-8)
+                   TLV 4 CLIENT_PROCESS (pid:u32, uid:u32, comm: ≤ 16 bytes utf-8),
+                   TLV 5 SERVICE (namespace/name of the dialled Service, utf-8)
     STATUS body  = status:u8 reason (utf-8, ≤ 255 bytes; DENIED: "policy <ns>/<name>: " + reason when a
                    policy decided)
 
@@ -34,6 +35,8 @@ TLV_DEST = 1
 TLV_FLOW_ID = 2
 TLV_SOURCE = 3
 TLV_CLIENT_PROCESS = 4
+TLV_SERVICE = 5   # non-critical: receivers before it skip it (their destination_service stays "unknown")
+SERVICE_MAX = 127  # a namespace and a name, DNS labels of ≤ 63 bytes each, and the "/"
 COMM_MAX = 16
 TLV_CRITICAL = 0x80
 FLOW_ID_LEN = 8
@@ -98,6 +101,11 @@ def encode_connect_body(request: ConnectionFacts) -> bytes:
     if process is not None:
         comm = process.comm.encode("utf-8", "replace")[:COMM_MAX]
         body += bytes([TLV_CLIENT_PROCESS, 8 + len(comm)]) + struct.pack("!II", process.pid, process.uid) + comm
+    if request.service:
+        service = request.service.encode("utf-8")
+        if len(service) > SERVICE_MAX:
+            raise ValueError(f"service name of {len(service)} bytes exceeds {SERVICE_MAX}")
+        body += bytes([TLV_SERVICE, len(service)]) + service
     if request.flow_id:
         if len(request.flow_id) != FLOW_ID_LEN:
             raise ValueError(f"flow id must be {FLOW_ID_LEN} bytes")
@@ -127,6 +135,7 @@ def _decode_connect(body: bytes) -> ConnectionFacts:
     source: tuple[str, int] = ("", 0)
     process: ClientProcess | None = None
     flow_id = b""
+    service = ""
     offset = 0
     while offset < len(body):
         if offset + 2 > len(body):
@@ -145,6 +154,10 @@ def _decode_connect(body: bytes) -> ConnectionFacts:
                 raise PeerProtocolError(f"CLIENT_PROCESS TLV of {tlv_len} bytes (8 to {8 + COMM_MAX})")
             pid, uid = struct.unpack("!II", value[:8])
             process = ClientProcess(pid, uid, value[8:].decode("utf-8", "replace"))
+        elif tlv_type == TLV_SERVICE:
+            if not 0 < tlv_len <= SERVICE_MAX:
+                raise PeerProtocolError(f"SERVICE TLV of {tlv_len} bytes (1 to {SERVICE_MAX})")
+            service = value.decode("utf-8", "replace")
         elif tlv_type == TLV_FLOW_ID:
             if tlv_len != FLOW_ID_LEN:
                 raise PeerProtocolError(f"FLOW_ID TLV must be {FLOW_ID_LEN} bytes")
@@ -153,7 +166,7 @@ def _decode_connect(body: bytes) -> ConnectionFacts:
             raise PeerProtocolError(f"unknown critical TLV type {tlv_type}")
     if dest is None:
         raise PeerProtocolError("CONNECT without a DEST TLV")
-    return ConnectionFacts(dest[0], dest[1], flow_id, source[0], source[1], process)
+    return ConnectionFacts(dest[0], dest[1], flow_id, source[0], source[1], process, service=service)
 
 
 def _decode_status(body: bytes) -> StatusReply:

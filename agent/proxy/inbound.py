@@ -28,7 +28,7 @@ from agent.proxy.deadlines import enforce_tunnel_deadlines, tune_tunnel_socket
 from agent.proxy.endpoints import PlainLeg, TlsLeg
 from agent.proxy.header import Status, StatusReply
 from agent.proxy.relay import Relay
-from agent.proxy.routing import route_inbound
+from agent.proxy.routing import dialled_service, route_inbound
 from agent.proxy.server import ProxyContext
 from agent.proxy.session import MuxSession, Stream
 from agent.proxy.upstream import SourceRefused, connect, source_for
@@ -241,6 +241,7 @@ class InboundProxy:
             self._refuse(stream, flow, Status.UNKNOWN_DESTINATION, F.FLAG_NO_ROUTE, target.reason)
             return None
         flow.set_destination(target.workload)
+        flow.set_service(dialled_service(self._ctx.registry(), flow.facts.service, target.workload))
         if not self._authorized(flow, target.workload, peer_id):
             self._refuse(stream, flow, Status.DENIED, F.FLAG_DENY, flow.detail, flow.policy)
             return None

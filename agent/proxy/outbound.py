@@ -128,7 +128,8 @@ class OutboundProxy:
             flow.set_service(route.service)
             if route.destination is not None:
                 dst_ip, dst_port = route.destination.ip, route.target_port
-        flow.facts = ConnectionFacts(dst_ip, dst_port, flow_id, peer[0], peer[1], process, origin.cgroup_id)
+        flow.facts = ConnectionFacts(dst_ip, dst_port, flow_id, peer[0], peer[1], process, origin.cgroup_id,
+                                     route.service.key if route.service is not None else "")
         flow.set_source(route.source)
         flow.set_destination(route.destination)
         return route

@@ -9,7 +9,8 @@ new maps directory before the first snapshot — is refused.
 A Service virtual address and port resolves to one ready endpoint (agent.proxy.balancer) dialled
 on the Service's target port; no ready endpoint is a refusal with UH.
 Inbound: whether a CONNECT names a workload of this node served under the identity the client asked
-for by SNI.
+for by SNI, and which Service the client dialled (``dialled_service``: the CONNECT's claim, taken
+only when this node's registry has that Service with the destination workload as an endpoint).
 """
 
 from __future__ import annotations
@@ -87,3 +88,15 @@ def route_inbound(registry: Registry, node_name: str, dest_ip: str, served: Spif
         return InboundTarget(None, f"{dest_ip} is {workload.spiffe_id.uri}, but the client asked for "
                                    f"{served.uri if served else 'no identity'}")
     return InboundTarget(workload)
+
+
+def dialled_service(registry: Registry, claimed: str, destination: Workload) -> Service | None:
+    """The Service the client node says it dialled (the OPEN's SERVICE TLV), if this registry agrees:
+    a Service of that namespace/name with ``destination`` among its endpoints (ready or not: a
+    connection may open as the endpoint turns not ready). Attribution only, like the source address:
+    anything else — no claim, an unknown Service, a workload that is not its endpoint — is None, and
+    the destination's records say "unknown"."""
+    service = registry.service(claimed) if claimed else None
+    if service is None or destination.key not in {e.workload for e in service.endpoints}:
+        return None
+    return service

@@ -122,6 +122,10 @@ class Registry:
         """The Service whose virtual address and port this is: (service, target port, ready endpoints)."""
         return self._frontends.get((ip, port))  # type: ignore[attr-defined]
 
+    def service(self, key: str) -> Service | None:
+        """The Service ``namespace/name``, or None."""
+        return next((s for s in self.services if s.key == key), None)
+
     def service_frontends(self) -> tuple[tuple[str, int], ...]:
         """Every (virtual address, port) of every Service: what the capture must treat as the mesh."""
         return tuple(self._frontends)  # type: ignore[attr-defined]

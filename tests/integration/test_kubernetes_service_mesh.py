@@ -5,7 +5,8 @@ mTLS, as in test_proxy_loopback.py, the capture's answer supplied by the test). 
 ClusterIP and port.
 
 Proves: the connection reaches the ready endpoint on the port its named targetPort resolves to,
-over mTLS, with the endpoint's identity and the Service on both nodes' flow records; when the
+over mTLS, with the endpoint's identity and the Service on both nodes' flow records (the OPEN's
+SERVICE TLV, checked by the destination against its own registry); when the
 EndpointSlice says that endpoint is terminating (not ready), the next connection is refused at
 once with UH while the one already open keeps working; a new ready endpoint takes connections.
 """
@@ -165,8 +166,9 @@ def test_a_service_from_the_kubernetes_source_is_meshed_end_to_end(api, tmp_path
                 assert record["security"] == "mutual_tls", record
                 assert record["destination_principal"] == f"spiffe://{TD}/ns/data/sa/postgres"
                 assert record["destination_workload"] == "db-0"
-            assert (src["destination_service"], src["destination_service_name"],
-                    src["destination_service_namespace"]) == (HOST, "db", "data")
+            for record in (src, dst):   # both reporters name the Service the client dialled
+                assert (record["destination_service"], record["destination_service_name"],
+                        record["destination_service_namespace"]) == (HOST, "db", "data"), record["reporter"]
 
             # the EndpointSlice says db-0 is terminating and db-1 is still starting: nothing is ready
             eps = api.get("endpointslices", SLICE_UID)

@@ -90,7 +90,7 @@ def body_from(data: bytes) -> tuple[bytes, dict | None, str | None]:
                          struct.pack("!II", pid, uid) + comm))
         else:  # an unknown non-critical TLV: skipped
             value = g.take(g.byte() % 12)
-            tlvs.append((5 + g.byte() % 0x7A, bytes([5 + g.byte() % 0x7A, len(value)]) + value))
+            tlvs.append((6 + g.byte() % 0x79, bytes([6 + g.byte() % 0x79, len(value)]) + value))  # 5: SERVICE
     if g.byte() % 8 == 0:  # DEST need not come first
         tlvs.append(tlvs.pop(0))
     fault = FAULT_NAMES[g.byte() % len(FAULT_NAMES)] if g.byte() % 3 == 0 else None

@@ -12,7 +12,7 @@ from agent.connection import flow as F
 from agent.connection.facts import ConnectionFacts
 from agent.errors import ConfigError
 from agent.proxy.balancer import RoundRobin
-from agent.proxy.routing import RouteKind, route_outbound
+from agent.proxy.routing import RouteKind, dialled_service, route_outbound
 from agent.registry.overlay import merge
 from agent.registry.static_file import parse_registry
 
@@ -139,3 +139,18 @@ def test_tcpmesh_flows_shows_the_service_before_the_chosen_endpoint():
     plain = F.Flow(F.REPORTER_SOURCE, ConnectionFacts(route.destination.ip, 5432, b"cd"))
     plain.set_destination(route.destination)
     assert "svc/" not in format_line(plain.record(), plain.start_time)
+
+
+def test_the_destination_takes_the_dialled_service_only_when_its_registry_agrees():
+    """The OPEN's SERVICE TLV is attribution: the destination names the Service on its records only
+    if its own registry has it with this workload as an endpoint; else "unknown"."""
+    reg = registry()
+    db0 = reg.by_ip("10.77.2.10")
+    assert dialled_service(reg, "data/db", db0).host == "db.data.svc.cluster.local"
+    web = reg.by_ip("10.77.1.10")
+    assert dialled_service(reg, "data/db", web) is None          # not an endpoint of it: a lying client
+    assert dialled_service(reg, "data/nope", db0) is None         # no such Service here
+    assert dialled_service(reg, "", db0) is None                  # a workload address was dialled
+    doc = copy.deepcopy(DOC)
+    doc["services"][0]["endpoints"][0]["ready"] = False            # turning not ready as it opens
+    assert dialled_service(registry(doc), "data/db", db0) is not None

@@ -20,10 +20,25 @@ policies = st.one_of(st.just(""), st.from_regex(r"[a-z0-9-]{1,20}/[a-z0-9-]{1,20
 reasons = st.text(max_size=80).filter(lambda r: not r.startswith(H.DENIED_POLICY_PREFIX))
 
 
-@given(ipv4, ports, flow_ids, sources, processes)
-def test_connect_round_trips(ip, port, flow_id, source, process):
-    request = ConnectionFacts(ip, port, flow_id, *source, process)
+services = st.one_of(st.just(""), st.from_regex(r"[a-z0-9-]{1,63}/[a-z0-9-]{1,63}", fullmatch=True))
+
+
+@given(ipv4, ports, flow_ids, sources, processes, services)
+def test_connect_round_trips(ip, port, flow_id, source, process, service):
+    request = ConnectionFacts(ip, port, flow_id, *source, process, service=service)
     assert H.decode_connect_body(H.encode_connect_body(request)) == request
+
+
+def test_the_service_tlv_is_non_critical_so_older_receivers_skip_it():
+    body = H.encode_connect_body(ConnectionFacts("10.0.0.1", 5432, service="data/db"))
+    assert body[-(2 + len("data/db")):] == bytes([H.TLV_SERVICE, 7]) + b"data/db"
+    assert not H.TLV_SERVICE & H.TLV_CRITICAL
+    # what a receiver without TLV 5 decodes: the same connection, no Service
+    assert H.decode_connect_body(body[:-(2 + 7)]) == ConnectionFacts("10.0.0.1", 5432)
+    with pytest.raises(H.PeerProtocolError, match="SERVICE TLV"):
+        H.decode_connect_body(body[:-(2 + 7)] + bytes([H.TLV_SERVICE, 0]))
+    with pytest.raises(ValueError):
+        H.encode_connect_body(ConnectionFacts("10.0.0.1", 5432, service="x" * 128))
 
 
 @given(st.sampled_from(list(H.Status)), reasons)
