@@ -5,7 +5,9 @@ hold no signing key, real capture and real TLS between the nodes.
   certificate; no node.key);
 - a long-lived echo stream and new connections keep working while SVIDs (20 s) renew, while one replica
   is killed, and while both are stopped for longer than a renewal period; renewals resume when one
-  returns, and the agents report the issuer unreachable meanwhile (``/debug/certs`` ``issuer``).
+  returns, and the agents report the issuer unreachable meanwhile (``/debug/certs`` ``issuer``);
+- pgbench through the mesh (a real PostgreSQL in n2p1, pgbench in n1p1) while every SVID of both nodes
+  rotates at least once: no failed transaction.
 Seen failing against the lab without ``--identity issuer`` (the first test finds node.key, a CA key).
 """
 
@@ -127,3 +129,32 @@ def test_flows_survive_a_killed_replica_and_an_issuer_outage_longer_than_a_renew
     out = json.loads(stream.stdout.readline())
     assert out["error"] is None and out["received"] == out["sent"] > 0, out
     assert out["received_sha256"] == out["sent_sha256"]
+
+
+def test_pgbench_through_the_mesh_while_every_svid_rotates(issuer_lab):
+    from tests.e2e.real_workloads import PG_BIN, PG_PORT, Postgres, in_pod, missing_tools, parse_pgbench, run
+    from tests.conftest import skip_or_fail
+
+    problem = missing_tools()
+    if problem:
+        skip_or_fail(problem)
+    lab = issuer_lab
+    server = Postgres(lab, "n2p1")
+    server.start()
+    try:
+        pg = [f"{PG_BIN}/pgbench", "-h", lab.pod("n2p1").ip, "-p", str(PG_PORT), "-U", "postgres"]
+        init = run(in_pod(lab, "n1p1"), [*pg, "-i", "-q", "postgres"], timeout=120)
+        assert init.returncode == 0, init.output[-2000:]
+        before = {n: {i["spiffe_id"]: i["serial"] for i in certs(lab, n)["identities"]} for n in (1, 2)}
+        seconds = int(TTL * 1.5)   # each SVID renews at about TTL/2: at least once on both nodes
+        bench = run(in_pod(lab, "n1p1"), [*pg, "-T", str(seconds), "-c", "4", "postgres"], timeout=seconds + 60)
+        assert bench.returncode == 0, bench.output[-2000:]
+        result = parse_pgbench(bench.output)
+        assert result.failed == 0 and result.processed > 0, bench.output[-2000:]
+        after = {n: {i["spiffe_id"]: i["serial"] for i in certs(lab, n)["identities"]} for n in (1, 2)}
+        for n in (1, 2):
+            assert before[n] and all(after[n][uri] != serial for uri, serial in before[n].items()), (before, after)
+        print(f"pgbench through the issuer lab while all SVIDs rotated: {result.processed} transactions, "
+              f"{result.tps:.0f} tps, 0 failed")
+    finally:
+        server.stop()
