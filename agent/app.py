@@ -155,12 +155,7 @@ class Agent:
             raise TcpmeshError(f"policy.explain: port must be a whole number, got {request.get('port')!r}") from None
         wanted = request_for(str(request.get("from") or ""), str(request.get("to") or ""), port)
         destination = f"{wanted.destination_namespace}/{wanted.destination_workload}"
-        workloads = self.registry().workloads
-        if destination not in {w.key for w in workloads}:
-            same = sorted(w.key for w in workloads if w.namespace == wanted.destination_namespace)
-            raise TcpmeshError(f"--to {destination}: no such workload in the registry of node {self.config.node.name} "
-                               f"(workloads of namespace {wanted.destination_namespace}: {', '.join(same) or 'none'}); "
-                               "check the name with `tcpmesh workload list`")
+        self._require_workload("--to", destination)
         policy = self.policy
         doc = {"node": self.config.node.name, "dir": self.config.policy.dir, "in_force": policy.in_force,
                "refused": policy.refused.to_json() if policy.refused is not None else None,
@@ -170,6 +165,17 @@ class Agent:
             doc["explanation"] = explain(policy.policies, wanted, default_allow=policy.default_allow,
                                          root_namespace=policy.root_namespace)
         return doc
+
+    def _require_workload(self, option: str, wanted: str) -> None:
+        """A TcpmeshError when ``wanted`` (NAME or NAMESPACE/NAME) is no workload of the registry."""
+        workloads = self.registry().workloads
+        if any(wanted in (w.key, w.name) for w in workloads):
+            return
+        namespace = wanted.partition("/")[0] if "/" in wanted else None
+        listed = sorted(w.key for w in workloads if namespace is None or w.namespace == namespace)
+        where = f"workloads of namespace {namespace}" if namespace else "its workloads"
+        raise TcpmeshError(f"{option} {wanted}: no such workload in the registry of node {self.config.node.name} "
+                           f"({where}: {', '.join(listed) or 'none'}); check the name with `tcpmesh workload list`")
 
     def _registry_status(self) -> dict:
         workloads = self.workloads
@@ -492,8 +498,11 @@ class Agent:
             after = int(request.get("after") or 0)
         except (TypeError, ValueError) as exc:
             raise TcpmeshError(f"flows.list: port and after must be whole numbers ({exc})") from exc
+        workload = request.get("workload") or None
+        if workload is not None and not after:  # (each --follow poll would ask again)
+            self._require_workload("--workload", str(workload))
         ctx.report_progress()
-        return self.flows.query(workload=request.get("workload") or None, port=port, after=after)
+        return self.flows.query(workload=workload, port=port, after=after)
 
     def _captured_count(self, registry: Registry | None = None) -> int:
         registry = registry or self.registry()

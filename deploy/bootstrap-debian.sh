@@ -26,7 +26,9 @@ missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+did=()  # what this run changed, for the summary line
 if [ ${#missing[@]} -gt 0 ]; then
+  did+=("installed ${#missing[@]} Debian package(s)")
   echo "bootstrap: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get -o DPkg::Lock::Timeout=900 update -qq
@@ -39,6 +41,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
+  did+=("created the venv")
   echo "bootstrap: creating venv $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
@@ -48,6 +51,7 @@ if [ ! -e "$site/bcc" ]; then
 fi
 stamp="$VENV/.tcpmesh-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  did+=("installed tcpmesh[$EXTRAS] into it")
   echo "bootstrap: installing tcpmesh[$EXTRAS] into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[$EXTRAS]"
   touch "$stamp"
@@ -66,3 +70,6 @@ if [ ! -x "$kubectl_dir/usr/bin/kubectl" ]; then
 fi
 "$VENV/bin/python" -c 'import bcc, pyroute2, cryptography, prometheus_client, click' \
   || { echo "bootstrap: the venv at $VENV cannot import its dependencies" >&2; exit 1; }
+summary=$(printf '%s; ' "${did[@]}"); summary=${summary%; }
+echo "bootstrap: ready (${summary:-nothing to do, all was in place}): ${#APT_PACKAGES[@]} Debian packages present, tcpmesh $("$VENV/bin/python" -c 'import agent; print(agent.__version__)') in $VENV"
+echo "bootstrap: next: source $VENV/bin/activate, then tcpmesh doctor (this host) or tcpmesh lab up (docs/lab.md)"

@@ -9,6 +9,7 @@ import sys
 import click
 
 from agent.admin_client import ask
+from agent.table import render
 from agent.control.target import resolve_socket, target_options
 
 
@@ -55,15 +56,19 @@ def delete(key, socket_path, config_path, target_lab, target_node) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @target_options
 def list_(as_json, socket_path, config_path, target_lab, target_node) -> None:
-    """The agent's workloads: where each comes from, and whether this node captures it."""
+    """The agent's workloads, one row each: WORKLOAD (namespace/name), IP, the NODE it runs on, SOURCE
+    (file, kubernetes or runtime: `workload add`), STATE (captured or NOT CAPTURED and why on this
+    node; remote for other nodes' workloads) and its SPIFFE ID."""
     workloads = _call(_target(socket_path, config_path, target_lab, target_node), {"op": "workload.list"})["workloads"]
     if as_json:
         click.echo(json.dumps(workloads, indent=1))
         return
+    rows = []
     for w in workloads:
         state = ("captured" if w["captured"] else f"NOT CAPTURED: {w['problem']}") if w["local"] else "remote"
-        click.echo(f"{w['namespace']}/{w['name']:<16} {w['ip']:<15} {w['node']:<8} {w['source']:<8} {state}  "
-                   f"{w['spiffe_id']}")
+        rows.append([f"{w['namespace']}/{w['name']}", w["ip"], w["node"], w["source"], state, w["spiffe_id"]])
+    for line in render(("WORKLOAD", "IP", "NODE", "SOURCE", "STATE", "SPIFFE ID"), rows):
+        click.echo(line)
 
 
 @click.command()

@@ -38,6 +38,13 @@ BPF_PROG_TYPE_SCHED_CLS = 3
 ATTR_SIZE = 128
 TIME_ERROR = 5
 CLOCK_SANE_YEARS = (2024, 2100)
+CLOCK_UNSYNCED = ("the kernel reports the clock as not synchronised (adjtimex TIME_ERROR). Why it matters: "
+                  "every mTLS handshake checks certificates against it, and SVIDs live for an hour with 2 minutes "
+                  "of back-dating — a clock more than 2 minutes off rejects peers' fresh certificates as not yet "
+                  "valid (or its own look so to them), and the meshed connections fail (TLS_FAILURE); access-log "
+                  "times drift too. "
+                  "Fix: run a time daemon (`apt install systemd-timesyncd` or chrony), check with "
+                  "`timedatectl` (System clock synchronized: yes)")
 
 # check name -> (function in bpf/probe.c, BPF_PROG_TYPE_*, expected attach type or -1)
 PROGRAM_PROBES: dict[str, tuple[str, int, int]] = {
@@ -119,7 +126,7 @@ def probe_clock(now: float | None = None) -> Probe:
     detail = f"{stamp.isoformat(timespec='seconds')}, monotonic {time.monotonic():.0f}s"
     state = _adjtimex_state()
     if state == TIME_ERROR:
-        return Probe(WARN, detail, "the kernel reports the clock as not synchronised (adjtimex TIME_ERROR)")
+        return Probe(WARN, detail, CLOCK_UNSYNCED)
     return ok(detail)
 
 

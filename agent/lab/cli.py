@@ -163,22 +163,34 @@ def _status_summary(status: dict) -> str:
     return ", ".join(words)
 
 
+ARCHIVE_ROOT = "/var/log/tcpmesh-lab"
+
+
 @lab.command()
 @_name_option
-def down(name: str, state_root: str) -> None:
+@click.option("--archive-dir", default=ARCHIVE_ROOT, show_default=True, type=click.Path(file_okay=False),
+              help="Where the nodes' access/audit logs and keys are kept, in <dir>/<name>-<UTC time>/<node>/.")
+@click.option("--no-archive", is_flag=True, help="Delete the access logs with the lab instead.")
+def down(name: str, state_root: str, archive_dir: str, no_archive: bool) -> None:
     """Stop the lab's agents and remove its namespaces, cgroups and state dir.
 
+    The nodes' access/audit logs (and the keys that verify them) are an audit trail: they are first
+    copied to --archive-dir, and the path is printed (`tcpmesh audit verify --key` checks them there).
     Also cleans up after a crashed `lab up` (no state file) by finding tcpmesh-<name>-* namespaces
     and the lab's cgroup directory. Only PIDs the lab recorded are signalled. Safe to run twice.
     """
     from agent.lab.lab import lab_down
 
-    report = lab_down(name, state_root=state_root)
+    report = lab_down(name, state_root=state_root, archive_root=None if no_archive else archive_dir)
     if not (report["stopped_pids"] or report["removed_netns"] or report["state_file"]):
         click.echo(f"lab {name!r}: nothing left to remove")
     else:
         click.echo(f"lab {name!r} is down: stopped {len(report['stopped_pids'])} agents, "
                    f"removed {len(report['removed_netns'])} namespaces")
+    archive = report.get("archive")
+    if archive:
+        click.echo(f"access logs kept in {archive}/<node>/ (with each node's audit.key; check one with "
+                   f"`tcpmesh audit verify --key {archive}/node1/audit.key {archive}/node1/access.log`)")
     for problem in report["problems"]:
         click.echo(f"note: {problem}", err=True)
 

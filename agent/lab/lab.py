@@ -194,8 +194,13 @@ def _atomic_write(path: str, text: str) -> None:
 # -------------------------------------------------------------------------------------------- down
 
 def lab_down(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_ROOT, cgroup_root: str | None = None,
-             keep_logs: bool = False, stop_timeout: float = agents.DEFAULT_STOP_TIMEOUT) -> dict[str, Any]:
+             keep_logs: bool = False, stop_timeout: float = agents.DEFAULT_STOP_TIMEOUT,
+             archive_root: str | None = None) -> dict[str, Any]:
     """Stop the recorded agents, remove the namespaces, the cgroup tree and the state dir. Safe to repeat.
+
+    With ``archive_root`` (what `tcpmesh lab down` passes), each node's access/audit log and its key
+    are first copied to ``<archive_root>/<name>-<UTC time>/<node>/`` (report["archive"]): an audit trail
+    outlives the lab.
 
     Works without state.json (after a crash) by listing. Raises LabError if something had to stay,
     e.g. a cgroup still holding processes the lab did not start (their PIDs are in the message).
@@ -231,8 +236,36 @@ def lab_down(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_RO
     if busy:
         raise LabError(_busy_message(name, busy))
     if os.path.isdir(state_dir):
+        if archive_root:
+            report["archive"] = archive_access_logs(state_dir, archive_root, name)
         _remove_state_dir(state_dir, keep_logs)
     return report
+
+
+def archive_access_logs(state_dir: str, archive_root: str, name: str,
+                        now: datetime.datetime | None = None) -> str | None:
+    """Copy every node's log/ (the access log and its rotations) and audit.key to a new 0700 directory
+    ``<archive_root>/<name>-<UTC time>/<node>/``; its path, or None when no node had any."""
+    nodes_dir = os.path.join(state_dir, "nodes")
+    stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    target = os.path.join(archive_root, f"{name}-{stamp}")
+    copied = False
+    for node in sorted(os.listdir(nodes_dir)) if os.path.isdir(nodes_dir) else []:
+        node_dir = os.path.join(nodes_dir, node)
+        sources = []
+        log_dir = os.path.join(node_dir, "log")
+        if os.path.isdir(log_dir):
+            sources += [os.path.join(log_dir, f) for f in sorted(os.listdir(log_dir))]
+        sources += [p for p in [os.path.join(node_dir, "audit.key")] if os.path.isfile(p)]
+        sources = [p for p in sources if os.path.isfile(p)]
+        if not sources:
+            continue
+        os.makedirs(os.path.join(target, node), mode=0o700, exist_ok=True)
+        os.chmod(target, 0o700)
+        for path in sources:
+            shutil.copy2(path, os.path.join(target, node, os.path.basename(path)))
+        copied = True
+    return target if copied else None
 
 
 def _remove_pins(name: str) -> list[str]:

@@ -16,17 +16,48 @@ import time
 
 import click
 
+from agent import table
 from agent.admin_client import ask
 from agent.control.target import resolve_socket, target_options
 from agent.errors import TcpmeshError
 
 FOLLOW_INTERVAL = 1.0
-HEADER = (f"{'STATE':<6} {'REPORTER':<11} {'SOURCE':<24} {'PROCESS':<22} {'DESTINATION':<30} "
-          f"{'SENT→':>10} {'←RECV':>10} {'AGE':>7} FLAGS")
+HEADERS = ("STATE", "REPORTER", "SOURCE", "PROCESS", "DESTINATION", "SENT→", "←RECV", "DURATION", "CLOSED", "FLAGS")
+RIGHT = (False, False, False, False, False, True, True, True, True, False)
+MIN_WIDTHS = (6, 11, 16, 16, 22, 8, 8, 8, 8, 0)  # --follow: a start; columns widen for longer cells
+FLOWS_HELP = """Open and recently closed TCP flows on this node, with the client process of each.
+
+\b
+One row is one flow: one TCP connection through this node's agent, as this node saw it.
+A connection between pods of two nodes is one flow on each node, with the same flow id (--json):
+  REPORTER     source (the client's node) or destination (the server's node)
+  SOURCE       the client workload (NAMESPACE/NAME), or IP:PORT outside the mesh
+  PROCESS      the client's pid/command and uid, as the kernel saw them at connect() (both nodes)
+  DESTINATION  the server workload and port (svc/NS/NAME→... when a Service was dialled)
+  SENT→ ←RECV  bytes from the client to the server, and back
+  DURATION     how long the flow lasted (so far, if open)
+  CLOSED       how long ago it closed (- while open)
+  FLAGS        the result (- clean; DENY, UF, ... in docs/telemetry.md) and the policy that decided
+The agent keeps open flows and its last 1,024 closed ones. --follow prints a row when a flow
+opens and when it closes, from now on; add --since to print the recent past first.
+"""
 
 
 def fetch(path: str, workload: str | None, port: int | None, after: int = 0) -> dict:
     return ask(path, {"op": "flows.list", "workload": workload, "port": port, "after": after})
+
+
+def parse_since(text: str) -> float:
+    """--since: seconds from 90, 90s, 5m, 2h."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give a duration such as 90s, 5m or 2h", param_hint="--since") from None
+    if seconds <= 0:
+        raise click.BadParameter(f"{text!r}: must be more than 0", param_hint="--since")
+    return seconds
 
 
 def _human_bytes(n: int) -> str:
@@ -37,12 +68,16 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
-def _age(record: dict, now: float) -> str:
-    seconds = (record.get("end_time") or now) - record["start_time"]
-    return f"{seconds:.1f}s" if seconds < 100 else f"{seconds / 60:.0f}m"
+def _span(seconds: float) -> str:
+    if seconds < 100:
+        return f"{seconds:.1f}s"
+    if seconds < 6000:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
-def format_line(record: dict, now: float, state: str | None = None) -> str:
+def flow_row(record: dict, now: float) -> list[str]:
+    """The table cells of one flow record (HEADERS)."""
     source = f"{record['source_namespace']}/{record['source_workload']}"
     if record["source_workload"] == "unknown":
         source = f"{record['source_ip']}:{record['source_port']}"
@@ -56,53 +91,67 @@ def format_line(record: dict, now: float, state: str | None = None) -> str:
     flags = record["response_flags"]
     if record.get("policy"):
         flags += f" policy={record['policy']}"
-    return (f"{(state or record.get('state', '')).upper():<6} {record['reporter']:<11} {source:<24} {process:<22} "
-            f"{destination:<30} {_human_bytes(record['bytes_received']):>10} {_human_bytes(record['bytes_sent']):>10} "
-            f"{_age(record, now):>7} {flags}")
+    end = record.get("end_time")
+    return [record.get("state", "").upper(), record["reporter"], source, process, destination,
+            _human_bytes(record["bytes_received"]), _human_bytes(record["bytes_sent"]),
+            _span((end or now) - record["start_time"]), _span(now - end) + " ago" if end else "-", flags]
+
+
+def _recent(record: dict, since: float | None) -> bool:
+    return since is None or record["state"] == "open" or (record.get("end_time") or record["start_time"]) >= since
 
 
 def _key(record: dict) -> tuple:
     return record.get("flow_id"), record["reporter"], record["start_time"]
 
 
-@click.command()
-@click.option("--follow", "-f", is_flag=True, help="Keep printing flows as they open and close (Ctrl-C stops).")
+@click.command(help=FLOWS_HELP)
+@click.option("--follow", "-f", is_flag=True, help="Print a row when a flow opens and when it closes, from now on "
+                                                   "(Ctrl-C stops).")
+@click.option("--since", metavar="DURATION", help="Only flows open now or closed within DURATION (90s, 5m, 2h); "
+                                                  "with --follow, print those first.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per flow (per event with --follow).")
-@click.option("--workload", help="Only flows from or to this workload (NAME or NAMESPACE/NAME).")
+@click.option("--workload", help="Only flows from or to this workload (NAME or NAMESPACE/NAME; the agent says if "
+                                 "it has no such workload).")
 @click.option("--port", type=click.IntRange(1, 65535), help="Only flows to this destination port.")
 @target_options
-def flows(follow, as_json, workload, port, socket_path, config_path, target_lab, target_node) -> None:
-    """Open and recently closed TCP flows on this node, with the client process of each."""
+def flows(follow, since, as_json, workload, port, socket_path, config_path, target_lab, target_node) -> None:
     path = resolve_socket(socket_path, config_path, target_lab, target_node)
     answer = fetch(path, workload, port)
+    cutoff = time.time() - parse_since(since) if since else None
     if not follow:
-        records = answer["flows"]
+        records = [r for r in answer["flows"] if _recent(r, cutoff)]
         if as_json:
             for record in records:
                 click.echo(json.dumps(record, sort_keys=True))
             return
         now = time.time()
-        click.echo(HEADER)
-        for record in records:
-            click.echo(format_line(record, now))
+        for line in table.render(HEADERS, [flow_row(r, now) for r in records], RIGHT):
+            click.echo(line)
         return
-    seen_open: set = set()
+    view = table.Follower(HEADERS, MIN_WIDTHS, RIGHT)
+    # from now on: flows open at the start print when they close; the backlog only with --since
+    seen_open = {_key(r) for r in answer["flows"] if r["state"] == "open"}
+    backlog = [r for r in answer["flows"] if cutoff is not None and _recent(r, cutoff)]
     if not as_json:
-        click.echo(HEADER)
+        click.echo(view.header())
     try:
         while True:
             now = time.time()
+            for record in backlog:
+                click.echo(json.dumps(record, sort_keys=True) if as_json else view.line(flow_row(record, now)))
+            time.sleep(FOLLOW_INTERVAL)
+            answer = fetch(path, workload, port, after=answer["cursor"])
+            backlog = []
             for record in answer["flows"]:
                 key = _key(record)
-                if record["state"] == "open" and key in seen_open:
-                    continue
                 if record["state"] == "open":
+                    if key in seen_open:
+                        continue
                     seen_open.add(key)
                 else:
                     seen_open.discard(key)
-                click.echo(json.dumps(record, sort_keys=True) if as_json else format_line(record, now))
-            time.sleep(FOLLOW_INTERVAL)
-            answer = fetch(path, workload, port, after=answer["cursor"])
+                backlog.append(record)
     except KeyboardInterrupt:
         return
 

@@ -95,6 +95,12 @@ def test_every_agent_command_reaches_a_lab_node_from_the_host(op_lab):
     assert lab.pod("n2p1").spiffe_id in certs and lab.pod("n1p1").spiffe_id not in certs
     from_file = tcpmesh("cert", "inspect", f"{node_ca_dir(lab.node(1))}/node.crt").stdout
     assert "1 certificate(s)" in from_file and "(a CA)" in from_file and "expires in" in from_file
+    assert tcpmesh("status", "--node", "node2", env={"TCPMESH_LAB": lab.name}).stdout.startswith("node node2: READY")
+    unknown = tcpmesh("flows", "--workload", "n9p9", env=env, check=False)
+    assert unknown.returncode == 2
+    assert ("--workload n9p9: no such workload in the registry of node node1 (its workloads: lab/n1p1, lab/n1p2, "
+            "lab/n2p1, lab/n2p2)") in unknown.stderr
+    assert tcpmesh("flows", "--workload", "lab/n2p1", env=env).stdout.split()[:3] == ["STATE", "REPORTER", "SOURCE"]
     wrong = tcpmesh("flows", "--lab", lab.name, "--node", "node9", check=False)
     assert wrong.returncode == 2 and "has no node named 'node9'; its nodes: node1, node2" in wrong.stderr
 

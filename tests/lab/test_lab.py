@@ -273,3 +273,30 @@ def test_agent_that_dies_fails_up_points_at_its_log_and_tears_down(cgroup2_mount
     finally:
         lab_down(lab_name, state_root=state_root)
     assert not Path(state_root, lab_name).exists()
+
+
+def test_down_keeps_the_access_logs_and_says_where(cgroup2_mount, lab_name, state_root, tmp_path):
+    plan = lab_up(lab_name, 2, 1, agents_enabled=False, state_root=state_root)
+    try:
+        for node in plan.nodes:  # what an agent leaves: its keyed access log and the key that verifies it
+            os.makedirs(f"{node.state_dir}/log", exist_ok=True)
+            Path(node.state_dir, "log", "access.log").write_text(f'{{"node": "{node.name}"}}\n')
+            Path(node.state_dir, "audit.key").write_text("key\n")
+    except BaseException:
+        lab_down(lab_name, state_root=state_root)
+        raise
+    archive_root = tmp_path / "archive"
+    try:
+        down = CliRunner().invoke(lab_cli, ["down", "--name", lab_name, "--state-root", state_root,
+                                            "--archive-dir", str(archive_root)])
+    finally:
+        lab_down(lab_name, state_root=state_root)  # safe twice; removes the lab if the command failed
+    assert down.exit_code == 0, down.output
+    assert_gone(plan)
+    (kept,) = archive_root.iterdir()
+    assert kept.name.startswith(f"{lab_name}-") and kept.stat().st_mode & 0o077 == 0
+    assert f"access logs kept in {kept}/<node>/" in down.output
+    assert f"tcpmesh audit verify --key {kept}/node1/audit.key {kept}/node1/access.log" in down.output
+    for node in ("node1", "node2"):
+        assert (kept / node / "access.log").read_text() == f'{{"node": "{node}"}}\n'
+        assert (kept / node / "audit.key").exists()

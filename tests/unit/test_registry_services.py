@@ -128,7 +128,10 @@ def test_a_target_port_defaults_to_the_port():
 
 
 def test_tcpmesh_flows_shows_the_service_before_the_chosen_endpoint():
-    from agent.telemetry.cli import format_line
+    from agent.telemetry.cli import flow_row
+
+    def format_line(record, now):
+        return "  ".join(flow_row(record, now))
 
     route = route_outbound(registry(), "node1", "10.77.1.10", VIP, 5432, 15008, RoundRobin())
     flow = F.Flow(F.REPORTER_SOURCE, ConnectionFacts(route.destination.ip, route.target_port, b"ab"))
