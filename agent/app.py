@@ -33,6 +33,7 @@ from agent.identity.store import IdentityStore
 from agent.policy.explain import explain, request_for
 from agent.policy.model import MtlsMode
 from agent.policy.source import PolicySource
+from agent.proxy.budget import budget_from_config
 from agent.proxy.deadlines import reset_idle, sweep_idle_relays
 from agent.proxy.heap import keep_heap_for_relaying
 from agent.proxy.inbound import InboundProxy
@@ -40,6 +41,7 @@ from agent.proxy.limits import ConnectionLimits, fitting_cap, handshake_limits, 
 from agent.proxy.local import SameNodePath
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
+from agent.proxy.session import BufferGate
 from agent.proxy.upstream import transparent_allowed
 from agent.registry.model import Registry, Workload
 from agent.registry.static_file import load_registry_file
@@ -101,6 +103,14 @@ class Agent:
         proxy = self.config.proxy
         hit = lambda reporter, limit: self.metrics.handshakes_refused.labels(limit).inc()  # noqa: E731
         return handshake_limits(proxy.max_handshakes, proxy.max_handshakes_per_source, hit)
+
+    def _buffer_gate(self) -> BufferGate:
+        """The node-wide budget of buffered bytes (agent.proxy.budget) and its hands on the tunnels."""
+        proxy = self.config.proxy
+        budget, origin = budget_from_config(proxy.buffer_budget_bytes, proxy.buffer_identity_shares)
+        log.info("buffer budget %d bytes (%s): %d identities sure of %d bytes each, a pool of %d", budget.total,
+                 origin, budget.shares, budget.share, budget.pool)
+        return BufferGate(budget)
 
     def _snapshot_or_none(self) -> Registry | None:
         return self.workloads.snapshot if self.workloads is not None else None
@@ -258,7 +268,8 @@ class Agent:
                            tunnel_timeout=config.proxy.tunnel_timeout_seconds,
                            inbound_idle_timeout=config.proxy.inbound_tunnel_idle_seconds,
                            revoked_grace=config.proxy.revoked_tunnel_grace_seconds,
-                           limits=self._connection_limits(), handshakes=self._handshake_limits())
+                           limits=self._connection_limits(), handshakes=self._handshake_limits(),
+                           buffer_gate=self._buffer_gate())
         self.ctx = ctx
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,

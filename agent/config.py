@@ -44,6 +44,8 @@ DEFAULT_MAX_CONNECTIONS_PER_IDENTITY = 16384
 DEFAULT_REVOKED_TUNNEL_GRACE_SECONDS = 600.0
 DEFAULT_MAX_HANDSHAKES = 2048  # unauthenticated TLS handshakes on the inbound port, at once
 DEFAULT_MAX_HANDSHAKES_PER_SOURCE = 256  # the same, per source address
+DEFAULT_BUFFER_IDENTITY_SHARES = 8  # identities sure of their share of the buffer budget at once
+MIN_BUFFER_BUDGET_BYTES = 8 * 1024 * 1024  # agent.proxy.budget.MIN_BUDGET: two 4 MiB windows
 DEFAULT_REGISTRY_POLL_SECONDS = 2.0
 DEFAULT_POLICY_POLL_SECONDS = 2.0
 DEFAULT_ADMIN_SOCKET = "/run/tcpmesh/agent.sock"
@@ -180,6 +182,12 @@ class ProxyConfig:
     # tcpmesh_inbound_handshakes_refused_total. 0: no cap.
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES
     max_handshakes_per_source: int = DEFAULT_MAX_HANDSHAKES_PER_SOURCE
+    # Bytes held node-wide for workloads that do not read what they are sent (agent.proxy.budget): an
+    # identity past its share has its tunnels paused, windows shrink as the budget fills. 0: a quarter of
+    # the agent's cgroup memory limit (256 MiB without one). Half of it is split into this many
+    # guaranteed shares; the other half is a pool.
+    buffer_budget_bytes: int = 0
+    buffer_identity_shares: int = DEFAULT_BUFFER_IDENTITY_SHARES
     event_loop: str = "uvloop"  # uvloop (faster data path) | asyncio (the standard library's loop)
     # The source address a pod sees on meshed connections (docs/capture-source-address.md):
     # pod — the client pod's own address (IP_TRANSPARENT leg + tc return path), the agent refuses to
@@ -441,6 +449,14 @@ def _deadlines_and_caps(proxy: ProxyConfig) -> None:
     if proxy.stream_idle_timeout_seconds < 0:
         raise ConfigError("proxy.stream_idle_timeout_seconds", proxy.stream_idle_timeout_seconds,
                           "must not be negative", "use 0 to never reset idle connections")
+    if proxy.buffer_budget_bytes != 0 and proxy.buffer_budget_bytes < MIN_BUFFER_BUDGET_BYTES:
+        raise ConfigError("proxy.buffer_budget_bytes", proxy.buffer_budget_bytes,
+                          f"is below {MIN_BUFFER_BUDGET_BYTES} bytes (two stream windows)",
+                          f"use 0 (a quarter of the agent's cgroup memory limit) or at least {MIN_BUFFER_BUDGET_BYTES}")
+    if not 1 <= proxy.buffer_identity_shares <= 1024:
+        raise ConfigError("proxy.buffer_identity_shares", proxy.buffer_identity_shares, "out of range",
+                          "use a number of identities between 1 and 1024 (default "
+                          f"{DEFAULT_BUFFER_IDENTITY_SHARES})")
     for total, per in (("max_connections", "max_connections_per_identity"),
                        ("max_handshakes", "max_handshakes_per_source")):
         for name in (total, per):

@@ -206,6 +206,11 @@ class Leg(asyncio.BufferedProtocol):
     def write_eof(self) -> None:
         raise NotImplementedError
 
+    def write_buffer_size(self) -> int:
+        """Bytes written to this leg that its transport still holds (the kernel has not taken them yet)."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
     def socket(self) -> socket.socket | None:
         return self.transport.get_extra_info("socket") if self.transport else None
 

@@ -72,8 +72,9 @@ class InboundProxy:
             self._ctx.flow_closed(setup)
             return
         peer_id, credential = accepted
+        served = self._ctx.identities.served_identity(tunnel.ssl_object)  # the local workloads' identity (SNI)
         session = MuxSession(
-            tunnel, client=False,
+            tunnel, client=False, gate=self._ctx.buffer_gate, identity=served.uri if served else peer_id.uri,
             on_open=lambda stream, request: self._ctx.spawn(
                 self._serve_stream(stream, request, peer_id, setup, credential)),
             on_bad_open=lambda stream, reason: self._bad_open(stream, reason, setup))

@@ -196,7 +196,7 @@ class OutboundProxy:
             leg.reset()
             raise
         tune_tunnel_socket(leg.socket(), self._ctx.tunnel_timeout)
-        session = MuxSession(leg, client=True)
+        session = MuxSession(leg, client=True, gate=self._ctx.buffer_gate, identity=key.source.uri)
         remaining = valid_until - time.time()
         session.peer_valid_until = valid_until - min(SERVER_CERT_MARGIN_SECONDS, max(remaining, 0) / 4)
         return session.start()

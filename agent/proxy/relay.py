@@ -57,6 +57,10 @@ class Relay:
     def _other(self, leg: Leg) -> Leg:
         return self.b if leg is self.a else self.a
 
+    def peer_of(self, leg: Leg) -> Leg:
+        """The leg ``leg``'s data is written to (a stream's budget watches that leg's write buffer)."""
+        return self._other(leg)
+
     def leg_data(self, leg: Leg, data: bytes | memoryview) -> None:
         if leg is self.a:
             self._a_to_b += len(data)

@@ -20,6 +20,7 @@ from agent.policy.source import PolicySource
 from agent.proxy.endpoints import Leg
 from agent.proxy.limits import ConnectionLimits
 from agent.proxy.relay import Relay, RelayResult
+from agent.proxy.session import BufferGate
 from agent.registry.model import Registry
 
 log = logging.getLogger("tcpmesh.proxy")
@@ -72,6 +73,8 @@ class ProxyContext:
     limits: dict[str, ConnectionLimits] = field(default_factory=dict)  # reporter → caps; absent: unlimited
     revoked_grace: float = 600.0  # inbound: open streams' time on a tunnel whose credential no longer holds
     handshakes: ConnectionLimits | None = None  # inbound: unauthenticated handshakes by source address; None: no cap
+    # the node-wide budget of bytes held for workloads that do not read (agent.proxy.budget); None: no budget
+    buffer_gate: BufferGate | None = None
     # nonzero: inbound legs leave from the client pod's own address with this SO_MARK (the return path
     # of agent.capture.source_return is in place); 0: from the node's address (proxy.source_address)
     source_mark: int = 0

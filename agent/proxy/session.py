@@ -7,6 +7,13 @@ when its window is used up, or the tunnel's own write buffer is full, the relay 
 reading the application. The receiving side returns credit as it hands data onward, and holds it
 back while the relay says the application's socket is full. One slow application therefore never
 stalls the other streams of the tunnel.
+
+Memory, node-wide (agent.proxy.budget): what a stream's receiving side holds in user space — the bytes
+its workload's socket has not taken yet — is reported to the ``BufferBudget`` under the tunnel's local
+identity (``MuxSession.identity``: the workload that reads them). While the budget stalls that identity,
+``BufferGate`` pauses reading on its tunnels (their other streams wait too: they belong to the same
+identity pair); and every stream's receive window shrinks as the budget fills, by holding back part of
+the credit it returns (``Stream._debt``). Without a budget (``budget=None``) none of this runs.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Callable
 
 from agent.connection.facts import ConnectionFacts
 from agent.proxy import mux as M
+from agent.proxy.budget import BufferBudget
 from agent.proxy.endpoints import Leg, TlsLeg
 from agent.proxy.header import (PeerProtocolError, StatusReply, decode_connect_body,
                                 decode_status_body, encode_connect_body, encode_status_body)
@@ -46,6 +54,12 @@ class Stream(Leg):
         self._reading_paused = False
         self._unreturned = 0
         self._finished = False
+        # the budget (only with session.budget): bytes held in the workload's socket buffer as last
+        # reported, credit held back to shrink the peer's window, and when to return credit
+        self._sink: Leg | None = None
+        self._held = 0
+        self._debt = 0
+        self._threshold = CREDIT_THRESHOLD
 
     # -- as a leg (called by the relay) ---------------------------------------------------------
     def write(self, data: bytes | memoryview) -> None:
@@ -73,13 +87,22 @@ class Stream(Leg):
         self._finish_if_done()
 
     def pause_reading(self) -> None:
+        """The workload's socket is full (its transport above its high-water mark): hold credit back, and
+        from now on count what its transport holds against the budget."""
         self._reading_paused = True
+        if self._sink is not None:
+            self._settle()
 
     def resume_reading(self) -> None:
         self._reading_paused = False
+        if self._held:  # drained below the low-water mark: what is left is the connection's own margin
+            self._charge(-self._held)
         self._return_credit(force=True)
 
     def set_receiver(self, receiver) -> None:
+        if self.session.budget is not None:  # the leg this stream's data goes to (a relay's other side)
+            peer_of = getattr(receiver, "peer_of", None)
+            self._sink = peer_of(self) if peer_of is not None else None
         super().set_receiver(receiver)
         self._return_credit(force=True)
 
@@ -105,12 +128,14 @@ class Stream(Leg):
         if self.peer_eof:
             raise M.MuxProtocolError(f"DATA after FIN on stream {self.id}")
         self._unreturned += len(payload)
-        if self._unreturned > M.INITIAL_WINDOW + CREDIT_THRESHOLD:
+        if self._unreturned + self._debt > M.INITIAL_WINDOW + CREDIT_THRESHOLD:
             raise M.MuxProtocolError(f"stream {self.id} sent beyond its window")
         if type(payload) is memoryview:
             self._deliver_view(payload)
         else:
             self._deliver(payload)
+        if self._reading_paused and self._sink is not None:
+            self._settle()
         self._return_credit()
 
     def on_fin(self) -> None:
@@ -166,9 +191,32 @@ class Stream(Leg):
     def _return_credit(self, force: bool = False) -> None:
         if self._reading_paused or self.receiver is None or self.peer_eof or not self._unreturned:
             return
-        if force or self._unreturned >= CREDIT_THRESHOLD:
-            self.session.send(M.encode_window(self.id, self._unreturned))
+        if force or self._unreturned >= self._threshold:
+            credit = self._unreturned
+            budget = self.session.budget
+            if budget is not None:  # shrink (or grow back) the peer's window to what the budget allows now
+                window = budget.window(self.session.identity)
+                target = M.INITIAL_WINDOW - window
+                credit += self._debt - target
+                self._threshold = max(1, min(CREDIT_THRESHOLD, window // 4))
+                if credit <= 0:
+                    self._debt += self._unreturned
+                    self._unreturned = 0
+                    return
+                self._debt = target
+            self.session.send(M.encode_window(self.id, credit))
             self._unreturned = 0
+
+    def _settle(self) -> None:
+        """Report to the budget what the workload's socket buffer holds now (while the socket is full)."""
+        if not self._finished and self._sink is not None:
+            held = self._sink.write_buffer_size()
+            if held != self._held:
+                self._charge(held - self._held)
+
+    def _charge(self, delta: int) -> None:
+        self._held += delta
+        self.session.budget.adjust(self.session.identity, delta)  # type: ignore[union-attr]
 
     def _finish_if_done(self) -> None:
         if self.eof_sent and not self._fin_queued and self.peer_eof:
@@ -176,6 +224,8 @@ class Stream(Leg):
 
     def _end(self) -> None:
         self._finished = True
+        if self._held:
+            self._charge(-self._held)
         self.session.forget(self)
 
 
@@ -183,8 +233,12 @@ class MuxSession:
     """Frames in and out of one TLS leg; the client opens odd stream ids, the server answers them."""
 
     def __init__(self, tls: TlsLeg, client: bool, on_open: Callable[[Stream, ConnectionFacts], None] | None = None,
-                 on_bad_open: Callable[[Stream, str], None] | None = None) -> None:
+                 on_bad_open: Callable[[Stream, str], None] | None = None, gate: "BufferGate | None" = None,
+                 identity: str = "") -> None:
         self.tls = tls
+        self.gate = gate
+        self.budget = gate.budget if gate is not None else None
+        self.identity = identity  # the local workload identity whose streams these are (the budget's key)
         self.client = client
         self.on_open = on_open
         self.on_bad_open = on_bad_open
@@ -204,6 +258,8 @@ class MuxSession:
         callbacks may run before this returns (they get the stream; ``stream.session`` is this)."""
         self.tls.set_receiver(self)
         self.tls.resume_reading()
+        if self.gate is not None:
+            self.gate.join(self)
         return self
 
     # -- client side ----------------------------------------------------------------------------
@@ -342,3 +398,37 @@ class MuxSession:
         for stream in list(self.streams.values()):
             stream.on_reset(exc)
         self.streams.clear()
+        if self.gate is not None:
+            self.gate.leave(self)
+
+
+class BufferGate:
+    """The budget's hands on the tunnels: pauses reading on every tunnel of an identity the budget stalls
+    (a tunnel that joins while its identity is stalled starts paused), and resumes them when it may take
+    again. One per agent, shared by both sides."""
+
+    def __init__(self, budget: BufferBudget) -> None:
+        self.budget = budget
+        budget.on_stall = self._stall
+        budget.on_resume = self._resume
+        self._sessions: dict[str, set[MuxSession]] = {}
+
+    def join(self, session: MuxSession) -> None:
+        self._sessions.setdefault(session.identity, set()).add(session)
+        if session.identity in self.budget.stalled:
+            session.tls.pause_reading()
+
+    def leave(self, session: MuxSession) -> None:
+        sessions = self._sessions.get(session.identity)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._sessions[session.identity]
+
+    def _stall(self, identity: str) -> None:
+        for session in self._sessions.get(identity, ()):
+            session.tls.pause_reading()
+
+    def _resume(self, identity: str) -> None:
+        for session in self._sessions.get(identity, ()):
+            session.tls.resume_reading()

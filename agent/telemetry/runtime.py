@@ -8,6 +8,10 @@
     tcpmesh_agent_outbound_tunnels       pooled outbound tunnels              } last sample
     tcpmesh_agent_limited_connections    connections counted by agent.proxy.limits, by reporter
     tcpmesh_agent_pending_handshakes     inbound TLS handshakes not yet authenticated (proxy.max_handshakes)
+    tcpmesh_buffered_bytes               bytes held for workloads that do not read  } agent.proxy.budget,
+    tcpmesh_buffer_budget_bytes          the node-wide budget for them              } sampled likewise
+    tcpmesh_buffer_stalled_identities    identities whose tunnels are paused now    }
+    tcpmesh_buffer_stalls_total          times an identity was stalled              }
 
 Loop-side state is only ever read on the loop (``sample``); the collector, on the admin thread,
 reads the plain numbers of the last sample, never a live dict.
@@ -21,7 +25,7 @@ import os
 import resource
 from typing import Any, Callable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("tcpmesh.telemetry")
@@ -43,6 +47,10 @@ class RuntimeStats(Collector):
             "limited": {reporter: limits.active for reporter, limits in self._ctx.limits.items()},
             "pending_handshakes": self._ctx.handshakes.active if self._ctx.handshakes is not None else 0,
         }
+        gate = getattr(self._ctx, "buffer_gate", None)
+        if gate is not None:
+            budget = gate.budget
+            self.last["buffer"] = (budget.held, budget.total, len(budget.stalled), budget.stalls)
         return self.last
 
     async def sample_forever(self, interval: float) -> None:
@@ -77,3 +85,13 @@ class RuntimeStats(Collector):
         for reporter, active in sorted(last["limited"].items()):
             limited.add_metric([reporter], active)
         yield limited
+        if "buffer" in last:
+            held, total, stalled, stalls = last["buffer"]
+            yield GaugeMetricFamily("tcpmesh_buffered_bytes", "Bytes the agent holds for workloads whose sockets "
+                                    "are full (counted against proxy.buffer_budget_bytes)", value=held)
+            yield GaugeMetricFamily("tcpmesh_buffer_budget_bytes", "The node-wide budget for those bytes "
+                                    "(proxy.buffer_budget_bytes, or a quarter of the cgroup memory limit)", value=total)
+            yield GaugeMetricFamily("tcpmesh_buffer_stalled_identities", "Identities whose tunnels are paused now "
+                                    "because they hold their share of the buffer budget", value=stalled)
+            yield CounterMetricFamily("tcpmesh_buffer_stalls", "Times an identity's tunnels were paused because it "
+                                      "held its share of the buffer budget (or the budget was full)", value=stalls)

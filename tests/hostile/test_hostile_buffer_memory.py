@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -152,11 +153,14 @@ def memory_limited_agent(lab, node_name: str, limit: int):
         made.mkdir()
         (made / "memory.limit_in_bytes").write_text(str(limit))
         argv = [sys.executable, "-c", JOIN_V1, str(made / "cgroup.procs"), *DEFAULT_AGENT_ARGV]
+    record = None
     try:
-        labops.lab_restart_agent(lab.name, node_name, agent_argv=argv)
+        record = labops.lab_restart_agent(lab.name, node_name, agent_argv=argv)
         yield
     finally:
-        if made is not None:  # the agent leaves the cgroup before it can be removed
+        if made is not None:  # the agent (started here: its argv is the launcher's) leaves the cgroup first
+            if record is not None:
+                stop_process(record.pid)
             lab.stop_apps()
             labops.lab_down(lab.name)
             for _ in range(50):
@@ -167,18 +171,47 @@ def memory_limited_agent(lab, node_name: str, limit: int):
                     time.sleep(0.1)
 
 
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                break
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def budget_lab(bpf_capable):
     with running_lab("bm", "bm.tcpmesh", pods_per_node=2) as lab:
-        # the node's own TCP send buffers stay small, so the shared machine's kernel memory stays small too
-        subprocess.run(["ip", "netns", "exec", lab.node(2).netns, "sysctl", "-q", "-w",
-                        "net.ipv4.tcp_wmem=4096 16384 262144"], check=True)
+        # the nodes' TCP buffers stay small, so the shared machine's kernel memory stays small too: the
+        # attack is about what the agent holds in user space
+        for index in (1, 2):
+            for knob in ("tcp_wmem", "tcp_rmem"):
+                subprocess.run(["ip", "netns", "exec", lab.node(index).netns, "sysctl", "-q", "-w",
+                                f"net.ipv4.{knob}=4096 65536 262144"], check=True)
         with memory_limited_agent(lab, "node2", LIMIT):
             yield lab
 
 
-def agent_pid(lab) -> int:
-    return json.loads(Path(lab.plan.state_file).read_text())["agents"]["node2"]["pid"]
+def agent_pid(lab, node: str = "node2") -> int:
+    return json.loads(Path(lab.plan.state_file).read_text())["agents"][node]["pid"]
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss(pid: int) -> int:
@@ -239,9 +272,13 @@ def test_streams_whose_reader_never_reads_stall_alone_and_the_agent_lives(budget
         opened = json.loads(attacker.stdout.readline())
         time.sleep(MEASURE_SECONDS)  # the windows fill
         alive_mid = os.path.exists(f"/proc/{pid}")
+        watched = {"agent2": pid, "agent1": agent_pid(lab, "node1"), "attacker": attacker.pid}
+        cpu_before = {name: cpu_seconds(p) for name, p in watched.items()}
         loaded = exchange_rate(lab, MEASURE_SECONDS)
+        cpu_during = {name: round(cpu_seconds(p) - cpu_before[name], 2) for name, p in watched.items()}
+        rss_agent1 = rss(watched["agent1"])
         buffered = metric(lab, 2, "tcpmesh_buffered_bytes") if alive_mid else None
-        pressure = metric(lab, 2, "tcpmesh_buffer_pressure_total") if alive_mid else None
+        pressure = metric(lab, 2, "tcpmesh_buffer_stalls_total") if alive_mid else None
         done = json.loads(attacker.communicate(timeout=attack_seconds + 60)[0].strip().splitlines()[-1])
     finally:
         stop.set()
@@ -254,7 +291,8 @@ def test_streams_whose_reader_never_reads_stall_alone_and_the_agent_lives(budget
                "ratio": round(loaded["rate"] / unloaded["rate"], 3) if unloaded["rate"] else None,
                "budget_bytes": budget, "buffered_bytes": buffered, "pressure": pressure,
                "rss_before_mib": round(rss_before / 2**20, 1), "rss_peak_mib": round(peak[0] / 2**20, 1),
-               "agent_alive": alive}
+               "agent_alive": alive,
+               "cpu_s_while_measuring": cpu_during, "rss_agent1_mib": round(rss_agent1 / 2**20, 1)}
     record_property("figures", json.dumps(figures))
     print("FIGURES", json.dumps(figures))
     assert opened["opened"] >= STREAMS * 0.95, f"the attack did not happen: {figures}"
