@@ -41,7 +41,7 @@ from agent.proxy.limits import ConnectionLimits, fitting_cap, handshake_limits, 
 from agent.proxy.local import SameNodePath
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
-from agent.proxy.session import BufferGate
+from agent.proxy.session import BufferGate, wake_ended_forever
 from agent.proxy.upstream import transparent_allowed
 from agent.registry.model import Registry, Workload
 from agent.registry.static_file import load_registry_file
@@ -330,6 +330,8 @@ class Agent:
                           loop.create_task(ctx.report_forever(config.telemetry.report_interval_seconds)),
                           loop.create_task(self.rotator.run()),
                           loop.create_task(outbound.pool.reap_forever())]
+            if ctx.buffer_gate is not None:
+                background.append(loop.create_task(wake_ended_forever(ctx.buffer_gate)))
             idle = config.proxy.stream_idle_timeout_seconds
             if idle:
                 background.append(loop.create_task(sweep_idle_relays(

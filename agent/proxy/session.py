@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import time
 from typing import Callable
 
@@ -35,6 +36,8 @@ log = logging.getLogger("tcpmesh.session")
 SMALL_WRITE = 16 * 1024  # below this a frame header and its payload go out in one TLS write
 CREDIT_THRESHOLD = M.INITIAL_WINDOW // 4
 MAX_STREAMS_PER_SESSION = 4096
+TCP_ESTABLISHED = 1  # tcp_info.tcpi_state
+WAKE_INTERVAL = 1.0  # how often stalled tunnels are looked at for a peer that has gone (BufferGate.wake_ended)
 
 
 class Stream(Leg):
@@ -402,6 +405,27 @@ class MuxSession:
             self.gate.leave(self)
 
 
+def _established(sock) -> bool:
+    """Whether the kernel still has the TCP connection ESTABLISHED (no RST, no FIN from the peer)."""
+    if sock is None:
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_ESTABLISHED
+    except (OSError, ValueError):
+        return False
+
+
+async def wake_ended_forever(gate: "BufferGate", interval: float = WAKE_INTERVAL) -> None:
+    """``BufferGate.wake_ended`` every ``interval`` seconds, until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if gate.budget.stalled:
+                gate.wake_ended()
+        except Exception:  # a task root: one failed round must not end the watch
+            log.exception("looking for stalled tunnels whose peer has gone failed")
+
+
 class BufferGate:
     """The budget's hands on the tunnels: pauses reading on every tunnel of an identity the budget stalls
     (a tunnel that joins while its identity is stalled starts paused), and resumes them when it may take
@@ -412,6 +436,7 @@ class BufferGate:
         budget.on_stall = self._stall
         budget.on_resume = self._resume
         self._sessions: dict[str, set[MuxSession]] = {}
+        self._ending: set[MuxSession] = set()  # stalled tunnels whose peer has gone: read to their end
 
     def join(self, session: MuxSession) -> None:
         self._sessions.setdefault(session.identity, set()).add(session)
@@ -419,6 +444,7 @@ class BufferGate:
             session.tls.pause_reading()
 
     def leave(self, session: MuxSession) -> None:
+        self._ending.discard(session)
         sessions = self._sessions.get(session.identity)
         if sessions is not None:
             sessions.discard(session)
@@ -427,7 +453,23 @@ class BufferGate:
 
     def _stall(self, identity: str) -> None:
         for session in self._sessions.get(identity, ()):
-            session.tls.pause_reading()
+            if session not in self._ending:
+                session.tls.pause_reading()
+
+    def wake_ended(self) -> int:
+        """Resume reading on stalled tunnels whose peer has gone (its RST or FIN is in the kernel): the
+        session then reads to the end, resets its streams and their bytes go back to the budget. A paused
+        tunnel is not watched by the event loop, and the dialling side gives up on a tunnel that has shown
+        a zero window for ``proxy.tunnel_timeout_seconds`` (TCP_USER_TIMEOUT covers zero-window probes),
+        so without this the bytes would stay held until the idle sweep. Returns how many were woken."""
+        woken = 0
+        for identity in list(self.budget.stalled):
+            for session in list(self._sessions.get(identity, ())):
+                if session not in self._ending and not _established(session.tls.socket()):
+                    self._ending.add(session)
+                    session.tls.resume_reading()
+                    woken += 1
+        return woken
 
     def _resume(self, identity: str) -> None:
         for session in self._sessions.get(identity, ()):

@@ -287,11 +287,18 @@ def test_streams_whose_reader_never_reads_stall_alone_and_the_agent_lives(budget
             attacker.kill()
             attacker.wait()
     alive = os.path.exists(f"/proc/{pid}") and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    # the attacker is gone: what was held for it goes back to the budget (its stalled tunnel was given up
+    # by the dialling side's TCP_USER_TIMEOUT, or ends with its streams now)
+    deadline = time.monotonic() + 40
+    after = metric(lab, 2, "tcpmesh_buffered_bytes") if alive else None
+    while alive and after is not None and after > 1024 * 1024 and time.monotonic() < deadline:
+        time.sleep(1)
+        after = metric(lab, 2, "tcpmesh_buffered_bytes")
     figures = {"opened": opened, "attack": done, "unloaded": unloaded, "loaded": loaded,
                "ratio": round(loaded["rate"] / unloaded["rate"], 3) if unloaded["rate"] else None,
                "budget_bytes": budget, "buffered_bytes": buffered, "pressure": pressure,
                "rss_before_mib": round(rss_before / 2**20, 1), "rss_peak_mib": round(peak[0] / 2**20, 1),
-               "agent_alive": alive,
+               "agent_alive": alive, "buffered_after_attack": after,
                "cpu_s_while_measuring": cpu_during, "rss_agent1_mib": round(rss_agent1 / 2**20, 1)}
     record_property("figures", json.dumps(figures))
     print("FIGURES", json.dumps(figures))
@@ -301,5 +308,7 @@ def test_streams_whose_reader_never_reads_stall_alone_and_the_agent_lives(budget
     assert budget is not None and 0 < budget <= LIMIT // 2, figures
     assert peak[0] < budget + RSS_MARGIN, f"agent RSS above the budget plus {RSS_MARGIN >> 20} MiB: {figures}"
     assert pressure is not None and pressure > 0, figures
+    assert buffered is not None and 0 < buffered <= budget + 2 * 1024 * 1024, figures
+    assert after is not None and after <= 1024 * 1024, f"bytes still held after the attack ended: {figures}"
     assert unloaded["ok"] > 50, figures
     assert loaded["rate"] >= 0.5 * unloaded["rate"], f"the other pod slowed below half its rate: {figures}"

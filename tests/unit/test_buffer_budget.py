@@ -36,8 +36,9 @@ def test_never_over_budget_by_more_than_one_chunk_and_releasing_returns_everythi
         assert budget.held <= budget.total + CHUNK
         for other in held:
             assert budget.held_by(other) == held[other]
-            # told to stop exactly when it may not take more (the wiring pauses reading on that signal)
-            assert (other in budget.stalled) == (not budget.may_take(other)) or other in budget.stalled
+        for other in budget.stalled:  # a stalled identity stays stalled only while it may not take more
+            assert not budget.may_take(other)
+        assert set(stalls) >= budget.stalled and budget.stalls == len(stalls)
     assert all(i in IDENTITIES for i in stalls + resumes)
     for identity, amount in held.items():
         if amount:

@@ -26,7 +26,7 @@ def exported_names() -> set[str]:
     IssuerMetrics(registry)  # the issuer's (tcpmesh issuer run): documented in the same file
     runtime = RuntimeStats(ctx=None)
     runtime.last = {"asyncio_tasks": 0, "connection_tasks": 0, "relays": 0, "outbound_tunnels": 0, "pending_handshakes": 0,
-                    "limited": {"source": 0}}
+                    "limited": {"source": 0}, "buffer": (0, 0, 0, 0)}
     registry.register(runtime)
     registry.register(PlaintextCollector(lambda: {}, lambda: None, "node1"))
     registry.register(KernelTcpStats("/nonexistent/bpffs", "/nonexistent/cgroup", "/nonexistent/state",
