@@ -9,6 +9,7 @@ pods fail closed until the next start adopts it; `tcpmesh cleanup` removes it. N
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import signal
@@ -155,7 +156,16 @@ class Agent:
                            capture_mode=self.capture.name if self.capture is not None else "none (stopped)",
                            workloads=self.workloads.describe() if self.workloads is not None else [],
                            identities=identities, policy=policy_doc, registry=self._registry_status(),
-                           issuer=None)
+                           issuer=self._issuer_status())
+
+    def _issuer_status(self) -> dict | None:
+        """identity.mode issuer: what the node side knows of the issuer (agent.issuer.node_side.IssuerState);
+        None in node_ca mode ("not configured")."""
+        state = getattr(getattr(self.rotator, "_source", None), "state", None)
+        if self.config.identity.mode != "issuer" or state is None:
+            return None
+        return {"configured": True, "address": ", ".join(state.addresses),
+                **state.report(datetime.datetime.now(datetime.timezone.utc))}
 
     def _policy_explain(self, request: dict) -> dict:
         """The admin socket's policy.explain: the set in force (never the files on disk), and a refused change."""

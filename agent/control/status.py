@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 STATUS_VERSION = 1
-EXPIRY_WARNING_SECONDS = 600  # as the alert TcpmeshCertificateExpiresSoon
+RENEWAL_OVERDUE_SECONDS = 60  # an SVID whose renewal is this late (and not already failing) is a problem
 
 
 def node_status(*, node: str, now: float, ready: bool, not_ready_reason: str, capture_mode: str,
@@ -30,7 +30,8 @@ def node_status(*, node: str, now: float, ready: bool, not_ready_reason: str, ca
                        "captured": bool(w.get("captured")), "problem": w.get("problem", "")} for w in local],
         "remote_workloads": len(workloads) - len(local),
         "identities": [{"spiffe_id": i["spiffe_id"], "not_after": i["not_after"],
-                        "seconds_to_expiry": i["seconds_to_expiry"], "state": i["state"],
+                        "seconds_to_expiry": i["seconds_to_expiry"],
+                        "seconds_to_renewal": i.get("seconds_to_renewal", 0.0), "state": i["state"],
                         "last_error": i.get("last_error")} for i in identities],
         "policy": dict(policy), "registry": dict(registry),
         "issuer": dict(issuer) if issuer is not None else {"configured": False},
@@ -58,10 +59,11 @@ def problems(doc: Mapping[str, Any]) -> list[str]:
     for i in doc["identities"]:
         if i["state"] != "valid":
             found.append(f"identity {i['spiffe_id']} is {i['state']}" + (f": {i['last_error']}" if i["last_error"] else ""))
-        elif i["seconds_to_expiry"] < EXPIRY_WARNING_SECONDS:
-            found.append(f"identity {i['spiffe_id']} expires in {i['seconds_to_expiry']:.0f}s (renewal failing?)")
+        elif i["seconds_to_renewal"] < -RENEWAL_OVERDUE_SECONDS:
+            found.append(f"identity {i['spiffe_id']}: renewal overdue by {-i['seconds_to_renewal']:.0f}s, expires in "
+                         f"{i['seconds_to_expiry']:.0f}s")
     issuer = doc["issuer"]
-    if issuer.get("configured") and not issuer.get("reachable", False):
+    if issuer.get("configured") and issuer.get("reachable") is False:  # None: not asked yet
         found.append(f"issuer {issuer.get('address', '')} unreachable: {issuer.get('last_error') or 'no answer'}")
     return found
 
@@ -112,8 +114,11 @@ def format_status(doc: Mapping[str, Any]) -> str:
                  + ("healthy" if registry.get("healthy", True) else f"UNHEALTHY: {registry.get('last_error')}")
                  + (f" ({registry['errors']} refused version(s) since start)" if registry.get("errors") else ""))
     if issuer.get("configured"):
-        lines.append(f"  issuer       {issuer.get('address', '')}: "
-                     + ("reachable" if issuer.get("reachable") else f"UNREACHABLE: {issuer.get('last_error')}"))
+        reach = {True: f"reachable (last contact {issuer.get('last_contact')})", None: "not asked yet"}.get(
+            issuer.get("reachable"), f"UNREACHABLE: {issuer.get('last_error')}")
+        credential = (issuer.get("node_credential") or {}).get("not_after")
+        lines.append(f"  issuer       {issuer.get('address', '')}: {reach}"
+                     + (f"; node credential valid until {credential}" if credential else ""))
     else:
         lines.append("  issuer       not configured (this node signs with its own node CA)")
     lines += [f"  problem: {p}" for p in doc["problems"]]

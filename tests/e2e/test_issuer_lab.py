@@ -116,6 +116,10 @@ def test_flows_survive_a_killed_replica_and_an_issuer_outage_longer_than_a_renew
         held = serial()
         outage_started = time.monotonic()
         wait_until(lambda: certs(lab, 1)["issuer"]["reachable"] is False, 30, "the agent noticing the outage")
+        status = subprocess.run([sys.executable, "-m", "agent", "status", "--lab", lab.name, "--node", "node1"],
+                                capture_output=True, text=True, timeout=30)          # what an operator sees (#22)
+        assert status.returncode == 1 and "  issuer       " in status.stdout and ": UNREACHABLE: " in status.stdout
+        assert "problem: issuer " in status.stdout, status.stdout
         while time.monotonic() - outage_started < TTL * 0.52:              # longer than a renewal period (TTL/2)
             assert serial() == held
             time.sleep(0.2)

@@ -56,10 +56,21 @@ def test_not_ready_uncaptured_expiring_and_registry_errors_are_problems():
                  workloads=[{"name": "web", "namespace": "shop", "spiffe_id": "s", "local": True, "captured": False,
                              "problem": "cgroup /x does not exist"}],
                  identities=[{"spiffe_id": "s", "not_after": "2027-01-15T08:05:00+00:00", "seconds_to_expiry": 300.0,
-                              "state": "valid", "last_error": None}],
+                              "seconds_to_renewal": -900.0, "state": "valid", "last_error": None}],
                  registry={"source": "file", "healthy": False, "errors": 2, "last_error": "/r.yaml:3: ip: bad"})
     assert doc["problems"] == ["not ready: no policy set is in force: /p/x.yaml:1: kind: is required",
                                "registry source file: /r.yaml:3: ip: bad",
                                "workload shop/web is NOT captured: cgroup /x does not exist",
-                               "identity s expires in 300s (renewal failing?)"]
+                               "identity s: renewal overdue by 900s, expires in 300s"]
     assert "UNHEALTHY: /r.yaml:3: ip: bad (2 refused version(s) since start)" in format_status(doc)
+
+
+def test_the_issuer_is_shown_when_configured_and_unreachable_is_a_problem():
+    issuer = {"configured": True, "address": "10.0.0.1:15030", "reachable": False, "last_error": "connection refused",
+              "last_contact": None, "node_credential": {"not_after": "2027-01-16T07:00:00+00:00"}}
+    doc = status(issuer=issuer)
+    assert doc["problems"] == ["issuer 10.0.0.1:15030 unreachable: connection refused"]
+    assert ("issuer       10.0.0.1:15030: UNREACHABLE: connection refused; node credential valid until "
+            "2027-01-16T07:00:00+00:00") in format_status(doc)
+    asked_never = status(issuer={**issuer, "reachable": None})
+    assert asked_never["problems"] == [] and "not asked yet" in format_status(asked_never)
