@@ -1,9 +1,10 @@
 """``python -m bench``: the one entry point of the benchmark (``make bench``, ``make bench BENCH_QUICK=1``).
 
 Builds the world (bench/world.py), checks every path once, measures the load generator against a
-known-good tool, then repeats: idle memory, ping-pong, connection rate, bulk with 1 and 8 streams,
-1,000 held connections, for every path (their order rotates per repetition so no path always goes
-first), and the capture test. Then it writes the JSON results, the chart and — for a full run, or
+known-good tool, then repeats: idle memory, ping-pong, latency under load (8 connections: the most
+each path carries, then half the slowest tunnel's rate on every path), connection rate, bulk with 1
+and 8 streams, 1,000 held connections, for every path (their order rotates per repetition so no path
+always goes first), the capture test, and the same-node scenario (client and server pods on node2). Then it writes the JSON results, the chart and — for a full run, or
 with --record — a section of docs/benchmarks.md. A test that fails is recorded and the run goes on;
 the exit status is 1 if anything failed.
 """

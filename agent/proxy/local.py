@@ -21,9 +21,9 @@ inbound proxy would do, in process, with the same facts:
   the same way the tunnel's certificates are issued; docs/performance-latency.md "Same-node
   connections"), the same response flags and details a refusal gets cross-node.
 
-The bytes then move either in user space (agent.proxy.relay) or, where the kernel can and
-``proxy.same_node`` is ``kernel``, spliced socket to socket by the kernel (agent.proxy.splice). Must
-not import agent.proxy.outbound (which imports this) or any telemetry module.
+The bytes then move through agent.proxy.relay between the two plain sockets; a kernel path for
+them (sk_msg redirect between the pods' own sockets) is measured in docs/performance-latency.md and
+not built. Must not import agent.proxy.outbound (which imports this) or any telemetry module.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import asyncio
 import errno
 import logging
 import time
-from typing import Callable
 
 from agent.connection import flow as F
 from agent.identity.errors import IdentityError
@@ -45,9 +44,6 @@ from agent.proxy.server import ProxyContext
 from agent.proxy.upstream import SourceRefused, connect, source_for
 
 log = logging.getLogger("tcpmesh.local")
-
-MODES = ("kernel", "userspace", "tunnel")  # proxy.same_node; tunnel: today's path through the inbound proxy
-
 
 def _paused_leg() -> PlainLeg:
     return PlainLeg(start_paused=True)
@@ -89,9 +85,8 @@ class _DestinationView:
 class SameNodePath:
     """Serves connections routed to a workload of this node (``applies``), in process."""
 
-    def __init__(self, ctx: ProxyContext, mover: Callable[[PlainLeg, PlainLeg], object] | None = None) -> None:
+    def __init__(self, ctx: ProxyContext) -> None:
         self._ctx = ctx
-        self._mover = mover or Relay  # (app, workload) → an object with Relay's interface
 
     def applies(self, route: OutboundRoute) -> bool:
         return route.destination is not None and route.destination.node == self._ctx.node_name
@@ -181,7 +176,7 @@ class SameNodePath:
     async def _move(self, app: PlainLeg, upstream: PlainLeg, flow: F.Flow, dst: F.Flow) -> None:
         """Both records run and end with the one mover; live telemetry and the idle sweep see both."""
         ctx = self._ctx
-        mover = self._mover(app, upstream)
+        mover = Relay(app, upstream)
         view = _DestinationView(mover)
         ctx.relays[mover] = flow
         ctx.relays[view] = dst
