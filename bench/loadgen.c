@@ -324,6 +324,7 @@ static int load(const char *host, const char *port, double seconds, size_t size,
         c[i].fd = blocking_connect(&sa);
         for (int k = 0; k < 50; k++) /* warm-up */
             if (write_full(c[i].fd, msg, size) || read_full(c[i].fd, buf, size)) die("warm-up exchange");
+        fcntl(c[i].fd, F_SETFL, fcntl(c[i].fd, F_GETFL) | O_NONBLOCK); /* a read after epoll never blocks */
         struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)i};
         epoll_ctl(ep, EPOLL_CTL_ADD, c[i].fd, &ev);
     }
