@@ -39,9 +39,10 @@ from agent.proxy.authorize import authorized
 from agent.proxy.endpoints import PlainLeg
 from agent.proxy.header import Status, StatusReply
 from agent.proxy.relay import Relay
-from agent.proxy.routing import OutboundRoute
+from agent.proxy.routing import OutboundRoute, dialled_service
 from agent.proxy.server import ProxyContext
 from agent.proxy.upstream import SourceRefused, connect, source_for
+from agent.registry.model import Workload
 
 log = logging.getLogger("tcpmesh.local")
 
@@ -98,16 +99,23 @@ class SameNodePath:
         source, destination = route.source, route.destination
         assert source is not None and destination is not None
         ctx.flow_opened(flow)
+        missing = self._svid_problem("source", source)
+        if missing:  # as the tunnel path: no SVID to present, no destination asked, no destination record
+            flow.fail(F.FLAG_NO_IDENTITY, f"no SVID for {source.spiffe_id.uri} on this node yet: {missing}")
+            log.warning("flow %s from %s refused: %s", flow.flow_id, flow.source_principal, flow.detail)
+            app.reset()
+            return
         dst = F.Flow(F.REPORTER_DESTINATION, flow.facts, security=F.SECURITY_MTLS)
         dst.set_source(source)
         dst.set_destination(destination)
+        dst.set_service(dialled_service(ctx.registry(), flow.facts.service, destination))  # as the inbound side
         limits = ctx.limits.get(F.REPORTER_DESTINATION)
         counted = False
         upstream: PlainLeg | None = None
         opened = False
         try:
-            problem = self._identity_problem(route)
-            if problem:
+            problem = self._svid_problem("destination", destination)
+            if problem:  # cross-node the destination node could not serve its identity
                 self._refuse(app, flow, dst, Status.DENIED, F.FLAG_IDENTITY_ERROR, F.FLAG_DENY, problem)
                 return
             if limits is not None:
@@ -135,18 +143,16 @@ class SameNodePath:
             if opened or dst.response_flags != F.FLAG_NONE:
                 ctx.flow_closed(dst)
 
-    def _identity_problem(self, route: OutboundRoute) -> str:
-        """Why the node could not have made this connection's tunnel ("" when it could): it holds a
-        current SVID for the source (to present) and for the destination (to serve)."""
-        now = time.time()
-        for role, workload in (("source", route.source), ("destination", route.destination)):
-            try:
-                svid = self._ctx.identities.svid(workload.spiffe_id)
-            except IdentityError as exc:
-                return f"same-node {role} {workload.key}: {exc}"
-            if svid.not_after.timestamp() <= now:
-                return (f"same-node {role} {workload.key}: its SVID expired at {svid.not_after.isoformat()} "
-                        "(the node's identity rotation is behind; see `tcpmesh doctor`)")
+    def _svid_problem(self, role: str, workload: Workload) -> str:
+        """Why the node holds no current SVID for ``workload`` ("" when it does): without one the tunnel
+        could not be made (the source's to present, the destination's to serve)."""
+        try:
+            svid = self._ctx.identities.svid(workload.spiffe_id)
+        except IdentityError as exc:
+            return f"same-node {role} {workload.key}: {exc}"
+        if svid.not_after.timestamp() <= time.time():
+            return (f"same-node {role} {workload.key}: its SVID expired at {svid.not_after.isoformat()} "
+                    "(the node's identity rotation is behind; see `tcpmesh doctor`)")
         return ""
 
     async def _connect(self, app: PlainLeg, flow: F.Flow, dst: F.Flow, route: OutboundRoute) -> PlainLeg | None:
