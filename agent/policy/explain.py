@@ -88,25 +88,24 @@ def _listed(patterns: tuple) -> str:
 
 def _source_miss(source: Source, request: Request) -> str:
     """Why ``source`` does not match the request's client; "" when it does."""
-    principal, namespace = request.source_principal, request.source_namespace
-    if source.principals:
-        if principal is None:
-            return (f"principals [{_listed(source.principals)}] name identities, which a plaintext client "
-                    "(no mTLS) has none of")
-        if not any(matches_pattern(p, principal) for p in source.principals):
-            return f"principal {principal} is not one of principals [{_listed(source.principals)}]"
-    excluded = [p for p in source.not_principals if matches_pattern(p, principal)]
+    return (_field_miss("principal", "principals", source.principals, source.not_principals,
+                        request.source_principal, "name identities, which a plaintext client (no mTLS) has none of")
+            or _field_miss("source namespace", "namespaces", source.namespaces, source.not_namespaces,
+                           request.source_namespace,
+                           "name the client's namespace, which a plaintext client (no identity) has none of"))
+
+
+def _field_miss(what: str, field: str, patterns: tuple[str, ...], not_patterns: tuple[str, ...], value: str | None,
+                absent: str) -> str:
+    """Why ``value`` misses ``field`` (and its not-field); "" when it matches. ``absent``: said of a plaintext client."""
+    if patterns:
+        if value is None:
+            return f"{field} [{_listed(patterns)}] {absent}"
+        if not any(matches_pattern(p, value) for p in patterns):
+            return f"{what} {value} is not one of {field} [{_listed(patterns)}]"
+    excluded = [p for p in not_patterns if matches_pattern(p, value)]
     if excluded:
-        return f"principal {principal} is excluded by notPrincipals [{_listed(excluded)}]"
-    if source.namespaces:
-        if namespace is None:
-            return (f"namespaces [{_listed(source.namespaces)}] name the client's namespace, which a plaintext "
-                    "client (no identity) has none of")
-        if not any(matches_pattern(n, namespace) for n in source.namespaces):
-            return f"source namespace {namespace} is not one of namespaces [{_listed(source.namespaces)}]"
-    excluded = [n for n in source.not_namespaces if matches_pattern(n, namespace)]
-    if excluded:
-        return f"source namespace {namespace} is excluded by notNamespaces [{_listed(excluded)}]"
+        return f"{what} {value} is excluded by not{field[0].upper()}{field[1:]} [{_listed(excluded)}]"
     return ""
 
 
