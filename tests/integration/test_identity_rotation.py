@@ -38,7 +38,7 @@ from agent.telemetry.metrics import Metrics
 TD = "rot.tcpmesh"
 NODE1, NODE2 = "127.0.0.21", "127.0.0.22"
 CLIENT_IP, SERVER_IP = "127.0.3.1", "127.0.4.1"
-TTL = 2  # seconds: a renewal about every second
+TTL = 8  # seconds: a renewal about every four (shorter TTLs expired under load: each renewal runs a minting worker)
 RENEWALS = 3
 CHUNK = 16 * 1024
 
@@ -54,11 +54,11 @@ def serial_of(der: bytes) -> int:
 
 
 class Node:
-    def __init__(self, tmp_path, name: str, registry) -> None:
+    def __init__(self, tmp_path, name: str, registry, ttl: float = TTL) -> None:
         self.name = name
         self.metrics = Metrics(CollectorRegistry())
         issue_node_files(tmp_path / "root", name, tmp_path / name)
-        self.rotator = IdentityRotator(CaSource(str(tmp_path / name), node=name), ttl_seconds=TTL,
+        self.rotator = IdentityRotator(CaSource(str(tmp_path / name), node=name), ttl_seconds=ttl,
                                        min_ttl_seconds=DEV_MIN_TTL_SECONDS, metrics=self.metrics, poll_seconds=0.5)
         self.rotator.store.ensure(registry.identities_on(name))
         self.flows = FlowTable()
@@ -68,15 +68,19 @@ class Node:
                                                       {"workload": spiffe_id.uri}) or 0
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
-    init_ca(TD, tmp_path / "root")
-    registry = parse_registry({
+def registry_of_two_nodes():
+    return parse_registry({
         "nodes": [{"name": "node1", "address": NODE1}, {"name": "node2", "address": NODE2}],
         "workloads": [
             {"name": "web", "namespace": "shop", "service_account": "web", "ip": CLIENT_IP, "node": "node1"},
             {"name": "db", "namespace": "data", "service_account": "postgres", "ip": SERVER_IP, "node": "node2"},
         ]}, TD)
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    init_ca(TD, tmp_path / "root")
+    registry = registry_of_two_nodes()
     return registry, Node(tmp_path, "node1", registry), Node(tmp_path, "node2", registry)
 
 
@@ -139,7 +143,7 @@ def test_long_lived_flow_streams_across_renewals_while_new_handshakes_use_new_se
             sent, received = hashlib.sha256(), hashlib.sha256()
             sent_bytes = received_bytes = 0
             server_serials, client_serials, short_flows = set(), set(), 0
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 60
             next_probe = 0.0
             while min(node1.renewals(web), node2.renewals(db)) < RENEWALS:
                 assert time.monotonic() < deadline, "renewals did not happen in time"
@@ -196,7 +200,78 @@ def test_long_lived_flow_streams_across_renewals_while_new_handshakes_use_new_se
             if pool is not None:
                 pool.close_all("test over")
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_new_connections_work_after_the_client_s_first_svid_expired_while_its_tunnel_is_held(tmp_path) -> None:
+    """The destination takes no new streams on a tunnel whose client certificate has expired (#15 item 1).
+    The client's SVID lives seconds, the server's an hour, and a connection held on the first tunnel
+    keeps that tunnel open past the client's first SVID: a new connection after that expiry still goes
+    through (a renewed client context is a new pool key, and a refused stream is retried on a new
+    tunnel), and the held connection is not cut."""
+    init_ca(TD, tmp_path / "root")
+    registry = registry_of_two_nodes()
+    node1, node2 = Node(tmp_path, "node1", registry, ttl=TTL), Node(tmp_path, "node2", registry, ttl=3600)
+    web = registry.by_ip(CLIENT_IP).spiffe_id
+
+    async def echo(reader, writer):
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        inbound_port, backend_port = free_port(NODE2), free_port(SERVER_IP)
+        contexts = {node.name: ProxyContext(loop=loop, node_name=node.name, registry=lambda: registry,
+                                            identities=node.rotator.store, metrics=node.metrics, flows=node.flows,
+                                            inbound_port=inbound_port, connect_timeout=2.0) for node in (node1, node2)}
+        origin = Origin(SERVER_IP, backend_port, os.getpid(), os.getuid(), 1, 1, "pytest")
+        outbound = OutboundProxy(contexts["node1"], lambda sock: origin)
+        inbound = InboundProxy(contexts["node2"])
+        servers = [await asyncio.start_server(echo, SERVER_IP, backend_port),
+                   await loop.create_server(outbound.protocol_factory, NODE1, 0),
+                   await loop.create_server(inbound.protocol_factory, NODE2, inbound_port)]
+        outbound_address = servers[1].sockets[0].getsockname()[:2]
+        rotation = loop.create_task(node1.rotator.run())
+
+        async def connect():
+            sock = socket.socket()
+            sock.bind((CLIENT_IP, 0))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, outbound_address)
+            return await asyncio.open_connection(sock=sock)
+
+        async def ping() -> bytes:
+            reader, writer = await connect()
+            writer.write(b"ping")
+            writer.write_eof()
+            try:
+                return await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+
+        try:
+            first_not_after = node1.rotator.store.svid(web).not_after.timestamp()
+            held_reader, held_writer = await connect()  # keeps the first tunnel (first client SVID) open
+            held_writer.write(b"held")
+            assert await asyncio.wait_for(held_reader.readexactly(4), 5) == b"held"
+            while time.time() < first_not_after + 1:
+                await asyncio.sleep(0.2)
+            assert node1.rotator.store.svid(web).not_after.timestamp() > first_not_after, "no renewal happened"
+            assert await ping() == b"ping", "a new connection after the client's first SVID expired failed"
+            held_writer.write(b"still")  # the held connection is not cut by the new tunnel
+            assert await asyncio.wait_for(held_reader.readexactly(5), 5) == b"still"
+            held_writer.close()
+        finally:
+            rotation.cancel()
+            for server in servers:
+                server.close()
+            for ctx in contexts.values():
+                await ctx.drain(0.5)
+            outbound.pool.close_all("test over")
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
 def test_admin_endpoint_and_cert_inspect_show_serials_and_roots_but_no_keys(two_nodes, caplog) -> None:
