@@ -169,6 +169,7 @@ ARCHIVE_ROOT = "/var/log/tcpmesh-lab"
 @lab.command()
 @_name_option
 @click.option("--archive-dir", default=ARCHIVE_ROOT, show_default=True, type=click.Path(file_okay=False),
+              envvar="TCPMESH_LAB_ARCHIVE_DIR", show_envvar=True,
               help="Where the nodes' access/audit logs and keys are kept, in <dir>/<name>-<UTC time>/<node>/.")
 @click.option("--no-archive", is_flag=True, help="Delete the access logs with the lab instead.")
 def down(name: str, state_root: str, archive_dir: str, no_archive: bool) -> None:

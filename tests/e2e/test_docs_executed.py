@@ -89,7 +89,8 @@ def test_every_command_block_of_the_page_runs_as_written(doc, bpf_capable, tmp_p
     lab = f"doc{uuid.uuid4().hex[:6]}"
     blocks = page_blocks(doc, lab)
     assert blocks, f"{doc} has no command block"
-    env = {**os.environ, "TCPMESH_LAB": lab}
+    env = {**os.environ, "TCPMESH_LAB": lab,
+           "TCPMESH_LAB_ARCHIVE_DIR": str(tmp_path / "lab-archive")}  # the pages' `lab down` keeps logs there, not in /var/log
     env.pop("VIRTUAL_ENV", None)
     if sys.prefix != sys.base_prefix:  # the reader's PATH: the venv comes first only once the page activates it
         venv_bin = os.path.dirname(sys.executable)
