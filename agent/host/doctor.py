@@ -367,7 +367,7 @@ def doctor(as_json: bool, config_path: str | None, assume_missing: tuple[str, ..
         from agent.host import readiness
 
         report["policy"] = readiness.policy_status(config.policy.dir)
-        report["running_agent"] = readiness.running_agent(config.admin.address, config.admin.port)
+        report["running_agent"] = readiness.running_agent(config.admin.socket)
         report["can_run"] = report["can_run"] and report["policy"]["loads"]
         if text is not None:
             text = "\n".join([text, "", *readiness.render(report["policy"], report["running_agent"])])

@@ -3,19 +3,21 @@
 Two questions beyond the kernel probes: does ``policy.dir`` load as the agent would load it at start
 (a set that cannot be loaded keeps the agent not ready and the pods' connections refused —
 docs/policy.md "At start"), and what does the running agent's ``/readyz`` answer (its body names
-the reason when it is 503). Reads files and makes one loopback-or-admin-address HTTP GET; imports
-only the pure policy modules of the agent.
+the reason when it is not ready). Reads files and asks the agent's admin socket (``admin.socket``) for
+its status, as every other command that talks to an agent does; imports only the pure policy modules
+of the agent and the admin socket's client.
 """
 
 from __future__ import annotations
 
-import http.client
 from typing import Mapping
 
+from agent import admin_client
+from agent.errors import TcpmeshError
 from agent.policy.loader import PolicyError
 from agent.policy.source import PolicySource
 
-READYZ_TIMEOUT_SECONDS = 1.0
+STATUS_TIMEOUT_SECONDS = 2.0
 
 
 def policy_status(directory: str) -> dict:
@@ -29,19 +31,14 @@ def policy_status(directory: str) -> dict:
                       f"{len(policies.peer_authentication)} PeerAuthentication"}
 
 
-def running_agent(address: str, port: int) -> dict:
-    """{"url", "reachable", "ready", "detail"} from GET /readyz of the admin endpoint."""
-    url = f"http://{address}:{port}/readyz"
-    conn = http.client.HTTPConnection(address, port, timeout=READYZ_TIMEOUT_SECONDS)
+def running_agent(socket_path: str) -> dict:
+    """{"socket", "reachable", "ready", "detail"} from the ``status`` of the agent at ``socket_path``."""
     try:
-        conn.request("GET", "/readyz")
-        response = conn.getresponse()
-        body = response.read().decode(errors="replace").strip()
-    except OSError as exc:
-        return {"url": url, "reachable": False, "ready": False, "detail": f"no agent answers: {exc}"}
-    finally:
-        conn.close()
-    return {"url": url, "reachable": True, "ready": response.status == 200, "detail": body}
+        doc = admin_client.ask(socket_path, {"op": "status"}, timeout=STATUS_TIMEOUT_SECONDS)["status"]
+    except TcpmeshError as exc:
+        return {"socket": socket_path, "reachable": False, "ready": False, "detail": f"no agent answers: {exc}"}
+    detail = "ready" if doc.get("ready") else f"not ready: {doc.get('not_ready_reason') or 'no reason given'}"
+    return {"socket": socket_path, "reachable": True, "ready": bool(doc.get("ready")), "detail": detail}
 
 
 def render(policy: Mapping, agent: Mapping) -> list[str]:
@@ -53,5 +50,5 @@ def render(policy: Mapping, agent: Mapping) -> list[str]:
                  "  an agent starting now stays NOT READY and the pods' connections are refused until it loads "
                  "(docs/policy.md \"At start\")"]
     state = ("ready" if agent["ready"] else "NOT READY") if agent["reachable"] else "not running"
-    lines.append(f"running agent ({agent['url']}): {state}: {agent['detail']}")
+    lines.append(f"running agent ({agent['socket']}): {state}: {agent['detail']}")
     return lines

@@ -14,7 +14,10 @@ files' decisions.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -112,6 +115,14 @@ def assert_files_decide(lab) -> None:
     assert reaches(lab, "n1p1"), "n1p1 is allowed by the files and must get through the mesh"
 
 
+def doctor_of(node) -> dict:
+    """`tcpmesh doctor --config` of a lab node, run from the host as an operator would (JSON)."""
+    out = subprocess.run([sys.executable, "-m", "agent", "doctor", "--config", node.config_file, "--json"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode in (0, 1), out.stderr
+    return json.loads(out.stdout)
+
+
 def restart_and_attack(lab, expected_in_reason: str) -> None:
     """Restart node2's agent with an unloadable policy set; attack while it starts; check what it says."""
     node = lab.node(2)
@@ -139,6 +150,11 @@ def test_a_typo_at_restart_keeps_the_denied_pod_out_until_it_is_fixed(lab):
     assert not reaches(lab, "n1p2")
 
     restart_and_attack(lab, "typo.yaml:4: spec.action")
+    doctor = doctor_of(lab.node(2))
+    assert not doctor["policy"]["loads"] and "typo.yaml:4: spec.action" in doctor["policy"]["detail"], doctor["policy"]
+    running = doctor["running_agent"]
+    assert running["reachable"] and not running["ready"] and "typo.yaml:4: spec.action" in running["detail"], running
+    assert not doctor["can_run"]
 
     os.unlink(f"{policy_dir(lab)}/typo.yaml")
     wait_until(lambda: (readyz(lab) or (0, ""))[0] == 200, "readiness after the fix", timeout=READY_AFTER_FIX)
