@@ -10,6 +10,7 @@ nothing touches the root netns or the root cgroup; everything is removed in ``fi
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from dataclasses import dataclass
@@ -19,21 +20,34 @@ import pytest
 from tests.bpf.bpfworld import NETNS_DIR, NODE_IP, REDIRECT_PORT, Client, mesh_capture, plumb_node_and_pod, remove_namespaces, socket_in
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``slots_6_12`` check the slot arrays, which ebpf-connect uses only on Linux >= 6.12
-    (docs/kernels.md): on older kernels they are deselected (not skipped: nothing is missing, the path
-    does not exist there), and the run says so."""
-    from agent.capture.connect_mode import connect_sets_cb_flags
+# marker -> (the first kernel that has the feature, what the feature is); docs/kernels.md
+KERNEL_FEATURE_MARKERS = {
+    "slots_6_12": ((6, 12), "slot-array tests (ebpf-connect uses the slot arrays only from 6.12)"),
+    "netns_cookie_5_14": ((5, 14), "host-network guard exemption tests (SO_NETNS_COOKIE is 5.14+)"),
+}
 
-    if connect_sets_cb_flags(os.uname().release):
-        return
-    kept, dropped = [], []
-    for item in items:
-        (dropped if item.get_closest_marker("slots_6_12") else kept).append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
-        print(f"\nkernel {os.uname().release} < 6.12: {len(dropped)} slot-array tests deselected (docs/kernels.md)")
+
+def kernel_version(release: str) -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", release)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked with a feature of KERNEL_FEATURE_MARKERS need a kernel that has it: on older kernels
+    they are deselected (not skipped: nothing is missing, the path does not exist there; the product
+    refuses the setting with the fix, tested by ``*_before_*`` tests), and the run says so."""
+    release = os.uname().release
+    version = kernel_version(release)
+    for marker, (since, what) in KERNEL_FEATURE_MARKERS.items():
+        if version >= since:
+            continue
+        kept, dropped = [], []
+        for item in items:
+            (dropped if item.get_closest_marker(marker) else kept).append(item)
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = kept
+            print(f"\nkernel {release} < {since[0]}.{since[1]}: {len(dropped)} {what} deselected (docs/kernels.md)")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ import uuid
 
 import pytest
 
-from agent.capture.connect_mode import SO_NETNS_COOKIE
+from agent.capture.connect_mode import SO_NETNS_COOKIE, own_netns_cookie
+from agent.errors import EnvironmentProblem
+from tests.bpf.conftest import kernel_version
 from tests.bpf.bpfworld import NODE_IP, POD_IP, REDIRECT_PORT, mesh_capture, socket_in
 from tests.bpf.test_connect_capture import REMOTE, delta
 
@@ -75,6 +77,7 @@ def pod_server(topology, kubepods):
         sock.close()
 
 
+@pytest.mark.netns_cookie_5_14
 def test_the_agent_below_kubepods_connects_while_an_uncaptured_pod_is_refused(guarded, topology, kubepods,
                                                                               pod_server, clients):
     before = guarded.counters()
@@ -100,3 +103,15 @@ def test_without_the_exemption_the_guard_would_refuse_the_agent(capture, topolog
         assert agent.result.get("errno") == errno.EPERM, agent.result
     finally:
         capture.detach_guard(kubepods["kubepods"])
+
+
+def test_the_agent_knows_its_netns_cookie_from_5_14_and_refuses_the_exemption_with_the_fix_before(privileged):
+    """On 5.14+ the cookie is the namespace's (the same for two sockets); before, the agent cannot build the
+    exemption and says which setting to turn off (this branch runs in the 5.10 guest of `make test-vm`)."""
+    import os
+
+    if kernel_version(os.uname().release) >= (5, 14):
+        assert own_netns_cookie() == own_netns_cookie() != 0
+    else:
+        with pytest.raises(EnvironmentProblem, match="capture.guard_exempt_host_network"):
+            own_netns_cookie()
