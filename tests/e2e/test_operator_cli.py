@@ -134,11 +134,14 @@ def test_a_refused_policy_change_shows_everywhere_with_its_held_back_edits(op_la
     assert not fixed["problems"], fixed["problems"]
     assert "tcpmesh_policy_change_refused 0.0" in lab.metrics_text(2)
     os.unlink(kept)
+    wait_status(lab, "node2", lambda d: d["policy"]["authorization"] == 0)  # the next test starts from no policy
 
 
 def test_explain_asks_the_agent_and_explains_the_set_in_force_while_a_change_is_refused(op_lab):
     lab = op_lab
     shop = lab.pod("n1p1").spiffe_id
+    # from no policy in force: a count of 1 must mean deny-shop, not a previous test's policy not yet unloaded
+    wait_status(lab, "node2", lambda d: d["policy"]["authorization"] == 0 and not d["policy"]["refused"])
     path = write_policy(lab, "deny-shop.yaml", deny("deny-shop", "n2p2", shop))
     wait_status(lab, "node2", lambda d: d["policy"]["authorization"] == 1)
     at = ["--lab", lab.name, "--node", "node2"]
