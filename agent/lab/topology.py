@@ -70,7 +70,7 @@ MAX_NODES = 254
 MAX_PODS_PER_NODE = 254 - POD_FIRST_HOST
 # A lab name ends up in netns names, cgroup and directory names; keep it short and shell-safe.
 _LAB_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
-_ROLE = re.compile(r"^(wire|node[0-9]+|n[0-9]+p[0-9]+)$")
+_ROLE = re.compile(r"^(wire|issuer|node[0-9]+|n[0-9]+p[0-9]+)$")
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,16 @@ def test_lab_netns_recognition_does_not_cross_labs():
     assert not is_lab_netns("a", "tcpmesh-test-123")
 
 
+def test_the_issuer_namespace_is_the_lab_s_so_lab_down_removes_it():
+    """`lab up --identity issuer` makes tcpmesh-<lab>-issuer; lab_down removes what is_lab_netns claims
+    (it left every issuer namespace behind before)."""
+    from agent.lab.issuer import netns as issuer_netns
+    from agent.lab.topology import plan_lab
+
+    assert is_lab_netns("iss1", issuer_netns(plan_lab("iss1", 2, 1)))
+    assert not is_lab_netns("iss", "tcpmesh-iss-issuer2")
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"name": "Bad"}, "--name"), ({"name": "x" * 21}, "--name"), ({"name": "ends-"}, "--name"),
     ({"nodes": 0}, "--nodes"), ({"nodes": MAX_NODES + 1}, "--nodes"),
