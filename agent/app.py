@@ -48,6 +48,7 @@ from agent.registry.model import Registry, Workload
 from agent.registry.static_file import load_registry_file
 from agent.service import sdnotify
 from agent.telemetry.admin import AdminServer
+from agent.telemetry.capture_events import CaptureEventsCollector
 from agent.telemetry.plaintext import PlaintextCollector
 from agent.audit.writer import AccessLog, access_log_from_config
 from agent.telemetry.cgroups import CgroupNames
@@ -304,6 +305,7 @@ class Agent:
             log.info("servers see meshed connections from %s (proxy.source_address %s)",
                      "the client pod's own address" if ctx.source_mark else "this node's address",
                      config.proxy.source_address)
+            self.prometheus.register(CaptureEventsCollector(self.capture.name, self.capture.counters))
             if self.capture.inbound is not None:
                 self.prometheus.register(PlaintextCollector(self.capture.inbound.plaintext, self._snapshot_or_none,
                                                             config.node.name))

@@ -70,16 +70,26 @@ def captured_flow_from(lab, pod: str, port: int, tag: str) -> dict:
     return lab.wait_flow(1, lambda f: f.get("comm") == tag)
 
 
+def guard_denied_exported(lab) -> float:
+    """node1's tcpmesh_capture_events_total{reason="guard_denied"} on its admin /metrics."""
+    for line in lab.admin_get(1, "/metrics").decode().splitlines():
+        if line.startswith("tcpmesh_capture_events_total{") and 'reason="guard_denied"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("node1's /metrics has no tcpmesh_capture_events_total{reason=\"guard_denied\"}")
+
+
 def refused_at_connect(lab, pod: str, port: int, tag: str) -> None:
     """Connect from ``pod``, which the agent no longer captures: the node guard refuses the connect
     (EPERM, counted), the proxy never sees it, and no byte of it crosses node1's wire."""
     node1 = lab.node(1)
     before = read_counters(node1.bpffs_dir)["guard_denied"]
+    exported_before = guard_denied_exported(lab)
     marker = f"{tag}-{uuid.uuid4().hex}"
     with PacketCapture(node1.netns, node1.wire_ifname) as capture:
         result = lab.run_client(pod, f"{lab.pod('n2p1').ip}:{port}", 1000, "digest", name=tag, marker=marker)
     assert result.get("errno") == errno.EPERM, f"a removed workload's connect must be refused at once: {result}"
     assert read_counters(node1.bpffs_dir)["guard_denied"] == before + 1
+    assert guard_denied_exported(lab) == exported_before + 1, "the refusal is not on the agent's /metrics"
     segments = capture.tcp_segments()
     assert not any(port in (s.sport, s.dport) for s in segments), "a segment to the server's port left node1"
     assert not any(marker.encode() in s.payload for s in segments), "the payload crossed the wire"

@@ -1,7 +1,7 @@
 """Every metric the agent exports is documented in docs/telemetry.md, under its exposition name.
 
 The collectors are the agent's own: Metrics against a fresh CollectorRegistry, plus the runtime,
-plaintext and kernel TCP stats collectors app.py registers (built without BPF: they still describe
+plaintext, capture-events and kernel TCP stats collectors app.py registers (built without BPF: they still describe
 every family they export). A metric added without a line in the docs fails here.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from agent.issuer.metrics import IssuerMetrics
+from agent.telemetry.capture_events import CaptureEventsCollector
 from agent.telemetry.metrics import Metrics
 from agent.telemetry.plaintext import PlaintextCollector
 from agent.telemetry.runtime import RuntimeStats
@@ -29,6 +30,7 @@ def exported_names() -> set[str]:
                     "limited": {"source": 0}, "buffer": (0, 0, 0, 0)}
     registry.register(runtime)
     registry.register(PlaintextCollector(lambda: {}, lambda: None, "node1"))
+    registry.register(CaptureEventsCollector("ebpf-connect", lambda: {}))
     registry.register(KernelTcpStats("/nonexistent/bpffs", "/nonexistent/cgroup", "/nonexistent/state",
                                      source_dir="/nonexistent/bpf"))
     names = set()
