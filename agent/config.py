@@ -76,6 +76,9 @@ class IdentityIssuerConfig:
     credential_dir: str = "/var/lib/tcpmesh/node-credential"
     ca_bundle: str = ""              # the trust bundle (root ca.crt); empty: <credential_dir>/bundle.pem
     bootstrap_token_file: str = ""   # a one-time token (`tcpmesh issuer token <node>`), used when no credential
+    # Kubernetes: the agent pod's projected service-account token (audience tcpmesh-issuer); set, every
+    # node SVID (join and renewal) is obtained by attestation with the token as the kubelet last wrote it
+    service_account_token_file: str = ""
     timeout_seconds: float = 10.0
 
 
@@ -497,6 +500,10 @@ def _identity_issuer(issuer: IdentityIssuerConfig) -> None:
         if not isinstance(address, str) or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"identity.issuer.addresses[{i}]", address, "is not host:port",
                               "write it as host:port, e.g. 10.0.0.5:15012")
+    if issuer.service_account_token_file and issuer.bootstrap_token_file:
+        raise ConfigError("identity.issuer.service_account_token_file", issuer.service_account_token_file,
+                          "and bootstrap_token_file are both set", "set one: Kubernetes nodes attest with the "
+                          "service-account token, other nodes join with a bootstrap token")
     if not issuer.credential_dir:
         raise ConfigError("identity.issuer.credential_dir", issuer.credential_dir, "is required",
                           "point it at a directory the agent may write (0700), e.g. /var/lib/tcpmesh/node-credential")

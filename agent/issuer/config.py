@@ -11,7 +11,8 @@ import yaml
 
 from agent.config import build_dataclass
 from agent.errors import ConfigError
-from agent.identity.spiffe import SpiffeIdError, validate_trust_domain
+from agent.identity.spiffe import (SpiffeIdError, validate_namespace, validate_service_account,
+                                  validate_trust_domain)
 from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
 from agent.issuer.protocol import DEFAULT_PORT
 
@@ -37,6 +38,22 @@ class TokensConfig:
 
 
 @dataclass(frozen=True)
+class KubernetesAttestationConfig:
+    # A node proves itself with its agent pod's projected service-account token (kubernetes_attestation.py)
+    enabled: bool = False
+    audience: str = "tcpmesh-issuer"          # the DaemonSet's projected token volume asks for this audience
+    namespace: str = "tcpmesh-system"         # the agent's service account: only its tokens attest a node
+    service_account: str = "tcpmesh-agent"
+    exclusive: bool = True                    # node SVIDs only by attestation: a node credential cannot renew itself
+    timeout_seconds: float = 5.0              # per API request (TokenReview, the pod)
+
+
+@dataclass(frozen=True)
+class AttestationConfig:
+    kubernetes: KubernetesAttestationConfig = field(default_factory=KubernetesAttestationConfig)
+
+
+@dataclass(frozen=True)
 class RateConfig:
     per_second: float = 5.0   # per node: certificates a node may be issued per second, sustained
     burst: int = 200          # per node: at once (a node start with many identities)
@@ -57,6 +74,7 @@ class IssuerConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     registry: IssuerRegistryConfig = field(default_factory=IssuerRegistryConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
+    attestation: AttestationConfig = field(default_factory=AttestationConfig)
     rate: RateConfig = field(default_factory=RateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     max_svid_ttl_seconds: int = 3600
@@ -93,7 +111,29 @@ def issuer_config_from_mapping(doc: Any) -> IssuerConfig:
         raise ConfigError("listen.port", config.listen.port, "out of range", "use 1-65535")
     if config.rate.per_second <= 0 or config.rate.burst < 1 or config.rate.joins_per_minute <= 0:
         raise ConfigError("rate", config.rate, "every rate must be positive", "for example per_second: 5, burst: 200")
+    _attestation(config)
     if not config.ca_dir:
         raise ConfigError("ca_dir", config.ca_dir, "is required",
                           "point it at the directory of `tcpmesh ca issue-issuer --ca <root> --out <dir>`")
     return config
+
+
+def _attestation(config: IssuerConfig) -> None:
+    k8s = config.attestation.kubernetes
+    if not k8s.enabled:
+        return
+    if config.registry.source != "kubernetes":
+        raise ConfigError("attestation.kubernetes.enabled", True, "needs registry.source: kubernetes (placement "
+                          "then reads the same cluster's pods)", "set registry.source: kubernetes")
+    if not k8s.audience:
+        raise ConfigError("attestation.kubernetes.audience", k8s.audience, "is required",
+                          "use the audience of the DaemonSet's projected token, e.g. tcpmesh-issuer")
+    try:
+        validate_namespace(k8s.namespace)
+        validate_service_account(k8s.service_account)
+    except SpiffeIdError as exc:
+        raise ConfigError("attestation.kubernetes", f"{k8s.namespace}/{k8s.service_account}", str(exc),
+                          "name the agent DaemonSet's namespace and service account") from None
+    if not 0.5 <= k8s.timeout_seconds <= 60:
+        raise ConfigError("attestation.kubernetes.timeout_seconds", k8s.timeout_seconds, "out of range",
+                          "use 0.5 to 60 seconds")

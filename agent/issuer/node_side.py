@@ -5,7 +5,9 @@
 minting worker); with none (or an expired one) it joins — a fresh key and CSR, the one-time bootstrap
 token of ``bootstrap_token_file``, ``node`` at the issuer — and writes what it got; from then on it
 renews the node SVID with itself once half its lifetime has passed (``maintain``, every poll of the
-rotator). A failed renewal keeps the current credential while it is valid.
+rotator). A failed renewal keeps the current credential while it is valid. On Kubernetes
+(``service_account_token_file``: the pod's projected token) every node SVID — join and renewal — is
+asked for with the token as the kubelet last wrote it, and the issuer attests the node from it.
 
 ``IssuerSigner`` is the ``store.Signer`` of issuer mode: one minting worker makes a key and a CSR per
 identity (keys never leave the node), one ``sign`` request carries the CSRs, the answers become
@@ -53,6 +55,7 @@ class IssuerSettings:
     ca_bundle: str = ""            # empty: <credential_dir>/bundle.pem
     bootstrap_token_file: str = ""
     timeout_seconds: float = 10.0
+    service_account_token_file: str = ""
 
     @property
     def bundle_path(self) -> Path:
@@ -129,14 +132,18 @@ class NodeCredential:
             return
         with self._lock:
             try:
-                self._request_node_svid(now, token=None)
+                self._request_node_svid(now, token=None, sa_token=self._service_account_token())
                 self._failures, self._retry_at = 0, None
             except IdentityError as exc:
                 self._failures += 1
                 wait = min(RETRY_INITIAL_SECONDS * 2 ** (self._failures - 1), RETRY_MAX_SECONDS)
                 self._retry_at = now + timedelta(seconds=wait * (0.8 + 0.4 * random.random()))  # jittered
                 left = (self._not_after - now).total_seconds()
-                if left <= 0:
+                if left <= 0 and self.settings.service_account_token_file:
+                    log.error("this node's credential EXPIRED at %s and could not be renewed by attestation (%s): "
+                              "the issuer signs nothing for this node until it can; retrying with the token in %s",
+                              self._not_after.isoformat(), exc, self.settings.service_account_token_file)
+                elif left <= 0:
                     log.error("this node's credential EXPIRED at %s and could not be renewed (%s): the issuer will "
                               "not sign for this node until it joins again — put a new one-time token "
                               "(`tcpmesh issuer token %s`) in identity.issuer.bootstrap_token_file and restart the "
@@ -145,7 +152,26 @@ class NodeCredential:
                     log.warning("renewing this node's credential at the issuer failed: %s; still valid for %.0fs "
                                 "(until %s); retrying", exc, left, self._not_after.isoformat())
 
+    def _service_account_token(self) -> str | None:
+        path = self.settings.service_account_token_file
+        if not path:
+            return None
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise CaError(f"identity.issuer.service_account_token_file {path}: cannot read it ({exc.strerror}); the "
+                          "DaemonSet mounts the pod's projected token there (deploy/kubernetes/03-daemonset.yaml)") from None
+        if not token:
+            raise CaError(f"identity.issuer.service_account_token_file {path} is empty")
+        return token
+
     def _join(self, now: datetime, why: str) -> None:
+        sa_token = self._service_account_token()
+        if sa_token is not None:
+            self._request_node_svid(now, token=None, sa_token=sa_token)
+            log.info("joined the issuer as node %s by Kubernetes attestation (%s)", self.node,
+                     self.settings.service_account_token_file)
+            return
         path = self.settings.bootstrap_token_file
         fix = ("create a one-time token with `tcpmesh issuer token <node>` into identity.issuer.bootstrap_token_file, "
                f"or a credential with `tcpmesh ca issue-node-credential {self.node} --ca <root> --out "
@@ -159,12 +185,15 @@ class NodeCredential:
         self._request_node_svid(now, token=token)
         log.info("joined the issuer as node %s with the bootstrap token in %s", self.node, path)
 
-    def _request_node_svid(self, now: datetime, token: str | None) -> None:
+    def _request_node_svid(self, now: datetime, token: str | None, sa_token: str | None = None) -> None:
         key = call(self._transport, {"op": "keys", "count": 1, "now": now.isoformat()})["keys"][0]
         request = {"v": 1, "op": "node", "node": self.node, "csr": key["csr_pem"]}
         if token is not None:
             request["token"] = token
-        answer = ask(self.client, self.state, request, None if token is not None else self.current(), now)
+        if sa_token is not None:
+            request["service_account_token"] = sa_token
+        proof_only = token is not None or sa_token is not None   # no client certificate needed (none at a join)
+        answer = ask(self.client, self.state, request, None if proof_only else self.current(), now)
         if not answer.get("ok"):
             error = answer.get("error") or {}
             raise CaError(f"the issuer refused this node's credential ({error.get('reason')}): {error.get('message')}")
@@ -315,7 +344,7 @@ def issuer_rotator(config: Any, metrics: Any = None) -> Any:
     identity = config.identity
     settings = IssuerSettings(tuple(identity.issuer.addresses), identity.issuer.credential_dir,
                               identity.issuer.ca_bundle, identity.issuer.bootstrap_token_file,
-                              identity.issuer.timeout_seconds)
+                              identity.issuer.timeout_seconds, identity.issuer.service_account_token_file)
     source = IssuerSource(settings, config.node.name, config.trust_domain, metrics=metrics)
     log.info("identity.mode issuer: SVIDs come from %s; this node holds a node credential only (%s)",
              ", ".join(settings.addresses), settings.credential_dir)

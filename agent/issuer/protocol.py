@@ -18,7 +18,8 @@ MAX_CSRS_PER_REQUEST = 64
 DEFAULT_PORT = 15012
 
 OP_HELLO = "hello"   # no credential needed: trust domain, bundle, limits (reachability probe)
-OP_NODE = "node"     # a node SVID for a CSR: with a one-time bootstrap token, or a node credential of that node
+OP_NODE = "node"     # a node SVID for a CSR: with a one-time bootstrap token, a Kubernetes service-account token
+                     # ("service_account_token", attested), or a node credential of that node
 OP_SIGN = "sign"     # workload SVIDs for CSRs: node credential required, placement checked per identity
 OPS = (OP_HELLO, OP_NODE, OP_SIGN)
 
@@ -38,6 +39,14 @@ REASONS = (
     "not_a_workload_identity",  # not spiffe://<td>/ns/<ns>/sa/<sa>
     "no_registry",            # the issuer has not loaded a registry yet
     "bad_csr",                # not a PKCS#10 P-256 request whose signature verifies
+    # Kubernetes node attestation (a projected service-account token; kubernetes_attestation.py):
+    "attestation_off",        # this issuer does not attest Kubernetes nodes (attestation.kubernetes.enabled)
+    "attestation_required",   # a node credential cannot renew itself here: attest again with the token
+    "attestation_unavailable",  # the Kubernetes API could not be asked (TokenReview or the pod)
+    "bad_sa_token",           # the API did not authenticate the token, or it is not bound to a pod
+    "wrong_audience",         # the token is not for the issuer's audience
+    "wrong_service_account",  # the token (or its pod) is not the agent's service account
+    "pod_gone",               # the token's pod is deleted, recreated, finished or unscheduled
     "internal",               # a bug or an unusable CA; the issuer logs it
 )
 

@@ -3,7 +3,9 @@
 Every ``registry.poll_seconds`` it re-reads a changed registry file (a bad one is logged and the last
 good one stays — placement never falls back to "allow"), reloads a changed CA directory (a re-issued
 intermediate: new server certificate, new signatures), and renews its server certificate at half
-life. Kubernetes: the registry's own watch source (``registry.kubernetes.source``) feeds the snapshot.
+life. Kubernetes: the registry's own watch source (``registry.kubernetes.source``, pods and nodes
+only) feeds the snapshot, and with ``attestation.kubernetes.enabled`` a ``KubernetesAttestor`` lets
+agents join with their pod's projected service-account token.
 Stops on SIGTERM/SIGINT. Systemd ``READY=1`` once listening (NOTIFY_SOCKET, when set).
 """
 
@@ -86,11 +88,33 @@ def build_service(config: IssuerConfig, metrics: IssuerMetrics, holder: Registry
     token_key = load_token_key(config.tokens.key_file) if config.tokens.key_file else None
     ledger = SpentLedger(config.tokens.spent_dir) if token_key is not None else None
     min_ttl = 2 if config.dev_short_ttl else 60
-    return IssuerService(ca, holder.get, token_key=token_key, ledger=ledger,
+    return IssuerService(ca, holder.get, token_key=token_key, ledger=ledger, attestor=make_attestor(config),
                          node_limiter=RateLimiter(config.rate.per_second, config.rate.burst),
                          join_limiter=RateLimiter(config.rate.joins_per_minute / 60.0, max(1, config.rate.joins_per_minute)),
                          metrics=metrics, name=config.name,
                          limits=Limits(config.max_svid_ttl_seconds, min_ttl, config.node_svid_ttl_seconds))
+
+
+def make_attestor(config: IssuerConfig) -> Any:
+    """The Kubernetes node attestor of ``attestation.kubernetes`` (None when it is off)."""
+    k8s = config.attestation.kubernetes
+    if not k8s.enabled:
+        return None
+    from agent.issuer.kubernetes_attestation import AttestationPolicy, KubernetesAttestor
+    from agent.registry.kubernetes.source import make_api_client
+
+    return KubernetesAttestor(make_api_client(config.registry.kubeconfig),
+                              AttestationPolicy(k8s.audience, k8s.namespace, k8s.service_account),
+                              timeout_seconds=k8s.timeout_seconds, exclusive=k8s.exclusive)
+
+
+def kubernetes_registry_source(config: IssuerConfig, holder: RegistryHolder, metrics: IssuerMetrics) -> Any:
+    """The registry's watch source as the issuer runs it: pods and nodes, no node of its own, no cgroups."""
+    from agent.registry.kubernetes.source import KubernetesSource, make_api_client
+
+    return KubernetesSource(make_api_client(config.registry.kubeconfig), "", config.trust_domain, "",
+                            lambda r: (holder.set(r), metrics.registry_workloads.set(len(r.workloads))),
+                            services=False)
 
 
 async def run_issuer(config: IssuerConfig, *, registry: CollectorRegistry | None = None) -> None:
@@ -101,10 +125,7 @@ async def run_issuer(config: IssuerConfig, *, registry: CollectorRegistry | None
     if config.registry.source == "file":
         reload_registry_file(config, holder, metrics)
     else:
-        from agent.registry.kubernetes.source import KubernetesSource, make_api_client
-
-        source = KubernetesSource(make_api_client(config.registry.kubeconfig), "", config.trust_domain, "",
-                                  lambda r: (holder.set(r), metrics.registry_workloads.set(len(r.workloads))))
+        source = kubernetes_registry_source(config, holder, metrics)
         source.start()
         holder.set(await source.first_snapshot())
     service = build_service(config, metrics, holder)

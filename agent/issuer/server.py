@@ -5,6 +5,8 @@ client certificate optional but verified when sent. At most ``max_connections`` 
 closed at accept), 10 s for a handshake, ``idle_seconds`` between requests. The server certificate
 (``spiffe://<td>/tcpmesh/issuer``, minted from the issuing CA) is renewed at half its lifetime by
 loading a new chain into the same context: new handshakes get it, open connections keep theirs.
+Requests are answered one at a time on one worker thread, off the event loop: a Kubernetes
+attestation waits for the API server (bounded by its timeout) without stalling handshakes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,6 +38,7 @@ class IssuerServer:
         self._metrics = metrics
         self._open = 0
         self._server: asyncio.AbstractServer | None = None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="issuer-requests")  # one at a time, as before
         self.context = self._make_context()
 
     def _make_context(self) -> ssl.SSLContext:
@@ -60,6 +64,7 @@ class IssuerServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername") or ("?", 0)
@@ -79,7 +84,8 @@ class IssuerServer:
                     break
                 if not line:
                     break
-                answer = self.service.handle_line(line, peer)
+                answer = await asyncio.get_running_loop().run_in_executor(self._worker, self.service.handle_line,
+                                                                          line, peer)
                 writer.write(protocol.encode(answer))
                 await writer.drain()
         except (ConnectionError, ssl.SSLError):

@@ -7,7 +7,10 @@ any other certificate counts as none). Order for ``sign``: credential → rate l
 CSRs asked) → per identity: placement (``placement.authorize``), then the CSR. For ``node``: a
 credential of that very node, or a bootstrap token (rate-limited per source address *before* the
 token is looked at, so guessing is slow) → the CSR → the token is claimed last, so a bad CSR does not
-burn it. Clock injected; the CA signs in-process.
+burn it; or a Kubernetes service-account token (same rate limit, then ``kubernetes_attestation``:
+TokenReview, the bound pod, whose node must be the node asked for). With attestation ``exclusive`` a
+node credential cannot renew itself: every node SVID is attested afresh. Clock injected; the CA
+signs in-process.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Callable
 from agent.identity.errors import IdentityError
 from agent.identity.spiffe import SpiffeIdError, parse_node_id, validate_node_name
 from agent.issuer import protocol
+from agent.issuer.kubernetes_attestation import AttestationRefused
 from agent.issuer.placement import authorize
 from agent.issuer.protocol import ProtocolError, field, refusal, success
 from agent.issuer.ratelimit import RateLimiter
@@ -51,12 +55,13 @@ class IssuerService:
     def __init__(self, ca: Any, registry: Callable[[], Registry | None], *, token_key: bytes | None,
                  ledger: SpentLedger | None, node_limiter: RateLimiter, join_limiter: RateLimiter,
                  metrics: Any = None, limits: Limits = Limits(), clock: Callable[[], datetime] = utcnow,
-                 name: str = "issuer") -> None:
+                 name: str = "issuer", attestor: Any = None) -> None:
         self.ca = ca
         self._registry = registry
         self._token_key, self._ledger = token_key, ledger
         self._node_limiter, self._join_limiter = node_limiter, join_limiter
         self._metrics = metrics
+        self._attestor = attestor   # kubernetes_attestation.KubernetesAttestor, or None
         self.limits = limits
         self._clock = clock
         self.name = name
@@ -94,9 +99,20 @@ class IssuerService:
             raise ProtocolError("bad_request", str(exc)) from None
         csr = field(request, "csr", str)
         token = field(request, "token", str, required=False)
+        sa_token = field(request, "service_account_token", str, required=False)
         credential_node = self._node_of(peer)
-        claim = None
-        if credential_node is not None and token is None:
+        claim, how = None, "node credential"
+        if sa_token is not None:
+            if token is not None:
+                raise ProtocolError("bad_request", "send token or service_account_token, not both")
+            how, refused = self._attest(node, sa_token, peer)
+            if refused is not None:
+                return refused
+        elif credential_node is not None and token is None:
+            if self._attestor is not None and self._attestor.exclusive:
+                return self._refuse(None, peer, credential_node, "attestation_required", "this issuer renews node "
+                                    "SVIDs only by Kubernetes attestation: send the agent pod's projected "
+                                    "service-account token (identity.issuer.service_account_token_file)")
             if credential_node != node:
                 return self._refuse(None, peer, credential_node, "wrong_node",
                                     f"this credential is node {credential_node!r}'s; it cannot renew node {node!r}")
@@ -116,6 +132,7 @@ class IssuerService:
                 claim = verify_token(self._token_key, token, node, time.time())
             except TokenRefused as exc:
                 return self._refuse(None, peer, node, exc.reason, str(exc))
+            how = "bootstrap token"
         now = self._clock()
         try:
             wire = self.ca.sign_node(csr, node, self.limits.node_svid_ttl_seconds, now, self.limits.min_ttl_seconds)
@@ -125,8 +142,8 @@ class IssuerService:
             return self._refuse(None, peer, node, "replayed_token", "this bootstrap token was used already; each "
                                 "token admits one join. Create a new one with `tcpmesh issuer token`")
         self._issued("node")
-        log.info("issuer: node SVID for %s (%s) from %s: serial %x, valid until %s", node,
-                 "bootstrap token" if claim else "node credential", peer.address, wire["serial"], wire["not_after"])
+        log.info("issuer: node SVID for %s (%s) from %s: serial %x, valid until %s", node, how, peer.address,
+                 wire["serial"], wire["not_after"])
         return success(svid=wire, bundle_pem=self.ca.bundle_pem)
 
     def _sign(self, request: dict, peer: Peer) -> dict[str, Any]:
@@ -165,6 +182,24 @@ class IssuerService:
         return success(svids=svids, refused=refused, bundle_pem=self.ca.bundle_pem)
 
     # -- helpers -------------------------------------------------------------------------------
+    def _attest(self, node: str, sa_token: str, peer: Peer) -> tuple[str, dict[str, Any] | None]:
+        """Kubernetes node attestation of ``node``: (how, None) if the token proves it, else (_, the refusal)."""
+        if self._attestor is None:
+            return "", self._refuse(None, peer, node, "attestation_off", "this issuer does not attest Kubernetes "
+                                    "nodes (attestation.kubernetes.enabled is false); join with a bootstrap token or "
+                                    "a node credential")
+        if not self._join_limiter.allow(f"addr:{peer.address}"):
+            return "", self._refuse(None, peer, node, "rate_limited", "too many attestation joins from this address")
+        try:
+            attested = self._attestor.attest(sa_token)
+        except AttestationRefused as exc:
+            return "", self._refuse(None, peer, node, exc.reason, str(exc))
+        if attested.node != node:
+            return "", self._refuse(None, peer, node, "wrong_node", f"the service-account token is pod "
+                                    f"{attested.pod.key}'s, which runs on node {attested.node!r}: it cannot get "
+                                    f"node {node!r}'s credential")
+        return f"Kubernetes attestation: pod {attested.pod.key}", None
+
     def _node_of(self, peer: Peer) -> str | None:
         if peer.certificate_uri is None:
             return None

@@ -9,7 +9,7 @@ import threading
 from prometheus_client import CollectorRegistry
 
 from agent.issuer.metrics import IssuerMetrics
-from agent.issuer.run import RegistryHolder, build_service, reload_registry_file
+from agent.issuer.run import RegistryHolder, build_service, kubernetes_registry_source, reload_registry_file
 from agent.issuer.server import IssuerServer
 
 
@@ -19,14 +19,24 @@ class Replica:
     def __init__(self, config, name: str, port: int = 0) -> None:
         self.metrics = IssuerMetrics(CollectorRegistry())
         self.holder = RegistryHolder()
-        reload_registry_file(config, self.holder, self.metrics)
-        self.service = build_service(config, self.metrics, self.holder)
-        self.service.name = name
         self.loop = asyncio.new_event_loop()
-        self.server = IssuerServer(self.service, "127.0.0.1", port, metrics=self.metrics)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        self.source, self._source_task = None, None
+        if config.registry.source == "kubernetes":   # as run_issuer: the watch source, first lists awaited
+            self.source = kubernetes_registry_source(config, self.holder, self.metrics)
+            asyncio.run_coroutine_threadsafe(self._start_source(), self.loop).result(30)
+        else:
+            reload_registry_file(config, self.holder, self.metrics)
+        self.service = build_service(config, self.metrics, self.holder)
+        self.service.name = name
+        self.server = IssuerServer(self.service, "127.0.0.1", port, metrics=self.metrics)
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+
+    async def _start_source(self) -> None:
+        self.source.start()
+        self.holder.set(await self.source.first_snapshot(20))
+        self._source_task = asyncio.ensure_future(self.source.run())
 
     @property
     def address(self) -> str:
@@ -36,6 +46,9 @@ class Replica:
         return self.metrics.refusals.labels(reason=reason)._value.get()
 
     def stop(self) -> None:
+        if self.source is not None:
+            self.loop.call_soon_threadsafe(self._source_task.cancel)
+            self.source.stop()
         asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

@@ -11,11 +11,21 @@ the source relies on and nothing more:
   current ``metadata.resourceVersion``, ``kind`` ``<Kind>List`` and the group's ``apiVersion``;
 - the same with ``watch=true&resourceVersion=N``: a chunked stream of ``{"type", "object"}`` lines
   (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR); events queued while no watch is open are delivered to
-  the next one, as a real server replays everything after N;
+  the next one, as a real server replays everything after N. Each event goes to one stream: with
+  two clients watching one kind (two issuer replicas), only one of them sees it;
 - scripted faults: an ERROR event with code 410 (Expired), an HTTP 410 or 5xx answer to the next
   request, a stream cut in the middle of a chunk, a normal end of the stream;
 - going away and coming back (``go_away`` / ``come_back``): every open connection is cut and the port
-  refuses connections until it listens again, with the same objects.
+  refuses connections until it listens again, with the same objects;
+- node attestation (the issuer's side): ``GET /api/v1/namespaces/<ns>/pods/<name>`` (one pod, or a
+  404 ``Status``), and ``POST /apis/authentication.k8s.io/v1/tokenreviews`` answering a TokenReview as
+  the API server's service-account authenticator does for a bound, projected token — signature,
+  expiry, ``spec.audiences`` against the token's audiences (none given: the API server's own), the
+  bound pod still there with the same uid (else "Token has been invalidated"), then ``authenticated``
+  with ``user`` (``system:serviceaccount:<ns>:<sa>``, groups, ``extra`` pod-name/pod-uid/node-name/
+  node-uid/credential-id) and the matching ``audiences``. ``issue_token`` is the kubelet's
+  TokenRequest for a pod's projected volume; its tokens are JWT-shaped but signed with a key only
+  this server holds, so a client can trust one only by asking.
 
 The objects come from test_kubernetes_objects.json: Pod, Node, Service and EndpointSlice objects
 (discovery.k8s.io/v1) in the shape the API server returns them (written after the API reference;
@@ -25,9 +35,15 @@ No test lives here; pytest collects this file only for its name.
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
+import hmac
 import json
+import re
+import secrets
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,6 +53,9 @@ KINDS = {"pods": "PodList", "nodes": "NodeList", "services": "ServiceList", "end
 PATHS = {"/api/v1/pods": "pods", "/api/v1/nodes": "nodes", "/api/v1/services": "services",
          "/apis/discovery.k8s.io/v1/endpointslices": "endpointslices"}
 API_VERSIONS = {"endpointslices": "discovery.k8s.io/v1"}   # the rest are core ("v1")
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+ONE_POD = re.compile(r"^/api/v1/namespaces/([a-z0-9-]+)/pods/([a-z0-9.-]+)$")
+API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"   # the API server's own (--api-audiences)
 
 
 def recorded_objects() -> dict[str, list[dict]]:
@@ -61,6 +80,8 @@ class FakeApiServer:
         self.watching: dict[str, int] = {k: 0 for k in KINDS}           # open watch streams
         self.requests: list[tuple[str, dict[str, str]]] = []            # (kind, query) of every request
         self.connections: set = set()                                   # open client connections
+        self.token_reviews: list[dict] = []                             # TokenReview bodies received
+        self._token_key = secrets.token_bytes(32)                       # the service-account signing key
         self._stopping = False
         self._listen(0)
 
@@ -138,6 +159,69 @@ class FakeApiServer:
         with self.cond:
             return copy.deepcopy(self.store[kind][key])
 
+    def issue_token(self, namespace: str, pod_name: str, audience: str, expiration_seconds: int = 600,
+                    now: float | None = None) -> str:
+        """What the kubelet writes into a pod's projected serviceAccountToken volume (a TokenRequest
+        bound to the pod): a token for the pod's service account, for ``audience``, expiring."""
+        with self.cond:
+            pod = next(p for p in self.store["pods"].values()
+                       if p["metadata"]["namespace"] == namespace and p["metadata"]["name"] == pod_name)
+            node = self.store["nodes"].get(pod["spec"].get("nodeName") or "")
+        now = time.time() if now is None else now
+        sa = pod["spec"].get("serviceAccountName") or "default"
+        claims = {"aud": [audience], "exp": int(now) + expiration_seconds, "iat": int(now), "nbf": int(now),
+                  "iss": API_AUDIENCE, "jti": secrets.token_hex(16), "sub": f"system:serviceaccount:{namespace}:{sa}",
+                  "kubernetes.io": {"namespace": namespace,
+                                    "pod": {"name": pod_name, "uid": pod["metadata"]["uid"]},
+                                    "serviceaccount": {"name": sa, "uid": f"sa-{namespace}-{sa}"},
+                                    **({"node": {"name": node["metadata"]["name"], "uid": node["metadata"]["uid"]}}
+                                       if node else {})}}
+        return self.sign_claims(claims)
+
+    def sign_claims(self, claims: dict, key: bytes | None = None) -> str:
+        """A JWT-shaped token of ``claims`` (signed with this server's key, or ``key``: a forgery)."""
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        body = b64(json.dumps({"alg": "HS256", "kid": "stand-in"}).encode()) + "." + b64(json.dumps(claims).encode())
+        return body + "." + b64(hmac.new(key or self._token_key, body.encode(), hashlib.sha256).digest())
+
+    def review(self, spec: dict) -> dict:
+        """The status of a TokenReview of ``spec``, as the service-account authenticator decides it."""
+        token = spec.get("token") or ""
+        wanted = list(spec.get("audiences") or [API_AUDIENCE])
+        parts = token.split(".")
+        if len(parts) != 3:
+            return _unauthenticated("invalid bearer token, token lookup failed")
+        body = parts[0] + "." + parts[1]
+        mac = base64.urlsafe_b64encode(hmac.new(self._token_key, body.encode(), hashlib.sha256).digest()).rstrip(b"=")
+        if not hmac.compare_digest(mac, parts[2].encode()):
+            return _unauthenticated("invalid bearer token, square/go-jose: error in cryptographic primitive")
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        if claims["exp"] <= time.time():
+            return _unauthenticated("invalid bearer token, service account token has expired")
+        audiences = [a for a in wanted if a in claims["aud"]]
+        if not audiences:
+            return _unauthenticated(f"invalid bearer token, token audiences {json.dumps(claims['aud'])} is invalid "
+                                    f"for the target audiences {json.dumps(wanted)}")
+        bound = claims["kubernetes.io"]
+        with self.cond:
+            pod = self.store["pods"].get(bound["pod"]["uid"])
+        if pod is None or pod["metadata"]["name"] != bound["pod"]["name"]:
+            return _unauthenticated("invalid bearer token, Token has been invalidated")
+        extra = {"authentication.kubernetes.io/credential-id": [f"JTI={claims['jti']}"],
+                 "authentication.kubernetes.io/pod-name": [bound["pod"]["name"]],
+                 "authentication.kubernetes.io/pod-uid": [bound["pod"]["uid"]]}
+        if "node" in bound:
+            extra["authentication.kubernetes.io/node-name"] = [bound["node"]["name"]]
+            extra["authentication.kubernetes.io/node-uid"] = [bound["node"]["uid"]]
+        namespace = bound["namespace"]
+        return {"authenticated": True,
+                "user": {"username": claims["sub"], "uid": bound["serviceaccount"]["uid"],
+                         "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}",
+                                    "system:authenticated"],
+                         "extra": extra},
+                "audiences": audiences}
+
     def script(self, kind: str, *actions: str) -> None:
         """Queue stream actions: "gone" (ERROR 410 event), "drop" (cut mid-chunk), "end", "bookmark"."""
         with self.cond:
@@ -158,6 +242,10 @@ class FakeApiServer:
             return [q for k, q in self.requests if k == kind and q.get("watch") != "true"]
 
 
+def _unauthenticated(error: str) -> dict:
+    return {"user": {}, "error": f"[{error}]"}
+
+
 def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -175,8 +263,31 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 server.connections.discard(self.connection)
             super().finish()
 
+        def do_POST(self) -> None:  # noqa: N802 — http.server's name
+            url = urllib.parse.urlsplit(self.path)
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if url.path != TOKEN_REVIEWS:
+                return self._status(405, "MethodNotAllowed", f"the server does not allow this method on {url.path}")
+            try:
+                doc = json.loads(body)
+                spec = doc["spec"]
+                assert doc.get("kind") == "TokenReview" and doc.get("apiVersion") == "authentication.k8s.io/v1"
+                assert isinstance(spec.get("token"), str) and spec["token"]
+            except (ValueError, KeyError, TypeError, AssertionError):
+                return self._status(400, "BadRequest", "TokenReview in version \"v1\" cannot be handled: "
+                                    "spec.token: Required value")
+            with server.cond:
+                server.requests.append(("tokenreviews", {}))
+                server.token_reviews.append(copy.deepcopy(doc))
+            status = server.review(spec)
+            self._json(201, {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                             "metadata": {"creationTimestamp": None}, "spec": spec, "status": status})
+
         def do_GET(self) -> None:  # noqa: N802 — http.server's name
             url = urllib.parse.urlsplit(self.path)
+            one = ONE_POD.match(url.path)
+            if one is not None:
+                return self._one_pod(*one.groups())
             kind = PATHS.get(url.path)
             if kind is None:
                 return self._status(404, "NotFound", f"the server could not find {url.path}")
@@ -191,6 +302,15 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             if query.get("watch") == "true":
                 return self._watch(kind)
             return self._list(kind, query)
+
+        def _one_pod(self, namespace: str, name: str) -> None:
+            with server.cond:
+                server.requests.append(("pod", {"namespace": namespace, "name": name}))
+                pod = next((copy.deepcopy(p) for p in server.store["pods"].values()
+                            if p["metadata"]["namespace"] == namespace and p["metadata"]["name"] == name), None)
+            if pod is None:
+                return self._status(404, "NotFound", f'pods "{name}" not found')
+            self._json(200, {"kind": "Pod", "apiVersion": "v1", **pod})
 
         def _list(self, kind: str, query: dict[str, str]) -> None:
             with server.cond:

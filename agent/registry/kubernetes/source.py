@@ -55,7 +55,7 @@ class KubernetesSource:
                  on_snapshot: Callable[[Registry], Any], *, watch_timeout: int = WATCH_TIMEOUT_SECONDS,
                  backoff_factory: Callable[[], Backoff] = Backoff,
                  min_interval: float = MIN_PUBLISH_INTERVAL_SECONDS,
-                 refused_retry: float = REFUSED_RETRY_SECONDS) -> None:
+                 refused_retry: float = REFUSED_RETRY_SECONDS, services: bool = True) -> None:
         from kubernetes import client
 
         self.node_name = node_name
@@ -69,12 +69,17 @@ class KubernetesSource:
                               self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
         self.nodes = WatchLoop("nodes", core.list_node, lambda o: o["metadata"]["name"],
                                self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
-        self.services = WatchLoop("services", core.list_service_for_all_namespaces, lambda o: o["metadata"]["uid"],
-                                  self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
-        self.endpoint_slices = WatchLoop(
-            "endpointslices", client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces,
-            lambda o: o["metadata"]["uid"], self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
-        self.watches = (self.pods, self.nodes, self.services, self.endpoint_slices)
+        self.watches: tuple[WatchLoop, ...] = (self.pods, self.nodes)
+        self.services: WatchLoop | None = None
+        self.endpoint_slices: WatchLoop | None = None
+        if services:   # services=False: pods and nodes only (the issuer's placement needs no more, nor its RBAC)
+            self.services = WatchLoop("services", core.list_service_for_all_namespaces,
+                                      lambda o: o["metadata"]["uid"], self._changed, watch_timeout=watch_timeout,
+                                      backoff=backoff_factory())
+            self.endpoint_slices = WatchLoop(
+                "endpointslices", client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces,
+                lambda o: o["metadata"]["uid"], self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
+            self.watches += (self.services, self.endpoint_slices)
         self.published = 0
         self.last: BuildResult | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,7 +119,8 @@ class KubernetesSource:
         live = {(p.get("metadata") or {}).get("uid") for p in pods}
         self._cgroups = {uid: path for uid, path in self._cgroups.items() if uid in live}
         return build_registry(self.trust_domain, self.node_name, pods, self.nodes.snapshot(), self._cgroup_of,
-                              self.services.snapshot(), self.endpoint_slices.snapshot())
+                              self.services.snapshot() if self.services else (),
+                              self.endpoint_slices.snapshot() if self.endpoint_slices else ())
 
     def _cgroup_of(self, pod: Mapping[str, Any]) -> str | None:
         uid = (pod.get("metadata") or {}).get("uid") or ""

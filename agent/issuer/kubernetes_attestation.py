@@ -1,0 +1,167 @@
+"""Kubernetes node attestation: a projected service-account token proves which node an agent runs on.
+
+The DaemonSet's agent pod carries a token the kubelet projects into it (``serviceAccountToken``
+volume, audience ``tcpmesh-issuer``, 10 minutes, refreshed by the kubelet), bound to that pod. The
+agent sends it in its ``node`` request; the issuer (any replica: nothing here is stored) decides:
+
+1. **TokenReview** (``POST /apis/authentication.k8s.io/v1/tokenreviews``, ``spec.audiences`` =
+   our audience): the API server checks signature, expiry, audience and that the bound pod still
+   exists with the same uid. The token is opaque here — never decoded, so nothing in it is trusted
+   unless the API server vouches for it. Refused: not ``authenticated`` (``bad_sa_token``, with the
+   API's error), or ``status.audiences`` without ours (an authenticator that ignored the audience:
+   ``wrong_audience``).
+2. **Who**: ``user.username`` must be ``system:serviceaccount:<namespace>:<service_account>`` of the
+   agent (``wrong_service_account``): a token of any other pod of the cluster proves nothing.
+3. **Which pod**: ``user.extra`` ``authentication.kubernetes.io/pod-name`` / ``pod-uid`` (only a
+   pod-bound token has them; a legacy Secret token does not: ``bad_sa_token``).
+4. **Where**: ``GET`` that pod; gone or another uid (a pod recreated with the same name) →
+   ``pod_gone``; finished, another service account or not scheduled → ``pod_gone`` too; else
+   ``spec.nodeName`` is the node — cross-checked with the review's ``node-name`` extra when the
+   API server sends one (1.30+). The caller compares it with the node asked for (``wrong_node``).
+
+An API server that cannot be asked is ``attestation_unavailable`` (the agent retries; its current
+credential stays valid meanwhile). ``bound_pod`` and ``attested_node`` are pure (tests feed them
+JSON); ``KubernetesAttestor`` does the two calls through the official client, raw JSON, bounded by
+a timeout. Imports no asyncio; the issuer calls it from its request thread.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+DEFAULT_AUDIENCE = "tcpmesh-issuer"
+POD_NAME = "authentication.kubernetes.io/pod-name"
+POD_UID = "authentication.kubernetes.io/pod-uid"
+NODE_NAME = "authentication.kubernetes.io/node-name"
+FINISHED_PHASES = ("Succeeded", "Failed")
+
+
+class AttestationRefused(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class AttestationPolicy:
+    audience: str = DEFAULT_AUDIENCE
+    namespace: str = "tcpmesh-system"        # the agent DaemonSet's namespace
+    service_account: str = "tcpmesh-agent"   # and its service account
+
+    @property
+    def username(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
+
+
+@dataclass(frozen=True)
+class BoundPod:
+    namespace: str
+    name: str
+    uid: str
+    node_hint: str = ""   # the review's node-name extra (API servers 1.30+), "" without
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Attested:
+    node: str
+    pod: BoundPod
+
+
+def token_review(token: str, policy: AttestationPolicy) -> dict[str, Any]:
+    return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "spec": {"token": token, "audiences": [policy.audience]}}
+
+
+def _one(extra: Mapping[str, Any], key: str) -> str:
+    values = extra.get(key) or []
+    return values[0] if isinstance(values, list) and len(values) == 1 and isinstance(values[0], str) else ""
+
+
+def bound_pod(review: Mapping[str, Any], policy: AttestationPolicy) -> BoundPod:
+    """The pod a reviewed token is bound to, if the review vouches for the agent's service account. Pure."""
+    status = review.get("status") or {}
+    if status.get("authenticated") is not True:
+        raise AttestationRefused("bad_sa_token", "the Kubernetes API did not authenticate the service-account "
+                                 f"token: {status.get('error') or 'no reason given'}")
+    if policy.audience not in (status.get("audiences") or []):
+        raise AttestationRefused("wrong_audience", f"the token is not for audience {policy.audience!r} (the review "
+                                 f"says {status.get('audiences') or 'none'}); the DaemonSet's projected token needs "
+                                 f"audience: {policy.audience}")
+    user = status.get("user") or {}
+    if user.get("username") != policy.username:
+        raise AttestationRefused("wrong_service_account", f"the token is {user.get('username')!r}'s; only the agent's "
+                                 f"service account {policy.username} may attest a node (attestation.kubernetes."
+                                 "namespace / service_account)")
+    extra = user.get("extra") or {}
+    name, uid = _one(extra, POD_NAME), _one(extra, POD_UID)
+    if not name or not uid:
+        raise AttestationRefused("bad_sa_token", "the token is not bound to a pod (no pod-name/pod-uid in the "
+                                 "review): mount a projected serviceAccountToken volume, not a Secret token")
+    return BoundPod(policy.namespace, name, uid, _one(extra, NODE_NAME))
+
+
+def attested_node(pod: Mapping[str, Any], bound: BoundPod, policy: AttestationPolicy) -> str:
+    """The node the bound pod runs on, read from the pod the API returned. Pure."""
+    meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
+    if meta.get("uid") != bound.uid:
+        raise AttestationRefused("pod_gone", f"pod {bound.key} is not the pod the token was made for (uid "
+                                 f"{meta.get('uid')}, token {bound.uid}): it was deleted and recreated")
+    if (spec.get("serviceAccountName") or "default") != policy.service_account:
+        raise AttestationRefused("wrong_service_account", f"pod {bound.key} runs as "
+                                 f"{spec.get('serviceAccountName') or 'default'!r}, not {policy.service_account!r}")
+    if status.get("phase") in FINISHED_PHASES:
+        raise AttestationRefused("pod_gone", f"pod {bound.key} has finished (phase {status['phase']})")
+    node = spec.get("nodeName") or ""
+    if not node:
+        raise AttestationRefused("pod_gone", f"pod {bound.key} is not scheduled to a node")
+    if bound.node_hint and bound.node_hint != node:
+        raise AttestationRefused("wrong_node", f"the token was made on node {bound.node_hint!r}, pod {bound.key} "
+                                 f"is on {node!r}")
+    return node
+
+
+class KubernetesAttestor:
+    """TokenReview + pod GET through the official client (``api_client``: ``make_api_client``)."""
+
+    def __init__(self, api_client: Any, policy: AttestationPolicy, *, timeout_seconds: float = 5.0,
+                 exclusive: bool = True) -> None:
+        from kubernetes import client
+
+        self.policy = policy
+        self.exclusive = exclusive   # the service refuses node SVID renewals by node credential
+        self.timeout = timeout_seconds
+        self._auth = client.AuthenticationV1Api(api_client)
+        self._core = client.CoreV1Api(api_client)
+
+    def attest(self, token: str) -> Attested:
+        review = self._call("TokenReview", self._auth.create_token_review, token_review(token, self.policy))
+        bound = bound_pod(review, self.policy)
+        pod = self._call(f"pod {bound.key}", self._core.read_namespaced_pod, bound.name, bound.namespace)
+        return Attested(attested_node(pod, bound, self.policy), bound)
+
+    def _call(self, what: str, method: Any, *args: Any) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            response = method(*args, _preload_content=False, _request_timeout=(self.timeout, self.timeout))
+            try:
+                return json.loads(response.data)
+            finally:
+                response.release_conn()
+        except ApiException as exc:
+            if exc.status == 404 and what.startswith("pod "):
+                raise AttestationRefused("pod_gone", f"{what} no longer exists") from None
+            hint = (" (RBAC: the issuer's service account needs create on authentication.k8s.io tokenreviews and "
+                    "get on pods; deploy/kubernetes/04-issuer.yaml)" if exc.status == 403 else "")
+            raise AttestationRefused("attestation_unavailable", f"the Kubernetes API refused the {what} request: "
+                                     f"HTTP {exc.status} {exc.reason}{hint}") from None
+        except (HTTPError, OSError, ValueError) as exc:   # refused, timed out, reset; a body that is not JSON
+            raise AttestationRefused("attestation_unavailable", f"the Kubernetes API did not answer the {what} "
+                                     f"request: {type(exc).__name__}: {exc}") from None
