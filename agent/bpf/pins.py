@@ -33,6 +33,11 @@ from agent.errors import EnvironmentProblem, KernelError
 
 BPFFS_MOUNT = "/sys/fs/bpf"
 DEFAULT_ROOT = f"{BPFFS_MOUNT}/tcpmesh"
+# rmdir of a directory that is a mount point — under systemd the unit's ReadWritePaths= bind mount of
+# DEFAULT_ROOT (or of a drop-in's bpffs_dir) — fails with EBUSY, or with EROFS first when its parent is
+# on a read-only mount, as /sys/fs/bpf is in the unit's sandbox (ProtectKernelTunables=; measured in a
+# Debian 12 VM, systemd 252). Emptied, such a directory is harmless and goes with the sandbox.
+MOUNT_POINT_ERRNOS = frozenset({errno.EBUSY, errno.EROFS})
 SET_PREFIX = "set-"
 MAPS_PREFIX = "maps-"
 STAGING_PREFIX = "staging-"  # bpffs refuses dots in names (EPERM)
@@ -160,11 +165,9 @@ def remove_tree(path: Path, dry_run: bool = False) -> list[str]:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                # EBUSY: a mount point — under systemd a ReadWritePaths= bind mount of this very
-                # directory (docs/install-systemd.md); emptied, it is harmless and goes with the sandbox
-                if exc.errno != errno.EBUSY:
+                if exc.errno not in MOUNT_POINT_ERRNOS:
                     raise
-                return removed
+                return removed  # emptied; a mount point of the unit's sandbox stays (MOUNT_POINT_ERRNOS)
         removed.append(f"{path}/")
         return removed
     if not dry_run:

@@ -13,7 +13,6 @@ first: a running agent's pods would be left uncaptured. Needs root and libbpf, n
 from __future__ import annotations
 
 import importlib
-import errno
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -113,22 +112,35 @@ def _attached(libbpf: Libbpf, cgroup_fd: int, attach_type: int, path: str):
         yield prog_id, name, prog_fd
 
 
-def remove_pins(bpffs_dir: str, report: CleanupReport, dry_run: bool = False) -> None:
-    """Unpin everything under ``bpffs_dir``; drop the default root too when that leaves it empty."""
+def remove_pins(bpffs_dir: str, report: CleanupReport, dry_run: bool = False,
+                default_root: str = pins.DEFAULT_ROOT) -> None:
+    """Unpin everything under ``bpffs_dir``; drop the default root too when that leaves it empty.
+
+    Under systemd the default root is the unit's ReadWritePaths= mount inside a read-only /sys/fs/bpf:
+    its rmdir fails (EROFS or EBUSY, ``pins.MOUNT_POINT_ERRNOS``) and the empty directory stays — a note,
+    not a problem (the unit's next ExecStartPre finds it). Any other failure is a problem, never a crash
+    that would skip the steps after this one."""
     path = Path(bpffs_dir)
     verb = "would unpin" if dry_run else "unpinned"
-    for item in pins.remove_tree(path, dry_run):
-        report.removed.append(f"{verb} {item}")
-    root = Path(pins.DEFAULT_ROOT)
-    if not dry_run and path.parent == root and root.is_dir() and not pins.entries(root):
-        try:
-            root.rmdir()
-        except OSError as exc:
-            # EBUSY: under systemd the root is the unit's ReadWritePaths bind mount; empty, it is harmless
-            if exc.errno != errno.EBUSY:
-                raise
-            return
-        report.removed.append(f"{verb} {root}/")
+    try:
+        for item in pins.remove_tree(path, dry_run):
+            report.removed.append(f"{verb} {item}")
+    except OSError as exc:
+        report.problems.append(f"cannot remove the pins under {path}: {exc}; remove them by hand (rm -r {path})")
+        return
+    root = Path(default_root)
+    if dry_run or path.parent != root or not root.is_dir() or pins.entries(root):
+        return
+    try:
+        root.rmdir()
+    except OSError as exc:
+        if exc.errno in pins.MOUNT_POINT_ERRNOS:
+            report.notes.append(f"kept the empty {root}/ ({os.strerror(exc.errno)}: under systemd it is the unit's "
+                                f"ReadWritePaths= mount; harmless)")
+        else:
+            report.problems.append(f"cannot remove the empty {root}/: {exc}")
+        return
+    report.removed.append(f"{verb} {root}/")
 
 
 def other_mode_leftovers(module_name: str, report: CleanupReport, dry_run: bool = False) -> None:

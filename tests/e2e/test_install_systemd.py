@@ -166,6 +166,45 @@ def test_exec_start_in_the_units_sandbox_notifies_ready_only_when_capture_and_li
         notify.close()
 
 
+# The mount shape systemd gives the unit's ExecStopPost (seen in a Debian 12 VM): /sys/fs/bpf read-only,
+# only the default pin root (ReadWritePaths=-/sys/fs/bpf/tcpmesh) a writable bind mount of itself. Built
+# on a tmpfs in a private mount namespace, never on the host's bpffs.
+STOP_POST_MOUNTS = r"""
+import ctypes, json, os, sys
+from agent.host.cleanup import CleanupReport, remove_pins
+base = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+def mount(source, target, fstype, flags):
+    if libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags, None) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {target}")
+mount("tmpfs", base, "tmpfs", 0)
+root = f"{base}/tcpmesh"
+os.makedirs(f"{root}/node1/maps-v2-x")
+open(f"{root}/node1/maps-v2-x/tcpmesh_counters", "w").close()
+mount(root, root, None, MS_BIND)
+mount(None, base, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+report = CleanupReport()
+remove_pins(f"{root}/node1", report, default_root=root)
+print(json.dumps({"removed": report.removed, "notes": report.notes, "problems": report.problems,
+                  "left": sorted(os.listdir(root))}))
+"""
+
+
+def test_cleanup_under_the_units_mounts_keeps_the_read_only_pin_root_and_exits_clean(privileged, tmp_path):
+    """`systemctl stop` ended the unit 'failed': its ExecStopPost cleanup crashed with EROFS removing
+    /sys/fs/bpf/tcpmesh, the unit's own writable mount in a read-only /sys/fs/bpf (found in the vm tier)."""
+    base = tmp_path / "bpf"
+    base.mkdir()
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", STOP_POST_MOUNTS,
+                           str(base)], capture_output=True, text=True, timeout=60, cwd=str(unitrun.REPO))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["problems"] == [] and report["left"] == [], report
+    assert f"unpinned {base}/tcpmesh/node1/maps-v2-x/tcpmesh_counters" in report["removed"], report
+    assert len(report["notes"]) == 1 and "kept the empty" in report["notes"][0] and "Read-only" in report["notes"][0], report
+
+
 def test_make_install_stages_link_unit_and_config_and_keeps_an_edited_config(tmp_path, analyze):
     root = tmp_path / "root"
     env = {**os.environ, "DESTDIR": str(root), "VENV": os.path.dirname(os.path.dirname(unitrun.CHECKOUT_BIN)),
