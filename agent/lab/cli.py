@@ -63,9 +63,10 @@ def lab() -> None:
 @click.option("--flat-pods", is_flag=True,
               help="Run each pod's processes in the pod cgroup itself, not in a container cgroup below it "
                    "(the default shape is the kubelet's: pod cgroup, one child per container).")
-@click.option("--identity", type=click.Choice(["node_ca", "issuer"]), default="node_ca", show_default=True,
-              help="issuer: two issuer replicas in a namespace of their own sign every SVID; nodes hold no "
-                   "signing key (docs/identity.md). node_ca: each node holds a node intermediate (legacy).")
+@click.option("--identity", type=click.Choice(["issuer", "node-ca", "node_ca"]), default="issuer", show_default=True,
+              help="issuer: two issuer replicas in a namespace of their own sign every SVID; each node holds only "
+                   "its node credential and gets SVIDs for the identities it runs (docs/identity.md). node-ca "
+                   "(legacy, for migration tests): each node holds a node intermediate that can sign any identity.")
 def up(nodes: int, pods_per_node: int, name: str, state_root: str, trust_domain: str, namespace: str,
        service_accounts: tuple[str, ...], no_agents: bool, capture_mode: str, ready_timeout: float,
        flat_pods: bool, identity: str) -> None:
@@ -85,7 +86,7 @@ def up(nodes: int, pods_per_node: int, name: str, state_root: str, trust_domain:
         accounts[pod] = account
     plan = lab_up(name, nodes, pods_per_node, trust_domain, agents_enabled=not no_agents, namespace=namespace,
                   service_accounts=accounts, capture_mode=capture_mode, ready_timeout=ready_timeout,
-                  state_root=state_root, flat_pods=flat_pods, identity=identity)
+                  state_root=state_root, flat_pods=flat_pods, identity=identity.replace("-", "_"))
     agents = "no agents" if no_agents else f"{len(plan.nodes)} agents ready"
     click.echo(f"lab {name!r} is up: {len(plan.nodes)} nodes, {len(plan.pods)} pods, {agents}; "
                f"state in {plan.state_dir}")

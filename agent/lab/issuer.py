@@ -1,4 +1,4 @@
-"""The lab's issuer (``lab up --identity issuer``): two replicas in a network namespace of their own, and
+"""The lab's issuer (``lab up``, the default ``--identity issuer``): two replicas in a network namespace of their own, and
 nodes that hold no signing key (docs/lab.md, docs/identity.md "The issuer").
 
     issuer netns  tcpmesh-<lab>-issuer   tmwire 10.76.0.250/24 on the lab bridge (port tmissuer)
@@ -19,11 +19,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
-from agent.lab import agents, cgroups, nsenter
+from agent.lab import agents, cgroups, files, nsenter
 from agent.lab import netns_plumbing as nl
 from agent.lab.errors import LabError
 from agent.lab.topology import WIRE_PREFIXLEN, WIRE_SUBNET_PREFIX, LabPlan, NodePlan, lab_netns_name
@@ -168,6 +168,41 @@ def wait_ready(plan: LabPlan, started: Mapping[str, subprocess.Popen], timeout: 
             name = next(iter(pending))
             raise LabError(f"{name} was not ready after {timeout:.0f}s; its log is {by_name[name].log_file}:\n"
                            f"{agents.log_tail(by_name[name].log_file)}")
+        time.sleep(0.2)
+
+
+def wait_first_svids(plan: LabPlan, nodes: Sequence[NodePlan], timeout: float = 60.0) -> None:
+    """Until each node's agent holds an SVID for every identity of its pods (asked over its admin socket).
+
+    In issuer mode an agent is ready before its SVIDs arrive (readiness must not depend on the issuer);
+    a workload's connects are refused until its SVID is there, so the lab waits for them before it says up."""
+    from agent.admin_client import ask
+    from agent.errors import TcpmeshError
+
+    pending = {node.name: (node, {pod.spiffe_id for pod in node.pods}) for node in nodes if node.pods}
+    deadline = time.monotonic() + timeout
+    last: dict[str, str] = {}
+    while pending:
+        for name, (node, wanted) in list(pending.items()):
+            try:
+                report = ask(files.admin_socket_path(node), {"op": "certs"}, timeout=3.0)["certs"]
+            except TcpmeshError as exc:
+                last[name] = str(exc)
+                continue
+            held = {i["spiffe_id"] for i in report.get("identities", [])}
+            if wanted <= held:
+                del pending[name]
+            else:
+                issuer = report.get("issuer") or {}
+                last[name] = (f"still without an SVID: {', '.join(sorted(wanted - held))}; issuer reachable "
+                              f"{issuer.get('reachable')}, last error {issuer.get('last_error')}")
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            node = next(iter(pending.values()))[0]
+            raise LabError(f"the agent of {node.name} got no SVIDs from the issuer within {timeout:.0f}s "
+                           f"({last.get(node.name, 'no answer')}); its log is {node.log_file}:\n"
+                           f"{agents.log_tail(node.log_file)}\nand the issuer's: {replicas(plan)[0].log_file}")
         time.sleep(0.2)
 
 

@@ -27,6 +27,8 @@ from agent.lab.topology import (DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STA
                                 LabPlan, NodePlan, lab_bpffs_dir, lab_cgroup, lab_state_dir, plan_lab, validate_lab_name)
 
 STATUS_VERSION = 1
+DEFAULT_IDENTITY = "issuer"
+IDENTITY_MODES = ("issuer", "node_ca")
 STATUS_ASK_SECONDS = 3.0  # `lab status` asks each live agent for its status; a stuck one costs this much
 
 
@@ -42,7 +44,7 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
            namespace: str = DEFAULT_NAMESPACE, service_accounts: Mapping[str, str] | None = None,
            capture_mode: str = files.DEFAULT_CAPTURE_MODE, agent_argv: Sequence[str] | None = None,
            ready_timeout: float = agents.DEFAULT_READY_TIMEOUT, state_root: str = DEFAULT_STATE_ROOT,
-           cgroup_root: str | None = None, flat_pods: bool = False, identity: str = "node_ca",
+           cgroup_root: str | None = None, flat_pods: bool = False, identity: str = DEFAULT_IDENTITY,
            svid_ttl_seconds: int | None = None) -> LabPlan:
     """Build the lab, write its files, start (unless ``agents_enabled=False``) and wait for one agent per node.
 
@@ -60,8 +62,9 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
                     service_accounts=service_accounts, cgroup_root=cgroup_root, state_root=state_root,
                     flat_pods=flat_pods)
     _refuse_existing(plan)
-    if identity not in ("node_ca", "issuer"):
-        raise LabError(f"--identity {identity!r}: use issuer (nodes hold no signing key) or node_ca")
+    if identity not in IDENTITY_MODES:
+        raise LabError(f"--identity {identity!r}: use issuer (nodes hold no signing key; the default) or node-ca "
+                       "(legacy node intermediates)")
     ca_init = _ca_initialiser(required=agents_enabled)
     issuers: dict[str, agents.AgentRecord] = {}
     record = dict(nodes=nodes, pods_per_node=pods_per_node, service_accounts=dict(service_accounts or {}),
@@ -102,6 +105,8 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
                 procs[node.name] = (node, proc)
                 _write_state(plan, record, phase="agents", ca_dir=ca_dir, started=started)
             agents.wait_ready(procs, ready_timeout)
+            if identity == "issuer":
+                issuer_lab.wait_first_svids(plan, plan.nodes, ready_timeout)
         _write_state(plan, record, phase="up", ca_dir=ca_dir, started=started)
     except BaseException as exc:
         try:
@@ -342,6 +347,8 @@ def lab_restart_agent(name: str, node_name: str, *, state_root: str = DEFAULT_ST
     _atomic_write(plan.state_file, json.dumps(state, indent=2) + "\n")
     if wait:
         agents.wait_ready({node_name: (node, proc)}, ready_timeout)
+        if state.get("identity") == "issuer":
+            issuer_lab.wait_first_svids(plan, [node], ready_timeout)
     return record
 
 

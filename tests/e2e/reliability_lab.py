@@ -179,12 +179,13 @@ def set_sysctls(netns: str, values: Mapping[str, str] = SYSCTLS) -> None:
 
 
 @contextlib.contextmanager
-def reliability_lab(prefix: str, pods_per_node: int = 1, env: Mapping[str, str] | None = None) -> Iterator[RelLab]:
+def reliability_lab(prefix: str, pods_per_node: int = 1, env: Mapping[str, str] | None = None,
+                    identity: str = labops.DEFAULT_IDENTITY) -> Iterator[RelLab]:
     name = f"{prefix}{uuid.uuid4().hex[:6]}"
     lab = None
     try:
         with environment(env or {}):
-            plan = labops.lab_up(name, 2, pods_per_node, f"{prefix}.tcpmesh")
+            plan = labops.lab_up(name, 2, pods_per_node, f"{prefix}.tcpmesh", identity=identity)
         lab = RelLab(name, plan, env or {})
         for netns in [p.netns for p in plan.pods] + [n.netns for n in plan.nodes]:
             set_sysctls(netns)

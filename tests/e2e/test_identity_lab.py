@@ -47,7 +47,7 @@ def id_lab(bpf_capable):
     name = f"id{uuid.uuid4().hex[:6]}"
     lab = None
     try:
-        lab = Lab(name, labops.lab_up(name, 3, 1, TD))
+        lab = Lab(name, labops.lab_up(name, 3, 1, TD, identity="node_ca"))
         yield lab
     finally:
         if lab is not None:

@@ -16,7 +16,8 @@ import uuid
 import pytest
 
 from agent.lab import lab as labops
-from agent.lab.files import admin_socket_path, node_ca_dir
+from agent.lab.files import admin_socket_path
+from agent.lab.issuer import credential_dir
 from tests.e2e.conftest import Lab
 
 RELOAD_TIMEOUT = 15.0  # the agent polls its policy directory every 2 s
@@ -93,7 +94,7 @@ def test_every_agent_command_reaches_a_lab_node_from_the_host(op_lab):
     assert tcpmesh("flows", "--lab", lab.name, "--node", "node2").returncode == 0
     certs = tcpmesh("cert", "inspect", "--lab", lab.name, "--node", "node2").stdout
     assert lab.pod("n2p1").spiffe_id in certs and lab.pod("n1p1").spiffe_id not in certs
-    from_file = tcpmesh("cert", "inspect", f"{node_ca_dir(lab.node(1))}/node.crt").stdout
+    from_file = tcpmesh("cert", "inspect", f"{credential_dir(lab.node(1))}/bundle.pem").stdout  # the node's root
     assert "1 certificate(s)" in from_file and "(a CA)" in from_file and "expires in" in from_file
     assert tcpmesh("status", "--node", "node2", env={"TCPMESH_LAB": lab.name}).stdout.startswith("node node2: READY")
     unknown = tcpmesh("flows", "--workload", "n9p9", env=env, check=False)

@@ -84,7 +84,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def lab(bpf_capable):
-    with reliability_lab("sec", env=ENV) as lab:
+    with reliability_lab("sec", env=ENV, identity="node_ca") as lab:  # node.key reload and start failures below
         lab.start_server()
         yield lab
 

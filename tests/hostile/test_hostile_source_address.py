@@ -45,7 +45,8 @@ def lab(bpf_capable):
     name = f"hs{uuid.uuid4().hex[:6]}"
     lab = None
     try:
-        lab = Lab(name, labops.lab_up(name, 2, 2, "hs.tcpmesh", service_accounts=ACCOUNTS))
+        lab = Lab(name, labops.lab_up(name, 2, 2, "hs.tcpmesh", service_accounts=ACCOUNTS,
+                                      identity="node_ca"))  # the attacker signs with node1's intermediate
         whoami = labops.lab_exec(name, "n2p1", [sys.executable, PEERS, "whoami", "--port", str(PORT)],
                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         lab.apps.append(whoami)

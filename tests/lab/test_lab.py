@@ -169,11 +169,12 @@ def test_status_json_schema(cgroup2_mount, lab_name, state_root):
 def test_down_removes_everything_and_is_safe_twice(cgroup2_mount, lab_name, state_root):
     plan = lab_up(lab_name, 2, 2, agents_enabled=False, state_root=state_root)
     try:
-        assert len(lab_netns(lab_name)) == 7 and os.path.isdir(plan.pod("n1p1").cgroup)
+        # 2 nodes, 4 pods, the wire and the issuer's (the default identity mode runs the issuer)
+        assert len(lab_netns(lab_name)) == 8 and os.path.isdir(plan.pod("n1p1").cgroup)
         assert Path(plan.registry_file).exists() and Path(plan.node("node1").config_file).exists()
     finally:
         report = lab_down(lab_name, state_root=state_root)
-    assert len(report["removed_netns"]) == 7
+    assert len(report["removed_netns"]) == 8 and len(report["stopped_pids"]) == 2  # the issuer replicas
     assert_gone(plan)
     again = CliRunner().invoke(lab_cli, ["down", "--name", lab_name, "--state-root", state_root])
     assert again.exit_code == 0 and "nothing left" in again.output
@@ -183,8 +184,8 @@ def test_down_removes_everything_and_is_safe_twice(cgroup2_mount, lab_name, stat
 
 def test_down_after_a_crash_finds_leftovers_by_listing(cgroup2_mount, lab_name, state_root):
     up = CliRunner().invoke(lab_cli, ["up", "--name", lab_name, "--state-root", state_root, "--nodes", "2",
-                                      "--pods-per-node", "1", "--no-agents"])
-    try:
+                                      "--pods-per-node", "1", "--no-agents", "--identity", "node-ca"])
+    try:   # node-ca: no issuer processes, which down would rightly refuse to kill without their record
         assert up.exit_code == 0, up.output
         plan, _ = load_lab(lab_name, state_root)
         os.unlink(plan.state_file)  # as if lab up had died before writing anything
@@ -210,7 +211,7 @@ def test_two_labs_with_the_same_addresses_coexist(cgroup2_mount, lab_name, state
         finally:
             listener.close()
         lab_down(lab_name, state_root=state_root)
-        assert lab_netns(lab_name) == [] and len(lab_netns(other)) == 5
+        assert lab_netns(lab_name) == [] and len(lab_netns(other)) == 6  # 2 nodes, 2 pods, wire, issuer
 
 
 def test_down_reports_processes_it_did_not_start(cgroup2_mount, lab_name, state_root):
@@ -230,7 +231,7 @@ def test_down_reports_processes_it_did_not_start(cgroup2_mount, lab_name, state_
 
 def test_agents_start_in_node_netns_and_cgroup_and_stop_on_down(cgroup2_mount, lab_name, state_root):
     plan = lab_up(lab_name, 2, 1, agents_enabled=True, agent_argv=FAKE_AGENT + ["run"], state_root=state_root,
-                  ready_timeout=30)
+                  ready_timeout=30, identity="node_ca")  # the stand-in holds no SVIDs for the issuer wait
     try:
         status = lab_status(lab_name, state_root=state_root)
         # the stand-in serves /readyz only: each node's missing `tcpmesh status` is a problem, naming the socket
@@ -263,7 +264,7 @@ def test_agent_that_dies_fails_up_points_at_its_log_and_tears_down(cgroup2_mount
     try:
         with pytest.raises(LabError) as err:
             lab_up(lab_name, 2, 1, agents_enabled=True, agent_argv=FAKE_AGENT + ["--exit", "3"],
-                   state_root=state_root, ready_timeout=30)
+                   state_root=state_root, ready_timeout=30, identity="node_ca")
         message = str(err.value)
         assert "exited with code 3" in message and str(log_dir / "node1.log") in message
         assert "failing on purpose" in message and "torn down" in message

@@ -79,4 +79,9 @@ def yaml_after(markdown: str, heading: str) -> dict:
 def test_docs_lab_md_shows_the_agent_config_the_lab_writes():
     plan = plan_lab("demo", 2, 2, "lab.tcpmesh")
     shown = yaml_after((REPO / "docs/lab.md").read_text(), "An agent config (node2 of lab `demo`)")
-    assert shown == agent_config(plan, plan.node("node2"))
+    from agent.lab import issuer as issuer_lab
+    from agent.lab.files import LAB_IDENTITY_POLL_SECONDS
+
+    node = plan.node("node2")  # the default lab: identity mode issuer
+    assert shown == agent_config(plan, node, identity=issuer_lab.agent_identity(plan, node, LAB_IDENTITY_POLL_SECONDS,
+                                                                                None))
