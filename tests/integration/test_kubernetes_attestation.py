@@ -226,3 +226,79 @@ def test_an_issuer_without_attestation_refuses_service_account_tokens(tmp_path):
     finally:
         replica.stop()
         api.stop()
+
+
+def test_an_agent_configured_as_the_daemonset_joins_by_attestation_and_gets_its_nodes_identities_only(
+        in_process_agent, tmp_path):
+    """The agent with the ConfigMap's identity section (deploy/kubernetes/02-config.yaml) — its paths
+    pointed into the test's directory, its issuer address at two replicas — and the Kubernetes registry:
+    it joins by attestation with its pod's token, gets SVIDs for worker-1's pods (web, cart) and no
+    other, holds no signing key, and renews its node SVID by attestation again (a node credential
+    cannot renew itself here)."""
+    import asyncio
+    import json
+
+    import yaml
+
+    from tests.integration.conftest import free_ports
+    from tests.unit.test_kubernetes_manifests import find
+
+    configmap = yaml.safe_load(find("ConfigMap", "tcpmesh-config")["data"]["config.yaml"])
+    identity = configmap["identity"]
+    assert identity["mode"] == "issuer" and "node_ca_dir" not in identity
+    api = FakeApiServer().start()
+    replicas: list[Replica] = []
+    try:
+        for node in AGENT_UIDS:
+            api.put("pods", agent_pod(node))
+        ports = free_ports(2)
+        token_file = tmp_path / "projected" / "token"
+        token_file.parent.mkdir()
+        token_file.write_text(agent_token(api, "worker-1"))
+        (tmp_path / "cred").mkdir(mode=0o700)   # the DaemonSet's emptyDir
+        issuer_section = {**identity["issuer"], "addresses": [f"127.0.0.1:{p}" for p in ports],
+                          "service_account_token_file": str(token_file),
+                          "ca_bundle": str(tmp_path / "root" / "ca.crt"), "credential_dir": str(tmp_path / "cred")}
+        proc = in_process_agent(TD, "worker-1", identity={**identity, "issuer": issuer_section, "poll_seconds": 0.2},
+                                registry={"source": "kubernetes",
+                                          "kubeconfig": str(api.kubeconfig(tmp_path / "kubeconfig"))})
+        issue_issuer_files(tmp_path / "root", tmp_path / "issuer")   # the root the fixture made
+        config = issuer_config_from_mapping({
+            "trust_domain": TD, "ca_dir": str(tmp_path / "issuer"), "dev_short_ttl": True,
+            "node_svid_ttl_seconds": 20,
+            "registry": {"source": "kubernetes", "kubeconfig": str(tmp_path / "kubeconfig")},
+            "attestation": {"kubernetes": {"enabled": True}}, "rate": {"joins_per_minute": 600},
+            "metrics": {"port": 0}})
+        replicas += [Replica(config, f"issuer-{i}", port) for i, port in enumerate(ports)]
+
+        async def certs() -> dict:
+            status, body = await proc.http_get("/debug/certs")
+            assert status == 200, body
+            return json.loads(body)
+
+        async def main():
+            async with proc.running():
+                assert (await proc.next_message()).startswith(b"READY=1\n")
+                deadline = time.monotonic() + 60
+                while sorted(i["spiffe_id"] for i in (await certs())["identities"]) != [CART, WEB]:
+                    assert time.monotonic() < deadline, await certs()
+                    await asyncio.sleep(0.1)
+                report = await certs()
+                assert report["issuer"]["node_credential"]["spiffe_id"] == f"spiffe://{TD}/node/worker-1"
+                assert report["issuer"]["pending"] == []
+                first = (tmp_path / "cred" / "credential.crt").read_text()
+                reviews = len(api.token_reviews)
+                token_file.write_text(agent_token(api, "worker-1"))   # the kubelet's refresh
+                while (tmp_path / "cred" / "credential.crt").read_text() == first:   # renewed at half of 20 s
+                    assert time.monotonic() < deadline + 30, "the node SVID was never renewed"
+                    await asyncio.sleep(0.2)
+                assert len(api.token_reviews) > reviews   # by attestation, with the refreshed token
+
+        asyncio.run(main())
+        assert sum(r.refusals("attestation_required") for r in replicas) == 0
+        keys = [p.name for p in (tmp_path / "cred").iterdir() if "PRIVATE KEY" in p.read_text()]
+        assert keys == ["credential.key"]   # the node SVID's key: a clientAuth leaf, it signs nothing
+    finally:
+        for replica in replicas:
+            replica.stop()
+        api.stop()

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -311,4 +312,60 @@ def test_the_issuer_runs_two_replicas_behind_a_service_with_a_config_that_loads(
     assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["ports"][0]["port"] == config.listen.port
     rules = find("ClusterRole", "tcpmesh-issuer")["rules"]
-    assert rules == [{"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]}]
+    assert rules == [{"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]},
+                     {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
+    # what the issuer's Kubernetes source watches is exactly what its role grants (a missing one: 403 forever)
+    require_module("kubernetes", "install the kubernetes extra (make setup does)")
+    from agent.issuer.metrics import IssuerMetrics
+    from agent.issuer.run import RegistryHolder, kubernetes_registry_source
+    from prometheus_client import CollectorRegistry
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"https://{NOWHERE}"}}],
+        "users": [{"name": "u", "user": {"token": "none"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    source = kubernetes_registry_source(replace(config, registry=replace(config.registry, kubeconfig=str(kubeconfig))),
+                                        RegistryHolder(), IssuerMetrics(CollectorRegistry()))
+    assert {w.kind for w in source.watches} == set(rules[0]["resources"])
+
+
+def test_the_daemonset_holds_no_signing_key_and_attests_with_a_projected_token(tmp_path):
+    """No node CA material on the node: the agent runs identity.mode issuer and joins by attestation with
+    a pod-bound token for the issuer's audience, short-lived; the issuer checks that very audience and
+    service account; the node SVID lives in memory only."""
+    from agent.config import load_config
+    from agent.issuer.config import issuer_config_from_mapping
+
+    pod = find("DaemonSet")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert not [v for v in volumes.values() if "node-ca" in yaml.safe_dump(v)], "a node CA volume is left"
+    (tmp_path / "config.yaml").write_text(find("ConfigMap", "tcpmesh-config")["data"]["config.yaml"])
+    identity = load_config(tmp_path / "config.yaml", environ={"TCPMESH_NODE_NAME": "worker-1",
+                                                             "TCPMESH_NODE_ADDRESS": "10.0.0.11",
+                                                             "TCPMESH_CAPTURE_REDIRECT_ADDRESS": "10.0.0.11"}).identity
+    assert identity.mode == "issuer" and not identity.issuer.bootstrap_token_file
+
+    def volume_of(path: str) -> dict:
+        directory = str(Path(path).parent)
+        assert directory in mounts, f"{path}: nothing is mounted at {directory}"
+        return volumes[mounts[directory]["name"]]
+
+    (source,) = volume_of(identity.issuer.service_account_token_file)["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert Path(identity.issuer.service_account_token_file).name == token["path"]
+    assert token["expirationSeconds"] <= 3600     # short: the kubelet refreshes it at 80 % of its life
+    assert volume_of(identity.issuer.ca_bundle)["configMap"]["name"] == "tcpmesh-trust-bundle"
+    credential = volumes[mounts[identity.issuer.credential_dir]["name"]]
+    assert credential["emptyDir"]["medium"] == "Memory"
+    issuer = issuer_config_from_mapping(yaml.safe_load(find("ConfigMap", "tcpmesh-issuer-config")["data"]["issuer.yaml"]))
+    k8s = issuer.attestation.kubernetes
+    assert k8s.enabled and k8s.exclusive and k8s.audience == token["audience"]
+    assert (k8s.namespace, k8s.service_account) == (find("ServiceAccount", "tcpmesh-agent")["metadata"]["namespace"],
+                                                    pod["serviceAccountName"])
+    service = find("Service", "tcpmesh-issuer")
+    assert identity.issuer.addresses == [f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc:"
+                                         f"{service['spec']['ports'][0]['port']}"]
