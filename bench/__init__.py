@@ -8,5 +8,7 @@ Modules: ``settings`` (what to run, presets) · ``figures`` (pure: figures, medi
 targets) · ``report`` (pure: Markdown) · ``chart`` (matplotlib) · ``loadgen`` (the C load
 generator, iperf3, sockperf) · ``host`` (cgroup CPU, RSS, sysctls, machine facts) · ``peers``
 (stunnel and HAProxy configs) · ``world`` (lab, cgroups, certificates, servers, tunnels; cleanup) ·
-``scenarios`` (one measurement of one path) · ``profile`` (py-spy) · ``run`` (CLI, the loop, output).
+``scenarios`` (one measurement of one path) · ``databases`` (PostgreSQL and Redis; one pgbench or
+redis-benchmark measurement) · ``dbfigures`` (their figures and targets) · ``profile`` (py-spy) ·
+``run`` (CLI, the loop, output).
 """

@@ -49,9 +49,10 @@ def summarize(values: Sequence[float]) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summaries(samples: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, dict[str, dict | None]]:
-    """path → figure → summary, for every figure of FIGURES."""
-    return {path: {f.key: summarize(per_figure.get(f.key, ())) for f in FIGURES} for path, per_figure in samples.items()}
+def summaries(samples: Mapping[str, Mapping[str, Sequence[float]]],
+              figures: Sequence[Figure] = FIGURES) -> dict[str, dict[str, dict | None]]:
+    """path → figure → summary, for every figure of ``figures``."""
+    return {path: {f.key: summarize(per_figure.get(f.key, ())) for f in figures} for path, per_figure in samples.items()}
 
 
 def best_peer(summary: Mapping[str, Mapping[str, dict | None]], figure: Figure, peers: Iterable[str]) -> str | None:
@@ -70,13 +71,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def ratios(summary: Mapping[str, Mapping[str, dict | None]], peers: Sequence[str],
-           direct: str = "direct") -> dict[str, dict[str, dict]]:
+           direct: str = "direct", figures: Sequence[Figure] = FIGURES) -> dict[str, dict[str, dict]]:
     """path → figure → {vs_direct, vs_best_peer, best_peer}: ratios of medians (None where meaningless)."""
     out: dict[str, dict[str, dict]] = {}
-    for path, figures in summary.items():
+    for path, per_figure in summary.items():
         out[path] = {}
-        for figure in FIGURES:
-            mine = (figures.get(figure.key) or {}).get("median")
+        for figure in figures:
+            mine = (per_figure.get(figure.key) or {}).get("median")
             base = (summary.get(direct, {}).get(figure.key) or {}).get("median") if figure.vs_direct else None
             peer = best_peer(summary, figure, peers)
             peer_median = summary[peer][figure.key]["median"] if peer else None

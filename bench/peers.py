@@ -15,6 +15,7 @@ Pure: ``*_config`` render text from a ``PeerLayout``; ``world`` writes and start
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,16 @@ class PeerLayout:
 PORT_BASE = {"stunnel": 21000, "haproxy": 22000}
 
 
-def layout_services(peer: str, server_ip: str, echo_port: int, bulk_port: int) -> tuple[Service, ...]:
+def layout_services(peer: str, server_ip: str, echo_port: int, bulk_port: int,
+                    extra: Mapping[str, int] | None = None) -> tuple[Service, ...]:
+    """echo and bulk, then one service per ``extra`` name → server port (the database scenario's):
+    the i-th listens on base + i on node1 and base + 10 + i (TLS) on node2."""
     base = PORT_BASE[peer]
-    return (Service("echo", base + 1, base + 11, (server_ip, echo_port)),
-            Service("bulk", base + 2, base + 12, (server_ip, bulk_port)))
+    ports = {"echo": echo_port, "bulk": bulk_port, **(extra or {})}
+    if len(ports) > 9:
+        raise ValueError(f"at most 9 services per peer, not {len(ports)}")
+    return tuple(Service(name, base + i, base + 10 + i, (server_ip, port))
+                 for i, (name, port) in enumerate(ports.items(), start=1))
 
 
 def stunnel_config(layout: PeerLayout, node: str) -> str:

@@ -118,6 +118,8 @@ def markdown(results: dict, *, json_path: Path, chart_path: str | None, docs_pat
             value = t["value"]
             shown = "n/a" if value is None else (f"×{value:.2f}" if t["kind"].startswith("ratio") else f"{value:.1f}")
             lines.append(f"| {t['text']} | {shown} | {({True: 'yes', False: '**no**', None: 'not measured'})[t['met']]} |")
+    if results.get("databases"):
+        lines += databases_markdown(results)
     cap = results.get("capture")
     if cap:
         lines += ["", f"Capture ({cap.get('measured_pairs', cap['connects'])}+ connects per variant and repetition, the two variants alternating "
@@ -156,6 +158,38 @@ def markdown(results: dict, *, json_path: Path, chart_path: str | None, docs_pat
         lines += [f"- {e.get('where')} {e.get('path', '')}: {e['error']}" for e in results["errors"]]
     lines.append("")
     return "\n".join(lines)
+
+
+def databases_markdown(results: dict) -> list[str]:
+    """The database scenario's tables: figures per path, ratios to direct and to the best peer, targets."""
+    from bench.dbfigures import figure_list
+
+    db, s, paths = results["databases"], results["settings"], results["paths"]
+    figures = figure_list(s["pgbench_clients"], s["redis_clients"])
+    others = [p for p in paths if p != "direct"]
+    lines = ["", "Databases (issue #19): PostgreSQL 15 and Redis in the server pod n2p1 (node2), pgbench and "
+             "redis-benchmark from the client pod n1p1 (node1), every path in the same repetitions. "
+             f"pgbench: built-in TPC-B, scale 1, `-c {s['pgbench_clients']} -j 1 -T {s['pgbench_seconds']:g}`, "
+             "fsync off, tps without connection setup; redis-benchmark: `-t set,get -P 1 "
+             f"-n {s['redis_requests']}` with each client count; no persistence.", "",
+             "| figure | " + " | ".join(paths) + " | " + " | ".join(f"{p} × direct" for p in others)
+             + (" | tcpmesh × best peer |" if "tcpmesh" in others else " |"),
+             "|---|" + "---|" * (len(paths) + len(others) + ("tcpmesh" in others))]
+    for figure in figures:
+        row = [_cell(db["summary"][p].get(figure.key), figure) for p in paths]
+        row += [_ratio(db["ratios"][p][figure.key]["vs_direct"]) for p in others]
+        if "tcpmesh" in others:
+            best = db["ratios"]["tcpmesh"][figure.key]
+            row.append(f"{_ratio(best['vs_best_peer'])} ({best['best_peer'] or '—'})")
+        lines.append(f"| {_label(figure, results)} | " + " | ".join(row) + " |")
+    geo = db["redis_geomean_vs_direct"]
+    lines.append("| redis-benchmark, geometric mean of the ratios to direct | " + " | ".join("" for _ in paths) + " | "
+                 + " | ".join(_ratio(geo.get(p)) for p in others) + (" | |" if "tcpmesh" in others else " |"))
+    lines += ["", "| target | this run | met |", "|---|---|---|"]
+    for t in db["targets"]:
+        shown = "n/a" if t["value"] is None else f"×{t['value']:.2f}"
+        lines.append(f"| {t['text']} | {shown} | {({True: 'yes', False: '**no**', None: 'not measured'})[t['met']]} |")
+    return lines
 
 
 def append_to(docs_path: Path, section: str) -> None:
@@ -199,7 +233,21 @@ def console_table(results: dict) -> str:
             text = _fmt(t["median"], figure.digits) + (f" ×{ratio:.2f} direct" if ratio is not None else "")
             out.append(f"{'same node: ' + figure.label + ' (' + figure.unit + ')':{width}}"
                        f"{'n/a' if not d else _fmt(d['median'], figure.digits):>22}{text:>22}")
-    for t in results.get("targets", []) + (same["targets"] if same else []):
+    db = results.get("databases")
+    if db:
+        from bench.dbfigures import figure_list
+        s = results["settings"]
+        for figure in figure_list(s["pgbench_clients"], s["redis_clients"]):
+            cells = []
+            for p in paths:
+                value = db["summary"][p].get(figure.key)
+                ratio = db["ratios"][p][figure.key]["vs_direct"]
+                text = "n/a" if not value else _fmt(value["median"], figure.digits)
+                if value and ratio is not None and p != "direct":
+                    text += f" ×{ratio:.2f}d"
+                cells.append(f"{text:>22}")
+            out.append(f"{figure.label + ' (' + figure.unit + ')':{width}}" + "".join(cells))
+    for t in results.get("targets", []) + (same["targets"] if same else []) + (db["targets"] if db else []):
         out.append(f"target {t['text']}: {t['value'] if t['value'] is None else round(t['value'], 2)} "
                    f"-> {'met' if t['met'] else ('not measured' if t['met'] is None else 'NOT met')}")
     if results.get("errors"):

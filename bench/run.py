@@ -4,7 +4,9 @@ Builds the world (bench/world.py), checks every path once, measures the load gen
 known-good tool, then repeats: idle memory, ping-pong, latency under load (8 connections: the most
 each path carries, then half the slowest tunnel's rate on every path), connection rate, bulk with 1
 and 8 streams, 1,000 held connections, for every path (their order rotates per repetition so no path
-always goes first), the capture test, and the same-node scenario (client and server pods on node2). Then it writes the JSON results, the chart and — for a full run, or
+always goes first), the capture test, the same-node scenario (client and server pods on node2) and
+the database scenario (pgbench and redis-benchmark against real servers through every path). Then
+it writes the JSON results, the chart and — for a full run, or
 with --record — a section of docs/benchmarks.md. A test that fails is recorded and the run goes on;
 the exit status is 1 if anything failed.
 """
@@ -45,6 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--settle-seconds", type=float)
     p.add_argument("--no-same-node", dest="same_node", action="store_false", default=None,
                    help="skip the same-node scenario (client and server pods on one node)")
+    p.add_argument("--no-databases", dest="databases", action="store_false", default=None,
+                   help="skip the database scenario (pgbench and redis-benchmark through every path)")
+    p.add_argument("--pgbench-seconds", type=float)
+    p.add_argument("--redis-requests", type=int, help="requests per redis-benchmark run (each of SET and GET)")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="where the JSON results and the chart go (default: bench/results and docs/ for a recorded "
                         "run, bench/out otherwise)")
@@ -65,7 +71,8 @@ def settings_from(args: argparse.Namespace) -> S.Settings:
                             rr_seconds=args.rr_seconds, crr_seconds=args.crr_seconds, crr_warmup=args.crr_warmup,
                             idle_connections=args.idle_connections, capture_connects=args.capture_connects,
                             sockperf_seconds=args.sockperf_seconds, settle_seconds=args.settle_seconds,
-                            same_node=args.same_node)
+                            same_node=args.same_node, databases=args.databases,
+                            pgbench_seconds=args.pgbench_seconds, redis_requests=args.redis_requests)
 
 
 def log(message: str) -> None:
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line(argv), "quick": args.quick, "settings": settings.to_json(),
         "machine": host.machine_facts(REPO), "paths": list(paths), "peers": [p for p in paths if p in S.PEERS],
         "raw": {p: [] for p in paths}, "capture_raw": [], "reference": None, "errors": [], "profile": None,
-        "same_node_raw": [],
+        "same_node_raw": [], "databases_raw": {p: [] for p in paths},
     }
     t0 = time.monotonic()
     try:
@@ -151,6 +158,22 @@ def measure(world: World, settings: S.Settings, paths: tuple[str, ...], results:
             log(f"reference: 14-byte RTT p50 sockperf {ref['sockperf']['p50']:.1f} µs, loadgen {ref['loadgen']['p50']:.1f} µs")
         except Exception as exc:
             error(results, "reference", "direct", exc)
+    dbs = start_databases(world, settings, results)
+    try:
+        repeat(world, settings, routes, live, results, dbs)
+    finally:
+        if dbs is not None:
+            dbs.close()
+    if args.profile is not None and "tcpmesh" in live:
+        from bench import profile
+        try:
+            results["profile"] = profile.profile_agents(world, routes["tcpmesh"], settings, args.profile, log)
+        except Exception as exc:
+            error(results, "profile", "tcpmesh", exc, world)
+
+
+def repeat(world: World, settings: S.Settings, routes: dict, live: list[str], results: dict, dbs) -> None:
+    """The repetitions: every test on every live path (rotating order), capture, same node, databases."""
     meter = host.ForeignLoad([world.cgroup_root, world.plan.cgroup])
     for rep in range(settings.repetitions):
         order = live[rep % len(live):] + live[:rep % len(live)]
@@ -184,12 +207,53 @@ def measure(world: World, settings: S.Settings, paths: tuple[str, ...], results:
                 error(results, f"rep {rep + 1} capture", "tcpmesh", exc, world)
         if settings.same_node and "tcpmesh" in live:
             results["same_node_raw"].append(measure_same_node(world, settings, rep, results))
-    if args.profile is not None and "tcpmesh" in live:
-        from bench import profile
-        try:
-            results["profile"] = profile.profile_agents(world, routes["tcpmesh"], settings, args.profile, log)
-        except Exception as exc:
-            error(results, "profile", "tcpmesh", exc, world)
+        if dbs is not None:
+            measure_databases(world, settings, rep, order, routes, results)
+
+
+def start_databases(world: World, settings: S.Settings, results: dict):
+    """PostgreSQL and Redis in the server pod for the database scenario, or None (skipped, or the
+    servers could not start: recorded as an error, the rest of the run goes on)."""
+    if not settings.databases:
+        return None
+    from bench.databases import Databases
+    try:
+        dbs = Databases(world)
+        log("databases: PostgreSQL and Redis up in the server pod, pgbench tables initialised")
+        return dbs
+    except Exception as exc:
+        error(results, "databases start", "direct", exc, world)
+        log(f"databases could not start, scenario left out: {exc}")
+        return None
+
+
+def measure_databases(world: World, settings: S.Settings, rep: int, order: list[str], routes: dict,
+                      results: dict) -> None:
+    """One repetition of the database scenario: pgbench on every path, then redis-benchmark per client count."""
+    from bench import databases
+
+    reps: dict[str, dict] = {p: {} for p in order}
+    meter = host.ForeignLoad([world.cgroup_root, world.plan.cgroup])
+    tests = [("pgbench", None)] + [("redis", c) for c in settings.redis_clients]
+    for test, clients in tests:
+        for p in order:
+            label = f"rep {rep + 1}/{settings.repetitions} {test}{'' if clients is None else f' -c {clients}'} {p:8}"
+            try:
+                started = meter.start()
+                if test == "pgbench":
+                    raw = reps[p]["pgbench"] = databases.pgbench(world, routes[p], settings)
+                    text = f"{raw['tps']:.0f} tps (latency {raw['latency_ms']} ms)"
+                else:
+                    raw = reps[p].setdefault("redis", {})[str(clients)] = databases.redis(world, routes[p], settings,
+                                                                                        clients)
+                    text = ", ".join(f"{t} {v:.0f}/s" for t, v in raw["rps"].items())
+                raw["foreign_cores"] = round(meter.stop(started), 2)
+                log(f"{label} {text} [others: {raw['foreign_cores']:.1f} cores]")
+            except Exception as exc:
+                error(results, f"rep {rep + 1} {test}", p, exc, world)
+                log(f"{label} FAILED: {exc}")
+    for p in order:
+        results["databases_raw"].setdefault(p, []).append(reps[p])
 
 
 def measure_same_node(world: World, settings: S.Settings, rep: int, results: dict) -> dict:
@@ -340,6 +404,11 @@ def analyse(results: dict, settings: S.Settings) -> None:
     results["capture"] = capture
     results["targets"] = figures.check_targets(summary, results["ratios"], capture, settings.idle_connections)
     results["same_node"] = figures.same_node(results["same_node_raw"]) if results.get("same_node_raw") else None
+    results["databases"] = None
+    if any(results.get("databases_raw", {}).values()):
+        from bench import dbfigures
+        results["databases"] = dbfigures.analyse(results["databases_raw"], results["paths"], results["peers"],
+                                                 settings.pgbench_clients, settings.redis_clients)
     results["generator_check"] = generator_check(results)
     foreign = [t["foreign_cores"] for reps in results["raw"].values() for rep in reps for t in rep.values()
                if isinstance(t, dict) and "foreign_cores" in t]

@@ -30,6 +30,11 @@ class Settings:
     settle_seconds: float = 1.0        # pause before sampling memory
     load_connections: int = 8          # latency under load: ping-pong on this many connections (rr_seconds each run)
     same_node: bool = True             # also client and server pods on one node (direct vs tcpmesh): rr, bulk
+    databases: bool = True             # PostgreSQL (pgbench) and Redis (redis-benchmark) through every path
+    pgbench_seconds: float = 5.0       # per pgbench run (TPC-B, scale 1)
+    pgbench_clients: int = 8
+    redis_requests: int = 40000        # per redis-benchmark run, each of SET and GET (~1 s direct)
+    redis_clients: tuple[int, ...] = (8, 50)
 
     def validate(self) -> "Settings":
         problems = []
@@ -38,6 +43,10 @@ class Settings:
         for name in ("bulk_seconds", "rr_seconds", "crr_seconds"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, not {getattr(self, name)}")
+        if self.pgbench_seconds < 1:
+            problems.append(f"pgbench_seconds must be >= 1 (pgbench -T takes whole seconds), not {self.pgbench_seconds}")
+        if self.pgbench_clients < 1 or self.redis_requests < 1 or not self.redis_clients or min(self.redis_clients) < 1:
+            problems.append("pgbench_clients, redis_requests and every redis_clients entry must be >= 1")
         if self.idle_connections < 1 or self.capture_connects < 1 or self.crr_concurrency < 1:
             problems.append("idle_connections, capture_connects and crr_concurrency must be >= 1")
         if problems:
@@ -50,7 +59,8 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(repetitions=1, bulk_seconds=2, rr_seconds=1.0, crr_seconds=1.5, crr_warmup=0.3,
-                 capture_connects=300, capture_max_seconds=10.0, sockperf_seconds=1.0, settle_seconds=0.5)
+                 capture_connects=300, capture_max_seconds=10.0, sockperf_seconds=1.0, settle_seconds=0.5,
+                 pgbench_seconds=2, redis_requests=10000)
 PRESETS = {"full": FULL, "quick": QUICK}
 
 

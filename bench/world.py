@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.lab.realservers import PG_PORT, REDIS_PORT
 from bench import host, loadgen, peers
 
 LAB_PREFIX = "bench"
@@ -37,6 +38,7 @@ CLIENT_POD = "n1p1"
 SERVER_POD = "n2p1"
 LOCAL_CLIENT_POD = "n2p2"  # the same-node scenario's client: on node2, with the server
 OUTBOUND_PORT = 15001
+DATABASE_PORTS = {"postgres": PG_PORT, "redis": REDIS_PORT}  # the database scenario's (bench/databases.py)
 OWNER_DIR = Path("/run/tcpmesh-bench")  # <lab>.json: which process owns which bench lab
 PR_SET_PDEATHSIG = 1
 NETNS_SYSCTLS = {
@@ -222,7 +224,8 @@ class World:
             _write_private(combined[node], svid.full_chain_pem + svid.key_pem)
         layout = peers.PeerLayout(
             node2_address=self.node2.wire_address,
-            services=peers.layout_services(peer, self.server_pod.ip, loadgen.ECHO_PORT, loadgen.BULK_PORT),
+            services=peers.layout_services(peer, self.server_pod.ip, loadgen.ECHO_PORT, loadgen.BULK_PORT,
+                                            DATABASE_PORTS),
             ca_file=str(ca_file), cert_file=cert_file, key_file=key_file, combined_file=combined, log_file=logs)
         self.peer_layouts[peer] = layout
         for node_plan in (self.node2, self.node1):
@@ -270,6 +273,14 @@ class World:
                                   (gateway, services["echo"].client_port), (gateway, services["bulk"].client_port),
                                   (self.cgroup(f"{name}-node1"), self.cgroup(f"{name}-node2")))
         return out
+
+    def address(self, path: Path_, service: str, server_port: int) -> tuple[str, int]:
+        """Where ``path``'s client connects to reach the server pod's ``server_port`` (``service`` of
+        the peers' layout, e.g. "postgres"): the server pod itself, or the peer's port on node1."""
+        if path.name in self.peer_layouts:
+            services = {s.name: s for s in self.peer_layouts[path.name].services}
+            return self.plan.pod_gateway, services[service].client_port
+        return self.server_pod.ip, server_port
 
     def same_node_paths(self) -> dict[str, Path_]:
         """Client pod n2p2 to the server pod n2p1, both on node2: straight (plaintext through node2's
@@ -339,12 +350,26 @@ def clean_stale_runs(log=print) -> list[str]:
         try:
             labops.lab_down(owner["lab"])
             if owner.get("cgroup_root") and os.path.isdir(owner["cgroup_root"]):
+                _kill_cgroup(owner["cgroup_root"])
                 remove_tree(owner["cgroup_root"])
             marker.unlink()
             cleaned.append(owner["lab"])
         except Exception as exc:  # leave the marker: the next run tries again
             log(f"could not clean up lab {owner['lab']}: {exc}")
     return cleaned
+
+
+def _kill_cgroup(root: str, timeout: float = 5.0) -> None:
+    """SIGKILL what is left in a dead run's cgroup tree: processes that dropped the parent-death
+    signal when they changed user (PostgreSQL under setpriv). Only that run's own processes live there."""
+    kill = Path(root, "cgroup.kill")
+    if not kill.exists():
+        return
+    kill.write_text("1")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(host.cgroup_pids(str(d)) for d in [Path(root), *Path(root).rglob("*")]
+                                              if d.is_dir()):
+        time.sleep(0.05)
 
 
 def _write_private(path: str, text: str) -> None:

@@ -138,3 +138,42 @@ def test_latency_under_load_is_offered_half_the_slowest_tunnels_rate_to_every_pa
     assert figures.half_rate({"direct": loadmax(20000.0)}) is None
     derived = figures.derive({**loadmax(3000.0), "loadhalf": {"rtt_us": {"p50": 120.0, "p99": 900.0}}}, None, True)
     assert (derived["load_max_per_s"], derived["load_p50_us"], derived["load_p99_us"]) == (3000.0, 120.0, 900.0)
+
+
+def _db_rep(tps: float, set8: float, get8: float, processed: int = 100, datapath: float = 0.5) -> dict:
+    return {"pgbench": {"tps": tps, "latency_ms": 8000 / tps, "processed": processed, "datapath_cpu_s": datapath},
+            "redis": {"8": {"clients": 8, "rps": {"SET": set8, "GET": get8}}}}
+
+
+def test_database_figures_ratios_and_targets():
+    from bench import dbfigures
+
+    raw = {"direct": [_db_rep(1000, 40000, 40000), _db_rep(1200, 40000, 40000)],
+           "tcpmesh": [_db_rep(500, 10000, 40000), _db_rep(700, 10000, 40000)],
+           "stunnel": [_db_rep(800, 20000, 20000)]}
+    db = dbfigures.analyse(raw, ["direct", "tcpmesh", "stunnel"], ["stunnel"], 8, (8,))
+    assert db["summary"]["tcpmesh"]["pgbench_tps"]["median"] == 600
+    assert db["ratios"]["tcpmesh"]["pgbench_tps"]["vs_direct"] == 600 / 1100
+    assert db["ratios"]["tcpmesh"]["pgbench_tps"]["vs_best_peer"] == 600 / 800
+    assert db["summary"]["tcpmesh"]["pgbench_datapath_ms_per_tx"]["median"] == 5.0
+    assert db["summary"]["direct"]["pgbench_datapath_ms_per_tx"] is None  # no data path on the direct path
+    assert abs(db["redis_geomean_vs_direct"]["tcpmesh"] - 0.5) < 1e-9  # sqrt(0.25 * 1.0)
+    targets = {t["key"]: t for t in db["targets"]}
+    assert targets["databases_pgbench"]["met"] is False and targets["databases_redis"]["met"] is False
+    assert "pgbench (TPC-B, 8 clients) ≥ 0.6 × direct" == targets["databases_pgbench"]["text"]
+    missing = dbfigures.analyse({"direct": [_db_rep(1000, 1, 1)], "tcpmesh": [{}]}, ["direct", "tcpmesh"], [], 8, (8,))
+    assert {t["met"] for t in missing["targets"]} == {None}
+
+
+def test_database_section_has_a_row_per_figure_and_the_targets():
+    from bench import dbfigures
+
+    raw = {"direct": [_db_rep(1000, 40000, 40000)], "tcpmesh": [_db_rep(700, 30000, 30000)]}
+    results = {"paths": ["direct", "tcpmesh"], "settings": {"pgbench_clients": 8, "redis_clients": [8],
+                                                            "pgbench_seconds": 5, "redis_requests": 1000,
+                                                            "idle_connections": 1000},
+               "databases": dbfigures.analyse(raw, ["direct", "tcpmesh"], [], 8, (8,))}
+    text = "\n".join(report.databases_markdown(results))
+    assert "| pgbench TPC-B, 8 clients (tps) | 1,000 | 700 | ×0.70 | — (—) |" in text
+    assert "| redis-benchmark SET, 8 clients (req/s) | 40,000 | 30,000 | ×0.75 |" in text
+    assert "| pgbench (TPC-B, 8 clients) ≥ 0.6 × direct | ×0.70 | yes |" in text

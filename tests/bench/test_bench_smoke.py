@@ -1,6 +1,6 @@
 """Smoke test of the benchmark harness (bench/), not a benchmark: ``python -m bench --quick`` on tiny
-sizes must build its world, produce figures for every path and the capture test, write its JSON
-and Markdown, and clean up after itself. Timings are never asserted (they depend on the machine
+sizes must build its world, produce figures for every path, the capture test and the database
+scenario (real PostgreSQL and Redis), write its JSON and Markdown, and clean up after itself. Timings are never asserted (they depend on the machine
 and on whatever else runs on it); ``make bench`` is where numbers come from.
 """
 
@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent.lab.realservers import missing_tools
+from bench.dbfigures import figure_list
 from bench.figures import FIGURES
 from tests.conftest import skip_or_fail
 
@@ -22,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 TOOLS = ("stunnel", "haproxy", "iperf3", "sockperf", "cc")
 TINY = ["--quick", "--reps", "1", "--bulk-seconds", "0.5", "--rr-seconds", "0.3", "--crr-seconds", "0.5",
         "--crr-warmup", "0.1", "--idle-connections", "20", "--capture-connects", "20", "--sockperf-seconds", "1",
-        "--settle-seconds", "0.1", "--no-record"]
+        "--settle-seconds", "0.1", "--pgbench-seconds", "1", "--redis-requests", "500", "--no-record"]
 DATAPATH_ONLY = {f.key for f in FIGURES if not f.vs_direct}
 LIMIT_SECONDS = 150  # a generous bound for a busy shared machine; it takes well under a minute when idle
 
@@ -36,6 +38,8 @@ def test_quick_bench_produces_every_figure_for_every_path(bpf_capable, tmp_path)
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         skip_or_fail(f"the benchmark needs {', '.join(missing)}: `make setup` installs them")
+    if missing_tools():
+        skip_or_fail(f"the benchmark's database scenario: {missing_tools()}")
     chart = [] if importlib.util.find_spec("matplotlib") else ["--no-chart"]
     proc = subprocess.Popen([sys.executable, "-m", "bench", *TINY, *chart, "--out-dir", str(tmp_path)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -63,10 +67,19 @@ def test_quick_bench_produces_every_figure_for_every_path(bpf_capable, tmp_path)
         held = results["raw"][path][0]["hold"]
         assert held["held"] == 20 and held["failed"] == 0
     assert results["capture"]["overhead_pct"]["n"] == 1
+    settings = results["settings"]
+    for figure in figure_list(settings["pgbench_clients"], settings["redis_clients"]):
+        for path in results["paths"]:
+            if path == "direct" and not figure.vs_direct:
+                continue
+            assert results["databases"]["summary"][path][figure.key] is not None, f"{path} has no {figure.key}"
+    assert {t["key"] for t in results["databases"]["targets"]} == {"databases_pgbench", "databases_redis"}
+    assert all(t["value"] is not None for t in results["databases"]["targets"])
     assert results["reference"]["sockperf"]["p50"] > 0 and results["reference"]["loadgen"]["p50"] > 0
     assert {t["key"] for t in results["targets"]} == {"bulk1", "bulk8", "latency", "connrate", "memory", "capture"}
     markdown = found[0].with_suffix(".md").read_text()
     assert "| figure | direct | tcpmesh | stunnel | haproxy |" in markdown
+    assert "| pgbench TPC-B, 8 clients (tps) |" in markdown
     if chart == []:
         assert Path(results["chart"]).stat().st_size > 0
     lab = re.search(r"lab (\S+): up", stderr)
