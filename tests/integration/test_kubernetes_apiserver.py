@@ -76,7 +76,7 @@ class FakeApiServer:
             for obj in objects.get(kind, []):
                 self.store[kind][object_key(kind, obj)] = copy.deepcopy(obj)
         self.pending: dict[str, list[tuple]] = {k: [] for k in KINDS}   # actions for the (next) watch stream
-        self.fail_next: dict[str, list[int]] = {k: [] for k in KINDS}   # HTTP statuses for the next requests
+        self.fail_next: dict[str, list[int]] = {k: [] for k in (*KINDS, "tokenreviews")}  # statuses for the next requests
         self.watching: dict[str, int] = {k: 0 for k in KINDS}           # open watch streams
         self.requests: list[tuple[str, dict[str, str]]] = []            # (kind, query) of every request
         self.connections: set = set()                                   # open client connections
@@ -279,6 +279,13 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             with server.cond:
                 server.requests.append(("tokenreviews", {}))
                 server.token_reviews.append(copy.deepcopy(doc))
+                failure = server.fail_next["tokenreviews"].pop(0) if server.fail_next["tokenreviews"] else None
+            if failure == 403:   # what a service account without create on tokenreviews meets
+                return self._status(403, "Forbidden", 'tokenreviews.authentication.k8s.io is forbidden: User '
+                                    '"system:serviceaccount:tcpmesh-system:tcpmesh-issuer" cannot create resource '
+                                    '"tokenreviews" in API group "authentication.k8s.io" at the cluster scope')
+            if failure is not None:
+                return self._status(failure, "InternalError", "scripted failure")
             status = server.review(spec)
             self._json(201, {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
                              "metadata": {"creationTimestamp": None}, "spec": spec, "status": status})

@@ -209,6 +209,12 @@ def test_an_api_server_that_does_not_answer_refuses_with_a_reason(world):
     assert "TokenReview" in answer["error"]["message"]
     api.come_back()
     assert ask_node(r0, bundle, "worker-1", token)["ok"]
+    # an issuer whose role lacks create on tokenreviews: refused, and the message names the RBAC to add
+    api.fail("tokenreviews", 403)
+    answer = ask_node(r0, bundle, "worker-1", token)
+    assert answer["error"]["reason"] == "attestation_unavailable" and "HTTP 403" in answer["error"]["message"]
+    assert "tokenreviews" in answer["error"]["message"] and "04-issuer.yaml" in answer["error"]["message"]
+    assert r0.refusals("attestation_unavailable") == 2
 
 
 def test_an_issuer_without_attestation_refuses_service_account_tokens(tmp_path):
