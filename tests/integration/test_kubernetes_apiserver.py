@@ -10,9 +10,10 @@ the source relies on and nothing more:
   ``/apis/discovery.k8s.io/v1/endpointslices``: a list (``limit`` / ``continue`` paging) with the
   current ``metadata.resourceVersion``, ``kind`` ``<Kind>List`` and the group's ``apiVersion``;
 - the same with ``watch=true&resourceVersion=N``: a chunked stream of ``{"type", "object"}`` lines
-  (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR); events queued while no watch is open are delivered to
-  the next one, as a real server replays everything after N. Each event goes to one stream: with
-  two clients watching one kind (two issuer replicas), only one of them sees it;
+  (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR). Every open stream gets every event, and a stream
+  opened from N first replays the events after N, as a real server does from its history: several
+  clients may watch one kind (two issuer replicas); scripted actions go to one stream, the first to
+  reach them, in the order they were queued among the events;
 - scripted faults: an ERROR event with code 410 (Expired), an HTTP 410 or 5xx answer to the next
   request, a stream cut in the middle of a chunk, a normal end of the stream;
 - going away and coming back (``go_away`` / ``come_back``): every open connection is cut and the port
@@ -75,7 +76,8 @@ class FakeApiServer:
         for kind in KINDS:
             for obj in objects.get(kind, []):
                 self.store[kind][object_key(kind, obj)] = copy.deepcopy(obj)
-        self.pending: dict[str, list[tuple]] = {k: [] for k in KINDS}   # actions for the (next) watch stream
+        self.history: dict[str, list[tuple]] = {k: [] for k in KINDS}   # (rv, type, object) of every event
+        self.scripted: dict[str, list[tuple]] = {k: [] for k in KINDS}  # (rv when queued, action): for one stream
         self.fail_next: dict[str, list[int]] = {k: [] for k in (*KINDS, "tokenreviews")}  # statuses for the next requests
         self.watching: dict[str, int] = {k: 0 for k in KINDS}           # open watch streams
         self.requests: list[tuple[str, dict[str, str]]] = []            # (kind, query) of every request
@@ -142,7 +144,7 @@ class FakeApiServer:
             event = "MODIFIED" if key in self.store[kind] else "ADDED"
             self.store[kind][key] = obj
             if not silent:
-                self.pending[kind].append(("event", event, copy.deepcopy(obj)))
+                self.history[kind].append((self.rv, event, copy.deepcopy(obj)))
             self.cond.notify_all()
             return obj
 
@@ -152,7 +154,7 @@ class FakeApiServer:
             self.rv += 1
             obj["metadata"]["resourceVersion"] = str(self.rv)
             if not silent:
-                self.pending[kind].append(("event", "DELETED", obj))
+                self.history[kind].append((self.rv, "DELETED", obj))
             self.cond.notify_all()
 
     def get(self, kind: str, key: str) -> dict:
@@ -225,7 +227,7 @@ class FakeApiServer:
     def script(self, kind: str, *actions: str) -> None:
         """Queue stream actions: "gone" (ERROR 410 event), "drop" (cut mid-chunk), "end", "bookmark"."""
         with self.cond:
-            self.pending[kind].extend((action,) for action in actions)
+            self.scripted[kind].extend((self.rv, action) for action in actions)
             self.cond.notify_all()
 
     def fail(self, kind: str, *statuses: int) -> None:
@@ -307,7 +309,7 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             if failure is not None:
                 return self._status(failure, "InternalError", "scripted failure")
             if query.get("watch") == "true":
-                return self._watch(kind)
+                return self._watch(kind, int(query.get("resourceVersion") or server.rv))
             return self._list(kind, query)
 
         def _one_pod(self, namespace: str, name: str) -> None:
@@ -332,7 +334,22 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             self._json(200, {"kind": KINDS[kind], "apiVersion": API_VERSIONS.get(kind, "v1"), "metadata": metadata,
                              "items": page})
 
-        def _watch(self, kind: str) -> None:
+        def _next(self, kind: str, cursor: int) -> tuple:
+            """This stream's next action: an event after ``cursor``, or a scripted action queued before it."""
+            with server.cond:
+                while True:
+                    if server._stopping:
+                        return ("end", cursor)
+                    event = next((e for e in server.history[kind] if e[0] > cursor), None)
+                    script = server.scripted[kind][0] if server.scripted[kind] else None
+                    if script is not None and (event is None or script[0] < event[0]):
+                        server.scripted[kind].pop(0)
+                        return (script[1], max(cursor, script[0]))
+                    if event is not None:
+                        return ("event", event[0], event[1], copy.deepcopy(event[2]))
+                    server.cond.wait(0.5)
+
+        def _watch(self, kind: str, cursor: int) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
@@ -343,16 +360,11 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 server.cond.notify_all()
             try:
                 while True:
-                    with server.cond:
-                        while not server.pending[kind] and not server._stopping:
-                            server.cond.wait(0.5)
-                        if server._stopping:
-                            action = ("end",)
-                        else:
-                            action = server.pending[kind].pop(0)
-                        rv = server.rv
+                    action = self._next(kind, cursor)
+                    rv = action[1]
                     if action[0] == "event":
-                        self._chunk({"type": action[1], "object": action[2]})
+                        cursor = rv
+                        self._chunk({"type": action[2], "object": action[3]})
                     elif action[0] == "bookmark":
                         self._chunk({"type": "BOOKMARK", "object": {"kind": KINDS[kind][:-len("List")],
                                                                     "apiVersion": API_VERSIONS.get(kind, "v1"),
