@@ -22,6 +22,8 @@ def figure_list(pgbench_clients: int, redis_clients: Sequence[int]) -> tuple[Fig
     figures = [
         Figure("pgbench_tps", f"pgbench TPC-B, {pgbench_clients} clients", "tps", True, digits=0),
         Figure("pgbench_latency_ms", "pgbench average transaction latency", "ms", False),
+        Figure("pgbench_cpu_ms_per_tx", "CPU per pgbench transaction, client + server + data path", "ms", False,
+               digits=3),
         Figure("pgbench_datapath_ms_per_tx", "data-path CPU per pgbench transaction", "ms", False, vs_direct=False,
                digits=3),
     ]
@@ -44,8 +46,11 @@ def derive(raw: Mapping[str, Mapping], has_datapath: bool) -> dict[str, float]:
         out["pgbench_tps"] = pg["tps"]
         if pg.get("latency_ms") is not None:
             out["pgbench_latency_ms"] = pg["latency_ms"]
-        if has_datapath and pg.get("processed"):
-            out["pgbench_datapath_ms_per_tx"] = pg["datapath_cpu_s"] * 1000 / pg["processed"]
+        if pg.get("processed"):
+            cpu = pg["client_cpu_s"] + pg["server_cpu_s"] + (pg["datapath_cpu_s"] if has_datapath else 0.0)
+            out["pgbench_cpu_ms_per_tx"] = cpu * 1000 / pg["processed"]
+            if has_datapath:
+                out["pgbench_datapath_ms_per_tx"] = pg["datapath_cpu_s"] * 1000 / pg["processed"]
     for run in (raw.get("redis") or {}).values():
         for test, rps in run["rps"].items():
             out[redis_key(test, run["clients"])] = rps

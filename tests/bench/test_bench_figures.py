@@ -141,7 +141,8 @@ def test_latency_under_load_is_offered_half_the_slowest_tunnels_rate_to_every_pa
 
 
 def _db_rep(tps: float, set8: float, get8: float, processed: int = 100, datapath: float = 0.5) -> dict:
-    return {"pgbench": {"tps": tps, "latency_ms": 8000 / tps, "processed": processed, "datapath_cpu_s": datapath},
+    return {"pgbench": {"tps": tps, "latency_ms": 8000 / tps, "processed": processed, "datapath_cpu_s": datapath,
+                        "client_cpu_s": 0.1, "server_cpu_s": 0.4},
             "redis": {"8": {"clients": 8, "rps": {"SET": set8, "GET": get8}}}}
 
 
@@ -157,6 +158,7 @@ def test_database_figures_ratios_and_targets():
     assert db["ratios"]["tcpmesh"]["pgbench_tps"]["vs_best_peer"] == 600 / 800
     assert db["summary"]["tcpmesh"]["pgbench_datapath_ms_per_tx"]["median"] == 5.0
     assert db["summary"]["direct"]["pgbench_datapath_ms_per_tx"] is None  # no data path on the direct path
+    assert db["ratios"]["tcpmesh"]["pgbench_cpu_ms_per_tx"]["vs_direct"] == 2.0  # (0.1 + 0.4 + 0.5) / (0.1 + 0.4)
     assert abs(db["redis_geomean_vs_direct"]["tcpmesh"] - 0.5) < 1e-9  # sqrt(0.25 * 1.0)
     targets = {t["key"]: t for t in db["targets"]}
     assert targets["databases_pgbench"]["met"] is False and targets["databases_redis"]["met"] is False
