@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,60 @@ def test_an_agent_configured_as_the_daemonset_joins_by_attestation_and_gets_its_
         assert sum(r.refusals("attestation_required") for r in replicas) == 0
         keys = [p.name for p in (tmp_path / "cred").iterdir() if "PRIVATE KEY" in p.read_text()]
         assert keys == ["credential.key"]   # the node SVID's key: a clientAuth leaf, it signs nothing
+    finally:
+        for replica in replicas:
+            replica.stop()
+        api.stop()
+
+
+def test_a_node_svid_that_expires_during_an_issuer_outage_is_replaced_by_attestation_alone(tmp_path):
+    """docs/install-kubernetes.md: a short node SVID costs nothing — with both replicas gone past its
+    expiry, the agent rejoins with its token when they return (no credential needed) and renews its
+    workload SVIDs. Seen failing with the agent renewing by node credential (it never recovers)."""
+    from agent.identity.spiffe import SpiffeId
+
+    from tests.integration.conftest import free_ports
+    from tests.integration.test_issuer_agent import build_agent, drive_until
+
+    api = FakeApiServer().start()
+    api.put("pods", agent_pod("worker-1"))
+    init_ca(TD, tmp_path / "root")
+    issue_issuer_files(tmp_path / "root", tmp_path / "issuer")
+    config = issuer_config_from_mapping({
+        "trust_domain": TD, "ca_dir": str(tmp_path / "issuer"), "dev_short_ttl": True, "node_svid_ttl_seconds": 4,
+        "max_svid_ttl_seconds": 8,
+        "registry": {"source": "kubernetes", "kubeconfig": str(api.kubeconfig(tmp_path / "kubeconfig"))},
+        "attestation": {"kubernetes": {"enabled": True}}, "rate": {"joins_per_minute": 6000}, "metrics": {"port": 0}})
+    ports = free_ports(2)
+    replicas = [Replica(config, f"issuer-{i}", port) for i, port in enumerate(ports)]
+    token_file = tmp_path / "token"
+    token_file.write_text(agent_token(api, "worker-1"))
+    (tmp_path / "cred").mkdir(mode=0o700)
+    agent = build_agent({
+        "node": {"name": "worker-1", "address": "10.0.0.11"}, "capture": {"redirect_address": "169.254.1.1"},
+        "trust_domain": TD, "state_dir": str(tmp_path / "state"), "access_log": {"path": "off"},
+        "identity": {"mode": "issuer", "svid_ttl_seconds": 8, "dev_short_ttl": True, "poll_seconds": 0.2,
+                     "issuer": {"addresses": [f"127.0.0.1:{p}" for p in ports], "credential_dir": str(tmp_path / "cred"),
+                                "ca_bundle": str(tmp_path / "root" / "ca.crt"), "timeout_seconds": 2,
+                                "service_account_token_file": str(token_file)}}})
+    try:
+        web = SpiffeId.parse(WEB)
+        store = agent.rotator.store
+        store.ensure([web])
+        drive_until(agent, lambda: web in store)
+        credential = agent.rotator.report()["issuer"]["node_credential"]
+        for replica in replicas:
+            replica.stop()
+        replicas = []
+        expired_at = datetime.fromisoformat(credential["not_after"])
+        drive_until(agent, lambda: datetime.now(timezone.utc) > expired_at + timedelta(seconds=1))
+        served = store.svid(web).serial
+        replicas = [Replica(config, f"issuer-{i}", port) for i, port in enumerate(ports)]
+        drive_until(agent, lambda: agent.rotator.report()["issuer"]["node_credential"]["not_after"]
+                    != credential["not_after"] and store.svid(web).serial != served, timeout=40)
+        assert datetime.fromisoformat(agent.rotator.report()["issuer"]["node_credential"]["not_after"]) > \
+            datetime.now(timezone.utc)
+        assert sum(r.refusals("attestation_required") for r in replicas) == 0
     finally:
         for replica in replicas:
             replica.stop()

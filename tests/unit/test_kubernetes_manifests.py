@@ -364,6 +364,7 @@ def test_the_daemonset_holds_no_signing_key_and_attests_with_a_projected_token(t
     issuer = issuer_config_from_mapping(yaml.safe_load(find("ConfigMap", "tcpmesh-issuer-config")["data"]["issuer.yaml"]))
     k8s = issuer.attestation.kubernetes
     assert k8s.enabled and k8s.exclusive and k8s.audience == token["audience"]
+    assert issuer.node_svid_ttl_seconds <= 900   # a copied node SVID is good for minutes, not hours
     assert (k8s.namespace, k8s.service_account) == (find("ServiceAccount", "tcpmesh-agent")["metadata"]["namespace"],
                                                     pod["serviceAccountName"])
     service = find("Service", "tcpmesh-issuer")
