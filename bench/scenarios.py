@@ -81,7 +81,8 @@ def crr(world: World, path: Path_, settings: Settings) -> dict:
     result = loadgen.parse_json_line(out, "loadgen crr")
     if result["completed"] == 0:
         raise RuntimeError(f"no connection completed through {path.name} ({result['failed']} failed, "
-                           f"{result['connect_errors']} connect errors)")
+                           f"{result['connect_errors']} connect errors, {result['abandoned']} still in flight at "
+                           "the end: connections that hang)")
     result.update(server_cpu_s=host.cpu_seconds_since(server), datapath_cpu_s=host.cpu_seconds_since(datapath),
                   client_cpu_share=(result["cpu_user"] + result["cpu_sys"]) / max(result["seconds_all"], 1e-9))
     return result

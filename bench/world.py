@@ -41,12 +41,18 @@ OUTBOUND_PORT = 15001
 DATABASE_PORTS = {"postgres": PG_PORT, "redis": REDIS_PORT}  # the database scenario's (bench/databases.py)
 OWNER_DIR = Path("/run/tcpmesh-bench")  # <lab>.json: which process owns which bench lab
 PR_SET_PDEATHSIG = 1
-NETNS_SYSCTLS = {
-    # The connection-rate test makes tens of thousands of short connections: reuse TIME_WAIT ports.
-    # Ephemeral ports start at 10000: the capture test's uncaptured sockets bind below (bench/loadgen.c).
-    "net.ipv4.tcp_tw_reuse": "1",
-    "net.ipv4.ip_local_port_range": "10000 65535",
-}
+# The connection-rate test makes tens of thousands of short connections: reuse TIME_WAIT ports.
+# Pods and nodes pick ephemeral ports from disjoint ranges. tcpmesh's inbound legs borrow the client
+# pod's address (docs/capture-source-address.md): node2 holds sockets, TIME_WAIT ones included, for
+# (10.77.1.11, port) -> server. The direct path's connections come from that same address, but their
+# ports are picked in the pod's netns. Were a direct connection to pick a port node2's agent used within
+# the last 60 s for the same server and port, node2's early demux would attach the agent's TIME_WAIT
+# socket to the server's SYN-ACK, and ip_forward drops a packet that has a socket: the direct
+# connection hangs (issue #19: "no connection completed through direct"). Disjoint ranges make those
+# tuples distinct. The capture test's uncaptured sockets bind below 10000 (bench/loadgen.c).
+TW_REUSE = {"net.ipv4.tcp_tw_reuse": "1"}
+POD_SYSCTLS = {**TW_REUSE, "net.ipv4.ip_local_port_range": "10000 49999"}
+NODE_SYSCTLS = {**TW_REUSE, "net.ipv4.ip_local_port_range": "50000 65535"}
 
 
 @dataclass(frozen=True)
@@ -107,9 +113,10 @@ class World:
         self.server_pod = self.plan.pod(SERVER_POD)
         self.local_client_pod = self.plan.pod(LOCAL_CLIENT_POD)
         self.node1, self.node2 = self.plan.nodes[0], self.plan.nodes[1]
-        for netns in (self.client_pod.netns, self.server_pod.netns, self.local_client_pod.netns, self.node1.netns,
-                      self.node2.netns):
-            host.set_netns_sysctls(netns, NETNS_SYSCTLS)
+        for netns in (self.client_pod.netns, self.server_pod.netns, self.local_client_pod.netns):
+            host.set_netns_sysctls(netns, POD_SYSCTLS)
+        for netns in (self.node1.netns, self.node2.netns):
+            host.set_netns_sysctls(netns, NODE_SYSCTLS)
         for leaf in ("client", "server", *(f"{p}-{n}" for p in self.peers_wanted for n in ("node1", "node2"))):
             os.makedirs(self.cgroup(leaf), exist_ok=True)
         self.echo_server = self.start(loadgen.serve_argv(self.binary), self.server_pod.netns, self.cgroup("server"),
