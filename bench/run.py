@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="skip the same-node scenario (client and server pods on one node)")
     p.add_argument("--no-databases", dest="databases", action="store_false", default=None,
                    help="skip the database scenario (pgbench and redis-benchmark through every path)")
+    p.add_argument("--databases-only", action="store_true",
+                   help="only the database scenario (and idle memory): for iterating on what pgbench and "
+                        "redis-benchmark see; implies --no-same-node and no capture test or sockperf check")
     p.add_argument("--pgbench-seconds", type=float)
     p.add_argument("--redis-requests", type=int, help="requests per redis-benchmark run (each of SET and GET)")
     p.add_argument("--out-dir", type=Path, default=None,
@@ -70,8 +73,10 @@ def settings_from(args: argparse.Namespace) -> S.Settings:
     return S.with_overrides(base, repetitions=args.repetitions, bulk_seconds=args.bulk_seconds,
                             rr_seconds=args.rr_seconds, crr_seconds=args.crr_seconds, crr_warmup=args.crr_warmup,
                             idle_connections=args.idle_connections, capture_connects=args.capture_connects,
-                            sockperf_seconds=args.sockperf_seconds, settle_seconds=args.settle_seconds,
-                            same_node=args.same_node, databases=args.databases,
+                            settle_seconds=args.settle_seconds,
+                            same_node=False if args.databases_only else args.same_node,
+                            sockperf_seconds=0 if args.databases_only else args.sockperf_seconds,
+                            databases=True if args.databases_only else args.databases,
                             pgbench_seconds=args.pgbench_seconds, redis_requests=args.redis_requests)
 
 
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("python -m bench needs root (it builds a namespace lab and loads BPF programs)", file=sys.stderr)
         return 2
-    record = args.record if args.record is not None else not args.quick
+    record = args.record if args.record is not None else not (args.quick or args.databases_only)
     from bench import loadgen
     loadgen.require_tools(["iperf3"] + [p for p in paths if p in S.PEERS]
                           + (["sockperf"] if settings.sockperf_seconds > 0 else []))
@@ -160,7 +165,8 @@ def measure(world: World, settings: S.Settings, paths: tuple[str, ...], results:
             error(results, "reference", "direct", exc)
     dbs = start_databases(world, settings, results)
     try:
-        repeat(world, settings, routes, live, results, dbs)
+        repeat(world, settings, routes, live, results, dbs, tests=() if args.databases_only else TESTS,
+               capture=not args.databases_only)
     finally:
         if dbs is not None:
             dbs.close()
@@ -172,7 +178,8 @@ def measure(world: World, settings: S.Settings, paths: tuple[str, ...], results:
             error(results, "profile", "tcpmesh", exc, world)
 
 
-def repeat(world: World, settings: S.Settings, routes: dict, live: list[str], results: dict, dbs) -> None:
+def repeat(world: World, settings: S.Settings, routes: dict, live: list[str], results: dict, dbs,
+           tests: tuple[str, ...] = TESTS, capture: bool = True) -> None:
     """The repetitions: every test on every live path (rotating order), capture, same node, databases."""
     meter = host.ForeignLoad([world.cgroup_root, world.plan.cgroup])
     for rep in range(settings.repetitions):
@@ -180,7 +187,7 @@ def repeat(world: World, settings: S.Settings, routes: dict, live: list[str], re
         reps = {p: {} for p in live}
         for p in live:
             reps[p]["idle"] = scenarios.idle_memory(routes[p])
-        for test in TESTS:
+        for test in tests:
             for p in order:
                 label = f"rep {rep + 1}/{settings.repetitions} {test:5} {p:8}"
                 try:
@@ -196,7 +203,7 @@ def repeat(world: World, settings: S.Settings, routes: dict, live: list[str], re
                     log(f"{label} FAILED: {exc}")
         for p in live:
             results["raw"][p].append(reps[p])
-        if "tcpmesh" in live:
+        if capture and "tcpmesh" in live:
             try:
                 cap = scenarios.capture(world, settings, routes["tcpmesh"], routes["direct"])
                 results["capture_raw"].append(cap)
