@@ -6,5 +6,7 @@ Modules: ``protocol`` (wire format, pure), ``placement`` (who may have which ide
 ``ratelimit`` (per-node token buckets, pure), ``tokens`` (one-time bootstrap tokens, stdlib),
 ``signing`` (the CA key and certificate profiles; imports cryptography), ``service`` (one request →
 one answer: the checks in order, refusals logged and counted), ``server`` (the TLS listener),
-``client`` (stdlib ssl; what the agent uses), ``config``, ``metrics``, ``cli``. docs/identity.md "The issuer".
+``client`` (stdlib ssl; what the agent uses), ``kubernetes_attestation`` (a node proven by its
+agent pod's projected service-account token: TokenReview, the bound pod), ``config``, ``metrics``,
+``cli``. docs/identity.md "The issuer".
 """

@@ -22,7 +22,8 @@ agent sends it in its ``node`` request; the issuer (any replica: nothing here is
 An API server that cannot be asked is ``attestation_unavailable`` (the agent retries; its current
 credential stays valid meanwhile). ``bound_pod`` and ``attested_node`` are pure (tests feed them
 JSON); ``KubernetesAttestor`` does the two calls through the official client, raw JSON, bounded by
-a timeout. Imports no asyncio; the issuer calls it from its request thread.
+a timeout. Imports no asyncio and no registry; ``kubernetes`` only inside ``KubernetesAttestor``
+(the pure part loads without it). The issuer calls it from its request thread.
 """
 
 from __future__ import annotations
@@ -142,10 +143,11 @@ class KubernetesAttestor:
     def attest(self, token: str) -> Attested:
         review = self._call("TokenReview", self._auth.create_token_review, token_review(token, self.policy))
         bound = bound_pod(review, self.policy)
-        pod = self._call(f"pod {bound.key}", self._core.read_namespaced_pod, bound.name, bound.namespace)
+        pod = self._call(f"pod {bound.key}", self._core.read_namespaced_pod, bound.name, bound.namespace,
+                         not_found="pod_gone")
         return Attested(attested_node(pod, bound, self.policy), bound)
 
-    def _call(self, what: str, method: Any, *args: Any) -> dict[str, Any]:
+    def _call(self, what: str, method: Any, *args: Any, not_found: str = "") -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
@@ -156,8 +158,8 @@ class KubernetesAttestor:
             finally:
                 response.release_conn()
         except ApiException as exc:
-            if exc.status == 404 and what.startswith("pod "):
-                raise AttestationRefused("pod_gone", f"{what} no longer exists") from None
+            if exc.status == 404 and not_found:
+                raise AttestationRefused(not_found, f"{what} no longer exists") from None
             hint = (" (RBAC: the issuer's service account needs create on authentication.k8s.io tokenreviews and "
                     "get on pods; deploy/kubernetes/04-issuer.yaml)" if exc.status == 403 else "")
             raise AttestationRefused("attestation_unavailable", f"the Kubernetes API refused the {what} request: "
