@@ -13,6 +13,8 @@ import importlib
 import logging
 import sys
 
+from typing import Any
+
 import click
 
 from agent import __version__
@@ -62,6 +64,16 @@ def main() -> None:
     One agent per node captures its pods' outbound TCP connections with eBPF and tunnels them
     with mTLS to the destination node's agent. Start with `tcpmesh demo`.
     """
+    click.get_current_context().meta[ISSUER_WAIT_KEY] = _wait_until_root  # `ca rotate reissue --wait-issuer`
+
+
+ISSUER_WAIT_KEY = "tcpmesh.issuer.wait_until_root"   # agent.identity.cli reads it (identity may not import issuer)
+
+
+def _wait_until_root(*args: Any, **kwargs: Any) -> list[str]:
+    from agent.issuer.client import wait_until_root
+
+    return wait_until_root(*args, **kwargs)
 
 
 def _setup_logging(level: str) -> None:

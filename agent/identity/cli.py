@@ -139,7 +139,9 @@ def _rotation_options(fn):
     fn = click.option("--wait-admin", "admin_urls", multiple=True, metavar="URL",
                       help="An agent's admin endpoint, e.g. http://10.0.0.1:15020 (repeat for every agent).")(fn)
     fn = click.option("--node-dir", "node_dirs", multiple=True, required=True, type=click.Path(file_okay=False),
-                      help="A node CA directory (repeat for every node).")(fn)
+                      help="A node CA directory (identity.node_ca_dir), an issuer-mode node's credential directory "
+                           "(identity.issuer.credential_dir) or the issuer's directory (its ca_dir); repeat for "
+                           "every node and the issuer.")(fn)
     return click.option("--new-ca", "new_ca", required=True, type=click.Path(file_okay=False),
                         help="The new root CA directory (created by add-root if empty).")(fn)
 
@@ -184,10 +186,30 @@ def rotate_add_root(new_ca: str, node_dirs: tuple[str, ...], admin_urls: tuple[s
 @ca_rotate.command("reissue")
 @_rotation_options
 @click.option("--valid-days", type=click.IntRange(1), default=DEFAULT_NODE_CA_VALID_DAYS, show_default=True)
+@click.option("--wait-issuer", "issuer_addresses", multiple=True, metavar="HOST:PORT",
+              help="An issuer replica (repeat for every one): after its new intermediate is written, wait until each "
+                   "answers under the new root before the nodes are told to renew.")
 def rotate_reissue(new_ca: str, node_dirs: tuple[str, ...], admin_urls: tuple[str, ...], timeout: float,
-                   valid_days: int) -> None:
-    """Step 2: issue every node a new intermediate from the new root."""
-    _run_step("reissue", new_ca, node_dirs, admin_urls, timeout, valid_days=valid_days)
+                   valid_days: int, issuer_addresses: tuple[str, ...]) -> None:
+    """Step 2: a new intermediate from the new root for every node CA directory and the issuer; issuer-mode
+    nodes (credential directories) get the new root first in their bundle and renew at the issuer."""
+    waiter = None
+    if issuer_addresses:
+        wait_until_root = click.get_current_context().meta.get(ISSUER_WAIT_KEY)
+        if wait_until_root is None:
+            raise TcpmeshError("--wait-issuer needs the tcpmesh CLI (`tcpmesh ca rotate reissue`), which knows the issuer")
+
+        def waiter(new: str) -> list[str]:
+            from agent.identity import root_rotation
+            from agent.identity.node_ca import BUNDLE_FILE
+
+            directories = root_rotation.issuer_dirs(node_dirs)
+            if not directories:
+                raise TcpmeshError("--wait-issuer: pass the issuer's directory with --node-dir too")
+            bundle_pem = (directories[0] / BUNDLE_FILE).read_text()
+            trust_domain = root_rotation.read_node_dir(directories[0])[1].trust_domain
+            return wait_until_root(list(issuer_addresses), bundle_pem, trust_domain, new, timeout)
+    _run_step("reissue", new_ca, node_dirs, admin_urls, timeout, valid_days=valid_days, wait_issuers=waiter)
 
 
 @ca_rotate.command("remove-old")
@@ -211,6 +233,9 @@ def rotate_status(new_ca: str | None, node_dirs: tuple[str, ...]) -> None:
 
 
 AGENT_SERVER = "tcpmesh-admin"  # the Server header of agent.telemetry.admin
+# ctx.meta key under which the composition root (agent/cli.py, the same literal) hands `ca rotate reissue`
+# the issuer's `agent.issuer.client.wait_until_root`: identity sits below the issuer and must not import it
+ISSUER_WAIT_KEY = "tcpmesh.issuer.wait_until_root"
 
 
 def fetch_certs(admin_url: str) -> dict:

@@ -160,7 +160,10 @@ def credential(request: dict[str, Any], now: datetime) -> dict[str, Any]:
     if uris != [expected]:
         raise CaError(f"{cert_path} names {uris}, this is node {request['node']!r} ({expected}); point "
                       f"identity.issuer.credential_dir at this node's own credential, or {fix}")
+    chain = x509.load_pem_x509_certificates(_read_bytes(cert_path, fix))
+    root = bundle.issuer_of(chain[-1]) if bundle is not None else None
     return {"ok": True, "present": True, "uri": expected, "info": certificate_info(certificate),
+            "root_fingerprint": fingerprint(root) if root is not None else None,   # the bundle root it chains to
             "cert_pem": _read_bytes(cert_path, fix).decode("ascii"), "key_pem": _read_bytes(key_path, fix).decode("ascii"),
             "expired": certificate.not_valid_after_utc <= now,
             "bundle_pem": bundle.pem if bundle else None,

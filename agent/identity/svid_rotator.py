@@ -156,16 +156,20 @@ class IdentityRotator:
                             "they change again", self._source.directory, exc, self._describe(self.signing))
             self._failed_signature = signature
             return False
-        self._signature = signature
         if (signing.certificate.fingerprint, signing.bundle_fingerprints) == (
                 self.signing.certificate.fingerprint, self.signing.bundle_fingerprints):
+            self._signature = signature
             return False  # rewritten with the same content
         try:
             self.store.replace_ca(signing.signer, signing.bundle_pem)
         except IdentityError as exc:
-            log.error("cannot re-issue this node's SVIDs under the new CA in %s: %s; keeping %s",
-                      self._source.directory, exc, self._describe(self.signing))
+            # not recorded as seen: the next poll tries again (issuer mode: the issuer may be back by then)
+            if signature != self._failed_signature:
+                log.error("cannot re-issue this node's SVIDs under the new CA in %s: %s; keeping %s and trying "
+                          "again every %.0fs", self._source.directory, exc, self._describe(self.signing), self._poll)
+            self._failed_signature = signature
             return False
+        self._signature = signature
         self.signing = signing
         self._ca_loaded(signing, "reloaded")
         return True

@@ -84,3 +84,29 @@ class IssuerClient:
         if not isinstance(answer, dict) or "ok" not in answer:
             raise ValueError("the issuer closed the connection without an answer")
         return answer
+
+
+def wait_until_root(addresses: Sequence[str], bundle_pem: str, trust_domain: str, root_fingerprint: str,
+                    timeout: float, *, interval: float = 0.25) -> list[str]:
+    """Ask each issuer address ``hello`` until its issuing intermediate chains to ``root_fingerprint``
+    (``tcpmesh ca rotate reissue --wait-issuer``); one line per address, or ``TcpmeshError`` after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    lines = []
+    for address in addresses:
+        client = IssuerClient([address], bundle_pem, trust_domain, timeout=5)
+        while True:
+            try:
+                seen = (client.call({"v": protocol.VERSION, "op": protocol.OP_HELLO}, None).get("ca") or {}) \
+                    .get("root_fingerprint")
+            except IssuerUnavailable as exc:
+                seen = f"no answer ({exc})"
+            if seen == root_fingerprint:
+                lines.append(f"issuer {address} signs under the new root")
+                break
+            if time.monotonic() >= deadline:
+                raise TcpmeshError(f"the issuer at {address} does not sign under the new root after {timeout:.0f}s "
+                                   f"(it reports {seen}); has it reloaded its directory? Check its log before going on")
+            time.sleep(interval)
+    return lines

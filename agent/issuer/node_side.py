@@ -106,6 +106,7 @@ class NodeCredential:
         self._failures = 0
         self._retry_at: datetime | None = None
         self.info: CertInfo | None = None
+        self.root_fingerprint: str | None = None   # the bundle root the credential chains to (from the worker)
 
     def load(self, now: datetime) -> dict[str, Any]:
         """Read and check the credential directory; join if there is no usable credential. The worker's doc."""
@@ -212,8 +213,27 @@ class NodeCredential:
             self._metrics.node_credential_expiry.set(self._not_after.timestamp())
         log.info("node credential %s: serial %x, valid until %s", svid["spiffe_id"], svid["serial"], svid["not_after"])
 
+    def renew_under(self, root_fingerprint: str, now: datetime) -> None:
+        """Renew the node credential now because the bundle puts another root first (``ca rotate reissue``), then
+        re-read it; on failure the current one stays (logged). Its SVIDs are re-issued by the rotator next."""
+        with self._lock:
+            try:
+                self._request_node_svid(now, token=None, sa_token=self._service_account_token())
+                self._adopt(call(self._transport, {"op": "credential", "credential_dir": self.settings.credential_dir,
+                                                   "node": self.node, "now": now.isoformat()}))
+            except IdentityError as exc:
+                log.warning("the trust bundle now puts root %s first, but renewing this node's credential under it "
+                            "failed: %s; keeping the current one (root %s) and trying again at the next change",
+                            root_fingerprint, exc, self.root_fingerprint)
+                return
+        if self.root_fingerprint != root_fingerprint:
+            log.warning("renewed this node's credential, but the issuer still signs under root %s, not %s (the bundle's "
+                        "first): has every issuer replica loaded its new intermediate?", self.root_fingerprint,
+                        root_fingerprint)
+
     def _adopt(self, doc: Mapping[str, Any]) -> None:
         self._credential = Credential(doc["cert_pem"], doc["key_pem"])
+        self.root_fingerprint = doc.get("root_fingerprint")
         self.info = CertInfo.from_wire(doc["info"])
         self._not_before, self._not_after = self.info.not_before, self.info.not_after
         self.state.credential_not_after, self.state.credential_uri = self._not_after, doc["uri"]
@@ -294,19 +314,25 @@ class IssuerSource:
         client = IssuerClient(self.settings.addresses, bundle_pem, self.trust_domain,
                               timeout=self.settings.timeout_seconds)
         credential = NodeCredential(self.settings, self.node, client, self.state, self.transport, self._metrics)
-        if self.credential is not None and self.credential._credential is not None:  # a bundle change: keep it
-            credential._credential, credential.info = self.credential._credential, self.credential.info
-            credential._not_before, credential._not_after = self.credential._not_before, self.credential._not_after
-        else:
-            credential.load(now)
-        self.credential = credential
         roots = call(self.transport, {"op": "describe_chain", "pems": _pem_blocks(bundle_pem),
                                       "now": now.isoformat()})["certificates"]
         bundle = tuple(CertInfo.from_wire(r) for r in roots)
+        if self.credential is not None and self.credential._credential is not None:  # a bundle change: keep it
+            old = self.credential
+            credential._credential, credential.info = old._credential, old.info
+            credential._not_before, credential._not_after = old._not_before, old._not_after
+            credential.root_fingerprint = old.root_fingerprint
+            if bundle and credential.root_fingerprint != bundle[0].fingerprint:   # `ca rotate reissue`: the new root first
+                credential.renew_under(bundle[0].fingerprint, now)
+        else:
+            credential.load(now)
+        self.credential = credential
         info = credential.info or bundle[0]
+        # the root of the issuer's intermediate as the node credential shows it: SVIDs come from the same issuer
+        root = next((r for r in bundle if r.fingerprint == credential.root_fingerprint), bundle[0] if bundle else None)
         return SigningInfo(trust_domain=self.trust_domain, kind="issuer (this node holds a node credential only)",
                            is_root=False, node=self.node, source=self.settings.credential_dir, certificate=info,
-                           root=bundle[0] if bundle else None, bundle=bundle, bundle_pem=bundle_pem, chain=(),
+                           root=root, bundle=bundle, bundle_pem=bundle_pem, chain=(),
                            signer=IssuerSigner(self.trust_domain, credential, self.transport))  # type: ignore[arg-type]
 
     def maintain(self, now: datetime) -> None:

@@ -47,8 +47,11 @@ class IssuerServer:
         return issuer_context(True, self.service.ca.bundle_pem, credential.chain_pem, credential.key_pem, alpn=ALPN)
 
     def refresh_server_certificate(self) -> None:
-        """A new server certificate for new handshakes; open connections keep theirs."""
+        """A new server certificate for new handshakes; open connections keep theirs. Roots added to the bundle
+        (``ca rotate add-root``) are trusted for client certificates from now on; a removed root stays trusted
+        by this context until the replica restarts (an SSLContext cannot forget a root)."""
         credential = self.service.ca.server_credential(SERVER_CERT_TTL_SECONDS, datetime.now(timezone.utc))
+        self.context.load_verify_locations(cadata=self.service.ca.bundle_pem)
         load_credential(self.context, credential.chain_pem, credential.key_pem)
         self.server_not_after = credential.not_after
 

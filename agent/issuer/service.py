@@ -87,6 +87,7 @@ class IssuerService:
     # -- ops -----------------------------------------------------------------------------------
     def _hello(self, request: dict, peer: Peer) -> dict[str, Any]:
         return success(issuer=self.name, trust_domain=self.ca.trust_domain, bundle_pem=self.ca.bundle_pem,
+                       ca={"fingerprint": self.ca.fingerprint, "root_fingerprint": self.ca.root_fingerprint},
                        max_svid_ttl_seconds=self.limits.max_svid_ttl_seconds,
                        node_svid_ttl_seconds=self.limits.node_svid_ttl_seconds,
                        node=self._node_of(peer))

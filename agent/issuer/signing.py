@@ -43,6 +43,8 @@ class IssuingCa:
         self.not_after = self._signing.ca.not_after
         self.subject = self._signing.ca.certificate.subject.rfc4514_string()
         self.fingerprint = fingerprint(self._signing.ca.certificate)
+        root = self._signing.bundle.issuer_of(self._signing.ca.certificate)
+        self.root_fingerprint = fingerprint(root) if root is not None else None  # what `ca rotate` waits for
 
     @property
     def chain_pem(self) -> tuple[str, ...]:

@@ -162,3 +162,48 @@ def test_cli_waits_for_agents_it_cannot_reach_and_says_so(tmp_path) -> None:
     out = CliRunner().invoke(main, ["ca", "rotate", "add-root", "--new-ca", str(tmp_path / "new"), "--node-dir",
                                     str(tmp_path / "node1"), "--wait-admin", "http://127.0.0.1:9", "--timeout", "0.5"])
     assert out.exit_code == 2 and "have not applied add-root" in out.output and "127.0.0.1:9" in out.output
+
+
+# -- issuer mode: the issuer's directory and the nodes' credential directories -------------------
+
+@pytest.fixture
+def issuer_cluster(tmp_path):
+    """A migrating cluster: node1 on a node intermediate, node2 in issuer mode (a credential directory), and
+    the issuer's directory."""
+    from agent.identity.issuer_ca import issue_issuer_files
+    from agent.identity.issuer_ca import issue_node_credential
+
+    init_ca(TD, tmp_path / "old")
+    issue_node_files(tmp_path / "old", "node1", tmp_path / "node1")
+    issue_node_credential(tmp_path / "old", "node2", tmp_path / "cred2")
+    issue_issuer_files(tmp_path / "old", tmp_path / "issuer")
+    return tmp_path / "old", tmp_path / "new", [tmp_path / "node1", tmp_path / "cred2", tmp_path / "issuer"]
+
+
+def test_issuer_mode_rotation_reissues_the_issuer_first_then_puts_the_new_root_first_on_nodes(issuer_cluster):
+    old_dir, new_dir, dirs = issuer_cluster
+    kinds = [root_rotation.dir_kind(d) for d in dirs]
+    assert kinds == [root_rotation.KIND_NODE_CA, root_rotation.KIND_CREDENTIAL, root_rotation.KIND_ISSUER]
+    with pytest.raises(CaError, match="pass the issuer's directory"):
+        root_rotation.add_root(new_dir, dirs[:2])
+    root_rotation.add_root(new_dir, dirs)
+    old, new = fingerprint(load_ca(old_dir).certificate), fingerprint(load_ca(new_dir).certificate)
+    assert all(root_rotation.read_node_dir(d)[0].bundle == (old, new) for d in dirs)
+    with pytest.raises(CaError, match="reissue"):
+        root_rotation.remove_old(new_dir, dirs)
+    order = []
+
+    def wait_issuers(fp):  # called after the issuer's directory is written, before any node's
+        issuer_state = root_rotation.read_node_dir(dirs[2])[0]
+        order.append((fp, issuer_state.issuer, root_rotation.read_node_dir(dirs[1])[0].bundle))
+        return ["waited"]
+
+    lines = root_rotation.reissue(new_dir, dirs, wait_issuers=wait_issuers)
+    assert "waited" in lines
+    assert order == [(new, new, (old, new))]               # the issuer signed under new; node2 not yet told
+    states = [root_rotation.read_node_dir(d)[0] for d in dirs]
+    assert all(root_rotation.step_done(root_rotation.REISSUE, s, new) for s in states)
+    assert states[1].bundle == (new, old) and states[2].bundle == (new, old)   # the new root first
+    assert root_rotation.reissue(new_dir, dirs, wait_issuers=wait_issuers)     # safe to repeat
+    root_rotation.remove_old(new_dir, dirs)
+    assert all(root_rotation.read_node_dir(d)[0].bundle == (new,) for d in dirs)
