@@ -249,7 +249,8 @@ class Agent:
         if problem:
             log.warning("proxy.source_address auto: servers will see the node's address: %s", problem)
             return capture
-        self.source_return = WithSourceReturn(capture, SourceReturn(self.config.state_dir), required=choice == "pod")
+        self.source_return = WithSourceReturn(capture, SourceReturn(self.config.state_dir), required=choice == "pod",
+                                              required6=choice == "pod" and self.config.capture.ipv6)
         return self.source_return
 
     def _check_node(self) -> None:
@@ -301,10 +302,10 @@ class Agent:
         try:
             self.capture = self._build_capture()
             self.capture.start()
-            ctx.source_mark = self.source_return.source_mark if self.source_return is not None else 0
+            if self.source_return is not None:
+                ctx.source_mark, ctx.source_mark6 = self.source_return.source_mark, self.source_return.source_mark6
             log.info("servers see meshed connections from %s (proxy.source_address %s)",
-                     "the client pod's own address" if ctx.source_mark else "this node's address",
-                     config.proxy.source_address)
+                     source_address_summary(ctx.source_mark, ctx.source_mark6), config.proxy.source_address)
             self.prometheus.register(CaptureEventsCollector(self.capture.name, self.capture.counters))
             if self.capture.inbound is not None:
                 self.prometheus.register(PlaintextCollector(self.capture.inbound.plaintext, self._snapshot_or_none,
@@ -545,6 +546,15 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def source_address_summary(mark: int, mark6: int) -> str:
+    """Which address servers see, for the start-up log line."""
+    if mark and mark6:
+        return "the client pod's own address (IPv4 and IPv6)"
+    if mark:
+        return "the client pod's own address (IPv4; IPv6 servers see this node's address)"
+    return "this node's address"
 
 
 LISTEN_BACKLOG = 4096

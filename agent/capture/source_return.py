@@ -7,8 +7,10 @@ forward to the client's own node. Two kernel objects bring the answers back to t
   - bpf/source_return.c on tc ingress of each local pod's node-side veth (clsact, priority
     ``PRIORITY``, one below the ebpf-tc capture filter, name ``tcpmesh_ret_in``, all protocols): a TCP
     packet whose 4-tuple is a socket carrying SOURCE_MARK gets STEER_MARK;
-  - the fwmark rule and ``local 0.0.0.0/0`` table of agent.capture.steering, which deliver marked
-    packets locally (the same objects the ebpf-tc and iptables modes use).
+  - the fwmark rules and ``local 0.0.0.0/0`` / ``local ::/0`` tables of agent.capture.steering,
+    which deliver marked packets locally (the IPv4 pair is the one the ebpf-tc and iptables modes use).
+    IPv4's is required; IPv6's is set up where the kernel allows (``SourceReturn.ipv6``): where it does
+    not, IPv6 legs leave from the node's address (``auto``) or the agent refuses to start (``pod``).
 
 ``SourceReturn`` is driven like a capture mode, independently of which one runs: ``start()`` has
 the loader child compile the program and hand its fd back, then installs the steering objects;
@@ -54,6 +56,8 @@ class SourceReturn:
         self.source_dir = Path(source_dir) if source_dir else sources.bpf_dir()
         self._loaded: Loaded | None = None
         self._attached: dict[str, tuple[int, str]] = {}  # workload key -> (ifindex, ifname)
+        self.ipv6 = "absent"  # after start(): "ok" (IPv6 legs get their replies back), "absent" (no IPv6
+        #                       in this kernel: no IPv6 leg can exist), or why the IPv6 pair cannot be set up
 
     def start(self) -> None:
         if self._loaded is not None:
@@ -61,7 +65,7 @@ class SourceReturn:
         loaded = load(LoadRequest(str(self.source_dir / SOURCE_NAME), tuple(sources.base_cflags(self.source_dir)),
                                   str(self.state_dir), (Program(PROGRAM, PROG_SCHED_CLS),)))
         try:
-            self._netlink({"op": "ensure"})
+            self.ipv6 = self._netlink({"op": "ensure"})["ipv6"]
         except BaseException:
             loaded.close()
             raise
@@ -136,13 +140,17 @@ class SourceReturn:
 class WithSourceReturn:
     """A capture mode plus the return path, attached and detached together: what the agent drives
     (the ``Capture`` interface) when proxy.source_address is pod or auto. ``source_mark`` is the SO_MARK
-    the inbound legs carry, or 0 when the return path could not start (auto: the node's address)."""
+    IPv4 inbound legs carry and ``source_mark6`` IPv6 ones, or 0 when that family's return path could not
+    start (auto: the node's address). ``required``: refuse to start without it (pod); ``required6``:
+    also without the IPv6 pair, unless the kernel has no IPv6 at all (pod with capture.ipv6 on)."""
 
-    def __init__(self, capture: Capture, source: SourceReturn, required: bool) -> None:
+    def __init__(self, capture: Capture, source: SourceReturn, required: bool, required6: bool | None = None) -> None:
         self.capture = capture
         self.source: SourceReturn | None = source
         self.required = required
+        self.required6 = required if required6 is None else required6
         self.problem = ""  # why the return path is off (auto only)
+        self.problem6 = ""  # why the IPv6 return path is off while IPv4's runs (auto only)
         self.name = capture.name
         self.listener = capture.listener
         self.inbound = capture.inbound
@@ -153,6 +161,10 @@ class WithSourceReturn:
     @property
     def source_mark(self) -> int:
         return abi.SOURCE_MARK if self.source is not None else 0
+
+    @property
+    def source_mark6(self) -> int:
+        return abi.SOURCE_MARK if self.source is not None and self.source.ipv6 == "ok" else 0
 
     def start(self) -> None:
         self.capture.start()
@@ -166,6 +178,17 @@ class WithSourceReturn:
             self.source = None
             log.warning("proxy.source_address auto: servers will see the node's address, not the client pod's: %s",
                         exc)
+            return
+        if self.source.ipv6 in ("ok", "absent"):
+            return
+        if self.required6:  # the agent's stop() then removes what started (nothing half-applied)
+            problem = self.source.ipv6
+            raise TcpmeshError(f"proxy.source_address is pod but the IPv6 return path cannot start: {problem}; "
+                               "fix that, or set proxy.source_address to auto (IPv6 servers then see the node's "
+                               "address) or capture.ipv6 to false (IPv6 to workloads refused at connect)")
+        self.problem6 = self.source.ipv6
+        log.warning("proxy.source_address auto: IPv6 servers will see the node's address, not the client pod's "
+                    "(IPv4 servers see the pod's): %s", self.problem6)
 
     def attach(self, workload: Workload) -> None:
         self.capture.attach(workload)

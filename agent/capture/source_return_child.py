@@ -5,7 +5,9 @@ prints one JSON line: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error"
 agent in ebpf-connect mode never imports pyroute2 (+9 MiB resident, measured), so the return path's
 few netlink calls — at start, per pod attach and detach, at stop — run here instead. Requests:
 
-    {"op": "ensure", "netns": N}                              the steering rule and local table
+    {"op": "ensure", "netns": N}                              the steering rule and local table, IPv4 (a
+                                                              failure is the answer's error) and IPv6;
+                                                              result {"ipv6": "ok" | "absent" | why not}
     {"op": "attach", "netns": N, "ip": IP, "fd": FD}          our filter (the program fd is inherited)
                                                               on the interface IP routes through;
                                                               result [ifindex, ifname]
@@ -16,6 +18,8 @@ few netlink calls — at start, per pod attach and detach, at stop — run here 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 
 from agent.capture import steering, tc_mode
@@ -24,13 +28,14 @@ from agent.errors import TcpmeshError
 PROGRAM = "tcpmesh_ret_in"
 PRIORITY = tc_mode.TC_PRIORITY - 1  # before the ebpf-tc capture filter: a reply to the proxy is not a capture
 ETH_P_ALL = 0x0003                  # IPv4 and IPv6
+IPV6_PROC = "/proc/sys/net/ipv6"    # absent when the kernel runs without IPv6 (ipv6.disable=1, CONFIG_IPV6=n)
 
 
 def handle(request: dict):
     op, netns = request["op"], request.get("netns")
     if op == "ensure":
         steering.ensure(netns)
-        return None
+        return {"ipv6": ensure_ipv6(netns)}
     if op == "attach":
         index, ifname = steering.route_interface(request["ip"], netns)
         tc_mode.install_filter(netns, index, ifname, int(request["fd"]), PROGRAM, PRIORITY, ETH_P_ALL)
@@ -55,6 +60,18 @@ def handle(request: dict):
             raise errors[0]
         return removed
     raise ValueError(f"unknown operation {op!r}")
+
+
+def ensure_ipv6(netns: str | None) -> str:
+    """The IPv6 pair: "ok", "absent" (this kernel has no IPv6: no IPv6 leg can exist), or why it cannot."""
+    if not os.path.isdir(IPV6_PROC):
+        return "absent"
+    try:
+        steering.ensure(netns, socket.AF_INET6)
+    except TcpmeshError as exc:
+        return (f"{exc} (the IPv6 fwmark rule and `local ::/0` table need IPv6 enabled on lo, "
+                "net.ipv6.conf.lo.disable_ipv6=0, and CONFIG_IPV6_MULTIPLE_TABLES)")
+    return "ok"
 
 
 def main(argv: list[str]) -> int:

@@ -1,16 +1,22 @@
-"""Node-level plumbing shared by the ebpf-tc and iptables modes: marked packets are delivered locally.
+"""Node-level plumbing shared by the ebpf-tc and iptables modes and the source return path: marked
+packets are delivered locally.
 
-A packet that tc's bpf_sk_assign or netfilter's TPROXY handed to a proxy socket still carries a
-foreign destination; without help the node would route (forward) it. Two objects fix that:
+A packet that tc's bpf_sk_assign or netfilter's TPROXY handed to a proxy socket, or a pod's reply to
+an inbound leg that borrowed its client's address (agent.capture.source_return), still carries a
+foreign destination; without help the node would route (forward) it. Two objects per address family
+fix that:
 
-    ip rule  add fwmark MARK/MARK lookup TABLE priority RULE_PRIORITY proto RTPROT
-    ip route add local 0.0.0.0/0 dev lo table TABLE proto RTPROT
+    ip rule  add fwmark MARK/MARK lookup TABLE priority RULE_PRIORITY proto RTPROT      (ip -6 rule: the same)
+    ip route add local 0.0.0.0/0 dev lo table TABLE proto RTPROT                     (IPv6: local ::/0)
 
 Every object is recognisable: table and priority 29805 (0x746d, "tm" — the number tcpmesh uses
 everywhere), protocol RTPROT, and the mark bit TCPMESH_STEER_MARK of bpf/include/tcpmesh_abi.h.
-``ensure`` is idempotent (tolerates only EEXIST); ``remove`` and ``present`` find the objects by
-those constants, so they work after a crash. Also: the node's own addresses (never captured) and
-the interface a pod's address routes through (where its capture attaches).
+``ensure`` installs one family's pair, idempotently (tolerates only EEXIST): IPv4 for the capture
+modes (they steer IPv4 only), both for the source return path; an IPv6 pair the kernel refuses (IPv6
+disabled on lo, no CONFIG_IPV6_MULTIPLE_TABLES) is a KernelError the caller may survive.
+``remove`` and ``present`` find both families' objects by those constants, so they work after a
+crash. Also: the node's own addresses (never captured) and the interface a pod's address routes
+through (where its capture attaches).
 Runs in the caller's netns or a named one (agent.capture.netns); must not import bcc.
 """
 
@@ -30,51 +36,68 @@ RULE_PRIORITY = 0x746D   # before main (32766); after local (0) and whatever els
 RTPROT = 116             # protocol tag on the rule and the route (free in iproute2's rt_protos)
 RTN_LOCAL = 2
 RT_SCOPE_HOST = 254
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_DEFAULT = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
+_IP = {socket.AF_INET: "ip", socket.AF_INET6: "ip -6"}
 
 
 @netlink_call
-def ensure(netns: str | None = None) -> None:
-    """Install the fwmark rule and the local route (idempotent)."""
+def ensure(netns: str | None = None, family: int = socket.AF_INET) -> None:
+    """Install one family's fwmark rule and local route (idempotent)."""
     where = describe(netns)
+    default = _DEFAULT[family]
     with ipr(netns) as handle:
         lo = handle.link_lookup(ifname="lo")
         if not lo:
             raise KernelError("look up interface", f"lo in {where}", errno.ENODEV)
         handle.link("set", index=lo[0], state="up")
-        if not _our_routes(handle):
-            _tolerate_exists("add route", f"local 0.0.0.0/0 dev lo table {TABLE} in {where}", handle.route, "add",
-                             dst="0.0.0.0/0", type="local", scope="host", table=TABLE, oif=lo[0], proto=RTPROT)
-        if not _our_rules(handle):
-            _tolerate_exists("add rule", f"fwmark {MARK:#x}/{MARK:#x} lookup {TABLE} in {where}", handle.rule, "add",
-                             family=socket.AF_INET, fwmark=MARK, fwmask=MARK, table=TABLE,
+        # the rule first: a kernel without policy routing for the family (CONFIG_IP(V6)_MULTIPLE_TABLES=n)
+        # refuses it, and must never get the route — it would file `local <everything>` in the main table
+        added = not _our_rules(handle, family)
+        if added:
+            _tolerate_exists("add rule", f"{_IP[family]} rule fwmark {MARK:#x}/{MARK:#x} lookup {TABLE} in {where}",
+                             handle.rule, "add", family=family, fwmark=MARK, fwmask=MARK, table=TABLE,
                              priority=RULE_PRIORITY, protocol=RTPROT)
+        if not _our_routes(handle, family):
+            try:
+                _tolerate_exists("add route", f"{_IP[family]} route local {default} dev lo table {TABLE} in {where}",
+                                 handle.route, "add", family=family, dst=default, type="local", scope="host",
+                                 table=TABLE, oif=lo[0], proto=RTPROT)
+            except KernelError:
+                if added:  # nothing half-applied
+                    _tolerate_missing("delete rule", f"{_IP[family]} rule in {where}", handle.rule, "del",
+                                      family=family, priority=RULE_PRIORITY, table=TABLE, fwmark=MARK, fwmask=MARK)
+                raise
 
 
 @netlink_call
 def present(netns: str | None = None) -> list[str]:
-    """Descriptions of the steering objects found (ours by table/priority), for tests and cleanup."""
+    """Descriptions of the steering objects found (ours by table/priority, both families), for tests and cleanup."""
     with ipr(netns) as handle:
-        return [_describe_rule(r) for r in _our_rules(handle)] + [_describe_route(r) for r in _our_routes(handle)]
+        return [text for family in FAMILIES
+                for text in [_describe_rule(r, family) for r in _our_rules(handle, family)]
+                + [_describe_route(family) for _ in _our_routes(handle, family)]]
 
 
 @netlink_call
 def remove(netns: str | None = None) -> list[str]:
-    """Delete every steering object of ours; returns what was removed. Safe to repeat."""
+    """Delete every steering object of ours, both families; returns what was removed. Safe to repeat."""
     removed = []
     where = describe(netns)
     with ipr(netns) as handle:
-        for rule in _our_rules(handle):
-            what = f"{_describe_rule(rule)} in {where}"
-            if _tolerate_missing("delete rule", what, handle.rule, "del", family=socket.AF_INET,
-                                 priority=rule.get_attr("FRA_PRIORITY"), table=TABLE,
-                                 fwmark=rule.get_attr("FRA_FWMARK"), fwmask=rule.get_attr("FRA_FWMASK")):
-                removed.append(what)
-        for route in _our_routes(handle):
-            what = f"{_describe_route(route)} in {where}"
-            # scope must match: the kernel's delete compares it (ESRCH otherwise)
-            if _tolerate_missing("delete route", what, handle.route, "del", dst="0.0.0.0/0", type="local",
-                                 scope="host", table=TABLE, oif=route.get_attr("RTA_OIF")):
-                removed.append(what)
+        for family in FAMILIES:
+            for rule in _our_rules(handle, family):
+                what = f"{_describe_rule(rule, family)} in {where}"
+                if _tolerate_missing("delete rule", what, handle.rule, "del", family=family,
+                                     priority=rule.get_attr("FRA_PRIORITY"), table=TABLE,
+                                     fwmark=rule.get_attr("FRA_FWMARK"), fwmask=rule.get_attr("FRA_FWMASK")):
+                    removed.append(what)
+            for route in _our_routes(handle, family):
+                what = f"{_describe_route(family)} in {where}"
+                # scope must match: the kernel's delete compares it (ESRCH otherwise)
+                if _tolerate_missing("delete route", what, handle.route, "del", family=family, dst=_DEFAULT[family],
+                                     type="local", scope="host", table=TABLE, oif=route.get_attr("RTA_OIF")):
+                    removed.append(what)
     return removed
 
 
@@ -115,23 +138,33 @@ def route_interface(ip: str, netns: str | None = None) -> tuple[int, str]:
 
 # ---- internals ----------------------------------------------------------------------------------
 
-def _our_rules(handle) -> list:
-    return [r for r in handle.get_rules(family=socket.AF_INET)
+def _our_rules(handle, family: int) -> list:
+    return [r for r in _dump(handle.get_rules, family=family)
             if r.get_attr("FRA_TABLE") == TABLE and r.get_attr("FRA_PRIORITY") == RULE_PRIORITY]
 
 
-def _our_routes(handle) -> list:
-    return [r for r in handle.get_routes(family=socket.AF_INET, table=TABLE)
+def _our_routes(handle, family: int) -> list:
+    return [r for r in _dump(handle.get_routes, family=family, table=TABLE)
             if r.get_attr("RTA_TABLE") == TABLE and r["type"] == RTN_LOCAL and r["dst_len"] == 0]
 
 
-def _describe_rule(rule) -> str:
-    return (f"ip rule pref {rule.get_attr('FRA_PRIORITY')} fwmark {rule.get_attr('FRA_FWMARK') or 0:#x}/"
+def _dump(call, **kwargs) -> list:
+    """A netlink dump; a family the kernel does not have (no IPv6, no IPv6 policy routing) has no objects."""
+    try:
+        return list(call(**kwargs))
+    except NetlinkError as exc:
+        if exc.code in (errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
+            return []
+        raise
+
+
+def _describe_rule(rule, family: int) -> str:
+    return (f"{_IP[family]} rule pref {rule.get_attr('FRA_PRIORITY')} fwmark {rule.get_attr('FRA_FWMARK') or 0:#x}/"
             f"{rule.get_attr('FRA_FWMASK') or 0:#x} lookup {TABLE}")
 
 
-def _describe_route(route) -> str:
-    return f"ip route local 0.0.0.0/0 dev lo table {TABLE}"
+def _describe_route(family: int) -> str:
+    return f"{_IP[family]} route local {_DEFAULT[family]} dev lo table {TABLE}"
 
 
 def _tolerate_exists(operation: str, target: str, call, *args, **kwargs) -> None:

@@ -56,6 +56,7 @@ CHECKS: dict[str, str] = {
     "netns": "create a throwaway network namespace (for the probes below)",
     "tc_clsact": "clsact qdisc + direct-action bpf filter (throwaway netns)",
     "policy_routing": "fwmark rule + local route table (throwaway netns)",
+    "policy_routing6": "IPv6 fwmark rule + local ::/0 table (throwaway netns)",
     "tproxy_nft": "TPROXY with native nft (throwaway netns)",
     "tproxy_iptables_nft": "TPROXY with iptables-nft (throwaway netns)",
     "tproxy_iptables_legacy": "TPROXY with iptables-legacy (throwaway netns)",
@@ -76,11 +77,13 @@ MODE_REQUIREMENTS: dict[str, tuple] = {
 # program (bpf/source_return.c: sched_cls, a socket lookup) with the fwmark rule and local table
 SOURCE_ADDRESS_REQUIREMENTS = ("permissions", "bcc", "bpf_compile", "prog_sched_cls", "helper_skc_lookup_tcp",
                                "tc_clsact", "policy_routing")
+# IPv6 legs: the same, plus the IPv6 pair of the return path (a kernel without it: IPv6 servers see the node's)
+SOURCE_ADDRESS_REQUIREMENTS6 = ("policy_routing6",)
 # a check that cannot run without another one
 DEPENDS_ON = {
     **{name: "bcc" for name in ("bpf_compile", *probes.PROGRAM_PROBES)},
     **{name: "bpf_compile" for name in probes.PROGRAM_PROBES},
-    **{name: "netns" for name in ("tc_clsact", "policy_routing", *probes.TPROXY_PROBES)},
+    **{name: "netns" for name in ("tc_clsact", "policy_routing", "policy_routing6", *probes.TPROXY_PROBES)},
 }
 
 
@@ -161,21 +164,51 @@ def select_mode(configured: str, verdicts: Sequence[ModeVerdict]) -> tuple[str |
     return None, "capture.mode auto: no capture mode is usable: " + "; ".join(skipped)
 
 
-def source_address_verdict(results: Mapping[str, CheckResult], configured: str = "auto") -> dict:
-    """Which source address pods see on meshed connections (proxy.source_address), and why (pure)."""
+def source_address_verdict(results: Mapping[str, CheckResult], configured: str = "auto",
+                           ipv6_required: bool = True) -> dict:
+    """Which source address pods see on meshed connections (proxy.source_address), and why (pure).
+    ``selected`` is IPv4's; ``ipv6`` says the same of IPv6 legs (their return path may be missing alone).
+    ``ipv6_required``: pod refuses to start without the IPv6 pair (the agent's rule while capture.ipv6 is on)."""
     missing = [name for name in SOURCE_ADDRESS_REQUIREMENTS if not _usable(results, name)]
     if configured == "node":
-        return {"configured": configured, "selected": "node", "can_run": True, "missing": missing,
-                "reason": "proxy.source_address is node: servers see the node's address"}
+        verdict = {"configured": configured, "selected": "node", "can_run": True, "missing": missing,
+                   "reason": "proxy.source_address is node: servers see the node's address"}
+    elif not missing:
+        verdict = {"configured": configured, "selected": "pod", "can_run": True, "missing": [],
+                   "reason": "servers see the client pod's own address (IP_TRANSPARENT leg, tc return path)"}
+    elif configured == "pod":
+        verdict = {"configured": configured, "selected": None, "can_run": False, "missing": missing,
+                   "reason": f"proxy.source_address is pod but this host lacks: {', '.join(missing)}; "
+                             "set it to auto or node"}
+    else:
+        verdict = {"configured": configured, "selected": "node", "can_run": True, "missing": missing,
+                   "reason": "proxy.source_address auto falls back to node (servers see the node's address): "
+                             f"this host lacks: {', '.join(missing)}"}
+    verdict["ipv6"] = _source_address6(results, verdict, ipv6_required)
+    verdict["can_run"] = verdict["can_run"] and verdict["ipv6"]["can_run"]
+    return verdict
+
+
+def _source_address6(results: Mapping[str, CheckResult], ipv4: Mapping, required: bool) -> dict:
+    """The IPv6 half of the source address verdict."""
+    check = results.get("policy_routing6")
+    if ipv4["selected"] != "pod":
+        return {"selected": ipv4["selected"], "can_run": True, "missing": [], "reason": "as for IPv4"}
+    if check is not None and check.result == probes.SKIPPED and check.error == probes.NO_IPV6:
+        return {"selected": "none", "can_run": True, "missing": [],
+                "reason": f"{probes.NO_IPV6}: there are no IPv6 connections to give an address"}
+    missing = [name for name in SOURCE_ADDRESS_REQUIREMENTS6 if not _usable(results, name)]
     if not missing:
-        return {"configured": configured, "selected": "pod", "can_run": True, "missing": [],
-                "reason": "servers see the client pod's own address (IP_TRANSPARENT leg, tc return path)"}
-    why = f"this host lacks: {', '.join(missing)}"
-    if configured == "pod":
-        return {"configured": configured, "selected": None, "can_run": False, "missing": missing,
-                "reason": f"proxy.source_address is pod but {why}; set it to auto or node"}
-    return {"configured": configured, "selected": "node", "can_run": True, "missing": missing,
-            "reason": f"proxy.source_address auto falls back to node (servers see the node's address): {why}"}
+        return {"selected": "pod", "can_run": True, "missing": [],
+                "reason": "IPv6 servers see the client pod's own IPv6 address (IPV6_TRANSPARENT leg, "
+                          "ip -6 fwmark rule and local ::/0 table)"}
+    why = f"this host lacks: {', '.join(missing)} (IPv6 enabled on lo and CONFIG_IPV6_MULTIPLE_TABLES)"
+    if ipv4["configured"] == "pod" and required:
+        return {"selected": None, "can_run": False, "missing": missing,
+                "reason": f"proxy.source_address is pod but {why}; set it to auto (IPv6 servers then see the "
+                          "node's address) or capture.ipv6 to false"}
+    return {"selected": "node", "can_run": True, "missing": missing,
+            "reason": f"IPv6 servers see the node's address (IPv4 servers the pod's): {why}"}
 
 
 def same_node_verdict(configured: str = "local") -> dict:
@@ -189,11 +222,11 @@ def same_node_verdict(configured: str = "local") -> dict:
 
 
 def build_report(results: Sequence[CheckResult], configured: str, source_address: str = "auto",
-                 same_node: str = "local") -> dict:
+                 same_node: str = "local", ipv6_required: bool = True) -> dict:
     by_name = {r.name: r for r in results}
     verdicts = evaluate_modes(by_name)
     selected, reason = select_mode(configured, verdicts)
-    source = source_address_verdict(by_name, source_address)
+    source = source_address_verdict(by_name, source_address, ipv6_required)
     return {
         "version": REPORT_VERSION,
         "checks": [{"name": r.name, "result": r.result, "detail": r.detail, "error": r.error or None,
@@ -226,6 +259,10 @@ def render_table(report: Mapping) -> str:
     if source is not None:
         lines.append(f"source address servers see: {source['selected'] or 'none (the agent cannot run)'}")
         lines.append(f"why: {source['reason']}")
+        ipv6 = source.get("ipv6")
+        if ipv6 is not None:
+            lines.append(f"source address IPv6 servers see: {ipv6['selected'] or 'none (the agent cannot run)'}")
+            lines.append(f"why: {ipv6['reason']}")
     same = report.get("same_node")
     if same is not None:
         lines.append(f"same-node connections: {same['path']} ({same['reason']})")
@@ -279,7 +316,7 @@ def _record_programs(results: dict, record, disabled: frozenset[str], state_dir:
 
 
 def _record_netns_checks(results: dict, record) -> None:
-    names = ("tc_clsact", "policy_routing", *probes.TPROXY_PROBES)
+    names = ("tc_clsact", "policy_routing", "policy_routing6", *probes.TPROXY_PROBES)
     try:
         context = probes.throwaway_netns()
         netns = context.__enter__()
@@ -292,6 +329,7 @@ def _record_netns_checks(results: dict, record) -> None:
         record("netns", lambda: probes.ok(f"created {netns}"))
         record("tc_clsact", lambda: probes.probe_tc_clsact(netns))
         record("policy_routing", lambda: probes.probe_policy_routing(netns))
+        record("policy_routing6", lambda: probes.probe_policy_routing6(netns))
         for check, backend in probes.TPROXY_PROBES.items():
             record(check, lambda backend=backend: probes.probe_tproxy(netns, backend))
     finally:
@@ -300,10 +338,11 @@ def _record_netns_checks(results: dict, record) -> None:
 
 def doctor_report(configured: str = "auto", disabled: Iterable[str] = (), cgroup_root: str | None = None,
                   state_dir: str | None = None, environ: Mapping[str, str] | None = None,
-                  source_address: str = "auto", same_node: str = "local") -> dict:
+                  source_address: str = "auto", same_node: str = "local", ipv6_required: bool = True) -> dict:
     environ = os.environ if environ is None else environ
     hidden = parse_disabled([*disabled, environ.get(DISABLE_ENV, "")])
-    return build_report(run_checks(hidden, cgroup_root, state_dir), configured, source_address, same_node)
+    return build_report(run_checks(hidden, cgroup_root, state_dir), configured, source_address, same_node,
+                        ipv6_required)
 
 
 # ---- for the agent: capture.mode auto -------------------------------------------------------------
@@ -351,7 +390,7 @@ def doctor(as_json: bool, config_path: str | None, assume_missing: tuple[str, ..
     Exit code 0 if the agent can run (its capture mode is usable, its policy set loads), 1 otherwise.
     """
     configured = mode or "auto"
-    source_address, same_node = "auto", "local"
+    source_address, same_node, ipv6_required = "auto", "local", True
     if config_path:
         from agent.config import load_config
 
@@ -360,8 +399,9 @@ def doctor(as_json: bool, config_path: str | None, assume_missing: tuple[str, ..
         cgroup_root = cgroup_root or config.capture.cgroup_root
         state_dir = state_dir or config.state_dir
         source_address, same_node = config.proxy.source_address, config.proxy.same_node
+        ipv6_required = config.capture.ipv6
     report = doctor_report(configured, assume_missing, cgroup_root, state_dir, source_address=source_address,
-                           same_node=same_node)
+                           same_node=same_node, ipv6_required=ipv6_required)
     text = None if as_json else render_table(report)
     if config_path:  # will this configured agent turn ready (agent/host/readiness.py)?
         from agent.host import readiness

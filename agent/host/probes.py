@@ -61,6 +61,8 @@ PROGRAM_PROBES: dict[str, tuple[str, int, int]] = {
 # kernel TLS (uapi/linux/tls.h): the "tls" upper-layer protocol and its key options
 SOL_TCP, TCP_ULP, SOL_TLS, TLS_TX, TLS_RX = 6, 31, 282, 1, 2
 TLS_1_3_VERSION, TLS_CIPHER_AES_GCM_128 = 0x0304, 51
+IPV6_PROC = "/proc/sys/net/ipv6"
+NO_IPV6 = "this kernel has no IPv6 (no /proc/sys/net/ipv6: ipv6.disable=1 or CONFIG_IPV6=n)"
 TPROXY_PROBES = {"tproxy_nft": "nft", "tproxy_iptables_nft": "iptables-nft",
                  "tproxy_iptables_legacy": "iptables-legacy"}
 
@@ -370,6 +372,22 @@ def probe_policy_routing(netns: str) -> Probe:
     if len(found) != 2:
         return fail(f"after installing, found {found}")
     return ok(f"fwmark {steering.MARK:#x} rule + local table {steering.TABLE}")
+
+
+def probe_policy_routing6(netns: str) -> Probe:
+    """The IPv6 pair of the source return path (agent.capture.steering, family AF_INET6)."""
+    from agent.capture import steering
+
+    if not os.path.isdir(IPV6_PROC):
+        return Probe(SKIPPED, error=NO_IPV6)
+    try:
+        steering.ensure(netns, socket.AF_INET6)
+        found = [item for item in steering.present(netns) if item.startswith("ip -6 ")]
+    finally:
+        steering.remove(netns)
+    if len(found) != 2:
+        return fail(f"after installing, found {found}")
+    return ok(f"ip -6 fwmark {steering.MARK:#x} rule + local ::/0 table {steering.TABLE}")
 
 
 def probe_tproxy(netns: str, backend_name: str) -> Probe:

@@ -2,7 +2,7 @@
 
 Used by the real-workload tests (tests/e2e/real_workloads.py) and the benchmark's database scenario
 (bench/databases.py). PostgreSQL 15 and Redis are the Debian packages (deploy/bootstrap-debian.sh
-installs them). A server listens on its pod's IP; how and where its process starts (the pod's netns
+installs them). A server listens on its pod's IP (and its IPv6 address, ``ip6``); how and where its process starts (the pod's netns
 and cgroup, or the pod's netns and another cgroup) is the caller's ``launch``, a callable like
 ``subprocess.Popen(argv, **kwargs)`` that returns a Popen. Each server gets a fresh temporary
 directory that is removed when it stops. The parsers are pure.
@@ -55,9 +55,10 @@ class Server:
     ready_line = ""
     stop_signal = signal.SIGTERM
 
-    def __init__(self, launch: Launcher, ip: str, where: str = "") -> None:
+    def __init__(self, launch: Launcher, ip: str, where: str = "", ip6: str | None = None) -> None:
         self.launch = launch
         self.ip = ip
+        self.addresses = (ip, ip6) if ip6 else (ip,)  # where it listens: a dual-stack pod's both
         self.where = where or ip  # for messages: the pod's name
         self.dir = tempfile.mkdtemp(prefix=f"tcpmesh-{type(self).__name__.lower()}-")
         self.log_path = os.path.join(self.dir, "server.log")
@@ -91,15 +92,15 @@ class Server:
 
 
 class Postgres(Server):
-    """PostgreSQL 15 listening on ``ip``, trusting the addresses of ``hba`` (pg_hba.conf lines appended
+    """PostgreSQL 15 listening on ``ip`` (and ``ip6``), trusting the addresses of ``hba`` (pg_hba.conf lines appended
     after initdb's). fsync is off: what is measured is the network path, not the disk."""
 
     ready_line = "database system is ready to accept connections"
     stop_signal = signal.SIGINT  # PostgreSQL's "fast" shutdown
 
     def __init__(self, launch: Launcher, ip: str, hba: Sequence[str], where: str = "",
-                 max_connections: int = 64) -> None:
-        super().__init__(launch, ip, where)
+                 max_connections: int = 64, ip6: str | None = None) -> None:
+        super().__init__(launch, ip, where, ip6)
         self.hba = tuple(hba)
         self.max_connections = max_connections
 
@@ -114,18 +115,19 @@ class Postgres(Server):
         with open(os.path.join(data, "pg_hba.conf"), "a") as hba:
             hba.write("".join(f"{line}\n" for line in self.hba))
         self._launch(as_postgres + [f"{PG_BIN}/postgres", "-D", data, "-p", str(PG_PORT),
-                                    "-c", f"listen_addresses={self.ip}", "-c", f"unix_socket_directories={self.dir}",
+                                    "-c", f"listen_addresses={','.join(self.addresses)}",
+                                    "-c", f"unix_socket_directories={self.dir}",
                                     "-c", "fsync=off", "-c", f"max_connections={self.max_connections}"])
         return self
 
 
 class Redis(Server):
-    """Redis listening on ``ip``, no persistence."""
+    """Redis listening on ``ip`` (and ``ip6``), no persistence."""
 
     ready_line = "Ready to accept connections"
 
     def start(self) -> "Redis":
-        self._launch(["redis-server", "--bind", self.ip, "--port", str(REDIS_PORT), "--protected-mode", "no",
+        self._launch(["redis-server", "--bind", *self.addresses, "--port", str(REDIS_PORT), "--protected-mode", "no",
                       "--save", "", "--appendonly", "no", "--dir", self.dir, "--daemonize", "no"])
         return self
 

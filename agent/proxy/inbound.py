@@ -247,7 +247,8 @@ class InboundProxy:
             self._refuse(stream, flow, Status.DENIED, F.FLAG_DENY, flow.detail, flow.policy)
             return None
         source_ip = None
-        if self._ctx.source_mark:  # the client pod's own address, if the registry binds it to the proven identity
+        mark = self._ctx.source_mark_for(flow.destination_ip)
+        if mark:  # the client pod's own address, if the registry binds it to the proven identity
             try:
                 claimed = self._ctx.registry().by_ip(claimed_ip) if claimed_ip else None
                 source_ip = source_for(claimed_ip, claimed, peer_id, flow.destination_ip)
@@ -259,7 +260,7 @@ class InboundProxy:
         try:
             async with asyncio.timeout(self._ctx.connect_timeout):  # no extra task, unlike wait_for
                 return await connect(self._ctx.loop, _paused_leg, flow.destination_ip, flow.destination_port,
-                                     source_ip, self._ctx.source_mark)
+                                     source_ip, mark)
         except TimeoutError:
             self._refuse(stream, flow, Status.TIMEOUT, F.FLAG_UPSTREAM_TIMEOUT,
                          f"timed out connecting to {target.workload.key}")

@@ -159,7 +159,8 @@ class SameNodePath:
         ctx = self._ctx
         source, destination = route.source, route.destination
         source_ip = None
-        if ctx.source_mark:  # the client pod's own address, as the inbound proxy dials cross-node
+        mark = ctx.source_mark_for(flow.destination_ip)
+        if mark:  # the client pod's own address, as the inbound proxy dials cross-node
             try:
                 source_ip = source_for(flow.source_ip, source, source.spiffe_id, flow.destination_ip)
             except SourceRefused as exc:  # cannot happen for a registry source; fail closed anyway
@@ -168,7 +169,7 @@ class SameNodePath:
         try:
             async with asyncio.timeout(ctx.connect_timeout):
                 return await connect(ctx.loop, _paused_leg, flow.destination_ip, flow.destination_port,
-                                     source_ip, ctx.source_mark)
+                                     source_ip, mark)
         except TimeoutError:
             self._refuse(app, flow, dst, Status.TIMEOUT, F.FLAG_UPSTREAM_TIMEOUT, F.FLAG_UPSTREAM_TIMEOUT,
                          f"timed out connecting to {destination.key}")

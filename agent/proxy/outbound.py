@@ -33,6 +33,7 @@ from agent.proxy.relay import Relay
 from agent.proxy.session import MuxSession, Stream
 from agent.proxy.routing import OutboundRoute, RouteKind, route_outbound
 from agent.proxy.server import ProxyContext
+from agent.registry.model import Workload
 
 log = logging.getLogger("tcpmesh.outbound")
 SERVER_CERT_MARGIN_SECONDS = 5.0  # stop opening streams on a tunnel this long before its server cert expires
@@ -128,8 +129,8 @@ class OutboundProxy:
             flow.set_service(route.service)
             if route.destination is not None:
                 dst_ip, dst_port = route.destination.ip, route.target_port
-        flow.facts = ConnectionFacts(dst_ip, dst_port, flow_id, peer[0], peer[1], process, origin.cgroup_id,
-                                     route.service.key if route.service is not None else "")
+        flow.facts = ConnectionFacts(dst_ip, dst_port, flow_id, _source_ip(peer[0], route.source, dst_ip), peer[1],
+                                     process, origin.cgroup_id, route.service.key if route.service is not None else "")
         flow.set_source(route.source)
         flow.set_destination(route.destination)
         return route
@@ -200,3 +201,12 @@ class OutboundProxy:
         remaining = valid_until - time.time()
         session.peer_valid_until = valid_until - min(SERVER_CERT_MARGIN_SECONDS, max(remaining, 0) / 4)
         return session.start()
+
+
+def _source_ip(peer_ip: str, source: Workload | None, dst_ip: str) -> str:
+    """The client's address the facts name: the accepted socket's peer — but an IPv6 client socket reaches
+    this proxy over IPv4 (connect6 sends it to ::ffff:REDIR_IP), so for an IPv6 destination it is the
+    pod's IPv6 address, the one its IPv6 server sees (docs/capture-source-address.md) and records show."""
+    if source is not None and source.ip6 and ":" in dst_ip and peer_ip in (source.ip, f"::ffff:{source.ip}"):
+        return source.ip6
+    return peer_ip

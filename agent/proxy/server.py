@@ -76,11 +76,17 @@ class ProxyContext:
     # the node-wide budget of bytes held for workloads that do not read (agent.proxy.budget); None: no budget
     buffer_gate: BufferGate | None = None
     # nonzero: inbound legs leave from the client pod's own address with this SO_MARK (the return path
-    # of agent.capture.source_return is in place); 0: from the node's address (proxy.source_address)
+    # of agent.capture.source_return is in place); 0: from the node's address (proxy.source_address).
+    # IPv4 legs and IPv6 legs apart: the IPv6 return path has its own rule and table, which a kernel may refuse
     source_mark: int = 0
+    source_mark6: int = 0
 
     def __post_init__(self) -> None:
         self._on_task_done = self._task_done  # one bound method for every task's done callback
+
+    def source_mark_for(self, dest_ip: str) -> int:
+        """The SO_MARK a leg to ``dest_ip`` carries when it borrows its client's address; 0: the node's address."""
+        return self.source_mark6 if ":" in dest_ip else self.source_mark
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` as a connection task; a done callback (not a wrapping coroutine: one frame less per

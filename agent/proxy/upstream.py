@@ -3,7 +3,8 @@
 ``source_for(...)`` (pure) decides the address: the registry's address of the workload the client
 node named, only when the registry binds that workload to the identity the tunnel's certificate
 proved (so a node proving identity A can only ever borrow an address of an A workload; any other
-claim is refused), of the destination's family, and not the destination itself.
+claim is refused), of the destination's family (its ``ip6`` for an IPv6 destination, whichever of
+its addresses the client node named), and not the destination itself.
 ``connect(...)`` opens the leg: with a source, an IP_TRANSPARENT / IPV6_TRANSPARENT socket bound
 to it and marked ``mark`` (the tc return program brings the pod's replies back to sockets with that
 mark, agent.capture.source_return); without one, an ordinary socket from the node's address.
@@ -42,9 +43,11 @@ def source_for(claimed_ip: str, claimed: Workload | None, peer_id: SpiffeId, des
         owner = f"to {claimed.spiffe_id.uri}" if claimed is not None else "to no workload"
         raise SourceRefused(f"OPEN names source address {claimed_ip or '(none)'}, which the registry gives {owner}, "
                             f"not to the tunnel's proven identity {peer_id.uri}")
-    if (":" in claimed.ip) != (":" in dest_ip) or claimed.ip == dest_ip:
-        return None  # no address of the destination's family, or a pod reaching itself (its reply never leaves it)
-    return claimed.ip
+    if dest_ip in claimed.addresses:
+        return None  # a pod reaching itself: its reply never leaves it
+    # the workload's address of the destination's family (an IPv6 client socket reaches the proxy over
+    # IPv4, ::ffff:REDIR_IP, so the claim may name the other family); none: the node's address
+    return claimed.ip6 if ":" in dest_ip else claimed.ip
 
 
 def transparent_socket(source_ip: str, mark: int) -> socket.socket:

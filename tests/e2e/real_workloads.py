@@ -93,7 +93,7 @@ def run(launch: Launcher, argv: list[str], timeout: float) -> Run:
 # them to a test's lab: the server runs in the pod (its netns and cgroup).
 
 class Postgres(realservers.Postgres):
-    """PostgreSQL 15 in a pod, listening on the pod IP, trusting the lab's addresses.
+    """PostgreSQL 15 in a pod, listening on the pod's IPv4 and IPv6 addresses, trusting the lab's addresses.
 
     Through the mesh the server sees the client pod's own address (proxy.source_address, the default
     auto), or the pods' gateway 169.254.1.1 with proxy.source_address node; the baseline connects from
@@ -102,15 +102,16 @@ class Postgres(realservers.Postgres):
     """
 
     def __init__(self, lab, pod: str, hba: tuple[str, ...] | None = None) -> None:
-        super().__init__(in_pod(lab, pod), lab.pod(pod).ip, hba if hba is not None else default_hba(lab), where=pod)
+        super().__init__(in_pod(lab, pod), lab.pod(pod).ip, hba if hba is not None else default_hba(lab), where=pod,
+                         ip6=lab.pod(pod).ip6)
         self.pod = lab.pod(pod)
 
 
 class Redis(realservers.Redis):
-    """Redis in a pod, listening on the pod IP, no persistence."""
+    """Redis in a pod, listening on the pod's IPv4 and IPv6 addresses, no persistence."""
 
     def __init__(self, lab, pod: str) -> None:
-        super().__init__(in_pod(lab, pod), lab.pod(pod).ip, where=pod)
+        super().__init__(in_pod(lab, pod), lab.pod(pod).ip, where=pod, ip6=lab.pod(pod).ip6)
         self.pod = lab.pod(pod)
 
 

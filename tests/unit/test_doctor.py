@@ -60,7 +60,8 @@ def test_report_schema_is_stable():
     report = build_report(all_ok(bcc=probes.FAIL), "auto")
     assert set(report) == {"version", "checks", "modes", "configured_mode", "selected_mode", "reason",
                            "source_address", "same_node", "can_run"}
-    assert set(report["source_address"]) == {"configured", "selected", "can_run", "missing", "reason"}
+    assert set(report["source_address"]) == {"configured", "selected", "can_run", "missing", "reason", "ipv6"}
+    assert set(report["source_address"]["ipv6"]) == {"selected", "can_run", "missing", "reason"}
     assert report["version"] == doctor.REPORT_VERSION == 1
     assert set(report["checks"][0]) == {"name", "result", "detail", "error", "seconds"}
     assert set(report["modes"][0]) == {"name", "usable", "missing", "detail"}
@@ -127,6 +128,37 @@ def test_source_address_pod_on_a_host_that_lacks_it_cannot_run():
     assert report["source_address"]["selected"] is None
     assert "set it to auto or node" in report["source_address"]["reason"]
     assert "source address servers see: none" in render_table(report)
+
+
+def test_ipv6_legs_keep_the_pods_address_where_the_ipv6_pair_installs():
+    report = build_report(all_ok(), "auto")
+    assert report["source_address"]["ipv6"]["selected"] == "pod"
+    assert "source address IPv6 servers see: pod" in render_table(report)
+
+
+def test_without_the_ipv6_pair_auto_gives_ipv6_servers_the_node_address_and_says_why():
+    report = build_report(all_ok(policy_routing6=probes.FAIL), "auto")
+    source = report["source_address"]
+    assert (source["selected"], source["ipv6"]["selected"], report["can_run"]) == ("pod", "node", True)
+    assert source["ipv6"]["missing"] == ["policy_routing6"]
+    assert "CONFIG_IPV6_MULTIPLE_TABLES" in source["ipv6"]["reason"]
+    assert "source address IPv6 servers see: node" in render_table(report)
+
+
+def test_without_the_ipv6_pair_pod_cannot_run_unless_ipv6_is_not_meshed():
+    report = build_report(all_ok(policy_routing6=probes.FAIL), "ebpf-connect", source_address="pod")
+    assert not report["can_run"] and report["source_address"]["ipv6"]["selected"] is None
+    assert "capture.ipv6 to false" in report["source_address"]["ipv6"]["reason"]
+    off = build_report(all_ok(policy_routing6=probes.FAIL), "ebpf-connect", source_address="pod", ipv6_required=False)
+    assert off["can_run"] and off["source_address"]["ipv6"]["selected"] == "node"
+
+
+def test_a_kernel_without_ipv6_needs_no_ipv6_pair():
+    results = all_ok()
+    results[[r.name for r in results].index("policy_routing6")] = CheckResult("policy_routing6", probes.SKIPPED,
+                                                                             error=probes.NO_IPV6)
+    report = build_report(results, "ebpf-connect", source_address="pod")
+    assert report["can_run"] and report["source_address"]["ipv6"]["selected"] == "none"
 
 
 def test_source_address_node_is_the_configured_fallback():
