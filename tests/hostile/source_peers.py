@@ -1,7 +1,8 @@
 """Peers the source-address attacks run inside lab namespaces (``python tests/hostile/source_peers.py ...``).
 
-    whoami --port PORT               a server that answers every connection with the address it came
-                                     from (what pg_hba.conf, inet_client_addr() or CLIENT LIST see), then closes
+    whoami --port PORT               a server (IPv4 and IPv6) that answers every connection with the address
+                                     it came from (what pg_hba.conf, inet_client_addr() or CLIENT LIST see),
+                                     then closes
     open --connect IP:PORT --cert CHAIN --key KEY --sni NAME --dest IP:PORT --source IP
                                      a node's outbound proxy played by hand: one tcpmesh/2 tunnel with the
                                      given certificate, one OPEN naming ``--source`` as the client pod's
@@ -25,11 +26,11 @@ from agent.proxy import mux as M
 
 
 def whoami(port: int) -> None:
-    listener = socket.create_server(("0.0.0.0", port), backlog=16)
+    listener = socket.create_server(("::", port), family=socket.AF_INET6, backlog=16, dualstack_ipv6=True)
     print("listening", flush=True)
     while True:
         conn, peer = listener.accept()
-        conn.sendall(f"{peer[0]}\n".encode())
+        conn.sendall(f"{peer[0].removeprefix('::ffff:')}\n".encode())  # an IPv4 client as IPv4
         conn.close()
 
 

@@ -12,7 +12,9 @@ STATUS DENIED before anything is connected — the server never sees a connectio
 address, nor from the node's address (which a server may trust more than any pod's) — and the
 destination node records why (IDENTITY_ERROR, naming both identities). The honest claim (n1p1's own
 address) is served and the server sees exactly that address: the control that proves the attack
-reaches the code that decides.
+reaches the code that decides. The same over IPv6 (the lab is dual stack): the honest claim is served
+from n1p1's IPv6 address (seen failing before: the server saw node2's fd00:76::2), another identity's
+IPv6 address or an unknown one is DENIED.
 """
 
 from __future__ import annotations
@@ -71,12 +73,14 @@ def shop_certificate(lab, tmp_path_factory):
     return str(chain), str(key)
 
 
-def open_stream(lab, certificate, source: str) -> dict:
-    """From node1's netns (the attacker node): one tunnel to node2 as A, one OPEN naming ``source``."""
+def open_stream(lab, certificate, source: str, family: int = 4) -> dict:
+    """From node1's netns (the attacker node): one tunnel to node2 as A, one OPEN naming ``source``, to
+    n2p1's IPv4 address, or its IPv6 address with ``family`` 6."""
     cert, key = certificate
+    dest = lab.pod("n2p1").ip6 if family == 6 else lab.pod("n2p1").ip
     proc = labops.lab_exec(lab.name, "node1", [
         sys.executable, PEERS, "open", "--connect", f"{lab.node(2).wire_address}:15008", "--cert", cert, "--key", key,
-        "--sni", SpiffeId.parse(lab.pod("n2p1").spiffe_id).sni, "--dest", f"{lab.pod('n2p1').ip}:{PORT}",
+        "--sni", SpiffeId.parse(lab.pod("n2p1").spiffe_id).sni, "--dest", f"{dest}:{PORT}",
         "--source", source], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": REPO})
     out, _ = proc.communicate(timeout=30)
@@ -101,3 +105,22 @@ def test_a_node_proving_identity_a_cannot_borrow_another_address(lab, shop_certi
     assert lab.pod("n1p1").spiffe_id in flow["detail"], flow
     if victim in ("n1p2", "n2p2"):
         assert lab.pod(victim).spiffe_id in flow["detail"], flow
+
+
+# ---- IPv6 (the dual-stack lab) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("claim", ["ip6", "ip"])
+def test_the_honest_claim_is_served_over_ipv6_from_the_clients_own_ipv6_address(lab, shop_certificate, claim):
+    """An IPv6 client socket reaches its node's outbound proxy over IPv4, so a claim may name either of
+    the workload's addresses: to an IPv6 server the leg borrows its IPv6 address (before: the node's)."""
+    result = open_stream(lab, shop_certificate, getattr(lab.pod("n1p1"), claim), family=6)
+    assert result["status"] == "OK" and result["data"].strip() == lab.pod("n1p1").ip6, result
+
+
+@pytest.mark.parametrize("victim", ["n1p2", "n2p2", "nobody"])
+def test_a_node_proving_identity_a_cannot_borrow_another_ipv6_address(lab, shop_certificate, victim):
+    source = "fd00:77:9::99" if victim == "nobody" else lab.pod(victim).ip6
+    result = open_stream(lab, shop_certificate, source, family=6)
+    assert result["status"] == "DENIED", result
+    assert result["data"] == "", f"the server was reached (it saw {result['data'].strip()!r}): {result}"
+    assert "not to the tunnel's proven identity " + lab.pod("n1p1").spiffe_id in result["reason"], result
