@@ -114,6 +114,11 @@ def provision(plan: LabPlan, svid_ttl_seconds: int | None) -> None:
         os.makedirs(credential_dir(node), mode=0o700, exist_ok=True)
         _write(f"{credential_dir(node)}/bundle.pem", root_pem, 0o644)
         _write(token_file(node), make_token(key, node.name, time.time(), TOKEN_TTL_SECONDS) + "\n", 0o600)
+    write_replica_configs(plan, svid_ttl_seconds)
+
+
+def write_replica_configs(plan: LabPlan, svid_ttl_seconds: int | None) -> None:
+    os.makedirs(directory(plan), mode=0o700, exist_ok=True)
     for replica in replicas(plan):
         _write(replica.config_file, yaml.safe_dump(issuer_config(plan, replica, svid_ttl_seconds), sort_keys=False),
                0o600)

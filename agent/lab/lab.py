@@ -347,9 +347,42 @@ def lab_restart_agent(name: str, node_name: str, *, state_root: str = DEFAULT_ST
     _atomic_write(plan.state_file, json.dumps(state, indent=2) + "\n")
     if wait:
         agents.wait_ready({node_name: (node, proc)}, ready_timeout)
-        if state.get("identity") == "issuer":
+        if _node_identity_mode(node) == "issuer":   # a node-ca lab's node may have been migrated
             issuer_lab.wait_first_svids(plan, [node], ready_timeout)
     return record
+
+
+def _node_identity_mode(node: NodePlan) -> str:
+    try:
+        with open(node.config_file) as f:
+            return str(((yaml.safe_load(f) or {}).get("identity") or {}).get("mode", "node_ca"))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "node_ca"
+
+
+def lab_add_issuer(name: str, *, state_root: str = DEFAULT_STATE_ROOT) -> dict[str, agents.AgentRecord]:
+    """Start the issuer in a ``--identity node-ca`` lab, for the migration (docs/identity.md "Migrating to the
+    issuer"): its namespace and two replicas as ``lab up`` makes them, on the files the operator made with
+    ``tcpmesh ca issue-issuer --out <state>/issuer/ca`` and ``tcpmesh issuer token-key --out
+    <state>/issuer/token.key``. The nodes are left alone: each switches when its config says so."""
+    plan, state = load_lab(name, state_root)
+    if state.get("identity") == "issuer" or state.get("issuers"):
+        raise LabError(f"lab {name!r} runs the issuer already")
+    for needed in (f"{issuer_lab.directory(plan)}/ca/issuer.crt", f"{issuer_lab.directory(plan)}/token.key"):
+        if not os.path.exists(needed):
+            raise LabError(f"{needed} does not exist: make it first (`tcpmesh ca issue-issuer --ca {plan.ca_dir} --out "
+                           f"{issuer_lab.directory(plan)}/ca`, `tcpmesh issuer token-key --out "
+                           f"{issuer_lab.directory(plan)}/token.key`)")
+    issuer_lab.build_network(plan)
+    issuer_lab.write_replica_configs(plan, state.get("svid_ttl_seconds"))
+    records: dict[str, agents.AgentRecord] = {}
+    procs = {}
+    for replica in issuer_lab.replicas(plan):
+        procs[replica.name], records[replica.name] = issuer_lab.start_replica(plan, replica)
+        state = {**state, "issuers": {n: r.to_json() for n, r in records.items()}}
+        _atomic_write(plan.state_file, json.dumps(state, indent=2) + "\n")
+    issuer_lab.wait_ready(plan, procs)
+    return records
 
 
 def lab_stop_issuer(name: str, replica: str, *, state_root: str = DEFAULT_STATE_ROOT) -> list[int]:
@@ -365,7 +398,7 @@ def lab_start_issuer(name: str, replica: str, *, state_root: str = DEFAULT_STATE
     """(Re)start one issuer replica and wait until it serves."""
     plan, state = load_lab(name, state_root)
     chosen = next((r for r in issuer_lab.replicas(plan) if r.name == replica), None)
-    if chosen is None or state.get("identity") != "issuer":
+    if chosen is None or not (state.get("identity") == "issuer" or state.get("issuers")):
         raise LabError(f"lab {name!r} has no issuer replica {replica!r} (was it started with --identity issuer?)")
     records = dict(state.get("issuers") or {})
     if replica in records:

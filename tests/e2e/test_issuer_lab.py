@@ -72,6 +72,12 @@ def _pem_blocks(text: str, kind: str) -> list[bytes]:
 def test_no_node_holds_a_key_that_can_sign(issuer_lab):
     lab = issuer_lab
     assert json.loads(Path(lab.plan.state_file).read_text())["identity"] == "issuer"  # what lab up does unasked
+    assert_no_node_holds_a_signing_key(lab)
+
+
+def assert_no_node_holds_a_signing_key(lab: Lab) -> None:
+    """Every private key under a node's directory belongs to a CA:false certificate there; no node.key; the
+    agent holds its node credential and reaches the issuer."""
     for node in lab.plan.nodes:
         certificates, keys = [], []
         for path in Path(node.state_dir).rglob("*"):
@@ -94,7 +100,7 @@ def test_no_node_holds_a_key_that_can_sign(issuer_lab):
         assert not list(Path(node.state_dir).rglob("node.key"))
         report = certs(lab, node.index)
         assert report["issuer"]["reachable"] is True
-        assert report["issuer"]["node_credential"]["spiffe_id"] == f"spiffe://e2e.tcpmesh/node/{node.name}"
+        assert report["issuer"]["node_credential"]["spiffe_id"] == f"spiffe://{lab.plan.trust_domain}/node/{node.name}"
 
 
 ASK = r"""
