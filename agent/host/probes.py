@@ -374,12 +374,17 @@ def probe_policy_routing(netns: str) -> Probe:
     return ok(f"fwmark {steering.MARK:#x} rule + local table {steering.TABLE}")
 
 
-def probe_policy_routing6(netns: str) -> Probe:
-    """The IPv6 pair of the source return path (agent.capture.steering, family AF_INET6)."""
+def probe_policy_routing6(netns: str, ipv6_proc: str = IPV6_PROC) -> Probe:
+    """The IPv6 pair of the source return path (agent.capture.steering, family AF_INET6): in the
+    throwaway netns, after checking this (the node's) namespace's lo — which a fresh one cannot show."""
     from agent.capture import steering
 
-    if not os.path.isdir(IPV6_PROC):
+    if not os.path.isdir(ipv6_proc):
         return Probe(SKIPPED, error=NO_IPV6)
+    lo = Path(ipv6_proc) / "conf" / "lo" / "disable_ipv6"
+    if lo.is_file() and lo.read_text().strip() != "0":
+        return fail("IPv6 is disabled on this node's lo (net.ipv6.conf.lo.disable_ipv6=1): the local ::/0 route "
+                    "of the IPv6 return path cannot go there; set it to 0")
     try:
         steering.ensure(netns, socket.AF_INET6)
         found = [item for item in steering.present(netns) if item.startswith("ip -6 ")]

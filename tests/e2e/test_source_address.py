@@ -14,8 +14,10 @@ the tunnel crosses, never a packet to or from the client pod's IPv6 address.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +28,7 @@ import yaml
 from agent.capture import steering
 from agent.lab import lab as labops
 from agent.lab.errors import LabError
+from agent.lab.nsenter import popen_in
 from agent.lab.sniff import PacketCapture
 from tests.conftest import skip_or_fail
 from tests.e2e.conftest import CAPTURE_MODES, Lab
@@ -189,8 +192,8 @@ def test_ipv6_replies_to_the_borrowed_address_never_leave_the_servers_node(sa_la
 def test_where_the_kernel_refuses_the_ipv6_return_path_auto_falls_back_and_pod_refuses_to_start(sa_lab):
     """The documented fallback: the server's node refuses the IPv6 pair (IPv6 off on its lo). With
     auto its agent says so and IPv6 servers see the node's address (the connection still completes;
-    IPv4 servers still see the pod's); with pod the agent refuses to start, naming the IPv6 return path
-    and the fix, and leaves no steering object behind."""
+    IPv4 servers still see the pod's), and `tcpmesh doctor` on that node says the same; with pod the
+    agent refuses to start, naming the IPv6 return path and the fix, and leaves no steering object."""
     node = sa_lab.node(2)
     original = Path(node.config_file).read_text()
     sysctl(node.netns, "net.ipv6.conf.lo.disable_ipv6", "1")
@@ -201,6 +204,14 @@ def test_where_the_kernel_refuses_the_ipv6_return_path_auto_falls_back_and_pod_r
         assert "the client pod's own address (IPv4; IPv6 servers see this node's address)" in log, log[-3000:]
         listed = redis_client_list(sa_lab, ALLOWED, family=6)
         assert f"addr=[{node.wire_address6}]:" in listed, listed
+        doctor = popen_in([sys.executable, "-m", "agent", "doctor", "--json", "--config", node.config_file],
+                          netns=node.netns, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        report = json.loads(doctor.communicate(timeout=180)[0])
+        source = report["source_address"]
+        assert (source["selected"], source["ipv6"]["selected"], source["ipv6"]["missing"]) == \
+            ("pod", "node", ["policy_routing6"]), source
+        probe = next(check for check in report["checks"] if check["name"] == "policy_routing6")
+        assert "net.ipv6.conf.lo.disable_ipv6=1" in probe["error"], probe  # the node's lo, not a fresh netns'
         assert f"addr={sa_lab.pod(ALLOWED).ip}:" in redis_client_list(sa_lab, ALLOWED)
 
         config = yaml.safe_load(original)

@@ -173,3 +173,14 @@ def test_same_node_path_is_reported_and_the_switch_named():
     tunnel = build_report(all_ok(), "auto", same_node="tunnel")
     assert tunnel["same_node"]["path"] == "tunnel"
     assert "same-node connections: tunnel" in render_table(tunnel)
+
+
+def test_the_ipv6_probe_reads_the_nodes_own_lo_before_the_throwaway_namespace(tmp_path):
+    """A fresh namespace cannot show a disable_ipv6 set on the node's lo: the probe reads it first
+    (and never reaches the namespace here: the name is not one)."""
+    assert probes.probe_policy_routing6("no-such-netns", str(tmp_path / "absent")).error == probes.NO_IPV6
+    lo = tmp_path / "conf" / "lo"
+    lo.mkdir(parents=True)
+    (lo / "disable_ipv6").write_text("1\n")
+    probe = probes.probe_policy_routing6("no-such-netns", str(tmp_path))
+    assert probe.result == probes.FAIL and "net.ipv6.conf.lo.disable_ipv6=1" in probe.error
