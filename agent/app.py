@@ -27,13 +27,14 @@ from agent.control.admin_socket import AdminSocket
 from agent.control.status import node_status
 from agent.control.workloads import WorkloadController
 from agent.errors import EnvironmentProblem, KernelError, TcpmeshError
-from agent.service.heap import heap_trimmer, trim_heap_forever
+from agent.service.heap import freeze_startup_objects, heap_trimmer, trim_heap_forever
 from agent.host import checks
 from agent.identity.svid_rotator import IdentityRotator, rotator_from_config
 from agent.identity.store import IdentityStore
 from agent.policy.explain import explain, request_for
 from agent.policy.model import MtlsMode
 from agent.policy.source import PolicySource
+from agent.proxy import hotpath
 from agent.proxy.budget import budget_from_config
 from agent.proxy.deadlines import reset_idle, sweep_idle_relays
 from agent.proxy.heap import keep_heap_for_relaying
@@ -362,6 +363,9 @@ class Agent:
             inbound_sock = listening_socket(config.proxy.bind_address, config.proxy.inbound_port)
             servers = [await loop.create_server(outbound.protocol_factory, sock=outbound_sock),
                        await loop.create_server(inbound.protocol_factory, sock=inbound_sock)]
+            frozen = freeze_startup_objects()
+            log.info("tunnel data path: %s; %d start-up objects frozen out of the garbage collector's walks",
+                     hotpath.describe(), frozen)
             self.ready = True
             self.not_ready_reason = ""
             self.metrics.ready.set(1)

@@ -12,6 +12,7 @@ APT_PACKAGES=(libbpfcc python3-bpfcc iproute2 iptables nftables tcpdump bpftool 
               prometheus)  # tests/e2e/test_telemetry_lab.py scrapes the lab's agents with a real Prometheus
 APT_PACKAGES+=(curl jq)  # the tutorial's commands (tests/e2e/test_docs_executed.py runs them)
 APT_PACKAGES+=(gcc stunnel4 haproxy iperf3 sockperf)  # make bench: bench/loadgen.c, the two peers, bulk and reference load
+APT_PACKAGES+=(python3-dev)  # with gcc: builds agent/proxy/_hotpath.c (setup.py); without it the pure-Python path runs
 # tests/*/test_install_*: systemd-analyze verify on the unit, ruby -c on vagrant/Vagrantfile
 APT_PACKAGES+=(systemd ruby)
 # tests/vm (make test-vm; its vm_ci part in make test): builds Debian images and boots them
@@ -50,7 +51,9 @@ if [ ! -e "$site/bcc" ]; then
   ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi
 stamp="$VENV/.tcpmesh-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# setup.py and the C source too: pip builds agent.proxy._hotpath from them (a new checkout of either rebuilds it)
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+    || [ agent/proxy/_hotpath.c -nt "$stamp" ] || ! ls agent/proxy/_hotpath.*.so >/dev/null 2>&1; then
   did+=("installed tcpmesh[$EXTRAS] into it")
   echo "bootstrap: installing tcpmesh[$EXTRAS] into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[$EXTRAS]"
@@ -70,6 +73,7 @@ if [ ! -x "$kubectl_dir/usr/bin/kubectl" ]; then
 fi
 "$VENV/bin/python" -c 'import bcc, pyroute2, cryptography, prometheus_client, click' \
   || { echo "bootstrap: the venv at $VENV cannot import its dependencies" >&2; exit 1; }
+echo "bootstrap: tunnel data path: $("$VENV/bin/python" -c 'from agent.proxy import hotpath; print(hotpath.describe())')"
 summary=$(printf '%s; ' "${did[@]}"); summary=${summary%; }
 echo "bootstrap: ready (${summary:-nothing to do, all was in place}): ${#APT_PACKAGES[@]} Debian packages present, tcpmesh $("$VENV/bin/python" -c 'import agent; print(agent.__version__)') in $VENV"
 echo "bootstrap: next: source $VENV/bin/activate, then tcpmesh doctor (this host) or tcpmesh lab up (docs/lab.md)"

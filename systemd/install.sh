@@ -63,8 +63,9 @@ else
   src="$target/src"
   rm -rf "$src.new"
   mkdir -p "$src.new"
-  cp -a "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/agent" "$SRC/bpf" "$src.new/"
-  find "$src.new" -name __pycache__ -prune -exec rm -rf {} +
+  cp -a "$SRC/pyproject.toml" "$SRC/setup.py" "$SRC/README.md" "$SRC/agent" "$SRC/bpf" "$src.new/"
+  # the checkout's build of agent/proxy/_hotpath.c is for its own venv: pip builds the install's own (setup.py)
+  find "$src.new" \( -name __pycache__ -prune -exec rm -rf {} + \) -o \( -name '*.so' -delete \)
   rm -rf "$src"
   mv "$src.new" "$src"
   say "pip install -e $src${EXTRAS:+[$EXTRAS]} into $target"

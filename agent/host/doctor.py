@@ -221,6 +221,13 @@ def same_node_verdict(configured: str = "local") -> dict:
                       "workload (no TLS: the bytes never leave this host); set proxy.same_node to tunnel to turn it off"}
 
 
+def data_path_verdict() -> dict:
+    """Which implementation of the tunnel's per-message work the agent uses (agent.proxy.hotpath)."""
+    from agent.proxy import hotpath  # only here: the data path's choice, no probe needs it
+
+    return {"implementation": hotpath.name(), "reason": hotpath.describe()}
+
+
 def build_report(results: Sequence[CheckResult], configured: str, source_address: str = "auto",
                  same_node: str = "local", ipv6_required: bool = True) -> dict:
     by_name = {r.name: r for r in results}
@@ -238,6 +245,7 @@ def build_report(results: Sequence[CheckResult], configured: str, source_address
         "reason": reason,
         "source_address": source,
         "same_node": same_node_verdict(same_node),
+        "data_path": data_path_verdict(),
         "can_run": selected is not None and source["can_run"],
     }
 
@@ -266,6 +274,9 @@ def render_table(report: Mapping) -> str:
     same = report.get("same_node")
     if same is not None:
         lines.append(f"same-node connections: {same['path']} ({same['reason']})")
+    data_path = report.get("data_path")
+    if data_path is not None:
+        lines.append(f"tunnel data path: {data_path['reason']}")
     return "\n".join(lines)
 
 

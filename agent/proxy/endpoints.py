@@ -23,6 +23,9 @@ import threading
 import time
 from typing import Callable, Protocol
 
+from agent.proxy import hotpath
+from agent.proxy import mux as M
+
 READ_CHUNK = 256 * 1024  # plaintext decrypted by a TLS leg per delivery (shared, see the module docstring)
 READ_BUFFER = 1024 * 1024  # one read from a socket (shared)
 MAX_BUFFERED_BEFORE_RECEIVER = 256 * 1024
@@ -120,12 +123,16 @@ class Leg(asyncio.BufferedProtocol):
     # -- delivery to the receiver -------------------------------------------------------------
     def _deliver_view(self, view: memoryview) -> None:
         """Deliver a view of a reused buffer: as it is to a receiver that ``takes_views`` (it copies what
-        it keeps), as bytes to any other."""
+        it keeps), as bytes to any other. (``_deliver`` inlined for the steady state: one call less per
+        message.)"""
         receiver = self.receiver
-        if receiver is not None and not getattr(receiver, "takes_views", False):
-            self._deliver(bytes(view))
+        if receiver is None:
+            self._deliver(view)  # buffered: copied there
+        elif getattr(receiver, "takes_views", False):
+            self.bytes_read += len(view)
+            receiver.leg_data(self, view)
         else:
-            self._deliver(view)
+            self._deliver(bytes(view))
 
     def _deliver(self, data: bytes | memoryview) -> None:
         self.bytes_read += len(data)
@@ -242,6 +249,9 @@ class PlainLeg(Leg):
     def view_received(self, view: memoryview) -> None:
         self._deliver_view(view)
 
+    def buffer_updated(self, nbytes: int) -> None:
+        self._deliver_view(_read_buffers.shared()[:nbytes])  # view_received without its own call
+
     def data_received(self, data: bytes) -> None:
         self._deliver(data)
 
@@ -331,6 +341,9 @@ class TlsLeg(Leg):
     def view_received(self, view: memoryview) -> None:
         self.data_received(view)  # the memory BIO copies it
 
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_read_buffers.shared()[:nbytes])  # view_received without its own call
+
     def data_received(self, data: bytes | memoryview) -> None:
         self._incoming.write(data)
         if not self.handshake_done.done():
@@ -381,6 +394,9 @@ class TlsLeg(Leg):
             _plain_buffers.give_back(view)
 
     def _decrypt_into(self, view: memoryview) -> None:
+        if hotpath.compiled is not None:
+            self._decrypt_into_compiled(hotpath.compiled.decrypt, view)
+            return
         ssl_object = self.ssl_object
         read = ssl_object.read  # type: ignore[union-attr]
         incoming = self._incoming
@@ -420,6 +436,31 @@ class TlsLeg(Leg):
         if eof:
             self._deliver_eof()
 
+    def _decrypt_into_compiled(self, decrypt, view: memoryview) -> None:
+        """``_decrypt_into`` with its read loop in agent.proxy._hotpath (the same steps, the same outcomes)."""
+        sslobj = self.ssl_object._sslobj  # type: ignore[union-attr]
+        incoming = self._incoming
+        filled = state = 0
+        while True:
+            try:
+                filled, state = decrypt(sslobj, incoming, view, filled)
+            except ssl.SSLError as exc:
+                self._flush()
+                self.close_exc = exc
+                self.reset()
+                return
+            if state != 1:  # 1: the buffer is full
+                break
+            self._deliver_plain(view, filled)
+            filled = 0
+            if self.transport is None or self.transport.is_closing():
+                return  # the receiver closed the tunnel
+        self._flush()
+        if filled:
+            self._deliver_plain(view, filled)
+        if state == 2:
+            self._deliver_eof()
+
     def _deliver_plain(self, view: memoryview, size: int) -> None:
         self._deliver_view(view[:size])
 
@@ -432,6 +473,22 @@ class TlsLeg(Leg):
             return
         self.bytes_written += len(data)
         self.ssl_object.write(data)
+        self._flush()
+
+    def write_data_frame(self, stream: int, data: bytes | memoryview) -> None:
+        """One tcpmesh/2 DATA frame (at most ``mux.MAX_FRAME`` bytes), its header and payload in one TLS
+        write, flushed: compiled in one call (agent.proxy._hotpath.seal_data) or as the pure-Python steps."""
+        transport = self.transport
+        if self.ssl_object is None or transport is None or transport.is_closing() or self.eof_sent:
+            return
+        self.bytes_written += M.HEADER_SIZE + len(data)
+        compiled = hotpath.compiled
+        if compiled is not None:
+            records = compiled.seal_data(self.ssl_object._sslobj, self._outgoing, stream, data)
+            if records:
+                transport.write(records)
+            return
+        self.ssl_object.write(M.encode_header(M.FrameType.DATA, stream, len(data)) + data)
         self._flush()
 
     def write_parts(self, *parts: bytes) -> None:

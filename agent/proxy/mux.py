@@ -20,8 +20,11 @@ credit (WINDOW) as it delivers data onward, so one slow application cannot stall
 from __future__ import annotations
 
 import enum
+import ssl
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
+
+from agent.proxy import hotpath
 
 HEADER = struct.Struct("!BBHII")
 HEADER_SIZE = HEADER.size
@@ -48,8 +51,7 @@ class MuxProtocolError(Exception):
     """The peer sent a frame that breaks tcpmesh/2 (the whole tunnel is closed)."""
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):  # a tuple: cheap to make (here and in agent/proxy/_hotpath.c), once per frame
     type: FrameType
     stream: int
     payload: bytes = b""
@@ -76,7 +78,7 @@ def window_credit(frame: Frame) -> int:
     return credit
 
 
-class FrameDecoder:
+class PyFrameDecoder:
     """Accumulates bytes and returns complete frames; bounded by MAX_FRAME per frame.
 
     ``feed`` returns whole frames. ``feed_parts`` (the tunnel's receive path) returns a DATA frame's
@@ -84,6 +86,9 @@ class FrameDecoder:
     payload — each a ``memoryview`` of ``data`` (which may be a reused buffer's view: valid only until
     the caller's buffer is reused, so whoever keeps a part copies it), never copied nor accumulated
     here. Control frames come whole, as bytes, either way. Use one method per decoder.
+
+    The reference implementation: ``agent.proxy._hotpath.FrameDecoder`` is its compiled twin (same
+    frames, limits and errors); ``FrameDecoder`` is whichever ``agent.proxy.hotpath`` chose.
     """
 
     def __init__(self) -> None:
@@ -201,3 +206,11 @@ def _parse(data: bytes | bytearray) -> tuple[list[Frame], int]:
         offset = start + length
     view.release()
     return frames, offset
+
+
+DECODERS: dict[str, type] = {"python": PyFrameDecoder}  # every implementation (tests run each)
+if hotpath.compiled is not None:
+    hotpath.compiled.configure(Frame, list(FrameType), MuxProtocolError, ssl.SSLWantReadError,
+                               ssl.SSLZeroReturnError, MAX_FRAME, MAX_CONTROL_PAYLOAD)
+    DECODERS["compiled"] = hotpath.compiled.FrameDecoder
+FrameDecoder = DECODERS[hotpath.name()]

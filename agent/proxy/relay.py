@@ -64,9 +64,10 @@ class Relay:
     def leg_data(self, leg: Leg, data: bytes | memoryview) -> None:
         if leg is self.a:
             self._a_to_b += len(data)
+            self.b.write(data)
         else:
             self._b_to_a += len(data)
-        self._other(leg).write(data)
+            self.a.write(data)
 
     def leg_eof(self, leg: Leg) -> None:
         if leg is self.a:

@@ -33,6 +33,7 @@ from agent.proxy.header import (PeerProtocolError, StatusReply, decode_connect_b
                                 decode_status_body, encode_connect_body, encode_status_body)
 
 log = logging.getLogger("tcpmesh.session")
+_DATA = M.FrameType.DATA
 SMALL_WRITE = 16 * 1024  # below this a frame header and its payload go out in one TLS write
 CREDIT_THRESHOLD = M.INITIAL_WINDOW // 4
 MAX_STREAMS_PER_SESSION = 4096
@@ -68,7 +69,14 @@ class Stream(Leg):
     def write(self, data: bytes | memoryview) -> None:
         if self.eof_sent or self._finished:
             return
-        self.bytes_written += len(data)
+        size = len(data)
+        self.bytes_written += size
+        if not self._queued and size <= self.send_window:  # the steady state: all of it goes now
+            self.send_window -= size
+            self.session.send_data(self.id, data)
+            if self.send_window <= 0 or self.session.tunnel_blocked or self._writer_blocked:
+                self.update_writer_blocked()
+            return
         if self._queued or self.send_window <= 0:
             self._queue(data)
         else:
@@ -139,7 +147,8 @@ class Stream(Leg):
             self._deliver(payload)
         if self._reading_paused and self._sink is not None:
             self._settle()
-        self._return_credit()
+        if self._unreturned >= self._threshold:  # what _return_credit() would check first
+            self._return_credit()
 
     def on_fin(self) -> None:
         self._deliver_eof()
@@ -297,13 +306,16 @@ class MuxSession:
         self.tls.write(frame)
 
     def send_data(self, stream_id: int, data: bytes) -> None:
+        if len(data) < SMALL_WRITE:  # a small message: one frame, one TLS write
+            self.tls.write_data_frame(stream_id, data)
+            return
         for start in range(0, len(data), M.MAX_FRAME):
             part = data[start:start + M.MAX_FRAME] if len(data) > M.MAX_FRAME else data
-            header = M.encode_header(M.FrameType.DATA, stream_id, len(part))
             if len(part) < SMALL_WRITE:
-                self.tls.write(header + part)
+                self.tls.write_data_frame(stream_id, part)
             else:  # the header shares the first TLS record with the payload's start: no 12-byte record
                 head = SMALL_WRITE - M.HEADER_SIZE
+                header = M.encode_header(M.FrameType.DATA, stream_id, len(part))
                 self.tls.write_parts(header + part[:head], memoryview(part)[head:])
 
     def forget(self, stream: Stream) -> None:
@@ -324,7 +336,12 @@ class MuxSession:
     def leg_data(self, leg: Leg, data: bytes | memoryview) -> None:
         try:
             for frame in self._decoder.feed_parts(data):
-                self._dispatch(frame)
+                if frame[0] is _DATA:  # the steady state, as _dispatch would (a tuple index: no attribute lookup)
+                    stream = self.streams.get(frame[1])
+                    if stream is not None:
+                        stream.on_data(frame[2])
+                else:
+                    self._dispatch(frame)
         except (M.MuxProtocolError, PeerProtocolError) as exc:
             log.warning("closing tunnel from %s: %s", self.tls.peername(), exc)
             self.send(M.encode(M.FrameType.GOAWAY, 0, str(exc).encode()[:M.MAX_CONTROL_PAYLOAD]))

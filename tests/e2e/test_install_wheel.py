@@ -33,10 +33,10 @@ BPF_IN_WHEEL = "agent/bpf_sources/"
 def wheel(tmp_path_factory) -> Path:
     """`pip wheel` of a copy of the checkout (what `pip install .` builds), so no build/ lands in the repo."""
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(REPO / name, src / name)
     for name in ("agent", "bpf"):
-        shutil.copytree(REPO / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     out = tmp_path_factory.mktemp("wheel")
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), str(src)],
                           capture_output=True, text=True, timeout=300, cwd=str(out))

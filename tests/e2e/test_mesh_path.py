@@ -103,3 +103,16 @@ def test_both_nodes_attribute_the_flow_and_count_it(mesh_lab):
             assert samples.get((metric, labels), 0) > 0, f"node{node} has no {metric} with {dict(labels)}"
         assert "10.77." not in "".join(l for l in text.splitlines() if l.startswith("tcpmesh_tcp_")), \
             "metric labels must not carry addresses"
+
+
+def test_the_agents_relay_with_the_data_path_they_report(mesh_lab):
+    """The lab's agents run the compiled hot path when `make setup` built it (agent.proxy.hotpath), the
+    pure-Python reference under TCPMESH_HOTPATH=python (.ci/run's second job): each says which at start,
+    and the bytes above crossed through it."""
+    from agent.proxy import hotpath
+
+    expected = f"tunnel data path: {hotpath.describe()}"
+    for index in (1, 2):
+        with open(mesh_lab.node(index).log_file, encoding="utf-8", errors="replace") as log:
+            text = log.read()
+        assert expected in text, f"node{index}'s agent does not say `{expected}`:\n{text[-2000:]}"

@@ -59,7 +59,7 @@ def test_an_explicit_mode_is_judged_alone():
 def test_report_schema_is_stable():
     report = build_report(all_ok(bcc=probes.FAIL), "auto")
     assert set(report) == {"version", "checks", "modes", "configured_mode", "selected_mode", "reason",
-                           "source_address", "same_node", "can_run"}
+                           "source_address", "same_node", "data_path", "can_run"}
     assert set(report["source_address"]) == {"configured", "selected", "can_run", "missing", "reason", "ipv6"}
     assert set(report["source_address"]["ipv6"]) == {"selected", "can_run", "missing", "reason"}
     assert report["version"] == doctor.REPORT_VERSION == 1

@@ -11,12 +11,13 @@ import subprocess
 import pytest
 
 from agent.proxy.endpoints import READ_CHUNK, TlsLeg
+from tests.hotpath_impls import hotpath_impl  # noqa: F401 - a fixture: every test runs on both implementations
 
 
 class MemoryTransport:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
-        self.closing = False
+        self.closing = self.aborted = False
 
     def get_extra_info(self, name, default=None):
         return default
@@ -33,6 +34,9 @@ class MemoryTransport:
 
     def close(self) -> None:
         self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
 
     def can_write_eof(self) -> bool:
         return False
@@ -103,7 +107,7 @@ async def connected_pair(contexts):
 
 
 @pytest.mark.parametrize("takes_views", [False, True])
-def test_many_buffers_of_plaintext_in_one_delivery_arrive_intact(contexts, takes_views):
+def test_many_buffers_of_plaintext_in_one_delivery_arrive_intact(hotpath_impl, contexts, takes_views):
     async def main():
         client, client_transport, server = await connected_pair(contexts)
         receiver = Collector(takes_views)
@@ -121,7 +125,7 @@ def test_many_buffers_of_plaintext_in_one_delivery_arrive_intact(contexts, takes
     assert receiver.eof
 
 
-def test_plaintext_before_a_receiver_is_kept_as_bytes(contexts):
+def test_plaintext_before_a_receiver_is_kept_as_bytes(hotpath_impl, contexts):
     async def main():
         client, client_transport, server = await connected_pair(contexts)
         server.detach_receiver()

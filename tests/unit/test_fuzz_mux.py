@@ -1,6 +1,7 @@
 """Fuzzing tcpmesh/2 framing (agent/proxy/mux.py) and a server-side MuxSession with Hypothesis.
 
-- ``FrameDecoder``: 10,000 cases, half raw bytes and half frame sequences built from the real types,
+- ``FrameDecoder``, each implementation (the pure-Python reference and agent/proxy/_hotpath.c; so is
+  the session below): 10,000 cases, half raw bytes and half frame sequences built from the real types,
   one in three with exactly one near miss (``frames_from``), each fed whole and in random pieces. It must agree with a reference parser
   written here from docs/protocol.md §2, never buffer more than one maximal frame, and refuse only
   with ``MuxProtocolError``.
@@ -18,12 +19,15 @@ import asyncio
 import logging
 import struct
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agent.proxy import mux as M
 from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.proxy.header import StatusReply, Status, encode_connect_body
 from agent.proxy.session import MAX_STREAMS_PER_SESSION, MuxSession
+from tests.hotpath_impls import IMPLEMENTATIONS, use
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 OPEN_BODY = encode_connect_body(ConnectionFacts("10.0.0.1", 80, b"12345678", "10.0.0.2", 4000, ClientProcess(7, 0, "app")))
@@ -127,11 +131,13 @@ frame_sequences = st.binary(min_size=40, max_size=400).map(frames_from)
 streams_of_frames = st.one_of(st.binary(max_size=400), frame_sequences)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=10_000, **FUZZ)
 @given(streams_of_frames, st.binary(max_size=24))
-def test_frame_decoder_agrees_with_the_reference_whole_and_in_pieces(data, cuts):
+def test_frame_decoder_agrees_with_the_reference_whole_and_in_pieces(impl, data, cuts):
+    FrameDecoder = M.DECODERS[impl]  # noqa: N806 - the pure-Python reference or its compiled twin
     expected, refused, left = reference_parse(data)
-    decoder = M.FrameDecoder()
+    decoder = FrameDecoder()
     try:
         frames = decoder.feed(data)
     except M.MuxProtocolError as exc:
@@ -139,7 +145,7 @@ def test_frame_decoder_agrees_with_the_reference_whole_and_in_pieces(data, cuts)
     else:
         assert not refused and frames == expected and decoder.pending == left
 
-    decoder, got, raised = M.FrameDecoder(), [], False
+    decoder, got, raised = FrameDecoder(), [], False
     try:
         for piece in pieces(data, cuts):
             got += decoder.feed(piece)
@@ -150,7 +156,7 @@ def test_frame_decoder_agrees_with_the_reference_whole_and_in_pieces(data, cuts)
     if not refused:
         assert got == expected and decoder.pending == left
 
-    decoder, parts, raised = M.FrameDecoder(), [], False  # the tunnel's path: DATA in parts, as it arrives
+    decoder, parts, raised = FrameDecoder(), [], False  # the tunnel's path: DATA in parts, as it arrives
     try:
         for piece in pieces(data, cuts):
             parts += [M.Frame(f.type, f.stream, bytes(f.payload)) for f in decoder.feed_parts(memoryview(piece))]
@@ -198,6 +204,9 @@ class FakeTls:
 
     def write_parts(self, *parts: bytes) -> None:
         self.write(b"".join(parts))
+
+    def write_data_frame(self, stream: int, data: bytes) -> None:
+        self.write(M.encode(M.FrameType.DATA, stream, bytes(data)))
 
     def write_eof(self) -> None:
         pass
@@ -273,10 +282,12 @@ async def run_session(data: bytes, cuts: bytes) -> None:
         assert frame.stream % 2 == 1 or frame.type is M.FrameType.GOAWAY
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=5_000, **FUZZ)
 @given(st.one_of(frame_sequences, frame_sequences, streams_of_frames), st.binary(max_size=16))
-def test_a_server_session_survives_any_frames_a_client_sends(data, cuts):
-    LOOP.run_until_complete(run_session(data, cuts))
+def test_a_server_session_survives_any_frames_a_client_sends(impl, data, cuts):
+    with use(impl):
+        LOOP.run_until_complete(run_session(data, cuts))
 
 
 def test_most_built_sequences_are_valid_and_a_session_gets_deep():

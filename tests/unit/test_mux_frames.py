@@ -1,9 +1,11 @@
-"""tcpmesh/2 frames: round trips in any fragmentation, and rejection of what breaks the protocol."""
+"""tcpmesh/2 frames: round trips in any fragmentation, and rejection of what breaks the protocol — for
+each decoder (the pure-Python reference and its compiled twin, tests/hotpath_impls.py)."""
 
 import pytest
 from hypothesis import given, strategies as st
 
 from agent.proxy import mux as M
+from tests.hotpath_impls import IMPLEMENTATIONS, hotpath_impl  # noqa: F401 - a fixture
 
 frames = st.builds(
     lambda t, s, p: M.Frame(t, s, p if t is M.FrameType.DATA else p[:64]),
@@ -11,17 +13,18 @@ frames = st.builds(
     st.integers(1, M.MAX_STREAM_ID), st.binary(max_size=300))
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(st.lists(frames, max_size=8), st.integers(1, 50))
-def test_frames_round_trip_in_any_fragmentation(expected, chunk):
+def test_frames_round_trip_in_any_fragmentation(impl, expected, chunk):
     wire = b"".join(M.encode(f.type, f.stream, f.payload) for f in expected)
-    decoder = M.FrameDecoder()
+    decoder = M.DECODERS[impl]()
     got = []
     for i in range(0, len(wire), chunk):
         got += decoder.feed(wire[i:i + chunk])
     assert got == expected and decoder.pending == 0
 
 
-def test_whole_buffers_take_the_fast_path_and_keep_the_tail():
+def test_whole_buffers_take_the_fast_path_and_keep_the_tail(hotpath_impl):
     wire = M.encode(M.FrameType.DATA, 1, b"x" * 100) + M.encode(M.FrameType.FIN, 1)
     decoder = M.FrameDecoder()
     assert decoder.feed(wire[:-3]) == [M.Frame(M.FrameType.DATA, 1, b"x" * 100)]
@@ -35,12 +38,12 @@ def test_whole_buffers_take_the_fast_path_and_keep_the_tail():
     (M.HEADER.pack(M.FrameType.OPEN, 0, 0, 1, M.MAX_CONTROL_PAYLOAD + 1), "exceeds"),
     (M.HEADER.pack(M.FrameType.DATA, 0, 0, 0, 0), "on stream 0"),
 ])
-def test_protocol_violations_are_rejected(wire, words):
+def test_protocol_violations_are_rejected(hotpath_impl, wire, words):
     with pytest.raises(M.MuxProtocolError, match=words):
         M.FrameDecoder().feed(wire)
 
 
-def test_window_frames_carry_credit_and_refuse_nonsense():
+def test_window_frames_carry_credit_and_refuse_nonsense(hotpath_impl):
     (frame,) = M.FrameDecoder().feed(M.encode_window(3, 65536))
     assert M.window_credit(frame) == 65536
     with pytest.raises(M.MuxProtocolError):
@@ -60,10 +63,11 @@ def merged(frames):
     return out
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(st.lists(frames, max_size=8), st.integers(1, 50))
-def test_parts_carry_the_same_frames_in_any_fragmentation(expected, chunk):
+def test_parts_carry_the_same_frames_in_any_fragmentation(impl, expected, chunk):
     wire = b"".join(M.encode(f.type, f.stream, f.payload) for f in expected)
-    decoder = M.FrameDecoder()
+    decoder = M.DECODERS[impl]()
     got = []
     kinds = set()
     for i in range(0, len(wire), chunk):
@@ -77,7 +81,7 @@ def test_parts_carry_the_same_frames_in_any_fragmentation(expected, chunk):
     assert kinds <= {(True, memoryview), (False, bytes)}  # DATA bytes as views of the buffer, never copied
 
 
-def test_parts_hand_out_data_as_it_arrives():
+def test_parts_hand_out_data_as_it_arrives(hotpath_impl):
     wire = M.encode(M.FrameType.DATA, 5, b"a" * 100) + M.encode(M.FrameType.FIN, 5)
     decoder = M.FrameDecoder()
     assert decoder.feed_parts(wire[:40]) == [M.Frame(M.FrameType.DATA, 5, b"a" * 28)]
@@ -94,7 +98,7 @@ def test_parts_hand_out_data_as_it_arrives():
     (M.HEADER.pack(M.FrameType.OPEN, 0, 0, 1, M.MAX_CONTROL_PAYLOAD + 1), "exceeds"),
     (M.HEADER.pack(M.FrameType.DATA, 0, 0, 0, 0), "on stream 0"),
 ])
-def test_parts_reject_the_same_violations_whole_or_split(wire, words):
+def test_parts_reject_the_same_violations_whole_or_split(hotpath_impl, wire, words):
     with pytest.raises(M.MuxProtocolError, match=words):
         M.FrameDecoder().feed_parts(wire)
     decoder = M.FrameDecoder()

@@ -138,6 +138,9 @@ class FakeTls:
         for part in parts:
             self.sent += part
 
+    def write_data_frame(self, stream: int, data: bytes) -> None:
+        self.write(M.encode(M.FrameType.DATA, stream, bytes(data)))
+
     def write_eof(self) -> None:
         pass
 

@@ -1,0 +1,500 @@
+/* agent.proxy._hotpath: the compiled twin of the tunnel's per-message work (issue #19).
+ *
+ * Owns three steps of a small message's path through a tunnel, each the exact equivalent of pure
+ * Python kept as the reference (agent/proxy/mux.py, agent/proxy/endpoints.py; agent/proxy/hotpath.py
+ * chooses which one runs and tests/unit run the same vectors against both):
+ *
+ *   FrameDecoder      tcpmesh/2 frame decoding (mux.PyFrameDecoder): feed() and feed_parts(), the same
+ *                     frames, the same limits, the same MuxProtocolError messages, bounded buffering
+ *                     (at most one frame: HEADER + MAX_FRAME for feed, HEADER + MAX_CONTROL_PAYLOAD
+ *                     for feed_parts, which hands DATA payloads out as views of its input).
+ *   seal_data         a DATA frame (header and payload in one buffer) written to an ssl SSLObject's
+ *                     C object and the TLS records it made read from the outgoing memory BIO:
+ *                     one call instead of encode_header + concatenation + write + flush.
+ *   decrypt           the receive loop of TlsLeg._decrypt_into: read plaintext into a buffer until
+ *                     nothing is left to decrypt, the buffer is full, or the peer ended the stream,
+ *                     without provoking SSLWantReadError (building it is the costliest step).
+ *
+ * Nothing here touches a socket or keeps a Python object past a call except the configuration
+ * handed over once by configure() (the Frame class, the FrameType members, the error classes).
+ * Built from source by `make setup` (setup.py, the machine's gcc); without it the pure-Python
+ * path runs. It must not import any tcpmesh module.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define HEADER_SIZE 12
+#define N_KINDS 8
+#define KIND_DATA 3
+#define KIND_GOAWAY 7
+
+/* configure(): set once from agent/proxy/mux.py */
+static PyObject *frame_class;            /* mux.Frame, a NamedTuple (a tuple subclass) */
+static PyObject *kinds[N_KINDS];         /* FrameType members by value; NULL for values not in use */
+static PyObject *kind_names[N_KINDS];    /* their names (str) */
+static PyObject *protocol_error;         /* mux.MuxProtocolError */
+static PyObject *want_read_error;        /* ssl.SSLWantReadError */
+static PyObject *zero_return_error;      /* ssl.SSLZeroReturnError */
+static Py_ssize_t max_frame = -1;
+static Py_ssize_t max_control = -1;
+static PyObject *str_read, *str_write, *str_pending;
+
+static int configured(void) {
+    if (frame_class == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "agent.proxy._hotpath used before configure()");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *configure(PyObject *self, PyObject *args) {
+    PyObject *cls, *kind_list, *error, *want_read, *zero_return;
+    Py_ssize_t frame_limit, control_limit;
+    if (!PyArg_ParseTuple(args, "OOOOOnn", &cls, &kind_list, &error, &want_read, &zero_return,
+                          &frame_limit, &control_limit))
+        return NULL;
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "configure: the Frame class must be a tuple subclass (a NamedTuple)");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(kind_list, "configure: the frame types must be a sequence");
+    if (seq == NULL) return NULL;
+    for (int i = 0; i < N_KINDS; i++) { Py_CLEAR(kinds[i]); Py_CLEAR(kind_names[i]); }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *kind = PySequence_Fast_GET_ITEM(seq, i);
+        long value = PyLong_AsLong(kind);
+        if (value == -1 && PyErr_Occurred()) { Py_DECREF(seq); return NULL; }
+        if (value < 0 || value >= N_KINDS) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "configure: frame type %ld outside 0..%d", value, N_KINDS - 1);
+            return NULL;
+        }
+        PyObject *name = PyObject_GetAttrString(kind, "name");
+        if (name == NULL) { Py_DECREF(seq); return NULL; }
+        Py_INCREF(kind);
+        Py_XSETREF(kinds[value], kind);
+        Py_XSETREF(kind_names[value], name);
+    }
+    Py_DECREF(seq);
+    Py_INCREF(cls); Py_XSETREF(frame_class, cls);
+    Py_INCREF(error); Py_XSETREF(protocol_error, error);
+    Py_INCREF(want_read); Py_XSETREF(want_read_error, want_read);
+    Py_INCREF(zero_return); Py_XSETREF(zero_return_error, zero_return);
+    max_frame = frame_limit;
+    max_control = control_limit;
+    Py_RETURN_NONE;
+}
+
+/* A Frame(kind, stream, payload); steals the reference to payload. */
+static PyObject *make_frame(int kind, uint32_t stream, PyObject *payload) {
+    if (payload == NULL) return NULL;
+    PyTypeObject *type = (PyTypeObject *)frame_class;
+    PyObject *frame = type->tp_alloc(type, 3);
+    PyObject *stream_obj = PyLong_FromUnsignedLong(stream);
+    if (frame == NULL || stream_obj == NULL) {
+        Py_XDECREF(frame); Py_XDECREF(stream_obj); Py_DECREF(payload);
+        return NULL;
+    }
+    Py_INCREF(kinds[kind]);
+    PyTuple_SET_ITEM(frame, 0, kinds[kind]);
+    PyTuple_SET_ITEM(frame, 1, stream_obj);
+    PyTuple_SET_ITEM(frame, 2, payload);
+    return frame;
+}
+
+static int append_frame(PyObject *frames, int kind, uint32_t stream, PyObject *payload) {
+    PyObject *frame = make_frame(kind, stream, payload);
+    if (frame == NULL) return -1;
+    int rc = PyList_Append(frames, frame);
+    Py_DECREF(frame);
+    return rc;
+}
+
+/* mux._check_header: 0 and (kind, stream, length) filled in, or -1 with MuxProtocolError set. */
+static int check_header(const unsigned char *p, int *kind, uint32_t *stream, Py_ssize_t *length) {
+    unsigned int type = p[0];
+    uint32_t s = ((uint32_t)p[4] << 24) | ((uint32_t)p[5] << 16) | ((uint32_t)p[6] << 8) | p[7];
+    uint32_t n = ((uint32_t)p[8] << 24) | ((uint32_t)p[9] << 16) | ((uint32_t)p[10] << 8) | p[11];
+    if ((Py_ssize_t)n > max_frame) {
+        PyErr_Format(protocol_error, "frame of %lu bytes on stream %lu exceeds the limit of %zd",
+                     (unsigned long)n, (unsigned long)s, max_frame);
+        return -1;
+    }
+    if (type >= N_KINDS || kinds[type] == NULL) {
+        PyErr_Format(protocol_error, "unknown frame type %u on stream %lu", type, (unsigned long)s);
+        return -1;
+    }
+    if (type != KIND_DATA && (Py_ssize_t)n > max_control) {
+        PyErr_Format(protocol_error, "%U frame of %lu bytes exceeds %zd", kind_names[type], (unsigned long)n,
+                     max_control);
+        return -1;
+    }
+    if (s == 0 && type != KIND_GOAWAY) {
+        PyErr_Format(protocol_error, "%U frame on stream 0", kind_names[type]);
+        return -1;
+    }
+    *kind = (int)type;
+    *stream = s;
+    *length = (Py_ssize_t)n;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* FrameDecoder                                                                                   */
+
+typedef struct {
+    PyObject_HEAD
+    unsigned char *buf;     /* a header or a frame begun in an earlier call */
+    Py_ssize_t len, cap;
+    uint32_t data_stream;   /* feed_parts: the DATA frame whose payload is arriving */
+    Py_ssize_t data_left;
+} Decoder;
+
+static int buf_append(Decoder *d, const unsigned char *p, Py_ssize_t n) {
+    if (n <= 0) return 0;
+    if (d->len + n > d->cap) {
+        Py_ssize_t cap = d->cap ? d->cap : 64;
+        while (cap < d->len + n) cap *= 2;
+        unsigned char *grown = PyMem_Realloc(d->buf, (size_t)cap);
+        if (grown == NULL) { PyErr_NoMemory(); return -1; }
+        d->buf = grown;
+        d->cap = cap;
+    }
+    memcpy(d->buf + d->len, p, (size_t)n);
+    d->len += n;
+    return 0;
+}
+
+static void buf_clear(Decoder *d) {
+    d->len = 0;
+    if (d->cap > 4096) { /* a large control or whole frame was buffered: give its memory back */
+        PyMem_Free(d->buf);
+        d->buf = NULL;
+        d->cap = 0;
+    }
+}
+
+static PyObject *Decoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    if (!configured()) return NULL;
+    if (PyTuple_GET_SIZE(args) || (kwds && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "FrameDecoder() takes no arguments");
+        return NULL;
+    }
+    Decoder *d = (Decoder *)type->tp_alloc(type, 0);
+    return (PyObject *)d;
+}
+
+static void Decoder_dealloc(Decoder *d) {
+    PyMem_Free(d->buf);
+    Py_TYPE(d)->tp_free((PyObject *)d);
+}
+
+/* feed: whole frames, payloads copied (bytes). */
+static PyObject *Decoder_feed(Decoder *d, PyObject *data) {
+    Py_buffer in;
+    if (PyObject_GetBuffer(data, &in, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *p = in.buf;
+    Py_ssize_t pos = 0, end = in.len;
+    PyObject *frames = PyList_New(0);
+    if (frames == NULL) goto fail;
+    int kind; uint32_t stream; Py_ssize_t length;
+    if (d->len) { /* complete the frame begun earlier */
+        if (d->len < HEADER_SIZE) {
+            Py_ssize_t take = HEADER_SIZE - d->len < end - pos ? HEADER_SIZE - d->len : end - pos;
+            if (buf_append(d, p + pos, take) < 0) goto fail;
+            pos += take;
+            if (d->len < HEADER_SIZE) goto done;
+        }
+        if (check_header(d->buf, &kind, &stream, &length) < 0) goto fail;
+        Py_ssize_t want = HEADER_SIZE + length - d->len;
+        Py_ssize_t take = want < end - pos ? want : end - pos;
+        if (buf_append(d, p + pos, take) < 0) goto fail;
+        pos += take;
+        if (d->len < HEADER_SIZE + length) goto done;
+        if (append_frame(frames, kind, stream,
+                         PyBytes_FromStringAndSize((const char *)d->buf + HEADER_SIZE, length)) < 0) goto fail;
+        buf_clear(d);
+    }
+    while (end - pos >= HEADER_SIZE) {
+        if (check_header(p + pos, &kind, &stream, &length) < 0) goto fail;
+        Py_ssize_t start = pos + HEADER_SIZE;
+        if (end - start < length) break;
+        if (append_frame(frames, kind, stream,
+                         PyBytes_FromStringAndSize((const char *)p + start, length)) < 0) goto fail;
+        pos = start + length;
+    }
+    if (buf_append(d, p + pos, end - pos) < 0) goto fail;
+done:
+    PyBuffer_Release(&in);
+    return frames;
+fail:
+    PyBuffer_Release(&in);
+    Py_XDECREF(frames);
+    return NULL;
+}
+
+/* view[start:stop] of the memoryview ``view`` */
+static PyObject *view_slice(PyObject *view, Py_ssize_t start, Py_ssize_t stop) {
+    PyObject *a = PyLong_FromSsize_t(start), *b = PyLong_FromSsize_t(stop);
+    if (a == NULL || b == NULL) { Py_XDECREF(a); Py_XDECREF(b); return NULL; }
+    PyObject *slice = PySlice_New(a, b, NULL);
+    Py_DECREF(a); Py_DECREF(b);
+    if (slice == NULL) return NULL;
+    PyObject *part = PyObject_GetItem(view, slice);
+    Py_DECREF(slice);
+    return part;
+}
+
+/* feed_parts: DATA payloads handed out as they arrive, as views of ``data``; control frames whole. */
+static PyObject *Decoder_feed_parts(Decoder *d, PyObject *data) {
+    PyObject *view = PyMemoryView_FromObject(data);
+    if (view == NULL) return NULL;
+    Py_buffer *in = PyMemoryView_GET_BUFFER(view);
+    if (!PyBuffer_IsContiguous(in, 'C')) {
+        Py_DECREF(view);
+        PyErr_SetString(PyExc_ValueError, "feed_parts needs a contiguous buffer");
+        return NULL;
+    }
+    const unsigned char *p = in->buf;
+    Py_ssize_t pos = 0, end = in->len;
+    PyObject *frames = PyList_New(0);
+    if (frames == NULL) goto fail;
+    int kind; uint32_t stream; Py_ssize_t length;
+    for (;;) {
+        if (d->data_left) {
+            if (pos == end) break;
+            Py_ssize_t take = d->data_left < end - pos ? d->data_left : end - pos;
+            if (append_frame(frames, KIND_DATA, d->data_stream, view_slice(view, pos, pos + take)) < 0) goto fail;
+            d->data_left -= take;
+            pos += take;
+            continue;
+        }
+        if (d->len) { /* a header (or a control frame) begun in an earlier call */
+            if (d->len < HEADER_SIZE) {
+                Py_ssize_t take = HEADER_SIZE - d->len < end - pos ? HEADER_SIZE - d->len : end - pos;
+                if (buf_append(d, p + pos, take) < 0) goto fail;
+                pos += take;
+                if (d->len < HEADER_SIZE) break;
+            }
+            if (check_header(d->buf, &kind, &stream, &length) < 0) goto fail;
+            if (kind == KIND_DATA) {
+                buf_clear(d);
+                d->data_stream = stream;
+                d->data_left = length;
+                if (length == 0 && append_frame(frames, KIND_DATA, stream, PyBytes_FromStringAndSize(NULL, 0)) < 0)
+                    goto fail;
+                continue;
+            }
+            Py_ssize_t want = HEADER_SIZE + length - d->len;
+            Py_ssize_t take = want < end - pos ? want : end - pos;
+            if (buf_append(d, p + pos, take) < 0) goto fail;
+            pos += take;
+            if (d->len < HEADER_SIZE + length) break;
+            if (append_frame(frames, kind, stream,
+                             PyBytes_FromStringAndSize((const char *)d->buf + HEADER_SIZE, length)) < 0) goto fail;
+            buf_clear(d);
+            continue;
+        }
+        if (end - pos < HEADER_SIZE) {
+            if (buf_append(d, p + pos, end - pos) < 0) goto fail;
+            break;
+        }
+        if (check_header(p + pos, &kind, &stream, &length) < 0) goto fail;
+        Py_ssize_t start = pos + HEADER_SIZE;
+        if (kind == KIND_DATA) {
+            pos = start;
+            d->data_stream = stream;
+            d->data_left = length;
+            if (length == 0 && append_frame(frames, KIND_DATA, stream, PyBytes_FromStringAndSize(NULL, 0)) < 0)
+                goto fail;
+            continue;
+        }
+        if (end - start < length) {
+            if (buf_append(d, p + pos, end - pos) < 0) goto fail;
+            break;
+        }
+        if (append_frame(frames, kind, stream, PyBytes_FromStringAndSize((const char *)p + start, length)) < 0)
+            goto fail;
+        pos = start + length;
+    }
+    Py_DECREF(view);
+    return frames;
+fail:
+    Py_DECREF(view);
+    Py_XDECREF(frames);
+    return NULL;
+}
+
+static PyObject *Decoder_pending(Decoder *d, void *closure) { return PyLong_FromSsize_t(d->len); }
+static PyObject *Decoder_in_data(Decoder *d, void *closure) { return PyBool_FromLong(d->data_left > 0); }
+
+static PyMethodDef Decoder_methods[] = {
+    {"feed", (PyCFunction)Decoder_feed, METH_O, "Whole frames from data (payloads copied)."},
+    {"feed_parts", (PyCFunction)Decoder_feed_parts, METH_O,
+     "Frames from data; DATA payloads as views of data, in parts as they arrive."},
+    {NULL}
+};
+
+static PyGetSetDef Decoder_getset[] = {
+    {"pending", (getter)Decoder_pending, NULL, "bytes received but not yet returned", NULL},
+    {"in_data", (getter)Decoder_in_data, NULL, "feed_parts: in the middle of a DATA frame's payload", NULL},
+    {NULL}
+};
+
+static PyTypeObject DecoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent.proxy._hotpath.FrameDecoder",
+    .tp_basicsize = sizeof(Decoder),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "tcpmesh/2 frame decoder, the compiled twin of agent.proxy.mux.PyFrameDecoder.",
+    .tp_new = Decoder_new,
+    .tp_dealloc = (destructor)Decoder_dealloc,
+    .tp_methods = Decoder_methods,
+    .tp_getset = Decoder_getset,
+};
+
+/* ---------------------------------------------------------------------------------------------- */
+/* TLS steps                                                                                      */
+
+/* seal_data(sslobj, outgoing, stream, data) -> bytes: the DATA frame written as TLS records; what
+ * the outgoing BIO holds afterwards (the caller writes it to the tunnel). sslobj is an
+ * ssl.SSLObject's _sslobj. */
+static PyObject *seal_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "seal_data(sslobj, outgoing, stream, data)");
+        return NULL;
+    }
+    unsigned long stream = PyLong_AsUnsignedLong(args[2]);
+    if (stream == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if (stream > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_OverflowError, "stream id above 2**32 - 1");
+        return NULL;
+    }
+    Py_buffer in;
+    if (PyObject_GetBuffer(args[3], &in, PyBUF_SIMPLE) < 0) return NULL;
+    if (in.len > max_frame || max_frame < 0) {
+        PyBuffer_Release(&in);
+        PyErr_Format(PyExc_ValueError, "seal_data: %zd bytes do not fit one frame", in.len);
+        return NULL;
+    }
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + in.len);
+    if (frame == NULL) { PyBuffer_Release(&in); return NULL; }
+    unsigned char *h = (unsigned char *)PyBytes_AS_STRING(frame);
+    uint32_t n = (uint32_t)in.len;
+    h[0] = KIND_DATA; h[1] = 0; h[2] = 0; h[3] = 0;
+    h[4] = (unsigned char)(stream >> 24); h[5] = (unsigned char)(stream >> 16);
+    h[6] = (unsigned char)(stream >> 8); h[7] = (unsigned char)stream;
+    h[8] = (unsigned char)(n >> 24); h[9] = (unsigned char)(n >> 16);
+    h[10] = (unsigned char)(n >> 8); h[11] = (unsigned char)n;
+    memcpy(h + HEADER_SIZE, in.buf, (size_t)in.len);
+    PyBuffer_Release(&in);
+    PyObject *call[2] = {args[0], frame};
+    PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(frame);
+    if (written == NULL) return NULL;
+    Py_DECREF(written);
+    return PyObject_VectorcallMethod(str_read, &args[1], 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+static Py_ssize_t call_size(PyObject *result) {
+    if (result == NULL) return -1;
+    Py_ssize_t n = PyLong_AsSsize_t(result);
+    Py_DECREF(result);
+    return n;
+}
+
+/* decrypt(sslobj, incoming, buffer, filled) -> (filled, state): TlsLeg._decrypt_into's inner loop.
+ * Reads plaintext into ``buffer`` (a writable memoryview) from offset ``filled`` until
+ *   state 0: nothing is left to decrypt (the incoming BIO and OpenSSL hold no more; or a read
+ *            asked for more bytes: SSLWantReadError, swallowed),
+ *   state 1: the buffer is full (deliver it, then call again with filled 0),
+ *   state 2: the peer ended the stream (close_notify: a read returned 0 or SSLZeroReturnError).
+ * Any other error (ssl.SSLError) propagates. */
+static PyObject *decrypt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyMemoryView_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "decrypt(sslobj, incoming, buffer: memoryview, filled)");
+        return NULL;
+    }
+    if (want_read_error == NULL && !configured()) return NULL;
+    PyObject *sslobj = args[0], *incoming = args[1], *buffer = args[2];
+    Py_ssize_t size = PyMemoryView_GET_BUFFER(buffer)->len;
+    Py_ssize_t filled = PyLong_AsSsize_t(args[3]);
+    if (filled == -1 && PyErr_Occurred()) return NULL;
+    if (filled < 0 || filled > size) {
+        PyErr_SetString(PyExc_ValueError, "decrypt: filled outside the buffer");
+        return NULL;
+    }
+    int state = 0;
+    for (;;) {
+        if (filled) { /* a further read with nothing left would only raise SSLWantReadError */
+            PyObject *bio_pending = PyObject_GetAttr(incoming, str_pending);
+            Py_ssize_t n = call_size(bio_pending);
+            if (n < 0 && PyErr_Occurred()) return NULL;
+            if (n == 0) {
+                Py_ssize_t held = call_size(PyObject_VectorcallMethod(str_pending, &sslobj,
+                                                                      1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL));
+                if (held < 0 && PyErr_Occurred()) return NULL;
+                if (held == 0) break;
+            }
+        }
+        PyObject *target = buffer;
+        int sliced = 0;
+        if (filled) {
+            target = view_slice(buffer, filled, size);
+            if (target == NULL) return NULL;
+            sliced = 1;
+        }
+        PyObject *want = PyLong_FromSsize_t(size - filled);
+        if (want == NULL) { if (sliced) Py_DECREF(target); return NULL; }
+        PyObject *call[3] = {sslobj, want, target};
+        PyObject *got = PyObject_VectorcallMethod(str_read, call, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(want);
+        if (sliced) Py_DECREF(target);
+        if (got == NULL) {
+            if (PyErr_ExceptionMatches(want_read_error)) { PyErr_Clear(); break; }
+            if (PyErr_ExceptionMatches(zero_return_error)) { PyErr_Clear(); state = 2; break; }
+            return NULL;
+        }
+        Py_ssize_t n = call_size(got);
+        if (n < 0) return NULL;
+        if (n == 0) { state = 2; break; }
+        filled += n;
+        if (filled == size) { state = 1; break; }
+    }
+    return Py_BuildValue("(ni)", filled, state);
+}
+
+static PyMethodDef module_methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(Frame, frame_types, MuxProtocolError, SSLWantReadError, SSLZeroReturnError, MAX_FRAME, "
+     "MAX_CONTROL_PAYLOAD)"},
+    {"seal_data", (PyCFunction)(void (*)(void))seal_data, METH_FASTCALL,
+     "seal_data(sslobj, outgoing, stream, data) -> bytes of TLS records carrying one DATA frame"},
+    {"decrypt", (PyCFunction)(void (*)(void))decrypt, METH_FASTCALL,
+     "decrypt(sslobj, incoming, buffer, filled) -> (filled, state): 0 drained, 1 buffer full, 2 end of stream"},
+    {NULL}
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "agent.proxy._hotpath",
+    "Compiled twin of the tunnel's per-message work (see agent/proxy/hotpath.py).", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__hotpath(void) {
+    if (PyType_Ready(&DecoderType) < 0) return NULL;
+    str_read = PyUnicode_InternFromString("read");
+    str_write = PyUnicode_InternFromString("write");
+    str_pending = PyUnicode_InternFromString("pending");
+    if (str_read == NULL || str_write == NULL || str_pending == NULL) return NULL;
+    PyObject *m = PyModule_Create(&module_def);
+    if (m == NULL) return NULL;
+    Py_INCREF(&DecoderType);
+    if (PyModule_AddObject(m, "FrameDecoder", (PyObject *)&DecoderType) < 0) {
+        Py_DECREF(&DecoderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,53 @@
+"""Which implementation of the tunnel's per-message work runs: the compiled module or pure Python.
+
+``agent.proxy._hotpath`` (agent/proxy/_hotpath.c, built from source by ``make setup``; setup.py) is
+the compiled twin of three pure-Python steps that stay the reference implementation: frame decoding
+(``mux.PyFrameDecoder``), sealing a DATA frame into TLS records and the TLS receive loop
+(``endpoints.TlsLeg``). It is used when it was built and imports, unless the environment says
+``TCPMESH_HOTPATH=python`` (the switch tests and operators use to run the reference path; any other
+value than ``python`` or ``compiled``, or ``compiled`` without the module, is refused at import with
+the fix). ``describe()`` is what ``tcpmesh doctor`` reports.
+
+Imports nothing of tcpmesh (mux.py configures the compiled module with its own types).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+ENV = "TCPMESH_HOTPATH"
+CHOICES = ("compiled", "python")
+
+
+class HotpathError(RuntimeError):
+    """TCPMESH_HOTPATH asks for what cannot run."""
+
+
+def _load() -> tuple[ModuleType | None, str]:
+    wanted = os.environ.get(ENV, "")
+    if wanted and wanted not in CHOICES:
+        raise HotpathError(f"{ENV}={wanted!r} is not one of {', '.join(CHOICES)}: unset it (the compiled path "
+                           f"when built, else pure Python) or set {ENV}=python")
+    if wanted == "python":
+        return None, f"pure Python ({ENV}=python)"
+    try:
+        from agent.proxy import _hotpath
+    except ImportError as exc:
+        if wanted == "compiled":
+            raise HotpathError(f"{ENV}=compiled but agent.proxy._hotpath does not import ({exc}): rebuild it "
+                               f"with `make setup` (needs gcc and the Python headers) or unset {ENV}") from exc
+        return None, f"pure Python (agent.proxy._hotpath not built: {exc}; `make setup` builds it with gcc)"
+    return _hotpath, f"compiled (agent.proxy._hotpath, {_hotpath.__file__})"
+
+
+compiled, _description = _load()
+
+
+def describe() -> str:
+    """One line: which implementation the data path uses, and why."""
+    return _description
+
+
+def name() -> str:
+    return "compiled" if compiled is not None else "python"

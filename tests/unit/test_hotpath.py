@@ -1,0 +1,142 @@
+"""The compiled hot path (agent/proxy/_hotpath.c) against its pure-Python reference: the same test
+vectors through both, TLS records sealed by one opened by the other, and the switch that chooses
+(agent/proxy/hotpath.py) refusing what cannot run with the fix in the message."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import subprocess
+import sys
+
+import pytest
+
+from agent.proxy import mux as M
+from agent.proxy.endpoints import READ_CHUNK
+from tests.hotpath_impls import IMPLEMENTATIONS, use
+from tests.unit.test_endpoints_tls_buffer import Collector, connected_pair, contexts  # noqa: F401 - a fixture
+
+H = M.HEADER.pack
+VECTORS = {  # name: wire bytes (valid ones end cleanly or mid-frame; the rest break one rule)
+    "data, fin, window": M.encode(M.FrameType.DATA, 1, b"hello") + M.encode(M.FrameType.FIN, 1)
+    + M.encode_window(1, 65536),
+    "empty data": M.encode(M.FrameType.DATA, 3, b""),
+    "goaway on stream 0": M.encode(M.FrameType.GOAWAY, 0, b"bye"),
+    "control frame at its limit": M.encode(M.FrameType.RST, 9, b"r" * M.MAX_CONTROL_PAYLOAD),
+    "data at the frame limit": M.encode(M.FrameType.DATA, 5, b"d" * M.MAX_FRAME),
+    "incomplete header": M.encode(M.FrameType.DATA, 1, b"x")[:7],
+    "incomplete control frame": M.encode(M.FrameType.OPEN, 1, b"body")[:14],
+    "incomplete data": M.encode(M.FrameType.DATA, 7, b"0123456789")[:17],
+    "largest stream id": M.encode(M.FrameType.DATA, M.MAX_STREAM_ID, b"z"),
+    "unknown type 0": H(0, 0, 0, 1, 0),
+    "unknown type 8": H(8, 0, 0, 1, 0),
+    "unknown type 255": H(255, 0, 0, 1, 0),
+    "data over the limit": H(3, 0, 0, 1, M.MAX_FRAME + 1),
+    "length 2**32-1": H(3, 0, 0, 1, 0xFFFFFFFF),
+    "control over its limit": H(6, 0, 0, 1, M.MAX_CONTROL_PAYLOAD + 1),
+    "data on stream 0": H(3, 0, 0, 0, 0),
+    "fin on stream 0": H(4, 0, 0, 0, 0),
+    "flags and reserved set": H(3, 0xFF, 0xFFFF, 1, 1) + b"!",
+    "a bad frame after good ones": M.encode(M.FrameType.DATA, 1, b"ok") + H(9, 0, 0, 1, 0),
+}
+
+
+def outcome(decoder_class, wire: bytes, method: str, step: int) -> tuple:
+    """What a decoder makes of ``wire`` fed ``step`` bytes at a time: frames (payloads as bytes, and their
+    type) and the error text; without an error also the pending bytes and whether it is inside a DATA frame."""
+    decoder = decoder_class()
+    frames, error = [], None
+    try:
+        for at in range(0, len(wire), step):
+            for f in getattr(decoder, method)(memoryview(bytearray(wire[at:at + step]))):
+                frames.append((f.type, f.stream, bytes(f.payload), type(f.payload).__name__))
+    except M.MuxProtocolError as exc:
+        error = str(exc)
+    if error is not None:  # the tunnel is closed: what the decoder still holds no longer matters
+        return frames, error
+    return frames, error, decoder.pending, decoder.in_data if method == "feed_parts" else None
+
+
+@pytest.mark.skipif("compiled" not in M.DECODERS, reason="agent.proxy._hotpath not built")
+@pytest.mark.parametrize("method", ["feed", "feed_parts"])
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_both_decoders_agree_on_every_vector_in_any_fragmentation(name, method):
+    wire = VECTORS[name]
+    for step in sorted({1, 5, 12, 13, 100, len(wire) or 1}):
+        reference = outcome(M.PyFrameDecoder, wire, method, step)
+        assert outcome(M.DECODERS["compiled"], wire, method, step) == reference, (name, method, step)
+
+
+def test_the_frames_are_the_reference_frame_type():
+    for decoder_class in M.DECODERS.values():
+        (frame,) = decoder_class().feed(M.encode(M.FrameType.FIN, 3))
+        assert type(frame) is M.Frame and frame.type is M.FrameType.FIN and frame == M.Frame(M.FrameType.FIN, 3)
+
+
+@pytest.mark.parametrize("sealer", IMPLEMENTATIONS)
+@pytest.mark.parametrize("opener", IMPLEMENTATIONS)
+def test_data_frames_sealed_by_one_implementation_open_with_the_other(contexts, sealer, opener):  # noqa: F811
+    sizes = [0, 1, 1000, 16 * 1024 - 1, READ_CHUNK + 7]
+
+    async def main():
+        client, client_transport, server = await connected_pair(contexts)
+        receiver = Collector(takes_views=True)
+        server.set_receiver(receiver)
+        payloads = [os.urandom(n) for n in sizes]
+        with use(sealer):
+            for stream, payload in enumerate(payloads, start=1):
+                client.write_data_frame(stream, payload)
+            client.write_eof()
+        with use(opener):
+            server.data_received(client_transport.take())
+        return client, payloads, receiver
+
+    client, payloads, receiver = asyncio.run(main())
+    frames = M.PyFrameDecoder().feed(b"".join(receiver.chunks))
+    assert [(f.type, f.stream, f.payload) for f in frames] == \
+        [(M.FrameType.DATA, stream, payload) for stream, payload in enumerate(payloads, start=1)]
+    assert client.bytes_written == sum(sizes) + len(sizes) * M.HEADER_SIZE
+    assert receiver.eof  # close_notify: the end of the stream, told once
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_tampered_record_resets_the_tunnel_with_the_tls_error(contexts, impl):  # noqa: F811
+    async def main():
+        client, client_transport, server = await connected_pair(contexts)
+        receiver = Collector(takes_views=True)
+        server.set_receiver(receiver)
+        client.write_data_frame(1, b"secret" * 100)
+        records = bytearray(client_transport.take())
+        records[-1] ^= 1  # the authentication tag no longer matches
+        with use(impl):
+            server.data_received(bytes(records))
+        return server, receiver
+
+    server, receiver = asyncio.run(main())
+    assert isinstance(server.close_exc, ssl.SSLError) and receiver.chunks == []
+    assert server.transport.aborted  # reset, not closed: the peer sees the tunnel fail
+
+
+def hotpath_in_child(env_value: str | None, block_module: bool = False) -> subprocess.CompletedProcess:
+    code = ("import sys\n"
+            + ("sys.modules['agent.proxy._hotpath'] = None\n" if block_module else "")
+            + "from agent.proxy import hotpath, mux\nprint(hotpath.name(), mux.FrameDecoder.__module__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TCPMESH_HOTPATH"}
+    if env_value is not None:
+        env["TCPMESH_HOTPATH"] = env_value
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_the_switch_chooses_and_refuses_what_cannot_run():
+    python = hotpath_in_child("python")
+    assert python.stdout.split() == ["python", "agent.proxy.mux"], python.stderr
+    missing = hotpath_in_child(None, block_module=True)  # not built: the pure-Python path, no error
+    assert missing.stdout.split() == ["python", "agent.proxy.mux"], missing.stderr
+    forced = hotpath_in_child("compiled", block_module=True)
+    assert forced.returncode != 0 and "TCPMESH_HOTPATH=compiled" in forced.stderr and "make setup" in forced.stderr
+    wrong = hotpath_in_child("fast")
+    assert wrong.returncode != 0 and "'fast' is not one of compiled, python" in wrong.stderr
+    if "compiled" in M.DECODERS:
+        default = hotpath_in_child(None)
+        assert default.stdout.split() == ["compiled", "agent.proxy._hotpath"], default.stderr
