@@ -28,6 +28,7 @@ REASONS = (
     "bad_request",            # not JSON, a missing or mistyped field, an unknown op
     "unsupported_version",    # "v" is not one this issuer speaks
     "no_node_credential",     # sign without a client certificate naming spiffe://<td>/node/<name>
+    "untrusted_node_credential",  # a node certificate not signed by the issuer or the current root (e.g. a node CA's)
     "wrong_node",             # node asked for another node's SVID, or a token was issued for another node
     "bad_token",              # a bootstrap token that does not parse or whose MAC does not verify
     "expired_token",          # a bootstrap token past its expiry
@@ -69,6 +70,8 @@ def decode_request(line: bytes) -> dict[str, Any]:
         doc = json.loads(line)
     except ValueError:
         raise ProtocolError("bad_request", "the request is not one JSON object on one line") from None
+    except RecursionError:   # nested deeper than the parser goes: an attack, never a request of ours
+        raise ProtocolError("bad_request", "the request nests JSON too deeply; requests are flat objects") from None
     if not isinstance(doc, dict):
         raise ProtocolError("bad_request", "the request is not a JSON object")
     if doc.get("v") not in SUPPORTED_VERSIONS:

@@ -75,7 +75,7 @@ class IssuerServer:
         if self._open >= self.max_connections or ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
             writer.close()
             return
-        peer = Peer(str(peername[0]), peer_uri(ssl_object))
+        peer = Peer(str(peername[0]), peer_uri(ssl_object), ssl_object.getpeercert(True))
         self._open += 1
         if self._metrics is not None:
             self._metrics.connections.set(self._open)
@@ -83,7 +83,11 @@ class IssuerServer:
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), self.idle_seconds)
-                except (asyncio.TimeoutError, asyncio.LimitOverrunError, ValueError, ConnectionError, ssl.SSLError):
+                except (asyncio.LimitOverrunError, ValueError):   # longer than MAX_LINE_BYTES: refuse, loudly
+                    writer.write(protocol.encode(self.service.refuse_oversized(peer)))
+                    await writer.drain()
+                    break
+                except (asyncio.TimeoutError, ConnectionError, ssl.SSLError):
                     break
                 if not line:
                     break

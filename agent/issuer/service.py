@@ -3,7 +3,9 @@
 ``IssuerService.handle(request, peer)`` is everything the issuer decides; ``server.py`` only adds TLS
 and lines. ``peer`` is what the TLS layer proved: the source address and, if the client presented a
 certificate that verified against the trust bundle, the node it names (``spiffe://<td>/node/<name>``;
-any other certificate counts as none). Order for ``sign``: credential → rate limit (per node, cost =
+any other certificate counts as none). Any op: a client certificate naming a node must be signed by an issuer CA or a current root
+(``untrusted_node_credential`` otherwise: a legacy node intermediate can sign a leaf naming any node).
+Order for ``sign``: credential → rate limit (per node, cost =
 CSRs asked) → per identity: placement (``placement.authorize``), then the CSR. For ``node``: a
 credential of that very node, or a bootstrap token (rate-limited per source address *before* the
 token is looked at, so guessing is slow) → the CSR → the token is claimed last, so a bad CSR does not
@@ -38,6 +40,7 @@ log = logging.getLogger("tcpmesh.issuer")
 class Peer:
     address: str
     certificate_uri: str | None  # the verified client certificate's URI SAN, None without one
+    certificate_der: bytes | None = None  # that certificate (DER): who signed it is checked for node credentials
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ class IssuerService:
         except ProtocolError as exc:
             return self._refuse("?", peer, None, exc.reason, str(exc))
         op = request["op"]
+        untrusted = self._untrusted_credential(peer)
+        if untrusted is not None:
+            return self._refuse(op, peer, None, "untrusted_node_credential", untrusted)
         try:
             answer = {protocol.OP_HELLO: self._hello, protocol.OP_NODE: self._node,
                       protocol.OP_SIGN: self._sign}[op](request, peer)
@@ -182,7 +188,17 @@ class IssuerService:
             log.info("issuer: %d SVID(s) for node %s: %s", len(svids), node, ", ".join(s["spiffe_id"] for s in svids))
         return success(svids=svids, refused=refused, bundle_pem=self.ca.bundle_pem)
 
+    def refuse_oversized(self, peer: Peer) -> dict[str, Any]:
+        """The answer to a request line longer than the protocol allows (the server then closes)."""
+        return self._refuse("?", peer, None, "bad_request", f"the request is longer than {protocol.MAX_LINE_BYTES} "
+                            "bytes; the connection is closed")
+
     # -- helpers -------------------------------------------------------------------------------
+    def _untrusted_credential(self, peer: Peer) -> str | None:
+        if peer.certificate_der is None or self._node_of(peer) is None:
+            return None
+        return self.ca.node_credential_problem(peer.certificate_der)
+
     def _attest(self, node: str, sa_token: str, peer: Peer) -> tuple[str, dict[str, Any] | None]:
         """Kubernetes node attestation of ``node``: (how, None) if the token proves it, else (_, the refusal)."""
         if self._attestor is None:

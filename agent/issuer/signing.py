@@ -15,13 +15,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity.bundle import fingerprint
 from agent.identity.files import ISSUER_CA_FILES, files_signature
 from agent.identity.issue import csr_public_key, sign_leaf
-from agent.identity.issuer_ca import load_issuer_ca
+from agent.identity.issuer_ca import ISSUER_CA_LABEL, load_issuer_ca
 from agent.identity.node_ca import SigningCa
 from agent.identity.spiffe import SpiffeId, issuer_id_uri, node_id_uri
 
@@ -49,6 +51,30 @@ class IssuingCa:
     @property
     def chain_pem(self) -> tuple[str, ...]:
         return self._signing.ca.leaf_chain_pem
+
+    def node_credential_problem(self, certificate_der: bytes) -> str | None:
+        """Why a TLS-verified client certificate naming a node is not a node credential, or None if it is one.
+
+        Node credentials come from this issuer (node SVIDs), another issuing intermediate (``CN=tcpmesh issuer
+        CA ...``: a previous one, during its renewal) or a root of the current bundle (``ca
+        issue-node-credential``). A legacy node intermediate (same root, during the migration) can sign a
+        leaf naming any node; a root removed from the bundle stays in a running replica's TLS context."""
+        try:
+            leaf = x509.load_der_x509_certificate(certificate_der)
+        except ValueError:
+            return "the client certificate does not parse"
+        for signer in (self._signing.ca.certificate, *self._signing.bundle.roots):
+            try:
+                leaf.verify_directly_issued_by(signer)
+                return None
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+        names = leaf.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        if names and str(names[0].value).startswith(ISSUER_CA_LABEL + " "):
+            return None
+        return (f"the node certificate was signed by {leaf.issuer.rfc4514_string()}, which is neither an issuer CA "
+                "nor a root of the issuer's bundle (a node intermediate, or a removed root, cannot vouch for a node); "
+                "join with a bootstrap token (`tcpmesh issuer token <node>`) or `tcpmesh ca issue-node-credential`")
 
     def sign_workload(self, csr_pem: str, spiffe_id: SpiffeId, ttl_seconds: int, now: datetime,
                       min_ttl_seconds: int) -> dict[str, Any]:

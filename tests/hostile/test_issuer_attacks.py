@@ -1,0 +1,248 @@
+"""The issuer, attacked (issue #18): every promise of docs/security.md "Attacks on the issuer" against a
+hostile client over real TLS, on the issuer worlds of tests/integration/test_issuer.py (two replicas on
+loopback sharing the CA directory, token key, ledger and registry file).
+
+Seen succeeding on main before their fixes (the commit that adds them says which):
+- a node that still holds a legacy node intermediate (the migration keeps one root) minted a client
+  certificate naming ``spiffe://<td>/node/node2`` and the issuer served it node2's identities;
+- a JSON request nested deeper than the parser's recursion limit killed the connection with no
+  refusal, no log line naming the reason and no count; an oversized line was dropped the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from agent.identity.ca import init_ca, load_ca
+from agent.identity.issue import sign_leaf
+from agent.identity.node_ca import issue_node_files, load_node_ca
+from agent.identity.spiffe import node_id_uri
+from agent.identity.tls import issuer_context
+from agent.issuer import protocol
+from agent.issuer.client import Credential
+from agent.issuer.server import ALPN
+from agent.issuer.tokens import load_token_key, make_token
+from tests.integration.test_issuer import A, B, TD, client, new_csr, node_credential, sign, uri_of, world  # noqa: F401
+
+NODE2 = f"spiffe://{TD}/node/node2"
+
+
+def _key_pem(key) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+def _csr(key, builder: x509.CertificateSigningRequestBuilder | None = None) -> str:
+    builder = builder or x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _raw(replica, bundle: str, payload: bytes, credential: Credential | None = None) -> list[dict]:
+    """Send ``payload`` as is over one TLS connection; the first answer line (none if the issuer closed)."""
+    ctx = issuer_context(False, bundle, credential.chain_pem if credential else None,
+                         credential.key_pem if credential else None, alpn=ALPN)
+    host, port = replica.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+        data = b""
+        try:
+            tls.sendall(payload)
+            while not data.endswith(b"\n") and (chunk := tls.recv(65536)):
+                data += chunk
+        except (OSError, ssl.SSLError):
+            pass
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+# -- forged and stale node credentials ------------------------------------------------------------------
+def test_a_legacy_node_intermediate_cannot_mint_another_nodes_credential(world):
+    """Migration keeps the root, so a node still on (or a thief of) a node intermediate can sign a client leaf
+    naming any node. The issuer must accept node credentials only from itself or the root (operator-issued)."""
+    tmp_path, (r0, r1), bundle = world
+    issue_node_files(tmp_path / "root", "node1", tmp_path / "node1-ca")
+    node1_ca = load_node_ca(tmp_path / "node1-ca")
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged = sign_leaf(node1_ca.ca, NODE2, TD, key.public_key(), 3600, datetime.now(timezone.utc), client_only=True)
+    credential = Credential(forged.public_bytes(serialization.Encoding.PEM).decode()
+                            + "".join(node1_ca.ca.leaf_chain_pem), _key_pem(key))
+    for replica in (r0, r1):
+        answer = sign(client(replica, bundle), credential, B)
+        assert not answer["ok"] and answer["error"]["reason"] == "untrusted_node_credential", answer
+        renewal = client(replica, bundle).call({"v": 1, "op": "node", "node": "node2", "csr": new_csr()[1]},
+                                               credential)
+        assert not renewal["ok"] and renewal["error"]["reason"] == "untrusted_node_credential", renewal
+        assert replica.refusals("untrusted_node_credential") == 2
+    # the genuine ones still work: the operator's (root-signed) and the issuer's node SVID
+    genuine = node_credential(tmp_path, "node2")
+    assert [uri_of(s["cert_pem"]) for s in sign(client(r0, bundle), genuine, B)["svids"]] == [B]
+    key_pem, csr = new_csr()
+    svid = client(r0, bundle).call({"v": 1, "op": "node", "node": "node2", "csr": csr}, genuine)["svid"]
+    node_svid = Credential(svid["cert_pem"] + "".join(svid["chain_pem"]), key_pem)
+    assert [uri_of(s["cert_pem"]) for s in sign(client(r1, bundle), node_svid, B)["svids"]] == [B]
+
+
+def test_an_expired_node_credential_is_refused_at_the_handshake(world):
+    tmp_path, (r0, _), bundle = world
+    root = load_ca(tmp_path / "root")
+    key = ec.generate_private_key(ec.SECP256R1())
+    past = datetime.now(timezone.utc) - timedelta(hours=3)
+    expired = sign_leaf(root, NODE2, TD, key.public_key(), 3600, past, client_only=True)
+    credential = Credential(expired.public_bytes(serialization.Encoding.PEM).decode(), _key_pem(key))
+    answers = _raw(r0, bundle, protocol.encode({"v": 1, "op": "sign", "ttl_seconds": 600,
+                                                "csrs": [{"spiffe_id": B, "csr": new_csr()[1]}]}), credential)
+    assert answers == []   # the TLS layer refuses the certificate: no answer at all
+    assert sign(client(r0, bundle), node_credential(tmp_path, "node2"), B)["svids"]
+
+
+def test_a_node_credential_of_a_root_that_left_the_bundle_is_refused(world, tmp_path_factory):
+    """A root rotated out of the bundle while a replica runs stays in its SSLContext (it cannot forget a
+    root); the issuer itself checks who signed a node credential against the root it serves now."""
+    tmp_path, (r0, _), bundle = world
+    old = tmp_path_factory.mktemp("old-root")
+    init_ca(TD, old / "root")
+    old_root = load_ca(old / "root")
+    # the replica's context trusts the old root too (as after `ca rotate add-root`, before `remove-root`)
+    r0.server.context.load_verify_locations(cadata=old_root.cert_pem)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = sign_leaf(old_root, NODE2, TD, key.public_key(), 3600, datetime.now(timezone.utc), client_only=True)
+    credential = Credential(leaf.public_bytes(serialization.Encoding.PEM).decode(), _key_pem(key))
+    answer = sign(client(r0, bundle), credential, B)
+    assert not answer["ok"] and answer["error"]["reason"] == "untrusted_node_credential", answer
+
+
+# -- CSRs that ask for more ----------------------------------------------------------------------------
+def test_the_issued_svid_carries_only_what_the_issuer_decides_whatever_the_csr_asks(world):
+    tmp_path, (r0, _), bundle = world
+    key = ec.generate_private_key(ec.SECP256R1())
+    greedy = (x509.CertificateSigningRequestBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "root-of-all")]))
+              .add_extension(x509.SubjectAlternativeName([
+                  x509.UniformResourceIdentifier(A), x509.UniformResourceIdentifier(B),
+                  x509.UniformResourceIdentifier(NODE2), x509.UniformResourceIdentifier("spiffe://other.test/ns/x/sa/y"),
+                  x509.UniformResourceIdentifier("https://evil.example/"), x509.DNSName("kubernetes.default"),
+                  x509.RFC822Name("root@example.com"),
+                  x509.IPAddress(__import__("ipaddress").ip_address("10.0.0.2"))]), critical=False)
+              .add_extension(x509.BasicConstraints(ca=True, path_length=5), critical=True)
+              .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                           data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                           crl_sign=True, encipher_only=False, decipher_only=False), critical=True))
+    csr = _csr(key, greedy)
+    cred1 = node_credential(tmp_path, "node1")
+    answer = client(r0, bundle).call({"v": 1, "op": "sign", "ttl_seconds": 10 ** 9,
+                                      "csrs": [{"spiffe_id": A, "csr": csr}]}, cred1)
+    assert answer["ok"] and len(answer["svids"]) == 1, answer
+    cert = x509.load_pem_x509_certificate(answer["svids"][0]["cert_pem"].encode())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(san) == [x509.UniformResourceIdentifier(A)]
+    assert cert.subject == x509.Name([])
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign is False
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc <= timedelta(seconds=3600 + 600)
+    # the node op: the same greedy CSR gets a clientAuth-only node SVID of the asking node
+    node = client(r0, bundle).call({"v": 1, "op": "node", "node": "node1", "csr": csr}, cred1)
+    cert = x509.load_pem_x509_certificate(node["svid"]["cert_pem"].encode())
+    assert uri_of(node["svid"]["cert_pem"]) == f"spiffe://{TD}/node/node1"
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+
+
+def _bad_signature_csr() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    der = bytearray(x509.load_pem_x509_csr(_csr(key).encode()).public_bytes(serialization.Encoding.DER))
+    der[-3] ^= 0x55   # inside the signature value
+    return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _nested_der_pem() -> str:
+    body = b"\x05\x00"
+    for _ in range(2000):   # SEQUENCE { SEQUENCE { ... NULL } }
+        body = b"\x30" + (bytes([len(body)]) if len(body) < 128 else b"\x82" + len(body).to_bytes(2, "big")) + body
+    import base64
+    return "-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(body).decode() + \
+        "-----END CERTIFICATE REQUEST-----\n"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _csr(rsa.generate_private_key(65537, 1024)),
+    lambda: _csr(ec.generate_private_key(ec.SECP384R1())),
+    lambda: _csr(ec.generate_private_key(ec.SECP256K1())),
+    _bad_signature_csr,
+    _nested_der_pem,
+    lambda: "-----BEGIN CERTIFICATE REQUEST-----\n" + "QUFB" * 12000 + "\n-----END CERTIFICATE REQUEST-----\n",
+], ids=["rsa1024", "p384", "secp256k1", "bad-signature", "nested-der", "oversized-der"])
+def test_weak_foreign_unsigned_and_malformed_csrs_are_refused(world, make):
+    tmp_path, (r0, _), bundle = world
+    cred1 = node_credential(tmp_path, "node1")
+    c = client(r0, bundle)
+    answer = c.call({"v": 1, "op": "sign", "ttl_seconds": 600, "csrs": [{"spiffe_id": A, "csr": make()}]}, cred1)
+    assert answer["ok"] and not answer["svids"] and answer["refused"][A]["reason"] == "bad_csr", answer
+    assert r0.refusals("bad_csr") == 1
+    assert sign(c, cred1, A)["svids"], "the issuer still serves after the bad CSR"
+
+
+# -- tokens --------------------------------------------------------------------------------------------
+def test_a_very_long_or_foreign_token_is_refused_and_the_genuine_one_still_joins(world):
+    tmp_path, (r0, _), bundle = world
+    key = load_token_key(tmp_path / "token.key")
+    token = make_token(key, "node1", time.time(), 300)
+    c = client(r0, bundle)
+    long_token = token + "a" * 60000
+    for bad, reason in ((long_token, "bad_token"), (token, "wrong_node")):   # node1's token used by node2
+        answer = c.call({"v": 1, "op": "node", "node": "node2", "csr": new_csr()[1], "token": bad}, None)
+        assert not answer["ok"] and answer["error"]["reason"] == reason, answer
+    assert c.call({"v": 1, "op": "node", "node": "node1", "csr": new_csr()[1], "token": token}, None)["ok"]
+
+
+def test_token_guessing_from_one_address_is_rate_limited_before_the_token_is_looked_at(world):
+    tmp_path, (r0, _), bundle = world
+    c = client(r0, bundle)
+    reasons = [c.call({"v": 1, "op": "node", "node": "node1", "csr": "x",
+                       "token": f"tmbt1.node1.9999999999.{i:032x}.{'0' * 64}"}, None)["error"]["reason"]
+               for i in range(40)]
+    assert "rate_limited" in reasons and reasons[0] == "bad_token", reasons
+
+
+# -- protocol abuse ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("payload,reason", [
+    (b"[" * 50000 + b"\n", "bad_request"),                       # nested past the JSON parser's recursion limit
+    (b'{"v":1,"op":"hello","x":' + b"[" * 30000 + b"]" * 30000 + b"}\n", "bad_request"),
+    (b"\xff\xfe garbage \x00\n", "bad_request"),
+    (b'{"v":1,"op":"hello","pad":"' + b"a" * (protocol.MAX_LINE_BYTES + 10) + b'"}\n', "bad_request"),  # oversized
+], ids=["deep-array", "deep-value", "not-utf8", "oversized"])
+def test_malformed_requests_are_refused_by_reason_counted_and_others_still_served(world, payload, reason):
+    tmp_path, (r0, _), bundle = world
+    answers = _raw(r0, bundle, payload)
+    assert answers and not answers[0]["ok"] and answers[0]["error"]["reason"] == reason, answers
+    assert r0.refusals(reason) == 1
+    assert sign(client(r0, bundle), node_credential(tmp_path, "node1"), A)["svids"]
+
+
+def test_a_slowloris_client_does_not_hold_up_other_nodes(world):
+    tmp_path, (r0, _), bundle = world
+    held = []
+    try:
+        for _ in range(20):      # half-open TCP (no TLS ClientHello) and half-sent requests
+            s = socket.create_connection(tuple((r0.address.rsplit(":", 1)[0], int(r0.address.rsplit(":", 1)[1]))))
+            s.sendall(b"\x16\x03\x01")
+            held.append(s)
+        ctx = issuer_context(False, bundle, None, None, alpn=ALPN)
+        for _ in range(5):
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", r0.server.port)))
+            s.sendall(b'{"v":1,"op":"hel')
+            held.append(s)
+        started = time.monotonic()
+        assert sign(client(r0, bundle), node_credential(tmp_path, "node1"), A)["svids"]
+        assert time.monotonic() - started < 5
+    finally:
+        for s in held:
+            s.close()
