@@ -1,10 +1,11 @@
 """Both implementations of the tunnel's per-message work (agent.proxy.hotpath), for tests that must hold
 for each: the pure-Python reference and the compiled module (agent/proxy/_hotpath.c).
 
-``IMPLEMENTATIONS`` is what to parametrize with; ``use(name)`` switches the data path to one of them for
-the duration of a ``with`` block (what ``TCPMESH_HOTPATH`` chooses at import); the fixture
-``hotpath_impl`` does the same per test. The compiled one is skipped when it was not built, unless
-``TCPMESH_HOTPATH=compiled`` says it must be there (then its absence fails at import already).
+``IMPLEMENTATIONS`` is what to parametrize with (always both: ``TCPMESH_HOTPATH`` chooses what the
+product runs, not what the tests cover); ``use(name)`` switches the data path to one of them for the
+duration of a ``with`` block; ``decoder_class(name)`` is that implementation's frame decoder; the
+fixture ``hotpath_impl`` switches per test. Without a build of the compiled module its cases go
+through ``skip_or_fail`` with the fix (under ``.ci/run`` that is a failure: CI must build it).
 """
 
 from __future__ import annotations
@@ -16,19 +17,29 @@ import pytest
 
 from agent.proxy import hotpath
 from agent.proxy import mux as M
+from tests.conftest import skip_or_fail
 
-_BUILT = "compiled" in M.DECODERS
-IMPLEMENTATIONS = ["python", pytest.param("compiled", marks=pytest.mark.skipif(
-    not _BUILT, reason=f"the compiled path is not in use: {hotpath.describe()}"))]
-COMPILED = None
-if _BUILT:
-    from agent.proxy import _hotpath as COMPILED  # noqa: N812
+IMPLEMENTATIONS = ["python", "compiled"]
+
+
+def require_compiled() -> None:
+    if "compiled" not in M.DECODERS:
+        skip_or_fail(f"the compiled hot path is not built ({hotpath.describe()}): run `make setup` "
+                     f"(needs gcc and python3-dev)")
+
+
+def decoder_class(name: str) -> type:
+    if name == "compiled":
+        require_compiled()
+    return M.DECODERS[name]
 
 
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
+    if name == "compiled":
+        require_compiled()
     saved = hotpath.compiled, M.FrameDecoder
-    hotpath.compiled = COMPILED if name == "compiled" else None
+    hotpath.compiled = hotpath.built if name == "compiled" else None
     M.FrameDecoder = M.DECODERS[name]
     try:
         yield

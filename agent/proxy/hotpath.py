@@ -24,24 +24,27 @@ class HotpathError(RuntimeError):
     """TCPMESH_HOTPATH asks for what cannot run."""
 
 
-def _load() -> tuple[ModuleType | None, str]:
+def _load() -> tuple[ModuleType | None, ModuleType | None, str]:
+    """(the module if built, the module if chosen, why)."""
     wanted = os.environ.get(ENV, "")
     if wanted and wanted not in CHOICES:
         raise HotpathError(f"{ENV}={wanted!r} is not one of {', '.join(CHOICES)}: unset it (the compiled path "
                            f"when built, else pure Python) or set {ENV}=python")
-    if wanted == "python":
-        return None, f"pure Python ({ENV}=python)"
     try:
         from agent.proxy import _hotpath
     except ImportError as exc:
         if wanted == "compiled":
             raise HotpathError(f"{ENV}=compiled but agent.proxy._hotpath does not import ({exc}): rebuild it "
                                f"with `make setup` (needs gcc and the Python headers) or unset {ENV}") from exc
-        return None, f"pure Python (agent.proxy._hotpath not built: {exc}; `make setup` builds it with gcc)"
-    return _hotpath, f"compiled (agent.proxy._hotpath, {_hotpath.__file__})"
+        if wanted == "python":
+            return None, None, f"pure Python ({ENV}=python)"
+        return None, None, f"pure Python (agent.proxy._hotpath not built: {exc}; `make setup` builds it with gcc)"
+    if wanted == "python":
+        return _hotpath, None, f"pure Python ({ENV}=python)"
+    return _hotpath, _hotpath, f"compiled (agent.proxy._hotpath, {_hotpath.__file__})"
 
 
-compiled, _description = _load()
+built, compiled, _description = _load()  # built: for tests, which run both; compiled: what the data path uses
 
 
 def describe() -> str:

@@ -209,8 +209,8 @@ def _parse(data: bytes | bytearray) -> tuple[list[Frame], int]:
 
 
 DECODERS: dict[str, type] = {"python": PyFrameDecoder}  # every implementation (tests run each)
-if hotpath.compiled is not None:
-    hotpath.compiled.configure(Frame, list(FrameType), MuxProtocolError, ssl.SSLWantReadError,
+if hotpath.built is not None:
+    hotpath.built.configure(Frame, list(FrameType), MuxProtocolError, ssl.SSLWantReadError,
                                ssl.SSLZeroReturnError, MAX_FRAME, MAX_CONTROL_PAYLOAD)
-    DECODERS["compiled"] = hotpath.compiled.FrameDecoder
+    DECODERS["compiled"] = hotpath.built.FrameDecoder
 FrameDecoder = DECODERS[hotpath.name()]

@@ -27,7 +27,7 @@ from agent.proxy import mux as M
 from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.proxy.header import StatusReply, Status, encode_connect_body
 from agent.proxy.session import MAX_STREAMS_PER_SESSION, MuxSession
-from tests.hotpath_impls import IMPLEMENTATIONS, use
+from tests.hotpath_impls import IMPLEMENTATIONS, decoder_class, use
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 OPEN_BODY = encode_connect_body(ConnectionFacts("10.0.0.1", 80, b"12345678", "10.0.0.2", 4000, ClientProcess(7, 0, "app")))
@@ -135,7 +135,7 @@ streams_of_frames = st.one_of(st.binary(max_size=400), frame_sequences)
 @settings(max_examples=10_000, **FUZZ)
 @given(streams_of_frames, st.binary(max_size=24))
 def test_frame_decoder_agrees_with_the_reference_whole_and_in_pieces(impl, data, cuts):
-    FrameDecoder = M.DECODERS[impl]  # noqa: N806 - the pure-Python reference or its compiled twin
+    FrameDecoder = decoder_class(impl)  # noqa: N806 - the pure-Python reference or its compiled twin
     expected, refused, left = reference_parse(data)
     decoder = FrameDecoder()
     try:

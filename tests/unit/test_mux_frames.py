@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from agent.proxy import mux as M
-from tests.hotpath_impls import IMPLEMENTATIONS, hotpath_impl  # noqa: F401 - a fixture
+from tests.hotpath_impls import IMPLEMENTATIONS, decoder_class, hotpath_impl  # noqa: F401 - a fixture
 
 frames = st.builds(
     lambda t, s, p: M.Frame(t, s, p if t is M.FrameType.DATA else p[:64]),
@@ -17,7 +17,7 @@ frames = st.builds(
 @given(st.lists(frames, max_size=8), st.integers(1, 50))
 def test_frames_round_trip_in_any_fragmentation(impl, expected, chunk):
     wire = b"".join(M.encode(f.type, f.stream, f.payload) for f in expected)
-    decoder = M.DECODERS[impl]()
+    decoder = decoder_class(impl)()
     got = []
     for i in range(0, len(wire), chunk):
         got += decoder.feed(wire[i:i + chunk])
@@ -67,7 +67,7 @@ def merged(frames):
 @given(st.lists(frames, max_size=8), st.integers(1, 50))
 def test_parts_carry_the_same_frames_in_any_fragmentation(impl, expected, chunk):
     wire = b"".join(M.encode(f.type, f.stream, f.payload) for f in expected)
-    decoder = M.DECODERS[impl]()
+    decoder = decoder_class(impl)()
     got = []
     kinds = set()
     for i in range(0, len(wire), chunk):
