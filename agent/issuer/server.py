@@ -1,8 +1,10 @@
 """The issuer's TLS listener: lines in, ``IssuerService.handle_line`` answers out. Owns sockets only.
 
 TLS 1.3 with P-256 key exchange (``identity.tls.issuer_context``), ALPN ``tcpmesh-issuer/1``, the
-client certificate optional but verified when sent. At most ``max_connections`` at once (the rest are
-closed at accept), 10 s for a handshake, ``idle_seconds`` between requests. The server certificate
+client certificate optional but verified when sent. At most ``max_connections`` at once, and per node
+credential (or, without one, per source address) ``MAX_CONNECTIONS_PER_PEER`` (at most a quarter of the
+total), so one node cannot lock the others out; the rest get a ``rate_limited`` refusal and are
+closed. 10 s for a handshake, ``idle_seconds`` between requests. The server certificate
 (``spiffe://<td>/tcpmesh/issuer``, minted from the issuing CA) is renewed at half its lifetime by
 loading a new chain into the same context: new handshakes get it, open connections keep theirs.
 Requests are answered one at a time on one worker thread, off the event loop: a Kubernetes
@@ -12,6 +14,7 @@ attestation waits for the API server (bounded by its timeout) without stalling h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,7 @@ log = logging.getLogger("tcpmesh.issuer")
 
 ALPN = "tcpmesh-issuer/1"
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
+MAX_CONNECTIONS_PER_PEER = 16   # an agent uses one connection per call; a node cannot hold the others' share
 SERVER_CERT_TTL_SECONDS = 24 * 3600
 
 
@@ -37,6 +41,7 @@ class IssuerServer:
         self.max_connections, self.idle_seconds = max_connections, idle_seconds
         self._metrics = metrics
         self._open = 0
+        self._per_peer: dict[str, int] = {}   # node name (verified credential) or source address -> open connections
         self._server: asyncio.AbstractServer | None = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="issuer-requests")  # one at a time, as before
         self.context = self._make_context()
@@ -72,10 +77,21 @@ class IssuerServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername") or ("?", 0)
         ssl_object = writer.get_extra_info("ssl_object")
-        if self._open >= self.max_connections or ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
             writer.close()
             return
         peer = Peer(str(peername[0]), peer_uri(ssl_object), ssl_object.getpeercert(True))
+        key = self.service.connection_key(peer)
+        per_peer = min(MAX_CONNECTIONS_PER_PEER, max(1, self.max_connections // 4))
+        if self._open >= self.max_connections or self._per_peer.get(key, 0) >= per_peer:
+            limit = (f"{key} holds {per_peer} connections already" if self._open < self.max_connections
+                     else f"the issuer holds its limit of {self.max_connections} connections")
+            writer.write(protocol.encode(self.service.refuse_connection(peer, limit)))
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.drain()
+            writer.close()
+            return
+        self._per_peer[key] = self._per_peer.get(key, 0) + 1
         self._open += 1
         if self._metrics is not None:
             self._metrics.connections.set(self._open)
@@ -99,6 +115,10 @@ class IssuerServer:
             pass
         finally:
             self._open -= 1
+            if self._per_peer[key] <= 1:
+                del self._per_peer[key]
+            else:
+                self._per_peer[key] -= 1
             if self._metrics is not None:
                 self._metrics.connections.set(self._open)
             writer.close()

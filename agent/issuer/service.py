@@ -188,6 +188,15 @@ class IssuerService:
             log.info("issuer: %d SVID(s) for node %s: %s", len(svids), node, ", ".join(s["spiffe_id"] for s in svids))
         return success(svids=svids, refused=refused, bundle_pem=self.ca.bundle_pem)
 
+    def connection_key(self, peer: Peer) -> str:
+        """Whose share of the server's connections this one counts against: the proven node, else the address."""
+        node = None if self._untrusted_credential(peer) else self._node_of(peer)
+        return f"node {node}" if node is not None else f"address {peer.address}"
+
+    def refuse_connection(self, peer: Peer, limit: str) -> dict[str, Any]:
+        return self._refuse("?", peer, None, "rate_limited", f"too many open connections: {limit}; close idle ones "
+                            "(an agent needs one per call) and retry")
+
     def refuse_oversized(self, peer: Peer) -> dict[str, Any]:
         """The answer to a request line longer than the protocol allows (the server then closes)."""
         return self._refuse("?", peer, None, "bad_request", f"the request is longer than {protocol.MAX_LINE_BYTES} "

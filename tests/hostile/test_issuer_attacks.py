@@ -246,3 +246,26 @@ def test_a_slowloris_client_does_not_hold_up_other_nodes(world):
     finally:
         for s in held:
             s.close()
+
+
+def test_one_node_holding_many_connections_does_not_lock_out_the_others(world):
+    """A node (any holder of one credential) opens connections and keeps them idle: it must exhaust only its
+    own share, not the replica's whole connection limit (here shrunk to 8 so the test stays cheap)."""
+    tmp_path, (r0, _), bundle = world
+    r0.server.max_connections = 8
+    cred1, cred2 = node_credential(tmp_path, "node1"), node_credential(tmp_path, "node2")
+    ctx = issuer_context(False, bundle, cred1.chain_pem, cred1.key_pem, alpn=ALPN)
+    held, answers = [], []
+    try:
+        for _ in range(8):
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", r0.server.port), timeout=10))
+            s.sendall(protocol.encode({"v": 1, "op": "hello"}))
+            answers.append(json.loads(s.makefile("rb").readline() or b"{}"))
+            held.append(s)
+        refused = [a for a in answers if not a.get("ok")]
+        assert refused and all(a["error"]["reason"] == "rate_limited" for a in refused), answers
+        assert r0.refusals("rate_limited") >= 1
+        assert [uri_of(s["cert_pem"]) for s in sign(client(r0, bundle), cred2, B)["svids"]] == [B]
+    finally:
+        for s in held:
+            s.close()
