@@ -129,7 +129,10 @@ def test_exec_start_in_the_units_sandbox_notifies_ready_only_when_capture_and_li
         assert "rw" in unitrun.mount_options(proc.pid, node.bpffs_dir).split(",")
         assert os.readlink(f"/proc/{proc.pid}/exe") == os.path.realpath(sys.executable)
 
-        # and the mesh works under it: pod → pod through the agent, mutual TLS
+        # and the mesh works under it: pod → pod through the agent, mutual TLS — once the lab's issuer (the
+        # default identity mode) has signed the pods' SVIDs: readiness does not wait for them, a connect does
+        from agent.lab.issuer import wait_first_svids
+        wait_first_svids(plan, [node], 60)
         server, client = node.pods[1], node.pods[0]
         apps.append(labops.lab_exec(plan.name, server.name, [sys.executable, "-m", "agent.demo.sampleapps", "server",
                                                              "--port", "7301", "--mode", "digest"],
