@@ -269,3 +269,21 @@ def test_one_node_holding_many_connections_does_not_lock_out_the_others(world):
     finally:
         for s in held:
             s.close()
+
+
+# -- placement -----------------------------------------------------------------------------------------
+def test_an_identity_whose_workload_left_the_node_is_not_renewed_there(world):
+    """Placement is decided per request from the registry the issuer holds now: no grant outlives the pod."""
+    from agent.registry.static_file import load_registry_file
+
+    tmp_path, (r0, r1), bundle = world
+    cred1, cred2 = node_credential(tmp_path, "node1"), node_credential(tmp_path, "node2")
+    assert sign(client(r0, bundle), cred1, A)["svids"]
+    moved = tmp_path / "moved.yaml"
+    moved.write_text((tmp_path / "workloads.yaml").read_text().replace(
+        "ip: 10.1.0.1, node: node1", "ip: 10.1.0.1, node: node2"))
+    for replica in (r0, r1):
+        replica.holder.set(load_registry_file(str(moved), TD))
+        answer = sign(client(replica, bundle), cred1, A)
+        assert not answer["svids"] and answer["refused"][A]["reason"] == "not_on_node", answer
+        assert [uri_of(s["cert_pem"]) for s in sign(client(replica, bundle), cred2, A)["svids"]] == [A]
