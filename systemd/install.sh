@@ -65,7 +65,8 @@ else
   mkdir -p "$src.new"
   cp -a "$SRC/pyproject.toml" "$SRC/setup.py" "$SRC/README.md" "$SRC/agent" "$SRC/bpf" "$src.new/"
   # the checkout's build of agent/proxy/_hotpath.c is for its own venv: pip builds the install's own (setup.py)
-  find "$src.new" \( -name __pycache__ -prune -exec rm -rf {} + \) -o \( -name '*.so' -delete \)
+  find "$src.new" -name __pycache__ -prune -exec rm -rf {} +
+  find "$src.new" -name '*.so' -delete
   rm -rf "$src"
   mv "$src.new" "$src"
   say "pip install -e $src${EXTRAS:+[$EXTRAS]} into $target"
@@ -92,7 +93,8 @@ done
 say "$DESTDIR$BINDIR/tcpmesh -> $venv/bin/tcpmesh, unit $DESTDIR$UNITDIR/tcpmesh-agent.service"
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload
-  say "next: set node.name, node.address and capture.redirect_address in /etc/tcpmesh/config.yaml, put the"
-  say "node CA in /etc/tcpmesh/node-ca, the registry in /etc/tcpmesh/workloads.yaml, then:"
+  say "next: set node.name, node.address, capture.redirect_address and identity.issuer.addresses in"
+  say "/etc/tcpmesh/config.yaml; put a join token (tcpmesh issuer token <node>) in /etc/tcpmesh/join-token,"
+  say "the root CA in /var/lib/tcpmesh/node-credential/bundle.pem, the registry in /etc/tcpmesh/workloads.yaml, then:"
   say "  systemctl enable --now tcpmesh-agent"
 fi
