@@ -17,7 +17,7 @@ import pytest
 from agent.capture import read_origin
 from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, socket_in
 from tests.bpf.bpfworld import accept
-from tests.bpf.test_connect_capture import NOT_CAPTURED_ERRNOS, REMOTE, bpftool_cgroup, delta
+from tests.bpf.test_connect_capture import NOT_CAPTURED_ERRNOS, REMOTE, attached_table, delta
 
 
 @pytest.fixture
@@ -110,10 +110,10 @@ def test_a_pod_the_agent_does_not_know_is_refused_and_attaching_it_opens_it(guar
 def test_guard_is_one_program_per_hook_and_detaches_cleanly(capture, cgroups):
     capture.attach_guard(cgroups["pods"])
     capture.attach_guard(cgroups["pods"])
-    shown = bpftool_cgroup(cgroups["pods"])
+    shown = attached_table(cgroups["pods"])
     assert shown.count("tcpmesh_guard4") == 1 and shown.count("tcpmesh_guard6") == 1, shown
     assert len(capture.detach_guard(cgroups["pods"])) == 2
-    assert "tcpmesh" not in bpftool_cgroup(cgroups["pods"])
+    assert "tcpmesh" not in attached_table(cgroups["pods"])
 
 
 def test_a_socket_retrying_after_its_pod_was_detached_gets_no_stale_pass(guarded, topology, cgroups):

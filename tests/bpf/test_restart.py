@@ -25,7 +25,7 @@ from agent.capture.connect_mode import ROLE_GUARD, ROLE_POD, ROLE_PROXY, hooks_f
 from agent.capture import ConnectCapture
 from agent.capture.connect_mode import HOOKS
 from tests.bpf.bpfworld import NODE_IP, REDIRECT_PORT, Acceptor, LoopClient, OriginAcceptor, mesh_capture
-from tests.bpf.test_connect_capture import REMOTE, bpftool_cgroup
+from tests.bpf.test_connect_capture import REMOTE, attached_table
 from tests.conftest import TIME_SCALE
 
 POD_HOOKS = tuple(h.program for h in hooks_for(ROLE_POD))
@@ -207,7 +207,7 @@ def test_restart_with_the_same_sources_adopts_the_pinned_set(running, bpffs_dir,
         assert replaced == []
         assert again.attachments()[str(cgroups["pod_a"])] == ("pod",)
         for name in POD_HOOKS:
-            assert bpftool_cgroup(cgroups["pod_a"]).count(name) == 1
+            assert attached_table(cgroups["pod_a"]).count(name) == 1
     finally:
         again.close()
     assert_each_captured(attempts, acceptor)
