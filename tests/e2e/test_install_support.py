@@ -91,14 +91,14 @@ def sandboxed(unit: dict, argv: list[str], extra_rw: list[str]) -> list[str]:
     # "-PATH": systemd ignores a missing PATH; a missing one is left out here too
     rw = [p.removeprefix("-") for line in service.get("ReadWritePaths", []) for p in line.split()]
     rw = [p for p in rw if os.path.exists(p)] + list(extra_rw)
-    caps = ",".join("+" + name.lower().removeprefix("cap_") for name in service["CapabilityBoundingSet"][0].split())
+    caps = "".join(",+" + name.lower().removeprefix("cap_") for name in service["CapabilityBoundingSet"][0].split())
     spec = {"rw": rw, "bin": {INSTALLED_BIN: CHECKOUT_BIN}, "host_mnt_ns": os.readlink("/proc/self/ns/mnt"),
             "keep": [sys.base_prefix, sys.prefix, str(REPO)],
             "private_tmp": service.get("PrivateTmp") == ["yes"], "protect_home": service.get("ProtectHome") == ["yes"],
             "strict": service.get("ProtectSystem") == ["strict"],
             "tunables": service.get("ProtectKernelTunables") == ["yes"],
             "setpriv": ["setpriv", *(["--no-new-privs"] if service.get("NoNewPrivileges") == ["yes"] else []),
-                        "--inh-caps=-all", "--ambient-caps=-all", f"--bounding-set=-all,{caps}", "--"]}
+                        "--inh-caps=-all", "--ambient-caps=-all", f"--bounding-set=-all{caps}", "--"]}
     return ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", SANDBOX_SCRIPT,
             json.dumps(spec), *argv]
 

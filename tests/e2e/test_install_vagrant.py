@@ -4,12 +4,14 @@ then vagrant/e2e.sh passes against them.
 
 The same scripts, the same commands: provision.sh's steps install (`make install`, staged under a
 per-node root, linking this venv), pods (netns + veth + cgroup per demo pod, routes between nodes),
-ca (node1 creates the root and both intermediates and hands node2 its directory over the lab's wire
-with vagrant/ca_handoff.py), config (config, registry, DENY policy, the tcpmesh-demo helper).
-Their step "start" is `systemctl enable --now`; here the test plays systemd instead: each node's
-agent is started from the *installed* unit's ExecStart line in the unit's sandbox
-(test_install_support.py) and must send READY=1. Then vagrant/e2e.sh runs unchanged, reaching the
-nodes with nsenter instead of `vagrant ssh`.
+identity (node1 creates the root, the issuer's directory and a one-time join token per node, and
+hands node2 its token and the trust bundle over the lab's wire with vagrant/join_handoff.py), config
+(config, issuer config, registry, DENY policy, the tcpmesh-demo helper). Their step "start" is
+`systemctl enable --now`; here the test plays systemd instead: node1's issuer, then each node's agent,
+are started from the *installed* units' ExecStart lines in the units' sandboxes
+(test_install_support.py) and must send READY=1; the agents join the issuer with their tokens. Then
+vagrant/e2e.sh runs unchanged, reaching the nodes with nsenter instead of `vagrant ssh`. No node's
+files hold a CA key (node1's issuer and root directories are the demo's third role on that VM).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def run_step(node, env: dict[str, str], log: Path) -> None:
 def two_node_lab(bpf_capable):
     name = f"vg{uuid.uuid4().hex[:6]}"
     try:
-        yield labops.lab_up(name, 2, 0, "vg.tcpmesh", agents_enabled=False)
+        # the bare network: no lab CA and no lab issuer (provision.sh makes this demo's own)
+        yield labops.lab_up(name, 2, 0, "vg.tcpmesh", agents_enabled=False, identity="node_ca")
     finally:
         labops.lab_down(name)
 
@@ -71,17 +74,35 @@ def test_provisioning_steps_on_lab_nodes_then_e2e_sh_passes(two_node_lab):
     token = secrets.token_hex(16)
     agents, notify = [], []
     handoff_pid = roots / "node1/var/lib/tcpmesh-admin/handoff.pid"
+    issuer = issuer_notify = None
     try:
         for node in plan.nodes:
-            run_step(node, {"STEPS": "install pods ca config", "NODE_INDEX": str(node.index), "NODES": nodes,
+            run_step(node, {"STEPS": "install pods identity config", "NODE_INDEX": str(node.index), "NODES": nodes,
                             "CA_TOKEN": token, "TCPMESH_ROOT": str(roots / node.name),
                             "NETNS_PREFIX": f"tcpmesh-{plan.name}-", "CGROUP_ROOT": plan.cgroup_root,
                             "CGROUP_BASE": node.cgroup, "BPFFS_DIR": f"{lab_bpffs_dir(plan.name)}/{node.name}",
                             "VENV": sys.prefix, "INSTALL_APT": "0", "HANDOFF_TIMEOUT": "60"}, log)
         text = log.read_text()
-        assert "provision node1: pod n1p2" in text and "node2's node CA installed" in text, text
-        assert (roots / "node2/etc/tcpmesh/node-ca/node.key").stat().st_mode & 0o777 == 0o600
+        assert "provision node1: pod n1p2" in text and "node2's join token and trust bundle installed" in text, text
+        assert (roots / "node2/etc/tcpmesh/join-token").stat().st_mode & 0o777 == 0o600
         assert not (roots / "node2/var/lib/tcpmesh-admin").exists(), "the root CA must stay on node1"
+        assert not (roots / "node2/etc/tcpmesh/issuer").exists(), "the issuer's key must stay on node1"
+
+        # node1's third role: the issuer, from the installed tcpmesh-issuer.service, in its sandbox
+        node1, root1 = plan.nodes[0], roots / plan.nodes[0].name
+        unit = unitrun.read_unit(root1 / "etc/systemd/system/tcpmesh-issuer.service")
+        env = unitrun.unit_environment(unit, {"TCPMESH_ISSUER_CONFIG": str(root1 / "etc/tcpmesh/issuer.yaml")})
+        (root1 / "run").mkdir(parents=True, exist_ok=True)
+        sock = issuer_notify = unitrun.NotifySocket(str(root1 / "run/issuer-notify.sock"))
+        issuer = unitrun.start_in_node(
+            unitrun.sandboxed(unit, unitrun.command_argv(unit, "ExecStart", env, "tcpmesh-issuer.service"),
+                              [str(root1 / "var/lib/tcpmesh-issuer")]),
+            node1.netns, node1.agent_cgroup, {**env, "NOTIFY_SOCKET": sock.path}, str(log))
+        try:
+            message, sender = sock.receive(60, alive=lambda: issuer.poll() is None)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{log.read_text()[-3000:]}") from None
+        assert message.startswith(b"READY=1") and sender == issuer.pid
 
         # "start": what systemd does with the installed unit — ExecStart, in the unit's sandbox, READY=1
         for node in plan.nodes:
@@ -107,6 +128,17 @@ def test_provisioning_steps_on_lab_nodes_then_e2e_sh_passes(two_node_lab):
             except AssertionError as exc:
                 raise AssertionError(f"{exc}:\n{log.read_text()[-3000:]}") from None
             assert message.startswith(b"READY=1") and b"2 local workloads captured" in message and sender == proc.pid
+        for node in plan.nodes:   # each joined with its one-time token: a node credential that signs nothing
+            credential = roots / node.name / "var/lib/tcpmesh/node-credential/credential.crt"
+            shown = subprocess.run(["openssl", "x509", "-noout", "-ext", "basicConstraints,extendedKeyUsage,subjectAltName",
+                                    "-in", str(credential)], capture_output=True, text=True, check=True).stdout
+            assert "CA:FALSE" in shown and f"spiffe://vagrant.tcpmesh/node/{node.name}" in shown, shown
+            keys = [p for p in (roots / node.name).rglob("*") if p.is_file() and not p.is_symlink()
+                    and p.suffix in (".key", ".pem", "") and b"PRIVATE KEY" in p.read_bytes()[:4096]]
+            expected = {roots / node.name / "var/lib/tcpmesh/node-credential/credential.key"}
+            if node.index == 1:   # the demo's admin machine and issuer host
+                expected |= {roots / "node1/var/lib/tcpmesh-admin/root-ca/ca.key", roots / "node1/etc/tcpmesh/issuer/issuer.key"}
+            assert set(keys) == expected, f"{node.name}: private keys {sorted(map(str, keys))}"
 
         done = subprocess.run(["bash", str(VAGRANT / "e2e.sh")], capture_output=True, text=True, timeout=180,
                               env={**os.environ, "E2E_NETNS_PREFIX": f"tcpmesh-{plan.name}-",
@@ -120,12 +152,16 @@ def test_provisioning_steps_on_lab_nodes_then_e2e_sh_passes(two_node_lab):
     finally:
         for proc in agents:
             unitrun.stop(proc)
+        if issuer is not None:
+            unitrun.stop(issuer)
+        if issuer_notify is not None:
+            issuer_notify.close()
         for sock in notify:
             sock.close()
         if handoff_pid.exists():   # the hand-off server exits once node2 fetched; if a step failed, end it
             pid = int(handoff_pid.read_text())
             try:
-                if b"ca_handoff.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if b"join_handoff.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGTERM)
             except (FileNotFoundError, ProcessLookupError):
                 pass

@@ -9,14 +9,17 @@ a test fails or the run is interrupted (Ctrl-C reaches pytest, not qemu: see mac
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import skip_or_fail
-from tests.vm.images import ImageError, ensure_image
+from tests.vm.images import REPO, ImageError, ImageSpec, cache_dir, ensure_image
 from tests.vm.machine import Machine, close_all, make_checkout_disk, new_run_dir
 
 KERNELS = ("5.10", "6.1", "6.12")   # Debian 11, 12, 13
@@ -45,6 +48,35 @@ def logs_dir() -> Path:
 
 
 _LOGS: list[Path] = []
+BACKGROUND_BUILD = pytest.StashKey[tuple[subprocess.Popen, Path]]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A session that will boot VMs starts the image build at once, in the background (`python -m
+    tests.vm.images`): with a cold cache it is mostly downloads (≈ 3 CPU-minutes over 10–13 minutes), so
+    it runs while the other tiers test instead of before the first VM. ``vm_image`` waits for it; the
+    cache's lock keeps it from building twice."""
+    if os.geteuid() != 0 or not any(item.get_closest_marker("vm") for item in session.items):
+        return
+    if (cache_dir() / "images" / ImageSpec().key() / "manifest.json").exists():
+        return
+    log = Path(f"/tmp/tcpmesh-vm-image-build-{os.getpid()}.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.vm.images"], cwd=REPO, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    session.config.stash[BACKGROUND_BUILD] = (proc, log)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """An interrupted session stops its background build (SIGTERM: it unmounts and removes what it made)."""
+    proc, _ = config.stash.get(BACKGROUND_BUILD, (None, None))
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def save_log(name: str, text: str) -> Path:
@@ -76,7 +108,13 @@ def vm_host() -> None:
 
 
 @pytest.fixture(scope="session")
-def vm_image(vm_host):
+def vm_image(vm_host, request):
+    proc, log = request.config.stash.get(BACKGROUND_BUILD, (None, None))
+    if proc is not None:
+        proc.wait()   # (if it failed, ensure_image below builds again and says why)
+        built_in = re.search(r"built in (\d+)s", log.read_text(errors="replace"))
+        if built_in:
+            record("image build, cold cache, in the background while the other tiers ran", float(built_in.group(1)))
     try:
         image, built = ensure_image(log=print)
     except ImageError as exc:
@@ -129,4 +167,6 @@ def guest(request, vm_image, checkout_disk):
         prepare_guest(machine, checkout_disk)
         yield machine
     finally:
+        for machine in machines:
+            record(f"{machine.name}: qemu CPU time, boot to power-off (user+sys)", machine.cpu_seconds())
         close_all(machines, run_dir)

@@ -247,3 +247,23 @@ def series_of(release: str) -> str:
     if not match:
         raise ValueError(f"not a kernel release: {release!r}")
     return f"{match.group(1)}.{match.group(2)}"
+
+
+def main() -> int:
+    """`python -m tests.vm.images`: make sure the image is in the cache (what the vm fixtures do first).
+    tests/vm/conftest.py starts it in the background when a session selects vm tests, so a cold cache's
+    build — mostly downloads — runs while the other tiers test. SIGTERM stops it cleanly."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # the build's finally unmounts and removes
+    try:
+        image, built = ensure_image(log=lambda line: print(line, flush=True))
+    except ImageError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"vm image {image.path.name}: {'built in %.0fs' % built if built is not None else 'cached'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -285,6 +285,17 @@ class Machine:
                 self.sock = None
             shutil.rmtree(self.dir, ignore_errors=True)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) qemu has used so far: what this VM costs a quiet host, whatever the
+        load average made of the wall-clock times. 0.0 once qemu is gone."""
+        if self.proc is None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
+
     # ---- the channel ---------------------------------------------------------------------------------
 
     def run(self, command: str | list[str], timeout: float = 600, check: bool = True, env: dict | None = None,

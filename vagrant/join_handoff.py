@@ -1,18 +1,20 @@
-"""The demo's node-CA hand-off between Vagrant VMs (vagrant/provision.sh, step ca).
+"""The demo's join hand-off between Vagrant VMs (vagrant/provision.sh, step identity).
 
-In production the root CA stays on an offline admin machine and each node's directory from `tcpmesh
-ca issue-node` is copied to it (docs/identity.md). The two demo VMs have no such machine and no
-shared folder that works both ways with every provider (Debian's boxes sync /vagrant one way), so
-node1 plays the admin machine and hands every other node its own directory once:
+In production an operator makes a one-time bootstrap token per node (`tcpmesh issuer token NODE`) and
+puts it on that node with the trust bundle (docs/identity.md "Node credentials"). The demo VMs have no
+operator machine and no shared folder that works both ways with every provider (Debian's boxes sync
+/vagrant one way), so node1 — the demo's admin machine and issuer host — hands every other node its
+join material once:
 
-    ca_handoff.py serve --dir NODES_DIR --bind ADDR --port P --token T node2 [node3 …]
-    ca_handoff.py fetch --url http://ADDR:P --token T --node node2 --out /etc/tcpmesh/node-ca
+    join_handoff.py serve --dir NODES_DIR --bind ADDR --port P --token T node2 [node3 …]
+    join_handoff.py fetch --url http://ADDR:P --token T --node node2 --out DIR
 
 ``serve`` answers ``GET /<token>/<node>.tar`` once per listed node (a tar of NODES_DIR/<node>:
-node.crt, node.key, bundle.pem) and exits when all were fetched or after --timeout. ``fetch``
-retries until node1 is up, checks the archive holds exactly those three files, and installs them
-with node.key 0600. The token comes from the Vagrantfile (random per checkout). This is plain HTTP
-on the VMs' private network: acceptable for a disposable demo, never for real nodes.
+join-token, bundle.pem) and exits when all were fetched or after --timeout. ``fetch`` retries until
+node1 is up, checks the archive holds exactly those two files, and installs them with join-token 0600.
+No key of any kind passes here: the token is good for one join of that one node before it expires,
+and the bundle is public. The hand-off token comes from the Vagrantfile (random per checkout). Plain
+HTTP on the VMs' private network: acceptable for a disposable demo, never for real nodes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-FILES = {"node.crt": 0o644, "node.key": 0o600, "bundle.pem": 0o644}
+FILES = {"join-token": 0o600, "bundle.pem": 0o644}
 
 
 def archive(directory: Path) -> bytes:
@@ -46,7 +48,7 @@ def serve(args: argparse.Namespace) -> int:
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, fmt: str, *values) -> None:
-            print(f"ca_handoff: {self.address_string()} {fmt % values}", flush=True)
+            print(f"join_handoff: {self.address_string()} {fmt % values}", flush=True)
 
         def do_GET(self) -> None:  # noqa: N802 — http.server's name
             parts = self.path.strip("/").split("/")
@@ -68,7 +70,7 @@ def serve(args: argparse.Namespace) -> int:
     while pending and time.monotonic() < deadline:
         server.handle_request()
     server.server_close()
-    print(f"ca_handoff: done; not fetched: {sorted(pending) or 'none'}", flush=True)
+    print(f"join_handoff: done; not fetched: {sorted(pending) or 'none'}", flush=True)
     return 0 if not pending else 1
 
 
@@ -81,7 +83,7 @@ def fetch(args: argparse.Namespace) -> int:
             break
         except (urllib.error.URLError, OSError) as exc:
             if time.monotonic() > deadline:
-                print(f"ca_handoff: cannot fetch {args.node}'s node CA from {args.url}: {exc}", file=sys.stderr)
+                print(f"join_handoff: cannot fetch {args.node}'s join material from {args.url}: {exc}", file=sys.stderr)
                 return 1
             time.sleep(2)
     out = Path(args.out)
@@ -89,7 +91,7 @@ def fetch(args: argparse.Namespace) -> int:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         members = {m.name: m for m in tar.getmembers()}
         if set(members) != set(FILES) or not all(m.isfile() for m in members.values()):
-            print(f"ca_handoff: unexpected archive content {sorted(members)}", file=sys.stderr)
+            print(f"join_handoff: unexpected archive content {sorted(members)}", file=sys.stderr)
             return 1
         for name, mode in FILES.items():
             content = tar.extractfile(members[name]).read()
@@ -99,7 +101,7 @@ def fetch(args: argparse.Namespace) -> int:
                 f.write(content)
             os.chmod(tmp, mode)
             os.replace(tmp, out / name)
-    print(f"ca_handoff: {args.node}'s node CA installed in {out}")
+    print(f"join_handoff: {args.node}'s join token and trust bundle installed in {out}")
     return 0
 
 
