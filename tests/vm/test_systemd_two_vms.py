@@ -35,7 +35,7 @@ import pytest
 from tests.vm.conftest import CI_KERNEL, checkout_overlay, record, save_log
 from tests.vm.machine import Link, Machine, close_all, new_run_dir
 
-pytestmark = [pytest.mark.vm]   # not yet vm_ci: docs/kernels.md, "CI budget"
+pytestmark = [pytest.mark.vm, pytest.mark.vm_ci]   # `make test` / .ci/run: docs/kernels.md, "CI budget"
 
 NODES = {"node1": "192.168.56.11", "node2": "192.168.56.12"}
 NODES_ENV = " ".join(f"{name}={address}" for name, address in NODES.items())
