@@ -44,7 +44,6 @@ from agent.proxy.local import SameNodePath
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.server import ProxyContext
 from agent.proxy.session import BufferGate, wake_ended_forever
-from agent.proxy.splice import KernelSplice, splice_from_config
 from agent.proxy.upstream import transparent_allowed
 from agent.registry.model import Registry, Workload
 from agent.registry.static_file import load_registry_file
@@ -77,7 +76,6 @@ class Agent:
         self.access_log: AccessLog | None = access_log_from_config(config, self.metrics, enrich=self.cgroups.enrich)
         self.flows = FlowTable(access_log=self.access_log, log_open=config.access_log.log_open)
         self.tcp_stats: KernelTcpStats | None = None
-        self.splice: KernelSplice | None = None  # proxy.same_node: splice, where the kernel can
         self.capture: Capture | None = None
         self.source_return: WithSourceReturn | None = None  # proxy.source_address pod/auto (wraps capture)
         self.workloads: WorkloadController | None = None
@@ -315,12 +313,10 @@ class Agent:
                                                             config.node.name))
             self._start_tcp_stats(ctx)
             egress = self._start_egress_events(loop)
-            self.splice, _ = splice_from_config(config)  # None: why is logged (a warning)
-            same_node = SameNodePath(ctx, self.splice) if config.proxy.same_node in ("splice", "local") else None
-            log.info("same-node connections: %s (proxy.same_node %s)",
-                     "through the mTLS tunnel and the inbound proxy" if same_node is None else
-                     "authorized in process, spliced in the kernel" if self.splice is not None else
-                     "authorized and relayed in process, no tunnel to this node", config.proxy.same_node)
+            same_node = SameNodePath(ctx) if config.proxy.same_node == "local" else None
+            log.info("same-node connections: %s (proxy.same_node %s)", "authorized and relayed in process, no "
+                     "tunnel to this node" if same_node else "through the mTLS tunnel and the inbound proxy",
+                     config.proxy.same_node)
             outbound = OutboundProxy(ctx, self.capture.origin, config.proxy.tunnel_idle_seconds, same_node)
             inbound = InboundProxy(ctx)
             self.workloads = WorkloadController(
@@ -408,8 +404,6 @@ class Agent:
                 self.access_log.stop()
             if self.tcp_stats is not None:
                 self.tcp_stats.close()
-            if self.splice is not None:
-                self.splice.close()
             log.info("agent stopped")
 
     async def _watch_sources(self) -> None:

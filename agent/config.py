@@ -151,7 +151,7 @@ class CaptureConfig:
 
 
 SOURCE_ADDRESS_CHOICES = ("auto", "pod", "node")
-SAME_NODE_CHOICES = ("splice", "local", "tunnel")  # agent.proxy.local; docs/performance-latency.md "Same-node connections"
+SAME_NODE_CHOICES = ("local", "tunnel")  # agent.proxy.local; docs/performance-latency.md "Same-node connections"
 
 
 @dataclass(frozen=True)
@@ -199,8 +199,7 @@ class ProxyConfig:
     source_address: str = "auto"
     # A connection between two pods of this node (docs/performance-latency.md "Same-node connections"):
     # local — authorized and recorded in process, exactly as through the tunnel, then relayed straight to
-    # the workload (its bytes never leave the host, so no TLS); splice — the same, then the two sockets
-    # are joined in the kernel (bpf/splice.c; local where the kernel cannot, with a warning); tunnel — the mTLS tunnel to the node itself
+    # the workload (its bytes never leave the host, so no TLS); tunnel — the mTLS tunnel to the node itself
     # and the inbound proxy, as between nodes (the fallback).
     same_node: str = "local"
 
@@ -379,8 +378,7 @@ def validate(config: Config) -> Config:
                           "use auto, pod (servers see the client pod's address) or node (the node's address)")
     if config.proxy.same_node not in SAME_NODE_CHOICES:
         raise ConfigError("proxy.same_node", config.proxy.same_node, "unknown same-node path",
-                          "use splice (in process, bytes joined in the kernel), local (in process, relayed in user "
-                          "space) or tunnel (through the inbound proxy)")
+                          "use local (in process, no tunnel to the node itself) or tunnel (through the inbound proxy)")
     if config.proxy.event_loop not in ("uvloop", "asyncio"):
         raise ConfigError("proxy.event_loop", config.proxy.event_loop, "unknown event loop", "use uvloop or asyncio")
     admin_allowed_sources(config.admin)

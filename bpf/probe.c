@@ -94,16 +94,3 @@ int probe_sk_assign(struct __sk_buff *skb)
 		skb->mark |= 1;
 	return TC_ACT_UNSPEC;
 }
-
-/* sk_skb stream verdict with a sockhash and bpf_get_socket_cookie: the same-node kernel splice
- * (bpf/splice.c, proxy.same_node: splice) */
-BPF_SOCKHASH(probe_splice_peers, __u64, 2);
-
-int probe_sk_skb(struct __sk_buff *skb)
-{
-	__u64 cookie = bpf_get_socket_cookie(skb);
-
-	if (skb->len == 0)
-		return SK_DROP;
-	return probe_splice_peers.sk_redirect_hash(skb, &cookie, 0);
-}

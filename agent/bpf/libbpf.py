@@ -111,13 +111,6 @@ class Libbpf:
             raise AttachError("BPF_PROG_ATTACH", target, err)
         return True
 
-    def map_prog_attach(self, prog_fd: int, map_fd: int, attach_type: int, target: str) -> None:
-        """Attach a program to a sockmap/sockhash (BPF_SK_SKB_*, BPF_SK_MSG_VERDICT); the same program
-        again is no error (a restarted agent adopting its pinned map)."""
-        rc = self._lib.bpf_prog_attach(prog_fd, map_fd, attach_type, 0)
-        if rc != 0 and _errno(rc) not in (errno.EBUSY, errno.EEXIST):
-            raise AttachError("BPF_PROG_ATTACH", target, _errno(rc))
-
     def prog_detach(self, prog_fd: int, cgroup_fd: int, attach_type: int, target: str) -> bool:
         """Detach one program; False if it was not attached there (ENOENT)."""
         rc = self._lib.bpf_prog_detach2(prog_fd, cgroup_fd, attach_type)

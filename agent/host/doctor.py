@@ -53,7 +53,6 @@ CHECKS: dict[str, str] = {
     "prog_sched_cls": "sched_cls (tc) program",
     "helper_skc_lookup_tcp": "helper bpf_skc_lookup_tcp in tc",
     "helper_sk_assign": "helper bpf_sk_assign in tc",
-    "prog_sk_skb_splice": "sk_skb verdict, sockhash redirect (proxy.same_node: splice; optional)",
     "netns": "create a throwaway network namespace (for the probes below)",
     "tc_clsact": "clsact qdisc + direct-action bpf filter (throwaway netns)",
     "policy_routing": "fwmark rule + local route table (throwaway netns)",
@@ -64,7 +63,7 @@ CHECKS: dict[str, str] = {
     "ktls": "kernel TLS: tls ULP and TLS 1.3 keys (optional, no mode needs it)",
 }
 # checks no capture mode requires: their rows inform (docs/kernels.md), never decide can_run
-OPTIONAL_CHECKS = ("ktls", "prog_sk_skb_splice")
+OPTIONAL_CHECKS = ("ktls",)
 BASE_REQUIREMENTS = ("root", "permissions", "clock")
 # mode -> requirements; a tuple inside is "any one of these"
 MODE_REQUIREMENTS: dict[str, tuple] = {
@@ -212,28 +211,14 @@ def _source_address6(results: Mapping[str, CheckResult], ipv4: Mapping, required
             "reason": f"IPv6 servers see the node's address (IPv4 servers the pod's): {why}"}
 
 
-def same_node_verdict(configured: str = "local", by_name: Mapping[str, CheckResult] | None = None) -> dict:
-    """How connections between two pods of this node go (proxy.same_node; agent.proxy.local and
-    agent.proxy.splice), pure: ``splice`` needs the sk_skb probe, else the agent falls back to local."""
+def same_node_verdict(configured: str = "local") -> dict:
+    """How connections between two pods of this node go (proxy.same_node; agent.proxy.local), pure."""
     if configured == "tunnel":
         return {"configured": configured, "path": "tunnel",
                 "reason": "proxy.same_node is tunnel: through the mTLS tunnel to this node and its inbound proxy"}
-    if configured == "splice":
-        probe = (by_name or {}).get("prog_sk_skb_splice")
-        if probe is not None and probe.usable:
-            return {"configured": configured, "path": "splice",
-                    "reason": "authorized and recorded in process as through the tunnel, then the two sockets are "
-                              "joined in the kernel (sockhash + sk_skb verdict, bpf/splice.c): the bytes never "
-                              "enter the agent; set proxy.same_node to local for the user-space relay"}
-        why = (probe.error or probe.result) if probe is not None else "not probed"
-        return {"configured": configured, "path": "local",
-                "reason": f"proxy.same_node is splice but this kernel cannot splice sockets (prog_sk_skb_splice: "
-                          f"{why}): the agent relays same-node connections in user space and logs a warning; "
-                          "set proxy.same_node to local to silence it"}
     return {"configured": configured, "path": "local",
             "reason": "authorized and recorded in process as through the tunnel, then relayed straight to the "
-                      "workload (no TLS: the bytes never leave this host); set proxy.same_node to splice for the "
-                      "kernel splice, to tunnel to turn it off"}
+                      "workload (no TLS: the bytes never leave this host); set proxy.same_node to tunnel to turn it off"}
 
 
 def data_path_verdict() -> dict:
@@ -259,7 +244,7 @@ def build_report(results: Sequence[CheckResult], configured: str, source_address
         "selected_mode": selected,
         "reason": reason,
         "source_address": source,
-        "same_node": same_node_verdict(same_node, by_name),
+        "same_node": same_node_verdict(same_node),
         "data_path": data_path_verdict(),
         "can_run": selected is not None and source["can_run"],
     }

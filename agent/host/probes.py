@@ -57,7 +57,6 @@ PROGRAM_PROBES: dict[str, tuple[str, int, int]] = {
     "prog_sched_cls": ("probe_sched_cls", 3, -1),       # sched_cls (tc)
     "helper_skc_lookup_tcp": ("probe_skc_lookup", 3, -1),
     "helper_sk_assign": ("probe_sk_assign", 3, -1),
-    "prog_sk_skb_splice": ("probe_sk_skb", 14, -1),    # sk_skb stream verdict + sockhash (same-node splice)
 }
 # kernel TLS (uapi/linux/tls.h): the "tls" upper-layer protocol and its key options
 SOL_TCP, TCP_ULP, SOL_TLS, TLS_TX, TLS_RX = 6, 31, 282, 1, 2

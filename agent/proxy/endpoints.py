@@ -182,12 +182,6 @@ class Leg(asyncio.BufferedProtocol):
         """Stop delivering; events are buffered until the next ``set_receiver``."""
         self.receiver = None
 
-    def take_pending(self) -> bytes:
-        """The data buffered for want of a receiver, handed over and forgotten (EOF and close stay
-        buffered). uvloop reads once after connect/accept even when ``connection_made`` paused."""
-        pending, self._pending, self._pending_size = self._pending, None, 0
-        return b"".join(pending) if pending else b""
-
     # -- control ------------------------------------------------------------------------------
     def pause_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -21,11 +21,9 @@ inbound proxy would do, in process, with the same facts:
   the same way the tunnel's certificates are issued; docs/performance-latency.md "Same-node
   connections"), the same response flags and details a refusal gets cross-node.
 
-The bytes then move through agent.proxy.relay between the two plain sockets (``proxy.same_node:
-local``), or, with ``splice`` and a kernel that can, the two sockets are joined in the kernel
-(agent.proxy.splice: the bytes never enter the agent, byte counts come from the kernel; a
-connection the splice refuses is relayed). Must not import agent.proxy.outbound (which imports this) or any
-telemetry module.
+The bytes then move through agent.proxy.relay between the two plain sockets; a kernel path for
+them (sk_msg redirect between the pods' own sockets) is measured in docs/performance-latency.md and
+not built. Must not import agent.proxy.outbound (which imports this) or any telemetry module.
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ import errno
 import logging
 import time
 
-from agent.bpf.errors import AttachError
 from agent.connection import flow as F
 from agent.identity.errors import IdentityError
 from agent.proxy.authorize import authorized
@@ -44,7 +41,6 @@ from agent.proxy.header import Status, StatusReply
 from agent.proxy.relay import Relay
 from agent.proxy.routing import OutboundRoute, dialled_service
 from agent.proxy.server import ProxyContext
-from agent.proxy.splice import KernelSplice, SocketEnds, SplicedPair, SpliceRefused
 from agent.proxy.upstream import SourceRefused, connect, source_for
 from agent.registry.model import Workload
 
@@ -90,10 +86,8 @@ class _DestinationView:
 class SameNodePath:
     """Serves connections routed to a workload of this node (``applies``), in process."""
 
-    def __init__(self, ctx: ProxyContext, splice: KernelSplice | None = None) -> None:
+    def __init__(self, ctx: ProxyContext) -> None:
         self._ctx = ctx
-        self._splice = splice  # None: the user-space relay (proxy.same_node: local, or no kernel support)
-        self._ends = SocketEnds(ctx.loop) if splice is not None else None
 
     def applies(self, route: OutboundRoute) -> bool:
         return route.destination is not None and route.destination.node == self._ctx.node_name
@@ -189,17 +183,7 @@ class SameNodePath:
     async def _move(self, app: PlainLeg, upstream: PlainLeg, flow: F.Flow, dst: F.Flow) -> None:
         """Both records run and end with the one mover; live telemetry and the idle sweep see both."""
         ctx = self._ctx
-        mover: Relay | SplicedPair = Relay(app, upstream)
-        if self._splice is not None and self._ends is not None:
-            spliced = SplicedPair(self._splice, self._ends, app, upstream)
-            try:
-                await spliced.start()  # nothing joined on failure; the relay goes on from there
-            except SpliceRefused as exc:
-                log.info("flow %s relayed in user space: %s", flow.flow_id, exc)
-            except (AttachError, OSError) as exc:  # the map is full or the socket went: relay this one
-                log.warning("flow %s relayed in user space: the kernel splice refused it (%s)", flow.flow_id, exc)
-            else:
-                mover = spliced
+        mover = Relay(app, upstream)
         view = _DestinationView(mover)
         ctx.relays[mover] = flow
         ctx.relays[view] = dst
@@ -209,7 +193,7 @@ class SameNodePath:
             ctx.tcp_stats.flow_started(flow, app, NO_LEG)
             ctx.tcp_stats.flow_started(dst, NO_LEG, upstream)
         try:
-            await (mover.done if isinstance(mover, SplicedPair) else mover.start())
+            await mover.start()
         finally:
             ctx.end_relay(mover, flow)
             ctx.end_relay(view, dst)

@@ -1,5 +1,5 @@
 """Same-node pairs on the lab (issue 19): client and server pods on one node never take a tunnel to the
-node itself (agent.proxy.local), yet are authorized, attributed and
+node itself (agent.proxy.local, ``proxy.same_node: local``), yet are authorized, attributed and
 recorded exactly as cross-node flows are: both reporters' records on the one node, same flow id,
 exact byte counts both ways, half-close and resets carried, a DENY still denies, and nothing is left
 behind after many connections.
@@ -7,10 +7,6 @@ behind after many connections.
 Proof that no tunnel was used: node1's inbound proxy completed no TLS handshake
 (``tcpmesh_tunnel_handshake_duration_seconds_count{reporter="destination"}`` unchanged), where the
 tunnel path (``proxy.same_node: tunnel``, today's path before this change) makes one.
-
-Every test runs on both same-node paths: ``splice`` (the two sockets joined in the kernel,
-agent.proxy.splice; proof: the verdict's redirect counter moves and its sockhash holds the pair while it
-is open, and nothing after) and ``local`` (the user-space relay).
 """
 
 from __future__ import annotations
@@ -23,16 +19,8 @@ import textwrap
 import time
 import uuid
 
-import glob
-
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
-
-from agent.bpf.counters import read_reason_counters
-from agent.bpf.libbpf import Libbpf
-from agent.bpf.pins import default_bpffs_dir
-from agent.proxy import splice as splicing
 
 from agent.lab import lab as labops
 from tests.e2e.conftest import Lab
@@ -42,56 +30,18 @@ RELOAD = 2.0 + 3.0  # the agent's policy poll interval plus slack
 HANDSHAKES = "tcpmesh_tunnel_handshake_duration_seconds_count"
 
 
-@pytest.fixture(scope="module", params=["splice", "local"])
-def local_lab(request, bpf_capable):
+@pytest.fixture(scope="module")
+def local_lab(bpf_capable):
     name = f"sn{uuid.uuid4().hex[:6]}"
     lab = None
     try:
         lab = Lab(name, labops.lab_up(name, 2, 2, "sn.tcpmesh"))
         os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
-        node = lab.node(1)
-        config = yaml.safe_load(open(node.config_file))
-        config.setdefault("proxy", {})["same_node"] = request.param
-        with open(node.config_file, "w") as f:
-            yaml.safe_dump(config, f)
-        labops.lab_restart_agent(name, node.name)
-        lab.same_node = request.param
-        if request.param == "splice":
-            lab.splice_maps = SpliceMaps(config.get("capture", {}).get("bpffs_dir") or default_bpffs_dir(node.name))
         yield lab
     finally:
         if lab is not None:
             lab.stop_apps()
         labops.lab_down(name)
-
-
-class SpliceMaps:
-    """The kernel splice's pinned maps of node1, read from the test (the agent pins them at start)."""
-
-    def __init__(self, bpffs_dir: str) -> None:
-        found = glob.glob(f"{bpffs_dir}/{splicing.PIN_PREFIX}maps-*/{splicing.PEERS}")
-        assert len(found) == 1, f"node1's agent pinned no kernel splice under {bpffs_dir}: {found}"
-        self.libbpf = Libbpf()
-        self.dir = os.path.dirname(found[0])
-
-    def _fd(self, name: str) -> int:
-        return self.libbpf.obj_get(f"{self.dir}/{name}")
-
-    def entries(self) -> int:
-        fd = self._fd(splicing.PEERS)
-        try:
-            return len(self.libbpf.map_keys(fd, 8, splicing.PEERS))
-        finally:
-            os.close(fd)
-
-    def counters(self) -> dict[str, int]:
-        fd = self._fd(splicing.COUNTERS)
-        try:
-            counts = read_reason_counters(self.libbpf, fd, splicing.REASON_NAMES, splicing.COUNTERS)
-        finally:
-            os.close(fd)
-        assert counts is not None
-        return counts
 
 
 def metric(lab, node: int, name: str, **labels) -> float:
@@ -130,7 +80,6 @@ def test_same_node_bytes_arrive_intact_without_a_tunnel_and_both_records_agree(l
     lab.start_server("n1p1", 7401, "echo")
     known = known_ids(lab, 1, 2)
     handshakes = metric(lab, 1, HANDSHAKES, reporter="destination")
-    before = lab.splice_maps.counters() if lab.same_node == "splice" else None
     result = lab.run_client("n1p2", f"{lab.pod('n1p1').ip}:7401", 16 * MIB, "echo")
     assert result.get("error") is None and result["complete"], result
     assert result["received"] == result["sent"] == 16 * MIB
@@ -149,37 +98,6 @@ def test_same_node_bytes_arrive_intact_without_a_tunnel_and_both_records_agree(l
     assert not pair_flows(lab, 2, "n1p2", "n1p1", known), "node2 recorded a same-node flow of node1"
     assert metric(lab, 1, HANDSHAKES, reporter="destination") == handshakes, \
         "node1's inbound proxy made a TLS handshake: the same-node connection took a tunnel to the node itself"
-    if before is not None:  # the bytes went through the kernel's verdict, not through the agent
-        after = lab.splice_maps.counters()
-        # 32 MiB both ways arrive in skbs of at most 64 KiB each: at least 512 redirected
-        assert after["redirected"] - before["redirected"] >= 2 * 16 * MIB // (64 * 1024), (before, after)
-        assert after["no_peer"] == before["no_peer"], (before, after)
-
-
-def test_an_open_spliced_connection_is_in_the_kernel_map_and_leaves_it(local_lab):
-    """While a spliced connection is open the sockhash holds its two sockets; once it closed, none."""
-    lab = local_lab
-    if lab.same_node != "splice":
-        pytest.skip("the user-space relay has no kernel map")
-    lab.start_server("n1p1", 7408, "echo")
-    base = lab.splice_maps.entries()
-    script = textwrap.dedent(f"""
-        import socket, sys
-        c = socket.create_connection(("{lab.pod('n1p1').ip}", 7408), timeout=10)
-        c.sendall(b"ping"); assert c.recv(4) == b"ping"
-        print("open", flush=True); sys.stdin.readline(); c.close()
-    """)
-    proc = labops.lab_exec(lab.name, "n1p2", [sys.executable, "-c", script], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, text=True)
-    try:
-        assert "open" in proc.stdout.readline()
-        assert lab.splice_maps.entries() == base + 2
-    finally:
-        proc.communicate("\n", timeout=30)
-    deadline = time.monotonic() + 10
-    while lab.splice_maps.entries() != base and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert lab.splice_maps.entries() == base
 
 
 def test_same_node_half_close_lets_the_server_answer(local_lab):
@@ -349,7 +267,6 @@ def test_many_same_node_connections_leave_nothing_open(local_lab):
     time.sleep(0.5)
     fds = _agent_fds(lab, 1)
     known = known_ids(lab, 1)
-    entries = lab.splice_maps.entries() if lab.same_node == "splice" else None
     script = textwrap.dedent(f"""
         import socket
         for i in range(200):
@@ -371,5 +288,3 @@ def test_many_same_node_connections_leave_nothing_open(local_lab):
     while _agent_fds(lab, 1) > fds and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _agent_fds(lab, 1) <= fds, f"node1's agent holds {_agent_fds(lab, 1)} fds, {fds} before 200 connections"
-    if entries is not None:
-        assert lab.splice_maps.entries() == entries, "the kernel splice's sockhash kept sockets of closed connections"

@@ -184,12 +184,3 @@ def test_the_ipv6_probe_reads_the_nodes_own_lo_before_the_throwaway_namespace(tm
     (lo / "disable_ipv6").write_text("1\n")
     probe = probes.probe_policy_routing6("no-such-netns", str(tmp_path))
     assert probe.result == probes.FAIL and "net.ipv6.conf.lo.disable_ipv6=1" in probe.error
-
-
-def test_same_node_splice_needs_the_sk_skb_probe_and_says_the_fallback():
-    spliced = build_report(all_ok(), "auto", same_node="splice")
-    assert spliced["same_node"]["path"] == "splice"
-    assert "same-node connections: splice" in render_table(spliced)
-    refused = build_report(all_ok(prog_sk_skb_splice=probes.FAIL), "auto", same_node="splice")
-    assert refused["same_node"]["path"] == "local" and "prog_sk_skb_splice: boom" in refused["same_node"]["reason"]
-    assert refused["can_run"]  # optional: the agent runs, on the user-space relay
