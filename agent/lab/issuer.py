@@ -19,10 +19,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
+from agent.identity.files import write_file_atomic
 from agent.lab import agents, cgroups, files, nsenter
 from agent.lab import netns_plumbing as nl
 from agent.lab.errors import LabError
@@ -112,16 +114,17 @@ def provision(plan: LabPlan, svid_ttl_seconds: int | None) -> None:
     root_pem = open(f"{plan.ca_dir}/ca.crt").read()
     for node in plan.nodes:
         os.makedirs(credential_dir(node), mode=0o700, exist_ok=True)
-        _write(f"{credential_dir(node)}/bundle.pem", root_pem, 0o644)
-        _write(token_file(node), make_token(key, node.name, time.time(), TOKEN_TTL_SECONDS) + "\n", 0o600)
+        write_file_atomic(Path(credential_dir(node), "bundle.pem"), root_pem.encode(), 0o644)
+        token = make_token(key, node.name, time.time(), TOKEN_TTL_SECONDS) + "\n"
+        write_file_atomic(Path(token_file(node)), token.encode(), 0o600)
     write_replica_configs(plan, svid_ttl_seconds)
 
 
 def write_replica_configs(plan: LabPlan, svid_ttl_seconds: int | None) -> None:
     os.makedirs(directory(plan), mode=0o700, exist_ok=True)
     for replica in replicas(plan):
-        _write(replica.config_file, yaml.safe_dump(issuer_config(plan, replica, svid_ttl_seconds), sort_keys=False),
-               0o600)
+        config = yaml.safe_dump(issuer_config(plan, replica, svid_ttl_seconds), sort_keys=False)
+        write_file_atomic(Path(replica.config_file), config.encode(), 0o600)
 
 
 def build_network(plan: LabPlan) -> None:
@@ -209,12 +212,3 @@ def wait_first_svids(plan: LabPlan, nodes: Sequence[NodePlan], timeout: float = 
                            f"({last.get(node.name, 'no answer')}); its log is {node.log_file}:\n"
                            f"{agents.log_tail(node.log_file)}\nand the issuer's: {replicas(plan)[0].log_file}")
         time.sleep(0.2)
-
-
-def _write(path: str, text: str, mode: int) -> None:
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
