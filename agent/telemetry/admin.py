@@ -84,7 +84,7 @@ class _Server(HTTPServer):
                 self._held += 1
         if full:
             self._reject(request, "busy")
-            self.shutdown_request(request)
+            self.close_request(request)  # close, not shutdown_request: a FIN before the reset reads as EPIPE
             return
         self._pool.submit(self._work, request, client_address)
 

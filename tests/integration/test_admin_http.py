@@ -61,20 +61,24 @@ def test_idle_connections_beyond_the_backlog_are_closed_and_counted_without_a_th
     held = []
     try:
         threads = threading.active_count()
-        for _ in range(40):
-            held.append(socket.create_connection(server.address, timeout=5))
+        for index in range(40):
+            try:
+                held.append(socket.create_connection(server.address, timeout=5))
+            except (ConnectionResetError, BrokenPipeError):
+                # on a loaded machine the reset can arrive before connect() returns: still a refusal
+                assert index >= admin_module.BACKLOG, f"connection {index} within the backlog was reset"
         deadline = time.monotonic() + 10
         while counts.get("busy", 0) < 32:
             assert time.monotonic() < deadline, counts
             time.sleep(0.05)
         assert counts == {"busy": 32}
         assert threading.active_count() - threads <= admin_module.WORKERS
-        refused = held[-1]
-        refused.settimeout(5)
-        try:
-            assert refused.recv(1) == b""  # closed (reset) at once, nothing answered
-        except ConnectionResetError:
-            pass
+        for refused in held[admin_module.BACKLOG:]:  # those whose connect() returned before the reset
+            refused.settimeout(5)
+            try:
+                assert refused.recv(1) == b""  # closed (reset) at once, nothing answered
+            except ConnectionResetError:
+                pass
     finally:
         for sock in held:
             sock.close()
