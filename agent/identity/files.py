@@ -23,6 +23,9 @@ NODE_CA_FILES = (NODE_CERT_FILE, NODE_KEY_FILE, BUNDLE_FILE)
 ROOT_CA_FILES = (CA_CERT_FILE, CA_KEY_FILE)
 # The issuer's directory (`tcpmesh ca issue-issuer`): its issuing intermediate, key, and the trust bundle.
 ISSUER_CA_FILES = ("issuer.crt", "issuer.key", BUNDLE_FILE)
+# The intermediate issuer.crt replaced (written by `ca issue-issuer` and `ca rotate reissue`): node SVIDs it signed
+# stay node credentials while it chains to a root of the bundle (signing.IssuingCa checks signatures, not names).
+ISSUER_PREVIOUS_CERT_FILE = "issuer-previous.crt"
 # A node credential directory (`tcpmesh ca issue-node-credential`, then renewed by the agent): a client
 # certificate spiffe://<td>/node/<name> (CA:false), its key, and the trust bundle. Holds no signing key.
 CREDENTIAL_CERT_FILE = "credential.crt"

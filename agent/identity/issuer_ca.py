@@ -2,8 +2,9 @@
 
 ``tcpmesh ca issue-issuer --ca ROOT --out DIR`` writes the issuer's directory: ``issuer.crt`` (an
 issuing intermediate with the node intermediate's profile: CA:true pathlen:0, the trust domain's URI
-name constraint), ``issuer.key`` (0600) and ``bundle.pem``. Every replica of the issuer loads the same
-directory (``load_issuer_ca``); no node ever holds it.
+name constraint), ``issuer.key`` (0600) and ``bundle.pem``; the ``issuer.crt`` it replaces is kept as
+``issuer-previous.crt`` (node SVIDs it signed renew while it chains to a root of the bundle). Every
+replica of the issuer loads the same directory (``load_issuer_ca``); no node ever holds it.
 
 ``tcpmesh ca issue-node-credential NODE --ca ROOT --out DIR`` writes a node credential directory:
 ``credential.crt`` — a leaf (CA:false, clientAuth only) naming ``spiffe://<td>/node/<NODE>``, signed by
@@ -24,9 +25,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity.bundle import make_bundle
-from agent.identity.ca import CA_CERT_MODE, CA_KEY_MODE, load_ca, private_key_pem, write_file_atomic
+from agent.identity.ca import (CA_CERT_MODE, CA_KEY_MODE, CertificateAuthority, load_ca, private_key_pem,
+                               write_file_atomic)
 from agent.identity.errors import CaError
-from agent.identity.files import BUNDLE_FILE, CREDENTIAL_CERT_FILE, CREDENTIAL_KEY_FILE, ISSUER_CA_FILES
+from agent.identity.bundle import TrustBundle
+from agent.identity.files import (BUNDLE_FILE, CREDENTIAL_CERT_FILE, CREDENTIAL_KEY_FILE, ISSUER_CA_FILES,
+                                  ISSUER_PREVIOUS_CERT_FILE)
 from agent.identity.issue import sign_leaf
 from agent.identity.node_ca import SigningCa, issue_node_ca, load_node_ca, write_bundle
 from agent.identity.spiffe import SpiffeIdError, node_id_uri
@@ -54,11 +58,21 @@ def issue_issuer_files(root_dir: str | Path, out_dir: str | Path, *, name: str =
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise CaError(f"cannot create the issuer directory {out}: {exc.strerror}; choose one you can write to") from None
-    cert_name, key_name, _ = ISSUER_CA_FILES
-    write_file_atomic(out / key_name, private_key_pem(intermediate), CA_KEY_MODE)
-    write_file_atomic(out / cert_name, intermediate.cert_pem.encode("ascii"), CA_CERT_MODE)
-    write_bundle(out, make_bundle([root.certificate], where=str(Path(root_dir) / "ca.crt")))
+    write_issuer_dir(out, intermediate, make_bundle([root.certificate], where=str(Path(root_dir) / "ca.crt")))
     return WrittenCa(out, root.trust_domain, intermediate.not_after)
+
+
+def write_issuer_dir(directory: Path, intermediate: CertificateAuthority, bundle: TrustBundle) -> None:
+    """Write a new issuing intermediate, its key and ``bundle`` into the issuer's directory, keeping the
+    intermediate it replaces as ``issuer-previous.crt`` (written first: a replica polling in between sees
+    both, never a node SVID signer it cannot verify)."""
+    cert_name, key_name, _ = ISSUER_CA_FILES
+    replaced = directory / cert_name
+    if replaced.exists() and replaced.read_bytes() != intermediate.cert_pem.encode("ascii"):
+        write_file_atomic(directory / ISSUER_PREVIOUS_CERT_FILE, replaced.read_bytes(), CA_CERT_MODE)
+    write_file_atomic(directory / key_name, private_key_pem(intermediate), CA_KEY_MODE)
+    write_file_atomic(replaced, intermediate.cert_pem.encode("ascii"), CA_CERT_MODE)
+    write_bundle(directory, bundle)
 
 
 def load_issuer_ca(directory: str | Path, *, now: datetime | None = None) -> SigningCa:

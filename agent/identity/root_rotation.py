@@ -231,16 +231,11 @@ def _new_first(bundle: TrustBundle, new_root: x509.Certificate) -> TrustBundle:
 
 
 def _write_issuer_dir(directory: Path, root: Any, bundle: TrustBundle, valid_days: int) -> None:
-    """A new issuing intermediate from ``root`` into the issuer's directory, and ``bundle`` (both roots, the new one
-    first: what the issuer hands to nodes with each credential)."""
-    from agent.identity.ca import CA_CERT_MODE, CA_KEY_MODE, private_key_pem, write_file_atomic
-    from agent.identity.issuer_ca import ISSUER_CA_LABEL
+    """A new issuing intermediate from ``root`` into the issuer's directory (the old one kept as
+    ``issuer-previous.crt``), and ``bundle`` (both roots, the new one first: what the issuer hands to nodes)."""
+    from agent.identity.issuer_ca import ISSUER_CA_LABEL, write_issuer_dir
 
-    intermediate = issue_node_ca(root, "issuer", valid_days=valid_days, label=ISSUER_CA_LABEL)
-    cert_name, key_name, _ = ISSUER_CA_FILES
-    write_file_atomic(directory / key_name, private_key_pem(intermediate), CA_KEY_MODE)
-    write_file_atomic(directory / cert_name, intermediate.cert_pem.encode("ascii"), CA_CERT_MODE)
-    write_bundle(directory, bundle)
+    write_issuer_dir(directory, issue_node_ca(root, "issuer", valid_days=valid_days, label=ISSUER_CA_LABEL), bundle)
 
 
 def remove_old(new_ca_dir: str | Path, node_dirs: Sequence[str | Path]) -> list[str]:

@@ -78,6 +78,28 @@ def reload_registry_file(config: IssuerConfig, holder: RegistryHolder, metrics: 
              len(registry.workloads))
 
 
+def reload_ca_dir(config: IssuerConfig, service: IssuerService, server: IssuerServer, metrics: Any,
+                  seen: Any) -> Any:
+    """One poll of ``ca_dir``: reload it if its files changed since ``seen`` (a bad one is logged and the
+    loaded CA stays), else renew the server certificate near half life. Returns the signature now seen."""
+    signature = files_signature(config.ca_dir, ISSUER_CA_FILES)
+    now = datetime.now(timezone.utc)
+    if signature == seen:
+        if (server.server_not_after - now).total_seconds() < 12 * 3600:
+            server.refresh_server_certificate()
+        return seen
+    try:
+        service.ca = IssuingCa(config.ca_dir, now, previous=service.ca)
+    except IdentityError as exc:
+        log.error("issuer: the CA files in %s changed but cannot be used: %s; keeping %r",
+                  config.ca_dir, exc, service.ca)
+        return signature
+    metrics.ca_expiry.set(service.ca.not_after.timestamp())
+    log.info("issuer: reloaded %r", service.ca)
+    server.refresh_server_certificate()
+    return signature
+
+
 def build_service(config: IssuerConfig, metrics: IssuerMetrics, holder: RegistryHolder) -> IssuerService:
     now = datetime.now(timezone.utc)
     ca = IssuingCa(config.ca_dir, now)
@@ -148,21 +170,7 @@ async def run_issuer(config: IssuerConfig, *, registry: CollectorRegistry | None
                 pass
             if config.registry.source == "file":
                 reload_registry_file(config, holder, metrics)
-            signature = files_signature(config.ca_dir, ISSUER_CA_FILES)
-            now = datetime.now(timezone.utc)
-            if signature != ca_signature:
-                ca_signature = signature
-                try:
-                    service.ca = IssuingCa(config.ca_dir, now)
-                except IdentityError as exc:
-                    log.error("issuer: the CA files in %s changed but cannot be used: %s; keeping %r",
-                              config.ca_dir, exc, service.ca)
-                    continue
-                metrics.ca_expiry.set(service.ca.not_after.timestamp())
-                log.info("issuer: reloaded %r", service.ca)
-                server.refresh_server_certificate()
-            elif (server.server_not_after - now).total_seconds() < 12 * 3600:
-                server.refresh_server_certificate()
+            ca_signature = reload_ca_dir(config, service, server, metrics, ca_signature)
     finally:
         for task in tasks:
             task.cancel()

@@ -3,8 +3,9 @@
 ``IssuerService.handle(request, peer)`` is everything the issuer decides; ``server.py`` only adds TLS
 and lines. ``peer`` is what the TLS layer proved: the source address and, if the client presented a
 certificate that verified against the trust bundle, the node it names (``spiffe://<td>/node/<name>``;
-any other certificate counts as none). Any op: a client certificate naming a node must be signed by an issuer CA or a current root
-(``untrusted_node_credential`` otherwise: a legacy node intermediate can sign a leaf naming any node).
+any other certificate counts as none). Any op: a client certificate naming a node must be signed by an issuer CA
+under a current root, or by a current root — by signature, ``signing.IssuingCa`` (``untrusted_node_credential``
+otherwise: a legacy node intermediate can sign a leaf naming any node; a removed root outlives its bundle in TLS).
 Order for ``sign``: credential → rate limit (per node, cost =
 CSRs asked) → per identity: placement (``placement.authorize``), then the CSR. For ``node``: a
 credential of that very node, or a bootstrap token (rate-limited per source address *before* the

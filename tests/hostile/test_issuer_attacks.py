@@ -7,6 +7,9 @@ Seen succeeding on main before their fixes (the commit that adds them says which
   certificate naming ``spiffe://<td>/node/node2`` and the issuer served it node2's identities;
 - a JSON request nested deeper than the parser's recursion limit killed the connection with no
   refusal, no log line naming the reason and no count; an oversized line was dropped the same way.
+- after `ca rotate remove-old`, a node SVID signed by the issuing intermediate under the removed root
+  still got SVIDs until the replica restarted, and a CA bearing the issuer CA's exact name under another
+  key (signed by the retired root) vouched for node2: the issuer matched issuer CAs by their name.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from agent.issuer import protocol
 from agent.issuer.client import Credential
 from agent.issuer.server import ALPN
 from agent.issuer.tokens import load_token_key, make_token
+from tests.integration.issuer_world import Replica
 from tests.integration.test_issuer import A, B, TD, client, new_csr, node_credential, sign, uri_of, world  # noqa: F401
 
 NODE2 = f"spiffe://{TD}/node/node2"
@@ -287,3 +291,89 @@ def test_an_identity_whose_workload_left_the_node_is_not_renewed_there(world):
         answer = sign(client(replica, bundle), cred1, A)
         assert not answer["svids"] and answer["refused"][A]["reason"] == "not_on_node", answer
         assert [uri_of(s["cert_pem"]) for s in sign(client(replica, bundle), cred2, A)["svids"]] == [A]
+
+
+# -- a root rotation, as the running replicas see it --------------------------------------------------------
+def _rotate(tmp_path, replicas, *steps: str) -> str:
+    """Run `tcpmesh ca rotate` ``steps`` on the issuer's directory, each followed by one poll of every replica (as
+    ``run_issuer`` does every ``registry.poll_seconds``); the bundle a client verifies the issuer with now."""
+    from agent.identity import root_rotation
+
+    run = {"add-root": root_rotation.add_root, "reissue": root_rotation.reissue,
+           "remove-old": root_rotation.remove_old}
+    for step in steps:
+        run[step](tmp_path / "root-new", [tmp_path / "issuer"])
+        for replica in replicas:
+            replica.poll()
+    return (tmp_path / "issuer" / "bundle.pem").read_text()
+
+
+def _join(replica, bundle: str, tmp_path, node: str) -> Credential:
+    token = make_token(load_token_key(tmp_path / "token.key"), node, time.time(), 300)
+    key_pem, csr = new_csr()
+    joined = client(replica, bundle).call({"v": 1, "op": "node", "node": node, "csr": csr, "token": token}, None)
+    assert joined["ok"], joined
+    return Credential(joined["svid"]["cert_pem"] + "".join(joined["svid"]["chain_pem"]), key_pem)
+
+
+def test_after_remove_old_a_node_svid_of_the_old_issuer_ca_is_refused_without_a_restart(world, caplog):
+    """After `ca rotate remove-old` the old root is gone from the issuer's bundle, but its SSLContext still trusts
+    it (it cannot forget a root). A node SVID the old issuing intermediate signed — a node that missed the
+    rotation, or a thief of one — must stop being a node credential at the replica's next poll, not at its restart.
+    Seen succeeding on main: the old intermediate was accepted by its name (`CN=tcpmesh issuer CA …`)."""
+    tmp_path, (r0, r1), bundle = world
+    stale = _join(r0, bundle, tmp_path, "node2")           # node SVID from the issuing intermediate under the old root
+    bundle = _rotate(tmp_path, (r0, r1), "add-root", "reissue")
+    # during the rotation both roots are trusted: the stale node SVID renews (on any replica, even one started now)
+    restarted = Replica(r0.config, "issuer-2")
+    try:
+        for replica in (r0, r1, restarted):
+            assert [uri_of(s["cert_pem"]) for s in sign(client(replica, bundle), stale, B)["svids"]] == [B]
+    finally:
+        restarted.stop()
+    key_pem, csr = new_csr()
+    renewed = client(r1, bundle).call({"v": 1, "op": "node", "node": "node2", "csr": csr}, stale)["svid"]
+    current = Credential(renewed["cert_pem"] + "".join(renewed["chain_pem"]), key_pem)
+    caplog.set_level("WARNING", logger="tcpmesh.issuer")
+    bundle = _rotate(tmp_path, (r0, r1), "remove-old")
+    for replica in (r0, r1):
+        answer = sign(client(replica, bundle), stale, B)
+        assert not answer["ok"] and answer["error"]["reason"] == "untrusted_node_credential", answer
+        again = client(replica, bundle).call({"v": 1, "op": "node", "node": "node2", "csr": new_csr()[1]}, stale)
+        assert not again["ok"] and again["error"]["reason"] == "untrusted_node_credential", again
+        assert replica.refusals("untrusted_node_credential") == 2
+        # the node that followed the rotation is served as before
+        assert [uri_of(s["cert_pem"]) for s in sign(client(replica, bundle), current, B)["svids"]] == [B]
+    assert "left the issuer's trust bundle" in caplog.text
+
+
+def test_a_ca_named_like_the_issuer_ca_under_another_key_cannot_vouch_for_a_node(world, tmp_path_factory):
+    """Whoever holds a root the replica's TLS context still trusts (here the root retired by `remove-old`, maybe
+    because it leaked) makes a CA with the issuer CA's very name but its own key and signs a leaf naming node2.
+    A name proves nothing: the issuer must check signatures. Seen succeeding on main (node2's identity served)."""
+    from agent.identity.ca import CertificateAuthority
+    from agent.identity.node_ca import issue_node_ca
+    from agent.identity.issuer_ca import ISSUER_CA_LABEL
+
+    tmp_path, (r0, r1), bundle = world
+    old_root = load_ca(tmp_path / "root")
+    bundle = _rotate(tmp_path, (r0, r1), "add-root", "reissue", "remove-old")
+    current = x509.load_pem_x509_certificate((tmp_path / "issuer" / "issuer.crt").read_bytes())
+    template = issue_node_ca(old_root, "issuer", label=ISSUER_CA_LABEL)   # the issuer CA's profile, the old root
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (x509.CertificateBuilder().subject_name(current.subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(template.certificate.not_valid_before_utc)
+               .not_valid_after(template.certificate.not_valid_after_utc))
+    for ext in template.certificate.extensions:
+        if not isinstance(ext.value, (x509.AuthorityKeyIdentifier, x509.SubjectKeyIdentifier)):
+            builder = builder.add_extension(ext.value, ext.critical)
+    builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    lookalike = CertificateAuthority(old_root.sign(builder), key)
+    assert lookalike.certificate.subject == current.subject
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = sign_leaf(lookalike, NODE2, TD, leaf_key.public_key(), 3600, datetime.now(timezone.utc), client_only=True)
+    forged = Credential(leaf.public_bytes(serialization.Encoding.PEM).decode() + lookalike.cert_pem, _key_pem(leaf_key))
+    for replica in (r0, r1):
+        answer = sign(client(replica, bundle), forged, B)
+        assert not answer["ok"] and answer["error"]["reason"] == "untrusted_node_credential", answer

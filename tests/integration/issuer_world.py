@@ -9,7 +9,9 @@ import threading
 from prometheus_client import CollectorRegistry
 
 from agent.issuer.metrics import IssuerMetrics
-from agent.issuer.run import RegistryHolder, build_service, kubernetes_registry_source, reload_registry_file
+from agent.identity.files import ISSUER_CA_FILES, files_signature
+from agent.issuer.run import (RegistryHolder, build_service, kubernetes_registry_source, reload_ca_dir,
+                               reload_registry_file)
 from agent.issuer.server import IssuerServer
 
 
@@ -17,6 +19,7 @@ class Replica:
     """One issuer replica serving on loopback from its own event loop thread."""
 
     def __init__(self, config, name: str, port: int = 0) -> None:
+        self.config = config
         self.metrics = IssuerMetrics(CollectorRegistry())
         self.holder = RegistryHolder()
         self.loop = asyncio.new_event_loop()
@@ -28,6 +31,7 @@ class Replica:
             asyncio.run_coroutine_threadsafe(self._start_source(), self.loop).result(30)
         else:
             reload_registry_file(config, self.holder, self.metrics)
+        self.ca_signature = files_signature(config.ca_dir, ISSUER_CA_FILES)
         self.service = build_service(config, self.metrics, self.holder)
         self.service.name = name
         self.server = IssuerServer(self.service, "127.0.0.1", port, metrics=self.metrics)
@@ -37,6 +41,14 @@ class Replica:
         self.source.start()
         self.holder.set(await self.source.first_snapshot(20))
         self._source_task = asyncio.ensure_future(self.source.run())
+
+    def poll(self) -> None:
+        """One round of ``run_issuer``'s poll loop (registry file, CA directory), on the replica's loop thread."""
+        async def once() -> None:
+            if self.config.registry.source == "file":
+                reload_registry_file(self.config, self.holder, self.metrics)
+            self.ca_signature = reload_ca_dir(self.config, self.service, self.server, self.metrics, self.ca_signature)
+        asyncio.run_coroutine_threadsafe(once(), self.loop).result(10)
 
     @property
     def address(self) -> str:
