@@ -18,4 +18,6 @@ class IssuerMetrics:
                                "When the issuing intermediate expires (re-issue it before then)", registry=registry)
         self.registry_workloads = Gauge("tcpmesh_issuer_registry_workloads",
                                         "Workloads in the registry the placement check reads", registry=registry)
+        self.reloads_refused = Counter("tcpmesh_issuer_reloads_refused", "Changed files not applied (the last good "
+                                       "ones stay), by what (registry, ca_dir)", ["what"], registry=registry)
         self.connections = Gauge("tcpmesh_issuer_connections", "Open TLS connections from agents", registry=registry)

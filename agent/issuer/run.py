@@ -2,8 +2,10 @@
 
 Every ``registry.poll_seconds`` it re-reads a changed registry file (a bad one is logged and the last
 good one stays — placement never falls back to "allow"), reloads a changed CA directory (a re-issued
-intermediate: new server certificate, new signatures), and renews its server certificate at half
-life. Kubernetes: the registry's own watch source (``registry.kubernetes.source``, pods and nodes
+intermediate: new server certificate, new signatures; a changed bundle: who may vouch for a node), and
+renews its server certificate at half life. A registry file, CA file or token key that someone other
+than root or the issuer's user can change (``filetrust``) stops the start; at a reload it is refused
+and the last good one stays (logged, ``tcpmesh_issuer_reloads_refused_total``). Kubernetes: the registry's own watch source (``registry.kubernetes.source``, pods and nodes
 only) feeds the snapshot, and with ``attestation.kubernetes.enabled`` a ``KubernetesAttestor`` lets
 agents join with their pod's projected service-account token.
 Stops on SIGTERM/SIGINT. Systemd ``READY=1`` once listening (NOTIFY_SOCKET, when set).
@@ -22,9 +24,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from agent.errors import TcpmeshError
-from agent.identity.errors import IdentityError
 from agent.identity.files import ISSUER_CA_FILES, files_signature
 from agent.issuer.config import IssuerConfig
+from agent.issuer.filetrust import UntrustedFileError, check_trusted_file
 from agent.issuer.metrics import IssuerMetrics
 from agent.issuer.ratelimit import RateLimiter
 from agent.issuer.server import IssuerServer
@@ -52,25 +54,43 @@ class RegistryHolder:
 
 
 def _file_signature(path: str) -> Any:
-    try:
-        st = os.stat(path)
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-    except OSError:
-        return None
+    """What a poll compares: the file's and its directory's identity, size, mode, owner and times (a chmod, a
+    chown or a replaced file all show)."""
+    result = []
+    for name in (path, os.path.dirname(os.path.abspath(path))):
+        try:
+            st = os.stat(name)
+            result.append((st.st_ino, st.st_size, st.st_mode, st.st_uid, st.st_mtime_ns, st.st_ctime_ns))
+        except OSError:
+            result.append(None)
+    return tuple(result)
 
 
-def reload_registry_file(config: IssuerConfig, holder: RegistryHolder, metrics: Any) -> None:
+def reload_registry_file(config: IssuerConfig, holder: RegistryHolder, metrics: Any, *, at_start: bool = False) -> None:
+    """Load ``registry.file`` if it changed. A file someone other than root or the issuer's user can change
+    (``filetrust``) is refused: at start by raising (the issuer does not run), later by keeping the last good
+    registry, logged and counted. A file that does not parse is logged and the last good one stays."""
     from agent.registry.static_file import load_registry_file
 
     signature = _file_signature(config.registry.file)
     if signature == holder.signature:
         return
     holder.signature = signature
+    keeping = "none yet: every request is refused" if holder.current is None else "loaded before"
+    try:
+        check_trusted_file(config.registry.file, "registry.file")
+    except UntrustedFileError as exc:
+        if at_start:
+            raise
+        metrics.reloads_refused.labels(what="registry").inc()
+        log.error("issuer: %s; keeping the previous registry (%s)", exc, keeping)
+        return
     try:
         registry = load_registry_file(config.registry.file, config.trust_domain)
     except TcpmeshError as exc:
+        metrics.reloads_refused.labels(what="registry").inc()
         log.error("issuer: the registry %s cannot be used: %s; keeping the previous one (%s)", config.registry.file,
-                  exc, "none yet: every request is refused" if holder.current is None else "loaded before")
+                  exc, keeping)
         return
     holder.set(registry)
     metrics.registry_workloads.set(len(registry.workloads))
@@ -90,7 +110,8 @@ def reload_ca_dir(config: IssuerConfig, service: IssuerService, server: IssuerSe
         return seen
     try:
         service.ca = IssuingCa(config.ca_dir, now, previous=service.ca)
-    except IdentityError as exc:
+    except TcpmeshError as exc:   # IdentityError, or UntrustedFileError: someone else may change the files
+        metrics.reloads_refused.labels(what="ca_dir").inc()
         log.error("issuer: the CA files in %s changed but cannot be used: %s; keeping %r",
                   config.ca_dir, exc, service.ca)
         return signature
@@ -145,7 +166,7 @@ async def run_issuer(config: IssuerConfig, *, registry: CollectorRegistry | None
     holder = RegistryHolder()
     source = None
     if config.registry.source == "file":
-        reload_registry_file(config, holder, metrics)
+        reload_registry_file(config, holder, metrics, at_start=True)
     else:
         source = kubernetes_registry_source(config, holder, metrics)
         source.start()

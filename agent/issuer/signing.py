@@ -1,7 +1,8 @@
 """The issuer's CA key and what it signs: workload SVIDs and node SVIDs for CSRs, its own server certificate.
 
 Holds the issuing intermediate loaded from the issuer's directory (``identity.issuer_ca.load_issuer_ca``,
-every check of a node CA directory); the key never leaves this object. It also decides which CAs may vouch
+every check of a node CA directory, and ``filetrust``: only root or the issuer may change its files); the
+key never leaves this object. It also decides which CAs may vouch
 for a node — by signature against the bundle it loaded, never by a name: the issuing intermediate, the
 roots of the bundle, and a previous issuing intermediate (``issuer-previous.crt``, or one this process
 loaded before) only while a root of the bundle signed it. Certificates follow the SVID
@@ -29,6 +30,7 @@ from agent.identity.issue import csr_public_key, sign_leaf
 from agent.identity.issuer_ca import load_issuer_ca
 from agent.identity.node_ca import SigningCa
 from agent.identity.spiffe import SpiffeId, issuer_id_uri, node_id_uri
+from agent.issuer.filetrust import check_trusted_file
 
 log = logging.getLogger("tcpmesh.issuer")
 MAX_PREVIOUS_ISSUER_CAS = 4   # carried across reloads: renewals of the issuing intermediate within a node SVID's life
@@ -47,6 +49,9 @@ class IssuingCa:
         intermediates stay node credential signers while a root of the new bundle signed them."""
         self.directory = str(directory)
         self.signature = files_signature(directory, ISSUER_CA_FILES)
+        key_name = ISSUER_CA_FILES[1]
+        for name in (*ISSUER_CA_FILES, ISSUER_PREVIOUS_CERT_FILE):   # only root or the issuer may change them
+            check_trusted_file(Path(directory) / name, "ca_dir", secret=name == key_name)
         self._signing: SigningCa = load_issuer_ca(directory, now=now)
         self.trust_domain = self._signing.ca.trust_domain
         self.bundle_pem = self._signing.bundle.pem

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from agent.errors import TcpmeshError
 from agent.identity.spiffe import SpiffeIdError, validate_node_name
+from agent.issuer.filetrust import UntrustedFileError, check_trusted_file
 
 PREFIX = "tmbt1"
 MAX_TOKEN_TTL_SECONDS = 24 * 3600
@@ -142,6 +143,10 @@ def create_token_key(path: str | Path) -> None:
 
 def load_token_key(path: str | Path) -> bytes:
     path = Path(path)
+    try:
+        check_trusted_file(path, "tokens.key_file", secret=True)   # owner and directory too, not only the mode
+    except UntrustedFileError as exc:
+        raise TokenError(str(exc)) from None
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
         text = path.read_text().strip()

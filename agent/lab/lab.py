@@ -193,6 +193,7 @@ def _atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)   # whatever the umask: the issuer refuses a registry others may write (issuer/filetrust.py)
     os.replace(tmp, path)
 
 

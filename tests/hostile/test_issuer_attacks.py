@@ -10,6 +10,8 @@ Seen succeeding on main before their fixes (the commit that adds them says which
 - after `ca rotate remove-old`, a node SVID signed by the issuing intermediate under the removed root
   still got SVIDs until the replica restarted, and a CA bearing the issuer CA's exact name under another
   key (signed by the retired root) vouched for node2: the issuer matched issuer CAs by their name.
+- a registry file others could write (0666, 0664, or owned by another user) was loaded — node1 got identity
+  b — and so were a group-writable bundle.pem and a token key owned by another user.
 """
 
 from __future__ import annotations
@@ -377,3 +379,71 @@ def test_a_ca_named_like_the_issuer_ca_under_another_key_cannot_vouch_for_a_node
     for replica in (r0, r1):
         answer = sign(client(replica, bundle), forged, B)
         assert not answer["ok"] and answer["error"]["reason"] == "untrusted_node_credential", answer
+
+
+# -- files the issuer decides by: who may write them ---------------------------------------------------------
+MOVED_B_TO_NODE1 = "ip: 10.2.0.1, node: node1"
+
+
+def test_a_registry_file_others_can_write_is_refused_at_start_and_at_reload(world, caplog):
+    """Whoever can write the registry decides which node gets which identity. A registry file that group or
+    others may write, or that another user owns, is refused — at start (the issuer does not run) and at reload
+    (the last good registry stays, nothing of the new one applies) — naming the file, its mode and owner and
+    the fix. Seen succeeding on main: the rewritten registry moved identity b onto node1 and node1 got it."""
+    import os
+
+    tmp_path, (r0, r1), bundle = world
+    registry = tmp_path / "workloads.yaml"
+    cred1 = node_credential(tmp_path, "node1")
+    caplog.set_level("ERROR", logger="tcpmesh.issuer")
+    registry.write_text(registry.read_text().replace("ip: 10.2.0.1, node: node2", MOVED_B_TO_NODE1))
+    for mode, owner in ((0o666, 0), (0o664, 0), (0o644, 65534)):
+        os.chown(registry, owner, 0)
+        os.chmod(registry, mode)
+        r0.poll()
+        answer = sign(client(r0, bundle), cred1, B)
+        assert not answer["svids"] and answer["refused"][B]["reason"] == "not_on_node", (oct(mode), owner, answer)
+        assert str(registry) in caplog.text and f"{mode:04o}" in caplog.text, caplog.text
+        assert ("chmod 0644" if mode != 0o644 else "chown root") in caplog.text, caplog.text
+        with pytest.raises(Exception, match="registry.file") as refused:   # a replica starting now does not run
+            Replica(r0.config, "issuer-2")
+        assert str(registry) in str(refused.value)
+        caplog.clear()
+    # the operator's fix: the file is loaded at the next poll
+    os.chown(registry, 0, 0)
+    os.chmod(registry, 0o644)
+    r0.poll()
+    assert [uri_of(s["cert_pem"]) for s in sign(client(r0, bundle), cred1, B)["svids"]] == [B]
+
+
+def test_issuer_ca_files_others_can_write_are_refused_at_start_and_the_loaded_ca_stays(world, caplog):
+    """bundle.pem decides who may vouch for a node, issuer.crt/issuer.key what the issuer signs with: the same
+    rule as the registry. Seen succeeding on main: a group-writable bundle.pem was loaded."""
+    import os
+
+    tmp_path, (r0, _), bundle = world
+    bundle_file = tmp_path / "issuer" / "bundle.pem"
+    fingerprint_before = r0.service.ca.fingerprint
+    os.chmod(bundle_file, 0o664)
+    with pytest.raises(Exception, match="chmod 0644") as refused:
+        Replica(r0.config, "issuer-2")
+    assert str(bundle_file) in str(refused.value) and "0664" in str(refused.value)
+    caplog.set_level("ERROR", logger="tcpmesh.issuer")
+    from agent.identity.issuer_ca import issue_issuer_files
+    issue_issuer_files(tmp_path / "root", tmp_path / "issuer")   # re-issued, then made group-writable
+    os.chmod(bundle_file, 0o664)
+    r0.poll()
+    assert r0.service.ca.fingerprint == fingerprint_before and str(bundle_file) in caplog.text
+    assert sign(client(r0, bundle), node_credential(tmp_path, "node2"), B)["svids"]
+
+
+def test_a_token_key_another_user_owns_is_refused(world):
+    """The token key mints joins for any node: mode 0600 was checked already, its owner was not."""
+    import os
+
+    from agent.issuer.tokens import TokenError
+
+    tmp_path, _, _ = world
+    os.chown(tmp_path / "token.key", 65534, 0)
+    with pytest.raises(TokenError, match="chown"):
+        load_token_key(tmp_path / "token.key")

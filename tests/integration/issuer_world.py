@@ -30,7 +30,7 @@ class Replica:
             self.source = kubernetes_registry_source(config, self.holder, self.metrics)
             asyncio.run_coroutine_threadsafe(self._start_source(), self.loop).result(30)
         else:
-            reload_registry_file(config, self.holder, self.metrics)
+            reload_registry_file(config, self.holder, self.metrics, at_start=True)
         self.ca_signature = files_signature(config.ca_dir, ISSUER_CA_FILES)
         self.service = build_service(config, self.metrics, self.holder)
         self.service.name = name
