@@ -61,6 +61,20 @@ class RateConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    # What one replica holds at once and for how long (server.py); docs/identity.md "Limits of one replica"
+    workers: int = 8                          # requests answered at once (threads)
+    attestations: int = 4                     # Kubernetes attestations waiting for the API at once (< workers)
+    max_connections: int = 1024               # TLS connections held (without a node credential: at most half)
+    max_connections_per_peer: int = 16        # per node credential, or per source address without one
+    max_handshakes: int = 256                 # TLS handshakes in progress (full: the oldest one is cut)
+    max_handshakes_per_address: int = 8       # per source address
+    handshake_timeout_seconds: float = 5.0
+    request_timeout_seconds: float = 10.0     # the first request line, complete, after the handshake
+    idle_seconds: float = 60.0                # between the requests of one connection
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     address: str = "127.0.0.1"
     port: int = 15022     # /metrics (Prometheus); 0: off
@@ -76,6 +90,7 @@ class IssuerConfig:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     attestation: AttestationConfig = field(default_factory=AttestationConfig)
     rate: RateConfig = field(default_factory=RateConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     max_svid_ttl_seconds: int = 3600
     node_svid_ttl_seconds: int = 3600
@@ -111,11 +126,27 @@ def issuer_config_from_mapping(doc: Any) -> IssuerConfig:
         raise ConfigError("listen.port", config.listen.port, "out of range", "use 1-65535")
     if config.rate.per_second <= 0 or config.rate.burst < 1 or config.rate.joins_per_minute <= 0:
         raise ConfigError("rate", config.rate, "every rate must be positive", "for example per_second: 5, burst: 200")
+    _limits(config.limits)
     _attestation(config)
     if not config.ca_dir:
         raise ConfigError("ca_dir", config.ca_dir, "is required",
                           "point it at the directory of `tcpmesh ca issue-issuer --ca <root> --out <dir>`")
     return config
+
+
+def _limits(limits: LimitsConfig) -> None:
+    for name in ("workers", "max_connections", "max_connections_per_peer", "max_handshakes",
+                 "max_handshakes_per_address", "attestations"):
+        if getattr(limits, name) < 1:
+            raise ConfigError(f"limits.{name}", getattr(limits, name), "must be at least 1",
+                              f"use the default {getattr(LimitsConfig, name)}")
+    if limits.attestations >= limits.workers:
+        raise ConfigError("limits.attestations", limits.attestations, f"must be below limits.workers ({limits.workers}): "
+                          "requests that need no API (sign, renewals) must always find a free worker",
+                          f"use at most {limits.workers - 1}")
+    for name in ("handshake_timeout_seconds", "request_timeout_seconds", "idle_seconds"):
+        if not 0.5 <= getattr(limits, name) <= 600:
+            raise ConfigError(f"limits.{name}", getattr(limits, name), "out of range", "use 0.5 to 600 seconds")
 
 
 def _attestation(config: IssuerConfig) -> None:

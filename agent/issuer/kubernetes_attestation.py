@@ -20,15 +20,26 @@ agent sends it in its ``node`` request; the issuer (any replica: nothing here is
    API server sends one (1.30+). The caller compares it with the node asked for (``wrong_node``).
 
 An API server that cannot be asked is ``attestation_unavailable`` (the agent retries; its current
-credential stays valid meanwhile). ``bound_pod`` and ``attested_node`` are pure (tests feed them
-JSON); ``KubernetesAttestor`` does the two calls through the official client, raw JSON, bounded by
-a timeout. Imports no asyncio and no registry; ``kubernetes`` only inside ``KubernetesAttestor``
-(the pure part loads without it). The issuer calls it from its request thread.
+credential stays valid meanwhile); a 403 names the issuer's ServiceAccount (as the API server saw
+it) and the ClusterRole rule it lacks (``FORBIDDEN_FIX``). A slow one: the two calls together must
+finish within ``timeout_seconds`` (a deadline, not only a per-read timeout: an API server or proxy
+that dribbles its answer never lets a read time out), else ``attestation_timeout``; at most
+``max_in_flight`` attestations wait for the API at once, the next is refused ``busy`` at once —
+so a slow API server holds at most that many of the issuer's request workers, each for at most the
+deadline, and requests that need no API (``sign``) keep being answered. ``bound_pod`` and
+``attested_node`` are pure (tests feed them JSON); ``KubernetesAttestor`` does the two calls
+through the official client, raw JSON, on its own threads. Imports no asyncio and no registry;
+``kubernetes`` only inside ``KubernetesAttestor`` (the pure part loads without it). The issuer
+calls it from its request threads.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -37,6 +48,21 @@ POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
 NODE_NAME = "authentication.kubernetes.io/node-name"
 FINISHED_PHASES = ("Succeeded", "Failed")
+ISSUER_SERVICE_ACCOUNT = "tcpmesh-system/tcpmesh-issuer"   # deploy/kubernetes/04-issuer.yaml
+ISSUER_MANIFEST = "deploy/kubernetes/04-issuer.yaml"
+# The ClusterRole tcpmesh-issuer rule each of the issuer's API calls needs (what a 403 tells the operator to add)
+TOKENREVIEW_RULE = '{apiGroups: ["authentication.k8s.io"], resources: ["tokenreviews"], verbs: ["create"]}'
+POD_GET_RULE = '{apiGroups: [""], resources: ["pods"], verbs: ["get", "list", "watch"]}'
+WATCH_RULE = '{apiGroups: [""], resources: ["pods", "nodes"], verbs: ["list", "watch"]} (pods also "get")'
+
+
+def forbidden_fix(api_message: str, rule: str) -> str:
+    """What a 403 at the issuer means and the fix: the ServiceAccount the API server saw, the rule to add. Pure."""
+    seen = re.search(r'User "([^"]+)"', api_message or "")
+    who = f"the issuer's ServiceAccount ({seen.group(1)})" if seen else \
+        f"the issuer's ServiceAccount ({ISSUER_SERVICE_ACCOUNT} in {ISSUER_MANIFEST})"
+    return (f"{who} is not allowed this call: add the rule {rule} to the ClusterRole tcpmesh-issuer bound to it "
+            f"({ISSUER_MANIFEST}); the agent's RBAC (01-rbac.yaml) plays no part here")
 
 
 class AttestationRefused(Exception):
@@ -131,23 +157,50 @@ class KubernetesAttestor:
     """TokenReview + pod GET through the official client (``api_client``: ``make_api_client``)."""
 
     def __init__(self, api_client: Any, policy: AttestationPolicy, *, timeout_seconds: float = 5.0,
-                 exclusive: bool = True) -> None:
+                 exclusive: bool = True, max_in_flight: int = 4) -> None:
         from kubernetes import client
 
         self.policy = policy
         self.exclusive = exclusive   # the service refuses node SVID renewals by node credential
         self.timeout = timeout_seconds
+        self.max_in_flight = max_in_flight
         self._auth = client.AuthenticationV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
+        # a slot is held until the API calls really end (not at the deadline): never more threads than slots
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="issuer-attest")
 
     def attest(self, token: str) -> Attested:
-        review = self._call("TokenReview", self._auth.create_token_review, token_review(token, self.policy))
+        """The attested node, within ``timeout_seconds``; ``AttestationRefused`` otherwise (``busy`` at once
+        when ``max_in_flight`` attestations are already waiting for the API)."""
+        if not self._slots.acquire(blocking=False):
+            raise AttestationRefused("busy", f"{self.max_in_flight} node attestations are waiting for the Kubernetes "
+                                     "API already (limits.attestations); the agent retries")
+        try:
+            future = self._pool.submit(self._attest_now, token)
+        except RuntimeError:   # the pool is shut down: the issuer stops
+            self._slots.release()
+            raise AttestationRefused("attestation_unavailable", "the issuer is stopping") from None
+        future.add_done_callback(lambda _: self._slots.release())
+        try:
+            return future.result(timeout=self.timeout)
+        except FutureTimeout:
+            raise AttestationRefused("attestation_timeout", f"the Kubernetes API did not finish the TokenReview and "
+                                     f"the pod read within {self.timeout:g} s (attestation.kubernetes."
+                                     "timeout_seconds); is the API server overloaded? The agent retries") from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _attest_now(self, token: str) -> Attested:
+        review = self._call("TokenReview", self._auth.create_token_review, token_review(token, self.policy),
+                            rule=TOKENREVIEW_RULE)
         bound = bound_pod(review, self.policy)
         pod = self._call(f"pod {bound.key}", self._core.read_namespaced_pod, bound.name, bound.namespace,
-                         not_found="pod_gone")
+                         not_found="pod_gone", rule=POD_GET_RULE)
         return Attested(attested_node(pod, bound, self.policy), bound)
 
-    def _call(self, what: str, method: Any, *args: Any, not_found: str = "") -> dict[str, Any]:
+    def _call(self, what: str, method: Any, *args: Any, not_found: str = "", rule: str = "") -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
@@ -160,10 +213,17 @@ class KubernetesAttestor:
         except ApiException as exc:
             if exc.status == 404 and not_found:
                 raise AttestationRefused(not_found, f"{what} no longer exists") from None
-            hint = (" (RBAC: the issuer's service account needs create on authentication.k8s.io tokenreviews and "
-                    "get on pods; deploy/kubernetes/04-issuer.yaml)" if exc.status == 403 else "")
-            raise AttestationRefused("attestation_unavailable", f"the Kubernetes API refused the {what} request: "
-                                     f"HTTP {exc.status} {exc.reason}{hint}") from None
+            hint = f": {forbidden_fix(_api_message(exc), rule)}" if exc.status == 403 else ""
+            raise AttestationRefused("attestation_unavailable", f"the Kubernetes API refused the issuer's {what} "
+                                     f"request: HTTP {exc.status} {exc.reason}{hint}") from None
         except (HTTPError, OSError, ValueError) as exc:   # refused, timed out, reset; a body that is not JSON
             raise AttestationRefused("attestation_unavailable", f"the Kubernetes API did not answer the {what} "
                                      f"request: {type(exc).__name__}: {exc}") from None
+
+
+def _api_message(exc: Any) -> str:
+    """The ``message`` of the Status the API server answered with (it names the user it saw), or ""."""
+    try:
+        return str(json.loads(exc.body).get("message") or "")
+    except (TypeError, ValueError, AttributeError):
+        return ""

@@ -21,3 +21,8 @@ class IssuerMetrics:
         self.reloads_refused = Counter("tcpmesh_issuer_reloads_refused", "Changed files not applied (the last good "
                                        "ones stay), by what (registry, ca_dir)", ["what"], registry=registry)
         self.connections = Gauge("tcpmesh_issuer_connections", "Open TLS connections from agents", registry=registry)
+        self.handshakes = Gauge("tcpmesh_issuer_handshakes", "TLS handshakes in progress (limits.max_handshakes)",
+                                registry=registry)
+        self.requests_in_flight = Gauge("tcpmesh_issuer_requests_in_flight",
+                                        "Requests being answered by the worker threads (limits.workers)",
+                                        registry=registry)

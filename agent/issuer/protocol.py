@@ -48,8 +48,18 @@ REASONS = (
     "wrong_audience",         # the token is not for the issuer's audience
     "wrong_service_account",  # the token (or its pod) is not the agent's service account
     "pod_gone",               # the token's pod is deleted, recreated, finished or unscheduled
+    "attestation_timeout",    # the Kubernetes API did not finish the attestation within its deadline
     "internal",               # a bug or an unusable CA; the issuer logs it
+    # The replica's own limits (server.py; docs/identity.md "Limits of one replica"). ``busy`` is answered when
+    # it is the answer to a request or to a connection past the handshake; the others close the connection
+    # (a reset before the handshake ends: the client tries its next issuer address) and are only counted.
+    "busy",                   # a limit of the whole replica: connections, handshakes (oldest cut), attestations
+    "address_limit",          # this source address holds its share of TLS handshakes already
+    "handshake_timeout",      # no TLS handshake within limits.handshake_timeout_seconds
+    "handshake_failed",       # not TLS 1.3, a certificate that does not verify, no ALPN tcpmesh-issuer/1
+    "request_timeout",        # no complete first request within limits.request_timeout_seconds
 )
+CONNECTION_REASONS = ("busy", "address_limit", "handshake_timeout", "handshake_failed", "request_timeout")
 
 
 class ProtocolError(Exception):

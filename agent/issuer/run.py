@@ -148,16 +148,18 @@ def make_attestor(config: IssuerConfig) -> Any:
 
     return KubernetesAttestor(make_api_client(config.registry.kubeconfig),
                               AttestationPolicy(k8s.audience, k8s.namespace, k8s.service_account),
-                              timeout_seconds=k8s.timeout_seconds, exclusive=k8s.exclusive)
+                              timeout_seconds=k8s.timeout_seconds, exclusive=k8s.exclusive,
+                              max_in_flight=config.limits.attestations)
 
 
 def kubernetes_registry_source(config: IssuerConfig, holder: RegistryHolder, metrics: IssuerMetrics) -> Any:
     """The registry's watch source as the issuer runs it: pods and nodes, no node of its own, no cgroups."""
+    from agent.issuer.kubernetes_attestation import WATCH_RULE, forbidden_fix
     from agent.registry.kubernetes.source import KubernetesSource, make_api_client
 
     return KubernetesSource(make_api_client(config.registry.kubeconfig), "", config.trust_domain, "",
                             lambda r: (holder.set(r), metrics.registry_workloads.set(len(r.workloads))),
-                            services=False)
+                            services=False, forbidden_hint=forbidden_fix("", WATCH_RULE))
 
 
 async def run_issuer(config: IssuerConfig, *, registry: CollectorRegistry | None = None) -> None:
@@ -172,7 +174,7 @@ async def run_issuer(config: IssuerConfig, *, registry: CollectorRegistry | None
         source.start()
         holder.set(await source.first_snapshot())
     service = build_service(config, metrics, holder)
-    server = IssuerServer(service, config.listen.address, config.listen.port, metrics=metrics)
+    server = IssuerServer(service, config.listen.address, config.listen.port, limits=config.limits, metrics=metrics)
     await server.start()
     if config.metrics.port:  # after the listener: /metrics answering means agents can be served
         start_http_server(config.metrics.port, config.metrics.address, registry=registry)

@@ -1,49 +1,89 @@
-"""The issuer's TLS listener: lines in, ``IssuerService.handle_line`` answers out. Owns sockets only.
+"""The issuer's TLS listener: lines in, ``IssuerService.handle_line`` answers out. Owns sockets and their limits.
 
 TLS 1.3 with P-256 key exchange (``identity.tls.issuer_context``), ALPN ``tcpmesh-issuer/1``, the
-client certificate optional but verified when sent. At most ``max_connections`` at once, and per node
-credential (or, without one, per source address) ``MAX_CONNECTIONS_PER_PEER`` (at most a quarter of the
-total), so one node cannot lock the others out; the rest get a ``rate_limited`` refusal and are
-closed. 10 s for a handshake, ``idle_seconds`` between requests. The server certificate
+client certificate optional but verified when sent. The server certificate
 (``spiffe://<td>/tcpmesh/issuer``, minted from the issuing CA) is renewed at half its lifetime by
 loading a new chain into the same context: new handshakes get it, open connections keep theirs.
-Requests are answered one at a time on one worker thread, off the event loop: a Kubernetes
-attestation waits for the API server (bounded by its timeout) without stalling handshakes.
+
+Hostile or slow clients (``limits``: ``config.LimitsConfig``; docs/identity.md "Limits of one
+replica") hold bounded resources for a bounded time, and nodes are still served meanwhile:
+
+- **Before the handshake** (anyone can open a TCP connection): at most ``max_handshakes_per_address``
+  handshakes in progress per source address — the next is reset at once (``address_limit``) — and
+  ``max_handshakes`` in all; when that table is full the *oldest* handshake is cut (``busy``): a real
+  client's handshake takes milliseconds, a stalled one holds its place until it is the oldest, so
+  an attacker must keep replacing the whole table faster than one handshake to shut a node out. A
+  handshake gets ``handshake_timeout_seconds`` (``handshake_timeout``); a failed one is counted
+  (``handshake_failed``).
+- **After it**: ``max_connections`` in all, at most half of them without a node credential (joins
+  and attestations: anyone may try those), ``max_connections_per_peer`` per node credential (or,
+  without one, per source address); the rest are answered a refusal (``busy`` / ``rate_limited``)
+  and closed. The first request must be complete within ``request_timeout_seconds`` of the
+  handshake (``request_timeout``: a slowloris is cut), later ones within ``idle_seconds``.
+- **Requests** run on ``workers`` threads, off the event loop; the Kubernetes attestor bounds its
+  own waits (``limits.attestations`` < ``workers`` at once, each within its deadline), so a slow API
+  server delays only the requests that need it.
+
+Every refusal is counted in ``tcpmesh_issuer_refusals_total{reason}``; the connection-level ones
+(no request, so no per-request log line) are logged as one summary line per ``LOG_EVERY_SECONDS``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import socket
 import ssl
+import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
 from agent.identity.tls import issuer_context, load_credential, peer_uri
 from agent.issuer import protocol
+from agent.issuer.config import LimitsConfig
 from agent.issuer.service import IssuerService, Peer
 
 log = logging.getLogger("tcpmesh.issuer")
 
 ALPN = "tcpmesh-issuer/1"
-HANDSHAKE_TIMEOUT_SECONDS = 10.0
-MAX_CONNECTIONS_PER_PEER = 16   # an agent uses one connection per call; a node cannot hold the others' share
 SERVER_CERT_TTL_SECONDS = 24 * 3600
+LOG_EVERY_SECONDS = 10.0
+
+
+class _UnreadUntilTls(asyncio.StreamReaderProtocol):
+    """A stream protocol that reads nothing until ``start_tls``: the ClientHello must reach the TLS layer,
+    not the plain stream's buffer (where it would be lost if it arrived before the handshake starts)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()   # type: ignore[attr-defined]
+        super().connection_made(transport)
 
 
 class IssuerServer:
-    def __init__(self, service: IssuerService, address: str, port: int, *, max_connections: int = 1024,
-                 idle_seconds: float = 60.0, metrics: Any = None) -> None:
+    def __init__(self, service: IssuerService, address: str, port: int, *, limits: LimitsConfig = LimitsConfig(),
+                 metrics: Any = None) -> None:
         self.service = service
         self.address, self.port = address, port
-        self.max_connections, self.idle_seconds = max_connections, idle_seconds
+        self.limits = limits
+        # read per connection, so a test may shrink them on a running server
+        self.max_connections, self.idle_seconds = limits.max_connections, limits.idle_seconds
+        self.request_timeout = limits.request_timeout_seconds
         self._metrics = metrics
         self._open = 0
+        self._anonymous = 0                    # open connections without a node credential
         self._per_peer: dict[str, int] = {}   # node name (verified credential) or source address -> open connections
+        self._handshakes: dict[asyncio.StreamWriter, str] = {}   # in progress, oldest first -> source address
+        self._handshakes_per_address: dict[str, int] = {}
+        self._cut: set[asyncio.StreamWriter] = set()             # handshakes cut to make room (counted already)
+        self._refused: collections.Counter[str] = collections.Counter()   # since the last summary line
+        self._logged_at = time.monotonic()
+        self._in_flight = 0
         self._server: asyncio.AbstractServer | None = None
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="issuer-requests")  # one at a time, as before
+        self._worker = ThreadPoolExecutor(limits.workers, thread_name_prefix="issuer-requests")
         self.context = self._make_context()
 
     def _make_context(self) -> ssl.SSLContext:
@@ -61,12 +101,17 @@ class IssuerServer:
         self.server_not_after = credential.not_after
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.address, self.port, ssl=self.context,
-                                                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS,
-                                                  limit=protocol.MAX_LINE_BYTES + 1)
+        # plain TCP here: the handshake is started per connection, after the handshake limits are checked
+        loop = asyncio.get_running_loop()
+
+        def unread() -> asyncio.StreamReaderProtocol:
+            reader = asyncio.StreamReader(limit=protocol.MAX_LINE_BYTES + 1, loop=loop)
+            return _UnreadUntilTls(reader, self._accept, loop=loop)
+
+        self._server = await loop.create_server(unread, self.address, self.port, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("issuer %s listening on %s:%d (TLS 1.3, ALPN %s) for trust domain %s", self.service.name,
-                 self.address, self.port, ALPN, self.service.ca.trust_domain)
+        log.info("issuer %s listening on %s:%d (TLS 1.3, ALPN %s) for trust domain %s; limits: %s", self.service.name,
+                 self.address, self.port, ALPN, self.service.ca.trust_domain, self.limits)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -74,51 +119,132 @@ class IssuerServer:
             await self._server.wait_closed()
         self._worker.shutdown(wait=False, cancel_futures=True)
 
+    # -- before the handshake --------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername") or ("?", 0)
-        ssl_object = writer.get_extra_info("ssl_object")
-        if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
-            writer.close()
+        address = str((writer.get_extra_info("peername") or ("?",))[0])
+        if self._handshakes_per_address.get(address, 0) >= self.limits.max_handshakes_per_address:
+            self._reset(writer, "address_limit")
             return
-        peer = Peer(str(peername[0]), peer_uri(ssl_object), ssl_object.getpeercert(True))
+        if len(self._handshakes) >= self.limits.max_handshakes:
+            oldest = next(iter(self._handshakes))
+            self._cut.add(oldest)
+            self._count("busy")
+            oldest.transport.abort()
+        self._handshakes[writer] = address
+        self._handshakes_per_address[address] = self._handshakes_per_address.get(address, 0) + 1
+        self._gauge("handshakes", len(self._handshakes))
+        try:
+            await asyncio.wait_for(writer.start_tls(self.context, ssl_handshake_timeout=
+                                                    self.limits.handshake_timeout_seconds + 1),
+                                   self.limits.handshake_timeout_seconds)
+            ssl_object = writer.get_extra_info("ssl_object")
+            if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
+                raise ssl.SSLError("the client did not ask for ALPN " + ALPN)
+        except asyncio.TimeoutError:
+            self._reset(writer, "handshake_timeout")
+            return
+        except (ssl.SSLError, OSError, EOFError) as exc:
+            log.debug("issuer: TLS handshake from %s failed: %s", address, exc)
+            if writer not in self._cut:
+                self._count("handshake_failed")
+            writer.transport.abort()
+            return
+        finally:
+            self._cut.discard(writer)
+            del self._handshakes[writer]
+            if self._handshakes_per_address[address] <= 1:
+                del self._handshakes_per_address[address]
+            else:
+                self._handshakes_per_address[address] -= 1
+            self._gauge("handshakes", len(self._handshakes))
+        await self._serve(reader, writer, address, ssl_object)
+
+    def _reset(self, writer: asyncio.StreamWriter, reason: str) -> None:
+        """Close with a reset, not a FIN: nothing was answered; the client tries its next issuer address."""
+        sock = writer.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        self._count(reason)
+
+    def _count(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.refusals.labels(reason=reason).inc()
+        self._refused[reason] += 1
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY_SECONDS:
+            log.warning("issuer: refused or cut %d connections in the last %.0f s before any request: %s "
+                        "(limits: %s)", sum(self._refused.values()), now - self._logged_at,
+                        ", ".join(f"{r} {n}" for r, n in self._refused.most_common()), self.limits)
+            self._refused.clear()
+            self._logged_at = now
+
+    def _gauge(self, name: str, value: int) -> None:
+        if self._metrics is not None:
+            getattr(self._metrics, name).set(value)
+
+    # -- after it ---------------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str,
+                     ssl_object: Any) -> None:
+        peer = Peer(address, peer_uri(ssl_object), ssl_object.getpeercert(True))
         key = self.service.connection_key(peer)
-        per_peer = min(MAX_CONNECTIONS_PER_PEER, max(1, self.max_connections // 4))
-        if self._open >= self.max_connections or self._per_peer.get(key, 0) >= per_peer:
-            limit = (f"{key} holds {per_peer} connections already" if self._open < self.max_connections
-                     else f"the issuer holds its limit of {self.max_connections} connections")
-            writer.write(protocol.encode(self.service.refuse_connection(peer, limit)))
+        anonymous = not key.startswith("node ")
+        per_peer = min(self.limits.max_connections_per_peer, max(1, self.max_connections // 4))
+        refusal = None
+        if self._open >= self.max_connections:
+            refusal = ("busy", f"the issuer holds its limit of {self.max_connections} connections")
+        elif anonymous and self._anonymous >= max(1, self.max_connections // 2):
+            refusal = ("busy", f"the issuer holds its limit of {max(1, self.max_connections // 2)} connections "
+                               "without a node credential")
+        elif self._per_peer.get(key, 0) >= per_peer:
+            refusal = ("rate_limited", f"{key} holds {per_peer} connections already")
+        if refusal is not None:
+            writer.write(protocol.encode(self.service.refuse_connection(peer, refusal[1], refusal[0])))
             with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await writer.drain()
-            writer.close()
+                await asyncio.wait_for(writer.drain(), self.request_timeout)
+            writer.transport.abort()
             return
         self._per_peer[key] = self._per_peer.get(key, 0) + 1
         self._open += 1
-        if self._metrics is not None:
-            self._metrics.connections.set(self._open)
+        self._anonymous += anonymous
+        self._gauge("connections", self._open)
         try:
+            first = True
             while True:
                 try:
-                    line = await asyncio.wait_for(reader.readline(), self.idle_seconds)
+                    line = await asyncio.wait_for(reader.readline(),
+                                                  self.request_timeout if first else self.idle_seconds)
                 except (asyncio.LimitOverrunError, ValueError):   # longer than MAX_LINE_BYTES: refuse, loudly
                     writer.write(protocol.encode(self.service.refuse_oversized(peer)))
                     await writer.drain()
                     break
-                except (asyncio.TimeoutError, ConnectionError, ssl.SSLError):
+                except asyncio.TimeoutError:
+                    if first:
+                        self._count("request_timeout")
+                    break
+                except (ConnectionError, ssl.SSLError):
                     break
                 if not line:
                     break
-                answer = await asyncio.get_running_loop().run_in_executor(self._worker, self.service.handle_line,
-                                                                          line, peer)
+                first = False
+                self._in_flight += 1
+                self._gauge("requests_in_flight", self._in_flight)
+                try:
+                    answer = await asyncio.get_running_loop().run_in_executor(self._worker, self.service.handle_line,
+                                                                              line, peer)
+                finally:
+                    self._in_flight -= 1
+                    self._gauge("requests_in_flight", self._in_flight)
                 writer.write(protocol.encode(answer))
-                await writer.drain()
-        except (ConnectionError, ssl.SSLError):
+                await asyncio.wait_for(writer.drain(), self.idle_seconds)
+        except (ConnectionError, ssl.SSLError, asyncio.TimeoutError):
             pass
         finally:
             self._open -= 1
+            self._anonymous -= anonymous
             if self._per_peer[key] <= 1:
                 del self._per_peer[key]
             else:
                 self._per_peer[key] -= 1
-            if self._metrics is not None:
-                self._metrics.connections.set(self._open)
-            writer.close()
+            self._gauge("connections", self._open)
+            writer.transport.abort() if writer.transport.is_closing() else writer.close()

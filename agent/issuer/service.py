@@ -194,8 +194,8 @@ class IssuerService:
         node = None if self._untrusted_credential(peer) else self._node_of(peer)
         return f"node {node}" if node is not None else f"address {peer.address}"
 
-    def refuse_connection(self, peer: Peer, limit: str) -> dict[str, Any]:
-        return self._refuse("?", peer, None, "rate_limited", f"too many open connections: {limit}; close idle ones "
+    def refuse_connection(self, peer: Peer, limit: str, reason: str = "rate_limited") -> dict[str, Any]:
+        return self._refuse("?", peer, None, reason, f"too many open connections: {limit}; close idle ones "
                             "(an agent needs one per call) and retry")
 
     def refuse_oversized(self, peer: Peer) -> dict[str, Any]:

@@ -34,7 +34,7 @@ class Replica:
         self.ca_signature = files_signature(config.ca_dir, ISSUER_CA_FILES)
         self.service = build_service(config, self.metrics, self.holder)
         self.service.name = name
-        self.server = IssuerServer(self.service, "127.0.0.1", port, metrics=self.metrics)
+        self.server = IssuerServer(self.service, "127.0.0.1", port, limits=config.limits, metrics=self.metrics)
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
 
     async def _start_source(self) -> None:

@@ -83,6 +83,7 @@ class FakeApiServer:
         self.requests: list[tuple[str, dict[str, str]]] = []            # (kind, query) of every request
         self.connections: set = set()                                   # open client connections
         self.token_reviews: list[dict] = []                             # TokenReview bodies received
+        self.dribble_next: dict[str, list[float]] = {"tokenreviews": []}  # seconds to spread the next answers over
         self._token_key = secrets.token_bytes(32)                       # the service-account signing key
         self._stopping = False
         self._listen(0)
@@ -235,6 +236,12 @@ class FakeApiServer:
         with self.cond:
             self.fail_next[kind].extend(statuses)
 
+    def dribble(self, kind: str, *seconds: float) -> None:
+        """Answer the next requests for ``kind`` (tokenreviews) one byte at a time over these many seconds:
+        an API server (or a proxy before it) that is slow without ever letting one read time out."""
+        with self.cond:
+            self.dribble_next[kind].extend(seconds)
+
     def watch_requests(self, kind: str) -> list[dict[str, str]]:
         with self.cond:
             return [q for k, q in self.requests if k == kind and q.get("watch") == "true"]
@@ -282,6 +289,7 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 server.requests.append(("tokenreviews", {}))
                 server.token_reviews.append(copy.deepcopy(doc))
                 failure = server.fail_next["tokenreviews"].pop(0) if server.fail_next["tokenreviews"] else None
+                slow = server.dribble_next["tokenreviews"].pop(0) if server.dribble_next["tokenreviews"] else 0.0
             if failure == 403:   # what a service account without create on tokenreviews meets
                 return self._status(403, "Forbidden", 'tokenreviews.authentication.k8s.io is forbidden: User '
                                     '"system:serviceaccount:tcpmesh-system:tcpmesh-issuer" cannot create resource '
@@ -290,7 +298,7 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 return self._status(failure, "InternalError", "scripted failure")
             status = server.review(spec)
             self._json(201, {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
-                             "metadata": {"creationTimestamp": None}, "spec": spec, "status": status})
+                             "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}, slow)
 
         def do_GET(self) -> None:  # noqa: N802 — http.server's name
             url = urllib.parse.urlsplit(self.path)
@@ -403,12 +411,25 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             self._json(code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                               "message": message, "reason": reason, "code": code})
 
-        def _json(self, code: int, doc: dict) -> None:
+        def _json(self, code: int, doc: dict, dribble: float = 0.0) -> None:
             body = json.dumps(doc).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not dribble:
+                self.wfile.write(body)
+                return
+            self.wfile.flush()
+            deadline = time.monotonic() + dribble
+            for i in range(len(body)):   # one byte at a time, evenly over ``dribble`` seconds
+                time.sleep(max(0.0, deadline - time.monotonic()) / (len(body) - i))
+                if server._stopping:
+                    return
+                try:
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                except OSError:
+                    return
 
     return Handler

@@ -212,6 +212,10 @@ def test_an_api_server_that_does_not_answer_refuses_with_a_reason(world):
     answer = ask_node(r0, bundle, "worker-1", token)
     assert answer["error"]["reason"] == "attestation_unavailable" and "HTTP 403" in answer["error"]["message"]
     assert "tokenreviews" in answer["error"]["message"] and "04-issuer.yaml" in answer["error"]["message"]
+    # it names the issuer's ServiceAccount (as the API server saw it) and the exact rule, not the agent's RBAC
+    assert "system:serviceaccount:tcpmesh-system:tcpmesh-issuer" in answer["error"]["message"]
+    assert 'resources: ["tokenreviews"], verbs: ["create"]' in answer["error"]["message"]
+    assert "ClusterRole tcpmesh-issuer" in answer["error"]["message"]
     assert r0.refusals("attestation_unavailable") == 2
 
 

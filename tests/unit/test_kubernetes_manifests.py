@@ -290,7 +290,7 @@ def test_the_schema_check_catches_a_misspelt_field():
 def test_the_issuer_runs_two_replicas_behind_a_service_with_a_config_that_loads(tmp_path):
     """deploy/kubernetes/04-issuer.yaml: 2 replicas, the Service reaches the issuer port, the ConfigMap's
     issuer.yaml loads with the issuer's own validation, the CA comes from a Secret mounted read only with
-    mode 0400 (the issuer refuses a key group or others may read), RBAC is read only on pods and nodes."""
+    mode 0400 (the issuer refuses a key group or others may read), RBAC is exactly what the issuer calls."""
     from agent.issuer.config import issuer_config_from_mapping
 
     deployment = find("Deployment", "tcpmesh-issuer")
@@ -312,7 +312,8 @@ def test_the_issuer_runs_two_replicas_behind_a_service_with_a_config_that_loads(
     assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["ports"][0]["port"] == config.listen.port
     rules = find("ClusterRole", "tcpmesh-issuer")["rules"]
-    assert rules == [{"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]},
+    assert rules == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
                      {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
     # what the issuer's Kubernetes source watches is exactly what its role grants (a missing one: 403 forever)
     require_module("kubernetes", "install the kubernetes extra (make setup does)")
@@ -328,7 +329,10 @@ def test_the_issuer_runs_two_replicas_behind_a_service_with_a_config_that_loads(
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
     source = kubernetes_registry_source(replace(config, registry=replace(config.registry, kubeconfig=str(kubeconfig))),
                                         RegistryHolder(), IssuerMetrics(CollectorRegistry()))
-    assert {w.kind for w in source.watches} == set(rules[0]["resources"])
+    assert {w.kind for w in source.watches} == {"pods", "nodes"}
+    # a 403 on a watch names the issuer's ServiceAccount and this role's rule, not the agent's 01-rbac.yaml
+    assert all("tcpmesh-issuer" in w.forbidden_hint and "01-rbac" not in w.forbidden_hint.split(";")[0]
+               for w in source.watches)
 
 
 def test_the_daemonset_holds_no_signing_key_and_attests_with_a_projected_token(tmp_path):

@@ -55,7 +55,8 @@ class KubernetesSource:
                  on_snapshot: Callable[[Registry], Any], *, watch_timeout: int = WATCH_TIMEOUT_SECONDS,
                  backoff_factory: Callable[[], Backoff] = Backoff,
                  min_interval: float = MIN_PUBLISH_INTERVAL_SECONDS,
-                 refused_retry: float = REFUSED_RETRY_SECONDS, services: bool = True) -> None:
+                 refused_retry: float = REFUSED_RETRY_SECONDS, services: bool = True,
+                 forbidden_hint: str | None = None) -> None:
         from kubernetes import client
 
         self.node_name = node_name
@@ -65,10 +66,11 @@ class KubernetesSource:
         self.min_interval = min_interval
         self.refused_retry = refused_retry
         core = client.CoreV1Api(api_client)
+        hint = {} if forbidden_hint is None else {"forbidden_hint": forbidden_hint}   # the issuer's RBAC, not ours
         self.pods = WatchLoop("pods", core.list_pod_for_all_namespaces, lambda o: o["metadata"]["uid"],
-                              self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
+                              self._changed, watch_timeout=watch_timeout, backoff=backoff_factory(), **hint)
         self.nodes = WatchLoop("nodes", core.list_node, lambda o: o["metadata"]["name"],
-                               self._changed, watch_timeout=watch_timeout, backoff=backoff_factory())
+                               self._changed, watch_timeout=watch_timeout, backoff=backoff_factory(), **hint)
         self.watches: tuple[WatchLoop, ...] = (self.pods, self.nodes)
         self.services: WatchLoop | None = None
         self.endpoint_slices: WatchLoop | None = None

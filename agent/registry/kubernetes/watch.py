@@ -22,6 +22,9 @@ from typing import Any, Callable, Mapping
 from agent.errors import TcpmeshError
 
 log = logging.getLogger("tcpmesh.registry.kubernetes")
+# what a 403 tells the operator to grant (the agent's role; the issuer passes its own)
+AGENT_FORBIDDEN_HINT = ("RBAC: the service account needs get/list/watch on pods, nodes, services and discovery.k8s.io "
+                        "endpointslices; deploy/kubernetes/01-rbac.yaml")
 
 WATCH_TIMEOUT_SECONDS = 300          # server side; re-opened at once when it ends (client-go: 5-10 min)
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -72,8 +75,10 @@ class WatchLoop:
 
     def __init__(self, kind: str, list_call: Callable[..., Any], key: Callable[[Mapping[str, Any]], str],
                  on_change: Callable[[], None], *, watch_timeout: int = WATCH_TIMEOUT_SECONDS,
-                 backoff: Backoff | None = None, page_size: int = LIST_PAGE_SIZE) -> None:
+                 backoff: Backoff | None = None, page_size: int = LIST_PAGE_SIZE,
+                 forbidden_hint: str = AGENT_FORBIDDEN_HINT) -> None:
         self.kind = kind
+        self.forbidden_hint = forbidden_hint   # what a 403 tells the operator to grant, to whom
         self._list_call = list_call
         self._key = key
         self._on_change = on_change
@@ -129,7 +134,7 @@ class WatchLoop:
                 if self._stop.is_set():
                     break
                 self.stats.errors += 1
-                self.stats.last_error = _describe(exc)
+                self.stats.last_error = _describe(exc, self.forbidden_hint)
                 self.stats.failing_since = self.stats.failing_since or time.time()
                 delay = self.backoff.next()
                 self.stats.backoff_delays.append(delay)
@@ -228,10 +233,10 @@ def _read_json(response: Any) -> dict:
         response.release_conn()
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, forbidden_hint: str = AGENT_FORBIDDEN_HINT) -> str:
     from kubernetes.client.exceptions import ApiException
 
     if isinstance(exc, ApiException):
-        hint = " (RBAC: the service account needs get/list/watch on pods, nodes, services and discovery.k8s.io endpointslices; deploy/kubernetes/01-rbac.yaml)" if exc.status == 403 else ""
+        hint = f" ({forbidden_hint})" if exc.status == 403 else ""
         return f"HTTP {exc.status} {exc.reason}{hint}"
     return f"{type(exc).__name__}: {exc}"
