@@ -54,6 +54,11 @@ SERVER_CERT_TTL_SECONDS = 24 * 3600
 LOG_EVERY_SECONDS = 10.0
 
 
+def _abort(writer: asyncio.StreamWriter) -> None:
+    if writer.transport is not None:
+        writer.transport.abort()
+
+
 class _UnreadUntilTls(asyncio.StreamReaderProtocol):
     """A stream protocol that reads nothing until ``start_tls``: the ClientHello must reach the TLS layer,
     not the plain stream's buffer (where it would be lost if it arrived before the handshake starts)."""
@@ -129,7 +134,7 @@ class IssuerServer:
             oldest = next(iter(self._handshakes))
             self._cut.add(oldest)
             self._count("busy")
-            oldest.transport.abort()
+            _abort(oldest)
         self._handshakes[writer] = address
         self._handshakes_per_address[address] = self._handshakes_per_address.get(address, 0) + 1
         self._gauge("handshakes", len(self._handshakes))
@@ -137,6 +142,8 @@ class IssuerServer:
             await asyncio.wait_for(writer.start_tls(self.context, ssl_handshake_timeout=
                                                     self.limits.handshake_timeout_seconds + 1),
                                    self.limits.handshake_timeout_seconds)
+            if writer.transport is None:   # the connection was lost as the handshake ended
+                raise ConnectionResetError("the client went away during the handshake")
             ssl_object = writer.get_extra_info("ssl_object")
             if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
                 raise ssl.SSLError("the client did not ask for ALPN " + ALPN)
@@ -147,7 +154,7 @@ class IssuerServer:
             log.debug("issuer: TLS handshake from %s failed: %s", address, exc)
             if writer not in self._cut:
                 self._count("handshake_failed")
-            writer.transport.abort()
+            _abort(writer)
             return
         finally:
             self._cut.discard(writer)
@@ -164,7 +171,7 @@ class IssuerServer:
         sock = writer.get_extra_info("socket")
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
+        _abort(writer)
         self._count(reason)
 
     def _count(self, reason: str) -> None:
@@ -247,4 +254,4 @@ class IssuerServer:
             else:
                 self._per_peer[key] -= 1
             self._gauge("connections", self._open)
-            writer.transport.abort() if writer.transport.is_closing() else writer.close()
+            writer.close()
