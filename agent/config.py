@@ -84,10 +84,11 @@ class IdentityIssuerConfig:
 
 @dataclass(frozen=True)
 class IdentityConfig:
-    # "node_ca" (legacy: this node holds a node intermediate that can sign any identity of the trust
-    # domain) or "issuer" (this node holds a node credential only; the issuer signs its workloads'
-    # SVIDs for the identities the registry places here). docs/identity.md "Migrating to the issuer".
-    mode: str = "node_ca"
+    # "issuer" (the default: this node holds a node credential only; the issuer signs its workloads'
+    # SVIDs for the identities the registry places here; identity.issuer.addresses is required) or
+    # "node_ca" (legacy, named explicitly: this node holds a node intermediate that can sign any identity
+    # of the trust domain). docs/identity.md "Migrating to the issuer".
+    mode: str = "issuer"
     issuer: IdentityIssuerConfig = field(default_factory=IdentityIssuerConfig)
     # The node CA directory of `tcpmesh ca issue-node` (node.crt, node.key, bundle.pem): the agent
     # signs its own workloads' SVIDs with this node intermediate and never holds the root key.
@@ -480,21 +481,28 @@ def _identity(identity: IdentityConfig) -> None:
     if identity.mode not in IDENTITY_MODES:
         raise ConfigError("identity.mode", identity.mode, "unknown mode",
                           "use issuer (the node holds no signing key) or node_ca (legacy node intermediate)")
+    if not 0.1 <= identity.poll_seconds <= 3600:
+        raise ConfigError("identity.poll_seconds", identity.poll_seconds, "out of range",
+                          "use a value between 0.1 and 3600 seconds")
     if identity.mode == "issuer":
+        if identity.ca_dir:
+            raise ConfigError("identity.ca_dir", identity.ca_dir, "signs SVIDs with the root CA on this node, which "
+                              "only identity.mode: node_ca does (identity.mode is issuer, the default)",
+                              "set identity.mode: node_ca (development only), or remove identity.ca_dir")
         _identity_issuer(identity.issuer)
         return
     if not identity.node_ca_dir and not identity.ca_dir:
         raise ConfigError("identity.node_ca_dir", identity.node_ca_dir, "is required",
                           "point it at this node's directory from `tcpmesh ca issue-node <node> --ca <root> --out <dir>`")
-    if not 0.1 <= identity.poll_seconds <= 3600:
-        raise ConfigError("identity.poll_seconds", identity.poll_seconds, "out of range",
-                          "use a value between 0.1 and 3600 seconds")
 
 
 def _identity_issuer(issuer: IdentityIssuerConfig) -> None:
     if not issuer.addresses:
-        raise ConfigError("identity.issuer.addresses", issuer.addresses, "is required with identity.mode: issuer",
-                          "list the issuer's host:port, e.g. [issuer.tcpmesh.svc:15012] or [10.0.0.5:15012]")
+        raise ConfigError("identity.issuer.addresses", issuer.addresses, "is required with identity.mode: issuer "
+                          "(the default: this node holds no signing key, the issuer signs its SVIDs)",
+                          "list the issuer's host:port in identity.issuer.addresses, e.g. [issuer.tcpmesh.svc:15012] "
+                          "or [10.0.0.5:15012]; or set identity.mode: node_ca to keep this node's legacy "
+                          "intermediate (identity.node_ca_dir; docs/identity.md \"Migrating to the issuer\")")
     for i, address in enumerate(issuer.addresses):
         host, _, port = str(address).rpartition(":")
         if not isinstance(address, str) or not host or not port.isdigit() or not 0 < int(port) < 65536:

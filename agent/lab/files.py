@@ -32,7 +32,7 @@ def agent_config(plan: LabPlan, node: NodePlan, capture_mode: str = DEFAULT_CAPT
         "state_dir": node.state_dir,
         "log_level": log_level,
         "node": {"name": node.name, "address": node.wire_address},
-        "identity": dict(identity) if identity is not None else {"node_ca_dir": node_ca_dir(node),
+        "identity": dict(identity) if identity is not None else {"mode": "node_ca", "node_ca_dir": node_ca_dir(node),
                                                                  "poll_seconds": LAB_IDENTITY_POLL_SECONDS},
         "registry": {"file": plan.registry_file},
         "policy": {"dir": f"{plan.state_dir}/policies"},  # one policy store for the whole lab

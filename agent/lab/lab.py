@@ -356,7 +356,7 @@ def lab_restart_agent(name: str, node_name: str, *, state_root: str = DEFAULT_ST
 def _node_identity_mode(node: NodePlan) -> str:
     try:
         with open(node.config_file) as f:
-            return str(((yaml.safe_load(f) or {}).get("identity") or {}).get("mode", "node_ca"))
+            return str(((yaml.safe_load(f) or {}).get("identity") or {}).get("mode", "issuer"))  # the config default
     except (OSError, yaml.YAMLError, AttributeError):
         return "node_ca"
 

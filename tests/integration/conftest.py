@@ -106,7 +106,7 @@ def in_process_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         mapping: dict[str, Any] = {
             "trust_domain": trust_domain, "state_dir": str(tmp_path / "state"),
             "node": {"name": node, "address": "127.0.0.1"},
-            "identity": {"node_ca_dir": str(tmp_path / "node-ca")},
+            "identity": {"mode": "node_ca", "node_ca_dir": str(tmp_path / "node-ca")},
             "registry": {},
             "policy": {"dir": str(tmp_path / "policies")},
             "capture": {"mode": "none", "cgroup_root": str(tmp_path / "cgroup")},

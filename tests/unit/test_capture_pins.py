@@ -91,7 +91,8 @@ def test_compile_flags_name_the_maps_dir_and_guard_hooks_exist(tmp_path):
     assert len(PROGRAMS) == len(set(PROGRAMS)) == len(HOOKS) == 11
 
 
-BASE = {"node": {"name": "n1", "address": "10.0.0.1"}, "capture": {"redirect_address": "10.0.0.1"}}
+BASE = {"node": {"name": "n1", "address": "10.0.0.1"}, "capture": {"redirect_address": "10.0.0.1"},
+        "identity": {"issuer": {"addresses": ["10.0.0.5:15012"]}}}
 
 
 @pytest.mark.parametrize("capture, field", [

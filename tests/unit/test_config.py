@@ -5,7 +5,8 @@ import pytest
 from agent.config import apply_environment, config_from_mapping, load_config, validate
 from agent.errors import ConfigError
 
-VALID = {"node": {"name": "node1", "address": "10.76.0.1"}, "capture": {"redirect_address": "169.254.1.1"}}
+VALID = {"node": {"name": "node1", "address": "10.76.0.1"}, "capture": {"redirect_address": "169.254.1.1"},
+         "identity": {"issuer": {"addresses": ["10.76.0.5:15012"]}}}
 
 
 def test_valid_minimal_config_gets_documented_defaults():
@@ -16,6 +17,19 @@ def test_valid_minimal_config_gets_documented_defaults():
     assert config.capture.mode == "auto"
     assert config.proxy.source_address == "auto"
     assert config.proxy.same_node == "local"
+    assert config.identity.mode == "issuer"   # no signing key on a node unless the config asks for the legacy one
+
+
+def test_a_config_naming_no_identity_mode_and_no_issuer_fails_with_both_fixes():
+    """The default is the issuer: a config that says nothing about identity does not quietly become a node
+    intermediate (which can sign any identity). Seen failing before: it validated as identity.mode node_ca."""
+    doc = {key: value for key, value in VALID.items() if key != "identity"}
+    with pytest.raises(ConfigError) as info:
+        validate(config_from_mapping(doc))
+    assert info.value.field == "identity.issuer.addresses"
+    assert "identity.issuer.addresses" in str(info.value) and "identity.mode: node_ca" in str(info.value)
+    legacy = validate(config_from_mapping({**doc, "identity": {"mode": "node_ca"}}))
+    assert legacy.identity.mode == "node_ca"
 
 
 @pytest.mark.parametrize("doc, field, words", [

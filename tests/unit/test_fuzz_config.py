@@ -35,7 +35,8 @@ PALETTE = [
     [], [1, 2], {}, {"x": 1}, {"name": "n"}, ["a"],
 ]
 NODE = {"name": "node1", "address": "10.0.0.1"}  # most documents carry what validate requires, to get deep
-KEPT = {"node.name", "node.address", "capture.mode"}  # their defaults ("", "", auto) are not valid here
+ISSUER = {"issuer": {"addresses": ["10.0.0.5:15012"]}}  # identity.mode issuer (the default) needs them
+KEPT = {"node.name", "node.address", "capture.mode", "identity.issuer"}  # their defaults are not valid here
 
 
 def _default(section: str, key: str):
@@ -50,7 +51,8 @@ def document_from(genome: bytes) -> dict:
     setting gets its own default (or for a number, one a little above it). One document in three has one near
     miss: an entry whose value is one of the PALETTE's edge cases, an unknown section or setting, or
     a section that is not a mapping."""
-    doc: dict = {"node": dict(NODE), "capture": {"mode": "none"}} if genome[:1] and genome[0] % 8 else {}
+    doc: dict = ({"node": dict(NODE), "capture": {"mode": "none"}, "identity": dict(ISSUER)}
+                 if genome[:1] and genome[0] % 8 else {})
     sections = sorted(SECTIONS)
     entries = range(1, len(genome) - 2, 3)
     miss_at = entries[genome[-1] % len(entries)] if entries and genome[-1] % 3 == 0 else None
@@ -113,7 +115,7 @@ def check(build, named: set[str] | None = None) -> bool:
     return True
 
 
-REQUIRED_FIELDS = {"node.name", "node.address", "admin.address", "capture.redirect_address"}
+REQUIRED_FIELDS = {"node.name", "node.address", "admin.address", "capture.redirect_address", "identity.issuer.addresses"}
 
 
 def named_in(doc: dict) -> set[str]:
@@ -149,7 +151,7 @@ STRINGS = [v for v in PALETTE if isinstance(v, str)] + ["5", "2.5", "30", "15008
 def test_environment_overrides_are_refused_by_name_or_give_a_sound_config(genome):
     environ = {ENV_NAMES[genome[i] % len(ENV_NAMES)]: STRINGS[genome[i + 1] % len(STRINGS)]
                for i in range(0, len(genome) - 1, 2)}
-    base = config_from_mapping({"node": dict(NODE), "capture": {"mode": "none"}})
+    base = config_from_mapping({"node": dict(NODE), "capture": {"mode": "none"}, "identity": dict(ISSUER)})
     check(lambda: apply_environment(base, environ))
 
 

@@ -1,5 +1,6 @@
-"""The identity section of the agent config: node CA directory, the development root shortcut, and
-short TTLs only behind an explicit development switch."""
+"""The identity section of the agent config: the issuer by default, the legacy node CA directory and the
+development root shortcut only when identity.mode: node_ca says so, and short TTLs only behind an explicit
+development switch."""
 
 import pytest
 
@@ -9,14 +10,27 @@ from agent.errors import ConfigError
 BASE = {"node": {"name": "node1", "address": "10.76.0.1"}, "capture": {"redirect_address": "169.254.1.1"}}
 
 
+ISSUER = {"issuer": {"addresses": ["10.76.0.5:15012"]}}
+
+
 def _config(identity: dict):
-    return validate(config_from_mapping({**BASE, "identity": identity}))
+    """A legacy (node intermediate) identity section, named as such."""
+    return validate(config_from_mapping({**BASE, "identity": {"mode": "node_ca", **identity}}))
 
 
-def test_defaults_point_at_a_node_ca_directory_not_a_root() -> None:
-    identity = validate(config_from_mapping(BASE)).identity
-    assert identity.node_ca_dir == "/etc/tcpmesh/node-ca" and identity.ca_dir == ""
+def test_defaults_are_the_issuer_and_the_legacy_node_ca_directory_only_when_named() -> None:
+    identity = validate(config_from_mapping({**BASE, "identity": ISSUER})).identity
+    assert identity.mode == "issuer" and identity.issuer.credential_dir == "/var/lib/tcpmesh/node-credential"
     assert identity.svid_ttl_seconds == 3600 and not identity.dev_short_ttl and identity.poll_seconds == 5.0
+    legacy = _config({}).identity
+    assert legacy.node_ca_dir == "/etc/tcpmesh/node-ca" and legacy.ca_dir == ""
+
+
+def test_the_root_shortcut_without_the_legacy_mode_is_refused_naming_both() -> None:
+    """identity.ca_dir signs with the root on the node: with the default mode it was silently ignored."""
+    with pytest.raises(ConfigError) as info:
+        validate(config_from_mapping({**BASE, "identity": {**ISSUER, "ca_dir": "/tmp/root"}}))
+    assert info.value.field == "identity.ca_dir" and "identity.mode: node_ca" in str(info.value)
 
 
 def test_short_ttl_is_refused_with_the_switch_named() -> None:
@@ -35,6 +49,7 @@ def test_dev_short_ttl_allows_seconds_but_not_less_than_two() -> None:
 @pytest.mark.parametrize("identity, field", [
     ({"node_ca_dir": ""}, "identity.node_ca_dir"),
     ({"poll_seconds": 0}, "identity.poll_seconds"),
+    ({"mode": "issuer", **ISSUER, "poll_seconds": 0}, "identity.poll_seconds"),
 ])
 def test_identity_errors_name_the_field(identity, field) -> None:
     with pytest.raises(ConfigError) as info:

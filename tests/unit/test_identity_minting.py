@@ -51,7 +51,7 @@ AGENT_SCRIPT = textwrap.dedent("""
     node_dir, root_dir, state_dir = sys.argv[1:4]
     config = validate(config_from_mapping({
         "node": {"name": "node1", "address": "10.76.0.1"}, "capture": {"redirect_address": "169.254.1.1"},
-        "identity": {"node_ca_dir": node_dir}, "trust_domain": "td.test", "state_dir": state_dir,
+        "identity": {"mode": "node_ca", "node_ca_dir": node_dir}, "trust_domain": "td.test", "state_dir": state_dir,
         "access_log": {"path": "off"}}))
     agent_ = Agent(config)
     store = agent_._build_identities()

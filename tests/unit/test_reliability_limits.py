@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from agent.config import Config, ProxyConfig, validate
+from agent.config import Config, IdentityConfig, IdentityIssuerConfig, ProxyConfig, validate
 from agent.errors import ConfigError
 from agent.proxy import deadlines as D
 from agent.proxy import limits as L
@@ -210,6 +210,11 @@ def test_config_defaults_are_named_and_validated():
     assert proxy.max_connections == 32768 and proxy.max_connections_per_identity == 16384
 
 
+def _config(proxy: ProxyConfig) -> Config:
+    return Config(node=Config().node.__class__("n1", "10.0.0.1"), capture=Config().capture.__class__(mode="none"),
+                  identity=IdentityConfig(issuer=IdentityIssuerConfig(addresses=["10.0.0.5:15012"])), proxy=proxy)
+
+
 @pytest.mark.parametrize("settings, field", [
     ({"handshake_timeout_seconds": 0}, "proxy.handshake_timeout_seconds"),
     ({"tunnel_timeout_seconds": 1}, "proxy.tunnel_timeout_seconds"),
@@ -219,16 +224,14 @@ def test_config_defaults_are_named_and_validated():
     ({"max_connections": 10, "max_connections_per_identity": 11}, "proxy.max_connections_per_identity"),
 ])
 def test_bad_deadlines_and_caps_name_the_field(settings, field):
-    config = Config(node=Config().node.__class__("n1", "10.0.0.1"),
-                    capture=Config().capture.__class__(mode="none"), proxy=ProxyConfig(**settings))
+    config = _config(ProxyConfig(**settings))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate(config)
 
 
 def test_zero_turns_the_deadlines_and_caps_off():
-    config = Config(node=Config().node.__class__("n1", "10.0.0.1"), capture=Config().capture.__class__(mode="none"),
-                    proxy=ProxyConfig(tunnel_timeout_seconds=0, stream_idle_timeout_seconds=0, max_connections=0,
-                                      max_connections_per_identity=0))
+    config = _config(ProxyConfig(tunnel_timeout_seconds=0, stream_idle_timeout_seconds=0, max_connections=0,
+                                 max_connections_per_identity=0))
     assert validate(config) is config
 
 
