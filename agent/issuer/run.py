@@ -54,16 +54,19 @@ class RegistryHolder:
 
 
 def _file_signature(path: str) -> Any:
-    """What a poll compares: the file's and its directory's identity, size, mode, owner and times (a chmod, a
-    chown or a replaced file all show)."""
-    result = []
-    for name in (path, os.path.dirname(os.path.abspath(path))):
-        try:
-            st = os.stat(name)
-            result.append((st.st_ino, st.st_size, st.st_mode, st.st_uid, st.st_mtime_ns, st.st_ctime_ns))
-        except OSError:
-            result.append(None)
-    return tuple(result)
+    """What a poll compares: the file's identity, size, mode, owner and times (an edit, a replaced file, a chmod
+    or a chown all show), and its directory's mode and owner (not its times: other files come and go there)."""
+    try:
+        st = os.stat(path)
+        file = (st.st_ino, st.st_size, st.st_mode, st.st_uid, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        file = None
+    try:
+        st = os.stat(os.path.dirname(os.path.abspath(path)))
+        directory = (st.st_mode, st.st_uid)
+    except OSError:
+        directory = None
+    return file, directory
 
 
 def reload_registry_file(config: IssuerConfig, holder: RegistryHolder, metrics: Any, *, at_start: bool = False) -> None:
