@@ -14,7 +14,8 @@ replica") hold bounded resources for a bounded time, and nodes are still served 
   client's handshake takes milliseconds, a stalled one holds its place until it is the oldest, so
   an attacker must keep replacing the whole table faster than one handshake to shut a node out. A
   handshake gets ``handshake_timeout_seconds`` (``handshake_timeout``); a failed one is counted
-  (``handshake_failed``).
+  (``handshake_failed``). At start the soft open-file limit is raised to what the limits can hold
+  (``descriptors_needed``), so they are reached before EMFILE is (asyncio pauses accepting on it).
 - **After it**: ``max_connections`` in all, at most half of them without a node credential (joins
   and attestations: anyone may try those), ``max_connections_per_peer`` per node credential (or,
   without one, per source address); the rest are answered a refusal (``busy`` / ``rate_limited``)
@@ -34,6 +35,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import resource
 import socket
 import ssl
 import struct
@@ -42,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
+from agent.errors import TcpmeshError
 from agent.identity.tls import issuer_context, load_credential, peer_uri
 from agent.issuer import protocol
 from agent.issuer.config import LimitsConfig
@@ -52,6 +55,25 @@ log = logging.getLogger("tcpmesh.issuer")
 ALPN = "tcpmesh-issuer/1"
 SERVER_CERT_TTL_SECONDS = 24 * 3600
 LOG_EVERY_SECONDS = 10.0
+SPARE_DESCRIPTORS = 64   # registry, CA files, metrics scrapes, the API server, logs
+
+
+def descriptors_needed(limits: LimitsConfig) -> int:
+    """Open files the limits can hold at once: every connection, every handshake, and some to spare. Pure."""
+    return limits.max_connections + limits.max_handshakes + SPARE_DESCRIPTORS
+
+
+def open_file_soft_limit(soft: int, hard: int, need: int) -> int:
+    """The soft RLIMIT_NOFILE to run with: ``soft`` if it is enough, else raised up to ``hard``; a hard limit
+    below ``need`` is an error naming the fix (the limits would otherwise end in EMFILE under load). Pure."""
+    if soft >= need:
+        return soft
+    if hard != -1 and hard < need:   # -1: RLIM_INFINITY
+        raise TcpmeshError(f"the issuer's limits need {need} open files (limits.max_connections + "
+                           f"limits.max_handshakes + {SPARE_DESCRIPTORS}) but the process may open at most {hard}: "
+                           "raise LimitNOFILE (systemd) / the container's nofile ulimit, or lower "
+                           "limits.max_connections and limits.max_handshakes")
+    return need
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
@@ -106,6 +128,11 @@ class IssuerServer:
         self.server_not_after = credential.not_after
 
     async def start(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = open_file_soft_limit(soft, hard, descriptors_needed(self.limits))
+        if wanted != soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            log.info("issuer: open-file limit raised from %d to %d for its limits", soft, wanted)
         # plain TCP here: the handshake is started per connection, after the handshake limits are checked
         loop = asyncio.get_running_loop()
 

@@ -573,3 +573,20 @@ def test_idle_tls_less_connections_and_slowloris_do_not_keep_a_node_from_renewin
     finally:
         for s in held:
             s.close()
+
+
+def test_a_forbidden_pod_watch_names_the_issuers_service_account_and_rule(k8s_world):
+    """An issuer whose ClusterRole lacks list on pods: the registry watch's error (logged, in its stats) must
+    send the operator to the issuer's role and the exact rule — before, it named the agent's RBAC (01-rbac.yaml,
+    services and endpointslices), which the issuer neither has nor needs."""
+    tmp_path, api, replica, bundle = k8s_world
+    api.fail("pods", 403, 403, 403, 403)
+    api.script("pods", "gone")   # the watch ends with 410: the issuer lists again, and is forbidden
+    deadline = time.monotonic() + 20
+    while "403" not in (replica.source.pods.stats.last_error or ""):
+        assert time.monotonic() < deadline, replica.source.pods.stats.last_error
+        time.sleep(0.1)
+    error = replica.source.pods.stats.last_error
+    assert "the issuer's ServiceAccount" in error and "ClusterRole tcpmesh-issuer" in error, error
+    assert 'resources: ["pods", "nodes"], verbs: ["list", "watch"]' in error, error
+    assert "endpointslices" not in error, error

@@ -80,6 +80,11 @@ def test_the_ledger_admits_each_token_once_and_prunes_expired_claims(tmp_path):
     ({"max_svid_ttl_seconds": 5}, "max_svid_ttl_seconds"),
     ({"listen": {"port": 0}}, "listen.port"),
     ({"listen": {"porrt": 1}}, "listen.porrt"),
+    ({"limits": {"workers": 0}}, "limits.workers"),
+    ({"limits": {"workers": 4, "attestations": 4}}, "limits.attestations"),
+    ({"limits": {"max_handshakes_per_address": 0}}, "limits.max_handshakes_per_address"),
+    ({"limits": {"request_timeout_seconds": 0}}, "limits.request_timeout_seconds"),
+    ({"limits": {"max_conections": 5}}, "limits.max_conections"),
 ])
 def test_config_errors_name_the_field(doc, field):
     with pytest.raises(ConfigError) as info:
@@ -113,3 +118,16 @@ def test_issuer_mode_validates_without_a_node_ca_dir():
                                            "identity": {"mode": "issuer", "node_ca_dir": "",
                                                         "issuer": {"addresses": ["10.0.0.5:15012"]}}}))
     assert config.identity.issuer.addresses == ["10.0.0.5:15012"]
+
+
+def test_the_issuer_raises_its_open_file_limit_to_what_its_limits_need_or_says_how_to_fix_it():
+    from agent.errors import TcpmeshError
+    from agent.issuer.config import LimitsConfig
+    from agent.issuer.server import descriptors_needed, open_file_soft_limit
+
+    need = descriptors_needed(LimitsConfig())
+    assert need == 1024 + 256 + 64
+    assert open_file_soft_limit(1024, 524288, need) == need   # systemd's default for a service: soft raised
+    assert open_file_soft_limit(65536, 65536, need) == 65536  # enough already: left alone
+    with pytest.raises(TcpmeshError, match="LimitNOFILE.*limits.max_connections"):
+        open_file_soft_limit(1024, 1024, need)
