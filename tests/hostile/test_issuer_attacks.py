@@ -11,7 +11,8 @@ Seen succeeding on main before their fixes (the commit that adds them says which
   still got SVIDs until the replica restarted, and a CA bearing the issuer CA's exact name under another
   key (signed by the retired root) vouched for node2: the issuer matched issuer CAs by their name.
 - a registry file others could write (0666, 0664, or owned by another user) was loaded — node1 got identity
-  b — and so were a group-writable bundle.pem and a token key owned by another user.
+  b — and so were a group-writable bundle.pem and a token key owned by another user; a replica started on
+  a 0777 spent-token ledger (whoever may delete a claim replays the token).
 """
 
 from __future__ import annotations
@@ -591,3 +592,20 @@ def test_a_forbidden_pod_watch_names_the_issuers_service_account_and_rule(k8s_wo
     assert "the issuer's ServiceAccount" in error and "ClusterRole tcpmesh-issuer" in error, error
     assert 'resources: ["pods", "nodes"], verbs: ["list", "watch"]' in error, error
     assert "endpointslices" not in error, error
+
+
+def test_a_spent_token_ledger_others_may_write_is_refused_at_start(world):
+    """Whoever may delete a claim from the ledger replays that bootstrap token (one more join as that node, on
+    any replica). Seen succeeding on main: a replica started on a 0777 ledger directory."""
+    import os
+
+    from agent.issuer.tokens import TokenError
+
+    tmp_path, (r0, _), _ = world
+    spent = tmp_path / "spent"
+    os.chmod(spent, 0o777)
+    with pytest.raises(TokenError, match="tokens.spent_dir") as refused:
+        Replica(r0.config, "issuer-2")
+    assert str(spent) in str(refused.value) and "chmod go-w" in str(refused.value)
+    os.chmod(spent, 0o700)
+    Replica(r0.config, "issuer-2").stop()
