@@ -45,7 +45,7 @@ class KubernetesAttestationConfig:
     namespace: str = "tcpmesh-system"         # the agent's service account: only its tokens attest a node
     service_account: str = "tcpmesh-agent"
     exclusive: bool = True                    # node SVIDs only by attestation: a node credential cannot renew itself
-    timeout_seconds: float = 5.0              # per API request (TokenReview, the pod)
+    timeout_seconds: float = 5.0              # one deadline for the TokenReview and the pod read together
 
 
 @dataclass(frozen=True)
