@@ -68,8 +68,10 @@ IP_TRANSPARENT = 19
 
 
 class Agent:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str = "") -> None:
         self.config = config
+        self.config_path = config_path  # re-read by identity.reload (`tcpmesh identity reload`)
+        self._identity_switch = asyncio.Lock()
         self.prometheus = CollectorRegistry()
         self.metrics = Metrics(self.prometheus)
         self.cgroups = CgroupNames()  # cgroup id → path, for the access log's `cgroup`
@@ -168,6 +170,17 @@ class Agent:
             return None
         return {"configured": True, "address": ", ".join(state.addresses),
                 **state.report(datetime.datetime.now(datetime.timezone.utc))}
+
+    async def _reload_identity(self, request: dict) -> dict:
+        """The admin socket's identity.reload: switch to the identity.mode of the config file, no restart
+        (agent.identity.mode_switch); one at a time."""
+        from agent.identity.mode_switch import IdentityReloadRefused, reload_identity
+
+        if self._identity_switch.locked():
+            raise IdentityReloadRefused("an identity.reload is already in progress on this agent; wait for its answer")
+        async with self._identity_switch:
+            self.config, answer = await reload_identity(self.config_path, self.config, self.rotator, self.metrics)
+        return answer
 
     def _policy_explain(self, request: dict) -> dict:
         """The admin socket's policy.explain: the set in force (never the files on disk), and a refused change."""
@@ -335,7 +348,8 @@ class Agent:
             admin_socket = AdminSocket(config.admin.socket, self.workloads, flows=lambda req: self._flows(ctx, req),
                                        ops={"status": lambda req: {"status": self.status()},
                                             "certs": lambda req: {"certs": self._certs_report()},
-                                            "policy.explain": self._policy_explain})
+                                            "policy.explain": self._policy_explain},
+                                       async_ops={"identity.reload": self._reload_identity})
             await admin_socket.start()
             runtime = RuntimeStats(ctx, lambda: outbound.pool.open_sessions)
             self.prometheus.register(runtime)

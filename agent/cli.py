@@ -27,6 +27,7 @@ LAZY_COMMANDS = {
     "lab": "agent.lab.cli:lab",
     "workload": "agent.control.cli:workload",
     "status": "agent.control.cli:status",
+    "identity": "agent.control.cli:identity",
     "policy": "agent.control.policy_cli:policy",
     "demo": "agent.demo.run:demo",
     "doctor": "agent.host.doctor:doctor",
@@ -96,7 +97,7 @@ def run(config_path: str) -> None:
 
     config = load_config(config_path)
     _setup_logging(config.log_level)
-    run_event_loop(Agent(config).run(), config.proxy.event_loop)
+    run_event_loop(Agent(config, config_path).run(), config.proxy.event_loop)
 
 
 def run_event_loop(main_coroutine, event_loop: str) -> None:

@@ -9,6 +9,8 @@ and those the composition root adds (``status``, ``certs``, ``policy.explain``: 
     {"op": "status"}                       → the node's facts (agent.control.status, `tcpmesh status`)
     {"op": "certs"}                        → the /debug/certs report (`tcpmesh cert inspect`)
     {"op": "policy.explain", "from": .., "to": "ns/name", "port": n}  (`tcpmesh policy explain`)
+    {"op": "identity.reload"}              → re-read identity.mode from the config file and switch the
+                                             SVID source at runtime (`tcpmesh identity reload`; async: ``async_ops``)
     → {"ok": true, ...} | {"ok": false, "error": "what was wrong and how to fix it"}
 
 Requests are bounded (64 KiB) and answered one at a time per connection. The client side is
@@ -22,7 +24,7 @@ import json
 import logging
 import os
 import socket
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from agent.control.workloads import WorkloadController
 from agent.errors import TcpmeshError
@@ -34,11 +36,13 @@ MAX_REQUEST = 64 * 1024
 class AdminSocket:
     def __init__(self, path: str, workloads: WorkloadController,
                  flows: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 ops: Mapping[str, Callable[[dict[str, Any]], dict[str, Any]]] | None = None) -> None:
+                 ops: Mapping[str, Callable[[dict[str, Any]], dict[str, Any]]] | None = None,
+                 async_ops: Mapping[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] | None = None) -> None:
         self.path = path
         self._workloads = workloads
         self._flows = flows  # flows.list: open and recently closed flows (FlowTable.query)
         self._ops = dict(ops or {})  # op name → handler(request) → answer fields (a TcpmeshError refuses)
+        self._async_ops = dict(async_ops or {})  # the same, awaited: slow operations that must not stall the loop
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -63,12 +67,26 @@ class AdminSocket:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
-                writer.write(json.dumps(self.handle_line(line)).encode() + b"\n")
+                writer.write(json.dumps(await self._answer(line)).encode() + b"\n")
                 await writer.drain()
         except (ValueError, ConnectionError) as exc:  # over-long line, peer gone
             log.warning("admin socket client dropped: %s", exc)
         finally:
             writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        """``handle_line``, or an awaited ``async_ops`` handler (other connections are served meanwhile)."""
+        try:
+            request = json.loads(line)
+        except ValueError:
+            request = None
+        op = request.get("op") if isinstance(request, dict) else None
+        if not isinstance(op, str) or op not in self._async_ops:
+            return self.handle_line(line)
+        try:
+            return {"ok": True, **await self._async_ops[op](request)}
+        except TcpmeshError as exc:
+            return {"ok": False, "error": str(exc)}
 
     def handle_line(self, line: bytes) -> dict[str, Any]:
         try:
@@ -97,7 +115,7 @@ class AdminSocket:
                 return {"ok": True, **self._ops[op](request)}
         except TcpmeshError as exc:
             return {"ok": False, "error": str(exc)}
-        known = ["workload.add", "workload.del", "workload.list", "flows.list", *self._ops]
+        known = ["workload.add", "workload.del", "workload.list", "flows.list", *self._ops, *self._async_ops]
         return {"ok": False, "error": f"unknown op {op!r}: use {', '.join(known)}"}
 
 

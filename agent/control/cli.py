@@ -1,4 +1,5 @@
-"""``tcpmesh workload add|del|list`` (change the running agent's workloads) and ``tcpmesh status`` (the
+"""``tcpmesh workload add|del|list`` (change the running agent's workloads), ``tcpmesh identity reload`` (switch its
+identity.mode, agent.identity.mode_switch) and ``tcpmesh status`` (the
 node's state, agent.control.status), through the agent's admin socket (which agent: agent.control.target)."""
 
 from __future__ import annotations
@@ -84,3 +85,30 @@ def status(as_json, socket_path, config_path, target_lab, target_node) -> None:
     click.echo(json.dumps(doc, indent=1) if as_json else format_status(doc))
     if doc["problems"]:
         sys.exit(1)
+
+
+RELOAD_TIMEOUT_SECONDS = 120.0  # a join and a batch of issuances at the issuer, each bounded by its own timeout
+
+
+@click.group()
+def identity() -> None:
+    """The running agent's identity source (docs/identity.md "Migrating to the issuer")."""
+
+
+@identity.command("reload")
+@click.option("--json", "as_json", is_flag=True, help="The agent's answer as JSON.")
+@target_options
+def identity_reload(as_json, socket_path, config_path, target_lab, target_node) -> None:
+    """Switch the agent to the identity.mode its config file says now, without a restart.
+
+    Edit the config file first (identity.mode: issuer and identity.issuer.*, as for a start in issuer
+    mode), then run this: the agent joins the issuer, re-issues every local SVID from it and only then
+    swaps; open connections keep flowing on their certificates, new ones use the new SVIDs. If the join
+    or an issuance fails nothing changes and the error says what to fix. The file already holds the
+    new mode, so a later restart stays on it. Exit code 2 when refused."""
+    from agent.admin_client import ask as ask_agent
+
+    path = resolve_socket(**_target(socket_path, config_path, target_lab, target_node))
+    answer = ask_agent(path, {"op": "identity.reload"}, timeout=RELOAD_TIMEOUT_SECONDS)
+    answer.pop("ok", None)
+    click.echo(json.dumps(answer, indent=1) if as_json else answer["message"])

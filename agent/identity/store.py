@@ -196,11 +196,12 @@ class IdentityStore:
                 self._notify_issued(result, ISSUED_FIRST)
         return results
 
-    def replace_ca(self, ca: Signer, trust_bundle_pem: str | bytes) -> None:
+    def replace_ca(self, ca: Signer, trust_bundle_pem: str | bytes, *, defer_first_issue: bool | None = None) -> None:
         """Sign with ``ca`` and trust ``trust_bundle_pem`` from now on; re-issue every identity under them.
 
         All or nothing: if any identity cannot be issued, the old CA, bundle and SVIDs stay. Open
-        connections keep the contexts they were made with.
+        connections keep the contexts they were made with. ``defer_first_issue`` (not None): the new
+        signer's way with new identities (a runtime switch of ``identity.mode``), set with the swap.
         """
         if ca.trust_domain != self._ca.trust_domain:
             raise SvidError(f"the new CA serves trust domain {ca.trust_domain!r}, this node {self._ca.trust_domain!r}; "
@@ -214,6 +215,8 @@ class IdentityStore:
             except BaseException:
                 self._ca, self._bundle = old
                 raise
+            if defer_first_issue is not None:
+                self._defer = defer_first_issue
             self._publish(entries)
         for entry in entries.values():
             self._notify_issued(entry.svid, ISSUED_CA_CHANGE)

@@ -8,7 +8,10 @@ the composition root) that repeatedly
     and the current CA stays;
   * ``renew_due()``: renews the SVIDs whose time has come (``schedule.decide``) and records failures
     with backoff — a failed renewal keeps the old, still valid certificate in service;
-and sleeps until the next of those moments (or until a new identity arrives). Both steps run on a
+and sleeps until the next of those moments (or until a new identity arrives). ``switch_source()``
+replaces the source itself at runtime (``identity.mode`` node_ca <-> issuer, docs/identity.md
+"Migrating to the issuer"): the new source loads (issuer mode: the node joins), every identity is
+re-issued from it, and only then the store swaps — all or nothing. All of them run on a
 dedicated worker thread, so waiting for the minting worker never stalls the data-path loop; the
 store swaps snapshots atomically, so new connections pick up new certificates and open ones keep theirs.
 
@@ -94,6 +97,7 @@ class IdentityRotator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._pending_failures: dict[SpiffeId, tuple[int, datetime]] = {}  # (failures in a row, retry at)
+        self._worker: ThreadPoolExecutor | None = None  # run()'s thread: the steps and switch_source, one at a time
         self.store = IdentityStore(self.signing.signer, self.signing.bundle_pem, ttl_seconds, key_dir=key_dir,
                                    clock=clock, min_ttl_seconds=min_ttl_seconds, listener=self,
                                    defer_first_issue=getattr(source, "defer_first_issue", False))
@@ -104,7 +108,7 @@ class IdentityRotator:
         """Run until cancelled. Each step's unexpected error is logged and the loop goes on."""
         loop = asyncio.get_running_loop()
         self._loop, self._wakeup = loop, asyncio.Event()
-        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tcpmesh-identity")
+        worker = self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tcpmesh-identity")
         next_poll = loop.time() + self._poll
         try:
             while True:
@@ -125,7 +129,7 @@ class IdentityRotator:
                 except asyncio.TimeoutError:
                     pass
         finally:
-            self._loop = None
+            self._loop = self._worker = None
             worker.shutdown(wait=False, cancel_futures=True)
 
     def wake(self) -> None:
@@ -173,6 +177,33 @@ class IdentityRotator:
         self.signing = signing
         self._ca_loaded(signing, "reloaded")
         return True
+
+    async def switch_source(self, source: Any) -> SigningInfo:
+        """Sign with ``source`` from now on (another ``identity.mode``), on the identity thread between steps.
+
+        ``IdentityError`` (the new source cannot load — issuer mode: the join failed — or an identity
+        cannot be issued from it): nothing changed, the current source, CA and SVIDs stay."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None:  # run() not started (tests): no step can race
+            return await asyncio.to_thread(self.switch_source_now, source)
+        return await loop.run_in_executor(self._worker, self.switch_source_now, source)
+
+    def switch_source_now(self, source: Any) -> SigningInfo:
+        """``switch_source`` on the calling thread (must not run beside ``check_ca``/``renew_due``)."""
+        now = self._clock()
+        signing = source.load(now=now)   # issuer mode: joins with the bootstrap token / node credential
+        self.store.replace_ca(signing.signer, signing.bundle_pem,
+                              defer_first_issue=getattr(source, "defer_first_issue", False))
+        # from here the store signs with the new source only; the old one (its node intermediate) is out of use
+        previous = self.signing
+        self._source, self._signature, self.signing = source, source.signature(), signing
+        self._failed_signature = None
+        self._failures, self._pending_failures = {}, {}
+        self._ca_loaded(signing, "switched to")
+        log.warning("identity source switched at runtime from %s to %s: %d SVIDs re-issued; open connections keep "
+                    "their certificates, new ones use the new SVIDs", self._describe(previous),
+                    self._describe(signing), len(self.store.svids()))
+        return signing
 
     def issue_pending(self) -> datetime | None:
         """Issuer mode: first SVIDs for identities that wait for one (backoff per identity); when to retry."""
@@ -291,16 +322,22 @@ class IdentityRotator:
         return f"{signing.kind} {cert.subject} (serial {cert.serial:x}, valid until {cert.not_after.isoformat()})"
 
 
+def ca_source(config: Any) -> CaSource:
+    """The source of ``identity.mode: node_ca`` (or ``identity.ca_dir``) from an ``agent.config.Config``."""
+    identity = config.identity
+    log.info("identity.mode node_ca (legacy): this node signs its SVIDs with a node intermediate that can sign "
+             "any identity of the trust domain; move to identity.mode: issuer (docs/identity.md)")
+    return CaSource(node_ca_dir=identity.node_ca_dir, ca_dir=identity.ca_dir, node=config.node.name)
+
+
 def rotator_from_config(config: Any, metrics: Any = None) -> IdentityRotator:
     """Build the rotator (and its store) from an ``agent.config.Config``."""
     identity = config.identity
     if identity.svid_ttl_seconds < MIN_TTL_SECONDS:
         log.warning("identity.dev_short_ttl is on: SVIDs live %ds and renew about every %.0fs — for tests and "
                     "development only", identity.svid_ttl_seconds, identity.svid_ttl_seconds / 2)
-    log.info("identity.mode node_ca (legacy): this node signs its SVIDs with a node intermediate that can sign "
-             "any identity of the trust domain; move to identity.mode: issuer (docs/identity.md)")
     return IdentityRotator(
-        CaSource(node_ca_dir=identity.node_ca_dir, ca_dir=identity.ca_dir, node=config.node.name),
+        ca_source(config),
         ttl_seconds=identity.svid_ttl_seconds,
         min_ttl_seconds=DEV_MIN_TTL_SECONDS if identity.dev_short_ttl else MIN_TTL_SECONDS,
         key_dir=config.state_dir, metrics=metrics, poll_seconds=identity.poll_seconds)

@@ -361,6 +361,17 @@ def _pem_blocks(text: str) -> list[str]:
     return [block.strip() + "\n" + end + "\n" for block in text.split(end) if "BEGIN CERTIFICATE" in block]
 
 
+def issuer_source(config: Any, metrics: Any = None) -> IssuerSource:
+    """The rotator's source of ``identity.mode: issuer`` from an ``agent.config.Config`` (not loaded yet)."""
+    identity = config.identity
+    settings = IssuerSettings(tuple(identity.issuer.addresses), identity.issuer.credential_dir,
+                              identity.issuer.ca_bundle, identity.issuer.bootstrap_token_file,
+                              identity.issuer.timeout_seconds, identity.issuer.service_account_token_file)
+    log.info("identity.mode issuer: SVIDs come from %s; this node holds a node credential only (%s)",
+             ", ".join(settings.addresses), settings.credential_dir)
+    return IssuerSource(settings, config.node.name, config.trust_domain, metrics=metrics)
+
+
 def issuer_rotator(config: Any, metrics: Any = None) -> Any:
     """The identity rotator of ``identity.mode: issuer`` (the composition root calls this instead of
     ``svid_rotator.rotator_from_config``)."""
@@ -368,12 +379,7 @@ def issuer_rotator(config: Any, metrics: Any = None) -> Any:
     from agent.identity.svid_rotator import IdentityRotator
 
     identity = config.identity
-    settings = IssuerSettings(tuple(identity.issuer.addresses), identity.issuer.credential_dir,
-                              identity.issuer.ca_bundle, identity.issuer.bootstrap_token_file,
-                              identity.issuer.timeout_seconds, identity.issuer.service_account_token_file)
-    source = IssuerSource(settings, config.node.name, config.trust_domain, metrics=metrics)
-    log.info("identity.mode issuer: SVIDs come from %s; this node holds a node credential only (%s)",
-             ", ".join(settings.addresses), settings.credential_dir)
+    source = issuer_source(config, metrics)
     return IdentityRotator(source, ttl_seconds=identity.svid_ttl_seconds,  # type: ignore[arg-type]
                            min_ttl_seconds=DEV_MIN_TTL_SECONDS if identity.dev_short_ttl else MIN_TTL_SECONDS,
                            key_dir=config.state_dir, metrics=metrics, poll_seconds=identity.poll_seconds)

@@ -5,6 +5,7 @@ processes here (``minting.spawn_minter``), as the agent does."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.identity.bundle import fingerprint
 from agent.identity.ca import init_ca, load_ca
-from agent.identity.errors import SvidError
+from agent.identity.errors import IdentityError, SvidError
 from agent.identity.node_ca import NODE_KEY_FILE, issue_node_files
 from agent.identity.minting_client import RemoteSigner
 from agent.identity.report import format_report, select
@@ -200,3 +201,64 @@ def test_a_node_ca_of_another_node_is_refused_at_start(node_dir, tmp_path) -> No
     shutil.copytree(node_dir, tmp_path / "copy")
     with pytest.raises(Exception, match="issued for node 'node1', this is node 'node2'"):
         IdentityRotator(CaSource(str(tmp_path / "copy"), node="node2"), ttl_seconds=3600)
+
+
+# -- switch_source: identity.mode changed at runtime (agent.identity.mode_switch) ------------------
+
+class RefusingSigner:
+    """A signer whose every issuance fails as a whole, as an issuer that refuses does."""
+
+    def __init__(self, trust_domain: str) -> None:
+        self.trust_domain = trust_domain
+
+    def issue_svids(self, spiffe_ids, ttl_seconds, *, now, min_ttl_seconds=0):
+        raise SvidError("the issuer refused (not_placed): no such workload on node1")
+
+
+class SourceWith:
+    """A source that loads like ``inner`` but signs with ``signer`` (and defers first issues: issuer mode)."""
+
+    defer_first_issue = True
+
+    def __init__(self, inner, signer=None) -> None:
+        self.inner, self.signer, self.directory = inner, signer, inner.directory
+
+    def load(self, now):
+        signing = self.inner.load(now)
+        return signing if self.signer is None else dataclasses.replace(signing, signer=self.signer)
+
+    def signature(self):
+        return self.inner.signature()
+
+
+def test_switch_source_reissues_every_svid_and_leaves_open_contexts_alone(rotator, tmp_path, caplog) -> None:
+    issue_node_files(tmp_path / "root", "node1", tmp_path / "other")
+    before = {i: (rotator.store.svid(i).serial, rotator.store.client_context_for(i)) for i in (WEB, DB)}
+    with caplog.at_level(logging.INFO, logger="tcpmesh.identity"):
+        signing = rotator.switch_source_now(SourceWith(CaSource(str(tmp_path / "other"), node="node1")))
+    assert rotator.signing is signing and rotator.store.ca is signing.signer
+    for i in (WEB, DB):
+        svid = rotator.store.svid(i)
+        assert svid.serial != before[i][0] and svid.chain_pem == ((tmp_path / "other" / "node.crt").read_text(),)
+        assert rotator.store.client_context_for(i) is not before[i][1]   # new connections: new contexts
+    assert "identity source switched at runtime" in caplog.text
+    new = SpiffeId.parse("spiffe://td.test/ns/shop/sa/new")
+    rotator.store.ensure([WEB, DB, new])
+    assert rotator.store.pending() == {new}   # the new source's way: first SVIDs on the rotator's thread
+
+
+@pytest.mark.parametrize("broken", ["load", "issue"])
+def test_a_switch_that_fails_changes_nothing(rotator, tmp_path, broken) -> None:
+    signing, source = rotator.signing, rotator._source
+    serials = {i: rotator.store.svid(i).serial for i in (WEB, DB)}
+    if broken == "load":
+        new_source = CaSource(str(tmp_path / "missing"), node="node1")
+    else:
+        new_source = SourceWith(source, RefusingSigner(TD))
+    with pytest.raises(IdentityError):
+        rotator.switch_source_now(new_source)
+    assert rotator.signing is signing and rotator._source is source and rotator.store.ca is signing.signer
+    assert {i: rotator.store.svid(i).serial for i in (WEB, DB)} == serials
+    assert not rotator.check_ca()   # still following the old directory, nothing pending
+    rotator.store.ensure([WEB, DB, SpiffeId.parse("spiffe://td.test/ns/shop/sa/new")])
+    assert rotator.store.pending() == frozenset()   # still node_ca: first issues on the caller's thread
