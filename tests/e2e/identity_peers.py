@@ -107,12 +107,30 @@ def rogue_client(address: str, cert: str, key: str, sni: str) -> dict:
         return {"handshake": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
+def peer_cert(address: str, sni: str) -> dict:
+    """The leaf certificate an agent's inbound port presents for ``sni`` (PEM), read without a client
+    certificate: in TLS 1.3 the server's certificate arrives before it judges the client's."""
+    host, _, port = address.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname=sni) as tls:
+            return {"pem": ssl.DER_cert_to_PEM_cert(tls.getpeercert(binary_form=True)), "error": None}
+    except (OSError, ssl.SSLError) as exc:
+        return {"pem": None, "error": f"{type(exc).__name__}: {exc}"}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("stream")
     s.add_argument("--connect", required=True)
     s.add_argument("--interval", type=float, default=0.02)
+    pc = sub.add_parser("peer-cert")
+    pc.add_argument("--connect", required=True)
+    pc.add_argument("--sni", required=True)
     r = sub.add_parser("rogue-server")
     r.add_argument("--bind", required=True)
     c = sub.add_parser("rogue-client")
@@ -124,6 +142,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "stream":
         print(json.dumps(stream(args.connect, args.interval)), flush=True)
+    elif args.command == "peer-cert":
+        print(json.dumps(peer_cert(args.connect, args.sni)), flush=True)
     elif args.command == "rogue-server":
         rogue_server(args.bind, args.cert, args.key)
     else:
