@@ -173,8 +173,8 @@ class Agent:
 
     async def _reload_identity(self, request: dict) -> dict:
         """The admin socket's identity.reload: switch to the identity.mode of the config file, no restart
-        (agent.identity.mode_switch); one at a time."""
-        from agent.identity.mode_switch import IdentityReloadRefused, reload_identity
+        (agent.control.identity_switch); one at a time."""
+        from agent.control.identity_switch import IdentityReloadRefused, reload_identity
 
         if self._identity_switch.locked():
             raise IdentityReloadRefused("an identity.reload is already in progress on this agent; wait for its answer")

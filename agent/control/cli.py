@@ -1,5 +1,5 @@
 """``tcpmesh workload add|del|list`` (change the running agent's workloads), ``tcpmesh identity reload`` (switch its
-identity.mode, agent.identity.mode_switch) and ``tcpmesh status`` (the
+identity.mode, agent.control.identity_switch) and ``tcpmesh status`` (the
 node's state, agent.control.status), through the agent's admin socket (which agent: agent.control.target)."""
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def test_a_node_ca_of_another_node_is_refused_at_start(node_dir, tmp_path) -> No
         IdentityRotator(CaSource(str(tmp_path / "copy"), node="node2"), ttl_seconds=3600)
 
 
-# -- switch_source: identity.mode changed at runtime (agent.identity.mode_switch) ------------------
+# -- switch_source: identity.mode changed at runtime (agent.control.identity_switch) ------------------
 
 class RefusingSigner:
     """A signer whose every issuance fails as a whole, as an issuer that refuses does."""

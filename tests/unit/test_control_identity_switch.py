@@ -1,4 +1,4 @@
-"""``identity.reload`` (agent.identity.mode_switch): the config file is re-read, only identity.mode switches,
+"""``identity.reload`` (agent.control.identity_switch): the config file is re-read, only identity.mode switches,
 and a refusal names the field and leaves the agent as it was. The switch itself runs through a real
 rotator and minting workers (the lab test, tests/e2e/test_issuer_migration.py, does it with the issuer)."""
 
@@ -15,7 +15,7 @@ import yaml
 from agent.config import Config, load_config
 from agent.control.admin_socket import AdminSocket
 from agent.identity.ca import init_ca
-from agent.identity.mode_switch import IdentityReloadRefused, reload_identity
+from agent.control.identity_switch import IdentityReloadRefused, reload_identity
 from agent.identity.node_ca import issue_node_files
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid_rotator import CaSource, IdentityRotator

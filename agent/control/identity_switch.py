@@ -11,7 +11,8 @@ with; new ones use the new SVIDs. Any failure leaves the agent exactly as it was
 
 Only ``identity.mode`` switches at runtime; the other settings of the file (and ``identity``'s other
 fields when the mode did not change) apply at the next restart, and the answer says so.
-Imports the issuer's node side only when switching to it; never ``cryptography``.
+Part of agent.control (it reads the config file, which sits above agent.identity); imports the issuer's
+node side only when switching to it; never ``cryptography`` (the agent does not load it).
 """
 
 from __future__ import annotations
