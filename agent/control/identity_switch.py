@@ -76,6 +76,10 @@ async def reload_identity(config_path: str, running: Config, rotator: Any, metri
         raise IdentityReloadRefused(f"switching to identity.mode {wanted} failed: {exc}; {stay}. Fix "
                                     f"identity.{'issuer' if wanted == 'issuer' else 'node_ca_dir'} in "
                                     f"{config_path} (or its files) and run `tcpmesh identity reload` again") from None
+    except Exception as exc:  # e.g. an OSError writing the credential: the store swaps last, so still nothing changed
+        log.exception("identity.reload: switching to identity.mode %s failed unexpectedly; %s", wanted, stay)
+        raise IdentityReloadRefused(f"switching to identity.mode {wanted} failed: {type(exc).__name__}: {exc} (the "
+                                    f"agent's log has the details); {stay}") from None
     seconds = time.monotonic() - started
     identities = len(rotator.store.svids())
     log.warning("identity.reload: node %s now on identity.mode %s (%s), %d SVIDs re-issued in %.2fs", running.node.name,

@@ -100,3 +100,17 @@ def test_admin_socket_switches_through_a_real_rotator(tmp_path) -> None:
     assert state["config"].identity.mode == "node_ca"
     assert rotator.store.svid(WEB).serial != serial
     assert rotator.signing.source.startswith(os.fspath(tmp_path / "back"))
+
+
+class Exploding:
+    """A rotator whose switch fails with something that is no IdentityError (a full disk, a bug)."""
+
+    async def switch_source(self, source):
+        raise OSError(28, "No space left on device")
+
+
+def test_an_unexpected_failure_is_refused_too_never_a_dropped_request(tmp_path, running) -> None:
+    issuer_mode = dataclasses.replace(running, identity=dataclasses.replace(running.identity, mode="issuer"))
+    path = write_config(tmp_path / "c.yaml", mode="node_ca", node_ca_dir=str(tmp_path / "node1"))
+    with pytest.raises(IdentityReloadRefused, match="No space left on device.*nothing changed"):
+        asyncio.run(reload_identity(path, issuer_mode, Exploding()))
