@@ -91,7 +91,11 @@ async def measure(seconds: float, profile: bool, workdir: Path) -> dict:
                   "system_us_per_round_trip": round((after.ru_stime - before.ru_stime) * 1e6 / n, 1),
                   "gc_collections": {g: collections.count(g) for g in (0, 1, 2)}}
         if profiler is not None:
-            result["python_calls_per_round_trip"] = round(pstats.Stats(profiler).total_calls / n, 1)  # type: ignore[attr-defined]
+            stats = pstats.Stats(profiler)
+            result["python_calls_per_round_trip"] = round(stats.total_calls / n, 1)  # type: ignore[attr-defined]
+            calls = sorted(((nc / n, f"{Path(f).name}:{line}:{fn}") for (f, line, fn), (_cc, nc, *_rest)
+                            in stats.stats.items()), reverse=True)  # type: ignore[attr-defined]
+            result["calls_per_round_trip_by_function"] = {name: round(per, 2) for per, name in calls if per >= 0.5}
         for listener in listeners:
             listener.close()
         outbound.pool.close_all("measured")

@@ -1,8 +1,8 @@
 """Who can change a file the issuer decides by: its owner and mode, and those of its directory. Only ``os.stat``.
 
 The registry file decides which node gets which identity, the issuer directory's bundle and intermediates
-who may vouch for a node and what is signed, the keys everything, and whoever may remove a claim from the
-spent-token ledger replays that token: whoever can write one of them is, in effect, the issuer. A file passes only if root or the issuer's own user owns it, neither group nor others
+who may vouch for a node and what is signed, the keys everything: whoever can write one of them is, in
+effect, the issuer. A file passes only if root or the issuer's own user owns it, neither group nor others
 may write it (nor, for a key, read it), and its directory is as safe — owned by root or the issuer's
 user and not writable by group or others, unless it has the sticky bit (``/tmp``, and Kubernetes Secret
 and ConfigMap volumes: others may add files there but not replace ours). A symlink is followed and the
@@ -70,17 +70,10 @@ def check_trusted_file(path: str | Path, field: str, *, secret: bool = False,
             f" — whoever can change it decides what the issuer trusts, so the issuer refuses it; run "
             f"{' and '.join(fixes)} (and check who could have changed it)")
     for directory in sorted({Path(os.path.abspath(path)).parent, path.resolve().parent}):
-        _check_directory(directory, f"{field} {path}: its directory {directory}", allowed)
+        _check_directory(directory, field, path, allowed)
 
 
-def check_trusted_directory(directory: str | Path, field: str, *, owners: Iterable[int] | None = None) -> None:
-    """Raise ``UntrustedFileError`` unless only root or the issuer's user can change what ``directory`` holds
-    (the spent-token ledger: whoever may delete a claim replays that token). Missing: left to its user."""
-    _check_directory(Path(directory), f"{field} {directory}",
-                     frozenset(owners) if owners is not None else allowed_owners())
-
-
-def _check_directory(directory: Path, what: str, allowed: frozenset[int]) -> None:
+def _check_directory(directory: Path, field: str, path: Path, allowed: frozenset[int]) -> None:
     try:
         st = os.stat(directory)
     except OSError:
@@ -88,9 +81,9 @@ def _check_directory(directory: Path, what: str, allowed: frozenset[int]) -> Non
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid not in allowed:
         raise UntrustedFileError(
-            f"{what} is owned by {_owner(st.st_uid)}, who may change what it holds; run `chown root {directory}` "
-            "or use a directory root owns")
+            f"{field} {path}: its directory {directory} is owned by {_owner(st.st_uid)}, who may replace the file; "
+            f"run `chown root {directory}` or move the file to a directory root owns")
     if mode & 0o022 and not mode & stat.S_ISVTX:
         raise UntrustedFileError(
-            f"{what} has mode {mode:04o}: group or others may replace or remove what it holds; run "
-            f"`chmod go-w {directory}` or use a directory only root may write")
+            f"{field} {path}: its directory {directory} has mode {mode:04o}: group or others may replace the file; "
+            f"run `chmod go-w {directory}` or move the file to a directory only root may write")

@@ -103,7 +103,7 @@ class IssuerServer:
         self._open = 0
         self._anonymous = 0                    # open connections without a node credential
         self._per_peer: dict[str, int] = {}   # node name (verified credential) or source address -> open connections
-        self._handshakes: dict[asyncio.StreamWriter, tuple[str, asyncio.Task]] = {}   # in progress, oldest first
+        self._handshakes: dict[asyncio.StreamWriter, str] = {}   # in progress, oldest first -> source address
         self._handshakes_per_address: dict[str, int] = {}
         self._cut: set[asyncio.StreamWriter] = set()             # handshakes cut to make room (counted already)
         self._refused: collections.Counter[str] = collections.Counter()   # since the last summary line
@@ -158,8 +158,11 @@ class IssuerServer:
             self._reset(writer, "address_limit")
             return
         if len(self._handshakes) >= self.limits.max_handshakes:
-            self._cut_oldest_handshake()
-        self._handshakes[writer] = (address, asyncio.current_task())
+            oldest = next(iter(self._handshakes))
+            self._cut.add(oldest)
+            self._count("busy")
+            _abort(oldest)
+        self._handshakes[writer] = address
         self._handshakes_per_address[address] = self._handshakes_per_address.get(address, 0) + 1
         self._gauge("handshakes", len(self._handshakes))
         try:
@@ -171,42 +174,24 @@ class IssuerServer:
             ssl_object = writer.get_extra_info("ssl_object")
             if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
                 raise ssl.SSLError("the client did not ask for ALPN " + ALPN)
-        except asyncio.CancelledError:
-            if writer not in self._cut:   # the server stops
-                raise
-            return                        # cut to make room: counted and closed already
         except asyncio.TimeoutError:
             self._reset(writer, "handshake_timeout")
             return
         except (ssl.SSLError, OSError, EOFError) as exc:
             log.debug("issuer: TLS handshake from %s failed: %s", address, exc)
-            self._count("handshake_failed")
+            if writer not in self._cut:
+                self._count("handshake_failed")
             _abort(writer)
             return
         finally:
-            self._forget_handshake(writer)
             self._cut.discard(writer)
+            del self._handshakes[writer]
+            if self._handshakes_per_address[address] <= 1:
+                del self._handshakes_per_address[address]
+            else:
+                self._handshakes_per_address[address] -= 1
+            self._gauge("handshakes", len(self._handshakes))
         await self._serve(reader, writer, address, ssl_object)
-
-    def _cut_oldest_handshake(self) -> None:
-        """The handshake table is full: the oldest entry goes (a real client's handshake is long over by then)."""
-        oldest, (_, task) = next(iter(self._handshakes.items()))
-        self._forget_handshake(oldest)
-        self._cut.add(oldest)
-        self._count("busy")
-        _abort(oldest)
-        task.cancel()
-
-    def _forget_handshake(self, writer: asyncio.StreamWriter) -> None:
-        entry = self._handshakes.pop(writer, None)
-        if entry is None:
-            return
-        address = entry[0]
-        if self._handshakes_per_address[address] <= 1:
-            del self._handshakes_per_address[address]
-        else:
-            self._handshakes_per_address[address] -= 1
-        self._gauge("handshakes", len(self._handshakes))
 
     def _reset(self, writer: asyncio.StreamWriter, reason: str) -> None:
         """Close with a reset, not a FIN: nothing was answered; the client tries its next issuer address."""

@@ -14,9 +14,14 @@
  *   decrypt           the receive loop of TlsLeg._decrypt_into: read plaintext into a buffer until
  *                     nothing is left to decrypt, the buffer is full, or the peer ended the stream,
  *                     without provoking SSLWantReadError (building it is the costliest step).
+ *   receive           one read of an established tunnel in one call: the bytes into the incoming BIO,
+ *                     decrypt, feed_parts, and each frame handed over (DATA to its stream's on_data,
+ *                     the others to the session's dispatch) — TlsLeg.data_received → _decrypt_into →
+ *                     MuxSession.leg_data, which stay the reference.
  *
  * Nothing here touches a socket or keeps a Python object past a call except the configuration
- * handed over once by configure() (the Frame class, the FrameType members, the error classes).
+ * handed over once by configure() (the Frame class, the FrameType members, the error classes);
+ * receive() calls back into Python (a stream's on_data, the session's dispatch) for every frame.
  * Built from source by `make setup` (setup.py, the machine's gcc); without it the pure-Python
  * path runs. It must not import any tcpmesh module.
  */
@@ -39,7 +44,7 @@ static PyObject *want_read_error;        /* ssl.SSLWantReadError */
 static PyObject *zero_return_error;      /* ssl.SSLZeroReturnError */
 static Py_ssize_t max_frame = -1;
 static Py_ssize_t max_control = -1;
-static PyObject *str_read, *str_write, *str_pending;
+static PyObject *str_read, *str_write, *str_pending, *str_on_data, *str_bytes_read;
 
 static int configured(void) {
     if (frame_class == NULL) {
@@ -412,30 +417,21 @@ static Py_ssize_t call_size(PyObject *result) {
  *   state 1: the buffer is full (deliver it, then call again with filled 0),
  *   state 2: the peer ended the stream (close_notify: a read returned 0 or SSLZeroReturnError).
  * Any other error (ssl.SSLError) propagates. */
-static PyObject *decrypt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4 || !PyMemoryView_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "decrypt(sslobj, incoming, buffer: memoryview, filled)");
-        return NULL;
-    }
-    if (want_read_error == NULL && !configured()) return NULL;
-    PyObject *sslobj = args[0], *incoming = args[1], *buffer = args[2];
+/* The loop of decrypt(): plaintext into ``buffer`` from ``*filled``; the state (0, 1, 2, see below),
+ * or -1 with an exception set. */
+static int decrypt_loop(PyObject *sslobj, PyObject *incoming, PyObject *buffer, Py_ssize_t *filled_io) {
     Py_ssize_t size = PyMemoryView_GET_BUFFER(buffer)->len;
-    Py_ssize_t filled = PyLong_AsSsize_t(args[3]);
-    if (filled == -1 && PyErr_Occurred()) return NULL;
-    if (filled < 0 || filled > size) {
-        PyErr_SetString(PyExc_ValueError, "decrypt: filled outside the buffer");
-        return NULL;
-    }
+    Py_ssize_t filled = *filled_io;
     int state = 0;
     for (;;) {
         if (filled) { /* a further read with nothing left would only raise SSLWantReadError */
             PyObject *bio_pending = PyObject_GetAttr(incoming, str_pending);
             Py_ssize_t n = call_size(bio_pending);
-            if (n < 0 && PyErr_Occurred()) return NULL;
+            if (n < 0 && PyErr_Occurred()) return -1;
             if (n == 0) {
                 Py_ssize_t held = call_size(PyObject_VectorcallMethod(str_pending, &sslobj,
                                                                       1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL));
-                if (held < 0 && PyErr_Occurred()) return NULL;
+                if (held < 0 && PyErr_Occurred()) return -1;
                 if (held == 0) break;
             }
         }
@@ -443,11 +439,11 @@ static PyObject *decrypt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         int sliced = 0;
         if (filled) {
             target = view_slice(buffer, filled, size);
-            if (target == NULL) return NULL;
+            if (target == NULL) return -1;
             sliced = 1;
         }
         PyObject *want = PyLong_FromSsize_t(size - filled);
-        if (want == NULL) { if (sliced) Py_DECREF(target); return NULL; }
+        if (want == NULL) { if (sliced) Py_DECREF(target); return -1; }
         PyObject *call[3] = {sslobj, want, target};
         PyObject *got = PyObject_VectorcallMethod(str_read, call, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
         Py_DECREF(want);
@@ -455,15 +451,111 @@ static PyObject *decrypt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         if (got == NULL) {
             if (PyErr_ExceptionMatches(want_read_error)) { PyErr_Clear(); break; }
             if (PyErr_ExceptionMatches(zero_return_error)) { PyErr_Clear(); state = 2; break; }
-            return NULL;
+            return -1;
         }
         Py_ssize_t n = call_size(got);
-        if (n < 0) return NULL;
+        if (n < 0) return -1;
         if (n == 0) { state = 2; break; }
         filled += n;
         if (filled == size) { state = 1; break; }
     }
+    *filled_io = filled;
+    return state;
+}
+
+/* decrypt(sslobj, incoming, buffer, filled) -> (filled, state): TlsLeg._decrypt_into's inner loop.
+ * Reads plaintext into ``buffer`` (a writable memoryview) from offset ``filled`` until
+ *   state 0: nothing is left to decrypt (the incoming BIO and OpenSSL hold no more; or a read
+ *            asked for more bytes: SSLWantReadError, swallowed),
+ *   state 1: the buffer is full (deliver it, then call again with filled 0),
+ *   state 2: the peer ended the stream (close_notify: a read returned 0 or SSLZeroReturnError).
+ * Any other error (ssl.SSLError) propagates. */
+static PyObject *decrypt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyMemoryView_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "decrypt(sslobj, incoming, buffer: memoryview, filled)");
+        return NULL;
+    }
+    if (want_read_error == NULL && !configured()) return NULL;
+    Py_ssize_t size = PyMemoryView_GET_BUFFER(args[2])->len;
+    Py_ssize_t filled = PyLong_AsSsize_t(args[3]);
+    if (filled == -1 && PyErr_Occurred()) return NULL;
+    if (filled < 0 || filled > size) {
+        PyErr_SetString(PyExc_ValueError, "decrypt: filled outside the buffer");
+        return NULL;
+    }
+    int state = decrypt_loop(args[0], args[1], args[2], &filled);
+    if (state < 0) return NULL;
     return Py_BuildValue("(ni)", filled, state);
+}
+
+/* receive(leg, sslobj, incoming, data, buffer, decoder, streams, dispatch) -> state: one tunnel read,
+ * the compiled twin of TlsLeg.data_received → _decrypt_into → MuxSession.leg_data for an established
+ * tunnel. ``data`` (bytes-like, or None to go on after a full buffer) is written to the incoming BIO;
+ * plaintext is decrypted into ``buffer`` as decrypt() does and counted in ``leg.bytes_read``; the
+ * frames in it (``decoder``: a FrameDecoder, feed_parts) are handed over in order, all of them decoded
+ * before the first is handed over (as MuxSession.leg_data): a DATA part to ``streams[id].on_data(part)``
+ * (dropped for a stream not in the dict), any other frame to ``dispatch(frame)``. Returns decrypt()'s
+ * state (1: the buffer was full, call again with None). Errors propagate: ssl.SSLError from
+ * decrypting, MuxProtocolError from decoding, whatever on_data or dispatch raise (frames after the
+ * failing one are not handed over). */
+static PyObject *receive(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8 || !PyMemoryView_Check(args[4]) || !PyObject_TypeCheck(args[5], &DecoderType)
+        || !PyDict_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "receive(leg, sslobj, incoming, data, buffer: memoryview, decoder: FrameDecoder, "
+                        "streams: dict, dispatch)");
+        return NULL;
+    }
+    if (!configured()) return NULL;
+    PyObject *leg = args[0], *sslobj = args[1], *incoming = args[2], *buffer = args[4], *streams = args[6];
+    PyObject *dispatch = args[7];
+    if (args[3] != Py_None) {
+        PyObject *call[2] = {incoming, args[3]};
+        PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        if (written == NULL) return NULL;
+        Py_DECREF(written);
+    }
+    Py_ssize_t filled = 0;
+    int state = decrypt_loop(sslobj, incoming, buffer, &filled);
+    if (state < 0) return NULL;
+    if (filled) {
+        PyObject *count = PyObject_GetAttr(leg, str_bytes_read);
+        if (count == NULL) return NULL;
+        PyObject *n = PyLong_FromSsize_t(filled);
+        PyObject *sum = n != NULL ? PyNumber_Add(count, n) : NULL;
+        Py_DECREF(count);
+        Py_XDECREF(n);
+        if (sum == NULL) return NULL;
+        int rc = PyObject_SetAttr(leg, str_bytes_read, sum);
+        Py_DECREF(sum);
+        if (rc < 0) return NULL;
+        PyObject *plain = view_slice(buffer, 0, filled);
+        if (plain == NULL) return NULL;
+        PyObject *frames = Decoder_feed_parts((Decoder *)args[5], plain);
+        Py_DECREF(plain);
+        if (frames == NULL) return NULL;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(frames); i++) {
+            PyObject *frame = PyList_GET_ITEM(frames, i);
+            PyObject *result;
+            if (PyTuple_GET_ITEM(frame, 0) == kinds[KIND_DATA]) {
+                PyObject *stream = PyDict_GetItemWithError(streams, PyTuple_GET_ITEM(frame, 1));
+                if (stream == NULL) {
+                    if (PyErr_Occurred()) { Py_DECREF(frames); return NULL; }
+                    continue; /* data for a stream just reset: dropped */
+                }
+                Py_INCREF(stream);
+                PyObject *call[2] = {stream, PyTuple_GET_ITEM(frame, 2)};
+                result = PyObject_VectorcallMethod(str_on_data, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+                Py_DECREF(stream);
+            } else {
+                result = PyObject_CallOneArg(dispatch, frame);
+            }
+            if (result == NULL) { Py_DECREF(frames); return NULL; }
+            Py_DECREF(result);
+        }
+        Py_DECREF(frames);
+    }
+    return PyLong_FromLong(state);
 }
 
 static PyMethodDef module_methods[] = {
@@ -474,6 +566,9 @@ static PyMethodDef module_methods[] = {
      "seal_data(sslobj, outgoing, stream, data) -> bytes of TLS records carrying one DATA frame"},
     {"decrypt", (PyCFunction)(void (*)(void))decrypt, METH_FASTCALL,
      "decrypt(sslobj, incoming, buffer, filled) -> (filled, state): 0 drained, 1 buffer full, 2 end of stream"},
+    {"receive", (PyCFunction)(void (*)(void))receive, METH_FASTCALL,
+     "receive(leg, sslobj, incoming, data, buffer, decoder, streams, dispatch) -> state: one tunnel read "
+     "decrypted, counted, decoded and handed to the streams"},
     {NULL}
 };
 
@@ -487,7 +582,10 @@ PyMODINIT_FUNC PyInit__hotpath(void) {
     str_read = PyUnicode_InternFromString("read");
     str_write = PyUnicode_InternFromString("write");
     str_pending = PyUnicode_InternFromString("pending");
-    if (str_read == NULL || str_write == NULL || str_pending == NULL) return NULL;
+    str_on_data = PyUnicode_InternFromString("on_data");
+    str_bytes_read = PyUnicode_InternFromString("bytes_read");
+    if (str_read == NULL || str_write == NULL || str_pending == NULL || str_on_data == NULL || str_bytes_read == NULL)
+        return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
     Py_INCREF(&DecoderType);

@@ -72,6 +72,15 @@ class Receiver(Protocol):
     def leg_resume_writing(self, leg: "Leg") -> None: ...
 
 
+class FrameRoute(Receiver, Protocol):
+    """A TLS leg's receiver whose frames come straight from a compiled read (``TlsLeg.route_frames``):
+    agent.proxy.session.MuxSession."""
+    _decoder: object
+    streams: dict
+    def _dispatch(self, frame) -> None: ...
+    def receive_failed(self, exc: Exception) -> None: ...
+
+
 class Leg(asyncio.BufferedProtocol):
     """Common state: transport, receiver (with buffering until one is set), byte counts."""
 
@@ -111,10 +120,10 @@ class Leg(asyncio.BufferedProtocol):
             self.receiver.leg_resume_writing(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffers.shared()
+        return _read_buffers.view or _read_buffers.shared()  # the attribute once it exists: no call
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.view_received(_read_buffers.shared()[:nbytes])
+        self.view_received((_read_buffers.view or _read_buffers.shared())[:nbytes])
 
     def view_received(self, view: memoryview) -> None:
         """``nbytes`` read into the shared buffer; the view is valid until this returns."""
@@ -250,7 +259,12 @@ class PlainLeg(Leg):
         self._deliver_view(view)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._deliver_view(_read_buffers.shared()[:nbytes])  # view_received without its own call
+        receiver = self.receiver  # view_received and _deliver_view without their calls
+        if receiver is not None and getattr(receiver, "takes_views", False):
+            self.bytes_read += nbytes
+            receiver.leg_data(self, (_read_buffers.view or _read_buffers.shared())[:nbytes])
+        else:
+            self._deliver_view((_read_buffers.view or _read_buffers.shared())[:nbytes])
 
     def data_received(self, data: bytes) -> None:
         self._deliver(data)
@@ -317,6 +331,7 @@ class TlsLeg(Leg):
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.handshake_seconds: float | None = None  # TCP connected → TLS handshake complete
         self._connected_at = 0.0
+        self._frames: FrameRoute | None = None  # route_frames: the session whose frames go the compiled way
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -342,7 +357,48 @@ class TlsLeg(Leg):
         self.data_received(view)  # the memory BIO copies it
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_read_buffers.shared()[:nbytes])  # view_received without its own call
+        view = (_read_buffers.view or _read_buffers.shared())[:nbytes]
+        if self._frames is not None and self.receiver is self._frames:
+            self._receive_frames(self._frames, view)
+        else:
+            self.data_received(view)  # view_received without its own call
+
+    def route_frames(self, session: "FrameRoute") -> None:
+        """From now on (while ``session`` is the receiver) hand each read to ``agent.proxy._hotpath.receive``:
+        decrypt, decode and deliver to ``session``'s streams in one compiled call. Only with the compiled
+        path and an established tunnel; the steps it replaces (``data_received`` → ``_decrypt_into`` →
+        the receiver's ``leg_data``) stay the reference."""
+        if self.handshake_done.done() and self.handshake_done.exception() is None and self.ssl_object is not None:
+            self._frames = session
+
+    def _receive_frames(self, session: "FrameRoute", data: memoryview | None) -> None:
+        receive = hotpath.compiled.receive  # type: ignore[union-attr]
+        sslobj = self.ssl_object._sslobj  # type: ignore[union-attr]
+        view = _plain_buffers.take()
+        try:
+            while True:
+                try:
+                    state = receive(self, sslobj, self._incoming, data, view, session._decoder, session.streams,
+                                    session._dispatch)  # counts what it hands over in self.bytes_read
+                except ssl.SSLError as exc:
+                    self._flush()
+                    self.close_exc = exc
+                    self.reset()
+                    return
+                except Exception as exc:  # a frame the session refuses: it decides (GOAWAY, close) or re-raises
+                    session.receive_failed(exc)
+                    return
+                if state != 1:  # 1: the buffer was full
+                    break
+                data = None
+                if self.transport is None or self.transport.is_closing():
+                    return  # the receiver closed the tunnel
+        finally:
+            _plain_buffers.give_back(view)
+        if self._outgoing.pending:  # post-handshake messages (key updates) may need an answer
+            self._flush()
+        if state == 2:
+            self._deliver_eof()
 
     def data_received(self, data: bytes | memoryview) -> None:
         self._incoming.write(data)

@@ -1,9 +1,10 @@
 """Which implementation of the tunnel's per-message work runs: the compiled module or pure Python.
 
 ``agent.proxy._hotpath`` (agent/proxy/_hotpath.c, built from source by ``make setup``; setup.py) is
-the compiled twin of three pure-Python steps that stay the reference implementation: frame decoding
-(``mux.PyFrameDecoder``), sealing a DATA frame into TLS records and the TLS receive loop
-(``endpoints.TlsLeg``). It is used when it was built and imports, unless the environment says
+the compiled twin of pure-Python steps that stay the reference implementation: frame decoding
+(``mux.PyFrameDecoder``), sealing a DATA frame into TLS records, the TLS receive loop
+(``endpoints.TlsLeg``) and a whole read of an established tunnel — decrypt, decode, hand each frame to
+its stream or the session — in one call (``TlsLeg.route_frames``, set by ``session.MuxSession.start``). It is used when it was built and imports, unless the environment says
 ``TCPMESH_HOTPATH=python`` (the switch tests and operators use to run the reference path; any other
 value than ``python`` or ``compiled``, or ``compiled`` without the module, is refused at import with
 the fix). ``describe()`` is what ``tcpmesh doctor`` reports.

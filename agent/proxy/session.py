@@ -26,6 +26,7 @@ import time
 from typing import Callable
 
 from agent.connection.facts import ConnectionFacts
+from agent.proxy import hotpath
 from agent.proxy import mux as M
 from agent.proxy.budget import BufferBudget
 from agent.proxy.endpoints import Leg, TlsLeg
@@ -73,7 +74,10 @@ class Stream(Leg):
         self.bytes_written += size
         if not self._queued and size <= self.send_window:  # the steady state: all of it goes now
             self.send_window -= size
-            self.session.send_data(self.id, data)
+            if size < SMALL_WRITE:  # send_data's first case without its call
+                self.session.tls.write_data_frame(self.id, data)
+            else:
+                self.session.send_data(self.id, data)
             if self.send_window <= 0 or self.session.tunnel_blocked or self._writer_blocked:
                 self.update_writer_blocked()
             return
@@ -141,10 +145,14 @@ class Stream(Leg):
         self._unreturned += len(payload)
         if self._unreturned + self._debt > M.INITIAL_WINDOW + CREDIT_THRESHOLD:
             raise M.MuxProtocolError(f"stream {self.id} sent beyond its window")
-        if type(payload) is memoryview:
-            self._deliver_view(payload)
-        else:
+        receiver = self.receiver
+        if type(payload) is not memoryview:
             self._deliver(payload)
+        elif receiver is not None and getattr(receiver, "takes_views", False):  # _deliver_view without its call
+            self.bytes_read += len(payload)
+            receiver.leg_data(self, payload)
+        else:
+            self._deliver_view(payload)
         if self._reading_paused and self._sink is not None:
             self._settle()
         if self._unreturned >= self._threshold:  # what _return_credit() would check first
@@ -269,6 +277,9 @@ class MuxSession:
         """Take the TLS leg over; frames that arrived with the handshake are processed now, so the
         callbacks may run before this returns (they get the stream; ``stream.session`` is this)."""
         self.tls.set_receiver(self)
+        compiled = hotpath.compiled
+        if compiled is not None and type(self._decoder) is compiled.FrameDecoder and isinstance(self.tls, TlsLeg):
+            self.tls.route_frames(self)  # each tunnel read: one compiled call (agent.proxy._hotpath.receive)
         self.tls.resume_reading()
         if self.gate is not None:
             self.gate.join(self)
@@ -343,9 +354,18 @@ class MuxSession:
                 else:
                     self._dispatch(frame)
         except (M.MuxProtocolError, PeerProtocolError) as exc:
-            log.warning("closing tunnel from %s: %s", self.tls.peername(), exc)
-            self.send(M.encode(M.FrameType.GOAWAY, 0, str(exc).encode()[:M.MAX_CONTROL_PAYLOAD]))
-            self.close(f"protocol error: {exc}")
+            self._refuse(exc)
+
+    def receive_failed(self, exc: Exception) -> None:
+        """``TlsLeg.route_frames``: decoding or handing over a frame raised ``exc`` (as in ``leg_data``)."""
+        if not isinstance(exc, (M.MuxProtocolError, PeerProtocolError)):
+            raise exc
+        self._refuse(exc)
+
+    def _refuse(self, exc: Exception) -> None:
+        log.warning("closing tunnel from %s: %s", self.tls.peername(), exc)
+        self.send(M.encode(M.FrameType.GOAWAY, 0, str(exc).encode()[:M.MAX_CONTROL_PAYLOAD]))
+        self.close(f"protocol error: {exc}")
 
     def _dispatch(self, frame: M.Frame) -> None:
         kind = frame.type

@@ -1,6 +1,7 @@
 """The compiled hot path (agent/proxy/_hotpath.c) against its pure-Python reference: the same test
-vectors through both, TLS records sealed by one opened by the other, and the switch that chooses
-(agent/proxy/hotpath.py) refusing what cannot run with the fix in the message."""
+vectors through both, TLS records sealed by one opened by the other, a tunnel's reads (frames in TLS
+records, in any fragmentation) with the same stream events, answers, ending and byte counts, and the
+switch that chooses (agent/proxy/hotpath.py) refusing what cannot run with the fix in the message."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import sys
 
 import pytest
 
+from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.proxy import hotpath
 from agent.proxy import mux as M
-from agent.proxy.endpoints import READ_CHUNK
+from agent.proxy.header import encode_connect_body
+from agent.proxy.session import MuxSession
+from agent.proxy.endpoints import READ_BUFFER, READ_CHUNK
 from tests.hotpath_impls import IMPLEMENTATIONS, decoder_class, use
 from tests.unit.test_endpoints_tls_buffer import Collector, connected_pair, contexts  # noqa: F401 - a fixture
 
@@ -141,3 +145,95 @@ def test_the_switch_chooses_and_refuses_what_cannot_run():
     if hotpath.built is not None:
         default = hotpath_in_child(None)
         assert default.stdout.split() == ["compiled", "agent.proxy._hotpath"], default.stderr
+
+
+OPEN_BODY = encode_connect_body(ConnectionFacts("10.0.0.1", 80, b"12345678", "10.0.0.2", 4000,
+                                                ClientProcess(7, 0, "app")))
+BIG = bytes(range(256)) * ((2 * READ_CHUNK + 4099) // 256)  # fills the plaintext buffer twice: the "call again" path
+TUNNEL_READS = {  # name: (tcpmesh/2 frames the client sends, whether it ends with close_notify)
+    "open, data, a large frame, fin, close_notify": (
+        M.encode(M.FrameType.OPEN, 1, OPEN_BODY) + M.encode(M.FrameType.DATA, 1, b"hello")
+        + M.encode(M.FrameType.DATA, 1, BIG) + M.encode(M.FrameType.DATA, 1, b"") + M.encode(M.FrameType.FIN, 1),
+        True),
+    "credit returned past the threshold": (
+        M.encode(M.FrameType.OPEN, 1, OPEN_BODY) + b"".join(M.encode(M.FrameType.DATA, 1, BIG) for _ in range(3)),
+        False),
+    "window, reset, data for gone streams, goaway": (
+        M.encode(M.FrameType.OPEN, 1, OPEN_BODY) + M.encode(M.FrameType.OPEN, 3, OPEN_BODY)
+        + M.encode_window(1, 100) + M.encode(M.FrameType.RST, 3, b"bye") + M.encode(M.FrameType.DATA, 3, b"late")
+        + M.encode(M.FrameType.DATA, 5, b"nobody") + M.encode(M.FrameType.GOAWAY, 0, b"drain")
+        + M.encode(M.FrameType.DATA, 1, b"still"), False),
+    "data after fin closes the tunnel": (
+        M.encode(M.FrameType.OPEN, 1, OPEN_BODY) + M.encode(M.FrameType.FIN, 1) + M.encode(M.FrameType.DATA, 1, b"x")
+        + M.encode(M.FrameType.DATA, 1, b"never"), False),
+    "an unknown frame type after data": (
+        M.encode(M.FrameType.OPEN, 1, OPEN_BODY) + M.encode(M.FrameType.DATA, 1, b"ok") + H(9, 0, 0, 1, 0), False),
+    "an unreadable OPEN": (M.encode(M.FrameType.OPEN, 1, b"\xff" * 9) + M.encode(M.FrameType.DATA, 1, b"x"), False),
+    "an OPEN with an even id": (M.encode(M.FrameType.OPEN, 2, OPEN_BODY), False),
+    "a zero WINDOW": (M.encode(M.FrameType.OPEN, 1, OPEN_BODY) + M.encode(M.FrameType.WINDOW, 1, b"\0\0\0\0"), False),
+}
+
+
+class Recorder(Collector):
+    """A stream's receiver that writes what it is told into one log shared by the tunnel's streams."""
+
+    def __init__(self, log: list, stream_id: int) -> None:
+        super().__init__(takes_views=True)
+        self.log, self.id = log, stream_id
+
+    def leg_data(self, leg, data) -> None:
+        self.log.append((self.id, "data", bytes(data)))
+
+    def leg_eof(self, leg) -> None:
+        self.log.append((self.id, "eof"))
+
+    def leg_closed(self, leg, exc) -> None:
+        self.log.append((self.id, "closed", str(exc)))
+
+
+def tunnel_outcome(contexts, impl: str, wire: bytes, close_notify: bool, step: int) -> tuple:  # noqa: F811
+    """What a server session on ``impl``'s data path does with ``wire``, arriving ``step`` bytes of TLS
+    records per socket read (``TlsLeg.buffer_updated``, as uvloop calls it): every stream event in order,
+    the frames it sent back, how the tunnel ended, and the TLS leg's and streams' byte counts."""
+    async def main():
+        log: list = []
+        with use(impl):
+            client, client_transport, server = await connected_pair(contexts)
+            streams = []
+
+            def on_open(stream, request):
+                streams.append(stream)
+                stream.set_receiver(Recorder(log, stream.id))
+
+            session = MuxSession(server, client=False, on_open=on_open,
+                                 on_bad_open=lambda stream, why: log.append((stream.id, "bad open", why))).start()
+            assert (server._frames is session) == (impl == "compiled")  # the path under test is the one taken
+            client.write(wire)
+            if close_notify:
+                client.write_eof()
+            records = client_transport.take()
+            for at in range(0, len(records), step):
+                piece = records[at:at + step]
+                server.get_buffer(len(piece))[:len(piece)] = piece
+                server.buffer_updated(len(piece))
+                if server.transport.is_closing():
+                    break
+        answers = Collector(takes_views=False)
+        client.set_receiver(answers)
+        client.data_received(server.transport.take())
+        sent = [(f.type, f.stream, f.payload) for f in M.PyFrameDecoder().feed(b"".join(answers.chunks))]
+        return (log, sent, session.closed.result() if session.closed.done() else None, server.bytes_read,
+                [(s.id, s.bytes_read, s.peer_eof) for s in streams], server.transport.aborted)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", sorted(TUNNEL_READS))
+def test_a_tunnel_read_has_the_same_outcome_on_both_paths(contexts, name):  # noqa: F811
+    """The compiled one-call receive (agent.proxy._hotpath.receive via TlsLeg.route_frames) against the
+    reference steps (TlsLeg.data_received → _decrypt_into → MuxSession.leg_data), in any fragmentation."""
+    wire, close_notify = TUNNEL_READS[name]
+    for step in (7, 1000, 70_000, READ_BUFFER):  # READ_BUFFER: the most one socket read brings
+        reference = tunnel_outcome(contexts, "python", wire, close_notify, step)
+        assert reference[0] or reference[2], "a vector that does nothing tests nothing"
+        assert tunnel_outcome(contexts, "compiled", wire, close_notify, step) == reference, (name, step)
