@@ -29,6 +29,7 @@ from agent.control.workloads import WorkloadController
 from agent.errors import EnvironmentProblem, KernelError, TcpmeshError
 from agent.service.heap import freeze_startup_objects, heap_trimmer, trim_heap_forever
 from agent.host import checks
+from agent.identity.errors import CaError
 from agent.identity.svid_rotator import IdentityRotator, rotator_from_config
 from agent.identity.store import IdentityStore
 from agent.policy.explain import explain, request_for
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tcpmesh.agent")
 RUNTIME_WORKLOADS_FILE = "runtime-workloads.json"
+FIRST_SVIDS_POLL_SECONDS = 0.05   # how often the start looks whether the first SVIDs are in (a set lookup)
+FIRST_SVIDS_EXTEND_SECONDS = 60.0  # not joined yet: systemd's start timeout pushed this far ahead, repeatedly
 IP_TRANSPARENT = 19
 
 
@@ -169,7 +172,7 @@ class Agent:
         if self.config.identity.mode != "issuer" or state is None:
             return None
         return {"configured": True, "address": ", ".join(state.addresses),
-                **state.report(datetime.datetime.now(datetime.timezone.utc))}
+                **state.report(datetime.datetime.now(datetime.timezone.utc)), "awaiting": self.rotator.awaiting()}
 
     async def _reload_identity(self, request: dict) -> dict:
         """The admin socket's identity.reload: switch to the identity.mode of the config file, no restart
@@ -372,6 +375,8 @@ class Agent:
             self._install_signal_handlers(loop)
             if not await self._policy_gate():
                 return  # stopped before a policy set loaded: no listener was ever opened
+            if not await self._first_svids_gate():
+                return  # stopped before this node joined the issuer / got its SVIDs: no listener opened
             outbound_sock = listening_socket(config.proxy.bind_address, config.proxy.outbound_port,
                                              transparent=self.capture.listener.transparent)
             inbound_sock = listening_socket(config.proxy.bind_address, config.proxy.inbound_port)
@@ -468,6 +473,57 @@ class Agent:
         if not self._policy_in_force.is_set():
             return False
         log.info("the policy set loaded: turning ready")
+        return True
+
+    async def _first_svids_gate(self) -> bool:
+        """Issuer mode: stay not ready (listeners closed, capture attached: pods' connects refused) until this
+        node has joined the issuer and every local identity has its first SVID — or, once joined, until
+        identity.issuer.first_svid_wait_seconds have passed: then ready, with an error and
+        tcpmesh_agent_ready_without_svids naming what still waits. Never joined: not ready, however long
+        (systemd's start timeout is extended meanwhile). A refused join ends the agent (TcpmeshError).
+        docs/identity.md "The agent and the issuer". False when the agent was stopped meanwhile."""
+        source = getattr(self.rotator, "_source", None)
+        if self.config.identity.mode != "issuer" or source is None:
+            return True
+        loop = asyncio.get_running_loop()
+        limit = self.config.identity.issuer.first_svid_wait_seconds
+        started, joined_at, said, extended = loop.time(), None, "", 0.0
+        while not self._stop.is_set():
+            state = source.state
+            if state.join_refused:
+                raise CaError(f"{state.join_refused}; put a new one-time token (`tcpmesh issuer token "
+                              f"{self.config.node.name}`) in identity.issuer.bootstrap_token_file and start the agent "
+                              "again")
+            pending = sorted(i.uri for i in self.rotator.store.pending())
+            if source.joined:
+                joined_at = loop.time() if joined_at is None else joined_at
+                if not pending:
+                    break
+                if loop.time() - joined_at >= limit:
+                    self.metrics.ready_without_svids.set(len(pending))
+                    log.error("READY WITHOUT SVIDS after identity.issuer.first_svid_wait_seconds (%.0fs): %s still "
+                              "have none, so their workloads' connects are refused until the issuer signs them "
+                              "(`tcpmesh status` shows each one's last error and next retry)", limit, ", ".join(pending))
+                    break
+                reason = f"waiting for the first SVIDs of {', '.join(pending)} (up to {limit:.0f}s)"
+            else:
+                reason = (f"not joined to the issuer yet ({state.join_failures} attempt(s) failed: {state.last_error}; "
+                          f"next at {state.join_retry_at.isoformat() if state.join_retry_at else 'now'})")
+                if loop.time() - extended > FIRST_SVIDS_EXTEND_SECONDS / 2:   # TimeoutStartSec must not kill it
+                    extended = loop.time()
+                    sdnotify.extend_start(FIRST_SVIDS_EXTEND_SECONDS, f"NOT READY (pods' connections refused): {reason}")
+            if reason.split(" (")[0] != said:
+                said = reason.split(" (")[0]
+                log.warning("NOT READY: %s", reason)
+                sdnotify.status(f"NOT READY (pods' connections refused): {reason}")
+            self.not_ready_reason = reason
+            try:
+                await asyncio.wait_for(self._stop.wait(), FIRST_SVIDS_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+        if self._stop.is_set():
+            return False
+        log.info("identities settled %.2fs after the policy set loaded: turning ready", loop.time() - started)
         return True
 
     def _apply_inbound_modes(self, registry: Registry) -> None:

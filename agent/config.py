@@ -30,6 +30,7 @@ DEFAULT_STATE_DIR = "/run/tcpmesh"
 DEFAULT_SVID_TTL_SECONDS = 3600
 DEFAULT_NODE_CA_DIR = "/etc/tcpmesh/node-ca"
 DEFAULT_IDENTITY_POLL_SECONDS = 5.0
+DEFAULT_FIRST_SVID_WAIT_SECONDS = 30.0  # well inside the unit's TimeoutStartSec=120s
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_DRAIN_SECONDS = 5.0
 DEFAULT_TUNNEL_IDLE_SECONDS = 60.0
@@ -80,6 +81,10 @@ class IdentityIssuerConfig:
     # node SVID (join and renewal) is obtained by attestation with the token as the kubelet last wrote it
     service_account_token_file: str = ""
     timeout_seconds: float = 10.0
+    # At start the agent reports ready (systemd READY=1, /readyz) once every local identity has its first
+    # SVID, or after this many seconds: then ready with an error naming the identities still waiting (one
+    # refused identity must not hold the node "activating"). Not joined yet: not ready, however long.
+    first_svid_wait_seconds: float = DEFAULT_FIRST_SVID_WAIT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -518,6 +523,9 @@ def _identity_issuer(issuer: IdentityIssuerConfig) -> None:
     if not 0.5 <= issuer.timeout_seconds <= 120:
         raise ConfigError("identity.issuer.timeout_seconds", issuer.timeout_seconds, "out of range",
                           "use 0.5 to 120 seconds")
+    if not 0 <= issuer.first_svid_wait_seconds <= 600:
+        raise ConfigError("identity.issuer.first_svid_wait_seconds", issuer.first_svid_wait_seconds, "out of range",
+                          "use 0 to 600 seconds (0: ready without waiting for the first SVIDs)")
 
 
 def _ipv4(name: str, value: str, required: bool) -> None:

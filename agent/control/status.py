@@ -65,6 +65,9 @@ def problems(doc: Mapping[str, Any]) -> list[str]:
     issuer = doc["issuer"]
     if issuer.get("configured") and issuer.get("reachable") is False:  # None: not asked yet
         found.append(f"issuer {issuer.get('address', '')} unreachable: {issuer.get('last_error') or 'no answer'}")
+    for a in issuer.get("awaiting") or ():
+        found.append(f"identity {a['spiffe_id']} has no SVID yet (its workloads' connects are refused)"
+                     + (f": {a['last_error']}" if a.get("last_error") else ""))
     return found
 
 
@@ -119,6 +122,15 @@ def format_status(doc: Mapping[str, Any]) -> str:
         credential = (issuer.get("node_credential") or {}).get("not_after")
         lines.append(f"  issuer       {issuer.get('address', '')}: {reach}"
                      + (f"; node credential valid until {credential}" if credential else ""))
+        join = issuer.get("join")
+        if join:
+            lines.append(f"    NOT JOINED   {join['failures']} attempt(s) failed; next at {join['retry_at'][:19]} "
+                         f"(in {_ago(join['seconds_to_retry'])})")
+        for a in issuer.get("awaiting") or ():
+            retry = f"; next retry {a['retry_at'][:19]} (in {_ago(a['seconds_to_retry'])})" if a["retry_at"] else ""
+            lines.append(f"    NO SVID YET  {a['spiffe_id']} (connects refused): "
+                         + (f"{a['failures']} failure(s), last: {a['last_error']}{retry}" if a["failures"]
+                            else "first request under way"))
     else:
         lines.append("  issuer       not configured (this node signs with its own node CA)")
     lines += [f"  problem: {p}" for p in doc["problems"]]

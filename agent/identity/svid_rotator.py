@@ -96,7 +96,9 @@ class IdentityRotator:
         self._renewals: dict[SpiffeId, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
-        self._pending_failures: dict[SpiffeId, tuple[int, datetime]] = {}  # (failures in a row, retry at)
+        # identities without a first SVID that failed: (failures in a row, retry at, last error)
+        self._pending_failures: dict[SpiffeId, tuple[int, datetime, str]] = {}
+        self._awaiting: set[SpiffeId] = set()  # identities with a tcpmesh_identity_awaiting_first_svid series
         self._worker: ThreadPoolExecutor | None = None  # run()'s thread: the steps and switch_source, one at a time
         self.store = IdentityStore(self.signing.signer, self.signing.bundle_pem, ttl_seconds, key_dir=key_dir,
                                    clock=clock, min_ttl_seconds=min_ttl_seconds, listener=self,
@@ -115,15 +117,17 @@ class IdentityRotator:
                 self._wakeup.clear()
                 wake_at = None
                 try:
-                    if loop.time() >= next_poll:
+                    source_at = self._source_attempt_at()
+                    if loop.time() >= next_poll or (source_at is not None and self._clock() >= source_at):
                         next_poll = loop.time() + self._poll
                         await loop.run_in_executor(worker, self.check_ca)
                     wake_at = await loop.run_in_executor(worker, self.renew_due)
                 except Exception:  # a task root: a bug in one step must not end rotation
                     log.exception("certificate rotation step failed; trying again")
                 delay = next_poll - loop.time()
-                if wake_at is not None:
-                    delay = min(delay, (wake_at - self._clock()).total_seconds())
+                for at in (wake_at, self._source_attempt_at()):
+                    if at is not None:
+                        delay = min(delay, (at - self._clock()).total_seconds())
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), max(delay, MIN_SLEEP_SECONDS))
                 except asyncio.TimeoutError:
@@ -131,6 +135,11 @@ class IdentityRotator:
         finally:
             self._loop = self._worker = None
             worker.shutdown(wait=False, cancel_futures=True)
+
+    def _source_attempt_at(self) -> datetime | None:
+        """Issuer mode, not joined yet: when the source retries the join (sooner than the next poll)."""
+        attempt_at = getattr(self._source, "attempt_at", None)
+        return attempt_at() if attempt_at is not None else None
 
     def wake(self) -> None:
         """Recompute the schedule now (thread-safe): a new identity may be due before the current sleep ends."""
@@ -147,8 +156,8 @@ class IdentityRotator:
 
         Issuer mode: first lets the source renew the node credential when due (``maintain``)."""
         maintain = getattr(self._source, "maintain", None)
-        if maintain is not None:
-            maintain(self._clock())
+        if maintain is not None and maintain(self._clock()):
+            self._pending_failures = {}  # just joined the issuer: first SVIDs now, not after their backoff
         signature = self._source.signature()
         if signature == self._signature:
             return False
@@ -192,6 +201,9 @@ class IdentityRotator:
         """``switch_source`` on the calling thread (must not run beside ``check_ca``/``renew_due``)."""
         now = self._clock()
         signing = source.load(now=now)   # issuer mode: joins with the bootstrap token / node credential
+        if not getattr(source, "joined", True):   # issuer mode: no issuer answered the join (a start would wait)
+            raise IdentityError(f"no issuer answered this node's join ({source.report(now).get('last_error')}); "
+                                "nothing changed: start the issuer (or check identity.issuer.addresses) and reload again")
         self.store.replace_ca(signing.signer, signing.bundle_pem,
                               defer_first_issue=getattr(source, "defer_first_issue", False))
         # from here the store signs with the new source only; the old one (its node intermediate) is out of use
@@ -209,27 +221,54 @@ class IdentityRotator:
         """Issuer mode: first SVIDs for identities that wait for one (backoff per identity); when to retry."""
         now = self._clock()
         pending = self.store.pending()
-        self._pending_failures = {k: v for k, v in self._pending_failures.items() if k in pending}
-        if any(self._pending_failures.get(i, (0, now))[1] <= now for i in pending):
+        failures = {k: v for k, v in self._pending_failures.items() if k in pending}
+        if any(failures.get(i, (0, now, ""))[1] <= now for i in pending):
             for spiffe_id, result in self.store.issue_pending().items():
                 if isinstance(result, Svid):
-                    self._pending_failures.pop(spiffe_id, None)
+                    failures.pop(spiffe_id, None)
                     continue
-                count = self._pending_failures.get(spiffe_id, (0, now))[0] + 1
+                count = failures.get(spiffe_id, (0, now, ""))[0] + 1
                 wait = min(self._policy.retry_initial * (2 ** (count - 1)), self._policy.retry_max)
                 wait = wait * (0.8 + 0.4 * random.random())  # jittered: nodes do not retry in step
-                self._pending_failures[spiffe_id] = (count, now + wait)
+                failures[spiffe_id] = (count, now + wait, str(result))
                 if self._metrics is not None:
                     self._metrics.certificate_renewal_failures.labels(workload=spiffe_id.uri).inc()
                 log.warning("cannot get the first SVID of %s (%d in a row): %s; its workloads' connections are "
                             "refused until it arrives; retrying in %.1fs", spiffe_id.uri, count, result,
                             wait.total_seconds())
-        retry = [at for i, (_, at) in self._pending_failures.items() if i in self.store.pending()]
+        self._pending_failures = failures  # replaced, never mutated: report() reads it from another thread
+        retry = [at for i, (_, at, _) in failures.items() if i in self.store.pending()]
         return min(retry) if retry else None
+
+    def _count_awaiting(self, pending: Iterable[SpiffeId]) -> None:
+        """tcpmesh_identity_awaiting_first_svid: one series per identity still without its first SVID."""
+        pending = set(pending)
+        if self._metrics is not None:
+            for spiffe_id in pending - self._awaiting:
+                self._metrics.awaiting_first_svid.labels(workload=spiffe_id.uri).set(1)
+            for spiffe_id in self._awaiting - pending:
+                try:
+                    self._metrics.awaiting_first_svid.remove(spiffe_id.uri)
+                except KeyError:
+                    pass
+        self._awaiting = pending
+
+    def awaiting(self) -> list[dict[str, Any]]:
+        """Identities without a first SVID: each with its failures in a row, last error and next retry."""
+        now = self._clock()
+        failures = self._pending_failures
+        out = []
+        for spiffe_id in sorted(self.store.pending()):
+            count, retry_at, error = failures.get(spiffe_id, (0, None, ""))
+            out.append({"spiffe_id": spiffe_id.uri, "failures": count, "last_error": error or None,
+                        "retry_at": retry_at.isoformat() if retry_at else None,
+                        "seconds_to_retry": round(max((retry_at - now).total_seconds(), 0.0), 3) if retry_at else None})
+        return out
 
     def renew_due(self) -> datetime | None:
         """Renew what is due now; return when to look again (None: no identities)."""
         pending_retry = self.issue_pending() if self.store.pending() else None
+        self._count_awaiting(self.store.pending())
         wake_at = self._renew_due()
         if pending_retry is not None:
             return pending_retry if wake_at is None else min(wake_at, pending_retry)
@@ -288,7 +327,8 @@ class IdentityRotator:
                               now, self._policy, workloads)
         source_report = getattr(self._source, "report", None)
         if source_report is not None:  # issuer mode: reachability, last renewal, node credential time left
-            report["issuer"] = {**source_report(now), "pending": sorted(i.uri for i in self.store.pending())}
+            report["issuer"] = {**source_report(now), "pending": sorted(i.uri for i in self.store.pending()),
+                                "awaiting": self.awaiting()}
         return report
 
     # -- helpers -------------------------------------------------------------------------------

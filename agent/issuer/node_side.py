@@ -5,7 +5,9 @@
 minting worker); with none (or an expired one) it joins — a fresh key and CSR, the one-time bootstrap
 token of ``bootstrap_token_file``, ``node`` at the issuer — and writes what it got; from then on it
 renews the node SVID with itself once half its lifetime has passed (``maintain``, every poll of the
-rotator). A failed renewal keeps the current credential while it is valid. On Kubernetes
+rotator). A failed renewal keeps the current credential while it is valid. No issuer answering at join
+(``IssuerUnreachable``) is transient: the agent starts not joined and ``maintain`` retries the join with
+jittered backoff (1 s doubling to 10 s); a refusal is permanent (``IssuerState.join_refused``). On Kubernetes
 (``service_account_token_file``: the pod's projected token) every node SVID — join and renewal — is
 asked for with the token as the kubelet last wrote it, and the issuer attests the node from it.
 
@@ -42,6 +44,13 @@ log = logging.getLogger("tcpmesh.identity")
 
 RETRY_INITIAL_SECONDS = 1.0   # a failed node credential renewal is retried after 1 s, doubling up to 60 s
 RETRY_MAX_SECONDS = 60.0
+JOIN_RETRY_MAX_SECONDS = 10.0  # an unreachable issuer at join: 1 s doubling up to 10 s (joined within seconds of it)
+
+
+def backoff(failures: int, cap: float) -> float:
+    """Seconds until the next attempt after ``failures`` in a row: 1 s doubling up to ``cap``, ±20 % jitter
+    (nodes started together do not retry in step)."""
+    return min(RETRY_INITIAL_SECONDS * 2 ** (failures - 1), cap) * (0.8 + 0.4 * random.random())
 
 
 class IssuerUnreachable(IdentityError):
@@ -74,6 +83,9 @@ class IssuerState:
         self.last_renewal: datetime | None = None
         self.credential_not_after: datetime | None = None
         self.credential_uri: str | None = None
+        self.join_failures = 0                  # an unreachable issuer at join: attempts failed in a row
+        self.join_retry_at: datetime | None = None  # set while this node waits to join
+        self.join_refused: str | None = None    # a permanent join error met while retrying: the agent exits
 
     def contacted(self, now: datetime, address: str | None) -> None:
         self.reachable, self.last_contact, self.last_address, self.last_error = True, now, address, None
@@ -87,6 +99,10 @@ class IssuerState:
                 "last_contact": self.last_contact.isoformat() if self.last_contact else None,
                 "last_address": self.last_address, "last_error": self.last_error,
                 "last_renewal": self.last_renewal.isoformat() if self.last_renewal else None,
+                "joined": self.credential_uri is not None,
+                "join": None if self.join_retry_at is None else {
+                    "failures": self.join_failures, "retry_at": self.join_retry_at.isoformat(),
+                    "seconds_to_retry": round(max((self.join_retry_at - now).total_seconds(), 0.0), 3)},
                 "node_credential": {"spiffe_id": self.credential_uri,
                                     "not_after": self.credential_not_after.isoformat()
                                     if self.credential_not_after else None,
@@ -120,25 +136,67 @@ class NodeCredential:
         return doc
 
     def current(self) -> Credential:
+        if self._credential is None and self.state.join_retry_at is not None:
+            raise IssuerUnreachable(f"this node has not joined the issuer yet ({self.state.last_error}); "
+                                    f"next attempt at {self.state.join_retry_at.isoformat()}")
         if self._credential is None:
             raise CaError(f"this node has no node credential in {self.settings.credential_dir}")
         return self._credential
 
-    def maintain(self, now: datetime) -> None:
-        """Renew the node SVID once half its lifetime has passed (kept on failure while valid)."""
+    @property
+    def joined(self) -> bool:
+        return self._credential is not None
+
+    def retry_join(self, now: datetime) -> bool:
+        """Not joined yet because no issuer answered: join now if the backoff allows; True once joined.
+
+        ``IssuerUnreachable`` is transient (logged, retried with jittered backoff); any other error (the
+        issuer refused the token, the token file is gone) is permanent: recorded in ``state.join_refused``
+        (never retried), and the agent's start ends with it (``Agent._first_svids_gate``)."""
+        if self.state.join_refused or (self.state.join_retry_at is not None and now < self.state.join_retry_at):
+            return False
+        try:
+            self.load(now)
+        except IssuerUnreachable as exc:
+            self.unreachable_at_join(now, exc)
+            return False
+        except IdentityError as exc:   # the issuer answered and refused: retrying would hide the fault
+            self.state.join_refused, self.state.join_retry_at = str(exc), None
+            log.error("joining the issuer as node %s was refused: %s", self.node, exc)
+            return False
+        log.info("joined the issuer after %d failed attempt(s): this node's SVIDs are asked for now",
+                 self.state.join_failures)
+        self.state.join_failures, self.state.join_retry_at = 0, None
+        return True
+
+    def unreachable_at_join(self, now: datetime, exc: IssuerUnreachable) -> None:
+        self.state.join_failures += 1
+        wait = backoff(self.state.join_failures, JOIN_RETRY_MAX_SECONDS)
+        self.state.join_retry_at = now + timedelta(seconds=wait)
+        if self._metrics is not None:
+            self._metrics.issuer_join_failures.inc()
+        log.warning("NOT READY: cannot join the issuer as node %s (attempt %d, tried %s): %s; this node has no "
+                    "credential, so no SVID and no meshed connection yet (capture stays attached, pods' "
+                    "connects are refused); retrying in %.1fs", self.node, self.state.join_failures,
+                    ", ".join(self.state.addresses), exc, wait)
+
+    def maintain(self, now: datetime) -> bool:
+        """Renew the node SVID once half its lifetime has passed (kept on failure while valid); not joined
+        yet (the issuer was unreachable at start): retry the join. True when this call joined."""
+        if self._credential is None:
+            return self.retry_join(now)
         if self._not_after is None or self._not_before is None:
-            return
+            return False
         half = self._not_before + (self._not_after - self._not_before) / 2
         if now < half or (self._retry_at is not None and now < self._retry_at):
-            return
+            return False
         with self._lock:
             try:
                 self._request_node_svid(now, token=None, sa_token=self._service_account_token())
                 self._failures, self._retry_at = 0, None
             except IdentityError as exc:
                 self._failures += 1
-                wait = min(RETRY_INITIAL_SECONDS * 2 ** (self._failures - 1), RETRY_MAX_SECONDS)
-                self._retry_at = now + timedelta(seconds=wait * (0.8 + 0.4 * random.random()))  # jittered
+                self._retry_at = now + timedelta(seconds=backoff(self._failures, RETRY_MAX_SECONDS))
                 left = (self._not_after - now).total_seconds()
                 if left <= 0 and self.settings.service_account_token_file:
                     log.error("this node's credential EXPIRED at %s and could not be renewed by attestation (%s): "
@@ -152,6 +210,7 @@ class NodeCredential:
                 else:
                     log.warning("renewing this node's credential at the issuer failed: %s; still valid for %.0fs "
                                 "(until %s); retrying", exc, left, self._not_after.isoformat())
+        return False
 
     def _service_account_token(self) -> str | None:
         path = self.settings.service_account_token_file
@@ -263,11 +322,12 @@ class IssuerSigner:
     def issue_svids(self, spiffe_ids: Iterable[SpiffeId], ttl_seconds: int, *, now: datetime,
                     min_ttl_seconds: int = MIN_TTL_SECONDS) -> dict[SpiffeId, Svid | IdentityError]:
         ids = list(spiffe_ids)
+        credential = self._credential.current()   # not joined yet: fails before a worker makes keys
         keys = call(self._transport, {"op": "keys", "count": len(ids), "now": now.isoformat()})["keys"]
         request = {"v": 1, "op": "sign", "ttl_seconds": ttl_seconds,
                    "csrs": [{"spiffe_id": i.uri, "csr": k["csr_pem"]} for i, k in zip(ids, keys)]}
         state = self._credential.state
-        answer = ask(self._credential.client, state, request, self._credential.current(), now)
+        answer = ask(self._credential.client, state, request, credential, now)
         if not answer.get("ok"):
             error = answer.get("error") or {}
             raise SvidError(f"the issuer refused ({error.get('reason')}): {error.get('message')}")
@@ -324,8 +384,13 @@ class IssuerSource:
             credential.root_fingerprint = old.root_fingerprint
             if bundle and credential.root_fingerprint != bundle[0].fingerprint:   # `ca rotate reissue`: the new root first
                 credential.renew_under(bundle[0].fingerprint, now)
+        elif self.credential is not None and self.credential.state.join_retry_at is not None:
+            pass   # still waiting to join (a bundle change meanwhile): maintain keeps retrying
         else:
-            credential.load(now)
+            try:
+                credential.load(now)
+            except IssuerUnreachable as exc:   # transient: start not ready and keep trying (docs/identity.md)
+                credential.unreachable_at_join(now, exc)
         self.credential = credential
         info = credential.info or bundle[0]
         # the root of the issuer's intermediate as the node credential shows it: SVIDs come from the same issuer
@@ -335,11 +400,20 @@ class IssuerSource:
                            root=root, bundle=bundle, bundle_pem=bundle_pem, chain=(),
                            signer=IssuerSigner(self.trust_domain, credential, self.transport))  # type: ignore[arg-type]
 
-    def maintain(self, now: datetime) -> None:
-        if self.credential is not None:
-            self.credential.maintain(now)
+    def maintain(self, now: datetime) -> bool:
+        """The rotator's poll: renew (or, not joined yet, join) the node credential; True when it joined now."""
+        joined = self.credential.maintain(now) if self.credential is not None else False
         if self._metrics is not None and self.state.reachable is not None:
             self._metrics.issuer_up.set(1 if self.state.reachable else 0)
+        return joined
+
+    @property
+    def joined(self) -> bool:
+        return self.credential is not None and self.credential.joined
+
+    def attempt_at(self) -> datetime | None:
+        """Not joined yet: when the next join attempt is due (the rotator polls then); None once joined."""
+        return None if self.joined else self.state.join_retry_at
 
     def report(self, now: datetime) -> dict[str, Any]:
         return self.state.report(now)

@@ -37,6 +37,7 @@ FIRST_METRICS_PORT = 15022
 BRIDGE_PORT = "tmissuer"
 TOKEN_TTL_SECONDS = 3600
 MAX_NODES_WITH_ISSUER = 249
+LAB_FIRST_SVID_WAIT_SECONDS = 60  # an agent turns ready once its pods have SVIDs (or after this)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ def agent_identity(plan: LabPlan, node: NodePlan, poll_seconds: float, svid_ttl_
     """The ``identity`` section of a lab agent in issuer mode."""
     section: dict[str, Any] = {"mode": "issuer", "poll_seconds": poll_seconds,
                                "issuer": {"addresses": addresses(plan), "credential_dir": credential_dir(node),
-                                          "bootstrap_token_file": token_file(node), "timeout_seconds": 3}}
+                                          "bootstrap_token_file": token_file(node), "timeout_seconds": 3,
+                                          # ready means every pod's SVID is in: nothing else in the lab waits
+                                          "first_svid_wait_seconds": LAB_FIRST_SVID_WAIT_SECONDS}}
     if svid_ttl_seconds is not None:
         section.update(svid_ttl_seconds=svid_ttl_seconds, dev_short_ttl=svid_ttl_seconds < 60)
     return section
@@ -176,39 +179,4 @@ def wait_ready(plan: LabPlan, started: Mapping[str, subprocess.Popen], timeout: 
             name = next(iter(pending))
             raise LabError(f"{name} was not ready after {timeout:.0f}s; its log is {by_name[name].log_file}:\n"
                            f"{agents.log_tail(by_name[name].log_file)}")
-        time.sleep(0.2)
-
-
-def wait_first_svids(plan: LabPlan, nodes: Sequence[NodePlan], timeout: float = 60.0) -> None:
-    """Until each node's agent holds an SVID for every identity of its pods (asked over its admin socket).
-
-    In issuer mode an agent is ready before its SVIDs arrive (readiness must not depend on the issuer);
-    a workload's connects are refused until its SVID is there, so the lab waits for them before it says up."""
-    from agent.admin_client import ask
-    from agent.errors import TcpmeshError
-
-    pending = {node.name: (node, {pod.spiffe_id for pod in node.pods}) for node in nodes if node.pods}
-    deadline = time.monotonic() + timeout
-    last: dict[str, str] = {}
-    while pending:
-        for name, (node, wanted) in list(pending.items()):
-            try:
-                report = ask(files.admin_socket_path(node), {"op": "certs"}, timeout=3.0)["certs"]
-            except TcpmeshError as exc:
-                last[name] = str(exc)
-                continue
-            held = {i["spiffe_id"] for i in report.get("identities", [])}
-            if wanted <= held:
-                del pending[name]
-            else:
-                issuer = report.get("issuer") or {}
-                last[name] = (f"still without an SVID: {', '.join(sorted(wanted - held))}; issuer reachable "
-                              f"{issuer.get('reachable')}, last error {issuer.get('last_error')}")
-        if not pending:
-            return
-        if time.monotonic() >= deadline:
-            node = next(iter(pending.values()))[0]
-            raise LabError(f"the agent of {node.name} got no SVIDs from the issuer within {timeout:.0f}s "
-                           f"({last.get(node.name, 'no answer')}); its log is {node.log_file}:\n"
-                           f"{agents.log_tail(node.log_file)}\nand the issuer's: {replicas(plan)[0].log_file}")
         time.sleep(0.2)

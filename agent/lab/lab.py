@@ -104,9 +104,7 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
                 proc, started[node.name] = agents.start_agent(node, agent_argv)
                 procs[node.name] = (node, proc)
                 _write_state(plan, record, phase="agents", ca_dir=ca_dir, started=started)
-            agents.wait_ready(procs, ready_timeout)
-            if identity == "issuer":
-                issuer_lab.wait_first_svids(plan, plan.nodes, ready_timeout)
+            agents.wait_ready(procs, ready_timeout)   # issuer mode: ready means every pod's SVID is in
         _write_state(plan, record, phase="up", ca_dir=ca_dir, started=started)
     except BaseException as exc:
         try:
@@ -346,19 +344,9 @@ def lab_restart_agent(name: str, node_name: str, *, state_root: str = DEFAULT_ST
     records[node_name] = record.to_json()
     state = {**state, "agents": records}
     _atomic_write(plan.state_file, json.dumps(state, indent=2) + "\n")
-    if wait:
+    if wait:   # issuer mode: ready means every pod's SVID is in (identity.issuer.first_svid_wait_seconds)
         agents.wait_ready({node_name: (node, proc)}, ready_timeout)
-        if _node_identity_mode(node) == "issuer":   # a node-ca lab's node may have been migrated
-            issuer_lab.wait_first_svids(plan, [node], ready_timeout)
     return record
-
-
-def _node_identity_mode(node: NodePlan) -> str:
-    try:
-        with open(node.config_file) as f:
-            return str(((yaml.safe_load(f) or {}).get("identity") or {}).get("mode", "issuer"))  # the config default
-    except (OSError, yaml.YAMLError, AttributeError):
-        return "node_ca"
 
 
 def lab_add_issuer(name: str, *, state_root: str = DEFAULT_STATE_ROOT) -> dict[str, agents.AgentRecord]:

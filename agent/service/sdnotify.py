@@ -85,6 +85,13 @@ def status(text: str, environ: Mapping[str, str] | None = None) -> bool:
     return notify(format_message(STATUS=text.replace("\n", " ")), environ)
 
 
+def extend_start(seconds: float, text: str, environ: Mapping[str, str] | None = None) -> bool:
+    """``EXTEND_TIMEOUT_USEC=`` and ``STATUS=``: still starting on purpose (e.g. waiting for the issuer), so
+    TimeoutStartSec must not kill the unit within ``seconds`` from now."""
+    return notify(format_message(EXTEND_TIMEOUT_USEC=int(seconds * 1_000_000), STATUS=text.replace("\n", " ")),
+                  environ)
+
+
 def stopping(status: str = "", environ: Mapping[str, str] | None = None) -> bool:
     """``STOPPING=1``: the agent has begun an orderly stop (systemd shows 'deactivating')."""
     fields: dict[str, str | int] = {"STOPPING": 1}

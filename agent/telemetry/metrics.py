@@ -93,6 +93,15 @@ class Metrics:
         self.issuer_up = Gauge(
             "tcpmesh_identity_issuer_up", "1 if the last request to the issuer was answered, 0 if no issuer "
             "address answered (current SVIDs stay in service until they expire)", registry=registry)
+        self.issuer_join_failures = Counter(
+            "tcpmesh_issuer_join_failures", "Attempts to join the issuer that found no issuer answering (retried "
+            "with backoff; the agent stays not ready until it joins)", registry=registry)
+        self.awaiting_first_svid = Gauge(
+            "tcpmesh_identity_awaiting_first_svid", "1 for each local identity that has no SVID yet (its workloads' "
+            "connects are refused until it arrives)", ["workload"], registry=registry)
+        self.ready_without_svids = Gauge(
+            "tcpmesh_agent_ready_without_svids", "Local identities still without an SVID when the agent turned ready "
+            "at identity.issuer.first_svid_wait_seconds", registry=registry)
         self.node_credential_expiry = Gauge(
             "tcpmesh_node_credential_expiry_timestamp_seconds", "Expiry (unix time) of this node's credential at "
             "the issuer (renewed at half its lifetime)", registry=registry)

@@ -211,6 +211,17 @@ class NotifySocket:
             return data, pid
         raise AssertionError(f"no message on {self.path} within {timeout}s")
 
+    def receive_ready(self, timeout: float, alive=lambda: True) -> tuple[bytes, int, list[bytes]]:
+        """(the READY=1 message, its sender, the STATUS-only messages before it): the agent says why it is
+        not ready yet (issuer mode: waiting for the first SVIDs) with ``STATUS=`` alone, then ``READY=1``."""
+        deadline = time.monotonic() + timeout
+        before: list[bytes] = []
+        while True:
+            message, pid = self.receive(max(deadline - time.monotonic(), 0.2), alive)
+            if not message.startswith(b"STATUS=") or b"\nREADY=" in message:
+                return message, pid, before
+            before.append(message)
+
     def close(self) -> None:
         self.sock.close()
         try:

@@ -103,7 +103,7 @@ def test_exec_start_in_the_units_sandbox_notifies_ready_only_when_capture_and_li
                                      node.agent_cgroup,
                                      {**env, "NOTIFY_SOCKET": notify.path}, log_path)
         try:
-            message, sender = notify.receive(READY_TIMEOUT, alive=lambda: proc.poll() is None)
+            message, sender, _ = notify.receive_ready(READY_TIMEOUT, alive=lambda: proc.poll() is None)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; its log:\n{open(log_path).read()[-4000:]}") from None
         log = open(log_path).read()
@@ -129,10 +129,8 @@ def test_exec_start_in_the_units_sandbox_notifies_ready_only_when_capture_and_li
         assert "rw" in unitrun.mount_options(proc.pid, node.bpffs_dir).split(",")
         assert os.readlink(f"/proc/{proc.pid}/exe") == os.path.realpath(sys.executable)
 
-        # and the mesh works under it: pod → pod through the agent, mutual TLS — once the lab's issuer (the
-        # default identity mode) has signed the pods' SVIDs: readiness does not wait for them, a connect does
-        from agent.lab.issuer import wait_first_svids
-        wait_first_svids(plan, [node], 60)
+        # and the mesh works under it: pod → pod through the agent, mutual TLS — READY=1 came once the lab's
+        # issuer (the default identity mode) had signed the pods' SVIDs
         server, client = node.pods[1], node.pods[0]
         apps.append(labops.lab_exec(plan.name, server.name, [sys.executable, "-m", "agent.demo.sampleapps", "server",
                                                              "--port", "7301", "--mode", "digest"],

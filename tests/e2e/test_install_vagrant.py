@@ -124,7 +124,7 @@ def test_provisioning_steps_on_lab_nodes_then_e2e_sh_passes(two_node_lab):
             agents.append(proc)
         for proc, sock in zip(agents, notify):
             try:
-                message, sender = sock.receive(60, alive=lambda p=proc: p.poll() is None)
+                message, sender, _ = sock.receive_ready(60, alive=lambda p=proc: p.poll() is None)
             except AssertionError as exc:
                 raise AssertionError(f"{exc}:\n{log.read_text()[-3000:]}") from None
             assert message.startswith(b"READY=1") and b"2 local workloads captured" in message and sender == proc.pid

@@ -74,3 +74,22 @@ def test_the_issuer_is_shown_when_configured_and_unreachable_is_a_problem():
             "2027-01-16T07:00:00+00:00") in format_status(doc)
     asked_never = status(issuer={**issuer, "reachable": None})
     assert asked_never["problems"] == [] and "not asked yet" in format_status(asked_never)
+
+
+def test_a_node_not_joined_and_identities_without_an_svid_are_listed_with_error_and_retry():
+    issuer = {"configured": True, "address": "10.0.0.1:15030", "reachable": False, "last_error": "no issuer answered",
+              "last_contact": None, "node_credential": {"not_after": None},
+              "join": {"failures": 3, "retry_at": "2027-01-16T07:00:04+00:00", "seconds_to_retry": 3.6},
+              "awaiting": [{"spiffe_id": "spiffe://td/ns/shop/sa/web", "failures": 2, "retry_at":
+                            "2027-01-16T07:00:02+00:00", "seconds_to_retry": 1.5,
+                            "last_error": "the issuer refused (not_on_node)"},
+                           {"spiffe_id": "spiffe://td/ns/shop/sa/new", "failures": 0, "retry_at": None,
+                            "seconds_to_retry": None, "last_error": None}]}
+    doc = status(ready=False, not_ready_reason="not joined to the issuer yet", issuer=issuer)
+    text = format_status(doc)
+    assert "NOT JOINED   3 attempt(s) failed; next at 2027-01-16T07:00:04" in text
+    assert ("NO SVID YET  spiffe://td/ns/shop/sa/web (connects refused): 2 failure(s), last: the issuer refused "
+            "(not_on_node); next retry 2027-01-16T07:00:02 (in 2s)") in text
+    assert "NO SVID YET  spiffe://td/ns/shop/sa/new (connects refused): first request under way" in text
+    assert ("identity spiffe://td/ns/shop/sa/web has no SVID yet (its workloads' connects are refused): the issuer "
+            "refused (not_on_node)") in doc["problems"]
