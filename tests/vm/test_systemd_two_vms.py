@@ -3,7 +3,8 @@ Vagrantfile's own script (vagrant/provision.sh, run verbatim with the Vagrantfil
 the checkout is at /vagrant as Vagrant's synced folder puts it). What systemd itself is checked for:
 
 - `systemctl enable --now tcpmesh-agent` (provision.sh's last step) returns only when the agent is
-  ready: at that moment /readyz answers 200 on the first try and the status text says so;
+  ready: at that moment /readyz answers 200 on the first try and the status text says so; after a
+  `systemctl restart` every local identity holds its SVID at READY=1 (the first `tcpmesh status`);
 - vagrant/e2e.sh's checks, run on the VMs: bytes intact, TLS on the wire, identities in the metrics,
   a DENY policy;
 - PostgreSQL in a pod of VM 2, pgbench from a pod of VM 1 through the mesh while
@@ -272,10 +273,11 @@ def test_pgbench_through_the_mesh_across_a_restart_never_shows_plaintext_on_the_
     # (identity.issuer.first_svid_wait_seconds): every SVID is there at once — measured here (was ≈ 8.4 s)
     started = time.monotonic()
     waited = node1.run(f"for i in $(seq 1 600); do tcpmesh status --json --config /etc/tcpmesh/config.yaml | "
-                       f"/opt/tcpmesh/bin/python -c '{SVIDS_HELD}' && exit 0; sleep 1; done; exit 1", timeout=700,
-                       check=False)
+                       f"/opt/tcpmesh/bin/python -c '{SVIDS_HELD}' && echo tries $i && exit 0; sleep 1; done; exit 1",
+                       timeout=700, check=False)
     record("node1: after the restart's READY=1, until every local identity has its SVID again", time.monotonic() - started)
     assert waited.rc == 0, node1.run("tcpmesh status --config /etc/tcpmesh/config.yaml", check=False).stdout
+    assert waited.stdout.strip().splitlines()[-1] == "tries 1", f"READY=1 came before every SVID: {waited.stdout}"
     time.sleep(10)
     node1.run("touch /root/load.stop; for i in $(seq 1 120); do [ -e /root/load.done ] && exit 0; sleep 1; done; "
               "exit 1", timeout=200)
