@@ -334,6 +334,10 @@ class ConnectCapture:
             replaced += self._detach_others(path, role)
         return replaced
 
+    def guarded_cgroups(self, scope: str | os.PathLike) -> list[str]:
+        """Cgroups at or below ``scope`` that carry a tcpmesh guard (any set's, ours or a previous run's)."""
+        return [path for path in walk(os.path.realpath(scope)) if self._carries(path, ROLE_GUARD)]
+
     def attach_pod(self, cgroup_dir: str | os.PathLike) -> None:
         """connect4/6 + sockops + getpeername4/6 on a workload's cgroup. Idempotent."""
         self._attach(cgroup_dir, ROLE_POD)

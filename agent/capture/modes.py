@@ -60,7 +60,7 @@ class ConnectMode:
     def __init__(self, redirect_ip: str, redirect_port: int, state_dir: str, proxy_cgroup: str,
                  pods_cgroup: str = "", bpffs_dir: str | None = None, passthrough_deny: bool = False,
                  ipv6: bool = True, guard_netns_cookie: int | None = None,
-                 admin_endpoint: tuple[str, int] | None = None) -> None:
+                 admin_endpoint: tuple[str, int] | None = None, guard_scope: str | None = None) -> None:
         from agent.capture.connect_mode import DEFAULT_BPFFS_DIR, ConnectCapture  # no bcc: the loader has it
 
         self._cgroup_ids: dict[str, int] = {}  # attached pod cgroup path -> cgroup id (inode)
@@ -73,6 +73,8 @@ class ConnectMode:
                                        guard_netns_cookie=guard_netns_cookie, admin_endpoint=admin_endpoint)
         self._proxy_cgroup = proxy_cgroup
         self._pods_cgroup = pods_cgroup
+        self._guard_scope = guard_scope  # where a previous run's guard may be (capture.cgroup_scope)
+        self._guard_exempts_host = guard_netns_cookie is not None
 
     @property
     def inbound(self) -> InboundEnforcement:
@@ -84,7 +86,10 @@ class ConnectMode:
 
         log = logging.getLogger("tcpmesh.capture")
         self._capture.load()
+        kept = self._stale_guards()
         replaced = self._capture.takeover(self._pods_cgroup or None, self._proxy_cgroup)
+        for path in kept:  # fail closed: a guard is never removed by a restart, only by `tcpmesh cleanup`
+            replaced += self._capture.takeover(path, None)
         pruned = self._capture.prune_pins()
         loaded = self._capture.loader_result
         how = "adopted the pinned set" if self._capture.adopted else (
@@ -92,7 +97,32 @@ class ConnectMode:
             f"peak RSS {loaded.max_rss_kb // 1024} MB)" if loaded else "loaded a new set")
         log.info("ebpf-connect: %s %s in %.3fs; replaced %d attachments of older sets, unpinned %d objects; guard %s",
                  how, self._capture.set_dir, self._capture.load_seconds or 0.0, len(replaced), len(pruned),
-                 f"on {self._pods_cgroup}" if self._pods_cgroup else "off (capture.pods_cgroup is empty)")
+                 f"on {self._pods_cgroup}" if self._pods_cgroup else
+                 "not configured (capture.pods_cgroup is empty)" if kept else "off (capture.pods_cgroup is empty)")
+        for path in kept:
+            log.warning("ebpf-connect: kept the guard a previous run attached to %s (now on this run's set), "
+                        "although capture.pods_cgroup is %s: pods below it that are not captured stay refused. "
+                        "To remove it: stop the agent and run `tcpmesh cleanup`", path,
+                        repr(self._pods_cgroup) if self._pods_cgroup else "empty")
+
+    def _stale_guards(self) -> list[str]:
+        """Guards a previous run left on cgroups other than capture.pods_cgroup (within guard_scope).
+
+        Refuses to start if the agent's own cgroup is below one (its proxy's connects would be refused)."""
+        if not self._guard_scope:
+            return []
+        from agent.errors import EnvironmentProblem
+
+        pods = os.path.realpath(self._pods_cgroup) if self._pods_cgroup else None
+        proxy = os.path.realpath(self._proxy_cgroup)
+        kept = [path for path in self._capture.guarded_cgroups(self._guard_scope) if path != pods]
+        for path in kept:
+            if not self._guard_exempts_host and (proxy == path or proxy.startswith(path + os.sep)):
+                raise EnvironmentProblem(
+                    f"a previous run's node guard is attached to {path}, which contains the agent's cgroup "
+                    f"{proxy}: it would refuse the proxy's own connects. Stop the agent and run `tcpmesh cleanup` "
+                    "(or set capture.pods_cgroup to where the pods are), then start it again")
+        return kept
 
     def attach(self, workload: Workload) -> None:
         if not workload.cgroup:
@@ -173,7 +203,8 @@ def build_capture(config, mode: str, proxy_cgroup: str) -> Capture:
                            config.capture.bpffs_dir or default_bpffs_dir(config.node.name),
                            passthrough_deny=config.policy.outbound_passthrough == "DENY",
                            ipv6=config.capture.ipv6, guard_netns_cookie=own_netns_cookie() if exempt else None,
-                           admin_endpoint=(config.admin.address, config.admin.port))
+                           admin_endpoint=(config.admin.address, config.admin.port),
+                           guard_scope=config.capture.cgroup_scope or config.capture.cgroup_root)
     if mode == "ebpf-tc":
         from agent.capture.tc_mode import TcCapture  # compiles in a child process: no bcc here
 
