@@ -1,7 +1,7 @@
 """The ``tcpmesh`` command line. Thin: parses arguments, calls into the package, prints errors
 without tracebacks for anything an operator can fix (``TcpmeshError``).
 
-The subcommand groups are imported only when invoked (``LAZY_COMMANDS``): ``tcpmesh run`` is the
+The subcommand groups are imported only when invoked (``LAZY_COMMANDS``; `--help` lists them unimported): ``tcpmesh run`` is the
 long-running agent, and importing every tool (lab, demo, doctor: pyroute2 and more) would cost it
 about 12 MiB of resident memory for nothing (docs/performance-notes.md).
 """
@@ -20,20 +20,30 @@ import click
 from agent import __version__
 from agent.errors import TcpmeshError
 
-# command name → "module:attribute" of the subcommands imported on first use
+# command name → ("module:attribute" of the subcommand imported on first use, its one-line help).
+# The help is repeated here so that `tcpmesh --help` lists every command without importing any
+# (cryptography, pyroute2, the lab); tests/unit/test_cli_import_cost.py keeps it equal to the command's.
 LAZY_COMMANDS = {
-    "ca": "agent.identity.cli:ca",
-    "cert": "agent.telemetry.cli:cert",
-    "lab": "agent.lab.cli:lab",
-    "workload": "agent.control.cli:workload",
-    "status": "agent.control.cli:status",
-    "identity": "agent.control.cli:identity",
-    "policy": "agent.control.policy_cli:policy",
-    "demo": "agent.demo.run:demo",
-    "doctor": "agent.host.doctor:doctor",
-    "flows": "agent.telemetry.cli:flows",
-    "audit": "agent.audit.cli:audit",
-    "issuer": "agent.issuer.cli:issuer",
+    "ca": ("agent.identity.cli:ca", "Manage the mesh's certificate authorities."),
+    "cert": ("agent.telemetry.cli:cert", "Inspect the certificates a running agent serves."),
+    "lab": ("agent.lab.cli:lab", "A local multi-node cluster made of network namespaces (needs root)."),
+    "workload": ("agent.control.cli:workload",
+                 "Add, remove and list workloads of a running agent (no restart needed)."),
+    "status": ("agent.control.cli:status",
+               "One node's state: ready, capture mode, workloads, identities and expiry, the policy set in "
+               "force and the last refused change (file:line: field: problem, and the valid edits it holds "
+               "back), registry health, issuer reachability."),
+    "identity": ("agent.control.cli:identity",
+                 'The running agent\'s identity source (docs/identity.md "Migrating to the issuer").'),
+    "policy": ("agent.control.policy_cli:policy", "Validate and explain L4 authorization policies."),
+    "demo": ("agent.demo.run:demo", "Run tcpmesh on a built-in 2-node lab and show intercepted mTLS flows."),
+    "doctor": ("agent.host.doctor:doctor",
+               "Check this host: every kernel feature each capture mode needs, and which mode the agent would use."),
+    "flows": ("agent.telemetry.cli:flows",
+              "Open and recently closed TCP flows on this node, with the client process of each."),
+    "audit": ("agent.audit.cli:audit", "Work with the access/audit log (JSON lines chained with HMAC-SHA256)."),
+    "issuer": ("agent.issuer.cli:issuer",
+               "The issuer: signs SVIDs only for identities the registry places on the asking node."),
 }
 
 
@@ -45,9 +55,24 @@ class Cli(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.commands and name in LAZY_COMMANDS:
-            module, attribute = LAZY_COMMANDS[name].split(":")
+            module, attribute = LAZY_COMMANDS[name][0].split(":")
             self.add_command(getattr(importlib.import_module(module), attribute), name)
         return self.commands.get(name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """click's command list, but a lazy command not loaded yet shows its LAZY_COMMANDS help unimported."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max((len(n) for n in names), default=0)
+        rows = []
+        for name in names:
+            command = self.commands.get(name)
+            if command is None:
+                rows.append((name, click.utils.make_default_short_help(LAZY_COMMANDS[name][1], limit)))
+            elif not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
         try:
