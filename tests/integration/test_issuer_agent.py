@@ -48,9 +48,11 @@ nodes:
 workloads:
   - {{name: a-1, namespace: shop, service_account: a, ip: 10.1.0.1, node: node1}}
   - {{name: b-1, namespace: shop, service_account: b, ip: 10.2.0.1, node: node2}}
+  - {{name: c-1, namespace: shop, service_account: c, ip: 10.1.0.3, node: node1}}
 """
 A = SpiffeId.parse(f"spiffe://{TD}/ns/shop/sa/a")
 B = SpiffeId.parse(f"spiffe://{TD}/ns/shop/sa/b")
+C = SpiffeId.parse(f"spiffe://{TD}/ns/shop/sa/c")
 
 
 def free_port() -> int:
@@ -220,3 +222,60 @@ def test_the_agent_in_issuer_mode_never_imports_cryptography(world):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"modules": [], "renewed": True}
+
+
+def _accept_queue(port: int) -> int:
+    """Connections the kernel completed on ``port``'s listener that nobody accepted yet (``ss`` Recv-Q)."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return sum(int(line.split()[1]) for line in out.splitlines() if line.strip())
+
+
+def test_a_registry_change_is_not_held_up_by_a_renewal_waiting_for_a_stopped_issuer(world):
+    """Issue #18 "issuer down -> agents keep serving": ``ensure`` (the registry reconcile, on the data-path
+    event loop) must not wait for the issuer call of a renewal in flight on the rotator's thread."""
+    import asyncio
+    import threading
+
+    tmp_path, start, stop, agent_config = world
+    agent_config["identity"]["issuer"]["timeout_seconds"] = 120   # the renewal waits as long as the issuer is stopped
+    replica = start(0)
+    port = int(agent_config["identity"]["issuer"]["addresses"][0].rsplit(":", 1)[1])
+    agent = build_agent(agent_config)
+    store = agent.rotator.store
+    store.ensure([A])
+    drive_until(agent, lambda: A in store)
+    first = store.svid(A)
+
+    gate = threading.Event()                     # the issuer stopped: its loop answers nothing until resumed
+    replica.loop.call_soon_threadsafe(gate.wait)
+    renewal: dict = {}
+    renewer = threading.Thread(target=lambda: renewal.update(store.renew([A])), daemon=True)
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    try:
+        renewer.start()
+        deadline = time.monotonic() + 30
+        while _accept_queue(port) == 0:              # the renewal's CSR is now waiting at the issuer
+            assert time.monotonic() < deadline, "the renewal never reached the issuer"
+            time.sleep(0.05)
+        loop_thread.start()
+
+        async def reconcile() -> None:           # as WorkloadRegistry._apply runs it: on the event loop
+            store.ensure([A, C])                 # a pod of a new identity scheduled on this node
+
+        done = asyncio.run_coroutine_threadsafe(reconcile(), loop)
+        try:
+            done.result(timeout=30)              # well before the renewal's 120 s issuer timeout
+        except TimeoutError:
+            pytest.fail("ensure() on the event loop waited for the renewal's call to the stopped issuer")
+        assert not gate.is_set() and renewer.is_alive()   # returned while the issuer was still stopped
+        assert store.pending() == {C} and store.svid(A) is first   # served meanwhile
+    finally:
+        gate.set()                               # resume the issuer
+        renewer.join(60)
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(10) if loop_thread.is_alive() else None
+        loop.close()
+    assert isinstance(renewal[A], type(first)) and store.svid(A).serial != first.serial   # the renewal landed
+    drive_until(agent, lambda: C in store)       # and the identity added meanwhile was not lost
+    assert store.identities == {A, C} and not store.pending()
