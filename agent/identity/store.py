@@ -9,6 +9,16 @@ path reads whatever snapshot is current and never sees a half-built one). ``plan
 (a node intermediate re-issued, a root added to or removed from the bundle). Every SVID issued is
 reported to an optional ``StoreListener`` (metrics, logs).
 
+What runs where: ``ensure`` runs on the data-path event loop (the registry reconcile); ``renew``,
+``issue_pending`` and ``replace_ca`` run on the rotator's worker thread. The state lock guards the
+snapshot and is held only to read it or publish a new one, never across a signer call, so the event
+loop never waits for the issuer. The worker-thread calls build outside it (one at a time, under a
+second lock the event loop never takes, so no CA swap lands mid-renewal) and publish with a merge:
+an identity removed meanwhile stays removed, one added meanwhile stays (pending, or, added under the
+old CA during a ``replace_ca``, re-issued under the new one before the swap). In
+issuer mode ``ensure`` asks no signer at all; in node_ca mode it mints new identities (a local,
+short-lived worker) itself.
+
 SVIDs are minted by a ``Signer``: in the agent a ``minting.RemoteSigner``, which mints in a
 short-lived worker process so the agent never imports cryptography; in tools and tests a
 ``ca.CertificateAuthority`` signing in-process. All identities due together are minted in one call.
@@ -87,7 +97,8 @@ class IdentityStore:
     """SVIDs and TLS contexts of this node's local identities, signed by ``ca``.
 
     Readers (the proxies) call ``client_context_for``, ``server_context`` and ``svid`` from any
-    thread; ``ensure`` is the only writer and is serialized.
+    thread; writers publish under the state lock, and the worker-thread writers build outside it
+    (see the module docstring).
     """
 
     def __init__(self, ca: Signer, trust_bundle_pem: str | bytes, ttl_seconds: int, *,
@@ -107,7 +118,8 @@ class IdentityStore:
         self._key_dir = key_dir
         self._clock = clock
         self._listener = listener
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()        # the snapshot's state; never held across a signer call
+        self._build_lock = threading.Lock()  # worker threads only: one renew/issue_pending/replace_ca at a time
         self._entries: Mapping[SpiffeId, _Entry] = {}
         self._front = SniServerContexts(trust_bundle_pem)
         self._anchors: tuple[str | bytes, frozenset[str]] | None = None
@@ -135,7 +147,8 @@ class IdentityStore:
             if not todo.changed:
                 return todo
             entries = {i: current[i] for i in todo.keep}
-            entries.update(_every_entry(self._build((*todo.issue, *todo.renew), now)))
+            # node_ca mode only (issuer mode deferred every issue above): a local signer, fast
+            entries.update(_every_entry(self._build((*todo.issue, *todo.renew), now, self._ca, self._bundle)))
             self._publish(entries)
         for spiffe_id in todo.issue:
             self._notify_issued(entries[spiffe_id].svid, ISSUED_FIRST)
@@ -153,17 +166,23 @@ class IdentityStore:
         new SVID or the error, per identity (identities no longer held are skipped).
         """
         results: dict[SpiffeId, Svid | IdentityError] = {}
-        with self._lock:
-            now = self._clock()
-            entries = dict(self._entries)
-            for spiffe_id, result in self._build(sorted(set(spiffe_ids) & set(entries)), now).items():
-                if isinstance(result, _Entry):
-                    entries[spiffe_id] = result
-                    results[spiffe_id] = result.svid
-                else:
-                    results[spiffe_id] = result
-            if any(isinstance(r, Svid) for r in results.values()):
-                self._publish(entries)
+        with self._build_lock:
+            with self._lock:
+                now, signer, bundle = self._clock(), self._ca, self._bundle  # replace_ca waits for the build lock
+                before = dict(self._entries)
+            built = self._build(sorted(set(spiffe_ids) & set(before)), now, signer, bundle)  # the lock is free
+            with self._lock:
+                entries = dict(self._entries)
+                for spiffe_id, result in built.items():
+                    if entries.get(spiffe_id) is not before[spiffe_id]:
+                        continue  # removed (or re-issued by ensure) meanwhile: it stays as it is now
+                    if isinstance(result, _Entry):
+                        entries[spiffe_id] = result
+                        results[spiffe_id] = result.svid
+                    else:
+                        results[spiffe_id] = result
+                if any(isinstance(r, Svid) for r in results.values()):
+                    self._publish(entries)
         for result in results.values():
             if isinstance(result, Svid):
                 self._notify_issued(result, ISSUED_RENEWAL)
@@ -176,21 +195,27 @@ class IdentityStore:
     def issue_pending(self) -> dict[SpiffeId, Svid | IdentityError]:
         """Try to get a first SVID for every pending identity; each succeeds or stays pending on its own."""
         results: dict[SpiffeId, Svid | IdentityError] = {}
-        with self._lock:
-            todo = sorted(self._pending)
+        with self._build_lock:
+            with self._lock:
+                todo = sorted(self._pending)
+                now, signer, bundle = self._clock(), self._ca, self._bundle
             if not todo:
                 return results
-            entries = dict(self._entries)
-            for spiffe_id, result in self._build(todo, self._clock()).items():
-                if isinstance(result, _Entry):
-                    entries[spiffe_id] = result
-                    results[spiffe_id] = result.svid
-                else:
-                    results[spiffe_id] = result
-            issued = {i for i, r in results.items() if isinstance(r, Svid)}
-            self._pending = self._pending - issued
-            if issued:
-                self._publish(entries)
+            built = self._build(todo, now, signer, bundle)  # the lock is free: ensure goes on meanwhile
+            with self._lock:
+                entries = dict(self._entries)
+                for spiffe_id, result in built.items():
+                    if spiffe_id not in self._pending or spiffe_id in entries:
+                        continue  # removed meanwhile: it must not come back
+                    if isinstance(result, _Entry):
+                        entries[spiffe_id] = result
+                        results[spiffe_id] = result.svid
+                    else:
+                        results[spiffe_id] = result
+                issued = {i for i, r in results.items() if isinstance(r, Svid)}
+                self._pending = self._pending - issued   # added meanwhile: still pending, asked next round
+                if issued:
+                    self._publish(entries)
         for result in results.values():
             if isinstance(result, Svid):
                 self._notify_issued(result, ISSUED_FIRST)
@@ -206,18 +231,21 @@ class IdentityStore:
         if ca.trust_domain != self._ca.trust_domain:
             raise SvidError(f"the new CA serves trust domain {ca.trust_domain!r}, this node {self._ca.trust_domain!r}; "
                             "a root rotation keeps the trust domain")
-        with self._lock:
-            old = self._ca, self._bundle
-            self._ca, self._bundle = ca, trust_bundle_pem
-            try:
-                now = self._clock()
-                entries = _every_entry(self._build(sorted(self._entries), now))
-            except BaseException:
-                self._ca, self._bundle = old
-                raise
-            if defer_first_issue is not None:
-                self._defer = defer_first_issue
-            self._publish(entries)
+        with self._build_lock:
+            built: dict[SpiffeId, _Entry] = {}
+            while True:
+                with self._lock:
+                    now, held = self._clock(), set(self._entries)
+                    if held <= set(built):  # every identity held now has its SVID from the new CA: swap
+                        entries = {i: built[i] for i in held}
+                        self._ca, self._bundle = ca, trust_bundle_pem
+                        if defer_first_issue is not None:
+                            self._defer = defer_first_issue
+                        self._publish(entries)
+                        break
+                # outside the lock (the new signer may be the issuer); on any error nothing has changed.
+                # A second round only for identities ensure added (node_ca mode) during the first.
+                built.update(_every_entry(self._build(sorted(held - set(built)), now, ca, trust_bundle_pem)))
         for entry in entries.values():
             self._notify_issued(entry.svid, ISSUED_CA_CHANGE)
 
@@ -296,13 +324,15 @@ class IdentityStore:
             raise UnknownIdentityError(f"{spiffe_id} is not a local identity of this node (local: {local}); "
                                        "is its workload registered on this node?") from None
 
-    def _build(self, spiffe_ids: Sequence[SpiffeId], now: datetime) -> dict[SpiffeId, _Entry | IdentityError]:
-        """Mint SVIDs for ``spiffe_ids`` in one signer call and build their contexts; per identity,
-        the entry or the error. A signer that fails as a whole fails every identity with its error."""
+    def _build(self, spiffe_ids: Sequence[SpiffeId], now: datetime, signer: Signer,
+               bundle: str | bytes) -> dict[SpiffeId, _Entry | IdentityError]:
+        """Mint SVIDs for ``spiffe_ids`` with ``signer`` in one call and build their contexts trusting
+        ``bundle``; per identity, the entry or the error. A signer that fails as a whole fails every
+        identity with its error. Reads no mutable state of the store (callers pass a snapshot)."""
         if not spiffe_ids:
             return {}
         try:
-            minted = self._ca.issue_svids(spiffe_ids, self._ttl, now=now, min_ttl_seconds=self._min_ttl)
+            minted = signer.issue_svids(spiffe_ids, self._ttl, now=now, min_ttl_seconds=self._min_ttl)
         except IdentityError as exc:
             return {spiffe_id: exc for spiffe_id in spiffe_ids}
         built: dict[SpiffeId, _Entry | IdentityError] = {}
@@ -313,8 +343,8 @@ class IdentityStore:
                 continue
             try:
                 built[spiffe_id] = _Entry(svid=svid,
-                                          client=client_context(svid, self._bundle, key_dir=self._key_dir),
-                                          server=server_context(svid, self._bundle, key_dir=self._key_dir))
+                                          client=client_context(svid, bundle, key_dir=self._key_dir),
+                                          server=server_context(svid, bundle, key_dir=self._key_dir))
             except IdentityError as exc:
                 built[spiffe_id] = exc
         return built

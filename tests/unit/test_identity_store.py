@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 import pytest
 
@@ -120,15 +122,33 @@ class CountingSigner:
         self.ca, self.trust_domain, self.batches = ca, ca.trust_domain, []
         self.refuse: SpiffeId | None = None
         self.down = False
+        self.during: Callable[[], object] | None = None  # runs once on another thread while the call is open
+        self.serials: set[int] = set()
 
     def issue_svids(self, spiffe_ids, ttl_seconds, *, now, min_ttl_seconds=60):
         self.batches.append(tuple(spiffe_ids))
+        during, self.during = self.during, None
+        if during is not None:
+            on_another_thread(during)
         if self.down:
             raise MinterError("the SVID minting worker exited with code 1 without an answer")
         results = self.ca.issue_svids(spiffe_ids, ttl_seconds, now=now, min_ttl_seconds=min_ttl_seconds)
         if self.refuse in results:
             results[self.refuse] = SvidError(f"cannot issue {self.refuse.uri}")
+        self.serials |= {r.serial for r in results.values() if not isinstance(r, Exception)}
         return results
+
+
+def on_another_thread(call: Callable[[], object]) -> object:
+    """``call()`` on a thread of its own (the event loop's ``ensure`` beside a worker-thread build); it
+    must finish while the build is still open. The bound only catches a deadlock (a call waiting for the
+    build that waits for it) and is far above any normal run."""
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(call()), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert outcome, "the call waited for the signer call in flight (it blocks on the store's lock)"
+    return outcome[0]
 
 
 def test_identities_due_together_are_minted_in_one_signer_call(ca, clock) -> None:
@@ -167,3 +187,52 @@ def test_one_refused_identity_fails_the_reconcile_but_only_itself_on_renewal(ca,
     with pytest.raises(SvidError, match="cannot issue spiffe://td/ns/cache/sa/redis"):
         store.ensure([DB, CACHE])  # all or nothing: A stays, CACHE is not added
     assert store.identities == {A, DB}
+
+
+# -- writers on two threads: the worker's build runs outside the lock ensure takes (issue #18) ----------
+def test_an_identity_removed_while_its_renewal_is_built_does_not_come_back(ca, clock) -> None:
+    signer = CountingSigner(ca)
+    store = IdentityStore(signer, ca.cert_pem, 3600, clock=clock)
+    store.ensure([A, DB])
+    old_db = store.svid(DB)
+    signer.during = lambda: store.ensure([DB])     # A's pod leaves while the rotator renews A and DB
+    results = store.renew([A, DB])
+    assert store.identities == {DB} and A not in store and A not in results
+    assert results[DB] == store.svid(DB) and store.svid(DB).serial != old_db.serial
+
+
+def test_an_identity_added_while_pending_ones_are_issued_stays_pending(ca, clock) -> None:
+    signer = CountingSigner(ca)
+    store = IdentityStore(signer, ca.cert_pem, 3600, clock=clock, defer_first_issue=True)
+    store.ensure([A])
+    signer.during = lambda: store.ensure([A, DB])  # issuer mode: ensure asks no signer and does not wait
+    assert set(store.issue_pending()) == {A}
+    assert store.identities == {A} and store.pending() == {DB}
+    assert set(store.issue_pending()) == {DB} and store.identities == {A, DB} and not store.pending()
+    signer.during = lambda: store.ensure([A])
+    store.ensure([A, CACHE])
+    assert store.issue_pending() == {} and store.identities == {A} and not store.pending()  # removed: not back
+
+
+def test_replace_ca_reissues_an_identity_added_during_its_build_under_the_new_ca(ca, clock) -> None:
+    store = IdentityStore(ca, ca.cert_pem, 3600, clock=clock)
+    store.ensure([A])
+    new = CountingSigner(generate_ca("td", now=T0 - timedelta(days=1)))
+    new.during = lambda: store.ensure([A, CACHE])  # node_ca mode: ensure mints CACHE under the old CA
+    store.replace_ca(new, new.ca.cert_pem)
+    assert new.batches == [(A,), (CACHE,)] and store.ca is new
+    assert {store.svid(A).serial, store.svid(CACHE).serial} <= new.serials
+
+
+def test_replace_ca_failing_halfway_changes_nothing_and_ensure_goes_on_meanwhile(ca, clock) -> None:
+    store = IdentityStore(ca, ca.cert_pem, 3600, clock=clock)
+    store.ensure([A, DB])
+    before = store.svids()
+    new = CountingSigner(generate_ca("td", now=T0 - timedelta(days=1)))
+    new.refuse = DB                                # A's SVID from the new CA is minted, DB's refused
+    new.during = lambda: store.ensure([A, DB, CACHE])
+    with pytest.raises(SvidError, match="cannot issue spiffe://td/ns/db/sa/postgres"):
+        store.replace_ca(new, new.ca.cert_pem)
+    assert store.ca is ca and store.trust_bundle_pem == ca.cert_pem
+    assert store.identities == {A, DB, CACHE} and {i: store.svid(i) for i in (A, DB)} == before
+    assert not {s.serial for s in store.svids().values()} & new.serials   # no SVID of the new CA in service
