@@ -11,6 +11,7 @@ node credential renews itself; the agent process never imports cryptography.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -233,9 +235,6 @@ def _accept_queue(port: int) -> int:
 def test_a_registry_change_is_not_held_up_by_a_renewal_waiting_for_a_stopped_issuer(world):
     """Issue #18 "issuer down -> agents keep serving": ``ensure`` (the registry reconcile, on the data-path
     event loop) must not wait for the issuer call of a renewal in flight on the rotator's thread."""
-    import asyncio
-    import threading
-
     tmp_path, start, stop, agent_config = world
     agent_config["identity"]["issuer"]["timeout_seconds"] = 120   # the renewal waits as long as the issuer is stopped
     replica = start(0)
@@ -273,8 +272,9 @@ def test_a_registry_change_is_not_held_up_by_a_renewal_waiting_for_a_stopped_iss
     finally:
         gate.set()                               # resume the issuer
         renewer.join(60)
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join(10) if loop_thread.is_alive() else None
+        if loop_thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            loop_thread.join(10)
         loop.close()
     assert isinstance(renewal[A], type(first)) and store.svid(A).serial != first.serial   # the renewal landed
     drive_until(agent, lambda: C in store)       # and the identity added meanwhile was not lost
