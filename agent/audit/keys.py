@@ -9,7 +9,7 @@ The file must live outside the access log's directory (whoever can write the log
 replace the key) and must be readable by its owner only: a key file group or others can read or
 write is refused, naming the file and the fix. Errors never quote the file's content.
 
-Imports only the standard library and agent.errors.
+Imports only the standard library, agent.errors and agent.safe_write.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import stat
 from dataclasses import dataclass, field
 
 from agent.errors import TcpmeshError
+from agent.safe_write import replace_atomic, write_new
 
 KEY_BYTES = 32
 _ID_LABEL = b"tcpmesh audit key id\0"
@@ -121,7 +122,7 @@ def ensure_keys(path: str) -> tuple[Keyring, bool]:
             raise
     key = new_key()
     try:
-        _write_new(path, _line(key), exclusive=True)
+        write_new(path, _line(key), 0o600)
     except FileExistsError:  # another writer created it meanwhile
         return read_keys(path), False
     return Keyring((key,)), True
@@ -132,27 +133,8 @@ def add_key(path: str) -> AuditKey:
     existing = read_keys(path)
     key = new_key()
     text = b"".join(_line(k) for k in existing.keys) + _line(key)
-    temporary = f"{path}.new-{os.getpid()}"
-    try:
-        _write_new(temporary, text, exclusive=True)
-        os.replace(temporary, path)
-    finally:
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
+    replace_atomic(path, text, 0o600)
     return key
-
-
-def _write_new(path: str, data: bytes, *, exclusive: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
-    fd = os.open(path, flags, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def signature(path: str) -> tuple | None:

@@ -9,10 +9,10 @@ worker's (``minting_worker.py``), which may import cryptography. Must not import
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 from agent.identity.errors import CaError
+from agent.safe_write import replace_atomic
 
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
@@ -47,22 +47,9 @@ def files_signature(directory: str | Path, names: tuple[str, ...] = NODE_CA_FILE
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file that is created with ``mode`` and renamed."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    """Write ``data`` to ``path`` via a temporary file that is created with ``mode`` and renamed
+    (agent.safe_write.replace_atomic: O_EXCL, O_NOFOLLOW, fsync of the file and the directory)."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        replace_atomic(path, data, mode)
     except OSError as exc:
-        raise CaError(f"cannot create {tmp}: {exc.strerror}; choose a directory you can write to") from None
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have removed bits; it can never have added any
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CaError(f"cannot write {path}: {exc.strerror}") from None
+        raise CaError(f"cannot write {path}: {exc.strerror}; choose a directory you can write to") from None
