@@ -572,6 +572,10 @@ static PyMethodDef module_methods[] = {
     {NULL}
 };
 
+/* What agent/proxy/hotpath.py expects (its ABI): raise both together whenever a function, its arguments
+   or its results change, so a module built from older source is refused instead of called wrongly. */
+#define HOTPATH_ABI 2
+
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "agent.proxy._hotpath",
     "Compiled twin of the tunnel's per-message work (see agent/proxy/hotpath.py).", -1, module_methods,
@@ -588,6 +592,10 @@ PyMODINIT_FUNC PyInit__hotpath(void) {
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "ABI", HOTPATH_ABI) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&DecoderType);
     if (PyModule_AddObject(m, "FrameDecoder", (PyObject *)&DecoderType) < 0) {
         Py_DECREF(&DecoderType);

@@ -7,7 +7,9 @@ the compiled twin of pure-Python steps that stay the reference implementation: f
 its stream or the session — in one call (``TlsLeg.route_frames``, set by ``session.MuxSession.start``). It is used when it was built and imports, unless the environment says
 ``TCPMESH_HOTPATH=python`` (the switch tests and operators use to run the reference path; any other
 value than ``python`` or ``compiled``, or ``compiled`` without the module, is refused at import with
-the fix). ``describe()`` is what ``tcpmesh doctor`` reports.
+the fix). A module built from older source (``ABI`` below differs from the module's: a checkout
+updated without ``make setup``) counts as not built, and its description says so. ``describe()`` is
+what ``tcpmesh doctor`` reports.
 
 Imports nothing of tcpmesh (mux.py configures the compiled module with its own types).
 """
@@ -19,6 +21,7 @@ from types import ModuleType
 
 ENV = "TCPMESH_HOTPATH"
 CHOICES = ("compiled", "python")
+ABI = 2  # HOTPATH_ABI in _hotpath.c: the calls this source makes into the module
 
 
 class HotpathError(RuntimeError):
@@ -33,6 +36,9 @@ def _load() -> tuple[ModuleType | None, ModuleType | None, str]:
                            f"when built, else pure Python) or set {ENV}=python")
     try:
         from agent.proxy import _hotpath
+        built_abi = getattr(_hotpath, "ABI", 0)  # 0: built before the module said its ABI
+        if built_abi != ABI:
+            raise ImportError(f"{_hotpath.__file__} is stale: built with ABI {built_abi}, this source needs ABI {ABI}")
     except ImportError as exc:
         if wanted == "compiled":
             raise HotpathError(f"{ENV}=compiled but agent.proxy._hotpath does not import ({exc}): rebuild it "

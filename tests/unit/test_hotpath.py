@@ -123,9 +123,15 @@ def test_a_tampered_record_resets_the_tunnel_with_the_tls_error(contexts, impl):
     assert server.transport.aborted  # reset, not closed: the peer sees the tunnel fail
 
 
-def hotpath_in_child(env_value: str | None, block_module: bool = False) -> subprocess.CompletedProcess:
+STALE_BUILD = ("import types\n"  # a module built from older source: it says no ABI
+               "stale = types.ModuleType('agent.proxy._hotpath'); stale.__file__ = '/old/_hotpath.so'\n"
+               "sys.modules['agent.proxy._hotpath'] = stale\n")
+
+
+def hotpath_in_child(env_value: str | None, block_module: bool = False, stale: bool = False) -> subprocess.CompletedProcess:
     code = ("import sys\n"
             + ("sys.modules['agent.proxy._hotpath'] = None\n" if block_module else "")
+            + (STALE_BUILD if stale else "")
             + "from agent.proxy import hotpath, mux\nprint(hotpath.name(), mux.FrameDecoder.__module__)\n")
     env = {k: v for k, v in os.environ.items() if k != "TCPMESH_HOTPATH"}
     if env_value is not None:
@@ -140,9 +146,14 @@ def test_the_switch_chooses_and_refuses_what_cannot_run():
     assert missing.stdout.split() == ["python", "agent.proxy.mux"], missing.stderr
     forced = hotpath_in_child("compiled", block_module=True)
     assert forced.returncode != 0 and "TCPMESH_HOTPATH=compiled" in forced.stderr and "make setup" in forced.stderr
+    old = hotpath_in_child(None, stale=True)  # a checkout updated without `make setup`: never called
+    assert old.stdout.split() == ["python", "agent.proxy.mux"], old.stderr
+    old_forced = hotpath_in_child("compiled", stale=True)
+    assert old_forced.returncode != 0 and "stale: built with ABI 0" in old_forced.stderr, old_forced.stderr
     wrong = hotpath_in_child("fast")
     assert wrong.returncode != 0 and "'fast' is not one of compiled, python" in wrong.stderr
     if hotpath.built is not None:
+        assert hotpath.built.ABI == hotpath.ABI
         default = hotpath_in_child(None)
         assert default.stdout.split() == ["compiled", "agent.proxy._hotpath"], default.stderr
 
