@@ -67,7 +67,7 @@ class Cli(click.Group):
         for name in names:
             command = self.commands.get(name)
             if command is None:
-                rows.append((name, click.utils.make_default_short_help(LAZY_COMMANDS[name][1], limit)))
+                rows.append((name, click.Command(name, help=LAZY_COMMANDS[name][1]).get_short_help_str(limit)))
             elif not command.hidden:
                 rows.append((name, command.get_short_help_str(limit)))
         if rows:
