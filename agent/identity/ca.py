@@ -124,6 +124,26 @@ class CertificateAuthority:
                 f"subject={self._certificate.subject.rfc4514_string()!r}, not_after={self.not_after.isoformat()})")
 
 
+def with_ca_extensions(builder: x509.CertificateBuilder, trust_domain: str, public_key: ec.EllipticCurvePublicKey,
+                       path_length: int) -> x509.CertificateBuilder:
+    """The extensions every tcpmesh CA certificate carries (root: path_length 1, node/issuer intermediate: 0):
+    a CA that only signs certificates and CRLs, named by its trust domain, confined to it."""
+    return (
+        builder
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain_uri(trust_domain))]),
+                       critical=False)
+        # RFC 5280 URI constraints name a host: only spiffe://<trust-domain>/... leaves chain to this CA (repeated
+        # on intermediates so one stays confined even if it were ever chained to a root without it).
+        .add_extension(x509.NameConstraints(permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
+                                            excluded_subtrees=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
 def generate_ca(trust_domain: str, *, valid_days: int = DEFAULT_CA_VALID_DAYS,
                 now: datetime | None = None) -> CertificateAuthority:
     """A new self-signed root for ``trust_domain``, in memory only."""
@@ -144,16 +164,9 @@ def generate_ca(trust_domain: str, *, valid_days: int = DEFAULT_CA_VALID_DAYS,
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CA_BACKDATE)
         .not_valid_after(now + timedelta(days=valid_days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain_uri(trust_domain))]),
-                       critical=False)
-        # RFC 5280 URI constraints name a host: only spiffe://<trust-domain>/... leaves chain to this root.
-        .add_extension(x509.NameConstraints(permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
-                                            excluded_subtrees=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    builder = (
+        with_ca_extensions(builder, trust_domain, key.public_key(), path_length=1)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
     )
     return CertificateAuthority(builder.sign(key, SIGNATURE_HASH), key)

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity.bundle import TrustBundle, make_bundle, parse_bundle
 from agent.identity.ca import (CA_BACKDATE, CA_CERT_MODE, CertificateAuthority, ca_name, check_private_mode,
-                               load_ca, load_private_key, public_bytes, trust_domain_of, trust_domain_uri,
-                               write_ca_files, write_file_atomic)
+                               load_ca, load_private_key, public_bytes, trust_domain_of,
+                               with_ca_extensions, write_ca_files, write_file_atomic)
 from agent.identity.errors import CaError
 from agent.identity.spiffe import SpiffeIdError
 from agent.identity.spiffe import validate_node_name as spiffe_validate_node_name
@@ -68,18 +68,8 @@ def issue_node_ca(root: CertificateAuthority, node: str, *, valid_days: int = DE
         .serial_number(x509.random_serial_number())
         .not_valid_before(max(now - CA_BACKDATE, root.certificate.not_valid_before_utc))
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain_uri(td))]),
-                       critical=False)
-        # Repeated here so the intermediate is confined even if it were ever chained to a root without it.
-        .add_extension(x509.NameConstraints(permitted_subtrees=[x509.UniformResourceIdentifier(td)],
-                                            excluded_subtrees=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
-    return CertificateAuthority(root.sign(builder), key)
+    return CertificateAuthority(root.sign(with_ca_extensions(builder, td, key.public_key(), path_length=0)), key)
 
 
 def node_name_of(certificate: x509.Certificate) -> str | None:
