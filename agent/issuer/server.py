@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from agent.errors import TcpmeshError
-from agent.identity.tls import issuer_context, load_credential, peer_uri
+from agent.identity.tls import issuer_context, peer_uri
 from agent.issuer import protocol
 from agent.issuer.config import LimitsConfig
 from agent.issuer.service import IssuerService, Peer
@@ -119,13 +119,12 @@ class IssuerServer:
         return issuer_context(True, self.service.ca.bundle_pem, credential.chain_pem, credential.key_pem, alpn=ALPN)
 
     def refresh_server_certificate(self) -> None:
-        """A new server certificate for new handshakes; open connections keep theirs. Roots added to the bundle
-        (``ca rotate add-root``) are trusted for client certificates from now on; a removed root stays trusted
-        by this context until the replica restarts (an SSLContext cannot forget a root)."""
-        credential = self.service.ca.server_credential(SERVER_CERT_TTL_SECONDS, datetime.now(timezone.utc))
-        self.context.load_verify_locations(cadata=self.service.ca.bundle_pem)
-        load_credential(self.context, credential.chain_pem, credential.key_pem)
-        self.server_not_after = credential.not_after
+        """A new TLS context for new handshakes — a fresh server certificate from the CA loaded now and exactly the
+        trust bundle loaded now: a root added (``ca rotate add-root``) is trusted for client certificates from
+        here on, a removed one (``remove-old``) is not (an SSLContext cannot forget a root, so it is rebuilt, not
+        amended). One attribute assignment on the event loop: a handshake starting after it uses the new context;
+        open connections keep theirs, as the agent does."""
+        self.context = self._make_context()
 
     async def start(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -9,7 +9,9 @@ Seen succeeding on main before their fixes (the commit that adds them says which
   refusal, no log line naming the reason and no count; an oversized line was dropped the same way.
 - after `ca rotate remove-old`, a node SVID signed by the issuing intermediate under the removed root
   still got SVIDs until the replica restarted, and a CA bearing the issuer CA's exact name under another
-  key (signed by the retired root) vouched for node2: the issuer matched issuer CAs by their name.
+  key (signed by the retired root) vouched for node2: the issuer matched issuer CAs by their name; and then
+  such a credential still completed the TLS handshake and got ``hello`` answered: the replica's SSLContext,
+  built at start, kept trusting the removed root until a restart.
 - a registry file others could write (0666, 0664, or owned by another user) was loaded — node1 got identity
   b — and so were a group-writable bundle.pem and a token key owned by another user.
 """
@@ -323,11 +325,12 @@ def _join(replica, bundle: str, tmp_path, node: str) -> Credential:
 
 
 def test_after_remove_old_a_node_svid_of_the_old_issuer_ca_is_refused_without_a_restart(world, caplog):
-    """After `ca rotate remove-old` the old root is gone from the issuer's bundle, but its SSLContext still trusts
-    it (it cannot forget a root). A node SVID the old issuing intermediate signed — a node that missed the
+    """After `ca rotate remove-old` the old root is gone from the issuer's bundle; the issuer's own check must not
+    depend on the TLS layer having dropped it too (here the old root is put back into the live context). A node SVID the old issuing intermediate signed — a node that missed the
     rotation, or a thief of one — must stop being a node credential at the replica's next poll, not at its restart.
     Seen succeeding on main: the old intermediate was accepted by its name (`CN=tcpmesh issuer CA …`)."""
     tmp_path, (r0, r1), bundle = world
+    old_root_pem = load_ca(tmp_path / "root").cert_pem
     stale = _join(r0, bundle, tmp_path, "node2")           # node SVID from the issuing intermediate under the old root
     bundle = _rotate(tmp_path, (r0, r1), "add-root", "reissue")
     # during the rotation both roots are trusted: the stale node SVID renews (on any replica, even one started now)
@@ -343,6 +346,8 @@ def test_after_remove_old_a_node_svid_of_the_old_issuer_ca_is_refused_without_a_
     caplog.set_level("WARNING", logger="tcpmesh.issuer")
     bundle = _rotate(tmp_path, (r0, r1), "remove-old")
     for replica in (r0, r1):
+        # the TLS layer now refuses the old root (the test above); the issuer's own check stands behind it
+        replica.server.context.load_verify_locations(cadata=old_root_pem)
         answer = sign(client(replica, bundle), stale, B)
         assert not answer["ok"] and answer["error"]["reason"] == "untrusted_node_credential", answer
         again = client(replica, bundle).call({"v": 1, "op": "node", "node": "node2", "csr": new_csr()[1]}, stale)
@@ -353,9 +358,35 @@ def test_after_remove_old_a_node_svid_of_the_old_issuer_ca_is_refused_without_a_
     assert "left the issuer's trust bundle" in caplog.text
 
 
+def test_after_remove_old_a_credential_under_the_removed_root_fails_the_tls_handshake(world):
+    """The issuer's own check refuses a node credential whose root left the bundle, but only for the ops that
+    reach it; the TLS layer must stop trusting the removed root at the same poll, so such a client gets no
+    connection at all (``handshake_failed``), while a node that followed the rotation is served as before.
+    Seen succeeding on main: after remove-old and the poll, the stale node SVID completed the handshake and
+    got an answer to ``hello``."""
+    tmp_path, (r0, r1), bundle = world
+    stale = _join(r0, bundle, tmp_path, "node2")           # node SVID from the issuing intermediate under the old root
+    bundle = _rotate(tmp_path, (r0, r1), "add-root", "reissue")
+    key_pem, csr = new_csr()
+    renewed = client(r1, bundle).call({"v": 1, "op": "node", "node": "node2", "csr": csr}, stale)["svid"]
+    current = Credential(renewed["cert_pem"] + "".join(renewed["chain_pem"]), key_pem)
+    hello = protocol.encode({"v": 1, "op": "hello"})
+    assert _raw(r0, bundle, hello, stale), "during the rotation the old root is still trusted"
+    bundle = _rotate(tmp_path, (r0, r1), "remove-old")
+    for replica in (r0, r1):
+        failed = replica.refusals("handshake_failed")
+        assert _raw(replica, bundle, hello, stale) == []      # no handshake, no answer
+        deadline = time.monotonic() + 10                      # the replica counts it on its own loop thread
+        while replica.refusals("handshake_failed") < failed + 1:
+            assert time.monotonic() < deadline, "the failed handshake was not counted as handshake_failed"
+            time.sleep(0.05)
+        assert _raw(replica, bundle, hello, current)[0]["ok"]
+        assert [uri_of(s["cert_pem"]) for s in sign(client(replica, bundle), current, B)["svids"]] == [B]
+
+
 def test_a_ca_named_like_the_issuer_ca_under_another_key_cannot_vouch_for_a_node(world, tmp_path_factory):
-    """Whoever holds a root the replica's TLS context still trusts (here the root retired by `remove-old`, maybe
-    because it leaked) makes a CA with the issuer CA's very name but its own key and signs a leaf naming node2.
+    """Whoever holds a root the replica's TLS context trusts (here the root retired by `remove-old`, maybe because
+    it leaked, put back into the live context as the TLS layer no longer trusts it) makes a CA with the issuer CA's very name but its own key and signs a leaf naming node2.
     A name proves nothing: the issuer must check signatures. Seen succeeding on main (node2's identity served)."""
     from agent.identity.ca import CertificateAuthority
     from agent.identity.node_ca import issue_node_ca
@@ -381,6 +412,7 @@ def test_a_ca_named_like_the_issuer_ca_under_another_key_cannot_vouch_for_a_node
     leaf = sign_leaf(lookalike, NODE2, TD, leaf_key.public_key(), 3600, datetime.now(timezone.utc), client_only=True)
     forged = Credential(leaf.public_bytes(serialization.Encoding.PEM).decode() + lookalike.cert_pem, _key_pem(leaf_key))
     for replica in (r0, r1):
+        replica.server.context.load_verify_locations(cadata=old_root.cert_pem)   # as if TLS still trusted it
         answer = sign(client(replica, bundle), forged, B)
         assert not answer["ok"] and answer["error"]["reason"] == "untrusted_node_credential", answer
 
