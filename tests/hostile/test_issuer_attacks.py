@@ -598,7 +598,9 @@ def test_idle_tls_less_connections_and_slowloris_do_not_keep_a_node_from_renewin
         assert answer.get("svids"), answer
         # served while the attack still held its slots, not once the request timeout had cleared them
         assert r0.refusals("request_timeout") == 0, "node1 was served only after the half-sent requests were cut"
-        assert r0.refusals("address_limit") > 0 and r0.refusals("busy") > 0
+        # the stalled handshakes were cut: by the per-address cap or, when the full table cut the oldest
+        # first (which of the two depends on how fast the replica accepts), as busy
+        assert r0.refusals("address_limit") + r0.refusals("busy") > 0
         deadline = time.monotonic() + 40
         while r0.refusals("request_timeout") < 1:
             assert time.monotonic() < deadline, "the half-sent requests were never cut"
