@@ -24,6 +24,8 @@ from agent.capture.modes import build_capture
 from agent.capture.source_return import SourceReturn, WithSourceReturn
 from agent.config import Config, admin_allowed_sources
 from agent.control.admin_socket import AdminSocket
+from agent.control.config_changes import restart_hint
+from agent.control.config_watch import ConfigWatch
 from agent.control.status import node_status
 from agent.control.workloads import WorkloadController
 from agent.errors import EnvironmentProblem, KernelError, TcpmeshError
@@ -73,8 +75,10 @@ IP_TRANSPARENT = 19
 class Agent:
     def __init__(self, config: Config, config_path: str = "") -> None:
         self.config = config
-        self.config_path = config_path  # re-read by identity.reload (`tcpmesh identity reload`)
+        self.config_path = config_path  # re-read by identity.reload (`tcpmesh identity reload`) and the watch
         self._identity_switch = asyncio.Lock()
+        self._config_watch: ConfigWatch | None = None  # config_file.watch: reloads when the file changes
+        self._config_reload: dict = {"last_reload": None, "refused": None, "restart_needed": []}
         self.prometheus = CollectorRegistry()
         self.metrics = Metrics(self.prometheus)
         self.cgroups = CgroupNames()  # cgroup id → path, for the access log's `cgroup`
@@ -163,7 +167,14 @@ class Agent:
                            capture_mode=self.capture.name if self.capture is not None else "none (stopped)",
                            workloads=self.workloads.describe() if self.workloads is not None else [],
                            identities=identities, policy=policy_doc, registry=self._registry_status(),
-                           issuer=self._issuer_status())
+                           issuer=self._issuer_status(), config=self._config_status())
+
+    def _config_status(self) -> dict:
+        """The config file's reloads, for `tcpmesh status`: empty when the agent runs without a file."""
+        if not self.config_path:
+            return {}
+        return {"file": self.config_path, "watch": self.config.config_file.watch,
+                "restart_hint": restart_hint(self.config.registry.source), **self._config_reload}
 
     def _issuer_status(self) -> dict | None:
         """identity.mode issuer: what the node side knows of the issuer (agent.issuer.node_side.IssuerState);
@@ -175,14 +186,48 @@ class Agent:
                 **state.report(datetime.datetime.now(datetime.timezone.utc)), "awaiting": self.rotator.awaiting()}
 
     async def _reload_identity(self, request: dict) -> dict:
-        """The admin socket's identity.reload: switch to the identity.mode of the config file, no restart
-        (agent.control.identity_switch); one at a time."""
-        from agent.control.identity_switch import IdentityReloadRefused, reload_identity
+        """The admin socket's identity.reload (`tcpmesh identity reload`): apply the config file again, no
+        restart (agent.control.identity_switch); one at a time — a second is refused while one runs."""
+        from agent.control.identity_switch import IdentityReloadRefused
 
         if self._identity_switch.locked():
             raise IdentityReloadRefused("an identity.reload is already in progress on this agent; wait for its answer")
+        return await self._reload_config("command")
+
+    async def _config_file_changed(self) -> None:
+        """config_file.watch: the file changed (a kubelet ConfigMap update): the same reload as the command; a
+        refusal is logged, counted and shown by `tcpmesh status` — the last good config keeps running."""
+        from agent.control.identity_switch import IdentityReloadRefused
+
+        try:
+            await self._reload_config("watch")
+        except IdentityReloadRefused:
+            pass  # _reload_config reported it
+
+    async def _reload_config(self, trigger: str) -> dict:
+        from agent.control.identity_switch import IdentityReloadRefused, reload_identity
+
         async with self._identity_switch:
-            self.config, answer = await reload_identity(self.config_path, self.config, self.rotator, self.metrics)
+            if self._config_watch is not None:
+                self._config_watch.remember()   # this version of the file is read now: no second reload for it
+            try:
+                self.config, answer = await reload_identity(self.config_path, self.config, self.rotator, self.metrics)
+            except IdentityReloadRefused as exc:
+                log.error("config reload (%s) refused: %s. `tcpmesh status` shows it; fix the file and it applies "
+                          "(watch on) or run `tcpmesh identity reload`", trigger, exc)
+                self._config_reload["refused"] = {"at": time.time(), "trigger": trigger, "error": str(exc)}
+                self._config_reload["last_reload"] = {"at": time.time(), "trigger": trigger, "result": "refused"}
+                self.metrics.config_reloads.labels(trigger, "refused").inc()
+                self.metrics.config_refused.set(1)
+                raise
+        result = "applied" if answer["switched"] or answer["applied"] else "unchanged"
+        (log.warning if result == "applied" or answer["restart_needed"] else log.info)(
+            "config reload (%s) of %s: %s", trigger, self.config_path, answer["message"])
+        self._config_reload.update(refused=None, restart_needed=answer["restart_needed"],
+                                   last_reload={"at": time.time(), "trigger": trigger, "result": result})
+        self.metrics.config_reloads.labels(trigger, result).inc()
+        self.metrics.config_refused.set(0)
+        self.metrics.config_restart_needed.set(len(answer["restart_needed"]))
         return answer
 
     def _policy_explain(self, request: dict) -> dict:
@@ -363,6 +408,14 @@ class Agent:
                           loop.create_task(outbound.pool.reap_forever())]
             if ctx.buffer_gate is not None:
                 background.append(loop.create_task(wake_ended_forever(ctx.buffer_gate)))
+            if self.config_path:
+                self._config_watch = ConfigWatch(self.config_path, enabled=lambda: self.config.config_file.watch,
+                                                 poll_seconds=lambda: self.config.config_file.poll_seconds,
+                                                 on_change=self._config_file_changed)
+                background.append(loop.create_task(self._config_watch.run()))
+                log.info("config file %s: %s", self.config_path, "watched (config_file.watch): a change applies as "
+                         "`tcpmesh identity reload` would" if config.config_file.watch else
+                         "applied again by `tcpmesh identity reload` (config_file.watch is off)")
             idle = config.proxy.stream_idle_timeout_seconds
             if idle:
                 background.append(loop.create_task(sweep_idle_relays(

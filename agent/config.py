@@ -49,6 +49,7 @@ DEFAULT_BUFFER_IDENTITY_SHARES = 8  # identities sure of their share of the buff
 MIN_BUFFER_BUDGET_BYTES = 8 * 1024 * 1024  # agent.proxy.budget.MIN_BUDGET: two 4 MiB windows
 DEFAULT_REGISTRY_POLL_SECONDS = 2.0
 DEFAULT_POLICY_POLL_SECONDS = 2.0
+DEFAULT_CONFIG_WATCH_POLL_SECONDS = 2.0  # kubelet swaps a ConfigMap's ..data within ~a minute; this adds ≤ 2 s
 DEFAULT_ADMIN_SOCKET = "/run/tcpmesh/agent.sock"
 DEFAULT_REPORT_INTERVAL_SECONDS = 2.0
 DEFAULT_ACCESS_LOG = "-"  # stdout
@@ -252,6 +253,19 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True)
+class ConfigFileConfig:
+    # watch: the agent applies its own config file when it changes (the file's inode, size and mtime
+    # after following symlinks, so a kubelet ConfigMap update — the ..data symlink swap — counts), as
+    # `tcpmesh identity reload` would: what can change at runtime does, fields that need a restart are
+    # named, a file that does not validate is refused and the last good config keeps running
+    # (docs/identity.md "Reloading the config"). Off by default: on a VM the operator reloads
+    # explicitly (`systemctl reload tcpmesh-agent`), so a half-saved edit is never applied; the
+    # DaemonSet's ConfigMap turns it on (a ConfigMap edit cannot run a command in every agent pod).
+    watch: bool = False
+    poll_seconds: float = DEFAULT_CONFIG_WATCH_POLL_SECONDS
+
+
+@dataclass(frozen=True)
 class Config:
     trust_domain: str = "cluster.local"
     state_dir: str = DEFAULT_STATE_DIR
@@ -265,6 +279,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    config_file: ConfigFileConfig = field(default_factory=ConfigFileConfig)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -407,6 +422,9 @@ def validate(config: Config) -> Config:
         raise ConfigError("access_log.max_bytes", config.access_log.max_bytes, "is too small", "use at least 4096")
     if not 0 <= config.access_log.backups <= 1000:
         raise ConfigError("access_log.backups", config.access_log.backups, "out of range", "use 0 to 1000")
+    if not 0.1 <= config.config_file.poll_seconds <= 3600:
+        raise ConfigError("config_file.poll_seconds", config.config_file.poll_seconds, "out of range",
+                          "use a value between 0.1 and 3600 seconds")
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level", config.log_level, "unknown level", "use debug, info, warning or error")
     return config

@@ -1,4 +1,5 @@
-"""``identity.reload``: switch a running agent's SVID source to the ``identity.mode`` its config file says now.
+"""``identity.reload``: apply a running agent's config file again — above all switch its SVID source to the
+``identity.mode`` its config file says now.
 
 The migration from node intermediates to the issuer without a restart (docs/identity.md "Migrating to
 the issuer"): the operator edits the config file (``identity.mode: issuer`` and ``identity.issuer.*``)
@@ -9,8 +10,10 @@ attestation, as at a start), every local identity's SVID is re-issued from the n
 then the store swaps its TLS contexts. Open tunnels and streams keep the certificates they were made
 with; new ones use the new SVIDs. Any failure leaves the agent exactly as it was.
 
-Only ``identity.mode`` switches at runtime; the other settings of the file (and ``identity``'s other
-fields when the mode did not change) apply at the next restart, and the answer says so.
+The identity source's settings switch at runtime (``config_changes.IDENTITY_SOURCE_FIELDS``: also a
+new issuer address or node CA directory in the same mode); ``config_file.*`` is taken over; any other
+changed field needs a restart, and the answer names it (old → new, and how to restart). The same
+function serves the agent's own config watch (``config_file.watch``: a kubelet ConfigMap update).
 Part of agent.control (it reads the config file, which sits above agent.identity); imports the issuer's
 node side only when switching to it; never ``cryptography`` (the agent does not load it).
 """
@@ -23,6 +26,7 @@ import time
 from typing import Any
 
 from agent.config import Config, load_config
+from agent.control import config_changes
 from agent.errors import TcpmeshError
 from agent.identity.errors import IdentityError
 
@@ -34,10 +38,14 @@ class IdentityReloadRefused(TcpmeshError):
 
 
 async def reload_identity(config_path: str, running: Config, rotator: Any, metrics: Any = None) -> tuple[Config, dict]:
-    """Switch ``rotator`` to the identity mode of ``config_path``; the config now in force and the answer.
+    """Apply ``config_path`` to the running agent; the config now in force and the answer.
 
-    ``IdentityReloadRefused`` when the file cannot be read, names another node or trust domain, or the
-    new source cannot load or issue (nothing changed then)."""
+    The identity source's settings (``config_changes.IDENTITY_SOURCE_FIELDS``: the mode, the issuer's
+    addresses and files, the node CA directory) switch ``rotator`` to a source built from the file — all
+    or nothing; ``config_file.*`` is taken over; every other changed field is named in
+    ``restart_needed`` (old → new) and stays as it runs. ``IdentityReloadRefused`` when the file cannot
+    be read or does not validate, names another node or trust domain, or the new source cannot load or
+    issue (nothing changed then, not even the fields that could have applied)."""
     mode = running.identity.mode
     stay = f"nothing changed: node {running.node.name} stays on identity.mode {mode}, serving its current SVIDs"
     if not config_path:
@@ -45,19 +53,26 @@ async def reload_identity(config_path: str, running: Config, rotator: Any, metri
     try:
         fresh = load_config(config_path)
     except TcpmeshError as exc:
-        raise IdentityReloadRefused(f"{config_path}: {exc}; {stay}") from None
+        raise IdentityReloadRefused(f"{config_path}: {exc}; {stay} and its last good config") from None
     for name, old, new in (("node.name", running.node.name, fresh.node.name),
                            ("trust_domain", running.trust_domain, fresh.trust_domain)):
         if old != new:
             raise IdentityReloadRefused(f"{config_path}: {name} is {new!r} but this agent runs as {old!r}; a reload "
-                                        f"switches identity.mode only — put {name} back, or restart the agent; {stay}")
+                                        f"cannot change it — put {name} back, or restart the agent; {stay}")
+    applied, restart = config_changes.split(config_changes.changes(running, fresh))
+    answer: dict[str, Any] = {"switched": False, "mode": mode, "applied": [c.to_json() for c in applied],
+                              "restart_needed": [c.to_json() for c in restart]}
+    later = ""
+    if restart:
+        later = (f"; needs a restart: {', '.join(c.describe() for c in restart)} — the agent runs on with the old "
+                 f"values until {config_changes.restart_hint(running.registry.source)}")
+    source_changes = [c for c in applied if c.field in config_changes.IDENTITY_SOURCE_FIELDS]
+    if not source_changes:
+        done = f"; applied: {', '.join(c.describe() for c in applied)}" if applied else ""
+        answer["message"] = (f"identity.mode is {mode} in {config_path} as in the running agent: nothing to switch"
+                             f"{done}{later}")
+        return config_changes.merged(running, applied), answer
     wanted = fresh.identity.mode
-    if wanted == mode:
-        later = [f.name for f in dataclasses.fields(fresh.identity)
-                 if getattr(fresh.identity, f.name) != getattr(running.identity, f.name)]
-        note = (f"identity.mode is {mode} in {config_path} as in the running agent: nothing to switch"
-                + (f"; changed identity settings ({', '.join(later)}) apply at the next restart" if later else ""))
-        return running, {"switched": False, "mode": mode, "message": note}
     if wanted == "issuer":
         from agent.issuer.node_side import issuer_source
 
@@ -67,26 +82,27 @@ async def reload_identity(config_path: str, running: Config, rotator: Any, metri
 
         source = ca_source(fresh)
     started = time.monotonic()
-    log.warning("identity.reload: switching node %s from identity.mode %s to %s (%s)", running.node.name, mode,
-                wanted, config_path)
+    what = ", ".join(c.describe() for c in source_changes)
+    log.warning("config reload: switching node %s's identity source (%s; %s)", running.node.name, what, config_path)
     try:
         signing = await rotator.switch_source(source)
     except IdentityError as exc:
-        log.error("identity.reload: switching to identity.mode %s failed: %s; %s", wanted, exc, stay)
-        raise IdentityReloadRefused(f"switching to identity.mode {wanted} failed: {exc}; {stay}. Fix "
+        log.error("config reload: switching the identity source (%s) failed: %s; %s", what, exc, stay)
+        raise IdentityReloadRefused(f"switching to identity.mode {wanted} ({what}) failed: {exc}; {stay}. Fix "
                                     f"identity.{'issuer' if wanted == 'issuer' else 'node_ca_dir'} in "
                                     f"{config_path} (or its files) and run `tcpmesh identity reload` again") from None
     except Exception as exc:  # e.g. an OSError writing the credential: the store swaps last, so still nothing changed
-        log.exception("identity.reload: switching to identity.mode %s failed unexpectedly; %s", wanted, stay)
+        log.exception("config reload: switching to identity.mode %s failed unexpectedly; %s", wanted, stay)
         raise IdentityReloadRefused(f"switching to identity.mode {wanted} failed: {type(exc).__name__}: {exc} (the "
                                     f"agent's log has the details); {stay}") from None
     seconds = time.monotonic() - started
     identities = len(rotator.store.svids())
-    log.warning("identity.reload: node %s now on identity.mode %s (%s), %d SVIDs re-issued in %.2fs", running.node.name,
+    log.warning("config reload: node %s now on identity.mode %s (%s), %d SVIDs re-issued in %.2fs", running.node.name,
                 wanted, signing.kind, identities, seconds)
-    answer = {"switched": True, "from": mode, "mode": wanted, "kind": signing.kind, "identities": identities,
-              "seconds": round(seconds, 3),
-              "message": f"switched from identity.mode {mode} to {wanted} in {seconds:.2f}s: {identities} SVIDs "
-                         f"re-issued; open connections keep their certificates. {config_path} already says "
-                         f"identity.mode {wanted}, so a restart stays on it"}
-    return dataclasses.replace(running, identity=fresh.identity), answer
+    switched = f"switched from identity.mode {mode} to {wanted}" if wanted != mode else f"identity source switched ({what})"
+    answer.update({"switched": True, "from": mode, "mode": wanted, "kind": signing.kind, "identities": identities,
+                   "seconds": round(seconds, 3),
+                   "message": f"{switched} in {seconds:.2f}s: {identities} SVIDs re-issued; open connections keep "
+                              f"their certificates. {config_path} already says identity.mode {wanted}, so a restart "
+                              f"stays on it{later}"})
+    return config_changes.merged(running, applied), answer

@@ -1,7 +1,8 @@
 """What `tcpmesh status` shows for one node, as one JSON-ready document: ready or not (and why),
 capture mode, local workloads, identities and their expiry, the policy set in force (since when) and
 the last refused policy change (``file:line: field: problem``, and which valid edits it holds back),
-the registry source's health and the issuer's reachability ("not configured" until the agent has one).
+the registry source's health, the issuer's reachability ("not configured" until the agent has one) and
+the config file's last reload (a refused file, fields waiting for a restart).
 
 ``node_status`` assembles the document from plain values the composition root hands in;
 ``problems`` lists what an operator must act on; ``format_status`` renders it. The agent serves the
@@ -21,7 +22,7 @@ RENEWAL_OVERDUE_SECONDS = 60  # an SVID whose renewal is this late (and not alre
 def node_status(*, node: str, now: float, ready: bool, not_ready_reason: str, capture_mode: str,
                 workloads: Sequence[Mapping[str, Any]], identities: Sequence[Mapping[str, Any]],
                 policy: Mapping[str, Any], registry: Mapping[str, Any],
-                issuer: Mapping[str, Any] | None) -> dict[str, Any]:
+                issuer: Mapping[str, Any] | None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     local = [w for w in workloads if w.get("local")]
     doc = {
         "version": STATUS_VERSION, "node": node, "now": now, "ready": ready,
@@ -35,6 +36,7 @@ def node_status(*, node: str, now: float, ready: bool, not_ready_reason: str, ca
                         "last_error": i.get("last_error")} for i in identities],
         "policy": dict(policy), "registry": dict(registry),
         "issuer": dict(issuer) if issuer is not None else {"configured": False},
+        "config": dict(config) if config is not None else {},
     }
     doc["problems"] = problems(doc)
     return doc
@@ -62,6 +64,12 @@ def problems(doc: Mapping[str, Any]) -> list[str]:
         elif i["seconds_to_renewal"] < -RENEWAL_OVERDUE_SECONDS:
             found.append(f"identity {i['spiffe_id']}: renewal overdue by {-i['seconds_to_renewal']:.0f}s, expires in "
                          f"{i['seconds_to_expiry']:.0f}s")
+    config = doc.get("config") or {}
+    if config.get("refused"):
+        found.append(f"config file change refused, the last good config keeps running: {config['refused']['error']}")
+    if config.get("restart_needed"):
+        found.append("config changes wait for a restart: " + ", ".join(
+            f"{c['field']} {c['old']!r} → {c['new']!r}" for c in config["restart_needed"]) + f"; {config['restart_hint']}")
     issuer = doc["issuer"]
     if issuer.get("configured") and issuer.get("reachable") is False:  # None: not asked yet
         found.append(f"issuer {issuer.get('address', '')} unreachable: {issuer.get('last_error') or 'no answer'}")
@@ -133,5 +141,10 @@ def format_status(doc: Mapping[str, Any]) -> str:
                             else "first request under way"))
     else:
         lines.append("  issuer       not configured (this node signs with its own node CA)")
+    config = doc.get("config") or {}
+    if config.get("file"):
+        last = config.get("last_reload")
+        lines.append(f"  config       {config['file']} (watch {'on' if config.get('watch') else 'off'}); last reload: "
+                     + (f"{last['result']} by {last['trigger']} at {_when(last['at'], now)}" if last else "none"))
     lines += [f"  problem: {p}" for p in doc["problems"]]
     return "\n".join(lines)

@@ -70,6 +70,17 @@ class Metrics:
             "tcpmesh_policy_change_refused", "1 while the policy directory holds a change the agent refused (an "
             "invalid file; the previous set stays in force and the change's valid edits are held back)",
             registry=registry)
+        # The config file's reloads (`tcpmesh identity reload`, config_file.watch): agent.control.identity_switch
+        self.config_reloads = Counter(
+            "tcpmesh_config_reloads", "Reloads of the agent's config file by trigger (command: `tcpmesh identity "
+            "reload`; watch: the file changed) and result (applied, unchanged, refused: the last good config keeps "
+            "running)", ("trigger", "result"), registry=registry)
+        self.config_refused = Gauge(
+            "tcpmesh_config_file_refused", "1 while the last reload of the config file was refused (the file does not "
+            "validate or its identity switch failed; the last good config keeps running)", registry=registry)
+        self.config_restart_needed = Gauge(
+            "tcpmesh_config_restart_needed_fields", "Settings changed in the config file that apply only at a restart "
+            "(the agent runs on with the old values; `tcpmesh status` names them)", registry=registry)
         self.registry_errors = Gauge("tcpmesh_registry_file_errors",
                                      "Versions of the registry file that could not be applied", registry=registry)
         self.registry_source_up = Gauge("tcpmesh_registry_source_up",

@@ -4,7 +4,8 @@ a bounded stop — so a failing assertion ends the test at once instead of leavi
 watch threads) running.
 
 ``in_process_agent(trust_domain, node, registry=..., policy=..., proxy=...)`` builds one; the
-mappings are merged over the defaults (one level deep). ``async with agent.running() as task:``
+mappings are merged over the defaults (one level deep). ``config_writer``: called with the config as
+YAML, returns the file the agent is started with (``--config``: the file its reloads re-read). ``async with agent.running() as task:``
 starts ``Agent.run`` and always stops it (SIGTERM's path), cancelling it after ``STOP_TIMEOUT``.
 """
 
@@ -18,9 +19,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import pytest
+import yaml
 
 from agent.app import Agent
 from agent.config import Config, config_from_mapping, validate
@@ -98,7 +100,8 @@ class InProcessAgent:
 def in_process_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     notifies: list[socket.socket] = []
 
-    def make(trust_domain: str, node: str, **sections: dict[str, Any]) -> InProcessAgent:
+    def make(trust_domain: str, node: str, config_writer: Callable[[str], Path] | None = None,
+             **sections: dict[str, Any]) -> InProcessAgent:
         init_ca(trust_domain, tmp_path / "root")
         issue_node_files(tmp_path / "root", node, tmp_path / "node-ca")
         (tmp_path / "policies").mkdir(exist_ok=True)  # an agent without a policy directory does not turn ready
@@ -118,12 +121,13 @@ def in_process_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         for name, values in sections.items():
             mapping[name] = {**mapping.get(name, {}), **values}
         config = validate(config_from_mapping(mapping))
+        path = config_writer(yaml.safe_dump(mapping)) if config_writer is not None else None  # the agent's --config
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notifies.append(notify)
         notify.bind(str(tmp_path / "notify.sock"))
         notify.setblocking(False)
         monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
-        return InProcessAgent(Agent(config), config, outbound, inbound, admin, notify)
+        return InProcessAgent(Agent(config, str(path) if path else ""), config, outbound, inbound, admin, notify)
 
     yield make
     for notify in notifies:
