@@ -223,7 +223,25 @@ def test_the_configmap_config_loads_with_the_daemonsets_environment(tmp_path):
     # the node guard is on: kubepods comes from the start line, the agent's netns is exempt
     assert config.capture.guard_exempt_host_network is True
     assert "TCPMESH_CAPTURE_PODS_CGROUP=" in container["args"][0] and "kubepods-cgroup" in container["args"][0]
-    assert "exec /usr/local/bin/tcpmesh run --config /etc/tcpmesh/config.yaml" in container["args"][0]
+    assert "exec /usr/local/bin/tcpmesh run --config /etc/tcpmesh/config/config.yaml" in container["args"][0]
+
+
+def test_the_config_is_a_watched_directory_mount_so_a_configmap_edit_reaches_the_running_agent(tmp_path):
+    """No subPath (the kubelet never updates a subPath file: every change would be a rolling restart that
+    ends the node's flows); the --config file lies in the mounted directory; the ConfigMap turns
+    config_file.watch on (tests/integration/test_kubernetes_config_reload.py: the swap applied)."""
+    from agent.config import config_from_mapping
+
+    pod = find("DaemonSet")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    assert "subPath" not in mount and mount["readOnly"] is True, mount
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "config"]
+    assert volume["configMap"]["name"] == "tcpmesh-config"
+    config_path = container["args"][0].split("--config ")[1].split()[0]
+    assert config_path == f"{mount['mountPath']}/config.yaml", config_path
+    doc = yaml.safe_load(find("ConfigMap", "tcpmesh-config")["data"]["config.yaml"])
+    assert config_from_mapping(doc).config_file.watch is True
 
 
 def test_the_example_policy_loads(tmp_path):
