@@ -105,7 +105,10 @@ def identity_reload(as_json, socket_path, config_path, target_lab, target_node) 
     mode), then run this: the agent joins the issuer, re-issues every local SVID from it and only then
     swaps; open connections keep flowing on their certificates, new ones use the new SVIDs. If the join
     or an issuance fails nothing changes and the error says what to fix. The file already holds the
-    new mode, so a later restart stays on it. Exit code 2 when refused."""
+    new mode, so a later restart stays on it. Other identity source settings (issuer addresses, token,
+    node CA directory) switch the same way; any other changed field is named as needing a restart. A
+    file that does not validate is refused and the last good config keeps running. Exit code 2 when
+    refused. (With config_file.watch on, the agent does this itself when the file changes.)"""
     from agent.admin_client import ask as ask_agent
 
     path = resolve_socket(**_target(socket_path, config_path, target_lab, target_node))
