@@ -20,7 +20,6 @@ node side only when switching to it; never ``cryptography`` (the agent does not 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
