@@ -181,7 +181,9 @@ def _closed_flows(plan, node) -> list[dict]:
 
 def run_demo(keep: bool, show_metrics: bool = False, echo=click.echo) -> None:
     echo("tcpmesh demo: building a lab of 2 nodes x 2 pods (network namespaces + cgroups), one agent per node ...")
-    plan = labops.lab_up(DEMO_LAB, 2, 2, DEMO_TRUST_DOMAIN, service_accounts=DEMO_SERVICE_ACCOUNTS)
+    # --keep: the lab outlives the demo (no owner, `tcpmesh lab down` removes it); else the demo owns it
+    plan = labops.lab_up(DEMO_LAB, 2, 2, DEMO_TRUST_DOMAIN, service_accounts=DEMO_SERVICE_ACCOUNTS,
+                         owner_pid=None if keep else labops.OWNER_SELF)
     started: list[subprocess.Popen] = []
     try:
         server_ip = plan.pod(SERVER_POD).ip

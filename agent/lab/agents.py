@@ -110,7 +110,8 @@ def process_starttime(pid: int) -> int | None:
     return int(stat[stat.rindex(")") + 2:].split()[19])
 
 
-def _state(pid: int) -> str | None:
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (R, S, Z, ...), or None if the process is gone."""
     try:
         stat = open(f"/proc/{pid}/stat").read()
     except (FileNotFoundError, ProcessLookupError):
@@ -120,7 +121,7 @@ def _state(pid: int) -> str | None:
 
 def is_recorded_process(record: AgentRecord) -> bool:
     """True when ``record.pid`` is still the process lab up started (same argv, same start time, not a zombie)."""
-    if _state(record.pid) in (None, "Z", "X"):
+    if process_state(record.pid) in (None, "Z", "X"):
         return False
     try:
         cmdline = open(f"/proc/{record.pid}/cmdline", "rb").read()

@@ -2,7 +2,8 @@
 
 Removal is rmdir bottom-up and never moves or kills a process: a cgroup that still holds processes
 stays, and ``remove_tree`` reports it with its PIDs so the operator (or ``lab down``, for the PIDs the
-lab recorded) can stop them first. Touches only directories under the lab's own cgroup.
+lab recorded) can stop them first. Only ``kill_tree`` kills: the reap of a lab whose owner is gone
+(agent/lab/owner.py) empties the lab's tree with cgroup.kill. Touches only directories under the lab's own cgroup.
 """
 
 from __future__ import annotations
@@ -44,6 +45,27 @@ def tree_pids(root: str) -> dict[str, tuple[int, ...]]:
         if pids:
             found[directory] = pids
     return found
+
+
+KILL_SETTLE_SECONDS = 5.0
+
+
+def kill_tree(root: str, settle_seconds: float = KILL_SETTLE_SECONDS) -> list[int]:
+    """SIGKILL every process in ``root`` and below (cgroup.kill) and wait until the tree is empty.
+    Returns the PIDs that were there; nothing if ``root`` does not exist."""
+    pids = sorted({pid for found in tree_pids(root).values() for pid in found})
+    if not pids:
+        return []
+    try:
+        Path(root, "cgroup.kill").write_text("1")
+    except FileNotFoundError:
+        return []   # removed meanwhile
+    except OSError as exc:
+        raise KernelError("kill cgroup", root, exc.errno, "cgroup.kill needs Linux 5.14 or later") from exc
+    deadline = time.monotonic() + settle_seconds
+    while tree_pids(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
 
 
 def remove_tree(root: str, settle_seconds: float = 2.0) -> list[BusyCgroup]:

@@ -79,13 +79,15 @@ def state_document(plan: LabPlan, *, nodes: int, pods_per_node: int, service_acc
                    state_root: str, agents_requested: bool, capture_mode: str, ca_dir: str | None,
                    phase: str, agents: Mapping[str, Mapping[str, Any]], created: str,
                    flat_pods: bool = False, identity: str = "node_ca", svid_ttl_seconds: int | None = None,
-                   issuers: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """state.json: the inputs of the plan (to recompute it) plus what lab up started."""
+                   issuers: Mapping[str, Mapping[str, Any]] | None = None,
+                   owner: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """state.json: the inputs of the plan (to recompute it), its owner, plus what lab up started."""
     return {
         "version": STATE_VERSION,
         "name": plan.name,
         "created": created,
         "phase": phase,   # "network", "agents", "up" (the last step lab up finished)
+        "owner": dict(owner) if owner else None,  # {pid, starttime, argv} of the process that takes it down (owner.py)
         "inputs": {
             "nodes": nodes, "pods_per_node": pods_per_node, "trust_domain": plan.trust_domain,
             "namespace": plan.namespace, "service_accounts": dict(service_accounts),

@@ -5,12 +5,18 @@ State lives under ``<state root>/<name>/`` (default /run/tcpmesh-lab/<name>, lay
 state.json is rewritten after every step of ``lab_up``, so a crash leaves a record of what was
 started; ``lab_down`` also finds leftovers without it, by listing prefixed namespaces and the lab's
 cgroup directory. ``lab_down`` only ever signals PIDs recorded in state.json, after checking them.
+
+A lab made in-process records its owner (this process; agent/lab/owner.py). ``lab_up`` first reaps
+every lab whose recorded owner is gone (a run cut by SIGKILL): ``reap_orphaned_labs`` runs the
+``lab_down`` teardown on it, also killing what is left in its own cgroup tree, and logs which lab and why.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -22,6 +28,7 @@ from agent.host import checks
 from agent.errors import TcpmeshError
 from agent.lab import agents, cgroups, files, network, nsenter
 from agent.lab import issuer as issuer_lab
+from agent.lab import owner as lab_owner
 from agent.lab.errors import LabError, LabNotFound
 from agent.lab.topology import (DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STATE_ROOT, DEFAULT_TRUST_DOMAIN,
                                 LabPlan, NodePlan, lab_bpffs_dir, lab_cgroup, lab_state_dir, plan_lab, validate_lab_name)
@@ -30,6 +37,8 @@ STATUS_VERSION = 1
 DEFAULT_IDENTITY = "issuer"
 IDENTITY_MODES = ("issuer", "node_ca")
 STATUS_ASK_SECONDS = 3.0  # `lab status` asks each live agent for its status; a stuck one costs this much
+OWNER_SELF = 0  # lab_up(owner_pid=...): this process owns the lab (PID 0 is never a process)
+log = logging.getLogger(__name__)
 
 
 class CommandNotFound(LabError):
@@ -45,7 +54,8 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
            capture_mode: str = files.DEFAULT_CAPTURE_MODE, agent_argv: Sequence[str] | None = None,
            ready_timeout: float = agents.DEFAULT_READY_TIMEOUT, state_root: str = DEFAULT_STATE_ROOT,
            cgroup_root: str | None = None, flat_pods: bool = False, identity: str = DEFAULT_IDENTITY,
-           svid_ttl_seconds: int | None = None) -> LabPlan:
+           svid_ttl_seconds: int | None = None, owner_pid: int | None = OWNER_SELF,
+           reap_orphans: bool = True) -> LabPlan:
     """Build the lab, write its files, start (unless ``agents_enabled=False``) and wait for one agent per node.
 
     ``identity="issuer"``: the issuer runs (two replicas) in a namespace of its own and no node holds a
@@ -54,6 +64,10 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
     Pods are kubelet-shaped (a pod cgroup with one child per container, processes only in the
     children) unless ``flat_pods`` (processes in the pod cgroup itself).
 
+    ``owner_pid``: the process that will take the lab down (default this one; None: nobody, the lab
+    lives until `lab down`). Once it is gone, the next ``lab_up`` reaps the lab (``reap_orphans``,
+    which first reaps the orphans of others).
+
     On any failure everything is torn down again (agent logs are kept) and the error is re-raised.
     """
     checks.require(checks.netns_problem(), checks.cgroup2_problem(cgroup_root))
@@ -61,6 +75,10 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
     plan = plan_lab(name, nodes, pods_per_node, trust_domain, namespace=namespace,
                     service_accounts=service_accounts, cgroup_root=cgroup_root, state_root=state_root,
                     flat_pods=flat_pods)
+    owner = lab_owner.owner_record(os.getpid() if owner_pid == OWNER_SELF else owner_pid) \
+        if owner_pid is not None else None
+    if reap_orphans:
+        reap_orphaned_labs(state_root, cgroup_root=cgroup_root)
     _refuse_existing(plan)
     if identity not in IDENTITY_MODES:
         raise LabError(f"--identity {identity!r}: use issuer (nodes hold no signing key; the default) or node-ca "
@@ -70,7 +88,8 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
     record = dict(nodes=nodes, pods_per_node=pods_per_node, service_accounts=dict(service_accounts or {}),
                   state_root=state_root, agents_requested=agents_enabled, capture_mode=capture_mode,
                   flat_pods=flat_pods, identity=identity, svid_ttl_seconds=svid_ttl_seconds, issuers=issuers,
-                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  owner=owner.to_json() if owner else None)
     started: dict[str, agents.AgentRecord] = {}
     try:
         _prepare_state_dir(plan)
@@ -199,8 +218,11 @@ def _atomic_write(path: str, text: str) -> None:
 
 def lab_down(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_ROOT, cgroup_root: str | None = None,
              keep_logs: bool = False, stop_timeout: float = agents.DEFAULT_STOP_TIMEOUT,
-             archive_root: str | None = None) -> dict[str, Any]:
+             archive_root: str | None = None, kill_strays: bool = False) -> dict[str, Any]:
     """Stop the recorded agents, remove the namespaces, the cgroup tree and the state dir. Safe to repeat.
+
+    ``kill_strays`` (a reap: the owner is gone) also SIGKILLs whatever still runs in the lab's own
+    cgroup tree after the agents stopped (the pods' processes of a run that was killed).
 
     With ``archive_root`` (what `tcpmesh lab down` passes), each node's access/audit log and its key
     are first copied to ``<archive_root>/<name>-<UTC time>/<node>/`` (report["archive"]): an audit trail
@@ -230,10 +252,12 @@ def lab_down(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_RO
             issuer_records = {}
             problem = f"{state_dir}/state.json has unreadable issuer records; no issuer was signalled"
         stopped += agents.stop_agents(issuer_records, stop_timeout)
+    killed = cgroups.kill_tree(lab_cgroup(cgroup_root, name)) if kill_strays and cgroup_root else []
     removed_netns = network.remove_network(name)
     busy = cgroups.remove_tree(lab_cgroup(cgroup_root, name)) if cgroup_root else []
     removed_pins = _remove_pins(name)  # after the cgroups: their removal released every attachment
-    report: dict[str, Any] = {"name": name, "stopped_pids": stopped, "removed_netns": removed_netns,
+    report: dict[str, Any] = {"name": name, "stopped_pids": stopped, "killed_pids": killed,
+                              "removed_netns": removed_netns,
                               "removed_pins": removed_pins,
                               "busy_cgroups": [{"path": b.path, "pids": list(b.pids)} for b in busy],
                               "state_file": state is not None, "problems": [problem] if problem else []}
@@ -244,6 +268,43 @@ def lab_down(name: str = DEFAULT_LAB_NAME, *, state_root: str = DEFAULT_STATE_RO
             report["archive"] = archive_access_logs(state_dir, archive_root, name)
         _remove_state_dir(state_dir, keep_logs)
     return report
+
+
+def reap_orphaned_labs(state_root: str = DEFAULT_STATE_ROOT, *, cgroup_root: str | None = None) -> list[dict[str, Any]]:
+    """Take down every lab under ``state_root`` whose recorded owner is gone (agent/lab/owner.py), as
+    ``lab_down`` does plus killing its cgroup's leftovers; log each (which lab, why, what was removed).
+    A lab whose owner lives, or that records none, is never touched; a lab another process is reaping
+    right now (its state dir is locked) is skipped. A lab that cannot be removed is logged, not raised:
+    another run's leftovers must not stop this one. Returns one {name, reason, report | error} per lab."""
+    reaped = []
+    for name, reason in lab_owner.orphaned_labs(state_root):
+        state_dir = lab_state_dir(state_root, name)
+        try:
+            fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue   # removed meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue   # another process is reaping it
+            state, _ = _read_state(state_dir)
+            reason = lab_owner.orphan_reason(state) if state is not None else None
+            if reason is None:
+                continue   # taken down meanwhile
+            log.warning("reaping lab %r under %s: %s", name, state_root, reason)
+            try:
+                report = lab_down(name, state_root=state_root, cgroup_root=cgroup_root, kill_strays=True)
+            except TcpmeshError as exc:
+                log.error("could not reap lab %r: %s", name, exc)
+                reaped.append({"name": name, "reason": reason, "error": str(exc)})
+                continue
+            log.warning("reaped lab %r: stopped agents %s, killed %s, removed %d namespaces", name,
+                        report["stopped_pids"], report["killed_pids"], len(report["removed_netns"]))
+            reaped.append({"name": name, "reason": reason, "report": report})
+        finally:
+            os.close(fd)
+    return reaped
 
 
 def archive_access_logs(state_dir: str, archive_root: str, name: str,
