@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
+import threading
 import uuid
 from pathlib import Path
 from types import ModuleType
@@ -87,7 +89,57 @@ def _skip_reason(report) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(SkipLedger(REQUIRE_PRIVILEGED), "tcpmesh-skip-ledger")
+    config.pluginmanager.register(InterruptTeardown(), "tcpmesh-interrupt-teardown")
     load_hypothesis_profile(os.environ)
+
+
+class InterruptTeardown:
+    """An interrupted run still tears its labs down: SIGTERM and SIGHUP (a CI job cut at a session's
+    end) raise KeyboardInterrupt as SIGINT does, so pytest runs every fixture's finalizer (each lab's
+    lab_down) and exits; and SIGINT is made to interrupt even when the run inherited it ignored (a
+    background job of a non-interactive shell: before, such a run went on to its end whatever was
+    sent). Labs and pods made by `tcpmesh lab up` in subprocesses are owned by this run
+    (TCPMESH_LAB_OWNER_PID), so if it is SIGKILLed the next `lab up` reaps them (agent/lab/owner.py).
+    The previous handlers and environment come back at the end of the run."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.previous: dict[int, object] = {}
+        self.owner_env: str | None = None
+        self.pid = os.getpid()
+
+    def _interrupt(self, signum: int, frame) -> None:
+        if os.getpid() == self.pid:
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+        # A child forked from this run (pyroute2 forks one to make a netns) must not run the session's
+        # teardown — it would take the labs down under the run. It gets what it would have had without us.
+        previous = self.previous.get(signum, signal.SIG_DFL)
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        from agent.lab.owner import OWNER_ENV
+
+        self.owner_env = os.environ.get(OWNER_ENV)
+        os.environ[OWNER_ENV] = str(os.getpid())
+        if threading.current_thread() is not threading.main_thread():
+            return   # an in-process run on another thread cannot take signals
+        for signum in self.SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._interrupt)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        from agent.lab.owner import OWNER_ENV
+
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if self.owner_env is None:
+            os.environ.pop(OWNER_ENV, None)
+        else:
+            os.environ[OWNER_ENV] = self.owner_env
 
 
 # Hypothesis (the fuzzers in tests/unit/test_fuzz_*.py): CI runs them derandomized, so a run is

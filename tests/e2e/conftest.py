@@ -5,6 +5,7 @@ per capture mode (ebpf-connect, ebpf-tc, iptables); ``lab.capture_mode`` says wh
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +18,20 @@ from agent.lab.nsenter import http_get_in_netns
 
 
 CAPTURE_MODES = ("ebpf-connect", "ebpf-tc", "iptables")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reap_dead_labs(request):
+    """At session start, take down the labs of runs that were killed (their recorded owner is gone), and
+    say which and why; labs of live runs (other sessions on this machine) are left alone."""
+    if os.geteuid() != 0:
+        return
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    for reaped in labops.reap_orphaned_labs():
+        outcome = f"could not: {reaped['error']}" if "error" in reaped else "removed"
+        line = f"tcpmesh: reaped lab {reaped['name']!r} ({reaped['reason']}): {outcome}"
+        if reporter is not None:
+            reporter.write_line(line, yellow=True)
 
 
 @pytest.fixture(scope="module", params=CAPTURE_MODES)
