@@ -77,7 +77,10 @@ class Agent:
         self.config = config
         self.config_path = config_path  # re-read by identity.reload (`tcpmesh identity reload`) and the watch
         self._identity_switch = asyncio.Lock()
-        self._config_watch: ConfigWatch | None = None  # config_file.watch: reloads when the file changes
+        # config_file.watch: reloads when the file changes; its first signature is the file the start read
+        self._config_watch = ConfigWatch(config_path, enabled=lambda: self.config.config_file.watch,
+                                         poll_seconds=lambda: self.config.config_file.poll_seconds,
+                                         on_change=self._config_file_changed) if config_path else None
         self._config_reload: dict = {"last_reload": None, "refused": None, "restart_needed": []}
         self.prometheus = CollectorRegistry()
         self.metrics = Metrics(self.prometheus)
@@ -194,15 +197,17 @@ class Agent:
             raise IdentityReloadRefused("an identity.reload is already in progress on this agent; wait for its answer")
         return await self._reload_config("command")
 
-    async def _config_file_changed(self) -> None:
+    async def _config_file_changed(self) -> bool:
         """config_file.watch: the file changed (a kubelet ConfigMap update): the same reload as the command; a
-        refusal is logged, counted and shown by `tcpmesh status` — the last good config keeps running."""
+        refusal is logged, counted and shown by `tcpmesh status` — the last good config keeps running. True:
+        worth trying the same file again (its identity switch failed, e.g. the issuer does not answer yet)."""
         from agent.control.identity_switch import IdentityReloadRefused
 
         try:
             await self._reload_config("watch")
-        except IdentityReloadRefused:
-            pass  # _reload_config reported it
+        except IdentityReloadRefused as exc:
+            return exc.retryable  # _reload_config reported it
+        return False
 
     async def _reload_config(self, trigger: str) -> dict:
         from agent.control.identity_switch import IdentityReloadRefused, reload_identity
@@ -408,10 +413,7 @@ class Agent:
                           loop.create_task(outbound.pool.reap_forever())]
             if ctx.buffer_gate is not None:
                 background.append(loop.create_task(wake_ended_forever(ctx.buffer_gate)))
-            if self.config_path:
-                self._config_watch = ConfigWatch(self.config_path, enabled=lambda: self.config.config_file.watch,
-                                                 poll_seconds=lambda: self.config.config_file.poll_seconds,
-                                                 on_change=self._config_file_changed)
+            if self._config_watch is not None:
                 background.append(loop.create_task(self._config_watch.run()))
                 log.info("config file %s: %s", self.config_path, "watched (config_file.watch): a change applies as "
                          "`tcpmesh identity reload` would" if config.config_file.watch else

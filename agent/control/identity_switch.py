@@ -33,7 +33,13 @@ log = logging.getLogger("tcpmesh.identity")
 
 
 class IdentityReloadRefused(TcpmeshError):
-    """The switch did not happen; the agent serves on as before (the message says why and the fix)."""
+    """The switch did not happen; the agent serves on as before (the message says why and the fix).
+    ``retryable``: the file is fine but the new source failed (an issuer not answering yet) — the same
+    file may apply later, so the config watch tries it again with backoff."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 async def reload_identity(config_path: str, running: Config, rotator: Any, metrics: Any = None) -> tuple[Config, dict]:
@@ -89,11 +95,12 @@ async def reload_identity(config_path: str, running: Config, rotator: Any, metri
         log.error("config reload: switching the identity source (%s) failed: %s; %s", what, exc, stay)
         raise IdentityReloadRefused(f"switching to identity.mode {wanted} ({what}) failed: {exc}; {stay}. Fix "
                                     f"identity.{'issuer' if wanted == 'issuer' else 'node_ca_dir'} in "
-                                    f"{config_path} (or its files) and run `tcpmesh identity reload` again") from None
+                                    f"{config_path} (or its files) and run `tcpmesh identity reload` again",
+                                    retryable=True) from None
     except Exception as exc:  # e.g. an OSError writing the credential: the store swaps last, so still nothing changed
         log.exception("config reload: switching to identity.mode %s failed unexpectedly; %s", wanted, stay)
         raise IdentityReloadRefused(f"switching to identity.mode {wanted} failed: {type(exc).__name__}: {exc} (the "
-                                    f"agent's log has the details); {stay}") from None
+                                    f"agent's log has the details); {stay}", retryable=True) from None
     seconds = time.monotonic() - started
     identities = len(rotator.store.svids())
     log.warning("config reload: node %s now on identity.mode %s (%s), %d SVIDs re-issued in %.2fs", running.node.name,

@@ -198,3 +198,79 @@ def test_a_broken_configmap_edit_is_refused_loudly_and_the_last_good_config_keep
         assert logged and "identity.mode" in logged[0].getMessage(), [r.getMessage() for r in caplog.records]
 
     asyncio.run(main())
+
+
+def test_the_migration_to_the_issuer_on_kubernetes_is_a_configmap_edit_no_pod_restarts(in_process_agent, tmp_path):
+    """docs/identity.md "Migrating to the issuer", step 2 on Kubernetes: the agent runs on a node
+    intermediate; the ConfigMap's identity section becomes deploy/kubernetes/02-config.yaml's (paths into
+    the test's directory); the running agent joins the issuer by attestation with its pod's token, gets
+    its node's SVIDs from it and swaps — the tunnel opened before stays, new handshakes get the issuer's
+    certificate. The issuer's Service answers only after the edit: the switch is refused first (the agent
+stays on its node CA, says so) and the watch tries the same file again until it applies. Before the
+directory mount and the watch this was a rolling restart of the DaemonSet."""
+    from agent.identity.issuer_ca import issue_issuer_files
+    from tests.integration.conftest import free_ports
+    from tests.integration.issuer_world import Replica
+    from tests.integration.test_kubernetes_attestation import AGENT_UIDS, agent_pod, agent_token, issuer_config
+    from tests.unit.test_kubernetes_manifests import find
+
+    api = FakeApiServer().start()
+    replica = None
+    try:
+        for node in AGENT_UIDS:
+            api.put("pods", agent_pod(node))
+        volume = ConfigMapVolume(tmp_path / "etc-tcpmesh-config")
+        proc = in_process_agent(TD, "worker-1", config_writer=volume.writer(), config_file=WATCH,
+                                proxy={"handshake_timeout_seconds": 25.0},
+                                registry={"source": "kubernetes",
+                                          "kubeconfig": str(api.kubeconfig(tmp_path / "kubeconfig"))})
+        issue_issuer_files(tmp_path / "root", tmp_path / "issuer")   # from the root the fixture made
+        (port,) = free_ports(1)   # the issuer's Service: not answering yet when the ConfigMap is edited
+        token_file = tmp_path / "projected" / "token"                # the projected volume
+        token_file.parent.mkdir()
+        token_file.write_text(agent_token(api, "worker-1"))
+        (tmp_path / "cred").mkdir(mode=0o700)                        # the emptyDir
+        identity = yaml.safe_load(find("ConfigMap", "tcpmesh-config")["data"]["config.yaml"])["identity"]
+        identity["issuer"].update(addresses=[f"127.0.0.1:{port}"], service_account_token_file=str(token_file),
+                                  ca_bundle=str(tmp_path / "root" / "ca.crt"), credential_dir=str(tmp_path / "cred"))
+        ctx = client_context(tmp_path)
+
+        async def main():
+            async with proc.running() as task:
+                assert (await proc.next_message()).startswith(b"READY=1\n")
+                reader, writer, first_cert = await tunnel(proc, ctx)
+
+                edit(volume, lambda doc: doc.update(identity=identity))
+
+                async def refused():
+                    return bool((await status(proc))["config"].get("refused"))
+                await until(refused, "an edit whose issuer does not answer was not reported")
+                error = (await status(proc))["config"]["refused"]["error"]
+                assert "no issuer answered" in error and "stays on identity.mode node_ca" in error, error
+                assert json.loads((await proc.http_get("/debug/certs"))[1])["node_ca"]["kind"].startswith("node intermediate")
+                nonlocal replica
+                replica = Replica(issuer_config(tmp_path, api), "issuer-0", port)   # the issuer comes up
+
+                async def on_issuer():
+                    return json.loads((await proc.http_get("/debug/certs"))[1])["node_ca"]["kind"].startswith("issuer")
+                await until(on_issuer, "the watch never tried the ConfigMap's identity.mode issuer again", 60)
+                certs = json.loads((await proc.http_get("/debug/certs"))[1])
+                assert sorted(i["spiffe_id"] for i in certs["identities"]) == [
+                    "spiffe://cluster.local/ns/shop/sa/cart", str(WEB.uri)]
+                assert certs["issuer"]["node_credential"]["spiffe_id"] == f"spiffe://{TD}/node/worker-1"
+                assert not task.done() and await proc.readyz() == (200, "ready\n")
+                assert await still_open(reader), "the tunnel opened before the switch was cut"
+                _, writer2, new_cert = await tunnel(proc, ctx)
+                assert new_cert != first_cert
+                writer2.close()
+                writer.close()
+                config = (await status(proc))["config"]
+                assert config["last_reload"]["result"] == "applied" and config["restart_needed"] == []
+                assert config["refused"] is None
+
+        asyncio.run(main())
+        assert len(api.token_reviews) >= 1   # joined by attestation, no token handed out
+    finally:
+        if replica is not None:
+            replica.stop()
+        api.stop()
