@@ -93,3 +93,21 @@ def test_a_node_not_joined_and_identities_without_an_svid_are_listed_with_error_
     assert "NO SVID YET  spiffe://td/ns/shop/sa/new (connects refused): first request under way" in text
     assert ("identity spiffe://td/ns/shop/sa/web has no SVID yet (its workloads' connects are refused): the issuer "
             "refused (not_on_node)") in doc["problems"]
+
+
+def test_a_refused_config_file_and_fields_waiting_for_a_restart_are_problems_and_the_last_reload_is_shown():
+    config = {"file": "/etc/tcpmesh/config/config.yaml", "watch": True,
+              "restart_hint": "`kubectl -n tcpmesh-system rollout restart ds/tcpmesh-agent` (…)",
+              "last_reload": {"at": NOW - 60, "trigger": "watch", "result": "refused"},
+              "refused": {"at": NOW - 60, "trigger": "watch",
+                          "error": "/etc/tcpmesh/config/config.yaml: identity.mode: unknown mode (got 'isuer')"},
+              "restart_needed": [{"field": "proxy.max_connections", "old": 32768, "new": 20000}]}
+    doc = status(config=config)
+    assert doc["problems"] == [
+        "config file change refused, the last good config keeps running: /etc/tcpmesh/config/config.yaml: "
+        "identity.mode: unknown mode (got 'isuer')",
+        "config changes wait for a restart: proxy.max_connections 32768 → 20000; "
+        "`kubectl -n tcpmesh-system rollout restart ds/tcpmesh-agent` (…)"]
+    text = format_status(doc)
+    assert "config       /etc/tcpmesh/config/config.yaml (watch on); last reload: refused by watch at" in text
+    assert status()["problems"] == [] and "config " not in format_status(status())   # no file: no line
