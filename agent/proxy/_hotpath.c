@@ -46,6 +46,19 @@ static Py_ssize_t max_frame = -1;
 static Py_ssize_t max_control = -1;
 static PyObject *str_read, *str_write, *str_pending, *str_on_data, *str_bytes_read;
 
+/* register_leg(): the relay's classes (agent/proxy/relay.py, session.py, endpoints.py) and their limits,
+ * set once at their import; a class not registered never takes the compiled relay step. */
+static PyTypeObject *relay_type, *stream_type, *plain_type;
+static Py_ssize_t stream_window_limit = -1; /* mux.INITIAL_WINDOW + session.CREDIT_THRESHOLD */
+static Py_ssize_t small_write = 0;          /* session.SMALL_WRITE: below it Stream.write seals one frame */
+static Py_ssize_t small_view = 0;           /* endpoints.SMALL_VIEW: below it PlainLeg.write copies a view */
+#define LEG_NAMES(X) X(peer_eof) X(_unreturned) X(_debt) X(receiver) X(a) X(b) X(_a_to_b) X(_b_to_a) \
+    X(bytes_written) X(transport) X(is_closing) X(_reading_paused) X(_sink) X(_threshold) X(_return_credit) \
+    X(_settle) X(eof_sent) X(_finished) X(_queued) X(send_window) X(session) X(tls) X(ssl_object) X(_sslobj) \
+    X(_outgoing) X(tunnel_blocked) X(_writer_blocked) X(update_writer_blocked) X(id)
+#define DECLARE_NAME(n) static PyObject *s_##n;
+LEG_NAMES(DECLARE_NAME)
+
 static int configured(void) {
     if (frame_class == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "agent.proxy._hotpath used before configure()");
@@ -363,6 +376,28 @@ static PyTypeObject DecoderType = {
 /* ---------------------------------------------------------------------------------------------- */
 /* TLS steps                                                                                      */
 
+/* The TLS records of one DATA frame (header and ``n`` bytes of payload written to the SSLObject's C
+ * object in one buffer), read back from the outgoing BIO; NULL with an exception set. */
+static PyObject *seal_frame(PyObject *sslobj, PyObject *outgoing, unsigned long stream, const void *payload,
+                            Py_ssize_t n) {
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + n);
+    if (frame == NULL) return NULL;
+    unsigned char *h = (unsigned char *)PyBytes_AS_STRING(frame);
+    uint32_t len = (uint32_t)n;
+    h[0] = KIND_DATA; h[1] = 0; h[2] = 0; h[3] = 0;
+    h[4] = (unsigned char)(stream >> 24); h[5] = (unsigned char)(stream >> 16);
+    h[6] = (unsigned char)(stream >> 8); h[7] = (unsigned char)stream;
+    h[8] = (unsigned char)(len >> 24); h[9] = (unsigned char)(len >> 16);
+    h[10] = (unsigned char)(len >> 8); h[11] = (unsigned char)len;
+    memcpy(h + HEADER_SIZE, payload, (size_t)n);
+    PyObject *call[2] = {sslobj, frame};
+    PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(frame);
+    if (written == NULL) return NULL;
+    Py_DECREF(written);
+    return PyObject_VectorcallMethod(str_read, &outgoing, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
 /* seal_data(sslobj, outgoing, stream, data) -> bytes: the DATA frame written as TLS records; what
  * the outgoing BIO holds afterwards (the caller writes it to the tunnel). sslobj is an
  * ssl.SSLObject's _sslobj. */
@@ -384,23 +419,9 @@ static PyObject *seal_data(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_Format(PyExc_ValueError, "seal_data: %zd bytes do not fit one frame", in.len);
         return NULL;
     }
-    PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + in.len);
-    if (frame == NULL) { PyBuffer_Release(&in); return NULL; }
-    unsigned char *h = (unsigned char *)PyBytes_AS_STRING(frame);
-    uint32_t n = (uint32_t)in.len;
-    h[0] = KIND_DATA; h[1] = 0; h[2] = 0; h[3] = 0;
-    h[4] = (unsigned char)(stream >> 24); h[5] = (unsigned char)(stream >> 16);
-    h[6] = (unsigned char)(stream >> 8); h[7] = (unsigned char)stream;
-    h[8] = (unsigned char)(n >> 24); h[9] = (unsigned char)(n >> 16);
-    h[10] = (unsigned char)(n >> 8); h[11] = (unsigned char)n;
-    memcpy(h + HEADER_SIZE, in.buf, (size_t)in.len);
+    PyObject *records = seal_frame(args[0], args[1], stream, in.buf, in.len);
     PyBuffer_Release(&in);
-    PyObject *call[2] = {args[0], frame};
-    PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_DECREF(frame);
-    if (written == NULL) return NULL;
-    Py_DECREF(written);
-    return PyObject_VectorcallMethod(str_read, &args[1], 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    return records;
 }
 
 static Py_ssize_t call_size(PyObject *result) {
@@ -488,6 +509,257 @@ static PyObject *decrypt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return Py_BuildValue("(ni)", filled, state);
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* The relay step: a stream's flow-control bookkeeping and the relay's byte counts                */
+/*
+ * The compiled twins of the steady state of Stream.on_data → Relay.leg_data → PlainLeg.write (a DATA
+ * part from the tunnel to the workload's socket) and of PlainLeg.buffer_updated → Relay.leg_data →
+ * Stream.write → TlsLeg.write_data_frame (a read from the workload sealed into the tunnel). Each first
+ * checks, without changing anything, that the objects are the registered classes and in the state
+ * whose Python steps it repeats (no queued data, window room, nothing paused, both transports open, a
+ * small message); anything else returns "not taken" and the caller runs the Python steps, which stay
+ * the reference. Then it makes the same changes in the same order (counts, window, credit) and calls
+ * back into Python for the rarer consequences (Stream._return_credit, _settle, update_writer_blocked).
+ */
+
+static int attr_ssize(PyObject *o, PyObject *name, Py_ssize_t *out) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) return -1;
+    *out = PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int set_ssize(PyObject *o, PyObject *name, Py_ssize_t value) {
+    PyObject *v = PyLong_FromSsize_t(value);
+    if (v == NULL) return -1;
+    int rc = PyObject_SetAttr(o, name, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+static int add_ssize(PyObject *o, PyObject *name, Py_ssize_t delta) {
+    Py_ssize_t value;
+    if (attr_ssize(o, name, &value) < 0) return -1;
+    return set_ssize(o, name, value + delta);
+}
+
+static int attr_true(PyObject *o, PyObject *name) { /* 1, 0, or -1 with an exception */
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) return -1;
+    int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
+static int call_method0(PyObject *o, PyObject *name) {
+    PyObject *r = PyObject_VectorcallMethod(name, &o, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* A transport that takes writes (not None, not closing): a new reference, NULL without an exception
+ * when it does not, NULL with one on an error. */
+static PyObject *open_transport(PyObject *leg) {
+    PyObject *transport = PyObject_GetAttr(leg, s_transport);
+    if (transport == NULL) return NULL;
+    if (transport == Py_None) { Py_DECREF(transport); return NULL; }
+    PyObject *closing = PyObject_VectorcallMethod(s_is_closing, &transport, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    int t = closing != NULL ? PyObject_IsTrue(closing) : -1;
+    Py_XDECREF(closing);
+    if (t != 0) { Py_DECREF(transport); return NULL; }
+    return transport;
+}
+
+/* The relay ``leg`` hands its data to, with the leg on the other side and the name of the direction's
+ * byte count (borrowed from the relay, which the caller holds); 0 when the receiver is no Relay. */
+static int relay_peer(PyObject *leg, PyObject **relay, PyObject **peer, PyObject **count) {
+    *relay = PyObject_GetAttr(leg, s_receiver);
+    if (*relay == NULL) return -1;
+    if (Py_TYPE(*relay) != relay_type) { Py_CLEAR(*relay); return 0; }
+    PyObject *a = PyObject_GetAttr(*relay, s_a);
+    if (a == NULL) { Py_CLEAR(*relay); return -1; }
+    int from_a = a == leg;
+    Py_DECREF(a);
+    *peer = PyObject_GetAttr(*relay, from_a ? s_b : s_a); /* Relay.leg_data: a → b, anything else → a */
+    if (*peer == NULL) { Py_CLEAR(*relay); return -1; }
+    *count = from_a ? s__a_to_b : s__b_to_a;
+    return 1;
+}
+
+/* Stream.on_data(part) for a small view on the steady path: 1 done, 0 not taken (nothing changed: call
+ * on_data), -1 error. */
+static int stream_deliver(PyObject *stream, PyObject *part) {
+    if (Py_TYPE(stream) != stream_type || !PyMemoryView_Check(part) || plain_type == NULL || relay_type == NULL)
+        return 0;
+    Py_buffer *view = PyMemoryView_GET_BUFFER(part);
+    Py_ssize_t n = view->len;
+    if (n <= 0 || n >= small_view || !PyBuffer_IsContiguous(view, 'C')) return 0;
+    int t = attr_true(stream, s_peer_eof);
+    if (t != 0) return t < 0 ? -1 : 0; /* DATA after FIN: on_data raises the protocol error */
+    Py_ssize_t unreturned, debt;
+    if (attr_ssize(stream, s__unreturned, &unreturned) < 0 || attr_ssize(stream, s__debt, &debt) < 0) return -1;
+    unreturned += n;
+    if (unreturned + debt > stream_window_limit) return 0; /* beyond its window: on_data raises */
+    if ((t = attr_true(stream, s__reading_paused)) != 0) return t < 0 ? -1 : 0;
+    PyObject *relay, *peer, *count;
+    int rc = relay_peer(stream, &relay, &peer, &count);
+    if (rc <= 0) return rc;
+    PyObject *transport = NULL, *data = NULL;
+    rc = -1;
+    if (Py_TYPE(peer) != plain_type) { rc = 0; goto done; }
+    transport = open_transport(peer);
+    if (transport == NULL) { rc = PyErr_Occurred() ? -1 : 0; goto done; }
+    /* from here on the Python steps' changes, in their order */
+    if (set_ssize(stream, s__unreturned, unreturned) < 0 || add_ssize(stream, str_bytes_read, n) < 0
+        || add_ssize(relay, count, n) < 0 || add_ssize(peer, s_bytes_written, n) < 0) goto done;
+    data = PyBytes_FromStringAndSize(view->buf, n); /* the view's buffer is reused: the transport gets a copy */
+    if (data == NULL) goto done;
+    PyObject *call[2] = {transport, data};
+    PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (written == NULL) goto done;
+    Py_DECREF(written);
+    if ((t = attr_true(stream, s__reading_paused)) < 0) goto done; /* the write may have filled the socket */
+    if (t) {
+        PyObject *sink = PyObject_GetAttr(stream, s__sink);
+        if (sink == NULL) goto done;
+        int has_sink = sink != Py_None;
+        Py_DECREF(sink);
+        if (has_sink && call_method0(stream, s__settle) < 0) goto done;
+    }
+    Py_ssize_t threshold;
+    if (attr_ssize(stream, s__unreturned, &unreturned) < 0 || attr_ssize(stream, s__threshold, &threshold) < 0)
+        goto done;
+    if (unreturned >= threshold && call_method0(stream, s__return_credit) < 0) goto done;
+    rc = 1;
+done:
+    Py_XDECREF(data);
+    Py_XDECREF(transport);
+    Py_DECREF(peer);
+    Py_DECREF(relay);
+    return rc;
+}
+
+/* relay_read(leg, buffer, nbytes) -> bool: PlainLeg.buffer_updated's steady state in one call — the
+ * ``nbytes`` the workload's socket read into ``buffer`` counted on ``leg``, on its Relay and on the
+ * Stream on the other side, taken from that stream's send window, sealed as one DATA frame and written
+ * to the tunnel's transport; then Stream.update_writer_blocked when the window is used up or the
+ * tunnel or the relay is blocked (as Stream.write). False, with nothing changed, when this is not the
+ * steady state (no Relay to a Stream, data queued, too little window, a large read, the tunnel not
+ * writable): the caller runs the Python steps. */
+static PyObject *relay_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyMemoryView_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "relay_read(leg, buffer: memoryview, nbytes)");
+        return NULL;
+    }
+    PyObject *leg = args[0];
+    Py_buffer *buffer = PyMemoryView_GET_BUFFER(args[1]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[2]);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n <= 0 || n >= small_write || n > buffer->len || stream_type == NULL || relay_type == NULL
+        || !PyBuffer_IsContiguous(buffer, 'C') || frame_class == NULL)
+        Py_RETURN_FALSE;
+    PyObject *relay, *stream, *count;
+    int rc = relay_peer(leg, &relay, &stream, &count);
+    if (rc < 0) return NULL;
+    if (rc == 0) Py_RETURN_FALSE;
+    PyObject *session = NULL, *tls = NULL, *ssl_object = NULL, *sslobj = NULL, *outgoing = NULL;
+    PyObject *transport = NULL, *id = NULL, *result = NULL;
+    Py_ssize_t window;
+    int t;
+    if (Py_TYPE(stream) != stream_type) goto not_taken;
+    if ((t = attr_true(stream, s_eof_sent)) != 0 || (t = attr_true(stream, s__finished)) != 0
+        || (t = attr_true(stream, s__queued)) != 0) {
+        if (t < 0) goto done;
+        goto not_taken;
+    }
+    if (attr_ssize(stream, s_send_window, &window) < 0) goto done;
+    if (n > window) goto not_taken;
+    if ((session = PyObject_GetAttr(stream, s_session)) == NULL || (tls = PyObject_GetAttr(session, s_tls)) == NULL
+        || (ssl_object = PyObject_GetAttr(tls, s_ssl_object)) == NULL)
+        goto done;
+    if (ssl_object == Py_None) goto not_taken;
+    if ((t = attr_true(tls, s_eof_sent)) != 0) {
+        if (t < 0) goto done;
+        goto not_taken;
+    }
+    transport = open_transport(tls);
+    if (transport == NULL) {
+        if (PyErr_Occurred()) goto done;
+        goto not_taken;
+    }
+    if ((sslobj = PyObject_GetAttr(ssl_object, s__sslobj)) == NULL || (outgoing = PyObject_GetAttr(tls, s__outgoing)) == NULL
+        || (id = PyObject_GetAttr(stream, s_id)) == NULL)
+        goto done;
+    unsigned long stream_id = PyLong_AsUnsignedLong(id);
+    if (stream_id == (unsigned long)-1 && PyErr_Occurred()) goto done;
+    /* from here on the Python steps' changes, in their order */
+    if (add_ssize(leg, str_bytes_read, n) < 0 || add_ssize(relay, count, n) < 0
+        || add_ssize(stream, s_bytes_written, n) < 0 || set_ssize(stream, s_send_window, window - n) < 0
+        || add_ssize(tls, s_bytes_written, HEADER_SIZE + n) < 0)
+        goto done;
+    PyObject *records = seal_frame(sslobj, outgoing, stream_id, buffer->buf, n);
+    if (records == NULL) goto done;
+    if (PyBytes_GET_SIZE(records)) {
+        PyObject *call[2] = {transport, records};
+        PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(records);
+        if (written == NULL) goto done;
+        Py_DECREF(written);
+    } else {
+        Py_DECREF(records);
+    }
+    if (attr_ssize(stream, s_send_window, &window) < 0) goto done;
+    int blocked = window <= 0;
+    if (!blocked && (blocked = attr_true(session, s_tunnel_blocked)) < 0) goto done;
+    if (!blocked && (blocked = attr_true(stream, s__writer_blocked)) < 0) goto done;
+    if (blocked && call_method0(stream, s_update_writer_blocked) < 0) goto done;
+    result = Py_True;
+    goto done;
+not_taken:
+    result = Py_False;
+done:
+    Py_XINCREF(result);
+    Py_XDECREF(id);
+    Py_XDECREF(outgoing);
+    Py_XDECREF(sslobj);
+    Py_XDECREF(transport);
+    Py_XDECREF(ssl_object);
+    Py_XDECREF(tls);
+    Py_XDECREF(session);
+    Py_DECREF(stream);
+    Py_DECREF(relay);
+    return result;
+}
+
+/* register_leg(kind, cls, *limits): "relay" (Relay), "stream" (Stream; INITIAL_WINDOW + CREDIT_THRESHOLD,
+ * SMALL_WRITE) or "plain" (PlainLeg; SMALL_VIEW): the classes whose exact instances the relay step
+ * takes, and the limits their Python steps use. */
+static PyObject *register_leg(PyObject *self, PyObject *args) {
+    const char *kind;
+    PyObject *cls;
+    Py_ssize_t first = -1, second = -1;
+    if (!PyArg_ParseTuple(args, "sO!|nn", &kind, &PyType_Type, &cls, &first, &second)) return NULL;
+    PyTypeObject **slot;
+    if (strcmp(kind, "relay") == 0) {
+        slot = &relay_type;
+    } else if (strcmp(kind, "stream") == 0 && first > 0 && second > 0) {
+        slot = &stream_type;
+        stream_window_limit = first;
+        small_write = second;
+    } else if (strcmp(kind, "plain") == 0 && first > 0) {
+        slot = &plain_type;
+        small_view = first;
+    } else {
+        PyErr_Format(PyExc_ValueError, "register_leg: %s with these limits is not a leg this module knows", kind);
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(*slot, (PyTypeObject *)cls);
+    Py_RETURN_NONE;
+}
+
 /* receive(leg, sslobj, incoming, data, buffer, decoder, streams, dispatch) -> state: one tunnel read,
  * the compiled twin of TlsLeg.data_received → _decrypt_into → MuxSession.leg_data for an established
  * tunnel. ``data`` (bytes-like, or None to go on after a full buffer) is written to the incoming BIO;
@@ -544,8 +816,16 @@ static PyObject *receive(PyObject *self, PyObject *const *args, Py_ssize_t nargs
                     continue; /* data for a stream just reset: dropped */
                 }
                 Py_INCREF(stream);
-                PyObject *call[2] = {stream, PyTuple_GET_ITEM(frame, 2)};
-                result = PyObject_VectorcallMethod(str_on_data, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+                int done = stream_deliver(stream, PyTuple_GET_ITEM(frame, 2));
+                if (done < 0) {
+                    result = NULL;
+                } else if (done) {
+                    result = Py_None;
+                    Py_INCREF(result);
+                } else {
+                    PyObject *call[2] = {stream, PyTuple_GET_ITEM(frame, 2)};
+                    result = PyObject_VectorcallMethod(str_on_data, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+                }
                 Py_DECREF(stream);
             } else {
                 result = PyObject_CallOneArg(dispatch, frame);
@@ -568,13 +848,18 @@ static PyMethodDef module_methods[] = {
      "decrypt(sslobj, incoming, buffer, filled) -> (filled, state): 0 drained, 1 buffer full, 2 end of stream"},
     {"receive", (PyCFunction)(void (*)(void))receive, METH_FASTCALL,
      "receive(leg, sslobj, incoming, data, buffer, decoder, streams, dispatch) -> state: one tunnel read "
-     "decrypted, counted, decoded and handed to the streams"},
+     "decrypted, counted, decoded and handed to the streams (a small DATA part relayed to a plain leg here)"},
+    {"relay_read", (PyCFunction)(void (*)(void))relay_read, METH_FASTCALL,
+     "relay_read(leg, buffer, nbytes) -> bool: a plain leg's read relayed and sealed into its stream's tunnel, "
+     "or False (nothing done) off the steady state"},
+    {"register_leg", register_leg, METH_VARARGS,
+     "register_leg(kind, cls, *limits): the Relay, Stream and PlainLeg classes the relay step takes"},
     {NULL}
 };
 
 /* What agent/proxy/hotpath.py expects (its ABI): raise both together whenever a function, its arguments
    or its results change, so a module built from older source is refused instead of called wrongly. */
-#define HOTPATH_ABI 2
+#define HOTPATH_ABI 3
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "agent.proxy._hotpath",
@@ -590,6 +875,8 @@ PyMODINIT_FUNC PyInit__hotpath(void) {
     str_bytes_read = PyUnicode_InternFromString("bytes_read");
     if (str_read == NULL || str_write == NULL || str_pending == NULL || str_on_data == NULL || str_bytes_read == NULL)
         return NULL;
+#define INTERN_NAME(n) if ((s_##n = PyUnicode_InternFromString(#n)) == NULL) return NULL;
+    LEG_NAMES(INTERN_NAME)
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
     if (PyModule_AddIntConstant(m, "ABI", HOTPATH_ABI) < 0) {

@@ -259,6 +259,9 @@ class PlainLeg(Leg):
         self._deliver_view(view)
 
     def buffer_updated(self, nbytes: int) -> None:
+        compiled = hotpath.compiled  # a small read relayed to a stream, sealed and sent in one call
+        if compiled is not None and compiled.relay_read(self, _read_buffers.view, nbytes):
+            return
         receiver = self.receiver  # view_received and _deliver_view without their calls
         if receiver is not None and getattr(receiver, "takes_views", False):
             self.bytes_read += nbytes
@@ -574,3 +577,7 @@ class TlsLeg(Leg):
     @property
     def alpn(self) -> str | None:
         return self.ssl_object.selected_alpn_protocol() if self.ssl_object else None
+
+
+if hotpath.built is not None:  # the compiled relay step takes exact instances of this class (agent.proxy._hotpath)
+    hotpath.built.register_leg("plain", PlainLeg, SMALL_VIEW)

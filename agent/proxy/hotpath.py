@@ -4,7 +4,11 @@
 the compiled twin of pure-Python steps that stay the reference implementation: frame decoding
 (``mux.PyFrameDecoder``), sealing a DATA frame into TLS records, the TLS receive loop
 (``endpoints.TlsLeg``) and a whole read of an established tunnel — decrypt, decode, hand each frame to
-its stream or the session — in one call (``TlsLeg.route_frames``, set by ``session.MuxSession.start``). It is used when it was built and imports, unless the environment says
+its stream or the session — in one call (``TlsLeg.route_frames``, set by ``session.MuxSession.start``),
+and the relay step of a small message between a stream and a workload's socket (``Stream.on_data`` → ``Relay.leg_data`` → ``PlainLeg.write``
+inside that read; ``PlainLeg.buffer_updated`` → ``Relay.leg_data`` → ``Stream.write`` → sealed and
+written to the tunnel: ``relay_read``; the classes registered by relay.py, session.py and endpoints.py
+with ``register_leg``). It is used when it was built and imports, unless the environment says
 ``TCPMESH_HOTPATH=python`` (the switch tests and operators use to run the reference path; any other
 value than ``python`` or ``compiled``, or ``compiled`` without the module, is refused at import with
 the fix). A module built from older source (``ABI`` below differs from the module's: a checkout
@@ -21,7 +25,8 @@ from types import ModuleType
 
 ENV = "TCPMESH_HOTPATH"
 CHOICES = ("compiled", "python")
-ABI = 2  # HOTPATH_ABI in _hotpath.c: the calls this source makes into the module
+ABI = 3  # HOTPATH_ABI in _hotpath.c: the calls this source makes into the module
+ENTRY_POINTS = ("configure", "FrameDecoder", "seal_data", "decrypt", "receive", "relay_read", "register_leg")
 
 
 class HotpathError(RuntimeError):
@@ -39,6 +44,9 @@ def _load() -> tuple[ModuleType | None, ModuleType | None, str]:
         built_abi = getattr(_hotpath, "ABI", 0)  # 0: built before the module said its ABI
         if built_abi != ABI:
             raise ImportError(f"{_hotpath.__file__} is stale: built with ABI {built_abi}, this source needs ABI {ABI}")
+        missing = [entry for entry in ENTRY_POINTS if not hasattr(_hotpath, entry)]
+        if missing:  # an ABI raised in one file and not the other, or a build from a half-edited source
+            raise ImportError(f"{_hotpath.__file__} is stale: it lacks {', '.join(missing)}")
     except ImportError as exc:
         if wanted == "compiled":
             raise HotpathError(f"{ENV}=compiled but agent.proxy._hotpath does not import ({exc}): rebuild it "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from agent.proxy import hotpath
 from agent.proxy.endpoints import Leg
 
 
@@ -113,3 +114,7 @@ class Relay:
         self.a.reset()
         self.b.reset()
         self._finish(reason)
+
+
+if hotpath.built is not None:  # the compiled relay step (agent.proxy._hotpath) repeats leg_data for exact instances
+    hotpath.built.register_leg("relay", Relay)

@@ -249,6 +249,10 @@ class Stream(Leg):
         self.session.forget(self)
 
 
+
+if hotpath.built is not None:  # the compiled relay step repeats Stream.on_data / write for exact instances
+    hotpath.built.register_leg("stream", Stream, M.INITIAL_WINDOW + CREDIT_THRESHOLD, SMALL_WRITE)
+
 class MuxSession:
     """Frames in and out of one TLS leg; the client opens odd stream ids, the server answers them."""
 

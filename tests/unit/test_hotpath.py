@@ -17,10 +17,12 @@ from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.proxy import hotpath
 from agent.proxy import mux as M
 from agent.proxy.header import encode_connect_body
-from agent.proxy.session import MuxSession
-from agent.proxy.endpoints import READ_BUFFER, READ_CHUNK
+from agent.proxy.endpoints import READ_BUFFER, READ_CHUNK, PlainLeg
+from agent.proxy.relay import Relay
+from agent.proxy.session import CREDIT_THRESHOLD, SMALL_WRITE, MuxSession, Stream
 from tests.hotpath_impls import IMPLEMENTATIONS, decoder_class, use
-from tests.unit.test_endpoints_tls_buffer import Collector, connected_pair, contexts  # noqa: F401 - a fixture
+from tests.unit.test_endpoints_tls_buffer import (Collector, MemoryTransport, connected_pair,  # noqa: F401
+                                                  contexts)  # a fixture
 
 H = M.HEADER.pack
 VECTORS = {  # name: wire bytes (valid ones end cleanly or mid-frame; the rest break one rule)
@@ -128,10 +130,12 @@ STALE_BUILD = ("import types\n"  # a module built from older source: it says no 
                "sys.modules['agent.proxy._hotpath'] = stale\n")
 
 
-def hotpath_in_child(env_value: str | None, block_module: bool = False, stale: bool = False) -> subprocess.CompletedProcess:
+def hotpath_in_child(env_value: str | None, block_module: bool = False, stale: bool = False,
+                     abi: int | None = None) -> subprocess.CompletedProcess:
     code = ("import sys\n"
             + ("sys.modules['agent.proxy._hotpath'] = None\n" if block_module else "")
             + (STALE_BUILD if stale else "")
+            + (f"stale.ABI = {abi}; stale.configure = stale.FrameDecoder = stale.receive = None\n" if abi else "")
             + "from agent.proxy import hotpath, mux\nprint(hotpath.name(), mux.FrameDecoder.__module__)\n")
     env = {k: v for k, v in os.environ.items() if k != "TCPMESH_HOTPATH"}
     if env_value is not None:
@@ -150,6 +154,8 @@ def test_the_switch_chooses_and_refuses_what_cannot_run():
     assert old.stdout.split() == ["python", "agent.proxy.mux"], old.stderr
     old_forced = hotpath_in_child("compiled", stale=True)
     assert old_forced.returncode != 0 and "stale: built with ABI 0" in old_forced.stderr, old_forced.stderr
+    half = hotpath_in_child("compiled", stale=True, abi=hotpath.ABI)  # the right ABI, entry points missing
+    assert half.returncode != 0 and "lacks seal_data, decrypt, relay_read, register_leg" in half.stderr, half.stderr
     wrong = hotpath_in_child("fast")
     assert wrong.returncode != 0 and "'fast' is not one of compiled, python" in wrong.stderr
     if hotpath.built is not None:
@@ -248,3 +254,149 @@ def test_a_tunnel_read_has_the_same_outcome_on_both_paths(contexts, name):  # no
         reference = tunnel_outcome(contexts, "python", wire, close_notify, step)
         assert reference[0] or reference[2], "a vector that does nothing tests nothing"
         assert tunnel_outcome(contexts, "compiled", wire, close_notify, step) == reference, (name, step)
+
+
+class AppSocket(MemoryTransport):
+    """The workload's socket under a relayed stream: every write, half-close and flow-control call logged."""
+
+    def __init__(self, log: list) -> None:
+        super().__init__()
+        self.log = log
+
+    def write(self, data) -> None:
+        self.log.append(("app got", bytes(data)))
+
+    def write_eof(self) -> None:
+        self.log.append(("app got", "eof"))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        self.log.append(("app reading", "paused"))
+
+    def resume_reading(self) -> None:
+        self.log.append(("app reading", "resumed"))
+
+
+SMALL = SMALL_WRITE - 1  # the largest app read that is sealed as one frame
+SEND_WINDOW_READS = M.INITIAL_WINDOW // SMALL + 1  # app reads that use the stream's send window up
+RELAYS = {  # name: steps — ("tunnel", frames the peer sends on stream 1), ("app", bytes the workload sends),
+    # or an event: the app's socket full / drained, the tunnel's full / drained, the app's EOF, its socket closing
+    "ping-pong, then both ends close": [
+        ("tunnel", M.encode(M.FrameType.DATA, 1, b"hello")), ("app", b"world"),
+        ("tunnel", M.encode(M.FrameType.DATA, 1, b"x" * 100) + M.encode(M.FrameType.DATA, 1, b"y")), ("app", b"z"),
+        ("tunnel", M.encode(M.FrameType.FIN, 1)), ("app", b"after the peer's fin"), ("app eof",)],
+    "the app closes first": [("app", b"q"), ("app eof",), ("app", b"late"), ("tunnel", M.encode(M.FrameType.DATA, 1, b"a")),
+                             ("tunnel", M.encode(M.FrameType.FIN, 1))],
+    "credit returned past the threshold": [("tunnel", b"".join(M.encode(M.FrameType.DATA, 1, b"c" * 60_000)
+                                                               for _ in range(CREDIT_THRESHOLD // 60_000 + 2)))],
+    "credit held while the app's socket is full": [
+        ("app full",), ("tunnel", b"".join(M.encode(M.FrameType.DATA, 1, b"h" * 60_000)
+                                           for _ in range(CREDIT_THRESHOLD // 60_000 + 2))),
+        ("app drained",), ("tunnel", M.encode(M.FrameType.DATA, 1, b"after"))],
+    "the peer sends beyond its window": [
+        ("app full",), ("tunnel", b"".join(M.encode(M.FrameType.DATA, 1, b"w" * 60_000)
+                                           for _ in range((M.INITIAL_WINDOW + CREDIT_THRESHOLD) // 60_000 + 2)))],
+    "the app uses the send window up, then credit": [("app", b"s" * SMALL)] * SEND_WINDOW_READS + [
+        ("app", b"queued"), ("tunnel", M.encode_window(1, 100)), ("app", b"more"),
+        ("tunnel", M.encode_window(1, M.INITIAL_WINDOW)), ("app", b"flows again")],
+    "the app uses the send window up exactly": [("app", b"e" * SMALL)] * (M.INITIAL_WINDOW // SMALL_WRITE) + [
+        ("app", b"e" * (M.INITIAL_WINDOW // SMALL_WRITE)), ("app", b"queued"), ("tunnel", M.encode_window(1, 10))],
+    "the tunnel's buffer is full": [("tunnel full",), ("app", b"a"), ("app", b"b"), ("tunnel drained",), ("app", b"c")],
+    "the app's socket is closing": [("app closing",), ("tunnel", M.encode(M.FrameType.DATA, 1, b"dropped"))],
+    "the peer resets the stream": [("app", b"a"), ("tunnel", M.encode(M.FrameType.RST, 1, b"bye")), ("app", b"late")],
+    "data after the peer's fin": [("tunnel", M.encode(M.FrameType.FIN, 1) + M.encode(M.FrameType.DATA, 1, b"x"))],
+    "a large read from the app": [("app", bytes(range(256)) * 300), ("tunnel", M.encode(M.FrameType.DATA, 1, BIG))],
+}
+
+
+def relay_outcome(contexts, impl: str, steps: list, stream_first: bool) -> tuple:  # noqa: F811
+    """What a relay between a stream of a server session and a workload's socket (a ``PlainLeg``) does
+    with ``steps`` on ``impl``'s data path, the legs driven as uvloop drives them (``get_buffer`` +
+    ``buffer_updated``): the app's socket's log, the frames the tunnel sent, the relay's result and
+    every leg's byte counts, window and credit state."""
+    async def main():
+        log: list = []
+        with use(impl):
+            client, client_transport, server = await connected_pair(contexts)
+            relays = []
+
+            def on_open(stream, request):
+                app = PlainLeg()
+                app.connection_made(AppSocket(log))
+                relay = Relay(stream, app) if stream_first else Relay(app, stream)
+                relays.append((relay, stream, app))
+                relay.start()
+
+            session = MuxSession(server, client=False, on_open=on_open).start()
+            client.write(M.encode(M.FrameType.OPEN, 1, OPEN_BODY))
+            server.data_received(client_transport.take())
+            ((relay, stream, app),) = relays
+            for step in steps:
+                if step[0] == "tunnel":
+                    client.write(step[1])
+                    records = client_transport.take()
+                    for at in range(0, len(records), 70_000):
+                        piece = records[at:at + 70_000]
+                        server.get_buffer(len(piece))[:len(piece)] = piece
+                        server.buffer_updated(len(piece))
+                elif step[0] == "app":
+                    if not app.transport.is_closing():
+                        app.get_buffer(len(step[1]))[:len(step[1])] = step[1]
+                        app.buffer_updated(len(step[1]))
+                elif step[0] == "app eof":
+                    app.eof_received()
+                elif step[0] == "app closing":
+                    app.transport.close()
+                else:
+                    leg, call = {"app full": (app, "pause_writing"), "app drained": (app, "resume_writing"),
+                                 "tunnel full": (server, "pause_writing"),
+                                 "tunnel drained": (server, "resume_writing")}[step[0]]
+                    getattr(leg, call)()
+                log.append(("state", stream.send_window, stream._unreturned, stream._writer_blocked,
+                            stream.peer_eof, stream.eof_sent, len(stream._queued or ())))
+        answers = Collector(takes_views=False)
+        client.set_receiver(answers)
+        client.data_received(server.transport.take())
+        sent = [(f.type, f.stream, f.payload) for f in M.PyFrameDecoder().feed(b"".join(answers.chunks))]
+        result = relay.done.result() if relay.done.done() else None
+        return (log, sent, result, relay.a_to_b, relay.b_to_a, session.closed.result() if session.closed.done() else None,
+                [(leg.bytes_read, leg.bytes_written) for leg in (server, stream, app)], server.transport.aborted)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("stream_first", [True, False], ids=["inbound order", "outbound order"])
+@pytest.mark.parametrize("name", sorted(RELAYS))
+def test_a_relayed_stream_has_the_same_outcome_on_both_paths(contexts, name, stream_first):  # noqa: F811
+    """The compiled relay step (agent.proxy._hotpath: ``receive`` handing a small DATA part straight to
+    the workload's socket; ``relay_read`` sealing a small read from it straight into the tunnel) against
+    the reference steps (Stream.on_data / Stream.write, Relay.leg_data, PlainLeg.write / buffer_updated):
+    the same bytes to the app and the tunnel, half-closes, resets, credit, window and byte counts."""
+    reference = relay_outcome(contexts, "python", RELAYS[name], stream_first)
+    changed = len({entry for entry in reference[0] if entry[0] == "state"}) > 1
+    assert changed or reference[1] or reference[2] or reference[5], "a vector that does nothing tests nothing"
+    assert relay_outcome(contexts, "compiled", RELAYS[name], stream_first) == reference, name
+
+
+def test_the_compiled_relay_step_is_the_one_taken(contexts, monkeypatch):  # noqa: F811
+    """On the compiled path a small message crosses the relay without Stream.on_data, Stream.write or
+    Relay.leg_data (else the comparison above would compare the reference with itself)."""
+    calls: list = []
+    for cls, name in ((Stream, "on_data"), (Stream, "write"), (Relay, "leg_data")):
+        def counted(self, *args, _original=getattr(cls, name), _name=name):
+            calls.append(_name)
+            return _original(self, *args)
+        monkeypatch.setattr(cls, name, counted)
+    steps = RELAYS["ping-pong, then both ends close"]
+    for stream_first in (True, False):
+        calls.clear()
+        relay_outcome(contexts, "python", steps, stream_first)
+        assert {"on_data", "write", "leg_data"} <= set(calls)
+        calls.clear()
+        relay_outcome(contexts, "compiled", steps, stream_first)
+        assert calls == [], stream_first
