@@ -21,7 +21,8 @@
  *
  * Nothing here touches a socket or keeps a Python object past a call except the configuration
  * handed over once by configure() (the Frame class, the FrameType members, the error classes);
- * receive() calls back into Python (a stream's on_data, the session's dispatch) for every frame.
+ * receive() calls back into Python (a stream's on_data, the session's dispatch) for every frame but a
+ * small DATA part on a steady relay to a plain socket (the relay step below, classes from register_leg()).
  * Built from source by `make setup` (setup.py, the machine's gcc); without it the pure-Python
  * path runs. It must not import any tcpmesh module.
  */
@@ -50,12 +51,10 @@ static PyObject *str_read, *str_write, *str_pending, *str_on_data, *str_bytes_re
  * set once at their import; a class not registered never takes the compiled relay step. */
 static PyTypeObject *relay_type, *stream_type, *plain_type;
 static Py_ssize_t stream_window_limit = -1; /* mux.INITIAL_WINDOW + session.CREDIT_THRESHOLD */
-static Py_ssize_t small_write = 0;          /* session.SMALL_WRITE: below it Stream.write seals one frame */
 static Py_ssize_t small_view = 0;           /* endpoints.SMALL_VIEW: below it PlainLeg.write copies a view */
 #define LEG_NAMES(X) X(peer_eof) X(_unreturned) X(_debt) X(receiver) X(a) X(b) X(_a_to_b) X(_b_to_a) \
     X(bytes_written) X(transport) X(is_closing) X(_reading_paused) X(_sink) X(_threshold) X(_return_credit) \
-    X(_settle) X(eof_sent) X(_finished) X(_queued) X(send_window) X(session) X(tls) X(ssl_object) X(_sslobj) \
-    X(_outgoing) X(tunnel_blocked) X(_writer_blocked) X(update_writer_blocked) X(id)
+    X(_settle)
 #define DECLARE_NAME(n) static PyObject *s_##n;
 LEG_NAMES(DECLARE_NAME)
 
@@ -512,14 +511,15 @@ static PyObject *decrypt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 /* ---------------------------------------------------------------------------------------------- */
 /* The relay step: a stream's flow-control bookkeeping and the relay's byte counts                */
 /*
- * The compiled twins of the steady state of Stream.on_data → Relay.leg_data → PlainLeg.write (a DATA
- * part from the tunnel to the workload's socket) and of PlainLeg.buffer_updated → Relay.leg_data →
- * Stream.write → TlsLeg.write_data_frame (a read from the workload sealed into the tunnel). Each first
- * checks, without changing anything, that the objects are the registered classes and in the state
- * whose Python steps it repeats (no queued data, window room, nothing paused, both transports open, a
- * small message); anything else returns "not taken" and the caller runs the Python steps, which stay
- * the reference. Then it makes the same changes in the same order (counts, window, credit) and calls
- * back into Python for the rarer consequences (Stream._return_credit, _settle, update_writer_blocked).
+ * The compiled twin of the steady state of Stream.on_data → Relay.leg_data → PlainLeg.write (a small
+ * DATA part from the tunnel to the workload's socket), taken inside receive(). It first checks, without
+ * changing anything, that the objects are the registered classes and in the state whose Python steps it
+ * repeats (within the window, the workload's socket not full, its transport open, a small part);
+ * anything else returns "not taken" and receive() calls Stream.on_data, which stays the reference.
+ * Then it makes the same changes in the same order (credit owed, byte counts) and calls back into
+ * Python for the rarer consequences (Stream._settle, _return_credit). The send side (PlainLeg.
+ * buffer_updated → Stream.write → seal) was built the same way and measured slower than the Python
+ * steps (docs/performance-latency.md, "The relay step in C"): it stays Python.
  */
 
 static int attr_ssize(PyObject *o, PyObject *name, Py_ssize_t *out) {
@@ -641,113 +641,20 @@ done:
     return rc;
 }
 
-/* relay_read(leg, buffer, nbytes) -> bool: PlainLeg.buffer_updated's steady state in one call — the
- * ``nbytes`` the workload's socket read into ``buffer`` counted on ``leg``, on its Relay and on the
- * Stream on the other side, taken from that stream's send window, sealed as one DATA frame and written
- * to the tunnel's transport; then Stream.update_writer_blocked when the window is used up or the
- * tunnel or the relay is blocked (as Stream.write). False, with nothing changed, when this is not the
- * steady state (no Relay to a Stream, data queued, too little window, a large read, the tunnel not
- * writable): the caller runs the Python steps. */
-static PyObject *relay_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyMemoryView_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "relay_read(leg, buffer: memoryview, nbytes)");
-        return NULL;
-    }
-    PyObject *leg = args[0];
-    Py_buffer *buffer = PyMemoryView_GET_BUFFER(args[1]);
-    Py_ssize_t n = PyLong_AsSsize_t(args[2]);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n <= 0 || n >= small_write || n > buffer->len || stream_type == NULL || relay_type == NULL
-        || !PyBuffer_IsContiguous(buffer, 'C') || frame_class == NULL)
-        Py_RETURN_FALSE;
-    PyObject *relay, *stream, *count;
-    int rc = relay_peer(leg, &relay, &stream, &count);
-    if (rc < 0) return NULL;
-    if (rc == 0) Py_RETURN_FALSE;
-    PyObject *session = NULL, *tls = NULL, *ssl_object = NULL, *sslobj = NULL, *outgoing = NULL;
-    PyObject *transport = NULL, *id = NULL, *result = NULL;
-    Py_ssize_t window;
-    int t;
-    if (Py_TYPE(stream) != stream_type) goto not_taken;
-    if ((t = attr_true(stream, s_eof_sent)) != 0 || (t = attr_true(stream, s__finished)) != 0
-        || (t = attr_true(stream, s__queued)) != 0) {
-        if (t < 0) goto done;
-        goto not_taken;
-    }
-    if (attr_ssize(stream, s_send_window, &window) < 0) goto done;
-    if (n > window) goto not_taken;
-    if ((session = PyObject_GetAttr(stream, s_session)) == NULL || (tls = PyObject_GetAttr(session, s_tls)) == NULL
-        || (ssl_object = PyObject_GetAttr(tls, s_ssl_object)) == NULL)
-        goto done;
-    if (ssl_object == Py_None) goto not_taken;
-    if ((t = attr_true(tls, s_eof_sent)) != 0) {
-        if (t < 0) goto done;
-        goto not_taken;
-    }
-    transport = open_transport(tls);
-    if (transport == NULL) {
-        if (PyErr_Occurred()) goto done;
-        goto not_taken;
-    }
-    if ((sslobj = PyObject_GetAttr(ssl_object, s__sslobj)) == NULL || (outgoing = PyObject_GetAttr(tls, s__outgoing)) == NULL
-        || (id = PyObject_GetAttr(stream, s_id)) == NULL)
-        goto done;
-    unsigned long stream_id = PyLong_AsUnsignedLong(id);
-    if (stream_id == (unsigned long)-1 && PyErr_Occurred()) goto done;
-    /* from here on the Python steps' changes, in their order */
-    if (add_ssize(leg, str_bytes_read, n) < 0 || add_ssize(relay, count, n) < 0
-        || add_ssize(stream, s_bytes_written, n) < 0 || set_ssize(stream, s_send_window, window - n) < 0
-        || add_ssize(tls, s_bytes_written, HEADER_SIZE + n) < 0)
-        goto done;
-    PyObject *records = seal_frame(sslobj, outgoing, stream_id, buffer->buf, n);
-    if (records == NULL) goto done;
-    if (PyBytes_GET_SIZE(records)) {
-        PyObject *call[2] = {transport, records};
-        PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        Py_DECREF(records);
-        if (written == NULL) goto done;
-        Py_DECREF(written);
-    } else {
-        Py_DECREF(records);
-    }
-    if (attr_ssize(stream, s_send_window, &window) < 0) goto done;
-    int blocked = window <= 0;
-    if (!blocked && (blocked = attr_true(session, s_tunnel_blocked)) < 0) goto done;
-    if (!blocked && (blocked = attr_true(stream, s__writer_blocked)) < 0) goto done;
-    if (blocked && call_method0(stream, s_update_writer_blocked) < 0) goto done;
-    result = Py_True;
-    goto done;
-not_taken:
-    result = Py_False;
-done:
-    Py_XINCREF(result);
-    Py_XDECREF(id);
-    Py_XDECREF(outgoing);
-    Py_XDECREF(sslobj);
-    Py_XDECREF(transport);
-    Py_XDECREF(ssl_object);
-    Py_XDECREF(tls);
-    Py_XDECREF(session);
-    Py_DECREF(stream);
-    Py_DECREF(relay);
-    return result;
-}
-
-/* register_leg(kind, cls, *limits): "relay" (Relay), "stream" (Stream; INITIAL_WINDOW + CREDIT_THRESHOLD,
- * SMALL_WRITE) or "plain" (PlainLeg; SMALL_VIEW): the classes whose exact instances the relay step
+/* register_leg(kind, cls, *limits): "relay" (Relay), "stream" (Stream; INITIAL_WINDOW + CREDIT_THRESHOLD)
+ * or "plain" (PlainLeg; SMALL_VIEW): the classes whose exact instances the relay step
  * takes, and the limits their Python steps use. */
 static PyObject *register_leg(PyObject *self, PyObject *args) {
     const char *kind;
     PyObject *cls;
-    Py_ssize_t first = -1, second = -1;
-    if (!PyArg_ParseTuple(args, "sO!|nn", &kind, &PyType_Type, &cls, &first, &second)) return NULL;
+    Py_ssize_t first = -1;
+    if (!PyArg_ParseTuple(args, "sO!|n", &kind, &PyType_Type, &cls, &first)) return NULL;
     PyTypeObject **slot;
     if (strcmp(kind, "relay") == 0) {
         slot = &relay_type;
-    } else if (strcmp(kind, "stream") == 0 && first > 0 && second > 0) {
+    } else if (strcmp(kind, "stream") == 0 && first > 0) {
         slot = &stream_type;
         stream_window_limit = first;
-        small_write = second;
     } else if (strcmp(kind, "plain") == 0 && first > 0) {
         slot = &plain_type;
         small_view = first;
@@ -849,9 +756,6 @@ static PyMethodDef module_methods[] = {
     {"receive", (PyCFunction)(void (*)(void))receive, METH_FASTCALL,
      "receive(leg, sslobj, incoming, data, buffer, decoder, streams, dispatch) -> state: one tunnel read "
      "decrypted, counted, decoded and handed to the streams (a small DATA part relayed to a plain leg here)"},
-    {"relay_read", (PyCFunction)(void (*)(void))relay_read, METH_FASTCALL,
-     "relay_read(leg, buffer, nbytes) -> bool: a plain leg's read relayed and sealed into its stream's tunnel, "
-     "or False (nothing done) off the steady state"},
     {"register_leg", register_leg, METH_VARARGS,
      "register_leg(kind, cls, *limits): the Relay, Stream and PlainLeg classes the relay step takes"},
     {NULL}

@@ -259,9 +259,6 @@ class PlainLeg(Leg):
         self._deliver_view(view)
 
     def buffer_updated(self, nbytes: int) -> None:
-        compiled = hotpath.compiled  # a small read relayed to a stream, sealed and sent in one call
-        if compiled is not None and compiled.relay_read(self, _read_buffers.view, nbytes):
-            return
         receiver = self.receiver  # view_received and _deliver_view without their calls
         if receiver is not None and getattr(receiver, "takes_views", False):
             self.bytes_read += nbytes
@@ -277,6 +274,7 @@ class PlainLeg(Leg):
         return True  # keep our sending side open: half-close
 
     def write(self, data: bytes | memoryview) -> None:
+        # a small DATA part from a stream takes the compiled twin (agent/proxy/_hotpath.c stream_deliver)
         transport = self.transport
         if transport is None or transport.is_closing():
             return

@@ -63,6 +63,7 @@ class Relay:
         return self._other(leg)
 
     def leg_data(self, leg: Leg, data: bytes | memoryview) -> None:
+        # a small DATA part from a stream to a PlainLeg takes the compiled twin (agent/proxy/_hotpath.c)
         if leg is self.a:
             self._a_to_b += len(data)
             self.b.write(data)

@@ -139,7 +139,9 @@ class Stream(Leg):
 
     # -- from the session ----------------------------------------------------------------------
     def on_data(self, payload: bytes | memoryview) -> None:
-        """A DATA part; a view of the tunnel's reused buffer when it comes from ``feed_parts``."""
+        """A DATA part; a view of the tunnel's reused buffer when it comes from ``feed_parts``. The
+        reference of ``stream_deliver`` in agent/proxy/_hotpath.c (with Relay.leg_data and PlainLeg.write):
+        change both together (tests/unit/test_hotpath.py compares them)."""
         if self.peer_eof:
             raise M.MuxProtocolError(f"DATA after FIN on stream {self.id}")
         self._unreturned += len(payload)
@@ -249,9 +251,9 @@ class Stream(Leg):
         self.session.forget(self)
 
 
+if hotpath.built is not None:  # the compiled relay step repeats Stream.on_data for exact instances
+    hotpath.built.register_leg("stream", Stream, M.INITIAL_WINDOW + CREDIT_THRESHOLD)
 
-if hotpath.built is not None:  # the compiled relay step repeats Stream.on_data / write for exact instances
-    hotpath.built.register_leg("stream", Stream, M.INITIAL_WINDOW + CREDIT_THRESHOLD, SMALL_WRITE)
 
 class MuxSession:
     """Frames in and out of one TLS leg; the client opens odd stream ids, the server answers them."""

@@ -155,7 +155,7 @@ def test_the_switch_chooses_and_refuses_what_cannot_run():
     old_forced = hotpath_in_child("compiled", stale=True)
     assert old_forced.returncode != 0 and "stale: built with ABI 0" in old_forced.stderr, old_forced.stderr
     half = hotpath_in_child("compiled", stale=True, abi=hotpath.ABI)  # the right ABI, entry points missing
-    assert half.returncode != 0 and "lacks seal_data, decrypt, relay_read, register_leg" in half.stderr, half.stderr
+    assert half.returncode != 0 and "lacks seal_data, decrypt, register_leg" in half.stderr, half.stderr
     wrong = hotpath_in_child("fast")
     assert wrong.returncode != 0 and "'fast' is not one of compiled, python" in wrong.stderr
     if hotpath.built is not None:
@@ -374,8 +374,8 @@ def relay_outcome(contexts, impl: str, steps: list, stream_first: bool) -> tuple
 @pytest.mark.parametrize("name", sorted(RELAYS))
 def test_a_relayed_stream_has_the_same_outcome_on_both_paths(contexts, name, stream_first):  # noqa: F811
     """The compiled relay step (agent.proxy._hotpath: ``receive`` handing a small DATA part straight to
-    the workload's socket; ``relay_read`` sealing a small read from it straight into the tunnel) against
-    the reference steps (Stream.on_data / Stream.write, Relay.leg_data, PlainLeg.write / buffer_updated):
+    the workload's socket) against the reference steps (Stream.on_data, Relay.leg_data, PlainLeg.write),
+    with the send side (PlainLeg.buffer_updated → Stream.write) in the same vectors:
     the same bytes to the app and the tunnel, half-closes, resets, credit, window and byte counts."""
     reference = relay_outcome(contexts, "python", RELAYS[name], stream_first)
     changed = len({entry for entry in reference[0] if entry[0] == "state"}) > 1
@@ -384,10 +384,11 @@ def test_a_relayed_stream_has_the_same_outcome_on_both_paths(contexts, name, str
 
 
 def test_the_compiled_relay_step_is_the_one_taken(contexts, monkeypatch):  # noqa: F811
-    """On the compiled path a small message crosses the relay without Stream.on_data, Stream.write or
-    Relay.leg_data (else the comparison above would compare the reference with itself)."""
+    """On the compiled path a small message from the tunnel reaches the workload's socket without
+    Stream.on_data or Relay.leg_data (else the comparison above would compare the reference with itself);
+    the send side stays Python (measured slower compiled: docs/performance-latency.md)."""
     calls: list = []
-    for cls, name in ((Stream, "on_data"), (Stream, "write"), (Relay, "leg_data")):
+    for cls, name in ((Stream, "on_data"), (Relay, "leg_data")):
         def counted(self, *args, _original=getattr(cls, name), _name=name):
             calls.append(_name)
             return _original(self, *args)
@@ -396,7 +397,7 @@ def test_the_compiled_relay_step_is_the_one_taken(contexts, monkeypatch):  # noq
     for stream_first in (True, False):
         calls.clear()
         relay_outcome(contexts, "python", steps, stream_first)
-        assert {"on_data", "write", "leg_data"} <= set(calls)
+        assert calls.count("on_data") == 3 and calls.count("leg_data") == 6  # three messages each way
         calls.clear()
         relay_outcome(contexts, "compiled", steps, stream_first)
-        assert calls == [], stream_first
+        assert calls.count("on_data") == 0 and calls.count("leg_data") == 3, stream_first
