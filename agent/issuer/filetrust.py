@@ -3,11 +3,13 @@
 The registry file decides which node gets which identity, the issuer directory's bundle and intermediates
 who may vouch for a node and what is signed, the keys everything: whoever can write one of them is, in
 effect, the issuer. A file passes only if root or the issuer's own user owns it, neither group nor others
-may write it (nor, for a key, read it), and its directory is as safe — owned by root or the issuer's
-user and not writable by group or others, unless it has the sticky bit (``/tmp``, and Kubernetes Secret
-and ConfigMap volumes: others may add files there but not replace ours). A symlink is followed and the
-directory of its target checked too (only the nearest directory: keep the issuer's files under directories
-only root may change). The error names the field, the file, its mode and owner, and the fix.
+may write it (nor, for a key, read it), and so is every directory above it up to ``/`` (as sshd's
+StrictModes): owned by root or the issuer's user and not writable by group or others, unless it has the
+sticky bit (``/tmp``, and Kubernetes Secret and ConfigMap volumes: others may add entries there but not
+rename or replace ours). Every ancestor, not only the nearest: whoever may write a grandparent can rename
+the parent away and put any directory (or a symlink to one) in its place. A symlink is followed and the
+ancestors of its target are checked too. The error names the field, the file, the directory, its mode and
+owner, and the chmod/chown fix.
 
 Imports only ``agent.errors``; no cryptography, no sockets.
 """
@@ -69,8 +71,18 @@ def check_trusted_file(path: str | Path, field: str, *, secret: bool = False,
             f"{field} {path}: mode {mode:04o}, owner {_owner(st.st_uid)}, group {st.st_gid}: {' and '.join(problems)}"
             f" — whoever can change it decides what the issuer trusts, so the issuer refuses it; run "
             f"{' and '.join(fixes)} (and check who could have changed it)")
-    for directory in sorted({Path(os.path.abspath(path)).parent, path.resolve().parent}):
+    for directory in ancestors(path):
         _check_directory(directory, field, path, allowed)
+
+
+def ancestors(path: Path) -> list[Path]:
+    """Every directory above ``path`` up to ``/``, nearest first: those of the path as written and, when a symlink
+    is on the way, those of its target too (deduplicated)."""
+    seen: dict[Path, None] = {}
+    for start in (Path(os.path.abspath(path)), path.resolve()):
+        for directory in start.parents:
+            seen.setdefault(directory)
+    return list(seen)
 
 
 def _check_directory(directory: Path, field: str, path: Path, allowed: frozenset[int]) -> None:
@@ -79,11 +91,14 @@ def _check_directory(directory: Path, field: str, path: Path, allowed: frozenset
     except OSError:
         return
     mode = stat.S_IMODE(st.st_mode)
+    which = "its directory" if directory in (path.parent, path.resolve().parent) else "the directory above it"
     if st.st_uid not in allowed:
         raise UntrustedFileError(
-            f"{field} {path}: its directory {directory} is owned by {_owner(st.st_uid)}, who may replace the file; "
-            f"run `chown root {directory}` or move the file to a directory root owns")
+            f"{field} {path}: {which} {directory} (mode {mode:04o}) is owned by {_owner(st.st_uid)}, who may "
+            f"rename or replace what is under it; run `chown root {directory}` or move the file under directories "
+            "root owns")
     if mode & 0o022 and not mode & stat.S_ISVTX:
         raise UntrustedFileError(
-            f"{field} {path}: its directory {directory} has mode {mode:04o}: group or others may replace the file; "
-            f"run `chmod go-w {directory}` or move the file to a directory only root may write")
+            f"{field} {path}: {which} {directory} has mode {mode:04o}, owner {_owner(st.st_uid)}: group or others "
+            f"may rename or replace what is under it; run `chmod go-w {directory}` (or `chmod +t` if others must "
+            "create files there) or move the file under directories only root may write")

@@ -625,3 +625,69 @@ def test_a_forbidden_pod_watch_names_the_issuers_service_account_and_rule(k8s_wo
     assert "the issuer's ServiceAccount" in error and "ClusterRole tcpmesh-issuer" in error, error
     assert 'resources: ["pods", "nodes"], verbs: ["list", "watch"]' in error, error
     assert "endpointslices" not in error, error
+
+
+def _as_nobody(directory, action) -> None:
+    """Run ``action`` in a child process as uid/gid 65534 (an unprivileged local user) inside ``directory`` (entered
+    while still root: pytest's own directories above it are 0700); raise if it failed."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:   # the child: drop to nobody, act, report by exit status only
+        code = 1
+        try:
+            os.chdir(directory)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged user could not do it"
+
+
+def test_a_grandparent_directory_others_may_write_lets_them_swap_the_registry_directory(world, caplog):
+    """The registry file is root's, 0644, and so is its directory (0755) — but the directory above it is 0777 (an
+    operator's `chmod -R`, a shared mount). An unprivileged local user cannot touch the file or its directory, yet
+    may rename that directory away and put a symlink in its place to any root-owned directory holding a file of
+    that name (here an old backup in which identity b was on node1). The nearest-directory check passed (the
+    link's target is root's, 0755), so the issuer loaded it and node1 got b. Every ancestor up to / must be
+    root's (or the issuer's) and not writable by group or others (sticky ones, like /tmp, excepted: there only
+    the owner may rename an entry), as sshd's StrictModes checks."""
+    import os
+    from dataclasses import replace as dc_replace
+
+    tmp_path, (r0, _), bundle = world
+    shared = tmp_path / "shared"            # the grandparent
+    live = shared / "tcpmesh"               # the registry's directory
+    backup = tmp_path / "backup"            # root's, 0755: an old copy
+    for directory in (shared, live, backup):
+        directory.mkdir()
+        os.chmod(directory, 0o755)
+    registry = (tmp_path / "workloads.yaml").read_text()
+    (live / "workloads.yaml").write_text(registry)
+    (backup / "workloads.yaml").write_text(registry.replace("ip: 10.2.0.1, node: node2", MOVED_B_TO_NODE1))
+    for path in (live / "workloads.yaml", backup / "workloads.yaml"):
+        os.chmod(path, 0o644)
+    config = dc_replace(r0.config, registry=dc_replace(r0.config.registry, file=str(live / "workloads.yaml")))
+    replica = Replica(config, "issuer-2")
+    try:
+        cred1 = node_credential(tmp_path, "node1")
+        answer = sign(client(replica, bundle), cred1, B)
+        assert answer["refused"][B]["reason"] == "not_on_node", answer
+        os.chmod(shared, 0o777)               # the operator's mistake, one level up
+        _as_nobody(shared, lambda: (os.rename("tcpmesh", "old"), os.symlink(backup, "tcpmesh")))
+        caplog.set_level("ERROR", logger="tcpmesh.issuer")
+        replica.poll()
+        answer = sign(client(replica, bundle), cred1, B)
+        assert not answer["svids"] and answer["refused"][B]["reason"] == "not_on_node", \
+            "the swapped-in registry was loaded: node1 got identity b"
+        assert str(shared) in caplog.text and "0777" in caplog.text and f"chmod go-w {shared}" in caplog.text, \
+            caplog.text
+        with pytest.raises(Exception, match="registry.file") as refused:   # and a replica starting now does not run
+            Replica(config, "issuer-3")
+        assert str(shared) in str(refused.value)
+    finally:
+        replica.stop()

@@ -83,3 +83,46 @@ def test_a_symlink_is_judged_by_its_target_and_both_directories(tmp_path, safe_d
     os.chmod(data, 0o777)
     with pytest.raises(UntrustedFileError, match="..data"):
         check_trusted_file(link, "ca_dir", secret=True)
+
+
+def test_every_directory_above_is_checked_not_only_the_nearest(tmp_path, safe_dir):
+    """A grandparent others may write lets them rename the parent away and put another directory in its place
+    (tests/hostile/test_issuer_attacks.py shows the swap); as sshd's StrictModes, every ancestor up to / counts."""
+    inner = safe_dir / "tcpmesh"
+    inner.mkdir()
+    os.chmod(inner, 0o755)
+    path = _file(inner)
+    check_trusted_file(path, "registry.file")
+    os.chmod(safe_dir, 0o777)
+    with pytest.raises(UntrustedFileError) as refused:
+        check_trusted_file(path, "registry.file")
+    message = str(refused.value)
+    assert f"the directory above it {safe_dir} has mode 0777" in message and f"chmod go-w {safe_dir}" in message
+    assert "registry.file" in message and str(path) in message
+    os.chmod(safe_dir, 0o1777)   # sticky, like /tmp: others cannot rename our directory out of it
+    check_trusted_file(path, "registry.file")
+
+
+@root_only
+def test_an_ancestor_another_user_owns_is_refused(safe_dir):
+    inner = safe_dir / "tcpmesh"
+    inner.mkdir()
+    os.chmod(inner, 0o755)
+    path = _file(inner)
+    os.chown(safe_dir, 65534, 65534)
+    with pytest.raises(UntrustedFileError, match=f"the directory above it {safe_dir} .*chown root {safe_dir}"):
+        check_trusted_file(path, "registry.file")
+
+
+def test_the_ancestors_of_a_symlinks_target_are_checked_too(tmp_path, safe_dir):
+    elsewhere = tmp_path / "open"
+    elsewhere.mkdir()
+    os.chmod(elsewhere, 0o777)
+    data = elsewhere / "data"
+    data.mkdir()
+    os.chmod(data, 0o755)
+    target = _file(data)
+    link = safe_dir / "workloads.yaml"
+    link.symlink_to(target)
+    with pytest.raises(UntrustedFileError, match=f"chmod go-w {elsewhere}"):
+        check_trusted_file(link, "registry.file")
