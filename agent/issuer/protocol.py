@@ -58,8 +58,12 @@ REASONS = (
     "handshake_timeout",      # no TLS handshake within limits.handshake_timeout_seconds
     "handshake_failed",       # not TLS 1.3, a certificate that does not verify, no ALPN tcpmesh-issuer/1
     "request_timeout",        # no complete first request within limits.request_timeout_seconds
+    # A trust reload (server.py, trustroots.py): a root left the issuer's bundle (`tcpmesh ca rotate remove-old`)
+    "removed_root",           # the client certificate chains to a removed root: answered right after the handshake
+    "closed_by_trust_reload",  # an open connection under a root the reload removed: closed, only counted
 )
-CONNECTION_REASONS = ("busy", "address_limit", "handshake_timeout", "handshake_failed", "request_timeout")
+CONNECTION_REASONS = ("busy", "address_limit", "handshake_timeout", "handshake_failed", "request_timeout",
+                      "removed_root", "closed_by_trust_reload")
 
 
 class ProtocolError(Exception):

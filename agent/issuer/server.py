@@ -3,7 +3,15 @@
 TLS 1.3 with P-256 key exchange (``identity.tls.issuer_context``), ALPN ``tcpmesh-issuer/1``, the
 client certificate optional but verified when sent. The server certificate
 (``spiffe://<td>/tcpmesh/issuer``, minted from the issuing CA) is renewed at half its lifetime by
-loading a new chain into the same context: new handshakes get it, open connections keep theirs.
+building a new context: new handshakes get it, open connections keep theirs.
+
+**Trust reloads** (``trustroots``): a context is built from the bundle loaded now plus the roots removed
+from it while this replica ran. A client whose verified chain ends at a removed root is refused right
+after the handshake, by name (``removed_root``: which root, the fix), before anything it sends is read.
+A reload that removes a root closes every open connection whose chain ends at it
+(``closed_by_trust_reload``, one warning line per reload): a connection keeps the context it was
+accepted with, and an SSLContext cannot forget a root, so this is where the removal takes effect for
+them. Connections without a client certificate, or under a root still trusted, are not touched.
 
 Hostile or slow clients (``limits``: ``config.LimitsConfig``; docs/identity.md "Limits of one
 replica") hold bounded resources for a bounded time, and nodes are still served meanwhile:
@@ -49,6 +57,7 @@ from agent.identity.tls import issuer_context, peer_uri
 from agent.issuer import protocol
 from agent.issuer.config import LimitsConfig
 from agent.issuer.service import IssuerService, Peer
+from agent.issuer.trustroots import ChainRoot, TrustRoots, chain_root
 
 log = logging.getLogger("tcpmesh.issuer")
 
@@ -111,20 +120,41 @@ class IssuerServer:
         self._in_flight = 0
         self._server: asyncio.AbstractServer | None = None
         self._worker = ThreadPoolExecutor(limits.workers, thread_name_prefix="issuer-requests")
+        self._connections: dict[asyncio.StreamWriter, ChainRoot | None] = {}   # served now -> its chain's root
+        self._closed_by_reload: set[asyncio.StreamWriter] = set()
+        self.roots = TrustRoots(service.ca.roots)
         self.context = self._make_context()
 
     def _make_context(self) -> ssl.SSLContext:
         credential = self.service.ca.server_credential(SERVER_CERT_TTL_SECONDS, datetime.now(timezone.utc))
         self.server_not_after = credential.not_after
-        return issuer_context(True, self.service.ca.bundle_pem, credential.chain_pem, credential.key_pem, alpn=ALPN)
+        return issuer_context(True, self.roots.tls_pem(), credential.chain_pem, credential.key_pem, alpn=ALPN)
 
     def refresh_server_certificate(self) -> None:
-        """A new TLS context for new handshakes — a fresh server certificate from the CA loaded now and exactly the
-        trust bundle loaded now: a root added (``ca rotate add-root``) is trusted for client certificates from
-        here on, a removed one (``remove-old``) is not (an SSLContext cannot forget a root, so it is rebuilt, not
-        amended). One attribute assignment on the event loop: a handshake starting after it uses the new context;
-        open connections keep theirs, as the agent does."""
+        """A new TLS context for new handshakes — a fresh server certificate from the CA loaded now and the roots
+        of the bundle loaded now: a root added (``ca rotate add-root``) is trusted for client certificates from
+        here on; a removed one (``remove-old``) is refused by name after the handshake, and every open connection
+        under it is closed now (an SSLContext cannot forget a root, so it is rebuilt, not amended). On the event
+        loop: a handshake starting after it uses the new context."""
+        removed = self.roots.update(self.service.ca.roots)
         self.context = self._make_context()
+        if removed:
+            self._close_connections_under_removed_roots()
+
+    def _close_connections_under_removed_roots(self) -> None:
+        closed: collections.Counter[str] = collections.Counter()
+        for writer, root in list(self._connections.items()):
+            if root is None or self.roots.removed_root(root) is None:
+                continue
+            self._closed_by_reload.add(writer)
+            closed[f"{root.subject} ({root.fingerprint[:19]}…)"] += 1
+            self._count("closed_by_trust_reload")
+            _abort(writer)
+        if closed:
+            log.warning("issuer: closed %d open connection(s) whose client certificate chains to a root removed from "
+                        "the trust bundle: %s; those nodes must join again (`tcpmesh issuer token <node>` or a node "
+                        "credential from the current root)", sum(closed.values()),
+                        ", ".join(f"{n} under {r}" for r, n in closed.items()))
 
     async def start(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -165,11 +195,7 @@ class IssuerServer:
         self._handshakes_per_address[address] = self._handshakes_per_address.get(address, 0) + 1
         self._gauge("handshakes", len(self._handshakes))
         try:
-            await asyncio.wait_for(writer.start_tls(self.context, ssl_handshake_timeout=
-                                                    self.limits.handshake_timeout_seconds + 1),
-                                   self.limits.handshake_timeout_seconds)
-            if writer.transport is None:   # the connection was lost as the handshake ended
-                raise ConnectionResetError("the client went away during the handshake")
+            await self._start_tls(writer)
             ssl_object = writer.get_extra_info("ssl_object")
             if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
                 raise ssl.SSLError("the client did not ask for ALPN " + ALPN)
@@ -190,7 +216,31 @@ class IssuerServer:
             else:
                 self._handshakes_per_address[address] -= 1
             self._gauge("handshakes", len(self._handshakes))
-        await self._serve(reader, writer, address, ssl_object)
+        await self._serve(reader, writer, address, ssl_object, chain_root(ssl_object))
+
+    async def _refuse_connection(self, writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:
+        """Answer ``answer`` (a refusal) without reading a request, then close."""
+        writer.write(protocol.encode(answer))
+        with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.TimeoutError):
+            await asyncio.wait_for(writer.drain(), self.request_timeout)
+        _abort(writer)
+
+    async def _start_tls(self, writer: asyncio.StreamWriter) -> None:
+        """The server handshake on ``writer``, within ``handshake_timeout_seconds``. A connection lost or cut
+        (``busy``) during it raises ConnectionResetError and leaves ``writer`` on its closed plain transport:
+        CPython 3.11's ``loop.start_tls`` then returns no transport, ``StreamWriter.start_tls`` fails on that with
+        AttributeError and keeps ``None``, on which the writer's ``__del__`` raises again when collected."""
+        plain = writer.transport
+        try:
+            await asyncio.wait_for(writer.start_tls(self.context, ssl_handshake_timeout=
+                                                    self.limits.handshake_timeout_seconds + 1),
+                                   self.limits.handshake_timeout_seconds)
+        except AttributeError:
+            if writer.transport is not None:
+                raise
+        if writer.transport is None:
+            writer._transport = plain   # type: ignore[attr-defined]  # closed already: __del__ then does nothing
+            raise ConnectionResetError("the connection was lost or cut during the TLS handshake")
 
     def _reset(self, writer: asyncio.StreamWriter, reason: str) -> None:
         """Close with a reset, not a FIN: nothing was answered; the client tries its next issuer address."""
@@ -218,8 +268,12 @@ class IssuerServer:
 
     # -- after it ---------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str,
-                     ssl_object: Any) -> None:
+                     ssl_object: Any, root: ChainRoot | None) -> None:
         peer = Peer(address, peer_uri(ssl_object), ssl_object.getpeercert(True))
+        removed = self.roots.removed_root(root)
+        if removed is not None:   # the handshake used a context that still held the root: refused by name
+            await self._refuse_connection(writer, self.service.refuse_removed_root(peer, removed))
+            return
         key = self.service.connection_key(peer)
         anonymous = not key.startswith("node ")
         per_peer = min(self.limits.max_connections_per_peer, max(1, self.max_connections // 4))
@@ -232,11 +286,9 @@ class IssuerServer:
         elif self._per_peer.get(key, 0) >= per_peer:
             refusal = ("rate_limited", f"{key} holds {per_peer} connections already")
         if refusal is not None:
-            writer.write(protocol.encode(self.service.refuse_connection(peer, refusal[1], refusal[0])))
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await asyncio.wait_for(writer.drain(), self.request_timeout)
-            writer.transport.abort()
+            await self._refuse_connection(writer, self.service.refuse_connection(peer, refusal[1], refusal[0]))
             return
+        self._connections[writer] = root
         self._per_peer[key] = self._per_peer.get(key, 0) + 1
         self._open += 1
         self._anonymous += anonymous
@@ -257,7 +309,7 @@ class IssuerServer:
                     break
                 except (ConnectionError, ssl.SSLError):
                     break
-                if not line:
+                if not line or writer in self._closed_by_reload:
                     break
                 first = False
                 self._in_flight += 1
@@ -268,11 +320,15 @@ class IssuerServer:
                 finally:
                     self._in_flight -= 1
                     self._gauge("requests_in_flight", self._in_flight)
+                if writer in self._closed_by_reload:   # its root left the bundle while the request was answered
+                    break
                 writer.write(protocol.encode(answer))
                 await asyncio.wait_for(writer.drain(), self.idle_seconds)
         except (ConnectionError, ssl.SSLError, asyncio.TimeoutError):
             pass
         finally:
+            del self._connections[writer]
+            self._closed_by_reload.discard(writer)
             self._open -= 1
             self._anonymous -= anonymous
             if self._per_peer[key] <= 1:

@@ -198,6 +198,11 @@ class IssuerService:
         return self._refuse("?", peer, None, reason, f"too many open connections: {limit}; close idle ones "
                             "(an agent needs one per call) and retry")
 
+    def refuse_removed_root(self, peer: Peer, why: str) -> dict[str, Any]:
+        """The answer to a client whose certificate chains to a root removed from the bundle (server.py, before any
+        request is read): ``why`` names the root and the fix."""
+        return self._refuse("?", peer, self._node_of(peer), "removed_root", why)
+
     def refuse_oversized(self, peer: Peer) -> dict[str, Any]:
         """The answer to a request line longer than the protocol allows (the server then closes)."""
         return self._refuse("?", peer, None, "bad_request", f"the request is longer than {protocol.MAX_LINE_BYTES} "

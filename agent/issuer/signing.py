@@ -55,6 +55,7 @@ class IssuingCa:
         self._signing: SigningCa = load_issuer_ca(directory, now=now)
         self.trust_domain = self._signing.ca.trust_domain
         self.bundle_pem = self._signing.bundle.pem
+        self.roots = self._signing.bundle.roots   # what client certificates may chain to (server.py, trustroots.py)
         self.not_after = self._signing.ca.not_after
         self.subject = self._signing.ca.certificate.subject.rfc4514_string()
         self.fingerprint = fingerprint(self._signing.ca.certificate)

@@ -1,0 +1,81 @@
+"""Which root a TLS client's verified chain ends at, and whether the issuer still trusts it. Pure but for parsing.
+
+An ``ssl.SSLContext`` cannot forget a root, and a connection keeps the context it was accepted with, so the
+server asks this after every handshake and, at every reload of the bundle, of every open connection:
+
+- ``current``: the roots of the bundle loaded now — a chain ending at one of them verifies;
+- ``removed``: roots this replica trusted before and no longer does (`tcpmesh ca rotate remove-old`; at most
+  ``MAX_REMOVED_ROOTS``, newest kept). The server's TLS context still accepts them, so that a client under one
+  completes the handshake and is then refused by name (``removed_root``: which root, and the fix) instead of
+  failing as an anonymous ``handshake_failed``; nothing it sends is read.
+
+A chain ending at neither (only possible if something else put a root into a live context) is left to the
+service's own signature checks. Imports cryptography (the issuer process only) and ``agent.identity.bundle``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from cryptography import x509
+
+from agent.identity.bundle import fingerprint, to_pem
+
+MAX_REMOVED_ROOTS = 8
+_ENCODING_DER = 2   # _ssl.ENCODING_DER: what the private get_verified_chain's certificates encode to
+
+
+@dataclass(frozen=True)
+class ChainRoot:
+    fingerprint: str
+    subject: str
+
+
+def chain_root(ssl_object: Any) -> ChainRoot | None:
+    """The trust anchor the client's verified chain ends at, or None without a client certificate."""
+    getter = getattr(ssl_object, "get_verified_chain", None)           # Python 3.13+
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_verified_chain", None)   # 3.10-3.12: private
+    chain = getter() if getter is not None else None
+    if not chain:
+        return None
+    last = chain[-1]
+    der = last if isinstance(last, bytes) else last.public_bytes(_ENCODING_DER)
+    certificate = x509.load_der_x509_certificate(der)
+    return ChainRoot(fingerprint(certificate), certificate.subject.rfc4514_string())
+
+
+class TrustRoots:
+    def __init__(self, roots: Iterable[x509.Certificate] = ()) -> None:
+        self.current: dict[str, x509.Certificate] = {}
+        self.removed: dict[str, x509.Certificate] = {}   # oldest first
+        self.update(roots)
+
+    def update(self, roots: Iterable[x509.Certificate]) -> bool:
+        """Trust exactly ``roots`` from now on; True if a root left (open connections must be checked again)."""
+        new = {fingerprint(r): r for r in roots}
+        gone = [key for key in self.current if key not in new]
+        for key in gone:
+            self.removed.pop(key, None)
+            self.removed[key] = self.current[key]
+        for key in new:
+            self.removed.pop(key, None)
+        while len(self.removed) > MAX_REMOVED_ROOTS:
+            del self.removed[next(iter(self.removed))]
+        self.current = new
+        return bool(gone)
+
+    def tls_pem(self) -> str:
+        """What the TLS layer verifies client chains against: the current roots and the removed ones (refused by
+        name right after the handshake)."""
+        return "".join(to_pem(r) for r in (*self.current.values(), *self.removed.values()))
+
+    def removed_root(self, root: ChainRoot | None) -> str | None:
+        """Why a chain ending at ``root`` is refused (the root, the fix), or None if it is not under a removed root."""
+        if root is None or root.fingerprint not in self.removed:
+            return None
+        return (f"the client certificate chains to root {root.subject} ({root.fingerprint[:19]}…), which was removed "
+                "from the issuer's trust bundle (`tcpmesh ca rotate remove-old`): this node missed the rotation. "
+                "Join again with a bootstrap token (`tcpmesh issuer token <node>`) or a node credential from the "
+                "current root (`tcpmesh ca issue-node-credential`)")
