@@ -28,7 +28,9 @@ that dribbles its answer never lets a read time out), else ``attestation_timeout
 so a slow API server holds at most that many of the issuer's request workers, each for at most the
 deadline, and requests that need no API (``sign``) keep being answered. ``bound_pod`` and
 ``attested_node`` are pure (tests feed them JSON); ``KubernetesAttestor`` does the two calls
-through the official client, raw JSON, on its own threads. Imports no asyncio and no registry;
+through the official client, raw JSON, on its own threads; ``close`` (the issuer's stop) ends them within
+``close``'s bound: it shuts down the sockets of the API calls in progress (a dribbled read never times out
+by itself), so no attestation thread outlives the stop. Imports no asyncio and no registry;
 ``kubernetes`` only inside ``KubernetesAttestor`` (the pure part loads without it). The issuer
 calls it from its request threads.
 """
@@ -36,13 +38,18 @@ calls it from its request threads.
 from __future__ import annotations
 
 import json
+import logging
 import re
+import socket
 import threading
+import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+log = logging.getLogger("tcpmesh.issuer")
 DEFAULT_AUDIENCE = "tcpmesh-issuer"
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
@@ -169,6 +176,9 @@ class KubernetesAttestor:
         # a slot is held until the API calls really end (not at the deadline): never more threads than slots
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="issuer-attest")
+        self._threads: set[threading.Thread] = set()   # the pool's threads, as they run (joined at close)
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()   # to the API: shut down at close
+        _track_connections(api_client, self._connections)
 
     def attest(self, token: str) -> Attested:
         """The attested node, within ``timeout_seconds``; ``AttestationRefused`` otherwise (``busy`` at once
@@ -189,10 +199,32 @@ class KubernetesAttestor:
                                      f"the pod read within {self.timeout:g} s (attestation.kubernetes."
                                      "timeout_seconds); is the API server overloaded? The agent retries") from None
 
-    def close(self) -> None:
+    def close(self, timeout_seconds: float | None = None) -> list[str]:
+        """Stop: refuse new attestations, cut the API calls in progress (their sockets are shut down, so a read
+        that would never time out returns now) and join the threads — within ``timeout_seconds`` (default: the
+        attestation deadline plus one second, which also bounds a connect in progress). Returns the names of
+        threads still running after it (logged as an error; none unless a call ignores a shut-down socket)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + (self.timeout + 1 if timeout_seconds is None else timeout_seconds)
+        while True:
+            for connection in list(self._connections):
+                sock = getattr(connection, "sock", None)
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except (OSError, ValueError):   # closed already, or never connected
+                        pass
+            alive = [t for t in list(self._threads) if t.is_alive()]
+            if not alive or time.monotonic() >= deadline:
+                break
+            alive[0].join(min(0.05, max(0.0, deadline - time.monotonic())))
+        if alive:
+            log.error("issuer: %d attestation thread(s) still running at stop: %s", len(alive),
+                      ", ".join(t.name for t in alive))
+        return [t.name for t in alive]
 
     def _attest_now(self, token: str) -> Attested:
+        self._threads.add(threading.current_thread())
         review = self._call("TokenReview", self._auth.create_token_review, token_review(token, self.policy),
                             rule=TOKENREVIEW_RULE)
         bound = bound_pod(review, self.policy)
@@ -219,6 +251,27 @@ class KubernetesAttestor:
         except (HTTPError, OSError, ValueError) as exc:   # refused, timed out, reset; a body that is not JSON
             raise AttestationRefused("attestation_unavailable", f"the Kubernetes API did not answer the {what} "
                                      f"request: {type(exc).__name__}: {exc}") from None
+
+
+def _track_connections(api_client: Any, into: "weakref.WeakSet[Any]") -> None:
+    """Make every connection ``api_client`` opens to the API server add itself to ``into`` once connected (so a
+    stop can shut its socket down). The official client's urllib3 PoolManager creates its pools lazily, from
+    ``pool_classes_by_scheme``: those get a connection class that reports itself."""
+    from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+
+    def tracked(base: type) -> type:
+        class Tracked(base):  # type: ignore[misc, valid-type]
+            def connect(self) -> None:
+                into.add(self)
+                super().connect()
+        return Tracked
+
+    manager = api_client.rest_client.pool_manager
+    manager.pool_classes_by_scheme = {
+        "http": type("TrackedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": tracked(HTTPConnection)}),
+        "https": type("TrackedHTTPSConnectionPool", (HTTPSConnectionPool,),
+                      {"ConnectionCls": tracked(HTTPSConnection)})}
 
 
 def _api_message(exc: Any) -> str:

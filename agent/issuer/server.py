@@ -47,6 +47,7 @@ import resource
 import socket
 import ssl
 import struct
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -65,6 +66,7 @@ ALPN = "tcpmesh-issuer/1"
 SERVER_CERT_TTL_SECONDS = 24 * 3600
 LOG_EVERY_SECONDS = 10.0
 SPARE_DESCRIPTORS = 64   # registry, CA files, metrics scrapes, the API server, logs
+WORKER_JOIN_SECONDS = 5.0   # at stop, after the attestor's threads ended: what a request's CPU work may still take
 
 
 def descriptors_needed(limits: LimitsConfig) -> int:
@@ -120,6 +122,7 @@ class IssuerServer:
         self._in_flight = 0
         self._server: asyncio.AbstractServer | None = None
         self._worker = ThreadPoolExecutor(limits.workers, thread_name_prefix="issuer-requests")
+        self._worker_threads: set[threading.Thread] = set()
         self._connections: dict[asyncio.StreamWriter, ChainRoot | None] = {}   # served now -> its chain's root
         self._closed_by_reload: set[asyncio.StreamWriter] = set()
         self.roots = TrustRoots(service.ca.roots)
@@ -175,10 +178,25 @@ class IssuerServer:
                  self.address, self.port, ALPN, self.service.ca.trust_domain, self.limits)
 
     async def close(self) -> None:
+        """Stop listening, end the attestor's threads (it cuts its API calls), then join the request workers
+        (what they still run is bounded: an attestation is cut now, the rest is CPU), within
+        ``WORKER_JOIN_SECONDS``. No thread of the issuer's outlives this (a leftover one is logged as an error)."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
         self._worker.shutdown(wait=False, cancel_futures=True)
+        self.service.close()
+        deadline = time.monotonic() + WORKER_JOIN_SECONDS
+        for thread in list(self._worker_threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._worker_threads if t.is_alive()]
+        if alive:
+            log.error("issuer: request worker(s) still running at stop: %s", ", ".join(alive))
+
+    def _answer(self, line: bytes, peer: Peer) -> dict[str, Any]:
+        """One request on a worker thread (the thread is remembered: ``close`` joins it)."""
+        self._worker_threads.add(threading.current_thread())
+        return self.service.handle_line(line, peer)
 
     # -- before the handshake --------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -315,8 +333,7 @@ class IssuerServer:
                 self._in_flight += 1
                 self._gauge("requests_in_flight", self._in_flight)
                 try:
-                    answer = await asyncio.get_running_loop().run_in_executor(self._worker, self.service.handle_line,
-                                                                              line, peer)
+                    answer = await asyncio.get_running_loop().run_in_executor(self._worker, self._answer, line, peer)
                 finally:
                     self._in_flight -= 1
                     self._gauge("requests_in_flight", self._in_flight)

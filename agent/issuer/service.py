@@ -198,6 +198,11 @@ class IssuerService:
         return self._refuse("?", peer, None, reason, f"too many open connections: {limit}; close idle ones "
                             "(an agent needs one per call) and retry")
 
+    def close(self) -> None:
+        """At stop: end the attestor's threads (``KubernetesAttestor.close``: within its deadline + 1 s)."""
+        if self._attestor is not None:
+            self._attestor.close()
+
     def refuse_removed_root(self, peer: Peer, why: str) -> dict[str, Any]:
         """The answer to a client whose certificate chains to a root removed from the bundle (server.py, before any
         request is read): ``why`` names the root and the fix."""

@@ -570,6 +570,39 @@ def test_a_dribbling_token_review_delays_only_its_own_request(k8s_world):
     assert k8s.ask_node(replica, bundle, "worker-1", k8s.agent_token(api, "worker-1"))["ok"]   # the API is quick again
 
 
+def test_stopping_the_issuer_ends_its_attestation_threads_even_while_the_api_dribbles(k8s_world):
+    """An API server (or a proxy before it) dribbles a TokenReview, so the attestation thread sits in a read that
+    never times out. The issuer's stop must end that thread (and its request workers) within a bound — a stop
+    that returns with threads still running leaves a half-stopped issuer (a test run, an embedding process, a
+    replica restarted in place). Seen failing on main: the attestor was never closed at stop, and after stop()
+    returned the issuer-attest thread was still reading (for the rest of the 40 s dribble)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.integration import test_kubernetes_attestation as k8s
+
+    tmp_path, api, replica, bundle = k8s_world
+    api.dribble("tokenreviews", 40)
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        stuck = pool.submit(k8s.ask_node, replica, bundle, "worker-1", k8s.agent_token(api, "worker-1"))
+        while not api.token_reviews:   # the review is at the API, dribbling
+            assert time.monotonic() - started < 10 and not stuck.done(), "the TokenReview never reached the API"
+            time.sleep(0.02)
+        assert any(t.name.startswith("issuer-attest") for t in threading.enumerate())
+        stopping = time.monotonic()
+        replica.stop()
+        took = time.monotonic() - stopping
+        left = [t.name for t in threading.enumerate() if t.name.startswith(("issuer-attest", "issuer-requests"))]
+        assert left == [], f"still running after stop() returned: {left}"
+        assert took < 10, f"stop took {took:.1f} s"
+        try:   # the client's request ends (refused, or its connection closed), it does not hang
+            answer = stuck.result(timeout=20)
+        except Exception:   # noqa: BLE001 — the issuer went away: no answer is an acceptable end
+            answer = None
+        assert answer is None or not answer["ok"], answer
+
+
 def IssuerClientFor(replica, bundle: str, trust_domain: str):  # noqa: N802 — reads as a constructor
     from agent.issuer.client import IssuerClient
 

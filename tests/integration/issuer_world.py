@@ -58,6 +58,8 @@ class Replica:
         return self.metrics.refusals.labels(reason=reason)._value.get()
 
     def stop(self) -> None:
+        if self.loop.is_closed():   # stopped already (a test that stops it itself)
+            return
         if self.source is not None:
             self.loop.call_soon_threadsafe(self._source_task.cancel)
             self.source.stop()
