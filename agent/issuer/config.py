@@ -140,6 +140,11 @@ def _limits(limits: LimitsConfig) -> None:
         if getattr(limits, name) < 1:
             raise ConfigError(f"limits.{name}", getattr(limits, name), "must be at least 1",
                               f"use the default {getattr(LimitsConfig, name)}")
+    if limits.max_handshakes_per_address > limits.max_handshakes:
+        raise ConfigError("limits.max_handshakes_per_address", limits.max_handshakes_per_address,
+                          f"is above limits.max_handshakes ({limits.max_handshakes}), which caps all addresses together",
+                          f"use at most {limits.max_handshakes} (nodes behind one NAT share one address: raise both, "
+                          "docs/identity.md \"Limits of one replica\")")
     if limits.attestations >= limits.workers:
         raise ConfigError("limits.attestations", limits.attestations, f"must be below limits.workers ({limits.workers}): "
                           "requests that need no API (sign, renewals) must always find a free worker",

@@ -83,6 +83,7 @@ def test_the_ledger_admits_each_token_once_and_prunes_expired_claims(tmp_path):
     ({"limits": {"workers": 0}}, "limits.workers"),
     ({"limits": {"workers": 4, "attestations": 4}}, "limits.attestations"),
     ({"limits": {"max_handshakes_per_address": 0}}, "limits.max_handshakes_per_address"),
+    ({"limits": {"max_handshakes": 16, "max_handshakes_per_address": 32}}, "limits.max_handshakes_per_address"),
     ({"limits": {"request_timeout_seconds": 0}}, "limits.request_timeout_seconds"),
     ({"limits": {"max_conections": 5}}, "limits.max_conections"),
 ])
