@@ -538,6 +538,8 @@ class Agent:
         (systemd's start timeout is extended meanwhile). A refused join ends the agent (TcpmeshError).
         docs/identity.md "The agent and the issuer". False when the agent was stopped meanwhile."""
         source = getattr(self.rotator, "_source", None)
+        if self.config.identity.mode != "issuer" and self.rotator is not None:
+            return await self._local_svids_gate()
         if self.config.identity.mode != "issuer" or source is None:
             return True
         loop = asyncio.get_running_loop()
@@ -580,6 +582,29 @@ class Agent:
             return False
         log.info("identities settled %.2fs after the policy set loaded: turning ready", loop.time() - started)
         return True
+
+    async def _local_svids_gate(self) -> bool:
+        """node_ca mode: the registry's first reconcile ran on this loop, which mints nothing (a new identity is
+        pending until the rotator's thread has minted it: IdentityStore ``sign_off_loop``); turn ready once
+        every local identity has its SVID — a local mint, so a wait of a worker start (≈ 0.1 s) — or after
+        identity.issuer.first_svid_wait_seconds, with an error naming what still waits. False when stopped."""
+        loop = asyncio.get_running_loop()
+        started, limit = loop.time(), self.config.identity.issuer.first_svid_wait_seconds
+        while not self._stop.is_set():
+            pending = sorted(i.uri for i in self.rotator.store.pending())
+            if not pending:
+                return True
+            if loop.time() - started >= limit:
+                self.metrics.ready_without_svids.set(len(pending))
+                log.error("READY WITHOUT SVIDS after %.0fs: %s still have none (the minting worker failed: see the "
+                          "certificate rotation errors above); their workloads' connects are refused until minted",
+                          limit, ", ".join(pending))
+                return True
+            try:
+                await asyncio.wait_for(self._stop.wait(), FIRST_SVIDS_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+        return False
 
     def _apply_inbound_modes(self, registry: Registry) -> None:
         """PeerAuthentication → the kernel: each local workload STRICT or PERMISSIVE (docs/policy.md)."""

@@ -4,6 +4,7 @@ and those the composition root adds (``status``, ``certs``, ``policy.explain``: 
 
     {"op": "workload.add", "workload": {"name": .., "namespace": .., "service_account": .., "ip": ..,
                                         "node": .., "cgroup": ..}}
+    → {"ok": true, "workload": .., "spiffe_id": .., "svid": "issued" | "pending"}  (waits up to 2 s for its SVID)
     {"op": "workload.del", "key": "namespace/name"}
     {"op": "flows.list", "workload": "ns/name"?, "port": 5432?, "after": <cursor>?}  (agent.telemetry.flows)
     {"op": "status"}                       → the node's facts (agent.control.status, `tcpmesh status`)
@@ -31,6 +32,7 @@ from agent.errors import TcpmeshError
 
 log = logging.getLogger("tcpmesh.admin")
 MAX_REQUEST = 64 * 1024
+FIRST_SVID_WAIT_SECONDS = 2.0   # workload.add waits this long for a new identity's first SVID
 
 
 class AdminSocket:
@@ -81,12 +83,32 @@ class AdminSocket:
         except ValueError:
             request = None
         op = request.get("op") if isinstance(request, dict) else None
+        if op == "workload.add":
+            answer = self.handle_line(line)
+            if answer.get("ok"):
+                answer["svid"] = await self._first_svid(answer["spiffe_id"])
+            return answer
         if not isinstance(op, str) or op not in self._async_ops:
             return self.handle_line(line)
         try:
             return {"ok": True, **await self._async_ops[op](request)}
         except TcpmeshError as exc:
             return {"ok": False, "error": str(exc)}
+
+    async def _first_svid(self, uri: str) -> str:
+        """After ``workload.add``: wait (without blocking the loop) up to ``FIRST_SVID_WAIT_SECONDS`` while the
+        identity is pending — minted on the rotator's thread (node_ca) or asked of the issuer — so that the CLI
+        returns once the workload's connects work; "issued", or "pending" (its connects are refused until then)."""
+        pending = getattr(getattr(self._workloads, "identities", None), "pending", None)
+        if pending is None:
+            return "issued"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FIRST_SVID_WAIT_SECONDS
+        while any(i.uri == uri for i in pending()):
+            if loop.time() >= deadline:
+                return "pending"
+            await asyncio.sleep(0.02)
+        return "issued"
 
     def handle_line(self, line: bytes) -> dict[str, Any]:
         try:

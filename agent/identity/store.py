@@ -16,8 +16,10 @@ loop never waits for the issuer. The worker-thread calls build outside it (one a
 second lock the event loop never takes, so no CA swap lands mid-renewal) and publish with a merge:
 an identity removed meanwhile stays removed, one added meanwhile stays (pending, or, added under the
 old CA during a ``replace_ca``, re-issued under the new one before the swap). In
-issuer mode ``ensure`` asks no signer at all; in node_ca mode it mints new identities (a local,
-short-lived worker) itself.
+issuer mode ``ensure`` asks no signer at all. In node_ca mode as the agent wires it (``sign_off_loop``)
+neither when it is called on an event loop — the data path's: minting starts a worker process (≈ 105 ms
+at its start) — a new identity is then pending, as in issuer mode, until the rotator's thread mints it
+(``issue_pending``); called from a thread without a loop (tools, tests) it mints at once, as before.
 
 SVIDs are minted by a ``Signer``: in the agent a ``minting.RemoteSigner``, which mints in a
 short-lived worker process so the agent never imports cryptography; in tools and tests a
@@ -29,6 +31,7 @@ Must not import cryptography.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import threading
 from dataclasses import dataclass
@@ -105,12 +108,14 @@ class IdentityStore:
                  key_dir: str | Path | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
                  min_ttl_seconds: int = MIN_TTL_SECONDS, listener: StoreListener | None = None,
-                 defer_first_issue: bool = False) -> None:
+                 defer_first_issue: bool = False, sign_off_loop: bool = False) -> None:
         self._ca = ca
         # Issuer mode: ``ensure`` never asks the signer (a network call) on the caller's thread; a new
         # identity is *pending* — its connects are refused (UnknownIdentityError) — until the rotator's
         # ``issue_pending`` gets its first SVID.
         self._defer = defer_first_issue
+        # node_ca mode in the agent: ensure() on an event loop defers like issuer mode (the module docstring)
+        self._sign_off_loop = sign_off_loop
         self._pending: frozenset[SpiffeId] = frozenset()
         self._bundle = trust_bundle_pem
         self._ttl = ttl_seconds
@@ -138,18 +143,21 @@ class IdentityStore:
             now = self._clock()
             current = self._entries
             todo = plan({i: e.svid for i, e in current.items()}, desired, now)
-            if self._defer:
+            deferred = self._defer or (self._sign_off_loop and _on_event_loop())
+            if deferred:
                 self._pending = frozenset(todo.issue)
                 todo = Plan(issue=(), renew=(), keep=tuple(sorted((*todo.keep, *todo.renew))), remove=todo.remove)
                 wake = getattr(self._listener, "wake", None)
                 if self._pending and wake is not None:
-                    wake()  # the rotator's thread asks the issuer
+                    wake()  # the rotator's thread asks the issuer, or mints (node_ca mode)
             if not todo.changed:
                 return todo
             entries = {i: current[i] for i in todo.keep}
-            # node_ca mode only (issuer mode deferred every issue above): a local signer, fast
+            # node_ca mode called off any event loop only (every other call deferred above): a local signer
             entries.update(_every_entry(self._build((*todo.issue, *todo.renew), now, self._ca, self._bundle)))
             self._publish(entries)
+            if not deferred:   # pending from an earlier call on the loop: minted now, or no longer wanted
+                self._pending = self._pending & frozenset(todo.keep)
         for spiffe_id in todo.issue:
             self._notify_issued(entries[spiffe_id].svid, ISSUED_FIRST)
         for spiffe_id in todo.renew:
@@ -221,7 +229,8 @@ class IdentityStore:
                 self._notify_issued(result, ISSUED_FIRST)
         return results
 
-    def replace_ca(self, ca: Signer, trust_bundle_pem: str | bytes, *, defer_first_issue: bool | None = None) -> None:
+    def replace_ca(self, ca: Signer, trust_bundle_pem: str | bytes, *, defer_first_issue: bool | None = None,
+                   sign_off_loop: bool | None = None) -> None:
         """Sign with ``ca`` and trust ``trust_bundle_pem`` from now on; re-issue every identity under them.
 
         All or nothing: if any identity cannot be issued, the old CA, bundle and SVIDs stay. Open
@@ -241,6 +250,8 @@ class IdentityStore:
                         self._ca, self._bundle = ca, trust_bundle_pem
                         if defer_first_issue is not None:
                             self._defer = defer_first_issue
+                        if sign_off_loop is not None:
+                            self._sign_off_loop = sign_off_loop
                         self._publish(entries)
                         break
                 # outside the lock (the new signer may be the issuer); on any error nothing has changed.
@@ -348,6 +359,15 @@ class IdentityStore:
             except IdentityError as exc:
                 built[spiffe_id] = exc
         return built
+
+
+def _on_event_loop() -> bool:
+    """Whether the caller runs on an event loop (the agent's data path): then ``ensure`` must not mint."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _every_entry(built: Mapping[SpiffeId, _Entry | IdentityError]) -> dict[SpiffeId, _Entry]:

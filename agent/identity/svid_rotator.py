@@ -63,6 +63,9 @@ class CaSource:
     ca_dir: str = ""  # non-empty: sign with this root directly (the agent then holds the root key)
     node: str | None = None
     transport: Transport = field(default=spawn_minter, repr=False, compare=False)  # how the minting worker is asked
+    # the agent's wiring (``ca_source``): ``ensure`` on an event loop mints nothing there; a new identity is pending
+    # (its connects refused) until the rotator's thread has minted it — the loop never waits for the worker
+    sign_off_loop: bool = False
 
     @property
     def directory(self) -> str:
@@ -102,7 +105,8 @@ class IdentityRotator:
         self._worker: ThreadPoolExecutor | None = None  # run()'s thread: the steps and switch_source, one at a time
         self.store = IdentityStore(self.signing.signer, self.signing.bundle_pem, ttl_seconds, key_dir=key_dir,
                                    clock=clock, min_ttl_seconds=min_ttl_seconds, listener=self,
-                                   defer_first_issue=getattr(source, "defer_first_issue", False))
+                                   defer_first_issue=getattr(source, "defer_first_issue", False),
+                                   sign_off_loop=getattr(source, "sign_off_loop", False))
         self._ca_loaded(self.signing, "loaded")
 
     # -- the task ------------------------------------------------------------------------------
@@ -205,7 +209,8 @@ class IdentityRotator:
             raise IdentityError(f"no issuer answered this node's join ({source.report(now).get('last_error')}); "
                                 "nothing changed: start the issuer (or check identity.issuer.addresses) and reload again")
         self.store.replace_ca(signing.signer, signing.bundle_pem,
-                              defer_first_issue=getattr(source, "defer_first_issue", False))
+                              defer_first_issue=getattr(source, "defer_first_issue", False),
+                              sign_off_loop=getattr(source, "sign_off_loop", False))
         # from here the store signs with the new source only; the old one (its node intermediate) is out of use
         previous = self.signing
         self._source, self._signature, self.signing = source, source.signature(), signing
@@ -367,7 +372,7 @@ def ca_source(config: Any) -> CaSource:
     identity = config.identity
     log.info("identity.mode node_ca (legacy): this node signs its SVIDs with a node intermediate that can sign "
              "any identity of the trust domain; move to identity.mode: issuer (docs/identity.md)")
-    return CaSource(node_ca_dir=identity.node_ca_dir, ca_dir=identity.ca_dir, node=config.node.name)
+    return CaSource(node_ca_dir=identity.node_ca_dir, ca_dir=identity.ca_dir, node=config.node.name, sign_off_loop=True)
 
 
 def rotator_from_config(config: Any, metrics: Any = None) -> IdentityRotator:

@@ -262,3 +262,55 @@ def test_a_switch_that_fails_changes_nothing(rotator, tmp_path, broken) -> None:
     assert not rotator.check_ca()   # still following the old directory, nothing pending
     rotator.store.ensure([WEB, DB, SpiffeId.parse("spiffe://td.test/ns/shop/sa/new")])
     assert rotator.store.pending() == frozenset()   # still node_ca: first issues on the caller's thread
+
+
+def test_node_ca_mode_signs_a_new_identity_off_the_event_loop(node_dir) -> None:
+    """node_ca mode as the agent wires it (``sign_off_loop``): ``ensure`` called on the data-path event loop must
+    not mint there (starting the minting worker costs ≈ 105 ms, during which every tunnel of the node waits).
+    The identity is pending until the rotator's thread has minted it; meanwhile the loop runs other callbacks.
+    Checked by ordering, not time: the mint waits for a callback only the loop can run. Seen failing before the
+    change: the mint ran on the loop thread inside ``ensure`` (and waited its bound for the callback)."""
+    import asyncio
+    import threading
+
+    from agent.identity import minting_worker
+
+    signing, release, events = threading.Event(), threading.Event(), []
+
+    def transport(request: dict) -> dict:
+        if request.get("op") == "issue":
+            events.append("mint on the loop thread" if threading.current_thread() is loop_thread else "mint elsewhere")
+            signing.set()
+            if not release.wait(10):   # only the loop releases it; the bound only ends a deadlock
+                events.append("the loop never ran while minting")
+        return minting_worker.handle(request)
+
+    source = CaSource(str(node_dir), node="node1", transport=transport, sign_off_loop=True)
+    rotator = IdentityRotator(source, ttl_seconds=3600)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(rotator.run())
+        try:
+            rotator.store.ensure([WEB])
+            events.append("ensure returned")
+            assert WEB in rotator.store.pending() and WEB not in rotator.store
+            while not signing.is_set():
+                await asyncio.sleep(0.01)
+            loop.call_soon(lambda: (events.append("the loop ran a callback while minting"), release.set()))
+            started = loop.time()
+            while WEB not in rotator.store:
+                assert loop.time() - started < 30, events
+                await asyncio.sleep(0.01)
+            events.append("SVID in service")
+        finally:
+            task.cancel()
+
+    loop_thread = threading.current_thread()   # asyncio.run runs the loop on this thread
+    asyncio.run(scenario())
+    assert events == ["ensure returned", "mint elsewhere", "the loop ran a callback while minting",
+                      "SVID in service"], events
+    assert not rotator.store.pending()
+    # the same store called from a thread without an event loop (tools, the CLI) still mints at once
+    rotator.store.ensure([WEB, DB])
+    assert DB in rotator.store
