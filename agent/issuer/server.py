@@ -123,6 +123,7 @@ class IssuerServer:
         self._server: asyncio.AbstractServer | None = None
         self._worker = ThreadPoolExecutor(limits.workers, thread_name_prefix="issuer-requests")
         self._worker_threads: set[threading.Thread] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()   # one per accepted connection, until it ends
         self._connections: dict[asyncio.StreamWriter, ChainRoot | None] = {}   # served now -> its chain's root
         self._closed_by_reload: set[asyncio.StreamWriter] = set()
         self.roots = TrustRoots(service.ca.roots)
@@ -178,12 +179,18 @@ class IssuerServer:
                  self.address, self.port, ALPN, self.service.ca.trust_domain, self.limits)
 
     async def close(self) -> None:
-        """Stop listening, end the attestor's threads (it cuts its API calls), then join the request workers
+        """Stop listening, abort the handshakes and connections in progress (their tasks end here, rather than
+        being destroyed pending with the loop), end the attestor's threads (it cuts its API calls), then join
+        the request workers
         (what they still run is bounded: an attestation is cut now, the rest is CPU), within
         ``WORKER_JOIN_SECONDS``. No thread of the issuer's outlives this (a leftover one is logged as an error)."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        for writer in (*self._handshakes, *self._connections):   # their tasks end, not destroyed pending
+            _abort(writer)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=WORKER_JOIN_SECONDS)
         self._worker.shutdown(wait=False, cancel_futures=True)
         self.service.close()
         deadline = time.monotonic() + WORKER_JOIN_SECONDS
@@ -200,6 +207,10 @@ class IssuerServer:
 
     # -- before the handshake --------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:   # close() waits for it
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         address = str((writer.get_extra_info("peername") or ("?",))[0])
         if self._handshakes_per_address.get(address, 0) >= self.limits.max_handshakes_per_address:
             self._reset(writer, "address_limit")
