@@ -13,7 +13,13 @@ Seen succeeding on main before their fixes (the commit that adds them says which
   such a credential still completed the TLS handshake and got ``hello`` answered: the replica's SSLContext,
   built at start, kept trusting the removed root until a restart.
 - a registry file others could write (0666, 0664, or owned by another user) was loaded — node1 got identity
-  b — and so were a group-writable bundle.pem and a token key owned by another user.
+  b — and so were a group-writable bundle.pem and a token key owned by another user; and, with only a
+  grandparent directory writable by others, an unprivileged user swapped the registry's directory for a
+  symlink to a root-owned backup and node1 got b (only the nearest directory was checked).
+- connections opened before `remove-old` kept being answered after the reload (``hello``, token joins); a
+  handshake under the removed root was counted as a generic ``handshake_failed`` naming neither root nor fix.
+- the issuer's stop returned with its attestation thread still reading a dribbled TokenReview; a handshake
+  cut to make room left a StreamWriter without a transport (AttributeError in asyncio, then in ``__del__``).
 """
 
 from __future__ import annotations
