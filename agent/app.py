@@ -68,7 +68,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tcpmesh.agent")
 RUNTIME_WORKLOADS_FILE = "runtime-workloads.json"
 FIRST_SVIDS_POLL_SECONDS = 0.05   # how often the start looks whether the first SVIDs are in (a set lookup)
-FIRST_SVIDS_EXTEND_SECONDS = 60.0  # not joined yet: systemd's start timeout pushed this far ahead, repeatedly
+FIRST_SVIDS_EXTEND_SECONDS = 60.0  # not ready for want of the issuer: systemd's start timeout pushed this far ahead
+FIRST_SVIDS_EXTEND_EVERY_SECONDS = 2.0  # this often: a `systemctl daemon-reload` re-arms a starting unit's deadline
+# from TimeoutStartSec (counted from the start) and forgets every extension, so the next one must come soon
 IP_TRANSPARENT = 19
 
 
@@ -534,8 +536,9 @@ class Agent:
         """Issuer mode: stay not ready (listeners closed, capture attached: pods' connects refused) until this
         node has joined the issuer and every local identity has its first SVID — or, once joined, until
         identity.issuer.first_svid_wait_seconds have passed: then ready, with an error and
-        tcpmesh_agent_ready_without_svids naming what still waits. Never joined: not ready, however long
-        (systemd's start timeout is extended meanwhile). A refused join ends the agent (TcpmeshError).
+        tcpmesh_agent_ready_without_svids naming what still waits. Never joined: not ready, however long.
+        systemd's start timeout is extended all along (EXTEND_TIMEOUT_USEC every 2 s, with STATUS= saying
+        why). A refused join ends the agent (TcpmeshError).
         docs/identity.md "The agent and the issuer". False when the agent was stopped meanwhile."""
         source = getattr(self.rotator, "_source", None)
         if self.config.identity.mode != "issuer" and self.rotator is not None:
@@ -566,9 +569,9 @@ class Agent:
             else:
                 reason = (f"not joined to the issuer yet ({state.join_failures} attempt(s) failed: {state.last_error}; "
                           f"next at {state.join_retry_at.isoformat() if state.join_retry_at else 'now'})")
-                if loop.time() - extended > FIRST_SVIDS_EXTEND_SECONDS / 2:   # TimeoutStartSec must not kill it
-                    extended = loop.time()
-                    sdnotify.extend_start(FIRST_SVIDS_EXTEND_SECONDS, f"NOT READY (pods' connections refused): {reason}")
+            if loop.time() - extended >= FIRST_SVIDS_EXTEND_EVERY_SECONDS:   # TimeoutStartSec must not kill it
+                extended = loop.time()
+                sdnotify.extend_start(FIRST_SVIDS_EXTEND_SECONDS, f"NOT READY (pods' connections refused): {reason}")
             if reason.split(" (")[0] != said:
                 said = reason.split(" (")[0]
                 log.warning("NOT READY: %s", reason)

@@ -338,6 +338,17 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     return value
 
 
+def admin_socket_setting(doc: Any, environ: Mapping[str, str]) -> str:
+    """admin.socket from a config file's raw YAML ``doc`` that may not validate as a whole (pure): the
+    ``TCPMESH_ADMIN_SOCKET`` override, else a non-empty string at ``admin.socket``, else the default."""
+    override = environ.get(f"{ENV_PREFIX}ADMIN_SOCKET".upper())
+    if override:
+        return override
+    admin = doc.get("admin") if isinstance(doc, dict) else None
+    value = admin.get("socket") if isinstance(admin, dict) else None
+    return value if isinstance(value, str) and value else DEFAULT_ADMIN_SOCKET
+
+
 def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     """``TCPMESH_NODE_NAME=node1`` sets node.name; ``TCPMESH_TRUST_DOMAIN`` sets trust_domain."""
     for top in fields(Config):

@@ -3,7 +3,8 @@
 
 In order: ``--socket PATH``; ``--lab NAME --node NODE`` (a lab node's agent, straight from the host:
 the admin socket is a file, so no `lab exec` is needed; without --lab, $TCPMESH_LAB names the lab);
-``--config FILE`` (its admin.socket); the environment variable ``TCPMESH_SOCKET`` (`tcpmesh lab status` prints it for each node); else
+``--config FILE`` (its admin.socket — read on its own when the file does not validate: it may hold the
+very edit the running agent refuses, and `tcpmesh identity reload` must reach the agent to say why); the environment variable ``TCPMESH_SOCKET`` (`tcpmesh lab status` prints it for each node); else
 /run/tcpmesh/agent.sock. Always the admin socket (root only, 0600); HTTP only where a command offers
 ``--admin URL`` and it is given. Imports the lab lazily, and only for ``--lab``.
 """
@@ -11,12 +12,14 @@ the admin socket is a file, so no `lab exec` is needed; without --lab, $TCPMESH_
 from __future__ import annotations
 
 import os
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
 
 import click
+import yaml
 
 from agent.config import DEFAULT_ADMIN_SOCKET
-from agent.errors import TcpmeshError
+from agent.errors import ConfigError, TcpmeshError
 
 SOCKET_ENV = "TCPMESH_SOCKET"
 
@@ -30,10 +33,32 @@ def resolve_socket(socket_path: str | None = None, config_path: str | None = Non
     if lab or node:
         return lab_node_socket(lab, node, environ=environ)
     if config_path:
-        from agent.config import load_config
-
-        return load_config(config_path).admin.socket
+        return config_socket(config_path, environ)
     return environ.get(SOCKET_ENV) or DEFAULT_ADMIN_SOCKET
+
+
+def config_socket(config_path: str, environ: Mapping[str, str]) -> str:
+    """admin.socket of the agent config ``config_path`` (with its ``TCPMESH_ADMIN_SOCKET`` override).
+
+    A file that is read but does not validate (a bad edit: a typo in a field, broken YAML) still names
+    the socket of the agent that started from it: the running agent must be asked — `tcpmesh identity
+    reload` especially, whose refusal names the file, the field and the fix and says that nothing
+    changed. Only a file that cannot be read at all is an error here."""
+    from agent.config import admin_socket_setting, load_config
+
+    try:
+        return load_config(config_path, environ).admin.socket
+    except ConfigError as invalid:
+        refused = invalid
+    try:
+        text = Path(config_path).read_text()
+    except OSError:
+        raise refused from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        doc = None
+    return admin_socket_setting(doc, environ)
 
 
 def lab_node_socket(lab: str | None, node: str | None, state_root: str | None = None,
