@@ -102,14 +102,20 @@ static __always_inline int tcpmesh_dials_redirect(const struct bpf_sock_ops *sko
 	return skops->remote_ip4 == bpf_htonl(REDIR_IP) && tcpmesh_remote_port(skops) == REDIR_PORT;
 }
 
-/* pod sockops at ACTIVE_ESTABLISHED: the client's view of its connection (see tcpmesh_peer_key). */
+/* pod sockops at ACTIVE_ESTABLISHED: the client's view of its connection (see tcpmesh_peer_key).
+ * client_seq is the client's ISN + 1 read as snd_una - bytes_acked + 1 (bytes_acked counts the
+ * SYN's sequence number on the active side), not snd_nxt: with TCP Fast Open (sendto
+ * MSG_FASTOPEN, TCP_FASTOPEN_CONNECT) the SYN carried data, so snd_nxt is past it and the proxy,
+ * which did not take the SYN's data, would never find the record (the connection was reset as
+ * "not captured"). Without Fast Open both equal snd_nxt, as tcpmesh_abi.h's key comment says (left
+ * unchanged there: that header names the maps' pin directory, and the maps did not change). */
 static __always_inline void tcpmesh_peer_key_of_client(const struct bpf_sock_ops *skops,
 						       struct tcpmesh_peer_key *key)
 {
 	key->ip4 = skops->local_ip4;
 	key->port = bpf_htons((__u16)skops->local_port);
 	key->pad = 0;
-	key->client_seq = skops->snd_nxt;
+	key->client_seq = skops->snd_una - (__u32)skops->bytes_acked + 1;
 	key->server_seq = skops->rcv_nxt;
 }
 
