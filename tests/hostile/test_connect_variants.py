@@ -9,6 +9,8 @@ not its own:
   ``net.ipv4.tcp_fastopen`` to send data without a cookie), and ``TCP_FASTOPEN_CONNECT`` (connect()
   deferred to the first write);
 - a non-blocking connect (EINPROGRESS, then poll);
+- a dual-stack AF_INET6 socket dialling the pod's IPv4-mapped address (``::ffff:a.b.c.d``);
+- a socket that connects, is disconnected with ``connect(AF_UNSPEC)`` and connects again;
 - ``sendmsg`` with a destination on an unconnected TCP socket, without MSG_FASTOPEN;
 - a container cgroup created below the pod cgroup *after* the agent registered and attached the pod
   (the kubelet's shape for a restarted or added container);
@@ -68,6 +70,18 @@ try:
         if err:
             raise OSError(err, "connect")
         s.setblocking(True); s.sendall(msg); out = echo(s)
+    elif kind == "v4_mapped":
+        s = socket.socket(socket.AF_INET6); s.settimeout(4.0)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.connect(("::ffff:" + ip, port)); s.sendall(msg); out = echo(s)
+    elif kind == "reconnect":
+        import ctypes
+        s.connect(dst); s.sendall(msg); first = echo(s)
+        unspec = (ctypes.c_ubyte * 16)()   # struct sockaddr, sa_family AF_UNSPEC: disconnect
+        if ctypes.CDLL(None, use_errno=True).connect(s.fileno(), unspec, 16) != 0:
+            raise OSError(ctypes.get_errno(), "connect(AF_UNSPEC)")
+        s.connect(dst); s.sendall(msg); out = first + "+" + echo(s)
+        out = "echoed" if out == "echoed+echoed" else out
     elif kind == "sendmsg_unconnected":
         s.sendmsg([msg], [], 0, dst); out = echo(s)
     elif kind == "freebind":
@@ -121,8 +135,8 @@ def assert_meshed_as_n1p1(lab, result: dict, what: str) -> None:
     assert flow["security"] == "mutual_tls" and flow["source_workload"] == "n1p1", f"{what}: {flow}"
 
 
-@pytest.mark.parametrize("kind", ["tfo_sendto", "tfo_connect", "nonblocking"])
-def test_fast_open_and_non_blocking_connects_to_a_strict_pod_are_meshed_as_the_pods_identity(lab, kind):
+@pytest.mark.parametrize("kind", ["tfo_sendto", "tfo_connect", "nonblocking", "v4_mapped", "reconnect"])
+def test_each_way_of_connecting_to_a_strict_pod_is_meshed_as_the_pods_identity(lab, kind):
     netns = lab.pod("n1p1").netns
     subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv4.tcp_fastopen=5"], check=True)
     assert_meshed_as_n1p1(lab, attack(lab, kind), kind)
