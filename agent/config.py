@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, invalid_yaml
 from agent.identity.spiffe import SpiffeIdError, validate_trust_domain
 from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
 
@@ -286,14 +286,21 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     """Read ``path`` (YAML), apply ``TCPMESH_<SECTION>_<FIELD>`` environment overrides, validate."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
     except OSError as exc:
         raise ConfigError("--config", str(path), f"cannot read the config file: {exc.strerror}",
                           "pass --config with the path of an existing YAML file") from exc
+    try:
+        doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError("--config", str(path), f"not valid YAML: {exc}") from exc
-    config = config_from_mapping(doc, source=str(path))
-    return validate(apply_environment(config, os.environ if environ is None else environ))
+        raise invalid_yaml(path, text, exc) from None
+    try:
+        return validate(apply_environment(config_from_mapping(doc, source=str(path)),
+                                          os.environ if environ is None else environ))
+    except ConfigError as exc:  # say which file (or which environment variable) holds the wrong value
+        where = (f"{exc.field} (environment, overrides {path})" if exc.field.startswith(ENV_PREFIX)
+                 else exc.field if exc.field == str(path) else f"{path}: {exc.field}")
+        raise ConfigError(where, exc.value, exc.problem, exc.fix) from None
 
 
 def config_from_mapping(doc: Any, source: str = "config") -> Config:

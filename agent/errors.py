@@ -23,6 +23,20 @@ class ConfigError(TcpmeshError):
         super().__init__(text)
 
 
+def invalid_yaml(path: object, text: str, exc: Exception) -> ConfigError:
+    """A YAML parse error of the file ``path`` as a ConfigError: ``PATH:LINE: not valid YAML: PROBLEM (got
+    'the line')`` and the usual fix (PyYAML's own text says ``<unicode string>`` and points with a caret)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return ConfigError(str(path), "<file>", f"not valid YAML: {problem}")
+    lines = text.splitlines()
+    line = lines[mark.line].strip() if mark.line < len(lines) else ""
+    return ConfigError(f"{path}:{mark.line + 1}", line, f"not valid YAML: {problem} (column {mark.column + 1})",
+                       "check the indentation (the same number of spaces for keys of one mapping), a space after "
+                       "each ':', and quotes around values with ': ', '#', '[' or '{'")
+
+
 class EnvironmentProblem(TcpmeshError):
     """The host lacks something tcpmesh needs (root, cgroup v2, bcc, a kernel feature)."""
 

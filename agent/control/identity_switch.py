@@ -58,7 +58,7 @@ async def reload_identity(config_path: str, running: Config, rotator: Any, metri
     try:
         fresh = load_config(config_path)
     except TcpmeshError as exc:
-        raise IdentityReloadRefused(f"{config_path}: {exc}; {stay} and its last good config") from None
+        raise IdentityReloadRefused(f"{exc}; {stay} and its last good config") from None  # exc names the file
     for name, old, new in (("node.name", running.node.name, fresh.node.name),
                            ("trust_domain", running.trust_domain, fresh.trust_domain)):
         if old != new:

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, invalid_yaml
 from agent.identity.spiffe import SpiffeIdError, validate_namespace, validate_service_account, validate_trust_domain
 from agent.registry.model import Endpoint, Node, Registry, Service, ServicePort, Workload, ipv6_text, is_ipv4
 
@@ -41,7 +41,7 @@ def load_registry_file(path: str | Path, default_trust_domain: str) -> Registry:
     try:
         doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), "<file>", f"not valid YAML: {exc}") from exc
+        raise invalid_yaml(path, text, exc) from None
     return parse_registry(doc, default_trust_domain, source=str(path))
 
 
@@ -64,8 +64,10 @@ def parse_registry(doc: Any, default_trust_domain: str, source: str = "registry"
         parse_workload(entry, f"{source}: workloads[{i}]", trust_domain, set(node_names))
         for i, entry in enumerate(_list(doc, "workloads", source))
     ]
-    _no_duplicates([ip for w in workloads for ip in w.addresses], f"{source}: workloads", "ip/ip6")
-    _no_duplicates([w.key for w in workloads], f"{source}: workloads", "namespace/name")
+    _no_duplicate_entries([(ip, f"{source}: workloads[{i}].{'ip' if ip == w.ip else 'ip6'}", w.key)
+                           for i, w in enumerate(workloads) for ip in w.addresses], "ip", "workloads")
+    _no_duplicate_entries([(w.key, f"{source}: workloads[{i}]", w.key) for i, w in enumerate(workloads)],
+                          "namespace/name", "workloads")
     workload_keys = {w.key for w in workloads}
     services = [parse_service(entry, f"{source}: services[{i}]", workload_keys, {w.ip for w in workloads})
                 for i, entry in enumerate(_list(doc, "services", source))]
@@ -84,6 +86,10 @@ def _list(doc: dict, key: str, source: str) -> list:
 def _parse_node(entry: Any, where: str) -> Node:
     if not isinstance(entry, dict):
         raise ConfigError(where, entry, "a node must be a mapping with name and address")
+    unknown = set(entry) - {"name", "address"}
+    if unknown:
+        key = sorted(unknown, key=str)[0]
+        raise ConfigError(f"{where}.{key}", entry[key], "unknown field", "allowed fields are name, address")
     for key in ("name", "address"):
         if not isinstance(entry.get(key), str) or not entry[key]:
             raise ConfigError(f"{where}.{key}", entry.get(key), "is required and must be a string")
@@ -205,3 +211,16 @@ def _no_duplicates(values: list[str], where: str, what: str) -> None:
         if value in seen:
             raise ConfigError(where, value, f"duplicate {what}", f"each {what} may appear only once")
         seen.add(value)
+
+
+def _no_duplicate_entries(entries: list[tuple[str, str, str]], what: str, section: str) -> None:
+    """``entries``: (value, where it is, the entry's name). The error names both entries, so the operator
+    knows which of the two to change."""
+    first: dict[str, tuple[str, str]] = {}
+    for value, where, name in entries:
+        if value in first:
+            other_where, other_name = first[value]
+            other = other_where.rsplit(": ", 1)[-1].split(".")[0]
+            raise ConfigError(where, value, f"duplicate {what}: also {other} ({other_name})",
+                              f"each {what} may appear only once in {section}: change or remove one of the two")
+        first[value] = (where, name)

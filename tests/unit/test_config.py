@@ -91,3 +91,29 @@ def test_invalid_yaml_is_reported(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
 
+
+
+def test_errors_of_a_config_file_name_the_file_and_the_field(tmp_path):
+    """A newcomer with several configs must see which file is wrong. Seen failing: 'node.nmae: unknown setting'."""
+    path = tmp_path / "c.yaml"
+    path.write_text("node: {nmae: node1, address: 10.76.0.1}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: node.nmae: unknown setting.*known settings here: address, name"):
+        load_config(path, environ={})
+    path.write_text("node: {name: node1, address: 10.76.0.1}\ncapture: {redirect_address: ''}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: capture.redirect_address"):
+        load_config(path, environ={})
+
+
+def test_an_environment_override_error_names_the_variable_not_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("node: {name: node1, address: 10.76.0.1}\n")
+    with pytest.raises(ConfigError, match=rf"^TCPMESH_ADMIN_PORT \(environment, overrides {path}\): must be of type int"):
+        load_config(path, environ={"TCPMESH_ADMIN_PORT": "lots"})
+
+
+def test_invalid_yaml_names_the_file_line_and_the_line_itself(tmp_path):
+    """Seen failing: the location said '<unicode string>' and the file came last."""
+    path = tmp_path / "c.yaml"
+    path.write_text("node:\n  name: node1\n address: 10.76.0.1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:3: not valid YAML: .*\(got 'address: 10.76.0.1'\); .*indentation"):
+        load_config(path, environ={})

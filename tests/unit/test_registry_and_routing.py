@@ -32,6 +32,11 @@ def test_registry_lookups():
     (lambda d: d["workloads"][0].update(ip="10.77.1"), r"workloads\[0\].ip"),
     (lambda d: d["workloads"][1].update(node="node7"), r"workloads\[1\].node.*names no node"),
     (lambda d: d["workloads"][1].update(ip="10.77.1.10"), "duplicate ip"),
+    # which two entries clash, not only the address (seen failing: "workloads: duplicate ip/ip6")
+    (lambda d: d["workloads"][1].update(ip="10.77.1.10"), r"workloads\[1\].ip: .*also workloads\[0\] \(shop/web\)"),
+    (lambda d: d["workloads"][1].update(name="web", namespace="shop"), r"workloads\[1\]: .*also workloads\[0\]"),
+    # a misspelt node field was silently ignored (seen failing: no error at all)
+    (lambda d: d["nodes"][1].update(adress="10.76.0.9"), r"nodes\[1\].adress.*unknown field.*name, address"),
     (lambda d: d["workloads"][0].update(namespace="Shop"), r"workloads\[0\].namespace"),
     (lambda d: d["workloads"][0].update(cgroup="relative/path"), r"workloads\[0\].cgroup"),
     (lambda d: d["workloads"][0].update(colour="blue"), r"workloads\[0\].colour.*unknown field"),
@@ -82,3 +87,10 @@ def test_inbound_accepts_only_local_workloads_under_the_requested_identity():
     wrong = route_inbound(reg, "node2", "10.77.2.10", reg.by_ip("10.77.1.10").spiffe_id)
     assert wrong.workload is None and "asked for spiffe://td.example/ns/shop/sa/web" in wrong.reason
     assert route_inbound(reg, "node2", "10.77.2.10", None).workload is None
+
+
+def test_registry_file_yaml_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "workloads.yaml"
+    path.write_text("nodes:\n  - {name: node1, address: 10.76.0.1}\nworkloads:\n  - {name: a, ip: [}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:4: not valid YAML"):
+        load_registry_file(path, "td.example")
