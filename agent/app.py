@@ -49,7 +49,7 @@ from agent.proxy.server import ProxyContext
 from agent.proxy.session import BufferGate, wake_ended_forever
 from agent.proxy.upstream import transparent_allowed
 from agent.registry.model import Registry, Workload
-from agent.registry.static_file import load_registry_file
+from agent.registry.static_file import load_registry_file, load_registry_for_node
 from agent.service import sdnotify
 from agent.telemetry.admin import AdminServer
 from agent.telemetry.capture_events import CaptureEventsCollector
@@ -325,10 +325,7 @@ class Agent:
     def _check_node(self) -> None:
         if self.config.registry.source != "file":
             return  # checked against the first snapshot (agent/registry/kubernetes/source.py)
-        registry = load_registry_file(self.config.registry.file, self.config.trust_domain)
-        if self.config.node.name not in registry.nodes:
-            raise TcpmeshError(f"node.name {self.config.node.name!r} is not a node of the registry "
-                               f"{self.config.registry.file}; known nodes: {', '.join(sorted(registry.nodes)) or 'none'}")
+        load_registry_for_node(self.config.registry.file, self.config.trust_domain, self.config.node.name)
 
     # -- running ------------------------------------------------------------------------------
     async def run(self) -> None:

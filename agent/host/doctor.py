@@ -417,10 +417,16 @@ def doctor(as_json: bool, config_path: str | None, assume_missing: tuple[str, ..
     if config_path:  # will this configured agent turn ready (agent/host/readiness.py)?
         from agent.host import readiness
 
+        registry_lines: list[str] = []
+        if config.registry.source == "file":
+            report["registry"] = readiness.registry_status(config.registry.file, config.trust_domain,
+                                                           config.node.name)
+            report["can_run"] = report["can_run"] and report["registry"]["loads"]
+            registry_lines = readiness.render_registry(report["registry"])
         report["policy"] = readiness.policy_status(config.policy.dir)
         report["running_agent"] = readiness.running_agent(config.admin.socket)
         report["can_run"] = report["can_run"] and report["policy"]["loads"]
         if text is not None:
-            text = "\n".join([text, "", *readiness.render(report["policy"], report["running_agent"])])
+            text = "\n".join([text, "", *registry_lines, *readiness.render(report["policy"], report["running_agent"])])
     click.echo(json.dumps(report, indent=2) if as_json else text)
     sys.exit(0 if report["can_run"] else 1)

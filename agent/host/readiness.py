@@ -1,11 +1,12 @@
 """`tcpmesh doctor --config`: will this node's agent turn ready, and what does a running one say?
 
-Two questions beyond the kernel probes: does ``policy.dir`` load as the agent would load it at start
+Three questions beyond the kernel probes: does ``registry.file`` load and name this node (else the
+agent refuses to start), does ``policy.dir`` load as the agent would load it at start
 (a set that cannot be loaded keeps the agent not ready and the pods' connections refused —
 docs/policy.md "At start"), and what does the running agent's ``/readyz`` answer (its body names
 the reason when it is not ready). Reads files and asks the agent's admin socket (``admin.socket``) for
-its status, as every other command that talks to an agent does; imports only the pure policy modules
-of the agent and the admin socket's client.
+its status, as every other command that talks to an agent does; imports only the pure policy and
+registry-file modules of the agent and the admin socket's client.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from agent import admin_client
 from agent.errors import TcpmeshError
 from agent.policy.loader import PolicyError
 from agent.policy.source import PolicySource
+from agent.registry.static_file import load_registry_for_node
 
 STATUS_TIMEOUT_SECONDS = 2.0
 
@@ -29,6 +31,31 @@ def policy_status(directory: str) -> dict:
     return {"dir": directory, "loads": True,
             "detail": f"{len(policies.authorization)} AuthorizationPolicy, "
                       f"{len(policies.peer_authentication)} PeerAuthentication"}
+
+
+def registry_status(path: str, trust_domain: str, node_name: str) -> dict:
+    """{"file", "loads", "detail"}: the registry's size, or the `file: entry.field: problem` the agent would
+    refuse to start with (registry.source file)."""
+    try:
+        registry = load_registry_for_node(path, trust_domain, node_name)
+    except TcpmeshError as exc:
+        return {"file": path, "loads": False, "detail": str(exc)}
+    local = len(registry.local(node_name))
+    return {"file": path, "loads": True,
+            "detail": f"{_count(len(registry.nodes), 'node')}, {_count(len(registry.workloads), 'workload')}, "
+                      f"{local} on {node_name}"}
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def render_registry(registry: Mapping) -> list[str]:
+    """The registry line(s) `tcpmesh doctor --config` prints before the policy line."""
+    if registry["loads"]:
+        return [f"registry.file {registry['file']}: loads ({registry['detail']})"]
+    return [f"registry.file DOES NOT LOAD: {registry['detail']}",
+            "  an agent starting now refuses to start (exit 2) until it loads (docs/registry.md)"]
 
 
 def running_agent(socket_path: str) -> dict:

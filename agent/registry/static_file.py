@@ -45,6 +45,16 @@ def load_registry_file(path: str | Path, default_trust_domain: str) -> Registry:
     return parse_registry(doc, default_trust_domain, source=str(path))
 
 
+def load_registry_for_node(path: str | Path, default_trust_domain: str, node_name: str) -> Registry:
+    """``load_registry_file`` and the check the agent makes at start: ``node_name`` is one of its nodes."""
+    registry = load_registry_file(path, default_trust_domain)
+    if node_name not in registry.nodes:
+        raise ConfigError("node.name", node_name, f"is not a node of the registry {path}",
+                          f"known nodes: {', '.join(sorted(registry.nodes)) or 'none'}; add it under nodes "
+                          "or fix node.name")
+    return registry
+
+
 def parse_registry(doc: Any, default_trust_domain: str, source: str = "registry") -> Registry:
     if not isinstance(doc, dict):
         raise ConfigError(source, type(doc).__name__, "the registry must be a mapping with 'nodes' and 'workloads'")
