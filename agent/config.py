@@ -341,8 +341,17 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     if kind is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(name, value, "must be a finite number")  # NaN slipped through every range check
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(name, value, f"must be of type {kind.__name__}")
+        raise ConfigError(name, value, f"must be of type {kind.__name__}", _TYPE_FIXES.get(kind, ""))
     return value
+
+
+_TYPE_FIXES = {  # how to write each kind of value in YAML (or in a TCPMESH_* variable, for scalars)
+    list: "write a YAML list, e.g. [a, b], or one '- item' per line below the key",
+    int: "write a whole number without quotes or units, e.g. 15001",
+    float: "write a number of seconds (or of the field's unit), e.g. 5 or 0.5",
+    bool: "write true or false",
+    str: "write a single value (quote it if it contains ': ' or starts with '[', '{' or '*'), not a list or mapping",
+}
 
 
 def admin_socket_setting(doc: Any, environ: Mapping[str, str]) -> str:

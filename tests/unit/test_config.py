@@ -117,3 +117,17 @@ def test_invalid_yaml_names_the_file_line_and_the_line_itself(tmp_path):
     path.write_text("node:\n  name: node1\n address: 10.76.0.1\n")
     with pytest.raises(ConfigError, match=rf"^{path}:3: not valid YAML: .*\(got 'address: 10.76.0.1'\); .*indentation"):
         load_config(path, environ={})
+
+
+@pytest.mark.parametrize("doc, fix", [
+    ({"identity": {"issuer": {"addresses": "10.76.0.5:15012"}}}, "a YAML list, e.g. [a, b]"),
+    ({"proxy": {"outbound_port": "many"}}, "a whole number"),
+    ({"capture": {"ipv6": "maybe"}}, "true or false"),
+    ({"node": {"name": ["node1"]}}, "a single value"),
+    ({"proxy": {"connect_timeout_seconds": "soon"}}, "a number"),
+])
+def test_a_value_of_the_wrong_type_says_what_to_write(doc, fix):
+    """Seen failing: 'must be of type list (got ...)' and nothing on how to write one."""
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({**VALID, **doc})
+    assert fix in info.value.fix, str(info.value)
