@@ -49,7 +49,7 @@ from agent.proxy.server import ProxyContext
 from agent.proxy.session import BufferGate, wake_ended_forever
 from agent.proxy.upstream import transparent_allowed
 from agent.registry.model import Registry, Workload
-from agent.registry.static_file import load_registry_file, load_registry_for_node
+from agent.registry.static_file import load_registry_for_node
 from agent.service import sdnotify
 from agent.telemetry.admin import AdminServer
 from agent.telemetry.capture_events import CaptureEventsCollector
