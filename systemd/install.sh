@@ -75,6 +75,9 @@ fi
 
 install -d -m 0755 "$DESTDIR$BINDIR" "$DESTDIR$UNITDIR" "$DESTDIR/etc/tcpmesh" "$DESTDIR/etc/tcpmesh/policies" \
   "$DESTDIR/etc/default" "$DESTDIR$PREFIX/share/doc"
+# the unit's StateDirectory and the node credential's directory: the root CA goes there as bundle.pem before
+# the first start (docs/install-systemd.md), so it must exist now; root only, as the unit keeps it
+install -d -m 0700 "$DESTDIR/var/lib/tcpmesh" "$DESTDIR/var/lib/tcpmesh/node-credential"
 ln -sfn "$venv/bin/tcpmesh" "$DESTDIR$BINDIR/tcpmesh"
 install -m 0644 "$SRC/systemd/tcpmesh-agent.service" "$DESTDIR$UNITDIR/tcpmesh-agent.service"
 install -m 0644 "$SRC/docs/install-systemd.md" "$DESTDIR$PREFIX/share/doc/install-systemd.md"

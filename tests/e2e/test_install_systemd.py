@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import uuid
@@ -219,6 +220,10 @@ def test_make_install_stages_link_unit_and_config_and_keeps_an_edited_config(tmp
     assert (root / "etc/tcpmesh/config.yaml").read_text() == (unitrun.REPO / "systemd/config.yaml").read_text()
     assert (root / "etc/default/tcpmesh").exists() and (root / "etc/tcpmesh/policies").is_dir()
     assert (root / "opt/tcpmesh/share/doc/install-systemd.md").exists()
+    # docs/install-systemd.md's next step copies the root CA to .../node-credential/bundle.pem: the directory
+    # must exist, root-only (seen failing: scp answered "No such file or directory")
+    for directory in ("var/lib/tcpmesh", "var/lib/tcpmesh/node-credential"):
+        assert (root / directory).is_dir() and stat.S_IMODE((root / directory).stat().st_mode) == 0o700, directory
     version = subprocess.run([str(root / "usr/local/bin/tcpmesh"), "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and "tcpmesh" in version.stdout
     assert verify_with_installed_bin(str(unit)).returncode == 0
