@@ -96,8 +96,9 @@ done
 say "$DESTDIR$BINDIR/tcpmesh -> $venv/bin/tcpmesh, unit $DESTDIR$UNITDIR/tcpmesh-agent.service"
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload
-  say "next: set node.name, node.address, capture.redirect_address and identity.issuer.addresses in"
-  say "/etc/tcpmesh/config.yaml; put a join token (tcpmesh issuer token <node>) in /etc/tcpmesh/join-token,"
+  say "next: set node.name, node.address, capture.redirect_address, capture.pods_cgroup (the node guard) and"
+  say "identity.issuer.addresses in /etc/tcpmesh/config.yaml; put a join token (tcpmesh issuer token <node>)"
+  say "in /etc/tcpmesh/join-token,"
   say "the root CA in /var/lib/tcpmesh/node-credential/bundle.pem, the registry in /etc/tcpmesh/workloads.yaml, then:"
   say "  systemctl enable --now tcpmesh-agent"
 fi
