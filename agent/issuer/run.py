@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from agent.errors import TcpmeshError
 from agent.identity.files import ISSUER_CA_FILES, files_signature
 from agent.issuer.config import IssuerConfig
-from agent.issuer.filetrust import UntrustedFileError, check_trusted_file
+from agent.filetrust import UntrustedFileError, check_trusted_file
 from agent.issuer.metrics import IssuerMetrics
 from agent.issuer.ratelimit import RateLimiter
 from agent.issuer.server import IssuerServer

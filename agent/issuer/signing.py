@@ -30,7 +30,7 @@ from agent.identity.issue import csr_public_key, sign_leaf
 from agent.identity.issuer_ca import load_issuer_ca
 from agent.identity.node_ca import SigningCa
 from agent.identity.spiffe import SpiffeId, issuer_id_uri, node_id_uri
-from agent.issuer.filetrust import check_trusted_file
+from agent.filetrust import check_trusted_file
 
 log = logging.getLogger("tcpmesh.issuer")
 MAX_PREVIOUS_ISSUER_CAS = 4   # carried across reloads: renewals of the issuing intermediate within a node SVID's life

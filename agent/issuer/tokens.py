@@ -29,7 +29,7 @@ from pathlib import Path
 
 from agent.errors import TcpmeshError
 from agent.identity.spiffe import SpiffeIdError, validate_node_name
-from agent.issuer.filetrust import UntrustedFileError, check_trusted_file
+from agent.filetrust import UntrustedFileError, check_trusted_file
 
 PREFIX = "tmbt1"
 MAX_TOKEN_TTL_SECONDS = 24 * 3600

@@ -182,6 +182,7 @@ def _prepare_state_dir(plan: LabPlan) -> None:
     os.makedirs(plan.state_dir, mode=0o700, exist_ok=True)
     shutil.rmtree(os.path.join(plan.state_dir, LOGS_DIR), ignore_errors=True)  # logs of an earlier failed up
     os.makedirs(f"{plan.state_dir}/policies", exist_ok=True)  # policy.dir of every node: it must exist
+    os.chmod(f"{plan.state_dir}/policies", 0o755)  # whatever the umask: the agent refuses a policy.dir others may write
     for node in plan.nodes:
         os.makedirs(node.state_dir, exist_ok=True)
         os.makedirs(os.path.dirname(node.log_file), exist_ok=True)
@@ -210,7 +211,7 @@ def _atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
-    os.chmod(tmp, 0o644)   # whatever the umask: the issuer refuses a registry others may write (issuer/filetrust.py)
+    os.chmod(tmp, 0o644)   # whatever the umask: the issuer refuses a registry others may write (agent/filetrust.py)
     os.replace(tmp, path)
 
 

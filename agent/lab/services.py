@@ -117,5 +117,5 @@ def _write(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
-    os.chmod(tmp, 0o644)   # whatever the umask: the issuer refuses a registry others may write (issuer/filetrust.py)
+    os.chmod(tmp, 0o644)   # whatever the umask: the issuer refuses a registry others may write (agent/filetrust.py)
     os.replace(tmp, path)

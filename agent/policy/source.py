@@ -12,7 +12,9 @@ A refused change is kept as ``refused`` (``RefusedChange``) until a later change
 (``file:line: field: problem``), when, and each file the change touched — with, for every file that
 is valid on its own, the fact that its edit is held back too (the set is applied whole or not at
 all). `tcpmesh status`, `lab status`, the admin endpoint and the metric
-``tcpmesh_policy_change_refused`` show it. Imports the pure policy modules only.
+``tcpmesh_policy_change_refused`` show it. A directory or policy file that someone other than root (or the
+agent's user) could change is refused the same way (``agent.filetrust``, as the issuer does for its files).
+Imports the pure policy modules and ``agent.filetrust`` only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from agent.filetrust import UntrustedFileError, check_trusted_file, ownership_fingerprint
 from agent.policy.engine import Decision, Request, decide, mtls_mode
 from agent.policy.loader import POLICY_SUFFIXES, PolicyError, load_file, load_paths
 from agent.policy.model import MtlsMode, PolicySet
@@ -115,7 +118,21 @@ class PolicySource:
             raise PolicyError(str(self.directory), 0, "policy.dir", MISSING_DIR_FIX)
         if not self.directory.is_dir():
             raise PolicyError(str(self.directory), 0, "policy.dir", "is not a directory: point policy.dir at one")
+        self._check_who_may_change()
         return load_paths([self.directory])
+
+    def _check_who_may_change(self) -> None:
+        """PolicyError unless only root (or the agent's user) can change the directory and each policy file in it,
+        and every directory above them (``agent.filetrust``): whoever can write one decides who may connect."""
+        try:
+            files = sorted(p for p in self.directory.iterdir() if p.suffix in POLICY_SUFFIXES)
+        except OSError:
+            files = []  # load_paths names the unreadable directory
+        for path in (self.directory, *files):
+            try:
+                check_trusted_file(path, "policy.dir", decides="who may connect", process="the agent")
+            except UntrustedFileError as exc:
+                raise PolicyError(str(path), 0, "policy.dir", exc.problem) from exc
 
     def decide(self, request: Request) -> Decision:
         if not self.in_force:
@@ -170,4 +187,5 @@ class PolicySource:
                 digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
             except OSError:
                 digest.update(path.name.encode() + b"\0<unreadable>\0")
+        digest.update(ownership_fingerprint([self.directory, *names]))  # a chmod that fixes a refusal reloads
         return digest.hexdigest()

@@ -11,17 +11,26 @@ The attack runs on real files and modes (no lab needed: the loader is the target
 0666 file, and one reached through a symlink whose target sits in a world-writable, non-sticky
 directory. The promise: such a set is refused like an invalid file — at start the agent stays not
 ready (every decision denies), at reload the previous set stays — with the file, its mode/owner and the
-``chmod``/``chown`` fix in the error. Today it is loaded silently: xfail(strict) until the fix lands.
+``chmod``/``chown`` fix in the error. Both attacks succeeded before ``agent/policy/source.py`` checked
+who may change its files (seen as xfail(strict) tests that failed with ``--runxfail``: "a 0666 policy file was
+loaded", "… symlink … was followed"). A read-only mount (a Kubernetes ConfigMap volume mounted ``readOnly``,
+whose directory kubelet may leave world-writable) is not a way in: nobody in the agent's mount namespace can
+change it, so it passes.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import astuple
 
 import pytest
 
 from agent.policy.engine import Request
 from agent.policy.source import PolicySource
+from tests.conftest import require_binary
 
 DENY_OTHER = """\
 kind: AuthorizationPolicy
@@ -33,28 +42,28 @@ spec:
 """
 OTHER = Request("spiffe://td/ns/shop/sa/other", "shop", "db", "data", 5432)
 
-FIX = ("agent/policy/source.py PolicySource.load should check policy.dir and every policy file (and a "
-       "symlink's target directory) with the issuer's owner/mode rule (agent/issuer/filetrust.py, moved "
-       "to a module both may import): refuse as a PolicyError naming file, mode, owner and the chmod/chown fix")
-
 
 def _refused(source: PolicySource, path: str) -> bool:
     return (source.reload() is False and not source.in_force and path in source.last_error
             and "chmod" in source.last_error and not source.decide(OTHER).allowed)
 
 
-@pytest.mark.xfail(strict=True, reason="policy files others may write are loaded: " + FIX)
+
 def test_a_policy_file_others_may_write_is_refused_at_start(tmp_path):
     directory = tmp_path / "policies"
     directory.mkdir(mode=0o755)
     path = directory / "deny.yaml"
     path.write_text(DENY_OTHER)
     os.chmod(path, 0o666)
-    assert _refused(PolicySource(str(directory)), str(path)), \
-        "a 0666 policy file was loaded: any local user can rewrite who may connect"
+    source = PolicySource(str(directory))
+    assert _refused(source, str(path)), "a 0666 policy file was loaded: any local user can rewrite who may connect"
+    assert "mode 0666" in source.last_error and "policy.dir" in source.last_error, source.last_error
+    os.chmod(path, 0o644)   # the fix the message names, with no edit of the content
+    assert source.reload() is True and source.in_force and not source.decide(OTHER).allowed, \
+        f"the chmod that fixes the file was not noticed: {source.last_error}"
 
 
-@pytest.mark.xfail(strict=True, reason="a policy symlink into a directory others may write is followed: " + FIX)
+
 def test_a_policy_symlink_into_a_directory_others_may_write_is_refused(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -67,3 +76,32 @@ def test_a_policy_symlink_into_a_directory_others_may_write_is_refused(tmp_path)
     (directory / "deny.yaml").symlink_to(target)
     assert _refused(PolicySource(str(directory)), str(directory / "deny.yaml")), \
         "a policy symlink into a world-writable directory was followed"
+
+
+def test_a_policy_directory_on_a_read_only_mount_is_loaded_whatever_its_modes(tmp_path, privileged):
+    """The refusal must not break the DaemonSet: its policies are a ConfigMap volume mounted readOnly."""
+    require_binary("unshare", "util-linux")  # a private mount namespace for the read-only tmpfs
+    mount = tmp_path / "volume"
+    mount.mkdir()
+    script = textwrap.dedent(f"""\
+        import os, sys
+        from agent.policy.source import PolicySource
+        from agent.policy.engine import Request
+        d = {str(mount)!r}
+        os.system(f"mount -t tmpfs -o mode=0777 tcpmesh-test {{d}}")
+        with open(f"{{d}}/deny.yaml", "w") as f:
+            f.write({DENY_OTHER!r})
+        os.chmod(f"{{d}}/deny.yaml", 0o666)
+        writable = PolicySource(d)
+        writable.reload()
+        os.system(f"mount -o remount,ro {{d}}")
+        ro = PolicySource(d)
+        ro.reload()
+        print(writable.in_force, ro.in_force, ro.decide(Request(*{astuple(OTHER)!r})).allowed, ro.last_error)
+        """)
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=60, cwd=os.getcwd())
+    assert out.returncode == 0, out.stderr
+    writable_loaded, ro_loaded, allowed, error = out.stdout.split(" ", 3)
+    assert writable_loaded == "False", "the same 0666 file on a writable mount must be refused (control)"
+    assert (ro_loaded, allowed) == ("True", "False"), f"a read-only mount's policies were not loaded: {error}"

@@ -1,4 +1,4 @@
-"""agent/issuer/filetrust.py: who may change a file the issuer decides by (owner, mode, directory, symlinks).
+"""agent/filetrust.py: who may change a file the issuer decides by (owner, mode, directory, symlinks).
 
 Real files, modes and owners in a temporary directory (chown needs root: skipped without it). Seen failing
 before filetrust existed: the issuer loaded a group-writable registry (tests/hostile/test_issuer_attacks.py)."""
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from agent.issuer.filetrust import UntrustedFileError, check_trusted_file
+from agent.filetrust import UntrustedFileError, check_trusted_file
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 
