@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent.errors import ConfigError, TcpmeshError
+from agent.filetrust import ownership_fingerprint
 from agent.registry.model import Registry, Workload
 from agent.registry.overlay import LocalPlan, merge, plan_local
 from agent.registry.static_file import load_registry_file, parse_workload
@@ -194,8 +195,9 @@ class WorkloadController:
 
 
 def _digest(path: str) -> str:
+    """The file's content and who may change it (a chmod that fixes a refused file reloads it)."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return hashlib.sha256(Path(path).read_bytes() + ownership_fingerprint([Path(path)])).hexdigest()
     except OSError as exc:
         raise ConfigError("registry.file", path, f"cannot read the registry file: {exc.strerror}") from exc
 

@@ -13,7 +13,9 @@ Format (docs/registry.md says what each field means)::
       - {name: web, namespace: shop, addresses: [10.96.0.10], ports: [{port: 80, target_port: 8080}],
          endpoints: [{workload: shop/web-1, ready: true}]}
 
-Every error names the file, the entry and the field. Reads a file; no other I/O.
+Every error names the file, the entry and the field. A file that someone other than root (or this process's
+user) could change is refused (``agent.filetrust``): whoever can write it decides which workload gets which
+identity. Reads a file; no other I/O.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import yaml
 
 from agent.errors import ConfigError, invalid_yaml
+from agent.filetrust import UntrustedFileError, check_trusted_file
 from agent.identity.spiffe import SpiffeIdError, validate_namespace, validate_service_account, validate_trust_domain
 from agent.registry.model import Endpoint, Node, Registry, Service, ServicePort, Workload, ipv6_text, is_ipv4
 
@@ -33,6 +36,11 @@ _NAME_FIELDS = ("name", "namespace", "service_account", "ip", "node")
 
 def load_registry_file(path: str | Path, default_trust_domain: str) -> Registry:
     path = Path(path)
+    try:
+        check_trusted_file(path, "registry.file", decides="which workload gets which identity",
+                           process="tcpmesh")
+    except UntrustedFileError as exc:
+        raise ConfigError("registry.file", str(path), exc.problem) from exc
     try:
         text = path.read_text()
     except OSError as exc:
