@@ -1,6 +1,8 @@
 """The e2e tier: one lab (2 nodes x 2 pods, one real agent per node, real capture) shared by the
 tests of a module, torn down afterwards even when a test fails. ``mesh_lab`` runs each module once
-per capture mode (ebpf-connect, ebpf-tc, iptables); ``lab.capture_mode`` says which."""
+per capture mode (ebpf-connect, ebpf-tc, iptables); ``lab.capture_mode`` says which. Every module's lab
+fixture comes from ``module_lab`` (the one factory); at session start ``reap_dead_labs`` removes the labs
+of runs that were killed."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any, Sequence
 
 import pytest
 
+from agent.lab import files as lab_files
 from agent.lab import lab as labops
 from agent.lab.nsenter import http_get_in_netns
 
@@ -34,17 +38,35 @@ def reap_dead_labs(request):
             reporter.write_line(line, yellow=True)
 
 
-@pytest.fixture(scope="module", params=CAPTURE_MODES)
-def mesh_lab(request, bpf_capable):
-    name = f"e2e{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 2, "e2e.tcpmesh", capture_mode=request.param), request.param)
-        yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)  # also removes the logs a failed lab_up keeps
+def module_lab(name: str, prefix: str, nodes: int, pods_per_node: int, trust_domain: str, *,
+               capture_modes: Sequence[str] | None = None, servers: Sequence[tuple[str, int, str]] = (),
+               **lab_up_kwargs: Any):
+    """A module-scoped fixture called ``name``: one lab ``<prefix><6 hex>`` (``labops.lab_up`` with these
+    arguments) as a ``Lab``, with ``servers`` — (pod, port, mode) sample servers — started on it; its apps
+    stopped and the lab taken down afterwards, also when a test or the setup fails or the run is
+    interrupted. With ``capture_modes`` the module runs once per mode (``lab.capture_mode`` says which)."""
+
+    @pytest.fixture(scope="module", name=name, params=capture_modes)
+    def fixture(request, bpf_capable):
+        capture_mode = (request.param if capture_modes
+                        else lab_up_kwargs.get("capture_mode", lab_files.DEFAULT_CAPTURE_MODE))
+        lab_name = f"{prefix}{uuid.uuid4().hex[:6]}"
+        lab = None
+        try:
+            lab = Lab(lab_name, labops.lab_up(lab_name, nodes, pods_per_node, trust_domain,
+                                              **{**lab_up_kwargs, "capture_mode": capture_mode}), capture_mode)
+            for pod, port, mode in servers:
+                lab.start_server(pod, port, mode)
+            yield lab
+        finally:
+            if lab is not None:
+                lab.stop_apps()
+            labops.lab_down(lab_name)  # also removes the logs a failed lab_up keeps
+
+    return fixture
+
+
+mesh_lab = module_lab("mesh_lab", "e2e", 2, 2, "e2e.tcpmesh", capture_modes=CAPTURE_MODES)
 
 
 class Lab:

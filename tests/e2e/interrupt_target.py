@@ -6,27 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
-import pytest
-
-from agent.lab import lab as labops
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import module_lab
 
 READY_ENV = "TCPMESH_INTERRUPT_READY"
 
 
-@pytest.fixture(scope="module")
-def lab(bpf_capable):
-    name = f"int{uuid.uuid4().hex[:6]}"
-    made = None
-    try:
-        made = Lab(name, labops.lab_up(name, 2, 1, "int.tcpmesh"))
-        yield made
-    finally:
-        if made is not None:
-            made.stop_apps()
-        labops.lab_down(name)
+lab = module_lab("lab", "int", 2, 1, "int.tcpmesh")
 
 
 def test_blocks_on_a_pod_server(lab):

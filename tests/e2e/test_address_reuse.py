@@ -11,32 +11,17 @@ node2 sees B's certificate on the tunnel), and its metric series.
 from __future__ import annotations
 
 import os
-import uuid
 
-import pytest
 import yaml
 
-from agent.lab import lab as labops
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import module_lab
 from tests.e2e.test_policy import wait_decision, write_policy
 from tests.e2e.test_workloads_at_runtime import listed, wait_until
 
 PORT = 7200  # test_policy's helpers dial n2p1's address on this port
 
 
-@pytest.fixture(scope="module")
-def reuse_lab(bpf_capable):
-    name = f"ru{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 2, "ru.tcpmesh"))
-        os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
-        lab.start_server("n2p1", PORT, "digest")
-        yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)
+reuse_lab = module_lab("reuse_lab", "ru", 2, 2, "ru.tcpmesh", servers=[("n2p1", PORT, "digest")])
 
 
 def deny(name: str, workload: str, principal: str) -> str:

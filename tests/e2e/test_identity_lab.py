@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -35,24 +34,14 @@ from agent.identity.svid import Svid
 from agent.lab import agents as lab_agents
 from agent.lab import files as lab_files
 from agent.lab import lab as labops
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import module_lab
 
 TD = "idlab.tcpmesh"
 PEERS = str(Path(__file__).with_name("identity_peers.py"))
 ADMIN = "http://{}:15020"
 
 
-@pytest.fixture(scope="module")
-def id_lab(bpf_capable):
-    name = f"id{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 3, 1, TD, identity="node_ca"))
-        yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)
+id_lab = module_lab("id_lab", "id", 3, 1, TD, identity="node_ca")
 
 
 def node_ca_dirs(lab) -> list[str]:

@@ -21,33 +21,21 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.lab import lab as labops
 from agent.lab.nsenter import http_get_in_netns
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import Lab, module_lab
 
 PEERS = str(Path(__file__).with_name("identity_peers.py"))
 TTL = 20
 
 
-@pytest.fixture(scope="module")
-def issuer_lab(bpf_capable):
-    name = f"iss{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 1, "e2e.tcpmesh", capture_mode="ebpf-connect",  # default identity
-                                      svid_ttl_seconds=TTL))
-        yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)
+issuer_lab = module_lab("issuer_lab", "iss", 2, 1, "e2e.tcpmesh", capture_mode="ebpf-connect",  # default identity
+                        svid_ttl_seconds=TTL)
 
 
 def certs(lab: Lab, node: int) -> dict:

@@ -25,10 +25,8 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
-import pytest
 import yaml
 
 from agent.admin_client import ask
@@ -36,7 +34,7 @@ from agent.control.target import lab_node_socket
 from agent.lab import files as lab_files
 from agent.lab import issuer as issuer_lab
 from agent.lab import lab as labops
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import module_lab
 from agent.identity.spiffe import SpiffeId
 from tests.e2e.test_identity_lab import PEERS, certs, exchange, run_in
 from tests.e2e.test_issuer_lab import assert_no_node_holds_a_signing_key
@@ -44,17 +42,7 @@ from tests.e2e.test_issuer_lab import assert_no_node_holds_a_signing_key
 TD = "mig.tcpmesh"
 
 
-@pytest.fixture(scope="module")
-def mig_lab(bpf_capable):
-    name = f"mg{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 3, 1, TD, identity="node_ca"))
-        yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)
+mig_lab = module_lab("mig_lab", "mg", 3, 1, TD, identity="node_ca")
 
 
 def run_tcpmesh(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -19,28 +19,15 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
-
-import pytest
 
 from agent.lab import issuer as issuer_lab
 from agent.lab import lab as labops
 from agent.lab.nsenter import http_get_in_netns
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import Lab, module_lab
 
 
-@pytest.fixture(scope="module")
-def lab(bpf_capable):
-    name = f"isr{uuid.uuid4().hex[:6]}"
-    made = None
-    try:
-        made = Lab(name, labops.lab_up(name, 2, 1, "e2e.tcpmesh", capture_mode="ebpf-connect"))
-        yield made
-    finally:
-        if made is not None:
-            made.stop_apps()
-        labops.lab_down(name)
+lab = module_lab("lab", "isr", 2, 1, "e2e.tcpmesh", capture_mode="ebpf-connect")
 
 
 def readyz(lab: Lab, index: int) -> int | None:

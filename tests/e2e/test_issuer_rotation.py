@@ -14,30 +14,17 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
-
-import pytest
 
 from agent.identity.bundle import fingerprint
 from agent.identity.ca import load_ca
 from agent.lab import issuer as issuer_lab
 from agent.lab import lab as labops
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import module_lab
 from tests.e2e.test_identity_lab import ADMIN, PEERS, Prober, certs, run_in
 
 
-@pytest.fixture(scope="module")
-def rot_lab(bpf_capable):
-    name = f"ir{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 1, "ir.tcpmesh"))  # the default: the issuer
-        yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)
+rot_lab = module_lab("rot_lab", "ir", 2, 1, "ir.tcpmesh")  # the default: the issuer
 
 
 def test_root_rotation_under_the_issuer_keeps_every_flow(rot_lab) -> None:

@@ -11,30 +11,15 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
-import pytest
-
-from agent.lab import lab as labops
 from agent.lab.files import admin_socket_path
 from agent.lab.issuer import credential_dir
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import module_lab
 
 RELOAD_TIMEOUT = 15.0  # the agent polls its policy directory every 2 s
 
 
-@pytest.fixture(scope="module")
-def op_lab(bpf_capable):
-    name = f"op{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 2, "op.tcpmesh"))
-        os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
-        yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)
+op_lab = module_lab("op_lab", "op", 2, 2, "op.tcpmesh")
 
 
 def tcpmesh(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -14,28 +14,14 @@ import textwrap
 import time
 import uuid
 
-import pytest
-
 from agent.lab import lab as labops
 from agent.lab.sniff import PacketCapture
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import module_lab
 
 RELOAD = 2.0 + 3.0  # the agent's poll interval plus slack
 
 
-@pytest.fixture(scope="module")
-def policy_lab(bpf_capable):
-    name = f"po{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 2, "po.tcpmesh"))
-        os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
-        lab.start_server("n2p1", 7200, "digest")
-        yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)
+policy_lab = module_lab("policy_lab", "po", 2, 2, "po.tcpmesh", servers=[("n2p1", 7200, "digest")])
 
 
 def write_policy(lab, name: str, text: str) -> None:

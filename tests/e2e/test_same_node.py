@@ -17,31 +17,18 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.lab import lab as labops
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import module_lab
 
 MIB = 1024 * 1024
 RELOAD = 2.0 + 3.0  # the agent's policy poll interval plus slack
 HANDSHAKES = "tcpmesh_tunnel_handshake_duration_seconds_count"
 
 
-@pytest.fixture(scope="module")
-def local_lab(bpf_capable):
-    name = f"sn{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 2, "sn.tcpmesh"))
-        os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
-        yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)
+local_lab = module_lab("local_lab", "sn", 2, 2, "sn.tcpmesh")
 
 
 def metric(lab, node: int, name: str, **labels) -> float:

@@ -14,34 +14,23 @@ import sys
 import time
 import uuid
 
-import pytest
 import yaml
 
 from agent.capture.pinned import read_counters
 from agent.lab import lab as labops
 from agent.lab.files import access_log_path
 from agent.lab.sniff import PacketCapture
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import module_lab
 from tests.e2e.reliability_apps import MESSAGE
 from tests.e2e.reliability_lab import APPS, DIGEST_PORT, ECHO_PORT
 
 POLL = 2.0 + 3.0  # the agent's poll interval plus slack
 
 
-@pytest.fixture(scope="module")
-def runtime_lab(bpf_capable):
-    name = f"rt{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        # node-ca: step 2 adds a workload through the admin socket only; the issuer places by its own registry
-        # (the file), so in issuer mode that workload would wait for an SVID that never comes (by design)
-        lab = Lab(name, labops.lab_up(name, 2, 2, "rt.tcpmesh", identity="node_ca"))
-        lab.start_server("n2p1", 7100, "digest")
-        yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-        labops.lab_down(name)
+# node-ca: step 2 adds a workload through the admin socket only; the issuer places by its own registry
+# (the file), so in issuer mode that workload would wait for an SVID that never comes (by design)
+runtime_lab = module_lab("runtime_lab", "rt", 2, 2, "rt.tcpmesh", identity="node_ca",
+                         servers=[("n2p1", 7100, "digest")])
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

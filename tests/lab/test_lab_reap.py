@@ -16,8 +16,6 @@ import signal
 import subprocess
 import uuid
 
-import pytest
-
 from agent.lab import agents
 from agent.lab.lab import lab_down, lab_exec, lab_up, load_lab, reap_orphaned_labs
 from agent.lab.topology import lab_bpffs_dir
