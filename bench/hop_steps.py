@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import ssl
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +27,7 @@ from agent.proxy.endpoints import PlainLeg
 from agent.proxy.header import encode_connect_body
 from agent.proxy.relay import Relay
 from agent.proxy.session import MuxSession
-from tests.hotpath_impls import use
-from tests.unit.test_endpoints_tls_buffer import MemoryTransport, connected_pair
+from bench.tls_pair import MemoryTransport, connected_pair, tls_contexts, use_hotpath
 
 BATCH = 200
 OPEN_BODY = encode_connect_body(ConnectionFacts("10.0.0.1", 80, b"12345678", "10.0.0.2", 4000,
@@ -45,20 +42,6 @@ class Discard(MemoryTransport):
 
     def get_write_buffer_size(self) -> int:
         return 0
-
-
-def contexts(workdir: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", workdir / "k.pem", "-out", workdir / "c.pem", "-subj", "/CN=hop", "-days", "1"],
-                   check=True, capture_output=True)
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.minimum_version = ssl.TLSVersion.TLSv1_3
-    server.load_cert_chain(workdir / "c.pem", workdir / "k.pem")
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.minimum_version = ssl.TLSVersion.TLSv1_3
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_NONE
-    return server, client
 
 
 async def measure(tls_contexts, batches: int) -> dict:
@@ -102,8 +85,8 @@ def main() -> None:
     parser.add_argument("--impl", choices=["compiled", "python"], default="compiled")
     parser.add_argument("--batches", type=int, default=150)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tcpmesh-steps-") as tmp, use(args.impl):
-        result = asyncio.run(measure(contexts(Path(tmp)), args.batches))
+    with tempfile.TemporaryDirectory(prefix="tcpmesh-steps-") as tmp, use_hotpath(args.impl):
+        result = asyncio.run(measure(tls_contexts(Path(tmp), "hop"), args.batches))
     print(json.dumps({"data_path": args.impl, **result}))
 
 

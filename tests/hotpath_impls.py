@@ -17,6 +17,7 @@ import pytest
 
 from agent.proxy import hotpath
 from agent.proxy import mux as M
+from bench.tls_pair import use_hotpath
 from tests.conftest import skip_or_fail
 
 IMPLEMENTATIONS = ["python", "compiled"]
@@ -38,13 +39,8 @@ def decoder_class(name: str) -> type:
 def use(name: str) -> Iterator[None]:
     if name == "compiled":
         require_compiled()
-    saved = hotpath.compiled, M.FrameDecoder
-    hotpath.compiled = hotpath.built if name == "compiled" else None
-    M.FrameDecoder = M.DECODERS[name]
-    try:
+    with use_hotpath(name):
         yield
-    finally:
-        hotpath.compiled, M.FrameDecoder = saved
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)

@@ -8,8 +8,6 @@ import asyncio
 import hashlib
 import os
 import socket
-import ssl
-import subprocess
 
 import pytest
 
@@ -20,24 +18,14 @@ from agent.proxy.pool import PoolKey, TunnelPool
 from agent.proxy.relay import Relay
 from agent.proxy.session import MuxSession
 from agent.identity.spiffe import SpiffeId
+from bench import tls_pair
 
 HOST = "127.0.0.1"
 
 
 @pytest.fixture(scope="module")
 def tls_contexts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", d / "k.pem", "-out", d / "c.pem", "-subj", "/CN=mux", "-days", "1"],
-                   check=True, capture_output=True)
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.minimum_version = ssl.TLSVersion.TLSv1_3
-    server.load_cert_chain(d / "c.pem", d / "k.pem")
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.minimum_version = ssl.TLSVersion.TLSv1_3
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_NONE
-    return server, client
+    return tls_pair.tls_contexts(tmp_path_factory.mktemp("tls"), "mux")
 
 
 class Harness:

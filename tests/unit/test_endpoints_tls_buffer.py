@@ -5,47 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import ssl
-import subprocess
 
 import pytest
 
-from agent.proxy.endpoints import READ_CHUNK, TlsLeg
+from agent.proxy.endpoints import READ_CHUNK
+from bench.tls_pair import connected_pair, tls_contexts
 from tests.hotpath_impls import hotpath_impl  # noqa: F401 - a fixture: every test runs on both implementations
-
-
-class MemoryTransport:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-        self.closing = self.aborted = False
-
-    def get_extra_info(self, name, default=None):
-        return default
-
-    def write(self, data) -> None:
-        self.sent.append(bytes(data))
-
-    def take(self) -> bytes:
-        out, self.sent = b"".join(self.sent), []
-        return out
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = self.aborted = True
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 class Collector:
@@ -75,35 +40,7 @@ class Collector:
 
 @pytest.fixture(scope="module")
 def contexts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", d / "k.pem", "-out", d / "c.pem", "-subj", "/CN=leg", "-days", "1"],
-                   check=True, capture_output=True)
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.minimum_version = ssl.TLSVersion.TLSv1_3
-    server.load_cert_chain(d / "c.pem", d / "k.pem")
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.minimum_version = ssl.TLSVersion.TLSv1_3
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_NONE
-    return server, client
-
-
-async def connected_pair(contexts):
-    server_ctx, client_ctx = contexts
-    client, server = TlsLeg(client_ctx, server_side=False), TlsLeg(server_ctx, server_side=True)
-    ct, st = MemoryTransport(), MemoryTransport()
-    server.connection_made(st)
-    client.connection_made(ct)
-    for _ in range(10):
-        if client.handshake_done.done() and server.handshake_done.done() and not ct.sent and not st.sent:
-            break
-        if ct.sent:
-            server.data_received(ct.take())
-        if st.sent:
-            client.data_received(st.take())
-    await asyncio.wait_for(asyncio.gather(client.handshake_done, server.handshake_done), 5)
-    return client, ct, server
+    return tls_contexts(tmp_path_factory.mktemp("tls"), "leg")
 
 
 @pytest.mark.parametrize("takes_views", [False, True])

@@ -20,9 +20,9 @@ from agent.proxy.header import encode_connect_body
 from agent.proxy.endpoints import READ_BUFFER, READ_CHUNK, PlainLeg
 from agent.proxy.relay import Relay
 from agent.proxy.session import CREDIT_THRESHOLD, SMALL_WRITE, MuxSession, Stream
+from bench.tls_pair import MemoryTransport, connected_pair
 from tests.hotpath_impls import IMPLEMENTATIONS, decoder_class, use
-from tests.unit.test_endpoints_tls_buffer import (Collector, MemoryTransport, connected_pair,  # noqa: F401
-                                                  contexts)  # a fixture
+from tests.unit.test_endpoints_tls_buffer import Collector, contexts  # noqa: F401 - contexts: a fixture
 
 H = M.HEADER.pack
 VECTORS = {  # name: wire bytes (valid ones end cleanly or mid-frame; the rest break one rule)
