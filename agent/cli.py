@@ -118,9 +118,9 @@ def run(config_path: str) -> None:
     pods fail closed (refused) until the agent runs again; `tcpmesh cleanup` removes it.
     """
     from agent.app import Agent
-    from agent.config import load_config
+    from agent.config import load_agent_config
 
-    config = load_config(config_path)
+    config = load_agent_config(config_path)
     _setup_logging(config.log_level)
     run_event_loop(Agent(config, config_path).run(), config.proxy.event_loop)
 

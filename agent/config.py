@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from agent.errors import ConfigError, invalid_yaml
+from agent.filetrust import UntrustedFileError, check_trusted_file
 from agent.identity.spiffe import SpiffeIdError, validate_trust_domain
 from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
 
@@ -280,6 +281,18 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     config_file: ConfigFileConfig = field(default_factory=ConfigFileConfig)
+
+
+def load_agent_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """``load_config`` for the agent itself (start and reload): the file, and every directory above it, must be
+    changeable by root or the agent's user only (``agent.filetrust``) — whoever can write it decides where the
+    policies and the registry come from and what is captured. Other commands read it with ``load_config``."""
+    try:
+        check_trusted_file(path, "--config", decides="where the agent's policies, registry and identities come from",
+                           process="the agent")
+    except UntrustedFileError as exc:
+        raise ConfigError(f"{path}: --config", str(path), exc.problem) from exc
+    return load_config(path, environ)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import Any
 
-from agent.config import Config, load_config
+from agent.config import Config, load_agent_config
 from agent.control import config_changes
 from agent.errors import TcpmeshError
 from agent.identity.errors import IdentityError
@@ -56,7 +56,7 @@ async def reload_identity(config_path: str, running: Config, rotator: Any, metri
     if not config_path:
         raise IdentityReloadRefused(f"this agent was started without a config file to re-read; {stay}")
     try:
-        fresh = load_config(config_path)
+        fresh = load_agent_config(config_path)
     except TcpmeshError as exc:
         raise IdentityReloadRefused(f"{exc}; {stay} and its last good config") from None  # exc names the file
     for name, old, new in (("node.name", running.node.name, fresh.node.name),
