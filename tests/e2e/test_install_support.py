@@ -212,13 +212,17 @@ class NotifySocket:
         raise AssertionError(f"no message on {self.path} within {timeout}s")
 
     def receive_ready(self, timeout: float, alive=lambda: True) -> tuple[bytes, int, list[bytes]]:
-        """(the READY=1 message, its sender, the STATUS-only messages before it): the agent says why it is
-        not ready yet (issuer mode: waiting for the first SVIDs) with ``STATUS=`` alone, then ``READY=1``."""
+        """(the READY=1 message, its sender, the waiting messages before it): the agent says why it is not
+        ready yet (issuer mode: waiting for the first SVIDs) with ``STATUS=``, and extends systemd's start
+        timeout while it waits (``EXTEND_TIMEOUT_USEC=``, every 2 s), then sends ``READY=1``. Any other
+        message (one without READY=1 that is not only these) is returned as it is, for the test to refuse."""
         deadline = time.monotonic() + timeout
         before: list[bytes] = []
         while True:
             message, pid = self.receive(max(deadline - time.monotonic(), 0.2), alive)
-            if not message.startswith(b"STATUS=") or b"\nREADY=" in message:
+            lines = message.split(b"\n")
+            waiting = all(line.startswith((b"STATUS=", b"EXTEND_TIMEOUT_USEC=")) for line in lines if line)
+            if b"READY=1" in lines or not waiting:
                 return message, pid, before
             before.append(message)
 
