@@ -61,6 +61,11 @@ def captured_flow_from(lab, pod: str, port: int, tag: str) -> dict:
     return lab.wait_flow(1, lambda f: f.get("comm") == tag)
 
 
+def has_svid(lab, node: int) -> set[str]:
+    """The SPIFFE IDs node ``node`` holds an SVID for (its /debug/certs)."""
+    return {i["spiffe_id"] for i in json.loads(lab.admin_get(node, "/debug/certs"))["identities"]}
+
+
 def guard_denied_exported(lab) -> float:
     """node1's tcpmesh_capture_events_total{reason="guard_denied"} on its admin /metrics."""
     for line in lab.admin_get(1, "/metrics").decode().splitlines():
@@ -134,9 +139,11 @@ def test_file_and_socket_changes_attach_and_detach_without_restart(runtime_lab):
     assert "n1p1" in listed(lab, 1)
     assert captured_flow_from(lab, "n1p1", 7100, "rt-broken")["source_principal"] == lab.pod("n1p1").spiffe_id
 
-    # 5. restored file: n1p2 captured again; the agents never restarted
+    # 5. restored file: n1p2 captured again; the agents never restarted. Its SVID is minted off the event loop
+    # after the registry applies (connects refused until then, fail closed): wait for both, as a client would retry
     write_registry(lab, without="nobody")
     wait_until(lambda: "n1p2" in listed(lab, 1))
+    wait_until(lambda: pod.spiffe_id in has_svid(lab, 1))
     assert captured_flow_from(lab, "n1p2", 7100, "rt-restored")["source_principal"] == pod.spiffe_id
     assert [n["agent"]["pid"] for n in labops.lab_status(lab.name)["nodes"]] == pids_before
 
