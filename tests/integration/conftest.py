@@ -55,11 +55,18 @@ class InProcessAgent:
     task: asyncio.Task | None = None
 
     async def next_message(self, timeout: float = MESSAGE_TIMEOUT) -> bytes:
-        """The next sd_notify datagram; fails at once if the agent task ended meanwhile."""
+        """The next sd_notify datagram without its ``EXTEND_TIMEOUT_USEC=`` lines (the agent extends systemd's
+        start timeout every 2 s while it waits — for its first SVIDs, the issuer, a policy set — so how many
+        come depends on the machine's load; a datagram of nothing else is skipped); fails at once if the agent
+        task ended meanwhile."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return self.notify.recv(4096)
+                lines = self.notify.recv(4096).split(b"\n")
+                kept = [line for line in lines if not line.startswith(b"EXTEND_TIMEOUT_USEC=")]
+                if any(kept):
+                    return b"\n".join(kept)
+                continue
             except BlockingIOError:
                 pass
             if self.task is not None and self.task.done():
