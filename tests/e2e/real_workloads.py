@@ -28,8 +28,19 @@ from agent.lab.realservers import (PG_BIN, PG_PORT, REDIS_PORT, geometric_mean, 
 from agent.lab.nsenter import popen_in
 from tests.conftest import skip_or_fail
 from tests.e2e.conftest import Lab
+from tests.e2e.reliability_lab import set_sysctls
 
 Launcher = realservers.Launcher
+
+# The baselines dial the same server and port from the client pod's address outside the mesh, while the
+# server's node still holds the mesh's inbound legs for (client pod address, port) -> server, TIME_WAIT ones
+# included, for 60 s (docs/capture-source-address.md, "A limit: the same 4-tuple outside the mesh"). Were
+# a baseline connection to pick a port the server's node used for a leg, that node's early demux attaches
+# the TIME_WAIT socket to the server's SYN-ACK and the baseline connection hangs (seen in CI: redis-cli's
+# direct GET "still running after 30s"). Pods and nodes pick ephemeral ports from disjoint ranges, as in
+# the benchmark's world (bench/world.py), so the two kinds of tuple never meet.
+POD_PORT_RANGE = {"net.ipv4.ip_local_port_range": "10000 49999"}
+NODE_PORT_RANGE = {"net.ipv4.ip_local_port_range": "50000 65535"}
 
 
 @contextlib.contextmanager
@@ -47,6 +58,10 @@ def real_workloads_lab(prefix: str, pods_per_node: int, trust_domain: str,
     try:
         lab = Lab(name, labops.lab_up(name, 2, pods_per_node, trust_domain, service_accounts=dict(accounts),
                                       capture_mode="ebpf-connect"))
+        for node in lab.plan.nodes:
+            set_sysctls(node.netns, NODE_PORT_RANGE)
+            for pod in node.pods:
+                set_sysctls(pod.netns, POD_PORT_RANGE)
         os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
         yield lab, servers
     finally:
