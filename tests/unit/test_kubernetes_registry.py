@@ -58,7 +58,7 @@ def test_a_pod_without_service_account_name_is_default():
 @pytest.mark.parametrize("change, reason", [
     (lambda p: p["spec"].update(hostNetwork=True), "hostNetwork"),
     (lambda p: p["status"].update(phase="Failed"), "phase Failed"),
-    (lambda p: p["status"].update(podIP="fd00::7"), "not IPv4"),
+    (lambda p: p["status"].update(podIP="fd00::7", podIPs=[{"ip": "fd00::7"}]), "IPv6-only pod"),
     (lambda p: p["spec"].pop("nodeName"), "not scheduled"),
     (lambda p: p["spec"].update(nodeName="worker-9"), "unknown or has no InternalIP"),
     (lambda p: p["spec"].update(serviceAccountName="Bad_SA"), "service account"),
@@ -69,6 +69,16 @@ def test_pods_that_cannot_be_mesh_workloads_are_left_out_with_a_reason(change, r
     result = build(pods=[p])
     assert result.registry.workloads == ()
     assert reason in result.skipped[0][1]
+
+
+def test_a_pod_of_an_ipv6_primary_dual_stack_cluster_is_meshed_by_its_ipv4_entry_of_pod_ips():
+    """podIP is the primary family's address: IPv6 on a cluster configured IPv6 first. The pod has an IPv4
+    address all the same (status.podIPs); leaving it out left it, and its Services, outside the mesh."""
+    p = pod("postgres-0")
+    ip4 = p["status"]["podIP"]
+    p["status"].update(podIP="fd00::7", podIPs=[{"ip": "fd00::7"}, {"ip": ip4}])
+    (w,) = build(pods=[p]).registry.workloads
+    assert (w.ip, w.ip6) == (ip4, "fd00::7")
 
 
 def test_two_pods_with_one_ip_keep_the_newer_one():

@@ -1,9 +1,13 @@
 """Pod and Node objects (dicts as the API server returns them) → one ``Registry`` snapshot. Pure.
 
-Every pod with an IPv4 ``status.podIP`` that is not ``hostNetwork`` and not finished becomes a
+Every pod with an IPv4 address that is not ``hostNetwork`` and not finished becomes a
 workload: name, namespace, ``spec.serviceAccountName`` (identity ``ns/<ns>/sa/<sa>``), IP, and node
 ``spec.nodeName`` — a resolvable destination whose tunnel address is its node's ``InternalIP``; on a
-dual-stack cluster the IPv6 entry of ``status.podIPs`` becomes the workload's ``ip6``. Pods of
+dual-stack cluster the IPv6 entry of ``status.podIPs`` becomes the workload's ``ip6``. The IPv4
+address is ``status.podIP``, or — on a cluster whose primary family is IPv6, where ``podIP`` is
+the IPv6 one — the IPv4 entry of ``status.podIPs``. A pod with no IPv4 address at all (an
+IPv6-only cluster) is left out with ``IPV6_ONLY`` as the reason: the mesh needs an IPv4 address
+per workload (docs/install-kubernetes.md, "The Kubernetes registry source", dual stack). Pods of
 this node get their pod cgroup from the ``cgroup_of`` the caller passes (``cgroups.find_pod_cgroup``),
 so they are captured. Two pods with one IP: the newer wins, the older is reported as left out.
 Services and their EndpointSlices become the registry's Services (``services.build_services``).
@@ -20,6 +24,7 @@ from agent.registry.kubernetes.services import build_services
 from agent.registry.model import Node, Registry, Workload, ipv6_text, is_ipv4
 
 FINISHED_PHASES = ("Succeeded", "Failed")
+IPV6_ONLY = "IPv6-only"  # the start of the reason a pod without an IPv4 address is left out (the source warns)
 
 
 def node_internal_ip(node: Mapping[str, Any]) -> str | None:
@@ -68,7 +73,7 @@ def build_registry(trust_domain: str, local_node: str, pods: Iterable[Mapping[st
             if cgroup is None:
                 missing.append(key)
         workload = Workload(meta["name"], meta["namespace"], spec.get("serviceAccountName") or "default",
-                            status["podIP"], spec["nodeName"], cgroup, trust_domain, _pod_ip6(status))
+                            _pod_ip4(status), spec["nodeName"], cgroup, trust_domain, _pod_ip6(status))
         created = meta.get("creationTimestamp") or ""
         other = chosen.get(workload.ip)
         if other is not None:
@@ -81,6 +86,17 @@ def build_registry(trust_domain: str, local_node: str, pods: Iterable[Mapping[st
     mesh_services, services_skipped = build_services(services, endpoint_slices, workloads)
     registry = Registry.build(trust_domain, sorted(node_list, key=lambda n: n.name), workloads, mesh_services)
     return BuildResult(registry, tuple(skipped), tuple(missing), services_skipped)
+
+
+def _pod_ip4(status: Mapping[str, Any]) -> str | None:
+    """The pod's IPv4 address: ``status.podIP`` (the primary family's), else the IPv4 entry of
+    ``status.podIPs`` (a dual-stack cluster whose primary family is IPv6), or None."""
+    if is_ipv4(status.get("podIP") or ""):
+        return status["podIP"]
+    for entry in status.get("podIPs") or ():
+        if isinstance(entry, Mapping) and is_ipv4(entry.get("ip") or ""):
+            return entry["ip"]
+    return None
 
 
 def _pod_ip6(status: Mapping[str, Any]) -> str | None:
@@ -103,8 +119,10 @@ def _skip_reason(meta: Mapping[str, Any], spec: Mapping[str, Any], status: Mappi
     ip = status.get("podIP") or ""
     if not ip:
         return "no pod IP yet"
-    if not is_ipv4(ip):
-        return f"pod IP {ip} is not IPv4"
+    if _pod_ip4(status) is None:
+        return (f"{IPV6_ONLY} pod (status.podIPs has no IPv4 address, podIP {ip}): tcpmesh meshes only pods "
+                "with an IPv4 address, so this pod is outside the mesh; give the cluster an IPv4 pod range "
+                "(dual stack) to mesh it")
     node = spec.get("nodeName") or ""
     if not node:
         return "not scheduled"

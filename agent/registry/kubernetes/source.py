@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 from agent.errors import ConfigError, TcpmeshError
 from agent.registry.kubernetes.cgroups import find_pod_cgroup
-from agent.registry.kubernetes.mapping import BuildResult, build_registry
+from agent.registry.kubernetes.mapping import IPV6_ONLY, BuildResult, build_registry
 from agent.registry.kubernetes.watch import WATCH_TIMEOUT_SECONDS, Backoff, WatchLoop
 from agent.registry.model import Registry
 
@@ -65,6 +65,7 @@ class KubernetesSource:
         self.on_snapshot = on_snapshot
         self.min_interval = min_interval
         self.refused_retry = refused_retry
+        self._warned: frozenset[str] = frozenset()  # IPv6-only pods already warned about (once per pod)
         core = client.CoreV1Api(api_client)
         hint = {} if forbidden_hint is None else {"forbidden_hint": forbidden_hint}   # the issuer's RBAC, not ours
         self.pods = WatchLoop("pods", core.list_pod_for_all_namespaces, lambda o: o["metadata"]["uid"],
@@ -185,6 +186,10 @@ class KubernetesSource:
                  f"; no cgroup yet for {', '.join(result.missing_cgroups)}" if result.missing_cgroups else "")
         for key, why in result.skipped:
             log.debug("kubernetes: pod %s left out: %s", key, why)
+        ipv6_only = {key: why for key, why in result.skipped if why.startswith(IPV6_ONLY)}
+        for key in sorted(set(ipv6_only) - self._warned):  # loud: outside the mesh, its traffic is not meshed
+            log.warning("kubernetes: pod %s left out of the mesh: %s", key, ipv6_only[key])
+        self._warned = frozenset(ipv6_only)
         for key, why in result.services_skipped:
             log.debug("kubernetes: service %s: %s", key, why)
 
