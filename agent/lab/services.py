@@ -4,10 +4,11 @@
 ``<state_dir>/services.json`` and write them into the registry file's ``services:`` section (the
 agents poll it), after checking the whole new registry with the agent's own parser (a bad Service is
 refused naming the field; nothing is half-applied). Every node netns also gets kube-proxy-like
-nftables rules (table ``ip tcpmesh_services``, replaced whole): DNAT from each virtual address and
+nftables rules (tables ``ip`` and ``ip6 tcpmesh_services``, replaced whole): DNAT from each virtual address and
 port to the ready endpoints, so pods that are not meshed still reach a Service; a Service with no
 ready endpoint is answered with a TCP reset. Meshed pods never hit these rules: their connect is
-captured before a packet leaves. IPv4 only (the lab's address plan is IPv4).
+captured before a packet leaves. Both families: an IPv6 virtual address is DNATed to the endpoints'
+IPv6 addresses (every lab pod is dual stack).
 
 Imports the lab's plan and files, the registry parser and nsenter; runs `nft` in node netns only.
 """
@@ -81,23 +82,29 @@ def registry_with_services(plan: LabPlan, services: list[dict[str, Any]]) -> dic
 
 
 def nft_ruleset(plan: LabPlan, services: list[dict[str, Any]]) -> str:
-    """The node netns' kube-proxy stand-in, replacing the previous one in one nft transaction (pure)."""
-    ips = {f"{p.namespace}/{p.name}": p.ip for p in plan.pods}
-    rules = []
+    """The node netns' kube-proxy stand-in, replacing the previous one in one nft transaction (pure):
+    table ``ip tcpmesh_services`` for IPv4 virtual addresses (DNAT to the endpoints' IPv4 addresses) and
+    ``ip6 tcpmesh_services`` for IPv6 ones (to their IPv6 addresses), as kube-proxy on a dual-stack
+    cluster sends each family of a Service to the EndpointSlices of that family."""
+    pods = {f"{p.namespace}/{p.name}": p for p in plan.pods}
+    rules: dict[str, list[str]] = {"ip": [], "ip6": []}
     for service in services:
-        ready = [ips[e["workload"]] for e in service["endpoints"] if e.get("ready", True)]
+        ready = [pods[e["workload"]] for e in service["endpoints"] if e.get("ready", True)]
         for address in service["addresses"]:
+            family = "ip6" if ":" in address else "ip"
+            targets = [p.ip6 if family == "ip6" else p.ip for p in ready]
             for port in service["ports"]:
-                match = f"ip daddr {address} tcp dport {port['port']}"
-                if not ready:
-                    rules.append(f"    {match} reject with tcp reset")
+                match = f"{family} daddr {address} tcp dport {port['port']}"
+                if not targets:
+                    rules[family].append(f"    {match} reject with tcp reset")
                     continue
-                targets = ", ".join(f"{i} : {ip}" for i, ip in enumerate(ready))
-                rules.append(f"    {match} dnat to numgen inc mod {len(ready)} map {{ {targets} }} : "
-                             f"{port['target_port']}")
-    return (f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
-            f"table ip {NFT_TABLE} {{\n  chain prerouting {{\n"
-            f"    type nat hook prerouting priority dstnat; policy accept;\n" + "\n".join(rules) + "\n  }\n}\n")
+                entries = ", ".join(f"{i} : {ip}" for i, ip in enumerate(targets))
+                rules[family].append(f"    {match} dnat to numgen inc mod {len(targets)} map {{ {entries} }} : "
+                                     f"{port['target_port']}")
+    return "".join(f"table {family} {NFT_TABLE}\ndelete table {family} {NFT_TABLE}\n"
+                   f"table {family} {NFT_TABLE} {{\n  chain prerouting {{\n"
+                   f"    type nat hook prerouting priority dstnat; policy accept;\n" + "\n".join(lines) + "\n  }\n}\n"
+                   for family, lines in rules.items())
 
 
 def _apply(plan: LabPlan, services: list[dict[str, Any]]) -> None:
