@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from agent.capture.interface import Capture
 from agent.capture.modes import build_capture
 from agent.capture.source_return import SourceReturn, WithSourceReturn
-from agent.config import Config, admin_allowed_sources
+from agent.config import CGROUP_ROOT_AUTO, Config, admin_allowed_sources, resolve_cgroup_root
 from agent.control.admin_socket import AdminSocket
 from agent.control.config_changes import restart_hint
 from agent.control.config_watch import ConfigWatch
@@ -76,6 +76,8 @@ IP_TRANSPARENT = 19
 
 class Agent:
     def __init__(self, config: Config, config_path: str = "") -> None:
+        if config.capture.cgroup_root == CGROUP_ROOT_AUTO:  # load_config resolved it; a Config built in code may not
+            config = resolve_cgroup_root(config, checks.find_cgroup2_mount())
         self.config = config
         self.config_path = config_path  # re-read by identity.reload (`tcpmesh identity reload`) and the watch
         self._identity_switch = asyncio.Lock()

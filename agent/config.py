@@ -1,7 +1,8 @@
 """The agent's configuration: typed, frozen, loaded once (file, then environment), validated in one place.
 
 Every default is a named constant below. Every error names the field, the value and the fix.
-Reads one file and the environment; imports nothing else from the outside world.
+Reads one file, the environment and, for ``capture.cgroup_root: auto``, the mount table (agent.mounts);
+imports nothing else from the outside world.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from agent.errors import ConfigError, invalid_yaml
 from agent.filetrust import UntrustedFileError, check_trusted_file
 from agent.identity.spiffe import SpiffeIdError, validate_trust_domain
 from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
+from agent.mounts import MOUNTS_FILE, find_cgroup2_mount
 
 DEFAULT_CONFIG_PATH = "/etc/tcpmesh/config.yaml"
 DEFAULT_OUTBOUND_PORT = 15001
 DEFAULT_INBOUND_PORT = 15008
 DEFAULT_ADMIN_PORT = 15020
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1"
-DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup/unified"
+CGROUP_ROOT_AUTO = "auto"  # capture.cgroup_root: the host's cgroup v2 mount (resolve_cgroup_root)
+CGROUP_ROOT_UNMOUNTED = "/sys/fs/cgroup/unified"  # auto, none mounted: where doctor says to mount it
+DEFAULT_CGROUP_ROOT = CGROUP_ROOT_AUTO
 DEFAULT_STATE_DIR = "/run/tcpmesh"
 DEFAULT_SVID_TTL_SECONDS = 3600
 DEFAULT_NODE_CA_DIR = "/etc/tcpmesh/node-ca"
@@ -134,6 +138,11 @@ class CaptureConfig:
     # Address the connect4 hook rewrites captured destinations to: local to the node and reachable
     # from every pod (the pods' gateway address, or the node address).
     redirect_address: str = ""
+    # The cgroup v2 mount: where the agent's own cgroup, pods_cgroup, cgroup_scope and (Kubernetes) the pods'
+    # cgroups are found. "auto" (the default): the host's, found in /proc/self/mounts as `tcpmesh doctor` finds
+    # it — /sys/fs/cgroup on a unified host (Debian 11+, Ubuntu 21.10+), /sys/fs/cgroup/unified on a hybrid
+    # one, and where `tcpmesh doctor` says to mount it when none is. load_config resolves it, so every reader
+    # sees a path. A path: used as written; `tcpmesh run` refuses one that is not the host's cgroup v2 mount.
     cgroup_root: str = DEFAULT_CGROUP_ROOT
     # Cgroup v2 directory the proxy's own sockets live in (the getsockopt hook goes there).
     # Empty: the agent's own cgroup, read from /proc/self/cgroup.
@@ -283,20 +292,50 @@ class Config:
     config_file: ConfigFileConfig = field(default_factory=ConfigFileConfig)
 
 
-def load_agent_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+def load_agent_config(path: str | Path, environ: Mapping[str, str] | None = None, *,
+                      mounts_file: str = MOUNTS_FILE) -> Config:
     """``load_config`` for the agent itself (start and reload): the file, and every directory above it, must be
     changeable by root or the agent's user only (``agent.filetrust``) — whoever can write it decides where the
-    policies and the registry come from and what is captured. Other commands read it with ``load_config``."""
+    policies and the registry come from and what is captured. And an explicit ``capture.cgroup_root`` must be the
+    host's cgroup v2 mount (``check_cgroup_root``). Other commands read it with ``load_config``."""
     try:
         check_trusted_file(path, "--config", decides="where the agent's policies, registry and identities come from",
                            process="the agent")
     except UntrustedFileError as exc:
         raise ConfigError(f"{path}: --config", str(path), exc.problem) from exc
-    return load_config(path, environ)
+    config = load_config(path, environ, mounts_file=mounts_file)
+    try:
+        return check_cgroup_root(config, find_cgroup2_mount(mounts_file))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.field}", exc.value, exc.problem, exc.fix) from None
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read ``path`` (YAML), apply ``TCPMESH_<SECTION>_<FIELD>`` environment overrides, validate."""
+def check_cgroup_root(config: Config, mount: str | None) -> Config:
+    """Pure: ``config`` unless its ``capture.cgroup_root`` is not ``mount``, the host's cgroup v2 mount (None: the
+    host has none, left to the ebpf-connect check and `tcpmesh doctor`). Capture mode none captures nothing and
+    keeps any root (laptop runs, in-process tests). Without this, ``capture.mode: auto`` judged ebpf-connect
+    unusable and ran in ebpf-tc, and the Kubernetes source found no pod's cgroup — with no word of the cause."""
+    root = config.capture.cgroup_root
+    if mount is None or config.capture.mode == "none" or os.path.realpath(root) == os.path.realpath(mount):
+        return config
+    raise ConfigError("capture.cgroup_root", root, f"is not this host's cgroup v2 mount, {mount}: the agent would "
+                      "not find its own cgroup nor the pods' there (and capture.mode auto would rule ebpf-connect "
+                      "out)", f"set capture.cgroup_root to {mount}, or to {CGROUP_ROOT_AUTO} (the default: the "
+                      "host's mount, as `tcpmesh doctor` finds it)")
+
+
+def resolve_cgroup_root(config: Config, mount: str | None) -> Config:
+    """Pure: ``capture.cgroup_root: auto`` made ``mount`` (the host's cgroup v2 mount; None: not mounted, then
+    ``CGROUP_ROOT_UNMOUNTED``); any other value is kept as written."""
+    if config.capture.cgroup_root != CGROUP_ROOT_AUTO:
+        return config
+    return replace(config, capture=replace(config.capture, cgroup_root=mount or CGROUP_ROOT_UNMOUNTED))
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *,
+                mounts_file: str = MOUNTS_FILE) -> Config:
+    """Read ``path`` (YAML), apply ``TCPMESH_<SECTION>_<FIELD>`` environment overrides, resolve
+    ``capture.cgroup_root: auto`` with the host's mounts (``mounts_file``), validate."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -308,8 +347,10 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     except yaml.YAMLError as exc:
         raise invalid_yaml(path, text, exc) from None
     try:
-        return validate(apply_environment(config_from_mapping(doc, source=str(path)),
-                                          os.environ if environ is None else environ))
+        config = apply_environment(config_from_mapping(doc, source=str(path)), os.environ if environ is None else environ)
+        if config.capture.cgroup_root == CGROUP_ROOT_AUTO:
+            config = resolve_cgroup_root(config, find_cgroup2_mount(mounts_file))
+        return validate(config)
     except ConfigError as exc:  # say which file (or which environment variable) holds the wrong value
         where = (f"{exc.field} (environment, overrides {path})" if exc.field.startswith(ENV_PREFIX)
                  else exc.field if exc.field == str(path) else f"{path}: {exc.field}")
@@ -596,11 +637,21 @@ def _ipv4(name: str, value: str, required: bool) -> None:
 
 
 def _capture_paths(capture: CaptureConfig) -> None:
-    """pods_cgroup and cgroup_scope live below cgroup_root (never the root itself); bpffs_dir is absolute."""
+    """cgroup_root is auto or absolute; pods_cgroup and cgroup_scope live below it (never the root itself) — checked
+    once auto is resolved (load_config; pure callers: resolve_cgroup_root first); bpffs_dir is absolute."""
+    if capture.cgroup_root != CGROUP_ROOT_AUTO and not os.path.isabs(capture.cgroup_root):
+        raise ConfigError("capture.cgroup_root", capture.cgroup_root, "must be auto or an absolute path",
+                          f"leave it out ({CGROUP_ROOT_AUTO}: the host's cgroup v2 mount), or give the mount's "
+                          "path, e.g. /sys/fs/cgroup")
     root = os.path.normpath(capture.cgroup_root)
     for name in ("pods_cgroup", "cgroup_scope"):
         value = getattr(capture, name)
         if not value:
+            continue
+        if capture.cgroup_root == CGROUP_ROOT_AUTO:
+            if not os.path.isabs(value):
+                raise ConfigError(f"capture.{name}", value, "must be an absolute path",
+                                  "give the absolute path of a cgroup v2 directory")
             continue
         path = os.path.normpath(value)
         if not os.path.isabs(value) or not (path == root or path.startswith(root.rstrip("/") + "/")):

@@ -43,6 +43,8 @@ DEFAULT_LAB_NAME = "lab"
 # `export TCPMESH_LAB=NAME` names the lab once: `tcpmesh lab --name` and `--node` of the commands that
 # ask an agent (agent/control/target.py) default to it.
 LAB_NAME_ENV = "TCPMESH_LAB"
+# pure plans only (unit tests, docs/lab.md's example): `tcpmesh lab up` plans with the host's cgroup v2 mount
+# (agent.mounts.find_cgroup2_mount, as capture.cgroup_root auto) and writes that path into each agent's config
 DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup/unified"
 DEFAULT_STATE_ROOT = "/run/tcpmesh-lab"
 ADMIN_PORT = 15020

@@ -103,14 +103,15 @@ BASE = {"node": {"name": "n1", "address": "10.0.0.1"}, "capture": {"redirect_add
     ({"bpffs_dir": "tcpmesh"}, "capture.bpffs_dir"),
 ])
 def test_capture_paths_are_validated(capture, field):
-    doc = {**BASE, "capture": {**BASE["capture"], **capture}}
+    doc = {**BASE, "capture": {**BASE["capture"], "cgroup_root": "/sys/fs/cgroup/unified", **capture}}
     with pytest.raises(ConfigError) as info:
         validate(config_from_mapping(doc))
     assert info.value.field == field
 
 
 def test_capture_paths_accept_a_pods_cgroup_below_the_root():
-    doc = {**BASE, "capture": {**BASE["capture"], "pods_cgroup": "/sys/fs/cgroup/unified/kubepods.slice",
+    doc = {**BASE, "capture": {**BASE["capture"], "cgroup_root": "/sys/fs/cgroup/unified",
+                               "pods_cgroup": "/sys/fs/cgroup/unified/kubepods.slice",
                                "cgroup_scope": "/sys/fs/cgroup/unified", "bpffs_dir": "/sys/fs/bpf/tcpmesh/n1"}}
     config = validate(config_from_mapping(doc))
     assert config.capture.pods_cgroup.endswith("kubepods.slice")
