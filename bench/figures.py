@@ -27,6 +27,10 @@ FIGURES: tuple[Figure, ...] = (
     Figure("rr_p50_us", "1-byte ping-pong RTT p50", "µs", False, digits=1),
     Figure("rr_p99_us", "1-byte ping-pong RTT p99", "µs", False, digits=1),
     Figure("rr_added_p50_us", "p50 added over direct", "µs", False, vs_direct=False, digits=1),
+    Figure("rr1cpu_p50_us", "ping-pong RTT p50, every process on one CPU", "µs", False, digits=1),
+    Figure("rr1cpu_added_p50_us", "p50 added over direct, one CPU", "µs", False, vs_direct=False, digits=1),
+    Figure("rrnodes_p50_us", "ping-pong RTT p50, each node on its own CPU", "µs", False, digits=1),
+    Figure("rrnodes_added_p50_us", "p50 added over direct, a CPU per node", "µs", False, vs_direct=False, digits=1),
     Figure("load_max_per_s", "ping-pong exchanges/s, 8 connections, closed loop", "1/s", True, digits=0),
     Figure("load_p50_us", "RTT p50 at half the slowest tunnel's max rate", "µs", False, digits=1),
     Figure("load_p99_us", "RTT p99 at half the slowest tunnel's max rate", "µs", False, digits=1),
@@ -39,6 +43,9 @@ FIGURES: tuple[Figure, ...] = (
     Figure("datapath_cpu_ms_per_conn", "data-path CPU per new connection", "ms", False, vs_direct=False),
 )
 FIGURE_BY_KEY = {f.key: f for f in FIGURES}
+# The ping-pong tests and the prefix of their figures: as the scheduler places the processes, and in the two
+# fixed CPU layouts of bench/placement.py (why: docs/performance-latency.md, "Where the processes run").
+RR_TESTS = {"rr": ("rr", "free"), "rr_1cpu": ("rr1cpu", "1cpu"), "rr_nodes": ("rrnodes", "nodes")}
 
 
 def summarize(values: Sequence[float]) -> dict | None:
@@ -101,6 +108,10 @@ TARGETS: tuple[Target, ...] = (
     Target("bulk1", "bulk, 1 stream ≥ 1.2 × best peer", "bulk1_gbps", "ratio_min", 1.2),
     Target("bulk8", "bulk, 8 streams ≥ 1.2 × best peer", "bulk8_gbps", "ratio_min", 1.2),
     Target("latency", "added p50 latency ≤ 1.5 × best peer's", "rr_added_p50_us", "ratio_max", 1.5),
+    Target("latency_1cpu", "added p50 latency, every process on one CPU ≤ 1.5 × best peer's", "rr1cpu_added_p50_us",
+           "ratio_max", 1.5),
+    Target("latency_nodes", "added p50 latency, each node on its own CPU ≤ 1.5 × best peer's",
+           "rrnodes_added_p50_us", "ratio_max", 1.5),
     Target("connrate", "new connections/s ≥ 2 × best peer", "crr_per_s", "ratio_min", 2.0),
     Target("memory", "RSS with 1,000 idle connections ≤ 100 MiB, both nodes", "rss_held_mib", "abs_max", 100.0),
     Target("capture", "eBPF capture adds ≤ 5 % to connection setup", "capture_overhead_pct", "abs_max", 5.0),
@@ -135,18 +146,23 @@ def check_targets(summary: Mapping[str, Mapping[str, dict | None]], ratio_table:
 
 # ------------------------------------------------------------------------------------------ derive
 
-def derive(raw: Mapping[str, Mapping], direct_rr_p50: float | None, has_datapath: bool) -> dict[str, float]:
-    """The figures of one path in one repetition from its raw results (tests that failed are absent)."""
+def derive(raw: Mapping[str, Mapping], direct_raw: Mapping[str, Mapping] | None, has_datapath: bool) -> dict[str, float]:
+    """The figures of one path in one repetition from its raw results (tests that failed are absent);
+    ``direct_raw`` is the direct path's raw results of the same repetition (added latency), if any."""
     out: dict[str, float] = {}
     if "bulk1" in raw:
         out["bulk1_gbps"] = raw["bulk1"]["gbps"]
     if "bulk8" in raw:
         out["bulk8_gbps"] = raw["bulk8"]["gbps"]
+    for test, (prefix, _) in RR_TESTS.items():
+        if test not in raw:
+            continue
+        out[f"{prefix}_p50_us"] = raw[test]["rtt_us"]["p50"]
+        direct = (direct_raw or {}).get(test)
+        if direct is not None:
+            out[f"{prefix}_added_p50_us"] = out[f"{prefix}_p50_us"] - direct["rtt_us"]["p50"]
     if "rr" in raw:
-        out["rr_p50_us"] = raw["rr"]["rtt_us"]["p50"]
         out["rr_p99_us"] = raw["rr"]["rtt_us"]["p99"]
-        if direct_rr_p50 is not None:
-            out["rr_added_p50_us"] = out["rr_p50_us"] - direct_rr_p50
     if "loadmax" in raw:
         out["load_max_per_s"] = raw["loadmax"]["per_second"]
     if "loadhalf" in raw:
@@ -182,7 +198,7 @@ def half_rate(rep: Mapping[str, Mapping], direct: str = "direct") -> float | Non
 
 # ------------------------------------------------------------------------------------------ same node
 
-SAME_NODE_TESTS = ("rr", "bulk1", "bulk8")
+SAME_NODE_TESTS = ("rr", "rr_1cpu", "bulk1", "bulk8")  # on one node, one CPU is also that node's layout
 SAME_NODE_TARGETS = (  # issue #19: (key, text, figure, kind, limit); kind as Target's
     ("same_node_bulk1", "same-node bulk, 1 stream ≥ 0.8 × direct", "bulk1_gbps", "ratio_min", 0.8),
     ("same_node_bulk8", "same-node bulk, 8 streams ≥ 0.8 × direct", "bulk8_gbps", "ratio_min", 0.8),
@@ -195,10 +211,8 @@ def same_node(raw: Sequence[Mapping[str, Mapping]]) -> dict:
     repetition. Returns summaries per path, tcpmesh's ratios to direct (same repetitions) and the targets."""
     samples: dict[str, dict[str, list[float]]] = {"direct": {}, "tcpmesh": {}}
     for rep in raw:
-        direct_rr = (rep.get("direct") or {}).get("rr")
-        direct_p50 = direct_rr["rtt_us"]["p50"] if direct_rr else None
         for path in samples:
-            for key, value in derive(rep.get(path) or {}, direct_p50, has_datapath=path != "direct").items():
+            for key, value in derive(rep.get(path) or {}, rep.get("direct"), has_datapath=path != "direct").items():
                 samples[path].setdefault(key, []).append(value)
     summary = summaries(samples)
     ratio = {}

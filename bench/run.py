@@ -29,7 +29,7 @@ from bench.world import World
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_VERSION = 1
-TESTS = ("rr", "loadmax", "loadhalf", "crr", "bulk1", "bulk8", "hold")
+TESTS = ("rr", "rr_1cpu", "rr_nodes", "loadmax", "loadhalf", "crr", "bulk1", "bulk8", "hold")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -298,8 +298,8 @@ def preflight(world: World, settings: S.Settings, routes: dict, results: dict) -
 
 
 def run_test(world: World, route, test: str, settings: S.Settings, rate: float | None = None) -> dict:
-    if test == "rr":
-        return scenarios.rr(world, route, settings)
+    if test in figures.RR_TESTS:
+        return scenarios.rr(world, route, settings, layout=figures.RR_TESTS[test][1])
     if test == "loadmax":
         return scenarios.load(world, route, settings, 0)
     if test == "loadhalf":
@@ -319,7 +319,7 @@ def describe(test: str, raw: dict) -> str:
     if test == "loadhalf":
         return (f"at {raw['rate']:.0f}/s: p50 {raw['rtt_us']['p50']:.1f} µs p99 {raw['rtt_us']['p99']:.1f} µs "
                 f"({raw['unfinished']} unfinished)")
-    if test == "rr":
+    if test in figures.RR_TESTS:
         return f"p50 {raw['rtt_us']['p50']:.1f} µs p99 {raw['rtt_us']['p99']:.1f} µs"
     if test == "crr":
         return f"{raw['per_second']:.0f} conn/s (failed {raw['failed']}, p50 {raw['latency_us']['p50'] / 1000:.2f} ms)"
@@ -378,14 +378,12 @@ def analyse(results: dict, settings: S.Settings) -> None:
     samples: dict[str, dict[str, list[float]]] = {p: {} for p in results["paths"]}
     for rep in range(settings.repetitions):
         direct = results["raw"].get("direct", [])
-        direct_p50 = None
-        if rep < len(direct) and "rr" in direct[rep]:
-            direct_p50 = direct[rep]["rr"]["rtt_us"]["p50"]
+        direct_raw = direct[rep] if rep < len(direct) else None
         for path in results["paths"]:
             reps = results["raw"].get(path, [])
             if rep >= len(reps):
                 continue
-            derived = figures.derive(reps[rep], direct_p50, has_datapath=path != "direct")
+            derived = figures.derive(reps[rep], direct_raw, has_datapath=path != "direct")
             for key, value in derived.items():
                 samples[path].setdefault(key, []).append(value)
     results["samples"] = samples

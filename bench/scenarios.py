@@ -13,7 +13,7 @@ import select
 import subprocess
 import time
 
-from bench import bpfstats, host, loadgen
+from bench import bpfstats, host, loadgen, placement
 from bench.settings import Settings
 from bench.world import OUTBOUND_PORT, Path_, World
 
@@ -45,13 +45,17 @@ def bulk(world: World, path: Path_, streams: int, seconds: float) -> dict:
         world.stop(server)
 
 
-def rr(world: World, path: Path_, settings: Settings, size: int | None = None) -> dict:
+def rr(world: World, path: Path_, settings: Settings, size: int | None = None, layout: str = "free") -> dict:
+    """A 1-byte (or ``size``) ping-pong on one connection, with the path's processes placed on the CPUs as
+    ``layout`` says (bench/placement.py)."""
     server = host.cpu_snapshot([world.server_cgroup])
     datapath = host.cpu_snapshot(path.datapath_cgroups)
-    out = world.run(loadgen.rr_argv(world.binary, path.echo[0], path.echo[1], settings.rr_seconds,
-                                    size or settings.rr_size),
-                    path.client_netns, path.client_cgroup, timeout=settings.rr_seconds + 30)
+    with placement.placed(layout, [world.echo_server.pid], [host.cgroup_pids(cg) for cg in path.datapath_cgroups]):
+        out = world.run(loadgen.rr_argv(world.binary, path.echo[0], path.echo[1], settings.rr_seconds,
+                                        size or settings.rr_size),
+                        path.client_netns, path.client_cgroup, timeout=settings.rr_seconds + 30)
     result = loadgen.parse_json_line(out, "loadgen rr")
+    result["layout"] = layout
     result.update(server_cpu_s=host.cpu_seconds_since(server), datapath_cpu_s=host.cpu_seconds_since(datapath),
                   client_cpu_share=(result["cpu_user"] + result["cpu_sys"]) / max(result["seconds"], 1e-9))
     return result

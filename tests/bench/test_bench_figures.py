@@ -48,7 +48,7 @@ def test_targets_read_ratios_absolute_values_and_capture():
     assert by_key["memory"]["met"] is True and by_key["memory"]["note"] == ""
     assert by_key["capture"]["met"] is False
     assert by_key["connrate"]["met"] is None        # not measured
-    assert figures.check_targets(summary, ratios, None, 20)[4]["note"]
+    assert next(t for t in figures.check_targets(summary, ratios, None, 20) if t["key"] == "memory")["note"]
 
 
 def test_derive_computes_added_latency_and_cpu_per_gigabyte():
@@ -57,12 +57,12 @@ def test_derive_computes_added_latency_and_cpu_per_gigabyte():
            "bulk1": {"gbps": 2.0, "bytes": 1e9, "generator_cpu_s": 0.5, "datapath_cpu_s": 1.5},
            "bulk8": {"gbps": 2.0, "bytes": 1e9, "generator_cpu_s": 0.5, "datapath_cpu_s": 1.5},
            "idle": {"rss_kib": 10240}, "hold": {"memory": {"rss_kib": 20480}}}
-    out = figures.derive(raw, direct_rr_p50=40.0, has_datapath=True)
+    out = figures.derive(raw, {"rr": {"rtt_us": {"p50": 40.0}}}, has_datapath=True)
     assert out["rr_added_p50_us"] == 60.0
     assert out["cpu_s_per_gb"] == 2.0 and out["datapath_cpu_s_per_gb"] == 1.5
     assert out["datapath_cpu_ms_per_conn"] == 0.5 and out["crr_p50_ms"] == 2.0
     assert out["rss_idle_mib"] == 10.0 and out["rss_held_mib"] == 20.0
-    assert "rss_idle_mib" not in figures.derive(raw, 40.0, has_datapath=False)
+    assert "rss_idle_mib" not in figures.derive(raw, None, has_datapath=False)
 
 
 def _layout():

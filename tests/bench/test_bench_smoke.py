@@ -76,7 +76,10 @@ def test_quick_bench_produces_every_figure_for_every_path(bpf_capable, tmp_path)
     assert {t["key"] for t in results["databases"]["targets"]} == {"databases_pgbench", "databases_redis"}
     assert all(t["value"] is not None for t in results["databases"]["targets"])
     assert results["reference"]["sockperf"]["p50"] > 0 and results["reference"]["loadgen"]["p50"] > 0
-    assert {t["key"] for t in results["targets"]} == {"bulk1", "bulk8", "latency", "connrate", "memory", "capture"}
+    assert {t["key"] for t in results["targets"]} == {"bulk1", "bulk8", "latency", "latency_1cpu",
+                                                    "latency_nodes", "connrate", "memory", "capture"}
+    for path in results["paths"]:
+        assert {results["raw"][path][0][t]["layout"] for t in ("rr", "rr_1cpu", "rr_nodes")} == {"free", "1cpu", "nodes"}
     markdown = found[0].with_suffix(".md").read_text()
     assert "| figure | direct | tcpmesh | stunnel | haproxy |" in markdown
     assert "| pgbench TPC-B, 8 clients (tps) |" in markdown
