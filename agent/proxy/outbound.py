@@ -31,7 +31,7 @@ from agent.proxy.local import SameNodePath
 from agent.proxy.pool import PoolKey, TunnelPool
 from agent.proxy.relay import Relay
 from agent.proxy.session import MuxSession, Stream
-from agent.proxy.routing import OutboundRoute, RouteKind, route_outbound
+from agent.proxy.routing import OutboundRoute, RouteKind, route_outbound, route_without_origin
 from agent.proxy.server import ProxyContext
 from agent.registry.model import Workload
 
@@ -118,9 +118,7 @@ class OutboundProxy:
             if origin is None:  # the flow record still names the client
                 flow.facts = ConnectionFacts(flow_id=flow_id, source_ip=peer[0], source_port=peer[1])
         if origin is None:
-            return OutboundRoute(RouteKind.REJECT, None, flag=F.FLAG_NO_ROUTE,
-                                 reason=f"connection from {peer[0]}:{peer[1]} has no original destination "
-                                        "(it was not captured by tcpmesh; do not connect to the outbound port directly)")
+            return route_without_origin(self._ctx.registry(), self._ctx.node_name, peer, _sockname(sock))
         process = None if origin.pid is None else ClientProcess(origin.pid, origin.uid, origin.comm)  # None: tc, iptables
         route = route_outbound(self._ctx.registry(), self._ctx.node_name, peer[0], origin.dst_ip, origin.dst_port,
                                self._ctx.inbound_port, self._balancer)
@@ -210,3 +208,11 @@ def _source_ip(peer_ip: str, source: Workload | None, dst_ip: str) -> str:
     if source is not None and source.ip6 and ":" in dst_ip and peer_ip in (source.ip, f"::ffff:{source.ip}"):
         return source.ip6
     return peer_ip
+
+
+def _sockname(sock: socket.socket | None) -> tuple[str, int]:
+    """The accepted socket's own address (the outbound port as the client dialled it); ("", 0) if gone."""
+    try:
+        return tuple(sock.getsockname()[:2]) if sock is not None else ("", 0)  # type: ignore[return-value]
+    except OSError:
+        return ("", 0)

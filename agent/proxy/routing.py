@@ -73,6 +73,31 @@ def route_outbound(registry: Registry, node_name: str, client_ip: str, dest_ip: 
                          target_port=target_port)
 
 
+def route_without_origin(registry: Registry, node_name: str, client: tuple[str, int],
+                         local: tuple[str, int]) -> OutboundRoute:
+    """A connection at the outbound port the capture has no origin record for (refused, NR): what is known —
+    no record for this connection, ``client`` → ``local`` — and what it most likely means, by who the client is.
+
+    Only this node's pods are captured, so a client that is no workload of this node dialled the port directly.
+    A pod of this node most likely did the same (its connect to the outbound address is left alone, counted
+    ``to_redirect``); else, with ebpf-connect, its record was lost between its connect and the proxy's accept."""
+    where = f"no origin record for {client[0]}:{client[1]} → {local[0]}:{local[1]}"
+    source = registry.by_ip(client[0])
+    if source is None or source.node != node_name:
+        who = f"{source.key}, a workload of node {source.node}" if source is not None else "in no registry entry"
+        return OutboundRoute(RouteKind.REJECT, None, flag=F.FLAG_NO_ROUTE, reason=(
+            f"{where}: {client[0]} is no workload of node {node_name} ({who}) and only this node's pods are "
+            "captured, so it dialled the outbound port directly; connect to the destination itself (a meshed "
+            "pod's connection is steered here by the capture)"))
+    return OutboundRoute(RouteKind.REJECT, source, flag=F.FLAG_NO_ROUTE, reason=(
+        f"{where} ({source.key}, a workload of this node). Most likely {source.key} dialled the outbound port "
+        "itself, not a mesh destination — such connects are left alone and counted as to_redirect in "
+        "tcpmesh_capture_events_total; connect to the destination instead. Else (ebpf-connect) its record was lost "
+        "between connect and accept: the connection waited over 30 s in the proxy's accept queue (the hand-over "
+        "slot was reused: handover_reclaimed), or the record maps were full under load (slot_taken, "
+        "handover_slot_taken rising) — docs/capture-connect.md"))
+
+
 @dataclass(frozen=True)
 class InboundTarget:
     workload: Workload | None

@@ -203,7 +203,8 @@ def test_a_direct_connection_to_the_outbound_port_is_reset_nr(lab):
     name, plan = lab
     assert probe(name, "n1p1", plan.pod_gateway, 15001) == "ECONNRESET"
     flow = wait_refusal(plan, "NR")
-    assert "do not connect to the outbound port directly" in flow["detail"]
+    assert flow["detail"].startswith("no origin record for "), flow["detail"]
+    assert f"{plan.namespace}/n1p1 dialled the outbound port itself" in flow["detail"], flow["detail"]
     assert flow["source_ip"] == plan.pod("n1p1").ip
 
 

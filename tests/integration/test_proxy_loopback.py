@@ -67,6 +67,8 @@ class Mesh:
         return ctx
 
     def read_origin(self, sock):
+        if self.origin.get("missing"):  # no record for this connection
+            return None
         if self.origin.get("packets_only"):  # ebpf-tc and iptables: the destination, but no process
             return Origin(self.origin["ip"], self.origin["port"], None, None, None, None, None)
         return Origin(self.origin["ip"], self.origin["port"], os.getpid(), os.getuid(), 1, 1, "pytest")
