@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from agent.config import build_dataclass
-from agent.errors import ConfigError
+from agent.errors import ConfigError, invalid_yaml
 from agent.identity.spiffe import (SpiffeIdError, validate_namespace, validate_service_account,
                                   validate_trust_domain)
 from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
@@ -98,19 +98,26 @@ class IssuerConfig:
 
 
 def load_issuer_config(path: str | Path) -> IssuerConfig:
+    """Read and validate the issuer's config file; every refusal names the file (and a YAML error its line)."""
     try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
+        text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError("--config", str(path), f"cannot read the issuer config: {exc.strerror}",
                           "pass --config with the path of an existing YAML file") from None
+    try:
+        doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError("--config", str(path), f"not valid YAML: {exc}") from None
-    return issuer_config_from_mapping(doc)
+        raise invalid_yaml(path, text, exc) from None
+    try:
+        return issuer_config_from_mapping(doc, source=str(path))
+    except ConfigError as exc:  # say which file holds the wrong value, as the agent's config does
+        where = exc.field if exc.field == str(path) else f"{path}: {exc.field}"
+        raise ConfigError(where, exc.value, exc.problem, exc.fix) from None
 
 
-def issuer_config_from_mapping(doc: Any) -> IssuerConfig:
+def issuer_config_from_mapping(doc: Any, source: str = "issuer config") -> IssuerConfig:
     if not isinstance(doc, dict):
-        raise ConfigError("issuer config", type(doc).__name__, "must be a YAML mapping")
+        raise ConfigError(source, type(doc).__name__, "must be a YAML mapping")
     config = build_dataclass(IssuerConfig, doc, prefix="")
     try:
         validate_trust_domain(config.trust_domain)
