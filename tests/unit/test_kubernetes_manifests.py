@@ -244,6 +244,17 @@ def test_the_config_is_a_watched_directory_mount_so_a_configmap_edit_reaches_the
     assert config_from_mapping(doc).config_file.watch is True
 
 
+def test_the_images_default_command_reads_the_config_where_the_daemonset_mounts_it():
+    """`docker run tcpmesh/agent` (or a manifest that keeps the image's command) reads the path of
+    docs/install-kubernetes.md. Seen failing before: CMD named /etc/tcpmesh/config.yaml, which nothing mounts."""
+    (cmd,) = [line for line in DOCKERFILE.read_text().splitlines() if line.startswith("CMD ")]
+    argv = json.loads(cmd[len("CMD "):])
+    (container,) = find("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    daemonset_path = container["args"][0].split("--config ")[1].split()[0]
+    assert argv == ["run", "--config", daemonset_path], argv
+    assert f"--config\n{daemonset_path}" in (REPO / "docs/install-kubernetes.md").read_text().replace(" ", "\n")
+
+
 def test_the_example_policy_loads(tmp_path):
     from agent.policy.loader import load_paths
 
