@@ -39,10 +39,13 @@ def enabled() -> Iterator[bool]:
 
 
 def _bpftool(*args: str) -> object:
+    """bpftool's JSON answer; None when it printed nothing (`cgroup show` of a cgroup without programs prints an
+    empty line). A failure says bpftool's error, which -j prints on stdout as {"error": ...}."""
     done = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, timeout=10)
+    text = done.stdout.strip()
     if done.returncode != 0:
-        raise RuntimeError(f"bpftool {' '.join(args)}: {done.stderr.strip()}")
-    return json.loads(done.stdout or "null")
+        raise RuntimeError(f"bpftool {' '.join(args)}: {done.stderr.strip() or text}")
+    return json.JSONDecoder().raw_decode(text)[0] if text else None
 
 
 def programs(cgroups: Iterable[str]) -> dict[int, str]:

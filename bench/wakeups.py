@@ -188,12 +188,7 @@ def lab_programs(world: World, cgroups: list[str]) -> dict[int, str]:
     of one of the lab's network namespaces."""
     from agent.lab.nsenter import run_in_netns
 
-    found: dict[int, str] = {}
-    for cgroup in cgroups:
-        done = subprocess.run(["bpftool", "-j", "cgroup", "show", cgroup, "effective"], capture_output=True, text=True)
-        text = done.stdout.strip()
-        listed = json.JSONDecoder().raw_decode(text)[0] if text.startswith("[") else []
-        found.update({p["id"]: p["name"] for p in listed if p.get("name", "").startswith("tcpmesh_")})
+    found = bpfstats.programs(cgroups)
     for netns in {n.netns for n in world.plan.nodes} | {p.netns for p in world.plan.pods}:
         done = run_in_netns(netns, subprocess.run, ["bpftool", "-j", "net", "show"], capture_output=True, text=True)
         for block in json.loads(done.stdout or "[]"):
