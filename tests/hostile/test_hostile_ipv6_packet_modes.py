@@ -1,0 +1,130 @@
+"""Attack: IPv6 around the packet-level capture modes (ebpf-tc, iptables) on a dual-stack node.
+
+Those modes steer IPv4 packets only. On a dual-stack node — every lab pod has an IPv6 address, a
+Service an IPv6 virtual address that the node's kube-proxy DNATs to the endpoint's IPv6 address — a
+pod whose IPv4 is meshed dials the same workload over IPv6, directly or through the Service's IPv6
+address. The promise (docs/security.md: "an address family the mesh does not carry — the
+connection is refused"): never plaintext, never past a DENY. Seen failing on main in both modes
+(the denied pod read the server over IPv6, directly and through the Service); held since
+agent/capture/ipv6_refusal.py resets such SYNs on the client's node.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.capture import ipv6_refusal, tc_mode, tproxy_mode
+from agent.capture.ipv6_refusal import TABLE
+from agent.lab import lab as labops
+from agent.lab.nsenter import socket_in_netns
+from agent.lab.services import lab_service_set, service_document
+from agent.lab.sniff import PacketCapture
+from tests.e2e.conftest import Lab
+from tests.hostile.test_hostile_services_ipv6 import DENY_INTRUDER, SERVER, dial, eventually, write_policy
+
+PORT = 7415
+VAULT = ("10.96.0.50", "fd00:96::50")
+OUTSIDE_PORT = 7416  # a listener in node2's netns: outside the mesh
+
+
+@pytest.fixture(scope="module", params=["ebpf-tc", "iptables"])
+def packet_lab(request, bpf_capable):
+    name = f"h7{uuid.uuid4().hex[:6]}"
+    lab = None
+    try:
+        lab = Lab(name, labops.lab_up(name, 2, 2, "h7.tcpmesh", capture_mode=request.param,
+                                      service_accounts={"n1p1": "web", "n1p2": "intruder", "n2p1": "vault"}),
+                  request.param)
+        server = labops.lab_exec(name, "n2p1", [sys.executable, "-c", SERVER, str(PORT)],
+                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        lab.apps.append(server)
+        assert "listening" in server.stdout.readline()
+        lab_service_set(lab.plan, service_document(lab.plan, "vault", VAULT, [(PORT, PORT)], [("n2p1", True)]))
+        os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
+        write_policy(lab, "deny-intruder", DENY_INTRUDER.format(ns=lab.plan.namespace,
+                                                                principal=lab.pod("n1p2").spiffe_id))
+        started = time.time()
+        eventually(lambda: "secret" in dial(lab, "n1p1", lab.pod("n2p1").ip, port=PORT).get("got", "") and any(
+            f["destination_workload"] == "n2p1" for f in lab.flows(1) if f["start_time"] >= started),
+            "control: n1p1 never reached n2p1's IPv4 address through the mesh")
+        eventually(lambda: not dial(lab, "n1p2", lab.pod("n2p1").ip, port=PORT).get("got"),
+                   "control: the DENY never applied over IPv4")
+        yield lab
+    finally:
+        if lab is not None:
+            lab.stop_apps()
+            labops.lab_down(name)
+
+
+@pytest.mark.parametrize("pod", ["n1p2", "n1p1"], ids=["denied", "allowed"])
+@pytest.mark.parametrize("target", ["pod-ipv6", "service-ipv6"])
+def test_a_pod_does_not_reach_a_workload_over_ipv6_in_plaintext(packet_lab, target, pod):
+    """Seen succeeding before agent/capture/ipv6_refusal.py: the server answered the denied pod over
+    IPv6, from the client's own IPv6 address, and nothing was recorded. Now the SYN is reset on the
+    client's node — at once (ECONNREFUSED), for the allowed pod as well: this mode does not carry IPv6."""
+    lab = packet_lab
+    address = lab.pod("n2p1").ip6 if target == "pod-ipv6" else VAULT[1]
+    marker = f"V6-AROUND-{lab.capture_mode}-{uuid.uuid4().hex}"
+    node1 = lab.node(1)
+    with PacketCapture(node1.netns, node1.wire_ifname) as wire:
+        attack = dial(lab, pod, address, port=PORT, marker=marker)
+        time.sleep(0.3)
+    assert "secret" not in attack.get("got", ""), \
+        f"{lab.capture_mode}: {pod} read the workload over IPv6 ({address}) in plaintext: {attack}"
+    assert not any(marker.encode() in frame for frame in wire.frames), \
+        f"{lab.capture_mode}: the IPv6 payload crossed the wire in plaintext"
+    assert attack.get("error") == "ConnectionRefusedError", attack  # refused at once, never a hang
+
+
+def test_the_refusal_is_one_table_of_ours_that_cleanup_finds(packet_lab):
+    lab = packet_lab
+    assert ipv6_refusal.present(lab.node(1).netns), "no IPv6 refusal table in node1's netns"
+    module = tc_mode if lab.capture_mode == "ebpf-tc" else tproxy_mode
+    assert any(TABLE in item for item in module.find_leftovers(lab.node(1).netns))
+
+
+def answer_secret(listener: socket.socket) -> None:
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.sendall(b"secret outside the mesh\n")
+
+
+def test_passthrough_deny_refuses_ipv6_outside_the_mesh_too(packet_lab):
+    """``policy.outbound_passthrough: DENY``: these modes steer every IPv4 connect and the proxy refuses what
+    is outside the mesh — IPv6 outside the mesh went out untouched (seen succeeding: a node's listener
+    answered the pod over IPv6). Now every IPv6 SYN from a captured pod is reset."""
+    lab = packet_lab
+    node1, node2 = lab.node(1), lab.node(2)
+    listener = socket_in_netns(node2.netns, socket.AF_INET6)
+    listener.bind((node2.wire_address6, OUTSIDE_PORT))
+    listener.listen(16)
+    threading.Thread(target=answer_secret, args=(listener,), daemon=True).start()
+    original = Path(node1.config_file).read_text()
+    config = yaml.safe_load(original)
+    config.setdefault("policy", {})["outbound_passthrough"] = "DENY"
+    try:
+        control = dial(lab, "n1p1", node2.wire_address6, port=OUTSIDE_PORT)
+        assert "secret" in control.get("got", ""), f"control: IPv6 outside the mesh (passthrough ALLOW): {control}"
+        Path(node1.config_file).write_text(yaml.safe_dump(config, sort_keys=False))
+        labops.lab_restart_agent(lab.name, node1.name)
+        attack = dial(lab, "n1p1", node2.wire_address6, port=OUTSIDE_PORT)
+        assert attack.get("error") == "ConnectionRefusedError", \
+            f"{lab.capture_mode}: under passthrough DENY a pod reached outside the mesh over IPv6: {attack}"
+    finally:
+        listener.close()
+        Path(node1.config_file).write_text(original)
+        labops.lab_restart_agent(lab.name, node1.name)
