@@ -42,13 +42,15 @@ UNUSED_DAYS = 7            # a cached image no run used for this long is removed
 BUILD_FORMAT = 1           # bump when the layout of a cache entry changes
 
 BASE_INCLUDE = ("systemd-sysv", "udev", "linux-image-amd64", "iproute2", "python3", "kmod", "initramfs-tools")
-# What the guests run: tcpmesh's runtime packages (systemd/install.sh's RUNTIME_PACKAGES), what bcc needs
-# to compile with the shipped stub (linux-libc-dev), the test tools, PostgreSQL for the two-VM test and
-# what vagrant/provision.sh installs (make, tcpdump).
+# What the guests run: tcpmesh's runtime packages and build packages (systemd/install.sh's RUNTIME_PACKAGES
+# and BUILD_PACKAGES: gcc and python3-dev build the compiled hot path, so the guests run the data path a
+# user's `make install` builds), what bcc needs to compile with the shipped stub (linux-libc-dev), the test
+# tools, PostgreSQL for the two-VM test and what vagrant/provision.sh installs (make, tcpdump).
 APT_PACKAGES = (
     "libbpfcc", "python3-bpfcc", "linux-libc-dev", "iproute2", "nftables", "iptables", "bpftool",
     "python3-venv", "tcpdump", "openssl", "make", "procps", "util-linux", "postgresql-15", "postgresql-client-15",
     "ca-certificates", "dbus", "gcc", "libc6-dev",   # tests/bpf/test_abi_layout.py compiles the ABI header
+    "python3-dev",
 )
 KERNEL_SUITES = ("bullseye", "trixie")   # Debian 11's 5.10, Debian 13's 6.12; bookworm brings 6.1
 
