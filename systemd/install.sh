@@ -9,6 +9,7 @@
 #   VENV         an existing venv (with tcpmesh installed) to link instead of building PREFIX
 #   EXTRAS       pip extras, e.g. "kubernetes" (default: none)
 #   INSTALL_APT  0: do not install the Debian packages the agent needs (default 1)
+#   REQUIRE_COMPILED  1: fail (exit 1) when the compiled data path was not built (default 0: warn)
 set -euo pipefail
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 DESTDIR=${DESTDIR:-}
@@ -22,8 +23,48 @@ UNITDIR=/etc/systemd/system
 # What the agent runs with: bcc (loader), libbpf (attach), iproute2/nftables/iptables (ebpf-tc and
 # iptables modes), bpftool (tcpmesh doctor); python3-venv for the venv.
 RUNTIME_PACKAGES=(libbpfcc python3-bpfcc iproute2 nftables iptables bpftool python3-venv)
+# What pip builds the compiled data path with (agent/proxy/_hotpath.c, setup.py) when it installs PREFIX:
+# without them the install goes on and the agent runs the pure-Python fallback (docs/install-systemd.md,
+# "The tunnel data path"); the end of the install says which one was built.
+BUILD_PACKAGES=(gcc python3-dev)   # python3-dev brings libc6-dev (libexpat1-dev depends on it)
+REQUIRE_COMPILED=${REQUIRE_COMPILED:-0}
 
 say() { echo "install: $*"; }
+
+# Which tunnel data path the installed agent runs: agent.proxy.hotpath.describe(), what `tcpmesh doctor`
+# shows. Imported from /, so that it is the installed agent and not a checkout in the current directory.
+describe_data_path() {
+  local described
+  described=$(cd / && env -u TCPMESH_HOTPATH "$1" -c 'from agent.proxy import hotpath; print(hotpath.describe())' 2>&1) \
+    || described="unknown (agent.proxy.hotpath does not import: $described)"
+  echo "$described"
+}
+
+# Said last, loudly on stderr when it is the pure-Python fallback: why, what it costs, the fix.
+report_data_path() {
+  local python=$1 described=$2 rebuild=$3 fix=$4 include cause
+  if [ "${described#compiled}" != "$described" ]; then
+    say "tunnel data path: $described"
+    return 0
+  fi
+  include=$(cd / && "$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
+  if ! command -v "${CC:-gcc}" >/dev/null 2>&1; then
+    cause="no C compiler (${CC:-gcc}) on this host"
+  elif [ ! -e "$include/Python.h" ]; then
+    cause="no Python headers ($include/Python.h, Debian package python3-dev)"
+  else
+    cause="the build failed (the compiler's error: $rebuild, without -q)"
+  fi
+  {
+    echo "install: ==================================================================================="
+    echo "install: WARNING: tunnel data path: $described"
+    echo "install: The agent will run the PURE-PYTHON FALLBACK, not the compiled hot path: $cause."
+    echo "install: It works the same, slower (docs/install-systemd.md \"The tunnel data path\")."
+    echo "install: Fix: apt-get install ${BUILD_PACKAGES[*]}; $fix; systemctl restart tcpmesh-agent if it"
+    echo "install: runs. tcpmesh doctor shows the data path. REQUIRE_COMPILED=1 makes this an error."
+    echo "install: ==================================================================================="
+  } >&2
+}
 
 if [ -z "$DESTDIR" ] && [ "$(id -u)" -ne 0 ]; then
   echo "install: must run as root (or set DESTDIR to stage the files)" >&2
@@ -32,11 +73,16 @@ fi
 
 if [ "$INSTALL_APT" = 1 ]; then
   missing=()
-  for pkg in "${RUNTIME_PACKAGES[@]}"; do
+  wanted=("${RUNTIME_PACKAGES[@]}")
+  [ -n "$VENV" ] || wanted+=("${BUILD_PACKAGES[@]}")   # an existing venv is not built here
+  for pkg in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then
-    say "Debian packages: ${missing[*]}"
+    case " ${missing[*]} " in
+      *" gcc "*|*" python3-dev "*) say "Debian packages: ${missing[*]} (${BUILD_PACKAGES[*]}: to build the compiled data path)" ;;
+      *) say "Debian packages: ${missing[*]}" ;;
+    esac
     export DEBIAN_FRONTEND=noninteractive
     apt-get -o DPkg::Lock::Timeout=900 update -qq
     apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -47,6 +93,8 @@ if [ -n "$VENV" ]; then
   venv=$(cd "$VENV" && pwd)
   [ -x "$venv/bin/tcpmesh" ] || { echo "install: VENV=$VENV has no bin/tcpmesh" >&2; exit 1; }
   say "using the existing venv $venv"
+  python=$venv/bin/python rebuild="$venv/bin/pip install -e <its source tree>"
+  fix="$rebuild (make install links VENV, it does not build it)"
 else
   venv=$PREFIX
   target="$DESTDIR$PREFIX"
@@ -71,6 +119,13 @@ else
   mv "$src.new" "$src"
   say "pip install -e $src${EXTRAS:+[$EXTRAS]} into $target"
   "$target/bin/pip" install -q --disable-pip-version-check ${PIP_ARGS:-} -e "$src${EXTRAS:+[$EXTRAS]}"
+  python=$target/bin/python rebuild="$target/bin/pip install -e $src" fix="make install again"
+fi
+described=$(describe_data_path "$python")
+if [ "$REQUIRE_COMPILED" = 1 ] && [ "${described#compiled}" = "$described" ]; then
+  report_data_path "$python" "$described" "$rebuild" "$fix"
+  echo "install: REQUIRE_COMPILED=1: stopped before the unit, the link and the config were installed" >&2
+  exit 1
 fi
 
 install -d -m 0755 "$DESTDIR$BINDIR" "$DESTDIR$UNITDIR" "$DESTDIR/etc/tcpmesh" "$DESTDIR/etc/tcpmesh/policies" \
@@ -102,3 +157,4 @@ if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
   say "the root CA in /var/lib/tcpmesh/node-credential/bundle.pem, the registry in /etc/tcpmesh/workloads.yaml, then:"
   say "  systemctl enable --now tcpmesh-agent"
 fi
+report_data_path "$python" "$described" "$rebuild" "$fix"

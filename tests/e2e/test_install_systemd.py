@@ -8,7 +8,10 @@
   is meshed (mutual_tls) under that sandbox; SIGTERM gives STOPPING=1 and exit 0; the unit's exact
   ExecStopPost line then keeps capture in place (no systemd to ask for the job: fail closed);
 - `make install` (systemd/install.sh, staged with DESTDIR) lays out the link, the unit, the config
-  and /etc/default/tcpmesh, and keeps an edited config on a second run.
+  and /etc/default/tcpmesh, and keeps an edited config on a second run;
+- it builds the compiled data path where gcc and Python's headers are (as on this machine) and says so;
+  where the build fails it warns on stderr, naming the pure-Python fallback and the fix, and with
+  REQUIRE_COMPILED=1 it stops before installing the unit.
 """
 
 from __future__ import annotations
@@ -214,6 +217,7 @@ def test_make_install_stages_link_unit_and_config_and_keeps_an_edited_config(tmp
     done = subprocess.run(["make", "-s", "install"], cwd=unitrun.REPO, env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr + done.stdout
+    assert "install: tunnel data path: compiled (agent.proxy._hotpath, " in done.stdout, done.stdout
     assert os.readlink(root / "usr/local/bin/tcpmesh") == unitrun.CHECKOUT_BIN
     unit = root / "etc/systemd/system/tcpmesh-agent.service"
     assert unit.read_text() == unitrun.UNIT_FILE.read_text()
@@ -255,3 +259,33 @@ def test_make_install_builds_a_venv_that_finds_its_bpf_sources_and_bcc(tmp_path,
     assert Path(kstub_dir).is_dir() and os.path.realpath(bcc_file).startswith("/usr/lib/python3/dist-packages/bcc")
     assert os.readlink(root / "usr/local/bin/tcpmesh") == "/opt/tcpmesh/bin/tcpmesh"
     assert (root / "opt/tcpmesh/bin/tcpmesh").exists()
+    # pip built the install's own compiled data path (gcc and python3-dev are here), and the install said so
+    built = list((root / "opt/tcpmesh/src/agent/proxy").glob("_hotpath*.so"))
+    assert len(built) == 1, done.stdout
+    assert f"install: tunnel data path: compiled (agent.proxy._hotpath, {built[0]})" in done.stdout, done.stdout
+    assert "WARNING" not in done.stderr, done.stderr
+
+
+def test_make_install_without_a_working_compiler_warns_of_the_pure_python_data_path(tmp_path, analyze):
+    """A node where pip cannot build agent/proxy/_hotpath.c (CC=false: the compiler fails, as a missing gcc or
+    Python.h does): the install goes on and says, last and on stderr, that the agent runs the pure-Python
+    fallback and how to get the compiled one; REQUIRE_COMPILED=1 makes it an error before the unit is installed."""
+    root = tmp_path / "root"
+    env = {**os.environ, "DESTDIR": str(root), "INSTALL_APT": "0", "PYTHON": sys.executable,
+           "PIP_ARGS": "--no-deps", "CC": "false"}
+    env.pop("VENV", None)
+    done = subprocess.run(["make", "-s", "install"], cwd=unitrun.REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert not list((root / "opt/tcpmesh/src/agent/proxy").glob("_hotpath*.so"))
+    assert "tunnel data path: compiled" not in done.stdout
+    warning = done.stderr
+    assert "WARNING: tunnel data path: pure Python (agent.proxy._hotpath not built" in warning, warning
+    assert "PURE-PYTHON FALLBACK" in warning and "the build failed" in warning, warning
+    assert "Fix: apt-get install gcc python3-dev; make install again" in warning, warning
+    assert (root / "etc/systemd/system/tcpmesh-agent.service").exists()
+
+    strict = subprocess.run(["make", "-s", "install"], cwd=unitrun.REPO, env={**env, "DESTDIR": str(tmp_path / "strict"),
+                            "REQUIRE_COMPILED": "1"}, capture_output=True, text=True, timeout=120)
+    assert strict.returncode != 0 and "REQUIRE_COMPILED=1: stopped before the unit" in strict.stderr, strict.stderr
+    assert not (tmp_path / "strict/etc/systemd/system/tcpmesh-agent.service").exists()
