@@ -23,6 +23,23 @@ class ConfigError(TcpmeshError):
         super().__init__(text)
 
 
+class ConfigErrors(ConfigError):
+    """Every problem of one config file at once, as a validator reports them: ``errors`` in the order found. The
+    first is also this error's own field, value, problem and fix, for code that reads one."""
+
+    def __init__(self, errors: list[ConfigError], where: str = "") -> None:
+        first = errors[0]
+        self.errors = list(errors)
+        self.field, self.value, self.problem, self.fix = first.field, first.value, first.problem, first.fix
+        lines = "\n".join(f"  {error}" for error in self.errors)
+        Exception.__init__(self, f"{where + ': ' if where else ''}{len(self.errors)} problems:\n{lines}")
+
+
+def refused(errors: list[ConfigError], where: str = "") -> ConfigError:
+    """The one error to raise for ``errors`` (not empty): itself when alone, else ConfigErrors naming them all."""
+    return errors[0] if len(errors) == 1 else ConfigErrors(errors, where)
+
+
 def invalid_yaml(path: object, text: str, exc: Exception) -> ConfigError:
     """A YAML parse error of the file ``path`` as a ConfigError: ``PATH:LINE: not valid YAML: PROBLEM (got
     'the line')`` and the usual fix (PyYAML's own text says ``<unicode string>`` and points with a caret)."""

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from agent.config import build_dataclass
-from agent.errors import ConfigError, invalid_yaml
+from agent.config import build_dataclass, problems_of
+from agent.errors import ConfigError, invalid_yaml, refused
 from agent.identity.spiffe import (SpiffeIdError, validate_namespace, validate_service_account,
                                   validate_trust_domain)
 from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
@@ -110,9 +110,10 @@ def load_issuer_config(path: str | Path) -> IssuerConfig:
         raise invalid_yaml(path, text, exc) from None
     try:
         return issuer_config_from_mapping(doc, source=str(path))
-    except ConfigError as exc:  # say which file holds the wrong value, as the agent's config does
-        where = exc.field if exc.field == str(path) else f"{path}: {exc.field}"
-        raise ConfigError(where, exc.value, exc.problem, exc.fix) from None
+    except ConfigError as exc:  # say which file holds each wrong value, as the agent's config does
+        located = [ConfigError(e.field if e.field == str(path) else f"{path}: {e.field}", e.value, e.problem, e.fix)
+                   for e in problems_of(exc)]
+        raise refused(located, where=str(path)) from None
 
 
 def issuer_config_from_mapping(doc: Any, source: str = "issuer config") -> IssuerConfig:

@@ -99,7 +99,8 @@ def test_errors_of_a_config_file_name_the_file_and_the_field(tmp_path):
     path.write_text("node: {nmae: node1, address: 10.76.0.1}\n")
     with pytest.raises(ConfigError, match=rf"^{path}: node.nmae: unknown setting.*known settings here: address, name"):
         load_config(path, environ={})
-    path.write_text("node: {name: node1, address: 10.76.0.1}\ncapture: {redirect_address: ''}\n")
+    path.write_text("node: {name: node1, address: 10.76.0.1}\ncapture: {redirect_address: ''}\n"
+                    "identity: {issuer: {addresses: ['10.76.0.5:15012']}}\n")
     with pytest.raises(ConfigError, match=rf"^{path}: capture.redirect_address"):
         load_config(path, environ={})
 

@@ -18,7 +18,8 @@ from dataclasses import fields, is_dataclass
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from agent.config import ENV_PREFIX, Config, apply_environment, config_from_mapping, load_config, validate
+from agent.config import (ENV_PREFIX, Config, apply_environment, config_from_mapping, load_config, problems_of,
+                          validate)
 from agent.errors import ConfigError
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -107,9 +108,12 @@ def check(build, named: set[str] | None = None) -> bool:
         config = validate(build())
     except ConfigError as exc:
         assert exc.field and str(exc)
-        if named is not None:
-            assert exc.field in named or exc.field.split(".")[0] in named or exc.field.split(".")[-1] in named \
-                or exc.field in REQUIRED_FIELDS, (exc.field, sorted(named))
+        for problem in problems_of(exc):  # a config with several problems names each (ConfigErrors)
+            assert problem.field and problem.field in str(exc)
+            if named is not None:
+                assert problem.field in named or problem.field.split(".")[0] in named \
+                    or problem.field.split(".")[-1] in named or problem.field in REQUIRED_FIELDS, \
+                    (problem.field, sorted(named))
         return False
     assert_sound(config)
     return True
