@@ -345,3 +345,31 @@ def test_a_dual_stack_service_from_the_kubernetes_api_is_a_mesh_destination_on_b
     entries = mesh_entries(service_destinations(registry.service_frontends()))
     assert lookup(entries, v6, 5432) == abi.DST_SERVICE and lookup(entries, v4, 5432) == abi.DST_SERVICE
     assert lookup(entries, v6, 5433) is None  # another port of the VIP is not the Service
+
+
+@pytest.mark.parametrize("field", ["externalIPs", "loadBalancer"])
+def test_a_services_external_and_load_balancer_addresses_are_mesh_destinations(field):
+    """kube-proxy DNATs a Service's ``spec.externalIPs`` and ``status.loadBalancer.ingress[].ip`` (ipMode VIP, the
+    default) to its endpoints for in-cluster clients too, just like the ClusterIP — so a pod a DENY names would
+    reach the backend in plaintext through them unless they are mesh destinations like the ClusterIP."""
+    from agent.registry.kubernetes.mapping import build_registry
+
+    service = _dual_stack_service(["10.96.0.10", "fd00:96::10"])
+    service["spec"]["type"] = "LoadBalancer"
+    if field == "externalIPs":
+        service["spec"]["externalIPs"] = ["192.0.2.10", "2001:db8::10"]
+        extra = ["192.0.2.10", "2001:db8::10"]
+    else:
+        service["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}, {"ip": "2001:db8::7", "ipMode": "VIP"},
+                                                          {"ip": "198.51.100.8", "ipMode": "Proxy"},
+                                                          {"hostname": "lb.example.com"}]}}
+        extra = ["198.51.100.7", "2001:db8::7"]
+    result = build_registry("k.tcpmesh", "n1", [_pod("db-0", "n1", ["10.244.1.5", "fd00:244:1::5"], "db")],
+                            [_node("n1", "192.168.0.1")], lambda pod: "/sys/fs/cgroup/kubepods/pod-db-0", [service],
+                            [_slice("IPv4", "10.244.1.5", "db-0")])
+    for address in extra:
+        assert result.registry.service_at(address, 5432) is not None, \
+            f"{field} {address}:5432 is not a mesh destination: a denied pod reaches db-0 through it in plaintext"
+    # ipMode Proxy: kube-proxy sends in-cluster traffic to the load balancer itself (its PROXY protocol, its
+    # policies), so the mesh leaves that address alone, as kube-proxy does
+    assert result.registry.service_at("198.51.100.8", 5432) is None

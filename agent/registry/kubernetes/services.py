@@ -2,9 +2,12 @@
 
 What kube-proxy does with the same two kinds, restricted to what the mesh can tunnel to:
 
-- a Service is its ``spec.clusterIPs`` (``spec.clusterIP`` on servers without it; IPv4 and IPv6)
-  and its TCP ports; headless (``clusterIP: None``) and ``ExternalName`` Services have no virtual
-  address and are left out — their clients dial pod addresses, which are meshed already;
+- a Service is its ``spec.clusterIPs`` (``spec.clusterIP`` on servers without it; IPv4 and IPv6),
+  its ``spec.externalIPs`` and load-balancer ingress IPs (``ipMode: VIP``, the default: kube-proxy
+  DNATs those for in-cluster clients too — left out they were a plaintext way past policy) and its
+  TCP ports; ``nodePort``s are not (a gap: docs/security.md "Known gaps"); headless
+  (``clusterIP: None``) and ``ExternalName`` Services have no virtual address and are left out —
+  their clients dial pod addresses, which are meshed already;
 - its endpoints are the endpoints of every EndpointSlice labelled
   ``kubernetes.io/service-name: <name>`` in its namespace (``addressType`` IPv4 or IPv6; FQDN
   slices mean nothing to a proxy), matched to a workload by ``targetRef`` (a Pod) or else by address;
@@ -56,7 +59,7 @@ def build_services(services: Iterable[Mapping[str, Any]], slices: Iterable[Mappi
         meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
         key = f"{meta.get('namespace', '?')}/{meta.get('name', '?')}"
         service, notes = _service(meta, spec, slices_of.get((meta.get("namespace", ""), meta.get("name", ""))) or [],
-                                  by_key, by_address)
+                                  by_key, by_address, obj.get("status") or {})
         skipped += [(key, note) for note in notes]
         if service is not None:
             built.append(service)
@@ -65,7 +68,8 @@ def build_services(services: Iterable[Mapping[str, Any]], slices: Iterable[Mappi
 
 
 def _service(meta: Mapping[str, Any], spec: Mapping[str, Any], slices: list[Mapping[str, Any]],
-             by_key: Mapping[str, Workload], by_address: Mapping[str, Workload]) -> tuple[Service | None, list[str]]:
+             by_key: Mapping[str, Workload], by_address: Mapping[str, Workload],
+             status: Mapping[str, Any]) -> tuple[Service | None, list[str]]:
     if not meta.get("name") or not meta.get("namespace"):
         return None, ["no name or namespace"]
     if spec.get("type") == "ExternalName":
@@ -73,6 +77,7 @@ def _service(meta: Mapping[str, Any], spec: Mapping[str, Any], slices: list[Mapp
     addresses = _cluster_ips(spec)
     if not addresses:
         return None, ["headless (clusterIP None): clients dial pod addresses, which are meshed"]
+    addresses = tuple(dict.fromkeys(addresses + _external_ips(spec, status)))
     tcp_ports = [p for p in spec.get("ports") or () if (p.get("protocol") or "TCP") == "TCP" and _port(p.get("port"))]
     if not tcp_ports:
         return None, ["no TCP port"]
@@ -122,6 +127,22 @@ def _service(meta: Mapping[str, Any], spec: Mapping[str, Any], slices: list[Mapp
         return None, ["two TCP ports with one number"]
     endpoints = tuple(Endpoint(k, k in takes_new) for k in sorted(found))
     return Service(meta["name"], meta["namespace"], addresses, tuple(ports), endpoints), notes
+
+
+def _external_ips(spec: Mapping[str, Any], status: Mapping[str, Any]) -> tuple[str, ...]:
+    """The other addresses kube-proxy sends to the endpoints, for in-cluster clients too: ``spec.externalIPs``
+    and ``status.loadBalancer.ingress[].ip`` — except ``ipMode: Proxy`` ingresses (kube-proxy then sends
+    traffic to the load balancer itself); hostname-only ingresses have no address. Canonical text."""
+    raw = list(spec.get("externalIPs") or ())
+    raw += [i.get("ip") for i in (status.get("loadBalancer") or {}).get("ingress") or ()
+            if isinstance(i, Mapping) and i.get("ip") and i.get("ipMode", "VIP") != "Proxy"]
+    addresses = []
+    for text in raw:
+        try:
+            addresses.append(str(ipaddress.ip_address(text)))
+        except (TypeError, ValueError):
+            continue
+    return tuple(addresses)
 
 
 def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...]:
