@@ -1,4 +1,4 @@
-"""The agent's configuration: typed, frozen, loaded once (file, then environment), validated in one place.
+"""The agent's configuration: typed, frozen, loaded once (file, environment, host defaults), validated in one place.
 
 Every default is a named constant below. Every error names the field, the value and the fix.
 Reads one file, the environment and, for ``capture.cgroup_root: auto``, the mount table (agent.mounts);
@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from agent.errors import ConfigError, ConfigErrors, invalid_yaml, refused
+from agent.errors import ConfigError, invalid_yaml, problems_of, refused
 from agent.filetrust import UntrustedFileError, check_trusted_file
 from agent.identity.spiffe import SpiffeIdError, validate_trust_domain
 from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
@@ -358,11 +358,6 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *,
         raise refused([_located(error, path) for error in problems_of(exc)], where=str(path)) from None
 
 
-def problems_of(error: ConfigError) -> list[ConfigError]:
-    """The problems ``error`` stands for: its ``errors`` (ConfigErrors), else itself."""
-    return list(error.errors) if isinstance(error, ConfigErrors) else [error]
-
-
 def _located(error: ConfigError, path: Path) -> ConfigError:
     where = (f"{error.field} (environment, overrides {path})" if error.field.startswith(ENV_PREFIX)
              else error.field if error.field == str(path) else f"{path}: {error.field}")
@@ -503,26 +498,31 @@ _SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT|PORT
 
 
 def check_environment(environ: Mapping[str, str]) -> None:
-    """Pure: ConfigError for the first ``TCPMESH_*`` variable that is neither a config field (``environment_fields``),
-    nor in ``NON_CONFIG_ENV``, nor one of the Kubernetes service links of a Service named tcpmesh-* — naming the
-    closest known name. Refused rather than warned about, as an unknown key of the file is: a misspelled
-    override would otherwise run the node on the default it meant to change (docs/config.md "Environment")."""
+    """Pure: refuse every ``TCPMESH_*`` variable that is neither a config field (``environment_fields``), nor in
+    ``NON_CONFIG_ENV``, nor one of the Kubernetes service links of a Service named tcpmesh-*, each with the closest
+    known name. Refused rather than warned about, as an unknown key of the file is: a misspelled override would
+    otherwise run the node on the default it meant to change (docs/config.md "Environment")."""
     known = environment_fields()
+    nested = _nested_sections()
+    candidates = {name[len(ENV_PREFIX):]: name for name in [*known, *NON_CONFIG_ENV]}
+    errors = []
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name in known or name in NON_CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name in known or name in NON_CONFIG_ENV \
+                or _kubernetes_service_link(name, environ[name]):
             continue
-        if _kubernetes_service_link(name, environ[name]):
+        section = next((path for path in nested if name.startswith(_env_name(path) + "_")), None)
+        if section:
+            errors.append(ConfigError(name, environ[name], f"sets a field of {section}, which only the config file "
+                                      "can set", f"write it under {section} in the config file and remove the "
+                                      "variable (docs/config.md)"))
             continue
-        nested = next((f"{path}" for path in _nested_sections() if name.startswith(_env_name(path) + "_")), None)
-        if nested:
-            raise ConfigError(name, environ[name], f"sets a field of {nested}, which only the config file can set",
-                              f"write it under {nested} in the config file and remove the variable (docs/config.md)")
-        candidates = {known_name[len(ENV_PREFIX):]: known_name for known_name in [*known, *NON_CONFIG_ENV]}
         close = [candidates[c] for c in difflib.get_close_matches(name[len(ENV_PREFIX):], candidates, n=1, cutoff=0.75)]
         hint = f"did you mean {close[0]}{f' ({known[close[0]]})' if close[0] in known else ''}? " if close else ""
-        raise ConfigError(name, environ[name], "is not a tcpmesh setting: the agent would run as if it were not set",
-                          f"{hint}a config field is TCPMESH_<SECTION>_<FIELD> (docs/config.md \"Environment\"); "
-                          "rename or remove the variable")
+        errors.append(ConfigError(name, environ[name], "is not a tcpmesh setting: the agent would run as if it were "
+                                  "not set", f"{hint}a config field is TCPMESH_<SECTION>_<FIELD> (docs/config.md "
+                                  "\"Environment\"); rename or remove the variable"))
+    if errors:
+        raise refused(errors)
 
 
 def _env_name(path: str) -> str:
@@ -530,8 +530,10 @@ def _env_name(path: str) -> str:
 
 
 def _nested_sections() -> list[str]:
-    return [f"{top.name}.{sub.name}" for top in fields(Config) if is_dataclass(getattr(Config(), top.name))
-            for sub in fields(getattr(Config(), top.name)) if is_dataclass(getattr(getattr(Config(), top.name), sub.name))]
+    """Sections of a section (identity.issuer): their fields are set in the file only."""
+    config = Config()
+    return [f"{top.name}.{sub.name}" for top in fields(config) if is_dataclass(section := getattr(config, top.name))
+            for sub in fields(section) if is_dataclass(getattr(section, sub.name))]
 
 
 def _kubernetes_service_link(name: str, value: str) -> bool:

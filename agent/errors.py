@@ -40,6 +40,11 @@ def refused(errors: list[ConfigError], where: str = "") -> ConfigError:
     return errors[0] if len(errors) == 1 else ConfigErrors(errors, where)
 
 
+def problems_of(error: ConfigError) -> list[ConfigError]:
+    """The problems ``error`` stands for: its ``errors`` (ConfigErrors), else itself."""
+    return list(error.errors) if isinstance(error, ConfigErrors) else [error]
+
+
 def invalid_yaml(path: object, text: str, exc: Exception) -> ConfigError:
     """A YAML parse error of the file ``path`` as a ConfigError: ``PATH:LINE: not valid YAML: PROBLEM (got
     'the line')`` and the usual fix (PyYAML's own text says ``<unicode string>`` and points with a caret)."""

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from agent.config import build_dataclass, problems_of
-from agent.errors import ConfigError, invalid_yaml, refused
+from agent.config import build_dataclass
+from agent.errors import ConfigError, invalid_yaml, problems_of, refused
 from agent.identity.spiffe import (SpiffeIdError, validate_namespace, validate_service_account,
                                   validate_trust_domain)
 from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS

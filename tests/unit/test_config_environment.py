@@ -119,3 +119,9 @@ def test_every_tcpmesh_variable_the_repository_uses_is_known():
         ("TCPMESH_R_", "TCPMESH_TC_R_", "TCPMESH_SR_"))}  # reason counters, parsed from bpf/ by name
     assert not unknown, f"TCPMESH_* names neither a config field nor in agent.config.NON_CONFIG_ENV: {unknown}"
     assert all(name.startswith(ENV_PREFIX) and why for name, why in NON_CONFIG_ENV.items())
+
+
+def test_several_unknown_variables_are_named_together():
+    with pytest.raises(ConfigError) as info:
+        check_environment({"TCPMESH_NODE_ADRESS": "10.0.0.1", "TCPMESH_PROXY_EVENTLOOP": "asyncio"})
+    assert [e.field for e in info.value.errors] == ["TCPMESH_NODE_ADRESS", "TCPMESH_PROXY_EVENTLOOP"]

@@ -18,9 +18,8 @@ from dataclasses import fields, is_dataclass
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from agent.config import (ENV_PREFIX, Config, apply_environment, config_from_mapping, load_config, problems_of,
-                          validate)
-from agent.errors import ConfigError
+from agent.config import ENV_PREFIX, Config, apply_environment, config_from_mapping, load_config, validate
+from agent.errors import ConfigError, problems_of
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 SECTIONS = {f.name: [g.name for g in fields(getattr(Config(), f.name))] if is_dataclass(getattr(Config(), f.name))
