@@ -322,10 +322,17 @@ static __always_inline int tcpmesh_capture_connect(struct bpf_sock_addr *ctx, in
 		return TCPMESH_DENY;
 	}
 #endif
-	if (verdict == TCPMESH_R_CAPTURED)
-		verdict = tcpmesh_cidr_verdict(dst);
-	if (verdict == TCPMESH_R_CAPTURED)
-		verdict = tcpmesh_mesh_verdict(TCPMESH_DST_INET, addr, (__u16)ctx->user_port);
+	if (verdict == TCPMESH_R_TO_REDIRECT && (__u16)ctx->user_port != bpf_htons(REDIR_PORT) &&
+	    tcpmesh_mesh_verdict(TCPMESH_DST_INET, addr, (__u16)ctx->user_port) == TCPMESH_R_CAPTURED) {
+		/* the redirect address is the node's own IP in the DaemonSet, where kube-proxy answers
+		 * nodePorts: a mesh entry for this address and port (never the redirect port) is captured */
+		verdict = TCPMESH_R_CAPTURED;
+	} else {
+		if (verdict == TCPMESH_R_CAPTURED)
+			verdict = tcpmesh_cidr_verdict(dst);
+		if (verdict == TCPMESH_R_CAPTURED)
+			verdict = tcpmesh_mesh_verdict(TCPMESH_DST_INET, addr, (__u16)ctx->user_port);
+	}
 	if (verdict == TCPMESH_R_OUTSIDE_MESH_ALLOWED)
 		return tcpmesh_outside_mesh(ctx, TCPMESH_DST_INET, addr);
 	if (verdict != TCPMESH_R_CAPTURED) {

@@ -52,11 +52,12 @@ class Capture(Protocol):
     inbound: InboundEnforcement | None  # None: this mode cannot enforce STRICT in the kernel
     egress: EgressEvents | None  # None: no kernel events for connects outside the mesh
 
-    def set_mesh_destinations(self, workloads: Iterable[Workload],
-                              services: Iterable[tuple[str, int]] = ()) -> None:
-        """Only these workloads' addresses and these Service (virtual address, port) pairs are
-        captured; every other destination is left alone (it leaves from the pod itself). Called
-        before a snapshot's pods are attached."""
+    def set_mesh_destinations(self, workloads: Iterable[Workload], services: Iterable[tuple[str, int]] = (),
+                              node_ports: Iterable[tuple[str, int]] = ()) -> None:
+        """Only these workloads' addresses, these Service (virtual address, port) pairs and these
+        (node address, nodePort) pairs are captured; every other destination is left alone (it leaves
+        from the pod itself). Called before a snapshot's pods are attached. A mode that can only steer
+        whole addresses ignores ``node_ports`` (a node's other ports are not the mesh)."""
 
     def start(self) -> None:
         """Load programs / install node-level rules. Raises a TcpmeshError naming what failed."""

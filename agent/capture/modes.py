@@ -26,8 +26,8 @@ class NoCapture:
     inbound = None
     egress = None
 
-    def set_mesh_destinations(self, workloads: Iterable[Workload],
-                              services: Iterable[tuple[str, int]] = ()) -> None:
+    def set_mesh_destinations(self, workloads: Iterable[Workload], services: Iterable[tuple[str, int]] = (),
+                              node_ports: Iterable[tuple[str, int]] = ()) -> None:
         pass
 
     def start(self) -> None:
@@ -137,15 +137,15 @@ class ConnectMode:
             if cgroup_id is not None:
                 self._capture.forget_pod(cgroup_id)
 
-    def set_mesh_destinations(self, workloads: Iterable[Workload],
-                              services: Iterable[tuple[str, int]] = ()) -> None:
-        """The registry's workload addresses and Services' (address, port) pairs are the mesh: only
-        connects to them are captured; every other connect leaves from the pod itself (or is
-        refused: policy.outbound_passthrough DENY)."""
+    def set_mesh_destinations(self, workloads: Iterable[Workload], services: Iterable[tuple[str, int]] = (),
+                              node_ports: Iterable[tuple[str, int]] = ()) -> None:
+        """The registry's workload addresses, Services' (address, port) pairs and (node address,
+        nodePort) pairs are the mesh: only connects to them are captured; every other connect leaves
+        from the pod itself (or is refused: policy.outbound_passthrough DENY)."""
         from agent.capture.meshdsts import service_destinations, workload_destinations
 
         self._capture.set_mesh_destinations(workload_destinations(ip for w in workloads for ip in w.addresses)
-                                            + service_destinations(services))
+                                            + service_destinations(services) + service_destinations(node_ports))
 
     @property
     def egress(self) -> EgressEvents:

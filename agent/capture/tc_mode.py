@@ -204,12 +204,14 @@ class TcCapture:
         """{workload key: interface}, a snapshot for `doctor` and tests."""
         return {key: ifname for key, (_, ifname) in sorted(self._attached.items())}
 
-    def set_mesh_destinations(self, workloads: Iterable[Workload],
-                              services: Iterable[tuple[str, int]] = ()) -> None:
+    def set_mesh_destinations(self, workloads: Iterable[Workload], services: Iterable[tuple[str, int]] = (),
+                              node_ports: Iterable[tuple[str, int]] = ()) -> None:
         """Only the mesh is captured: the IPv4 workload addresses inside the capture CIDRs, each a /32.
         Every other destination is left alone (it leaves from the pod; the proxy never dials it) —
         unless passthrough is DENY: then the whole scope stays steered and the proxy refuses it.
-        IPv6 to the mesh (workloads' ip6, Services' IPv6 addresses) is refused (agent.capture.ipv6_refusal)."""
+        IPv6 to the mesh (workloads' ip6, Services' IPv6 addresses) is refused (agent.capture.ipv6_refusal).
+        ``node_ports`` are not taken: steering a node's whole address would take its other ports too
+        (docs/security.md "Known gaps")."""
         workloads, services = tuple(workloads), tuple(services)
         self._ipv6.set_mesh((w.ip6 for w in workloads if w.ip6), services)
         if self._passthrough_deny:

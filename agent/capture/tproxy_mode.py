@@ -87,13 +87,15 @@ class TproxyCapture:
         log.info("iptables mode: TPROXY rules installed with %s%s", self.backend.name,
                  "".join(f"; {n} failed: {e}" for n, e in self.backend_errors.items()))
 
-    def set_mesh_destinations(self, workloads: Iterable[Workload],
-                              services: Iterable[tuple[str, int]] = ()) -> None:
+    def set_mesh_destinations(self, workloads: Iterable[Workload], services: Iterable[tuple[str, int]] = (),
+                              node_ports: Iterable[tuple[str, int]] = ()) -> None:
         """Only the mesh is captured: one rule per IPv4 workload address inside the capture CIDRs
         (the capture chain is rebuilt in one transaction; the interface set is kept). Every other
         destination is left alone: it leaves from the pod, the proxy never dials it — unless
         passthrough is DENY: then the whole scope stays steered and the proxy refuses it.
-        IPv6 to the mesh (workloads' ip6, Services' IPv6 addresses) is refused (agent.capture.ipv6_refusal)."""
+        IPv6 to the mesh (workloads' ip6, Services' IPv6 addresses) is refused (agent.capture.ipv6_refusal).
+        ``node_ports`` are not taken: steering a node's whole address would take its other ports too
+        (docs/security.md "Known gaps")."""
         workloads, services = tuple(workloads), tuple(services)
         self._ipv6.set_mesh((w.ip6 for w in workloads if w.ip6), services)
         if self._passthrough_deny:

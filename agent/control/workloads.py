@@ -140,7 +140,8 @@ class WorkloadController:
         plan = plan_local(old, new, self.node_name)
         if old is None or old.identities_on(self.node_name) != new.identities_on(self.node_name):
             self.identities.ensure(new.identities_on(self.node_name))
-        self.capture.set_mesh_destinations(new.workloads, new.service_frontends())  # before attaching: a pod's first connect knows the mesh
+        self.capture.set_mesh_destinations(new.workloads, new.service_frontends(),  # before attaching: a pod's
+                                           new.node_port_frontends())         # first connect knows the mesh
         for workload in plan.detach:
             self.capture.detach(workload)
             self.attach_failures.pop(workload.key, None)
@@ -167,7 +168,7 @@ class WorkloadController:
         for workload in detached:
             self.capture.attach(workload)
         if old is not None:
-            self.capture.set_mesh_destinations(old.workloads, old.service_frontends())
+            self.capture.set_mesh_destinations(old.workloads, old.service_frontends(), old.node_port_frontends())
             self.identities.ensure(old.identities_on(self.node_name))
 
     # -- files ----------------------------------------------------------------------------------

@@ -44,8 +44,10 @@ def read_services(plan: LabPlan) -> list[dict[str, Any]]:
 
 
 def service_document(plan: LabPlan, name: str, addresses: Sequence[str], ports: Sequence[tuple[int, int]],
-                     endpoints: Sequence[tuple[str, bool]], namespace: str | None = None) -> dict[str, Any]:
-    """A registry ``services:`` entry from lab pod names (n1p2) and (port, target port) pairs."""
+                     endpoints: Sequence[tuple[str, bool]], namespace: str | None = None,
+                     node_ports: Sequence[int | None] = ()) -> dict[str, Any]:
+    """A registry ``services:`` entry from lab pod names (n1p2) and (port, target port) pairs; ``node_ports``
+    (one per port, None for none) makes it a NodePort Service, DNATed on every node's wire address."""
     workloads = []
     for pod_name, ready in endpoints:
         try:
@@ -54,8 +56,10 @@ def service_document(plan: LabPlan, name: str, addresses: Sequence[str], ports: 
             raise LabError(f"service {name}: endpoint {pod_name!r} is not a pod of lab {plan.name} "
                            f"(pods: {', '.join(p.name for p in plan.pods)})") from exc
         workloads.append({"workload": f"{pod.namespace}/{pod.name}", "ready": ready})
+    with_node = list(node_ports) + [None] * (len(ports) - len(node_ports))
     return {"name": name, "namespace": namespace or plan.namespace, "addresses": list(addresses),
-            "ports": [{"port": p, "target_port": t} for p, t in ports], "endpoints": workloads}
+            "ports": [{"port": p, "target_port": t, **({"node_port": n} if n else {})}
+                      for (p, t), n in zip(ports, with_node)], "endpoints": workloads}
 
 
 def lab_service_set(plan: LabPlan, service: dict[str, Any]) -> None:
@@ -85,22 +89,26 @@ def nft_ruleset(plan: LabPlan, services: list[dict[str, Any]]) -> str:
     """The node netns' kube-proxy stand-in, replacing the previous one in one nft transaction (pure):
     table ``ip tcpmesh_services`` for IPv4 virtual addresses (DNAT to the endpoints' IPv4 addresses) and
     ``ip6 tcpmesh_services`` for IPv6 ones (to their IPv6 addresses), as kube-proxy on a dual-stack
-    cluster sends each family of a Service to the EndpointSlices of that family."""
+    cluster sends each family of a Service to the EndpointSlices of that family; a ``node_port`` is DNATed
+    on every node's wire address, as kube-proxy does on every node."""
     pods = {f"{p.namespace}/{p.name}": p for p in plan.pods}
     rules: dict[str, list[str]] = {"ip": [], "ip6": []}
     for service in services:
         ready = [pods[e["workload"]] for e in service["endpoints"] if e.get("ready", True)]
-        for address in service["addresses"]:
+        frontends = [(address, port["port"], port["target_port"]) for address in service["addresses"]
+                     for port in service["ports"]]
+        frontends += [(node.wire_address, port["node_port"], port["target_port"]) for node in plan.nodes
+                      for port in service["ports"] if port.get("node_port")]   # kube-proxy: every node's address
+        for address, number, target_port in frontends:
             family = "ip6" if ":" in address else "ip"
             targets = [p.ip6 if family == "ip6" else p.ip for p in ready]
-            for port in service["ports"]:
-                match = f"{family} daddr {address} tcp dport {port['port']}"
-                if not targets:
-                    rules[family].append(f"    {match} reject with tcp reset")
-                    continue
-                entries = ", ".join(f"{i} : {ip}" for i, ip in enumerate(targets))
-                rules[family].append(f"    {match} dnat to numgen inc mod {len(targets)} map {{ {entries} }} : "
-                                     f"{port['target_port']}")
+            match = f"{family} daddr {address} tcp dport {number}"
+            if not targets:
+                rules[family].append(f"    {match} reject with tcp reset")
+                continue
+            entries = ", ".join(f"{i} : {ip}" for i, ip in enumerate(targets))
+            rules[family].append(f"    {match} dnat to numgen inc mod {len(targets)} map {{ {entries} }} : "
+                                 f"{target_port}")
     return "".join(f"table {family} {NFT_TABLE}\ndelete table {family} {NFT_TABLE}\n"
                    f"table {family} {NFT_TABLE} {{\n  chain prerouting {{\n"
                    f"    type nat hook prerouting priority dstnat; policy accept;\n" + "\n".join(lines) + "\n  }\n}\n"

@@ -73,6 +73,7 @@ class Service:
     addresses: tuple[str, ...]  # virtual addresses (ClusterIPs), IPv4 and/or IPv6
     ports: tuple[ServicePort, ...]
     endpoints: tuple[Endpoint, ...] = ()
+    node_ports: tuple[ServicePort, ...] = ()  # (nodePort, target port): reached at every node's address
 
     @property
     def key(self) -> str:
@@ -103,12 +104,18 @@ class Registry:
         by_key = {w.key: w for w in self.workloads}
         # (address, port) -> (service, target port, ready endpoint workloads): resolved once per snapshot
         frontends: dict[tuple[str, int], tuple[Service, int, tuple[Workload, ...]]] = {}
+        node_ports: dict[tuple[str, int], tuple[Service, int, tuple[Workload, ...]]] = {}
         for service in self.services:
             ready = tuple(by_key[e.workload] for e in service.endpoints if e.ready and e.workload in by_key)
             for address in service.addresses:
                 for port in service.ports:
                     frontends[(address, port.port)] = (service, port.target_port, ready)
-        object.__setattr__(self, "_frontends", MappingProxyType(frontends))
+            for node in self.nodes.values():  # kube-proxy answers a nodePort on every node's address
+                for port in service.node_ports:
+                    node_ports[(node.address, port.port)] = (service, port.target_port, ready)
+        object.__setattr__(self, "_virtual", tuple(frontends))
+        object.__setattr__(self, "_node_ports", tuple(node_ports))
+        object.__setattr__(self, "_frontends", MappingProxyType({**node_ports, **frontends}))
 
     @classmethod
     def build(cls, trust_domain: str, nodes: Iterable[Node], workloads: Iterable[Workload],
@@ -128,7 +135,12 @@ class Registry:
 
     def service_frontends(self) -> tuple[tuple[str, int], ...]:
         """Every (virtual address, port) of every Service: what the capture must treat as the mesh."""
-        return tuple(self._frontends)  # type: ignore[attr-defined]
+        return self._virtual  # type: ignore[attr-defined]
+
+    def node_port_frontends(self) -> tuple[tuple[str, int], ...]:
+        """Every (node address, nodePort) of every Service: the mesh too, but only that port of a node's
+        address (the packet-level modes, which steer whole addresses, cannot take them)."""
+        return self._node_ports  # type: ignore[attr-defined]
 
     def local(self, node_name: str) -> tuple[Workload, ...]:
         return tuple(w for w in self.workloads if w.node == node_name)

@@ -91,6 +91,7 @@ def parse_registry(doc: Any, default_trust_domain: str, source: str = "registry"
                 for i, entry in enumerate(_list(doc, "services", source))]
     _no_duplicates([s.key for s in services], f"{source}: services", "namespace/name")
     _no_duplicates([a for s in services for a in s.addresses], f"{source}: services", "address")
+    _no_duplicates([str(p.port) for s in services for p in s.node_ports], f"{source}: services", "node_port")
     return Registry.build(trust_domain, nodes, workloads, services)
 
 
@@ -191,17 +192,22 @@ def parse_service(entry: Any, where: str, workload_keys: set[str], workload_ips:
         raise ConfigError(f"{where}.ports", ports, "is required: a list of {port, target_port}",
                           "e.g. ports: [{port: 5432, target_port: 5432}]")
     parsed_ports = []
+    node_ports: list[ServicePort] = []
     for i, port in enumerate(ports):
         here = f"{where}.ports[{i}]"
-        if not isinstance(port, dict) or set(port) - {"port", "target_port"}:
-            raise ConfigError(here, port, "must be a mapping with port and target_port",
+        if not isinstance(port, dict) or set(port) - {"port", "target_port", "node_port"}:
+            raise ConfigError(here, port, "must be a mapping with port and target_port (and optionally node_port)",
                               "e.g. {port: 80, target_port: 8080}")
-        for key in ("port", "target_port"):
+        for key in ("port", "target_port", "node_port"):
             value = port.get(key, port.get("port") if key == "target_port" else None)
+            if key == "node_port" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
                 raise ConfigError(f"{here}.{key}", value, "must be a port number 1-65535",
-                                  "target_port defaults to port")
+                                  "target_port defaults to port; node_port is optional")
         parsed_ports.append(ServicePort(port["port"], port.get("target_port", port["port"])))
+        if port.get("node_port") is not None:
+            node_ports.append(ServicePort(port["node_port"], port.get("target_port", port["port"])))
     _no_duplicates([str(p.port) for p in parsed_ports], f"{where}.ports", "port")
     parsed_endpoints = []
     for i, endpoint in enumerate(entry.get("endpoints") or []):
@@ -220,7 +226,7 @@ def parse_service(entry: Any, where: str, workload_keys: set[str], workload_ips:
         parsed_endpoints.append(Endpoint(endpoint["workload"], ready))
     _no_duplicates([e.workload for e in parsed_endpoints], f"{where}.endpoints", "workload")
     return Service(entry["name"], entry["namespace"], tuple(parsed_addresses), tuple(parsed_ports),
-                   tuple(parsed_endpoints))
+                   tuple(parsed_endpoints), tuple(node_ports))
 
 
 def _no_duplicates(values: list[str], where: str, what: str) -> None:

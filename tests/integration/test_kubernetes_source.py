@@ -51,7 +51,7 @@ class RecordingCapture:
     def detach(self, workload) -> None:
         self.calls.append(("detach", workload.key, workload.cgroup))
 
-    def set_mesh_destinations(self, workloads, services=()) -> None:  # the capture interface (agent.capture.interface)
+    def set_mesh_destinations(self, workloads, services=(), node_ports=()) -> None:  # the capture interface (agent.capture.interface)
         self.mesh = [w.key for w in workloads]
         self.frontends = sorted(services)
 

@@ -145,3 +145,18 @@ def test_a_numeric_target_port_is_used_when_no_slice_names_the_port():
     slice_["ports"] = [{"name": "sql", "protocol": "TCP", "port": 6432}]
     assert service(build(services=[pg], slices=[slice_]), "data/postgres").ports == (
         ServicePort(5432, 6432), ServicePort(8008, 8008))   # targetPort defaults to port
+
+
+def test_a_node_port_service_carries_its_node_ports():
+    from agent.registry.kubernetes.services import build_services
+    from agent.registry.model import Workload
+
+    pod = Workload("db-0", "shop", "db", "10.244.1.5", "n1", None, "td")
+    service = {"metadata": {"name": "db", "namespace": "shop"},
+               "spec": {"type": "NodePort", "clusterIP": "10.96.0.10",
+                        "ports": [{"name": "pg", "port": 5432, "targetPort": 5432, "nodePort": 30432}]}}
+    eps = {"metadata": {"name": "db-x", "namespace": "shop", "labels": {"kubernetes.io/service-name": "db"}},
+           "addressType": "IPv4", "ports": [{"name": "pg", "port": 5432}],
+           "endpoints": [{"addresses": ["10.244.1.5"], "targetRef": {"kind": "Pod", "name": "db-0"}}]}
+    (built,), _ = build_services([service], [eps], [pod])
+    assert [(p.port, p.target_port) for p in built.node_ports] == [(30432, 5432)]

@@ -157,3 +157,25 @@ def test_the_destination_takes_the_dialled_service_only_when_its_registry_agrees
     doc = copy.deepcopy(DOC)
     doc["services"][0]["endpoints"][0]["ready"] = False            # turning not ready as it opens
     assert dialled_service(registry(doc), "data/db", db0) is not None
+
+
+def test_a_node_port_is_a_frontend_at_every_nodes_address_that_port_only():
+    doc = copy.deepcopy(DOC)
+    doc["services"][0]["ports"][0]["node_port"] = 30432
+    reg = registry(doc)
+    assert set(reg.node_port_frontends()) == {("10.76.0.1", 30432), ("10.76.0.2", 30432), ("10.76.0.3", 30432)}
+    assert ("10.76.0.1", 30432) not in reg.service_frontends()  # the packet-level modes never get a node address
+    route = route_outbound(reg, "node1", "10.77.1.10", "10.76.0.2", 30432, 15008, RoundRobin())
+    assert route.kind is RouteKind.MESH and route.service.key == "data/db" and route.target_port == 15432
+    assert reg.service_at("10.76.0.2", 22) is None
+    entries = mesh_entries(service_destinations(reg.node_port_frontends()))
+    assert lookup(entries, "10.76.0.2", 30432) == abi.DST_SERVICE and lookup(entries, "10.76.0.2", 10250) is None
+
+
+def test_a_node_port_twice_is_refused_naming_the_field():
+    doc = copy.deepcopy(DOC)
+    doc["services"][0]["ports"][0]["node_port"] = 30432
+    doc["services"].append({"name": "db2", "namespace": "data", "addresses": ["10.96.0.11"],
+                            "ports": [{"port": 5432, "node_port": 30432}], "endpoints": ["data/db-0"]})
+    with pytest.raises(ConfigError, match="node_port"):
+        registry(doc)

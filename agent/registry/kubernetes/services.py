@@ -5,7 +5,7 @@ What kube-proxy does with the same two kinds, restricted to what the mesh can tu
 - a Service is its ``spec.clusterIPs`` (``spec.clusterIP`` on servers without it; IPv4 and IPv6),
   its ``spec.externalIPs`` and load-balancer ingress IPs (``ipMode: VIP``, the default: kube-proxy
   DNATs those for in-cluster clients too — left out they were a plaintext way past policy) and its
-  TCP ports; ``nodePort``s are not (a gap: docs/security.md "Known gaps"); headless
+  TCP ports, and its ``nodePort``s at every node's InternalIP (the same DNAT, on every node); headless
   (``clusterIP: None``) and ``ExternalName`` Services have no virtual address and are left out —
   their clients dial pod addresses, which are meshed already;
 - its endpoints are the endpoints of every EndpointSlice labelled
@@ -108,6 +108,7 @@ def _service(meta: Mapping[str, Any], spec: Mapping[str, Any], slices: list[Mapp
     if not takes_new:   # every endpoint is shutting down: the serving ones still take new connections
         takes_new = {k for k, e in found.items() if e[1] and e[2]}
     ports: list[ServicePort] = []
+    node_ports: list[ServicePort] = []
     for p in tcp_ports:
         name = p.get("name") or ""
         numbers = Counter(e[3][name] for k, e in found.items() if k in takes_new and name in e[3])
@@ -123,10 +124,12 @@ def _service(meta: Mapping[str, Any], spec: Mapping[str, Any], slices: list[Mapp
                 notes.append(f"endpoint {k} serves port {name or p['port']} on {e[3][name]}, the others on "
                              f"{target}: not given new connections")
         ports.append(ServicePort(p["port"], target))
+        if _port(p.get("nodePort")):   # NodePort and LoadBalancer Services: kube-proxy DNATs it on every node
+            node_ports.append(ServicePort(p["nodePort"], target))
     if len({sp.port for sp in ports}) != len(ports):
         return None, ["two TCP ports with one number"]
     endpoints = tuple(Endpoint(k, k in takes_new) for k in sorted(found))
-    return Service(meta["name"], meta["namespace"], addresses, tuple(ports), endpoints), notes
+    return Service(meta["name"], meta["namespace"], addresses, tuple(ports), endpoints, tuple(node_ports)), notes
 
 
 def _external_ips(spec: Mapping[str, Any], status: Mapping[str, Any]) -> tuple[str, ...]:

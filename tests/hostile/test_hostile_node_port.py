@@ -1,0 +1,103 @@
+"""Attack: reach a denied backend through its Service's nodePort, which kube-proxy DNATs on every node.
+
+A real node runs kube-proxy: besides the ClusterIP, a NodePort (or LoadBalancer) Service is answered
+at ``<any node's address>:<nodePort>`` and DNATed to an endpoint. The lab's kube-proxy stand-in does
+the same. Until the fix only ClusterIPs were mesh destinations: a pod a DENY names connected to
+node2's address and the nodePort, the connect left the pod untouched (outside the mesh), node2's
+DNAT delivered it to the backend in plaintext, and the server answered — seen succeeding: it answered
+``secret for ::ffff:10.77.1.12`` and no node recorded anything. Now every (node address, nodePort)
+is a mesh destination of that port only: meshed to an endpoint like the ClusterIP, and denied like
+the pod address — on another node's address, on the client's own node's address, and where that
+address is also the capture's redirect address (the DaemonSet's shape: the node's own IP).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.lab import lab as labops
+from agent.lab.services import lab_service_set, service_document
+from tests.e2e.conftest import Lab
+from tests.hostile.test_hostile_services_ipv6 import DENY_INTRUDER, SERVER, dial, eventually, write_policy
+
+PORT = 7417
+NODE_PORT = 30760
+VIP = "10.96.0.60"
+
+
+@pytest.fixture(scope="module")
+def np_lab(bpf_capable):
+    name = f"hn{uuid.uuid4().hex[:6]}"
+    lab = None
+    try:
+        lab = Lab(name, labops.lab_up(name, 2, 2, "hn.tcpmesh",
+                                      service_accounts={"n1p1": "web", "n1p2": "intruder", "n2p1": "vault"}))
+        for pod in ("n2p1",):
+            server = labops.lab_exec(name, pod, [sys.executable, "-c", SERVER, str(PORT)],
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+            lab.apps.append(server)
+            assert "listening" in server.stdout.readline()
+        lab_service_set(lab.plan, service_document(lab.plan, "vault", [VIP], [(PORT, PORT)], [("n2p1", True)],
+                                                   node_ports=[NODE_PORT]))
+        os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
+        write_policy(lab, "deny-intruder", DENY_INTRUDER.format(ns=lab.plan.namespace,
+                                                                principal=lab.pod("n1p2").spiffe_id))
+        started = time.time()
+        eventually(lambda: "secret" in dial(lab, "n1p1", VIP, port=PORT).get("got", "") and any(
+            f["destination_service_name"] == "vault" for f in lab.flows(1) if f["start_time"] >= started),
+            "control: n1p1 never reached the Service's ClusterIP through the mesh")
+        eventually(lambda: not dial(lab, "n1p2", lab.pod("n2p1").ip, port=PORT).get("got"), "the DENY never applied")
+        yield lab
+    finally:
+        if lab is not None:
+            lab.stop_apps()
+            labops.lab_down(name)
+
+
+def test_the_node_port_of_another_node_is_meshed_for_an_allowed_pod(np_lab):
+    lab = np_lab
+    since = time.time()
+    result = dial(lab, "n1p1", lab.node(2).wire_address, port=NODE_PORT, marker="via-node-port")
+    assert "via-node-port" in result.get("got", ""), result
+    flow = lab.wait_flow(1, lambda f: f["start_time"] >= since and f["source_workload"] == "n1p1"
+                         and f["destination_service_name"] == "vault")
+    assert (flow["destination_workload"], flow["security"]) == ("n2p1", "mutual_tls"), flow
+
+
+@pytest.mark.parametrize("node", [2, 1], ids=["other-node", "own-node"])
+def test_a_denied_pod_cannot_reach_the_backend_through_a_node_port(np_lab, node):
+    lab = np_lab
+    since = time.time()
+    attack = dial(lab, "n1p2", lab.node(node).wire_address, port=NODE_PORT, marker="let-me-in")
+    assert "secret" not in attack.get("got", ""), f"the intruder read the backend through node{node}'s nodePort: {attack}"
+    eventually(lambda: [f for f in lab.flows(2) if f["start_time"] >= since and f["response_flags"] == "DENY"
+                        and f["source_workload"] == "n1p2"], "no DENY recorded for the nodePort connect", timeout=10)
+
+
+def test_the_own_node_port_is_meshed_when_the_node_address_is_the_redirect_address(np_lab):
+    """The DaemonSet redirects to the node's own IP: a connect to that address is left alone by the connect hook
+    unless a mesh entry names that address and port (bpf/capture_connect.c)."""
+    lab = np_lab
+    node = lab.node(1)
+    original = Path(node.config_file).read_text()
+    config = yaml.safe_load(original)
+    config["capture"]["redirect_address"] = node.wire_address
+    Path(node.config_file).write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        labops.lab_restart_agent(lab.name, node.name)
+        allowed = dial(lab, "n1p1", node.wire_address, port=NODE_PORT, marker="own-node")
+        assert "own-node" in allowed.get("got", ""), allowed
+        attack = dial(lab, "n1p2", node.wire_address, port=NODE_PORT, marker="let-me-in")
+        assert "secret" not in attack.get("got", ""), f"own node's nodePort at the redirect address: {attack}"
+        assert "secret" in dial(lab, "n1p1", lab.pod("n2p1").ip, port=PORT).get("got", "")  # the mesh still works
+    finally:
+        Path(node.config_file).write_text(original)
+        labops.lab_restart_agent(lab.name, node.name)
