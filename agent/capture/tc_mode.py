@@ -37,10 +37,10 @@ from agent.bpf.errors import NotLoaded
 from agent.bpf.libbpf import Libbpf
 from agent.bpf.loader import Loaded, LoadRequest, Program, load
 from agent.bpf.maps import check_layout
-from agent.capture import abi, ipv6_refusal, steering
+from agent.capture import abi, node_rules, steering
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
 from agent.capture.interface import ListenerRequirements
-from agent.capture.ipv6_refusal import Ipv6Refusal
+from agent.capture.node_rules import NodeRules
 from agent.capture.meshdsts import ipv4_mesh_cidrs
 from agent.capture.netfilter import NetfilterError
 from agent.capture.netns import describe, ipr, netlink_call
@@ -114,7 +114,7 @@ class TcCapture:
         self._loaded: Loaded | None = None
         self._libbpf: Libbpf | None = None
         self._attached: dict[str, tuple[int, str]] = {}  # workload key -> (ifindex, ifname)
-        self._ipv6 = Ipv6Refusal(self.name, netns, refuse_all=passthrough_deny)  # IPv4 only here: IPv6 to the mesh refused
+        self._node_rules = NodeRules(self.name, netns, refuse_all6=passthrough_deny)  # agent.capture.node_rules
         self.load_seconds: float | None = None
 
     # ---- Capture interface ---------------------------------------------------------------------
@@ -153,14 +153,14 @@ class TcCapture:
         self._attached[workload.key] = (index, ifname)
         if previous is not None:
             self._release(previous)
-        self._ipv6.set_interfaces(name for _, name in self._attached.values())
+        self._node_rules.set_interfaces(name for _, name in self._attached.values())
 
     def detach(self, workload: Workload) -> None:
         """Stop capturing ``workload``; the filter goes when no attached workload uses its interface."""
         link = self._attached.pop(workload.key, None)
         if link is not None:
             self._release(link)
-            self._ipv6.set_interfaces(name for _, name in self._attached.values())
+            self._node_rules.set_interfaces(name for _, name in self._attached.values())
 
     def origin(self, sock: socket.socket) -> Origin | None:
         return self._origins.origin(sock)
@@ -177,7 +177,7 @@ class TcCapture:
         except KernelError as exc:
             errors.append(exc)
         try:
-            self._ipv6.remove()
+            self._node_rules.remove()
         except NetfilterError as exc:
             errors.append(exc)
         self.abandon()
@@ -209,11 +209,11 @@ class TcCapture:
         """Only the mesh is captured: the IPv4 workload addresses inside the capture CIDRs, each a /32.
         Every other destination is left alone (it leaves from the pod; the proxy never dials it) —
         unless passthrough is DENY: then the whole scope stays steered and the proxy refuses it.
-        IPv6 to the mesh (workloads' ip6, Services' IPv6 addresses) is refused (agent.capture.ipv6_refusal).
+        IPv6 to the mesh is refused and Service IPv4 addresses skip conntrack (agent.capture.node_rules).
         ``node_ports`` are not taken: steering a node's whole address would take its other ports too
         (docs/security.md "Known gaps")."""
         workloads, services = tuple(workloads), tuple(services)
-        self._ipv6.set_mesh((w.ip6 for w in workloads if w.ip6), services)
+        self._node_rules.set_mesh((w.ip6 for w in workloads if w.ip6), services)
         if self._passthrough_deny:
             return
         addresses = [w.ip for w in workloads] + [address for address, _ in services]  # a Service: every port
@@ -363,7 +363,7 @@ def find_leftovers(netns: str | None = None) -> list[str]:
             index, ifname = link["index"], link.get_attr("IFLA_IFNAME")
             found += [f.describe(where) for f in _filters(handle, index, ifname)
                       if f.name.startswith(FILTER_NAME_PREFIX)]
-    return found + [f"{item} in {where}" for item in steering.present(netns)] + ipv6_refusal.present(netns)
+    return found + [f"{item} in {where}" for item in steering.present(netns)] + node_rules.present(netns)
 
 
 @netlink_call
@@ -378,4 +378,4 @@ def cleanup_leftovers(netns: str | None = None, dry_run: bool = False) -> list[s
         links = [(link["index"], link.get_attr("IFLA_IFNAME")) for link in handle.get_links()]
     for index, ifname in links:
         removed += remove_filters(netns, index, ifname)
-    return removed + steering.remove(netns) + ipv6_refusal.remove(netns)
+    return removed + steering.remove(netns) + node_rules.remove(netns)

@@ -21,8 +21,8 @@ import logging
 import socket
 from typing import Iterable, Sequence
 
-from agent.capture import abi, ipv6_refusal, steering
-from agent.capture.ipv6_refusal import Ipv6Refusal
+from agent.capture import abi, node_rules, steering
+from agent.capture.node_rules import NodeRules
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS
 from agent.capture.interface import ListenerRequirements
 from agent.capture.meshdsts import ipv4_mesh_cidrs
@@ -56,7 +56,7 @@ class TproxyCapture:
         self.backend_errors: dict[str, str] = {}
         self._origins = TransparentOrigins()
         self._attached: dict[str, str] = {}  # workload key -> interface
-        self._ipv6 = Ipv6Refusal(self.name, netns, refuse_all=passthrough_deny)  # IPv4 only here: IPv6 to the mesh refused
+        self._node_rules = NodeRules(self.name, netns, refuse_all6=passthrough_deny)  # agent.capture.node_rules
 
     # ---- Capture interface ---------------------------------------------------------------------
 
@@ -93,11 +93,11 @@ class TproxyCapture:
         (the capture chain is rebuilt in one transaction; the interface set is kept). Every other
         destination is left alone: it leaves from the pod, the proxy never dials it — unless
         passthrough is DENY: then the whole scope stays steered and the proxy refuses it.
-        IPv6 to the mesh (workloads' ip6, Services' IPv6 addresses) is refused (agent.capture.ipv6_refusal).
+        IPv6 to the mesh is refused and Service IPv4 addresses skip conntrack (agent.capture.node_rules).
         ``node_ports`` are not taken: steering a node's whole address would take its other ports too
         (docs/security.md "Known gaps")."""
         workloads, services = tuple(workloads), tuple(services)
-        self._ipv6.set_mesh((w.ip6 for w in workloads if w.ip6), services)
+        self._node_rules.set_mesh((w.ip6 for w in workloads if w.ip6), services)
         if self._passthrough_deny:
             return
         mesh = ipv4_mesh_cidrs([w.ip for w in workloads] + [address for address, _ in services], *self._scope)
@@ -116,13 +116,13 @@ class TproxyCapture:
         self._attached[workload.key] = ifname
         if previous is not None:
             self._release(previous)
-        self._ipv6.set_interfaces(self._attached.values())
+        self._node_rules.set_interfaces(self._attached.values())
 
     def detach(self, workload: Workload) -> None:
         ifname = self._attached.pop(workload.key, None)
         if ifname is not None:
             self._release(ifname)
-            self._ipv6.set_interfaces(self._attached.values())
+            self._node_rules.set_interfaces(self._attached.values())
 
     def origin(self, sock: socket.socket) -> Origin | None:
         return self._origins.origin(sock)
@@ -134,7 +134,7 @@ class TproxyCapture:
             self.backend.remove()
             self.backend = None
         steering.remove(self.netns)
-        self._ipv6.remove()
+        self._node_rules.remove()
 
     def counters(self) -> dict[str, int]:
         return {}
@@ -166,7 +166,7 @@ def find_leftovers(netns: str | None = None) -> list[str]:
     found: list[str] = []
     for name in BACKEND_ORDER:
         found += backend(name, netns).present()
-    return found + [f"{item} in {describe(netns)}" for item in steering.present(netns)] + ipv6_refusal.present(netns)
+    return found + [f"{item} in {describe(netns)}" for item in steering.present(netns)] + node_rules.present(netns)
 
 
 def cleanup_leftovers(netns: str | None = None, dry_run: bool = False) -> list[str]:
@@ -178,4 +178,4 @@ def cleanup_leftovers(netns: str | None = None, dry_run: bool = False) -> list[s
     removed: list[str] = []
     for name in BACKEND_ORDER:
         removed += backend(name, netns).remove()
-    return removed + steering.remove(netns) + ipv6_refusal.remove(netns)
+    return removed + steering.remove(netns) + node_rules.remove(netns)

@@ -1,0 +1,161 @@
+"""The node netns rules the packet-level modes (ebpf-tc, iptables) need besides steering: one nftables
+table, ``inet tcpmesh_node``, replaced whole at every change, at priority raw (before conntrack and
+kube-proxy's DNAT, so it sees the address the pod dialled), for packets entering from a captured
+pod's interface:
+
+- **IPv6 to the mesh is refused.** These modes steer IPv4 only. On a dual-stack node a pod could
+  otherwise dial a workload's IPv6 address, or a Service's IPv6 virtual address that kube-proxy
+  DNATs to one, and reach it in plaintext past policy and identity (seen succeeding:
+  tests/hostile/test_hostile_ipv6_packet_modes.py). The design's rule for an address family the mesh
+  does not carry is to refuse it: a SYN to a workload's IPv6 address (any port) or a Service's IPv6
+  address and port is answered with a TCP reset. Other IPv6 (outside the mesh, replies, other ports
+  of a virtual address) is left alone — unless ``policy.outbound_passthrough`` is DENY: then every
+  IPv6 SYN from a captured pod is reset (IPv4 outside the mesh is refused by the proxy; IPv6 never
+  reaches it).
+- **IPv4 virtual addresses are not tracked.** A captured SYN to a Service's IPv4 address is handed
+  to the proxy (tc's bpf_sk_assign, TPROXY) and then met kube-proxy's DNAT in nat/prerouting, which
+  rewrote its destination under the proxy's socket: the handshake never completed (ebpf-tc: the
+  client timed out; iptables: reset), with nothing recorded. ``notrack`` keeps conntrack, and so
+  every NAT rule, off those packets; the proxy sees the address the pod dialled.
+
+    table inet tcpmesh_node { set pod_ifaces; set mesh6; set mesh6_svc; set vips4; chain prerouting { ... } }
+
+No IPv6 destination, no IPv4 virtual address and passthrough ALLOW: no table. Where the table cannot
+be installed (no ``nft`` binary, a kernel without nf_tables) while the registry has IPv6 destinations:
+NetfilterError naming the count and both fixes — the snapshot is refused (at start the agent does
+not run) rather than leaving IPv6 open; for the other rules alone an error is logged once (a node
+without nft still runs its IPv4 mesh). ``ruleset`` is pure; the class runs ``nft`` in the node netns.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Iterable
+
+from agent.capture.netfilter import NetfilterError
+from agent.capture.netns import describe, run
+
+FAMILY = "inet"
+TABLE = "tcpmesh_node"
+
+log = logging.getLogger("tcpmesh.capture")
+
+Mesh = tuple[tuple[str, ...], tuple[tuple[str, int], ...], tuple[str, ...]]
+
+
+def node_destinations(addresses: Iterable[str], frontends: Iterable[tuple[str, int]]) -> Mesh:
+    """(workload IPv6 addresses, Service (IPv6 address, port) pairs, Service IPv4 addresses), sorted and
+    unique (pure). ``addresses``: workload addresses of either family; ``frontends``: Service pairs."""
+    frontends = tuple(frontends)
+
+    def is6(text: str) -> bool:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+
+    return (tuple(sorted({a for a in addresses if is6(a)})),
+            tuple(sorted({(a, int(p)) for a, p in frontends if is6(a)})),
+            tuple(sorted({a for a, _ in frontends if not is6(a)}, key=lambda a: int(ipaddress.IPv4Address(a)))))
+
+
+def ruleset(ifaces: Iterable[str], mesh: Mesh, refuse_all6: bool = False) -> str:
+    """One ``nft -f`` transaction replacing the table (pure); empty sets are left without elements.
+    ``refuse_all6`` (policy.outbound_passthrough DENY): every IPv6 SYN from a pod interface is reset."""
+    def elements(items: list[str]) -> str:
+        return f" elements = {{ {', '.join(items)} }};" if items else ""
+
+    addresses6, frontends6, vips4 = mesh
+    names = [f'"{name}"' for name in sorted(set(ifaces))]
+    pairs = [f"{address} . {port}" for address, port in frontends6]
+    syn = "iifname @pod_ifaces tcp flags & (syn | ack) == syn"
+    return (f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
+            f"table {FAMILY} {TABLE} {{\n"
+            f"  set pod_ifaces {{ type ifname;{elements(names)} }}\n"
+            f"  set mesh6 {{ type ipv6_addr;{elements(list(addresses6))} }}\n"
+            f"  set mesh6_svc {{ type ipv6_addr . inet_service;{elements(pairs)} }}\n"
+            f"  set vips4 {{ type ipv4_addr;{elements(list(vips4))} }}\n"
+            f"  chain prerouting {{\n"
+            f"    type filter hook prerouting priority raw; policy accept;\n"
+            f"    iifname @pod_ifaces ip daddr @vips4 notrack\n"
+            f"    {syn} ip6 daddr @mesh6 reject with tcp reset\n"
+            f"    {syn} ip6 daddr . tcp dport @mesh6_svc reject with tcp reset\n"
+            + (f"    {syn} meta nfproto ipv6 reject with tcp reset\n" if refuse_all6 else "")
+            + "  }\n}\n")
+
+
+class NodeRules:
+    """The node's table, kept in step with the captured interfaces and the mesh."""
+
+    def __init__(self, mode: str, netns: str | None = None, refuse_all6: bool = False) -> None:
+        self.mode = mode
+        self.netns = netns
+        self.refuse_all6 = refuse_all6  # policy.outbound_passthrough DENY: IPv6 outside the mesh is refused too
+        self._ifaces: frozenset[str] = frozenset()
+        self._mesh: Mesh = ((), (), ())
+        self._installed: str | None = None
+        self._warned = False
+
+    def set_interfaces(self, ifaces: Iterable[str]) -> None:
+        self._ifaces = frozenset(ifaces)
+        self._apply()
+
+    def set_mesh(self, addresses: Iterable[str], frontends: Iterable[tuple[str, int]]) -> None:
+        self._mesh = node_destinations(addresses, frontends)
+        self._apply()
+
+    def _apply(self) -> None:
+        addresses6, frontends6, vips4 = self._mesh
+        if not addresses6 and not frontends6 and not vips4 and not self.refuse_all6:
+            if self._installed is not None:
+                self.remove()
+            return
+        text = ruleset(self._ifaces, self._mesh, self.refuse_all6)
+        if text == self._installed:
+            return
+        problem = ""
+        try:
+            done = run(["nft", "-f", "-"], self.netns, stdin=text)
+            problem = "" if done.ok else done.error()
+        except FileNotFoundError:
+            problem = "nft is not installed (not found in PATH)"
+        if problem and (addresses6 or frontends6):
+            raise NetfilterError(
+                f"capture mode {self.mode} steers IPv4 only, and the registry has {len(addresses6)} workload IPv6 "
+                f"address(es) and {len(frontends6)} Service IPv6 address:port pair(s) (e.g. "
+                f"{(addresses6 or tuple(a for a, _ in frontends6))[0]}); refusing IPv6 needs nftables table "
+                f"{FAMILY} {TABLE} in {describe(self.netns)}, which failed: {problem}. Install nftables, or set "
+                "capture.mode: ebpf-connect (which meshes IPv6); never left open to plaintext")
+        if problem:   # said loudly, not fatal: a node without IPv6 or nft must still run its IPv4 mesh
+            if not self._warned:
+                log.error("capture mode %s: nftables table %s %s in %s failed: %s — Services' IPv4 addresses are "
+                          "not exempt from kube-proxy's DNAT (their connects fail)%s. Install nftables, or use "
+                          "capture.mode ebpf-connect", self.mode, FAMILY, TABLE, describe(self.netns), problem,
+                          "; policy.outbound_passthrough DENY cannot refuse IPv6 outside the mesh"
+                          if self.refuse_all6 else "")
+                self._warned = True
+            return
+        self._installed = text
+
+    def present(self) -> list[str]:
+        return present(self.netns)
+
+    def remove(self) -> list[str]:
+        self._installed = None
+        return remove(self.netns)
+
+
+def present(netns: str | None = None) -> list[str]:
+    """The table, if this netns holds it (a crashed run's too)."""
+    try:
+        done = run(["nft", "list", "table", FAMILY, TABLE], netns)
+    except FileNotFoundError:
+        return []
+    return [f"nft table {FAMILY} {TABLE} in {describe(netns)}"] if done.ok else []
+
+
+def remove(netns: str | None = None) -> list[str]:
+    found = present(netns)
+    if found:
+        done = run(["nft", "delete", "table", FAMILY, TABLE], netns)
+        if not done.ok:
+            raise NetfilterError(f"deleting nft table {FAMILY} {TABLE} in {describe(netns)} failed: {done.error()}")
+    return found

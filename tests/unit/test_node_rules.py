@@ -1,0 +1,25 @@
+"""agent/capture/node_rules.py: what the packet-level modes refuse or exempt in the node netns, and the nft text."""
+
+from agent.capture.node_rules import node_destinations, ruleset
+
+
+def test_ipv6_workloads_ipv6_service_frontends_and_ipv4_service_addresses_are_sorted_out():
+    mesh = node_destinations(["10.77.1.11", "fd00:77:2::11", "fd00:77:2::11"],
+                             [("10.96.0.1", 80), ("10.96.0.1", 443), ("fd00:96::1", 5432)])
+    assert mesh == (("fd00:77:2::11",), (("fd00:96::1", 5432),), ("10.96.0.1",))
+
+
+def test_the_ruleset_replaces_the_table_and_acts_only_on_packets_from_pod_interfaces():
+    text = ruleset(["tmb", "tma"], (("fd00::11",), (("fd00:96::1", 5432),), ("10.96.0.1",)))
+    assert text.startswith("table inet tcpmesh_node\ndelete table inet tcpmesh_node\n")
+    assert 'elements = { "tma", "tmb" }' in text and "fd00:96::1 . 5432" in text
+    assert "priority raw" in text  # before conntrack and kube-proxy's DNAT: the address the pod dialled
+    assert "    iifname @pod_ifaces ip daddr @vips4 notrack\n" in text
+    assert text.count("iifname @pod_ifaces tcp flags & (syn | ack) == syn ip6 daddr") == 2
+    assert "meta nfproto ipv6" not in text
+
+
+def test_passthrough_deny_adds_one_rule_for_every_ipv6_syn_from_a_pod():
+    text = ruleset(["tma"], ((), (), ()), refuse_all6=True)
+    assert "    iifname @pod_ifaces tcp flags & (syn | ack) == syn meta nfproto ipv6 reject with tcp reset\n" in text
+    assert "set pod_ifaces { type ifname; elements" in text and "set mesh6 { type ipv6_addr; }" in text
