@@ -1,6 +1,6 @@
 /* agent.proxy._hotpath: the compiled twin of the tunnel's per-message work (issue #19).
  *
- * Owns three steps of a small message's path through a tunnel, each the exact equivalent of pure
+ * Owns these steps of a small message's path through a tunnel, each the exact equivalent of pure
  * Python kept as the reference (agent/proxy/mux.py, agent/proxy/endpoints.py; agent/proxy/hotpath.py
  * chooses which one runs and tests/unit run the same vectors against both):
  *
@@ -17,17 +17,27 @@
  *   receive           one read of an established tunnel in one call: the bytes into the incoming BIO,
  *                     decrypt, feed_parts, and each frame handed over (DATA to its stream's on_data,
  *                     the others to the session's dispatch) — TlsLeg.data_received → _decrypt_into →
- *                     MuxSession.leg_data, which stay the reference.
+ *                     MuxSession.leg_data, which stay the reference; inside it the relay step
+ *                     tunnel → app (stream_deliver).
+ *   relay_send        the relay step app → tunnel: a plain leg's read relayed to its stream, framed,
+ *                     sealed and written to the tunnel (PlainLeg.buffer_updated → Relay.leg_data →
+ *                     Stream.write → TlsLeg.write_data_frame).
+ *   LegCore ...       the core types: the steady-state fields of legs, streams, relays and sessions as
+ *   SessionCore       C struct members, the bases of the Python classes (agent/proxy/state.py), which
+ *                     the relay steps read without attribute lookups.
  *
- * Nothing here touches a socket or keeps a Python object past a call except the configuration
- * handed over once by configure() (the Frame class, the FrameType members, the error classes);
+ * Nothing here touches a socket or keeps a Python object past a call, beyond the fields of the core
+ * types' instances (which Python sets) and the configuration handed over once by configure() (the
+ * Frame class, the FrameType members, the error classes);
  * receive() calls back into Python (a stream's on_data, the session's dispatch) for every frame but a
- * small DATA part on a steady relay to a plain socket (the relay step below, classes from register_leg()).
+ * small DATA part on a steady relay to a plain socket (the relay steps below, on the core types' fields).
  * Built from source by `make setup` (setup.py, the machine's gcc); without it the pure-Python
  * path runs. It must not import any tcpmesh module.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include "structmember.h"
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -47,14 +57,8 @@ static Py_ssize_t max_frame = -1;
 static Py_ssize_t max_control = -1;
 static PyObject *str_read, *str_write, *str_pending, *str_on_data, *str_bytes_read;
 
-/* register_leg(): the relay's classes (agent/proxy/relay.py, session.py, endpoints.py) and their limits,
- * set once at their import; a class not registered never takes the compiled relay step. */
-static PyTypeObject *relay_type, *stream_type, *plain_type;
-static Py_ssize_t stream_window_limit = -1; /* mux.INITIAL_WINDOW + session.CREDIT_THRESHOLD */
-static Py_ssize_t small_view = 0;           /* endpoints.SMALL_VIEW: below it PlainLeg.write copies a view */
-#define LEG_NAMES(X) X(peer_eof) X(_unreturned) X(_debt) X(receiver) X(a) X(b) X(_a_to_b) X(_b_to_a) \
-    X(bytes_written) X(transport) X(is_closing) X(_reading_paused) X(_sink) X(_threshold) X(_return_credit) \
-    X(_settle)
+/* the methods the relay steps call back into (interned at module init) */
+#define LEG_NAMES(X) X(is_closing) X(_settle) X(_return_credit) X(update_writer_blocked)
 #define DECLARE_NAME(n) static PyObject *s_##n;
 LEG_NAMES(DECLARE_NAME)
 
@@ -509,47 +513,145 @@ static PyObject *decrypt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* The relay step: a stream's flow-control bookkeeping and the relay's byte counts                */
+/* The relay state: the steady-state fields of legs, streams, relays and sessions as C structs   */
 /*
- * The compiled twin of the steady state of Stream.on_data → Relay.leg_data → PlainLeg.write (a small
- * DATA part from the tunnel to the workload's socket), taken inside receive(). It first checks, without
- * changing anything, that the objects are the registered classes and in the state whose Python steps it
- * repeats (within the window, the workload's socket not full, its transport open, a small part);
- * anything else returns "not taken" and receive() calls Stream.on_data, which stays the reference.
- * Then it makes the same changes in the same order (credit owed, byte counts) and calls back into
- * Python for the rarer consequences (Stream._settle, _return_credit). The send side (PlainLeg.
- * buffer_updated → Stream.write → seal) was built the same way and measured slower than the Python
- * steps (docs/performance-latency.md, "The relay step in C"): it stays Python.
+ * Base types of the data path's Python classes (agent/proxy/state.py chooses these or their pure-Python
+ * twins with the same __slots__): Leg(LegCore, ...), PlainLeg(Leg, PlainCore), TlsLeg(Leg, TlsCore),
+ * Stream(Leg, StreamCore), Relay(RelayCore), MuxSession(SessionCore). Every field is a T_OBJECT_EX
+ * member — exactly a __slots__ slot: Python reads and writes it as an attribute (the interpreter
+ * specialises that access as it does for __slots__; an unset field raises AttributeError), and the
+ * relay steps below read it as a struct field, with no attribute lookup. The fields hold what Python
+ * puts there (ints, bools, None, objects); the steps check each before use and leave anything
+ * unexpected to the Python steps.
+ *
+ * The steps take only instances of "the" class on a core: one whose type's tp_base is the core itself
+ * (Stream, PlainLeg, TlsLeg, Relay, MuxSession; a subclass of those, which may override a step, has its
+ * parent as tp_base and is left to Python). No registration is needed.
  */
 
-static int attr_ssize(PyObject *o, PyObject *name, Py_ssize_t *out) {
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (v == NULL) return -1;
+typedef struct {
+    PyObject_HEAD
+    PyObject *transport, *receiver, *bytes_read, *bytes_written, *peer_eof, *eof_sent;
+} LegCore;
+
+typedef struct {
+    LegCore leg;
+    PyObject *_fd; /* the socket's descriptor once a large view was written (PlainLeg._send_view); also what
+                      makes PlainCore a layout of its own, so that PlainLeg's tp_base is PlainCore */
+} PlainCore;
+
+typedef struct {
+    LegCore leg;
+    PyObject *_sslobj, *_incoming, *_outgoing; /* the SSLObject's C object (None before TLS starts), the BIOs */
+} TlsCore;
+
+typedef struct {
+    LegCore leg;
+    PyObject *session, *id, *send_window, *_queued, *_writer_blocked, *_reading_paused, *_unreturned, *_finished,
+        *_sink, *_debt, *_threshold;
+} StreamCore;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *a, *b, *_a_to_b, *_b_to_a;
+} RelayCore;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *tls, *tunnel_blocked;
+} SessionCore;
+
+/* Every core is PyObject_HEAD then PyObject * fields: one traverse and one clear walk them. */
+#define CORE_FIELDS(o) ((PyObject **)((char *)(o) + sizeof(PyObject)))
+#define CORE_COUNT(T) ((Py_ssize_t)((sizeof(T) - sizeof(PyObject)) / sizeof(PyObject *)))
+
+static int fields_traverse(PyObject *o, Py_ssize_t n, visitproc visit, void *arg) {
+    PyObject **f = CORE_FIELDS(o);
+    for (Py_ssize_t i = 0; i < n; i++) Py_VISIT(f[i]);
+    return 0;
+}
+
+static void fields_clear(PyObject *o, Py_ssize_t n) {
+    PyObject **f = CORE_FIELDS(o);
+    for (Py_ssize_t i = 0; i < n; i++) Py_CLEAR(f[i]);
+}
+
+#define MEMBER(T, name) {#name, T_OBJECT_EX, offsetof(T, name), 0, NULL}
+#define LEG_MEMBERS(T, path) \
+    {"transport", T_OBJECT_EX, offsetof(T, path transport), 0, NULL}, \
+    {"receiver", T_OBJECT_EX, offsetof(T, path receiver), 0, NULL}, \
+    {"bytes_read", T_OBJECT_EX, offsetof(T, path bytes_read), 0, NULL}, \
+    {"bytes_written", T_OBJECT_EX, offsetof(T, path bytes_written), 0, NULL}, \
+    {"peer_eof", T_OBJECT_EX, offsetof(T, path peer_eof), 0, NULL}, \
+    {"eof_sent", T_OBJECT_EX, offsetof(T, path eof_sent), 0, NULL}
+
+static PyMemberDef LegCore_members[] = {LEG_MEMBERS(LegCore, ), {NULL}};
+static PyMemberDef TlsCore_members[] = {
+    MEMBER(TlsCore, _sslobj), MEMBER(TlsCore, _incoming), MEMBER(TlsCore, _outgoing), {NULL}};
+static PyMemberDef StreamCore_members[] = {
+    MEMBER(StreamCore, session), MEMBER(StreamCore, id), MEMBER(StreamCore, send_window),
+    MEMBER(StreamCore, _queued), MEMBER(StreamCore, _writer_blocked), MEMBER(StreamCore, _reading_paused),
+    MEMBER(StreamCore, _unreturned), MEMBER(StreamCore, _finished), MEMBER(StreamCore, _sink),
+    MEMBER(StreamCore, _debt), MEMBER(StreamCore, _threshold), {NULL}};
+static PyMemberDef RelayCore_members[] = {
+    MEMBER(RelayCore, a), MEMBER(RelayCore, b), MEMBER(RelayCore, _a_to_b), MEMBER(RelayCore, _b_to_a), {NULL}};
+static PyMemberDef SessionCore_members[] = {MEMBER(SessionCore, tls), MEMBER(SessionCore, tunnel_blocked), {NULL}};
+
+/* A core type: GC support over its fields (legs, relays and sessions refer to each other) and the members.
+ * A subclass instance gets here from subtype_dealloc / subtype_traverse / subtype_clear, which handle
+ * its __dict__; each of these walks only this core's own fields. */
+#define CORE_TYPE(Name, Struct, Base, doc)                                                                 \
+    static int Name##_traverse(PyObject *o, visitproc visit, void *arg) {                                 \
+        return fields_traverse(o, CORE_COUNT(Struct), visit, arg);                                        \
+    }                                                                                                      \
+    static int Name##_clear(PyObject *o) { fields_clear(o, CORE_COUNT(Struct)); return 0; }                \
+    static void Name##_dealloc(PyObject *o) {                                                              \
+        PyObject_GC_UnTrack(o);                                                                            \
+        fields_clear(o, CORE_COUNT(Struct));                                                               \
+        Py_TYPE(o)->tp_free(o);                                                                            \
+    }                                                                                                      \
+    static PyTypeObject Name##Type = {                                                                     \
+        PyVarObject_HEAD_INIT(NULL, 0)                                                                     \
+        .tp_name = "agent.proxy._hotpath." #Name,                                                          \
+        .tp_basicsize = sizeof(Struct),                                                                    \
+        .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,                         \
+        .tp_doc = doc,                                                                                     \
+        .tp_new = PyType_GenericNew,                                                                       \
+        .tp_dealloc = Name##_dealloc,                                                                      \
+        .tp_traverse = Name##_traverse,                                                                    \
+        .tp_clear = Name##_clear,                                                                          \
+        .tp_members = Name##_members,                                                                      \
+        .tp_base = Base,                                                                                   \
+    };
+
+CORE_TYPE(LegCore, LegCore, NULL, "A relay leg's fields (agent.proxy.state.PyLegCore is the twin).")
+static PyMemberDef PlainCore_members[] = {MEMBER(PlainCore, _fd), {NULL}};
+CORE_TYPE(PlainCore, PlainCore, &LegCoreType, "A plain TCP leg's fields (agent.proxy.state.PyPlainCore).")
+CORE_TYPE(TlsCore, TlsCore, &LegCoreType, "A TLS leg's fields (agent.proxy.state.PyTlsCore).")
+CORE_TYPE(StreamCore, StreamCore, &LegCoreType, "A stream's flow-control fields (agent.proxy.state.PyStreamCore).")
+CORE_TYPE(RelayCore, RelayCore, NULL, "A relay's legs and byte counts (agent.proxy.state.PyRelayCore).")
+CORE_TYPE(SessionCore, SessionCore, NULL, "A tunnel session's fields (agent.proxy.state.PySessionCore).")
+
+/* Field helpers: 0/1 or -1 with an exception (truth as Python's ``if``), an int field's value, and
+ * ``field += delta`` (a new int object, as the interpreter makes). */
+static int truth(PyObject *v) {
+    if (v == Py_False || v == Py_None) return 0;
+    if (v == Py_True) return 1;
+    return PyObject_IsTrue(v);
+}
+
+static int int_field(PyObject *v, Py_ssize_t *out) {
     *out = PyLong_AsSsize_t(v);
-    Py_DECREF(v);
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
-static int set_ssize(PyObject *o, PyObject *name, Py_ssize_t value) {
-    PyObject *v = PyLong_FromSsize_t(value);
-    if (v == NULL) return -1;
-    int rc = PyObject_SetAttr(o, name, v);
-    Py_DECREF(v);
-    return rc;
-}
-
-static int add_ssize(PyObject *o, PyObject *name, Py_ssize_t delta) {
+static int add_field(PyObject **field, Py_ssize_t delta) {
     Py_ssize_t value;
-    if (attr_ssize(o, name, &value) < 0) return -1;
-    return set_ssize(o, name, value + delta);
-}
-
-static int attr_true(PyObject *o, PyObject *name) { /* 1, 0, or -1 with an exception */
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (v == NULL) return -1;
-    int t = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return t;
+    if (int_field(*field, &value) < 0) return -1;
+    PyObject *sum = PyLong_FromSsize_t(value + delta);
+    if (sum == NULL) return -1;
+    Py_SETREF(*field, sum);
+    return 0;
 }
 
 static int call_method0(PyObject *o, PyObject *name) {
@@ -559,115 +661,176 @@ static int call_method0(PyObject *o, PyObject *name) {
     return 0;
 }
 
-/* A transport that takes writes (not None, not closing): a new reference, NULL without an exception
- * when it does not, NULL with one on an error. */
-static PyObject *open_transport(PyObject *leg) {
-    PyObject *transport = PyObject_GetAttr(leg, s_transport);
-    if (transport == NULL) return NULL;
-    if (transport == Py_None) { Py_DECREF(transport); return NULL; }
+/* ``transport`` takes writes (not None, not closing): 1, 0, or -1 with an exception. */
+static int transport_open(PyObject *transport) {
+    if (transport == NULL || transport == Py_None) return 0;
     PyObject *closing = PyObject_VectorcallMethod(s_is_closing, &transport, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    int t = closing != NULL ? PyObject_IsTrue(closing) : -1;
-    Py_XDECREF(closing);
-    if (t != 0) { Py_DECREF(transport); return NULL; }
-    return transport;
+    if (closing == NULL) return -1;
+    int t = truth(closing);
+    Py_DECREF(closing);
+    return t < 0 ? -1 : !t;
 }
 
-/* The relay ``leg`` hands its data to, with the leg on the other side and the name of the direction's
- * byte count (borrowed from the relay, which the caller holds); 0 when the receiver is no Relay. */
-static int relay_peer(PyObject *leg, PyObject **relay, PyObject **peer, PyObject **count) {
-    *relay = PyObject_GetAttr(leg, s_receiver);
-    if (*relay == NULL) return -1;
-    if (Py_TYPE(*relay) != relay_type) { Py_CLEAR(*relay); return 0; }
-    PyObject *a = PyObject_GetAttr(*relay, s_a);
-    if (a == NULL) { Py_CLEAR(*relay); return -1; }
-    int from_a = a == leg;
-    Py_DECREF(a);
-    *peer = PyObject_GetAttr(*relay, from_a ? s_b : s_a); /* Relay.leg_data: a → b, anything else → a */
-    if (*peer == NULL) { Py_CLEAR(*relay); return -1; }
-    *count = from_a ? s__a_to_b : s__b_to_a;
-    return 1;
+#define IS(o, Core) ((o) != NULL && Py_TYPE(o)->tp_base == &Core##Type)
+
+/* The relay ``leg`` hands its data to (Relay.leg_data: from a to b, anything else to a): the relay, the
+ * leg on the other side and the direction's byte count (borrowed); 0 when the receiver is no Relay. */
+static int relay_peer(LegCore *leg, RelayCore **relay, PyObject **peer, PyObject ***count) {
+    PyObject *receiver = leg->receiver;
+    if (!IS(receiver, RelayCore)) return 0;
+    RelayCore *r = (RelayCore *)receiver;
+    int from_a = r->a == (PyObject *)leg;
+    *relay = r;
+    *peer = from_a ? r->b : r->a;
+    *count = from_a ? &r->_a_to_b : &r->_b_to_a;
+    return *peer != NULL && **count != NULL;
 }
 
-/* Stream.on_data(part) for a small view on the steady path: 1 done, 0 not taken (nothing changed: call
- * on_data), -1 error. */
-static int stream_deliver(PyObject *stream, PyObject *part) {
-    if (Py_TYPE(stream) != stream_type || !PyMemoryView_Check(part) || plain_type == NULL || relay_type == NULL)
-        return 0;
+/* ---------------------------------------------------------------------------------------------- */
+/* The relay step tunnel → app: Stream.on_data → Relay.leg_data → PlainLeg.write                  */
+/*
+ * Taken inside receive() for a small DATA part (below ``small_view``: PlainLeg.write copies it) of a
+ * Stream relayed to a PlainLeg. It first checks, changing nothing, that it is on the steady path (no
+ * FIN seen, within the window ``window_limit``, the workload's socket not full, its transport open);
+ * otherwise receive() calls Stream.on_data, which stays the reference, so DATA after FIN, a peer beyond
+ * its window, a full socket and a closing transport keep their Python outcome. Then it makes the
+ * Python steps' changes in their order and calls back into Python only for the rarer consequences
+ * (Stream._settle while the socket is full, Stream._return_credit past the threshold).
+ * Returns 1 done, 0 not taken, -1 error. */
+static int stream_deliver(PyObject *stream, PyObject *part, Py_ssize_t window_limit, Py_ssize_t small_view) {
+    if (!IS(stream, StreamCore) || !PyMemoryView_Check(part)) return 0;
+    StreamCore *s = (StreamCore *)stream;
     Py_buffer *view = PyMemoryView_GET_BUFFER(part);
-    Py_ssize_t n = view->len;
+    Py_ssize_t n = view->len, unreturned, debt;
     if (n <= 0 || n >= small_view || !PyBuffer_IsContiguous(view, 'C')) return 0;
-    int t = attr_true(stream, s_peer_eof);
+    if (!s->leg.peer_eof || !s->leg.bytes_read || !s->_unreturned || !s->_debt || !s->_reading_paused
+        || !s->_threshold || !s->_sink)
+        return 0; /* a field not set yet: Python raises what it raises */
+    int t = truth(s->leg.peer_eof);
     if (t != 0) return t < 0 ? -1 : 0; /* DATA after FIN: on_data raises the protocol error */
-    Py_ssize_t unreturned, debt;
-    if (attr_ssize(stream, s__unreturned, &unreturned) < 0 || attr_ssize(stream, s__debt, &debt) < 0) return -1;
+    if (int_field(s->_unreturned, &unreturned) < 0 || int_field(s->_debt, &debt) < 0) return -1;
     unreturned += n;
-    if (unreturned + debt > stream_window_limit) return 0; /* beyond its window: on_data raises */
-    if ((t = attr_true(stream, s__reading_paused)) != 0) return t < 0 ? -1 : 0;
-    PyObject *relay, *peer, *count;
-    int rc = relay_peer(stream, &relay, &peer, &count);
-    if (rc <= 0) return rc;
-    PyObject *transport = NULL, *data = NULL;
-    rc = -1;
-    if (Py_TYPE(peer) != plain_type) { rc = 0; goto done; }
-    transport = open_transport(peer);
-    if (transport == NULL) { rc = PyErr_Occurred() ? -1 : 0; goto done; }
-    /* from here on the Python steps' changes, in their order */
-    if (set_ssize(stream, s__unreturned, unreturned) < 0 || add_ssize(stream, str_bytes_read, n) < 0
-        || add_ssize(relay, count, n) < 0 || add_ssize(peer, s_bytes_written, n) < 0) goto done;
+    if (unreturned + debt > window_limit) return 0; /* beyond its window: on_data raises */
+    if ((t = truth(s->_reading_paused)) != 0) return t < 0 ? -1 : 0;
+    RelayCore *relay;
+    PyObject *peer, **count;
+    if (!relay_peer(&s->leg, &relay, &peer, &count) || !IS(peer, PlainCore)) return 0;
+    LegCore *p = (LegCore *)peer;
+    if (!p->bytes_written) return 0;
+    PyObject *transport = p->transport;
+    if ((t = transport_open(transport)) <= 0) return t;
+    /* from here on the Python steps' changes, in their order; the objects are held across the calls out */
+    Py_INCREF(relay); Py_INCREF(peer); Py_INCREF(transport);
+    int rc = -1;
+    PyObject *data = NULL;
+    PyObject *owed = PyLong_FromSsize_t(unreturned);
+    if (owed == NULL) goto done;
+    Py_SETREF(s->_unreturned, owed);
+    if (add_field(&s->leg.bytes_read, n) < 0 || add_field(count, n) < 0 || add_field(&p->bytes_written, n) < 0)
+        goto done;
     data = PyBytes_FromStringAndSize(view->buf, n); /* the view's buffer is reused: the transport gets a copy */
     if (data == NULL) goto done;
     PyObject *call[2] = {transport, data};
     PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     if (written == NULL) goto done;
     Py_DECREF(written);
-    if ((t = attr_true(stream, s__reading_paused)) < 0) goto done; /* the write may have filled the socket */
-    if (t) {
-        PyObject *sink = PyObject_GetAttr(stream, s__sink);
-        if (sink == NULL) goto done;
-        int has_sink = sink != Py_None;
-        Py_DECREF(sink);
-        if (has_sink && call_method0(stream, s__settle) < 0) goto done;
+    /* the write may have filled the socket (pause_reading ran) or changed anything: read the fields again */
+    if (s->_reading_paused && (t = truth(s->_reading_paused)) != 0) {
+        if (t < 0) goto done;
+        if (s->_sink != NULL && s->_sink != Py_None && call_method0(stream, s__settle) < 0) goto done;
     }
     Py_ssize_t threshold;
-    if (attr_ssize(stream, s__unreturned, &unreturned) < 0 || attr_ssize(stream, s__threshold, &threshold) < 0)
+    if (s->_unreturned == NULL || s->_threshold == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a stream's credit fields were deleted during a relay step");
         goto done;
+    }
+    if (int_field(s->_unreturned, &unreturned) < 0 || int_field(s->_threshold, &threshold) < 0) goto done;
     if (unreturned >= threshold && call_method0(stream, s__return_credit) < 0) goto done;
     rc = 1;
 done:
     Py_XDECREF(data);
-    Py_XDECREF(transport);
-    Py_DECREF(peer);
-    Py_DECREF(relay);
+    Py_DECREF(transport); Py_DECREF(peer); Py_DECREF(relay);
     return rc;
 }
 
-/* register_leg(kind, cls, *limits): "relay" (Relay), "stream" (Stream; INITIAL_WINDOW + CREDIT_THRESHOLD)
- * or "plain" (PlainLeg; SMALL_VIEW): the classes whose exact instances the relay step
- * takes, and the limits their Python steps use. */
-static PyObject *register_leg(PyObject *self, PyObject *args) {
-    const char *kind;
-    PyObject *cls;
-    Py_ssize_t first = -1;
-    if (!PyArg_ParseTuple(args, "sO!|n", &kind, &PyType_Type, &cls, &first)) return NULL;
-    PyTypeObject **slot;
-    if (strcmp(kind, "relay") == 0) {
-        slot = &relay_type;
-    } else if (strcmp(kind, "stream") == 0 && first > 0) {
-        slot = &stream_type;
-        stream_window_limit = first;
-    } else if (strcmp(kind, "plain") == 0 && first > 0) {
-        slot = &plain_type;
-        small_view = first;
-    } else {
-        PyErr_Format(PyExc_ValueError, "register_leg: %s with these limits is not a leg this module knows", kind);
+/* ---------------------------------------------------------------------------------------------- */
+/* The relay step app → tunnel: PlainLeg.buffer_updated → Relay.leg_data → Stream.write →        */
+/* TlsLeg.write_data_frame                                                                         */
+
+/* relay_send(leg, buffer, nbytes, small_write) -> bool: the first ``nbytes`` of ``buffer`` (the thread's
+ * read buffer) that the PlainLeg ``leg`` just read, relayed to its Stream and sealed into the tunnel as one
+ * DATA frame, when all of it goes now: a Relay between the leg and a Stream of a MuxSession over a TlsLeg,
+ * the stream not ended, nothing queued, the whole message within its send window and below
+ * ``small_write``, the tunnel's TLS started, its transport open and no close_notify sent. Otherwise
+ * False with nothing changed, and PlainLeg.buffer_updated runs the Python steps (the reference). Errors
+ * (an ssl.SSLError from sealing, whatever update_writer_blocked raises) propagate, as from the Python
+ * steps. */
+static PyObject *relay_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t n, small_write;
+    if (nargs != 4 || (n = PyLong_AsSsize_t(args[2])) < 0 || (small_write = PyLong_AsSsize_t(args[3])) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "relay_send(leg, buffer, nbytes, small_write)");
         return NULL;
     }
-    Py_INCREF(cls);
-    Py_XSETREF(*slot, (PyTypeObject *)cls);
-    Py_RETURN_NONE;
+    PyObject *leg = args[0];
+    if (!IS(leg, PlainCore) || n == 0 || n >= small_write || !PyMemoryView_Check(args[1])) Py_RETURN_FALSE;
+    Py_buffer *in = PyMemoryView_GET_BUFFER(args[1]);
+    if (n > in->len || !PyBuffer_IsContiguous(in, 'C')) Py_RETURN_FALSE;
+    LegCore *l = (LegCore *)leg;
+    RelayCore *relay;
+    PyObject *peer, **count;
+    if (!l->bytes_read || !relay_peer(l, &relay, &peer, &count) || !IS(peer, StreamCore)) Py_RETURN_FALSE;
+    StreamCore *s = (StreamCore *)peer;
+    if (!s->leg.eof_sent || !s->leg.bytes_written || !s->_finished || !s->_queued || !s->send_window || !s->id
+        || !s->_writer_blocked || !IS(s->session, SessionCore))
+        Py_RETURN_FALSE;
+    SessionCore *session = (SessionCore *)s->session;
+    if (!session->tunnel_blocked || !IS(session->tls, TlsCore)) Py_RETURN_FALSE;
+    TlsCore *tls = (TlsCore *)session->tls;
+    if (!tls->_sslobj || tls->_sslobj == Py_None || !tls->_outgoing || !tls->leg.eof_sent || !tls->leg.bytes_written)
+        Py_RETURN_FALSE;
+    int t;
+    Py_ssize_t window;
+    unsigned long id = PyLong_AsUnsignedLong(s->id);
+    if (id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if ((t = truth(s->leg.eof_sent)) != 0 || (t = truth(s->_finished)) != 0 || (t = truth(s->_queued)) != 0
+        || (t = truth(tls->leg.eof_sent)) != 0)
+        return t < 0 ? NULL : Py_NewRef(Py_False);
+    if (int_field(s->send_window, &window) < 0) return NULL;
+    if (n > window) Py_RETURN_FALSE;
+    PyObject *transport = tls->leg.transport;
+    if ((t = transport_open(transport)) <= 0) return t < 0 ? NULL : Py_NewRef(Py_False);
+    /* from here on the Python steps' changes, in their order; the objects are held across the calls out */
+    Py_INCREF(relay); Py_INCREF(s); Py_INCREF(session); Py_INCREF(tls); Py_INCREF(transport);
+    PyObject *result = NULL, *records = NULL;
+    if (add_field(&l->bytes_read, n) < 0 || add_field(count, n) < 0 || add_field(&s->leg.bytes_written, n) < 0
+        || add_field(&s->send_window, -n) < 0 || add_field(&tls->leg.bytes_written, HEADER_SIZE + n) < 0)
+        goto done;
+    records = seal_frame(tls->_sslobj, tls->_outgoing, id, in->buf, n);
+    if (records == NULL) goto done;
+    if (!PyBytes_Check(records) || PyBytes_GET_SIZE(records) > 0) { /* write_data_frame: ``if records`` */
+        PyObject *call[2] = {transport, records};
+        PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        if (written == NULL) goto done;
+        Py_DECREF(written);
+    }
+    /* Stream.write's last step: tell the relay when the stream can take no more */
+    if (s->send_window == NULL || s->_writer_blocked == NULL || session->tunnel_blocked == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a stream's window fields were deleted during a relay step");
+        goto done;
+    }
+    if (int_field(s->send_window, &window) < 0) goto done;
+    int blocked = window <= 0;
+    if (!blocked && (blocked = truth(session->tunnel_blocked)) == 0) blocked = truth(s->_writer_blocked);
+    if (blocked < 0 || (blocked && call_method0((PyObject *)s, s_update_writer_blocked) < 0)) goto done;
+    result = Py_NewRef(Py_True);
+done:
+    Py_XDECREF(records);
+    Py_DECREF(transport); Py_DECREF(tls); Py_DECREF(session); Py_DECREF(s); Py_DECREF(relay);
+    return result;
 }
 
-/* receive(leg, sslobj, incoming, data, buffer, decoder, streams, dispatch) -> state: one tunnel read,
+/* receive(leg, sslobj, incoming, data, buffer, decoder, streams, dispatch, window_limit, small_view) -> state:
+ * one tunnel read,
  * the compiled twin of TlsLeg.data_received → _decrypt_into → MuxSession.leg_data for an established
  * tunnel. ``data`` (bytes-like, or None to go on after a full buffer) is written to the incoming BIO;
  * plaintext is decrypted into ``buffer`` as decrypt() does and counted in ``leg.bytes_read``; the
@@ -678,11 +841,17 @@ static PyObject *register_leg(PyObject *self, PyObject *args) {
  * decrypting, MuxProtocolError from decoding, whatever on_data or dispatch raise (frames after the
  * failing one are not handed over). */
 static PyObject *receive(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8 || !PyMemoryView_Check(args[4]) || !PyObject_TypeCheck(args[5], &DecoderType)
-        || !PyDict_Check(args[6])) {
+    Py_ssize_t window_limit = -1, small_view = -1;
+    if (nargs == 10) {
+        window_limit = PyLong_AsSsize_t(args[8]);
+        small_view = PyLong_AsSsize_t(args[9]);
+        if ((window_limit == -1 || small_view == -1) && PyErr_Occurred()) return NULL;
+    }
+    if (nargs != 10 || !PyMemoryView_Check(args[4]) || !PyObject_TypeCheck(args[5], &DecoderType)
+        || !PyDict_Check(args[6]) || window_limit < 0 || small_view < 0) {
         PyErr_SetString(PyExc_TypeError,
                         "receive(leg, sslobj, incoming, data, buffer: memoryview, decoder: FrameDecoder, "
-                        "streams: dict, dispatch)");
+                        "streams: dict, dispatch, window_limit: int >= 0, small_view: int >= 0)");
         return NULL;
     }
     if (!configured()) return NULL;
@@ -698,16 +867,20 @@ static PyObject *receive(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     int state = decrypt_loop(sslobj, incoming, buffer, &filled);
     if (state < 0) return NULL;
     if (filled) {
-        PyObject *count = PyObject_GetAttr(leg, str_bytes_read);
-        if (count == NULL) return NULL;
-        PyObject *n = PyLong_FromSsize_t(filled);
-        PyObject *sum = n != NULL ? PyNumber_Add(count, n) : NULL;
-        Py_DECREF(count);
-        Py_XDECREF(n);
-        if (sum == NULL) return NULL;
-        int rc = PyObject_SetAttr(leg, str_bytes_read, sum);
-        Py_DECREF(sum);
-        if (rc < 0) return NULL;
+        if (IS(leg, TlsCore) && ((LegCore *)leg)->bytes_read != NULL) { /* TlsLeg: the field itself */
+            if (add_field(&((LegCore *)leg)->bytes_read, filled) < 0) return NULL;
+        } else {
+            PyObject *count = PyObject_GetAttr(leg, str_bytes_read);
+            if (count == NULL) return NULL;
+            PyObject *n = PyLong_FromSsize_t(filled);
+            PyObject *sum = n != NULL ? PyNumber_Add(count, n) : NULL;
+            Py_DECREF(count);
+            Py_XDECREF(n);
+            if (sum == NULL) return NULL;
+            int rc = PyObject_SetAttr(leg, str_bytes_read, sum);
+            Py_DECREF(sum);
+            if (rc < 0) return NULL;
+        }
         PyObject *plain = view_slice(buffer, 0, filled);
         if (plain == NULL) return NULL;
         PyObject *frames = Decoder_feed_parts((Decoder *)args[5], plain);
@@ -723,7 +896,7 @@ static PyObject *receive(PyObject *self, PyObject *const *args, Py_ssize_t nargs
                     continue; /* data for a stream just reset: dropped */
                 }
                 Py_INCREF(stream);
-                int done = stream_deliver(stream, PyTuple_GET_ITEM(frame, 2));
+                int done = stream_deliver(stream, PyTuple_GET_ITEM(frame, 2), window_limit, small_view);
                 if (done < 0) {
                     result = NULL;
                 } else if (done) {
@@ -754,16 +927,18 @@ static PyMethodDef module_methods[] = {
     {"decrypt", (PyCFunction)(void (*)(void))decrypt, METH_FASTCALL,
      "decrypt(sslobj, incoming, buffer, filled) -> (filled, state): 0 drained, 1 buffer full, 2 end of stream"},
     {"receive", (PyCFunction)(void (*)(void))receive, METH_FASTCALL,
-     "receive(leg, sslobj, incoming, data, buffer, decoder, streams, dispatch) -> state: one tunnel read "
-     "decrypted, counted, decoded and handed to the streams (a small DATA part relayed to a plain leg here)"},
-    {"register_leg", register_leg, METH_VARARGS,
-     "register_leg(kind, cls, *limits): the Relay, Stream and PlainLeg classes the relay step takes"},
+     "receive(leg, sslobj, incoming, data, buffer, decoder, streams, dispatch, window_limit, small_view) -> state: "
+     "one tunnel read decrypted, counted, decoded and handed to the streams (a small DATA part relayed to a "
+     "plain leg here)"},
+    {"relay_send", (PyCFunction)(void (*)(void))relay_send, METH_FASTCALL,
+     "relay_send(leg, buffer, nbytes, small_write) -> bool: a plain leg's read relayed to its stream and sealed "
+     "into the tunnel, when all of it goes now (False: nothing changed, run the Python steps)"},
     {NULL}
 };
 
 /* What agent/proxy/hotpath.py expects (its ABI): raise both together whenever a function, its arguments
    or its results change, so a module built from older source is refused instead of called wrongly. */
-#define HOTPATH_ABI 3
+#define HOTPATH_ABI 4
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "agent.proxy._hotpath",
@@ -772,6 +947,10 @@ static struct PyModuleDef module_def = {
 
 PyMODINIT_FUNC PyInit__hotpath(void) {
     if (PyType_Ready(&DecoderType) < 0) return NULL;
+    PyTypeObject *cores[] = {&LegCoreType, &PlainCoreType, &TlsCoreType, &StreamCoreType, &RelayCoreType,
+                             &SessionCoreType};
+    for (size_t i = 0; i < sizeof cores / sizeof cores[0]; i++)
+        if (PyType_Ready(cores[i]) < 0) return NULL;
     str_read = PyUnicode_InternFromString("read");
     str_write = PyUnicode_InternFromString("write");
     str_pending = PyUnicode_InternFromString("pending");
@@ -787,11 +966,15 @@ PyMODINIT_FUNC PyInit__hotpath(void) {
         Py_DECREF(m);
         return NULL;
     }
-    Py_INCREF(&DecoderType);
-    if (PyModule_AddObject(m, "FrameDecoder", (PyObject *)&DecoderType) < 0) {
-        Py_DECREF(&DecoderType);
+    if (PyModule_AddType(m, &DecoderType) < 0) {
         Py_DECREF(m);
         return NULL;
+    }
+    for (size_t i = 0; i < sizeof cores / sizeof cores[0]; i++) {
+        if (PyModule_AddType(m, cores[i]) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
     }
     return m;
 }

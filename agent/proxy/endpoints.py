@@ -25,11 +25,13 @@ from typing import Callable, Protocol
 
 from agent.proxy import hotpath
 from agent.proxy import mux as M
+from agent.proxy.state import LegCore, PlainCore, TlsCore
 
 READ_CHUNK = 256 * 1024  # plaintext decrypted by a TLS leg per delivery (shared, see the module docstring)
 READ_BUFFER = 1024 * 1024  # one read from a socket (shared)
 MAX_BUFFERED_BEFORE_RECEIVER = 256 * 1024
 SMALL_VIEW = 64 * 1024  # PlainLeg.write copies a view this small instead of writing it to the socket itself
+SMALL_WRITE = 16 * 1024  # below this a stream's frame header and its payload go out in one TLS write
 
 
 class _SharedBuffer(threading.local):
@@ -53,7 +55,7 @@ class _SharedBuffer(threading.local):
         if self.busy:
             return memoryview(bytearray(self.size))
         self.busy = True
-        return self.shared()
+        return self.view or self.shared()  # the attribute once it exists: no call
 
     def give_back(self, view: memoryview) -> None:
         if view is self.view:
@@ -77,12 +79,14 @@ class FrameRoute(Receiver, Protocol):
     agent.proxy.session.MuxSession."""
     _decoder: object
     streams: dict
+    window_limit: int  # the most a stream's peer may have sent beyond the credit returned
     def _dispatch(self, frame) -> None: ...
     def receive_failed(self, exc: Exception) -> None: ...
 
 
-class Leg(asyncio.BufferedProtocol):
-    """Common state: transport, receiver (with buffering until one is set), byte counts."""
+class Leg(LegCore, asyncio.BufferedProtocol):
+    """Common state: transport, receiver (with buffering until one is set), byte counts (the steady-state
+    fields in ``LegCore``: agent.proxy.state)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -234,7 +238,7 @@ class Leg(asyncio.BufferedProtocol):
         return self.transport.get_extra_info("peername") if self.transport else None
 
 
-class PlainLeg(Leg):
+class PlainLeg(Leg, PlainCore):
     """A plain TCP connection: the application's socket, or an upstream workload.
 
     ``on_connected(leg)`` runs once the transport is there (an accepting server's hook: one shared
@@ -259,6 +263,9 @@ class PlainLeg(Leg):
         self._deliver_view(view)
 
     def buffer_updated(self, nbytes: int) -> None:
+        compiled = hotpath.compiled  # relayed to a stream and sealed into its tunnel in one call when it all goes now
+        if compiled is not None and compiled.relay_send(self, _read_buffers.view, nbytes, SMALL_WRITE):
+            return
         receiver = self.receiver  # view_received and _deliver_view without their calls
         if receiver is not None and getattr(receiver, "takes_views", False):
             self.bytes_read += nbytes
@@ -313,7 +320,7 @@ class PlainLeg(Leg):
             self.transport.write_eof()
 
 
-class TlsLeg(Leg):
+class TlsLeg(Leg, TlsCore):
     """TLS 1.3 over a TCP transport, run on memory BIOs so that half-close works.
 
     ``admit(leg)`` (an accepting server's hook) runs once the transport is there, before any TLS state
@@ -329,6 +336,7 @@ class TlsLeg(Leg):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object: ssl.SSLObject | None = None
+        self._sslobj = None  # its C object (what the compiled steps call), set with it
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.handshake_seconds: float | None = None  # TCP connected → TLS handshake complete
         self._connected_at = 0.0
@@ -344,6 +352,7 @@ class TlsLeg(Leg):
             self.ssl_object = self._context.wrap_bio(self._incoming, self._outgoing,
                                                      server_side=self._server_side,
                                                      server_hostname=self._server_hostname)
+            self._sslobj = self.ssl_object._sslobj
         except (ssl.SSLError, ValueError) as exc:
             self._fail_handshake(exc)
             return
@@ -374,13 +383,13 @@ class TlsLeg(Leg):
 
     def _receive_frames(self, session: "FrameRoute", data: memoryview | None) -> None:
         receive = hotpath.compiled.receive  # type: ignore[union-attr]
-        sslobj = self.ssl_object._sslobj  # type: ignore[union-attr]
+        sslobj = self._sslobj
         view = _plain_buffers.take()
         try:
             while True:
                 try:
                     state = receive(self, sslobj, self._incoming, data, view, session._decoder, session.streams,
-                                    session._dispatch)  # counts what it hands over in self.bytes_read
+                                    session._dispatch, session.window_limit, SMALL_VIEW)  # counts in self.bytes_read
                 except ssl.SSLError as exc:
                     self._flush()
                     self.close_exc = exc
@@ -495,7 +504,7 @@ class TlsLeg(Leg):
 
     def _decrypt_into_compiled(self, decrypt, view: memoryview) -> None:
         """``_decrypt_into`` with its read loop in agent.proxy._hotpath (the same steps, the same outcomes)."""
-        sslobj = self.ssl_object._sslobj  # type: ignore[union-attr]
+        sslobj = self._sslobj
         incoming = self._incoming
         filled = state = 0
         while True:
@@ -541,7 +550,7 @@ class TlsLeg(Leg):
         self.bytes_written += M.HEADER_SIZE + len(data)
         compiled = hotpath.compiled
         if compiled is not None:
-            records = compiled.seal_data(self.ssl_object._sslobj, self._outgoing, stream, data)
+            records = compiled.seal_data(self._sslobj, self._outgoing, stream, data)
             if records:
                 transport.write(records)
             return
@@ -575,7 +584,3 @@ class TlsLeg(Leg):
     @property
     def alpn(self) -> str | None:
         return self.ssl_object.selected_alpn_protocol() if self.ssl_object else None
-
-
-if hotpath.built is not None:  # the compiled relay step takes exact instances of this class (agent.proxy._hotpath)
-    hotpath.built.register_leg("plain", PlainLeg, SMALL_VIEW)

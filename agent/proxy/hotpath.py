@@ -5,11 +5,12 @@ the compiled twin of pure-Python steps that stay the reference implementation: f
 (``mux.PyFrameDecoder``), sealing a DATA frame into TLS records, the TLS receive loop
 (``endpoints.TlsLeg``) and a whole read of an established tunnel — decrypt, decode, hand each frame to
 its stream or the session — in one call (``TlsLeg.route_frames``, set by ``session.MuxSession.start``),
-and the relay step of a small DATA part from the tunnel to a workload's socket (``Stream.on_data`` →
-``Relay.leg_data`` → ``PlainLeg.write`` inside that read; the classes registered by relay.py,
-session.py and endpoints.py with ``register_leg``). It is used when it was built and imports, unless the
-environment says ``TCPMESH_HOTPATH=python`` (the switch tests and operators use to run the reference path; any other
-value than ``python`` or ``compiled``, or ``compiled`` without the module, is refused at import with
+the relay steps of a small message in both directions (``Stream.on_data`` → ``Relay.leg_data`` →
+``PlainLeg.write`` inside that read; ``PlainLeg.buffer_updated`` → ``Relay.leg_data`` → ``Stream.write`` →
+``TlsLeg.write_data_frame``), and the base types holding those objects' steady-state fields
+(agent/proxy/state.py, whose pure-Python twins run with the reference path). It is used when it was
+built and imports, unless the environment says ``TCPMESH_HOTPATH=python`` (the switch tests and
+operators use to run the reference path; any other value than ``python`` or ``compiled``, or ``compiled`` without the module, is refused at import with
 the fix). A module built from older source (``ABI`` below differs from the module's: a checkout
 updated without ``make setup``) counts as not built, and its description says so. ``describe()`` is
 what ``tcpmesh doctor`` reports.
@@ -24,8 +25,9 @@ from types import ModuleType
 
 ENV = "TCPMESH_HOTPATH"
 CHOICES = ("compiled", "python")
-ABI = 3  # HOTPATH_ABI in _hotpath.c: the calls this source makes into the module
-ENTRY_POINTS = ("configure", "FrameDecoder", "seal_data", "decrypt", "receive", "register_leg")
+ABI = 4  # HOTPATH_ABI in _hotpath.c: the calls this source makes into the module
+ENTRY_POINTS = ("configure", "FrameDecoder", "seal_data", "decrypt", "receive", "relay_send", "LegCore", "PlainCore",
+                "TlsCore", "StreamCore", "RelayCore", "SessionCore")
 
 
 class HotpathError(RuntimeError):

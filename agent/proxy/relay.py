@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from agent.proxy import hotpath
 from agent.proxy.endpoints import Leg
+from agent.proxy.state import RelayCore
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,10 @@ class RelayResult:
     error: str = ""  # empty when both directions ended with a clean EOF
 
 
-class Relay:
+class Relay(RelayCore):
+    """Its legs and direction counts are ``RelayCore``'s fields (agent.proxy.state): the compiled relay steps
+    read them (agent/proxy/_hotpath.c)."""
+
     takes_views = True  # a leg's write copies what it keeps (agent.proxy.endpoints): views pass straight through
 
     def __init__(self, a: Leg, b: Leg) -> None:
@@ -63,7 +66,8 @@ class Relay:
         return self._other(leg)
 
     def leg_data(self, leg: Leg, data: bytes | memoryview) -> None:
-        # a small DATA part from a stream to a PlainLeg takes the compiled twin (agent/proxy/_hotpath.c)
+        # a small message between a Stream and a PlainLeg takes the compiled twins, both ways (agent/proxy/_hotpath.c
+        # stream_deliver, relay_send): change them together (tests/unit/test_hotpath.py compares them)
         if leg is self.a:
             self._a_to_b += len(data)
             self.b.write(data)
@@ -115,7 +119,3 @@ class Relay:
         self.a.reset()
         self.b.reset()
         self._finish(reason)
-
-
-if hotpath.built is not None:  # the compiled relay step (agent.proxy._hotpath) repeats leg_data for exact instances
-    hotpath.built.register_leg("relay", Relay)

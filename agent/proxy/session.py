@@ -29,21 +29,22 @@ from agent.connection.facts import ConnectionFacts
 from agent.proxy import hotpath
 from agent.proxy import mux as M
 from agent.proxy.budget import BufferBudget
-from agent.proxy.endpoints import Leg, TlsLeg
+from agent.proxy.endpoints import SMALL_WRITE, Leg, TlsLeg
 from agent.proxy.header import (PeerProtocolError, StatusReply, decode_connect_body,
                                 decode_status_body, encode_connect_body, encode_status_body)
+from agent.proxy.state import SessionCore, StreamCore
 
 log = logging.getLogger("tcpmesh.session")
 _DATA = M.FrameType.DATA
-SMALL_WRITE = 16 * 1024  # below this a frame header and its payload go out in one TLS write
 CREDIT_THRESHOLD = M.INITIAL_WINDOW // 4
 MAX_STREAMS_PER_SESSION = 4096
 TCP_ESTABLISHED = 1  # tcp_info.tcpi_state
 WAKE_INTERVAL = 1.0  # how often stalled tunnels are looked at for a peer that has gone (BufferGate.wake_ended)
 
 
-class Stream(Leg):
-    """One application connection inside a tunnel, seen as a relay leg."""
+class Stream(Leg, StreamCore):
+    """One application connection inside a tunnel, seen as a relay leg (its window and credit in ``StreamCore``:
+    agent.proxy.state)."""
 
     def __init__(self, session: "MuxSession", stream_id: int) -> None:
         super().__init__()
@@ -68,6 +69,8 @@ class Stream(Leg):
 
     # -- as a leg (called by the relay) ---------------------------------------------------------
     def write(self, data: bytes | memoryview) -> None:
+        # the reference of relay_send in agent/proxy/_hotpath.c (with PlainLeg.buffer_updated, Relay.leg_data and
+        # TlsLeg.write_data_frame): change both together (tests/unit/test_hotpath.py compares them)
         if self.eof_sent or self._finished:
             return
         size = len(data)
@@ -251,12 +254,11 @@ class Stream(Leg):
         self.session.forget(self)
 
 
-if hotpath.built is not None:  # the compiled relay step repeats Stream.on_data for exact instances
-    hotpath.built.register_leg("stream", Stream, M.INITIAL_WINDOW + CREDIT_THRESHOLD)
 
-
-class MuxSession:
+class MuxSession(SessionCore):
     """Frames in and out of one TLS leg; the client opens odd stream ids, the server answers them."""
+
+    window_limit = M.INITIAL_WINDOW + CREDIT_THRESHOLD  # a stream's peer beyond this has broken its window
 
     def __init__(self, tls: TlsLeg, client: bool, on_open: Callable[[Stream, ConnectionFacts], None] | None = None,
                  on_bad_open: Callable[[Stream, str], None] | None = None, gate: "BufferGate | None" = None,

@@ -16,12 +16,13 @@ import pytest
 from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.proxy import hotpath
 from agent.proxy import mux as M
+from agent.proxy import state
 from agent.proxy.header import encode_connect_body
 from agent.proxy.endpoints import READ_BUFFER, READ_CHUNK, PlainLeg
 from agent.proxy.relay import Relay
 from agent.proxy.session import CREDIT_THRESHOLD, SMALL_WRITE, MuxSession, Stream
 from bench.tls_pair import MemoryTransport, connected_pair
-from tests.hotpath_impls import IMPLEMENTATIONS, decoder_class, use
+from tests.hotpath_impls import IMPLEMENTATIONS, decoder_class, require_compiled, use
 from tests.unit.test_endpoints_tls_buffer import Collector, contexts  # noqa: F401 - contexts: a fixture
 
 H = M.HEADER.pack
@@ -155,7 +156,7 @@ def test_the_switch_chooses_and_refuses_what_cannot_run():
     old_forced = hotpath_in_child("compiled", stale=True)
     assert old_forced.returncode != 0 and "stale: built with ABI 0" in old_forced.stderr, old_forced.stderr
     half = hotpath_in_child("compiled", stale=True, abi=hotpath.ABI)  # the right ABI, entry points missing
-    assert half.returncode != 0 and "lacks seal_data, decrypt, register_leg" in half.stderr, half.stderr
+    assert half.returncode != 0 and "lacks seal_data, decrypt, relay_send, LegCore" in half.stderr, half.stderr
     wrong = hotpath_in_child("fast")
     assert wrong.returncode != 0 and "'fast' is not one of compiled, python" in wrong.stderr
     if hotpath.built is not None:
@@ -385,10 +386,13 @@ def test_a_relayed_stream_has_the_same_outcome_on_both_paths(contexts, name, str
 
 def test_the_compiled_relay_step_is_the_one_taken(contexts, monkeypatch):  # noqa: F811
     """On the compiled path a small message from the tunnel reaches the workload's socket without
-    Stream.on_data or Relay.leg_data (else the comparison above would compare the reference with itself);
-    the send side stays Python (measured slower compiled: docs/performance-latency.md)."""
+    Stream.on_data or Relay.leg_data, and one from the workload reaches the tunnel without Relay.leg_data or
+    Stream.write (else the comparison above would compare the reference with itself). Under
+    TCPMESH_HOTPATH=python (.ci/run) the objects sit on the pure-Python cores (agent/proxy/state.py), which
+    the compiled steps must leave to the Python steps."""
+    compiled_cores = state.StreamCore is not state.PyStreamCore
     calls: list = []
-    for cls, name in ((Stream, "on_data"), (Relay, "leg_data")):
+    for cls, name in ((Stream, "on_data"), (Relay, "leg_data"), (Stream, "write")):
         def counted(self, *args, _original=getattr(cls, name), _name=name):
             calls.append(_name)
             return _original(self, *args)
@@ -398,6 +402,38 @@ def test_the_compiled_relay_step_is_the_one_taken(contexts, monkeypatch):  # noq
         calls.clear()
         relay_outcome(contexts, "python", steps, stream_first)
         assert calls.count("on_data") == 3 and calls.count("leg_data") == 6  # three messages each way
+        assert calls.count("write") == 3
+        python_calls = sorted(calls)
         calls.clear()
         relay_outcome(contexts, "compiled", steps, stream_first)
-        assert calls.count("on_data") == 0 and calls.count("leg_data") == 3, stream_first
+        assert sorted(calls) == ([] if compiled_cores else python_calls), stream_first
+
+
+def test_the_compiled_cores_have_the_fields_of_their_python_twins():
+    """agent/proxy/state.py: each compiled core type (agent/proxy/_hotpath.c) has exactly the fields of its
+    pure-Python twin, as slots (member descriptors) on the same base, so either holds the same objects."""
+    require_compiled()
+    for name, twin in state.PYTHON.items():
+        core = getattr(hotpath.built, name)
+        own = {key for key, value in vars(core).items() if type(value).__name__ == "member_descriptor"}
+        assert own == set(state.FIELDS[name]) == set(twin.__slots__), name
+        assert core.__base__.__name__ == twin.__base__.__name__.removeprefix("Py"), name
+
+
+def test_the_reference_path_holds_the_fields_in_python_slots():
+    """With TCPMESH_HOTPATH=python the data path's classes sit on the pure-Python cores, and each class the
+    compiled steps take is the layout child of its core (what _hotpath.c checks instead of a registry)."""
+    code = ("from agent.proxy.session import MuxSession, Stream\nfrom agent.proxy.endpoints import PlainLeg, TlsLeg\n"
+            "from agent.proxy.relay import Relay\n"
+            "print(*(f'{c.__name__}:{c.__base__.__module__}.{c.__base__.__name__}' for c in "
+            "(Stream, PlainLeg, TlsLeg, Relay, MuxSession)))\n")
+    for env_value, module, prefix in (("python", "agent.proxy.state", "Py"), (None, "agent.proxy._hotpath", "")):
+        if env_value is None:
+            require_compiled()
+        env = {k: v for k, v in os.environ.items() if k != "TCPMESH_HOTPATH"}
+        if env_value is not None:
+            env["TCPMESH_HOTPATH"] = env_value
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert run.stdout.split() == [f"{cls}:{module}.{prefix}{core}" for cls, core in (
+            ("Stream", "StreamCore"), ("PlainLeg", "PlainCore"), ("TlsLeg", "TlsCore"), ("Relay", "RelayCore"),
+            ("MuxSession", "SessionCore"))], run.stderr
