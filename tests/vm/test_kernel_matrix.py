@@ -3,7 +3,7 @@ PID 1 and this checkout installed (tests/vm/conftest.py). In each guest, for rea
 
 - `tcpmesh doctor --json` picks the mode docs/kernels.md says for that kernel, reports kernel TLS
   where the kernel has it, and the loader takes the kernel's ebpf-connect path (pre-6.12: records
-  keyed by socket cookie; 6.12+: slot arrays);
+  keyed by socket cookie; 6.12+: slot arrays), and the data path is the compiled one (built in the guest);
 - the bpf tier (tests/bpf) passes with privileged skips turned into failures, so every capture
   mode's programs load, attach and steer on that kernel;
 - a two-node lab (the same code as `tcpmesh lab up`) meshes a connection, and after SIGKILL of an
@@ -58,6 +58,8 @@ def test_doctor_picks_the_documented_mode_for_the_kernel(guest):
     failed = [c for n, c in rows.items() if c["result"] not in ("ok", "warn") and n != "ktls"]
     assert not failed, f"{guest.release}: checks not ok: {failed}"
     assert (rows["ktls"]["result"] == "ok") == KTLS[series], rows["ktls"]
+    # pip built agent/proxy/_hotpath.c in the guest (the image has gcc and python3-dev): the compiled data path
+    assert report["data_path"]["implementation"] == "compiled", report["data_path"]
     path = guest.run(f"{GUEST_VENV}/bin/python -c 'import os; from agent.capture.connect_mode import "
                      f"connect_sets_cb_flags as f; print(f(os.uname().release))'").stdout.strip()
     assert path == str(CONNECT_SETS_CB_FLAGS[series]), f"{guest.release}: connect_sets_cb_flags -> {path}"

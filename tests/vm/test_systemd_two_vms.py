@@ -5,6 +5,7 @@ the checkout is at /vagrant as Vagrant's synced folder puts it). What systemd it
 - `systemctl enable --now tcpmesh-agent` (provision.sh's last step) returns only when the agent is
   ready: at that moment /readyz answers 200 on the first try and the status text says so; after a
   `systemctl restart` every local identity holds its SVID at READY=1 (the first `tcpmesh status`);
+  the agent runs the compiled data path `make install` built in the VM (its journal says so);
 - vagrant/e2e.sh's checks, run on the VMs: bytes intact, TLS on the wire, identities in the metrics,
   a DENY policy;
 - PostgreSQL in a pod of VM 2, pgbench from a pod of VM 1 through the mesh while
@@ -66,6 +67,7 @@ SVIDS_HELD = ("import json,sys; d=json.load(sys.stdin); h={i[\"spiffe_id\"] for 
               "if i[\"state\"]==\"valid\"}; sys.exit(0 if all(w[\"spiffe_id\"] in h for w in d[\"workloads\"]) else 1)")
 JOURNAL_START = "agent ready on node "
 JOURNAL_JOIN = "joined the issuer as node "
+JOURNAL_DATA_PATH = "tunnel data path: compiled (agent.proxy._hotpath, /opt/tcpmesh/src/agent/proxy/_hotpath."
 JOURNAL_RESTART = ("stopping: capture stays in place (fail closed)", "restarting (restart job); capture stays attached")
 JOURNAL_STOP = ("stopped by a stop job", "removing capture: this node's pods now bypass the mesh")
 
@@ -155,6 +157,8 @@ def test_enable_now_returns_only_when_the_agent_is_ready(nodes):
         assert readyz_now(machine) == "200"
         journal = machine.run("journalctl -u tcpmesh-agent --no-pager -o cat").stdout
         assert f"{JOURNAL_JOIN}{machine.name} with the bootstrap token" in journal, journal[-3000:]
+        # the data path `make install` built with the image's gcc and python3-dev, as on a user's Debian 12 node
+        assert JOURNAL_DATA_PATH in journal, [line for line in journal.splitlines() if "tunnel data path" in line]
     issuer = machines["node1"].run("systemctl show -p ActiveState,SubState,Type tcpmesh-issuer").stdout
     assert "Type=notify" in issuer and "ActiveState=active" in issuer and "SubState=running" in issuer, issuer
     assert machines["node2"].run("systemctl is-enabled tcpmesh-issuer", check=False).stdout.strip() == "disabled"
