@@ -52,6 +52,9 @@ class TproxySpec:
     on_port: int
     mark: int
     cidr_rules: tuple[tuple[str, bool], ...]   # (cidr, capture?) longest prefix first
+    # Service IPv4 addresses captured although they are the node's own (kube-proxy's IPVS mode puts every
+    # ClusterIP on kube-ipvs0): checked before the node's local addresses are passed
+    local_mesh: tuple[str, ...] = ()
 
 
 def cidr_rules(capture: Sequence[str], bypass: Sequence[str] = ()) -> tuple[tuple[str, bool], ...]:
@@ -81,6 +84,7 @@ def nft_ruleset(spec: TproxySpec) -> str:
         f"flush chain {t} divert",
         f"add rule {t} prerouting meta nfproto ipv4 meta l4proto tcp iifname @{NFT_SET} jump capture",
         f"add rule {t} capture ct direction reply return",
+        *(f"add rule {t} capture ip daddr {address} jump divert" for address in spec.local_mesh),
         f"add rule {t} capture fib daddr type local return",
         f"add rule {t} capture ip daddr 0.0.0.0/8 return",
     ]
@@ -102,6 +106,7 @@ def iptables_capture_chain(spec: TproxySpec) -> str:
         f"*{IPTABLES_TABLE}",
         f":{CHAIN_CAPTURE} - [0:0]",
         f"-A {CHAIN_CAPTURE} -m conntrack --ctdir REPLY -j RETURN",
+        *(f"-A {CHAIN_CAPTURE} -d {address}/32 -p tcp {target}" for address in spec.local_mesh),
         f"-A {CHAIN_CAPTURE} -m addrtype --dst-type LOCAL -j RETURN",
         f"-A {CHAIN_CAPTURE} -d 0.0.0.0/8 -j RETURN",
     ]

@@ -40,7 +40,7 @@ from agent.bpf.maps import check_layout
 from agent.capture import abi, node_rules, steering
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS, lpm_entries
 from agent.capture.interface import ListenerRequirements
-from agent.capture.node_rules import NodeRules
+from agent.capture.node_rules import NodeRules, node_destinations
 from agent.capture.meshdsts import ipv4_mesh_cidrs
 from agent.capture.netfilter import NetfilterError
 from agent.capture.netns import describe, ipr, netlink_call
@@ -115,6 +115,7 @@ class TcCapture:
         self._libbpf: Libbpf | None = None
         self._attached: dict[str, tuple[int, str]] = {}  # workload key -> (ifindex, ifname)
         self._node_rules = NodeRules(self.name, netns, refuse_all6=passthrough_deny)  # agent.capture.node_rules
+        self._vips4: frozenset[str] = frozenset()  # Service IPv4 addresses: captured even when the node holds them
         self.load_seconds: float | None = None
 
     # ---- Capture interface ---------------------------------------------------------------------
@@ -214,17 +215,19 @@ class TcCapture:
         (docs/security.md "Known gaps")."""
         workloads, services = tuple(workloads), tuple(services)
         self._node_rules.set_mesh((w.ip6 for w in workloads if w.ip6), services)
-        if self._passthrough_deny:
-            return
-        addresses = [w.ip for w in workloads] + [address for address, _ in services]  # a Service: every port
-        self._mesh = tuple(ipv4_mesh_cidrs(addresses, self._capture_cidrs, self._bypass_cidrs))
+        # a Service address that is also the node's own (kube-proxy IPVS: every ClusterIP on kube-ipvs0)
+        self._vips4 = frozenset(node_destinations((), services)[2])
+        if not self._passthrough_deny:
+            addresses = [w.ip for w in workloads] + [address for address, _ in services]  # a Service: every port
+            self._mesh = tuple(ipv4_mesh_cidrs(addresses, self._capture_cidrs, self._bypass_cidrs))
         if self._loaded is not None:
             self.refresh_local_addresses()
 
     def refresh_local_addresses(self) -> None:
-        """Re-read the node's addresses: never captured, and not an origin (swapped whole)."""
+        """Re-read the node's addresses: never captured, and not an origin (swapped whole) — but a
+        Service address the node holds (kube-proxy's IPVS mode) is the mesh's."""
         self._require_started()
-        local = steering.local_addresses(self.netns)
+        local = steering.local_addresses(self.netns) - self._vips4
         capture, bypass = (self._capture_cidrs, self._bypass_cidrs) if self._mesh is None else (self._mesh, ())
         self._write_cidrs(cidr_entries(capture, bypass, local))
         self._origins.local = local

@@ -22,7 +22,7 @@ import socket
 from typing import Iterable, Sequence
 
 from agent.capture import abi, node_rules, steering
-from agent.capture.node_rules import NodeRules
+from agent.capture.node_rules import NodeRules, node_destinations
 from agent.capture.cidrs import DEFAULT_CAPTURE_CIDRS
 from agent.capture.interface import ListenerRequirements
 from agent.capture.meshdsts import ipv4_mesh_cidrs
@@ -56,6 +56,7 @@ class TproxyCapture:
         self.backend_errors: dict[str, str] = {}
         self._origins = TransparentOrigins()
         self._attached: dict[str, str] = {}  # workload key -> interface
+        self._vips4: tuple[str, ...] = ()  # Service IPv4 addresses: captured even when the node holds them
         self._node_rules = NodeRules(self.name, netns, refuse_all6=passthrough_deny)  # agent.capture.node_rules
 
     # ---- Capture interface ---------------------------------------------------------------------
@@ -83,7 +84,7 @@ class TproxyCapture:
                 for item in backend(name, self.netns).remove():
                     log.info("removed leftover %s", item)
         steering.ensure(self.netns)
-        self._origins.local = steering.local_addresses(self.netns)
+        self._origins.local = steering.local_addresses(self.netns) - frozenset(self._vips4)
         log.info("iptables mode: TPROXY rules installed with %s%s", self.backend.name,
                  "".join(f"; {n} failed: {e}" for n, e in self.backend_errors.items()))
 
@@ -98,19 +99,22 @@ class TproxyCapture:
         (docs/security.md "Known gaps")."""
         workloads, services = tuple(workloads), tuple(services)
         self._node_rules.set_mesh((w.ip6 for w in workloads if w.ip6), services)
-        if self._passthrough_deny:
-            return
-        mesh = ipv4_mesh_cidrs([w.ip for w in workloads] + [address for address, _ in services], *self._scope)
-        self.spec = dataclasses.replace(self.spec, cidr_rules=cidr_rules(mesh))
+        # a Service address that is also the node's own (kube-proxy IPVS: every ClusterIP on kube-ipvs0)
+        self._vips4 = node_destinations((), services)[2]
+        self.spec = dataclasses.replace(self.spec, local_mesh=self._vips4)
+        if not self._passthrough_deny:
+            mesh = ipv4_mesh_cidrs([w.ip for w in workloads] + [address for address, _ in services], *self._scope)
+            self.spec = dataclasses.replace(self.spec, cidr_rules=cidr_rules(mesh))
         if self.backend is not None:
             self.backend.install(self.spec)
+            self._origins.local = steering.local_addresses(self.netns) - frozenset(self._vips4)
 
     def attach(self, workload: Workload) -> None:
         backend_ = self._require_started()
         _, ifname = steering.route_interface(workload.ip, self.netns)
         if self._attached.get(workload.key) == ifname:
             return
-        self._origins.local = steering.local_addresses(self.netns)
+        self._origins.local = steering.local_addresses(self.netns) - frozenset(self._vips4)
         backend_.add_interface(ifname)
         previous = self._attached.get(workload.key)
         self._attached[workload.key] = ifname

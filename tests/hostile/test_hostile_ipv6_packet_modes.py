@@ -114,6 +114,27 @@ def test_the_ipv4_service_address_is_meshed_despite_kube_proxys_dnat(packet_lab)
                         and f["source_workload"] == "n1p2"], "no DENY for the intruder through the IPv4 address", 10)
 
 
+def test_a_service_address_the_node_holds_is_meshed_as_kube_proxy_ipvs_makes_it(packet_lab):
+    """kube-proxy's IPVS mode puts every ClusterIP on the node's kube-ipvs0, so it is a local address of the node
+    — which these modes never steered (tc: a BYPASS /32 for every node address; iptables: `fib daddr type local
+    return`); IPVS at LOCAL_IN then sent the connect to an endpoint in plaintext, past the DENY. The lab has no
+    IPVS: the address on node1's lo stands for kube-ipvs0, and before the fix the connect was refused by the
+    node's own stack (seen failing: ECONNREFUSED, nothing recorded) where IPVS would have forwarded it."""
+    lab = packet_lab
+    vip = "10.96.0.51"
+    subprocess.run(["ip", "-n", lab.node(1).netns, "addr", "replace", f"{vip}/32", "dev", "lo"], check=True)
+    lab_service_set(lab.plan, service_document(lab.plan, "ipvs", [vip], [(PORT, PORT)], [("n2p1", True)]))
+    since = time.time()  # a reply alone proves nothing (the node's DNAT answers too): the flow must say ipvs
+    eventually(lambda: "secret" in dial(lab, "n1p1", vip, port=PORT).get("got", "") and any(
+        f["destination_service_name"] == "ipvs" and f["security"] == "mutual_tls" for f in lab.flows(1)
+        if f["start_time"] >= since), f"{lab.capture_mode}: a Service address held by the node is not meshed")
+    since = time.time()
+    attack = dial(lab, "n1p2", vip, port=PORT)
+    assert "secret" not in attack.get("got", ""), attack
+    eventually(lambda: [f for f in lab.flows(2) if f["start_time"] >= since and f["response_flags"] == "DENY"
+                        and f["source_workload"] == "n1p2"], "no DENY through the node-held Service address", 10)
+
+
 def answer_secret(listener: socket.socket) -> None:
     while True:
         try:
