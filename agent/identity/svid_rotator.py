@@ -139,6 +139,10 @@ class IdentityRotator:
         finally:
             self._loop = self._worker = None
             worker.shutdown(wait=False, cancel_futures=True)
+            # A step already running (a renewal writing the node credential, say) finishes before run() returns:
+            # "stopped" means no identity file is written any more. Waited for off the loop; a second cancel
+            # (the stop's own deadline) stops the wait, not the step.
+            await loop.run_in_executor(None, worker.shutdown, True)
 
     def _source_attempt_at(self) -> datetime | None:
         """Issuer mode, not joined yet: when the source retries the join (sooner than the next poll)."""

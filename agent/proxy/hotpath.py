@@ -51,10 +51,11 @@ def _load() -> tuple[ModuleType | None, ModuleType | None, str]:
     except ImportError as exc:
         if wanted == "compiled":
             raise HotpathError(f"{ENV}=compiled but agent.proxy._hotpath does not import ({exc}): rebuild it "
-                               f"with `make setup` (needs gcc and the Python headers) or unset {ENV}") from exc
+                               f"with `make setup` or `make install` (needs gcc and python3-dev) or unset {ENV}") from exc
         if wanted == "python":
             return None, None, f"pure Python ({ENV}=python)"
-        return None, None, f"pure Python (agent.proxy._hotpath not built: {exc}; `make setup` builds it with gcc)"
+        return None, None, (f"pure Python (agent.proxy._hotpath not built: {exc}; with gcc and python3-dev "
+                            "installed, `make setup` (a checkout) or `make install` (a node) builds it)")
     if wanted == "python":
         return _hotpath, None, f"pure Python ({ENV}=python)"
     return _hotpath, _hotpath, f"compiled (agent.proxy._hotpath, {_hotpath.__file__})"

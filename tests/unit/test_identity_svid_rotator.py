@@ -314,3 +314,34 @@ def test_node_ca_mode_signs_a_new_identity_off_the_event_loop(node_dir) -> None:
     # the same store called from a thread without an event loop (tools, the CLI) still mints at once
     rotator.store.ensure([WEB, DB])
     assert DB in rotator.store
+
+
+def test_a_cancelled_run_returns_only_after_the_step_in_flight_has_finished(rotator, monkeypatch) -> None:
+    """A stop must not leave the identity thread writing: CI saw a renewal's ``.credential.key.*.tmp`` in the
+    credential directory after the agent had stopped (the step ran on in the worker thread after run() returned)."""
+    import asyncio
+    import threading
+
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_step():
+        started.set()
+        release.wait(10)
+        finished.set()
+        return None
+
+    monkeypatch.setattr(rotator, "renew_due", slow_step)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(rotator.run())
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.2)
+        assert not task.done(), "run() returned while its step was still running"
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert finished.is_set()
+
+    asyncio.run(scenario())
