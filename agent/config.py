@@ -444,8 +444,9 @@ def environment_fields() -> dict[str, str]:
     ``TCPMESH_PROXY_SOURCE_ADDRESS`` → ``proxy.source_address``: every field but those of a section's own sections
     (identity.issuer.*, set in the file only)."""
     names: dict[str, str] = {}
+    defaults = Config()
     for top in fields(Config):
-        default = getattr(Config(), top.name)
+        default = getattr(defaults, top.name)
         if not is_dataclass(default):
             names[f"{ENV_PREFIX}{top.name}".upper()] = top.name
             continue
