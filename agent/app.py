@@ -34,6 +34,7 @@ from agent.host import checks
 from agent.identity.errors import CaError
 from agent.identity.svid_rotator import IdentityRotator, rotator_from_config
 from agent.identity.store import IdentityStore
+from agent.mounts import host_cgroup2
 from agent.policy.explain import explain, request_for
 from agent.policy.model import MtlsMode
 from agent.policy.source import PolicySource
@@ -77,7 +78,7 @@ IP_TRANSPARENT = 19
 class Agent:
     def __init__(self, config: Config, config_path: str = "") -> None:
         if config.capture.cgroup_root == CGROUP_ROOT_AUTO:  # load_config resolved it; a Config built in code may not
-            config = resolve_cgroup_root(config, checks.find_cgroup2_mount())
+            config = resolve_cgroup_root(config, host_cgroup2())
         self.config = config
         self.config_path = config_path  # re-read by identity.reload (`tcpmesh identity reload`) and the watch
         self._identity_switch = asyncio.Lock()

@@ -22,15 +22,14 @@ from agent.errors import ConfigError, invalid_yaml, problems_of, refused
 from agent.filetrust import UntrustedFileError, check_trusted_file
 from agent.identity.spiffe import SpiffeIdError, validate_trust_domain
 from agent.identity.svid import DEV_MIN_TTL_SECONDS, MIN_TTL_SECONDS
-from agent.mounts import MOUNTS_FILE, find_cgroup2_mount
+from agent.mounts import CGROUP_ROOT_AUTO, MOUNTS_FILE, Cgroup2, cgroup_root_path, host_cgroup2
 
 DEFAULT_CONFIG_PATH = "/etc/tcpmesh/config.yaml"
 DEFAULT_OUTBOUND_PORT = 15001
 DEFAULT_INBOUND_PORT = 15008
 DEFAULT_ADMIN_PORT = 15020
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1"
-CGROUP_ROOT_AUTO = "auto"  # capture.cgroup_root: the host's cgroup v2 mount (resolve_cgroup_root)
-CGROUP_ROOT_UNMOUNTED = "/sys/fs/cgroup/unified"  # auto, none mounted: where doctor says to mount it
+# capture.cgroup_root: the host's cgroup v2 mount (agent.mounts; none mounted: where doctor's fix mounts it)
 DEFAULT_CGROUP_ROOT = CGROUP_ROOT_AUTO
 DEFAULT_STATE_DIR = "/run/tcpmesh"
 DEFAULT_SVID_TTL_SECONDS = 3600
@@ -304,9 +303,10 @@ def load_agent_config(path: str | Path, environ: Mapping[str, str] | None = None
                            process="the agent")
     except UntrustedFileError as exc:
         raise ConfigError(f"{path}: --config", str(path), exc.problem) from exc
-    config = load_config(path, environ, mounts_file=mounts_file)
+    cgroup2 = host_cgroup2(mounts_file)  # one read of the mount table: resolves auto, checks an explicit root
+    config = load_config(path, environ, cgroup2=cgroup2)
     try:
-        return check_cgroup_root(config, find_cgroup2_mount(mounts_file))
+        return check_cgroup_root(config, cgroup2.mount)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc.field}", exc.value, exc.problem, exc.fix) from None
 
@@ -325,18 +325,19 @@ def check_cgroup_root(config: Config, mount: str | None) -> Config:
                       "host's mount, as `tcpmesh doctor` finds it)")
 
 
-def resolve_cgroup_root(config: Config, mount: str | None) -> Config:
-    """Pure: ``capture.cgroup_root: auto`` made ``mount`` (the host's cgroup v2 mount; None: not mounted, then
-    ``CGROUP_ROOT_UNMOUNTED``); any other value is kept as written."""
+def resolve_cgroup_root(config: Config, cgroup2: Cgroup2) -> Config:
+    """Pure: ``capture.cgroup_root: auto`` made ``cgroup2.place`` (the host's cgroup v2 mount; not mounted: where
+    this host's layout puts it, as doctor's fix says); any other value is kept as written."""
     if config.capture.cgroup_root != CGROUP_ROOT_AUTO:
         return config
-    return replace(config, capture=replace(config.capture, cgroup_root=mount or CGROUP_ROOT_UNMOUNTED))
+    return replace(config, capture=replace(config.capture, cgroup_root=cgroup_root_path(CGROUP_ROOT_AUTO, cgroup2)))
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *,
-                mounts_file: str = MOUNTS_FILE) -> Config:
+                mounts_file: str = MOUNTS_FILE, cgroup2: Cgroup2 | None = None) -> Config:
     """Read ``path`` (YAML), apply ``TCPMESH_<SECTION>_<FIELD>`` environment overrides, resolve
-    ``capture.cgroup_root: auto`` with the host's mounts (``mounts_file``), validate."""
+    ``capture.cgroup_root: auto`` with the host's cgroup v2 (``cgroup2``, else read from ``mounts_file`` — only
+    when the root is auto), validate."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -352,7 +353,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *,
         check_environment(environ)
         config = apply_environment(config_from_mapping(doc, source=str(path)), environ)
         if config.capture.cgroup_root == CGROUP_ROOT_AUTO:
-            config = resolve_cgroup_root(config, find_cgroup2_mount(mounts_file))
+            config = resolve_cgroup_root(config, cgroup2 or host_cgroup2(mounts_file))
         return validate(config)
     except ConfigError as exc:  # say which file (or which environment variable) holds each wrong value
         raise refused([_located(error, path) for error in problems_of(exc)], where=str(path)) from None

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from agent.errors import EnvironmentProblem
-from agent.mounts import find_cgroup2_mount  # the lab, doctor and tests ask checks
+from agent.mounts import CGROUP_ROOT_AUTO, Cgroup2, find_cgroup2_mount, host_cgroup2  # the lab, doctor, tests ask
 
 
 def own_cgroup_path(cgroup_root: str, proc_file: str = "/proc/self/cgroup") -> str:
@@ -27,11 +27,15 @@ def root_problem() -> str | None:
     return None
 
 
-def cgroup2_problem(cgroup_root: str | None = None) -> str | None:
-    mount = find_cgroup2_mount()
+def cgroup2_problem(cgroup_root: str | None = None, cgroup2: Cgroup2 | None = None) -> str | None:
+    """None if cgroup v2 is mounted, writable and is ``cgroup_root`` (when given); else what is wrong and the fix
+    that fits this host's layout (agent.mounts: /sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified beside
+    cgroup v1's hierarchies)."""
+    cgroup2 = cgroup2 or host_cgroup2()
+    mount = cgroup2.mount
     if mount is None:
-        return "cgroup v2 is not mounted: mount it (mount -t cgroup2 none /sys/fs/cgroup/unified)"
-    if cgroup_root and os.path.realpath(cgroup_root) != os.path.realpath(mount):
+        return f"cgroup v2 is not mounted: {cgroup2.fix}"
+    if cgroup_root and cgroup_root != CGROUP_ROOT_AUTO and os.path.realpath(cgroup_root) != os.path.realpath(mount):
         return (f"cgroup v2 is mounted at {mount}, not at {cgroup_root}: set capture.cgroup_root to {mount}, or to "
                 "auto (the default: the host's mount)")
     if not os.access(mount, os.W_OK):

@@ -215,8 +215,9 @@ def probe_bpf_syscall() -> Probe:
 def probe_cgroup2(cgroup_root: str | None) -> Probe:
     from agent.host import checks
 
-    problem = checks.cgroup2_problem(cgroup_root)
-    return fail(problem) if problem else ok(f"cgroup v2 at {checks.find_cgroup2_mount()}")
+    cgroup2 = checks.host_cgroup2()
+    problem = checks.cgroup2_problem(cgroup_root, cgroup2)
+    return fail(problem) if problem else ok(f"cgroup v2 at {cgroup2.mount}")
 
 
 def probe_bpffs(filesystems: str = "/proc/filesystems") -> Probe:

@@ -30,6 +30,7 @@ from agent.lab import agents, cgroups, files, network, nsenter
 from agent.lab import issuer as issuer_lab
 from agent.lab import owner as lab_owner
 from agent.lab.errors import LabError, LabNotFound
+from agent.mounts import cgroup_root_path
 from agent.lab.topology import (DEFAULT_LAB_NAME, DEFAULT_NAMESPACE, DEFAULT_STATE_ROOT, DEFAULT_TRUST_DOMAIN,
                                 LabPlan, NodePlan, lab_bpffs_dir, lab_cgroup, lab_state_dir, plan_lab, validate_lab_name)
 
@@ -70,8 +71,9 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
 
     On any failure everything is torn down again (agent logs are kept) and the error is re-raised.
     """
-    checks.require(checks.netns_problem(), checks.cgroup2_problem(cgroup_root))
-    cgroup_root = cgroup_root or checks.find_cgroup2_mount() or ""
+    cgroup2 = checks.host_cgroup2()  # resolved as capture.cgroup_root auto is (agent.mounts)
+    checks.require(checks.netns_problem(), checks.cgroup2_problem(cgroup_root, cgroup2))
+    cgroup_root = cgroup_root_path(cgroup_root, cgroup2)
     plan = plan_lab(name, nodes, pods_per_node, trust_domain, namespace=namespace,
                     service_accounts=service_accounts, cgroup_root=cgroup_root, state_root=state_root,
                     flat_pods=flat_pods)

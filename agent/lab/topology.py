@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from agent.errors import ConfigError
+from agent.mounts import UNIFIED_MOUNT
 from agent.identity.spiffe import SpiffeId, SpiffeIdError, validate_namespace, validate_service_account, \
     validate_trust_domain
 
@@ -43,9 +44,9 @@ DEFAULT_LAB_NAME = "lab"
 # `export TCPMESH_LAB=NAME` names the lab once: `tcpmesh lab --name` and `--node` of the commands that
 # ask an agent (agent/control/target.py) default to it.
 LAB_NAME_ENV = "TCPMESH_LAB"
-# pure plans only (unit tests, docs/lab.md's example): `tcpmesh lab up` plans with the host's cgroup v2 mount
-# (agent.mounts.find_cgroup2_mount, as capture.cgroup_root auto) and writes that path into each agent's config
-DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup/unified"
+# pure plans only (unit tests, docs/lab.md's example: a stock Debian 12 node's mount): `tcpmesh lab up` plans
+# with the host's cgroup v2 mount (agent.mounts, as capture.cgroup_root auto) and writes it into each agent's config
+DEFAULT_CGROUP_ROOT = UNIFIED_MOUNT
 DEFAULT_STATE_ROOT = "/run/tcpmesh-lab"
 ADMIN_PORT = 15020
 NETNS_PREFIX = "tcpmesh-"          # netns: tcpmesh-<lab>-<role>

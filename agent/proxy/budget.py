@@ -24,7 +24,8 @@ checks both on the model). An identity is told to stop once it may not take more
 budget fills, every identity holding bytes is. Releasing (a socket drained, a stream ended) returns
 the bytes and resumes the identities that may take again.
 
-Pure accounting: no asyncio, no sockets. ``memory_limit`` is the one read from the kernel (cgroup files).
+Pure accounting: no asyncio, no sockets. ``memory_limit`` is the one read from the kernel (cgroup files, below
+the cgroup v2 mount agent.mounts finds).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import os
 import time
 from pathlib import Path
 from typing import Callable
+
+from agent.mounts import find_cgroup2_mount
 
 log = logging.getLogger("tcpmesh.budget")
 MiB = 1024 * 1024
@@ -148,10 +151,12 @@ class BufferBudget:
             self.on_stall(identity)
 
 
-def memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+def memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup",
+                 cgroup2_mount: str | None = None) -> int | None:
     """The memory limit of this process's cgroup, the tightest of it and its ancestors: cgroup v2
-    ``memory.max``, else (hybrid hosts) the v1 memory controller's ``memory.limit_in_bytes``; None when
-    no limit is set or none can be read."""
+    ``memory.max`` below ``cgroup2_mount`` (the host's, as agent.mounts finds it: /sys/fs/cgroup, or
+    /sys/fs/cgroup/unified on a hybrid host), else (hybrid hosts) the v1 memory controller's
+    ``memory.limit_in_bytes`` below ``root``/memory; None when no limit is set or none can be read."""
     try:
         lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
@@ -160,9 +165,9 @@ def memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cg
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":
-            base, name = Path(root), "memory.max"
-            if not (base / "cgroup.controllers").exists():
-                base = Path(root) / "unified"
+            if cgroup2_mount is None:
+                continue
+            base, name = Path(cgroup2_mount), "memory.max"
         elif "memory" in controllers.split(","):
             base, name = Path(root) / "memory", "memory.limit_in_bytes"
         else:
@@ -201,7 +206,7 @@ def budget_from_config(configured: int, shares: int, **callbacks) -> tuple[Buffe
     """The agent's budget and a sentence saying where its size came from (for the start-up log)."""
     if configured:
         return BufferBudget(configured, shares, **callbacks), "proxy.buffer_budget_bytes"
-    limit = memory_limit()
+    limit = memory_limit(cgroup2_mount=find_cgroup2_mount())
     total = default_budget(limit)
     origin = (f"a quarter of the cgroup memory limit ({limit} bytes)" if limit is not None
               else f"no cgroup memory limit found (pid {os.getpid()}): the fallback")

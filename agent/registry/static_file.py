@@ -8,7 +8,7 @@ Format (docs/registry.md says what each field means)::
     workloads:
       - {name: web-1, namespace: shop, service_account: web, ip: 10.77.1.10, node: node1,
          ip6: "fd00:77:1::10",                  # optional: the workload's IPv6 address (dual stack)
-         cgroup: /sys/fs/cgroup/unified/tcpmesh/shop/web-1}
+         cgroup: /sys/fs/cgroup/tcpmesh/shop/web-1}
     services:                            # optional; virtual addresses in front of workloads
       - {name: web, namespace: shop, addresses: [10.96.0.10], ports: [{port: 80, target_port: 8080}],
          endpoints: [{workload: shop/web-1, ready: true}]}

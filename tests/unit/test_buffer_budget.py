@@ -106,8 +106,11 @@ def test_a_budget_too_small_to_hold_a_window_is_refused():
 
 
 @pytest.mark.parametrize("files, expected", [
-    ({"proc": "0::/kubepods/agent\n", "unified/cgroup.controllers": None, "cgroup.controllers": "memory",
+    ({"proc": "0::/kubepods/agent\n", "cgroup.controllers": "memory",
       "kubepods/agent/memory.max": "268435456\n", "kubepods/memory.max": "max\n"}, 256 * MiB),
+    ({"proc": "0::/kubepods/agent\n", "cgroup.controllers": "memory", "unified/cgroup.controllers": "",
+      "unified/kubepods/agent/memory.max": "268435456\n", "kubepods/agent/memory.max": "max\n"},
+     256 * MiB),  # cgroup v2 where agent.mounts found it (/sys/fs/cgroup/unified on a hybrid host)
     ({"proc": "0::/a/b\n", "cgroup.controllers": "memory", "a/b/memory.max": "max\n", "a/memory.max": "1073741824\n"},
      1024 * MiB),  # the parent's limit binds the child
     ({"proc": "0::/x\n", "cgroup.controllers": "memory", "x/memory.max": "max\n"}, None),
@@ -122,7 +125,8 @@ def test_the_memory_limit_comes_from_the_agents_own_cgroup(tmp_path, files, expe
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     (tmp_path / "proc").write_text(files["proc"])
-    assert B.memory_limit(str(tmp_path / "proc"), str(tmp_path)) == expected
+    cgroup2 = tmp_path / "unified" if "unified/cgroup.controllers" in files else tmp_path
+    assert B.memory_limit(str(tmp_path / "proc"), str(tmp_path), str(cgroup2)) == expected
 
 
 def test_the_default_budget_is_a_quarter_of_the_limit_with_a_fallback():
