@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from agent.errors import EnvironmentProblem
+from agent.install_form import bcc_link_command
 from agent.mounts import CGROUP_ROOT_AUTO, Cgroup2, find_cgroup2_mount, host_cgroup2  # the lab, doctor, tests ask
 
 
@@ -48,7 +49,7 @@ def bcc_problem() -> str | None:
         import bcc  # noqa: F401
     except Exception as exc:  # ImportError, or OSError when libbcc.so is missing
         return (f"bcc is not importable ({exc}): install Debian's python3-bpfcc and link it into the venv; "
-                "`make setup` does both")
+                f"{bcc_link_command()}")
     return None
 
 

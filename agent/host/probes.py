@@ -236,10 +236,12 @@ def probe_bcc() -> Probe:
     Found, not imported — ``import bcc`` maps libLLVM (~74 MB) into the process that asks, and the
     agent asks this for ``capture.mode: auto``. ``probe_programs`` then imports it for real, in the child.
     """
+    from agent.install_form import bcc_link_command
+
     spec = importlib.util.find_spec("bcc")
     if spec is None or spec.origin is None:
         return fail("no Python package bcc for this interpreter: install python3-bpfcc and link it into the venv "
-                    "(`make setup`)")
+                    f"({bcc_link_command()})")
     if ctypes.util.find_library("bcc") is None:
         return fail("libbcc.so.0 is not installed (python3-bpfcc needs it): install libbpfcc")
     found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", _read(Path(spec.origin).with_name("version.py")))

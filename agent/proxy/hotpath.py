@@ -1,6 +1,7 @@
 """Which implementation of the tunnel's per-message work runs: the compiled module or pure Python.
 
-``agent.proxy._hotpath`` (agent/proxy/_hotpath.c, built from source by ``make setup``; setup.py) is
+``agent.proxy._hotpath`` (agent/proxy/_hotpath.c, built from source by ``make setup`` in a checkout and by
+``make install`` on a node; setup.py) is
 the compiled twin of pure-Python steps that stay the reference implementation: frame decoding
 (``mux.PyFrameDecoder``), sealing a DATA frame into TLS records, the TLS receive loop
 (``endpoints.TlsLeg``) and a whole read of an established tunnel — decrypt, decode, hand each frame to
@@ -15,13 +16,16 @@ the fix). A module built from older source (``ABI`` below differs from the modul
 updated without ``make setup``) counts as not built, and its description says so. ``describe()`` is
 what ``tcpmesh doctor`` reports.
 
-Imports nothing of tcpmesh (mux.py configures the compiled module with its own types).
+Imports nothing of tcpmesh but agent.install_form, which names the build command that fits how this agent was
+installed (mux.py configures the compiled module with its own types).
 """
 
 from __future__ import annotations
 
 import os
 from types import ModuleType
+
+from agent.install_form import build_command
 
 ENV = "TCPMESH_HOTPATH"
 CHOICES = ("compiled", "python")
@@ -51,11 +55,11 @@ def _load() -> tuple[ModuleType | None, ModuleType | None, str]:
     except ImportError as exc:
         if wanted == "compiled":
             raise HotpathError(f"{ENV}=compiled but agent.proxy._hotpath does not import ({exc}): rebuild it "
-                               f"with `make setup` or `make install` (needs gcc and python3-dev) or unset {ENV}") from exc
+                               f"with {build_command()} (needs gcc and python3-dev) or unset {ENV}") from exc
         if wanted == "python":
             return None, None, f"pure Python ({ENV}=python)"
         return None, None, (f"pure Python (agent.proxy._hotpath not built: {exc}; with gcc and python3-dev "
-                            "installed, `make setup` (a checkout) or `make install` (a node) builds it)")
+                            f"installed, {build_command()} builds it)")
     if wanted == "python":
         return _hotpath, None, f"pure Python ({ENV}=python)"
     return _hotpath, _hotpath, f"compiled (agent.proxy._hotpath, {_hotpath.__file__})"

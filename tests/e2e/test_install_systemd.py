@@ -283,6 +283,9 @@ def test_make_install_without_a_working_compiler_warns_of_the_pure_python_data_p
     assert "WARNING: tunnel data path: pure Python (agent.proxy._hotpath not built" in warning, warning
     assert "PURE-PYTHON FALLBACK" in warning and "the build failed" in warning, warning
     assert "Fix: apt-get install gcc python3-dev; make install again" in warning, warning
+    # the installed agent's own line (what `tcpmesh doctor` shows) names the same fix, not a checkout's
+    assert "`make install` again from a tcpmesh checkout (it rebuilds " in warning, warning
+    assert "make setup" not in warning, warning
     assert (root / "etc/systemd/system/tcpmesh-agent.service").exists()
 
     strict = subprocess.run(["make", "-s", "install"], cwd=unitrun.REPO, env={**env, "DESTDIR": str(tmp_path / "strict"),

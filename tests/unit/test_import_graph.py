@@ -174,8 +174,9 @@ def test_only_the_top_imports_host(graph):
 
 
 def test_host_checks_stays_at_the_bottom(graph):
-    assert graph["agent.host.checks"] <= {"agent.errors", "agent.mounts"}
+    assert graph["agent.host.checks"] <= {"agent.errors", "agent.mounts", "agent.install_form"}
     assert graph["agent.mounts"] == set()   # the leaf config and host.checks share (the cgroup v2 mount)
+    assert graph["agent.install_form"] == set()   # the leaf hotpath and host.checks share (the fix's command)
 
 
 def test_the_graph_sees_a_cycle_and_a_function_level_import():
