@@ -51,11 +51,16 @@ _LOGS: list[Path] = []
 BACKGROUND_BUILD = pytest.StashKey[tuple[subprocess.Popen, Path]]()
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """A session that will boot VMs starts the image build at once, in the background (`python -m
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+    """A session that will boot VMs starts the image build as its tests begin to run, in the background (`python -m
     tests.vm.images`): with a cold cache it is mostly downloads (≈ 3 CPU-minutes over 10–13 minutes), so
     it runs while the other tiers test instead of before the first VM. ``vm_image`` waits for it; the
-    cache's lock keeps it from building twice."""
+    cache's lock keeps it from building twice. Not at collection: `pytest --collect-only` (and a session that
+    stops at a collection error) builds nothing. Returns None: pytest's own loop then runs the tests."""
+    if session.config.option.collectonly or (session.testsfailed and not
+                                              session.config.option.continue_on_collection_errors):
+        return
     if os.geteuid() != 0 or not any(item.get_closest_marker("vm") for item in session.items):
         return
     if (cache_dir() / "images" / ImageSpec().key() / "manifest.json").exists():
