@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from agent.capture.netfilter import NetfilterError
 from agent.capture.netns import describe, run
@@ -55,6 +55,14 @@ def node_destinations(addresses: Iterable[str], frontends: Iterable[tuple[str, i
     return (tuple(sorted({a for a in addresses if is6(a)})),
             tuple(sorted({(a, int(p)) for a, p in frontends if is6(a)})),
             tuple(sorted({a for a, _ in frontends if not is6(a)}, key=lambda a: int(ipaddress.IPv4Address(a)))))
+
+
+def shared_interfaces(by_workload: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """{interface: the workloads behind it, sorted} for every interface more than one workload uses (pure)."""
+    behind: dict[str, list[str]] = {}
+    for key, ifname in by_workload.items():
+        behind.setdefault(ifname, []).append(key)
+    return {ifname: tuple(sorted(keys)) for ifname, keys in sorted(behind.items()) if len(keys) > 1}
 
 
 def ruleset(ifaces: Iterable[str], mesh: Mesh, refuse_all6: bool = False) -> str:
@@ -93,9 +101,21 @@ class NodeRules:
         self._mesh: Mesh = ((), (), ())
         self._installed: str | None = None
         self._warned = False
+        self._shared_warned: dict[str, tuple[str, ...]] = {}  # interface → the workloads last said to share it
 
-    def set_interfaces(self, ifaces: Iterable[str]) -> None:
-        self._ifaces = frozenset(ifaces)
+    def set_interfaces(self, by_workload: Mapping[str, str]) -> None:
+        """{workload key: the node interface it is routed through}; an interface several workloads share
+        (a bridge network) is said once, loudly: these modes cannot tell its pods apart."""
+        for ifname, keys in shared_interfaces(by_workload).items():
+            if self._shared_warned.get(ifname) != keys:
+                self._shared_warned[ifname] = keys
+                log.warning("capture mode %s: workloads %s share the node interface %s (a bridge network). This mode "
+                            "names a connection's source by its address only, and on a bridge a pod can answer ARP "
+                            "for a neighbour's address and be taken for it by the outbound proxy — the neighbour's "
+                            "identity, past a DENY naming its own. Use capture.mode ebpf-connect (it also checks the "
+                            "client's cgroup), or a CNI that routes each pod to its own interface or drops spoofed "
+                            "ARP and addresses (docs/security.md, Known gaps 4)", self.mode, ", ".join(keys), ifname)
+        self._ifaces = frozenset(by_workload.values())
         self._apply()
 
     def set_mesh(self, addresses: Iterable[str], frontends: Iterable[tuple[str, int]]) -> None:

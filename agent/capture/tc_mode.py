@@ -154,14 +154,14 @@ class TcCapture:
         self._attached[workload.key] = (index, ifname)
         if previous is not None:
             self._release(previous)
-        self._node_rules.set_interfaces(name for _, name in self._attached.values())
+        self._node_rules.set_interfaces({key: name for key, (_, name) in self._attached.items()})
 
     def detach(self, workload: Workload) -> None:
         """Stop capturing ``workload``; the filter goes when no attached workload uses its interface."""
         link = self._attached.pop(workload.key, None)
         if link is not None:
             self._release(link)
-            self._node_rules.set_interfaces(name for _, name in self._attached.values())
+            self._node_rules.set_interfaces({key: name for key, (_, name) in self._attached.items()})
 
     def origin(self, sock: socket.socket) -> Origin | None:
         return self._origins.origin(sock)

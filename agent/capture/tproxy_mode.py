@@ -120,13 +120,13 @@ class TproxyCapture:
         self._attached[workload.key] = ifname
         if previous is not None:
             self._release(previous)
-        self._node_rules.set_interfaces(self._attached.values())
+        self._node_rules.set_interfaces(self._attached)
 
     def detach(self, workload: Workload) -> None:
         ifname = self._attached.pop(workload.key, None)
         if ifname is not None:
             self._release(ifname)
-            self._node_rules.set_interfaces(self._attached.values())
+            self._node_rules.set_interfaces(self._attached)
 
     def origin(self, sock: socket.socket) -> Origin | None:
         return self._origins.origin(sock)

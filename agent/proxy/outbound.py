@@ -28,6 +28,7 @@ from agent.proxy.deadlines import tune_tunnel_socket
 from agent.proxy.endpoints import Leg, PlainLeg, TlsLeg
 from agent.proxy.header import PeerProtocolError, Status
 from agent.proxy.local import SameNodePath
+from agent.proxy.origin_check import CgroupOwnership
 from agent.proxy.pool import PoolKey, TunnelPool
 from agent.proxy.relay import Relay
 from agent.proxy.session import MuxSession, Stream
@@ -58,6 +59,7 @@ class OutboundProxy:
         self.pool = TunnelPool(self.dial_session, idle_seconds=tunnel_idle_seconds)
         self._accepted = self._on_accepted  # one bound method shared by every accepted leg
         self._balancer = RoundRobin()  # which ready endpoint of a dialled Service (agent.proxy.balancer)
+        self._owners = CgroupOwnership()  # the client's cgroup against its address's pod (agent.proxy.origin_check)
 
     def protocol_factory(self) -> PlainLeg:
         return PlainLeg(start_paused=True, on_connected=self._accepted)
@@ -120,8 +122,14 @@ class OutboundProxy:
         if origin is None:
             return route_without_origin(self._ctx.registry(), self._ctx.node_name, peer, _sockname(sock))
         process = None if origin.pid is None else ClientProcess(origin.pid, origin.uid, origin.comm)  # None: tc, iptables
-        route = route_outbound(self._ctx.registry(), self._ctx.node_name, peer[0], origin.dst_ip, origin.dst_port,
+        registry = self._ctx.registry()
+        route = route_outbound(registry, self._ctx.node_name, peer[0], origin.dst_ip, origin.dst_port,
                                self._ctx.inbound_port, self._balancer)
+        if route.source is not None and route.source.node == self._ctx.node_name:  # did that pod's cgroup connect?
+            stolen = self._owners.problem(route.source, origin.cgroup_id,
+                                          lambda: registry.local(self._ctx.node_name))
+            if stolen:
+                route = OutboundRoute(RouteKind.REJECT, None, flag=F.FLAG_IDENTITY_ERROR, reason=stolen)
         dst_ip, dst_port = origin.dst_ip, origin.dst_port
         if route.service is not None:  # a Service address: the stream goes to the chosen endpoint's target port
             flow.set_service(route.service)

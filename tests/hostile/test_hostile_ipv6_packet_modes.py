@@ -13,10 +13,8 @@ which the same kube-proxy DNATed under the proxy's socket, so that its handshake
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -31,8 +29,7 @@ from agent.lab import lab as labops
 from agent.lab.nsenter import socket_in_netns
 from agent.lab.services import lab_service_set, service_document
 from agent.lab.sniff import PacketCapture
-from tests.e2e.conftest import Lab
-from tests.hostile.test_hostile_services_ipv6 import DENY_INTRUDER, SERVER, dial, eventually, write_policy
+from tests.hostile.test_hostile_services_ipv6 import dial, eventually, vault_lab
 
 PORT = 7415
 VAULT = ("10.96.0.50", "fd00:96::50")
@@ -41,31 +38,8 @@ OUTSIDE_PORT = 7416  # a listener in node2's netns: outside the mesh
 
 @pytest.fixture(scope="module", params=["ebpf-tc", "iptables"])
 def packet_lab(request, bpf_capable):
-    name = f"h7{uuid.uuid4().hex[:6]}"
-    lab = None
-    try:
-        lab = Lab(name, labops.lab_up(name, 2, 2, "h7.tcpmesh", capture_mode=request.param,
-                                      service_accounts={"n1p1": "web", "n1p2": "intruder", "n2p1": "vault"}),
-                  request.param)
-        server = labops.lab_exec(name, "n2p1", [sys.executable, "-c", SERVER, str(PORT)],
-                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-        lab.apps.append(server)
-        assert "listening" in server.stdout.readline()
-        lab_service_set(lab.plan, service_document(lab.plan, "vault", VAULT, [(PORT, PORT)], [("n2p1", True)]))
-        os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
-        write_policy(lab, "deny-intruder", DENY_INTRUDER.format(ns=lab.plan.namespace,
-                                                                principal=lab.pod("n1p2").spiffe_id))
-        started = time.time()
-        eventually(lambda: "secret" in dial(lab, "n1p1", lab.pod("n2p1").ip, port=PORT).get("got", "") and any(
-            f["destination_workload"] == "n2p1" for f in lab.flows(1) if f["start_time"] >= started),
-            "control: n1p1 never reached n2p1's IPv4 address through the mesh")
-        eventually(lambda: not dial(lab, "n1p2", lab.pod("n2p1").ip, port=PORT).get("got"),
-                   "control: the DENY never applied over IPv4")
+    with vault_lab("h7", "h7.tcpmesh", request.param, PORT, VAULT) as lab:
         yield lab
-    finally:
-        if lab is not None:
-            lab.stop_apps()
-            labops.lab_down(name)
 
 
 @pytest.mark.parametrize("pod", ["n1p2", "n1p1"], ids=["denied", "allowed"])

@@ -25,6 +25,7 @@ IPv4" at debug level, so the Service was left to kube-proxy — plaintext, no po
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -35,6 +36,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import yaml
@@ -82,9 +84,11 @@ threading.Event().wait()
 # connect (AF_INET6 for any address with a colon: a v4-mapped one is a dual-stack socket's dial)
 CLIENT = r"""
 import json, socket, sys
-address, port, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+address, port, marker, bind = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET); s.settimeout(5)
 try:
+    if bind:
+        s.bind((bind, 0))
     s.connect((address, port)); s.sendall(marker.encode())
     got = b""
     while not got.endswith(b"\n"):
@@ -155,10 +159,43 @@ def v6svc_lab(bpf_capable):
             labops.lab_down(name)
 
 
-def dial(lab: Lab, pod: str, address: str, port: int = PORT, marker: str = "hello") -> dict:
-    proc = labops.lab_exec(lab.name, pod, [sys.executable, "-c", CLIENT, address, str(port), marker],
+def dial(lab: Lab, pod: str, address: str, port: int = PORT, marker: str = "hello", bind: str = "") -> dict:
+    """From ``pod`` (bound to ``bind``, if given): {"got": the reply} or {"error": ..., "errno": ...}."""
+    proc = labops.lab_exec(lab.name, pod, [sys.executable, "-c", CLIENT, address, str(port), marker, bind],
                            stdout=subprocess.PIPE, text=True)
     return json.loads(proc.communicate(timeout=30)[0].strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def vault_lab(prefix: str, trust_domain: str, capture_mode: str, port: int, vault: Sequence[str]):
+    """2 nodes x 2 pods, torn down afterwards: n1p1 (web), n1p2 (intruder, denied by name) and SERVER on ``port``
+    in n2p1 behind Service ``vault`` at ``vault``; yields once n1p1 reached n2p1 through the mesh (a flow says so)
+    and the DENY applies."""
+    name = f"{prefix}{uuid.uuid4().hex[:6]}"
+    lab = None
+    try:
+        lab = Lab(name, labops.lab_up(name, 2, 2, trust_domain, capture_mode=capture_mode,
+                                      service_accounts={"n1p1": "web", "n1p2": "intruder", "n2p1": "vault"}),
+                  capture_mode)
+        server = labops.lab_exec(name, "n2p1", [sys.executable, "-c", SERVER, str(port)],
+                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        lab.apps.append(server)
+        assert "listening" in server.stdout.readline()
+        lab_service_set(lab.plan, service_document(lab.plan, "vault", vault, [(port, port)], [("n2p1", True)]))
+        os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
+        write_policy(lab, "deny-intruder", DENY_INTRUDER.format(ns=lab.plan.namespace,
+                                                                principal=lab.pod("n1p2").spiffe_id))
+        started = time.time()
+        eventually(lambda: "secret" in dial(lab, "n1p1", lab.pod("n2p1").ip, port=port).get("got", "") and any(
+            f["destination_workload"] == "n2p1" for f in lab.flows(1) if f["start_time"] >= started),
+            "control: n1p1 never reached n2p1's IPv4 address through the mesh")
+        eventually(lambda: not dial(lab, "n1p2", lab.pod("n2p1").ip, port=port).get("got"),
+                   "control: the DENY never applied over IPv4")
+        yield lab
+    finally:
+        if lab is not None:
+            lab.stop_apps()
+            labops.lab_down(name)
 
 
 def eventually(check, message: str, timeout: float = RELOAD) -> None:

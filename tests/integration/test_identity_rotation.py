@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -68,19 +69,26 @@ class Node:
                                                       {"workload": spiffe_id.uri}) or 0
 
 
-def registry_of_two_nodes():
+def registry_of_two_nodes(web_cgroup: Path):
+    """``web_cgroup``: a directory standing for the client's pod cgroup (the fake origin carries its id)."""
+    web_cgroup.mkdir(exist_ok=True)
     return parse_registry({
         "nodes": [{"name": "node1", "address": NODE1}, {"name": "node2", "address": NODE2}],
         "workloads": [
-            {"name": "web", "namespace": "shop", "service_account": "web", "ip": CLIENT_IP, "node": "node1"},
+            {"name": "web", "namespace": "shop", "service_account": "web", "ip": CLIENT_IP, "node": "node1",
+             "cgroup": str(web_cgroup)},
             {"name": "db", "namespace": "data", "service_account": "postgres", "ip": SERVER_IP, "node": "node2"},
         ]}, TD)
+
+
+def web_cgroup_id(registry) -> int:
+    return os.stat(registry.by_ip(CLIENT_IP).cgroup).st_ino
 
 
 @pytest.fixture
 def two_nodes(tmp_path):
     init_ca(TD, tmp_path / "root")
-    registry = registry_of_two_nodes()
+    registry = registry_of_two_nodes(tmp_path / "cgroup-web")
     return registry, Node(tmp_path, "node1", registry), Node(tmp_path, "node2", registry)
 
 
@@ -109,7 +117,7 @@ def test_long_lived_flow_streams_across_renewals_while_new_handshakes_use_new_se
             contexts[node.name] = ProxyContext(loop=loop, node_name=node.name, registry=lambda: registry,
                                                identities=node.rotator.store, metrics=node.metrics, flows=node.flows,
                                                inbound_port=inbound_port, connect_timeout=2.0)
-        origin = Origin(SERVER_IP, backend_port, os.getpid(), os.getuid(), 1, 1, "pytest")
+        origin = Origin(SERVER_IP, backend_port, os.getpid(), os.getuid(), web_cgroup_id(registry), 1, "pytest")
         outbound = OutboundProxy(contexts["node1"], lambda sock: origin)
         inbound = InboundProxy(contexts["node2"])
         servers = [await asyncio.start_server(echo, SERVER_IP, backend_port),
@@ -210,7 +218,7 @@ def test_new_connections_work_after_the_client_s_first_svid_expired_while_its_tu
     through (a renewed client context is a new pool key, and a refused stream is retried on a new
     tunnel), and the held connection is not cut."""
     init_ca(TD, tmp_path / "root")
-    registry = registry_of_two_nodes()
+    registry = registry_of_two_nodes(tmp_path / "cgroup-web")
     node1, node2 = Node(tmp_path, "node1", registry, ttl=TTL), Node(tmp_path, "node2", registry, ttl=3600)
     web = registry.by_ip(CLIENT_IP).spiffe_id
 
@@ -226,7 +234,7 @@ def test_new_connections_work_after_the_client_s_first_svid_expired_while_its_tu
         contexts = {node.name: ProxyContext(loop=loop, node_name=node.name, registry=lambda: registry,
                                             identities=node.rotator.store, metrics=node.metrics, flows=node.flows,
                                             inbound_port=inbound_port, connect_timeout=2.0) for node in (node1, node2)}
-        origin = Origin(SERVER_IP, backend_port, os.getpid(), os.getuid(), 1, 1, "pytest")
+        origin = Origin(SERVER_IP, backend_port, os.getpid(), os.getuid(), web_cgroup_id(registry), 1, "pytest")
         outbound = OutboundProxy(contexts["node1"], lambda sock: origin)
         inbound = InboundProxy(contexts["node2"])
         servers = [await asyncio.start_server(echo, SERVER_IP, backend_port),

@@ -46,10 +46,14 @@ class Mesh:
     def __init__(self, tmp_path, inbound_port: int, origin: dict) -> None:
         init_ca(TD, tmp_path / "ca")
         self.ca = load_ca(tmp_path / "ca")
+        # the client's pod cgroup: a directory standing for it, whose id the fake origin records carry
+        (tmp_path / "cgroup-web").mkdir(exist_ok=True)
+        self.client_cgroup_id = os.stat(tmp_path / "cgroup-web").st_ino
         self.registry = parse_registry({
             "nodes": [{"name": "node1", "address": NODE1}, {"name": "node2", "address": NODE2}],
             "workloads": [
-                {"name": "web", "namespace": "shop", "service_account": "web", "ip": CLIENT_IP, "node": "node1"},
+                {"name": "web", "namespace": "shop", "service_account": "web", "ip": CLIENT_IP, "node": "node1",
+                 "cgroup": str(tmp_path / "cgroup-web")},
                 {"name": "db", "namespace": "data", "service_account": "postgres", "ip": SERVER_IP, "node": "node2"},
                 {"name": "cache", "namespace": "data", "service_account": "redis", "ip": OTHER_IP, "node": "node2"},
             ]}, TD)
@@ -71,7 +75,8 @@ class Mesh:
             return None
         if self.origin.get("packets_only"):  # ebpf-tc and iptables: the destination, but no process
             return Origin(self.origin["ip"], self.origin["port"], None, None, None, None, None)
-        return Origin(self.origin["ip"], self.origin["port"], os.getpid(), os.getuid(), 1, 1, "pytest")
+        return Origin(self.origin["ip"], self.origin["port"], os.getpid(), os.getuid(), self.client_cgroup_id, 1,
+                      "pytest")
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -163,7 +168,7 @@ def test_bytes_cross_the_tunnel_intact_with_half_close_and_identities(run_mesh):
         # the connection's facts crossed the tunnel as one value: both nodes record the same ones
         facts = ("flow_id", "source_ip", "source_port", "pid", "uid", "comm", "destination_ip", "destination_port")
         assert {k: dst[k] for k in facts} == {k: src[k] for k in facts}
-        assert (src["cgroup_id"], dst["cgroup_id"]) == (1, None)  # the cgroup id stays on the source node
+        assert (src["cgroup_id"], dst["cgroup_id"]) == (mesh.client_cgroup_id, None)  # the cgroup id stays on the source node
 
     run_mesh(body)
 

@@ -72,12 +72,15 @@ async def run_live(tmp_path) -> None:
     registry = parse_registry({
         "nodes": [{"name": "node1", "address": NODE1}, {"name": "node2", "address": NODE2}],
         "workloads": [
-            {"name": "web", "namespace": "shop", "service_account": "web", "ip": CLIENT_IP, "node": "node1"},
+            {"name": "web", "namespace": "shop", "service_account": "web", "ip": CLIENT_IP, "node": "node1",
+             "cgroup": str(tmp_path / "cgroup-web")},
             {"name": "db", "namespace": "data", "service_account": "postgres", "ip": SERVER_IP, "node": "node2"}]}, TD)
     inbound_port, backend_port = free_port(NODE2), free_port(SERVER_IP)
     node1 = Node("node1", ca, registry, inbound_port, loop, tmp_path / "log" / "node1.log")
     node2 = Node("node2", ca, registry, inbound_port, loop, tmp_path / "log" / "node2.log")
-    origin = Origin(SERVER_IP, backend_port, os.getpid(), os.getuid(), 4242, 1, "live-client")
+    (tmp_path / "cgroup-web").mkdir()  # stands for the client's pod cgroup: the origin record carries its id
+    origin = Origin(SERVER_IP, backend_port, os.getpid(), os.getuid(), os.stat(tmp_path / "cgroup-web").st_ino, 1,
+                    "live-client")
     outbound = OutboundProxy(node1.ctx, lambda sock: origin)
     servers = [await asyncio.start_server(echo, SERVER_IP, backend_port),
                await loop.create_server(outbound.protocol_factory, NODE1, 0),
@@ -143,4 +146,4 @@ def test_an_open_connection_reports_growing_bytes_and_the_access_logs_verify(tmp
         assert close["source_principal"] == SOURCE and close["destination_principal"] == DESTINATION
     source_close = json.loads(open(tmp_path / "log" / "node1.log").readlines()[-1])
     assert source_close["pid"] == os.getpid() and source_close["comm"] == "live-client"
-    assert source_close["uid"] == os.getuid() and source_close["cgroup_id"] == 4242
+    assert source_close["uid"] == os.getuid() and source_close["cgroup_id"] == os.stat(tmp_path / "cgroup-web").st_ino

@@ -1,6 +1,6 @@
 """agent/capture/node_rules.py: what the packet-level modes refuse or exempt in the node netns, and the nft text."""
 
-from agent.capture.node_rules import node_destinations, ruleset
+from agent.capture.node_rules import NodeRules, node_destinations, ruleset, shared_interfaces
 
 
 def test_ipv6_workloads_ipv6_service_frontends_and_ipv4_service_addresses_are_sorted_out():
@@ -23,3 +23,19 @@ def test_passthrough_deny_adds_one_rule_for_every_ipv6_syn_from_a_pod():
     text = ruleset(["tma"], ((), (), ()), refuse_all6=True)
     assert "    iifname @pod_ifaces tcp flags & (syn | ack) == syn meta nfproto ipv6 reject with tcp reset\n" in text
     assert "set pod_ifaces { type ifname; elements" in text and "set mesh6 { type ipv6_addr; }" in text
+
+
+def test_an_interface_several_workloads_share_is_found():
+    assert shared_interfaces({"a/p1": "tmp1", "a/p2": "cni0", "a/p3": "cni0"}) == {"cni0": ("a/p2", "a/p3")}
+    assert shared_interfaces({"a/p1": "tmp1", "a/p2": "tmp2"}) == {}
+
+
+def test_pods_behind_one_bridge_are_said_once_loudly(caplog):
+    rules = NodeRules("ebpf-tc")  # no mesh, passthrough ALLOW: no table, so no nft is run
+    with caplog.at_level("WARNING", logger="tcpmesh.capture"):
+        rules.set_interfaces({"a/p1": "cni0", "a/p2": "cni0"})
+        rules.set_interfaces({"a/p1": "cni0", "a/p2": "cni0"})
+        rules.set_interfaces({"a/p1": "tmp1"})
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "a/p1, a/p2 share the node interface cni0" in warnings[0]
+    assert "ebpf-connect" in warnings[0]
