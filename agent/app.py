@@ -34,6 +34,7 @@ from agent.host import checks
 from agent.identity.errors import CaError
 from agent.identity.svid_rotator import IdentityRotator, rotator_from_config
 from agent.identity.store import IdentityStore
+from agent.identity.tls import require_verified_chain
 from agent.mounts import host_cgroup2
 from agent.policy.explain import explain, request_for
 from agent.policy.model import MtlsMode
@@ -335,6 +336,7 @@ class Agent:
         config = self.config
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         keep_heap_for_relaying()  # bulk throughput: no brk/page-fault churn per chunk (agent.proxy.heap)
+        require_verified_chain()  # the inbound proxy reads each tunnel's chain (expiry, root): fail closed at start
         self._check_node()
         identities = self._build_identities()
         loop = asyncio.get_running_loop()

@@ -39,7 +39,7 @@ KEY_FILE_MODE = 0o600
 __all__ = [
     "ALPN", "PeerIdentityError", "PeerProtocolError", "SniServerContexts", "TlsSetupError", "check_alpn",
     "check_peer", "client_context", "describe_tls_error", "peer_credential", "peer_not_after", "peer_spiffe_id",
-    "server_context", "trust_anchors",
+    "require_verified_chain", "server_context", "trust_anchors", "verified_chain",
 ]
 _PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 _DER = 2  # _ssl.ENCODING_DER, for Certificate.public_bytes
@@ -133,10 +133,39 @@ def peer_not_after(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> float:
     return ssl.cert_time_to_seconds(cert["notAfter"])
 
 
+def verified_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list:
+    """The chain OpenSSL verified at the handshake, leaf first, trust anchor last; [] if the peer sent no
+    certificate. Items are ``_ssl.Certificate`` (``public_bytes(2)``: DER, ``get_info()``: the dates).
+
+    The one place that reads it: Python 3.11 has no public way (``SSLObject.get_verified_chain`` is 3.13's, and
+    gives DER bytes without dates), so this calls the private C object's method (``_sslobj``, Python 3.10 and
+    later; 3.13's public method is built on it). Fail closed: a Python without it raises ``TlsSetupError``
+    naming the fix, never "no chain" — a caller would take a verified client for one without a certificate and
+    skip its root and expiry checks (``tests/unit/test_identity_verified_chain.py``)."""
+    getter = getattr(getattr(ssl_object, "_sslobj", None), "get_verified_chain", None)
+    if getter is None:
+        raise TlsSetupError(_NO_VERIFIED_CHAIN)
+    return list(getter() or ())
+
+
+def require_verified_chain() -> None:
+    """At start (the agent's and the issuer's): ``TlsSetupError`` if this Python cannot give ``verified_chain``,
+    so a missing private attribute stops the process rather than the first connection that needs it."""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+    verified_chain(probe)
+
+
+_NO_VERIFIED_CHAIN = (f"this Python ({'.'.join(map(str, __import__('sys').version_info[:3]))}) gives no way to read a "
+                      "TLS peer's verified chain (the private ssl.SSLObject._sslobj.get_verified_chain of Python 3.10 "
+                      "to 3.13 is missing); tcpmesh refuses to run without it, since it checks which root a peer's "
+                      "chain ends at and when it expires: run the agent and the issuer on Python 3.10-3.13 (Debian "
+                      "12's python3 is 3.11), or port agent.identity.tls.verified_chain to this Python")
+
+
 def peer_credential(ssl_object: ssl.SSLObject) -> peer.PeerCredential:
     """The verified chain of an established connection, reduced to when it stops being valid and the
     root it led to (``peer.PeerCredential``). Uses the verified chain OpenSSL built at the handshake."""
-    chain = ssl_object._sslobj.get_verified_chain()  # public as SSLObject.get_verified_chain from Python 3.13
+    chain = verified_chain(ssl_object)
     if not chain:
         raise PeerIdentityError("peer certificate was not verified; use a context from agent.identity.tls")
     not_after = min(ssl.cert_time_to_seconds(cert.get_info()["notAfter"]) for cert in chain)

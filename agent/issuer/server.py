@@ -54,7 +54,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from agent.errors import TcpmeshError
-from agent.identity.tls import issuer_context, peer_uri
+from agent.identity.tls import issuer_context, peer_uri, require_verified_chain
 from agent.issuer import protocol
 from agent.issuer.config import LimitsConfig
 from agent.issuer.service import IssuerService, Peer
@@ -104,6 +104,7 @@ class _UnreadUntilTls(asyncio.StreamReaderProtocol):
 class IssuerServer:
     def __init__(self, service: IssuerService, address: str, port: int, *, limits: LimitsConfig = LimitsConfig(),
                  metrics: Any = None) -> None:
+        require_verified_chain()   # every handshake's chain root is read (removed roots): fail closed at start
         self.service = service
         self.address, self.port = address, port
         self.limits = limits

@@ -10,7 +10,8 @@ server asks this after every handshake and, at every reload of the bundle, of ev
   failing as an anonymous ``handshake_failed``; nothing it sends is read.
 
 A chain ending at neither (only possible if something else put a root into a live context) is left to the
-service's own signature checks. Imports cryptography (the issuer process only) and ``agent.identity.bundle``.
+service's own signature checks. Imports cryptography (the issuer process only), ``agent.identity.bundle`` and
+``agent.identity.tls`` (the verified chain).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any, Iterable
 from cryptography import x509
 
 from agent.identity.bundle import fingerprint, to_pem
+from agent.identity.tls import verified_chain
 
 MAX_REMOVED_ROOTS = 8
-_ENCODING_DER = 2   # _ssl.ENCODING_DER: what the private get_verified_chain's certificates encode to
+_ENCODING_DER = 2   # _ssl.ENCODING_DER
 
 
 @dataclass(frozen=True)
@@ -33,16 +35,12 @@ class ChainRoot:
 
 
 def chain_root(ssl_object: Any) -> ChainRoot | None:
-    """The trust anchor the client's verified chain ends at, or None without a client certificate."""
-    getter = getattr(ssl_object, "get_verified_chain", None)           # Python 3.13+
-    if getter is None:
-        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_verified_chain", None)   # 3.10-3.12: private
-    chain = getter() if getter is not None else None
+    """The trust anchor the client's verified chain ends at, or None without a client certificate
+    (``tls.verified_chain``: ``TlsSetupError`` on a Python that cannot tell, never None)."""
+    chain = verified_chain(ssl_object)
     if not chain:
         return None
-    last = chain[-1]
-    der = last if isinstance(last, bytes) else last.public_bytes(_ENCODING_DER)
-    certificate = x509.load_der_x509_certificate(der)
+    certificate = x509.load_der_x509_certificate(chain[-1].public_bytes(_ENCODING_DER))
     return ChainRoot(fingerprint(certificate), certificate.subject.rfc4514_string())
 
 
