@@ -26,6 +26,11 @@ ISSUER_CA_FILES = ("issuer.crt", "issuer.key", BUNDLE_FILE)
 # The intermediate issuer.crt replaced (written by `ca issue-issuer` and `ca rotate reissue`): node SVIDs it signed
 # stay node credentials while it chains to a root of the bundle (signing.IssuingCa checks signatures, not names).
 ISSUER_PREVIOUS_CERT_FILE = "issuer-previous.crt"
+# The roots `ca rotate remove-old` took out of the issuer's bundle (newest last, at most 8): a replica, also one
+# started after the step, recognises a client certificate under one and refuses it by name (``removed_root``: the
+# node missed the rotation, and the fix) rather than as an anonymous failed handshake. Trusted for nothing else.
+ISSUER_REMOVED_ROOTS_FILE = "removed-roots.pem"
+MAX_REMOVED_ROOTS = 8
 # A node credential directory (`tcpmesh ca issue-node-credential`, then renewed by the agent): a client
 # certificate spiffe://<td>/node/<name> (CA:false), its key, and the trust bundle. Holds no signing key.
 CREDENTIAL_CERT_FILE = "credential.crt"

@@ -35,10 +35,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from cryptography import x509
 
 from agent.errors import TcpmeshError
-from agent.identity.bundle import TrustBundle, fingerprint, make_bundle, parse_bundle, short_fingerprint
+from agent.identity.bundle import TrustBundle, fingerprint, make_bundle, parse_bundle, short_fingerprint, to_pem
 from agent.identity.ca import CA_CERT_FILE, init_ca, load_ca
 from agent.identity.errors import CaError
-from agent.identity.files import CREDENTIAL_CERT_FILE, ISSUER_CA_FILES
+from agent.identity.files import (CREDENTIAL_CERT_FILE, ISSUER_CA_FILES, ISSUER_REMOVED_ROOTS_FILE, MAX_REMOVED_ROOTS,
+                                  write_file_atomic)
 from agent.identity.node_ca import (BUNDLE_FILE, DEFAULT_NODE_CA_VALID_DAYS, NODE_CERT_FILE, issue_node_ca,
                                     node_name_of, write_bundle, write_node_dir)
 from agent.identity.spiffe import SpiffeIdError, parse_node_id
@@ -253,11 +254,25 @@ def remove_old(new_ca_dir: str | Path, node_dirs: Sequence[str | Path]) -> list[
         if state.bundle == only_new.fingerprints:
             lines.append(f"{state.label}: bundle already holds the new root only")
             continue
+        if state.kind == KIND_ISSUER:   # first: a replica that sees the new bundle knows what left it
+            _remember_removed_roots(state.directory, [r for r in bundle.roots if fingerprint(r) != new])
+            lines.append(f"issuer {state.directory}: {ISSUER_REMOVED_ROOTS_FILE} lists the removed root(s), so a node "
+                         "still under one is refused by name (removed_root) and told to join again")
         write_bundle(state.directory, only_new)
         lines.append(f"{state.label}: bundle.pem now holds the new root only (removed "
                      f"{len(bundle.roots) - (1 if root.certificate in bundle else 0)} root(s))")
     lines.append(f"rotation complete: {Path(new_ca_dir)} is the root CA now; keep it offline and retire the old one")
     return lines
+
+
+def _remember_removed_roots(directory: Path, removed: Sequence[x509.Certificate]) -> None:
+    """Add ``removed`` to the issuer directory's ``removed-roots.pem`` (newest last, at most ``MAX_REMOVED_ROOTS``):
+    every replica, also one started later, then refuses a node still under one by name (``removed_root``)."""
+    path = directory / ISSUER_REMOVED_ROOTS_FILE
+    known = x509.load_pem_x509_certificates(path.read_bytes()) if path.exists() else []
+    keep = {fingerprint(r): r for r in (*known, *removed)}
+    pem = "".join(to_pem(r) for r in list(keep.values())[-MAX_REMOVED_ROOTS:])
+    write_file_atomic(path, pem.encode("ascii"), 0o644)
 
 
 def status(new_ca_dir: str | Path | None, node_dirs: Sequence[str | Path]) -> tuple[str | None, list[NodeDirState]]:

@@ -6,7 +6,7 @@ client certificate optional but verified when sent. The server certificate
 building a new context: new handshakes get it, open connections keep theirs.
 
 **Trust reloads** (``trustroots``): a context is built from the bundle loaded now plus the roots removed
-from it while this replica ran. A client whose verified chain ends at a removed root is refused right
+from it (while this replica ran, or before: ``removed-roots.pem``). A client whose verified chain ends at a removed root is refused right
 after the handshake, by name (``removed_root``: which root, the fix), before anything it sends is read.
 A reload that removes a root closes every open connection whose chain ends at it
 (``closed_by_trust_reload``, one warning line per reload): a connection keeps the context it was
@@ -58,7 +58,7 @@ from agent.identity.tls import issuer_context, peer_uri, require_verified_chain
 from agent.issuer import protocol
 from agent.issuer.config import LimitsConfig
 from agent.issuer.service import IssuerService, Peer
-from agent.issuer.trustroots import ChainRoot, TrustRoots, chain_root
+from agent.issuer.trustroots import ChainRoot, TrustRoots, chain_root, removed_root_message
 
 log = logging.getLogger("tcpmesh.issuer")
 
@@ -127,7 +127,7 @@ class IssuerServer:
         self._tasks: set[asyncio.Task[Any]] = set()   # one per accepted connection, until it ends
         self._connections: dict[asyncio.StreamWriter, ChainRoot | None] = {}   # served now -> its chain's root
         self._closed_by_reload: set[asyncio.StreamWriter] = set()
-        self.roots = TrustRoots(service.ca.roots)
+        self.roots = TrustRoots(service.ca.roots, service.ca.removed_roots)
         self.context = self._make_context()
 
     def _make_context(self) -> ssl.SSLContext:
@@ -141,7 +141,7 @@ class IssuerServer:
         here on; a removed one (``remove-old``) is refused by name after the handshake, and every open connection
         under it is closed now (an SSLContext cannot forget a root, so it is rebuilt, not amended). On the event
         loop: a handshake starting after it uses the new context."""
-        removed = self.roots.update(self.service.ca.roots)
+        removed = self.roots.update(self.service.ca.roots, self.service.ca.removed_roots)
         self.context = self._make_context()
         if removed:
             self._close_connections_under_removed_roots()
@@ -149,7 +149,7 @@ class IssuerServer:
     def _close_connections_under_removed_roots(self) -> None:
         closed: collections.Counter[str] = collections.Counter()
         for writer, root in list(self._connections.items()):
-            if root is None or self.roots.removed_root(root) is None:
+            if root is None or not self.roots.is_removed(root):
                 continue
             self._closed_by_reload.add(writer)
             closed[f"{root.subject} ({root.fingerprint[:19]}…)"] += 1
@@ -300,9 +300,9 @@ class IssuerServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str,
                      ssl_object: Any, root: ChainRoot | None) -> None:
         peer = Peer(address, peer_uri(ssl_object), ssl_object.getpeercert(True))
-        removed = self.roots.removed_root(root)
-        if removed is not None:   # the handshake used a context that still held the root: refused by name
-            await self._refuse_connection(writer, self.service.refuse_removed_root(peer, removed))
+        if root is not None and self.roots.is_removed(root):   # the context holds it only to refuse it by name
+            why = removed_root_message(root, self.service.node_of(peer))
+            await self._refuse_connection(writer, self.service.refuse_removed_root(peer, why))
             return
         key = self.service.connection_key(peer)
         anonymous = not key.startswith("node ")

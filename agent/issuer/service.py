@@ -97,7 +97,7 @@ class IssuerService:
                        ca={"fingerprint": self.ca.fingerprint, "root_fingerprint": self.ca.root_fingerprint},
                        max_svid_ttl_seconds=self.limits.max_svid_ttl_seconds,
                        node_svid_ttl_seconds=self.limits.node_svid_ttl_seconds,
-                       node=self._node_of(peer))
+                       node=self.node_of(peer))
 
     def _node(self, request: dict, peer: Peer) -> dict[str, Any]:
         node = field(request, "node", str)
@@ -108,7 +108,7 @@ class IssuerService:
         csr = field(request, "csr", str)
         token = field(request, "token", str, required=False)
         sa_token = field(request, "service_account_token", str, required=False)
-        credential_node = self._node_of(peer)
+        credential_node = self.node_of(peer)
         claim, how = None, "node credential"
         if sa_token is not None:
             if token is not None:
@@ -155,7 +155,7 @@ class IssuerService:
         return success(svid=wire, bundle_pem=self.ca.bundle_pem)
 
     def _sign(self, request: dict, peer: Peer) -> dict[str, Any]:
-        node = self._node_of(peer)
+        node = self.node_of(peer)
         if node is None:
             return self._refuse(None, peer, None, "no_node_credential",
                                 "sign needs a node credential (spiffe://<td>/node/<name>) as the TLS client certificate")
@@ -191,7 +191,7 @@ class IssuerService:
 
     def connection_key(self, peer: Peer) -> str:
         """Whose share of the server's connections this one counts against: the proven node, else the address."""
-        node = None if self._untrusted_credential(peer) else self._node_of(peer)
+        node = None if self._untrusted_credential(peer) else self.node_of(peer)
         return f"node {node}" if node is not None else f"address {peer.address}"
 
     def refuse_connection(self, peer: Peer, limit: str, reason: str = "rate_limited") -> dict[str, Any]:
@@ -206,7 +206,7 @@ class IssuerService:
     def refuse_removed_root(self, peer: Peer, why: str) -> dict[str, Any]:
         """The answer to a client whose certificate chains to a root removed from the bundle (server.py, before any
         request is read): ``why`` names the root and the fix."""
-        return self._refuse("?", peer, self._node_of(peer), "removed_root", why)
+        return self._refuse("?", peer, self.node_of(peer), "removed_root", why)
 
     def refuse_oversized(self, peer: Peer) -> dict[str, Any]:
         """The answer to a request line longer than the protocol allows (the server then closes)."""
@@ -215,7 +215,7 @@ class IssuerService:
 
     # -- helpers -------------------------------------------------------------------------------
     def _untrusted_credential(self, peer: Peer) -> str | None:
-        if peer.certificate_der is None or self._node_of(peer) is None:
+        if peer.certificate_der is None or self.node_of(peer) is None:
             return None
         return self.ca.node_credential_problem(peer.certificate_der)
 
@@ -237,7 +237,7 @@ class IssuerService:
                                     f"node {node!r}'s credential")
         return f"Kubernetes attestation: pod {attested.pod.key}", None
 
-    def _node_of(self, peer: Peer) -> str | None:
+    def node_of(self, peer: Peer) -> str | None:
         if peer.certificate_uri is None:
             return None
         try:

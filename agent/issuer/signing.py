@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity.bundle import fingerprint, issued_by
-from agent.identity.files import ISSUER_CA_FILES, ISSUER_PREVIOUS_CERT_FILE, files_signature
+from agent.identity.files import (ISSUER_CA_FILES, ISSUER_PREVIOUS_CERT_FILE, ISSUER_REMOVED_ROOTS_FILE,
+                                  files_signature)
 from agent.identity.issue import csr_public_key, sign_leaf
 from agent.identity.issuer_ca import load_issuer_ca
 from agent.identity.node_ca import SigningCa
@@ -50,7 +51,7 @@ class IssuingCa:
         self.directory = str(directory)
         self.signature = files_signature(directory, ISSUER_CA_FILES)
         key_name = ISSUER_CA_FILES[1]
-        for name in (*ISSUER_CA_FILES, ISSUER_PREVIOUS_CERT_FILE):   # only root or the issuer may change them
+        for name in (*ISSUER_CA_FILES, ISSUER_PREVIOUS_CERT_FILE, ISSUER_REMOVED_ROOTS_FILE):   # root/issuer only
             check_trusted_file(Path(directory) / name, "ca_dir", secret=name == key_name)
         self._signing: SigningCa = load_issuer_ca(directory, now=now)
         self.trust_domain = self._signing.ca.trust_domain
@@ -62,6 +63,7 @@ class IssuingCa:
         root = self._signing.bundle.issuer_of(self._signing.ca.certificate)
         self.root_fingerprint = fingerprint(root) if root is not None else None  # what `ca rotate` waits for
         self.previous_cas, self.retired = self._previous_issuer_cas(now, previous)
+        self.removed_roots = self._removed_roots()   # only to refuse their clients by name (trustroots)
 
     @property
     def chain_pem(self) -> tuple[str, ...]:
@@ -100,6 +102,21 @@ class IssuingCa:
                 if fingerprint(old_root) not in current:
                     retired.setdefault(fingerprint(old_root), old_root)
         return tuple(trusted.values())[:MAX_PREVIOUS_ISSUER_CAS], tuple(retired.values())
+
+    def _removed_roots(self) -> tuple[x509.Certificate, ...]:
+        """The roots ``removed-roots.pem`` lists (`ca rotate remove-old`), minus any the bundle holds again."""
+        path = Path(self.directory) / ISSUER_REMOVED_ROOTS_FILE
+        try:
+            roots = x509.load_pem_x509_certificates(path.read_bytes())
+        except FileNotFoundError:
+            return ()
+        except (OSError, ValueError) as exc:
+            log.warning("issuer: %s cannot be read (%s); nodes still under a removed root are then refused as a "
+                        "failed handshake, not by name. Remove the file, or run `tcpmesh ca rotate remove-old` "
+                        "again", path, exc)
+            return ()
+        current = {fingerprint(r) for r in self.roots}
+        return tuple(r for r in roots if fingerprint(r) not in current)
 
     def node_credential_problem(self, certificate_der: bytes) -> str | None:
         """Why a TLS-verified client certificate naming a node is not a node credential, or None if it is one.

@@ -4,8 +4,9 @@ An ``ssl.SSLContext`` cannot forget a root, and a connection keeps the context i
 server asks this after every handshake and, at every reload of the bundle, of every open connection:
 
 - ``current``: the roots of the bundle loaded now — a chain ending at one of them verifies;
-- ``removed``: roots this replica trusted before and no longer does (`tcpmesh ca rotate remove-old`; at most
-  ``MAX_REMOVED_ROOTS``, newest kept). The server's TLS context still accepts them, so that a client under one
+- ``removed``: roots this replica trusted before and no longer does (`tcpmesh ca rotate remove-old`), and those
+  the issuer's directory lists in ``removed-roots.pem`` (written by that step: a replica started after it knows
+  them too); at most ``MAX_REMOVED_ROOTS``, newest kept. The server's TLS context still accepts them, so that a client under one
   completes the handshake and is then refused by name (``removed_root``: which root, and the fix) instead of
   failing as an anonymous ``handshake_failed``; nothing it sends is read.
 
@@ -22,9 +23,9 @@ from typing import Any, Iterable
 from cryptography import x509
 
 from agent.identity.bundle import fingerprint, to_pem
+from agent.identity.files import MAX_REMOVED_ROOTS
 from agent.identity.tls import verified_chain
 
-MAX_REMOVED_ROOTS = 8
 _ENCODING_DER = 2   # _ssl.ENCODING_DER
 
 
@@ -45,15 +46,22 @@ def chain_root(ssl_object: Any) -> ChainRoot | None:
 
 
 class TrustRoots:
-    def __init__(self, roots: Iterable[x509.Certificate] = ()) -> None:
+    def __init__(self, roots: Iterable[x509.Certificate] = (), removed: Iterable[x509.Certificate] = ()) -> None:
         self.current: dict[str, x509.Certificate] = {}
         self.removed: dict[str, x509.Certificate] = {}   # oldest first
-        self.update(roots)
+        self.update(roots, removed)
 
-    def update(self, roots: Iterable[x509.Certificate]) -> bool:
-        """Trust exactly ``roots`` from now on; True if a root left (open connections must be checked again)."""
+    def update(self, roots: Iterable[x509.Certificate], removed: Iterable[x509.Certificate] = ()) -> bool:
+        """Trust exactly ``roots`` from now on, and recognise ``removed`` (``removed-roots.pem``: what `ca rotate
+        remove-old` took out, also before this replica started) as removed; True if a root left or a removed one
+        became known (open connections must be checked again)."""
         new = {fingerprint(r): r for r in roots}
         gone = [key for key in self.current if key not in new]
+        learned = False
+        for root in removed:
+            key = fingerprint(root)
+            if key not in new and key not in self.removed and key not in self.current:
+                self.removed[key], learned = root, True
         for key in gone:
             self.removed.pop(key, None)
             self.removed[key] = self.current[key]
@@ -62,18 +70,23 @@ class TrustRoots:
         while len(self.removed) > MAX_REMOVED_ROOTS:
             del self.removed[next(iter(self.removed))]
         self.current = new
-        return bool(gone)
+        return bool(gone) or learned
 
     def tls_pem(self) -> str:
         """What the TLS layer verifies client chains against: the current roots and the removed ones (refused by
         name right after the handshake)."""
         return "".join(to_pem(r) for r in (*self.current.values(), *self.removed.values()))
 
-    def removed_root(self, root: ChainRoot | None) -> str | None:
-        """Why a chain ending at ``root`` is refused (the root, the fix), or None if it is not under a removed root."""
-        if root is None or root.fingerprint not in self.removed:
-            return None
-        return (f"the client certificate chains to root {root.subject} ({root.fingerprint[:19]}…), which was removed "
-                "from the issuer's trust bundle (`tcpmesh ca rotate remove-old`): this node missed the rotation. "
-                "Join again with a bootstrap token (`tcpmesh issuer token <node>`) or a node credential from the "
-                "current root (`tcpmesh ca issue-node-credential`)")
+    def is_removed(self, root: ChainRoot | None) -> bool:
+        return root is not None and root.fingerprint in self.removed
+
+
+def removed_root_message(root: ChainRoot, node: str | None) -> str:
+    """Why a client under a removed root is refused, for it and the operator: which root, and how to re-join."""
+    name = node or "<node>"
+    return (f"the client certificate chains to root {root.subject} ({root.fingerprint[:19]}…), which was removed "
+            "from the issuer's trust bundle (`tcpmesh ca rotate remove-old`): this node's credential was signed "
+            f"under it, so the node missed the rotation and must join again — put a one-time token (`tcpmesh issuer "
+            f"token {name}`) in the agent's identity.issuer.bootstrap_token_file (the agent joins with it at its next "
+            f"attempt, no restart), or write a node credential from the current root (`tcpmesh ca "
+            f"issue-node-credential {name} --ca <current root> --out <its identity.issuer.credential_dir>`)")

@@ -39,6 +39,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.identity.ca import init_ca, load_ca
 from agent.identity.issue import sign_leaf
+from agent.identity.issuer_ca import issue_node_credential
 from agent.identity.node_ca import issue_node_files, load_node_ca
 from agent.identity.spiffe import node_id_uri
 from agent.identity.tls import issuer_context
@@ -408,6 +409,35 @@ def test_after_remove_old_a_credential_under_the_removed_root_is_refused_at_the_
         assert _raw(replica, bundle, hello, current)[0]["ok"]
         assert [uri_of(s["cert_pem"]) for s in sign(client(replica, bundle), current, B)["svids"]] == [B]
     assert "removed_root" in caplog.text and old_root_fingerprint[:19] in caplog.text, caplog.text
+
+
+def test_a_replica_started_after_remove_old_refuses_a_credential_under_the_removed_root_by_name(world, caplog):
+    """A replica that starts (or restarts) after `ca rotate remove-old` never trusted the old root; a node that
+    missed the rotation must still be told why it is refused — its credential's root was removed — and how to
+    re-join, in the answer and in the issuer's log and metrics, not as an anonymous ``handshake_failed``. Seen
+    failing before ``removed-roots.pem``: the fresh replica's handshake failed (no answer at all) and was counted
+    ``handshake_failed``, logged at debug level, naming neither the root nor the fix."""
+    tmp_path, (r0, r1), bundle = world
+    old_root_fingerprint = r0.service.ca.root_fingerprint
+    stale = _join(r0, bundle, tmp_path, "node2")           # node SVID from the issuing intermediate under the old root
+    bundle = _rotate(tmp_path, (r0, r1), "add-root", "reissue", "remove-old")
+    caplog.set_level("WARNING", logger="tcpmesh.issuer")
+    fresh = Replica(r0.config, "issuer-2")
+    try:
+        answers = _raw(fresh, bundle, protocol.encode({"v": 1, "op": "hello"}), stale)
+        assert [a["error"]["reason"] for a in answers] == ["removed_root"], answers
+        message = answers[0]["error"]["message"]
+        assert old_root_fingerprint[:19] in message and "tcpmesh issuer token node2" in message, message
+        _wait_for(fresh, "removed_root", 1)
+        assert fresh.refusals("handshake_failed") == 0
+        assert "removed_root" in caplog.text and "node node2" in caplog.text, caplog.text
+        # a node that followed the rotation is served by it as by the others
+        issue_node_credential(tmp_path / "root-new", "node2", tmp_path / "cred-new")
+        current = Credential((tmp_path / "cred-new" / "credential.crt").read_text(),
+                             (tmp_path / "cred-new" / "credential.key").read_text())
+        assert [uri_of(s["cert_pem"]) for s in sign(client(fresh, bundle), current, B)["svids"]] == [B]
+    finally:
+        fresh.stop()
 
 
 def test_a_ca_named_like_the_issuer_ca_under_another_key_cannot_vouch_for_a_node(world, tmp_path_factory):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from cryptography import x509
 from click.testing import CliRunner
 
 from agent.cli import main
@@ -207,3 +208,10 @@ def test_issuer_mode_rotation_reissues_the_issuer_first_then_puts_the_new_root_f
     assert root_rotation.reissue(new_dir, dirs, wait_issuers=wait_issuers)     # safe to repeat
     root_rotation.remove_old(new_dir, dirs)
     assert all(root_rotation.read_node_dir(d)[0].bundle == (new,) for d in dirs)
+    # the issuer's directory remembers what left its bundle (a replica started later refuses such nodes by name);
+    # node directories get no such file
+    removed = dirs[2] / "removed-roots.pem"
+    assert [fingerprint(r) for r in x509.load_pem_x509_certificates(removed.read_bytes())] == [old]
+    assert not (dirs[1] / "removed-roots.pem").exists() and not (dirs[0] / "removed-roots.pem").exists()
+    root_rotation.remove_old(new_dir, dirs)                                     # safe to repeat
+    assert [fingerprint(r) for r in x509.load_pem_x509_certificates(removed.read_bytes())] == [old]
