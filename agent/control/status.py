@@ -71,6 +71,10 @@ def problems(doc: Mapping[str, Any]) -> list[str]:
         found.append("config changes wait for a restart: " + ", ".join(
             f"{c['field']} {c['old']!r} → {c['new']!r}" for c in config["restart_needed"]) + f"; {config['restart_hint']}")
     issuer = doc["issuer"]
+    refused_credential = issuer.get("credential_refused")
+    if refused_credential:
+        found.append(f"the issuer refuses this node's credential ({refused_credential['reason']}), the agent joins "
+                     f"again: {refused_credential['message']}")
     if issuer.get("configured") and issuer.get("reachable") is False:  # None: not asked yet
         found.append(f"issuer {issuer.get('address', '')} unreachable: {issuer.get('last_error') or 'no answer'}")
     for a in issuer.get("awaiting") or ():
@@ -130,6 +134,10 @@ def format_status(doc: Mapping[str, Any]) -> str:
         credential = (issuer.get("node_credential") or {}).get("not_after")
         lines.append(f"  issuer       {issuer.get('address', '')}: {reach}"
                      + (f"; node credential valid until {credential}" if credential else ""))
+        refused_credential = issuer.get("credential_refused")
+        if refused_credential:
+            lines.append(f"    CREDENTIAL REFUSED since {refused_credential['since'][:19]} "
+                         f"({refused_credential['reason']}): joining again; see the problem below")
         join = issuer.get("join")
         if join:
             lines.append(f"    NOT JOINED   {join['failures']} attempt(s) failed; next at {join['retry_at'][:19]} "

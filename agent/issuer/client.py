@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from agent.errors import TcpmeshError
 from agent.identity.spiffe import issuer_id_uri
-from agent.identity.tls import issuer_context, peer_uri
+from agent.identity.tls import describe_tls_error, issuer_context, peer_uri
 from agent.issuer import protocol
 
 ALPN = "tcpmesh-issuer/1"   # the server's (agent.issuer.server.ALPN); repeated so this module needs no asyncio
@@ -61,7 +61,10 @@ class IssuerClient:
             host, port = self.addresses[(self._next + i) % count]
             try:
                 answer = self._one(ctx, host, port, request)
-            except (OSError, ValueError, ssl.SSLError) as exc:
+            except ssl.SSLError as exc:   # in words: which side refused which certificate (alerts included)
+                problems.append(f"{host}:{port}: {exc} — {describe_tls_error(exc)}")
+                continue
+            except (OSError, ValueError) as exc:
                 problems.append(f"{host}:{port}: {exc}")
                 continue
             self._next = (self._next + i) % count  # stay with the one that answered

@@ -10,6 +10,10 @@ rotator). A failed renewal keeps the current credential while it is valid. No is
 jittered backoff (1 s doubling to 10 s); a refusal is permanent (``IssuerState.join_refused``). On Kubernetes
 (``service_account_token_file``: the pod's projected token) every node SVID — join and renewal — is
 asked for with the token as the kubelet last wrote it, and the issuer attests the node from it.
+A credential the issuer no longer takes (``removed_root``: signed under a root `ca rotate remove-old` removed;
+``untrusted_node_credential``) — or, at start, one that chains to no root of the credential directory's bundle — is
+no good any more: an error line says so (``NODE CREDENTIAL REFUSED``), ``tcpmesh status`` shows it, and the agent
+joins again (token or attestation) with backoff until it can; no restart.
 
 ``IssuerSigner`` is the ``store.Signer`` of issuer mode: one minting worker makes a key and a CSR per
 identity (keys never leave the node), one ``sign`` request carries the CSRs, the answers become
@@ -57,6 +61,15 @@ class IssuerUnreachable(IdentityError):
     """No issuer address answered; current SVIDs stay in service until they expire."""
 
 
+class CredentialRefused(CaError):
+    """The issuer no longer takes this node's credential (its root was removed, or its signer is no longer trusted):
+    only a new join helps, which ``NodeCredential.maintain`` tries with backoff."""
+
+
+# The issuer's refusals that mean "this node's credential is no good any more": the node must join again.
+REJOIN_REASONS = frozenset({"removed_root", "untrusted_node_credential"})
+
+
 @dataclass(frozen=True)
 class IssuerSettings:
     addresses: tuple[str, ...]
@@ -86,6 +99,7 @@ class IssuerState:
         self.join_failures = 0                  # an unreachable issuer at join: attempts failed in a row
         self.join_retry_at: datetime | None = None  # set while this node waits to join
         self.join_refused: str | None = None    # a permanent join error met while retrying: the agent exits
+        self.credential_refused: dict[str, Any] | None = None   # the issuer refused the credential: must re-join
 
     def contacted(self, now: datetime, address: str | None) -> None:
         self.reachable, self.last_contact, self.last_address, self.last_error = True, now, address, None
@@ -100,6 +114,7 @@ class IssuerState:
                 "last_address": self.last_address, "last_error": self.last_error,
                 "last_renewal": self.last_renewal.isoformat() if self.last_renewal else None,
                 "joined": self.credential_uri is not None,
+                "credential_refused": self.credential_refused,
                 "join": None if self.join_retry_at is None else {
                     "failures": self.join_failures, "retry_at": self.join_retry_at.isoformat(),
                     "seconds_to_retry": round(max((self.join_retry_at - now).total_seconds(), 0.0), 3)},
@@ -126,14 +141,26 @@ class NodeCredential:
 
     def load(self, now: datetime) -> dict[str, Any]:
         """Read and check the credential directory; join if there is no usable credential. The worker's doc."""
-        doc = call(self._transport, {"op": "credential", "credential_dir": self.settings.credential_dir,
-                                     "node": self.node, "now": now.isoformat()})
-        if not doc["present"] or doc["expired"]:
-            self._join(now, "expired" if doc["present"] else "none")
-            doc = call(self._transport, {"op": "credential", "credential_dir": self.settings.credential_dir,
-                                         "node": self.node, "now": now.isoformat()})
+        doc = self._read(now)
+        why = ("none" if not doc["present"] else "expired" if doc["expired"] else
+               _outside_bundle(doc, self.settings.credential_dir))
+        if why:
+            if doc["present"] and not doc["expired"]:
+                log.error("this node's credential (%s/credential.crt) %s; joining the issuer again",
+                          self.settings.credential_dir, why)
+            try:
+                self._join(now, why)
+            except IdentityError as exc:
+                if doc["present"] and not doc["expired"]:
+                    raise CaError(f"this node's credential {why}, and joining again failed: {exc}") from None
+                raise
+            doc = self._read(now)
         self._adopt(doc)
         return doc
+
+    def _read(self, now: datetime) -> dict[str, Any]:
+        return call(self._transport, {"op": "credential", "credential_dir": self.settings.credential_dir,
+                                      "node": self.node, "now": now.isoformat()})
 
     def current(self) -> Credential:
         if self._credential is None and self.state.join_retry_at is not None:
@@ -185,6 +212,8 @@ class NodeCredential:
         yet (the issuer was unreachable at start): retry the join. True when this call joined."""
         if self._credential is None:
             return self.retry_join(now)
+        if self.state.credential_refused is not None:
+            return self._rejoin(now)
         if self._not_after is None or self._not_before is None:
             return False
         half = self._not_before + (self._not_after - self._not_before) / 2
@@ -194,6 +223,8 @@ class NodeCredential:
             try:
                 self._request_node_svid(now, token=None, sa_token=self._service_account_token())
                 self._failures, self._retry_at = 0, None
+            except CredentialRefused:
+                return False   # logged; the next poll joins again
             except IdentityError as exc:
                 self._failures += 1
                 self._retry_at = now + timedelta(seconds=backoff(self._failures, RETRY_MAX_SECONDS))
@@ -211,6 +242,51 @@ class NodeCredential:
                     log.warning("renewing this node's credential at the issuer failed: %s; still valid for %.0fs "
                                 "(until %s); retrying", exc, left, self._not_after.isoformat())
         return False
+
+    def refused(self, error: Mapping[str, Any], now: datetime) -> CredentialRefused:
+        """The issuer answered ``error`` (a reason of ``REJOIN_REASONS``) to a request made with this node's
+        credential: record it (``tcpmesh status``), say so and what happens, and return the error to raise."""
+        reason, message = error.get("reason"), error.get("message")
+        first = self.state.credential_refused is None
+        self.state.credential_refused = {"reason": reason, "message": message, "since": now.isoformat()}
+        self._retry_at = None if first else self._retry_at
+        if first:
+            log.error("NODE CREDENTIAL REFUSED: the issuer no longer takes this node's credential (%s): %s. The agent "
+                      "joins again now and then with backoff — %s; meanwhile its SVIDs are not renewed",
+                      reason, message, self._rejoin_how())
+        return CredentialRefused(f"the issuer refused this node's credential ({reason}): {message}")
+
+    def _rejoin_how(self) -> str:
+        if self.settings.service_account_token_file:
+            return f"by Kubernetes attestation with the token in {self.settings.service_account_token_file}"
+        if self.settings.bootstrap_token_file:
+            return (f"with the one-time token in {self.settings.bootstrap_token_file}: put a new one there "
+                    f"(`tcpmesh issuer token {self.node}`) if that one is spent; no restart needed")
+        return (f"but identity.issuer.bootstrap_token_file is not set: set it to a new one-time token "
+                f"(`tcpmesh issuer token {self.node}`), or write a credential from the current root (`tcpmesh ca "
+                f"issue-node-credential {self.node} --ca <current root> --out {self.settings.credential_dir}`)")
+
+    def _rejoin(self, now: datetime) -> bool:
+        """The issuer refused the credential: join again (token or attestation), backing off; True once joined."""
+        if self._retry_at is not None and now < self._retry_at:
+            return False
+        with self._lock:
+            try:
+                self._join(now, "refused by the issuer")
+                self._adopt(self._read(now))
+            except IdentityError as exc:
+                self._failures += 1
+                wait = backoff(self._failures, RETRY_MAX_SECONDS)
+                self._retry_at = now + timedelta(seconds=wait)
+                log.error("NODE CREDENTIAL REFUSED (%s): joining the issuer again failed (attempt %d): %s; retrying "
+                          "in %.1fs %s", (self.state.credential_refused or {}).get("reason"), self._failures, exc,
+                          wait, self._rejoin_how())
+                return False
+        self._failures, self._retry_at = 0, None
+        self.state.credential_refused = None
+        log.info("joined the issuer again as node %s: a new node credential (root %s); this node's SVIDs are "
+                 "issued anew under it", self.node, self.root_fingerprint)
+        return True
 
     def _service_account_token(self) -> str | None:
         path = self.settings.service_account_token_file
@@ -256,6 +332,8 @@ class NodeCredential:
         answer = ask(self.client, self.state, request, None if proof_only else self.current(), now)
         if not answer.get("ok"):
             error = answer.get("error") or {}
+            if not proof_only and error.get("reason") in REJOIN_REASONS:
+                raise self.refused(error, now)
             raise CaError(f"the issuer refused this node's credential ({error.get('reason')}): {error.get('message')}")
         svid = answer["svid"]
         chain = svid["cert_pem"] + "".join(svid["chain_pem"])
@@ -278,8 +356,9 @@ class NodeCredential:
         with self._lock:
             try:
                 self._request_node_svid(now, token=None, sa_token=self._service_account_token())
-                self._adopt(call(self._transport, {"op": "credential", "credential_dir": self.settings.credential_dir,
-                                                   "node": self.node, "now": now.isoformat()}))
+                self._adopt(self._read(now))
+            except CredentialRefused:
+                return   # logged; the next poll joins again
             except IdentityError as exc:
                 log.warning("the trust bundle now puts root %s first, but renewing this node's credential under it "
                             "failed: %s; keeping the current one (root %s) and trying again at the next change",
@@ -330,6 +409,8 @@ class IssuerSigner:
         answer = ask(self._credential.client, state, request, credential, now)
         if not answer.get("ok"):
             error = answer.get("error") or {}
+            if error.get("reason") in REJOIN_REASONS:
+                raise self._credential.refused(error, now)
             raise SvidError(f"the issuer refused ({error.get('reason')}): {error.get('message')}")
         key_of = {i.uri: k["key_pem"] for i, k in zip(ids, keys)}
         results: dict[SpiffeId, Svid | IdentityError] = {}
@@ -417,6 +498,15 @@ class IssuerSource:
 
     def report(self, now: datetime) -> dict[str, Any]:
         return self.state.report(now)
+
+
+def _outside_bundle(doc: Mapping[str, Any], credential_dir: str) -> str:
+    """Why a present, unexpired credential cannot be used — it chains to no root of the credential directory's own
+    bundle (`ca rotate remove-old` rewrote it, and this node's credential was still under the old root) — or ""."""
+    if not doc.get("bundle") or doc.get("root_fingerprint") is not None:
+        return ""
+    return (f"was signed under a root that is no longer in {credential_dir}/bundle.pem (removed by `tcpmesh ca "
+            "rotate remove-old`: this node missed the rotation), so the issuer refuses it")
 
 
 def _read_bundle(path: Path) -> str:

@@ -279,3 +279,75 @@ def test_a_registry_change_is_not_held_up_by_a_renewal_waiting_for_a_stopped_iss
     assert isinstance(renewal[A], type(first)) and store.svid(A).serial != first.serial   # the renewal landed
     drive_until(agent, lambda: C in store)       # and the identity added meanwhile was not lost
     assert store.identities == {A, C} and not store.pending()
+
+
+def _rotate_issuer(tmp_path: Path, replicas, node_dirs_per_step: dict[str, list[Path]]) -> None:
+    """`tcpmesh ca rotate` add-root, reissue, remove-old; each step on the issuer's directory and the node directories
+    given for it, then one poll of every replica (as it does every registry.poll_seconds)."""
+    from agent.identity import root_rotation
+
+    for step, run in (("add-root", root_rotation.add_root), ("reissue", root_rotation.reissue),
+                      ("remove-old", root_rotation.remove_old)):
+        run(tmp_path / "root-new", [tmp_path / "issuer", *node_dirs_per_step.get(step, [])])
+        for replica in replicas:
+            replica.poll()
+
+
+def test_a_node_that_missed_remove_old_is_told_why_and_joins_again_with_a_new_token(world, caplog):
+    """The node's credential directory got the new root (add-root) but its agent did not renew under it before
+    `reissue` and `remove-old` ran on the issuer: its credential is under the removed root. The agent must say why
+    the issuer refuses it and what to do — not a generic failure — show it in `tcpmesh status`, and join again by
+    itself once the operator put a new one-time token in its token file, its SVIDs then under the new root
+    (`/debug/certs` ``issuer.credential_refused`` is what `tcpmesh status` shows: tests/unit/test_control_status.py).
+    Seen failing before: renewals failed with "the issuer refused (removed_root)" as one identity's renewal
+    failure, retried for ever with the dead credential; nothing said the node must join again, status said nothing."""
+    tmp_path, start, stop, agent_config = world
+    replica = start(0)
+    agent = build_agent(agent_config)
+    store = agent.rotator.store
+    store.ensure([A])
+    drive_until(agent, lambda: A in store)
+    old_serial = store.svid(A).serial
+    _rotate_issuer(tmp_path, [replica], {"add-root": [tmp_path / "cred"]})
+    caplog.set_level(logging.INFO, "tcpmesh.identity")
+    store.renew([A])   # due or not: the next request the node makes with its credential
+    drive_until(agent, lambda: (agent.rotator.report()["issuer"].get("credential_refused") or {}).get("reason")
+                == "removed_root")
+    # the spent token in the file cannot re-join: said, with the command that makes a new one
+    drive_until(agent, lambda: "replayed_token" in caplog.text)
+    refused = agent.rotator.report()["issuer"]["credential_refused"]
+    assert "remove-old" in refused["message"] and "tcpmesh issuer token node1" in refused["message"], refused
+    assert "NODE CREDENTIAL REFUSED" in caplog.text and "tcpmesh issuer token node1" in caplog.text
+    # the operator makes a new token; the agent joins with it at its next attempt, no restart
+    (tmp_path / "token").write_text(make_token(load_token_key(tmp_path / "token.key"), "node1", time.time(), 300))
+    drive_until(agent, lambda: agent.rotator.report()["issuer"]["credential_refused"] is None, timeout=90)
+    new_root = x509.load_pem_x509_certificate((tmp_path / "root-new" / "ca.crt").read_bytes())
+    drive_until(agent, lambda: store.svid(A).serial != old_serial and _root_of(store.svid(A)) == new_root.subject)
+    assert "joined the issuer again as node node1" in caplog.text
+
+
+def _root_of(svid) -> x509.Name:
+    return x509.load_pem_x509_certificates("".join(svid.chain_pem).encode())[-1].issuer
+
+
+def test_an_agent_restarted_after_remove_old_reached_its_directory_joins_again_or_says_why(world):
+    """The agent was stopped during `reissue` (so it never renewed under the new root) and `remove-old` then left
+    only the new root in its credential directory's bundle: at the next start its credential chains to no root it
+    trusts. With the spent token still in its file the start fails naming the cause and the fix; with a new token
+    it joins again. Seen failing before: the start adopted the dead credential (present, not expired) and every
+    request to the issuer was refused afterwards."""
+    from agent.identity.errors import CaError
+
+    tmp_path, start, stop, agent_config = world
+    replica = start(0)
+    build_agent(agent_config)                    # joined: credential under the old root
+    cred = tmp_path / "cred"
+    _rotate_issuer(tmp_path, [replica], {step: [cred] for step in ("add-root", "reissue", "remove-old")})
+    with pytest.raises(CaError, match=r"no longer in .*bundle\.pem.*remove-old.*missed the rotation.*replayed_token"):
+        build_agent(agent_config)
+    (tmp_path / "token").write_text(make_token(load_token_key(tmp_path / "token.key"), "node1", time.time(), 300))
+    again = build_agent(agent_config)
+    again.rotator.store.ensure([A])
+    drive_until(again, lambda: A in again.rotator.store)
+    new_root = x509.load_pem_x509_certificate((tmp_path / "root-new" / "ca.crt").read_bytes())
+    assert _root_of(again.rotator.store.svid(A)) == new_root.subject

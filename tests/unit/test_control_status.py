@@ -76,6 +76,21 @@ def test_the_issuer_is_shown_when_configured_and_unreachable_is_a_problem():
     assert asked_never["problems"] == [] and "not asked yet" in format_status(asked_never)
 
 
+def test_a_node_credential_the_issuer_refuses_is_a_problem_naming_why_and_the_fix():
+    message = ("the client certificate chains to root CN=old (sha256:60571fe658c0…), which was removed from the "
+               "issuer's trust bundle (`tcpmesh ca rotate remove-old`): … put a one-time token (`tcpmesh issuer token "
+               "node1`) in the agent's identity.issuer.bootstrap_token_file …")
+    issuer = {"configured": True, "address": "10.0.0.1:15030", "reachable": True, "last_contact": "now",
+              "node_credential": {"not_after": "2027-01-16T07:00:00+00:00"},
+              "credential_refused": {"reason": "removed_root", "message": message, "since": "2027-01-15T07:00:00+00:00"}}
+    doc = status(issuer=issuer)
+    assert doc["problems"] == [f"the issuer refuses this node's credential (removed_root), the agent joins again: "
+                               f"{message}"]
+    text = format_status(doc)
+    assert "CREDENTIAL REFUSED since 2027-01-15T07:00:00 (removed_root): joining again" in text
+    assert "tcpmesh issuer token node1" in text
+
+
 def test_a_node_not_joined_and_identities_without_an_svid_are_listed_with_error_and_retry():
     issuer = {"configured": True, "address": "10.0.0.1:15030", "reachable": False, "last_error": "no issuer answered",
               "last_contact": None, "node_credential": {"not_after": None},
