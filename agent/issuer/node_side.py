@@ -248,9 +248,10 @@ class NodeCredential:
         credential: record it (``tcpmesh status``), say so and what happens, and return the error to raise."""
         reason, message = error.get("reason"), error.get("message")
         first = self.state.credential_refused is None
-        self.state.credential_refused = {"reason": reason, "message": message, "since": now.isoformat()}
-        self._retry_at = None if first else self._retry_at
-        if first:
+        since = now.isoformat() if first else self.state.credential_refused["since"]
+        self.state.credential_refused = {"reason": reason, "message": message, "since": since}
+        if first:   # join again at the next poll, whatever backoff a failed renewal left
+            self._failures, self._retry_at = 0, None
             log.error("NODE CREDENTIAL REFUSED: the issuer no longer takes this node's credential (%s): %s. The agent "
                       "joins again now and then with backoff — %s; meanwhile its SVIDs are not renewed",
                       reason, message, self._rejoin_how())
