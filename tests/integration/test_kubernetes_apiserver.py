@@ -15,7 +15,8 @@ the source relies on and nothing more:
   clients may watch one kind (two issuer replicas); scripted actions go to one stream, the first to
   reach them, in the order they were queued among the events;
 - scripted faults: an ERROR event with code 410 (Expired), an HTTP 410 or 5xx answer to the next
-  request, a stream cut in the middle of a chunk, a normal end of the stream;
+  request, a stream cut in the middle of a chunk, a normal end of the stream, a list answered one byte at a
+  time (``dribble``);
 - going away and coming back (``go_away`` / ``come_back``): every open connection is cut and the port
   refuses connections until it listens again, with the same objects;
 - node attestation (the issuer's side): ``GET /api/v1/namespaces/<ns>/pods/<name>`` (one pod, or a
@@ -83,7 +84,7 @@ class FakeApiServer:
         self.requests: list[tuple[str, dict[str, str]]] = []            # (kind, query) of every request
         self.connections: set = set()                                   # open client connections
         self.token_reviews: list[dict] = []                             # TokenReview bodies received
-        self.dribble_next: dict[str, list[float]] = {"tokenreviews": []}  # seconds to spread the next answers over
+        self.dribble_next: dict[str, list[float]] = {k: [] for k in (*KINDS, "tokenreviews")}  # seconds per answer
         self._token_key = secrets.token_bytes(32)                       # the service-account signing key
         self._stopping = False
         self._listen(0)
@@ -237,7 +238,7 @@ class FakeApiServer:
             self.fail_next[kind].extend(statuses)
 
     def dribble(self, kind: str, *seconds: float) -> None:
-        """Answer the next requests for ``kind`` (tokenreviews) one byte at a time over these many seconds:
+        """Answer the next requests for ``kind`` (tokenreviews, or a list) one byte at a time over these many seconds:
         an API server (or a proxy before it) that is slow without ever letting one read time out."""
         with self.cond:
             self.dribble_next[kind].extend(seconds)
@@ -312,13 +313,15 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             with server.cond:
                 server.requests.append((kind, query))
                 failure = server.fail_next[kind].pop(0) if server.fail_next[kind] else None
+                slow = server.dribble_next[kind].pop(0) if server.dribble_next[kind] and query.get("watch") != "true" \
+                    else 0.0
             if failure == 410:
                 return self._status(410, "Expired", f"too old resource version: {query.get('resourceVersion')}")
             if failure is not None:
                 return self._status(failure, "InternalError", "scripted failure")
             if query.get("watch") == "true":
                 return self._watch(kind, int(query.get("resourceVersion") or server.rv))
-            return self._list(kind, query)
+            return self._list(kind, query, slow)
 
         def _one_pod(self, namespace: str, name: str) -> None:
             with server.cond:
@@ -329,7 +332,7 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 return self._status(404, "NotFound", f'pods "{name}" not found')
             self._json(200, {"kind": "Pod", "apiVersion": "v1", **pod})
 
-        def _list(self, kind: str, query: dict[str, str]) -> None:
+        def _list(self, kind: str, query: dict[str, str], dribble: float = 0.0) -> None:
             with server.cond:
                 items = sorted(server.store[kind].values(), key=lambda o: object_key(kind, o))
                 rv = str(server.rv)
@@ -340,7 +343,7 @@ def _handler(server: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             if start + limit < len(items):
                 metadata["continue"] = str(start + limit)
             self._json(200, {"kind": KINDS[kind], "apiVersion": API_VERSIONS.get(kind, "v1"), "metadata": metadata,
-                             "items": page})
+                             "items": page}, dribble)
 
         def _next(self, kind: str, cursor: int) -> tuple:
             """This stream's next action: an event after ``cursor``, or a scripted action queued before it."""

@@ -416,3 +416,34 @@ def test_410_gone_and_dropped_streams_of_services_and_endpoint_slices(api, tmp_p
                 await world.until(lambda: ready_endpoints(world, "10.96.40.7", 5432) == [], what="event after resume")
             assert watch.stats.lists == 2, "a dropped stream must resume, not list again"
     run(main())
+
+
+def _watch_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("k8s-watch-")]
+
+
+def test_stop_ends_every_watch_thread_while_streams_are_open_and_a_list_dribbles(api, tmp_path, cgroup_root):
+    """The agent's and the issuer's stop: every watch thread ends within the stop's bound and none is left — not
+    the ones reading a watch stream, and not one in the middle of a list whose body the API server dribbles (a
+    re-list after 410 Gone, here). Seen failing before: the listing thread was not woken, outlived the stop (5 s
+    per watch, one after another), then opened a watch after it had been stopped and read it for minutes."""
+    async def main():
+        async with World(api, tmp_path, cgroup_root) as world:
+            assert set(_watch_threads()) == {"k8s-watch-pods", "k8s-watch-nodes", "k8s-watch-services",
+                                              "k8s-watch-endpointslices"}
+            lists = len(api.list_requests("pods"))
+            api.dribble("pods", 60.0)
+            api.script("pods", "gone")   # the pods watch lists again: that list's body takes a minute
+            await world.until(lambda: len(api.list_requests("pods")) > lists, what="the re-list")
+            await asyncio.sleep(0.3)     # its headers are in, its body is dribbling
+            started = time.monotonic()
+            ended = await asyncio.get_running_loop().run_in_executor(None, world.source.stop)
+            assert _watch_threads() == [], f"left after stop ({time.monotonic() - started:.1f}s)"
+            assert ended and time.monotonic() - started < 2.0
+            watches = len(api.watch_requests("pods"))
+            await asyncio.sleep(0.5)
+            assert len(api.watch_requests("pods")) == watches, "a watch was opened after the stop"
+
+    run(main())

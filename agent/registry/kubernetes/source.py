@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 from agent.errors import ConfigError, TcpmeshError
 from agent.registry.kubernetes.cgroups import find_pod_cgroup
 from agent.registry.kubernetes.mapping import IPV6_ONLY, BuildResult, build_registry
-from agent.registry.kubernetes.watch import WATCH_TIMEOUT_SECONDS, Backoff, WatchLoop
+from agent.registry.kubernetes.watch import LIST_READ_TIMEOUT_SECONDS, WATCH_TIMEOUT_SECONDS, Backoff, WatchLoop
 from agent.registry.model import Registry
 
 log = logging.getLogger("tcpmesh.registry.kubernetes")
@@ -27,6 +27,7 @@ FIRST_SYNC_TIMEOUT_SECONDS = 60.0
 MIN_PUBLISH_INTERVAL_SECONDS = 0.2   # bursts of events (a rollout) become one snapshot
 CGROUP_RETRY_SECONDS = 1.0           # a local pod whose cgroup is not there yet is looked up again
 REFUSED_RETRY_SECONDS = 10.0         # a snapshot the controller refused is offered again (a conflict may clear)
+STOP_SECONDS = 5.0                   # at stop, for every watch thread together (a woken one ends in milliseconds)
 
 
 def make_api_client(kubeconfig: str = "") -> Any:
@@ -95,9 +96,18 @@ class KubernetesSource:
         for watch in self.watches:
             watch.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_SECONDS) -> bool:
+        """End every watch thread within ``timeout`` in all (each is woken at once; they end together); True if
+        they all ended. One still waiting for the API server's headers is named in an error line (see watch.py)."""
         for watch in self.watches:
-            watch.stop()
+            watch.request_stop()
+        deadline = time.monotonic() + timeout
+        alive = [watch.thread_name for watch in self.watches if not watch.join(deadline)]
+        if alive:
+            log.error("Kubernetes registry: %s still running %.0fs after stop, waiting for the API server's answer; "
+                      "it ends within that request's read timeout (%.0fs for a list) and, a daemon thread, with the "
+                      "process", ", ".join(alive), timeout, LIST_READ_TIMEOUT_SECONDS)
+        return not alive
 
     def unreachable(self) -> str:
         """Empty while every watch answers; else what the agent serves meanwhile (for /readyz and logs)."""

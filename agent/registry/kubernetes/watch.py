@@ -6,6 +6,12 @@ means that version is compacted away, so the loop lists again and replaces its c
 failure (refused, reset, a dropped stream, a 5xx) waits with a jittered exponential backoff
 (``Backoff``) and resumes. Reads raw JSON, not models, through the official ``kubernetes`` client
 (imported only inside the calls that need it). Knows nothing of pods, nodes or registries.
+
+Stop: ``request_stop`` sets the flag and shuts down the socket of the response being read (a watch stream or
+a list's body), which wakes the thread; nothing is opened after it. ``join`` waits until a deadline and says
+whether the thread ended. A thread still waiting for an answer's headers cannot be woken (the client gives no
+handle on that socket before them): it ends within that request's read timeout (``LIST_READ_TIMEOUT_SECONDS``
+for a list) and, a daemon, with the process.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ BACKOFF_INITIAL_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
 BACKOFF_JITTER = 0.2
 HTTP_GONE = 410
+LIST_READ_TIMEOUT_SECONDS = CONNECT_TIMEOUT_SECONDS * 6
 
 
 class Backoff:
@@ -98,7 +105,8 @@ class WatchLoop:
         self._thread = threading.Thread(target=self._run, name=f"k8s-watch-{self.kind}", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def request_stop(self) -> None:
+        """Stop after the read in progress, and wake that read (see the module docstring); returns at once."""
         self._stop.set()
         response = self._response
         sock = getattr(getattr(response, "connection", None), "sock", None)
@@ -108,8 +116,17 @@ class WatchLoop:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if self._thread is not None:
-            self._thread.join(timeout)
+
+    def join(self, deadline: float) -> bool:
+        """Wait for the thread until ``deadline`` (time.monotonic()); True if it has ended (or never started)."""
+        if self._thread is None:
+            return True
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive()
+
+    @property
+    def thread_name(self) -> str:
+        return self._thread.name if self._thread is not None else f"k8s-watch-{self.kind}"
 
     def snapshot(self) -> list[dict]:
         with self.lock:
@@ -124,6 +141,8 @@ class WatchLoop:
                     self._list()
                     need_list = False
                     self.backoff.reset()
+                if self._stop.is_set():        # stopped during the list: open no watch
+                    break
                 self._watch()
                 self.backoff.reset()           # the stream ended normally: re-open from resource_version
             except Gone as exc:
@@ -147,10 +166,18 @@ class WatchLoop:
         token = ""
         while True:
             kwargs: dict[str, Any] = {"limit": self.page_size, "_preload_content": False,
-                                      "_request_timeout": (CONNECT_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS * 6)}
+                                      "_request_timeout": (CONNECT_TIMEOUT_SECONDS, LIST_READ_TIMEOUT_SECONDS)}
             if token:
                 kwargs["_continue"] = token
-            doc = _read_json(self._call(**kwargs))
+            response = self._call(**kwargs)
+            self._response = response      # a stop now wakes the body's read
+            try:
+                if self._stop.is_set():
+                    response.release_conn()
+                    return
+                doc = _read_json(response)
+            finally:
+                self._response = None
             for item in doc.get("items") or ():
                 objects[self._key(item)] = item
             metadata = doc.get("metadata") or {}
@@ -175,6 +202,8 @@ class WatchLoop:
         self._response = response
         self._answered()
         try:
+            if self._stop.is_set():   # stopped while the watch was being opened: request_stop saw no response
+                return
             for line in iter_resp_lines(response):
                 if self._stop.is_set():
                     return
