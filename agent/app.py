@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -83,6 +83,8 @@ class Agent:
         self.config = config
         self.config_path = config_path  # re-read by identity.reload (`tcpmesh identity reload`) and the watch
         self._identity_switch = asyncio.Lock()
+        self._previous_handlers: dict[int, Any] = {}   # what SIGTERM, SIGINT, SIGHUP did before run() took them
+        self._signal_reloads: set[asyncio.Task] = set()
         # config_file.watch: reloads when the file changes; its first signature is the file the start read
         self._config_watch = ConfigWatch(config_path, enabled=lambda: self.config.config_file.watch,
                                          poll_seconds=lambda: self.config.config_file.poll_seconds,
@@ -201,7 +203,21 @@ class Agent:
 
         if self._identity_switch.locked():
             raise IdentityReloadRefused("an identity.reload is already in progress on this agent; wait for its answer")
-        return await self._reload_config("command")
+        return await self._reload_config("command", request.get("unit_environment"))
+
+    async def _reload_on_signal(self) -> None:
+        """SIGHUP (``kill -HUP``, ``systemctl kill -s HUP``): the same reload as `tcpmesh identity reload`, reported
+        the same way (log, `tcpmesh status`, metrics) — before, SIGHUP's default action ended the agent."""
+        from agent.control.identity_switch import IdentityReloadRefused
+
+        if self._identity_switch.locked():
+            log.warning("SIGHUP: a config reload is already in progress; this one is not run (send it again once "
+                        "`tcpmesh status` shows the last reload)")
+            return
+        try:
+            await self._reload_config("signal")
+        except IdentityReloadRefused:
+            pass  # _reload_config logged, counted and recorded it
 
     async def _config_file_changed(self) -> bool:
         """config_file.watch: the file changed (a kubelet ConfigMap update): the same reload as the command; a
@@ -215,14 +231,15 @@ class Agent:
             return exc.retryable  # _reload_config reported it
         return False
 
-    async def _reload_config(self, trigger: str) -> dict:
+    async def _reload_config(self, trigger: str, unit_environment: Any = None) -> dict:
         from agent.control.identity_switch import IdentityReloadRefused, reload_identity
 
         async with self._identity_switch:
             if self._config_watch is not None:
                 self._config_watch.remember()   # this version of the file is read now: no second reload for it
             try:
-                self.config, answer = await reload_identity(self.config_path, self.config, self.rotator, self.metrics)
+                self.config, answer = await reload_identity(self.config_path, self.config, self.rotator, self.metrics,
+                                                            unit_environment)
             except IdentityReloadRefused as exc:
                 log.error("config reload (%s) refused: %s. `tcpmesh status` shows it; fix the file and it applies "
                           "(watch on) or run `tcpmesh identity reload`", trigger, exc)
@@ -233,7 +250,7 @@ class Agent:
                 raise
         result = "applied" if answer["switched"] or answer["applied"] else "unchanged"
         (log.warning if result == "applied" or answer["restart_needed"] else log.info)(
-            "config reload (%s) of %s: %s", trigger, self.config_path, answer["message"])
+            "config reload (%s): %s", trigger, answer["message"])  # the message names the file
         self._config_reload.update(refused=None, restart_needed=answer["restart_needed"],
                                    last_reload={"at": time.time(), "trigger": trigger, "result": result})
         self.metrics.config_reloads.labels(trigger, result).inc()
@@ -465,7 +482,8 @@ class Agent:
             # connections being drained still need it; `finally` detaches it
             await ctx.drain(config.proxy.drain_seconds)
         finally:
-            for task in background:
+            self._remove_signal_handlers(loop)
+            for task in (*background, *self._signal_reloads):
                 task.cancel()
             if outbound is not None:
                 outbound.pool.close_all("agent stopping")
@@ -700,8 +718,24 @@ class Agent:
             self.capture = None
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM, SIGINT: stop; SIGHUP: reload the config file. The handlers they had come back at the stop."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._previous_handlers[sig] = signal.getsignal(sig)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._signal_reload)
+
+    def _signal_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload_on_signal())
+        self._signal_reloads.add(task)  # held until done (the loop keeps only a weak reference)
+        task.add_done_callback(self._signal_reloads.discard)
+
+    def _remove_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig, previous in self._previous_handlers.items():
+            loop.remove_signal_handler(sig)
+            if previous is not None:
+                signal.signal(sig, previous)
+        self._previous_handlers.clear()
 
     def stop(self) -> None:
         self._stop.set()

@@ -5,6 +5,7 @@ node's state, agent.control.status), through the agent's admin socket (which age
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -12,6 +13,18 @@ import click
 from agent.admin_client import ask
 from agent.table import render
 from agent.control.target import resolve_socket, target_options
+
+
+def reload_request(environ) -> dict:
+    """identity.reload, with this process's config variables when systemd started it for a unit (INVOCATION_ID):
+    the agent takes them only from its own unit's ExecReload (agent.control.config_changes.reload_environment)."""
+    request: dict = {"op": "identity.reload"}
+    if environ.get("INVOCATION_ID"):
+        from agent.config import environment_fields
+
+        request["unit_environment"] = {"invocation_id": environ["INVOCATION_ID"],
+                                       "variables": {n: environ[n] for n in environment_fields() if n in environ}}
+    return request
 
 
 def _call(target: dict, payload: dict) -> dict:
@@ -108,10 +121,12 @@ def identity_reload(as_json, socket_path, config_path, target_lab, target_node) 
     new mode, so a later restart stays on it. Other identity source settings (issuer addresses, token,
     node CA directory) switch the same way; any other changed field is named as needing a restart. A
     file that does not validate is refused and the last good config keeps running. Exit code 2 when
-    refused. (With config_file.watch on, the agent does this itself when the file changes.)"""
+    refused. (With config_file.watch on, the agent does this itself when the file changes; SIGHUP does it too.)
+    Run by systemd as the unit's ExecReload, it also hands the agent the unit's environment as systemd reads it
+    now (/etc/default/tcpmesh): a changed TCPMESH_<SECTION>_<FIELD> is named as needing a restart."""
     from agent.admin_client import ask as ask_agent
 
     path = resolve_socket(**_target(socket_path, config_path, target_lab, target_node))
-    answer = ask_agent(path, {"op": "identity.reload"}, timeout=RELOAD_TIMEOUT_SECONDS)
+    answer = ask_agent(path, reload_request(os.environ), timeout=RELOAD_TIMEOUT_SECONDS)
     answer.pop("ok", None)
     click.echo(json.dumps(answer, indent=1) if as_json else answer["message"])

@@ -13,7 +13,8 @@ with; new ones use the new SVIDs. Any failure leaves the agent exactly as it was
 The identity source's settings switch at runtime (``config_changes.IDENTITY_SOURCE_FIELDS``: also a
 new issuer address or node CA directory in the same mode); ``config_file.*`` is taken over; any other
 changed field needs a restart, and the answer names it (old → new, and how to restart). The same
-function serves the agent's own config watch (``config_file.watch``: a kubelet ConfigMap update).
+function serves the agent's own config watch (``config_file.watch``: a kubelet ConfigMap update) and SIGHUP;
+`systemctl reload` (ExecReload) also hands it the unit's environment as systemd reads it now.
 Part of agent.control (it reads the config file, which sits above agent.identity); imports the issuer's
 node side only when switching to it; never ``cryptography`` (the agent does not load it).
 """
@@ -21,10 +22,11 @@ node side only when switching to it; never ``cryptography`` (the agent does not 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
-from agent.config import Config, load_agent_config
+from agent.config import Config, environment_fields, load_agent_config
 from agent.control import config_changes
 from agent.errors import TcpmeshError
 from agent.identity.errors import IdentityError
@@ -42,21 +44,29 @@ class IdentityReloadRefused(TcpmeshError):
         self.retryable = retryable
 
 
-async def reload_identity(config_path: str, running: Config, rotator: Any, metrics: Any = None) -> tuple[Config, dict]:
+async def reload_identity(config_path: str, running: Config, rotator: Any, metrics: Any = None,
+                          unit_environment: Any = None) -> tuple[Config, dict]:
     """Apply ``config_path`` to the running agent; the config now in force and the answer.
 
     The identity source's settings (``config_changes.IDENTITY_SOURCE_FIELDS``: the mode, the issuer's
     addresses and files, the node CA directory) switch ``rotator`` to a source built from the file — all
     or nothing; ``config_file.*`` is taken over; every other changed field is named in
-    ``restart_needed`` (old → new) and stays as it runs. ``IdentityReloadRefused`` when the file cannot
-    be read or does not validate, names another node or trust domain, or the new source cannot load or
-    issue (nothing changed then, not even the fields that could have applied)."""
+    ``restart_needed`` (old → new) and stays as it runs. ``unit_environment``: what `systemctl reload`'s
+    command sent of the unit's environment (``config_changes.reload_environment``): the file is read with it, and
+    a field a changed variable sets waits for a restart (named with the variable). ``IdentityReloadRefused``
+    when the file cannot be read or does not validate, names another node or trust domain, or the new source
+    cannot load or issue (nothing changed then, not even the fields that could have applied)."""
     mode = running.identity.mode
     stay = f"nothing changed: node {running.node.name} stays on identity.mode {mode}, serving its current SVIDs"
     if not config_path:
         raise IdentityReloadRefused(f"this agent was started without a config file to re-read; {stay}")
+    variables = environment_fields()
     try:
-        fresh = load_agent_config(config_path)
+        environ, environment = config_changes.reload_environment(unit_environment, os.environ, variables)
+    except ValueError as exc:
+        raise IdentityReloadRefused(f"{exc}; {stay}") from None
+    try:
+        fresh = load_agent_config(config_path, environ)
     except TcpmeshError as exc:
         raise IdentityReloadRefused(f"{exc}; {stay} and its last good config") from None  # exc names the file
     for name, old, new in (("node.name", running.node.name, fresh.node.name),
@@ -64,28 +74,26 @@ async def reload_identity(config_path: str, running: Config, rotator: Any, metri
         if old != new:
             raise IdentityReloadRefused(f"{config_path}: {name} is {new!r} but this agent runs as {old!r}; a reload "
                                         f"cannot change it — put {name} back, or restart the agent; {stay}")
-    applied, restart = config_changes.split(config_changes.changes(running, fresh))
+    applied, restart = config_changes.split(config_changes.changes(running, fresh),
+                                            [variables[c.field] for c in environment])
     answer: dict[str, Any] = {"switched": False, "mode": mode, "applied": [c.to_json() for c in applied],
-                              "restart_needed": [c.to_json() for c in restart]}
-    later = ""
-    if restart:
-        later = (f"; needs a restart: {', '.join(c.describe() for c in restart)} — the agent runs on with the old "
-                 f"values until {config_changes.restart_hint(running.registry.source)}")
+                              "restart_needed": [c.to_json() for c in restart],
+                              "environment": [c.to_json() for c in environment]}
+    said = config_changes.summary(config_path, applied, restart, environment, running.registry.source)
     source_changes = [c for c in applied if c.field in config_changes.IDENTITY_SOURCE_FIELDS]
+    now = config_changes.merged(running, applied)  # the source is built from what applies, never a pinned field
     if not source_changes:
-        done = f"; applied: {', '.join(c.describe() for c in applied)}" if applied else ""
-        answer["message"] = (f"identity.mode is {mode} in {config_path} as in the running agent: nothing to switch"
-                             f"{done}{later}")
-        return config_changes.merged(running, applied), answer
-    wanted = fresh.identity.mode
+        answer["message"] = said
+        return now, answer
+    wanted = now.identity.mode
     if wanted == "issuer":
         from agent.issuer.node_side import issuer_source
 
-        source = issuer_source(fresh, metrics)
+        source = issuer_source(now, metrics)
     else:
         from agent.identity.svid_rotator import ca_source
 
-        source = ca_source(fresh)
+        source = ca_source(now)
     started = time.monotonic()
     what = ", ".join(c.describe() for c in source_changes)
     log.warning("config reload: switching node %s's identity source (%s; %s)", running.node.name, what, config_path)
@@ -110,5 +118,5 @@ async def reload_identity(config_path: str, running: Config, rotator: Any, metri
                    "seconds": round(seconds, 3),
                    "message": f"{switched} in {seconds:.2f}s: {identities} SVIDs re-issued; open connections keep "
                               f"their certificates. {config_path} already says identity.mode {wanted}, so a restart "
-                              f"stays on it{later}"})
-    return config_changes.merged(running, applied), answer
+                              f"stays on it. {said}"})
+    return now, answer

@@ -73,8 +73,8 @@ class Metrics:
         # The config file's reloads (`tcpmesh identity reload`, config_file.watch): agent.control.identity_switch
         self.config_reloads = Counter(
             "tcpmesh_config_reloads", "Reloads of the agent's config file by trigger (command: `tcpmesh identity "
-            "reload`; watch: the file changed) and result (applied, unchanged, refused: the last good config keeps "
-            "running)", ("trigger", "result"), registry=registry)
+            "reload`; watch: the file changed; signal: SIGHUP) and result (applied, unchanged, refused: the last good "
+            "config keeps running)", ("trigger", "result"), registry=registry)
         self.config_refused = Gauge(
             "tcpmesh_config_file_refused", "1 while the last reload of the config file was refused (the file does not "
             "validate or its identity switch failed; the last good config keeps running)", registry=registry)

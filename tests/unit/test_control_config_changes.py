@@ -53,3 +53,39 @@ def test_the_signature_follows_the_kubelets_data_symlink_swap(tmp_path):
     after = signature(str(tmp_path / "config.yaml"))
     assert before != after and after[0].endswith("..2026_12_06_10_01_00.2/config.yaml")
     assert signature(str(tmp_path / "missing.yaml"))[0] == "unreadable"
+
+
+VARIABLES = {"TCPMESH_PROXY_MAX_CONNECTIONS": "proxy.max_connections", "TCPMESH_IDENTITY_MODE": "identity.mode"}
+OWN = {"INVOCATION_ID": "abc", "TCPMESH_IDENTITY_MODE": "node_ca", "PATH": "/usr/bin"}
+
+
+def test_the_units_environment_is_taken_only_from_its_own_execreload():
+    sent = {"invocation_id": "abc", "variables": {"TCPMESH_PROXY_MAX_CONNECTIONS": "20000"}}
+    environ, changed = cc.reload_environment(sent, OWN, VARIABLES)
+    assert environ == {"INVOCATION_ID": "abc", "PATH": "/usr/bin", "TCPMESH_PROXY_MAX_CONNECTIONS": "20000"}
+    assert [c.describe() for c in changed] == ["TCPMESH_IDENTITY_MODE 'node_ca' → None",
+                                               "TCPMESH_PROXY_MAX_CONNECTIONS None → '20000'"]
+    # a shell's `tcpmesh identity reload` (another or no invocation): the agent's own environment
+    assert cc.reload_environment({**sent, "invocation_id": "other"}, OWN, VARIABLES) == (None, [])
+    assert cc.reload_environment(sent, {"TCPMESH_IDENTITY_MODE": "node_ca"}, VARIABLES) == (None, [])
+    assert cc.reload_environment(None, OWN, VARIABLES) == (None, [])
+    for bad in ({"invocation_id": "abc", "variables": {"HOME": "/root"}},
+                {"invocation_id": "abc", "variables": ["x"]}, "abc"):
+        try:
+            cc.reload_environment(bad, OWN, VARIABLES)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} was taken")
+
+
+def test_a_field_a_changed_variable_sets_waits_for_a_restart_even_if_it_could_switch():
+    running, fresh = config(), config(identity={"mode": "issuer", "issuer": {"addresses": ["i:15012"]}})
+    applied, restart = cc.split(cc.changes(running, fresh), ["identity.mode"])
+    assert [c.field for c in applied] == ["identity.issuer.addresses"]
+    assert [c.field for c in restart] == ["identity.mode"]
+    said = cc.summary("/etc/tcpmesh/config.yaml", applied, restart,
+                      [cc.Change("TCPMESH_IDENTITY_MODE", None, "issuer")], "file")
+    assert said.startswith("/etc/tcpmesh/config.yaml and the unit's environment (TCPMESH_IDENTITY_MODE unset → "
+                           "'issuer'): applied: identity.issuer.addresses [] → ['i:15012']; needs a restart: "
+                           "identity.mode 'node_ca' → 'issuer' — "), said
+    assert said.endswith("until `systemctl restart tcpmesh-agent` (the node's flows end)"), said

@@ -42,7 +42,10 @@ def test_same_mode_switches_nothing_and_says_what_waits_for_a_restart(tmp_path, 
     path = write_config(tmp_path / "c.yaml", mode="node_ca", node_ca_dir=str(tmp_path / "node1"), svid_ttl_seconds=600)
     config, answer = asyncio.run(reload_identity(path, running, rotator=None))
     assert config is running and answer["switched"] is False
-    assert "nothing to switch" in answer["message"] and "svid_ttl_seconds" in answer["message"]
+    assert answer["message"].startswith(f"{path}: needs a restart: identity.svid_ttl_seconds 3600 → 600 — "), answer
+    assert "`systemctl restart tcpmesh-agent`" in answer["message"], answer
+    _, again = asyncio.run(reload_identity(str(tmp_path / "running.yaml"), running, rotator=None))
+    assert again["message"] == f"{tmp_path / 'running.yaml'}: no change from the running config", again
 
 
 @pytest.mark.parametrize("field", ["node", "trust_domain", "unreadable", "invalid"])
