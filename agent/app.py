@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tcpmesh.agent")
 RUNTIME_WORKLOADS_FILE = "runtime-workloads.json"
 FIRST_SVIDS_POLL_SECONDS = 0.05   # how often the start looks whether the first SVIDs are in (a set lookup)
+STOP_TASKS_SECONDS = 5.0  # at stop, for the cancelled control-plane tasks (identity rotator, watches) to end
 FIRST_SVIDS_EXTEND_SECONDS = 60.0  # not ready for want of the issuer: systemd's start timeout pushed this far ahead
 FIRST_SVIDS_EXTEND_EVERY_SECONDS = 2.0  # this often: a `systemctl daemon-reload` re-arms a starting unit's deadline
 # from TimeoutStartSec (counted from the start) and forgets every extension, so the next one must come soon
@@ -485,6 +486,7 @@ class Agent:
             self._remove_signal_handlers(loop)
             for task in (*background, *self._signal_reloads):
                 task.cancel()
+            await _ended(background, STOP_TASKS_SECONDS)
             if outbound is not None:
                 outbound.pool.close_all("agent stopping")
             if kubernetes is not None:
@@ -739,6 +741,20 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+async def _ended(tasks: list[asyncio.Task], timeout: float) -> None:
+    """Wait for cancelled control-plane tasks to end, at most ``timeout``: the stop's own deadline. One still
+    running then (a step that ignores its cancel) is named in an error line and cancelled again, which ends
+    whatever it awaits (the identity rotator's wait for its step in flight)."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    if pending:
+        log.error("stopping: %s did not end within %.0fs of being cancelled; cancelled again", ", ".join(
+            sorted(getattr(t.get_coro(), "__qualname__", t.get_name()) for t in pending)), timeout)
+        for task in pending:
+            task.cancel()
 
 
 def source_address_summary(mark: int, mark6: int) -> str:

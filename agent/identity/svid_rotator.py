@@ -139,6 +139,9 @@ class IdentityRotator:
         finally:
             self._loop = self._worker = None
             worker.shutdown(wait=False, cancel_futures=True)
+            abort = getattr(self._source, "abort", None)   # issuer mode: the issuer call in flight ends now
+            if abort is not None:
+                abort()
             # A step already running (a renewal writing the node credential, say) finishes before run() returns:
             # "stopped" means no identity file is written any more. Waited for off the loop; a second cancel
             # (the stop's own deadline) stops the wait, not the step.

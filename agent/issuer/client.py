@@ -5,6 +5,9 @@ agent calls it from its identity worker thread. The issuer must present a certif
 against the trust bundle and names ``spiffe://<td>/tcpmesh/issuer`` — a node or workload certificate
 of the same trust domain is refused, so a compromised node cannot pose as the issuer. The client
 certificate is the node credential (none for a token join).
+
+``abort`` (the agent's stop, from another thread) ends the call in flight at once — its socket is shut down, so
+a slow or stalled issuer cannot hold the stop for the call's timeout — and every later call fails at once.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -50,6 +54,19 @@ class IssuerClient:
         self.timeout = timeout
         self._next = 0
         self.last_address: str | None = None
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None   # the call in flight's, for abort
+        self._aborted = False
+
+    def abort(self) -> None:
+        """End the call in flight now (its socket shut down) and refuse every later one (thread-safe)."""
+        with self._lock:
+            self._aborted = True
+            if self._socket is not None:
+                try:
+                    self._socket.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def call(self, request: dict[str, Any], credential: Credential | None) -> dict[str, Any]:
         """The issuer's answer (``ok`` true, or a refusal); ``IssuerUnavailable`` if no address answered."""
@@ -58,6 +75,8 @@ class IssuerClient:
         problems = []
         count = len(self.addresses)
         for i in range(count):
+            if self._aborted:
+                raise IssuerUnavailable("not asking the issuer: this agent is stopping")
             host, port = self.addresses[(self._next + i) % count]
             try:
                 answer = self._one(ctx, host, port, request)
@@ -75,14 +94,23 @@ class IssuerClient:
 
     def _one(self, ctx: ssl.SSLContext, host: str, port: int, request: dict[str, Any]) -> dict[str, Any]:
         with socket.create_connection((host, port), timeout=self.timeout) as raw:
-            with ctx.wrap_socket(raw) as tls:
-                if tls.selected_alpn_protocol() != ALPN:
-                    raise ValueError(f"the server did not speak {ALPN} (is this the issuer's port?)")
-                uri = peer_uri(tls)
-                if uri != self.expected:
-                    raise ValueError(f"the server presented {uri!r}, not the issuer {self.expected}")
-                tls.sendall(protocol.encode(request))
-                line = tls.makefile("rb").readline(protocol.MAX_LINE_BYTES * 8)
+            with ctx.wrap_socket(raw, do_handshake_on_connect=False) as tls:   # takes raw's descriptor over
+                with self._lock:
+                    if self._aborted:
+                        raise OSError("this agent is stopping")
+                    self._socket = tls
+                try:
+                    tls.do_handshake()
+                    if tls.selected_alpn_protocol() != ALPN:
+                        raise ValueError(f"the server did not speak {ALPN} (is this the issuer's port?)")
+                    uri = peer_uri(tls)
+                    if uri != self.expected:
+                        raise ValueError(f"the server presented {uri!r}, not the issuer {self.expected}")
+                    tls.sendall(protocol.encode(request))
+                    line = tls.makefile("rb").readline(protocol.MAX_LINE_BYTES * 8)
+                finally:
+                    with self._lock:
+                        self._socket = None
         answer = json.loads(line) if line else None
         if not isinstance(answer, dict) or "ok" not in answer:
             raise ValueError("the issuer closed the connection without an answer")

@@ -493,6 +493,11 @@ class IssuerSource:
     def joined(self) -> bool:
         return self.credential is not None and self.credential.joined
 
+    def abort(self) -> None:
+        """At the agent's stop: end the issuer call in flight now, make no other (``IssuerClient.abort``)."""
+        if self.credential is not None:
+            self.credential.client.abort()
+
     def attempt_at(self) -> datetime | None:
         """Not joined yet: when the next join attempt is due (the rotator polls then); None once joined."""
         return None if self.joined else self.state.join_retry_at
