@@ -244,5 +244,10 @@ def run_demo(keep: bool, show_metrics: bool = False, echo=click.echo) -> None:
 @click.option("--metrics", "show_metrics", is_flag=True,
               help="Also print every tcpmesh_tcp_* Prometheus line both agents exported.")
 def demo(keep: bool, show_metrics: bool) -> None:
-    """Run tcpmesh on a built-in 2-node lab and show intercepted mTLS flows."""
-    run_demo(keep, show_metrics)
+    """Run tcpmesh on a built-in 2-node lab and show intercepted mTLS flows.
+
+    Ctrl-C, SIGTERM or SIGHUP (also while the lab is being built) remove the lab before the demo exits."""
+    from agent.lab.interrupt import interrupt_tears_down
+
+    with interrupt_tears_down():
+        run_demo(keep, show_metrics)

@@ -75,12 +75,13 @@ def up(nodes: int, pods_per_node: int, name: str, state_root: str, trust_domain:
 
     Each agent runs as `python -m agent run --config <state dir>/nodes/<node>/config.yaml` inside its
     node's netns and cgroup; its output goes to <state dir>/logs/<node>.log. On any failure the lab
-    is torn down again (logs are kept).
+    is torn down again (logs are kept); on Ctrl-C, SIGTERM or SIGHUP while it is built, wholly.
 
     The lab lives until `tcpmesh lab down`, unless TCPMESH_LAB_OWNER_PID names its owner: once that
     process is gone, the next `lab up` takes the lab down. Every `lab up` first reaps such labs
     (it logs which and why); a lab whose owner lives, or that has none, is never touched.
     """
+    from agent.lab.interrupt import interrupt_tears_down
     from agent.lab.lab import lab_up
     from agent.lab.owner import owner_pid_from_env
 
@@ -90,10 +91,11 @@ def up(nodes: int, pods_per_node: int, name: str, state_root: str, trust_domain:
         if not sep:
             raise click.BadParameter(f"{item!r} is not POD=SA", param_hint="--service-account")
         accounts[pod] = account
-    plan = lab_up(name, nodes, pods_per_node, trust_domain, agents_enabled=not no_agents, namespace=namespace,
-                  service_accounts=accounts, capture_mode=capture_mode, ready_timeout=ready_timeout,
-                  state_root=state_root, flat_pods=flat_pods, identity=identity.replace("-", "_"),
-                  owner_pid=owner_pid_from_env(os.environ))
+    with interrupt_tears_down():   # Ctrl-C, SIGTERM or SIGHUP while it is built: the half-built lab is removed
+        plan = lab_up(name, nodes, pods_per_node, trust_domain, agents_enabled=not no_agents, namespace=namespace,
+                      service_accounts=accounts, capture_mode=capture_mode, ready_timeout=ready_timeout,
+                      state_root=state_root, flat_pods=flat_pods, identity=identity.replace("-", "_"),
+                      owner_pid=owner_pid_from_env(os.environ))
     agents = "no agents" if no_agents else f"{len(plan.nodes)} agents ready"
     click.echo(f"lab {name!r} is up: {len(plan.nodes)} nodes, {len(plan.pods)} pods, {agents}; "
                f"state in {plan.state_dir}")

@@ -69,7 +69,8 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
     lives until `lab down`). Once it is gone, the next ``lab_up`` reaps the lab (``reap_orphans``,
     which first reaps the orphans of others).
 
-    On any failure everything is torn down again (agent logs are kept) and the error is re-raised.
+    On any failure everything is torn down again (agent logs are kept, but for an interrupt) and the error is
+    re-raised.
     """
     cgroup2 = checks.host_cgroup2()  # resolved as capture.cgroup_root auto is (agent.mounts)
     checks.require(checks.netns_problem(), checks.cgroup2_problem(cgroup_root, cgroup2))
@@ -128,8 +129,9 @@ def lab_up(name: str = DEFAULT_LAB_NAME, nodes: int = 2, pods_per_node: int = 2,
             agents.wait_ready(procs, ready_timeout)   # issuer mode: ready means every pod's SVID is in
         _write_state(plan, record, phase="up", ca_dir=ca_dir, started=started)
     except BaseException as exc:
-        try:
-            lab_down(name, state_root=state_root, cgroup_root=cgroup_root, keep_logs=agents_enabled)
+        try:   # the agents' logs are kept to explain a failure; an interrupt (Ctrl-C, SIGTERM) leaves nothing
+            lab_down(name, state_root=state_root, cgroup_root=cgroup_root,
+                     keep_logs=agents_enabled and not isinstance(exc, KeyboardInterrupt))
         except TcpmeshError as cleanup_error:
             raise LabError(f"{exc}\n(and cleaning up after it failed too: {cleanup_error})") from exc
         if isinstance(exc, TcpmeshError) and agents_enabled:
