@@ -410,7 +410,7 @@ class Agent:
             self.workloads = WorkloadController(
                 config.node.name, config.trust_domain, config.registry.file if config.registry.source == "file" else "",
                 os.path.join(config.state_dir, RUNTIME_WORKLOADS_FILE), self.capture, identities,
-                on_change=self._workloads_changed)
+                on_change=self._workloads_changed, own_addresses=_node_port_addresses)
             if config.registry.source == "kubernetes":
                 from agent.registry.kubernetes.source import start_kubernetes_source  # only then: ~0.6 MiB
 
@@ -784,3 +784,16 @@ def listening_socket(address: str, port: int, transparent: bool = False) -> sock
         raise KernelError("listen", f"{address}:{port}", exc.errno,
                           "is another agent or program using this port?") from exc
     return sock
+
+
+def _node_port_addresses() -> frozenset[str]:
+    """This node's local addresses (the agent runs in the node's network namespace), where kube-proxy answers
+    nodePorts too (agent.control.workloads). Unreadable: none added, said — the InternalIP stays a frontend."""
+    from agent.capture.steering import node_port_addresses
+
+    try:
+        return node_port_addresses()
+    except (KernelError, OSError) as exc:
+        log.error("could not read this node's addresses (%s): nodePorts are meshed at the registry's node addresses "
+                  "only, not at this node's other local addresses", exc)
+        return frozenset()

@@ -17,14 +17,20 @@ pod's interface:
   rewrote its destination under the proxy's socket: the handshake never completed (ebpf-tc: the
   client timed out; iptables: reset), with nothing recorded. ``notrack`` keeps conntrack, and so
   every NAT rule, off those packets; the proxy sees the address the pod dialled.
+- **nodePorts are refused.** These modes cannot steer one port of a node's address, and kube-proxy
+  DNATs a nodePort on every local address of every node to an endpoint, in plaintext, past policy
+  (seen succeeding: tests/hostile/test_hostile_ipv6_packet_modes.py). A SYN to a (node address,
+  nodePort) pair of the registry, either family, is reset.
 
-    table inet tcpmesh_node { set pod_ifaces; set mesh6; set mesh6_svc; set vips4; chain prerouting { ... } }
+    table inet tcpmesh_node { set pod_ifaces; set mesh6; set mesh6_svc; set vips4; set node_ports4;
+                              set node_ports6; chain prerouting { ... } }
 
-No IPv6 destination, no IPv4 virtual address and passthrough ALLOW: no table. Where the table cannot
-be installed (no ``nft`` binary, a kernel without nf_tables) while the registry has IPv6 destinations:
-NetfilterError naming the count and both fixes — the snapshot is refused (at start the agent does
-not run) rather than leaving IPv6 open; for the other rules alone an error is logged once (a node
-without nft still runs its IPv4 mesh). ``ruleset`` is pure; the class runs ``nft`` in the node netns.
+No IPv6 destination, no IPv4 virtual address, no nodePort and passthrough ALLOW: no table. Where the
+table cannot be installed (no ``nft`` binary, a kernel without nf_tables) while the registry has IPv6
+destinations or nodePorts: NetfilterError naming the count and both fixes — the snapshot is refused
+(at start the agent does not run) rather than leaving them open; for the other rules alone an error
+is logged once (a node without nft still runs its IPv4 mesh). ``ruleset`` is pure; the class runs
+``nft`` in the node netns.
 """
 
 from __future__ import annotations
@@ -65,27 +71,45 @@ def shared_interfaces(by_workload: Mapping[str, str]) -> dict[str, tuple[str, ..
     return {ifname: tuple(sorted(keys)) for ifname, keys in sorted(behind.items()) if len(keys) > 1}
 
 
-def ruleset(ifaces: Iterable[str], mesh: Mesh, refuse_all6: bool = False) -> str:
+NodePorts = tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]
+
+
+def node_port_pairs(node_ports: Iterable[tuple[str, int]]) -> NodePorts:
+    """(IPv4 (node address, nodePort) pairs, IPv6 ones), sorted and unique (pure)."""
+    pairs = {(str(ipaddress.ip_address(a)), int(p)) for a, p in node_ports}
+    ipv4 = sorted(((a, p) for a, p in pairs if ":" not in a),
+                  key=lambda pair: (int(ipaddress.ip_address(pair[0])), pair[1]))
+    return tuple(ipv4), tuple(sorted((a, p) for a, p in pairs if ":" in a))
+
+
+def ruleset(ifaces: Iterable[str], mesh: Mesh, refuse_all6: bool = False, node_ports: NodePorts = ((), ())) -> str:
     """One ``nft -f`` transaction replacing the table (pure); empty sets are left without elements.
-    ``refuse_all6`` (policy.outbound_passthrough DENY): every IPv6 SYN from a pod interface is reset."""
+    ``refuse_all6`` (policy.outbound_passthrough DENY): every IPv6 SYN from a pod interface is reset.
+    ``node_ports``: (node address, nodePort) pairs, reset — these modes cannot steer one port of an address."""
     def elements(items: list[str]) -> str:
         return f" elements = {{ {', '.join(items)} }};" if items else ""
 
+    def joined(pairs: Iterable[tuple[str, int]]) -> list[str]:
+        return [f"{address} . {port}" for address, port in pairs]
+
     addresses6, frontends6, vips4 = mesh
     names = [f'"{name}"' for name in sorted(set(ifaces))]
-    pairs = [f"{address} . {port}" for address, port in frontends6]
     syn = "iifname @pod_ifaces tcp flags & (syn | ack) == syn"
     return (f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
             f"table {FAMILY} {TABLE} {{\n"
             f"  set pod_ifaces {{ type ifname;{elements(names)} }}\n"
             f"  set mesh6 {{ type ipv6_addr;{elements(list(addresses6))} }}\n"
-            f"  set mesh6_svc {{ type ipv6_addr . inet_service;{elements(pairs)} }}\n"
+            f"  set mesh6_svc {{ type ipv6_addr . inet_service;{elements(joined(frontends6))} }}\n"
             f"  set vips4 {{ type ipv4_addr;{elements(list(vips4))} }}\n"
+            f"  set node_ports4 {{ type ipv4_addr . inet_service;{elements(joined(node_ports[0]))} }}\n"
+            f"  set node_ports6 {{ type ipv6_addr . inet_service;{elements(joined(node_ports[1]))} }}\n"
             f"  chain prerouting {{\n"
             f"    type filter hook prerouting priority raw; policy accept;\n"
             f"    iifname @pod_ifaces ip daddr @vips4 notrack\n"
             f"    {syn} ip6 daddr @mesh6 reject with tcp reset\n"
             f"    {syn} ip6 daddr . tcp dport @mesh6_svc reject with tcp reset\n"
+            f"    {syn} ip daddr . tcp dport @node_ports4 reject with tcp reset\n"
+            f"    {syn} ip6 daddr . tcp dport @node_ports6 reject with tcp reset\n"
             + (f"    {syn} meta nfproto ipv6 reject with tcp reset\n" if refuse_all6 else "")
             + "  }\n}\n")
 
@@ -99,6 +123,7 @@ class NodeRules:
         self.refuse_all6 = refuse_all6  # policy.outbound_passthrough DENY: IPv6 outside the mesh is refused too
         self._ifaces: frozenset[str] = frozenset()
         self._mesh: Mesh = ((), (), ())
+        self._node_ports: NodePorts = ((), ())
         self._installed: str | None = None
         self._warned = False
         self._shared_warned: dict[str, tuple[str, ...]] = {}  # interface → the workloads last said to share it
@@ -118,17 +143,20 @@ class NodeRules:
         self._ifaces = frozenset(by_workload.values())
         self._apply()
 
-    def set_mesh(self, addresses: Iterable[str], frontends: Iterable[tuple[str, int]]) -> None:
+    def set_mesh(self, addresses: Iterable[str], frontends: Iterable[tuple[str, int]],
+                 node_ports: Iterable[tuple[str, int]] = ()) -> None:
         self._mesh = node_destinations(addresses, frontends)
+        self._node_ports = node_port_pairs(node_ports)
         self._apply()
 
     def _apply(self) -> None:
         addresses6, frontends6, vips4 = self._mesh
-        if not addresses6 and not frontends6 and not vips4 and not self.refuse_all6:
+        node_ports = self._node_ports[0] + self._node_ports[1]
+        if not addresses6 and not frontends6 and not vips4 and not node_ports and not self.refuse_all6:
             if self._installed is not None:
                 self.remove()
             return
-        text = ruleset(self._ifaces, self._mesh, self.refuse_all6)
+        text = ruleset(self._ifaces, self._mesh, self.refuse_all6, self._node_ports)
         if text == self._installed:
             return
         problem = ""
@@ -144,6 +172,13 @@ class NodeRules:
                 f"{(addresses6 or tuple(a for a, _ in frontends6))[0]}); refusing IPv6 needs nftables table "
                 f"{FAMILY} {TABLE} in {describe(self.netns)}, which failed: {problem}. Install nftables, or set "
                 "capture.mode: ebpf-connect (which meshes IPv6); never left open to plaintext")
+        if problem and node_ports:
+            raise NetfilterError(
+                f"capture mode {self.mode} cannot steer one port of a node's address, and the registry has "
+                f"{len(node_ports)} (node address, nodePort) pair(s) (e.g. {node_ports[0][0]}:{node_ports[0][1]}), "
+                f"which kube-proxy forwards to the Services' endpoints in plaintext; refusing them needs nftables "
+                f"table {FAMILY} {TABLE} in {describe(self.netns)}, which failed: {problem}. Install nftables, or set "
+                "capture.mode: ebpf-connect (which meshes nodePorts); never left open to plaintext")
         if problem:   # said loudly, not fatal: a node without IPv6 or nft must still run its IPv4 mesh
             if not self._warned:
                 log.error("capture mode %s: nftables table %s %s in %s failed: %s — Services' IPv4 addresses are "

@@ -211,10 +211,10 @@ class TcCapture:
         Every other destination is left alone (it leaves from the pod; the proxy never dials it) —
         unless passthrough is DENY: then the whole scope stays steered and the proxy refuses it.
         IPv6 to the mesh is refused and Service IPv4 addresses skip conntrack (agent.capture.node_rules).
-        ``node_ports`` are not taken: steering a node's whole address would take its other ports too
-        (docs/security.md "Known gaps")."""
+        ``node_ports`` are not steered (that would take the node address's other ports too): a pod's SYN to one
+        is reset on its node (agent.capture.node_rules), never left to kube-proxy's plaintext DNAT."""
         workloads, services = tuple(workloads), tuple(services)
-        self._node_rules.set_mesh((w.ip6 for w in workloads if w.ip6), services)
+        self._node_rules.set_mesh((w.ip6 for w in workloads if w.ip6), services, node_ports)
         # a Service address that is also the node's own (kube-proxy IPVS: every ClusterIP on kube-ipvs0)
         self._vips4 = frozenset(node_destinations((), services)[2])
         if not self._passthrough_deny:

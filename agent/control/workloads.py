@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from agent.errors import ConfigError, TcpmeshError
 from agent.filetrust import ownership_fingerprint
@@ -29,8 +29,11 @@ log = logging.getLogger("tcpmesh.workloads")
 
 class WorkloadController:
     def __init__(self, node_name: str, trust_domain: str, registry_file: str, dynamic_file: str,
-                 capture: Any, identities: Any, on_change: Callable[[Registry], None] = lambda r: None) -> None:
+                 capture: Any, identities: Any, on_change: Callable[[Registry], None] = lambda r: None,
+                 own_addresses: Callable[[], Iterable[str]] = tuple) -> None:
         self.node_name = node_name
+        # this node's local addresses, read at every change: kube-proxy answers nodePorts on each of them
+        self.own_addresses = own_addresses
         self.trust_domain = trust_domain
         self.registry_file = registry_file
         self.dynamic_file = Path(dynamic_file)
@@ -137,6 +140,7 @@ class WorkloadController:
     # -- applying -------------------------------------------------------------------------------
     def _apply(self, new: Registry, strict: bool) -> LocalPlan:
         old = self.snapshot
+        new = new.with_node_addresses(self.node_name, self.own_addresses())  # nodePort frontends on every one
         plan = plan_local(old, new, self.node_name)
         if old is None or old.identities_on(self.node_name) != new.identities_on(self.node_name):
             self.identities.ensure(new.identities_on(self.node_name))

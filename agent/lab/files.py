@@ -66,7 +66,8 @@ def registry_document(plan: LabPlan) -> dict[str, Any]:
     """Every node and pod of the lab (loadable by agent.registry.static_file.parse_registry)."""
     return {
         "trust_domain": plan.trust_domain,
-        "nodes": [{"name": node.name, "address": node.wire_address} for node in plan.nodes],
+        "nodes": [{"name": node.name, "address": node.wire_address, "other_addresses": [node.wire_address6]}
+                  for node in plan.nodes],  # a dual-stack node's second InternalIP: its nodePorts answer there too
         "workloads": [
             {"name": pod.name, "namespace": pod.namespace, "service_account": pod.service_account,
              "ip": pod.ip, "ip6": pod.ip6, "node": pod.node, "cgroup": pod.cgroup}

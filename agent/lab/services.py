@@ -47,7 +47,7 @@ def service_document(plan: LabPlan, name: str, addresses: Sequence[str], ports: 
                      endpoints: Sequence[tuple[str, bool]], namespace: str | None = None,
                      node_ports: Sequence[int | None] = ()) -> dict[str, Any]:
     """A registry ``services:`` entry from lab pod names (n1p2) and (port, target port) pairs; ``node_ports``
-    (one per port, None for none) makes it a NodePort Service, DNATed on every node's wire address."""
+    (one per port, None for none) makes it a NodePort Service, DNATed on every local address of every node."""
     workloads = []
     for pod_name, ready in endpoints:
         try:
@@ -90,19 +90,20 @@ def nft_ruleset(plan: LabPlan, services: list[dict[str, Any]]) -> str:
     table ``ip tcpmesh_services`` for IPv4 virtual addresses (DNAT to the endpoints' IPv4 addresses) and
     ``ip6 tcpmesh_services`` for IPv6 ones (to their IPv6 addresses), as kube-proxy on a dual-stack
     cluster sends each family of a Service to the EndpointSlices of that family; a ``node_port`` is DNATed
-    on every node's wire address, as kube-proxy does on every node."""
+    on every local address of every node, both families — kube-proxy's iptables mode with
+    ``nodePortAddresses`` unset (``-m addrtype --dst-type LOCAL``): the wire addresses, and also the pods'
+    gateway on each node's veths."""
     pods = {f"{p.namespace}/{p.name}": p for p in plan.pods}
     rules: dict[str, list[str]] = {"ip": [], "ip6": []}
     for service in services:
         ready = [pods[e["workload"]] for e in service["endpoints"] if e.get("ready", True)]
-        frontends = [(address, port["port"], port["target_port"]) for address in service["addresses"]
-                     for port in service["ports"]]
-        frontends += [(node.wire_address, port["node_port"], port["target_port"]) for node in plan.nodes
-                      for port in service["ports"] if port.get("node_port")]   # kube-proxy: every node's address
-        for address, number, target_port in frontends:
-            family = "ip6" if ":" in address else "ip"
+        frontends = [("ip6" if ":" in address else "ip", f"daddr {address} tcp dport {port['port']}",
+                      port["target_port"]) for address in service["addresses"] for port in service["ports"]]
+        frontends += [(family, f"fib daddr type local tcp dport {port['node_port']}", port["target_port"])
+                      for port in service["ports"] if port.get("node_port") for family in ("ip", "ip6")]
+        for family, where, target_port in frontends:
             targets = [p.ip6 if family == "ip6" else p.ip for p in ready]
-            match = f"{family} daddr {address} tcp dport {number}"
+            match = where if where.startswith("fib") else f"{family} {where}"
             if not targets:
                 rules[family].append(f"    {match} reject with tcp reset")
                 continue

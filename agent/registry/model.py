@@ -23,6 +23,14 @@ from agent.identity.spiffe import SpiffeId
 class Node:
     name: str
     address: str  # where other nodes reach this node's inbound proxy
+    # the node's other addresses (ExternalIP, a second InternalIP, IPv6 ones; on its own agent, every local
+    # address): kube-proxy answers a nodePort on each of them too, so each is a nodePort frontend
+    other_addresses: tuple[str, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address the node answers a nodePort on: ``address``, then the others."""
+        return (self.address, *(a for a in self.other_addresses if a != self.address))
 
 
 @dataclass(frozen=True)
@@ -110,9 +118,10 @@ class Registry:
             for address in service.addresses:
                 for port in service.ports:
                     frontends[(address, port.port)] = (service, port.target_port, ready)
-            for node in self.nodes.values():  # kube-proxy answers a nodePort on every node's address
-                for port in service.node_ports:
-                    node_ports[(node.address, port.port)] = (service, port.target_port, ready)
+            for node in self.nodes.values():  # kube-proxy answers a nodePort on every address of every node
+                for address in node.addresses:
+                    for port in service.node_ports:
+                        node_ports[(address, port.port)] = (service, port.target_port, ready)
         object.__setattr__(self, "_virtual", tuple(frontends))
         object.__setattr__(self, "_node_ports", tuple(node_ports))
         object.__setattr__(self, "_frontends", MappingProxyType({**node_ports, **frontends}))
@@ -141,6 +150,20 @@ class Registry:
         """Every (node address, nodePort) of every Service: the mesh too, but only that port of a node's
         address (the packet-level modes, which steer whole addresses, cannot take them)."""
         return self._node_ports  # type: ignore[attr-defined]
+
+    def with_node_addresses(self, node_name: str, addresses: Iterable[str]) -> "Registry":
+        """This snapshot with ``addresses`` added to node ``node_name``'s other addresses (its agent's view:
+        every local address of its node answers a nodePort); itself when nothing is added. A Service's or a
+        workload's address is not taken (kube-proxy's IPVS mode holds every ClusterIP on the node)."""
+        node = self.nodes.get(node_name)
+        if node is None:
+            return self
+        taken = {a for s in self.services for a in s.addresses} | set(self._by_ip)  # type: ignore[attr-defined]
+        more = tuple(a for a in dict.fromkeys(addresses) if a not in node.addresses and a not in taken)
+        if not more:
+            return self
+        nodes = {**self.nodes, node_name: Node(node.name, node.address, node.other_addresses + more)}
+        return Registry(self.trust_domain, nodes, self.workloads, self.services)
 
     def local(self, node_name: str) -> tuple[Workload, ...]:
         return tuple(w for w in self.workloads if w.node == node_name)

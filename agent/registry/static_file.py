@@ -4,7 +4,8 @@ Format (docs/registry.md says what each field means)::
 
     trust_domain: lab.tcpmesh            # optional; defaults to the agent's trust domain
     nodes:
-      - {name: node1, address: 10.76.0.1}
+      - {name: node1, address: 10.76.0.1,     # address: where other nodes reach its agent (:15008)
+         other_addresses: ["203.0.113.7"]}   # optional: ExternalIP, IPv6...: its nodePorts answer there too
     workloads:
       - {name: web-1, namespace: shop, service_account: web, ip: 10.77.1.10, node: node1,
          ip6: "fd00:77:1::10",                  # optional: the workload's IPv6 address (dual stack)
@@ -105,16 +106,27 @@ def _list(doc: dict, key: str, source: str) -> list:
 def _parse_node(entry: Any, where: str) -> Node:
     if not isinstance(entry, dict):
         raise ConfigError(where, entry, "a node must be a mapping with name and address")
-    unknown = set(entry) - {"name", "address"}
+    unknown = set(entry) - {"name", "address", "other_addresses"}
     if unknown:
         key = sorted(unknown, key=str)[0]
-        raise ConfigError(f"{where}.{key}", entry[key], "unknown field", "allowed fields are name, address")
+        raise ConfigError(f"{where}.{key}", entry[key], "unknown field",
+                          "allowed fields are name, address, other_addresses")
     for key in ("name", "address"):
         if not isinstance(entry.get(key), str) or not entry[key]:
             raise ConfigError(f"{where}.{key}", entry.get(key), "is required and must be a string")
     if not is_ipv4(entry["address"]):
         raise ConfigError(f"{where}.address", entry["address"], "must be an IPv4 address")
-    return Node(entry["name"], entry["address"])
+    others = entry.get("other_addresses", [])
+    if not isinstance(others, list):
+        raise ConfigError(f"{where}.other_addresses", others, "must be a list of IP addresses",
+                          "list the node's other addresses (ExternalIP, IPv6), where its nodePorts answer too")
+    canonical = []
+    for i, text in enumerate(others):
+        address = text if isinstance(text, str) and is_ipv4(text) else ipv6_text(text)
+        if address is None:
+            raise ConfigError(f"{where}.other_addresses[{i}]", text, "must be an IPv4 or IPv6 address")
+        canonical.append(address)
+    return Node(entry["name"], entry["address"], tuple(canonical))
 
 
 def parse_workload(entry: Any, where: str, trust_domain: str, node_names: set[str]) -> Workload:

@@ -29,16 +29,18 @@ from agent.lab import lab as labops
 from agent.lab.nsenter import socket_in_netns
 from agent.lab.services import lab_service_set, service_document
 from agent.lab.sniff import PacketCapture
+from agent.lab.topology import POD_GATEWAY
 from tests.hostile.test_hostile_services_ipv6 import dial, eventually, vault_lab
 
 PORT = 7415
 VAULT = ("10.96.0.50", "fd00:96::50")
 OUTSIDE_PORT = 7416  # a listener in node2's netns: outside the mesh
+NODE_PORT = 30761
 
 
 @pytest.fixture(scope="module", params=["ebpf-tc", "iptables"])
 def packet_lab(request, bpf_capable):
-    with vault_lab("h7", "h7.tcpmesh", request.param, PORT, VAULT) as lab:
+    with vault_lab("h7", "h7.tcpmesh", request.param, PORT, VAULT, node_port=NODE_PORT) as lab:
         yield lab
 
 
@@ -59,6 +61,21 @@ def test_a_pod_does_not_reach_a_workload_over_ipv6_in_plaintext(packet_lab, targ
         f"{lab.capture_mode}: {pod} read the workload over IPv6 ({address}) in plaintext: {attack}"
     assert not any(marker.encode() in frame for frame in wire.frames), \
         f"{lab.capture_mode}: the IPv6 payload crossed the wire in plaintext"
+    assert attack.get("error") == "ConnectionRefusedError", attack  # refused at once, never a hang
+
+
+@pytest.mark.parametrize("pod", ["n1p2", "n1p1"], ids=["denied", "allowed"])
+@pytest.mark.parametrize("where", ["other-node", "own-node", "its-pods-gateway", "other-node-ipv6"])
+def test_a_pod_does_not_reach_a_node_port_in_plaintext(packet_lab, where, pod):
+    """These modes steer whole addresses and cannot take one port of a node's; a nodePort was left to kube-proxy's
+    DNAT — seen succeeding on main in both modes: the denied pod read the server at node2's address and at its own
+    gateway, nothing recorded. Now a pod's SYN to any (node address, nodePort) is reset on its node, at once."""
+    lab = packet_lab
+    address = {"other-node": lab.node(2).wire_address, "own-node": lab.node(1).wire_address,
+               "its-pods-gateway": POD_GATEWAY, "other-node-ipv6": lab.node(2).wire_address6}[where]
+    attack = dial(lab, pod, address, port=NODE_PORT)
+    assert "secret" not in attack.get("got", ""), \
+        f"{lab.capture_mode}: {pod} read the workload at {address}:{NODE_PORT} in plaintext: {attack}"
     assert attack.get("error") == "ConnectionRefusedError", attack  # refused at once, never a hang
 
 

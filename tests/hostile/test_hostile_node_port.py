@@ -25,6 +25,7 @@ import yaml
 
 from agent.lab import lab as labops
 from agent.lab.services import lab_service_set, service_document
+from agent.lab.topology import POD_GATEWAY, POD_GATEWAY6
 from tests.e2e.conftest import Lab
 from tests.hostile.test_hostile_services_ipv6 import DENY_INTRUDER, SERVER, dial, eventually, write_policy
 
@@ -80,6 +81,36 @@ def test_a_denied_pod_cannot_reach_the_backend_through_a_node_port(np_lab, node)
     assert "secret" not in attack.get("got", ""), f"the intruder read the backend through node{node}'s nodePort: {attack}"
     eventually(lambda: [f for f in lab.flows(2) if f["start_time"] >= since and f["response_flags"] == "DENY"
                         and f["source_workload"] == "n1p2"], "no DENY recorded for the nodePort connect", timeout=10)
+
+
+# where kube-proxy (iptables mode, nodePortAddresses unset) answers a nodePort besides the InternalIP
+OTHER_ADDRESSES = {
+    "its-pods-gateway": lambda lab: POD_GATEWAY,              # a local address of the pod's own node
+    "its-pods-ipv6-gateway": lambda lab: f"{POD_GATEWAY6}%eth0",  # link-local: the records carry no scope
+    "other-node-ipv6": lambda lab: lab.node(2).wire_address6,  # node2's second InternalIP (status.addresses)
+    "own-node-ipv6": lambda lab: lab.node(1).wire_address6,
+}
+
+
+@pytest.mark.parametrize("where", OTHER_ADDRESSES)
+def test_a_node_port_at_another_address_of_a_node_is_meshed_and_denied(np_lab, where):
+    """Seen succeeding on main (the lab's kube-proxy stand-in answering nodePorts on every local address, as
+    kube-proxy does): the intruder read ``secret`` in plaintext at each address, nothing recorded — only
+    (InternalIP, nodePort) was a mesh destination. Now every address of a node (the registry's
+    ``other_addresses``, from status.addresses) and every local address of the agent's own node is one."""
+    lab = np_lab
+    address = OTHER_ADDRESSES[where](lab)
+    since = time.time()
+    attack = dial(lab, "n1p2", address, port=NODE_PORT, marker="let-me-in")
+    assert "secret" not in attack.get("got", ""), f"the intruder read the backend at {address}:{NODE_PORT}: {attack}"
+    eventually(lambda: [f for f in lab.flows(2) if f["start_time"] >= since and f["response_flags"] == "DENY"
+                        and f["source_workload"] == "n1p2"], f"no DENY recorded for {address}:{NODE_PORT}", timeout=10)
+    since = time.time()
+    allowed = dial(lab, "n1p1", address, port=NODE_PORT, marker="other-address")
+    assert "other-address" in allowed.get("got", ""), allowed
+    flow = lab.wait_flow(1, lambda f: f["start_time"] >= since and f["source_workload"] == "n1p1"
+                         and f["destination_service_name"] == "vault")
+    assert (flow["destination_workload"], flow["security"]) == ("n2p1", "mutual_tls"), flow
 
 
 def test_the_own_node_port_is_meshed_when_the_node_address_is_the_redirect_address(np_lab):

@@ -89,7 +89,7 @@ s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET); s.sett
 try:
     if bind:
         s.bind((bind, 0))
-    s.connect((address, port)); s.sendall(marker.encode())
+    s.connect(socket.getaddrinfo(address, port, s.family)[0][4]); s.sendall(marker.encode())  # fe80::1%eth0 too
     got = b""
     while not got.endswith(b"\n"):
         chunk = s.recv(200)
@@ -167,10 +167,11 @@ def dial(lab: Lab, pod: str, address: str, port: int = PORT, marker: str = "hell
 
 
 @contextlib.contextmanager
-def vault_lab(prefix: str, trust_domain: str, capture_mode: str, port: int, vault: Sequence[str]):
+def vault_lab(prefix: str, trust_domain: str, capture_mode: str, port: int, vault: Sequence[str],
+              node_port: int | None = None):
     """2 nodes x 2 pods, torn down afterwards: n1p1 (web), n1p2 (intruder, denied by name) and SERVER on ``port``
-    in n2p1 behind Service ``vault`` at ``vault``; yields once n1p1 reached n2p1 through the mesh (a flow says so)
-    and the DENY applies."""
+    in n2p1 behind Service ``vault`` at ``vault`` (and ``node_port``); yields once n1p1 reached n2p1 through the
+    mesh (a flow says so) and the DENY applies."""
     name = f"{prefix}{uuid.uuid4().hex[:6]}"
     lab = None
     try:
@@ -181,7 +182,8 @@ def vault_lab(prefix: str, trust_domain: str, capture_mode: str, port: int, vaul
                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         lab.apps.append(server)
         assert "listening" in server.stdout.readline()
-        lab_service_set(lab.plan, service_document(lab.plan, "vault", vault, [(port, port)], [("n2p1", True)]))
+        lab_service_set(lab.plan, service_document(lab.plan, "vault", vault, [(port, port)], [("n2p1", True)],
+                                                   node_ports=[node_port]))
         os.makedirs(f"{lab.plan.state_dir}/policies", exist_ok=True)
         write_policy(lab, "deny-intruder", DENY_INTRUDER.format(ns=lab.plan.namespace,
                                                                 principal=lab.pod("n1p2").spiffe_id))

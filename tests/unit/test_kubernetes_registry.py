@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.registry.kubernetes.cgroups import find_pod_cgroup, own_pod_cgroup, pod_cgroup_candidates
-from agent.registry.kubernetes.mapping import build_registry, node_internal_ip
+from agent.registry.kubernetes.mapping import build_registry, node_internal_ip, node_other_addresses
 from agent.registry.kubernetes.watch import Backoff
 
 OBJECTS = json.loads((Path(__file__).parents[1] / "integration" / "test_kubernetes_objects.json").read_text())
@@ -35,6 +35,17 @@ def test_node_address_is_the_first_ipv4_internal_ip():
     assert node_internal_ip(node) == "10.9.9.9"
     node["status"]["addresses"] = [{"type": "ExternalIP", "address": "1.2.3.4"}]
     assert node_internal_ip(node) is None
+
+
+def test_every_internal_and_external_ip_of_a_node_answers_its_node_ports():
+    node = copy.deepcopy(OBJECTS["nodes"][0])
+    node["status"]["addresses"] = [
+        {"type": "InternalIP", "address": "10.9.9.9"}, {"type": "InternalIP", "address": "fd00:0::11"},
+        {"type": "ExternalIP", "address": "203.0.113.9"}, {"type": "InternalIP", "address": "10.9.9.10"},
+        {"type": "Hostname", "address": "worker-1"}, {"type": "ExternalDNS", "address": "w1.example.com"}]
+    assert node_other_addresses(node, "10.9.9.9") == ("fd00::11", "203.0.113.9", "10.9.9.10")
+    built = build(nodes=[node])
+    assert built.registry.nodes["worker-1"].addresses == ("10.9.9.9", "fd00::11", "203.0.113.9", "10.9.9.10")
 
 
 def test_pods_become_workloads_with_identity_from_namespace_and_service_account():

@@ -1,6 +1,6 @@
 """agent/capture/node_rules.py: what the packet-level modes refuse or exempt in the node netns, and the nft text."""
 
-from agent.capture.node_rules import NodeRules, node_destinations, ruleset, shared_interfaces
+from agent.capture.node_rules import NodeRules, node_destinations, node_port_pairs, ruleset, shared_interfaces
 
 
 def test_ipv6_workloads_ipv6_service_frontends_and_ipv4_service_addresses_are_sorted_out():
@@ -15,7 +15,7 @@ def test_the_ruleset_replaces_the_table_and_acts_only_on_packets_from_pod_interf
     assert 'elements = { "tma", "tmb" }' in text and "fd00:96::1 . 5432" in text
     assert "priority raw" in text  # before conntrack and kube-proxy's DNAT: the address the pod dialled
     assert "    iifname @pod_ifaces ip daddr @vips4 notrack\n" in text
-    assert text.count("iifname @pod_ifaces tcp flags & (syn | ack) == syn ip6 daddr") == 2
+    assert text.count("iifname @pod_ifaces tcp flags & (syn | ack) == syn ip6 daddr") == 3  # mesh6, svc, nodePorts
     assert "meta nfproto ipv6" not in text
 
 
@@ -39,3 +39,14 @@ def test_pods_behind_one_bridge_are_said_once_loudly(caplog):
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "a/p1, a/p2 share the node interface cni0" in warnings[0]
     assert "ebpf-connect" in warnings[0]
+
+
+def test_node_ports_of_either_family_are_reset_by_address_and_port():
+    pairs = node_port_pairs([("10.77.0.2", 30760), ("169.254.1.1", 30760), ("fd00:76:0::2", 30760),
+                             ("10.77.0.2", 30760)])
+    assert pairs == ((("10.77.0.2", 30760), ("169.254.1.1", 30760)), (("fd00:76::2", 30760),))
+    text = ruleset(["tma"], ((), (), ()), node_ports=pairs)
+    assert "set node_ports4 { type ipv4_addr . inet_service; elements = { 10.77.0.2 . 30760, 169.254.1.1 . 30760 }; }" \
+        in text and "fd00:76::2 . 30760" in text
+    assert "syn ip daddr . tcp dport @node_ports4 reject with tcp reset\n" in text
+    assert "syn ip6 daddr . tcp dport @node_ports6 reject with tcp reset\n" in text

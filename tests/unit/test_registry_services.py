@@ -172,6 +172,29 @@ def test_a_node_port_is_a_frontend_at_every_nodes_address_that_port_only():
     assert lookup(entries, "10.76.0.2", 30432) == abi.DST_SERVICE and lookup(entries, "10.76.0.2", 10250) is None
 
 
+def test_a_node_port_answers_at_every_address_of_a_node_and_its_agent_adds_its_local_ones():
+    doc = copy.deepcopy(DOC)
+    doc["services"][0]["ports"][0]["node_port"] = 30432
+    doc["nodes"][1]["other_addresses"] = ["203.0.113.2", "fd00:76:0::2"]  # ExternalIP, a second InternalIP (IPv6)
+    reg = registry(doc)
+    assert {("203.0.113.2", 30432), ("fd00:76::2", 30432)} <= set(reg.node_port_frontends())
+    route = route_outbound(reg, "node1", "10.77.1.10", "fd00:76::2", 30432, 15008, RoundRobin())
+    assert route.kind is RouteKind.MESH and route.service.key == "data/db"
+    # node1's agent: its pods' gateway (a local address) answers too; a Service's or a workload's address is not taken
+    local = reg.with_node_addresses("node1", ["169.254.1.1", "10.76.0.1", VIP, "10.77.2.10"])
+    assert local.nodes["node1"].addresses == ("10.76.0.1", "169.254.1.1")
+    assert local.service_at("169.254.1.1", 30432)[0].key == "data/db" and local.service_at(VIP, 30432) is None
+    assert reg.with_node_addresses("node1", ["10.76.0.1"]) is reg
+    assert reg.with_node_addresses("node9", ["1.2.3.4"]) is reg
+
+
+def test_a_nodes_other_address_that_is_no_ip_is_refused_naming_the_field():
+    doc = copy.deepcopy(DOC)
+    doc["nodes"][0]["other_addresses"] = ["10.76.0.9", "node1.example.com"]
+    with pytest.raises(ConfigError, match=r"nodes\[0\]\.other_addresses\[1\]"):
+        registry(doc)
+
+
 def test_a_node_port_twice_is_refused_naming_the_field():
     doc = copy.deepcopy(DOC)
     doc["services"][0]["ports"][0]["node_port"] = 30432

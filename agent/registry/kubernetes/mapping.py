@@ -35,6 +35,23 @@ def node_internal_ip(node: Mapping[str, Any]) -> str | None:
     return None
 
 
+NODE_PORT_ADDRESS_TYPES = ("InternalIP", "ExternalIP")  # Hostname, InternalDNS, ExternalDNS are names
+
+
+def node_other_addresses(node: Mapping[str, Any], primary: str) -> tuple[str, ...]:
+    """The node's ``status.addresses`` of type InternalIP or ExternalIP, either family, other than ``primary``
+    (canonical text): kube-proxy answers nodePorts there too."""
+    found = []
+    for address in (node.get("status") or {}).get("addresses") or ():
+        text = str(address.get("address", ""))
+        if address.get("type") not in NODE_PORT_ADDRESS_TYPES:
+            continue
+        canonical = text if is_ipv4(text) else ipv6_text(text)
+        if canonical and canonical != primary:
+            found.append(canonical)
+    return tuple(dict.fromkeys(found))
+
+
 @dataclass(frozen=True)
 class BuildResult:
     registry: Registry
@@ -55,7 +72,7 @@ def build_registry(trust_domain: str, local_node: str, pods: Iterable[Mapping[st
         name = (node.get("metadata") or {}).get("name", "")
         address = node_internal_ip(node)
         if name and address:
-            node_list.append(Node(name, address))
+            node_list.append(Node(name, address, node_other_addresses(node, address)))
     known = {n.name for n in node_list}
     chosen: dict[str, tuple[Workload, str]] = {}   # ip → (workload, creationTimestamp)
     skipped: list[tuple[str, str]] = []

@@ -5,8 +5,8 @@ What kube-proxy does with the same two kinds, restricted to what the mesh can tu
 - a Service is its ``spec.clusterIPs`` (``spec.clusterIP`` on servers without it; IPv4 and IPv6),
   its ``spec.externalIPs`` and load-balancer ingress IPs (``ipMode: VIP``, the default: kube-proxy
   DNATs those for in-cluster clients too — left out they were a plaintext way past policy) and its
-  TCP ports, and its ``nodePort``s at every node's InternalIP (the same DNAT, on every node); headless
-  (``clusterIP: None``) and ``ExternalName`` Services have no virtual address and are left out —
+  TCP ports, and its ``nodePort``s at every address of every node (mapping.node_other_addresses; the
+  same DNAT); headless (``clusterIP: None``) and ``ExternalName`` Services have no virtual address and are left out —
   their clients dial pod addresses, which are meshed already;
 - its endpoints are the endpoints of every EndpointSlice labelled
   ``kubernetes.io/service-name: <name>`` in its namespace (``addressType`` IPv4 or IPv6; FQDN
