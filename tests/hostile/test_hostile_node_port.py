@@ -132,3 +132,25 @@ def test_the_own_node_port_is_meshed_when_the_node_address_is_the_redirect_addre
     finally:
         Path(node.config_file).write_text(original)
         labops.lab_restart_agent(lab.name, node.name)
+
+
+HOST_PORT = 31001
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="docs/security.md Known gaps 5: a pod's hostPort is in no registry")
+def test_a_denied_pod_cannot_reach_a_pod_through_its_host_port(np_lab):
+    """A pod's ``hostPort``: the CNI portmap plugin DNATs ``<its node's address>:<hostPort>`` (``--dst-type LOCAL``)
+    to the pod, like a nodePort on one node — the stand-in here is one nft rule in node2's netns. Neither the
+    Kubernetes source nor the file names hostPorts, so the connect leaves the denied pod outside the mesh and
+    reaches the PERMISSIVE server in plaintext (seen succeeding on main; STRICT in ebpf-connect drops it)."""
+    lab = np_lab
+    netns, pod = lab.node(2).netns, lab.pod("n2p1")
+    rules = (f"table ip tcpmesh_hostport {{ chain prerouting {{ type nat hook prerouting priority dstnat; "
+             f"fib daddr type local tcp dport {HOST_PORT} dnat to {pod.ip}:{PORT}; }} }}\n")
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=rules, text=True, check=True)
+    try:
+        attack = dial(lab, "n1p2", lab.node(2).wire_address, port=HOST_PORT, marker="host-port")
+        assert "secret" not in attack.get("got", ""), f"the intruder read n2p1 through its hostPort: {attack}"
+    finally:
+        subprocess.run(["ip", "netns", "exec", netns, "nft", "delete", "table", "ip", "tcpmesh_hostport"], check=True)
