@@ -1,7 +1,7 @@
 """The documents a lab writes: one agent config per node, the registry file, and state.json.
 
 Pure: each function turns a ``LabPlan`` into a plain mapping (YAML/JSON-ready) in the formats of
-agent/config.py and agent/registry/static_file.py; ``lab`` writes them. ``plan_from_state`` is the
+agent/config/ and agent/registry/static_file.py; ``lab`` writes them. ``plan_from_state`` is the
 inverse used by ``lab down``/``status``/``exec``: the plan is recomputed from the recorded inputs.
 """
 
