@@ -146,8 +146,9 @@ def test_a_denied_pod_cannot_reach_a_pod_through_its_host_port(np_lab):
     reaches the PERMISSIVE server in plaintext (seen succeeding on main; STRICT in ebpf-connect drops it)."""
     lab = np_lab
     netns, pod = lab.node(2).netns, lab.pod("n2p1")
-    rules = (f"table ip tcpmesh_hostport {{ chain prerouting {{ type nat hook prerouting priority dstnat; "
-             f"fib daddr type local tcp dport {HOST_PORT} dnat to {pod.ip}:{PORT}; }} }}\n")
+    rules = (f"table ip tcpmesh_hostport {{\n  chain prerouting {{\n"
+             f"    type nat hook prerouting priority dstnat; policy accept;\n"
+             f"    fib daddr type local tcp dport {HOST_PORT} dnat to {pod.ip}:{PORT}\n  }}\n}}\n")
     subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=rules, text=True, check=True)
     try:
         attack = dial(lab, "n1p2", lab.node(2).wire_address, port=HOST_PORT, marker="host-port")
