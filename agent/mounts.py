@@ -69,6 +69,6 @@ def find_cgroup2_mount(mounts_file: str = MOUNTS_FILE) -> str | None:
 
 
 def cgroup_root_path(root: str | None, cgroup2: Cgroup2) -> str:
-    """Pure: a cgroup root as given (``capture.cgroup_root``, `lab up --cgroup-root`): ``auto`` (or nothing)
+    """Pure: a cgroup root as given (``capture.cgroup_root``, ``lab_up(cgroup_root=)``): ``auto`` (or nothing)
     is ``cgroup2.place``; any other value stays as written."""
     return cgroup2.place if root in (None, "", CGROUP_ROOT_AUTO) else root

@@ -398,7 +398,8 @@ def doctor(as_json: bool, config_path: str | None, assume_missing: tuple[str, ..
     """Check this host: every kernel feature each capture mode needs, and which mode the agent would use.
     With --config also whether its policy.dir loads and what a running agent's /readyz says.
 
-    Exit code 0 if the agent can run (its capture mode is usable, its policy set loads), 1 otherwise.
+    Exit code 0 if the agent can run (its capture mode is usable, its policy set loads), 1 otherwise, 2 when
+    the --config file does not load.
     """
     configured = mode or "auto"
     source_address, same_node, ipv6_required = "auto", "local", True
