@@ -135,6 +135,8 @@ class OutboundProxy:
             flow.set_service(route.service)
             if route.destination is not None:
                 dst_ip, dst_port = route.destination.ip, route.target_port
+        elif route.host_port and route.destination is not None:  # a hostPort: the pod itself, its container port
+            dst_ip, dst_port = route.destination.ip, route.target_port
         flow.facts = ConnectionFacts(dst_ip, dst_port, flow_id, _source_ip(peer[0], route.source, dst_ip), peer[1],
                                      process, origin.cgroup_id, route.service.key if route.service is not None else "")
         flow.set_source(route.source)

@@ -39,6 +39,7 @@ class OutboundRoute:
     reason: str = ""
     service: Service | None = None  # the Service whose virtual address was dialled
     target_port: int = 0  # the port the destination workload is dialled on (the Service's target port)
+    host_port: bool = False  # a workload's hostPort at its node's address was dialled (dialled on target_port)
 
 
 def route_outbound(registry: Registry, node_name: str, client_ip: str, dest_ip: str, dest_port: int,
@@ -52,6 +53,7 @@ def route_outbound(registry: Registry, node_name: str, client_ip: str, dest_ip: 
     destination = registry.by_ip(dest_ip)
     service = None
     target_port = dest_port
+    host_port = None
     if destination is None:
         frontend = registry.service_at(dest_ip, dest_port)
         if frontend is not None:
@@ -60,6 +62,10 @@ def route_outbound(registry: Registry, node_name: str, client_ip: str, dest_ip: 
             if destination is None:
                 return OutboundRoute(RouteKind.REJECT, source, flag=F.FLAG_NO_HEALTHY_UPSTREAM, service=service,
                                      reason=f"service {service.key} ({dest_ip}:{dest_port}) has no ready endpoint")
+    if destination is None:
+        host_port = registry.host_port_at(dest_ip, dest_port)  # a pod's hostPort at its node's address
+        if host_port is not None:
+            destination, target_port = host_port
     if destination is None:
         return OutboundRoute(RouteKind.REJECT, source, flag=F.FLAG_NO_ROUTE,
                              reason=f"{dest_ip}:{dest_port} is not in the mesh; tcpmesh never dials a destination "
@@ -70,7 +76,7 @@ def route_outbound(registry: Registry, node_name: str, client_ip: str, dest_ip: 
         return OutboundRoute(RouteKind.REJECT, source, destination, flag=F.FLAG_NO_ROUTE, service=service,
                              reason=f"destination {destination.key} runs on unknown node {destination.node!r}")
     return OutboundRoute(RouteKind.MESH, source, destination, (node.address, inbound_port), service=service,
-                         target_port=target_port)
+                         target_port=target_port, host_port=host_port is not None)
 
 
 def route_without_origin(registry: Registry, node_name: str, client: tuple[str, int],

@@ -43,6 +43,8 @@ class Workload:
     cgroup: str | None = None  # cgroup v2 directory of the pod; needed only on its own node
     trust_domain: str = ""
     ip6: str | None = None     # its IPv6 address (dual stack), canonical text; None: IPv4 only
+    # (hostPort, container port) pairs: the CNI portmap plugin DNATs its node's addresses:hostPort to it
+    host_ports: tuple[ServicePort, ...] = ()
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -122,9 +124,16 @@ class Registry:
                 for address in node.addresses:
                     for port in service.node_ports:
                         node_ports[(address, port.port)] = (service, port.target_port, ready)
+        host_ports: dict[tuple[str, int], tuple[Workload, int]] = {}
+        for workload in self.workloads:  # portmap answers a hostPort on every address of the pod's own node
+            node = self.nodes.get(workload.node)
+            for port in workload.host_ports if node is not None else ():
+                for address in node.addresses:
+                    host_ports[(address, port.port)] = (workload, port.target_port)
         object.__setattr__(self, "_virtual", tuple(frontends))
-        object.__setattr__(self, "_node_ports", tuple(node_ports))
+        object.__setattr__(self, "_node_ports", tuple(dict.fromkeys([*node_ports, *host_ports])))
         object.__setattr__(self, "_frontends", MappingProxyType({**node_ports, **frontends}))
+        object.__setattr__(self, "_host_ports", MappingProxyType(host_ports))
 
     @classmethod
     def build(cls, trust_domain: str, nodes: Iterable[Node], workloads: Iterable[Workload],
@@ -147,9 +156,14 @@ class Registry:
         return self._virtual  # type: ignore[attr-defined]
 
     def node_port_frontends(self) -> tuple[tuple[str, int], ...]:
-        """Every (node address, nodePort) of every Service: the mesh too, but only that port of a node's
-        address (the packet-level modes, which steer whole addresses, cannot take them)."""
+        """Every (node address, nodePort) of every Service, and every (node address, hostPort) of a workload
+        on it: the mesh too, but only that port of a node's address (the packet-level modes, which steer whole
+        addresses, cannot take them)."""
         return self._node_ports  # type: ignore[attr-defined]
+
+    def host_port_at(self, ip: str, port: int) -> tuple[Workload, int] | None:
+        """The workload whose hostPort this (node address, port) is, and its container port."""
+        return self._host_ports.get((ip, port))  # type: ignore[attr-defined]
 
     def with_node_addresses(self, node_name: str, addresses: Iterable[str]) -> "Registry":
         """This snapshot with ``addresses`` added to node ``node_name``'s other addresses (its agent's view:

@@ -9,7 +9,8 @@ Format (docs/registry.md says what each field means)::
     workloads:
       - {name: web-1, namespace: shop, service_account: web, ip: 10.77.1.10, node: node1,
          ip6: "fd00:77:1::10",                  # optional: the workload's IPv6 address (dual stack)
-         cgroup: /sys/fs/cgroup/tcpmesh/shop/web-1}
+         cgroup: /sys/fs/cgroup/tcpmesh/shop/web-1,
+         host_ports: [{port: 8443, target_port: 443}]}  # optional: its node's addresses:8443 DNAT to it
     services:                            # optional; virtual addresses in front of workloads
       - {name: web, namespace: shop, addresses: [10.96.0.10], ports: [{port: 80, target_port: 8080}],
          endpoints: [{workload: shop/web-1, ready: true}]}
@@ -132,11 +133,11 @@ def _parse_node(entry: Any, where: str) -> Node:
 def parse_workload(entry: Any, where: str, trust_domain: str, node_names: set[str]) -> Workload:
     if not isinstance(entry, dict):
         raise ConfigError(where, entry, "a workload must be a mapping")
-    unknown = set(entry) - set(_NAME_FIELDS) - {"cgroup", "ip6"}
+    unknown = set(entry) - set(_NAME_FIELDS) - {"cgroup", "ip6", "host_ports"}
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(f"{where}.{key}", entry[key], "unknown field",
-                          f"allowed fields are {', '.join(_NAME_FIELDS)}, ip6, cgroup")
+                          f"allowed fields are {', '.join(_NAME_FIELDS)}, ip6, cgroup, host_ports")
     for key in _NAME_FIELDS:
         if not isinstance(entry.get(key), str) or not entry[key]:
             raise ConfigError(f"{where}.{key}", entry.get(key), "is required and must be a string")
@@ -160,7 +161,25 @@ def parse_workload(entry: Any, where: str, trust_domain: str, node_names: set[st
     if cgroup is not None and (not isinstance(cgroup, str) or not cgroup.startswith("/")):
         raise ConfigError(f"{where}.cgroup", cgroup, "must be an absolute path to a cgroup v2 directory")
     return Workload(entry["name"], entry["namespace"], entry["service_account"], entry["ip"], entry["node"],
-                    cgroup, trust_domain, ip6)
+                    cgroup, trust_domain, ip6, _host_ports(entry.get("host_ports", []), f"{where}.host_ports"))
+
+
+def _host_ports(value: Any, where: str) -> tuple[ServicePort, ...]:
+    """``host_ports: [{port: <hostPort>, target_port: <container port>}]`` (target_port defaults to port)."""
+    if not isinstance(value, list):
+        raise ConfigError(where, value, "must be a list of {port, target_port}",
+                          "e.g. [{port: 8443, target_port: 443}]")
+    ports = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) - {"port", "target_port"}:
+            raise ConfigError(f"{where}[{i}]", item, "must be a mapping with port and optionally target_port",
+                              "e.g. {port: 8443, target_port: 443}")
+        for key in ("port", "target_port"):
+            number = item.get(key, item.get("port"))
+            if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+                raise ConfigError(f"{where}[{i}].{key}", number, "must be a TCP port between 1 and 65535")
+        ports.append(ServicePort(item["port"], item.get("target_port", item["port"])))
+    return tuple(ports)
 
 
 _SERVICE_FIELDS = ("name", "namespace", "addresses", "ports", "endpoints")

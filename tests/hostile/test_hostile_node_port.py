@@ -137,21 +137,48 @@ def test_the_own_node_port_is_meshed_when_the_node_address_is_the_redirect_addre
 HOST_PORT = 31001
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="docs/security.md Known gaps 5: a pod's hostPort is in no registry")
-def test_a_denied_pod_cannot_reach_a_pod_through_its_host_port(np_lab):
-    """A pod's ``hostPort``: the CNI portmap plugin DNATs ``<its node's address>:<hostPort>`` (``--dst-type LOCAL``)
-    to the pod, like a nodePort on one node — the stand-in here is one nft rule in node2's netns. Neither the
-    Kubernetes source nor the file names hostPorts, so the connect leaves the denied pod outside the mesh and
-    reaches the PERMISSIVE server in plaintext (seen succeeding on main; STRICT in ebpf-connect drops it)."""
+@pytest.fixture
+def host_port(np_lab):
+    """n2p1 gets a hostPort: the CNI portmap plugin's DNAT (``--dst-type LOCAL``, here one nft rule in node2's netns)
+    and the registry entry the Kubernetes source reads from ``containers[].ports[].hostPort``."""
     lab = np_lab
     netns, pod = lab.node(2).netns, lab.pod("n2p1")
     rules = (f"table ip tcpmesh_hostport {{\n  chain prerouting {{\n"
              f"    type nat hook prerouting priority dstnat; policy accept;\n"
              f"    fib daddr type local tcp dport {HOST_PORT} dnat to {pod.ip}:{PORT}\n  }}\n}}\n")
     subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=rules, text=True, check=True)
+    registry = Path(lab.plan.registry_file)
+    original = registry.read_text()
+    doc = yaml.safe_load(original)
+    next(w for w in doc["workloads"] if w["name"] == "n2p1")["host_ports"] = [{"port": HOST_PORT, "target_port": PORT}]
+    replace_registry(registry, yaml.safe_dump(doc, sort_keys=False))
     try:
-        attack = dial(lab, "n1p2", lab.node(2).wire_address, port=HOST_PORT, marker="host-port")
-        assert "secret" not in attack.get("got", ""), f"the intruder read n2p1 through its hostPort: {attack}"
+        yield
     finally:
+        replace_registry(registry, original)
         subprocess.run(["ip", "netns", "exec", netns, "nft", "delete", "table", "ip", "tcpmesh_hostport"], check=True)
+
+
+def replace_registry(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)  # the registry must not be writable by others (agent/filetrust.py)
+    os.replace(tmp, path)
+
+
+def test_a_denied_pod_cannot_reach_a_pod_through_its_host_port(np_lab, host_port):
+    """Seen succeeding on main (the registry had no hostPorts): the intruder read ``secret`` from n2p1 through
+    node2's address and the hostPort, outside the mesh, nothing recorded. Now a workload's hostPorts are frontends
+    at every address of its node, that port only: meshed to that pod on its container port, and denied."""
+    lab = np_lab
+    since = time.time()
+    eventually(lambda: "via-host-port" in dial(lab, "n1p1", lab.node(2).wire_address, port=HOST_PORT,
+                                               marker="via-host-port").get("got", "") and any(
+        f["destination_workload"] == "n2p1" and f["security"] == "mutual_tls" and f["destination_port"] == PORT
+        for f in lab.flows(1) if f["start_time"] >= since and f["source_workload"] == "n1p1"),
+        "the allowed pod never reached n2p1 through its hostPort in the mesh", timeout=15)
+    since = time.time()
+    attack = dial(lab, "n1p2", lab.node(2).wire_address, port=HOST_PORT, marker="host-port")
+    assert "secret" not in attack.get("got", ""), f"the intruder read n2p1 through its hostPort: {attack}"
+    eventually(lambda: [f for f in lab.flows(2) if f["start_time"] >= since and f["response_flags"] == "DENY"
+                        and f["source_workload"] == "n1p2"], "no DENY recorded for the hostPort", timeout=10)

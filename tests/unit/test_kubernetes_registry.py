@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.registry.kubernetes.cgroups import find_pod_cgroup, own_pod_cgroup, pod_cgroup_candidates
-from agent.registry.kubernetes.mapping import build_registry, node_internal_ip, node_other_addresses
+from agent.registry.kubernetes.mapping import build_registry, node_internal_ip, node_other_addresses, pod_host_ports
 from agent.registry.kubernetes.watch import Backoff
 
 OBJECTS = json.loads((Path(__file__).parents[1] / "integration" / "test_kubernetes_objects.json").read_text())
@@ -46,6 +46,14 @@ def test_every_internal_and_external_ip_of_a_node_answers_its_node_ports():
     assert node_other_addresses(node, "10.9.9.9") == ("fd00::11", "203.0.113.9", "10.9.9.10")
     built = build(nodes=[node])
     assert built.registry.nodes["worker-1"].addresses == ("10.9.9.9", "fd00::11", "203.0.113.9", "10.9.9.10")
+
+
+def test_a_pods_tcp_host_ports_are_read_from_its_containers():
+    spec = {"containers": [{"ports": [{"containerPort": 443, "hostPort": 8443}, {"containerPort": 80},
+                                      {"containerPort": 53, "hostPort": 53, "protocol": "UDP"}]},
+                           {"ports": [{"containerPort": 9000, "hostPort": 9000, "protocol": "TCP"}]}]}
+    assert [(p.port, p.target_port) for p in pod_host_ports(spec)] == [(8443, 443), (9000, 9000)]
+    assert pod_host_ports({}) == ()
 
 
 def test_pods_become_workloads_with_identity_from_namespace_and_service_account():

@@ -188,6 +188,27 @@ def test_a_node_port_answers_at_every_address_of_a_node_and_its_agent_adds_its_l
     assert reg.with_node_addresses("node9", ["1.2.3.4"]) is reg
 
 
+def test_a_host_port_is_a_frontend_of_its_pod_at_every_address_of_its_node_only():
+    doc = copy.deepcopy(DOC)
+    doc["nodes"][1]["other_addresses"] = ["fd00:76::2"]
+    doc["workloads"][1]["host_ports"] = [{"port": 8443, "target_port": 5432}]  # data/db-0 on node2
+    reg = registry(doc)
+    assert {("10.76.0.2", 8443), ("fd00:76::2", 8443)} <= set(reg.node_port_frontends())
+    assert ("10.76.0.1", 8443) not in reg.node_port_frontends()  # portmap answers on the pod's own node only
+    route = route_outbound(reg, "node1", "10.77.1.10", "fd00:76::2", 8443, 15008, RoundRobin())
+    assert route.kind is RouteKind.MESH and route.destination.name == "db-0" and route.target_port == 5432
+    assert route.host_port and route.service is None
+    assert route_outbound(reg, "node1", "10.77.1.10", "10.76.0.1", 8443, 15008).kind is RouteKind.REJECT
+
+
+@pytest.mark.parametrize("host_ports", [{"port": 8443}, [{"port": 0}], [{"port": 8443, "protocol": "UDP"}]])
+def test_a_bad_host_port_is_refused_naming_the_field(host_ports):
+    doc = copy.deepcopy(DOC)
+    doc["workloads"][1]["host_ports"] = host_ports
+    with pytest.raises(ConfigError, match=r"workloads\[1\]\.host_ports"):
+        registry(doc)
+
+
 def test_a_nodes_other_address_that_is_no_ip_is_refused_naming_the_field():
     doc = copy.deepcopy(DOC)
     doc["nodes"][0]["other_addresses"] = ["10.76.0.9", "node1.example.com"]

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from agent.identity.spiffe import SpiffeIdError, validate_namespace, validate_service_account
 from agent.registry.kubernetes.services import build_services
-from agent.registry.model import Node, Registry, Workload, ipv6_text, is_ipv4
+from agent.registry.model import Node, Registry, ServicePort, Workload, ipv6_text, is_ipv4
 
 FINISHED_PHASES = ("Succeeded", "Failed")
 IPV6_ONLY = "IPv6-only"  # the start of the reason a pod without an IPv4 address is left out (the source warns)
@@ -49,6 +49,18 @@ def node_other_addresses(node: Mapping[str, Any], primary: str) -> tuple[str, ..
         canonical = text if is_ipv4(text) else ipv6_text(text)
         if canonical and canonical != primary:
             found.append(canonical)
+    return tuple(dict.fromkeys(found))
+
+
+def pod_host_ports(spec: Mapping[str, Any]) -> tuple[ServicePort, ...]:
+    """(hostPort, containerPort) of every TCP container port with a hostPort: the CNI portmap plugin DNATs
+    ``<node address>:<hostPort>`` to the pod, a frontend like a nodePort on the pod's own node."""
+    found = []
+    for container in list(spec.get("containers") or ()) + list(spec.get("initContainers") or ()):
+        for port in container.get("ports") or ():
+            host, target = port.get("hostPort"), port.get("containerPort")
+            if isinstance(host, int) and isinstance(target, int) and (port.get("protocol") or "TCP") == "TCP":
+                found.append(ServicePort(host, target))
     return tuple(dict.fromkeys(found))
 
 
@@ -90,7 +102,8 @@ def build_registry(trust_domain: str, local_node: str, pods: Iterable[Mapping[st
             if cgroup is None:
                 missing.append(key)
         workload = Workload(meta["name"], meta["namespace"], spec.get("serviceAccountName") or "default",
-                            _pod_ip4(status), spec["nodeName"], cgroup, trust_domain, _pod_ip6(status))
+                            _pod_ip4(status), spec["nodeName"], cgroup, trust_domain, _pod_ip6(status),
+                            pod_host_ports(spec))
         created = meta.get("creationTimestamp") or ""
         other = chosen.get(workload.ip)
         if other is not None:
