@@ -86,6 +86,7 @@ class Agent:
         self._identity_switch = asyncio.Lock()
         self._previous_handlers: dict[int, Any] = {}   # what SIGTERM, SIGINT, SIGHUP did before run() took them
         self._signal_reloads: set[asyncio.Task] = set()
+        self._sighup_held = False  # a SIGHUP came during the start (_hold_sighup): reload once started
         # config_file.watch: reloads when the file changes; its first signature is the file the start read
         self._config_watch = ConfigWatch(config_path, enabled=lambda: self.config.config_file.watch,
                                          poll_seconds=lambda: self.config.config_file.poll_seconds,
@@ -351,6 +352,15 @@ class Agent:
 
     # -- running ------------------------------------------------------------------------------
     async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT or ``stop()``, drain and stop. A SIGHUP during the start is held and
+        reloads once started (``_hold_sighup``); the signal handlers ``run`` found come back when it returns."""
+        self._hold_sighup()
+        try:
+            await self._run()
+        finally:
+            self._remove_signal_handlers(asyncio.get_running_loop())
+
+    async def _run(self) -> None:
         config = self.config
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         keep_heap_for_relaying()  # bulk throughput: no brk/page-fault churn per chunk (agent.proxy.heap)
@@ -719,13 +729,34 @@ class Agent:
             self.capture.stop()
             self.capture = None
 
+    def _hold_sighup(self) -> None:
+        """From ``run``'s first line: a SIGHUP (``kill -HUP``, a log rotation's habit) during the blocking start (the
+        identity source's first load — in issuer mode the start's join —, capture compiled and attached, the
+        registry's first snapshot), before the handlers of ``_install_signal_handlers`` are in, is remembered
+        instead of ending the agent by its default action, and reloads once they are.
+        SIGTERM and SIGINT keep their defaults there: a stop during the start ends the agent at once, capture
+        attached (fail closed)."""
+        try:
+            previous = signal.signal(signal.SIGHUP, self._sighup_during_start)
+        except ValueError:  # not the main thread (an agent on a test's thread): signals are not this agent's
+            return
+        self._previous_handlers.setdefault(signal.SIGHUP, previous)
+
+    def _sighup_during_start(self, signum: int, frame: Any) -> None:
+        self._sighup_held = True
+
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        """SIGTERM, SIGINT: stop; SIGHUP: reload the config file. The handlers they had come back at the stop."""
+        """SIGTERM, SIGINT: stop; SIGHUP: reload the config file (one held during the start runs now). The
+        handlers they had before ``run`` come back at the stop."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            self._previous_handlers[sig] = signal.getsignal(sig)
+            self._previous_handlers.setdefault(sig, signal.getsignal(sig))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._signal_reload)
+        if self._sighup_held:
+            self._sighup_held = False
+            log.warning("SIGHUP came during the start: the config reload it asked for runs now")
+            self._signal_reload()
 
     def _signal_reload(self) -> None:
         task = asyncio.get_running_loop().create_task(self._reload_on_signal())
