@@ -12,6 +12,11 @@ the checkout is at /vagrant as Vagrant's synced folder puts it). What systemd it
   `systemctl restart tcpmesh-agent` runs on VM 1: the frames on the link between the VMs (captured on
   the host side, qemu's filter-dump) never carry the SQL in plaintext, and pgbench works again after
   the restart (connections open during the restart end, new ones wait for the new agent);
+- reloads (docs/install-systemd.md, after the unit): `systemctl kill -s HUP` leaves the same agent running and
+  `tcpmesh status` shows the reload (trigger signal); an edit of /etc/default/tcpmesh then `systemctl reload`
+  names the variable and the field as needing `systemctl restart tcpmesh-agent`; the restart, with node1's issuer
+  stopped and node2 made to join anew, waits not ready and turns ready by itself once the issuer is back, with
+  the edited value in force;
 - `systemctl stop` runs `tcpmesh cleanup` (docs/install-systemd.md's table), a restart does not;
   `journalctl -u tcpmesh-agent` shows the documented lines; the unit's hardening directives are
   applied by systemd (the agent runs with exactly its capability bounding set);
@@ -69,6 +74,14 @@ JOURNAL_START = "agent ready on node "
 JOURNAL_JOIN = "joined the issuer as node "
 JOURNAL_DATA_PATH = "tunnel data path: compiled (agent.proxy._hotpath, /opt/tcpmesh/src/agent/proxy/_hotpath."
 JOURNAL_RESTART = ("stopping: capture stays in place (fail closed)", "restarting (restart job); capture stays attached")
+CONFIG = "/etc/tcpmesh/config.yaml"
+STATUS = f"tcpmesh status --config {CONFIG}"
+# a reload of an edit of the unit's environment file (docs/install-systemd.md, after the unit); put back after
+ENV_FILE, ENV_FILE_SAVED = "/etc/default/tcpmesh", "/root/etc-default-tcpmesh.saved"
+ENV_EDIT = ("TCPMESH_PROXY_MAX_CONNECTIONS", "20000")      # default 32768; the new agent logs its connection caps
+SYSTEMD_RESTART = "systemctl restart tcpmesh-agent"
+CREDENTIAL_DIR = "/var/lib/tcpmesh/node-credential"
+ISSUER_TOKEN_KEY = "/etc/tcpmesh/issuer/token.key"           # node1 (provision.sh): mints one-time join tokens
 JOURNAL_STOP = ("stopped by a stop job", "removing capture: this node's pods now bypass the mesh")
 
 
@@ -310,6 +323,139 @@ def test_pgbench_through_the_mesh_across_a_restart_never_shows_plaintext_on_the_
     journal = node1.run("journalctl -u tcpmesh-agent --no-pager -o cat").stdout
     for line in (JOURNAL_START, *JOURNAL_RESTART):
         assert line in journal, f"{line!r} not in journalctl -u tcpmesh-agent:\n{journal[-3000:]}"
+
+
+def unit_state(machine: Machine, unit: str = "tcpmesh-agent") -> dict[str, str]:
+    shown = machine.run(f"systemctl show -p MainPID,ActiveState,SubState,StatusText,NRestarts {unit}").stdout
+    return dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+
+
+def journal_tail(machine: Machine, lines: int = 40) -> str:
+    return machine.run(f"journalctl -u tcpmesh-agent --no-pager -o short-monotonic | tail -n {lines}", check=False).stdout
+
+
+def test_sighup_reloads_the_config_and_the_agent_runs_on(nodes):
+    """`systemctl kill -s HUP tcpmesh-agent` (a daemon habit): the same process runs on, active, and `tcpmesh
+    status` shows the reload with trigger signal. Before bdfbf2b SIGHUP's default action ended the agent (a clean
+    exit signal for systemd: no Restart=on-failure, the unit inactive)."""
+    machines, _, _ = nodes
+    node1 = machines["node1"]
+    before = unit_state(node1)
+    started = time.monotonic()
+    node1.run("systemctl kill -s HUP tcpmesh-agent")
+    # until the status shows the reload, or the agent is gone (its MainPID changed: 0 when the unit stopped)
+    seen = node1.run(f"for i in $(seq 1 90); do [ \"$(systemctl show -p MainPID --value tcpmesh-agent)\" = "
+                     f"'{before['MainPID']}' ] || exit 2; {STATUS} 2>/dev/null | grep -q 'last reload: .* by signal ' "
+                     f"&& exit 0; sleep 1; done; exit 1", timeout=180, check=False)
+    record("node1: systemctl kill -s HUP tcpmesh-agent, until `tcpmesh status` shows the reload", time.monotonic() - started)
+    after = unit_state(node1)
+    assert (after["MainPID"], after["ActiveState"], after["SubState"], after["NRestarts"]) == \
+        (before["MainPID"], "active", "running", before["NRestarts"]), \
+        f"`systemctl kill -s HUP` did not leave the agent running: {before} → {after}\n{journal_tail(node1)}"
+    status = node1.run(STATUS, check=False).stdout
+    assert seen.rc == 0, f"`tcpmesh status` shows no reload by signal:\n{status}\n{journal_tail(node1)}"
+    assert readyz_now(node1) == "200"
+    journal = node1.run("journalctl -u tcpmesh-agent --no-pager -o cat").stdout
+    assert f"config reload (signal): {CONFIG}: no change from the running config" in journal, journal[-3000:]
+
+
+def edit_env_file(node: Machine) -> None:
+    variable, value = ENV_EDIT
+    node.run(f"if [ -e {ENV_FILE} ]; then cp -a {ENV_FILE} {ENV_FILE_SAVED}; fi; echo '{variable}={value}' >> {ENV_FILE}")
+
+
+def restore_env_file(node: Machine) -> None:
+    node.run(f"if [ -e {ENV_FILE_SAVED} ]; then mv {ENV_FILE_SAVED} {ENV_FILE}; else rm -f {ENV_FILE}; fi", check=False)
+
+
+def test_systemctl_reload_names_an_edit_of_etc_default_tcpmesh_as_needing_a_restart(nodes):
+    """node2: a TCPMESH_<SECTION>_<FIELD> line added to /etc/default/tcpmesh, then `systemctl reload`: the reload's
+    answer and the agent's line (journal) and `tcpmesh status` name the variable and the field as needing
+    `systemctl restart tcpmesh-agent`; the same agent runs on. Before bdfbf2b the agent re-read its file with the
+    environment it started with and answered that nothing changed."""
+    machines, _, _ = nodes
+    node2 = machines["node2"]
+    variable, value = ENV_EDIT
+    before = unit_state(node2)
+    edit_env_file(node2)
+    try:
+        started = time.monotonic()
+        reload = node2.run("systemctl reload tcpmesh-agent", timeout=300, check=False)
+        record("node2: systemctl reload tcpmesh-agent after an edit of /etc/default/tcpmesh", time.monotonic() - started)
+        assert reload.rc == 0, reload.stderr + journal_tail(node2)
+        said = [line for line in node2.run("journalctl -u tcpmesh-agent --no-pager -o cat").stdout.splitlines()
+                if "needs a restart" in line and variable in line]
+        assert any("config reload (command): " in line for line in said), \
+            f"no reload line names {variable}:\n{journal_tail(node2)}"
+        assert all(f"proxy.max_connections 32768 → {value}" in line and f"`{SYSTEMD_RESTART}`" in line
+                   for line in said), said
+        status = node2.run(STATUS, check=False).stdout
+        assert f"config changes wait for a restart: proxy.max_connections 32768 → {value}" in status, status
+        after = unit_state(node2)
+        assert (after["MainPID"], after["ActiveState"], after["NRestarts"]) == \
+            (before["MainPID"], "active", before["NRestarts"]), f"{before} → {after}"
+    finally:
+        restore_env_file(node2)
+
+
+def test_a_restart_that_must_join_waits_for_the_issuer_then_runs_with_the_edited_environment(nodes):
+    """node2, the same edit of /etc/default/tcpmesh, then `systemctl restart` while node1's issuer is stopped and
+    node2 has to join anew (its node credential removed, a fresh one-time token from node1's key): the new agent
+    stays up and not ready (the start job waits: `activating`, STATUS= and `tcpmesh status` say it has not joined,
+    /readyz is not 200), retries the join, and turns ready by itself once the issuer is back — no restart by
+    systemd — with the edited value in force. The issuer is started again and the file put back in any case."""
+    machines, _, _ = nodes
+    node1, node2 = machines["node1"], machines["node2"]
+    variable, value = ENV_EDIT
+    before = unit_state(node2)
+    token = node1.run(f"tcpmesh issuer token node2 --key {ISSUER_TOKEN_KEY} --ttl 900").stdout.strip()
+    assert token and "\n" not in token, token
+    edit_env_file(node2)
+    try:
+        node1.run("systemctl stop tcpmesh-issuer", timeout=120)
+        started = time.monotonic()
+        node2.run(f"rm -f {CREDENTIAL_DIR}/credential.crt {CREDENTIAL_DIR}/credential.key && "
+                  f"printf '%s\\n' '{token}' | install -m 0600 /dev/stdin /etc/tcpmesh/join-token && "
+                  f"systemctl restart --no-block tcpmesh-agent")
+        # until STATUS= says so; a failed unit, or a new agent active (ready without joining), ends the wait
+        waiting = node2.run("for i in $(seq 1 600); do systemctl show -p StatusText --value tcpmesh-agent | "
+                            "grep -q 'not joined to the issuer yet' && exit 0; s=$(systemctl is-active tcpmesh-agent); "
+                            "[ $s = failed ] && echo $s && exit 2; [ $s = active ] && [ \"$(systemctl show -p MainPID "
+                            f"--value tcpmesh-agent)\" != '{before['MainPID']}' ] && echo ready without joining && exit 2; "
+                            "sleep 1; done; exit 1", timeout=700, check=False)
+        record("node2: systemctl restart, issuer stopped: until STATUS= says not joined", time.monotonic() - started)
+        unjoined = unit_state(node2)
+        status = node2.run(STATUS, check=False).stdout
+        assert waiting.rc == 0, f"{waiting.stdout} {unjoined}\n{status}\n{journal_tail(node2)}"
+        assert unjoined["ActiveState"] == "activating" and unjoined["StatusText"].startswith("NOT READY"), unjoined
+        assert "NOT JOINED" in status, status
+        assert readyz_now(node2) != "200"
+        time.sleep(5)   # still waiting, the same process: a failed join neither ends the start nor turns it ready
+        assert {k: unit_state(node2)[k] for k in ("MainPID", "ActiveState", "NRestarts")} == \
+            {k: unjoined[k] for k in ("MainPID", "ActiveState", "NRestarts")}, journal_tail(node2)
+
+        started = time.monotonic()
+        node1.run("systemctl start tcpmesh-issuer", timeout=300)
+        ready = node2.run("for i in $(seq 1 600); do s=$(systemctl is-active tcpmesh-agent); "
+                          "[ $s = active ] && exit 0; [ $s = activating ] || exit 2; sleep 1; done; exit 1",
+                          timeout=700, check=False)
+        record("node2: issuer started again, until node2's agent has joined and is ready", time.monotonic() - started)
+        joined = unit_state(node2)
+        assert ready.rc == 0 and (joined["MainPID"], joined["NRestarts"]) == (unjoined["MainPID"], unjoined["NRestarts"]), \
+            f"{unjoined} → {joined}\n{journal_tail(node2)}"
+        assert joined["StatusText"].startswith("ready:"), joined
+        assert readyz_now(node2) == "200"
+        journal = node2.run("journalctl -u tcpmesh-agent --no-pager -o cat").stdout.splitlines()
+        waited_from = max(i for i, line in enumerate(journal) if "not joined to the issuer yet" in line)
+        assert any(f"{JOURNAL_JOIN}node2 with the bootstrap token" in line for line in journal[waited_from:]), \
+            journal[waited_from:][:40]
+        caps = [line for line in journal if "connection caps per side: " in line]
+        assert caps and f"connection caps per side: {value}," in caps[-1], (variable, caps[-2:])
+        status = node2.run(STATUS, check=False).stdout
+        assert "wait for a restart" not in status and "NOT JOINED" not in status, status
+    finally:
+        node1.run("systemctl start tcpmesh-issuer", timeout=300, check=False)
+        restore_env_file(node2)
 
 
 def test_stop_runs_cleanup_and_the_journal_says_so(nodes):
