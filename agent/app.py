@@ -820,11 +820,11 @@ def listening_socket(address: str, port: int, transparent: bool = False) -> sock
 def _node_port_addresses() -> frozenset[str]:
     """This node's local addresses (the agent runs in the node's network namespace), where kube-proxy answers
     nodePorts too (agent.control.workloads). Unreadable: none added, said — the InternalIP stays a frontend."""
-    from agent.capture.steering import node_port_addresses
+    from agent.capture.local_addresses import local_addresses  # not pyroute2: ≈ 10 MiB per agent (its docstring)
 
     try:
-        return node_port_addresses()
-    except (KernelError, OSError) as exc:
+        return local_addresses()
+    except OSError as exc:
         log.error("could not read this node's addresses (%s): nodePorts are meshed at the registry's node addresses "
                   "only, not at this node's other local addresses", exc)
         return frozenset()

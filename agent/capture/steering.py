@@ -23,7 +23,6 @@ Runs in the caller's netns or a named one (agent.capture.netns); must not import
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -100,21 +99,6 @@ def remove(netns: str | None = None) -> list[str]:
                                      type="local", scope="host", table=TABLE, oif=route.get_attr("RTA_OIF")):
                     removed.append(what)
     return removed
-
-
-@netlink_call
-def node_port_addresses(netns: str | None = None) -> frozenset[str]:
-    """Every address of the namespace a pod can dial, both families (loopback left out): where kube-proxy's
-    iptables mode answers a nodePort (``--dst-type LOCAL``) — the node's InternalIP, and also a pods' gateway
-    (IPv6 link-local too: the kernel's records carry no scope), a bridge's or a tunnel's address."""
-    found = set()
-    with ipr(netns) as handle:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for a in handle.get_addr(family=family):
-                address = ipaddress.ip_address(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
-                if not address.is_loopback:
-                    found.add(str(address))
-    return frozenset(found)
 
 
 @netlink_call
