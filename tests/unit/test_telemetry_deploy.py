@@ -11,29 +11,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.telemetry.metrics import Metrics
-from agent.telemetry.tcpstats import KernelTcpStats
 from tests.conftest import skip_or_fail
+from tests.metric_catalog import exposition_names
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def exported_names() -> set[str]:
-    registry = CollectorRegistry()
-    Metrics(registry)
-    registry.register(KernelTcpStats("/nonexistent", "/nonexistent", "/tmp"))
-    text = generate_latest(registry).decode()
-    names = set(re.findall(r"^# TYPE (\S+) (\S+)", text, re.M))
-    out = set()
-    for name, kind in names:
-        out.add(name)
-        if kind == "counter":
-            out.add(f"{name}_total")
-        if kind == "histogram":
-            out.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
-    return out
+    """The names of every sample the agent and the issuer export (tests/metric_catalog.py)."""
+    return exposition_names()
 
 
 def test_every_dashboard_panel_queries_metrics_the_agent_exports():
