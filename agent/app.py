@@ -243,8 +243,9 @@ class Agent:
                 self.config, answer = await reload_identity(self.config_path, self.config, self.rotator, self.metrics,
                                                             unit_environment)
             except IdentityReloadRefused as exc:
-                log.error("config reload (%s) refused: %s. `tcpmesh status` shows it; fix the file and it applies "
-                          "(watch on) or run `tcpmesh identity reload`", trigger, exc)
+                log.error("config reload (%s) refused: %s. `tcpmesh status` shows it; fix the file or the variable "
+                          "it names and reload again (a fixed file applies by itself with config_file.watch on)",
+                          trigger, exc)
                 self._config_reload["refused"] = {"at": time.time(), "trigger": trigger, "error": str(exc)}
                 self._config_reload["last_reload"] = {"at": time.time(), "trigger": trigger, "result": "refused"}
                 self.metrics.config_reloads.labels(trigger, "refused").inc()

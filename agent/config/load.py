@@ -7,19 +7,23 @@ the outside world: the file, ``os.environ`` when no environment is given, the mo
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
 import yaml
 
-from agent.config.environment import ENV_PREFIX, apply_environment, check_environment
+from agent.config.environment import ENV_PREFIX, apply_environment, check_environment, environment_fields
 from agent.config.mapping import config_from_mapping
 from agent.config.model import Config
 from agent.config.validation import validate
 from agent.errors import ConfigError, invalid_yaml, problems_of, refused
 from agent.filetrust import UntrustedFileError, check_trusted_file
 from agent.mounts import CGROUP_ROOT_AUTO, MOUNTS_FILE, Cgroup2, cgroup_root_path, host_cgroup2
+
+# where an install form sets the agent's TCPMESH_* variables (docs/config.md "Environment")
+ENVIRONMENT_FILES = "the systemd unit: /etc/default/tcpmesh; the DaemonSet: its env"
 
 
 def load_agent_config(path: str | Path, environ: Mapping[str, str] | None = None, *,
@@ -78,18 +82,32 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *,
         doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise invalid_yaml(path, text, exc) from None
+    environ = os.environ if environ is None else environ
     try:
-        environ = os.environ if environ is None else environ
         check_environment(environ)
         config = apply_environment(config_from_mapping(doc, source=str(path)), environ)
         if config.capture.cgroup_root == CGROUP_ROOT_AUTO:
             config = resolve_cgroup_root(config, cgroup2 or host_cgroup2(mounts_file))
         return validate(config)
     except ConfigError as exc:  # say which file (or which environment variable) holds each wrong value
-        raise refused([_located(error, path) for error in problems_of(exc)], where=str(path)) from None
+        set_by = {field: name for name, field in environment_fields().items() if name in environ}
+        raise refused([_located(error, path, set_by) for error in problems_of(exc)], where=str(path)) from None
 
 
-def _located(error: ConfigError, path: Path) -> ConfigError:
-    where = (f"{error.field} (environment, overrides {path})" if error.field.startswith(ENV_PREFIX)
-             else error.field if error.field == str(path) else f"{path}: {error.field}")
-    return ConfigError(where, error.value, error.problem, error.fix)
+def _located(error: ConfigError, path: Path, set_by: Mapping[str, str]) -> ConfigError:
+    """``error`` naming where its value comes from: the variable that set the field (``set_by``: field → variable),
+    else the file; a field of the problem's text that a variable set is named with it (a check of two fields)."""
+    problem = error.problem
+    for field, name in set_by.items():  # "exceeds proxy.max_connections (50)": that 50 is the variable's
+        problem = re.sub(rf"\b{re.escape(field)} \(([^()]*)\)", rf"{field} (\1; set by {name} in the environment)",
+                         problem)
+    if error.field.startswith(ENV_PREFIX):
+        return ConfigError(f"{error.field} (environment, overrides {path})", error.value, problem, error.fix)
+    if error.field in set_by:
+        name = set_by[error.field]
+        where_set = f"{name}, where the agent's environment sets it ({ENVIRONMENT_FILES})"
+        return ConfigError(f"{name} (environment, sets {error.field} over {path})", error.value, problem,
+                           f"{error.fix + ' — in' if error.fix else 'change'} {where_set}; or remove {name}, and "
+                           f"{path} decides {error.field}")
+    where = error.field if error.field == str(path) else f"{path}: {error.field}"
+    return ConfigError(where, error.value, problem, error.fix)

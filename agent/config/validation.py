@@ -169,7 +169,7 @@ def _deadlines_and_caps(proxy: ProxyConfig) -> Iterator[ConfigError]:
         for name in (total, per):
             if getattr(proxy, name) < 0:
                 yield ConfigError(f"proxy.{name}", getattr(proxy, name), "must not be negative", "use 0 for no cap")
-        if getattr(proxy, total) and getattr(proxy, per) > getattr(proxy, total):
+        if getattr(proxy, total) > 0 and getattr(proxy, per) > getattr(proxy, total):  # a negative cap: said above
             yield ConfigError(f"proxy.{per}", getattr(proxy, per), f"exceeds proxy.{total} ({getattr(proxy, total)})",
                               f"lower it, or raise proxy.{total}")
 

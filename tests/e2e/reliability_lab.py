@@ -1,5 +1,5 @@
 """What the reliability and security lab tests share: a 2-node lab whose agents get extra settings
-through TCPMESH_* environment variables (agent/config.py applies them over the lab's config files),
+through TCPMESH_* environment variables (agent/config/environment.py applies them over the lab's config files),
 the workloads of reliability_apps.py, and readings of the agents: open fds, RSS, runtime metrics,
 counters, and entry counts of their pinned BPF maps.
 """

@@ -122,6 +122,37 @@ def test_systemctl_reload_after_an_environment_edit_names_the_variable_and_the_f
     asyncio.run(main())
 
 
+def test_systemctl_reload_of_an_environment_edit_that_is_invalid_names_the_variable(in_process_agent, tmp_path,
+                                                                                   monkeypatch, caplog):
+    """An /etc/default/tcpmesh edit that makes the config invalid: `systemctl reload` fails, names the variable, the
+    field it sets, the value and the fix, and the agent runs on with its config. Seen failing before: the refusal said
+    '<config.yaml>: proxy.max_connections: must not be negative (got -1)' — a file that holds no such value."""
+    caplog.set_level(logging.INFO, logger="tcpmesh")
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")   # the agent's, set by systemd
+    proc = agent(in_process_agent, tmp_path)
+    path = tmp_path / "config.yaml"
+    env = {**os.environ, "TCPMESH_PROXY_MAX_CONNECTIONS": "-1"}
+    named = f"TCPMESH_PROXY_MAX_CONNECTIONS (environment, sets proxy.max_connections over {path}): must not be " \
+            "negative (got -1); use 0 for no cap — in TCPMESH_PROXY_MAX_CONNECTIONS, where the agent's environment " \
+            "sets it (the systemd unit: /etc/default/tcpmesh"
+
+    async def main():
+        async with proc.running() as task:
+            assert (await proc.next_message()).startswith(b"READY=1\n")
+            done = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "agent", "identity", "reload", "--socket",
+                                 str(tmp_path / "agent.sock")], capture_output=True, text=True, env=env, timeout=120)
+            assert done.returncode != 0, done.stdout
+            assert named in done.stderr and "nothing changed" in done.stderr, done.stderr
+            config = await config_status(proc)
+            assert named in config["refused"]["error"], config
+            assert not task.done() and await proc.readyz() == (200, "ready\n")
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert named in logged, logged
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("step", ["_build_identities", "_build_capture"])
 def test_sighup_during_the_start_is_held_and_reloads_once_started(in_process_agent, tmp_path, caplog, monkeypatch,
                                                                   step):

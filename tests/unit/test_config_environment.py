@@ -125,3 +125,39 @@ def test_several_unknown_variables_are_named_together():
     with pytest.raises(ConfigError) as info:
         check_environment({"TCPMESH_NODE_ADRESS": "10.0.0.1", "TCPMESH_PROXY_EVENTLOOP": "asyncio"})
     assert [e.field for e in info.value.errors] == ["TCPMESH_NODE_ADRESS", "TCPMESH_PROXY_EVENTLOOP"]
+
+
+def test_an_invalid_value_a_variable_sets_is_refused_naming_the_variable(tmp_path):
+    """What `systemctl reload` (and a start) says of an /etc/default/tcpmesh edit that makes the config invalid.
+    Seen failing before: '<file>: proxy.max_connections: must not be negative (got -1)' — the file, which does not
+    hold that value; the variable that does was not named."""
+    path = tmp_path / "config.yaml"
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, {"TCPMESH_PROXY_MAX_CONNECTIONS": "-1"})
+    message = str(info.value)
+    assert message.startswith(f"TCPMESH_PROXY_MAX_CONNECTIONS (environment, sets proxy.max_connections over {path}): "
+                              "must not be negative (got -1); use 0 for no cap"), message
+    assert message.endswith("use 0 for no cap — in TCPMESH_PROXY_MAX_CONNECTIONS, where the agent's environment sets "
+                            "it (the systemd unit: /etc/default/tcpmesh; the DaemonSet: its env); or remove "
+                            f"TCPMESH_PROXY_MAX_CONNECTIONS, and {path} decides proxy.max_connections"), message
+    assert info.value.value == -1
+
+
+def test_a_check_of_two_fields_names_the_variable_that_set_the_other(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**VALID, "proxy": {"max_connections_per_identity": 100}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={"TCPMESH_PROXY_MAX_CONNECTIONS": "50"})
+    message = str(info.value)
+    assert message.startswith(f"{path}: proxy.max_connections_per_identity: exceeds proxy.max_connections (50; set "
+                              "by TCPMESH_PROXY_MAX_CONNECTIONS in the environment)"), message
+
+
+def test_several_problems_name_the_variable_of_each(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**VALID, "proxy": {"max_handshakes": -2}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={"TCPMESH_PROXY_MAX_CONNECTIONS": "-1", "TCPMESH_NODE_NAME": "node1"})
+    assert [e.field for e in info.value.errors] == [
+        f"TCPMESH_PROXY_MAX_CONNECTIONS (environment, sets proxy.max_connections over {path})",
+        f"{path}: proxy.max_handshakes"], str(info.value)

@@ -1,4 +1,4 @@
-"""Fuzzing the config loader (agent/config.py) with Hypothesis: 10,000 mappings built from the real
+"""Fuzzing the config loader (the package agent/config/) with Hypothesis: 10,000 mappings built from the real
 schema (every section and setting, values from a palette of edge cases: boundary numbers, NaN and
 infinities, digit strings the int parser might trip on, wrong types, nesting), 10,000 environments
 of TCPMESH_* overrides, and 2,000 YAML texts through ``load_config``.
