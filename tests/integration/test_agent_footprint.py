@@ -6,7 +6,9 @@ pyroute2 package. Importing any part of pyroute2 imports all of it (NDB with sql
 Seen failing before agent/capture/local_addresses.py: the registry apply read the node's addresses through
 pyroute2 (agent.capture.steering), and the bench's RSS with 1,000 held connections went 93.7 → 114.6 MiB for two
 agents (docs/benchmarks.md, 2026-12-06 23:39). The marker is sqlite3's extension module in the process's
-memory map: only the pyroute2 package brings it into an agent."""
+memory map: only the pyroute2 package brings it into an agent (tests/footprint.py). The lab agents of
+tests/e2e/test_telemetry_lab.py are checked the same way in ebpf-connect, after a run of flows, denials,
+kernel TCP stats and a registry change."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import yaml
 
 from agent.identity.ca import init_ca
 from agent.identity.node_ca import issue_node_files
+from tests.footprint import PYROUTE2_LOADED, pyroute2_mapped
 from tests.integration.conftest import free_ports
 
 TD = "footprint.test"
@@ -67,9 +70,7 @@ def test_a_ready_agent_has_not_loaded_pyroute2(tmp_path):
                 pass
             assert time.monotonic() < deadline, "the agent did not turn ready:\n" + log_path.read_text()[-3000:]
             time.sleep(0.2)
-        mapped = Path(f"/proc/{agent.pid}/maps").read_text()
-        assert "_sqlite3" not in mapped, ("the running agent loaded the pyroute2 package (sqlite3 is mapped): ≈ 10 MiB "
-                                          "of RSS per agent; keep pyroute2 in the plumbing's child processes")
+        assert not pyroute2_mapped(agent.pid), f"the running agent {PYROUTE2_LOADED}"
         assert "could not read this node's addresses" not in log_path.read_text(), log_path.read_text()[-3000:]
     finally:
         agent.terminate()
