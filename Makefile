@@ -1,6 +1,6 @@
 # tcpmesh — two commands do everything on a fresh Debian 12 machine, as root:
 #   make demo   install what is needed, run the agent on a built-in 2-node lab, show mTLS flows
-#   make test   install the same, run every test tier (unit, bpf, e2e)
+#   make test   install the same, run every test tier (unit, integration, bpf, lab, e2e, hostile, vm_ci)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
