@@ -96,17 +96,18 @@ def exposition_names(process: str | None = None) -> set[str]:
 
 
 def defined_in_source(root: Path = REPO / "agent") -> list[tuple[str, str]]:
-    """(file:line, name) of every metric agent/ defines: the first argument of a constructor in ``CONSTRUCTORS``
-    that is a ``tcpmesh_`` string; an f-string gives its literal head, ending in ``*`` (a prefix)."""
+    """(file:line, name) of every metric agent/ defines: the first argument (or ``name=``) of a constructor in
+    ``CONSTRUCTORS`` that is a ``tcpmesh_`` string; an f-string gives its literal head, ending in ``*`` (a prefix)."""
     found = []
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if not isinstance(node, ast.Call) or not node.args:
+            if not isinstance(node, ast.Call):
                 continue
             func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-            first = node.args[0]
-            if func not in CONSTRUCTORS:
+            named = [k.value for k in node.keywords if k.arg == "name"]
+            if func not in CONSTRUCTORS or not (node.args or named):
                 continue
+            first = node.args[0] if node.args else named[0]
             if isinstance(first, ast.Constant) and isinstance(first.value, str):
                 name = first.value
             elif isinstance(first, ast.JoinedStr) and first.values and isinstance(first.values[0], ast.Constant):
