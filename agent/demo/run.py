@@ -156,7 +156,7 @@ def next_steps(lab: str, nodes: Iterable, keep: bool) -> str:
         out.append(f"  {node.name}: tcpmesh flows --socket {node.state_dir}/agent.sock   # flows, with pid/command")
         out.append(f"  {node.name}: ip netns exec {node.netns} curl -s http://{node.admin_address}/metrics")
     out.append("  Grafana: import deploy/grafana/tcpmesh.json; Prometheus: deploy/prometheus/ (docs/telemetry.md)")
-    out.append("  every Prometheus line the agents exported: tcpmesh demo --metrics")
+    out.append("  the raw tcpmesh_tcp_* Prometheus lines both agents exported: tcpmesh demo --metrics")
     if keep:
         out.append(f"  tcpmesh lab status --name {lab}   ...   tcpmesh lab down --name {lab}")
     return "\n".join(out)

@@ -82,6 +82,7 @@ def test_next_steps_name_real_commands_and_files():
     text = next_steps("demo", [node], keep=False)
     assert "tcpmesh flows --socket /run/tcpmesh-lab/demo/nodes/node1/agent.sock" in text
     assert "ip netns exec tcpmesh-demo-node1 curl -s http://10.76.0.1:15020/metrics" in text
-    assert "tcpmesh demo --keep" in text and "tcpmesh demo --metrics" in text
+    assert "tcpmesh demo --keep" in text
+    assert "tcpmesh_tcp_* Prometheus lines both agents exported: tcpmesh demo --metrics" in text  # not 'every line'
     assert "deploy/grafana/tcpmesh.json" in text and (REPO / "deploy/grafana/tcpmesh.json").is_file()
     assert "tcpmesh demo --keep" not in next_steps("demo", [node], keep=True)
