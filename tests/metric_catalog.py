@@ -77,7 +77,7 @@ def families() -> dict[str, Family]:
     found: dict[str, Family] = {}
     for process, build in (("agent", agent_registry), ("issuer", issuer_registry)):
         registry, collectors = build()
-        labels = {}  # prometheus_client has no public reader of a family's label names: _labelnames (a change fails here)
+        labels = {}  # prometheus_client has no public reader of label names: _labelnames (a change fails here)
         for collector in collectors:
             if isinstance(collector, MetricWrapperBase):
                 labels[collector._name] = tuple(collector._labelnames)
