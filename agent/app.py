@@ -26,6 +26,7 @@ from agent.config import CGROUP_ROOT_AUTO, Config, admin_allowed_sources, resolv
 from agent.control.admin_socket import AdminSocket
 from agent.control.config_changes import restart_hint
 from agent.control.config_watch import ConfigWatch
+from agent.control.node_addresses import NodeAddressFollower
 from agent.control.status import node_status
 from agent.control.workloads import WorkloadController
 from agent.errors import EnvironmentProblem, KernelError, TcpmeshError
@@ -399,6 +400,7 @@ class Agent:
         outbound: OutboundProxy | None = None
         kubernetes: KubernetesSource | None = None  # registry.source: kubernetes
         egress = None  # the kernel's events of connects outside the mesh (ebpf-connect)
+        addresses: NodeAddressFollower | None = None  # this node's addresses, followed as they change
         try:
             self.capture = self._build_capture()
             self.capture.start()
@@ -422,6 +424,7 @@ class Agent:
                 config.node.name, config.trust_domain, config.registry.file if config.registry.source == "file" else "",
                 os.path.join(config.state_dir, RUNTIME_WORKLOADS_FILE), self.capture, identities,
                 on_change=self._workloads_changed, own_addresses=_node_port_addresses)
+            addresses = _follow_node_addresses(loop, self.workloads)  # subscribed before the first read of them
             if config.registry.source == "kubernetes":
                 from agent.registry.kubernetes.source import start_kubernetes_source  # only then: ~0.6 MiB
 
@@ -507,6 +510,8 @@ class Agent:
             if egress is not None:
                 loop.remove_reader(egress.fileno())
                 egress.close()
+            if addresses is not None:
+                addresses.close()
             self._detach_capture()
             self.admin.stop()
             if self.access_log is not None:
@@ -829,3 +834,19 @@ def _node_port_addresses() -> frozenset[str]:
         log.error("could not read this node's addresses (%s): nodePorts are meshed at the registry's node addresses "
                   "only, not at this node's other local addresses", exc)
         return frozenset()
+
+
+def _follow_node_addresses(loop: asyncio.AbstractEventLoop, workloads: WorkloadController) -> NodeAddressFollower | None:
+    """rtnetlink's address notifications on the loop: an address the node gets or loses is applied as a nodePort and
+    hostPort frontend at once (agent.control.node_addresses). No subscription: said, the agent runs on."""
+    from agent.capture.local_addresses import AddressEvents  # not pyroute2 (its docstring)
+
+    try:
+        events = AddressEvents()
+    except OSError as exc:
+        log.error("could not subscribe to this node's address changes (%s): an address the node gets later is a "
+                  "nodePort/hostPort frontend only at the next registry change", exc)
+        return None
+    follower = NodeAddressFollower(loop, events, workloads.refresh_node_addresses)
+    follower.start()
+    return follower

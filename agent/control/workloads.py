@@ -32,8 +32,10 @@ class WorkloadController:
                  capture: Any, identities: Any, on_change: Callable[[Registry], None] = lambda r: None,
                  own_addresses: Callable[[], Iterable[str]] = tuple) -> None:
         self.node_name = node_name
-        # this node's local addresses, read at every change: kube-proxy answers nodePorts on each of them
+        # this node's local addresses, read at every change and when the kernel says one came or went
+        # (refresh_node_addresses): kube-proxy answers nodePorts on each of them
         self.own_addresses = own_addresses
+        self.node_addresses: frozenset[str] = frozenset()  # as last applied
         self.trust_domain = trust_domain
         self.registry_file = registry_file
         self.dynamic_file = Path(dynamic_file)
@@ -125,6 +127,23 @@ class WorkloadController:
         self._save_dynamic()
         return removed
 
+    def refresh_node_addresses(self) -> bool:
+        """This node's addresses read again (the kernel said one came or went: agent.control.node_addresses); when
+        they differ from those last applied, the snapshot is applied again with them — nodePort and hostPort
+        frontends at every address, in every capture mode (and the packet-level modes' own view of the node's
+        addresses). True when it was applied."""
+        if self._file_registry is None or self.snapshot is None:
+            return False  # not loaded yet: the first load reads them
+        addresses = frozenset(self.own_addresses())
+        if addresses == self.node_addresses:
+            return False
+        added, removed = sorted(addresses - self.node_addresses), sorted(self.node_addresses - addresses)
+        self._apply(merge(self._file_registry, self._dynamic.values()), strict=False, addresses=addresses)
+        log.info("this node's addresses changed (%s): nodePort and hostPort frontends applied at every one",
+                 "; ".join(part for part in (f"added {', '.join(added)}" if added else "",
+                                             f"removed {', '.join(removed)}" if removed else "") if part))
+        return True
+
     def describe(self) -> list[dict]:
         snapshot = self.snapshot
         if snapshot is None:
@@ -138,9 +157,10 @@ class WorkloadController:
                 for w in snapshot.workloads]
 
     # -- applying -------------------------------------------------------------------------------
-    def _apply(self, new: Registry, strict: bool) -> LocalPlan:
+    def _apply(self, new: Registry, strict: bool, addresses: frozenset[str] | None = None) -> LocalPlan:
         old = self.snapshot
-        new = new.with_node_addresses(self.node_name, self.own_addresses())  # nodePort frontends on every one
+        addresses = frozenset(self.own_addresses()) if addresses is None else addresses
+        new = new.with_node_addresses(self.node_name, sorted(addresses))  # nodePort frontends on every one
         plan = plan_local(old, new, self.node_name)
         if old is None or old.identities_on(self.node_name) != new.identities_on(self.node_name):
             self.identities.ensure(new.identities_on(self.node_name))
@@ -163,6 +183,7 @@ class WorkloadController:
             self.attach_failures.pop(workload.key, None)
             done.append(workload)
         self.snapshot = new
+        self.node_addresses = addresses
         self.on_change(new)
         return plan
 

@@ -79,6 +79,30 @@ def test_a_pod_does_not_reach_a_node_port_in_plaintext(packet_lab, where, pod):
     assert attack.get("error") == "ConnectionRefusedError", attack  # refused at once, never a hang
 
 
+LATE_ADDRESS = "10.78.0.2"  # in no registry: an address node1 gets after its agent is ready
+FOLLOW_SECONDS = 3.0  # the agent re-applies within 1 s of the kernel's notice (docs/capture-modes.md); margin
+
+
+@pytest.mark.parametrize("pod", ["n1p2", "n1p1"], ids=["denied", "allowed"])
+def test_a_node_port_at_an_address_the_node_gets_later_is_refused(packet_lab, pod):
+    """The node's addresses were read only when the registry changed. Seen succeeding on main in both modes: the
+    denied pod read the server in plaintext at an address added to node1 after its agent started, nothing recorded.
+    Now the agent follows rtnetlink's address notifications; the new (address, nodePort) is reset like the others."""
+    lab = packet_lab
+    netns = lab.node(1).netns
+    eventually(lambda: dial(lab, pod, lab.node(1).wire_address, port=NODE_PORT).get("error") == "ConnectionRefusedError",
+               "control: the registry's nodePort is not refused at node1's address yet")  # applied: no change after
+    subprocess.run(["ip", "-n", netns, "addr", "add", f"{LATE_ADDRESS}/32", "dev", "lo"], check=True)
+    try:
+        time.sleep(FOLLOW_SECONDS)
+        attack = dial(lab, pod, LATE_ADDRESS, port=NODE_PORT)
+    finally:
+        subprocess.run(["ip", "-n", netns, "addr", "del", f"{LATE_ADDRESS}/32", "dev", "lo"], check=False)
+    assert "secret" not in attack.get("got", ""), \
+        f"{lab.capture_mode}: {pod} read the workload at {LATE_ADDRESS}:{NODE_PORT}, an address node1 got later: {attack}"
+    assert attack.get("error") == "ConnectionRefusedError", attack
+
+
 def test_the_refusal_is_one_table_of_ours_that_cleanup_finds(packet_lab):
     lab = packet_lab
     assert node_rules.present(lab.node(1).netns), "no node rules table in node1's netns"
