@@ -140,8 +140,7 @@ class WorkloadController:
         added, removed = sorted(addresses - self.node_addresses), sorted(self.node_addresses - addresses)
         self._apply(merge(self._file_registry, self._dynamic.values()), strict=False, addresses=addresses)
         log.info("this node's addresses changed (%s): nodePort and hostPort frontends applied at every one",
-                 "; ".join(part for part in (f"added {', '.join(added)}" if added else "",
-                                             f"removed {', '.join(removed)}" if removed else "") if part))
+                 "; ".join(part for part in (_listed("added", added), _listed("removed", removed)) if part))
         return True
 
     def describe(self) -> list[dict]:
@@ -218,6 +217,14 @@ class WorkloadController:
         tmp = self.dynamic_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(entries, indent=1))
         os.replace(tmp, self.dynamic_file)
+
+
+def _listed(what: str, addresses: list[str], most: int = 8) -> str:
+    """``added a, b`` — at most ``most`` named (kube-ipvs0 may take hundreds at once), then how many more."""
+    if not addresses:
+        return ""
+    more = f" and {len(addresses) - most} more" if len(addresses) > most else ""
+    return f"{what} {', '.join(addresses[:most])}{more}"
 
 
 def _digest(path: str) -> str:
