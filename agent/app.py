@@ -45,6 +45,8 @@ from agent.proxy.budget import budget_from_config
 from agent.proxy.deadlines import reset_idle, sweep_idle_relays
 from agent.proxy.heap import keep_heap_for_relaying
 from agent.proxy.inbound import InboundProxy
+from agent.proxy.kernel_leg import KernelTls
+from agent.proxy.kernel_tls_probe import kernel_tls_for
 from agent.proxy.limits import ConnectionLimits, fitting_cap, handshake_limits, raise_open_files_limit
 from agent.proxy.local import SameNodePath
 from agent.proxy.outbound import OutboundProxy
@@ -105,6 +107,7 @@ class Agent:
         self.policy: PolicySource | None = None
         self.kubernetes: KubernetesSource | None = None  # registry.source: kubernetes (its health: /readyz detail)
         self.ctx: ProxyContext | None = None
+        self.kernel_tls = KernelTls.off("not started")  # proxy.kernel_tls, decided at start (_run)
         self._local: dict[str, Workload] = {}  # local workloads as last applied (removed ones: connections cut)
         self._inbound_modes: dict[str, bool] = {}  # workload key -> STRICT, as last written to the kernel
         self.admin: AdminServer | None = None
@@ -181,7 +184,8 @@ class Agent:
                            capture_mode=self.capture.name if self.capture is not None else "none (stopped)",
                            workloads=self.workloads.describe() if self.workloads is not None else [],
                            identities=identities, policy=policy_doc, registry=self._registry_status(),
-                           issuer=self._issuer_status(), config=self._config_status())
+                           issuer=self._issuer_status(), config=self._config_status(),
+                           tunnel_tls=self.kernel_tls.describe())
 
     def _config_status(self) -> dict:
         """The config file's reloads, for `tcpmesh status`: empty when the agent runs without a file."""
@@ -369,6 +373,9 @@ class Agent:
         require_verified_chain()  # the inbound proxy reads each tunnel's chain (expiry, root): fail closed at start
         self._check_node()
         identities = self._build_identities()
+        # proxy.kernel_tls: the start-up probe decides auto; on refuses to start here (KernelTlsUnavailable)
+        self.kernel_tls = await kernel_tls_for(config.proxy.kernel_tls)
+        identities.set_context_hook(self.kernel_tls.adopt if self.kernel_tls.active else None)
         loop = asyncio.get_running_loop()
         self.policy = PolicySource(config.policy.dir, config.policy.default_action == "ALLOW",
                                    config.policy.root_namespace)
@@ -382,7 +389,7 @@ class Agent:
                            inbound_idle_timeout=config.proxy.inbound_tunnel_idle_seconds,
                            revoked_grace=config.proxy.revoked_tunnel_grace_seconds,
                            limits=self._connection_limits(), handshakes=self._handshake_limits(),
-                           buffer_gate=self._buffer_gate())
+                           buffer_gate=self._buffer_gate(), kernel_tls=self.kernel_tls)
         self.ctx = ctx
         self.admin = AdminServer(config.admin.address, config.admin.port, self.prometheus,
                                  is_ready=lambda: self.ready, flows=self.flows.snapshot,

@@ -56,7 +56,8 @@ def agent_registry() -> tuple[CollectorRegistry, list]:
     wrappers = _wrappers(Metrics(registry))
     runtime = RuntimeStats(ctx=None)
     runtime.last = {"asyncio_tasks": 0, "connection_tasks": 0, "relays": 0, "outbound_tunnels": 0,
-                    "pending_handshakes": 0, "limited": {"source": 0}, "buffer": (0, 0, 0, 0)}
+                    "pending_handshakes": 0, "limited": {"source": 0}, "buffer": (0, 0, 0, 0),
+                    "tunnel_tls": ({"kernel": 0, "user": 0}, {"kernel": 0, "user": 0}, 0, False)}
     custom = [CaptureEventsCollector("ebpf-connect", lambda: {}), PlaintextCollector(lambda: {}, lambda: None, "node1"),
               runtime, KernelTcpStats("/nonexistent/bpffs", "/nonexistent/cgroup", "/nonexistent/state",
                                       source_dir="/nonexistent/bpf")]

@@ -154,7 +154,8 @@ class CaptureConfig:
 
 
 SOURCE_ADDRESS_CHOICES = ("auto", "pod", "node")
-SAME_NODE_CHOICES = ("local", "tunnel")  # agent.proxy.local; docs/performance-latency.md "Same-node connections"
+SAME_NODE_CHOICES = ("local", "tunnel")
+KERNEL_TLS_CHOICES = ("auto", "on", "off")  # agent.proxy.kernel_tls_probe  # agent.proxy.local; docs/performance-latency.md "Same-node connections"
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,10 @@ class ProxyConfig:
     # the workload (its bytes never leave the host, so no TLS); tunnel — the mTLS tunnel to the node itself
     # and the inbound proxy, as between nodes (the fallback).
     same_node: str = "local"
+    # Who seals and opens the tunnels' TLS records (docs/performance-latency.md "Kernel TLS in the agent"): auto —
+    # the kernel (kernel TLS, both directions) when the start-up probe passes, else user space with one log line
+    # saying why; on — the kernel, or the agent refuses to start; off — user space (OpenSSL), as before.
+    kernel_tls: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterator
 
 from agent.config.model import (CAPTURE_MODES, DEFAULT_ACCESS_LOG_KEY, DEFAULT_ADMIN_SOCKET,
                                  DEFAULT_BUFFER_IDENTITY_SHARES, IDENTITY_MODES, INBOUND_IDLE_MARGIN_SECONDS,
-                                 MIN_BUFFER_BUDGET_BYTES, REGISTRY_SOURCES, SAME_NODE_CHOICES, SOURCE_ADDRESS_CHOICES,
+                                 KERNEL_TLS_CHOICES, MIN_BUFFER_BUDGET_BYTES, REGISTRY_SOURCES, SAME_NODE_CHOICES,
+                                 SOURCE_ADDRESS_CHOICES,
                                  AccessLogConfig, AdminConfig, CaptureConfig, Config, IdentityConfig,
                                  IdentityIssuerConfig, ProxyConfig)
 from agent.errors import ConfigError, refused
@@ -73,6 +74,10 @@ def _problems(config: Config) -> Iterator[ConfigError]:
     if config.proxy.same_node not in SAME_NODE_CHOICES:
         yield ConfigError("proxy.same_node", config.proxy.same_node, "unknown same-node path",
                           "use local (in process, no tunnel to the node itself) or tunnel (through the inbound proxy)")
+    if config.proxy.kernel_tls not in KERNEL_TLS_CHOICES:
+        yield ConfigError("proxy.kernel_tls", config.proxy.kernel_tls, "unknown TLS implementation for the tunnels",
+                          "use auto (the kernel's TLS where the host can, else user space), on (the kernel's, or the "
+                          "agent refuses to start) or off (user space)")
     if config.proxy.event_loop not in ("uvloop", "asyncio"):
         yield ConfigError("proxy.event_loop", config.proxy.event_loop, "unknown event loop", "use uvloop or asyncio")
     yield from _caught(admin_allowed_sources, config.admin)

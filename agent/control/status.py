@@ -1,6 +1,6 @@
 """What `tcpmesh status` shows for one node, as one JSON-ready document: ready or not (and why),
-capture mode, local workloads, identities and their expiry, the policy set in force (since when) and
-the last refused policy change (``file:line: field: problem``, and which valid edits it holds back),
+capture mode, who runs the tunnels' TLS (kernel or user space, and why), local workloads, identities and
+their expiry, the policy set in force (since when) and the last refused policy change (``file:line: field: problem``, and which valid edits it holds back),
 the registry source's health, the issuer's reachability ("not configured" until the agent has one) and
 the config file's last reload (a refused file, fields waiting for a restart).
 
@@ -22,7 +22,8 @@ RENEWAL_OVERDUE_SECONDS = 60  # an SVID whose renewal is this late (and not alre
 def node_status(*, node: str, now: float, ready: bool, not_ready_reason: str, capture_mode: str,
                 workloads: Sequence[Mapping[str, Any]], identities: Sequence[Mapping[str, Any]],
                 policy: Mapping[str, Any], registry: Mapping[str, Any],
-                issuer: Mapping[str, Any] | None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                issuer: Mapping[str, Any] | None, config: Mapping[str, Any] | None = None,
+                tunnel_tls: Mapping[str, Any] | None = None) -> dict[str, Any]:
     local = [w for w in workloads if w.get("local")]
     doc = {
         "version": STATUS_VERSION, "node": node, "now": now, "ready": ready,
@@ -37,6 +38,8 @@ def node_status(*, node: str, now: float, ready: bool, not_ready_reason: str, ca
         "policy": dict(policy), "registry": dict(registry),
         "issuer": dict(issuer) if issuer is not None else {"configured": False},
         "config": dict(config) if config is not None else {},
+        # who runs the tunnels' TLS (proxy.kernel_tls; agent.proxy.kernel_tls.KernelTls.describe)
+        "tunnel_tls": dict(tunnel_tls) if tunnel_tls is not None else {},
     }
     doc["problems"] = problems(doc)
     return doc
@@ -55,6 +58,10 @@ def problems(doc: Mapping[str, Any]) -> list[str]:
     registry = doc["registry"]
     if not registry.get("healthy", True):
         found.append(f"registry source {registry.get('source')}: {registry.get('last_error') or 'unhealthy'}")
+    tls = doc.get("tunnel_tls") or {}
+    if tls.get("switch_failures"):
+        found.append(f"tunnel TLS: {tls['switch_failures']} tunnel(s) failed to switch to kernel TLS and were closed; "
+                     f"now {tls.get('reason', '')}")
     for w in doc["workloads"]:
         if not w["captured"]:
             found.append(f"workload {w['key']} is NOT captured: {w['problem']}")
@@ -97,11 +104,25 @@ def _ago(seconds: float) -> str:
     return f"{max(seconds, 0):.0f}s"
 
 
+def _tunnel_tls_lines(tls: Mapping[str, Any]) -> list[str]:
+    """Who runs the tunnels' TLS, why, and the open tunnels by implementation."""
+    if not tls:
+        return []
+    opened, total = tls.get("open", {}), tls.get("established", {})
+    in_use = "kernel" if tls.get("in_use") == "kernel" else "user-space"
+    lines = [f"  tunnel TLS   {in_use} (proxy.kernel_tls {tls.get('setting')}): {tls.get('reason', '')}",
+             f"    tunnels open: {opened.get('kernel', 0)} kernel, {opened.get('user', 0)} user-space "
+             f"({total.get('kernel', 0)} and {total.get('user', 0)} since start)"
+             + (f"; {tls['switch_failures']} failed switch(es)" if tls.get("switch_failures") else "")]
+    return lines
+
+
 def format_status(doc: Mapping[str, Any]) -> str:
     now = doc["now"]
     policy, registry, issuer = doc["policy"], doc["registry"], doc["issuer"]
     lines = [f"node {doc['node']}: {'READY' if doc['ready'] else 'NOT READY: ' + doc['not_ready_reason']}",
              f"  capture      {doc['capture_mode']}",
+             *_tunnel_tls_lines(doc.get("tunnel_tls") or {}),
              f"  workloads    {len(doc['workloads'])} local "
              f"({sum(w['captured'] for w in doc['workloads'])} captured), {doc['remote_workloads']} on other nodes"]
     for w in doc["workloads"]:

@@ -60,7 +60,7 @@ CHECKS: dict[str, str] = {
     "tproxy_nft": "TPROXY with native nft (throwaway netns)",
     "tproxy_iptables_nft": "TPROXY with iptables-nft (throwaway netns)",
     "tproxy_iptables_legacy": "TPROXY with iptables-legacy (throwaway netns)",
-    "ktls": "kernel TLS: tls ULP and TLS 1.3 keys (optional, no mode needs it)",
+    "ktls": "kernel TLS for the tunnels: a loopback TLS 1.3 pair through the agent's switch (optional, no mode needs it)",
 }
 # checks no capture mode requires: their rows inform (docs/kernels.md), never decide can_run
 OPTIONAL_CHECKS = ("ktls",)

@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import socket
-import struct
 import tempfile
 import time
 import uuid
@@ -59,8 +58,6 @@ PROGRAM_PROBES: dict[str, tuple[str, int, int]] = {
     "helper_sk_assign": ("probe_sk_assign", 3, -1),
 }
 # kernel TLS (uapi/linux/tls.h): the "tls" upper-layer protocol and its key options
-SOL_TCP, TCP_ULP, SOL_TLS, TLS_TX, TLS_RX = 6, 31, 282, 1, 2
-TLS_1_3_VERSION, TLS_CIPHER_AES_GCM_128 = 0x0304, 51
 IPV6_PROC = "/proc/sys/net/ipv6"
 NO_IPV6 = "this kernel has no IPv6 (no /proc/sys/net/ipv6: ipv6.disable=1 or CONFIG_IPV6=n)"
 TPROXY_PROBES = {"tproxy_nft": "nft", "tproxy_iptables_nft": "iptables-nft",
@@ -142,32 +139,19 @@ def _adjtimex_state() -> int | None:
 
 
 def probe_ktls() -> Probe:
-    """Kernel TLS (CONFIG_TLS, Debian: the `tls` module, loaded on demand): the "tls" ULP on a
-    loopback TCP connection of this namespace, then a TLS 1.3 AES-GCM-128 key for each direction
-    (an all-zero throwaway key; nothing is sent). No capture mode needs it: informational, for the
-    kernel TLS offload (docs/kernels.md)."""
-    crypto_info = struct.pack("=HH8s16s4s8s", TLS_1_3_VERSION, TLS_CIPHER_AES_GCM_128, bytes(8), bytes(16),
-                              bytes(4), bytes(8))   # struct tls12_crypto_info_aes_gcm_128
-    with socket.create_server(("127.0.0.1", 0)) as server, \
-            socket.create_connection(server.getsockname()[:2], timeout=2) as client:
-        peer, _ = server.accept()   # kept open: the tls ULP needs an ESTABLISHED socket
-        with peer:
-            return _ktls_on(client, crypto_info)
+    """Kernel TLS for the tunnels (proxy.kernel_tls; CONFIG_TLS, Debian: the `tls` module, loaded on demand): the
+    probe the agent runs at start (agent.proxy.kernel_tls_probe) — a TLS 1.3 pair on loopback with the tunnels' own
+    contexts, both ends switched to kernel TLS by the agent's own switch, bytes both ways, close_notify. No capture
+    mode needs it: informational (docs/kernels.md); it says which TLS the tunnels will run."""
+    import asyncio
 
+    from agent.proxy.kernel_tls_probe import probe
 
-def _ktls_on(client: socket.socket, crypto_info: bytes) -> Probe:
-    try:
-        client.setsockopt(SOL_TCP, TCP_ULP, b"tls")
-    except OSError as exc:
-        return fail(f"setsockopt(TCP_ULP, \"tls\"): {exc.strerror}: this kernel offers no kernel TLS "
-                    "(CONFIG_TLS off, or the tls module cannot be loaded); optional, no capture mode needs it")
-    for direction, option in (("TX", TLS_TX), ("RX", TLS_RX)):
-        try:
-            client.setsockopt(SOL_TLS, option, crypto_info)
-        except OSError as exc:
-            return fail(f"setsockopt(SOL_TLS, TLS_{direction}) with a TLS 1.3 AES-GCM-128 key: {exc.strerror}",
-                        "the tls ULP exists")
-    return ok("kernel TLS: tls ULP, TLS 1.3 AES-GCM-128 keys accepted for TX and RX")
+    problem, passed = asyncio.run(probe())
+    if problem is not None:
+        return fail(f"{problem}; the tunnels run user-space TLS (proxy.kernel_tls auto), and proxy.kernel_tls on "
+                    "refuses to start. Optional: no capture mode needs it")
+    return ok(f"kernel TLS: {passed}; the tunnels run on it (proxy.kernel_tls auto or on)")
 
 
 # ---- bpf(2) without bcc ---------------------------------------------------------------------------

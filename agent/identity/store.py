@@ -127,6 +127,7 @@ class IdentityStore:
         self._build_lock = threading.Lock()  # worker threads only: one renew/issue_pending/replace_ca at a time
         self._entries: Mapping[SpiffeId, _Entry] = {}
         self._front = SniServerContexts(trust_bundle_pem)
+        self._context_hook: Callable[[ssl.SSLContext], None] | None = None  # set_context_hook
         self._anchors: tuple[str | bytes, frozenset[str]] | None = None
 
     def ensure(self, spiffe_ids: Iterable[SpiffeId]) -> Plan:
@@ -292,7 +293,25 @@ class IdentityStore:
         """The current SVID of every local identity (a copy of the snapshot; public material only)."""
         return {spiffe_id: entry.svid for spiffe_id, entry in self._entries.items()}
 
+    def set_context_hook(self, hook: Callable[[ssl.SSLContext], None] | None) -> None:
+        """Call ``hook`` on every TLS context the store holds, now and whenever it publishes new ones (the agent's
+        kernel TLS gives each its key log: agent.proxy.kernel_tls). Contexts are complete before they are published."""
+        with self._lock:
+            self._context_hook = hook
+            if hook is not None:
+                self._hook_contexts(self._entries)
+
+    def _hook_contexts(self, entries: Mapping[SpiffeId, _Entry]) -> None:
+        hook = self._context_hook
+        if hook is None:
+            return
+        hook(self._front.context)
+        for entry in entries.values():
+            hook(entry.client)
+            hook(entry.server)
+
     def _publish(self, entries: dict[SpiffeId, _Entry]) -> None:
+        self._hook_contexts(entries)
         self._front.replace({i: e.server for i, e in entries.items()})
         self._entries = entries  # a new dict replaces the old one; never mutated afterwards
 

@@ -440,6 +440,10 @@ class TlsLeg(Leg, TlsCore):
             return
         self._flush()
         self.handshake_seconds = time.monotonic() - self._connected_at
+        self._handshake_complete()
+
+    def _handshake_complete(self) -> None:
+        """The handshake is done (the kernel TLS leg switches here first: agent.proxy.kernel_leg)."""
         self.handshake_done.set_result(None)
 
     def _fail_handshake(self, exc: BaseException) -> None:

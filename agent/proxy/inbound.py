@@ -46,7 +46,7 @@ class InboundProxy:
         self._ctx = ctx
 
     def protocol_factory(self) -> TlsLeg:
-        return TlsLeg(self._ctx.identities.server_context, server_side=True, admit=self._admit)
+        return self._ctx.kernel_tls.leg(self._ctx.identities.server_context, server_side=True, admit=self._admit)
 
     def _admit(self, tunnel: TlsLeg) -> bool:
         """At accept: within the handshake caps (proxy.max_handshakes[_per_source]) the tunnel's task starts;
@@ -79,6 +79,7 @@ class InboundProxy:
                 self._serve_stream(stream, request, peer_id, setup, credential)),
             on_bad_open=lambda stream, reason: self._bad_open(stream, reason, setup))
         session.start()
+        self._ctx.kernel_tls.track(session)
         tune_tunnel_socket(tunnel.socket(), self._ctx.tunnel_timeout)
         expired = await enforce_tunnel_deadlines(
             session, self._ctx.handshake_timeout, self._ctx.inbound_idle_timeout, started,

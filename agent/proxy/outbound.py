@@ -25,7 +25,7 @@ from agent.identity.tls import check_alpn, check_peer, describe_tls_error, peer_
 from agent.connection import flow as F
 from agent.connection.facts import ClientProcess, ConnectionFacts
 from agent.proxy.deadlines import tune_tunnel_socket
-from agent.proxy.endpoints import Leg, PlainLeg, TlsLeg
+from agent.proxy.endpoints import Leg, PlainLeg
 from agent.proxy.header import PeerProtocolError, Status
 from agent.proxy.local import SameNodePath
 from agent.proxy.origin_check import CgroupOwnership
@@ -193,7 +193,7 @@ class OutboundProxy:
         host, port = key.address
         context = self._ctx.identities.client_context_for(key.source)
         _, leg = await asyncio.wait_for(
-            self._ctx.loop.create_connection(lambda: TlsLeg(context, False, key.destination.sni), host, port),
+            self._ctx.loop.create_connection(lambda: self._ctx.kernel_tls.leg(context, False, key.destination.sni), host, port),
             self._ctx.connect_timeout)
         try:
             await asyncio.wait_for(asyncio.shield(leg.handshake_done), self._ctx.connect_timeout)
@@ -208,7 +208,9 @@ class OutboundProxy:
         session = MuxSession(leg, client=True, gate=self._ctx.buffer_gate, identity=key.source.uri)
         remaining = valid_until - time.time()
         session.peer_valid_until = valid_until - min(SERVER_CERT_MARGIN_SECONDS, max(remaining, 0) / 4)
-        return session.start()
+        session.start()
+        self._ctx.kernel_tls.track(session)
+        return session
 
 
 def _source_ip(peer_ip: str, source: Workload | None, dst_ip: str) -> str:

@@ -18,6 +18,7 @@ from agent.connection import flow as F
 from agent.identity.store import IdentityStore
 from agent.policy.source import PolicySource
 from agent.proxy.endpoints import Leg
+from agent.proxy.kernel_leg import KernelTls
 from agent.proxy.limits import ConnectionLimits
 from agent.proxy.relay import Relay, RelayResult
 from agent.proxy.session import BufferGate
@@ -80,6 +81,8 @@ class ProxyContext:
     # IPv4 legs and IPv6 legs apart: the IPv6 return path has its own rule and table, which a kernel may refuse
     source_mark: int = 0
     source_mark6: int = 0
+    # who runs the tunnels' TLS (proxy.kernel_tls): its ``leg`` makes each tunnel leg (agent.proxy.kernel_tls)
+    kernel_tls: KernelTls = field(default_factory=KernelTls.off)
 
     def __post_init__(self) -> None:
         self._on_task_done = self._task_done  # one bound method for every task's done callback

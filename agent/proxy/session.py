@@ -337,6 +337,16 @@ class MuxSession(SessionCore):
                 header = M.encode_header(M.FrameType.DATA, stream_id, len(part))
                 self.tls.write_parts(header + part[:head], memoryview(part)[head:])
 
+    def retire(self) -> None:
+        """The TLS leg's key nears its usage limit and cannot be renewed (kernel TLS: agent.proxy.kernel_leg): no new
+        stream on this tunnel — the client stops opening them (the pool dials another tunnel), the server tells the
+        client with GOAWAY. Streams open now go on."""
+        if self.client:
+            self.goaway = True
+        elif not self.goaway_sent:
+            self.goaway_sent = True
+            self.send(M.encode(M.FrameType.GOAWAY, 0, b"kernel TLS key usage limit: open new streams elsewhere"))
+
     def forget(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
 

@@ -47,6 +47,10 @@ class RuntimeStats(Collector):
             "limited": {reporter: limits.active for reporter, limits in self._ctx.limits.items()},
             "pending_handshakes": self._ctx.handshakes.active if self._ctx.handshakes is not None else 0,
         }
+        kernel_tls = getattr(self._ctx, "kernel_tls", None)
+        if kernel_tls is not None:  # who runs the tunnels' TLS (proxy.kernel_tls; agent.proxy.kernel_leg.KernelTls)
+            self.last["tunnel_tls"] = (dict(kernel_tls.open), dict(kernel_tls.established), kernel_tls.switch_failures,
+                                       kernel_tls.active)
         gate = getattr(self._ctx, "buffer_gate", None)
         if gate is not None:
             budget = gate.budget
@@ -85,6 +89,21 @@ class RuntimeStats(Collector):
         for reporter, active in sorted(last["limited"].items()):
             limited.add_metric([reporter], active)
         yield limited
+        if "tunnel_tls" in last:
+            opened, established, failures, active = last["tunnel_tls"]
+            open_family = GaugeMetricFamily("tcpmesh_tunnels_open", "Tunnels (both sides) open now, by who runs their "
+                                            "TLS: kernel (kernel TLS) or user (OpenSSL in the agent)", labels=["tls"])
+            total_family = CounterMetricFamily("tcpmesh_tunnels_established", "Tunnels (both sides) started since the "
+                                               "agent started, by who runs their TLS", labels=["tls"])
+            for kind in ("kernel", "user"):
+                open_family.add_metric([kind], opened.get(kind, 0))
+                total_family.add_metric([kind], established.get(kind, 0))
+            yield open_family
+            yield total_family
+            yield CounterMetricFamily("tcpmesh_kernel_tls_switch_failures", "Tunnels closed because their switch to "
+                                      "kernel TLS failed (proxy.kernel_tls auto then uses user-space TLS)", value=failures)
+            yield GaugeMetricFamily("tcpmesh_kernel_tls_active", "1 while new tunnels switch to kernel TLS "
+                                    "(proxy.kernel_tls and the start-up probe), else 0", value=1 if active else 0)
         if "buffer" in last:
             held, total, stalled, stalls = last["buffer"]
             yield GaugeMetricFamily("tcpmesh_buffered_bytes", "Bytes the agent holds for workloads whose sockets "

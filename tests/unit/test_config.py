@@ -17,6 +17,7 @@ def test_valid_minimal_config_gets_documented_defaults():
     assert config.capture.mode == "auto"
     assert config.proxy.source_address == "auto"
     assert config.proxy.same_node == "local"
+    assert config.proxy.kernel_tls == "auto"
     assert config.identity.mode == "issuer"   # no signing key on a node unless the config asks for the legacy one
 
 
@@ -57,6 +58,7 @@ def test_shape_errors_name_the_field(doc, field, words):
     ({"log_level": "loud"}, "log_level"),
     ({"proxy": {"source_address": "spoof"}}, "proxy.source_address"),
     ({"proxy": {"same_node": "plaintext"}}, "proxy.same_node"),
+    ({"proxy": {"kernel_tls": "yes"}}, "proxy.kernel_tls"),
     ({"access_log": {"path": "/var/log/tcpmesh/access.log", "key": "/var/log/tcpmesh/keys/audit.key"}},
      "access_log.key"),
     ({"access_log": {"key": "audit.key"}}, "access_log.key"),
@@ -132,3 +134,11 @@ def test_a_value_of_the_wrong_type_says_what_to_write(doc, fix):
     with pytest.raises(ConfigError) as info:
         config_from_mapping({**VALID, **doc})
     assert fix in info.value.fix, str(info.value)
+
+
+def test_an_unknown_kernel_tls_setting_names_the_field_the_value_and_the_three_choices():
+    with pytest.raises(ConfigError) as info:
+        validate(config_from_mapping({**VALID, "proxy": {"kernel_tls": "kernel"}}))
+    text = str(info.value)
+    assert "proxy.kernel_tls" in text and "'kernel'" in text
+    assert "use auto (" in text and "on (" in text and "off (user space)" in text

@@ -126,3 +126,20 @@ def test_a_refused_config_file_and_fields_waiting_for_a_restart_are_problems_and
     text = format_status(doc)
     assert "config       /etc/tcpmesh/config/config.yaml (watch on); last reload: refused by watch at" in text
     assert status()["problems"] == [] and "config " not in format_status(status())   # no file: no line
+
+
+TLS_KERNEL = {"setting": "auto", "in_use": "kernel", "reason": "the start-up probe passed: a loopback TLS 1.3 pair ...",
+              "open": {"kernel": 3, "user": 0}, "established": {"kernel": 5, "user": 0}, "switch_failures": 0}
+
+
+def test_the_tunnels_tls_is_shown_with_why_and_a_failed_switch_is_a_problem():
+    text = format_status(status(tunnel_tls=TLS_KERNEL))
+    assert "  tunnel TLS   kernel (proxy.kernel_tls auto): the start-up probe passed: a loopback" in text
+    assert "tunnels open: 3 kernel, 0 user-space (5 and 0 since start)" in text
+    assert status(tunnel_tls=TLS_KERNEL)["problems"] == []
+    fallen = {**TLS_KERNEL, "in_use": "user", "switch_failures": 1,
+              "reason": "a tunnel's switch to kernel TLS failed (EBUSY); user-space TLS from now on"}
+    doc = status(tunnel_tls=fallen)
+    assert doc["problems"] == ["tunnel TLS: 1 tunnel(s) failed to switch to kernel TLS and were closed; now a tunnel's "
+                               "switch to kernel TLS failed (EBUSY); user-space TLS from now on"]
+    assert "tunnel TLS   user-space (proxy.kernel_tls auto)" in format_status(doc) and "1 failed switch(es)" in format_status(doc)

@@ -95,7 +95,7 @@ def test_the_catalog_holds_every_metric_the_source_defines():
     # one of each collector, so a collector that silently exports nothing cannot make the tests below pass
     assert {"tcpmesh_tcp_connections_opened", "tcpmesh_agent_relays", "tcpmesh_plaintext_rejected",
             "tcpmesh_tcp_rtt_seconds", "tcpmesh_tcp_stats_series", "tcpmesh_capture_events",
-            "tcpmesh_buffered_bytes", "tcpmesh_issuer_requests"} <= set(known)
+            "tcpmesh_buffered_bytes", "tcpmesh_issuer_requests", "tcpmesh_tunnels_open"} <= set(known)
     defined = defined_in_source()
     assert len(defined) >= 40, defined
     missing = [f"{where}: {name}" for where, name in defined

@@ -7,7 +7,8 @@ PID 1 and this checkout installed (tests/vm/conftest.py). In each guest, for rea
 - the bpf tier (tests/bpf) passes with privileged skips turned into failures, so every capture
   mode's programs load, attach and steer on that kernel;
 - a two-node lab (the same code as `tcpmesh lab up`) meshes a connection, and after SIGKILL of an
-  agent its pod's connections are refused, never sent in plaintext (tests/e2e/test_fail_closed.py).
+  agent its pod's connections are refused, never sent in plaintext (tests/e2e/test_fail_closed.py);
+- the tunnels run kernel TLS where the kernel has it (proxy.kernel_tls auto; tests/vm/guest_kernel_tls.py).
 """
 
 from __future__ import annotations
@@ -73,3 +74,14 @@ def test_bpf_tier_passes_in_the_guest(guest):
 @pytest.mark.parametrize("guest", kernel_params(), indirect=True)   # 6.1: vm_ci (≈ 3.5 min in the doctor's guest)
 def test_lab_meshes_and_fails_closed_after_sigkill_in_the_guest(guest):
     guest_pytest(guest, "tests/e2e/test_fail_closed.py", timeout=1800)
+
+
+@pytest.mark.parametrize("guest", kernel_params(), indirect=True)   # 6.1: vm_ci, in the doctor's guest
+def test_tunnels_run_kernel_tls_where_the_kernel_has_it(guest):
+    """proxy.kernel_tls auto in a real agent follows the kernel (kernel TLS on 6.1 and 6.12, user space on 5.10, and
+    `tcpmesh status` says which); where the kernel has it, tests/vm/guest_kernel_tls.py: the tunnels really run on
+    it in every mix with a user-space end, bytes and half-close intact, close_notify both ways, a changed record
+    kills the tunnel and delivers nothing."""
+    series = next(k for k in KTLS if guest.release.startswith(k + ".") or guest.release.startswith(k + "-"))
+    paths = "tests/integration/test_kernel_tls_agent.py" + (" tests/vm/guest_kernel_tls.py" if KTLS[series] else "")
+    guest_pytest(guest, paths, timeout=1800)

@@ -11,7 +11,8 @@ the checkout is at /vagrant as Vagrant's synced folder puts it). What systemd it
 - PostgreSQL in a pod of VM 2, pgbench from a pod of VM 1 through the mesh while
   `systemctl restart tcpmesh-agent` runs on VM 1: the frames on the link between the VMs (captured on
   the host side, qemu's filter-dump) never carry the SQL in plaintext, and pgbench works again after
-  the restart (connections open during the restart end, new ones wait for the new agent);
+  the restart (connections open during the restart end, new ones wait for the new agent); the tunnels run
+  kernel TLS (`proxy.kernel_tls: auto` on 6.1: `tcpmesh status` and /proc/net/tls_stat say so);
 - reloads (docs/install-systemd.md, after the unit): `systemctl kill -s HUP` leaves the same agent running and
   `tcpmesh status` shows the reload (trigger signal); an edit of /etc/default/tcpmesh then `systemctl reload`
   names the variable and the field as needing `systemctl restart tcpmesh-agent`; the restart, with node1's issuer
@@ -31,6 +32,7 @@ The VMs are powered off and removed in ``finally`` (tests/vm/conftest.py, machin
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -305,6 +307,14 @@ def test_pgbench_through_the_mesh_across_a_restart_never_shows_plaintext_on_the_
 
     after = pgbench(node1, "-c 2 -T 5")
     assert after.rc == 0 and "number of failed transactions: 0" in after.stdout, after.stdout + after.stderr
+    # the tunnels ran kernel TLS (proxy.kernel_tls auto: Debian 12's tls module loads on first use), so the capture
+    # below checks the kernel's records: the agent says so, and so do the kernel's counters
+    for machine in (node1, node2):
+        tls = json.loads(machine.run(f"{STATUS} --json").stdout)["tunnel_tls"]
+        assert tls["in_use"] == "kernel" and tls["established"]["kernel"] >= 1, (machine.name, tls)
+        assert not tls["switch_failures"] and not tls["established"]["user"], (machine.name, tls)
+        stat = machine.run("cat /proc/net/tls_stat").stdout
+        assert int(re.search(r"TlsTxSw\s+(\d+)", stat).group(1)) >= 1, (machine.name, stat)
     # the positive control: a plaintext marker sent node to node outside the mesh must show in the capture
     marker = f"PLAINTEXT-CONTROL-{uuid.uuid4().hex}"
     node2.run(f"setsid timeout 60 /usr/bin/python3 -c 'import socket; s=socket.create_server((\"{NODES['node2']}\", 7999)); "
