@@ -381,8 +381,8 @@ static PyTypeObject DecoderType = {
 
 /* The TLS records of one DATA frame (header and ``n`` bytes of payload written to the SSLObject's C
  * object in one buffer), read back from the outgoing BIO; NULL with an exception set. */
-static PyObject *seal_frame(PyObject *sslobj, PyObject *outgoing, unsigned long stream, const void *payload,
-                            Py_ssize_t n) {
+/* A DATA frame (header and payload) as bytes: what a kernel TLS leg hands the kernel to seal. */
+static PyObject *data_frame(unsigned long stream, const void *payload, Py_ssize_t n) {
     PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + n);
     if (frame == NULL) return NULL;
     unsigned char *h = (unsigned char *)PyBytes_AS_STRING(frame);
@@ -393,6 +393,13 @@ static PyObject *seal_frame(PyObject *sslobj, PyObject *outgoing, unsigned long 
     h[8] = (unsigned char)(len >> 24); h[9] = (unsigned char)(len >> 16);
     h[10] = (unsigned char)(len >> 8); h[11] = (unsigned char)len;
     memcpy(h + HEADER_SIZE, payload, (size_t)n);
+    return frame;
+}
+
+static PyObject *seal_frame(PyObject *sslobj, PyObject *outgoing, unsigned long stream, const void *payload,
+                            Py_ssize_t n) {
+    PyObject *frame = data_frame(stream, payload, n);
+    if (frame == NULL) return NULL;
     PyObject *call[2] = {sslobj, frame};
     PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     Py_DECREF(frame);
@@ -761,7 +768,8 @@ done:
  * read buffer) that the PlainLeg ``leg`` just read, relayed to its Stream and sealed into the tunnel as one
  * DATA frame, when all of it goes now: a Relay between the leg and a Stream of a MuxSession over a TlsLeg,
  * the stream not ended, nothing queued, the whole message within its send window and below
- * ``small_write``, the tunnel's TLS started, its transport open and no close_notify sent. Otherwise
+ * ``small_write``, the tunnel's TLS started (or handed to the kernel: then the frame goes in plaintext and
+ * ``_sealed`` counts it, as KernelTlsLeg.write_data_frame), its transport open and no close_notify sent. Otherwise
  * False with nothing changed, and PlainLeg.buffer_updated runs the Python steps (the reference). Errors
  * (an ssl.SSLError from sealing, whatever update_writer_blocked raises) propagate, as from the Python
  * steps. */
@@ -786,8 +794,10 @@ static PyObject *relay_send(PyObject *self, PyObject *const *args, Py_ssize_t na
     SessionCore *session = (SessionCore *)s->session;
     if (!session->tunnel_blocked || !IS(session->tls, TlsCore)) Py_RETURN_FALSE;
     TlsCore *tls = (TlsCore *)session->tls;
-    if (!tls->_sslobj || tls->_sslobj == Py_None || !tls->_outgoing || !tls->leg.eof_sent || !tls->leg.bytes_written)
-        Py_RETURN_FALSE;
+    if (!tls->_sslobj || !tls->_outgoing || !tls->leg.eof_sent || !tls->leg.bytes_written) Py_RETURN_FALSE;
+    /* a kernel TLS leg (agent/proxy/kernel_leg.py KernelTlsLeg: no SSL object, no BIO) takes the frame in plaintext */
+    int kernel = tls->_sslobj == Py_None && tls->_outgoing == Py_None;
+    if (tls->_sslobj == Py_None && !kernel) Py_RETURN_FALSE;
     int t;
     Py_ssize_t window;
     unsigned long id = PyLong_AsUnsignedLong(s->id);
@@ -805,13 +815,18 @@ static PyObject *relay_send(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (add_field(&l->bytes_read, n) < 0 || add_field(count, n) < 0 || add_field(&s->leg.bytes_written, n) < 0
         || add_field(&s->send_window, -n) < 0 || add_field(&tls->leg.bytes_written, HEADER_SIZE + n) < 0)
         goto done;
-    records = seal_frame(tls->_sslobj, tls->_outgoing, id, in->buf, n);
+    records = kernel ? data_frame(id, in->buf, n) : seal_frame(tls->_sslobj, tls->_outgoing, id, in->buf, n);
     if (records == NULL) goto done;
     if (!PyBytes_Check(records) || PyBytes_GET_SIZE(records) > 0) { /* write_data_frame: ``if records`` */
         PyObject *call[2] = {transport, records};
         PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
         if (written == NULL) goto done;
         Py_DECREF(written);
+    }
+    if (kernel) { /* KernelTlsLeg.write_data_frame's last step: count what its key sealed (it retires the tunnel) */
+        PyObject *counted = PyObject_CallMethod((PyObject *)tls, "_sealed", "n", (Py_ssize_t)(HEADER_SIZE + n));
+        if (counted == NULL) goto done;
+        Py_DECREF(counted);
     }
     /* Stream.write's last step: tell the relay when the stream can take no more */
     if (s->send_window == NULL || s->_writer_blocked == NULL || session->tunnel_blocked == NULL) {
@@ -830,7 +845,8 @@ done:
 }
 
 /* receive(leg, sslobj, incoming, data, buffer, decoder, streams, dispatch, window_limit, small_view) -> state:
- * one tunnel read,
+ * one tunnel read (sslobj None: a kernel TLS leg's read, ``data`` is ``buffer`` and holds plaintext: nothing to
+ * decrypt, state 0),
  * the compiled twin of TlsLeg.data_received → _decrypt_into → MuxSession.leg_data for an established
  * tunnel. ``data`` (bytes-like, or None to go on after a full buffer) is written to the incoming BIO;
  * plaintext is decrypted into ``buffer`` as decrypt() does and counted in ``leg.bytes_read``; the
@@ -857,15 +873,24 @@ static PyObject *receive(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (!configured()) return NULL;
     PyObject *leg = args[0], *sslobj = args[1], *incoming = args[2], *buffer = args[4], *streams = args[6];
     PyObject *dispatch = args[7];
-    if (args[3] != Py_None) {
-        PyObject *call[2] = {incoming, args[3]};
-        PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        if (written == NULL) return NULL;
-        Py_DECREF(written);
-    }
     Py_ssize_t filled = 0;
-    int state = decrypt_loop(sslobj, incoming, buffer, &filled);
-    if (state < 0) return NULL;
+    int state = 0;
+    if (sslobj == Py_None) { /* a kernel TLS leg: ``data`` is plaintext already, and is ``buffer`` */
+        if (args[3] != buffer) {
+            PyErr_SetString(PyExc_TypeError, "receive: without sslobj (kernel TLS) data must be the buffer");
+            return NULL;
+        }
+        filled = PyMemoryView_GET_BUFFER(buffer)->len;
+    } else {
+        if (args[3] != Py_None) {
+            PyObject *call[2] = {incoming, args[3]};
+            PyObject *written = PyObject_VectorcallMethod(str_write, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            if (written == NULL) return NULL;
+            Py_DECREF(written);
+        }
+        state = decrypt_loop(sslobj, incoming, buffer, &filled);
+        if (state < 0) return NULL;
+    }
     if (filled) {
         if (IS(leg, TlsCore) && ((LegCore *)leg)->bytes_read != NULL) { /* TlsLeg: the field itself */
             if (add_field(&((LegCore *)leg)->bytes_read, filled) < 0) return NULL;
@@ -938,7 +963,7 @@ static PyMethodDef module_methods[] = {
 
 /* What agent/proxy/hotpath.py expects (its ABI): raise both together whenever a function, its arguments
    or its results change, so a module built from older source is refused instead of called wrongly. */
-#define HOTPATH_ABI 4
+#define HOTPATH_ABI 5
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "agent.proxy._hotpath",

@@ -29,7 +29,7 @@ from agent.install_form import build_command
 
 ENV = "TCPMESH_HOTPATH"
 CHOICES = ("compiled", "python")
-ABI = 4  # HOTPATH_ABI in _hotpath.c: the calls this source makes into the module
+ABI = 5  # HOTPATH_ABI in _hotpath.c: the calls this source makes into the module
 ENTRY_POINTS = ("configure", "FrameDecoder", "seal_data", "decrypt", "receive", "relay_send", "LegCore", "PlainCore",
                 "TlsCore", "StreamCore", "RelayCore", "SessionCore")
 

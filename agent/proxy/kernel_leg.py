@@ -21,8 +21,8 @@ the session as plaintext; a close sends close_notify as an alert record; EIO on 
 tunnel; EBADMSG (a record that fails authentication) loses the tunnel with nothing of it delivered. It counts
 the AES blocks its key has sealed and retires the tunnel before RFC 8446 §5.5's limit (no new stream at
 ``tls_records.RETIRE_BLOCKS``, closed at ``CLOSE_BLOCKS``): the kernels cannot rekey. The compiled relay steps
-(agent/proxy/_hotpath.c) do not take this leg: they see no SSL object (``_sslobj`` None) and leave each step to
-Python.
+(agent/proxy/_hotpath.c ``relay_send`` and ``receive``) take this leg as they take a TlsLeg, minus the sealing and
+opening: they see no SSL object and no BIO (``_sslobj``, ``_outgoing`` None) and move the frames in plaintext.
 
 ``KernelTls`` is the agent's state: the setting, whether kernel TLS is in use and why (not), the tunnels by
 implementation, and the failures; its ``leg`` makes each tunnel leg. ``auto`` falls back to user-space TLS for
@@ -38,9 +38,10 @@ import logging
 import ssl
 from typing import Callable
 
+from agent.proxy import hotpath
 from agent.proxy import mux as M
 from agent.proxy import tls_records as R
-from agent.proxy.endpoints import Leg, TlsLeg, _read_buffers
+from agent.proxy.endpoints import SMALL_VIEW, Leg, TlsLeg, _read_buffers
 from agent.proxy.kernel_tls import KernelTlsError, ended_by_peer, install, keys_for, send_close_notify
 from agent.proxy.state import TlsCore
 
@@ -170,7 +171,22 @@ class KernelTlsLeg(Leg, TlsCore):
         return _read_buffers.view or _read_buffers.shared()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._deliver_view((_read_buffers.view or _read_buffers.shared())[:nbytes])
+        view = (_read_buffers.view or _read_buffers.shared())[:nbytes]
+        session = self._frames
+        if session is not None and self.receiver is session:  # route_frames: decoded and handed over in one call
+            try:
+                hotpath.compiled.receive(self, None, None, view, view, session._decoder, session.streams,  # type: ignore[union-attr]
+                                         session._dispatch, session.window_limit, SMALL_VIEW)
+            except Exception as exc:  # a frame the session refuses: it decides (GOAWAY, close) or re-raises
+                session.receive_failed(exc)
+            return
+        self._deliver_view(view)
+
+    def route_frames(self, session) -> None:
+        """As ``TlsLeg.route_frames`` (only with the compiled path): each read is decoded and handed to ``session``'s
+        streams in one compiled call (agent.proxy._hotpath.receive with no SSL object: the kernel has opened the
+        records already); ``MuxSession.leg_data`` stays the reference."""
+        self._frames = session
 
     def view_received(self, view: memoryview) -> None:
         self._deliver_view(view)

@@ -32,6 +32,7 @@ from agent.proxy.budget import BufferBudget
 from agent.proxy.endpoints import SMALL_WRITE, Leg, TlsLeg
 from agent.proxy.header import (PeerProtocolError, StatusReply, decode_connect_body,
                                 decode_status_body, encode_connect_body, encode_status_body)
+from agent.proxy.kernel_leg import KernelTlsLeg
 from agent.proxy.state import SessionCore, StreamCore
 
 log = logging.getLogger("tcpmesh.session")
@@ -286,7 +287,8 @@ class MuxSession(SessionCore):
         callbacks may run before this returns (they get the stream; ``stream.session`` is this)."""
         self.tls.set_receiver(self)
         compiled = hotpath.compiled
-        if compiled is not None and type(self._decoder) is compiled.FrameDecoder and isinstance(self.tls, TlsLeg):
+        if compiled is not None and type(self._decoder) is compiled.FrameDecoder \
+                and isinstance(self.tls, (TlsLeg, KernelTlsLeg)):
             self.tls.route_frames(self)  # each tunnel read: one compiled call (agent.proxy._hotpath.receive)
         self.tls.resume_reading()
         if self.gate is not None:

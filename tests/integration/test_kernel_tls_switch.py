@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import socket
 import ssl
 import struct
 
@@ -25,6 +26,8 @@ from agent.proxy.endpoints import TlsLeg
 from agent.proxy.kernel_leg import KernelTls, KernelTlsLeg
 from agent.proxy.kernel_tls import KernelTlsError, KeyLog
 from agent.proxy.kernel_tls_probe import probe_contexts
+from agent.proxy.mux import HEADER_SIZE as M_HEADER
+from tests.hotpath_impls import hotpath_impl  # noqa: F401 - a fixture: both implementations of the relay steps
 
 TIMEOUT = 10.0
 
@@ -249,3 +252,120 @@ def test_the_key_log_is_an_anonymous_memory_file_read_and_emptied_per_connection
     assert os.fstat(int(keylog.path.rsplit("/", 1)[1])).st_size == 0  # consumed and truncated
     assert keylog._secrets == {} and len(keylog._recent) <= 1  # the taken secrets of the last connection only
     keylog.close()
+
+
+async def echo(reader, writer):
+    while chunk := await reader.read(65536):
+        writer.write(chunk)
+        await writer.drain()
+    writer.close()
+
+
+async def mesh_with_kernel_legs(tmp_path, body):
+    """Both nodes' proxies (tests/integration/test_proxy_loopback.py's Mesh) with every tunnel on a kernel TLS leg."""
+    from agent.proxy.inbound import InboundProxy
+    from agent.proxy.outbound import OutboundProxy
+    from tests.integration.test_proxy_loopback import NODE1, NODE2, SERVER_IP, Mesh, free_port
+
+    loop = asyncio.get_running_loop()
+    inbound_port, backend_port = free_port(NODE2), free_port(SERVER_IP)
+    mesh = Mesh(tmp_path, inbound_port, {"ip": SERVER_IP, "port": backend_port})
+    kernels = []
+    for node in ("node1", "node2"):
+        ctx = mesh.context(node, loop)
+        ctx.kernel_tls = KernelTls("on", KeyLog(), "test")
+        ctx.identities.set_context_hook(ctx.kernel_tls.adopt)
+        kernels.append(ctx.kernel_tls)
+    outbound = OutboundProxy(mesh.contexts["node1"], mesh.read_origin)
+    inbound = InboundProxy(mesh.contexts["node2"])
+    servers = [await asyncio.start_server(echo, SERVER_IP, backend_port),
+               await loop.create_server(outbound.protocol_factory, NODE1, 0),
+               await loop.create_server(inbound.protocol_factory, NODE2, inbound_port)]
+    mesh.outbound_address = servers[1].sockets[0].getsockname()[:2]
+    try:
+        await body(mesh, outbound)
+    finally:
+        for server in servers:
+            server.close()
+        for ctx in mesh.contexts.values():
+            await ctx.drain(0.5)
+        outbound.pool.close_all("test over")
+        for kernel in kernels:
+            kernel.keylog.close()
+
+
+async def open_client(mesh):
+    from tests.integration.test_proxy_loopback import CLIENT_IP
+
+    sock = socket.socket()
+    sock.bind((CLIENT_IP, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, mesh.outbound_address)
+    return await asyncio.open_connection(sock=sock)
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_kernel_legs_carry_small_and_large_messages_through_both_implementations_of_the_relay_steps(
+        installed, hotpath_impl, tmp_path, event_loop, monkeypatch):
+    """Every tunnel on a kernel TLS leg, the kernel's part left out (nothing installed: the tunnel carries frames in
+    plaintext, which is what the kernel hands the leg): small messages take the compiled relay steps (relay_send
+    and receive without an SSL object: KernelTlsLeg.write_data_frame is never called, the reads are routed) or
+    their Python reference, a large one and a half-close cross intact, and the key's use is counted either way.
+    Seen failing before relay_send and receive took a kernel leg (every message went the Python way: 64 Python
+    calls per round trip in bench.hop_cpu, 16 now)."""
+    python_frames = []
+    original = KernelTlsLeg.write_data_frame
+
+    def counted(self, stream, data):
+        python_frames.append(len(data))
+        original(self, stream, data)
+    monkeypatch.setattr(KernelTlsLeg, "write_data_frame", counted)
+
+    async def body(mesh, outbound):
+        reader, writer = await open_client(mesh)
+        for i in range(50):
+            message = f"ping {i}".encode()
+            writer.write(message)
+            assert await asyncio.wait_for(reader.readexactly(len(message)), TIMEOUT) == message
+        large = os.urandom(3 * 1024 * 1024 + 5)
+        writer.write(large)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == large
+        writer.close()
+        (session,) = [s for sessions in outbound.pool._sessions.values() for s in sessions]
+        assert isinstance(session.tls, KernelTlsLeg)
+        assert session.tls._blocks >= 50 * R.gcm_blocks(M_HEADER + 6) + R.gcm_blocks(len(large))
+        small = [n for n in python_frames if n < 16]
+        if hotpath_impl == "compiled":  # (a message that came before the relay was set up is replayed by Python)
+            assert len(small) <= 2 and session.tls._frames is session, small
+        else:
+            assert len(small) >= 100 and session.tls._frames is None  # both directions, both nodes
+
+    run_event_loop(asyncio.wait_for(mesh_with_kernel_legs(tmp_path, body), 6 * TIMEOUT), event_loop)
+
+
+def test_a_kernel_tls_tunnel_retires_before_the_aes_gcm_limit_and_closes_at_it(installed, hotpath_impl, tmp_path):
+    """RFC 8446 §5.5 without rekeying: past RETIRE_BLOCKS the client's pool takes no new stream on the tunnel (a
+    second connection gets a new tunnel), past CLOSE_BLOCKS the tunnel is closed."""
+
+    async def body(mesh, outbound):
+        reader, writer = await open_client(mesh)
+        writer.write(b"one")
+        assert await asyncio.wait_for(reader.readexactly(3), TIMEOUT) == b"one"
+        (first,) = [s for sessions in outbound.pool._sessions.values() for s in sessions]
+        first.tls._blocks = R.RETIRE_BLOCKS - 1
+        writer.write(b"two")
+        assert await asyncio.wait_for(reader.readexactly(3), TIMEOUT) == b"two"
+        assert not first.usable and not first.closed.done()  # retired: open streams go on
+        other_reader, other_writer = await open_client(mesh)
+        other_writer.write(b"three")
+        assert await asyncio.wait_for(other_reader.readexactly(5), TIMEOUT) == b"three"
+        assert outbound.pool.dials == 2
+        first.tls._blocks = R.CLOSE_BLOCKS - 1
+        writer.write(b"four")
+        await asyncio.wait_for(asyncio.shield(first.closed), TIMEOUT)
+        assert first.closed.result() == "kernel TLS key usage limit"
+        for w in (writer, other_writer):
+            w.close()
+
+    run_event_loop(asyncio.wait_for(mesh_with_kernel_legs(tmp_path, body), 6 * TIMEOUT), "uvloop")
