@@ -11,10 +11,14 @@ cleanly. At the end of the drain n1p1's are reset (the client reads ECONNRESET) 
 Every one of the 6 connections has exactly one close record in the stopped agent's access log — with its bytes
 and its result: ``-`` for the ones that ended during the drain, ``DC`` "agent shutting down" for the
 reset ones — and the other node closed each of them too.
+
+The two cases share one lab: before each, an agent that is not serving (the one the case before stopped) is
+started again with the same drain, and a connection must be meshed.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -31,18 +35,44 @@ DRAIN = 8.0  # long enough to close n1p2's connections inside it on a loaded mac
 ENV = {"TCPMESH_PROXY_DRAIN_SECONDS": str(DRAIN)}
 
 
-@pytest.fixture
-def lab(bpf_capable):
+@pytest.fixture(scope="module")
+def shared_lab(bpf_capable):
+    """One lab for both cases (a lab build is ≈ 15-35 s; an agent's restart a third of it)."""
     with reliability_lab("sd", pods_per_node=2, env=ENV) as lab:
         lab.start_server("n2p1")
-        assert lab.run("probe")["result"] == "ok"
         yield lab
+
+
+@pytest.fixture
+def lab(shared_lab):
+    """The shared lab with both agents running: the agent an earlier case stopped (or left draining, if it
+    failed) is started again — with the same drain setting — and a connection is meshed before the case begins;
+    the case's clients are stopped after it, the server is kept."""
+    for index in (1, 2):
+        if not serving(shared_lab, index):
+            shared_lab.restart_agent(index)
+    assert shared_lab.run("probe")["result"] == "ok"
+    server = len(shared_lab.apps)
+    yield shared_lab
+    clients, shared_lab.apps[server:] = shared_lab.apps[server:], []
+    for proc in clients:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def readyz(lab, index: int) -> tuple[int, str]:
     node = lab.node(index)
     status, body = http_get_in_netns(node.netns, f"http://{node.admin_address}/readyz")
     return status, body.decode()
+
+
+def serving(lab, index: int) -> bool:
+    """The node's agent answers /readyz with 200 (not gone, not draining)."""
+    try:
+        return readyz(lab, index)[0] == 200
+    except (OSError, http.client.HTTPException):
+        return False
 
 
 def close_records(path: str) -> list[dict]:
