@@ -60,8 +60,10 @@ from agent.telemetry.admin import AdminServer
 from agent.telemetry.capture_events import CaptureEventsCollector
 from agent.telemetry.plaintext import PlaintextCollector
 from agent.audit.writer import AccessLog, access_log_from_config
+from agent.connection.flow import UNKNOWN
 from agent.telemetry.cgroups import CgroupNames
 from agent.telemetry.egress import EgressReport
+from agent.telemetry.refusals import Refusal, RefusalReport, read_forever as read_refusals_forever
 from agent.telemetry.tcpstats import KernelTcpStats, tcp_stats_from_config
 from agent.telemetry.flows import FlowTable
 from agent.telemetry.metrics import Metrics
@@ -101,6 +103,7 @@ class Agent:
         self.access_log: AccessLog | None = access_log_from_config(config, self.metrics, enrich=self.cgroups.enrich)
         self.flows = FlowTable(access_log=self.access_log, log_open=config.access_log.log_open)
         self.tcp_stats: KernelTcpStats | None = None
+        self.refusals: RefusalReport | None = None  # ebpf-tc, iptables: connections their node table reset
         self.capture: Capture | None = None
         self.source_return: WithSourceReturn | None = None  # proxy.source_address pod/auto (wraps capture)
         self.workloads: WorkloadController | None = None
@@ -185,7 +188,8 @@ class Agent:
                            workloads=self.workloads.describe() if self.workloads is not None else [],
                            identities=identities, policy=policy_doc, registry=self._registry_status(),
                            issuer=self._issuer_status(), config=self._config_status(),
-                           tunnel_tls=self.kernel_tls.describe())
+                           tunnel_tls=self.kernel_tls.describe(),
+                           refused=list(self.refusals.recent.values()) if self.refusals is not None else ())
 
     def _config_status(self) -> dict:
         """The config file's reloads, for `tcpmesh status`: empty when the agent runs without a file."""
@@ -467,6 +471,9 @@ class Agent:
                     ctx.relays, idle, lambda relay, flow: reset_idle(relay, flow, idle))))
             if kubernetes is not None:
                 background.append(loop.create_task(kubernetes.run()))
+            if self.capture.refusals is not None:  # ebpf-tc, iptables: what their node table resets, made visible
+                background.append(loop.create_task(read_refusals_forever(self.capture.refusals.read_refusals,
+                                                                         self._refusal_report())))
             trim = heap_trimmer()
             if trim is not None:
                 background.append(loop.create_task(trim_heap_forever(trim)))
@@ -687,6 +694,8 @@ class Agent:
         if self.tcp_stats is not None:
             self.tcp_stats.retain((w.namespace, w.name) for w in registry.workloads)
         self.cgroups.set_roots([w.cgroup for w in registry.local(self.config.node.name) if w.cgroup])
+        if self.refusals is not None:
+            self.refusals.retain({w.key for w in registry.workloads})
 
     def _cut_departed(self, registry: Registry) -> None:
         """A local workload that left the registry — or whose identity or address changed — is gone:
@@ -711,6 +720,16 @@ class Agent:
         reader = self.capture.egress.egress_reader(report.on_event)
         loop.add_reader(reader.fileno(), reader.drain)
         return reader
+
+    def _refusal_report(self) -> RefusalReport:
+        """The node table's resets → tcpmesh_node_refused_connections_total and a warning per pod (agent.telemetry.refusals)."""
+        def count(refusal: Refusal, n: int) -> None:
+            source = refusal.source
+            self.metrics.refused(source.name if source else UNKNOWN, source.namespace if source else UNKNOWN,
+                                 source.spiffe_id.uri if source else UNKNOWN, refusal.reason, n)
+
+        self.refusals = RefusalReport(self.capture.name, self._snapshot_or_none, count)
+        return self.refusals
 
     def _start_tcp_stats(self, ctx: ProxyContext) -> None:
         """Kernel TCP stats of the proxy's sockets (telemetry.tcp_stats), scraped with /metrics."""

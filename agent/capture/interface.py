@@ -7,7 +7,8 @@ per accepted connection (the data path: must be cheap), ``stop()`` at the end.
 
 Optional features are attributes that are ``None`` when a mode lacks them, never methods probed
 with hasattr: ``inbound`` (ebpf-connect only) enforces each pod's inbound mTLS mode in the kernel;
-``egress`` (ebpf-connect only) reports pods' connects outside the mesh. Every mode captures only
+``egress`` (ebpf-connect only) reports pods' connects outside the mesh; ``refusals`` (ebpf-tc, iptables) counts
+the connections their node table resets. Every mode captures only
 the mesh: ``set_mesh_destinations`` names it from each registry snapshot (docs/security.md).
 Imports only the registry model and capture.origin; the modes import this module, never modes.py.
 """
@@ -46,11 +47,19 @@ class EgressEvents(Protocol):
         """An agent.capture.egress.EgressReader handing each event to ``on_event`` (the caller closes it)."""
 
 
+class NodeRefusals(Protocol):
+    """The node table's counts of the SYNs it reset (agent.capture.node_rules): nodePorts and hostPorts, IPv6."""
+
+    def read_refusals(self) -> dict[tuple[str, str, int], int]:
+        """{(source address, destination address, port): SYNs reset}; runs nft (call it off the loop)."""
+
+
 class Capture(Protocol):
     name: str
     listener: ListenerRequirements
     inbound: InboundEnforcement | None  # None: this mode cannot enforce STRICT in the kernel
     egress: EgressEvents | None  # None: no kernel events for connects outside the mesh
+    refusals: NodeRefusals | None  # None: this mode resets nothing in the node's table (ebpf-connect refuses at connect)
 
     def set_mesh_destinations(self, workloads: Iterable[Workload], services: Iterable[tuple[str, int]] = (),
                               node_ports: Iterable[tuple[str, int]] = ()) -> None:

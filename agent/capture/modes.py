@@ -25,6 +25,7 @@ class NoCapture:
     listener = ListenerRequirements()
     inbound = None
     egress = None
+    refusals = None
 
     def set_mesh_destinations(self, workloads: Iterable[Workload], services: Iterable[tuple[str, int]] = (),
                               node_ports: Iterable[tuple[str, int]] = ()) -> None:
@@ -56,6 +57,7 @@ class ConnectMode:
 
     name = "ebpf-connect"
     listener = ListenerRequirements()
+    refusals = None  # refuses at connect() (EPERM, counted in the capture events), never in a node table
 
     def __init__(self, redirect_ip: str, redirect_port: int, state_dir: str, proxy_cgroup: str,
                  pods_cgroup: str = "", bpffs_dir: str | None = None, passthrough_deny: bool = False,

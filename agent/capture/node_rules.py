@@ -22,8 +22,21 @@ pod's interface:
   (seen succeeding: tests/hostile/test_hostile_ipv6_packet_modes.py). A SYN to a (node address,
   nodePort) pair of the registry, either family, is reset.
 
-    table inet tcpmesh_node { set pod_ifaces; set mesh6; set mesh6_svc; set vips4; set node_ports4;
-                              set node_ports6; chain prerouting { ... } }
+- **Every reset is counted, per source.** A refused SYN jumps to chain ``refuse4``/``refuse6``, which
+  counts it in the dynamic set ``refused4``/``refused6`` — one element per (source address, destination
+  address, port), each with its own counter (``update @set { key counter }``; a kernel whose nftables
+  cannot takes the table without counting, said once), gone 10 minutes after its last SYN (at most 65,536; a full
+  set counts no more, the SYN is reset all the same) — and resets it. ``read_refusals`` reads both sets
+  (``nft -j list set``); agent.telemetry.refusals names the pod, the reason (nodePort, hostPort, IPv6)
+  and the fix. The jump is the verdict of the rules that reset: a connection that is not refused
+  passes the same matches as before.
+
+    table inet tcpmesh_node { set refused4; set refused6; set pod_ifaces; set mesh6; set mesh6_svc; set vips4;
+                              set node_ports4; set node_ports6; chain prerouting { ... }; chain refuse4; chain refuse6 }
+
+The table is updated in place (one transaction: every object declared, the chains and the data sets
+flushed and filled again), so the counting sets keep their counts across changes; a table another
+version left whose sets differ is replaced whole instead (``ruleset(..., replace=True)``).
 
 No IPv6 destination, no IPv4 virtual address, no nodePort and passthrough ALLOW: no table. Where the
 table cannot be installed (no ``nft`` binary, a kernel without nf_tables) while the registry has IPv6
@@ -36,6 +49,7 @@ is logged once (a node without nft still runs its IPv4 mesh). ``ruleset`` is pur
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 from typing import Iterable, Mapping
 
@@ -44,6 +58,11 @@ from agent.capture.netns import describe, run
 
 FAMILY = "inet"
 TABLE = "tcpmesh_node"
+REFUSED_SETS = ("refused4", "refused6")  # (source, destination, port) → SYNs reset, IPv4 and IPv6
+REFUSED_SIZE = 65536      # elements per counting set; beyond, SYNs are reset but not counted
+REFUSED_TIMEOUT = "10m"   # an element goes this long after its last SYN (read every few seconds before)
+DATA_SETS = ("pod_ifaces", "mesh6", "mesh6_svc", "vips4", "node_ports4", "node_ports6")
+CHAINS = ("prerouting", "refuse4", "refuse6")
 
 log = logging.getLogger("tcpmesh.capture")
 
@@ -82,10 +101,15 @@ def node_port_pairs(node_ports: Iterable[tuple[str, int]]) -> NodePorts:
     return tuple(ipv4), tuple(sorted((a, p) for a, p in pairs if ":" in a))
 
 
-def ruleset(ifaces: Iterable[str], mesh: Mesh, refuse_all6: bool = False, node_ports: NodePorts = ((), ())) -> str:
-    """One ``nft -f`` transaction replacing the table (pure); empty sets are left without elements.
+def ruleset(ifaces: Iterable[str], mesh: Mesh, refuse_all6: bool = False, node_ports: NodePorts = ((), ()),
+            replace: bool = False, count: bool = True) -> str:
+    """One ``nft -f`` transaction bringing the table to this state (pure): in place — every object declared
+    (a no-op for those that exist), the chains and data sets flushed and filled, the counting sets kept — or,
+    ``replace``, the table deleted and made anew. Empty sets are left without elements.
     ``refuse_all6`` (policy.outbound_passthrough DENY): every IPv6 SYN from a pod interface is reset.
-    ``node_ports``: (node address, nodePort) pairs, reset — these modes cannot steer one port of an address."""
+    ``node_ports``: (node address, nodePort) pairs, reset — these modes cannot steer one port of an address.
+    ``count``: each reset counted per (source, destination, port) first (a kernel without nftables' dynamic sets
+    with counters takes the table without it)."""
     def elements(items: list[str]) -> str:
         return f" elements = {{ {', '.join(items)} }};" if items else ""
 
@@ -94,24 +118,55 @@ def ruleset(ifaces: Iterable[str], mesh: Mesh, refuse_all6: bool = False, node_p
 
     addresses6, frontends6, vips4 = mesh
     names = [f'"{name}"' for name in sorted(set(ifaces))]
+    types = {"pod_ifaces": "ifname", "mesh6": "ipv6_addr", "mesh6_svc": "ipv6_addr . inet_service",
+             "vips4": "ipv4_addr", "node_ports4": "ipv4_addr . inet_service", "node_ports6": "ipv6_addr . inet_service"}
+    content = {"pod_ifaces": names, "mesh6": list(addresses6), "mesh6_svc": joined(frontends6), "vips4": list(vips4),
+               "node_ports4": joined(node_ports[0]), "node_ports6": joined(node_ports[1])}
+    counting = "".join(f"  set {name} {{ type {kind} . {kind} . inet_service; size {REFUSED_SIZE}; flags dynamic,timeout; "
+                       f"timeout {REFUSED_TIMEOUT}; }}\n"
+                       for name, kind in zip(REFUSED_SETS, ("ipv4_addr", "ipv6_addr"))) if count else ""
+    declared = (f"table {FAMILY} {TABLE} {{\n" + counting
+                + "".join(f"  set {name} {{ type {types[name]}; }}\n" for name in DATA_SETS)
+                + "  chain prerouting { type filter hook prerouting priority raw; policy accept; }\n"
+                + "  chain refuse4 { }\n  chain refuse6 { }\n}\n")
+    flushed = "".join(f"flush chain {FAMILY} {TABLE} {name}\n" for name in CHAINS) + \
+        "".join(f"flush set {FAMILY} {TABLE} {name}\n" for name in DATA_SETS)
     syn = "iifname @pod_ifaces tcp flags & (syn | ack) == syn"
-    return (f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
-            f"table {FAMILY} {TABLE} {{\n"
-            f"  set pod_ifaces {{ type ifname;{elements(names)} }}\n"
-            f"  set mesh6 {{ type ipv6_addr;{elements(list(addresses6))} }}\n"
-            f"  set mesh6_svc {{ type ipv6_addr . inet_service;{elements(joined(frontends6))} }}\n"
-            f"  set vips4 {{ type ipv4_addr;{elements(list(vips4))} }}\n"
-            f"  set node_ports4 {{ type ipv4_addr . inet_service;{elements(joined(node_ports[0]))} }}\n"
-            f"  set node_ports6 {{ type ipv6_addr . inet_service;{elements(joined(node_ports[1]))} }}\n"
-            f"  chain prerouting {{\n"
-            f"    type filter hook prerouting priority raw; policy accept;\n"
-            f"    iifname @pod_ifaces ip daddr @vips4 notrack\n"
-            f"    {syn} ip6 daddr @mesh6 reject with tcp reset\n"
-            f"    {syn} ip6 daddr . tcp dport @mesh6_svc reject with tcp reset\n"
-            f"    {syn} ip daddr . tcp dport @node_ports4 reject with tcp reset\n"
-            f"    {syn} ip6 daddr . tcp dport @node_ports6 reject with tcp reset\n"
-            + (f"    {syn} meta nfproto ipv6 reject with tcp reset\n" if refuse_all6 else "")
-            + "  }\n}\n")
+    filled = (f"table {FAMILY} {TABLE} {{\n"
+              + "".join(f"  set {name} {{ type {types[name]};{elements(content[name])} }}\n" for name in DATA_SETS)
+              + "  chain refuse4 {\n" + ("    update @refused4 { ip saddr . ip daddr . tcp dport counter }\n" if count else "")
+              + "    reject with tcp reset\n  }\n"
+              + "  chain refuse6 {\n" + ("    update @refused6 { ip6 saddr . ip6 daddr . tcp dport counter }\n" if count else "")
+              + "    reject with tcp reset\n  }\n"
+              + f"  chain prerouting {{\n"
+              f"    iifname @pod_ifaces ip daddr @vips4 notrack\n"
+              f"    {syn} ip6 daddr @mesh6 jump refuse6\n"
+              f"    {syn} ip6 daddr . tcp dport @mesh6_svc jump refuse6\n"
+              f"    {syn} ip daddr . tcp dport @node_ports4 jump refuse4\n"
+              f"    {syn} ip6 daddr . tcp dport @node_ports6 jump refuse6\n"
+              + (f"    {syn} meta nfproto ipv6 jump refuse6\n" if refuse_all6 else "")
+              + "  }\n}\n")
+    if replace:
+        return f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + declared + filled
+    return declared + flushed + filled
+
+
+Refusals = dict[tuple[str, str, int], int]
+
+
+def parse_refusals(text: str) -> Refusals:
+    """Pure: {(source address, destination address, port): SYNs reset} of one ``nft -j list set`` of a counting
+    set. ValueError for output that is not such a listing."""
+    found: Refusals = {}
+    for item in json.loads(text).get("nftables", []):
+        for entry in (item.get("set") or {}).get("elem", []):
+            element = entry.get("elem", entry) if isinstance(entry, dict) else entry
+            if not isinstance(element, dict) or "counter" not in element:
+                continue  # an element without its counter (cannot be: the set's elements all carry one)
+            source, destination, port = element["val"]["concat"]
+            key = (str(ipaddress.ip_address(source)), str(ipaddress.ip_address(destination)), int(port))
+            found[key] = found.get(key, 0) + int(element["counter"]["packets"])
+    return found
 
 
 class NodeRules:
@@ -125,6 +180,7 @@ class NodeRules:
         self._mesh: Mesh = ((), (), ())
         self._node_ports: NodePorts = ((), ())
         self._installed: str | None = None
+        self.counting = True  # resets counted per source (False: this kernel's nftables cannot; said once)
         self._warned = False
         self._shared_warned: dict[str, tuple[str, ...]] = {}  # interface → the workloads last said to share it
 
@@ -156,12 +212,30 @@ class NodeRules:
             if self._installed is not None:
                 self.remove()
             return
-        text = ruleset(self._ifaces, self._mesh, self.refuse_all6, self._node_ports)
+        text = ruleset(self._ifaces, self._mesh, self.refuse_all6, self._node_ports, count=self.counting)
         if text == self._installed:
             return
         problem = ""
         try:
             done = run(["nft", "-f", "-"], self.netns, stdin=text)
+            if not done.ok:  # a table of another version whose sets differ: replaced whole (its counts go)
+                log.info("nftables table %s %s in %s not updated in place (%s): replaced whole", FAMILY, TABLE,
+                         describe(self.netns), done.error())
+                done = run(["nft", "-f", "-"], self.netns, stdin=ruleset(self._ifaces, self._mesh, self.refuse_all6,
+                                                                         self._node_ports, replace=True,
+                                                                         count=self.counting))
+            if not done.ok and self.counting:  # a kernel without dynamic sets with counters: reset, uncounted
+                uncounted = run(["nft", "-f", "-"], self.netns, stdin=ruleset(
+                    self._ifaces, self._mesh, self.refuse_all6, self._node_ports, replace=True, count=False))
+                if uncounted.ok:
+                    log.warning("capture mode %s: nftables in %s cannot count the connections table %s %s resets "
+                                "per source (%s); they are reset all the same, but no metric or log line names the "
+                                "pods (tcpmesh_node_refused_connections_total stays empty). A newer kernel/nftables, "
+                                "or capture.mode ebpf-connect, shows them", self.mode, describe(self.netns), FAMILY,
+                                TABLE, done.error())
+                    self.counting = False
+                    text = ruleset(self._ifaces, self._mesh, self.refuse_all6, self._node_ports, count=False)
+                    done = uncounted
             problem = "" if done.ok else done.error()
         except FileNotFoundError:
             problem = "nft is not installed (not found in PATH)"
@@ -189,6 +263,23 @@ class NodeRules:
                 self._warned = True
             return
         self._installed = text
+
+    def read_refusals(self) -> Refusals:
+        """{(source, destination, port): SYNs reset} as the kernel counts them now (two ``nft -j list set``, ≈ 4 ms
+        of CPU each); empty while no table is installed. NetfilterError when a read fails. Any thread."""
+        if self._installed is None or not self.counting:
+            return {}
+        found: Refusals = {}
+        for name in REFUSED_SETS:
+            done = run(["nft", "-j", "list", "set", FAMILY, TABLE, name], self.netns)
+            if not done.ok:
+                raise NetfilterError(f"reading the refusal counters (set {name} of {FAMILY} {TABLE} in "
+                                     f"{describe(self.netns)}) failed: {done.error()}")
+            try:
+                found.update(parse_refusals(done.stdout))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise NetfilterError(f"set {name} of {FAMILY} {TABLE}: nft's listing was not understood ({exc!r})")
+        return found
 
     def present(self) -> list[str]:
         return present(self.netns)

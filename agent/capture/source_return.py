@@ -155,6 +155,7 @@ class WithSourceReturn:
         self.listener = capture.listener
         self.inbound = capture.inbound
         self.egress = capture.egress
+        self.refusals = capture.refusals
         self.origin = capture.origin  # the outbound data path calls the mode's own method, no extra frame
         self.set_mesh_destinations = capture.set_mesh_destinations
 

@@ -91,6 +91,11 @@ class TcCapture:
     inbound = None  # no kernel enforcement of STRICT in this mode
     egress = None  # no kernel events of connects outside the mesh
 
+    @property
+    def refusals(self) -> NodeRules:
+        """The node table (agent.capture.node_rules): it counts the SYNs it resets, per source."""
+        return self._node_rules
+
     def __init__(self, listen_address: str, listen_port: int, state_dir: str, *, netns: str | None = None,
                  capture_cidrs: Sequence[str] = DEFAULT_CAPTURE_CIDRS, bypass_cidrs: Sequence[str] = (),
                  source_dir: str | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS,

@@ -42,6 +42,11 @@ class TproxyCapture:
     inbound = None  # no kernel enforcement of STRICT in this mode
     egress = None  # no kernel events of connects outside the mesh
 
+    @property
+    def refusals(self) -> NodeRules:
+        """The node table (agent.capture.node_rules): it counts the SYNs it resets, per source."""
+        return self._node_rules
+
     def __init__(self, listen_address: str, listen_port: int, *, netns: str | None = None,
                  backends: Sequence[str] = BACKEND_ORDER, capture_cidrs: Sequence[str] = DEFAULT_CAPTURE_CIDRS,
                  bypass_cidrs: Sequence[str] = (), passthrough_deny: bool = False) -> None:

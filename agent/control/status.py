@@ -1,8 +1,9 @@
 """What `tcpmesh status` shows for one node, as one JSON-ready document: ready or not (and why),
 capture mode, who runs the tunnels' TLS (kernel or user space, and why), local workloads, identities and
 their expiry, the policy set in force (since when) and the last refused policy change (``file:line: field: problem``, and which valid edits it holds back),
-the registry source's health, the issuer's reachability ("not configured" until the agent has one) and
-the config file's last reload (a refused file, fields waiting for a restart).
+the registry source's health, the issuer's reachability ("not configured" until the agent has one),
+the config file's last reload (a refused file, fields waiting for a restart) and, in the packet-level capture
+modes, the pods whose connections the node's table reset (nodePorts, hostPorts, IPv6) and the fix.
 
 ``node_status`` assembles the document from plain values the composition root hands in;
 ``problems`` lists what an operator must act on; ``format_status`` renders it. The agent serves the
@@ -17,13 +18,15 @@ from typing import Any, Mapping, Sequence
 
 STATUS_VERSION = 1
 RENEWAL_OVERDUE_SECONDS = 60  # an SVID whose renewal is this late (and not already failing) is a problem
+REFUSED_RECENT_SECONDS = 600  # a pod's connections reset in the node's table this recently are a problem
 
 
 def node_status(*, node: str, now: float, ready: bool, not_ready_reason: str, capture_mode: str,
                 workloads: Sequence[Mapping[str, Any]], identities: Sequence[Mapping[str, Any]],
                 policy: Mapping[str, Any], registry: Mapping[str, Any],
                 issuer: Mapping[str, Any] | None, config: Mapping[str, Any] | None = None,
-                tunnel_tls: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                tunnel_tls: Mapping[str, Any] | None = None,
+                refused: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     local = [w for w in workloads if w.get("local")]
     doc = {
         "version": STATUS_VERSION, "node": node, "now": now, "ready": ready,
@@ -40,6 +43,8 @@ def node_status(*, node: str, now: float, ready: bool, not_ready_reason: str, ca
         "config": dict(config) if config is not None else {},
         # who runs the tunnels' TLS (proxy.kernel_tls; agent.proxy.kernel_tls.KernelTls.describe)
         "tunnel_tls": dict(tunnel_tls) if tunnel_tls is not None else {},
+        # ebpf-tc, iptables: each source pod's last read with connections its node table reset (agent.telemetry.refusals)
+        "refused": sorted((dict(r) for r in refused), key=lambda r: -r["at"]),
     }
     doc["problems"] = problems(doc)
     return doc
@@ -71,6 +76,10 @@ def problems(doc: Mapping[str, Any]) -> list[str]:
         elif i["seconds_to_renewal"] < -RENEWAL_OVERDUE_SECONDS:
             found.append(f"identity {i['spiffe_id']}: renewal overdue by {-i['seconds_to_renewal']:.0f}s, expires in "
                          f"{i['seconds_to_expiry']:.0f}s")
+    for r in doc.get("refused") or ():
+        if doc["now"] - r["at"] <= REFUSED_RECENT_SECONDS:
+            found.append(f"{r['source']}: {r['count']} connection(s) reset by the node's table {_ago(doc['now'] - r['at'])}"
+                         f" ago ({r['what']}); fix: {r['fix']}")
     config = doc.get("config") or {}
     if config.get("refused"):
         found.append(f"config file change refused, the last good config keeps running: {config['refused']['error']}")

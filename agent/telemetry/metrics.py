@@ -24,6 +24,8 @@ OPEN_LABELS = tuple(name for name in METRIC_LABELS if name != "response_flags")
 OPEN_LABEL_COUNT = len(OPEN_LABELS)  # METRIC_LABELS ends with response_flags: open values are a prefix
 # tcpmesh_egress_outside_mesh: who connected, and the kernel's decision (no destination: never a 5-tuple)
 EGRESS_LABELS = ("source_workload", "source_workload_namespace", "source_principal", "decision")
+# tcpmesh_node_refused_connections: who was refused in the node's table, and why (never the address or port)
+REFUSED_LABELS = ("source_workload", "source_workload_namespace", "source_principal", "reason")
 PAIR_LABELS = ("reporter", "source_workload", "source_workload_namespace", "source_principal",
                "destination_workload", "destination_workload_namespace", "destination_principal")
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -161,6 +163,11 @@ class Metrics:
             "tcpmesh_egress_outside_mesh", "TCP connects from pods to destinations outside the mesh, seen by the "
             "kernel's connect hook and never proxied: decision allow = left from the pod itself, deny = refused "
             "at connect() (policy.outbound_passthrough DENY)", EGRESS_LABELS, registry=registry)
+        self.node_refused = Counter(
+            "tcpmesh_node_refused_connections", "TCP connections from pods reset in the node's nftables table by the "
+            "packet-level capture modes (ebpf-tc, iptables), by reason: node_port, host_port (these modes cannot mesh "
+            "one port of a node's address), ipv6 (they carry IPv4 only), ipv6_outside_mesh (outbound_passthrough "
+            "DENY); read from the kernel every 10 s", REFUSED_LABELS, registry=registry)
         # Series bookkeeping, so that a departed workload's series can be removed; it doubles as a cache of
         # the labelled children (prometheus_client's labels() validates and locks on every call).
         self._flow_metrics = (self.connections_opened, self.connections_closed, self.connections_failed,
@@ -168,6 +175,7 @@ class Metrics:
         self._names = {m: METRIC_LABELS for m in self._flow_metrics}
         self._names[self.open_connections] = OPEN_LABELS
         self._names[self.egress_outside_mesh] = EGRESS_LABELS
+        self._names[self.node_refused] = REFUSED_LABELS
         self._series: dict[object, dict[tuple[str, ...], object]] = {m: {} for m in self._names}
         # id(flow) of an open flow → [received, sent counted, flags, received/sent children, its
         # open_connections label values]: one entry per open flow (a dict entry and an int key cost ~80 B)
@@ -229,6 +237,10 @@ class Metrics:
         """A connect outside the mesh the kernel reported (agent.telemetry.egress): counted, never proxied."""
         self._track(self.egress_outside_mesh, (flow.source_workload, flow.source_namespace, flow.source_principal,
                                                flow.decision)).inc()
+
+    def refused(self, workload: str, namespace: str, principal: str, reason: str, count: int) -> None:
+        """Connections the node's table reset (agent.telemetry.refusals), ``count`` more since the last read."""
+        self._track(self.node_refused, (workload, namespace, principal, reason)).inc(count)
 
     # -- cardinality --------------------------------------------------------------------------------
     def retain(self, workloads: Iterable[WorkloadKey]) -> None:

@@ -13,6 +13,7 @@ which the same kube-proxy DNATed under the proxy's socket, so that its handshake
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -101,6 +102,38 @@ def test_a_node_port_at_an_address_the_node_gets_later_is_refused(packet_lab, po
     assert "secret" not in attack.get("got", ""), \
         f"{lab.capture_mode}: {pod} read the workload at {LATE_ADDRESS}:{NODE_PORT}, an address node1 got later: {attack}"
     assert attack.get("error") == "ConnectionRefusedError", attack
+
+
+REFUSED = "tcpmesh_node_refused_connections_total{"
+READ_SECONDS = 10.0  # how often the agent reads the node table's counts (agent/telemetry/refusals.py)
+
+
+def test_a_refused_node_port_is_counted_per_pod_and_said_with_the_fix(packet_lab):
+    """The node's table reset the SYN and nothing else knew: the operator saw only the pod's ECONNREFUSED. Seen on main
+    in both modes: no metric and no log line named the pod, `tcpmesh status` had no problem. Now the kernel counts
+    each reset per source, and the agent exports it by pod and reason, logs one warning per pod per read naming the
+    port, why and the fix, and `tcpmesh status` lists it among the problems."""
+    lab = packet_lab
+    node1, node2 = lab.node(1), lab.node(2)
+    log = Path(node1.log_file)
+
+    def counted() -> list[str]:
+        return [line for line in lab.metrics_text(1).splitlines() if line.startswith(REFUSED)
+                and 'source_workload="n1p2"' in line and 'reason="node_port"' in line]
+
+    before = sum(float(line.rsplit(" ", 1)[1]) for line in counted())  # other tests here reset n1p2's SYNs too
+    seen = len(log.read_text().splitlines())
+    attack = dial(lab, "n1p2", node2.wire_address, port=NODE_PORT)
+    assert attack.get("error") == "ConnectionRefusedError", attack
+    eventually(lambda: sum(float(line.rsplit(" ", 1)[1]) for line in counted()) > before,
+               f"{lab.capture_mode}: no {REFUSED}...}} for n1p2's reset nodePort", timeout=READ_SECONDS + 10)
+    series = counted()[0]
+    assert f'source_principal="{lab.pod("n1p2").spiffe_id}"' in series and node2.wire_address not in series, series
+    warnings = [line for line in log.read_text().splitlines()[seen:] if "reset" in line and "n1p2" in line]
+    assert any(f"nodePort {NODE_PORT} at {node2.wire_address} (Service" in line and "ebpf-connect" in line
+               and "Fix:" in line for line in warnings), warnings or log.read_text().splitlines()[seen:][-20:]
+    status = json.loads(lab.admin_get(1, "/debug/status"))
+    assert any("n1p2" in problem and "reset by the node's table" in problem for problem in status["problems"]), status
 
 
 def test_the_refusal_is_one_table_of_ours_that_cleanup_finds(packet_lab):

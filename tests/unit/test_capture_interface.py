@@ -7,7 +7,8 @@ import inspect
 
 import pytest
 
-from agent.capture.interface import Capture, EgressEvents, InboundEnforcement
+from agent.capture.interface import Capture, EgressEvents, InboundEnforcement, NodeRefusals
+from agent.capture.node_rules import NodeRules
 from agent.capture.modes import ConnectMode, NoCapture
 from agent.capture.tc_mode import TcCapture
 from agent.capture.tproxy_mode import TproxyCapture
@@ -25,7 +26,7 @@ def declared(protocol: type) -> tuple[set[str], set[str]]:
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.__name__)
 def test_every_mode_has_every_attribute_and_method_of_the_interface(mode):
     attributes, methods = declared(Capture)
-    assert attributes == {"name", "listener", "inbound", "egress"}
+    assert attributes == {"name", "listener", "inbound", "egress", "refusals"}
     missing = [a for a in attributes | methods if not hasattr(mode, a)]
     assert missing == [], f"{mode.__name__} lacks {missing}"
     for method in methods:
@@ -46,3 +47,11 @@ def test_only_ebpf_connect_reports_connects_outside_the_mesh_from_the_kernel():
     assert methods == {"egress_reader"}
     assert isinstance(inspect.getattr_static(ConnectMode, "egress"), property)
     assert [m.__name__ for m in MODES if m.egress is None] == ["NoCapture", "TcCapture", "TproxyCapture"]
+
+
+def test_only_the_packet_level_modes_count_the_connections_their_node_table_resets():
+    _, methods = declared(NodeRefusals)
+    assert methods == {"read_refusals"} and callable(NodeRules.read_refusals)
+    assert isinstance(inspect.getattr_static(TcCapture, "refusals"), property)
+    assert isinstance(inspect.getattr_static(TproxyCapture, "refusals"), property)
+    assert [m.__name__ for m in MODES if m.refusals is None] == ["NoCapture", "ConnectMode"]
