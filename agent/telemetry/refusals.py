@@ -60,9 +60,10 @@ def classify(registry: Registry | None, mode: str, key: Key) -> Refusal:
                        f"dial the pod at {pod.ip}:{target} or a Service in front of it (meshed), or set capture.mode "
                        "ebpf-connect (it meshes hostPorts and nodePorts)")
     if service is not None and (node_address or not ipv6):
-        svc = service[0]
+        svc, target = service[0], service[1]
         vips = [a for a in svc.addresses if ":" not in a] or list(svc.addresses)
-        at = f" at {vips[0]}:{svc.ports[0].port}" if vips and svc.ports else ""
+        ports = [p.port for p in svc.ports if p.target_port == target] or [p.port for p in svc.ports]
+        at = f" at {vips[0]}:{ports[0]}" if vips and ports else ""  # the ClusterIP port to the same target port
         return Refusal(workload, source, NODE_PORT, f"nodePort {port} at {destination} (Service {svc.key})", cannot,
                        f"dial the Service{at} (meshed), or set capture.mode ebpf-connect (it meshes nodePorts and "
                        "hostPorts)")

@@ -15,8 +15,8 @@ TD = "rf.test"
 WEB = Workload("web", "shop", "web", "10.77.1.11", "node1", trust_domain=TD, ip6="fd00:77:1::11")
 DB = Workload("db", "shop", "db", "10.77.2.11", "node2", trust_domain=TD, ip6="fd00:77:2::11",
               host_ports=(ServicePort(31001, 5432),))
-VAULT = Service("vault", "shop", ("10.96.0.50", "fd00:96::50"), (ServicePort(7415, 7415),), (Endpoint("shop/db"),),
-                node_ports=(ServicePort(30761, 7415),))
+VAULT = Service("vault", "shop", ("10.96.0.50", "fd00:96::50"), (ServicePort(80, 8080), ServicePort(7415, 7415)),
+                (Endpoint("shop/db"),), node_ports=(ServicePort(30761, 7415),))
 REGISTRY = Registry.build(TD, [Node("node1", "10.76.0.1", ("fd00:76::1",)), Node("node2", "10.76.0.2")],
                           [WEB, DB], [VAULT])
 
