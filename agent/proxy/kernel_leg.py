@@ -208,12 +208,14 @@ class KernelTlsLeg(Leg, TlsCore):
         Leg.connection_lost(self, exc)
 
     # -- writing: the kernel seals ---------------------------------------------------------------------
+    # Every write hands the transport bytes of its own: what a caller passes may be a view of a reused buffer
+    # (agent.proxy.endpoints' zero-copy discipline), and a transport keeps what the socket cannot take now.
     def write(self, data: bytes | memoryview) -> None:
         transport = self.transport
         if transport is None or transport.is_closing() or self.eof_sent:
             return
         self.bytes_written += len(data)
-        transport.write(data)
+        transport.write(bytes(data) if type(data) is memoryview else data)
         self._sealed(len(data))
 
     def write_data_frame(self, stream: int, data: bytes | memoryview) -> None:
@@ -229,10 +231,10 @@ class KernelTlsLeg(Leg, TlsCore):
         transport = self.transport
         if transport is None or transport.is_closing() or self.eof_sent:
             return
-        size = sum(len(part) for part in parts)
-        self.bytes_written += size
-        transport.writelines(parts)
-        self._sealed(size)
+        data = b"".join(parts)  # one copy: the parts may be views of a reused buffer
+        self.bytes_written += len(data)
+        transport.write(data)
+        self._sealed(len(data))
 
     def write_eof(self) -> None:
         """close_notify as an alert record (when nothing is still queued before it), then a TCP FIN."""

@@ -261,7 +261,7 @@ async def echo(reader, writer):
     writer.close()
 
 
-async def mesh_with_kernel_legs(tmp_path, body):
+async def mesh_with_kernel_legs(tmp_path, body, backend=echo):
     """Both nodes' proxies (tests/integration/test_proxy_loopback.py's Mesh) with every tunnel on a kernel TLS leg."""
     from agent.proxy.inbound import InboundProxy
     from agent.proxy.outbound import OutboundProxy
@@ -278,7 +278,7 @@ async def mesh_with_kernel_legs(tmp_path, body):
         kernels.append(ctx.kernel_tls)
     outbound = OutboundProxy(mesh.contexts["node1"], mesh.read_origin)
     inbound = InboundProxy(mesh.contexts["node2"])
-    servers = [await asyncio.start_server(echo, SERVER_IP, backend_port),
+    servers = [await asyncio.start_server(backend, SERVER_IP, backend_port),
                await loop.create_server(outbound.protocol_factory, NODE1, 0),
                await loop.create_server(inbound.protocol_factory, NODE2, inbound_port)]
     mesh.outbound_address = servers[1].sockets[0].getsockname()[:2]
@@ -369,3 +369,34 @@ def test_a_kernel_tls_tunnel_retires_before_the_aes_gcm_limit_and_closes_at_it(i
             w.close()
 
     run_event_loop(asyncio.wait_for(mesh_with_kernel_legs(tmp_path, body), 6 * TIMEOUT), "uvloop")
+
+
+def test_a_kernel_leg_never_queues_a_view_of_a_reused_buffer_when_its_socket_is_full(installed, tmp_path):
+    """A backend that reads nothing for a while: the tunnel's socket fills, so the transport queues what the kernel
+    leg writes — which must then be a copy, not a view of the thread's read buffer that the next read overwrites.
+    Seen failing in the two-VM test (4 MiB echoed with the right length and the wrong SHA-256) and here before the
+    fix (KernelTlsLeg.write_parts handed uvloop a memoryview of the read buffer)."""
+
+    async def slow_then_echo(reader, writer):
+        await asyncio.sleep(1.0)  # let the tunnel's socket fill up
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    async def body(mesh, outbound):
+        reader, writer = await open_client(mesh)
+        payload = os.urandom(12 * 1024 * 1024 + 11)
+
+        async def send():
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()
+        sending = asyncio.ensure_future(send())
+        echoed = await asyncio.wait_for(reader.read(), 6 * TIMEOUT)
+        await sending
+        writer.close()
+        assert len(echoed) == len(payload)
+        assert echoed == payload, "the echo came back with the right length and other bytes"
+
+    run_event_loop(asyncio.wait_for(mesh_with_kernel_legs(tmp_path, body, slow_then_echo), 8 * TIMEOUT), "uvloop")
