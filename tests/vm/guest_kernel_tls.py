@@ -4,7 +4,8 @@ collected on the host, whose kernel has no CONFIG_TLS: the name does not start w
 
 - Both nodes' proxies in one process on loopback (tests/integration/test_proxy_loopback.py's ``Mesh``), each
   node's tunnels on kernel or user-space TLS independently — kernel/kernel, kernel/user, user/kernel: 4 MiB and a
-  half-close cross intact (the backend answers the SHA-256 after the client's FIN), the tunnels really are kernel
+  half-close cross intact (the backend reads nothing for a second, so the tunnel's socket fills and what the legs
+  write is queued; it answers the SHA-256 after the client's FIN), the tunnels really are kernel
   TLS (the legs switched, /proc/net/tls_stat's TlsTxSw and TlsRxSw rise by one per kernel end), and the agent's
   own count says so (KernelTls.describe, what `tcpmesh status` shows);
 - close_notify both ways between a kernel end and a user-space end: each reads it as the tunnel's end;
@@ -57,6 +58,7 @@ def test_bytes_and_half_close_cross_kernel_tls_tunnels_in_every_mix(tmp_path, si
     tls = {"node1": node_tls(client_side), "node2": node_tls(server_side)}
 
     async def backend(reader, writer):
+        await asyncio.sleep(1.0)  # reads nothing at first: the tunnel's socket fills and the transports queue writes
         digest, size = hashlib.sha256(), 0
         while chunk := await reader.read(65536):
             digest.update(chunk)
