@@ -379,8 +379,6 @@ static PyTypeObject DecoderType = {
 /* ---------------------------------------------------------------------------------------------- */
 /* TLS steps                                                                                      */
 
-/* The TLS records of one DATA frame (header and ``n`` bytes of payload written to the SSLObject's C
- * object in one buffer), read back from the outgoing BIO; NULL with an exception set. */
 /* A DATA frame (header and payload) as bytes: what a kernel TLS leg hands the kernel to seal. */
 static PyObject *data_frame(unsigned long stream, const void *payload, Py_ssize_t n) {
     PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + n);
@@ -396,6 +394,8 @@ static PyObject *data_frame(unsigned long stream, const void *payload, Py_ssize_
     return frame;
 }
 
+/* The TLS records of one DATA frame (header and ``n`` bytes of payload written to the SSLObject's C
+ * object in one buffer), read back from the outgoing BIO; NULL with an exception set. */
 static PyObject *seal_frame(PyObject *sslobj, PyObject *outgoing, unsigned long stream, const void *payload,
                             Py_ssize_t n) {
     PyObject *frame = data_frame(stream, payload, n);
