@@ -164,8 +164,6 @@ class KernelTlsLeg(Leg, TlsCore):
     ``SwitchingTlsLeg`` (``__class__`` assignment), whose attributes it keeps (``ssl_object`` for the peer's
     certificate and ALPN, ``handshake_done``, ``handshake_seconds``)."""
 
-    kernel_tls = True
-
     # -- reading: plaintext --------------------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
         return _read_buffers.view or _read_buffers.shared()
