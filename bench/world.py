@@ -73,6 +73,7 @@ class World:
     peers_wanted: tuple[str, ...] = tuple(peers.PORT_BASE)
     log: Any = print
     name: str = field(default_factory=lambda: f"{LAB_PREFIX}-{uuid.uuid4().hex[:6]}")
+    ready_timeout: float = 60.0  # for the lab's agents (agent/lab/agents.py's default); longer in emulated guests
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -108,7 +109,7 @@ class World:
         self.owner_marker = _write_owner(self.name, self.cgroup_root)
         self.log(f"lab {self.name}: up (2 nodes, 2 pods each, agents with ebpf-connect capture)")
         self.lab_started = True
-        self.plan = labops.lab_up(self.name, 2, 2, TRUST_DOMAIN)
+        self.plan = labops.lab_up(self.name, 2, 2, TRUST_DOMAIN, ready_timeout=self.ready_timeout)
         self.client_pod = self.plan.pod(CLIENT_POD)
         self.server_pod = self.plan.pod(SERVER_POD)
         self.local_client_pod = self.plan.pod(LOCAL_CLIENT_POD)

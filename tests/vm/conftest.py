@@ -20,13 +20,12 @@ import pytest
 
 from tests.conftest import skip_or_fail
 from tests.vm.images import REPO, ImageError, ImageSpec, cache_dir, ensure_image
-from tests.vm.machine import Machine, close_all, make_checkout_disk, new_run_dir
+from tests.vm.machine import (GUEST_SRC, GUEST_VENV, Machine, checkout_overlay, close_all, install_checkout,  # noqa: F401
+                              make_checkout_disk, new_run_dir)
 
 KERNELS = ("5.10", "6.1", "6.12")   # Debian 11, 12, 13
 CI_KERNEL = "6.1"                   # the part of the matrix `make test` (.ci/run) runs
 HOST_TOOLS = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "chroot", "git")
-GUEST_VENV = "/opt/tcpmesh-test"
-GUEST_SRC = "/root/tcpmesh"
 TIMINGS: list[tuple[str, float]] = []
 
 
@@ -139,22 +138,7 @@ def checkout_disk(vm_host, tmp_path_factory) -> Path:
 
 def prepare_guest(machine: Machine, checkout: Path) -> None:
     """Mount the checkout disk and install tcpmesh from it (editable, no network) into the test venv."""
-    started = time.monotonic()
-    machine.run(f"mkdir -p {GUEST_SRC} && mount /dev/vdb {GUEST_SRC} && "
-                f"{GUEST_VENV}/bin/pip install -q --disable-pip-version-check --no-deps --no-index "
-                f"--no-build-isolation -e {GUEST_SRC} && ln -sfn {GUEST_VENV}/bin/tcpmesh /usr/local/bin/tcpmesh",
-                timeout=600)
-    record(f"{machine.name}: install the checkout", time.monotonic() - started)
-
-
-def checkout_overlay(checkout: Path, run_dir: Path, name: str) -> Path:
-    """A private qcow2 overlay of the checkout disk (the guest writes .egg-info, __pycache__)."""
-    import subprocess
-
-    overlay = run_dir / f"{name}-src.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(checkout), str(overlay)],
-                   check=True)
-    return overlay
+    record(f"{machine.name}: install the checkout", install_checkout(machine))
 
 
 @pytest.fixture(scope="module")

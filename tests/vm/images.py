@@ -113,6 +113,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
+def cached_image(series: str) -> Image | None:
+    """The newest image in the cache that has a kernel of ``series``, built or not by this checkout's spec
+    (for tools that must never build one: the benchmarks in guests); None if there is none."""
+    manifests = sorted((cache_dir() / "images").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    for manifest in reversed(manifests):
+        image = Image(manifest.parent)
+        if any(k.startswith(series + ".") or k.startswith(series + "-") for k in image.manifest["kernels"]):
+            return image
+    return None
+
+
 @contextmanager
 def _locked(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)

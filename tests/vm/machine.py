@@ -32,6 +32,8 @@ PR_SET_PDEATHSIG = 1
 ACCEL_ENV = "TCPMESH_VM_ACCEL"          # tcg | kvm: skip the probe
 BOOT_TIMEOUT = 300                     # TCG with two VMs and other suites on two cores: ~15-60 s measured
 REPO = Path(__file__).resolve().parent.parent.parent
+GUEST_VENV = "/opt/tcpmesh-test"       # the image's test venv (tests/vm/image-provision.sh)
+GUEST_SRC = "/root/tcpmesh"            # where a guest mounts its checkout disk
 
 
 class MachineError(RuntimeError):
@@ -118,9 +120,10 @@ def close_all(machines, run_dir: Path) -> None:
         raise error
 
 
-def make_checkout_disk(dest: Path, source: Path = REPO) -> Path:
+def make_checkout_disk(dest: Path, source: Path = REPO, extra: dict[str, Path] | None = None) -> Path:
     """An ext4 disk image holding this checkout's files (tracked and untracked, not ignored ones:
-    no .venv, no .git), for a guest to mount at /root/tcpmesh. ~3 MB; each VM gets its own copy."""
+    no .venv, no .git), for a guest to mount at /root/tcpmesh. ~3 MB; each VM gets its own copy.
+    ``extra``: more files, path on the disk → file on the host (the guests have no network: e.g. .debs)."""
     listing = subprocess.run(["git", "-C", str(source), "ls-files", "-z", "-co", "--exclude-standard"],
                              capture_output=True, check=True).stdout.split(b"\0")
     staging = dest.with_suffix(".d")
@@ -133,10 +136,32 @@ def make_checkout_disk(dest: Path, source: Path = REPO) -> Path:
         elif path.is_file():            # (a file deleted in the work tree but still in the index: skipped)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
+    for name, path in (extra or {}).items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, staging / name)
     subprocess.run(["truncate", "-s", "256M", str(dest)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "tcpmesh-src", "-d", str(staging), str(dest)], check=True)
     shutil.rmtree(staging)
     return dest
+
+
+def install_checkout(machine: "Machine", device: str = "/dev/vdb") -> float:
+    """Mount the checkout disk at GUEST_SRC and install tcpmesh from it (editable, no network: pip builds the
+    compiled hot path in the guest) into the test venv; `tcpmesh` on PATH. The seconds it took."""
+    started = time.monotonic()
+    machine.run(f"mkdir -p {GUEST_SRC} && mount {device} {GUEST_SRC} && "
+                f"{GUEST_VENV}/bin/pip install -q --disable-pip-version-check --no-deps --no-index "
+                f"--no-build-isolation -e {GUEST_SRC} && ln -sfn {GUEST_VENV}/bin/tcpmesh /usr/local/bin/tcpmesh",
+                timeout=600)
+    return time.monotonic() - started
+
+
+def checkout_overlay(checkout: Path, run_dir: Path, name: str) -> Path:
+    """A private qcow2 overlay of the checkout disk (the guest writes .egg-info, __pycache__)."""
+    overlay = run_dir / f"{name}-src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(checkout), str(overlay)],
+                   check=True)
+    return overlay
 
 
 class Machine:

@@ -24,15 +24,13 @@ GUEST_PYTHON = "/opt/tcpmesh-test/bin/python"   # the image's test venv: it has 
 
 def cached_image(series: str):
     """The newest cached image with a kernel of ``series`` (no build: that is the vm tier's job)."""
-    from tests.vm.images import Image, cache_dir
+    from tests.vm.images import cache_dir, cached_image as newest
 
-    images = sorted((p for p in (cache_dir() / "images").glob("*/manifest.json")), key=lambda p: p.stat().st_mtime)
-    for manifest in reversed(images):
-        image = Image(manifest.parent)
-        if any(k.startswith(series + ".") for k in image.manifest["kernels"]):
-            return image
-    sys.exit(f"no cached VM image with a {series} kernel under {cache_dir()}/images: run the vm tier once "
-             f"(`make test-vm`, or `python -m tests.vm.images`) to build it")
+    image = newest(series)
+    if image is None:
+        sys.exit(f"no cached VM image with a {series} kernel under {cache_dir()}/images: run the vm tier once "
+                 f"(`make test-vm`, or `python -m tests.vm.images`) to build it")
+    return image
 
 
 def payload_disk(dest: Path, debs: Path | None) -> Path:
