@@ -153,6 +153,14 @@ def measure(opts: argparse.Namespace, log) -> dict:
            "settings": {"reps": opts.reps, "rr_seconds": opts.rr_seconds, "bulk_bytes": opts.bulk_bytes,
                         "layout": opts.layout},
            "rr": [], "bulk": [], "ulp": {}, "errors": []}
+    try:
+        _measure(opts, variants, settings, out, log)
+    except RuntimeError as exc:   # a lab that does not go down (agents slow to stop under emulation) keeps the runs
+        out["errors"].append(f"teardown or setup: {exc}")
+    return out
+
+
+def _measure(opts, variants, settings, out: dict, log) -> None:
     with contextlib.ExitStack() as stack:
         worlds: dict[str, World] = {}
         for i, variant in enumerate(variants):
@@ -182,6 +190,7 @@ def measure(opts: argparse.Namespace, log) -> dict:
                     row = rr(world, path, settings, opts.layout)
                 except RuntimeError as exc:
                     out["errors"].append(f"rep {rep} rr {name}: {exc}")
+                    log(f"rep {rep} rr {name} failed: {str(exc)[-300:]}")
                     continue
                 row.update(rep=rep, path=name, guest_loadavg=load)
                 out["rr"].append(row)
@@ -193,6 +202,7 @@ def measure(opts: argparse.Namespace, log) -> dict:
                     row = checked_bulk(world, path, opts.bulk_bytes)
                 except RuntimeError as exc:
                     out["errors"].append(f"rep {rep} bulk {name}: {exc}")
+                    log(f"rep {rep} bulk {name} failed: {str(exc)[-300:]}")
                     continue
                 row.update(rep=rep, path=name)
                 out["bulk"].append(row)
@@ -201,7 +211,7 @@ def measure(opts: argparse.Namespace, log) -> dict:
         for variant in variants:
             out["ulp"][variant.name] = tls_ulp_sockets(worlds[variant.name])
         out["facts"]["tls_module_after"] = os.path.isdir("/sys/module/tls")
-    return out
+        log(f"errors so far: {out['errors']}; tls ULP sockets: {json.dumps(out['ulp'])}")
 
 
 # ------------------------------------------------------------------------------------------ figures (pure)
@@ -309,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     out = measure(opts, log)
     out["seconds"] = round(time.monotonic() - started, 1)
-    out["summary"] = summarise(out["rr"], out["bulk"], out["paths"])
+    out["summary"] = summarise(out["rr"], out["bulk"], out.get("paths", []))
     log(report(out["summary"]))
     print(json.dumps(out))
     return 0

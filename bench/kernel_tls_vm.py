@@ -37,7 +37,8 @@ class LoadSampler:
     """In a thread, every ``every`` seconds: the host's /proc/loadavg, and the guest's progress lines from its
     serial console (``console``; bench.kernel_tls --progress /dev/ttyS0) passed to ``log``."""
 
-    def __init__(self, console: Path, log, every: float = LOADAVG_EVERY) -> None:
+    def __init__(self, name: str, console: Path, log, every: float = LOADAVG_EVERY) -> None:
+        self.name = name
         self.every = every
         self.console = console
         self.log = log
@@ -68,7 +69,7 @@ class LoadSampler:
         self._read += complete
         for line in text[:complete].decode(errors="replace").splitlines():
             if kernel_tls.PROGRESS_PREFIX in line:
-                self.log(f"  [host load {load}] {line.split(kernel_tls.PROGRESS_PREFIX, 1)[1].rstrip()}")
+                self.log(f"  [{self.name}, host load {load}] {line.split(kernel_tls.PROGRESS_PREFIX, 1)[1].rstrip()}")
 
     def __enter__(self) -> "LoadSampler":
         self._thread.start()
@@ -113,7 +114,7 @@ def one_boot(image, opts, index: int, log) -> dict:
                 *(a for v in opts.variant or () for a in ("--variant", v))]
         command = f"cd {GUEST_SRC} && {GUEST_VENV}/bin/python -m bench.kernel_tls {shlex.join(args)}"
         started = time.monotonic()
-        with LoadSampler(machine.console_log, log) as load:
+        with LoadSampler(f"boot {index}", machine.console_log, log) as load:
             done = machine.run(command, timeout=opts.timeout, check=False)
         if done.rc != 0:
             raise RuntimeError(f"boot {index}: bench.kernel_tls exited {done.rc}:\n{done.stderr[-4000:]}")
