@@ -45,7 +45,7 @@ WARMUP_ROUND_TRIPS = 200         # loadgen rr's, before it times anything (bench
 PROGRESS_PREFIX = "kernel_tls: "
 FIRST = "tcpmesh-user"
 KERNEL = "tcpmesh-ktls"
-# the agents' TLS setting: user space vs kernel TLS both ways (docs/configuration.md)
+# the agents' TLS setting, proxy.kernel_tls: user space vs kernel TLS both ways (docs/config.md)
 DEFAULT_VARIANTS = (f"{FIRST}:TCPMESH_PROXY_KERNEL_TLS=off", f"{KERNEL}:TCPMESH_PROXY_KERNEL_TLS=on")
 
 
