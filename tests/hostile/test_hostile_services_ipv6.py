@@ -151,7 +151,10 @@ def v6svc_lab(bpf_capable):
             eventually(lambda: "secret" in dial(lab, "n1p1", vip).get("got", "") and any(
                 f["destination_service_name"] == service for f in lab.flows(1) if f["start_time"] >= started),
                 f"control: n1p1 never reached Service {service} at [{vip}] through the mesh")
-        eventually(lambda: not dial(lab, "n1p2", lab.pod("n2p1").ip).get("got"), "the DENY never applied")
+        # on both nodes: each agent reads the policy on its own poll, and "near" is checked by node1's agent
+        for endpoint in ("n2p1", "n1p3"):
+            eventually(lambda: not dial(lab, "n1p2", lab.pod(endpoint).ip).get("got"),
+                       f"the DENY never applied on {endpoint}'s node")
         yield lab
     finally:
         if lab is not None:
