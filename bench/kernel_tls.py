@@ -62,7 +62,7 @@ class Variant:
         for item in filter(None, assignments.split(",")):
             key, sep, value = item.partition("=")
             if not sep or not key.startswith("TCPMESH_"):
-                raise ValueError(f"--variant {text!r}: {item!r} is not TCPMESH_NAME=VALUE")
+                raise ValueError(f"--variant {text!r}: {item!r} is not TCPMESH_<NAME>=VALUE")
             pairs.append((key, value))
         if not name.startswith("tcpmesh") or name in ("direct", "stunnel"):
             raise ValueError(f"--variant {text!r}: a variant's name starts with 'tcpmesh' (e.g. tcpmesh-ktls)")
@@ -297,7 +297,7 @@ def report(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernel_tls", description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", action="append",
-                        help=f"NAME:TCPMESH_VAR=VALUE,... one lab per variant (default: {' and '.join(DEFAULT_VARIANTS)})")
+                        help=f"NAME:TCPMESH_<VARIABLE>=VALUE,... one lab per variant (default: {' and '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rr-seconds", type=float, default=4.0)
     parser.add_argument("--bulk-bytes", type=int, default=8_000_000, help="0: no checked bulk transfer")

@@ -56,7 +56,7 @@ def test_ratio_pairs_compare_later_variants_with_the_first_and_each_with_stunnel
 def test_a_variant_names_its_agents_environment_and_nothing_else():
     assert Variant.parse("tcpmesh-ktls:TCPMESH_PROXY_KERNEL_TLS=on").environment == (("TCPMESH_PROXY_KERNEL_TLS", "on"),)
     assert Variant.parse("tcpmesh-a").environment == ()
-    with pytest.raises(ValueError, match="TCPMESH_NAME=VALUE"):
+    with pytest.raises(ValueError, match="TCPMESH_<NAME>=VALUE"):
         Variant.parse("tcpmesh-x:PATH=/tmp")
     with pytest.raises(ValueError, match="starts with 'tcpmesh'"):
         Variant.parse("stunnel")
